@@ -1,0 +1,1 @@
+"""Sources of cluster state: each turns what it watches into a `Model`."""
