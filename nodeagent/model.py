@@ -3,16 +3,20 @@
 Sources (`files`, later `kube`) turn what they see into KubeObjects; `Model.build`
 turns those into namespaces, pods, services and the Istio resources. Redirection,
 tunnel and xDS read a Model, never a source. A Model is immutable once built: a change
-produces a new Model, so readers never see half an update.
+produces a new Model, so readers never see half an update. The fields of Pods and
+Services the model reads are checked here (`check`), so a source can refuse a bad object
+before it reaches a Model.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
-from nodeagent.kube.objects import KubeObject
+from nodeagent.errors import ConfigError
+from nodeagent.kube.objects import KubeObject, string_map
 
 DATAPLANE_LABEL = "istio.io/dataplane-mode"
 AMBIENT = "ambient"
@@ -73,12 +77,6 @@ class Service:
         return f"{self.name}.{self.namespace}.svc.cluster.local"
 
 
-def _int_or_name(value) -> int | str:
-    if isinstance(value, int):
-        return value
-    return int(value) if isinstance(value, str) and value.isdigit() else str(value)
-
-
 def _frozen(d: Mapping[str, str]) -> Mapping[str, str]:
     return MappingProxyType(dict(d))
 
@@ -97,6 +95,8 @@ class Model:
 
     @classmethod
     def build(cls, objects: Iterable[KubeObject]) -> "Model":
+        """The model of `objects`; raises ConfigError for an invalid Pod or Service
+        (sources call `check` per file first, so a bad object never gets this far)."""
         namespaces: dict[str, Namespace] = {}
         pods: dict[tuple[str, str], Pod] = {}
         services: dict[tuple[str, str], Service] = {}
@@ -106,8 +106,7 @@ class Model:
                 namespaces[obj.name] = Namespace(obj.name, _frozen(obj.labels))
             elif obj.kind == "Pod" and obj.group == "":
                 pod = _pod(obj)
-                if pod is not None:
-                    pods[pod.key] = pod
+                pods[pod.key] = pod
             elif obj.kind == "Service" and obj.group == "":
                 services[(obj.namespace, obj.name)] = _service(obj)
             elif obj.group in ISTIO_GROUPS:
@@ -139,36 +138,93 @@ class Model:
                       key=lambda p: p.key)
 
     def service_by_ip(self, ip: str) -> Service | None:
+        if not ip:  # headless services and unscheduled pods have no address to match
+            return None
         for svc in self.services.values():
             if svc.cluster_ip == ip:
                 return svc
         return None
 
     def pod_by_ip(self, ip: str) -> Pod | None:
+        if not ip:
+            return None
         for pod in self.pods.values():
             if pod.ip == ip:
                 return pod
         return None
 
 
-def _pod(obj: KubeObject) -> Pod | None:
-    spec, status = obj.spec, obj.body.get("status") or {}
+def check(objects: Iterable[KubeObject]) -> None:
+    """Raise ConfigError naming the object and field for the first Pod or Service the
+    model could not read; other kinds are checked by the code that understands them."""
+    for obj in objects:
+        if obj.group == "" and obj.kind == "Pod":
+            _pod(obj)
+        elif obj.group == "" and obj.kind == "Service":
+            _service(obj)
+
+
+def _where(obj: KubeObject) -> str:
+    return f"{obj.source} ({obj})" if obj.source else str(obj)
+
+
+def _ip(value, where: str, field: str, allowed: tuple[str, ...] = ("",)) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):  # ip_address(10) would happily read an int
+        raise ConfigError(where, f"{field} must be a string, not {type(value).__name__}")
+    if value in allowed:
+        return value
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ConfigError(where, f"{field} {value!r} is not an IP address") from None
+
+
+def _port(value, where: str, field: str) -> int:
+    # bool is an int subclass; `port: true` is a typo, not port 1.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigError(where, f"{field} must be a port number 1-65535, not {value!r}")
+    return value
+
+
+def _pod(obj: KubeObject) -> Pod:
+    where, spec = _where(obj), obj.spec
+    status = obj.body.get("status") or {}
+    if not isinstance(status, dict):
+        raise ConfigError(where, f"status must be a map, not {type(status).__name__}")
     uid = str((obj.body.get("metadata") or {}).get("uid") or "")
     return Pod(
         namespace=obj.namespace, name=obj.name, uid=uid,
-        node=str(spec.get("nodeName") or ""), ip=str(status.get("podIP") or ""),
+        node=str(spec.get("nodeName") or ""), ip=_ip(status.get("podIP"), where, "status.podIP"),
         labels=_frozen(obj.labels), annotations=_frozen(obj.annotations),
         service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"),
         phase=str(status.get("phase") or "Pending"),
     )
 
 
+def _service_port(p, where: str, field: str) -> ServicePort:
+    if not isinstance(p, dict):
+        raise ConfigError(where, f"{field} must be a map with port, targetPort, protocol, name")
+    port = _port(p.get("port"), where, f"{field}.port")
+    target = p.get("targetPort")
+    if target is None:
+        target = port
+    elif isinstance(target, str) and target.isdigit():
+        target = _port(int(target), where, f"{field}.targetPort")
+    elif not (isinstance(target, str) and target):  # a named container port
+        target = _port(target, where, f"{field}.targetPort")
+    return ServicePort(port=port, target_port=target, protocol=str(p.get("protocol") or "TCP"),
+                       name=str(p.get("name") or ""))
+
+
 def _service(obj: KubeObject) -> Service:
-    spec = obj.spec
-    ports = tuple(
-        ServicePort(port=int(p.get("port", 0)), target_port=_int_or_name(p.get("targetPort", p.get("port", 0))),
-                    protocol=str(p.get("protocol", "TCP")), name=str(p.get("name", "")))
-        for p in spec.get("ports") or [] if isinstance(p, dict))
-    selector = spec.get("selector") or {}
-    return Service(obj.namespace, obj.name, str(spec.get("clusterIP") or ""), ports,
-                   _frozen({str(k): str(v) for k, v in selector.items()}))
+    where, spec = _where(obj), obj.spec
+    ports = spec.get("ports") or []
+    if not isinstance(ports, list):
+        raise ConfigError(where, "spec.ports must be a list")
+    selector = string_map(spec.get("selector"), where, "spec.selector")
+    cluster_ip = _ip(spec.get("clusterIP"), where, "spec.clusterIP", ("", "None"))
+    return Service(obj.namespace, obj.name, cluster_ip,
+                   tuple(_service_port(p, where, f"spec.ports[{i}]") for i, p in enumerate(ports)),
+                   _frozen(selector))

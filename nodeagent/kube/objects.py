@@ -9,6 +9,7 @@ code that understands the kind (lab/spec.py, the Istio translators).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -21,9 +22,12 @@ from nodeagent.errors import ConfigError
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
-# Kinds that live in a namespace; anything else seen here is cluster-scoped.
+# Cluster-scoped kinds (no metadata.namespace); every other kind lives in a namespace.
 CLUSTER_SCOPED = {"Namespace", "Node", "ClusterRole", "ClusterRoleBinding",
-                  "CustomResourceDefinition", "MutatingWebhookConfiguration"}
+                  "CustomResourceDefinition", "MutatingWebhookConfiguration",
+                  "ValidatingWebhookConfiguration", "PersistentVolume", "StorageClass",
+                  "PriorityClass", "IngressClass", "RuntimeClass", "GatewayClass",
+                  "APIService", "CertificateSigningRequest"}
 
 
 @dataclass(frozen=True)
@@ -70,16 +74,24 @@ class KubeObject:
         return str(self.key)
 
 
-def _string_map(value: Any, where: str, what: str) -> dict[str, str]:
+def string_map(value: Any, where: str, what: str) -> dict[str, str]:
+    """A map of strings as Kubernetes has them (labels, annotations, selectors); raises
+    ConfigError naming `where` and the field `what` otherwise."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ConfigError(where, f"{what} must be a map of strings, not {type(value).__name__}")
     out = {}
     for k, v in value.items():
-        if not isinstance(k, str) or isinstance(v, (dict, list)):
-            raise ConfigError(where, f"{what}[{k!r}] must be a string")
-        out[k] = "" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
+        if not isinstance(k, str):
+            raise ConfigError(where, f"{what} key {k!r} must be a string", "quote it")
+        # Kubernetes accepts only strings. Converting YAML numbers and booleans here would
+        # be lossy (1.10 -> "1.1", 010 -> "8", yes -> "true") and accept YAML a real
+        # API server refuses, so only null (-> "") is let through.
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(where, f"{what}[{k!r}] must be a string, not {type(v).__name__} {v!r}",
+                              f'quote the value: {k}: "{v}"')
+        out[k] = v or ""
     return out
 
 
@@ -107,31 +119,43 @@ def object_from_dict(doc: Any, source: str, default_namespace: str = "default") 
         namespace = meta.get("namespace") or default_namespace
         if not isinstance(namespace, str) or not DNS_LABEL.match(namespace):
             raise ConfigError(where, f"metadata.namespace {namespace!r} is not a valid namespace name")
-    labels = _string_map(meta.get("labels"), where, "metadata.labels")
-    annotations = _string_map(meta.get("annotations"), where, "metadata.annotations")
+    labels = string_map(meta.get("labels"), where, "metadata.labels")
+    annotations = string_map(meta.get("annotations"), where, "metadata.annotations")
     return KubeObject(api_version, kind, name, namespace, doc, source, labels, annotations)
 
 
-def parse_documents(text: str, source: str, default_namespace: str = "default") -> list[KubeObject]:
-    """Parse a YAML stream of objects (`---`-separated, `kind: List` expanded).
-
-    Empty documents are skipped. The first bad document raises ConfigError naming
-    `source#index`, so a caller can refuse the whole file and keep its last good state.
-    """
+def _load(text: str, source: str, syntax: str) -> list[Any]:
+    if syntax == "json":
+        # PyYAML reads most JSON but not tab indentation, which JSON tools emit.
+        try:
+            return [json.loads(text)] if text.strip() else []
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source}:{exc.lineno}", f"malformed JSON: {exc.msg}") from None
     try:
-        docs = list(yaml.safe_load_all(text))
+        return list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(where, f"malformed YAML: {problem}") from None
+
+
+def parse_documents(text: str, source: str, default_namespace: str = "default",
+                    syntax: str = "yaml") -> list[KubeObject]:
+    """Parse a YAML stream (or, with syntax="json", one JSON document) of objects.
+
+    `---`-separated documents, `kind: List` expanded, empty documents skipped. The first
+    bad document raises ConfigError naming `source#index`, so a caller can refuse the
+    whole file and keep its last good state.
+    """
     out: list[KubeObject] = []
-    for index, doc in enumerate(docs, start=1):
+    for index, doc in enumerate(_load(text, source, syntax), start=1):
         if doc is None:
             continue
         where = f"{source}#{index}"
         if isinstance(doc, dict) and doc.get("kind") == "List":
-            items = doc.get("items") or []
+            items = doc.get("items")
+            items = [] if items is None else items
             if not isinstance(items, list):
                 raise ConfigError(where, "List.items must be a list")
             out.extend(object_from_dict(item, f"{where}.items[{i}]", default_namespace)

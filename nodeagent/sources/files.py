@@ -2,28 +2,39 @@
 
 The lab writes its state here; an operator can point an agent at any directory (like
 ztunnel's local config file). Every `*.yaml`/`*.yml`/`*.json` file below the directory
-is read. A file that fails to parse is reported once per change and its last good
-objects stay in force, so a half-written or broken file never replaces good state.
+is read. A file that fails to parse, or holds a Pod or Service the model cannot read,
+is reported once per change and its last good objects stay in force, so a half-written
+or broken file never replaces good state.
+
+Change detection is by (mtime, size, inode) and, for files modified in the last
+RACY_SECONDS, by content: file timestamps are coarse (a kernel tick), so a same-size
+rewrite within a tick of the last read would otherwise go unseen ("racy git").
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject, parse_documents
-from nodeagent.model import Model
+from nodeagent.model import Model, check
 
 SUFFIXES = (".yaml", ".yml", ".json")
+RACY_SECONDS = 2  # files younger than this are compared by content too
+
+Stamp = tuple[int, int, int]  # (mtime_ns, size, inode)
 
 
 @dataclass
 class _FileState:
-    stamp: tuple[int, int]  # (mtime_ns, size) of the last read
+    stamp: Stamp  # of the last read
+    digest: bytes  # sha256 of the content last read (b"" when it could not be read)
     objects: list[KubeObject]  # last good objects of this file
     error: str | None = None
 
@@ -39,7 +50,7 @@ class FilesSource:
         self._files: dict[Path, _FileState] = {}
         self.errors: dict[str, str] = {}  # file -> current error, for status output
 
-    def _scan(self) -> dict[Path, tuple[int, int]]:
+    def _scan(self) -> dict[Path, Stamp]:
         found = {}
         if not self.directory.is_dir():
             return found
@@ -53,37 +64,57 @@ class FilesSource:
                     st = path.stat()
                 except FileNotFoundError:
                     continue
-                found[path] = (st.st_mtime_ns, st.st_size)
+                found[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
         return found
 
     def poll(self) -> Model | None:
         found = self._scan()
-        changed = found.keys() != self._files.keys()
+        changed = False
         for path in list(self._files):
             if path not in found:
                 del self._files[path]
                 self.errors.pop(str(path), None)
+                changed = True
+        racy_after = time.time_ns() - RACY_SECONDS * 1_000_000_000
         for path, stamp in found.items():
             state = self._files.get(path)
-            if state is not None and state.stamp == stamp:
+            if state is not None and state.stamp == stamp and stamp[0] < racy_after:
                 continue
-            changed = True
-            previous = state.objects if state else []
-            try:
-                objects = parse_documents(path.read_text(), str(path.relative_to(self.directory)))
-            except (ConfigError, OSError, UnicodeDecodeError) as exc:
-                message = str(exc)
-                self.errors[str(path)] = message
-                self.log.error("ignoring %s, keeping its last good objects: %s", path, message)
-                if self.on_error and isinstance(exc, ConfigError):
-                    self.on_error(exc)
-                self._files[path] = _FileState(stamp, previous, message)
-                continue
-            self.errors.pop(str(path), None)
-            self._files[path] = _FileState(stamp, objects)
-        if not changed:
-            return None
-        return self.model()
+            changed |= self._read(path, stamp, state)
+        return self.model() if changed else None
+
+    def _read(self, path: Path, stamp: Stamp, state: _FileState | None) -> bool:
+        """Read one file into self._files; True when its objects changed."""
+        previous = state.objects if state else []
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return self._refuse(path, _FileState(stamp, b"", previous), exc)
+        digest = hashlib.sha256(data).digest()
+        if state is not None and state.digest == digest:
+            state.stamp = stamp
+            return False
+        try:
+            # Kubernetes YAML is UTF-8 whatever the locale says.
+            syntax = "json" if path.suffix == ".json" else "yaml"
+            objects = parse_documents(data.decode("utf-8"), str(path.relative_to(self.directory)),
+                                      syntax=syntax)
+            check(objects)
+        except (ConfigError, UnicodeDecodeError) as exc:
+            return self._refuse(path, _FileState(stamp, digest, previous), exc)
+        self.errors.pop(str(path), None)
+        self._files[path] = _FileState(stamp, digest, objects)
+        return True
+
+    def _refuse(self, path: Path, state: _FileState, exc: Exception) -> bool:
+        """Keep the file's last good objects and report why its new content is refused."""
+        state.error = str(exc)
+        self._files[path] = state
+        self.errors[str(path)] = state.error
+        self.log.error("ignoring %s, keeping its last good objects: %s", path, state.error)
+        if self.on_error and isinstance(exc, ConfigError):
+            self.on_error(exc)
+        return False
 
     def model(self) -> Model:
         objects: list[KubeObject] = []

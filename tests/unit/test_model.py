@@ -1,0 +1,234 @@
+"""model.py: Model.build from KubeObjects and the queries everything downstream relies
+on (enrolment, endpoints, lookups by IP), plus the errors for Pods and Services it
+cannot read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from nodeagent.errors import ConfigError
+from nodeagent.kube.objects import parse_documents
+from nodeagent.model import (EXCLUDE_OUTBOUND_PORTS, Model, Pod, check)
+
+CLUSTER = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: mesh, uid: u1, labels: {app: web, version: v1}}
+spec: {nodeName: n1, serviceAccountName: web-sa}
+status: {phase: Running, podIP: 10.244.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: mesh, labels: {app: web, version: v2}}
+spec: {nodeName: n2, serviceAccount: legacy-sa}
+status: {phase: Running, podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-pending, namespace: mesh, labels: {app: web}}
+spec: {nodeName: n1}
+status: {phase: Pending, podIP: 10.244.0.9}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-noip, namespace: mesh, labels: {app: web}}
+spec: {nodeName: n1}
+status: {phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-other-ns, namespace: plain, labels: {app: web}}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: 10.244.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db
+  namespace: mesh
+  labels: {app: db, istio.io/dataplane-mode: none}
+  annotations: {traffic.sidecar.istio.io/excludeOutboundPorts: "5432, 9000,x,,80 "}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: 10.244.0.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: lonely, namespace: implied, labels: {istio.io/dataplane-mode: ambient}}
+spec: {nodeName: n2}
+status: {phase: Running, podIP: 10.244.1.3}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: mesh}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {port: 9000}
+  - {port: 443, targetPort: https, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: external, namespace: mesh}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: mesh}
+spec: {clusterIP: None, selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: zeta, namespace: mesh}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: alpha, namespace: mesh}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny, namespace: plain}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ignored, namespace: mesh}
+"""
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model.build(parse_documents(CLUSTER, "cluster.yaml"))
+
+
+def test_pod_fields(model):
+    web1 = model.pods[("mesh", "web-1")]
+    assert (web1.uid, web1.node, web1.ip, web1.service_account, web1.phase) == \
+        ("u1", "n1", "10.244.0.2", "web-sa", "Running")
+    assert dict(web1.labels) == {"app": "web", "version": "v1"}
+    assert model.pods[("mesh", "web-2")].service_account == "legacy-sa"
+    assert model.pods[("mesh", "web-noip")].ip == ""
+    assert model.pods[("implied", "lonely")].service_account == "default"
+
+
+def test_pod_without_status_is_pending():
+    [obj] = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n", "f")
+    assert Model.build([obj]).pods[("default", "p")].phase == "Pending"
+
+
+def test_namespaces_are_implied_by_pods(model):
+    assert set(model.namespaces) == {"mesh", "plain", "implied"}
+    assert dict(model.namespaces["implied"].labels) == {}
+    assert dict(model.namespaces["mesh"].labels) == {"istio.io/dataplane-mode": "ambient"}
+
+
+def test_is_meshed(model):
+    meshed = {p.name for p in model.pods.values() if model.is_meshed(p)}
+    # db opts out with the pod label; web-other-ns's namespace has no label; lonely carries
+    # the ambient label itself, but enrolment is by namespace and `implied` has none.
+    assert meshed == {"web-1", "web-2", "web-pending", "web-noip"}
+
+
+def test_is_meshed_follows_namespace_label_value(model):
+    ns = parse_documents("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: mesh\n"
+                         "  labels: {istio.io/dataplane-mode: sidecar}\n", "f")
+    pod = model.pods[("mesh", "web-1")]
+    assert not Model.build(ns).is_meshed(pod)
+
+
+def test_endpoints_are_running_pods_with_ip_in_the_service_namespace(model):
+    web = model.services[("mesh", "web")]
+    assert [p.name for p in model.endpoints(web)] == ["web-1", "web-2"]
+    assert model.endpoints(model.services[("mesh", "external")]) == []
+
+
+def test_service_fields(model):
+    web = model.services[("mesh", "web")]
+    assert web.cluster_ip == "10.96.0.10"
+    assert web.hostname == "web.mesh.svc.cluster.local"
+    assert [(p.name, p.port, p.target_port, p.protocol) for p in web.ports] == \
+        [("http", 80, 8080, "TCP"), ("", 9000, 9000, "TCP"), ("", 443, "https", "TCP")]
+    assert dict(web.selector) == {"app": "web"}
+
+
+def test_lookups_by_ip(model):
+    assert model.service_by_ip("10.96.0.11").name == "external"
+    assert model.service_by_ip("10.96.0.99") is None
+    assert model.pod_by_ip("10.244.1.2").name == "web-2"
+    assert model.pod_by_ip("10.244.9.9") is None
+    # A pod without an IP and a headless service must not answer for "no address".
+    assert model.pod_by_ip("") is None
+    assert model.service_by_ip("") is None
+
+
+def test_pods_on_node(model):
+    assert [p.name for p in model.pods_on_node("n2")] == ["lonely", "web-2"]
+    assert model.pods_on_node("n9") == []
+
+
+def test_istio_resources_grouped_by_kind_in_stable_order(model):
+    assert set(model.resources) == {"VirtualService", "AuthorizationPolicy"}
+    assert [o.name for o in model.resources["VirtualService"]] == ["alpha", "zeta"]
+    assert [o.namespace for o in model.resources["AuthorizationPolicy"]] == ["plain"]
+
+
+def test_port_list_annotation(model):
+    db = model.pods[("mesh", "db")]
+    assert db.port_list(EXCLUDE_OUTBOUND_PORTS) == frozenset({5432, 9000, 80})
+    assert model.pods[("mesh", "web-1")].port_list(EXCLUDE_OUTBOUND_PORTS) == frozenset()
+
+
+def test_model_is_immutable(model):
+    with pytest.raises(TypeError):
+        model.pods[("mesh", "x")] = None  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.pods[("mesh", "web-1")].ip = "1.2.3.4"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        model.pods[("mesh", "web-1")].labels["app"] = "x"  # type: ignore[index]
+
+
+def test_empty_model():
+    empty = Model.empty()
+    assert (dict(empty.pods), dict(empty.services), dict(empty.namespaces), dict(empty.resources)) == ({}, {}, {}, {})
+    pod = Pod("ns", "p", "", "n", "10.0.0.1", {}, {})
+    assert not empty.is_meshed(pod)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("kind: Service\nspec: {ports: [{port: http}]}", "spec.ports[0].port must be a port number 1-65535, not 'http'"),
+    ("kind: Service\nspec: {ports: [{port: 70000}]}", "spec.ports[0].port must be a port number 1-65535, not 70000"),
+    ("kind: Service\nspec: {ports: [{name: x}]}", "spec.ports[0].port must be a port number 1-65535, not None"),
+    ("kind: Service\nspec: {ports: [{port: 80}, {port: 81, targetPort: 0}]}",
+     "spec.ports[1].targetPort must be a port number 1-65535, not 0"),
+    ("kind: Service\nspec: {ports: [80]}", "spec.ports[0] must be a map with port, targetPort, protocol, name"),
+    ("kind: Service\nspec: {ports: {port: 80}}", "spec.ports must be a list"),
+    ("kind: Service\nspec: {selector: [app]}", "spec.selector must be a map of strings, not list"),
+    ("kind: Service\nspec: {clusterIP: 10.96.0.300}", "spec.clusterIP '10.96.0.300' is not an IP address"),
+    ("kind: Pod\nstatus: Running", "status must be a map, not str"),
+    ("kind: Pod\nstatus: {podIP: 10}", "status.podIP must be a string, not int"),
+    ("kind: Pod\nstatus: {podIP: pod-a}", "status.podIP 'pod-a' is not an IP address"),
+])
+def test_unreadable_pods_and_services_name_object_and_field(body, message):
+    objs = parse_documents(f"apiVersion: v1\nmetadata: {{name: x, namespace: shop}}\n{body}\n", "bad.yaml")
+    kind = objs[0].kind
+    with pytest.raises(ConfigError) as info:
+        check(objs)
+    assert str(info.value) == f"bad.yaml#1 ({kind} shop/x): {message}"
+    with pytest.raises(ConfigError):
+        Model.build(objs)
+
+
+def test_check_accepts_what_build_reads():
+    objs = parse_documents(CLUSTER, "cluster.yaml")
+    check(objs)  # must not raise
+    assert len(Model.build(objs).pods) == 7
