@@ -1,0 +1,6 @@
+"""eBPF capture: the programs in bpf/ and everything user space does with them.
+
+`loader.CaptureLoader` is the entry point (lifecycle, enrolment, original
+destinations, inbound steering, stats); `structs` mirrors bpf/nodeagent.h; `errors`
+holds the typed errors. Importing this package does not import bcc.
+"""

@@ -1,0 +1,111 @@
+"""Checks that the machine can run the capture programs, before anything is touched.
+
+Each check raises a typed error (nodeagent.capture.errors) naming what is missing and
+how to fix it; `check_all` runs them in the order an operator would fix them. Compile
+and verifier failures are caught later, where they happen (programs.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import types
+
+from nodeagent.capture.errors import (BccMissing, BpffsMissing, BtfMissing, Cgroup2Missing,
+                                      KernelHeadersMissing, NotPrivileged)
+
+MOUNTS = "/proc/self/mounts"
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+CAP_LAST_CAP = "/proc/sys/kernel/cap_last_cap"
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+
+
+def mount_table(mounts: str = MOUNTS) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount, in mount order."""
+    table = []
+    with open(mounts) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2:
+                # /proc/self/mounts escapes blanks as octal (\040).
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
+                table.append((point, parts[2]))
+    return table
+
+
+def fs_type_of(path: str, mounts: str = MOUNTS) -> str | None:
+    """Filesystem type of the mount holding `path` (the longest matching mount point)."""
+    path = os.path.realpath(path)
+    best, fstype = "", None
+    for point, kind in mount_table(mounts):
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, kind
+    return fstype
+
+
+def check_bcc() -> types.ModuleType:
+    try:
+        return importlib.import_module("bcc")
+    except (ImportError, OSError) as exc:
+        raise BccMissing(str(exc)) from None
+
+
+def check_kernel_headers(release: str | None = None) -> None:
+    build = f"/lib/modules/{release or os.uname().release}/build"
+    if not (os.path.isdir(os.path.join(build, "include")) or os.path.exists(os.path.join(build, "Makefile"))):
+        raise KernelHeadersMissing(build)
+
+
+def check_cgroup(cgroup: str, mounts: str = MOUNTS) -> None:
+    if not any(kind == "cgroup2" for _, kind in mount_table(mounts)):
+        raise Cgroup2Missing(f"no cgroup2 mount in {mounts}")
+    if not os.path.isdir(cgroup):
+        raise Cgroup2Missing(f"cgroup directory {cgroup} does not exist")
+    if fs_type_of(cgroup, mounts) != "cgroup2":
+        raise Cgroup2Missing(f"{cgroup} is not on a cgroup2 mount (cgroup v1 cannot hold these programs)")
+
+
+def check_btf(path: str = BTF_VMLINUX) -> None:
+    if not os.path.exists(path):
+        raise BtfMissing(path)
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> None:
+    caps = _effective_caps()
+    wanted = {"CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMIN": CAP_SYS_ADMIN}
+    with open(CAP_LAST_CAP) as f:
+        if int(f.read()) >= CAP_BPF:  # before Linux 5.8 CAP_SYS_ADMIN covered bpf(2)
+            wanted["CAP_BPF"] = CAP_BPF
+    missing = [name for name, bit in wanted.items() if not caps & (1 << bit)]
+    if missing:
+        raise NotPrivileged(missing)
+
+
+def check_bpffs(pin_dir: str, mounts: str = MOUNTS) -> None:
+    """`pin_dir` (or, if it does not exist yet, its nearest existing parent) is on bpffs."""
+    probe = os.path.abspath(pin_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if fs_type_of(probe, mounts) != "bpf":
+        raise BpffsMissing(pin_dir)
+
+
+def check_all(cgroup: str, pin_dir: str) -> types.ModuleType:
+    """Run every check; returns the bcc module."""
+    check_privileges()
+    bcc = check_bcc()
+    check_kernel_headers()
+    check_btf()
+    check_cgroup(cgroup)
+    check_bpffs(pin_dir)
+    return bcc
