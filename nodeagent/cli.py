@@ -18,6 +18,7 @@ from nodeagent.errors import NodeagentError
 # Modules that register sub-commands, in the order `--help` lists them.
 COMMANDS = [
     "nodeagent.lab.cli",
+    "nodeagent.agent.cli",
 ]
 
 

@@ -1,0 +1,59 @@
+"""Sub-commands of the node agent: `nodeagent run` (the daemon), `nodeagent status`
+(what a running agent is doing) and `nodeagent bench capture` (enrolment latency and
+per-request overhead on throwaway pods)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nodeagent.agent import config
+from nodeagent.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run the node agent (capture, in-pod listeners, relays)",
+                         description="Run the node agent until SIGTERM/SIGINT. Every flag has a "
+                                     "NODEAGENT_* environment variable; the flag wins.")
+    config.add_arguments(run)
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="show what a node agent is doing")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--socket", help="the agent's admin socket (default /run/nodeagent/agent.sock)")
+    where.add_argument("--node", help="a lab node: read that node's agent socket")
+    status.add_argument("--lab", help="lab name with --node (default: $NODEAGENT_LAB or nalab)")
+    status.add_argument("--output", "-o", choices=("text", "json"), default="text")
+    status.set_defaults(func=_status)
+
+    bench = sub.add_parser("bench", help="benchmarks on throwaway pods (root)")
+    which = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    capture = which.add_parser("capture", help="enrolment latency and per-request capture overhead")
+    capture.add_argument("--pods", type=int, default=50, help="pods enrolled by one label change")
+    capture.add_argument("--requests", type=int, default=1000, help="requests per latency series")
+    capture.add_argument("--output", "-o", choices=("text", "json"), default="text")
+    capture.set_defaults(func=_bench_capture)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nodeagent.agent import daemon
+
+    return daemon.run(config.load(args))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from nodeagent.agent import admin, status
+
+    if args.lab and not args.node:
+        raise ConfigError("--lab", "names the lab of --node", "add --node NODE, or drop --lab")
+    state = admin.fetch_status(status.socket_path(args.socket, args.node, args.lab))
+    sys.stdout.write(status.render(state, args.output))
+    return 0
+
+
+def _bench_capture(args: argparse.Namespace) -> int:
+    from nodeagent.agent import bench
+
+    result = bench.run_capture(pods=args.pods, requests=args.requests)
+    sys.stdout.write(bench.render(result, args.output))
+    return 0

@@ -1,0 +1,157 @@
+"""`nodeagent run`: the agent's asyncio main.
+
+Start-up: load capture (preflight, compile, adopt pinned maps, attach), start the admin
+endpoints, then reconcile: every meshed local pod is (re-)enrolled — idempotent, so a
+restart after a crash adopts what the previous agent left — and capture entries of netns
+cookies no longer meshed are removed. Then the source is checked every poll interval
+(and at once when inotify reports a change) and each new model is reconciled. SIGTERM
+or SIGINT: stop listening and relaying, remove in-pod routing, and close capture
+(detach and unpin, unless keep-on-exit). A SIGKILL leaves the pinned state for the
+next agent, so meshed pods fail closed meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from nodeagent import __version__
+from nodeagent.agent import logs
+from nodeagent.agent.admin import AdminServer
+from nodeagent.agent.config import AgentConfig
+from nodeagent.agent.enrolment import Enroller, Handlers, Ports
+from nodeagent.agent.inbound import InboundRelay, TunnelPlaceholder
+from nodeagent.agent.metrics import AgentMetrics
+from nodeagent.agent.outbound import OutboundRelay, Passthrough
+from nodeagent.agent.podns import PodNetnsResolver
+from nodeagent.agent.watch import DirectoryWatch
+from nodeagent.model import Model
+from nodeagent.sources.files import FilesSource
+
+CONNECT_TIMEOUT = 10.0  # seconds for an upstream connect (outbound or delivery to the app)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, capture, registry: CollectorRegistry,
+                 log: logging.Logger, source: FilesSource | None = None,
+                 resolver: PodNetnsResolver | None = None):
+        self.config = config
+        self.capture = capture
+        self.registry = registry
+        self.log = log
+        self.metrics = AgentMetrics(registry)
+        self.source = source or FilesSource(config.source_dir, log=log.getChild("source"))
+        self.model = Model.empty()
+        self.model_changed_at: float | None = None
+        self.started_at = time.time()
+        self.ready = False
+        self.enroller = self._enroller(resolver or PodNetnsResolver())
+        self.admin = AdminServer(registry=registry, status=self.status, ready=lambda: self.ready,
+                                 log=log.getChild("admin"))
+
+    def _enroller(self, resolver: PodNetnsResolver) -> Enroller:
+        c, m = self.config, self.metrics
+        passthrough = Passthrough(c.mark, CONNECT_TIMEOUT)
+        outbound = OutboundRelay(self.capture, m, self.log.getChild("outbound"), lambda ctx, dst: passthrough)
+        agent_ports = frozenset({c.outbound_port, c.inbound_port, c.tunnel_port, c.admin_port})
+        inbound = InboundRelay(m, self.log.getChild("inbound"), mark=c.mark, timeout=CONNECT_TIMEOUT,
+                               agent_ports=agent_ports)
+        tunnel = TunnelPlaceholder(m, self.log.getChild("inbound"), c.tunnel_port)
+        return Enroller(node=c.node, capture=self.capture, resolver=resolver,
+                        ports=Ports(c.outbound_port, c.inbound_port, c.tunnel_port),
+                        handlers=Handlers(outbound.handle, inbound.handle, tunnel.handle),
+                        mark=c.mark, metrics=m, log=self.log.getChild("enrolment"))
+
+    # --- lifecycle ------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self.capture.load()
+        try:
+            await self.admin.start(self.config.admin_address, self.config.admin_socket)
+            watch = DirectoryWatch(self.config.source_dir, self.log.getChild("watch"))
+            try:
+                await self._first_reconcile()
+                self.ready = True
+                self.log.info("agent ready on node %s: %d pods enrolled", self.config.node,
+                              len(self.enroller.enrolled))
+                await self._loop(stop, watch)
+            finally:
+                watch.close()
+                await self.enroller.close(keep_routing=self.config.keep_on_exit)
+                await self.admin.close()
+        finally:
+            self.capture.close(keep=self.config.keep_on_exit)
+            self.log.info("agent stopped (%s)", "capture kept for the next agent" if self.config.keep_on_exit
+                          else "capture detached and unpinned")
+
+    async def _first_reconcile(self) -> None:
+        await self._poll_and_reconcile(force=True)
+        stale = self.enroller.remove_stale()
+        if stale:
+            self.log.info("removed %d stale capture entries left by a previous agent", len(stale))
+
+    async def _loop(self, stop: asyncio.Event, watch: "DirectoryWatch") -> None:
+        while not stop.is_set():
+            await watch.wait(stop, self.config.poll_interval)
+            if stop.is_set():
+                return
+            try:
+                await self._poll_and_reconcile()
+            except Exception:  # a bug in one round must not end the agent; the next round retries
+                self.log.exception("reconcile failed; retrying next round")
+
+    async def _poll_and_reconcile(self, force: bool = False) -> None:
+        model = self.source.poll()
+        if model is not None:
+            self.model = model
+            self.model_changed_at = time.time()
+        if model is not None or force or self.enroller.retry_due():
+            await self.enroller.reconcile(self.model)
+
+    # --- status ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        enrolment = self.enroller.describe()
+        try:
+            capture = self.capture.stats()
+        except Exception as exc:  # status must render even when the maps cannot be read
+            capture = {"error": str(exc)}
+        return {
+            "node": self.config.node, "version": __version__, "pid": os.getpid(),
+            "started_at": self.started_at, "ready": self.ready,
+            "source": {"location": self.config.source, "errors": dict(self.source.errors),
+                       "model_changed_at": self.model_changed_at,
+                       "pods_on_node": len(self.model.pods_on_node(self.config.node))},
+            "pods": enrolment["enrolled"], "waiting": enrolment["waiting"],
+            "capture": capture, "counters": self.metrics.snapshot(),
+            "config": self.config.as_dict(),
+        }
+
+
+def new_capture(config: AgentConfig, log: logging.Logger):
+    from nodeagent.capture.loader import CaptureLoader  # bcc is imported only when running
+
+    return CaptureLoader(cgroup=str(config.cgroup), pin_dir=str(config.bpffs), mark=config.mark,
+                         outbound_port=config.outbound_port, inbound_port=config.inbound_port,
+                         tunnel_port=config.tunnel_port, admin_port=config.admin_port,
+                         log=log.getChild("capture"))
+
+
+def run(config: AgentConfig) -> int:
+    """Run the agent until SIGTERM/SIGINT; the `nodeagent run` entry point."""
+    log = logs.configure(config.log_level, config.log_format)
+    agent = Agent(config, capture=new_capture(config, log), registry=CollectorRegistry(), log=log)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run(stop)
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,358 @@
+"""The enrolment reconciler: which of this node's pods are in the mesh, and making it so.
+
+`plan()` is the decision as a pure function: model + node + what is enrolled now ->
+pods to enrol, to update (excluded ports changed), to remove, and meshed pods that must
+wait (no IP, no UID, not Running). `Enroller` carries the plan out. Enrolling a pod:
+find its netns, install its delivery routing, open its in-pod listeners, then add its
+netns cookie to the capture map and steer its inbound traffic — listeners first, so a
+captured connect never finds nobody listening. Removal is the reverse; the routing goes
+last, once the pod's inbound relays have ended. Neither restarts the pod nor resets a
+connection: a relayed connection stays relayed until it closes, and connections opened
+before enrolment are never captured. A pod that cannot be enrolled is logged, shown in
+status and retried with backoff; it never stops the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping
+
+from nodeagent.agent import inpod, podrouting
+from nodeagent.agent.inpod import InPodListener, PodContext
+from nodeagent.agent.metrics import AgentMetrics
+from nodeagent.agent.podns import PodNetns, PodNetnsResolver, PodNotFound
+from nodeagent.model import EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, Model, Pod
+from nodeagent.netns import NetnsError
+
+RETRY_FIRST, RETRY_MAX = 0.1, 2.0  # seconds between attempts to enrol a failing pod
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What enrolment of one pod depends on; a change here means re-doing some of it."""
+
+    uid: str
+    namespace: str
+    name: str
+    ip: str
+    exclude_outbound: frozenset[int] = frozenset()
+    exclude_inbound: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, pod: Pod) -> "Wanted":
+        return cls(pod.uid, pod.namespace, pod.name, pod.ip,
+                   pod.port_list(EXCLUDE_OUTBOUND_PORTS), pod.port_list(EXCLUDE_INBOUND_PORTS))
+
+
+@dataclass(frozen=True)
+class Waiting:
+    namespace: str
+    name: str
+    uid: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    enrol: tuple[Wanted, ...] = ()
+    update: tuple[Wanted, ...] = ()
+    remove: tuple[str, ...] = ()  # UIDs
+    waiting: tuple[Waiting, ...] = ()
+
+
+def _wait_reason(pod: Pod) -> str | None:
+    if not pod.uid:
+        return "no metadata.uid: cannot find its network namespace"
+    if pod.phase != "Running":
+        return f"phase is {pod.phase}, not Running"
+    if not pod.ip:
+        return "no status.podIP yet"
+    return None
+
+
+def wanted_pods(model: Model, node: str) -> tuple[dict[str, Wanted], list[Waiting]]:
+    """The meshed pods of `node` that can be enrolled (by UID), and those that must wait."""
+    wanted: dict[str, Wanted] = {}
+    waiting: list[Waiting] = []
+    for pod in model.pods_on_node(node):
+        if not model.is_meshed(pod):
+            continue
+        reason = _wait_reason(pod) or ("another pod has the same uid" if pod.uid in wanted else None)
+        if reason:
+            waiting.append(Waiting(pod.namespace, pod.name, pod.uid, reason))
+        else:
+            wanted[pod.uid] = Wanted.of(pod)
+    return wanted, waiting
+
+
+def plan(model: Model, node: str, current: Mapping[str, Wanted]) -> Plan:
+    """Decide what to change so exactly the meshed, Running local pods are enrolled."""
+    wanted, waiting = wanted_pods(model, node)
+    enrol, update, remove = [], [], []
+    for uid, have in current.items():
+        want = wanted.get(uid)
+        if want is None or want.ip != have.ip:
+            remove.append(uid)  # gone, left the mesh, or re-addressed (then enrolled afresh)
+        elif want != have:
+            update.append(want)
+    for uid, want in wanted.items():
+        if uid not in current or current[uid].ip != want.ip:
+            enrol.append(want)
+    return Plan(tuple(enrol), tuple(update), tuple(remove), tuple(waiting))
+
+
+@dataclass
+class Enrolment:
+    wanted: Wanted
+    ctx: PodContext
+    pid: int
+    listeners: list[InPodListener]
+    enrolled_at: float  # wall clock: capture became active
+
+    def describe(self) -> dict:
+        return {"namespace": self.wanted.namespace, "name": self.wanted.name, "uid": self.wanted.uid,
+                "ip": self.wanted.ip, "netns_cookie": self.ctx.cookie, "pid": self.pid,
+                "enrolled_at": self.enrolled_at,
+                "listeners": [f"{a[0]}:{a[1]}" if ":" not in a[0] else f"[{a[0]}]:{a[1]}"
+                              for a in (lst.address for lst in self.listeners)],
+                "exclude_outbound_ports": sorted(self.wanted.exclude_outbound),
+                "exclude_inbound_ports": sorted(self.wanted.exclude_inbound),
+                "active": {d: len(t) for d, t in self.ctx.tasks.items()}}
+
+
+@dataclass
+class Failure:
+    wanted: Wanted
+    reason: str
+    attempts: int = 0
+    retry_at: float = 0.0
+
+    def describe(self) -> dict:
+        return {"namespace": self.wanted.namespace, "name": self.wanted.name, "uid": self.wanted.uid,
+                "reason": self.reason, "attempts": self.attempts}
+
+
+@dataclass
+class Ports:
+    outbound: int
+    inbound: int
+    tunnel: int
+
+
+@dataclass
+class Handlers:
+    outbound: Callable
+    inbound: Callable
+    tunnel: Callable
+
+
+@dataclass
+class Enroller:
+    node: str
+    capture: object  # nodeagent.capture.loader.CaptureLoader
+    resolver: PodNetnsResolver
+    ports: Ports
+    handlers: Handlers
+    mark: int
+    metrics: AgentMetrics
+    log: logging.Logger
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    enrolled: dict[str, Enrolment] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
+    waiting: tuple[Waiting, ...] = ()
+    draining: dict[asyncio.Task, Enrolment] = field(default_factory=dict)  # removed, relays running
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    # --- reconcile ------------------------------------------------------------------
+    def retry_due(self) -> bool:
+        now = self.clock()
+        return any(f.retry_at <= now for f in self.failures.values())
+
+    async def reconcile(self, model: Model) -> Plan:
+        p = plan(model, self.node, {uid: e.wanted for uid, e in self.enrolled.items()})
+        for uid in p.remove:
+            await self.remove(uid)
+        for want in p.update:
+            self._update(want)
+        wanted_uids = {w.uid for w in p.enrol}
+        for uid in list(self.failures):
+            if uid not in wanted_uids:
+                del self.failures[uid]
+        now = self.clock()
+        due = [w for w in p.enrol if self.failures.get(w.uid) is None or self.failures[w.uid].retry_at <= now]
+        found = self.resolver.resolve_many([w.uid for w in due]) if due else {}
+        await asyncio.gather(*(self._enrol(w, model.pods[(w.namespace, w.name)], found[w.uid]) for w in due))
+        for e in self.enrolled.values():  # keep labels etc. fresh for the relays
+            e.ctx.pod = model.pods.get((e.wanted.namespace, e.wanted.name), e.ctx.pod)
+        self.waiting = p.waiting
+        self.metrics.enrolled.set(len(self.enrolled))
+        return p
+
+    def remove_stale(self) -> list[int]:
+        """Drop capture entries of netns cookies no enrolled pod owns (left by a previous
+        agent for pods that have since left the mesh or gone)."""
+        ours = {e.ctx.cookie for e in self.enrolled.values()}
+        stale = sorted(set(self.capture.enrolled_netns()) - ours)
+        for cookie in stale:
+            self.log.info("removing stale capture entry for netns cookie %d", cookie)
+            self.capture.remove_netns(cookie)
+        return stale
+
+    # --- enrol ----------------------------------------------------------------------
+    def _failed(self, want: Wanted, reason: str, metric: str) -> None:
+        prev = self.failures.get(want.uid)
+        attempts = (prev.attempts if prev else 0) + 1
+        delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (attempts - 1))
+        self.failures[want.uid] = Failure(want, reason, attempts, self.clock() + delay)
+        self.metrics.enrol_errors.labels(reason=metric).inc()
+        log = self.log.info if metric == "netns_not_found" and attempts < 5 else self.log.warning
+        log("cannot enrol pod %s/%s yet (attempt %d, retrying in %.1fs): %s",
+            want.namespace, want.name, attempts, delay, reason)
+
+    async def _enrol(self, want: Wanted, pod: Pod, found: PodNetns | NetnsError) -> None:
+        if isinstance(found, NetnsError):
+            self._failed(want, str(found), "netns_not_found" if isinstance(found, PodNotFound) else "netns_error")
+            return
+        ctx = PodContext(pod, os.dup(found.fd), found.cookie)
+        listeners: list[InPodListener] = []
+        try:
+            async with self._lock(want.uid):
+                await asyncio.to_thread(podrouting.install, ctx.netns_fd, self._routing(want))
+            listeners = self._open_listeners(ctx, want)
+            self.capture.enrol_netns(ctx.cookie, exclude_outbound_ports=sorted(want.exclude_outbound))
+            self._steer(ctx, want, listeners)
+        except Exception as exc:  # one pod's failure must never stop the agent
+            self.log.debug("enrolment of %s failed", ctx, exc_info=True)
+            await self._undo(ctx, want, listeners)
+            self._failed(want, f"{type(exc).__name__}: {exc}", "error")
+            return
+        self.failures.pop(want.uid, None)
+        self.enrolled[want.uid] = Enrolment(want, ctx, found.pid, listeners, self.wall_clock())
+        self.log.info("enrolled pod %s (ip %s, netns cookie %d)", ctx, want.ip, ctx.cookie)
+
+    def _open_listeners(self, ctx: PodContext, want: Wanted) -> list[InPodListener]:
+        """Outbound (IPv4, IPv6 if the pod has ::1), inbound, tunnel — in that order."""
+        p, h = self.ports, self.handlers
+        specs = [("127.0.0.1", p.outbound, "outbound", h.outbound, False)]
+        if inpod.has_ipv6_loopback(ctx.netns_fd):
+            specs.append(("::1", p.outbound, "outbound", h.outbound, False))
+        any_addr = "::" if inpod.family_of(want.ip) != inpod.family_of("0.0.0.0") else "0.0.0.0"
+        specs.append((any_addr, p.inbound, "inbound", h.inbound, False))
+        specs.append((want.ip, p.tunnel, "inbound", h.tunnel, True))
+        listeners: list[InPodListener] = []
+        try:
+            for host, port, direction, handler, freebind in specs:
+                sock = _listen(ctx, host, port, freebind)
+                listeners.append(InPodListener(sock, ctx, direction, handler, self.log))
+        except BaseException:
+            for lst in listeners:
+                lst.close()
+            raise
+        for lst in listeners:
+            lst.start()
+        return listeners
+
+    def _steer(self, ctx: PodContext, want: Wanted, listeners: list[InPodListener]) -> None:
+        inbound = next(lst for lst in listeners if lst.address[1] == self.ports.inbound)
+        self.capture.steer_inbound(ctx.netns_fd, ctx.cookie, [want.ip], inbound.sock,
+                                   exclude_ports=sorted(want.exclude_inbound))
+
+    def _routing(self, want: Wanted) -> podrouting.RoutingSpec:
+        return podrouting.RoutingSpec(self.mark, (inpod.family_of(want.ip),))
+
+    def _lock(self, uid: str) -> asyncio.Lock:
+        return self._locks.setdefault(uid, asyncio.Lock())
+
+    def _update(self, want: Wanted) -> None:
+        e = self.enrolled[want.uid]
+        try:
+            self.capture.enrol_netns(e.ctx.cookie, exclude_outbound_ports=sorted(want.exclude_outbound))
+            self._steer(e.ctx, want, e.listeners)
+        except Exception as exc:
+            self.log.warning("cannot update excluded ports of pod %s: %s", e.ctx, exc)
+            return
+        e.wanted = want
+        self.log.info("updated excluded ports of pod %s", e.ctx)
+
+    # --- remove ---------------------------------------------------------------------
+    async def remove(self, uid: str) -> None:
+        e = self.enrolled.pop(uid)
+        self._stop_capture(e.ctx, e.wanted)
+        for lst in e.listeners:
+            lst.close()
+        task = asyncio.get_running_loop().create_task(self._finish_removal(e))
+        self.draining[task] = e
+        task.add_done_callback(lambda t: self.draining.pop(t, None))
+        self.metrics.enrolled.set(len(self.enrolled))
+        self.log.info("removed pod %s from the mesh", e.ctx)
+
+    def _stop_capture(self, ctx: PodContext, want: Wanted) -> None:
+        for undo in (lambda: self.capture.unsteer_inbound(ctx.cookie, [want.ip]),
+                     lambda: self.capture.remove_netns(ctx.cookie)):
+            try:
+                undo()
+            except Exception as exc:
+                self.log.warning("removing capture of pod %s: %s", ctx, exc)
+
+    async def _finish_removal(self, e: Enrolment) -> None:
+        """Wait for the pod's inbound relays (they need the routing), then remove it."""
+        inbound = set(e.ctx.tasks.get("inbound", ()))
+        if inbound:
+            await asyncio.wait(inbound)
+        await self._remove_routing(e.ctx, e.wanted)
+        os.close(e.ctx.netns_fd)
+
+    async def _remove_routing(self, ctx: PodContext, want: Wanted) -> None:
+        async with self._lock(want.uid):
+            if want.uid in self.enrolled:
+                return  # enrolled again meanwhile: it needs the routing
+            try:
+                await asyncio.to_thread(podrouting.remove, ctx.netns_fd, self._routing(want))
+            except Exception as exc:
+                self.log.warning("removing delivery routing of pod %s: %s", ctx, exc)
+
+    async def _undo(self, ctx: PodContext, want: Wanted, listeners: list[InPodListener]) -> None:
+        self._stop_capture(ctx, want)
+        for lst in listeners:
+            lst.close()
+        await self._remove_routing(ctx, want)
+        os.close(ctx.netns_fd)
+
+    # --- shutdown -------------------------------------------------------------------
+    async def close(self, keep_routing: bool) -> None:
+        """Agent shutdown: stop listening and relaying; remove routing unless kept."""
+        entries = list(self.enrolled.values())
+        self.enrolled.clear()
+        for e in entries:
+            for lst in e.listeners:
+                lst.close()
+        for e in entries + list(self.draining.values()):
+            for tasks in e.ctx.tasks.values():
+                for t in list(tasks):
+                    t.cancel()
+        if self.draining:
+            await asyncio.wait(list(self.draining), timeout=5)
+        for e in entries:
+            if not keep_routing:
+                await self._remove_routing(e.ctx, e.wanted)
+            os.close(e.ctx.netns_fd)
+        self.resolver.close()
+
+    def describe(self) -> dict:
+        return {"enrolled": [e.describe() for e in sorted(self.enrolled.values(),
+                                                           key=lambda e: (e.wanted.namespace, e.wanted.name))],
+                "waiting": [asdict(w) for w in self.waiting]
+                + [f.describe() for f in sorted(self.failures.values(), key=lambda f: f.wanted.uid)]}
+
+
+def _listen(ctx: PodContext, host: str, port: int, freebind: bool):
+    try:
+        return inpod.listener(ctx.netns_fd, host, port, freebind)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port} in pod {ctx}: {exc.strerror}"
+                      + (" (the app uses this port? it is reserved for the mesh)" if exc.errno == 98 else "")) from None

@@ -1,0 +1,89 @@
+"""Inbound relay: connections to a meshed pod's IP, steered by sk_lookup to the agent's
+in-pod listener (0.0.0.0:15006), and the tunnel port (15008) until HBONE lands.
+
+The accepted socket's local address is the original destination. The agent delivers
+to the app from inside the pod netns over loopback, with a transparent socket bound to
+the client's IP, so the app sees the real client address; the pod's policy routing
+(podrouting.py) brings the app's replies back to that socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from nodeagent.agent import inpod
+from nodeagent.agent.inpod import PodContext
+from nodeagent.agent.metrics import AgentMetrics
+from nodeagent.agent.outbound import connect_failure_reason, relay
+from nodeagent.agent.splice import reset
+
+
+class InboundRelay:
+    def __init__(self, metrics: AgentMetrics, log: logging.Logger, *, mark: int, timeout: float,
+                 agent_ports: frozenset[int]):
+        self.metrics = metrics
+        self.log = log
+        self.mark = mark
+        self.timeout = timeout
+        self.agent_ports = agent_ports
+
+    def _fail(self, ctx: PodContext, client: socket.socket, reason: str, detail: str) -> None:
+        self.metrics.failure("inbound", reason)
+        self.log.warning("inbound to %s: %s", ctx, detail)
+        reset(client)
+
+    async def handle(self, ctx: PodContext, client: socket.socket) -> None:
+        self.metrics.inbound.inc()
+        try:
+            dst = client.getsockname()[:2]
+            src = client.getpeername()[:2]
+        except OSError:
+            self._fail(ctx, client, "client_gone", "the client closed before it was accepted")
+            return
+        if dst[1] in self.agent_ports:
+            # Only a direct connection to the agent's own port lands here unsteered.
+            self._fail(ctx, client, "agent_port", f"{src[0]} connected to agent port {dst[1]}; closing it")
+            return
+        try:
+            upstream = await self._deliver(ctx, src, dst)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = connect_failure_reason(exc)
+            self._fail(ctx, client, reason,
+                       f"delivery from {src[0]} to {dst[0]}:{dst[1]} failed: {reason} ({exc})")
+            return
+        self.log.debug("inbound %s:%d -> %s %s:%d", src[0], src[1], ctx, dst[0], dst[1])
+        await relay(self.metrics, "inbound", client, upstream)
+
+    async def _deliver(self, ctx: PodContext, src: tuple[str, int], dst: tuple[str, int]) -> socket.socket:
+        sock = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, dst), self.timeout)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+
+class TunnelPlaceholder:
+    """The tunnel port (15008) is reserved for HBONE (next issue): accept, say so, close."""
+
+    def __init__(self, metrics: AgentMetrics, log: logging.Logger, port: int):
+        self.metrics = metrics
+        self.log = log
+        self.port = port
+        self._warned: set[int] = set()
+
+    async def handle(self, ctx: PodContext, client: socket.socket) -> None:
+        self.metrics.failure("inbound", "hbone_not_implemented")
+        try:
+            peer = client.getpeername()[0]
+        except OSError:
+            peer = "?"
+        level = logging.DEBUG if ctx.cookie in self._warned else logging.WARNING
+        self._warned.add(ctx.cookie)
+        self.log.log(level, "inbound to %s: the HBONE tunnel on port %d is not implemented yet; "
+                     "closing the connection from %s (send plain TCP to the pod's app port)",
+                     ctx, self.port, peer)
+        reset(client)

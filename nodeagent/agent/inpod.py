@@ -1,0 +1,153 @@
+"""Sockets inside a pod's network namespace: the agent's in-pod listeners and its
+upstream sockets (in-pod mode, as ztunnel does it).
+
+Every socket here is created by briefly entering the pod netns on the calling thread
+(`netns.socket_in`) and carries the agent's mark, so the capture programs never capture
+the agent's own connections. `InPodListener` accepts without blocking the event loop and
+hands each connection to a handler task, which `PodContext` tracks so removal can wait
+for a pod's relays to finish before undoing its routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from nodeagent import netns
+from nodeagent.model import Pod
+
+IP_TRANSPARENT = 19
+IP_FREEBIND = 15
+BACKLOG = 1024
+
+
+@dataclass(eq=False)
+class PodContext:
+    """What a relay needs to know about the enrolled pod a connection belongs to."""
+
+    pod: Pod
+    netns_fd: int
+    cookie: int
+    tasks: dict[str, set[asyncio.Task]] = field(default_factory=lambda: {"outbound": set(), "inbound": set()})
+
+    def track(self, direction: str, task: asyncio.Task) -> None:
+        bucket = self.tasks.setdefault(direction, set())
+        bucket.add(task)
+        task.add_done_callback(bucket.discard)
+
+    def __str__(self) -> str:
+        return f"{self.pod.namespace}/{self.pod.name}"
+
+
+Handler = Callable[[PodContext, socket.socket], Awaitable[None]]
+
+
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def listener(netns_fd: int, host: str, port: int, freebind: bool = False) -> socket.socket:
+    """A listening TCP socket on host:port inside the netns (freebind: the address need not exist yet)."""
+    sock = netns.socket_in(netns_fd, family_of(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if freebind:
+            level = socket.IPPROTO_IPV6 if sock.family == socket.AF_INET6 else socket.IPPROTO_IP
+            sock.setsockopt(level, IP_FREEBIND, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def has_ipv6_loopback(netns_fd: int) -> bool:
+    """Whether ::1 exists in the netns (IPv6 may be disabled in a pod)."""
+    try:
+        probe = netns.socket_in(netns_fd, socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    with probe:
+        try:
+            probe.bind(("::1", 0))
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                return False
+            raise
+
+
+def upstream(netns_fd: int, family: int, mark: int) -> socket.socket:
+    """A TCP socket in the pod netns, marked so capture leaves it alone."""
+    sock = netns.socket_in(netns_fd, family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        sock.setblocking(False)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
+    """A marked socket bound to `source_ip` (not local: IP_TRANSPARENT), so the app sees
+    the real client address. The port is never the client's own port: the app's
+    accepted socket would then have the same 4-tuple as the agent's inbound one."""
+    family = family_of(source_ip)
+    level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+    for _ in range(4):
+        sock = upstream(netns_fd, family, mark)
+        try:
+            sock.setsockopt(level, IP_TRANSPARENT, 1)
+            sock.bind((source_ip, 0))
+        except BaseException:
+            sock.close()
+            raise
+        if sock.getsockname()[1] != avoid_port:
+            return sock
+        sock.close()
+    raise OSError(errno.EADDRINUSE, f"no source port for {source_ip} other than {avoid_port}")
+
+
+class InPodListener:
+    """Accept connections on an in-pod listening socket and run `handler` for each."""
+
+    def __init__(self, sock: socket.socket, ctx: PodContext, direction: str, handler: Handler,
+                 log: logging.Logger):
+        self.sock = sock
+        self.ctx = ctx
+        self.direction = direction
+        self.handler = handler
+        self.log = log
+        self.address = sock.getsockname()[:2]
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.sock.fileno(), self._accept_ready)
+
+    def _accept_ready(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ECONNABORTED, EMFILE...: log and wait for the next wake-up
+                self.log.warning("%s: accept on %s failed: %s", self.ctx, self.address, exc)
+                return
+            task = self._loop.create_task(self.handler(self.ctx, conn))
+            self.ctx.track(self.direction, task)
+
+    def close(self) -> None:
+        """Stop listening. Connections already queued are accepted and relayed first, so
+        removing a pod never resets a connection its app already saw established."""
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self._accept_ready()
+        self.sock.close()

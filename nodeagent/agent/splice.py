@@ -1,0 +1,141 @@
+"""Move bytes both ways between two connected sockets until both directions are done.
+
+Used by the outbound and inbound relays. Built on asyncio transports so each direction
+has a bounded buffer: when one side's write buffer passes HIGH_WATER the other side
+stops reading (TCP back-pressure reaches the sender). A FIN is passed on as a FIN
+(half-close), so request/response protocols that shut down their write side keep
+working; a reset or error on one side aborts the other, so a peer sees a reset where
+the original connection was reset. Returns the byte counts for telemetry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+
+HIGH_WATER = 64 * 1024  # bytes buffered towards one side before the other stops reading
+
+
+@dataclass
+class SpliceResult:
+    a_to_b: int = 0
+    b_to_a: int = 0
+    error: BaseException | None = None  # the first error that ended it, if any
+
+
+class _Side(asyncio.Protocol):
+    """One socket of the pair; forwards what it reads to `other`."""
+
+    def __init__(self, pipe: "_Pipe", name: str):
+        self.pipe = pipe
+        self.name = name
+        self.other: _Side | None = None
+        self.transport: asyncio.Transport | None = None
+        self.read_eof = False
+        self.lost = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        transport.pause_reading()  # until both sides exist
+        self.pipe.ready(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.pipe.count(self, len(data))
+        self.other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if not self.read_eof:
+            self.read_eof = True
+            if not self.other.lost and self.other.transport.can_write_eof():
+                self.other.transport.write_eof()
+            self.pipe.maybe_finish()
+        return True  # keep the transport: the other direction may still be flowing
+
+    def pause_writing(self) -> None:
+        if not self.other.lost:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.other.lost and not self.other.read_eof:
+            self.other.transport.resume_reading()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+        self.pipe.lost(self, exc)
+
+
+class _Pipe:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.a = _Side(self, "a")
+        self.b = _Side(self, "b")
+        self.a.other, self.b.other = self.b, self.a
+        self.result = SpliceResult()
+        self.done = loop.create_future()
+        self._ready = 0
+
+    def ready(self, side: _Side) -> None:
+        self._ready += 1
+        if self._ready == 2:
+            self.a.transport.resume_reading()
+            self.b.transport.resume_reading()
+
+    def count(self, side: _Side, n: int) -> None:
+        if side is self.a:
+            self.result.a_to_b += n
+        else:
+            self.result.b_to_a += n
+
+    def maybe_finish(self) -> None:
+        # Both directions saw FIN: close once the buffered bytes are written.
+        if self.a.read_eof and self.b.read_eof:
+            for side in (self.a, self.b):
+                if not side.lost:
+                    side.transport.close()
+
+    def lost(self, side: _Side, exc: BaseException | None) -> None:
+        if exc is not None and self.result.error is None:
+            self.result.error = exc
+        other = side.other
+        if not other.lost and other.transport is not None:
+            if exc is not None:
+                other.transport.abort()  # pass the reset on
+            else:
+                other.transport.close()
+        if self.a.lost and self.b.lost and not self.done.done():
+            self.done.set_result(self.result)
+
+
+async def splice(a: socket.socket, b: socket.socket) -> SpliceResult:
+    """Relay between connected sockets `a` and `b` (both taken over and closed)."""
+    loop = asyncio.get_running_loop()
+    pipe = _Pipe(loop)
+    a.setblocking(False)
+    b.setblocking(False)
+    try:
+        await loop.connect_accepted_socket(lambda: pipe.a, sock=a)
+    except BaseException:
+        b.close()
+        raise
+    try:
+        await loop.connect_accepted_socket(lambda: pipe.b, sock=b)
+    except BaseException:
+        pipe.a.transport.abort()
+        raise
+    try:
+        return await asyncio.shield(pipe.done)
+    except asyncio.CancelledError:
+        for side in (pipe.a, pipe.b):
+            if not side.lost:
+                side.transport.abort()
+        raise
+
+
+def reset(sock: socket.socket) -> None:
+    """Close `sock` with a RST (SO_LINGER 0), so the peer sees the failure at once."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()

@@ -1,0 +1,115 @@
+"""`nodeagent status`: what an agent is doing, read from its admin socket and shown as
+JSON or as aligned text tables (enrolled pods, pods waiting, programs, maps and their
+fill, counters, source errors). Rendering is a pure function of the status JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterable, Sequence
+
+from nodeagent.agent.config import DEFAULT_ADMIN_SOCKET
+from nodeagent.lab.layout import Layout, check_name, default_name
+
+
+def socket_path(socket: str | None, node: str | None, lab: str | None) -> str:
+    """--socket wins; --node [--lab] names a lab agent's socket; else the default."""
+    if socket:
+        return socket
+    if node:
+        return Layout(check_name(lab or default_name()), cgroup_root="").agent_socket(node)
+    return DEFAULT_ADMIN_SOCKET
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Columns aligned to their widest cell; numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.rstrip("%"))
+        return True
+    except ValueError:
+        return False
+
+
+def _ago(when: float | None, now: float) -> str:
+    return "-" if not when else f"{max(0.0, now - when):.1f}s ago"
+
+
+def _section(title: str, body: str) -> str:
+    return f"{title}\n{body}" if body else f"{title}\n  (none)"
+
+
+def _fill(entries: Any, max_entries: Any) -> str:
+    try:
+        return f"{100.0 * float(entries) / float(max_entries):.1f}%"
+    except (TypeError, ValueError, ZeroDivisionError):
+        return "-"
+
+
+def _value(v: Any) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def render_text(status: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    src = status.get("source", {})
+    capture = status.get("capture", {})
+    out = [f"agent on node {status.get('node')}: pid {status.get('pid')}, version {status.get('version')}, "
+           f"{'ready' if status.get('ready') else 'NOT ready'}, started {_ago(status.get('started_at'), now)}",
+           f"source {src.get('location')}: {src.get('pods_on_node', 0)} pods on this node, "
+           f"model changed {_ago(src.get('model_changed_at'), now)}", ""]
+    out.append(_section("ENROLLED PODS", table(
+        ["NAMESPACE", "NAME", "IP", "NETNS COOKIE", "ACTIVE OUT", "ACTIVE IN", "ENROLLED"],
+        [[p["namespace"], p["name"], p["ip"], p["netns_cookie"], p.get("active", {}).get("outbound", 0),
+          p.get("active", {}).get("inbound", 0), _ago(p.get("enrolled_at"), now)]
+         for p in status.get("pods", [])]) if status.get("pods") else ""))
+    out.append("")
+    out.append(_section("WAITING PODS", table(
+        ["NAMESPACE", "NAME", "UID", "REASON"],
+        [[w["namespace"], w["name"], w.get("uid") or "-", w["reason"]] for w in status.get("waiting", [])])
+        if status.get("waiting") else ""))
+    out.append("")
+    if "error" in capture:
+        out.append(f"CAPTURE\n  cannot read capture state: {capture['error']}")
+    else:
+        programs = capture.get("programs", [])
+        out.append(_section("PROGRAMS", table(
+            ["NAME", "TYPE", "ATTACHED TO", "ID"],
+            [[p.get("name"), p.get("type"), p.get("attach") or p.get("attached_to"), p.get("id")]
+             if isinstance(p, dict) else [p, "", "", ""] for p in programs]) if programs else ""))
+        out.append("")
+        maps = capture.get("maps", [])
+        out.append(_section("MAPS", table(
+            ["NAME", "ENTRIES", "MAX ENTRIES", "FILL"],
+            [[m.get("name"), m.get("entries"), m.get("max_entries"), _fill(m.get("entries"), m.get("max_entries"))]
+             for m in maps]) if maps else ""))
+        kernel = capture.get("counters", {})
+        if kernel:
+            out.append("")
+            out.append(_section("CAPTURE COUNTERS (kernel)", table(
+                ["NAME", "VALUE"], [[k, _value(v)] for k, v in sorted(kernel.items())])))
+    out.append("")
+    counters = status.get("counters", {})
+    out.append(_section("AGENT COUNTERS", table(
+        ["NAME", "VALUE"], [[k, _value(v)] for k, v in sorted(counters.items())]) if counters else ""))
+    errors = src.get("errors", {})
+    out.append("")
+    out.append(_section("SOURCE ERRORS", "\n".join(f"  {f}: {m}" for f, m in sorted(errors.items()))))
+    return "\n".join(out) + "\n"
+
+
+def render(status: dict[str, Any], output: str) -> str:
+    if output == "json":
+        return json.dumps(status, indent=2, sort_keys=True) + "\n"
+    return render_text(status)

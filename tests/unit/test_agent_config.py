@@ -1,0 +1,163 @@
+"""Agent config: every setting from flag, env and default; bad values named."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from nodeagent.agent import config
+from nodeagent.errors import ConfigError
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cg").mkdir()
+    return {"node": "node-1", "source": f"files:{tmp_path / 'cluster'}", "cgroup": str(tmp_path / "cg")}
+
+
+def load(given: dict, env: dict | None = None) -> config.AgentConfig:
+    return config.load(given, env or {})
+
+
+def test_defaults(base):
+    cfg = load(base)
+    assert cfg.node == "node-1"
+    assert cfg.source_dir == Path(base["source"][len("files:"):])
+    assert cfg.cgroup == Path(base["cgroup"])
+    assert cfg.bpffs == Path("/sys/fs/bpf/nodeagent")
+    assert cfg.admin_socket == Path("/run/nodeagent/agent.sock")
+    assert cfg.admin_address == ("127.0.0.1", 15020) and cfg.admin_port == 15020
+    assert cfg.mark == 0x539
+    assert (cfg.outbound_port, cfg.inbound_port, cfg.tunnel_port) == (15001, 15006, 15008)
+    assert cfg.keep_on_exit is False
+    assert cfg.poll_interval == 0.1
+    assert (cfg.log_level, cfg.log_format) == ("info", "text")
+
+
+def test_every_setting_has_flag_and_env():
+    names = {s.name for s in config.SETTINGS}
+    fields = set(config.AgentConfig.__dataclass_fields__) - {"source_dir"}
+    assert names == fields
+    for s in config.SETTINGS:
+        assert s.flag == "--" + s.name.replace("_", "-")
+        assert s.env == "NODEAGENT_" + s.name.upper()
+
+
+ENV_VALUES = {
+    "NODEAGENT_BPFFS": ("/sys/fs/bpf/other", "bpffs", Path("/sys/fs/bpf/other")),
+    "NODEAGENT_ADMIN_SOCKET": ("/tmp/a.sock", "admin_socket", Path("/tmp/a.sock")),
+    "NODEAGENT_ADMIN_ADDRESS": ("[::1]:9000", "admin_address", ("::1", 9000)),
+    "NODEAGENT_MARK": ("0x100", "mark", 0x100),
+    "NODEAGENT_OUTBOUND_PORT": ("16001", "outbound_port", 16001),
+    "NODEAGENT_INBOUND_PORT": ("16006", "inbound_port", 16006),
+    "NODEAGENT_TUNNEL_PORT": ("16008", "tunnel_port", 16008),
+    "NODEAGENT_KEEP_ON_EXIT": ("yes", "keep_on_exit", True),
+    "NODEAGENT_POLL_INTERVAL": ("0.5", "poll_interval", 0.5),
+    "NODEAGENT_LOG_LEVEL": ("DEBUG", "log_level", "debug"),
+    "NODEAGENT_LOG_FORMAT": ("json", "log_format", "json"),
+}
+
+
+@pytest.mark.parametrize("env", sorted(ENV_VALUES))
+def test_env_sets_each_setting(base, env):
+    raw, attr, expected = ENV_VALUES[env]
+    assert getattr(load(base, {env: raw}), attr) == expected
+
+
+def test_env_supplies_required_settings(base):
+    env = {"NODEAGENT_NODE": "n2", "NODEAGENT_SOURCE": base["source"], "NODEAGENT_CGROUP": base["cgroup"]}
+    cfg = load({}, env)
+    assert cfg.node == "n2"
+
+
+def test_flag_wins_over_env(base):
+    cfg = load({**base, "mark": "0x10", "keep_on_exit": False},
+               {"NODEAGENT_MARK": "0x20", "NODEAGENT_KEEP_ON_EXIT": "true"})
+    assert cfg.mark == 0x10 and cfg.keep_on_exit is False
+
+
+def test_cli_flags_parse(base):
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    args = parser.parse_args(["--node", "n1", "--source", base["source"], "--cgroup", base["cgroup"],
+                              "--keep-on-exit", "--admin-address", "0.0.0.0:15021", "--log-format", "json"])
+    cfg = config.load(args, {})
+    assert cfg.keep_on_exit and cfg.admin_address == ("0.0.0.0", 15021) and cfg.log_format == "json"
+    args = parser.parse_args(["--no-keep-on-exit"])
+    assert args.keep_on_exit is False
+
+
+BAD = [
+    ("node", "Node_1", "DNS-1123"),
+    ("source", "kube", "not implemented yet"),
+    ("source", "kube:", "not implemented yet"),
+    ("source", "http://x", "files:DIR"),
+    ("source", "files:/does/not/exist", "not a directory"),
+    ("cgroup", "relative/cg", "absolute"),
+    ("cgroup", "/does/not/exist", "does not exist"),
+    ("bpffs", "bpf/x", "absolute"),
+    ("admin_socket", "agent.sock", "absolute"),
+    ("admin_address", "localhost:15020", "not an IP address"),
+    ("admin_address", "127.0.0.1", "HOST:PORT"),
+    ("admin_address", "127.0.0.1:70000", "1-65535"),
+    ("mark", "0", "non-zero"),
+    ("mark", "0x1ffffffff", "32-bit"),
+    ("mark", "abc", "integer"),
+    ("outbound_port", "0", "1-65535"),
+    ("inbound_port", "x", "integer"),
+    ("tunnel_port", "65536", "1-65535"),
+    ("keep_on_exit", "maybe", "true or false"),
+    ("poll_interval", "0", "between"),
+    ("poll_interval", "fast", "seconds"),
+    ("log_level", "loud", "debug, info"),
+    ("log_format", "xml", "text, json"),
+]
+
+
+@pytest.mark.parametrize("name,raw,why", BAD)
+def test_bad_flag_is_named(base, name, raw, why):
+    with pytest.raises(ConfigError) as err:
+        load({**base, name: raw})
+    text = str(err.value)
+    assert f"setting {name}" in text and repr(raw) in text and why in text
+    assert "--" + name.replace("_", "-") in text and "NODEAGENT_" + name.upper() in text
+
+
+@pytest.mark.parametrize("name,raw,why", BAD[:3])
+def test_bad_env_is_named(base, name, raw, why):
+    given = {k: v for k, v in base.items() if k != name}
+    env = "NODEAGENT_" + name.upper()
+    with pytest.raises(ConfigError, match=f"setting {name} \\({env}\\)"):
+        load(given, {env: raw})
+
+
+def test_required_settings(base):
+    for name in ("node", "source"):
+        given = {k: v for k, v in base.items() if k != name}
+        with pytest.raises(ConfigError, match=f"setting {name}: is required"):
+            load(given)
+
+
+def test_ports_must_differ(base):
+    with pytest.raises(ConfigError, match="setting inbound_port: port 15001 is also used by outbound_port"):
+        load({**base, "inbound_port": "15001"})
+    with pytest.raises(ConfigError, match="admin_address: port 15008"):
+        load({**base, "admin_address": "127.0.0.1:15008"})
+
+
+def test_cgroup_default_is_the_cgroup2_mount(base, tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n")
+    assert config.cgroup2_root(str(mounts)) == "/sys/fs/cgroup/unified"
+    mounts.write_text("tmpfs /sys/fs/cgroup tmpfs rw 0 0\n")
+    with pytest.raises(ValueError, match="no cgroup2 mount"):
+        config.cgroup2_root(str(mounts))
+
+
+def test_as_dict_is_json_ready(base):
+    import json
+
+    json.dumps(load(base).as_dict())

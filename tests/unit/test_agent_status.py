@@ -1,0 +1,122 @@
+"""`nodeagent status` rendering, socket selection and the admin routes (no agent needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from nodeagent.agent import status
+from nodeagent.agent.admin import AdminServer
+from nodeagent.agent.metrics import AgentMetrics
+from nodeagent.errors import ConfigError
+
+NOW = 1_700_000_100.0
+STATUS = {
+    "node": "node-1", "version": "0.1.0", "pid": 4242, "started_at": NOW - 60, "ready": True,
+    "source": {"location": "files:/run/x", "errors": {"/run/x/bad.yaml": "bad.yaml:3: malformed YAML"},
+               "model_changed_at": NOW - 2.5, "pods_on_node": 3},
+    "pods": [
+        {"namespace": "app", "name": "client", "ip": "10.244.1.2", "netns_cookie": 4097, "uid": "u1",
+         "enrolled_at": NOW - 10, "active": {"outbound": 2, "inbound": 0}},
+        {"namespace": "app", "name": "server-long-name", "ip": "10.244.1.10", "netns_cookie": 12,
+         "uid": "u2", "enrolled_at": NOW - 1, "active": {"outbound": 0, "inbound": 1}},
+    ],
+    "waiting": [{"namespace": "app", "name": "pending", "uid": "u3", "reason": "no status.podIP yet"}],
+    "capture": {"programs": [{"name": "na_connect4", "type": "cgroup_sock_addr", "attach": "/sys/fs/cgroup/x",
+                              "id": 17}],
+                "maps": [{"name": "na_pods", "max_entries": 1024, "entries": 2},
+                         {"name": "na_origdst", "max_entries": 65536, "entries": 0}],
+                "counters": {"captured": 100.0}},
+    "counters": {"outbound_connections_total": 100.0, "passthrough_connections_total": 100.0,
+                 "connection_failures_total{direction=outbound,reason=connect_refused}": 3.0},
+}
+
+
+def test_text_has_every_section():
+    text = status.render_text(STATUS, now=NOW)
+    assert "agent on node node-1: pid 4242, version 0.1.0, ready, started 60.0s ago" in text
+    assert "files:/run/x: 3 pods on this node, model changed 2.5s ago" in text
+    for title in ("ENROLLED PODS", "WAITING PODS", "PROGRAMS", "MAPS", "AGENT COUNTERS", "SOURCE ERRORS",
+                  "CAPTURE COUNTERS (kernel)"):
+        assert title in text
+    assert "bad.yaml:3: malformed YAML" in text
+    assert "no status.podIP yet" in text
+    assert "0.2%" in text  # na_pods fill 2/1024
+
+
+def test_pod_table_is_aligned():
+    text = status.render_text(STATUS, now=NOW)
+    lines = text.split("ENROLLED PODS\n")[1].split("\n\n")[0].splitlines()
+    header, first, second = lines
+    assert header.split() == ["NAMESPACE", "NAME", "IP", "NETNS", "COOKIE", "ACTIVE", "OUT", "ACTIVE", "IN",
+                              "ENROLLED"]
+    # Every column starts at the same offset in every row.
+    assert header.index("IP") == first.index("10.244.1.2") == second.index("10.244.1.10")
+    # Numbers are right-aligned: their last digit lines up with the header's end.
+    end = header.index("NETNS COOKIE") + len("NETNS COOKIE")
+    assert first[:end].endswith("4097") and second[:end].endswith("12")
+
+
+def test_counter_values_are_integers():
+    text = status.render_text(STATUS, now=NOW)
+    row = next(line for line in text.splitlines() if line.startswith("outbound_connections_total"))
+    assert row.split() == ["outbound_connections_total", "100"]
+
+
+def test_empty_status_renders():
+    text = status.render_text({"node": "n", "capture": {}, "source": {}}, now=NOW)
+    assert text.count("(none)") >= 4 and "NOT ready" in text
+
+
+def test_capture_error_is_shown():
+    text = status.render_text({**STATUS, "capture": {"error": "map gone"}}, now=NOW)
+    assert "cannot read capture state: map gone" in text
+
+
+def test_json_output_round_trips():
+    assert json.loads(status.render(STATUS, "json")) == STATUS
+
+
+def test_table_alignment():
+    out = status.table(["A", "NUM"], [["x", 1], ["longer", 100]])
+    assert out.splitlines() == ["A       NUM", "x         1", "longer  100"]
+
+
+def test_socket_path():
+    assert status.socket_path("/tmp/s.sock", None, None) == "/tmp/s.sock"
+    assert status.socket_path(None, None, None) == "/run/nodeagent/agent.sock"
+    assert status.socket_path(None, "node-1", "lab2") == "/run/nodeagent/lab2/agents/node-1.sock"
+    with pytest.raises(ConfigError):
+        status.socket_path(None, "node-1", "Bad Name")
+
+
+def test_admin_routes():
+    registry = CollectorRegistry()
+    metrics = AgentMetrics(registry)
+    metrics.outbound.inc(3)
+    metrics.failure("outbound", "connect_refused")
+    ready = [False]
+    admin = AdminServer(registry=registry, status=lambda: {"node": "n"}, ready=lambda: ready[0], log=None)
+    code, ctype, body = admin.respond("GET", "/metrics")
+    assert code == 200 and b"nodeagent_outbound_connections_total 3.0" in body
+    assert b'nodeagent_connection_failures_total{direction="outbound",reason="connect_refused"} 1.0' in body
+    assert admin.respond("GET", "/debug/status")[2] == b'{\n "node": "n"\n}\n'
+    assert admin.respond("GET", "/healthz/ready")[0] == 503
+    ready[0] = True
+    assert admin.respond("GET", "/healthz/ready")[0] == 200
+    assert admin.respond("GET", "/nope")[0] == 404
+    assert admin.respond("POST", "/metrics")[0] == 405
+
+
+def test_metrics_snapshot_matches_registry():
+    metrics = AgentMetrics(CollectorRegistry())
+    metrics.outbound.inc(100)
+    metrics.enrolled.set(2)
+    metrics.failure("inbound", "agent_port")
+    snap = metrics.snapshot()
+    assert snap["outbound_connections_total"] == 100
+    assert snap["enrolled_pods"] == 2
+    assert snap["connection_failures_total{direction=inbound,reason=agent_port}"] == 1
+    assert not any(k.endswith("_created") for k in snap)

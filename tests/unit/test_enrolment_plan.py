@@ -1,0 +1,132 @@
+"""The enrolment decision as a pure function: model + node + enrolled -> plan."""
+
+from __future__ import annotations
+
+from nodeagent.agent.enrolment import Plan, Wanted, plan, wanted_pods
+from nodeagent.kube.objects import parse_documents
+from nodeagent.model import Model
+
+NODE = "n1"
+
+
+def ns(name: str, mode: str | None = "ambient") -> str:
+    labels = f"\n  labels: {{istio.io/dataplane-mode: {mode}}}" if mode else ""
+    return f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n"
+
+
+def pod(name: str, namespace: str = "app", *, uid: str | None = None, node: str = NODE,
+        ip: str | None = "10.244.1.2", phase: str = "Running", labels: str = "", annotations: str = "") -> str:
+    meta = f"  name: {name}\n  namespace: {namespace}\n"
+    if uid != "":
+        meta += f"  uid: {uid or 'uid-' + name}\n"
+    if labels:
+        meta += f"  labels: {{{labels}}}\n"
+    if annotations:
+        meta += f"  annotations: {{{annotations}}}\n"
+    status = f"  phase: {phase}\n" + (f"  podIP: {ip}\n" if ip else "")
+    return f"apiVersion: v1\nkind: Pod\nmetadata:\n{meta}spec:\n  nodeName: {node}\nstatus:\n{status}"
+
+
+def model(*docs: str) -> Model:
+    return Model.build(parse_documents("---\n".join(docs), "test.yaml"))
+
+
+def enrolled(m: Model) -> dict[str, Wanted]:
+    return wanted_pods(m, NODE)[0]
+
+
+def test_meshed_local_running_pods_are_enrolled():
+    m = model(ns("app"), pod("a", ip="10.244.1.2"), pod("b", ip="10.244.1.3"))
+    p = plan(m, NODE, {})
+    assert sorted(w.name for w in p.enrol) == ["a", "b"]
+    assert p.remove == () and p.update == () and p.waiting == ()
+    assert {w.uid for w in p.enrol} == {"uid-a", "uid-b"}
+
+
+def test_nothing_to_do_when_in_sync():
+    m = model(ns("app"), pod("a"))
+    assert plan(m, NODE, enrolled(m)) == Plan()
+
+
+def test_unlabelled_namespace_is_not_meshed():
+    m = model(ns("app", None), pod("a"))
+    assert plan(m, NODE, {}) == Plan()
+
+
+def test_namespace_label_change_enrols_then_removes():
+    off = model(ns("app", None), pod("a"))
+    on = model(ns("app"), pod("a"))
+    p = plan(on, NODE, enrolled(off))
+    assert [w.name for w in p.enrol] == ["a"]
+    p = plan(off, NODE, enrolled(on))
+    assert p.remove == ("uid-a",) and p.enrol == ()
+
+
+def test_pod_opt_out_label():
+    m = model(ns("app"), pod("a", labels="istio.io/dataplane-mode: none"), pod("b", ip="10.244.1.3"))
+    assert [w.name for w in plan(m, NODE, {}).enrol] == ["b"]
+    before = model(ns("app"), pod("a"))
+    assert plan(m, NODE, enrolled(before)).remove == ("uid-a",)
+
+
+def test_pod_on_other_node_is_ignored():
+    m = model(ns("app"), pod("a", node="n2"))
+    assert plan(m, NODE, {}) == Plan()
+
+
+def test_pod_without_ip_uid_or_not_running_waits():
+    m = model(ns("app"), pod("noip", ip=None), pod("nouid", uid="", ip="10.244.1.4"),
+              pod("pending", phase="Pending", ip="10.244.1.5"))
+    p = plan(m, NODE, {})
+    assert p.enrol == ()
+    reasons = {w.name: w.reason for w in p.waiting}
+    assert "podIP" in reasons["noip"]
+    assert "uid" in reasons["nouid"]
+    assert "Pending" in reasons["pending"]
+
+
+def test_pod_that_stops_running_is_removed():
+    running = model(ns("app"), pod("a"))
+    done = model(ns("app"), pod("a", phase="Succeeded"))
+    p = plan(done, NODE, enrolled(running))
+    assert p.remove == ("uid-a",) and [w.name for w in p.waiting] == ["a"]
+
+
+def test_deleted_pod_is_removed():
+    before = model(ns("app"), pod("a"))
+    assert plan(model(ns("app")), NODE, enrolled(before)).remove == ("uid-a",)
+
+
+def test_recreated_pod_same_name_new_uid():
+    before = model(ns("app"), pod("a", uid="old"))
+    after = model(ns("app"), pod("a", uid="new"))
+    p = plan(after, NODE, enrolled(before))
+    assert p.remove == ("old",) and [w.uid for w in p.enrol] == ["new"]
+
+
+def test_new_ip_is_remove_then_enrol():
+    before = model(ns("app"), pod("a", ip="10.244.1.2"))
+    after = model(ns("app"), pod("a", ip="10.244.1.9"))
+    p = plan(after, NODE, enrolled(before))
+    assert p.remove == ("uid-a",) and [w.ip for w in p.enrol] == ["10.244.1.9"] and p.update == ()
+
+
+def test_excluded_ports_change_is_an_update():
+    before = model(ns("app"), pod("a"))
+    after = model(ns("app"), pod("a", annotations='traffic.sidecar.istio.io/excludeOutboundPorts: "5432, 6379"'))
+    p = plan(after, NODE, enrolled(before))
+    assert p.enrol == () and p.remove == ()
+    assert [w.exclude_outbound for w in p.update] == [frozenset({5432, 6379})]
+
+
+def test_label_change_other_than_mode_changes_nothing():
+    before = model(ns("app"), pod("a", labels="app: web"))
+    after = model(ns("app"), pod("a", labels="app: api"))
+    assert plan(after, NODE, enrolled(before)) == Plan()
+
+
+def test_duplicate_uid_waits():
+    m = model(ns("app"), pod("a", uid="same"), pod("b", uid="same", ip="10.244.1.3"))
+    p = plan(m, NODE, {})
+    assert [w.name for w in p.enrol] == ["a"]
+    assert [w.name for w in p.waiting] == ["b"]

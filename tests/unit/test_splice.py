@@ -1,0 +1,120 @@
+"""splice: bytes both ways, half-close, resets and back-pressure, over loopback TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from nodeagent.agent.splice import reset, splice
+
+
+async def _pair() -> tuple[socket.socket, socket.socket]:
+    """(our end, relay end) of one loopback TCP connection."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        lst.setblocking(False)
+        ours = socket.socket()
+        ours.setblocking(False)
+        await loop.sock_connect(ours, lst.getsockname())
+        theirs, _ = await loop.sock_accept(lst)
+    return ours, theirs
+
+
+async def _relay() -> tuple[socket.socket, socket.socket, asyncio.Task]:
+    """client <-> [a splice b] <-> server; returns (client, server, splice task)."""
+    client, a = await _pair()
+    server, b = await _pair()
+    return client, server, asyncio.create_task(splice(a, b))
+
+
+async def _read_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    chunks = []
+    while chunk := await loop.sock_recv(sock, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_request_half_close_response():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client, server, task = await _relay()
+        await loop.sock_sendall(client, b"request")
+        client.shutdown(socket.SHUT_WR)  # FIN: the server must see EOF, and still answer
+        assert await _read_all(server) == b"request"
+        await loop.sock_sendall(server, b"response" * 1000)
+        server.close()
+        assert await _read_all(client) == b"response" * 1000
+        result = await asyncio.wait_for(task, 5)
+        client.close()
+        assert (result.a_to_b, result.b_to_a, result.error) == (7, 8000, None)
+    asyncio.run(main())
+
+
+def test_reset_is_passed_on():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client, server, task = await _relay()
+        await loop.sock_sendall(client, b"x")
+        assert await loop.sock_recv(server, 10) == b"x"
+        reset(server)
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(client, 10), 5)
+            assert data == b""  # a close the relay saw as reset still ends the stream
+        except ConnectionResetError:
+            pass
+        result = await asyncio.wait_for(task, 5)
+        assert result.error is not None
+        client.close()
+    asyncio.run(main())
+
+
+def test_back_pressure_bounds_buffering():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client, server, task = await _relay()
+        for s in (client, server):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sent, block = 0, b"z" * 65536
+        stalled = 0
+        while stalled < 20 and sent < 64 * 1024 * 1024:  # server never reads
+            try:
+                sent += client.send(block)
+                stalled = 0
+            except BlockingIOError:
+                stalled += 1
+                await asyncio.sleep(0.01)
+        assert sent < 32 * 1024 * 1024, f"relay buffered {sent} bytes without back-pressure"
+        got = 0
+        client.shutdown(socket.SHUT_WR)
+        while chunk := await loop.sock_recv(server, 1 << 20):
+            got += len(chunk)
+        assert got == sent
+        server.close()
+        await asyncio.wait_for(task, 5)
+        client.close()
+    asyncio.run(main())
+
+
+def test_cancel_aborts_both():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client, server, task = await _relay()
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(_read_or_reset(loop, client), 5) == b""
+        assert await asyncio.wait_for(_read_or_reset(loop, server), 5) == b""
+        client.close()
+        server.close()
+    asyncio.run(main())
+
+
+async def _read_or_reset(loop, sock) -> bytes:
+    try:
+        return await loop.sock_recv(sock, 10)
+    except ConnectionResetError:
+        return b""
