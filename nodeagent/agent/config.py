@@ -54,6 +54,7 @@ class AgentConfig:
     admin_socket: Path
     admin_address: tuple[str, int]
     mark: int
+    delivery_mark: int
     outbound_port: int
     inbound_port: int
     tunnel_port: int
@@ -189,6 +190,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin_address", parse_address, "127.0.0.1:15020",
             "HTTP admin listener (/metrics, /debug/status) in the agent's netns", "HOST:PORT"),
     Setting("mark", parse_mark, "0x539", "socket mark of the agent's own sockets (never captured)", "MARK"),
+    Setting("delivery_mark", parse_mark, "0x1539",
+            "socket mark of inbound delivery to the app; the pod's policy routing sends the app's "
+            "replies back to the agent by it", "MARK"),
     Setting("outbound_port", parse_port, "15001", "in-pod outbound listener port", "PORT"),
     Setting("inbound_port", parse_port, "15006", "in-pod plaintext inbound listener port", "PORT"),
     Setting("tunnel_port", parse_port, "15008", "in-pod HBONE tunnel listener port", "PORT"),
@@ -243,6 +247,9 @@ def load(given: Mapping[str, Any] | argparse.Namespace, environ: Mapping[str, st
                               f"fix {s.flag} / {s.env}") from None
     values["source_dir"] = Path(values["source"].partition(":")[2])
     _check_ports(values)
+    if values["delivery_mark"] == values["mark"]:
+        raise ConfigError("setting delivery_mark", f"must differ from mark ({values['mark']:#x})",
+                          "the pod's reply routing would catch the agent's outbound connections too")
     return AgentConfig(**values)
 
 

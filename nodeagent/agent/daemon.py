@@ -60,13 +60,13 @@ class Agent:
         passthrough = Passthrough(c.mark, CONNECT_TIMEOUT)
         outbound = OutboundRelay(self.capture, m, self.log.getChild("outbound"), lambda ctx, dst: passthrough)
         agent_ports = frozenset({c.outbound_port, c.inbound_port, c.tunnel_port, c.admin_port})
-        inbound = InboundRelay(m, self.log.getChild("inbound"), mark=c.mark, timeout=CONNECT_TIMEOUT,
+        inbound = InboundRelay(m, self.log.getChild("inbound"), mark=c.delivery_mark, timeout=CONNECT_TIMEOUT,
                                agent_ports=agent_ports)
         tunnel = TunnelPlaceholder(m, self.log.getChild("inbound"), c.tunnel_port)
         return Enroller(node=c.node, capture=self.capture, resolver=resolver,
                         ports=Ports(c.outbound_port, c.inbound_port, c.tunnel_port),
                         handlers=Handlers(outbound.handle, inbound.handle, tunnel.handle),
-                        mark=c.mark, metrics=m, log=self.log.getChild("enrolment"))
+                        delivery_mark=c.delivery_mark, metrics=m, log=self.log.getChild("enrolment"))
 
     # --- lifecycle ------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:

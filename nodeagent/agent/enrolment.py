@@ -157,7 +157,7 @@ class Enroller:
     resolver: PodNetnsResolver
     ports: Ports
     handlers: Handlers
-    mark: int
+    delivery_mark: int
     metrics: AgentMetrics
     log: logging.Logger
     clock: Callable[[], float] = time.monotonic
@@ -263,7 +263,7 @@ class Enroller:
                                    exclude_ports=sorted(want.exclude_inbound))
 
     def _routing(self, want: Wanted) -> podrouting.RoutingSpec:
-        return podrouting.RoutingSpec(self.mark, (inpod.family_of(want.ip),))
+        return podrouting.RoutingSpec(self.delivery_mark, (inpod.family_of(want.ip),))
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())

@@ -28,6 +28,7 @@ class InboundRelay:
         self.mark = mark
         self.timeout = timeout
         self.agent_ports = agent_ports
+        self._delivering: set[tuple[str, int]] = set()  # local addresses of our delivery sockets
 
     def _fail(self, ctx: PodContext, client: socket.socket, reason: str, detail: str) -> None:
         self.metrics.failure("inbound", reason)
@@ -42,28 +43,41 @@ class InboundRelay:
         except OSError:
             self._fail(ctx, client, "client_gone", "the client closed before it was accepted")
             return
+        if src in self._delivering:
+            # Our own delivery came back: steering must skip it, else every retry loops.
+            self._fail(ctx, client, "steering_loop", f"delivery from {src[0]}:{src[1]} was steered back to "
+                       "the agent; is the pod's sk_lookup program current?")
+            return
         if dst[1] in self.agent_ports:
             # Only a direct connection to the agent's own port lands here unsteered.
             self._fail(ctx, client, "agent_port", f"{src[0]} connected to agent port {dst[1]}; closing it")
             return
         try:
-            upstream = await self._deliver(ctx, src, dst)
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = connect_failure_reason(exc)
-            self._fail(ctx, client, reason,
-                       f"delivery from {src[0]} to {dst[0]}:{dst[1]} failed: {reason} ({exc})")
+            upstream = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
+        except OSError as exc:
+            self._fail(ctx, client, "delivery_socket", f"cannot open a delivery socket as {src[0]}: {exc}")
             return
+        local = upstream.getsockname()[:2]
+        self._delivering.add(local)  # before connecting: a loop shows up during the connect
+        try:
+            await self._deliver(ctx, client, upstream, src, dst)
+        finally:
+            self._delivering.discard(local)
+
+    async def _deliver(self, ctx: PodContext, client: socket.socket, upstream: socket.socket,
+                       src: tuple[str, int], dst: tuple[str, int]) -> None:
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(upstream, dst), self.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            upstream.close()
+            reason = connect_failure_reason(exc)
+            self._fail(ctx, client, reason, f"delivery from {src[0]} to {dst[0]}:{dst[1]} failed: {reason} ({exc})")
+            return
+        except BaseException:
+            upstream.close()
+            raise
         self.log.debug("inbound %s:%d -> %s %s:%d", src[0], src[1], ctx, dst[0], dst[1])
         await relay(self.metrics, "inbound", client, upstream)
-
-    async def _deliver(self, ctx: PodContext, src: tuple[str, int], dst: tuple[str, int]) -> socket.socket:
-        sock = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
-        try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, dst), self.timeout)
-            return sock
-        except BaseException:
-            sock.close()
-            raise
 
 
 class TunnelPlaceholder:

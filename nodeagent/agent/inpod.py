@@ -97,13 +97,15 @@ def upstream(netns_fd: int, family: int, mark: int) -> socket.socket:
 
 def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
     """A marked socket bound to `source_ip` (not local: IP_TRANSPARENT), so the app sees
-    the real client address. The port is never the client's own port: the app's
-    accepted socket would then have the same 4-tuple as the agent's inbound one."""
+    the real client address, and to `lo`, so sk_lookup sees a loopback connection and
+    does not steer it back to the agent. The port is never the client's own port: the
+    app's accepted socket would then have the same 4-tuple as the agent's inbound one."""
     family = family_of(source_ip)
     level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
     for _ in range(4):
         sock = upstream(netns_fd, family, mark)
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
             sock.setsockopt(level, IP_TRANSPARENT, 1)
             sock.bind((source_ip, 0))
         except BaseException:

@@ -2,9 +2,11 @@
 client's source address (design.md, "Delivery with the client's address").
 
 In the pod netns: `net.ipv4.tcp_fwmark_accept=1` (the app's accepted socket inherits
-the agent's mark), `ip rule fwmark MARK lookup TABLE` and `local 0.0.0.0/0 dev lo table
-TABLE` (and the IPv6 pair for IPv6 pods), so the app's replies to the client address
-are delivered locally to the agent's transparent socket. Install and remove are
+the mark of the agent's delivery socket), `ip rule fwmark DELIVERY_MARK lookup TABLE` and
+`local 0.0.0.0/0 dev lo table TABLE` (and the IPv6 pair for IPv6 pods), so the app's
+replies to the client address are delivered locally to the agent's transparent socket.
+The delivery mark differs from the mark on the agent's outbound sockets: with one mark
+the rule would deliver the agent's own outbound connections locally too. Install and remove are
 idempotent, so a restarted agent can re-apply them. They block (netlink, /proc/sys),
 so callers run them in a worker thread: the thread enters the pod netns to open the
 netlink socket and the sysctl file, which then keep addressing that netns.

@@ -85,9 +85,8 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
     else:
         programs = capture.get("programs", [])
         out.append(_section("PROGRAMS", table(
-            ["NAME", "TYPE", "ATTACHED TO", "ID"],
-            [[p.get("name"), p.get("type"), p.get("attach") or p.get("attached_to"), p.get("id")]
-             if isinstance(p, dict) else [p, "", "", ""] for p in programs]) if programs else ""))
+            ["NAME", "ID", "ATTACHED TO"],
+            [[p.get("name"), p.get("id"), p.get("attach_point")] for p in programs]) if programs else ""))
         out.append("")
         maps = capture.get("maps", [])
         out.append(_section("MAPS", table(

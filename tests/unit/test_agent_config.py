@@ -51,6 +51,7 @@ ENV_VALUES = {
     "NODEAGENT_ADMIN_SOCKET": ("/tmp/a.sock", "admin_socket", Path("/tmp/a.sock")),
     "NODEAGENT_ADMIN_ADDRESS": ("[::1]:9000", "admin_address", ("::1", 9000)),
     "NODEAGENT_MARK": ("0x100", "mark", 0x100),
+    "NODEAGENT_DELIVERY_MARK": ("0x200", "delivery_mark", 0x200),
     "NODEAGENT_OUTBOUND_PORT": ("16001", "outbound_port", 16001),
     "NODEAGENT_INBOUND_PORT": ("16006", "inbound_port", 16006),
     "NODEAGENT_TUNNEL_PORT": ("16008", "tunnel_port", 16008),
@@ -161,3 +162,9 @@ def test_as_dict_is_json_ready(base):
     import json
 
     json.dumps(load(base).as_dict())
+
+
+def test_delivery_mark_must_differ_from_mark(base):
+    assert load(base).delivery_mark == 0x1539
+    with pytest.raises(ConfigError, match="setting delivery_mark: must differ from mark"):
+        load({**base, "delivery_mark": "0x539"})

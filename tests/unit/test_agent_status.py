@@ -24,8 +24,7 @@ STATUS = {
          "uid": "u2", "enrolled_at": NOW - 1, "active": {"outbound": 0, "inbound": 1}},
     ],
     "waiting": [{"namespace": "app", "name": "pending", "uid": "u3", "reason": "no status.podIP yet"}],
-    "capture": {"programs": [{"name": "na_connect4", "type": "cgroup_sock_addr", "attach": "/sys/fs/cgroup/x",
-                              "id": 17}],
+    "capture": {"programs": [{"name": "na_connect4", "id": 17, "attach_point": "cgroup /sys/fs/cgroup/x connect4"}],
                 "maps": [{"name": "na_pods", "max_entries": 1024, "entries": 2},
                          {"name": "na_origdst", "max_entries": 65536, "entries": 0}],
                 "counters": {"captured": 100.0}},
@@ -44,6 +43,7 @@ def test_text_has_every_section():
     assert "bad.yaml:3: malformed YAML" in text
     assert "no status.podIP yet" in text
     assert "0.2%" in text  # na_pods fill 2/1024
+    assert "cgroup /sys/fs/cgroup/x connect4" in text
 
 
 def test_pod_table_is_aligned():
