@@ -5,7 +5,11 @@
  * whatever the port, except the agent's own ports (NA_*_PORT: the tunnel listener on
  * NA_TUNNEL_PORT is reached by the normal lookup) and the pod's excluded inbound ports.
  * The accepted socket's local address is the original destination.
- * Loopback is never steered: that is how the agent's own delivery to the app passes.
+ * Local connections are never steered (ztunnel's in-pod rules skip `-i lo` likewise):
+ * those arriving on lo (ingress_ifindex 1) and those from the pod's own address. The
+ * kernel reports the address's device (eth0), not lo, as the ingress of a connection
+ * to a local IP, so the agent's delivery to the app binds its socket to lo
+ * (SO_BINDTODEVICE, with the fwmark table 539 route: docs/design.md) to be seen as lo.
  * Enrolled IP without a listener (agent gone): SK_DROP, the client gets a reset — fail
  * closed rather than let plaintext reach the app.
  */
@@ -47,24 +51,37 @@ static __always_inline int na_steer(struct bpf_sk_lookup *ctx, struct na_addr *i
 	return SK_PASS;
 }
 
+/* The destination address of the lookup as a map key; *local_origin set when the
+ * source address is the same (the pod connecting to its own IP). */
+static __always_inline void na_lookup_addr(struct bpf_sk_lookup *ctx, struct na_addr *ip,
+					   int *local_origin)
+{
+	ip->family = (__u16)ctx->family;
+	if (ctx->family == NA_AF_INET) {
+		ip->addr[0] = ctx->local_ip4;
+		*local_origin = ctx->remote_ip4 == ctx->local_ip4;
+		return;
+	}
+	ip->addr[0] = ctx->local_ip6[0];
+	ip->addr[1] = ctx->local_ip6[1];
+	ip->addr[2] = ctx->local_ip6[2];
+	ip->addr[3] = ctx->local_ip6[3];
+	*local_origin = ctx->remote_ip6[0] == ip->addr[0] && ctx->remote_ip6[1] == ip->addr[1] &&
+			ctx->remote_ip6[2] == ip->addr[2] && ctx->remote_ip6[3] == ip->addr[3];
+}
+
 int na_sk_lookup(struct bpf_sk_lookup *ctx)
 {
 	struct na_addr ip = {};
 	struct na_pod_ip *pod;
+	int local_origin;
 
 	if (ctx->protocol != NA_IPPROTO_TCP || ctx->ingress_ifindex == NA_LOOPBACK_IFINDEX ||
 	    na_is_agent_port(ctx->local_port))
 		return SK_PASS;
-
-	ip.family = (__u16)ctx->family;
-	if (ctx->family == NA_AF_INET) {
-		ip.addr[0] = ctx->local_ip4;
-	} else {
-		ip.addr[0] = ctx->local_ip6[0];
-		ip.addr[1] = ctx->local_ip6[1];
-		ip.addr[2] = ctx->local_ip6[2];
-		ip.addr[3] = ctx->local_ip6[3];
-	}
+	na_lookup_addr(ctx, &ip, &local_origin);
+	if (local_origin)
+		return SK_PASS;
 	pod = na_enrolled_ips.lookup(&ip);
 	if (!pod)
 		return SK_PASS;

@@ -63,9 +63,15 @@ class CompileFailed(CaptureError):
 
 
 class VerifierRejected(CaptureError):
+    """`log` is the whole verifier log; the message keeps its end, where the refusal is."""
+
+    TAIL_LINES = 30
+
     def __init__(self, program: str, reason: str, log: str):
         self.program, self.log = program, log
-        super().__init__(f"the kernel refused program {program} ({reason}); verifier log:\n{log.strip()}",
+        lines = log.strip().splitlines()
+        tail = "\n".join((["..."] if len(lines) > self.TAIL_LINES else []) + lines[-self.TAIL_LINES:])
+        super().__init__(f"the kernel refused program {program} ({reason}); verifier log:\n{tail}",
                          "the kernel may be too old for a feature it uses (docs/design.md lists "
                          "minimum versions), or the program has a bug the log points at")
 

@@ -1,0 +1,58 @@
+"""Fixtures of the kernel tier: throwaway cgroups, pin dirs and network namespaces
+(see kernel_sandbox.py), each made per test — or per module where compiling the
+programs once matters — and always removed."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from kernel_sandbox import Netns, link, netns_factory, throwaway_cgroup, throwaway_pin_dir
+from nodeagent.capture.preflight import mount_table
+
+
+@pytest.fixture(scope="session")
+def cgroup2_root() -> str:
+    roots = [point for point, kind in mount_table() if kind == "cgroup2"]
+    if not roots:
+        pytest.fail("no cgroup2 mount: run scripts/setup")
+    return roots[0]
+
+
+@pytest.fixture(scope="module")
+def module_cgroup(cgroup2_root: str) -> Iterator[str]:
+    with throwaway_cgroup(cgroup2_root) as path:
+        yield path
+
+
+@pytest.fixture
+def cgroup_dir(cgroup2_root: str) -> Iterator[str]:
+    with throwaway_cgroup(cgroup2_root) as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def module_pin_dir() -> Iterator[str]:
+    with throwaway_pin_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[str]:
+    with throwaway_pin_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def make_netns() -> Iterator:
+    with netns_factory() as make:
+        yield make
+
+
+@pytest.fixture
+def pod_and_peer(make_netns) -> tuple[Netns, Netns]:
+    """A pod netns (10.77.0.1, fd77::1) linked by a veth to a peer (10.77.0.2, fd77::2)."""
+    pod, peer = make_netns(), make_netns()
+    link(pod, peer, ["10.77.0.1/24", "fd77::1/64"], ["10.77.0.2/24", "fd77::2/64"])
+    return pod, peer

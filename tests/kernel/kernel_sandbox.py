@@ -1,0 +1,203 @@
+"""Throwaway kernel resources for the kernel tests: cgroups, bpffs pin dirs, network
+namespaces, and client processes running in them.
+
+Every resource is uniquely named (`nodeagent-test-*` cgroups and pins, `natest-*`
+namespaces) and removed by the context manager that made it, also when the test
+fails. Namespaces get addresses only inside themselves; nothing is added to the
+machine's own namespace. Processes are stopped by PID. conftest.py wraps these as
+fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from nodeagent import netns
+from nodeagent.capture.cgroup import attached
+from nodeagent.capture.programs import CGROUP_PROGRAMS
+
+PIN_ROOT = "/sys/fs/bpf"
+CONNECTOR = str(Path(__file__).with_name("connector.py"))
+
+
+def unique(kind: str) -> str:
+    return f"{kind}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+# ---- cgroups and pin dirs ----
+
+def _remove_cgroup(path: str) -> None:
+    """rmdir depth-first; a cgroup whose last process is still exiting is briefly busy."""
+    if not os.path.isdir(path):
+        return
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            _remove_cgroup(entry.path)
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            time.sleep(0.05)
+    os.rmdir(path)
+
+
+@contextlib.contextmanager
+def throwaway_cgroup(parent: str, name: str | None = None) -> Iterator[str]:
+    path = os.path.join(parent, name or unique("nodeagent-test"))
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        _remove_cgroup(path)
+
+
+@contextlib.contextmanager
+def throwaway_pin_dir() -> Iterator[str]:
+    """A pin dir path under bpffs (not created: the loader makes it)."""
+    path = os.path.join(PIN_ROOT, unique("nodeagent-test"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)  # unlinking a pin drops it
+
+
+def our_programs(cgroup: str) -> dict[str, list[int]]:
+    """Program ids attached to `cgroup` per program name (BPF_PROG_QUERY)."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return {spec.name: [pid for pid, name in attached(fd, spec.attach_type) if name == spec.name]
+                for spec in CGROUP_PROGRAMS}
+    finally:
+        os.close(fd)
+
+
+# ---- network namespaces ----
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@dataclass
+class Netns:
+    name: str
+
+    @property
+    def path(self) -> str:
+        return netns.named_path(self.name)
+
+    @property
+    def cookie(self) -> int:
+        return netns.cookie(self.path)
+
+    def ip(self, *args: str) -> None:
+        ip("-n", self.name, *args)
+
+    def new_socket(self, family: int = socket.AF_INET) -> socket.socket:
+        sock = netns.socket_in(self.path, family)
+        sock.settimeout(5)
+        return sock
+
+    def listener(self, addr: str, port: int, family: int = socket.AF_INET) -> socket.socket:
+        sock = self.new_socket(family)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(256)
+        return sock
+
+
+@contextlib.contextmanager
+def netns_factory() -> Iterator:
+    """Yields make() -> a new Netns with lo up; every one is deleted on exit."""
+    made: list[Netns] = []
+
+    def make() -> Netns:
+        ns = Netns(unique("natest"))
+        ip("netns", "add", ns.name)
+        made.append(ns)
+        ns.ip("link", "set", "lo", "up")
+        return ns
+    try:
+        yield make
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+
+
+def link(a: Netns, b: Netns, a_addrs: list[str], b_addrs: list[str]) -> None:
+    """A veth eth0<->eth0 between two namespaces (never the machine's), with addresses."""
+    a.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b.name)
+    for ns, addrs in ((a, a_addrs), (b, b_addrs)):
+        for addr in addrs:
+            ns.ip("addr", "add", addr, "dev", "eth0", *(["nodad"] if ":" in addr else []))
+        ns.ip("link", "set", "eth0", "up")
+
+
+# ---- sockets and client processes ----
+
+@dataclass
+class Connection:
+    target: tuple[str, int]
+    ok: bool
+    local: tuple[str, int] | None
+    peer: tuple[str, int] | None
+    error: str | None
+
+
+def _connection(raw: dict) -> Connection:
+    return Connection(tuple(raw["target"]), raw["ok"], raw["local"] and tuple(raw["local"]),
+                      raw["peer"] and tuple(raw["peer"]), raw["error"])
+
+
+@contextlib.contextmanager
+def connector(cgroup: str, ns: Netns, family: int, targets: list[tuple[str, int]],
+              mark: int = 0) -> Iterator[list[Connection]]:
+    """Run connector.py in `cgroup` and `ns`: it connects to every target and holds the
+    sockets open until the body is done. Yields the outcomes."""
+    spec = {"cgroup": cgroup, "netns": ns.path, "family": family, "mark": mark, "targets": targets}
+    proc = subprocess.Popen([sys.executable, CONNECTOR, json.dumps(spec)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, f"connector exited early (rc {proc.wait(5)})"
+        yield [_connection(raw) for raw in json.loads(line)]
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # ours, by PID
+            proc.wait()
+        proc.stdout.close()
+
+
+def accept_all(listener: socket.socket, count: int) -> list[socket.socket]:
+    return [listener.accept()[0] for _ in range(count)]
+
+
+def pending(listener: socket.socket) -> int:
+    """Accept (and close) whatever is already queued on `listener`, without waiting."""
+    listener.setblocking(False)
+    count = 0
+    try:
+        while True:
+            listener.accept()[0].close()
+            count += 1
+    except BlockingIOError:
+        return count
+    finally:
+        listener.settimeout(5)
