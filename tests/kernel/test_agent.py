@@ -1,0 +1,244 @@
+"""The node agent on a real kernel: `python -m nodeagent run` in a throwaway node netns
+(nodeagent.agent.sandbox), pods as netns + kubelet-named cgroups, real capture programs.
+Exact counts against a known workload; every test removes all it made, even on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import signal
+import subprocess
+
+import pytest
+
+from nodeagent.agent.sandbox import AMBIENT, Sandbox, SandboxPod
+from nodeagent.capture import bpfsys
+from nodeagent.capture.cgroup import attached
+
+pytestmark = pytest.mark.root
+PORT = 9000
+
+
+@pytest.fixture
+def sb(tmp_path):
+    sandbox = Sandbox(f"test-{secrets.token_hex(3)}", workdir=tmp_path)
+    try:
+        sandbox.setup()
+        yield sandbox
+    finally:
+        left = sandbox.close()
+        assert left == [] and sandbox.leftovers() == []
+
+
+@pytest.fixture
+def pods(sb):
+    """client (namespace app, meshed by the test), plain (namespace plain, never meshed),
+    server (namespace peer, never meshed); each runs the probe server on PORT."""
+    client, plain, server = sb.add_pod("app", "client"), sb.add_pod("plain", "plain"), sb.add_pod("peer", "server")
+    sb.write_pods()
+    for ns in ("app", "plain", "peer"):
+        sb.label_namespace(ns, {})
+    for pod in (client, plain, server):
+        sb.serve(pod, PORT)
+    return client, plain, server
+
+
+def connect(sb: Sandbox, src: SandboxPod, dst: SandboxPod, count: int) -> dict:
+    proc = sb.probe(src, "connect", f"{dst.ip}:{PORT}", "--count", str(count), "--timeout", "3",
+                    stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=120)
+    return json.loads(out)
+
+
+def counters(sb: Sandbox) -> dict:
+    return sb.status()["counters"]
+
+
+def enrolled(sb: Sandbox) -> list[str]:
+    return [p["name"] for p in sb.status()["pods"]]
+
+
+def mesh(sb: Sandbox, namespace: str, on: bool, expect: list[str]) -> None:
+    sb.label_namespace(namespace, AMBIENT if on else {})
+    sb.wait_for(lambda s: sorted(p["name"] for p in s["pods"]) == expect, 10, f"enrolled pods {expect}")
+
+
+class Held:
+    """A long-lived connection from a pod (probe hold): send a line, read its echo."""
+
+    def __init__(self, sb: Sandbox, src: SandboxPod, dst: SandboxPod):
+        self.proc = sb.probe(src, "hold", f"{dst.ip}:{PORT}", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, bufsize=1)
+        self.greeting = self._line().removeprefix("ready ")
+
+    def _line(self, timeout: float = 5.0) -> str:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, "no answer on the held connection"
+        return self.proc.stdout.readline().strip()
+
+    def echo(self, text: str) -> str:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(5)
+
+
+def test_outbound_capture_exact_counts(sb, pods):
+    client, plain, server = pods
+    sb.label_namespace("app", AMBIENT)
+    sb.start_agent()
+    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+
+    meshed = connect(sb, client, server, 100)
+    assert meshed["ok"] == 100 and meshed["errors"] == {}
+    assert meshed["peers"] == {client.ip: 100}  # passthrough keeps the pod's own address
+    unmeshed = connect(sb, plain, server, 100)
+    assert unmeshed["ok"] == 100 and unmeshed["peers"] == {plain.ip: 100}
+
+    status = sb.status()
+    c = status["counters"]
+    assert c["outbound_connections_total"] == 100
+    assert c["passthrough_connections_total"] == 100
+    assert not [k for k, v in c.items() if k.startswith("connection_failures_total") and v]
+    assert status["capture"]["counters"]["captured"] == 100
+    assert [p["name"] for p in status["pods"]] == ["client"]
+
+
+def test_inbound_keeps_client_address(sb, pods):
+    client, plain, server = pods
+    sb.label_namespace("app", AMBIENT)
+    sb.start_agent()
+    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+
+    result = connect(sb, server, client, 20)
+    assert result["ok"] == 20 and result["peers"] == {server.ip: 20}  # the app saw the real peer
+    status = sb.status()
+    assert status["counters"]["inbound_connections_total"] == 20
+    assert status["capture"]["counters"]["steered"] == 20
+    assert connect(sb, server, plain, 5)["peers"] == {server.ip: 5}
+    assert counters(sb)["inbound_connections_total"] == 20
+
+
+def test_label_change_keeps_long_lived_connections(sb, pods):
+    client, plain, server = pods
+    sb.start_agent()
+    before = Held(sb, client, server)  # opened before enrolment: never captured
+    assert before.greeting.startswith(client.ip + ":")
+
+    mesh(sb, "app", True, ["client"])
+    proxied = Held(sb, client, server)  # captured: relayed by the agent
+    inbound = Held(sb, server, client)  # steered: delivered by the agent
+    assert proxied.greeting.startswith(client.ip + ":") and inbound.greeting.startswith(server.ip + ":")
+    assert counters(sb)["outbound_connections_total"] == 1
+    assert counters(sb)["inbound_connections_total"] == 1
+    assert before.echo("a1") == "a1" and proxied.echo("b1") == "b1" and inbound.echo("c1") == "c1"
+
+    mesh(sb, "app", False, [])
+    assert before.echo("a2") == "a2" and proxied.echo("b2") == "b2" and inbound.echo("c2") == "c2"
+    after = connect(sb, client, server, 5)
+    assert after["ok"] == 5
+    assert counters(sb)["outbound_connections_total"] == 1  # no longer captured
+
+    mesh(sb, "app", True, ["client"])
+    assert before.echo("a3") == "a3" and proxied.echo("b3") == "b3" and inbound.echo("c3") == "c3"
+    for held in (before, proxied, inbound):
+        held.close()
+    assert connect(sb, client, server, 3)["ok"] == 3
+    assert counters(sb)["outbound_connections_total"] == 4
+
+
+def test_sigkill_fails_closed_and_restart_adopts(sb, pods):
+    client, plain, server = pods
+    sb.label_namespace("app", AMBIENT)
+    sb.start_agent()
+    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    assert connect(sb, client, server, 5)["ok"] == 5
+
+    assert sb.stop_agent(signal.SIGKILL) == -signal.SIGKILL
+    assert os.path.isdir(os.path.join(sb.bpffs, "maps"))
+    down = connect(sb, client, server, 10)
+    assert down["ok"] == 0 and down["errors"] == {"refused": 10}  # fail closed
+    inbound_down = connect(sb, server, client, 3)
+    assert inbound_down["ok"] == 0 and inbound_down["errors"] == {"refused": 3}
+    assert connect(sb, plain, server, 3)["ok"] == 3  # unmeshed pods never notice
+
+    sb.start_agent()
+    status = sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client re-enrolled")
+    assert status["counters"]["outbound_connections_total"] == 0
+    up = connect(sb, client, server, 10)
+    assert up["ok"] == 10 and up["peers"] == {client.ip: 10}
+    assert connect(sb, server, client, 4)["peers"] == {server.ip: 4}
+    c = counters(sb)
+    assert c["outbound_connections_total"] == 10 and c["inbound_connections_total"] == 4
+
+
+def _programs_on(cgroup: str) -> list[str]:
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return [name for t in (bpfsys.ATTACH_CGROUP_INET4_CONNECT, bpfsys.ATTACH_CGROUP_INET6_CONNECT,
+                               bpfsys.ATTACH_CGROUP_SOCK_OPS) for _, name in attached(fd, t)]
+    finally:
+        os.close(fd)
+
+
+def _rules(pod: SandboxPod) -> str:
+    return subprocess.run(["ip", "-n", pod.netns, "rule"], capture_output=True, text=True, check=True).stdout
+
+
+def test_sigterm_leaves_nothing_attached_or_pinned(sb, pods):
+    client, plain, server = pods
+    sb.label_namespace("app", AMBIENT)
+    sb.start_agent()
+    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    assert sorted(_programs_on(sb.kubepods)) == ["na_connect4", "na_connect6", "na_sockops"]
+    assert "lookup 539" in _rules(client)
+
+    assert sb.stop_agent(signal.SIGTERM) == 0
+    assert _programs_on(sb.kubepods) == []
+    assert not os.path.exists(sb.bpffs)
+    assert "lookup 539" not in _rules(client)
+    assert not sb.admin_socket.exists()
+    direct = connect(sb, client, server, 5)
+    assert direct["ok"] == 5 and direct["peers"] == {client.ip: 5}
+    assert connect(sb, server, client, 5)["ok"] == 5
+
+
+def test_keep_on_exit_leaves_capture_for_the_next_agent(sb, pods):
+    client, plain, server = pods
+    sb.label_namespace("app", AMBIENT)
+    sb.start_agent("--keep-on-exit")
+    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+
+    assert sb.stop_agent(signal.SIGTERM) == 0
+    assert sorted(_programs_on(sb.kubepods)) == ["na_connect4", "na_connect6", "na_sockops"]
+    assert os.path.isdir(os.path.join(sb.bpffs, "maps"))
+    assert connect(sb, client, server, 3)["errors"] == {"refused": 3}
+
+    sb.start_agent()
+    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client re-enrolled")
+    assert connect(sb, client, server, 3)["ok"] == 3
+    assert sb.stop_agent(signal.SIGTERM) == 0
+    assert _programs_on(sb.kubepods) == [] and not os.path.exists(sb.bpffs)
+
+
+def test_status_command_renders_live_agent(sb, pods):
+    client, plain, server = pods
+    sb.label_namespace("app", AMBIENT)
+    sb.start_agent()
+    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    assert connect(sb, client, server, 7)["ok"] == 7
+    run = [os.sys.executable, "-m", "nodeagent", "status", "--socket", str(sb.admin_socket)]
+    text = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert f"app        client  {client.ip}" in text
+    assert any(line.split() == ["outbound_connections_total", "7"] for line in text.splitlines())
+    for name in ("na_connect4", "na_sockops", "na_pods", "na_origdst"):
+        assert name in text
+    data = json.loads(subprocess.run(run + ["--output", "json"], capture_output=True, text=True,
+                                     check=True).stdout)
+    assert data["pods"][0]["netns_cookie"] > 0 and data["counters"]["outbound_connections_total"] == 7
