@@ -4,7 +4,7 @@
  * destination is saved in na_origdst_ck (key: socket cookie) and the connect is
  * rewritten to the agent's outbound listener inside the same netns (127.0.0.1 or ::1,
  * port NA_OUTBOUND_PORT). sockops.c publishes the entry once the connection is up.
- * Left alone: other netns, the agent's own sockets (SO_MARK NA_MARK), loopback and
+ * Left alone: other netns, the agent's own sockets (SO_MARK, see na_is_agent_mark), loopback and
  * unspecified destinations, and the pod's excluded outbound ports.
  * Returns 1 (proceed) except when the destination cannot be recorded: then 0, so the
  * connect fails with EPERM instead of leaving the mesh (fail closed).
@@ -34,7 +34,7 @@ static __always_inline int na_capture(struct bpf_sock_addr *ctx, struct na_origd
 	pod = na_pods.lookup(&netns_cookie);
 	if (!pod || !(pod->flags & NA_POD_F_CAPTURE))
 		return NA_SKIP_NOT_MESHED;
-	if (sk && sk->mark == NA_MARK)
+	if (sk && na_is_agent_mark(sk->mark))
 		return NA_SKIP_MARK;
 	if (loopback)
 		return NA_SKIP_LOOPBACK;

@@ -2,7 +2,7 @@
  * with each other and with user space: structs, codes, counters, maps, small helpers.
  *
  * Compiled by bcc at agent start (nodeagent/capture/programs.py passes NA_PIN_DIR,
- * NA_MARK and the NA_*_PORT flags). nodeagent/capture/structs.py mirrors every struct,
+ * NA_MARK, NA_MARK_MASK and the NA_*_PORT flags). nodeagent/capture/structs.py mirrors every struct,
  * code, counter and map here; tests/kernel/test_structs.py checks they agree.
  *
  * ABI: maps are pinned and adopted by the next agent, so a running agent and its
@@ -15,10 +15,15 @@
 
 #include <uapi/linux/bpf.h>
 
-#if !defined(NA_PIN_DIR) || !defined(NA_MARK) || !defined(NA_OUTBOUND_PORT) || \
-    !defined(NA_INBOUND_PORT) || !defined(NA_TUNNEL_PORT) || !defined(NA_ADMIN_PORT)
-#error "compile through nodeagent.capture: it passes -DNA_PIN_DIR, -DNA_MARK and -DNA_{OUTBOUND,INBOUND,TUNNEL,ADMIN}_PORT"
+#if !defined(NA_PIN_DIR) || !defined(NA_MARK) || !defined(NA_MARK_MASK) || \
+    !defined(NA_OUTBOUND_PORT) || !defined(NA_INBOUND_PORT) || !defined(NA_TUNNEL_PORT) || \
+    !defined(NA_ADMIN_PORT)
+#error "compile through nodeagent.capture: it passes -DNA_PIN_DIR, -DNA_MARK(_MASK) and -DNA_*_PORT"
 #endif
+
+/* The agent's own sockets: (mark & NA_MARK_MASK) == NA_MARK, ztunnel's 0x539/0xfff, so
+ * its delivery mark (0x1539) is recognised too. */
+#define na_is_agent_mark(mark) (((mark) & NA_MARK_MASK) == NA_MARK)
 
 /* Our own copies: bcc's include set does not reliably pull in the libc/kernel ones. */
 #define NA_AF_INET 2
@@ -99,7 +104,7 @@ enum na_code {
 /* ---- counters: indexes into na_counters; never renumbered ---- */
 enum na_counter {
 	NA_CNT_CAPTURED = 0, /* connect rewritten to the outbound listener */
-	NA_CNT_SKIPPED_MARK = 1, /* meshed netns, socket carries NA_MARK (the agent's) */
+	NA_CNT_SKIPPED_MARK = 1, /* meshed netns, the agent's socket (na_is_agent_mark) */
 	NA_CNT_SKIPPED_LOOPBACK = 2, /* meshed netns, loopback/unspecified destination */
 	NA_CNT_SKIPPED_EXCLUDED = 3, /* meshed netns, excluded outbound port */
 	NA_CNT_ORIGDST_RECORDED = 4, /* sockops published an original destination */

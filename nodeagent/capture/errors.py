@@ -12,6 +12,7 @@ import os
 from nodeagent.errors import EnvironmentProblem
 
 SETUP_HINT = "run scripts/setup as root"
+MIN_KERNEL = "5.17"  # sk_lookup's ingress_ifindex; the other features are older
 
 
 class CaptureError(EnvironmentProblem):
@@ -72,8 +73,8 @@ class VerifierRejected(CaptureError):
         lines = log.strip().splitlines()
         tail = "\n".join((["..."] if len(lines) > self.TAIL_LINES else []) + lines[-self.TAIL_LINES:])
         super().__init__(f"the kernel refused program {program} ({reason}); verifier log:\n{tail}",
-                         "the kernel may be too old for a feature it uses (docs/design.md lists "
-                         "minimum versions), or the program has a bug the log points at")
+                         f"the kernel may be too old for a feature it uses (Linux >= {MIN_KERNEL} "
+                         "is needed), or the program has a bug the log points at")
 
 
 class PinnedMapMismatch(CaptureError):
@@ -87,7 +88,7 @@ class PinnedMapMismatch(CaptureError):
 _ERRNO_HINTS = {
     errno_mod.EPERM: "needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
     errno_mod.EACCES: "needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
-    errno_mod.EINVAL: "the kernel may be too old for this (docs/design.md lists minimum versions)",
+    errno_mod.EINVAL: f"the kernel may be too old for this (Linux >= {MIN_KERNEL} is needed)",
     errno_mod.ENOENT: "it does not exist (was the pin directory removed?)",
     errno_mod.EEXIST: "something is already there",
     errno_mod.ENOSPC: "the map is full",

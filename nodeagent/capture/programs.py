@@ -44,9 +44,16 @@ CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.attach_type != bpfsys.ATTACH_SK
 SK_LOOKUP = next(p for p in PROGRAMS if p.attach_type == bpfsys.ATTACH_SK_LOOKUP)
 
 
+def mark_mask(mark: int) -> int:
+    """Bits of a socket mark that identify the agent: ztunnel's 0x539/0xfff, so the
+    agent's delivery mark (0x1539) matches too; a mark wider than 12 bits is exact."""
+    return 0xfff if mark <= 0xfff else 0xffffffff
+
+
 def cflags(bpf_dir: str, maps_dir: str, mark: int, ports: dict[str, int]) -> list[str]:
     """bcc flags: where nodeagent.h is, where maps are pinned, the mark and ports."""
-    flags = [f"-I{bpf_dir}", f'-DNA_PIN_DIR="{maps_dir}"', f"-DNA_MARK={mark:#x}"]
+    flags = [f"-I{bpf_dir}", f'-DNA_PIN_DIR="{maps_dir}"', f"-DNA_MARK={mark:#x}",
+             f"-DNA_MARK_MASK={mark_mask(mark):#x}"]
     flags += [f"-DNA_{name.upper()}_PORT={port}" for name, port in ports.items()]
     return flags
 

@@ -110,10 +110,20 @@ def test_unmeshed_netns_not_captured(capture, pod_and_peer, pod_cgroup):
     assert reach_peer(capture, pod, peer, pod_cgroup, socket.AF_INET, "10.77.0.2", 7000, 20) == {}
 
 
-def test_agent_marked_socket_not_captured(capture, enrolled, pod_cgroup):
+@pytest.mark.parametrize("mark", [0x539, 0x1539], ids=["mark", "delivery-mark"])
+def test_agent_marked_socket_not_captured(capture, enrolled, pod_cgroup, mark):
     pod, peer = enrolled
-    counted = reach_peer(capture, pod, peer, pod_cgroup, socket.AF_INET, "10.77.0.2", 7000, 20, mark=0x539)
+    counted = reach_peer(capture, pod, peer, pod_cgroup, socket.AF_INET, "10.77.0.2", 7000, 20, mark=mark)
     assert counted == {"skipped_mark": 20}
+
+
+def test_other_marks_are_captured(capture, enrolled, pod_cgroup):
+    pod, _ = enrolled
+    agent = pod.listener("127.0.0.1", OUTBOUND)
+    before = capture.stats()["counters"]
+    with connector(pod_cgroup, pod, socket.AF_INET, [("10.77.0.2", 7000 + i) for i in range(5)], mark=0x53a) as conns:
+        check_captured(capture, pod, agent, conns, socket.AF_INET)
+    assert delta(capture, before) == {"captured": 5, "origdst_recorded": 5}
 
 
 def test_loopback_not_captured(capture, enrolled, pod_cgroup):
