@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     capture = which.add_parser("capture", help="enrolment latency and per-request capture overhead")
     capture.add_argument("--pods", type=int, default=50, help="pods enrolled by one label change")
     capture.add_argument("--requests", type=int, default=1000, help="requests per latency series")
+    capture.add_argument("--name", help="prefix of every netns, cgroup and pin the bench makes "
+                                         "(default bench-<random>)")
     capture.add_argument("--output", "-o", choices=("text", "json"), default="text")
     capture.set_defaults(func=_bench_capture)
 
@@ -54,6 +56,6 @@ def _status(args: argparse.Namespace) -> int:
 def _bench_capture(args: argparse.Namespace) -> int:
     from nodeagent.agent import bench
 
-    result = bench.run_capture(pods=args.pods, requests=args.requests)
+    result = bench.run_capture(pods=args.pods, requests=args.requests, name=args.name)
     sys.stdout.write(bench.render(result, args.output))
     return 0

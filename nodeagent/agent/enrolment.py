@@ -15,14 +15,16 @@ status and retried with backoff; it never stops the agent.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping
 
 from nodeagent.agent import inpod, podrouting
-from nodeagent.agent.inpod import InPodListener, PodContext
+from nodeagent.agent.inpod import InPodListener, ListenSpec, PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.podns import PodNetns, PodNetnsResolver, PodNotFound
 from nodeagent.model import EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, Model, Pod
@@ -166,7 +168,6 @@ class Enroller:
     failures: dict[str, Failure] = field(default_factory=dict)
     waiting: tuple[Waiting, ...] = ()
     draining: dict[asyncio.Task, Enrolment] = field(default_factory=dict)  # removed, relays running
-    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     # --- reconcile ------------------------------------------------------------------
     def retry_due(self) -> bool:
@@ -176,7 +177,7 @@ class Enroller:
     async def reconcile(self, model: Model) -> Plan:
         p = plan(model, self.node, {uid: e.wanted for uid, e in self.enrolled.items()})
         for uid in p.remove:
-            await self.remove(uid)
+            self.remove(uid)
         for want in p.update:
             self._update(want)
         wanted_uids = {w.uid for w in p.enrol}
@@ -186,7 +187,8 @@ class Enroller:
         now = self.clock()
         due = [w for w in p.enrol if self.failures.get(w.uid) is None or self.failures[w.uid].retry_at <= now]
         found = self.resolver.resolve_many([w.uid for w in due]) if due else {}
-        await asyncio.gather(*(self._enrol(w, model.pods[(w.namespace, w.name)], found[w.uid]) for w in due))
+        for w in due:
+            self._enrol(w, model.pods[(w.namespace, w.name)], found[w.uid])
         for e in self.enrolled.values():  # keep labels etc. fresh for the relays
             e.ctx.pod = model.pods.get((e.wanted.namespace, e.wanted.name), e.ctx.pod)
         self.waiting = p.waiting
@@ -214,21 +216,20 @@ class Enroller:
         log("cannot enrol pod %s/%s yet (attempt %d, retrying in %.1fs): %s",
             want.namespace, want.name, attempts, delay, reason)
 
-    async def _enrol(self, want: Wanted, pod: Pod, found: PodNetns | NetnsError) -> None:
+    def _enrol(self, want: Wanted, pod: Pod, found: PodNetns | NetnsError) -> None:
         if isinstance(found, NetnsError):
             self._failed(want, str(found), "netns_not_found" if isinstance(found, PodNotFound) else "netns_error")
             return
         ctx = PodContext(pod, os.dup(found.fd), found.cookie)
         listeners: list[InPodListener] = []
         try:
-            async with self._lock(want.uid):
-                await asyncio.to_thread(podrouting.install, ctx.netns_fd, self._routing(want))
+            podrouting.install(ctx.netns_fd, self._routing(want))
             listeners = self._open_listeners(ctx, want)
             self.capture.enrol_netns(ctx.cookie, exclude_outbound_ports=sorted(want.exclude_outbound))
             self._steer(ctx, want, listeners)
         except Exception as exc:  # one pod's failure must never stop the agent
             self.log.debug("enrolment of %s failed", ctx, exc_info=True)
-            await self._undo(ctx, want, listeners)
+            self._undo(ctx, want, listeners)
             self._failed(want, f"{type(exc).__name__}: {exc}", "error")
             return
         self.failures.pop(want.uid, None)
@@ -236,26 +237,25 @@ class Enroller:
         self.log.info("enrolled pod %s (ip %s, netns cookie %d)", ctx, want.ip, ctx.cookie)
 
     def _open_listeners(self, ctx: PodContext, want: Wanted) -> list[InPodListener]:
-        """Outbound (IPv4, IPv6 if the pod has ::1), inbound, tunnel — in that order."""
+        """Outbound (IPv4, and IPv6 if the pod has ::1), inbound, tunnel."""
         p, h = self.ports, self.handlers
-        specs = [("127.0.0.1", p.outbound, "outbound", h.outbound, False)]
-        if inpod.has_ipv6_loopback(ctx.netns_fd):
-            specs.append(("::1", p.outbound, "outbound", h.outbound, False))
-        any_addr = "::" if inpod.family_of(want.ip) != inpod.family_of("0.0.0.0") else "0.0.0.0"
-        specs.append((any_addr, p.inbound, "inbound", h.inbound, False))
-        specs.append((want.ip, p.tunnel, "inbound", h.tunnel, True))
-        listeners: list[InPodListener] = []
+        any_addr = "::" if inpod.family_of(want.ip) == socket.AF_INET6 else "0.0.0.0"
+        plan = [(ListenSpec("127.0.0.1", p.outbound), "outbound", h.outbound),
+                (ListenSpec("::1", p.outbound, optional=True), "outbound", h.outbound),
+                (ListenSpec(any_addr, p.inbound), "inbound", h.inbound),
+                (ListenSpec(want.ip, p.tunnel, freebind=True), "inbound", h.tunnel)]
         try:
-            for host, port, direction, handler, freebind in specs:
-                sock = _listen(ctx, host, port, freebind)
-                listeners.append(InPodListener(sock, ctx, direction, handler, self.log))
-        except BaseException:
-            for lst in listeners:
-                lst.close()
-            raise
-        for lst in listeners:
+            socks = inpod.listeners(ctx.netns_fd, [spec for spec, _, _ in plan])
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen in pod {ctx}: {exc.strerror}"
+                          + (" (is the app using one of the mesh's reserved ports "
+                             f"{p.outbound}, {p.inbound}, {p.tunnel}?)" if exc.errno == errno.EADDRINUSE else "")
+                          ) from None
+        out = [InPodListener(sock, ctx, direction, handler, self.log)
+               for sock, (_, direction, handler) in zip(socks, plan) if sock is not None]
+        for lst in out:
             lst.start()
-        return listeners
+        return out
 
     def _steer(self, ctx: PodContext, want: Wanted, listeners: list[InPodListener]) -> None:
         inbound = next(lst for lst in listeners if lst.address[1] == self.ports.inbound)
@@ -264,9 +264,6 @@ class Enroller:
 
     def _routing(self, want: Wanted) -> podrouting.RoutingSpec:
         return podrouting.RoutingSpec(self.delivery_mark, (inpod.family_of(want.ip),))
-
-    def _lock(self, uid: str) -> asyncio.Lock:
-        return self._locks.setdefault(uid, asyncio.Lock())
 
     def _update(self, want: Wanted) -> None:
         e = self.enrolled[want.uid]
@@ -280,8 +277,9 @@ class Enroller:
         self.log.info("updated excluded ports of pod %s", e.ctx)
 
     # --- remove ---------------------------------------------------------------------
-    async def remove(self, uid: str) -> None:
+    def remove(self, uid: str) -> None:
         e = self.enrolled.pop(uid)
+        self.resolver.forget(uid)
         self._stop_capture(e.ctx, e.wanted)
         for lst in e.listeners:
             lst.close()
@@ -304,23 +302,22 @@ class Enroller:
         inbound = set(e.ctx.tasks.get("inbound", ()))
         if inbound:
             await asyncio.wait(inbound)
-        await self._remove_routing(e.ctx, e.wanted)
+        self._remove_routing(e.ctx, e.wanted)
         os.close(e.ctx.netns_fd)
 
-    async def _remove_routing(self, ctx: PodContext, want: Wanted) -> None:
-        async with self._lock(want.uid):
-            if want.uid in self.enrolled:
-                return  # enrolled again meanwhile: it needs the routing
-            try:
-                await asyncio.to_thread(podrouting.remove, ctx.netns_fd, self._routing(want))
-            except Exception as exc:
-                self.log.warning("removing delivery routing of pod %s: %s", ctx, exc)
+    def _remove_routing(self, ctx: PodContext, want: Wanted) -> None:
+        if want.uid in self.enrolled:
+            return  # enrolled again meanwhile: it needs the routing
+        try:
+            podrouting.remove(ctx.netns_fd, self._routing(want))
+        except OSError as exc:
+            self.log.warning("removing delivery routing of pod %s: %s", ctx, exc)
 
-    async def _undo(self, ctx: PodContext, want: Wanted, listeners: list[InPodListener]) -> None:
+    def _undo(self, ctx: PodContext, want: Wanted, listeners: list[InPodListener]) -> None:
         self._stop_capture(ctx, want)
         for lst in listeners:
             lst.close()
-        await self._remove_routing(ctx, want)
+        self._remove_routing(ctx, want)
         os.close(ctx.netns_fd)
 
     # --- shutdown -------------------------------------------------------------------
@@ -339,7 +336,7 @@ class Enroller:
             await asyncio.wait(list(self.draining), timeout=5)
         for e in entries:
             if not keep_routing:
-                await self._remove_routing(e.ctx, e.wanted)
+                self._remove_routing(e.ctx, e.wanted)
             os.close(e.ctx.netns_fd)
         self.resolver.close()
 
@@ -349,10 +346,3 @@ class Enroller:
                 "waiting": [asdict(w) for w in self.waiting]
                 + [f.describe() for f in sorted(self.failures.values(), key=lambda f: f.wanted.uid)]}
 
-
-def _listen(ctx: PodContext, host: str, port: int, freebind: bool):
-    try:
-        return inpod.listener(ctx.netns_fd, host, port, freebind)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {host}:{port} in pod {ctx}: {exc.strerror}"
-                      + (" (the app uses this port? it is reserved for the mesh)" if exc.errno == 98 else "")) from None

@@ -50,37 +50,55 @@ def family_of(ip: str) -> int:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
-def listener(netns_fd: int, host: str, port: int, freebind: bool = False) -> socket.socket:
-    """A listening TCP socket on host:port inside the netns (freebind: the address need not exist yet)."""
-    sock = netns.socket_in(netns_fd, family_of(host), socket.SOCK_STREAM)
+@dataclass(frozen=True)
+class ListenSpec:
+    host: str
+    port: int
+    freebind: bool = False  # the address need not exist yet (the pod IP, early)
+    optional: bool = False  # skip it when the netns lacks the address (::1 without IPv6)
+
+
+def listeners(netns_fd: int, specs: list[ListenSpec]) -> list[socket.socket | None]:
+    """Listening sockets in the netns, one per spec (None for a missing optional one).
+    The netns is entered once, to create them all; binding happens outside."""
+    created: list[socket.socket | None] = []
+    with netns.entered(netns_fd):
+        for spec in specs:
+            try:
+                created.append(socket.socket(family_of(spec.host), socket.SOCK_STREAM))
+            except OSError:
+                if not spec.optional:
+                    _close_all(created)
+                    raise
+                created.append(None)  # IPv6 disabled in this kernel
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if freebind:
-            level = socket.IPPROTO_IPV6 if sock.family == socket.AF_INET6 else socket.IPPROTO_IP
-            sock.setsockopt(level, IP_FREEBIND, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-        return sock
+        return [_listen(sock, spec) if sock is not None else None for sock, spec in zip(created, specs)]
     except BaseException:
-        sock.close()
+        _close_all(created)
         raise
 
 
-def has_ipv6_loopback(netns_fd: int) -> bool:
-    """Whether ::1 exists in the netns (IPv6 may be disabled in a pod)."""
+def _listen(sock: socket.socket, spec: ListenSpec) -> socket.socket | None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if spec.freebind:
+        level = socket.IPPROTO_IPV6 if sock.family == socket.AF_INET6 else socket.IPPROTO_IP
+        sock.setsockopt(level, IP_FREEBIND, 1)
     try:
-        probe = netns.socket_in(netns_fd, socket.AF_INET6, socket.SOCK_DGRAM)
-    except OSError:
-        return False
-    with probe:
-        try:
-            probe.bind(("::1", 0))
-            return True
-        except OSError as exc:
-            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                return False
-            raise
+        sock.bind((spec.host, spec.port))
+    except OSError as exc:
+        if spec.optional and exc.errno == errno.EADDRNOTAVAIL:
+            sock.close()
+            return None
+        raise
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def _close_all(socks: list[socket.socket | None]) -> None:
+    for sock in socks:
+        if sock is not None:
+            sock.close()
 
 
 def upstream(netns_fd: int, family: int, mark: int) -> socket.socket:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 PREFIX = "nodeagent_"
+DIRECTIONS = ("outbound", "inbound")
+FLOWS = ("sent", "received")  # towards the upstream / back to the client
 
 
 class AgentMetrics:
@@ -37,6 +39,10 @@ class AgentMetrics:
         self.enrol_errors = Counter(
             "nodeagent_enrolment_failures", "Failed attempts to enrol a pod, by reason", ["reason"],
             registry=registry)
+
+        # Labelled children of the per-connection metrics, looked up once (labels() is slow).
+        self.active_by = {d: self.active.labels(direction=d) for d in DIRECTIONS}
+        self.bytes_by = {(d, f): self.bytes.labels(direction=d, flow=f) for d in DIRECTIONS for f in FLOWS}
 
     def failure(self, direction: str, reason: str) -> None:
         self.failures.labels(direction=direction, reason=reason).inc()

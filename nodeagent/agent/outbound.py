@@ -102,11 +102,11 @@ class OutboundRelay:
 
 async def relay(metrics: AgentMetrics, direction: str, client: socket.socket, upstream: socket.socket) -> None:
     """Splice client<->upstream, keeping the active gauge and byte counters."""
-    active = metrics.active.labels(direction=direction)
+    active = metrics.active_by[direction]
     active.inc()
     try:
         result = await splice(client, upstream)
     finally:
         active.dec()
-    metrics.bytes.labels(direction=direction, flow="sent").inc(result.a_to_b)
-    metrics.bytes.labels(direction=direction, flow="received").inc(result.b_to_a)
+    metrics.bytes_by[(direction, "sent")].inc(result.a_to_b)
+    metrics.bytes_by[(direction, "received")].inc(result.b_to_a)

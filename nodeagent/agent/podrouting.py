@@ -2,31 +2,42 @@
 client's source address (design.md, "Delivery with the client's address").
 
 In the pod netns: `net.ipv4.tcp_fwmark_accept=1` (the app's accepted socket inherits
-the mark of the agent's delivery socket), `ip rule fwmark DELIVERY_MARK lookup TABLE` and
-`local 0.0.0.0/0 dev lo table TABLE` (and the IPv6 pair for IPv6 pods), so the app's
-replies to the client address are delivered locally to the agent's transparent socket.
-The delivery mark differs from the mark on the agent's outbound sockets: with one mark
-the rule would deliver the agent's own outbound connections locally too. Install and remove are
-idempotent, so a restarted agent can re-apply them. They block (netlink, /proc/sys),
-so callers run them in a worker thread: the thread enters the pod netns to open the
-netlink socket and the sysctl file, which then keep addressing that netns.
+the mark of the agent's delivery socket), `ip rule fwmark DELIVERY_MARK lookup TABLE`
+and `local 0.0.0.0/0 dev lo table TABLE` (and the IPv6 pair for IPv6 pods), so the
+app's replies to the client address are delivered locally to the agent's transparent
+socket. The delivery mark differs from the mark on the agent's outbound sockets: with
+one mark the rule would deliver the agent's own outbound connections locally too.
+
+These are four fixed rtnetlink messages, so they are built here rather than through
+pyroute2, whose per-request overhead (~1 ms of CPU each) would dominate enrolment
+time. The thread enters the pod netns only to open the netlink socket and the sysctl
+file, which then keep addressing that netns. Install and remove are idempotent, so a
+restarted agent re-applies them and removal works after a crash.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import struct
 from dataclasses import dataclass
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from nodeagent import netns
 
 TABLE = 539
 RULE_PRIORITY = 32764  # before `main` (32766), after `local` (0)
 FWMARK_ACCEPT = "/proc/sys/net/ipv4/tcp_fwmark_accept"
-ENOENT, EEXIST, ESRCH = 2, 17, 3
-DEFAULT = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+LOOPBACK_IFINDEX = 1  # lo is always ifindex 1 in its netns
+
+# rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/fib_rules.h)
+RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
+FRA_PRIORITY, FRA_FWMARK, FRA_TABLE = 6, 10, 15
+RTA_OIF, RTA_TABLE = 4, 15
+FR_ACT_TO_TBL, RTN_LOCAL, RT_SCOPE_HOST, RTPROT_STATIC = 1, 2, 254, 4
+_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 
 
 @dataclass(frozen=True)
@@ -37,63 +48,101 @@ class RoutingSpec:
     priority: int = RULE_PRIORITY
 
 
-def _open(netns_fd: int) -> tuple[IPRoute, int]:
-    """A netlink socket and the loopback ifindex, both of the pod netns."""
+def _attr(kind: int, value: int) -> bytes:
+    return struct.pack("=HHI", 8, kind, value)  # every attribute here is a u32
+
+
+def message(kind: int, flags: int, seq: int, body: bytes) -> bytes:
+    return _HDR.pack(_HDR.size + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+def rule_body(family: int, spec: RoutingSpec) -> bytes:
+    """fib_rule_hdr + attributes of `fwmark MARK lookup TABLE pref PRIORITY`."""
+    header = struct.pack("=BBBBBBBBI", family, 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL, 0)  # ..., action, flags
+    return header + _attr(FRA_PRIORITY, spec.priority) + _attr(FRA_FWMARK, spec.mark) + _attr(FRA_TABLE, spec.table)
+
+
+def route_body(family: int, spec: RoutingSpec) -> bytes:
+    """rtmsg + attributes of `local default dev lo table TABLE scope host`."""
+    header = struct.pack("=BBBBBBBBI", family, 0, 0, 0, 0, RTPROT_STATIC, RT_SCOPE_HOST, RTN_LOCAL, 0)
+    return header + _attr(RTA_TABLE, spec.table) + _attr(RTA_OIF, LOOPBACK_IFINDEX)
+
+
+def acks(data: bytes) -> dict[int, int]:
+    """seq -> errno (0 = done) of every NLMSG_ERROR (ack) in a netlink reply."""
+    out, offset = {}, 0
+    while offset + _HDR.size <= len(data):
+        length, kind, _flags, seq, _pid = _HDR.unpack_from(data, offset)
+        if length < _HDR.size:
+            break
+        if kind == NLMSG_ERROR:
+            out[seq] = -struct.unpack_from("=i", data, offset + _HDR.size)[0]
+        offset += (length + 3) & ~3
+    return out
+
+
+class _Netlink:
+    """A route netlink socket of the pod netns (opened while the thread is in it)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.seq = 0
+
+    def request(self, kind: int, flags: int, body: bytes) -> int:
+        """Send one request; its errno (0 on success)."""
+        self.seq += 1
+        self.sock.send(message(kind, flags, self.seq, body))
+        while True:
+            result = acks(self.sock.recv(65536)).get(self.seq)
+            if result is not None:
+                return result
+
+    def check(self, kind: int, flags: int, body: bytes, ok: tuple[int, ...] = ()) -> None:
+        err = self.request(kind, flags, body)
+        if err and err not in ok:
+            raise OSError(err, f"rtnetlink request {kind} in the pod netns: {os.strerror(err)}")
+
+
+def _open(netns_fd: int) -> tuple[_Netlink, int]:
+    """The pod netns' netlink socket and its tcp_fwmark_accept file (read-write fd)."""
     with netns.entered(netns_fd):
-        ipr = IPRoute()
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        try:
+            sysctl = os.open(FWMARK_ACCEPT, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            sock.close()
+            raise
+    return _Netlink(sock), sysctl
+
+
+def _write_sysctl(fd: int, value: str) -> None:
+    os.pwrite(fd, value.encode(), 0)
+
+
+def install(netns_fd: int, spec: RoutingSpec) -> None:
+    """Apply the pod's delivery routing."""
+    nl, sysctl = _open(netns_fd)
     try:
-        lo = ipr.link_lookup(ifname="lo")
-        if not lo:
-            raise OSError("the pod network namespace has no loopback interface")
-        return ipr, lo[0]
-    except BaseException:
-        ipr.close()
-        raise
-
-
-def _write_sysctl(netns_fd: int, value: str) -> str:
-    """Set tcp_fwmark_accept in the pod netns; return the previous value."""
-    with netns.entered(netns_fd):
-        with open(FWMARK_ACCEPT, "r+") as f:
-            previous = f.read().strip()
-            if previous != value:
-                f.seek(0)
-                f.write(value)
-    return previous
-
-
-def _has_rule(ipr: IPRoute, spec: RoutingSpec, family: int) -> bool:
-    for rule in ipr.get_rules(family=family):
-        if (rule.get("priority") == spec.priority and rule.get("fwmark") == spec.mark
-                and rule.get("table") == spec.table):
-            return True
-    return False
-
-
-def install(netns_fd: int, spec: RoutingSpec) -> str:
-    """Apply the pod's delivery routing; returns the previous tcp_fwmark_accept value."""
-    previous = _write_sysctl(netns_fd, "1")
-    ipr, lo = _open(netns_fd)
-    with ipr:
+        _write_sysctl(sysctl, "1")
         for family in spec.families:
-            if not _has_rule(ipr, spec, family):
-                ipr.rule("add", family=family, table=spec.table, fwmark=spec.mark, priority=spec.priority)
-            ipr.route("replace", family=family, type="local", dst=DEFAULT[family], dst_len=0, oif=lo,
-                      table=spec.table, scope="host")
-    return previous
+            nl.check(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule_body(family, spec), ok=(errno.EEXIST,))
+            nl.check(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, route_body(family, spec))
+    finally:
+        nl.sock.close()
+        os.close(sysctl)
 
 
-def remove(netns_fd: int, spec: RoutingSpec, fwmark_accept: str = "0") -> None:
-    """Undo `install` (missing pieces are fine: removal must work after a crash)."""
-    ipr, lo = _open(netns_fd)
-    with ipr:
+def remove(netns_fd: int, spec: RoutingSpec) -> None:
+    """Undo `install` (missing pieces are fine). tcp_fwmark_accept goes back to the
+    kernel default 0: after a restart the agent cannot know an earlier value."""
+    nl, sysctl = _open(netns_fd)
+    try:
         for family in spec.families:
-            while _has_rule(ipr, spec, family):
-                ipr.rule("del", family=family, table=spec.table, fwmark=spec.mark, priority=spec.priority)
-            try:
-                ipr.route("del", family=family, type="local", dst=DEFAULT[family], dst_len=0, oif=lo,
-                          table=spec.table, scope="host")
-            except NetlinkError as exc:
-                if exc.code not in (ENOENT, ESRCH):
-                    raise
-    _write_sysctl(netns_fd, fwmark_accept)
+            for _ in range(16):  # a duplicate rule (added by hand?) goes too
+                if nl.request(RTM_DELRULE, 0, rule_body(family, spec)) != 0:
+                    break
+            nl.check(RTM_DELROUTE, 0, route_body(family, spec), ok=(errno.ENOENT, errno.ESRCH))
+        _write_sysctl(sysctl, "0")
+    finally:
+        nl.sock.close()
+        os.close(sysctl)
