@@ -125,7 +125,10 @@ class CaptureLoader:
 
     def close(self, keep: bool = False) -> None:
         """keep=False: detach, unlink and unpin everything, remove pin_dir.
-        keep=True: leave programs attached and maps/links pinned (as a crash would)."""
+        keep=True: leave programs attached and maps/links pinned (as a crash would).
+        A loader that is not loaded owns nothing: then this does nothing."""
+        if self._maps is None and self._programs is None and self._cgroup is None:
+            return  # never loaded (or closed): pin_dir may be a predecessor's
         self._release(detach=not keep, unpin=not keep)
 
     def _release(self, detach: bool, unpin: bool) -> None:

@@ -39,9 +39,12 @@ class Addr(ctypes.Structure):
         return str(v6.ipv4_mapped) if v6.ipv4_mapped else str(v6)
 
 
-def _ports(ports: "ctypes.Array[ctypes.c_uint16]", values: list[int]) -> None:
-    for i, port in enumerate(values):
-        ports[i] = port
+def _with_ports(ctype, exclude_ports: list[int], **fields):
+    """A `ctype` value with `fields` set and `exclude_ports` (0-terminated) filled in."""
+    value = ctype(**fields)
+    for i, port in enumerate(exclude_ports):
+        value.exclude_ports[i] = port
+    return value
 
 
 class Pod(ctypes.Structure):
@@ -51,9 +54,7 @@ class Pod(ctypes.Structure):
 
     @classmethod
     def of(cls, flags: int, exclude_ports: list[int]) -> "Pod":
-        value = cls(flags=flags)
-        _ports(value.exclude_ports, exclude_ports)
-        return value
+        return _with_ports(cls, exclude_ports, flags=flags)
 
 
 class PodIp(ctypes.Structure):
@@ -63,9 +64,7 @@ class PodIp(ctypes.Structure):
 
     @classmethod
     def of(cls, netns_cookie: int, exclude_ports: list[int]) -> "PodIp":
-        value = cls(netns_cookie=netns_cookie)
-        _ports(value.exclude_ports, exclude_ports)
-        return value
+        return _with_ports(cls, exclude_ports, netns_cookie=netns_cookie)
 
 
 class OrigDst(ctypes.Structure):

@@ -9,6 +9,7 @@ from typing import Iterator
 import pytest
 
 from kernel_sandbox import Netns, link, netns_factory, throwaway_cgroup, throwaway_pin_dir
+from nodeagent.capture.loader import CaptureLoader
 from nodeagent.capture.preflight import mount_table
 
 
@@ -42,6 +43,13 @@ def module_pin_dir() -> Iterator[str]:
 def pin_dir() -> Iterator[str]:
     with throwaway_pin_dir() as path:
         yield path
+
+
+@pytest.fixture(scope="module")
+def capture(module_cgroup: str, module_pin_dir: str) -> Iterator[CaptureLoader]:
+    """The real programs, compiled and attached once per module to its throwaway cgroup."""
+    with CaptureLoader(cgroup=module_cgroup, pin_dir=module_pin_dir) as loader:
+        yield loader
 
 
 @pytest.fixture

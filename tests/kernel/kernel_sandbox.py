@@ -185,6 +185,12 @@ def connector(cgroup: str, ns: Netns, family: int, targets: list[tuple[str, int]
         proc.stdout.close()
 
 
+def counted(capture, before: dict) -> dict:
+    """Counters that changed since `before` (so `== {}` means nothing was counted)."""
+    now = capture.stats()["counters"]
+    return {name: now[name] - before[name] for name in now if now[name] != before[name]}
+
+
 def accept_all(listener: socket.socket, count: int) -> list[socket.socket]:
     return [listener.accept()[0] for _ in range(count)]
 

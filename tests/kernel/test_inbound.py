@@ -15,22 +15,11 @@ import subprocess
 
 import pytest
 
-from kernel_sandbox import accept_all, link, pending
-from nodeagent.capture.loader import CaptureLoader
+from kernel_sandbox import accept_all, counted, link, pending
 from nodeagent.errors import ConfigError
 
 POD_IP, POD_IP6 = "10.78.0.1", "fd78::1"
 APP_PORTS = (80, 3306, 5000, 8080, 9090)
-
-
-@pytest.fixture(scope="module")
-def capture(module_cgroup: str, module_pin_dir: str):
-    loader = CaptureLoader(cgroup=module_cgroup, pin_dir=module_pin_dir)
-    loader.load()
-    try:
-        yield loader
-    finally:
-        loader.close()
 
 
 class Pod:
@@ -61,11 +50,6 @@ def pod(make_netns):
         yield p
     finally:
         p.close()
-
-
-def counted(capture, before: dict) -> dict:
-    now = capture.stats()["counters"]
-    return {name: now[name] - before[name] for name in now if now[name] != before[name]}
 
 
 def test_50_connections_steered_with_original_destination(capture, pod):

@@ -63,6 +63,7 @@ def test_failed_load_leaves_predecessor_in_force(cgroup_dir, pin_dir, tmp_path):
                            bpf_dir=broken_bpf_dir(tmp_path, "\treturn *(int *)0;"))
     with pytest.raises(VerifierRejected):
         broken.load()
+    broken.close()  # owns nothing: must not touch the predecessor's pins
     assert our_programs(cgroup_dir) == before
     with CaptureLoader(cgroup=cgroup_dir, pin_dir=pin_dir) as third:
         assert third.enrolled_netns() == {4242}

@@ -12,21 +12,10 @@ import socket
 
 import pytest
 
-from nodeagent.capture.loader import CaptureLoader
 
-from kernel_sandbox import accept_all, connector, pending, throwaway_cgroup, unique
+from kernel_sandbox import accept_all, connector, counted, pending, throwaway_cgroup, unique
 
 OUTBOUND = 15001
-
-
-@pytest.fixture(scope="module")
-def capture(module_cgroup: str, module_pin_dir: str):
-    loader = CaptureLoader(cgroup=module_cgroup, pin_dir=module_pin_dir)
-    loader.load()
-    try:
-        yield loader
-    finally:
-        loader.close()
 
 
 @pytest.fixture
@@ -44,12 +33,6 @@ def enrolled(capture, pod_and_peer):
         yield pod, peer
     finally:
         capture.remove_netns(pod.cookie)
-
-
-def delta(capture, before: dict) -> dict:
-    """Counters that changed since `before` (so `== {}` means nothing counted)."""
-    now = capture.stats()["counters"]
-    return {name: now[name] - before[name] for name in now if now[name] != before[name]}
 
 
 def check_captured(capture, pod, listener, conns, family) -> None:
@@ -75,7 +58,7 @@ def test_100_connections_captured_with_original_destination(capture, enrolled, p
     with connector(pod_cgroup, pod, family, targets) as conns:
         assert {c.peer for c in conns} == {(lo, OUTBOUND)}
         check_captured(capture, pod, agent, conns, family)
-    assert delta(capture, before) == {"captured": 100, "origdst_recorded": 100}
+    assert counted(capture, before) == {"captured": 100, "origdst_recorded": 100}
     assert pending(app) == 0
 
 
@@ -102,7 +85,7 @@ def reach_peer(capture, pod, peer, cgroup, family, dst_ip, port, count, mark=0) 
     assert pending(agent) == 0
     agent.close()
     app.close()
-    return delta(capture, before)
+    return counted(capture, before)
 
 
 def test_unmeshed_netns_not_captured(capture, pod_and_peer, pod_cgroup):
@@ -123,12 +106,12 @@ def test_other_marks_are_captured(capture, enrolled, pod_cgroup):
     before = capture.stats()["counters"]
     with connector(pod_cgroup, pod, socket.AF_INET, [("10.77.0.2", 7000 + i) for i in range(5)], mark=0x53a) as conns:
         check_captured(capture, pod, agent, conns, socket.AF_INET)
-    assert delta(capture, before) == {"captured": 5, "origdst_recorded": 5}
+    assert counted(capture, before) == {"captured": 5, "origdst_recorded": 5}
 
 
 def test_loopback_not_captured(capture, enrolled, pod_cgroup):
     pod, _ = enrolled
-    counted = {}
+    total: dict[str, int] = {}
     for family, lo in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"), (socket.AF_INET, "127.3.2.1")):
         app = pod.listener(lo, 7000, family)
         before = capture.stats()["counters"]
@@ -136,9 +119,9 @@ def test_loopback_not_captured(capture, enrolled, pod_cgroup):
             assert all(c.ok and c.peer == (lo, 7000) for c in conns)
             assert len(accept_all(app, 10)) == 10
         app.close()
-        for name, value in delta(capture, before).items():
-            counted[name] = counted.get(name, 0) + value
-    assert counted == {"skipped_loopback": 30}
+        for name, value in counted(capture, before).items():
+            total[name] = total.get(name, 0) + value
+    assert total == {"skipped_loopback": 30}
 
 
 def test_excluded_port_not_captured(capture, pod_and_peer, pod_cgroup):
@@ -159,7 +142,7 @@ def test_remove_netns_stops_capture(capture, pod_and_peer, pod_cgroup):
     before = capture.stats()["counters"]
     with connector(pod_cgroup, pod, socket.AF_INET, [("10.77.0.2", 7000)] * 5) as conns:
         check_captured(capture, pod, agent, conns, socket.AF_INET)
-    assert delta(capture, before) == {"captured": 5, "origdst_recorded": 5}
+    assert counted(capture, before) == {"captured": 5, "origdst_recorded": 5}
     agent.close()
 
     capture.remove_netns(pod.cookie)
