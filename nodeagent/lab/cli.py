@@ -1,0 +1,150 @@
+"""`nodeagent lab …`: bring a lab up, change it, look at it, run commands in it, take it down.
+
+Sub-commands: up, apply, status, exec, down, demo, echo and request (the lab's test
+apps, in their own modules), and supervise (started by `up`, not by hand). Every
+command takes `--name` (default `nalab`, or $NODEAGENT_LAB). Errors are NodeagentErrors,
+printed as one line by nodeagent/cli.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from nodeagent.errors import LabError
+from nodeagent.lab import cgroups, layout, lifecycle, processes, status, teardown
+from nodeagent.lab.state import StateDir
+from nodeagent.lab.supervisor import Supervisor
+
+UP_TIMEOUT = 60.0
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)
+
+
+def _layout(args: argparse.Namespace) -> layout.Layout:
+    return layout.Layout(layout.check_name(args.name), cgroups.cgroup2_root())
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    objects = lifecycle.read_objects(args.file)
+    lifecycle.up(layout.check_name(args.name), objects, not args.no_agents, _out, args.timeout)
+    _out(f"lab {args.name} is up: nodeagent lab status --name {args.name}")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    lifecycle.apply(layout.check_name(args.name), lifecycle.read_objects(args.file), _out, args.timeout)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    removed = teardown.down(_layout(args))
+    _out(f"lab {args.name}: removed {', '.join(removed)}" if removed else f"no lab named {args.name}; nothing to do")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = StateDir(_layout(args))
+    data = status.collect(state.load(), state.load_runtime())
+    sys.stdout.write(status.to_json(data) if args.output == "json" else status.render(data))
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    record = StateDir(_layout(args)).load()
+    namespace, _, name = args.target.rpartition("/")
+    namespace = namespace or "default"
+    pod = record.desired.pods.get(f"{namespace}/{name}") or record.desired.pods.get(f"{namespace}/{name}-0")
+    if pod is None:
+        raise LabError(f"no pod or deployment {namespace}/{name} in lab {args.name}",
+                       f"see: nodeagent lab status --name {args.name}")
+    containers = {c.name: c for c in pod.containers}
+    container = containers.get(args.container) if args.container else pod.containers[0]
+    if container is None:
+        raise LabError(f"pod {pod.key} has no container {args.container}", f"it has {', '.join(containers)}")
+    if not args.command:
+        raise LabError("no command to run", f"nodeagent lab exec {args.target} -- COMMAND ARGS…")
+    sys.stdout.flush()
+    processes.exec_in_pod(record, pod, container, args.command)
+    return 127  # not reached: exec replaced this process
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    logging.getLogger().setLevel(logging.INFO)
+    return Supervisor(StateDir(_layout(args))).run()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nodeagent.lab import demo
+    return demo.run(layout.check_name(args.name), args.timeout, _out)
+
+
+def _app(module: str):
+    """`lab echo` / `lab request` live in their own modules; say so if one is missing."""
+    try:
+        return importlib.import_module(f"nodeagent.lab.{module}")
+    except ImportError as exc:
+        return exc
+
+
+def _add_app(sub: argparse._SubParsersAction, module: str, help: str) -> None:
+    app = _app(module)
+    if isinstance(app, ImportError):
+        parser = sub.add_parser(module, help=f"{help} (unavailable: {app})", add_help=False)
+        parser.add_argument("ignored", nargs=argparse.REMAINDER)
+        parser.set_defaults(func=lambda _args: _unavailable(module, app))
+        return
+    parser = sub.add_parser(module, help=help)
+    app.add_arguments(parser)
+    parser.set_defaults(func=app.run)
+
+
+def _unavailable(module: str, exc: ImportError) -> int:
+    raise LabError(f"nodeagent lab {module} is not available: {exc}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    lab = subparsers.add_parser("lab", help="run Kubernetes-shaped YAML on this machine (the embedded lab)",
+                                description=__doc__.split("\n\n")[0])
+    sub = lab.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("--name", default=layout.default_name(),
+                       help=f"lab name, [a-z][a-z0-9]{{0,7}} (default: ${layout.NAME_ENV} or {layout.DEFAULT_NAME})")
+    waits = argparse.ArgumentParser(add_help=False)
+    waits.add_argument("--timeout", type=float, default=UP_TIMEOUT, help="seconds to wait for pods to run")
+
+    up = sub.add_parser("up", parents=[named, waits], help="start a lab from a file (default: the built-in demo)")
+    up.add_argument("-f", "--file", help="Kubernetes-shaped YAML: v1 Node/Namespace/Pod/Service, apps/v1 "
+                    "Deployment; other kinds are stored for the agents")
+    up.add_argument("--no-agents", action="store_true", help="do not run a node agent per node")
+    up.set_defaults(func=cmd_up)
+
+    apply = sub.add_parser("apply", parents=[named, waits], help="add or change objects in a running lab")
+    apply.add_argument("-f", "--file", required=True)
+    apply.set_defaults(func=cmd_apply)
+
+    st = sub.add_parser("status", parents=[named], help="nodes, pods and services of a lab")
+    st.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    st.set_defaults(func=cmd_status)
+
+    ex = sub.add_parser("exec", parents=[named], help="run a command in a pod: exec NS/NAME -- CMD…")
+    ex.add_argument("-c", "--container", help="whose env to use (default: the first container)")
+    ex.add_argument("target", metavar="NAMESPACE/NAME", help="a pod, or a Deployment (its first pod)")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+    ex.set_defaults(func=cmd_exec)
+
+    down = sub.add_parser("down", parents=[named], help="remove a lab and everything it made")
+    down.set_defaults(func=cmd_down)
+
+    demo = sub.add_parser("demo", parents=[named, waits], help="start the demo lab and send traffic through it")
+    demo.set_defaults(func=cmd_demo)
+
+    _add_app(sub, "echo", "the lab's echo app (HTTP + TCP)")
+    _add_app(sub, "request", "send HTTP requests and count who answered")
+
+    sv = sub.add_parser("supervise", parents=[named])  # no help: started by `up`, not listed
+    sv.set_defaults(func=cmd_supervise)

@@ -1,0 +1,231 @@
+"""`lab up` and `lab apply`: validate, allocate, then build, in that order.
+
+The whole file is validated and every address allocated in memory before the kernel is
+touched, so a bad file leaves nothing behind. If building still fails midway, `up`
+rolls back with the same code as `lab down`, and `apply` removes the pods it added.
+Both write lab.json and the cluster/ state, then let the supervisor (started detached
+by `up`, poked with SIGHUP by `apply`) start the processes, and wait until the pods
+run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import os
+import shutil
+import signal
+import subprocess
+import time
+from typing import Callable, Iterator
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from nodeagent.errors import ConfigError, EnvironmentProblem, LabError
+from nodeagent.kube.objects import KubeObject, parse_documents
+from nodeagent.lab import cgroups, dns, ipam, processes, services, spec, supervisor, teardown, topology
+from nodeagent.lab.layout import Layout
+from nodeagent.lab.state import LabRecord, Runtime, StateDir
+
+Out = Callable[[str], None]
+DEMO = "demo.yaml"
+STABLE = 0.5  # seconds a pod must stay Running before `up`/`apply` call it so
+POLL = 0.1
+
+
+def read_objects(path: str | None) -> list[KubeObject]:
+    """The objects of a lab file, or of the built-in demo when `path` is None."""
+    if path is None:
+        text = importlib.resources.files("nodeagent.lab").joinpath(DEMO).read_text()
+        return parse_documents(text, DEMO)
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, f"cannot read the lab file: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_documents(text, os.path.basename(path))
+
+
+def preflight() -> str:
+    """Check the machine can run a lab; returns the cgroup2 root."""
+    if os.geteuid() != 0:
+        raise EnvironmentProblem("the lab needs root (it makes network namespaces and cgroups)",
+                                 "run it with sudo")
+    for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
+        if shutil.which(tool, path=processes.search_path()) is None:
+            raise EnvironmentProblem(f"{tool} not found", f"install {package} (scripts/setup does)")
+    return cgroups.cgroup2_root()
+
+
+@contextlib.contextmanager
+def kernel_step(what: str) -> Iterator[None]:
+    """Turn a kernel refusal into a LabError saying what the lab was doing."""
+    try:
+        yield
+    except (OSError, NetlinkError) as exc:
+        raise LabError(f"{what}: {exc}") from None
+
+
+def _make_pod(record: LabRecord, pod: spec.PodSpec) -> None:
+    with kernel_step(f"creating pod {pod.key}"):
+        topology.add_pod(record.layout, pod.namespace, pod.name, record.alloc.pods[pod.key])
+        cgroups.make(processes.pod_cgroup(record, pod))
+
+
+def _remove_pod(record: LabRecord, pod: spec.PodSpec) -> None:
+    netns = record.layout.pod_netns(pod.namespace, pod.name)
+    topology.delete_netns(netns)
+    shutil.rmtree(record.layout.hosts_dir(netns), ignore_errors=True)
+    cgroups.remove_tree(processes.pod_cgroup(record, pod))
+
+
+def _publish(state: StateDir, record: LabRecord, runtime: Runtime) -> None:
+    """Hosts files, service rules, lab.json and cluster/ for `record`."""
+    with kernel_step("writing hosts files and service rules"):
+        dns.sync(record.layout, record.desired, record.alloc)
+        services.sync(record.layout, record.desired, record.alloc, runtime.running())
+    state.save(record)
+    state.export_cluster(record, runtime)
+
+
+def _build(state: StateDir, record: LabRecord) -> None:
+    layout = record.layout
+    with kernel_step("building the lab network"):
+        topology.build_fabric(layout, record.alloc.nodes)
+    for node in record.desired.node_names:
+        cgroups.make(layout.kubepods_cgroup(node))
+        cgroups.make(layout.system_cgroup(node))
+        if record.agents:
+            os.makedirs(layout.node_bpffs(node), exist_ok=True)
+    for pod in record.desired.pods.values():
+        _make_pod(record, pod)
+    _publish(state, record, Runtime())
+
+
+def _start_supervisor(layout: Layout) -> int:
+    env = {**os.environ, "PATH": processes.search_path()}
+    with open(layout.supervisor_log, "ab") as log:
+        proc = subprocess.Popen(supervisor.command(layout.name), env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Popen returns mid-exec, before /proc/PID/cmdline is filled in: wait until the pid
+    # is recognisable, which every later check (wait, apply, down) relies on.
+    deadline = time.monotonic() + 5
+    while not supervisor.is_supervisor(proc.pid, layout.name):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"the supervisor did not start (exit code {proc.poll()})", f"see {layout.supervisor_log}")
+        time.sleep(0.01)
+    return proc.pid
+
+
+def _leftovers(layout: Layout) -> bool:
+    return bool(os.path.exists(layout.state_dir) or topology.list_netns(layout.netns_prefix)
+                or os.path.isdir(layout.lab_cgroup))
+
+
+def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: float) -> LabRecord:
+    layout = Layout(name, preflight())
+    desired = spec.load(objects)
+    spec.check_commands(desired, processes.which)
+    alloc = ipam.allocate(desired)
+    if _leftovers(layout):
+        raise LabError(f"lab {name} already exists (or was left over by a crash)",
+                       f"remove it first: nodeagent lab down --name {name}")
+    record = LabRecord(name, layout.cgroup_root, agents, desired.objects, alloc)
+    state = StateDir(layout)
+    state.create()
+    try:
+        with state.lock():
+            _build(state, record)
+            record.supervisor_pid = _start_supervisor(layout)
+            state.save(record)
+    except BaseException:
+        out(f"lab {name}: creation failed; removing what was made")
+        teardown.down(layout)
+        raise
+    out(f"lab {name}: {len(alloc.nodes)} nodes, {len(alloc.pods)} pods, {len(alloc.services)} services; "
+        f"supervisor pid {record.supervisor_pid}{'' if agents else ' (no agents)'}")
+    wait_running(state, record.supervisor_pid, list(desired.pods), out, timeout)
+    return record
+
+
+def merge(old: list[KubeObject], new: list[KubeObject]) -> list[KubeObject]:
+    """`old` with objects of the same key replaced by `new`, and the others appended."""
+    replaced = {o.key: o for o in new}
+    merged = [replaced.pop(o.key, o) for o in old]
+    return merged + [o for o in new if o.key in replaced]
+
+
+def _check_changes(old: LabRecord, new: spec.DesiredState) -> None:
+    for key, pod in old.desired.pods.items():
+        changed = new.pods.get(key)
+        if changed is None:
+            raise ConfigError(pod.where, "removing a pod from a running lab is not supported",
+                              "lab down and up with the new file")
+        if changed.immutable() != pod.immutable():
+            raise ConfigError(changed.where, "a running pod's spec cannot change (only labels and "
+                              "annotations can)", "lab down and up with the new file")
+
+
+def apply(name: str, objects: list[KubeObject], out: Out, timeout: float) -> None:
+    layout = Layout(name, preflight())
+    state = StateDir(layout)
+    with state.lock():
+        old = state.load()
+        merged = merge(old.objects, objects)
+        desired = spec.load(merged)
+        spec.check_commands(desired, processes.which)
+        _check_changes(old, desired)
+        record = LabRecord(name, old.cgroup_root, old.agents, desired.objects,
+                           ipam.allocate(desired, old.alloc), old.supervisor_pid)
+        added = [p for key, p in desired.pods.items() if key not in old.alloc.pods]
+        _apply_record(state, old, record, added)
+    before = {o.key: o.body for o in old.objects}
+    for obj in objects:
+        verb = "created" if obj.key not in before else "unchanged" if before[obj.key] == obj.body else "configured"
+        out(f"{obj} {verb}")
+    if supervisor.is_supervisor(old.supervisor_pid, name):
+        os.kill(old.supervisor_pid, signal.SIGHUP)
+    wait_running(state, old.supervisor_pid, [p.key for p in added], out, timeout)
+
+
+def _apply_record(state: StateDir, old: LabRecord, record: LabRecord, added: list[spec.PodSpec]) -> None:
+    made: list[spec.PodSpec] = []
+    try:
+        for pod in added:
+            made.append(pod)
+            _make_pod(record, pod)
+        _publish(state, record, state.load_runtime())
+    except BaseException:
+        for pod in made:
+            _remove_pod(record, pod)
+        _publish(state, old, state.load_runtime())
+        raise
+
+
+def wait_running(state: StateDir, supervisor_pid: int, keys: list[str], out: Out, timeout: float) -> None:
+    """Wait until every pod in `keys` has been Running for STABLE seconds without a
+    restart (a container that exits at once is briefly Running too), reporting progress."""
+    deadline, shown = time.monotonic() + timeout, None
+    since: dict[str, tuple[float, int]] = {}  # pod -> (first seen Running, restarts then)
+    while True:
+        if not supervisor.is_supervisor(supervisor_pid, state.layout.name):
+            raise LabError(f"the supervisor of lab {state.layout.name} is not running",
+                           f"see {state.layout.supervisor_log}; nodeagent lab down, then up again")
+        runtime, now = state.load_runtime(), time.monotonic()
+        for k in keys:
+            if runtime.phase(k) != "Running":
+                since.pop(k, None)
+            elif since.get(k, (0, None))[1] != runtime.restarts(k):
+                since[k] = (now, runtime.restarts(k))
+        waiting = [k for k in keys if k not in since or now - since[k][0] < STABLE]
+        progress = f"{len(keys) - len(waiting)}/{len(keys)} pods Running"
+        if progress != shown:
+            out(progress)
+            shown = progress
+        if not waiting:
+            return
+        if now > deadline:
+            detail = ", ".join(f"{k} ({runtime.shown_phase(k)})" for k in waiting)
+            raise LabError(f"pods not Running after {timeout:.0f}s: {detail}",
+                           f"see their logs in {state.layout.logs_dir}; the lab stays up")
+        time.sleep(POLL)

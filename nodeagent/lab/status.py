@@ -1,0 +1,73 @@
+"""`lab status`: nodes, pods and services of a lab, as a table or as JSON.
+
+Pods show the phase the supervisor published (a waiting reason such as
+CrashLoopBackOff wins) and whether the mesh enrols them, decided by the same
+`Model.is_meshed` the agents use, on the same Kubernetes-shaped state they read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from nodeagent.kube.objects import object_from_dict
+from nodeagent.lab import services, supervisor
+from nodeagent.lab.state import LabRecord, Runtime, cluster_documents
+from nodeagent.model import Model
+
+
+def collect(record: LabRecord, runtime: Runtime) -> dict:
+    desired, alloc = record.desired, record.alloc
+    model = Model.build(object_from_dict(body, path) for path, body in cluster_documents(record, runtime).items())
+    running = runtime.running()
+    return {
+        "name": record.name,
+        "agents": record.agents,
+        "stateDir": record.layout.state_dir,
+        "supervisor": {"pid": record.supervisor_pid,
+                       "running": supervisor.is_supervisor(record.supervisor_pid, record.name)},
+        "nodes": [{"name": name, "fabricIP": alloc.nodes[name].fabric_ip, "podCIDR": alloc.nodes[name].pod_cidr,
+                   "agent": runtime.agents.get(name) if record.agents else None}
+                  for name in desired.node_names],
+        "pods": [{"namespace": pod.namespace, "name": pod.name, "ip": alloc.pods[key].ip,
+                  "node": alloc.pods[key].node, "phase": runtime.shown_phase(key),
+                  "restarts": runtime.restarts(key), "meshed": model.is_meshed(model.pods[(pod.namespace, pod.name)]),
+                  "uid": alloc.pods[key].uid}
+                 for key, pod in sorted(desired.pods.items())],
+        "services": [{"namespace": svc.namespace, "name": svc.name, "clusterIP": alloc.services[key],
+                      "ports": [{"name": port.name, "port": port.port, "targetPort": port.target_port,
+                                 "protocol": port.protocol, "endpoints": [f"{e.ip}:{e.port}" for e in eps]}
+                                for port, eps in services.endpoints(svc, desired, alloc, running).items()]}
+                     for key, svc in sorted(desired.services.items())],
+    }
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows])
+
+
+def _agent(node: dict) -> str:
+    agent = node["agent"]
+    if agent is None:
+        return "-"
+    return f"{agent['state']} (pid {agent['pid']}, {agent['restarts']} restarts)" if agent["pid"] else agent["state"]
+
+
+def render(data: dict) -> str:
+    sup = data["supervisor"]
+    head = (f"Lab {data['name']}: state in {data['stateDir']}, supervisor pid {sup['pid']} "
+            f"({'running' if sup['running'] else 'NOT RUNNING'}), agents {'on' if data['agents'] else 'off'}")
+    nodes = _table(["NODE", "FABRIC IP", "POD CIDR", "AGENT"],
+                   [[n["name"], n["fabricIP"], n["podCIDR"], _agent(n)] for n in data["nodes"]])
+    pods = _table(["NAMESPACE", "POD", "IP", "NODE", "PHASE", "RESTARTS", "MESHED"],
+                  [[p["namespace"], p["name"], p["ip"], p["node"], p["phase"], str(p["restarts"]),
+                    "yes" if p["meshed"] else "no"] for p in data["pods"]])
+    svcs = _table(["NAMESPACE", "SERVICE", "CLUSTER IP", "PORT", "ENDPOINTS"],
+                  [[s["namespace"], s["name"], s["clusterIP"], f"{p['port']}/{p['protocol']}->{p['targetPort']}",
+                    ",".join(p["endpoints"]) or "<none>"] for s in data["services"] for p in s["ports"]])
+    return "\n\n".join([head, nodes, pods, svcs]) + "\n"
+
+
+def to_json(data: dict) -> str:
+    return json.dumps(data, indent=2) + os.linesep

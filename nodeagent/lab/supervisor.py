@@ -1,0 +1,243 @@
+"""The lab's supervisor daemon (`nodeagent lab supervise`): the lab's kubelet.
+
+It runs every container of every pod and, unless the lab was made with `--no-agents`,
+one agent per node; restarts what exits with exponential backoff according to the
+pod's restartPolicy; and publishes what runs: `runtime.json` (pids, restarts, phases),
+pod phases in `cluster/`, and the service rules, whose endpoints are the Running pods.
+It reconciles from `lab.json` every second, on SIGHUP (sent by `lab apply`) and when a
+child exits. SIGTERM stops the children (SIGTERM, then SIGKILL) and exits; it exits by
+itself when the lab's state directory goes away. It lives in its own cgroup below the
+lab's, so `lab down` can always kill it with everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from nodeagent.errors import NodeagentError
+from nodeagent.lab import cgroups, processes, services
+from nodeagent.lab.state import LabRecord, Runtime, StateDir
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
+BACKOFF_RESET_AFTER = 10.0  # a process that ran this long starts its backoff over
+STOP_GRACE = 3.0
+
+
+@dataclass
+class Unit:
+    """One supervised process: a container or an agent."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cgroup: str
+    log_path: str
+    restart_policy: str = "Always"
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    starts: int = 0
+    exit_code: int | None = None
+    started_at: float = 0.0
+    next_start: float = 0.0
+    backoff: float = BACKOFF_FIRST
+    finished: bool = False  # exited and will not be restarted
+
+    def state(self) -> str:
+        if self.proc is not None:
+            return "running"
+        return "terminated" if self.finished else "waiting"
+
+    def status(self) -> dict:
+        return {"pid": self.proc.pid if self.proc else None, "restarts": self.restarts,
+                "state": self.state(), "exit_code": self.exit_code}
+
+
+@dataclass
+class Supervisor:
+    state: StateDir
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("nodeagent.lab.supervisor"))
+    clock: object = time.monotonic
+    units: dict[str, Unit] = field(default_factory=dict)  # "pod:ns/name/container" | "agent:node"
+    record: LabRecord | None = None
+    stamp: tuple = ()
+    published: tuple = (None, None)  # (runtime json, running set) last published
+    stopping: bool = False
+
+    # --- desired units -----------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read lab.json if it changed; False when the lab is gone."""
+        try:
+            st = os.stat(self.state.layout.lab_json)
+        except FileNotFoundError:
+            return False
+        if (st.st_ino, st.st_mtime_ns) == self.stamp:
+            return True
+        self.record, self.stamp = self.state.load(), (st.st_ino, st.st_mtime_ns)
+        wanted = self._wanted(self.record)
+        for key in set(self.units) - wanted.keys():
+            self.log.info("%s is no longer in the lab; stopping it", key)
+            self._stop([self.units.pop(key)])
+        for key, unit in wanted.items():
+            self.units.setdefault(key, unit)
+        return True
+
+    def _wanted(self, record: LabRecord) -> dict[str, Unit]:
+        layout, out = self.state.layout, {}
+        for pod in record.desired.pods.values():
+            for c in pod.containers:
+                out[f"pod:{pod.key}/{c.name}"] = Unit(
+                    processes.in_pod(layout, pod, c.command), processes.container_env(record, pod, c),
+                    processes.pod_cgroup(record, pod), layout.container_log(pod.namespace, pod.name, c.name),
+                    pod.restart_policy)
+        if record.agents:
+            for node in record.desired.node_names:
+                out[f"agent:{node}"] = Unit(processes.agent_argv(layout, node), processes.agent_env(node),
+                                            layout.system_cgroup(node), layout.agent_log(node))
+        return out
+
+    # --- processes ---------------------------------------------------------------
+    def step(self) -> None:
+        now = self.clock()
+        for key, unit in self.units.items():
+            if unit.proc is not None and unit.proc.poll() is not None:
+                self._exited(key, unit, now)
+            if unit.proc is None and not unit.finished and now >= unit.next_start:
+                self._start(key, unit, now)
+
+    def _exited(self, key: str, unit: Unit, now: float) -> None:
+        unit.exit_code, unit.proc = unit.proc.returncode, None
+        if now - unit.started_at >= BACKOFF_RESET_AFTER:
+            unit.backoff = BACKOFF_FIRST
+        restart = unit.restart_policy == "Always" or (unit.restart_policy == "OnFailure" and unit.exit_code != 0)
+        if not restart:
+            unit.finished = True
+            self.log.info("%s exited with code %s; restartPolicy %s: not restarting",
+                          key, unit.exit_code, unit.restart_policy)
+            return
+        unit.next_start = now + unit.backoff
+        self.log.warning("%s exited with code %s; restarting in %.0fs", key, unit.exit_code, unit.backoff)
+        unit.backoff = min(unit.backoff * 2, BACKOFF_MAX)
+
+    def _start(self, key: str, unit: Unit, now: float) -> None:
+        try:
+            unit.proc = processes.spawn(unit.argv, unit.env, unit.cgroup, unit.log_path)
+        except (OSError, subprocess.SubprocessError) as exc:
+            unit.exit_code, unit.next_start = None, now + unit.backoff
+            unit.backoff = min(unit.backoff * 2, BACKOFF_MAX)
+            self.log.error("cannot start %s: %s", key, exc)
+            return
+        unit.restarts += 1 if unit.starts else 0
+        unit.starts += 1
+        unit.started_at = now
+        self.log.info("started %s (pid %d): %s", key, unit.proc.pid, " ".join(unit.argv))
+
+    def _stop(self, units: list[Unit]) -> None:
+        live = [u.proc for u in units if u.proc is not None]
+        for proc in live:
+            proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in live:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # --- what runs, published ----------------------------------------------------
+    def runtime(self) -> Runtime:
+        rt = Runtime()
+        for pod in self.record.desired.pods.values():
+            units = [self.units[f"pod:{pod.key}/{c.name}"] for c in pod.containers]
+            rt.pods[pod.key] = {"phase": pod_phase(units), "reason": pod_reason(units),
+                                "containers": {c.name: u.status() for c, u in zip(pod.containers, units)}}
+        rt.agents = {k.split(":", 1)[1]: u.status() for k, u in self.units.items() if k.startswith("agent:")}
+        return rt
+
+    def publish(self) -> None:
+        rt = self.runtime()
+        now = (rt.pods, rt.agents)
+        if now == self.published[0]:
+            return
+        with self.state.lock():
+            self.state.save_runtime(rt)
+            self.state.export_cluster(self.record, rt)
+            if rt.running() != self.published[1]:
+                services.sync(self.record.layout, self.record.desired, self.record.alloc, rt.running())
+        self.published = (now, rt.running())
+
+    # --- main loop ---------------------------------------------------------------
+    def run(self) -> int:
+        cgroups.make(self.state.layout.supervisor_cgroup)
+        cgroups.join(self.state.layout.supervisor_cgroup)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGHUP, lambda *_: None)  # the wakeup fd does the work
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_term)
+        self.log.info("supervising lab %s (pid %d)", self.state.layout.name, os.getpid())
+        while not self.stopping:
+            try:
+                if not self.reload():
+                    self.log.info("lab %s is gone; exiting", self.state.layout.name)
+                    break
+                self.step()
+                self.publish()
+            except NodeagentError as exc:
+                if not self.state.exists():
+                    break
+                self.log.error("%s", exc)
+            select.select([wake_r], [], [], 1.0)
+            while _drain(wake_r):
+                pass
+        self._stop(list(self.units.values()))
+        return 0
+
+    def _on_term(self, *_args) -> None:
+        self.stopping = True
+
+
+def command(name: str) -> list[str]:
+    """How `lab up` starts the supervisor of lab `name` (and how it is recognised)."""
+    return [sys.executable, "-m", "nodeagent", "lab", "supervise", "--name", name]
+
+
+def is_supervisor(pid: int, name: str) -> bool:
+    """True if `pid` is alive and is lab `name`'s supervisor (pids get reused)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")[:-1]
+        with open(f"/proc/{pid}/stat") as f:
+            zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return not zombie and args[1:] == command(name)[1:]
+
+
+def _drain(fd: int) -> bool:
+    try:
+        return bool(os.read(fd, 512))
+    except BlockingIOError:
+        return False
+
+
+def pod_phase(units: list[Unit]) -> str:
+    states = [u.state() for u in units]
+    if "waiting" in states:
+        return "Pending"
+    if "running" in states:
+        return "Running"
+    return "Succeeded" if all(u.exit_code == 0 for u in units) else "Failed"
+
+
+def pod_reason(units: list[Unit]) -> str:
+    """CrashLoopBackOff while a container that exited waits for its restart."""
+    return "CrashLoopBackOff" if any(u.state() == "waiting" and u.starts for u in units) else ""
