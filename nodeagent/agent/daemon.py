@@ -91,7 +91,7 @@ class Agent:
 
     async def _first_reconcile(self) -> None:
         await self._poll_and_reconcile(force=True)
-        stale = self.enroller.remove_stale()
+        stale = self.enroller.remove_stale(self.model)
         if stale:
             self.log.info("removed %d stale capture entries left by a previous agent", len(stale))
 

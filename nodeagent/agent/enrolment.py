@@ -195,14 +195,20 @@ class Enroller:
         self.metrics.enrolled.set(len(self.enrolled))
         return p
 
-    def remove_stale(self) -> list[int]:
-        """Drop capture entries of netns cookies no enrolled pod owns (left by a previous
-        agent for pods that have since left the mesh or gone)."""
+    def remove_stale(self, model: Model) -> list[int]:
+        """Drop capture state of netns cookies no enrolled pod owns, left by a previous
+        agent for pods that left the mesh or went away while no agent ran: the cookie's
+        na_pods entry and its sk_lookup link. The maps do not say which IPs a cookie
+        steered, so the IPs of this node's pods that are not enrolled are unsteered too
+        (none of them may be steered)."""
         ours = {e.ctx.cookie for e in self.enrolled.values()}
         stale = sorted(set(self.capture.enrolled_netns()) - ours)
-        for cookie in stale:
-            self.log.info("removing stale capture entry for netns cookie %d", cookie)
+        enrolled_ips = {e.wanted.ip for e in self.enrolled.values()}
+        loose = sorted({p.ip for p in model.pods_on_node(self.node) if p.ip} - enrolled_ips)
+        for i, cookie in enumerate(stale):
+            self.log.info("removing stale capture state of netns cookie %d", cookie)
             self.capture.remove_netns(cookie)
+            self.capture.unsteer_inbound(cookie, loose if i == 0 else [])
         return stale
 
     # --- enrol ----------------------------------------------------------------------

@@ -178,6 +178,26 @@ def test_sigkill_fails_closed_and_restart_adopts(sb, pods):
     assert c["outbound_connections_total"] == 10 and c["inbound_connections_total"] == 4
 
 
+def test_restart_drops_enrolments_that_left_the_mesh_meanwhile(sb, pods):
+    client, plain, server = pods
+    sb.label_namespace("app", AMBIENT)
+    sb.start_agent()
+    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    cookie = sb.status()["pods"][0]["netns_cookie"]
+    sb.stop_agent(signal.SIGKILL)
+    sb.label_namespace("app", {})  # leaves the mesh while no agent runs
+    assert os.path.exists(os.path.join(sb.bpffs, "links", str(cookie)))
+
+    sb.start_agent()
+    assert sb.status()["pods"] == []
+    assert not os.path.exists(os.path.join(sb.bpffs, "links", str(cookie)))
+    out = connect(sb, client, server, 5)
+    inbound = connect(sb, server, client, 5)
+    assert out["ok"] == 5 and inbound["ok"] == 5 and inbound["peers"] == {server.ip: 5}
+    assert counters(sb)["outbound_connections_total"] == 0 and counters(sb)["inbound_connections_total"] == 0
+    assert sb.status()["capture"]["counters"]["captured"] == 0
+
+
 def _programs_on(cgroup: str) -> list[str]:
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:

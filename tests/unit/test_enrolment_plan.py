@@ -1,8 +1,16 @@
-"""The enrolment decision as a pure function: model + node + enrolled -> plan."""
+"""The enrolment decision as a pure function (model + node + enrolled -> plan), and how
+the reconciler retries pods it cannot enrol yet."""
 
 from __future__ import annotations
 
-from nodeagent.agent.enrolment import Plan, Wanted, plan, wanted_pods
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from nodeagent.agent.enrolment import Enroller, Handlers, Plan, Ports, Wanted, plan, wanted_pods
+from nodeagent.agent.metrics import AgentMetrics
+from nodeagent.agent.podns import PodNotFound
 from nodeagent.kube.objects import parse_documents
 from nodeagent.model import Model
 
@@ -130,3 +138,54 @@ def test_duplicate_uid_waits():
     p = plan(m, NODE, {})
     assert [w.name for w in p.enrol] == ["a"]
     assert [w.name for w in p.waiting] == ["b"]
+
+
+# --- the reconciler's handling of pods it cannot enrol yet (no kernel needed) --------
+
+
+class NoPodsResolver:
+    def __init__(self):
+        self.asked: list[list[str]] = []
+
+    def resolve_many(self, uids):
+        uids = list(uids)
+        self.asked.append(uids)
+        return {u: PodNotFound(f"no process of pod {u}", "retrying") for u in uids}
+
+    def forget(self, uid):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_pod_without_netns_is_retried_with_backoff_and_shown():
+    now = [100.0]
+    resolver = NoPodsResolver()
+    metrics = AgentMetrics(CollectorRegistry())
+    enroller = Enroller(node=NODE, capture=None, resolver=resolver, ports=Ports(15001, 15006, 15008),
+                        handlers=Handlers(None, None, None), delivery_mark=0x1539, metrics=metrics,
+                        log=logging.getLogger("test"), clock=lambda: now[0])
+    m = model(ns("app"), pod("a"), pod("noip", ip=None))
+
+    asyncio.run(enroller.reconcile(m))
+    assert resolver.asked == [["uid-a"]] and enroller.enrolled == {}
+    waiting = {w["name"]: w["reason"] for w in enroller.describe()["waiting"]}
+    assert "no process of pod uid-a" in waiting["a"] and "podIP" in waiting["noip"]
+    assert metrics.snapshot()["enrolment_failures_total{reason=netns_not_found}"] == 1
+
+    assert not enroller.retry_due()  # backoff: not before 0.1 s
+    asyncio.run(enroller.reconcile(m))
+    assert resolver.asked == [["uid-a"]]
+    now[0] += 0.1
+    assert enroller.retry_due()
+    asyncio.run(enroller.reconcile(m))
+    assert resolver.asked == [["uid-a"], ["uid-a"]]
+    assert enroller.failures["uid-a"].attempts == 2
+    now[0] += 0.15
+    assert not enroller.retry_due()  # doubled to 0.2 s
+    now[0] += 0.05
+    assert enroller.retry_due()
+
+    asyncio.run(enroller.reconcile(model(ns("app", None), pod("a"))))  # left the mesh
+    assert enroller.failures == {} and enroller.describe()["waiting"] == []
