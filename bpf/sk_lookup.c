@@ -30,27 +30,6 @@ static __always_inline int na_is_agent_port(__u32 port)
 	       port == NA_ADMIN_PORT;
 }
 
-/* Steer to the listener for `ip`; the sk_lookup verdict. */
-static __always_inline int na_steer(struct bpf_sk_lookup *ctx, struct na_addr *ip)
-{
-	struct bpf_sock *sk;
-	long err;
-
-	sk = (struct bpf_sock *)na_inbound.lookup(ip);
-	if (!sk) {
-		na_count(NA_CNT_DROPPED_FAILCLOSED); /* NA_ERR_NO_LISTENER */
-		return SK_DROP;
-	}
-	err = bpf_sk_assign(ctx, sk, 0);
-	bpf_sk_release(sk);
-	if (err) {
-		na_count(NA_CNT_ERR_SK_ASSIGN); /* NA_ERR_SK_ASSIGN */
-		return SK_DROP;
-	}
-	na_count(NA_CNT_STEERED);
-	return SK_PASS;
-}
-
 /* The destination address of the lookup as a map key; *local_origin set when the
  * source address is the same (the pod connecting to its own IP). */
 static __always_inline void na_lookup_addr(struct bpf_sk_lookup *ctx, struct na_addr *ip,
@@ -70,24 +49,71 @@ static __always_inline void na_lookup_addr(struct bpf_sk_lookup *ctx, struct na_
 			ctx->remote_ip6[2] == ip->addr[2] && ctx->remote_ip6[3] == ip->addr[3];
 }
 
-int na_sk_lookup(struct bpf_sk_lookup *ctx)
+/* Whether to steer this lookup (NA_OK) or why not; fills *ip. */
+static __always_inline int na_classify(struct bpf_sk_lookup *ctx, struct na_addr *ip)
 {
-	struct na_addr ip = {};
 	struct na_pod_ip *pod;
 	int local_origin;
 
-	if (ctx->protocol != NA_IPPROTO_TCP || ctx->ingress_ifindex == NA_LOOPBACK_IFINDEX ||
-	    na_is_agent_port(ctx->local_port))
-		return SK_PASS;
-	na_lookup_addr(ctx, &ip, &local_origin);
+	if (ctx->protocol != NA_IPPROTO_TCP)
+		return NA_SKIP_NOT_TCP;
+	if (ctx->ingress_ifindex == NA_LOOPBACK_IFINDEX)
+		return NA_SKIP_LOOPBACK;
+	if (na_is_agent_port(ctx->local_port))
+		return NA_SKIP_AGENT_PORT;
+	na_lookup_addr(ctx, ip, &local_origin);
 	if (local_origin)
-		return SK_PASS;
-	pod = na_enrolled_ips.lookup(&ip);
+		return NA_SKIP_LOOPBACK;
+	pod = na_enrolled_ips.lookup(ip);
 	if (!pod)
+		return NA_SKIP_NOT_MESHED;
+	if (na_port_listed(pod->exclude_ports, (__u16)ctx->local_port))
+		return NA_SKIP_EXCLUDED;
+	return NA_OK;
+}
+
+/* Assign the agent's listener for `ip`: NA_OK, NA_ERR_NO_LISTENER or NA_ERR_SK_ASSIGN. */
+static __always_inline int na_steer(struct bpf_sk_lookup *ctx, struct na_addr *ip)
+{
+	struct bpf_sock *sk;
+	long err;
+
+	sk = (struct bpf_sock *)na_inbound.lookup(ip);
+	if (!sk)
+		return NA_ERR_NO_LISTENER;
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? NA_ERR_SK_ASSIGN : NA_OK;
+}
+
+/* Count the outcome; the sk_lookup verdict. Errors drop: fail closed. */
+static __always_inline int na_lookup_verdict(int code)
+{
+	switch (code) {
+	case NA_OK:
+		na_count(NA_CNT_STEERED);
 		return SK_PASS;
-	if (na_port_listed(pod->exclude_ports, (__u16)ctx->local_port)) {
+	case NA_SKIP_EXCLUDED:
 		na_count(NA_CNT_INBOUND_EXCLUDED);
 		return SK_PASS;
+	case NA_ERR_NO_LISTENER:
+		na_count(NA_CNT_DROPPED_FAILCLOSED);
+		return SK_DROP;
+	case NA_ERR_SK_ASSIGN:
+		na_count(NA_CNT_ERR_SK_ASSIGN);
+		return SK_DROP;
+	default: /* not for us: the normal socket lookup goes on */
+		return SK_PASS;
 	}
-	return na_steer(ctx, &ip);
+}
+
+int na_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct na_addr ip = {};
+	int code;
+
+	code = na_classify(ctx, &ip);
+	if (code == NA_OK)
+		code = na_steer(ctx, &ip);
+	return na_lookup_verdict(code);
 }

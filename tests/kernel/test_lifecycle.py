@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
-from kernel_sandbox import accept_all, connector, link, our_programs, pending, throwaway_cgroup, unique
+from kernel_sandbox import (accept_all, connector, link, netns_factory, our_programs, pending,
+                            throwaway_cgroup, unique)
 from nodeagent.capture import bpfsys
 from nodeagent.capture.loader import CaptureLoader
 from nodeagent.capture.programs import CGROUP_PROGRAMS
@@ -115,3 +117,29 @@ def test_context_manager_leaves_nothing(cgroup_dir, pin_dir, make_netns):
         listener.close()
     assert our_programs(cgroup_dir) == {spec.name: [] for spec in CGROUP_PROGRAMS}
     assert not os.path.exists(pin_dir)
+
+
+def test_adopt_drops_links_of_vanished_netns(cgroup_dir, pin_dir):
+    """A pod deleted while no agent runs: the next agent removes its stale link pin."""
+    with netns_factory() as make:
+        pod = make()
+        cookie, listener = pod.cookie, pod.listener("0.0.0.0", 15006)
+        fd = os.open(pod.path, os.O_RDONLY | os.O_CLOEXEC)
+        first = CaptureLoader(cgroup=cgroup_dir, pin_dir=pin_dir)
+        first.load()
+        first.steer_inbound(fd, cookie, ["10.79.0.5"], listener)
+        first.close(keep=True)
+        os.close(fd)
+        listener.close()
+    link_pin = os.path.join(pin_dir, "links", str(cookie))
+    assert os.path.exists(link_pin)  # netns deleted, pin left behind
+    for _ in range(100):  # the kernel cleans up a netns asynchronously
+        fd = bpfsys.obj_get(link_pin)
+        gone = bpfsys.link_info(fd).netns_ino == 0
+        os.close(fd)
+        if gone:
+            break
+        time.sleep(0.05)
+    with CaptureLoader(cgroup=cgroup_dir, pin_dir=pin_dir) as second:
+        assert os.listdir(second.links_dir) == []
+        assert not [p for p in second.stats()["programs"] if p["name"] == "na_sk_lookup"]
