@@ -17,12 +17,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from nodeagent.capture.preflight import MOUNTS, mount_table
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import DNS_SUBDOMAIN
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-MOUNTS = "/proc/self/mounts"
 DEFAULT_ADMIN_SOCKET = "/run/nodeagent/agent.sock"
 
 
@@ -169,14 +169,12 @@ def parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
 def cgroup2_root(mounts: str = MOUNTS) -> str:
     """The first cgroup2 mount point (hybrid machines mount it at /sys/fs/cgroup/unified)."""
     try:
-        with open(mounts) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 2 and parts[2] == "cgroup2":
-                    return parts[1]
+        found = [point for point, kind in mount_table(mounts) if kind == "cgroup2"]
     except OSError:
-        pass
-    raise ValueError("no cgroup2 mount found in /proc/self/mounts; mount cgroup v2 (scripts/setup does)")
+        found = []
+    if not found:
+        raise ValueError("no cgroup2 mount found in /proc/self/mounts; mount cgroup v2 (scripts/setup does)")
+    return found[0]
 
 
 SETTINGS: tuple[Setting, ...] = (

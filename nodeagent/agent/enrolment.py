@@ -218,8 +218,10 @@ class Enroller:
         delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (attempts - 1))
         self.failures[want.uid] = Failure(want, reason, attempts, self.clock() + delay)
         self.metrics.enrol_errors.labels(reason=metric).inc()
-        log = self.log.info if metric == "netns_not_found" and attempts < 5 else self.log.warning
-        log("cannot enrol pod %s/%s yet (attempt %d, retrying in %.1fs): %s",
+        # A pod just starting is normal; one that stays unfindable is worth a warning a minute.
+        loud = metric != "netns_not_found" or attempts == 5 or attempts % 30 == 5
+        (self.log.warning if loud else self.log.info)(
+            "cannot enrol pod %s/%s yet (attempt %d, retrying in %.1fs): %s",
             want.namespace, want.name, attempts, delay, reason)
 
     def _enrol(self, want: Wanted, pod: Pod, found: PodNetns | NetnsError) -> None:

@@ -16,24 +16,20 @@ import socket
 from nodeagent.agent import inpod
 from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.outbound import connect_failure_reason, relay
+from nodeagent.agent.outbound import Relay, connect_failure_reason, relay
 from nodeagent.agent.splice import reset
 
 
-class InboundRelay:
+class InboundRelay(Relay):
+    direction = "inbound"
+
     def __init__(self, metrics: AgentMetrics, log: logging.Logger, *, mark: int, timeout: float,
                  agent_ports: frozenset[int]):
-        self.metrics = metrics
-        self.log = log
+        super().__init__(metrics, log)
         self.mark = mark
         self.timeout = timeout
         self.agent_ports = agent_ports
         self._delivering: set[tuple[str, int]] = set()  # local addresses of our delivery sockets
-
-    def _fail(self, ctx: PodContext, client: socket.socket, reason: str, detail: str) -> None:
-        self.metrics.failure("inbound", reason)
-        self.log.warning("inbound to %s: %s", ctx, detail)
-        reset(client)
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.inbound.inc()

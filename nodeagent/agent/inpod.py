@@ -161,8 +161,18 @@ class InPodListener:
             except OSError as exc:  # ECONNABORTED, EMFILE...: log and wait for the next wake-up
                 self.log.warning("%s: accept on %s failed: %s", self.ctx, self.address, exc)
                 return
-            task = self._loop.create_task(self.handler(self.ctx, conn))
+            task = self._loop.create_task(self._run(conn))
             self.ctx.track(self.direction, task)
+
+    async def _run(self, conn: socket.socket) -> None:
+        try:
+            await self.handler(self.ctx, conn)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception:  # a bug in one connection's handling must not go unnoticed, nor spread
+            self.log.exception("%s connection of pod %s failed", self.direction, self.ctx)
+            conn.close()
 
     def close(self) -> None:
         """Stop listening. Connections already queued are accepted and relayed first, so

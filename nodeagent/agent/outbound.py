@@ -61,18 +61,30 @@ def connect_failure_reason(exc: BaseException) -> str:
     return "connect_error"
 
 
-class OutboundRelay:
-    def __init__(self, capture, metrics: AgentMetrics, log: logging.Logger,
-                 choose_route: Callable[[PodContext, Address], Route]):
-        self.capture = capture
+class Relay:
+    """What both relays share: counting and logging a failed connection, then resetting
+    the client so it sees the failure at once."""
+
+    direction = ""
+
+    def __init__(self, metrics: AgentMetrics, log: logging.Logger):
         self.metrics = metrics
         self.log = log
-        self.choose_route = choose_route
 
     def _fail(self, ctx: PodContext, client: socket.socket, reason: str, detail: str) -> None:
-        self.metrics.failure("outbound", reason)
-        self.log.warning("outbound from %s: %s", ctx, detail)
+        self.metrics.failure(self.direction, reason)
+        self.log.warning("%s %s: %s", self.direction, ctx, detail)
         reset(client)
+
+
+class OutboundRelay(Relay):
+    direction = "outbound"
+
+    def __init__(self, capture, metrics: AgentMetrics, log: logging.Logger,
+                 choose_route: Callable[[PodContext, Address], Route]):
+        super().__init__(metrics, log)
+        self.capture = capture
+        self.choose_route = choose_route
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.outbound.inc()

@@ -1,5 +1,5 @@
 """A tiny TCP probe for measuring capture: run inside pods by the kernel tests and by
-`nodeagent bench capture`. Standard library only, so it starts fast in any netns.
+`nodeagent bench capture`. Light imports, so it starts fast in any netns.
 
   python -m nodeagent.agent.probe serve --port 9000
       Greets every connection with the client address as this socket sees it
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import json
 import socket
 import sys
 import time
 from collections import Counter
+
+from nodeagent.lab import request
 
 PAYLOAD = b"ping\n"
 PERCENTILES = (50, 90, 99)
@@ -38,17 +39,8 @@ def percentiles(values: list[float], points=PERCENTILES) -> dict[str, float]:
 
 
 def error_kind(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, ConnectionResetError):
-        return "reset"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return "timeout"
-    if isinstance(exc, EOFError):
-        return "closed"
-    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return "unreachable"
-    return "other"
+    """The same names as the lab's request tool; EOF mid-exchange is `closed`."""
+    return "closed" if isinstance(exc, EOFError) else request.error_kind(exc)
 
 
 def _parse_target(text: str) -> tuple[str, int]:

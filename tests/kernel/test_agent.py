@@ -66,6 +66,13 @@ def mesh(sb: Sandbox, namespace: str, on: bool, expect: list[str]) -> None:
     sb.wait_for(lambda s: sorted(p["name"] for p in s["pods"]) == expect, 10, f"enrolled pods {expect}")
 
 
+def start_meshed(sb: Sandbox, *agent_args: str) -> None:
+    """Mesh namespace app, start the agent and wait until it has enrolled the client."""
+    sb.label_namespace("app", AMBIENT)
+    sb.start_agent(*agent_args)
+    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+
+
 class Held:
     """A long-lived connection from a pod (probe hold): send a line, read its echo."""
 
@@ -91,9 +98,7 @@ class Held:
 
 def test_outbound_capture_exact_counts(sb, pods):
     client, plain, server = pods
-    sb.label_namespace("app", AMBIENT)
-    sb.start_agent()
-    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    start_meshed(sb)
 
     meshed = connect(sb, client, server, 100)
     assert meshed["ok"] == 100 and meshed["errors"] == {}
@@ -112,9 +117,7 @@ def test_outbound_capture_exact_counts(sb, pods):
 
 def test_inbound_keeps_client_address(sb, pods):
     client, plain, server = pods
-    sb.label_namespace("app", AMBIENT)
-    sb.start_agent()
-    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    start_meshed(sb)
 
     result = connect(sb, server, client, 20)
     assert result["ok"] == 20 and result["peers"] == {server.ip: 20}  # the app saw the real peer
@@ -155,9 +158,7 @@ def test_label_change_keeps_long_lived_connections(sb, pods):
 
 def test_sigkill_fails_closed_and_restart_adopts(sb, pods):
     client, plain, server = pods
-    sb.label_namespace("app", AMBIENT)
-    sb.start_agent()
-    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    start_meshed(sb)
     assert connect(sb, client, server, 5)["ok"] == 5
 
     assert sb.stop_agent(signal.SIGKILL) == -signal.SIGKILL
@@ -180,9 +181,7 @@ def test_sigkill_fails_closed_and_restart_adopts(sb, pods):
 
 def test_restart_drops_enrolments_that_left_the_mesh_meanwhile(sb, pods):
     client, plain, server = pods
-    sb.label_namespace("app", AMBIENT)
-    sb.start_agent()
-    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    start_meshed(sb)
     cookie = sb.status()["pods"][0]["netns_cookie"]
     sb.stop_agent(signal.SIGKILL)
     sb.label_namespace("app", {})  # leaves the mesh while no agent runs
@@ -213,9 +212,7 @@ def _rules(pod: SandboxPod) -> str:
 
 def test_sigterm_leaves_nothing_attached_or_pinned(sb, pods):
     client, plain, server = pods
-    sb.label_namespace("app", AMBIENT)
-    sb.start_agent()
-    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    start_meshed(sb)
     assert sorted(_programs_on(sb.kubepods)) == ["na_connect4", "na_connect6", "na_sockops"]
     assert "lookup 539" in _rules(client)
 
@@ -231,9 +228,7 @@ def test_sigterm_leaves_nothing_attached_or_pinned(sb, pods):
 
 def test_keep_on_exit_leaves_capture_for_the_next_agent(sb, pods):
     client, plain, server = pods
-    sb.label_namespace("app", AMBIENT)
-    sb.start_agent("--keep-on-exit")
-    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    start_meshed(sb, "--keep-on-exit")
 
     assert sb.stop_agent(signal.SIGTERM) == 0
     assert sorted(_programs_on(sb.kubepods)) == ["na_connect4", "na_connect6", "na_sockops"]
@@ -249,9 +244,7 @@ def test_keep_on_exit_leaves_capture_for_the_next_agent(sb, pods):
 
 def test_status_command_renders_live_agent(sb, pods):
     client, plain, server = pods
-    sb.label_namespace("app", AMBIENT)
-    sb.start_agent()
-    sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
+    start_meshed(sb)
     assert connect(sb, client, server, 7)["ok"] == 7
     run = [os.sys.executable, "-m", "nodeagent", "status", "--socket", str(sb.admin_socket)]
     text = subprocess.run(run, capture_output=True, text=True, check=True).stdout
