@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nodeagent.errors import ConfigError, EnvironmentProblem, LabError
+from nodeagent.errors import ConfigError, EnvironmentProblem, LabError, NodeagentError
 from nodeagent.kube.objects import KubeObject, parse_documents
 from nodeagent.lab import cgroups, dns, ipam, processes, services, spec, supervisor, teardown, topology
 from nodeagent.lab.layout import Layout
@@ -51,7 +51,7 @@ def preflight() -> str:
     if os.geteuid() != 0:
         raise EnvironmentProblem("the lab needs root (it makes network namespaces and cgroups)",
                                  "run it with sudo")
-    for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
+    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("nsenter", "util-linux")):
         if shutil.which(tool, path=processes.search_path()) is None:
             raise EnvironmentProblem(f"{tool} not found", f"install {package} (scripts/setup does)")
     return cgroups.cgroup2_root()
@@ -145,6 +145,8 @@ def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: fl
     out(f"lab {name}: {len(alloc.nodes)} nodes, {len(alloc.pods)} pods, {len(alloc.services)} services; "
         f"supervisor pid {record.supervisor_pid}{'' if agents else ' (no agents)'}")
     wait_running(state, record.supervisor_pid, list(desired.pods), out, timeout)
+    if agents:
+        wait_agents(layout, desired.node_names, out, timeout)
     return record
 
 
@@ -202,15 +204,33 @@ def _apply_record(state: StateDir, old: LabRecord, record: LabRecord, added: lis
         raise
 
 
+def _until(step: Callable[[], tuple[list[str], str]], out: Out, timeout: float,
+           failed: Callable[[list[str]], LabError]) -> None:
+    """Call `step` (-> still waiting, progress line) until nothing waits; print progress
+    when it changes; raise `failed(waiting)` after `timeout` seconds."""
+    deadline, shown = time.monotonic() + timeout, None
+    while True:
+        waiting, progress = step()
+        if progress != shown:
+            out(progress)
+            shown = progress
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise failed(waiting)
+        time.sleep(POLL)
+
+
 def wait_running(state: StateDir, supervisor_pid: int, keys: list[str], out: Out, timeout: float) -> None:
     """Wait until every pod in `keys` has been Running for STABLE seconds without a
-    restart (a container that exits at once is briefly Running too), reporting progress."""
-    deadline, shown = time.monotonic() + timeout, None
+    restart (a container that exits at once is briefly Running too)."""
     since: dict[str, tuple[float, int]] = {}  # pod -> (first seen Running, restarts then)
-    while True:
-        if not supervisor.is_supervisor(supervisor_pid, state.layout.name):
-            raise LabError(f"the supervisor of lab {state.layout.name} is not running",
-                           f"see {state.layout.supervisor_log}; nodeagent lab down, then up again")
+    layout = state.layout
+
+    def step() -> tuple[list[str], str]:
+        if not supervisor.is_supervisor(supervisor_pid, layout.name):
+            raise LabError(f"the supervisor of lab {layout.name} is not running",
+                           f"see {layout.supervisor_log}; nodeagent lab down, then up again")
         runtime, now = state.load_runtime(), time.monotonic()
         for k in keys:
             if runtime.phase(k) != "Running":
@@ -218,14 +238,31 @@ def wait_running(state: StateDir, supervisor_pid: int, keys: list[str], out: Out
             elif since.get(k, (0, None))[1] != runtime.restarts(k):
                 since[k] = (now, runtime.restarts(k))
         waiting = [k for k in keys if k not in since or now - since[k][0] < STABLE]
-        progress = f"{len(keys) - len(waiting)}/{len(keys)} pods Running"
-        if progress != shown:
-            out(progress)
-            shown = progress
-        if not waiting:
-            return
-        if now > deadline:
-            detail = ", ".join(f"{k} ({runtime.shown_phase(k)})" for k in waiting)
-            raise LabError(f"pods not Running after {timeout:.0f}s: {detail}",
-                           f"see their logs in {state.layout.logs_dir}; the lab stays up")
-        time.sleep(POLL)
+        return waiting, f"{len(keys) - len(waiting)}/{len(keys)} pods Running"
+
+    def failed(waiting: list[str]) -> LabError:
+        runtime = state.load_runtime()
+        detail = ", ".join(f"{k} ({runtime.shown_phase(k)})" for k in waiting)
+        return LabError(f"pods not Running after {timeout:.0f}s: {detail}",
+                        f"see their logs in {layout.logs_dir}; the lab stays up")
+
+    _until(step, out, timeout, failed)
+
+
+def _agent_ready(socket_path: str) -> bool:
+    from nodeagent.agent.admin import fetch_status  # the agent's own status API
+    try:
+        return os.path.exists(socket_path) and bool(fetch_status(socket_path, timeout=1).get("ready"))
+    except (NodeagentError, OSError, ValueError):
+        return False
+
+
+def wait_agents(layout: Layout, nodes: list[str], out: Out, timeout: float) -> None:
+    """Wait until every node's agent reports ready on its admin socket."""
+    def step() -> tuple[list[str], str]:
+        waiting = [n for n in nodes if not _agent_ready(layout.agent_socket(n))]
+        return waiting, f"{len(nodes) - len(waiting)}/{len(nodes)} agents ready"
+
+    _until(step, out, timeout, lambda waiting: LabError(
+        f"agents not ready after {timeout:.0f}s on {', '.join(waiting)}",
+        f"see {', '.join(layout.agent_log(n) for n in waiting)}; the lab stays up"))

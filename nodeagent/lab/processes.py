@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 
+from nodeagent import netns
 from nodeagent.lab import cgroups
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.spec import Container, PodSpec
@@ -69,8 +70,11 @@ def pod_cgroup(record: LabRecord, pod: PodSpec) -> str:
 
 
 def agent_argv(layout: Layout, node: str) -> list[str]:
-    """The per-node agent, run as a hostNetwork DaemonSet pod would run: in the node netns."""
-    return ["ip", "netns", "exec", layout.node_netns(node), "nodeagent", "run", "--node", node,
+    """The per-node agent, run as a hostNetwork DaemonSet pod would run: in the node netns
+    with the machine's /sys (`ip netns exec` would mount a fresh sysfs over /sys, hiding
+    the cgroup2 and bpffs mounts the agent works on, as hostPath mounts give a DaemonSet)."""
+    return ["nsenter", f"--net={netns.named_path(layout.node_netns(node))}", "--",
+            "nodeagent", "run", "--node", node,
             "--source", f"files:{layout.cluster_dir}", "--cgroup", layout.kubepods_cgroup(node),
             "--bpffs", layout.node_bpffs(node), "--admin-socket", layout.agent_socket(node)]
 

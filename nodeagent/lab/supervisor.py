@@ -140,6 +140,8 @@ class Supervisor:
 
     def _stop(self, units: list[Unit]) -> None:
         live = [u.proc for u in units if u.proc is not None]
+        if live:
+            self.log.info("stopping %d processes", len(live))
         for proc in live:
             proc.terminate()
         deadline = time.monotonic() + STOP_GRACE

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -340,9 +341,25 @@ def test_down_after_a_crash_finds_everything_by_name(lab_factory):
     record = json.loads((lab.state_dir / "lab.json").read_text())
     os.kill(record["supervisor_pid"], signal.SIGKILL)
     (lab.state_dir / "lab.json").unlink()  # as if `up` died before writing it
+    os.makedirs(f"/sys/fs/bpf/nodeagent-{lab.name}/node1")  # as an agent would have made
     proc = lab.run("down")
     assert "network namespaces" in proc.stdout and "leftover processes" in proc.stdout
     assert lab.leftovers() == []
     assert lab.survivors() == []
     again = lab.run("down")
     assert again.stdout == f"no lab named {lab.name}; nothing to do\n"
+
+
+def host_network() -> dict[str, str]:
+    """The machine's own links, addresses, routes and nftables rules."""
+    def run(*cmd: str) -> str:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return {"links": run("ip", "-o", "link", "show"), "addresses": run("ip", "-o", "addr", "show"),
+            "routes": run("ip", "route", "show", "table", "all"), "nft": run("nft", "list", "ruleset")}
+
+
+def test_nothing_is_added_to_the_machines_own_network_namespace(lab_factory):
+    before = host_network()
+    lab = lab_factory(BASE)
+    assert lab.exec("app/a", "ip", "-4", "-o", "addr", "show", "eth0").stdout.split()[3] == "10.244.1.2/32"
+    assert host_network() == before

@@ -75,7 +75,7 @@ def test_agent_units_run_nodeagent_run_per_node_in_the_node_netns(tmp_path):
     sup = supervisor(tmp_path)
     assert sorted(k for k in sup.units if k.startswith("agent:")) == ["agent:node1", "agent:node2"]
     agent = sup.units["agent:node1"]
-    assert agent.argv == ["ip", "netns", "exec", "t1-n-node1", "nodeagent", "run", "--node", "node1",
+    assert agent.argv == ["nsenter", "--net=/run/netns/t1-n-node1", "--", "nodeagent", "run", "--node", "node1",
                           "--source", f"files:{tmp_path}/t1/cluster",
                           "--cgroup", "/cg/nodeagent-t1/node1/kubepods",
                           "--bpffs", "/sys/fs/bpf/nodeagent-t1/node1",
