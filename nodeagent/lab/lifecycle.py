@@ -92,11 +92,12 @@ def _build(state: StateDir, record: LabRecord) -> None:
     layout = record.layout
     with kernel_step("building the lab network"):
         topology.build_fabric(layout, record.alloc.nodes)
-    for node in record.desired.node_names:
-        cgroups.make(layout.kubepods_cgroup(node))
-        cgroups.make(layout.system_cgroup(node))
-        if record.agents:
-            os.makedirs(layout.node_bpffs(node), exist_ok=True)
+    with kernel_step("creating the nodes' cgroups and bpffs directories"):
+        for node in record.desired.node_names:
+            cgroups.make(layout.kubepods_cgroup(node))
+            cgroups.make(layout.system_cgroup(node))
+            if record.agents:
+                os.makedirs(layout.node_bpffs(node), exist_ok=True)
     for pod in record.desired.pods.values():
         _make_pod(record, pod)
     _publish(state, record, Runtime())
@@ -115,6 +116,14 @@ def _start_supervisor(layout: Layout) -> int:
             raise LabError(f"the supervisor did not start (exit code {proc.poll()})", f"see {layout.supervisor_log}")
         time.sleep(0.01)
     return proc.pid
+
+
+def _secondary(out: Out, undo: Callable, *args) -> None:
+    """Run a rollback step; its own failure is reported, never raised over the cause."""
+    try:
+        undo(*args)
+    except (NodeagentError, OSError) as exc:
+        out(f"rollback incomplete: {exc}")
 
 
 def _leftovers(layout: Layout) -> bool:
@@ -140,7 +149,7 @@ def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: fl
             state.save(record)
     except BaseException:
         out(f"lab {name}: creation failed; removing what was made")
-        teardown.down(layout)
+        _secondary(out, teardown.down, layout)
         raise
     out(f"lab {name}: {len(alloc.nodes)} nodes, {len(alloc.pods)} pods, {len(alloc.services)} services; "
         f"supervisor pid {record.supervisor_pid}{'' if agents else ' (no agents)'}")
@@ -152,6 +161,7 @@ def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: fl
 
 def merge(old: list[KubeObject], new: list[KubeObject]) -> list[KubeObject]:
     """`old` with objects of the same key replaced by `new`, and the others appended."""
+    spec.check_unique(new)
     replaced = {o.key: o for o in new}
     merged = [replaced.pop(o.key, o) for o in old]
     return merged + [o for o in new if o.key in replaced]
@@ -180,7 +190,7 @@ def apply(name: str, objects: list[KubeObject], out: Out, timeout: float) -> Non
         record = LabRecord(name, old.cgroup_root, old.agents, desired.objects,
                            ipam.allocate(desired, old.alloc), old.supervisor_pid)
         added = [p for key, p in desired.pods.items() if key not in old.alloc.pods]
-        _apply_record(state, old, record, added)
+        _apply_record(state, old, record, added, out)
     before = {o.key: o.body for o in old.objects}
     for obj in objects:
         verb = "created" if obj.key not in before else "unchanged" if before[obj.key] == obj.body else "configured"
@@ -190,7 +200,7 @@ def apply(name: str, objects: list[KubeObject], out: Out, timeout: float) -> Non
     wait_running(state, old.supervisor_pid, [p.key for p in added], out, timeout)
 
 
-def _apply_record(state: StateDir, old: LabRecord, record: LabRecord, added: list[spec.PodSpec]) -> None:
+def _apply_record(state: StateDir, old: LabRecord, record: LabRecord, added: list[spec.PodSpec], out: Out) -> None:
     made: list[spec.PodSpec] = []
     try:
         for pod in added:
@@ -200,7 +210,7 @@ def _apply_record(state: StateDir, old: LabRecord, record: LabRecord, added: lis
     except BaseException:
         for pod in made:
             _remove_pod(record, pod)
-        _publish(state, old, state.load_runtime())
+        _secondary(out, _publish, state, old, state.load_runtime())
         raise
 
 

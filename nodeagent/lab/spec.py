@@ -295,7 +295,7 @@ def default_nodes() -> list[KubeObject]:
             for n in DEFAULT_NODES]
 
 
-def _check_unique(objects: Iterable[KubeObject]) -> None:
+def check_unique(objects: Iterable[KubeObject]) -> None:
     seen: dict = {}
     for obj in objects:
         if obj.key in seen:
@@ -308,7 +308,7 @@ def load(objects: list[KubeObject]) -> DesiredState:
     """Validate every object and expand Deployments; raises the first ConfigError."""
     for obj in objects:
         _check_kind(obj)
-    _check_unique(objects)
+    check_unique(objects)
     nodes = [o for o in objects if o.kind == "Node" and o.group == ""]
     if not nodes:
         nodes = default_nodes()

@@ -66,20 +66,20 @@ class Supervisor:
     clock: object = time.monotonic
     units: dict[str, Unit] = field(default_factory=dict)  # "pod:ns/name/container" | "agent:node"
     record: LabRecord | None = None
-    stamp: tuple = ()
-    published: tuple = (None, None)  # (runtime json, running set) last published
+    stamp: tuple | None = None  # lab.json (inode, mtime) of `record`
+    published: tuple = ()  # (pods, agents, stamp) last written
+    synced: tuple = ()  # (Running pods, stamp) the service rules were last made for
     stopping: bool = False
 
     # --- desired units -----------------------------------------------------------
     def reload(self) -> bool:
         """Re-read lab.json if it changed; False when the lab is gone."""
-        try:
-            st = os.stat(self.state.layout.lab_json)
-        except FileNotFoundError:
+        stamp = self._stamp()
+        if stamp is None:
             return False
-        if (st.st_ino, st.st_mtime_ns) == self.stamp:
+        if stamp == self.stamp:
             return True
-        self.record, self.stamp = self.state.load(), (st.st_ino, st.st_mtime_ns)
+        self.record, self.stamp = self.state.load(), stamp
         wanted = self._wanted(self.record)
         for key in set(self.units) - wanted.keys():
             self.log.info("%s is no longer in the lab; stopping it", key)
@@ -163,16 +163,28 @@ class Supervisor:
         return rt
 
     def publish(self) -> None:
+        """Write what runs; re-sync the service rules when the Running pods or the lab changed."""
         rt = self.runtime()
-        now = (rt.pods, rt.agents)
-        if now == self.published[0]:
+        published = (rt.pods, rt.agents, self.stamp)
+        if published == self.published:
             return
         with self.state.lock():
+            if self._stamp() != self.stamp:
+                return  # `apply` changed the lab meanwhile: publish after the next reload
             self.state.save_runtime(rt)
             self.state.export_cluster(self.record, rt)
-            if rt.running() != self.published[1]:
-                services.sync(self.record.layout, self.record.desired, self.record.alloc, rt.running())
-        self.published = (now, rt.running())
+            synced = (rt.running(), self.stamp)
+            if synced != self.synced:
+                services.sync(self.state.layout, self.record.desired, self.record.alloc, rt.running())
+                self.synced = synced
+        self.published = published
+
+    def _stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.state.layout.lab_json)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
 
     # --- main loop ---------------------------------------------------------------
     def run(self) -> int:

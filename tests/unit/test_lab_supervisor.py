@@ -8,12 +8,13 @@ import json
 import os
 import sys
 import textwrap
+import time
 
 import pytest
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import parse_documents
-from nodeagent.lab import ipam, lifecycle, spec
+from nodeagent.lab import ipam, lifecycle, services, spec
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord, StateDir
 from nodeagent.lab.supervisor import BACKOFF_MAX, Supervisor, Unit, is_supervisor, pod_phase, pod_reason
@@ -151,6 +152,13 @@ def test_merge_replaces_by_key_and_appends_new_objects():
         ("Namespace", "extra", {})]
 
 
+def test_merge_refuses_an_object_twice_in_the_applied_file():
+    twice = objects("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n"
+                    "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {a: b}}\n")
+    with pytest.raises(ConfigError, match=r"lab.yaml#2 \(Namespace shop\): defined twice \(also at lab.yaml#1\)"):
+        lifecycle.merge(objects(), twice)
+
+
 def test_apply_may_relabel_a_pod_but_not_change_or_remove_it():
     old = make_record()
     relabelled = spec.load(objects(LAB.replace("tier: front", "tier: back")))
@@ -160,3 +168,22 @@ def test_apply_may_relabel_a_pod_but_not_change_or_remove_it():
         lifecycle._check_changes(old, changed)
     with pytest.raises(ConfigError, match=r"removing a pod from a running lab is not supported"):
         lifecycle._check_changes(old, spec.load([]))
+
+
+def test_publish_waits_for_a_reload_when_apply_changed_the_lab(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(services, "sync", lambda layout, desired, alloc, running: synced.append(sorted(running)))
+    sup = supervisor(tmp_path, agents=False)
+    runtime_json = sup.state.layout.runtime_json
+    sup.publish()
+    assert os.path.exists(runtime_json) and synced == [[]]
+    os.unlink(runtime_json)
+    time.sleep(0.01)
+    sup.state.save(make_record(agents=False))  # what `apply` does under the lock
+    sup.publish()  # with the old record: must not overwrite the newer state
+    assert not os.path.exists(runtime_json) and synced == [[]]
+    assert sup.reload() is True
+    sup.publish()  # same pods, but a new lab.json: the service rules are made again
+    assert os.path.exists(runtime_json) and synced == [[], []]
+    sup.publish()
+    assert synced == [[], []]
