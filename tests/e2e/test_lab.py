@@ -274,6 +274,14 @@ def test_apply_adds_pods_and_services_and_changes_labels(lab_factory):
     assert "10.96.0.10\tb b.app b.app.svc b.app.svc.cluster.local\n" in open(hosts).read()
     assert fetch(lab, "app/a", "http://b/")["pod"] == "b"
     assert lab.apply(CHANGES).stdout.splitlines()[:2] == ["Namespace app unchanged", "Pod app/a unchanged"]
+    # A new service for pods that already run: no pod changes, yet every node gets its rule.
+    lab.apply("apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: app}\n"
+              "spec: {selector: {app: a}, ports: [{port: 80}]}\n")
+    assert [s["ports"][0]["endpoints"] for s in lab.status()["services"]] == [["10.244.1.2:80"], ["10.244.2.2:8080"]]
+    for node in ("node1", "node2"):
+        rules = subprocess.run(["ip", "netns", "exec", f"{lab.name}-n-{node}", "nft", "list", "chain", "ip",
+                                "nodeagent-lab", "services"], capture_output=True, text=True, check=True).stdout
+        assert "ip daddr 10.96.0.11 tcp dport 80 goto svc-app/a/tcp/80" in rules
 
 
 def test_apply_refuses_changes_a_running_pod_cannot_take(lab_factory):
