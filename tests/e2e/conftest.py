@@ -163,3 +163,13 @@ def module_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         yield labs(request.module.LAB_YAML)
     finally:
         labs.close()
+
+
+@pytest.fixture(scope="module")
+def lab_factory_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Labs]:
+    """Like lab_factory, for labs shared by a whole module (e.g. with agents)."""
+    labs = Labs(tmp_path_factory.mktemp("labs"))
+    try:
+        yield labs
+    finally:
+        labs.close()
