@@ -1,0 +1,97 @@
+"""The security policies in force, and the questions the data path asks of them.
+
+`PolicySet.build(model, previous)` validates every AuthorizationPolicy,
+PeerAuthentication and RequestAuthentication of a Model one by one: an invalid resource
+is reported as a ConfigError and, if `previous` held a good version of it, that version
+stays in force (a bad edit never opens or closes traffic by itself); a new invalid one
+is ignored. A PolicySet is immutable: a change builds a new one. Root namespace (mesh-
+wide policies) is `istio-system` unless the caller's configuration says otherwise.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+from nodeagent.errors import ConfigError
+from nodeagent.model import Model, Pod
+from nodeagent.policy import authz, peerauth
+from nodeagent.policy.authz import Connection, Decision
+from nodeagent.policy.schema import resource_name
+from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
+from nodeagent.policy.validate import (AUTHORIZATION_POLICY, KINDS, PEER_AUTHENTICATION,
+                                       REQUEST_AUTHENTICATION, Policy, validate)
+
+Key = tuple[str, str, str]  # (kind, namespace, name)
+
+
+class PolicySet:
+    def __init__(self, entries: Mapping[Key, Policy], root_namespace: str = DEFAULT_ROOT_NAMESPACE):
+        self.root_namespace = root_namespace
+        self._entries = MappingProxyType(dict(sorted(entries.items())))
+        by_namespace: dict[tuple[str, str], list[Policy]] = {}
+        for (kind, namespace, _), policy in self._entries.items():
+            by_namespace.setdefault((kind, namespace), []).append(policy)
+        self._by_namespace = MappingProxyType({k: tuple(v) for k, v in by_namespace.items()})
+
+    @classmethod
+    def build(cls, model: Model, previous: PolicySet | None = None,
+              root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> tuple[PolicySet, list[ConfigError]]:
+        entries: dict[Key, Policy] = {}
+        errors: list[ConfigError] = []
+        seen: set[Key] = set()
+        for kind in KINDS:
+            for obj in model.resources.get(kind, ()):
+                key = (kind, obj.namespace, obj.name)
+                if key in seen:
+                    errors.append(ConfigError(resource_name(obj), "defined twice; the first one is used",
+                                              "remove or rename one of them"))
+                    continue
+                seen.add(key)
+                try:
+                    entries[key] = validate(obj)
+                except ConfigError as err:
+                    kept = previous.get(*key) if previous is not None else None
+                    errors.append(_with_fate(err, kept is not None))
+                    if kept is not None:
+                        entries[key] = kept
+        return cls(entries, root_namespace), errors
+
+    def get(self, kind: str, namespace: str, name: str) -> Policy | None:
+        return self._entries.get((kind, namespace, name))
+
+    def keys(self) -> list[Key]:
+        return list(self._entries)
+
+    # --- what the data path asks ------------------------------------------------
+    def authorize(self, conn: Connection) -> Decision:
+        """AuthorizationPolicy decision for a connection to `conn.destination`."""
+        return authz.authorize(self._around(AUTHORIZATION_POLICY, conn.destination),
+                               self.root_namespace, conn)
+
+    def mtls_mode(self, pod: Pod, port: int) -> str:
+        """"STRICT", "PERMISSIVE" or "DISABLE" for connections to `pod` on its port `port`."""
+        return peerauth.mtls_mode(self._around(PEER_AUTHENTICATION, pod), self.root_namespace, pod, port)
+
+    def workload_has_l7_policy(self, pod: Pod) -> bool:
+        """True when `pod`'s traffic needs a waypoint for policy: an enforced ALLOW/DENY
+        policy applying to it has fields only HTTP can evaluate, or a
+        RequestAuthentication selects it."""
+        root = self.root_namespace
+        if any(p.enforced and p.has_l7 and p.scope.selects(pod, root)
+               for p in self._around(AUTHORIZATION_POLICY, pod)):
+            return True
+        return any(r.scope.selects(pod, root) for r in self._around(REQUEST_AUTHENTICATION, pod))
+
+    def _around(self, kind: str, pod: Pod) -> list:
+        """Resources of `kind` that may apply to `pod`: its namespace's and the root's."""
+        namespaces = dict.fromkeys((self.root_namespace, pod.namespace))
+        return [p for ns in namespaces for p in self._by_namespace.get((kind, ns), ())]
+
+
+def _with_fate(err: ConfigError, kept: bool) -> ConfigError:
+    """`err` with what became of the resource added to its hint."""
+    fate = "its previous version stays in force" if kept else "it is ignored"
+    message = err.message.removeprefix(f"{err.where}: ")
+    return ConfigError(err.where, message, f"{err.hint}; {fate}" if err.hint else fate)
+
