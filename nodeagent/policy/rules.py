@@ -133,7 +133,7 @@ def _key_kind(key: str, field: Field) -> str | None:
     if key in L7_KEYS or key.startswith("experimental.envoy.filters."):
         return None
     for family in L7_KEY_FAMILIES:
-        if key.startswith(family):
+        if key.startswith(family) or key == family[:-1]:
             if not key.endswith("]") or len(key) == len(family) + 1:
                 raise field.error(f"{key!r} must name what it reads in brackets",
                                   f"for example {family}x-user]")

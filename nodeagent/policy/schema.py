@@ -73,8 +73,7 @@ class Field:
         if self.value is None:
             return default
         if not isinstance(self.value, str):
-            raise self.error(f"must be a string, not {describe(self.value)}",
-                             f'quote it: "{self.value}"' if _scalar(self.value) else None)
+            raise self.error(f"must be a string, not {describe(self.value)}", _quote_hint(self.value))
         return self.value
 
     def string_items(self) -> list[tuple["Field", str]]:
@@ -109,8 +108,10 @@ class Field:
         return string_map(self.value, f"{self.where} {self.path}", "labels")
 
 
-def _scalar(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _quote_hint(value: Any) -> str | None:
+    if isinstance(value, bool):  # YAML 1.1 reads unquoted yes/no/on/off as booleans
+        return "quote it: YAML reads unquoted yes, no, on, off, true, false as booleans"
+    return f'quote it: "{value}"' if isinstance(value, (int, float)) else None
 
 
 def _suggest(key: str, known: Sequence[str]) -> str:
