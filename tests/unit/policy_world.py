@@ -5,65 +5,47 @@ PolicySet from Istio YAML and to describe a connection. Names follow Istio's doc
 from __future__ import annotations
 
 from nodeagent.errors import ConfigError
-from nodeagent.kube.objects import parse_documents
+from nodeagent.kube.objects import dump_documents, parse_documents
 from nodeagent.model import Model, Pod
 from nodeagent.policy import Connection, PolicySet
 
 TRUST_DOMAIN = "cluster.local"
 
-WORLD = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: istio-system}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: foo, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: bar, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: httpbin, namespace: foo, labels: {app: httpbin, version: v1}}
-spec: {serviceAccountName: httpbin, nodeName: node1}
-status: {podIP: 10.244.1.10, phase: Running}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: tcp-echo, namespace: foo, labels: {app: tcp-echo, version: v1}}
-spec: {serviceAccountName: tcp-echo, nodeName: node1}
-status: {podIP: 10.244.1.11, phase: Running}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: httpbin, namespace: bar, labels: {app: httpbin, version: v2}}
-spec: {serviceAccountName: httpbin, nodeName: node2}
-status: {podIP: 10.244.2.10, phase: Running}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: finance, namespace: bar, labels: {app: finance}}
-spec: {serviceAccountName: finance, nodeName: node2}
-status: {podIP: 10.244.2.11, phase: Running}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: sleep, namespace: default, labels: {app: sleep}}
-spec: {serviceAccountName: sleep, nodeName: node1}
-status: {podIP: 10.244.1.20, phase: Running}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: istiod, namespace: istio-system, labels: {app: istiod}}
-spec: {serviceAccountName: istiod, nodeName: node1}
-status: {podIP: 10.244.1.2, phase: Running}
-"""
+NAMESPACES = {"istio-system": {}, "foo": {"istio.io/dataplane-mode": "ambient"},
+              "bar": {"istio.io/dataplane-mode": "ambient"}}
+# (namespace, name, labels, service account, node, IP)
+PODS = [
+    ("foo", "httpbin", {"app": "httpbin", "version": "v1"}, "httpbin", "node1", "10.244.1.10"),
+    ("foo", "tcp-echo", {"app": "tcp-echo", "version": "v1"}, "tcp-echo", "node1", "10.244.1.11"),
+    ("bar", "httpbin", {"app": "httpbin", "version": "v2"}, "httpbin", "node2", "10.244.2.10"),
+    ("bar", "finance", {"app": "finance"}, "finance", "node2", "10.244.2.11"),
+    ("default", "sleep", {"app": "sleep"}, "sleep", "node1", "10.244.1.20"),
+    ("istio-system", "istiod", {"app": "istiod"}, "istiod", "node1", "10.244.1.2"),
+]
+
+
+def _world() -> str:
+    docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n, "labels": labels}}
+            for n, labels in NAMESPACES.items()]
+    docs += [{"apiVersion": "v1", "kind": "Pod",
+              "metadata": {"name": name, "namespace": ns, "labels": labels},
+              "spec": {"serviceAccountName": sa, "nodeName": node},
+              "status": {"podIP": ip, "phase": "Running"}}
+             for ns, name, labels, sa, node, ip in PODS]
+    return dump_documents(docs)
+
+
+def document(kind: str, namespace: str, name: str, spec: str,
+             api_version: str = "security.istio.io/v1", metadata: str = "") -> str:
+    """A security.istio.io document; `spec` is YAML (indented here), `metadata` more
+    flow-map entries such as `, annotations: {...}`."""
+    body = "\n".join("  " + line for line in spec.strip("\n").splitlines())
+    return (f"apiVersion: {api_version}\nkind: {kind}\n"
+            f"metadata: {{name: {name}, namespace: {namespace}{metadata}}}\nspec:\n{body}\n---\n")
 
 
 def model(policies_yaml: str = "") -> Model:
-    return Model.build(parse_documents(WORLD + "\n---\n" + policies_yaml, "policies.yaml"))
+    return Model.build(parse_documents(_world() + "---\n" + policies_yaml, "policies.yaml"))
 
 
 def build(policies_yaml: str, previous: PolicySet | None = None,

@@ -7,59 +7,32 @@ from __future__ import annotations
 import pytest
 
 from nodeagent.policy import Connection, Decision
-from policy_world import connection, pod, spiffe, valid
-
-ALLOW_NOTHING = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-nothing, namespace: foo}
-spec: {}
-"""
-DENY_ALL = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-all, namespace: foo}
-spec:
-  action: DENY
-  rules:
-  - {}
-"""
-ALLOW_ALL = """
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata: {name: allow-all, namespace: foo}
-spec:
-  rules:
-  - {}
-"""
+from policy_world import connection, document, pod, spiffe, valid
 
 
-def allow(name: str, namespace: str, rules: str, extra: str = "", action: str = "ALLOW") -> str:
-    """An AuthorizationPolicy document; `rules` is the YAML under `rules:`."""
-    return f"""
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  action: {action}
-{extra}  rules:
-{rules}
-"""
+def policy(name: str, spec: str, namespace: str = "foo", metadata: str = "") -> str:
+    return document("AuthorizationPolicy", namespace, name, spec, metadata=metadata)
 
 
-def deny(name: str, namespace: str, rules: str, extra: str = "") -> str:
-    return allow(name, namespace, rules, extra, action="DENY")
+def from_source(name: str, source: str, action: str = "ALLOW") -> str:
+    """A foo policy of one rule with one source, e.g. `{namespaces: [dev]}`."""
+    return policy(name, f"action: {action}\nrules:\n- from:\n  - source: {source}")
 
 
-def allowed_by(policy: str, rule: int = 0) -> Decision:
-    return Decision(True, policy, rule, f"allowed by ALLOW policy {policy} rule {rule}")
+def with_when(name: str, conditions: str, action: str = "ALLOW") -> str:
+    """A foo policy of one rule made of `when` conditions (a YAML list)."""
+    return policy(name, f"action: {action}\nrules:\n- when: {conditions}")
 
 
-def denied_by(policy: str, rule: int = 0, ignoring: str = "") -> Decision:
-    reason = f"denied by DENY policy {policy} rule {rule}"
+def allowed_by(key: str, rule: int = 0) -> Decision:
+    return Decision(True, key, rule, f"allowed by ALLOW policy {key} rule {rule}")
+
+
+def denied_by(key: str, rule: int = 0, ignoring: str = "") -> Decision:
+    reason = f"denied by DENY policy {key} rule {rule}"
     if ignoring:
         reason += f" (ignoring {ignoring}, which L4 cannot see)"
-    return Decision(False, policy, rule, reason)
+    return Decision(False, key, rule, reason)
 
 
 def no_allow_match(count: int = 1) -> Decision:
@@ -68,177 +41,108 @@ def no_allow_match(count: int = 1) -> Decision:
 
 OPEN = Decision(True, None, None, "no ALLOW policy applies")
 
-BY_PRINCIPAL = allow("httpbin", "foo", """
-  - from:
-    - source:
-        principals: ["cluster.local/ns/default/sa/sleep"]
-    - source:
-        namespaces: ["test"]
+ALLOW_NOTHING = policy("allow-nothing", "{}")
+DENY_ALL = policy("deny-all", "action: DENY\nrules:\n- {}")
+ALLOW_ALL = policy("allow-all", "rules:\n- {}")
+BY_PRINCIPAL = policy("httpbin", """
+action: ALLOW
+rules:
+- from:
+  - source:
+      principals: ["cluster.local/ns/default/sa/sleep"]
+  - source:
+      namespaces: ["test"]
 """)
-BY_NAMESPACE = allow("ns-only", "foo", """
-  - from:
-    - source: {namespaces: ["default"]}
+BY_NAMESPACE = from_source("ns-only", '{namespaces: ["default"]}')
+BY_IP = from_source("by-ip", '{ipBlocks: ["10.244.1.0/24"]}')
+TCP_PORTS = policy("tcp-policy", """
+selector: {matchLabels: {app: tcp-echo}}
+action: ALLOW
+rules:
+- to:
+  - operation: {ports: ["9000", "9001"]}
 """)
-BY_IP = allow("by-ip", "foo", """
-  - from:
-    - source: {ipBlocks: ["10.244.1.0/24"]}
+DENY_PLAINTEXT = from_source("require-mtls", '{notPrincipals: ["*"]}', "DENY")
+DENY_NOT_SLEEP = from_source("only-sleep", '{notPrincipals: ["cluster.local/ns/default/sa/sleep"]}', "DENY")
+WHEN_SOURCE_IP = with_when("when-ip", '[{key: source.ip, values: ["10.244.1.20"]}]')
+WHEN_NOT_VALUES = with_when("when-not", '[{key: source.namespace, notValues: [dev]}, '
+                                        '{key: destination.port, values: ["80", "8000"]}]')
+ROOT_ALLOW_NOTHING = policy("allow-nothing", "{}", namespace="istio-system")
+ROOT_SELECTOR_V1 = policy("allow-nothing-v1", "selector: {matchLabels: {version: v1}}", namespace="istio-system")
+BAR_SELECTOR = policy("allow-nothing", "selector: {matchLabels: {app: httpbin}}", namespace="bar")
+ALLOW_GET = policy("get-only", """
+rules:
+- to:
+  - operation: {methods: ["GET"], ports: ["8000"]}
+- from:
+  - source: {principals: ["cluster.local/ns/default/sa/sleep"]}
 """)
-TCP_PORTS = allow("tcp-policy", "foo", """
-  - to:
-    - operation: {ports: ["9000", "9001"]}
-""", extra="  selector: {matchLabels: {app: tcp-echo}}\n")
-DENY_PLAINTEXT = deny("require-mtls", "foo", """
-  - from:
-    - source: {notPrincipals: ["*"]}
+ALLOW_JWT_ONLY = from_source("jwt", '{requestPrincipals: ["*"]}')
+ALLOW_CLAIM = policy("claim", """
+rules:
+- from:
+  - source: {namespaces: ["default"]}
+  when:
+  - key: request.auth.claims[iss]
+    values: ["https://accounts.google.com"]
 """)
-DENY_NOT_SLEEP = deny("only-sleep", "foo", """
-  - from:
-    - source: {notPrincipals: ["cluster.local/ns/default/sa/sleep"]}
+ALLOW_SNI = with_when("sni", '[{key: connection.sni, values: ["www.example.com"]}]')
+DENY_POST_8080 = policy("httpbin", """
+action: DENY
+rules:
+- to:
+  - operation: {methods: ["POST"], ports: ["8080"]}
 """)
-WHEN_SOURCE_IP = allow("when-ip", "foo", """
-  - when:
-    - key: source.ip
-      values: ["10.244.1.20"]
+DENY_DEV_POST = policy("httpbin-dev", """
+action: DENY
+rules:
+- from:
+  - source: {namespaces: ["dev"]}
+  to:
+  - operation: {methods: ["POST"]}
 """)
-WHEN_NOT_VALUES = allow("when-not", "foo", """
-  - when:
-    - key: source.namespace
-      notValues: ["dev"]
-    - key: destination.port
-      values: ["80", "8000"]
+DENY_NO_JWT = from_source("deny-no-jwt", '{notRequestPrincipals: ["*"]}', "DENY")
+DENY_HEADER = policy("header", """
+action: DENY
+rules:
+- to:
+  - operation: {ports: ["9000"]}
+  when:
+  - key: request.headers[x-token]
+    values: ["admin"]
 """)
-ROOT_ALLOW_NOTHING = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-nothing, namespace: istio-system}
-spec: {}
-"""
-ROOT_SELECTOR_V1 = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-nothing-v1, namespace: istio-system}
-spec:
-  selector: {matchLabels: {version: v1}}
-"""
-BAR_SELECTOR = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-nothing, namespace: bar}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-"""
-ALLOW_GET = allow("get-only", "foo", """
-  - to:
-    - operation: {methods: ["GET"], ports: ["8000"]}
-  - from:
-    - source: {principals: ["cluster.local/ns/default/sa/sleep"]}
+AUDIT_ALL = policy("audit", "action: AUDIT\nrules:\n- {}")
+DRY_RUN_DENY = policy("dry-run-example", "action: DENY\nrules:\n- {}",
+                      metadata=', annotations: {istio.io/dry-run: "true"}')
+TARGET_REF_DENY = policy("target-ref-example", """
+targetRefs:
+- {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}
+action: DENY
+rules:
+- {}
 """)
-ALLOW_JWT_ONLY = allow("jwt", "foo", """
-  - from:
-    - source: {requestPrincipals: ["*"]}
+WILDCARDS = policy("wildcards", """
+rules:
+- from:
+  - source: {principals: ["cluster.local/ns/default/*"]}
+- from:
+  - source: {principals: ["*/sa/reviews"]}
+- from:
+  - source: {namespaces: ["prod-*"]}
 """)
-ALLOW_CLAIM = allow("claim", "foo", """
-  - from:
-    - source: {namespaces: ["default"]}
-    when:
-    - key: request.auth.claims[iss]
-      values: ["https://accounts.google.com"]
-""")
-ALLOW_SNI = allow("sni", "foo", """
-  - when:
-    - key: connection.sni
-      values: ["www.example.com"]
-""")
-DENY_POST_8080 = deny("httpbin", "foo", """
-  - to:
-    - operation: {methods: ["POST"], ports: ["8080"]}
-""")
-DENY_DEV_POST = deny("httpbin-dev", "foo", """
-  - from:
-    - source: {namespaces: ["dev"]}
-    to:
-    - operation: {methods: ["POST"]}
-""")
-DENY_NO_JWT = deny("deny-no-jwt", "foo", """
-  - from:
-    - source: {notRequestPrincipals: ["*"]}
-""")
-DENY_HEADER = deny("header", "foo", """
-  - to:
-    - operation: {ports: ["9000"]}
-    when:
-    - key: request.headers[x-token]
-      values: ["admin"]
-""")
-AUDIT_ALL = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: audit, namespace: foo}
-spec:
-  action: AUDIT
-  rules:
-  - {}
-"""
-DRY_RUN_DENY = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: dry-run-example, namespace: foo, annotations: {istio.io/dry-run: "true"}}
-spec:
-  action: DENY
-  rules:
-  - {}
-"""
-TARGET_REF_DENY = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: target-ref-example, namespace: foo}
-spec:
-  targetRefs:
-  - {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}
-  action: DENY
-  rules:
-  - {}
-"""
-WILDCARDS = allow("wildcards", "foo", """
-  - from:
-    - source: {principals: ["cluster.local/ns/default/*"]}
-  - from:
-    - source: {principals: ["*/sa/reviews"]}
-  - from:
-    - source: {namespaces: ["prod-*"]}
-""")
-ANY_PRINCIPAL = allow("any-identity", "foo", """
-  - from:
-    - source: {principals: ["*"]}
-""")
-SERVICE_ACCOUNTS = allow("by-sa", "foo", """
-  - from:
-    - source: {serviceAccounts: ["default/sleep", "httpbin"]}
-""")
-NOT_IP = deny("block-subnet", "foo", """
-  - from:
-    - source: {notIpBlocks: ["10.244.0.0/16"]}
-""")
-REMOTE_IP = allow("remote", "foo", """
-  - from:
-    - source: {remoteIpBlocks: ["10.244.1.20"]}
-""")
-DEST_IP = allow("dest-ip", "foo", """
-  - when:
-    - key: destination.ip
-      values: ["10.244.1.11/32"]
-""")
-SOURCE_AND = allow("fields-and", "foo", """
-  - from:
-    - source:
-        principals: ["cluster.local/ns/default/sa/sleep"]
-        ipBlocks: ["10.244.2.0/24"]
-""")
-RULE_AND = allow("sections-and", "foo", """
-  - from:
-    - source: {namespaces: ["default"]}
-    to:
-    - operation: {ports: ["8000"]}
+ANY_PRINCIPAL = from_source("any-identity", '{principals: ["*"]}')
+SERVICE_ACCOUNTS = from_source("by-sa", '{serviceAccounts: ["default/sleep", "httpbin"]}')
+NOT_IP = from_source("block-subnet", '{notIpBlocks: ["10.244.0.0/16"]}', "DENY")
+REMOTE_IP = from_source("remote", '{remoteIpBlocks: ["10.244.1.20"]}')
+DEST_IP = with_when("dest-ip", '[{key: destination.ip, values: ["10.244.1.11/32"]}]')
+SOURCE_AND = from_source("fields-and", '{principals: ["cluster.local/ns/default/sa/sleep"], '
+                                       'ipBlocks: ["10.244.2.0/24"]}')
+RULE_AND = policy("sections-and", """
+rules:
+- from:
+  - source: {namespaces: ["default"]}
+  to:
+  - operation: {ports: ["8000"]}
 """)
 
 CASES = [
@@ -248,7 +152,7 @@ CASES = [
     ("allow-nothing-other-namespace", ALLOW_NOTHING, connection("bar/httpbin", 8000), OPEN),
     ("deny-all", DENY_ALL, connection("foo/httpbin", 8000), denied_by("foo/deny-all")),
     ("allow-all", ALLOW_ALL, connection("foo/httpbin", 8000, source=None), allowed_by("foo/allow-all")),
-    ("deny-beats-allow", ALLOW_ALL + "---" + DENY_ALL, connection("foo/httpbin", 8000),
+    ("deny-beats-allow", ALLOW_ALL + DENY_ALL, connection("foo/httpbin", 8000),
      denied_by("foo/deny-all")),
     ("principal", BY_PRINCIPAL, connection("foo/httpbin", 8000), allowed_by("foo/httpbin")),
     ("principal-other-sa", BY_PRINCIPAL, connection("foo/httpbin", 8000, source="default/other"),
@@ -283,16 +187,16 @@ CASES = [
     ("when-and", WHEN_NOT_VALUES, connection("foo/httpbin", 9000), no_allow_match()),
     ("mesh-wide", ROOT_ALLOW_NOTHING, connection("bar/httpbin", 80), no_allow_match()),
     ("mesh-wide-root-pods", ROOT_ALLOW_NOTHING, connection("istio-system/istiod", 15012), no_allow_match()),
-    ("mesh-wide-plus-namespace", ROOT_ALLOW_NOTHING + "---" + BY_NAMESPACE, connection("foo/httpbin", 80),
+    ("mesh-wide-plus-namespace", ROOT_ALLOW_NOTHING + BY_NAMESPACE, connection("foo/httpbin", 80),
      allowed_by("foo/ns-only")),
-    ("mesh-wide-plus-namespace-miss", ROOT_ALLOW_NOTHING + "---" + BY_NAMESPACE,
+    ("mesh-wide-plus-namespace-miss", ROOT_ALLOW_NOTHING + BY_NAMESPACE,
      connection("foo/httpbin", 80, source="dev/x"), no_allow_match(2)),
     ("root-selector-match", ROOT_SELECTOR_V1, connection("foo/httpbin", 80), no_allow_match()),
     ("root-selector-miss", ROOT_SELECTOR_V1, connection("bar/httpbin", 80), OPEN),
     ("workload-selector", BAR_SELECTOR, connection("bar/httpbin", 80), no_allow_match()),
     ("workload-selector-other-pod", BAR_SELECTOR, connection("bar/finance", 80), OPEN),
     ("workload-selector-same-labels-other-ns", BAR_SELECTOR, connection("foo/httpbin", 80), OPEN),
-    ("second-allow-policy-matches", BY_PRINCIPAL + "---" + BY_IP,
+    ("second-allow-policy-matches", BY_PRINCIPAL + BY_IP,
      connection("foo/httpbin", 80, source=None), allowed_by("foo/by-ip")),
     ("http-allow-rule-matches-nothing", ALLOW_GET, connection("foo/httpbin", 8000, source="dev/x"),
      no_allow_match()),
@@ -365,6 +269,12 @@ def test_plaintext_namespace_field_is_ignored():
     assert valid(BY_NAMESPACE).authorize(conn) == no_allow_match()
 
 
+JWT_HTTPBIN = document("RequestAuthentication", "foo", "jwt", """
+selector: {matchLabels: {app: httpbin}}
+jwtRules:
+- issuer: issuer-foo
+  jwksUri: https://example.com/.well-known/jwks.json
+""")
 L7_CASES = [
     ("l4-only", BY_PRINCIPAL, "foo/httpbin", False),
     ("allow-http", ALLOW_GET, "foo/httpbin", True),
@@ -372,30 +282,11 @@ L7_CASES = [
     ("deny-http-other-namespace", DENY_POST_8080, "bar/httpbin", False),
     ("audit-http", AUDIT_ALL.replace("- {}", "- to: [{operation: {methods: [GET]}}]"), "foo/httpbin", False),
     ("dry-run-http", DRY_RUN_DENY.replace("- {}", "- to: [{operation: {paths: [/x]}}]"), "foo/httpbin", False),
-    ("request-authentication", """
-apiVersion: security.istio.io/v1
-kind: RequestAuthentication
-metadata: {name: jwt, namespace: foo}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-  jwtRules:
-  - issuer: issuer-foo
-    jwksUri: https://example.com/.well-known/jwks.json
-""", "foo/httpbin", True),
-    ("request-authentication-other-pod", """
-apiVersion: security.istio.io/v1
-kind: RequestAuthentication
-metadata: {name: jwt, namespace: foo}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-""", "foo/tcp-echo", False),
-    ("request-authentication-mesh-wide", """
-apiVersion: security.istio.io/v1beta1
-kind: RequestAuthentication
-metadata: {name: jwt, namespace: istio-system}
-spec:
-  jwtRules: [{issuer: issuer-foo}]
-""", "bar/finance", True),
+    ("request-authentication", JWT_HTTPBIN, "foo/httpbin", True),
+    ("request-authentication-other-pod", JWT_HTTPBIN, "foo/tcp-echo", False),
+    ("request-authentication-mesh-wide",
+     document("RequestAuthentication", "istio-system", "jwt", "jwtRules: [{issuer: issuer-foo}]",
+              api_version="security.istio.io/v1beta1"), "bar/finance", True),
 ]
 
 

@@ -6,25 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from policy_world import pod, valid
+from policy_world import document, pod, valid
 
 
 def pa(name: str, namespace: str, mode: str | None = None, selector: dict | None = None,
        ports: dict | None = None, created: str | None = None) -> str:
     """A PeerAuthentication document."""
-    meta = f"{{name: {name}, namespace: {namespace}"
-    meta += f", creationTimestamp: '{created}'}}" if created else "}"
-    lines = ["apiVersion: security.istio.io/v1", "kind: PeerAuthentication", f"metadata: {meta}", "spec:"]
-    if selector:
-        lines.append(f"  selector: {{matchLabels: {selector}}}")
-    if mode:
-        lines.append(f"  mtls: {{mode: {mode}}}")
-    if ports:
-        lines.append("  portLevelMtls:")
-        lines += [f"    {port}: {{mode: {m}}}" for port, m in ports.items()]
-    if len(lines) == 4:
-        lines[-1] = "spec: {}"
-    return "\n".join(lines) + "\n---\n"
+    spec = [f"selector: {{matchLabels: {selector}}}"] if selector else []
+    spec += [f"mtls: {{mode: {mode}}}"] if mode else []
+    spec += ["portLevelMtls: {" + ", ".join(f"{p}: {{mode: {m}}}" for p, m in ports.items()) + "}"] if ports else []
+    meta = f", creationTimestamp: '{created}'" if created else ""
+    return document("PeerAuthentication", namespace, name, "\n".join(spec) or "{}", metadata=meta)
 
 
 MESH_STRICT = pa("default", "istio-system", "STRICT")

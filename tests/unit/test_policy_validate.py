@@ -7,19 +7,12 @@ from __future__ import annotations
 import pytest
 
 from nodeagent.policy import Decision
-from policy_world import build, connection, valid
+from policy_world import build, connection, document, valid
 
 
 def resource(kind: str, spec: str, api_version: str = "security.istio.io/v1", meta: str = "") -> str:
-    """A `kind` foo/bad document whose spec is the YAML `spec` (indented by two)."""
-    body = "\n".join("  " + line for line in spec.strip("\n").splitlines())
-    return f"""
-apiVersion: {api_version}
-kind: {kind}
-metadata: {{name: bad, namespace: foo{meta}}}
-spec:
-{body}
-"""
+    """A `kind` foo/bad document whose spec is the YAML `spec`."""
+    return document(kind, "foo", "bad", spec, api_version, meta)
 
 
 AP, PA, RA = "AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication"
@@ -252,16 +245,12 @@ def test_documented_examples_are_accepted(kind: str, api_version: str, spec: str
 
 
 # --- last good configuration ----------------------------------------------------------
-DENY_SLEEP = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-sleep, namespace: foo}
-spec:
-  action: DENY
-  rules:
-  - from:
-    - source: {principals: [%s]}
-"""
+DENY_SLEEP = document(AP, "foo", "deny-sleep", """
+action: DENY
+rules:
+- from:
+  - source: {principals: [%s]}
+""")
 GOOD_DENY = DENY_SLEEP % '"cluster.local/ns/default/sa/sleep"'
 BROKEN_DENY = DENY_SLEEP % "42"
 DENIED = Decision(False, "foo/deny-sleep", 0, "denied by DENY policy foo/deny-sleep rule 0")
@@ -300,7 +289,7 @@ def test_deleted_resource_is_not_kept():
 
 
 def test_each_invalid_resource_is_refused_on_its_own_and_the_rest_apply():
-    yaml = "---".join([
+    yaml = "".join([
         GOOD_DENY,
         resource(PA, "mtls: {mode: STRICT}").replace("name: bad", "name: strict"),
         resource(AP, "action: deny"),
@@ -315,6 +304,6 @@ def test_each_invalid_resource_is_refused_on_its_own_and_the_rest_apply():
 
 
 def test_a_resource_defined_twice_is_reported_and_the_first_kept():
-    policies, [err] = build(GOOD_DENY + "---" + BROKEN_DENY)
+    policies, [err] = build(GOOD_DENY + BROKEN_DENY)
     assert "defined twice; the first one is used" in str(err)
     assert policies.authorize(connection("foo/httpbin", 80)) == DENIED
