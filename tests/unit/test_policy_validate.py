@@ -238,7 +238,8 @@ jwtRules:
 ]
 
 
-@pytest.mark.parametrize("kind, api_version, spec", DOCUMENTED, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(DOCUMENTED)])
+@pytest.mark.parametrize("kind, api_version, spec", DOCUMENTED,
+                         ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(DOCUMENTED)])
 def test_documented_examples_are_accepted(kind: str, api_version: str, spec: str):
     policies = valid(resource(kind, spec, api_version))
     assert policies.get(kind, "foo", "bad") is not None
