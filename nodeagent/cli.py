@@ -19,6 +19,7 @@ from nodeagent.errors import NodeagentError
 COMMANDS = [
     "nodeagent.lab.cli",
     "nodeagent.agent.cli",
+    "nodeagent.identity.cli",
 ]
 
 

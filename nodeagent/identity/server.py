@@ -1,0 +1,180 @@
+"""The mesh CA as a gRPC service: Istio's IstioCertificateService over TLS.
+
+`CertificateService` is the transport-free decision: authenticate the caller's bearer
+token, check the CSR, check that the caller's node runs a pod with the identity asked
+for, sign; every refusal is typed, logged with the reason and counted. `CaServer` serves
+it with grpcio generic handlers (the messages of caproto, no generated code) over TLS
+with a certificate the CA issues to itself for
+`spiffe://<td>/ns/<ca-namespace>/sa/nodeagent-ca` plus DNS names (and the listen IP
+when it is not a wildcard); grpc asks before each handshake, and the certificate is
+reissued at half-life. Agents get the root to verify it from a file (root-cert.pem).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import threading
+from concurrent import futures
+from typing import Iterable
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from nodeagent.identity import cakeys, pemfiles
+from nodeagent.identity.ca import CertificateAuthority
+from nodeagent.identity.caauth import (Authenticator, ModelView, NodeAuthorizer, TokenFileAuthenticator,
+                                       bearer_token)
+from nodeagent.identity.caproto import (IMPERSONATED_IDENTITY, METHOD, SERVICE, IstioCertificateRequest,
+                                        IstioCertificateResponse)
+from nodeagent.identity.errors import (CsrRejected, IdentityError, PermissionDenied, SignerExpired,
+                                       Unauthenticated)
+from nodeagent.identity.config import SERVER_ACCOUNT, CaConfig
+from nodeagent.identity.spiffe import Identity
+from nodeagent.sources.files import FilesSource
+
+# Refusals as gRPC status codes, and as the `reason` label of the denial counter.
+STATUS = {Unauthenticated: grpc.StatusCode.UNAUTHENTICATED, PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+          CsrRejected: grpc.StatusCode.INVALID_ARGUMENT, SignerExpired: grpc.StatusCode.UNAVAILABLE}
+REASONS = {Unauthenticated: "unauthenticated", PermissionDenied: "permission_denied",
+           CsrRejected: "invalid_csr", SignerExpired: "signer_expired"}
+SERVER_CERT_TTL = dt.timedelta(hours=24)
+
+
+class CaMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.issued = Counter("nodeagent_ca_certificates_issued", "Workload certificates the CA signed",
+                              registry=registry)
+        self.denied = Counter("nodeagent_ca_denials", "Certificate requests the CA refused, by reason",
+                              ["reason"], registry=registry)
+        self.signer_expiry = Gauge("nodeagent_ca_signer_expiry_seconds",
+                                   "Unix time at which the CA's own certificate chain expires", registry=registry)
+
+
+class CertificateService:
+    """CreateCertificate without the transport: metadata and request in, chain out."""
+
+    def __init__(self, ca: CertificateAuthority, authenticator: Authenticator, authorizer: NodeAuthorizer,
+                 metrics: CaMetrics, log: logging.Logger):
+        self.ca, self.authenticator, self.authorizer = ca, authenticator, authorizer
+        self.metrics, self.log = metrics, log
+        metrics.signer_expiry.set(ca.material.not_after.timestamp())
+
+    def create_certificate(self, request: IstioCertificateRequest, metadata: Iterable[tuple[str, str]],
+                           peer: str = "") -> IstioCertificateResponse:
+        caller = None
+        try:
+            caller = self.authenticator.authenticate(bearer_token(list(metadata)))
+            signing = self.ca.read_csr(request.csr)
+            _check_impersonation(request, signing.identity)
+            self.authorizer.authorize(caller, signing.identity)
+            ttl = dt.timedelta(seconds=request.validity_duration) if request.validity_duration > 0 else None
+            chain = self.ca.sign(signing, ttl)
+        except IdentityError as exc:
+            self.metrics.denied.labels(reason=REASONS.get(type(exc), "error")).inc()
+            self.log.warning("refused a certificate for %s from %s: %s", caller or "unauthenticated caller",
+                             peer or "?", exc)
+            raise
+        self.metrics.issued.inc()
+        self.log.info("issued %s to %s (serial %x, until %s)", signing.identity, caller, chain[0].serial_number,
+                      chain[0].not_valid_after_utc.isoformat())
+        return IstioCertificateResponse(cert_chain=[pemfiles.certs_pem([c]).decode() for c in chain])
+
+
+def _check_impersonation(request: IstioCertificateRequest, identity: Identity) -> None:
+    """ztunnel names the identity in metadata too; when present it must match the CSR."""
+    named = request.metadata_string(IMPERSONATED_IDENTITY)
+    if named is not None and named != identity.uri:
+        raise CsrRejected(f"metadata {IMPERSONATED_IDENTITY} {named!r} differs from the CSR's SAN {identity.uri}")
+
+
+def grpc_handler(service: CertificateService) -> grpc.GenericRpcHandler:
+    def create(request: IstioCertificateRequest, context: grpc.ServicerContext) -> IstioCertificateResponse:
+        try:
+            return service.create_certificate(request, context.invocation_metadata(), context.peer())
+        except IdentityError as exc:
+            context.abort(STATUS.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
+
+    method = grpc.unary_unary_rpc_method_handler(create, request_deserializer=IstioCertificateRequest.parse,
+                                                 response_serializer=bytes)
+    return grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})
+
+
+class ServingCertificate:
+    """The CA's own TLS certificate, issued by itself, reissued at half-life."""
+
+    def __init__(self, ca: CertificateAuthority, identity: Identity, dns_names: tuple[str, ...],
+                 ips: tuple[str, ...] = (), ttl: dt.timedelta = SERVER_CERT_TTL):
+        self.ca, self.identity, self.dns_names, self.ips, self.ttl = ca, identity, dns_names, ips, ttl
+        self._lock = threading.Lock()
+        self._config, self._renew_at = self._issue()
+
+    def _issue(self) -> tuple[grpc.ServerCertificateConfiguration, dt.datetime]:
+        key = ec.generate_private_key(ec.SECP256R1())  # in memory only, never written
+        leaf = self.ca.issue(key.public_key(), self.identity, self.ttl, self.dns_names, self.ips)
+        chain = pemfiles.certs_pem([leaf, *self.ca.material.chain[:-1]])
+        if self.ca.material.self_signed:
+            chain = pemfiles.certs_pem([leaf])
+        renew_at = leaf.not_valid_before_utc + (leaf.not_valid_after_utc - leaf.not_valid_before_utc) / 2
+        return grpc.ssl_server_certificate_configuration([(pemfiles.key_pem(key), chain)]), renew_at
+
+    @property
+    def config(self) -> grpc.ServerCertificateConfiguration:
+        return self._config
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpc calls this before every handshake: a new configuration, or None to keep it."""
+        with self._lock:
+            if self.ca.now() < self._renew_at:
+                return None
+            self._config, self._renew_at = self._issue()
+            return self._config
+
+
+class CaServer:
+    """The gRPC server; `start()` returns the bound port (0 in `address` picks one)."""
+
+    def __init__(self, service: CertificateService, certificate: ServingCertificate,
+                 address: tuple[str, int], workers: int = 8):
+        self.address = address
+        self.certificate = certificate
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca"),
+                                   handlers=[grpc_handler(service)])
+
+    def start(self) -> int:
+        creds = grpc.dynamic_ssl_server_credentials(self.certificate.config, self.certificate.fetch)
+        port = self._server.add_secure_port(grpc_target(*self.address), creds)
+        if port == 0:
+            raise OSError(f"cannot listen on {grpc_target(*self.address)}")
+        self._server.start()
+        return port
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+
+def grpc_target(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_ips(host: str) -> tuple[str, ...]:
+    """The listen address as an IP SAN, unless it is a wildcard."""
+    return () if ipaddress.ip_address(host).is_unspecified else (host,)
+
+
+def build(cfg: CaConfig, registry: CollectorRegistry, log: logging.Logger) -> CaServer:
+    """The CaServer `cfg` describes (keys from the state directory, node tokens, the
+    cluster model from the files source), not started: what `nodeagent ca` runs."""
+    material = cakeys.load_or_create(cfg.state_dir, cfg.trust_domain, dt.datetime.now(dt.timezone.utc), log)
+    ca = CertificateAuthority(cfg.trust_domain, material, cert_ttl=cfg.cert_ttl)
+    models = ModelView(FilesSource(cfg.source_dir, log.getChild("source")))
+    service = CertificateService(ca, TokenFileAuthenticator(cfg.tokens, log.getChild("tokens")),
+                                 NodeAuthorizer(models), CaMetrics(registry), log)
+    identity = Identity(cfg.trust_domain, cfg.namespace, SERVER_ACCOUNT)
+    certificate = ServingCertificate(ca, identity, cfg.server_names, listen_ips(cfg.listen[0]))
+    return CaServer(service, certificate, cfg.listen)

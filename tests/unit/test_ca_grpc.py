@@ -1,0 +1,219 @@
+"""The CA over real gRPC/TLS on 127.0.0.1 (an ephemeral port), built exactly as
+`nodeagent ca` builds it: issuing end to end, refusals as status codes with their
+reasons, the CA's own certificate, and wire compatibility with Istio's ca.proto."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import socket
+import ssl
+import time
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
+from prometheus_client import CollectorRegistry
+
+from nodeagent.identity import credentials, pemfiles, server
+from nodeagent.identity.client import CaClient
+from nodeagent.identity.config import CaConfig
+from nodeagent.identity.errors import CaRefused, CaUnavailable
+from nodeagent.identity.manager import IdentityManager, SystemClock
+from nodeagent.identity.spiffe import Identity, identity_of_certificate
+from nodeagent.identity.tls import peer_identity
+
+from identity_fixtures import (TD, ManualClock, csr_pem, identity, make_ca, pod_yaml, run, write_pods,
+                               write_tokens)
+
+LOG = logging.getLogger("test.ca_grpc")
+TOKENS = {"node1": "node1-" + "1" * 26, "node2": "node2-" + "2" * 26}
+WEB = identity("default", "web")
+SERVER_NAME = "nodeagent-ca.istio-system.svc"
+
+
+class RunningCa:
+    def __init__(self, tmp_path):
+        write_pods(tmp_path / "cluster", pod_yaml("web-0", "node1", "web"))
+        write_tokens(tmp_path / "tokens.yaml", TOKENS)
+        self.config = CaConfig(
+            listen=("127.0.0.1", 0), trust_domain=TD, state_dir=tmp_path / "ca", tokens=tmp_path / "tokens.yaml",
+            source=f"files:{tmp_path / 'cluster'}", source_dir=tmp_path / "cluster", cert_ttl=dt.timedelta(hours=24),
+            namespace="istio-system", server_names=(SERVER_NAME,), metrics_address=None)
+        self.registry = CollectorRegistry()
+        self.server = server.build(self.config, self.registry, LOG)
+        self.port = self.server.start()
+        self.address = f"127.0.0.1:{self.port}"
+        self.root_pem = (tmp_path / "ca" / "root-cert.pem").read_bytes()  # what the lab gives agents
+
+    def client(self, node="node1", **kw) -> CaClient:
+        return CaClient(self.address, kw.pop("root", self.root_pem), kw.pop("token", TOKENS[node]), **kw)
+
+
+@pytest.fixture
+def ca(tmp_path):
+    running = RunningCa(tmp_path)
+    yield running
+    running.server.stop(grace=0)
+
+
+async def _ask(client: CaClient, ident: Identity = WEB):
+    key, csr = credentials.new_request(ident)
+    try:
+        return key, await client.create_certificate(csr, ident, dt.timedelta(hours=1))
+    finally:
+        await client.close()
+
+
+def test_a_node_gets_a_certificate_end_to_end(ca):
+    key, chain = run(_ask(ca.client()))
+    roots = pemfiles.load_certs(ca.root_pem, "root")
+    presented = credentials.accept(WEB, key, chain, roots, time.time())
+    assert identity_of_certificate(presented[0]) == WEB
+    lifetime = presented[0].not_valid_after_utc - presented[0].not_valid_before_utc
+    assert lifetime == dt.timedelta(hours=1, minutes=1)  # as asked, plus the minute of backdating
+    assert ca.registry.get_sample_value("nodeagent_ca_certificates_issued_total") == 1
+
+
+def test_the_identity_manager_works_against_the_real_service(ca, tmp_path):
+    async def main():
+        client = ca.client()
+        manager = IdentityManager(client, SystemClock(), ca.root_pem, CollectorRegistry(), LOG,
+                                  runtime_dir=tmp_path / "run", rng=random.Random(1))
+        creds = await manager.get(WEB)
+        assert creds.identity == WEB and creds.path.exists()
+        creds.ssl_context(server_side=True), creds.ssl_context(server_side=False)
+        await manager.close()
+        await client.close()
+    run(main())
+
+
+def test_a_bad_token_is_unauthenticated(ca):
+    with pytest.raises(CaRefused) as err:
+        run(_ask(ca.client(token="not-a-node-token-at-all")))
+    assert err.value.code == "UNAUTHENTICATED" and "unknown bearer token" in str(err.value)
+    assert ca.registry.get_sample_value("nodeagent_ca_denials_total", {"reason": "unauthenticated"}) == 1
+
+
+def test_no_token_is_unauthenticated(ca):
+    with pytest.raises(CaRefused) as err:
+        run(_ask(ca.client(token="")))
+    assert err.value.code == "UNAUTHENTICATED"
+
+
+def test_an_identity_without_a_pod_on_the_callers_node_is_denied_with_the_reason(ca):
+    with pytest.raises(CaRefused) as err:
+        run(_ask(ca.client("node2")))
+    assert err.value.code == "PERMISSION_DENIED"
+    assert "no pod with service account ns/default/sa/web on node node2" in str(err.value)
+    assert ca.registry.get_sample_value("nodeagent_ca_denials_total", {"reason": "permission_denied"}) == 1
+
+
+def test_an_invalid_csr_is_an_invalid_argument(ca):
+    async def main():
+        client = ca.client()
+        try:
+            await client.create_certificate(csr_pem(uris=("spiffe://elsewhere/ns/default/sa/web",)), WEB)
+        finally:
+            await client.close()
+    with pytest.raises(CaRefused) as err:
+        run(main())
+    assert err.value.code == "INVALID_ARGUMENT" and "this CA issues only for cluster.local" in str(err.value)
+
+
+@pytest.mark.parametrize("kw", [
+    {"root": make_ca().root_pem},  # a client that trusts another root
+    {"server_name": "somebody-else.example"},  # the CA's certificate does not name this
+])
+def test_a_ca_that_does_not_verify_is_unavailable_not_trusted(ca, kw):
+    with pytest.raises(CaUnavailable, match="UNAVAILABLE"):
+        run(_ask(ca.client(timeout=5, **kw)))
+    assert ca.registry.get_sample_value("nodeagent_ca_certificates_issued_total") == 0
+
+
+def test_the_cas_certificate_names_its_spiffe_id_and_dns_name(ca):
+    ctx = ssl.create_default_context(cadata=ca.root_pem.decode())  # hostname checking on
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", ca.port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
+            assert peer_identity(tls) == Identity(TD, "istio-system", "nodeagent-ca")
+
+
+def test_the_cas_certificate_is_reissued_at_half_life():
+    clock = ManualClock()
+    ca = make_ca(clock=clock.now)
+    serving = server.ServingCertificate(ca, Identity(TD, "istio-system", "nodeagent-ca"), (SERVER_NAME,),
+                                        ttl=dt.timedelta(hours=2))
+    first = serving.config
+    clock.advance(3569)  # half-life: notBefore (T0 - 60 s) + (2 h + 60 s) / 2 = T0 + 3570 s
+    assert serving.fetch() is None
+    clock.advance(1)
+    renewed = serving.fetch()
+    assert renewed is not None and renewed is not first and serving.config is renewed
+    assert serving.fetch() is None
+
+
+# --- wire compatibility: Istio's proto, encoded by google.protobuf -----------------------
+def _istio_messages():
+    """IstioCertificateRequest/Response built from a descriptor written after ca.proto
+    (istio/api security/v1alpha1), independent of nodeagent's betterproto classes."""
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(struct_pb2.DESCRIPTOR.serialized_pb)
+    f = descriptor_pb2.FileDescriptorProto(name="ca.proto", package="istio.v1.auth", syntax="proto3",
+                                           dependency=["google/protobuf/struct.proto"])
+    T = descriptor_pb2.FieldDescriptorProto
+    req = f.message_type.add(name="IstioCertificateRequest")
+    req.field.add(name="csr", number=1, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
+    req.field.add(name="validity_duration", number=3, type=T.TYPE_INT64, label=T.LABEL_OPTIONAL)
+    req.field.add(name="metadata", number=4, type=T.TYPE_MESSAGE, label=T.LABEL_OPTIONAL,
+                  type_name=".google.protobuf.Struct")
+    resp = f.message_type.add(name="IstioCertificateResponse")
+    resp.field.add(name="cert_chain", number=1, type=T.TYPE_STRING, label=T.LABEL_REPEATED)
+    pool.Add(f)
+    get = lambda name: message_factory.GetMessageClass(pool.FindMessageTypeByName(name))  # noqa: E731
+    return get("istio.v1.auth.IstioCertificateRequest"), get("istio.v1.auth.IstioCertificateResponse")
+
+
+def test_a_client_using_istios_proto_encoding_gets_a_certificate(ca):
+    Request, Response = _istio_messages()
+    key, csr = credentials.new_request(WEB)
+    request = Request(csr=csr.decode(), validity_duration=7200)
+    request.metadata.update({"ImpersonatedIdentity": WEB.uri, "ClusterID": "Kubernetes"})
+    creds = grpc.ssl_channel_credentials(root_certificates=ca.root_pem)
+    with grpc.secure_channel(ca.address, creds, options=[("grpc.ssl_target_name_override", SERVER_NAME)]) as ch:
+        call = ch.unary_unary("/istio.v1.auth.IstioCertificateService/CreateCertificate",
+                              request_serializer=Request.SerializeToString, response_deserializer=Response.FromString)
+        response = call(request, metadata=[("authorization", f"Bearer {TOKENS['node1']}")], timeout=10)
+    assert len(response.cert_chain) == 2  # leaf, root
+    leaf = credentials.accept(WEB, key, list(response.cert_chain), pemfiles.load_certs(ca.root_pem, "r"),
+                              time.time())[0]
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(hours=2, minutes=1)
+
+
+def test_an_impersonated_identity_that_differs_from_the_csr_is_refused(ca):
+    Request, Response = _istio_messages()
+    _, csr = credentials.new_request(WEB)
+    request = Request(csr=csr.decode())
+    request.metadata.update({"ImpersonatedIdentity": identity("default", "admin").uri})
+    creds = grpc.ssl_channel_credentials(root_certificates=ca.root_pem)
+    with grpc.secure_channel(ca.address, creds, options=[("grpc.ssl_target_name_override", SERVER_NAME)]) as ch:
+        call = ch.unary_unary("/istio.v1.auth.IstioCertificateService/CreateCertificate",
+                              request_serializer=Request.SerializeToString, response_deserializer=Response.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            call(request, metadata=[("authorization", f"Bearer {TOKENS['node1']}")], timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ImpersonatedIdentity" in err.value.details()
+
+
+def test_our_messages_encode_as_istios_do():
+    from nodeagent.identity.caproto import IstioCertificateRequest, IstioCertificateResponse
+    from envoy_data_plane.google.protobuf import Struct
+
+    Request, Response = _istio_messages()
+    ours = IstioCertificateRequest(csr="PEM", validity_duration=86400,
+                                   metadata=Struct.from_dict({"ImpersonatedIdentity": WEB.uri}))
+    theirs = Request.FromString(bytes(ours))
+    assert (theirs.csr, theirs.validity_duration, dict(theirs.metadata)) == ("PEM", 86400,
+                                                                           {"ImpersonatedIdentity": WEB.uri})
+    assert IstioCertificateResponse.parse(Response(cert_chain=["a", "b"]).SerializeToString()).cert_chain == ["a", "b"]
