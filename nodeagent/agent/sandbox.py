@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +49,7 @@ class SandboxPod:
     ip: str
     netns: str  # named netns
     cgroup: str
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class Sandbox:
@@ -172,10 +173,15 @@ class Sandbox:
     # --- the files source ---------------------------------------------------------------
     def write_pods(self) -> None:
         docs = [{"apiVersion": "v1", "kind": "Pod",
-                 "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid},
+                 "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
                  "spec": {"nodeName": self.node}, "status": {"phase": "Running", "podIP": p.ip}}
                 for p in self.pods.values()]
         _write_atomic(self.source_dir / "pods.yaml", yaml.safe_dump_all(docs))
+
+    def label_pod(self, pod: SandboxPod, labels: dict[str, str]) -> None:
+        """Set a pod's labels (e.g. istio.io/dataplane-mode: none to opt out) in the source."""
+        pod.labels = dict(labels)
+        self.write_pods()
 
     def label_namespace(self, namespace: str, labels: dict[str, str]) -> None:
         """Set a namespace's labels (AMBIENT meshes it, {} unmeshes it) in the source."""

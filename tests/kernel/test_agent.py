@@ -115,6 +115,24 @@ def test_outbound_capture_exact_counts(sb, pods):
     assert [p["name"] for p in status["pods"]] == ["client"]
 
 
+def test_pod_opt_out_is_not_captured_and_can_opt_back_in(sb, pods):
+    client, plain, server = pods
+    start_meshed(sb)
+    sb.label_pod(client, {"istio.io/dataplane-mode": "none"})  # opt out inside a meshed namespace
+    sb.wait_for(lambda s: s["pods"] == [], 10, "client removed")
+
+    result = connect(sb, client, server, 30)
+    assert result["ok"] == 30 and result["peers"] == {client.ip: 30}
+    status = sb.status()
+    assert status["counters"].get("outbound_connections_total", 0) == 0
+    assert status["capture"]["counters"]["captured"] == 0
+
+    sb.label_pod(client, {})
+    sb.wait_for(lambda s: [p["name"] for p in s["pods"]] == ["client"], 10, "client enrolled again")
+    assert connect(sb, client, server, 10)["ok"] == 10
+    assert counters(sb)["outbound_connections_total"] == 10
+
+
 def test_inbound_keeps_client_address(sb, pods):
     client, plain, server = pods
     start_meshed(sb)
