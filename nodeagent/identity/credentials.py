@@ -46,7 +46,9 @@ class Credentials:
         return self.not_before <= now < self.not_after
 
     def ssl_context(self, server_side: bool) -> ssl.SSLContext:
-        """TLS 1.3 mTLS context with this identity's certificate (see tls.context)."""
+        """TLS 1.3 mTLS context with this identity's certificate (see tls.context). It
+        reads the identity's file now, so after a rotation it holds the newest certificate:
+        build contexts per connection or again after `IdentityManager.get`."""
         return tls.context(self.path, self.trust_bundle_pem, server_side)
 
 

@@ -114,9 +114,8 @@ class ServingCertificate:
     def _issue(self) -> tuple[grpc.ServerCertificateConfiguration, dt.datetime]:
         key = ec.generate_private_key(ec.SECP256R1())  # in memory only, never written
         leaf = self.ca.issue(key.public_key(), self.identity, self.ttl, self.dns_names, self.ips)
-        chain = pemfiles.certs_pem([leaf, *self.ca.material.chain[:-1]])
-        if self.ca.material.self_signed:
-            chain = pemfiles.certs_pem([leaf])
+        root = self.ca.material.root  # clients have it; presenting it again is useless
+        chain = pemfiles.certs_pem([leaf, *(c for c in self.ca.material.chain if c != root)])
         renew_at = leaf.not_valid_before_utc + (leaf.not_valid_after_utc - leaf.not_valid_before_utc) / 2
         return grpc.ssl_server_certificate_configuration([(pemfiles.key_pem(key), chain)]), renew_at
 

@@ -175,16 +175,23 @@ def _istio_messages():
     return get("istio.v1.auth.IstioCertificateRequest"), get("istio.v1.auth.IstioCertificateResponse")
 
 
-def test_a_client_using_istios_proto_encoding_gets_a_certificate(ca):
-    Request, Response = _istio_messages()
-    key, csr = credentials.new_request(WEB)
-    request = Request(csr=csr.decode(), validity_duration=7200)
-    request.metadata.update({"ImpersonatedIdentity": WEB.uri, "ClusterID": "Kubernetes"})
+def _call_with_istio_encoding(ca: RunningCa, request):
+    """CreateCertificate as node1, the request encoded by google.protobuf (a plain grpc client)."""
+    _, Response = _istio_messages()
     creds = grpc.ssl_channel_credentials(root_certificates=ca.root_pem)
     with grpc.secure_channel(ca.address, creds, options=[("grpc.ssl_target_name_override", SERVER_NAME)]) as ch:
         call = ch.unary_unary("/istio.v1.auth.IstioCertificateService/CreateCertificate",
-                              request_serializer=Request.SerializeToString, response_deserializer=Response.FromString)
-        response = call(request, metadata=[("authorization", f"Bearer {TOKENS['node1']}")], timeout=10)
+                              request_serializer=type(request).SerializeToString,
+                              response_deserializer=Response.FromString)
+        return call(request, metadata=[("authorization", f"Bearer {TOKENS['node1']}")], timeout=10)
+
+
+def test_a_client_using_istios_proto_encoding_gets_a_certificate(ca):
+    Request, _ = _istio_messages()
+    key, csr = credentials.new_request(WEB)
+    request = Request(csr=csr.decode(), validity_duration=7200)
+    request.metadata.update({"ImpersonatedIdentity": WEB.uri, "ClusterID": "Kubernetes"})
+    response = _call_with_istio_encoding(ca, request)
     assert len(response.cert_chain) == 2  # leaf, root
     leaf = credentials.accept(WEB, key, list(response.cert_chain), pemfiles.load_certs(ca.root_pem, "r"),
                               time.time())[0]
@@ -192,16 +199,12 @@ def test_a_client_using_istios_proto_encoding_gets_a_certificate(ca):
 
 
 def test_an_impersonated_identity_that_differs_from_the_csr_is_refused(ca):
-    Request, Response = _istio_messages()
+    Request, _ = _istio_messages()
     _, csr = credentials.new_request(WEB)
     request = Request(csr=csr.decode())
     request.metadata.update({"ImpersonatedIdentity": identity("default", "admin").uri})
-    creds = grpc.ssl_channel_credentials(root_certificates=ca.root_pem)
-    with grpc.secure_channel(ca.address, creds, options=[("grpc.ssl_target_name_override", SERVER_NAME)]) as ch:
-        call = ch.unary_unary("/istio.v1.auth.IstioCertificateService/CreateCertificate",
-                              request_serializer=Request.SerializeToString, response_deserializer=Response.FromString)
-        with pytest.raises(grpc.RpcError) as err:
-            call(request, metadata=[("authorization", f"Bearer {TOKENS['node1']}")], timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        _call_with_istio_encoding(ca, request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "ImpersonatedIdentity" in err.value.details()
 
