@@ -23,6 +23,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from nodeagent.errors import EnvironmentProblem
 from nodeagent.identity import cakeys, pemfiles
 from nodeagent.identity.ca import CertificateAuthority
 from nodeagent.identity.caauth import (Authenticator, ModelView, NodeAuthorizer, TokenFileAuthenticator,
@@ -139,14 +140,20 @@ class CaServer:
                  address: tuple[str, int], workers: int = 8):
         self.address = address
         self.certificate = certificate
+        # grpc turns SO_REUSEPORT on by default: a second CA on the port would share it silently.
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca"),
-                                   handlers=[grpc_handler(service)])
+                                   handlers=[grpc_handler(service)], options=[("grpc.so_reuseport", 0)])
 
     def start(self) -> int:
         creds = grpc.dynamic_ssl_server_credentials(self.certificate.config, self.certificate.fetch)
-        port = self._server.add_secure_port(grpc_target(*self.address), creds)
+        target = grpc_target(*self.address)
+        try:
+            port = self._server.add_secure_port(target, creds)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {grpc_target(*self.address)}")
+            raise EnvironmentProblem(f"the CA cannot listen on {target}",
+                                     "is another process using the port? choose another with --listen")
         self._server.start()
         return port
 

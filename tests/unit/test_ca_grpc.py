@@ -16,6 +16,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 from prometheus_client import CollectorRegistry
 
+from nodeagent.errors import EnvironmentProblem
 from nodeagent.identity import credentials, pemfiles, server
 from nodeagent.identity.client import CaClient
 from nodeagent.identity.config import CaConfig
@@ -130,6 +131,16 @@ def test_a_ca_that_does_not_verify_is_unavailable_not_trusted(ca, kw):
     with pytest.raises(CaUnavailable, match="UNAVAILABLE"):
         run(_ask(ca.client(timeout=5, **kw)))
     assert ca.registry.get_sample_value("nodeagent_ca_certificates_issued_total") == 0
+
+
+def test_a_second_ca_on_the_same_port_fails_to_start(ca, tmp_path):
+    second = server.CaServer(server.CertificateService(
+        make_ca(), None, None, server.CaMetrics(CollectorRegistry()), LOG),
+        server.ServingCertificate(make_ca(), Identity(TD, "istio-system", "nodeagent-ca"), (SERVER_NAME,)),
+        ("127.0.0.1", ca.port))
+    with pytest.raises(EnvironmentProblem, match=f"the CA cannot listen on 127.0.0.1:{ca.port}"):
+        second.start()
+    second.stop(grace=0)
 
 
 def test_the_cas_certificate_names_its_spiffe_id_and_dns_name(ca):
