@@ -1,0 +1,49 @@
+"""Tuning of HBONE connections, shared by the server and the pool.
+
+Defaults follow ztunnel (4 MiB stream window, 16 MiB connection window, 1 MiB frames,
+PING every 10 s and give up after 20 s without an answer, 100 streams per pooled
+connection, unused pooled connections released after 5 minutes). The agent's config
+module maps its own settings onto these; values are checked here so a bad one fails
+at start-up naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from nodeagent.errors import ConfigError
+
+MIB = 1024 * 1024
+H2_MAX_WINDOW = 2**31 - 1
+H2_MIN_FRAME, H2_MAX_FRAME = 16384, 2**24 - 1
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    stream_window: int = 4 * MIB  # bytes a peer may send on one stream before we read them
+    connection_window: int = 16 * MIB  # the same for all streams of a connection together
+    max_frame_size: int = 1 * MIB  # largest DATA frame we accept
+    write_buffer: int = 256 * 1024  # bytes an app may queue on a stream before writes pause
+    keepalive_interval: float = 10.0  # PING after this long without hearing from the peer
+    keepalive_timeout: float = 20.0  # close when a PING is not answered within this
+    handshake_timeout: float = 10.0  # TCP connect + TLS + the peer's first SETTINGS
+    open_timeout: float = 10.0  # CONNECT sent -> response headers
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigError(f"tunnel.{f.name}", f"must be positive, got {getattr(self, f.name)!r}")
+        if not self.stream_window <= H2_MAX_WINDOW or not self.connection_window <= H2_MAX_WINDOW:
+            raise ConfigError("tunnel.stream_window/connection_window", f"HTTP/2 windows are at most {H2_MAX_WINDOW}")
+        if self.connection_window < self.stream_window:
+            raise ConfigError("tunnel.connection_window", "must be at least stream_window, else one stream "
+                              "cannot use its whole window")
+        if not H2_MIN_FRAME <= self.max_frame_size <= H2_MAX_FRAME:
+            raise ConfigError("tunnel.max_frame_size", f"HTTP/2 allows {H2_MIN_FRAME}..{H2_MAX_FRAME}, "
+                              f"got {self.max_frame_size}")
+
+
+def check_positive(where: str, value: float) -> float:
+    if value <= 0:
+        raise ConfigError(where, f"must be positive, got {value!r}")
+    return value
