@@ -26,7 +26,8 @@ from nodeagent.tunnel import tls
 from nodeagent.tunnel.authority import Address, parse_authority
 from nodeagent.tunnel.errors import TunnelError
 from nodeagent.tunnel.metrics import TunnelMetrics
-from nodeagent.tunnel.session import Session, latin1_headers
+from nodeagent.tunnel.h2conn import latin1_headers
+from nodeagent.tunnel.session import Session
 from nodeagent.tunnel.settings import TunnelSettings, check_positive
 from nodeagent.tunnel.stream import HboneStream
 

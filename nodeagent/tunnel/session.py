@@ -4,8 +4,7 @@ Shared by the server and the pool. It checks the peer's identity as soon as TLS 
 (nothing is sent to a refused peer), turns h2 events into calls on `HboneStream`s, and
 sends queued stream bytes round-robin within the HTTP/2 windows, stopping whenever the
 TLS transport's buffer is full (`pause_writing`), so nothing queues without bound. It
-also PINGs a silent peer (closing after `keepalive_timeout` without an answer), closes
-itself with GOAWAY after `idle_timeout` without streams, and turns garbage, a protocol
+also PINGs a silent peer and closes when idle (liveness.py), and turns garbage, a protocol
 error or a connection cut mid-frame into a counted, logged close — never an exception
 into the event loop. h2 closes the whole connection on any GOAWAY (python-hyper/h2
 #1181), so a graceful server drain refuses new streams first and sends GOAWAY last.
@@ -18,35 +17,17 @@ import logging
 import os
 from typing import Callable
 
-import h2.config
 import h2.connection
 import h2.events as ev
 import h2.exceptions
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes, Settings
 
 from nodeagent.tunnel.errors import ConnectionLost, PeerRefused, TunnelError
+from nodeagent.tunnel.h2conn import code_name, error_reason, latin1_headers, new_connection, partial_input, start
+from nodeagent.tunnel.liveness import Liveness
 from nodeagent.tunnel.metrics import TunnelMetrics
 from nodeagent.tunnel.settings import TunnelSettings
 from nodeagent.tunnel.stream import HboneStream
-
-H2_DEFAULT_WINDOW = 65535
-MAX_HEADER_LIST = 16 * 1024
-PREFACE_LEN = 24
-_ERROR_REASONS = {h2.exceptions.FlowControlError: "flow_control", h2.exceptions.FrameTooLargeError: "frame_too_large",
-                  h2.exceptions.TooManyStreamsError: "too_many_streams"}
-
-
-def _code_name(code: int) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return str(code)
-
-
-def latin1_headers(headers) -> tuple[tuple[str, str], ...]:
-    return tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
-
 
 class Session(asyncio.Protocol):
     def __init__(self, *, direction: str, settings: TunnelSettings, metrics: TunnelMetrics,
@@ -55,17 +36,8 @@ class Session(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.is_server = on_request is not None
         self.direction, self.settings, self.metrics, self.log = direction, settings, metrics, log
-        self._check_peer, self._on_request, self._idle_timeout = check_peer, on_request, idle_timeout
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=not self.is_server, header_encoding=None))
-        initial = {SettingCodes.INITIAL_WINDOW_SIZE: settings.stream_window,
-                   SettingCodes.MAX_FRAME_SIZE: settings.max_frame_size,
-                   SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
-                   SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST}
-        if not self.is_server:
-            initial[SettingCodes.ENABLE_PUSH] = 0
-        self.conn.local_settings = Settings(client=not self.is_server, initial_values=initial)
-        self.conn.max_inbound_frame_size = settings.max_frame_size  # h2 copies it at __init__
+        self._check_peer, self._on_request = check_peer, on_request
+        self.conn = new_connection(client_side=not self.is_server, settings=settings, max_streams=max_streams)
         self.max_streams = max_streams
         self.streams: dict[int, HboneStream] = {}
         self.reserved = 0  # pool: streams promised to callers, not yet opened
@@ -83,10 +55,9 @@ class Session(asyncio.Protocol):
         self._pending: dict[int, HboneStream] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._write_paused = False
-        self._last_heard = self.loop.time()
-        self._ping_sent_at: float | None = None
-        self._keepalive_handle: asyncio.TimerHandle | None = None
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self._flushing = False  # inside _flush() or data_received(): sends are picked up there
+        self.liveness = Liveness(self.loop, settings, idle_timeout, ping=self._ping, dead=self._unanswered,
+                                 idle=self._idle)
         self._handlers = {
             ev.RequestReceived: self._request, ev.ResponseReceived: self._response, ev.DataReceived: self._data,
             ev.StreamEnded: self._ended, ev.StreamReset: self._reset, ev.RemoteSettingsChanged: self._settings,
@@ -111,15 +82,14 @@ class Session(asyncio.Protocol):
         self._counted = True
         self.metrics.connections.labels(direction=self.direction).inc()
         transport.set_write_buffer_limits(high=2 * self.settings.max_frame_size)
-        self.conn.initiate_connection()
-        if self.settings.connection_window > H2_DEFAULT_WINDOW:
-            self.conn.increment_flow_control_window(self.settings.connection_window - H2_DEFAULT_WINDOW)
+        start(self.conn, self.settings)
         self._flush()
-        self._arm_keepalive()
+        self.liveness.start()
         self._update_idle()
 
     def data_received(self, data: bytes) -> None:
-        self._last_heard = self.loop.time()
+        self.liveness.heard()
+        self._flushing = True  # what the events make streams send goes out in one go below
         try:
             events = self.conn.receive_data(data)
             for event in events:
@@ -127,17 +97,19 @@ class Session(asyncio.Protocol):
                 if handler is not None:
                     handler(event)
         except h2.exceptions.ProtocolError as exc:
-            reason = "bad_preface" if "preamble" in str(exc) else _ERROR_REASONS.get(type(exc), "protocol_error")
+            self._flushing = False
             if self.conn.state_machine.state != h2.connection.ConnectionState.CLOSED:
                 # h2 queues GOAWAY itself, except for errors found before framing (a bad preface)
                 self.conn.close_connection(getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR))
             self._h2_closed = True
-            self._fail_connection(reason, f"HTTP/2 protocol error from the peer: {exc}")
+            self._fail_connection(error_reason(exc), f"HTTP/2 protocol error from the peer: {exc}")
             return
         except Exception as exc:  # a bug of ours must cost this connection only
+            self._flushing = False
             self.log.exception("%r: internal error handling HTTP/2 input", self)
             self._fail_connection("internal_error", f"internal error: {exc}")
             return
+        self._flushing = False
         self._flush()
 
     def eof_received(self) -> bool:
@@ -153,9 +125,9 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost_exc = exc
         self._h2_closed = True
-        for handle in (self._flush_handle, self._keepalive_handle, self._idle_handle):
-            if handle is not None:
-                handle.cancel()
+        self.liveness.stop()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
         if self._counted:
             self.metrics.connections.labels(direction=self.direction).dec()
             self._classify_loss(exc)
@@ -237,8 +209,11 @@ class Session(asyncio.Protocol):
         self._update_idle()
 
     def want_send(self, stream: HboneStream) -> None:
+        """Send what `stream` queued now, as a socket transport would (the `_flushing`
+        loop picks it up when we are already sending or handling input)."""
         self._pending[stream.stream_id] = stream
-        self._flush_soon()
+        if not self._flushing:
+            self._flush()
 
     def stream_done(self, stream: HboneStream) -> None:
         if self.streams.pop(stream.stream_id, None) is not None:
@@ -320,11 +295,11 @@ class Session(asyncio.Protocol):
         self._flush_soon()
 
     def _ping_ack(self, event: ev.PingAckReceived) -> None:
-        self._ping_sent_at = None
+        self.liveness.pong()
 
     def _goaway_received(self, event: ev.ConnectionTerminated) -> None:
         self._h2_closed = self.draining = True
-        code = _code_name(event.error_code)
+        code = code_name(event.error_code)
         if event.error_code != ErrorCodes.NO_ERROR:
             self.error_reason = f"goaway_{code.lower()}"
             self.metrics.connection_error(self.direction, self.error_reason)
@@ -341,18 +316,24 @@ class Session(asyncio.Protocol):
             self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_handle = None
-        if self._h2_closed or self.transport is None or self.transport.is_closing():
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._h2_closed or self.transport is None or self.transport.is_closing() or self._flushing:
             return
-        while self._pending and not self._write_paused:
-            progressed = False
-            for stream in list(self._pending.values()):
-                if self._write_paused:
+        self._flushing = True
+        try:
+            while self._pending and not self._write_paused:
+                progressed = False
+                for stream in list(self._pending.values()):
+                    if self._write_paused:
+                        break
+                    progressed |= self._send_some(stream)
+                if not progressed:
                     break
-                progressed |= self._send_some(stream)
-            if not progressed:
-                break
-        self._write_out()
+            self._write_out()
+        finally:
+            self._flushing = False
 
     def _send_some(self, stream: HboneStream) -> bool:
         """One DATA frame of `stream` as its window allows; False when it cannot move."""
@@ -405,10 +386,7 @@ class Session(asyncio.Protocol):
     def _classify_loss(self, exc: BaseException | None) -> None:
         if self.error_reason is not None:
             return
-        buf = self.conn.incoming_buffer  # h2 internals, read defensively: bytes of an unfinished frame
-        partial = bool(getattr(buf, "_data", b"")) or bool(getattr(buf, "_headers_buffer", ())) or \
-            0 < getattr(buf, "_preamble_len", 0) < PREFACE_LEN
-        if partial:
+        if partial_input(self.conn):
             self.error_reason = "truncated"
         elif exc is not None:
             self.error_reason = "transport_error"
@@ -418,33 +396,20 @@ class Session(asyncio.Protocol):
             self.metrics.connection_error(self.direction, self.error_reason)
             self.log.info("%r: connection ended (%s)%s", self, self.error_reason, f": {exc}" if exc else "")
 
-    def _arm_keepalive(self) -> None:
-        period = min(self.settings.keepalive_interval, self.settings.keepalive_timeout) / 2
-        self._keepalive_handle = self.loop.call_later(period, self._keepalive)
-
-    def _keepalive(self) -> None:
-        now = self.loop.time()
-        if self._ping_sent_at is not None and now - self._ping_sent_at >= self.settings.keepalive_timeout:
-            self._fail_connection("keepalive_timeout", f"no PING answer in {self.settings.keepalive_timeout} s")
-            self.abort()
-            return
-        if self._ping_sent_at is None and now - self._last_heard >= self.settings.keepalive_interval \
-                and not self._h2_closed:
+    def _ping(self) -> None:
+        if not self._h2_closed:
             self.conn.ping(os.urandom(8))
-            self._ping_sent_at = now
             self._write_out()
-        self._arm_keepalive()
+
+    def _unanswered(self) -> None:
+        self._fail_connection("keepalive_timeout", f"no PING answer in {self.settings.keepalive_timeout} s")
+        self.abort()
 
     def _update_idle(self) -> None:
-        idle = not self.streams and not self.reserved and self.transport is not None
-        if idle and self._idle_handle is None:
-            self._idle_handle = self.loop.call_later(self._idle_timeout, self._idle_expired)
-        elif not idle and self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        if self.transport is not None:
+            self.liveness.busy(bool(self.streams or self.reserved))
 
-    def _idle_expired(self) -> None:
-        self._idle_handle = None
+    def _idle(self) -> None:
         if not self.streams and not self.reserved:
-            self.log.debug("%r: idle for %s s, closing", self, self._idle_timeout)
+            self.log.debug("%r: idle for %s s, closing", self, self.liveness.idle_timeout)
             self.goaway()

@@ -1,0 +1,215 @@
+"""Micro-benchmark of the HBONE tunnel on loopback: `python -m nodeagent.tunnel.bench`.
+
+Measures, through HBONE (pool -> TLS 1.3 + HTTP/2 CONNECT -> server -> handler) and
+through a direct TCP connection (asyncio streams), with the same client code on both:
+latency of request-response round trips on one stream (p50/p90/p99) and single-stream
+throughput (one way, the receiver counts the bytes and answers at EOF). The servers run
+in a child process so client and server do not share one CPU; certificates come from a
+throwaway nodeagent CA in a temporary directory. Loopback only, no root; the lab-based
+benchmark comes with the agent integration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import multiprocessing
+import socket
+import ssl
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry
+
+from nodeagent.identity import cakeys, credentials, tls as identity_tls
+from nodeagent.identity.ca import CertificateAuthority
+from nodeagent.identity.spiffe import Identity
+from nodeagent.tunnel import HboneServer, HbonePool, TunnelMetrics, tls
+
+TRUST_DOMAIN = "cluster.local"
+ROLES = {role: Identity(TRUST_DOMAIN, "bench", f"bench-{role}") for role in ("server", "client")}
+ECHO, SINK = 1, 2  # authority ports (HBONE) choosing the handler
+MIB = 1024 * 1024
+LOG = logging.getLogger("nodeagent.tunnel.bench")
+
+
+def make_credentials(directory: Path) -> None:
+    """A throwaway root (directory/root.pem) and a key + certificate file per role."""
+    ca = CertificateAuthority(TRUST_DOMAIN, cakeys.generate_root(TRUST_DOMAIN, dt.datetime.now(dt.timezone.utc)))
+    (directory / "root.pem").write_bytes(ca.root_pem)
+    for identity in ROLES.values():
+        key = ec.generate_private_key(ec.SECP256R1())
+        credentials.write(directory, identity, key, [ca.issue(key.public_key(), identity)], ca.root_pem)
+
+
+def context(directory: Path, role: str) -> ssl.SSLContext:
+    return identity_tls.context(directory / credentials.file_name(ROLES[role]),
+                                (directory / "root.pem").read_bytes(), server_side=role == "server")
+
+
+# --- the server side (child process) ----------------------------------------------------
+
+async def _sink(reader, writer) -> None:
+    """Read a length, then that many bytes; answer with the count."""
+    (expected,) = struct.unpack("!Q", await reader.readexactly(8))
+    total = 0
+    while total < expected and (data := await reader.read(MIB)):
+        total += len(data)
+    writer.write(struct.pack("!Q", total))
+    await writer.drain()
+
+
+async def _echo(reader, writer) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+
+
+async def _serve(pipe, directory: Path) -> None:
+    async def on_stream(info, reader, writer):
+        writer.respond(200)
+        await (_echo if info.authority[1] == ECHO else _sink)(reader, writer)
+
+    server = HboneServer(lambda ip: context(directory, "server"), tls.verifier(TRUST_DOMAIN),
+                         on_stream, metrics=TunnelMetrics(CollectorRegistry()), log=LOG)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    serving = asyncio.create_task(server.serve_socket(listener))
+    plain = [await asyncio.start_server(lambda r, w, h=handler: _close_after(h(r, w), w), "127.0.0.1", 0, ssl=ssl_ctx)
+             for ssl_ctx in (None, context(directory, "server")) for handler in (_echo, _sink)]
+    pipe.send((listener.getsockname(), *(srv.sockets[0].getsockname() for srv in plain)))
+    await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # until the parent says stop
+    await server.close(grace=1.0)
+    serving.cancel()
+    listener.close()
+    for srv in plain:
+        srv.close()
+
+
+async def _close_after(coro, writer) -> None:
+    try:
+        await coro
+    finally:
+        writer.close()
+
+
+def _server_main(pipe, directory: str) -> None:
+    asyncio.run(_serve(pipe, Path(directory)))
+
+
+# --- the client side --------------------------------------------------------------------
+
+async def latency(reader, writer, round_trips: int, size: int) -> list[float]:
+    """Microseconds per write-and-read-back of `size` bytes, after 100 warm-up trips."""
+    message = b"x" * size
+    samples = []
+    for i in range(round_trips + 100):
+        start = time.perf_counter_ns()
+        writer.write(message)
+        await writer.drain()
+        await reader.readexactly(size)
+        if i >= 100:
+            samples.append((time.perf_counter_ns() - start) / 1000)
+    return samples
+
+
+async def throughput(reader, writer, megabytes: int) -> float:
+    """MB/s (10^6 bytes) moving `megabytes` MiB one way, until the receiver has counted them."""
+    chunk = b"\xab" * MIB
+    start = time.perf_counter()
+    writer.write(struct.pack("!Q", megabytes * MIB))
+    for _ in range(megabytes):
+        writer.write(chunk)
+        await writer.drain()
+    (received,) = struct.unpack("!Q", await reader.readexactly(8))
+    elapsed = time.perf_counter() - start
+    if received != megabytes * MIB:
+        raise RuntimeError(f"the receiver counted {received} bytes, {megabytes * MIB} were sent")
+    return megabytes * MIB / elapsed / 1e6
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    return cuts[49], cuts[89], cuts[98]
+
+
+async def run_client(addresses, directory: Path, args) -> dict[str, dict]:
+    hbone_addr, tcp_echo, tcp_sink, tls_echo, tls_sink = addresses
+    client_ctx = context(directory, "client")
+    pool = HbonePool(lambda ip, port: socket.socket(), lambda source: context(directory, "client"),
+                     tls.verifier(TRUST_DOMAIN), metrics=TunnelMetrics(CollectorRegistry()), log=LOG)
+
+    async def hbone(port):
+        return await pool.open_stream(ROLES["client"].uri, ROLES["server"].uri, hbone_addr, ("127.0.0.1", port))
+
+    def direct(addr, ssl_ctx=None):
+        return asyncio.open_connection(*addr, ssl=ssl_ctx, server_hostname="127.0.0.1" if ssl_ctx else None)
+    results = {}
+    try:
+        for name, open_echo, open_sink in (
+                ("direct TCP", lambda: direct(tcp_echo), lambda: direct(tcp_sink)),
+                ("TLS 1.3 only", lambda: direct(tls_echo, client_ctx), lambda: direct(tls_sink, client_ctx)),
+                ("HBONE", lambda: hbone(ECHO), lambda: hbone(SINK))):
+            reader, writer = await open_echo()
+            samples = await latency(reader, writer, args.round_trips, args.size)
+            writer.close()
+            reader, writer = await open_sink()
+            results[name] = {"latency": percentiles(samples), "throughput": await throughput(reader, writer,
+                                                                                             args.megabytes)}
+            writer.close()
+    finally:
+        await pool.close()
+    return results
+
+
+def report(results: dict[str, dict], args) -> str:
+    names = list(results)
+    lines = [f"HBONE micro-benchmark, loopback, server in a child process "
+             f"(Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION})",
+             f"{'':34}" + "".join(f"{n:>14}" for n in names)]
+    for i, p in enumerate(("p50", "p90", "p99")):
+        lines.append(f"{f'round trip {p} (µs, {args.size} B)':34}"
+                     + "".join(f"{results[n]['latency'][i]:14.1f}" for n in names))
+    lines.append(f"{f'throughput (MB/s, {args.megabytes} MiB)':34}"
+                 + "".join(f"{results[n]['throughput']:14.1f}" for n in names))
+    lines.append(f"({args.round_trips} round trips on one stream each; throughput on one stream, one way)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nodeagent.tunnel.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--round-trips", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=64, help="bytes per request and per response")
+    parser.add_argument("--megabytes", type=int, default=256, help="MiB for the throughput run")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="hbone-bench-") as tmp:
+        directory = Path(tmp)
+        make_credentials(directory)
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        server = ctx.Process(target=_server_main, args=(child, tmp), daemon=True)
+        server.start()
+        try:
+            if not parent.poll(30):
+                raise RuntimeError("the benchmark server did not start")
+            results = asyncio.run(run_client(parent.recv(), directory, args))
+        finally:
+            parent.send("stop")
+            server.join(5)
+            if server.is_alive():
+                server.kill()
+                server.join()
+    print(report(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
