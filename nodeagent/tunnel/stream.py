@@ -59,7 +59,8 @@ class HboneStream(asyncio.Transport):
         self._eof_wanted = False
         self._end_sent = False
         self._closing = False
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # ended the stream both ways
+        self._write_error: BaseException | None = None  # ended only our sending
         self._done = False
         self._read_waiter: asyncio.Future | None = None
         self._drain_waiter: asyncio.Future | None = None
@@ -106,8 +107,8 @@ class HboneStream(asyncio.Transport):
         while self._outbox_bytes > self._low and not self._done:
             self._drain_waiter = self._session.loop.create_future()
             await self._drain_waiter
-        if self._error is not None:
-            raise self._error
+        if self._error is not None or self._write_error is not None:
+            raise self._error or self._write_error
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
@@ -159,7 +160,13 @@ class HboneStream(asyncio.Transport):
             return
         self._eof_delivered = True  # nothing more goes to the app
         self._discard_received()
-        self.write_eof()
+        if not self._end_sent:
+            self.write_eof()  # _sent() finishes the close once END_STREAM is out
+        elif not self._remote_ended:
+            self._session.reset(self, NO_ERROR)
+            self._finish(None)
+        else:
+            self._maybe_finish()
 
     def abort(self) -> None:
         """RST_STREAM CANCEL now; queued bytes are dropped."""
@@ -251,7 +258,11 @@ class HboneStream(asyncio.Transport):
 
     def _on_reset(self, error_code: int) -> None:
         if error_code == NO_ERROR and self._remote_ended:
-            self._end_sent = True  # the peer stops reading: deliver what we have, then end cleanly
+            # The peer stops reading (RFC 9113 8.1): what we received ends cleanly, what we
+            # still send fails like a write to a closed socket.
+            if not self._end_sent:
+                self._write_error = StreamReset(self.stream_id, error_code, "the peer stopped reading")
+            self._end_sent = True
             self._drop_outbox()
             self._wake_writer()
             if self._protocol is not None:

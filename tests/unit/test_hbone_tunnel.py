@@ -12,7 +12,7 @@ import pytest
 from hbone_certs import AUTHORITY, Loopback, echo, pki, round_trip, run  # noqa: F401 (pki is a fixture)
 from identity_fixtures import until
 from nodeagent.agent.splice import _Pipe
-from nodeagent.tunnel import ConnectionLost, TunnelSettings
+from nodeagent.tunnel import ConnectionLost, StreamReset, TunnelSettings
 
 MIB = 1024 * 1024
 
@@ -291,3 +291,50 @@ def test_goaway_ends_the_connection_and_pool_opens_a_new_one(pki):
             await round_trip(s, b"fresh")
             assert lb.connects == 2
     run(main())
+
+
+@pytest.mark.parametrize("eof_first", [False, True])
+def test_close_while_the_peer_sends_stops_it_and_frees_the_windows(pki, eof_first):
+    settings = TunnelSettings(stream_window=256 * 1024, connection_window=MIB)
+
+    async def main():
+        outcome = asyncio.get_running_loop().create_future()
+
+        async def on_stream(info, reader, writer):
+            if info.authority[1] != 1:
+                return await echo(info, reader, writer)
+            writer.respond(200)
+            try:
+                while True:  # a server that would stream forever
+                    writer.write(b"z" * 65536)
+                    await writer.drain()
+            except Exception as exc:
+                outcome.set_result(exc)
+                raise
+
+        async with Loopback(pki, on_stream, settings=settings) as lb:
+            s = await lb.open(authority=("10.0.0.1", 1))
+            if eof_first:
+                s.write_eof()  # our END_STREAM is out before close()
+            assert await s.read(1000)
+            s.close()  # END_STREAM, then RST_STREAM NO_ERROR: "stop sending"
+            await asyncio.wait_for(s.wait_closed(), 5)
+            exc = await asyncio.wait_for(outcome, 5)
+            assert isinstance(exc, StreamReset) and exc.error_code == 0  # like EPIPE, not a hang
+            # Whatever was in flight was given back to the connection window: 4 x the window flows.
+            await round_trip(await lb.open(), os.urandom(4 * MIB))
+            assert lb.connects == 1
+    run(main())
+
+
+@pytest.mark.timeout(120)
+def test_bench_runs_and_prints_the_three_paths_side_by_side(capsys):
+    from nodeagent.tunnel import bench
+    assert bench.main(["--round-trips", "50", "--megabytes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "direct TCP" in out and "TLS 1.3 only" in out and "HBONE" in out
+    rows = [line for line in out.splitlines() if line.startswith(("round trip", "throughput"))]
+    assert len(rows) == 4
+    for row in rows:
+        values = [float(v) for v in row.split()[-3:]]
+        assert all(v > 0 for v in values), row
