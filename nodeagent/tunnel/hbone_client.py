@@ -119,6 +119,11 @@ class HbonePool:
                 connecting = self._connects.get(session)
                 if connecting is not None:
                     await asyncio.shield(connecting)
+            except asyncio.CancelledError:
+                session.unreserve()
+                if asyncio.current_task().cancelling():
+                    raise  # our caller gave up
+                raise PoolClosed() from None  # close() stopped the attempt
             except BaseException:
                 session.unreserve()
                 raise
@@ -149,12 +154,24 @@ class HbonePool:
                 raise HandshakeFailed(addr, "no_local_identity", f"no certificate for {source}: {exc}") from None
             await self._tls(session, sock, context, addr)
         except TunnelError as err:
-            self.metrics.handshake_failure(DIRECTION, err.reason)
-            self.log.info("HBONE to %s:%d for %s failed: %s", addr[0], addr[1], source, err)
-            session.draining = True
-            session.abort()
-            self._forget(key, session)
+            self._connect_failed(session, key, err)
             raise
+        except asyncio.CancelledError:  # the pool is closing
+            self._connect_failed(session, key, None)
+            raise
+        except Exception as exc:  # a bug, or the caller's connect/context: still a typed error for waiters
+            err = HandshakeFailed(addr, "internal_error", repr(exc))
+            self.log.exception("HBONE to %s:%d: unexpected failure", addr[0], addr[1])
+            self._connect_failed(session, key, err)
+            raise err from exc
+
+    def _connect_failed(self, session: Session, key: Key, err: TunnelError | None) -> None:
+        if err is not None:
+            self.metrics.handshake_failure(DIRECTION, err.reason)
+            self.log.info("HBONE to %s:%d for %s failed: %s", key[2][0], key[2][1], key[0], err)
+        session.draining = True
+        session.abort()
+        self._forget(key, session)
 
     async def _tcp_connect(self, addr: Address) -> socket.socket:
         loop = asyncio.get_running_loop()

@@ -140,6 +140,9 @@ class HboneServer:
                                                ssl_handshake_timeout=self.settings.handshake_timeout)
         except (OSError, EOFError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
             return self._refuse_connection(sock, tls.failure_reason(exc), f"{peer[0]}:{peer[1]}", str(exc))
+        except Exception as exc:  # never let one connection's surprise reach the accept loop
+            self.log.exception("HBONE handshake with %s:%d: unexpected failure", *peer)
+            return self._refuse_connection(sock, "internal_error", f"{peer[0]}:{peer[1]}", repr(exc))
         if session.refused is not None:
             return self._refuse_connection(sock, session.refused.reason, f"{peer[0]}:{peer[1]}", str(session.refused))
         self.log.debug("%r: connected", session)

@@ -76,8 +76,8 @@ def failure_reason(exc: BaseException) -> str:
         return _VERIFY_REASONS.get(exc.verify_code, "bad_certificate")
     if isinstance(exc, ssl.SSLError):
         return _SSL_REASONS.get(exc.reason or "", "tls_error")
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "timeout"
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionAbortedError)):
+        return "timeout"  # asyncio aborts a handshake that outlives ssl_handshake_timeout
     if isinstance(exc, (ConnectionError, EOFError)):
         return "closed"
     return "tls_error"

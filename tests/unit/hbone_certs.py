@@ -109,6 +109,7 @@ class Loopback:
     settings: TunnelSettings = field(default_factory=TunnelSettings)
     server_kw: dict = field(default_factory=dict)
     pool_kw: dict = field(default_factory=dict)
+    host: str = "127.0.0.1"  # "::1" for IPv6
     connects: int = 0  # TCP connections the pool asked for
 
     async def __aenter__(self) -> "Loopback":
@@ -117,10 +118,11 @@ class Loopback:
         server_creds = self.server_creds or self.pki.server
         self.server = HboneServer(lambda ip: server_creds.ssl_context(True), verify, self.on_stream,
                                   metrics=self.metrics, log=LOG, settings=self.settings, **self.server_kw)
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        self.family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self.listener = socket.socket(self.family)
+        self.listener.bind((self.host, 0))
         self.listener.listen(64)
-        self.address = self.listener.getsockname()
+        self.address = self.listener.getsockname()[:2]
         self.serving = asyncio.create_task(self.server.serve_socket(self.listener))
         self.pool = HbonePool(self._connect, lambda source: self.pki.client.ssl_context(False), verify,
                               metrics=self.metrics, log=LOG, settings=self.settings, **self.pool_kw)
@@ -135,7 +137,7 @@ class Loopback:
 
     def _connect(self, ip: str, port: int) -> socket.socket:
         self.connects += 1
-        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        return socket.socket(self.family, socket.SOCK_STREAM)
 
     async def open(self, authority=AUTHORITY, headers=(), dest_identity: str | None = None):
         reader, writer = await self.pool.open_stream(self.pki.client.identity.uri,
@@ -149,7 +151,7 @@ class Loopback:
     async def raw_tls(self, creds: Credentials | None = None):
         """A plain TLS connection to the server (for speaking broken HTTP/2 to it)."""
         ctx = self.pki.context(creds or self.pki.client, server_side=False)
-        return await asyncio.open_connection(*self.address, ssl=ctx, server_hostname="127.0.0.1")
+        return await asyncio.open_connection(*self.address, ssl=ctx, server_hostname=self.host)
 
 
 def run(coro, timeout: float = 60.0):

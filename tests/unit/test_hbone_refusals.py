@@ -14,7 +14,7 @@ import pytest
 
 from hbone_certs import AUTHORITY, LOG, Loopback, TunnelMetrics, pki, round_trip, run, verify  # noqa: F401
 from identity_fixtures import until
-from nodeagent.tunnel import (ConnectFailed, ConnectRefused, HandshakeFailed, HbonePool, IdentityMismatch,
+from nodeagent.tunnel import (ConnectFailed, ConnectRefused, HandshakeFailed, HbonePool, IdentityMismatch, PoolClosed,
                               StreamReset)
 from prometheus_client import CollectorRegistry
 
@@ -294,4 +294,37 @@ def test_keepalive_closes_a_silent_peer(pki):
             assert lb.value("nodeagent_hbone_connection_errors_total", direction="inbound",
                             reason="keepalive_timeout") == 1
             await still_works(good)  # answered its PINGs all along
+    run(main())
+
+
+def test_server_handshake_timeout_is_counted(pki):
+    from nodeagent.tunnel import TunnelSettings
+
+    async def main():
+        async with Loopback(pki, settings=TunnelSettings(handshake_timeout=0.3)) as lb:
+            good = await healthy(lb)
+            reader, writer = await asyncio.open_connection(*lb.address)  # TCP, then silence
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            assert await counted(lb, "nodeagent_hbone_handshake_failures_total",
+                                 direction="inbound", reason="timeout") == 1
+            await still_works(good)
+    run(main())
+
+
+def test_closing_the_pool_during_a_connect_gives_waiters_pool_closed(pki):
+    async def main():
+        with socket.socket() as mute:  # accepts TCP (backlog) but never speaks TLS
+            mute.bind(("127.0.0.1", 0))
+            mute.listen(8)
+            ctx = pki.context(pki.client, server_side=False)
+            pool = HbonePool(lambda ip, port: socket.socket(), lambda source: ctx, verify,
+                             metrics=TunnelMetrics(CollectorRegistry()), log=LOG)
+            opens = [asyncio.create_task(pool.open_stream(pki.client.identity.uri, pki.server.identity.uri,
+                                                          mute.getsockname(), AUTHORITY)) for _ in range(3)]
+            await until(lambda: pool.connections() == 1, 5, "the connection attempt")
+            await pool.close()
+            results = await asyncio.wait_for(asyncio.gather(*opens, return_exceptions=True), 5)
+            assert [type(r) for r in results] == [PoolClosed] * 3
+            assert pool.connections() == 0
     run(main())

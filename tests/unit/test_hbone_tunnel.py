@@ -338,3 +338,19 @@ def test_bench_runs_and_prints_the_three_paths_side_by_side(capsys):
     for row in rows:
         values = [float(v) for v in row.split()[-3:]]
         assert all(v > 0 for v in values), row
+
+
+def test_ipv6_destination_and_authority(pki):
+    seen = []
+
+    async def on_stream(info, reader, writer):
+        seen.append(info)
+        await echo(info, reader, writer)
+
+    async def main():
+        async with Loopback(pki, on_stream, host="::1") as lb:
+            s = await lb.open(authority=("fd00:10:244::5", 9080))
+            await round_trip(s, b"six")
+            assert seen[0].authority == ("fd00:10:244::5", 9080)
+            assert seen[0].peer_address[0] == "::1" and seen[0].local_address[0] == "::1"
+    run(main())
