@@ -29,6 +29,8 @@ from nodeagent.tunnel.metrics import TunnelMetrics
 from nodeagent.tunnel.settings import TunnelSettings
 from nodeagent.tunnel.stream import HboneStream
 
+TLS_HIGH_WATER = 1024 * 1024  # bytes the TLS transport may hold before streams stop sending
+
 class Session(asyncio.Protocol):
     def __init__(self, *, direction: str, settings: TunnelSettings, metrics: TunnelMetrics,
                  log: logging.Logger, check_peer: Callable[[asyncio.BaseTransport], str], max_streams: int,
@@ -81,7 +83,7 @@ class Session(asyncio.Protocol):
             return
         self._counted = True
         self.metrics.connections.labels(direction=self.direction).inc()
-        transport.set_write_buffer_limits(high=2 * self.settings.max_frame_size)
+        transport.set_write_buffer_limits(high=TLS_HIGH_WATER)
         start(self.conn, self.settings)
         self._flush()
         self.liveness.start()
