@@ -9,14 +9,16 @@ import socket
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
+from hyperframe.frame import DataFrame, WindowUpdateFrame
+from prometheus_client import CollectorRegistry
 
-from hbone_certs import AUTHORITY, LOG, Loopback, TunnelMetrics, pki, round_trip, run, verify  # noqa: F401
+from hbone_certs import AUTHORITY, LOG, Loopback, TunnelMetrics, echo, pki, round_trip, run, verify  # noqa: F401
 from identity_fixtures import until
 from nodeagent.tunnel import (ConnectFailed, ConnectRefused, HandshakeFailed, HbonePool, IdentityMismatch, PoolClosed,
-                              StreamReset)
-from prometheus_client import CollectorRegistry
+                              StreamReset, TunnelSettings)
 
 
 async def healthy(lb: Loopback):
@@ -194,7 +196,6 @@ def test_non_connect_method_and_malformed_authority(pki):
 def test_refusal_status_is_a_typed_error_at_the_client(pki, status):
     async def on_stream(info, reader, writer):
         if info.authority[1] == 8080:
-            from hbone_certs import echo
             return await echo(info, reader, writer)
         writer.respond(status)
 
@@ -279,7 +280,6 @@ def test_concurrent_opens_share_one_failed_attempt(pki):
 
 
 def test_keepalive_closes_a_silent_peer(pki):
-    from nodeagent.tunnel import TunnelSettings
     settings = TunnelSettings(keepalive_interval=0.1, keepalive_timeout=0.3)
 
     async def main():
@@ -298,8 +298,6 @@ def test_keepalive_closes_a_silent_peer(pki):
 
 
 def test_server_handshake_timeout_is_counted(pki):
-    from nodeagent.tunnel import TunnelSettings
-
     async def main():
         async with Loopback(pki, settings=TunnelSettings(handshake_timeout=0.3)) as lb:
             good = await healthy(lb)
@@ -327,4 +325,24 @@ def test_closing_the_pool_during_a_connect_gives_waiters_pool_closed(pki):
             results = await asyncio.wait_for(asyncio.gather(*opens, return_exceptions=True), 5)
             assert [type(r) for r in results] == [PoolClosed] * 3
             assert pool.connections() == 0
+    run(main())
+
+
+@pytest.mark.parametrize("frame, code, reason", [
+    (lambda: DataFrame(1, data=b"x" * (200 * 1024)), "FRAME_SIZE_ERROR", "frame_too_large"),  # > 128 KiB
+    (lambda: WindowUpdateFrame(0, window_increment=0), "PROTOCOL_ERROR", "protocol_error")])
+def test_bad_frames_get_goaway_with_their_error_code(pki, frame, code, reason):
+    async def main():
+        async with Loopback(pki) as lb:
+            good = await healthy(lb)
+            reader, writer = await lb.raw_tls()
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            writer.write(conn.data_to_send() + frame().serialize())
+            events = await frames_until_closed(reader)
+            writer.close()
+            goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+            assert [e.error_code for e in goaway] == [getattr(h2.errors.ErrorCodes, code)]
+            assert lb.value("nodeagent_hbone_connection_errors_total", direction="inbound", reason=reason) == 1
+            await still_works(good)
     run(main())

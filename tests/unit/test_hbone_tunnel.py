@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 
 import pytest
 
 from hbone_certs import AUTHORITY, Loopback, echo, pki, round_trip, run  # noqa: F401 (pki is a fixture)
 from identity_fixtures import until
 from nodeagent.agent.splice import _Pipe
-from nodeagent.tunnel import ConnectionLost, StreamReset, TunnelSettings
+from nodeagent.tunnel import ConnectionLost, StreamReset, TunnelSettings, bench
 
 MIB = 1024 * 1024
 
@@ -110,10 +111,8 @@ def test_stream_limit_opens_more_connections(pki):
 
 
 def test_half_close_both_ways(pki):
-    got_late = asyncio.Queue
-
     async def main():
-        late = got_late()
+        late = asyncio.Queue()
 
         async def on_stream(info, reader, writer):
             writer.respond(200)
@@ -201,8 +200,8 @@ def test_push_style_through_the_agent_splice(pki):
         results = []
 
         async def on_stream(info, reader, writer):
-            upstream = await loop.run_in_executor(None, lambda: __import__("socket").create_connection(
-                app_server.sockets[0].getsockname()))
+            upstream = await loop.run_in_executor(
+                None, socket.create_connection, app_server.sockets[0].getsockname())
             writer.respond(200)
             pipe = _Pipe(loop)  # what splice() does, with the stream attached in place of a socket
             await loop.connect_accepted_socket(lambda: pipe.a, sock=upstream)
@@ -329,7 +328,6 @@ def test_close_while_the_peer_sends_stops_it_and_frees_the_windows(pki, eof_firs
 
 @pytest.mark.timeout(120)
 def test_bench_runs_and_prints_the_three_paths_side_by_side(capsys):
-    from nodeagent.tunnel import bench
     assert bench.main(["--round-trips", "50", "--megabytes", "4"]) == 0
     out = capsys.readouterr().out
     assert "direct TCP" in out and "TLS 1.3 only" in out and "HBONE" in out
