@@ -1,0 +1,183 @@
+"""The contract between the waypoint Envoy and the agent's data path.
+
+Envoy never opens a connection between nodes and never holds a key: it only talks to
+the agent over unix sockets in one runtime directory, and every connection starts with
+a PROXY protocol v2 header carrying the original addresses and the facts only the agent
+knows (the verified source identity) or only Envoy knows (the endpoint it picked):
+
+  agent → outbound.sock  client-side L7; PROXY src = client pod, dst = original
+                         destination (service VIP:port); TLVs PRINCIPAL, SOURCE_LABELS,
+                         SOURCE_WORKLOAD.
+  agent → inbound.sock   server-side L7; PROXY src = client, dst = destination pod
+                         IP:port; TLV PRINCIPAL (as verified by mTLS).
+  Envoy → upstream.sock  after client-side L7; PROXY src/dst as received, TLVs
+                         PRINCIPAL and SOURCE_WORKLOAD passed through, ENDPOINT added:
+                         the pod "ip:port" Envoy's load balancer chose (absent for a
+                         PASSTHROUGH DestinationRule: use the PROXY destination).
+  Envoy → deliver.sock   after server-side L7; PROXY src = client, dst = the pod;
+                         PRINCIPAL passed through. The agent delivers to the pod.
+  Envoy → xds.sock       ADS (gRPC) to the agent's xDS server.
+
+TLV types are in PROXY v2's custom range (0xE0-0xEF) and never renumbered.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from nodeagent.errors import ConfigError
+
+TLV_PRINCIPAL = 0xE0  # SPIFFE URI of the source workload, as verified by the agent
+TLV_SOURCE_LABELS = 0xE1  # the source pod's labels, encode_labels() form
+TLV_ENDPOINT = 0xE2  # "ip:port" / "[ip6]:port" of the endpoint Envoy picked
+TLV_SOURCE_WORKLOAD = 0xE3  # "<namespace>/<pod name>" of the source, for telemetry
+
+# Where Envoy keeps what the TLVs said: dynamic metadata namespace (set by the
+# proxy_protocol listener filter) and the filter state keys HTTP filters match on.
+METADATA_NAMESPACE = "nodeagent"
+TLV_KEYS = {TLV_PRINCIPAL: "source_principal", TLV_SOURCE_LABELS: "source_labels",
+            TLV_SOURCE_WORKLOAD: "source_workload"}
+FILTER_STATE = {tlv: f"nodeagent.{key}" for tlv, key in TLV_KEYS.items()}
+
+SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+
+
+@dataclass(frozen=True)
+class Sockets:
+    """The unix socket paths of one waypoint, all in `directory`."""
+
+    directory: str
+
+    def __post_init__(self) -> None:
+        longest = self.path("outbound.sock")
+        if len(longest.encode()) > UNIX_PATH_MAX:
+            raise ConfigError(f"waypoint runtime directory {self.directory!r}",
+                              f"socket paths such as {longest} exceed {UNIX_PATH_MAX} bytes",
+                              "use a shorter directory, e.g. under /run")
+
+    def path(self, name: str) -> str:
+        return f"{self.directory.rstrip('/')}/{name}"
+
+    @property
+    def xds(self) -> str:
+        return self.path("xds.sock")
+
+    @property
+    def outbound(self) -> str:
+        return self.path("outbound.sock")
+
+    @property
+    def inbound(self) -> str:
+        return self.path("inbound.sock")
+
+    @property
+    def upstream(self) -> str:
+        return self.path("upstream.sock")
+
+    @property
+    def deliver(self) -> str:
+        return self.path("deliver.sock")
+
+
+@dataclass(frozen=True)
+class DataPlane:
+    """What the agent needs from one snapshot: which connections go through Envoy."""
+
+    sockets: Sockets
+    outbound: frozenset[tuple[str, int]] = frozenset()  # (service VIP, port) → outbound.sock
+    inbound: frozenset[tuple[str, int]] = frozenset()  # (local pod IP, port) → inbound.sock
+
+
+@dataclass(frozen=True)
+class ProxyHeader:
+    """One PROXY v2 PROXY-command header over TCP (IPv4 or IPv6)."""
+
+    source: tuple[str, int]
+    destination: tuple[str, int]
+    tlvs: tuple[tuple[int, bytes], ...] = ()
+
+    def tlv(self, kind: int) -> bytes | None:
+        return next((value for t, value in self.tlvs if t == kind), None)
+
+    def encode(self) -> bytes:
+        src, dst = ipaddress.ip_address(self.source[0]), ipaddress.ip_address(self.destination[0])
+        if src.version != dst.version:
+            raise ValueError(f"PROXY v2 needs one address family: {src} and {dst}")
+        family = 0x11 if src.version == 4 else 0x21  # TCP over IPv4 / IPv6
+        body = src.packed + dst.packed + struct.pack("!HH", self.source[1], self.destination[1])
+        for kind, value in self.tlvs:
+            body += struct.pack("!BH", kind, len(value)) + value
+        return SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+def decode(read_exact: Callable[[int], bytes]) -> ProxyHeader | None:
+    """Read one PROXY v2 header with `read_exact(n)`; None for a LOCAL command (no
+    addresses). Raises ValueError for anything that is not PROXY v2 over TCP."""
+    head = read_exact(16)
+    if head[:12] != SIGNATURE or head[12] >> 4 != 2:
+        raise ValueError("not a PROXY protocol v2 header")
+    body = read_exact(struct.unpack("!H", head[14:16])[0])
+    if head[12] & 0x0F == 0:
+        return None
+    size = {0x11: 4, 0x21: 16}.get(head[13])
+    if size is None:
+        raise ValueError(f"unsupported PROXY v2 address family 0x{head[13]:02x}")
+    src = str(ipaddress.ip_address(body[:size]))
+    dst = str(ipaddress.ip_address(body[size:2 * size]))
+    sport, dport = struct.unpack("!HH", body[2 * size:2 * size + 4])
+    return ProxyHeader((src, sport), (dst, dport), _tlvs(body[2 * size + 4:]))
+
+
+def read_header(sock) -> ProxyHeader | None:
+    """decode() from a socket, reading exactly the header's bytes and nothing after it."""
+    def read_exact(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ValueError("connection closed inside the PROXY header")
+            data += chunk
+        return data
+    return decode(read_exact)
+
+
+def _tlvs(data: bytes) -> tuple[tuple[int, bytes], ...]:
+    out = []
+    while data:
+        if len(data) < 3:
+            raise ValueError("truncated PROXY v2 TLV")
+        kind, length = struct.unpack("!BH", data[:3])
+        if len(data) < 3 + length:
+            raise ValueError(f"truncated PROXY v2 TLV 0x{kind:02x}")
+        out.append((kind, data[3:3 + length]))
+        data = data[3 + length:]
+    return tuple(out)
+
+
+def endpoint(ip: str, port: int) -> str:
+    """The ENDPOINT TLV text: `10.0.0.1:80`, `[fd00::1]:80`."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def encode_labels(labels: Mapping[str, str]) -> bytes:
+    """SOURCE_LABELS: `,k1=v1,k2=v2,` sorted by key. Kubernetes label keys and values
+    never contain ',' or '=', so the form is unambiguous and a selector is a regex."""
+    return ("," + "".join(f"{k}={v}," for k, v in sorted(labels.items()))).encode()
+
+
+def labels_regex(selector: Mapping[str, str]) -> str:
+    """An RE2 pattern that fully matches encode_labels(labels) exactly when every
+    key=value of `selector` is among `labels` (entries are sorted and comma-bounded,
+    so `(?:[^,]*,)*` skips whole entries between the wanted ones)."""
+    wanted = "(?:[^,]*,)*".join(f"{re2_escape(k)}={re2_escape(v)}," for k, v in sorted(selector.items()))
+    return f",(?:[^,]*,)*{wanted}.*"
+
+
+def re2_escape(text: str) -> str:
+    # Escape every non-alphanumeric character: RE2 reads `\<punct>` as the literal.
+    return re.sub(r"([^A-Za-z0-9])", r"\\\1", text)

@@ -1,0 +1,1 @@
+"""Istio resources the waypoint translates, validated into typed form (see config.py)."""

@@ -1,0 +1,110 @@
+"""The Istio configuration the waypoint translates: every supported resource of a Model,
+validated one by one.
+
+`IstioConfig.build(model, previous)` reads VirtualService, DestinationRule, EnvoyFilter,
+AuthorizationPolicy and RequestAuthentication. An invalid resource is reported as a
+ConfigError naming it (`source (Kind ns/name)`) and the field; if `previous` held a good
+version of it, that version stays in force (as Istio's webhook would have refused the
+bad write), otherwise it is left out. The rest always apply. Warnings (deprecated
+fields, patches that apply nowhere) do not reject anything. Immutable; pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from nodeagent.errors import ConfigError
+from nodeagent.kube.objects import KubeObject
+from nodeagent.model import Model
+from nodeagent.policy.policyset import _with_fate  # the same wording as the L4 engine's
+from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
+from nodeagent.policy.schema import Field, resource_name
+from nodeagent.xds.istio.destinationrule import destination_rule
+from nodeagent.xds.istio.envoyfilter import envoy_filter
+from nodeagent.xds.istio.security import authentication, authorization
+from nodeagent.xds.istio.virtualservice import virtual_service
+
+NETWORKING = "networking.istio.io"
+SECURITY = "security.istio.io"
+NETWORKING_VERSIONS = ("v1", "v1beta1", "v1alpha3")
+# kind → (group, accepted versions, reader); security versions are checked by nodeagent.policy.
+READERS: dict[str, tuple[str, tuple[str, ...], Callable]] = {
+    "VirtualService": (NETWORKING, NETWORKING_VERSIONS, virtual_service),
+    "DestinationRule": (NETWORKING, NETWORKING_VERSIONS, destination_rule),
+    "EnvoyFilter": (NETWORKING, ("v1alpha3",), envoy_filter),
+    "AuthorizationPolicy": (SECURITY, (), authorization),
+    "RequestAuthentication": (SECURITY, (), authentication),
+}
+Key = tuple[str, str, str]  # (kind, namespace, name)
+
+
+@dataclass(frozen=True)
+class IstioConfig:
+    entries: Mapping[Key, Any] = field(default_factory=dict)
+    errors: tuple[ConfigError, ...] = ()
+    warnings: tuple[ConfigError, ...] = ()
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+
+    def of_kind(self, kind: str) -> tuple:
+        """The resources in force of `kind`, ordered by (namespace, name)."""
+        return tuple(v for (k, _, _), v in self.entries.items() if k == kind)
+
+    @property
+    def virtual_services(self) -> tuple:
+        return self.of_kind("VirtualService")
+
+    @property
+    def destination_rules(self) -> tuple:
+        return self.of_kind("DestinationRule")
+
+    @property
+    def envoy_filters(self) -> tuple:
+        return self.of_kind("EnvoyFilter")
+
+    @property
+    def authorizations(self) -> tuple:
+        return self.of_kind("AuthorizationPolicy")
+
+    @property
+    def authentications(self) -> tuple:
+        return self.of_kind("RequestAuthentication")
+
+    @classmethod
+    def build(cls, model: Model, previous: "IstioConfig | None" = None,
+              root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> "IstioConfig":
+        entries: dict[Key, Any] = {}
+        errors: list[ConfigError] = []
+        warnings: list[ConfigError] = []
+        for kind, (group, _, _) in READERS.items():
+            for obj in model.resources.get(kind, ()):
+                if obj.group != group:
+                    continue
+                key = (kind, obj.namespace, obj.name)
+                if key in entries:
+                    errors.append(ConfigError(resource_name(obj), "defined twice; the first one is used",
+                                              "remove or rename one of them"))
+                    continue
+                found: list[ConfigError] = []
+                try:
+                    entries[key] = read(obj, found.append)
+                    warnings.extend(found)
+                except ConfigError as err:
+                    kept = previous.entries.get(key) if previous is not None else None
+                    errors.append(_with_fate(err, kept is not None))
+                    if kept is not None:
+                        entries[key] = kept
+        ordered = dict(sorted(entries.items()))
+        return cls(MappingProxyType(ordered), tuple(errors), tuple(warnings), root_namespace)
+
+
+def read(obj: KubeObject, warn: Callable[[ConfigError], None]) -> Any:
+    """The typed form of one supported resource; raises ConfigError if it is invalid."""
+    group, versions, reader = READERS[obj.kind]
+    version = obj.api_version.split("/", 1)[-1]
+    if versions and version not in versions:
+        accepted = " or ".join(f"{group}/{v}" for v in versions)
+        raise Field(resource_name(obj), "apiVersion", obj.api_version).error(
+            f"{obj.api_version} {obj.kind} is not supported", f"use {accepted}")
+    return reader(obj, warn)

@@ -1,0 +1,1 @@
+"""Model + validated Istio configuration → one node's Envoy resources (see build.py)."""

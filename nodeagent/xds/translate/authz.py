@@ -1,0 +1,186 @@
+"""AuthorizationPolicy → envoy.filters.http.rbac filters (a DENY one, then an ALLOW one).
+
+Structure as istiod builds it: one RBAC policy per rule (`ns[<ns>]-policy[<name>]-
+rule[<i>]`); a rule's principals are from (OR of sources, AND of fields, OR of values)
+AND its principal-side `when` keys, its permissions are to (same shape) AND the
+permission-side keys; notX and notValues negate the OR. An ALLOW policy without rules
+adds nothing, so a workload whose ALLOW policies have no rules denies everything.
+Field → attribute mapping is nodeagent.policy's, shared with the L4 engine.
+
+Attributes come from what the agent vouches for: the source principal (PROXY TLV,
+copied to filter state `nodeagent.source_principal`; namespaces and service accounts
+are read from it), the client address (PROXY source = Envoy's direct remote address),
+the destination port, the request, and the JWT payload jwt_authn verified.
+`connection.sni` never matches: the waypoint sees no TLS handshake.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from envoy_data_plane.envoy.config.core.v3 import CidrRange
+from envoy_data_plane.envoy.config.rbac.v3 import (Permission, PermissionSet, Policy, Principal, PrincipalSet,
+                                                  Rbac as Rules, RbacAction, SourcedMetadata)
+from envoy_data_plane.envoy.config.route.v3 import HeaderMatcher
+from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+from envoy_data_plane.envoy.type.matcher.v3 import (FilterStateMatcher, ListMatcher, MetadataMatcher,
+                                                   MetadataMatcherPathSegment, PathMatcher, StringMatcher,
+                                                   ValueMatcher)
+
+from nodeagent.policy.authz import ALLOW, DENY
+from nodeagent.policy.rules import OPERATION_FIELDS, SOURCE_FIELDS
+from nodeagent.policy.schema import Field
+from nodeagent.xds import dataplane
+from nodeagent.xds.istio.security import Authorization, request_principal
+from nodeagent.xds.translate.jwt import JWT_AUTHN, PAYLOAD
+from nodeagent.xds.translate.matches import namespace_regex
+from nodeagent.xds.translate.primitives import http_filter, istio_pattern, regex_matcher
+
+RBAC = "envoy.filters.http.rbac"
+SPIFFE = "spiffe://"
+PRINCIPAL_KEY = dataplane.FILTER_STATE[dataplane.TLV_PRINCIPAL]
+PERMISSION_KEYS = ("destination.ip", "destination.port", "connection.sni")
+CLAIM = re.compile(r"\[([^\[\]]+)\]")
+
+
+def rbac_filters(authorizations: list[Authorization]) -> list[HttpFilter]:
+    out = []
+    for action, envoy_action in ((DENY, RbacAction.DENY), (ALLOW, RbacAction.ALLOW)):
+        chosen = [a for a in authorizations if a.policy.action == action]
+        if chosen:
+            policies = {}
+            for authz in chosen:
+                for i, rule in enumerate(authz.obj.spec.get("rules") or []):
+                    key = f"ns[{authz.obj.namespace}]-policy[{authz.obj.name}]-rule[{i}]"
+                    policies[key] = _policy(rule or {}, authz, f"spec.rules[{i}]")
+            out.append(http_filter(RBAC, Rbac(rules=Rules(action=envoy_action, policies=policies))))
+    return out
+
+
+def _policy(rule: dict, authz: Authorization, path: str) -> Policy:
+    namespace = authz.obj.namespace
+    principals = [_entries(rule.get("from"), "source", SOURCE_FIELDS, namespace, authz, path)]
+    permissions = [_entries(rule.get("to"), "operation", OPERATION_FIELDS, namespace, authz, path)]
+    for cond in rule.get("when") or []:
+        side = permissions if cond["key"] in PERMISSION_KEYS else principals
+        for name, negate in (("values", False), ("notValues", True)):
+            if cond.get(name):
+                side.append(_values(cond["key"], cond[name], negate, namespace, authz, f"{path}.when"))
+    return Policy(principals=[_all([p for p in principals if p is not None], Principal)],
+                  permissions=[_all([p for p in permissions if p is not None], Permission)])
+
+
+def _entries(entries, inner: str, table: dict, namespace: str, authz: Authorization, path: str):
+    if not entries:
+        return None
+    kind = Principal if inner == "source" else Permission
+    alternatives = []
+    for entry in entries:
+        fields = entry.get(inner) or {}
+        alternatives.append(_all([_values(table[name][0], values, table[name][1], namespace, authz, path)
+                                  for name, values in fields.items() if values], kind))
+    return _any(alternatives, kind)
+
+
+def _values(attribute: str, values: list[str], negate: bool, namespace: str, authz: Authorization, path: str):
+    side = Permission if attribute in PERMISSION_KEYS or attribute in _PERMISSION_BUILDERS else Principal
+    matchers = [_matcher(attribute, v, namespace, authz, path) for v in values]
+    one = _any(matchers, side)
+    return (Principal(not_id=one) if side is Principal else Permission(not_rule=one)) if negate else one
+
+
+def _all(items: list, kind):
+    if not items:
+        return kind(any=True)
+    if len(items) == 1:
+        return items[0]
+    return Principal(and_ids=PrincipalSet(ids=items)) if kind is Principal else \
+        Permission(and_rules=PermissionSet(rules=items))
+
+
+def _any(items: list, kind):
+    if len(items) == 1:
+        return items[0]
+    return Principal(or_ids=PrincipalSet(ids=items)) if kind is Principal else \
+        Permission(or_rules=PermissionSet(rules=items))
+
+
+def _matcher(attribute: str, value: str, namespace: str, authz: Authorization, path: str):
+    if attribute in _PERMISSION_BUILDERS:
+        return _PERMISSION_BUILDERS[attribute](value)
+    if attribute.startswith("request.headers["):
+        return Principal(header=_header(attribute[len("request.headers["):-1], value))
+    if attribute.startswith("request.auth.claims["):
+        return _claim(CLAIM.findall(attribute[len("request.auth.claims"):]), value)
+    if attribute == "request.auth.principal":
+        issuer, subject = request_principal(Field(f"{authz.obj.source} ({authz.obj})", path, value), value)
+        parts = [_claim(["iss"], issuer or "*", lists=False)]
+        if subject is not None:
+            parts.append(_claim(["sub"], subject, lists=False))
+        return _all(parts, Principal)
+    return _PRINCIPAL_BUILDERS[attribute](value, namespace)
+
+
+def _header(name: str, value: str) -> HeaderMatcher:
+    if value == "*":
+        return HeaderMatcher(name=name, present_match=True)
+    return HeaderMatcher(name=name, string_match=istio_pattern(value))
+
+
+def _cidr(value: str) -> CidrRange:
+    network = ipaddress.ip_network(value, strict=False)
+    return CidrRange(address_prefix=str(network.network_address), prefix_len=network.prefixlen)
+
+
+def _principal_state(matcher: StringMatcher) -> Principal:
+    return Principal(filter_state=FilterStateMatcher(key=PRINCIPAL_KEY, string_match=matcher))
+
+
+def _namespace(value: str, namespace: str) -> Principal:
+    if value == "*":
+        return _principal_state(regex_matcher(namespace_regex("", "any")))
+    if value.endswith("*"):
+        return _principal_state(regex_matcher(namespace_regex(value[:-1], "prefix")))
+    if value.startswith("*"):
+        return _principal_state(regex_matcher(namespace_regex(value[1:], "suffix")))
+    return _principal_state(regex_matcher(namespace_regex(value)))
+
+
+def _service_account(value: str, namespace: str) -> Principal:
+    ns, _, sa = value.rpartition("/")
+    pattern = namespace_regex(ns or namespace)[:-len(".*")] + "sa/" + dataplane.re2_escape(sa)
+    return _principal_state(regex_matcher(pattern))
+
+
+def _claim(path: list[str], value: str, lists: bool = True) -> Principal:
+    """A JWT payload value (string, or a list holding it, for claims) as jwt_authn stored it."""
+    segments = [MetadataMatcherPathSegment(key=k) for k in [PAYLOAD, *path]]
+    if value == "*":
+        return Principal(sourced_metadata=SourcedMetadata(metadata_matcher=MetadataMatcher(
+            filter=JWT_AUTHN, path=segments, value=ValueMatcher(present_match=True))))
+    string = ValueMatcher(string_match=istio_pattern(value))
+    found = [string] + ([ValueMatcher(list_match=ListMatcher(one_of=string))] if lists else [])
+    return _any([Principal(sourced_metadata=SourcedMetadata(metadata_matcher=MetadataMatcher(
+        filter=JWT_AUTHN, path=segments, value=v))) for v in found], Principal)
+
+
+_PRINCIPAL_BUILDERS = {
+    "source.principal": lambda v, ns: _principal_state(istio_pattern(v, prefix=SPIFFE)),
+    "source.namespace": _namespace,
+    "source.serviceAccount": _service_account,
+    "source.ip": lambda v, ns: Principal(direct_remote_ip=_cidr(v)),
+    "remote.ip": lambda v, ns: Principal(remote_ip=_cidr(v)),
+    "request.auth.audiences": lambda v, ns: _claim(["aud"], v),
+    "request.auth.presenter": lambda v, ns: _claim(["azp"], v, lists=False),
+}
+_PERMISSION_BUILDERS = {
+    "request.host": lambda v: Permission(header=HeaderMatcher(
+        name=":authority", string_match=istio_pattern(v, ignore_case=True))),
+    "request.method": lambda v: Permission(header=_header(":method", v)),
+    "request.path": lambda v: Permission(url_path=PathMatcher(path=istio_pattern(v))),
+    "destination.port": lambda v: Permission(destination_port=int(v)),
+    "destination.ip": lambda v: Permission(destination_ip=_cidr(v)),
+    "connection.sni": lambda v: Permission(not_rule=Permission(any=True)),
+}

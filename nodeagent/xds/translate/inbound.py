@@ -1,0 +1,134 @@
+"""The server-side waypoint: one listener on inbound.sock with a filter chain per
+(local pod IP, HTTP port) for the meshed pods of this node that need L7 policy, chosen
+by the destination in the agent's PROXY header.
+
+A pod needs it when an enforced AuthorizationPolicy applying to it has fields only HTTP
+can evaluate, a RequestAuthentication selects it, or a rate-limit EnvoyFilter does. Its
+chains then enforce *every* policy applying to it (the agent sends its HTTP traffic here
+and leaves authorization to Envoy): local rate limits placed first, jwt_authn, RBAC
+DENY, RBAC ALLOW, rate limits placed before the router, router. Only ports a Service
+names as HTTP (by port name) get a chain; the agent keeps enforcing the others at L4.
+Policies bound by targetRef to a Service apply to that Service's pods.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from envoy_data_plane.envoy.config.core.v3 import CidrRange
+from envoy_data_plane.envoy.config.listener.v3 import FilterChain, FilterChainMatch, Listener
+from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+
+from nodeagent.model import Pod
+from nodeagent.policy.authz import ALLOW, DENY
+from nodeagent.policy.scope import Scope, labels_match
+from nodeagent.xds import dataplane
+from nodeagent.xds.istio.envoyfilter import LOCAL_RATELIMIT, EnvoyFilter, RateLimitPatch
+from nodeagent.xds.translate import listeners, names, routes
+from nodeagent.xds.translate.authz import rbac_filters
+from nodeagent.xds.translate.context import Context
+from nodeagent.xds.translate.jwt import jwt_filter
+from nodeagent.xds.translate.primitives import http_filter
+from nodeagent.xds.translate.services import TCP, protocol
+
+TLVS = (dataplane.TLV_PRINCIPAL,)
+
+
+def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list[int], frozenset[tuple[str, int]]]:
+    """(the inbound listener or None, its route tables, the pod ports it delivers to,
+    the (pod IP, port)s it serves)."""
+    _warn_unbound(ctx)
+    chains, served = [], set()
+    for pod in ctx.model.pods_on_node(ctx.node):
+        if not (ctx.model.is_meshed(pod) and pod.ip and pod.phase == "Running"):
+            continue
+        authz = [a for a in ctx.config.authorizations if a.policy.action in (ALLOW, DENY)
+                 and not a.policy.dry_run and selects(ctx, a.policy.scope, pod)]
+        authn = [r for r in ctx.config.authentications if selects(ctx, r.policy.scope, pod)]
+        limits = [p for ef in ctx.config.envoy_filters if _filter_selects(ctx, ef, pod) for p in ef.patches]
+        policy = any(a.policy.has_l7 for a in authz) or bool(authn)
+        if not (policy or limits):
+            continue
+        head = ([jwt_filter(ctx, authn)] if authn else []) + rbac_filters(authz)
+        for port in http_ports(ctx, pod):
+            if policy or any(p.port in (None, port) for p in limits):
+                chains.append(_chain(pod, port, _with_limits(head, limits, port)))
+                served.add((pod.ip, port))
+    if not chains:
+        return None, [], [], frozenset()
+    ports = sorted({port for _, port in served})
+    listener = listeners.listener(names.INBOUND_LISTENER, ctx.options.sockets.inbound, TLVS, chains)
+    return listener, [routes.inbound_table(p) for p in ports], ports, frozenset(served)
+
+
+def selects(ctx: Context, scope: Scope, pod: Pod) -> bool:
+    if not scope.target_refs:
+        return scope.selects(pod, ctx.config.root_namespace)
+    for ref in scope.target_refs:
+        service = ctx.model.services.get((scope.namespace, ref.name))
+        if ref.kind == "Service" and ref.group in ("", "core") and service is not None \
+                and service.selector and pod.namespace == service.namespace \
+                and labels_match(service.selector, pod):
+            return True
+    return False
+
+
+def _warn_unbound(ctx: Context) -> None:
+    for resource in ctx.config.authorizations + ctx.config.authentications:
+        for ref in resource.policy.scope.target_refs:
+            if ref.kind != "Service":
+                ctx.warn(f"{resource.obj.source} ({resource.obj}) spec.targetRef",
+                         f"{ref.kind} {ref.name} is not served by nodeagent's waypoint; the policy applies "
+                         "to no workload here", "target a Service, or select pods with selector")
+
+
+def _filter_selects(ctx: Context, ef: EnvoyFilter, pod: Pod) -> bool:
+    if ef.namespace not in (ctx.config.root_namespace, pod.namespace):
+        return False
+    return ef.selector is None or labels_match(ef.selector, pod)
+
+
+def http_ports(ctx: Context, pod: Pod) -> list[int]:
+    """The pod's ports that a Service selecting it names as HTTP."""
+    ports = set()
+    for service in ctx.model.services.values():
+        if service.namespace != pod.namespace or not service.selector or not labels_match(service.selector, pod):
+            continue
+        vs = ctx.catalog.virtual_service(service)
+        for port in service.ports:
+            if port.protocol.upper() != "TCP" or protocol(port, vs) == TCP:
+                continue
+            target = ctx.options.target_port(pod, port)
+            if target is None:
+                ctx.warn(f"Service {service.namespace}/{service.name} port {port.port}",
+                         f"targetPort {port.target_port!r} is a container port name, which the model does "
+                         f"not resolve; pod {pod.namespace}/{pod.name} gets no server-side L7 on it",
+                         "use a numeric targetPort")
+                continue
+            ports.add(target)
+    return sorted(ports)
+
+
+def _with_limits(head: list[HttpFilter], patches: list[RateLimitPatch], port: int) -> list[HttpFilter]:
+    first, before_router = [], []
+    for patch in patches:
+        if patch.port is not None and patch.port != port:
+            continue
+        taken = len(first) + len(before_router)
+        name = LOCAL_RATELIMIT if taken == 0 else f"{LOCAL_RATELIMIT}.{taken}"
+        if patch.first:
+            first.insert(0, http_filter(name, patch.config))  # each INSERT_FIRST goes to the head
+        else:
+            before_router.append(http_filter(name, patch.config))
+    return first + head + before_router
+
+
+def _chain(pod: Pod, port: int, filters: list[HttpFilter]) -> FilterChain:
+    ip = ipaddress.ip_address(pod.ip)
+    match = FilterChainMatch(prefix_ranges=[CidrRange(address_prefix=str(ip), prefix_len=ip.max_prefixlen)],
+                             destination_port=port)
+    hcm = listeners.http_connection_manager(f"inbound|{port}|{pod.namespace}/{pod.name}",
+                                            names.inbound_routes(port), filters, normalize=True)
+    return FilterChain(name=f"inbound|{pod.namespace}/{pod.name}|{port}", filter_chain_match=match,
+                       filters=[listeners.set_filter_state(TLVS), hcm])

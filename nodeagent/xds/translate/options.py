@@ -1,0 +1,51 @@
+"""Settings of one node's translation, named and checked once.
+
+`sockets` is where Envoy and the agent meet (see dataplane.py). `jwks_files` maps a
+RequestAuthentication `jwksUri` to a local file holding that JWKS: Envoy never fetches
+keys, so whoever fetched them (the agent, an operator) leaves them there; a URI with no
+file gets a key set no token can match (every token 401), as istiod does when its fetch
+fails. `target_port` resolves a Service port's targetPort for a pod: the Model has no
+container ports, so by default only numeric targetPorts resolve.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable, Mapping
+
+from nodeagent.errors import ConfigError
+from nodeagent.model import Pod, ServicePort
+from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
+from nodeagent.xds.dataplane import Sockets
+
+
+def numeric_target_port(pod: Pod, port: ServicePort) -> int | None:
+    return port.target_port if isinstance(port.target_port, int) else None
+
+
+@dataclass(frozen=True)
+class WaypointOptions:
+    sockets: Sockets
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    connect_timeout: timedelta = timedelta(seconds=10)  # Istio's default
+    jwks_files: Mapping[str, str] = field(default_factory=dict)
+    target_port: Callable[[Pod, ServicePort], int | None] = numeric_target_port
+
+    def __post_init__(self) -> None:
+        if self.connect_timeout <= timedelta(0):
+            raise ConfigError("waypoint connect_timeout", f"{self.connect_timeout} must be positive")
+
+
+def read_jwks(path: str, where: str) -> str:
+    """The JWKS text in `path`; raises ConfigError naming `where` when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        keys = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(where, f"cannot read a JWKS from {path}: {exc}") from None
+    if not isinstance(keys, dict) or not isinstance(keys.get("keys"), list):
+        raise ConfigError(where, f"{path} is not a JSON Web Key Set", 'it must be an object with "keys"')
+    return text

@@ -1,0 +1,88 @@
+"""Envoy building blocks the translators share: the ADS config source, filters wrapped
+with their typed config, the PROXY v2 transport sockets, string matchers and fractions.
+"""
+
+from __future__ import annotations
+
+import betterproto2
+from envoy_data_plane.envoy.config.core.v3 import (
+    AggregatedConfigSource, ApiVersion, ConfigSource, ProxyProtocolConfig, ProxyProtocolConfigVersion,
+    ProxyProtocolPassThroughTlVs, ProxyProtocolPassThroughTlVsPassTlVsMatchType, TransportSocket)
+from envoy_data_plane.envoy.config.listener.v3 import Filter
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+from envoy_data_plane.envoy.extensions.transport_sockets.internal_upstream.v3 import InternalUpstreamTransport
+from envoy_data_plane.envoy.extensions.transport_sockets.proxy_protocol.v3 import ProxyProtocolUpstreamTransport
+from envoy_data_plane.envoy.extensions.transport_sockets.raw_buffer.v3 import RawBuffer
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
+
+from nodeagent.xds import dataplane
+from nodeagent.xds.istio.fields import StringMatch
+from nodeagent.xds.istio.virtualservice import Fraction
+from nodeagent.xds.resources import pack
+
+ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
+# TLVs the agent sends that Envoy hands on to the agent's upstream socket.
+PASSED_TLVS = (dataplane.TLV_PRINCIPAL, dataplane.TLV_SOURCE_WORKLOAD)
+
+
+def http_filter(name: str, config: betterproto2.Message) -> HttpFilter:
+    return HttpFilter(name=name, typed_config=pack(config))
+
+
+def network_filter(name: str, config: betterproto2.Message) -> Filter:
+    return Filter(name=name, typed_config=pack(config))
+
+
+def transport_socket(name: str, config: betterproto2.Message) -> TransportSocket:
+    return TransportSocket(name=name, typed_config=pack(config))
+
+
+def raw_buffer() -> TransportSocket:
+    return transport_socket("envoy.transport_sockets.raw_buffer", RawBuffer())
+
+
+def proxy_protocol_transport(internal: bool) -> TransportSocket:
+    """PROXY v2 on every upstream connection, passing PASSED_TLVS through; over the
+    internal upstream listener (client side) or straight to a unix socket (server side)."""
+    inner = raw_buffer()
+    if internal:
+        inner = transport_socket("envoy.transport_sockets.internal_upstream",
+                                 InternalUpstreamTransport(transport_socket=inner))
+    config = ProxyProtocolConfig(version=ProxyProtocolConfigVersion.V2, pass_through_tlvs=ProxyProtocolPassThroughTlVs(
+        match_type=ProxyProtocolPassThroughTlVsPassTlVsMatchType.INCLUDE, tlv_type=list(PASSED_TLVS)))
+    return transport_socket("envoy.transport_sockets.upstream_proxy_protocol",
+                            ProxyProtocolUpstreamTransport(config=config, transport_socket=inner))
+
+
+def string_matcher(match: StringMatch, ignore_case: bool = False) -> StringMatcher:
+    """exact/prefix/regex; "present" becomes a regex for any non-empty value."""
+    if match.kind == "exact":
+        return StringMatcher(exact=match.value, ignore_case=ignore_case)
+    if match.kind == "prefix":
+        return StringMatcher(prefix=match.value, ignore_case=ignore_case)
+    return regex_matcher(match.value if match.kind == "regex" else ".+")
+
+
+def regex_matcher(pattern: str) -> StringMatcher:
+    return StringMatcher(safe_regex=RegexMatcher(regex=pattern))
+
+
+def istio_pattern(text: str, prefix: str = "", ignore_case: bool = False) -> StringMatcher:
+    """Istio's policy string match: exact, `prefix*`, `*suffix`, `*` (any non-empty);
+    `prefix` is prepended (the `spiffe://` of principals)."""
+    if text == "*":
+        return StringMatcher(prefix=prefix, ignore_case=ignore_case) if prefix else regex_matcher(".+")
+    if text.endswith("*"):
+        return StringMatcher(prefix=prefix + text[:-1], ignore_case=ignore_case)
+    if text.startswith("*"):
+        return StringMatcher(suffix=text[1:], ignore_case=ignore_case)
+    return StringMatcher(exact=prefix + text, ignore_case=ignore_case)
+
+
+def fraction(value: Fraction) -> FractionalPercent:
+    """Istio's translation: `percentage` in millionths, the deprecated integer in hundredths."""
+    if value.legacy_integer:
+        return FractionalPercent(numerator=int(value.value), denominator=FractionalPercentDenominatorType.HUNDRED)
+    return FractionalPercent(numerator=int(round(value.value * 10000)),
+                             denominator=FractionalPercentDenominatorType.MILLION)

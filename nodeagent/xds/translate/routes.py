@@ -1,0 +1,97 @@
+"""Route tables (RDS): one per client-side service port, one per server-side pod port.
+
+A client-side table has one virtual host matching every authority (the listener already
+chose the service by its VIP and port, as Istio's waypoints do) with the routes of the
+service's VirtualService for that port: one Envoy route per HTTP match (routes for other
+ports or for gateways only are left out), stopping after a catch-all. When nothing is
+left for the port, or some routes are for particular sources only, the default route
+(the service itself, Istio's default retries, no timeout) closes the table: a sidecar
+whose sources matched nothing would fall back to it too.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from envoy_data_plane.envoy.config.core.v3 import Metadata
+from envoy_data_plane.envoy.config.route.v3 import (Route, RouteAction, RouteConfiguration, RouteMatch,
+                                                   VirtualHost)
+from envoy_data_plane.google.protobuf import Struct
+
+from nodeagent.model import Service, ServicePort
+from nodeagent.xds.istio.virtualservice import MESH_GATEWAY, HttpMatch, HttpRoute, VirtualService
+from nodeagent.xds.translate import actions, names
+from nodeagent.xds.translate.context import Context
+from nodeagent.xds.translate.matches import is_catch_all, route_match
+
+
+def outbound_table(ctx: Context, service: Service, port: ServicePort) -> RouteConfiguration:
+    name = names.outbound_routes(service.hostname, port.port)
+    vs = ctx.catalog.virtual_service(service)
+    routes, per_source = _vs_routes(ctx, vs, port.port) if vs else ([], False)
+    if not routes or per_source:
+        routes.append(default_route(ctx, service, port))
+    return RouteConfiguration(name=name, virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=routes)])
+
+
+def _vs_routes(ctx: Context, vs: VirtualService, port: int) -> tuple[list[Route], bool]:
+    out, per_source = [], False
+    for http in vs.http:
+        for index, match in enumerate(http.matches or (None,)):
+            if match is not None and not _applies(match, port):
+                continue
+            route = _route(ctx, vs, http, match, index, port)
+            out.append(route)
+            per_source = per_source or bool(route.match.filter_state)
+            if is_catch_all(route.match):
+                return out, per_source
+    return out, per_source
+
+
+def _applies(match: HttpMatch, port: int) -> bool:
+    if match.port is not None and match.port != port:
+        return False
+    return not match.gateways or MESH_GATEWAY in match.gateways
+
+
+def _route(ctx: Context, vs: VirtualService, http: HttpRoute, match: HttpMatch | None, index: int,
+           port: int) -> Route:
+    out = Route(name=_name(vs, http, match, index), match=route_match(match), metadata=_config_metadata(vs),
+                typed_per_filter_config=actions.fault_config(http.fault))
+    if match is not None and match.stat_prefix:
+        out.stat_prefix = match.stat_prefix
+    headers = actions.HeaderChanges()
+    headers.extend(http.headers)
+    if http.redirect is not None:
+        out.redirect = actions.redirect(http.redirect, port)
+    elif http.direct_status is not None:
+        out.direct_response = actions.direct_response(http.direct_status, http.direct_body)
+    else:
+        out.route = actions.route_action(ctx, vs, http, port, headers)
+    headers.apply(out)
+    return out
+
+
+def _name(vs: VirtualService, http: HttpRoute, match: HttpMatch | None, index: int) -> str:
+    """Istio's name (`<http.name>[.<match.name>]`) when given, else where it came from."""
+    if http.name:
+        return f"{http.name}.{match.name}" if match is not None and match.name else http.name
+    return f"{vs.key} {http.path}" + (f".match[{index}]" if match is not None else "")
+
+
+def _config_metadata(vs: VirtualService) -> Metadata:
+    path = f"/apis/networking.istio.io/v1/namespaces/{vs.namespace}/virtual-service/{vs.name}"
+    return Metadata(filter_metadata={"istio": Struct.from_dict({"config": path})})
+
+
+def default_route(ctx: Context, service: Service, port: ServicePort) -> Route:
+    return Route(name="default", match=RouteMatch(prefix="/"), route=RouteAction(
+        cluster=ctx.cluster(service, port), timeout=timedelta(0), retry_policy=actions.retry_policy(None)))
+
+
+def inbound_table(port: int) -> RouteConfiguration:
+    """Everything to the pod (the agent delivers to the PROXY destination), no timeout."""
+    name = names.inbound_routes(port)
+    route = Route(name="default", match=RouteMatch(prefix="/"),
+                  route=RouteAction(cluster=names.inbound_cluster(port), timeout=timedelta(0)))
+    return RouteConfiguration(name=name, virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=[route])])

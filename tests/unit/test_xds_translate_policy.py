@@ -1,0 +1,259 @@
+"""The server-side waypoint: which pods get it, and AuthorizationPolicy → RBAC,
+RequestAuthentication → jwt_authn, the rate-limit EnvoyFilter → local_ratelimit, each
+field to the exact Envoy field, in the filter order the chain runs them."""
+
+from __future__ import annotations
+
+import json
+
+from envoy_data_plane.envoy.config.rbac.v3 import RbacAction
+
+from nodeagent.xds.dataplane import Sockets
+from nodeagent.xds.translate.options import WaypointOptions
+from xds_world import RUN, chain, clusters, doc, listeners, network, routes, translation
+
+SEC = "security.istio.io/v1"
+HTTP_POLICY = doc("AuthorizationPolicy", "allow-get", """
+selector: {matchLabels: {app: reviews}}
+rules:
+- to: [{operation: {methods: [GET]}}]
+""", SEC)
+CHAIN = "inbound|shop/reviews-v1|9080"
+JWKS = json.dumps({"keys": [{"kty": "RSA", "e": "AQAB", "n": "sXch"}]})
+
+
+def inbound_chain(yaml: str, options=None):
+    result = translation(yaml, options=options) if options else translation(yaml)
+    return chain(listeners(result)["inbound"], CHAIN), result
+
+
+def http_filters(yaml: str, options=None):
+    found, result = inbound_chain(yaml, options)
+    return {f.name: f.typed_config.unpack() for f in network(found).http_filters}, [
+        f.name for f in network(found).http_filters], result
+
+
+def policies(yaml: str, action: RbacAction = RbacAction.ALLOW):
+    found, _ = inbound_chain(yaml)
+    for f in network(found).http_filters:
+        config = f.typed_config.unpack()
+        if f.name == "envoy.filters.http.rbac" and config.rules.action == action:
+            return config.rules.policies
+    raise AssertionError(f"no {action} RBAC filter")
+
+
+def test_pods_of_this_node_with_http_policy_get_an_inbound_chain_per_http_port():
+    result = translation(HTTP_POLICY)
+    inbound = listeners(result)["inbound"]
+    assert inbound.address.pipe.path == f"{RUN}/inbound.sock"
+    assert [c.name for c in inbound.filter_chains] == [CHAIN]  # reviews-v2/v3 run on node2
+    match = inbound.filter_chains[0].filter_chain_match
+    assert (match.prefix_ranges[0].address_prefix, match.destination_port) == ("10.244.1.6", 9080)
+    assert result.dataplane.inbound == {("10.244.1.6", 9080)}
+    assert [r.tlv_type for r in inbound.listener_filters[0].typed_config.unpack().rules] == [0xE0]
+    hcm = network(inbound.filter_chains[0])
+    assert (hcm.rds.route_config_name, hcm.normalize_path) == ("inbound|9080", True)
+    (route,) = routes(result)["inbound|9080"].virtual_hosts[0].routes
+    assert route.route.cluster == "inbound|9080||"
+    deliver = clusters(result)["inbound|9080||"]
+    assert deliver.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe.path == f"{RUN}/deliver.sock"
+    assert deliver.transport_socket.name == "envoy.transport_sockets.upstream_proxy_protocol"
+
+
+def test_l4_only_policies_need_no_waypoint():
+    result = translation(doc("AuthorizationPolicy", "l4", "selector: {matchLabels: {app: reviews}}\n"
+                                                         "rules: [{from: [{source: {namespaces: [shop]}}]}]", SEC))
+    assert "inbound" not in listeners(result) and result.dataplane.inbound == frozenset()
+
+
+def test_operations_methods_paths_hosts_ports_and_their_negations():
+    (policy,) = policies(doc("AuthorizationPolicy", "ops", """
+selector: {matchLabels: {app: reviews}}
+rules:
+- to:
+  - operation:
+      methods: [GET, POST]
+      paths: ["/api/*", "*/info", /exact, "*"]
+      hosts: [Reviews.Shop]
+      notPorts: ["9999"]
+""", SEC)).values()
+    (permission,) = policy.permissions
+    methods, paths, hosts, not_ports = permission.and_rules.rules
+    assert [r.header.string_match.exact for r in methods.or_rules.rules] == ["GET", "POST"]
+    assert [(p.url_path.path.prefix, p.url_path.path.suffix, p.url_path.path.exact,
+             p.url_path.path.safe_regex.regex if p.url_path.path.safe_regex else None)
+            for p in paths.or_rules.rules] == [("/api/", None, None, None), (None, "/info", None, None),
+                                              (None, None, "/exact", None), (None, None, None, ".+")]
+    assert (hosts.header.name, hosts.header.string_match.exact, hosts.header.string_match.ignore_case) == (
+        ":authority", "Reviews.Shop", True)
+    assert not_ports.not_rule.destination_port == 9999
+    assert policy.principals[0].any is True
+
+
+def test_sources_via_the_principal_filter_state_and_the_client_address():
+    (policy,) = policies(doc("AuthorizationPolicy", "src", """
+selector: {matchLabels: {app: reviews}}
+rules:
+- from:
+  - source: {principals: ["cluster.local/ns/shop/sa/productpage", "*/sa/admin"], notNamespaces: [legacy]}
+  - source: {ipBlocks: [10.244.0.0/16]}
+  to: [{operation: {methods: [GET]}}]
+""", SEC)).values()
+    (principal,) = policy.principals
+    first, second = principal.or_ids.ids
+    principals, not_namespaces = first.and_ids.ids
+    exact, suffix = principals.or_ids.ids
+    assert (exact.filter_state.key, exact.filter_state.string_match.exact) == (
+        "nodeagent.source_principal", "spiffe://cluster.local/ns/shop/sa/productpage")
+    assert suffix.filter_state.string_match.suffix == "/sa/admin"
+    assert not_namespaces.not_id.filter_state.string_match.safe_regex.regex == "spiffe://[^/]+/ns/legacy/.*"
+    assert (second.direct_remote_ip.address_prefix, second.direct_remote_ip.prefix_len) == ("10.244.0.0", 16)
+
+
+def test_when_conditions_on_headers_and_jwt_claims():
+    (policy,) = policies(doc("AuthorizationPolicy", "when", """
+selector: {matchLabels: {app: reviews}}
+rules:
+- when:
+  - {key: "request.headers[x-tenant]", values: ["acme", "beta*"]}
+  - {key: "request.auth.claims[groups]", values: [admins]}
+  - {key: destination.port, notValues: ["9999"]}
+""", SEC)).values()
+    tenant, groups = policy.principals[0].and_ids.ids
+    assert [(h.header.name, h.header.string_match.exact, h.header.string_match.prefix)
+            for h in tenant.or_ids.ids] == [("x-tenant", "acme", None), ("x-tenant", None, "beta")]
+    string, listed = (p.sourced_metadata.metadata_matcher for p in groups.or_ids.ids)
+    assert (string.filter, [s.key for s in string.path], string.value.string_match.exact) == (
+        "envoy.filters.http.jwt_authn", ["payload", "groups"], "admins")
+    assert listed.value.list_match.one_of.string_match.exact == "admins"
+    assert policy.permissions[0].not_rule.destination_port == 9999
+
+
+def test_request_principals_read_the_verified_jwt_issuer_and_subject():
+    found = policies(doc("AuthorizationPolicy", "jwt", """
+selector: {matchLabels: {app: reviews}}
+rules:
+- from: [{source: {requestPrincipals: ["https://issuer.example/*"]}}]
+- from: [{source: {requestPrincipals: ["https://issuer.example/alice"]}}]
+""", SEC))
+    any_subject = found["ns[shop]-policy[jwt]-rule[0]"].principals[0].sourced_metadata.metadata_matcher
+    assert ([s.key for s in any_subject.path], any_subject.value.string_match.exact) == (
+        ["payload", "iss"], "https://issuer.example")
+    issuer, subject = found["ns[shop]-policy[jwt]-rule[1]"].principals[0].and_ids.ids
+    assert subject.sourced_metadata.metadata_matcher.value.string_match.exact == "alice"
+
+
+def test_deny_runs_before_allow_and_rule_less_allow_policies_deny_everything():
+    yaml = HTTP_POLICY + doc("AuthorizationPolicy", "deny-all", "{}", SEC) + doc(
+        "AuthorizationPolicy", "no-delete", "selector: {matchLabels: {app: reviews}}\naction: DENY\n"
+                                            "rules: [{to: [{operation: {methods: [DELETE]}}]}]", SEC)
+    configs, names, _ = http_filters(yaml)
+    assert names == ["envoy.filters.http.rbac", "envoy.filters.http.rbac", "envoy.filters.http.router"]
+    assert list(policies(yaml, RbacAction.DENY)) == ["ns[shop]-policy[no-delete]-rule[0]"]
+    assert list(policies(yaml)) == ["ns[shop]-policy[allow-get]-rule[0]"]  # deny-all adds no rule
+
+
+def test_dry_run_and_audit_policies_are_not_enforced():
+    yaml = HTTP_POLICY + doc("AuthorizationPolicy", "audit", "selector: {matchLabels: {app: reviews}}\n"
+                                                              "action: AUDIT\nrules: [{}]", SEC)
+    yaml += ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: dry, namespace: shop, "
+             "annotations: {istio.io/dry-run: 'true'}}\nspec: {action: DENY, rules: [{}]}\n---\n")
+    _, names, _ = http_filters(yaml)
+    assert names.count("envoy.filters.http.rbac") == 1
+    assert list(policies(yaml)) == ["ns[shop]-policy[allow-get]-rule[0]"]
+
+
+def test_a_policy_targeting_a_service_applies_to_its_pods():
+    result = translation(doc("AuthorizationPolicy", "svc", "targetRefs: [{kind: Service, group: '', name: reviews}]\n"
+                                                          "rules: [{to: [{operation: {paths: [/x]}}]}]", SEC))
+    assert [c.name for c in listeners(result)["inbound"].filter_chains] == [CHAIN]
+
+
+REQUEST_AUTHN = """
+selector: {{matchLabels: {{app: reviews}}}}
+jwtRules:
+- issuer: https://issuer.example
+  audiences: [reviews]
+  {keys}
+  forwardOriginalToken: true
+"""
+
+
+def jwt_config(keys: str, options=None):
+    configs, names, result = http_filters(doc("RequestAuthentication", "jwt", REQUEST_AUTHN.format(keys=keys),
+                                              "security.istio.io/v1beta1"), options)
+    return configs["envoy.filters.http.jwt_authn"], names, result
+
+
+def test_jwt_rules_become_providers_any_of_which_or_no_token_passes():
+    config, names, _ = jwt_config(f"jwks: '{JWKS}'")
+    assert names == ["envoy.filters.http.jwt_authn", "envoy.filters.http.router"]
+    provider = config.providers["shop/jwt/jwtRules[0]"]
+    assert (provider.issuer, provider.audiences, provider.local_jwks.inline_string, provider.forward,
+            provider.payload_in_metadata) == ("https://issuer.example", ["reviews"], JWKS, True, "payload")
+    (rule,) = config.rules
+    assert rule.match.prefix == "/"
+    any_of = rule.requires.requires_any.requirements
+    assert [r.provider_name for r in any_of] == ["shop/jwt/jwtRules[0]", None]
+    assert any_of[1].allow_missing is not None
+
+
+def test_jwks_uri_reads_a_local_copy_never_the_network(tmp_path):
+    keys = tmp_path / "issuer.json"
+    keys.write_text(JWKS)
+    options = WaypointOptions(Sockets(RUN), jwks_files={"https://issuer.example/keys": str(keys)})
+    config, _, result = jwt_config("jwksUri: https://issuer.example/keys", options)
+    assert config.providers["shop/jwt/jwtRules[0]"].local_jwks.inline_string == JWKS
+    assert result.warnings == ()
+
+
+def test_an_unresolved_jwks_uri_fails_closed_with_a_warning():
+    config, _, result = jwt_config("jwksUri: https://issuer.example/keys")
+    keys = json.loads(config.providers["shop/jwt/jwtRules[0]"].local_jwks.inline_string)
+    assert [k["kid"] for k in keys["keys"]] == ["nodeagent-unmatchable"]
+    assert any("is not fetched by Envoy" in str(w) for w in result.warnings)
+
+
+RATE_LIMIT = """
+workloadSelector: {{labels: {{app: reviews}}}}
+configPatches:
+- applyTo: HTTP_FILTER
+  match:
+    context: SIDECAR_INBOUND
+    listener:
+      {port}
+      filterChain: {{filter: {{name: envoy.filters.network.http_connection_manager{sub}}}}}
+  patch:
+    operation: INSERT_BEFORE
+    value:
+      name: envoy.filters.http.local_ratelimit
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+        stat_prefix: {prefix}
+        token_bucket: {{max_tokens: 5, tokens_per_fill: 5, fill_interval: 1s}}
+        filter_enabled: {{default_value: {{numerator: 100}}}}
+        filter_enforced: {{default_value: {{numerator: 100}}}}
+"""
+
+
+def rate_limit(name: str, prefix: str, router: bool, port: str = "") -> str:
+    sub = ", subFilter: {name: envoy.filters.http.router}" if router else ""
+    return doc("EnvoyFilter", name, RATE_LIMIT.format(port=port, sub=sub, prefix=prefix),
+               "networking.istio.io/v1alpha3")
+
+
+def test_rate_limits_go_before_the_router_or_first_as_istio_places_them():
+    configs, names, result = http_filters(HTTP_POLICY + rate_limit("a", "before_router", True) +
+                                          rate_limit("b", "at_head", False))
+    assert names == ["envoy.filters.http.local_ratelimit.1", "envoy.filters.http.rbac",
+                     "envoy.filters.http.local_ratelimit", "envoy.filters.http.router"]
+    assert configs["envoy.filters.http.local_ratelimit"].stat_prefix == "before_router"
+    assert configs["envoy.filters.http.local_ratelimit.1"].stat_prefix == "at_head"
+    assert configs["envoy.filters.http.local_ratelimit"].token_bucket.max_tokens == 5
+
+
+def test_a_rate_limit_alone_puts_a_pod_behind_the_waypoint_and_port_number_narrows_it():
+    result = translation(rate_limit("a", "limited", True, port="portNumber: 9080"))
+    assert [c.name for c in listeners(result)["inbound"].filter_chains] == [CHAIN]
+    elsewhere = translation(rate_limit("a", "limited", True, port="portNumber: 1234"))
+    assert "inbound" not in listeners(elsewhere)
