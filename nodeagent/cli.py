@@ -20,6 +20,7 @@ COMMANDS = [
     "nodeagent.lab.cli",
     "nodeagent.agent.cli",
     "nodeagent.identity.cli",
+    "nodeagent.xds.cli",
 ]
 
 

@@ -1,0 +1,63 @@
+"""Sub-commands of the waypoint control plane: `nodeagent proxy-config` (what the xDS
+server gives a node's Envoy, read back over ADS) and `nodeagent analyze` (Istio YAML
+checked offline with the waypoint's own validation and translation)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from nodeagent.errors import ConfigError
+
+DEFAULT_XDS_SOCKET = "/run/nodeagent/waypoint/xds.sock"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    pc = sub.add_parser("proxy-config", help="show the Envoy config the agent's xDS server serves",
+                        description="Connect to the xDS server as an Envoy would (ADS) and print "
+                                    "what it sends for the node.")
+    pc.add_argument("kind", choices=("listeners", "routes", "clusters", "endpoints"))
+    pc.add_argument("--xds-socket", default=DEFAULT_XDS_SOCKET,
+                    help=f"the agent's xDS unix socket (default {DEFAULT_XDS_SOCKET}), or HOST:PORT")
+    pc.add_argument("--node", help="node id to ask for (default: $NODE_NAME or the host name)")
+    pc.add_argument("--output", "-o", choices=("short", "json"), default="short")
+    pc.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+    pc.set_defaults(func=_proxy_config)
+
+    an = sub.add_parser("analyze", help="check Istio YAML offline (one line per problem)",
+                        description="Validate VirtualService, DestinationRule, EnvoyFilter, "
+                                    "AuthorizationPolicy and RequestAuthentication as the waypoint "
+                                    "does. Exit 1 if any error (or warning, with --failure-threshold "
+                                    "warning).")
+    an.add_argument("-f", "--filename", action="extend", nargs="+", required=True, metavar="FILE",
+                    help="YAML files (-f a.yaml b.yaml, or -f repeated)")
+    an.add_argument("--failure-threshold", choices=("error", "warning"), default="error")
+    an.set_defaults(func=_analyze)
+
+
+def _proxy_config(args: argparse.Namespace) -> int:
+    from nodeagent.xds import client, proxyconfig
+
+    if args.timeout <= 0:
+        raise ConfigError("--timeout", f"{args.timeout} must be positive")
+    node = args.node or os.environ.get("NODE_NAME") or socket.gethostname()
+    resources = client.fetch(args.xds_socket, node, timeout=args.timeout)
+    kind = proxyconfig.KINDS[args.kind]
+    sys.stdout.write(proxyconfig.render(args.kind, resources.get(kind, {}), args.output))
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from nodeagent.xds.analyze import analyze_files
+
+    analysis = analyze_files(args.filename)
+    for problem in analysis.problems:
+        print(problem)
+    if not analysis.translated:
+        print("note: the input has no Service, so references to hosts were not checked", file=sys.stderr)
+    failing = analysis.errors if args.failure_threshold == "error" else analysis.problems
+    if not analysis.problems:
+        print(f"no problems found in {analysis.resources} Istio resource(s)", file=sys.stderr)
+    return 1 if failing else 0

@@ -1,0 +1,159 @@
+"""A Python ADS client that subscribes as Envoy does, for `proxy-config` and tests.
+
+`AdsSession` holds one stream open: it asks for clusters (wildcard), then for the
+endpoints of the EDS clusters it got, then listeners (wildcard), then the route tables
+those listeners name, and answers every response with an ACK, or with a NACK when the
+`reject` callback returns a reason, exactly as a proxy would. It records every
+response; `wait(predicate)` waits for the state a test expects. `fetch(...)` is the
+one-shot form: connect, wait until every subscribed type has arrived, disconnect.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable
+
+import betterproto2
+import grpc
+from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
+from envoy_data_plane.envoy.config.core.v3 import Node
+from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
+from envoy_data_plane.google.rpc import Status
+
+from nodeagent.errors import NodeagentError
+from nodeagent.xds import resources as rt
+from nodeagent.xds.server import METHOD, SERVICE
+from nodeagent.xds.snapshot import eds_name, listener_routes
+
+INVALID_ARGUMENT = 3
+Reject = Callable[[DiscoveryResponse], "str | None"]
+
+
+class XdsClientError(NodeagentError):
+    """The xDS server could not be reached or did not send what was asked in time."""
+
+
+def target(address: str) -> str:
+    """A grpc target for a unix socket path or a host:port."""
+    return f"unix:{address}" if address.startswith("/") or address.startswith(".") else address
+
+
+class AdsSession:
+    def __init__(self, address: str, node: str, cluster: str = "nodeagent-client", reject: Reject | None = None):
+        self.node = Node(id=node, cluster=cluster)
+        self.reject = reject
+        self.resources: dict[str, dict[str, betterproto2.Message]] = {}
+        self.responses: list[DiscoveryResponse] = []
+        self.nacked: list[DiscoveryResponse] = []
+        self.error: Exception | None = None
+        self._names: dict[str, list[str]] = {}
+        self._acked: dict[str, str] = {}
+        self._nonce: dict[str, str] = {}
+        self._requests: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        self._channel = grpc.insecure_channel(target(address))
+        self._call = self._channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=bytes,
+                                                 response_deserializer=DiscoveryResponse.parse)
+        self._thread = threading.Thread(target=self._receive, name="ads-client", daemon=True)
+
+    def __enter__(self) -> "AdsSession":
+        self._subscribe(rt.CLUSTER, [])
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._channel.close()
+        self._thread.join(5)
+
+    def wait(self, predicate: Callable[["AdsSession"], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self):
+                if self.error is not None:
+                    raise XdsClientError(f"xDS stream failed: {self.error}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise XdsClientError(f"xDS server did not send the expected resources within {timeout:g}s",
+                                         "is the agent running, and is this the node it serves?")
+                self._cond.wait(left)
+
+    def complete(self) -> bool:
+        """Every type arrived, and every subscribed name of EDS and RDS is answered."""
+        if rt.CLUSTER not in self.resources or rt.LISTENER not in self.resources:
+            return False
+        return all(set(self._names.get(t, [])) <= set(self.resources.get(t, {})) for t in rt.NAMED)
+
+    # --- the stream ------------------------------------------------------------------
+    def _outgoing(self):
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            yield request
+
+    def _receive(self) -> None:
+        try:
+            for response in self._call(self._outgoing()):
+                self._handle(response)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.error = exc
+        except ValueError as exc:  # the channel closed under us
+            self.error = exc
+        with self._cond:
+            self._cond.notify_all()
+
+    def _subscribe(self, type_url: str, names: list[str]) -> None:
+        self._names[type_url] = names
+        self._requests.put(DiscoveryRequest(
+            node=self.node, type_url=type_url, resource_names=names,
+            version_info=self._acked.get(type_url, ""), response_nonce=self._nonce.get(type_url, "")))
+
+    def _handle(self, response: DiscoveryResponse) -> None:
+        type_url = response.type_url
+        reason = self.reject(response) if self.reject else None
+        with self._cond:
+            self.responses.append(response)
+            self._nonce[type_url] = response.nonce
+            if reason:
+                self.nacked.append(response)
+            else:
+                self._acked[type_url] = response.version_info
+                self.resources[type_url] = {rt.name_of(m): m for m in (a.unpack() for a in response.resources)}
+            self._requests.put(DiscoveryRequest(
+                node=self.node, type_url=type_url, resource_names=self._names.get(type_url, []),
+                version_info=self._acked.get(type_url, ""), response_nonce=response.nonce,
+                error_detail=Status(code=INVALID_ARGUMENT, message=reason) if reason else None))
+            if not reason:
+                self._follow(type_url)
+            self._cond.notify_all()
+
+    def _follow(self, type_url: str) -> None:
+        """Subscribe to what the resources just received refer to, as Envoy does."""
+        if type_url == rt.CLUSTER:
+            names = sorted(eds_name(c) for c in self.resources[rt.CLUSTER].values()
+                           if c.type == ClusterDiscoveryType.EDS)
+            if names != self._names.get(rt.ENDPOINT):
+                self._subscribe(rt.ENDPOINT, names)
+            if not names and rt.LISTENER not in self._names:
+                self._subscribe(rt.LISTENER, [])
+        elif type_url == rt.ENDPOINT and rt.LISTENER not in self._names:
+            self._subscribe(rt.LISTENER, [])
+        elif type_url == rt.LISTENER:
+            names = sorted({name for listener in self.resources[rt.LISTENER].values()
+                            for name in listener_routes(listener)})
+            if names != self._names.get(rt.ROUTE):
+                self._subscribe(rt.ROUTE, names)
+
+
+def fetch(address: str, node: str, timeout: float = 10.0) -> dict[str, dict[str, betterproto2.Message]]:
+    """Everything the server has for `node`, by type URL then name."""
+    with AdsSession(address, node, cluster="nodeagent-proxy-config") as session:
+        session.wait(AdsSession.complete, timeout)
+        return {t: dict(session.resources.get(t, {})) for t in rt.PUSH_ORDER}

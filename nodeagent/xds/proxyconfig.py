@@ -1,0 +1,78 @@
+"""`nodeagent proxy-config`: what the xDS server gives a node's Envoy, read back with the
+Python ADS client, as a short table (like `istioctl proxy-config`) or as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+
+import betterproto2
+
+from nodeagent.xds import resources as rt
+from nodeagent.xds.snapshot import action_clusters
+
+KINDS = {"clusters": rt.CLUSTER, "endpoints": rt.ENDPOINT, "listeners": rt.LISTENER, "routes": rt.ROUTE}
+
+
+def render(kind: str, resources: dict[str, betterproto2.Message], output: str) -> str:
+    if output == "json":
+        return json.dumps([m.to_dict() for m in resources.values()], indent=2) + "\n"
+    rows = [_ROWS[kind](m) for m in resources.values()]
+    return _table(_HEADERS[kind], [r for row in rows for r in row])
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    return "".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() + "\n"
+                   for row in [header, *rows])
+
+
+def _cluster(c) -> list[tuple[str, ...]]:
+    kind = c.type.name if c.type is not None else "EDS"
+    return [(c.name, kind, c.lb_policy.name if c.lb_policy is not None else "ROUND_ROBIN")]
+
+
+def _endpoints(a) -> list[tuple[str, ...]]:
+    rows = []
+    for locality in a.endpoints:
+        for lb in locality.lb_endpoints:
+            address = lb.endpoint.address
+            if address.envoy_internal_address is not None:
+                where = address.envoy_internal_address.endpoint_id
+            elif address.pipe is not None:
+                where = address.pipe.path
+            else:
+                where = f"{address.socket_address.address}:{address.socket_address.port_value}"
+            rows.append((a.cluster_name, where))
+    return rows or [(a.cluster_name, "(none)")]
+
+
+def _listener(listener) -> list[tuple[str, ...]]:
+    where = listener.address.pipe.path if listener.address and listener.address.pipe else "(internal)"
+    chains = [c.name or "(default)" for c in listener.filter_chains]
+    return [(listener.name, where, chain) for chain in chains]
+
+
+def _routes(table) -> list[tuple[str, ...]]:
+    return [(table.name, route.name, _match(route.match), _action(route))
+            for vhost in table.virtual_hosts for route in vhost.routes] or [(table.name, "", "", "")]
+
+
+def _match(match) -> str:
+    path = match.path or match.prefix or (match.safe_regex.regex if match.safe_regex else "")
+    extra = [h.name for h in match.headers] + [f"?{q.name}" for q in match.query_parameters]
+    extra += [f.key for f in match.filter_state]
+    return path + (f" [{', '.join(extra)}]" if extra else "")
+
+
+def _action(route) -> str:
+    if route.redirect is not None:
+        return "redirect"
+    if route.direct_response is not None:
+        return f"direct {route.direct_response.status}"
+    return ", ".join(action_clusters(route))
+
+
+_HEADERS = {"clusters": ("NAME", "TYPE", "LB"), "endpoints": ("CLUSTER", "ENDPOINT"),
+            "listeners": ("NAME", "ADDRESS", "CHAIN"), "routes": ("TABLE", "ROUTE", "MATCH", "TO")}
+_ROWS = {"clusters": _cluster, "endpoints": _endpoints, "listeners": _listener, "routes": _routes}

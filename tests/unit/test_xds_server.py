@@ -1,0 +1,206 @@
+"""The ADS server against the Python client over a unix socket: the initial push in
+CDS, EDS, LDS, RDS order with ACKs, NACKs counted and logged with the last accepted
+snapshot kept, pushes on change debounced, and the stream protocol's ordering rules
+checked without a transport."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from envoy_data_plane.envoy.config.core.v3 import Node
+from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
+from envoy_data_plane.google.rpc import Status
+from prometheus_client import CollectorRegistry
+
+from nodeagent.cli import main
+from nodeagent.xds import resources as rt
+from nodeagent.xds.cache import SnapshotCache
+from nodeagent.xds.client import AdsSession, XdsClientError, fetch
+from nodeagent.xds.server import AdsServer
+from nodeagent.xds.snapshot import Snapshot
+from nodeagent.xds.stream import StreamState, version
+from xds_world import REVIEWS, doc, translation
+
+ORDER = [rt.CLUSTER, rt.ENDPOINT, rt.LISTENER, rt.ROUTE]
+
+
+def snapshot(version: str, timeout: str = "1s", ratings_policy: bool = False) -> Snapshot:
+    yaml = doc("VirtualService", "reviews", f"hosts: [reviews]\nhttp:\n- route: [{{destination: {{host: reviews}}}}]\n"
+                                            f"  timeout: {timeout}")
+    if ratings_policy:
+        yaml += doc("DestinationRule", "ratings", "host: ratings\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}")
+    result = translation(yaml)
+    return Snapshot.build(version, result.messages(), result.dataplane)
+
+
+@pytest.fixture
+def served(tmp_path):
+    cache, registry = SnapshotCache(), CollectorRegistry()
+    server = AdsServer(cache, registry, debounce=0.2, max_delay=2.0).start(unix_path=str(tmp_path / "xds.sock"))
+    try:
+        yield cache, registry, server, str(tmp_path / "xds.sock")
+    finally:
+        server.stop()
+
+
+def sent(snap: Snapshot, type_url: str) -> str:
+    """The version a response carrying all of `snap`'s resources of the type has."""
+    return version(type_url, snap, frozenset(snap.names(type_url)))
+
+
+def sample(registry, name: str, kind: str | None = None) -> float:
+    return registry.get_sample_value(name, {"type": kind} if kind else {}) or 0.0
+
+
+def types(session: AdsSession) -> list[str]:
+    return [r.type_url for r in session.responses]
+
+
+def test_initial_push_goes_cds_eds_lds_rds_and_every_type_is_acked(served):
+    cache, registry, server, path = served
+    first = snapshot("1")
+    cache.set_snapshot("node1", first)
+    with AdsSession(path, "node1") as session:
+        session.wait(AdsSession.complete)
+        assert types(session) == ORDER
+        wait_until(lambda: server.accepted("node1") is first)
+        assert sorted(session.resources[rt.ROUTE]) == [f"{REVIEWS}:9080"]
+        assert [r.version_info for r in session.responses] == [sent(first, t) for t in ORDER]
+        assert sample(registry, "nodeagent_xds_connected_proxies") == 1
+    assert [sample(registry, "nodeagent_xds_pushes_total", rt.SHORT[t]) for t in ORDER] == [1, 1, 1, 1]
+    wait_until(lambda: sample(registry, "nodeagent_xds_connected_proxies") == 0)
+
+
+def test_nack_is_counted_logged_and_the_last_accepted_snapshot_kept(served, caplog):
+    cache, registry, server, path = served
+    good, bad = snapshot("1"), snapshot("2", timeout="2s")
+    cache.set_snapshot("node1", good)
+    bad_routes = sent(bad, rt.ROUTE)
+
+    def reject(response):
+        return "route table refused by test" if response.version_info == bad_routes else None
+
+    with caplog.at_level(logging.WARNING, logger="nodeagent.xds.server"):
+        with AdsSession(path, "node1", reject=reject) as session:
+            session.wait(AdsSession.complete)
+            wait_until(lambda: server.accepted("node1") is good)
+            cache.set_snapshot("node1", bad)
+            session.wait(lambda s: len(s.nacked) == 1)
+            wait_until(lambda: sample(registry, "nodeagent_xds_nacks_total", "rds") == 1)
+            time.sleep(0.5)  # nothing is sent again for the same content
+            assert types(session) == ORDER + [rt.ROUTE]
+            assert server.accepted("node1") is good
+            assert session.resources[rt.ROUTE][f"{REVIEWS}:9080"].virtual_hosts[0].routes[0].route.timeout.seconds == 1
+            fixed = snapshot("3", timeout="3s")
+            cache.set_snapshot("node1", fixed)
+            wait_until(lambda: server.accepted("node1") is fixed)
+    assert [sample(registry, "nodeagent_xds_nacks_total", k) for k in ("cds", "eds", "lds", "rds")] == [0, 0, 0, 1]
+    (record,) = [r for r in caplog.records if "NACK" in r.getMessage()]
+    assert "from node1 for rds" in record.getMessage() and "route table refused by test" in record.getMessage()
+
+
+def test_a_burst_of_changes_is_one_debounced_push(served):
+    cache, registry, server, path = served
+    cache.set_snapshot("node1", snapshot("1"))
+    with AdsSession(path, "node1") as session:
+        session.wait(AdsSession.complete)
+        for i, timeout in enumerate(("2s", "3s", "4s", "5s"), start=2):
+            cache.set_snapshot("node1", snapshot(str(i), timeout=timeout))
+            time.sleep(0.03)  # well inside the 0.2 s debounce
+        last = snapshot("5", timeout="5s")
+        session.wait(lambda s: len(s.responses) == 5)
+        time.sleep(0.5)
+        assert types(session) == ORDER + [rt.ROUTE]  # routes only: the other types did not change
+        assert session.responses[-1].version_info == sent(last, rt.ROUTE)
+    assert sample(registry, "nodeagent_xds_pushes_total", "rds") == 2
+
+
+def test_new_clusters_are_pushed_before_the_listeners_and_routes_that_use_them(served):
+    cache, _, server, path = served
+    cache.set_snapshot("node1", snapshot("1"))
+    with AdsSession(path, "node1") as session:
+        session.wait(AdsSession.complete)
+        bigger = snapshot("2", ratings_policy=True)
+        cache.set_snapshot("node1", bigger)
+        session.wait(lambda s: "ratings.shop.svc.cluster.local:8080" in s.resources.get(rt.ROUTE, {}))
+        wait_until(lambda: server.accepted("node1") is bigger)
+        # Endpoints follow the clusters at once (Envoy warms changed clusters until they
+        # arrive), again once the new clusters' endpoints are asked for; then the rest.
+        assert types(session)[4:] == [rt.CLUSTER, rt.ENDPOINT, rt.ENDPOINT, rt.LISTENER, rt.ROUTE]
+        assert "outbound|8080||ratings.shop.svc.cluster.local" in session.resources[rt.ENDPOINT]
+
+
+def test_a_proxy_of_an_unknown_node_waits_for_its_snapshot(served):
+    cache, _, _, path = served
+    with AdsSession(path, "node9") as session:
+        with pytest.raises(XdsClientError, match="did not send"):
+            session.wait(AdsSession.complete, timeout=0.5)
+        cache.set_snapshot("node9", snapshot("1"))
+        session.wait(AdsSession.complete)
+
+
+def test_proxy_config_cli_reads_back_what_envoy_gets(served, capsys):
+    cache, _, _, path = served
+    cache.set_snapshot("node1", snapshot("1"))
+    assert main(["proxy-config", "clusters", "--xds-socket", path, "--node", "node1"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["NAME", "TYPE", "LB"]
+    assert f"outbound|9080||{REVIEWS}  EDS" in out
+    assert main(["proxy-config", "routes", "--xds-socket", path, "--node", "node1", "-o", "json"]) == 0
+    assert f'"name": "{REVIEWS}:9080"' in capsys.readouterr().out
+    assert sorted(fetch(path, "node1")[rt.LISTENER]) == ["nodeagent_upstream", "outbound"]
+
+
+# --- the protocol without a transport ---------------------------------------------------
+def request(type_url: str, names=(), nonce: str = "", version: str = "", error: str = "") -> DiscoveryRequest:
+    return DiscoveryRequest(node=Node(id="node1"), type_url=type_url, resource_names=list(names),
+                            response_nonce=nonce, version_info=version,
+                            error_detail=Status(code=3, message=error) if error else None)
+
+
+def test_listeners_wait_for_the_cluster_ack_and_the_endpoints_request():
+    snap, nacks = snapshot("1"), []
+    state = StreamState(on_nack=lambda *a: nacks.append(a), on_push=lambda t: None)
+    get = {"node1": snap}.get
+    (cds,) = state.request(request(rt.CLUSTER), get)
+    (eds,) = state.request(request(rt.ENDPOINT, snap.names(rt.ENDPOINT)), get)  # need not wait for the ACK
+    assert state.request(request(rt.LISTENER), get) == []  # CDS not answered yet
+    assert state.request(request(rt.ENDPOINT, snap.names(rt.ENDPOINT), nonce=eds.nonce,
+                                 version=eds.version_info), get) == []
+    (lds,) = state.request(request(rt.CLUSTER, nonce=cds.nonce, version=cds.version_info), get)
+    assert lds.type_url == rt.LISTENER and nacks == []
+    (rds,) = state.request(request(rt.ROUTE, [f"{REVIEWS}:9080"]), get)  # after LDS is sent
+    assert rds.type_url == rt.ROUTE
+
+
+def test_endpoints_follow_every_cluster_push_even_unchanged():
+    state = StreamState(on_nack=lambda *a: None, on_push=lambda t: None)
+    first, second = snapshot("1"), snapshot("2", ratings_policy=True)
+    get = {"node1": first}.get
+    (cds,) = state.request(request(rt.CLUSTER), get)
+    (eds,) = state.request(request(rt.ENDPOINT, [f"outbound|9080||{REVIEWS}"]), get)
+    state.request(request(rt.CLUSTER, nonce=cds.nonce, version=cds.version_info), get)
+    state.request(request(rt.ENDPOINT, [f"outbound|9080||{REVIEWS}"], nonce=eds.nonce, version=eds.version_info), get)
+    again = state.pump(second)  # new clusters; the reviews endpoints themselves did not change
+    assert [r.type_url for r in again] == [rt.CLUSTER, rt.ENDPOINT]
+    assert again[1].version_info == eds.version_info
+
+
+def test_stale_nonces_are_ignored_and_a_nack_is_not_answered_with_the_same_content():
+    snap, nacks = snapshot("1"), []
+    state = StreamState(on_nack=lambda *a: nacks.append(a[1]), on_push=lambda t: None)
+    get = {"node1": snap}.get
+    (cds,) = state.request(request(rt.CLUSTER), get)
+    assert state.request(request(rt.CLUSTER, nonce="old"), get) == []
+    assert state.request(request(rt.CLUSTER, nonce=cds.nonce, error="bad cluster"), get) == []
+    assert nacks == [rt.CLUSTER] and state.types[rt.CLUSTER].acked_version == ""
+    assert state.pump(snap) == []
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
