@@ -1,0 +1,120 @@
+"""EnvoySupervisor with a stand-in binary (a shell script): the arguments Envoy gets,
+restart with doubling backoff, status, and stop by PID (SIGTERM, then SIGKILL). The
+real binary is exercised in tests/kernel/test_xds_envoy.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from nodeagent.xds.envoy import EnvoySupervisor, base_id_for, find_envoy
+
+SCRIPT = """#!/bin/sh
+echo "$$ $*" >> {calls}
+{body}
+"""
+
+
+def fake(tmp_path, body: str) -> str:
+    path = tmp_path / "envoy"
+    path.write_text(SCRIPT.format(calls=tmp_path / "calls", body=body))
+    path.chmod(0o755)
+    return str(path)
+
+
+def calls(tmp_path) -> list[list[str]]:
+    path = tmp_path / "calls"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie has exited too
+        return fh.read().split(") ")[1][0] != "Z"
+
+
+def test_envoy_gets_the_bootstrap_and_its_own_base_id(tmp_path):
+    supervisor = EnvoySupervisor("/b.json", 4242, binary=fake(tmp_path, "sleep 30")).start()
+    try:
+        wait_for(lambda: calls(tmp_path))
+        (call,) = calls(tmp_path)
+        assert call[1:5] == ["-c", "/b.json", "--base-id", "4242"]
+        assert supervisor.status().running and supervisor.status().pid == int(call[0])
+    finally:
+        supervisor.stop()
+
+
+def test_an_exiting_envoy_is_restarted_with_doubling_backoff(tmp_path):
+    supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, "exit 3"), backoff=0.1, max_backoff=0.4,
+                                 reset_after=60).start()
+    try:
+        wait_for(lambda: len(calls(tmp_path)) >= 4)
+    finally:
+        supervisor.stop()
+    status = supervisor.status()
+    assert (status.running, status.last_exit) == (False, 3) and status.restarts >= 3
+    count = len(calls(tmp_path))
+    time.sleep(0.6)
+    assert len(calls(tmp_path)) == count  # stopped: never started again
+
+
+def test_backoff_doubles_up_to_the_maximum(tmp_path):
+    times: list[float] = []
+    supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, "exit 1"), backoff=0.1, max_backoff=0.4,
+                                 reset_after=60)
+    real_spawn = supervisor._spawn
+
+    def spawn():
+        times.append(time.monotonic())
+        real_spawn()
+    supervisor._spawn = spawn
+    supervisor.start()
+    try:
+        wait_for(lambda: len(times) >= 5)
+    finally:
+        supervisor.stop()
+    gaps = [b - a for a, b in zip(times, times[1:])][:4]
+    for gap, backoff in zip(gaps, [0.1, 0.2, 0.4, 0.4]):
+        assert backoff <= gap < backoff + 0.15, gaps
+
+
+def test_stop_ends_envoy_by_pid_with_sigterm(tmp_path):
+    supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, "exec sleep 30")).start()
+    wait_for(lambda: supervisor.status().running)
+    pid = supervisor.status().pid
+    supervisor.stop()
+    assert not alive(pid)
+    assert supervisor.status().last_exit == -signal.SIGTERM and supervisor.status().restarts == 0
+
+
+def test_stop_kills_an_envoy_that_ignores_sigterm(tmp_path):
+    body = "trap '' TERM\nwhile true; do sleep 0.05; done"
+    supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, body), stop_timeout=0.3).start()
+    wait_for(lambda: supervisor.status().running)
+    pid = supervisor.status().pid
+    started = time.monotonic()
+    supervisor.stop()
+    assert not alive(pid) and time.monotonic() - started < 3
+    assert supervisor.status().last_exit == -signal.SIGKILL
+
+
+def test_the_binary_next_to_the_interpreter_is_found_first():
+    assert find_envoy() == os.path.join(os.path.dirname(sys.executable), "envoy")
+
+
+def test_base_ids_are_stable_per_instance_and_differ_between_instances():
+    assert base_id_for("/run/nodeagent/a/waypoint") == base_id_for("/run/nodeagent/a/waypoint")
+    assert base_id_for("/run/nodeagent/a/waypoint") != base_id_for("/run/nodeagent/b/waypoint")
+
