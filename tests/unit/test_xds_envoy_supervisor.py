@@ -100,9 +100,10 @@ def test_stop_ends_envoy_by_pid_with_sigterm(tmp_path):
 
 
 def test_stop_kills_an_envoy_that_ignores_sigterm(tmp_path):
-    body = "trap '' TERM\nwhile true; do sleep 0.05; done"
+    ready = tmp_path / "trapping"
+    body = f"trap '' TERM\ntouch {ready}\nwhile true; do sleep 0.05; done"
     supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, body), stop_timeout=0.3).start()
-    wait_for(lambda: supervisor.status().running)
+    wait_for(ready.exists)  # SIGTERM before the trap would end it at once
     pid = supervisor.status().pid
     started = time.monotonic()
     supervisor.stop()
