@@ -17,6 +17,13 @@ from nodeagent.xds.translate.options import WaypointOptions
 from xds_world import DB, RATINGS, REVIEWS, RUN, clusters, doc, endpoints, translation
 
 SUBSETS = "host: reviews\nsubsets:\n- {name: v1, labels: {version: v1}}\n- {name: v2, labels: {version: v2}}\n"
+HALF_AND_HALF = doc("VirtualService", "r", """
+hosts: [reviews]
+http:
+- route:
+  - {destination: {host: reviews, subset: v1}, weight: 50}
+  - {destination: {host: reviews, subset: v2}, weight: 50}
+""")
 
 
 def dr(spec: str) -> str:
@@ -116,13 +123,7 @@ def test_passthrough_is_one_endpoint_without_an_endpoint_tlv():
 
 
 def test_subsets_are_clusters_with_label_filtered_endpoints():
-    result = translation(dr(SUBSETS) + doc("VirtualService", "r", """
-hosts: [reviews]
-http:
-- route:
-  - {destination: {host: reviews, subset: v1}, weight: 50}
-  - {destination: {host: reviews, subset: v2}, weight: 50}
-"""))
+    result = translation(dr(SUBSETS) + HALF_AND_HALF)
     eds = endpoints(result)
     assert sorted(eds) == [f"outbound|9080|v1|{REVIEWS}", f"outbound|9080|v2|{REVIEWS}"]
     ids = {name: [lb.endpoint.address.envoy_internal_address.endpoint_id
@@ -169,13 +170,7 @@ subsets:
 - name: v2
   labels: {version: v2}
 """
-    result = translation(dr(spec) + doc("VirtualService", "r", """
-hosts: [reviews]
-http:
-- route:
-  - {destination: {host: reviews, subset: v1}, weight: 50}
-  - {destination: {host: reviews, subset: v2}, weight: 50}
-"""))
+    result = translation(dr(spec) + HALF_AND_HALF)
     v1, v2 = (clusters(result)[f"outbound|9080|{s}|{REVIEWS}"] for s in ("v1", "v2"))
     # Port-level settings replace every rule-level component for port 9080 (istiod)...
     assert (v2.lb_policy, thresholds(v2).max_connections, v2.outlier_detection.consecutive_5xx) == (

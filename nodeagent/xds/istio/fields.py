@@ -113,18 +113,20 @@ def header_name(field: Field, name: object) -> str:
     return text.lower()
 
 
+def entries(field: Field, what: str = "a map") -> list[tuple[object, Field]]:
+    """A map's (key, Field of its value) pairs, sorted by key; none when absent."""
+    if not field.present:
+        return []
+    if not isinstance(field.value, dict):
+        raise field.error(f"must be {what}, not {describe(field.value)}")
+    return [(name, Field(field.where, f"{field.path}.{name}", value))
+            for name, value in sorted(field.value.items(), key=lambda kv: str(kv[0]))]
+
+
 def string_matches(field: Field, header_names: bool = False) -> tuple[tuple[str, StringMatch], ...]:
     """A map of name → StringMatch (headers, withoutHeaders, queryParams), sorted by name."""
-    if not field.present:
-        return ()
-    if not isinstance(field.value, dict):
-        raise field.error(f"must be a map, not {describe(field.value)}")
-    out = []
-    for name, value in sorted(field.value.items(), key=lambda kv: str(kv[0])):
-        item = Field(field.where, f"{field.path}.{name}", value)
-        key = header_name(item, name) if header_names else str(name)
-        out.append((key, string_match(item)))
-    return tuple(out)
+    return tuple((header_name(item, name) if header_names else str(name), string_match(item))
+                 for name, item in entries(field))
 
 
 @dataclass(frozen=True)
@@ -174,12 +176,5 @@ def _ops(field: Field) -> tuple:
 
 
 def _pairs(field: Field) -> tuple[tuple[str, str], ...]:
-    if not field.present:
-        return ()
-    if not isinstance(field.value, dict):
-        raise field.error(f"must be a map of header names to values, not {describe(field.value)}")
-    out = []
-    for name, value in sorted(field.value.items(), key=lambda kv: str(kv[0])):
-        item = Field(field.where, f"{field.path}.{name}", value)
-        out.append((header_name(item, name), item.string()))
-    return tuple(out)
+    return tuple((header_name(item, name), item.string())
+                 for name, item in entries(field, "a map of header names to values"))
