@@ -4,9 +4,9 @@ Admin listens on 127.0.0.1 only (a port of the node's network namespace). Everyt
 else comes over one ADS stream (state of the world, gRPC over HTTP/2) from the agent's
 unix socket, through the static cluster `xds_cluster`. The internal-listener extension
 is enabled because outbound endpoints are internal addresses (see translate/clusters.py).
-Stats: Istio's tag for cluster names (`outbound|port|subset|fqdn` keeps its dots), so
-`/stats/prometheus` labels per-cluster request counts and times with the full cluster
-name the agent maps to destination_service/subset/port.
+Stats: Istio's regex for the cluster-name tag (`outbound|port|subset|fqdn` keeps its
+dots), so `/stats/prometheus` labels per-cluster request counts and times with the full
+cluster name the agent maps to destination_service/subset/port.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from nodeagent.xds.translate.clusters import HTTP_OPTIONS
 from nodeagent.xds.translate.primitives import ADS
 
 XDS_CLUSTER = "xds_cluster"
-# istiod's bootstrap tag: a cluster name may hold dots (outbound|80||svc.ns.svc.cluster.local).
-CLUSTER_NAME_TAG = TagSpecifier(tag_name="cluster_name",
+# istiod's regex for cluster names, whose FQDN has dots (outbound|80||svc.ns.svc.cluster.local),
+# replacing Envoy's default extractor of the tag (which stops at the first dot).
+CLUSTER_NAME_TAG = TagSpecifier(tag_name="envoy.cluster_name",
                                 regex=r"^cluster\.((.+?(\..+?\.svc\.cluster\.local)?)\.)")
 
 
@@ -77,7 +78,8 @@ def bootstrap(settings: BootstrapSettings) -> Bootstrap:
             cds_config=ADS, lds_config=ADS),
         bootstrap_extensions=[TypedExtensionConfig(name="envoy.bootstrap.internal_listener",
                                                    typed_config=pack(InternalListener()))],
-        stats_config=StatsConfig(stats_tags=[CLUSTER_NAME_TAG], use_all_default_tags=True),
+        stats_config=StatsConfig(stats_tags=[CLUSTER_NAME_TAG], use_all_default_tags=True,
+                                 allow_default_tag_overrides=True),
         overload_manager=OverloadManager(resource_monitors=[ResourceMonitor(
             name="envoy.resource_monitors.global_downstream_max_connections",
             typed_config=pack(DownstreamConnectionsConfig(

@@ -138,6 +138,22 @@ def test_client_side_routes_reach_the_agent_with_the_endpoint_envoy_picked(waypo
     assert any(s.first_bytes.lower().find(b"x-routed-by: waypoint") > 0 for s in waypoint.agent.seen)
 
 
+def stat(waypoint, name: str, cluster: str) -> int:
+    url = f"http://127.0.0.1:{waypoint.admin}/stats/prometheus"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    wanted = f'{name}{{envoy_cluster_name="{cluster}"}} '
+    return int(next((line for line in text.splitlines() if line.startswith(wanted)), wanted + "0").split()[-1])
+
+
+def test_cluster_stats_carry_the_whole_cluster_name_with_exact_counts(waypoint):
+    v2 = f"outbound|9080|v2|{REVIEWS}"
+    before = stat(waypoint, "envoy_cluster_upstream_rq_total", v2)
+    for _ in range(5):
+        assert outbound(waypoint, {"end-user": "jason"})[0] == 200
+    assert stat(waypoint, "envoy_cluster_upstream_rq_total", v2) == before + 5
+
+
 def test_faults_abort_and_the_deprecated_percent_delays(waypoint):
     assert outbound(waypoint, {"x-fault": "abort"})[0] == 418
     status, _, seconds = outbound(waypoint, {"x-fault": "delay"})

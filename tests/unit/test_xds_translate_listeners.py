@@ -70,7 +70,8 @@ def test_a_tcp_port_without_tcp_routes_proxies_to_the_service():
     result = translation(doc("DestinationRule", "db", "host: db\n"
                                                      "trafficPolicy: {connectionPool: {tcp: {maxConnections: 3}}}"))
     proxy = network(chain(listeners(result)["outbound"], f"outbound|5432||{DB}"))
-    assert proxy.cluster == f"outbound|5432||{DB}" and proxy.stat_prefix == f"outbound|5432||{DB}"
+    assert proxy.cluster == f"outbound|5432||{DB}"
+    assert proxy.stat_prefix == "outbound|5432||db_shop_svc_cluster_local"  # no dots: one stat segment
 
 
 def test_the_internal_upstream_listener_pipes_to_the_agent():

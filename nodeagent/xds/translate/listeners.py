@@ -61,10 +61,15 @@ def set_filter_state(tlvs: tuple[int, ...]) -> Filter:
     return network_filter("envoy.filters.network.set_filter_state", SetFilterState(on_new_connection=values))
 
 
-def http_connection_manager(stat_prefix: str, route_config: str, filters: list[HttpFilter],
+def stat_prefix(name: str) -> str:
+    """A stat prefix without dots, which would split it into several stat name segments."""
+    return name.replace(".", "_")
+
+
+def http_connection_manager(prefix: str, route_config: str, filters: list[HttpFilter],
                             normalize: bool = False) -> Filter:
     hcm = HttpConnectionManager(
-        stat_prefix=stat_prefix, rds=Rds(config_source=ADS, route_config_name=route_config),
+        stat_prefix=stat_prefix(prefix), rds=Rds(config_source=ADS, route_config_name=route_config),
         http_filters=filters + [http_filter(ROUTER, Router())],
         upgrade_configs=[HttpConnectionManagerUpgradeConfig(upgrade_type="websocket")])
     if normalize:  # paths are normalized before authorization looks at them, as istiod does inbound
@@ -72,8 +77,8 @@ def http_connection_manager(stat_prefix: str, route_config: str, filters: list[H
     return network_filter(HCM, hcm)
 
 
-def tcp_proxy(stat_prefix: str, proxy: TcpProxy) -> Filter:
-    proxy.stat_prefix = stat_prefix
+def tcp_proxy(prefix: str, proxy: TcpProxy) -> Filter:
+    proxy.stat_prefix = stat_prefix(prefix)
     return network_filter(TCP_PROXY, proxy)
 
 
