@@ -204,3 +204,14 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.02)
+
+
+def test_the_server_can_also_listen_on_loopback_tcp_for_tests():
+    cache = SnapshotCache()
+    server = AdsServer(cache, CollectorRegistry(), debounce=0.01).start(tcp=True)
+    try:
+        cache.set_snapshot("node1", snapshot("1"))
+        assert server.port and server.path is None
+        assert sorted(fetch(f"127.0.0.1:{server.port}", "node1")[rt.ROUTE]) == [f"{REVIEWS}:9080"]
+    finally:
+        server.stop()
