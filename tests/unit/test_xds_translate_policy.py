@@ -236,10 +236,10 @@ configPatches:
 """
 
 
-def rate_limit(name: str, prefix: str, router: bool, port: str = "") -> str:
+def rate_limit(name: str, prefix: str, router: bool, port: str = "", priority: int = 0) -> str:
     sub = ", subFilter: {name: envoy.filters.http.router}" if router else ""
-    return doc("EnvoyFilter", name, RATE_LIMIT.format(port=port, sub=sub, prefix=prefix),
-               "networking.istio.io/v1alpha3")
+    spec = RATE_LIMIT.format(port=port, sub=sub, prefix=prefix) + f"priority: {priority}\n"
+    return doc("EnvoyFilter", name, spec, "networking.istio.io/v1alpha3")
 
 
 def test_rate_limits_go_before_the_router_or_first_as_istio_places_them():
@@ -250,6 +250,12 @@ def test_rate_limits_go_before_the_router_or_first_as_istio_places_them():
     assert configs["envoy.filters.http.local_ratelimit"].stat_prefix == "before_router"
     assert configs["envoy.filters.http.local_ratelimit.1"].stat_prefix == "at_head"
     assert configs["envoy.filters.http.local_ratelimit"].token_bucket.max_tokens == 5
+
+
+def test_rate_limits_apply_in_priority_order():
+    configs, names, _ = http_filters(rate_limit("a", "second", True, priority=5) +
+                                     rate_limit("b", "first", True, priority=-1))
+    assert [configs[n].stat_prefix for n in names[:-1]] == ["first", "second"]
 
 
 def test_a_rate_limit_alone_puts_a_pod_behind_the_waypoint_and_port_number_narrows_it():

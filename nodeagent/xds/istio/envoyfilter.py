@@ -46,6 +46,7 @@ class EnvoyFilter:
     where: str
     selector: Mapping[str, str] | None  # workloadSelector.labels; None: every workload in scope
     patches: tuple[RateLimitPatch, ...]
+    priority: int = 0  # lower applies first, as istiod orders EnvoyFilters
 
     @property
     def key(self) -> str:
@@ -57,7 +58,7 @@ def envoy_filter(obj: KubeObject, warn: Warn) -> EnvoyFilter:
     p = spec.fields(("workloadSelector", "targetRefs", "configPatches", "priority"))
     if p["targetRefs"].present:
         raise p["targetRefs"].error(f"targetRefs {UNSUPPORTED}", "use workloadSelector")
-    f.integer(p["priority"], -2**31, 2**31 - 1)
+    priority = f.integer(p["priority"], -2**31, 2**31 - 1) or 0
     selector = None
     if p["workloadSelector"].present:
         selector = p["workloadSelector"].fields(("labels",))["labels"].labels()
@@ -65,7 +66,7 @@ def envoy_filter(obj: KubeObject, warn: Warn) -> EnvoyFilter:
     if not patches:
         raise p["configPatches"].error("must list at least one patch")
     return EnvoyFilter(obj.namespace, obj.name, spec.where, selector,
-                       tuple(patch for patch in patches if patch is not None))
+                       tuple(patch for patch in patches if patch is not None), priority)
 
 
 def _patch(field: Field, warn: Warn) -> RateLimitPatch | None:

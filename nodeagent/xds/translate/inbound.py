@@ -46,7 +46,7 @@ def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list
         authz = [a for a in ctx.config.authorizations if a.policy.action in (ALLOW, DENY)
                  and not a.policy.dry_run and selects(ctx, a.policy.scope, pod)]
         authn = [r for r in ctx.config.authentications if selects(ctx, r.policy.scope, pod)]
-        limits = [p for ef in ctx.config.envoy_filters if _filter_selects(ctx, ef, pod) for p in ef.patches]
+        limits = [p for ef in _ordered(ctx) if _filter_selects(ctx, ef, pod) for p in ef.patches]
         policy = any(a.policy.has_l7 for a in authz) or bool(authn)
         if not (policy or limits):
             continue
@@ -81,6 +81,12 @@ def _warn_unbound(ctx: Context) -> None:
                 ctx.warn(f"{resource.obj.source} ({resource.obj}) spec.targetRef",
                          f"{ref.kind} {ref.name} is not served by nodeagent's waypoint; the policy applies "
                          "to no workload here", "target a Service, or select pods with selector")
+
+
+def _ordered(ctx: Context) -> list[EnvoyFilter]:
+    """istiod's order: priority, then the root namespace's before the workload's."""
+    root = ctx.config.root_namespace
+    return sorted(ctx.config.envoy_filters, key=lambda ef: (ef.priority, ef.namespace != root, ef.namespace, ef.name))
 
 
 def _filter_selects(ctx: Context, ef: EnvoyFilter, pod: Pod) -> bool:
