@@ -237,3 +237,15 @@ def test_a_virtual_service_for_gateways_only_changes_nothing():
     result = translation(doc("VirtualService", "edge", "hosts: [reviews]\ngateways: [edge]\nhttp:\n"
                                                        "- route: [{destination: {host: ratings}}]"))
     assert routes(result) == {} and clusters(result) == {}
+
+
+def test_an_exact_host_wins_over_a_wildcard_and_the_other_is_warned_about():
+    result = translation(doc("VirtualService", "all", "hosts: ['*.shop.svc.cluster.local']\nhttp:\n"
+                                                      "- route: [{destination: {host: ratings, port: {number: 8080}}}]") +
+                         doc("VirtualService", "zz-reviews", "hosts: [reviews]\nhttp:\n"
+                                                             "- route: [{destination: {host: reviews}}]"))
+    (route,) = routes(result)[f"{REVIEWS}:9080"].virtual_hosts[0].routes
+    assert route.route.cluster == f"outbound|9080||{REVIEWS}"
+    assert any("VirtualService shop/zz-reviews already applies to " + REVIEWS in str(w) for w in result.warnings)
+    (wildcard,) = routes(result)[f"{RATINGS}:8080"].virtual_hosts[0].routes
+    assert wildcard.route.cluster == f"outbound|8080||{RATINGS}"

@@ -5,8 +5,9 @@ the client-side waypoint at all.
 Host names resolve as istiod resolves them: a name without dots is a Service in the
 resource's namespace (`reviews` → `reviews.<ns>.svc.cluster.local`), any other name is
 taken as fully qualified, `*` and `*.suffix` match by suffix. One VirtualService and one
-DestinationRule apply per service; with several, the service's own namespace wins, then
-the root namespace, then the first by namespace/name, and the others get a warning.
+DestinationRule apply per service; with several, an exact host wins over a wildcard,
+then the service's own namespace, then the root namespace, then the first by
+namespace/name, and the others get a warning.
 A port's protocol comes from its name (Istio's `<protocol>[-suffix]` convention); an
 unnamed or unknown one is HTTP if the VirtualService has http routes for it, else TCP.
 """
@@ -60,17 +61,18 @@ class Catalog:
 
     def _assign(self, resources: Iterable[T], hosts: Callable[[T], Iterable[str]], kind: str,
                 warn: Callable[[ConfigError], None]) -> dict[str, T]:
-        candidates: dict[str, list[T]] = {}
+        candidates: dict[str, dict[str, tuple[tuple, T]]] = {}
         for resource in resources:
             for host in hosts(resource):
                 for service in self.resolve(host, resource.namespace):
-                    candidates.setdefault(service.hostname, []).append(resource)
+                    rank = ("*" in host, resource.namespace != service.namespace,
+                            resource.namespace != self.root, resource.namespace, resource.name)
+                    found = candidates.setdefault(service.hostname, {})
+                    found[resource.key] = min(found.get(resource.key, (rank, resource)), (rank, resource),
+                                              key=lambda pair: pair[0])
         chosen = {}
         for hostname, found in candidates.items():
-            namespace = hostname.split(".")[1]
-            ranked = sorted({r.key: r for r in found}.values(), key=lambda r: (r.namespace != namespace,
-                                                                  r.namespace != self.root,
-                                                                  r.namespace, r.name))
+            ranked = [resource for _, resource in sorted(found.values(), key=lambda pair: pair[0])]
             chosen[hostname] = ranked[0]
             for other in ranked[1:]:
                 warn(ConfigError(other.where, f"{kind} {ranked[0].key} already applies to {hostname}; "
