@@ -240,8 +240,8 @@ def test_a_virtual_service_for_gateways_only_changes_nothing():
 
 
 def test_an_exact_host_wins_over_a_wildcard_and_the_other_is_warned_about():
-    result = translation(doc("VirtualService", "all", "hosts: ['*.shop.svc.cluster.local']\nhttp:\n"
-                                                      "- route: [{destination: {host: ratings, port: {number: 8080}}}]") +
+    to_ratings = "- route: [{destination: {host: ratings, port: {number: 8080}}}]"
+    result = translation(doc("VirtualService", "all", f"hosts: ['*.shop.svc.cluster.local']\nhttp:\n{to_ratings}") +
                          doc("VirtualService", "zz-reviews", "hosts: [reviews]\nhttp:\n"
                                                              "- route: [{destination: {host: reviews}}]"))
     (route,) = routes(result)[f"{REVIEWS}:9080"].virtual_hosts[0].routes
