@@ -5,6 +5,7 @@ field to the exact Envoy field, in the filter order the chain runs them."""
 from __future__ import annotations
 
 import json
+import re
 
 from envoy_data_plane.envoy.config.rbac.v3 import RbacAction
 
@@ -263,3 +264,20 @@ def test_a_rate_limit_alone_puts_a_pod_behind_the_waypoint_and_port_number_narro
     assert [c.name for c in listeners(result)["inbound"].filter_chains] == [CHAIN]
     elsewhere = translation(rate_limit("a", "limited", True, port="portNumber: 1234"))
     assert "inbound" not in listeners(elsewhere)
+
+
+def test_service_accounts_remote_ip_blocks_and_not_hosts():
+    (policy,) = policies(doc("AuthorizationPolicy", "more", """
+selector: {matchLabels: {app: reviews}}
+rules:
+- from: [{source: {serviceAccounts: [productpage, other/robot], remoteIpBlocks: [192.0.2.0/24]}}]
+  to: [{operation: {notHosts: ["*.internal"]}}]
+""", SEC)).values()
+    accounts, remote = policy.principals[0].and_ids.ids
+    patterns = [p.filter_state.string_match.safe_regex.regex for p in accounts.or_ids.ids]
+    assert re.fullmatch(patterns[0], "spiffe://cluster.local/ns/shop/sa/productpage")
+    assert not re.fullmatch(patterns[0], "spiffe://cluster.local/ns/shop/sa/productpage2")
+    assert re.fullmatch(patterns[1], "spiffe://td/ns/other/sa/robot")
+    assert (remote.remote_ip.address_prefix, remote.remote_ip.prefix_len) == ("192.0.2.0", 24)
+    (permission,) = policy.permissions
+    assert permission.not_rule.header.string_match.suffix == ".internal"
