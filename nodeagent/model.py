@@ -46,10 +46,16 @@ class Pod:
     annotations: Mapping[str, str]
     service_account: str = "default"
     phase: str = "Running"
+    ports: Mapping[str, int] = field(default_factory=dict)  # named container ports (targetPort names)
+    workload: str = ""  # Istio's workload name: the owning controller's, else the pod's (see _workload)
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
+
+    @property
+    def workload_name(self) -> str:
+        return self.workload or self.name
 
     def port_list(self, annotation: str) -> frozenset[int]:
         raw = self.annotations.get(annotation, "")
@@ -200,7 +206,47 @@ def _pod(obj: KubeObject) -> Pod:
         labels=_frozen(obj.labels), annotations=_frozen(obj.annotations),
         service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"),
         phase=str(status.get("phase") or "Pending"),
+        ports=_frozen(_container_ports(spec, where)), workload=_workload(obj),
     )
+
+
+def _container_ports(spec: dict, where: str) -> dict[str, int]:
+    """Named ports of every container (what a Service's named targetPort refers to)."""
+    out: dict[str, int] = {}
+    containers = spec.get("containers") or []
+    if not isinstance(containers, list):
+        raise ConfigError(where, "spec.containers must be a list")
+    for i, container in enumerate(containers):
+        if not isinstance(container, dict):
+            raise ConfigError(where, f"spec.containers[{i}] must be a map")
+        ports = container.get("ports") or []
+        if not isinstance(ports, list):
+            raise ConfigError(where, f"spec.containers[{i}].ports must be a list")
+        for j, port in enumerate(ports):
+            field_name = f"spec.containers[{i}].ports[{j}]"
+            if not isinstance(port, dict):
+                raise ConfigError(where, f"{field_name} must be a map with name and containerPort")
+            number = _port(port.get("containerPort"), where, f"{field_name}.containerPort")
+            name = port.get("name")
+            if name is not None:
+                out.setdefault(str(name), number)  # the first container naming it wins, as kube-proxy
+    return out
+
+
+def _workload(obj: KubeObject) -> str:
+    """Istio's workload name: a controller owner's name, the Deployment's for a ReplicaSet
+    named `<deployment>-<pod-template-hash>`; empty (the pod's own name) without owner."""
+    owners = (obj.body.get("metadata") or {}).get("ownerReferences") or []
+    if not isinstance(owners, list):
+        return ""
+    owners = [o for o in owners if isinstance(o, dict) and o.get("name")]
+    owner = next((o for o in owners if o.get("controller")), owners[0] if owners else None)
+    if owner is None:
+        return ""
+    name, template_hash = str(owner["name"]), obj.labels.get("pod-template-hash")
+    if owner.get("kind") == "ReplicaSet" and template_hash and name.endswith(f"-{template_hash}"):
+        return name[:-len(template_hash) - 1]
+    return name
 
 
 def _service_port(p, where: str, field: str) -> ServicePort:

@@ -1,8 +1,8 @@
 """The agent's admin endpoints: a small HTTP/1.1 server on the admin address (default
 127.0.0.1:15020 in the agent's netns) and on the admin unix socket, serving the same
 routes on both: `/metrics` (Prometheus text), `/debug/status` (JSON, what `nodeagent
-status` renders) and `/healthz/ready`. `fetch_status` is the client side over the unix
-socket. One request per connection; nothing here can block the agent's event loop.
+status` renders) and `/healthz/ready`. `fetch` and `fetch_status` are the client side over
+the unix socket. One request per connection; nothing here can block the agent's event loop.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def _clear_stale_socket(path: Path) -> None:
                       "stop it first, or pass another --admin-socket")
 
 
-def fetch_status(socket_path: str | os.PathLike, timeout: float = 5.0) -> dict[str, Any]:
-    """GET /debug/status over the admin unix socket (what `nodeagent status` shows)."""
+def fetch(socket_path: str | os.PathLike, path: str, timeout: float = 5.0) -> bytes:
+    """GET `path` (/metrics, /debug/status) over the admin unix socket; the body."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -120,7 +120,7 @@ def fetch_status(socket_path: str | os.PathLike, timeout: float = 5.0) -> dict[s
         except OSError as exc:
             raise NodeagentError(f"cannot reach the agent at {socket_path}: {exc.strerror}",
                                  "is `nodeagent run` running on this node? check --socket/--node") from None
-        sock.sendall(b"GET /debug/status HTTP/1.1\r\nHost: agent\r\n\r\n")
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n".encode())
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
@@ -128,4 +128,9 @@ def fetch_status(socket_path: str | os.PathLike, timeout: float = 5.0) -> dict[s
     if not head.startswith(b"HTTP/1.1 200"):
         first = head.split(b"\r\n", 1)[0].decode(errors="replace")
         raise NodeagentError(f"the agent at {socket_path} answered: {first}")
-    return json.loads(body)
+    return body
+
+
+def fetch_status(socket_path: str | os.PathLike, timeout: float = 5.0) -> dict[str, Any]:
+    """GET /debug/status over the admin unix socket (what `nodeagent status` shows)."""
+    return json.loads(fetch(socket_path, "/debug/status", timeout))

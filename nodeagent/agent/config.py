@@ -2,46 +2,33 @@
 
 Each setting has a typed attribute on `AgentConfig`, a command-line flag and a
 `NODEAGENT_*` environment variable; the flag wins over the variable, the variable over
-the default. `load` parses and validates all of them at start-up and raises ConfigError
-naming the flag, the variable and the bad value, so a typo never surfaces later as a
-strange runtime failure.
+the default (nodeagent.settings does that for every command). `load` parses and
+validates all of them at start-up and raises ConfigError naming the flag, the variable
+and the bad value, so a typo never surfaces later as a strange runtime failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import os
-import re
+import datetime as dt
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
+from nodeagent import settings
 from nodeagent.capture.preflight import MOUNTS, mount_table
 from nodeagent.errors import ConfigError
+from nodeagent.identity.config import default_server_name, parse_trust_domain
 from nodeagent.kube.objects import DNS_SUBDOMAIN
+from nodeagent.settings import (OFF, Setting, parse_absolute, parse_address, parse_bool, parse_choice,
+                                parse_directory, parse_int, parse_namespace, parse_optional_file,
+                                parse_port, parse_source, parse_target)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEFAULT_ADMIN_SOCKET = "/run/nodeagent/agent.sock"
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str  # attribute of AgentConfig
-    parse: Callable[[str], Any]  # raises ValueError saying what is wrong
-    default: Any  # a raw string (parsed like user input), None = required, or a callable
-    help: str
-    metavar: str = ""
-    boolean: bool = False
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return "NODEAGENT_" + self.name.upper()
+DEFAULT_IDENTITY_DIR = "/run/nodeagent/identity"  # tmpfs: workload keys never reach a disk
+FLOW_LOG_STDERR = "stderr"
 
 
 @dataclass(frozen=True)
@@ -62,14 +49,35 @@ class AgentConfig:
     poll_interval: float
     log_level: str
     log_format: str
+    ca_address: tuple[str, int] | None  # None: no CA, so no workload identities and no HBONE
+    ca_root_cert: Path | None
+    ca_token_file: Path | None
+    ca_server_name: str
+    trust_domain: str
+    cert_ttl: dt.timedelta
+    identity_dir: Path
+    root_namespace: str
+    flow_log: str | Path  # "stderr", "off" or a file
 
     @property
     def admin_port(self) -> int:
         return self.admin_address[1]
 
+    @property
+    def identity_enabled(self) -> bool:
+        return self.ca_address is not None
+
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
-                for f in fields(self)}
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value (status shows the config)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    return value
 
 
 # --- parsers: each takes the raw string and raises ValueError naming the rule -------
@@ -79,73 +87,11 @@ def parse_node(raw: str) -> str:
     return raw
 
 
-def parse_source(raw: str) -> str:
-    kind, _, rest = raw.partition(":")
-    if kind == "kube":
-        raise ValueError("the kube source is not implemented yet; use files:DIR")
-    if kind != "files" or not rest:
-        raise ValueError("expected files:DIR (a directory of Kubernetes YAML)")
-    if not Path(rest).is_dir():
-        raise ValueError(f"{rest} is not a directory")
-    return raw
-
-
-def parse_directory(raw: str) -> Path:
-    path = Path(raw)
-    if not path.is_absolute():
-        raise ValueError("must be an absolute path")
-    if not path.is_dir():
-        raise ValueError("directory does not exist")
-    return path
-
-
-def parse_absolute(raw: str) -> Path:
-    path = Path(raw)
-    if not path.is_absolute():
-        raise ValueError("must be an absolute path")
-    return path
-
-
-def parse_port(raw: str) -> int:
-    port = parse_int(raw)
-    if not 1 <= port <= 65535:
-        raise ValueError("must be a TCP port, 1-65535")
-    return port
-
-
-def parse_int(raw: str) -> int:
-    try:
-        return int(raw, 0)
-    except ValueError:
-        raise ValueError("must be an integer (decimal or 0x hex)") from None
-
-
 def parse_mark(raw: str) -> int:
     mark = parse_int(raw)
     if not 0 < mark < 2**32:
         raise ValueError("must be a non-zero 32-bit socket mark")
     return mark
-
-
-def parse_address(raw: str) -> tuple[str, int]:
-    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", raw)
-    if not match:
-        raise ValueError("expected HOST:PORT (IPv6 as [ADDR]:PORT)")
-    host, port = (match[1], match[2]) if match[1] else (match[3], match[4])
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{host} is not an IP address") from None
-    return host, parse_port(port)
-
-
-def parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be true or false")
 
 
 def parse_interval(raw: str) -> float:
@@ -158,12 +104,26 @@ def parse_interval(raw: str) -> float:
     return value
 
 
-def parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        if raw.lower() not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}")
-        return raw.lower()
-    return parse
+def parse_optional_target(raw: str) -> tuple[str, int] | None:
+    return None if raw.strip().lower() in OFF else parse_target(raw)
+
+
+def parse_server_name(raw: str) -> str:
+    if not DNS_SUBDOMAIN.match(raw):
+        raise ValueError("must be a DNS name (the one in the CA's certificate)")
+    return raw
+
+
+def parse_flow_log(raw: str) -> str | Path:
+    if raw.strip().lower() in (FLOW_LOG_STDERR, "off"):
+        return raw.strip().lower()
+    path = parse_absolute(raw)
+    if not path.parent.is_dir():
+        raise ValueError(f"{path.parent} is not a directory")
+    return path
+
+
+parse_cert_ttl = settings.parse_duration_between(dt.timedelta(minutes=1), dt.timedelta(days=90))
 
 
 def cgroup2_root(mounts: str = MOUNTS) -> str:
@@ -199,56 +159,51 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("poll_interval", parse_interval, "0.1", "seconds between checks of the source", "SECONDS"),
     Setting("log_level", parse_choice(LOG_LEVELS), "info", "log level", "|".join(LOG_LEVELS)),
     Setting("log_format", parse_choice(LOG_FORMATS), "text", "log format", "|".join(LOG_FORMATS)),
+    Setting("ca_address", parse_optional_target, "off",
+            "the mesh CA (nodeagent ca) as HOST:PORT; off: no workload certificates, so no mTLS "
+            "(meshed destinations are refused, plaintext inbound still obeys policy)", "HOST:PORT|off"),
+    Setting("ca_root_cert", parse_optional_file, "off",
+            "PEM file of the mesh root: trust anchor of mTLS and of the CA (root-cert.pem)", "FILE"),
+    Setting("ca_token_file", parse_optional_file, "off",
+            "file holding this node's bearer token for the CA", "FILE"),
+    Setting("ca_server_name", parse_server_name, default_server_name(),
+            "DNS name the CA's certificate must carry", "NAME"),
+    Setting("trust_domain", parse_trust_domain, "cluster.local", "SPIFFE trust domain of the mesh", "DOMAIN"),
+    Setting("cert_ttl", parse_cert_ttl, "24h", "lifetime to ask the CA for (it may give less)", "DURATION"),
+    Setting("identity_dir", parse_absolute, DEFAULT_IDENTITY_DIR,
+            "directory (0700, tmpfs) of the workload key and certificate files", "DIR"),
+    Setting("root_namespace", parse_namespace, "istio-system",
+            "Istio root namespace: its policies apply mesh-wide", "NAMESPACE"),
+    Setting("flow_log", parse_flow_log, FLOW_LOG_STDERR,
+            "where one JSON line per closed connection goes: stderr, off or an absolute file path",
+            "stderr|off|FILE"),
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting; every default is None so `load` can tell 'not given'."""
-    for s in SETTINGS:
-        help_text = f"{s.help} [env {s.env}]"
-        if s.boolean:
-            parser.add_argument(s.flag, dest=s.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
-        else:
-            parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.metavar, help=help_text)
-
-
-def _raw_value(s: Setting, given: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[str, str]:
-    """(raw string, where it came from) for one setting."""
-    value = given.get(s.name)
-    if value is not None:
-        return ("true" if value is True else "false" if value is False else str(value)), s.flag
-    if s.env in environ:
-        return environ[s.env], s.env
-    if s.default is None:
-        raise ConfigError(f"setting {s.name}", "is required", f"pass {s.flag} or set {s.env}")
-    if callable(s.default):
-        try:
-            return s.default(), "default"
-        except ValueError as exc:
-            raise ConfigError(f"setting {s.name}", f"no default: {exc}", f"pass {s.flag} or set {s.env}") from None
-    return s.default, "default"
+    settings.add_arguments(parser, SETTINGS)
 
 
 def load(given: Mapping[str, Any] | argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Parse and validate every setting; raise ConfigError naming the first bad one."""
-    if isinstance(given, argparse.Namespace):
-        given = vars(given)
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for s in SETTINGS:
-        raw, origin = _raw_value(s, given, environ)
-        try:
-            values[s.name] = s.parse(raw)
-        except ValueError as exc:
-            raise ConfigError(f"setting {s.name} ({origin})", f"bad value {raw!r}: {exc}",
-                              f"fix {s.flag} / {s.env}") from None
+    values = settings.parse_settings(SETTINGS, given, environ)
     values["source_dir"] = Path(values["source"].partition(":")[2])
     _check_ports(values)
     if values["delivery_mark"] == values["mark"]:
         raise ConfigError("setting delivery_mark", f"must differ from mark ({values['mark']:#x})",
                           "the pod's reply routing would catch the agent's outbound connections too")
+    _check_identity(values)
     return AgentConfig(**values)
+
+
+def _check_identity(values: dict[str, Any]) -> None:
+    if values["ca_address"] is None:
+        return
+    for name in ("ca_root_cert", "ca_token_file"):
+        if values[name] is None:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"setting {name}", "is required when ca_address is set",
+                              f"pass {flag} or set NODEAGENT_{name.upper()}")
 
 
 def _check_ports(values: dict[str, Any]) -> None:

@@ -4,10 +4,13 @@ Start-up: load capture (preflight, compile, adopt pinned maps, attach), start th
 endpoints, then reconcile: every meshed local pod is (re-)enrolled — idempotent, so a
 restart after a crash adopts what the previous agent left — and capture entries of netns
 cookies no longer meshed are removed. Then the source is checked every poll interval
-(and at once when inotify reports a change) and each new model is reconciled. SIGTERM
-or SIGINT: stop listening and relaying, remove in-pod routing, and close capture
-(detach and unpin, unless keep-on-exit). A SIGKILL leaves the pinned state for the
-next agent, so meshed pods fail closed meanwhile.
+(and at once when inotify reports a change) and each new model is reconciled: policies
+rebuilt first (new connections see them at once), then enrolment, then the workload
+identities of the enrolled pods (fetched ahead, forgotten when unused) and the release
+of removed pods' tunnel connections. The data path is wired in datapath.py. SIGTERM or
+SIGINT: stop listening and relaying, remove in-pod routing, and close capture (detach
+and unpin, unless keep-on-exit). A SIGKILL leaves the pinned state for the next agent,
+so meshed pods fail closed meanwhile.
 """
 
 from __future__ import annotations
@@ -25,16 +28,14 @@ from nodeagent import __version__
 from nodeagent.agent import logs
 from nodeagent.agent.admin import AdminServer
 from nodeagent.agent.config import AgentConfig
+from nodeagent.agent.datapath import DataPath
 from nodeagent.agent.enrolment import Enroller, Handlers, Ports
-from nodeagent.agent.inbound import InboundRelay, TunnelPlaceholder
+from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.outbound import OutboundRelay, Passthrough
 from nodeagent.agent.podns import PodNetnsResolver
 from nodeagent.agent.watch import DirectoryWatch
 from nodeagent.model import Model
 from nodeagent.sources.files import FilesSource
-
-CONNECT_TIMEOUT = 10.0  # seconds for an upstream connect (outbound or delivery to the app)
 
 
 class Agent:
@@ -51,22 +52,22 @@ class Agent:
         self.model_changed_at: float | None = None
         self.started_at = time.time()
         self.ready = False
+        self.datapath = DataPath(config, registry=registry, metrics=self.metrics, capture=capture, log=log,
+                                 model=lambda: self.model, pod_at=self.pod_at)
         self.enroller = self._enroller(resolver or PodNetnsResolver())
         self.admin = AdminServer(registry=registry, status=self.status, ready=lambda: self.ready,
                                  log=log.getChild("admin"))
 
     def _enroller(self, resolver: PodNetnsResolver) -> Enroller:
-        c, m = self.config, self.metrics
-        passthrough = Passthrough(c.mark, CONNECT_TIMEOUT)
-        outbound = OutboundRelay(self.capture, m, self.log.getChild("outbound"), lambda ctx, dst: passthrough)
-        agent_ports = frozenset({c.outbound_port, c.inbound_port, c.tunnel_port, c.admin_port})
-        inbound = InboundRelay(m, self.log.getChild("inbound"), mark=c.delivery_mark, timeout=CONNECT_TIMEOUT,
-                               agent_ports=agent_ports)
-        tunnel = TunnelPlaceholder(m, self.log.getChild("inbound"), c.tunnel_port)
+        c, d = self.config, self.datapath
         return Enroller(node=c.node, capture=self.capture, resolver=resolver,
                         ports=Ports(c.outbound_port, c.inbound_port, c.tunnel_port),
-                        handlers=Handlers(outbound.handle, inbound.handle, tunnel.handle),
-                        delivery_mark=c.delivery_mark, metrics=m, log=self.log.getChild("enrolment"))
+                        handlers=Handlers(d.outbound.handle, d.inbound.handle, d.tunnel.handle),
+                        delivery_mark=c.delivery_mark, metrics=self.metrics, log=self.log.getChild("enrolment"))
+
+    def pod_at(self, ip: str) -> PodContext | None:
+        """The enrolled pod with this IP."""
+        return next((e.ctx for e in self.enroller.enrolled.values() if e.wanted.ip == ip), None)
 
     # --- lifecycle ------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -83,6 +84,7 @@ class Agent:
             finally:
                 watch.close()
                 await self.enroller.close(keep_routing=self.config.keep_on_exit)
+                await self.datapath.close()
                 await self.admin.close()
         finally:
             self.capture.close(keep=self.config.keep_on_exit)
@@ -110,8 +112,12 @@ class Agent:
         if model is not None:
             self.model = model
             self.model_changed_at = time.time()
+            self.datapath.policies.update(model)
         if model is not None or force or self.enroller.retry_due():
+            before = {e.ctx for e in self.enroller.enrolled.values()}
             await self.enroller.reconcile(self.model)
+            enrolled = list(self.enroller.enrolled.values())
+            self.datapath.enrolled([e.ctx.pod for e in enrolled], before - {e.ctx for e in enrolled})
 
     # --- status ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -128,7 +134,7 @@ class Agent:
                        "pods_on_node": len(self.model.pods_on_node(self.config.node))},
             "pods": enrolment["enrolled"], "waiting": enrolment["waiting"],
             "capture": capture, "counters": self.metrics.snapshot(),
-            "config": self.config.as_dict(),
+            "config": self.config.as_dict(), **self.datapath.describe(),
         }
 
 

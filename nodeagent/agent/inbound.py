@@ -1,10 +1,14 @@
-"""Inbound relay: connections to a meshed pod's IP, steered by sk_lookup to the agent's
-in-pod listener (0.0.0.0:15006), and the tunnel port (15008) until HBONE lands.
+"""Inbound: plaintext connections to a meshed pod's IP, steered by sk_lookup to the
+agent's in-pod listener (0.0.0.0:15006), and delivery to the app, shared with the HBONE
+server (tunnel_inbound.py).
 
-The accepted socket's local address is the original destination. The agent delivers
-to the app from inside the pod netns over loopback, with a transparent socket bound to
-the client's IP, so the app sees the real client address; the pod's policy routing
-(podrouting.py) brings the app's replies back to that socket.
+The accepted socket's local address is the original destination. Policy first, read at
+accept time (so a change applies to the next connection): PeerAuthentication STRICT on
+that port refuses plaintext; otherwise AuthorizationPolicy decides with no principal.
+A refused connection is reset and reported (`DENY`). An allowed one is delivered from
+inside the pod netns over loopback, with a transparent socket bound to the client's IP,
+so the app sees the real client address; the pod's policy routing (podrouting.py)
+brings the app's replies back to that socket.
 """
 
 from __future__ import annotations
@@ -12,24 +16,94 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Callable
 
 from nodeagent.agent import inpod
+from nodeagent.agent.destinations import service_of
+from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.outbound import Relay, connect_failure_reason, relay
+from nodeagent.agent.policies import PolicyState
 from nodeagent.agent.splice import reset
+from nodeagent.agent.telemetry import DESTINATION, FLAG_CONNECT, PLAINTEXT, Flow, Peer, Telemetry
+from nodeagent.model import Model
+from nodeagent.policy import Connection
+from nodeagent.policy.peerauth import STRICT
+
+Address = tuple[str, int]
+STRICT_POLICY = "peer-authentication-strict"  # the `policy` label of a STRICT refusal
+NO_ALLOW_MATCH = "no-allow-match"  # ... of a denial because no ALLOW policy matched
+
+
+class Delivery:
+    """Connections to the app inside the pod netns, as the client (transparent, on lo)."""
+
+    def __init__(self, mark: int, timeout: float):
+        self.mark = mark
+        self.timeout = timeout
+        self._connecting: set[Address] = set()  # local addresses of our delivery sockets
+
+    def is_ours(self, addr: Address) -> bool:
+        """True for a connection from one of our delivery sockets (a steering loop)."""
+        return addr in self._connecting
+
+    async def connect(self, ctx: PodContext, src: Address, dst: Address) -> socket.socket:
+        upstream = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
+        local = upstream.getsockname()[:2]
+        self._connecting.add(local)  # before connecting: a loop shows up during the connect
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(upstream, dst), self.timeout)
+            return upstream
+        except BaseException:
+            upstream.close()
+            raise
+        finally:
+            self._connecting.discard(local)
+
+
+class InboundView:
+    """What inbound handling reads, shared by the plaintext relay and the HBONE server."""
+
+    def __init__(self, model: Callable[[], Model], policies: PolicyState, identities: WorkloadIdentities,
+                 telemetry: Telemetry):
+        self.model = model
+        self.policies = policies
+        self.identities = identities
+        self.telemetry = telemetry
+
+    def flow(self, ctx: PodContext, src: Address, dst: Address, principal: str | None, security: str) -> Flow:
+        """Open the destination's report of a connection to `ctx`'s pod. The source
+        workload is the pod at the client address when its identity agrees with the
+        proven principal (or when no principal was proven)."""
+        model, pod = self.model(), ctx.pod
+        client = model.pod_by_ip(src[0])
+        if client is not None and principal and self.identities.of(client).uri != principal:
+            client = None
+        source = Peer.of(client, principal) if client or not principal else _peer_of_principal(principal)
+        own = self.identities.of(pod).uri if self.identities.enabled else None
+        return self.telemetry.open(Flow(DESTINATION, src, dst, source, Peer.of(pod, own),
+                                        service_of(model, pod, dst[1]), security))
+
+    def deny(self, flow: Flow, policy: str, reason: str) -> None:
+        self.telemetry.denied(flow, policy, reason)
+
+
+def _peer_of_principal(principal: str) -> Peer:
+    parts = principal.split("/")  # spiffe: '' td ns <ns> sa <sa>
+    namespace = parts[4] if len(parts) == 7 and parts[3] == "ns" else None
+    return Peer(namespace=namespace, principal=principal) if namespace else Peer(principal=principal)
 
 
 class InboundRelay(Relay):
     direction = "inbound"
 
-    def __init__(self, metrics: AgentMetrics, log: logging.Logger, *, mark: int, timeout: float,
+    def __init__(self, metrics: AgentMetrics, log: logging.Logger, *, view: InboundView, delivery: Delivery,
                  agent_ports: frozenset[int]):
         super().__init__(metrics, log)
-        self.mark = mark
-        self.timeout = timeout
+        self.view = view
+        self.delivery = delivery
         self.agent_ports = agent_ports
-        self._delivering: set[tuple[str, int]] = set()  # local addresses of our delivery sockets
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.inbound.inc()
@@ -39,7 +113,7 @@ class InboundRelay(Relay):
         except OSError:
             self._fail(ctx, client, "client_gone", "the client closed before it was accepted")
             return
-        if src in self._delivering:
+        if self.delivery.is_ours(src):
             # Our own delivery came back: steering must skip it, else every retry loops.
             self._fail(ctx, client, "steering_loop", f"delivery from {src[0]}:{src[1]} was steered back to "
                        "the agent; is the pod's sk_lookup program current?")
@@ -48,52 +122,31 @@ class InboundRelay(Relay):
             # Only a direct connection to the agent's own port lands here unsteered.
             self._fail(ctx, client, "agent_port", f"{src[0]} connected to agent port {dst[1]}; closing it")
             return
-        try:
-            upstream = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
-        except OSError as exc:
-            self._fail(ctx, client, "delivery_socket", f"cannot open a delivery socket as {src[0]}: {exc}")
+        flow = self.view.flow(ctx, src, dst, None, PLAINTEXT)
+        if not self._allowed(ctx, client, flow, src, dst):
             return
-        local = upstream.getsockname()[:2]
-        self._delivering.add(local)  # before connecting: a loop shows up during the connect
         try:
-            await self._deliver(ctx, client, upstream, src, dst)
-        finally:
-            self._delivering.discard(local)
-
-    async def _deliver(self, ctx: PodContext, client: socket.socket, upstream: socket.socket,
-                       src: tuple[str, int], dst: tuple[str, int]) -> None:
-        try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(upstream, dst), self.timeout)
+            upstream = await self.delivery.connect(ctx, src, dst)
         except (OSError, asyncio.TimeoutError) as exc:
-            upstream.close()
             reason = connect_failure_reason(exc)
             self._fail(ctx, client, reason, f"delivery from {src[0]} to {dst[0]}:{dst[1]} failed: {reason} ({exc})")
+            self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
             return
-        except BaseException:
-            upstream.close()
-            raise
         self.log.debug("inbound %s:%d -> %s %s:%d", src[0], src[1], ctx, dst[0], dst[1])
-        await relay(self.metrics, "inbound", client, upstream)
+        result = await relay(self.metrics, "inbound", client, upstream)
+        self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
 
-
-class TunnelPlaceholder:
-    """The tunnel port (15008) is reserved for HBONE (next issue): accept, say so, close."""
-
-    def __init__(self, metrics: AgentMetrics, log: logging.Logger, port: int):
-        self.metrics = metrics
-        self.log = log
-        self.port = port
-        self._warned: set[int] = set()
-
-    async def handle(self, ctx: PodContext, client: socket.socket) -> None:
-        self.metrics.failure("inbound", "hbone_not_implemented")
-        try:
-            peer = client.getpeername()[0]
-        except OSError:
-            peer = "?"
-        level = logging.DEBUG if ctx.cookie in self._warned else logging.WARNING
-        self._warned.add(ctx.cookie)
-        self.log.log(level, "inbound to %s: the HBONE tunnel on port %d is not implemented yet; "
-                     "closing the connection from %s (send plain TCP to the pod's app port)",
-                     ctx, self.port, peer)
+    def _allowed(self, ctx: PodContext, client: socket.socket, flow: Flow, src: Address, dst: Address) -> bool:
+        """Apply PeerAuthentication and AuthorizationPolicy; reset and report a refusal."""
+        policies = self.view.policies.current
+        if policies.mtls_mode(ctx.pod, dst[1]) == STRICT:
+            policy, reason = STRICT_POLICY, f"PeerAuthentication STRICT on port {dst[1]}: plaintext refused"
+        else:
+            decision = policies.authorize(Connection(src[0], None, None, ctx.pod, dst[0], dst[1]))
+            if decision.allowed:
+                return True
+            policy, reason = decision.policy or NO_ALLOW_MATCH, decision.reason
+        self.log.debug("inbound %s:%d -> %s port %d denied: %s", src[0], src[1], ctx, dst[1], reason)
         reset(client)
+        self.view.deny(flow, policy, reason)
+        return False

@@ -1,8 +1,9 @@
 """The agent's Prometheus metrics, registered into a registry handed in (never global).
 
-Names carry the `nodeagent_` prefix until the tunnel issue adds Istio's standard names
-(`istio_tcp_connections_opened_total` ...) beside them. `snapshot()` reads the values
-back from the registry for `/debug/status`, so status and /metrics can never disagree.
+These are the agent's own counters (`nodeagent_` prefix); Istio's per-connection TCP
+metrics live in telemetry.py, in the same registry. `snapshot()` reads the `nodeagent_`
+values back from the registry for `/debug/status`, so status and /metrics can never
+disagree.
 """
 
 from __future__ import annotations

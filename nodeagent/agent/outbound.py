@@ -2,25 +2,31 @@
 in-pod listener (127.0.0.1:15001 / [::1]:15001).
 
 For each accepted connection: recover the original destination from the capture maps
-(keyed by the pod's netns cookie and the client port), decide how to reach it, open
-the upstream socket inside the pod netns with the agent's mark, and splice. The decision
-is a pluggable `choose_route(ctx, dst) -> Route`; today every destination is reached by
-`Passthrough` (plain TCP, which stays for destinations outside the mesh); the tunnel
-issue adds an HBONE route beside it.
+(keyed by the pod's netns cookie and the client port), decide where it goes
+(destinations.resolve: a Service is load-balanced here, at the source), then reach it
+over HBONE when the endpoint is a meshed pod (tunnel_outbound.py), else as plain TCP
+from the pod's own netns (`Passthrough`), and splice. Every connection is reported with
+`reporter="source"`; a failure resets the client and is counted with its reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 from typing import Callable, Protocol
 
 from nodeagent.agent import inpod
+from nodeagent.agent.destinations import NoEndpoint, RoundRobin, Target, resolve
+from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.splice import reset, splice
+from nodeagent.agent.splice import SpliceResult, reset, splice, splice_stream
+from nodeagent.agent.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer, Telemetry
+from nodeagent.identity.errors import IdentityUnavailable
+from nodeagent.model import Model
+from nodeagent.tunnel import TunnelError
+from nodeagent.tunnel.errors import connect_failure_reason as tcp_failure_reason
 
 Address = tuple[str, int]
 
@@ -28,11 +34,12 @@ Address = tuple[str, int]
 class Route(Protocol):
     name: str
 
-    async def connect(self, ctx: PodContext, dst: Address) -> socket.socket: ...
+    async def connect(self, ctx: PodContext, target: Target):
+        """A connected socket, or an HBONE stream, to `target`."""
 
 
 class Passthrough:
-    """Plain TCP from the pod's own netns to the original destination."""
+    """Plain TCP from the pod's own netns to the target."""
 
     name = "passthrough"
 
@@ -40,10 +47,10 @@ class Passthrough:
         self.mark = mark
         self.timeout = timeout
 
-    async def connect(self, ctx: PodContext, dst: Address) -> socket.socket:
-        sock = inpod.upstream(ctx.netns_fd, inpod.family_of(dst[0]), self.mark)
+    async def connect(self, ctx: PodContext, target: Target) -> socket.socket:
+        sock = inpod.upstream(ctx.netns_fd, inpod.family_of(target.address[0]), self.mark)
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, dst), self.timeout)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target.address), self.timeout)
             return sock
         except BaseException:
             sock.close()
@@ -52,13 +59,11 @@ class Passthrough:
 
 def connect_failure_reason(exc: BaseException) -> str:
     """A short label for why an upstream connect failed (metrics label and log text)."""
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "connect_timeout"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connect_refused"
-    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return "connect_unreachable"
-    return "connect_error"
+    if isinstance(exc, TunnelError):
+        return f"hbone_{exc.reason}"
+    if isinstance(exc, IdentityUnavailable):
+        return "no_certificate"
+    return tcp_failure_reason(exc)
 
 
 class Relay:
@@ -80,11 +85,16 @@ class Relay:
 class OutboundRelay(Relay):
     direction = "outbound"
 
-    def __init__(self, capture, metrics: AgentMetrics, log: logging.Logger,
-                 choose_route: Callable[[PodContext, Address], Route]):
+    def __init__(self, capture, metrics: AgentMetrics, log: logging.Logger, *, model: Callable[[], Model],
+                 identities: WorkloadIdentities, telemetry: Telemetry, passthrough: Route, hbone: Route):
         super().__init__(metrics, log)
         self.capture = capture
-        self.choose_route = choose_route
+        self.model = model
+        self.identities = identities
+        self.telemetry = telemetry
+        self.passthrough = passthrough
+        self.hbone = hbone
+        self.balancer = RoundRobin()
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.outbound.inc()
@@ -99,26 +109,64 @@ class OutboundRelay(Relay):
                        f"no original destination recorded for client port {client_port} "
                        "(a direct connection to the outbound port?); closing it")
             return
-        route = self.choose_route(ctx, dst)
+        src = (ctx.pod.ip, client_port)
         try:
-            upstream = await route.connect(ctx, dst)
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = connect_failure_reason(exc)
-            self._fail(ctx, client, reason, f"{route.name} to {dst[0]}:{dst[1]} failed: {reason} ({exc})")
+            target = resolve(self.model(), dst, self.balancer)
+        except NoEndpoint as exc:
+            flow = self.telemetry.open(Flow(SOURCE, src, dst, Peer.of(ctx.pod), Peer(), service=exc.service))
+            self._fail(ctx, client, "no_endpoints", f"to {dst[0]}:{dst[1]}: {exc}")
+            self.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="no_endpoints")
             return
-        if route.name == Passthrough.name:
+        await self._relay(ctx, client, src, dst, target)
+
+    async def _relay(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address,
+                     target: Target) -> None:
+        route, flow = self._route(ctx, src, dst, target)
+        try:
+            upstream = await route.connect(ctx, target)
+        except (OSError, asyncio.TimeoutError, TunnelError, IdentityUnavailable) as exc:
+            reason = connect_failure_reason(exc)
+            self._fail(ctx, client, reason, f"{route.name} to {_where(target)} failed: {reason} ({exc})")
+            self.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=str(exc))
+            return
+        if route is self.passthrough:
             self.metrics.passthrough.inc()
-        self.log.debug("outbound %s -> %s:%d via %s", ctx, dst[0], dst[1], route.name)
-        await relay(self.metrics, "outbound", client, upstream)
+        self.log.debug("outbound %s -> %s via %s", ctx, _where(target), route.name)
+        result = await relay(self.metrics, "outbound", client, upstream)
+        self.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
+
+    def _route(self, ctx: PodContext, src: Address, dst: Address, target: Target) -> tuple[Route, Flow]:
+        """HBONE for a meshed endpoint, passthrough otherwise; the flow reporting it."""
+        if target.meshed:
+            own, peer = self.identities.of(ctx.pod).uri, self.identities.of(target.pod).uri
+            flow = Flow(SOURCE, src, dst, Peer.of(ctx.pod, own), Peer.of(target.pod, peer), target.service,
+                        MTLS, upstream=(target.pod.ip, self.hbone.port))
+            return self.hbone, self.telemetry.open(flow)
+        flow = Flow(SOURCE, src, dst, Peer.of(ctx.pod), Peer.of(target.pod), target.service, PLAINTEXT,
+                    upstream=target.address)
+        return self.passthrough, self.telemetry.open(flow)
 
 
-async def relay(metrics: AgentMetrics, direction: str, client: socket.socket, upstream: socket.socket) -> None:
-    """Splice client<->upstream, keeping the active gauge and byte counters."""
+def _where(target: Target) -> str:
+    name = f" ({target.pod.namespace}/{target.pod.name})" if target.pod else ""
+    return f"{target.address[0]}:{target.address[1]}{name}"
+
+
+async def relay(metrics: AgentMetrics, direction: str, client, upstream) -> SpliceResult:
+    """Splice client<->upstream, keeping the active gauge and byte counters. Both are
+    sockets, or one is an HBONE stream; `a_to_b` of the result is client -> upstream."""
     active = metrics.active_by[direction]
     active.inc()
     try:
-        result = await splice(client, upstream)
+        if isinstance(upstream, socket.socket) and isinstance(client, socket.socket):
+            result = await splice(client, upstream)
+        elif isinstance(client, socket.socket):
+            result = await splice_stream(client, upstream)
+        else:
+            back = await splice_stream(upstream, client)
+            result = SpliceResult(back.b_to_a, back.a_to_b, back.error)
     finally:
         active.dec()
     metrics.bytes_by[(direction, "sent")].inc(result.a_to_b)
     metrics.bytes_by[(direction, "received")].inc(result.b_to_a)
+    return result

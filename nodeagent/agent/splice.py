@@ -6,6 +6,8 @@ stops reading (TCP back-pressure reaches the sender). A FIN is passed on as a FI
 (half-close), so request/response protocols that shut down their write side keep
 working; a reset or error on one side aborts the other, so a peer sees a reset where
 the original connection was reset. Returns the byte counts for telemetry.
+`splice_stream` does the same between a socket and an HBONE stream, which is an asyncio
+transport of its own (nodeagent.tunnel.HboneStream.attach).
 """
 
 from __future__ import annotations
@@ -123,11 +125,30 @@ async def splice(a: socket.socket, b: socket.socket) -> SpliceResult:
     except BaseException:
         pipe.a.transport.abort()
         raise
+    return await _finish(pipe)
+
+
+async def splice_stream(a: socket.socket, stream) -> SpliceResult:
+    """Relay between connected socket `a` and an HBONE stream (both ended on return):
+    a_to_b counts what `a` sent into the stream."""
+    loop = asyncio.get_running_loop()
+    pipe = _Pipe(loop)
+    a.setblocking(False)
+    try:
+        await loop.connect_accepted_socket(lambda: pipe.a, sock=a)
+    except BaseException:
+        stream.abort()
+        raise
+    stream.attach(pipe.b)
+    return await _finish(pipe)
+
+
+async def _finish(pipe: _Pipe) -> SpliceResult:
     try:
         return await asyncio.shield(pipe.done)
     except asyncio.CancelledError:
         for side in (pipe.a, pipe.b):
-            if not side.lost:
+            if not side.lost and side.transport is not None:
                 side.transport.abort()
         raise
 

@@ -3,35 +3,29 @@
 Each setting is a typed attribute of `CaConfig`, a flag and a `NODEAGENT_CA_*`
 environment variable (flag over variable over default), parsed and validated at start-up
 by `load`, which raises ConfigError naming the setting, where the value came from and
-the bad value. The parsers and the flag/variable resolution are the agent's
-(nodeagent.agent.config), so both commands read settings the same way.
+the bad value. Flags, variables and the shared parsers are nodeagent.settings', so the
+CA and the agent read settings the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
-from nodeagent.agent.config import Setting, _raw_value, parse_address, parse_source
-from nodeagent.errors import ConfigError
+from nodeagent import settings
 from nodeagent.identity.spiffe import trust_domain_problem
-from nodeagent.kube.objects import DNS_LABEL, DNS_SUBDOMAIN
+from nodeagent.kube.objects import DNS_SUBDOMAIN
+from nodeagent.settings import (Setting, parse_address, parse_dir_to_create, parse_file, parse_namespace,
+                                parse_optional_address, parse_source)
 
 DEFAULT_PORT = 15012  # Istio's CA/xDS port
 SERVER_ACCOUNT = "nodeagent-ca"  # the CA's service account: its server identity
 MIN_TTL, MAX_TTL = dt.timedelta(minutes=1), dt.timedelta(days=90)
-UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-class CaSetting(Setting):
-    @property
-    def env(self) -> str:
-        return "NODEAGENT_CA_" + self.name.upper()
+CaSetting = partial(Setting, prefix="NODEAGENT_CA_")
 
 
 @dataclass(frozen=True)
@@ -58,19 +52,7 @@ def default_server_name(ca_namespace: str = "istio-system") -> str:
 
 
 # --- parsers: raw string in, ValueError naming the rule out -------------------------
-def parse_duration(raw: str) -> dt.timedelta:
-    """`24h`, `90m`, `1h30m`, `2d`, `3600s` or plain seconds; 1m to 90d."""
-    text = raw.strip()
-    if text.isdigit():
-        seconds = int(text)
-    elif re.fullmatch(r"(\d+[dhms])+", text):
-        seconds = sum(int(n) * UNITS[u] for n, u in re.findall(r"(\d+)([dhms])", text))
-    else:
-        raise ValueError("expected a duration such as 24h, 90m, 1h30m or a number of seconds")
-    ttl = dt.timedelta(seconds=seconds)
-    if not MIN_TTL <= ttl <= MAX_TTL:
-        raise ValueError("must be between 1m and 90d")
-    return ttl
+parse_duration = settings.parse_duration_between(MIN_TTL, MAX_TTL)  # a certificate lifetime
 
 
 def parse_trust_domain(raw: str) -> str:
@@ -78,26 +60,6 @@ def parse_trust_domain(raw: str) -> str:
     if problem:
         raise ValueError(problem)
     return raw
-
-
-def parse_namespace(raw: str) -> str:
-    if not DNS_LABEL.match(raw):
-        raise ValueError("must be a Kubernetes namespace name")
-    return raw
-
-
-def parse_dir_to_create(raw: str) -> Path:
-    path = Path(raw).absolute()
-    if path.exists() and not path.is_dir():
-        raise ValueError("exists and is not a directory")
-    return path
-
-
-def parse_file(raw: str) -> Path:
-    path = Path(raw).absolute()
-    if not path.is_file():
-        raise ValueError("no such file")
-    return path
 
 
 def parse_names(raw: str) -> tuple[str, ...]:
@@ -108,11 +70,7 @@ def parse_names(raw: str) -> tuple[str, ...]:
     return names
 
 
-def parse_optional_address(raw: str) -> tuple[str, int] | None:
-    return None if raw.strip().lower() in ("", "off", "none") else parse_address(raw)
-
-
-SETTINGS: tuple[CaSetting, ...] = (
+SETTINGS: tuple[Setting, ...] = (
     CaSetting("listen", parse_address, f"0.0.0.0:{DEFAULT_PORT}", "gRPC/TLS listener of the CA", "HOST:PORT"),
     CaSetting("trust_domain", parse_trust_domain, "cluster.local", "SPIFFE trust domain of the mesh", "DOMAIN"),
     CaSetting("state_dir", parse_dir_to_create, None,
@@ -133,24 +91,12 @@ SETTINGS: tuple[CaSetting, ...] = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; defaults are None so `load` can tell 'not given'."""
-    for s in SETTINGS:
-        parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.metavar,
-                            help=f"{s.help} [env {s.env}]")
+    settings.add_arguments(parser, SETTINGS)
 
 
 def load(given: Mapping[str, Any] | argparse.Namespace, environ: Mapping[str, str] | None = None) -> CaConfig:
     """Parse and validate every setting; ConfigError naming the first bad one."""
-    given = vars(given) if isinstance(given, argparse.Namespace) else given
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for s in SETTINGS:
-        raw, origin = _raw_value(s, given, environ)
-        try:
-            values[s.name] = s.parse(raw)
-        except ValueError as exc:
-            raise ConfigError(f"setting {s.name} ({origin})", f"bad value {raw!r}: {exc}",
-                              f"fix {s.flag} / {s.env}") from None
+    values = settings.parse_settings(SETTINGS, given, environ)
     values["source_dir"] = Path(values["source"].partition(":")[2])
     values["server_names"] = values["server_names"] or (default_server_name(values["namespace"]),)
     return CaConfig(**values)

@@ -136,6 +136,21 @@ class IdentityManager:
             self.metrics.expiry.remove(identity.uri)
         self.log.info("forgot identity %s", identity)
 
+    def current(self, identity: Identity) -> Credentials | None:
+        """The valid credentials held for `identity` now, without waiting; None if none."""
+        slot = self._slots.get(identity)
+        creds = slot.creds if slot is not None else None
+        return creds if creds is not None and creds.valid_at(self.clock.now()) else None
+
+    def describe(self) -> list[dict]:
+        """Per identity: its certificate's validity and rotation time, the last error."""
+        now = self.clock.now()
+        return [{"identity": i.uri, "valid": bool(s.creds and s.creds.valid_at(now)),
+                 "not_after": s.creds.not_after if s.creds else None,
+                 "refresh_at": s.creds.refresh_at if s.creds else None,
+                 "failures": s.failures, "error": str(s.error) if s.error else None}
+                for i, s in sorted(self._slots.items())]
+
     @property
     def identities(self) -> list[Identity]:
         return sorted(self._slots)

@@ -144,6 +144,40 @@ class Layout:
     def agent_log(self, node: str) -> str:
         return os.path.join(self.logs_dir, f"agent-{node}.log")
 
+    def flow_log(self, node: str) -> str:
+        return os.path.join(self.logs_dir, f"flows-{node}.log")
+
+    # --- the mesh CA and the agents' identities ----------------------------------
+    @property
+    def ca_dir(self) -> str:
+        """The CA's keys (Istio cacerts layout, 0700)."""
+        return os.path.join(self.state_dir, "ca")
+
+    @property
+    def ca_log(self) -> str:
+        return os.path.join(self.logs_dir, "ca.log")
+
+    @property
+    def root_cert(self) -> str:
+        """The mesh root the agents trust (a copy of the CA's, as a ConfigMap would carry)."""
+        return os.path.join(self.state_dir, "root-cert.pem")
+
+    @property
+    def tokens_dir(self) -> str:
+        return os.path.join(self.state_dir, "tokens")
+
+    @property
+    def ca_tokens(self) -> str:
+        """node -> token, the CA's --tokens file."""
+        return os.path.join(self.tokens_dir, "ca-tokens.yaml")
+
+    def node_token(self, node: str) -> str:
+        return os.path.join(self.tokens_dir, f"{node}.token")
+
+    def identity_dir(self, node: str) -> str:
+        """The node agent's workload keys and certificates."""
+        return os.path.join(self.state_dir, "identity", node)
+
     @property
     def supervisor_log(self) -> str:
         return os.path.join(self.logs_dir, "supervisor.log")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import logging
 import os
 import shutil
 import signal
@@ -23,9 +24,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from nodeagent.errors import ConfigError, EnvironmentProblem, LabError, NodeagentError
 from nodeagent.kube.objects import KubeObject, parse_documents
-from nodeagent.lab import cgroups, dns, ipam, processes, services, spec, supervisor, teardown, topology
+from nodeagent.lab import (cgroups, dns, ipam, meshca, processes, services, spec, supervisor, teardown,
+                           topology)
 from nodeagent.lab.layout import Layout
-from nodeagent.lab.state import LabRecord, Runtime, StateDir
+from nodeagent.lab.state import LabRecord, Runtime, StateDir, lab_model
 
 Out = Callable[[str], None]
 DEMO = "demo.yaml"
@@ -98,6 +100,9 @@ def _build(state: StateDir, record: LabRecord) -> None:
             cgroups.make(layout.system_cgroup(node))
             if record.agents:
                 os.makedirs(layout.node_bpffs(node), exist_ok=True)
+    if record.agents:
+        with kernel_step("provisioning the mesh CA (tokens, keys, root bundle)"):
+            meshca.provision(layout, record.desired.node_names, logging.getLogger("nodeagent.lab.ca"))
     for pod in record.desired.pods.values():
         _make_pod(record, pod)
     _publish(state, record, Runtime())
@@ -155,7 +160,7 @@ def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: fl
         f"supervisor pid {record.supervisor_pid}{'' if agents else ' (no agents)'}")
     wait_running(state, record.supervisor_pid, list(desired.pods), out, timeout)
     if agents:
-        wait_agents(layout, desired.node_names, out, timeout)
+        wait_agents(state, out, timeout)
     return record
 
 
@@ -198,6 +203,8 @@ def apply(name: str, objects: list[KubeObject], out: Out, timeout: float) -> Non
     if supervisor.is_supervisor(old.supervisor_pid, name):
         os.kill(old.supervisor_pid, signal.SIGHUP)
     wait_running(state, old.supervisor_pid, [p.key for p in added], out, timeout)
+    if old.agents and added:
+        wait_agents(state, out, timeout)
 
 
 def _apply_record(state: StateDir, old: LabRecord, record: LabRecord, added: list[spec.PodSpec], out: Out) -> None:
@@ -259,20 +266,46 @@ def wait_running(state: StateDir, supervisor_pid: int, keys: list[str], out: Out
     _until(step, out, timeout, failed)
 
 
-def _agent_ready(socket_path: str) -> bool:
+def agent_problem(status: dict | None, meshed: set[str]) -> str | None:
+    """Why an agent (its /debug/status) cannot carry its node's mesh traffic yet, or None:
+    not ready, a meshed Running pod not enrolled, or an identity without a certificate."""
+    if status is None or not status.get("ready"):
+        return "not ready"
+    enrolled = {f"{p['namespace']}/{p['name']}" for p in status.get("pods", [])}
+    if meshed - enrolled:
+        return f"not enrolled yet: {', '.join(sorted(meshed - enrolled))}"
+    identity = status.get("identity", {})
+    identities = identity.get("identities", [])
+    pending = [i["identity"] for i in identities if not i.get("valid")]
+    if identity.get("enabled") and (pending or (enrolled and not identities)):
+        return f"no certificate yet for {', '.join(pending) or 'its pods'}"
+    return None
+
+
+def _agent_status(socket_path: str) -> dict | None:
     from nodeagent.agent.admin import fetch_status  # the agent's own status API
     try:
-        return os.path.exists(socket_path) and bool(fetch_status(socket_path, timeout=1).get("ready"))
+        return fetch_status(socket_path, timeout=1) if os.path.exists(socket_path) else None
     except (NodeagentError, OSError, ValueError):
-        return False
+        return None
 
 
-def wait_agents(layout: Layout, nodes: list[str], out: Out, timeout: float) -> None:
-    """Wait until every node's agent reports ready on its admin socket."""
+def wait_agents(state: StateDir, out: Out, timeout: float) -> None:
+    """Wait until every node's agent is ready, has enrolled its node's meshed Running
+    pods and holds certificates for them, so the mesh carries traffic when this returns."""
+    layout, record = state.layout, state.load()
+    nodes = record.desired.node_names
+    problems: dict[str, str] = {}
+
     def step() -> tuple[list[str], str]:
-        waiting = [n for n in nodes if not _agent_ready(layout.agent_socket(n))]
+        model = lab_model(record, state.load_runtime())
+        for node in nodes:
+            meshed = {f"{p.namespace}/{p.name}" for p in model.pods_on_node(node)
+                      if model.is_meshed(p) and p.phase == "Running"}
+            problems[node] = agent_problem(_agent_status(layout.agent_socket(node)), meshed)
+        waiting = [n for n in nodes if problems[n]]
         return waiting, f"{len(nodes) - len(waiting)}/{len(nodes)} agents ready"
 
     _until(step, out, timeout, lambda waiting: LabError(
-        f"agents not ready after {timeout:.0f}s on {', '.join(waiting)}",
-        f"see {', '.join(layout.agent_log(n) for n in waiting)}; the lab stays up"))
+        f"agents not ready after {timeout:.0f}s: " + "; ".join(f"{n}: {problems[n]}" for n in waiting),
+        f"see {', '.join(layout.agent_log(n) for n in waiting)} and {layout.ca_log}; the lab stays up"))

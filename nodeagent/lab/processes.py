@@ -69,14 +69,19 @@ def pod_cgroup(record: LabRecord, pod: PodSpec) -> str:
     return record.layout.pod_cgroup(alloc.node, alloc.uid)
 
 
-def agent_argv(layout: Layout, node: str) -> list[str]:
-    """The per-node agent, run as a hostNetwork DaemonSet pod would run: in the node netns
-    with the machine's /sys (`ip netns exec` would mount a fresh sysfs over /sys, hiding
-    the cgroup2 and bpffs mounts the agent works on, as hostPath mounts give a DaemonSet)."""
-    return ["nsenter", f"--net={netns.named_path(layout.node_netns(node))}", "--",
-            "nodeagent", "run", "--node", node,
-            "--source", f"files:{layout.cluster_dir}", "--cgroup", layout.kubepods_cgroup(node),
-            "--bpffs", layout.node_bpffs(node), "--admin-socket", layout.agent_socket(node)]
+def in_node(layout: Layout, node: str, command: list[str]) -> list[str]:
+    """argv running `command` as a hostNetwork pod on `node`: in the node netns with the
+    machine's /sys (`ip netns exec` would mount a fresh sysfs over /sys, hiding the
+    cgroup2 and bpffs mounts the agent works on, as hostPath mounts give a DaemonSet)."""
+    return ["nsenter", f"--net={netns.named_path(layout.node_netns(node))}", "--", *command]
+
+
+def agent_argv(layout: Layout, node: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The per-node agent, run as its DaemonSet pod would run (`extra`: more flags)."""
+    return in_node(layout, node, [
+        "nodeagent", "run", "--node", node,
+        "--source", f"files:{layout.cluster_dir}", "--cgroup", layout.kubepods_cgroup(node),
+        "--bpffs", layout.node_bpffs(node), "--admin-socket", layout.agent_socket(node), *extra])
 
 
 def agent_env(node: str) -> dict[str, str]:

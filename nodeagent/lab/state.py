@@ -27,6 +27,7 @@ from nodeagent.kube.objects import KubeObject, dump_documents, object_from_dict
 from nodeagent.lab import spec
 from nodeagent.lab.ipam import Allocations
 from nodeagent.lab.layout import Layout
+from nodeagent.model import Model
 
 FORMAT = 1
 
@@ -68,6 +69,7 @@ class Runtime:
 
     pods: dict[str, dict] = field(default_factory=dict)
     agents: dict[str, dict] = field(default_factory=dict)
+    ca: dict = field(default_factory=dict)  # the mesh CA's {pid, restarts, state, exit_code}
 
     def phase(self, key: str) -> str:
         return self.pods.get(key, {}).get("phase", "Pending")
@@ -151,11 +153,11 @@ class StateDir:
                 data = json.load(f)
         except (FileNotFoundError, ValueError):
             return Runtime()
-        return Runtime(data.get("pods", {}), data.get("agents", {}))
+        return Runtime(data.get("pods", {}), data.get("agents", {}), data.get("ca", {}))
 
     def save_runtime(self, runtime: Runtime) -> None:
         write_atomic(self.layout.runtime_json,
-                     json.dumps({"pods": runtime.pods, "agents": runtime.agents}, indent=1) + "\n")
+                     json.dumps({"pods": runtime.pods, "agents": runtime.agents, "ca": runtime.ca}, indent=1) + "\n")
 
     def export_cluster(self, record: LabRecord, runtime: Runtime) -> None:
         """Bring cluster/ in line with the lab: write changed files, drop stale ones."""
@@ -173,6 +175,11 @@ class StateDir:
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
                 if name.endswith(".yaml") and rel not in wanted:
                     os.unlink(os.path.join(dirpath, name))
+
+
+def lab_model(record: LabRecord, runtime: Runtime) -> Model:
+    """The model the agents read (the same cluster/ documents)."""
+    return Model.build(object_from_dict(body, path) for path, body in cluster_documents(record, runtime).items())
 
 
 def _relpath(obj: KubeObject) -> str:

@@ -1,5 +1,6 @@
 """`lab status`: nodes, pods and services of a lab, as a table or as JSON.
 
+The mesh CA (when the lab runs agents) shows where it listens and how it runs.
 Pods show the phase the supervisor published (a waiting reason such as
 CrashLoopBackOff wins) and whether the mesh enrols them, decided by the same
 `Model.is_meshed` the agents use, on the same Kubernetes-shaped state they read.
@@ -10,15 +11,13 @@ from __future__ import annotations
 import json
 import os
 
-from nodeagent.kube.objects import object_from_dict
-from nodeagent.lab import services, supervisor
-from nodeagent.lab.state import LabRecord, Runtime, cluster_documents
-from nodeagent.model import Model
+from nodeagent.lab import meshca, services, supervisor
+from nodeagent.lab.state import LabRecord, Runtime, lab_model
 
 
 def collect(record: LabRecord, runtime: Runtime) -> dict:
     desired, alloc = record.desired, record.alloc
-    model = Model.build(object_from_dict(body, path) for path, body in cluster_documents(record, runtime).items())
+    model = lab_model(record, runtime)
     running = runtime.running()
     return {
         "name": record.name,
@@ -26,6 +25,7 @@ def collect(record: LabRecord, runtime: Runtime) -> dict:
         "stateDir": record.layout.state_dir,
         "supervisor": {"pid": record.supervisor_pid,
                        "running": supervisor.is_supervisor(record.supervisor_pid, record.name)},
+        "ca": _ca(record, runtime),
         "nodes": [{"name": name, "fabricIP": alloc.nodes[name].fabric_ip, "podCIDR": alloc.nodes[name].pod_cidr,
                    "agent": runtime.agents.get(name) if record.agents else None}
                   for name in desired.node_names],
@@ -42,16 +42,24 @@ def collect(record: LabRecord, runtime: Runtime) -> dict:
     }
 
 
+def _ca(record: LabRecord, runtime: Runtime) -> dict | None:
+    if not record.agents:
+        return None
+    ip, port = meshca.address(record)
+    return {"node": meshca.ca_node(record), "address": f"{ip}:{port}", "rootCert": record.layout.root_cert,
+            "trustDomain": meshca.TRUST_DOMAIN, **runtime.ca}
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows])
 
 
-def _agent(node: dict) -> str:
-    agent = node["agent"]
-    if agent is None:
+def _process(proc: dict | None) -> str:
+    if not proc:
         return "-"
-    return f"{agent['state']} (pid {agent['pid']}, {agent['restarts']} restarts)" if agent["pid"] else agent["state"]
+    return f"{proc['state']} (pid {proc['pid']}, {proc['restarts']} restarts)" if proc.get("pid") \
+        else proc.get("state", "waiting")
 
 
 def render(data: dict) -> str:
@@ -59,13 +67,17 @@ def render(data: dict) -> str:
     head = (f"Lab {data['name']}: state in {data['stateDir']}, supervisor pid {sup['pid']} "
             f"({'running' if sup['running'] else 'NOT RUNNING'}), agents {'on' if data['agents'] else 'off'}")
     nodes = _table(["NODE", "FABRIC IP", "POD CIDR", "AGENT"],
-                   [[n["name"], n["fabricIP"], n["podCIDR"], _agent(n)] for n in data["nodes"]])
+                   [[n["name"], n["fabricIP"], n["podCIDR"], _process(n["agent"])] for n in data["nodes"]])
     pods = _table(["NAMESPACE", "POD", "IP", "NODE", "PHASE", "RESTARTS", "MESHED"],
                   [[p["namespace"], p["name"], p["ip"], p["node"], p["phase"], str(p["restarts"]),
                     "yes" if p["meshed"] else "no"] for p in data["pods"]])
     svcs = _table(["NAMESPACE", "SERVICE", "CLUSTER IP", "PORT", "ENDPOINTS"],
                   [[s["namespace"], s["name"], s["clusterIP"], f"{p['port']}/{p['protocol']}->{p['targetPort']}",
                     ",".join(p["endpoints"]) or "<none>"] for s in data["services"] for p in s["ports"]])
+    ca = data.get("ca")
+    if ca:
+        head += (f"\nMesh CA ({ca['trustDomain']}) on {ca['node']} at {ca['address']}: {_process(ca)}; "
+                 f"root {ca['rootCert']}")
     return "\n\n".join([head, nodes, pods, svcs]) + "\n"
 
 

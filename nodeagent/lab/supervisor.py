@@ -1,7 +1,7 @@
 """The lab's supervisor daemon (`nodeagent lab supervise`): the lab's kubelet.
 
 It runs every container of every pod and, unless the lab was made with `--no-agents`,
-one agent per node; restarts what exits with exponential backoff according to the
+the mesh CA (meshca.py) and one agent per node; restarts what exits with exponential backoff according to the
 pod's restartPolicy; and publishes what runs: `runtime.json` (pids, restarts, phases),
 pod phases in `cluster/`, and the service rules, whose endpoints are the Running pods.
 It reconciles from `lab.json` every second, on SIGHUP (sent by `lab apply`) and when a
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from nodeagent.errors import NodeagentError
-from nodeagent.lab import cgroups, processes, services
+from nodeagent.lab import cgroups, meshca, processes, services
 from nodeagent.lab.state import LabRecord, Runtime, StateDir
 
 BACKOFF_FIRST = 1.0
@@ -90,6 +90,9 @@ class Supervisor:
 
     def _wanted(self, record: LabRecord) -> dict[str, Unit]:
         layout, out = self.state.layout, {}
+        if record.agents:  # first, so it starts before the agents ask it for certificates
+            out["ca"] = Unit(meshca.ca_argv(layout, record), processes.base_env(),
+                             layout.system_cgroup(meshca.ca_node(record)), layout.ca_log)
         for pod in record.desired.pods.values():
             for c in pod.containers:
                 out[f"pod:{pod.key}/{c.name}"] = Unit(
@@ -98,7 +101,8 @@ class Supervisor:
                     pod.restart_policy)
         if record.agents:
             for node in record.desired.node_names:
-                out[f"agent:{node}"] = Unit(processes.agent_argv(layout, node), processes.agent_env(node),
+                out[f"agent:{node}"] = Unit(processes.agent_argv(layout, node, meshca.agent_args(layout, record, node)),
+                                            processes.agent_env(node),
                                             layout.system_cgroup(node), layout.agent_log(node))
         return out
 
@@ -160,12 +164,13 @@ class Supervisor:
             rt.pods[pod.key] = {"phase": pod_phase(units), "reason": pod_reason(units),
                                 "containers": {c.name: u.status() for c, u in zip(pod.containers, units)}}
         rt.agents = {k.split(":", 1)[1]: u.status() for k, u in self.units.items() if k.startswith("agent:")}
+        rt.ca = self.units["ca"].status() if "ca" in self.units else {}
         return rt
 
     def publish(self) -> None:
         """Write what runs; re-sync the service rules when the Running pods or the lab changed."""
         rt = self.runtime()
-        published = (rt.pods, rt.agents, self.stamp)
+        published = (rt.pods, rt.agents, rt.ca, self.stamp)
         if published == self.published:
             return
         with self.state.lock():

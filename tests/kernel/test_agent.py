@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import select
 import signal
 import subprocess
 
 import pytest
 
+from nodeagent.agent.probe import HoldClient
 from nodeagent.agent.sandbox import AMBIENT, Sandbox, SandboxPod
 from nodeagent.capture import bpfsys
 from nodeagent.capture.cgroup import attached
@@ -73,27 +73,10 @@ def start_meshed(sb: Sandbox, *agent_args: str) -> None:
     sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client enrolled")
 
 
-class Held:
+def Held(sb: Sandbox, src: SandboxPod, dst: SandboxPod) -> HoldClient:
     """A long-lived connection from a pod (probe hold): send a line, read its echo."""
-
-    def __init__(self, sb: Sandbox, src: SandboxPod, dst: SandboxPod):
-        self.proc = sb.probe(src, "hold", f"{dst.ip}:{PORT}", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, bufsize=1)
-        self.greeting = self._line().removeprefix("ready ")
-
-    def _line(self, timeout: float = 5.0) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, "no answer on the held connection"
-        return self.proc.stdout.readline().strip()
-
-    def echo(self, text: str) -> str:
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-        return self._line()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(5)
+    return HoldClient(sb.probe(src, "hold", f"{dst.ip}:{PORT}", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, bufsize=1))
 
 
 def test_outbound_capture_exact_counts(sb, pods):

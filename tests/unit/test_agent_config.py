@@ -168,3 +168,61 @@ def test_delivery_mark_must_differ_from_mark(base):
     assert load(base).delivery_mark == 0x1539
     with pytest.raises(ConfigError, match="setting delivery_mark: must differ from mark"):
         load({**base, "delivery_mark": "0x539"})
+
+
+def test_identity_settings_default_to_no_ca(base):
+    cfg = load(base)
+    assert cfg.ca_address is None and not cfg.identity_enabled
+    assert cfg.ca_root_cert is None and cfg.ca_token_file is None
+    assert cfg.ca_server_name == "nodeagent-ca.istio-system.svc"
+    assert (cfg.trust_domain, cfg.root_namespace) == ("cluster.local", "istio-system")
+    assert cfg.cert_ttl.total_seconds() == 86400
+    assert cfg.identity_dir == Path("/run/nodeagent/identity")
+    assert cfg.flow_log == "stderr"
+
+
+def test_a_ca_needs_its_root_and_a_token(base, tmp_path):
+    root, token = tmp_path / "root-cert.pem", tmp_path / "node.token"
+    root.write_text("x")
+    token.write_text("t")
+    cfg = load({**base, "ca_address": "nodeagent-ca.istio-system.svc:15012", "ca_root_cert": str(root),
+                "ca_token_file": str(token), "cert_ttl": "1h", "flow_log": str(tmp_path / "flows.log")})
+    assert cfg.ca_address == ("nodeagent-ca.istio-system.svc", 15012) and cfg.identity_enabled
+    assert cfg.cert_ttl.total_seconds() == 3600 and cfg.flow_log == tmp_path / "flows.log"
+    assert load({**base, "ca_address": "[fd00::1]:15012", "ca_root_cert": str(root),
+                 "ca_token_file": str(token)}).ca_address == ("fd00::1", 15012)
+    with pytest.raises(ConfigError, match="setting ca_root_cert: is required when ca_address is set"):
+        load({**base, "ca_address": "10.0.0.1:15012", "ca_token_file": str(token)})
+    with pytest.raises(ConfigError, match="setting ca_token_file: is required .*--ca-token-file"):
+        load({**base, "ca_address": "10.0.0.1:15012", "ca_root_cert": str(root)})
+
+
+IDENTITY_BAD = [
+    ("ca_address", "ca.example:", "HOST:PORT"),
+    ("ca_address", "under_score:15012", "neither an IP address nor a DNS name"),
+    ("ca_root_cert", "/does/not/exist.pem", "no such file"),
+    ("ca_server_name", "Not A Name", "DNS name"),
+    ("trust_domain", "Cluster.Local", "lowercase"),
+    ("cert_ttl", "30s", "between 1m and 90d"),
+    ("cert_ttl", "soon", "duration"),
+    ("identity_dir", "run/identity", "absolute"),
+    ("root_namespace", "Istio_System", "namespace"),
+    ("flow_log", "flows.log", "absolute"),
+    ("flow_log", "/does/not/exist/flows.log", "is not a directory"),
+]
+
+
+@pytest.mark.parametrize("name,raw,why", IDENTITY_BAD)
+def test_bad_identity_settings_are_named(base, name, raw, why):
+    with pytest.raises(ConfigError) as err:
+        load({**base, name: raw})
+    assert f"setting {name}" in str(err.value) and why in str(err.value)
+
+
+def test_status_config_is_json_ready_with_identity(base, tmp_path):
+    import json
+
+    (tmp_path / "r").write_text("x")
+    data = load({**base, "ca_address": "10.0.0.1:15012", "ca_root_cert": str(tmp_path / "r"),
+                 "ca_token_file": str(tmp_path / "r")}).as_dict()
+    assert json.loads(json.dumps(data))["cert_ttl"] == 86400.0

@@ -244,3 +244,22 @@ def test_forget_stops_rotation_and_removes_the_key_and_metric(env):
         await env.manager.close()
         assert list(env.runtime.iterdir()) == []
     run(main())
+
+
+def test_current_and_describe_read_without_waiting(env):
+    ghost = identity("default", "ghost")
+
+    async def main():
+        assert env.manager.current(WEB) is None and env.manager.describe() == []
+        creds = await env.manager.get(WEB)
+        with pytest.raises(IdentityUnavailable):
+            await env.manager.get(ghost)
+        assert env.manager.current(WEB) is creds and env.manager.current(ghost) is None
+        web, ghost_row = sorted(env.manager.describe(), key=lambda r: r["identity"] != WEB.uri)
+        assert web == {"identity": WEB.uri, "valid": True, "not_after": creds.not_after,
+                       "refresh_at": creds.refresh_at, "failures": 0, "error": None}
+        assert ghost_row["valid"] is False and ghost_row["failures"] == 1 and "ghost" in ghost_row["error"]
+        env.clock.advance_to(creds.not_after)  # expired: no longer current
+        assert env.manager.current(WEB) is None
+        await env.manager.close()
+    run(main())

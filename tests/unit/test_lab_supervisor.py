@@ -80,9 +80,26 @@ def test_agent_units_run_nodeagent_run_per_node_in_the_node_netns(tmp_path):
                           "--source", f"files:{tmp_path}/t1/cluster",
                           "--cgroup", "/cg/nodeagent-t1/node1/kubepods",
                           "--bpffs", "/sys/fs/bpf/nodeagent-t1/node1",
-                          "--admin-socket", f"{tmp_path}/t1/agents/node1.sock"]
+                          "--admin-socket", f"{tmp_path}/t1/agents/node1.sock",
+                          "--ca-address", "172.30.0.2:15012", "--ca-root-cert", f"{tmp_path}/t1/root-cert.pem",
+                          "--ca-token-file", f"{tmp_path}/t1/tokens/node1.token", "--trust-domain", "cluster.local",
+                          "--identity-dir", f"{tmp_path}/t1/identity/node1",
+                          "--flow-log", f"{tmp_path}/t1/logs/flows-node1.log"]
     assert agent.cgroup == "/cg/nodeagent-t1/node1/system"
     assert agent.restart_policy == "Always"
+
+
+def test_the_ca_runs_first_on_the_first_node_on_its_fabric_ip(tmp_path):
+    sup = supervisor(tmp_path)
+    assert list(sup.units)[0] == "ca"
+    ca = sup.units["ca"]
+    assert ca.argv == ["nsenter", "--net=/run/netns/t1-n-node1", "--", "nodeagent", "ca",
+                       "--listen", "172.30.0.2:15012", "--trust-domain", "cluster.local",
+                       "--state-dir", f"{tmp_path}/t1/ca", "--tokens", f"{tmp_path}/t1/tokens/ca-tokens.yaml",
+                       "--source", f"files:{tmp_path}/t1/cluster"]
+    assert ca.cgroup == "/cg/nodeagent-t1/node1/system" and ca.log_path == f"{tmp_path}/t1/logs/ca.log"
+    assert ca.restart_policy == "Always"
+    assert "ca" not in supervisor(tmp_path / "other", agents=False).units
 
 
 def test_no_agents_lab_has_only_containers(tmp_path):

@@ -5,6 +5,7 @@ cannot read."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -232,3 +233,66 @@ def test_check_accepts_what_build_reads():
     objs = parse_documents(CLUSTER, "cluster.yaml")
     check(objs)  # must not raise
     assert len(Model.build(objs).pods) == 7
+
+
+PORTS_AND_OWNERS = """
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: mesh, ownerReferences: [{apiVersion: apps/v1, kind: Deployment, name: web}]}
+spec:
+  containers:
+  - name: app
+    ports: [{name: http, containerPort: 8080}, {containerPort: 9090}]
+  - name: sidecar
+    ports: [{name: metrics, containerPort: 15090}, {name: http, containerPort: 8081}]
+status: {phase: Running, podIP: 10.244.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: api-7d9f-abcde
+  namespace: mesh
+  labels: {pod-template-hash: 7d9f}
+  ownerReferences:
+  - {apiVersion: apps/v1, kind: ReplicaSet, name: api-7d9f, controller: true}
+status: {phase: Running, podIP: 10.244.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db-0
+  namespace: mesh
+  ownerReferences: [{apiVersion: apps/v1, kind: StatefulSet, name: db, controller: true}]
+status: {phase: Running, podIP: 10.244.0.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: lonely, namespace: mesh}
+status: {phase: Running, podIP: 10.244.0.5}
+"""
+
+
+def test_named_container_ports_first_container_wins():
+    pods = Model.build(parse_documents(PORTS_AND_OWNERS, "p.yaml")).pods
+    assert dict(pods[("mesh", "web-0")].ports) == {"http": 8080, "metrics": 15090}
+    assert dict(pods[("mesh", "lonely")].ports) == {}
+
+
+def test_workload_name_is_istios():
+    pods = Model.build(parse_documents(PORTS_AND_OWNERS, "p.yaml")).pods
+    assert pods[("mesh", "web-0")].workload_name == "web"  # the lab's Deployment pods
+    assert pods[("mesh", "api-7d9f-abcde")].workload_name == "api"  # ReplicaSet minus pod-template-hash
+    assert pods[("mesh", "db-0")].workload_name == "db"
+    assert pods[("mesh", "lonely")].workload_name == "lonely"  # no owner: the pod itself
+
+
+@pytest.mark.parametrize("containers,says", [
+    ("[{name: a, ports: [{name: http, containerPort: 0}]}]", "spec.containers[0].ports[0].containerPort"),
+    ("[{name: a, ports: [{name: http, containerPort: x}]}]", "spec.containers[0].ports[0].containerPort"),
+    ("[{name: a, ports: {http: 80}}]", "spec.containers[0].ports must be a list"),
+    ("[{name: a}, {name: b, ports: [http]}]", "spec.containers[1].ports[0] must be a map"),
+])
+def test_bad_container_ports_are_named(containers, says):
+    doc = f"apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: mesh}}\nspec: {{containers: {containers}}}\n"
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        check(parse_documents(doc, "bad.yaml"))

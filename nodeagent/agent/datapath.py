@@ -1,0 +1,112 @@
+"""The agent's data path, wired from its config: what handles the connections of the
+in-pod listeners, and what those handlers read.
+
+- outbound (15001): destinations.resolve, then HBONE (tunnel_outbound) to meshed
+  endpoints or passthrough to the rest;
+- inbound plaintext (15006): PeerAuthentication and AuthorizationPolicy, then delivery;
+- tunnel (15008): the HBONE server (tunnel_inbound), policy with the peer's identity,
+  then the same delivery.
+They share the policies in force (policies.PolicyState), the workload identities
+(identities.WorkloadIdentities: an IdentityManager talking to the mesh CA, or none
+without `--ca-address`), Istio's TCP telemetry and the flow log, all registered into
+the agent's registry. `enrolled()` follows enrolment: certificates for the pods' service
+accounts, tunnel connections of removed pods drained and closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from prometheus_client import CollectorRegistry
+
+from nodeagent.agent.config import AgentConfig
+from nodeagent.agent.identities import WorkloadIdentities
+from nodeagent.agent.inbound import Delivery, InboundRelay, InboundView
+from nodeagent.agent.inpod import PodContext
+from nodeagent.agent.metrics import AgentMetrics
+from nodeagent.agent.outbound import OutboundRelay, Passthrough
+from nodeagent.agent.policies import PolicyState
+from nodeagent.agent.telemetry import FlowLog, Telemetry, TrafficMetrics
+from nodeagent.agent.tunnel_inbound import TunnelInbound
+from nodeagent.agent.tunnel_outbound import HboneRoute
+from nodeagent.errors import ConfigError
+from nodeagent.identity.client import CaClient
+from nodeagent.identity.manager import IdentityManager, SystemClock
+from nodeagent.model import Model, Pod
+from nodeagent.tunnel import TunnelMetrics
+
+CONNECT_TIMEOUT = 10.0  # seconds for an upstream connect (outbound or delivery to the app)
+
+
+class DataPath:
+    def __init__(self, config: AgentConfig, *, registry: CollectorRegistry, metrics: AgentMetrics, capture,
+                 log: logging.Logger, model: Callable[[], Model], pod_at: Callable[[str], PodContext | None]):
+        c = config
+        self.log = log
+        self.policies = PolicyState(c.root_namespace, log.getChild("policy"))
+        self.identities = WorkloadIdentities(c.trust_domain, identity_manager(c, registry, log.getChild("identity")),
+                                             log.getChild("identity"))
+        self.flow_log = FlowLog.open(c.flow_log, log)
+        self.telemetry = Telemetry(TrafficMetrics(registry), self.flow_log)
+        tunnel_metrics = TunnelMetrics(registry)
+        self.hbone = HboneRoute(self.identities, tunnel_metrics, log.getChild("hbone"), mark=c.mark,
+                                port=c.tunnel_port)
+        self.outbound = OutboundRelay(capture, metrics, log.getChild("outbound"), model=model,
+                                      identities=self.identities, telemetry=self.telemetry,
+                                      passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone)
+        view = InboundView(model, self.policies, self.identities, self.telemetry)
+        delivery = Delivery(c.delivery_mark, CONNECT_TIMEOUT)
+        agent_ports = frozenset({c.outbound_port, c.inbound_port, c.tunnel_port, c.admin_port})
+        self.inbound = InboundRelay(metrics, log.getChild("inbound"), view=view, delivery=delivery,
+                                    agent_ports=agent_ports)
+        self.tunnel = TunnelInbound(view, delivery, metrics, tunnel_metrics, log.getChild("hbone"),
+                                    pod_at=pod_at, agent_ports=agent_ports)
+        self._releases: set[asyncio.Task] = set()
+
+    def enrolled(self, pods: list[Pod], removed: set[PodContext]) -> None:
+        """After a reconcile: keep certificates for `pods`, let go of `removed` pods."""
+        self.identities.sync(pods)
+        for ctx in removed:
+            self.tunnel.drain(ctx.pod.ip)
+            task = asyncio.get_running_loop().create_task(self.hbone.release(ctx))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    def describe(self) -> dict:
+        return {"identity": self.identities.describe(), "policy": self.policies.describe(),
+                "tunnel": {"pooled_connections": self.hbone.connections(),
+                           "inbound_connections": len(self.tunnel.server.sessions)}}
+
+    async def close(self) -> None:
+        for task in list(self._releases):
+            task.cancel()
+        await self.hbone.close()
+        await self.tunnel.close()
+        await self.identities.close()
+        self.flow_log.close()
+
+
+def identity_manager(config: AgentConfig, registry: CollectorRegistry, log: logging.Logger) -> IdentityManager | None:
+    """The manager of this node's workload certificates, or None without a CA."""
+    if config.ca_address is None:
+        log.warning("no --ca-address: no workload certificates, so no mTLS; connections to meshed "
+                    "destinations will be refused")
+        return None
+    root = _read(config.ca_root_cert, "ca_root_cert")
+    token = _read(config.ca_token_file, "ca_token_file").decode().strip()
+    if not token:
+        raise ConfigError("setting ca_token_file", f"{config.ca_token_file} is empty",
+                          "it must hold this node's token for the CA")
+    host, port = config.ca_address
+    client = CaClient(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", root, token, config.ca_server_name)
+    return IdentityManager(client, SystemClock(), root, registry, log, runtime_dir=config.identity_dir,
+                           cert_ttl=config.cert_ttl)
+
+
+def _read(path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"setting {setting}", f"cannot read {path}: {exc.strerror}") from None

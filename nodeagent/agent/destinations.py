@@ -1,0 +1,94 @@
+"""Where a captured outbound connection goes: the source agent's routing decision.
+
+`resolve(model, dst, balancer)` reads the original destination against the model:
+- a Service ClusterIP and one of its ports: the agent load-balances (round-robin per
+  service port, over the Running endpoints that have the port; a named `targetPort` is
+  looked up in each pod's container ports, as kube-proxy does) and connects to the
+  chosen endpoint's IP and target port itself;
+- a pod IP: that pod, on the port asked for;
+- anything else (outside the cluster, a node, an unknown IP): the original destination.
+`Target.meshed` says whether the endpoint is a meshed pod, which means HBONE; otherwise
+plain TCP (passthrough). Pure: no I/O, the balancer's counters are its only state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from nodeagent.model import Model, Pod, Service, ServicePort
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Target:
+    address: Address  # where the upstream connection goes (for HBONE: the :authority)
+    pod: Pod | None = None  # the endpoint, when the model knows it
+    service: Service | None = None  # when the client asked for a Service
+    meshed: bool = False  # the endpoint is a meshed pod: reach it over HBONE
+
+
+class NoEndpoint(Exception):
+    """A Service port with no Running endpoint that has its target port."""
+
+    def __init__(self, service: Service, port: int):
+        self.service = service
+        self.port = port
+        super().__init__(f"service {service.namespace}/{service.name} port {port} has no ready endpoint")
+
+
+@dataclass
+class RoundRobin:
+    """Next endpoint per (namespace, service, port); survives endpoint changes (the
+    counter keeps running, the list is re-read each time)."""
+
+    _next: dict[tuple[str, str, int], itertools.count] = field(default_factory=dict)
+
+    def pick(self, key: tuple[str, str, int], candidates: list[tuple[Pod, int]]) -> tuple[Pod, int]:
+        counter = self._next.setdefault(key, itertools.count())
+        return candidates[next(counter) % len(candidates)]
+
+
+def target_port(port: ServicePort, pod: Pod) -> int | None:
+    """The pod's port for a service port: numeric as is, named via its container ports."""
+    if isinstance(port.target_port, int):
+        return port.target_port
+    return pod.ports.get(port.target_port)
+
+
+def resolve(model: Model, dst: Address, balancer: RoundRobin) -> Target:
+    """The target of a connection to `dst`; NoEndpoint for a service port without one."""
+    ip, port = dst
+    service = model.service_by_ip(ip)
+    if service is not None:
+        service_port = next((p for p in service.ports if p.port == port and p.protocol == "TCP"), None)
+        if service_port is not None:
+            return _balance(model, service, service_port, balancer)
+        return Target(dst, service=service)  # not a port of the service: as kube-proxy, no rewrite
+    pod = model.pod_by_ip(ip)
+    if pod is not None:
+        return Target(dst, pod=pod, meshed=model.is_meshed(pod))
+    return Target(dst)
+
+
+def _balance(model: Model, service: Service, port: ServicePort, balancer: RoundRobin) -> Target:
+    candidates = [(pod, number) for pod in model.endpoints(service)
+                  if (number := target_port(port, pod)) is not None]
+    if not candidates:
+        raise NoEndpoint(service, port.port)
+    pod, number = balancer.pick((service.namespace, service.name, port.port), candidates)
+    return Target((pod.ip, number), pod=pod, service=service, meshed=model.is_meshed(pod))
+
+
+def service_of(model: Model, pod: Pod, port: int) -> Service | None:
+    """The Service a connection to `pod`'s `port` most likely came through (the
+    destination cannot know): the first, by namespace and name, selecting the pod with a
+    TCP port whose target is `port`."""
+    for key in sorted(model.services):
+        service = model.services[key]
+        if (service.namespace == pod.namespace and service.selector
+                and all(pod.labels.get(k) == v for k, v in service.selector.items())
+                and any(p.protocol == "TCP" and target_port(p, pod) == port for p in service.ports)):
+            return service
+    return None

@@ -1,0 +1,73 @@
+"""The security policies in force on this node, rebuilt from each new model.
+
+`PolicyState.update(model)` builds a new PolicySet from the model with the current one
+as `previous`, so a resource that turns invalid keeps its last good version
+(PolicySet.build's rule). Each new error is logged once, when it first appears, not on
+every model change; the errors of the current set are in `describe()` (and so in
+`nodeagent status`). Relays read `current` when a connection arrives: a policy change
+applies to the next connection, with nothing restarted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Callable
+
+from nodeagent.errors import ConfigError
+from nodeagent.model import Model
+from nodeagent.policy import PolicySet
+from nodeagent.policy.validate import KINDS
+
+
+class PolicyState:
+    def __init__(self, root_namespace: str, log: logging.Logger, wall_clock: Callable[[], float] = time.time):
+        self.root_namespace = root_namespace
+        self.log = log
+        self.wall_clock = wall_clock
+        self.current = PolicySet({}, root_namespace)
+        self.errors: list[ConfigError] = []
+        self.digests: dict[str, str] = {}  # "Kind ns/name" -> digest of the spec in force
+        self.built_at: float | None = None
+
+    def update(self, model: Model) -> None:
+        policies, errors = PolicySet.build(model, self.current, self.root_namespace)
+        known = {str(e) for e in self.errors}
+        for err in errors:
+            if str(err) not in known:
+                self.log.warning("policy refused: %s", err)
+        fixed = known - {str(e) for e in errors}
+        if fixed:
+            self.log.info("%d earlier policy errors are gone", len(fixed))
+        self.digests = _digests(model, policies, self.current, self.digests)
+        self.current, self.errors = policies, errors
+        self.built_at = self.wall_clock()
+
+    def describe(self) -> dict:
+        return {"root_namespace": self.root_namespace, "built_at": self.built_at,
+                "resources": dict(sorted(self.digests.items())),
+                "errors": [str(e) for e in self.errors]}
+
+
+def spec_digest(spec: object) -> str:
+    """A short digest of a resource's spec, to tell which version is in force."""
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _digests(model: Model, policies: PolicySet, previous: PolicySet, digests: dict[str, str]) -> dict[str, str]:
+    """Digest of the spec in force per resource: the model's, or the previous one where
+    the model's version was refused and the last good version stays (PolicySet.build
+    keeps the very object it had)."""
+    out = {}
+    for kind in KINDS:
+        for obj in model.resources.get(kind, ()):
+            key, name = (kind, obj.namespace, obj.name), f"{kind} {obj.namespace}/{obj.name}"
+            policy = policies.get(*key)
+            if policy is None or name in out:
+                continue  # not in force, or a second definition (the first one is used)
+            kept = policy is previous.get(*key)
+            out[name] = digests.get(name, "?") if kept else spec_digest(obj.spec)
+    return out

@@ -1,0 +1,184 @@
+"""Per-connection telemetry: Istio's TCP metrics and the flow log.
+
+Every connection the agent decides about is a `Flow`: who (workload, namespace,
+principal) talks to whom, over what (`mutual_tls` through HBONE, `none` for plaintext),
+reported by the source agent (`reporter="source"`, outbound) or the destination agent
+(`"destination"`, inbound). `Telemetry.open` counts it in
+`istio_tcp_connections_opened_total`; `Telemetry.close` counts
+`istio_tcp_connections_closed_total` with the final `response_flags` (ztunnel's: `-`
+done, `DENY` refused by policy, `CONNECT` no upstream), adds the bytes (received = from
+the client, sent = back to it, as Istio counts them) and writes one JSON line to the
+flow log. Unknown values are "unknown", as in Istio. Registry, clocks and the flow-log
+stream are handed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from prometheus_client import CollectorRegistry, Counter
+
+from nodeagent.model import Pod, Service
+
+UNKNOWN = "unknown"
+MTLS, PLAINTEXT = "mutual_tls", "none"
+FLAG_OK, FLAG_DENY, FLAG_CONNECT = "-", "DENY", "CONNECT"
+SOURCE, DESTINATION = "source", "destination"
+LABELS = ("reporter", "source_workload", "source_workload_namespace", "source_principal",
+          "destination_workload", "destination_workload_namespace", "destination_service",
+          "destination_principal", "connection_security_policy", "response_flags")
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One end of a connection as telemetry names it."""
+
+    workload: str = UNKNOWN
+    namespace: str = UNKNOWN
+    principal: str = UNKNOWN  # a SPIFFE URI, only when proven (or, for our own pods, known)
+
+    @classmethod
+    def of(cls, pod: Pod | None, principal: str | None = None) -> "Peer":
+        if pod is None:
+            return cls(principal=principal or UNKNOWN)
+        return cls(pod.workload_name, pod.namespace, principal or UNKNOWN)
+
+
+def format_address(addr: Address) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+@dataclass
+class Flow:
+    reporter: str
+    src: Address
+    dst: Address  # the original destination (what the client asked for)
+    source: Peer
+    destination: Peer
+    service: Service | None = None
+    security: str = PLAINTEXT
+    upstream: Address | None = None  # where the agent connected (endpoint, or pod:15008 for HBONE)
+    started: float = 0.0  # monotonic
+    opened_at: float = 0.0  # wall clock
+    closed: bool = field(default=False, repr=False)
+
+    def labels(self, flags: str) -> dict[str, str]:
+        return {"reporter": self.reporter, "source_workload": self.source.workload,
+                "source_workload_namespace": self.source.namespace, "source_principal": self.source.principal,
+                "destination_workload": self.destination.workload,
+                "destination_workload_namespace": self.destination.namespace,
+                "destination_service": self.service.hostname if self.service else UNKNOWN,
+                "destination_principal": self.destination.principal,
+                "connection_security_policy": self.security, "response_flags": flags}
+
+
+class TrafficMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.opened = Counter("istio_tcp_connections_opened", "The total number of TCP connections opened",
+                              LABELS, registry=registry)
+        self.closed = Counter("istio_tcp_connections_closed", "The total number of TCP connections closed",
+                              LABELS, registry=registry)
+        self.received = Counter("istio_tcp_received_bytes",
+                                "The size of total bytes received during request in case of a TCP connection",
+                                LABELS, registry=registry)
+        self.sent = Counter("istio_tcp_sent_bytes",
+                            "The size of total bytes sent during response in case of a TCP connection",
+                            LABELS, registry=registry)
+        self.denials = Counter("nodeagent_policy_denials",
+                               "Connections refused by policy at this destination, by the deciding policy "
+                               "(ns/name, no-allow-match, or peer-authentication-strict)", ["policy"],
+                               registry=registry)
+
+
+class FlowLog:
+    """One JSON object per line to `stream` (None: off)."""
+
+    def __init__(self, stream: TextIO | None, log: logging.Logger):
+        self.stream = stream
+        self.log = log
+        self._failed = False
+
+    @classmethod
+    def open(cls, destination: str | Path, log: logging.Logger) -> "FlowLog":
+        """`stderr`, `off`, or a file appended to (line-buffered)."""
+        if destination == "off":
+            return cls(None, log)
+        if destination == "stderr":
+            return cls(sys.stderr, log)
+        return cls(open(destination, "a", buffering=1, encoding="utf-8"), log)
+
+    def write(self, entry: dict) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self.stream.flush()
+            self._failed = False
+        except (OSError, ValueError) as exc:  # a full disk must not break connections
+            if not self._failed:
+                self.log.warning("cannot write the flow log: %s (flow lines are dropped until it works)", exc)
+            self._failed = True
+
+    def close(self) -> None:
+        if self.stream is not None and self.stream not in (sys.stderr, sys.stdout):
+            self.stream.close()
+        self.stream = None
+
+
+class Telemetry:
+    def __init__(self, metrics: TrafficMetrics, flow_log: FlowLog, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
+        self.metrics = metrics
+        self.flow_log = flow_log
+        self.clock = clock
+        self.wall_clock = wall_clock
+
+    def open(self, flow: Flow) -> Flow:
+        flow.started, flow.opened_at = self.clock(), self.wall_clock()
+        self.metrics.opened.labels(**flow.labels(FLAG_OK)).inc()
+        return flow
+
+    def close(self, flow: Flow, *, received: int = 0, sent: int = 0, flags: str = FLAG_OK,
+              verdict: str = "allowed", reason: str = "") -> None:
+        """Count the end of `flow` (once) and write its flow-log line."""
+        if flow.closed:
+            return
+        flow.closed = True
+        labels = flow.labels(FLAG_OK)
+        self.metrics.closed.labels(**flow.labels(flags)).inc()
+        if received:
+            self.metrics.received.labels(**labels).inc(received)
+        if sent:
+            self.metrics.sent.labels(**labels).inc(sent)
+        self.flow_log.write(self.entry(flow, received, sent, flags, verdict, reason))
+
+    def denied(self, flow: Flow, policy: str, reason: str) -> None:
+        """A connection refused by policy: counted by policy, closed with DENY."""
+        self.metrics.denials.labels(policy=policy).inc()
+        self.close(flow, flags=FLAG_DENY, verdict="denied", reason=reason)
+
+    def entry(self, flow: Flow, received: int, sent: int, flags: str, verdict: str, reason: str) -> dict:
+        labels = flow.labels(flags)
+        return {
+            "time": _iso(self.wall_clock()), "reporter": flow.reporter,
+            "src": {"addr": format_address(flow.src), "workload": flow.source.workload,
+                    "namespace": flow.source.namespace, "principal": flow.source.principal},
+            "dst": {"addr": format_address(flow.dst), "workload": flow.destination.workload,
+                    "namespace": flow.destination.namespace, "principal": flow.destination.principal,
+                    "service": labels["destination_service"]},
+            "upstream": format_address(flow.upstream) if flow.upstream else None,
+            "security": flow.security, "bytes_received": received, "bytes_sent": sent,
+            "duration_ms": round((self.clock() - flow.started) * 1000, 3),
+            "verdict": verdict, "response_flags": flags, "reason": reason,
+        }
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp % 1 * 1000):03d}Z"

@@ -1,0 +1,117 @@
+"""The inbound HBONE side: the tunnel listener (`<pod IP>:15008`) of every enrolled pod,
+served by one HboneServer.
+
+A connection is accepted in the pod's netns; once the pod's own certificate is at hand
+the server does the TLS 1.3 handshake with it (client certificate required, verified
+against the mesh root, SPIFFE ID of our trust domain). Each CONNECT stream must name
+this pod's IP and a port that is not the agent's; AuthorizationPolicy then decides with
+the verified principal, its namespace and the outer connection's peer IP. Denied: 403
+and a `DENY` report. Allowed: delivered to the app inside the pod netns as the client's
+IP (inbound.Delivery, the same as plaintext), answered 200 once the app accepted, then
+spliced. PeerAuthentication has nothing to say here: this is mTLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Callable
+
+from nodeagent.agent.inbound import NO_ALLOW_MATCH, Delivery, InboundView
+from nodeagent.agent.inpod import PodContext
+from nodeagent.agent.metrics import AgentMetrics
+from nodeagent.agent.outbound import connect_failure_reason, relay
+from nodeagent.agent.splice import reset
+from nodeagent.agent.telemetry import FLAG_CONNECT, MTLS
+from nodeagent.identity.errors import IdentityUnavailable
+from nodeagent.policy import Connection
+from nodeagent.tunnel import HboneServer, HboneStream, StreamInfo, TunnelMetrics, TunnelSettings, tls
+
+
+class TunnelInbound:
+    def __init__(self, view: InboundView, delivery: Delivery, metrics: AgentMetrics, tunnel_metrics: TunnelMetrics,
+                 log: logging.Logger, *, pod_at: Callable[[str], PodContext | None], agent_ports: frozenset[int],
+                 settings: TunnelSettings = TunnelSettings()):
+        self.view = view
+        self.delivery = delivery
+        self.metrics = metrics
+        self.log = log
+        self.pod_at = pod_at  # enrolled pod by IP
+        self.agent_ports = agent_ports
+        self.server = HboneServer(self._context_for, tls.verifier(view.identities.trust_domain), self._on_stream,
+                                  metrics=tunnel_metrics, log=log, settings=settings)
+
+    async def handle(self, ctx: PodContext, sock: socket.socket) -> None:
+        """An accepted connection on the pod's tunnel port."""
+        identities = self.view.identities
+        try:
+            await identities.ready(identities.of(ctx.pod))
+        except IdentityUnavailable as exc:
+            self.metrics.failure("inbound", "no_certificate")
+            self.log.warning("inbound %s: cannot serve HBONE without the pod's certificate: %s", ctx, exc)
+            reset(sock)
+            return
+        await self.server.handle_connection(sock)
+
+    def drain(self, ip: str) -> None:
+        """A pod left: its HBONE connections take no new streams (GOAWAY once idle)."""
+        for session in list(self.server.sessions):
+            if session.local_address[0] == ip:
+                session.drain()
+
+    async def close(self) -> None:
+        await self.server.close(grace=1.0)
+
+    def _context_for(self, local_ip: str):
+        ctx = self.pod_at(local_ip)
+        if ctx is None:
+            raise IdentityUnavailable(f"{local_ip} is not an enrolled pod of this node")
+        return self.view.identities.context(self.view.identities.of(ctx.pod), server_side=True)
+
+    async def _on_stream(self, info: StreamInfo, _reader: HboneStream, stream: HboneStream) -> None:
+        ctx = self.pod_at(info.local_address[0])
+        if ctx is None:
+            stream.respond(503, reason="pod_gone")
+            return
+        self.metrics.inbound.inc()
+        src, dst = info.peer_address, info.authority
+        flow = self.view.flow(ctx, src, dst, info.peer_identity, MTLS)
+        flow.upstream = info.local_address
+        refusal = self._refusal(ctx, dst)
+        if refusal is not None:
+            stream.respond(400, reason="bad_destination")
+            self.metrics.failure("inbound", "hbone_bad_destination")
+            self.log.warning("inbound HBONE from %s to %s: %s", info.peer_identity, ctx, refusal)
+            self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=refusal)
+            return
+        decision = self.view.policies.current.authorize(
+            Connection(src[0], info.peer_identity, flow.source.namespace, ctx.pod, dst[0], dst[1]))
+        if not decision.allowed:
+            stream.respond(403, reason="policy_denied")
+            self.log.debug("inbound HBONE %s -> %s port %d denied: %s", info.peer_identity, ctx, dst[1],
+                           decision.reason)
+            self.view.deny(flow, decision.policy or NO_ALLOW_MATCH, decision.reason)
+            return
+        await self._deliver(ctx, stream, flow, src, dst)
+
+    def _refusal(self, ctx: PodContext, dst: tuple[str, int]) -> str | None:
+        if dst[0] != ctx.pod.ip:
+            return f":authority {dst[0]}:{dst[1]} is not this pod ({ctx.pod.ip}); the source's model is stale?"
+        if dst[1] in self.agent_ports:
+            return f":authority port {dst[1]} is one of the agent's own ports"
+        return None
+
+    async def _deliver(self, ctx: PodContext, stream: HboneStream, flow, src, dst) -> None:
+        try:
+            upstream = await self.delivery.connect(ctx, src, dst)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = connect_failure_reason(exc)
+            stream.respond(503, reason="app_unreachable")
+            self.metrics.failure("inbound", reason)
+            self.log.warning("inbound HBONE to %s port %d: delivery failed: %s (%s)", ctx, dst[1], reason, exc)
+            self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
+            return
+        stream.respond(200)
+        result = await relay(self.metrics, "inbound", stream, upstream)
+        self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)

@@ -1,0 +1,71 @@
+"""PolicyState: the agent's policies follow the model with last-good semantics, each
+error is logged once per change, and status names what is in force."""
+
+from __future__ import annotations
+
+import logging
+
+from policy_world import document, model
+
+from nodeagent.agent.policies import PolicyState, spec_digest
+from nodeagent.model import Model
+from nodeagent.policy import Connection
+
+LOG = logging.getLogger("test.policies")
+ALLOW_SLEEP = document("AuthorizationPolicy", "foo", "allow-sleep", """
+selector: {matchLabels: {app: httpbin}}
+action: ALLOW
+rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]}]
+""")
+BROKEN = document("AuthorizationPolicy", "foo", "allow-sleep", """
+selector: {matchLabels: {app: httpbin}}
+action: ALLOWED
+""")
+STRICT = document("PeerAuthentication", "foo", "strict", "mtls: {mode: STRICT}")
+
+
+def decide(state: PolicyState, world: Model, principal: str | None) -> bool:
+    httpbin = world.pods[("foo", "httpbin")]
+    return state.current.authorize(Connection("10.244.1.20", principal, None, httpbin, httpbin.ip, 80)).allowed
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_change_applies_to_the_next_decision():
+    state, world = PolicyState("istio-system", LOG), model()
+    state.update(world)
+    assert decide(state, world, None) is True and state.describe()["resources"] == {}
+    state.update(model(ALLOW_SLEEP + STRICT))
+    assert decide(state, world, None) is False
+    assert decide(state, world, "spiffe://cluster.local/ns/default/sa/sleep") is True
+    assert state.current.mtls_mode(world.pods[("foo", "httpbin")], 80) == "STRICT"
+    resources = state.describe()["resources"]
+    assert set(resources) == {"AuthorizationPolicy foo/allow-sleep", "PeerAuthentication foo/strict"}
+    assert resources["PeerAuthentication foo/strict"] == spec_digest({"mtls": {"mode": "STRICT"}})
+
+
+def test_a_broken_edit_keeps_the_last_good_version_and_is_logged_once(caplog):
+    state, world = PolicyState("istio-system", LOG), model()
+    state.update(model(ALLOW_SLEEP))
+    good = state.describe()["resources"]["AuthorizationPolicy foo/allow-sleep"]
+    with caplog.at_level(logging.WARNING):
+        state.update(model(BROKEN))
+        state.update(model(BROKEN + STRICT))  # another change: the same error is not logged again
+    assert len(warnings(caplog)) == 1 and "policy refused" in warnings(caplog)[0]
+    assert "spec.action" in warnings(caplog)[0] and "its previous version stays in force" in warnings(caplog)[0]
+    assert decide(state, world, None) is False  # the ALLOW still applies
+    described = state.describe()
+    assert described["resources"]["AuthorizationPolicy foo/allow-sleep"] == good
+    assert len(described["errors"]) == 1 and "spec.action" in described["errors"][0]
+    state.update(model(STRICT))  # deleted: gone, and so is its error
+    assert decide(state, world, None) is True and state.describe()["errors"] == []
+
+
+def test_a_new_invalid_policy_is_ignored(caplog):
+    state, world = PolicyState("istio-system", LOG), model()
+    with caplog.at_level(logging.WARNING):
+        state.update(model(BROKEN))
+    assert decide(state, world, None) is True and "it is ignored" in warnings(caplog)[0]
+    assert state.describe()["resources"] == {}

@@ -1,0 +1,125 @@
+"""telemetry.py: Istio's TCP metrics with their labels, exact counts per connection,
+DENY and CONNECT flags, and the flow log line (stream, file, off, a failing stream)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from nodeagent.agent.telemetry import (DESTINATION, FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, FlowLog, Peer,
+                                       Telemetry, TrafficMetrics)
+from nodeagent.model import Pod, Service, ServicePort
+
+LOG = logging.getLogger("test.telemetry")
+CLIENT = Pod("mesh", "client-0", "u1", "node1", "10.244.1.2", {}, {}, "client", workload="client")
+SERVER = Pod("mesh", "backend-v1-0", "u2", "node2", "10.244.2.2", {}, {}, "backend", workload="backend-v1")
+SERVICE = Service("mesh", "backend", "10.96.0.10", (ServicePort(9000, 9000),), {"app": "backend"})
+CLIENT_ID, SERVER_ID = "spiffe://cluster.local/ns/mesh/sa/client", "spiffe://cluster.local/ns/mesh/sa/backend"
+
+
+class Clock:
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(stream=None):
+    registry = CollectorRegistry()
+    mono, wall = Clock(100.0), Clock(1_800_000_000.25)
+    stream = io.StringIO() if stream is None else stream
+    return Telemetry(TrafficMetrics(registry), FlowLog(stream, LOG), mono, wall), registry, stream, mono
+
+
+def hbone_flow() -> Flow:
+    return Flow(DESTINATION, ("10.244.1.2", 40000), ("10.244.2.2", 9000), Peer.of(CLIENT, CLIENT_ID),
+                Peer.of(SERVER, SERVER_ID), SERVICE, MTLS, upstream=("10.244.2.2", 15008))
+
+
+def value(registry, name, **labels):
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def test_labels_are_istios():
+    assert hbone_flow().labels("-") == {
+        "reporter": "destination", "source_workload": "client", "source_workload_namespace": "mesh",
+        "source_principal": CLIENT_ID, "destination_workload": "backend-v1",
+        "destination_workload_namespace": "mesh", "destination_service": "backend.mesh.svc.cluster.local",
+        "destination_principal": SERVER_ID, "connection_security_policy": "mutual_tls", "response_flags": "-"}
+    unknown = Flow(SOURCE, ("10.244.1.2", 1), ("203.0.113.1", 443), Peer.of(CLIENT), Peer(), None, PLAINTEXT)
+    assert {k: v for k, v in unknown.labels("CONNECT").items() if v == "unknown"}.keys() == {
+        "source_principal", "destination_workload", "destination_workload_namespace", "destination_service",
+        "destination_principal"}
+
+
+def test_three_connections_counted_exactly_with_bytes():
+    telemetry, registry, stream, clock = make()
+    for _ in range(3):
+        flow = telemetry.open(hbone_flow())
+        clock.t += 0.5
+        telemetry.close(flow, received=100, sent=250)
+        telemetry.close(flow, received=100, sent=250)  # a second close counts nothing
+    labels = hbone_flow().labels("-")
+    assert value(registry, "istio_tcp_connections_opened_total", **labels) == 3
+    assert value(registry, "istio_tcp_connections_closed_total", **labels) == 3
+    assert value(registry, "istio_tcp_received_bytes_total", **labels) == 300
+    assert value(registry, "istio_tcp_sent_bytes_total", **labels) == 750
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 3
+    assert lines[0] == {
+        "time": "2027-01-15T08:00:00.250Z", "reporter": "destination",
+        "src": {"addr": "10.244.1.2:40000", "workload": "client", "namespace": "mesh", "principal": CLIENT_ID},
+        "dst": {"addr": "10.244.2.2:9000", "workload": "backend-v1", "namespace": "mesh", "principal": SERVER_ID,
+                "service": "backend.mesh.svc.cluster.local"},
+        "upstream": "10.244.2.2:15008", "security": "mutual_tls", "bytes_received": 100, "bytes_sent": 250,
+        "duration_ms": 500.0, "verdict": "allowed", "response_flags": "-", "reason": ""}
+
+
+def test_denied_and_failed_connections_are_flagged():
+    telemetry, registry, stream, _ = make()
+    telemetry.denied(telemetry.open(hbone_flow()), "mesh/deny-all", "denied by DENY policy mesh/deny-all rule 0")
+    telemetry.close(telemetry.open(hbone_flow()), flags=FLAG_CONNECT, verdict="failed", reason="connect_refused")
+    opened = hbone_flow().labels("-")
+    assert value(registry, "istio_tcp_connections_opened_total", **opened) == 2  # opened with "-", as ztunnel
+    assert value(registry, "istio_tcp_connections_closed_total", **hbone_flow().labels("DENY")) == 1
+    assert value(registry, "istio_tcp_connections_closed_total", **hbone_flow().labels("CONNECT")) == 1
+    assert value(registry, "istio_tcp_connections_closed_total", **opened) == 0
+    assert value(registry, "nodeagent_policy_denials_total", policy="mesh/deny-all") == 1
+    assert value(registry, "istio_tcp_received_bytes_total", **opened) == 0
+    denied, failed = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (denied["verdict"], denied["response_flags"], denied["reason"]) == (
+        "denied", "DENY", "denied by DENY policy mesh/deny-all rule 0")
+    assert (failed["verdict"], failed["response_flags"], failed["reason"]) == ("failed", "CONNECT", "connect_refused")
+
+
+def test_flow_log_file_off_and_failures(tmp_path, caplog):
+    path = tmp_path / "flows.log"
+    log = FlowLog.open(path, LOG)
+    log.write({"a": 1})
+    log.write({"b": 2})
+    log.close()
+    assert path.read_text() == '{"a":1}\n{"b":2}\n'
+    off = FlowLog.open("off", LOG)
+    off.write({"a": 1})  # nothing, and no error
+
+    class Broken(io.StringIO):
+        def write(self, _text):
+            raise OSError(28, "No space left on device")
+
+    broken = FlowLog(Broken(), LOG)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            broken.write({"a": 1})
+    assert [r.message for r in caplog.records].count(
+        "cannot write the flow log: [Errno 28] No space left on device (flow lines are dropped until it works)") == 1
+
+
+def test_peer_of_a_pod_uses_istios_workload_name():
+    assert Peer.of(CLIENT) == Peer("client", "mesh", "unknown")
+    bare = Pod("mesh", "lonely", "u3", "node1", "10.244.1.5", {}, {})
+    assert Peer.of(bare, CLIENT_ID) == Peer("lonely", "mesh", CLIENT_ID)
+    assert Peer.of(None) == Peer("unknown", "unknown", "unknown")

@@ -1,0 +1,63 @@
+"""The lab's mesh CA without root: what `lab up` provisions (tokens 0600, the CA's keys,
+the root bundle), that the CA accepts exactly those tokens, and when `lab up` calls an
+agent ready (enrolled its meshed pods and holds their certificates)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import stat
+from pathlib import Path
+
+import yaml
+
+from nodeagent.identity.caauth import TokenFileAuthenticator
+from nodeagent.identity.cakeys import load
+from nodeagent.lab import meshca
+from nodeagent.lab.layout import Layout
+from nodeagent.lab.lifecycle import agent_problem
+
+LOG = logging.getLogger("test.meshca")
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_provision_tokens_keys_and_root(tmp_path):
+    layout = Layout("t1", "/cg", run_root=str(tmp_path))
+    os.makedirs(layout.state_dir)
+    meshca.provision(layout, ["node1", "node2"], LOG)
+    tokens = yaml.safe_load(Path(layout.ca_tokens).read_text())
+    assert sorted(tokens) == ["node1", "node2"] and tokens["node1"] != tokens["node2"]
+    for node in ("node1", "node2"):
+        assert Path(layout.node_token(node)).read_text().strip() == tokens[node]
+        assert mode(layout.node_token(node)) == 0o600
+    assert mode(layout.ca_tokens) == 0o600 and mode(layout.tokens_dir) == 0o700
+    assert mode(os.path.join(layout.ca_dir, "ca-key.pem")) == 0o600
+    assert mode(layout.root_cert) == 0o644
+    material = load(Path(layout.ca_dir), dt.datetime.now(dt.timezone.utc))
+    assert Path(layout.root_cert).read_bytes() == Path(layout.ca_dir, "root-cert.pem").read_bytes()
+    assert material.self_signed
+    auth = TokenFileAuthenticator(Path(layout.ca_tokens), LOG)
+    assert auth.authenticate(tokens["node2"]).node == "node2"
+
+
+def status(ready=True, pods=(), identities=(), enabled=True) -> dict:
+    return {"ready": ready, "pods": [{"namespace": ns, "name": n} for ns, n in pods],
+            "identity": {"enabled": enabled, "identities": [{"identity": i, "valid": v} for i, v in identities]}}
+
+
+def test_agent_problem_says_what_is_missing():
+    meshed = {"mesh/client", "mesh/web-0"}
+    both = [("mesh", "client"), ("mesh", "web-0")]
+    sa = "spiffe://cluster.local/ns/mesh/sa/default"
+    assert agent_problem(None, meshed) == "not ready"
+    assert agent_problem(status(ready=False), meshed) == "not ready"
+    assert agent_problem(status(pods=both[:1]), meshed) == "not enrolled yet: mesh/web-0"
+    assert agent_problem(status(pods=both), meshed) == "no certificate yet for its pods"
+    assert agent_problem(status(pods=both, identities=[(sa, False)]), meshed) == f"no certificate yet for {sa}"
+    assert agent_problem(status(pods=both, identities=[(sa, True)]), meshed) is None
+    assert agent_problem(status(pods=both, enabled=False), meshed) is None
+    assert agent_problem(status(), set()) is None
