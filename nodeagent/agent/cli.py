@@ -1,6 +1,7 @@
 """Sub-commands of the node agent: `nodeagent run` (the daemon), `nodeagent status`
-(what a running agent is doing) and `nodeagent bench capture` (enrolment latency and
-per-request overhead on throwaway pods)."""
+(what a running agent is doing), `nodeagent bench capture` (enrolment latency and
+per-request overhead on throwaway pods) and `nodeagent bench tunnel` (HBONE against a
+direct connection on a lab of its own)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "(default bench-<random>)")
     capture.add_argument("--output", "-o", choices=("text", "json"), default="text")
     capture.set_defaults(func=_bench_capture)
+    tunnel = which.add_parser("tunnel", help="HBONE vs direct between two lab nodes: latency and throughput")
+    tunnel.add_argument("--requests", type=int, default=1000, help="round trips on one connection")
+    tunnel.add_argument("--size", type=int, default=64, help="bytes per request and per response")
+    tunnel.add_argument("--megabytes", type=int, default=128, help="MiB sent on one connection")
+    tunnel.add_argument("--name", help="name of the lab the bench brings up and down (default bt<random>)")
+    tunnel.add_argument("--output", "-o", choices=("text", "json"), default="text")
+    tunnel.set_defaults(func=_bench_tunnel)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -50,6 +58,14 @@ def _status(args: argparse.Namespace) -> int:
         raise ConfigError("--lab", "names the lab of --node", "add --node NODE, or drop --lab")
     state = admin.fetch_status(status.socket_path(args.socket, args.node, args.lab))
     sys.stdout.write(status.render(state, args.output))
+    return 0
+
+
+def _bench_tunnel(args: argparse.Namespace) -> int:
+    from nodeagent.agent import bench_tunnel
+
+    result = bench_tunnel.run_tunnel(args.requests, args.size, args.megabytes, args.name)
+    sys.stdout.write(bench_tunnel.render(result, args.output))
     return 0
 
 
