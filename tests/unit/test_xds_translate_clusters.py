@@ -14,7 +14,7 @@ from nodeagent.xds import dataplane
 from nodeagent.xds.dataplane import Sockets
 from nodeagent.xds.translate.clusters import HTTP_OPTIONS, PROXY_PROTOCOL_HOST, UNLIMITED
 from nodeagent.xds.translate.options import WaypointOptions
-from xds_world import DB, RATINGS, REVIEWS, RUN, clusters, doc, endpoints, translation
+from xds_world import DB, RATINGS, REVIEWS, RUN, WEB, clusters, doc, endpoints, translation
 
 SUBSETS = "host: reviews\nsubsets:\n- {name: v1, labels: {version: v1}}\n- {name: v2, labels: {version: v2}}\n"
 HALF_AND_HALF = doc("VirtualService", "r", """
@@ -208,10 +208,20 @@ def test_clusters_back_to_the_agent():
     assert agent.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe.path == f"{RUN}/upstream.sock"
 
 
-def test_a_named_target_port_warns_and_gets_no_endpoints():
-    def named(pod, port: ServicePort):
+def test_an_unresolvable_target_port_warns_and_gets_no_endpoints():
+    def unresolved(pod, port: ServicePort):
         return None
-    options = WaypointOptions(Sockets(RUN), target_port=named)
+    options = WaypointOptions(Sockets(RUN), target_port=unresolved)
     result = translation(dr("host: reviews\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}"), options=options)
     assert endpoints(result)[f"outbound|9080||{REVIEWS}"].endpoints[0].lb_endpoints == []
-    assert any("is a container port name" in str(w) for w in result.warnings)
+    assert sum("has no container port named 9080" in str(w) for w in result.warnings) == 3
+
+
+def test_a_named_target_port_resolves_to_each_pods_container_port():
+    result = translation(WEB + doc("DestinationRule", "web", "host: web\n"
+                                                          "trafficPolicy: {loadBalancer: {simple: RANDOM}}"))
+    lbs = endpoints(result)["outbound|80||web.shop.svc.cluster.local"].endpoints[0].lb_endpoints
+    assert [lb.endpoint.address.envoy_internal_address.endpoint_id for lb in lbs] == [
+        "10.244.1.21:8081", "10.244.1.22:8082"]
+    (warning,) = result.warnings
+    assert "pod shop/web-3 has no container port named 'http-web'" in str(warning)

@@ -11,7 +11,7 @@ from envoy_data_plane.envoy.config.rbac.v3 import RbacAction
 
 from nodeagent.xds.dataplane import Sockets
 from nodeagent.xds.translate.options import WaypointOptions
-from xds_world import RUN, chain, clusters, doc, listeners, network, routes, translation
+from xds_world import RUN, WEB, chain, clusters, doc, listeners, network, routes, translation
 
 SEC = "security.istio.io/v1"
 HTTP_POLICY = doc("AuthorizationPolicy", "allow-get", """
@@ -281,3 +281,11 @@ rules:
     assert (remote.remote_ip.address_prefix, remote.remote_ip.prefix_len) == ("192.0.2.0", 24)
     (permission,) = policy.permissions
     assert permission.not_rule.header.string_match.suffix == ".internal"
+
+
+def test_inbound_chains_use_each_pods_named_container_port():
+    result = translation(WEB + doc("AuthorizationPolicy", "web", "selector: {matchLabels: {app: web}}\n"
+                                                                "rules: [{to: [{operation: {paths: [/x]}}]}]", SEC))
+    chains = [c.name for c in listeners(result)["inbound"].filter_chains]
+    assert chains == ["inbound|shop/web-1|8081", "inbound|shop/web-2|8082"]
+    assert any("pod shop/web-3 has no container port named 'http-web'" in str(w) for w in result.warnings)

@@ -34,6 +34,22 @@ SERVICES = [
 ]
 
 
+# A Service whose targetPort is a name: web-1 and web-2 name it (8081, 8082), web-3 does not.
+WEB = """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.1.20, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http-web}]}
+""" + "".join(f"""---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-{i}, namespace: shop, labels: {{app: web}}}}
+spec: {{nodeName: node1, containers: [{{name: c, ports: {ports}}}]}}
+status: {{phase: Running, podIP: 10.244.1.{20 + i}}}
+""" for i, ports in ((1, "[{name: http-web, containerPort: 8081}]"), (2, "[{name: http-web, containerPort: 8082}]"),
+                     (3, "[{containerPort: 8083}]"))) + "---\n"
+
+
 def _world() -> str:
     docs = [{"apiVersion": "v1", "kind": "Namespace",
              "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}},

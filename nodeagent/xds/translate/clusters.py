@@ -169,10 +169,9 @@ def _assignment(name: str, spec: ClusterSpec, labels, ctx: Context) -> ClusterLo
         port = ctx.options.target_port(pod, spec.port)
         if port is None:
             ctx.warn(f"Service {spec.service.namespace}/{spec.service.name} port {spec.port.port}",
-                     f"targetPort {spec.port.target_port!r} is a container port name, which the model "
-                     "does not resolve; its pods get no traffic through the waypoint",
-                     "use a numeric targetPort")
-            break
+                     f"pod {pod.namespace}/{pod.name} has no container port named {spec.port.target_port!r}; "
+                     "it gets no traffic through the waypoint", "name the port in the pod's containers")
+            continue
         target = dataplane.endpoint(pod.ip, port)
         endpoints.append(LbEndpoint(endpoint=Endpoint(address=internal(target)), metadata=Metadata(
             filter_metadata={dataplane.METADATA_NAMESPACE: Struct.from_dict(

@@ -6,8 +6,8 @@ A pod needs it when an enforced AuthorizationPolicy applying to it has fields on
 can evaluate, a RequestAuthentication selects it, or a rate-limit EnvoyFilter does. Its
 chains then enforce *every* policy applying to it (the agent sends its HTTP traffic here
 and leaves authorization to Envoy): local rate limits placed first, jwt_authn, RBAC
-DENY, RBAC ALLOW, rate limits placed before the router, router. Only ports a Service
-names as HTTP (by port name) get a chain; the agent keeps enforcing the others at L4.
+DENY, RBAC ALLOW, rate limits placed before the router, router. Only the pod ports a
+Service names as HTTP get a chain; the agent keeps enforcing the others at L4.
 Policies bound by targetRef to a Service apply to that Service's pods.
 """
 
@@ -108,9 +108,8 @@ def http_ports(ctx: Context, pod: Pod) -> list[int]:
             target = ctx.options.target_port(pod, port)
             if target is None:
                 ctx.warn(f"Service {service.namespace}/{service.name} port {port.port}",
-                         f"targetPort {port.target_port!r} is a container port name, which the model does "
-                         f"not resolve; pod {pod.namespace}/{pod.name} gets no server-side L7 on it",
-                         "use a numeric targetPort")
+                         f"pod {pod.namespace}/{pod.name} has no container port named {port.target_port!r}; "
+                         "it gets no server-side L7 on it", "name the port in the pod's containers")
                 continue
             ports.add(target)
     return sorted(ports)

@@ -4,8 +4,8 @@
 RequestAuthentication `jwksUri` to a local file holding that JWKS: Envoy never fetches
 keys, so whoever fetched them (the agent, an operator) leaves them there; a URI with no
 file gets a key set no token can match (every token 401), as istiod does when its fetch
-fails. `target_port` resolves a Service port's targetPort for a pod: the Model has no
-container ports, so by default only numeric targetPorts resolve.
+fails. `target_port` resolves a Service port's targetPort for a pod: a number is itself,
+a name is looked up in the pod's named container ports (None when it has no such port).
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
 from nodeagent.xds.dataplane import Sockets
 
 
-def numeric_target_port(pod: Pod, port: ServicePort) -> int | None:
-    return port.target_port if isinstance(port.target_port, int) else None
+def target_port(pod: Pod, port: ServicePort) -> int | None:
+    if isinstance(port.target_port, int):
+        return port.target_port
+    return pod.ports.get(port.target_port)
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class WaypointOptions:
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     connect_timeout: timedelta = timedelta(seconds=10)  # Istio's default
     jwks_files: Mapping[str, str] = field(default_factory=dict)
-    target_port: Callable[[Pod, ServicePort], int | None] = numeric_target_port
+    target_port: Callable[[Pod, ServicePort], int | None] = target_port
 
     def __post_init__(self) -> None:
         if self.connect_timeout <= timedelta(0):
