@@ -16,6 +16,7 @@ import logging
 import ssl
 from typing import Iterable
 
+from nodeagent.errors import ConfigError
 from nodeagent.identity.credentials import Credentials
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.identity.manager import IdentityManager
@@ -35,19 +36,40 @@ class WorkloadIdentities:
         self.manager = manager
         self.log = log
         self._contexts: dict[tuple[Identity, bool], tuple[Credentials, ssl.SSLContext]] = {}
+        self._invalid: set[tuple[str, str]] = set()  # pods already warned about
 
     @property
     def enabled(self) -> bool:
         return self.manager is not None
 
     def of(self, pod: Pod) -> Identity:
-        return Identity(self.trust_domain, pod.namespace, pod.service_account)
+        """The pod's SPIFFE identity; IdentityUnavailable if its names cannot form one."""
+        try:
+            return Identity(self.trust_domain, pod.namespace, pod.service_account)
+        except ConfigError as exc:
+            raise IdentityUnavailable(f"pod {pod.namespace}/{pod.name} has no valid identity: {exc}",
+                                      "fix its spec.serviceAccountName") from None
+
+    def uri_of(self, pod: Pod | None) -> str | None:
+        """The pod's SPIFFE URI, or None (no pod, or no valid identity)."""
+        try:
+            return self.of(pod).uri if pod is not None else None
+        except IdentityUnavailable:
+            return None
 
     def sync(self, pods: Iterable[Pod]) -> None:
         """Fetch ahead for these pods' identities; forget the ones no longer used."""
         if self.manager is None:
             return
-        wanted = {self.of(p) for p in pods}
+        wanted, invalid = set(), set()
+        for pod in pods:
+            try:
+                wanted.add(self.of(pod))
+            except IdentityUnavailable as exc:
+                if pod.key not in self._invalid:
+                    self.log.warning("%s", exc)  # once, not on every model change
+                invalid.add(pod.key)
+        self._invalid = invalid
         self.manager.prefetch(sorted(wanted - set(self.manager.identities)))
         for identity in set(self.manager.identities) - wanted:
             self.manager.forget(identity)

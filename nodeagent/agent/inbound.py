@@ -78,10 +78,10 @@ class InboundView:
         proven principal (or when no principal was proven)."""
         model, pod = self.model(), ctx.pod
         client = model.pod_by_ip(src[0])
-        if client is not None and principal and self.identities.of(client).uri != principal:
+        if client is not None and principal and self.identities.uri_of(client) != principal:
             client = None
         source = Peer.of(client, principal) if client or not principal else _peer_of_principal(principal)
-        own = self.identities.of(pod).uri if self.identities.enabled else None
+        own = self.identities.uri_of(pod) if self.identities.enabled else None
         return self.telemetry.open(Flow(DESTINATION, src, dst, source, Peer.of(pod, own),
                                         service_of(model, pod, dst[1]), security))
 

@@ -123,6 +123,8 @@ class OutboundRelay(Relay):
                      target: Target) -> None:
         route, flow = self._route(ctx, src, dst, target)
         try:
+            if route is self.hbone:
+                self.identities.of(target.pod)  # a destination without a valid identity: refused
             upstream = await route.connect(ctx, target)
         except (OSError, asyncio.TimeoutError, TunnelError, IdentityUnavailable) as exc:
             reason = connect_failure_reason(exc)
@@ -138,7 +140,7 @@ class OutboundRelay(Relay):
     def _route(self, ctx: PodContext, src: Address, dst: Address, target: Target) -> tuple[Route, Flow]:
         """HBONE for a meshed endpoint, passthrough otherwise; the flow reporting it."""
         if target.meshed:
-            own, peer = self.identities.of(ctx.pod).uri, self.identities.of(target.pod).uri
+            own, peer = self.identities.uri_of(ctx.pod), self.identities.uri_of(target.pod)
             flow = Flow(SOURCE, src, dst, Peer.of(ctx.pod, own), Peer.of(target.pod, peer), target.service,
                         MTLS, upstream=(target.pod.ip, self.hbone.port))
             return self.hbone, self.telemetry.open(flow)

@@ -33,7 +33,11 @@ class PolicyState:
         self.built_at: float | None = None
 
     def update(self, model: Model) -> None:
-        policies, errors = PolicySet.build(model, self.current, self.root_namespace)
+        try:
+            policies, errors = PolicySet.build(model, self.current, self.root_namespace)
+        except Exception:  # a bug must not stop enrolment; the policies in force stay
+            self.log.exception("cannot build the policies of the new model; keeping the ones in force")
+            return
         known = {str(e) for e in self.errors}
         for err in errors:
             if str(err) not in known:

@@ -1,6 +1,7 @@
 """`nodeagent status`: what an agent is doing, read from its admin socket and shown as
-JSON or as aligned text tables (enrolled pods, pods waiting, programs, maps and their
-fill, counters, source errors). Rendering is a pure function of the status JSON.
+JSON or as aligned text tables (enrolled pods, pods waiting, workload certificates,
+policies in force and refused, HBONE connections, programs, maps and their fill,
+counters, source errors). Rendering is a pure function of the status JSON.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
         [[w["namespace"], w["name"], w.get("uid") or "-", w["reason"]] for w in status.get("waiting", [])])
         if status.get("waiting") else ""))
     out.append("")
+    out.extend(_mesh_sections(status, now))
     if "error" in capture:
         out.append(f"CAPTURE\n  cannot read capture state: {capture['error']}")
     else:
@@ -106,6 +108,29 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
     out.append("")
     out.append(_section("SOURCE ERRORS", "\n".join(f"  {f}: {m}" for f, m in sorted(errors.items()))))
     return "\n".join(out) + "\n"
+
+
+def _expires(when: float | None, now: float) -> str:
+    return "-" if not when else f"in {max(0.0, when - now) / 3600:.1f}h"
+
+
+def _mesh_sections(status: dict[str, Any], now: float) -> list[str]:
+    """Certificates, policies and tunnel connections (each followed by a blank line)."""
+    identity, policy = status.get("identity", {}), status.get("policy", {})
+    if identity.get("enabled") is False:
+        certs = "  mTLS off: no --ca-address"
+    else:
+        certs = table(["IDENTITY", "VALID", "EXPIRES", "ROTATES", "FAILURES", "LAST ERROR"],
+                      [[i["identity"], "yes" if i.get("valid") else "NO", _expires(i.get("not_after"), now),
+                        _expires(i.get("refresh_at"), now), i.get("failures", 0), i.get("error") or "-"]
+                       for i in identity.get("identities", [])]) if identity.get("identities") else ""
+    policies = table(["POLICY", "DIGEST"], sorted(policy.get("resources", {}).items())) \
+        if policy.get("resources") else ""
+    tunnel = status.get("tunnel", {})
+    return [_section("WORKLOAD CERTIFICATES", certs), "", _section("POLICIES IN FORCE", policies), "",
+            _section("POLICY ERRORS", "\n".join(f"  {e}" for e in policy.get("errors", []))), "",
+            f"HBONE: {tunnel.get('pooled_connections', 0)} pooled outbound connections, "
+            f"{tunnel.get('inbound_connections', 0)} inbound", ""]
 
 
 def render(status: dict[str, Any], output: str) -> str:

@@ -1,7 +1,9 @@
 """Bad HBONE clients, run inside a lab pod against a pod's real port 15008:
-`python3 hbone_attacker.py POD_IP CERT_FILE ROOT_FILE` prints one JSON object saying
-what the server did to each: garbage that is not TLS, TLS without a client certificate,
-and a valid mesh certificate followed by a truncated HTTP/2 HEADERS frame."""
+`python3 hbone_attacker.py POD_IP ROOT_FILE NAME=CERT_FILE...` prints one JSON object
+saying what the server did to each: garbage that is not TLS, TLS without a client
+certificate, TLS with each certificate given except `valid` (another CA's, an expired
+one, another trust domain's...), and the `valid` mesh certificate followed by a
+truncated HTTP/2 HEADERS frame."""
 
 from __future__ import annotations
 
@@ -48,8 +50,12 @@ def garbage(ip: str) -> str:
         return until_closed(sock)
 
 
-def no_client_cert(ip: str, root: str) -> str:
-    with tls_context(root, None).wrap_socket(socket.create_connection((ip, PORT), timeout=5)) as sock:
+def with_certificate(ip: str, root: str, cert: str | None) -> str:
+    try:
+        sock = tls_context(root, cert).wrap_socket(socket.create_connection((ip, PORT), timeout=5))
+    except (ssl.SSLError, ConnectionResetError):
+        return "closed"  # refused during the handshake
+    with sock:
         return until_closed(sock)  # TLS 1.3: the server refuses after our side of the handshake
 
 
@@ -64,9 +70,12 @@ def truncated(ip: str, root: str, cert: str) -> str:
 
 
 def main() -> int:
-    ip, cert, root = sys.argv[1:4]
-    print(json.dumps({"garbage": garbage(ip), "no_client_cert": no_client_cert(ip, root),
-                      "truncated_h2": truncated(ip, root, cert)}), flush=True)
+    ip, root = sys.argv[1:3]
+    certs = dict(arg.split("=", 1) for arg in sys.argv[3:])
+    results = {"garbage": garbage(ip), "no_client_cert": with_certificate(ip, root, None)}
+    results.update({name: with_certificate(ip, root, path) for name, path in certs.items() if name != "valid"})
+    results["truncated_h2"] = truncated(ip, root, certs["valid"])
+    print(json.dumps(results), flush=True)
     return 0
 
 

@@ -298,14 +298,16 @@ def test_authorization_policies_by_principal_namespace_ip_block_and_port(mesh):
     eventually(lambda: delta(denials(mesh), before), {"no-allow-match": 20}, "ALLOW by port denials")
 
 
-def test_garbage_and_truncated_http2_on_the_tunnel_port_harm_no_one(mesh, tmp_path):
+def test_bad_clients_on_the_real_tunnel_port_are_refused_and_harm_no_one(mesh, tmp_path):
     backend_ip = mesh.pods["mesh/backend-0"]["ip"]
     held = mesh_attacks.held(mesh.lab, "mesh/client", "backend.mesh:9000")
     try:
         assert held.echo("before") == "before"
         results = mesh_attacks.attack(mesh.lab, mesh.layout, "legacy/client", backend_ip, tmp_path)
-        assert results == {"garbage": "closed", "no_client_cert": "closed", "truncated_h2": "sent"}
-        counted = {("handshake", "not_tls"): 1, ("handshake", "no_client_cert"): 1, ("error", "truncated"): 1}
+        assert results == {"garbage": "closed", "no_client_cert": "closed", "foreign_ca": "closed",
+                           "expired": "closed", "foreign_trust_domain": "closed", "truncated_h2": "sent"}
+        counted = {("handshake", "not_tls"): 1, ("handshake", "no_client_cert"): 1, ("handshake", "unknown_ca"): 1,
+                   ("handshake", "cert_expired"): 1, ("handshake", "identity"): 1, ("error", "truncated"): 1}
         eventually(lambda: {k: mesh_attacks.counter(mesh.samples("node2"), *k) for k in counted}, counted,
                    "refusals counted by the destination agent")
         assert held.echo("after") == "after"

@@ -91,3 +91,22 @@ def test_without_a_ca_nothing_is_fetched_and_ready_says_how_to_enable_it():
         assert identities.describe() == {"enabled": False, "identities": []}
         await identities.close()
     run(main())
+
+
+def test_a_pod_without_a_valid_identity_is_skipped_and_reported_once(tmp_path, caplog):
+    identities, issuer, clock, _ = make(tmp_path)
+    bad = pod("bad-0", "Not_A_Name")
+
+    async def main():
+        with caplog.at_level(logging.WARNING):
+            identities.sync([pod("a-0", "web"), bad])
+            identities.sync([pod("a-0", "web"), bad])
+        await until(lambda: len(issuer.asked) == 1, what="one prefetch")
+        assert issuer.asked == ["spiffe://cluster.local/ns/mesh/sa/web"]
+        warned = [r.getMessage() for r in caplog.records if "bad-0" in r.getMessage()]
+        assert len(warned) == 1 and "has no valid identity" in warned[0]
+        assert identities.uri_of(bad) is None and identities.uri_of(None) is None
+        with pytest.raises(IdentityUnavailable, match="fix its spec.serviceAccountName"):
+            identities.of(bad)
+        await identities.close()
+    run(main())

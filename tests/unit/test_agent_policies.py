@@ -69,3 +69,16 @@ def test_a_new_invalid_policy_is_ignored(caplog):
         state.update(model(BROKEN))
     assert decide(state, world, None) is True and "it is ignored" in warnings(caplog)[0]
     assert state.describe()["resources"] == {}
+
+
+def test_a_failing_build_keeps_the_policies_in_force(monkeypatch, caplog):
+    state, world = PolicyState("istio-system", LOG), model()
+    state.update(model(ALLOW_SLEEP))
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("bug")
+    monkeypatch.setattr("nodeagent.agent.policies.PolicySet.build", broken)
+    with caplog.at_level(logging.ERROR):
+        state.update(model(STRICT))
+    assert decide(state, world, None) is False  # the ALLOW stays
+    assert "keeping the ones in force" in caplog.records[-1].getMessage()

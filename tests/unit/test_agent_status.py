@@ -38,7 +38,7 @@ def test_text_has_every_section():
     assert "agent on node node-1: pid 4242, version 0.1.0, ready, started 60.0s ago" in text
     assert "files:/run/x: 3 pods on this node, model changed 2.5s ago" in text
     for title in ("ENROLLED PODS", "WAITING PODS", "PROGRAMS", "MAPS", "AGENT COUNTERS", "SOURCE ERRORS",
-                  "CAPTURE COUNTERS (kernel)"):
+                  "CAPTURE COUNTERS (kernel)", "WORKLOAD CERTIFICATES", "POLICIES IN FORCE", "POLICY ERRORS"):
         assert title in text
     assert "bad.yaml:3: malformed YAML" in text
     assert "no status.podIP yet" in text
@@ -57,6 +57,31 @@ def test_pod_table_is_aligned():
     # Numbers are right-aligned: their last digit lines up with the header's end.
     end = header.index("NETNS COOKIE") + len("NETNS COOKIE")
     assert first[:end].endswith("4097") and second[:end].endswith("12")
+
+
+MESH = {
+    "identity": {"enabled": True, "trust_domain": "cluster.local", "identities": [
+        {"identity": "spiffe://cluster.local/ns/app/sa/client", "valid": True, "not_after": NOW + 86400,
+         "refresh_at": NOW + 43200, "failures": 0, "error": None},
+        {"identity": "spiffe://cluster.local/ns/app/sa/ghost", "valid": False, "not_after": None,
+         "refresh_at": None, "failures": 3, "error": "CA refused (PERMISSION_DENIED): no pod"}]},
+    "policy": {"root_namespace": "istio-system", "built_at": NOW - 1,
+               "resources": {"AuthorizationPolicy app/allow": "0dbd433e532b"},
+               "errors": ["policies.yaml#2 (AuthorizationPolicy app/x) spec.action: bad"]},
+    "tunnel": {"pooled_connections": 2, "inbound_connections": 1},
+}
+
+
+def test_certificates_policies_and_tunnel_are_shown():
+    text = status.render_text({**STATUS, **MESH}, now=NOW)
+    rows = text.split("WORKLOAD CERTIFICATES\n")[1].split("\n\n")[0].splitlines()
+    assert rows[1].split()[:5] == ["spiffe://cluster.local/ns/app/sa/client", "yes", "in", "24.0h", "in"]
+    assert rows[2].split()[:6] == ["spiffe://cluster.local/ns/app/sa/ghost", "NO", "-", "-", "3", "CA"]
+    assert "AuthorizationPolicy app/allow  0dbd433e532b" in text
+    assert "POLICY ERRORS\n  policies.yaml#2 (AuthorizationPolicy app/x) spec.action: bad" in text
+    assert "HBONE: 2 pooled outbound connections, 1 inbound" in text
+    off = status.render_text({**STATUS, "identity": {"enabled": False, "identities": []}}, now=NOW)
+    assert "WORKLOAD CERTIFICATES\n  mTLS off: no --ca-address" in off
 
 
 def test_counter_values_are_integers():
