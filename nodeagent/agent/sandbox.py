@@ -3,7 +3,9 @@
 One node netns and pods on it, built with the lab's own helpers (`lab.layout` names,
 `lab.topology.add_pod` for the routed pod network, `lab.cgroups` for kubelet-named pod
 cgroups), a `files` source directory the sandbox writes Namespace/Pod YAML to, and the
-agent started as `python -m nodeagent run` inside the node netns. Nothing is added to
+agent started as `python -m nodeagent run` inside the node netns; optionally a mesh CA
+(`start_ca`: provisioned as the lab does, `nodeagent ca` on the node's 127.0.0.1:15012)
+so the agent gets workload certificates (`ca_args`). Nothing is added to
 the machine's own netns. Every name carries the sandbox name (`<name>-…` netns,
 `<cg2>/nodeagent-<name>/`, `/sys/fs/bpf/nodeagent-<name>/`); `close()` stops the
 processes it started (by pid, then by cgroup) and removes everything by those names,
@@ -12,6 +14,7 @@ also after a failure half-way.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -29,11 +32,12 @@ import yaml
 from nodeagent import netns
 from nodeagent.agent.admin import fetch_status
 from nodeagent.errors import NodeagentError
-from nodeagent.lab import cgroups, topology
+from nodeagent.lab import cgroups, meshca, topology
 from nodeagent.lab.ipam import PodAlloc
 from nodeagent.lab.layout import Layout
 
 NODE = "node1"
+CA_PORT = 15012
 POD_NET = "10.252.0."  # pods get .2, .3, ... (inside the sandbox netns only)
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 # Joins the cgroup given as $0, then runs the command: nsenter only enters the netns, and
@@ -55,9 +59,10 @@ class SandboxPod:
 class Sandbox:
     def __init__(self, name: str, workdir: str | Path | None = None, node: str = NODE):
         self.name = name
-        self.layout = Layout(name, cgroup_root=cgroups.cgroup2_root())
         self.node = node
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"nodeagent-{name}-"))
+        # State (CA keys, tokens, identities, flow log) lives in the workdir, removed with it.
+        self.layout = Layout(name, cgroup_root=cgroups.cgroup2_root(), run_root=str(self.workdir))
         self._own_workdir = workdir is None
         self.source_dir = self.workdir / "cluster"
         self.admin_socket = self.workdir / "agent.sock"
@@ -151,6 +156,31 @@ class Sandbox:
 
     def status(self) -> dict:
         return fetch_status(self.admin_socket, timeout=5)
+
+    # --- the mesh CA ----------------------------------------------------------------------
+    def start_ca(self, timeout: float = 20.0) -> subprocess.Popen:
+        """Provision and start `nodeagent ca` on the node's loopback; wait until it serves."""
+        os.makedirs(self.layout.logs_dir, exist_ok=True)
+        meshca.provision(self.layout, [self.node], logging.getLogger("nodeagent.sandbox.ca"))
+        argv = [sys.executable, "-m", "nodeagent", "ca", "--listen", f"127.0.0.1:{CA_PORT}",
+                "--state-dir", self.layout.ca_dir, "--tokens", self.layout.ca_tokens,
+                "--source", f"files:{self.source_dir}", "--metrics-address", "off"]
+        log_path = Path(self.layout.ca_log)
+        with open(log_path, "ab") as log:
+            proc = self.spawn(self.node_netns, self.layout.system_cgroup(self.node), argv, stdout=log,
+                              stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while "listening" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise NodeagentError(f"the sandbox CA did not start: {log_path.read_text().strip() or 'no output'}")
+            time.sleep(0.05)
+        return proc
+
+    def ca_args(self) -> list[str]:
+        """`nodeagent run` flags for the CA of `start_ca`."""
+        return ["--ca-address", f"127.0.0.1:{CA_PORT}", "--ca-root-cert", self.layout.root_cert,
+                "--ca-token-file", self.layout.node_token(self.node), "--identity-dir",
+                self.layout.identity_dir(self.node), "--flow-log", self.layout.flow_log(self.node)]
 
     def wait_for(self, predicate: Callable[[dict], object], timeout: float, what: str) -> dict:
         """Poll the agent's status until `predicate(status)` holds."""

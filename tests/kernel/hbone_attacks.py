@@ -1,35 +1,27 @@
-"""Helpers of tests/e2e/test_mtls.py for abuse of a pod's tunnel port: a long-lived
-connection through the mesh to watch for collateral damage, client certificates minted
-with the lab's CA key (a valid one, as a compromised workload would hold, an expired
-one, one of another trust domain) and with another CA, and running hbone_attacker.py
-inside an unmeshed pod."""
+"""Helpers of test_agent_tunnel.py for abuse of a pod's real tunnel port: client
+certificates minted with the sandbox CA's key (a valid one, as a compromised workload
+would hold, an expired one, one of another trust domain) and with another CA, running
+hbone_attacker.py inside an unmeshed pod, and the destination agent's refusal counters."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from nodeagent.agent.probe import HoldClient
+from nodeagent.agent.sandbox import Sandbox, SandboxPod
 from nodeagent.identity import cakeys, pemfiles
 from nodeagent.identity.ca import CertificateAuthority
 from nodeagent.identity.spiffe import Identity
 from nodeagent.lab.layout import Layout
-from tests.e2e.conftest import NODEAGENT
 
 ATTACKER = Path(__file__).with_name("hbone_attacker.py")
 TD = "cluster.local"
-
-
-def held(lab, pod: str, target: str) -> HoldClient:
-    """A connection from `pod` to `target` (an echo server) kept open: `probe hold`."""
-    return HoldClient(subprocess.Popen([*NODEAGENT, "lab", "exec", "--name", lab.name, pod, "--", "python3", "-m",
-                                        "nodeagent.agent.probe", "hold", target, "--no-greeting"],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1))
 
 
 def _issue(ca: CertificateAuthority, identity: Identity, path: Path) -> Path:
@@ -54,17 +46,22 @@ def certificates(layout: Layout, namespace: str, directory: Path) -> dict[str, P
     }
 
 
-def attack(lab, layout: Layout, pod: str, ip: str, directory: Path) -> dict:
-    namespace, _, _ = pod.partition("/")
-    certs = certificates(layout, namespace, directory)
-    out = lab.exec(pod, "python3", str(ATTACKER), ip, layout.root_cert,
-                   *(f"{name}={path}" for name, path in certs.items()), timeout=60).stdout
+def attack(sb: Sandbox, attacker: SandboxPod, ip: str) -> dict:
+    """Run every bad client from `attacker` against `ip`:15008; what the server did."""
+    certs = certificates(sb.layout, attacker.namespace, sb.workdir)
+    proc = sb.in_pod(attacker, [sys.executable, str(ATTACKER), ip, sb.layout.root_cert,
+                                *(f"{name}={path}" for name, path in certs.items())],
+                     stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
     return json.loads(out)
 
 
-def counter(samples: list, kind: str, reason: str) -> float:
-    """Inbound HBONE refusals: kind `handshake` (TLS/identity) or `error` (after it)."""
-    name = {"handshake": "nodeagent_hbone_handshake_failures_total",
-            "error": "nodeagent_hbone_connection_errors_total"}[kind]
-    return sum(s.value for s in samples
-               if s.name == name and s.labels.get("direction") == "inbound" and s.labels.get("reason") == reason)
+def refusals(counters: dict) -> dict[tuple[str, str], float]:
+    """Inbound HBONE refusals in an agent's status counters: (`handshake` (TLS and
+    identity) or `error` (after them), reason) -> count."""
+    out = {}
+    for key, value in counters.items():
+        for kind, name in (("handshake", "hbone_handshake_failures_total"), ("error", "hbone_connection_errors_total")):
+            if key.startswith(name + "{") and "direction=inbound" in key and value:
+                out[(kind, key.split("reason=")[1].rstrip("}"))] = value
+    return out
