@@ -21,7 +21,7 @@ from nodeagent.agent.destinations import NoEndpoint, RoundRobin, Target, resolve
 from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.splice import SpliceResult, reset, splice, splice_stream
+from nodeagent.agent.splice import SpliceResult, reset, splice
 from nodeagent.agent.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer, Telemetry
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.model import Model
@@ -160,12 +160,10 @@ async def relay(metrics: AgentMetrics, direction: str, client, upstream) -> Spli
     active = metrics.active_by[direction]
     active.inc()
     try:
-        if isinstance(upstream, socket.socket) and isinstance(client, socket.socket):
+        if isinstance(client, socket.socket):
             result = await splice(client, upstream)
-        elif isinstance(client, socket.socket):
-            result = await splice_stream(client, upstream)
         else:
-            back = await splice_stream(upstream, client)
+            back = await splice(upstream, client)
             result = SpliceResult(back.b_to_a, back.a_to_b, back.error)
     finally:
         active.dec()

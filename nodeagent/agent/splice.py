@@ -5,9 +5,9 @@ has a bounded buffer: when one side's write buffer passes HIGH_WATER the other s
 stops reading (TCP back-pressure reaches the sender). A FIN is passed on as a FIN
 (half-close), so request/response protocols that shut down their write side keep
 working; a reset or error on one side aborts the other, so a peer sees a reset where
-the original connection was reset. Returns the byte counts for telemetry.
-`splice_stream` does the same between a socket and an HBONE stream, which is an asyncio
-transport of its own (nodeagent.tunnel.HboneStream.attach).
+the original connection was reset. Returns the byte counts for telemetry. One side may
+be an HBONE stream instead of a socket: it is an asyncio transport of its own
+(nodeagent.tunnel.HboneStream.attach).
 """
 
 from __future__ import annotations
@@ -109,37 +109,29 @@ class _Pipe:
             self.done.set_result(self.result)
 
 
-async def splice(a: socket.socket, b: socket.socket) -> SpliceResult:
-    """Relay between connected sockets `a` and `b` (both taken over and closed)."""
+async def splice(a: socket.socket, b) -> SpliceResult:
+    """Relay between connected socket `a` and `b`, a connected socket or an HBONE stream
+    (an asyncio transport that takes a protocol); both are ended on return."""
     loop = asyncio.get_running_loop()
     pipe = _Pipe(loop)
     a.setblocking(False)
-    b.setblocking(False)
     try:
         await loop.connect_accepted_socket(lambda: pipe.a, sock=a)
     except BaseException:
-        b.close()
+        if isinstance(b, socket.socket):
+            b.close()
+        else:
+            b.abort()
         raise
+    if not isinstance(b, socket.socket):
+        b.attach(pipe.b)
+        return await _finish(pipe)
+    b.setblocking(False)
     try:
         await loop.connect_accepted_socket(lambda: pipe.b, sock=b)
     except BaseException:
         pipe.a.transport.abort()
         raise
-    return await _finish(pipe)
-
-
-async def splice_stream(a: socket.socket, stream) -> SpliceResult:
-    """Relay between connected socket `a` and an HBONE stream (both ended on return):
-    a_to_b counts what `a` sent into the stream."""
-    loop = asyncio.get_running_loop()
-    pipe = _Pipe(loop)
-    a.setblocking(False)
-    try:
-        await loop.connect_accepted_socket(lambda: pipe.a, sock=a)
-    except BaseException:
-        stream.abort()
-        raise
-    stream.attach(pipe.b)
     return await _finish(pipe)
 
 

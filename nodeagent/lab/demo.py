@@ -74,5 +74,6 @@ def run(name: str, timeout: float, out) -> int:
         f"  {na} status --lab {name} --node node1\n"
         f"  {na} lab exec --name {name} mesh/client -- nodeagent lab request {URL} -n 10\n"
         f"  {na} lab exec --name {name} legacy/client -- curl -s {URL}\n"
-        f"Logs: {layout.logs_dir}\nRemove it with: {na} lab down --name {name}")
+        f"Logs: {layout.logs_dir} (flows-<node>.log: one JSON line per connection, with the "
+        f"client's SPIFFE principal at the destination)\nRemove it with: {na} lab down --name {name}")
     return worst

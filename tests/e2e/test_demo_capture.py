@@ -1,9 +1,10 @@
 """Capture end to end on the lab: the built-in demo with one real agent per node.
 
 The meshed client (namespace `mesh`) reaches the backend service through its node's
-agent (outbound capture + passthrough) and the backends' agents (inbound steering,
-delivery with the client's address); the unmeshed client (namespace `legacy`) is not
-captured at its source. Counts are exact: every request opens one new connection.
+agent (outbound capture; the backends are meshed, so HBONE to them) and the backends'
+agents (HBONE streams, delivery with the client's address); the unmeshed client
+(namespace `legacy`) is not captured at its source and reaches the backends' agents as
+plaintext (inbound steering). Counts are exact: every request opens one new connection.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def test_meshed_client_goes_through_the_agents(demo):
     client = pods[("mesh", "client")]
     out_before = totals(lab, "outbound_connections_total")
     in_before = totals(lab, "inbound_connections_total")
+    hbone_before = totals(lab, "hbone_streams_opened_total{direction=inbound}")
+    passthrough_before = totals(lab, "passthrough_connections_total")
 
     result = request(lab, "mesh/client", "http://backend:8080/", 60)
 
@@ -83,8 +86,12 @@ def test_meshed_client_goes_through_the_agents(demo):
     assert out_after[other] == out_before[other]
     assert sum(in_after.values()) - sum(in_before.values()) == 60
     by_node = {pods[("mesh", name)]["node"]: n for name, n in result["pods"].items()}
+    hbone_after = totals(lab, "hbone_streams_opened_total{direction=inbound}")
     for node, n in by_node.items():
         assert in_after[node] - in_before[node] == n
+        assert hbone_after[node] - hbone_before[node] == n  # every one of them through the tunnel
+    assert result["pods"] == {"backend-v1-0": 30, "backend-v2-0": 30}  # the source agent's round-robin
+    assert totals(lab, "passthrough_connections_total") == passthrough_before
 
 
 def test_backend_sees_the_client_address(demo):
@@ -98,6 +105,7 @@ def test_unmeshed_client_is_not_captured(demo):
     lab, pods = demo
     out_before = totals(lab, "outbound_connections_total")
     in_before = totals(lab, "inbound_connections_total")
+    hbone_before = totals(lab, "hbone_streams_opened_total{direction=inbound}")
 
     result = request(lab, "legacy/client", "http://backend.mesh:8080/", 40)
 
@@ -106,6 +114,7 @@ def test_unmeshed_client_is_not_captured(demo):
     # The backends are meshed, so their agents still receive these connections inbound
     # (plaintext; PERMISSIVE until PeerAuthentication says otherwise).
     assert sum(totals(lab, "inbound_connections_total").values()) - sum(in_before.values()) == 40
+    assert totals(lab, "hbone_streams_opened_total{direction=inbound}") == hbone_before  # plaintext, not HBONE
     body = json.loads(lab.exec("legacy/client", "curl", "-s", "--max-time", "10",
                                "http://backend.mesh:8080/").stdout)
     assert body["remote_addr"].split(":")[0] == pods[("legacy", "client")]["ip"]
