@@ -274,6 +274,7 @@ OK, RESET = (5, {}), (0, {"reset": 5})
 
 
 def test_authorization_policies_by_principal_namespace_ip_block_and_port(mesh):
+    processes = mesh.processes()
     policy = {"selector": {"matchLabels": {"app": "backend"}}}
     mesh.apply("AuthorizationPolicy", "backend", {**policy, "action": "ALLOW", "rules": [
         {"from": [{"source": {"principals": [f"{TD}/ns/mesh/sa/client"]}}]}]})
@@ -295,6 +296,7 @@ def test_authorization_policies_by_principal_namespace_ip_block_and_port(mesh):
     assert outcome(mesh) == {pod: OK for pod in CLIENTS}
     assert outcome(mesh, port=8080) == {pod: RESET for pod in CLIENTS}  # the HTTP port is not allowed
     eventually(lambda: delta(denials(mesh), before), {"no-allow-match": 20}, "ALLOW by port denials")
+    assert mesh.processes() == processes  # three policy changes, nothing restarted
 
 
 def test_nothing_restarted_along_the_way(mesh):
