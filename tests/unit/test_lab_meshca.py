@@ -17,6 +17,7 @@ from nodeagent.identity.cakeys import load
 from nodeagent.lab import meshca
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.lifecycle import agent_problem
+from nodeagent.lab.status import render
 
 LOG = logging.getLogger("test.meshca")
 
@@ -61,3 +62,18 @@ def test_agent_problem_says_what_is_missing():
     assert agent_problem(status(pods=both, identities=[(sa, True)]), meshed) is None
     assert agent_problem(status(pods=both, enabled=False), meshed) is None
     assert agent_problem(status(), set()) is None
+
+
+def test_lab_status_shows_the_ca():
+    data = {"name": "t1", "stateDir": "/run/nodeagent/t1", "agents": True,
+            "supervisor": {"pid": 10, "running": True},
+            "ca": {"node": "node1", "address": "172.30.0.2:15012", "rootCert": "/run/nodeagent/t1/root-cert.pem",
+                   "trustDomain": "cluster.local", "pid": 11, "restarts": 0, "state": "running", "exit_code": None},
+            "nodes": [{"name": "node1", "fabricIP": "172.30.0.2", "podCIDR": "10.244.1.0/24",
+                       "agent": {"pid": 12, "restarts": 1, "state": "running"}}],
+            "pods": [], "services": []}
+    text = render(data)
+    assert ("Mesh CA (cluster.local) on node1 at 172.30.0.2:15012: running (pid 11, 0 restarts); "
+            "root /run/nodeagent/t1/root-cert.pem") in text
+    assert "running (pid 12, 1 restarts)" in text
+    assert "Mesh CA" not in render({**data, "ca": None, "agents": False})
