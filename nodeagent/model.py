@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
@@ -138,26 +139,42 @@ class Model:
         """Ready pods selected by the service (a service without selector has none)."""
         if not service.selector:
             return []
-        return sorted((p for p in self.pods.values()
-                       if p.namespace == service.namespace and p.ip and p.phase == "Running"
-                       and all(p.labels.get(k) == v for k, v in service.selector.items())),
-                      key=lambda p: p.key)
+        key = (service.namespace, tuple(sorted(service.selector.items())))
+        found = self._endpoints.get(key)
+        if found is None:
+            found = self._endpoints[key] = tuple(sorted(
+                (p for p in self.pods.values()
+                 if p.namespace == service.namespace and p.ip and p.phase == "Running"
+                 and all(p.labels.get(k) == v for k, v in service.selector.items())),
+                key=lambda p: p.key))
+        return list(found)
 
     def service_by_ip(self, ip: str) -> Service | None:
-        if not ip:  # headless services and unscheduled pods have no address to match
-            return None
-        for svc in self.services.values():
-            if svc.cluster_ip == ip:
-                return svc
-        return None
+        # headless services and unscheduled pods have no address to match
+        return self._services_by_ip.get(ip) if ip else None
 
     def pod_by_ip(self, ip: str) -> Pod | None:
-        if not ip:
-            return None
+        return self._pods_by_ip.get(ip) if ip else None
+
+    # Indexes, built on first use: the agent looks destinations up on every connection,
+    # and a Model never changes once built, so they never go stale.
+    @cached_property
+    def _services_by_ip(self) -> dict[str, Service]:
+        index: dict[str, Service] = {}
+        for svc in self.services.values():
+            index.setdefault(svc.cluster_ip, svc)  # first wins, as a scan would find it
+        return index
+
+    @cached_property
+    def _pods_by_ip(self) -> dict[str, Pod]:
+        index: dict[str, Pod] = {}
         for pod in self.pods.values():
-            if pod.ip == ip:
-                return pod
-        return None
+            index.setdefault(pod.ip, pod)
+        return index
+
+    @cached_property
+    def _endpoints(self) -> dict[tuple, tuple[Pod, ...]]:
+        return {}
 
 
 def check(objects: Iterable[KubeObject]) -> None:
