@@ -102,6 +102,8 @@ def error_kind(exc: BaseException) -> str:
         return "refused"
     if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
         return "reset"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOTCONN:  # shutdown() after the peer's RST
+        return "reset"
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return "timeout"
     if isinstance(exc, socket.gaierror):

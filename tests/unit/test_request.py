@@ -206,6 +206,7 @@ def test_error_kind_names():
     assert error_kind(http.client.RemoteDisconnected("x")) == "closed"
     assert error_kind(ConnectionRefusedError()) == "refused"
     assert error_kind(BrokenPipeError()) == "reset"
+    assert error_kind(OSError(errno.ENOTCONN, "not connected")) == "reset"  # shutdown() after an RST
     assert error_kind(socket.timeout()) == "timeout"
     assert error_kind(socket.gaierror(socket.EAI_NONAME, "nope")) == "resolve"
     assert error_kind(OSError(errno.EHOSTUNREACH, "no route")) == "unreachable"
