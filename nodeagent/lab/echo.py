@@ -1,21 +1,24 @@
 """The lab's echo app: an HTTP server that answers every request with who answered and
 what it saw, and a TCP port that echoes bytes back.
 
-Run as a lab container command, `nodeagent lab echo [--port 8080] [--tcp-port 9000]`,
-or stand-alone, `python -m nodeagent.lab.echo`. Every HTTP request (any method,
-HTTP/1.1 keep-alive and pipelining, bodies by Content-Length or chunked, read and
-discarded) gets a JSON object: pod, namespace, node, labels, service_account (from the
-env vars POD_NAME, POD_NAMESPACE, NODE_NAME, POD_LABELS as JSON, SERVICE_ACCOUNT), and
-method, path (with query), headers (names lower-cased, repeats joined with ", ", so the
-result is the same whether or not Envoy forwarded the request) and remote_addr (the
-client's IP:port as this socket sees it, which is how tests check that the mesh keeps
-client addresses). Query parameters shape the answer, checked first and applied in this
-order: `delay=SECONDS` waits, `fail=FRACTION` answers 503 with that probability (one
-draw from random.Random(ECHO_SEED) per request carrying `fail`, so a seeded run is
-reproducible), `status=CODE` answers with that code. Bad parameters get a 400 naming
-them. One access-log line per request goes to stderr unless --quiet. SIGTERM and SIGINT
-stop it cleanly (exit 0). The start-up line on stderr names the bound addresses, so a
-caller that asked for port 0 learns the port.
+Run as a lab container command, `nodeagent lab echo [--port 8080] [--tcp-port 9000]
+[--status CODE]`, or stand-alone, `python -m nodeagent.lab.echo`. Every HTTP request
+(any method, HTTP/1.1 keep-alive and pipelining, bodies by Content-Length or chunked,
+read and discarded) gets a JSON object: pod, namespace, node, labels, service_account
+(from the env vars POD_NAME, POD_NAMESPACE, NODE_NAME, POD_LABELS as JSON,
+SERVICE_ACCOUNT), and method, path (with query), headers (names lower-cased, repeats
+joined with ", ", so the result is the same whether or not Envoy forwarded the request)
+and remote_addr (the client's IP:port as this socket sees it, which is how tests check
+that the mesh keeps client addresses). Query parameters shape the answer, checked first
+and applied in this order: `delay=SECONDS` waits, `fail=FRACTION` answers 503 with that
+probability (one draw from random.Random(ECHO_SEED) per request carrying `fail`, so a
+seeded run is reproducible), `status=CODE` answers with that code. Without `status=`
+(and unless `fail` drew a 503) the answer has the code of `--status` (default 200):
+`--status 503` makes an always-failing endpoint, e.g. for outlier detection. Bad
+parameters get a 400 naming them (whatever --status says). One access-log line per
+request goes to stderr unless --quiet. SIGTERM and SIGINT stop it cleanly (exit 0). The
+start-up line on stderr names the bound addresses, so a caller that asked for port 0
+learns the port.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from nodeagent.lab.http1 import BadRequest, Request, drain_body, read_request
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_TCP_PORT = 9000
 MAX_DELAY = 300.0  # seconds; longer than any test or client timeout
+MIN_STATUS, MAX_STATUS = 200, 599  # status= and --status: codes with a final, non-1xx answer
 READ_SIZE = 65536
 
 
@@ -78,7 +82,8 @@ class Shape:
     fail: float | None = None  # None: no `fail` parameter, so no random draw
 
     @classmethod
-    def from_target(cls, target: str) -> "Shape":
+    def from_target(cls, target: str, default_status: int = 200) -> "Shape":
+        """The shape `target`'s query asks for; `default_status` when it has no status=."""
         query = parse_qs(urlsplit(target).query, keep_blank_values=True)
 
         def number(name: str, low: float, high: float, kind=float):
@@ -94,8 +99,8 @@ class Shape:
                                  f"not {raw!r}")
             return value
 
-        status = number("status", 200, 599, int)
-        return cls(200 if status is None else status, number("delay", 0.0, MAX_DELAY) or 0.0,
+        status = number("status", MIN_STATUS, MAX_STATUS, int)
+        return cls(default_status if status is None else status, number("delay", 0.0, MAX_DELAY) or 0.0,
                    number("fail", 0.0, 1.0))
 
 
@@ -108,10 +113,11 @@ def format_addr(sockname) -> str:
 class Echo:
     """The HTTP and TCP handlers, with the state they share (identity, RNG, log)."""
 
-    def __init__(self, identity: Identity, rng: random.Random, log: TextIO | None):
+    def __init__(self, identity: Identity, rng: random.Random, log: TextIO | None, status: int = 200):
         self.identity = identity
         self.rng = rng
         self.log = log
+        self.status = status  # the code of answers whose query has no status=
         self.connections: set[asyncio.Task] = set()
 
     def connection(self, handler):
@@ -155,7 +161,7 @@ class Echo:
                 "headers": request.header_map(), "remote_addr": peer,
                 "service_account": self.identity.service_account}
         try:
-            shape = Shape.from_target(request.target)
+            shape = Shape.from_target(request.target, self.status)
         except BadRequest as exc:
             status, body = exc.status, {"error": exc.message, "pod": self.identity.pod}
         else:
@@ -237,7 +243,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], stop: asyncio.
     """Serve until `stop` is set, then close listeners and every open connection."""
     identity = Identity.from_env(env)
     seed = env.get("ECHO_SEED")
-    echo = Echo(identity, random.Random(seed), None if args.quiet else log)
+    echo = Echo(identity, random.Random(seed), None if args.quiet else log, args.status)
     http_socks = listen(args.bind, args.port)
     try:
         tcp_socks = listen(args.bind, args.tcp_port)
@@ -277,7 +283,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TCP echo port (0: any free port)")
     parser.add_argument("--bind", action="append", metavar="ADDR",
                         help="address to listen on, repeatable (default: 0.0.0.0 and :: when IPv6 is up)")
+    parser.add_argument("--status", type=status_code, default=200, metavar="CODE",
+                        help="code of every answer whose query has no status= (default 200; "
+                             "e.g. 503 for an always-failing endpoint)")
     parser.add_argument("--quiet", action="store_true", help="no access-log line per request")
+
+
+def status_code(raw: str) -> int:
+    """argparse type of --status: the range status= accepts."""
+    try:
+        code = int(raw)
+    except ValueError:
+        code = 0
+    if not MIN_STATUS <= code <= MAX_STATUS:
+        raise argparse.ArgumentTypeError(f"must be a number from {MIN_STATUS} to {MAX_STATUS}, not {raw!r}")
+    return code
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """The echo app (nodeagent/lab/echo.py, lab/http1.py) as a real process on loopback:
-exact answer keys and values, keep-alive, bodies, status/delay/fail, malformed requests,
-TCP echo, concurrency, access log, SIGTERM and start-up errors."""
+exact answer keys and values, keep-alive, bodies, status/delay/fail, the --status default
+code, malformed requests, TCP echo, concurrency, access log, SIGTERM and start-up errors."""
 
 from __future__ import annotations
 
@@ -206,6 +206,44 @@ def test_fail_bounds(echo):
     assert ask(conn, "/?fail=1")[1]["pod"] == "echo-v1-abc"  # a 503 still says who answered
 
 
+def test_default_status_makes_an_always_failing_endpoint(tmp_path):
+    with EchoProcess(tmp_path, ENV, args=("--status", "503")) as failing:
+        conn = connect(failing)
+        answers = [ask(conn, path) for path in ("/", "/any/path", "/?fail=0", "/?delay=0")]
+        assert [(r.status, doc["pod"], doc["path"]) for r, doc in answers] == [
+            (503, "echo-v1-abc", p) for p in ("/", "/any/path", "/?fail=0", "/?delay=0")]
+        assert not answers[-1][0].will_close  # a 503 of ours is no reason to drop the connection
+        # The query still says otherwise: status= wins, and so do bad parameters.
+        assert ask(conn, "/?status=200")[0].status == 200
+        assert ask(conn, "/?status=404")[0].status == 404
+        response, doc = ask(conn, "/?status=600")
+        assert response.status == 400 and doc["error"].startswith("query parameter status must be")
+        assert ask(conn, "/?fail=1&status=201")[0].status == 503
+
+
+def test_default_status_with_fail_draws(tmp_path):
+    with EchoProcess(tmp_path, {**ENV, "ECHO_SEED": SEED}, args=("--status", "202")) as seeded:
+        conn = connect(seeded)
+        codes = [ask(conn, "/?fail=0.3")[0].status for _ in range(1000)]
+    # The same draws as test_fail_fraction_is_seedable; what did not fail has the --status code.
+    assert (codes.count(503), codes.count(202)) == (SEEDED_503_OF_1000, 1000 - SEEDED_503_OF_1000)
+
+
+def test_default_status_204_has_no_body(tmp_path):
+    with EchoProcess(tmp_path, ENV, args=("--status", "204")) as empty:
+        conn = connect(empty)
+        response, doc = ask(conn, "/")
+        assert response.status == 204 and doc is None and response.getheader("content-length") is None
+        assert ask(conn, "/?status=200")[1]["path"] == "/?status=200"
+
+
+@pytest.mark.parametrize("value", ["199", "600", "abc", "2e2", ""])
+def test_bad_default_status_fails_at_start(tmp_path, value):
+    done = run_echo(tmp_path, "--bind", "127.0.0.1", "--port", "0", "--tcp-port", "0", "--status", value)
+    assert done.returncode == 2
+    assert f"argument --status: must be a number from 200 to 599, not {value!r}" in done.stderr
+
+
 def test_many_concurrent_connections(echo):
     results: list[int] = []
     lock = threading.Lock()
@@ -293,5 +331,7 @@ def test_shape_from_target():
     assert Shape.from_target("/x") == Shape(200, 0.0, None)
     assert Shape.from_target("/x?status=404&delay=0.25&fail=0") == Shape(404, 0.25, 0.0)
     assert Shape.from_target("/x?status=500&status=201") == Shape(201, 0.0, None)  # the last one counts
+    assert Shape.from_target("/x", 503) == Shape(503, 0.0, None)
+    assert Shape.from_target("/x?status=200&fail=0.5", 503) == Shape(200, 0.0, 0.5)
     with pytest.raises(BadRequest):
         Shape.from_target("/x?delay=inf")
