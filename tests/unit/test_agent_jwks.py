@@ -1,0 +1,423 @@
+"""JwksFetcher: the agent fetches every jwksUri in force into a local file (exact bytes,
+atomically), refreshes it, keeps the last good file when the issuer fails (each distinct
+error logged once, retried with backoff), forgets URIs no longer wanted, and survives a
+restart. A real http.server on 127.0.0.1 in a thread answers; time between fetches is a
+manual clock, time within a fetch (timeouts) is real."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import http.server
+import ipaddress
+import logging
+import os
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from identity_fixtures import T0, ManualClock, run, until
+from nodeagent.agent.jwks import JwksFetcher, JwksUnavailable, file_name, http_get, jwks_uris
+from nodeagent.errors import ConfigError
+from nodeagent.identity.manager import Backoff
+from xds_world import config, doc
+
+LOG = "test.jwks"
+REFRESH = timedelta(minutes=20)
+JWKS1 = b'{"keys": [{"kty": "EC", "crv": "P-256", "kid": "one", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",' \
+        b' "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}'
+JWKS2 = b'{"keys": [{"kty": "oct", "kid": "two", "k": "c2VjcmV0"}, {"kty": "oct", "kid": "three", "k": "eA"}]}\n'
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    body: bytes = JWKS1
+    delay: float = 0.0  # before the status line
+    trickle: float = 0.0  # between body bytes
+    declare_length: bool = True
+    location: str = ""
+
+
+class Issuer:
+    """An HTTP(S) server in a thread answering each path as `answers` says, counting GETs."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None):
+        self.answers: dict[str, Answer] = {"/keys": Answer()}
+        self.hits: dict[str, int] = {}
+        self.release = threading.Event()  # ends slow answers at teardown
+        issuer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                issuer.hits[self.path] = issuer.hits.get(self.path, 0) + 1
+                answer = issuer.answers.get(self.path, Answer(404, b"no such key set"))
+                if issuer.release.wait(answer.delay):
+                    return
+                self.send_response(answer.status)
+                self.send_header("Content-Type", "application/json")
+                if answer.location:
+                    self.send_header("Location", answer.location)
+                if answer.declare_length:
+                    self.send_header("Content-Length", str(len(answer.body)))
+                self.end_headers()
+                if not answer.trickle:
+                    self.wfile.write(answer.body)
+                    return
+                for i in range(len(answer.body)):
+                    self.wfile.write(answer.body[i:i + 1])
+                    self.wfile.flush()
+                    if issuer.release.wait(answer.trickle):
+                        return
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # the fetcher hanging up on a slow or huge answer is the point
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https" if tls else "http"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/keys") -> str:
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def issuer(monkeypatch):
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    server = Issuer()
+    yield server
+    server.close()
+
+
+class World:
+    """A fetcher on a manual clock, counting its on_change calls."""
+
+    def __init__(self, directory, **kw):
+        self.changes = 0
+        self.clock = ManualClock()
+        kw.setdefault("retry", Backoff(1.0, 4.0))
+        kw.setdefault("rng", random.Random(7))
+        self.fetcher = JwksFetcher(directory, logging.getLogger(LOG), on_change=self._changed,
+                                   refresh=REFRESH, clock=self.clock, **kw)
+
+    def _changed(self):
+        self.changes += 1
+
+    async def attempts(self, n: int) -> None:
+        """Wait until the n-th fetch attempt has ended (each ends in a sleep)."""
+        await until(lambda: len(self.clock.sleeps) >= n, what=f"fetch attempt {n}")
+        assert len(self.clock.sleeps) == n
+        await settle()
+
+    async def next_attempt(self) -> None:
+        n = len(self.clock.sleeps)
+        self.clock.advance(self.clock.sleeps[-1])
+        await self.attempts(n + 1)
+
+
+async def settle() -> None:
+    """Let callbacks scheduled with call_soon (on_change) run."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOG and r.levelno == logging.WARNING]
+
+
+def test_jwks_uris_are_those_of_the_rules_in_force_without_inline_keys():
+    yaml = (doc("RequestAuthentication", "a", "jwtRules: [{issuer: i1, jwksUri: 'https://one.example/keys'}]",
+                "security.istio.io/v1")
+            + doc("RequestAuthentication", "b", """
+jwtRules:
+- {issuer: i2, jwksUri: 'http://two.example/jwks'}
+- {issuer: i3, jwksUri: 'https://three.example/keys', jwks: '{"keys": []}'}
+- {issuer: i4, jwksUri: 'https://one.example/keys'}
+""", "security.istio.io/v1")
+            + doc("RequestAuthentication", "bad", "jwtRules: [{issuer: i5, jwksUri: 'ftp://five.example/keys'}]",
+                  "security.istio.io/v1"))
+    built = config(yaml)
+    assert [e.where for e in built.errors] == ["test.yaml#14 (RequestAuthentication shop/bad) spec.jwtRules[0].jwksUri"]
+    assert jwks_uris(built) == {"https://one.example/keys", "http://two.example/jwks"}
+
+
+def test_a_new_uri_is_fetched_at_once_into_its_file_and_refreshed(tmp_path, issuer):
+    world = World(tmp_path / "jwks")
+    uri = issuer.url()
+    path = tmp_path / "jwks" / (hashlib.sha256(uri.encode()).hexdigest()[:16] + ".json")
+
+    async def main():
+        world.fetcher.want([uri])
+        await world.attempts(1)
+        assert world.fetcher.files() == {uri: str(path)}
+        assert path.read_bytes() == JWKS1
+        assert (issuer.hits, world.changes, world.clock.sleeps) == ({"/keys": 1}, 1, [REFRESH.total_seconds()])
+        assert world.fetcher.describe() == {
+            "directory": str(tmp_path / "jwks"), "refresh_seconds": REFRESH.total_seconds(),
+            "uris": {uri: {"path": str(path), "fetched_at": T0, "failures": 0, "error": None}}}
+
+        world.clock.advance(60)
+        await world.next_attempt()  # the same keys: nothing to tell
+        assert (issuer.hits, world.changes, path.read_bytes()) == ({"/keys": 2}, 1, JWKS1)
+        assert world.fetcher.describe()["uris"][uri]["fetched_at"] == T0 + REFRESH.total_seconds() + 60
+
+        issuer.answers["/keys"] = Answer(body=JWKS2)
+        await world.next_attempt()
+        assert (issuer.hits, world.changes, path.read_bytes()) == ({"/keys": 3}, 2, JWKS2)
+        assert world.fetcher.files() == {uri: str(path)}
+        assert sorted(os.listdir(tmp_path / "jwks")) == [path.name]  # no temporary file left
+        await world.fetcher.close()
+    run(main())
+
+
+def test_failures_keep_the_last_good_file_back_off_and_log_each_error_once(tmp_path, issuer, caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    world = World(tmp_path, max_bytes=1000)
+    uri = issuer.url()
+    path = tmp_path / file_name(uri)
+    expected = random.Random(7)
+
+    async def main():
+        world.fetcher.want([uri])
+        await world.attempts(1)
+        failures = [(Answer(500, b"oops"), f"{uri} answered HTTP 500 Internal Server Error"),
+                    (Answer(500, b"oops"), f"{uri} answered HTTP 500 Internal Server Error"),
+                    (Answer(body=b"<html>not json</html>"), "cannot read a JWKS from"),
+                    (Answer(body=b'{"kid": "one"}'), "is not a JSON Web Key Set"),
+                    (Answer(body=b" " * 1001 + JWKS1), f"the answer of {uri} is larger than 1000 bytes")]
+        for n, (answer, error) in enumerate(failures, start=1):
+            issuer.answers["/keys"] = answer
+            await world.next_attempt()
+            assert world.clock.sleeps[-1] == Backoff(1.0, 4.0).delay(n, expected)
+            state = world.fetcher.describe()["uris"][uri]
+            assert (state["path"], state["fetched_at"], state["failures"]) == (str(path), T0, n)
+            assert error in state["error"]
+            assert (path.read_bytes(), world.fetcher.files(), world.changes) == (JWKS1, {uri: str(path)}, 1)
+        logged = warnings(caplog)
+        assert len(logged) == 4  # the second 500 was not logged again
+        assert all(f"cannot fetch the JWKS of {uri} (keeping the keys fetched at 2025-06-15T15:06:40+00:00" in m
+                   for m in logged)
+
+        issuer.answers["/keys"] = Answer()
+        await world.next_attempt()
+        assert world.fetcher.describe()["uris"][uri] == {
+            "path": str(path), "fetched_at": world.clock.now(), "failures": 0, "error": None}
+        assert (world.clock.sleeps[-1], world.changes, issuer.hits) == (REFRESH.total_seconds(), 1, {"/keys": 7})
+        assert f"JWKS of {uri} fetched again, unchanged" in [r.getMessage() for r in caplog.records]
+        assert sorted(os.listdir(tmp_path)) == [path.name]
+        await world.fetcher.close()
+    run(main())
+
+
+def test_no_good_answer_yet_means_no_file(tmp_path, issuer, caplog):
+    world = World(tmp_path)
+    issuer.answers["/keys"] = Answer(body=b'{"keys": {"kid": "one"}}')
+    uri = issuer.url()
+
+    async def main():
+        world.fetcher.want([uri])
+        await world.attempts(1)
+        assert (world.fetcher.files(), os.listdir(tmp_path), world.changes) == ({}, [], 0)
+        state = world.fetcher.describe()["uris"][uri]
+        assert (state["path"], state["fetched_at"], state["failures"]) == (None, None, 1)
+        assert state["error"] == (f"jwksUri {uri}: {tmp_path / file_name(uri)}.tmp is not a JSON Web Key Set "
+                                  '(it must be an object with "keys")')
+        assert "its issuer's tokens are refused (401) until it answers" in warnings(caplog)[0]
+        await world.fetcher.close()
+    run(main())
+
+
+@pytest.mark.parametrize("declare_length", [True, False])
+def test_a_huge_answer_is_refused_as_it_arrives(issuer, declare_length):
+    issuer.answers["/keys"] = Answer(body=b'{"keys": [], "pad": "' + b"x" * (3 << 20) + b'"}',
+                                     declare_length=declare_length)
+    with pytest.raises(JwksUnavailable, match=f"the answer of .* is larger than {1 << 20} bytes"):
+        http_get(issuer.url(), 5.0, 1 << 20)
+
+
+@pytest.mark.parametrize("answer", [Answer(delay=3.0), Answer(trickle=0.05)], ids=["late", "trickling"])
+def test_a_slow_answer_is_given_up_on(tmp_path, issuer, answer):
+    issuer.answers["/keys"] = answer
+    world = World(tmp_path, timeout=timedelta(seconds=0.5))
+    uri = issuer.url()
+
+    async def main():
+        started = time.monotonic()
+        world.fetcher.want([uri])
+        await world.attempts(1)
+        assert time.monotonic() - started < 2.0  # not the 3 s (or 12 s of trickling) the server would take
+        assert world.fetcher.describe()["uris"][uri]["error"] == f"{uri} did not answer within 0.5s"
+        assert world.fetcher.files() == {}
+        await world.fetcher.close()
+    run(main())
+
+
+def test_redirects_are_followed_to_http_only(issuer):
+    issuer.answers["/moved"] = Answer(302, b"", location="/keys")
+    issuer.answers["/local"] = Answer(302, b"", location="file:///etc/hostname")
+    assert http_get(issuer.url("/moved"), 5.0, 1000) == JWKS1
+    with pytest.raises(JwksUnavailable, match=r"answered HTTP 302 Found - Redirection to url 'file:///etc/hostname'"):
+        http_get(issuer.url("/local"), 5.0, 1000)
+    with pytest.raises(JwksUnavailable, match="file:///etc/hostname is not an http"):
+        http_get("file:///etc/hostname", 5.0, 1000)
+    assert issuer.hits == {"/moved": 1, "/keys": 1, "/local": 1}
+
+
+def test_forgetting_a_uri_deletes_its_file_and_tells(tmp_path, issuer):
+    issuer.answers["/other"] = Answer(body=JWKS2)
+    world = World(tmp_path)
+    one, other = issuer.url(), issuer.url("/other")
+
+    async def main():
+        world.fetcher.want([one, other])
+        await world.attempts(2)
+        assert world.fetcher.files() == {one: str(tmp_path / file_name(one)), other: str(tmp_path / file_name(other))}
+        changes = world.changes
+        world.fetcher.want([other])
+        assert not (tmp_path / file_name(one)).exists()
+        assert world.fetcher.files() == {other: str(tmp_path / file_name(other))}
+        assert list(world.fetcher.describe()["uris"]) == [other]
+        assert world.changes == changes  # told soon, never from inside want()
+        await settle()
+        assert world.changes == changes + 1
+        world.fetcher.want([other])
+        await settle()
+        assert (world.changes, issuer.hits) == (changes + 1, {"/keys": 1, "/other": 1})
+        assert (tmp_path / file_name(other)).read_bytes() == JWKS2
+        await world.fetcher.close()
+    run(main())
+
+
+def test_a_restarted_fetcher_uses_the_files_left_and_sweeps_the_rest(tmp_path, issuer, caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    uri = issuer.url()
+    path = tmp_path / file_name(uri)
+
+    async def first_run():
+        world = World(tmp_path)
+        world.fetcher.want([uri])
+        await world.attempts(1)
+        await world.fetcher.close()
+    run(first_run())
+    assert path.read_bytes() == JWKS1  # close() keeps the files
+    os.utime(path, (T0 - 300, T0 - 300))
+    stale, leftover, foreign = tmp_path / file_name("https://gone.example/keys"), tmp_path / (path.name + ".tmp"), \
+        tmp_path / "README"
+    for f in (stale, leftover, foreign):
+        f.write_text("{}")
+    issuer.answers["/keys"] = Answer(503, b"down")
+    world = World(tmp_path)
+
+    async def second_run():
+        world.fetcher.want([uri])
+        assert world.fetcher.files() == {uri: str(path)}  # at once, before any fetch
+        assert sorted(os.listdir(tmp_path)) == sorted([path.name, "README"])
+        await world.attempts(1)
+        assert world.fetcher.describe()["uris"][uri] == {
+            "path": str(path), "fetched_at": T0 - 300, "failures": 1,
+            "error": f"{uri} answered HTTP 503 Service Unavailable"}
+        assert (path.read_bytes(), world.changes) == (JWKS1, 1)
+        await world.fetcher.close()
+    run(second_run())
+    assert any(f"using the JWKS of {uri} fetched at 2025-06-15T15:01:40+00:00" in r.getMessage()
+               for r in caplog.records)
+
+
+def _tls_pair(directory):
+    """A CA file and a server context for 127.0.0.1 signed by it."""
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test issuer CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(leaf.public_bytes(pem) + key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(directory / "server.pem")
+    return directory / "ca.pem", context
+
+
+def test_https_is_verified_against_the_system_cas(tmp_path, monkeypatch):
+    for name in PROXY_VARIABLES + ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    ca_file, context = _tls_pair(tmp_path)
+    server = Issuer(tls=context)
+    try:
+        with pytest.raises(JwksUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            http_get(server.url(), 5.0, 1000)  # our test CA is not a system CA
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # OpenSSL's own way to name the system CAs
+        assert http_get(server.url(), 5.0, 1000) == JWKS1
+    finally:
+        server.close()
+
+
+def test_on_change_failing_does_not_stop_the_fetches(tmp_path, issuer, caplog):
+    clock = ManualClock()
+
+    def broken():
+        raise RuntimeError("bug in the caller")
+
+    fetcher = JwksFetcher(tmp_path, logging.getLogger(LOG), on_change=broken, clock=clock)
+    uri = issuer.url()
+
+    async def main():
+        fetcher.want([uri])
+        await until(lambda: clock.sleeps, what="first fetch")
+        await settle()
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+            "the JWKS on_change callback failed"]
+        issuer.answers["/keys"] = Answer(body=JWKS2)
+        clock.advance(clock.sleeps[-1])
+        await until(lambda: len(clock.sleeps) == 2, what="refresh")
+        assert (tmp_path / file_name(uri)).read_bytes() == JWKS2
+        await fetcher.close()
+    run(main())
+
+
+@pytest.mark.parametrize("setting, value, where", [("refresh", timedelta(0), "jwks refresh"),
+                                                   ("timeout", timedelta(seconds=-1), "jwks timeout"),
+                                                   ("max_bytes", 0, "jwks max_bytes")])
+def test_bad_settings_are_refused_by_name(tmp_path, setting, value, where):
+    with pytest.raises(ConfigError, match=f"^{where}: "):
+        JwksFetcher(tmp_path, logging.getLogger(LOG), **{setting: value})
+
