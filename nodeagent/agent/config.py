@@ -20,6 +20,7 @@ from nodeagent.capture.preflight import MOUNTS, mount_table
 from nodeagent.errors import ConfigError
 from nodeagent.identity.config import default_server_name, parse_trust_domain
 from nodeagent.kube.objects import DNS_SUBDOMAIN
+from nodeagent.xds.dataplane import Sockets
 from nodeagent.settings import (OFF, Setting, parse_absolute, parse_address, parse_bool, parse_choice,
                                 parse_directory, parse_int, parse_namespace, parse_optional_file,
                                 parse_port, parse_source, parse_target)
@@ -27,7 +28,8 @@ from nodeagent.settings import (OFF, Setting, parse_absolute, parse_address, par
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEFAULT_ADMIN_SOCKET = "/run/nodeagent/agent.sock"
-DEFAULT_IDENTITY_DIR = "/run/nodeagent/identity"  # tmpfs: workload keys never reach a disk
+DEFAULT_IDENTITY_DIR = "/run/nodeagent/identity"
+DEFAULT_WAYPOINT_DIR = "/run/nodeagent/waypoint"  # tmpfs: workload keys never reach a disk
 FLOW_LOG_STDERR = "stderr"
 
 
@@ -58,6 +60,9 @@ class AgentConfig:
     identity_dir: Path
     root_namespace: str
     flow_log: str | Path  # "stderr", "off" or a file
+    waypoint: bool  # run the node's waypoint Envoy (L7); off: L4 only
+    waypoint_dir: Path
+    envoy_admin_port: int
 
     @property
     def admin_port(self) -> int:
@@ -177,6 +182,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("flow_log", parse_flow_log, FLOW_LOG_STDERR,
             "where one JSON line per closed connection goes: stderr, off or an absolute file path",
             "stderr|off|FILE"),
+    Setting("waypoint", parse_bool, "true",
+            "run the node's waypoint Envoy for VirtualService, DestinationRule and HTTP-level policy; "
+            "false: L4 only (HTTP-only policy rules then fail safe)", boolean=True),
+    Setting("waypoint_dir", parse_absolute, DEFAULT_WAYPOINT_DIR,
+            "directory of the waypoint's unix sockets (xDS, Envoy <-> agent), bootstrap and Envoy log", "DIR"),
+    Setting("envoy_admin_port", parse_port, "15000", "the waypoint Envoy's admin port on 127.0.0.1", "PORT"),
 )
 
 
@@ -193,6 +204,10 @@ def load(given: Mapping[str, Any] | argparse.Namespace, environ: Mapping[str, st
         raise ConfigError("setting delivery_mark", f"must differ from mark ({values['mark']:#x})",
                           "the pod's reply routing would catch the agent's outbound connections too")
     _check_identity(values)
+    try:
+        Sockets(str(values["waypoint_dir"]))
+    except ConfigError as exc:
+        raise ConfigError("setting waypoint_dir", exc.message, exc.hint) from None
     return AgentConfig(**values)
 
 
@@ -208,7 +223,8 @@ def _check_identity(values: dict[str, Any]) -> None:
 
 def _check_ports(values: dict[str, Any]) -> None:
     ports = {"outbound_port": values["outbound_port"], "inbound_port": values["inbound_port"],
-             "tunnel_port": values["tunnel_port"], "admin_address": values["admin_address"][1]}
+             "tunnel_port": values["tunnel_port"], "admin_address": values["admin_address"][1],
+             "envoy_admin_port": values["envoy_admin_port"]}
     seen: dict[int, str] = {}
     for name, port in ports.items():
         if port in seen:

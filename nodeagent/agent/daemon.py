@@ -76,6 +76,7 @@ class Agent:
             await self.admin.start(self.config.admin_address, self.config.admin_socket)
             watch = DirectoryWatch(self.config.source_dir, self.log.getChild("watch"))
             try:
+                await self.datapath.start()
                 await self._first_reconcile()
                 self.ready = True
                 self.log.info("agent ready on node %s: %d pods enrolled", self.config.node,
@@ -112,7 +113,7 @@ class Agent:
         if model is not None:
             self.model = model
             self.model_changed_at = time.time()
-            self.datapath.policies.update(model)
+            self.datapath.update(model)
         if model is not None or force or self.enroller.retry_due():
             before = {e.ctx for e in self.enroller.enrolled.values()}
             await self.enroller.reconcile(self.model)

@@ -31,6 +31,7 @@ from nodeagent.agent.policies import PolicyState
 from nodeagent.agent.telemetry import FlowLog, Telemetry, TrafficMetrics
 from nodeagent.agent.tunnel_inbound import TunnelInbound
 from nodeagent.agent.tunnel_outbound import HboneRoute
+from nodeagent.agent.waypoint import Waypoint
 from nodeagent.errors import ConfigError
 from nodeagent.identity.client import CaClient
 from nodeagent.identity.manager import IdentityManager, SystemClock
@@ -64,6 +65,27 @@ class DataPath:
         self.tunnel = TunnelInbound(view, delivery, metrics, tunnel_metrics, log.getChild("hbone"),
                                     pod_at=pod_at, agent_ports=agent_ports)
         self._releases: set[asyncio.Task] = set()
+        self.outbound.pod_at = self.inbound.pod_at = pod_at
+        self.waypoint = None
+        if c.waypoint:
+            self.waypoint = Waypoint(c, registry=registry, log=log.getChild("waypoint"),
+                                     on_upstream=self.outbound.handle_upstream,
+                                     on_deliver=self.inbound.handle_delivery)
+
+    async def start(self) -> None:
+        """Start what runs beside the relays: the waypoint (xDS server, Envoy)."""
+        if self.waypoint is not None:
+            await self.waypoint.start()
+            self.outbound.waypoint = self.inbound.waypoint = self.tunnel.waypoint = self.waypoint
+
+    def update(self, model: Model) -> None:
+        """A new model: the policies in force, then the waypoint's configuration."""
+        self.policies.update(model)
+        if self.waypoint is not None:
+            try:
+                self.waypoint.update(model)
+            except Exception:  # a bug must not stop enrolment; the snapshot in force stays
+                self.log.exception("cannot build the waypoint configuration; keeping the one in force")
 
     def enrolled(self, pods: list[Pod], removed: set[PodContext]) -> None:
         """After a reconcile: keep certificates for `pods`, let go of `removed` pods."""
@@ -77,7 +99,8 @@ class DataPath:
     def describe(self) -> dict:
         return {"identity": self.identities.describe(), "policy": self.policies.describe(),
                 "tunnel": {"pooled_connections": self.hbone.connections(),
-                           "inbound_connections": len(self.tunnel.server.sessions)}}
+                           "inbound_connections": len(self.tunnel.server.sessions)},
+                "waypoint": self.waypoint.describe() if self.waypoint is not None else None}
 
     async def close(self) -> None:
         for task in list(self._releases):
@@ -85,6 +108,8 @@ class DataPath:
         await self.hbone.close()
         await self.tunnel.close()
         await self.identities.close()
+        if self.waypoint is not None:
+            await self.waypoint.close()
         self.flow_log.close()
 
 

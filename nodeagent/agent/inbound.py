@@ -27,7 +27,9 @@ from nodeagent.agent.outbound import Relay, connect_failure_reason, relay
 from nodeagent.agent.policies import PolicyState
 from nodeagent.agent.splice import reset
 from nodeagent.agent.telemetry import DESTINATION, FLAG_CONNECT, PLAINTEXT, Flow, Peer, Telemetry
+from nodeagent.errors import NodeagentError
 from nodeagent.model import Model
+from nodeagent.xds import dataplane
 from nodeagent.policy import Connection
 from nodeagent.policy.peerauth import STRICT
 
@@ -104,6 +106,8 @@ class InboundRelay(Relay):
         self.view = view
         self.delivery = delivery
         self.agent_ports = agent_ports
+        self.waypoint = None  # the node's Waypoint (agent/waypoint.py), when it runs one
+        self.pod_at: Callable[[str], PodContext | None] = lambda ip: None  # enrolled pod by IP
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.inbound.inc()
@@ -123,7 +127,11 @@ class InboundRelay(Relay):
             self._fail(ctx, client, "agent_port", f"{src[0]} connected to agent port {dst[1]}; closing it")
             return
         flow = self.view.flow(ctx, src, dst, None, PLAINTEXT)
-        if not self._allowed(ctx, client, flow, src, dst):
+        l7 = through_waypoint(self.waypoint, dst)
+        if not self._allowed(ctx, client, flow, src, dst, l7):
+            return
+        if l7:
+            await self._through_waypoint(ctx, client, flow, src, dst, None)
             return
         try:
             upstream = await self.delivery.connect(ctx, src, dst)
@@ -136,11 +144,15 @@ class InboundRelay(Relay):
         result = await relay(self.metrics, "inbound", client, upstream)
         self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
 
-    def _allowed(self, ctx: PodContext, client: socket.socket, flow: Flow, src: Address, dst: Address) -> bool:
-        """Apply PeerAuthentication and AuthorizationPolicy; reset and report a refusal."""
+    def _allowed(self, ctx: PodContext, client: socket.socket, flow: Flow, src: Address, dst: Address,
+                 l7: bool) -> bool:
+        """Apply PeerAuthentication and (unless the waypoint enforces it, `l7`)
+        AuthorizationPolicy; reset and report a refusal."""
         policies = self.view.policies.current
         if policies.mtls_mode(ctx.pod, dst[1]) == STRICT:
             policy, reason = STRICT_POLICY, f"PeerAuthentication STRICT on port {dst[1]}: plaintext refused"
+        elif l7:
+            return True
         else:
             decision = policies.authorize(Connection(src[0], None, None, ctx.pod, dst[0], dst[1]))
             if decision.allowed:
@@ -150,3 +162,47 @@ class InboundRelay(Relay):
         reset(client)
         self.view.deny(flow, policy, reason)
         return False
+
+    async def _through_waypoint(self, ctx: PodContext, client, flow: Flow, src: Address, dst: Address,
+                                principal: str | None) -> None:
+        """Server-side L7: the pod's HTTP port is behind the waypoint, which enforces every
+        policy of the pod and hands allowed requests back on deliver.sock."""
+        upstream = await open_inbound(self.waypoint, src, dst, principal)
+        if isinstance(upstream, str):
+            self._fail(ctx, client, "waypoint_unavailable", f"from {src[0]} to {dst[0]}:{dst[1]}: {upstream}")
+            self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="waypoint_unavailable")
+            return
+        result = await relay(self.metrics, "inbound", client, upstream)
+        self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
+
+    async def handle_delivery(self, sock: socket.socket, header: dataplane.ProxyHeader) -> None:
+        """A request Envoy allowed, handed back on deliver.sock: into the pod, as the client."""
+        src, dst = header.source, header.destination
+        ctx = self.pod_at(dst[0])
+        if ctx is None:
+            self.metrics.failure(self.direction, "waypoint_pod_gone")
+            self.log.warning("waypoint delivery to %s: not an enrolled pod of this node; closing", dst[0])
+            reset(sock)
+            return
+        try:
+            upstream = await self.delivery.connect(ctx, src, dst)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = connect_failure_reason(exc)
+            self._fail(ctx, sock, reason, f"waypoint delivery from {src[0]} to {dst[0]}:{dst[1]} failed: "
+                       f"{reason} ({exc})")
+            return
+        await relay(self.metrics, "inbound", sock, upstream)
+
+
+def through_waypoint(waypoint, dst: Address) -> bool:
+    """Whether the waypoint (when the agent runs one) has server-side L7 for `dst`."""
+    return waypoint is not None and dst in waypoint.dataplane().inbound
+
+
+async def open_inbound(waypoint, src: Address, dst: Address, principal: str | None):
+    """A connection to the waypoint's inbound listener for `dst`, or the reason there is none."""
+    tlvs = ((dataplane.TLV_PRINCIPAL, principal.encode()),) if principal else ()
+    try:
+        return await waypoint.open("inbound", dataplane.ProxyHeader(src, dst, tlvs))
+    except NodeagentError as exc:
+        return str(exc)

@@ -23,9 +23,11 @@ from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.splice import SpliceResult, reset, splice
 from nodeagent.agent.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer, Telemetry
+from nodeagent.errors import NodeagentError
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.model import Model
 from nodeagent.tunnel import TunnelError
+from nodeagent.xds import dataplane
 from nodeagent.tunnel.errors import connect_failure_reason as tcp_failure_reason
 
 Address = tuple[str, int]
@@ -95,6 +97,8 @@ class OutboundRelay(Relay):
         self.passthrough = passthrough
         self.hbone = hbone
         self.balancer = RoundRobin()
+        self.waypoint = None  # the node's Waypoint (agent/waypoint.py), when it runs one
+        self.pod_at: Callable[[str], PodContext | None] = lambda ip: None  # enrolled pod by IP
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.outbound.inc()
@@ -110,6 +114,9 @@ class OutboundRelay(Relay):
                        "(a direct connection to the outbound port?); closing it")
             return
         src = (ctx.pod.ip, client_port)
+        if self.waypoint is not None and dst in self.waypoint.dataplane().outbound:
+            await self._through_waypoint(ctx, client, src, dst)
+            return
         try:
             target = resolve(self.model(), dst, self.balancer)
         except NoEndpoint as exc:
@@ -118,6 +125,45 @@ class OutboundRelay(Relay):
             self.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="no_endpoints")
             return
         await self._relay(ctx, client, src, dst, target)
+
+    async def _through_waypoint(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address) -> None:
+        """Client-side L7: the connection goes to Envoy, which routes it and hands it back
+        on upstream.sock (handle_upstream) with the endpoint it picked."""
+        pod = ctx.pod
+        tlvs = [(dataplane.TLV_SOURCE_LABELS, dataplane.encode_labels(pod.labels)),
+                (dataplane.TLV_SOURCE_WORKLOAD, f"{pod.namespace}/{pod.name}".encode())]
+        principal = self.identities.uri_of(pod) if self.identities.enabled else None
+        if principal:
+            tlvs.insert(0, (dataplane.TLV_PRINCIPAL, principal.encode()))
+        try:
+            upstream = await self.waypoint.open("outbound", dataplane.ProxyHeader(src, dst, tuple(tlvs)))
+        except NodeagentError as exc:
+            self._fail(ctx, client, "waypoint_unavailable", f"to {dst[0]}:{dst[1]} through the waypoint: {exc}")
+            return
+        await relay(self.metrics, "outbound", client, upstream)
+
+    async def handle_upstream(self, sock: socket.socket, header: dataplane.ProxyHeader) -> None:
+        """A connection Envoy hands back after client-side L7: PROXY source = the client
+        pod, destination = what it asked for, ENDPOINT = the pod Envoy picked (absent:
+        the destination itself). Reached from the source pod as any outbound connection."""
+        src, dst = header.source, header.destination
+        ctx = self.pod_at(src[0])
+        if ctx is None:
+            self.metrics.failure(self.direction, "waypoint_source_gone")
+            self.log.warning("waypoint upstream from %s: not an enrolled pod of this node; closing", src[0])
+            reset(sock)
+            return
+        endpoint = header.tlv(dataplane.TLV_ENDPOINT)
+        try:
+            address = dataplane.parse_endpoint(endpoint.decode()) if endpoint else dst
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._fail(ctx, sock, "waypoint_bad_endpoint", f"waypoint upstream: {exc}")
+            return
+        model = self.model()
+        pod = model.pod_by_ip(address[0])
+        target = Target(address, pod=pod, service=model.service_by_ip(dst[0]),
+                        meshed=pod is not None and model.is_meshed(pod))
+        await self._relay(ctx, sock, src, dst, target)
 
     async def _relay(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address,
                      target: Target) -> None:

@@ -62,16 +62,22 @@ def spec_digest(spec: object) -> str:
 
 
 def _digests(model: Model, policies: PolicySet, previous: PolicySet, digests: dict[str, str]) -> dict[str, str]:
-    """Digest of the spec in force per resource: the model's, or the previous one where
-    the model's version was refused and the last good version stays (PolicySet.build
-    keeps the very object it had)."""
+    return digests_in_force(model, KINDS, lambda key: policies.get(*key), lambda key: previous.get(*key), digests)
+
+
+def digests_in_force(model: Model, kinds, current: Callable, previous: Callable,
+                     digests: dict[str, str]) -> dict[str, str]:
+    """Digest of the spec in force per resource ("Kind ns/name"): the model's, or the
+    previous one where the model's version was refused and the last good version stays
+    (the builders keep the very object they had). `current(key)` / `previous(key)` give
+    the built object of (kind, namespace, name) or None."""
     out = {}
-    for kind in KINDS:
+    for kind in kinds:
         for obj in model.resources.get(kind, ()):
             key, name = (kind, obj.namespace, obj.name), f"{kind} {obj.namespace}/{obj.name}"
-            policy = policies.get(*key)
-            if policy is None or name in out:
+            built = current(key)
+            if built is None or name in out:
                 continue  # not in force, or a second definition (the first one is used)
-            kept = policy is previous.get(*key)
+            kept = built is previous(key)
             out[name] = digests.get(name, "?") if kept else spec_digest(obj.spec)
     return out

@@ -34,7 +34,7 @@ from nodeagent.agent.admin import fetch_status
 from nodeagent.errors import NodeagentError
 from nodeagent.lab import cgroups, meshca, topology
 from nodeagent.lab.ipam import PodAlloc
-from nodeagent.lab.layout import Layout
+from nodeagent.lab.layout import Layout, short_hash
 
 NODE = "node1"
 CA_PORT = 15012
@@ -66,6 +66,8 @@ class Sandbox:
         self._own_workdir = workdir is None
         self.source_dir = self.workdir / "cluster"
         self.admin_socket = self.workdir / "agent.sock"
+        # Unix socket paths are short (108 bytes): the waypoint's live under /run, not the workdir.
+        self.waypoint_dir = f"/run/nodeagent/sandbox/{name}-{short_hash(str(self.workdir))}"
         self.pods: dict[tuple[str, str], SandboxPod] = {}
         self.namespaces: dict[str, dict[str, str]] = {}
         self.procs: list[subprocess.Popen] = []
@@ -136,7 +138,8 @@ class Sandbox:
     def agent_argv(self, *extra: str) -> list[str]:
         return [sys.executable, "-m", "nodeagent", "run", "--node", self.node,
                 "--source", f"files:{self.source_dir}", "--cgroup", self.kubepods, "--bpffs", self.bpffs,
-                "--admin-socket", str(self.admin_socket), *extra]
+                "--admin-socket", str(self.admin_socket), "--waypoint-dir", self.waypoint_dir,
+                *extra]
 
     def start_agent(self, *extra: str, timeout: float = 30.0) -> subprocess.Popen:
         """Start the agent in the node netns and wait until it reports ready."""
@@ -246,12 +249,13 @@ class Sandbox:
                 left.append(f"{self.layout.bpffs_dir} could not be removed")
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        shutil.rmtree(self.waypoint_dir, ignore_errors=True)
         return left
 
     def leftovers(self) -> list[str]:
         """Anything of this sandbox still on the machine."""
         found = [f"netns {n}" for n in topology.list_netns(self.layout.netns_prefix)]
-        found += [p for p in (self.layout.lab_cgroup, self.layout.bpffs_dir) if os.path.exists(p)]
+        found += [p for p in (self.layout.lab_cgroup, self.layout.bpffs_dir, self.waypoint_dir) if os.path.exists(p)]
         return found
 
 

@@ -18,7 +18,7 @@ import logging
 import socket
 from typing import Callable
 
-from nodeagent.agent.inbound import NO_ALLOW_MATCH, Delivery, InboundView
+from nodeagent.agent.inbound import NO_ALLOW_MATCH, Delivery, InboundView, open_inbound, through_waypoint
 from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.outbound import connect_failure_reason, relay
@@ -39,6 +39,7 @@ class TunnelInbound:
         self.log = log
         self.pod_at = pod_at  # enrolled pod by IP
         self.agent_ports = agent_ports
+        self.waypoint = None  # the node's Waypoint (agent/waypoint.py), when it runs one
         self.server = HboneServer(self._context_for, tls.verifier(view.identities.trust_domain), self._on_stream,
                                   metrics=tunnel_metrics, log=log, settings=settings)
 
@@ -85,6 +86,9 @@ class TunnelInbound:
             self.log.warning("inbound HBONE from %s to %s: %s", info.peer_identity, ctx, refusal)
             self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=refusal)
             return
+        if through_waypoint(self.waypoint, dst):
+            await self._through_waypoint(ctx, stream, flow, src, dst, info.peer_identity)
+            return
         decision = self.view.policies.current.authorize(
             Connection(src[0], info.peer_identity, flow.source.namespace, ctx.pod, dst[0], dst[1]))
         if not decision.allowed:
@@ -101,6 +105,19 @@ class TunnelInbound:
         if dst[1] in self.agent_ports:
             return f":authority port {dst[1]} is one of the agent's own ports"
         return None
+
+    async def _through_waypoint(self, ctx: PodContext, stream: HboneStream, flow, src, dst, principal) -> None:
+        """Server-side L7: Envoy enforces the pod's policy with the verified principal."""
+        upstream = await open_inbound(self.waypoint, src, dst, principal)
+        if isinstance(upstream, str):
+            stream.respond(503, reason="waypoint_unavailable")
+            self.metrics.failure("inbound", "waypoint_unavailable")
+            self.log.warning("inbound HBONE to %s port %d: %s", ctx, dst[1], upstream)
+            self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="waypoint_unavailable")
+            return
+        stream.respond(200)
+        result = await relay(self.metrics, "inbound", stream, upstream)
+        self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
 
     async def _deliver(self, ctx: PodContext, stream: HboneStream, flow, src, dst) -> None:
         try:

@@ -178,6 +178,10 @@ class Layout:
         """The node agent's workload keys and certificates."""
         return os.path.join(self.state_dir, "identity", node)
 
+    def waypoint_dir(self, node: str) -> str:
+        """The node's waypoint: xDS and Envoy <-> agent sockets, bootstrap, Envoy log."""
+        return os.path.join(self.state_dir, "waypoint", node)
+
     @property
     def supervisor_log(self) -> str:
         return os.path.join(self.logs_dir, "supervisor.log")

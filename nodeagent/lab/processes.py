@@ -81,7 +81,8 @@ def agent_argv(layout: Layout, node: str, extra: list[str] | tuple[str, ...] = (
     return in_node(layout, node, [
         "nodeagent", "run", "--node", node,
         "--source", f"files:{layout.cluster_dir}", "--cgroup", layout.kubepods_cgroup(node),
-        "--bpffs", layout.node_bpffs(node), "--admin-socket", layout.agent_socket(node), *extra])
+        "--bpffs", layout.node_bpffs(node), "--admin-socket", layout.agent_socket(node),
+        "--waypoint-dir", layout.waypoint_dir(node), *extra])
 
 
 def agent_env(node: str) -> dict[str, str]:

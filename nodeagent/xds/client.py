@@ -26,6 +26,7 @@ from nodeagent.errors import NodeagentError
 from nodeagent.xds import resources as rt
 from nodeagent.xds.server import METHOD, SERVICE
 from nodeagent.xds.snapshot import eds_name, listener_routes
+from nodeagent.xds.translate import build as _registers_extension_types  # noqa: F401 (Any unpacking)
 
 INVALID_ARGUMENT = 3
 Reject = Callable[[DiscoveryResponse], "str | None"]

@@ -164,6 +164,14 @@ def endpoint(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """The (ip, port) of an ENDPOINT TLV text; ValueError when it is not one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not an endpoint ip:port: {text!r}")
+    return str(ipaddress.ip_address(host.strip("[]"))), int(port)
+
+
 def encode_labels(labels: Mapping[str, str]) -> bytes:
     """SOURCE_LABELS: `,k1=v1,k2=v2,` sorted by key. Kubernetes label keys and values
     never contain ',' or '=', so the form is unambiguous and a selector is a regex."""

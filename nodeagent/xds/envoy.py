@@ -58,13 +58,15 @@ class EnvoySupervisor:
                  binary: str | None = None, log: logging.Logger | None = None,
                  clock: Callable[[], float] = time.monotonic, backoff: float = 0.5, max_backoff: float = 30.0,
                  reset_after: float = 10.0, stop_timeout: float = 5.0, log_level: str = "warning",
-                 concurrency: int = 2, extra_args: tuple[str, ...] = ()):
+                 concurrency: int = 2, extra_args: tuple[str, ...] = (),
+                 preexec_fn: Callable[[], None] | None = None):
         self.binary = binary or find_envoy()
         self.args = [self.binary, "-c", bootstrap_path, "--base-id", str(base_id), "--log-level", log_level,
                      "--concurrency", str(concurrency), "--drain-time-s", "1", *extra_args]
         self.log_path, self.log, self.clock = log_path, log or logging.getLogger(__name__), clock
         self.backoff, self.max_backoff, self.reset_after = backoff, max_backoff, reset_after
         self.stop_timeout = stop_timeout
+        self.preexec_fn = preexec_fn  # run in the child before exec (e.g. PR_SET_PDEATHSIG)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._process: subprocess.Popen | None = None
@@ -107,7 +109,8 @@ class EnvoySupervisor:
             output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
             try:
                 self._process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=output,
-                                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                                 stderr=subprocess.STDOUT, start_new_session=True,
+                                                 preexec_fn=self.preexec_fn)
             finally:
                 if output is not subprocess.DEVNULL:
                     output.close()

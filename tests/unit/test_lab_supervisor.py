@@ -81,6 +81,7 @@ def test_agent_units_run_nodeagent_run_per_node_in_the_node_netns(tmp_path):
                           "--cgroup", "/cg/nodeagent-t1/node1/kubepods",
                           "--bpffs", "/sys/fs/bpf/nodeagent-t1/node1",
                           "--admin-socket", f"{tmp_path}/t1/agents/node1.sock",
+                          "--waypoint-dir", f"{tmp_path}/t1/waypoint/node1",
                           "--ca-address", "172.30.0.2:15012", "--ca-root-cert", f"{tmp_path}/t1/root-cert.pem",
                           "--ca-token-file", f"{tmp_path}/t1/tokens/node1.token", "--trust-domain", "cluster.local",
                           "--identity-dir", f"{tmp_path}/t1/identity/node1",

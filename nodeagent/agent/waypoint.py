@@ -1,0 +1,284 @@
+"""The node's waypoint, run by the agent: its xDS server, its Envoy, and the agent's two
+listeners Envoy hands connections back on.
+
+`Waypoint.update(model)` rebuilds the Istio configuration (an invalid resource keeps its
+last good version, as IstioConfig.build does) and this node's snapshot, and publishes it
+when it is consistent; an inconsistent one is logged and the previous stays. The AdsServer
+(grpcio, its own threads) pushes it to Envoy; `dataplane()` is the DataPlane of the
+snapshot Envoy last ACKed completely, so the agent never steers a connection to a
+listener Envoy does not have yet. Until then the agent's L4 handling (with its fail-safe
+reading of HTTP-only policy) stays in force.
+
+Envoy runs as a child (EnvoySupervisor: restarted with backoff, stopped by PID, and
+killed by the kernel if the agent dies, so a restarted agent never meets a stale Envoy
+holding its base id). The agent serves `upstream.sock` (after client-side L7: on to
+the endpoint Envoy picked) and `deliver.sock` (after server-side L7: into the pod); each
+connection starts with a PROXY v2 header (dataplane.py) the handlers get decoded.
+`open(kind, header)` connects to Envoy's `outbound.sock` / `inbound.sock` and writes the
+header. Every file lives in the waypoint directory; `close()` removes the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import logging
+import os
+import signal
+import socket
+import struct
+from typing import Awaitable, Callable
+
+from prometheus_client import CollectorRegistry, Counter
+
+from nodeagent.agent.config import AgentConfig
+from nodeagent.agent.policies import digests_in_force
+from nodeagent.errors import ConfigError, EnvironmentProblem, NodeagentError
+from nodeagent.model import Model
+from nodeagent.xds import dataplane
+from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
+from nodeagent.xds.cache import SnapshotCache
+from nodeagent.xds.dataplane import DataPlane, ProxyHeader, Sockets
+from nodeagent.xds.envoy import EnvoySupervisor, base_id_for
+from nodeagent.xds.istio.config import READERS, IstioConfig
+from nodeagent.xds.server import AdsServer
+from nodeagent.xds.snapshot import InconsistentSnapshot
+from nodeagent.xds.translate.build import build_snapshot
+from nodeagent.xds.translate.options import WaypointOptions
+
+Handler = Callable[[socket.socket, ProxyHeader], Awaitable[None]]
+HEADER_TIMEOUT = 5.0  # seconds for Envoy to send the PROXY header of a connection
+MAX_HEADER = 4096  # bytes of PROXY v2 body (addresses and TLVs) accepted
+PR_SET_PDEATHSIG = 1
+
+
+class WaypointUnavailable(NodeagentError):
+    """Envoy's listener socket refused or is missing (Envoy down, restarting, or not yet configured)."""
+
+
+class WaypointMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.connections = Counter("nodeagent_waypoint_connections",
+                                   "Connections the agent sent through the node's waypoint Envoy, by direction",
+                                   ["direction"], registry=registry)
+        self.returned = Counter("nodeagent_waypoint_returned_connections",
+                                "Connections Envoy handed back to the agent, by socket (upstream, deliver)",
+                                ["socket"], registry=registry)
+        self.errors = Counter("nodeagent_waypoint_errors",
+                              "Waypoint failures: unavailable Envoy, bad PROXY headers, refused snapshots",
+                              ["reason"], registry=registry)
+
+
+class Waypoint:
+    def __init__(self, config: AgentConfig, *, registry: CollectorRegistry, log: logging.Logger,
+                 on_upstream: Handler, on_deliver: Handler, jwks_files: Callable[[], dict[str, str]] = dict,
+                 debounce: float = 0.1, supervisor_options: dict | None = None):
+        self.node = config.node
+        self.root_namespace = config.root_namespace
+        self.log = log
+        self.directory = config.waypoint_dir
+        self.sockets = Sockets(str(self.directory))
+        self.admin_port = config.envoy_admin_port
+        self.metrics = WaypointMetrics(registry)
+        self.handlers = {"upstream": on_upstream, "deliver": on_deliver}
+        self.jwks_files = jwks_files
+        self.cache = SnapshotCache()
+        self.server = AdsServer(self.cache, registry, log.getChild("xds"), debounce=debounce)
+        self.config = IstioConfig(root_namespace=config.root_namespace)
+        self.digests: dict[str, str] = {}
+        self.warnings: tuple[str, ...] = ()
+        self.snapshot_error: str | None = None
+        self._versions = itertools.count(1)
+        self._model: Model | None = None
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task] = set()
+        self.sent = {"outbound": 0, "inbound": 0}  # connections the agent sent to Envoy
+        try:
+            self.supervisor = EnvoySupervisor(str(self.directory / "bootstrap.json"), base_id_for(str(self.directory)),
+                                              str(self.directory / "envoy.log"), log=log.getChild("envoy"),
+                                              preexec_fn=_die_with_parent, **(supervisor_options or {}))
+        except EnvironmentProblem as exc:
+            raise EnvironmentProblem(exc.message, f"{exc.hint}, or run the agent with --no-waypoint "
+                                     "(L4 only)") from None
+        self._started = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        self.server.start(unix_path=self.sockets.xds)
+        loop = asyncio.get_running_loop()
+        for name in self.handlers:
+            path = self.sockets.path(f"{name}.sock")
+            if os.path.exists(path):
+                os.unlink(path)  # left by a killed agent
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(1024)
+            listener.setblocking(False)
+            self._listeners.append(listener)
+            self._tasks.add(loop.create_task(self._serve(name, listener), name=f"waypoint-{name}"))
+        bootstrap = self.directory / "bootstrap.json"
+        bootstrap.write_text(bootstrap_json(BootstrapSettings(self.node, self.sockets.xds, self.admin_port)))
+        self.supervisor.start()
+        self._started = True
+        self.log.info("waypoint: envoy pid %s, admin 127.0.0.1:%d, xDS on %s",
+                      self.supervisor.status().pid, self.admin_port, self.sockets.xds)
+
+    async def close(self) -> None:
+        if self._started:
+            await asyncio.to_thread(self.supervisor.stop)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for listener in self._listeners:
+            listener.close()
+        await asyncio.to_thread(self.server.stop, 0.5)
+        for name in ("upstream.sock", "deliver.sock", "outbound.sock", "inbound.sock"):
+            try:
+                os.unlink(self.sockets.path(name))
+            except FileNotFoundError:
+                pass
+
+    # --- configuration -------------------------------------------------------------------
+    def update(self, model: Model | None = None) -> None:
+        """Rebuild from `model` (or the last one, e.g. when JWKS files changed) and publish."""
+        model = model or self._model
+        if model is None:
+            return
+        self._model = model
+        previous = self.config
+        config = IstioConfig.build(model, previous, self.root_namespace)
+        self._report("refused", previous.errors, config.errors)
+        self.digests = digests_in_force(model, READERS, config.entries.get, previous.entries.get, self.digests)
+        self.config = config
+        options = WaypointOptions(self.sockets, root_namespace=self.root_namespace, jwks_files=self.jwks_files())
+        try:
+            snapshot, translation = build_snapshot(str(next(self._versions)), model, self.node, config, options)
+        except (InconsistentSnapshot, ConfigError) as exc:
+            self.metrics.errors.labels(reason="snapshot_refused").inc()
+            if str(exc) != self.snapshot_error:
+                self.log.error("waypoint snapshot refused, the previous one stays: %s", exc)
+            self.snapshot_error = str(exc)
+            return
+        self.snapshot_error = None
+        warnings = tuple(sorted({str(w) for w in (*config.warnings, *translation.warnings)}))
+        for text in sorted(set(warnings) - set(self.warnings)):
+            self.log.warning("waypoint: %s", text)
+        self.warnings = warnings
+        self.cache.set_snapshot(self.node, snapshot)
+
+    def _report(self, what: str, before, after) -> None:
+        known = {str(e) for e in before}
+        for err in after:
+            if str(err) not in known:
+                self.log.warning("waypoint config %s: %s", what, err)
+
+    def dataplane(self) -> DataPlane:
+        """What Envoy has ACKed: the connections to steer through it."""
+        accepted = self.server.accepted(self.node)
+        return accepted.dataplane if accepted is not None else DataPlane(self.sockets)
+
+    # --- connections to Envoy --------------------------------------------------------------
+    async def open(self, kind: str, header: ProxyHeader) -> socket.socket:
+        """A connection to Envoy's `outbound` or `inbound` listener, the header written."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_connect(sock, self.sockets.path(f"{kind}.sock"))
+            await loop.sock_sendall(sock, header.encode())
+        except OSError as exc:
+            sock.close()
+            self.metrics.errors.labels(reason="unavailable").inc()
+            raise WaypointUnavailable(f"waypoint {kind} listener: {exc.strerror or exc}",
+                                      "is Envoy running? see nodeagent status") from None
+        self.metrics.connections.labels(direction=kind).inc()
+        self.sent[kind] += 1
+        return sock
+
+    async def _serve(self, name: str, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                self.log.warning("waypoint %s.sock: accept failed: %s", name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._accepted(name, conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _accepted(self, name: str, raw: socket.socket) -> None:
+        """A connection from Envoy on upstream.sock / deliver.sock: read its PROXY header
+        (nothing after it), then hand the socket to the handler."""
+        self.metrics.returned.labels(socket=name).inc()
+        try:
+            header = await asyncio.wait_for(read_header(raw), HEADER_TIMEOUT)
+        except (ValueError, OSError, asyncio.TimeoutError) as exc:
+            self.metrics.errors.labels(reason="bad_proxy_header").inc()
+            self.log.warning("waypoint %s.sock: no valid PROXY v2 header (%s); closing", name,
+                             exc or "timed out")
+            raw.close()
+            return
+        if header is None:
+            raw.close()  # a LOCAL command: Envoy's health check, nothing to relay
+            return
+        await self.handlers[name](raw, header)
+
+    # --- status -------------------------------------------------------------------------
+    def describe(self) -> dict:
+        status = self.supervisor.status() if self._started else None
+        current, accepted = self.cache.get(self.node), self.server.accepted(self.node)
+        steering = self.dataplane()
+        nacks = sum(s.value for m in self.server.metrics.nacks.collect() for s in m.samples
+                    if s.name.endswith("_total"))
+        return {
+            "directory": str(self.directory),
+            "envoy": {"running": bool(status and status.running), "pid": status.pid if status else None,
+                      "restarts": status.restarts if status else 0,
+                      "last_exit": status.last_exit if status else None,
+                      "admin": f"127.0.0.1:{self.admin_port}", "log": str(self.directory / "envoy.log")},
+            "xds": {"version": current.version if current else None,
+                    "accepted": accepted.version if accepted else None,
+                    "in_sync": self.server.in_sync(self.node), "connected": self.node in self.server.connected(),
+                    "nacks": int(nacks), "snapshot_error": self.snapshot_error},
+            "resources": dict(sorted(self.digests.items())),
+            "errors": [str(e) for e in self.config.errors],
+            "warnings": list(self.warnings),
+            "dataplane": {"outbound": sorted(dataplane.endpoint(*a) for a in steering.outbound),
+                          "inbound": sorted(dataplane.endpoint(*a) for a in steering.inbound)},
+            "connections": dict(self.sent),
+        }
+
+
+async def read_header(sock: socket.socket) -> ProxyHeader | None:
+    """One PROXY v2 header read from a non-blocking socket, and not a byte more."""
+    loop = asyncio.get_running_loop()
+
+    async def read_exact(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = await loop.sock_recv(sock, n - len(data))
+            if not chunk:
+                raise ValueError("connection closed inside the PROXY header")
+            data += chunk
+        return data
+
+    head = await read_exact(16)
+    length = struct.unpack("!H", head[14:16])[0]
+    if head[:12] != dataplane.SIGNATURE:
+        raise ValueError("not a PROXY protocol v2 header")
+    if length > MAX_HEADER:
+        raise ValueError(f"PROXY v2 header of {length} bytes")
+    body = await read_exact(length)
+    parts = iter((head, body))
+    return dataplane.decode(lambda n: next(parts))
+
+
+def _die_with_parent() -> None:
+    """In the Envoy child before exec: SIGKILL it when the agent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
