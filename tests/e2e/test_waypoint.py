@@ -1,0 +1,640 @@
+"""The node's waypoint (the agent's own Envoy and xDS server) end to end on a two-node lab.
+
+`mesh/client` (node1) calls Service `backend` (port http 8080): Deployment backend-v1
+(version v1) on node1, backend-v2 (v2) on node2, and the pod `bad` (node2, same app
+label, version `bad`, the echo app's `--status 503`) that only the DestinationRule's
+subset `any` reaches, so every other route, named by subset, stays exact. Service
+`plain` (http 8080, tcp 9000, node2) never gets L7 configuration: its traffic must stay
+on the agent's L4 path. Each test sets the `backend` VirtualService and DestinationRule
+it needs, waits until both agents have it in force (digest in status, Envoy ACKed) and
+counts exactly: requests by the request tool's summary, Envoy's own counters through
+its admin in the node netns, the agents' waypoint connection counters and Istio request
+metrics. Server-side resources (AuthorizationPolicy, RequestAuthentication, EnvoyFilter)
+are pointed at no pod when their test ends (a lab cannot delete), so the next test starts
+without a server-side waypoint. Statistical assertions state their tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nodeagent.agent.policies import spec_digest
+from test_mtls import Mesh, eventually
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel"))  # the RS256 signer of the kernel tier
+from xds_waypoint import ISSUER, Signer  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+SERVICE = "backend.mesh.svc.cluster.local"
+ECHO_SEED = "waypoint-e2e"  # backend pods' random.Random seed for ?fail=
+NOWHERE = {"matchLabels": {"selects": "nothing"}}  # how a test takes its server-side resource away
+NETWORKING, SECURITY, FILTERS = "networking.istio.io/v1", "security.istio.io/v1", "networking.istio.io/v1alpha3"
+
+
+def _backend(version: str, node: str) -> str:
+    return f"""---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: backend-{version}, namespace: mesh}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: backend, version: {version}}}}}
+  template:
+    metadata: {{labels: {{app: backend, version: {version}}}}}
+    spec:
+      nodeName: {node}
+      serviceAccountName: backend
+      containers:
+      - name: echo
+        command: [nodeagent, lab, echo, --port, "8080", --tcp-port, "9000", --quiet]
+        env: [{{name: ECHO_SEED, value: {ECHO_SEED}}}]
+        ports: [{{name: http, containerPort: 8080}}]
+"""
+
+
+LAB_YAML = """
+apiVersion: v1
+kind: Node
+metadata: {name: node1}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node2}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: mesh, labels: {app: client}}
+spec:
+  nodeName: node1
+  serviceAccountName: client
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: backend, namespace: mesh}
+spec:
+  selector: {app: backend}
+  ports: [{name: http, port: 8080, targetPort: 8080}]
+""" + _backend("v1", "node1") + _backend("v2", "node2") + """---
+apiVersion: v1
+kind: Pod
+metadata: {name: bad, namespace: mesh, labels: {app: backend, version: bad}}
+spec:
+  nodeName: node2
+  serviceAccountName: backend
+  containers:
+  - name: echo
+    command: [nodeagent, lab, echo, --port, "8080", --tcp-port, "9000", --status, "503"]
+    ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: mesh}
+spec:
+  selector: {app: plain}
+  ports: [{name: http, port: 8080, targetPort: 8080}, {name: tcp, port: 9000, targetPort: 9000}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: plain, namespace: mesh}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: plain}}
+  template:
+    metadata: {labels: {app: plain}}
+    spec:
+      nodeName: node2
+      serviceAccountName: plain
+      containers:
+      - name: echo
+        command: [nodeagent, lab, echo, --port, "8080", --tcp-port, "9000", --quiet]
+        ports: [{name: http, containerPort: 8080}, {name: tcp, containerPort: 9000}]
+"""
+
+SUBSETS = [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}},
+           {"name": "any", "labels": {"app": "backend"}}]
+NO_RETRIES = {"attempts": 0}  # Istio's default retries 503 twice; exact counts need none
+
+
+def to(subset: str, weight: int | None = None) -> dict:
+    out = {"destination": {"host": "backend", "subset": subset}}
+    return out if weight is None else {**out, "weight": weight}
+
+
+def cluster(subset: str) -> str:
+    return f"outbound|8080|{subset}|{SERVICE}"
+
+
+HEADER_ROUTES = [{"match": [{"headers": {"end-user": {"exact": "jason"}}}], "route": [to("v2")]},
+                 {"route": [to("v1")]}]
+JASON = ("end-user: jason",)
+
+
+class Waypoints(Mesh):
+    """test_mtls's Mesh (lab, layout, metrics, agents' status) plus the waypoint's side."""
+
+    def waypoint(self, node: str) -> dict:
+        return self.status(node)["waypoint"]
+
+    # --- configuration -------------------------------------------------------------
+    def apply_all(self, resources: list[tuple[str, str, str, dict]], timeout: float = 30.0) -> None:
+        """Apply (apiVersion, kind, name, spec) resources of namespace mesh in one file and
+        wait until both agents have each spec in force and Envoy ACKed the snapshot."""
+        docs = [{"apiVersion": api, "kind": kind, "metadata": {"name": name, "namespace": "mesh"}, "spec": spec}
+                for api, kind, name, spec in resources]
+        self.lab.apply("\n---\n".join(json.dumps(d) for d in docs))
+        wanted = {f"{kind} mesh/{name}": spec_digest(spec) for _, kind, name, spec in resources}
+        eventually(lambda: [self._in_force(n, wanted) for n in ("node1", "node2")], [True, True],
+                   f"{sorted(wanted)} in force and ACKed on both nodes", timeout)
+
+    def _in_force(self, node: str, wanted: dict[str, str]) -> bool:
+        wp = self.waypoint(node)
+        return wp["xds"]["in_sync"] and all(wp["resources"].get(k) == d for k, d in wanted.items())
+
+    def route(self, http: list[dict], policy: dict | None = None) -> None:
+        """The backend VirtualService and DestinationRule (subsets v1, v2, any) of a test."""
+        dr = {"host": "backend", "subsets": SUBSETS, **({"trafficPolicy": policy} if policy else {})}
+        self.apply_all([(NETWORKING, "VirtualService", "backend", {"hosts": ["backend"], "http": http}),
+                        (NETWORKING, "DestinationRule", "backend", dr)])
+
+    # --- traffic ---------------------------------------------------------------------
+    @staticmethod
+    def request_argv(path: str, n: int, host: str, headers=(), method: str = "GET", concurrency: int = 1,
+                     new_connection: bool = False, timeout: float = 5.0) -> list[str]:
+        argv = ["nodeagent", "lab", "request", f"http://{host}:8080{path}", "-n", str(n), "--concurrency",
+                str(concurrency), "-X", method, "--timeout", str(timeout), "--output", "json"]
+        for header in headers:
+            argv += ["-H", header]
+        return argv + (["--new-connection"] if new_connection else [])
+
+    def request(self, path: str = "/", n: int = 10, host: str = "backend", **kw) -> dict:
+        """The request tool's summary of `n` requests from mesh/client (codes as strings)."""
+        proc = self.lab.exec("mesh/client", *self.request_argv(path, n, host, **kw), check=False, timeout=180)
+        assert proc.returncode in (0, 1) and proc.stdout, f"request tool failed: {proc.stderr}"
+        return json.loads(proc.stdout)
+
+    def background(self, path: str, n: int, host: str = "backend", **kw) -> subprocess.Popen:
+        return self.lab.spawn("mesh/client", *self.request_argv(path, n, host, **kw))
+
+    # --- Envoy, through its admin in the node netns -------------------------------------
+    def envoy_stats(self, node: str) -> dict[str, int]:
+        admin = self.waypoint(node)["envoy"]["admin"]
+        out = subprocess.run(["ip", "netns", "exec", self.layout.node_netns(node), "curl", "-sf", "--max-time", "5",
+                             f"http://{admin}/stats"], capture_output=True, text=True, timeout=20, check=True).stdout
+        stats = {}
+        for line in out.splitlines():
+            name, sep, value = line.rpartition(": ")
+            if sep and value.isdigit():  # histograms ("P0(…)") are not counters
+                stats[name] = int(value)
+        return stats
+
+    def cluster_stat(self, node: str, subset: str, stat: str) -> int:
+        return self.envoy_stats(node).get(f"cluster.{cluster(subset)}.{stat}", 0)
+
+    def listener_connections(self, node: str) -> int:
+        """Connections Envoy accepted on its outbound, inbound and internal listeners."""
+        directory = self.waypoint(node)["directory"].rstrip("/")
+        names = [f"listener.{directory}/outbound.sock", f"listener.{directory}/inbound.sock",
+                 "listener.envoy_internal_nodeagent_upstream"]
+        stats = self.envoy_stats(node)
+        return sum(stats.get(f"{name}.downstream_cx_total", 0) for name in names)
+
+    def envoy_workers(self, node: str) -> int:
+        with open(f"/proc/{self.waypoint(node)['envoy']['pid']}/cmdline") as f:
+            argv = f.read().split("\0")
+        return int(argv[argv.index("--concurrency") + 1])
+
+    def envoy_log(self, node: str) -> str:
+        path = self.waypoint(node)["envoy"]["log"]
+        return Path(path).read_text(errors="replace")[-4000:] if os.path.exists(path) else f"(no {path})"
+
+    def connections(self) -> dict[str, dict[str, int]]:
+        return {n: self.waypoint(n)["connections"] for n in ("node1", "node2")}
+
+
+@pytest.fixture(scope="module")
+def mesh(lab_factory_module):
+    lab = lab_factory_module(LAB_YAML, agents=True, timeout=90)
+    m = Waypoints(lab)
+    m.started = m.processes()
+    m.vip = next(s["clusterIP"] for s in lab.status()["services"] if s["name"] == "backend")
+    m.plain_vip = next(s["clusterIP"] for s in lab.status()["services"] if s["name"] == "plain")
+    return m
+
+
+def versions(summary: dict) -> dict[str, int]:
+    return summary["versions"]
+
+
+def ok(summary: dict, n: int) -> bool:
+    return summary["codes"] == {"200": n} and summary["errors"] == {}
+
+
+# --- client side: routing -------------------------------------------------------------------
+
+def test_weighted_split_by_subset(mesh):
+    mesh.route([{"route": [to("v1", 90), to("v2", 10)]}])
+    assert f"{mesh.vip}:8080" in mesh.waypoint("node1")["dataplane"]["outbound"]
+    connections = mesh.connections()
+    rq = {s: mesh.cluster_stat("node1", s, "upstream_rq_total") for s in ("v1", "v2")}
+    n = 1000
+    summary = mesh.request(n=n, concurrency=4)
+    assert summary["codes"] == {"200": n} and summary["errors"] == {}, summary
+    v1, v2 = versions(summary).get("v1", 0), versions(summary).get("v2", 0)
+    assert v1 + v2 == n and summary["pods"] == {"backend-v1-0": v1, "backend-v2-0": v2}
+    # Envoy picks the weighted cluster per request: v2 ~ Binomial(1000, 0.1), mean 100,
+    # sigma = sqrt(1000 * 0.1 * 0.9) = 9.49; 5 sigma (false alarm < 1e-6): 100 +- 47.
+    assert abs(v2 - n * 0.1) <= 5 * math.sqrt(n * 0.1 * 0.9), versions(summary)
+    # Envoy's own counters agree exactly, and the agent sent it exactly the 4 keep-alive
+    # connections of the 4 workers (nothing server-side: no inbound connection).
+    assert {s: mesh.cluster_stat("node1", s, "upstream_rq_total") - rq[s] for s in rq} == {"v1": v1, "v2": v2}
+    after = mesh.connections()
+    assert after["node1"]["outbound"] - connections["node1"]["outbound"] == 4
+    assert [after[x]["inbound"] - connections[x]["inbound"] for x in after] == [0, 0]
+    assert after["node2"]["outbound"] == connections["node2"]["outbound"]
+
+
+def test_header_routing(mesh):
+    mesh.route(HEADER_ROUTES)
+    jason = mesh.request(n=100, headers=JASON)
+    others = mesh.request(n=100)
+    mary = mesh.request(n=50, headers=("end-user: mary",))
+    assert (ok(jason, 100), versions(jason)) == (True, {"v2": 100})
+    assert (ok(others, 100), versions(others)) == (True, {"v1": 100})
+    assert (ok(mary, 50), versions(mary)) == (True, {"v1": 50})
+
+
+# --- client side: resilience ----------------------------------------------------------------
+
+def seeded_retries(n: int, fail: float, attempts: int) -> tuple[int, int]:
+    """(successes, upstream requests) of n sequential requests with `attempts` retries
+    against the echo app's `fail` draws from random.Random(ECHO_SEED), as backend-v1 makes
+    them: one draw per request carrying fail=, in arrival order."""
+    rng, successes, upstream = random.Random(ECHO_SEED), 0, 0
+    for _ in range(n):
+        for _ in range(1 + attempts):
+            upstream += 1
+            if not rng.random() < fail:
+                successes += 1
+                break
+    return successes, upstream
+
+
+def test_retries_turn_a_30_percent_failing_backend_into_97_percent_success(mesh):
+    # This is the only test sending fail= to backend-v1, one request at a time on one
+    # connection, so the pod's draws (seeded by ECHO_SEED) are exactly the simulated ones
+    # (test_nothing_restarted_along_the_way checks the pod kept its process).
+    mesh.route([{"route": [to("v1")], "retries": {"attempts": 5, "retryOn": "5xx"}}])
+    n = 200
+    retries = mesh.cluster_stat("node1", "v1", "upstream_rq_retry")
+    summary = mesh.request("/?fail=0.3", n=n)
+    successes, upstream = seeded_retries(n, 0.3, 5)
+    assert summary["errors"] == {} and summary["codes"] == {k: v for k, v in
+                                                            (("200", successes), ("503", n - successes)) if v}
+    # 6 tries per request: P(all fail) = 0.3^6 = 7.3e-4, so ~0.15 of 200 fail on average.
+    assert successes >= 0.97 * n
+    assert mesh.cluster_stat("node1", "v1", "upstream_rq_retry") - retries == upstream - n
+    assert versions(summary) == {"v1": n}
+
+
+def test_timeout_returns_504_at_the_configured_time(mesh):
+    timeout_ms = 500
+    mesh.route([{"route": [to("v1")], "timeout": f"{timeout_ms}ms", "retries": NO_RETRIES}])
+    timeouts = mesh.cluster_stat("node1", "v1", "upstream_rq_timeout")
+    slow = mesh.request("/?delay=3", n=5, concurrency=5, timeout=10)
+    assert slow["codes"] == {"504": 5} and slow["errors"] == {}, slow
+    assert mesh.cluster_stat("node1", "v1", "upstream_rq_timeout") - timeouts == 5
+    # Envoy's timer starts when it has the request and fires at 500 ms; the path around
+    # it (two agents, loopback) adds milliseconds. Tolerance: -0 / +300 ms.
+    latency = slow["latency_ms"]
+    assert timeout_ms <= latency["p50"] <= latency["max"] <= timeout_ms + 300, latency
+    fast = mesh.request("/?delay=0.2", n=3)
+    assert ok(fast, 3) and fast["latency_ms"]["max"] < timeout_ms, fast
+
+
+def fault_counts(mesh: Waypoints) -> tuple[int, int]:
+    """Envoy's fault filter counters (delays, aborts) over node1's HTTP connection managers."""
+    stats = mesh.envoy_stats("node1")
+    total = {kind: sum(v for k, v in stats.items() if re.fullmatch(rf"http\.[^.]+\.fault\.{kind}_injected", k))
+             for kind in ("delays", "aborts")}
+    return total["delays"], total["aborts"]
+
+
+def test_fault_delay_and_abort_at_the_configured_percentage(mesh):
+    delay_s = 0.2
+    mesh.route([
+        # `percent` (an integer) is the deprecated spelling of percentage.value; still served.
+        {"match": [{"headers": {"x-fault": {"exact": "delay"}}}], "route": [to("v1")],
+         "fault": {"delay": {"fixedDelay": f"{delay_s}s", "percent": 50}}},
+        {"match": [{"headers": {"x-fault": {"exact": "abort"}}}], "route": [to("v1")],
+         "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 20}}}},
+        {"route": [to("v1")]}])
+    delays, aborts = fault_counts(mesh)
+    n = 200
+    delayed = mesh.request(n=n, concurrency=20, headers=("x-fault: delay",))
+    assert ok(delayed, n), delayed
+    d = fault_counts(mesh)[0] - delays
+    # Delayed ~ Binomial(200, 0.5): mean 100, sigma 7.07; 5 sigma: 100 +- 35.
+    assert abs(d - n * 0.5) <= 5 * math.sqrt(n * 0.25), d
+    # At least 65 of 200 waited 0.2 s, so the 90th percentile (rank 180) is one of them.
+    assert delayed["latency_ms"]["p90"] >= delay_s * 1000, delayed["latency_ms"]
+
+    upstream = mesh.cluster_stat("node1", "v1", "upstream_rq_total")
+    n = 500
+    aborted = mesh.request(n=n, headers=("x-fault: abort",))
+    a = aborted["codes"].get("418", 0)
+    assert aborted["errors"] == {} and aborted["codes"] == {k: v for k, v in (("200", n - a), ("418", a)) if v}
+    # Aborted ~ Binomial(500, 0.2): mean 100, sigma 8.94; 5 sigma: 100 +- 45.
+    assert abs(a - n * 0.2) <= 5 * math.sqrt(n * 0.2 * 0.8), a
+    assert fault_counts(mesh)[1] - aborts == a
+    assert mesh.cluster_stat("node1", "v1", "upstream_rq_total") - upstream == n - a  # aborts never leave Envoy
+
+
+def test_connection_pool_overflow_returns_503(mesh):
+    mesh.route([{"route": [to("v1")], "retries": NO_RETRIES}],
+               {"connectionPool": {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1}}})
+    workers = mesh.envoy_workers("node1")
+    overflow = mesh.cluster_stat("node1", "v1", "upstream_rq_pending_overflow")
+    n = 10
+    summary = mesh.request("/?delay=1.5", n=n, concurrency=n, timeout=10)
+    codes = summary["codes"]
+    assert summary["errors"] == {} and set(codes) <= {"200", "503"} and sum(codes.values()) == n, summary
+    # Each Envoy worker has its own connection pool and may open its first connection
+    # past maxConnections (Envoy does, so no pool starves); pending requests are capped
+    # cluster-wide. So at most one request per worker plus one pending one is served in
+    # the 1.5 s the others take, and every other request overflows at once.
+    served = codes.get("200", 0)
+    assert 1 <= served <= workers + 1, (summary, workers)
+    assert mesh.cluster_stat("node1", "v1", "upstream_rq_pending_overflow") - overflow == n - served
+
+
+def bad_requests(mesh: Waypoints) -> int:
+    with open(mesh.layout.container_log("mesh", "bad", "echo")) as f:
+        return sum(1 for line in f if '"GET ' in line)
+
+
+def test_outlier_detection_ejects_an_always_failing_endpoint(mesh):
+    errors = 3
+    mesh.route([{"route": [to("any")], "retries": NO_RETRIES}],
+               {"loadBalancer": {"simple": "ROUND_ROBIN"},
+                "outlierDetection": {"consecutive5xxErrors": errors, "interval": "1s", "baseEjectionTime": "5m",
+                                     "maxEjectionPercent": 100}})
+    ejected = "outlier_detection.ejections_enforced_total"
+    seen, ejections = bad_requests(mesh), mesh.cluster_stat("node1", "any", ejected)
+    n = 60
+    summary = mesh.request(n=n)
+    # Round robin over v1, v2 and bad, one request at a time: bad answers its 3rd 503 by
+    # the 9th request and is ejected for 5 minutes; it never sees a 4th request.
+    assert summary["errors"] == {} and summary["codes"] == {"200": n - errors, "503": errors}, summary
+    assert summary["pods"].get("bad") == errors and bad_requests(mesh) - seen == errors
+    assert mesh.cluster_stat("node1", "any", ejected) - ejections == 1
+
+
+# --- server side: policy ----------------------------------------------------------------------
+
+def backend_inbound(mesh: Waypoints, node: str) -> list[str]:
+    return sorted(f"{p['ip']}:8080" for p in mesh.lab.status()["pods"]
+                  if p["node"] == node and (p["name"].startswith("backend-") or p["name"] == "bad"))
+
+
+def test_l7_authorization_policy_on_the_backend_pods(mesh):
+    mesh.route(HEADER_ROUTES)
+    deny = {"selector": {"matchLabels": {"app": "backend"}}, "action": "DENY", "rules": [
+        {"to": [{"operation": {"methods": ["DELETE"]}}]}, {"to": [{"operation": {"paths": ["/admin/*"]}}]}]}
+    mesh.apply_all([(SECURITY, "AuthorizationPolicy", "backend-l7", deny)])
+    try:
+        assert [mesh.waypoint(n)["dataplane"]["inbound"] for n in ("node1", "node2")] == \
+            [backend_inbound(mesh, "node1"), backend_inbound(mesh, "node2")]
+        connections = mesh.connections()
+        sent = {s: mesh.cluster_stat("node1", s, "upstream_cx_total") for s in ("v1", "v2")}
+        for headers, version in (((), "v1"), (JASON, "v2")):
+            allowed = [mesh.request(headers=headers), mesh.request("/data", method="POST", headers=headers)]
+            assert [(ok(s, 10), versions(s)) for s in allowed] == [(True, {version: 10})] * 2, allowed
+            denied = [mesh.request(method="DELETE", headers=headers), mesh.request("/admin/x", headers=headers)]
+            assert [(s["codes"], s["errors"]) for s in denied] == [({"403": 10}, {})] * 2, denied
+        # The server side is reached only through the destination agent, which sends each
+        # HBONE stream (one per connection node1's Envoy opened to that subset) to its Envoy.
+        opened = {s: mesh.cluster_stat("node1", s, "upstream_cx_total") - sent[s] for s in sent}
+        eventually(lambda: {s: mesh.connections()[n]["inbound"] - connections[n]["inbound"]
+                            for s, n in (("v1", "node1"), ("v2", "node2"))}, opened,
+                   "connections the destination agents sent to their Envoy")
+    finally:
+        mesh.apply_all([(SECURITY, "AuthorizationPolicy", "backend-l7", {**deny, "selector": NOWHERE})])
+    assert [mesh.waypoint(n)["dataplane"]["inbound"] for n in ("node1", "node2")] == [[], []]
+    assert mesh.request(method="DELETE")["codes"] == {"200": 10}
+
+
+def test_request_authentication_with_inline_jwks(mesh):
+    mesh.route(HEADER_ROUTES)
+    signer = Signer()
+    authn = {"selector": {"matchLabels": {"app": "backend"}},
+             "jwtRules": [{"issuer": ISSUER, "audiences": ["backend"], "jwks": signer.jwks}]}
+    require = {"selector": {"matchLabels": {"app": "backend"}}, "action": "ALLOW",
+               "rules": [{"from": [{"source": {"requestPrincipals": [f"{ISSUER}/*"]}}]}]}
+    mesh.apply_all([(SECURITY, "RequestAuthentication", "backend-jwt", authn),
+                    (SECURITY, "AuthorizationPolicy", "backend-jwt", require)])
+    try:
+        tokens = {"good": signer.token("alice", audience="backend"),
+                  "forged": Signer().token("alice", audience="backend"),  # same claims, another key
+                  "other-audience": signer.token("alice", audience="elsewhere")}
+        for headers, version in (((), "v1"), (JASON, "v2")):
+            got = {name: mesh.request(headers=(*headers, f"Authorization: Bearer {token}"))
+                   for name, token in tokens.items()}
+            got["missing"] = mesh.request(headers=headers)
+            assert {name: (s["codes"], s["errors"]) for name, s in got.items()} == {
+                "good": ({"200": 10}, {}), "forged": ({"401": 10}, {}),
+                "other-audience": ({"403": 10}, {}),  # jwt_authn refuses the audience itself
+                "missing": ({"403": 10}, {})}, version  # no token: jwt_authn lets it by, RBAC refuses
+            assert versions(got["good"]) == {version: 10}
+    finally:
+        mesh.apply_all([(SECURITY, "RequestAuthentication", "backend-jwt", {**authn, "selector": NOWHERE}),
+                        (SECURITY, "AuthorizationPolicy", "backend-jwt", {**require, "selector": NOWHERE})])
+    assert ok(mesh.request(), 10)
+
+
+def rate_limit(selector: dict, tokens: int) -> dict:
+    """tests/unit/xds_seeds/002's local rate limit EnvoyFilter, pointed at pods
+    (SIDECAR_INBOUND, before the router) and enforced (filter_enforced; without it
+    Envoy only counts). The bucket refills once an hour: no token comes back mid-test."""
+    return {"workloadSelector": selector, "configPatches": [{
+        "applyTo": "HTTP_FILTER",
+        "match": {"context": "SIDECAR_INBOUND", "listener": {"filterChain": {"filter": {
+            "name": "envoy.filters.network.http_connection_manager",
+            "subFilter": {"name": "envoy.filters.http.router"}}}}},
+        "patch": {"operation": "INSERT_BEFORE", "value": {
+            "name": "envoy.filters.http.local_ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                "type_url": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                "value": {
+                    "stat_prefix": "http_local_rate_limiter",
+                    "token_bucket": {"max_tokens": tokens, "tokens_per_fill": tokens, "fill_interval": "3600s"},
+                    "filter_enabled": {"runtime_key": "local_rate_limit_enabled",
+                                       "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                    "filter_enforced": {"runtime_key": "local_rate_limit_enforced",
+                                        "default_value": {"numerator": 100, "denominator": "HUNDRED"}}}}}}}]}
+
+
+def test_local_rate_limit_envoyfilter_returns_429_above_the_bucket(mesh):
+    mesh.route([{"route": [to("v1")], "retries": NO_RETRIES}])
+    tokens, n = 10, 25
+    limit = rate_limit({"labels": {"app": "backend", "version": "v1"}}, tokens)
+    mesh.apply_all([(FILTERS, "EnvoyFilter", "backend-ratelimit", limit)])
+    try:
+        summary = mesh.request(n=n)
+        assert summary["errors"] == {} and summary["codes"] == {"200": tokens, "429": n - tokens}, summary
+    finally:
+        mesh.apply_all([(FILTERS, "EnvoyFilter", "backend-ratelimit", rate_limit({"labels": NOWHERE["matchLabels"]},
+                                                                                   tokens))])
+    assert ok(mesh.request(n=n), n)
+
+
+def test_request_metrics_count_every_request_by_code(mesh):
+    mesh.route([{"route": [to("v2")], "retries": NO_RETRIES}])
+    # An HTTP-level policy on v2 turns its server-side waypoint on: reporter "destination".
+    allow_get = {"selector": {"matchLabels": {"app": "backend", "version": "v2"}}, "action": "ALLOW",
+                 "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}
+    mesh.apply_all([(SECURITY, "AuthorizationPolicy", "backend-metrics", allow_get)])
+    sent = {"200": 30, "404": 20, "500": 10}
+    labels = {"source_workload": "client", "destination_service": SERVICE, "destination_version": "v2"}
+
+    def counts(node: str, reporter: str) -> dict[str, float]:
+        return {code: mesh.total(node, "istio_requests_total", reporter=reporter, response_code=code, **labels)
+                for code in sent}
+
+    try:
+        before = {"waypoint": counts("node1", "waypoint"), "destination": counts("node2", "destination")}
+        for code, n in sent.items():
+            summary = mesh.request(f"/?status={code}", n=n)
+            assert summary["codes"] == {code: n} and summary["errors"] == {}, summary
+        for node, reporter in (("node1", "waypoint"), ("node2", "destination")):
+            eventually(lambda: {c: v - before[reporter][c] for c, v in counts(node, reporter).items()}, sent,
+                       f"istio_requests_total reporter={reporter} on {node}")
+    finally:
+        mesh.apply_all([(SECURITY, "AuthorizationPolicy", "backend-metrics", {**allow_get, "selector": NOWHERE})])
+
+
+# --- what stays L4 -------------------------------------------------------------------------------
+
+def test_l4_traffic_does_not_pass_through_envoy(mesh):
+    for node in ("node1", "node2"):
+        dp = mesh.waypoint(node)["dataplane"]
+        assert f"{mesh.plain_vip}:8080" not in dp["outbound"] and f"{mesh.plain_vip}:9000" not in dp["outbound"]
+    plain_ip = next(p["ip"] for p in mesh.lab.status()["pods"] if p["name"] == "plain-0")
+    assert not [e for e in mesh.waypoint("node2")["dataplane"]["inbound"] if e.startswith(f"{plain_ip}:")]
+    connections = mesh.connections()
+    envoy = {n: mesh.listener_connections(n) for n in ("node1", "node2")}
+    opened = {"reporter": "destination", "destination_workload": "plain", "source_workload": "client"}
+    before = mesh.total("node2", "istio_tcp_connections_opened_total", **opened)
+    http = mesh.request(n=50, host="plain", new_connection=True)
+    tcp = mesh.send("mesh/client", port=9000, count=5, host="plain.mesh")
+    assert (ok(http, 50), http["pods"]) == (True, {"plain-0": 50}) and tcp["ok"] == 5, (http, tcp)
+    # The destination agent saw every one of the 55 connections on its L4 path ...
+    eventually(lambda: mesh.total("node2", "istio_tcp_connections_opened_total", **opened) - before, 55,
+               "L4 connections at the destination")
+    # ... and neither agent sent one to Envoy, nor did either Envoy accept one.
+    assert mesh.connections() == connections
+    assert {n: mesh.listener_connections(n) for n in ("node1", "node2")} == envoy
+
+
+# --- changes and failures ---------------------------------------------------------------------
+
+def test_changing_a_virtualservice_under_traffic_loses_no_request(mesh):
+    mesh.route([{"route": [to("v1")], "retries": NO_RETRIES}])  # no retry hides a failed request
+    n = 600
+    started = mesh.cluster_stat("node1", "v1", "upstream_rq_total")
+    traffic = mesh.background("/?delay=0.02", n, concurrency=2)  # >= 6 s of requests
+    try:
+        eventually(lambda: mesh.cluster_stat("node1", "v1", "upstream_rq_total") - started >= 20, True,
+                   "traffic flowing to v1 before the change", timeout=20)
+        mesh.route([{"route": [to("v2")], "retries": NO_RETRIES}])
+        assert traffic.poll() is None, "the traffic ended before the change was in force: send more"
+        out, err = traffic.communicate(timeout=120)
+    finally:
+        if traffic.poll() is None:
+            traffic.kill()
+            traffic.wait()
+    assert out, f"request tool: {err}"
+    summary = json.loads(out)
+    assert summary["codes"] == {"200": n} and summary["errors"] == {}, summary
+    assert versions(summary)["v1"] > 0 and versions(summary)["v2"] > 0 and sum(versions(summary).values()) == n
+    assert versions(mesh.request(n=20)) == {"v2": 20}
+
+
+def test_an_invalid_virtualservice_keeps_the_previous_routing(mesh):
+    good = [{"route": [to("v2")], "retries": NO_RETRIES}]
+    mesh.route(good)
+    key, digest = "VirtualService mesh/backend", spec_digest({"hosts": ["backend"], "http": good})
+    bad = {"hosts": ["backend"], "http": [{"route": [to("v1")], "timeout": "soon"}]}
+    mesh.lab.apply(json.dumps({"apiVersion": NETWORKING, "kind": "VirtualService",
+                               "metadata": {"name": "backend", "namespace": "mesh"}, "spec": bad}))
+
+    def reported(node: str) -> bool:
+        return any("(VirtualService mesh/backend) spec.http[0].timeout" in e for e in mesh.waypoint(node)["errors"])
+
+    eventually(lambda: [reported(n) for n in ("node1", "node2")], [True, True],
+               "the invalid VirtualService in both agents' status errors")
+    for node in ("node1", "node2"):
+        wp = mesh.waypoint(node)
+        assert (wp["resources"][key], wp["xds"]["in_sync"], wp["xds"]["nacks"]) == (digest, True, 0), wp
+    assert versions(mesh.request(n=50)) == {"v2": 50}
+    mesh.route([{"route": [to("v1")], "retries": NO_RETRIES}])  # a valid version clears the error
+    assert [reported(n) for n in ("node1", "node2")] == [False, False]
+    assert versions(mesh.request(n=20)) == {"v1": 20}
+
+
+def restarted(now: dict, before: dict) -> tuple[bool, bool, int]:
+    """(running, another pid, restarts) of Envoy's status against `before`."""
+    return now["running"], now["pid"] not in (None, before["pid"]), now["restarts"]
+
+
+def test_killed_envoy_comes_back_and_l4_traffic_never_notices(mesh):
+    mesh.route([{"route": [to("v1")]}])
+    envoy, other = mesh.waypoint("node1")["envoy"], mesh.waypoint("node2")["envoy"]
+    assert envoy["running"] and envoy["pid"]
+    n = 500
+    traffic = mesh.background("/?delay=0.02", n, host="plain", concurrency=2)  # >= 5 s of L4 requests
+    try:
+        time.sleep(0.5)
+        assert traffic.poll() is None
+        os.kill(envoy["pid"], signal.SIGKILL)
+        eventually(lambda: restarted(mesh.waypoint("node1")["envoy"], envoy), (True, True, envoy["restarts"] + 1),
+                   "Envoy restarted by the agent", timeout=30)
+        eventually(lambda: mesh.waypoint("node1")["xds"]["in_sync"], True, "the new Envoy in sync", timeout=30)
+        eventually(lambda: ok(mesh.request(n=20), 20), True, "L7 traffic through the new Envoy", timeout=30)
+        assert traffic.poll() is None, "the L4 traffic ended before Envoy was back: send more"
+        out, err = traffic.communicate(timeout=120)
+    finally:
+        if traffic.poll() is None:
+            traffic.kill()
+            traffic.wait()
+    assert out, f"request tool: {err}"
+    summary = json.loads(out)
+    assert (summary["codes"], summary["errors"], summary["pods"]) == ({"200": n}, {}, {"plain-0": n}), summary
+    now = mesh.waypoint("node2")["envoy"]
+    assert (now["pid"], now["restarts"]) == (other["pid"], other["restarts"])  # node2's Envoy untouched
+
+
+def test_nothing_restarted_along_the_way(mesh):
+    assert mesh.processes() == mesh.started  # agents and CA: same pids, no restart
+    assert all(p["restarts"] == 0 for p in mesh.lab.status()["pods"])  # the seeded echo draws held
+    for node, restarts in (("node1", 1), ("node2", 0)):  # node1's Envoy was killed once, on purpose
+        wp = mesh.waypoint(node)
+        assert (wp["envoy"]["running"], wp["envoy"]["restarts"], wp["xds"]["nacks"], wp["errors"]) == \
+            (True, restarts, 0, []), (wp, mesh.envoy_log(node))
