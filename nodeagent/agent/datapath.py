@@ -25,6 +25,7 @@ from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inbound import Delivery, InboundRelay, InboundView
 from nodeagent.agent.inpod import PodContext
+from nodeagent.agent.jwks import JwksFetcher, jwks_uris
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.outbound import OutboundRelay, Passthrough
 from nodeagent.agent.policies import PolicyState
@@ -66,11 +67,12 @@ class DataPath:
                                     pod_at=pod_at, agent_ports=agent_ports)
         self._releases: set[asyncio.Task] = set()
         self.outbound.pod_at = self.inbound.pod_at = pod_at
-        self.waypoint = None
+        self.waypoint = self.jwks = None
         if c.waypoint:
+            self.jwks = JwksFetcher(c.waypoint_dir / "jwks", log.getChild("jwks"), on_change=self._keys_changed)
             self.waypoint = Waypoint(c, registry=registry, log=log.getChild("waypoint"),
                                      on_upstream=self.outbound.handle_upstream,
-                                     on_deliver=self.inbound.handle_delivery)
+                                     on_deliver=self.inbound.handle_delivery, jwks_files=self.jwks.files)
 
     async def start(self) -> None:
         """Start what runs beside the relays: the waypoint (xDS server, Envoy)."""
@@ -84,8 +86,16 @@ class DataPath:
         if self.waypoint is not None:
             try:
                 self.waypoint.update(model)
+                self.jwks.want(jwks_uris(self.waypoint.config))
             except Exception:  # a bug must not stop enrolment; the snapshot in force stays
                 self.log.exception("cannot build the waypoint configuration; keeping the one in force")
+
+    def _keys_changed(self) -> None:
+        """A fetched JWKS changed (or went): rebuild the snapshot with the last model."""
+        try:
+            self.waypoint.update()
+        except Exception:
+            self.log.exception("cannot rebuild the waypoint configuration after a key set changed")
 
     def enrolled(self, pods: list[Pod], removed: set[PodContext]) -> None:
         """After a reconcile: keep certificates for `pods`, let go of `removed` pods."""
@@ -100,7 +110,8 @@ class DataPath:
         return {"identity": self.identities.describe(), "policy": self.policies.describe(),
                 "tunnel": {"pooled_connections": self.hbone.connections(),
                            "inbound_connections": len(self.tunnel.server.sessions)},
-                "waypoint": self.waypoint.describe() if self.waypoint is not None else None}
+                "waypoint": {**self.waypoint.describe(), "jwks": self.jwks.describe()}
+                if self.waypoint is not None else None}
 
     async def close(self) -> None:
         for task in list(self._releases):
@@ -109,6 +120,7 @@ class DataPath:
         await self.tunnel.close()
         await self.identities.close()
         if self.waypoint is not None:
+            await self.jwks.close()
             await self.waypoint.close()
         self.flow_log.close()
 

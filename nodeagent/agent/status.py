@@ -130,7 +130,31 @@ def _mesh_sections(status: dict[str, Any], now: float) -> list[str]:
     return [_section("WORKLOAD CERTIFICATES", certs), "", _section("POLICIES IN FORCE", policies), "",
             _section("POLICY ERRORS", "\n".join(f"  {e}" for e in policy.get("errors", []))), "",
             f"HBONE: {tunnel.get('pooled_connections', 0)} pooled outbound connections, "
-            f"{tunnel.get('inbound_connections', 0)} inbound", ""]
+            f"{tunnel.get('inbound_connections', 0)} inbound", "", *_waypoint_sections(status.get("waypoint"))]
+
+
+def _waypoint_sections(waypoint: dict[str, Any] | None) -> list[str]:
+    """The node's waypoint: Envoy, xDS, what is steered through it, its configuration."""
+    if not waypoint:
+        return ["WAYPOINT: off (--no-waypoint): L4 only", ""]
+    envoy, xds, steered = waypoint["envoy"], waypoint["xds"], waypoint["dataplane"]
+    state = f"running, pid {envoy['pid']}" if envoy["running"] else f"NOT RUNNING (last exit {envoy['last_exit']})"
+    sync = "in sync" if xds["in_sync"] else ("NOT CONNECTED" if not xds["connected"] else "syncing")
+    lines = [f"  envoy      {state}, {envoy['restarts']} restarts, admin {envoy['admin']}, log {envoy['log']}",
+             f"  xds        version {xds['version']}, accepted {xds['accepted']}, {sync}, {xds['nacks']} NACKs",
+             f"  steered    outbound {', '.join(steered['outbound']) or '-'}; inbound {', '.join(steered['inbound']) or '-'}",
+             f"  sent       {waypoint['connections']['outbound']} outbound, {waypoint['connections']['inbound']} inbound"]
+    if xds.get("snapshot_error"):
+        lines.append(f"  SNAPSHOT REFUSED: {xds['snapshot_error']}")
+    for uri, key in sorted(waypoint.get("jwks", {}).get("uris", {}).items()):
+        lines.append(f"  jwks       {uri}: {'fetched' if key.get('path') else 'NOT FETCHED'}"
+                     + (f" (last error: {key['error']})" if key.get("error") else ""))
+    resources = table(["RESOURCE", "DIGEST"], sorted(waypoint.get("resources", {}).items())) \
+        if waypoint.get("resources") else ""
+    problems = [f"  error: {e}" for e in waypoint.get("errors", [])] + \
+        [f"  warning: {w}" for w in waypoint.get("warnings", [])]
+    return [_section("WAYPOINT", "\n".join(lines)), "", _section("WAYPOINT CONFIG IN FORCE", resources), "",
+            _section("WAYPOINT CONFIG PROBLEMS", "\n".join(problems)), ""]
 
 
 def render(status: dict[str, Any], output: str) -> str:
