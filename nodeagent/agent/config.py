@@ -20,7 +20,7 @@ from nodeagent.capture.preflight import MOUNTS, mount_table
 from nodeagent.errors import ConfigError
 from nodeagent.identity.config import default_server_name, parse_trust_domain
 from nodeagent.kube.objects import DNS_SUBDOMAIN
-from nodeagent.xds.dataplane import Sockets
+from nodeagent.xds.dataplane import UNIX_PATH_MAX, Sockets
 from nodeagent.settings import (OFF, Setting, parse_absolute, parse_address, parse_bool, parse_choice,
                                 parse_directory, parse_int, parse_namespace, parse_optional_file,
                                 parse_port, parse_source, parse_target)
@@ -128,6 +128,14 @@ def parse_flow_log(raw: str) -> str | Path:
     return path
 
 
+def parse_waypoint_dir(raw: str) -> Path:
+    path = parse_absolute(raw)
+    longest = Sockets(str(path), check=False).outbound
+    if len(longest.encode()) > UNIX_PATH_MAX:
+        raise ValueError(f"socket paths such as {longest} would exceed {UNIX_PATH_MAX} bytes; use a shorter directory")
+    return path
+
+
 parse_cert_ttl = settings.parse_duration_between(dt.timedelta(minutes=1), dt.timedelta(days=90))
 
 
@@ -185,7 +193,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("waypoint", parse_bool, "true",
             "run the node's waypoint Envoy for VirtualService, DestinationRule and HTTP-level policy; "
             "false: L4 only (HTTP-only policy rules then fail safe)", boolean=True),
-    Setting("waypoint_dir", parse_absolute, DEFAULT_WAYPOINT_DIR,
+    Setting("waypoint_dir", parse_waypoint_dir, DEFAULT_WAYPOINT_DIR,
             "directory of the waypoint's unix sockets (xDS, Envoy <-> agent), bootstrap and Envoy log", "DIR"),
     Setting("envoy_admin_port", parse_port, "15000", "the waypoint Envoy's admin port on 127.0.0.1", "PORT"),
 )
@@ -204,10 +212,6 @@ def load(given: Mapping[str, Any] | argparse.Namespace, environ: Mapping[str, st
         raise ConfigError("setting delivery_mark", f"must differ from mark ({values['mark']:#x})",
                           "the pod's reply routing would catch the agent's outbound connections too")
     _check_identity(values)
-    try:
-        Sockets(str(values["waypoint_dir"]))
-    except ConfigError as exc:
-        raise ConfigError("setting waypoint_dir", exc.message, exc.hint) from None
     return AgentConfig(**values)
 
 

@@ -126,6 +126,10 @@ BAD = [
     ("root_namespace", "Istio_System", "namespace"),
     ("flow_log", "flows.log", "absolute"),
     ("flow_log", "/does/not/exist/flows.log", "is not a directory"),
+    ("waypoint", "sometimes", "true or false"),
+    ("waypoint_dir", "run/waypoint", "absolute"),
+    ("waypoint_dir", "/run/" + "w" * 100, "would exceed 107 bytes"),
+    ("envoy_admin_port", "0", "1-65535"),
 ]
 
 
@@ -158,6 +162,14 @@ def test_ports_must_differ(base):
         load({**base, "inbound_port": "15001"})
     with pytest.raises(ConfigError, match="admin_address: port 15008"):
         load({**base, "admin_address": "127.0.0.1:15008"})
+    with pytest.raises(ConfigError, match="envoy_admin_port: port 15020 is also used by admin_address"):
+        load({**base, "envoy_admin_port": "15020"})
+
+
+def test_the_waypoint_is_on_by_default(base):
+    cfg = load(base)
+    assert (cfg.waypoint, cfg.waypoint_dir, cfg.envoy_admin_port) == (True, Path("/run/nodeagent/waypoint"), 15000)
+    assert load({**base, "waypoint": False}).waypoint is False
 
 
 def test_cgroup_default_is_the_cgroup2_mount(base, tmp_path):
