@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from nodeagent.agent.admin import fetch_status
+from nodeagent.errors import NodeagentError
 from nodeagent.lab import meshca, services, supervisor
 from nodeagent.lab.state import LabRecord, Runtime, lab_model
 
@@ -27,7 +29,8 @@ def collect(record: LabRecord, runtime: Runtime) -> dict:
                        "running": supervisor.is_supervisor(record.supervisor_pid, record.name)},
         "ca": _ca(record, runtime),
         "nodes": [{"name": name, "fabricIP": alloc.nodes[name].fabric_ip, "podCIDR": alloc.nodes[name].pod_cidr,
-                   "agent": runtime.agents.get(name) if record.agents else None}
+                   "agent": runtime.agents.get(name) if record.agents else None,
+                   "waypoint": _waypoint(record, name) if record.agents else None}
                   for name in desired.node_names],
         "pods": [{"namespace": pod.namespace, "name": pod.name, "ip": alloc.pods[key].ip,
                   "node": alloc.pods[key].node, "phase": runtime.shown_phase(key),
@@ -50,6 +53,31 @@ def _ca(record: LabRecord, runtime: Runtime) -> dict | None:
             "trustDomain": meshca.TRUST_DOMAIN, **runtime.ca}
 
 
+def _waypoint(record: LabRecord, node: str) -> dict | None:
+    """The node's waypoint as its agent reports it (None when the agent cannot say)."""
+    try:
+        status = fetch_status(record.layout.agent_socket(node), timeout=2.0)
+    except (NodeagentError, OSError, ValueError):
+        return None
+    waypoint = status.get("waypoint")
+    if not waypoint:
+        return {"enabled": False}
+    return {"enabled": True, "envoy": waypoint["envoy"], "inSync": waypoint["xds"]["in_sync"],
+            "accepted": waypoint["xds"]["accepted"], "errors": len(waypoint["errors"])}
+
+
+def _envoy(waypoint: dict | None) -> str:
+    if waypoint is None:
+        return "-"
+    if not waypoint["enabled"]:
+        return "off"
+    envoy = waypoint["envoy"]
+    state = f"envoy pid {envoy['pid']}" if envoy["running"] else "ENVOY NOT RUNNING"
+    sync = f"config {waypoint['accepted']} in sync" if waypoint["inSync"] else "syncing"
+    problems = f", {waypoint['errors']} config errors" if waypoint["errors"] else ""
+    return f"{state}, {envoy['restarts']} restarts, {sync}{problems}"
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows])
@@ -66,8 +94,9 @@ def render(data: dict) -> str:
     sup = data["supervisor"]
     head = (f"Lab {data['name']}: state in {data['stateDir']}, supervisor pid {sup['pid']} "
             f"({'running' if sup['running'] else 'NOT RUNNING'}), agents {'on' if data['agents'] else 'off'}")
-    nodes = _table(["NODE", "FABRIC IP", "POD CIDR", "AGENT"],
-                   [[n["name"], n["fabricIP"], n["podCIDR"], _process(n["agent"])] for n in data["nodes"]])
+    nodes = _table(["NODE", "FABRIC IP", "POD CIDR", "AGENT", "WAYPOINT"],
+                   [[n["name"], n["fabricIP"], n["podCIDR"], _process(n["agent"]), _envoy(n.get("waypoint"))]
+                    for n in data["nodes"]])
     pods = _table(["NAMESPACE", "POD", "IP", "NODE", "PHASE", "RESTARTS", "MESHED"],
                   [[p["namespace"], p["name"], p["ip"], p["node"], p["phase"], str(p["restarts"]),
                     "yes" if p["meshed"] else "no"] for p in data["pods"]])

@@ -142,3 +142,14 @@ def test_state_dir_save_load_export_and_lock(tmp_path):
     assert not os.path.exists(stale)
     assert os.stat(path).st_mtime_ns == before  # unchanged files are not rewritten
     assert sorted(os.listdir(lay.state_dir)) == ["agents", "cluster", "lab.json", "logs"]
+
+
+def test_lab_status_shows_each_nodes_waypoint():
+    from nodeagent.lab.status import _envoy
+
+    running = {"enabled": True, "envoy": {"running": True, "pid": 42, "restarts": 1}, "inSync": True,
+               "accepted": "7", "errors": 0}
+    assert _envoy(running) == "envoy pid 42, 1 restarts, config 7 in sync"
+    down = {**running, "envoy": {"running": False, "pid": None, "restarts": 3}, "inSync": False, "errors": 2}
+    assert _envoy(down) == "ENVOY NOT RUNNING, 3 restarts, syncing, 2 config errors"
+    assert (_envoy({"enabled": False}), _envoy(None)) == ("off", "-")
