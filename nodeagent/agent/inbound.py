@@ -107,7 +107,6 @@ class InboundRelay(Relay):
         self.delivery = delivery
         self.agent_ports = agent_ports
         self.waypoint = None  # the node's Waypoint (agent/waypoint.py), when it runs one
-        self.pod_at: Callable[[str], PodContext | None] = lambda ip: None  # enrolled pod by IP
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.inbound.inc()
@@ -178,11 +177,8 @@ class InboundRelay(Relay):
     async def handle_delivery(self, sock: socket.socket, header: dataplane.ProxyHeader) -> None:
         """A request Envoy allowed, handed back on deliver.sock: into the pod, as the client."""
         src, dst = header.source, header.destination
-        ctx = self.pod_at(dst[0])
+        ctx = self._enrolled(sock, dst[0], "delivery to")
         if ctx is None:
-            self.metrics.failure(self.direction, "waypoint_pod_gone")
-            self.log.warning("waypoint delivery to %s: not an enrolled pod of this node; closing", dst[0])
-            reset(sock)
             return
         try:
             upstream = await self.delivery.connect(ctx, src, dst)

@@ -77,11 +77,21 @@ class Relay:
     def __init__(self, metrics: AgentMetrics, log: logging.Logger):
         self.metrics = metrics
         self.log = log
+        self.pod_at: Callable[[str], PodContext | None] = lambda ip: None  # enrolled pod by IP
 
     def _fail(self, ctx: PodContext, client: socket.socket, reason: str, detail: str) -> None:
         self.metrics.failure(self.direction, reason)
         self.log.warning("%s %s: %s", self.direction, ctx, detail)
         reset(client)
+
+    def _enrolled(self, sock: socket.socket, ip: str, what: str) -> PodContext | None:
+        """The enrolled pod at `ip` a connection Envoy handed back is for; else reset it."""
+        ctx = self.pod_at(ip)
+        if ctx is None:
+            self.metrics.failure(self.direction, "waypoint_pod_gone")
+            self.log.warning("waypoint %s %s: not an enrolled pod of this node; closing", what, ip)
+            reset(sock)
+        return ctx
 
 
 class OutboundRelay(Relay):
@@ -98,7 +108,6 @@ class OutboundRelay(Relay):
         self.hbone = hbone
         self.balancer = RoundRobin()
         self.waypoint = None  # the node's Waypoint (agent/waypoint.py), when it runs one
-        self.pod_at: Callable[[str], PodContext | None] = lambda ip: None  # enrolled pod by IP
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.outbound.inc()
@@ -147,11 +156,8 @@ class OutboundRelay(Relay):
         pod, destination = what it asked for, ENDPOINT = the pod Envoy picked (absent:
         the destination itself). Reached from the source pod as any outbound connection."""
         src, dst = header.source, header.destination
-        ctx = self.pod_at(src[0])
+        ctx = self._enrolled(sock, src[0], "upstream from")
         if ctx is None:
-            self.metrics.failure(self.direction, "waypoint_source_gone")
-            self.log.warning("waypoint upstream from %s: not an enrolled pod of this node; closing", src[0])
-            reset(sock)
             return
         endpoint = header.tlv(dataplane.TLV_ENDPOINT)
         try:
