@@ -207,6 +207,11 @@ class Waypoints(Mesh):
     def cluster_stat(self, node: str, subset: str, stat: str) -> int:
         return self.envoy_stats(node).get(f"cluster.{cluster(subset)}.{stat}", 0)
 
+    def http_stat(self, node: str, stat: str) -> int:
+        """`stat` summed over the node's HTTP connection managers (http.<prefix>.<stat>)."""
+        return sum(v for k, v in self.envoy_stats(node).items()
+                   if re.fullmatch(rf"http\.[^.]+\.{re.escape(stat)}", k) and not k.startswith("http.admin."))
+
     def listener_connections(self, node: str) -> int:
         """Connections Envoy accepted on its outbound, inbound and internal listeners."""
         directory = self.waypoint(node)["directory"].rstrip("/")
@@ -329,11 +334,8 @@ def test_timeout_returns_504_at_the_configured_time(mesh):
 
 
 def fault_counts(mesh: Waypoints) -> tuple[int, int]:
-    """Envoy's fault filter counters (delays, aborts) over node1's HTTP connection managers."""
-    stats = mesh.envoy_stats("node1")
-    total = {kind: sum(v for k, v in stats.items() if re.fullmatch(rf"http\.[^.]+\.fault\.{kind}_injected", k))
-             for kind in ("delays", "aborts")}
-    return total["delays"], total["aborts"]
+    """Envoy's fault filter counters (delays, aborts) on node1."""
+    return mesh.http_stat("node1", "fault.delays_injected"), mesh.http_stat("node1", "fault.aborts_injected")
 
 
 def test_fault_delay_and_abort_at_the_configured_percentage(mesh):
@@ -371,6 +373,7 @@ def test_connection_pool_overflow_returns_503(mesh):
                {"connectionPool": {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1}}})
     workers = mesh.envoy_workers("node1")
     overflow = mesh.cluster_stat("node1", "v1", "upstream_rq_pending_overflow")
+    opened = mesh.cluster_stat("node1", "v1", "upstream_cx_total")
     n = 10
     summary = mesh.request("/?delay=1.5", n=n, concurrency=n, timeout=10)
     codes = summary["codes"]
@@ -380,7 +383,9 @@ def test_connection_pool_overflow_returns_503(mesh):
     # cluster-wide. So at most one request per worker plus one pending one is served in
     # the 1.5 s the others take, and every other request overflows at once.
     served = codes.get("200", 0)
-    assert 1 <= served <= workers + 1, (summary, workers)
+    assert 1 <= served <= workers + 1, (f"{served} served by {workers} Envoy workers; Envoy opened "
+                                        f"{mesh.cluster_stat('node1', 'v1', 'upstream_cx_total') - opened} "
+                                        "upstream connections for maxConnections 1", summary)
     assert mesh.cluster_stat("node1", "v1", "upstream_rq_pending_overflow") - overflow == n - served
 
 
@@ -559,6 +564,7 @@ def test_changing_a_virtualservice_under_traffic_loses_no_request(mesh):
     mesh.route([{"route": [to("v1")], "retries": NO_RETRIES}])  # no retry hides a failed request
     n = 600
     started = mesh.cluster_stat("node1", "v1", "upstream_rq_total")
+    no_cluster = mesh.http_stat("node1", "no_cluster")
     traffic = mesh.background("/?delay=0.02", n, concurrency=2)  # >= 6 s of requests
     try:
         eventually(lambda: mesh.cluster_stat("node1", "v1", "upstream_rq_total") - started >= 20, True,
@@ -572,7 +578,8 @@ def test_changing_a_virtualservice_under_traffic_loses_no_request(mesh):
             traffic.wait()
     assert out, f"request tool: {err}"
     summary = json.loads(out)
-    assert summary["codes"] == {"200": n} and summary["errors"] == {}, summary
+    assert summary["codes"] == {"200": n} and summary["errors"] == {}, \
+        (summary, f"Envoy's no_cluster (503 NC) count rose by {mesh.http_stat('node1', 'no_cluster') - no_cluster}")
     assert versions(summary)["v1"] > 0 and versions(summary)["v2"] > 0 and sum(versions(summary).values()) == n
     assert versions(mesh.request(n=20)) == {"v2": 20}
 
