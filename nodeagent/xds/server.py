@@ -8,7 +8,10 @@ Metrics go to the registry passed in: nodeagent_xds_pushes_total{type},
 nodeagent_xds_nacks_total{type}, nodeagent_xds_connected_proxies. NACKs are logged
 with the node, type, version and Envoy's message. `accepted(node)` is the last snapshot
 that node's proxy ACKed completely (kept across reconnects); `in_sync(node)` says
-whether a connected proxy has ACKed the current one.
+whether a connected proxy has ACKed the current one. With an `access_log` sink (such as
+accesslog.RequestMetrics) the same server also takes the waypoint's access-log streams
+(AccessLogService); each open stream, ADS or ALS, holds one of the `workers` threads,
+and Envoy opens an ALS stream per worker thread and listener.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import grpc
 from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from nodeagent.xds import resources as rt
+from nodeagent.xds import accesslog, resources as rt
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.snapshot import Snapshot
 from nodeagent.xds.stream import StreamState
@@ -47,7 +50,7 @@ class XdsMetrics:
 class AdsServer:
     def __init__(self, cache: SnapshotCache, registry: CollectorRegistry, log: logging.Logger | None = None,
                  debounce: float = 0.1, max_delay: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 workers: int = 32):
+                 workers: int = 32, access_log: accesslog.AccessLogSink | None = None):
         self.cache, self.log, self.clock = cache, log or logging.getLogger(__name__), clock
         self.debounce, self.max_delay = debounce, max_delay
         self.metrics = XdsMetrics(registry)
@@ -61,6 +64,8 @@ class AdsServer:
         handler = grpc.stream_stream_rpc_method_handler(self._serve, request_deserializer=DiscoveryRequest.parse,
                                                         response_serializer=bytes)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+        if access_log is not None:
+            self._server.add_generic_rpc_handlers((accesslog.rpc_handler(access_log),))
         self._unwatch: Callable[[], None] | None = None
         self._debouncer = threading.Thread(target=self._debounce_loop, name="xds-debounce", daemon=True)
         self.port: int | None = None

@@ -1,27 +1,35 @@
 """The ADS server against the Python client over a unix socket: the initial push in
 CDS, EDS, LDS, RDS order with ACKs, NACKs counted and logged with the last accepted
-snapshot kept, pushes on change debounced, and the stream protocol's ordering rules
-checked without a transport."""
+snapshot kept, pushes on change debounced, access-log streams served beside ADS, and
+the stream protocol's ordering rules checked without a transport."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 
+import grpc
 import pytest
 from envoy_data_plane.envoy.config.core.v3 import Node
+from envoy_data_plane.envoy.data.accesslog.v3 import AccessLogCommon, HttpAccessLogEntry, HttpResponseProperties
+from envoy_data_plane.envoy.service.accesslog.v3 import (StreamAccessLogsMessage,
+                                                         StreamAccessLogsMessageHttpAccessLogEntries,
+                                                         StreamAccessLogsMessageIdentifier,
+                                                         StreamAccessLogsResponse)
 from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
 from envoy_data_plane.google.rpc import Status
 from prometheus_client import CollectorRegistry
 
 from nodeagent.cli import main
 from nodeagent.xds import resources as rt
+from nodeagent.xds.accesslog import RequestMetrics
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.client import AdsSession, XdsClientError, fetch
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.snapshot import Snapshot
 from nodeagent.xds.stream import StreamState, version
-from xds_world import REVIEWS, doc, translation
+from xds_world import REVIEWS, doc, model, translation
 
 ORDER = [rt.CLUSTER, rt.ENDPOINT, rt.LISTENER, rt.ROUTE]
 
@@ -151,6 +159,76 @@ def test_proxy_config_cli_reads_back_what_envoy_gets(served, capsys):
     assert main(["proxy-config", "routes", "--xds-socket", path, "--node", "node1", "-o", "json"]) == 0
     assert f'"name": "{REVIEWS}:9080"' in capsys.readouterr().out
     assert sorted(fetch(path, "node1")[rt.LISTENER]) == ["nodeagent_upstream", "outbound"]
+
+
+def access_logs(code: int, first: bool) -> bytes:
+    message = StreamAccessLogsMessage(http_logs=StreamAccessLogsMessageHttpAccessLogEntries(log_entry=[
+        HttpAccessLogEntry(common_properties=AccessLogCommon(upstream_cluster=f"outbound|9080||{REVIEWS}"),
+                           response=HttpResponseProperties(response_code=code))]))
+    if first:
+        message.identifier = StreamAccessLogsMessageIdentifier(node=Node(id="node1"), log_name="outbound")
+    return bytes(message)
+
+
+def requests_by_code(registry) -> dict[str, float]:
+    (family,) = [m for m in registry.collect() if m.name == "istio_requests"]
+    return {s.labels["response_code"]: s.value for s in family.samples if s.name == "istio_requests_total"}
+
+
+def test_access_log_streams_are_served_beside_ads_and_counted_as_they_arrive(tmp_path):
+    cache, registry, world = SnapshotCache(), CollectorRegistry(), model()
+    path = str(tmp_path / "xds.sock")
+    server = AdsServer(cache, registry, access_log=RequestMetrics(registry, lambda: world)).start(unix_path=path)
+    outgoing: queue.Queue = queue.Queue()
+    try:
+        cache.set_snapshot("node1", snapshot("1"))
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            call = channel.stream_unary("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
+                                        request_serializer=bytes,
+                                        response_deserializer=StreamAccessLogsResponse.parse)
+            done = call.future(iter(outgoing.get, None))
+            outgoing.put(access_logs(200, first=True))
+            wait_until(lambda: requests_by_code(registry) == {"200": 1})  # the stream is still open
+            assert sorted(fetch(path, "node1")[rt.ROUTE]) == [f"{REVIEWS}:9080"]  # ADS meanwhile
+            outgoing.put(access_logs(503, first=False))
+            wait_until(lambda: requests_by_code(registry) == {"200": 1, "503": 1})
+            outgoing.put(None)
+            assert done.result(timeout=5) == StreamAccessLogsResponse()
+    finally:
+        outgoing.put(None)
+        server.stop()
+    assert registry.get_sample_value("nodeagent_access_log_errors_total") == 0
+
+
+def test_a_reset_access_log_stream_leaves_the_server_serving(tmp_path):
+    registry, world = CollectorRegistry(), model()
+    path = str(tmp_path / "xds.sock")
+    server = AdsServer(SnapshotCache(), registry, access_log=RequestMetrics(registry, lambda: world), workers=4)
+    server.start(unix_path=path)
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            call = channel.stream_unary("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
+                                        request_serializer=bytes)
+            for i in range(4):  # more resets than workers: each reset stream gives its thread back
+                outgoing: queue.Queue = queue.Queue()
+                done = call.future(iter(outgoing.get, None))
+                outgoing.put(access_logs(200, first=True))
+                wait_until(lambda: requests_by_code(registry) == {"200": i + 1})
+                done.cancel()
+                outgoing.put(None)
+    finally:
+        server.stop()
+    assert registry.get_sample_value("nodeagent_access_log_errors_total") == 0
+
+
+def test_without_a_sink_the_access_log_service_is_unimplemented(served):
+    _, _, _, path = served
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        call = channel.stream_unary("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
+                                    request_serializer=bytes)
+        with pytest.raises(grpc.RpcError) as failed:
+            call(iter([access_logs(200, first=True)]), timeout=5)
+    assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 # --- the protocol without a transport ---------------------------------------------------

@@ -1,13 +1,19 @@
 """Listeners: the unix sockets, PROXY v2 and its TLVs, filter chains chosen by the
 original destination, tcp routes as weighted tcp_proxy, the internal upstream listener,
-and the DataPlane map telling the agent which connections go through Envoy."""
+the access log every HTTP connection manager streams to the agent, and the DataPlane
+map telling the agent which connections go through Envoy."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from envoy_data_plane.envoy.config.core.v3 import ApiVersion
+from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import HttpGrpcAccessLogConfig
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpConnectionManager
 from envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3 import TcpProxy
 
 from nodeagent.xds import dataplane
+from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap
 from xds_world import DB, RATINGS, REVIEWS, RUN, chain, doc, listeners, network, translation
 
 SUBSETS = doc("DestinationRule", "db", "host: db\nsubsets:\n- {name: a, labels: {app: db}}\n"
@@ -40,15 +46,37 @@ def test_one_chain_per_service_port_that_needs_l7_matched_by_vip_and_port():
 def test_a_chain_copies_the_tlvs_to_filter_state_then_runs_http_with_rds():
     found = chain(listeners(translation(SOME_L7))["outbound"], f"outbound|9080||{REVIEWS}")
     state = found.filters[0].typed_config.unpack()
-    assert [(v.object_key, v.factory_key, v.format_string.text_format_source.inline_string, v.skip_if_empty)
-            for v in state.on_new_connection] == [
-        ("nodeagent.source_principal", "envoy.string", "%DYNAMIC_METADATA(nodeagent:source_principal)%", True),
-        ("nodeagent.source_labels", "envoy.string", "%DYNAMIC_METADATA(nodeagent:source_labels)%", True),
-        ("nodeagent.source_workload", "envoy.string", "%DYNAMIC_METADATA(nodeagent:source_workload)%", True)]
+    assert [(v.object_key, v.factory_key, v.format_string.text_format_source.inline_string, v.skip_if_empty,
+             v.format_string.omit_empty_values) for v in state.on_new_connection] == [
+        ("nodeagent.source_principal", "envoy.string", "%DYNAMIC_METADATA(nodeagent:source_principal)%", True, True),
+        ("nodeagent.source_labels", "envoy.string", "%DYNAMIC_METADATA(nodeagent:source_labels)%", True, True),
+        ("nodeagent.source_workload", "envoy.string", "%DYNAMIC_METADATA(nodeagent:source_workload)%", True, True)]
     hcm = network(found)
     assert isinstance(hcm, HttpConnectionManager)
     assert hcm.rds.route_config_name == f"{REVIEWS}:9080" and hcm.rds.config_source.ads is not None
     assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.fault", "envoy.filters.http.router"]
+
+
+def access_log(hcm: HttpConnectionManager) -> HttpGrpcAccessLogConfig:
+    (log,) = hcm.access_log
+    assert log.name == "envoy.access_loggers.http_grpc"
+    return log.typed_config.unpack()
+
+
+def test_both_sides_stream_their_access_log_to_the_agents_xds_socket_named_by_listener():
+    result = translation(SOME_L7 + doc("AuthorizationPolicy", "get", "selector: {matchLabels: {app: reviews}}\n"
+                                       "rules: [{to: [{operation: {methods: [GET]}}]}]", "security.istio.io/v1"))
+    client = access_log(network(chain(listeners(result)["outbound"], f"outbound|9080||{REVIEWS}")))
+    server = access_log(network(chain(listeners(result)["inbound"], "inbound|shop/reviews-v1|9080")))
+    assert (client.common_config.log_name, server.common_config.log_name) == ("outbound", "inbound")
+    (xds,) = bootstrap(BootstrapSettings("node1", f"{RUN}/xds.sock")).static_resources.clusters
+    for config in (client, server):
+        common = config.common_config
+        assert (common.grpc_service.envoy_grpc.cluster_name, common.transport_api_version) == (xds.name, ApiVersion.V3)
+        assert common.buffer_flush_interval == timedelta(milliseconds=200)
+        assert common.filter_state_objects_to_log == ["nodeagent.source_principal", "nodeagent.source_workload"]
+        assert (config.additional_request_headers_to_log, config.additional_response_headers_to_log,
+                config.additional_response_trailers_to_log) == (["content-type"], ["grpc-status"], ["grpc-status"])
 
 
 def test_tcp_routes_become_weighted_tcp_proxies():

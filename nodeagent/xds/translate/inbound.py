@@ -134,6 +134,7 @@ def _chain(pod: Pod, port: int, filters: list[HttpFilter]) -> FilterChain:
     match = FilterChainMatch(prefix_ranges=[CidrRange(address_prefix=str(ip), prefix_len=ip.max_prefixlen)],
                              destination_port=port)
     hcm = listeners.http_connection_manager(f"inbound|{port}|{pod.namespace}/{pod.name}",
-                                            names.inbound_routes(port), filters, normalize=True)
+                                            names.inbound_routes(port), filters,
+                                            log_name=names.INBOUND_LISTENER, normalize=True)
     return FilterChain(name=f"inbound|{pod.namespace}/{pod.name}|{port}", filter_chain_match=match,
                        filters=[listeners.set_filter_state(TLVS), hcm])

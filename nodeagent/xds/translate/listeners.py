@@ -7,15 +7,25 @@ metadata; a `set_filter_state` network filter then copies them into connection f
 state, the only place HTTP filters (route matches, RBAC) can read them from. The
 internal listener `nodeagent_upstream` receives every connection Envoy opens to an
 outbound endpoint and pipes it, PROXY header included, to the agent's upstream socket.
+Every HTTP connection manager streams its access log (gRPC ALS, log name = listener
+name, which tells the client side from the server side) to the agent's xDS server over
+the bootstrap's `xds_cluster`, with the source principal and workload from filter state:
+the agent turns the entries into Istio's request metrics (see nodeagent/xds/accesslog.py).
 """
 
 from __future__ import annotations
 
-from envoy_data_plane.envoy.config.core.v3 import (Address, DataSource, Pipe, ProxyProtocolPassThroughTlVs,
+from datetime import timedelta
+
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.core.v3 import (Address, ApiVersion, DataSource, GrpcService,
+                                                  GrpcServiceEnvoyGrpc, Pipe, ProxyProtocolPassThroughTlVs,
                                                   ProxyProtocolPassThroughTlVsPassTlVsMatchType,
                                                   SubstitutionFormatString)
 from envoy_data_plane.envoy.config.listener.v3 import (Filter, FilterChain, Listener, ListenerFilter,
                                                       ListenerInternalListenerConfig)
+from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (CommonGrpcAccessLogConfig,
+                                                                      HttpGrpcAccessLogConfig)
 from envoy_data_plane.envoy.extensions.filters.common.set_filter_state.v3 import FilterStateValue
 from envoy_data_plane.envoy.extensions.filters.listener.proxy_protocol.v3 import (ProxyProtocol,
                                                                                   ProxyProtocolKeyValuePair,
@@ -27,6 +37,7 @@ from envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3 import TcpPr
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 
 from nodeagent.xds import dataplane
+from nodeagent.xds.bootstrap import XDS_CLUSTER
 from nodeagent.xds.resources import pack
 from nodeagent.xds.translate import names
 from nodeagent.xds.translate.primitives import ADS, PASSED_TLVS, http_filter, network_filter
@@ -34,6 +45,12 @@ from nodeagent.xds.translate.primitives import ADS, PASSED_TLVS, http_filter, ne
 HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 ROUTER = "envoy.filters.http.router"
+HTTP_GRPC_ACCESS_LOG = "envoy.access_loggers.http_grpc"
+# How long Envoy buffers log entries before it sends them: metrics lag by at most this.
+ACCESS_LOG_FLUSH = timedelta(milliseconds=200)
+# Filter state the request metrics read (set by set_filter_state from the PROXY TLVs).
+LOGGED_FILTER_STATE = tuple(dataplane.FILTER_STATE[t] for t in (dataplane.TLV_PRINCIPAL,
+                                                                 dataplane.TLV_SOURCE_WORKLOAD))
 
 
 def listener(name: str, path: str, tlvs: tuple[int, ...], chains: list[FilterChain]) -> Listener:
@@ -52,10 +69,11 @@ def _proxy_protocol(tlvs: tuple[int, ...]) -> ListenerFilter:
 
 
 def set_filter_state(tlvs: tuple[int, ...]) -> Filter:
-    """Copy the TLVs from the connection's dynamic metadata into filter state."""
+    """Copy the TLVs from the connection's dynamic metadata into filter state. An absent
+    TLV sets nothing: omit_empty_values renders it "" (not "-"), which skip_if_empty skips."""
     values = [FilterStateValue(
         object_key=dataplane.FILTER_STATE[t], factory_key="envoy.string", skip_if_empty=True,
-        format_string=SubstitutionFormatString(text_format_source=DataSource(
+        format_string=SubstitutionFormatString(omit_empty_values=True, text_format_source=DataSource(
             inline_string=f"%DYNAMIC_METADATA({dataplane.METADATA_NAMESPACE}:{dataplane.TLV_KEYS[t]})%")))
         for t in tlvs]
     return network_filter("envoy.filters.network.set_filter_state", SetFilterState(on_new_connection=values))
@@ -66,15 +84,30 @@ def stat_prefix(name: str) -> str:
     return name.replace(".", "_")
 
 
-def http_connection_manager(prefix: str, route_config: str, filters: list[HttpFilter],
+def http_connection_manager(prefix: str, route_config: str, filters: list[HttpFilter], log_name: str,
                             normalize: bool = False) -> Filter:
     hcm = HttpConnectionManager(
         stat_prefix=stat_prefix(prefix), rds=Rds(config_source=ADS, route_config_name=route_config),
         http_filters=filters + [http_filter(ROUTER, Router())],
-        upgrade_configs=[HttpConnectionManagerUpgradeConfig(upgrade_type="websocket")])
+        upgrade_configs=[HttpConnectionManagerUpgradeConfig(upgrade_type="websocket")],
+        access_log=[access_log(log_name)])
     if normalize:  # paths are normalized before authorization looks at them, as istiod does inbound
         hcm.normalize_path = True
     return network_filter(HCM, hcm)
+
+
+def access_log(log_name: str) -> AccessLog:
+    """Every request's log entry, streamed to the agent's AccessLogService. content-type
+    tells gRPC from plain HTTP; grpc-status is a trailer, or a header when the response
+    has no body (trailers-only)."""
+    common = CommonGrpcAccessLogConfig(
+        log_name=log_name, transport_api_version=ApiVersion.V3,
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=XDS_CLUSTER)),
+        buffer_flush_interval=ACCESS_LOG_FLUSH, filter_state_objects_to_log=list(LOGGED_FILTER_STATE))
+    config = HttpGrpcAccessLogConfig(common_config=common, additional_request_headers_to_log=["content-type"],
+                                     additional_response_headers_to_log=["grpc-status"],
+                                     additional_response_trailers_to_log=["grpc-status"])
+    return AccessLog(name=HTTP_GRPC_ACCESS_LOG, typed_config=pack(config))
 
 
 def tcp_proxy(prefix: str, proxy: TcpProxy) -> Filter:

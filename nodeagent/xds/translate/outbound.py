@@ -55,7 +55,8 @@ def _chain(ctx: Context, service: Service, port: ServicePort, vs: VirtualService
         table = routes.outbound_table(ctx, service, port)
         tables.append(table)
         network = listeners.http_connection_manager(name, table.name,
-                                                    [http_filter("envoy.filters.http.fault", HttpFault())])
+                                                    [http_filter("envoy.filters.http.fault", HttpFault())],
+                                                    log_name=names.OUTBOUND_LISTENER)
     return FilterChain(name=name, filter_chain_match=match, filters=[listeners.set_filter_state(TLVS), network])
 
 
