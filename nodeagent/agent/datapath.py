@@ -72,7 +72,8 @@ class DataPath:
             self.jwks = JwksFetcher(c.waypoint_dir / "jwks", log.getChild("jwks"), on_change=self._keys_changed)
             self.waypoint = Waypoint(c, registry=registry, log=log.getChild("waypoint"),
                                      on_upstream=self.outbound.handle_upstream,
-                                     on_deliver=self.inbound.handle_delivery, jwks_files=self.jwks.files)
+                                     on_deliver=self.inbound.handle_delivery, jwks_files=self.jwks.files,
+                                     principal_of=self.identities.uri_of)
 
     async def start(self) -> None:
         """Start what runs beside the relays: the waypoint (xDS server, Envoy)."""

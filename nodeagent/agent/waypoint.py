@@ -30,27 +30,31 @@ import socket
 import struct
 from typing import Awaitable, Callable
 
+from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
 from prometheus_client import CollectorRegistry, Counter
 
 from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.policies import digests_in_force
 from nodeagent.errors import ConfigError, EnvironmentProblem, NodeagentError
-from nodeagent.model import Model
+from nodeagent.model import Model, Pod
 from nodeagent.xds import dataplane
+from nodeagent.xds.accesslog import RequestMetrics
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import DataPlane, ProxyHeader, Sockets
 from nodeagent.xds.envoy import EnvoySupervisor, base_id_for
 from nodeagent.xds.istio.config import READERS, IstioConfig
 from nodeagent.xds.server import AdsServer
-from nodeagent.xds.snapshot import InconsistentSnapshot
-from nodeagent.xds.translate.build import build_snapshot
+from nodeagent.xds import resources as rt
+from nodeagent.xds.snapshot import InconsistentSnapshot, Snapshot, eds_name
+from nodeagent.xds.translate.build import translate
 from nodeagent.xds.translate.options import WaypointOptions
 
 Handler = Callable[[socket.socket, ProxyHeader], Awaitable[None]]
 HEADER_TIMEOUT = 5.0  # seconds for Envoy to send the PROXY header of a connection
 MAX_HEADER = 4096  # bytes of PROXY v2 body (addresses and TLVs) accepted
 PR_SET_PDEATHSIG = 1
+COLLECT_INTERVAL = 0.2  # seconds between checks for an ACK that lets dropped clusters go
 
 
 class WaypointUnavailable(NodeagentError):
@@ -73,7 +77,8 @@ class WaypointMetrics:
 class Waypoint:
     def __init__(self, config: AgentConfig, *, registry: CollectorRegistry, log: logging.Logger,
                  on_upstream: Handler, on_deliver: Handler, jwks_files: Callable[[], dict[str, str]] = dict,
-                 debounce: float = 0.1, supervisor_options: dict | None = None):
+                 principal_of: Callable[[Pod], str | None] | None = None, debounce: float = 0.1,
+                 supervisor_options: dict | None = None):
         self.node = config.node
         self.root_namespace = config.root_namespace
         self.log = log
@@ -84,7 +89,10 @@ class Waypoint:
         self.handlers = {"upstream": on_upstream, "deliver": on_deliver}
         self.jwks_files = jwks_files
         self.cache = SnapshotCache()
-        self.server = AdsServer(self.cache, registry, log.getChild("xds"), debounce=debounce)
+        self.requests = RequestMetrics(registry, lambda: self._model if self._model is not None else Model.empty(), log.getChild("requests"),
+                                       principal_of)
+        self.server = AdsServer(self.cache, registry, log.getChild("xds"), debounce=debounce,
+                                access_log=self.requests)
         self.config = IstioConfig(root_namespace=config.root_namespace)
         self.digests: dict[str, str] = {}
         self.warnings: tuple[str, ...] = ()
@@ -102,6 +110,7 @@ class Waypoint:
             raise EnvironmentProblem(exc.message, f"{exc.hint}, or run the agent with --no-waypoint "
                                      "(L4 only)") from None
         self._started = False
+        self._cleanup: tuple[Snapshot, list, DataPlane] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -122,6 +131,7 @@ class Waypoint:
         bootstrap.write_text(bootstrap_json(BootstrapSettings(self.node, self.sockets.xds, self.admin_port)))
         self.supervisor.start()
         self._started = True
+        self._tasks.add(loop.create_task(self._collect_loop(), name="waypoint-collect"))
         self.log.info("waypoint: envoy pid %s, admin 127.0.0.1:%d, xDS on %s",
                       self.supervisor.status().pid, self.admin_port, self.sockets.xds)
 
@@ -154,8 +164,11 @@ class Waypoint:
         self.config = config
         options = WaypointOptions(self.sockets, root_namespace=self.root_namespace, jwks_files=self.jwks_files())
         try:
-            snapshot, translation = build_snapshot(str(next(self._versions)), model, self.node, config, options)
-        except (InconsistentSnapshot, ConfigError) as exc:
+            translation = translate(model, self.node, config, options)
+            fresh = translation.messages()
+            carried = self._unreferenced_clusters(fresh)
+            snapshot = Snapshot.build(str(next(self._versions)), fresh + carried, translation.dataplane)
+        except (InconsistentSnapshot, ConfigError, ValueError) as exc:
             self.metrics.errors.labels(reason="snapshot_refused").inc()
             if str(exc) != self.snapshot_error:
                 self.log.error("waypoint snapshot refused, the previous one stays: %s", exc)
@@ -167,6 +180,43 @@ class Waypoint:
             self.log.warning("waypoint: %s", text)
         self.warnings = warnings
         self.cache.set_snapshot(self.node, snapshot)
+        self._cleanup = (snapshot, fresh, translation.dataplane) if carried else None
+
+    def _unreferenced_clusters(self, fresh: list) -> list:
+        """Make before break: clusters of the last published snapshot that the new one
+        drops stay (with their endpoints) until Envoy has ACKed the new routes; otherwise
+        a request routed by the old route table meets a missing cluster (503 NC)."""
+        previous = self.cache.get(self.node)
+        if previous is None:
+            return []
+        kept = {rt.name_of(m) for m in fresh if rt.type_of(m) == rt.CLUSTER}
+        endpoints = previous.resources(rt.ENDPOINT)
+        carried = []
+        for name, cluster in previous.resources(rt.CLUSTER).items():
+            if name not in kept:
+                carried.append(cluster)
+                assignment = endpoints.get(eds_name(cluster)) if cluster.type == ClusterDiscoveryType.EDS else None
+                if assignment is not None:
+                    carried.append(assignment)
+        return carried
+
+    def collect(self) -> bool:
+        """Once Envoy ACKed a snapshot that carried dropped clusters, publish it without
+        them. True when it did."""
+        if self._cleanup is None or self.server.accepted(self.node) is not self._cleanup[0]:
+            return False
+        _, fresh, steering = self._cleanup
+        self._cleanup = None
+        self.cache.set_snapshot(self.node, Snapshot.build(str(next(self._versions)), fresh, steering))
+        return True
+
+    async def _collect_loop(self) -> None:
+        while True:
+            await asyncio.sleep(COLLECT_INTERVAL)
+            try:
+                self.collect()
+            except Exception:  # never end the loop; the clusters just stay a while longer
+                self.log.exception("waypoint: cannot drop unreferenced clusters")
 
     def _report(self, what: str, before, after) -> None:
         known = {str(e) for e in before}

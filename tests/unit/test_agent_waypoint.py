@@ -19,7 +19,7 @@ from nodeagent.agent import config as agent_config
 from nodeagent.agent.inbound import through_waypoint
 from nodeagent.agent.policies import spec_digest
 from nodeagent.agent.waypoint import Waypoint, WaypointUnavailable, read_header
-from nodeagent.xds import dataplane
+from nodeagent.xds import dataplane, resources as rt
 from nodeagent.xds.dataplane import DataPlane, ProxyHeader
 from xds_world import doc, model
 
@@ -189,3 +189,31 @@ def test_open_writes_the_header_or_says_envoy_is_unavailable(waypoint, tmp_path)
     header, got = run(go())
     assert got == header
     assert waypoint.describe()["connections"] == {"outbound": 1, "inbound": 0}
+
+
+SUBSETS = doc("DestinationRule", "reviews", """
+host: reviews
+subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+""") + doc("VirtualService", "reviews", """
+hosts: [reviews]
+http:
+- route: [{destination: {host: reviews, subset: v1}, weight: 90}, {destination: {host: reviews, subset: v2}, weight: 10}]
+""")
+V1 = "outbound|9080|v1|reviews.shop.svc.cluster.local"
+
+
+def test_dropped_clusters_stay_until_envoy_acked_the_routes_without_them(waypoint):
+    waypoint.update(model(SUBSETS))
+    first = waypoint.cache.get("node1")
+    assert V1 in first.names(rt.CLUSTER) and V1 in first.names(rt.ENDPOINT)
+    waypoint.update(model(VS))  # the subsets are gone from the new routes
+    carrying = waypoint.cache.get("node1")
+    assert V1 in carrying.names(rt.CLUSTER) and V1 in carrying.names(rt.ENDPOINT)
+    assert not any(V1 in str(r) for r in carrying.resources(rt.ROUTE).values())
+    assert waypoint.collect() is False  # Envoy has not ACKed it yet
+    waypoint.server.accepted = lambda node: waypoint.cache.get(node)  # now it has
+    assert waypoint.collect() is True
+    clean = waypoint.cache.get("node1")
+    assert clean.version == "3" and V1 not in clean.names(rt.CLUSTER) and V1 not in clean.names(rt.ENDPOINT)
+    assert set(clean.names(rt.ROUTE)) == set(carrying.names(rt.ROUTE))
+    assert waypoint.collect() is False  # nothing more to drop
