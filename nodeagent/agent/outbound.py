@@ -145,7 +145,11 @@ class OutboundRelay(Relay):
         if principal:
             tlvs.insert(0, (dataplane.TLV_PRINCIPAL, principal.encode()))
         try:
-            upstream = await self.waypoint.open("outbound", dataplane.ProxyHeader(src, dst, tuple(tlvs)))
+            # Source port 0: Envoy keys its upstream connection pools by the PROXY header it
+            # passes on, so one pool per source pod (a sidecar's scope for connectionPool
+            # limits) rather than one per client connection, which no limit would bound.
+            header = dataplane.ProxyHeader((src[0], 0), dst, tuple(tlvs))
+            upstream = await self.waypoint.open("outbound", header)
         except NodeagentError as exc:
             self._fail(ctx, client, "waypoint_unavailable", f"to {dst[0]}:{dst[1]} through the waypoint: {exc}")
             return
