@@ -5,7 +5,9 @@ in-pod listeners, and what those handlers read.
   endpoints or passthrough to the rest;
 - inbound plaintext (15006): PeerAuthentication and AuthorizationPolicy, then delivery;
 - tunnel (15008): the HBONE server (tunnel_inbound), policy with the peer's identity,
-  then the same delivery.
+  then the same delivery;
+- delivered connections are re-checked (admission.InboundConnections) after every
+  policy update and every change of the waypoint's steering.
 They share the policies in force (policies.PolicyState), the workload identities
 (identities.WorkloadIdentities: an IdentityManager talking to the mesh CA, or none
 without `--ca-address`), Istio's TCP telemetry and the flow log, all registered into
@@ -21,6 +23,7 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry
 
+from nodeagent.agent.admission import InboundConnections
 from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inbound import Delivery, InboundRelay, InboundView
@@ -58,7 +61,9 @@ class DataPath:
         self.outbound = OutboundRelay(capture, metrics, log.getChild("outbound"), model=model,
                                       identities=self.identities, telemetry=self.telemetry,
                                       passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone)
-        view = InboundView(model, self.policies, self.identities, self.telemetry)
+        self.connections = InboundConnections(lambda: self.policies.current, pod_at, registry,
+                                              log.getChild("inbound"))
+        view = InboundView(model, self.policies, self.identities, self.telemetry, self.connections)
         delivery = Delivery(c.delivery_mark, CONNECT_TIMEOUT)
         agent_ports = frozenset({c.outbound_port, c.inbound_port, c.tunnel_port, c.admin_port})
         self.inbound = InboundRelay(metrics, log.getChild("inbound"), view=view, delivery=delivery,
@@ -73,17 +78,21 @@ class DataPath:
             self.waypoint = Waypoint(c, registry=registry, log=log.getChild("waypoint"),
                                      on_upstream=self.outbound.handle_upstream,
                                      on_deliver=self.inbound.handle_delivery, jwks_files=self.jwks.files,
-                                     principal_of=self.identities.uri_of)
+                                     principal_of=self.identities.uri_of, on_steering=self.connections.recheck)
 
     async def start(self) -> None:
         """Start what runs beside the relays: the waypoint (xDS server, Envoy)."""
         if self.waypoint is not None:
             await self.waypoint.start()
             self.outbound.waypoint = self.inbound.waypoint = self.tunnel.waypoint = self.waypoint
+            self.connections.waypoint = self.waypoint
 
     def update(self, model: Model) -> None:
-        """A new model: the policies in force, then the waypoint's configuration."""
+        """A new model: the policies in force (delivered connections they now refuse are
+        reset), then the waypoint's configuration (which re-checks them again once Envoy
+        ACKed a change of steering)."""
         self.policies.update(model)
+        self.connections.recheck()
         if self.waypoint is not None:
             try:
                 self.waypoint.update(model)
@@ -111,6 +120,7 @@ class DataPath:
         return {"identity": self.identities.describe(), "policy": self.policies.describe(),
                 "tunnel": {"pooled_connections": self.hbone.connections(),
                            "inbound_connections": len(self.tunnel.server.sessions)},
+                "delivered_connections": len(self.connections),
                 "waypoint": {**self.waypoint.describe(), "jwks": self.jwks.describe()}
                 if self.waypoint is not None else None}
 

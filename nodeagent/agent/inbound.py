@@ -8,7 +8,8 @@ that port refuses plaintext; otherwise AuthorizationPolicy decides with no princ
 A refused connection is reset and reported (`DENY`). An allowed one is delivered from
 inside the pod netns over loopback, with a transparent socket bound to the client's IP,
 so the app sees the real client address; the pod's policy routing (podrouting.py)
-brings the app's replies back to that socket.
+brings the app's replies back to that socket. The decision is admission.admit's, and a
+delivered connection is re-checked there when policies change.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import socket
 from typing import Callable
 
 from nodeagent.agent import inpod
+from nodeagent.agent.admission import DENY, WAYPOINT, InboundConnections, admit, describe
 from nodeagent.agent.destinations import service_of
 from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inpod import PodContext
@@ -31,11 +33,8 @@ from nodeagent.errors import NodeagentError
 from nodeagent.model import Model
 from nodeagent.xds import dataplane
 from nodeagent.policy import Connection
-from nodeagent.policy.peerauth import STRICT
 
 Address = tuple[str, int]
-STRICT_POLICY = "peer-authentication-strict"  # the `policy` label of a STRICT refusal
-NO_ALLOW_MATCH = "no-allow-match"  # ... of a denial because no ALLOW policy matched
 
 
 class Delivery:
@@ -68,11 +67,12 @@ class InboundView:
     """What inbound handling reads, shared by the plaintext relay and the HBONE server."""
 
     def __init__(self, model: Callable[[], Model], policies: PolicyState, identities: WorkloadIdentities,
-                 telemetry: Telemetry):
+                 telemetry: Telemetry, connections: InboundConnections):
         self.model = model
         self.policies = policies
         self.identities = identities
         self.telemetry = telemetry
+        self.connections = connections
 
     def flow(self, ctx: PodContext, src: Address, dst: Address, principal: str | None, security: str) -> Flow:
         """Open the destination's report of a connection to `ctx`'s pod. The source
@@ -89,6 +89,21 @@ class InboundView:
 
     def deny(self, flow: Flow, policy: str, reason: str) -> None:
         self.telemetry.denied(flow, policy, reason)
+
+    async def relay_delivered(self, metrics: AgentMetrics, flow: Flow, conn: Connection, src: Address, client,
+                              upstream: socket.socket, plaintext: bool) -> None:
+        """Relay a connection the agent delivered to the app, tracked for re-checks while
+        it lasts (admission.InboundConnections), then close its report: with DENY when a
+        policy change revoked it."""
+        with self.connections.delivering(conn, src, plaintext) as entry:
+            result = await relay(metrics, "inbound", client, upstream, entry.abort)
+        received, sent, revoked = result.a_to_b, result.b_to_a, entry.revoked
+        if revoked is None:
+            self.telemetry.close(flow, received=received, sent=sent)
+        elif revoked.route == DENY:
+            self.telemetry.denied(flow, revoked.policy, describe(revoked), received=received, sent=sent)
+        else:
+            self.telemetry.close(flow, received=received, sent=sent, reason=describe(revoked))
 
 
 def _peer_of_principal(principal: str) -> Peer:
@@ -126,10 +141,14 @@ class InboundRelay(Relay):
             self._fail(ctx, client, "agent_port", f"{src[0]} connected to agent port {dst[1]}; closing it")
             return
         flow = self.view.flow(ctx, src, dst, None, PLAINTEXT)
-        l7 = through_waypoint(self.waypoint, dst)
-        if not self._allowed(ctx, client, flow, src, dst, l7):
+        conn = Connection(src[0], None, None, ctx.pod, dst[0], dst[1])
+        admission = admit(self.view.policies.current, self.waypoint, conn, plaintext=True)
+        if admission.route == DENY:
+            self.log.debug("inbound %s:%d -> %s port %d denied: %s", src[0], src[1], ctx, dst[1], admission.reason)
+            reset(client)
+            self.view.deny(flow, admission.policy, admission.reason)
             return
-        if l7:
+        if admission.route == WAYPOINT:
             await self._through_waypoint(ctx, client, flow, src, dst, None)
             return
         try:
@@ -140,27 +159,7 @@ class InboundRelay(Relay):
             self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
             return
         self.log.debug("inbound %s:%d -> %s %s:%d", src[0], src[1], ctx, dst[0], dst[1])
-        result = await relay(self.metrics, "inbound", client, upstream)
-        self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
-
-    def _allowed(self, ctx: PodContext, client: socket.socket, flow: Flow, src: Address, dst: Address,
-                 l7: bool) -> bool:
-        """Apply PeerAuthentication and (unless the waypoint enforces it, `l7`)
-        AuthorizationPolicy; reset and report a refusal."""
-        policies = self.view.policies.current
-        if policies.mtls_mode(ctx.pod, dst[1]) == STRICT:
-            policy, reason = STRICT_POLICY, f"PeerAuthentication STRICT on port {dst[1]}: plaintext refused"
-        elif l7:
-            return True
-        else:
-            decision = policies.authorize(Connection(src[0], None, None, ctx.pod, dst[0], dst[1]))
-            if decision.allowed:
-                return True
-            policy, reason = decision.policy or NO_ALLOW_MATCH, decision.reason
-        self.log.debug("inbound %s:%d -> %s port %d denied: %s", src[0], src[1], ctx, dst[1], reason)
-        reset(client)
-        self.view.deny(flow, policy, reason)
-        return False
+        await self.view.relay_delivered(self.metrics, flow, conn, src, client, upstream, plaintext=True)
 
     async def _through_waypoint(self, ctx: PodContext, client, flow: Flow, src: Address, dst: Address,
                                 principal: str | None) -> None:
@@ -188,11 +187,6 @@ class InboundRelay(Relay):
                        f"{reason} ({exc})")
             return
         await relay(self.metrics, "inbound", sock, upstream)
-
-
-def through_waypoint(waypoint, dst: Address) -> bool:
-    """Whether the waypoint (when the agent runs one) has server-side L7 for `dst`."""
-    return waypoint is not None and dst in waypoint.dataplane().inbound
 
 
 async def open_inbound(waypoint, src: Address, dst: Address, principal: str | None):

@@ -21,7 +21,7 @@ from nodeagent.agent.destinations import NoEndpoint, RoundRobin, Target, resolve
 from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.splice import SpliceResult, reset, splice
+from nodeagent.agent.splice import Abort, SpliceResult, reset, splice
 from nodeagent.agent.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer, Telemetry
 from nodeagent.errors import NodeagentError
 from nodeagent.identity.errors import IdentityUnavailable
@@ -210,16 +210,17 @@ def _where(target: Target) -> str:
     return f"{target.address[0]}:{target.address[1]}{name}"
 
 
-async def relay(metrics: AgentMetrics, direction: str, client, upstream) -> SpliceResult:
+async def relay(metrics: AgentMetrics, direction: str, client, upstream, abort: Abort | None = None) -> SpliceResult:
     """Splice client<->upstream, keeping the active gauge and byte counters. Both are
-    sockets, or one is an HBONE stream; `a_to_b` of the result is client -> upstream."""
+    sockets, or one is an HBONE stream; `a_to_b` of the result is client -> upstream.
+    `abort` can end it early (splice.Abort)."""
     active = metrics.active_by[direction]
     active.inc()
     try:
         if isinstance(client, socket.socket):
-            result = await splice(client, upstream)
+            result = await splice(client, upstream, abort)
         else:
-            back = await splice(upstream, client)
+            back = await splice(upstream, client, abort)
             result = SpliceResult(back.b_to_a, back.a_to_b, back.error)
     finally:
         active.dec()

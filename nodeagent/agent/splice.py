@@ -7,16 +7,19 @@ stops reading (TCP back-pressure reaches the sender). A FIN is passed on as a FI
 working; a reset or error on one side aborts the other, so a peer sees a reset where
 the original connection was reset. Returns the byte counts for telemetry. One side may
 be an HBONE stream instead of a socket: it is an asyncio transport of its own
-(nodeagent.tunnel.HboneStream.attach).
+(nodeagent.tunnel.HboneStream.attach). An `Abort` handed in ends the splice from outside
+(both sides reset, the counts still returned), e.g. when a policy change revokes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from dataclasses import dataclass
 
 HIGH_WATER = 64 * 1024  # bytes buffered towards one side before the other stops reading
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 @dataclass
@@ -24,6 +27,25 @@ class SpliceResult:
     a_to_b: int = 0
     b_to_a: int = 0
     error: BaseException | None = None  # the first error that ended it, if any
+
+
+class Abort:
+    """Ends a splice from outside: both sides are reset, and the splice returns with the
+    bytes counted so far. Calling it before the splice has started ends it as it starts."""
+
+    def __init__(self):
+        self.requested = False
+        self._pipe: _Pipe | None = None
+
+    def __call__(self) -> None:
+        self.requested = True
+        if self._pipe is not None:
+            self._pipe.abort()
+
+    def bind(self, pipe: "_Pipe") -> None:
+        self._pipe = pipe
+        if self.requested:
+            pipe.abort()
 
 
 class _Side(asyncio.Protocol):
@@ -39,6 +61,9 @@ class _Side(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if self.pipe.aborted:
+            _reset(transport)
+            return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         transport.pause_reading()  # until both sides exist
         self.pipe.ready(self)
@@ -76,12 +101,20 @@ class _Pipe:
         self.result = SpliceResult()
         self.done = loop.create_future()
         self._ready = 0
+        self.aborted = False
 
     def ready(self, side: _Side) -> None:
         self._ready += 1
-        if self._ready == 2:
+        if self._ready == 2 and not self.aborted:
             self.a.transport.resume_reading()
             self.b.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Reset both sides (one not connected yet is reset when it connects)."""
+        self.aborted = True
+        for side in (self.a, self.b):
+            if not side.lost and side.transport is not None:
+                _reset(side.transport)
 
     def count(self, side: _Side, n: int) -> None:
         if side is self.a:
@@ -102,18 +135,21 @@ class _Pipe:
         other = side.other
         if not other.lost and other.transport is not None:
             if exc is not None:
-                other.transport.abort()  # pass the reset on
+                _reset(other.transport)  # pass the reset on
             else:
                 other.transport.close()
         if self.a.lost and self.b.lost and not self.done.done():
             self.done.set_result(self.result)
 
 
-async def splice(a: socket.socket, b) -> SpliceResult:
+async def splice(a: socket.socket, b, abort: Abort | None = None) -> SpliceResult:
     """Relay between connected socket `a` and `b`, a connected socket or an HBONE stream
-    (an asyncio transport that takes a protocol); both are ended on return."""
+    (an asyncio transport that takes a protocol); both are ended on return. `abort`, when
+    given, can end it early."""
     loop = asyncio.get_running_loop()
     pipe = _Pipe(loop)
+    if abort is not None:
+        abort.bind(pipe)
     a.setblocking(False)
     try:
         await loop.connect_accepted_socket(lambda: pipe.a, sock=a)
@@ -145,10 +181,23 @@ async def _finish(pipe: _Pipe) -> SpliceResult:
         raise
 
 
+def _reset(transport: asyncio.BaseTransport) -> None:
+    """Abort `transport` so that its peer sees a reset: a socket's with RST (SO_LINGER 0;
+    a plain close would send FIN, which reads as a clean end), an HBONE stream's with
+    RST_STREAM."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except OSError:
+            pass
+    transport.abort()
+
+
 def reset(sock: socket.socket) -> None:
     """Close `sock` with a RST (SO_LINGER 0), so the peer sees the failure at once."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     except OSError:
         pass
     sock.close()

@@ -159,10 +159,11 @@ class Telemetry:
             self.metrics.sent.labels(**labels).inc(sent)
         self.flow_log.write(self.entry(flow, received, sent, flags, verdict, reason))
 
-    def denied(self, flow: Flow, policy: str, reason: str) -> None:
-        """A connection refused by policy: counted by policy, closed with DENY."""
+    def denied(self, flow: Flow, policy: str, reason: str, *, received: int = 0, sent: int = 0) -> None:
+        """A connection refused by policy (at once, or after `received`/`sent` bytes when
+        a policy change revoked it): counted by policy, closed with DENY."""
         self.metrics.denials.labels(policy=policy).inc()
-        self.close(flow, flags=FLAG_DENY, verdict="denied", reason=reason)
+        self.close(flow, received=received, sent=sent, flags=FLAG_DENY, verdict="denied", reason=reason)
 
     def entry(self, flow: Flow, received: int, sent: int, flags: str, verdict: str, reason: str) -> dict:
         labels = flow.labels(flags)

@@ -18,7 +18,8 @@ import logging
 import socket
 from typing import Callable
 
-from nodeagent.agent.inbound import NO_ALLOW_MATCH, Delivery, InboundView, open_inbound, through_waypoint
+from nodeagent.agent.admission import DENY, WAYPOINT, admit
+from nodeagent.agent.inbound import Delivery, InboundView, open_inbound
 from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.outbound import connect_failure_reason, relay
@@ -86,18 +87,18 @@ class TunnelInbound:
             self.log.warning("inbound HBONE from %s to %s: %s", info.peer_identity, ctx, refusal)
             self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=refusal)
             return
-        if through_waypoint(self.waypoint, dst):
+        conn = Connection(src[0], info.peer_identity, flow.source.namespace, ctx.pod, dst[0], dst[1])
+        admission = admit(self.view.policies.current, self.waypoint, conn, plaintext=False)
+        if admission.route == WAYPOINT:
             await self._through_waypoint(ctx, stream, flow, src, dst, info.peer_identity)
             return
-        decision = self.view.policies.current.authorize(
-            Connection(src[0], info.peer_identity, flow.source.namespace, ctx.pod, dst[0], dst[1]))
-        if not decision.allowed:
+        if admission.route == DENY:
             stream.respond(403, reason="policy_denied")
             self.log.debug("inbound HBONE %s -> %s port %d denied: %s", info.peer_identity, ctx, dst[1],
-                           decision.reason)
-            self.view.deny(flow, decision.policy or NO_ALLOW_MATCH, decision.reason)
+                           admission.reason)
+            self.view.deny(flow, admission.policy, admission.reason)
             return
-        await self._deliver(ctx, stream, flow, src, dst)
+        await self._deliver(ctx, stream, flow, conn, src, dst)
 
     def _refusal(self, ctx: PodContext, dst: tuple[str, int]) -> str | None:
         if dst[0] != ctx.pod.ip:
@@ -119,7 +120,7 @@ class TunnelInbound:
         result = await relay(self.metrics, "inbound", stream, upstream)
         self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
 
-    async def _deliver(self, ctx: PodContext, stream: HboneStream, flow, src, dst) -> None:
+    async def _deliver(self, ctx: PodContext, stream: HboneStream, flow, conn: Connection, src, dst) -> None:
         try:
             upstream = await self.delivery.connect(ctx, src, dst)
         except (OSError, asyncio.TimeoutError) as exc:
@@ -130,5 +131,4 @@ class TunnelInbound:
             self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
             return
         stream.respond(200)
-        result = await relay(self.metrics, "inbound", stream, upstream)
-        self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
+        await self.view.relay_delivered(self.metrics, flow, conn, src, stream, upstream, plaintext=False)

@@ -5,7 +5,8 @@ listeners Envoy hands connections back on.
 last good version, as IstioConfig.build does) and this node's snapshot, and publishes it
 when it is consistent; an inconsistent one is logged and the previous stays. The AdsServer
 (grpcio, its own threads) pushes it to Envoy; `dataplane()` is the DataPlane of the
-snapshot Envoy last ACKed completely, so the agent never steers a connection to a
+snapshot Envoy last ACKed completely (handed to the agent's loop by `steer`, which
+tells the agent when the steering changed), so the agent never steers a connection to a
 listener Envoy does not have yet. Until then the agent's L4 handling (with its fail-safe
 reading of HTTP-only policy) stays in force.
 
@@ -78,7 +79,7 @@ class Waypoint:
     def __init__(self, config: AgentConfig, *, registry: CollectorRegistry, log: logging.Logger,
                  on_upstream: Handler, on_deliver: Handler, jwks_files: Callable[[], dict[str, str]] = dict,
                  principal_of: Callable[[Pod], str | None] | None = None, debounce: float = 0.1,
-                 supervisor_options: dict | None = None):
+                 supervisor_options: dict | None = None, on_steering: Callable[[], object] = lambda: None):
         self.node = config.node
         self.root_namespace = config.root_namespace
         self.log = log
@@ -92,7 +93,10 @@ class Waypoint:
         self.requests = RequestMetrics(registry, lambda: self._model if self._model is not None else Model.empty(), log.getChild("requests"),
                                        principal_of)
         self.server = AdsServer(self.cache, registry, log.getChild("xds"), debounce=debounce,
-                                access_log=self.requests)
+                                access_log=self.requests, on_accepted=self._acked)
+        self.on_steering = on_steering  # called on the loop when the steering changed
+        self._steering: Snapshot | None = None  # the ACKed snapshot the relays steer by
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.config = IstioConfig(root_namespace=config.root_namespace)
         self.digests: dict[str, str] = {}
         self.warnings: tuple[str, ...] = ()
@@ -114,6 +118,7 @@ class Waypoint:
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.server.start(unix_path=self.sockets.xds)
         loop = asyncio.get_running_loop()
@@ -226,8 +231,24 @@ class Waypoint:
 
     def dataplane(self) -> DataPlane:
         """What Envoy has ACKed: the connections to steer through it."""
-        accepted = self.server.accepted(self.node)
-        return accepted.dataplane if accepted is not None else DataPlane(self.sockets)
+        return self._steering.dataplane if self._steering is not None else DataPlane(self.sockets)
+
+    def _acked(self, node: str, snapshot: Snapshot) -> None:
+        """In an xDS thread: Envoy ACKed `snapshot`; steer by it on the agent's loop."""
+        loop = self._loop
+        if node == self.node and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.steer, snapshot)
+
+    def steer(self, snapshot: Snapshot) -> None:
+        """Steer by the ACKed `snapshot` from now on; when what goes through Envoy changed,
+        tell `on_steering` (which re-checks the connections delivered around it)."""
+        previous = self.dataplane()
+        self._steering = snapshot
+        if snapshot.dataplane != previous:
+            try:
+                self.on_steering()
+            except Exception:
+                self.log.exception("waypoint: re-check after a steering change failed")
 
     # --- connections to Envoy --------------------------------------------------------------
     async def open(self, kind: str, header: ProxyHeader) -> socket.socket:
@@ -293,7 +314,9 @@ class Waypoint:
                       "admin": f"127.0.0.1:{self.admin_port}", "log": str(self.directory / "envoy.log")},
             "xds": {"version": current.version if current else None,
                     "accepted": accepted.version if accepted else None,
-                    "in_sync": self.server.in_sync(self.node), "connected": self.node in self.server.connected(),
+                    # in sync: Envoy ACKed the latest snapshot and the relays steer by it
+                    "in_sync": self.server.in_sync(self.node) and accepted is not None and accepted is self._steering,
+                    "connected": self.node in self.server.connected(),
                     "nacks": int(nacks), "snapshot_error": self.snapshot_error},
             "resources": dict(sorted(self.digests.items())),
             "errors": [str(e) for e in self.config.errors],

@@ -50,8 +50,10 @@ class XdsMetrics:
 class AdsServer:
     def __init__(self, cache: SnapshotCache, registry: CollectorRegistry, log: logging.Logger | None = None,
                  debounce: float = 0.1, max_delay: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 workers: int = 32, access_log: accesslog.AccessLogSink | None = None):
+                 workers: int = 32, access_log: accesslog.AccessLogSink | None = None,
+                 on_accepted: Callable[[str, Snapshot], None] | None = None):
         self.cache, self.log, self.clock = cache, log or logging.getLogger(__name__), clock
+        self.on_accepted = on_accepted  # called (in a server thread) when a node's proxy ACKed a new snapshot
         self.debounce, self.max_delay = debounce, max_delay
         self.metrics = XdsMetrics(registry)
         self._lock = threading.Condition()
@@ -153,7 +155,13 @@ class AdsServer:
         snapshot = self.cache.get(state.node) if state.node else None
         if snapshot is not None and state.accepted(snapshot):
             with self._lock:
+                new = self._accepted.get(state.node) is not snapshot
                 self._accepted[state.node] = snapshot
+            if new and self.on_accepted is not None:
+                try:
+                    self.on_accepted(state.node, snapshot)
+                except Exception:  # the stream must go on
+                    self.log.exception("xDS: on_accepted callback failed")
 
     def _nacked(self, node: str, type_url: str, request: DiscoveryRequest) -> None:
         self.metrics.nacks.labels(rt.SHORT[type_url]).inc()

@@ -123,8 +123,11 @@ def fetch(lab, client: str, url: str, tries: int = 20) -> dict:
 def test_status_json_is_exact(module_lab):
     status = module_lab.status()
     assert (status["name"], status["agents"], status["supervisor"]["running"]) == (module_lab.name, False, True)
-    assert status["nodes"] == [{"name": "n1", "fabricIP": "172.30.0.2", "podCIDR": "10.244.1.0/24", "agent": None},
-                               {"name": "n2", "fabricIP": "172.30.0.3", "podCIDR": "10.244.2.0/24", "agent": None}]
+    # A lab without agents has no agent and so no waypoint on its nodes.
+    assert status["nodes"] == [{"name": "n1", "fabricIP": "172.30.0.2", "podCIDR": "10.244.1.0/24", "agent": None,
+                                "waypoint": None},
+                               {"name": "n2", "fabricIP": "172.30.0.3", "podCIDR": "10.244.2.0/24", "agent": None,
+                                "waypoint": None}]
     pods = [{k: p[k] for k in ("namespace", "name", "ip", "node", "meshed")} for p in status["pods"]]
     assert pods == PODS
     assert {(p["phase"], p["restarts"]) for p in status["pods"]} == {("Running", 0)}

@@ -212,13 +212,17 @@ class Waypoints(Mesh):
         return sum(v for k, v in self.envoy_stats(node).items()
                    if re.fullmatch(rf"http\.[^.]+\.{re.escape(stat)}", k) and not k.startswith("http.admin."))
 
-    def listener_connections(self, node: str) -> int:
-        """Connections Envoy accepted on its outbound, inbound and internal listeners."""
+    def listener_connections(self, node: str) -> dict[str, int]:
+        """Connections Envoy accepted on its outbound, inbound and internal listeners (0 for
+        a listener it does not have). Waits until no listener drains: a listener the previous
+        test's change removed keeps its counter until it is gone (--drain-time-s 1)."""
+        eventually(lambda: self.envoy_stats(node).get("listener_manager.total_listeners_draining"), 0,
+                   f"no draining listener in {node}'s Envoy")
         directory = self.waypoint(node)["directory"].rstrip("/")
-        names = [f"listener.{directory}/outbound.sock", f"listener.{directory}/inbound.sock",
-                 "listener.envoy_internal_nodeagent_upstream"]
+        names = {"outbound": f"listener.{directory}/outbound.sock", "inbound": f"listener.{directory}/inbound.sock",
+                 "upstream": "listener.envoy_internal_nodeagent_upstream"}
         stats = self.envoy_stats(node)
-        return sum(stats.get(f"{name}.downstream_cx_total", 0) for name in names)
+        return {key: stats.get(f"{name}.downstream_cx_total", 0) for key, name in names.items()}
 
     def envoy_workers(self, node: str) -> int:
         with open(f"/proc/{self.waypoint(node)['envoy']['pid']}/cmdline") as f:
@@ -413,6 +417,16 @@ def test_outlier_detection_ejects_an_always_failing_endpoint(mesh):
 
 # --- server side: policy ----------------------------------------------------------------------
 
+def pool_connections(mesh: Waypoints, *header_sets: tuple[str, ...]) -> None:
+    """Traffic before a server-side resource is applied, so node1's Envoy holds pooled
+    upstream connections to the pods (opened while nothing server-side was in force), as
+    it would in production: what is applied next must hold on them too, as a sidecar's
+    policy holds on every request. Without it, whether a test sees fresh connections would
+    depend on which test ran before."""
+    for headers in header_sets:
+        assert ok(mesh.request(n=5, headers=headers), 5)
+
+
 def backend_inbound(mesh: Waypoints, node: str) -> list[str]:
     return sorted(f"{p['ip']}:8080" for p in mesh.lab.status()["pods"]
                   if p["node"] == node and (p["name"].startswith("backend-") or p["name"] == "bad"))
@@ -420,6 +434,7 @@ def backend_inbound(mesh: Waypoints, node: str) -> list[str]:
 
 def test_l7_authorization_policy_on_the_backend_pods(mesh):
     mesh.route(HEADER_ROUTES)
+    pool_connections(mesh, (), JASON)
     deny = {"selector": {"matchLabels": {"app": "backend"}}, "action": "DENY", "rules": [
         {"to": [{"operation": {"methods": ["DELETE"]}}]}, {"to": [{"operation": {"paths": ["/admin/*"]}}]}]}
     mesh.apply_all([(SECURITY, "AuthorizationPolicy", "backend-l7", deny)])
@@ -447,6 +462,7 @@ def test_l7_authorization_policy_on_the_backend_pods(mesh):
 
 def test_request_authentication_with_inline_jwks(mesh):
     mesh.route(HEADER_ROUTES)
+    pool_connections(mesh, (), JASON)
     signer = Signer()
     authn = {"selector": {"matchLabels": {"app": "backend"}},
              "jwtRules": [{"issuer": ISSUER, "audiences": ["backend"], "jwks": signer.jwks}]}
@@ -498,6 +514,7 @@ def rate_limit(selector: dict, tokens: int) -> dict:
 
 def test_local_rate_limit_envoyfilter_returns_429_above_the_bucket(mesh):
     mesh.route([{"route": [to("v1")], "retries": NO_RETRIES}])
+    pool_connections(mesh, ())
     tokens, n = 10, 25
     limit = rate_limit({"labels": {"app": "backend", "version": "v1"}}, tokens)
     mesh.apply_all([(FILTERS, "EnvoyFilter", "backend-ratelimit", limit)])
@@ -512,6 +529,7 @@ def test_local_rate_limit_envoyfilter_returns_429_above_the_bucket(mesh):
 
 def test_request_metrics_count_every_request_by_code(mesh):
     mesh.route([{"route": [to("v2")], "retries": NO_RETRIES}])
+    pool_connections(mesh, ())
     # An HTTP-level policy on v2 turns its server-side waypoint on: reporter "destination".
     allow_get = {"selector": {"matchLabels": {"app": "backend", "version": "v2"}}, "action": "ALLOW",
                  "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}

@@ -220,6 +220,8 @@ class FakeAgent:
         with conn:
             try:
                 header = dataplane.read_header(conn)
+                if header is None:
+                    return  # a LOCAL command carries no connection: closed, as the agent does
                 conn.settimeout(5)
                 while True:
                     data = conn.recv(65536)

@@ -16,7 +16,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from nodeagent.agent import config as agent_config
-from nodeagent.agent.inbound import through_waypoint
+from nodeagent.agent.admission import through_waypoint
 from nodeagent.agent.policies import spec_digest
 from nodeagent.agent.waypoint import Waypoint, WaypointUnavailable, read_header
 from nodeagent.xds import dataplane, resources as rt

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from nodeagent.agent.splice import reset, splice
+import pytest
+
+from nodeagent.agent.splice import Abort, reset, splice
 
 
 async def _pair() -> tuple[socket.socket, socket.socket]:
@@ -110,6 +112,43 @@ def test_cancel_aborts_both():
         assert await asyncio.wait_for(_read_or_reset(loop, server), 5) == b""
         client.close()
         server.close()
+    asyncio.run(main())
+
+
+def test_abort_resets_both_sides_and_returns_the_counts():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client, a = await _pair()
+        server, b = await _pair()
+        abort = Abort()
+        task = asyncio.create_task(splice(a, b, abort))
+        await loop.sock_sendall(client, b"hello")
+        assert await loop.sock_recv(server, 10) == b"hello"
+        await loop.sock_sendall(server, b"hi")
+        assert await loop.sock_recv(client, 10) == b"hi"
+        abort()
+        result = await asyncio.wait_for(task, 5)
+        assert (result.a_to_b, result.b_to_a) == (5, 2)
+        for sock in (client, server):
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(loop.sock_recv(sock, 10), 5)
+            sock.close()
+    asyncio.run(main())
+
+
+def test_abort_before_the_splice_starts_ends_it_as_it_starts():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client, a = await _pair()
+        server, b = await _pair()
+        abort = Abort()
+        abort()
+        result = await asyncio.wait_for(splice(a, b, abort), 5)
+        assert (result.a_to_b, result.b_to_a) == (0, 0)
+        for sock in (client, server):
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(loop.sock_recv(sock, 10), 5)
+            sock.close()
     asyncio.run(main())
 
 
