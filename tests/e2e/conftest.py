@@ -52,11 +52,11 @@ class Lab:
              timeout: float = 60) -> subprocess.CompletedProcess:
         return self.run("exec", target, "--", *command, input=input, check=check, timeout=timeout)
 
-    def spawn(self, target: str, *command: str) -> subprocess.Popen:
+    def spawn(self, target: str, *command: str, stdin: int | None = None) -> subprocess.Popen:
         """`exec` in the background (traffic while a test changes something); the caller
         waits for it (`communicate`) or kills it by its pid, always."""
         return subprocess.Popen([*NODEAGENT, "lab", "exec", "--name", self.name, target, "--", *map(str, command)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def write(self, text: str, stem: str = "lab") -> Path:
         path = self.workdir / f"{self.name}-{stem}.yaml"

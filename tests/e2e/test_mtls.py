@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.agent.admin import fetch, fetch_status
+from nodeagent.agent.probe import HoldClient
 from nodeagent.agent.policies import spec_digest
 from nodeagent.lab.layout import Layout
 
@@ -297,6 +298,45 @@ def test_authorization_policies_by_principal_namespace_ip_block_and_port(mesh):
     assert outcome(mesh, port=8080) == {pod: RESET for pod in CLIENTS}  # the HTTP port is not allowed
     eventually(lambda: delta(denials(mesh), before), {"no-allow-match": 20}, "ALLOW by port denials")
     assert mesh.processes() == processes  # three policy changes, nothing restarted
+
+
+def test_a_policy_change_resets_the_established_connections_it_refuses(mesh):
+    """As ztunnel: the destination agent re-checks the connections it delivered when a
+    policy changes; those the new policy refuses are reset, the others live on."""
+    backend = {"selector": {"matchLabels": {"app": "backend"}}}
+    mesh.apply("PeerAuthentication", "default", {"mtls": {"mode": "PERMISSIVE"}})
+    mesh.apply("AuthorizationPolicy", "backend", {**backend, "action": "ALLOW", "rules": [
+        {"to": [{"operation": {"ports": ["9000"]}}]}]})
+    pods = ("mesh/client", "mesh/other", "legacy/client")
+    holds = {}
+    try:
+        for pod in pods:
+            holds[pod] = HoldClient(mesh.lab.spawn(pod, "python3", "-m", "nodeagent.agent.probe", "hold",
+                                                   "backend.mesh:9000", "--no-greeting", stdin=subprocess.PIPE))
+        assert {pod: h.echo(f"hello {pod}") for pod, h in holds.items()} == {pod: f"hello {pod}" for pod in pods}
+        revoked = mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deny")
+        flows = len(mesh.flows("node2"))
+
+        mesh.apply("AuthorizationPolicy", "backend", {**backend, "action": "DENY", "rules": [
+            {"from": [{"source": {"principals": [f"{TD}/ns/mesh/sa/other"]}}]}]})
+        assert holds["mesh/other"].echo("again") == "error reset"
+        assert (holds["mesh/client"].echo("still"), holds["legacy/client"].echo("still")) == ("still", "still")
+
+        mesh.apply("PeerAuthentication", "default", {"mtls": {"mode": "STRICT"}})
+        assert holds["legacy/client"].echo("again") == "error reset"  # plaintext, now refused
+        assert holds["mesh/client"].echo("still") == "still"
+        assert mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deny") - revoked == 2
+        # One line each at the destination, once reset: DENY, with the bytes echoed before.
+        other, legacy = len("hello mesh/other\n"), len("hello legacy/client\nstill\n")
+        eventually(lambda: sorted((f["src"]["principal"], f["verdict"], f["response_flags"], f["bytes_received"],
+                                   f["bytes_sent"]) for f in mesh.flows("node2")[flows:]),
+                   sorted([(OTHER, "denied", "DENY", other, other), ("unknown", "denied", "DENY", legacy, legacy)]),
+                   "flow lines of the two reset connections")
+        assert all(f["reason"].startswith("no longer allowed: ") for f in mesh.flows("node2")[flows:])
+    finally:
+        for hold in holds.values():
+            hold.close()
+        mesh.apply("PeerAuthentication", "default", {"mtls": {"mode": "PERMISSIVE"}})
 
 
 def test_nothing_restarted_along_the_way(mesh):

@@ -115,6 +115,14 @@ def test_cancel_aborts_both():
     asyncio.run(main())
 
 
+async def _assert_reset(*socks: socket.socket) -> None:
+    """Each socket's peer reset it (RST, not FIN); then it is closed."""
+    for sock in socks:
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 10), 5)
+        sock.close()
+
+
 def test_abort_resets_both_sides_and_returns_the_counts():
     async def main():
         loop = asyncio.get_running_loop()
@@ -129,26 +137,19 @@ def test_abort_resets_both_sides_and_returns_the_counts():
         abort()
         result = await asyncio.wait_for(task, 5)
         assert (result.a_to_b, result.b_to_a) == (5, 2)
-        for sock in (client, server):
-            with pytest.raises(ConnectionResetError):
-                await asyncio.wait_for(loop.sock_recv(sock, 10), 5)
-            sock.close()
+        await _assert_reset(client, server)
     asyncio.run(main())
 
 
 def test_abort_before_the_splice_starts_ends_it_as_it_starts():
     async def main():
-        loop = asyncio.get_running_loop()
         client, a = await _pair()
         server, b = await _pair()
         abort = Abort()
         abort()
         result = await asyncio.wait_for(splice(a, b, abort), 5)
         assert (result.a_to_b, result.b_to_a) == (0, 0)
-        for sock in (client, server):
-            with pytest.raises(ConnectionResetError):
-                await asyncio.wait_for(loop.sock_recv(sock, 10), 5)
-            sock.close()
+        await _assert_reset(client, server)
     asyncio.run(main())
 
 
