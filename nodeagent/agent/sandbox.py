@@ -250,6 +250,10 @@ class Sandbox:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         shutil.rmtree(self.waypoint_dir, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(self.waypoint_dir))  # the shared parent, once no sandbox uses it
+        except OSError:
+            pass  # another sandbox's directory is still in it, or it is gone
         return left
 
     def leftovers(self) -> list[str]:
