@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,34 @@ def test_nothing_is_steered_before_envoy_acked(waypoint):
                              "snapshot_error": None}
     assert status["dataplane"] == {"outbound": [], "inbound": []}
     assert status["envoy"]["running"] is False and status["envoy"]["pid"] is None
+
+
+def test_an_ack_steers_on_the_agents_loop_and_tells_only_of_changed_steering(waypoint):
+    told: list[DataPlane] = []
+    waypoint.on_steering = lambda: told.append(waypoint.dataplane())
+
+    async def acked(snapshot, node: str = "node1") -> None:
+        """As the xDS server does: from one of its threads, then the loop runs the hand-over."""
+        thread = threading.Thread(target=waypoint._acked, args=(node, snapshot))
+        thread.start()
+        thread.join()
+        await asyncio.sleep(0.01)
+
+    async def go():
+        waypoint._loop = asyncio.get_running_loop()
+        waypoint.update(model(VS + AUTHZ))
+        first = waypoint.cache.get("node1")
+        await acked(first, node="node2")  # another node's proxy steers nothing here
+        assert (waypoint.dataplane(), told) == (DataPlane(waypoint.sockets), [])
+        await acked(first)
+        assert waypoint.dataplane() is first.dataplane and told == [first.dataplane]
+        waypoint.update(model(VS + AUTHZ))  # a new version, the same steering: nothing to re-check
+        await acked(waypoint.cache.get("node1"))
+        assert waypoint.cache.get("node1").version == "2" and len(told) == 1
+        waypoint.update(model(VS))  # ratings' policy gone: its ports leave the server side
+        await acked(waypoint.cache.get("node1"))
+        assert [sorted(d.inbound) for d in told] == [[("10.244.1.8", 9000), ("10.244.1.8", 9090)], []]
+    asyncio.run(go())
 
 
 def test_an_invalid_resource_keeps_its_last_good_version_and_is_reported(waypoint):
