@@ -19,9 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Connect to the xDS server as an Envoy would (ADS) and print "
                                     "what it sends for the node.")
     pc.add_argument("kind", choices=("listeners", "routes", "clusters", "endpoints"))
-    pc.add_argument("--xds-socket", default=DEFAULT_XDS_SOCKET,
+    pc.add_argument("--xds-socket",
                     help=f"the agent's xDS unix socket (default {DEFAULT_XDS_SOCKET}), or HOST:PORT")
     pc.add_argument("--node", help="node id to ask for (default: $NODE_NAME or the host name)")
+    pc.add_argument("--lab", help="read the waypoint of lab node --node in this lab (e.g. nalab)")
     pc.add_argument("--output", "-o", choices=("short", "json"), default="short")
     pc.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
     pc.set_defaults(func=_proxy_config)
@@ -43,10 +44,22 @@ def _proxy_config(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise ConfigError("--timeout", f"{args.timeout} must be positive")
     node = args.node or os.environ.get("NODE_NAME") or socket.gethostname()
-    resources = client.fetch(args.xds_socket, node, timeout=args.timeout)
+    resources = client.fetch(xds_socket(args.xds_socket, args.lab, args.node), node, timeout=args.timeout)
     kind = proxyconfig.KINDS[args.kind]
     sys.stdout.write(proxyconfig.render(args.kind, resources.get(kind, {}), args.output))
     return 0
+
+
+def xds_socket(given: str | None, lab: str | None, node: str | None) -> str:
+    """--xds-socket, or the socket of lab `lab`'s node `node`, or the default."""
+    if lab is None:
+        return given or DEFAULT_XDS_SOCKET
+    from nodeagent.lab.layout import Layout, check_name
+
+    if given or not node:
+        raise ConfigError("--lab", "names the lab of --node instead of --xds-socket",
+                          "give --lab with --node NODE, or --xds-socket alone")
+    return os.path.join(Layout(check_name(lab), cgroup_root="").waypoint_dir(node), "xds.sock")
 
 
 def _analyze(args: argparse.Namespace) -> int:

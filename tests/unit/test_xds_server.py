@@ -22,9 +22,11 @@ from envoy_data_plane.google.rpc import Status
 from prometheus_client import CollectorRegistry
 
 from nodeagent.cli import main
+from nodeagent.errors import ConfigError
 from nodeagent.xds import resources as rt
 from nodeagent.xds.accesslog import RequestMetrics
 from nodeagent.xds.cache import SnapshotCache
+from nodeagent.xds.cli import DEFAULT_XDS_SOCKET, xds_socket
 from nodeagent.xds.client import AdsSession, XdsClientError, fetch
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.snapshot import Snapshot
@@ -114,9 +116,11 @@ def test_a_burst_of_changes_is_one_debounced_push(served):
     cache.set_snapshot("node1", snapshot("1"))
     with AdsSession(path, "node1") as session:
         session.wait(AdsSession.complete)
-        for i, timeout in enumerate(("2s", "3s", "4s", "5s"), start=2):
-            cache.set_snapshot("node1", snapshot(str(i), timeout=timeout))
-            time.sleep(0.03)  # well inside the 0.2 s debounce
+        # Built first, then set back to back: the burst lies well inside the 0.2 s debounce
+        # even on a loaded machine (sleeps between the sets made it flaky there).
+        burst = [snapshot(str(i), timeout=timeout) for i, timeout in enumerate(("2s", "3s", "4s", "5s"), start=2)]
+        for snap in burst:
+            cache.set_snapshot("node1", snap)
         last = snapshot("5", timeout="5s")
         session.wait(lambda s: len(s.responses) == 5)
         time.sleep(0.5)
@@ -293,3 +297,14 @@ def test_the_server_can_also_listen_on_loopback_tcp_for_tests():
         assert sorted(fetch(f"127.0.0.1:{server.port}", "node1")[rt.ROUTE]) == [f"{REVIEWS}:9080"]
     finally:
         server.stop()
+
+
+def test_proxy_config_finds_a_lab_nodes_waypoint_socket():
+    assert xds_socket(None, None, "node1") == DEFAULT_XDS_SOCKET
+    assert xds_socket("/tmp/x.sock", None, None) == "/tmp/x.sock"
+    assert xds_socket(None, "nalab", "node2") == "/run/nodeagent/nalab/waypoint/node2/xds.sock"
+    for given, node in (("/tmp/x.sock", "node2"), (None, None)):
+        with pytest.raises(ConfigError, match="--lab"):
+            xds_socket(given, "nalab", node)
+    with pytest.raises(ConfigError):
+        xds_socket(None, "Not A Lab", "node1")
