@@ -268,7 +268,8 @@ def wait_running(state: StateDir, supervisor_pid: int, keys: list[str], out: Out
 
 def agent_problem(status: dict | None, meshed: set[str]) -> str | None:
     """Why an agent (its /debug/status) cannot carry its node's mesh traffic yet, or None:
-    not ready, a meshed Running pod not enrolled, or an identity without a certificate."""
+    not ready, a meshed Running pod not enrolled, an identity without a certificate, or
+    (when it runs one) its waypoint Envoy not running the latest configuration."""
     if status is None or not status.get("ready"):
         return "not ready"
     enrolled = {f"{p['namespace']}/{p['name']}" for p in status.get("pods", [])}
@@ -279,6 +280,10 @@ def agent_problem(status: dict | None, meshed: set[str]) -> str | None:
     pending = [i["identity"] for i in identities if not i.get("valid")]
     if identity.get("enabled") and (pending or (enrolled and not identities)):
         return f"no certificate yet for {', '.join(pending) or 'its pods'}"
+    waypoint = status.get("waypoint")
+    if waypoint is not None and not waypoint.get("xds", {}).get("in_sync"):
+        return "waypoint Envoy not in sync yet" if waypoint.get("envoy", {}).get("running") \
+            else "waypoint Envoy not running yet"
     return None
 
 

@@ -45,9 +45,12 @@ def test_provision_tokens_keys_and_root(tmp_path):
     assert auth.authenticate(tokens["node2"]).node == "node2"
 
 
-def status(ready=True, pods=(), identities=(), enabled=True) -> dict:
+def status(ready=True, pods=(), identities=(), enabled=True, waypoint=None) -> dict:
+    """An agent's /debug/status as agent_problem reads it; `waypoint`: (Envoy running, in sync)."""
     return {"ready": ready, "pods": [{"namespace": ns, "name": n} for ns, n in pods],
-            "identity": {"enabled": enabled, "identities": [{"identity": i, "valid": v} for i, v in identities]}}
+            "identity": {"enabled": enabled, "identities": [{"identity": i, "valid": v} for i, v in identities]},
+            "waypoint": None if waypoint is None else {"envoy": {"running": waypoint[0]},
+                                                       "xds": {"in_sync": waypoint[1]}}}
 
 
 def test_agent_problem_says_what_is_missing():
@@ -62,6 +65,10 @@ def test_agent_problem_says_what_is_missing():
     assert agent_problem(status(pods=both, identities=[(sa, True)]), meshed) is None
     assert agent_problem(status(pods=both, enabled=False), meshed) is None
     assert agent_problem(status(), set()) is None
+    # An agent running a waypoint is ready once its Envoy runs the latest configuration.
+    assert agent_problem(status(waypoint=(False, False)), set()) == "waypoint Envoy not running yet"
+    assert agent_problem(status(waypoint=(True, False)), set()) == "waypoint Envoy not in sync yet"
+    assert agent_problem(status(waypoint=(True, True)), set()) is None
 
 
 def test_lab_status_shows_the_ca():
