@@ -20,7 +20,7 @@ import socket
 from typing import Callable
 
 from nodeagent.agent import inpod
-from nodeagent.agent.admission import DENY, WAYPOINT, InboundConnections, admit, describe
+from nodeagent.agent.admission import DENY, WAYPOINT, Delivered, InboundConnections, admit, describe
 from nodeagent.agent.destinations import service_of
 from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inpod import PodContext
@@ -90,13 +90,13 @@ class InboundView:
     def deny(self, flow: Flow, policy: str, reason: str) -> None:
         self.telemetry.denied(flow, policy, reason)
 
-    async def relay_delivered(self, metrics: AgentMetrics, flow: Flow, conn: Connection, src: Address, client,
-                              upstream: socket.socket, plaintext: bool) -> None:
-        """Relay a connection the agent delivered to the app, tracked for re-checks while
-        it lasts (admission.InboundConnections), then close its report: with DENY when a
-        policy change revoked it."""
-        with self.connections.delivering(conn, src, plaintext) as entry:
-            result = await relay(metrics, "inbound", client, upstream, entry.abort)
+    async def relay_delivered(self, metrics: AgentMetrics, flow: Flow, entry: Delivered, client,
+                              upstream: socket.socket) -> None:
+        """Relay a connection the agent delivered to the app, tracked (`entry`, from
+        `connections.delivering`, entered before the delivery's connect so no re-check
+        misses it) for re-checks, then close its report: with DENY when a policy change
+        revoked it. One revoked while connecting is reset as it starts."""
+        result = await relay(metrics, "inbound", client, upstream, entry.abort)
         received, sent, revoked = result.a_to_b, result.b_to_a, entry.revoked
         if revoked is None:
             self.telemetry.close(flow, received=received, sent=sent)
@@ -151,15 +151,17 @@ class InboundRelay(Relay):
         if admission.route == WAYPOINT:
             await self._through_waypoint(ctx, client, flow, src, dst, None)
             return
-        try:
-            upstream = await self.delivery.connect(ctx, src, dst)
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = connect_failure_reason(exc)
-            self._fail(ctx, client, reason, f"delivery from {src[0]} to {dst[0]}:{dst[1]} failed: {reason} ({exc})")
-            self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
-            return
-        self.log.debug("inbound %s:%d -> %s %s:%d", src[0], src[1], ctx, dst[0], dst[1])
-        await self.view.relay_delivered(self.metrics, flow, conn, src, client, upstream, plaintext=True)
+        with self.view.connections.delivering(conn, src, plaintext=True) as entry:
+            try:
+                upstream = await self.delivery.connect(ctx, src, dst)
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = connect_failure_reason(exc)
+                self._fail(ctx, client, reason,
+                           f"delivery from {src[0]} to {dst[0]}:{dst[1]} failed: {reason} ({exc})")
+                self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
+                return
+            self.log.debug("inbound %s:%d -> %s %s:%d", src[0], src[1], ctx, dst[0], dst[1])
+            await self.view.relay_delivered(self.metrics, flow, entry, client, upstream)
 
     async def _through_waypoint(self, ctx: PodContext, client, flow: Flow, src: Address, dst: Address,
                                 principal: str | None) -> None:

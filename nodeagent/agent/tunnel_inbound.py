@@ -121,14 +121,15 @@ class TunnelInbound:
         self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
 
     async def _deliver(self, ctx: PodContext, stream: HboneStream, flow, conn: Connection, src, dst) -> None:
-        try:
-            upstream = await self.delivery.connect(ctx, src, dst)
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = connect_failure_reason(exc)
-            stream.respond(503, reason="app_unreachable")
-            self.metrics.failure("inbound", reason)
-            self.log.warning("inbound HBONE to %s port %d: delivery failed: %s (%s)", ctx, dst[1], reason, exc)
-            self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
-            return
-        stream.respond(200)
-        await self.view.relay_delivered(self.metrics, flow, conn, src, stream, upstream, plaintext=False)
+        with self.view.connections.delivering(conn, src, plaintext=False) as entry:
+            try:
+                upstream = await self.delivery.connect(ctx, src, dst)
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = connect_failure_reason(exc)
+                stream.respond(503, reason="app_unreachable")
+                self.metrics.failure("inbound", reason)
+                self.log.warning("inbound HBONE to %s port %d: delivery failed: %s (%s)", ctx, dst[1], reason, exc)
+                self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
+                return
+            stream.respond(200)
+            await self.view.relay_delivered(self.metrics, flow, entry, stream, upstream)
