@@ -228,7 +228,7 @@ def _until(step: Callable[[], tuple[list[str], str]], out: Out, timeout: float,
     deadline, shown = time.monotonic() + timeout, None
     while True:
         waiting, progress = step()
-        if progress != shown:
+        if progress and progress != shown:
             out(progress)
             shown = progress
         if not waiting:
@@ -255,7 +255,7 @@ def wait_running(state: StateDir, supervisor_pid: int, keys: list[str], out: Out
             elif since.get(k, (0, None))[1] != runtime.restarts(k):
                 since[k] = (now, runtime.restarts(k))
         waiting = [k for k in keys if k not in since or now - since[k][0] < STABLE]
-        return waiting, f"{len(keys) - len(waiting)}/{len(keys)} pods Running"
+        return waiting, f"{len(keys) - len(waiting)}/{len(keys)} pods Running" if keys else ""
 
     def failed(waiting: list[str]) -> LabError:
         runtime = state.load_runtime()

@@ -70,6 +70,12 @@ def _action(route) -> str:
         return "redirect"
     if route.direct_response is not None:
         return f"direct {route.direct_response.status}"
+    weighted = route.route.weighted_clusters if route.route is not None else None
+    if weighted is not None and len(weighted.clusters) > 1:  # a split: name each share
+        total = sum(c.weight or 0 for c in weighted.clusters) or 1
+        mirrors = [m.cluster for m in route.route.request_mirror_policies]
+        return ", ".join([f"{c.name} {100 * (c.weight or 0) / total:g}%" for c in weighted.clusters]
+                         + [f"{m} (mirror)" for m in mirrors])
     return ", ".join(action_clusters(route))
 
 
