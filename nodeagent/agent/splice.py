@@ -187,17 +187,19 @@ def _reset(transport: asyncio.BaseTransport) -> None:
     RST_STREAM."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        except OSError:
-            pass
+        _linger_reset(sock)
     transport.abort()
 
 
 def reset(sock: socket.socket) -> None:
     """Close `sock` with a RST (SO_LINGER 0), so the peer sees the failure at once."""
+    _linger_reset(sock)
+    sock.close()
+
+
+def _linger_reset(sock) -> None:
+    """Make the next close of `sock` send RST (SO_LINGER on, 0 s); a closed socket is left be."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     except OSError:
         pass
-    sock.close()

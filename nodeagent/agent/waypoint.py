@@ -118,10 +118,9 @@ class Waypoint:
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.server.start(unix_path=self.sockets.xds)
-        loop = asyncio.get_running_loop()
         for name in self.handlers:
             path = self.sockets.path(f"{name}.sock")
             if os.path.exists(path):
