@@ -1,16 +1,18 @@
-"""Which way an inbound connection to a meshed pod goes, and the re-check of the ones
-the agent delivered itself whenever what decided them changes.
+"""Which way an inbound connection to a meshed pod goes, and the re-check of every one
+the agent sent on whenever what decided it changes.
 
 `admit` is the one decision, from the policies in force and the waypoint's ACKed
 steering: refused (PeerAuthentication STRICT for plaintext, else AuthorizationPolicy),
 through the waypoint (the pod's port has server-side L7 policy, which Envoy enforces in
 full), or delivered by the agent. The plaintext relay and the HBONE server ask it when a
-connection arrives. `InboundConnections` keeps the delivered ones and asks again when
-the policies or the steering change (as ztunnel's connection manager does): one the new
-state would not deliver (now denied, or now behind the waypoint) is reset, and its
-report says why. The client's next connection meets the policy in force, so a pooled
-HTTP connection cannot keep requests out of a new policy's reach. Connections through
-the waypoint are not tracked: Envoy applies every change to them itself.
+connection arrives. `InboundConnections` keeps the connections they sent on, delivered
+or through the waypoint, and asks again when the policies or the steering change (as
+ztunnel's connection manager does). One the new state would send another way (now
+denied, now behind the waypoint, no longer behind it) is reset, and so is one held on a
+waypoint filter chain that changed: Envoy keeps a connection on the chain it was
+accepted on until that chain's drain ends, so without the reset a pooled HTTP connection
+would keep a withdrawn JWT requirement or rate limit, or miss a new rule. The client's
+next connection meets the policy in force, applied and withdrawn alike.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ class Admission:
     route: str  # DELIVER, WAYPOINT or DENY
     policy: str = ""  # DENY: the label of what refused it (a policy's ns/name, STRICT_POLICY, NO_ALLOW_MATCH)
     reason: str = ""  # DENY: why, for logs and the flow log
+    chain: str = ""  # WAYPOINT: the digest of the Envoy filter chain that serves it
 
 
-def through_waypoint(waypoint, dst: Address) -> bool:
-    """Whether the waypoint (when the agent runs one) has server-side L7 for `dst`."""
-    return waypoint is not None and dst in waypoint.dataplane().inbound
+def waypoint_chain(waypoint, dst: Address) -> str | None:
+    """The digest of the waypoint's filter chain for `dst` (server-side L7 in force and
+    ACKed), or None when `dst` is not behind the waypoint (or the agent runs none)."""
+    return waypoint.dataplane().inbound.get(dst) if waypoint is not None else None
 
 
 def admit(policies: PolicySet, waypoint, conn: Connection, plaintext: bool) -> Admission:
@@ -52,8 +56,9 @@ def admit(policies: PolicySet, waypoint, conn: Connection, plaintext: bool) -> A
     port = conn.destination_port
     if plaintext and policies.mtls_mode(conn.destination, port) == STRICT:
         return Admission(DENY, STRICT_POLICY, f"PeerAuthentication STRICT on port {port}: plaintext refused")
-    if through_waypoint(waypoint, (conn.destination_ip, port)):
-        return Admission(WAYPOINT)
+    chain = waypoint_chain(waypoint, (conn.destination_ip, port))
+    if chain is not None:
+        return Admission(WAYPOINT, chain=chain)
     decision = policies.authorize(conn)
     if decision.allowed:
         return Admission(DELIVER)
@@ -62,13 +67,21 @@ def admit(policies: PolicySet, waypoint, conn: Connection, plaintext: bool) -> A
 
 @dataclass(eq=False)
 class Delivered:
-    """A connection the agent delivered to a pod: what it was admitted as, and how to end it."""
+    """A connection the agent sent on to a pod, itself or through the waypoint: what it
+    was admitted as, and how to end it."""
 
     conn: Connection
     src: Address  # the client's address and port
     plaintext: bool
+    admission: Admission  # DELIVER, or WAYPOINT with the chain it was sent to
     abort: Abort
     revoked: Admission | None = None  # set when a re-check ended it
+
+
+def still_admitted(entry: Delivered, now: Admission) -> bool:
+    """Whether `entry` may live on under the admission `now` of its connection: the same
+    route, and for the waypoint the same filter chain."""
+    return now.route == entry.admission.route and now.chain == entry.admission.chain
 
 
 class InboundConnections:
@@ -80,17 +93,18 @@ class InboundConnections:
         self.waypoint = None  # the node's Waypoint, when the agent runs one
         self._delivered: set[Delivered] = set()
         self.revoked = Counter("nodeagent_inbound_connections_revoked",
-                               "Delivered inbound connections reset because a policy or waypoint change "
-                               "no longer lets the agent deliver them, by reason (deny, waypoint)",
-                               ["reason"], registry=registry)
+                               "Inbound connections the agent sent on (delivered or through the waypoint) reset "
+                               "because a policy or waypoint change sends them another way, by that way "
+                               "(deny, waypoint, deliver)", ["reason"], registry=registry)
 
     def __len__(self) -> int:
         return len(self._delivered)
 
     @contextmanager
-    def delivering(self, conn: Connection, src: Address, plaintext: bool) -> Iterator[Delivered]:
-        """Track a connection while the agent relays it to the pod."""
-        entry = Delivered(conn, src, plaintext, Abort())
+    def delivering(self, conn: Connection, src: Address, plaintext: bool,
+                   admission: Admission = Admission(DELIVER)) -> Iterator[Delivered]:
+        """Track a connection while the agent relays it to the pod or the waypoint."""
+        entry = Delivered(conn, src, plaintext, admission, Abort())
         self._delivered.add(entry)
         try:
             yield entry
@@ -98,8 +112,8 @@ class InboundConnections:
             self._delivered.discard(entry)
 
     def recheck(self) -> int:
-        """Admit every delivered connection again; reset those that would no longer be
-        delivered. Returns how many were reset."""
+        """Admit every tracked connection again; reset those that would now go another
+        way or meet another waypoint filter chain. Returns how many were reset."""
         policies, ended = self.policies(), 0
         for entry in list(self._delivered):
             if entry.revoked is not None:
@@ -107,19 +121,24 @@ class InboundConnections:
             ctx = self.pod_at(entry.conn.destination_ip)
             conn = replace(entry.conn, destination=ctx.pod) if ctx is not None else entry.conn
             admission = admit(policies, self.waypoint, conn, entry.plaintext)
-            if admission.route == DELIVER:
+            if still_admitted(entry, admission):
                 continue
             entry.revoked = admission
             entry.abort()
             ended += 1
             self.revoked.labels(reason=admission.route).inc()
             self.log.info("inbound %s:%d -> %s:%d (%s): reset, %s", *entry.src, conn.destination_ip,
-                          conn.destination_port, conn.source_principal or "plaintext", describe(admission))
+                          conn.destination_port, conn.source_principal or "plaintext", describe(admission, entry))
         return ended
 
 
-def describe(admission: Admission) -> str:
-    """Why a delivered connection was reset, for the log and the flow log."""
-    if admission.route == WAYPOINT:
+def describe(admission: Admission, entry: Delivered) -> str:
+    """Why the tracked connection `entry` was reset under `admission`, for the log and the
+    flow log."""
+    if admission.route == DENY:
+        return f"no longer allowed: {admission.reason}"
+    if entry.admission.route == DELIVER:
         return "the port is now behind the waypoint (server-side L7 policy); the client reconnects through it"
-    return f"no longer allowed: {admission.reason}"
+    if admission.route == DELIVER:
+        return "the port's server-side L7 policy was withdrawn; the client reconnects without the waypoint"
+    return "the port's server-side L7 policy changed; the client reconnects under the new one"

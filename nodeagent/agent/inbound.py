@@ -20,7 +20,7 @@ import socket
 from typing import Callable
 
 from nodeagent.agent import inpod
-from nodeagent.agent.admission import DENY, WAYPOINT, Delivered, InboundConnections, admit, describe
+from nodeagent.agent.admission import DENY, WAYPOINT, Admission, Delivered, InboundConnections, admit, describe
 from nodeagent.agent.destinations import service_of
 from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inpod import PodContext
@@ -92,18 +92,18 @@ class InboundView:
 
     async def relay_delivered(self, metrics: AgentMetrics, flow: Flow, entry: Delivered, client,
                               upstream: socket.socket) -> None:
-        """Relay a connection the agent delivered to the app, tracked (`entry`, from
-        `connections.delivering`, entered before the delivery's connect so no re-check
-        misses it) for re-checks, then close its report: with DENY when a policy change
-        revoked it. One revoked while connecting is reset as it starts."""
+        """Relay a connection the agent sent on (to the app, or to the waypoint), tracked
+        (`entry`, from `connections.delivering`, entered before the upstream connect so
+        no re-check misses it) for re-checks, then close its report: with DENY when a
+        policy change revoked it. One revoked while connecting is reset as it starts."""
         result = await relay(metrics, "inbound", client, upstream, entry.abort)
         received, sent, revoked = result.a_to_b, result.b_to_a, entry.revoked
         if revoked is None:
             self.telemetry.close(flow, received=received, sent=sent)
         elif revoked.route == DENY:
-            self.telemetry.denied(flow, revoked.policy, describe(revoked), received=received, sent=sent)
+            self.telemetry.denied(flow, revoked.policy, describe(revoked, entry), received=received, sent=sent)
         else:
-            self.telemetry.close(flow, received=received, sent=sent, reason=describe(revoked))
+            self.telemetry.close(flow, received=received, sent=sent, reason=describe(revoked, entry))
 
 
 def _peer_of_principal(principal: str) -> Peer:
@@ -149,7 +149,7 @@ class InboundRelay(Relay):
             self.view.deny(flow, admission.policy, admission.reason)
             return
         if admission.route == WAYPOINT:
-            await self._through_waypoint(ctx, client, flow, src, dst, None)
+            await self._through_waypoint(ctx, client, flow, conn, admission)
             return
         with self.view.connections.delivering(conn, src, plaintext=True) as entry:
             try:
@@ -163,17 +163,19 @@ class InboundRelay(Relay):
             self.log.debug("inbound %s:%d -> %s %s:%d", src[0], src[1], ctx, dst[0], dst[1])
             await self.view.relay_delivered(self.metrics, flow, entry, client, upstream)
 
-    async def _through_waypoint(self, ctx: PodContext, client, flow: Flow, src: Address, dst: Address,
-                                principal: str | None) -> None:
+    async def _through_waypoint(self, ctx: PodContext, client, flow: Flow, conn: Connection,
+                                admission: Admission) -> None:
         """Server-side L7: the pod's HTTP port is behind the waypoint, which enforces every
-        policy of the pod and hands allowed requests back on deliver.sock."""
-        upstream = await open_inbound(self.waypoint, src, dst, principal)
-        if isinstance(upstream, str):
-            self._fail(ctx, client, "waypoint_unavailable", f"from {src[0]} to {dst[0]}:{dst[1]}: {upstream}")
-            self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="waypoint_unavailable")
-            return
-        result = await relay(self.metrics, "inbound", client, upstream)
-        self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
+        policy of the pod and hands allowed requests back on deliver.sock. Tracked, so a
+        change of that policy resets it."""
+        src, dst = flow.src, flow.dst
+        with self.view.connections.delivering(conn, src, plaintext=True, admission=admission) as entry:
+            upstream = await open_inbound(self.waypoint, src, dst, None)
+            if isinstance(upstream, str):
+                self._fail(ctx, client, "waypoint_unavailable", f"from {src[0]} to {dst[0]}:{dst[1]}: {upstream}")
+                self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="waypoint_unavailable")
+                return
+            await self.view.relay_delivered(self.metrics, flow, entry, client, upstream)
 
     async def handle_delivery(self, sock: socket.socket, header: dataplane.ProxyHeader) -> None:
         """A request Envoy allowed, handed back on deliver.sock: into the pod, as the client."""

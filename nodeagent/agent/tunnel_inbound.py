@@ -18,7 +18,7 @@ import logging
 import socket
 from typing import Callable
 
-from nodeagent.agent.admission import DENY, WAYPOINT, admit
+from nodeagent.agent.admission import DENY, WAYPOINT, Admission, admit
 from nodeagent.agent.inbound import Delivery, InboundView, open_inbound
 from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
@@ -90,7 +90,7 @@ class TunnelInbound:
         conn = Connection(src[0], info.peer_identity, flow.source.namespace, ctx.pod, dst[0], dst[1])
         admission = admit(self.view.policies.current, self.waypoint, conn, plaintext=False)
         if admission.route == WAYPOINT:
-            await self._through_waypoint(ctx, stream, flow, src, dst, info.peer_identity)
+            await self._through_waypoint(ctx, stream, flow, conn, admission)
             return
         if admission.route == DENY:
             stream.respond(403, reason="policy_denied")
@@ -107,18 +107,21 @@ class TunnelInbound:
             return f":authority port {dst[1]} is one of the agent's own ports"
         return None
 
-    async def _through_waypoint(self, ctx: PodContext, stream: HboneStream, flow, src, dst, principal) -> None:
-        """Server-side L7: Envoy enforces the pod's policy with the verified principal."""
-        upstream = await open_inbound(self.waypoint, src, dst, principal)
-        if isinstance(upstream, str):
-            stream.respond(503, reason="waypoint_unavailable")
-            self.metrics.failure("inbound", "waypoint_unavailable")
-            self.log.warning("inbound HBONE to %s port %d: %s", ctx, dst[1], upstream)
-            self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="waypoint_unavailable")
-            return
-        stream.respond(200)
-        result = await relay(self.metrics, "inbound", stream, upstream)
-        self.view.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
+    async def _through_waypoint(self, ctx: PodContext, stream: HboneStream, flow, conn: Connection,
+                                admission: Admission) -> None:
+        """Server-side L7: Envoy enforces the pod's policy with the verified principal.
+        Tracked, so a change of that policy resets the stream."""
+        src, dst = flow.src, flow.dst
+        with self.view.connections.delivering(conn, src, plaintext=False, admission=admission) as entry:
+            upstream = await open_inbound(self.waypoint, src, dst, conn.source_principal)
+            if isinstance(upstream, str):
+                stream.respond(503, reason="waypoint_unavailable")
+                self.metrics.failure("inbound", "waypoint_unavailable")
+                self.log.warning("inbound HBONE to %s port %d: %s", ctx, dst[1], upstream)
+                self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="waypoint_unavailable")
+                return
+            stream.respond(200)
+            await self.view.relay_delivered(self.metrics, flow, entry, stream, upstream)
 
     async def _deliver(self, ctx: PodContext, stream: HboneStream, flow, conn: Connection, src, dst) -> None:
         with self.view.connections.delivering(conn, src, plaintext=False) as entry:

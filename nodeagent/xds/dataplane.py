@@ -26,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from nodeagent.errors import ConfigError
@@ -89,11 +89,15 @@ class Sockets:
 
 @dataclass(frozen=True)
 class DataPlane:
-    """What the agent needs from one snapshot: which connections go through Envoy."""
+    """What the agent needs from one snapshot: which connections go through Envoy, and
+    for the server side, a digest of the filter chain Envoy applies to each (a connection
+    held on a chain that changed or went is reset by the agent: Envoy would keep the old
+    chain's policy on it until its drain ends)."""
 
     sockets: Sockets
     outbound: frozenset[tuple[str, int]] = frozenset()  # (service VIP, port) → outbound.sock
-    inbound: frozenset[tuple[str, int]] = frozenset()  # (local pod IP, port) → inbound.sock
+    # (local pod IP, port) → inbound.sock; the value is its filter chain's digest
+    inbound: Mapping[tuple[str, int], str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,11 @@ HTTPBIN = "foo/httpbin"  # 10.244.1.10
 
 
 class Steering:
-    """A stand-in Waypoint: what it has ACKed for the server side."""
+    """A stand-in Waypoint: what it has ACKed for the server side, each (pod IP, port)
+    served by a filter chain of digest `chain`."""
 
-    def __init__(self, *inbound: tuple[str, int]):
-        self.inbound = frozenset(inbound)
+    def __init__(self, *inbound: tuple[str, int], chain: str = "chain-1"):
+        self.inbound = {dst: chain for dst in inbound}
 
     def dataplane(self) -> DataPlane:
         return DataPlane(Sockets("/nonexistent"), inbound=self.inbound)
@@ -48,7 +49,7 @@ def test_admit_checks_strict_then_the_waypoint_then_authorization():
     # STRICT is the agent's even for a port behind the waypoint: Envoy never sees plaintext.
     assert admit(strict, behind, plain, plaintext=True) == Admission(
         DENY, STRICT_POLICY, "PeerAuthentication STRICT on port 8000: plaintext refused")
-    assert admit(strict, behind, other, plaintext=False) == Admission(WAYPOINT)  # Envoy's to decide
+    assert admit(strict, behind, other, plaintext=False) == Admission(WAYPOINT, chain="chain-1")  # Envoy's
     assert admit(strict, None, sleep, plaintext=False) == Admission(DELIVER)
     refused = admit(strict, None, other, plaintext=False)
     assert (refused.route, refused.policy) == (DENY, NO_ALLOW_MATCH)
@@ -94,8 +95,55 @@ def test_a_port_moving_behind_the_waypoint_resets_its_delivered_connections():
             c.delivering(connection(HTTPBIN, 9000), ("10.244.1.20", 40001), plaintext=False) as tcp:
         c.waypoint = Steering(("10.244.1.10", 8000))
         assert c.recheck() == 1 and (http.abort.requested, tcp.abort.requested) == (True, False)
-        assert http.revoked == Admission(WAYPOINT) and world.revoked("waypoint") == 1
-        assert describe(http.revoked).startswith("the port is now behind the waypoint")
+        assert http.revoked == Admission(WAYPOINT, chain="chain-1") and world.revoked("waypoint") == 1
+        assert describe(http.revoked, http).startswith("the port is now behind the waypoint")
+
+
+def through(c: InboundConnections, port: int, src_port: int, plaintext: bool = False, chain: str = "chain-1"):
+    """Track a connection sent through the waypoint's filter chain `chain` for HTTPBIN:port."""
+    principal = None if plaintext else "default/sleep"
+    return c.delivering(connection(HTTPBIN, port, principal), ("10.244.1.20", src_port), plaintext,
+                        Admission(WAYPOINT, chain=chain))
+
+
+def test_a_connection_through_the_waypoint_lives_while_its_filter_chain_stays():
+    world = World(valid(""))
+    c = world.connections
+    c.waypoint = Steering(("10.244.1.10", 8000), ("10.244.1.10", 8080))
+    with through(c, 8000, 40000) as held, through(c, 8080, 40001) as other:
+        assert (len(c), c.recheck()) == (2, 0)
+        # Another pod port's chain changes: only the connections on that chain end.
+        c.waypoint = Steering(("10.244.1.10", 8000), chain="chain-1")
+        c.waypoint.inbound[("10.244.1.10", 8080)] = "chain-2"
+        assert c.recheck() == 1 and (held.abort.requested, other.abort.requested) == (False, True)
+        assert other.revoked == Admission(WAYPOINT, chain="chain-2") and world.revoked("waypoint") == 1
+        assert describe(other.revoked, other) == \
+            "the port's server-side L7 policy changed; the client reconnects under the new one"
+
+
+def test_a_withdrawn_server_side_policy_resets_the_connections_held_through_the_waypoint():
+    """Envoy would keep a held connection on the removed chain (its JWT rule, its rate
+    limit) until the chain's drain ends: the agent resets it once Envoy ACKed the removal."""
+    world = World(valid(""))
+    c = world.connections
+    c.waypoint = Steering(("10.244.1.10", 8000))
+    with through(c, 8000, 40000) as held, c.delivering(connection(HTTPBIN, 9000), ("10.244.1.20", 40001),
+                                                       plaintext=False) as tcp:
+        c.waypoint = Steering()
+        assert c.recheck() == 1 and (held.abort.requested, tcp.abort.requested) == (True, False)
+        assert held.revoked == Admission(DELIVER) and world.revoked("deliver") == 1
+        assert describe(held.revoked, held) == \
+            "the port's server-side L7 policy was withdrawn; the client reconnects without the waypoint"
+
+
+def test_strict_resets_plaintext_held_through_the_waypoint():
+    world = World(valid(""))
+    c = world.connections
+    c.waypoint = Steering(("10.244.1.10", 8000))
+    with through(c, 8000, 40000, plaintext=True) as plain, through(c, 8000, 40001) as mtls:
+        world.policies = valid(STRICT)
+        assert c.recheck() == 1 and (plain.abort.requested, mtls.abort.requested) == (True, False)
+        assert (plain.revoked.route, plain.revoked.policy) == (DENY, STRICT_POLICY)
 
 
 def test_recheck_reads_the_pod_as_enrolled_now():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from nodeagent.agent import config as agent_config
-from nodeagent.agent.admission import through_waypoint
+from nodeagent.agent.admission import waypoint_chain
 from nodeagent.agent.policies import spec_digest
 from nodeagent.agent.waypoint import Waypoint, WaypointUnavailable, read_header
 from nodeagent.xds import dataplane, resources as rt
@@ -71,7 +72,9 @@ def test_each_model_publishes_a_snapshot_and_the_digests_in_force(waypoint):
     snapshot = waypoint.cache.get("node1")
     assert snapshot.version == "1"
     assert snapshot.dataplane.outbound == {("10.96.1.10", 9080)}
-    assert snapshot.dataplane.inbound == {("10.244.1.8", 9000), ("10.244.1.8", 9090)}  # ratings' HTTP/gRPC ports
+    assert set(snapshot.dataplane.inbound) == {("10.244.1.8", 9000), ("10.244.1.8", 9090)}  # ratings' HTTP/gRPC
+    digests = snapshot.dataplane.inbound
+    assert all(re.fullmatch("[0-9a-f]{16}", d) for d in digests.values()) and len(set(digests.values())) == 2
     assert waypoint.describe()["resources"] == {"VirtualService shop/reviews": spec_digest(spec_of(VS)),
                                                "AuthorizationPolicy shop/ratings": spec_digest(spec_of(AUTHZ))}
     assert waypoint.describe()["errors"] == [] and waypoint.describe()["warnings"] == []
@@ -80,8 +83,8 @@ def test_each_model_publishes_a_snapshot_and_the_digests_in_force(waypoint):
 def test_nothing_is_steered_before_envoy_acked(waypoint):
     waypoint.update(model(VS))
     assert waypoint.dataplane() == DataPlane(waypoint.sockets)
-    assert not through_waypoint(waypoint, ("10.244.1.8", 9000))
-    assert not through_waypoint(None, ("10.244.1.8", 9000))
+    assert waypoint_chain(waypoint, ("10.244.1.8", 9000)) is None
+    assert waypoint_chain(None, ("10.244.1.8", 9000)) is None
     status = waypoint.describe()
     assert status["xds"] == {"version": "1", "accepted": None, "in_sync": False, "connected": False, "nacks": 0,
                              "snapshot_error": None}
@@ -111,9 +114,14 @@ def test_an_ack_steers_on_the_agents_loop_and_tells_only_of_changed_steering(way
         waypoint.update(model(VS + AUTHZ))  # a new version, the same steering: nothing to re-check
         await acked(waypoint.cache.get("node1"))
         assert waypoint.cache.get("node1").version == "2" and len(told) == 1
+        # The same ports with another rule: their filter chains changed, held connections must go.
+        waypoint.update(model(VS + AUTHZ.replace("methods: [GET]", "methods: [POST]")))
+        await acked(waypoint.cache.get("node1"))
+        assert len(told) == 2 and set(told[1].inbound) == set(told[0].inbound)
+        assert all(told[1].inbound[dst] != told[0].inbound[dst] for dst in told[0].inbound)
         waypoint.update(model(VS))  # ratings' policy gone: its ports leave the server side
         await acked(waypoint.cache.get("node1"))
-        assert [sorted(d.inbound) for d in told] == [[("10.244.1.8", 9000), ("10.244.1.8", 9090)], []]
+        assert [sorted(d.inbound) for d in told] == [[("10.244.1.8", 9000), ("10.244.1.8", 9090)]] * 2 + [[]]
     asyncio.run(go())
 
 

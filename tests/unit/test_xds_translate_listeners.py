@@ -111,7 +111,7 @@ def test_the_internal_upstream_listener_pipes_to_the_agent():
 def test_the_dataplane_map_lists_what_goes_through_envoy():
     result = translation(SOME_L7)
     assert result.dataplane.outbound == {("10.96.1.10", 9080), ("10.96.1.11", 8080), ("10.96.1.11", 9090)}
-    assert result.dataplane.inbound == frozenset()
+    assert result.dataplane.inbound == {}
     assert result.dataplane.sockets.upstream == f"{RUN}/upstream.sock"
 
 

@@ -13,6 +13,7 @@ Policies bound by targetRef to a Service apply to that Service's pods.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 
 from envoy_data_plane.envoy.config.core.v3 import CidrRange
@@ -35,11 +36,11 @@ from nodeagent.xds.translate.services import TCP, protocol
 TLVS = (dataplane.TLV_PRINCIPAL,)
 
 
-def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list[int], frozenset[tuple[str, int]]]:
+def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list[int], dict[tuple[str, int], str]]:
     """(the inbound listener or None, its route tables, the pod ports it delivers to,
-    the (pod IP, port)s it serves)."""
+    the (pod IP, port)s it serves with the digest of each one's filter chain)."""
     _warn_unbound(ctx)
-    chains, served = [], set()
+    chains, served = [], {}
     for pod in ctx.model.pods_on_node(ctx.node):
         if not (ctx.model.is_meshed(pod) and pod.ip and pod.phase == "Running"):
             continue
@@ -53,13 +54,20 @@ def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list
         head = ([jwt_filter(ctx, authn)] if authn else []) + rbac_filters(authz)
         for port in http_ports(ctx, pod):
             if policy or any(p.port in (None, port) for p in limits):
-                chains.append(_chain(pod, port, _with_limits(head, limits, port)))
-                served.add((pod.ip, port))
+                chain = _chain(pod, port, _with_limits(head, limits, port))
+                chains.append(chain)
+                served[(pod.ip, port)] = chain_digest(chain)
     if not chains:
-        return None, [], [], frozenset()
+        return None, [], [], {}
     ports = sorted({port for _, port in served})
     listener = listeners.listener(names.INBOUND_LISTENER, ctx.options.sockets.inbound, TLVS, chains)
-    return listener, [routes.inbound_table(p) for p in ports], ports, frozenset(served)
+    return listener, [routes.inbound_table(p) for p in ports], ports, served
+
+
+def chain_digest(chain: FilterChain) -> str:
+    """What Envoy compares to keep a filter chain across a listener update (its serialized
+    config): equal digests, the connections on it keep their policy; else they are drained."""
+    return hashlib.sha256(bytes(chain)).hexdigest()[:16]
 
 
 def selects(ctx: Context, scope: Scope, pod: Pod) -> bool:
