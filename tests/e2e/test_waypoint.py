@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -125,6 +126,17 @@ spec:
       - name: echo
         command: [nodeagent, lab, echo, --port, "8080", --tcp-port, "9000", --quiet]
         ports: [{name: http, containerPort: 8080}, {name: tcp, containerPort: 9000}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: legacy, labels: {app: legacy}}
+spec:
+  nodeName: node1
+  containers: [{name: main, command: [sleep, infinity]}]
 """
 
 SUBSETS = [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}},
@@ -525,6 +537,105 @@ def test_local_rate_limit_envoyfilter_returns_429_above_the_bucket(mesh):
         mesh.apply_all([(FILTERS, "EnvoyFilter", "backend-ratelimit", rate_limit({"labels": NOWHERE["matchLabels"]},
                                                                                    tokens))])
     assert ok(mesh.request(n=n), n)
+
+
+class Held:
+    """http_hold.py in a pod: one keep-alive client whose rounds the test asks for."""
+
+    SCRIPT = str(Path(__file__).resolve().parent / "http_hold.py")
+
+    def __init__(self, mesh: Waypoints, pod: str, url: str):
+        self.proc = mesh.lab.spawn(pod, "python3", self.SCRIPT, url, stdin=subprocess.PIPE)
+
+    def round(self, n: int, headers: dict[str, str] | None = None, timeout: float = 60.0) -> dict:
+        self.proc.stdin.write(json.dumps({"n": n, "headers": headers or {}}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line, f"http_hold gave no answer (exit {self.proc.poll()}): {self.proc.stderr.read() if ready else ''}"
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+V2 = {"matchLabels": {"app": "backend", "version": "v2"}}
+SIGNER = Signer()
+WITHDRAWN = {  # kind → (resources pointed at backend-v2, what a request without a token gets)
+    "l7-authorization-policy": ([(SECURITY, "AuthorizationPolicy", "held-l7", {
+        "selector": V2, "action": "DENY", "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]})],
+        {"403": 5}),
+    "request-authentication": ([
+        (SECURITY, "RequestAuthentication", "held-jwt",
+         {"selector": V2, "jwtRules": [{"issuer": ISSUER, "audiences": ["backend"], "jwks": SIGNER.jwks}]}),
+        (SECURITY, "AuthorizationPolicy", "held-jwt", {"selector": V2, "action": "ALLOW", "rules": [
+            {"from": [{"source": {"requestPrincipals": [f"{ISSUER}/*"]}}]}]})],
+        {"403": 5}),
+    "rate-limit-envoyfilter": ([(FILTERS, "EnvoyFilter", "held-ratelimit", rate_limit({"labels": V2["matchLabels"]}, 2))],
+                               {"200": 2, "429": 3}),
+}
+
+
+def nowhere(resource: tuple[str, str, str, dict]) -> tuple[str, str, str, dict]:
+    api, kind, name, spec = resource
+    if kind == "EnvoyFilter":
+        return api, kind, name, {**spec, "workloadSelector": {"labels": NOWHERE["matchLabels"]}}
+    return api, kind, name, {**spec, "selector": NOWHERE}
+
+
+@pytest.mark.parametrize("kind", sorted(WITHDRAWN))
+def test_a_withdrawn_server_side_policy_stops_applying_to_the_connection_a_client_holds(mesh, kind):
+    """Issue 8: the client keeps one connection (node1's Envoy pools its upstream
+    connections to backend-v2); the policy applies to it, then is withdrawn, and the very
+    next requests on the same client pass, as with a sidecar."""
+    resources, refused = WITHDRAWN[kind]
+    mesh.route([{"route": [to("v2")], "retries": NO_RETRIES}])
+    held = Held(mesh, "mesh/client", "http://backend:8080/")
+    try:
+        before = held.round(5)
+        assert (before["codes"], before["errors"], before["versions"]) == ({"200": 5}, {}, {"v2": 5}), before
+        mesh.apply_all(resources)
+        applied = held.round(5)
+        assert (applied["codes"], applied["errors"]) == (refused, {}), applied
+        revoked = mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deliver")
+        mesh.apply_all([nowhere(r) for r in resources])
+        withdrawn = held.round(10)
+        assert (withdrawn["codes"], withdrawn["errors"], withdrawn["versions"]) == ({"200": 10}, {}, {"v2": 10}), \
+            withdrawn
+        # The client never lost its own connection: node2's agent reset the connections
+        # node1's Envoy held through node2's waypoint, and Envoy replaced them unseen.
+        assert (withdrawn["connections"], withdrawn["replaced_idle"]) == (1, 0), withdrawn
+        assert mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deliver") > revoked
+    finally:
+        held.close()
+        mesh.apply_all([nowhere(r) for r in resources])
+
+
+def test_a_withdrawn_strict_peer_authentication_lets_the_plaintext_client_back(mesh):
+    """The unmeshed legacy/client holds a plaintext keep-alive connection to backend-v2:
+    STRICT resets it and refuses its next ones; once STRICT is withdrawn, the same client's
+    next requests pass."""
+    v2 = next(p["ip"] for p in mesh.lab.status()["pods"] if p["name"] == "backend-v2-0")
+    held = Held(mesh, "legacy/client", f"http://{v2}:8080/")
+    strict = {"selector": V2, "mtls": {"mode": "STRICT"}}
+    try:
+        before = held.round(5)
+        assert (before["codes"], before["errors"], before["connections"]) == ({"200": 5}, {}, 1), before
+        revoked = mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deny")
+        mesh.apply("PeerAuthentication", "held-strict", strict)
+        eventually(lambda: mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deny"),
+                   revoked + 1, "the held plaintext connection reset under STRICT")
+        applied = held.round(3)
+        assert applied["codes"] == {} and sum(applied["errors"].values()) == 3, applied
+        mesh.apply("PeerAuthentication", "held-strict", {**strict, "selector": NOWHERE})
+        withdrawn = held.round(10)
+        assert (withdrawn["codes"], withdrawn["errors"], withdrawn["versions"]) == ({"200": 10}, {}, {"v2": 10}), \
+            withdrawn
+    finally:
+        held.close()
+        mesh.apply("PeerAuthentication", "held-strict", {**strict, "selector": NOWHERE})
 
 
 def test_request_metrics_count_every_request_by_code(mesh):
