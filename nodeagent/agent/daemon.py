@@ -77,7 +77,9 @@ class Agent:
             watch = DirectoryWatch(self.config.source_dir, self.log.getChild("watch"))
             try:
                 await self.datapath.start()
-                await self._first_reconcile()
+                await self._first_reconcile(stop, watch)
+                if stop.is_set():
+                    return
                 self.ready = True
                 self.log.info("agent ready on node %s: %d pods enrolled", self.config.node,
                               len(self.enroller.enrolled))
@@ -92,8 +94,16 @@ class Agent:
             self.log.info("agent stopped (%s)", "capture kept for the next agent" if self.config.keep_on_exit
                           else "capture detached and unpinned")
 
-    async def _first_reconcile(self) -> None:
+    async def _first_reconcile(self, stop: asyncio.Event, watch: "DirectoryWatch") -> None:
+        """Read the source until it reads (an unreadable one is no empty cluster: capture
+        left pinned by a previous agent stays, and the agent is not ready), then reconcile
+        and drop what a previous agent left for pods that are gone."""
         await self._poll_and_reconcile(force=True)
+        while self.source.scan_error is not None:
+            await watch.wait(stop, self.config.poll_interval)
+            if stop.is_set():
+                return
+            await self._poll_and_reconcile(force=True)
         stale = self.enroller.remove_stale(self.model)
         if stale:
             self.log.info("removed %d stale capture entries left by a previous agent", len(stale))

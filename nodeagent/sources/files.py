@@ -6,6 +6,11 @@ is read. A file that fails to parse, or holds a Pod or Service the model cannot 
 is reported once per change and its last good objects stay in force, so a half-written
 or broken file never replaces good state.
 
+A directory that cannot be read (EMFILE, EACCES, an I/O error, the directory gone after
+it was read) is never an empty cluster: the scan is abandoned, every object stays as
+last read, the error is reported (`errors`, `scan_error`, logged once) and the next poll
+tries again. Pods leave the mesh only when their objects are read as gone.
+
 Change detection is by (mtime, size, inode) and, for files modified in the last
 RACY_SECONDS, by content: file timestamps are coarse (a kernel tick), so a same-size
 rewrite within a tick of the last read would otherwise go unseen ("racy git").
@@ -16,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nodeagent.errors import ConfigError
+from nodeagent.errors import ConfigError, NodeagentError
 from nodeagent.kube.objects import KubeObject, parse_documents
 from nodeagent.model import Model, check
 
@@ -39,6 +45,10 @@ class _FileState:
     error: str | None = None
 
 
+class SourceUnreadable(NodeagentError):
+    """The source directory (or a part of it) could not be listed: nothing can be concluded."""
+
+
 class FilesSource:
     """Poll a directory; `poll()` returns a new Model when anything changed, else None."""
 
@@ -48,13 +58,30 @@ class FilesSource:
         self.log = log or logging.getLogger("nodeagent.sources.files")
         self.on_error = on_error
         self._files: dict[Path, _FileState] = {}
-        self.errors: dict[str, str] = {}  # file -> current error, for status output
+        self._scanned = False  # a scan has succeeded: from then on the directory must stay
+        self.errors: dict[str, str] = {}  # file (or the directory) -> current error, for status output
+        self.scan_error: str | None = None  # why the last scan was abandoned; None when it was read
 
     def _scan(self) -> dict[Path, Stamp]:
-        found = {}
-        if not self.directory.is_dir():
-            return found
-        for root, dirs, files in os.walk(self.directory):
+        """Every YAML/JSON file below the directory with its stamp; SourceUnreadable when
+        any part of it cannot be listed (a partial listing would read as deletions)."""
+        found: dict[Path, Stamp] = {}
+        try:
+            top = os.stat(self.directory)
+        except FileNotFoundError:
+            if not self._scanned:
+                return found  # not created yet: no cluster state so far
+            raise SourceUnreadable(f"source directory {self.directory} is gone",
+                                   "recreate it; the objects last read stay in force") from None
+        except OSError as exc:
+            raise SourceUnreadable(f"cannot read source directory {self.directory}: {exc.strerror or exc}") from None
+        if not stat.S_ISDIR(top.st_mode):
+            raise SourceUnreadable(f"source {self.directory} is not a directory")
+
+        def unreadable(exc: OSError) -> None:
+            raise SourceUnreadable(f"cannot list {exc.filename or self.directory}: {exc.strerror or exc}")
+
+        for root, dirs, files in os.walk(self.directory, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in files:
                 if name.startswith(".") or not name.endswith(SUFFIXES):
@@ -63,12 +90,23 @@ class FilesSource:
                 try:
                     st = path.stat()
                 except FileNotFoundError:
-                    continue
+                    continue  # removed between the listing and the stat: it is gone
+                except OSError as exc:
+                    raise SourceUnreadable(f"cannot stat {path}: {exc.strerror or exc}") from None
                 found[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
         return found
 
     def poll(self) -> Model | None:
-        found = self._scan()
+        try:
+            found = self._scan()
+        except SourceUnreadable as exc:
+            self._unreadable(str(exc))
+            return None
+        if self.scan_error is not None:
+            self.log.info("source directory %s readable again", self.directory)
+            self.errors.pop(str(self.directory), None)
+            self.scan_error = None
+        self._scanned = True
         changed = False
         for path in list(self._files):
             if path not in found:
@@ -82,6 +120,14 @@ class FilesSource:
                 continue
             changed |= self._read(path, stamp, state)
         return self.model() if changed else None
+
+    def _unreadable(self, message: str) -> None:
+        """Keep every object as last read; report the scan error (logged once per error)."""
+        if message != self.scan_error:
+            self.log.error("%s; keeping the %d objects last read, retrying", message,
+                           sum(len(s.objects) for s in self._files.values()))
+        self.scan_error = message
+        self.errors[str(self.directory)] = message
 
     def _read(self, path: Path, stamp: Stamp, state: _FileState | None) -> bool:
         """Read one file into self._files; True when its objects changed."""

@@ -3,10 +3,14 @@ broken files (last good objects stay), subdirectories and hidden files."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import resource
+import shutil
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -169,3 +173,59 @@ def test_non_utf8_file_is_refused(tmp_path, source):
     (tmp_path / "a.yaml").write_bytes(b"apiVersion: v1\nkind: Pod\nmetadata: {name: \xff}\n")
     assert source.poll() is None
     assert "utf-8" in source.errors[str(tmp_path / "a.yaml")]
+
+
+@contextmanager
+def descriptors_exhausted():
+    """Every file descriptor of this process taken (EMFILE), as an agent flooded with
+    connections had it; restored on exit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    taken = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    try:
+        while True:
+            try:
+                taken.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+        yield
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def two_pods(tmp_path, source) -> None:
+    (tmp_path / "a.yaml").write_text(pod("a"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text(pod("b"))
+    assert names(source.poll()) == {"a", "b"}
+
+
+def test_a_directory_that_cannot_be_listed_is_no_empty_cluster(tmp_path, source):
+    """Issue 9.1: out of descriptors, the scan saw no file and every pod left the mesh."""
+    two_pods(tmp_path, source)
+    with descriptors_exhausted():
+        assert source.poll() is None
+    assert source.scan_error.startswith(f"cannot list {tmp_path}") and "Too many open files" in source.scan_error
+    assert source.errors == {str(tmp_path): source.scan_error}
+    assert names(source.model()) == {"a", "b"}
+    assert source.poll() is None and (source.scan_error, source.errors) == (None, {})  # readable: no change
+    (tmp_path / "a.yaml").unlink()
+    assert names(source.poll()) == {"b"}  # what is read as gone still goes
+
+
+def test_a_directory_gone_after_it_was_read_keeps_its_objects(tmp_path):
+    directory = tmp_path / "cluster"
+    directory.mkdir()
+    source = FilesSource(directory)
+    two_pods(directory, source)
+    shutil.rmtree(directory)
+    assert source.poll() is None and names(source.model()) == {"a", "b"}
+    assert source.scan_error == f"source directory {directory} is gone (recreate it; the objects last read stay in force)"
+    directory.write_text("not a directory")
+    assert source.poll() is None and source.scan_error == f"source {directory} is not a directory"
+    directory.unlink()
+    directory.mkdir()
+    assert names(source.poll()) == set() and source.scan_error is None  # an empty directory is read as empty
