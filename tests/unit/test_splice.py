@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 
 import pytest
 
-from nodeagent.agent.splice import Abort, reset, splice
+from nodeagent.agent.splice import HIGH_WATER, Abort, reset, splice
+
+SMALL_BUFFER = 4096  # socket buffers (the kernel doubles it), far below what the relay holds
+RESPONSE = HIGH_WATER * 3 // 4  # held by the relay without pausing its reads
 
 
-async def _pair() -> tuple[socket.socket, socket.socket]:
-    """(our end, relay end) of one loopback TCP connection."""
+async def _pair(rcvbuf: int = 0) -> tuple[socket.socket, socket.socket]:
+    """(our end, relay end) of one loopback TCP connection; `rcvbuf` bounds our end's
+    receive buffer (set before connecting, so the window is small from the start)."""
     loop = asyncio.get_running_loop()
     with socket.socket() as lst:
         lst.bind(("127.0.0.1", 0))
         lst.listen()
         lst.setblocking(False)
         ours = socket.socket()
+        if rcvbuf:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         ours.setblocking(False)
         await loop.sock_connect(ours, lst.getsockname())
         theirs, _ = await loop.sock_accept(lst)
@@ -55,21 +62,40 @@ def test_request_half_close_response():
     asyncio.run(main())
 
 
-def test_reset_is_passed_on():
+@pytest.mark.parametrize("resetting", ["server", "client"])
+def test_reset_is_passed_on_as_a_reset(resetting):
     async def main():
         loop = asyncio.get_running_loop()
         client, server, task = await _relay()
         await loop.sock_sendall(client, b"x")
         assert await loop.sock_recv(server, 10) == b"x"
-        reset(server)
-        try:
-            data = await asyncio.wait_for(loop.sock_recv(client, 10), 5)
-            assert data == b""  # a close the relay saw as reset still ends the stream
-        except ConnectionResetError:
-            pass
+        gone, peer = (server, client) if resetting == "server" else (client, server)
+        reset(gone)
+        await _assert_reset(peer)  # RST: a FIN here would read as a clean end
         result = await asyncio.wait_for(task, 5)
-        assert result.error is not None
+        assert (result.a_to_b, result.b_to_a) == (1, 0)
+        assert type(result.error) is ConnectionResetError and result.error.errno == errno.ECONNRESET
+    asyncio.run(main())
+
+
+def test_clean_close_is_passed_on_after_the_buffered_bytes():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client, a = await _pair(rcvbuf=SMALL_BUFFER)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+        server, b = await _pair()
+        task = asyncio.create_task(splice(a, b))
+        client.shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(loop.sock_recv(server, 10), 5) == b""
+        # The server answers and closes while the client is not reading: the relay holds
+        # most of the answer when both directions are done, and must close with FIN after
+        # writing it (an RST here would cut the answer short).
+        await loop.sock_sendall(server, b"r" * RESPONSE)
+        server.close()
+        assert await asyncio.wait_for(_read_all(client), 5) == b"r" * RESPONSE
         client.close()
+        result = await asyncio.wait_for(task, 5)
+        assert (result.a_to_b, result.b_to_a, result.error) == (0, RESPONSE, None)
     asyncio.run(main())
 
 
@@ -101,26 +127,33 @@ def test_back_pressure_bounds_buffering():
     asyncio.run(main())
 
 
+# A known product bug, kept visible: strict, so the fix fails this mark (then delete it),
+# and only "no RST" is expected (a side left open fails for real, with a timeout).
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                   reason="splice._finish ends both sides with transport.abort() without SO_LINGER 0, so "
+                          "their peers read FIN, a clean end; _reset(side.transport) there would send RST")
 def test_cancel_aborts_both():
     async def main():
         loop = asyncio.get_running_loop()
         client, server, task = await _relay()
-        await asyncio.sleep(0.01)
+        await loop.sock_sendall(client, b"x")  # the splice runs: both sides connected
+        assert await asyncio.wait_for(loop.sock_recv(server, 10), 5) == b"x"
         task.cancel()
-        await asyncio.sleep(0.01)
-        assert await asyncio.wait_for(_read_or_reset(loop, client), 5) == b""
-        assert await asyncio.wait_for(_read_or_reset(loop, server), 5) == b""
-        client.close()
-        server.close()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _assert_reset(client, server)
     asyncio.run(main())
 
 
 async def _assert_reset(*socks: socket.socket) -> None:
-    """Each socket's peer reset it (RST, not FIN); then it is closed."""
-    for sock in socks:
-        with pytest.raises(ConnectionResetError):
-            await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 10), 5)
-        sock.close()
+    """Each socket's peer reset it (RST, not FIN); all are closed, also when one was not."""
+    try:
+        for sock in socks:
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 10), 5)
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_abort_resets_both_sides_and_returns_the_counts():
@@ -151,10 +184,3 @@ def test_abort_before_the_splice_starts_ends_it_as_it_starts():
         assert (result.a_to_b, result.b_to_a) == (0, 0)
         await _assert_reset(client, server)
     asyncio.run(main())
-
-
-async def _read_or_reset(loop, sock) -> bytes:
-    try:
-        return await loop.sock_recv(sock, 10)
-    except ConnectionResetError:
-        return b""
