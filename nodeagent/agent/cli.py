@@ -1,4 +1,5 @@
-"""Sub-commands of the node agent: `nodeagent run` (the daemon), `nodeagent status`
+"""Sub-commands of the node agent: `nodeagent run` (the daemon), `nodeagent uninstall`
+(remove the capture agents keep across restarts), `nodeagent status`
 (what a running agent is doing), `nodeagent bench capture` (enrolment latency and
 per-request overhead on throwaway pods) and `nodeagent bench tunnel` (HBONE against a
 direct connection on a lab of its own)."""
@@ -18,6 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "NODEAGENT_* environment variable; the flag wins.")
     config.add_arguments(run)
     run.set_defaults(func=_run)
+
+    uninstall = sub.add_parser("uninstall", help="remove the capture agents leave in place when they stop (root)",
+                               description="Detach the capture programs from the cgroup and unpin the maps "
+                                           "and links agents keep across restarts (keep-on-exit). Run it on a "
+                                           "node taken out of the mesh, after its agent stopped; meshed pods "
+                                           "then talk directly again.")
+    config.add_uninstall_arguments(uninstall)
+    uninstall.set_defaults(func=_uninstall)
 
     status = sub.add_parser("status", help="show what a node agent is doing")
     where = status.add_mutually_exclusive_group()
@@ -49,6 +58,15 @@ def _run(args: argparse.Namespace) -> int:
     from nodeagent.agent import daemon
 
     return daemon.run(config.load(args))
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from nodeagent.capture.loader import CaptureLoader
+
+    cgroup, bpffs = config.load_uninstall(args)
+    removed = CaptureLoader(cgroup=str(cgroup), pin_dir=str(bpffs)).uninstall()
+    print("\n".join(removed) if removed else f"nothing to remove: no capture on {cgroup}, nothing pinned in {bpffs}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -167,8 +167,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("outbound_port", parse_port, "15001", "in-pod outbound listener port", "PORT"),
     Setting("inbound_port", parse_port, "15006", "in-pod plaintext inbound listener port", "PORT"),
     Setting("tunnel_port", parse_port, "15008", "in-pod HBONE tunnel listener port", "PORT"),
-    Setting("keep_on_exit", parse_bool, "false",
-            "leave programs attached and maps pinned on a clean exit (rolling upgrades)", boolean=True),
+    Setting("keep_on_exit", parse_bool, "true",
+            "leave programs attached and maps pinned when the agent stops, so its pods stay captured "
+            "(fail closed) until the next agent adopts them; `nodeagent uninstall` removes them. "
+            "--no-keep-on-exit removes capture at exit (meshed pods then talk plaintext)", boolean=True),
     Setting("poll_interval", parse_interval, "0.1", "seconds between checks of the source", "SECONDS"),
     Setting("log_level", parse_choice(LOG_LEVELS), "info", "log level", "|".join(LOG_LEVELS)),
     Setting("log_format", parse_choice(LOG_FORMATS), "text", "log format", "|".join(LOG_FORMATS)),
@@ -201,6 +203,21 @@ SETTINGS: tuple[Setting, ...] = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_arguments(parser, SETTINGS)
+
+
+UNINSTALL_SETTINGS = tuple(s for s in SETTINGS if s.name in ("cgroup", "bpffs"))
+
+
+def add_uninstall_arguments(parser: argparse.ArgumentParser) -> None:
+    """`nodeagent uninstall` takes the agent's own --cgroup and --bpffs (and variables)."""
+    settings.add_arguments(parser, UNINSTALL_SETTINGS)
+
+
+def load_uninstall(given: Mapping[str, Any] | argparse.Namespace,
+                   environ: Mapping[str, str] | None = None) -> tuple[Path, Path]:
+    """(cgroup, bpffs) of an uninstall, validated as the agent validates them."""
+    values = settings.parse_settings(UNINSTALL_SETTINGS, given, environ)
+    return values["cgroup"], values["bpffs"]
 
 
 def load(given: Mapping[str, Any] | argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentConfig:

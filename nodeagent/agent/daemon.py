@@ -8,9 +8,9 @@ cookies no longer meshed are removed. Then the source is checked every poll inte
 rebuilt first (new connections see them at once), then enrolment, then the workload
 identities of the enrolled pods (fetched ahead, forgotten when unused) and the release
 of removed pods' tunnel connections. The data path is wired in datapath.py. SIGTERM or
-SIGINT: stop listening and relaying, remove in-pod routing, and close capture (detach
-and unpin, unless keep-on-exit). A SIGKILL leaves the pinned state for the next agent,
-so meshed pods fail closed meanwhile.
+SIGINT: stop listening and relaying and leave capture and in-pod routing for the next
+agent (keep-on-exit, the default), as a SIGKILL does: meshed pods fail closed until it
+is ready. Only --no-keep-on-exit (or `nodeagent uninstall` afterwards) removes them.
 """
 
 from __future__ import annotations

@@ -89,6 +89,17 @@ class CgroupAttachment:
             except BpfSyscallError as exc:
                 self._log.warning("%s (already detached?)", exc)
 
+    def detach_named(self) -> list[str]:
+        """Detach every program named like ours from the cgroup, whoever attached it (an
+        uninstall after agents that kept their capture). Returns what it detached."""
+        done = []
+        for spec in CGROUP_PROGRAMS:
+            for prog_id, name in attached(self._fd, spec.attach_type):
+                if name == spec.name:
+                    self._detach_id(spec, prog_id)
+                    done.append(f"{name} (id {prog_id})")
+        return done
+
     def close(self) -> None:
         """Forget our programs (they stay attached) and close the cgroup fd."""
         self._ours.clear()

@@ -150,6 +150,23 @@ class CaptureLoader:
                          if os.path.exists(self.pin_dir) else None)
         _run_all(steps, self._log)
 
+    def uninstall(self) -> list[str]:
+        """Remove the capture agents left in place (keep-on-exit, the default): detach
+        our programs from the cgroup and unpin every map and sk_lookup link (a pinned
+        link goes with its pin). For a node being taken out of the mesh; its pods'
+        connections then go where they were addressed. Returns what was removed."""
+        if self._programs is not None:
+            raise NodeagentError("CaptureLoader.uninstall: this loader is running", "close() it instead")
+        cgroup = CgroupAttachment(self.cgroup, self._log)
+        try:
+            removed = [f"detached {what} from {self.cgroup}" for what in cgroup.detach_named()]
+        finally:
+            cgroup.close()
+        if os.path.exists(self.pin_dir):
+            shutil.rmtree(self.pin_dir)
+            removed.append(f"unpinned {self.pin_dir}")
+        return removed
+
     def __enter__(self) -> "CaptureLoader":
         self.load()
         return self

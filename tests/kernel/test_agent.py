@@ -211,9 +211,36 @@ def _rules(pod: SandboxPod) -> str:
     return subprocess.run(["ip", "-n", pod.netns, "rule"], capture_output=True, text=True, check=True).stdout
 
 
-def test_sigterm_leaves_nothing_attached_or_pinned(sb, pods):
+def test_sigterm_keeps_capture_so_meshed_pods_fail_closed_until_uninstall(sb, pods):
+    """Issue 9.3: a clean stop (every rolling restart) used to detach capture, and meshed
+    pods talked plaintext until the next agent was ready. Now only `nodeagent uninstall`
+    removes it."""
     client, plain, server = pods
     start_meshed(sb)
+    assert sorted(_programs_on(sb.kubepods)) == ["na_connect4", "na_connect6", "na_sockops"]
+
+    assert sb.stop_agent(signal.SIGTERM) == 0
+    assert sorted(_programs_on(sb.kubepods)) == ["na_connect4", "na_connect6", "na_sockops"]
+    assert os.path.isdir(os.path.join(sb.bpffs, "maps")) and not sb.admin_socket.exists()
+    assert connect(sb, client, server, 5)["errors"] == {"refused": 5}  # never around the mesh
+    assert connect(sb, plain, server, 5)["ok"] == 5  # unmeshed pods never noticed
+
+    out = subprocess.run([os.sys.executable, "-m", "nodeagent", "uninstall", "--cgroup", sb.kubepods,
+                          "--bpffs", sb.bpffs], capture_output=True, text=True, check=True).stdout
+    assert sorted(line.split(" (id")[0] for line in out.splitlines() if line.startswith("detached")) == \
+        ["detached na_connect4", "detached na_connect6", "detached na_sockops"], out
+    assert out.splitlines()[-1] == f"unpinned {sb.bpffs}"
+    assert _programs_on(sb.kubepods) == [] and not os.path.exists(sb.bpffs)
+    result = connect(sb, client, server, 5)
+    assert (result["ok"], result["peers"]) == (5, {client.ip: 5})  # out of the mesh: direct
+    again = subprocess.run([os.sys.executable, "-m", "nodeagent", "uninstall", "--cgroup", sb.kubepods,
+                            "--bpffs", sb.bpffs], capture_output=True, text=True, check=True).stdout
+    assert again.startswith("nothing to remove")
+
+
+def test_sigterm_with_no_keep_on_exit_leaves_nothing_attached_or_pinned(sb, pods):
+    client, plain, server = pods
+    start_meshed(sb, "--no-keep-on-exit")
     assert sorted(_programs_on(sb.kubepods)) == ["na_connect4", "na_connect6", "na_sockops"]
     assert "lookup 539" in _rules(client)
 
@@ -236,7 +263,7 @@ def test_keep_on_exit_leaves_capture_for_the_next_agent(sb, pods):
     assert os.path.isdir(os.path.join(sb.bpffs, "maps"))
     assert connect(sb, client, server, 3)["errors"] == {"refused": 3}
 
-    sb.start_agent()
+    sb.start_agent("--no-keep-on-exit")
     sb.wait_for(lambda s: len(s["pods"]) == 1, 10, "client re-enrolled")
     assert connect(sb, client, server, 3)["ok"] == 3
     assert sb.stop_agent(signal.SIGTERM) == 0

@@ -32,7 +32,7 @@ def test_defaults(base):
     assert cfg.admin_address == ("127.0.0.1", 15020) and cfg.admin_port == 15020
     assert cfg.mark == 0x539
     assert (cfg.outbound_port, cfg.inbound_port, cfg.tunnel_port) == (15001, 15006, 15008)
-    assert cfg.keep_on_exit is False
+    assert cfg.keep_on_exit is True  # a stop keeps capture: fail closed until the next agent
     assert cfg.poll_interval == 0.1
     assert (cfg.log_level, cfg.log_format) == ("info", "text")
 
