@@ -29,8 +29,9 @@ PORTS = {"outbound": 15001, "inbound": 15006, "tunnel": 15008, "admin": 15020}
 
 @pytest.fixture(scope="module")
 def probe():
-    """The header compiled alone; its maps pinned in a throwaway dir."""
-    bcc = pytest.importorskip("bcc")
+    """The header compiled alone; its maps pinned in a throwaway dir. bcc is imported
+    here, past the root check: where the tier runs, a missing bcc is an error, not a skip."""
+    import bcc
     from kernel_sandbox import throwaway_pin_dir
     with throwaway_pin_dir() as pin_dir:
         maps_dir = os.path.join(pin_dir, "maps")
