@@ -60,6 +60,7 @@ class AgentConfig:
     identity_dir: Path
     root_namespace: str
     flow_log: str | Path  # "stderr", "off" or a file
+    flow_log_max_mib: int  # a flow log file is rotated at this size
     waypoint: bool  # run the node's waypoint Envoy (L7); off: L4 only
     waypoint_dir: Path
     envoy_admin_port: int
@@ -117,6 +118,13 @@ def parse_server_name(raw: str) -> str:
     if not DNS_SUBDOMAIN.match(raw):
         raise ValueError("must be a DNS name (the one in the CA's certificate)")
     return raw
+
+
+def parse_flow_log_size(raw: str) -> int:
+    size = parse_int(raw)
+    if not 1 <= size <= 1 << 20:
+        raise ValueError("must be from 1 to 1048576 (MiB)")
+    return size
 
 
 def parse_flow_log(raw: str) -> str | Path:
@@ -192,6 +200,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("flow_log", parse_flow_log, FLOW_LOG_STDERR,
             "where one JSON line per closed connection goes: stderr, off or an absolute file path",
             "stderr|off|FILE"),
+    Setting("flow_log_max_mib", parse_flow_log_size, "64",
+            "size in MiB at which a flow log file is rotated (to FILE.1, replacing it)", "MIB"),
     Setting("waypoint", parse_bool, "true",
             "run the node's waypoint Envoy for VirtualService, DestinationRule and HTTP-level policy; "
             "false: L4 only (HTTP-only policy rules then fail safe)", boolean=True),

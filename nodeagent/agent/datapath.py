@@ -53,7 +53,7 @@ class DataPath:
         self.policies = PolicyState(c.root_namespace, log.getChild("policy"))
         self.identities = WorkloadIdentities(c.trust_domain, identity_manager(c, registry, log.getChild("identity")),
                                              log.getChild("identity"))
-        self.flow_log = FlowLog.open(c.flow_log, log)
+        self.flow_log = FlowLog.open(c.flow_log, log, max_bytes=c.flow_log_max_mib << 20)
         self.telemetry = Telemetry(TrafficMetrics(registry), self.flow_log)
         tunnel_metrics = TunnelMetrics(registry)
         self.hbone = HboneRoute(self.identities, tunnel_metrics, log.getChild("hbone"), mark=c.mark,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,28 +99,47 @@ class TrafficMetrics:
 
 
 class FlowLog:
-    """One JSON object per line to `stream` (None: off)."""
+    """One JSON object per line to `stream` (None: off). A file is rotated when it would
+    pass `max_bytes`: renamed to `<file>.1` (replacing the previous one) and started anew,
+    so a flood of connections costs at most twice `max_bytes` of disk."""
 
-    def __init__(self, stream: TextIO | None, log: logging.Logger):
+    def __init__(self, stream: TextIO | None, log: logging.Logger, path: Path | None = None,
+                 max_bytes: int | None = None):
         self.stream = stream
         self.log = log
+        self.path = path  # the file, when `stream` is one (rotation needs it)
+        self.max_bytes = max_bytes
+        self.size = os.fstat(stream.fileno()).st_size if path is not None else 0
+        self.rotations = 0
         self._failed = False
 
     @classmethod
-    def open(cls, destination: str | Path, log: logging.Logger) -> "FlowLog":
-        """`stderr`, `off`, or a file appended to (line-buffered)."""
+    def open(cls, destination: str | Path, log: logging.Logger, max_bytes: int | None = None) -> "FlowLog":
+        """`stderr`, `off`, or a file appended to (line-buffered), rotated at `max_bytes`."""
         if destination == "off":
             return cls(None, log)
         if destination == "stderr":
             return cls(sys.stderr, log)
-        return cls(open(destination, "a", buffering=1, encoding="utf-8"), log)
+        path = Path(destination)
+        return cls(open(path, "a", buffering=1, encoding="utf-8"), log, path, max_bytes)
+
+    def _rotate(self) -> None:
+        self.stream.close()
+        os.replace(self.path, f"{self.path}.1")
+        self.stream = open(self.path, "a", buffering=1, encoding="utf-8")
+        self.size = 0
+        self.rotations += 1
 
     def write(self, entry: dict) -> None:
         if self.stream is None:
             return
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
         try:
-            self.stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            if self.max_bytes is not None and self.size and self.size + len(line) > self.max_bytes:
+                self._rotate()
+            self.stream.write(line)
             self.stream.flush()
+            self.size += len(line.encode())
             self._failed = False
         except (OSError, ValueError) as exc:  # a full disk must not break connections
             if not self._failed:

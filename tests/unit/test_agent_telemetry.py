@@ -123,3 +123,19 @@ def test_peer_of_a_pod_uses_istios_workload_name():
     bare = Pod("mesh", "lonely", "u3", "node1", "10.244.1.5", {}, {})
     assert Peer.of(bare, CLIENT_ID) == Peer("lonely", "mesh", CLIENT_ID)
     assert Peer.of(None) == Peer("unknown", "unknown", "unknown")
+
+
+def test_a_flow_log_file_is_rotated_at_its_size_limit(tmp_path):
+    """Issue 9.9: 100k reset streams wrote a 70 MB flow log; the file is bounded."""
+    path = tmp_path / "flows.log"
+    path.write_text('{"old":0}\n')  # an agent appends to what its predecessor wrote
+    line = '{"n":1}\n'
+    log = FlowLog.open(path, LOG, max_bytes=10 + 3 * len(line))
+    for n in range(1, 10):
+        log.write({"n": n})
+    log.close()
+    # The old 10 bytes and lines 1-3 fill the first file (34 bytes); lines 4-7 (32) the
+    # second, which replaces the first as flows.log.1; lines 8 and 9 start the third.
+    assert (tmp_path / "flows.log.1").read_text() == "".join(f'{{"n":{n}}}\n' for n in (4, 5, 6, 7))
+    assert path.read_text() == '{"n":8}\n{"n":9}\n'
+    assert log.rotations == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["flows.log", "flows.log.1"]
