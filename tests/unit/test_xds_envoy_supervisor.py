@@ -70,24 +70,32 @@ def test_an_exiting_envoy_is_restarted_with_doubling_backoff(tmp_path):
     assert len(calls(tmp_path)) == count  # stopped: never started again
 
 
-def test_backoff_doubles_up_to_the_maximum(tmp_path):
-    times: list[float] = []
-    supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, "exit 1"), backoff=0.1, max_backoff=0.4,
-                                 reset_after=60)
-    real_spawn = supervisor._spawn
+def run_clock(lengths: list[float]):
+    """A clock for the supervisor's two readings per run (started, exited): run i lasts
+    lengths[i]; later runs last 0."""
+    readings, now = [], 1000.0
+    for length in lengths:
+        readings += [now, now + length]
+        now += length + 1
+    remaining = iter(readings)
+    return lambda: next(remaining, now)
 
-    def spawn():
-        times.append(time.monotonic())
-        real_spawn()
-    supervisor._spawn = spawn
-    supervisor.start()
+
+def test_backoff_doubles_up_to_the_maximum_and_starts_over_after_a_long_run(tmp_path):
+    delays: list[float] = []
+
+    def pause(delay: float) -> bool:  # no waiting; True after the sixth ends the supervisor
+        delays.append(delay)
+        return len(delays) == 6
+    # Runs 1-3 end at once, run 4 lasts 60 s (>= reset_after), runs 5 and 6 end at once.
+    supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, "exit 1"), backoff=0.1, max_backoff=0.4,
+                                 reset_after=10, clock=run_clock([0, 0, 0, 60, 0, 0]), pause=pause).start()
     try:
-        wait_for(lambda: len(times) >= 5)
+        wait_for(lambda: len(delays) == 6 and supervisor.status().last_exit == 1)
     finally:
         supervisor.stop()
-    gaps = [b - a for a, b in zip(times, times[1:])][:4]
-    for gap, backoff in zip(gaps, [0.1, 0.2, 0.4, 0.4]):
-        assert backoff <= gap < backoff + 0.15, gaps
+    assert delays == [0.1, 0.2, 0.4, 0.1, 0.2, 0.4]
+    assert len(calls(tmp_path)) == 6 and supervisor.status().restarts == 5
 
 
 def test_stop_ends_envoy_by_pid_with_sigterm(tmp_path):
@@ -116,6 +124,7 @@ def test_the_binary_next_to_the_interpreter_is_found_first():
 
 
 def test_base_ids_are_stable_per_instance_and_differ_between_instances():
-    assert base_id_for("/run/nodeagent/a/waypoint") == base_id_for("/run/nodeagent/a/waypoint")
-    assert base_id_for("/run/nodeagent/a/waypoint") != base_id_for("/run/nodeagent/b/waypoint")
+    # Literals: the same in every process and Python version (crc32, not the per-process hash()).
+    assert base_id_for("/run/nodeagent/a/waypoint") == 476703
+    assert base_id_for("/run/nodeagent/b/waypoint") == 872092
 
