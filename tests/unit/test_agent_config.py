@@ -184,7 +184,15 @@ def test_cgroup_default_is_the_cgroup2_mount(base, tmp_path):
 def test_as_dict_is_json_ready(base):
     import json
 
-    json.dumps(load(base).as_dict())
+    cfg = load(base)
+    shown = json.loads(json.dumps(cfg.as_dict()))
+    assert set(shown) == set(config.AgentConfig.__dataclass_fields__)
+    # Paths as strings, durations as seconds, tuples as lists; the rest as it is.
+    assert (shown["node"], shown["source_dir"], shown["cgroup"], shown["bpffs"]) == \
+        ("node-1", base["source"][len("files:"):], base["cgroup"], "/sys/fs/bpf/nodeagent")
+    assert (shown["admin_address"], shown["mark"], shown["keep_on_exit"], shown["poll_interval"]) == \
+        (["127.0.0.1", 15020], 0x539, cfg.keep_on_exit, 0.1)
+    assert (shown["cert_ttl"], shown["ca_address"], shown["waypoint_dir"]) == (86400.0, None, "/run/nodeagent/waypoint")
 
 
 def test_delivery_mark_must_differ_from_mark(base):
