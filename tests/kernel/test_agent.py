@@ -12,7 +12,9 @@ import signal
 import subprocess
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from nodeagent.agent.admin import fetch
 from nodeagent.agent.probe import HoldClient
 from nodeagent.agent.sandbox import AMBIENT, Sandbox, SandboxPod
 from nodeagent.capture import bpfsys
@@ -20,6 +22,10 @@ from nodeagent.capture.cgroup import attached
 
 pytestmark = pytest.mark.root
 PORT = 9000
+SINK_PORT = 9001  # probe sink: counts what it reads, answers the count at EOF
+REQUEST = 1000  # bytes a client streams to a sink...
+RESPONSE = len(f"{REQUEST}\n")  # ...and the sink's answer: 5 bytes back
+ISTIO_BYTES = ("istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total")
 
 
 @pytest.fixture
@@ -127,6 +133,58 @@ def test_inbound_keeps_client_address(sb, pods):
     assert status["capture"]["counters"]["steered"] == 20
     assert connect(sb, server, plain, 5)["peers"] == {server.ip: 5}
     assert counters(sb)["inbound_connections_total"] == 20
+
+
+def stream(sb: Sandbox, src: SandboxPod, dst: SandboxPod) -> dict:
+    """REQUEST bytes from `src` to the sink in `dst`, half-close, read its RESPONSE."""
+    proc = sb.probe(src, "stream", f"{dst.ip}:{SINK_PORT}", "--bytes", str(REQUEST), stdout=subprocess.PIPE,
+                    text=True)
+    out, _ = proc.communicate(timeout=60)
+    return json.loads(out)
+
+
+def istio_bytes(sb: Sandbox) -> dict:
+    """{(metric, reporter, source workload, destination workload, security): value} from /metrics."""
+    text = fetch(sb.admin_socket, "/metrics").decode()
+    return {(s.name, s.labels["reporter"], s.labels["source_workload"], s.labels["destination_workload"],
+             s.labels["connection_security_policy"]): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples if s.name in ISTIO_BYTES}
+
+
+def test_bytes_are_counted_by_direction_at_source_and_destination(sb, pods):
+    """Istio's meaning, for both reporters: received = the request, from the client;
+    sent = the response, back to it. Asymmetric payloads, so a swap cannot pass."""
+    client, plain, server = pods
+    sb.label_namespace("app", AMBIENT)
+    sb.label_namespace("peer", AMBIENT)  # client -> server through HBONE, reported by both ends
+    sb.start_ca()
+    sb.start_agent(*sb.ca_args())
+    sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True, True],
+                15, "client and server enrolled and their certificates held")
+    for pod in (client, plain, server):
+        sink = sb.probe(pod, "sink", "--port", str(SINK_PORT), stderr=subprocess.PIPE, text=True)
+        sink.stderr.readline()  # "probe: serving on ..." once listening
+
+    for src, dst in ((client, server), (client, plain), (plain, client)):  # HBONE, passthrough, plaintext in
+        assert stream(sb, src, dst)["bytes"] == REQUEST
+    c = sb.wait_for(lambda s: s["counters"]["active_connections{direction=outbound}"] == 0
+                    and s["counters"]["active_connections{direction=inbound}"] == 0, 10, "every relay ended")["counters"]
+
+    # The agent's own counters: "sent" is towards the upstream, "received" back to the client.
+    assert {k: v for k, v in c.items() if k.startswith("relayed_bytes_total")} == {
+        "relayed_bytes_total{direction=outbound,flow=sent}": 2 * REQUEST,
+        "relayed_bytes_total{direction=outbound,flow=received}": 2 * RESPONSE,
+        "relayed_bytes_total{direction=inbound,flow=sent}": 2 * REQUEST,
+        "relayed_bytes_total{direction=inbound,flow=received}": 2 * RESPONSE}
+    reports = [("source", "client", "server", "mutual_tls"), ("destination", "client", "server", "mutual_tls"),
+               ("source", "client", "plain", "none"), ("destination", "plain", "client", "none")]
+    received, sent = ISTIO_BYTES
+    assert istio_bytes(sb) == {**{(received, *r): REQUEST for r in reports}, **{(sent, *r): RESPONSE for r in reports}}
+    with open(sb.layout.flow_log(sb.node)) as f:
+        flows = [json.loads(line) for line in f]
+    assert sorted((f["reporter"], f["src"]["workload"], f["dst"]["workload"], f["security"], f["bytes_received"],
+                   f["bytes_sent"], f["verdict"]) for f in flows) == sorted(
+        (*r, REQUEST, RESPONSE, "allowed") for r in reports)
 
 
 def test_label_change_keeps_long_lived_connections(sb, pods):
