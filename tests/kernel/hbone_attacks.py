@@ -1,7 +1,8 @@
 """Helpers of test_agent_tunnel.py for abuse of a pod's real tunnel port: client
 certificates minted with the sandbox CA's key (a valid one, as a compromised workload
 would hold, an expired one, one of another trust domain) and with another CA, running
-hbone_attacker.py inside an unmeshed pod, and the destination agent's refusal counters."""
+hbone_attacker.py inside an unmeshed pod (bad clients, or a valid one aiming its
+streams elsewhere), and the destination agent's refusal counters."""
 
 from __future__ import annotations
 
@@ -46,14 +47,33 @@ def certificates(layout: Layout, namespace: str, directory: Path) -> dict[str, P
     }
 
 
+def _run(sb: Sandbox, attacker: SandboxPod, *args: str) -> dict:
+    proc = sb.in_pod(attacker, [sys.executable, str(ATTACKER), *args], stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
+    return json.loads(out)
+
+
 def attack(sb: Sandbox, attacker: SandboxPod, ip: str) -> dict:
     """Run every bad client from `attacker` against `ip`:15008; what the server did."""
     certs = certificates(sb.layout, attacker.namespace, sb.workdir)
-    proc = sb.in_pod(attacker, [sys.executable, str(ATTACKER), ip, sb.layout.root_cert,
-                                *(f"{name}={path}" for name, path in certs.items())],
-                     stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=60)
-    return json.loads(out)
+    return _run(sb, attacker, "clients", ip, sb.layout.root_cert, *(f"{name}={path}" for name, path in certs.items()))
+
+
+def aim(sb: Sandbox, attacker: SandboxPod, ip: str, app_port: int, authorities: list[str]) -> dict:
+    """From `attacker`, holding a valid mesh certificate, on one connection to `ip`:15008:
+    a CONNECT to each of `authorities`, then one to `ip`:`app_port` (hbone_attacker.py
+    authorities); each status, and what the good stream carried."""
+    valid = certificates(sb.layout, attacker.namespace, sb.workdir)["valid"]
+    return _run(sb, attacker, "authorities", ip, sb.layout.root_cert, str(valid), str(app_port), *authorities)
+
+
+def labelled(counters: dict, name: str, direction: str = "inbound") -> dict[str, float]:
+    """reason -> value of the counter `name`{direction, reason} in an agent's status counters."""
+    prefix, out = f"{name}{{direction={direction},reason=", {}
+    for key, value in counters.items():
+        if key.startswith(prefix):
+            out[key[len(prefix):].rstrip("}")] = value
+    return out
 
 
 def refusals(counters: dict) -> dict[tuple[str, str], float]:

@@ -5,7 +5,9 @@ Meshed to meshed on the same node goes through the tunnel with the client's addr
 and principal, exactly counted; bad clients on a pod's real port 15008 (not TLS, no
 client certificate, another CA's, an expired one, another trust domain's, a valid one
 sending truncated HTTP/2) are refused and counted, and a connection held open through
-the tunnel meanwhile, like new ones after, never notices.
+the tunnel meanwhile, like new ones after, never notices. A client with a valid
+certificate cannot aim a stream at another pod or at the agent's own ports: each is
+answered 400 and counted, and its connection goes on serving good streams.
 """
 
 from __future__ import annotations
@@ -16,13 +18,25 @@ import subprocess
 
 import pytest
 
-from hbone_attacks import attack, refusals
+from hbone_attacks import aim, attack, labelled, refusals
+from nodeagent.agent.config import SETTINGS
 from nodeagent.agent.probe import HoldClient
 from nodeagent.agent.sandbox import AMBIENT, Sandbox, SandboxPod
 
 pytestmark = pytest.mark.root
 PORT = 9000
 PRINCIPAL = "spiffe://cluster.local/ns/app/sa/default"
+
+
+def default(name: str):
+    """A setting's default as the sandbox's agent runs with it."""
+    setting = next(s for s in SETTINGS if s.name == name)
+    return setting.parse(setting.default)
+
+
+# The agent's own ports: tunnel, outbound, inbound, admin (15008, 15001, 15006, 15020).
+AGENT_PORTS = (default("tunnel_port"), default("outbound_port"), default("inbound_port"),
+               default("admin_address")[1])
 
 
 @pytest.fixture
@@ -91,3 +105,34 @@ def test_bad_clients_on_the_real_tunnel_port_are_refused_and_harm_no_one(mesh):
         held.close()
     assert connect(sb, client, server, 5)["ok"] == 5
     assert sb.status()["counters"]["hbone_streams_opened_total{direction=inbound}"] == 6
+
+
+def test_a_valid_client_cannot_aim_a_stream_at_another_pod_or_at_the_agent(mesh):
+    """The :authority must be the dialled pod's IP and not one of the agent's ports: a
+    compromised workload's valid certificate buys no reach beyond that pod's own apps."""
+    sb, client, server, legacy = mesh
+    aimed = [f"{client.ip}:{PORT}", *(f"{server.ip}:{port}" for port in AGENT_PORTS)]
+    result = aim(sb, legacy, server.ip, PORT, aimed)
+    assert result["refused"] == {authority: 400 for authority in aimed} and result["goaway"] is None
+    then = result["then"]
+    assert (then["status"], then["echo"]) == (200, "ping")  # the same connection still serves
+    assert then["greeting"].startswith(legacy.ip + ":")  # delivered as the client
+    principal = "spiffe://cluster.local/ns/plain/sa/default"
+
+    def attacker_flows() -> list[dict]:
+        with open(sb.layout.flow_log(sb.node)) as f:
+            flows = [json.loads(line) for line in f]
+        return [f for f in flows if f["reporter"] == "destination" and f["src"]["principal"] == principal]
+    c = sb.wait_for(lambda _: len(attacker_flows()) == len(aimed) + 1, 10, "the attacker's flows closed")["counters"]
+    assert labelled(c, "connection_failures_total") == {"hbone_bad_destination": len(aimed)}
+    assert labelled(c, "hbone_streams_refused_total") == {"bad_destination": len(aimed)}
+    assert c["hbone_streams_opened_total{direction=inbound}"] == 1  # only the good stream reached the app
+    assert c["inbound_connections_total"] == len(aimed) + 1
+    *refused, good = attacker_flows()
+    assert [(f["dst"]["addr"], f["verdict"], f["response_flags"], f["reason"]) for f in refused] == [
+        (f"{client.ip}:{PORT}", "failed", "CONNECT",
+         f":authority {client.ip}:{PORT} is not this pod ({server.ip}); the source's model is stale?"),
+        *((f"{server.ip}:{port}", "failed", "CONNECT", f":authority port {port} is one of the agent's own ports")
+          for port in AGENT_PORTS)]
+    assert (good["dst"]["addr"], good["verdict"], good["bytes_received"]) == (
+        f"{server.ip}:{PORT}", "allowed", len(b"ping\n"))
