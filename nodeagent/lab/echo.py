@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Mapping, TextIO
+from typing import Awaitable, Callable, Mapping, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 from nodeagent.errors import ConfigError, NodeagentError
@@ -111,13 +111,16 @@ def format_addr(sockname) -> str:
 
 
 class Echo:
-    """The HTTP and TCP handlers, with the state they share (identity, RNG, log)."""
+    """The HTTP and TCP handlers, with the state they share (identity, RNG, log, and the
+    sleep `delay=` waits with, which tests replace)."""
 
-    def __init__(self, identity: Identity, rng: random.Random, log: TextIO | None, status: int = 200):
+    def __init__(self, identity: Identity, rng: random.Random, log: TextIO | None, status: int = 200,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.identity = identity
         self.rng = rng
         self.log = log
         self.status = status  # the code of answers whose query has no status=
+        self.sleep = sleep
         self.connections: set[asyncio.Task] = set()
 
     def connection(self, handler):
@@ -166,7 +169,7 @@ class Echo:
             status, body = exc.status, {"error": exc.message, "pod": self.identity.pod}
         else:
             if shape.delay:
-                await asyncio.sleep(shape.delay)
+                await self.sleep(shape.delay)
             failed = shape.fail is not None and self.rng.random() < shape.fail
             status = 503 if failed else shape.status
         # Logged before the answer goes out, so a client holding the answer finds the line.

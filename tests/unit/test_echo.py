@@ -4,9 +4,11 @@ code, malformed requests, TCP echo, concurrency, access log, SIGTERM and start-u
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -15,7 +17,7 @@ import pytest
 
 from lab_echo_process import EchoProcess, run_echo
 from nodeagent.errors import ConfigError
-from nodeagent.lab.echo import Identity, Shape
+from nodeagent.lab.echo import Echo, Identity, Shape
 from nodeagent.lab.http1 import BadRequest
 
 KEYS = {"pod", "namespace", "node", "labels", "method", "path", "headers", "remote_addr", "service_account"}
@@ -180,11 +182,38 @@ def test_delay(echo):
     conn = connect(echo)
     started = time.monotonic()
     response, _ = ask(conn, "/?delay=0.3")
-    elapsed = time.monotonic() - started
-    assert response.status == 200 and 0.3 <= elapsed < 2.0
-    started = time.monotonic()
-    ask(conn, "/?delay=0&status=202")
-    assert time.monotonic() - started < 0.25
+    assert response.status == 200 and time.monotonic() - started >= 0.3
+    assert ask(conn, "/?delay=0&status=202")[0].status == 202
+
+
+def test_delay_sleeps_exactly_what_the_query_asks_and_delay_0_not_at_all():
+    """In process, with the sleep recorded instead of waited: no wall-clock bound."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def main() -> list[bytes]:
+        echo_app = Echo(Identity("echo-v1-abc"), random.Random(1), None, sleep=sleep)
+        server = await asyncio.start_server(echo_app.connection(echo_app.serve_http), "127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            heads = []
+            for target in ("/?delay=0.3", "/?delay=0&status=202", "/?delay=2.5&status=201", "/plain"):
+                writer.write(f"GET {target} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:")))
+                await reader.readexactly(length)
+                heads.append(head.split(b"\r\n")[0])
+            writer.close()
+            return heads
+        finally:
+            server.close()
+            await server.wait_closed()
+    heads = asyncio.run(main())
+    assert heads == [b"HTTP/1.1 200 OK", b"HTTP/1.1 202 Accepted", b"HTTP/1.1 201 Created", b"HTTP/1.1 200 OK"]
+    assert slept == [0.3, 2.5]
 
 
 def test_fail_fraction_is_seedable(tmp_path):
