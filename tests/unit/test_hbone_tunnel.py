@@ -14,6 +14,7 @@ from hbone_certs import AUTHORITY, Loopback, echo, pki, round_trip, run  # noqa:
 from identity_fixtures import until
 from nodeagent.agent.splice import _Pipe
 from nodeagent.tunnel import ConnectionLost, StreamReset, TunnelSettings, bench
+from nodeagent.tunnel.liveness import Liveness
 
 MIB = 1024 * 1024
 
@@ -247,13 +248,22 @@ def test_idle_connection_is_closed_and_replaced(pki):
     run(main())
 
 
-def test_keepalive_keeps_a_quiet_healthy_connection(pki):
-    settings = TunnelSettings(keepalive_interval=0.05, keepalive_timeout=0.2)
+def test_keepalive_keeps_a_quiet_healthy_connection(pki, monkeypatch):
+    # PINGs every 0.05 s of silence; the timeout is generous, so a slow machine answering
+    # late is not taken for a dead peer (test_hbone_refusals checks that a silent one is).
+    settings = TunnelSettings(keepalive_interval=0.05, keepalive_timeout=30)
+    pongs = []
+    answered = Liveness.pong
+
+    def pong(liveness: Liveness) -> None:  # counts PING answers, either side
+        pongs.append(liveness)
+        answered(liveness)
+    monkeypatch.setattr(Liveness, "pong", pong)
 
     async def main():
         async with Loopback(pki, settings=settings) as lb:
             s = await lb.open()
-            await asyncio.sleep(1.0)  # many PING rounds, no data
+            await until(lambda: len(pongs) >= 20, 30, "20 PINGs answered")  # many rounds, no data
             await round_trip(s, b"still here")
             assert lb.value("nodeagent_hbone_connection_errors_total", direction="inbound",
                             reason="keepalive_timeout") == 0
