@@ -111,21 +111,39 @@ def test_nack_is_counted_logged_and_the_last_accepted_snapshot_kept(served, capl
     assert "from node1 for rds" in record.getMessage() and "route table refused by test" in record.getMessage()
 
 
-def test_a_burst_of_changes_is_one_debounced_push(served):
-    cache, registry, server, path = served
-    cache.set_snapshot("node1", snapshot("1"))
-    with AdsSession(path, "node1") as session:
-        session.wait(AdsSession.complete)
-        # Built first, then set back to back: the burst lies well inside the 0.2 s debounce
-        # even on a loaded machine (sleeps between the sets made it flaky there).
-        burst = [snapshot(str(i), timeout=timeout) for i, timeout in enumerate(("2s", "3s", "4s", "5s"), start=2)]
-        for snap in burst:
-            cache.set_snapshot("node1", snap)
-        last = snapshot("5", timeout="5s")
-        session.wait(lambda s: len(s.responses) == 5)
-        time.sleep(0.5)
-        assert types(session) == ORDER + [rt.ROUTE]  # routes only: the other types did not change
-        assert session.responses[-1].version_info == sent(last, rt.ROUTE)
+class ManualTime:
+    """The debounce's clock: it moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_burst_of_changes_is_one_debounced_push(tmp_path):
+    cache, registry, clock = SnapshotCache(), CollectorRegistry(), ManualTime()
+    path = str(tmp_path / "xds.sock")
+    # Binary fractions of a second, so the clock's sums are exact.
+    server = AdsServer(cache, registry, debounce=0.25, max_delay=2.0, clock=clock).start(unix_path=path)
+    try:
+        first = snapshot("1")
+        cache.set_snapshot("node1", first)
+        with AdsSession(path, "node1") as session:
+            session.wait(AdsSession.complete)
+            wait_until(lambda: server.accepted("node1") is first)  # no ACK in flight to push early
+            for i, timeout in enumerate(("2s", "3s", "4s", "5s"), start=2):
+                cache.set_snapshot("node1", snapshot(str(i), timeout=timeout))
+                clock.now += 0.125  # each change 0.125 s after the one before: inside the debounce
+            time.sleep(0.3)
+            assert len(session.responses) == 4  # 0.125 s after the last change: nothing pushed yet
+            clock.now += 0.125  # the debounce after it
+            session.wait(lambda s: len(s.responses) == 5)
+            time.sleep(0.5)
+            assert types(session) == ORDER + [rt.ROUTE]  # routes only: the other types did not change
+            assert session.responses[-1].version_info == sent(snapshot("5", timeout="5s"), rt.ROUTE)
+    finally:
+        server.stop()
     assert sample(registry, "nodeagent_xds_pushes_total", "rds") == 2
 
 
