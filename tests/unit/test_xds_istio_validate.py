@@ -254,3 +254,71 @@ jwtRules:
     assert (rule.issuer, rule.audiences, rule.jwks, rule.from_headers, rule.claims_to_headers,
             rule.forward_original_token) == ("https://issuer.example", ("a", "b"), '{"keys": []}',
                                              (("x-token", "Bearer "),), (("x-sub", "sub"),), True)
+
+
+# --- regexes, compiled as Envoy's RE2 compiles them -------------------------------------
+# Each was accepted by Python's `re` and then NACKed by Envoy, freezing the waypoint.
+RE2_REFUSED = [
+    ("[a-z]{200}", "is too large for Envoy: its RE2 program size is 204, over Envoy's limit of 100"),
+    ("a++", "is not a valid regular expression for RE2, Envoy's engine: bad repetition operator: ++"),
+    (r"\Z", r"is not a valid regular expression for RE2, Envoy's engine: invalid escape sequence: \Z"),
+    ("a{1001}", "is not a valid regular expression for RE2, Envoy's engine: invalid repetition size: {1001}"),
+]
+# Where a VirtualService takes a regex: (http route with RE in it, the field path named).
+REGEX_FIELDS = [
+    ("- match: [{uri: {regex: '@RE@'}}]", "spec.http[0].match[0].uri.regex"),
+    ("- match: [{headers: {x-user: {regex: '@RE@'}}}]", "spec.http[0].match[0].headers.x-user.regex"),
+    ("- match: [{withoutHeaders: {x-user: {regex: '@RE@'}}}]", "spec.http[0].match[0].withoutHeaders.x-user.regex"),
+    ("- match: [{queryParams: {id: {regex: '@RE@'}}}]", "spec.http[0].match[0].queryParams.id.regex"),
+    ("- match: [{authority: {regex: '@RE@'}}]", "spec.http[0].match[0].authority.regex"),
+    ("- rewrite: {uriRegexRewrite: {match: '@RE@', rewrite: /x}}", "spec.http[0].rewrite.uriRegexRewrite.match"),
+]
+
+
+def route_with(http: str, regex: str) -> str:
+    return "hosts: [reviews]\nhttp:\n" + http.replace("@RE@", regex) + "\n  route: [{destination: {host: reviews}}]"
+
+
+@pytest.mark.parametrize("http, path", REGEX_FIELDS)
+@pytest.mark.parametrize("regex, words", RE2_REFUSED)
+def test_regexes_envoy_refuses_are_refused_naming_the_field(http, path, regex, words):
+    message = only_error(doc("VirtualService", "r", route_with(http, regex)))
+    assert f"(VirtualService shop/r) {path}: {regex!r} {words}" in message, message
+    assert "it is ignored" in message
+
+
+@pytest.mark.parametrize("regex", [r"^/api/v[0-9]+/.*", r"(?i)^/admin", r"[[:alpha:]]+", r"\d{3}-\d{4}",
+                                   r"(?P<id>[0-9]+)", r"(?<id>[0-9]+)", r"\pL+", r".{15}",
+                                   "[a-z]{96}"])  # program size 100: Envoy's limit itself
+def test_valid_re2_is_accepted_in_every_regex_field(regex):
+    for http, _ in REGEX_FIELDS:
+        valid(doc("VirtualService", "r", route_with(http, regex)))
+
+
+def test_a_regex_envoy_refuses_keeps_the_previous_good_version():
+    good = valid(doc("VirtualService", "r", route_with(REGEX_FIELDS[0][0], "/v[0-9]+")))
+    edited = config(doc("VirtualService", "r", route_with(REGEX_FIELDS[0][0], "/v[0-9]++")), previous=good)
+    assert edited.virtual_services[0].http[0].matches[0].uri.value == "/v[0-9]+"
+    assert "bad repetition operator" in str(edited.errors[0])
+    assert "its previous version stays in force" in str(edited.errors[0])
+
+
+def test_source_labels_too_many_for_one_envoy_matcher_are_refused():
+    labels = ("{app.kubernetes.io/name: productpage, app.kubernetes.io/version: v1, "
+              "app.kubernetes.io/part-of: bookinfo}")
+    message = only_error(doc("VirtualService", "r", route_with(f"- match: [{{sourceLabels: {labels}}}]", "")))
+    assert "(VirtualService shop/r) spec.http[0].match[0].sourceLabels: these 3 labels make a matcher too " \
+           "large for Envoy: its RE2 program size is 118, over Envoy's limit of 100" in message
+    valid(doc("VirtualService", "r", route_with("- match: [{sourceLabels: {app: productpage, version: v1}}]", "")))
+
+
+def test_regexes_in_a_rate_limit_patch_are_compiled_as_envoy_does():
+    action = ("          rate_limits: [{actions: [{header_value_match: {descriptor_value: x, headers: "
+              "[{name: x-user, string_match: {safe_regex: {regex: '@RE@'}}}]}}]}]\n")
+    spec = RATE_LIMIT.format(apply_to="HTTP_FILTER", context="SIDECAR_INBOUND", type_url=LRL, field="stat_prefix")
+    spec = spec.replace("          token_bucket:", action + "          token_bucket:")
+    valid(doc("EnvoyFilter", "rl", spec.replace("@RE@", "^alice$"), "networking.istio.io/v1alpha3"))
+    message = only_error(doc("EnvoyFilter", "rl", spec.replace("@RE@", "a++"), "networking.istio.io/v1alpha3"))
+    assert ("(EnvoyFilter shop/rl) spec.configPatches[0].patch.value.typed_config.value.rate_limits[0].actions[0]"
+            ".header_value_match.headers[0].string_match.safe_regex.regex: 'a++' is not a valid regular "
+            "expression for RE2") in message, message

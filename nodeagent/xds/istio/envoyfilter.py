@@ -5,16 +5,20 @@ waypoint, in front of the selected pods), optionally `listener.portNumber`, a ma
 the http_connection_manager (optionally its `envoy.filters.http.router` sub-filter),
 operation INSERT_BEFORE (before the router when the sub-filter is named, else first, as
 istiod does) or INSERT_FIRST, and a value `envoy.filters.http.local_ratelimit` whose
-typed_config is a LocalRateLimit or a TypedStruct of one. Patches for GATEWAY are valid
-but apply to no waypoint (a warning). Anything else is refused naming the field. Pure.
+typed_config is a LocalRateLimit or a TypedStruct of one; every regex in it (rate_limits
+actions' header matches) is compiled as Envoy's RE2 compiles it. Patches for GATEWAY are
+valid but apply to no waypoint (a warning). Anything else is refused naming the field. Pure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
+import betterproto2
 from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
@@ -137,11 +141,26 @@ def _value(field: Field, warn: Warn) -> LocalRateLimit:
         raise where.error(f"is not a valid LocalRateLimit: {exc}") from None
     if not config.stat_prefix:
         raise where.error("stat_prefix must be set")
+    for path, pattern in _regexes(config, ""):
+        f.regex(Field(where.where, f"{where.path}{path}.regex", pattern), pattern)
     for name, effect in (("filter_enabled", "never runs"), ("filter_enforced", "only counts, never enforces")):
         if getattr(config, name) is None:
             warn(where.error(f"{name} is not set, so Envoy {effect} this rate limit",
                              f"set {name}.default_value to 100%"))
     return config
+
+
+def _regexes(message: betterproto2.Message, path: str) -> Iterator[tuple[str, str]]:
+    """(field path, pattern) of every RegexMatcher within `message`."""
+    if isinstance(message, RegexMatcher):
+        yield path, message.regex
+        return
+    for item in dataclasses.fields(message):
+        value = getattr(message, item.name)
+        values = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, one in values:
+            if isinstance(one, betterproto2.Message):
+                yield from _regexes(one, f"{path}.{item.name}" + (f"[{i}]" if i is not None else ""))
 
 
 def _unwrap(typed: Field) -> tuple[dict, Field]:

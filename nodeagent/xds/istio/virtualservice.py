@@ -1,7 +1,8 @@
 """VirtualService (networking.istio.io v1, v1beta1, v1alpha3) → typed routes.
 
 Checks what Istio's CRD schema and webhook check (unknown fields, types, ranges, one
-action per route, regexes) and refuses, naming the field, what the per-node waypoint
+action per route, regexes, compiled as Envoy's RE2 compiles them) and what Envoy would
+refuse of the translation (sourceLabels too many for one RE2 matcher), and refuses, naming the field, what the per-node waypoint
 cannot do (delegate, corsPolicy, tls routes, exponential delays, HTTP/2 error aborts,
 per-source matches on tcp routes, exportTo narrower than "*"). Deprecated spellings are
 read as Istio reads them (fault `percent`, `mirrorPercent`) with a warning. Pure.
@@ -16,6 +17,7 @@ from typing import Callable, Mapping
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
 from nodeagent.policy.schema import Field
+from nodeagent.xds import dataplane
 from nodeagent.xds.istio import fields as f
 from nodeagent.xds.istio.fields import Destination, HeaderOps, StringMatch
 
@@ -220,9 +222,21 @@ def _http_match(field: Field) -> HttpMatch:
         method=_optional_match(p["method"]), authority=_optional_match(p["authority"]),
         headers=headers, without_headers=f.string_matches(p["withoutHeaders"], header_names=True),
         query_params=f.string_matches(p["queryParams"]), port=f.integer(p["port"], 1, 65535),
-        source_labels=p["sourceLabels"].labels(), source_namespace=p["sourceNamespace"].string(),
+        source_labels=_source_labels(p["sourceLabels"]), source_namespace=p["sourceNamespace"].string(),
         ignore_uri_case=p["ignoreUriCase"].boolean(), stat_prefix=p["statPrefix"].string(),
         gateways=p["gateways"].strings())
+
+
+def _source_labels(field: Field) -> Mapping[str, str]:
+    """The waypoint matches sourceLabels with one RE2 (dataplane.labels_regex), which Envoy
+    refuses past its program size limit."""
+    labels = field.labels()
+    size = f.program_size(dataplane.labels_regex(labels)) if labels else 0
+    if isinstance(size, int) and size > f.MAX_PROGRAM_SIZE:
+        raise field.error(f"these {len(labels)} labels make a matcher too large for Envoy: its RE2 program "
+                          f"size is {size}, over Envoy's limit of {f.MAX_PROGRAM_SIZE}",
+                          "match on fewer or shorter labels")
+    return labels
 
 
 def _optional_match(field: Field) -> StringMatch | None:
