@@ -1,8 +1,9 @@
 """The agent's admin endpoints: a small HTTP/1.1 server on the admin address (default
 127.0.0.1:15020 in the agent's netns) and on the admin unix socket, serving the same
 routes on both: `/metrics` (Prometheus text), `/debug/status` (JSON, what `nodeagent
-status` renders) and `/healthz/ready`. `fetch` and `fetch_status` are the client side over
-the unix socket. One request per connection; nothing here can block the agent's event loop.
+status` renders) and `/healthz/ready` (200 when the agent can serve; 503 naming everything
+missing, from a `Readiness`). `fetch` and `fetch_status` are the client side over the unix
+socket. One request per connection; nothing here can block the agent's event loop.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import socket
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,9 +27,20 @@ REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Req
            503: "Service Unavailable"}
 
 
+@dataclass(frozen=True)
+class Readiness:
+    """Whether the agent can serve: true when nothing is missing; else each thing missing,
+    in words (what `/healthz/ready` answers and `nodeagent status` shows)."""
+
+    missing: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return not self.missing
+
+
 class AdminServer:
     def __init__(self, *, registry: CollectorRegistry, status: Callable[[], dict[str, Any]],
-                 ready: Callable[[], bool], log: logging.Logger):
+                 ready: Callable[[], Readiness | bool], log: logging.Logger):
         self.registry = registry
         self.status = status
         self.ready = ready
@@ -72,8 +85,15 @@ class AdminServer:
         if path == "/debug/status":
             return 200, "application/json", json.dumps(self.status(), indent=1, sort_keys=True).encode() + b"\n"
         if path == "/healthz/ready":
-            return (200, "text/plain", b"ready\n") if self.ready() else (503, "text/plain", b"not ready\n")
+            return self._readiness()
         return 404, "text/plain", b"try /metrics, /debug/status or /healthz/ready\n"
+
+    def _readiness(self) -> tuple[int, str, bytes]:
+        verdict = self.ready()
+        if verdict:
+            return 200, "text/plain", b"ready\n"
+        lines = [f"not ready: {m}" for m in getattr(verdict, "missing", ())] or ["not ready"]
+        return 503, "text/plain", "\n".join(lines).encode() + b"\n"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -7,10 +7,13 @@ cookies no longer meshed are removed. Then the source is checked every poll inte
 (and at once when inotify reports a change) and each new model is reconciled: policies
 rebuilt first (new connections see them at once), then enrolment, then the workload
 identities of the enrolled pods (fetched ahead, forgotten when unused) and the release
-of removed pods' tunnel connections. The data path is wired in datapath.py. SIGTERM or
-SIGINT: stop listening and relaying and leave capture and in-pod routing for the next
-agent (keep-on-exit, the default), as a SIGKILL does: meshed pods fail closed until it
-is ready. Only --no-keep-on-exit (or `nodeagent uninstall` afterwards) removes them.
+of removed pods' tunnel connections. Ready (`/healthz/ready`, status) means "can serve":
+the first reconcile is done and every enrolled pod's identity has a valid certificate
+(when there is a CA; one a previous agent left counts, so a restart while the CA is down
+stays ready). The data path is wired in datapath.py. SIGTERM or SIGINT: stop listening
+and relaying and leave capture and in-pod routing for the next agent (keep-on-exit, the
+default), as a SIGKILL does: meshed pods fail closed until it is ready. Only
+--no-keep-on-exit (or `nodeagent uninstall` afterwards) removes them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent import __version__
 from nodeagent.agent import logs
-from nodeagent.agent.admin import AdminServer
+from nodeagent.agent.admin import AdminServer, Readiness
 from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.datapath import DataPath
 from nodeagent.agent.enrolment import Enroller, Handlers, Ports
@@ -51,11 +54,11 @@ class Agent:
         self.model = Model.empty()
         self.model_changed_at: float | None = None
         self.started_at = time.time()
-        self.ready = False
+        self.reconciled = False  # the first reconcile is done (part of readiness)
         self.datapath = DataPath(config, registry=registry, metrics=self.metrics, capture=capture, log=log,
                                  model=lambda: self.model, pod_at=self.pod_at)
         self.enroller = self._enroller(resolver or PodNetnsResolver())
-        self.admin = AdminServer(registry=registry, status=self.status, ready=lambda: self.ready,
+        self.admin = AdminServer(registry=registry, status=self.status, ready=self.readiness,
                                  log=log.getChild("admin"))
 
     def _enroller(self, resolver: PodNetnsResolver) -> Enroller:
@@ -80,9 +83,10 @@ class Agent:
                 await self._first_reconcile(stop, watch)
                 if stop.is_set():
                     return
-                self.ready = True
-                self.log.info("agent ready on node %s: %d pods enrolled", self.config.node,
-                              len(self.enroller.enrolled))
+                self.datapath.identities.discard_unclaimed()  # the source read: the local pods are known
+                self.reconciled = True
+                self.log.info("agent reconciled on node %s: %d pods enrolled; %s", self.config.node,
+                              len(self.enroller.enrolled), "; ".join(self.readiness().missing) or "ready")
                 await self._loop(stop, watch)
             finally:
                 watch.close()
@@ -131,6 +135,16 @@ class Agent:
             self.datapath.enrolled([e.ctx.pod for e in enrolled], before - {e.ctx for e in enrolled})
 
     # --- status ---------------------------------------------------------------------
+    def readiness(self) -> Readiness:
+        """Can serve: the first reconcile is done and every enrolled pod's identity has a
+        valid certificate now; else what is missing."""
+        if not self.reconciled:
+            scan_error = self.source.scan_error
+            return Readiness((f"cluster state not read yet: {scan_error}" if scan_error
+                              else "first reconcile not done yet",))
+        pods = [e.ctx.pod for e in self.enroller.enrolled.values()]
+        return Readiness(tuple(self.datapath.identities.missing(pods)))
+
     def status(self) -> dict[str, Any]:
         enrolment = self.enroller.describe()
         try:
@@ -139,7 +153,7 @@ class Agent:
             capture = {"error": str(exc)}
         return {
             "node": self.config.node, "version": __version__, "pid": os.getpid(),
-            "started_at": self.started_at, "ready": self.ready,
+            "started_at": self.started_at, **self._readiness_status(),
             "source": {"location": self.config.source, "errors": dict(self.source.errors),
                        "model_changed_at": self.model_changed_at,
                        "pods_on_node": len(self.model.pods_on_node(self.config.node))},
@@ -147,6 +161,10 @@ class Agent:
             "capture": capture, "counters": self.metrics.snapshot(),
             "config": self.config.as_dict(), **self.datapath.describe(),
         }
+
+    def _readiness_status(self) -> dict[str, Any]:
+        readiness = self.readiness()
+        return {"ready": bool(readiness), "not_ready": list(readiness.missing)}
 
 
 def new_capture(config: AgentConfig, log: logging.Logger):

@@ -147,20 +147,10 @@ def identity_manager(config: AgentConfig, registry: CollectorRegistry, log: logg
     if not token:
         raise ConfigError("setting ca_token_file", f"{config.ca_token_file} is empty",
                           "it must hold this node's token for the CA")
-    _remove_stale_keys(config.identity_dir, log)
     host, port = config.ca_address
     client = CaClient(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", root, token, config.ca_server_name)
     return IdentityManager(client, SystemClock(), root, registry, log, runtime_dir=config.identity_dir,
                            cert_ttl=config.cert_ttl)
-
-
-def _remove_stale_keys(directory, log: logging.Logger) -> None:
-    """Key files a killed agent left behind: nobody uses them, and new ones are fetched."""
-    stale = sorted(directory.glob("*.pem")) if directory.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        log.info("removed %d key files left by a previous agent in %s", len(stale), directory)
 
 
 def _read(path, setting: str) -> bytes:

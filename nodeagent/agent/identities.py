@@ -3,11 +3,15 @@
 A pod's identity is `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceAccountName>`.
 `sync(pods)` keeps the IdentityManager fetching certificates for the identities of the
 enrolled pods (ahead of any connection) and forgets identities no pod uses any more
-(their key files are deleted). `ready(identity)` waits for a first certificate when
-there is none yet. The tunnel asks for TLS contexts synchronously during a handshake,
-so `context(identity, server_side)` serves one built from the credentials in use now,
-cached until they rotate. Without a CA (`--ca-address off`) there are no identities:
-`enabled` is False and `ready` refuses, saying how to turn mTLS on.
+(their key files are deleted); key files an earlier agent left are served at once when
+still valid, and the ones no pod claimed by the end of the first reconcile are deleted
+(`discard_unclaimed`). `ready(identity)` waits for a first certificate when there is
+none yet; `missing(pods)` says, without waiting, which of the pods' identities have no
+valid certificate and why (the agent is not ready while any has none). The tunnel asks
+for TLS contexts synchronously during a handshake, so `context(identity, server_side)`
+serves one built from the credentials in use now, cached until they rotate. Without a
+CA (`--ca-address off`) there are no identities: `enabled` is False and `ready`
+refuses, saying how to turn mTLS on.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.spiffe import Identity
 from nodeagent.model import Pod
-
 
 
 def no_ca() -> IdentityUnavailable:
@@ -52,8 +55,12 @@ class WorkloadIdentities:
 
     def uri_of(self, pod: Pod | None) -> str | None:
         """The pod's SPIFFE URI, or None (no pod, or no valid identity)."""
+        identity = self._identity_or_none(pod) if pod is not None else None
+        return identity.uri if identity is not None else None
+
+    def _identity_or_none(self, pod: Pod) -> Identity | None:
         try:
-            return self.of(pod).uri if pod is not None else None
+            return self.of(pod)
         except IdentityUnavailable:
             return None
 
@@ -74,6 +81,20 @@ class WorkloadIdentities:
         for identity in set(self.manager.identities) - wanted:
             self.manager.forget(identity)
             self._contexts = {k: v for k, v in self._contexts.items() if k[0] != identity}
+
+    def discard_unclaimed(self) -> None:
+        """Delete the key files an earlier agent left for identities no enrolled pod has."""
+        if self.manager is not None:
+            self.manager.discard_unclaimed()
+
+    def missing(self, pods: Iterable[Pod]) -> list[str]:
+        """For each identity of `pods` without a valid certificate now, why (sorted; empty
+        when all have one, or without a CA). A pod whose names form no identity can never
+        have one: it is refused and reported by `sync`, never waited for."""
+        if self.manager is None:
+            return []
+        wanted = {identity for pod in pods if (identity := self._identity_or_none(pod)) is not None}
+        return [problem for identity in sorted(wanted) if (problem := self.manager.problem(identity))]
 
     async def ready(self, identity: Identity) -> Credentials:
         """Valid credentials for `identity`, waiting for the first fetch if need be."""

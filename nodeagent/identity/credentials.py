@@ -6,7 +6,9 @@ it: the leaf names the identity asked for, carries our public key, and chains to
 trust bundle now (cryptography's verifier, client profile, so clientAuth must be there).
 `Credentials` holds the result and its file: key + chain in one 0600 PEM file per
 identity, replaced atomically on rotation, because Python's ssl loads keys only from
-files.
+files. `load` reads such a file back after an agent restart and trusts it no more than
+a fresh answer of the CA: the same checks as `accept`, the file still private, and
+enough validity left to be worth serving.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from cryptography.x509 import verification
 
 from nodeagent.errors import ConfigError
 from nodeagent.identity import pemfiles, tls
-from nodeagent.identity.errors import CertificateIdentityError, IssuedCertificateInvalid
+from nodeagent.identity.errors import CertificateIdentityError, IdentityError, IssuedCertificateInvalid
 from nodeagent.identity.spiffe import Identity, identity_of_certificate
+
+
+class StoredCredentialsInvalid(IdentityError):
+    """A key file left in the runtime directory cannot be served (it is deleted)."""
 
 
 @dataclass(frozen=True)
@@ -78,17 +84,73 @@ def accept(identity: Identity, key: ec.EllipticCurvePrivateKey, chain_pem: list[
         raise IssuedCertificateInvalid(f"the CA's certificate for {identity}: {exc}") from None
     if named != identity:
         raise IssuedCertificateInvalid(f"asked the CA for {identity}, got a certificate for {named}")
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+    if not _same_key(leaf, key):
         raise IssuedCertificateInvalid(f"the CA's certificate for {identity} is not for the key we sent")
+    problem = _chain_problem(chain, roots, now)
+    if problem:
+        raise IssuedCertificateInvalid(f"the CA's certificate for {identity} {problem}",
+                                       "is the agent's root certificate the CA's?")
+    return [c for c in chain if c not in roots]
+
+
+def load(path: Path, roots: list[x509.Certificate], trust_bundle_pem: bytes, now: float,
+         margin: float) -> Credentials:
+    """The credentials an earlier agent wrote to `path`, if they may be served now: a
+    private file (pemfiles.read_private) named for the identity its leaf carries, the
+    key matching the leaf, the chain verifying against `roots` now, and more than
+    `margin` seconds left before the leaf expires. StoredCredentialsInvalid says why not."""
+    try:
+        data = pemfiles.read_private(path)
+        key = serialization.load_pem_private_key(data, password=None)
+        chain = pemfiles.load_certs(data, str(path))
+    except ConfigError as exc:
+        raise StoredCredentialsInvalid(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise StoredCredentialsInvalid(f"{path}: no usable private key: {exc}") from None
+    if not chain:
+        raise StoredCredentialsInvalid(f"{path}: no certificate")
+    leaf = chain[0]
+    try:
+        identity = identity_of_certificate(leaf)
+    except CertificateIdentityError as exc:
+        raise StoredCredentialsInvalid(f"{path}: {exc}") from None
+    if path.name != file_name(identity):
+        raise StoredCredentialsInvalid(f"{path}: holds a certificate for {identity}, "
+                                       f"whose file is {file_name(identity)}")
+    if not _same_key(leaf, key):
+        raise StoredCredentialsInvalid(f"{path}: the private key is not the certificate's")
+    not_after = leaf.not_valid_after_utc.timestamp()
+    if not_after <= now:
+        raise StoredCredentialsInvalid(f"{path}: the certificate for {identity} expired at {iso(not_after)}")
+    if not_after - now <= margin:
+        raise StoredCredentialsInvalid(f"{path}: the certificate for {identity} expires at {iso(not_after)}, "
+                                       f"within {margin:.0f}s")
+    problem = _chain_problem(chain, roots, now)
+    if problem:
+        raise StoredCredentialsInvalid(f"{path}: the certificate for {identity} {problem}",
+                                       "was the mesh root replaced since it was issued?")
+    return Credentials(identity, pemfiles.certs_pem(chain), pemfiles.key_pem(key), trust_bundle_pem,
+                       leaf.not_valid_before_utc.timestamp(), not_after, path)
+
+
+def _same_key(cert: x509.Certificate, key) -> bool:
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+
+
+def _chain_problem(chain: list[x509.Certificate], roots: list[x509.Certificate], now: float) -> str | None:
+    """Why `chain` (leaf first) does not verify to `roots` at `now` for a client, or None."""
     verifier = (verification.PolicyBuilder().store(verification.Store(roots))
                 .time(dt.datetime.fromtimestamp(now, dt.timezone.utc)).build_client_verifier())
     try:
-        verifier.verify(leaf, chain[1:])
+        verifier.verify(chain[0], chain[1:])
     except verification.VerificationError as exc:
-        raise IssuedCertificateInvalid(f"the CA's certificate for {identity} does not verify against "
-                                       f"the trust bundle: {exc}", "is the agent's root certificate the CA's?") from None
-    return [c for c in chain if c not in roots]
+        return f"does not verify against the trust bundle: {exc}"
+    return None
+
+
+def iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def write(directory: Path, identity: Identity, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate],

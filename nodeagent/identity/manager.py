@@ -6,9 +6,16 @@ for the first fetch); each identity has one task that fetches, then sleeps until
 certificate's half-life and fetches again. Every fetch makes a fresh P-256 key on this
 node and sends only the CSR. When the CA fails, the valid certificate stays in use and
 the task retries with exponential backoff and jitter until the CA answers; `get` fails
-only when there is no valid certificate at all. `forget` stops all that and deletes the
-identity's file when no local pod uses it any more. Time comes from an injected clock
-(wall time, since certificates carry wall times); metrics go to the registry given.
+only when there is no valid certificate at all, and `problem` says why. `forget` stops
+all that and deletes the identity's file when no local pod uses it any more.
+
+Key files outlive the agent (`close` keeps them), so a restart while the CA is down does
+not cut the node off: at construction every file in the runtime directory is checked as
+strictly as a fresh answer of the CA (credentials.load) and either adopted — served at
+once when its identity is asked for, rotated at its half-life as usual — or deleted with
+the reason logged. Adopted files nobody claimed are deleted by `discard_unclaimed`. Time
+comes from an injected clock (wall time, since certificates carry wall times); metrics
+go to the registry given.
 """
 
 from __future__ import annotations
@@ -25,13 +32,16 @@ from typing import Iterable, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeagent.identity import credentials, pemfiles
-from nodeagent.identity.credentials import Credentials
+from nodeagent.identity.credentials import Credentials, StoredCredentialsInvalid, iso
 from nodeagent.identity.errors import (CaRefused, CaUnavailable, IdentityError, IdentityUnavailable,
                                        IssuedCertificateInvalid)
 from nodeagent.identity.spiffe import Identity
 
 DEFAULT_RUNTIME_DIR = Path("/run/nodeagent/identity")  # tmpfs: keys never reach a disk
 REASONS = {CaUnavailable: "unavailable", CaRefused: "refused", IssuedCertificateInvalid: "invalid_response"}
+# A stored certificate with no more than this left is not adopted: it would lapse about as
+# soon as it is served; the pod waits for a fresh one instead.
+ADOPTION_MARGIN = 300.0
 
 
 class Clock(Protocol):
@@ -96,7 +106,7 @@ class IdentityManager:
     def __init__(self, ca_client: CertificateIssuer, clock: Clock, trust_bundle: bytes,
                  registry: CollectorRegistry, log: logging.Logger, runtime_dir: Path = DEFAULT_RUNTIME_DIR,
                  backoff: Backoff = Backoff(), rng: random.Random | None = None,
-                 cert_ttl: dt.timedelta | None = None):
+                 cert_ttl: dt.timedelta | None = None, adoption_margin: float = ADOPTION_MARGIN):
         self.client, self.clock, self.log = ca_client, clock, log
         self.trust_bundle = trust_bundle
         self.roots = pemfiles.load_certs(trust_bundle, "trust bundle")
@@ -105,6 +115,7 @@ class IdentityManager:
         self.backoff, self.rng = backoff, rng or random.Random()
         self.cert_ttl = cert_ttl  # None: the CA's default
         self._slots: dict[Identity, _Slot] = {}
+        self._adopted = self._adopt(adoption_margin)  # left by an earlier agent, not claimed yet
 
     # --- what callers use ---------------------------------------------------------------
     def prefetch(self, identities: Iterable[Identity]) -> None:
@@ -116,13 +127,25 @@ class IdentityManager:
         """Valid credentials for `identity`; IdentityUnavailable if there are none (yet)."""
         slot = self._slot(identity)
         await slot.settled.wait()
-        creds = slot.creds
-        if creds is not None and creds.valid_at(self.clock.now()):
+        creds = self.current(identity)
+        if creds is not None:
             return creds
-        why = f"last attempt: {slot.error}" if slot.error else "no certificate yet"
-        expired = f"certificate expired at {_iso(creds.not_after)}; " if creds else ""
-        raise IdentityUnavailable(f"no valid certificate for {identity}: {expired}{why}",
+        raise IdentityUnavailable(self.problem(identity) or f"no valid certificate for {identity}",
                                   "the agent keeps retrying; check the CA and its logs")
+
+    def problem(self, identity: Identity) -> str | None:
+        """Why there is no valid certificate for `identity` now (None when there is one)."""
+        slot = self._slots.get(identity)
+        if slot is None:
+            return f"no valid certificate for {identity}: not asked for"
+        if self.current(identity) is not None:
+            return None
+        if isinstance(slot.error, CaUnavailable):
+            why = f"CA unreachable ({slot.error.message})"
+        else:
+            why = f"last attempt: {slot.error}" if slot.error else "waiting for the CA's first answer"
+        expired = f"certificate expired at {iso(slot.creds.not_after)}; " if slot.creds else ""
+        return f"no valid certificate for {identity}: {expired}{why}"
 
     def forget(self, identity: Identity) -> None:
         """Stop keeping `identity`: cancel its fetches, delete its file and metric."""
@@ -155,22 +178,66 @@ class IdentityManager:
     def identities(self) -> list[Identity]:
         return sorted(self._slots)
 
+    def discard_unclaimed(self) -> None:
+        """Delete the adopted files no identity was asked for (call once the local pods are
+        known): no pod on this node has those identities any more."""
+        for identity, creds in sorted(self._adopted.items()):
+            self.log.info("deleting %s left by an earlier agent: no local pod has identity %s", creds.path, identity)
+            _delete(creds.path, self.log)
+        self._adopted.clear()
+
     async def close(self) -> None:
-        """Forget everything (keys are deleted) and wait for the tasks to end."""
+        """Stop fetching and wait for the tasks to end. The key files stay (0600, tmpfs) for
+        the next agent, which adopts the ones still valid: a restart during a CA outage then
+        keeps serving."""
         tasks = [s.task for s in self._slots.values() if s.task is not None]
-        for identity in list(self._slots):
-            self.forget(identity)
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._slots.clear()
+
+    # --- files an earlier agent left ------------------------------------------------------
+    def _adopt(self, margin: float) -> dict[Identity, Credentials]:
+        """The still good credentials in the runtime directory; every other entry there is
+        deleted, saying why. Never raises: at worst nothing is adopted."""
+        try:
+            paths = sorted(self.runtime_dir.iterdir())
+        except OSError as exc:
+            self.log.error("cannot list %s, adopting no key files: %s", self.runtime_dir, exc.strerror)
+            return {}
+        adopted: dict[Identity, Credentials] = {}
+        for path in paths:
+            try:
+                if path.name.startswith("."):  # pemfiles.write_private's temporary name
+                    raise StoredCredentialsInvalid(f"{path}: left by a write that was interrupted")
+                creds = credentials.load(path, self.roots, self.trust_bundle, self.clock.now(), margin)
+            except StoredCredentialsInvalid as exc:
+                self.log.warning("deleting key file left by an earlier agent: %s", exc)
+                _delete(path, self.log)
+                continue
+            except Exception:  # noqa: BLE001 - a bug here must not stop the agent; the CA is asked instead
+                self.log.exception("deleting %s: cannot check it", path)
+                _delete(path, self.log)
+                continue
+            adopted[creds.identity] = creds
+            self.log.info("adopted %s left by an earlier agent: certificate for %s valid until %s", path,
+                          creds.identity, iso(creds.not_after))
+        return adopted
 
     # --- the per-identity task ----------------------------------------------------------
     def _slot(self, identity: Identity) -> _Slot:
         slot = self._slots.get(identity)
         if slot is None:
             slot = self._slots[identity] = _Slot(identity)
+            adopted = self._adopted.pop(identity, None)
+            if adopted is not None and adopted.valid_at(self.clock.now()):
+                self._install(slot, adopted)
             slot.task = asyncio.get_running_loop().create_task(self._maintain(slot), name=f"identity {identity}")
         return slot
 
     async def _maintain(self, slot: _Slot) -> None:
+        if slot.creds is not None:  # adopted: rotated at its half-life like one just fetched
+            await self._sleep_until(slot.creds.refresh_at)
         while True:
             try:
                 creds = await self._fetch(slot.identity)
@@ -193,7 +260,7 @@ class IdentityManager:
         slot.settled.set()
         self.metrics.expiry.labels(identity=slot.identity.uri).set(creds.not_after)
         self.log.info("certificate for %s valid until %s, rotating at %s", slot.identity,
-                      _iso(creds.not_after), _iso(creds.refresh_at))
+                      iso(creds.not_after), iso(creds.refresh_at))
 
     def _failed(self, slot: _Slot, exc: Exception) -> float:
         """Record a failed attempt; the delay before the next one."""
@@ -202,7 +269,7 @@ class IdentityManager:
         reason = REASONS.get(type(exc), "write_failed" if isinstance(exc, OSError) else "internal")
         self.metrics.errors.labels(reason=reason).inc()
         delay = self.backoff.delay(slot.failures, self.rng)
-        still = (f"keeping the certificate valid until {_iso(slot.creds.not_after)}"
+        still = (f"keeping the certificate valid until {iso(slot.creds.not_after)}"
                  if slot.creds and slot.creds.valid_at(self.clock.now()) else "no valid certificate")
         log = self.log.warning if isinstance(exc, IdentityError) else self.log.error
         log("cannot get a certificate for %s (attempt %d, retrying in %.1fs; %s): %s", slot.identity,
@@ -215,5 +282,8 @@ class IdentityManager:
             await self.clock.sleep(left)
 
 
-def _iso(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
+def _delete(path: Path, log: logging.Logger) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # a directory someone made there, say: leave it, say so
+        log.error("cannot delete %s: %s", path, exc.strerror)

@@ -1,6 +1,8 @@
 """WorkloadIdentities: the agent keeps certificates for the service accounts of its
 enrolled pods (fetched ahead, forgotten when unused), serves TLS contexts from the
-certificate in use (rebuilt after a rotation), and without a CA refuses, saying why."""
+certificate in use (rebuilt after a rotation), and without a CA refuses, saying why.
+Readiness: `/healthz/ready` answers 503 naming each identity of an enrolled pod without a
+valid certificate and why, and 200 once they all have one."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from identity_fixtures import ManualClock, make_ca, run, until
+from nodeagent.agent.admin import AdminServer, Readiness
 from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.identity import pemfiles
-from nodeagent.identity.errors import IdentityUnavailable
+from nodeagent.identity.errors import CaUnavailable, IdentityUnavailable
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.model import Pod
 
@@ -25,9 +28,13 @@ class Issuer:
     def __init__(self, ca):
         self.ca = ca
         self.asked: list[str] = []
+        self.down = False
 
     async def create_certificate(self, csr_pem, identity, ttl=None):
         self.asked.append(identity.uri)
+        if self.down:
+            raise CaUnavailable("CA at 10.0.0.1:15012 failed: UNAVAILABLE: connection refused",
+                                "check that the CA runs")
         return [pemfiles.certs_pem([cert]).decode() for cert in self.ca.sign(self.ca.read_csr(csr_pem), ttl)]
 
     async def close(self):
@@ -110,3 +117,55 @@ def test_a_pod_without_a_valid_identity_is_skipped_and_reported_once(tmp_path, c
             identities.of(bad)
         await identities.close()
     run(main())
+
+
+def test_ready_only_once_every_enrolled_pod_has_a_valid_certificate(tmp_path):
+    identities, issuer, clock, registry = make(tmp_path)
+    pods = [pod("a-0", "web"), pod("a-1", "web"), pod("bad-0", "Not_A_Name")]  # bad-0 can never have one
+    admin = AdminServer(registry=registry, status=dict, log=LOG,
+                        ready=lambda: Readiness(tuple(identities.missing(pods))))
+    web = "spiffe://cluster.local/ns/mesh/sa/web"
+    issuer.down = True
+
+    async def main():
+        identities.sync(pods)
+        assert admin.respond("GET", "/healthz/ready") == (503, "text/plain", (
+            f"not ready: no valid certificate for {web}: waiting for the CA's first answer\n").encode())
+        await until(lambda: identities.manager.describe()[0]["failures"] == 1, what="a failed attempt")
+        assert admin.respond("GET", "/healthz/ready") == (503, "text/plain", (
+            f"not ready: no valid certificate for {web}: CA unreachable "
+            "(CA at 10.0.0.1:15012 failed: UNAVAILABLE: connection refused)\n").encode())
+        issuer.down = False
+        clock.advance(clock.sleeps[-1])
+        await until(lambda: identities.manager.current(identities.of(pods[0])) is not None, what="a certificate")
+        assert admin.respond("GET", "/healthz/ready") == (200, "text/plain", b"ready\n")
+        issuer.down = True
+        clock.advance_to(identities.manager.current(identities.of(pods[0])).not_after)  # lapsed, CA down
+        code, _, body = admin.respond("GET", "/healthz/ready")
+        assert code == 503 and body.startswith(f"not ready: no valid certificate for {web}: certificate expired".encode())
+        await identities.close()
+    run(main())
+
+
+def test_a_certificate_left_by_the_previous_agent_is_ready_at_once_with_the_ca_down(tmp_path):
+    identities, issuer, clock, _ = make(tmp_path)
+    pods = [pod("a-0", "web")]
+
+    async def main():
+        identities.sync(pods)
+        first = await identities.ready(identities.of(pods[0]))
+        await identities.close()
+        issuer.down = True
+        manager = IdentityManager(issuer, clock, issuer.ca.root_pem, CollectorRegistry(), LOG,
+                                  runtime_dir=tmp_path / "id")  # the agent restarted
+        again = WorkloadIdentities("cluster.local", manager, LOG)
+        assert again.missing(pods) != []  # not asked for yet: the first reconcile claims it
+        again.sync(pods)
+        assert again.missing(pods) == [] and again.context(again.of(pods[0]), True) is not None
+        assert again.manager.current(again.of(pods[0])).key_pem == first.key_pem and len(issuer.asked) == 1
+        await again.close()
+    run(main())
+
+
+def test_without_a_ca_nothing_is_missing():
+    assert WorkloadIdentities("cluster.local", None, LOG).missing([pod("a-0", "web")]) == []

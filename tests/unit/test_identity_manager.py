@@ -1,6 +1,8 @@
 """The agent's identity manager under a controlled clock: first fetch, rotation at
 half-life, CA outages (the valid certificate stays in use, retries back off), expiry,
-forgetting, metrics.
+forgetting, metrics; and restarts: a manager made again on the same runtime directory
+serves the still valid key files at once (even with the CA down) and rotates them when
+the CA is back, and deletes every file it cannot trust, saying why.
 
 The CA side is real (CertificateAuthority, token file, node authorization over the files
 source) and called in-process; only gRPC is left out here (test_ca_grpc covers it) so
@@ -13,13 +15,15 @@ import asyncio
 import logging
 import os
 import random
+import re
 import stat
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
-from nodeagent.identity import pemfiles
+from nodeagent.identity import credentials, pemfiles
 from nodeagent.identity.caauth import ModelView, NodeAuthorizer, TokenFileAuthenticator
 from nodeagent.identity.caproto import IstioCertificateRequest
 from nodeagent.identity.errors import CaRefused, CaUnavailable, IdentityUnavailable
@@ -27,7 +31,7 @@ from nodeagent.identity.manager import Backoff, IdentityManager
 from nodeagent.identity.server import STATUS, CaMetrics, CertificateService
 from nodeagent.sources.files import FilesSource
 
-from identity_fixtures import (T0, ManualClock, identity, make_ca, pod_yaml, run, until, write_pods,
+from identity_fixtures import (T0, ManualClock, csr_pem, identity, make_ca, pod_yaml, run, until, write_pods,
                                write_tokens)
 
 LOG = logging.getLogger("test.manager")
@@ -72,6 +76,13 @@ class Env:
         self.runtime = tmp_path / "run" / "identity"
         self.manager = IdentityManager(self.issuer, self.clock, self.ca.root_pem, self.registry, LOG,
                                        runtime_dir=self.runtime, backoff=backoff, rng=random.Random(7))
+
+    def restart(self, trust_bundle=None):
+        """A new manager on the same runtime directory (the agent started again)."""
+        self.registry = CollectorRegistry()
+        self.manager = IdentityManager(self.issuer, self.clock, trust_bundle or self.ca.root_pem, self.registry, LOG,
+                                       runtime_dir=self.runtime, backoff=Backoff(), rng=random.Random(7))
+        return self.manager
 
     def metric(self, name, **labels):
         return self.registry.get_sample_value(name, labels)
@@ -242,7 +253,7 @@ def test_forget_stops_rotation_and_removes_the_key_and_metric(env):
         await asyncio.sleep(0.05)
         assert env.issuer.calls == 3  # DB rotated, WEB did not
         await env.manager.close()
-        assert list(env.runtime.iterdir()) == []
+        assert [p.name for p in env.runtime.iterdir()] == ["data_db_cluster.local.pem"]  # for the next agent
     run(main())
 
 
@@ -262,4 +273,171 @@ def test_current_and_describe_read_without_waiting(env):
         env.clock.advance_to(creds.not_after)  # expired: no longer current
         assert env.manager.current(WEB) is None
         await env.manager.close()
+    run(main())
+
+
+# --- restarts: the key files an earlier agent left ------------------------------------
+
+def fetched_then_closed(env, *identities):
+    """Certificates for `identities` fetched, then the manager closed (the agent stopped)."""
+    async def main():
+        got = [await env.manager.get(i) for i in identities]
+        await env.manager.close()
+        return got
+    return run(main())
+
+
+def test_a_restart_with_the_ca_down_serves_the_left_certificate_at_once(env):
+    first, = fetched_then_closed(env, WEB)
+    env.issuer.down = True
+    env.clock.advance(3 * 3600)
+
+    async def main():
+        manager = env.restart()
+        manager.prefetch([WEB])
+        creds = manager.current(WEB)  # no waiting, no CA
+        assert creds is not None and (creds.key_pem, creds.chain_pem) == (first.key_pem, first.chain_pem)
+        assert (creds.not_before, creds.not_after, creds.path) == (first.not_before, first.not_after, first.path)
+        assert await manager.get(WEB) is creds and manager.problem(WEB) is None
+        creds.ssl_context(server_side=True)  # what the tunnel serves with
+        assert env.expiry(WEB) == first.not_after and env.issuer.calls == 1
+        await env.sleeping()
+        assert env.clock.deadlines == [first.refresh_at]  # rotated on the usual schedule
+        assert env.errors() == 0 and env.metric("nodeagent_cert_rotations_total") == 0
+        await manager.close()
+    run(main())
+
+
+def test_after_a_restart_rotation_resumes_when_the_ca_comes_back(env):
+    first, = fetched_then_closed(env, WEB)
+    env.issuer.down = True
+    env.clock.advance_to(first.refresh_at + 600)  # restarted past the half-life
+
+    async def main():
+        manager = env.restart()
+        manager.prefetch([WEB])
+        assert manager.current(WEB).key_pem == first.key_pem
+        await until(lambda: env.errors() == 1, what="an attempt at once")
+        await env.sleeping()
+        assert manager.current(WEB).key_pem == first.key_pem and manager.problem(WEB) is None
+        env.issuer.down = False
+        env.clock.advance(env.clock.sleeps[-1])
+        await until(lambda: env.metric("nodeagent_cert_rotations_total") == 1, what="rotation")
+        fresh = manager.current(WEB)
+        assert fresh.key_pem != first.key_pem and fresh.path == first.path
+        assert fresh.path.read_bytes() == fresh.key_pem + fresh.chain_pem
+        assert env.expiry(WEB) == fresh.not_after and env.issuer.calls == 1 + 2
+        await env.sleeping()
+        assert env.clock.deadlines == [fresh.refresh_at]
+        await manager.close()
+    run(main())
+
+
+def plant(env, ca, ident, key=None, certified_key=None):
+    """A key file for `ident` written as the agent writes one (credentials.write): `key`
+    with a certificate from `ca` for `certified_key` (default: for `key` itself)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    chain = ca.sign(ca.read_csr(csr_pem(certified_key or key, uris=(ident.uri,))))
+    return credentials.write(env.runtime, ident, key, [c for c in chain if c.subject != c.issuer], ca.root_pem)
+
+
+def _expired(env):
+    left = plant(env, env.ca, WEB)
+    env.clock.advance_to(left.not_after + 1)
+    return left.path, "expired at"
+
+
+def _expiring(env):
+    left = plant(env, env.ca, WEB)
+    env.clock.advance_to(left.not_after - 60)
+    return left.path, "expires at .*, within 300s"
+
+
+def _foreign_root(env):
+    return plant(env, make_ca(clock=env.clock.now), WEB).path, "does not verify against the trust bundle"
+
+
+def _mismatched_key(env):
+    return plant(env, env.ca, WEB, certified_key=ec.generate_private_key(ec.SECP256R1())).path, \
+        "the private key is not the certificate's"
+
+
+def _world_readable(env):
+    path = plant(env, env.ca, WEB).path
+    os.chmod(path, 0o644)
+    return path, "has mode 0644, not 0600"
+
+
+def _symlink(env):
+    path = plant(env, env.ca, WEB).path
+    elsewhere = env.runtime.parent / "elsewhere.pem"
+    os.replace(path, elsewhere)
+    path.symlink_to(elsewhere)
+    return path, "is a symbolic link"
+
+
+def _renamed(env):
+    path = env.runtime / credentials.file_name(WEB)
+    os.replace(plant(env, env.ca, DB).path, path)
+    return path, f"holds a certificate for {DB}"
+
+
+def _interrupted_write(env):
+    path = env.runtime / f".{credentials.file_name(WEB)}.x1y2z3"
+    pemfiles.write_private(path, b"-----BEGIN PRIVATE KEY-----\nMIGH")
+    return path, "interrupted"
+
+
+def _garbage(env):
+    path = env.runtime / credentials.file_name(WEB)
+    pemfiles.write_private(path, b"not a key\n")
+    return path, "no usable private key"
+
+
+@pytest.mark.parametrize("left", [_expired, _expiring, _foreign_root, _mismatched_key, _world_readable, _symlink,
+                                  _renamed, _interrupted_write, _garbage], ids=lambda f: f.__name__.strip("_"))
+def test_a_left_file_that_cannot_be_trusted_is_deleted_saying_why(env, left, caplog):
+    path, reason = left(env)
+    calls = env.issuer.calls
+
+    async def main():
+        with caplog.at_level(logging.WARNING, logger=LOG.name):
+            manager = env.restart()
+        assert not os.path.lexists(path)
+        [warning] = [r.getMessage() for r in caplog.records if r.name == LOG.name]
+        assert str(path) in warning and re.search(reason, warning), warning
+        manager.prefetch([WEB])
+        assert manager.current(WEB) is None  # nothing served from the file
+        fresh = await manager.get(WEB)  # the CA is asked instead
+        assert env.issuer.calls == calls + 1 and fresh.path.read_bytes() == fresh.key_pem + fresh.chain_pem
+        await manager.close()
+    run(main())
+
+
+def test_a_left_file_no_local_pod_claims_is_deleted_once_the_pods_are_known(env, caplog):
+    web, db = plant(env, env.ca, WEB), plant(env, env.ca, DB)
+
+    async def main():
+        manager = env.restart()
+        manager.prefetch([WEB])
+        with caplog.at_level(logging.INFO, logger=LOG.name):
+            manager.discard_unclaimed()
+        assert web.path.exists() and not db.path.exists()
+        assert any(f"no local pod has identity {DB}" in r.getMessage() for r in caplog.records)
+        manager.prefetch([DB])  # a pod of DB's came back after all: the CA is asked
+        assert manager.current(DB) is None and (await manager.get(DB)).key_pem != db.key_pem
+        await manager.close()
+    run(main())
+
+
+def test_what_cannot_be_deleted_from_the_runtime_directory_is_reported_not_fatal(env, caplog):
+    (env.runtime / "stray.pem").mkdir(parents=True)
+
+    async def main():
+        with caplog.at_level(logging.WARNING, logger=LOG.name):
+            manager = env.restart()
+        messages = " ".join(r.getMessage() for r in caplog.records)
+        assert "is not a regular file" in messages and "cannot delete" in messages
+        assert (await manager.get(WEB)).identity == WEB
+        await manager.close()
     run(main())
