@@ -69,7 +69,8 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
     out = [f"agent on node {status.get('node')}: pid {status.get('pid')}, version {status.get('version')}, "
            f"{'ready' if status.get('ready') else 'NOT ready'}, started {_ago(status.get('started_at'), now)}",
            f"source {src.get('location')}: {src.get('pods_on_node', 0)} pods on this node, "
-           f"model changed {_ago(src.get('model_changed_at'), now)}", ""]
+           f"model changed {_ago(src.get('model_changed_at'), now)}",
+           *(f"not ready: {reason}" for reason in status.get("not_ready") or []), ""]
     out.append(_section("ENROLLED PODS", table(
         ["NAMESPACE", "NAME", "IP", "NETNS COOKIE", "ACTIVE OUT", "ACTIVE IN", "ENROLLED"],
         [[p["namespace"], p["name"], p["ip"], p["netns_cookie"], p.get("active", {}).get("outbound", 0),

@@ -270,8 +270,11 @@ def agent_problem(status: dict | None, meshed: set[str]) -> str | None:
     """Why an agent (its /debug/status) cannot carry its node's mesh traffic yet, or None:
     not ready, a meshed Running pod not enrolled, an identity without a certificate, or
     (when it runs one) its waypoint Envoy not running the latest configuration."""
-    if status is None or not status.get("ready"):
+    if status is None:
         return "not ready"
+    if not status.get("ready"):
+        reasons = status.get("not_ready") or []
+        return f"not ready: {'; '.join(reasons)}" if reasons else "not ready"
     enrolled = {f"{p['namespace']}/{p['name']}" for p in status.get("pods", [])}
     if meshed - enrolled:
         return f"not enrolled yet: {', '.join(sorted(meshed - enrolled))}"

@@ -145,3 +145,11 @@ def test_metrics_snapshot_matches_registry():
     assert snap["enrolled_pods"] == 2
     assert snap["connection_failures_total{direction=inbound,reason=agent_port}"] == 1
     assert not any(k.endswith("_created") for k in snap)
+
+
+def test_not_ready_says_why():
+    reasons = ["no valid certificate for spiffe://cluster.local/ns/shop/sa/web: CA unreachable (timed out)"]
+    text = status.render_text({"node": "n", "capture": {}, "source": {}, "ready": False, "not_ready": reasons},
+                              now=NOW)
+    lines = text.splitlines()
+    assert "NOT ready" in lines[0] and lines[2] == f"not ready: {reasons[0]}"

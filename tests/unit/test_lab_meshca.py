@@ -59,6 +59,8 @@ def test_agent_problem_says_what_is_missing():
     sa = "spiffe://cluster.local/ns/mesh/sa/default"
     assert agent_problem(None, meshed) == "not ready"
     assert agent_problem(status(ready=False), meshed) == "not ready"
+    waiting = {**status(ready=False), "not_ready": ["no valid certificate for spiffe://a", "first reconcile"]}
+    assert agent_problem(waiting, meshed) == "not ready: no valid certificate for spiffe://a; first reconcile"
     assert agent_problem(status(pods=both[:1]), meshed) == "not enrolled yet: mesh/web-0"
     assert agent_problem(status(pods=both), meshed) == "no certificate yet for its pods"
     assert agent_problem(status(pods=both, identities=[(sa, False)]), meshed) == f"no certificate yet for {sa}"
