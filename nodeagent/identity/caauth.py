@@ -84,7 +84,9 @@ class TokenFileAuthenticator:
             self._refresh()
             node = self._nodes.get(_digest(token))
         if node is None:
-            raise Unauthenticated("unknown bearer token", f"the node's token must be listed in {self.path}")
+            # The caller learns nothing of the CA's files; the operator finds the path in the log.
+            self.log.warning("refused an unknown bearer token; node tokens are read from %s", self.path)
+            raise Unauthenticated("unknown bearer token", "the node's token must be listed in the CA's token file")
         return Caller(node)
 
     @property

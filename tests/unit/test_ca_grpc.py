@@ -94,6 +94,7 @@ def test_a_bad_token_is_unauthenticated(ca):
     with pytest.raises(CaRefused) as err:
         run(_ask(ca.client(token="not-a-node-token-at-all")))
     assert err.value.code == "UNAUTHENTICATED" and "unknown bearer token" in str(err.value)
+    assert "/" not in str(err.value).partition("unknown bearer token")[2], err.value  # no CA file path leaks
     assert ca.registry.get_sample_value("nodeagent_ca_denials_total", {"reason": "unauthenticated"}) == 1
 
 
