@@ -8,7 +8,10 @@ when it is consistent; an inconsistent one is logged and the previous stays. The
 snapshot Envoy last ACKed completely (handed to the agent's loop by `steer`, which
 tells the agent when the steering changed), so the agent never steers a connection to a
 listener Envoy does not have yet. Until then the agent's L4 handling (with its fail-safe
-reading of HTTP-only policy) stays in force.
+reading of HTTP-only policy) stays in force. When Envoy NACKs (`rejected`, on the loop),
+the Istio resources to blame are found and held out (refusals.py) and the rest is
+published again, so one resource Envoy refuses never holds back the others; status
+shows in force only what Envoy ACKed, and each refused resource with Envoy's message.
 
 Envoy runs as a child (EnvoySupervisor: restarted with backoff, stopped by PID, and
 killed by the kernel if the agent dies, so a restarted agent never meets a stale Envoy
@@ -44,7 +47,9 @@ from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import DataPlane, ProxyHeader, Sockets
 from nodeagent.xds.envoy import EnvoySupervisor, base_id_for
+from nodeagent.policy.schema import resource_name
 from nodeagent.xds.istio.config import READERS, IstioConfig
+from nodeagent.xds.istio.refusals import Build, Refusals
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds import resources as rt
 from nodeagent.xds.snapshot import InconsistentSnapshot, Snapshot, eds_name
@@ -56,6 +61,7 @@ HEADER_TIMEOUT = 5.0  # seconds for Envoy to send the PROXY header of a connecti
 MAX_HEADER = 4096  # bytes of PROXY v2 body (addresses and TLVs) accepted
 PR_SET_PDEATHSIG = 1
 COLLECT_INTERVAL = 0.2  # seconds between checks for an ACK that lets dropped clusters go
+MAX_REJECTIONS = 64  # contents Envoy refused, remembered so a snapshot carrying one is not waited on
 
 
 class WaypointUnavailable(NodeagentError):
@@ -71,7 +77,8 @@ class WaypointMetrics:
                                 "Connections Envoy handed back to the agent, by socket (upstream, deliver)",
                                 ["socket"], registry=registry)
         self.errors = Counter("nodeagent_waypoint_errors",
-                              "Waypoint failures: unavailable Envoy, bad PROXY headers, refused snapshots",
+                              "Waypoint failures: unavailable Envoy, bad PROXY headers, refused snapshots, "
+                              "resources Envoy refused (envoy_refused)",
                               ["reason"], registry=registry)
 
 
@@ -93,12 +100,17 @@ class Waypoint:
         self.requests = RequestMetrics(registry, lambda: self._model if self._model is not None else Model.empty(), log.getChild("requests"),
                                        principal_of)
         self.server = AdsServer(self.cache, registry, log.getChild("xds"), debounce=debounce,
-                                access_log=self.requests, on_accepted=self._acked)
+                                access_log=self.requests, on_accepted=self._acked, on_rejected=self._nacked)
         self.on_steering = on_steering  # called on the loop when the steering changed
         self._steering: Snapshot | None = None  # the ACKed snapshot the relays steer by
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.config = IstioConfig(root_namespace=config.root_namespace)
-        self.digests: dict[str, str] = {}
+        self.config = IstioConfig(root_namespace=config.root_namespace)  # validated
+        self.digests: dict[str, str] = {}  # "Kind ns/name" → digest of its spec in self.config
+        self.refusals = Refusals()  # what Envoy refused, held out of what is published
+        self._builds: dict[str, Build] = {}  # snapshot version → its configuration (the accepted and newer)
+        self._in_force: Build | None = None  # the configuration of the ACKed snapshot the relays steer by
+        self._rejections: dict[tuple[str, str], str] = {}  # (type URL, content version) → Envoy's message
+        self._where: dict[str, str] = {}  # "Kind ns/name" → how errors name it (file#n (Kind ns/name))
         self.warnings: tuple[str, ...] = ()
         self.snapshot_error: str | None = None
         self._versions = itertools.count(1)
@@ -166,9 +178,16 @@ class Waypoint:
         self._report("refused", previous.errors, config.errors)
         self.digests = digests_in_force(model, READERS, config.entries.get, previous.entries.get, self.digests)
         self.config = config
+        self._where = {f"{obj.kind} {obj.namespace}/{obj.name}": resource_name(obj)
+                       for kind in READERS for obj in model.resources.get(kind, ())}
+        self._publish()
+
+    def _publish(self) -> None:
+        """Translate the configuration less what Envoy refused (refusals.py) and publish it."""
+        build = self.refusals.compose(self.config, self.digests, self._in_force)
         options = WaypointOptions(self.sockets, root_namespace=self.root_namespace, jwks_files=self.jwks_files())
         try:
-            translation = translate(model, self.node, config, options)
+            translation = translate(self._model, self.node, build.config, options)
             fresh = translation.messages()
             carried = self._unreferenced_clusters(fresh)
             snapshot = Snapshot.build(str(next(self._versions)), fresh + carried, translation.dataplane)
@@ -179,12 +198,14 @@ class Waypoint:
             self.snapshot_error = str(exc)
             return
         self.snapshot_error = None
-        warnings = tuple(sorted({str(w) for w in (*config.warnings, *translation.warnings)}))
+        warnings = tuple(sorted({str(w) for w in (*self.config.warnings, *translation.warnings)}))
         for text in sorted(set(warnings) - set(self.warnings)):
             self.log.warning("waypoint: %s", text)
         self.warnings = warnings
+        self._builds[snapshot.version] = build
         self.cache.set_snapshot(self.node, snapshot)
         self._cleanup = (snapshot, fresh, translation.dataplane) if carried else None
+        self._check_rejected(snapshot)
 
     def _unreferenced_clusters(self, fresh: list) -> list:
         """Make before break: clusters of the last published snapshot that the new one
@@ -209,9 +230,12 @@ class Waypoint:
         them. True when it did."""
         if self._cleanup is None or self.server.accepted(self.node) is not self._cleanup[0]:
             return False
-        _, fresh, steering = self._cleanup
+        carrying, fresh, steering = self._cleanup
         self._cleanup = None
-        self.cache.set_snapshot(self.node, Snapshot.build(str(next(self._versions)), fresh, steering))
+        clean = Snapshot.build(str(next(self._versions)), fresh, steering)
+        if carrying.version in self._builds:
+            self._builds[clean.version] = self._builds[carrying.version]
+        self.cache.set_snapshot(self.node, clean)
         return True
 
     async def _collect_loop(self) -> None:
@@ -240,14 +264,68 @@ class Waypoint:
 
     def steer(self, snapshot: Snapshot) -> None:
         """Steer by the ACKed `snapshot` from now on; when what goes through Envoy changed,
-        tell `on_steering` (which re-checks the connections delivered around it)."""
+        tell `on_steering` (which re-checks the connections delivered around it). Its
+        configuration is in force now; if it was a trial, the search for what Envoy
+        refused goes on."""
         previous = self.dataplane()
         self._steering = snapshot
+        build = self._builds.get(snapshot.version)
+        if build is not None:
+            self._in_force = build
+            self._builds = {v: b for v, b in self._builds.items() if int(v) >= int(snapshot.version)}
         if snapshot.dataplane != previous:
             try:
                 self.on_steering()
             except Exception:
                 self.log.exception("waypoint: re-check after a steering change failed")
+        refused = self.refusals.accepted(build, self._where) if build is not None else None
+        if refused is not None:
+            self._refused(refused)
+
+    def _nacked(self, node: str, snapshot: Snapshot, type_url: str, message: str) -> None:
+        """In an xDS thread: Envoy NACKed a response built from `snapshot`."""
+        loop = self._loop
+        if node == self.node and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.rejected, snapshot, type_url, message)
+
+    def rejected(self, snapshot: Snapshot, type_url: str, message: str) -> None:
+        """Envoy refused `snapshot`'s resources of `type_url`. Envoy keeps refusing that
+        content and the server never sends it again, so any snapshot carrying it (the
+        current one may be newer) is refused too: isolate what is to blame."""
+        self._rejections[(type_url, snapshot.version_of(type_url))] = message
+        while len(self._rejections) > MAX_REJECTIONS:
+            del self._rejections[next(iter(self._rejections))]
+        current = self.cache.get(self.node)
+        if current is not None:
+            self._check_rejected(current)
+
+    def _check_rejected(self, snapshot: Snapshot) -> None:
+        rejected = [(t, self._rejections.get((t, snapshot.version_of(t)))) for t in rt.PUSH_ORDER]
+        message = next((m for _, m in rejected if m is not None), None)
+        build = self._builds.get(snapshot.version)
+        if message is None or build is None:
+            return
+        refused = self.refusals.rejected(build, self._in_force, message, self._where)
+        if refused is None:  # nothing changed since the accepted snapshot: a translation bug
+            self.metrics.errors.labels(reason="snapshot_refused").inc()
+            text = f"Envoy refused snapshot {snapshot.version}: {message}"
+            if text != self.snapshot_error:
+                self.log.error("waypoint: %s; no Istio resource is to blame, the accepted one stays", text)
+            self.snapshot_error = text
+            return
+        self._refused(refused)
+
+    def _refused(self, names: list[str]) -> None:
+        """Resources Envoy refused (or a search step done): publish without them."""
+        for name in names:
+            refusal = self.refusals.refused[name]
+            self.metrics.errors.labels(reason="envoy_refused").inc()
+            self.log.warning("waypoint config refused by Envoy, held out: %s: %s", refusal.where, refusal.message)
+        search = self.refusals.search
+        if search is not None:
+            self.log.info("waypoint: Envoy refused one of %d changed resources; trying %s",
+                          len(search.suspects), ", ".join(search.trial))
+        self._publish()
 
     # --- connections to Envoy --------------------------------------------------------------
     async def open(self, kind: str, header: ProxyHeader) -> socket.socket:
@@ -317,8 +395,8 @@ class Waypoint:
                     "in_sync": self.server.in_sync(self.node) and accepted is not None and accepted is self._steering,
                     "connected": self.node in self.server.connected(),
                     "nacks": int(nacks), "snapshot_error": self.snapshot_error},
-            "resources": dict(sorted(self.digests.items())),
-            "errors": [str(e) for e in self.config.errors],
+            "resources": dict(sorted(self._in_force.digests.items())) if self._in_force else {},
+            "errors": [str(e) for e in (*self.config.errors, *self.refusals.errors(self._in_force))],
             "warnings": list(self.warnings),
             "dataplane": {"outbound": sorted(dataplane.endpoint(*a) for a in steering.outbound),
                           "inbound": sorted(dataplane.endpoint(*a) for a in steering.inbound)},

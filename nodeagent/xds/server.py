@@ -6,9 +6,12 @@ cache change reaches the streams of that node after `debounce` seconds without f
 change (at most `max_delay` after the first), so a burst of changes is one push.
 Metrics go to the registry passed in: nodeagent_xds_pushes_total{type},
 nodeagent_xds_nacks_total{type}, nodeagent_xds_connected_proxies. NACKs are logged
-with the node, type, version and Envoy's message. `accepted(node)` is the last snapshot
-that node's proxy ACKed completely (kept across reconnects); `in_sync(node)` says
-whether a connected proxy has ACKed the current one. With an `access_log` sink (such as
+with the node, type, version and Envoy's message, and handed to `on_rejected` with the
+snapshot the rejected response was built from (each stream remembers it per type), so
+the publisher can find what Envoy refused and publish without it. `accepted(node)` is
+the last snapshot that node's proxy ACKed completely, having asked for all its route
+tables and endpoints (kept across reconnects); `in_sync(node)` says whether a connected
+proxy has ACKed the current one. With an `access_log` sink (such as
 accesslog.RequestMetrics) the same server also takes the waypoint's access-log streams
 (AccessLogService); each open stream, ADS or ALS, holds one of the `workers` threads,
 and Envoy opens an ALS stream per worker thread and listener.
@@ -51,9 +54,12 @@ class AdsServer:
     def __init__(self, cache: SnapshotCache, registry: CollectorRegistry, log: logging.Logger | None = None,
                  debounce: float = 0.1, max_delay: float = 1.0, clock: Callable[[], float] = time.monotonic,
                  workers: int = 32, access_log: accesslog.AccessLogSink | None = None,
-                 on_accepted: Callable[[str, Snapshot], None] | None = None):
+                 on_accepted: Callable[[str, Snapshot], None] | None = None,
+                 on_rejected: Callable[[str, Snapshot, str, str], None] | None = None):
         self.cache, self.log, self.clock = cache, log or logging.getLogger(__name__), clock
         self.on_accepted = on_accepted  # called (in a server thread) when a node's proxy ACKed a new snapshot
+        # called (in a server thread) with (node, snapshot, type URL, Envoy's message) on a NACK
+        self.on_rejected = on_rejected
         self.debounce, self.max_delay = debounce, max_delay
         self.metrics = XdsMetrics(registry)
         self._lock = threading.Condition()
@@ -108,7 +114,7 @@ class AdsServer:
         snapshot = self.cache.get(node)
         with self._lock:
             states = [state for state, _ in self._streams.values() if state.node == node]
-        return snapshot is not None and any(state.accepted(snapshot) for state in states)
+        return snapshot is not None and any(_accepted(state, snapshot) for state in states)
 
     def connected(self) -> list[str]:
         with self._lock:
@@ -117,7 +123,9 @@ class AdsServer:
     # --- one stream --------------------------------------------------------------------
     def _serve(self, requests, context):
         events: queue.Queue = queue.Queue()
-        state = StreamState(on_nack=self._nacked, on_push=lambda t: self.metrics.pushes.labels(rt.SHORT[t]).inc())
+        sent: dict[str, tuple[str, Snapshot | None]] = {}  # type URL → (nonce, snapshot) of the last response
+        state = StreamState(on_nack=lambda node, type_url, request: self._nacked(node, type_url, request, sent),
+                            on_push=lambda t: self.metrics.pushes.labels(rt.SHORT[t]).inc())
         key = id(state)
         with self._lock:
             self._streams[key] = (state, events)
@@ -125,7 +133,7 @@ class AdsServer:
         context.add_callback(lambda: events.put((CLOSED, None)))
         threading.Thread(target=self._read, args=(requests, events), name="xds-read", daemon=True).start()
         try:
-            yield from self._respond(state, events)
+            yield from self._respond(state, events, sent)
         finally:
             with self._lock:
                 self._streams.pop(key, None)
@@ -139,21 +147,25 @@ class AdsServer:
             pass  # the stream ended; the close callback reports it
         events.put((CLOSED, None))
 
-    def _respond(self, state: StreamState, events: queue.Queue):
+    def _respond(self, state: StreamState, events: queue.Queue, sent: dict):
         while True:
             kind, request = events.get()
             if kind == CLOSED:
                 return
+            node = state.node or (request.node.id if kind == REQUEST and request.node else "")
+            snapshot = self.cache.get(node) if node else None  # what the responses are built from
             if kind == REQUEST:
-                responses = state.request(request, self.cache.get)
+                responses = state.request(request, lambda _: snapshot)
             else:
-                responses = state.pump(self.cache.get(state.node) if state.node else None)
+                responses = state.pump(snapshot)
+            for response in responses:
+                sent[response.type_url] = (response.nonce, snapshot)
             yield from responses
             self._note_accepted(state)
 
     def _note_accepted(self, state: StreamState) -> None:
         snapshot = self.cache.get(state.node) if state.node else None
-        if snapshot is not None and state.accepted(snapshot):
+        if snapshot is not None and _accepted(state, snapshot):
             with self._lock:
                 new = self._accepted.get(state.node) is not snapshot
                 self._accepted[state.node] = snapshot
@@ -163,11 +175,17 @@ class AdsServer:
                 except Exception:  # the stream must go on
                     self.log.exception("xDS: on_accepted callback failed")
 
-    def _nacked(self, node: str, type_url: str, request: DiscoveryRequest) -> None:
+    def _nacked(self, node: str, type_url: str, request: DiscoveryRequest, sent: dict) -> None:
         self.metrics.nacks.labels(rt.SHORT[type_url]).inc()
         detail = request.error_detail.message if request.error_detail else ""
         self.log.warning("xDS NACK from %s for %s (keeps version %r): %s", node, rt.SHORT[type_url],
                          request.version_info, detail)
+        nonce, snapshot = sent.get(type_url, ("", None))
+        if self.on_rejected is not None and snapshot is not None and nonce == request.response_nonce:
+            try:
+                self.on_rejected(node, snapshot, type_url, detail)
+            except Exception:  # the stream must go on
+                self.log.exception("xDS: on_rejected callback failed")
 
     # --- snapshot changes, debounced -----------------------------------------------------
     def _changed(self, node: str) -> None:
@@ -197,3 +215,11 @@ class AdsServer:
     def _next_due(self, now: float) -> float:
         return max(0.001, min(min(last + self.debounce, first + self.max_delay) - now
                               for first, last in self._pending.values()))
+
+
+def _accepted(state: StreamState, snapshot: Snapshot) -> bool:
+    """The stream ACKed all of `snapshot`, having asked for every route table and endpoints
+    resource it uses: right after ACKing new listeners (or clusters) a proxy asks for their
+    route tables (endpoints) in a request of its own, and until then what it ACKed lacks them."""
+    return state.accepted(snapshot) and all(
+        snapshot.wanted.get(t, frozenset()) <= state.types[t].names for t in rt.NAMED if state.types[t].subscribed)

@@ -6,7 +6,9 @@ As go-control-plane's snapshot: resources are grouped by type, each type gets a 
 in which a listener names a route table or cluster that is absent, a route names an
 absent cluster, an EDS cluster has no endpoints resource, or an endpoint names an
 internal listener that does not exist. Resources are kept serialized, so nobody can
-change a published snapshot; `resources()` hands out fresh copies.
+change a published snapshot; `resources()` hands out fresh copies. `wanted` names what a
+proxy holding it subscribes to by name: the route tables its listeners use and the
+endpoints its EDS clusters ask for.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Snapshot:
     serialized: Mapping[str, Mapping[str, bytes]] = field(repr=False)  # type URL → name → message bytes
     versions: Mapping[str, str]  # type URL → content version
     dataplane: DataPlane | None = None
+    wanted: Mapping[str, frozenset[str]] = field(default_factory=dict)  # type URL (EDS, RDS) → names
 
     @classmethod
     def build(cls, version: str, messages: Iterable[betterproto2.Message],
@@ -64,7 +67,11 @@ class Snapshot:
         serialized = {t: MappingProxyType({n: bytes(m) for n, m in sorted(ms.items())})
                       for t, ms in by_type.items()}
         versions = {t: _content_version(s) for t, s in serialized.items()}
-        return cls(version, MappingProxyType(serialized), MappingProxyType(versions), dataplane)
+        wanted = {rt.ROUTE: frozenset(t for x in by_type[rt.LISTENER].values() for t in listener_routes(x)),
+                  rt.ENDPOINT: frozenset(eds_name(c) for c in by_type[rt.CLUSTER].values()
+                                         if c.type == ClusterDiscoveryType.EDS)}
+        return cls(version, MappingProxyType(serialized), MappingProxyType(versions), dataplane,
+                   MappingProxyType(wanted))
 
     def names(self, type_url: str) -> list[str]:
         return list(self.serialized.get(type_url, {}))

@@ -75,6 +75,8 @@ def test_each_model_publishes_a_snapshot_and_the_digests_in_force(waypoint):
     assert set(snapshot.dataplane.inbound) == {("10.244.1.8", 9000), ("10.244.1.8", 9090)}  # ratings' HTTP/gRPC
     digests = snapshot.dataplane.inbound
     assert all(re.fullmatch("[0-9a-f]{16}", d) for d in digests.values()) and len(set(digests.values())) == 2
+    assert waypoint.describe()["resources"] == {}  # in force only once Envoy ACKed it
+    waypoint.steer(snapshot)
     assert waypoint.describe()["resources"] == {"VirtualService shop/reviews": spec_digest(spec_of(VS)),
                                                "AuthorizationPolicy shop/ratings": spec_digest(spec_of(AUTHZ))}
     assert waypoint.describe()["errors"] == [] and waypoint.describe()["warnings"] == []
@@ -127,8 +129,11 @@ def test_an_ack_steers_on_the_agents_loop_and_tells_only_of_changed_steering(way
 
 def test_an_invalid_resource_keeps_its_last_good_version_and_is_reported(waypoint):
     waypoint.update(model(VS))
+    waypoint.steer(waypoint.cache.get("node1"))
     good = waypoint.describe()["resources"]
+    assert good == {"VirtualService shop/reviews": spec_digest(spec_of(VS))}
     waypoint.update(model(BAD_VS))
+    waypoint.steer(waypoint.cache.get("node1"))
     status = waypoint.describe()
     assert status["resources"] == good  # still the valid spec's digest
     assert len(status["errors"]) == 1 and "VirtualService shop/reviews" in status["errors"][0]

@@ -6,7 +6,9 @@ AuthorizationPolicy and RequestAuthentication. An invalid resource is reported a
 ConfigError naming it (`source (Kind ns/name)`) and the field; if `previous` held a good
 version of it, that version stays in force (as Istio's webhook would have refused the
 bad write), otherwise it is left out. The rest always apply. Warnings (deprecated
-fields, patches that apply nowhere) do not reject anything. Immutable; pure.
+fields, patches that apply nowhere) do not reject anything. `withheld` lists server-side
+resources held out of the waypoint because Envoy refused them (refusals.py): the
+translation leaves the pods they select to the agent's L4 enforcement. Immutable; pure.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class IstioConfig:
     errors: tuple[ConfigError, ...] = ()
     warnings: tuple[ConfigError, ...] = ()
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    withheld: tuple = ()  # Authorization / Authentication entries Envoy refused, with no version in force
 
     def of_kind(self, kind: str) -> tuple:
         """The resources in force of `kind`, ordered by (namespace, name)."""

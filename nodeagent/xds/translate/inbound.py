@@ -8,7 +8,9 @@ chains then enforce *every* policy applying to it (the agent sends its HTTP traf
 and leaves authorization to Envoy): local rate limits placed first, jwt_authn, RBAC
 DENY, RBAC ALLOW, rate limits placed before the router, router. Only the pod ports a
 Service names as HTTP get a chain; the agent keeps enforcing the others at L4.
-Policies bound by targetRef to a Service apply to that Service's pods.
+Policies bound by targetRef to a Service apply to that Service's pods. A pod that a
+withheld policy selects (Envoy refused it; IstioConfig.withheld) gets no chain: Envoy
+would enforce all its policies but that one, the agent enforces them all at L4.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list
     chains, served = [], {}
     for pod in ctx.model.pods_on_node(ctx.node):
         if not (ctx.model.is_meshed(pod) and pod.ip and pod.phase == "Running"):
+            continue
+        if any(selects(ctx, w.policy.scope, pod) for w in ctx.config.withheld):
             continue
         authz = [a for a in ctx.config.authorizations if a.policy.action in (ALLOW, DENY)
                  and not a.policy.dry_run and selects(ctx, a.policy.scope, pod)]
