@@ -2,10 +2,11 @@
 
 Checks what Istio's CRD schema and webhook check (unknown fields, types, ranges, one
 action per route, regexes, compiled as Envoy's RE2 compiles them) and what Envoy would
-refuse of the translation (sourceLabels too many for one RE2 matcher), and refuses, naming the field, what the per-node waypoint
-cannot do (delegate, corsPolicy, tls routes, exponential delays, HTTP/2 error aborts,
-per-source matches on tcp routes, exportTo narrower than "*"). Deprecated spellings are
-read as Istio reads them (fault `percent`, `mirrorPercent`) with a warning. Pure.
+refuse of the translation (sourceLabels too many for one RE2 matcher), and refuses,
+naming the field, what the per-node waypoint cannot do (delegate, corsPolicy, tls
+routes, exponential delays, HTTP/2 error aborts, per-source matches on tcp routes,
+exportTo narrower than "*"). Deprecated spellings are read as Istio reads them (fault
+`percent`, `mirrorPercent`) with a warning. Pure.
 """
 
 from __future__ import annotations
