@@ -300,16 +300,29 @@ def test_apply_refuses_changes_a_running_pod_cannot_take(lab_factory):
     assert (lab.state_dir / "lab.json").read_bytes() == before
 
 
+def crash_loop(lab) -> tuple[dict, str]:
+    """The crash pod as status shows it and its phase in the exported cluster, once it
+    crashed and was restarted (polled: how soon depends on the machine, not the test)."""
+    deadline = time.monotonic() + 60
+    while True:
+        pod = next(p for p in lab.status()["pods"] if p["name"] == "crash")
+        state = yaml.safe_load((lab.state_dir / "cluster/pod/app/crash.yaml").read_text())["status"]
+        if pod["phase"] == "CrashLoopBackOff" and pod["restarts"] >= 1 and state["phase"] == "Pending":
+            return pod, state["phase"]
+        assert time.monotonic() < deadline, f"no crash loop shown in 60 s: {pod}, exported {state}"
+        time.sleep(0.1)
+
+
 def test_crashing_container_is_restarted_and_shown_as_crash_loop(lab_factory):
     lab = lab_factory(BASE)
     crash = BASE.replace("name: a,", "name: crash,").replace("[sleep, infinity]", "[sh, -c, 'exit 3']")
-    proc = lab.apply(crash, "--timeout", "4", check=False)
+    # Restarted 1, 3, 7, 15 s after its first start (backoff 1, 2, 4, 8 s): at apply's 12 s
+    # deadline it waits out the 8 s backoff, however slowly it started, up to 5 s late.
+    proc = lab.apply(crash, "--timeout", "12", check=False)
     assert proc.returncode == 1
-    assert "pods not Running after 4s: app/crash (CrashLoopBackOff)" in proc.stderr
-    pod = next(p for p in lab.status()["pods"] if p["name"] == "crash")
-    assert pod["phase"] == "CrashLoopBackOff" and pod["restarts"] >= 1
-    state = yaml.safe_load((lab.state_dir / "cluster/pod/app/crash.yaml").read_text())["status"]
-    assert state["phase"] == "Pending"  # not an endpoint for the agents either
+    assert "pods not Running after 12s: app/crash (CrashLoopBackOff)" in proc.stderr
+    pod, exported = crash_loop(lab)  # not an endpoint for the agents either: Pending
+    assert (pod["phase"], exported) == ("CrashLoopBackOff", "Pending") and pod["restarts"] >= 1
     log = (lab.state_dir / "logs/supervisor.log").read_text()
     assert "pod:app/crash/main exited with code 3; restarting in 1s" in log
 
