@@ -3,8 +3,9 @@ bootstrap against the ADS server on a unix socket in tmp_path, fed a configurati
 every translated feature. Envoy must ACK every resource type (no NACK), show the
 listeners and clusters active in /config_dump, behave as configured on the data path
 (PROXY v2 in, PROXY v2 with the chosen endpoint out, RBAC, JWT, rate limit, faults),
-ACK an update, and come back and re-sync when killed. Needs no netns; the kernel tier
-runs it because it runs a real binary. Envoy is always stopped by its PID."""
+ACK an update, and come back and re-sync when killed. Needs neither root nor a netns
+(unix sockets in a temp dir, admin on an ephemeral loopback port), so it is a unit test.
+Envoy is always stopped by its PID."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -27,7 +30,9 @@ from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.translate.build import build_snapshot
 from nodeagent.xds.translate.options import WaypointOptions
-from xds_waypoint import OTHER, PRODUCTPAGE, FakeAgent, Signer, get, model, proxied
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel"))  # the helpers e2e/test_waypoint shares
+from xds_waypoint import OTHER, PRODUCTPAGE, FakeAgent, Signer, get, model, proxied  # noqa: E402
 
 NODE = "node1"
 REVIEWS = "reviews.shop.svc.cluster.local"

@@ -1,6 +1,6 @@
 """EnvoySupervisor with a stand-in binary (a shell script): the arguments Envoy gets,
 restart with doubling backoff, status, and stop by PID (SIGTERM, then SIGKILL). The
-real binary is exercised in tests/kernel/test_xds_envoy.py."""
+real binary is exercised in tests/unit/test_xds_envoy_acceptance.py."""
 
 from __future__ import annotations
 
