@@ -159,10 +159,23 @@ def test_cluster_stats_carry_the_whole_cluster_name_with_exact_counts(waypoint):
     assert stat(waypoint, "envoy_cluster_upstream_rq_total", v2) == before + 5
 
 
+def faults(waypoint) -> dict[str, int]:
+    """Envoy's fault filter counters of the reviews route table's HCM."""
+    prefix = f"http.outbound|9080||{REVIEWS.replace('.', '_')}.fault."
+    with urllib.request.urlopen(f"http://127.0.0.1:{waypoint.admin}/stats", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return {k[len(prefix):]: int(v) for k, v in (line.split(": ") for line in lines if line.startswith(prefix))
+            if k[len(prefix):] in ("aborts_injected", "delays_injected")}
+
+
 def test_faults_abort_and_the_deprecated_percent_delays(waypoint):
+    before = faults(waypoint)
     assert outbound(waypoint, {"x-fault": "abort"})[0] == 418
     status, _, seconds = outbound(waypoint, {"x-fault": "delay"})
-    assert status == 200 and seconds >= 0.3
+    assert faults(waypoint) == {"aborts_injected": before["aborts_injected"] + 1,
+                                "delays_injected": before["delays_injected"] + 1}
+    # Envoy's timers run on its loop's cached clock and may end a few ms before 0.3 s.
+    assert status == 200 and seconds >= 0.25
 
 
 def test_a_tcp_route_is_a_weighted_tcp_proxy_to_the_agent(waypoint):
