@@ -43,6 +43,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.root)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xfail marks are read: not being root is no expected failure
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("root") is not None and os.geteuid() != 0:
         reason = "needs root and a real kernel (run scripts/test as root)"

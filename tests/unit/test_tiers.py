@@ -1,7 +1,8 @@
 """The test tiers of tests/conftest.py: which CI values mean CI, and that under CI every
 kind of skip of a kernel or e2e test fails while the unit tier may still skip. The hooks
 run for real: a throwaway suite holding a copy of the conftest, run by pytest in a
-subprocess, its outcomes read from the JUnit XML it writes."""
+subprocess as root or not (os.geteuid replaced there by a plugin, so this runs as anyone),
+its outcomes read from the JUnit XML it writes."""
 
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def test_runs():
 '''
 WHOLE_MODULE = 'import pytest\npytest.importorskip("no_such_module_of_nodeagent")\n\ndef test_never():\n    pass\n'
 UNIT_TESTS = 'import pytest\n\ndef test_unit_skip():\n    pytest.skip("allowed")\n\ndef test_unit_runs():\n    pass\n'
+EUID_PLUGIN = 'import os\nos.geteuid = lambda: int(os.environ["FAKE_EUID"])\n'
+ROOT, USER = 0, 1000
 
 
 @pytest.fixture
@@ -80,17 +83,19 @@ def suite(tmp_path):
     (tests / "e2e" / "test_whole_module.py").write_text(WHOLE_MODULE)
     (tests / "unit" / "test_u.py").write_text(UNIT_TESTS)
     (tmp_path / "pytest.ini").write_text('[pytest]\nmarkers =\n    root: needs root\n')
+    (tmp_path / "fake_euid.py").write_text(EUID_PLUGIN)
     return tmp_path
 
 
-def outcomes(suite, ci: str | None, *args: str) -> dict[str, str]:
+def outcomes(suite, ci: str | None, *args: str, euid: int = ROOT) -> dict[str, str]:
     """Run the throwaway suite; test or module name -> passed/failed/skipped/error."""
     env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env.update(FAKE_EUID=str(euid), PYTHONPATH=os.pathsep.join([str(suite), *sys.path]))
     if ci is not None:
         env["CI"] = ci
     report = suite / "report.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(suite),
-                    "-c", str(suite / "pytest.ini"), f"--junitxml={report}", *args, "tests"],
+    subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "fake_euid", "-q",
+                    "--rootdir", str(suite), "-c", str(suite / "pytest.ini"), f"--junitxml={report}", *args, "tests"],
                    cwd=suite, env=env, capture_output=True, text=True, timeout=120)
     found = {}
     for case in ET.parse(report).getroot().iter("testcase"):
@@ -100,7 +105,6 @@ def outcomes(suite, ci: str | None, *args: str) -> dict[str, str]:
     return found
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the throwaway root tests pass the root check only as root")
 @pytest.mark.parametrize("ci", ["1", "True", "yes"])
 def test_under_ci_every_skip_of_a_root_test_fails(suite, ci):
     # A failed collection would end the run there (as it does in CI); here the rest goes on.
@@ -112,7 +116,6 @@ def test_under_ci_every_skip_of_a_root_test_fails(suite, ci):
         "test_unit_skip": "skipped", "test_unit_runs": "passed"}
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the throwaway root tests pass the root check only as root")
 @pytest.mark.parametrize("ci", [None, "0", "false", "No"])
 def test_outside_ci_root_tests_may_skip(suite, ci):
     assert outcomes(suite, ci) == {
@@ -128,3 +131,19 @@ def test_the_root_marker_selects_the_kernel_and_e2e_tiers(suite):
     assert unit == {"test_unit_skip": "skipped", "test_unit_runs": "passed"}
     root = outcomes(suite, None, "-m", "root", "-k", "test_runs or test_skip_marker", whole_module)
     assert set(root) == {"test_runs", "test_skip_marker"}
+
+
+def test_not_root_under_ci_fails_every_root_test_and_names_why(suite):
+    found = outcomes(suite, "true", "--continue-on-collection-errors", euid=USER)
+    assert found == {
+        "test_importorskip_in_a_fixture": "error", "test_skip_marker": "error", "test_skipif_marker": "error",
+        "test_skip_in_the_body": "error", "test_xfail_is_not_a_skip": "error", "test_runs": "error",
+        "tests.e2e.test_whole_module": "error", "test_unit_skip": "skipped", "test_unit_runs": "passed"}
+    assert "CI='true': needs root and a real kernel" in (suite / "report.xml").read_text()
+
+
+def test_not_root_outside_ci_skips_every_root_test(suite):
+    assert outcomes(suite, None, euid=USER) == {
+        "test_importorskip_in_a_fixture": "skipped", "test_skip_marker": "skipped", "test_skipif_marker": "skipped",
+        "test_skip_in_the_body": "skipped", "test_xfail_is_not_a_skip": "skipped", "test_runs": "skipped",
+        "tests.e2e.test_whole_module": "skipped", "test_unit_skip": "skipped", "test_unit_runs": "passed"}
