@@ -71,6 +71,7 @@ WHOLE_MODULE = 'import pytest\npytest.importorskip("no_such_module_of_nodeagent"
 UNIT_TESTS = 'import pytest\n\ndef test_unit_skip():\n    pytest.skip("allowed")\n\ndef test_unit_runs():\n    pass\n'
 EUID_PLUGIN = 'import os\nos.geteuid = lambda: int(os.environ["FAKE_EUID"])\n'
 ROOT, USER = 0, 1000
+OUTCOME = {"failure": "failed", "error": "error", "skipped": "skipped"}  # JUnit XML child of a testcase
 
 
 @pytest.fixture
@@ -99,9 +100,8 @@ def outcomes(suite, ci: str | None, *args: str, euid: int = ROOT) -> dict[str, s
                    cwd=suite, env=env, capture_output=True, text=True, timeout=120)
     found = {}
     for case in ET.parse(report).getroot().iter("testcase"):
-        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
-        found[case.get("name") or case.get("classname")] = {"failure": "failed"}.get(
-            kinds[0] if kinds else "", kinds[0] if kinds else "passed")
+        kinds = [OUTCOME[child.tag] for child in case if child.tag in OUTCOME]
+        found[case.get("name") or case.get("classname")] = kinds[0] if kinds else "passed"
     return found
 
 
