@@ -5,10 +5,12 @@ has a bounded buffer: when one side's write buffer passes HIGH_WATER the other s
 stops reading (TCP back-pressure reaches the sender). A FIN is passed on as a FIN
 (half-close), so request/response protocols that shut down their write side keep
 working; a reset or error on one side aborts the other, so a peer sees a reset where
-the original connection was reset. Returns the byte counts for telemetry. One side may
-be an HBONE stream instead of a socket: it is an asyncio transport of its own
-(nodeagent.tunnel.HboneStream.attach). An `Abort` handed in ends the splice from outside
-(both sides reset, the counts still returned), e.g. when a policy change revokes it.
+the original connection was reset — also when passing the FIN on fails because the
+other socket was reset while we were not reading it (ENOTCONN from shutdown). Returns
+the byte counts for telemetry. One side may be an HBONE stream instead of a socket: it
+is an asyncio transport of its own (nodeagent.tunnel.HboneStream.attach). An `Abort`
+handed in ends the splice from outside (both sides reset, the counts still returned),
+e.g. when a policy change revokes it.
 """
 
 from __future__ import annotations
@@ -76,7 +78,11 @@ class _Side(asyncio.Protocol):
         if not self.read_eof:
             self.read_eof = True
             if not self.other.lost and self.other.transport.can_write_eof():
-                self.other.transport.write_eof()
+                try:
+                    self.other.transport.write_eof()
+                except OSError as exc:  # its socket was reset while paused (ENOTCONN): this pair only
+                    self.pipe.fail(exc)
+                    return True
             self.pipe.maybe_finish()
         return True  # keep the transport: the other direction may still be flowing
 
@@ -115,6 +121,12 @@ class _Pipe:
         for side in (self.a, self.b):
             if not side.lost and side.transport is not None:
                 _reset(side.transport)
+
+    def fail(self, exc: BaseException) -> None:
+        """A socket error of ours (not seen by a transport): record it and reset both sides."""
+        if self.result.error is None:
+            self.result.error = exc
+        self.abort()
 
     def count(self, side: _Side, n: int) -> None:
         if side is self.a:

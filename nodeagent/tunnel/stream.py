@@ -12,7 +12,9 @@ stream window is held). Writes queue up to `write_buffer` bytes before `drain()`
 and a pushed protocol gets `pause_writing()`. END_STREAM from the peer is EOF
 (`eof_received`); `write_eof()` sends END_STREAM. A reset or a lost connection ends
 the stream with StreamReset/ConnectionLost; a reset with NO_ERROR after the peer's
-END_STREAM is the RFC 9113 §8.1 "stop sending" and ends it cleanly.
+END_STREAM is the RFC 9113 §8.1 "stop sending" and ends it cleanly. An exception from the
+attached protocol resets this stream only (RST_STREAM INTERNAL_ERROR); the connection
+and its other streams live on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from nodeagent.tunnel.errors import StreamReset
 if TYPE_CHECKING:
     from nodeagent.tunnel.session import Session
 
-NO_ERROR, CANCEL = 0x0, 0x8
+NO_ERROR, INTERNAL_ERROR, CANCEL = 0x0, 0x2, 0x8
 READ_ALL_CHUNK = 1024 * 1024
 
 
@@ -312,7 +314,11 @@ class HboneStream(asyncio.Transport):
         if self._writing_paused and self._outbox_bytes <= self._low:
             self._writing_paused = False
             if self._protocol is not None:
-                self._protocol.resume_writing()
+                try:
+                    self._protocol.resume_writing()
+                except Exception as exc:
+                    self._protocol_failed(exc)
+                    return
         if self._drain_waiter is not None and self._outbox_bytes <= self._low:
             self._wake_writer()
         if end:
@@ -349,15 +355,26 @@ class HboneStream(asyncio.Transport):
 
     def _deliver(self, ignore_pause: bool = False) -> None:
         protocol = self._protocol
-        while self._inbox and (ignore_pause or not self._reading_paused) and not self._done:
-            view, flow_controlled = self._inbox.popleft()
-            self._session.ack(self, flow_controlled)
-            protocol.data_received(_as_bytes(view))
-        if self._remote_ended and not self._inbox and not self._eof_delivered and not self._done:
-            self._eof_delivered = True
-            if not protocol.eof_received():
-                self.close()
+        try:
+            while self._inbox and (ignore_pause or not self._reading_paused) and not self._done:
+                view, flow_controlled = self._inbox.popleft()
+                self._session.ack(self, flow_controlled)
+                protocol.data_received(_as_bytes(view))
+            if self._remote_ended and not self._inbox and not self._eof_delivered and not self._done:
+                self._eof_delivered = True
+                if not protocol.eof_received():
+                    self.close()
+        except Exception as exc:  # the protocol's failure is this stream's, never its connection's
+            self._protocol_failed(exc)
+            return
         self._maybe_finish()
+
+    def _protocol_failed(self, exc: Exception) -> None:
+        self._session.log.warning("%r: its protocol failed, resetting this stream only (INTERNAL_ERROR)", self,
+                                  exc_info=exc)
+        if not self._done:
+            self._session.reset(self, INTERNAL_ERROR)
+            self._finish(exc)
 
     def _discard_received(self) -> None:
         while self._inbox:
