@@ -8,7 +8,9 @@ this pod's IP and a port that is not the agent's; AuthorizationPolicy then decid
 the verified principal, its namespace and the outer connection's peer IP. Denied: 403
 and a `DENY` report. Allowed: delivered to the app inside the pod netns as the client's
 IP (inbound.Delivery, the same as plaintext), answered 200 once the app accepted, then
-spliced. PeerAuthentication has nothing to say here: this is mTLS.
+spliced. PeerAuthentication has nothing to say here: this is mTLS. A stream the client
+resets before the app accepted (rapid reset, CVE-2023-44487) cancels the connect, so it
+leaves no socket behind; one reset later ends its relay, which resets the app connection.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 from nodeagent.agent.admission import DENY, WAYPOINT, Admission, admit
 from nodeagent.agent.inbound import Delivery, InboundView, open_inbound
@@ -28,6 +30,8 @@ from nodeagent.agent.telemetry import FLAG_CONNECT, MTLS
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.policy import Connection
 from nodeagent.tunnel import HboneServer, HboneStream, StreamInfo, TunnelMetrics, TunnelSettings, tls
+
+T = TypeVar("T")
 
 
 class TunnelInbound:
@@ -113,7 +117,10 @@ class TunnelInbound:
         Tracked, so a change of that policy resets the stream."""
         src, dst = flow.src, flow.dst
         with self.view.connections.delivering(conn, src, plaintext=False, admission=admission) as entry:
-            upstream = await open_inbound(self.waypoint, src, dst, conn.source_principal)
+            upstream = await unless_reset(stream, open_inbound(self.waypoint, src, dst, conn.source_principal))
+            if upstream is None:
+                self._client_reset(flow)
+                return
             if isinstance(upstream, str):
                 stream.respond(503, reason="waypoint_unavailable")
                 self.metrics.failure("inbound", "waypoint_unavailable")
@@ -126,7 +133,7 @@ class TunnelInbound:
     async def _deliver(self, ctx: PodContext, stream: HboneStream, flow, conn: Connection, src, dst) -> None:
         with self.view.connections.delivering(conn, src, plaintext=False) as entry:
             try:
-                upstream = await self.delivery.connect(ctx, src, dst)
+                upstream = await unless_reset(stream, self.delivery.connect(ctx, src, dst))
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = connect_failure_reason(exc)
                 stream.respond(503, reason="app_unreachable")
@@ -134,5 +141,38 @@ class TunnelInbound:
                 self.log.warning("inbound HBONE to %s port %d: delivery failed: %s (%s)", ctx, dst[1], reason, exc)
                 self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
                 return
+            if upstream is None:
+                self._client_reset(flow)
+                return
             stream.respond(200)
             await self.view.relay_delivered(self.metrics, flow, entry, stream, upstream)
+
+    def _client_reset(self, flow) -> None:
+        """The client reset the stream before it reached the app: counted, not logged (a
+        flood of them is logged once, by the tunnel's reset limit)."""
+        self.metrics.failure("inbound", "client_reset")
+        self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="client_reset")
+
+
+async def unless_reset(stream: HboneStream, opening: Awaitable[T]) -> T | None:
+    """Await `opening` (the connect to the app or the waypoint) unless the client ends
+    `stream` first: then the connect is cancelled — a socket it made is closed, also one
+    that connected at that very moment — and None is returned. Without this, a stream
+    reset while the agent connects (rapid reset) left an app connection open for good."""
+    if stream.ended:
+        opening.close()  # never started: nothing to undo
+        return None
+    task = asyncio.ensure_future(opening)
+    gone = asyncio.ensure_future(stream.wait_closed())
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()  # also when we are cancelled ourselves
+    if task.done():
+        return task.result()  # connected (or failed) first; a stream reset meanwhile ends its relay
+    await asyncio.wait((task,))  # let the cancelled connect close its socket
+    if not task.cancelled() and task.exception() is None and isinstance(task.result(), socket.socket):
+        reset(task.result())  # it connected as it was cancelled (3.11's wait_for can return then)
+    return None

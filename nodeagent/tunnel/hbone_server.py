@@ -8,7 +8,8 @@ writer)` (reader and writer are the same HboneStream), which answers with
 `writer.respond(200)` and relays, or refuses with `respond(401|403|503)`. Other
 methods get 405, a malformed authority 400; a handler that fails or returns without
 answering gets 503. Every refusal and failure is counted; one bad peer never touches
-another connection.
+another connection. A stream counts against `settings.max_concurrent_streams` until its
+handler returns, also once the client has reset it; more are refused (limits.py).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class HboneServer:
     def __init__(self, ssl_context_for: Callable[[str], ssl.SSLContext], verify_peer: Callable[[bytes], str],
                  on_stream: OnStream, *, metrics: TunnelMetrics, log: logging.Logger,
                  settings: TunnelSettings = TunnelSettings(), idle_timeout: float = 600.0,
-                 max_concurrent_streams: int = 1000):
+                 clock: Callable[[], float] | None = None):
         self.ssl_context_for = ssl_context_for
         self.verify_peer = verify_peer
         self.on_stream = on_stream
@@ -62,7 +63,7 @@ class HboneServer:
         self.log = log
         self.settings = settings
         self.idle_timeout = check_positive("tunnel.server_idle_timeout", idle_timeout)
-        self.max_concurrent_streams = int(check_positive("tunnel.max_concurrent_streams", max_concurrent_streams))
+        self.clock = clock  # for the reset window; the loop's clock when None
         self.sessions: set[Session] = set()
         self._tasks: set[asyncio.Task] = set()  # connections and stream handlers
         self._acceptors: set[asyncio.Task] = set()  # serve_socket loops
@@ -133,8 +134,8 @@ class HboneServer:
                                            f"no certificate for local address {sock.getsockname()[0]}: {exc}")
         session = Session(direction=DIRECTION, settings=self.settings, metrics=self.metrics, log=self.log,
                           check_peer=lambda t: self.verify_peer(tls.peer_certificate(t)),
-                          max_streams=self.max_concurrent_streams, idle_timeout=self.idle_timeout,
-                          on_request=self._on_request)
+                          max_streams=self.settings.max_concurrent_streams, idle_timeout=self.idle_timeout,
+                          on_request=self._on_request, clock=self.clock)
         try:
             await loop.connect_accepted_socket(lambda: session, sock, ssl=context,
                                                ssl_handshake_timeout=self.settings.handshake_timeout)
@@ -162,6 +163,8 @@ class HboneServer:
         ended = event.stream_ended is not None
         if session.draining:
             return self._refuse_stream(session, event.stream_id, None, ended, "draining")
+        if not session.guard.stream_allowed(session.serving):
+            return self._refuse_stream(session, event.stream_id, None, ended, "too_many_streams", quiet=True)
         if pseudo.get(":method") != "CONNECT":
             return self._refuse_stream(session, event.stream_id, 405, ended, "bad_method")
         authority = parse_authority(pseudo.get(":authority"))
@@ -170,14 +173,23 @@ class HboneServer:
         info = StreamInfo(session.peer_identity, session.peer_address, session.local_address, authority,
                           tuple((k, v) for k, v in headers if not k.startswith(":")))
         stream = session.accept_stream(event, info)
-        self._spawn(self._serve_stream(info, stream))
+        session.serving += 1
+        self._spawn(self._serve_stream(session, info, stream))
 
-    def _refuse_stream(self, session: Session, stream_id: int, status: int | None, ended: bool, reason: str) -> None:
+    def _refuse_stream(self, session: Session, stream_id: int, status: int | None, ended: bool, reason: str,
+                       quiet: bool = False) -> None:
         self.metrics.refused(DIRECTION, reason)
-        self.log.info("%r: stream %d refused (%s)", session, stream_id, reason)
+        if not quiet:  # a flood's refusals are logged once, by the limit
+            self.log.info("%r: stream %d refused (%s)", session, stream_id, reason)
         session.refuse(stream_id, status, ended)
 
-    async def _serve_stream(self, info: StreamInfo, stream: HboneStream) -> None:
+    async def _serve_stream(self, session: Session, info: StreamInfo, stream: HboneStream) -> None:
+        try:
+            await self._handle(info, stream)
+        finally:
+            session.serving -= 1
+
+    async def _handle(self, info: StreamInfo, stream: HboneStream) -> None:
         try:
             await self.on_stream(info, stream, stream)
         except asyncio.CancelledError:
@@ -193,6 +205,8 @@ class HboneServer:
             else:
                 stream.abort()
             return
+        if stream.ended:
+            return  # the client reset it, or its connection ended: nobody to answer
         if stream.status is None:
             self.log.warning("HBONE stream to %s:%d: on_stream returned without respond(); answering 503",
                              *info.authority)

@@ -3,7 +3,8 @@
 Build one `TunnelMetrics(registry)` per agent and give it to both the server and the
 pool (a registry refuses the same name twice). `direction` is `inbound` for the server
 side and `outbound` for the pool. Per-stream byte counts live on the stream objects;
-the agent turns them into Istio's `istio_tcp_*_bytes_total`.
+the agent turns them into Istio's `istio_tcp_*_bytes_total`. `limit_hits` counts each
+connection once per flood limit it ran into (`max_concurrent_streams`, `stream_resets`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class TunnelMetrics:
             "nodeagent_hbone_connection_errors",
             "HBONE connections ended by an error after the handshake (protocol error, truncation, "
             "keepalive timeout), by reason", ["direction", "reason"], registry=registry)
+        self.limit_hits = Counter(
+            "nodeagent_hbone_limit_hits",
+            "HBONE connections that ran into a per-connection flood limit, once per connection and limit "
+            "(max_concurrent_streams: streams refused; stream_resets: closed with GOAWAY ENHANCE_YOUR_CALM)",
+            ["direction", "limit"], registry=registry)
         self.pool_connections = Gauge(
             "nodeagent_hbone_pool_connections", "Connections held by the HBONE pool (connecting or open)",
             registry=registry)
@@ -44,3 +50,6 @@ class TunnelMetrics:
 
     def connection_error(self, direction: str, reason: str) -> None:
         self.connection_errors.labels(direction=direction, reason=reason).inc()
+
+    def limit_hit(self, direction: str, limit: str) -> None:
+        self.limit_hits.labels(direction=direction, limit=limit).inc()

@@ -7,7 +7,9 @@ TLS transport's buffer is full (`pause_writing`), so nothing queues without boun
 also PINGs a silent peer and closes when idle (liveness.py), and turns garbage, a protocol
 error or a connection cut mid-frame into a counted, logged close — never an exception
 into the event loop. h2 closes the whole connection on any GOAWAY (python-hyper/h2
-#1181), so a graceful server drain refuses new streams first and sends GOAWAY last.
+#1181), so a graceful server drain refuses new streams first and sends GOAWAY last. A
+server connection keeps the flood limits of limits.py: the client's stream resets are
+counted here, the streams being served by the server.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from h2.errors import ErrorCodes
 
 from nodeagent.tunnel.errors import ConnectionLost, PeerRefused, TunnelError
 from nodeagent.tunnel.h2conn import code_name, error_reason, latin1_headers, new_connection, partial_input, start
+from nodeagent.tunnel.limits import FloodGuard
 from nodeagent.tunnel.liveness import Liveness
 from nodeagent.tunnel.metrics import TunnelMetrics
 from nodeagent.tunnel.settings import TunnelSettings
@@ -34,7 +37,8 @@ TLS_HIGH_WATER = 1024 * 1024  # bytes the TLS transport may hold before streams 
 class Session(asyncio.Protocol):
     def __init__(self, *, direction: str, settings: TunnelSettings, metrics: TunnelMetrics,
                  log: logging.Logger, check_peer: Callable[[asyncio.BaseTransport], str], max_streams: int,
-                 idle_timeout: float, on_request: Callable[["Session", ev.RequestReceived], None] | None = None):
+                 idle_timeout: float, on_request: Callable[["Session", ev.RequestReceived], None] | None = None,
+                 clock: Callable[[], float] | None = None):
         self.loop = asyncio.get_running_loop()
         self.is_server = on_request is not None
         self.direction, self.settings, self.metrics, self.log = direction, settings, metrics, log
@@ -43,6 +47,8 @@ class Session(asyncio.Protocol):
         self.max_streams = max_streams
         self.streams: dict[int, HboneStream] = {}
         self.reserved = 0  # pool: streams promised to callers, not yet opened
+        self.serving = 0  # server: streams whose handler has not returned (reset ones too)
+        self.guard = FloodGuard(settings, metrics, log, direction, clock or self.loop.time, self)
         self.transport: asyncio.Transport | None = None
         self.peer_identity: str | None = None
         self.peer_address = self.local_address = ("?", 0)
@@ -90,6 +96,8 @@ class Session(asyncio.Protocol):
         self._update_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self._h2_closed:
+            return  # GOAWAY sent or received: the transport is closing, h2 takes nothing more
         self.liveness.heard()
         self._flushing = True  # what the events make streams send goes out in one go below
         try:
@@ -98,6 +106,8 @@ class Session(asyncio.Protocol):
                 handler = self._handlers.get(type(event))
                 if handler is not None:
                     handler(event)
+                if self._h2_closed:
+                    break  # we ended the connection (a limit): the rest of the batch is moot
         except h2.exceptions.ProtocolError as exc:
             self._flushing = False
             if self.conn.state_machine.state != h2.connection.ConnectionState.CLOSED:
@@ -288,8 +298,20 @@ class Session(asyncio.Protocol):
         if event.error_code == ErrorCodes.REFUSED_STREAM and not self.is_server:
             self.draining = True  # the server is shutting down: new streams go elsewhere
         stream = self.streams.get(event.stream_id)
+        if self.is_server and event.remote_reset and not self._stop_sending(stream, event.error_code) \
+                and not self.guard.reset_allowed():
+            self._fail_connection("too_many_resets", self.guard.reset_detail(), ErrorCodes.ENHANCE_YOUR_CALM,
+                                  last_stream_id=event.stream_id)
+            return
         if stream is not None:
             stream._on_reset(event.error_code)
+
+    @staticmethod
+    def _stop_sending(stream: HboneStream | None, code: int) -> bool:
+        """RST_STREAM NO_ERROR after the client's END_STREAM (or for a stream we no longer
+        serve): "stop sending" (RFC 9113 8.1), how a client closes a stream it is done with,
+        not a reset to count."""
+        return code == ErrorCodes.NO_ERROR and (stream is None or stream._remote_ended)
 
     def _settings(self, event: ev.RemoteSettingsChanged) -> None:
         if not self.ready.done():
@@ -371,16 +393,17 @@ class Session(asyncio.Protocol):
         self._update_idle()
         return stream
 
-    def _fail_connection(self, reason: str, detail: str) -> None:
+    def _fail_connection(self, reason: str, detail: str, code: int = ErrorCodes.NO_ERROR,
+                         last_stream_id: int | None = None) -> None:
         if self.error_reason is None:
             self.error_reason = reason
             self.metrics.connection_error(self.direction, reason)
             self.log.warning("%r: closing: %s", self, detail)
-        for stream in list(self.streams.values()):
-            stream._fail(ConnectionLost(f"{self!r}: {detail}"))
         if not self._h2_closed:  # h2 queued GOAWAY itself on a protocol error
             self._h2_closed = True
-            self.conn.close_connection(ErrorCodes.NO_ERROR)
+            self.conn.close_connection(code, last_stream_id=last_stream_id)
+        for stream in list(self.streams.values()):
+            stream._fail(ConnectionLost(f"{self!r}: {detail}"))
         self._write_out()
         if self.transport is not None:
             self.transport.close()

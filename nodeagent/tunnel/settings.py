@@ -7,6 +7,15 @@ because h2 and TLS copy each frame several times in Python and 128 KiB copies st
 cache (loopback, one stream: ~350 MB/s against ~240 MB/s with 1 MiB frames). The agent's config
 module maps its own settings onto these; values are checked here so a bad one fails
 at start-up naming the field.
+
+Two limits per server connection stand against HTTP/2 floods such as rapid reset
+(CVE-2023-44487: open a stream, reset it at once, repeat), as Envoy's and ztunnel's do:
+`max_concurrent_streams` (200, ztunnel's inbound value) is advertised in SETTINGS and also
+counts a stream the client already reset until its handler has returned, so resets cannot
+pile up work behind it; more than `max_stream_resets` client resets within
+`stream_reset_window` seconds end the connection with GOAWAY ENHANCE_YOUR_CALM. Our pool
+keeps at most 100 streams on a connection, so 200 resets in 10 s means every stream it
+could hold was cancelled twice over — not what a client of the mesh does.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ class TunnelSettings:
     keepalive_timeout: float = 20.0  # close when a PING is not answered within this
     handshake_timeout: float = 10.0  # TCP connect + TLS + the peer's first SETTINGS
     open_timeout: float = 10.0  # CONNECT sent -> response headers
+    max_concurrent_streams: int = 200  # server: streams one connection may have served at once
+    max_stream_resets: int = 200  # server: client resets allowed within stream_reset_window...
+    stream_reset_window: float = 10.0  # ...seconds; one more is GOAWAY ENHANCE_YOUR_CALM
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -12,7 +12,9 @@ stream window is held). Writes queue up to `write_buffer` bytes before `drain()`
 and a pushed protocol gets `pause_writing()`. END_STREAM from the peer is EOF
 (`eof_received`); `write_eof()` sends END_STREAM. A reset or a lost connection ends
 the stream with StreamReset/ConnectionLost; a reset with NO_ERROR after the peer's
-END_STREAM is the RFC 9113 §8.1 "stop sending" and ends it cleanly. An exception from the
+END_STREAM is the RFC 9113 §8.1 "stop sending" and ends it cleanly. A stream that ended
+before a protocol was attached still ends that protocol (`connection_lost`), so a relay
+started for a stream the client already reset ends at once. An exception from the
 attached protocol resets this stream only (RST_STREAM INTERNAL_ERROR); the connection
 and its other streams live on.
 """
@@ -103,6 +105,12 @@ class HboneStream(asyncio.Transport):
 
     def at_eof(self) -> bool:
         return (self._remote_ended or self._done) and not self._inbox
+
+    @property
+    def ended(self) -> bool:
+        """Done both ways, reset (by either side) or its connection lost: nothing more
+        goes through it, and `wait_closed()` has returned."""
+        return self._done
 
     async def drain(self) -> None:
         """Wait until the queued writes are below the low-water mark."""
@@ -213,6 +221,9 @@ class HboneStream(asyncio.Transport):
             raise RuntimeError("an HBONE stream takes one protocol")
         self._protocol = protocol
         protocol.connection_made(self)
+        if self._done:  # reset (or its connection lost) before the protocol came: end it too
+            self._session.loop.call_soon(protocol.connection_lost, self._error)
+            return
         if self._writing_paused:
             protocol.pause_writing()
         self._schedule_delivery()
@@ -226,6 +237,8 @@ class HboneStream(asyncio.Transport):
         if not self._session.is_server or self.status is not None:
             raise RuntimeError("respond() is for a server stream, once")
         self.status = status
+        if self._done:
+            return  # the client reset it first: nothing to answer, nothing opened or refused
         self._session.respond(self, status, headers, reason or f"status_{status}")
         if status != 200:
             self._end_sent = self._eof_wanted = True

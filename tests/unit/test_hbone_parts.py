@@ -36,7 +36,9 @@ def test_format_authority_round_trips():
     ({"stream_window": 0}, "tunnel.stream_window"), ({"keepalive_timeout": -1}, "tunnel.keepalive_timeout"),
     ({"stream_window": 2**31}, "tunnel.stream_window/connection_window"),
     ({"stream_window": 1 << 20, "connection_window": 1 << 19}, "tunnel.connection_window"),
-    ({"max_frame_size": 1000}, "tunnel.max_frame_size")])
+    ({"max_frame_size": 1000}, "tunnel.max_frame_size"),
+    ({"max_concurrent_streams": 0}, "tunnel.max_concurrent_streams"),
+    ({"max_stream_resets": 0}, "tunnel.max_stream_resets"), ({"stream_reset_window": 0}, "tunnel.stream_reset_window")])
 def test_settings_name_the_bad_field(kwargs, field):
     with pytest.raises(ConfigError) as err:
         TunnelSettings(**kwargs)
