@@ -12,7 +12,9 @@ and remote_addr (the client's IP:port as this socket sees it, which is how tests
 that the mesh keeps client addresses). Query parameters shape the answer, checked first
 and applied in this order: `delay=SECONDS` waits, `fail=FRACTION` answers 503 with that
 probability (one draw from random.Random(ECHO_SEED) per request carrying `fail`, so a
-seeded run is reproducible), `status=CODE` answers with that code. Without `status=`
+seeded run is reproducible; with `draws=NAME` from a stream of its own,
+random.Random(f"{ECHO_SEED}/{NAME}"), so one client's draws do not depend on what
+others sent), `status=CODE` answers with that code. Without `status=`
 (and unless `fail` drew a 503) the answer has the code of `--status` (default 200):
 `--status 503` makes an always-failing endpoint, e.g. for outlier detection. Bad
 parameters get a 400 naming them (whatever --status says). One access-log line per
@@ -30,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -45,6 +48,8 @@ from nodeagent.lab.http1 import BadRequest, Request, drain_body, read_request
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_TCP_PORT = 9000
 MAX_DELAY = 300.0  # seconds; longer than any test or client timeout
+DRAWS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_DRAW_STREAMS = 100  # named `fail` streams kept at once
 MIN_STATUS, MAX_STATUS = 200, 599  # status= and --status: codes with a final, non-1xx answer
 READ_SIZE = 65536
 
@@ -80,6 +85,7 @@ class Shape:
     status: int = 200
     delay: float = 0.0
     fail: float | None = None  # None: no `fail` parameter, so no random draw
+    draws: str = ""  # the named stream `fail` draws from ("": the pod's default one)
 
     @classmethod
     def from_target(cls, target: str, default_status: int = 200) -> "Shape":
@@ -100,8 +106,11 @@ class Shape:
             return value
 
         status = number("status", MIN_STATUS, MAX_STATUS, int)
+        draws = query.get("draws", [""])[-1]
+        if draws and not DRAWS_NAME.fullmatch(draws):
+            raise BadRequest(f"query parameter draws must be 1-64 of [A-Za-z0-9_-], not {draws!r}")
         return cls(default_status if status is None else status, number("delay", 0.0, MAX_DELAY) or 0.0,
-                   number("fail", 0.0, 1.0))
+                   number("fail", 0.0, 1.0), draws)
 
 
 def format_addr(sockname) -> str:
@@ -115,9 +124,11 @@ class Echo:
     sleep `delay=` waits with, which tests replace)."""
 
     def __init__(self, identity: Identity, rng: random.Random, log: TextIO | None, status: int = 200,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, seed: str | None = None):
         self.identity = identity
         self.rng = rng
+        self.seed = seed  # of the named draw streams
+        self._streams: dict[str, random.Random] = {}
         self.log = log
         self.status = status  # the code of answers whose query has no status=
         self.sleep = sleep
@@ -170,13 +181,23 @@ class Echo:
         else:
             if shape.delay:
                 await self.sleep(shape.delay)
-            failed = shape.fail is not None and self.rng.random() < shape.fail
+            failed = shape.fail is not None and self._draws(shape.draws).random() < shape.fail
             status = 503 if failed else shape.status
         # Logged before the answer goes out, so a client holding the answer finds the line.
         elapsed = (time.monotonic() - started) * 1000
         self._log(peer, f'"{request.method} {request.target} {request.version}" {status} {elapsed:.1f}ms')
         await self._send(writer, status, body, request.keep_alive, head=request.method == "HEAD")
         return request.keep_alive
+
+    def _draws(self, name: str) -> random.Random:
+        if not name:
+            return self.rng
+        stream = self._streams.get(name)
+        if stream is None:
+            if len(self._streams) >= MAX_DRAW_STREAMS:
+                self._streams.clear()  # a lab tool: bounded, and a reused name starts over
+            stream = self._streams[name] = random.Random(f"{self.seed}/{name}")
+        return stream
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, body: dict, keep_alive: bool,
                     head: bool = False) -> None:
@@ -246,7 +267,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], stop: asyncio.
     """Serve until `stop` is set, then close listeners and every open connection."""
     identity = Identity.from_env(env)
     seed = env.get("ECHO_SEED")
-    echo = Echo(identity, random.Random(seed), None if args.quiet else log, args.status)
+    echo = Echo(identity, random.Random(seed), None if args.quiet else log, args.status, seed=seed)
     http_socks = listen(args.bind, args.port)
     try:
         tcp_socks = listen(args.bind, args.tcp_port)

@@ -305,11 +305,11 @@ def test_header_routing(mesh):
 
 # --- client side: resilience ----------------------------------------------------------------
 
-def seeded_retries(n: int, fail: float, attempts: int) -> tuple[int, int]:
+def seeded_retries(n: int, fail: float, attempts: int, draws: str) -> tuple[int, int]:
     """(successes, upstream requests) of n sequential requests with `attempts` retries
-    against the echo app's `fail` draws from random.Random(ECHO_SEED), as backend-v1 makes
-    them: one draw per request carrying fail=, in arrival order."""
-    rng, successes, upstream = random.Random(ECHO_SEED), 0, 0
+    against the echo app's `fail` draws from its stream `draws` (random.Random seeded
+    "ECHO_SEED/draws"), as backend-v1 makes them: one draw per request, in arrival order."""
+    rng, successes, upstream = random.Random(f"{ECHO_SEED}/{draws}"), 0, 0
     for _ in range(n):
         for _ in range(1 + attempts):
             upstream += 1
@@ -320,14 +320,15 @@ def seeded_retries(n: int, fail: float, attempts: int) -> tuple[int, int]:
 
 
 def test_retries_turn_a_30_percent_failing_backend_into_97_percent_success(mesh):
-    # This is the only test sending fail= to backend-v1, one request at a time on one
-    # connection, so the pod's draws (seeded by ECHO_SEED) are exactly the simulated ones
-    # (test_nothing_restarted_along_the_way checks the pod kept its process).
+    # The draws come from a stream of this test's own (draws=<test name>), so what other
+    # tests sent to backend-v1 changes nothing; one request at a time on one connection,
+    # so the pod's draws are exactly the simulated ones (the pod kept its process:
+    # test_nothing_restarted_along_the_way).
     mesh.route([{"route": [to("v1")], "retries": {"attempts": 5, "retryOn": "5xx"}}])
-    n = 200
+    n, draws = 200, "retries"
     retries = mesh.cluster_stat("node1", "v1", "upstream_rq_retry")
-    summary = mesh.request("/?fail=0.3", n=n)
-    successes, upstream = seeded_retries(n, 0.3, 5)
+    summary = mesh.request(f"/?fail=0.3&draws={draws}", n=n)
+    successes, upstream = seeded_retries(n, 0.3, 5, draws)
     assert summary["errors"] == {} and summary["codes"] == {k: v for k, v in
                                                             (("200", successes), ("503", n - successes)) if v}
     # 6 tries per request: P(all fail) = 0.3^6 = 7.3e-4, so ~0.15 of 200 fail on average.

@@ -1,7 +1,7 @@
 """The agent's side of the waypoint without running Envoy: configuration rebuilt per
 model (last good kept, problems reported, digests of what is in force), steering only
 by what Envoy ACKed, PROXY v2 headers read exactly, connections to Envoy's listeners
-and their failures. (Envoy itself: tests/kernel/test_xds_envoy.py, the lab:
+and their failures. (Envoy itself: tests/unit/test_xds_envoy_acceptance.py, the lab:
 tests/e2e/test_waypoint.py.)"""
 
 from __future__ import annotations

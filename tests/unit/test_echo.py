@@ -228,6 +228,25 @@ def test_fail_fraction_is_seedable(tmp_path):
     assert 300 - 4 * 14.5 < failed < 300 + 4 * 14.5
 
 
+def test_named_draw_streams_do_not_depend_on_other_clients(tmp_path):
+    """draws=NAME takes its own stream, random.Random(f"{ECHO_SEED}/{NAME}"): what others
+    sent to the pod (default stream, other names) changes none of its draws."""
+    def expected(name: str, n: int) -> list[int]:
+        rng = random.Random(f"{SEED}/{name}")
+        return [503 if rng.random() < 0.3 else 200 for _ in range(n)]
+
+    with EchoProcess(tmp_path, {**ENV, "ECHO_SEED": SEED}) as seeded:
+        conn = connect(seeded)
+        mine = [ask(conn, "/?fail=0.3&draws=mine")[0].status for _ in range(100)]
+        for _ in range(50):  # others interleave on the default stream and another name
+            ask(conn, "/?fail=0.5")
+            ask(conn, "/?fail=0.5&draws=theirs")
+        mine += [ask(conn, "/?fail=0.3&draws=mine")[0].status for _ in range(100)]
+        response, doc = ask(conn, "/?fail=0.3&draws=no%20spaces")
+    assert mine == expected("mine", 200)
+    assert response.status == 400 and doc["error"].startswith("query parameter draws must be")
+
+
 def test_fail_bounds(echo):
     conn = connect(echo)
     assert {ask(conn, "/?fail=0")[0].status for _ in range(50)} == {200}

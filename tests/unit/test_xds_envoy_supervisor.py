@@ -113,10 +113,9 @@ def test_stop_kills_an_envoy_that_ignores_sigterm(tmp_path):
     supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, body), stop_timeout=0.3).start()
     wait_for(ready.exists)  # SIGTERM before the trap would end it at once
     pid = supervisor.status().pid
-    started = time.monotonic()
-    supervisor.stop()
-    assert not alive(pid) and time.monotonic() - started < 3
-    assert supervisor.status().last_exit == -signal.SIGKILL
+    supervisor.stop()  # returns (the test's timeout guards a hang) only once the process is gone
+    assert not alive(pid)
+    assert supervisor.status().last_exit == -signal.SIGKILL  # killed after stop_timeout, not waited for
 
 
 def test_the_binary_next_to_the_interpreter_is_found_first():
