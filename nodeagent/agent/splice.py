@@ -186,10 +186,10 @@ async def splice(a: socket.socket, b, abort: Abort | None = None) -> SpliceResul
 async def _finish(pipe: _Pipe) -> SpliceResult:
     try:
         return await asyncio.shield(pipe.done)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError:  # the agent is stopping: both peers must see a reset, not a clean end
         for side in (pipe.a, pipe.b):
             if not side.lost and side.transport is not None:
-                side.transport.abort()
+                _reset(side.transport)
         raise
 
 

@@ -127,11 +127,6 @@ def test_back_pressure_bounds_buffering():
     asyncio.run(main())
 
 
-# A known product bug, kept visible: strict, so the fix fails this mark (then delete it),
-# and only "no RST" is expected (a side left open fails for real, with a timeout).
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="splice._finish ends both sides with transport.abort() without SO_LINGER 0, so "
-                          "their peers read FIN, a clean end; _reset(side.transport) there would send RST")
 def test_cancel_aborts_both():
     async def main():
         loop = asyncio.get_running_loop()
