@@ -49,6 +49,7 @@ class AgentConfig:
     tunnel_port: int
     keep_on_exit: bool
     poll_interval: float
+    resync_interval: float
     log_level: str
     log_format: str
     ca_address: tuple[str, int] | None  # None: no CA, so no workload identities and no HBONE
@@ -98,6 +99,16 @@ def parse_mark(raw: str) -> int:
     if not 0 < mark < 2**32:
         raise ValueError("must be a non-zero 32-bit socket mark")
     return mark
+
+
+def parse_resync_interval(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not 1 <= value <= 3600:
+        raise ValueError("must be between 1 and 3600 seconds")
+    return value
 
 
 def parse_interval(raw: str) -> float:
@@ -179,7 +190,11 @@ SETTINGS: tuple[Setting, ...] = (
             "leave programs attached and maps pinned when the agent stops, so its pods stay captured "
             "(fail closed) until the next agent adopts them; `nodeagent uninstall` removes them. "
             "--no-keep-on-exit removes capture at exit (meshed pods then talk plaintext)", boolean=True),
-    Setting("poll_interval", parse_interval, "0.1", "seconds between checks of the source", "SECONDS"),
+    Setting("poll_interval", parse_interval, "0.1",
+            "seconds between checks of the source when inotify cannot report its changes, or while a "
+            "pod's enrolment waits for a retry", "SECONDS"),
+    Setting("resync_interval", parse_resync_interval, "30",
+            "seconds between full scans of the source while inotify reports its changes", "SECONDS"),
     Setting("log_level", parse_choice(LOG_LEVELS), "info", "log level", "|".join(LOG_LEVELS)),
     Setting("log_format", parse_choice(LOG_FORMATS), "text", "log format", "|".join(LOG_FORMATS)),
     Setting("ca_address", parse_optional_target, "off",

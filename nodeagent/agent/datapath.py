@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.agent.admission import InboundConnections
 from nodeagent.agent.config import AgentConfig
+from nodeagent.agent.configwork import ConfigWork
 from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inbound import Delivery, InboundRelay, InboundView
 from nodeagent.agent.inpod import PodContext
@@ -47,9 +48,11 @@ CONNECT_TIMEOUT = 10.0  # seconds for an upstream connect (outbound or delivery 
 
 class DataPath:
     def __init__(self, config: AgentConfig, *, registry: CollectorRegistry, metrics: AgentMetrics, capture,
-                 log: logging.Logger, model: Callable[[], Model], pod_at: Callable[[str], PodContext | None]):
+                 log: logging.Logger, model: Callable[[], Model], pod_at: Callable[[str], PodContext | None],
+                 work: ConfigWork):
         c = config
         self.log = log
+        self.work = work  # the config thread: policy and waypoint rebuilds run there
         self.policies = PolicyState(c.root_namespace, log.getChild("policy"))
         self.identities = WorkloadIdentities(c.trust_domain, identity_manager(c, registry, log.getChild("identity")),
                                              log.getChild("identity"))
@@ -78,7 +81,8 @@ class DataPath:
             self.waypoint = Waypoint(c, registry=registry, log=log.getChild("waypoint"),
                                      on_upstream=self.outbound.handle_upstream,
                                      on_deliver=self.inbound.handle_delivery, jwks_files=self.jwks.files,
-                                     principal_of=self.identities.uri_of, on_steering=self.connections.recheck)
+                                     principal_of=self.identities.uri_of, on_steering=self.connections.recheck,
+                                     defer=work.submit)
 
     async def start(self) -> None:
         """Start what runs beside the relays: the waypoint (xDS server, Envoy)."""
@@ -87,25 +91,29 @@ class DataPath:
             self.outbound.waypoint = self.inbound.waypoint = self.tunnel.waypoint = self.waypoint
             self.connections.waypoint = self.waypoint
 
-    def update(self, model: Model) -> None:
+    async def update(self, model: Model) -> None:
         """A new model: the policies in force (delivered connections they now refuse are
         reset), then the waypoint's configuration (which re-checks them again once Envoy
-        ACKed a change of steering)."""
-        self.policies.update(model)
+        ACKed a change of steering). The rebuilds run in the config thread."""
+        await self.work.run(self.policies.update, model)
         self.connections.recheck()
         if self.waypoint is not None:
             try:
-                self.waypoint.update(model)
-                self.jwks.want(jwks_uris(self.waypoint.config))
+                uris = await self.work.run(self._rebuild_waypoint, model)
             except Exception:  # a bug must not stop enrolment; the snapshot in force stays
                 self.log.exception("cannot build the waypoint configuration; keeping the one in force")
+                return
+            self.jwks.want(uris)
+
+    def _rebuild_waypoint(self, model: Model | None = None) -> set[str]:
+        """In the config thread: the waypoint's snapshot of `model` (None: the last one);
+        the jwksUris its configuration needs."""
+        self.waypoint.update(model)
+        return jwks_uris(self.waypoint.config)
 
     def _keys_changed(self) -> None:
         """A fetched JWKS changed (or went): rebuild the snapshot with the last model."""
-        try:
-            self.waypoint.update()
-        except Exception:
-            self.log.exception("cannot rebuild the waypoint configuration after a key set changed")
+        self.work.submit(self.waypoint.update)
 
     def enrolled(self, pods: list[Pod], removed: set[PodContext]) -> None:
         """After a reconcile: keep certificates for `pods`, let go of `removed` pods."""

@@ -64,6 +64,10 @@ COLLECT_INTERVAL = 0.2  # seconds between checks for an ACK that lets dropped cl
 MAX_REJECTIONS = 64  # contents Envoy refused, remembered so a snapshot carrying one is not waited on
 
 
+def _now(fn: Callable[..., object], *args: object) -> None:
+    fn(*args)
+
+
 class WaypointUnavailable(NodeagentError):
     """Envoy's listener socket refused or is missing (Envoy down, restarting, or not yet configured)."""
 
@@ -86,7 +90,8 @@ class Waypoint:
     def __init__(self, config: AgentConfig, *, registry: CollectorRegistry, log: logging.Logger,
                  on_upstream: Handler, on_deliver: Handler, jwks_files: Callable[[], dict[str, str]] = dict,
                  principal_of: Callable[[Pod], str | None] | None = None, debounce: float = 0.1,
-                 supervisor_options: dict | None = None, on_steering: Callable[[], object] = lambda: None):
+                 supervisor_options: dict | None = None, on_steering: Callable[[], object] = lambda: None,
+                 defer: Callable[..., None] = _now):
         self.node = config.node
         self.root_namespace = config.root_namespace
         self.log = log
@@ -102,6 +107,10 @@ class Waypoint:
         self.server = AdsServer(self.cache, registry, log.getChild("xds"), debounce=debounce,
                                 access_log=self.requests, on_accepted=self._acked, on_rejected=self._nacked)
         self.on_steering = on_steering  # called on the loop when the steering changed
+        # Runs a config step (rebuilds after an ACK or NACK, cluster collection): the agent
+        # passes its config thread's submit (configwork.py), which is also where it calls
+        # update(); by default, at once in the caller.
+        self.defer = defer
         self._steering: Snapshot | None = None  # the ACKed snapshot the relays steer by
         self._loop: asyncio.AbstractEventLoop | None = None
         self.config = IstioConfig(root_namespace=config.root_namespace)  # validated
@@ -242,7 +251,7 @@ class Waypoint:
         while True:
             await asyncio.sleep(COLLECT_INTERVAL)
             try:
-                self.collect()
+                self.defer(self.collect)
             except Exception:  # never end the loop; the clusters just stay a while longer
                 self.log.exception("waypoint: cannot drop unreferenced clusters")
 
@@ -264,21 +273,25 @@ class Waypoint:
 
     def steer(self, snapshot: Snapshot) -> None:
         """Steer by the ACKed `snapshot` from now on; when what goes through Envoy changed,
-        tell `on_steering` (which re-checks the connections delivered around it). Its
-        configuration is in force now; if it was a trial, the search for what Envoy
-        refused goes on."""
+        tell `on_steering` (which re-checks the connections delivered around it). Then,
+        as a config step, its configuration is in force (and if it was a trial, the search
+        for what Envoy refused goes on)."""
         previous = self.dataplane()
         self._steering = snapshot
-        build = self._builds.get(snapshot.version)
-        if build is not None:
-            self._in_force = build
-            self._builds = {v: b for v, b in self._builds.items() if int(v) >= int(snapshot.version)}
         if snapshot.dataplane != previous:
             try:
                 self.on_steering()
             except Exception:
                 self.log.exception("waypoint: re-check after a steering change failed")
-        refused = self.refusals.accepted(build, self._where) if build is not None else None
+        self.defer(self._in_force_now, snapshot)
+
+    def _in_force_now(self, snapshot: Snapshot) -> None:
+        build = self._builds.get(snapshot.version)
+        if build is None:
+            return
+        self._in_force = build
+        self._builds = {v: b for v, b in self._builds.items() if int(v) >= int(snapshot.version)}
+        refused = self.refusals.accepted(build, self._where)
         if refused is not None:
             self._refused(refused)
 
@@ -286,7 +299,7 @@ class Waypoint:
         """In an xDS thread: Envoy NACKed a response built from `snapshot`."""
         loop = self._loop
         if node == self.node and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.rejected, snapshot, type_url, message)
+            loop.call_soon_threadsafe(self.defer, self.rejected, snapshot, type_url, message)
 
     def rejected(self, snapshot: Snapshot, type_url: str, message: str) -> None:
         """Envoy refused `snapshot`'s resources of `type_url`. Envoy keeps refusing that
