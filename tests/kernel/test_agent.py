@@ -341,3 +341,31 @@ def test_status_command_renders_live_agent(sb, pods):
     data = json.loads(subprocess.run(run + ["--output", "json"], capture_output=True, text=True,
                                      check=True).stdout)
     assert data["pods"][0]["netns_cookie"] > 0 and data["counters"]["outbound_connections_total"] == 7
+
+
+def test_a_failed_enrolment_leaves_nothing_of_the_pod_and_is_retried(sb, pods):
+    """The app holds the mesh's inbound port 15006: enrolment fails after the pod's
+    delivery routing is in place. Everything is undone (no routing rule, no capture
+    entry, no listener), the failure is reported and retried with backoff, and once the
+    port is free the pod is enrolled."""
+    client, plain, server = pods
+    squatter = sb.serve(client, 15006)
+    try:
+        sb.label_namespace("app", AMBIENT)
+        sb.start_agent()
+        status = sb.wait_for(lambda s: [w for w in s["waiting"] if w["name"] == "client" and w["attempts"] >= 2],
+                             20, "two failed enrolments of client")
+        failed = next(w for w in status["waiting"] if w["name"] == "client")
+        assert "Address already in use" in failed["reason"] and "15006" in failed["reason"], failed
+        assert status["pods"] == [] and "lookup 539" not in _rules(client)
+        maps = {m["name"]: m["entries"] for m in status["capture"]["maps"]}
+        assert maps["na_pods"] == 0, maps
+        result = connect(sb, client, server, 3)
+        assert (result["ok"], result["peers"]) == (3, {client.ip: 3})  # not captured: nothing half-done
+    finally:
+        squatter.kill()
+        squatter.wait()
+    sb.wait_for(lambda s: [p["name"] for p in s["pods"]] == ["client"], 30, "client enrolled once 15006 is free")
+    assert "lookup 539" in _rules(client)
+    assert connect(sb, client, server, 3)["ok"] == 3
+    assert counters(sb)["outbound_connections_total"] == 3
