@@ -10,6 +10,11 @@ methods get 405, a malformed authority 400; a handler that fails or returns with
 answering gets 503. Every refusal and failure is counted; one bad peer never touches
 another connection. A stream counts against `settings.max_concurrent_streams` until its
 handler returns, also once the client has reset it; more are refused (limits.py).
+
+Before any of that, an accepted connection must fit the accept budget (limits.py
+`HandshakeBudget`: pending handshakes of the whole server and of its client IP), else it
+is reset at once; then it has `server_handshake_timeout` seconds to send its first bytes
+and finish TLS. Until it speaks it holds only a reader on its socket (tls.client_speaks).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import asyncio
 import logging
 import socket
 import ssl
+import struct
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -26,14 +33,16 @@ import h2.events
 from nodeagent.tunnel import tls
 from nodeagent.tunnel.authority import Address, parse_authority
 from nodeagent.tunnel.errors import TunnelError
-from nodeagent.tunnel.metrics import TunnelMetrics
 from nodeagent.tunnel.h2conn import latin1_headers
+from nodeagent.tunnel.limits import HandshakeBudget
+from nodeagent.tunnel.metrics import TunnelMetrics
 from nodeagent.tunnel.session import Session
 from nodeagent.tunnel.settings import TunnelSettings, check_positive
 from nodeagent.tunnel.stream import HboneStream
 
 DIRECTION = "inbound"
 ACCEPT_ERROR_PAUSE = 0.1  # seconds to wait after accept() fails (EMFILE...) before retrying
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,8 @@ class HboneServer:
         self.log = log
         self.settings = settings
         self.idle_timeout = check_positive("tunnel.server_idle_timeout", idle_timeout)
-        self.clock = clock  # for the reset window; the loop's clock when None
+        self.clock = clock  # for the reset window (the loop's clock when None) and refusal logs
+        self.handshakes = HandshakeBudget(settings, metrics, log, DIRECTION, clock or time.monotonic)
         self.sessions: set[Session] = set()
         self._tasks: set[asyncio.Task] = set()  # connections and stream handlers
         self._acceptors: set[asyncio.Task] = set()  # serve_socket loops
@@ -90,7 +100,16 @@ class HboneServer:
 
     async def handle_connection(self, sock: socket.socket) -> None:
         """Serve one accepted socket until it closes; never raises (but CancelledError)."""
-        session = await self._handshake(sock)
+        try:
+            peer = sock.getpeername()[:2]
+        except OSError:
+            return self._refuse_connection(sock, "closed", "?", "the client left before the handshake")
+        if not self.handshakes.admit(peer[0]):
+            return reset_connection(sock)  # counted and logged by the budget
+        try:
+            session = await self._handshake(sock, peer)
+        finally:
+            self.handshakes.release(peer[0])
         if session is None:
             return
         self.sessions.add(session)
@@ -121,33 +140,46 @@ class HboneServer:
 
     # --- one connection -------------------------------------------------------------
 
-    async def _handshake(self, sock: socket.socket) -> Session | None:
+    async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> Session | None:
         loop = asyncio.get_running_loop()
+        client = f"{peer[0]}:{peer[1]}"
+        deadline = loop.time() + self.settings.server_handshake_timeout
+        local = "?"
         try:
             sock.setblocking(False)
-            local, peer = sock.getsockname()[:2], sock.getpeername()[:2]
-            context = tls.with_alpn(self.ssl_context_for(local[0]))
-        except OSError:
-            return self._refuse_connection(sock, "closed", "?", "the client left before the handshake")
+            if not await asyncio.wait_for(tls.client_speaks(sock), self.settings.server_handshake_timeout):
+                return self._refuse_connection(sock, "closed", client, "the client left before the handshake")
+            local = sock.getsockname()[0]
+            context = tls.with_alpn(self.ssl_context_for(local))
+        except asyncio.TimeoutError:
+            return self._refuse_connection(sock, "timeout", client, "nothing received within "
+                                           f"{self.settings.server_handshake_timeout:g} s of accept")
+        except asyncio.CancelledError:
+            sock.close()  # the server is closing
+            raise
+        except OSError as exc:
+            return self._refuse_connection(sock, "closed", client, f"the client left before the handshake: {exc}")
         except Exception as exc:  # the caller's lookup: no certificate for this pod IP
-            return self._refuse_connection(sock, "no_local_identity", "?",
-                                           f"no certificate for local address {sock.getsockname()[0]}: {exc}")
-        session = Session(direction=DIRECTION, settings=self.settings, metrics=self.metrics, log=self.log,
-                          check_peer=lambda t: self.verify_peer(tls.peer_certificate(t)),
-                          max_streams=self.settings.max_concurrent_streams, idle_timeout=self.idle_timeout,
-                          on_request=self._on_request, clock=self.clock)
+            return self._refuse_connection(sock, "no_local_identity", client,
+                                           f"no certificate for local address {local}: {exc}")
         try:
-            await loop.connect_accepted_socket(lambda: session, sock, ssl=context,
-                                               ssl_handshake_timeout=self.settings.handshake_timeout)
+            # What is left of the deadline; asyncio wants a positive timeout, and aborts at it.
+            session = await tls.serve_tls(sock, self._new_session, context, max(deadline - loop.time(), 0.001))
         except (OSError, EOFError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
-            return self._refuse_connection(sock, tls.failure_reason(exc), f"{peer[0]}:{peer[1]}", str(exc))
+            return self._refuse_connection(sock, tls.failure_reason(exc), client, str(exc))
         except Exception as exc:  # never let one connection's surprise reach the accept loop
             self.log.exception("HBONE handshake with %s:%d: unexpected failure", *peer)
-            return self._refuse_connection(sock, "internal_error", f"{peer[0]}:{peer[1]}", repr(exc))
+            return self._refuse_connection(sock, "internal_error", client, repr(exc))
         if session.refused is not None:
-            return self._refuse_connection(sock, session.refused.reason, f"{peer[0]}:{peer[1]}", str(session.refused))
+            return self._refuse_connection(sock, session.refused.reason, client, str(session.refused))
         self.log.debug("%r: connected", session)
         return session
+
+    def _new_session(self) -> Session:
+        return Session(direction=DIRECTION, settings=self.settings, metrics=self.metrics, log=self.log,
+                       check_peer=lambda t: self.verify_peer(tls.peer_certificate(t)),
+                       max_streams=self.settings.max_concurrent_streams, idle_timeout=self.idle_timeout,
+                       on_request=self._on_request, clock=self.clock)
 
     def _refuse_connection(self, sock: socket.socket, reason: str, peer: str, detail: str) -> None:
         self.metrics.handshake_failure(DIRECTION, reason)
@@ -218,3 +250,13 @@ class HboneServer:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def reset_connection(sock: socket.socket) -> None:
+    """Close `sock` with a RST (SO_LINGER 0): a refused client learns at once and the
+    agent keeps no TIME_WAIT."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass  # already reset by the peer
+    sock.close()

@@ -1,5 +1,6 @@
-"""Per-connection limits of an HBONE server against HTTP/2 floods (rapid reset,
-CVE-2023-44487), as Envoy and ztunnel keep them.
+"""Limits of an HBONE server against floods, as Envoy and ztunnel keep them: per
+connection against HTTP/2 floods (rapid reset, CVE-2023-44487), and per server against
+connections that never finish their TLS handshake (issue 9.4).
 
 A rapid-reset client opens a stream and resets it at once: h2 forgets the stream, but
 the work it started (the connect to the app) goes on. So the stream cap counts a stream
@@ -8,6 +9,12 @@ streams); streams over it are refused with REFUSED_STREAM. And the client's rese
 counted in a sliding window: one more than `max_stream_resets` within
 `stream_reset_window` seconds ends the connection (GOAWAY ENHANCE_YOUR_CALM). Each limit is
 counted in `nodeagent_hbone_limit_hits_total` and logged once per connection.
+
+`HandshakeBudget` is the accept budget: a connection counts from accept until its TLS
+handshake is done or has failed; one over `max_pending_handshakes` (all pods together)
+or `max_pending_handshakes_per_source` (from its client IP) is refused before any TLS
+state exists. Each refusal is counted; they are logged once per LOG_INTERVAL with how
+many there were, since a flood makes thousands.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from nodeagent.tunnel.settings import TunnelSettings
 
 STREAM_CAP = "max_concurrent_streams"
 STREAM_RESETS = "stream_resets"
+PENDING_HANDSHAKES = "max_pending_handshakes"
+PENDING_PER_SOURCE = "max_pending_handshakes_per_source"
+LOG_INTERVAL = 10.0  # seconds between two log lines about refused connections
 
 
 class FloodGuard:
@@ -66,3 +76,56 @@ class FloodGuard:
         self._hit.add(limit)
         self.metrics.limit_hit(self.direction, limit)
         return True
+
+
+class HandshakeBudget:
+    """The connections of one server that are accepted and not yet through TLS."""
+
+    def __init__(self, settings: TunnelSettings, metrics: TunnelMetrics, log: logging.Logger, direction: str,
+                 clock: Callable[[], float]):
+        self.settings, self.metrics, self.log, self.direction = settings, metrics, log, direction
+        self.clock = clock
+        self.pending = 0
+        self._by_source: dict[str, int] = {}  # client IP -> its pending handshakes (no entry at 0)
+        self._unlogged: dict[str, int] = {}  # limit -> refusals not yet logged
+        self._logged_at: dict[str, float] = {}  # limit -> when it was last logged
+
+    def admit(self, source: str) -> bool:
+        """Take a slot for a connection from `source`; False (counted, maybe logged) when
+        the source or the server is at its limit: the caller resets the connection."""
+        mine = self._by_source.get(source, 0)
+        if mine >= self.settings.max_pending_handshakes_per_source:
+            self._refused(PENDING_PER_SOURCE, source)
+            return False
+        if self.pending >= self.settings.max_pending_handshakes:
+            self._refused(PENDING_HANDSHAKES, source)
+            return False
+        self._by_source[source] = mine + 1
+        self.pending += 1
+        self.metrics.pending_handshakes.labels(direction=self.direction).inc()
+        return True
+
+    def release(self, source: str) -> None:
+        """The handshake of a connection `admit` let in is over (done, failed or timed out)."""
+        left = self._by_source.pop(source) - 1
+        if left:
+            self._by_source[source] = left
+        self.pending -= 1
+        self.metrics.pending_handshakes.labels(direction=self.direction).dec()
+
+    def _refused(self, limit: str, source: str) -> None:
+        self.metrics.limit_hit(self.direction, limit)
+        self._unlogged[limit] = self._unlogged.get(limit, 0) + 1
+        now = self.clock()
+        last = self._logged_at.get(limit)
+        if last is not None and now - last < LOG_INTERVAL:
+            return
+        self._logged_at[limit] = now
+        refused, self._unlogged[limit] = self._unlogged[limit], 0
+        self.log.warning("HBONE: %d connection(s) reset at accept since the last report (%s): %d TLS handshakes "
+                         "pending, %d of them from %s (at most %d, %d per source); clients connecting to port 15008 "
+                         "without finishing TLS (a flood?), or many behind one address (NAT: raise the per-source "
+                         "limit). Reported at most every %g s",
+                         refused, limit, self.pending, self._by_source.get(source, 0), source,
+                         self.settings.max_pending_handshakes, self.settings.max_pending_handshakes_per_source,
+                         LOG_INTERVAL)

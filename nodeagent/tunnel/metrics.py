@@ -4,7 +4,8 @@ Build one `TunnelMetrics(registry)` per agent and give it to both the server and
 pool (a registry refuses the same name twice). `direction` is `inbound` for the server
 side and `outbound` for the pool. Per-stream byte counts live on the stream objects;
 the agent turns them into Istio's `istio_tcp_*_bytes_total`. `limit_hits` counts each
-connection once per flood limit it ran into (`max_concurrent_streams`, `stream_resets`).
+connection once per flood limit it ran into (`max_concurrent_streams`, `stream_resets`,
+and at accept `max_pending_handshakes`, `max_pending_handshakes_per_source`).
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ class TunnelMetrics:
             "keepalive timeout), by reason", ["direction", "reason"], registry=registry)
         self.limit_hits = Counter(
             "nodeagent_hbone_limit_hits",
-            "HBONE connections that ran into a per-connection flood limit, once per connection and limit "
-            "(max_concurrent_streams: streams refused; stream_resets: closed with GOAWAY ENHANCE_YOUR_CALM)",
+            "HBONE connections that ran into a flood limit, once per connection and limit "
+            "(max_concurrent_streams: streams refused; stream_resets: closed with GOAWAY ENHANCE_YOUR_CALM; "
+            "max_pending_handshakes, max_pending_handshakes_per_source: reset at accept, TLS never started)",
             ["direction", "limit"], registry=registry)
+        self.pending_handshakes = Gauge(
+            "nodeagent_hbone_pending_handshakes", "HBONE connections accepted whose TLS handshake is not done yet",
+            ["direction"], registry=registry)
         self.pool_connections = Gauge(
             "nodeagent_hbone_pool_connections", "Connections held by the HBONE pool (connecting or open)",
             registry=registry)

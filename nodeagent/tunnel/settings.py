@@ -16,6 +16,20 @@ pile up work behind it; more than `max_stream_resets` client resets within
 `stream_reset_window` seconds end the connection with GOAWAY ENHANCE_YOUR_CALM. Our pool
 keeps at most 100 streams on a connection, so 200 resets in 10 s means every stream it
 could hold was cancelled twice over — not what a client of the mesh does.
+
+Three more stand against unauthenticated connections to :15008 that never finish TLS
+(issue 9.4: 5000 silent ones held 1.6 GB), as Envoy's and ztunnel's accept budgets do. A
+connection counts as a pending handshake from accept until TLS is done, for at most
+`server_handshake_timeout` (5 s: a TLS 1.3 handshake is one round trip, milliseconds in a
+cluster, and a handshake the agent cannot finish in 5 s is a peer not talking or a node
+too loaded to serve it anyway; the pool, which also connects, keeps `handshake_timeout`).
+`max_pending_handshakes` (1024) bounds them for the whole agent, all pods' tunnel
+listeners together: the agent completes ~500 handshakes a second on two vCPUs, so that
+is ~2 s of work, well inside the timeout, and at most ~60 MB mid-handshake. And
+`max_pending_handshakes_per_source` (128) per client IP: a mesh client holds at most one
+handshake per (source pod, destination pod) at a time and a node runs at most 110 pods
+(kubelet's default), so more from one address is a flood, and one source cannot take the
+budget of all. Connections over either are reset at once, before any TLS state exists.
 """
 
 from __future__ import annotations
@@ -37,7 +51,10 @@ class TunnelSettings:
     write_buffer: int = 256 * 1024  # bytes an app may queue on a stream before writes pause
     keepalive_interval: float = 10.0  # PING after this long without hearing from the peer
     keepalive_timeout: float = 20.0  # close when a PING is not answered within this
-    handshake_timeout: float = 10.0  # TCP connect + TLS + the peer's first SETTINGS
+    handshake_timeout: float = 10.0  # pool: TCP connect + TLS + the peer's first SETTINGS
+    server_handshake_timeout: float = 5.0  # server: accept -> TLS done, the wait for a ClientHello included
+    max_pending_handshakes: int = 1024  # server: connections accepted, TLS not done, all listeners together
+    max_pending_handshakes_per_source: int = 128  # server: the same from one client IP
     open_timeout: float = 10.0  # CONNECT sent -> response headers
     max_concurrent_streams: int = 200  # server: streams one connection may have served at once
     max_stream_resets: int = 200  # server: client resets allowed within stream_reset_window...
@@ -55,6 +72,10 @@ class TunnelSettings:
         if not H2_MIN_FRAME <= self.max_frame_size <= H2_MAX_FRAME:
             raise ConfigError("tunnel.max_frame_size", f"HTTP/2 allows {H2_MIN_FRAME}..{H2_MAX_FRAME}, "
                               f"got {self.max_frame_size}")
+        if self.max_pending_handshakes_per_source > self.max_pending_handshakes:
+            raise ConfigError("tunnel.max_pending_handshakes_per_source",
+                              f"{self.max_pending_handshakes_per_source} is more than max_pending_handshakes "
+                              f"({self.max_pending_handshakes}), the budget of all sources together")
 
 
 def check_positive(where: str, value: float) -> float:

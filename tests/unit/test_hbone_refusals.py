@@ -299,7 +299,7 @@ def test_keepalive_closes_a_silent_peer(pki):
 
 def test_server_handshake_timeout_is_counted(pki):
     async def main():
-        async with Loopback(pki, settings=TunnelSettings(handshake_timeout=0.3)) as lb:
+        async with Loopback(pki, settings=TunnelSettings(server_handshake_timeout=0.3)) as lb:
             good = await healthy(lb)
             reader, writer = await asyncio.open_connection(*lb.address)  # TCP, then silence
             assert await asyncio.wait_for(reader.read(), 5) == b""
