@@ -322,3 +322,15 @@ def test_regexes_in_a_rate_limit_patch_are_compiled_as_envoy_does():
     assert ("(EnvoyFilter shop/rl) spec.configPatches[0].patch.value.typed_config.value.rate_limits[0].actions[0]"
             ".header_value_match.headers[0].string_match.safe_regex.regex: 'a++' is not a valid regular "
             "expression for RE2") in message, message
+
+
+@pytest.mark.parametrize("field, value", [("weight", -5), ("weight", 2**31), ("retries", -1), ("retries", 2**31)])
+def test_int32_fields_say_their_range_as_istio_has_it(field, value):
+    """weight and retries.attempts are int32 in Istio's API: 0 to 2147483647 (issue 9.10:
+    the message said 0-2147483648)."""
+    route = (f"- route: [{{destination: {{host: reviews}}, weight: {value}}}]\n" if field == "weight" else
+             f"- route: [{{destination: {{host: reviews}}}}]\n  retries: {{attempts: {value}}}\n")
+    where = "spec.http[0].route[0].weight" if field == "weight" else "spec.http[0].retries.attempts"
+    message = only_error(doc("VirtualService", "r", "hosts: [reviews]\nhttp:\n" + route))
+    assert f"(VirtualService shop/r) {where}: {value} is out of range: it must be from 0 to 2147483647 (" \
+        in message, message

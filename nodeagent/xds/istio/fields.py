@@ -38,7 +38,7 @@ def integer(field: Field, low: int = 0, high: int = 2**32 - 1) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise field.error(f"must be an integer, not {describe(value)}")
     if not low <= value <= high:
-        raise field.error(f"{value} is out of range {low}-{high}")
+        raise field.error(f"{value} is out of range: it must be from {low} to {high}")
     return value
 
 
@@ -49,7 +49,7 @@ def number(field: Field, low: float, high: float) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise field.error(f"must be a number, not {describe(value)}")
     if not low <= value <= high:
-        raise field.error(f"{value} is out of range {low}-{high}")
+        raise field.error(f"{value} is out of range: it must be from {low} to {high}")
     return float(value)
 
 

@@ -249,7 +249,7 @@ def _destinations(field: Field, http: bool) -> tuple[RouteDestination, ...]:
     for item in field.items():
         p = item.fields(("destination", "weight", "headers") if http else ("destination", "weight"))
         headers = f.header_ops(p["headers"]) if http else None
-        out.append(RouteDestination(f.destination(p["destination"]), f.integer(p["weight"], 0, 2**31) or 0,
+        out.append(RouteDestination(f.destination(p["destination"]), f.integer(p["weight"], 0, 2**31 - 1) or 0,
                                     headers))
     if field.present and not out:
         raise field.error("must list at least one destination")
@@ -306,7 +306,7 @@ def _retry(field: Field) -> Retry | None:
                       "retryIgnorePreviousHosts", "backoff"))
     optional = {n: p[n].boolean() if p[n].present else None
                 for n in ("retryRemoteLocalities", "retryIgnorePreviousHosts")}
-    return Retry(f.integer(p["attempts"], 0, 2**31) or 0, f.duration(p["perTryTimeout"]),
+    return Retry(f.integer(p["attempts"], 0, 2**31 - 1) or 0, f.duration(p["perTryTimeout"]),
                  p["retryOn"].string(), optional["retryRemoteLocalities"],
                  optional["retryIgnorePreviousHosts"], f.duration(p["backoff"]))
 
