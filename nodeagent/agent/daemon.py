@@ -53,6 +53,7 @@ class Agent:
         self.metrics = AgentMetrics(registry)
         self.source = source or FilesSource(config.source_dir, log=log.getChild("source"))
         self.model = Model.empty()
+        self._round_failed = False  # the last round raised: the next one redoes it all
         self.model_changed_at: float | None = None
         self.started_at = time.time()
         self.reconciled = False  # the first reconcile is done (part of readiness)
@@ -121,8 +122,10 @@ class Agent:
             if stop.is_set():
                 return
             try:
-                await self._poll_and_reconcile()
+                await self._poll_and_reconcile(force=self._round_failed, rebuild=self._round_failed)
+                self._round_failed = False
             except Exception:  # a bug in one round must not end the agent; the next round retries
+                self._round_failed = True
                 self.log.exception("reconcile failed; retrying next round")
 
     def _next_look(self, watch: "DirectoryWatch") -> float:
@@ -130,16 +133,20 @@ class Agent:
         interval while inotify cannot be trusted to report every change or a pod's
         enrolment waits for a retry, else the resync interval (a full scan of a 10k-object
         directory every poll interval kept an idle agent at 55 % CPU)."""
-        if not watch.reliable or self.enroller.failures:
+        if not watch.reliable or self.enroller.failures or self._round_failed:
             return self.config.poll_interval
         return self.config.resync_interval
 
-    async def _poll_and_reconcile(self, force: bool = False) -> None:
+    async def _poll_and_reconcile(self, force: bool = False, rebuild: bool = False) -> None:
+        """Read the source; on a new model (or `rebuild`, after a failed round) rebuild the
+        data path's configuration; on a new model, `force` (first or failed round) or a
+        due retry, reconcile enrolment."""
         model = await self.work.run(self.source.poll)
         if model is not None:
             self.model = model
             self.model_changed_at = time.time()
-            await self.datapath.update(model)
+        if model is not None or rebuild:
+            await self.datapath.update(self.model)
         if model is not None or force or self.enroller.retry_due():
             before = {e.ctx for e in self.enroller.enrolled.values()}
             await self.enroller.reconcile(self.model)

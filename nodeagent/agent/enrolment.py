@@ -180,7 +180,7 @@ class Enroller:
             self.remove(uid)
         for want in p.update:
             self._update(want)
-        wanted_uids = {w.uid for w in p.enrol}
+        wanted_uids = {w.uid for w in p.enrol} | {w.uid for w in p.update if w.uid in self.failures}
         for uid in list(self.failures):
             if uid not in wanted_uids:
                 del self.failures[uid]
@@ -279,8 +279,18 @@ class Enroller:
             self.capture.enrol_netns(e.ctx.cookie, exclude_outbound_ports=sorted(want.exclude_outbound))
             self._steer(e.ctx, want, e.listeners)
         except Exception as exc:
-            self.log.warning("cannot update excluded ports of pod %s: %s", e.ctx, exc)
+            # Half applied (outbound may have the new exclusions, inbound the old): retried
+            # with backoff until both are in place; status shows it among the waiting.
+            prev = self.failures.get(want.uid)
+            attempts = (prev.attempts if prev else 0) + 1
+            delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (attempts - 1))
+            self.failures[want.uid] = Failure(want, f"cannot update excluded ports: {exc}", attempts,
+                                              self.clock() + delay)
+            self.metrics.enrol_errors.labels(reason="update").inc()
+            self.log.warning("cannot update excluded ports of pod %s (attempt %d, retrying in %.1fs): %s",
+                             e.ctx, attempts, delay, exc)
             return
+        self.failures.pop(want.uid, None)
         e.wanted = want
         self.log.info("updated excluded ports of pod %s", e.ctx)
 

@@ -118,6 +118,7 @@ class Waypoint:
         self.refusals = Refusals()  # what Envoy refused, held out of what is published
         self._builds: dict[str, Build] = {}  # snapshot version → its configuration (the accepted and newer)
         self._in_force: Build | None = None  # the configuration of the ACKed snapshot the relays steer by
+        self._in_force_version: str | None = None  # the snapshot whose ACK the config thread has taken in
         self._rejections: dict[tuple[str, str], str] = {}  # (type URL, content version) → Envoy's message
         self._where: dict[str, str] = {}  # "Kind ns/name" → how errors name it (file#n (Kind ns/name))
         self.warnings: tuple[str, ...] = ()
@@ -287,6 +288,7 @@ class Waypoint:
 
     def _in_force_now(self, snapshot: Snapshot) -> None:
         build = self._builds.get(snapshot.version)
+        self._in_force_version = snapshot.version  # status: in sync only from here on
         if build is None:
             return
         self._in_force = build
@@ -404,8 +406,9 @@ class Waypoint:
                       "admin": f"127.0.0.1:{self.admin_port}", "log": str(self.directory / "envoy.log")},
             "xds": {"version": current.version if current else None,
                     "accepted": accepted.version if accepted else None,
-                    # in sync: Envoy ACKed the latest snapshot and the relays steer by it
-                    "in_sync": self.server.in_sync(self.node) and accepted is not None and accepted is self._steering,
+                    # in sync: Envoy ACKed the latest snapshot, the relays steer by it and its config is in force
+                    "in_sync": self.server.in_sync(self.node) and accepted is not None and accepted is self._steering
+                    and self._in_force_version == accepted.version,
                     "connected": self.node in self.server.connected(),
                     "nacks": int(nacks), "snapshot_error": self.snapshot_error},
             "resources": dict(sorted(self._in_force.digests.items())) if self._in_force else {},

@@ -26,6 +26,7 @@ from nodeagent.errors import ConfigError, EnvironmentProblem, LabError, Nodeagen
 from nodeagent.kube.objects import KubeObject, parse_documents
 from nodeagent.lab import (cgroups, dns, ipam, meshca, processes, services, spec, supervisor, teardown,
                            topology)
+from nodeagent.lab import verdicts
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord, Runtime, StateDir, lab_model
 
@@ -186,6 +187,7 @@ def _check_changes(old: LabRecord, new: spec.DesiredState) -> None:
 def apply(name: str, objects: list[KubeObject], out: Out, timeout: float) -> None:
     layout = Layout(name, preflight())
     state = StateDir(layout)
+    started = time.time()
     with state.lock():
         old = state.load()
         merged = merge(old.objects, objects)
@@ -197,14 +199,33 @@ def apply(name: str, objects: list[KubeObject], out: Out, timeout: float) -> Non
         added = [p for key, p in desired.pods.items() if key not in old.alloc.pods]
         _apply_record(state, old, record, added, out)
     before = {o.key: o.body for o in old.objects}
+    changed = [o for o in objects if before.get(o.key) != o.body]
     for obj in objects:
-        verb = "created" if obj.key not in before else "unchanged" if before[obj.key] == obj.body else "configured"
+        verb = "created" if obj.key not in before else "configured" if obj in changed else "unchanged"
         out(f"{obj} {verb}")
     if supervisor.is_supervisor(old.supervisor_pid, name):
         os.kill(old.supervisor_pid, signal.SIGHUP)
     wait_running(state, old.supervisor_pid, [p.key for p in added], out, timeout)
     if old.agents and added:
         wait_agents(state, out, timeout)
+    if old.agents:
+        report_verdicts(state, changed, started, out, timeout)
+
+
+def report_verdicts(state: StateDir, objects: list[KubeObject], since: float, out: Out, timeout: float) -> None:
+    """Print what the agents made of the changed Istio resources; LabError when one refused any."""
+    layout = state.layout
+    nodes = state.load().desired.node_names
+    found, silent = verdicts.wait(objects, nodes, lambda n: _agent_status(layout.agent_socket(n)), since, timeout)
+    for verdict in found:
+        out(verdict.line())
+    for obj, node in silent:
+        out(f"{obj}: no verdict from {node}'s agent within {timeout:.0f}s (see nodeagent status --lab "
+            f"{layout.name} --node {node})")
+    refused = [v for v in found if v.error is not None]
+    if refused:
+        raise LabError(f"{len({v.obj.key for v in refused})} of the applied resources refused by the agents; "
+                       "the last good version of each stays in force", "fix them and apply again")
 
 
 def _apply_record(state: StateDir, old: LabRecord, record: LabRecord, added: list[spec.PodSpec], out: Out) -> None:

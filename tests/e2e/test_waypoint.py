@@ -721,8 +721,16 @@ def test_an_invalid_virtualservice_keeps_the_previous_routing(mesh):
     mesh.route(good)
     key, digest = "VirtualService mesh/backend", spec_digest({"hosts": ["backend"], "http": good})
     bad = {"hosts": ["backend"], "http": [{"route": [to("v1")], "timeout": "soon"}]}
-    mesh.lab.apply(json.dumps({"apiVersion": NETWORKING, "kind": "VirtualService",
-                               "metadata": {"name": "backend", "namespace": "mesh"}, "spec": bad}))
+    proc = mesh.lab.apply(json.dumps({"apiVersion": NETWORKING, "kind": "VirtualService",
+                                      "metadata": {"name": "backend", "namespace": "mesh"}, "spec": bad}), check=False)
+    # lab apply answers as kubectl with a validating webhook would: refused, and why.
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1 and lines[0] == "VirtualService mesh/backend configured", proc
+    assert len(lines) == 2 and lines[1].startswith(
+        "VirtualService mesh/backend refused by the agent of node1, node2: "), lines
+    assert "(VirtualService mesh/backend) spec.http[0].timeout" in lines[1], lines
+    assert "1 of the applied resources refused by the agents; the last good version of each stays in force" \
+        in proc.stderr, proc.stderr
 
     def reported(node: str) -> bool:
         return any("(VirtualService mesh/backend) spec.http[0].timeout" in e for e in mesh.waypoint(node)["errors"])

@@ -1,0 +1,83 @@
+"""What the agents made of the Istio resources `lab apply` wrote: in force, or refused
+and why, as `kubectl apply` answers with a webhook's validation (istiod's). Without
+this, apply said "configured" for a VirtualService whose regex the agents refused, and
+the old version silently stayed in force.
+
+An agent's verdict on a resource counts once it has read the applied state (its model
+changed after the apply began) and, when it runs a waypoint, Envoy is in sync: then the
+resource is in force if its spec's digest is among the agent's resources in force
+(policy or waypoint), refused if an error of the agent names it. Kinds the agents do not
+read get no verdict here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from nodeagent.agent.policies import spec_digest
+from nodeagent.kube.objects import KubeObject
+
+KINDS = {("security.istio.io", "AuthorizationPolicy"), ("security.istio.io", "PeerAuthentication"),
+         ("security.istio.io", "RequestAuthentication"), ("networking.istio.io", "VirtualService"),
+         ("networking.istio.io", "DestinationRule"), ("networking.istio.io", "EnvoyFilter")}
+POLL = 0.1
+
+
+@dataclass(frozen=True)
+class Verdict:
+    obj: KubeObject
+    nodes: tuple[str, ...]  # whose agents said so
+    error: str | None  # None: in force
+
+    def line(self) -> str:
+        if self.error is None:
+            return f"{self.obj} in force"
+        return f"{self.obj} refused by the agent of {', '.join(self.nodes)}: {self.error}"
+
+
+def judged(obj: KubeObject, node: str, status: dict | None, since: float) -> Verdict | None:
+    """The agent's verdict on `obj` from its status, or None while it has none yet."""
+    if not status or (status.get("source", {}).get("model_changed_at") or 0) < since:
+        return None
+    waypoint = status.get("waypoint")
+    if waypoint is not None and not waypoint.get("xds", {}).get("in_sync"):
+        return None
+    key, name = f"{obj.kind} {obj.namespace}/{obj.name}", f"({obj.kind} {obj.namespace}/{obj.name})"
+    errors = [*status.get("policy", {}).get("errors", []), *(waypoint or {}).get("errors", []),
+              *status.get("source", {}).get("errors", {}).values()]
+    named = [e for e in errors if name in e]
+    if named:
+        return Verdict(obj, (node,), named[0])
+    digest = spec_digest(obj.body.get("spec"))
+    in_force = (status.get("policy", {}).get("resources", {}), (waypoint or {}).get("resources", {}))
+    if any(resources.get(key) == digest for resources in in_force):
+        return Verdict(obj, (node,), None)
+    return None
+
+
+def wait(objects: list[KubeObject], nodes: list[str], status_of: Callable[[str], dict | None], since: float,
+         timeout: float, clock: Callable[[], float] = time.monotonic,
+         sleep: Callable[[float], None] = time.sleep) -> tuple[list[Verdict], list[tuple[KubeObject, str]]]:
+    """(each resource's refusals, or one in-force verdict per resource; the (resource,
+    node) pairs still without a verdict at the timeout)."""
+    pending = {(o.key, n): o for o in objects if (o.group, o.kind) in KINDS for n in nodes}
+    verdicts: dict[tuple, Verdict] = {}
+    deadline = clock() + timeout
+    while pending and clock() < deadline:
+        for node in sorted({n for _, n in pending}):
+            status = status_of(node)
+            for (key, n), obj in list(pending.items()):
+                if n == node and (v := judged(obj, node, status, since)) is not None:
+                    verdicts[(key, n)] = v
+                    del pending[(key, n)]
+        if pending:
+            sleep(POLL)
+    merged: dict[tuple, Verdict] = {}  # one line per resource and answer, naming the nodes
+    for (key, node), v in sorted(verdicts.items(), key=lambda kv: kv[0][1]):
+        seen = merged.get((key, v.error))
+        merged[(key, v.error)] = Verdict(v.obj, (*seen.nodes, node) if seen else (node,), v.error)
+    refused = {key for key, error in merged if error is not None}
+    found = [v for (key, error), v in merged.items() if error is not None or key not in refused]
+    return found, [(o, n) for (_, n), o in pending.items()]
