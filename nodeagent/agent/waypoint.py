@@ -32,6 +32,7 @@ import os
 import signal
 import socket
 import struct
+import time
 from typing import Awaitable, Callable
 
 from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
@@ -119,6 +120,7 @@ class Waypoint:
         self._builds: dict[str, Build] = {}  # snapshot version → its configuration (the accepted and newer)
         self._in_force: Build | None = None  # the configuration of the ACKed snapshot the relays steer by
         self._in_force_version: str | None = None  # the snapshot whose ACK the config thread has taken in
+        self.built_at: float | None = None  # wall clock of the last update(): its errors are in status
         self._rejections: dict[tuple[str, str], str] = {}  # (type URL, content version) → Envoy's message
         self._where: dict[str, str] = {}  # "Kind ns/name" → how errors name it (file#n (Kind ns/name))
         self.warnings: tuple[str, ...] = ()
@@ -191,6 +193,7 @@ class Waypoint:
         self._where = {f"{obj.kind} {obj.namespace}/{obj.name}": resource_name(obj)
                        for kind in READERS for obj in model.resources.get(kind, ())}
         self._publish()
+        self.built_at = time.time()  # this model's verdicts (errors, snapshot) are out: status shows when
 
     def _publish(self) -> None:
         """Translate the configuration less what Envoy refused (refusals.py) and publish it."""
@@ -411,6 +414,7 @@ class Waypoint:
                     and self._in_force_version == accepted.version,
                     "connected": self.node in self.server.connected(),
                     "nacks": int(nacks), "snapshot_error": self.snapshot_error},
+            "built_at": self.built_at,
             "resources": dict(sorted(self._in_force.digests.items())) if self._in_force else {},
             "errors": [str(e) for e in (*self.config.errors, *self.refusals.errors(self._in_force))],
             "warnings": list(self.warnings),

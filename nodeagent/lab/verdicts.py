@@ -3,8 +3,9 @@ and why, as `kubectl apply` answers with a webhook's validation (istiod's). With
 this, apply said "configured" for a VirtualService whose regex the agents refused, and
 the old version silently stayed in force.
 
-An agent's verdict on a resource counts once it has read the applied state (its model
-changed after the apply began) and, when it runs a waypoint, Envoy is in sync: then the
+An agent's verdict on a resource counts once it has rebuilt its policies (and, when it
+runs a waypoint, the waypoint's configuration) since the apply began and Envoy is in
+sync with that: then the
 resource is in force if its spec's digest is among the agent's resources in force
 (policy or waypoint), refused if an error of the agent names it. Kinds the agents do not
 read get no verdict here.
@@ -39,10 +40,10 @@ class Verdict:
 
 def judged(obj: KubeObject, node: str, status: dict | None, since: float) -> Verdict | None:
     """The agent's verdict on `obj` from its status, or None while it has none yet."""
-    if not status or (status.get("source", {}).get("model_changed_at") or 0) < since:
+    if not status or (status.get("policy", {}).get("built_at") or 0) < since:
         return None
     waypoint = status.get("waypoint")
-    if waypoint is not None and not waypoint.get("xds", {}).get("in_sync"):
+    if waypoint is not None and ((waypoint.get("built_at") or 0) < since or not waypoint.get("xds", {}).get("in_sync")):
         return None
     key, name = f"{obj.kind} {obj.namespace}/{obj.name}", f"({obj.kind} {obj.namespace}/{obj.name})"
     errors = [*status.get("policy", {}).get("errors", []), *(waypoint or {}).get("errors", []),

@@ -21,14 +21,18 @@ ERROR = "x.yaml#1 (VirtualService mesh/backend) spec.http[0].timeout: 'soon' is 
 def status(changed_at: float = 100.0, in_sync: bool = True, waypoint_resources=None, errors=(),
            policy_resources=None) -> dict:
     return {"source": {"model_changed_at": changed_at, "errors": {}},
-            "policy": {"resources": policy_resources or {}, "errors": []},
-            "waypoint": {"xds": {"in_sync": in_sync}, "resources": waypoint_resources or {}, "errors": list(errors)}}
+            "policy": {"built_at": changed_at, "resources": policy_resources or {}, "errors": []},
+            "waypoint": {"built_at": changed_at, "xds": {"in_sync": in_sync}, "resources": waypoint_resources or {},
+                         "errors": list(errors)}}
 
 
 def test_a_verdict_counts_only_once_the_agent_read_the_apply_and_envoy_is_in_sync():
     good = {"VirtualService mesh/backend": spec_digest(SPEC)}
     assert judged(VS, "node1", None, 50.0) is None  # agent down
-    assert judged(VS, "node1", status(changed_at=40.0, waypoint_resources=good), 50.0) is None  # older model
+    assert judged(VS, "node1", status(changed_at=40.0, waypoint_resources=good), 50.0) is None  # older build
+    stale = status(waypoint_resources=good, errors=[ERROR])
+    stale["waypoint"]["built_at"] = 40.0  # policies rebuilt, the waypoint's errors still the last model's
+    assert judged(VS, "node1", stale, 50.0) is None
     assert judged(VS, "node1", status(in_sync=False, waypoint_resources=good), 50.0) is None
     assert judged(VS, "node1", status(waypoint_resources=good), 50.0) == Verdict(VS, ("node1",), None)
     old = {"VirtualService mesh/backend": "0123456789ab"}
