@@ -28,6 +28,8 @@ Purpose
 Usage
     .venv/bin/python tests/soak/soak.py --minutes 30 [--name soak]   (as root)
     --warmup S (30), --drain-timeout S (120), --progress S (60): see --help.
+    --only mixed|resets|handshakes|plaintext runs that load alone (to find which one an
+    agent's growth comes from); the goals the other loads feed are then missed.
     Not part of CI or pytest (tests/soak/conftest.py keeps pytest out).
 
 How the attacker is certified
@@ -105,6 +107,9 @@ RATES = {
     "control": 1,  # plaintext HTTP from legacy to legacy/echo (must be seen on the fabric)
 }
 WARMUP = ("keepalive", "new", "tcp", "control")  # the drivers the warm-up runs (see Caveats)
+# --only: one load alone, to tell which one an agent's growth comes from (the others
+# are reported as not run, and the goals they feed are missed).
+LOADS = {"mixed": WARMUP, "resets": ("resets",), "handshakes": ("handshakes",), "plaintext": ("plaintext",)}
 
 
 class SoakError(Exception):
@@ -320,7 +325,10 @@ def soak(args, show) -> int:
                 raise SoakError(f"an agent died during the warm-up: see {layout.logs_dir}")
             show(f"baseline: {figures(world)}; load for {args.minutes:g} min")
             started = time.monotonic()
-            results = run_load(world, markers, args.minutes * 60, Path(tmp), args.progress, show)
+            results = run_load(world, markers, args.minutes * 60, Path(tmp), args.progress, show,
+                               LOADS[args.only] if args.only else None)
+            results = {name: results.get(name, {"error": f"not run (--only {args.only})"})
+                       for name in drivers(world, markers)}
             load = time.monotonic() - started
         show("load stopped; waiting for the agents to drain")
         drained_end, busy = drain(world, fd_limits(base, snapshot(world).pools), args.drain_timeout)
@@ -350,6 +358,9 @@ def main() -> int:
     parser.add_argument("--drain-timeout", type=float, default=120.0,
                         help="seconds to wait for connections to drain and descriptors to settle")
     parser.add_argument("--progress", type=float, default=60.0, help="seconds between progress lines")
+    parser.add_argument("--only", choices=sorted(LOADS),
+                        help="run this load alone after the warm-up (mixed: the warm-up's drivers); goals of the "
+                             "others are missed")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("soak: needs root (it runs a lab)", file=sys.stderr)
