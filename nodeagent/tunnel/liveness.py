@@ -5,6 +5,10 @@ peer, PING it; with no answer within `keepalive_timeout` the peer is gone (a cab
 a frozen node) and the connection is closed, so its streams fail instead of hanging.
 Idle: with no streams for `idle_timeout`, the connection is closed with GOAWAY (the pool
 releases unused connections; the server drops abandoned ones).
+Once stopped (the connection is lost) it arms nothing again: a timer holds the session,
+its TLS transport and read buffer (~350 KB) until it fires, so a stream ending after its
+connection (a handler still connecting to the app, as under rapid reset) must not re-arm
+the idle timer for another `idle_timeout`.
 """
 
 from __future__ import annotations
@@ -26,11 +30,16 @@ class Liveness:
         self._ping_sent_at: float | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._stopped = False
 
     def start(self) -> None:
+        if self._stopped:
+            return
         self._tick_handle = self.loop.call_later(min(self.interval, self.timeout) / 2, self._tick)
 
     def stop(self) -> None:
+        """For good: the connection is gone."""
+        self._stopped = True
         for handle in (self._tick_handle, self._idle_handle):
             if handle is not None:
                 handle.cancel()
@@ -44,6 +53,8 @@ class Liveness:
 
     def busy(self, busy: bool) -> None:
         """Streams exist (or are promised): no idle timer; none: start it."""
+        if self._stopped:
+            return
         if not busy and self._idle_handle is None:
             self._idle_handle = self.loop.call_later(self.idle_timeout, self._idle_expired)
         elif busy and self._idle_handle is not None:
