@@ -101,24 +101,21 @@ def parse_mark(raw: str) -> int:
     return mark
 
 
-def parse_resync_interval(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
-    if not 1 <= value <= 3600:
-        raise ValueError("must be between 1 and 3600 seconds")
-    return value
+def seconds_between(low: float, high: float):
+    """A parser of a number of seconds from `low` to `high`."""
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} seconds")
+        return value
+    return parse
 
 
-def parse_interval(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
-    if not 0.001 <= value <= 60:
-        raise ValueError("must be between 0.001 and 60 seconds")
-    return value
+parse_interval = seconds_between(0.001, 60)
+parse_resync_interval = seconds_between(1, 3600)
 
 
 def parse_optional_target(raw: str) -> tuple[str, int] | None:

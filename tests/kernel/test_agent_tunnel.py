@@ -13,7 +13,6 @@ answered 400 and counted, and its connection goes on serving good streams.
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 
 import pytest
@@ -21,10 +20,10 @@ import pytest
 from hbone_attacks import aim, attack, labelled, refusals
 from nodeagent.agent.config import SETTINGS
 from nodeagent.agent.probe import HoldClient
-from nodeagent.agent.sandbox import AMBIENT, Sandbox, SandboxPod
+from meshed_sandbox import PORT, meshed_sandbox
+from nodeagent.agent.sandbox import Sandbox, SandboxPod
 
 pytestmark = pytest.mark.root
-PORT = 9000
 PRINCIPAL = "spiffe://cluster.local/ns/app/sa/default"
 
 
@@ -43,23 +42,8 @@ AGENT_PORTS = (default("tunnel_port"), default("outbound_port"), default("inboun
 def mesh(tmp_path):
     """client and server (namespace app, meshed), legacy (namespace plain); the probe
     server runs in server; the CA and the agent run, the server holds a certificate."""
-    sb = Sandbox(f"test-{secrets.token_hex(3)}", workdir=tmp_path)
-    try:
-        sb.setup()
-        client, server, legacy = sb.add_pod("app", "client"), sb.add_pod("app", "server"), sb.add_pod("plain", "legacy")
-        sb.write_pods()
-        sb.label_namespace("app", AMBIENT)
-        sb.label_namespace("plain", {})
-        sb.serve(server, PORT)
-        sb.in_pod(client, ["sleep", "infinity"])  # a pod is found by its processes
-        sb.start_ca()
-        sb.start_agent(*sb.ca_args())
-        sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True],
-                    15, "both pods enrolled and their certificate held")
+    with meshed_sandbox(tmp_path, "legacy") as (sb, client, server, legacy, app):
         yield sb, client, server, legacy
-    finally:
-        left = sb.close()
-        assert left == [] and sb.leftovers() == []
 
 
 def connect(sb: Sandbox, src: SandboxPod, dst: SandboxPod, count: int) -> dict:

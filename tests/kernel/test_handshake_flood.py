@@ -14,7 +14,6 @@ The attacker runs in this process with sockets made in the unmeshed pod's netns
 from __future__ import annotations
 
 import resource
-import secrets
 import socket
 import ssl
 
@@ -22,7 +21,8 @@ import pytest
 
 from hbone_attacker import PORT as TUNNEL_PORT
 from nodeagent import netns
-from nodeagent.agent.sandbox import AMBIENT, Sandbox
+from meshed_sandbox import meshed_sandbox
+from nodeagent.agent.sandbox import Sandbox
 from nodeagent.tunnel import TunnelSettings
 from test_agent_tunnel import PORT, connect
 from test_rapid_reset import settle
@@ -42,24 +42,8 @@ TIMEOUTS = "hbone_handshake_failures_total{direction=inbound,reason=timeout}"
 def mesh(tmp_path):
     """server (namespace app, meshed, probe server on PORT) and its meshed client;
     attacker (namespace plain, unmeshed)."""
-    sb = Sandbox(f"test-{secrets.token_hex(3)}", workdir=tmp_path)
-    try:
-        sb.setup()
-        client, server = sb.add_pod("app", "client"), sb.add_pod("app", "server")
-        attacker = sb.add_pod("plain", "attacker")
-        sb.write_pods()
-        sb.label_namespace("app", AMBIENT)
-        sb.label_namespace("plain", {})
-        sb.serve(server, PORT)
-        sb.in_pod(client, ["sleep", "infinity"])  # a pod is found by its processes
-        sb.start_ca()
-        sb.start_agent(*sb.ca_args())
-        sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True],
-                    15, "both pods enrolled and their certificate held")
+    with meshed_sandbox(tmp_path, "attacker") as (sb, client, server, attacker, app):
         yield sb, client, server, attacker
-    finally:
-        left = sb.close()
-        assert left == [] and sb.leftovers() == []
 
 
 @pytest.fixture

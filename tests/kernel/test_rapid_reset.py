@@ -14,7 +14,6 @@ The attacker runs in this process with a socket made in an unmeshed pod's netns
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import subprocess
 import time
@@ -29,11 +28,11 @@ from hbone_attacker import PORT as TUNNEL_PORT, tls_context
 from hbone_attacks import certificates
 from nodeagent import netns
 from nodeagent.agent.probe import HoldClient
-from nodeagent.agent.sandbox import AMBIENT, Sandbox
+from meshed_sandbox import PORT, meshed_sandbox
+from nodeagent.agent.sandbox import Sandbox
 from nodeagent.tunnel import TunnelSettings
 
 pytestmark = pytest.mark.root
-PORT = 9000
 LIMIT = TunnelSettings().max_stream_resets  # the agent runs with the default settings
 BURST = 50  # streams per write, each followed by a PING the agent answers after them
 ESTABLISHED = "01"  # st column of /proc/net/tcp
@@ -43,23 +42,8 @@ ESTABLISHED = "01"  # st column of /proc/net/tcp
 def mesh(tmp_path):
     """server (namespace app, meshed, probe server on PORT) and its meshed client;
     attacker (namespace plain, unmeshed) holding a valid mesh certificate."""
-    sb = Sandbox(f"test-{secrets.token_hex(3)}", workdir=tmp_path)
-    try:
-        sb.setup()
-        client, server, attacker = sb.add_pod("app", "client"), sb.add_pod("app", "server"), sb.add_pod("plain", "attacker")
-        sb.write_pods()
-        sb.label_namespace("app", AMBIENT)
-        sb.label_namespace("plain", {})
-        app = sb.serve(server, PORT)
-        sb.in_pod(client, ["sleep", "infinity"])  # a pod is found by its processes
-        sb.start_ca()
-        sb.start_agent(*sb.ca_args())
-        sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True],
-                    15, "both pods enrolled and their certificate held")
+    with meshed_sandbox(tmp_path, "attacker") as (sb, client, server, attacker, app):
         yield sb, client, server, attacker, app
-    finally:
-        left = sb.close()
-        assert left == [] and sb.leftovers() == []
 
 
 class RapidResetClient:

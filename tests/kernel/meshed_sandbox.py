@@ -1,0 +1,40 @@
+"""The kernel tier's meshed sandbox: one node agent with its CA, a meshed client and a
+meshed server (namespace app; the probe server on PORT in the server), and an unmeshed
+pod (namespace plain) to connect or attack from. Shared by the HBONE, rapid-reset and
+handshake-flood tests; everything it made is removed, and the test fails when not."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+from nodeagent.agent.sandbox import AMBIENT, Sandbox, SandboxPod
+
+PORT = 9000
+
+
+@contextlib.contextmanager
+def meshed_sandbox(tmp_path: Path, outsider: str) -> Iterator[tuple[Sandbox, SandboxPod, SandboxPod, SandboxPod,
+                                                                    subprocess.Popen]]:
+    """(sandbox, client, server, the unmeshed pod named `outsider`, the server's app)
+    once the agent has enrolled both meshed pods and holds their certificate."""
+    sb = Sandbox(f"test-{secrets.token_hex(3)}", workdir=tmp_path)
+    try:
+        sb.setup()
+        client, server, other = sb.add_pod("app", "client"), sb.add_pod("app", "server"), sb.add_pod("plain", outsider)
+        sb.write_pods()
+        sb.label_namespace("app", AMBIENT)
+        sb.label_namespace("plain", {})
+        app = sb.serve(server, PORT)
+        sb.in_pod(client, ["sleep", "infinity"])  # a pod is found by its processes
+        sb.start_ca()
+        sb.start_agent(*sb.ca_args())
+        sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True],
+                    15, "both pods enrolled and their certificate held")
+        yield sb, client, server, other, app
+    finally:
+        left = sb.close()
+        assert left == [] and sb.leftovers() == []
