@@ -105,9 +105,9 @@ class DataPath:
                 return
             self.jwks.want(uris)
 
-    def _rebuild_waypoint(self, model: Model | None = None) -> set[str]:
-        """In the config thread: the waypoint's snapshot of `model` (None: the last one);
-        the jwksUris its configuration needs."""
+    def _rebuild_waypoint(self, model: Model) -> set[str]:
+        """In the config thread: the waypoint's snapshot of `model`; the jwksUris its
+        configuration needs."""
         self.waypoint.update(model)
         return jwks_uris(self.waypoint.config)
 

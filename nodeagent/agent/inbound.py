@@ -27,12 +27,12 @@ from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.outbound import Relay, connect_failure_reason, relay
 from nodeagent.agent.policies import PolicyState
-from nodeagent.agent.splice import reset
 from nodeagent.agent.telemetry import DESTINATION, FLAG_CONNECT, PLAINTEXT, Flow, Peer, Telemetry
 from nodeagent.errors import NodeagentError
 from nodeagent.model import Model
 from nodeagent.xds import dataplane
 from nodeagent.policy import Connection
+from nodeagent.resets import reset
 
 Address = tuple[str, int]
 

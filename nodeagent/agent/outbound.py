@@ -21,11 +21,12 @@ from nodeagent.agent.destinations import NoEndpoint, RoundRobin, Target, resolve
 from nodeagent.agent.identities import WorkloadIdentities
 from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.splice import Abort, SpliceResult, reset, splice
+from nodeagent.agent.splice import Abort, SpliceResult, splice
 from nodeagent.agent.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer, Telemetry
 from nodeagent.errors import NodeagentError
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.model import Model
+from nodeagent.resets import reset
 from nodeagent.tunnel import TunnelError
 from nodeagent.xds import dataplane
 from nodeagent.tunnel.errors import connect_failure_reason as tcp_failure_reason

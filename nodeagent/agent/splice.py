@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 from dataclasses import dataclass
 
+from nodeagent.resets import linger_reset
+
 HIGH_WATER = 64 * 1024  # bytes buffered towards one side before the other stops reading
-LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 @dataclass
@@ -199,19 +199,5 @@ def _reset(transport: asyncio.BaseTransport) -> None:
     RST_STREAM."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        _linger_reset(sock)
+        linger_reset(sock)
     transport.abort()
-
-
-def reset(sock: socket.socket) -> None:
-    """Close `sock` with a RST (SO_LINGER 0), so the peer sees the failure at once."""
-    _linger_reset(sock)
-    sock.close()
-
-
-def _linger_reset(sock) -> None:
-    """Make the next close of `sock` send RST (SO_LINGER on, 0 s); a closed socket is left be."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    except OSError:
-        pass

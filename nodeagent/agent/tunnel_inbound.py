@@ -25,10 +25,10 @@ from nodeagent.agent.inbound import Delivery, InboundView, open_inbound
 from nodeagent.agent.inpod import PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.outbound import connect_failure_reason, relay
-from nodeagent.agent.splice import reset
 from nodeagent.agent.telemetry import FLAG_CONNECT, MTLS
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.policy import Connection
+from nodeagent.resets import reset
 from nodeagent.tunnel import HboneServer, HboneStream, StreamInfo, TunnelMetrics, TunnelSettings, tls
 
 T = TypeVar("T")

@@ -23,13 +23,13 @@ import asyncio
 import logging
 import socket
 import ssl
-import struct
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import h2.events
 
+from nodeagent.resets import reset
 from nodeagent.tunnel import tls
 from nodeagent.tunnel.authority import Address, parse_authority
 from nodeagent.tunnel.errors import TunnelError
@@ -42,7 +42,6 @@ from nodeagent.tunnel.stream import HboneStream
 
 DIRECTION = "inbound"
 ACCEPT_ERROR_PAUSE = 0.1  # seconds to wait after accept() fails (EMFILE...) before retrying
-LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ class HboneServer:
         except OSError:
             return self._refuse_connection(sock, "closed", "?", "the client left before the handshake")
         if not self.handshakes.admit(peer[0]):
-            return reset_connection(sock)  # counted and logged by the budget
+            return reset(sock)  # counted and logged by the budget
         try:
             session = await self._handshake(sock, peer)
         finally:
@@ -250,13 +249,3 @@ class HboneServer:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def reset_connection(sock: socket.socket) -> None:
-    """Close `sock` with a RST (SO_LINGER 0): a refused client learns at once and the
-    agent keeps no TIME_WAIT."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    except OSError:
-        pass  # already reset by the peer
-    sock.close()

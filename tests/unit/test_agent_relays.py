@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from identity_fixtures import run, until
-from nodeagent.agent.splice import LINGER_RESET
+from nodeagent.resets import LINGER_RESET
 from nodeagent.tunnel import ConnectRefused, HandshakeFailed
 from nodeagent.xds.dataplane import TLV_ENDPOINT, TLV_PRINCIPAL, TLV_SOURCE_LABELS, TLV_SOURCE_WORKLOAD, ProxyHeader
 from policy_world import document

@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from nodeagent.agent.splice import HIGH_WATER, Abort, reset, splice
+from nodeagent.agent.splice import HIGH_WATER, Abort, splice
+from nodeagent.resets import reset
 
 SMALL_BUFFER = 4096  # socket buffers (the kernel doubles it), far below what the relay holds
 RESPONSE = HIGH_WATER * 3 // 4  # held by the relay without pausing its reads
