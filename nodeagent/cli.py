@@ -1,27 +1,26 @@
 """The `nodeagent` command: one sub-command per subsystem.
 
-Each subsystem module in COMMANDS provides `register(subparsers)`, which adds its
-sub-commands and sets `func(args) -> int` on them. Errors raised on purpose
+Each subsystem's cli module provides `register(subparsers, ...)`, which adds its
+sub-commands and sets `func(args) -> int` on them. This module sits on top: it hands the
+agent's and the xDS commands the lab's naming of a node's sockets (`--node`, `--lab`),
+so no product package imports the lab. Errors raised on purpose
 (NodeagentError) are printed as one line naming what is wrong; the exit code is 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from nodeagent import __version__
+from nodeagent.agent import cli as agent_cli
+from nodeagent.bench import cli as bench_cli
 from nodeagent.errors import NodeagentError
-
-# Modules that register sub-commands, in the order `--help` lists them.
-COMMANDS = [
-    "nodeagent.lab.cli",
-    "nodeagent.agent.cli",
-    "nodeagent.identity.cli",
-    "nodeagent.xds.cli",
-]
+from nodeagent.identity import cli as identity_cli
+from nodeagent.lab import cli as lab_cli
+from nodeagent.lab import layout
+from nodeagent.xds import cli as xds_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in COMMANDS:
-        importlib.import_module(module).register(sub)
+    # In the order `--help` lists them.
+    lab_cli.register(sub)
+    agent_cli.register(sub, lab_socket=layout.agent_socket)
+    identity_cli.register(sub)
+    xds_cli.register(sub, lab_socket=layout.xds_socket)
+    bench_cli.register(sub)
     return parser
 
 

@@ -70,6 +70,13 @@ class ServicePort:
     protocol: str = "TCP"
     name: str = ""
 
+    def target_on(self, pod: "Pod") -> int | None:
+        """The pod's port for this service port: numeric as is, named via the pod's
+        container ports (as kube-proxy does); None when the pod has no such port."""
+        if isinstance(self.target_port, int):
+            return self.target_port
+        return pod.ports.get(self.target_port)
+
 
 @dataclass(frozen=True)
 class Service:
@@ -148,6 +155,18 @@ class Model:
                  and all(p.labels.get(k) == v for k, v in service.selector.items())),
                 key=lambda p: p.key))
         return list(found)
+
+    def service_of(self, pod: Pod, port: int) -> Service | None:
+        """The Service a connection to `pod`'s `port` most likely came through (the
+        destination cannot know): the first, by namespace and name, selecting the pod with a
+        TCP port whose target is `port`."""
+        for key in sorted(self.services):
+            service = self.services[key]
+            if (service.namespace == pod.namespace and service.selector
+                    and all(pod.labels.get(k) == v for k, v in service.selector.items())
+                    and any(p.protocol == "TCP" and p.target_on(pod) == port for p in service.ports)):
+                return service
+        return None
 
     def service_by_ip(self, ip: str) -> Service | None:
         # headless services and unscheduled pods have no address to match

@@ -32,11 +32,11 @@ from nodeagent.agent import logs
 from nodeagent.agent.admin import AdminServer, Readiness
 from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.configwork import ConfigWork
-from nodeagent.agent.datapath import DataPath
-from nodeagent.agent.enrolment import Enroller, Handlers, Ports
-from nodeagent.agent.inpod import PodContext
+from nodeagent.agent.proxy.datapath import DataPath
+from nodeagent.agent.inpod.enrolment import Enroller, Handlers, Ports
+from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.podns import PodNetnsResolver
+from nodeagent.agent.inpod.podns import PodNetnsResolver
 from nodeagent.agent.watch import DirectoryWatch
 from nodeagent.model import Model
 from nodeagent.sources.files import FilesSource

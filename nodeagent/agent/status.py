@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from nodeagent.agent.config import DEFAULT_ADMIN_SOCKET
-from nodeagent.lab.layout import Layout, check_name, default_name
+
+LabSocket = Callable[[str | None, str], str]  # (lab name or None for the default, node) → socket
 
 
-def socket_path(socket: str | None, node: str | None, lab: str | None) -> str:
-    """--socket wins; --node [--lab] names a lab agent's socket; else the default."""
+def socket_path(socket: str | None, node: str | None, lab: str | None, lab_socket: LabSocket) -> str:
+    """--socket wins; --node [--lab] names a lab agent's socket (`lab_socket`, the lab's
+    naming, handed in by the top-level command); else the default."""
     if socket:
         return socket
     if node:
-        return Layout(check_name(lab or default_name()), cgroup_root="").agent_socket(node)
+        return lab_socket(lab, node)
     return DEFAULT_ADMIN_SOCKET
 
 

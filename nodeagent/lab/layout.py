@@ -31,6 +31,18 @@ def default_name() -> str:
     return os.environ.get(NAME_ENV) or DEFAULT_NAME
 
 
+def agent_socket(lab: str | None, node: str) -> str:
+    """The admin socket of node `node`'s agent in lab `lab` (default: default_name()).
+    `nodeagent status --node` reads it: nodeagent/cli.py hands this to the agent's
+    commands, so no product package imports the lab."""
+    return Layout(check_name(lab or default_name()), cgroup_root="").agent_socket(node)
+
+
+def xds_socket(lab: str, node: str) -> str:
+    """The xDS socket of node `node`'s waypoint in lab `lab` (`proxy-config --lab`)."""
+    return os.path.join(Layout(check_name(lab), cgroup_root="").waypoint_dir(node), "xds.sock")
+
+
 def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name or ""):
         raise ConfigError(f"lab name {name!r}", "must match [a-z][a-z0-9]{0,7}",

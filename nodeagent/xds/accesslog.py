@@ -34,7 +34,6 @@ from envoy_data_plane.envoy.service.accesslog.v3 import StreamAccessLogsMessage,
 from envoy_data_plane.google.protobuf import StringValue
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from nodeagent.agent.destinations import service_of
 from nodeagent.errors import ConfigError
 from nodeagent.identity.spiffe import Identity
 from nodeagent.model import Model, Pod, Service
@@ -236,7 +235,7 @@ def _destination(reporter: str, model: Model, common: AccessLogCommon) -> tuple[
     if reporter == DESTINATION:  # the PROXY destination is the pod, the service is inferred
         address = _ip_port(common.downstream_local_address)
         pod = model.pod_by_ip(address[0]) if address else None
-        return pod, service_of(model, pod, address[1]) if pod else None
+        return pod, model.service_of(pod, address[1]) if pod else None
     upstream = common.upstream_remote_address
     internal = upstream.envoy_internal_address if upstream is not None else None
     pod = model.pod_by_ip(_endpoint_ip(internal.endpoint_id)) if internal is not None else None

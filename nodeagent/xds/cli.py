@@ -8,13 +8,15 @@ import argparse
 import os
 import socket
 import sys
+from typing import Callable
 
 from nodeagent.errors import ConfigError
 
 DEFAULT_XDS_SOCKET = "/run/nodeagent/waypoint/xds.sock"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, lab_socket: Callable[[str, str], str]) -> None:
+    """`lab_socket(lab, node)`: a lab node's xDS socket, for `proxy-config --lab`."""
     pc = sub.add_parser("proxy-config", help="show the Envoy config the agent's xDS server serves",
                         description="Connect to the xDS server as an Envoy would (ADS) and print "
                                     "what it sends for the node.")
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pc.add_argument("--lab", help="read the waypoint of lab node --node in this lab (e.g. nalab)")
     pc.add_argument("--output", "-o", choices=("short", "json"), default="short")
     pc.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
-    pc.set_defaults(func=_proxy_config)
+    pc.set_defaults(func=_proxy_config, lab_socket=lab_socket)
 
     an = sub.add_parser("analyze", help="check Istio YAML offline (one line per problem)",
                         description="Validate VirtualService, DestinationRule, EnvoyFilter, "
@@ -44,22 +46,21 @@ def _proxy_config(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise ConfigError("--timeout", f"{args.timeout} must be positive")
     node = args.node or os.environ.get("NODE_NAME") or socket.gethostname()
-    resources = client.fetch(xds_socket(args.xds_socket, args.lab, args.node), node, timeout=args.timeout)
+    resources = client.fetch(xds_socket(args.xds_socket, args.lab, args.node, args.lab_socket), node, timeout=args.timeout)
     kind = proxyconfig.KINDS[args.kind]
     sys.stdout.write(proxyconfig.render(args.kind, resources.get(kind, {}), args.output))
     return 0
 
 
-def xds_socket(given: str | None, lab: str | None, node: str | None) -> str:
-    """--xds-socket, or the socket of lab `lab`'s node `node`, or the default."""
+def xds_socket(given: str | None, lab: str | None, node: str | None, lab_socket: Callable[[str, str], str]) -> str:
+    """--xds-socket, or the socket of lab `lab`'s node `node` (`lab_socket`, the lab's
+    naming, handed in by the top-level command), or the default."""
     if lab is None:
         return given or DEFAULT_XDS_SOCKET
-    from nodeagent.lab.layout import Layout, check_name
-
     if given or not node:
         raise ConfigError("--lab", "names the lab of --node instead of --xds-socket",
                           "give --lab with --node NODE, or --xds-socket alone")
-    return os.path.join(Layout(check_name(lab), cgroup_root="").waypoint_dir(node), "xds.sock")
+    return lab_socket(lab, node)
 
 
 def _analyze(args: argparse.Namespace) -> int:

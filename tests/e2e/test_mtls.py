@@ -24,8 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.agent.admin import fetch, fetch_status
-from nodeagent.agent.probe import HoldClient
-from nodeagent.agent.policies import spec_digest
+from nodeagent.bench.probe import HoldClient
+from nodeagent.agent.proxy.policies import spec_digest
 from nodeagent.lab.layout import Layout
 
 pytestmark = pytest.mark.timeout(240)
@@ -104,7 +104,7 @@ class Mesh:
         self.pods = {f"{p['namespace']}/{p['name']}": p for p in lab.status()["pods"]}
 
     def send(self, pod: str, port: int = 9000, count: int = 5, marker: str = "", host: str = "backend.mesh") -> dict:
-        out = self.lab.exec(pod, "python3", "-m", "nodeagent.agent.probe", "send", f"{host}:{port}",
+        out = self.lab.exec(pod, "python3", "-m", "nodeagent.bench.probe", "send", f"{host}:{port}",
                             "--count", str(count), "--bytes", str(SIZE), "--marker", marker, "--timeout", "5",
                             timeout=120).stdout
         return json.loads(out)
@@ -311,7 +311,7 @@ def test_a_policy_change_resets_the_established_connections_it_refuses(mesh):
     holds = {}
     try:
         for pod in pods:
-            holds[pod] = HoldClient(mesh.lab.spawn(pod, "python3", "-m", "nodeagent.agent.probe", "hold",
+            holds[pod] = HoldClient(mesh.lab.spawn(pod, "python3", "-m", "nodeagent.bench.probe", "hold",
                                                    "backend.mesh:9000", "--no-greeting", stdin=subprocess.PIPE))
         assert {pod: h.echo(f"hello {pod}") for pod, h in holds.items()} == {pod: f"hello {pod}" for pod in pods}
         revoked = mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deny")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from nodeagent.agent.sandbox import Sandbox, SandboxPod
+from nodeagent.bench.sandbox import Sandbox, SandboxPod
 from nodeagent.identity import cakeys, pemfiles
 from nodeagent.identity.ca import CertificateAuthority
 from nodeagent.identity.spiffe import Identity

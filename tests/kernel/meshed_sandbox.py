@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
-from nodeagent.agent.sandbox import AMBIENT, Sandbox, SandboxPod
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod
 
 PORT = 9000
 

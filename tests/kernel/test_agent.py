@@ -1,5 +1,5 @@
 """The node agent on a real kernel: `python -m nodeagent run` in a throwaway node netns
-(nodeagent.agent.sandbox), pods as netns + kubelet-named cgroups, real capture programs.
+(nodeagent.bench.sandbox), pods as netns + kubelet-named cgroups, real capture programs.
 Exact counts against a known workload; every test removes all it made, even on failure.
 """
 
@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.agent.admin import fetch
-from nodeagent.agent.probe import HoldClient
-from nodeagent.agent.sandbox import AMBIENT, Sandbox, SandboxPod
+from nodeagent.bench.probe import HoldClient
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod
 from nodeagent.capture import bpfsys
 from nodeagent.capture.cgroup import attached
 

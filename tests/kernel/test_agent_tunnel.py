@@ -1,5 +1,5 @@
 """The agent's HBONE on one real node: `python -m nodeagent run` with a mesh CA in a
-throwaway sandbox (nodeagent.agent.sandbox), two meshed pods and an unmeshed one.
+throwaway sandbox (nodeagent.bench.sandbox), two meshed pods and an unmeshed one.
 
 Meshed to meshed on the same node goes through the tunnel with the client's address
 and principal, exactly counted; bad clients on a pod's real port 15008 (not TLS, no
@@ -19,9 +19,9 @@ import pytest
 
 from hbone_attacks import aim, attack, labelled, refusals
 from nodeagent.agent.config import SETTINGS
-from nodeagent.agent.probe import HoldClient
+from nodeagent.bench.probe import HoldClient
 from meshed_sandbox import PORT, meshed_sandbox
-from nodeagent.agent.sandbox import Sandbox, SandboxPod
+from nodeagent.bench.sandbox import Sandbox, SandboxPod
 
 pytestmark = pytest.mark.root
 PRINCIPAL = "spiffe://cluster.local/ns/app/sa/default"

@@ -1,4 +1,4 @@
-"""An agent restart while the mesh CA is down, on one real node (nodeagent.agent.sandbox):
+"""An agent restart while the mesh CA is down, on one real node (nodeagent.bench.sandbox):
 two meshed pods talking over HBONE, the CA stopped, the agent restarted.
 
 The certificate the previous agent left (0600 in its --identity-dir) is checked and
@@ -20,8 +20,8 @@ import subprocess
 
 import pytest
 
-from nodeagent.agent import sandbox as sandbox_module
-from nodeagent.agent.sandbox import AMBIENT, Sandbox, SandboxPod
+from nodeagent.bench import sandbox as sandbox_module
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod
 from nodeagent.errors import NodeagentError
 
 pytestmark = pytest.mark.root

@@ -22,7 +22,7 @@ import pytest
 from hbone_attacker import PORT as TUNNEL_PORT
 from nodeagent import netns
 from meshed_sandbox import meshed_sandbox
-from nodeagent.agent.sandbox import Sandbox
+from nodeagent.bench.sandbox import Sandbox
 from nodeagent.tunnel import TunnelSettings
 from test_agent_tunnel import PORT, connect
 from test_rapid_reset import settle

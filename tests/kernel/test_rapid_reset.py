@@ -27,9 +27,9 @@ from h2.errors import ErrorCodes
 from hbone_attacker import PORT as TUNNEL_PORT, tls_context
 from hbone_attacks import certificates
 from nodeagent import netns
-from nodeagent.agent.probe import HoldClient
+from nodeagent.bench.probe import HoldClient
 from meshed_sandbox import PORT, meshed_sandbox
-from nodeagent.agent.sandbox import Sandbox
+from nodeagent.bench.sandbox import Sandbox
 from nodeagent.tunnel import TunnelSettings
 
 pytestmark = pytest.mark.root

@@ -47,7 +47,7 @@ sys.path[:0] = [str(TESTS / "kernel"), str(TESTS / "e2e")]
 from hbone_attacker import PORT as TUNNEL_PORT, Streams, tls_context  # noqa: E402
 from http_hold import HeldClient  # noqa: E402
 
-from nodeagent.agent import probe  # noqa: E402
+from nodeagent.bench import probe  # noqa: E402
 from nodeagent.lab import request  # noqa: E402
 
 MARKER_HEADER = "X-Soak-Marker"

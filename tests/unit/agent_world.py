@@ -38,12 +38,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent import netns
 from nodeagent.agent import config as agent_config
-from nodeagent.agent import inpod, podrouting
+from nodeagent.agent.inpod import podrouting
+from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.admin import fetch, fetch_status
 from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.daemon import Agent
-from nodeagent.agent.inpod import ListenSpec
-from nodeagent.agent.podns import PodNetns, PodNotFound
+from nodeagent.agent.inpod.sockets import ListenSpec
+from nodeagent.agent.inpod.podns import PodNetns, PodNotFound
 from nodeagent.identity import server as ca_server
 from nodeagent.identity.config import CaConfig
 from nodeagent.netns import NetnsError

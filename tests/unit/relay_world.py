@@ -35,18 +35,18 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from identity_fixtures import ManualClock, make_ca
-from nodeagent.agent import inpod
-from nodeagent.agent.admission import InboundConnections
-from nodeagent.agent.identities import WorkloadIdentities
-from nodeagent.agent.inbound import Delivery, InboundRelay, InboundView
-from nodeagent.agent.inpod import InPodListener, PodContext
+from nodeagent.agent.inpod import sockets as inpod
+from nodeagent.agent.proxy.admission import InboundConnections
+from nodeagent.agent.proxy.identities import WorkloadIdentities
+from nodeagent.agent.proxy.inbound import Delivery, InboundRelay, InboundView
+from nodeagent.agent.inpod.sockets import InPodListener, PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.outbound import OutboundRelay, Passthrough
-from nodeagent.agent.policies import PolicyState
-from nodeagent.agent.telemetry import FlowLog, Telemetry, TrafficMetrics
-from nodeagent.agent.tunnel_inbound import TunnelInbound
-from nodeagent.agent.tunnel_outbound import HboneRoute
-from nodeagent.agent.waypoint import WaypointUnavailable
+from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
+from nodeagent.agent.proxy.policies import PolicyState
+from nodeagent.agent.proxy.telemetry import FlowLog, Telemetry, TrafficMetrics
+from nodeagent.agent.proxy.tunnel_inbound import TunnelInbound
+from nodeagent.agent.proxy.tunnel_outbound import HboneRoute
+from nodeagent.agent.waypoint.waypoint import WaypointUnavailable
 from nodeagent.identity import pemfiles
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.kube.objects import parse_documents

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent.admission import (DELIVER, DENY, NO_ALLOW_MATCH, STRICT_POLICY, WAYPOINT, Admission,
+from nodeagent.agent.proxy.admission import (DELIVER, DENY, NO_ALLOW_MATCH, STRICT_POLICY, WAYPOINT, Admission,
                                        InboundConnections, admit, describe)
 from nodeagent.policy import PolicySet
 from nodeagent.xds.dataplane import DataPlane, Sockets

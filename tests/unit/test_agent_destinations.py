@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from nodeagent.agent.destinations import NoEndpoint, RoundRobin, resolve, service_of
+from nodeagent.agent.proxy.destinations import NoEndpoint, RoundRobin, resolve
 from nodeagent.kube.objects import parse_documents
 from nodeagent.model import Model
 
@@ -132,7 +132,7 @@ def test_pods_and_unknown_addresses(model):
 
 def test_service_of_a_pod_port(model):
     web1 = model.pods[("mesh", "web-1")]
-    assert service_of(model, web1, 8081).name == "web"  # named target port of this pod
-    assert service_of(model, web1, 9090).name == "web"
-    assert service_of(model, web1, 8080) is None  # web-0's http port, not web-1's
-    assert service_of(model, model.pods[("legacy", "db-0")], 15432).name == "db"
+    assert model.service_of(web1, 8081).name == "web"  # named target port of this pod
+    assert model.service_of(web1, 9090).name == "web"
+    assert model.service_of(web1, 8080) is None  # web-0's http port, not web-1's
+    assert model.service_of(model.pods[("legacy", "db-0")], 15432).name == "db"

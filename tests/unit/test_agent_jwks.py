@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from identity_fixtures import T0, ManualClock, run, until
-from nodeagent.agent.jwks import JwksFetcher, JwksUnavailable, file_name, http_get, jwks_uris
+from nodeagent.agent.waypoint.jwks import JwksFetcher, JwksUnavailable, file_name, http_get, jwks_uris
 from nodeagent.errors import ConfigError
 from nodeagent.identity.manager import Backoff
 from xds_world import config, doc

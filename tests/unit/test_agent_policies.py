@@ -7,7 +7,7 @@ import logging
 
 from policy_world import document, model
 
-from nodeagent.agent.policies import PolicyState, spec_digest
+from nodeagent.agent.proxy.policies import PolicyState, spec_digest
 from nodeagent.model import Model
 from nodeagent.policy import Connection
 
@@ -77,7 +77,7 @@ def test_a_failing_build_keeps_the_policies_in_force(monkeypatch, caplog):
 
     def broken(*_args, **_kw):
         raise RuntimeError("bug")
-    monkeypatch.setattr("nodeagent.agent.policies.PolicySet.build", broken)
+    monkeypatch.setattr("nodeagent.agent.proxy.policies.PolicySet.build", broken)
     with caplog.at_level(logging.ERROR):
         state.update(model(STRICT))
     assert decide(state, world, None) is False  # the ALLOW stays

@@ -11,6 +11,7 @@ from nodeagent.agent import status
 from nodeagent.agent.admin import AdminServer
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.errors import ConfigError
+from nodeagent.lab.layout import agent_socket
 
 NOW = 1_700_000_100.0
 STATUS = {
@@ -110,11 +111,11 @@ def test_table_alignment():
 
 
 def test_socket_path():
-    assert status.socket_path("/tmp/s.sock", None, None) == "/tmp/s.sock"
-    assert status.socket_path(None, None, None) == "/run/nodeagent/agent.sock"
-    assert status.socket_path(None, "node-1", "lab2") == "/run/nodeagent/lab2/agents/node-1.sock"
+    assert status.socket_path("/tmp/s.sock", None, None, agent_socket) == "/tmp/s.sock"
+    assert status.socket_path(None, None, None, agent_socket) == "/run/nodeagent/agent.sock"
+    assert status.socket_path(None, "node-1", "lab2", agent_socket) == "/run/nodeagent/lab2/agents/node-1.sock"
     with pytest.raises(ConfigError):
-        status.socket_path(None, "node-1", "Bad Name")
+        status.socket_path(None, "node-1", "Bad Name", agent_socket)
 
 
 def test_admin_routes():

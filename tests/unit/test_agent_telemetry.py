@@ -9,7 +9,7 @@ import logging
 
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent.telemetry import (DESTINATION, FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, FlowLog, Peer,
+from nodeagent.agent.proxy.telemetry import (DESTINATION, FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, FlowLog, Peer,
                                        Telemetry, TrafficMetrics)
 from nodeagent.model import Pod, Service, ServicePort
 

@@ -18,9 +18,9 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from nodeagent.agent import config as agent_config
-from nodeagent.agent.admission import waypoint_chain
-from nodeagent.agent.policies import spec_digest
-from nodeagent.agent.waypoint import Waypoint, WaypointUnavailable, read_header
+from nodeagent.agent.proxy.admission import waypoint_chain
+from nodeagent.agent.proxy.policies import spec_digest
+from nodeagent.agent.waypoint.waypoint import Waypoint, WaypointUnavailable, read_header
 from nodeagent.xds import dataplane, resources as rt
 from nodeagent.xds.dataplane import DataPlane, ProxyHeader
 from xds_world import doc, model

@@ -8,9 +8,9 @@ import logging
 
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent.enrolment import Enroller, Handlers, Plan, Ports, Wanted, plan, wanted_pods
+from nodeagent.agent.inpod.enrolment import Enroller, Handlers, Plan, Ports, Wanted, plan, wanted_pods
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.podns import PodNotFound
+from nodeagent.agent.inpod.podns import PodNotFound
 from nodeagent.kube.objects import parse_documents
 from nodeagent.model import Model
 

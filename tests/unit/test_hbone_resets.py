@@ -18,8 +18,8 @@ from h2.errors import ErrorCodes
 
 from hbone_certs import AUTHORITY, Loopback, pki, run  # noqa: F401 (pki is a fixture)
 from identity_fixtures import until
-from nodeagent.agent.splice import splice
-from nodeagent.agent.tunnel_inbound import unless_reset
+from nodeagent.agent.proxy.splice import splice
+from nodeagent.agent.proxy.tunnel_inbound import unless_reset
 from nodeagent.tunnel import StreamReset, TunnelSettings
 from test_hbone_refusals import healthy, still_works
 

@@ -15,7 +15,7 @@ import pytest
 
 from hbone_certs import Loopback, echo, pki, run  # noqa: F401 (pki is a fixture)
 from identity_fixtures import until
-from nodeagent.agent.splice import HIGH_WATER, splice
+from nodeagent.agent.proxy.splice import HIGH_WATER, splice
 from nodeagent.resets import reset
 from nodeagent.tunnel import StreamReset, TunnelSettings
 

@@ -12,8 +12,9 @@ import pytest
 
 from hbone_certs import AUTHORITY, Loopback, echo, pki, round_trip, run  # noqa: F401 (pki is a fixture)
 from identity_fixtures import until
-from nodeagent.agent.splice import _Pipe
-from nodeagent.tunnel import ConnectionLost, StreamReset, TunnelSettings, bench
+from nodeagent.agent.proxy.splice import _Pipe
+from nodeagent.bench import hbone as bench
+from nodeagent.tunnel import ConnectionLost, StreamReset, TunnelSettings
 from nodeagent.tunnel.liveness import Liveness
 
 MIB = 1024 * 1024

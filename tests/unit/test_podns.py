@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.agent import podns
-from nodeagent.agent.podns import PodNetnsResolver, PodNotFound
+from nodeagent.agent.inpod import podns
+from nodeagent.agent.inpod.podns import PodNetnsResolver, PodNotFound
 from nodeagent.netns import NetnsError
 
 UID = "0b5a2c1e-7f3d-4e8a-9c6b-1d2e3f4a5b6c"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from nodeagent.agent import podrouting as pr
+from nodeagent.agent.inpod import podrouting as pr
 
 SPEC = pr.RoutingSpec(0x1539)
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from nodeagent.agent import probe
+from nodeagent.bench import probe
 
 
 class Servers:

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from nodeagent.agent.splice import HIGH_WATER, Abort, splice
+from nodeagent.agent.proxy.splice import HIGH_WATER, Abort, splice
 from nodeagent.resets import reset
 
 SMALL_BUFFER = 4096  # socket buffers (the kernel doubles it), far below what the relay holds

@@ -22,8 +22,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from nodeagent.agent import config as agent_config
-from nodeagent.agent.policies import spec_digest
-from nodeagent.agent.waypoint import Waypoint
+from nodeagent.agent.proxy.policies import spec_digest
+from nodeagent.agent.waypoint.waypoint import Waypoint
 from nodeagent.xds import resources as rt
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.client import AdsSession

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.cli import main
 from nodeagent.errors import ConfigError
+from nodeagent.lab.layout import xds_socket as lab_xds_socket
 from nodeagent.xds import resources as rt
 from nodeagent.xds.accesslog import RequestMetrics
 from nodeagent.xds.cache import SnapshotCache
@@ -318,11 +319,11 @@ def test_the_server_can_also_listen_on_loopback_tcp_for_tests():
 
 
 def test_proxy_config_finds_a_lab_nodes_waypoint_socket():
-    assert xds_socket(None, None, "node1") == DEFAULT_XDS_SOCKET
-    assert xds_socket("/tmp/x.sock", None, None) == "/tmp/x.sock"
-    assert xds_socket(None, "nalab", "node2") == "/run/nodeagent/nalab/waypoint/node2/xds.sock"
+    assert xds_socket(None, None, "node1", lab_xds_socket) == DEFAULT_XDS_SOCKET
+    assert xds_socket("/tmp/x.sock", None, None, lab_xds_socket) == "/tmp/x.sock"
+    assert xds_socket(None, "nalab", "node2", lab_xds_socket) == "/run/nodeagent/nalab/waypoint/node2/xds.sock"
     for given, node in (("/tmp/x.sock", "node2"), (None, None)):
         with pytest.raises(ConfigError, match="--lab"):
-            xds_socket(given, "nalab", node)
+            xds_socket(given, "nalab", node, lab_xds_socket)
     with pytest.raises(ConfigError):
-        xds_socket(None, "Not A Lab", "node1")
+        xds_socket(None, "Not A Lab", "node1", lab_xds_socket)

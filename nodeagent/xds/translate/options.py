@@ -4,8 +4,8 @@
 RequestAuthentication `jwksUri` to a local file holding that JWKS: Envoy never fetches
 keys, so whoever fetched them (the agent, an operator) leaves them there; a URI with no
 file gets a key set no token can match (every token 401), as istiod does when its fetch
-fails. `target_port` resolves a Service port's targetPort for a pod: a number is itself,
-a name is looked up in the pod's named container ports (None when it has no such port).
+fails. `target_port` resolves a Service port's targetPort for a pod (the model's
+ServicePort.target_on unless a test hands in another).
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from nodeagent.xds.dataplane import Sockets
 
 
 def target_port(pod: Pod, port: ServicePort) -> int | None:
-    if isinstance(port.target_port, int):
-        return port.target_port
-    return pod.ports.get(port.target_port)
+    return port.target_on(pod)
 
 
 @dataclass(frozen=True)

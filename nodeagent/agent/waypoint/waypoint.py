@@ -39,7 +39,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
 from prometheus_client import CollectorRegistry, Counter
 
 from nodeagent.agent.config import AgentConfig
-from nodeagent.agent.policies import digests_in_force
+from nodeagent.agent.proxy.policies import digests_in_force
 from nodeagent.errors import ConfigError, EnvironmentProblem, NodeagentError
 from nodeagent.model import Model, Pod
 from nodeagent.xds import dataplane

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the HBONE tunnel on loopback: `python -m nodeagent.tunnel.bench`.
+"""Micro-benchmark of the HBONE tunnel on loopback: `python -m nodeagent.bench.hbone`.
 
 Measures, through HBONE (pool -> TLS 1.3 + HTTP/2 CONNECT -> server -> handler) and
 through a direct TCP connection (asyncio streams), with the same client code on both:
@@ -37,7 +37,7 @@ TRUST_DOMAIN = "cluster.local"
 ROLES = {role: Identity(TRUST_DOMAIN, "bench", f"bench-{role}") for role in ("server", "client")}
 ECHO, SINK = 1, 2  # authority ports (HBONE) choosing the handler
 MIB = 1024 * 1024
-LOG = logging.getLogger("nodeagent.tunnel.bench")
+LOG = logging.getLogger("nodeagent.bench.hbone")
 
 
 def make_credentials(directory: Path) -> None:
@@ -185,7 +185,7 @@ def report(results: dict[str, dict], args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nodeagent.tunnel.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nodeagent.bench.hbone", description=__doc__.split("\n")[0])
     parser.add_argument("--round-trips", type=int, default=2000)
     parser.add_argument("--size", type=int, default=64, help="bytes per request and per response")
     parser.add_argument("--megabytes", type=int, default=256, help="MiB for the throughput run")

@@ -23,20 +23,20 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent.admission import InboundConnections
+from nodeagent.agent.proxy.admission import InboundConnections
 from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.configwork import ConfigWork
-from nodeagent.agent.identities import WorkloadIdentities
-from nodeagent.agent.inbound import Delivery, InboundRelay, InboundView
-from nodeagent.agent.inpod import PodContext
-from nodeagent.agent.jwks import JwksFetcher, jwks_uris
+from nodeagent.agent.proxy.identities import WorkloadIdentities
+from nodeagent.agent.proxy.inbound import Delivery, InboundRelay, InboundView
+from nodeagent.agent.inpod.sockets import PodContext
+from nodeagent.agent.waypoint.jwks import JwksFetcher, jwks_uris
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.outbound import OutboundRelay, Passthrough
-from nodeagent.agent.policies import PolicyState
-from nodeagent.agent.telemetry import FlowLog, Telemetry, TrafficMetrics
-from nodeagent.agent.tunnel_inbound import TunnelInbound
-from nodeagent.agent.tunnel_outbound import HboneRoute
-from nodeagent.agent.waypoint import Waypoint
+from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
+from nodeagent.agent.proxy.policies import PolicyState
+from nodeagent.agent.proxy.telemetry import FlowLog, Telemetry, TrafficMetrics
+from nodeagent.agent.proxy.tunnel_inbound import TunnelInbound
+from nodeagent.agent.proxy.tunnel_outbound import HboneRoute
+from nodeagent.agent.waypoint.waypoint import Waypoint
 from nodeagent.errors import ConfigError
 from nodeagent.identity.client import CaClient
 from nodeagent.identity.manager import IdentityManager, SystemClock

@@ -50,13 +50,6 @@ class RoundRobin:
         return candidates[next(counter) % len(candidates)]
 
 
-def target_port(port: ServicePort, pod: Pod) -> int | None:
-    """The pod's port for a service port: numeric as is, named via its container ports."""
-    if isinstance(port.target_port, int):
-        return port.target_port
-    return pod.ports.get(port.target_port)
-
-
 def resolve(model: Model, dst: Address, balancer: RoundRobin) -> Target:
     """The target of a connection to `dst`; NoEndpoint for a service port without one."""
     ip, port = dst
@@ -74,21 +67,9 @@ def resolve(model: Model, dst: Address, balancer: RoundRobin) -> Target:
 
 def _balance(model: Model, service: Service, port: ServicePort, balancer: RoundRobin) -> Target:
     candidates = [(pod, number) for pod in model.endpoints(service)
-                  if (number := target_port(port, pod)) is not None]
+                  if (number := port.target_on(pod)) is not None]
     if not candidates:
         raise NoEndpoint(service, port.port)
     pod, number = balancer.pick((service.namespace, service.name, port.port), candidates)
     return Target((pod.ip, number), pod=pod, service=service, meshed=model.is_meshed(pod))
 
-
-def service_of(model: Model, pod: Pod, port: int) -> Service | None:
-    """The Service a connection to `pod`'s `port` most likely came through (the
-    destination cannot know): the first, by namespace and name, selecting the pod with a
-    TCP port whose target is `port`."""
-    for key in sorted(model.services):
-        service = model.services[key]
-        if (service.namespace == pod.namespace and service.selector
-                and all(pod.labels.get(k) == v for k, v in service.selector.items())
-                and any(p.protocol == "TCP" and target_port(p, pod) == port for p in service.ports)):
-            return service
-    return None

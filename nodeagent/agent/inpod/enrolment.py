@@ -23,10 +23,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping
 
-from nodeagent.agent import inpod, podrouting
-from nodeagent.agent.inpod import InPodListener, ListenSpec, PodContext
+from nodeagent.agent.inpod import podrouting
+from nodeagent.agent.inpod import sockets as inpod
+from nodeagent.agent.inpod.sockets import InPodListener, ListenSpec, PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.podns import PodNetns, PodNetnsResolver, PodNotFound
+from nodeagent.agent.inpod.podns import PodNetns, PodNetnsResolver, PodNotFound
 from nodeagent.model import EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, Model, Pod
 from nodeagent.netns import NetnsError
 

@@ -1,5 +1,5 @@
 """`nodeagent bench capture`: how fast enrolment takes effect and what capture costs a
-request, measured on throwaway pods (nodeagent.agent.sandbox; nothing touches the
+request, measured on throwaway pods (nodeagent.bench.sandbox; nothing touches the
 machine's own netns, and everything is removed afterwards, also on failure).
 
 1. Enrolment latency: N pods sit unmeshed in one namespace; one label change written
@@ -22,8 +22,8 @@ import signal
 import subprocess
 import time
 
-from nodeagent.agent.probe import percentiles
-from nodeagent.agent.sandbox import AMBIENT, Sandbox, SandboxPod
+from nodeagent.bench.probe import percentiles
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod
 from nodeagent.errors import ConfigError
 
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,15}$")

@@ -19,15 +19,14 @@ import logging
 import socket
 from typing import Callable
 
-from nodeagent.agent import inpod
-from nodeagent.agent.admission import DENY, WAYPOINT, Admission, Delivered, InboundConnections, admit, describe
-from nodeagent.agent.destinations import service_of
-from nodeagent.agent.identities import WorkloadIdentities
-from nodeagent.agent.inpod import PodContext
+from nodeagent.agent.inpod import sockets as inpod
+from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, Delivered, InboundConnections, admit, describe
+from nodeagent.agent.proxy.identities import WorkloadIdentities
+from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.outbound import Relay, connect_failure_reason, relay
-from nodeagent.agent.policies import PolicyState
-from nodeagent.agent.telemetry import DESTINATION, FLAG_CONNECT, PLAINTEXT, Flow, Peer, Telemetry
+from nodeagent.agent.proxy.outbound import Relay, connect_failure_reason, relay
+from nodeagent.agent.proxy.policies import PolicyState
+from nodeagent.agent.proxy.telemetry import DESTINATION, FLAG_CONNECT, PLAINTEXT, Flow, Peer, Telemetry
 from nodeagent.errors import NodeagentError
 from nodeagent.model import Model
 from nodeagent.xds import dataplane
@@ -85,7 +84,7 @@ class InboundView:
         source = Peer.of(client, principal) if client or not principal else _peer_of_principal(principal)
         own = self.identities.uri_of(pod) if self.identities.enabled else None
         return self.telemetry.open(Flow(DESTINATION, src, dst, source, Peer.of(pod, own),
-                                        service_of(model, pod, dst[1]), security))
+                                        model.service_of(pod, dst[1]), security))
 
     def deny(self, flow: Flow, policy: str, reason: str) -> None:
         self.telemetry.denied(flow, policy, reason)

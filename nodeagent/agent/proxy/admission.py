@@ -24,8 +24,8 @@ from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter
 
-from nodeagent.agent.inpod import PodContext
-from nodeagent.agent.splice import Abort
+from nodeagent.agent.inpod.sockets import PodContext
+from nodeagent.agent.proxy.splice import Abort
 from nodeagent.policy import Connection, PolicySet
 from nodeagent.policy.peerauth import STRICT
 

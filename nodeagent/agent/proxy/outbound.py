@@ -16,13 +16,13 @@ import logging
 import socket
 from typing import Callable, Protocol
 
-from nodeagent.agent import inpod
-from nodeagent.agent.destinations import NoEndpoint, RoundRobin, Target, resolve
-from nodeagent.agent.identities import WorkloadIdentities
-from nodeagent.agent.inpod import PodContext
+from nodeagent.agent.inpod import sockets as inpod
+from nodeagent.agent.proxy.destinations import NoEndpoint, RoundRobin, Target, resolve
+from nodeagent.agent.proxy.identities import WorkloadIdentities
+from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.splice import Abort, SpliceResult, splice
-from nodeagent.agent.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer, Telemetry
+from nodeagent.agent.proxy.splice import Abort, SpliceResult, splice
+from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer, Telemetry
 from nodeagent.errors import NodeagentError
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.model import Model

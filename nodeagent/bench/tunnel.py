@@ -39,7 +39,7 @@ def lab_yaml() -> str:
         pods.append(_pod(ns, "client", "node1", ["sleep", "infinity"]))
         pods.append(_pod(ns, "server", "node2", ["nodeagent", "lab", "echo", "--port", "8080", "--tcp-port",
                                                  str(ECHO_PORT), "--quiet"],
-                         ["python3", "-m", "nodeagent.agent.probe", "sink", "--port", str(SINK_PORT)]))
+                         ["python3", "-m", "nodeagent.bench.probe", "sink", "--port", str(SINK_PORT)]))
     return "\n---\n".join([
         "apiVersion: v1\nkind: Node\nmetadata: {name: node1}", "apiVersion: v1\nkind: Node\nmetadata: {name: node2}",
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}",
@@ -88,7 +88,7 @@ def _measure(name: str, ips: dict[str, str], requests: int, size: int, megabytes
 
 def _probe(name: str, pod: str, *args: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "nodeagent", "lab", "exec", "--name", name, pod, "--", "python3",
-                           "-m", "nodeagent.agent.probe", *args], capture_output=True, text=True, timeout=600)
+                           "-m", "nodeagent.bench.probe", *args], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise NodeagentError(f"probe {args[0]} from {pod} failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return json.loads(proc.stdout)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from nodeagent.agent import inpod
-from nodeagent.agent.destinations import Target
-from nodeagent.agent.identities import WorkloadIdentities
-from nodeagent.agent.inpod import PodContext
+from nodeagent.agent.inpod import sockets as inpod
+from nodeagent.agent.proxy.destinations import Target
+from nodeagent.agent.proxy.identities import WorkloadIdentities
+from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.identity.spiffe import Identity
 from nodeagent.tunnel import HbonePool, HboneStream, TunnelMetrics, TunnelSettings, tls
 

@@ -20,12 +20,12 @@ import logging
 import socket
 from typing import Awaitable, Callable, TypeVar
 
-from nodeagent.agent.admission import DENY, WAYPOINT, Admission, admit
-from nodeagent.agent.inbound import Delivery, InboundView, open_inbound
-from nodeagent.agent.inpod import PodContext
+from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, admit
+from nodeagent.agent.proxy.inbound import Delivery, InboundView, open_inbound
+from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.outbound import connect_failure_reason, relay
-from nodeagent.agent.telemetry import FLAG_CONNECT, MTLS
+from nodeagent.agent.proxy.outbound import connect_failure_reason, relay
+from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.policy import Connection
 from nodeagent.resets import reset

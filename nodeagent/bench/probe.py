@@ -1,26 +1,26 @@
 """A tiny TCP probe for measuring capture: run inside pods by the kernel tests and by
 `nodeagent bench capture`. Light imports, so it starts fast in any netns.
 
-  python -m nodeagent.agent.probe serve --port 9000
+  python -m nodeagent.bench.probe serve --port 9000
       Greets every connection with the client address as this socket sees it
       ("10.252.0.3:41234\\n") then echoes bytes until EOF. That greeting is how tests
       check that the mesh keeps the client's address, in both directions.
-  python -m nodeagent.agent.probe connect HOST:PORT [--count N]
+  python -m nodeagent.bench.probe connect HOST:PORT [--count N]
       N sequential connections, each: connect, read the greeting, send a line, read
       it back, close. Prints one JSON object: ok, errors by kind, the peer addresses
       the server reported (counted), latency percentiles in microseconds.
-  python -m nodeagent.agent.probe hold HOST:PORT [--no-greeting]
+  python -m nodeagent.bench.probe hold HOST:PORT [--no-greeting]
       One long-lived connection: each stdin line is sent and its echo printed; a
       failure prints "error <kind>". Prints "ready <greeting>" once connected.
-  python -m nodeagent.agent.probe send HOST:PORT --count N --bytes B [--marker M]
+  python -m nodeagent.bench.probe send HOST:PORT --count N --bytes B [--marker M]
       For an echo server without greeting (the lab echo app's TCP port): N
       connections, each sends exactly B bytes (starting with M), half-closes and
       reads the echo to EOF. JSON: ok (echo complete and equal), errors by kind
       ("mismatch" when something else came back), bytes sent and received.
-  python -m nodeagent.agent.probe rr HOST:PORT --count N --size S
+  python -m nodeagent.bench.probe rr HOST:PORT --count N --size S
       One connection to an echo server, N request/response round trips of S bytes;
       JSON with latency percentiles (microseconds) of the round trips.
-  python -m nodeagent.agent.probe sink --port P  /  stream HOST:PORT --bytes B
+  python -m nodeagent.bench.probe sink --port P  /  stream HOST:PORT --bytes B
       Single-stream throughput: `stream` sends B bytes on one connection and
       half-closes; `sink` counts them and answers the count at EOF. JSON: bytes,
       seconds, MiB/s (measured by the sender, until the count came back).
@@ -243,7 +243,7 @@ async def serve(port: int, handler=_serve_one) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nodeagent.agent.probe", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m nodeagent.bench.probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
     for name in ("serve", "sink"):

@@ -128,7 +128,7 @@ class Sandbox:
         return self.spawn(pod.netns, pod.cgroup, argv, **popen)
 
     def probe(self, pod: SandboxPod, *args: str, **popen) -> subprocess.Popen:
-        return self.in_pod(pod, [sys.executable, "-m", "nodeagent.agent.probe", *args], **popen)
+        return self.in_pod(pod, [sys.executable, "-m", "nodeagent.bench.probe", *args], **popen)
 
     def serve(self, pod: SandboxPod, port: int = 9000) -> subprocess.Popen:
         proc = self.probe(pod, "serve", "--port", str(port), stderr=subprocess.PIPE, text=True)
