@@ -17,7 +17,7 @@ from nodeagent import __version__
 from nodeagent.agent import cli as agent_cli
 from nodeagent.bench import cli as bench_cli
 from nodeagent.errors import NodeagentError
-from nodeagent.identity import cli as identity_cli
+from nodeagent.identity.ca import cli as identity_cli
 from nodeagent.lab import cli as lab_cli
 from nodeagent.lab import layout
 from nodeagent.xds import cli as xds_cli

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 from nodeagent import settings
 from nodeagent.capture.preflight import MOUNTS, mount_table
 from nodeagent.errors import ConfigError
-from nodeagent.identity.config import default_server_name, parse_trust_domain
+from nodeagent.identity.caproto import default_server_name
+from nodeagent.identity.spiffe import parse_trust_domain
 from nodeagent.kube.objects import DNS_SUBDOMAIN
 from nodeagent.xds.dataplane import UNIX_PATH_MAX, Sockets
 from nodeagent.settings import (OFF, Setting, parse_absolute, parse_address, parse_bool, parse_choice,

@@ -28,8 +28,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
-from nodeagent.identity import cakeys, credentials, tls as identity_tls
-from nodeagent.identity.ca import CertificateAuthority
+from nodeagent.identity import tls as identity_tls
+from nodeagent.identity.ca import keys as cakeys
+from nodeagent.identity.workload import credentials
+from nodeagent.identity.ca.signer import CertificateAuthority
 from nodeagent.identity.spiffe import Identity
 from nodeagent.tunnel import HboneServer, HbonePool, TunnelMetrics, tls
 

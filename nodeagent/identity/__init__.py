@@ -1,8 +1,7 @@
 """Workload identity: SPIFFE IDs, the mesh CA and the agent's certificates.
 
-`spiffe` names identities; `ca` signs (no transport), `cakeys` keeps the CA's keys on
-disk, `caauth` decides who may get which identity, `server` serves Istio's
-IstioCertificateService over gRPC/TLS (`nodeagent ca`). On the agent side `client`
-calls that service, `manager` keeps one certificate per local service account fresh and
-`credentials`/`tls` turn a certificate into files and ssl contexts.
+This package holds what both sides share: `spiffe` names identities, `caproto` is the
+CA's wire messages and name, `errors`, `pemfiles` and `tls` (mTLS contexts, the peer's
+identity). `ca/` is the CA server (`nodeagent ca`); `workload/` is the agent's side,
+which asks it for certificates. Neither imports the other.
 """

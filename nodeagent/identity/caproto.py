@@ -3,7 +3,9 @@
 The two messages of istio/api security/v1alpha1/ca.proto, as betterproto2 dataclasses
 with the same field numbers and types, so Istio's own clients (istio-agent, ztunnel) and
 ours speak the same bytes. `metadata` is a google.protobuf.Struct; ztunnel puts the
-identity it asks for on behalf of a workload in it as `ImpersonatedIdentity`.
+identity it asks for on behalf of a workload in it as `ImpersonatedIdentity`. Both
+sides also agree here on the CA's name: its service account and the DNS name agents
+check in its certificate.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ SERVICE = "istio.v1.auth.IstioCertificateService"
 METHOD = "CreateCertificate"
 PATH = f"/{SERVICE}/{METHOD}"
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"  # metadata key ztunnel uses
+SERVER_ACCOUNT = "nodeagent-ca"  # the CA's service account: its server identity
+
+
+def default_server_name(ca_namespace: str = "istio-system") -> str:
+    """The DNS name agents expect in the CA's certificate (the CA Service's name)."""
+    return f"{SERVER_ACCOUNT}.{ca_namespace}.svc"
 
 
 @dataclass(eq=False, repr=False)

@@ -30,6 +30,14 @@ def trust_domain_problem(value: str) -> str | None:
     return None
 
 
+def parse_trust_domain(raw: str) -> str:
+    """A trust domain setting (the agent's and the CA's): `raw`, or ValueError saying what is wrong."""
+    problem = trust_domain_problem(raw)
+    if problem:
+        raise ValueError(problem)
+    return raw
+
+
 @dataclass(frozen=True, order=True)
 class Identity:
     trust_domain: str

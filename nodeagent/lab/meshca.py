@@ -20,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from nodeagent.identity import cakeys, pemfiles
-from nodeagent.identity.config import DEFAULT_PORT
+from nodeagent.identity import pemfiles
+from nodeagent.identity.ca import keys as cakeys
+from nodeagent.identity.ca.config import DEFAULT_PORT
 from nodeagent.lab import processes
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord

@@ -16,8 +16,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.bench.sandbox import Sandbox, SandboxPod
-from nodeagent.identity import cakeys, pemfiles
-from nodeagent.identity.ca import CertificateAuthority
+from nodeagent.identity import pemfiles
+from nodeagent.identity.ca import keys as cakeys
+from nodeagent.identity.ca.signer import CertificateAuthority
 from nodeagent.identity.spiffe import Identity
 from nodeagent.lab.layout import Layout
 

@@ -80,7 +80,7 @@ from pathlib import Path
 
 from nodeagent.agent.admin import fetch_status
 from nodeagent.errors import NodeagentError
-from nodeagent.identity.credentials import file_name
+from nodeagent.identity.workload.credentials import file_name
 from nodeagent.identity.spiffe import Identity
 from nodeagent.lab import topology
 from nodeagent.lab.layout import Layout, check_name

@@ -45,8 +45,8 @@ from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.daemon import Agent
 from nodeagent.agent.inpod.sockets import ListenSpec
 from nodeagent.agent.inpod.podns import PodNetns, PodNotFound
-from nodeagent.identity import server as ca_server
-from nodeagent.identity.config import CaConfig
+from nodeagent.identity.ca import server as ca_server
+from nodeagent.identity.ca.config import CaConfig
 from nodeagent.netns import NetnsError
 from nodeagent.sources.files import FilesSource
 

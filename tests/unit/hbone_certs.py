@@ -26,9 +26,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
-from nodeagent.identity import cakeys, credentials
-from nodeagent.identity.ca import CertificateAuthority
-from nodeagent.identity.credentials import Credentials
+from nodeagent.identity.ca import keys as cakeys
+from nodeagent.identity.workload import credentials
+from nodeagent.identity.ca.signer import CertificateAuthority
+from nodeagent.identity.workload.credentials import Credentials
 from nodeagent.identity.spiffe import Identity
 from nodeagent.tunnel import HboneServer, HbonePool, TunnelMetrics, TunnelSettings
 from nodeagent.tunnel import tls

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from nodeagent.identity import cakeys
-from nodeagent.identity.ca import CertificateAuthority
+from nodeagent.identity.ca import keys as cakeys
+from nodeagent.identity.ca.signer import CertificateAuthority
 from nodeagent.identity.spiffe import Identity
 
 TD = "cluster.local"

@@ -48,7 +48,7 @@ from nodeagent.agent.proxy.tunnel_inbound import TunnelInbound
 from nodeagent.agent.proxy.tunnel_outbound import HboneRoute
 from nodeagent.agent.waypoint.waypoint import WaypointUnavailable
 from nodeagent.identity import pemfiles
-from nodeagent.identity.manager import IdentityManager
+from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.kube.objects import parse_documents
 from nodeagent.model import Model
 from nodeagent.tunnel import HbonePool, TunnelMetrics, tls

@@ -16,7 +16,7 @@ from nodeagent.agent.admin import AdminServer, Readiness
 from nodeagent.agent.proxy.identities import WorkloadIdentities
 from nodeagent.identity import pemfiles
 from nodeagent.identity.errors import CaUnavailable, IdentityUnavailable
-from nodeagent.identity.manager import IdentityManager
+from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.model import Pod
 
 LOG = logging.getLogger("test.identities")

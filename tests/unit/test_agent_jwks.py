@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from identity_fixtures import T0, ManualClock, run, until
 from nodeagent.agent.waypoint.jwks import JwksFetcher, JwksUnavailable, file_name, http_get, jwks_uris
 from nodeagent.errors import ConfigError
-from nodeagent.identity.manager import Backoff
+from nodeagent.identity.workload.manager import Backoff
 from xds_world import config, doc
 
 LOG = "test.jwks"

@@ -15,8 +15,9 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nodeagent.errors import ConfigError
-from nodeagent.identity import cakeys, pemfiles
-from nodeagent.identity.ca import CertificateAuthority
+from nodeagent.identity import pemfiles
+from nodeagent.identity.ca import keys as cakeys
+from nodeagent.identity.ca.signer import CertificateAuthority
 from nodeagent.identity.errors import CsrRejected, SignerExpired
 
 from identity_fixtures import T0, TD, csr_pem, make_ca, utc

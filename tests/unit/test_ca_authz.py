@@ -9,11 +9,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nodeagent.errors import ConfigError
-from nodeagent.identity.caauth import (Caller, ModelView, NodeAuthorizer, TokenFileAuthenticator,
+from nodeagent.identity.ca.auth import (Caller, ModelView, NodeAuthorizer, TokenFileAuthenticator,
                                        bearer_token)
 from nodeagent.identity.caproto import IstioCertificateRequest
 from nodeagent.identity.errors import CsrRejected, PermissionDenied, Unauthenticated
-from nodeagent.identity.server import CaMetrics, CertificateService
+from nodeagent.identity.ca.server import CaMetrics, CertificateService
 from nodeagent.sources.files import FilesSource
 
 from identity_fixtures import csr_pem, identity, make_ca, pod_yaml, write_pods, write_tokens

@@ -14,7 +14,7 @@ import pytest
 
 from nodeagent.cli import build_parser
 from nodeagent.errors import ConfigError
-from nodeagent.identity import config
+from nodeagent.identity.ca import config
 
 from identity_fixtures import pod_yaml, write_pods, write_tokens
 

@@ -17,11 +17,13 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, st
 from prometheus_client import CollectorRegistry
 
 from nodeagent.errors import EnvironmentProblem
-from nodeagent.identity import credentials, pemfiles, server
-from nodeagent.identity.client import CaClient
-from nodeagent.identity.config import CaConfig
+from nodeagent.identity import pemfiles
+from nodeagent.identity.ca import server
+from nodeagent.identity.workload import credentials
+from nodeagent.identity.workload.client import CaClient
+from nodeagent.identity.ca.config import CaConfig
 from nodeagent.identity.errors import CaRefused, CaUnavailable
-from nodeagent.identity.manager import IdentityManager, SystemClock
+from nodeagent.identity.workload.manager import IdentityManager, SystemClock
 from nodeagent.identity.spiffe import Identity, identity_of_certificate
 from nodeagent.identity.tls import peer_identity
 

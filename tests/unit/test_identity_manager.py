@@ -23,12 +23,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
-from nodeagent.identity import credentials, pemfiles
-from nodeagent.identity.caauth import ModelView, NodeAuthorizer, TokenFileAuthenticator
+from nodeagent.identity import pemfiles
+from nodeagent.identity.workload import credentials
+from nodeagent.identity.ca.auth import ModelView, NodeAuthorizer, TokenFileAuthenticator
 from nodeagent.identity.caproto import IstioCertificateRequest
 from nodeagent.identity.errors import CaRefused, CaUnavailable, IdentityUnavailable
-from nodeagent.identity.manager import Backoff, IdentityManager
-from nodeagent.identity.server import STATUS, CaMetrics, CertificateService
+from nodeagent.identity.workload.manager import Backoff, IdentityManager
+from nodeagent.identity.ca.server import STATUS, CaMetrics, CertificateService
 from nodeagent.sources.files import FilesSource
 
 from identity_fixtures import (T0, ManualClock, csr_pem, identity, make_ca, pod_yaml, run, until, write_pods,

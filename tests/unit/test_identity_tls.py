@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from nodeagent.identity import credentials, pemfiles, tls
-from nodeagent.identity.credentials import Credentials
+from nodeagent.identity import pemfiles, tls
+from nodeagent.identity.workload import credentials
+from nodeagent.identity.workload.credentials import Credentials
 from nodeagent.identity.tls import peer_identity
 
 from identity_fixtures import identity, make_ca

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from nodeagent.identity.caauth import TokenFileAuthenticator
-from nodeagent.identity.cakeys import load
+from nodeagent.identity.ca.auth import TokenFileAuthenticator
+from nodeagent.identity.ca.keys import load
 from nodeagent.lab import meshca
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.lifecycle import agent_problem

@@ -21,9 +21,9 @@ import ssl
 from typing import Iterable
 
 from nodeagent.errors import ConfigError
-from nodeagent.identity.credentials import Credentials
+from nodeagent.identity.workload.credentials import Credentials
 from nodeagent.identity.errors import IdentityUnavailable
-from nodeagent.identity.manager import IdentityManager
+from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.identity.spiffe import Identity
 from nodeagent.model import Pod
 

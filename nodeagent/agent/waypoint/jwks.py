@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import urlsplit
 
 from nodeagent.errors import ConfigError, NodeagentError
-from nodeagent.identity.manager import Backoff, Clock, SystemClock
+from nodeagent.identity.workload.manager import Backoff, Clock, SystemClock
 from nodeagent.xds.translate.options import read_jwks
 
 if TYPE_CHECKING:

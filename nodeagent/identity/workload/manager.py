@@ -31,8 +31,9 @@ from typing import Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from nodeagent.identity import credentials, pemfiles
-from nodeagent.identity.credentials import Credentials, StoredCredentialsInvalid, iso
+from nodeagent.identity import pemfiles
+from nodeagent.identity.workload import credentials
+from nodeagent.identity.workload.credentials import Credentials, StoredCredentialsInvalid, iso
 from nodeagent.identity.errors import (CaRefused, CaUnavailable, IdentityError, IdentityUnavailable,
                                        IssuedCertificateInvalid)
 from nodeagent.identity.spiffe import Identity

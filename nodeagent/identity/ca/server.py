@@ -24,15 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeagent.errors import EnvironmentProblem
-from nodeagent.identity import cakeys, pemfiles
-from nodeagent.identity.ca import CertificateAuthority
-from nodeagent.identity.caauth import (Authenticator, ModelView, NodeAuthorizer, TokenFileAuthenticator,
-                                       bearer_token)
-from nodeagent.identity.caproto import (IMPERSONATED_IDENTITY, METHOD, SERVICE, IstioCertificateRequest,
-                                        IstioCertificateResponse)
+from nodeagent.identity import pemfiles
+from nodeagent.identity.ca import keys
+from nodeagent.identity.ca.auth import (Authenticator, ModelView, NodeAuthorizer, TokenFileAuthenticator,
+                                        bearer_token)
+from nodeagent.identity.ca.config import CaConfig
+from nodeagent.identity.ca.signer import CertificateAuthority
+from nodeagent.identity.caproto import (IMPERSONATED_IDENTITY, METHOD, SERVER_ACCOUNT, SERVICE,
+                                        IstioCertificateRequest, IstioCertificateResponse)
 from nodeagent.identity.errors import (CsrRejected, IdentityError, PermissionDenied, SignerExpired,
                                        Unauthenticated)
-from nodeagent.identity.config import SERVER_ACCOUNT, CaConfig
 from nodeagent.identity.spiffe import Identity
 from nodeagent.sources.files import FilesSource
 
@@ -176,7 +177,7 @@ def listen_ips(host: str) -> tuple[str, ...]:
 def build(cfg: CaConfig, registry: CollectorRegistry, log: logging.Logger) -> CaServer:
     """The CaServer `cfg` describes (keys from the state directory, node tokens, the
     cluster model from the files source), not started: what `nodeagent ca` runs."""
-    material = cakeys.load_or_create(cfg.state_dir, cfg.trust_domain, dt.datetime.now(dt.timezone.utc), log)
+    material = keys.load_or_create(cfg.state_dir, cfg.trust_domain, dt.datetime.now(dt.timezone.utc), log)
     ca = CertificateAuthority(cfg.trust_domain, material, cert_ttl=cfg.cert_ttl)
     models = ModelView(FilesSource(cfg.source_dir, log.getChild("source")))
     service = CertificateService(ca, TokenFileAuthenticator(cfg.tokens, log.getChild("tokens")),

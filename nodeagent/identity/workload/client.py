@@ -18,8 +18,8 @@ import grpc
 import grpc.aio
 from envoy_data_plane.google.protobuf import Struct
 
-from nodeagent.identity.caproto import IMPERSONATED_IDENTITY, PATH, IstioCertificateRequest, IstioCertificateResponse
-from nodeagent.identity.config import default_server_name
+from nodeagent.identity.caproto import (IMPERSONATED_IDENTITY, PATH, IstioCertificateRequest,
+                                        IstioCertificateResponse, default_server_name)
 from nodeagent.identity.errors import CaRefused, CaUnavailable
 from nodeagent.identity.spiffe import Identity
 

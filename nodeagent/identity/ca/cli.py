@@ -1,6 +1,6 @@
 """`nodeagent ca`: run the mesh CA (a Deployment in a cluster, one process in the lab).
 
-Settings are identity/config.py's; `server.build` wires them into a CaServer (tests start
+Settings are identity/ca/config.py's; `server.build` wires them into a CaServer (tests start
 exactly what the command runs); this module serves it until SIGTERM/SIGINT.
 """
 
@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from nodeagent.identity import config
+from nodeagent.identity.ca import config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from nodeagent.identity import server as ca_server  # grpc and cryptography: only when needed
+    from nodeagent.identity.ca import server as ca_server  # grpc and cryptography: only when needed
 
     cfg = config.load(args)
     log = logging.getLogger("nodeagent.ca")

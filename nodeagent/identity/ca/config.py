@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from nodeagent import settings
-from nodeagent.identity.spiffe import trust_domain_problem
+from nodeagent.identity.caproto import SERVER_ACCOUNT, default_server_name
+from nodeagent.identity.spiffe import parse_trust_domain
 from nodeagent.kube.objects import DNS_SUBDOMAIN
 from nodeagent.settings import (Setting, parse_address, parse_dir_to_create, parse_file, parse_namespace,
                                 parse_optional_address, parse_source)
 
 DEFAULT_PORT = 15012  # Istio's CA/xDS port
-SERVER_ACCOUNT = "nodeagent-ca"  # the CA's service account: its server identity
 MIN_TTL, MAX_TTL = dt.timedelta(minutes=1), dt.timedelta(days=90)
 CaSetting = partial(Setting, prefix="NODEAGENT_CA_")
 
@@ -46,20 +46,8 @@ class CaConfig:
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{SERVER_ACCOUNT}"
 
 
-def default_server_name(ca_namespace: str = "istio-system") -> str:
-    """The DNS name agents expect in the CA's certificate (the CA Service's name)."""
-    return f"{SERVER_ACCOUNT}.{ca_namespace}.svc"
-
-
 # --- parsers: raw string in, ValueError naming the rule out -------------------------
 parse_duration = settings.parse_duration_between(MIN_TTL, MAX_TTL)  # a certificate lifetime
-
-
-def parse_trust_domain(raw: str) -> str:
-    problem = trust_domain_problem(raw)
-    if problem:
-        raise ValueError(problem)
-    return raw
 
 
 def parse_names(raw: str) -> tuple[str, ...]:

@@ -70,7 +70,7 @@ class TokenFileAuthenticator:
 
     def __init__(self, path: Path, log: logging.Logger | None = None):
         self.path = path
-        self.log = log or logging.getLogger("nodeagent.identity.caauth")
+        self.log = log or logging.getLogger("nodeagent.identity.ca.auth")
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._content: bytes | None = None

@@ -3,7 +3,7 @@
 `read_csr` refuses what the CA will never sign, whoever asks: a CSR whose signature does
 not verify, a key other than EC P-256 or RSA of at least 2048 bits (ztunnel sends P-256,
 istio-agent RSA 2048 by default), or SANs other than exactly one SPIFFE URI of this trust
-domain. Whether the *caller* may have that identity is caauth's business. `sign` issues
+domain. Whether the *caller* may have that identity is auth.py's business. `sign` issues
 an ECDSA/RSA-signed leaf for the CSR's key whatever else the CSR asks for (as Istio's CA
 does): empty subject, the SPIFFE URI as the only (critical) SAN, keyUsage
 digitalSignature+keyEncipherment, extendedKeyUsage serverAuth+clientAuth, notBefore a
@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from nodeagent.errors import ConfigError
 from nodeagent.identity import pemfiles
-from nodeagent.identity.cakeys import SigningMaterial
+from nodeagent.identity.ca.keys import SigningMaterial
 from nodeagent.identity.errors import CsrRejected, SignerExpired
 from nodeagent.identity.spiffe import Identity, uri_sans
 
