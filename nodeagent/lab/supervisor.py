@@ -21,12 +21,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from nodeagent.backoff import Backoff
 from nodeagent.errors import NodeagentError
 from nodeagent.lab import cgroups, meshca, processes, services
 from nodeagent.lab.state import LabRecord, Runtime, StateDir
 
-BACKOFF_FIRST = 1.0
-BACKOFF_MAX = 30.0
+RESTART_BACKOFF = Backoff(first=1.0, maximum=30.0)
 BACKOFF_RESET_AFTER = 10.0  # a process that ran this long starts its backoff over
 STOP_GRACE = 3.0
 
@@ -46,7 +46,7 @@ class Unit:
     exit_code: int | None = None
     started_at: float = 0.0
     next_start: float = 0.0
-    backoff: float = BACKOFF_FIRST
+    failures: int = 0  # exits and failed starts in a row: the restart backoff's attempt
     finished: bool = False  # exited and will not be restarted
 
     def state(self) -> str:
@@ -118,23 +118,24 @@ class Supervisor:
     def _exited(self, key: str, unit: Unit, now: float) -> None:
         unit.exit_code, unit.proc = unit.proc.returncode, None
         if now - unit.started_at >= BACKOFF_RESET_AFTER:
-            unit.backoff = BACKOFF_FIRST
+            unit.failures = 0
         restart = unit.restart_policy == "Always" or (unit.restart_policy == "OnFailure" and unit.exit_code != 0)
         if not restart:
             unit.finished = True
             self.log.info("%s exited with code %s; restartPolicy %s: not restarting",
                           key, unit.exit_code, unit.restart_policy)
             return
-        unit.next_start = now + unit.backoff
-        self.log.warning("%s exited with code %s; restarting in %.0fs", key, unit.exit_code, unit.backoff)
-        unit.backoff = min(unit.backoff * 2, BACKOFF_MAX)
+        unit.failures += 1
+        delay = RESTART_BACKOFF.delay(unit.failures)
+        unit.next_start = now + delay
+        self.log.warning("%s exited with code %s; restarting in %.0fs", key, unit.exit_code, delay)
 
     def _start(self, key: str, unit: Unit, now: float) -> None:
         try:
             unit.proc = processes.spawn(unit.argv, unit.env, unit.cgroup, unit.log_path)
         except (OSError, subprocess.SubprocessError) as exc:
-            unit.exit_code, unit.next_start = None, now + unit.backoff
-            unit.backoff = min(unit.backoff * 2, BACKOFF_MAX)
+            unit.failures += 1
+            unit.exit_code, unit.next_start = None, now + RESTART_BACKOFF.delay(unit.failures)
             self.log.error("cannot start %s: %s", key, exc)
             return
         unit.restarts += 1 if unit.starts else 0

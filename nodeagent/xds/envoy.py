@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
+from nodeagent.backoff import Backoff
 from nodeagent.errors import EnvironmentProblem
 
 
@@ -66,7 +67,7 @@ class EnvoySupervisor:
         self.args = [self.binary, "-c", bootstrap_path, "--base-id", str(base_id), "--log-level", log_level,
                      "--concurrency", str(concurrency), "--drain-time-s", "1", *extra_args]
         self.log_path, self.log, self.clock = log_path, log or logging.getLogger(__name__), clock
-        self.backoff, self.max_backoff, self.reset_after = backoff, max_backoff, reset_after
+        self.backoff, self.reset_after = Backoff(backoff, max_backoff), reset_after
         self.stop_timeout = stop_timeout
         self.preexec_fn = preexec_fn  # run in the child before exec (e.g. PR_SET_PDEATHSIG)
         self._lock = threading.Lock()
@@ -120,7 +121,7 @@ class EnvoySupervisor:
             self.log.info("envoy started, pid %d: %s", self._process.pid, " ".join(self.args))
 
     def _watch(self) -> None:
-        delay = self.backoff
+        attempt = 0  # exits in a row since the last run of reset_after seconds
         while not self._stop.is_set():
             with self._lock:
                 process = self._process
@@ -130,11 +131,13 @@ class EnvoySupervisor:
                 self._last_exit, self._last_exit_at = code, time.time()
             if self._stop.is_set():
                 return
-            delay = self.backoff if self.clock() - started >= self.reset_after else delay
+            if self.clock() - started >= self.reset_after:
+                attempt = 0
+            attempt += 1
+            delay = self.backoff.delay(attempt)
             self.log.warning("envoy (pid %d) exited with %d; restarting in %.1fs", process.pid, code, delay)
             if self.pause(delay):
                 return
-            delay = min(delay * 2, self.max_backoff)
             self._spawn()
             with self._lock:
                 self._restarts += 0 if self._stop.is_set() else 1

@@ -27,8 +27,8 @@ from cryptography.x509.oid import NameOID
 
 from identity_fixtures import T0, ManualClock, run, until
 from nodeagent.agent.waypoint.jwks import JwksFetcher, JwksUnavailable, file_name, http_get, jwks_uris
+from nodeagent.backoff import Backoff
 from nodeagent.errors import ConfigError
-from nodeagent.identity.workload.manager import Backoff
 from xds_world import config, doc
 
 LOG = "test.jwks"
@@ -212,7 +212,7 @@ def test_failures_keep_the_last_good_file_back_off_and_log_each_error_once(tmp_p
         for n, (answer, error) in enumerate(failures, start=1):
             issuer.answers["/keys"] = answer
             await world.next_attempt()
-            assert world.clock.sleeps[-1] == Backoff(1.0, 4.0).delay(n, expected)
+            assert world.clock.sleeps[-1] == Backoff(1.0, 4.0).jittered(n, expected)
             state = world.fetcher.describe()["uris"][uri]
             assert (state["path"], state["fetched_at"], state["failures"]) == (str(path), T0, n)
             assert error in state["error"]

@@ -23,7 +23,8 @@ from nodeagent.identity.workload import credentials
 from nodeagent.identity.workload.client import CaClient
 from nodeagent.identity.ca.config import CaConfig
 from nodeagent.identity.errors import CaRefused, CaUnavailable
-from nodeagent.identity.workload.manager import IdentityManager, SystemClock
+from nodeagent.clock import SystemClock
+from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.identity.spiffe import Identity, identity_of_certificate
 from nodeagent.identity.tls import peer_identity
 

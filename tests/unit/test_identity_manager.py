@@ -23,13 +23,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
+from nodeagent.backoff import Backoff
 from nodeagent.identity import pemfiles
-from nodeagent.identity.workload import credentials
 from nodeagent.identity.ca.auth import ModelView, NodeAuthorizer, TokenFileAuthenticator
+from nodeagent.identity.ca.server import STATUS, CaMetrics, CertificateService
 from nodeagent.identity.caproto import IstioCertificateRequest
 from nodeagent.identity.errors import CaRefused, CaUnavailable, IdentityUnavailable
-from nodeagent.identity.workload.manager import Backoff, IdentityManager
-from nodeagent.identity.ca.server import STATUS, CaMetrics, CertificateService
+from nodeagent.identity.workload import credentials
+from nodeagent.identity.workload.manager import CA_RETRY, IdentityManager
 from nodeagent.sources.files import FilesSource
 
 from identity_fixtures import (T0, ManualClock, csr_pem, identity, make_ca, pod_yaml, run, until, write_pods,
@@ -64,7 +65,7 @@ class InProcessIssuer:
 
 
 class Env:
-    def __init__(self, tmp_path, backoff=Backoff()):
+    def __init__(self, tmp_path, backoff=CA_RETRY):
         self.clock = ManualClock()
         self.cluster = tmp_path / "cluster"
         write_pods(self.cluster, pod_yaml("web-0", "node1", "web"), pod_yaml("db-0", "node1", "db", ns="data"))
@@ -82,7 +83,7 @@ class Env:
         """A new manager on the same runtime directory (the agent started again)."""
         self.registry = CollectorRegistry()
         self.manager = IdentityManager(self.issuer, self.clock, trust_bundle or self.ca.root_pem, self.registry, LOG,
-                                       runtime_dir=self.runtime, backoff=Backoff(), rng=random.Random(7))
+                                       runtime_dir=self.runtime, backoff=CA_RETRY, rng=random.Random(7))
         return self.manager
 
     def metric(self, name, **labels):
@@ -188,14 +189,6 @@ def test_ca_outage_keeps_the_valid_certificate_and_backs_off_until_the_ca_return
         assert env.clock.deadlines == [fresh.refresh_at]  # back to the normal schedule
         await env.manager.close()
     run(main())
-
-
-def test_backoff_jitter_stays_within_its_bounds():
-    backoff, rng = Backoff(first=1.0, maximum=60.0), random.Random(1)
-    for attempt in range(1, 20):
-        ceiling = min(60.0, 2.0 ** (attempt - 1))
-        delays = {backoff.delay(attempt, rng) for _ in range(50)}
-        assert all(ceiling / 2 <= d <= ceiling for d in delays) and len(delays) > 1
 
 
 def test_a_certificate_that_expires_during_an_outage_is_no_longer_handed_out(tmp_path):

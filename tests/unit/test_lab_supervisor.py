@@ -17,7 +17,7 @@ from nodeagent.kube.objects import parse_documents
 from nodeagent.lab import ipam, lifecycle, services, spec
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord, StateDir
-from nodeagent.lab.supervisor import BACKOFF_MAX, Supervisor, Unit, is_supervisor, pod_phase, pod_reason
+from nodeagent.lab.supervisor import Supervisor, Unit, is_supervisor, pod_phase, pod_reason
 
 LAB = """
 apiVersion: v1
@@ -123,7 +123,7 @@ def test_restart_backoff_doubles_up_to_the_cap_and_resets_after_a_long_run():
         unit.proc, unit.started_at = Exited(1), float(now)
         sup._exited("k", unit, float(now) + 1)
         delays.append(unit.next_start - (now + 1))
-    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, BACKOFF_MAX, BACKOFF_MAX, BACKOFF_MAX]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
     unit.proc, unit.started_at = Exited(1), 1000.0
     sup._exited("k", unit, 1100.0)  # ran 100 s: back to the first delay
     assert unit.next_start == 1101.0 and unit.state() == "waiting"

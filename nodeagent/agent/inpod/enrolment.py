@@ -28,10 +28,11 @@ from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.inpod.sockets import InPodListener, ListenSpec, PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.inpod.podns import PodNetns, PodNetnsResolver, PodNotFound
+from nodeagent.backoff import Backoff
 from nodeagent.model import EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, Model, Pod
 from nodeagent.netns import NetnsError
 
-RETRY_FIRST, RETRY_MAX = 0.1, 2.0  # seconds between attempts to enrol a failing pod
+RETRY = Backoff(first=0.1, maximum=2.0)  # between attempts to enrol (or update) a failing pod
 
 
 @dataclass(frozen=True)
@@ -213,11 +214,16 @@ class Enroller:
         return stale
 
     # --- enrol ----------------------------------------------------------------------
-    def _failed(self, want: Wanted, reason: str, metric: str) -> None:
+    def _retry_later(self, want: Wanted, reason: str) -> tuple[int, float]:
+        """Record a failed attempt at `want`: its number in a row and the delay before the next."""
         prev = self.failures.get(want.uid)
         attempts = (prev.attempts if prev else 0) + 1
-        delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (attempts - 1))
+        delay = RETRY.delay(attempts)
         self.failures[want.uid] = Failure(want, reason, attempts, self.clock() + delay)
+        return attempts, delay
+
+    def _failed(self, want: Wanted, reason: str, metric: str) -> None:
+        attempts, delay = self._retry_later(want, reason)
         self.metrics.enrol_errors.labels(reason=metric).inc()
         # A pod just starting is normal; one that stays unfindable is worth a warning a minute.
         loud = metric != "netns_not_found" or attempts == 5 or attempts % 30 == 5
@@ -282,11 +288,7 @@ class Enroller:
         except Exception as exc:
             # Half applied (outbound may have the new exclusions, inbound the old): retried
             # with backoff until both are in place; status shows it among the waiting.
-            prev = self.failures.get(want.uid)
-            attempts = (prev.attempts if prev else 0) + 1
-            delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (attempts - 1))
-            self.failures[want.uid] = Failure(want, f"cannot update excluded ports: {exc}", attempts,
-                                              self.clock() + delay)
+            attempts, delay = self._retry_later(want, f"cannot update excluded ports: {exc}")
             self.metrics.enrol_errors.labels(reason="update").inc()
             self.log.warning("cannot update excluded ports of pod %s (attempt %d, retrying in %.1fs): %s",
                              e.ctx, attempts, delay, exc)

@@ -39,7 +39,8 @@ from nodeagent.agent.proxy.tunnel_outbound import HboneRoute
 from nodeagent.agent.waypoint.waypoint import Waypoint
 from nodeagent.errors import ConfigError
 from nodeagent.identity.workload.client import CaClient
-from nodeagent.identity.workload.manager import IdentityManager, SystemClock
+from nodeagent.clock import SystemClock
+from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.model import Model, Pod
 from nodeagent.tunnel import TunnelMetrics
 

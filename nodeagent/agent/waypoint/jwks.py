@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import urlsplit
 
+from nodeagent.backoff import Backoff
+from nodeagent.clock import Clock, SystemClock
 from nodeagent.errors import ConfigError, NodeagentError
-from nodeagent.identity.workload.manager import Backoff, Clock, SystemClock
 from nodeagent.xds.translate.options import read_jwks
 
 if TYPE_CHECKING:
@@ -226,7 +227,7 @@ class JwksFetcher:
     def _failed(self, source: _Source, exc: Exception) -> float:
         """Record a failed attempt; the delay before the next one."""
         source.error, source.failures = exc, source.failures + 1
-        delay = self.retry.delay(source.failures, self.rng)
+        delay = self.retry.jittered(source.failures, self.rng)
         if str(exc) != source.logged:  # once per distinct error, not on every retry
             source.logged = str(exc)
             keeping = (f"keeping the keys fetched at {_iso(source.fetched_at)}" if source.digest is not None

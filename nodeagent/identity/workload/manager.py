@@ -24,40 +24,27 @@ import asyncio
 import datetime as dt
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from nodeagent.backoff import Backoff
+from nodeagent.clock import Clock
 from nodeagent.identity import pemfiles
-from nodeagent.identity.workload import credentials
-from nodeagent.identity.workload.credentials import Credentials, StoredCredentialsInvalid, iso
 from nodeagent.identity.errors import (CaRefused, CaUnavailable, IdentityError, IdentityUnavailable,
                                        IssuedCertificateInvalid)
 from nodeagent.identity.spiffe import Identity
+from nodeagent.identity.workload import credentials
+from nodeagent.identity.workload.credentials import Credentials, StoredCredentialsInvalid, iso
 
 DEFAULT_RUNTIME_DIR = Path("/run/nodeagent/identity")  # tmpfs: keys never reach a disk
 REASONS = {CaUnavailable: "unavailable", CaRefused: "refused", IssuedCertificateInvalid: "invalid_response"}
 # A stored certificate with no more than this left is not adopted: it would lapse about as
 # soon as it is served; the pod waits for a fresh one instead.
 ADOPTION_MARGIN = 300.0
-
-
-class Clock(Protocol):
-    def now(self) -> float:
-        """Wall-clock seconds since the epoch."""
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    def now(self) -> float:
-        return time.time()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+CA_RETRY = Backoff(first=1.0, maximum=60.0)  # jittered: agents that lost the CA retry apart
 
 
 class CertificateIssuer(Protocol):
@@ -65,20 +52,6 @@ class CertificateIssuer(Protocol):
 
     async def create_certificate(self, csr_pem: bytes, identity: Identity,
                                  ttl: dt.timedelta | None = None) -> list[str]: ...
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential, doubling from `first` up to `maximum`, with equal jitter: the delay
-    of attempt n is uniform in [d/2, d] for d = min(maximum, first * 2**(n-1)), so agents
-    that lost the CA together do not all come back in the same second."""
-
-    first: float = 1.0
-    maximum: float = 60.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        ceiling = min(self.maximum, self.first * 2 ** max(attempt - 1, 0))
-        return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
 class IdentityMetrics:
@@ -106,7 +79,7 @@ class _Slot:
 class IdentityManager:
     def __init__(self, ca_client: CertificateIssuer, clock: Clock, trust_bundle: bytes,
                  registry: CollectorRegistry, log: logging.Logger, runtime_dir: Path = DEFAULT_RUNTIME_DIR,
-                 backoff: Backoff = Backoff(), rng: random.Random | None = None,
+                 backoff: Backoff = CA_RETRY, rng: random.Random | None = None,
                  cert_ttl: dt.timedelta | None = None, adoption_margin: float = ADOPTION_MARGIN):
         self.client, self.clock, self.log = ca_client, clock, log
         self.trust_bundle = trust_bundle
@@ -269,7 +242,7 @@ class IdentityManager:
         slot.settled.set()
         reason = REASONS.get(type(exc), "write_failed" if isinstance(exc, OSError) else "internal")
         self.metrics.errors.labels(reason=reason).inc()
-        delay = self.backoff.delay(slot.failures, self.rng)
+        delay = self.backoff.jittered(slot.failures, self.rng)
         still = (f"keeping the certificate valid until {iso(slot.creds.not_after)}"
                  if slot.creds and slot.creds.valid_at(self.clock.now()) else "no valid certificate")
         log = self.log.warning if isinstance(exc, IdentityError) else self.log.error
