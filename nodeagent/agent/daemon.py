@@ -32,7 +32,7 @@ from nodeagent.agent import logs
 from nodeagent.agent.admin import AdminServer, Readiness
 from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.configwork import ConfigWork
-from nodeagent.agent.proxy.datapath import DataPath
+from nodeagent.agent.datapath import DataPath
 from nodeagent.agent.inpod.enrolment import Enroller, Handlers, Ports
 from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.metrics import AgentMetrics

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from nodeagent.agent.proxy.policies import spec_digest
+from nodeagent.digests import spec_digest
 from nodeagent.kube.objects import KubeObject
 
 KINDS = {("security.istio.io", "AuthorizationPolicy"), ("security.istio.io", "PeerAuthentication"),

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.agent.admin import fetch, fetch_status
 from nodeagent.bench.probe import HoldClient
-from nodeagent.agent.proxy.policies import spec_digest
+from nodeagent.digests import spec_digest
 from nodeagent.lab.layout import Layout
 
 pytestmark = pytest.mark.timeout(240)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.agent.proxy.policies import spec_digest
+from nodeagent.digests import spec_digest
 from test_mtls import Mesh, eventually
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel"))  # the RS256 signer of the kernel tier

@@ -38,7 +38,9 @@ from identity_fixtures import ManualClock, make_ca
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.proxy.admission import InboundConnections
 from nodeagent.agent.proxy.identities import WorkloadIdentities
-from nodeagent.agent.proxy.inbound import Delivery, InboundRelay, InboundView
+from nodeagent.agent.proxy.delivery import Delivery
+from nodeagent.agent.proxy.inbound import InboundRelay
+from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.inpod.sockets import InPodListener, PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
@@ -280,22 +282,23 @@ class World:
                                runtime_dir=self.tmp_path / "identity")
 
     def _wire(self, tunnel_metrics: TunnelMetrics) -> None:
-        """As datapath.DataPath wires them."""
+        """As datapath.DataPath wires them: one ProxyInputs for every relay. The node's
+        waypoint is `envoy`, which steers nothing until a test has it ACK (`envoy_acks`)."""
         pod_at = self.enrolled.get
+        self.envoy = Envoy()
+        self._closers.append(self.envoy.close)
+        self.connections = InboundConnections(lambda: self.policies.current, pod_at, self.envoy, self.registry, LOG)
+        inputs = ProxyInputs(model=lambda: self.model, pod_at=pod_at, policies=self.policies,
+                             identities=self.identities, telemetry=self.telemetry, connections=self.connections,
+                             waypoint=self.envoy, metrics=self.metrics, agent_ports=self.agent_ports)
         self.hbone = HboneRoute(self.identities, tunnel_metrics, LOG, mark=MARK, port=self.tunnel_port)
         self._closers.append(self.hbone.close)
-        self.outbound = OutboundRelay(self.capture, self.metrics, LOG, model=lambda: self.model,
-                                      identities=self.identities, telemetry=self.telemetry,
-                                      passthrough=Passthrough(MARK, TIMEOUT), hbone=self.hbone)
-        self.connections = InboundConnections(lambda: self.policies.current, pod_at, self.registry, LOG)
-        view = InboundView(lambda: self.model, self.policies, self.identities, self.telemetry, self.connections)
+        self.outbound = OutboundRelay(inputs, self.capture, LOG, passthrough=Passthrough(MARK, TIMEOUT),
+                                      hbone=self.hbone)
         self.delivery = Delivery(DELIVERY_MARK, TIMEOUT)
-        self.inbound = InboundRelay(self.metrics, LOG, view=view, delivery=self.delivery,
-                                    agent_ports=self.agent_ports)
-        self.tunnel = TunnelInbound(view, self.delivery, self.metrics, tunnel_metrics, LOG, pod_at=pod_at,
-                                    agent_ports=self.agent_ports)
+        self.inbound = InboundRelay(inputs, LOG, delivery=self.delivery)
+        self.tunnel = TunnelInbound(inputs, self.delivery, tunnel_metrics, LOG)
         self._closers.append(self.tunnel.close)
-        self.outbound.pod_at = self.inbound.pod_at = pod_at
         client, server = self.enrolled[CLIENT], self.enrolled[SERVER]
         self._listen(self.outbound_listener, client, "outbound", self.outbound.handle)
         self._listen(self.tunnel_listener, server, "tunnel", self.tunnel.handle)  # lives as long as the connection
@@ -307,12 +310,11 @@ class World:
         self._closers.append(listener.close)
         return listener
 
-    def with_waypoint(self, envoy: Envoy) -> Envoy:
-        """Run with `envoy` as the node's waypoint (DataPath.start does this)."""
-        self.outbound.waypoint = self.inbound.waypoint = self.tunnel.waypoint = envoy
-        self.connections.waypoint = envoy
-        self._closers.append(envoy.close)
-        return envoy
+    def envoy_acks(self, outbound=(), inbound=None, down: bool = False) -> Envoy:
+        """The node's Envoy ACKed this steering (service VIP:ports; pod IP:port → filter
+        chain digest) and is up, or `down`: the relays steer by it from now on."""
+        self.envoy.outbound, self.envoy.inbound, self.envoy.down = set(outbound), dict(inbound or {}), down
+        return self.envoy
 
     async def serve(self, ip: str) -> App:
         """Another app, on `ip` (a pod the agent does not serve, or outside the mesh)."""

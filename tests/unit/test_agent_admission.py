@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.agent.proxy.admission import (DELIVER, DENY, NO_ALLOW_MATCH, STRICT_POLICY, WAYPOINT, Admission,
                                        InboundConnections, admit, describe)
+from nodeagent.agent.proxy.steering import NoWaypoint
 from nodeagent.policy import PolicySet
 from nodeagent.xds.dataplane import DataPlane, Sockets
 from policy_world import connection, document, valid
@@ -36,6 +37,10 @@ class Steering:
     def __init__(self, *inbound: tuple[str, int], chain: str = "chain-1"):
         self.inbound = {dst: chain for dst in inbound}
 
+    def acks(self, *inbound: tuple[str, int], chain: str = "chain-1") -> None:
+        """Envoy ACKed another steering."""
+        self.inbound = {dst: chain for dst in inbound}
+
     def dataplane(self) -> DataPlane:
         return DataPlane(Sockets("/nonexistent"), inbound=self.inbound)
 
@@ -45,13 +50,13 @@ def test_admit_checks_strict_then_the_waypoint_then_authorization():
     plain, sleep, other = (connection(HTTPBIN, 8000, None), connection(HTTPBIN, 8000),
                            connection(HTTPBIN, 8000, "bar/finance", "10.244.2.11"))
     behind = Steering(("10.244.1.10", 8000))
-    assert admit(none, None, plain, plaintext=True) == Admission(DELIVER)
+    assert admit(none, NoWaypoint(), plain, plaintext=True) == Admission(DELIVER)
     # STRICT is the agent's even for a port behind the waypoint: Envoy never sees plaintext.
     assert admit(strict, behind, plain, plaintext=True) == Admission(
         DENY, STRICT_POLICY, "PeerAuthentication STRICT on port 8000: plaintext refused")
     assert admit(strict, behind, other, plaintext=False) == Admission(WAYPOINT, chain="chain-1")  # Envoy's
-    assert admit(strict, None, sleep, plaintext=False) == Admission(DELIVER)
-    refused = admit(strict, None, other, plaintext=False)
+    assert admit(strict, NoWaypoint(), sleep, plaintext=False) == Admission(DELIVER)
+    refused = admit(strict, NoWaypoint(), other, plaintext=False)
     assert (refused.route, refused.policy) == (DENY, NO_ALLOW_MATCH)
     assert admit(strict, Steering(("10.244.1.10", 9000)), other, plaintext=False).route == DENY  # other port
 
@@ -62,7 +67,8 @@ class World:
     def __init__(self, policies: PolicySet, pod_at=lambda ip: None):
         self.policies = policies
         self.registry = CollectorRegistry()
-        self.connections = InboundConnections(lambda: self.policies, pod_at, self.registry, LOG)
+        self.waypoint = Steering()  # nothing behind the waypoint until a test has Envoy ACK something
+        self.connections = InboundConnections(lambda: self.policies, pod_at, self.waypoint, self.registry, LOG)
 
     def revoked(self, reason: str) -> float:
         return self.registry.get_sample_value("nodeagent_inbound_connections_revoked_total", {"reason": reason}) or 0
@@ -93,7 +99,7 @@ def test_a_port_moving_behind_the_waypoint_resets_its_delivered_connections():
     c = world.connections
     with c.delivering(connection(HTTPBIN, 8000), ("10.244.1.20", 40000), plaintext=False) as http, \
             c.delivering(connection(HTTPBIN, 9000), ("10.244.1.20", 40001), plaintext=False) as tcp:
-        c.waypoint = Steering(("10.244.1.10", 8000))
+        world.waypoint.acks(("10.244.1.10", 8000))
         assert c.recheck() == 1 and (http.abort.requested, tcp.abort.requested) == (True, False)
         assert http.revoked == Admission(WAYPOINT, chain="chain-1") and world.revoked("waypoint") == 1
         assert describe(http.revoked, http).startswith("the port is now behind the waypoint")
@@ -109,12 +115,12 @@ def through(c: InboundConnections, port: int, src_port: int, plaintext: bool = F
 def test_a_connection_through_the_waypoint_lives_while_its_filter_chain_stays():
     world = World(valid(""))
     c = world.connections
-    c.waypoint = Steering(("10.244.1.10", 8000), ("10.244.1.10", 8080))
+    world.waypoint.acks(("10.244.1.10", 8000), ("10.244.1.10", 8080))
     with through(c, 8000, 40000) as held, through(c, 8080, 40001) as other:
         assert (len(c), c.recheck()) == (2, 0)
         # Another pod port's chain changes: only the connections on that chain end.
-        c.waypoint = Steering(("10.244.1.10", 8000), chain="chain-1")
-        c.waypoint.inbound[("10.244.1.10", 8080)] = "chain-2"
+        world.waypoint.acks(("10.244.1.10", 8000), chain="chain-1")
+        world.waypoint.inbound[("10.244.1.10", 8080)] = "chain-2"
         assert c.recheck() == 1 and (held.abort.requested, other.abort.requested) == (False, True)
         assert other.revoked == Admission(WAYPOINT, chain="chain-2") and world.revoked("waypoint") == 1
         assert describe(other.revoked, other) == \
@@ -126,10 +132,10 @@ def test_a_withdrawn_server_side_policy_resets_the_connections_held_through_the_
     limit) until the chain's drain ends: the agent resets it once Envoy ACKed the removal."""
     world = World(valid(""))
     c = world.connections
-    c.waypoint = Steering(("10.244.1.10", 8000))
+    world.waypoint.acks(("10.244.1.10", 8000))
     with through(c, 8000, 40000) as held, c.delivering(connection(HTTPBIN, 9000), ("10.244.1.20", 40001),
                                                        plaintext=False) as tcp:
-        c.waypoint = Steering()
+        world.waypoint.acks()
         assert c.recheck() == 1 and (held.abort.requested, tcp.abort.requested) == (True, False)
         assert held.revoked == Admission(DELIVER) and world.revoked("deliver") == 1
         assert describe(held.revoked, held) == \
@@ -139,7 +145,7 @@ def test_a_withdrawn_server_side_policy_resets_the_connections_held_through_the_
 def test_strict_resets_plaintext_held_through_the_waypoint():
     world = World(valid(""))
     c = world.connections
-    c.waypoint = Steering(("10.244.1.10", 8000))
+    world.waypoint.acks(("10.244.1.10", 8000))
     with through(c, 8000, 40000, plaintext=True) as plain, through(c, 8000, 40001) as mtls:
         world.policies = valid(STRICT)
         assert c.recheck() == 1 and (plain.abort.requested, mtls.abort.requested) == (True, False)

@@ -25,7 +25,7 @@ from agent_world import (CLIENT, HTTPBIN, LEGACY_POD, NODE, REMOTE, SERVER, SLEE
 from identity_fixtures import run
 from relay_world import ended
 from nodeagent.agent import daemon
-from nodeagent.agent.proxy.policies import spec_digest
+from nodeagent.digests import spec_digest
 from nodeagent.errors import ConfigError, NodeagentError
 from nodeagent.model import EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS
 from policy_world import document

@@ -7,7 +7,8 @@ import logging
 
 from policy_world import document, model
 
-from nodeagent.agent.proxy.policies import PolicyState, spec_digest
+from nodeagent.agent.proxy.policies import PolicyState
+from nodeagent.digests import spec_digest
 from nodeagent.model import Model
 from nodeagent.policy import Connection
 

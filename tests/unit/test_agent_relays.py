@@ -190,7 +190,7 @@ async def through_envoy(client, envoy_end) -> None:
 @pytest.mark.parametrize("ca", [True, False])
 def test_outbound_through_the_waypoint_tells_envoy_who_the_client_is(node, ca):
     async def body(w: World):
-        envoy = w.with_waypoint(Envoy(outbound={SERVICE}))
+        envoy = w.envoy_acks(outbound={SERVICE})
         client = await w.dial_out(SERVICE)
         kind, header, *envoy_end = await envoy_side(envoy)
         principal_claim = {TLV_PRINCIPAL: SLEEP.encode()} if ca else {}  # without a CA, no identity to claim
@@ -206,7 +206,7 @@ def test_outbound_through_the_waypoint_tells_envoy_who_the_client_is(node, ca):
 
 def test_outbound_to_an_unavailable_waypoint_is_reset(node):
     async def body(w: World):
-        w.with_waypoint(Envoy(outbound={SERVICE}, down=True))
+        w.envoy_acks(outbound={SERVICE}, down=True)
         reader, _ = await w.dial_out(SERVICE)
         assert await ended(reader) == "reset"
         await w.settled(flows=0)
@@ -341,7 +341,7 @@ def test_plaintext_inbound_to_an_app_not_listening_is_reset(node):
 
 def test_plaintext_inbound_behind_the_waypoint_goes_to_envoy(node):
     async def body(w: World):
-        envoy = w.with_waypoint(Envoy(inbound={w.app.address: "chain-1"}))
+        envoy = w.envoy_acks(inbound={w.app.address: "chain-1"})
         client = await steered_to_the_app(w)
         client_address = client[1].get_extra_info("sockname")[:2]
         kind, header, *envoy_end = await envoy_side(envoy)
@@ -356,7 +356,7 @@ def test_plaintext_inbound_behind_the_waypoint_goes_to_envoy(node):
 
 def test_plaintext_inbound_behind_an_unavailable_waypoint_is_reset(node):
     async def body(w: World):
-        w.with_waypoint(Envoy(inbound={w.app.address: "chain-1"}, down=True))
+        w.envoy_acks(inbound={w.app.address: "chain-1"}, down=True)
         reader, _ = await steered_to_the_app(w)
         assert await ended(reader) == "reset"
         await w.settled(flows=1)
@@ -490,7 +490,7 @@ def test_a_stream_to_an_app_not_listening_is_refused_503_app_unreachable(node):
 
 def test_a_stream_behind_the_waypoint_goes_to_envoy_with_the_verified_principal(node):
     async def body(w: World):
-        envoy = w.with_waypoint(Envoy(inbound={w.app.address: "chain-1"}))
+        envoy = w.envoy_acks(inbound={w.app.address: "chain-1"})
         client = await w.dial_out(SERVICE)
         kind, header, *envoy_end = await envoy_side(envoy)
         assert (kind, header.source[0], header.destination, header.tlvs) == (
@@ -504,7 +504,7 @@ def test_a_stream_behind_the_waypoint_goes_to_envoy_with_the_verified_principal(
 
 def test_a_stream_behind_an_unavailable_waypoint_is_refused_503(node):
     async def body(w: World):
-        w.with_waypoint(Envoy(inbound={w.app.address: "chain-1"}, down=True))
+        w.envoy_acks(inbound={w.app.address: "chain-1"}, down=True)
         await w.app.start()
         reader, _ = await w.dial_out(SERVICE)
         assert await ended(reader) == "reset"
@@ -586,7 +586,7 @@ def test_a_delivered_connection_revoked_by_a_change_is_reset_and_reported(node, 
         if change == "deny":
             w.apply(document("PeerAuthentication", "mesh", "strict", "mtls: {mode: STRICT}"))
         else:
-            w.with_waypoint(Envoy(inbound={w.app.address: "chain-1"}))
+            w.envoy_acks(inbound={w.app.address: "chain-1"})
         assert w.connections.recheck() == 1
         assert await ended(reader) == "reset"
         writer.close()

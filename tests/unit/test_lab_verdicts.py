@@ -4,7 +4,7 @@ only once an agent has read the applied state and its Envoy is in sync."""
 
 from __future__ import annotations
 
-from nodeagent.agent.proxy.policies import spec_digest
+from nodeagent.digests import spec_digest
 from nodeagent.kube.objects import KubeObject
 from nodeagent.lab.verdicts import Verdict, judged, wait
 

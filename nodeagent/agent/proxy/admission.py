@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.proxy.splice import Abort
+from nodeagent.agent.proxy.steering import WaypointHandle
 from nodeagent.policy import Connection, PolicySet
 from nodeagent.policy.peerauth import STRICT
 
@@ -43,20 +44,15 @@ class Admission:
     chain: str = ""  # WAYPOINT: the digest of the Envoy filter chain that serves it
 
 
-def waypoint_chain(waypoint, dst: Address) -> str | None:
-    """The digest of the waypoint's filter chain for `dst` (server-side L7 in force and
-    ACKed), or None when `dst` is not behind the waypoint (or the agent runs none)."""
-    return waypoint.dataplane().inbound.get(dst) if waypoint is not None else None
-
-
-def admit(policies: PolicySet, waypoint, conn: Connection, plaintext: bool) -> Admission:
+def admit(policies: PolicySet, waypoint: WaypointHandle, conn: Connection, plaintext: bool) -> Admission:
     """The route of `conn` under `policies` and the waypoint's steering. PeerAuthentication
     is checked first and by the agent even for a port behind the waypoint (Envoy gets no
     say about plaintext); AuthorizationPolicy is the waypoint's there, else the agent's."""
     port = conn.destination_port
     if plaintext and policies.mtls_mode(conn.destination, port) == STRICT:
         return Admission(DENY, STRICT_POLICY, f"PeerAuthentication STRICT on port {port}: plaintext refused")
-    chain = waypoint_chain(waypoint, (conn.destination_ip, port))
+    # The digest of the waypoint's filter chain for the pod port: server-side L7 in force and ACKed.
+    chain = waypoint.dataplane().inbound.get((conn.destination_ip, port))
     if chain is not None:
         return Admission(WAYPOINT, chain=chain)
     decision = policies.authorize(conn)
@@ -86,11 +82,11 @@ def still_admitted(entry: Delivered, now: Admission) -> bool:
 
 class InboundConnections:
     def __init__(self, policies: Callable[[], PolicySet], pod_at: Callable[[str], PodContext | None],
-                 registry: CollectorRegistry, log: logging.Logger):
+                 waypoint: WaypointHandle, registry: CollectorRegistry, log: logging.Logger):
         self.policies = policies
         self.pod_at = pod_at  # enrolled pod by IP: the pod as the model has it now
+        self.waypoint = waypoint  # the node's waypoint (or NoWaypoint): its ACKed steering
         self.log = log
-        self.waypoint = None  # the node's Waypoint, when the agent runs one
         self._delivered: set[Delivered] = set()
         self.revoked = Counter("nodeagent_inbound_connections_revoked",
                                "Inbound connections the agent sent on (delivered or through the waypoint) reset "

@@ -14,22 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Callable, Protocol
+from typing import Protocol
 
 from nodeagent.agent.inpod import sockets as inpod
-from nodeagent.agent.proxy.destinations import NoEndpoint, RoundRobin, Target, resolve
-from nodeagent.agent.proxy.identities import WorkloadIdentities
 from nodeagent.agent.inpod.sockets import PodContext
-from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.proxy.splice import Abort, SpliceResult, splice
-from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer, Telemetry
+from nodeagent.agent.proxy.destinations import NoEndpoint, RoundRobin, Target, resolve
+from nodeagent.agent.proxy.inputs import ProxyInputs
+from nodeagent.agent.proxy.relay import Relay, connect_failure_reason, relay
+from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer
 from nodeagent.errors import NodeagentError
 from nodeagent.identity.errors import IdentityUnavailable
-from nodeagent.model import Model
-from nodeagent.resets import reset
 from nodeagent.tunnel import TunnelError
 from nodeagent.xds import dataplane
-from nodeagent.tunnel.errors import connect_failure_reason as tcp_failure_reason
 
 Address = tuple[str, int]
 
@@ -60,55 +56,17 @@ class Passthrough:
             raise
 
 
-def connect_failure_reason(exc: BaseException) -> str:
-    """A short label for why an upstream connect failed (metrics label and log text)."""
-    if isinstance(exc, TunnelError):
-        return f"hbone_{exc.reason}"
-    if isinstance(exc, IdentityUnavailable):
-        return "no_certificate"
-    return tcp_failure_reason(exc)
-
-
-class Relay:
-    """What both relays share: counting and logging a failed connection, then resetting
-    the client so it sees the failure at once."""
-
-    direction = ""
-
-    def __init__(self, metrics: AgentMetrics, log: logging.Logger):
-        self.metrics = metrics
-        self.log = log
-        self.pod_at: Callable[[str], PodContext | None] = lambda ip: None  # enrolled pod by IP
-
-    def _fail(self, ctx: PodContext, client: socket.socket, reason: str, detail: str) -> None:
-        self.metrics.failure(self.direction, reason)
-        self.log.warning("%s %s: %s", self.direction, ctx, detail)
-        reset(client)
-
-    def _enrolled(self, sock: socket.socket, ip: str, what: str) -> PodContext | None:
-        """The enrolled pod at `ip` a connection Envoy handed back is for; else reset it."""
-        ctx = self.pod_at(ip)
-        if ctx is None:
-            self.metrics.failure(self.direction, "waypoint_pod_gone")
-            self.log.warning("waypoint %s %s: not an enrolled pod of this node; closing", what, ip)
-            reset(sock)
-        return ctx
-
-
 class OutboundRelay(Relay):
     direction = "outbound"
 
-    def __init__(self, capture, metrics: AgentMetrics, log: logging.Logger, *, model: Callable[[], Model],
-                 identities: WorkloadIdentities, telemetry: Telemetry, passthrough: Route, hbone: Route):
-        super().__init__(metrics, log)
+    def __init__(self, inputs: ProxyInputs, capture, log: logging.Logger, *, passthrough: Route, hbone: Route):
+        super().__init__(inputs, log)
         self.capture = capture
-        self.model = model
-        self.identities = identities
-        self.telemetry = telemetry
+        self.identities = inputs.identities
+        self.telemetry = inputs.telemetry
         self.passthrough = passthrough
         self.hbone = hbone
         self.balancer = RoundRobin()
-        self.waypoint = None  # the node's Waypoint (agent/waypoint.py), when it runs one
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.outbound.inc()
@@ -124,11 +82,11 @@ class OutboundRelay(Relay):
                        "(a direct connection to the outbound port?); closing it")
             return
         src = (ctx.pod.ip, client_port)
-        if self.waypoint is not None and dst in self.waypoint.dataplane().outbound:
+        if dst in self.inputs.waypoint.dataplane().outbound:
             await self._through_waypoint(ctx, client, src, dst)
             return
         try:
-            target = resolve(self.model(), dst, self.balancer)
+            target = resolve(self.inputs.model(), dst, self.balancer)
         except NoEndpoint as exc:
             flow = self.telemetry.open(Flow(SOURCE, src, dst, Peer.of(ctx.pod), Peer(), service=exc.service))
             self._fail(ctx, client, "no_endpoints", f"to {dst[0]}:{dst[1]}: {exc}")
@@ -150,7 +108,7 @@ class OutboundRelay(Relay):
             # passes on, so one pool per source pod (a sidecar's scope for connectionPool
             # limits) rather than one per client connection, which no limit would bound.
             header = dataplane.ProxyHeader((src[0], 0), dst, tuple(tlvs))
-            upstream = await self.waypoint.open("outbound", header)
+            upstream = await self.inputs.waypoint.open("outbound", header)
         except NodeagentError as exc:
             self._fail(ctx, client, "waypoint_unavailable", f"to {dst[0]}:{dst[1]} through the waypoint: {exc}")
             return
@@ -170,7 +128,7 @@ class OutboundRelay(Relay):
         except (ValueError, UnicodeDecodeError) as exc:
             self._fail(ctx, sock, "waypoint_bad_endpoint", f"waypoint upstream: {exc}")
             return
-        model = self.model()
+        model = self.inputs.model()
         pod = model.pod_by_ip(address[0])
         target = Target(address, pod=pod, service=model.service_by_ip(dst[0]),
                         meshed=pod is not None and model.is_meshed(pod))
@@ -210,21 +168,3 @@ def _where(target: Target) -> str:
     name = f" ({target.pod.namespace}/{target.pod.name})" if target.pod else ""
     return f"{target.address[0]}:{target.address[1]}{name}"
 
-
-async def relay(metrics: AgentMetrics, direction: str, client, upstream, abort: Abort | None = None) -> SpliceResult:
-    """Splice client<->upstream, keeping the active gauge and byte counters. Both are
-    sockets, or one is an HBONE stream; `a_to_b` of the result is client -> upstream.
-    `abort` can end it early (splice.Abort)."""
-    active = metrics.active_by[direction]
-    active.inc()
-    try:
-        if isinstance(client, socket.socket):
-            result = await splice(client, upstream, abort)
-        else:
-            back = await splice(upstream, client, abort)
-            result = SpliceResult(back.b_to_a, back.a_to_b, back.error)
-    finally:
-        active.dec()
-    metrics.bytes_by[(direction, "sent")].inc(result.a_to_b)
-    metrics.bytes_by[(direction, "received")].inc(result.b_to_a)
-    return result

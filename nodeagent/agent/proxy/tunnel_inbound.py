@@ -7,7 +7,7 @@ against the mesh root, SPIFFE ID of our trust domain). Each CONNECT stream must 
 this pod's IP and a port that is not the agent's; AuthorizationPolicy then decides with
 the verified principal, its namespace and the outer connection's peer IP. Denied: 403
 and a `DENY` report. Allowed: delivered to the app inside the pod netns as the client's
-IP (inbound.Delivery, the same as plaintext), answered 200 once the app accepted, then
+IP (delivery.py, the same as plaintext), answered 200 once the app accepted, then
 spliced. PeerAuthentication has nothing to say here: this is mTLS. A stream the client
 resets before the app accepted (rapid reset, CVE-2023-44487) cancels the connect, so it
 leaves no socket behind; one reset later ends its relay, which resets the app connection.
@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, TypeVar
 
-from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, admit
-from nodeagent.agent.proxy.inbound import Delivery, InboundView, open_inbound
 from nodeagent.agent.inpod.sockets import PodContext
-from nodeagent.agent.metrics import AgentMetrics
-from nodeagent.agent.proxy.outbound import connect_failure_reason, relay
+from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, admit
+from nodeagent.agent.proxy.delivery import Delivery, open_flow, open_inbound, relay_delivered
+from nodeagent.agent.proxy.inputs import ProxyInputs
+from nodeagent.agent.proxy.relay import connect_failure_reason
 from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.policy import Connection
@@ -35,22 +35,18 @@ T = TypeVar("T")
 
 
 class TunnelInbound:
-    def __init__(self, view: InboundView, delivery: Delivery, metrics: AgentMetrics, tunnel_metrics: TunnelMetrics,
-                 log: logging.Logger, *, pod_at: Callable[[str], PodContext | None], agent_ports: frozenset[int],
-                 settings: TunnelSettings = TunnelSettings()):
-        self.view = view
+    def __init__(self, inputs: ProxyInputs, delivery: Delivery, tunnel_metrics: TunnelMetrics, log: logging.Logger,
+                 *, settings: TunnelSettings = TunnelSettings()):
+        self.inputs = inputs
         self.delivery = delivery
-        self.metrics = metrics
+        self.metrics = inputs.metrics
         self.log = log
-        self.pod_at = pod_at  # enrolled pod by IP
-        self.agent_ports = agent_ports
-        self.waypoint = None  # the node's Waypoint (agent/waypoint.py), when it runs one
-        self.server = HboneServer(self._context_for, tls.verifier(view.identities.trust_domain), self._on_stream,
+        self.server = HboneServer(self._context_for, tls.verifier(inputs.identities.trust_domain), self._on_stream,
                                   metrics=tunnel_metrics, log=log, settings=settings)
 
     async def handle(self, ctx: PodContext, sock: socket.socket) -> None:
         """An accepted connection on the pod's tunnel port."""
-        identities = self.view.identities
+        identities = self.inputs.identities
         try:
             await identities.ready(identities.of(ctx.pod))
         except IdentityUnavailable as exc:
@@ -70,29 +66,30 @@ class TunnelInbound:
         await self.server.close(grace=1.0)
 
     def _context_for(self, local_ip: str):
-        ctx = self.pod_at(local_ip)
+        ctx = self.inputs.pod_at(local_ip)
         if ctx is None:
             raise IdentityUnavailable(f"{local_ip} is not an enrolled pod of this node")
-        return self.view.identities.context(self.view.identities.of(ctx.pod), server_side=True)
+        identities = self.inputs.identities
+        return identities.context(identities.of(ctx.pod), server_side=True)
 
     async def _on_stream(self, info: StreamInfo, _reader: HboneStream, stream: HboneStream) -> None:
-        ctx = self.pod_at(info.local_address[0])
+        ctx = self.inputs.pod_at(info.local_address[0])
         if ctx is None:
             stream.respond(503, reason="pod_gone")
             return
         self.metrics.inbound.inc()
         src, dst = info.peer_address, info.authority
-        flow = self.view.flow(ctx, src, dst, info.peer_identity, MTLS)
+        flow = open_flow(self.inputs, ctx, src, dst, info.peer_identity, MTLS)
         flow.upstream = info.local_address
         refusal = self._refusal(ctx, dst)
         if refusal is not None:
             stream.respond(400, reason="bad_destination")
             self.metrics.failure("inbound", "hbone_bad_destination")
             self.log.warning("inbound HBONE from %s to %s: %s", info.peer_identity, ctx, refusal)
-            self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=refusal)
+            self.inputs.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=refusal)
             return
         conn = Connection(src[0], info.peer_identity, flow.source.namespace, ctx.pod, dst[0], dst[1])
-        admission = admit(self.view.policies.current, self.waypoint, conn, plaintext=False)
+        admission = admit(self.inputs.policies.current, self.inputs.waypoint, conn, plaintext=False)
         if admission.route == WAYPOINT:
             await self._through_waypoint(ctx, stream, flow, conn, admission)
             return
@@ -100,14 +97,14 @@ class TunnelInbound:
             stream.respond(403, reason="policy_denied")
             self.log.debug("inbound HBONE %s -> %s port %d denied: %s", info.peer_identity, ctx, dst[1],
                            admission.reason)
-            self.view.deny(flow, admission.policy, admission.reason)
+            self.inputs.telemetry.denied(flow, admission.policy, admission.reason)
             return
         await self._deliver(ctx, stream, flow, conn, src, dst)
 
     def _refusal(self, ctx: PodContext, dst: tuple[str, int]) -> str | None:
         if dst[0] != ctx.pod.ip:
             return f":authority {dst[0]}:{dst[1]} is not this pod ({ctx.pod.ip}); the source's model is stale?"
-        if dst[1] in self.agent_ports:
+        if dst[1] in self.inputs.agent_ports:
             return f":authority port {dst[1]} is one of the agent's own ports"
         return None
 
@@ -116,8 +113,8 @@ class TunnelInbound:
         """Server-side L7: Envoy enforces the pod's policy with the verified principal.
         Tracked, so a change of that policy resets the stream."""
         src, dst = flow.src, flow.dst
-        with self.view.connections.delivering(conn, src, plaintext=False, admission=admission) as entry:
-            upstream = await unless_reset(stream, open_inbound(self.waypoint, src, dst, conn.source_principal))
+        with self.inputs.connections.delivering(conn, src, plaintext=False, admission=admission) as entry:
+            upstream = await unless_reset(stream, open_inbound(self.inputs.waypoint, src, dst, conn.source_principal))
             if upstream is None:
                 self._client_reset(flow)
                 return
@@ -125,13 +122,13 @@ class TunnelInbound:
                 stream.respond(503, reason="waypoint_unavailable")
                 self.metrics.failure("inbound", "waypoint_unavailable")
                 self.log.warning("inbound HBONE to %s port %d: %s", ctx, dst[1], upstream)
-                self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="waypoint_unavailable")
+                self.inputs.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="waypoint_unavailable")
                 return
             stream.respond(200)
-            await self.view.relay_delivered(self.metrics, flow, entry, stream, upstream)
+            await relay_delivered(self.inputs, flow, entry, stream, upstream)
 
     async def _deliver(self, ctx: PodContext, stream: HboneStream, flow, conn: Connection, src, dst) -> None:
-        with self.view.connections.delivering(conn, src, plaintext=False) as entry:
+        with self.inputs.connections.delivering(conn, src, plaintext=False) as entry:
             try:
                 upstream = await unless_reset(stream, self.delivery.connect(ctx, src, dst))
             except (OSError, asyncio.TimeoutError) as exc:
@@ -139,19 +136,19 @@ class TunnelInbound:
                 stream.respond(503, reason="app_unreachable")
                 self.metrics.failure("inbound", reason)
                 self.log.warning("inbound HBONE to %s port %d: delivery failed: %s (%s)", ctx, dst[1], reason, exc)
-                self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
+                self.inputs.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=reason)
                 return
             if upstream is None:
                 self._client_reset(flow)
                 return
             stream.respond(200)
-            await self.view.relay_delivered(self.metrics, flow, entry, stream, upstream)
+            await relay_delivered(self.inputs, flow, entry, stream, upstream)
 
     def _client_reset(self, flow) -> None:
         """The client reset the stream before it reached the app: counted, not logged (a
         flood of them is logged once, by the tunnel's reset limit)."""
         self.metrics.failure("inbound", "client_reset")
-        self.view.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="client_reset")
+        self.inputs.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="client_reset")
 
 
 async def unless_reset(stream: HboneStream, opening: Awaitable[T]) -> T | None:

@@ -27,12 +27,15 @@ from nodeagent.agent.proxy.admission import InboundConnections
 from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.configwork import ConfigWork
 from nodeagent.agent.proxy.identities import WorkloadIdentities
-from nodeagent.agent.proxy.inbound import Delivery, InboundRelay, InboundView
+from nodeagent.agent.proxy.delivery import Delivery
+from nodeagent.agent.proxy.inbound import InboundRelay
+from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.waypoint.jwks import JwksFetcher, jwks_uris
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
 from nodeagent.agent.proxy.policies import PolicyState
+from nodeagent.agent.proxy.steering import NoWaypoint
 from nodeagent.agent.proxy.telemetry import FlowLog, Telemetry, TrafficMetrics
 from nodeagent.agent.proxy.tunnel_inbound import TunnelInbound
 from nodeagent.agent.proxy.tunnel_outbound import HboneRoute
@@ -59,38 +62,48 @@ class DataPath:
                                              log.getChild("identity"))
         self.flow_log = FlowLog.open(c.flow_log, log, max_bytes=c.flow_log_max_mib << 20)
         self.telemetry = Telemetry(TrafficMetrics(registry), self.flow_log)
+        self.waypoint = self.jwks = None
+        if c.waypoint:
+            # Envoy hands connections back to the relays, and tells when its steering
+            # changed, through this object's methods: the relays are built below.
+            self.jwks = JwksFetcher(c.waypoint_dir / "jwks", log.getChild("jwks"), on_change=self._keys_changed)
+            self.waypoint = Waypoint(c, registry=registry, log=log.getChild("waypoint"),
+                                     on_upstream=self._upstream, on_deliver=self._deliver,
+                                     jwks_files=self.jwks.files, principal_of=self.identities.uri_of,
+                                     on_steering=self._steering_changed, defer=work.submit)
+        waypoint = self.waypoint if self.waypoint is not None else NoWaypoint()
+        self.connections = InboundConnections(lambda: self.policies.current, pod_at, waypoint, registry,
+                                              log.getChild("inbound"))
+        inputs = ProxyInputs(model=model, pod_at=pod_at, policies=self.policies, identities=self.identities,
+                             telemetry=self.telemetry, connections=self.connections, waypoint=waypoint,
+                             metrics=metrics, agent_ports=frozenset({c.outbound_port, c.inbound_port,
+                                                                     c.tunnel_port, c.admin_port}))
         tunnel_metrics = TunnelMetrics(registry)
         self.hbone = HboneRoute(self.identities, tunnel_metrics, log.getChild("hbone"), mark=c.mark,
                                 port=c.tunnel_port)
-        self.outbound = OutboundRelay(capture, metrics, log.getChild("outbound"), model=model,
-                                      identities=self.identities, telemetry=self.telemetry,
+        self.outbound = OutboundRelay(inputs, capture, log.getChild("outbound"),
                                       passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone)
-        self.connections = InboundConnections(lambda: self.policies.current, pod_at, registry,
-                                              log.getChild("inbound"))
-        view = InboundView(model, self.policies, self.identities, self.telemetry, self.connections)
         delivery = Delivery(c.delivery_mark, CONNECT_TIMEOUT)
-        agent_ports = frozenset({c.outbound_port, c.inbound_port, c.tunnel_port, c.admin_port})
-        self.inbound = InboundRelay(metrics, log.getChild("inbound"), view=view, delivery=delivery,
-                                    agent_ports=agent_ports)
-        self.tunnel = TunnelInbound(view, delivery, metrics, tunnel_metrics, log.getChild("hbone"),
-                                    pod_at=pod_at, agent_ports=agent_ports)
+        self.inbound = InboundRelay(inputs, log.getChild("inbound"), delivery=delivery)
+        self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"))
         self._releases: set[asyncio.Task] = set()
-        self.outbound.pod_at = self.inbound.pod_at = pod_at
-        self.waypoint = self.jwks = None
-        if c.waypoint:
-            self.jwks = JwksFetcher(c.waypoint_dir / "jwks", log.getChild("jwks"), on_change=self._keys_changed)
-            self.waypoint = Waypoint(c, registry=registry, log=log.getChild("waypoint"),
-                                     on_upstream=self.outbound.handle_upstream,
-                                     on_deliver=self.inbound.handle_delivery, jwks_files=self.jwks.files,
-                                     principal_of=self.identities.uri_of, on_steering=self.connections.recheck,
-                                     defer=work.submit)
 
     async def start(self) -> None:
         """Start what runs beside the relays: the waypoint (xDS server, Envoy)."""
         if self.waypoint is not None:
             await self.waypoint.start()
-            self.outbound.waypoint = self.inbound.waypoint = self.tunnel.waypoint = self.waypoint
-            self.connections.waypoint = self.waypoint
+
+    async def _upstream(self, sock, header) -> None:
+        """Envoy handed back a connection after client-side L7 (upstream.sock)."""
+        await self.outbound.handle_upstream(sock, header)
+
+    async def _deliver(self, sock, header) -> None:
+        """Envoy handed back a request it allowed after server-side L7 (deliver.sock)."""
+        await self.inbound.handle_delivery(sock, header)
+
+    def _steering_changed(self) -> None:
+        """Envoy ACKed a change of what goes through it: re-check what was sent around it."""
+        self.connections.recheck()
 
     async def update(self, model: Model) -> None:
         """A new model: the policies in force (delivered connections they now refuse are

@@ -1,0 +1,96 @@
+"""Delivery to a meshed pod, shared by the plaintext inbound relay (inbound.py) and the
+HBONE server (tunnel_inbound.py): the connection into the pod netns as the client
+(`Delivery`), or to the waypoint's inbound listener for server-side L7 (`open_inbound`);
+the destination's report of the connection (`open_flow`), and the relay of a tracked
+connection that closes that report (`relay_delivered`: with DENY when a policy change
+revoked it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from nodeagent.agent.inpod import sockets as inpod
+from nodeagent.agent.inpod.sockets import PodContext
+from nodeagent.agent.proxy.admission import DENY, Delivered, describe
+from nodeagent.agent.proxy.inputs import ProxyInputs
+from nodeagent.agent.proxy.relay import relay
+from nodeagent.agent.proxy.steering import WaypointHandle
+from nodeagent.agent.proxy.telemetry import DESTINATION, Flow, Peer
+from nodeagent.errors import NodeagentError
+from nodeagent.xds import dataplane
+
+Address = tuple[str, int]
+
+
+class Delivery:
+    """Connections to the app inside the pod netns, as the client (transparent, on lo)."""
+
+    def __init__(self, mark: int, timeout: float):
+        self.mark = mark
+        self.timeout = timeout
+        self._connecting: set[Address] = set()  # local addresses of our delivery sockets
+
+    def is_ours(self, addr: Address) -> bool:
+        """True for a connection from one of our delivery sockets (a steering loop)."""
+        return addr in self._connecting
+
+    async def connect(self, ctx: PodContext, src: Address, dst: Address) -> socket.socket:
+        upstream = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
+        local = upstream.getsockname()[:2]
+        self._connecting.add(local)  # before connecting: a loop shows up during the connect
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(upstream, dst), self.timeout)
+            return upstream
+        except BaseException:
+            upstream.close()
+            raise
+        finally:
+            self._connecting.discard(local)
+
+
+def open_flow(inputs: ProxyInputs, ctx: PodContext, src: Address, dst: Address, principal: str | None,
+              security: str) -> Flow:
+    """Open the destination's report of a connection to `ctx`'s pod. The source
+    workload is the pod at the client address when its identity agrees with the
+    proven principal (or when no principal was proven)."""
+    model, pod, identities = inputs.model(), ctx.pod, inputs.identities
+    client = model.pod_by_ip(src[0])
+    if client is not None and principal and identities.uri_of(client) != principal:
+        client = None
+    source = Peer.of(client, principal) if client or not principal else _peer_of_principal(principal)
+    own = identities.uri_of(pod) if identities.enabled else None
+    return inputs.telemetry.open(Flow(DESTINATION, src, dst, source, Peer.of(pod, own),
+                                      model.service_of(pod, dst[1]), security))
+
+
+def _peer_of_principal(principal: str) -> Peer:
+    parts = principal.split("/")  # spiffe: '' td ns <ns> sa <sa>
+    namespace = parts[4] if len(parts) == 7 and parts[3] == "ns" else None
+    return Peer(namespace=namespace, principal=principal) if namespace else Peer(principal=principal)
+
+
+async def relay_delivered(inputs: ProxyInputs, flow: Flow, entry: Delivered, client,
+                          upstream: socket.socket) -> None:
+    """Relay a connection the agent sent on (to the app, or to the waypoint), tracked
+    (`entry`, from `connections.delivering`, entered before the upstream connect so
+    no re-check misses it) for re-checks, then close its report: with DENY when a
+    policy change revoked it. One revoked while connecting is reset as it starts."""
+    result = await relay(inputs.metrics, "inbound", client, upstream, entry.abort)
+    received, sent, revoked, telemetry = result.a_to_b, result.b_to_a, entry.revoked, inputs.telemetry
+    if revoked is None:
+        telemetry.close(flow, received=received, sent=sent)
+    elif revoked.route == DENY:
+        telemetry.denied(flow, revoked.policy, describe(revoked, entry), received=received, sent=sent)
+    else:
+        telemetry.close(flow, received=received, sent=sent, reason=describe(revoked, entry))
+
+
+async def open_inbound(waypoint: WaypointHandle, src: Address, dst: Address, principal: str | None):
+    """A connection to the waypoint's inbound listener for `dst`, or the reason there is none."""
+    tlvs = ((dataplane.TLV_PRINCIPAL, principal.encode()),) if principal else ()
+    try:
+        return await waypoint.open("inbound", dataplane.ProxyHeader(src, dst, tlvs))
+    except NodeagentError as exc:
+        return str(exc)
