@@ -44,6 +44,8 @@ TLV_KEYS = {TLV_PRINCIPAL: "source_principal", TLV_SOURCE_LABELS: "source_labels
 FILTER_STATE = {tlv: f"nodeagent.{key}" for tlv, key in TLV_KEYS.items()}
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+HEAD_SIZE = 16  # the fixed part: signature, version and command, family, body length
+MAX_HEADER = 4096  # bytes of PROXY v2 body (addresses and TLVs) accepted
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 
@@ -122,35 +124,66 @@ class ProxyHeader:
         return SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
 
 
-def decode(read_exact: Callable[[int], bytes]) -> ProxyHeader | None:
-    """Read one PROXY v2 header with `read_exact(n)`; None for a LOCAL command (no
-    addresses). Raises ValueError for anything that is not PROXY v2 over TCP."""
-    head = read_exact(16)
+class HeaderReader:
+    """One PROXY v2 header as its bytes arrive, with no I/O, so that every reader (the
+    blocking one below, the waypoint's on the agent's loop) checks it in this one place:
+    read at most `missing` bytes (never any past the header) and feed() them until
+    `missing` is 0, then `header()`. ValueError for anything that is not PROXY v2 over
+    TCP, a body over MAX_HEADER bytes, or the end of the stream inside the header."""
+
+    def __init__(self) -> None:
+        self._data = b""
+        self._size = HEAD_SIZE  # of the whole header, once its fixed part is in
+
+    @property
+    def missing(self) -> int:
+        return self._size - len(self._data)
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            raise ValueError("connection closed inside the PROXY header")
+        if len(chunk) > self.missing:
+            raise ValueError("fed past the PROXY header")
+        self._data += chunk
+        if self._size == HEAD_SIZE and len(self._data) == HEAD_SIZE:
+            self._size += _body_length(self._data)
+
+    def header(self) -> ProxyHeader | None:
+        """The header read; None for a LOCAL command (no addresses)."""
+        head, body = self._data[:HEAD_SIZE], self._data[HEAD_SIZE:]
+        if head[12] & 0x0F == 0:
+            return None
+        size = {0x11: 4, 0x21: 16}.get(head[13])
+        if size is None:
+            raise ValueError(f"unsupported PROXY v2 address family 0x{head[13]:02x}")
+        src = str(ipaddress.ip_address(body[:size]))
+        dst = str(ipaddress.ip_address(body[size:2 * size]))
+        sport, dport = struct.unpack("!HH", body[2 * size:2 * size + 4])
+        return ProxyHeader((src, sport), (dst, dport), _tlvs(body[2 * size + 4:]))
+
+
+def _body_length(head: bytes) -> int:
+    """The length of the body (addresses and TLVs) that follows the fixed part `head`."""
     if head[:12] != SIGNATURE or head[12] >> 4 != 2:
         raise ValueError("not a PROXY protocol v2 header")
-    body = read_exact(struct.unpack("!H", head[14:16])[0])
-    if head[12] & 0x0F == 0:
-        return None
-    size = {0x11: 4, 0x21: 16}.get(head[13])
-    if size is None:
-        raise ValueError(f"unsupported PROXY v2 address family 0x{head[13]:02x}")
-    src = str(ipaddress.ip_address(body[:size]))
-    dst = str(ipaddress.ip_address(body[size:2 * size]))
-    sport, dport = struct.unpack("!HH", body[2 * size:2 * size + 4])
-    return ProxyHeader((src, sport), (dst, dport), _tlvs(body[2 * size + 4:]))
+    length = struct.unpack("!H", head[14:16])[0]
+    if length > MAX_HEADER:
+        raise ValueError(f"PROXY v2 header of {length} bytes")
+    return length
+
+
+def decode(read: Callable[[int], bytes]) -> ProxyHeader | None:
+    """One PROXY v2 header read with `read(n)` (at most n bytes, b"" at the end of the
+    stream), as HeaderReader checks it."""
+    reader = HeaderReader()
+    while reader.missing:
+        reader.feed(read(reader.missing))
+    return reader.header()
 
 
 def read_header(sock) -> ProxyHeader | None:
-    """decode() from a socket, reading exactly the header's bytes and nothing after it."""
-    def read_exact(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ValueError("connection closed inside the PROXY header")
-            data += chunk
-        return data
-    return decode(read_exact)
+    """decode() from a blocking socket, reading exactly the header's bytes and nothing after it."""
+    return decode(sock.recv)
 
 
 def _tlvs(data: bytes) -> tuple[tuple[int, bytes], ...]:

@@ -1,160 +1,101 @@
-"""The agent's side of the waypoint without running Envoy: configuration rebuilt per
-model (last good kept, problems reported, digests of what is in force), steering only
-by what Envoy ACKed, PROXY v2 headers read exactly, connections to Envoy's listeners
-and their failures. (Envoy itself: tests/unit/test_xds_envoy_acceptance.py, the lab:
+"""The Waypoint the data path holds, with a stand-in Envoy: its status, composed of the
+publisher's and the Envoy side's (the JSON `nodeagent status` shows); ACKs from the xDS
+server handed to the agent's loop, only this node's; PROXY v2 headers read exactly;
+connections Envoy hands back and the agent opens to Envoy's listeners, and their
+failures. (The publisher alone: test_waypoint_publisher.py; NACKs over gRPC and the real
+Envoy: test_waypoint_nack.py; Envoy itself: test_xds_envoy_acceptance.py; the lab:
 tests/e2e/test_waypoint.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import os
 import socket
 import threading
 from pathlib import Path
 
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent import config as agent_config
-from nodeagent.agent.proxy.admission import waypoint_chain
-from nodeagent.agent.proxy.policies import spec_digest
+from nodeagent.agent.proxy.steering import NoWaypoint
 from nodeagent.agent.waypoint.waypoint import Waypoint, WaypointUnavailable, read_header
-from nodeagent.xds import dataplane, resources as rt
+from nodeagent.xds import dataplane
+from nodeagent.xds.client import AdsSession
 from nodeagent.xds.dataplane import DataPlane, ProxyHeader
-from xds_world import doc, model
-
-VS = doc("VirtualService", "reviews", """
-hosts: [reviews]
-http:
-- route: [{destination: {host: reviews}}]
-""")
-BAD_VS = doc("VirtualService", "reviews", """
-hosts: [reviews]
-http:
-- route: [{destination: {host: reviews}, weight: -5}]
-""")
-DANGLING = doc("VirtualService", "ratings", """
-hosts: [ratings]
-http:
-- route: [{destination: {host: nowhere}}]
-""")
-AUTHZ = doc("AuthorizationPolicy", "ratings", """
-selector: {matchLabels: {app: ratings}}
-rules: [{to: [{operation: {methods: [GET]}}]}]
-""", api="security.istio.io/v1")
+from waypoint_world import ALLOW_GET, VS, stand_in_envoy, until, waypoint_config
+from xds_world import model
 
 
 @pytest.fixture
-def waypoint(tmp_path: Path):
-    (tmp_path / "cluster").mkdir()
-    cfg = agent_config.load({"node": "node1", "source": f"files:{tmp_path / 'cluster'}", "cgroup": str(tmp_path),
-                             "waypoint_dir": str(tmp_path / "wp")}, {})
-    seen: list = []
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
 
+
+@pytest.fixture
+def seen() -> list:
+    """What the handlers got: (the first bytes after the header, the header)."""
+    return []
+
+
+def make(tmp_path: Path, registry: CollectorRegistry, seen: list, **options) -> Waypoint:
     async def handler(sock, header):
         seen.append((sock.recv(100), header))
         sock.close()
 
-    registry = CollectorRegistry()
-    wp = Waypoint(cfg, registry=registry, log=logging.getLogger("t"), on_upstream=handler, on_deliver=handler)
-    wp.seen, wp.registry = seen, registry
-    return wp
+    return Waypoint(waypoint_config(tmp_path), registry=registry, log=logging.getLogger("t"), on_upstream=handler,
+                    on_deliver=handler, debounce=0.02, supervisor_options={"binary": stand_in_envoy(tmp_path)},
+                    **options)
 
 
-def spec_of(text: str) -> dict:
-    return yaml.safe_load(text.split("---")[0])["spec"]
-
-
-def test_each_model_publishes_a_snapshot_and_the_digests_in_force(waypoint):
-    waypoint.update(model(VS + AUTHZ))
-    snapshot = waypoint.cache.get("node1")
-    assert snapshot.version == "1"
-    assert snapshot.dataplane.outbound == {("10.96.1.10", 9080)}
-    assert set(snapshot.dataplane.inbound) == {("10.244.1.8", 9000), ("10.244.1.8", 9090)}  # ratings' HTTP/gRPC
-    digests = snapshot.dataplane.inbound
-    assert all(re.fullmatch("[0-9a-f]{16}", d) for d in digests.values()) and len(set(digests.values())) == 2
-    assert waypoint.describe()["resources"] == {}  # in force only once Envoy ACKed it
-    waypoint.steer(snapshot)
-    assert waypoint.describe()["resources"] == {"VirtualService shop/reviews": spec_digest(spec_of(VS)),
-                                               "AuthorizationPolicy shop/ratings": spec_digest(spec_of(AUTHZ))}
-    assert waypoint.describe()["errors"] == [] and waypoint.describe()["warnings"] == []
+@pytest.fixture
+def waypoint(tmp_path: Path, registry, seen) -> Waypoint:
+    return make(tmp_path, registry, seen)
 
 
 def test_nothing_is_steered_before_envoy_acked(waypoint):
     waypoint.update(model(VS))
     assert waypoint.dataplane() == DataPlane(waypoint.sockets)
-    assert waypoint_chain(waypoint, ("10.244.1.8", 9000)) is None
-    assert waypoint_chain(None, ("10.244.1.8", 9000)) is None
+    assert waypoint.dataplane().inbound.get(("10.244.1.8", 9000)) is None
+    assert NoWaypoint().dataplane().inbound.get(("10.244.1.8", 9000)) is None
     status = waypoint.describe()
+    assert list(status) == ["directory", "envoy", "xds", "built_at", "resources", "errors", "warnings", "dataplane",
+                            "connections"]
     assert status["xds"] == {"version": "1", "accepted": None, "in_sync": False, "connected": False, "nacks": 0,
                              "snapshot_error": None}
+    assert list(status["xds"]) == ["version", "accepted", "in_sync", "connected", "nacks", "snapshot_error"]
     assert status["dataplane"] == {"outbound": [], "inbound": []}
     assert status["envoy"]["running"] is False and status["envoy"]["pid"] is None
+    assert status["resources"] == {} and status["errors"] == [] and status["connections"] == {"outbound": 0,
+                                                                                              "inbound": 0}
 
 
-def test_an_ack_steers_on_the_agents_loop_and_tells_only_of_changed_steering(waypoint):
-    told: list[DataPlane] = []
-    waypoint.on_steering = lambda: told.append(waypoint.dataplane())
-
-    async def acked(snapshot, node: str = "node1") -> None:
-        """As the xDS server does: from one of its threads, then the loop runs the hand-over."""
-        thread = threading.Thread(target=waypoint._acked, args=(node, snapshot))
-        thread.start()
-        thread.join()
-        await asyncio.sleep(0.01)
+def test_only_this_nodes_acks_steer_and_on_the_agents_loop(tmp_path, registry, seen):
+    threads: list[threading.Thread] = []
+    waypoint = make(tmp_path, registry, seen, on_steering=lambda: threads.append(threading.current_thread()))
 
     async def go():
-        waypoint._loop = asyncio.get_running_loop()
-        waypoint.update(model(VS + AUTHZ))
-        first = waypoint.cache.get("node1")
-        await acked(first, node="node2")  # another node's proxy steers nothing here
-        assert (waypoint.dataplane(), told) == (DataPlane(waypoint.sockets), [])
-        await acked(first)
-        assert waypoint.dataplane() is first.dataplane and told == [first.dataplane]
-        waypoint.update(model(VS + AUTHZ))  # a new version, the same steering: nothing to re-check
-        await acked(waypoint.cache.get("node1"))
-        assert waypoint.cache.get("node1").version == "2" and len(told) == 1
-        # The same ports with another rule: their filter chains changed, held connections must go.
-        waypoint.update(model(VS + AUTHZ.replace("methods: [GET]", "methods: [POST]")))
-        await acked(waypoint.cache.get("node1"))
-        assert len(told) == 2 and set(told[1].inbound) == set(told[0].inbound)
-        assert all(told[1].inbound[dst] != told[0].inbound[dst] for dst in told[0].inbound)
-        waypoint.update(model(VS))  # ratings' policy gone: its ports leave the server side
-        await acked(waypoint.cache.get("node1"))
-        assert [sorted(d.inbound) for d in told] == [[("10.244.1.8", 9000), ("10.244.1.8", 9090)]] * 2 + [[]]
+        await waypoint.start()
+        try:
+            waypoint.update(model(VS + ALLOW_GET))
+            first = waypoint.cache.get("node1")
+            waypoint.cache.set_snapshot("node2", first)  # another node's proxy ACKs it: nothing is steered here
+            with AdsSession(waypoint.sockets.xds, "node2"):
+                await until(lambda: waypoint.server.accepted("node2") is first, "node2's ACK")
+                await asyncio.sleep(0.05)
+                assert waypoint.dataplane() == DataPlane(waypoint.sockets) and threads == []
+            with AdsSession(waypoint.sockets.xds, "node1"):
+                await until(lambda: waypoint.describe()["xds"]["in_sync"], "node1's ACK in force")
+                assert waypoint.dataplane() is first.dataplane and threads == [threading.main_thread()]
+                status = waypoint.describe()
+                assert status["xds"] == {"version": "1", "accepted": "1", "in_sync": True, "connected": True,
+                                         "nacks": 0, "snapshot_error": None}
+                assert status["envoy"]["running"] is True and status["envoy"]["pid"] is not None
+                assert status["dataplane"]["outbound"] == ["10.96.1.10:9080"]
+        finally:
+            await waypoint.close()
+        assert not os.path.exists(waypoint.sockets.upstream) and not os.path.exists(waypoint.sockets.deliver)
     asyncio.run(go())
-
-
-def test_an_invalid_resource_keeps_its_last_good_version_and_is_reported(waypoint):
-    waypoint.update(model(VS))
-    waypoint.steer(waypoint.cache.get("node1"))
-    good = waypoint.describe()["resources"]
-    assert good == {"VirtualService shop/reviews": spec_digest(spec_of(VS))}
-    waypoint.update(model(BAD_VS))
-    waypoint.steer(waypoint.cache.get("node1"))
-    status = waypoint.describe()
-    assert status["resources"] == good  # still the valid spec's digest
-    assert len(status["errors"]) == 1 and "VirtualService shop/reviews" in status["errors"][0]
-    assert "weight" in status["errors"][0]
-    assert waypoint.cache.get("node1").dataplane.outbound == {("10.96.1.10", 9080)}  # routing kept
-    waypoint.update(model(VS))
-    assert waypoint.describe()["errors"] == []
-
-
-def test_dangling_references_are_warnings(waypoint):
-    waypoint.update(model(VS + DANGLING))
-    warnings = waypoint.describe()["warnings"]
-    assert any("nowhere" in w for w in warnings), warnings
-
-
-def test_jwks_files_are_asked_for_at_each_build(waypoint):
-    calls = []
-    waypoint.jwks_files = lambda: calls.append(1) or {}
-    waypoint.update(model(VS))
-    waypoint.update()  # keys changed: rebuilt from the last model
-    assert len(calls) == 2 and waypoint.cache.get("node1").version == "2"
 
 
 def run(coro):
@@ -194,9 +135,15 @@ def test_bad_headers_are_refused_by_name(data, why):
             a.close(), b.close()
     with pytest.raises(ValueError, match=why):
         run(go())
+    a, b = socket.socketpair()  # the blocking reader refuses them alike: one parser (dataplane.HeaderReader)
+    with a, b:
+        b.sendall(data)
+        b.shutdown(socket.SHUT_WR)
+        with pytest.raises(ValueError, match=why):
+            dataplane.read_header(a)
 
 
-def test_envoy_connections_are_handed_over_after_their_header(waypoint):
+def test_envoy_connections_are_handed_over_after_their_header(waypoint, seen, registry):
     async def go():
         a, b = socket.socketpair()
         a.setblocking(False)
@@ -210,8 +157,8 @@ def test_envoy_connections_are_handed_over_after_their_header(waypoint):
         b.close(), garbage_b.close()
         return header
     header = run(go())
-    assert waypoint.seen == [(b"payload", header)]  # the garbage one was closed, never handed over
-    assert waypoint.registry.get_sample_value("nodeagent_waypoint_errors_total", {"reason": "bad_proxy_header"}) == 1
+    assert seen == [(b"payload", header)]  # the garbage one was closed, never handed over
+    assert registry.get_sample_value("nodeagent_waypoint_errors_total", {"reason": "bad_proxy_header"}) == 1
 
 
 def test_open_writes_the_header_or_says_envoy_is_unavailable(waypoint, tmp_path):
@@ -231,31 +178,3 @@ def test_open_writes_the_header_or_says_envoy_is_unavailable(waypoint, tmp_path)
     header, got = run(go())
     assert got == header
     assert waypoint.describe()["connections"] == {"outbound": 1, "inbound": 0}
-
-
-SUBSETS = doc("DestinationRule", "reviews", """
-host: reviews
-subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
-""") + doc("VirtualService", "reviews", """
-hosts: [reviews]
-http:
-- route: [{destination: {host: reviews, subset: v1}, weight: 90}, {destination: {host: reviews, subset: v2}, weight: 10}]
-""")
-V1 = "outbound|9080|v1|reviews.shop.svc.cluster.local"
-
-
-def test_dropped_clusters_stay_until_envoy_acked_the_routes_without_them(waypoint):
-    waypoint.update(model(SUBSETS))
-    first = waypoint.cache.get("node1")
-    assert V1 in first.names(rt.CLUSTER) and V1 in first.names(rt.ENDPOINT)
-    waypoint.update(model(VS))  # the subsets are gone from the new routes
-    carrying = waypoint.cache.get("node1")
-    assert V1 in carrying.names(rt.CLUSTER) and V1 in carrying.names(rt.ENDPOINT)
-    assert not any(V1 in str(r) for r in carrying.resources(rt.ROUTE).values())
-    assert waypoint.collect() is False  # Envoy has not ACKed it yet
-    waypoint.server.accepted = lambda node: waypoint.cache.get(node)  # now it has
-    assert waypoint.collect() is True
-    clean = waypoint.cache.get("node1")
-    assert clean.version == "3" and V1 not in clean.names(rt.CLUSTER) and V1 not in clean.names(rt.ENDPOINT)
-    assert set(clean.names(rt.ROUTE)) == set(carrying.names(rt.ROUTE))
-    assert waypoint.collect() is False  # nothing more to drop

@@ -4,25 +4,23 @@ Envoy NACKed froze every later change on the node while status said all was in f
 A NACK is traced to the Istio resources whose change caused it — the one changed, or by
 bisection among several — which are held out (at their last accepted version, or left
 out) with Envoy's message among the waypoint's errors, and the rest is published again.
-Driven through the agent's own AdsServer over gRPC by a fake Envoy (AdsSession) that
-refuses whatever carries a marked header, and by the real Envoy, refusing regexes over
-its program size limit that our validation is told to let through."""
+Driven through the started Waypoint (a stand-in Envoy process, the agent's own AdsServer
+over gRPC) by a fake Envoy's xDS session (AdsSession) that refuses whatever carries a
+marked header, and by the real Envoy, refusing regexes over its program size limit that
+our validation is told to let through. The publisher's steps alone, NACK by NACK:
+test_waypoint_publisher.py."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent import config as agent_config
-from nodeagent.agent.proxy.policies import spec_digest
 from nodeagent.agent.waypoint.waypoint import Waypoint
 from nodeagent.xds import resources as rt
 from nodeagent.xds.cache import SnapshotCache
@@ -30,26 +28,11 @@ from nodeagent.xds.client import AdsSession
 from nodeagent.xds.istio import fields
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.snapshot import Snapshot
+from waypoint_world import (ALLOW_GET, DR, POISON, RATINGS_OK, RATINGS_POISONED, VS, VS_TIMEOUT, digest,
+                            stand_in_envoy, until, waypoint_config)
 from xds_world import RATINGS, doc, model, translation
 
-POISON = "x-poison"  # the fake Envoy refuses every response carrying this
 REFUSAL = f"refused by the fake Envoy: {POISON}"
-VS = doc("VirtualService", "reviews", "hosts: [reviews]\nhttp:\n- route: [{destination: {host: reviews}}]")
-VS_TIMEOUT = doc("VirtualService", "reviews", "hosts: [reviews]\nhttp:\n- route: [{destination: {host: reviews}}]\n"
-                                              "  timeout: 3s")
-RATINGS_OK = doc("VirtualService", "ratings", """
-hosts: [ratings]
-http:
-- match: [{headers: {x-canary: {exact: "1"}}}]
-  route: [{destination: {host: ratings}}]
-- route: [{destination: {host: ratings}}]
-""")
-RATINGS_POISONED = RATINGS_OK.replace("x-canary", POISON)
-DR = doc("DestinationRule", "reviews", "host: reviews\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}")
-ALLOW_GET = doc("AuthorizationPolicy", "ratings", """
-selector: {matchLabels: {app: ratings}}
-rules: [{to: [{operation: {methods: [GET]}}]}]
-""", api="security.istio.io/v1")
 DENY_POISONED = doc("AuthorizationPolicy", "ratings-deny", f"""
 selector: {{matchLabels: {{app: ratings}}}}
 action: DENY
@@ -61,44 +44,34 @@ def fake_envoy(response) -> str | None:
     return REFUSAL if any(POISON.encode() in r.value for r in response.resources) else None
 
 
-def digest(document: str) -> str:
-    return spec_digest(yaml.safe_load(document.split("---")[0])["spec"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def waypoint(tmp_path: Path):
-    (tmp_path / "cluster").mkdir()
-    cfg = agent_config.load({"node": "node1", "source": f"files:{tmp_path / 'cluster'}", "cgroup": str(tmp_path),
-                             "waypoint_dir": str(tmp_path / "wp"), "envoy_admin_port": str(free_port())}, {})
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
 
+
+def make(tmp_path: Path, registry: CollectorRegistry, **supervisor) -> Waypoint:
     async def handler(sock, header):
         sock.close()
 
-    registry = CollectorRegistry()
-    wp = Waypoint(cfg, registry=registry, log=logging.getLogger("t"), on_upstream=handler, on_deliver=handler,
-                  debounce=0.02, supervisor_options={"backoff": 0.2})
-    wp.registry = registry
-    return wp
+    return Waypoint(waypoint_config(tmp_path), registry=registry, log=logging.getLogger("t"), on_upstream=handler,
+                    on_deliver=handler, debounce=0.02, supervisor_options={"backoff": 0.2, **supervisor})
 
 
-async def serve(waypoint: Waypoint) -> None:
-    """The waypoint's xDS server without Envoy; ACKs and NACKs come back to this loop."""
-    waypoint._loop = asyncio.get_running_loop()
-    os.makedirs(waypoint.directory, exist_ok=True)
-    waypoint.server.start(unix_path=waypoint.sockets.xds)
+@pytest.fixture
+def waypoint(tmp_path: Path, registry) -> Waypoint:
+    """With a stand-in Envoy: the xDS side is an AdsSession that refuses what carries POISON."""
+    return make(tmp_path, registry, binary=stand_in_envoy(tmp_path))
 
 
-async def until(predicate, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not reached in {timeout}s: {what}"
-        await asyncio.sleep(0.02)
+@contextlib.asynccontextmanager
+async def running(waypoint: Waypoint):
+    """The waypoint started, and a fake Envoy's xDS session with it."""
+    await waypoint.start()
+    try:
+        with AdsSession(waypoint.sockets.xds, "node1", reject=fake_envoy) as session:
+            yield session
+    finally:
+        await waypoint.close()
 
 
 def settled(waypoint: Waypoint, wanted: dict[str, str]) -> bool:
@@ -107,14 +80,13 @@ def settled(waypoint: Waypoint, wanted: dict[str, str]) -> bool:
     return status["xds"]["in_sync"] and status["resources"] == wanted
 
 
-def refused(waypoint: Waypoint) -> float:
-    return waypoint.registry.get_sample_value("nodeagent_waypoint_errors_total", {"reason": "envoy_refused"}) or 0
+def refused(registry: CollectorRegistry) -> float:
+    return registry.get_sample_value("nodeagent_waypoint_errors_total", {"reason": "envoy_refused"}) or 0
 
 
-def test_one_refused_resource_among_several_changes_is_found_and_the_rest_flows(waypoint):
+def test_one_refused_resource_among_several_changes_is_found_and_the_rest_flows(waypoint, registry):
     async def go():
-        await serve(waypoint)
-        with AdsSession(waypoint.sockets.xds, "node1", reject=fake_envoy) as session:
+        async with running(waypoint) as session:
             waypoint.update(model(VS))
             await until(lambda: settled(waypoint, {"VirtualService shop/reviews": digest(VS)}), "the first ACK")
             # Three changes at once, one of them refused: found by bisection, one NACK only.
@@ -122,7 +94,7 @@ def test_one_refused_resource_among_several_changes_is_found_and_the_rest_flows(
             others = {"VirtualService shop/reviews": digest(VS), "DestinationRule shop/reviews": digest(DR),
                       "AuthorizationPolicy shop/ratings": digest(ALLOW_GET)}
             await until(lambda: settled(waypoint, others), "everything but the refused resource in force")
-            assert len(session.nacked) == 1 and refused(waypoint) == 1
+            assert len(session.nacked) == 1 and refused(registry) == 1
             (error,) = waypoint.describe()["errors"]
             assert f"(VirtualService shop/ratings): Envoy refused it: {REFUSAL} (fix it; it is left out " \
                    "until its spec changes)" in error
@@ -140,14 +112,12 @@ def test_one_refused_resource_among_several_changes_is_found_and_the_rest_flows(
                         "the fixed resource in force")
             assert waypoint.describe()["errors"] == [] and f"{RATINGS}:8080" in session.resources[rt.ROUTE]
             assert len(session.nacked) == 1
-        waypoint.server.stop(0.1)
     asyncio.run(go())
 
 
 def test_a_refused_edit_keeps_the_last_accepted_version(waypoint):
     async def go():
-        await serve(waypoint)
-        with AdsSession(waypoint.sockets.xds, "node1", reject=fake_envoy) as session:
+        async with running(waypoint) as session:
             waypoint.update(model(VS + RATINGS_OK))
             good = {"VirtualService shop/reviews": digest(VS), "VirtualService shop/ratings": digest(RATINGS_OK)}
             await until(lambda: settled(waypoint, good), "the first ACK")
@@ -159,7 +129,6 @@ def test_a_refused_edit_keeps_the_last_accepted_version(waypoint):
             routes = session.resources[rt.ROUTE][f"{RATINGS}:8080"].virtual_hosts[0].routes
             assert [h.name for h in routes[0].match.headers] == ["x-canary"]  # the accepted version
             assert waypoint.describe()["xds"]["nacks"] == 1
-        waypoint.server.stop(0.1)
     asyncio.run(go())
 
 
@@ -167,8 +136,7 @@ def test_a_refused_server_side_policy_sends_its_pods_to_l4_enforcement(waypoint)
     """Envoy enforcing every policy of a pod but the refused DENY would let through what
     it denies: the pod leaves the waypoint, and the agent enforces all at L4."""
     async def go():
-        await serve(waypoint)
-        with AdsSession(waypoint.sockets.xds, "node1", reject=fake_envoy):
+        async with running(waypoint):
             waypoint.update(model(VS + ALLOW_GET))
             await until(lambda: waypoint.describe()["xds"]["in_sync"], "the first ACK")
             assert set(waypoint.dataplane().inbound) == {("10.244.1.8", 9000), ("10.244.1.8", 9090)}
@@ -177,38 +145,7 @@ def test_a_refused_server_side_policy_sends_its_pods_to_l4_enforcement(waypoint)
                         and waypoint.dataplane().inbound == {}, "ratings out of the waypoint")
             (error,) = waypoint.describe()["errors"]
             assert "(AuthorizationPolicy shop/ratings-deny): Envoy refused it" in error and "left out" in error
-        waypoint.server.stop(0.1)
     asyncio.run(go())
-
-
-NEW_POD = """apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v4, namespace: shop, labels: {app: reviews, version: v4}}
-spec: {nodeName: node2, serviceAccountName: reviews}
-status: {phase: Running, podIP: 10.244.2.8}
----
-"""
-
-
-def test_a_nack_of_an_older_snapshot_refuses_a_newer_one_with_the_same_content(waypoint):
-    """The server never sends refused content again, so a newer snapshot carrying it
-    (here: a new pod's endpoints besides) would wait forever: it is refused at once."""
-    waypoint.update(model(VS))
-    waypoint.steer(waypoint.cache.get("node1"))
-    waypoint.update(model(VS + RATINGS_POISONED))
-    poisoned = waypoint.cache.get("node1")
-    waypoint.update(model(VS + RATINGS_POISONED + NEW_POD))
-    newer = waypoint.cache.get("node1")
-    assert newer.version_of(rt.ROUTE) == poisoned.version_of(rt.ROUTE)
-    assert newer.version_of(rt.ENDPOINT) != poisoned.version_of(rt.ENDPOINT)
-    waypoint.rejected(poisoned, rt.ROUTE, "refused: route table")
-    clean = waypoint.cache.get("node1")
-    assert int(clean.version) > int(newer.version) and clean.version_of(rt.ENDPOINT) == newer.version_of(rt.ENDPOINT)
-    assert POISON.encode() not in b"".join(clean.serialized[rt.ROUTE].values())
-    (error,) = waypoint.describe()["errors"]
-    assert "(VirtualService shop/ratings): Envoy refused it: refused: route table" in error
-    waypoint.steer(clean)
-    assert waypoint.describe()["resources"] == {"VirtualService shop/reviews": digest(VS)}
 
 
 def test_the_server_hands_each_nack_over_with_the_snapshot_it_refused(tmp_path):
@@ -249,12 +186,14 @@ http:
 """)
 
 
-def test_the_real_envoy_refuses_what_validation_let_through_and_later_changes_flow(waypoint, monkeypatch):
+def test_the_real_envoy_refuses_what_validation_let_through_and_later_changes_flow(tmp_path, registry,
+                                                                                   monkeypatch):
     """Our validation is told Envoy's limit is higher than it is, so a regex Envoy refuses
     gets through to it, as anything validation cannot know about would. Envoy's verdict
     on regexes near its limit is compared with our validation's too."""
     limit = fields.MAX_PROGRAM_SIZE  # the real one, before it is raised
     monkeypatch.setattr(fields, "MAX_PROGRAM_SIZE", 1_000_000)
+    waypoint = make(tmp_path, registry)
 
     async def go():
         await waypoint.start()
