@@ -13,7 +13,7 @@ listeners are the agent's own InPodListener on such sockets. The stand-ins:
   netns (setns, SO_MARK and IP_TRANSPARENT need root): a socket bound to the pod's IP,
   which a socket in its netns would get, or for delivery to the client's IP, as
   IP_TRANSPARENT allows; each call is recorded (netns, mark, source);
-- `Envoy` for the node's Waypoint (agent/waypoint.py): the steering it ACKed, and its
+- `Envoy` for the node's Waypoint (agent/waypoint/): the steering it ACKed, and its
   listeners as socket pairs whose far end the test reads, or refused when `down`;
 - `App.take()` for sk_lookup: the connection waiting on the app's listener goes to
   the agent's inbound relay, as steering would hand it, with the app's address as its
