@@ -187,7 +187,7 @@ class Agent:
 
 
 def new_capture(config: AgentConfig, log: logging.Logger):
-    from nodeagent.capture.loader import CaptureLoader  # bcc is imported only when running
+    from nodeagent.capture.loader import CaptureLoader  # bcc runs in its compile process, never here
 
     return CaptureLoader(cgroup=str(config.cgroup), pin_dir=str(config.bpffs), mark=config.mark,
                          outbound_port=config.outbound_port, inbound_port=config.inbound_port,

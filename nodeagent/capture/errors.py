@@ -1,7 +1,8 @@
 """Typed errors of the capture layer, each saying what is missing and how to fix it.
 
 Everything the machine can be missing is an EnvironmentProblem (the agent cannot run
-until an operator acts); a bad argument from the caller is a ConfigError.
+until an operator acts); a bad argument from the caller is a ConfigError. to_wire and
+from_wire carry one across the compile process's socket (compiler.py) unchanged.
 """
 
 from __future__ import annotations
@@ -104,3 +105,25 @@ class BpfSyscallError(CaptureError):
     def __init__(self, what: str, err: int, hint: str | None = None):
         self.what, self.errno = what, err
         super().__init__(f"{what}: {os.strerror(err)} (errno {err})", hint or _ERRNO_HINTS.get(err))
+
+
+_WIRE_TYPES = (str, int, float, bool, list, type(None))
+
+
+def to_wire(err: CaptureError) -> dict:
+    """`err` as JSON-able data: its class name, message, hint and attributes."""
+    attrs = {k: v for k, v in vars(err).items() if k not in ("message", "hint") and isinstance(v, _WIRE_TYPES)}
+    return {"type": type(err).__name__, "message": err.message, "hint": err.hint, "attrs": attrs}
+
+
+def from_wire(data: dict) -> CaptureError:
+    """The error to_wire described, of the same class (CaptureError if unknown here), with
+    the same message, hint and attributes (`log`, `program`, `errno`...)."""
+    cls = globals().get(str(data.get("type")))
+    if not (isinstance(cls, type) and issubclass(cls, CaptureError)):
+        cls = CaptureError
+    err = cls.__new__(cls)
+    EnvironmentProblem.__init__(err, str(data["message"]), data.get("hint"))
+    for name, value in dict(data.get("attrs") or {}).items():
+        setattr(err, name, value)
+    return err

@@ -1,11 +1,14 @@
 """CaptureLoader: the whole lifecycle of the eBPF capture layer, in one object.
 
-load() checks the machine, compiles bpf/*.c with bcc, adopts or creates the maps
-pinned under pin_dir/maps, points pinned sk_lookup links (pin_dir/links/<cookie>) at
-the new program and replaces earlier instances of connect4/6 and sockops on the
-cgroup without a gap. The agent then enrols netns, steers inbound and pops original
-destinations. close(keep=False) undoes everything; close(keep=True) leaves programs,
-links and maps in force for the next agent (restarts, rolling upgrades).
+load() checks the machine and has a short-lived child process compile bpf/*.c with bcc
+and load the programs (compiler.py: bcc and LLVM never enter this process); the child
+adopts or creates the maps pinned under pin_dir/maps and hands back the program fds.
+With those, through raw bpf(2), load() points pinned sk_lookup links
+(pin_dir/links/<cookie>) at the new program and replaces earlier instances of
+connect4/6 and sockops on the cgroup without a gap. The agent then enrols netns, steers
+inbound and pops original destinations. close(keep=False) undoes everything;
+close(keep=True) leaves programs, links and maps in force for the next agent
+(restarts, rolling upgrades).
 See docs/design.md, "Capture".
 """
 
@@ -23,6 +26,7 @@ from typing import Callable, Iterable
 import nodeagent
 from nodeagent.capture import preflight
 from nodeagent.capture.cgroup import CgroupAttachment
+from nodeagent.capture.compiler import load_programs
 from nodeagent.capture.links import NetnsLinks
 from nodeagent.capture.maps import CaptureMaps
 from nodeagent.capture.programs import CGROUP_PROGRAMS, SK_LOOKUP, LoadedPrograms, cflags, check_pinned_maps
@@ -98,21 +102,21 @@ class CaptureLoader:
     def load(self) -> None:
         if self._programs is not None:
             raise NodeagentError("CaptureLoader.load: already loaded", "close() it first")
-        bcc = preflight.check_all(self.cgroup, self.pin_dir)
+        preflight.check_all(self.cgroup, self.pin_dir)
         fresh = not os.path.exists(self.pin_dir)
         try:
-            self._load(bcc)
+            self._load()
         except BaseException:
             # Leave a predecessor's pins and programs as they were; drop only ours.
             self._release(detach=True, unpin=fresh)
             raise
 
-    def _load(self, bcc) -> None:
+    def _load(self) -> None:
         os.makedirs(self.maps_dir, exist_ok=True)
         os.makedirs(self.links_dir, exist_ok=True)
         check_pinned_maps(self.maps_dir)
         flags = cflags(str(self.bpf_dir), self.maps_dir, self.mark, self.ports)
-        self._programs = programs = LoadedPrograms.build(bcc, str(self.bpf_dir), flags, self._log)
+        self._programs = programs = load_programs(str(self.bpf_dir), flags, self._log)
         self._maps = CaptureMaps(self.maps_dir)
         self._links = NetnsLinks(self.links_dir, programs.fds[SK_LOOKUP.name],
                                  programs.ids[SK_LOOKUP.name], self._log)

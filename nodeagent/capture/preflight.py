@@ -2,12 +2,15 @@
 
 Each check raises a typed error (nodeagent.capture.errors) naming what is missing and
 how to fix it; `check_all` runs them in the order an operator would fix them. Compile
-and verifier failures are caught later, where they happen (programs.py).
+and verifier failures are caught later, where they happen (compiler.py). The agent
+only looks bcc up (check_bcc_found): importing it maps LLVM, which is the compile
+process's job (check_bcc).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import types
@@ -46,10 +49,22 @@ def fs_type_of(path: str, mounts: str = MOUNTS) -> str | None:
 
 
 def check_bcc() -> types.ModuleType:
+    """Import bcc (in the compile process: it maps libbcc, LLVM and clang)."""
     try:
         return importlib.import_module("bcc")
     except (ImportError, OSError) as exc:
         raise BccMissing(str(exc)) from None
+
+
+def check_bcc_found() -> None:
+    """bcc's Python package can be found, without importing it. A libbcc that fails to
+    load is reported by the compile process (check_bcc), as the same BccMissing."""
+    try:
+        found = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError) as exc:
+        raise BccMissing(str(exc)) from None
+    if found is None:
+        raise BccMissing("No module named 'bcc'")
 
 
 def check_kernel_headers(release: str | None = None) -> None:
@@ -100,12 +115,11 @@ def check_bpffs(pin_dir: str, mounts: str = MOUNTS) -> None:
         raise BpffsMissing(pin_dir)
 
 
-def check_all(cgroup: str, pin_dir: str) -> types.ModuleType:
-    """Run every check; returns the bcc module."""
+def check_all(cgroup: str, pin_dir: str) -> None:
+    """Run every check (bcc is looked up, not imported)."""
     check_privileges()
-    bcc = check_bcc()
+    check_bcc_found()
     check_kernel_headers()
     check_btf()
     check_cgroup(cgroup)
     check_bpffs(pin_dir)
-    return bcc

@@ -1,26 +1,20 @@
-"""Compile bpf/*.c with bcc and load the capture programs into the kernel.
+"""The capture programs (which source, type and attach point) and their loaded fds.
 
+Compiling and loading happen in a short-lived child process (compiler.py) so bcc and
+LLVM never enter the agent; the agent keeps only the program fds (LoadedPrograms).
 One bcc module per source file (one file per attach point); they share maps because
 every map is pinned (BPF_TABLE_PINNED): the first module creates and pins a map, the
-others — and the next agent — open the pin. bcc prints compiler errors and verifier
-logs to stderr, so stderr (fd 2) is captured while bcc runs and put into the typed
-error (CompileFailed, VerifierRejected); warnings of a good compile are logged.
+others — and the next agent — open the pin.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import logging
 import os
-import sys
-import tempfile
-import types
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from nodeagent.capture import bpfsys
-from nodeagent.capture.errors import CompileFailed, NotPrivileged, PinnedMapMismatch, VerifierRejected
+from nodeagent.capture.errors import PinnedMapMismatch
 from nodeagent.capture.structs import MAPS
 
 PROG_SOCK_OPS, PROG_CGROUP_SOCK_ADDR, PROG_SK_LOOKUP = 13, 18, 30
@@ -58,28 +52,6 @@ def cflags(bpf_dir: str, maps_dir: str, mark: int, ports: dict[str, int]) -> lis
     return flags
 
 
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[Callable[[], str]]:
-    """Point fd 2 at a temporary file for the body; yields a reader of what was written.
-
-    bcc and clang write to fd 2 from C. Other threads' stderr output during the body
-    lands there too (and is logged), which is why the body is only bcc calls.
-    """
-    with tempfile.TemporaryFile() as log:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
-
-        def read() -> str:
-            log.seek(0)
-            return log.read().decode(errors="replace")
-        try:
-            yield read
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def check_pinned_maps(maps_dir: str) -> None:
     """Refuse to adopt a pinned map that this version would misread (bcc would not check)."""
     for spec in MAPS:
@@ -99,57 +71,13 @@ def check_pinned_maps(maps_dir: str) -> None:
 
 
 class LoadedPrograms:
-    """The compiled bcc modules and the fds of the loaded programs (by name)."""
+    """The fds and ids of the loaded programs, by name (compiler.load_programs makes it)."""
 
-    def __init__(self, log: logging.Logger):
-        self._log = log
-        self._modules: list = []
-        self.fds: dict[str, int] = {}
-        self.ids: dict[str, int] = {}
-
-    @classmethod
-    def build(cls, bcc: types.ModuleType, bpf_dir: str, flags: list[str],
-              log: logging.Logger) -> "LoadedPrograms":
-        loaded = cls(log)
-        try:
-            for source in dict.fromkeys(p.source for p in PROGRAMS):
-                loaded._build_one(bcc, os.path.join(bpf_dir, source), flags)
-        except BaseException:
-            loaded.close()
-            raise
-        return loaded
-
-    def _build_one(self, bcc: types.ModuleType, path: str, flags: list[str]) -> None:
-        with _stderr_captured() as output:
-            try:
-                module = bcc.BPF(src_file=path.encode(), cflags=flags)
-            except Exception as exc:  # bcc raises bare Exception
-                raise CompileFailed(path, output() or str(exc)) from None
-            self._modules.append(module)
-            for spec in (p for p in PROGRAMS if path.endswith("/" + p.source)):
-                self._load(module, spec, output)
-            warnings = output()
-        if warnings.strip():
-            self._log.debug("bcc output for %s:\n%s", path, warnings.strip())
-
-    def _load(self, module, spec: ProgramSpec, output: Callable[[], str]) -> None:
-        try:
-            fn = module.load_func(spec.name.encode(), spec.prog_type, attach_type=spec.attach_type)
-        except Exception as exc:  # bcc raises bare Exception
-            if "super-user" in str(exc):
-                raise NotPrivileged(["CAP_BPF (loading programs)"]) from None
-            reason = str(exc).rsplit(": ", 1)[-1]
-            raise VerifierRejected(spec.name, reason, output()) from None
-        self.fds[spec.name] = fn.fd
-        self.ids[spec.name] = bpfsys.prog_info(fn.fd).id
+    def __init__(self, fds: dict[str, int]):
+        self.fds = fds
+        self.ids = {name: bpfsys.prog_info(fd).id for name, fd in fds.items()}
 
     def close(self) -> None:
-        """Close the modules and program fds (attached programs stay attached)."""
-        for module in self._modules:
-            try:
-                module.cleanup()
-            except Exception as exc:  # bcc raises bare Exception; closing must go on
-                self._log.warning("closing a bcc module failed: %s", exc)
-        self._modules.clear()
-        self.fds.clear()
-
+        """Close the program fds (attached programs stay attached)."""
+        while self.fds:
+            os.close(self.fds.popitem()[1])

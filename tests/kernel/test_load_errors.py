@@ -2,14 +2,18 @@
 a predecessor's capture untouched).
 
 Broken programs are made by copying bpf/ and breaking one line, then pointing the
-loader's bpf_dir at the copy.
+loader's bpf_dir at the copy. bcc runs in the loader's compile process
+(nodeagent/capture/compiler.py); its errors come back typed, as they were raised there.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +23,7 @@ from nodeagent.capture.errors import (BpffsMissing, Cgroup2Missing, CompileFaile
 from nodeagent.capture.loader import DEFAULT_BPF_DIR, CaptureLoader
 from nodeagent.errors import ConfigError, EnvironmentProblem
 
+FRESH_LOADER = str(Path(__file__).with_name("fresh_loader.py"))
 CONNECT4_RETURN = "\treturn na_connect_verdict(code);\n}\n\n/* ::1"
 
 
@@ -39,6 +44,25 @@ def test_compile_error_carries_clang_output(cgroup_dir, pin_dir, tmp_path):
         loader.load()
     assert "connect.c" in str(err.value) and isinstance(err.value, EnvironmentProblem)
     assert not os.path.exists(pin_dir)  # a fresh pin dir is removed again
+
+
+def test_compile_error_comes_back_from_the_compile_process(cgroup_dir, pin_dir, tmp_path):
+    """Issue 11: in a process that never imported bcc, a compile error is the same
+    CompileFailed with clang's output, and neither bcc nor LLVM is left mapped there."""
+    spec = {"cgroup": cgroup_dir, "pin_dir": pin_dir,
+            "bpf_dir": broken_bpf_dir(tmp_path, "\treturn no_such_symbol;")}
+    run = subprocess.run([sys.executable, FRESH_LOADER, json.dumps(spec)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    outcome = json.loads(run.stdout)
+    error = outcome["error"]
+    assert error["type"] == "CompileFailed" and "connect.c" in error["message"]
+    assert "use of undeclared identifier 'no_such_symbol'" in error["message"]  # clang's own words
+    assert "no_such_symbol" in error["attrs"]["log"] and error["hint"].startswith("check the kernel headers")
+    assert outcome["llvm_or_bcc"] == [] and outcome["bcc_imported"] is False
+    assert outcome["children"] == []  # the compile process is gone
+    assert our_programs(cgroup_dir) == {"na_connect4": [], "na_connect6": [], "na_sockops": []}
+    assert not os.path.exists(pin_dir)
 
 
 def test_verifier_rejection_carries_the_log(cgroup_dir, pin_dir, tmp_path):
