@@ -26,8 +26,15 @@ OPT_OUT = "none"
 EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
 EXCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/excludeInboundPorts"
 
-# Istio API groups whose resources the model carries for the policy and xDS layers.
+# Istio API groups whose resources the model carries for the policy and xDS layers: every
+# *.istio.io group and the Gateway API, so kinds the mesh does not implement are answered
+# (xds/istio/kinds.py), never dropped unseen.
 ISTIO_GROUPS = ("networking.istio.io", "security.istio.io", "telemetry.istio.io")
+GATEWAY_API_GROUP = "gateway.networking.k8s.io"
+
+
+def carries(group: str) -> bool:
+    return group in ISTIO_GROUPS or group.endswith(".istio.io") or group == GATEWAY_API_GROUP
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,7 @@ class Model:
                 pods[pod.key] = pod
             elif obj.kind == "Service" and obj.group == "":
                 services[(obj.namespace, obj.name)] = _service(obj)
-            elif obj.group in ISTIO_GROUPS:
+            elif carries(obj.group):
                 resources.setdefault(obj.kind, []).append(obj)
         for ns in {p.namespace for p in pods.values()} - namespaces.keys():
             namespaces[ns] = Namespace(ns, _frozen({}))

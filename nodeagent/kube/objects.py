@@ -165,6 +165,30 @@ def parse_documents(text: str, source: str, default_namespace: str = "default",
     return out
 
 
+def parse_each(text: str, source: str, default_namespace: str = "default") -> list[KubeObject | ConfigError]:
+    """Like parse_documents, but every document (and List item) on its own: a bad one is
+    its ConfigError in the list and the others are still read, for checks that report
+    every problem. A malformed YAML stream still raises."""
+    out: list[KubeObject | ConfigError] = []
+    for index, doc in enumerate(_load(text, source, "yaml"), start=1):
+        where = f"{source}#{index}"
+        items = [(doc, where)]
+        if isinstance(doc, dict) and doc.get("kind") == "List":
+            listed = doc.get("items") or []
+            if not isinstance(listed, list):
+                out.append(ConfigError(where, "List.items must be a list"))
+                continue
+            items = [(item, f"{where}.items[{i}]") for i, item in enumerate(listed)]
+        for item, name in items:
+            if item is None:
+                continue
+            try:
+                out.append(object_from_dict(item, name, default_namespace))
+            except ConfigError as err:
+                out.append(err)
+    return out
+
+
 def dump_documents(objects: Iterable[KubeObject | dict[str, Any]]) -> str:
     """Serialise objects (or raw dicts) as one `---`-separated YAML stream."""
     bodies = [o.body if isinstance(o, KubeObject) else o for o in objects]

@@ -222,9 +222,9 @@ def report_verdicts(state: StateDir, objects: list[KubeObject], since: float, ou
     for obj, node in silent:
         out(f"{obj}: no verdict from {node}'s agent within {timeout:.0f}s (see nodeagent status --lab "
             f"{layout.name} --node {node})")
-    refused = [v for v in found if v.error is not None]
+    refused = [v for v in found if v.refused]
     if refused:
-        raise LabError(f"{len({v.obj.key for v in refused})} of the applied resources refused by the agents; "
+        raise LabError(f"{len({v.obj.key for v in refused})} of the applied resources refused or not supported; "
                        "the last good version of each stays in force", "fix them and apply again")
 
 

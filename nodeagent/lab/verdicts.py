@@ -7,8 +7,11 @@ An agent's verdict on a resource counts once it has rebuilt its policies (and, w
 runs a waypoint, the waypoint's configuration) since the apply began and Envoy is in
 sync with that: then the
 resource is in force if its spec's digest is among the agent's resources in force
-(policy or waypoint), refused if an error of the agent names it. Kinds the agents do not
-read get no verdict here.
+(policy or waypoint), refused if an error of the agent names it, not in force (without
+being refused) if only a warning names it (a VirtualService bound to gateways only).
+Istio kinds the agents do not read get their verdict at once, without asking an agent
+(xds/istio/kinds.py: "not supported in ambient mode", "not applicable to ambient",
+"unknown kind"); Kubernetes' own kinds get none.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Callable
 
 from nodeagent.digests import spec_digest
 from nodeagent.kube.objects import KubeObject
+from nodeagent.xds.istio import kinds
 
 KINDS = {("security.istio.io", "AuthorizationPolicy"), ("security.istio.io", "PeerAuthentication"),
          ("security.istio.io", "RequestAuthentication"), ("networking.istio.io", "VirtualService"),
@@ -29,13 +33,30 @@ POLL = 0.1
 @dataclass(frozen=True)
 class Verdict:
     obj: KubeObject
-    nodes: tuple[str, ...]  # whose agents said so
+    nodes: tuple[str, ...]  # whose agents said so; () for a kind judged without them
     error: str | None  # None: in force
+    severity: str = kinds.ERROR  # of `error`: an error refuses, a warning only says it is not in force
+
+    @property
+    def refused(self) -> bool:
+        return self.error is not None and self.severity == kinds.ERROR
 
     def line(self) -> str:
         if self.error is None:
             return f"{self.obj} in force"
-        return f"{self.obj} refused by the agent of {', '.join(self.nodes)}: {self.error}"
+        if not self.nodes:
+            return f"{self.obj} {self.error}"
+        if self.refused:
+            return f"{self.obj} refused by the agent of {', '.join(self.nodes)}: {self.error}"
+        return f"{self.obj} not in force (agent of {', '.join(self.nodes)}): {self.error}"
+
+
+def of_kind(obj: KubeObject) -> Verdict | None:
+    """The verdict on an Istio kind the agents do not read, or None."""
+    answer = kinds.answer(obj)
+    if answer is None:
+        return None
+    return Verdict(obj, (), f"{answer.message} ({answer.hint})", answer.severity)
 
 
 def judged(obj: KubeObject, node: str, status: dict | None, since: float) -> Verdict | None:
@@ -55,6 +76,9 @@ def judged(obj: KubeObject, node: str, status: dict | None, since: float) -> Ver
     in_force = (status.get("policy", {}).get("resources", {}), (waypoint or {}).get("resources", {}))
     if any(resources.get(key) == digest for resources in in_force):
         return Verdict(obj, (node,), None)
+    warned = [w for w in (waypoint or {}).get("warnings", []) if name in w and "not in force" in w]
+    if warned:
+        return Verdict(obj, (node,), warned[0], kinds.WARNING)
     return None
 
 
@@ -63,6 +87,7 @@ def wait(objects: list[KubeObject], nodes: list[str], status_of: Callable[[str],
          sleep: Callable[[float], None] = time.sleep) -> tuple[list[Verdict], list[tuple[KubeObject, str]]]:
     """(each resource's refusals, or one in-force verdict per resource; the (resource,
     node) pairs still without a verdict at the timeout)."""
+    local = [v for v in map(of_kind, objects) if v is not None]
     pending = {(o.key, n): o for o in objects if (o.group, o.kind) in KINDS for n in nodes}
     verdicts: dict[tuple, Verdict] = {}
     deadline = clock() + timeout
@@ -78,7 +103,7 @@ def wait(objects: list[KubeObject], nodes: list[str], status_of: Callable[[str],
     merged: dict[tuple, Verdict] = {}  # one line per resource and answer, naming the nodes
     for (key, node), v in sorted(verdicts.items(), key=lambda kv: kv[0][1]):
         seen = merged.get((key, v.error))
-        merged[(key, v.error)] = Verdict(v.obj, (*seen.nodes, node) if seen else (node,), v.error)
+        merged[(key, v.error)] = Verdict(v.obj, (*seen.nodes, node) if seen else (node,), v.error, v.severity)
     refused = {key for key, error in merged if error is not None}
     found = [v for (key, error), v in merged.items() if error is not None or key not in refused]
-    return found, [(o, n) for (_, n), o in pending.items()]
+    return local + found, [(o, n) for (_, n), o in pending.items()]

@@ -91,7 +91,8 @@ class PolicySet:
 
 def _with_fate(err: ConfigError, kept: bool) -> ConfigError:
     """`err` with what became of the resource added to its hint."""
-    fate = "its previous version stays in force" if kept else "it is ignored"
+    fate = ("the whole resource is refused; its last good version stays in force" if kept
+            else "the whole resource is refused")
     message = err.message.removeprefix(f"{err.where}: ")
     return ConfigError(err.where, message, f"{err.hint}; {fate}" if err.hint else fate)
 

@@ -5,7 +5,8 @@ RequestAuthentication from the Model into the immutable type the engine evaluate
 raises ConfigError naming the resource, the field path, what is wrong and what to do.
 The checks are the CRD schema's (unknown fields, types, enums) plus those of istiod's
 webhook, so YAML Istio accepts is accepted and YAML it refuses is refused. Deliberate
-refusals beyond Istio: action CUSTOM (no ext-authz provider here). Pure.
+refusals beyond Istio: action CUSTOM (no ext-authz provider here) and AUDIT (no audit
+provider: it would be accepted and do nothing). Pure.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def authorization_policy(obj: KubeObject) -> AuthorizationPolicy:
     if action == CUSTOM:
         raise f["action"].error("CUSTOM needs an ext-authz provider, and nodeagent has none",
                                 "express the policy with ALLOW/DENY rules, or remove it")
+    if action == AUDIT:
+        raise f["action"].error("AUDIT only marks requests for an audit log provider (Istio's Stackdriver), "
+                                "and nodeagent has none: the policy would decide nothing and record nothing",
+                                "to see what a policy would decide without enforcing it, annotate an ALLOW "
+                                f"or DENY policy with {DRY_RUN_ANNOTATION}: \"true\"; or remove it")
     if f["provider"].present:
         raise f["provider"].error("provider is only for action CUSTOM", "remove it")
     rules = tuple(rule_reader.rule(r, obj.namespace) for r in f["rules"].items())

@@ -1,26 +1,43 @@
-"""`nodeagent analyze`: check Istio YAML offline with the checks the waypoint applies.
+"""`nodeagent analyze`: check Istio YAML offline with the checks the agents apply.
 
-Reads the files as the agent's sources read them, builds the Model, validates every
-Istio resource (IstioConfig: errors reject a resource) and translates the waypoint of
-every node in the input (warnings: references to unknown hosts, ports or subsets,
-unresolvable ports, keys Envoy will not fetch, patches that apply nowhere). Files
-without any Service are checked without the translation step, since every host would
-look unknown. Pure apart from reading the files.
+Reads files, directories (their *.yaml, *.yml, *.json, as the `files` source does) and
+standard input (`-`), every document on its own; builds the Model, validates every Istio
+resource (IstioConfig: every problem of a resource at once, each with its field path;
+kinds the mesh does not implement get their verdict, xds/istio/kinds.py) and translates
+the waypoint of every node in the input (references to hosts, ports or subsets that do
+not exist, keys Envoy will not fetch, patches that apply nowhere). When the input holds
+no cluster object (Service, Pod or a workload such as a Deployment) references are not
+checked, since every host would look unknown; with workloads, a subset whose labels
+select none of a service's workloads is reported too.
+
+The result is one verdict per Istio resource, in input order: its problems (error,
+warning; info for remarks that never fail), or "ok". Pure apart from reading the files.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 from nodeagent.errors import ConfigError
-from nodeagent.kube.objects import KubeObject, parse_documents
+from nodeagent.kube.objects import KubeObject, parse_each
 from nodeagent.model import Model
+from nodeagent.policy.schema import resource_name
 from nodeagent.xds.dataplane import Sockets
+from nodeagent.xds.istio import kinds
 from nodeagent.xds.istio.config import IstioConfig
+from nodeagent.xds.istio.fields import Note
 from nodeagent.xds.translate.build import translate
 from nodeagent.xds.translate.options import WaypointOptions
+from nodeagent.xds.translate.services import Catalog
 
-ERROR, WARNING = "error", "warning"
+ERROR, WARNING, INFO = "error", "warning", "info"
+SUFFIXES = (".yaml", ".yml", ".json")
+STDIN = "-"
+# Kinds whose pod template gives the labels of the pods they run.
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job")
 
 
 @dataclass(frozen=True)
@@ -33,23 +50,72 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Analysis:
+class Verdict:
+    """One Istio resource and every problem found in it (none: ok)."""
+
+    name: str  # resource_name: `file#n (Kind ns/name)`
     problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(p.severity == INFO for p in self.problems)
+
+    def lines(self) -> list[str]:
+        failing = [str(p) for p in self.problems if p.severity != INFO]
+        notes = [str(p) for p in self.problems if p.severity == INFO]
+        return ([f"ok: {self.name}"] if self.ok else failing) + notes
+
+
+@dataclass(frozen=True)
+class Analysis:
+    problems: tuple[Problem, ...]  # every problem, resources' and the input's
     resources: int  # Istio resources read
     translated: bool  # whether references were checked
+    verdicts: tuple[Verdict, ...] = ()
+    unattached: tuple[Problem, ...] = ()  # problems of the input itself (files, documents, Services)
 
     @property
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == ERROR]
 
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == WARNING]
 
-def analyze_files(paths: list[str]) -> Analysis:
+    def lines(self) -> list[str]:
+        return [str(p) for p in self.unattached] + [line for v in self.verdicts for line in v.lines()]
+
+
+def expand(paths: Iterable[str]) -> list[str]:
+    """Files as given; a directory's YAML/JSON files below it, sorted; `-` as is."""
+    out = []
+    for path in paths:
+        if path != STDIN and os.path.isdir(path):
+            found = []
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [os.path.join(root, f) for f in files if f.endswith(SUFFIXES) and not f.startswith(".")]
+            out += sorted(found)
+        else:
+            out.append(path)
+    return out
+
+
+def analyze_files(paths: list[str], stdin=None) -> Analysis:
     objects: list[KubeObject] = []
     problems: list[Problem] = []
-    for path in paths:
+    for path in expand(paths):
         try:
-            with open(path, encoding="utf-8") as fh:
-                objects += parse_documents(fh.read(), path)
+            if path == STDIN:
+                text, name = (stdin or sys.stdin).read(), "<stdin>"
+            else:
+                with open(path, encoding="utf-8") as fh:
+                    text, name = fh.read(), path
+            for item in parse_each(text, name):
+                if isinstance(item, ConfigError):
+                    problems.append(Problem(ERROR, item))
+                else:
+                    objects.append(item)
         except OSError as exc:
             problems.append(Problem(ERROR, ConfigError(path, f"cannot read: {exc.strerror}")))
         except ConfigError as err:
@@ -62,17 +128,74 @@ def analyze(objects: list[KubeObject], problems: list[Problem] | None = None) ->
     try:
         model = Model.build(objects)
     except ConfigError as err:  # an invalid Pod or Service: Istio checks need a model
-        return Analysis(tuple(problems + [Problem(ERROR, err)]), 0, False)
+        return Analysis(tuple(problems + [Problem(ERROR, err)]), 0, False, (), tuple(problems + [Problem(ERROR, err)]))
     config = IstioConfig.build(model)
-    problems += [Problem(ERROR, e) for e in config.errors] + [Problem(WARNING, w) for w in config.warnings]
-    translated = bool(model.services)
+    problems += [Problem(ERROR, e) for e in config.errors]
+    problems += [Problem(INFO if isinstance(w, Note) else WARNING, w) for w in config.warnings]
+    workloads = _workloads(objects, model)
+    translated = bool(model.services or workloads)
     if translated:
-        options = WaypointOptions(Sockets("/run/nodeagent/waypoint"))
-        nodes = sorted({p.node for p in model.pods.values()}) or [""]
         seen = {str(p.error) for p in problems}
-        for node in nodes:
-            for warning in translate(model, node, config, options).warnings:
-                if str(warning) not in seen:
-                    seen.add(str(warning))
-                    problems.append(Problem(WARNING, warning))
-    return Analysis(tuple(problems), sum(len(v) for v in model.resources.values()), translated)
+        for warning in _references(model, config, workloads):
+            if str(warning) not in seen:
+                seen.add(str(warning))
+                problems.append(Problem(WARNING, warning))
+    istio = [o for o in objects if kinds.is_istio(o)]
+    return _verdicts(problems, istio, len(istio), translated)
+
+
+def _verdicts(problems: list[Problem], istio: list[KubeObject], count: int, translated: bool) -> Analysis:
+    names = [resource_name(o) for o in istio]
+    attached: dict[str, list[Problem]] = {n: [] for n in names}
+    unattached = []
+    for problem in problems:
+        owner = next((n for n in names if problem.error.where == n or problem.error.where.startswith(n + " ")), None)
+        (attached[owner] if owner is not None else unattached).append(problem)
+    verdicts = tuple(Verdict(n, tuple(attached[n])) for n in dict.fromkeys(names))
+    return Analysis(tuple(problems), count, translated, verdicts, tuple(unattached))
+
+
+def _references(model: Model, config: IstioConfig, workloads: Mapping[str, list[dict]]) -> list[ConfigError]:
+    """The translation's warnings for every node (or none), then subsets selecting no workload."""
+    options = WaypointOptions(Sockets("/run/nodeagent/waypoint"))
+    found: list[ConfigError] = []
+    for node in sorted({p.node for p in model.pods.values()}) or [""]:
+        found += translate(model, node, config, options).warnings
+    if workloads:
+        found += _empty_subsets(model, config, workloads)
+    return found
+
+
+def _workloads(objects: list[KubeObject], model: Model) -> dict[str, list[dict]]:
+    """namespace → the label sets of its pods: the Pods given and the pod templates of
+    Deployments and other workload controllers."""
+    out: dict[str, list[dict]] = {}
+    for pod in model.pods.values():
+        out.setdefault(pod.namespace, []).append(dict(pod.labels))
+    for obj in objects:
+        if obj.kind in WORKLOADS and obj.group in ("apps", "batch"):
+            template = (obj.spec.get("template") or {}) if isinstance(obj.spec.get("template"), dict) else {}
+            labels = (template.get("metadata") or {}).get("labels") or {}
+            if isinstance(labels, dict):
+                out.setdefault(obj.namespace, []).append({str(k): str(v) for k, v in labels.items()})
+    return out
+
+
+def _empty_subsets(model: Model, config: IstioConfig, workloads: Mapping[str, list[dict]]) -> list[ConfigError]:
+    catalog = Catalog(model, config, lambda _: None)
+    found = []
+    for service in catalog.by_host.values():
+        rule = catalog.rule(service)
+        if rule is None or not service.selector:
+            continue
+        pods = [labels for labels in workloads.get(service.namespace, ())
+                if all(labels.get(k) == v for k, v in service.selector.items())]
+        for i, subset in enumerate(rule.subsets):
+            if not any(all(labels.get(k) == v for k, v in subset.labels.items()) for labels in pods):
+                wanted = ", ".join(f"{k}={v}" for k, v in sorted(subset.labels.items()))
+                found.append(ConfigError(f"{rule.where} spec.subsets[{i}].labels",
+                                         f"subset {subset.name!r} ({wanted}) selects none of the workloads of "
+                                         f"{service.hostname} in the input",
+                                         "requests routed to it fail with 503 (no healthy upstream) until such "
+                                         "pods run"))
+    return found

@@ -29,13 +29,16 @@ def register(sub: argparse._SubParsersAction, lab_socket: Callable[[str, str], s
     pc.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
     pc.set_defaults(func=_proxy_config, lab_socket=lab_socket)
 
-    an = sub.add_parser("analyze", help="check Istio YAML offline (one line per problem)",
-                        description="Validate VirtualService, DestinationRule, EnvoyFilter, "
-                                    "AuthorizationPolicy and RequestAuthentication as the waypoint "
-                                    "does. Exit 1 if any error (or warning, with --failure-threshold "
+    an = sub.add_parser("analyze", help="check Istio YAML offline (a verdict per resource)",
+                        description="Validate Istio resources as the agents do: every problem of a "
+                                    "resource with its field path, kinds the mesh does not implement, "
+                                    "and (when the input has Services or workloads) references to hosts "
+                                    "and subsets that do not exist. Prints each resource's problems or "
+                                    "'ok'. Exit 1 if any error (or warning, with --failure-threshold "
                                     "warning).")
     an.add_argument("-f", "--filename", action="extend", nargs="+", required=True, metavar="FILE",
-                    help="YAML files (-f a.yaml b.yaml, or -f repeated)")
+                    help="YAML files, directories (their *.yaml, *.yml, *.json) or - for standard input "
+                         "(-f a.yaml dir/ -, or -f repeated)")
     an.add_argument("--failure-threshold", choices=("error", "warning"), default="error")
     an.set_defaults(func=_analyze)
 
@@ -67,11 +70,12 @@ def _analyze(args: argparse.Namespace) -> int:
     from nodeagent.xds.analyze import analyze_files
 
     analysis = analyze_files(args.filename)
-    for problem in analysis.problems:
-        print(problem)
+    for line in analysis.lines():
+        print(line)
     if not analysis.translated:
-        print("note: the input has no Service, so references to hosts were not checked", file=sys.stderr)
-    failing = analysis.errors if args.failure_threshold == "error" else analysis.problems
-    if not analysis.problems:
+        print("note: the input has no Service, Pod or workload, so references to hosts and subsets were "
+              "not checked", file=sys.stderr)
+    failing = analysis.errors if args.failure_threshold == "error" else analysis.errors + analysis.warnings
+    if not analysis.errors and not analysis.warnings:
         print(f"no problems found in {analysis.resources} Istio resource(s)", file=sys.stderr)
     return 1 if failing else 0

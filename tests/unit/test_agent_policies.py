@@ -55,7 +55,7 @@ def test_a_broken_edit_keeps_the_last_good_version_and_is_logged_once(caplog):
         state.update(model(BROKEN))
         state.update(model(BROKEN + STRICT))  # another change: the same error is not logged again
     assert len(warnings(caplog)) == 1 and "policy refused" in warnings(caplog)[0]
-    assert "spec.action" in warnings(caplog)[0] and "its previous version stays in force" in warnings(caplog)[0]
+    assert "spec.action" in warnings(caplog)[0] and "the whole resource is refused; its last good version stays in force" in warnings(caplog)[0]
     assert decide(state, world, None) is False  # the ALLOW still applies
     described = state.describe()
     assert described["resources"]["AuthorizationPolicy foo/allow-sleep"] == good
@@ -68,7 +68,7 @@ def test_a_new_invalid_policy_is_ignored(caplog):
     state, world = PolicyState("istio-system", LOG), model()
     with caplog.at_level(logging.WARNING):
         state.update(model(BROKEN))
-    assert decide(state, world, None) is True and "it is ignored" in warnings(caplog)[0]
+    assert decide(state, world, None) is True and "the whole resource is refused" in warnings(caplog)[0]
     assert state.describe()["resources"] == {}
 
 

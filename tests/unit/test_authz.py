@@ -111,7 +111,6 @@ rules:
   - key: request.headers[x-token]
     values: ["admin"]
 """)
-AUDIT_ALL = policy("audit", "action: AUDIT\nrules:\n- {}")
 DRY_RUN_DENY = policy("dry-run-example", "action: DENY\nrules:\n- {}",
                       metadata=', annotations: {istio.io/dry-run: "true"}')
 TARGET_REF_DENY = policy("target-ref-example", """
@@ -215,7 +214,6 @@ CASES = [
     ("http-deny-when-header", DENY_HEADER, connection("foo/httpbin", 9000),
      denied_by("foo/header", ignoring="request.headers[x-token]")),
     ("http-deny-when-header-port", DENY_HEADER, connection("foo/httpbin", 9001), OPEN),
-    ("audit-no-effect", AUDIT_ALL, connection("foo/httpbin", 80), OPEN),
     ("dry-run-no-effect", DRY_RUN_DENY, connection("foo/httpbin", 80), OPEN),
     ("target-ref-not-l4", TARGET_REF_DENY, connection("foo/httpbin", 80), OPEN),
     ("principal-prefix", WILDCARDS, connection("foo/httpbin", 80, source="default/any"),
@@ -280,7 +278,6 @@ L7_CASES = [
     ("allow-http", ALLOW_GET, "foo/httpbin", True),
     ("deny-http", DENY_POST_8080, "foo/httpbin", True),
     ("deny-http-other-namespace", DENY_POST_8080, "bar/httpbin", False),
-    ("audit-http", AUDIT_ALL.replace("- {}", "- to: [{operation: {methods: [GET]}}]"), "foo/httpbin", False),
     ("dry-run-http", DRY_RUN_DENY.replace("- {}", "- to: [{operation: {paths: [/x]}}]"), "foo/httpbin", False),
     ("request-authentication", JWT_HTTPBIN, "foo/httpbin", True),
     ("request-authentication-other-pod", JWT_HTTPBIN, "foo/tcp-echo", False),

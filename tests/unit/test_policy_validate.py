@@ -47,6 +47,9 @@ INVALID = [
     ("action-unknown", AP, "action: REJECT", "spec.action", "'REJECT' is not one of"),
     ("action-custom", AP, "action: CUSTOM\nprovider: {name: my-authz}\nrules: [{}]", "spec.action",
      "CUSTOM needs an ext-authz provider"),
+    ("action-audit", AP, 'selector: {matchLabels: {app: myapi}}\naction: AUDIT\nrules:\n'
+                         '- to:\n  - operation: {methods: ["GET"], paths: ["/user/profile/*"]}', "spec.action",
+     "AUDIT only marks requests for an audit log provider (Istio's Stackdriver), and nodeagent has none"),
     ("provider-without-custom", AP, "provider: {name: x}\nrules: [{}]", "spec.provider", "only for action CUSTOM"),
     ("deny-without-rules", AP, "action: DENY", "spec.rules", "a DENY policy without rules would never match"),
     ("ip-block", AP, SOURCE_IP_RULE % '"10.0.0.300"', "spec.rules[0].from[1].source.ipBlocks[0]",
@@ -141,7 +144,7 @@ def test_invalid_resource_is_refused_naming_the_field(kind: str, spec: str, path
     assert err.where.startswith("policies.yaml#")
     assert err.where.endswith(f" ({kind} foo/bad) {path}")
     assert fragment in str(err)
-    assert str(err).endswith("it is ignored)")
+    assert str(err).endswith("the whole resource is refused)")
     assert policies.get(kind, "foo", "bad") is None
 
 
@@ -150,7 +153,7 @@ def test_message_names_resource_field_problem_and_remedy():
     assert str(err) == (
         "policies.yaml#10 (AuthorizationPolicy foo/bad) spec.rules[0].from[1].source.ipBlocks[0]: "
         "'10.0.0.300' is not an IP address or CIDR "
-        '(write an address ("10.1.2.3") or a CIDR ("10.1.0.0/16"); it is ignored)')
+        '(write an address ("10.1.2.3") or a CIDR ("10.1.0.0/16"); the whole resource is refused)')
 
 
 @pytest.mark.parametrize("api_version, kind", [
@@ -191,8 +194,6 @@ rules:
     (AP, "security.istio.io/v1", 'action: DENY\nrules:\n- from:\n  - source: {namespaces: ["dev"]}\n'
                                  '  to:\n  - operation: {methods: ["POST"]}'),
     (AP, "security.istio.io/v1", 'action: DENY\nrules:\n- to:\n  - operation: {methods: ["POST"], ports: ["8080"]}'),
-    (AP, "security.istio.io/v1", 'selector: {matchLabels: {app: myapi}}\naction: AUDIT\nrules:\n'
-                                 '- to:\n  - operation: {methods: ["GET"], paths: ["/user/profile/*"]}'),
     (AP, "security.istio.io/v1", "{}"),
     (AP, "security.istio.io/v1", "rules:\n- {}"),
     (AP, "security.istio.io/v1", "selector:\n  matchLabels: {app: httpbin}"),
@@ -262,14 +263,14 @@ def test_invalid_update_keeps_the_previous_version():
     first = valid(GOOD_DENY)
     second, [err] = build(BROKEN_DENY, previous=first)
     assert err.where.endswith("(AuthorizationPolicy foo/deny-sleep) spec.rules[0].from[0].source.principals[0]")
-    assert str(err).endswith("its previous version stays in force)")
+    assert str(err).endswith("the whole resource is refused; its last good version stays in force)")
     assert second.authorize(connection("foo/httpbin", 80)) == DENIED
 
 
 def test_kept_version_survives_further_invalid_builds_and_is_replaced_when_fixed():
     kept, _ = build(BROKEN_DENY, previous=valid(GOOD_DENY))
     still, [err] = build(BROKEN_DENY, previous=kept)
-    assert "its previous version stays in force" in str(err)
+    assert "the whole resource is refused; its last good version stays in force" in str(err)
     assert still.authorize(connection("foo/httpbin", 80)) == DENIED
     fixed, errors = build(DENY_SLEEP % '"cluster.local/ns/default/sa/other"', previous=still)
     assert errors == []
@@ -278,7 +279,7 @@ def test_kept_version_survives_further_invalid_builds_and_is_replaced_when_fixed
 
 def test_new_invalid_resource_is_reported_and_ignored():
     policies, [err] = build(BROKEN_DENY, previous=valid(""))
-    assert str(err).endswith("it is ignored)")
+    assert str(err).endswith("the whole resource is refused)")
     assert policies.keys() == []
     assert policies.authorize(connection("foo/httpbin", 80)) == OPEN
 

@@ -260,3 +260,17 @@ def test_a_refusal_no_changed_resource_explains_keeps_the_accepted_snapshot(worl
     assert world.publisher.snapshot_error == "Envoy refused snapshot 2: refused: endpoints"
     assert world.errors("snapshot_refused") == 1 and world.errors("envoy_refused") == 0
     assert world.publisher.describe()["errors"] == []
+
+
+def test_status_lists_kinds_the_mesh_does_not_implement_and_gateway_only_routes(world):
+    """nodeagent status shows these under WAYPOINT CONFIG PROBLEMS (issue 14)."""
+    gateway = doc("Gateway", "ingress", "selector: {istio: ingressgateway}\nservers: []")
+    bound = doc("VirtualService", "external", "hosts: [x.example.com]\ngateways: [ingress]\n"
+                                              "http: [{route: [{destination: {host: reviews}}]}]")
+    world.publisher.update(model(VS + gateway + bound))
+    world.ack()
+    status = world.publisher.describe()
+    assert [e.split(":")[0] for e in status["errors"]] == ["test.yaml#13 (Gateway shop/ingress) kind"]
+    assert "not supported in ambient mode: nodeagent runs no ingress or egress gateway" in status["errors"][0]
+    assert [w.split(":")[0] for w in status["warnings"]] == ["test.yaml#14 (VirtualService shop/external) spec.gateways"]
+    assert status["resources"] == {REVIEWS: digest(VS)}

@@ -36,14 +36,16 @@ def test_an_error_is_one_line_naming_file_resource_and_field_and_exits_1(tmp_pat
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"error: {path}#1 (VirtualService shop/reviews) spec.http[0].retries.perTryTimeot: unknown "
                      "field (did you mean perTryTimeout? known fields: attempts, perTryTimeout, retryOn, "
-                     "retryRemoteLocalities, retryIgnorePreviousHosts, backoff; it is ignored)"]
+                     "retryRemoteLocalities, retryIgnorePreviousHosts, backoff; the whole resource is refused)",
+                     f"ok: {path}#2 (DestinationRule shop/reviews)"]
 
 
 def test_clean_input_exits_0_and_warnings_fail_only_when_asked(tmp_path, capsys):
     seeds = [str(SEEDS / "_api_world.yaml"), str(SEEDS / "002_security.yaml")]
     assert main(["analyze", "-f", *seeds]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("warning: ") and "jwksUri https://auth.example.com/.well-known/jwks.json" in out
+    (warning,) = [line for line in out.splitlines() if not line.startswith("ok: ")]
+    assert warning.startswith("warning: ") and "jwksUri https://auth.example.com/.well-known/jwks.json" in warning
     assert main(["analyze", "--failure-threshold", "warning", "-f", *seeds]) == 1
 
 
@@ -52,7 +54,8 @@ def test_input_without_services_is_checked_without_references(tmp_path, capsys):
     path.write_text(BAD_VS.split("---")[1])
     assert main(["analyze", "-f", str(path)]) == 0
     captured = capsys.readouterr()
-    assert captured.out == "" and "references to hosts were not checked" in captured.err
+    assert captured.out == f"ok: {path}#1 (DestinationRule shop/reviews)\n"
+    assert "references to hosts and subsets were not checked" in captured.err
 
 
 def test_an_unreadable_or_malformed_file_is_an_error(tmp_path, capsys):

@@ -207,14 +207,14 @@ def test_a_bad_resource_is_rejected_alone_and_the_rest_apply():
     assert [vs.name for vs in built.virtual_services] == ["good"]
     assert [dr.name for dr in built.destination_rules] == ["d"]
     assert len(built.errors) == 1 and "(VirtualService shop/bad) spec.http[0].timeout" in str(built.errors[0])
-    assert "it is ignored" in str(built.errors[0])
+    assert "the whole resource is refused" in str(built.errors[0])
 
 
 def test_a_bad_edit_keeps_the_previous_good_version():
     good = valid(doc("VirtualService", "r", ROUTE_TO_REVIEWS + "  timeout: 3s"))
     edited = config(doc("VirtualService", "r", ROUTE_TO_REVIEWS + "  timeout: 3"), previous=good)
     assert edited.virtual_services[0].http[0].timeout == timedelta(seconds=3)
-    assert "its previous version stays in force" in str(edited.errors[0])
+    assert "the whole resource is refused; its last good version stays in force" in str(edited.errors[0])
     fixed = config(doc("VirtualService", "r", ROUTE_TO_REVIEWS + "  timeout: 4s"), previous=edited)
     assert fixed.virtual_services[0].http[0].timeout == timedelta(seconds=4) and fixed.errors == ()
 
@@ -284,7 +284,7 @@ def route_with(http: str, regex: str) -> str:
 def test_regexes_envoy_refuses_are_refused_naming_the_field(http, path, regex, words):
     message = only_error(doc("VirtualService", "r", route_with(http, regex)))
     assert f"(VirtualService shop/r) {path}: {regex!r} {words}" in message, message
-    assert "it is ignored" in message
+    assert "the whole resource is refused" in message
 
 
 @pytest.mark.parametrize("regex", [r"^/api/v[0-9]+/.*", r"(?i)^/admin", r"[[:alpha:]]+", r"\d{3}-\d{4}",
@@ -300,7 +300,7 @@ def test_a_regex_envoy_refuses_keeps_the_previous_good_version():
     edited = config(doc("VirtualService", "r", route_with(REGEX_FIELDS[0][0], "/v[0-9]++")), previous=good)
     assert edited.virtual_services[0].http[0].matches[0].uri.value == "/v[0-9]+"
     assert "bad repetition operator" in str(edited.errors[0])
-    assert "its previous version stays in force" in str(edited.errors[0])
+    assert "the whole resource is refused; its last good version stays in force" in str(edited.errors[0])
 
 
 def test_source_labels_too_many_for_one_envoy_matcher_are_refused():

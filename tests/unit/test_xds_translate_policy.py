@@ -154,10 +154,8 @@ def test_deny_runs_before_allow_and_rule_less_allow_policies_deny_everything():
     assert list(policies(yaml)) == ["ns[shop]-policy[allow-get]-rule[0]"]  # deny-all adds no rule
 
 
-def test_dry_run_and_audit_policies_are_not_enforced():
-    yaml = HTTP_POLICY + doc("AuthorizationPolicy", "audit", "selector: {matchLabels: {app: reviews}}\n"
-                                                              "action: AUDIT\nrules: [{}]", SEC)
-    yaml += ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: dry, namespace: shop, "
+def test_dry_run_policies_are_not_enforced():
+    yaml = HTTP_POLICY + ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: dry, namespace: shop, "
              "annotations: {istio.io/dry-run: 'true'}}\nspec: {action: DENY, rules: [{}]}\n---\n")
     _, names, _ = http_filters(yaml)
     assert names.count("envoy.filters.http.rbac") == 1

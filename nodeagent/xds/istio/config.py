@@ -24,6 +24,7 @@ from nodeagent.policy.policyset import _with_fate  # the same wording as the L4 
 from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
 from nodeagent.policy.schema import Field, resource_name
 from nodeagent.xds.istio.destinationrule import destination_rule
+from nodeagent.xds.istio import kinds
 from nodeagent.xds.istio.envoyfilter import envoy_filter
 from nodeagent.xds.istio.security import authentication, authorization
 from nodeagent.xds.istio.virtualservice import virtual_service
@@ -80,6 +81,11 @@ class IstioConfig:
         entries: dict[Key, Any] = {}
         errors: list[ConfigError] = []
         warnings: list[ConfigError] = []
+        for objects in model.resources.values():
+            for obj in objects:
+                found_kind = kinds.problem(obj)
+                if found_kind is not None:
+                    (errors if found_kind[0] == kinds.ERROR else warnings).append(found_kind[1])
         for kind, (group, _, _) in READERS.items():
             for obj in model.resources.get(kind, ()):
                 if obj.group != group:
@@ -91,8 +97,11 @@ class IstioConfig:
                     continue
                 found: list[ConfigError] = []
                 try:
-                    entries[key] = read(obj, found.append)
+                    entry = read(obj, found.append)
                     warnings.extend(found)
+                    if not _for_mesh(entry, obj, warnings):
+                        continue
+                    entries[key] = entry
                 except ConfigError as err:
                     kept = previous.entries.get(key) if previous is not None else None
                     errors.append(_with_fate(err, kept is not None))
@@ -100,6 +109,19 @@ class IstioConfig:
                         entries[key] = kept
         ordered = dict(sorted(entries.items()))
         return cls(MappingProxyType(ordered), tuple(errors), tuple(warnings), root_namespace)
+
+
+def _for_mesh(entry: Any, obj: KubeObject, warnings: list[ConfigError]) -> bool:
+    """False (with a warning) for a VirtualService bound only to gateways: nodeagent runs
+    no gateway, so it is not in force for any traffic."""
+    if getattr(entry, "mesh", True):
+        return True
+    gateways = Field(resource_name(obj), "spec.gateways", obj.spec.get("gateways"))
+    warnings.append(gateways.error(
+        f"binds this VirtualService to gateways {', '.join(gateways.strings())} only, and nodeagent runs no "
+        "gateway: it is not in force for mesh traffic", 'add "mesh" to spec.gateways to route meshed '
+        "clients with it, or remove it"))
+    return False
 
 
 def read(obj: KubeObject, warn: Callable[[ConfigError], None]) -> Any:

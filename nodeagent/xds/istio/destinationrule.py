@@ -6,8 +6,8 @@ merges them as istiod does (MergeTrafficPolicy): a port-level entry replaces eve
 component (unset ones fall back to Envoy's defaults, not to the rule level), a subset's
 components override the rule's, and the subset's own port-level entry replaces all.
 Refused, naming the field: consistentHash and locality settings, TLS origination
-(SIMPLE/MUTUAL: the agent does all TLS; ISTIO_MUTUAL and DISABLE are accepted and have
-no effect), workloadSelector and exportTo narrower than "*". Pure.
+(SIMPLE/MUTUAL: the agent does all TLS; ISTIO_MUTUAL is accepted with a note, since the
+mesh's mTLS is HBONE's and always on, and DISABLE with a warning that it cannot turn it off), workloadSelector and exportTo narrower than "*". Pure.
 """
 
 from __future__ import annotations
@@ -170,12 +170,23 @@ def _traffic_policy(field: Field, warn: Warn) -> TrafficPolicy | None:
 
 
 def _policy(p: dict[str, Field], warn: Warn) -> Policy:
-    _tls(p["tls"])
+    _tls(p["tls"], warn)
     return Policy(_load_balancer(p["loadBalancer"]), _connection_pool(p["connectionPool"]),
                   _outlier(p["outlierDetection"], warn))
 
 
-def _tls(field: Field) -> None:
+TLS_IN_AMBIENT = {
+    "ISTIO_MUTUAL": (f.Note, "ISTIO_MUTUAL is what the mesh always does: traffic between meshed pods is "
+                             "mutual TLS (HBONE, done by the agents) whatever the DestinationRule says",
+                     "remove tls; it changes nothing"),
+    "DISABLE": (ConfigError, "DISABLE has no effect in ambient mode: traffic between meshed pods is always "
+                             "mutual TLS (HBONE, done by the agents), and a DestinationRule cannot turn it off",
+                "to let a destination accept plaintext, use a PeerAuthentication with mode PERMISSIVE or "
+                "DISABLE on it; remove tls here"),
+}
+
+
+def _tls(field: Field, warn: Warn) -> None:
     if not field.present:
         return
     t = field.fields(("mode", "clientCertificate", "privateKey", "caCertificates", "credentialName",
@@ -187,6 +198,8 @@ def _tls(field: Field) -> None:
     extra = [n for n, v in t.items() if v.present and n != "mode"]
     if extra:
         raise t[extra[0]].error(f"has no effect with mode {mode}", "remove it")
+    kind, message, hint = TLS_IN_AMBIENT[mode]
+    warn(kind(f"{t['mode'].where} {t['mode'].path}", message, hint))
 
 
 def _load_balancer(field: Field) -> LoadBalancer | None:

@@ -17,8 +17,14 @@ from datetime import timedelta
 
 import re2
 
+from nodeagent.errors import ConfigError
 from nodeagent.policy.schema import Field, describe
 from nodeagent.policy.validate import DURATION
+
+class Note(ConfigError):
+    """A remark on a valid field that works, but not as the user may think (analyze shows it as
+    "info", never failing): passed to a reader's `warn` like a warning."""
+
 
 UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
