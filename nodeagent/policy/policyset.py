@@ -17,7 +17,7 @@ from nodeagent.errors import ConfigError
 from nodeagent.model import Model, Pod
 from nodeagent.policy import authz, peerauth
 from nodeagent.policy.authz import Connection, Decision
-from nodeagent.policy.schema import resource_name
+from nodeagent.policy.schema import all_errors, resource_name
 from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
 from nodeagent.policy.validate import (AUTHORIZATION_POLICY, KINDS, PEER_AUTHENTICATION,
                                        REQUEST_AUTHENTICATION, Policy, validate)
@@ -49,10 +49,10 @@ class PolicySet:
                     continue
                 seen.add(key)
                 try:
-                    entries[key] = validate(obj)
+                    entries[key] = all_errors(lambda: validate(obj))
                 except ConfigError as err:
                     kept = previous.get(*key) if previous is not None else None
-                    errors.append(_with_fate(err, kept is not None))
+                    errors.extend(with_fate(err, kept is not None))
                     if kept is not None:
                         entries[key] = kept
         return cls(entries, root_namespace), errors
@@ -87,6 +87,11 @@ class PolicySet:
         """Resources of `kind` that may apply to `pod`: its namespace's and the root's."""
         namespaces = dict.fromkeys((self.root_namespace, pod.namespace))
         return [p for ns in namespaces for p in self._by_namespace.get((kind, ns), ())]
+
+
+def with_fate(err: ConfigError, kept: bool) -> list[ConfigError]:
+    """Each problem of a refused resource (ConfigErrors: all of them) with its fate."""
+    return [_with_fate(one, kept) for one in getattr(err, "errors", (err,))]
 
 
 def _with_fate(err: ConfigError, kept: bool) -> ConfigError:

@@ -14,7 +14,7 @@ import ipaddress
 import re
 
 from nodeagent.policy.authz import Condition, Net, Port, Rule, Text
-from nodeagent.policy.schema import Field
+from nodeagent.policy.schema import Field, attempt
 
 CONDITIONS_DOC = "https://istio.io/latest/docs/reference/config/security/conditions/"
 NUMBER = re.compile(r"^[0-9]+$")
@@ -60,9 +60,9 @@ def rule(field: Field, namespace: str) -> Rule:
         raise field.error("a rule must not be null", "write {} for a rule that matches everything")
     parts = field.fields(("from", "to", "when"))
     l7: list[str] = []
-    sources = _entries(parts["from"], "source", SOURCE_FIELDS, namespace, l7)
-    operations = _entries(parts["to"], "operation", OPERATION_FIELDS, namespace, l7)
-    conditions = tuple(c for w in parts["when"].items() for c in _condition(w, namespace, l7))
+    sources = attempt(lambda: _entries(parts["from"], "source", SOURCE_FIELDS, namespace, l7), ())
+    operations = attempt(lambda: _entries(parts["to"], "operation", OPERATION_FIELDS, namespace, l7), ())
+    conditions = tuple(c for found in parts["when"].each(lambda w: _condition(w, namespace, l7)) for c in found)
     return Rule(sources, operations, conditions, tuple(dict.fromkeys(l7)))
 
 
@@ -71,15 +71,17 @@ def _entries(field: Field, inner: str, table: dict, namespace: str,
     items = field.items()
     if field.present and not items:
         raise field.error("must not be an empty list", f"remove it to match any {inner}")
-    out = []
-    for item in items:
-        body = item.fields((inner,))[inner]
-        conditions, http = _conjunction(body, table, namespace)
-        if not conditions and not http:
-            raise body.error(f"{inner} must set at least one field", f"known fields: {', '.join(table)}")
-        out.append(conditions)
-        l7.extend(http)
-    return tuple(out)
+    return tuple(field.each(lambda item: _entry(item, inner, table, namespace, l7)))
+
+
+def _entry(item: Field, inner: str, table: dict, namespace: str, l7: list[str]) -> tuple[Condition, ...]:
+    body = item.fields((inner,))[inner]
+    conditions, http = _conjunction(body, table, namespace)
+    given = [k for k, v in (body.value or {}).items() if v]  # (fields() refused a value that is no map)
+    if not given:  # (a field that is set but wrong, or unknown, is its own error)
+        raise body.error(f"{inner} must set at least one field", f"known fields: {', '.join(table)}")
+    l7.extend(http)
+    return conditions
 
 
 def _conjunction(body: Field, table: dict, namespace: str) -> tuple[tuple[Condition, ...], list[str]]:
@@ -91,10 +93,10 @@ def _conjunction(body: Field, table: dict, namespace: str) -> tuple[tuple[Condit
     for name, field in fields.items():
         attribute, negate, kind = table[name]
         if kind is None:
-            if field.strings():
+            if attempt(field.strings, ()):
                 http.append(name)
             continue
-        patterns = _patterns(field, kind, namespace)
+        patterns = attempt(lambda: _patterns(field, kind, namespace), ())
         if patterns:
             conditions.append(Condition(attribute, patterns, negate))
     return tuple(conditions), http
@@ -143,7 +145,8 @@ def _key_kind(key: str, field: Field) -> str | None:
 
 def _patterns(field: Field, kind: str, namespace: str) -> tuple:
     parse = _PARSERS[kind]
-    return tuple(parse(item, text, namespace) for item, text in field.string_items())
+    found = [attempt(lambda item=item, text=text: (parse(item, text, namespace),)) for item, text in field.string_items()]
+    return tuple(one[0] for one in found if one is not None)
 
 
 def _text(field: Field, text: str, namespace: str) -> Text:

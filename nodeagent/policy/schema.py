@@ -4,17 +4,86 @@ Istio's CRDs are structural schemas: an API server refuses an unknown field, a n
 where a string belongs or a misspelt enum. `Field` applies the same checks to resources
 read from files and builds the place every ConfigError names: the resource
 (`source (Kind ns/name)`) and the field path (`spec.rules[0].from[1].source.ipBlocks[0]`).
-Pure: no I/O.
+Every problem of a resource is reported at once: `all_errors(read)` runs a reader with a
+collector in force, in which `Field.fields` records an unknown field and goes on, and
+each `attempt(...)` the readers place around a field, a list element or a component
+records its error and goes on to the next; without a collector (a reader called on its
+own) the first error raises, as before. Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject, string_map
+
+
+T = TypeVar("T")
+# The errors of the resource being read by all_errors(), or None outside it. A context
+# variable, not state of an object: readers are plain functions called deep inside one
+# another, and each thread (the agent's config work, tests) reads its own resources.
+_COLLECTED: ContextVar[list[ConfigError] | None] = ContextVar("nodeagent_config_errors", default=None)
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one resource (at least one); str() is the first."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = tuple(errors)
+        first = errors[0]
+        super().__init__(first.where, first.message, first.hint)
+
+
+def _record(sink: list[ConfigError], err: ConfigError) -> None:
+    sink.extend(err.errors if isinstance(err, ConfigErrors) else [err])
+
+
+@contextmanager
+def _collecting() -> Iterator[list[ConfigError]]:
+    token = _COLLECTED.set([])
+    try:
+        yield _COLLECTED.get()
+    finally:
+        _COLLECTED.reset(token)
+
+
+def all_errors(read: Callable[[], T]) -> T:
+    """read() with every error it finds collected; raises ConfigErrors with all of them."""
+    with _collecting() as found:
+        try:
+            value = read()
+        except ConfigError as err:
+            _record(found, err)
+        errors = list({str(e): e for e in found}.values())  # in the order found, once each
+    if errors:
+        raise ConfigErrors(errors)
+    return value
+
+
+def attempt(read: Callable[[], T], default: Any = None) -> T:
+    """read(); while all_errors() collects, its error is recorded and `default` returned so
+    the reader goes on with the next field. Outside all_errors() errors raise."""
+    sink = _COLLECTED.get()
+    if sink is None:
+        return read()
+    try:
+        return read()
+    except ConfigError as err:
+        _record(sink, err)
+        return default
+
+
+def report(err: ConfigError) -> None:
+    """A problem that does not stop reading: recorded while collecting, else raised."""
+    sink = _COLLECTED.get()
+    if sink is None:
+        raise err
+    _record(sink, err)
 
 
 def describe(value: Any) -> str:
@@ -57,8 +126,8 @@ class Field:
             raise self.error(f"must be a map, not {describe(value)}")
         for key in value:
             if key not in known:
-                raise Field(self.where, f"{self.path}.{key}", value[key]).error(
-                    "unknown field", _suggest(str(key), known))
+                report(Field(self.where, f"{self.path}.{key}", value[key]).error(
+                    "unknown field", _suggest(str(key), known)))
         return {k: Field(self.where, f"{self.path}.{k}", value.get(k)) for k in known}
 
     def items(self) -> list["Field"]:
@@ -68,6 +137,12 @@ class Field:
         if not isinstance(self.value, list):
             raise self.error(f"must be a list, not {describe(self.value)}")
         return [Field(self.where, f"{self.path}[{i}]", v) for i, v in enumerate(self.value)]
+
+    def each(self, read: Callable[["Field"], T]) -> list[T]:
+        """read(item) of every element, each attempted on its own (see attempt); an
+        element that failed is left out of the result."""
+        results = [attempt(lambda item=item: (read(item),)) for item in self.items()]
+        return [r[0] for r in results if r is not None]
 
     def string(self, default: str = "") -> str:
         if self.value is None:
@@ -80,10 +155,9 @@ class Field:
         """A list of non-empty strings (Istio refuses empty values), each with its Field."""
         out = []
         for item in self.items():
-            text = item.string()
-            if not text:
-                raise item.error("must not be empty", "remove the empty entry")
-            out.append((item, text))
+            text = attempt(lambda item=item: _non_empty(item))
+            if text is not None:
+                out.append((item, text))
         return out
 
     def strings(self) -> tuple[str, ...]:
@@ -106,6 +180,13 @@ class Field:
     def labels(self) -> dict[str, str]:
         """A map of label strings (a selector's matchLabels)."""
         return string_map(self.value, f"{self.where} {self.path}", "labels")
+
+
+def _non_empty(item: Field) -> str:
+    text = item.string()
+    if not text:
+        raise item.error("must not be empty", "remove the empty entry")
+    return text
 
 
 def _quote_hint(value: Any) -> str | None:

@@ -23,7 +23,7 @@ from nodeagent.policy import rules as rule_reader
 from nodeagent.policy.authz import ALLOW, AUDIT, CUSTOM, DENY, AuthorizationPolicy
 from nodeagent.policy.peerauth import MODES, UNSET, PeerAuthentication
 from nodeagent.policy.requestauth import RequestAuthentication
-from nodeagent.policy.schema import Field, resource_name
+from nodeagent.policy.schema import Field, attempt, resource_name
 from nodeagent.policy.scope import Scope, TargetRef
 
 GROUP = "security.istio.io"
@@ -59,8 +59,17 @@ def validate(obj: KubeObject) -> Policy:
 def authorization_policy(obj: KubeObject) -> AuthorizationPolicy:
     spec = Field.spec_of(obj)
     f = spec.fields(("selector", "targetRef", "targetRefs", "rules", "action", "provider"))
-    scope = _scope(obj, spec, f)
-    action = f["action"].enum(ACTIONS, ALLOW)
+    scope = attempt(lambda: _scope(obj, spec, f))
+    action = attempt(lambda: f["action"].enum(ACTIONS, ALLOW), ALLOW)
+    attempt(lambda: _action(f, action))
+    rules = tuple(f["rules"].each(lambda r: rule_reader.rule(r, obj.namespace)))
+    if action == DENY and not f["rules"].items():
+        raise f["rules"].error("a DENY policy without rules would never match",
+                               "add the empty rule `- {}` to deny every connection, as Istio requires")
+    return AuthorizationPolicy(obj.name, scope, action, rules, _dry_run(obj))
+
+
+def _action(f: dict[str, Field], action: str) -> None:
     if action == CUSTOM:
         raise f["action"].error("CUSTOM needs an ext-authz provider, and nodeagent has none",
                                 "express the policy with ALLOW/DENY rules, or remove it")
@@ -71,11 +80,6 @@ def authorization_policy(obj: KubeObject) -> AuthorizationPolicy:
                                 f"or DENY policy with {DRY_RUN_ANNOTATION}: \"true\"; or remove it")
     if f["provider"].present:
         raise f["provider"].error("provider is only for action CUSTOM", "remove it")
-    rules = tuple(rule_reader.rule(r, obj.namespace) for r in f["rules"].items())
-    if action == DENY and not rules:
-        raise f["rules"].error("a DENY policy without rules would never match",
-                               "add the empty rule `- {}` to deny every connection, as Istio requires")
-    return AuthorizationPolicy(obj.name, scope, action, rules, _dry_run(obj))
 
 
 def _dry_run(obj: KubeObject) -> bool:
@@ -85,9 +89,10 @@ def _dry_run(obj: KubeObject) -> bool:
 # --- PeerAuthentication --------------------------------------------------------------
 def peer_authentication(obj: KubeObject) -> PeerAuthentication:
     f = Field.spec_of(obj).fields(("selector", "mtls", "portLevelMtls"))
-    labels = _match_labels(f["selector"])
-    return PeerAuthentication(obj.namespace, obj.name, _created(obj), MappingProxyType(labels),
-                              _mode(f["mtls"]), MappingProxyType(_port_modes(f["portLevelMtls"], labels)))
+    labels = attempt(lambda: _match_labels(f["selector"]), {})
+    return PeerAuthentication(obj.namespace, obj.name, attempt(lambda: _created(obj)), MappingProxyType(labels),
+                              attempt(lambda: _mode(f["mtls"]), UNSET),
+                              MappingProxyType(attempt(lambda: _port_modes(f["portLevelMtls"], labels), {})))
 
 
 def _mode(field: Field) -> str:
@@ -139,15 +144,16 @@ def _created(obj: KubeObject) -> datetime | None:
 def request_authentication(obj: KubeObject) -> RequestAuthentication:
     spec = Field.spec_of(obj)
     f = spec.fields(("selector", "targetRef", "targetRefs", "jwtRules"))
-    scope = _scope(obj, spec, f)
-    return RequestAuthentication(obj.name, scope, tuple(_jwt_rule(r) for r in f["jwtRules"].items()))
+    scope = attempt(lambda: _scope(obj, spec, f))
+    return RequestAuthentication(obj.name, scope, tuple(f["jwtRules"].each(_jwt_rule)))
 
 
 def _jwt_rule(field: Field) -> str:
     """Check one jwtRules entry as istiod does; returns its issuer."""
     j = field.fields(JWT_FIELDS)
     issuer, uri = j["issuer"].string(), j["jwksUri"].string()
-    if not issuer and not uri:
+    unknown = isinstance(field.value, dict) and not set(field.value) <= set(JWT_FIELDS)
+    if not issuer and not uri and not unknown:  # (a misspelt issuer is its own error)
         raise field.error("a JWT rule needs issuer or jwksUri")
     url = urlparse(uri)
     if uri and (url.scheme not in ("http", "https") or not url.hostname):

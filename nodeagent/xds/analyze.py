@@ -24,12 +24,13 @@ from typing import Iterable, Mapping
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject, parse_each
 from nodeagent.model import Model
-from nodeagent.policy.schema import resource_name
+from nodeagent.policy.schema import Field, resource_name
 from nodeagent.xds.dataplane import Sockets
 from nodeagent.xds.istio import kinds
 from nodeagent.xds.istio.config import IstioConfig
-from nodeagent.xds.istio.fields import Note
+from nodeagent.xds.istio.fields import Note, destination
 from nodeagent.xds.translate.build import translate
+from nodeagent.xds.translate.context import Context
 from nodeagent.xds.translate.options import WaypointOptions
 from nodeagent.xds.translate.services import Catalog
 
@@ -156,14 +157,54 @@ def _verdicts(problems: list[Problem], istio: list[KubeObject], count: int, tran
 
 
 def _references(model: Model, config: IstioConfig, workloads: Mapping[str, list[dict]]) -> list[ConfigError]:
-    """The translation's warnings for every node (or none), then subsets selecting no workload."""
+    """The translation's warnings for every node (or none), the destinations of refused
+    VirtualServices, then subsets selecting no workload."""
     options = WaypointOptions(Sockets("/run/nodeagent/waypoint"))
     found: list[ConfigError] = []
     for node in sorted({p.node for p in model.pods.values()}) or [""]:
         found += translate(model, node, config, options).warnings
+    found += _refused_destinations(Context(model, config, options, ""))
     if workloads:
         found += _empty_subsets(model, config, workloads)
     return found
+
+
+def _refused_destinations(ctx: Context) -> list[ConfigError]:
+    """A refused VirtualService is not translated, but the hosts and subsets its routes
+    name are checked all the same (as the translation checks them), so one analyze run
+    shows every problem of it."""
+    start = len(ctx.warnings)
+    for obj in ctx.model.resources.get("VirtualService", ()):
+        if obj.group != kinds.NETWORKING or ("VirtualService", obj.namespace, obj.name) in ctx.config.entries:
+            continue
+        for path, value in _destination_fields(obj.spec):
+            try:
+                dest = destination(Field(resource_name(obj), path, value))
+            except ConfigError:
+                continue  # its own error is reported by validation
+            services = ctx.catalog.resolve(dest.host, obj.namespace)
+            port = dest.port or (services[0].ports[0].port if len(services) == 1 and services[0].ports else 0)
+            ctx.destination(dest, obj.namespace, port, f"{resource_name(obj)} {path}")
+    return ctx.warnings[start:]
+
+
+def _destination_fields(spec: dict) -> Iterable[tuple[str, object]]:
+    """(path, value) of every destination a VirtualService's routes and mirrors name."""
+    for section in ("http", "tcp"):
+        routes = spec.get(section)
+        for i, route in enumerate(routes if isinstance(routes, list) else ()):
+            if not isinstance(route, dict):
+                continue
+            targets = route.get("route")
+            for j, target in enumerate(targets if isinstance(targets, list) else ()):
+                if isinstance(target, dict) and "destination" in target:
+                    yield f"spec.{section}[{i}].route[{j}].destination", target["destination"]
+            if "mirror" in route:
+                yield f"spec.{section}[{i}].mirror", route["mirror"]
+            mirrors = route.get("mirrors")
+            for j, mirror in enumerate(mirrors if isinstance(mirrors, list) else ()):
+                if isinstance(mirror, dict) and "destination" in mirror:
+                    yield f"spec.{section}[{i}].mirrors[{j}].destination", mirror["destination"]
 
 
 def _workloads(objects: list[KubeObject], model: Model) -> dict[str, list[dict]]:
@@ -190,10 +231,10 @@ def _empty_subsets(model: Model, config: IstioConfig, workloads: Mapping[str, li
             continue
         pods = [labels for labels in workloads.get(service.namespace, ())
                 if all(labels.get(k) == v for k, v in service.selector.items())]
-        for i, subset in enumerate(rule.subsets):
+        for subset in rule.subsets:
             if not any(all(labels.get(k) == v for k, v in subset.labels.items()) for labels in pods):
                 wanted = ", ".join(f"{k}={v}" for k, v in sorted(subset.labels.items()))
-                found.append(ConfigError(f"{rule.where} spec.subsets[{i}].labels",
+                found.append(ConfigError(f"{subset.where}.labels",
                                          f"subset {subset.name!r} ({wanted}) selects none of the workloads of "
                                          f"{service.hostname} in the input",
                                          "requests routed to it fail with 503 (no healthy upstream) until such "

@@ -334,3 +334,16 @@ def test_int32_fields_say_their_range_as_istio_has_it(field, value):
     message = only_error(doc("VirtualService", "r", "hosts: [reviews]\nhttp:\n" + route))
     assert f"(VirtualService shop/r) {where}: {value} is out of range: it must be from 0 to 2147483647 (" \
         in message, message
+
+
+def test_retry_on_takes_envoys_conditions_and_status_codes_and_refuses_others():
+    from xds_world import config as built, doc as istio_doc
+
+    def retry(on: str):
+        return built(istio_doc("VirtualService", "reviews", "hosts: [reviews]\nhttp:\n- route: [{destination: "
+                                                            f"{{host: reviews}}}}]\n  retries: {{attempts: 2, retryOn: '{on}'}}"))
+    good = retry("5xx,retriable-4xx,503,reset-before-request,unavailable")
+    assert good.errors == () and good.virtual_services[0].http[0].retries.retry_on.startswith("5xx,")
+    (bad,) = retry("5xx,connect_failure").errors
+    assert bad.where.endswith("(VirtualService shop/reviews) spec.http[0].retries.retryOn")
+    assert bad.message.endswith("'connect_failure' is not a retryOn policy")

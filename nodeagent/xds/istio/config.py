@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
 from nodeagent.model import Model
-from nodeagent.policy.policyset import _with_fate  # the same wording as the L4 engine's
+from nodeagent.policy.policyset import with_fate  # the same wording as the L4 engine's
 from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
-from nodeagent.policy.schema import Field, resource_name
+from nodeagent.policy.schema import Field, all_errors, resource_name
 from nodeagent.xds.istio.destinationrule import destination_rule
 from nodeagent.xds.istio import kinds
 from nodeagent.xds.istio.envoyfilter import envoy_filter
@@ -104,7 +104,7 @@ class IstioConfig:
                     entries[key] = entry
                 except ConfigError as err:
                     kept = previous.entries.get(key) if previous is not None else None
-                    errors.append(_with_fate(err, kept is not None))
+                    errors.extend(with_fate(err, kept is not None))
                     if kept is not None:
                         entries[key] = kept
         ordered = dict(sorted(entries.items()))
@@ -125,11 +125,12 @@ def _for_mesh(entry: Any, obj: KubeObject, warnings: list[ConfigError]) -> bool:
 
 
 def read(obj: KubeObject, warn: Callable[[ConfigError], None]) -> Any:
-    """The typed form of one supported resource; raises ConfigError if it is invalid."""
+    """The typed form of one supported resource; raises ConfigErrors with every problem of
+    it if it is invalid."""
     group, versions, reader = READERS[obj.kind]
     version = obj.api_version.split("/", 1)[-1]
     if versions and version not in versions:
         accepted = " or ".join(f"{group}/{v}" for v in versions)
         raise Field(resource_name(obj), "apiVersion", obj.api_version).error(
             f"{obj.api_version} {obj.kind} is not supported", f"use {accepted}")
-    return reader(obj, warn)
+    return all_errors(lambda: reader(obj, warn))

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
-from nodeagent.policy.schema import Field
+from nodeagent.policy.schema import Field, attempt, report
 from nodeagent.xds.istio import fields as f
 from nodeagent.xds.istio.virtualservice import UNSUPPORTED, export_to
 
@@ -97,6 +97,7 @@ class Subset:
     name: str
     labels: Mapping[str, str]
     policy: TrafficPolicy | None = None
+    where: str = ""  # the resource and spec.subsets[i] that defined it, for messages
 
 
 @dataclass(frozen=True)
@@ -130,25 +131,29 @@ class DestinationRule:
 def destination_rule(obj: KubeObject, warn: Warn) -> DestinationRule:
     spec = Field.spec_of(obj)
     p = spec.fields(("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"))
-    host = p["host"].string()
+    host = attempt(p["host"].string, "?")
     if not host:
-        raise p["host"].error("must be set")
+        report(p["host"].error("must be set"))
     if p["workloadSelector"].present:
-        raise p["workloadSelector"].error(f"workloadSelector {UNSUPPORTED}: the per-node waypoint serves "
-                                          "every source workload", "remove it")
-    export_to(p["exportTo"])
-    subsets, seen = [], set()
-    for item in p["subsets"].items():
-        s = item.fields(("name", "labels", "trafficPolicy"))
-        name = s["name"].string()
-        if not name:
-            raise s["name"].error("must be set")
-        if name in seen:
-            raise s["name"].error(f"subset {name!r} is defined twice")
-        seen.add(name)
-        subsets.append(Subset(name, s["labels"].labels(), _traffic_policy(s["trafficPolicy"], warn)))
+        report(p["workloadSelector"].error(
+            f"workloadSelector {UNSUPPORTED}: the per-node waypoint serves every source workload", "remove it"))
+    attempt(lambda: export_to(p["exportTo"]))
+    seen: set[str] = set()
+    subsets = p["subsets"].each(lambda item: _subset(item, seen, warn))
     return DestinationRule(obj.namespace, obj.name, spec.where, host,
-                           _traffic_policy(p["trafficPolicy"], warn), tuple(subsets))
+                           attempt(lambda: _traffic_policy(p["trafficPolicy"], warn)), tuple(subsets))
+
+
+def _subset(item: Field, seen: set[str], warn: Warn) -> Subset:
+    s = item.fields(("name", "labels", "trafficPolicy"))
+    name = s["name"].string()
+    if not name:
+        raise s["name"].error("must be set")
+    if name in seen:
+        raise s["name"].error(f"subset {name!r} is defined twice")
+    seen.add(name)
+    labels = attempt(s["labels"].labels, {})
+    return Subset(name, labels, _traffic_policy(s["trafficPolicy"], warn), f"{item.where} {item.path}")
 
 
 def _traffic_policy(field: Field, warn: Warn) -> TrafficPolicy | None:
@@ -158,21 +163,25 @@ def _traffic_policy(field: Field, warn: Warn) -> TrafficPolicy | None:
                       "tunnel", "proxyProtocol"))
     for name in ("tunnel", "proxyProtocol"):
         if p[name].present:
-            raise p[name].error(f"{name} {UNSUPPORTED}")
-    ports = {}
-    for item in p["portLevelSettings"].items():
-        s = item.fields(("port", "loadBalancer", "connectionPool", "outlierDetection", "tls"))
-        port = f.integer(s["port"].fields(("number",))["number"], 1, 65535)
-        if port is None or port in ports:
-            raise s["port"].error("needs a port number not given by another entry")
-        ports[port] = _policy(s, warn)
+            report(p[name].error(f"{name} {UNSUPPORTED}"))
+    ports: dict[int, Policy] = {}
+    p["portLevelSettings"].each(lambda item: _port_level(item, ports, warn))
     return TrafficPolicy(_policy(p, warn), ports)
 
 
+def _port_level(item: Field, ports: dict[int, Policy], warn: Warn) -> None:
+    s = item.fields(("port", "loadBalancer", "connectionPool", "outlierDetection", "tls"))
+    port = f.integer(s["port"].fields(("number",))["number"], 1, 65535)
+    if port is None or port in ports:
+        raise s["port"].error("needs a port number not given by another entry")
+    ports[port] = _policy(s, warn)
+
+
 def _policy(p: dict[str, Field], warn: Warn) -> Policy:
-    _tls(p["tls"], warn)
-    return Policy(_load_balancer(p["loadBalancer"]), _connection_pool(p["connectionPool"]),
-                  _outlier(p["outlierDetection"], warn))
+    attempt(lambda: _tls(p["tls"], warn))
+    return Policy(attempt(lambda: _load_balancer(p["loadBalancer"])),
+                  attempt(lambda: _connection_pool(p["connectionPool"])),
+                  attempt(lambda: _outlier(p["outlierDetection"], warn)))
 
 
 TLS_IN_AMBIENT = {

@@ -22,7 +22,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
-from nodeagent.policy.schema import Field, describe
+from nodeagent.policy.schema import Field, attempt, report, describe
 from nodeagent.xds.istio import fields as f
 from nodeagent.xds.istio.virtualservice import UNSUPPORTED
 
@@ -61,13 +61,13 @@ def envoy_filter(obj: KubeObject, warn: Warn) -> EnvoyFilter:
     spec = Field.spec_of(obj)
     p = spec.fields(("workloadSelector", "targetRefs", "configPatches", "priority"))
     if p["targetRefs"].present:
-        raise p["targetRefs"].error(f"targetRefs {UNSUPPORTED}", "use workloadSelector")
-    priority = f.integer(p["priority"], -2**31, 2**31 - 1) or 0
+        report(p["targetRefs"].error(f"targetRefs {UNSUPPORTED}", "use workloadSelector"))
+    priority = attempt(lambda: f.integer(p["priority"], -2**31, 2**31 - 1) or 0, 0)
     selector = None
     if p["workloadSelector"].present:
-        selector = p["workloadSelector"].fields(("labels",))["labels"].labels()
-    patches = [_patch(item, warn) for item in p["configPatches"].items()]
-    if not patches:
+        selector = attempt(lambda: p["workloadSelector"].fields(("labels",))["labels"].labels(), {})
+    patches = p["configPatches"].each(lambda item: _patch(item, warn))
+    if not p["configPatches"].items():
         raise p["configPatches"].error("must list at least one patch")
     return EnvoyFilter(obj.namespace, obj.name, spec.where, selector,
                        tuple(patch for patch in patches if patch is not None), priority)

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
-from nodeagent.policy.schema import Field
+from nodeagent.policy.schema import Field, attempt, report
 from nodeagent.xds import dataplane
 from nodeagent.xds.istio import fields as f
 from nodeagent.xds.istio.fields import Destination, HeaderOps, StringMatch
@@ -152,18 +152,23 @@ class VirtualService:
 def virtual_service(obj: KubeObject, warn: Warn) -> VirtualService:
     spec = Field.spec_of(obj)
     parts = spec.fields(("hosts", "gateways", "http", "tls", "tcp", "exportTo"))
-    hosts = parts["hosts"].strings()
-    if not hosts:
-        raise parts["hosts"].error("must list at least one host")
-    _refuse(parts["tls"], "tls routes (SNI passthrough)", "route TLS traffic with tcp routes")
-    export_to(parts["exportTo"])
-    gateways = parts["gateways"].strings()
-    http = tuple(_http_route(item, warn) for item in parts["http"].items())
-    tcp = tuple(_tcp_route(item) for item in parts["tcp"].items())
-    if not http and not tcp:
+    hosts = attempt(parts["hosts"].strings, ())
+    if not _listed(parts["hosts"]):
+        report(parts["hosts"].error("must list at least one host"))
+    attempt(lambda: _refuse(parts["tls"], "tls routes (SNI passthrough)", "route TLS traffic with tcp routes"))
+    attempt(lambda: export_to(parts["exportTo"]))
+    gateways = attempt(parts["gateways"].strings, ())
+    http = tuple(parts["http"].each(lambda item: _http_route(item, warn)))
+    tcp = tuple(parts["tcp"].each(_tcp_route))
+    if not _listed(parts["http"]) and not _listed(parts["tcp"]):
         raise spec.error("has neither http nor tcp routes")
     return VirtualService(obj.namespace, obj.name, spec.where, hosts, http, tcp,
                           mesh=not gateways or MESH_GATEWAY in gateways)
+
+
+def _listed(field: Field) -> bool:
+    """Whether a list field has elements (its type is checked where it is read)."""
+    return isinstance(field.value, list) and bool(field.value)
 
 
 def export_to(field: Field) -> None:
@@ -186,24 +191,26 @@ HTTP_FIELDS = ("name", "match", "route", "redirect", "directResponse", "delegate
 
 
 def _http_route(field: Field, warn: Warn) -> HttpRoute:
+    """Every component is read on its own (attempt), so all their problems are found."""
     p = field.fields(HTTP_FIELDS)
-    _refuse(p["delegate"], "delegate", "inline the delegate's routes")
-    _refuse(p["corsPolicy"], "corsPolicy")
+    attempt(lambda: _refuse(p["delegate"], "delegate", "inline the delegate's routes"))
+    attempt(lambda: _refuse(p["corsPolicy"], "corsPolicy"))
     actions = [n for n in ("route", "redirect", "directResponse") if p[n].present]
     if len(actions) != 1:
-        raise field.error("needs exactly one of route, redirect, directResponse"
-                          + (f", not {' and '.join(actions)}" if actions else ""))
+        report(field.error("needs exactly one of route, redirect, directResponse"
+                                           + (f", not {' and '.join(actions)}" if actions else "")))
     if p["redirect"].present and (p["rewrite"].present or p["mirror"].present or p["mirrors"].present):
-        raise field.error("a redirect cannot be combined with rewrite or mirror")
-    status, body = _direct_response(p["directResponse"])
+        report(field.error("a redirect cannot be combined with rewrite or mirror"))
+    status, body = attempt(lambda: _direct_response(p["directResponse"]), (None, None))
     return HttpRoute(
-        path=field.path, name=p["name"].string(),
-        matches=tuple(_http_match(m) for m in p["match"].items()),
-        route=_destinations(p["route"], http=True),
-        redirect=_redirect(p["redirect"]), direct_status=status, direct_body=body,
-        rewrite=_rewrite(p["rewrite"]), timeout=f.duration(p["timeout"], timedelta(0)),
-        retries=_retry(p["retries"]), fault=_fault(p["fault"], warn),
-        mirrors=_mirrors(p, warn), headers=f.header_ops(p["headers"]))
+        path=field.path, name=attempt(p["name"].string, ""),
+        matches=tuple(p["match"].each(_http_match)),
+        route=attempt(lambda: _destinations(p["route"], http=True), ()),
+        redirect=attempt(lambda: _redirect(p["redirect"])), direct_status=status, direct_body=body,
+        rewrite=attempt(lambda: _rewrite(p["rewrite"])),
+        timeout=attempt(lambda: f.duration(p["timeout"], timedelta(0))),
+        retries=attempt(lambda: _retry(p["retries"])), fault=attempt(lambda: _fault(p["fault"], warn)),
+        mirrors=attempt(lambda: _mirrors(p, warn), ()), headers=attempt(lambda: f.header_ops(p["headers"])))
 
 
 MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "port", "sourceLabels",
@@ -213,19 +220,22 @@ MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "port
 
 def _http_match(field: Field) -> HttpMatch:
     p = field.fields(MATCH_FIELDS)
-    headers = f.string_matches(p["headers"], header_names=True)
-    for name, _ in headers + f.string_matches(p["withoutHeaders"], header_names=True):
+    headers = attempt(lambda: f.string_matches(p["headers"], header_names=True), ())
+    without = attempt(lambda: f.string_matches(p["withoutHeaders"], header_names=True), ())
+    for name, _ in headers + without:
         if name.startswith("@request.auth.claims"):
-            raise p["headers"].error(f"{name} needs JWT validation, which runs only on the "
-                                     f"server-side waypoint; it {UNSUPPORTED} in a client-side route")
+            report(p["headers"].error(
+                f"{name} needs JWT validation, which runs only on the server-side waypoint; it {UNSUPPORTED} "
+                "in a client-side route"))
     return HttpMatch(
-        name=p["name"].string(), uri=_optional_match(p["uri"]), scheme=_optional_match(p["scheme"]),
-        method=_optional_match(p["method"]), authority=_optional_match(p["authority"]),
-        headers=headers, without_headers=f.string_matches(p["withoutHeaders"], header_names=True),
-        query_params=f.string_matches(p["queryParams"]), port=f.integer(p["port"], 1, 65535),
-        source_labels=_source_labels(p["sourceLabels"]), source_namespace=p["sourceNamespace"].string(),
-        ignore_uri_case=p["ignoreUriCase"].boolean(), stat_prefix=p["statPrefix"].string(),
-        gateways=p["gateways"].strings())
+        name=attempt(p["name"].string, ""), uri=attempt(lambda: _optional_match(p["uri"])),
+        scheme=attempt(lambda: _optional_match(p["scheme"])), method=attempt(lambda: _optional_match(p["method"])),
+        authority=attempt(lambda: _optional_match(p["authority"])), headers=headers, without_headers=without,
+        query_params=attempt(lambda: f.string_matches(p["queryParams"]), ()),
+        port=attempt(lambda: f.integer(p["port"], 1, 65535)),
+        source_labels=attempt(lambda: _source_labels(p["sourceLabels"]), {}),
+        source_namespace=attempt(p["sourceNamespace"].string, ""), ignore_uri_case=attempt(p["ignoreUriCase"].boolean),
+        stat_prefix=attempt(p["statPrefix"].string, ""), gateways=attempt(p["gateways"].strings, ()))
 
 
 def _source_labels(field: Field) -> Mapping[str, str]:
@@ -245,17 +255,20 @@ def _optional_match(field: Field) -> StringMatch | None:
 
 
 def _destinations(field: Field, http: bool) -> tuple[RouteDestination, ...]:
-    out = []
-    for item in field.items():
-        p = item.fields(("destination", "weight", "headers") if http else ("destination", "weight"))
-        headers = f.header_ops(p["headers"]) if http else None
-        out.append(RouteDestination(f.destination(p["destination"]), f.integer(p["weight"], 0, 2**31 - 1) or 0,
-                                    headers))
-    if field.present and not out:
+    items = field.items()
+    out = field.each(lambda item: _route_destination(item, http))
+    if field.present and not items:
         raise field.error("must list at least one destination")
-    if len(out) > 1 and not any(d.weight for d in out):
+    if len(out) == len(items) > 1 and not any(d.weight for d in out):
         raise field.error("every destination has weight 0", "give at least one destination a weight")
     return tuple(out)
+
+
+def _route_destination(item: Field, http: bool) -> RouteDestination:
+    p = item.fields(("destination", "weight", "headers") if http else ("destination", "weight"))
+    headers = attempt(lambda: f.header_ops(p["headers"])) if http else None
+    weight = attempt(lambda: f.integer(p["weight"], 0, 2**31 - 1) or 0, 0)
+    return RouteDestination(f.destination(p["destination"]), weight, headers)
 
 
 def _redirect(field: Field) -> Redirect | None:
@@ -304,11 +317,31 @@ def _retry(field: Field) -> Retry | None:
         return None
     p = field.fields(("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities",
                       "retryIgnorePreviousHosts", "backoff"))
-    optional = {n: p[n].boolean() if p[n].present else None
+    optional = {n: attempt(p[n].boolean) if p[n].present else None
                 for n in ("retryRemoteLocalities", "retryIgnorePreviousHosts")}
-    return Retry(f.integer(p["attempts"], 0, 2**31 - 1) or 0, f.duration(p["perTryTimeout"]),
-                 p["retryOn"].string(), optional["retryRemoteLocalities"],
-                 optional["retryIgnorePreviousHosts"], f.duration(p["backoff"]))
+    return Retry(attempt(lambda: f.integer(p["attempts"], 0, 2**31 - 1) or 0, 0),
+                 attempt(lambda: f.duration(p["perTryTimeout"])), attempt(lambda: retry_on(p["retryOn"]), ""),
+                 optional["retryRemoteLocalities"], optional["retryIgnorePreviousHosts"],
+                 attempt(lambda: f.duration(p["backoff"])))
+
+
+# The retryOn policies Istio's webhook accepts (Envoy's HTTP and gRPC retry conditions);
+# any HTTP status code is accepted as well (a retriable status code).
+RETRY_ON = ("5xx", "gateway-error", "reset", "reset-before-request", "connect-failure", "envoy-ratelimited",
+            "retriable-4xx", "refused-stream", "retriable-status-codes", "retriable-headers",
+            "http3-post-connect-failure", "cancelled", "deadline-exceeded", "internal", "resource-exhausted",
+            "unavailable")
+
+
+def retry_on(field: Field) -> str:
+    """retryOn as Istio's webhook checks it: a comma list of known policies and status codes."""
+    text = field.string()
+    for policy in text.split(",") if text else ():
+        code = int(policy) if policy.isdigit() else 0
+        if policy not in RETRY_ON and not 100 <= code <= 599:
+            raise field.error(f"{policy!r} is not a retryOn policy",
+                              f"use a comma list of {', '.join(RETRY_ON)} or HTTP status codes")
+    return text
 
 
 def _fraction(parts: dict[str, Field], warn: Warn) -> Fraction | None:
@@ -375,17 +408,19 @@ def _mirrors(p: dict[str, Field], warn: Warn) -> tuple[Mirror, ...]:
 
 def _tcp_route(field: Field) -> TcpRoute:
     p = field.fields(("match", "route"))
-    ports = []
-    for m in p["match"].items():
-        a = m.fields(("destinationSubnets", "port", "sourceLabels", "gateways", "sourceNamespace",
-                      "sourceSubnet"))
-        for name in ("destinationSubnets", "sourceLabels", "sourceNamespace", "sourceSubnet"):
-            _refuse(a[name], f"tcp match {name}", "a tcp route can match on port only")
-        gateways = a["gateways"].strings()
-        if gateways and MESH_GATEWAY not in gateways:
-            continue  # a match for gateways only: never applies to the mesh
-        ports.append(f.integer(a["port"], 1, 65535))
-    route = _destinations(p["route"], http=False)
-    if not route:
-        raise p["route"].error("must list at least one destination")
+    ports = [port for found in p["match"].each(_tcp_match) for port in found]
+    if not _listed(p["route"]):
+        report(p["route"].error("must list at least one destination"))
+    route = attempt(lambda: _destinations(p["route"], http=False), ())
     return TcpRoute(field.path, tuple(ports), route, mesh=bool(ports) or not p["match"].items())
+
+
+def _tcp_match(m: Field) -> list[int | None]:
+    """The port of one tcp match ([None]: any port), [] for a match for gateways only."""
+    a = m.fields(("destinationSubnets", "port", "sourceLabels", "gateways", "sourceNamespace", "sourceSubnet"))
+    for name in ("destinationSubnets", "sourceLabels", "sourceNamespace", "sourceSubnet"):
+        attempt(lambda name=name: _refuse(a[name], f"tcp match {name}", "a tcp route can match on port only"))
+    gateways = attempt(a["gateways"].strings, ())
+    if gateways and MESH_GATEWAY not in gateways:
+        return []  # a match for gateways only: never applies to the mesh
+    return [f.integer(a["port"], 1, 65535)]

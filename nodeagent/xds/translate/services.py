@@ -43,6 +43,10 @@ class Catalog:
         mesh = [vs for vs in config.virtual_services if vs.mesh]
         self.virtual_services = self._assign(mesh, lambda vs: vs.hosts, "VirtualService", warn)
         self.rules = self._assign(config.destination_rules, lambda dr: (dr.host,), "DestinationRule", warn)
+        for vs in mesh:
+            self._known(vs.hosts, vs.namespace, lambda i: f"{vs.where} spec.hosts[{i}]", "VirtualService", warn)
+        for dr in config.destination_rules:
+            self._known((dr.host,), dr.namespace, lambda i: f"{dr.where} spec.host", "DestinationRule", warn)
 
     def resolve(self, host: str, namespace: str) -> list[Service]:
         name = qualify(host, namespace)
@@ -52,6 +56,15 @@ class Catalog:
             return [s for h, s in self.by_host.items() if h.endswith(name[1:])]
         found = self.by_host.get(name)
         return [found] if found else []
+
+    def _known(self, hosts: Iterable[str], namespace: str, where: Callable[[int], str], kind: str,
+               warn: Callable[[ConfigError], None]) -> None:
+        """A host that names no Service: the resource applies to no traffic for it."""
+        for i, host in enumerate(hosts):
+            if not self.resolve(host, namespace):
+                warn(ConfigError(where(i), f"host {host!r} matches no Service ({qualify(host, namespace)}): this "
+                                 f"{kind} applies to no traffic for it", "name a Service: <name> in this "
+                                 "resource's namespace, or <name>.<namespace>.svc.cluster.local"))
 
     def virtual_service(self, service: Service) -> VirtualService | None:
         return self.virtual_services.get(service.hostname)
