@@ -289,9 +289,12 @@ def test_random_bytes_never_end_a_stream(metrics):
     for data in mangled:
         data[rng.randrange(len(data))] = rng.getrandbits(8)
     recorder.consume(noise + [bytes(m) for m in mangled])  # must not raise
-    # Exact for random.Random(7): 90 noise and 112 mangled messages are errors; the other
-    # 88 mangled ones still parse as one request each.
-    assert registry.get_sample_value("nodeagent_access_log_errors_total") == 202
-    assert sum(s["count"] for s in series(registry)) == 88
+    # Exact for random.Random(7) and upb's parser (issue 11): 396 noise messages are errors
+    # (4 happen to be valid empty messages; betterproto took 310 as such, reading past
+    # truncated fields), and 129 mangled messages or their entries; the other 71 mangled
+    # ones still parse as one request each (a corrupt field nobody reads, such as the
+    # Node's id, no longer costs the batch).
+    assert registry.get_sample_value("nodeagent_access_log_errors_total") == 525
+    assert sum(s["count"] for s in series(registry)) == 71
     recorder.consume(stream("outbound", [entry()]))
-    assert sum(s["count"] for s in series(registry)) == 89
+    assert sum(s["count"] for s in series(registry)) == 72

@@ -73,7 +73,7 @@ def test_both_sides_stream_their_access_log_to_the_agents_xds_socket_named_by_li
     for config in (client, server):
         common = config.common_config
         assert (common.grpc_service.envoy_grpc.cluster_name, common.transport_api_version) == (xds.name, ApiVersion.V3)
-        assert common.buffer_flush_interval == timedelta(milliseconds=200)
+        assert (common.buffer_flush_interval, common.buffer_size_bytes) == (timedelta(milliseconds=200), 65536)
         assert common.filter_state_objects_to_log == ["nodeagent.source_principal", "nodeagent.source_workload"]
         assert (config.additional_request_headers_to_log, config.additional_response_headers_to_log,
                 config.additional_response_trailers_to_log) == (["content-type"], ["grpc-status"], ["grpc-status"])
