@@ -14,6 +14,7 @@ own) the first error raises, as before. Pure: no I/O.
 from __future__ import annotations
 
 import difflib
+from datetime import datetime, timezone
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -84,6 +85,24 @@ def report(err: ConfigError) -> None:
     if sink is None:
         raise err
     _record(sink, err)
+
+
+def created(obj: KubeObject) -> datetime | None:
+    """metadata.creationTimestamp (Istio's tie-break between resources: the oldest wins),
+    None when absent; ConfigError when it is not an RFC 3339 time."""
+    value = (obj.body.get("metadata") or {}).get("creationTimestamp")
+    if value is None:
+        return None
+    when = value if isinstance(value, datetime) else None  # YAML reads unquoted times
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+    if when is None:
+        raise Field(resource_name(obj), "metadata.creationTimestamp", value).error(
+            f"{value!r} is not an RFC 3339 time", 'for example "2024-05-01T10:00:00Z"')
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def describe(value: Any) -> str:

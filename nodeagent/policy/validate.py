@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Callable
 from urllib.parse import urlparse
@@ -23,7 +22,7 @@ from nodeagent.policy import rules as rule_reader
 from nodeagent.policy.authz import ALLOW, AUDIT, CUSTOM, DENY, AuthorizationPolicy
 from nodeagent.policy.peerauth import MODES, UNSET, PeerAuthentication
 from nodeagent.policy.requestauth import RequestAuthentication
-from nodeagent.policy.schema import Field, attempt, resource_name
+from nodeagent.policy.schema import Field, attempt, created, resource_name
 from nodeagent.policy.scope import Scope, TargetRef
 
 GROUP = "security.istio.io"
@@ -90,7 +89,7 @@ def _dry_run(obj: KubeObject) -> bool:
 def peer_authentication(obj: KubeObject) -> PeerAuthentication:
     f = Field.spec_of(obj).fields(("selector", "mtls", "portLevelMtls"))
     labels = attempt(lambda: _match_labels(f["selector"]), {})
-    return PeerAuthentication(obj.namespace, obj.name, attempt(lambda: _created(obj)), MappingProxyType(labels),
+    return PeerAuthentication(obj.namespace, obj.name, attempt(lambda: created(obj)), MappingProxyType(labels),
                               attempt(lambda: _mode(f["mtls"]), UNSET),
                               MappingProxyType(attempt(lambda: _port_modes(f["portLevelMtls"], labels), {})))
 
@@ -121,23 +120,6 @@ def _port_key(field: Field, key: object) -> int:
         raise field.error(f"port {key!r} must be a port number 1-65535",
                           "portLevelMtls is keyed by the pod's (target) port number, not a name")
     return int(text)
-
-
-def _created(obj: KubeObject) -> datetime | None:
-    """metadata.creationTimestamp (Istio's tie-break: the oldest policy wins)."""
-    value = (obj.body.get("metadata") or {}).get("creationTimestamp")
-    field = Field(resource_name(obj), "metadata.creationTimestamp", value)
-    if value is None:
-        return None
-    when = value if isinstance(value, datetime) else None  # YAML reads unquoted times
-    if isinstance(value, str):
-        try:
-            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            pass
-    if when is None:
-        raise field.error(f"{value!r} is not an RFC 3339 time", 'for example "2024-05-01T10:00:00Z"')
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 # --- RequestAuthentication -----------------------------------------------------------

@@ -11,6 +11,12 @@ it was read) is never an empty cluster: the scan is abandoned, every object stay
 last read, the error is reported (`errors`, `scan_error`, logged once) and the next poll
 tries again. Pods leave the mesh only when their objects are read as gone.
 
+An object without metadata.creationTimestamp gets the time this source first read it
+(what an API server stamps at creation), kept while the object exists: Istio resolves
+conflicts by age (the oldest VirtualService or DestinationRule for a host wins), so the
+order of first appearance is the age. Objects first read in the same poll share a time
+(Istio then orders them by name); after an agent restart every object is first read anew.
+
 Change detection is by (mtime, size, inode) and, for files modified in the last
 RACY_SECONDS, by content: file timestamps are coarse (a kernel tick), so a same-size
 rewrite within a tick of the last read would otherwise go unseen ("racy git").
@@ -18,17 +24,19 @@ rewrite within a tick of the last read would otherwise go unseen ("racy git").
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import stat
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from nodeagent.errors import ConfigError, NodeagentError
-from nodeagent.kube.objects import KubeObject, parse_documents
+from nodeagent.kube.objects import KubeObject, ObjectKey, parse_documents
 from nodeagent.model import Model, check
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -61,6 +69,7 @@ class FilesSource:
         self._scanned = False  # a scan has succeeded: from then on the directory must stay
         self.errors: dict[str, str] = {}  # file (or the directory) -> current error, for status output
         self.scan_error: str | None = None  # why the last scan was abandoned; None when it was read
+        self._first_seen: dict[ObjectKey, str] = {}  # RFC 3339 time each object was first read
 
     def _scan(self) -> dict[Path, Stamp]:
         """Every YAML/JSON file below the directory with its stamp; SourceUnreadable when
@@ -166,4 +175,15 @@ class FilesSource:
         objects: list[KubeObject] = []
         for path in sorted(self._files):
             objects.extend(self._files[path].objects)
-        return Model.build(objects)
+        now = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        present = {o.key for o in objects}
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in present}
+        return Model.build([self._stamped(o, now) for o in objects])
+
+    def _stamped(self, obj: KubeObject, now: str) -> KubeObject:
+        """`obj` with metadata.creationTimestamp: its own, or when this source first read it."""
+        meta = obj.body.get("metadata") or {}
+        if meta.get("creationTimestamp") is not None:
+            return obj
+        first = self._first_seen.setdefault(obj.key, now)
+        return dataclasses.replace(obj, body={**obj.body, "metadata": {**meta, "creationTimestamp": first}})

@@ -140,7 +140,7 @@ def analyze(objects: list[KubeObject], problems: list[Problem] | None = None) ->
         for warning in _references(model, config, workloads):
             if str(warning) not in seen:
                 seen.add(str(warning))
-                problems.append(Problem(WARNING, warning))
+                problems.append(Problem(INFO if isinstance(warning, Note) else WARNING, warning))
     istio = [o for o in objects if kinds.is_istio(o)]
     return _verdicts(problems, istio, len(istio), translated)
 

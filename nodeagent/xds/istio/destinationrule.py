@@ -13,12 +13,12 @@ mesh's mTLS is HBONE's and always on, and DISABLE with a warning that it cannot 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Callable, Mapping
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
-from nodeagent.policy.schema import Field, attempt, report
+from nodeagent.policy.schema import Field, attempt, created, report
 from nodeagent.xds.istio import fields as f
 from nodeagent.xds.istio.virtualservice import UNSUPPORTED, export_to
 
@@ -108,6 +108,8 @@ class DestinationRule:
     host: str
     policy: TrafficPolicy | None = None
     subsets: tuple[Subset, ...] = ()
+    created: datetime | None = None  # metadata.creationTimestamp: the oldest comes first in a merge
+    merged: tuple[str, ...] = ()  # ns/name of the younger rules merged into this one (services.py)
 
     @property
     def key(self) -> str:
@@ -141,7 +143,8 @@ def destination_rule(obj: KubeObject, warn: Warn) -> DestinationRule:
     seen: set[str] = set()
     subsets = p["subsets"].each(lambda item: _subset(item, seen, warn))
     return DestinationRule(obj.namespace, obj.name, spec.where, host,
-                           attempt(lambda: _traffic_policy(p["trafficPolicy"], warn)), tuple(subsets))
+                           attempt(lambda: _traffic_policy(p["trafficPolicy"], warn)), tuple(subsets),
+                           attempt(lambda: created(obj)))
 
 
 def _subset(item: Field, seen: set[str], warn: Warn) -> Subset:

@@ -12,12 +12,12 @@ exportTo narrower than "*"). Deprecated spellings are read as Istio reads them (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Callable, Mapping
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
-from nodeagent.policy.schema import Field, attempt, report
+from nodeagent.policy.schema import Field, attempt, created, report
 from nodeagent.xds import dataplane
 from nodeagent.xds.istio import fields as f
 from nodeagent.xds.istio.fields import Destination, HeaderOps, StringMatch
@@ -143,6 +143,7 @@ class VirtualService:
     http: tuple[HttpRoute, ...] = ()
     tcp: tuple[TcpRoute, ...] = ()
     mesh: bool = True  # applies to sidecars/waypoints (gateways include "mesh" or absent)
+    created: datetime | None = None  # metadata.creationTimestamp: the oldest wins a conflict
 
     @property
     def key(self) -> str:
@@ -163,7 +164,7 @@ def virtual_service(obj: KubeObject, warn: Warn) -> VirtualService:
     if not _listed(parts["http"]) and not _listed(parts["tcp"]):
         raise spec.error("has neither http nor tcp routes")
     return VirtualService(obj.namespace, obj.name, spec.where, hosts, http, tcp,
-                          mesh=not gateways or MESH_GATEWAY in gateways)
+                          mesh=not gateways or MESH_GATEWAY in gateways, created=attempt(lambda: created(obj)))
 
 
 def _listed(field: Field) -> bool:

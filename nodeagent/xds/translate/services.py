@@ -4,29 +4,41 @@ the client-side waypoint at all.
 
 Host names resolve as istiod resolves them: a name without dots is a Service in the
 resource's namespace (`reviews` → `reviews.<ns>.svc.cluster.local`), any other name is
-taken as fully qualified, `*` and `*.suffix` match by suffix. One VirtualService and one
-DestinationRule apply per service; with several, an exact host wins over a wildcard,
-then the service's own namespace, then the root namespace, then the first by
-namespace/name, and the others get a warning.
+taken as fully qualified, `*` and `*.suffix` match by suffix.
+
+Several resources for one service are resolved as istiod resolves them:
+- VirtualServices: the most specific host wins (exact over wildcard, as Envoy picks a
+  virtual host), then the oldest (creationTimestamp, then name, then namespace: istiod's
+  order); the others get a warning (Istio's analyzer calls it a conflict, IST0109).
+- DestinationRules are merged (istiod's mergeDestinationRule): among the rules of the
+  nearest namespace (the service's, then the root namespace, then any other) with the
+  most specific host, the oldest is the base; each younger one adds the subsets whose
+  names are new (a duplicate name is ignored, with a warning) and gives its
+  trafficPolicy only if no older rule had one. Rules of farther namespaces or less
+  specific hosts are ignored for the service, with a warning.
 A port's protocol comes from its name (Istio's `<protocol>[-suffix]` convention); an
 unnamed or unknown one is HTTP if the VirtualService has http routes for it, else TCP.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, TypeVar
+import dataclasses
+from datetime import datetime, timezone
+from typing import Callable, Iterable
 
 from nodeagent.errors import ConfigError
 from nodeagent.model import Model, Service, ServicePort
 from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.istio.destinationrule import DestinationRule
+from nodeagent.xds.istio.fields import Note
 from nodeagent.xds.istio.virtualservice import VirtualService
 
 HTTP, HTTP2, TCP = "http", "http2", "tcp"
 PROTOCOLS = {"http": HTTP, "http2": HTTP2, "grpc": HTTP2, "h2c": HTTP2,
              "tcp": TCP, "tls": TCP, "https": TCP, "mongo": TCP, "mysql": TCP, "redis": TCP}
 DOMAIN = "svc.cluster.local"
-T = TypeVar("T", VirtualService, DestinationRule)
+_NEVER = datetime.max.replace(tzinfo=timezone.utc)
+Warn = Callable[[ConfigError], None]
 
 
 def qualify(host: str, namespace: str) -> str:
@@ -41,8 +53,8 @@ class Catalog:
         self.by_host = {s.hostname: s for s in sorted(model.services.values(), key=lambda s: s.hostname)}
         self.root = config.root_namespace
         mesh = [vs for vs in config.virtual_services if vs.mesh]
-        self.virtual_services = self._assign(mesh, lambda vs: vs.hosts, "VirtualService", warn)
-        self.rules = self._assign(config.destination_rules, lambda dr: (dr.host,), "DestinationRule", warn)
+        self.virtual_services = self._routes(mesh, warn)
+        self.rules = self._rules(config.destination_rules, warn)
         for vs in mesh:
             self._known(vs.hosts, vs.namespace, lambda i: f"{vs.where} spec.hosts[{i}]", "VirtualService", warn)
         for dr in config.destination_rules:
@@ -72,25 +84,79 @@ class Catalog:
     def rule(self, service: Service) -> DestinationRule | None:
         return self.rules.get(service.hostname)
 
-    def _assign(self, resources: Iterable[T], hosts: Callable[[T], Iterable[str]], kind: str,
-                warn: Callable[[ConfigError], None]) -> dict[str, T]:
-        candidates: dict[str, dict[str, tuple[tuple, T]]] = {}
-        for resource in resources:
-            for host in hosts(resource):
-                for service in self.resolve(host, resource.namespace):
-                    rank = ("*" in host, resource.namespace != service.namespace,
-                            resource.namespace != self.root, resource.namespace, resource.name)
+    def _routes(self, resources: Iterable[VirtualService], warn: Warn) -> dict[str, VirtualService]:
+        candidates: dict[str, dict[str, tuple[tuple, VirtualService]]] = {}
+        for vs in resources:
+            for host in vs.hosts:
+                for service in self.resolve(host, vs.namespace):
+                    rank = (specificity(qualify(host, vs.namespace)), age(vs))
                     found = candidates.setdefault(service.hostname, {})
-                    found[resource.key] = min(found.get(resource.key, (rank, resource)), (rank, resource),
-                                              key=lambda pair: pair[0])
+                    found[vs.key] = min(found.get(vs.key, (rank, vs)), (rank, vs), key=lambda pair: pair[0])
         chosen = {}
         for hostname, found in candidates.items():
-            ranked = [resource for _, resource in sorted(found.values(), key=lambda pair: pair[0])]
+            ranked = [vs for _, vs in sorted(found.values(), key=lambda pair: pair[0])]
             chosen[hostname] = ranked[0]
             for other in ranked[1:]:
-                warn(ConfigError(other.where, f"{kind} {ranked[0].key} already applies to {hostname}; "
-                                 f"this one is ignored for it", "keep one per host"))
+                warn(ConfigError(other.where, f"VirtualService {ranked[0].key} also routes {hostname} and wins (a "
+                                 "more specific host, or older): this one is ignored for it, as istiod does",
+                                 "merge them into one VirtualService"))
         return chosen
+
+    def _rules(self, resources: Iterable[DestinationRule], warn: Warn) -> dict[str, DestinationRule]:
+        candidates: dict[str, list[tuple[tuple, DestinationRule]]] = {}
+        for dr in resources:
+            for service in self.resolve(dr.host, dr.namespace):
+                tier = 0 if dr.namespace == service.namespace else 1 if dr.namespace == self.root else 2
+                rank = (tier, specificity(qualify(dr.host, dr.namespace)), dr.namespace if tier == 2 else "")
+                candidates.setdefault(service.hostname, []).append((rank, dr))
+        chosen = {}
+        for hostname, found in candidates.items():
+            best = min(rank for rank, _ in found)
+            same = sorted((dr for rank, dr in found if rank == best), key=age)
+            chosen[hostname] = merge(same, hostname, warn)
+            for rank, other in found:
+                if rank != best:
+                    warn(ConfigError(other.where, f"DestinationRule {same[0].key} applies to {hostname} (a nearer "
+                                     "namespace or a more specific host): this one is ignored for it, as istiod "
+                                     "does", "keep the rules of a host in the service's namespace"))
+        return chosen
+
+
+def age(resource: VirtualService | DestinationRule) -> tuple:
+    """istiod's order of resources: oldest first (undated last), then name, then namespace."""
+    return (resource.created is None, resource.created or _NEVER, resource.name, resource.namespace)
+
+
+def specificity(host: str) -> tuple[bool, int]:
+    """Sort key of a host: exact first, then the longest wildcard suffix."""
+    return (host.startswith("*"), -len(host))
+
+
+def merge(rules: list[DestinationRule], hostname: str, warn: Warn) -> DestinationRule:
+    """Rules of one host, oldest first, merged as istiod merges them: the oldest is the
+    base, younger ones add subsets of new names and a trafficPolicy only where none was."""
+    base, subsets, policy = rules[0], list(rules[0].subsets), rules[0].policy
+    for younger in rules[1:]:
+        for subset in younger.subsets:
+            owner = next((s for s in subsets if s.name == subset.name), None)
+            if owner is None:
+                subsets.append(subset)
+            else:
+                warn(ConfigError(subset.where, f"subset {subset.name!r} of {hostname} is defined by the older "
+                                 f"{owner.where.split(' spec.')[0]} too: this definition is ignored, as istiod does",
+                                 "give the subset another name, or remove it here"))
+        if younger.policy is not None and policy is None:
+            policy = younger.policy
+        elif younger.policy is not None:
+            warn(ConfigError(f"{younger.where} spec.trafficPolicy", f"an older DestinationRule for {hostname} has a "
+                             "trafficPolicy, so this one is ignored, as istiod does (only subsets are merged)",
+                             "move the trafficPolicy into the oldest rule, or remove it here"))
+        warn(Note(younger.where, f"merged into the older DestinationRule {base.key} for {hostname}: istiod "
+                                 "merges the rules of one host (subsets of new names are added)"))
+    if len(rules) == 1:
+        return base
+    return dataclasses.replace(base, subsets=tuple(subsets), policy=policy,
+                               merged=tuple(r.key for r in rules[1:]))
 
 
 def protocol(port: ServicePort, vs: VirtualService | None) -> str:
