@@ -31,7 +31,7 @@ from nodeagent.agent.proxy.delivery import Delivery
 from nodeagent.agent.proxy.inbound import InboundRelay
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.inpod.sockets import PodContext
-from nodeagent.agent.waypoint.jwks import JwksFetcher, jwks_uris
+from nodeagent.agent.waypoint.jwks import JwksFetcher, jwks_uris, mesh_addresses
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
 from nodeagent.agent.proxy.policies import PolicyState
@@ -66,7 +66,8 @@ class DataPath:
         if c.waypoint:
             # Envoy hands connections back to the relays, and tells when its steering
             # changed, through this object's methods: the relays are built below.
-            self.jwks = JwksFetcher(c.waypoint_dir / "jwks", log.getChild("jwks"), on_change=self._keys_changed)
+            self.jwks = JwksFetcher(c.waypoint_dir / "jwks", log.getChild("jwks"), on_change=self._keys_changed,
+                                    resolve=mesh_addresses(model))  # in-cluster jwksUri names: the model's
             self.waypoint = Waypoint(c, registry=registry, log=log.getChild("waypoint"),
                                      on_upstream=self._upstream, on_deliver=self._deliver,
                                      jwks_files=self.jwks.files, principal_of=self.identities.uri_of,

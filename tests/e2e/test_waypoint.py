@@ -504,6 +504,61 @@ def test_request_authentication_with_inline_jwks(mesh):
     assert ok(mesh.request(), 10)
 
 
+JWKS_SERVICE = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: auth}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: jwks, namespace: auth}
+spec: {selector: {app: jwks}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: jwks, namespace: auth, labels: {app: jwks}}
+spec:
+  nodeName: node2
+  containers: [{name: main, command: [python3, -m, http.server, "8080", --bind, 0.0.0.0, --directory, "%s"]}]
+"""
+
+
+def test_request_authentication_with_a_jwks_uri_naming_an_in_cluster_service(mesh, tmp_path):
+    """Issue 14, case 5: `jwksUri: http://jwks.auth.svc.cluster.local/...` failed with
+    "Temporary failure in name resolution" (the node's resolver knows no cluster names)
+    and every valid token got 401. The agents resolve it through the mesh's model."""
+    mesh.route([{"route": [to("v1")], "retries": NO_RETRIES}])
+    signer = Signer()
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "jwks.json").write_text(signer.jwks)
+    os.chmod(tmp_path, 0o755)
+    mesh.lab.apply(JWKS_SERVICE % keys)
+    uri = "http://jwks.auth.svc.cluster.local/jwks.json"
+    authn = {"selector": {"matchLabels": {"app": "backend"}},
+             "jwtRules": [{"issuer": ISSUER, "audiences": ["backend"], "jwksUri": uri}]}
+    require = {"selector": {"matchLabels": {"app": "backend"}}, "action": "ALLOW",
+               "rules": [{"from": [{"source": {"requestPrincipals": [f"{ISSUER}/*"]}}]}]}
+    mesh.apply_all([(SECURITY, "RequestAuthentication", "backend-jwks-uri", authn),
+                    (SECURITY, "AuthorizationPolicy", "backend-jwks-uri", require)])
+    try:
+        def fetched(node: str):
+            found = mesh.waypoint(node).get("jwks", {}).get("uris", {}).get(uri, {})
+            return bool(found.get("path")), found.get("error")
+        # backend-v1 runs on node1: its agent fetches the keys and its Envoy checks tokens.
+        eventually(lambda: fetched("node1"), (True, None), f"{uri} fetched by node1's agent", 30)
+        good = f"Authorization: Bearer {signer.token('alice', audience='backend')}"
+        forged = f"Authorization: Bearer {Signer().token('alice', audience='backend')}"
+        eventually(lambda: mesh.request(n=1, headers=(good,))["codes"], {"200": 1},
+                   "a valid token accepted once the keys are in the waypoint", 30)
+        assert (mesh.request(n=20, headers=(good,))["codes"], mesh.request(n=20, headers=(forged,))["codes"]) == (
+            {"200": 20}, {"401": 20})
+    finally:
+        mesh.apply_all([(SECURITY, "RequestAuthentication", "backend-jwks-uri", {**authn, "selector": NOWHERE}),
+                        (SECURITY, "AuthorizationPolicy", "backend-jwks-uri", {**require, "selector": NOWHERE})])
+    assert ok(mesh.request(), 10)
+
+
 def rate_limit(selector: dict, tokens: int) -> dict:
     """tests/unit/xds_seeds/002's local rate limit EnvoyFilter, pointed at pods
     (SIDECAR_INBOUND, before the router) and enforced (filter_enforced; without it
@@ -729,7 +784,7 @@ def test_an_invalid_virtualservice_keeps_the_previous_routing(mesh):
     assert len(lines) == 2 and lines[1].startswith(
         "VirtualService mesh/backend refused by the agent of node1, node2: "), lines
     assert "(VirtualService mesh/backend) spec.http[0].timeout" in lines[1], lines
-    assert "1 of the applied resources refused by the agents; the last good version of each stays in force" \
+    assert "1 of the applied resources refused or not supported; the last good version of each stays in force" \
         in proc.stderr, proc.stderr
 
     def reported(node: str) -> bool:
@@ -744,6 +799,61 @@ def test_an_invalid_virtualservice_keeps_the_previous_routing(mesh):
     mesh.route([{"route": [to("v1")], "retries": NO_RETRIES}])  # a valid version clears the error
     assert [reported(n) for n in ("node1", "node2")] == [False, False]
     assert versions(mesh.request(n=20)) == {"v1": 20}
+
+
+def test_a_second_destination_rule_for_the_host_merges_as_istio_does(mesh):
+    """Issue 14, case 4: a younger DestinationRule for backend with only a connection pool,
+    named so that it sorts first, used to replace the first rule and its subsets (300/300
+    requests 503). Merged as istiod merges them, the split by subset keeps working."""
+    mesh.route([{"route": [to("v1", 50), to("v2", 50)], "retries": NO_RETRIES}])
+    pool = {"host": SERVICE, "trafficPolicy": {"connectionPool": {"http": {"http2MaxRequests": 1000}}}}
+    mesh.apply_all([(NETWORKING, "DestinationRule", "a-backend-pool", pool)])
+    summary = mesh.request(n=300, concurrency=4)
+    v1, v2 = versions(summary).get("v1", 0), versions(summary).get("v2", 0)
+    assert ok(summary, 300) and v1 + v2 == 300, summary
+    # Binomial(300, 0.5): either share is 0 with probability 2^-299.
+    assert v1 > 0 and v2 > 0, summary
+    merged = [w for w in mesh.waypoint("node1")["warnings"] if "(DestinationRule mesh/a-backend-pool)" in w]
+    assert merged == [next(w for w in merged if "merged into the older DestinationRule mesh/backend" in w)], merged
+    # Taken away (a lab cannot delete): pointed at no Service, it applies to nothing.
+    mesh.apply_all([(NETWORKING, "DestinationRule", "a-backend-pool", {"host": "nowhere.mesh.svc.cluster.local"})])
+
+
+def test_lab_apply_and_status_answer_every_kind(mesh):
+    """Issue 14, cases 2 and 7: kinds the mesh does not implement, a misspelt kind, a
+    Sidecar, a VirtualService bound to a gateway only and an AUDIT policy each get their
+    verdict at apply (exit 1: some are errors) and in the agents' status."""
+    def doc(api: str, kind: str, name: str, spec: dict) -> str:
+        return json.dumps({"apiVersion": api, "kind": kind, "metadata": {"name": name, "namespace": "mesh"},
+                           "spec": spec})
+    route = [{"route": [{"destination": {"host": "backend"}}]}]
+    docs = [doc(NETWORKING, "Gateway", "ingress", {"selector": {"istio": "ingressgateway"}, "servers": []}),
+            doc(NETWORKING, "VirtualServce", "typo", {"hosts": ["backend"], "http": route}),
+            doc(NETWORKING, "Sidecar", "default", {"egress": [{"hosts": ["./*"]}]}),
+            doc(NETWORKING, "VirtualService", "external", {"hosts": ["shop.example.com"], "gateways": ["ingress"],
+                                                           "http": route}),
+            doc(SECURITY, "AuthorizationPolicy", "audit", {"selector": NOWHERE, "action": "AUDIT", "rules": [{}]})]
+    proc = mesh.lab.apply("\n---\n".join(docs), check=False)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1, proc
+    assert lines[:5] == ["Gateway mesh/ingress created", "VirtualServce mesh/typo created", "Sidecar mesh/default created",
+                         "VirtualService mesh/external created", "AuthorizationPolicy mesh/audit created"], lines
+    verdicts = sorted(lines[5:])
+    assert [v.split(":")[0] for v in verdicts] == [
+        "AuthorizationPolicy mesh/audit refused by the agent of node1, node2",
+        "Gateway mesh/ingress not supported in ambient mode",
+        "Sidecar mesh/default not applicable to ambient (sidecar-only)",
+        "VirtualServce mesh/typo unknown kind VirtualServce in networking.istio.io (did you mean VirtualService?)",
+        "VirtualService mesh/external not in force (agent of node1, node2)"], verdicts
+    assert "spec.action: AUDIT only marks requests for an audit log provider" in verdicts[0]
+    assert "spec.gateways: binds this VirtualService to gateways ingress only" in verdicts[4]
+    assert "3 of the applied resources refused or not supported" in proc.stderr, proc.stderr
+    for node in ("node1", "node2"):
+        wp = mesh.waypoint(node)
+        named = sorted(e.split(") ")[0].split("(")[-1] for e in wp["errors"])
+        assert named == ["AuthorizationPolicy mesh/audit", "Gateway mesh/ingress", "VirtualServce mesh/typo"], wp
+        assert "VirtualService mesh/external" not in wp["resources"], wp["resources"]
+        assert any("(Sidecar mesh/default) kind: not applicable" in w for w in wp["warnings"]), wp["warnings"]
 
 
 def restarted(now: dict, before: dict) -> tuple[bool, bool, int]:

@@ -26,7 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from identity_fixtures import T0, ManualClock, run, until
-from nodeagent.agent.waypoint.jwks import JwksFetcher, JwksUnavailable, file_name, http_get, jwks_uris
+from nodeagent.agent.waypoint.jwks import (JwksFetcher, JwksUnavailable, file_name, http_get, jwks_uris,
+                                           mesh_addresses)
+from nodeagent.kube.objects import parse_documents
+from nodeagent.model import Model
 from nodeagent.backoff import Backoff
 from nodeagent.errors import ConfigError
 from xds_world import config, doc
@@ -55,12 +58,14 @@ class Issuer:
     def __init__(self, tls: ssl.SSLContext | None = None):
         self.answers: dict[str, Answer] = {"/keys": Answer()}
         self.hits: dict[str, int] = {}
+        self.hosts: list[str] = []  # the Host header of each GET
         self.release = threading.Event()  # ends slow answers at teardown
         issuer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 issuer.hits[self.path] = issuer.hits.get(self.path, 0) + 1
+                issuer.hosts.append(self.headers.get("Host", ""))
                 answer = issuer.answers.get(self.path, Answer(404, b"no such key set"))
                 if issuer.release.wait(answer.delay):
                     return
@@ -354,8 +359,8 @@ def test_a_restarted_fetcher_uses_the_files_left_and_sweeps_the_rest(tmp_path, i
                for r in caplog.records)
 
 
-def _tls_pair(directory):
-    """A CA file and a server context for 127.0.0.1 signed by it."""
+def _tls_pair(directory, names: tuple[x509.GeneralName, ...] = (x509.IPAddress(ipaddress.ip_address("127.0.0.1")),)):
+    """A CA file and a server context for `names` (127.0.0.1) signed by it."""
     now = dt.datetime.now(dt.timezone.utc)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test issuer CA")])
@@ -368,8 +373,7 @@ def _tls_pair(directory):
     leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer")]))
             .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
             .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
+            .add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -427,3 +431,80 @@ def test_bad_settings_are_refused_by_name(tmp_path, setting, value, where):
     with pytest.raises(ConfigError, match=f"^{where}: "):
         JwksFetcher(tmp_path, logging.getLogger(LOG), **{setting: value})
 
+
+
+# --- jwksUri naming an in-cluster Service (issue 14) -------------------------------------
+JWKS_HOST = "jwks.auth.svc.cluster.local"
+
+
+def cluster(cluster_ip: str, pod_phase: str | None = "Running") -> Model:
+    """Service auth/jwks (app: jwks) at `cluster_ip` ("None": headless) and, unless
+    `pod_phase` is None, its pod at 127.0.0.1 in that phase."""
+    text = f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: jwks, namespace: auth}}
+spec: {{clusterIP: "{cluster_ip}", selector: {{app: jwks}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+"""
+    if pod_phase is not None:
+        text += f"""---
+apiVersion: v1
+kind: Pod
+metadata: {{name: jwks-0, namespace: auth, uid: u1, labels: {{app: jwks}}}}
+spec: {{nodeName: node1, containers: [{{name: main}}]}}
+status: {{podIP: 127.0.0.1, phase: {pod_phase}}}
+"""
+    return Model.build(parse_documents(text, "cluster.yaml"))
+
+
+@pytest.mark.parametrize("host", [JWKS_HOST, "jwks.auth.svc", "jwks.auth"])
+def test_a_jwks_uri_naming_a_service_connects_to_its_cluster_ip_with_the_name_as_host(issuer, host, monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9/")  # the mesh's own Services bypass proxies
+    port = issuer.server.server_address[1]
+    uri = f"http://{host}:{port}/keys"
+    assert http_get(uri, 5.0, 1000, resolve=mesh_addresses(lambda: cluster("127.0.0.1"))) == JWKS1
+    assert issuer.hosts == [f"{host}:{port}"]
+
+
+def test_without_the_model_the_name_goes_to_the_node_resolver(issuer):
+    with pytest.raises(JwksUnavailable, match=f"cannot reach http://{JWKS_HOST}:1/keys"):
+        http_get(f"http://{JWKS_HOST}:1/keys", 5.0, 1000)  # the node knows no cluster names
+    # A name that is no Service of the model is the node resolver's too.
+    resolve = mesh_addresses(lambda: cluster("127.0.0.1"))
+    assert resolve("localhost") is None and resolve("other.auth.svc.cluster.local") is None
+    assert resolve("jwks.auth.svc.cluster.local.") == "127.0.0.1"
+
+
+def test_a_headless_service_is_reached_at_its_first_ready_endpoint(issuer):
+    port = issuer.server.server_address[1]
+    assert http_get(f"http://{JWKS_HOST}:{port}/keys", 5.0, 1000,
+                    resolve=mesh_addresses(lambda: cluster("None"))) == JWKS1
+    with pytest.raises(JwksUnavailable, match="is the headless Service auth/jwks, which has no ready endpoint"):
+        http_get(f"http://{JWKS_HOST}:{port}/keys", 5.0, 1000, resolve=mesh_addresses(lambda: cluster("None", "Pending")))
+
+
+def test_https_to_a_service_verifies_the_services_name(tmp_path, monkeypatch):
+    for name in PROXY_VARIABLES + ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    ca_file, context = _tls_pair(tmp_path, (x509.DNSName(JWKS_HOST),))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    server = Issuer(tls=context)
+    try:
+        port, resolve = server.server.server_address[1], mesh_addresses(lambda: cluster("127.0.0.1"))
+        assert http_get(f"https://{JWKS_HOST}:{port}/keys", 5.0, 1000, resolve=resolve) == JWKS1
+        with pytest.raises(JwksUnavailable, match="CERTIFICATE_VERIFY_FAILED"):  # the certificate names no 127.0.0.1
+            http_get(server.url(), 5.0, 1000)
+    finally:
+        server.close()
+
+
+def test_the_fetcher_resolves_through_the_model_it_is_given(tmp_path, issuer):
+    async def scenario():
+        world = World(tmp_path, resolve=mesh_addresses(lambda: cluster("127.0.0.1")))
+        uri = f"http://{JWKS_HOST}:{issuer.server.server_address[1]}/keys"
+        world.fetcher.want([uri])
+        await world.attempts(1)
+        assert (tmp_path / file_name(uri)).read_bytes() == JWKS1 and world.fetcher.files() == {
+            uri: str(tmp_path / file_name(uri))}
+        await world.fetcher.close()
+    run(scenario())

@@ -11,6 +11,14 @@ backoff. `files()` is the mapping WaypointOptions.jwks_files takes; `on_change` 
 called (soon, from the event loop, never inside `want`) when it or a file's content
 changes, so the agent rebuilds the waypoint snapshot. Files survive `close()`: a
 restarted agent uses them until its first fetch answers.
+
+A jwksUri naming an in-cluster Service (`http://jwks.auth.svc.cluster.local/keys`, also
+`….svc` or `<service>.<namespace>`) is resolved through the mesh's model, not the node's
+resolver (which knows no cluster names): the agent connects to the Service's ClusterIP
+(and the node forwards it as it forwards any connection to a ClusterIP), or, for a
+headless Service, to its first ready endpoint; Host, TLS server name and certificate
+check keep the URI's name. Any other name goes to the node's resolver (and proxies from
+the environment), as istiod's client does.
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ import logging
 import os
 import random
 import re
+import socket
 import ssl
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import urlsplit
@@ -40,6 +50,7 @@ from nodeagent.errors import ConfigError, NodeagentError
 from nodeagent.xds.translate.options import read_jwks
 
 if TYPE_CHECKING:
+    from nodeagent.model import Model
     from nodeagent.xds.istio.config import IstioConfig
 
 # istiod's defaults: PILOT_JWT_PUB_KEY_REFRESH_INTERVAL and the jwtRule timeout.
@@ -50,6 +61,8 @@ MAX_BYTES = 1 << 20  # a JWKS is a few KiB; anything this large is not one
 FILE_NAME = re.compile(r"^[0-9a-f]{16}\.json(\.tmp)?$")  # what this fetcher writes, and may sweep
 
 Fetch = Callable[[str, float, int], bytes]  # (uri, timeout seconds, max bytes) -> body; blocking
+Resolve = Callable[[str], "str | None"]  # host name -> the address to connect to; None: the node's resolver
+CLUSTER_DOMAIN = "svc.cluster.local"
 
 
 class JwksUnavailable(NodeagentError):
@@ -66,16 +79,47 @@ def jwks_uris(config: IstioConfig) -> set[str]:
             if rule.jwks_uri and not rule.jwks}
 
 
-def http_get(uri: str, timeout: float, max_bytes: int) -> bytes:
+def mesh_addresses(model: Callable[[], "Model"]) -> Resolve:
+    """A Resolve answering for the Services of the current model: their ClusterIP, or the
+    first ready endpoint of a headless one; None for a name that is no Service."""
+    def resolve(host: str) -> str | None:
+        current = model()
+        service = current.services.get(_service_key(host, current))
+        if service is None:
+            return None
+        if service.cluster_ip not in ("", "None"):
+            return service.cluster_ip
+        ready = current.endpoints(service)
+        if not ready:
+            raise JwksUnavailable(f"{host} is the headless Service {service.namespace}/{service.name}, which has no "
+                                  "ready endpoint")
+        return ready[0].ip
+    return resolve
+
+
+def _service_key(host: str, model: "Model") -> tuple[str, str] | None:
+    """(namespace, name) a cluster DNS name gives: <name>.<ns>.svc.cluster.local, <name>.<ns>.svc,
+    or <name>.<ns> when the model has that Service (a pod's DNS search path finds it so)."""
+    labels = host.lower().rstrip(".").split(".")
+    if len(labels) == 2 and (labels[1], labels[0]) in model.services:
+        return labels[1], labels[0]
+    for suffix in (CLUSTER_DOMAIN.split("."), ["svc"]):
+        if len(labels) == 2 + len(suffix) and labels[2:] == suffix:
+            return labels[1], labels[0]
+    return None
+
+
+def http_get(uri: str, timeout: float, max_bytes: int, resolve: Resolve = lambda host: None) -> bytes:
     """The body of a GET of `uri` (http or https verified against the system CAs; proxies
     from the environment, as istiod's client), at most `max_bytes`, in about `timeout`
-    seconds; JwksUnavailable otherwise. Blocking: run it in a thread."""
+    seconds; JwksUnavailable otherwise. A host `resolve` answers for is connected to at
+    that address (no proxy). Blocking: run it in a thread."""
     if urlsplit(uri).scheme not in ("http", "https"):
         raise JwksUnavailable(f"{uri} is not an http(s) URL")
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(uri, headers={"Accept": "application/json", "User-Agent": "nodeagent"})
     try:
-        with _opener().open(request, timeout=timeout) as response:
+        with _opener(resolve).open(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise _too_large(uri, max_bytes)
@@ -101,16 +145,83 @@ def http_get(uri: str, timeout: float, max_bytes: int) -> bytes:
         raise JwksUnavailable(f"cannot read the answer of {uri}: {exc!r}") from None
 
 
-def _opener() -> urllib.request.OpenerDirector:
+def _opener(resolve: Resolve) -> urllib.request.OpenerDirector:
     # Only http(s): build_opener would also follow a redirect to ftp:// or read file://.
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
-                    urllib.request.HTTPHandler(),
-                    urllib.request.HTTPSHandler(context=ssl.create_default_context()),
+    for handler in (_MeshProxyHandler(resolve), urllib.request.UnknownHandler(), _MeshHTTPHandler(resolve),
+                    _MeshHTTPSHandler(resolve, context=ssl.create_default_context()),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPRedirectHandler(),
                     urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
+
+
+def _pinned(request: urllib.request.Request, resolve: Resolve) -> str | None:
+    """The address `resolve` gives the request's host (a proxied request: None)."""
+    if request.has_proxy():
+        return None
+    return resolve(urlsplit(request.full_url).hostname or "")
+
+
+class _MeshProxyHandler(urllib.request.ProxyHandler):
+    """The environment's proxies, except for the mesh's own Services."""
+
+    def __init__(self, resolve: Resolve):
+        super().__init__()
+        self._resolve = resolve
+
+    def proxy_open(self, req, proxy, type):  # noqa: A002 - urllib's signature
+        if self._resolve(urlsplit(req.full_url).hostname or "") is not None:
+            return None
+        return super().proxy_open(req, proxy, type)
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to `address` (the port of the URI), while Host stays the URI's name."""
+
+    def __init__(self, host: str, *, address: str, **kwargs):
+        super().__init__(host, **kwargs)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout, self.source_address)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """As _PinnedHTTPConnection; TLS names and verifies the URI's name, not the address."""
+
+    def __init__(self, host: str, *, address: str, **kwargs):
+        super().__init__(host, **kwargs)
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout, self.source_address)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _MeshHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, resolve: Resolve):
+        super().__init__()
+        self._resolve = resolve
+
+    def http_open(self, req):
+        address = _pinned(req, self._resolve)
+        if address is None:
+            return super().http_open(req)
+        return self.do_open(partial(_PinnedHTTPConnection, address=address), req)
+
+
+class _MeshHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, resolve: Resolve, context: ssl.SSLContext):
+        super().__init__(context=context)
+        self._resolve, self._ssl = resolve, context
+
+    def https_open(self, req):
+        address = _pinned(req, self._resolve)
+        if address is None:
+            return super().https_open(req)
+        return self.do_open(partial(_PinnedHTTPSConnection, address=address), req, context=self._ssl)
 
 
 def _too_slow(uri: str, timeout: float) -> JwksUnavailable:
@@ -136,8 +247,10 @@ class _Source:
 class JwksFetcher:
     def __init__(self, directory: Path, log: logging.Logger, *, on_change: Callable[[], None] = lambda: None,
                  refresh: timedelta = DEFAULT_REFRESH, retry: Backoff | None = None,
-                 timeout: timedelta = DEFAULT_TIMEOUT, max_bytes: int = MAX_BYTES, fetch: Fetch = http_get,
-                 clock: Clock | None = None, rng: random.Random | None = None):
+                 timeout: timedelta = DEFAULT_TIMEOUT, max_bytes: int = MAX_BYTES, fetch: Fetch | None = None,
+                 resolve: Resolve | None = None, clock: Clock | None = None, rng: random.Random | None = None):
+        """`resolve` (mesh_addresses of the agent's model) sends in-cluster names to their
+        Service; `fetch` replaces the HTTP client altogether (tests)."""
         for name, value in (("refresh", refresh), ("timeout", timeout)):
             if value <= timedelta(0):
                 raise ConfigError(f"jwks {name}", f"{value} must be positive")
@@ -145,7 +258,8 @@ class JwksFetcher:
             raise ConfigError("jwks max_bytes", f"{max_bytes} must be positive")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.log, self.on_change, self.fetch = log, on_change, fetch
+        self.log, self.on_change = log, on_change
+        self.fetch = fetch or partial(http_get, resolve=resolve or (lambda host: None))
         self.refresh = refresh.total_seconds()
         self.retry = retry or Backoff(FIRST_RETRY, max(FIRST_RETRY, self.refresh))
         self.timeout, self.max_bytes = timeout.total_seconds(), max_bytes
