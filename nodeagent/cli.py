@@ -14,6 +14,7 @@ import logging
 import sys
 
 from nodeagent import __version__
+from nodeagent.agent import admin
 from nodeagent.agent import cli as agent_cli
 from nodeagent.bench import cli as bench_cli
 from nodeagent.errors import NodeagentError
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab_cli.register(sub)
     agent_cli.register(sub, lab_socket=layout.agent_socket)
     identity_cli.register(sub)
-    xds_cli.register(sub, lab_socket=layout.xds_socket)
+    xds_cli.register(sub, lab_socket=layout.xds_socket, lab_agent_socket=layout.agent_socket,
+                     agent_status=admin.fetch_status)
     bench_cli.register(sub)
     return parser
 

@@ -6,10 +6,17 @@ those listeners name, and answers every response with an ACK, or with a NACK whe
 `reject` callback returns a reason, exactly as a proxy would. It records every
 response; `wait(predicate)` waits for the state a test expects. `fetch(...)` is the
 one-shot form: connect, wait until every subscribed type has arrived, disconnect.
+
+With a `deadline` (fetch always gives one) nothing waits past it: the channel must be
+connected by then (a missing unix socket fails at once), the stream itself carries the
+deadline as its gRPC timeout, and closing cancels the stream before the channel, so no
+thread of gRPC's is left waiting on it. Errors are XdsClientErrors of one line, never a
+gRPC object.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -41,8 +48,19 @@ def target(address: str) -> str:
     return f"unix:{address}" if address.startswith("/") or address.startswith(".") else address
 
 
+def describe(exc: BaseException) -> str:
+    """One line for a gRPC error: its code and details, not the call object's repr."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        code = exc.code()
+        return f"{code.name if code else 'UNKNOWN'}: {exc.details() or 'no details'}"
+    return str(exc)
+
+
 class AdsSession:
-    def __init__(self, address: str, node: str, cluster: str = "nodeagent-client", reject: Reject | None = None):
+    def __init__(self, address: str, node: str, cluster: str = "nodeagent-client", reject: Reject | None = None,
+                 deadline: float | None = None):
+        """`deadline` (time.monotonic()): connecting and the whole stream end by then."""
+        self.address, self.deadline = address, deadline
         self.node = Node(id=node, cluster=cluster)
         self.reject = reject
         self.resources: dict[str, dict[str, betterproto2.Message]] = {}
@@ -54,12 +72,18 @@ class AdsSession:
         self._nonce: dict[str, str] = {}
         self._requests: queue.Queue = queue.Queue()
         self._cond = threading.Condition()
+        self._stream = None  # the call, once started: cancelled on close
         self._channel = grpc.insecure_channel(target(address))
         self._call = self._channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=bytes,
                                                  response_deserializer=DiscoveryResponse.parse)
         self._thread = threading.Thread(target=self._receive, name="ads-client", daemon=True)
 
     def __enter__(self) -> "AdsSession":
+        try:
+            self._connect()
+        except BaseException:
+            self._channel.close()
+            raise
         self._subscribe(rt.CLUSTER, [])
         self._thread.start()
         return self
@@ -67,7 +91,28 @@ class AdsSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _connect(self) -> None:
+        """Fail now, not at the deadline, when there is nothing to connect to; with a
+        deadline, wait for the channel only until then."""
+        if target(self.address).startswith("unix:") and not os.path.exists(self.address):
+            raise XdsClientError(f"no xDS server at {self.address}: the socket does not exist",
+                                 "is the agent running with its waypoint on this node? (--xds-socket, or "
+                                 "--lab with --node)")
+        if self.deadline is None:
+            return
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except grpc.FutureTimeoutError:
+            raise XdsClientError(f"cannot connect to the xDS server at {self.address} within the timeout",
+                                 "is the agent running, and is this its socket?") from None
+        finally:
+            ready.cancel()
+
     def close(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.cancel()  # ends the stream before the channel goes: nothing waits on it
         self._requests.put(None)
         self._channel.close()
         self._thread.join(5)
@@ -77,7 +122,7 @@ class AdsSession:
         with self._cond:
             while not predicate(self):
                 if self.error is not None:
-                    raise XdsClientError(f"xDS stream failed: {self.error}")
+                    raise XdsClientError(f"the xDS stream from {self.address} failed: {describe(self.error)}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise XdsClientError(f"xDS server did not send the expected resources within {timeout:g}s",
@@ -100,7 +145,9 @@ class AdsSession:
 
     def _receive(self) -> None:
         try:
-            for response in self._call(self._outgoing()):
+            timeout = None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
+            self._stream = self._call(self._outgoing(), timeout=timeout)
+            for response in self._stream:
                 self._handle(response)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
@@ -153,8 +200,19 @@ class AdsSession:
                 self._subscribe(rt.ROUTE, names)
 
 
-def fetch(address: str, node: str, timeout: float = 10.0) -> dict[str, dict[str, betterproto2.Message]]:
-    """Everything the server has for `node`, by type URL then name."""
-    with AdsSession(address, node, cluster="nodeagent-proxy-config") as session:
-        session.wait(AdsSession.complete, timeout)
+def fetch(address: str, node: str, timeout: float = 10.0,
+          deadline: float | None = None) -> dict[str, dict[str, betterproto2.Message]]:
+    """Everything the server has for node id `node`, by type URL then name; all of it,
+    connecting included, within `timeout` seconds, or by `deadline` (time.monotonic())
+    when the caller's budget started earlier (XdsClientError otherwise)."""
+    deadline = deadline if deadline is not None else time.monotonic() + timeout
+    with AdsSession(address, node, cluster="nodeagent-proxy-config", deadline=deadline) as session:
+        try:
+            session.wait(AdsSession.complete, max(0.0, deadline - time.monotonic()))
+        except XdsClientError as err:
+            if session.error is None and not session.responses:
+                raise XdsClientError(f"the xDS server at {address} sent nothing for node id {node!r} within "
+                                     f"{timeout:g}s", "it answers only for the node its agent serves: give that "
+                                     "node's name with --node") from None
+            raise err
         return {t: dict(session.resources.get(t, {})) for t in rt.PUSH_ORDER}

@@ -1,10 +1,14 @@
 """`nodeagent proxy-config`: what the xDS server gives a node's Envoy, read back with the
-Python ADS client, as a short table (like `istioctl proxy-config`) or as JSON.
+Python ADS client, as a short table (like `istioctl proxy-config`) or as JSON; and
+`secret`: the workload certificates the agent holds (identity, serial, validity) and the
+mesh's root, read from the agent's status, as `istioctl proxy-config secret` shows a
+proxy's.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import betterproto2
 
@@ -77,6 +81,34 @@ def _action(route) -> str:
         return ", ".join([f"{c.name} {100 * (c.weight or 0) / total:g}%" for c in weighted.clusters]
                          + [f"{m} (mirror)" for m in mirrors])
     return ", ".join(action_clusters(route))
+
+
+def render_secrets(identity: dict, output: str, now: float) -> str:
+    """The agent's certificates (status["identity"]): one row per workload identity, then
+    the trust bundle's roots."""
+    if output == "json":
+        return json.dumps(identity, indent=2, sort_keys=True) + "\n"
+    if identity.get("enabled") is False:
+        return "mTLS is off on this agent (no --ca-address): it holds no certificate\n"
+    rows = [(i["identity"], "Cert Chain", _state(i, now), i.get("serial") or "-", _time(i.get("not_after")),
+             _time(i.get("not_before"))) for i in identity.get("identities", [])]
+    rows += [("ROOTCA", "CA", _state({"valid": True, **r}, now), r["serial"], _time(r["not_after"]),
+              _time(r["not_before"])) for r in identity.get("roots", [])]
+    return _table(("RESOURCE NAME", "TYPE", "STATUS", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE"), rows)
+
+
+def _state(cert: dict, now: float) -> str:
+    if not cert.get("not_after"):
+        return "WAITING" + (f" ({cert['error']})" if cert.get("error") else "")
+    if cert["not_after"] <= now:
+        return "EXPIRED"
+    return "ACTIVE" if cert.get("valid") else "NOT YET VALID"
+
+
+def _time(when: float | None) -> str:
+    if not when:
+        return "-"
+    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 _HEADERS = {"clusters": ("NAME", "TYPE", "LB"), "endpoints": ("CLUSTER", "ENDPOINT"),

@@ -97,7 +97,7 @@ def _dangling(by_type: dict[str, dict[str, betterproto2.Message]]) -> Iterator[t
         for table in listener_routes(listener):
             if table not in routes:
                 yield "listener", listener.name, "route table", table
-        for cluster in _listener_clusters(listener):
+        for cluster in listener_clusters(listener):
             if cluster not in clusters:
                 yield "listener", listener.name, "cluster", cluster
     for table in routes.values():
@@ -151,7 +151,7 @@ def listener_routes(listener: Listener) -> Iterator[str]:
             yield config.rds.route_config_name
 
 
-def _listener_clusters(listener: Listener) -> Iterator[str]:
+def listener_clusters(listener: Listener) -> Iterator[str]:
     for config in _network_filters(listener):
         if isinstance(config, TcpProxy):
             if config.cluster:

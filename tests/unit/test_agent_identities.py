@@ -169,3 +169,26 @@ def test_a_certificate_left_by_the_previous_agent_is_ready_at_once_with_the_ca_d
 
 def test_without_a_ca_nothing_is_missing():
     assert WorkloadIdentities("cluster.local", None, LOG).missing([pod("a-0", "web")]) == []
+
+
+def test_status_names_each_certificate_by_serial_and_validity_and_the_root(tmp_path):
+    """What `nodeagent proxy-config secret` shows (issue 14)."""
+    from cryptography import x509
+
+    identities, issuer, clock, _ = make(tmp_path)
+
+    async def main():
+        web = identities.of(pod("a-0", "web"))
+        creds = await identities.ready(web)
+        leaf = x509.load_pem_x509_certificate(creds.chain_pem)
+        (entry,) = identities.describe()["identities"]
+        assert (entry["identity"], entry["serial"], entry["not_before"], entry["not_after"]) == (
+            web.uri, f"{leaf.serial_number:x}", leaf.not_valid_before_utc.timestamp(),
+            leaf.not_valid_after_utc.timestamp())
+        root = x509.load_pem_x509_certificate(issuer.ca.root_pem)
+        (described,) = identities.describe()["roots"]
+        assert described == {"subject": root.subject.rfc4514_string(), "serial": f"{root.serial_number:x}",
+                             "not_before": root.not_valid_before_utc.timestamp(),
+                             "not_after": root.not_valid_after_utc.timestamp()}
+        await identities.close()
+    run(main())

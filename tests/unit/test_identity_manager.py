@@ -261,8 +261,9 @@ def test_current_and_describe_read_without_waiting(env):
             await env.manager.get(ghost)
         assert env.manager.current(WEB) is creds and env.manager.current(ghost) is None
         web, ghost_row = sorted(env.manager.describe(), key=lambda r: r["identity"] != WEB.uri)
-        assert web == {"identity": WEB.uri, "valid": True, "not_after": creds.not_after,
-                       "refresh_at": creds.refresh_at, "failures": 0, "error": None}
+        assert web == {"identity": WEB.uri, "valid": True, "serial": creds.serial, "not_before": creds.not_before,
+                       "not_after": creds.not_after, "refresh_at": creds.refresh_at, "failures": 0, "error": None}
+        assert ghost_row["serial"] is None and ghost_row["not_before"] is None
         assert ghost_row["valid"] is False and ghost_row["failures"] == 1 and "ghost" in ghost_row["error"]
         env.clock.advance_to(creds.not_after)  # expired: no longer current
         assert env.manager.current(WEB) is None

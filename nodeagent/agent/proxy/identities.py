@@ -118,7 +118,8 @@ class WorkloadIdentities:
     def describe(self) -> dict:
         if self.manager is None:
             return {"enabled": False, "identities": []}
-        return {"enabled": True, "trust_domain": self.trust_domain, "identities": self.manager.describe()}
+        return {"enabled": True, "trust_domain": self.trust_domain, "identities": self.manager.describe(),
+                "roots": self.manager.describe_roots()}
 
     async def close(self) -> None:
         self._contexts.clear()

@@ -51,6 +51,11 @@ class Credentials:
     def valid_at(self, now: float) -> bool:
         return self.not_before <= now < self.not_after
 
+    @property
+    def serial(self) -> str:
+        """The leaf certificate's serial number, in hex (as istioctl proxy-config secret shows it)."""
+        return f"{x509.load_pem_x509_certificate(self.chain_pem).serial_number:x}"
+
     def ssl_context(self, server_side: bool) -> ssl.SSLContext:
         """TLS 1.3 mTLS context with this identity's certificate (see tls.context). It
         reads the identity's file now, so after a rotation it holds the newest certificate:

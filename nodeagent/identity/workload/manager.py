@@ -143,10 +143,18 @@ class IdentityManager:
         """Per identity: its certificate's validity and rotation time, the last error."""
         now = self.clock.now()
         return [{"identity": i.uri, "valid": bool(s.creds and s.creds.valid_at(now)),
+                 "serial": s.creds.serial if s.creds else None,
+                 "not_before": s.creds.not_before if s.creds else None,
                  "not_after": s.creds.not_after if s.creds else None,
                  "refresh_at": s.creds.refresh_at if s.creds else None,
                  "failures": s.failures, "error": str(s.error) if s.error else None}
                 for i, s in sorted(self._slots.items())]
+
+    def describe_roots(self) -> list[dict]:
+        """The trust bundle's root certificates: subject, serial (hex) and validity."""
+        return [{"subject": root.subject.rfc4514_string(), "serial": f"{root.serial_number:x}",
+                 "not_before": root.not_valid_before_utc.timestamp(), "not_after": root.not_valid_after_utc.timestamp()}
+                for root in self.roots]
 
     @property
     def identities(self) -> list[Identity]:
