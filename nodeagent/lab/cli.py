@@ -1,7 +1,8 @@
 """`nodeagent lab …`: bring a lab up, change it, look at it, run commands in it, take it down.
 
 Sub-commands: up, apply, status, exec, down, demo, echo and request (the lab's test
-apps, in their own modules), and supervise (started by `up`, not by hand). Every
+apps, in their own modules), kubeconfig and kubectl (a lab made with `up --kube`), and
+supervise (started by `up`, not by hand). Every
 command takes `--name` (default `nalab`, or $NODEAGENT_LAB). Errors are NodeagentErrors,
 printed as one line by nodeagent/cli.py.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from nodeagent.errors import LabError
 from nodeagent.lab import cgroups, layout, lifecycle, processes, status, teardown
+from nodeagent.lab.kube import controlplane
 from nodeagent.lab.state import StateDir
 from nodeagent.lab.supervisor import Supervisor
 
@@ -31,7 +34,7 @@ def _layout(args: argparse.Namespace) -> layout.Layout:
 
 def cmd_up(args: argparse.Namespace) -> int:
     objects = lifecycle.read_objects(args.file)
-    lifecycle.up(layout.check_name(args.name), objects, not args.no_agents, _out, args.timeout)
+    lifecycle.up(layout.check_name(args.name), objects, not args.no_agents, _out, args.timeout, kube=args.kube)
     _out(f"lab {args.name} is up: nodeagent lab status --name {args.name}")
     return 0
 
@@ -70,6 +73,29 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise LabError("no command to run", f"nodeagent lab exec {args.target} -- COMMAND ARGS…")
     sys.stdout.flush()
     processes.exec_in_pod(record, pod, container, args.command)
+    return 127  # not reached: exec replaced this process
+
+
+def _kube_record(args: argparse.Namespace):
+    record = StateDir(_layout(args)).load()
+    if not record.kube:
+        raise LabError(f"lab {args.name} runs no control plane",
+                       f"nodeagent lab down --name {args.name}, then lab up --kube")
+    return record
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    record = _kube_record(args)
+    _out(record.layout.admin_kubeconfig)
+    return 0
+
+
+def cmd_kubectl(args: argparse.Namespace) -> int:
+    record = _kube_record(args)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = controlplane.kubectl_argv(record.layout, record.controlplane, command)
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, {**processes.base_env(), **{k: v for k, v in os.environ.items() if k == "TERM"}})
     return 127  # not reached: exec replaced this process
 
 
@@ -121,6 +147,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("-f", "--file", help="Kubernetes-shaped YAML: v1 Node/Namespace/Pod/Service, apps/v1 "
                     "Deployment; other kinds are stored for the agents")
     up.add_argument("--no-agents", action="store_true", help="do not run a node agent per node")
+    up.add_argument("--kube", action="store_true", help="also run a Kubernetes control plane (etcd, "
+                    "kube-apiserver, -controller-manager, -scheduler) and register the nodes with it")
     up.set_defaults(func=cmd_up)
 
     apply = sub.add_parser("apply", parents=[named, waits], help="add or change objects in a running lab")
@@ -139,6 +167,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     down = sub.add_parser("down", parents=[named], help="remove a lab and everything it made")
     down.set_defaults(func=cmd_down)
+
+    kc = sub.add_parser("kubeconfig", parents=[named], help="print the path of a --kube lab's admin kubeconfig "
+                        "(the API server is reachable from the lab's namespaces only)")
+    kc.set_defaults(func=cmd_kubeconfig)
+
+    kubectl = sub.add_parser("kubectl", parents=[named], help="run kubectl as the admin of a --kube lab: kubectl -- ARGS…")
+    kubectl.add_argument("command", nargs=argparse.REMAINDER)
+    kubectl.set_defaults(func=cmd_kubectl)
 
     demo = sub.add_parser("demo", parents=[named, waits], help="start the demo lab and send traffic through it")
     demo.set_defaults(func=cmd_demo)

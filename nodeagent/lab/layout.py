@@ -3,9 +3,10 @@
 `lab up` creates by these names and `lab down` removes by their prefixes (not only by
 recorded state), so a crash or a half-finished `up` never leaves anything it cannot
 find again. Everything carries the lab name: netns `<lab>-fabric`, `<lab>-n-<node>`,
-`<lab>-p-<ns>-<pod>`; cgroups under `<cgroup2-root>/nodeagent-<lab>/`; bpffs under
-`/sys/fs/bpf/nodeagent-<lab>/`; state under `/run/nodeagent/<lab>/`; hosts files under
-`/etc/netns/<pod-netns>/`. Pure: nothing here touches the machine.
+`<lab>-p-<ns>-<pod>`, `<lab>-cp` (the control plane of `--kube`); cgroups under
+`<cgroup2-root>/nodeagent-<lab>/`; bpffs under `/sys/fs/bpf/nodeagent-<lab>/`; state
+under `/run/nodeagent/<lab>/`; hosts files under `/etc/netns/<pod-netns>/`. Pure:
+nothing here touches the machine.
 """
 
 from __future__ import annotations
@@ -197,6 +198,35 @@ class Layout:
     @property
     def supervisor_log(self) -> str:
         return os.path.join(self.logs_dir, "supervisor.log")
+
+    # --- the Kubernetes control plane (`lab up --kube`) ---------------------------
+    @property
+    def controlplane_netns(self) -> str:
+        return f"{self.name}-cp"
+
+    @property
+    def controlplane_cgroup(self) -> str:
+        return os.path.join(self.lab_cgroup, "controlplane")
+
+    @property
+    def kube_dir(self) -> str:
+        """Everything of the control plane: pki/ (keys, certificates, kubeconfigs), etcd/."""
+        return os.path.join(self.state_dir, "kube")
+
+    @property
+    def kube_pki_dir(self) -> str:
+        return os.path.join(self.kube_dir, "pki")
+
+    @property
+    def etcd_dir(self) -> str:
+        return os.path.join(self.kube_dir, "etcd")
+
+    @property
+    def admin_kubeconfig(self) -> str:
+        return os.path.join(self.kube_pki_dir, "admin.kubeconfig")
+
+    def controlplane_log(self, component: str) -> str:
+        return os.path.join(self.logs_dir, f"{component}.log")
 
 
 def host_veth(namespace: str, pod: str) -> str:

@@ -27,12 +27,14 @@ from nodeagent.kube.objects import KubeObject, parse_documents
 from nodeagent.lab import (cgroups, dns, ipam, meshca, processes, services, spec, supervisor, teardown,
                            topology)
 from nodeagent.lab import verdicts
+from nodeagent.lab.kube import controlplane, nodes
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord, Runtime, StateDir, lab_model
 
 Out = Callable[[str], None]
 DEMO = "demo.yaml"
 STABLE = 0.5  # seconds a pod must stay Running before `up`/`apply` call it so
+KUBE_TIMEOUT = 180.0  # at least this long for the control plane to serve (a loaded machine)
 POLL = 0.1
 
 
@@ -95,6 +97,12 @@ def _build(state: StateDir, record: LabRecord) -> None:
     layout = record.layout
     with kernel_step("building the lab network"):
         topology.build_fabric(layout, record.alloc.nodes)
+        if record.kube:
+            controlplane.build_netns(layout, record.alloc.nodes)
+    if record.kube:
+        with kernel_step("provisioning the control plane (CA, certificates, service-account key, cgroup)"):
+            controlplane.provision(layout, record.desired.node_names)
+            cgroups.make(layout.controlplane_cgroup)
     with kernel_step("creating the nodes' cgroups and bpffs directories"):
         for node in record.desired.node_names:
             cgroups.make(layout.kubepods_cgroup(node))
@@ -137,15 +145,17 @@ def _leftovers(layout: Layout) -> bool:
                 or os.path.isdir(layout.lab_cgroup))
 
 
-def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: float) -> LabRecord:
+def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: float,
+       kube: bool = False) -> LabRecord:
     layout = Layout(name, preflight())
+    binary = controlplane.binary() if kube else ""
     desired = spec.load(objects)
     spec.check_commands(desired, processes.which)
     alloc = ipam.allocate(desired)
     if _leftovers(layout):
         raise LabError(f"lab {name} already exists (or was left over by a crash)",
                        f"remove it first: nodeagent lab down --name {name}")
-    record = LabRecord(name, layout.cgroup_root, agents, desired.objects, alloc)
+    record = LabRecord(name, layout.cgroup_root, agents, desired.objects, alloc, controlplane=binary)
     state = StateDir(layout)
     state.create()
     try:
@@ -159,10 +169,25 @@ def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: fl
         raise
     out(f"lab {name}: {len(alloc.nodes)} nodes, {len(alloc.pods)} pods, {len(alloc.services)} services; "
         f"supervisor pid {record.supervisor_pid}{'' if agents else ' (no agents)'}")
+    if kube:
+        wait_kube(layout, desired.node_names, out, max(timeout, KUBE_TIMEOUT))
     wait_running(state, record.supervisor_pid, list(desired.pods), out, timeout)
     if agents:
         wait_agents(state, out, timeout)
     return record
+
+
+def wait_kube(layout: Layout, node_names: list[str], out: Out, timeout: float) -> None:
+    """Wait until the control plane serves and every node is registered and Ready."""
+    started = time.monotonic()
+    took = controlplane.wait_ready(layout, out, timeout)
+    out(f"control plane ready in {took:.1f}s at {controlplane.server()} "
+        f"(kubeconfig: nodeagent lab kubeconfig --name {layout.name})")
+    try:
+        nodes.wait_ready(controlplane.admin_client(layout), node_names, out,
+                         max(1.0, timeout - (time.monotonic() - started)))
+    except NodeagentError as exc:
+        raise LabError(str(exc), f"see {layout.supervisor_log}; the lab stays up") from None
 
 
 def merge(old: list[KubeObject], new: list[KubeObject]) -> list[KubeObject]:
@@ -195,7 +220,7 @@ def apply(name: str, objects: list[KubeObject], out: Out, timeout: float) -> Non
         spec.check_commands(desired, processes.which)
         _check_changes(old, desired)
         record = LabRecord(name, old.cgroup_root, old.agents, desired.objects,
-                           ipam.allocate(desired, old.alloc), old.supervisor_pid)
+                           ipam.allocate(desired, old.alloc), old.supervisor_pid, old.controlplane)
         added = [p for key, p in desired.pods.items() if key not in old.alloc.pods]
         _apply_record(state, old, record, added, out)
     before = {o.key: o.body for o in old.objects}

@@ -42,6 +42,11 @@ class LabRecord:
     objects: list[KubeObject]
     alloc: Allocations
     supervisor_pid: int = 0
+    controlplane: str = ""  # `--kube`: the control plane binary the lab runs; "" without
+
+    @property
+    def kube(self) -> bool:
+        return bool(self.controlplane)
 
     @property
     def layout(self) -> Layout:
@@ -53,14 +58,14 @@ class LabRecord:
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "name": self.name, "cgroup_root": self.cgroup_root, "agents": self.agents,
-                "supervisor_pid": self.supervisor_pid, **self.alloc.to_json(),
+                "supervisor_pid": self.supervisor_pid, "controlplane": self.controlplane, **self.alloc.to_json(),
                 "objects": [{"source": o.source, "body": o.body} for o in self.objects]}
 
     @classmethod
     def from_json(cls, data: dict) -> "LabRecord":
         objects = [object_from_dict(o["body"], o["source"]) for o in data["objects"]]
         return cls(data["name"], data["cgroup_root"], data["agents"], objects,
-                   Allocations.from_json(data), data.get("supervisor_pid", 0))
+                   Allocations.from_json(data), data.get("supervisor_pid", 0), data.get("controlplane", ""))
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Runtime:
     pods: dict[str, dict] = field(default_factory=dict)
     agents: dict[str, dict] = field(default_factory=dict)
     ca: dict = field(default_factory=dict)  # the mesh CA's {pid, restarts, state, exit_code}
+    controlplane: dict[str, dict] = field(default_factory=dict)  # `--kube`: component -> the same
 
     def phase(self, key: str) -> str:
         return self.pods.get(key, {}).get("phase", "Pending")
@@ -153,11 +159,12 @@ class StateDir:
                 data = json.load(f)
         except (FileNotFoundError, ValueError):
             return Runtime()
-        return Runtime(data.get("pods", {}), data.get("agents", {}), data.get("ca", {}))
+        return Runtime(data.get("pods", {}), data.get("agents", {}), data.get("ca", {}), data.get("controlplane", {}))
 
     def save_runtime(self, runtime: Runtime) -> None:
         write_atomic(self.layout.runtime_json,
-                     json.dumps({"pods": runtime.pods, "agents": runtime.agents, "ca": runtime.ca}, indent=1) + "\n")
+                     json.dumps({"pods": runtime.pods, "agents": runtime.agents, "ca": runtime.ca,
+                                 "controlplane": runtime.controlplane}, indent=1) + "\n")
 
     def export_cluster(self, record: LabRecord, runtime: Runtime) -> None:
         """Bring cluster/ in line with the lab: write changed files, drop stale ones."""

@@ -14,6 +14,7 @@ import os
 from nodeagent.agent.admin import fetch_status
 from nodeagent.errors import NodeagentError
 from nodeagent.lab import meshca, services, supervisor
+from nodeagent.lab.kube import controlplane
 from nodeagent.lab.state import LabRecord, Runtime, lab_model
 
 
@@ -28,6 +29,8 @@ def collect(record: LabRecord, runtime: Runtime) -> dict:
         "supervisor": {"pid": record.supervisor_pid,
                        "running": supervisor.is_supervisor(record.supervisor_pid, record.name)},
         "ca": _ca(record, runtime),
+        "controlplane": {"server": controlplane.server(), "kubeconfig": record.layout.admin_kubeconfig,
+                         "components": runtime.controlplane} if record.kube else None,
         "nodes": [{"name": name, "fabricIP": alloc.nodes[name].fabric_ip, "podCIDR": alloc.nodes[name].pod_cidr,
                    "agent": runtime.agents.get(name) if record.agents else None,
                    "waypoint": _waypoint(record, name) if record.agents else None}
@@ -107,6 +110,10 @@ def render(data: dict) -> str:
     if ca:
         head += (f"\nMesh CA ({ca['trustDomain']}) on {ca['node']} at {ca['address']}: {_process(ca)}; "
                  f"root {ca['rootCert']}")
+    cp = data.get("controlplane")
+    if cp:
+        head += (f"\nControl plane at {cp['server']} (kubeconfig {cp['kubeconfig']}): "
+                 + ", ".join(f"{name} {_process(c)}" for name, c in cp["components"].items()))
     return "\n\n".join([head, nodes, pods, svcs]) + "\n"
 
 

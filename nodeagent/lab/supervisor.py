@@ -1,10 +1,12 @@
 """The lab's supervisor daemon (`nodeagent lab supervise`): the lab's kubelet.
 
-It runs every container of every pod and, unless the lab was made with `--no-agents`,
-the mesh CA (meshca.py) and one agent per node; restarts what exits with exponential backoff according to the
-pod's restartPolicy; and publishes what runs: `runtime.json` (pids, restarts, phases),
-pod phases in `cluster/`, and the service rules, whose endpoints are the Running pods.
-It reconciles from `lab.json` every second, on SIGHUP (sent by `lab apply`) and when a
+It runs every container of every pod; with `--kube` the control plane (kube/
+controlplane.py) and, in a thread, the nodes' registration and heartbeats
+(kube/nodes.py); unless the lab was made with `--no-agents`, the mesh CA (meshca.py) and
+one agent per node; restarts what exits with exponential backoff according to the pod's
+restartPolicy; and publishes what runs: `runtime.json` (pids, restarts, phases), pod
+phases in `cluster/`, and the service rules, whose endpoints are the Running pods. It
+reconciles from `lab.json` every second, on SIGHUP (sent by `lab apply`) and when a
 child exits. SIGTERM stops the children (SIGTERM, then SIGKILL) and exits; it exits by
 itself when the lab's state directory goes away. It lives in its own cgroup below the
 lab's, so `lab down` can always kill it with everything else.
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from nodeagent.backoff import Backoff
 from nodeagent.errors import NodeagentError
 from nodeagent.lab import cgroups, meshca, processes, services
+from nodeagent.lab.kube import controlplane, nodes
 from nodeagent.lab.state import LabRecord, Runtime, StateDir
 
 RESTART_BACKOFF = Backoff(first=1.0, maximum=30.0)
@@ -64,7 +67,8 @@ class Supervisor:
     state: StateDir
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("nodeagent.lab.supervisor"))
     clock: object = time.monotonic
-    units: dict[str, Unit] = field(default_factory=dict)  # "pod:ns/name/container" | "agent:node"
+    units: dict[str, Unit] = field(default_factory=dict)  # "pod:ns/name/container" | "agent:node" | "cp:component"
+    heartbeats: nodes.Heartbeats | None = None  # `--kube`: the nodes' kubelet heartbeats
     record: LabRecord | None = None
     stamp: tuple | None = None  # lab.json (inode, mtime) of `record`
     published: tuple = ()  # (pods, agents, stamp) last written
@@ -90,6 +94,11 @@ class Supervisor:
 
     def _wanted(self, record: LabRecord) -> dict[str, Unit]:
         layout, out = self.state.layout, {}
+        if record.kube:  # the control plane first: etcd, then what needs it
+            for component in controlplane.COMPONENTS:
+                out[f"cp:{component}"] = Unit(controlplane.argv(layout, record.controlplane, component),
+                                              processes.base_env(), layout.controlplane_cgroup,
+                                              layout.controlplane_log(component))
         if record.agents:  # first, so it starts before the agents ask it for certificates
             out["ca"] = Unit(meshca.ca_argv(layout, record), processes.base_env(),
                              layout.system_cgroup(meshca.ca_node(record)), layout.ca_log)
@@ -166,12 +175,13 @@ class Supervisor:
                                 "containers": {c.name: u.status() for c, u in zip(pod.containers, units)}}
         rt.agents = {k.split(":", 1)[1]: u.status() for k, u in self.units.items() if k.startswith("agent:")}
         rt.ca = self.units["ca"].status() if "ca" in self.units else {}
+        rt.controlplane = {k.split(":", 1)[1]: u.status() for k, u in self.units.items() if k.startswith("cp:")}
         return rt
 
     def publish(self) -> None:
         """Write what runs; re-sync the service rules when the Running pods or the lab changed."""
         rt = self.runtime()
-        published = (rt.pods, rt.agents, rt.ca, self.stamp)
+        published = (rt.pods, rt.agents, rt.ca, rt.controlplane, self.stamp)
         if published == self.published:
             return
         with self.state.lock():
@@ -207,6 +217,9 @@ class Supervisor:
                 if not self.reload():
                     self.log.info("lab %s is gone; exiting", self.state.layout.name)
                     break
+                if self.record.kube and self.heartbeats is None:
+                    self.heartbeats = self._heartbeats(self.record)
+                    self.heartbeats.start()
                 self.step()
                 self.publish()
             except NodeagentError as exc:
@@ -216,11 +229,30 @@ class Supervisor:
             select.select([wake_r], [], [], 1.0)
             while _drain(wake_r):
                 pass
-        self._stop(list(self.units.values()))
+        if self.heartbeats is not None:
+            self.heartbeats.close()
+        for group in stop_order(self.units):
+            self._stop(group)
         return 0
+
+    def _heartbeats(self, record: LabRecord) -> nodes.Heartbeats:
+        layout = self.state.layout
+        admin = controlplane.admin_client(layout)
+        beats = [nodes.NodeHeartbeat(obj.name, record.alloc.nodes[obj.name], controlplane.node_client(layout, obj.name),
+                                     admin, {k: v for k, v in (("labels", obj.labels), ("annotations", obj.annotations)) if v})
+                 for obj in record.desired.nodes]
+        return nodes.Heartbeats(beats, logging.getLogger("nodeagent.lab.kube.nodes"))
 
     def _on_term(self, *_args) -> None:
         self.stopping = True
+
+
+def stop_order(units: dict[str, Unit]) -> list[list[Unit]]:
+    """Groups of units to stop one after the other: pods, agents and the clients of the
+    API server first, then the API server, then etcd, so each stops while what it talks
+    to still answers (an API server whose etcd is gone waits out its grace period)."""
+    last = ("cp:kube-apiserver", "cp:etcd")
+    return [[u for k, u in units.items() if k not in last]] + [[units[k]] for k in last if k in units]
 
 
 def command(name: str) -> list[str]:

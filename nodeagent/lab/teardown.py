@@ -1,11 +1,12 @@
 """`lab down`: remove everything a lab made, found by name prefix, not only by record.
 
 Order matters: stop the supervisor (by its recorded pid, checked against its command
-line) so nothing restarts; kill every process in the lab's cgroup tree (`cgroup.kill`,
-else SIGKILL per pid) so nothing holds a namespace; delete the service tables and the
-namespaces (their veths, addresses and routes go with them); then the hosts files,
-cgroups, pinned bpf objects and the state directory. It works after a crash or a
-half-finished `up`, which is why `up` also uses it to roll back.
+line) so nothing restarts, then the control plane of a `--kube` lab by its recorded
+pids; kill every process in the lab's cgroup tree (`cgroup.kill`, else SIGKILL per pid)
+so nothing holds a namespace; delete the service tables and the namespaces (their veths,
+addresses and routes go with them); then the hosts files, cgroups, pinned bpf objects
+and the state directory. It works after a crash or a half-finished `up`, which is why
+`up` also uses it to roll back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 from nodeagent.errors import LabError, NodeagentError
 from nodeagent.lab import cgroups, services, supervisor, topology
+from nodeagent.lab.kube import controlplane
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import StateDir
 
@@ -82,6 +84,10 @@ def down(layout: Layout) -> list[str]:
     state, done, left = StateDir(layout), [], []
     if stop_supervisor(_recorded_pid(state), layout.name):
         done.append("supervisor")
+    # The supervisor stops the control plane with its children; a supervisor that died
+    # left it running: stop it by its recorded pids, so etcd and the apiserver end cleanly.
+    if controlplane.stop(layout, [c.get("pid") or 0 for c in state.load_runtime().controlplane.values()]):
+        done.append("control plane")
     if state.exists():
         with state.lock():
             _remove_kernel_side(layout, done, left)
