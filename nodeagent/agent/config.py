@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from nodeagent import settings
+from nodeagent.agent.proxy.splice import ENGINES
 from nodeagent.capture.preflight import MOUNTS, mount_table
 from nodeagent.errors import ConfigError
 from nodeagent.identity.caproto import default_server_name
@@ -66,6 +67,7 @@ class AgentConfig:
     waypoint: bool  # run the node's waypoint Envoy (L7); off: L4 only
     waypoint_dir: Path
     envoy_admin_port: int
+    data_path_engine: str  # who moves the bytes of relayed socket pairs: auto, native or python
 
     @property
     def admin_port(self) -> int:
@@ -221,6 +223,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("waypoint_dir", parse_waypoint_dir, DEFAULT_WAYPOINT_DIR,
             "directory of the waypoint's unix sockets (xDS, Envoy <-> agent), bootstrap and Envoy log", "DIR"),
     Setting("envoy_admin_port", parse_port, "15000", "the waypoint Envoy's admin port on 127.0.0.1", "PORT"),
+    Setting("data_path_engine", parse_choice(ENGINES), "auto",
+            "who moves the bytes of relayed socket pairs: native (the C engine of native/, splice(2) on its own "
+            "thread), python (asyncio), or auto (native when scripts/setup built it, else python); HBONE "
+            "streams stay in Python either way. nodeagent status says which is in use and why",
+            "|".join(ENGINES)),
 )
 
 

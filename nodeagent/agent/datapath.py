@@ -12,7 +12,9 @@ They share the policies in force (policies.PolicyState), the workload identities
 (identities.WorkloadIdentities: an IdentityManager talking to the mesh CA, or none
 without `--ca-address`), Istio's TCP telemetry and the flow log, all registered into
 the agent's registry. `enrolled()` follows enrolment: certificates for the pods' service
-accounts, tunnel connections of removed pods drained and closed.
+accounts, tunnel connections of removed pods drained and closed. The `Splicer` (setting
+data_path_engine) says which engine moves the relays' bytes: its native engine starts
+with the data path and stops last, resetting what is still open.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from nodeagent.agent.waypoint.jwks import JwksFetcher, jwks_uris, mesh_addresses
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
 from nodeagent.agent.proxy.policies import PolicyState
+from nodeagent.agent.proxy.splice import Splicer
 from nodeagent.agent.proxy.steering import NoWaypoint
 from nodeagent.agent.proxy.telemetry import FlowLog, Telemetry, TrafficMetrics
 from nodeagent.agent.proxy.tunnel_inbound import TunnelInbound
@@ -75,10 +78,12 @@ class DataPath:
         waypoint = self.waypoint if self.waypoint is not None else NoWaypoint()
         self.connections = InboundConnections(lambda: self.policies.current, pod_at, waypoint, registry,
                                               log.getChild("inbound"))
+        self.splicer = Splicer(c.data_path_engine, log.getChild("relay"))
         inputs = ProxyInputs(model=model, pod_at=pod_at, policies=self.policies, identities=self.identities,
                              telemetry=self.telemetry, connections=self.connections, waypoint=waypoint,
                              metrics=metrics, agent_ports=frozenset({c.outbound_port, c.inbound_port,
-                                                                     c.tunnel_port, c.admin_port}))
+                                                                     c.tunnel_port, c.admin_port}),
+                             splicer=self.splicer)
         tunnel_metrics = TunnelMetrics(registry)
         self.hbone = HboneRoute(self.identities, tunnel_metrics, log.getChild("hbone"), mark=c.mark,
                                 port=c.tunnel_port)
@@ -90,7 +95,9 @@ class DataPath:
         self._releases: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        """Start what runs beside the relays: the waypoint (xDS server, Envoy)."""
+        """Start what runs beside the relays: the native relay engine (when chosen), the
+        waypoint (xDS server, Envoy)."""
+        await self.splicer.start()
         if self.waypoint is not None:
             await self.waypoint.start()
 
@@ -143,7 +150,7 @@ class DataPath:
         return {"identity": self.identities.describe(), "policy": self.policies.describe(),
                 "tunnel": {"pooled_connections": self.hbone.connections(),
                            "inbound_connections": len(self.tunnel.server.sessions)},
-                "delivered_connections": len(self.connections),
+                "delivered_connections": len(self.connections), "data_path": self.splicer.describe(),
                 "waypoint": {**self.waypoint.describe(), "jwks": self.jwks.describe()}
                 if self.waypoint is not None else None}
 
@@ -156,6 +163,7 @@ class DataPath:
         if self.waypoint is not None:
             await self.jwks.close()
             await self.waypoint.close()
+        self.splicer.close()
         self.flow_log.close()
 
 

@@ -1,7 +1,8 @@
 """`nodeagent status`: what an agent is doing, read from its admin socket and shown as
 JSON or as aligned text tables (enrolled pods, pods waiting, workload certificates,
-policies in force and refused, HBONE connections, programs, maps and their fill,
-counters, source errors). Rendering is a pure function of the status JSON.
+policies in force and refused, HBONE connections, the data path's engine, programs,
+maps and their fill, counters, source errors). Rendering is a pure function of the
+status JSON.
 """
 
 from __future__ import annotations
@@ -133,7 +134,22 @@ def _mesh_sections(status: dict[str, Any], now: float) -> list[str]:
     return [_section("WORKLOAD CERTIFICATES", certs), "", _section("POLICIES IN FORCE", policies), "",
             _section("POLICY ERRORS", "\n".join(f"  {e}" for e in policy.get("errors", []))), "",
             f"HBONE: {tunnel.get('pooled_connections', 0)} pooled outbound connections, "
-            f"{tunnel.get('inbound_connections', 0)} inbound", "", *_waypoint_sections(status.get("waypoint"))]
+            f"{tunnel.get('inbound_connections', 0)} inbound", "", *_data_path_lines(status.get("data_path")),
+            *_waypoint_sections(status.get("waypoint"))]
+
+
+def _data_path_lines(data_path: dict[str, Any] | None) -> list[str]:
+    """Which engine moves the relays' bytes and why; the native engine's limits and counters."""
+    if not data_path:
+        return []
+    lines = [f"DATA PATH: {data_path['summary']} [data_path_engine={data_path['setting']}]"]
+    engine = data_path.get("native")
+    if engine:
+        lines.append(f"  native engine: {engine['relays_open']} relays open (max {engine['max_relays']}), "
+                     f"{engine['relays_total']} total, {engine['relays_failed']} failed, "
+                     f"{engine['relays_aborted']} aborted; {engine['bytes_held']} bytes held "
+                     f"(at most {engine['pipe_size']} per direction)")
+    return ["\n".join(lines), ""]
 
 
 def _waypoint_sections(waypoint: dict[str, Any] | None) -> list[str]:

@@ -18,6 +18,8 @@ listeners are the agent's own InPodListener on such sockets. The stand-ins:
 - `App.take()` for sk_lookup: the connection waiting on the app's listener goes to
   the agent's inbound relay, as steering would hand it, with the app's address as its
   local (original destination) address.
+The bytes move by the engine a test names (`engine`: python or native, engines.py), so
+every relay test runs against both.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
+from engines import splicer
 from identity_fixtures import ManualClock, make_ca
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.proxy.admission import InboundConnections
@@ -230,12 +233,14 @@ def listening(ip: str, port: int = 0) -> socket.socket:
 class World:
     """The node: enrolled pods sleep (CLIENT) and httpbin (SERVER), the app of httpbin,
     the agent's listeners (outbound for sleep, HBONE and plaintext inbound for httpbin)
-    and every relay. `ca=False`: an agent without a mesh CA."""
+    and every relay. `ca=False`: an agent without a mesh CA; `engine`: which engine
+    moves the bytes (engines.py)."""
 
-    def __init__(self, tmp_path: Path, monkeypatch, *, ca: bool = True):
+    def __init__(self, tmp_path: Path, monkeypatch, *, ca: bool = True, engine: str = "python"):
         self.tmp_path = tmp_path
         self.monkeypatch = monkeypatch
         self.ca = ca
+        self.engine = engine
 
     async def __aenter__(self) -> "World":
         self._closers: list = []
@@ -272,6 +277,9 @@ class World:
         self.monkeypatch.setattr(inpod, "upstream", self.sockets.upstream)
         self.monkeypatch.setattr(inpod, "transparent_upstream", self.sockets.transparent_upstream)
         self.capture = OriginalDestinations()
+        engine = splicer(self.engine)
+        self.splicer = await engine.__aenter__()
+        self._closers.append(lambda: engine.__aexit__(None, None, None))
         self._wire(tunnel_metrics)
 
     def _identity_manager(self) -> IdentityManager | None:
@@ -290,7 +298,8 @@ class World:
         self.connections = InboundConnections(lambda: self.policies.current, pod_at, self.envoy, self.registry, LOG)
         inputs = ProxyInputs(model=lambda: self.model, pod_at=pod_at, policies=self.policies,
                              identities=self.identities, telemetry=self.telemetry, connections=self.connections,
-                             waypoint=self.envoy, metrics=self.metrics, agent_ports=self.agent_ports)
+                             waypoint=self.envoy, metrics=self.metrics, agent_ports=self.agent_ports,
+                             splicer=self.splicer)
         self.hbone = HboneRoute(self.identities, tunnel_metrics, LOG, mark=MARK, port=self.tunnel_port)
         self._closers.append(self.hbone.close)
         self.outbound = OutboundRelay(inputs, self.capture, LOG, passthrough=Passthrough(MARK, TIMEOUT),

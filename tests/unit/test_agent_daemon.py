@@ -24,6 +24,7 @@ from agent_world import (CLIENT, HTTPBIN, LEGACY_POD, NODE, REMOTE, SERVER, SLEE
                          namespaces, write, write_docs)
 from identity_fixtures import run
 from relay_world import ended
+from nodeagent import native
 from nodeagent.agent import daemon
 from nodeagent.digests import spec_digest
 from nodeagent.errors import ConfigError, NodeagentError
@@ -33,7 +34,7 @@ from policy_world import document
 PING = b"ping\n"
 STATUS_KEYS = {"node", "version", "pid", "started_at", "ready", "not_ready", "source", "pods", "waiting",
                "capture", "counters", "config", "identity", "policy", "tunnel", "delivered_connections",
-               "waypoint"}
+               "waypoint", "data_path"}
 NOT_STARTED = (f"no process of pod {SLEEP.uid} in /proc/*/cgroup "
                "(the pod has not started yet or is gone; retrying)")  # PodProcesses' PodNotFound
 DENY_SLEEP_SPEC = {"selector": {"matchLabels": {"app": "httpbin"}}, "action": "DENY",
@@ -97,6 +98,8 @@ def test_ready_after_the_first_reconcile_and_the_status_says_what_the_agent_runs
             assert (status["policy"]["resources"], status["policy"]["errors"]) == ({}, [])
             assert status["tunnel"] == {"pooled_connections": 0, "inbound_connections": 0}
             assert (status["delivered_connections"], status["waypoint"]) == (0, None)
+            assert (status["data_path"]["setting"], status["data_path"]["engine"]) == (
+                "auto", "native" if native_built() else "python")  # auto: native when scripts/setup built it
         assert node.capture.calls == [("load",), ("enrolled_netns",), ("close", True)]
         assert pods.asked == []  # no meshed pod of this node: no netns looked for
         assert not node.config.admin_socket.exists()
@@ -761,3 +764,11 @@ def test_config_work_runs_off_the_loop_that_serves_connections(tmp_path, cluster
         assert seen == {"thread": seen["thread"], "released": True}
         assert str(seen["thread"]).startswith("nodeagent-config")
     run(main())
+
+
+def native_built() -> bool:
+    try:
+        native.load()
+        return True
+    except native.NativeUnavailable:
+        return False

@@ -10,6 +10,7 @@ import socket
 
 import pytest
 
+from engines import engine_fixture, native_relays
 from identity_fixtures import run, until
 from nodeagent.resets import LINGER_RESET
 from nodeagent.tunnel import ConnectRefused, HandshakeFailed
@@ -22,12 +23,16 @@ SLEEP, HTTPBIN = principal("mesh", "sleep"), principal("mesh", "httpbin")
 PING = b"ping\n"
 
 
+engine = engine_fixture(("python", "native"))
+
+
 @pytest.fixture
-def node(tmp_path, monkeypatch):
-    """node(body, **kw) runs `async body(world)` on a fresh World(**kw), closed after."""
+def node(tmp_path, monkeypatch, engine):
+    """node(body, **kw) runs `async body(world)` on a fresh World(**kw), closed after;
+    once per engine of the data path."""
     def on_node(body, **kw):
         async def main():
-            async with World(tmp_path, monkeypatch, **kw) as world:
+            async with World(tmp_path, monkeypatch, engine=engine, **kw) as world:
                 await body(world)
         run(main())
     return on_node
@@ -284,6 +289,21 @@ def test_plaintext_inbound_is_delivered_to_the_app_as_the_client(node):
             "destination", "legacy", "unknown", HTTPBIN, "httpbin.mesh.svc.cluster.local", "none", len(PING),
             "allowed")
         assert len(w.connections) == 0  # no longer tracked for re-checks once it ended
+    node(body)
+
+
+def test_socket_pairs_go_to_the_native_engine_and_hbone_hops_stay_in_python(node, engine):
+    async def body(w: World):
+        legacy = await w.serve(LEGACY)
+        await exchange(*await w.dial_out(legacy.address))  # passthrough: socket <-> socket
+        await exchange(*await steered_to_the_app(w))  # plaintext inbound: socket <-> socket
+        await w.settled(flows=2)
+        socket_pairs = native_relays(w.splicer)
+        await exchange(*await w.dial_out(SERVICE))  # HBONE: client <-> stream, then stream <-> app
+        await w.settled(flows=4)
+        assert (socket_pairs, native_relays(w.splicer)) == ((0, 0) if engine == "python" else (2, 2))
+        assert w.splicer.describe()["summary"] == ("python: data_path_engine=python" if engine == "python"
+                                                   else "native (socket pairs); python for HBONE streams")
     node(body)
 
 

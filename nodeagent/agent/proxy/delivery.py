@@ -77,7 +77,7 @@ async def relay_delivered(inputs: ProxyInputs, flow: Flow, entry: Delivered, cli
     (`entry`, from `connections.delivering`, entered before the upstream connect so
     no re-check misses it) for re-checks, then close its report: with DENY when a
     policy change revoked it. One revoked while connecting is reset as it starts."""
-    result = await relay(inputs.metrics, "inbound", client, upstream, entry.abort)
+    result = await relay(inputs, "inbound", client, upstream, entry.abort)
     received, sent, revoked, telemetry = result.a_to_b, result.b_to_a, entry.revoked, inputs.telemetry
     if revoked is None:
         telemetry.close(flow, received=received, sent=sent)

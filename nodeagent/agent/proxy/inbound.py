@@ -103,5 +103,5 @@ class InboundRelay(Relay):
             self._fail(ctx, sock, reason, f"waypoint delivery from {src[0]} to {dst[0]}:{dst[1]} failed: "
                        f"{reason} ({exc})")
             return
-        await relay(self.metrics, "inbound", sock, upstream)
+        await relay(self.inputs, "inbound", sock, upstream)
 

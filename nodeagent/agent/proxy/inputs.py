@@ -17,6 +17,7 @@ from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.proxy.admission import InboundConnections
 from nodeagent.agent.proxy.identities import WorkloadIdentities
 from nodeagent.agent.proxy.policies import PolicyState
+from nodeagent.agent.proxy.splice import Splicer
 from nodeagent.agent.proxy.telemetry import Telemetry
 from nodeagent.agent.proxy.steering import WaypointHandle
 from nodeagent.model import Model
@@ -33,3 +34,4 @@ class ProxyInputs:
     waypoint: WaypointHandle  # the node's waypoint, or NoWaypoint
     metrics: AgentMetrics  # the agent's own counters
     agent_ports: frozenset[int]  # the agent's own ports: never a destination
+    splicer: Splicer  # which engine moves the bytes: native for socket pairs, or Python

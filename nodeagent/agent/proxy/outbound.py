@@ -112,7 +112,7 @@ class OutboundRelay(Relay):
         except NodeagentError as exc:
             self._fail(ctx, client, "waypoint_unavailable", f"to {dst[0]}:{dst[1]} through the waypoint: {exc}")
             return
-        await relay(self.metrics, "outbound", client, upstream)
+        await relay(self.inputs, "outbound", client, upstream)
 
     async def handle_upstream(self, sock: socket.socket, header: dataplane.ProxyHeader) -> None:
         """A connection Envoy hands back after client-side L7: PROXY source = the client
@@ -149,7 +149,7 @@ class OutboundRelay(Relay):
         if route is self.passthrough:
             self.metrics.passthrough.inc()
         self.log.debug("outbound %s -> %s via %s", ctx, _where(target), route.name)
-        result = await relay(self.metrics, "outbound", client, upstream)
+        result = await relay(self.inputs, "outbound", client, upstream)
         self.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
 
     def _route(self, ctx: PodContext, src: Address, dst: Address, target: Target) -> tuple[Route, Flow]:

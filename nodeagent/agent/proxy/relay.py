@@ -1,6 +1,7 @@
 """What every relay of the data path shares, below its users: `relay()` splices a
-client with its upstream (sockets, or one side an HBONE stream) keeping the active
-gauge and byte counters; `connect_failure_reason` labels a failed upstream connect;
+client with its upstream (sockets, or one side an HBONE stream) by the engine the
+inputs' Splicer chose (native for socket pairs, or Python), keeping the active gauge and
+byte counters; `connect_failure_reason` labels a failed upstream connect;
 `Relay` is the base of the outbound and inbound relays: it counts and logs a failed
 connection and resets the client, and finds the enrolled pod a connection Envoy handed
 back is for. The inbound paths and the outbound path both build on this module, never
@@ -13,9 +14,8 @@ import logging
 import socket
 
 from nodeagent.agent.inpod.sockets import PodContext
-from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.proxy.inputs import ProxyInputs
-from nodeagent.agent.proxy.splice import Abort, SpliceResult, splice
+from nodeagent.agent.proxy.splice import Abort, SpliceResult
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.resets import reset
 from nodeagent.tunnel import TunnelError
@@ -31,10 +31,11 @@ def connect_failure_reason(exc: BaseException) -> str:
     return tcp_failure_reason(exc)
 
 
-async def relay(metrics: AgentMetrics, direction: str, client, upstream, abort: Abort | None = None) -> SpliceResult:
+async def relay(inputs: ProxyInputs, direction: str, client, upstream, abort: Abort | None = None) -> SpliceResult:
     """Splice client<->upstream, keeping the active gauge and byte counters. Both are
     sockets, or one is an HBONE stream; `a_to_b` of the result is client -> upstream.
     `abort` can end it early (splice.Abort)."""
+    metrics, splice = inputs.metrics, inputs.splicer.splice
     active = metrics.active_by[direction]
     active.inc()
     try:

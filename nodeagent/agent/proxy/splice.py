@@ -11,24 +11,27 @@ the byte counts for telemetry. One side may be an HBONE stream instead of a sock
 is an asyncio transport of its own (nodeagent.tunnel.HboneStream.attach). An `Abort`
 handed in ends the splice from outside (both sides reset, the counts still returned),
 e.g. when a policy change revokes it.
+
+`Splicer` is what the relays call (issue 11): it sends a pair of stream sockets to the
+native engine (nodeagent.native: C, splice(2), its own thread) when the agent runs one
+(`data_path_engine` auto and the module built, or native), everything else — an HBONE
+stream side, or no native engine — through `splice` here. Both keep the semantics above
+and share their tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-from dataclasses import dataclass
 
+from nodeagent import native
+from nodeagent.errors import ConfigError
+from nodeagent.native import SpliceResult
 from nodeagent.resets import linger_reset
 
 HIGH_WATER = 64 * 1024  # bytes buffered towards one side before the other stops reading
-
-
-@dataclass
-class SpliceResult:
-    a_to_b: int = 0
-    b_to_a: int = 0
-    error: BaseException | None = None  # the first error that ended it, if any
+ENGINES = ("auto", "native", "python")  # the data_path_engine setting
 
 
 class Abort:
@@ -37,14 +40,14 @@ class Abort:
 
     def __init__(self):
         self.requested = False
-        self._pipe: _Pipe | None = None
+        self._pipe = None  # a _Pipe, or a native relay: anything with abort()
 
     def __call__(self) -> None:
         self.requested = True
         if self._pipe is not None:
             self._pipe.abort()
 
-    def bind(self, pipe: "_Pipe") -> None:
+    def bind(self, pipe) -> None:
         self._pipe = pipe
         if self.requested:
             pipe.abort()
@@ -201,3 +204,66 @@ def _reset(transport: asyncio.BaseTransport) -> None:
     if sock is not None:
         linger_reset(sock)
     transport.abort()
+
+
+class Splicer:
+    """Which engine moves the bytes of the agent's relays, chosen once from the
+    `data_path_engine` setting: `auto` (native when the module is built and starts,
+    else python), `native` (required: ConfigError at start-up without it) or `python`.
+    HBONE stream hops always take the Python path (the native TLS/HTTP/2 step is next).
+    The engine starts in `start()` on the agent's loop; until then, and after close(),
+    every pair goes through the Python path."""
+
+    def __init__(self, setting: str, log: logging.Logger, **engine_options):
+        self.setting = setting
+        self.log = log
+        self.options = engine_options  # for native.Engine.start: max_relays, pipe_size, copy_only
+        self.engine: native.Engine | None = None
+        self._module = None
+        self.why = "data_path_engine=python"
+        if setting != "python":
+            try:
+                self._module = native.load()
+                self.why = "the native engine has not started yet"
+            except native.NativeUnavailable as exc:
+                if setting == "native":
+                    raise ConfigError("setting data_path_engine", f"is native, but {exc}",
+                                      "build it (scripts/setup) or set data_path_engine to auto or python") from None
+                self.why = str(exc)
+
+    async def start(self) -> None:
+        """Start the native engine on the running loop, if one was chosen."""
+        if self._module is None or self.engine is not None:
+            return
+        try:
+            self.engine = native.Engine.start(self._module, **self.options)
+            self.why = f"data_path_engine={self.setting}: the native module is built from this tree's native/"
+        except OSError as exc:
+            if self.setting == "native":
+                raise ConfigError("setting data_path_engine", f"is native, but {exc}",
+                                  "see the error, or set data_path_engine to auto or python") from None
+            self.why = str(exc)
+            self.log.warning("data path: python relays: %s", exc)
+
+    async def splice(self, a: socket.socket, b, abort: Abort | None = None) -> SpliceResult:
+        """As `splice` (same arguments, same result), by the chosen engine."""
+        if self.engine is not None and native.relayable(a, b):
+            return await self.engine.relay(a, b, abort)
+        return await splice(a, b, abort)
+
+    def describe(self) -> dict:
+        """For status: the engine in use, why, and the native engine's limits and counters."""
+        if self.engine is not None:
+            summary = "native (socket pairs); python for HBONE streams"
+        else:
+            summary = f"python: {self.why}"
+        return {"engine": "native" if self.engine is not None else "python", "setting": self.setting,
+                "summary": summary, "why": self.why,
+                "native": self.engine.stats() if self.engine is not None else None}
+
+    def close(self) -> None:
+        """Stop the native engine: relays still open are reset."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+            self.why = "stopped"
