@@ -24,6 +24,7 @@ from typing import Awaitable, Callable, Sequence, Union
 import h2.exceptions
 from h2.errors import ErrorCodes
 
+from nodeagent.nodelay import set_nodelay
 from nodeagent.tunnel import tls
 from nodeagent.tunnel.authority import Address, format_authority
 from nodeagent.tunnel.errors import (ConnectFailed, ConnectionLost, ConnectRefused, HandshakeFailed,
@@ -180,6 +181,7 @@ class HbonePool:
             made = self.connect(addr[0], addr[1])
             sock = await asyncio.wait_for(made, self.settings.handshake_timeout) if inspect.isawaitable(made) else made
             sock.setblocking(False)
+            set_nodelay(sock)  # HTTP/2 frames are small writes: none may wait for a delayed ACK
             try:
                 sock.getpeername()
             except OSError:  # not connected yet: our job

@@ -29,6 +29,7 @@ from typing import Awaitable, Callable
 
 import h2.events
 
+from nodeagent.nodelay import set_nodelay
 from nodeagent.resets import reset
 from nodeagent.tunnel import tls
 from nodeagent.tunnel.authority import Address, parse_authority
@@ -105,6 +106,7 @@ class HboneServer:
             return self._refuse_connection(sock, "closed", "?", "the client left before the handshake")
         if not self.handshakes.admit(peer[0]):
             return reset(sock)  # counted and logged by the budget
+        set_nodelay(sock)  # HTTP/2 frames are small writes: none may wait for a delayed ACK
         try:
             session = await self._handshake(sock, peer)
         finally:

@@ -7,12 +7,17 @@ client certificate, another CA's, an expired one, another trust domain's, a vali
 sending truncated HTTP/2) are refused and counted, and a connection held open through
 the tunnel meanwhile, like new ones after, never notices. A client with a valid
 certificate cannot aim a stream at another pod or at the agent's own ports: each is
-answered 400 and counted, and its connection goes on serving good streams.
+answered 400 and counted, and its connection goes on serving good streams. Every
+connection the agent relays has Nagle off (issue 11), read from the live agent's own
+sockets.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import socket
 import subprocess
 
 import pytest
@@ -44,6 +49,40 @@ def mesh(tmp_path):
     server runs in server; the CA and the agent run, the server holds a certificate."""
     with meshed_sandbox(tmp_path, "legacy") as (sb, client, server, legacy, app):
         yield sb, client, server, legacy
+
+
+PIDFD_GETFD = 438  # syscall number, the same on every architecture (Linux >= 5.6)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def connected_tcp_sockets(pid: int) -> list[tuple[tuple[str, int], tuple[str, int], bool]]:
+    """(local, peer, TCP_NODELAY on) of every connected TCP socket process `pid` holds,
+    read through copies of its descriptors (pidfd_getfd), whatever netns each lives in."""
+    found = []
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except FileNotFoundError:
+                continue  # closed meanwhile
+            fd = _libc.syscall(PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                assert ctypes.get_errno() == 9, os.strerror(ctypes.get_errno())  # EBADF: closed meanwhile
+                continue
+            with socket.socket(fileno=fd) as sock:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                    continue
+                try:
+                    peer = sock.getpeername()[:2]
+                except OSError:
+                    continue  # a listener
+                found.append((sock.getsockname()[:2], peer,
+                              sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0))
+    finally:
+        os.close(pidfd)
+    return found
 
 
 def connect(sb: Sandbox, src: SandboxPod, dst: SandboxPod, count: int) -> dict:
@@ -120,3 +159,31 @@ def test_a_valid_client_cannot_aim_a_stream_at_another_pod_or_at_the_agent(mesh)
           for port in AGENT_PORTS)]
     assert (good["dst"]["addr"], good["verdict"], good["bytes_received"]) == (
         f"{server.ip}:{PORT}", "allowed", len(b"ping\n"))
+
+
+def test_every_connection_the_agent_relays_has_nagle_off(mesh):
+    """Issue 11: asyncio turns Nagle off only on sockets made with proto IPPROTO_TCP, and
+    the agent makes its own with 0 — in-pod accepts, its HBONE connection, deliveries —
+    so a small write behind unacknowledged bytes waited for the peer's delayed ACK (a new
+    connection per HTTP request through HBONE: ~45 ms, twice). Read from the live agent
+    while one meshed and one plaintext connection are held open through it."""
+    sb, client, server, legacy = mesh
+    meshed = HoldClient(sb.probe(client, "hold", f"{server.ip}:{PORT}", stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, bufsize=1))
+    plain = HoldClient(sb.probe(legacy, "hold", f"{server.ip}:{PORT}", stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, bufsize=1))
+    try:
+        assert meshed.echo("meshed") == "meshed" and plain.echo("plain") == "plain"
+        pods = {client.ip, server.ip, legacy.ip}
+        relayed = sorted((local[1] if local[1] in (15001, 15008, PORT) else peer[1], nagle_off)
+                         for local, peer, nagle_off in connected_tcp_sockets(sb.agent.pid)
+                         if local[0] in pods or peer[0] in pods or local[1] == 15001)
+        assert relayed == sorted([
+            (15001, True),  # the meshed client's connection, accepted in its pod
+            (15008, True), (15008, True),  # the HBONE connection, the pool's end and the server's
+            (PORT, True), (PORT, True),  # deliveries to the app, meshed and plaintext
+            (PORT, True),  # the plaintext client's connection, steered to 15006 and accepted there
+        ])
+    finally:
+        meshed.close()
+        plain.close()

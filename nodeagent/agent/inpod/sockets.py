@@ -19,6 +19,7 @@ from typing import Awaitable, Callable
 
 from nodeagent import netns
 from nodeagent.model import Pod
+from nodeagent.nodelay import set_nodelay
 
 IP_TRANSPARENT = 19
 IP_FREEBIND = 15
@@ -102,10 +103,11 @@ def _close_all(socks: list[socket.socket | None]) -> None:
 
 
 def upstream(netns_fd: int, family: int, mark: int) -> socket.socket:
-    """A TCP socket in the pod netns, marked so capture leaves it alone."""
+    """A TCP socket in the pod netns, marked so capture leaves it alone, Nagle off."""
     sock = netns.socket_in(netns_fd, family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        set_nodelay(sock)
         sock.setblocking(False)
         return sock
     except BaseException:
@@ -161,6 +163,7 @@ class InPodListener:
             except OSError as exc:  # ECONNABORTED, EMFILE...: log and wait for the next wake-up
                 self.log.warning("%s: accept on %s failed: %s", self.ctx, self.address, exc)
                 return
+            set_nodelay(conn)  # relayed bytes go out at once (nodelay.py)
             task = self._loop.create_task(self._run(conn))
             self.ctx.track(self.direction, task)
 
