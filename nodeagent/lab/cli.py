@@ -172,7 +172,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(the API server is reachable from the lab's namespaces only)")
     kc.set_defaults(func=cmd_kubeconfig)
 
-    kubectl = sub.add_parser("kubectl", parents=[named], help="run kubectl as the admin of a --kube lab: kubectl -- ARGS…")
+    kubectl = sub.add_parser("kubectl", parents=[named],
+                             help="run kubectl as the admin of a --kube lab: kubectl -- ARGS…")
     kubectl.add_argument("command", nargs=argparse.REMAINDER)
     kubectl.set_defaults(func=cmd_kubectl)
 

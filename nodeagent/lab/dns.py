@@ -56,9 +56,9 @@ def write_in_place(path: str, text: str) -> bool:
         os.close(fd)
 
 
-def sync(layout: Layout, state: DesiredState, alloc: Allocations) -> None:
-    """(Re)write the hosts file of every pod."""
-    svcs = [Name(*key.split("/"), ip) for key, ip in alloc.services.items()]
+def sync(layout: Layout, state: DesiredState, alloc: Allocations, extra: tuple[Name, ...] = ()) -> None:
+    """(Re)write the hosts file of every pod (`extra`: services not in the file)."""
+    svcs = [Name(*key.split("/"), ip) for key, ip in alloc.services.items()] + list(extra)
     pods = [Name(*key.split("/"), a.ip) for key, a in alloc.pods.items()]
     for pod in state.pods.values():
         path = layout.hosts_file(layout.pod_netns(pod.namespace, pod.name))

@@ -87,8 +87,9 @@ def _remove_pod(record: LabRecord, pod: spec.PodSpec) -> None:
 def _publish(state: StateDir, record: LabRecord, runtime: Runtime) -> None:
     """Hosts files, service rules, lab.json and cluster/ for `record`."""
     with kernel_step("writing hosts files and service rules"):
-        dns.sync(record.layout, record.desired, record.alloc)
-        services.sync(record.layout, record.desired, record.alloc, runtime.running())
+        dns.sync(record.layout, record.desired, record.alloc, controlplane.service_names(record.kube))
+        services.sync(record.layout, record.desired, record.alloc, runtime.running(),
+                      controlplane.service_rules(record.kube))
     state.save(record)
     state.export_cluster(record, runtime)
 

@@ -21,6 +21,7 @@ import sys
 
 from nodeagent import netns
 from nodeagent.lab import cgroups
+from nodeagent.lab.kube import controlplane
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.spec import Container, PodSpec
 from nodeagent.lab.state import LabRecord
@@ -54,6 +55,8 @@ def container_env(record: LabRecord, pod: PodSpec, container: Container) -> dict
     env.update(POD_NAME=pod.name, POD_NAMESPACE=pod.namespace, POD_IP=fields["status.podIP"],
                POD_UID=fields["metadata.uid"], NODE_NAME=fields["spec.nodeName"],
                POD_LABELS=json.dumps(dict(pod.labels), sort_keys=True), SERVICE_ACCOUNT=pod.service_account)
+    if record.kube:
+        env.update(controlplane.service_env())
     for var in container.env:
         env[var.name] = fields[var.field_path] if var.field_path else var.value
     return env

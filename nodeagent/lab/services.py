@@ -122,9 +122,11 @@ def apply(netns: str, text: str) -> None:
                        "the lab needs nftables >= 0.9.4 (scripts/setup installs it)")
 
 
-def sync(layout: Layout, state: DesiredState, alloc: Allocations, running: set[str]) -> None:
-    """Program every node with the same rules, as kube-proxy does."""
-    text = ruleset(rules(state, alloc, running))
+def sync(layout: Layout, state: DesiredState, alloc: Allocations, running: set[str],
+         extra: tuple[Rule, ...] = ()) -> None:
+    """Program every node with the same rules, as kube-proxy does (`extra`: services not
+    in the file, such as `kubernetes` of a `--kube` lab)."""
+    text = ruleset(rules(state, alloc, running) + list(extra))
     for node in state.node_names:
         apply(layout.node_netns(node), text)
 

@@ -191,7 +191,8 @@ class Supervisor:
             self.state.export_cluster(self.record, rt)
             synced = (rt.running(), self.stamp)
             if synced != self.synced:
-                services.sync(self.state.layout, self.record.desired, self.record.alloc, rt.running())
+                services.sync(self.state.layout, self.record.desired, self.record.alloc, rt.running(),
+                              controlplane.service_rules(self.record.kube))
                 self.synced = synced
         self.published = published
 
@@ -238,9 +239,11 @@ class Supervisor:
     def _heartbeats(self, record: LabRecord) -> nodes.Heartbeats:
         layout = self.state.layout
         admin = controlplane.admin_client(layout)
-        beats = [nodes.NodeHeartbeat(obj.name, record.alloc.nodes[obj.name], controlplane.node_client(layout, obj.name),
-                                     admin, {k: v for k, v in (("labels", obj.labels), ("annotations", obj.annotations)) if v})
-                 for obj in record.desired.nodes]
+        beats = []
+        for obj in record.desired.nodes:
+            metadata = {k: v for k, v in (("labels", obj.labels), ("annotations", obj.annotations)) if v}
+            beats.append(nodes.NodeHeartbeat(obj.name, record.alloc.nodes[obj.name],
+                                             controlplane.node_client(layout, obj.name), admin, metadata))
         return nodes.Heartbeats(beats, logging.getLogger("nodeagent.lab.kube.nodes"))
 
     def _on_term(self, *_args) -> None:

@@ -34,8 +34,21 @@ metadata: {name: kn2}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: idle, namespace: default}
+metadata: {name: idle1, namespace: default}
 spec:
+  nodeName: kn1
+  containers:
+  - {name: main, command: [sleep, infinity]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: apps}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: idle2, namespace: apps}
+spec:
+  nodeName: kn2
   containers:
   - {name: main, command: [sleep, infinity]}
 """
@@ -66,7 +79,8 @@ def kubectl(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedPro
 
 
 def test_nodes_are_registered_ready_with_the_labs_addresses(kube_lab: Lab):
-    nodes = {n["metadata"]["name"]: n for n in json.loads(kubectl(kube_lab, "get", "nodes", "-o", "json").stdout)["items"]}
+    items = json.loads(kubectl(kube_lab, "get", "nodes", "-o", "json").stdout)["items"]
+    nodes = {n["metadata"]["name"]: n for n in items}
     assert sorted(nodes) == ["kn1", "kn2"]
     for index, name in enumerate(["kn1", "kn2"], start=1):
         node = nodes[name]
@@ -117,6 +131,23 @@ def test_a_node_may_not_touch_another_node(kube_lab: Lab):
     other = kubectl(kube_lab, "--kubeconfig", config, "label", "node", "kn2", "lab.example/x=1", check=False)
     assert own.returncode == 0, own.stderr
     assert other.returncode != 0 and "Forbidden" in other.stderr, other.stderr
+
+
+@pytest.mark.parametrize("pod", ["default/idle1", "apps/idle2"])
+def test_pods_reach_the_api_server_through_the_kubernetes_service(kube_lab: Lab, pod: str):
+    """As in a cluster: kubelet's KUBERNETES_SERVICE_* variables, the service's names,
+    10.96.0.1:443 DNATed by the node to the API server, whose certificate names them."""
+    ca = f"/run/nodeagent/{kube_lab.name}/kube/pki/ca.crt"
+    env = dict(line.split("=", 1) for line in kube_lab.exec(pod, "env").stdout.splitlines() if "=" in line)
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("10.96.0.1", "443")
+    for url in ("https://kubernetes.default.svc/readyz", "https://10.96.0.1/livez",
+                "https://kubernetes.default.svc.cluster.local:443/version"):
+        proc = kube_lab.exec(pod, "curl", "-sS", "--max-time", "10", "--cacert", ca, url, check=False)
+        assert proc.returncode == 0, (url, proc.stderr)
+        assert "ok" in proc.stdout or "v1.34.4" in proc.stdout, (url, proc.stdout)
+    anonymous = kube_lab.exec(pod, "curl", "-sS", "--cacert", ca, "-o", "/dev/null", "-w", "%{http_code}",
+                              "https://kubernetes.default.svc/api/v1/namespaces/default/pods")
+    assert anonymous.stdout == "403"  # RBAC: no identity, no pods
 
 
 def test_kubeconfig_names_the_admin(kube_lab: Lab):

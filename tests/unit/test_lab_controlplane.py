@@ -69,7 +69,8 @@ def test_each_user_gets_its_identity_and_a_kubeconfig(keys, stem, common, orgs):
     cert.verify_directly_issued_by(_cert(keys.ca_cert))
     config = yaml.safe_load(open(keys.kubeconfig(stem)))
     assert config["clusters"][0]["cluster"]["server"] == "https://172.30.0.1:6443"
-    assert base64.b64decode(config["clusters"][0]["cluster"]["certificate-authority-data"]) == open(keys.ca_cert, "rb").read()
+    ca_data = config["clusters"][0]["cluster"]["certificate-authority-data"]
+    assert base64.b64decode(ca_data) == open(keys.ca_cert, "rb").read()
     assert base64.b64decode(config["users"][0]["user"]["client-certificate-data"]) == open(keys.cert(stem), "rb").read()
     assert config["users"][0]["name"] == common
     assert stat.S_IMODE(os.stat(keys.kubeconfig(stem)).st_mode) == 0o600
@@ -154,7 +155,8 @@ def test_node_registers_once_then_renews_its_lease(monkeypatch):
     node = api.bodies[0]
     assert node["spec"] == {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}
     assert "role" not in node["metadata"]["labels"]  # NodeRestriction: the admin sets the file's labels
-    assert admin.calls == [("PATCH", "/api/v1/nodes/n1")] and admin.bodies == [{"metadata": {"labels": {"role": "edge"}}}]
+    assert admin.calls == [("PATCH", "/api/v1/nodes/n1")]
+    assert admin.bodies == [{"metadata": {"labels": {"role": "edge"}}}]
     status = api.bodies[2]["status"]
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "MemoryPressure": "False", "DiskPressure": "False", "PIDPressure": "False", "Ready": "True"}
@@ -186,7 +188,8 @@ def test_heartbeats_retry_an_unreachable_api_server_and_log_once(monkeypatch):
     beats.start()
     try:
         for _ in range(200):
-            if beat.registered and ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1") in api.calls:
+            lease = ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1")
+            if beat.registered and lease in api.calls:
                 break
             beats.stop.wait(0.05)
     finally:

@@ -190,7 +190,8 @@ def test_apply_may_relabel_a_pod_but_not_change_or_remove_it():
 
 def test_publish_waits_for_a_reload_when_apply_changed_the_lab(tmp_path, monkeypatch):
     synced = []
-    monkeypatch.setattr(services, "sync", lambda layout, desired, alloc, running: synced.append(sorted(running)))
+    monkeypatch.setattr(services, "sync",
+                        lambda layout, desired, alloc, running, extra=(): synced.append(sorted(running)))
     sup = supervisor(tmp_path, agents=False)
     runtime_json = sup.state.layout.runtime_json
     sup.publish()

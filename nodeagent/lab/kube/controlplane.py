@@ -11,7 +11,10 @@ etcd on the netns' loopback (plain HTTP: only the API server there talks to it, 
 `kube/etcd/`), kube-apiserver on :6443 (Node and RBAC authorization, NodeRestriction,
 service-account tokens signed by the lab's key, services from 10.96.0.0/16, so the
 `kubernetes` Service is 10.96.0.1), kube-controller-manager and kube-scheduler (no
-leader election: one of each). The lab's supervisor runs them in cgroup
+leader election: one of each). Pods reach it as in a cluster through the `kubernetes`
+Service: the lab's service rules DNAT 10.96.0.1:443 to it on every node, pods resolve
+`kubernetes.default.svc…`, containers get kubelet's `KUBERNETES_SERVICE_*` variables.
+The lab's supervisor runs them in cgroup
 `nodeagent-<lab>/controlplane/` and restarts them with backoff; `lab down` stops them
 with the rest of the lab and removes `kube/` with the state directory.
 """
@@ -27,7 +30,7 @@ from typing import Callable
 
 from nodeagent import netns
 from nodeagent.errors import EnvironmentProblem, LabError
-from nodeagent.lab import topology
+from nodeagent.lab import dns, services, topology
 from nodeagent.lab.ipam import FABRIC_CIDR, SERVICE_CIDR, NodeAlloc
 from nodeagent.lab.kube import pki
 from nodeagent.lab.kube.api import ApiClient, Credentials
@@ -47,6 +50,30 @@ REPO_BUILD = Path(__file__).resolve().parents[3] / "controlplane" / "build"
 
 def server() -> str:
     return f"https://{ADDRESS}:{API_PORT}"
+
+
+# The `kubernetes` Service (default/kubernetes, 10.96.0.1:443 -> the API server), which
+# the API server creates and kube-proxy serves: the lab's service rules DNAT it on every
+# node, pods resolve its names, and containers get kubelet's variables for it, so
+# client-go's in-cluster config finds the API server.
+def service_rules(kube: bool) -> tuple[services.Rule, ...]:
+    if not kube:
+        return ()
+    return (services.Rule("default/kubernetes", KUBERNETES_SERVICE_IP, 443, "TCP",
+                          (services.Endpoint(ADDRESS, API_PORT),)),)
+
+
+def service_names(kube: bool) -> tuple[dns.Name, ...]:
+    return (dns.Name("default", "kubernetes", KUBERNETES_SERVICE_IP),) if kube else ()
+
+
+def service_env() -> dict[str, str]:
+    """What kubelet sets in every container for the `kubernetes` Service."""
+    return {"KUBERNETES_SERVICE_HOST": KUBERNETES_SERVICE_IP, "KUBERNETES_SERVICE_PORT": "443",
+            "KUBERNETES_SERVICE_PORT_HTTPS": "443", "KUBERNETES_PORT": f"tcp://{KUBERNETES_SERVICE_IP}:443",
+            "KUBERNETES_PORT_443_TCP": f"tcp://{KUBERNETES_SERVICE_IP}:443",
+            "KUBERNETES_PORT_443_TCP_PROTO": "tcp", "KUBERNETES_PORT_443_TCP_PORT": "443",
+            "KUBERNETES_PORT_443_TCP_ADDR": KUBERNETES_SERVICE_IP}
 
 
 def binary() -> str:
@@ -182,7 +209,7 @@ def wait_ready(layout: Layout, out: Callable[[str], None], timeout: float, poll:
             out(f"control plane: {found[0]}")
             shown = found[0]
         if time.monotonic() - started > timeout:
-            logs = ", ".join(layout.controlplane_log(c) for c in COMPONENTS)
+            logs = ", ".join([layout.supervisor_log] + [layout.controlplane_log(c) for c in COMPONENTS])
             raise LabError(f"the control plane is not ready after {timeout:.0f}s: {'; '.join(found)}",
                            f"see {logs}; the lab stays up")
         time.sleep(poll)

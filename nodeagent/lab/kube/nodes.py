@@ -66,14 +66,16 @@ def node_status(name: str, alloc: NodeAlloc, boot_id: str, now: str) -> dict:
                 "ephemeral-storage": "10Gi"}
     return {"status": {
         "conditions": [
-            _condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available", now),
+            _condition("MemoryPressure", "False", "KubeletHasSufficientMemory",
+                       "kubelet has sufficient memory available", now),
             _condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure", now),
             _condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available", now),
             _condition("Ready", "True", "KubeletReady", "the nodeagent lab runs this node's pods", now)],
         "addresses": [{"type": "InternalIP", "address": alloc.fabric_ip}, {"type": "Hostname", "address": name}],
         "capacity": capacity, "allocatable": capacity,
         "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
-        "nodeInfo": {"machineID": uuid.uuid5(uuid.NAMESPACE_DNS, name).hex, "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
+        "nodeInfo": {"machineID": uuid.uuid5(uuid.NAMESPACE_DNS, name).hex,
+                     "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
                      "bootID": boot_id, "kernelVersion": platform.release(), "osImage": "nodeagent lab",
                      "containerRuntimeVersion": RUNTIME, "kubeletVersion": KUBELET_VERSION,
                      "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": ARCH}}}

@@ -160,4 +160,5 @@ def provision(pki: Pki, server: str, addresses: list[str], users: dict[str, tupl
         key_pem, cert_pem = pemfiles.key_pem(key), _pem_cert(cert)
         pemfiles.write_private(Path(pki.key(stem)), key_pem)
         pemfiles.write_private(Path(pki.cert(stem)), cert_pem, mode=0o644)
-        pemfiles.write_private(Path(pki.kubeconfig(stem)), kubeconfig(server, ca_pem, common, cert_pem, key_pem).encode())
+        config = kubeconfig(server, ca_pem, common, cert_pem, key_pem)
+        pemfiles.write_private(Path(pki.kubeconfig(stem)), config.encode())
