@@ -165,28 +165,73 @@ def parse_documents(text: str, source: str, default_namespace: str = "default",
     return out
 
 
+DOCUMENT_START = re.compile(r"^---(?:[ \t].*)?$")
+
+
 def parse_each(text: str, source: str, default_namespace: str = "default") -> list[KubeObject | ConfigError]:
-    """Like parse_documents, but every document (and List item) on its own: a bad one is
-    its ConfigError in the list and the others are still read, for checks that report
-    every problem. A malformed YAML stream still raises."""
+    """Like parse_documents, but every document (and List item) on its own, for checks that
+    report every problem: a malformed or invalid one is its ConfigError in the list (with a
+    hint when its lines all start at column 0: YAML copied from a page that lost its
+    indentation) and the others are still read. Documents are numbered as parse_documents
+    numbers them."""
     out: list[KubeObject | ConfigError] = []
-    for index, doc in enumerate(_load(text, source, "yaml"), start=1):
+    for index, (line, chunk) in enumerate(_documents(text), start=1):
         where = f"{source}#{index}"
-        items = [(doc, where)]
-        if isinstance(doc, dict) and doc.get("kind") == "List":
-            listed = doc.get("items") or []
-            if not isinstance(listed, list):
-                out.append(ConfigError(where, "List.items must be a list"))
-                continue
-            items = [(item, f"{where}.items[{i}]") for i, item in enumerate(listed)]
-        for item, name in items:
-            if item is None:
-                continue
-            try:
-                out.append(object_from_dict(item, name, default_namespace))
-            except ConfigError as err:
-                out.append(err)
+        flat = _flat(chunk)
+        try:
+            docs = [d for d in yaml.safe_load_all(chunk) if d is not None]
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f"{source}:{line + mark.line}" if mark is not None else source
+            out.append(ConfigError(f"{at} ({where})", f"malformed YAML: {getattr(exc, 'problem', None) or exc}",
+                                   flat))
+            continue
+        for doc in docs:
+            items = [(doc, where)]
+            if isinstance(doc, dict) and doc.get("kind") == "List":
+                listed = doc.get("items") or []
+                if not isinstance(listed, list):
+                    out.append(ConfigError(where, "List.items must be a list"))
+                    continue
+                items = [(item, f"{where}.items[{i}]") for i, item in enumerate(listed)]
+            for item, name in items:
+                if item is None:
+                    continue
+                try:
+                    out.append(object_from_dict(item, name, default_namespace))
+                except ConfigError as err:
+                    message = err.message.removeprefix(f"{err.where}: ")
+                    out.append(ConfigError(err.where, message, flat) if flat else err)
     return out
+
+
+def _documents(text: str) -> list[tuple[int, str]]:
+    """(first line number, text) of each `---`-separated document, as YAML counts them: the
+    part before the first separator counts only when it holds more than comments."""
+    chunks: list[tuple[int, list[str]]] = [(1, [])]
+    for number, line in enumerate(text.split("\n"), start=1):
+        if DOCUMENT_START.match(line):
+            chunks.append((number + 1, []))
+        else:
+            chunks[-1][1].append(line)
+    first_line, first = chunks[0]
+    if len(chunks) > 1 and all(not l.strip() or l.lstrip().startswith("#") for l in first):
+        chunks = chunks[1:]
+    return [(n, "\n".join(lines)) for n, lines in chunks]
+
+
+def _flat(chunk: str) -> str | None:
+    """A hint when a document lost its layout: all on one line, or every line of a nesting
+    document at column 0."""
+    lines = [l for l in chunk.split("\n") if l.strip() and not l.lstrip().startswith("#")]
+    if any(re.search(r"\bapiVersion: \S+ kind: ", l) for l in lines):
+        return ("the document is on one line: its line breaks were lost (copied from a page?); put each field on "
+                "a line of its own, indented as the resource's structure needs")
+    nested = sum(l.rstrip().endswith(":") for l in lines)
+    if len(lines) > 3 and nested > 1 and not any(l[0] in " \t" for l in lines):
+        return ("every line starts at column 0, so nothing nests: the YAML lost its indentation (copied from a "
+                "page?); indent it as the resource's structure needs")
+    return None
 
 
 def dump_documents(objects: Iterable[KubeObject | dict[str, Any]]) -> str:

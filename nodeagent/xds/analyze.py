@@ -72,8 +72,8 @@ class Analysis:
     problems: tuple[Problem, ...]  # every problem, resources' and the input's
     resources: int  # Istio resources read
     translated: bool  # whether references were checked
-    verdicts: tuple[Verdict, ...] = ()
-    unattached: tuple[Problem, ...] = ()  # problems of the input itself (files, documents, Services)
+    rows: tuple[Verdict | Problem, ...] = ()  # in input order: each resource's verdict, each bad document
+    unattached: tuple[Problem, ...] = ()  # problems of no one resource (an invalid Service), last
 
     @property
     def errors(self) -> list[Problem]:
@@ -83,8 +83,13 @@ class Analysis:
     def warnings(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == WARNING]
 
+    @property
+    def verdicts(self) -> list[Verdict]:
+        return [row for row in self.rows if isinstance(row, Verdict)]
+
     def lines(self) -> list[str]:
-        return [str(p) for p in self.unattached] + [line for v in self.verdicts for line in v.lines()]
+        return [line for row in self.rows for line in (row.lines() if isinstance(row, Verdict) else [str(row)])] + \
+            [str(p) for p in self.unattached]
 
 
 def expand(paths: Iterable[str]) -> list[str]:
@@ -103,8 +108,8 @@ def expand(paths: Iterable[str]) -> list[str]:
 
 
 def analyze_files(paths: list[str], stdin=None) -> Analysis:
-    objects: list[KubeObject] = []
-    problems: list[Problem] = []
+    """The input in order: objects, and a Problem for each file or document that could not be read."""
+    items: list[KubeObject | Problem] = []
     for path in expand(paths):
         try:
             if path == STDIN:
@@ -112,24 +117,23 @@ def analyze_files(paths: list[str], stdin=None) -> Analysis:
             else:
                 with open(path, encoding="utf-8") as fh:
                     text, name = fh.read(), path
-            for item in parse_each(text, name):
-                if isinstance(item, ConfigError):
-                    problems.append(Problem(ERROR, item))
-                else:
-                    objects.append(item)
+            items += [Problem(ERROR, i) if isinstance(i, ConfigError) else i for i in parse_each(text, name)]
         except OSError as exc:
-            problems.append(Problem(ERROR, ConfigError(path, f"cannot read: {exc.strerror}")))
-        except ConfigError as err:
-            problems.append(Problem(ERROR, err))
-    return analyze(objects, problems)
+            items.append(Problem(ERROR, ConfigError(path, f"cannot read: {exc.strerror}")))
+        except UnicodeDecodeError as exc:
+            items.append(Problem(ERROR, ConfigError(path, f"cannot read: not UTF-8 ({exc.reason})")))
+    return analyze(items)
 
 
-def analyze(objects: list[KubeObject], problems: list[Problem] | None = None) -> Analysis:
-    problems = list(problems or [])
+def analyze(items: list[KubeObject | Problem]) -> Analysis:
+    """Every object of `items` (in input order, with the problems of what could not be read)."""
+    objects = [i for i in items if isinstance(i, KubeObject)]
+    problems = [i for i in items if isinstance(i, Problem)]
     try:
         model = Model.build(objects)
     except ConfigError as err:  # an invalid Pod or Service: Istio checks need a model
-        return Analysis(tuple(problems + [Problem(ERROR, err)]), 0, False, (), tuple(problems + [Problem(ERROR, err)]))
+        return Analysis(tuple(problems + [Problem(ERROR, err)]), 0, False, tuple(problems), (Problem(ERROR, err),))
+    unread = list(problems)
     config = IstioConfig.build(model)
     problems += [Problem(ERROR, e) for e in config.errors]
     problems += [Problem(INFO if isinstance(w, Note) else WARNING, w) for w in config.warnings]
@@ -141,19 +145,27 @@ def analyze(objects: list[KubeObject], problems: list[Problem] | None = None) ->
             if str(warning) not in seen:
                 seen.add(str(warning))
                 problems.append(Problem(INFO if isinstance(warning, Note) else WARNING, warning))
-    istio = [o for o in objects if kinds.is_istio(o)]
-    return _verdicts(problems, istio, len(istio), translated)
+    return _verdicts(items, problems, unread, translated)
 
 
-def _verdicts(problems: list[Problem], istio: list[KubeObject], count: int, translated: bool) -> Analysis:
-    names = [resource_name(o) for o in istio]
+def _verdicts(items: list[KubeObject | Problem], problems: list[Problem], unread: list[Problem],
+              translated: bool) -> Analysis:
+    """Each Istio resource's problems gathered under it, in input order."""
+    names = [resource_name(o) for o in items if isinstance(o, KubeObject) and kinds.is_istio(o)]
     attached: dict[str, list[Problem]] = {n: [] for n in names}
     unattached = []
     for problem in problems:
+        if any(problem is u for u in unread):
+            continue
         owner = next((n for n in names if problem.error.where == n or problem.error.where.startswith(n + " ")), None)
         (attached[owner] if owner is not None else unattached).append(problem)
-    verdicts = tuple(Verdict(n, tuple(attached[n])) for n in dict.fromkeys(names))
-    return Analysis(tuple(problems), count, translated, verdicts, tuple(unattached))
+    rows: list[Verdict | Problem] = []
+    for item in items:
+        if isinstance(item, Problem):
+            rows.append(item)
+        elif kinds.is_istio(item):
+            rows.append(Verdict(resource_name(item), tuple(attached[resource_name(item)])))
+    return Analysis(tuple(problems), len(names), translated, tuple(rows), tuple(unattached))
 
 
 def _references(model: Model, config: IstioConfig, workloads: Mapping[str, list[dict]]) -> list[ConfigError]:

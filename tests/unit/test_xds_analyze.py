@@ -64,7 +64,7 @@ def test_an_unreadable_or_malformed_file_is_an_error(tmp_path, capsys):
     broken.write_text("kind: [")
     assert main(["analyze", "-f", str(broken), "-f", str(tmp_path / "missing.yaml")]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"error: {broken}:1: malformed YAML")
+    assert out[0].startswith(f"error: {broken}:1 ({broken}#1): malformed YAML")
     assert out[1].startswith(f"error: {tmp_path / 'missing.yaml'}: cannot read")
 
 
@@ -132,8 +132,8 @@ def test_files_directories_and_standard_input_are_read_and_a_bad_document_spoils
     monkeypatch.setattr("sys.stdin", io.StringIO(BAD_VS.split("---")[0]))
     assert main(["analyze", "-f", str(tmp_path / "dir"), "-f", "-"]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"error: {tmp_path / 'dir' / 'svc.yaml'}#2 (Service): missing metadata.name"
-    assert out[1] == f"ok: {tmp_path / 'dir' / 'sub' / 'dr.yml'}#1 (DestinationRule shop/reviews)"
+    assert out[0] == f"ok: {tmp_path / 'dir' / 'sub' / 'dr.yml'}#1 (DestinationRule shop/reviews)"
+    assert out[1] == f"error: {tmp_path / 'dir' / 'svc.yaml'}#2 (Service): missing metadata.name"
     assert out[2].startswith("error: <stdin>#1 (VirtualService shop/reviews) spec.http[0].retries.perTryTimeot: ")
     assert len(out) == 3
 

@@ -79,6 +79,7 @@ class IstioConfig:
     def build(cls, model: Model, previous: "IstioConfig | None" = None,
               root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> "IstioConfig":
         entries: dict[Key, Any] = {}
+        first: dict[Key, str] = {}  # where each resource is defined first
         errors: list[ConfigError] = []
         warnings: list[ConfigError] = []
         for objects in model.resources.values():
@@ -92,9 +93,14 @@ class IstioConfig:
                     continue
                 key = (kind, obj.namespace, obj.name)
                 if key in entries:
-                    errors.append(ConfigError(resource_name(obj), "defined twice; the first one is used",
-                                              "remove or rename one of them"))
+                    errors.append(ConfigError(resource_name(obj), f"defined twice; the first one "
+                                              f"({first[key]}) is used", "remove or rename one of them"))
+                    try:  # its own problems too: the one removed may be the one meant
+                        read(obj, lambda _: None)
+                    except ConfigError as err:
+                        errors.extend(getattr(err, "errors", (err,)))
                     continue
+                first.setdefault(key, obj.source or str(obj))
                 found: list[ConfigError] = []
                 try:
                     entry = read(obj, found.append)
