@@ -856,6 +856,41 @@ def test_lab_apply_and_status_answer_every_kind(mesh):
         assert any("(Sidecar mesh/default) kind: not applicable" in w for w in wp["warnings"]), wp["warnings"]
 
 
+def proxy_config(*args: str, timeout: float = 15) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nodeagent", "proxy-config", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_proxy_config_is_bounded_and_shows_a_workload_and_the_certificates(mesh):
+    """Issue 14, case 6: proxy-config hung in 2 runs of 40 (one sat > 10 min in a futex
+    wait past its own --timeout), printed a raw gRPC object without --lab, and had no
+    per-workload view nor the agent's certificates."""
+    mesh.route([{"route": [to("v1", 90), to("v2", 10)]}])
+    lab = ("--lab", mesh.lab.name, "--node", "node1")
+    for _ in range(40):  # each run bounded by subprocess's timeout: a hang fails the test
+        run = proxy_config("endpoints", *lab, "--timeout", "5")
+        assert run.returncode == 0 and run.stdout.startswith("CLUSTER"), run
+    client = proxy_config("routes", "mesh/client", *lab)
+    assert client.returncode == 0, client
+    tables = [line.split()[0] for line in client.stdout.splitlines()[1:]]
+    assert f"{SERVICE}:8080" in tables and not any(t.startswith("inbound|") for t in tables), client.stdout
+    elsewhere = proxy_config("routes", "mesh/backend-v2", *lab)  # its pod runs on node2
+    assert elsewhere.returncode == 1 and elsewhere.stderr == (
+        "nodeagent: error: mesh/backend-v2: no pod of this workload is enrolled on node node1, so none of its "
+        "traffic goes through this waypoint (give the node it runs on with --node (see nodeagent lab status, or "
+        "kubectl get pods -o wide))\n"), elsewhere
+    secret = proxy_config("secret", *lab)
+    rows = [line.split() for line in secret.stdout.splitlines()[1:]]
+    assert secret.returncode == 0 and [r[:3] for r in rows if r[0] == "ROOTCA"] == [["ROOTCA", "CA", "ACTIVE"]]
+    client_cert = [r for r in rows if r[0] == "spiffe://cluster.local/ns/mesh/sa/client"]
+    assert [r[1:4] for r in client_cert] == [["Cert", "Chain", "ACTIVE"]], secret.stdout
+    # Without --lab, --node is the node id asked for: node1's server has nothing for node2.
+    wrong = proxy_config("routes", "--xds-socket", mesh.waypoint("node1")["directory"].rstrip("/") + "/xds.sock",
+                         "--node", "node2", "--timeout", "2")
+    assert wrong.returncode == 1 and "sent nothing for node id 'node2' within 2s" in wrong.stderr, wrong
+    assert "Rendezvous" not in wrong.stderr and wrong.stderr.count("\n") == 1
+
+
 def restarted(now: dict, before: dict) -> tuple[bool, bool, int]:
     """(running, another pid, restarts) of Envoy's status against `before`."""
     return now["running"], now["pid"] not in (None, before["pid"]), now["restarts"]
