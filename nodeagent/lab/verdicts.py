@@ -34,7 +34,7 @@ POLL = 0.1
 class Verdict:
     obj: KubeObject
     nodes: tuple[str, ...]  # whose agents said so; () for a kind judged without them
-    error: str | None  # None: in force
+    error: str | None  # None: in force; several problems one per line
     severity: str = kinds.ERROR  # of `error`: an error refuses, a warning only says it is not in force
 
     @property
@@ -47,7 +47,9 @@ class Verdict:
         if not self.nodes:
             return f"{self.obj} {self.error}"
         if self.refused:
-            return f"{self.obj} refused by the agent of {', '.join(self.nodes)}: {self.error}"
+            head = f"{self.obj} refused by the agent of {', '.join(self.nodes)}:"
+            problems = self.error.split("\n")
+            return f"{head} {problems[0]}" if len(problems) == 1 else "\n  ".join([head, *problems])
         return f"{self.obj} not in force (agent of {', '.join(self.nodes)}): {self.error}"
 
 
@@ -69,9 +71,9 @@ def judged(obj: KubeObject, node: str, status: dict | None, since: float) -> Ver
     key, name = f"{obj.kind} {obj.namespace}/{obj.name}", f"({obj.kind} {obj.namespace}/{obj.name})"
     errors = [*status.get("policy", {}).get("errors", []), *(waypoint or {}).get("errors", []),
               *status.get("source", {}).get("errors", {}).values()]
-    named = [e for e in errors if name in e]
+    named = list(dict.fromkeys(e for e in errors if name in e))  # policy and waypoint give the same once
     if named:
-        return Verdict(obj, (node,), named[0])
+        return Verdict(obj, (node,), "\n".join(named))
     digest = spec_digest(obj.body.get("spec"))
     in_force = (status.get("policy", {}).get("resources", {}), (waypoint or {}).get("resources", {}))
     if any(resources.get(key) == digest for resources in in_force):

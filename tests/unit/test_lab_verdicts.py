@@ -55,3 +55,11 @@ def test_wait_merges_nodes_and_reports_the_silent_ones():
         ("PeerAuthentication mesh/strict", "node2"),
         ("PeerAuthentication mesh/strict", "node3"),
         ("VirtualService mesh/backend", "node3")]  # a Service gets no verdict
+
+
+def test_every_problem_of_a_refused_resource_is_shown_one_per_line():
+    """Issue 14: apply shows all the agents found wrong with a resource, not only the first."""
+    second = "x.yaml#1 (VirtualService mesh/backend) spec.http[0].retries.retryOn: 'bogus' is not a retryOn policy"
+    verdict = judged(VS, "node1", status(errors=[ERROR, second, ERROR]), 50.0)
+    assert verdict == Verdict(VS, ("node1",), f"{ERROR}\n{second}")
+    assert verdict.line() == f"VirtualService mesh/backend refused by the agent of node1:\n  {ERROR}\n  {second}"
