@@ -25,6 +25,7 @@ from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject, parse_each
 from nodeagent.model import Model
 from nodeagent.policy.schema import Field, resource_name
+from nodeagent.sources.files import SUFFIXES  # a directory is read as the files source reads one
 from nodeagent.xds.dataplane import Sockets
 from nodeagent.xds.istio import kinds
 from nodeagent.xds.istio.config import IstioConfig
@@ -35,7 +36,6 @@ from nodeagent.xds.translate.options import WaypointOptions
 from nodeagent.xds.translate.services import Catalog
 
 ERROR, WARNING, INFO = "error", "warning", "info"
-SUFFIXES = (".yaml", ".yml", ".json")
 STDIN = "-"
 # Kinds whose pod template gives the labels of the pods they run.
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job")
@@ -128,35 +128,36 @@ def analyze_files(paths: list[str], stdin=None) -> Analysis:
 def analyze(items: list[KubeObject | Problem]) -> Analysis:
     """Every object of `items` (in input order, with the problems of what could not be read)."""
     objects = [i for i in items if isinstance(i, KubeObject)]
-    problems = [i for i in items if isinstance(i, Problem)]
+    unread = [i for i in items if isinstance(i, Problem)]
     try:
         model = Model.build(objects)
     except ConfigError as err:  # an invalid Pod or Service: Istio checks need a model
-        return Analysis(tuple(problems + [Problem(ERROR, err)]), 0, False, tuple(problems), (Problem(ERROR, err),))
-    unread = list(problems)
+        return Analysis((*unread, Problem(ERROR, err)), 0, False, tuple(unread), (Problem(ERROR, err),))
     config = IstioConfig.build(model)
-    problems += [Problem(ERROR, e) for e in config.errors]
-    problems += [Problem(INFO if isinstance(w, Note) else WARNING, w) for w in config.warnings]
+    found = [Problem(ERROR, e) for e in config.errors] + [_remark(w) for w in config.warnings]
     workloads = _workloads(objects, model)
     translated = bool(model.services or workloads)
     if translated:
-        seen = {str(p.error) for p in problems}
+        seen = {str(p.error) for p in found}
         for warning in _references(model, config, workloads):
             if str(warning) not in seen:
                 seen.add(str(warning))
-                problems.append(Problem(INFO if isinstance(warning, Note) else WARNING, warning))
-    return _verdicts(items, problems, unread, translated)
+                found.append(_remark(warning))
+    return _verdicts(items, unread, found, translated)
 
 
-def _verdicts(items: list[KubeObject | Problem], problems: list[Problem], unread: list[Problem],
+def _remark(warning: ConfigError) -> Problem:
+    return Problem(INFO if isinstance(warning, Note) else WARNING, warning)
+
+
+def _verdicts(items: list[KubeObject | Problem], unread: list[Problem], found: list[Problem],
               translated: bool) -> Analysis:
-    """Each Istio resource's problems gathered under it, in input order."""
+    """Each Istio resource's problems (`found`) gathered under it, in input order, with
+    the documents that could not be read (`unread`) where they stand."""
     names = [resource_name(o) for o in items if isinstance(o, KubeObject) and kinds.is_istio(o)]
     attached: dict[str, list[Problem]] = {n: [] for n in names}
     unattached = []
-    for problem in problems:
-        if any(problem is u for u in unread):
-            continue
+    for problem in found:
         owner = next((n for n in names if problem.error.where == n or problem.error.where.startswith(n + " ")), None)
         (attached[owner] if owner is not None else unattached).append(problem)
     rows: list[Verdict | Problem] = []
@@ -165,7 +166,7 @@ def _verdicts(items: list[KubeObject | Problem], problems: list[Problem], unread
             rows.append(item)
         elif kinds.is_istio(item):
             rows.append(Verdict(resource_name(item), tuple(attached[resource_name(item)])))
-    return Analysis(tuple(problems), len(names), translated, tuple(rows), tuple(unattached))
+    return Analysis((*unread, *found), len(names), translated, tuple(rows), tuple(unattached))
 
 
 def _references(model: Model, config: IstioConfig, workloads: Mapping[str, list[dict]]) -> list[ConfigError]:
@@ -241,10 +242,9 @@ def _empty_subsets(model: Model, config: IstioConfig, workloads: Mapping[str, li
         rule = catalog.rule(service)
         if rule is None or not service.selector:
             continue
-        pods = [labels for labels in workloads.get(service.namespace, ())
-                if all(labels.get(k) == v for k, v in service.selector.items())]
+        pods = [labels for labels in workloads.get(service.namespace, ()) if _selects(service.selector, labels)]
         for subset in rule.subsets:
-            if not any(all(labels.get(k) == v for k, v in subset.labels.items()) for labels in pods):
+            if not any(_selects(subset.labels, labels) for labels in pods):
                 wanted = ", ".join(f"{k}={v}" for k, v in sorted(subset.labels.items()))
                 found.append(ConfigError(f"{subset.where}.labels",
                                          f"subset {subset.name!r} ({wanted}) selects none of the workloads of "
@@ -252,3 +252,7 @@ def _empty_subsets(model: Model, config: IstioConfig, workloads: Mapping[str, li
                                          "requests routed to it fail with 503 (no healthy upstream) until such "
                                          "pods run"))
     return found
+
+
+def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
