@@ -50,12 +50,16 @@ def pod_fields(record: LabRecord, pod: PodSpec) -> dict[str, str]:
 
 
 def container_env(record: LabRecord, pod: PodSpec, container: Container) -> dict[str, str]:
-    fields = pod_fields(record, pod)
+    return pod_env(pod, container, pod_fields(record, pod), record.kube)
+
+
+def pod_env(pod: PodSpec, container: Container, fields: dict[str, str], kube: bool) -> dict[str, str]:
+    """A container's environment from its pod's downward-API `fields` (see pod_fields)."""
     env = base_env()
     env.update(POD_NAME=pod.name, POD_NAMESPACE=pod.namespace, POD_IP=fields["status.podIP"],
                POD_UID=fields["metadata.uid"], NODE_NAME=fields["spec.nodeName"],
                POD_LABELS=json.dumps(dict(pod.labels), sort_keys=True), SERVICE_ACCOUNT=pod.service_account)
-    if record.kube:
+    if kube:
         env.update(controlplane.service_env())
     for var in container.env:
         env[var.name] = fields[var.field_path] if var.field_path else var.value

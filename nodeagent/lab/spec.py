@@ -224,6 +224,11 @@ def _pod_template(spec: dict, obj: KubeObject, path: str, nodes: list[str]) -> d
     return dict(node=str(node), containers=containers, restart_policy=policy, service_account=str(account))
 
 
+def pod_of(obj: KubeObject, nodes: list[str]) -> PodSpec:
+    """One Pod object as the lab runs it (the file's, or one the API bound to a lab node)."""
+    return _pod(obj, nodes)
+
+
 def _pod(obj: KubeObject, nodes: list[str]) -> PodSpec:
     fields = _pod_template(obj.spec, obj, "spec", nodes)
     return PodSpec(obj.namespace, obj.name, labels=obj.labels, annotations=obj.annotations,

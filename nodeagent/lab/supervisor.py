@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from nodeagent.backoff import Backoff
 from nodeagent.errors import NodeagentError
-from nodeagent.lab import cgroups, meshca, processes, services
-from nodeagent.lab.kube import controlplane, nodes
+from nodeagent.lab import cgroups, dns, meshca, processes, services
+from nodeagent.lab.kube import controlplane, kubelet, nodes
 from nodeagent.lab.state import LabRecord, Runtime, StateDir
 
 RESTART_BACKOFF = Backoff(first=1.0, maximum=30.0)
@@ -69,10 +69,12 @@ class Supervisor:
     clock: object = time.monotonic
     units: dict[str, Unit] = field(default_factory=dict)  # "pod:ns/name/container" | "agent:node" | "cp:component"
     heartbeats: nodes.Heartbeats | None = None  # `--kube`: the nodes' kubelet heartbeats
+    kubelet: kubelet.Kubelet | None = None  # `--kube`: runs the pods the API binds to the nodes
     record: LabRecord | None = None
     stamp: tuple | None = None  # lab.json (inode, mtime) of `record`
     published: tuple = ()  # (pods, agents, stamp) last written
-    synced: tuple = ()  # (Running pods, stamp) the service rules were last made for
+    synced: tuple = ()  # (Running pods, stamp, API rules) the service rules were last made for
+    named: tuple | None = None  # (API service names, stamp) the hosts files were last written with
     stopping: bool = False
 
     # --- desired units -----------------------------------------------------------
@@ -119,10 +121,19 @@ class Supervisor:
     def step(self) -> None:
         now = self.clock()
         for key, unit in self.units.items():
-            if unit.proc is not None and unit.proc.poll() is not None:
-                self._exited(key, unit, now)
-            if unit.proc is None and not unit.finished and now >= unit.next_start:
-                self._start(key, unit, now)
+            self._step_unit(key, unit, now)
+        if self.kubelet is not None:  # the API's pods: their units, and the ones being deleted
+            with self.kubelet.lock:
+                self.kubelet.step(now)
+                for pod in self.kubelet.pods.values():
+                    for name, unit in pod.units.items():
+                        self._step_unit(f"pod:{pod.key}/{name} (uid {pod.uid})", unit, now)
+
+    def _step_unit(self, key: str, unit: Unit, now: float) -> None:
+        if unit.proc is not None and unit.proc.poll() is not None:
+            self._exited(key, unit, now)
+        if unit.proc is None and not unit.finished and now >= unit.next_start:
+            self._start(key, unit, now)
 
     def _exited(self, key: str, unit: Unit, now: float) -> None:
         unit.exit_code, unit.proc = unit.proc.returncode, None
@@ -181,7 +192,8 @@ class Supervisor:
     def publish(self) -> None:
         """Write what runs; re-sync the service rules when the Running pods or the lab changed."""
         rt = self.runtime()
-        published = (rt.pods, rt.agents, rt.ca, rt.controlplane, self.stamp)
+        api_rules, api_names = self.kubelet.services() if self.kubelet is not None else ((), ())
+        published = (rt.pods, rt.agents, rt.ca, rt.controlplane, self.stamp, api_rules, api_names)
         if published == self.published:
             return
         with self.state.lock():
@@ -189,11 +201,16 @@ class Supervisor:
                 return  # `apply` changed the lab meanwhile: publish after the next reload
             self.state.save_runtime(rt)
             self.state.export_cluster(self.record, rt)
-            synced = (rt.running(), self.stamp)
+            synced = (rt.running(), self.stamp, api_rules)
             if synced != self.synced:
                 services.sync(self.state.layout, self.record.desired, self.record.alloc, rt.running(),
-                              controlplane.service_rules(self.record.kube))
+                              controlplane.service_rules(self.record.kube) + api_rules)
                 self.synced = synced
+            if self.kubelet is not None and (api_names, self.stamp) != self.named:
+                names = controlplane.service_names(True) + api_names  # the API's services by name, everywhere
+                dns.sync(self.state.layout, self.record.desired, self.record.alloc, names)
+                self.kubelet.write_hosts(names)
+                self.named = (api_names, self.stamp)  # `apply` rewrote the file pods' hosts files
         self.published = published
 
     def _stamp(self) -> tuple | None:
@@ -221,6 +238,8 @@ class Supervisor:
                 if self.record.kube and self.heartbeats is None:
                     self.heartbeats = self._heartbeats(self.record)
                     self.heartbeats.start()
+                    self.kubelet = self._kubelet(self.record)
+                    self.kubelet.start()
                 self.step()
                 self.publish()
             except NodeagentError as exc:
@@ -232,9 +251,19 @@ class Supervisor:
                 pass
         if self.heartbeats is not None:
             self.heartbeats.close()
-        for group in stop_order(self.units):
+        groups = stop_order(self.units)
+        if self.kubelet is not None:
+            self.kubelet.close()
+            groups[0] += self.kubelet.units()
+        for group in groups:
             self._stop(group)
         return 0
+
+    def _kubelet(self, record: LabRecord) -> kubelet.Kubelet:
+        layout = self.state.layout
+        clients = {node: controlplane.node_client(layout, node) for node in record.desired.node_names}
+        return kubelet.Kubelet(record, clients, controlplane.proxy_client(layout), Unit, pod_phase,
+                               logging.getLogger("nodeagent.lab.kube.kubelet"))
 
     def _heartbeats(self, record: LabRecord) -> nodes.Heartbeats:
         layout = self.state.layout

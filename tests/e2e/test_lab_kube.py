@@ -18,7 +18,7 @@ import time
 import pytest
 import yaml
 
-from tests.e2e.conftest import Lab, Labs, take_down
+from tests.e2e.conftest import Lab, Labs, alive, take_down
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -179,3 +179,133 @@ def test_down_leaves_nothing_of_the_control_plane(lab_factory: Labs):
     assert problems == []
     assert not os.path.exists(f"/run/nodeagent/{lab.name}/kube")
     lab_factory.made.remove(lab)  # already down; the fixture would only find nothing
+
+
+WEB = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: echo
+        image: nodeagent-lab/echo
+        command: [nodeagent, lab, echo, --port, "8080", --quiet]
+        ports: [{containerPort: 8080, name: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+"""
+
+DAEMONSET = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: daemons}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: everywhere, namespace: daemons}
+spec:
+  selector: {matchLabels: {app: everywhere}}
+  template:
+    metadata: {labels: {app: everywhere}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - {name: main, image: busybox, command: [sleep, infinity]}
+"""
+
+
+def api_pods(lab: Lab, namespace: str, selector: str) -> list[dict]:
+    return json.loads(kubectl(lab, "get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
+
+
+def wait_pods(lab: Lab, namespace: str, selector: str, count: int, timeout: float = 60) -> list[dict]:
+    """The pods once exactly `count` of them are Running and Ready (and no others exist)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pods = api_pods(lab, namespace, selector)
+        running = [p for p in pods if p["status"].get("phase") == "Running"
+                   and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+        if len(pods) == count and len(running) == count:
+            return pods
+        assert time.monotonic() < deadline, f"wanted {count} Running pods {selector}, have " + \
+            str([(p["metadata"]["name"], p["status"].get("phase")) for p in pods])
+        time.sleep(0.5)
+
+
+def what_runs(lab: Lab, pod: dict) -> tuple[str, str, list[int]]:
+    """The pod's netns, cgroup and the pids in that cgroup, as the lab made them."""
+    node, uid = pod["spec"]["nodeName"], pod["metadata"]["uid"]
+    netns = f"/run/netns/{lab.name}-p-{pod['metadata']['namespace']}-{pod['metadata']['name']}"
+    cgroup = lab.pod_cgroup(node, uid)
+    pids = [int(p) for p in open(os.path.join(cgroup, "cgroup.procs")).read().split()] if os.path.isdir(cgroup) else []
+    return netns, cgroup, pids
+
+
+def test_a_deployment_runs_where_the_scheduler_puts_it_and_answers_by_service_name(kube_lab: Lab):
+    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=WEB)
+    pods = wait_pods(kube_lab, "default", "app=web", 3)
+    cidrs = {"kn1": "10.244.1.", "kn2": "10.244.2."}
+    for pod in pods:
+        assert pod["status"]["podIP"].startswith(cidrs[pod["spec"]["nodeName"]]), pod["status"]
+        assert pod["status"]["hostIP"] == {"kn1": "172.30.0.2", "kn2": "172.30.0.3"}[pod["spec"]["nodeName"]]
+        status = pod["status"]["containerStatuses"][0]
+        assert (status["name"], status["ready"], status["restartCount"]) == ("echo", True, 0)
+        netns, cgroup, pids = what_runs(kube_lab, pod)
+        assert os.path.exists(netns) and len(pids) >= 1
+        assert f"nodeagent-lab://{pids[0]}" == status["containerID"] or \
+            status["containerID"].removeprefix("nodeagent-lab://") in map(str, pids)
+    # By name through the API's Service, from the file's pods on both nodes (one of them
+    # is on another node than some of the Deployment's pods) and from a pod of the API.
+    answered = set()
+    for client in ("default/idle1", "apps/idle2"):
+        for _ in range(15):
+            reply = kube_lab.exec(client, "curl", "-sS", "--max-time", "5", "http://web.default/").stdout
+            answered.add(json.loads(reply)["pod"])
+    assert answered == {p["metadata"]["name"] for p in pods}
+    netns = f"{kube_lab.name}-p-default-{pods[0]['metadata']['name']}"
+    reply = subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "5", "http://web/"],
+                           capture_output=True, text=True, timeout=20)
+    assert json.loads(reply.stdout)["pod"] in answered, reply
+
+
+def test_scale_and_delete_add_and_remove_pods(kube_lab: Lab):
+    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=WEB)
+    before = wait_pods(kube_lab, "default", "app=web", 3)
+    kubectl(kube_lab, "scale", "deployment/web", "-n", "default", "--replicas=1")
+    after = wait_pods(kube_lab, "default", "app=web", 1)
+    removed = [p for p in before if p["metadata"]["uid"] not in {a["metadata"]["uid"] for a in after}]
+    assert len(removed) == 2
+    deadline = time.monotonic() + 30
+    for pod in removed:
+        netns, cgroup, _ = what_runs(kube_lab, pod)
+        while os.path.exists(netns) or os.path.exists(cgroup):
+            assert time.monotonic() < deadline, f"{pod['metadata']['name']}: {netns} or {cgroup} left"
+            time.sleep(0.2)
+    kubectl(kube_lab, "scale", "deployment/web", "-n", "default", "--replicas=2")
+    grown = wait_pods(kube_lab, "default", "app=web", 2)
+    kept = [what_runs(kube_lab, p) for p in grown]
+    kubectl(kube_lab, "delete", "deployment/web", "-n", "default", "--wait=true", "--timeout=60s")
+    wait_pods(kube_lab, "default", "app=web", 0)
+    for netns, cgroup, pids in kept:
+        assert not os.path.exists(netns) and not os.path.exists(cgroup)
+        assert not [pid for pid in pids if alive(pid)]
+
+
+def test_a_daemonset_runs_one_pod_per_node(kube_lab: Lab):
+    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=DAEMONSET)
+    pods = wait_pods(kube_lab, "daemons", "app=everywhere", 2)
+    assert sorted(p["spec"]["nodeName"] for p in pods) == ["kn1", "kn2"]
+    assert all(p["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet" for p in pods)
+    kubectl(kube_lab, "delete", "daemonset/everywhere", "-n", "daemons", "--wait=true", "--timeout=60s")
+    wait_pods(kube_lab, "daemons", "app=everywhere", 0)

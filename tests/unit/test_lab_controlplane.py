@@ -1,8 +1,9 @@
 """The lab's control plane without running it: the certificates and kubeconfigs the lab
 makes (who each user is, what the API server's certificate covers, file modes), each
-component's command line, the lab record carrying the binary, and the node heartbeats
+component's command line, the lab record carrying the binary, the node heartbeats
 against a recording API (register once, then a lease per beat, status every 5 minutes;
-errors retried)."""
+errors retried), the API's Services as service rules, and pod status as the lab's
+kubelet reports it."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from nodeagent.kube.objects import object_from_dict
+from nodeagent.lab import dns, services, spec
 from nodeagent.lab.ipam import Allocations, NodeAlloc, node_addresses
-from nodeagent.lab.kube import controlplane, nodes, pki
+from nodeagent.lab.kube import controlplane, kubelet, nodes, pki, proxy
 from nodeagent.lab.kube.api import ApiError
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord
@@ -196,3 +199,65 @@ def test_heartbeats_retry_an_unreachable_api_server_and_log_once(monkeypatch):
         beats.close()
     assert beat.registered
     assert len(messages) == 1 and "connection refused" in messages[0]
+
+
+def _svc(ns, name, ip, ports, kind="ClusterIP"):
+    return {"metadata": {"namespace": ns, "name": name}, "spec": {"clusterIP": ip, "type": kind, "ports": ports}}
+
+
+def _slice(ns, service, ports, endpoints):
+    return {"metadata": {"namespace": ns, "name": f"{service}-x", "labels": {proxy.SERVICE_LABEL: service}},
+            "addressType": "IPv4", "ports": ports,
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip, ready in endpoints]}
+
+
+def test_api_services_become_rules_with_the_ready_endpoints_at_the_slice_port():
+    svcs = [_svc("default", "kubernetes", "10.96.0.1", [{"name": "https", "port": 443}]),
+            _svc("shop", "web", "10.96.7.7", [{"name": "http", "port": 80, "protocol": "TCP"},
+                                              {"name": "metrics", "port": 9090}]),
+            _svc("shop", "headless", "None", [{"port": 80}]),
+            _svc("shop", "ext", "", [], kind="ExternalName")]
+    slices = [_slice("shop", "web", [{"name": "http", "port": 8080, "protocol": "TCP"},
+                                     {"name": "metrics", "port": 9100}],
+                     [("10.244.2.3", True), ("10.244.1.2", True), ("10.244.1.9", False)]),
+              _slice("other", "web", [{"name": "http", "port": 1}], [("10.244.9.9", True)])]
+    assert proxy.rules(svcs, slices) == (
+        services.Rule("shop/web", "10.96.7.7", 80, "TCP", (services.Endpoint("10.244.1.2", 8080),
+                                                           services.Endpoint("10.244.2.3", 8080))),
+        services.Rule("shop/web", "10.96.7.7", 9090, "TCP", (services.Endpoint("10.244.1.2", 9100),
+                                                             services.Endpoint("10.244.2.3", 9100))))
+    assert proxy.names(svcs) == (dns.Name("shop", "web", "10.96.7.7"),)
+    assert proxy.rules(svcs, []) == (services.Rule("shop/web", "10.96.7.7", 80, "TCP", ()),
+                                     services.Rule("shop/web", "10.96.7.7", 9090, "TCP", ()))
+
+
+class FakeProc:
+    def __init__(self, pid):
+        self.pid = pid
+
+
+def test_pod_status_reports_phase_ip_and_container_states_and_is_stable():
+    from nodeagent.lab.supervisor import Unit, pod_phase
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "n"},
+            "spec": {"containers": [{"name": n, "command": ["sleep", "1"]} for n in ("a", "b")]}}
+    pod_spec = spec.pod_of(object_from_dict(body, "t"), ["n1"])
+    a, b = Unit(["sleep"], {}, "/cg", "/log"), Unit(["sleep"], {}, "/cg", "/log")
+    pod = kubelet.KubePod("uid-1", pod_spec, "n1", "10.244.1.2", "172.30.0.2", False, {"a": a, "b": b},
+                          {"a": "img-a", "b": "img-b"})
+    status = kubelet.pod_status(pod, pod_phase([a, b]))
+    assert status["phase"] == "Pending"
+    assert [c["state"] for c in status["containerStatuses"]] == [{"waiting": {"reason": "ContainerCreating"}}] * 2
+    a.proc, a.starts, b.proc, b.starts = FakeProc(11), 1, FakeProc(12), 1
+    pod.started = {"a": (11, "2026-01-01T00:00:00Z"), "b": (12, "2026-01-01T00:00:01Z")}
+    status = kubelet.pod_status(pod, pod_phase([a, b]))
+    assert (status["phase"], status["podIP"], status["hostIP"]) == ("Running", "10.244.1.2", "172.30.0.2")
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+    assert [(c["name"], c["image"], c["ready"], c["containerID"]) for c in status["containerStatuses"]] == [
+        ("a", "img-a", True, "nodeagent-lab://11"), ("b", "img-b", True, "nodeagent-lab://12")]
+    assert kubelet.pod_status(pod, pod_phase([a, b])) == status  # nothing changed: nothing to patch
+    b.proc, b.exit_code, b.restarts = None, 3, 2  # b crashed and waits for its restart
+    status = kubelet.pod_status(pod, pod_phase([a, b]))
+    assert status["phase"] == "Pending"
+    crashed = status["containerStatuses"][1]
+    assert (crashed["restartCount"], crashed["state"]["waiting"]["reason"]) == (2, "CrashLoopBackOff")
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "False"

@@ -95,7 +95,8 @@ def binary() -> str:
 
 def users(nodes: list[str]) -> dict[str, tuple[str, str | None]]:
     """Kubeconfig stem -> (CN, O) of every client certificate the lab makes."""
-    out = {"admin": pki.ADMIN, "controller-manager": pki.CONTROLLER_MANAGER, "scheduler": pki.SCHEDULER}
+    out = {"admin": pki.ADMIN, "controller-manager": pki.CONTROLLER_MANAGER, "scheduler": pki.SCHEDULER,
+           "kube-proxy": pki.KUBE_PROXY}
     out.update({f"node-{node}": pki.node_user(node) for node in nodes})
     return out
 
@@ -180,6 +181,11 @@ def admin_client(layout: Layout) -> ApiClient:
 def node_client(layout: Layout, node: str) -> ApiClient:
     """The API server as node `node`'s kubelet (`system:node:<node>`), from that node's netns."""
     return ApiClient(ADDRESS, API_PORT, netns.named_path(layout.node_netns(node)), credentials(layout, f"node-{node}"))
+
+
+def proxy_client(layout: Layout) -> ApiClient:
+    """The API server as kube-proxy (`system:kube-proxy`), from the control plane's netns."""
+    return ApiClient(ADDRESS, API_PORT, netns.named_path(layout.controlplane_netns), credentials(layout, "kube-proxy"))
 
 
 def problems(layout: Layout) -> list[str]:

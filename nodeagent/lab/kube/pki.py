@@ -37,6 +37,7 @@ API_NAMES = ("kubernetes", "kubernetes.default", "kubernetes.default.svc",
 ADMIN = ("kubernetes-admin", "system:masters")
 CONTROLLER_MANAGER = ("system:kube-controller-manager", None)
 SCHEDULER = ("system:kube-scheduler", None)
+KUBE_PROXY = ("system:kube-proxy", None)  # bound to system:node-proxier by the default RBAC
 
 
 def node_user(node: str) -> tuple[str, str]:

@@ -1,0 +1,378 @@
+"""The lab as the kubelet of its nodes (`--kube`): it runs the Pods the API binds to them.
+
+Every second, each node lists the Pods bound to it (`spec.nodeName`, set by the real
+scheduler or by the Pod itself), with its own credentials, as its kubelet would. A new
+Pod is made as the lab makes the file's pods: an address from the node's pod CIDR, a
+netns with its veth and routes, a hosts file, the cgroup `kubepods/pod<uid>` (the API's
+UID, kubelet's naming), and one supervised process per container (`command` + `args`;
+images are ignored). `hostNetwork: true` pods run in the node's netns with the node's
+address. What runs is reported through the Pod's status (phase, podIP, hostIP,
+conditions, container states with restart counts), patched only when it changed. A Pod
+being deleted gets SIGTERM, SIGKILL after its grace period; once its processes are gone
+its netns, hosts file and cgroup are removed and the Pod deleted for good (grace 0,
+preconditioned on its UID), as kubelet finishes a deletion. A Pod the lab cannot run
+(no command, an executable not found, a name the file's pods hold) stays Pending with
+the reason in its container status.
+
+Threads: `Kubelet.run` (the thread) talks to the API and does the kernel work; the
+supervisor's loop owns the processes and, under `lock`, starts, restarts and stops the
+units of the pods in `pods` (`step`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Callable
+
+from nodeagent.errors import ConfigError, NodeagentError
+from nodeagent.kube.objects import object_from_dict
+from nodeagent.lab import cgroups, dns, processes, spec, topology
+from nodeagent.lab.ipam import FIRST_POD_HOST, PodAlloc
+from nodeagent.lab.kube import controlplane, proxy
+from nodeagent.lab.kube.api import STRATEGIC_PATCH, ApiClient, ApiError
+from nodeagent.lab.state import LabRecord
+
+POLL = 1.0
+TERMINAL = ("Succeeded", "Failed")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class KubePod:
+    """A Pod of the API that the lab runs on one of its nodes."""
+
+    uid: str
+    pod: spec.PodSpec
+    node: str
+    ip: str
+    host_ip: str
+    host_network: bool
+    units: dict  # container name -> supervisor.Unit
+    images: dict[str, str]
+    start_time: str = field(default_factory=_now)
+    started: dict[str, tuple[int, str]] = field(default_factory=dict)  # container -> (pid, startedAt)
+    finished: dict[str, str] = field(default_factory=dict)  # container -> finishedAt
+    transitions: dict[str, tuple[bool, str]] = field(default_factory=dict)  # condition -> (status, since)
+    delete_grace: float | None = None  # set when the API asked to delete it
+    kill_at: float | None = None  # monotonic: SIGKILL what is left
+    stopped: bool = False  # every process gone after a deletion
+    reported: dict | None = None
+
+    @property
+    def key(self) -> str:
+        return self.pod.key
+
+
+def pods_path(node: str) -> str:
+    return "/api/v1/pods?" + urllib.parse.urlencode({"fieldSelector": f"spec.nodeName={node}"})
+
+
+def pod_path(namespace: str, name: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/pods/{name}"
+
+
+class Kubelet:
+    """The kubelet side of every node of `record`; see the module docstring."""
+
+    def __init__(self, record: LabRecord, clients: dict[str, ApiClient], proxy_client: ApiClient,
+                 make_unit: Callable, phase_of: Callable[[list], str], log: logging.Logger):
+        """`clients`: each node's; `proxy_client` reads Services as kube-proxy;
+        `make_unit(argv, env, cgroup, log_path, restart_policy)` makes a supervisor Unit;
+        `phase_of(units)` is the supervisor's pod phase rule."""
+        self.record, self.clients, self.make_unit, self.phase_of, self.log = record, clients, make_unit, phase_of, log
+        self.proxy_client = proxy_client
+        self.api_rules: tuple = ()  # the API's Services as service rules (proxy.rules)
+        self.api_names: tuple = ()  # and as names for the hosts files
+        self.hosts_names: tuple = controlplane.service_names(True)
+        self.layout = record.layout
+        self.lock = threading.Lock()
+        self.pods: dict[str, KubePod] = {}  # uid -> pod
+        self.refused: dict[str, tuple[str, str]] = {}  # uid -> (node, why the lab cannot run it)
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self._said: dict[str, str] = {}
+
+    # --- the thread --------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="kubelet", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            for node, client in self.clients.items():
+                try:
+                    self.sync_node(node, client)
+                    self._said.pop(node, None)
+                except (ApiError, NodeagentError, OSError) as exc:
+                    if self._said.get(node) != str(exc):
+                        self.log.warning("kubelet of %s: %s (retrying)", node, exc)
+                        self._said[node] = str(exc)
+            try:
+                svcs, slices = proxy.fetch(self.proxy_client)
+                with self.lock:
+                    self.api_rules, self.api_names = proxy.rules(svcs, slices), proxy.names(svcs)
+            except ApiError as exc:
+                if self._said.get("proxy") != str(exc):
+                    self.log.warning("kube-proxy: %s (retrying)", exc)
+                    self._said["proxy"] = str(exc)
+            self.stop_event.wait(POLL)
+
+    def services(self) -> tuple[tuple, tuple]:
+        """(rules, names) of the API's Services, as last read."""
+        with self.lock:
+            return self.api_rules, self.api_names
+
+    def write_hosts(self, names: tuple) -> None:
+        """Rewrite the hosts file of every API pod with these service names (and the file's)."""
+        with self.lock:
+            self.hosts_names = names
+            pods = [p.pod for p in self.pods.values() if not p.host_network]
+        for pod in pods:
+            self._write_hosts(pod)
+
+    def sync_node(self, node: str, client: ApiClient) -> None:
+        items = client.call("GET", pods_path(node)).get("items", [])
+        seen = set()
+        for item in items:
+            meta = item["metadata"]
+            uid = meta["uid"]
+            seen.add(uid)
+            with self.lock:
+                known = self.pods.get(uid)
+            if known is not None:
+                if meta.get("deletionTimestamp") and known.delete_grace is None:
+                    self._delete_asked(known, float(meta.get("deletionGracePeriodSeconds") or 0))
+            elif meta.get("deletionTimestamp"):
+                self._finish_delete(client, meta["namespace"], meta["name"], uid)  # nothing of it runs
+            elif item.get("status", {}).get("phase") not in TERMINAL:
+                self._admit(node, client, item)
+        with self.lock:
+            gone = [p for p in self.pods.values() if p.node == node and p.uid not in seen and p.delete_grace is None]
+        for pod in gone:  # deleted with --force: nothing waits for us
+            self._delete_asked(pod, 0.0)
+        with self.lock:
+            mine = [p for p in self.pods.values() if p.node == node]
+        for pod in mine:
+            if pod.stopped:
+                self._remove(client, pod, pod.uid in seen)
+            elif pod.delete_grace is None:
+                self._report(client, pod)
+        for uid in [u for u, (n, _) in self.refused.items() if n == node and u not in seen]:
+            self.refused.pop(uid)
+
+    # --- admission and removal ---------------------------------------------------
+    def _refuse(self, node: str, client: ApiClient, item: dict, why: str) -> None:
+        uid = item["metadata"]["uid"]
+        if self.refused.get(uid) == (node, why):
+            return
+        self.refused[uid] = (node, why)
+        self.log.warning("cannot run pod %s/%s: %s", item["metadata"]["namespace"], item["metadata"]["name"], why)
+        containers = [c.get("name", "") for c in item.get("spec", {}).get("containers", [])]
+        status = {"phase": "Pending", "conditions": [_condition("PodScheduled", True)],
+                  "containerStatuses": [{"name": c, "ready": False, "restartCount": 0, "image": "", "imageID": "",
+                                         "state": {"waiting": {"reason": "CreateContainerConfigError",
+                                                               "message": why}}} for c in containers]}
+        meta = item["metadata"]
+        client.call("PATCH", pod_path(meta["namespace"], meta["name"]) + "/status", {"status": status},
+                    STRATEGIC_PATCH)
+
+    def _admit(self, node: str, client: ApiClient, item: dict) -> None:
+        meta = item["metadata"]
+        try:  # list items carry no apiVersion/kind
+            obj = object_from_dict({**item, "apiVersion": "v1", "kind": "Pod"},
+                                   f"API Pod {meta['namespace']}/{meta['name']}")
+            pod = spec.pod_of(obj, self.record.desired.node_names)
+            for c in pod.containers:
+                if processes.which(c.command[0]) is None:
+                    raise ConfigError(f"container {c.name} command[0]", f"{c.command[0]!r} not found on this machine")
+        except ConfigError as exc:
+            self._refuse(node, client, item, str(exc))
+            return
+        if pod.key in self.record.desired.pods:
+            self._refuse(node, client, item, f"the lab file's pod {pod.key} holds this name")
+            return
+        with self.lock:
+            if any(p.key == pod.key for p in self.pods.values()):
+                return  # its predecessor of the same name is still being removed
+        host_network = bool(item.get("spec", {}).get("hostNetwork"))
+        host_ip = self.record.alloc.nodes[node].fabric_ip
+        ip = host_ip if host_network else self._free_ip(node)
+        alloc = PodAlloc(meta["uid"], node, ip)
+        try:
+            self._make(pod, alloc, host_network)
+        except (OSError, NodeagentError) as exc:
+            self._unmake(pod, alloc, host_network)
+            raise NodeagentError(f"creating pod {pod.key}: {exc}") from None
+        fields = {"metadata.name": pod.name, "metadata.namespace": pod.namespace, "metadata.uid": alloc.uid,
+                  "spec.nodeName": node, "spec.serviceAccountName": pod.service_account,
+                  "status.podIP": ip, "status.hostIP": host_ip}
+        cgroup = self.layout.pod_cgroup(node, alloc.uid)
+        units = {}
+        for c in pod.containers:
+            argv = processes.in_node(self.layout, node, list(c.command)) if host_network \
+                else processes.in_pod(self.layout, pod, c.command)
+            units[c.name] = self.make_unit(argv, processes.pod_env(pod, c, fields, True), cgroup,
+                                           self.layout.container_log(pod.namespace, pod.name, c.name),
+                                           pod.restart_policy)
+        images = {c["name"]: c.get("image", "") for c in item["spec"]["containers"]}
+        with self.lock:
+            self.pods[alloc.uid] = KubePod(alloc.uid, pod, node, ip, host_ip, host_network, units, images)
+        self.log.info("pod %s (uid %s) admitted on %s with IP %s", pod.key, alloc.uid, node, ip)
+
+    def _free_ip(self, node: str) -> str:
+        cidr = ipaddress.IPv4Network(self.record.alloc.nodes[node].pod_cidr)
+        used = {a.ip for a in self.record.alloc.pods.values()}
+        with self.lock:
+            used |= {p.ip for p in self.pods.values()}
+        for host in list(cidr.hosts())[FIRST_POD_HOST - 1:]:
+            if str(host) not in used:
+                return str(host)
+        raise NodeagentError(f"node {node}'s pod CIDR {cidr} is full")
+
+    def _make(self, pod: spec.PodSpec, alloc: PodAlloc, host_network: bool) -> None:
+        if not host_network:
+            topology.add_pod(self.layout, pod.namespace, pod.name, alloc)
+            self._write_hosts(pod)
+        cgroups.make(self.layout.pod_cgroup(alloc.node, alloc.uid))
+
+    def _write_hosts(self, pod: spec.PodSpec) -> None:
+        record = self.record
+        services = [dns.Name(*k.split("/"), ip) for k, ip in record.alloc.services.items()]
+        services += list(self.hosts_names)
+        pods = [dns.Name(*k.split("/"), a.ip) for k, a in record.alloc.pods.items()]
+        netns = self.layout.pod_netns(pod.namespace, pod.name)
+        dns.write_in_place(self.layout.hosts_file(netns), dns.hosts_text(self.layout.name, pod.namespace, pod.name,
+                                                                         services, pods))
+
+    def _unmake(self, pod: spec.PodSpec, alloc: PodAlloc, host_network: bool) -> None:
+        if not host_network:
+            netns = self.layout.pod_netns(pod.namespace, pod.name)
+            topology.delete_netns(netns)
+            shutil.rmtree(self.layout.hosts_dir(netns), ignore_errors=True)
+        cgroups.remove_tree(self.layout.pod_cgroup(alloc.node, alloc.uid))
+
+    def _delete_asked(self, pod: KubePod, grace: float) -> None:
+        with self.lock:
+            pod.delete_grace = grace
+        self.log.info("pod %s (uid %s) is being deleted (grace %.0fs)", pod.key, pod.uid, grace)
+
+    def _remove(self, client: ApiClient, pod: KubePod, in_api: bool) -> None:
+        self._unmake(pod.pod, PodAlloc(pod.uid, pod.node, pod.ip), pod.host_network)
+        if in_api:
+            self._finish_delete(client, pod.pod.namespace, pod.pod.name, pod.uid)
+        with self.lock:
+            self.pods.pop(pod.uid, None)
+        self.log.info("pod %s (uid %s) removed from %s", pod.key, pod.uid, pod.node)
+
+    def _finish_delete(self, client: ApiClient, namespace: str, name: str, uid: str) -> None:
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
+        client.call("DELETE", pod_path(namespace, name), body, ok=(200, 202, 404, 409))
+
+    # --- status --------------------------------------------------------------------
+    def _report(self, client: ApiClient, pod: KubePod) -> None:
+        with self.lock:
+            status = pod_status(pod, self.phase_of(list(pod.units.values())))
+        if status == pod.reported:
+            return
+        client.call("PATCH", pod_path(pod.pod.namespace, pod.pod.name) + "/status",
+                    {"metadata": {"uid": pod.uid}, "status": status}, STRATEGIC_PATCH, ok=(200, 201))
+        pod.reported = status
+
+    # --- the supervisor's side (its loop, under `lock`) ------------------------------
+    def units(self) -> list:
+        return [u for p in self.pods.values() if not p.stopped for u in p.units.values()]
+
+    def step(self, now: float) -> None:
+        """Signal the processes of pods being deleted; note start and end times."""
+        wall = _now()
+        for pod in self.pods.values():
+            for name, unit in pod.units.items():
+                if unit.proc is not None and pod.started.get(name, (None,))[0] != unit.proc.pid:
+                    pod.started[name] = (unit.proc.pid, wall)
+                    pod.finished.pop(name, None)
+                elif unit.proc is None and name in pod.started and name not in pod.finished:
+                    pod.finished[name] = wall
+            if pod.delete_grace is None or pod.stopped:
+                continue
+            if pod.kill_at is None:
+                pod.kill_at = now + pod.delete_grace
+                for unit in pod.units.values():
+                    unit.restart_policy = "Never"
+                    unit.finished = True
+                    if unit.proc is not None:
+                        _signal(unit.proc, signal.SIGTERM)
+            live = [u for u in pod.units.values() if u.proc is not None and u.proc.poll() is None]
+            if live and now >= pod.kill_at:
+                for unit in live:
+                    _signal(unit.proc, signal.SIGKILL)
+            if not live:
+                for unit in pod.units.values():
+                    unit.proc = None
+                pod.stopped = True
+
+
+def _signal(proc, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)  # the container's session: its children too
+    except ProcessLookupError:
+        pass
+
+
+def _condition(kind: str, true: bool, reason: str = "", since: str | None = None) -> dict:
+    out = {"type": kind, "status": "True" if true else "False", "lastProbeTime": None,
+           "lastTransitionTime": since or _now()}
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def container_status(name: str, image: str, unit, started: tuple[int, str] | None, finished: str | None) -> dict:
+    running = unit.proc is not None
+    if running:
+        state = {"running": {"startedAt": started[1] if started else _now()}}
+    elif unit.finished:
+        state = {"terminated": {"exitCode": unit.exit_code if unit.exit_code is not None else 137,
+                                "reason": "Completed" if unit.exit_code == 0 else "Error",
+                                "startedAt": started[1] if started else None, "finishedAt": finished}}
+    elif unit.starts:
+        state = {"waiting": {"reason": "CrashLoopBackOff",
+                             "message": f"back-off restarting the failed container (exit code {unit.exit_code})"}}
+    else:
+        state = {"waiting": {"reason": "ContainerCreating"}}
+    return {"name": name, "image": image, "imageID": "", "ready": running, "started": running,
+            "restartCount": unit.restarts, "state": state,
+            "containerID": f"nodeagent-lab://{started[0]}" if started else ""}
+
+
+def pod_status(pod: KubePod, phase: str) -> dict:
+    """The Pod's status from what runs (no probes: a running container is ready); each
+    condition keeps the time it last changed, so an unchanged pod gives an equal status."""
+    ready = phase == "Running"
+    statuses = [container_status(n, pod.images.get(n, ""), u, pod.started.get(n), pod.finished.get(n))
+                for n, u in pod.units.items()]
+    conditions = []
+    for kind, true in (("PodReadyToStartContainers", True), ("Initialized", True), ("Ready", ready),
+                       ("ContainersReady", ready), ("PodScheduled", True)):
+        if pod.transitions.get(kind, (None,))[0] != true:
+            pod.transitions[kind] = (true, _now())
+        reason = "ContainersNotReady" if kind in ("Ready", "ContainersReady") and not true else ""
+        conditions.append(_condition(kind, true, reason, pod.transitions[kind][1]))
+    return {"phase": phase, "podIP": pod.ip, "podIPs": [{"ip": pod.ip}], "hostIP": pod.host_ip,
+            "hostIPs": [{"ip": pod.host_ip}], "startTime": pod.start_time, "qosClass": "BestEffort",
+            "conditions": conditions, "containerStatuses": statuses}
