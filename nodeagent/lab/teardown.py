@@ -18,7 +18,7 @@ import time
 
 from nodeagent.errors import LabError, NodeagentError
 from nodeagent.lab import cgroups, services, supervisor, topology
-from nodeagent.lab.kube import controlplane
+from nodeagent.lab.kube import controlplane, kubelet
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import StateDir
 
@@ -95,6 +95,7 @@ def down(layout: Layout) -> list[str]:
             done.append("state")
     else:
         _remove_kernel_side(layout, done, left)
+    kubelet.remove_mount_point(layout.run_root)  # the last lab takes the pods' token mount point
     if left:
         raise LabError(f"lab {layout.name} was not removed completely: " + "; ".join(left),
                        "a process outside the lab may hold one of these; run lab down again once it is gone")

@@ -175,9 +175,13 @@ def test_down_leaves_nothing_of_the_control_plane(lab_factory: Labs):
     assert all(pids), runtime["controlplane"]
     assert os.path.exists(f"/run/netns/{lab.name}-cp")
     lab.pids.update(pids)
+    lab.run("kubectl", "--", "apply", "-f", "-", input=DAEMONSET)  # pods of the API, with tokens mounted
+    wait_pods(lab, "daemons", "app=everywhere", 2)
     problems = take_down(lab)
     assert problems == []
     assert not os.path.exists(f"/run/nodeagent/{lab.name}/kube")
+    if not [n for n in os.listdir("/run/nodeagent") if not n.startswith(".")]:  # no other lab holds it
+        assert not os.path.exists("/run/secrets"), "the pods' token mount point outlived the last lab"
     lab_factory.made.remove(lab)  # already down; the fixture would only find nothing
 
 
@@ -309,3 +313,71 @@ def test_a_daemonset_runs_one_pod_per_node(kube_lab: Lab):
     assert all(p["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet" for p in pods)
     kubectl(kube_lab, "delete", "daemonset/everywhere", "-n", "daemons", "--wait=true", "--timeout=60s")
     wait_pods(kube_lab, "daemons", "app=everywhere", 0)
+
+
+RBAC = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: rbac}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: reader, namespace: rbac}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: pod-reader, namespace: rbac}
+rules:
+- {apiGroups: [""], resources: [pods], verbs: [get, list]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: reader-reads-pods, namespace: rbac}
+subjects: [{kind: ServiceAccount, name: reader, namespace: rbac}]
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: pod-reader}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: checker, namespace: rbac}
+spec:
+  serviceAccountName: reader
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: bitnami/kubectl
+    env: [{name: HOME, value: HOMEDIR}]
+    command:
+    - sh
+    - -c
+    - |
+      ls /var/run/secrets/kubernetes.io/serviceaccount
+      KUBECTL get pods -n rbac -o name; echo "pods rc=$?"
+      KUBECTL get secrets -n rbac; echo "secrets rc=$?"
+      KUBECTL get pods -n default; echo "other namespace rc=$?"
+"""
+
+
+def test_a_pod_uses_in_cluster_config_and_rbac_decides(kube_lab: Lab, tmp_path):
+    """kubectl inside a pod, with no kubeconfig: client-go's in-cluster config (the
+    KUBERNETES_SERVICE_* variables, the token and CA the lab mounted at the standard path
+    in the pod's own mount namespace) as ServiceAccount rbac/reader, whose Role grants
+    listing pods in its namespace only."""
+    binary = subprocess.run([os.path.join(ROOT, "controlplane", "build"), "--print"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    kube_lab.run("kubectl", "--", "apply", "-f", "-",
+                 input=RBAC.replace("KUBECTL", f"{binary} kubectl").replace("HOMEDIR", str(tmp_path)))
+    log = f"/run/nodeagent/{kube_lab.name}/logs/rbac_checker_main.log"
+    deadline = time.monotonic() + 60
+    while not (os.path.exists(log) and "other namespace rc=" in open(log).read()):
+        assert time.monotonic() < deadline, open(log).read() if os.path.exists(log) else "no log"
+        time.sleep(0.5)
+    out = open(log).read()
+    assert "ca.crt\nnamespace\ntoken\n" in out
+    assert "pod/checker\npods rc=0" in out, out
+    assert 'User "system:serviceaccount:rbac:reader" cannot list resource "secrets"' in out, out
+    assert "secrets rc=1" in out and "other namespace rc=1" in out, out
+    assert not os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")  # only inside the pod
+    deadline = time.monotonic() + 30
+    while api_pods(kube_lab, "rbac", "")[0]["status"].get("phase") != "Succeeded":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)

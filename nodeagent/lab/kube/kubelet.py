@@ -6,7 +6,10 @@ Pod is made as the lab makes the file's pods: an address from the node's pod CID
 netns with its veth and routes, a hosts file, the cgroup `kubepods/pod<uid>` (the API's
 UID, kubelet's naming), and one supervised process per container (`command` + `args`;
 images are ignored). `hostNetwork: true` pods run in the node's netns with the node's
-address. What runs is reported through the Pod's status (phase, podIP, hostIP,
+address. Unless `automountServiceAccountToken: false`, the pod gets what in-cluster
+clients read at /var/run/secrets/kubernetes.io/serviceaccount: a token the node requests
+for the pod's ServiceAccount, bound to the pod (TokenRequest), the cluster CA and the
+namespace, bind-mounted in the container's own mount namespace only. What runs is reported through the Pod's status (phase, podIP, hostIP,
 conditions, container states with restart counts), patched only when it changed. A Pod
 being deleted gets SIGTERM, SIGKILL after its grace period; once its processes are gone
 its netns, hosts file and cgroup are removed and the Pod deleted for good (grace 0,
@@ -42,6 +45,14 @@ from nodeagent.lab.state import LabRecord
 
 POLL = 1.0
 TERMINAL = ("Succeeded", "Failed")
+# Where in-cluster clients look for their credentials. It exists only inside a pod's own
+# mount namespace (a bind mount of the pod's files); on the machine it is an empty
+# directory, the mount point, removed when the last lab goes (`remove_mount_point`).
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+TOKEN_SECONDS = 3607  # kubelet's request; the API server extends such tokens (warning after 1 h)
+# Run in the container's private mount namespace (made by `ip netns exec`, or by unshare
+# for hostNetwork pods) before exec'ing the command: $0 is the pod's directory.
+MOUNT_SCRIPT = f'mount --bind "$0" {SERVICE_ACCOUNT_DIR} && exec "$@"'
 
 
 def _now() -> str:
@@ -60,6 +71,7 @@ class KubePod:
     host_network: bool
     units: dict  # container name -> supervisor.Unit
     images: dict[str, str]
+    files: str = ""  # the pod's service-account files, mounted at SERVICE_ACCOUNT_DIR; "" = none
     start_time: str = field(default_factory=_now)
     started: dict[str, tuple[int, str]] = field(default_factory=dict)  # container -> (pid, startedAt)
     finished: dict[str, str] = field(default_factory=dict)  # container -> finishedAt
@@ -219,21 +231,51 @@ class Kubelet:
         except (OSError, NodeagentError) as exc:
             self._unmake(pod, alloc, host_network)
             raise NodeagentError(f"creating pod {pod.key}: {exc}") from None
+        try:
+            files = self._service_account(client, item, alloc) if _automount(item) else ""
+        except (ApiError, OSError) as exc:
+            self._unmake(pod, alloc, host_network)
+            raise NodeagentError(f"pod {pod.key}: service-account token: {exc}") from None
         fields = {"metadata.name": pod.name, "metadata.namespace": pod.namespace, "metadata.uid": alloc.uid,
                   "spec.nodeName": node, "spec.serviceAccountName": pod.service_account,
                   "status.podIP": ip, "status.hostIP": host_ip}
         cgroup = self.layout.pod_cgroup(node, alloc.uid)
         units = {}
         for c in pod.containers:
-            argv = processes.in_node(self.layout, node, list(c.command)) if host_network \
-                else processes.in_pod(self.layout, pod, c.command)
+            command = list(c.command)
+            if files:
+                command = ["sh", "-c", MOUNT_SCRIPT, files, *command]
+                if host_network:  # nsenter --net keeps the machine's mount namespace
+                    command = ["unshare", "--mount", "--propagation", "slave", *command]
+            argv = processes.in_node(self.layout, node, command) if host_network \
+                else processes.in_pod(self.layout, pod, command)
             units[c.name] = self.make_unit(argv, processes.pod_env(pod, c, fields, True), cgroup,
                                            self.layout.container_log(pod.namespace, pod.name, c.name),
                                            pod.restart_policy)
         images = {c["name"]: c.get("image", "") for c in item["spec"]["containers"]}
         with self.lock:
-            self.pods[alloc.uid] = KubePod(alloc.uid, pod, node, ip, host_ip, host_network, units, images)
+            self.pods[alloc.uid] = KubePod(alloc.uid, pod, node, ip, host_ip, host_network, units, images, files)
         self.log.info("pod %s (uid %s) admitted on %s with IP %s", pod.key, alloc.uid, node, ip)
+
+    def _service_account(self, client: ApiClient, item: dict, alloc: PodAlloc) -> str:
+        """The pod's token (TokenRequest bound to the pod, as its node), the cluster CA
+        and its namespace, in `kube/pods/<uid>/serviceaccount/`, as a projected volume."""
+        meta, pod_spec = item["metadata"], item["spec"]
+        account = pod_spec.get("serviceAccountName") or "default"
+        request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                   "spec": {"expirationSeconds": TOKEN_SECONDS,
+                            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                                               "uid": alloc.uid}}}
+        answer = client.call("POST", f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token",
+                             request)
+        directory = os.path.join(self.layout.kube_dir, "pods", alloc.uid, "serviceaccount")
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        for name, text in (("token", answer["status"]["token"]), ("namespace", meta["namespace"])):
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(text)
+        shutil.copyfile(controlplane.credentials(self.layout, "admin").ca_cert, os.path.join(directory, "ca.crt"))
+        os.makedirs(SERVICE_ACCOUNT_DIR, exist_ok=True)
+        return directory
 
     def _free_ip(self, node: str) -> str:
         cidr = ipaddress.IPv4Network(self.record.alloc.nodes[node].pod_cidr)
@@ -274,6 +316,8 @@ class Kubelet:
 
     def _remove(self, client: ApiClient, pod: KubePod, in_api: bool) -> None:
         self._unmake(pod.pod, PodAlloc(pod.uid, pod.node, pod.ip), pod.host_network)
+        if pod.files:
+            shutil.rmtree(os.path.dirname(pod.files), ignore_errors=True)
         if in_api:
             self._finish_delete(client, pod.pod.namespace, pod.pod.name, pod.uid)
         with self.lock:
@@ -325,6 +369,26 @@ class Kubelet:
                 for unit in pod.units.values():
                     unit.proc = None
                 pod.stopped = True
+
+
+def _automount(item: dict) -> bool:
+    return item.get("spec", {}).get("automountServiceAccountToken") is not False
+
+
+def remove_mount_point(run_root: str) -> None:
+    """Remove SERVICE_ACCOUNT_DIR (empty directories only) once no lab is left in `run_root`."""
+    try:
+        if [n for n in os.listdir(run_root) if not n.startswith(".")]:
+            return
+    except FileNotFoundError:
+        pass
+    path = SERVICE_ACCOUNT_DIR
+    while path not in ("/var/run", "/run", "/"):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return  # not ours alone, or in use
+        path = os.path.dirname(path)
 
 
 def _signal(proc, signum: int) -> None:
