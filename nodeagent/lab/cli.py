@@ -17,7 +17,7 @@ import sys
 
 from nodeagent.errors import LabError
 from nodeagent.lab import cgroups, layout, lifecycle, processes, status, teardown
-from nodeagent.lab.kube import controlplane
+from nodeagent.lab.kube import controlplane, kubelet
 from nodeagent.lab.state import StateDir
 from nodeagent.lab.supervisor import Supervisor
 
@@ -62,6 +62,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     namespace, _, name = args.target.rpartition("/")
     namespace = namespace or "default"
     pod = record.desired.pods.get(f"{namespace}/{name}") or record.desired.pods.get(f"{namespace}/{name}-0")
+    if pod is None and record.kube:
+        return _exec_api_pod(record, namespace, name, args)
     if pod is None:
         raise LabError(f"no pod or deployment {namespace}/{name} in lab {args.name}",
                        f"see: nodeagent lab status --name {args.name}")
@@ -96,6 +98,24 @@ def cmd_kubectl(args: argparse.Namespace) -> int:
     argv = controlplane.kubectl_argv(record.layout, record.controlplane, command)
     sys.stdout.flush()
     os.execvpe(argv[0], argv, {**processes.base_env(), **{k: v for k, v in os.environ.items() if k == "TERM"}})
+    return 127  # not reached: exec replaced this process
+
+
+def _exec_api_pod(record, namespace: str, name: str, args: argparse.Namespace) -> int:
+    """`lab exec` into a pod of the API (a --kube lab's kubelet runs it)."""
+    status, item = controlplane.admin_client(record.layout).request(
+        "GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+    if status != 200:
+        raise LabError(f"no pod {namespace}/{name} in lab {args.name}'s file nor in its API ({status})",
+                       f"see: nodeagent lab kubectl --name {args.name} -- get pods -A")
+    if not args.command:
+        raise LabError("no command to run", f"nodeagent lab exec {args.target} -- COMMAND ARGS…")
+    argv, env, cgroup = kubelet.exec_plan(record, item, args.container, args.command)
+    if "TERM" in os.environ:
+        env["TERM"] = os.environ["TERM"]
+    sys.stdout.flush()
+    cgroups.join(cgroup)
+    os.execvpe(argv[0], argv, env)
     return 127  # not reached: exec replaced this process
 
 
@@ -159,7 +179,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("-o", "--output", choices=("table", "json"), default="table")
     st.set_defaults(func=cmd_status)
 
-    ex = sub.add_parser("exec", parents=[named], help="run a command in a pod: exec NS/NAME -- CMD…")
+    ex = sub.add_parser("exec", parents=[named], help="run a command in a pod (of the file, or with --kube of "
+                        "the API): exec NS/NAME -- CMD…")
     ex.add_argument("-c", "--container", help="whose env to use (default: the first container)")
     ex.add_argument("target", metavar="NAMESPACE/NAME", help="a pod, or a Deployment (its first pod)")
     ex.add_argument("command", nargs=argparse.REMAINDER)

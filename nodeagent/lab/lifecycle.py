@@ -28,6 +28,7 @@ from nodeagent.lab import (cgroups, dns, ipam, meshca, processes, services, spec
                            topology)
 from nodeagent.lab import verdicts
 from nodeagent.lab.kube import controlplane, nodes
+from nodeagent.lab.kube import objects as kube_objects
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord, Runtime, StateDir, lab_model
 
@@ -172,6 +173,7 @@ def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: fl
         f"supervisor pid {record.supervisor_pid}{'' if agents else ' (no agents)'}")
     if kube:
         wait_kube(layout, desired.node_names, out, max(timeout, KUBE_TIMEOUT))
+        sync_kube_objects(layout, desired, out)
     wait_running(state, record.supervisor_pid, list(desired.pods), out, timeout)
     if agents:
         wait_agents(state, out, timeout)
@@ -189,6 +191,17 @@ def wait_kube(layout: Layout, node_names: list[str], out: Out, timeout: float) -
                          max(1.0, timeout - (time.monotonic() - started)))
     except NodeagentError as exc:
         raise LabError(str(exc), f"see {layout.supervisor_log}; the lab stays up") from None
+
+
+def sync_kube_objects(layout: Layout, desired: spec.DesiredState, out: Out) -> None:
+    """The file's objects the API holds (so far its namespaces): see kube/objects.py."""
+    try:
+        created = kube_objects.sync_namespaces(controlplane.admin_client(layout), desired)
+    except NodeagentError as exc:
+        raise LabError(f"the file's namespaces could not be created in the API: {exc}",
+                       "the lab stays up; lab apply retries") from None
+    if created:
+        out(f"namespaces created in the API: {', '.join(created)}")
 
 
 def merge(old: list[KubeObject], new: list[KubeObject]) -> list[KubeObject]:
@@ -231,6 +244,8 @@ def apply(name: str, objects: list[KubeObject], out: Out, timeout: float) -> Non
         out(f"{obj} {verb}")
     if supervisor.is_supervisor(old.supervisor_pid, name):
         os.kill(old.supervisor_pid, signal.SIGHUP)
+    if old.kube:
+        sync_kube_objects(layout, desired, out)
     wait_running(state, old.supervisor_pid, [p.key for p in added], out, timeout)
     if old.agents and added:
         wait_agents(state, out, timeout)

@@ -42,7 +42,7 @@ spec:
 ---
 apiVersion: v1
 kind: Namespace
-metadata: {name: apps}
+metadata: {name: apps, labels: {istio.io/dataplane-mode: ambient}}
 ---
 apiVersion: v1
 kind: Pod
@@ -92,6 +92,13 @@ def test_nodes_are_registered_ready_with_the_labs_addresses(kube_lab: Lab):
         assert not [t for t in node["spec"].get("taints", []) if t["key"].startswith("node.kubernetes.io/")]
     assert nodes["kn1"]["metadata"]["labels"]["lab.example/role"] == "edge"  # the file's labels, set as admin
     assert nodes["kn1"]["metadata"]["labels"]["kubernetes.io/hostname"] == "kn1"
+
+
+def test_the_files_namespaces_are_in_the_api(kube_lab: Lab):
+    items = json.loads(kubectl(kube_lab, "get", "namespaces", "-o", "json").stdout)["items"]
+    labels = {n["metadata"]["name"]: n["metadata"].get("labels", {}) for n in items}
+    assert {"default", "apps", "kube-system", "kube-node-lease"} <= set(labels)
+    assert labels["apps"]["istio.io/dataplane-mode"] == "ambient"
 
 
 def test_leases_are_renewed(kube_lab: Lab):
@@ -277,10 +284,14 @@ def test_a_deployment_runs_where_the_scheduler_puts_it_and_answers_by_service_na
             reply = kube_lab.exec(client, "curl", "-sS", "--max-time", "5", "http://web.default/").stdout
             answered.add(json.loads(reply)["pod"])
     assert answered == {p["metadata"]["name"] for p in pods}
-    netns = f"{kube_lab.name}-p-default-{pods[0]['metadata']['name']}"
-    reply = subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "5", "http://web/"],
-                           capture_output=True, text=True, timeout=20)
-    assert json.loads(reply.stdout)["pod"] in answered, reply
+    inside = kube_lab.exec(f"default/{pods[0]['metadata']['name']}", "sh", "-c",
+                           "echo $POD_NAME $POD_IP; curl -sS --max-time 5 http://web/")
+    first, reply = inside.stdout.split("\n", 1)
+    assert first == f"{pods[0]['metadata']['name']} {pods[0]['status']['podIP']}"  # lab exec into an API pod
+    assert json.loads(reply)["pod"] in answered, inside
+    namespace = kube_lab.exec(f"default/{pods[0]['metadata']['name']}", "cat",
+                              "/var/run/secrets/kubernetes.io/serviceaccount/namespace").stdout
+    assert namespace == "default"  # the pod's own mounted service-account files
 
 
 def test_scale_and_delete_add_and_remove_pods(kube_lab: Lab):

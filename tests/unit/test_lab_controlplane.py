@@ -23,6 +23,7 @@ from nodeagent.kube.objects import object_from_dict
 from nodeagent.lab import dns, services, spec
 from nodeagent.lab.ipam import Allocations, NodeAlloc, node_addresses
 from nodeagent.lab.kube import controlplane, kubelet, nodes, pki, proxy
+from nodeagent.lab.kube import objects as kube_objects
 from nodeagent.lab.kube.api import ApiError
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord
@@ -261,3 +262,33 @@ def test_pod_status_reports_phase_ip_and_container_states_and_is_stable():
     crashed = status["containerStatuses"][1]
     assert (crashed["restartCount"], crashed["state"]["waiting"]["reason"]) == (2, "CrashLoopBackOff")
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "False"
+
+
+def test_the_files_namespaces_are_created_or_labelled():
+    class Api:
+        def __init__(self):
+            self.calls = []
+
+        def request(self, method, path, body=None, content_type="application/json"):
+            self.calls.append((method, path, body))
+            return (409, {}) if body["metadata"]["name"] == "default" else (201, body)
+
+        def call(self, method, path, body=None, content_type="application/json", ok=(200, 201)):
+            self.calls.append((method, path, body))
+            return {}
+
+    docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {"team": "a"}}},
+            {"apiVersion": "v1", "kind": "Namespace",
+             "metadata": {"name": "mesh", "labels": {"istio.io/dataplane-mode": "ambient"}}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "implied"},
+             "spec": {"ports": [{"port": 80}]}}]
+    desired = spec.load([object_from_dict(d, "t") for d in docs])
+    api = Api()
+    assert kube_objects.sync_namespaces(api, desired) == ["implied", "mesh"]
+    assert api.calls == [
+        ("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                        "metadata": {"name": "default", "labels": {"team": "a"}}}),
+        ("PATCH", "/api/v1/namespaces/default", {"metadata": {"labels": {"team": "a"}}}),
+        ("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "implied"}}),
+        ("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", **{
+            k: v for k, v in docs[1].items() if k == "metadata"}})]

@@ -9,13 +9,14 @@ images are ignored). `hostNetwork: true` pods run in the node's netns with the n
 address. Unless `automountServiceAccountToken: false`, the pod gets what in-cluster
 clients read at /var/run/secrets/kubernetes.io/serviceaccount: a token the node requests
 for the pod's ServiceAccount, bound to the pod (TokenRequest), the cluster CA and the
-namespace, bind-mounted in the container's own mount namespace only. What runs is reported through the Pod's status (phase, podIP, hostIP,
-conditions, container states with restart counts), patched only when it changed. A Pod
-being deleted gets SIGTERM, SIGKILL after its grace period; once its processes are gone
-its netns, hosts file and cgroup are removed and the Pod deleted for good (grace 0,
-preconditioned on its UID), as kubelet finishes a deletion. A Pod the lab cannot run
-(no command, an executable not found, a name the file's pods hold) stays Pending with
-the reason in its container status.
+namespace, bind-mounted in the container's own mount namespace only. What runs is
+reported through the Pod's status (phase, podIP, hostIP, conditions, container states
+with restart counts), patched only when it changed. A Pod being deleted gets SIGTERM,
+SIGKILL after its grace period; once its processes are gone its netns, hosts file and
+cgroup are removed and the Pod deleted for good (grace 0, preconditioned on its UID), as
+kubelet finishes a deletion. A Pod the lab cannot run (no command, an executable not
+found, a name the file's pods hold) stays Pending with the reason in its container
+status.
 
 Threads: `Kubelet.run` (the thread) talks to the API and does the kernel work; the
 supervisor's loop owns the processes and, under `lock`, starts, restarts and stops the
@@ -242,13 +243,7 @@ class Kubelet:
         cgroup = self.layout.pod_cgroup(node, alloc.uid)
         units = {}
         for c in pod.containers:
-            command = list(c.command)
-            if files:
-                command = ["sh", "-c", MOUNT_SCRIPT, files, *command]
-                if host_network:  # nsenter --net keeps the machine's mount namespace
-                    command = ["unshare", "--mount", "--propagation", "slave", *command]
-            argv = processes.in_node(self.layout, node, command) if host_network \
-                else processes.in_pod(self.layout, pod, command)
+            argv = container_argv(self.layout, pod, node, host_network, files, list(c.command))
             units[c.name] = self.make_unit(argv, processes.pod_env(pod, c, fields, True), cgroup,
                                            self.layout.container_log(pod.namespace, pod.name, c.name),
                                            pod.restart_policy)
@@ -369,6 +364,41 @@ class Kubelet:
                 for unit in pod.units.values():
                     unit.proc = None
                 pod.stopped = True
+
+
+def container_argv(layout, pod: spec.PodSpec, node: str, host_network: bool, files: str,
+                   command: list[str]) -> list[str]:
+    """How a container (or `lab exec`) of an API pod runs: in the pod's netns (the node's
+    for hostNetwork), with the pod's service-account files mounted when it has them."""
+    if files:
+        command = ["sh", "-c", MOUNT_SCRIPT, files, *command]
+        if host_network:  # nsenter --net keeps the machine's mount namespace
+            command = ["unshare", "--mount", "--propagation", "slave", *command]
+    return processes.in_node(layout, node, command) if host_network else processes.in_pod(layout, pod, command)
+
+
+def exec_plan(record: LabRecord, item: dict, container: str | None,
+              command: list[str]) -> tuple[list[str], dict[str, str], str]:
+    """(argv, env, cgroup) to run `command` in a running API pod as its container
+    `container` (default: the first) sees it: `lab exec` for the API's pods."""
+    meta, status = item["metadata"], item.get("status", {})
+    pod = spec.pod_of(object_from_dict({**item, "apiVersion": "v1", "kind": "Pod"}, "API"),
+                      record.desired.node_names)
+    chosen = next((c for c in pod.containers if c.name == container), None) if container else pod.containers[0]
+    if chosen is None:
+        raise ConfigError(f"pod {pod.key}", f"has no container {container}",
+                          f"it has {', '.join(c.name for c in pod.containers)}")
+    node, uid = item["spec"].get("nodeName", ""), meta["uid"]
+    if node not in record.alloc.nodes or status.get("phase") != "Running":
+        raise ConfigError(f"pod {pod.key}", f"is not running on a node of this lab (phase {status.get('phase')})")
+    layout = record.layout
+    files = os.path.join(layout.kube_dir, "pods", uid, "serviceaccount")
+    fields = {"metadata.name": pod.name, "metadata.namespace": pod.namespace, "metadata.uid": uid,
+              "spec.nodeName": node, "spec.serviceAccountName": pod.service_account,
+              "status.podIP": status.get("podIP", ""), "status.hostIP": status.get("hostIP", "")}
+    argv = container_argv(layout, pod, node, bool(item["spec"].get("hostNetwork")),
+                          files if os.path.isdir(files) else "", command)
+    return argv, processes.pod_env(pod, chosen, fields, True), layout.pod_cgroup(node, uid)
 
 
 def _automount(item: dict) -> bool:
