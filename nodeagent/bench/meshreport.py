@@ -1,0 +1,131 @@
+"""The figures of `nodeagent bench mesh`, from the rounds' raw measurements to the table
+and the JSON. Pure: no lab, no process.
+
+Per placement (cross-node, same-node) and set-up (direct, nodeagent L4, nodeagent L7,
+the Envoy sidecar pair), each round measured every figure of FIGURES. A figure shown
+is the median over the rounds; an added latency is the median of the per-round
+differences to the direct set-up of the same round (rounds are interleaved, so a slow
+moment of the machine hits both sides of a difference). The ratio is nodeagent's shown
+figure over the sidecar pair's (none when the anchor's is not positive or nodeagent's
+added latency is negative: the noise of the machine, not a cost). Memory is
+per node: nodeagent's agent and waypoint Envoy at N meshed pods against N sidecars.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+SETUPS = ("direct", "l4", "l7", "envoy")
+MESHES = ("l4", "l7")  # compared with the anchor
+ANCHOR = "envoy"
+SETUP_TITLES = {"direct": "DIRECT", "l4": "NODEAGENT L4", "l7": "NODEAGENT L7", "envoy": "ENVOY SIDECARS"}
+PLACEMENTS = {"cross": "cross-node: client pod on node1, server pod on node2",
+              "same": "same-node: client pod and server pod on node1"}
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    decimals: int
+    added: bool = False  # latency: shown as added to direct's
+    higher_better: bool = False
+    for_direct: bool = True  # False: direct has no mesh component to measure
+
+
+FIGURES = (
+    Figure("p50_us", "p50 latency, 1 keep-alive connection (us)", 0, added=True),
+    Figure("p99_us", "p99 latency, 1 keep-alive connection (us)", 0, added=True),
+    Figure("rps", "requests/s, 16 keep-alive connections", 0, higher_better=True),
+    Figure("new_p50_us", "p50 latency, new connection per request (us)", 0, added=True),
+    Figure("cps", "new connections/s, 16 connections", 0, higher_better=True),
+    Figure("gbps", "throughput, 1 TCP stream (Gbit/s)", 2, higher_better=True),
+    Figure("cpu_ms_per_1k", "mesh CPU per 1000 requests, 16 conns (ms)", 1, for_direct=False),
+)
+BY_KEY = {f.key: f for f in FIGURES}
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def summarize(rounds: dict[str, list[dict]]) -> dict:
+    """{median, table, ratio} of one placement from {set-up: [one dict of figures per round]}."""
+    count = len(rounds["direct"])
+    if count == 0 or any(len(rounds[s]) != count for s in SETUPS):
+        raise ValueError(f"every set-up needs the same number of rounds: { {s: len(rounds[s]) for s in SETUPS} }")
+    medians, table = {}, {}
+    for setup in SETUPS:
+        medians[setup], table[setup] = {}, {}
+        for f in FIGURES:
+            if setup == "direct" and not f.for_direct:
+                medians[setup][f.key] = table[setup][f.key] = None
+                continue
+            medians[setup][f.key] = median([r[f.key] for r in rounds[setup]])
+            if f.added and setup != "direct":
+                table[setup][f.key] = median([r[f.key] - d[f.key] for r, d in zip(rounds[setup], rounds["direct"])])
+            else:
+                table[setup][f.key] = medians[setup][f.key]
+    ratio = {s: {f.key: _ratio(table[s][f.key], table[ANCHOR][f.key]) for f in FIGURES} for s in MESHES}
+    return {"median": medians, "table": table, "ratio": ratio}
+
+
+def _ratio(value: float | None, anchor: float | None) -> float | None:
+    """value / anchor; None when either is missing, the anchor's is not positive or the
+    value negative (an added latency below zero is the machine's noise, not a cost)."""
+    if value is None or anchor is None or anchor <= 0 or value < 0:
+        return None
+    return value / anchor
+
+
+def rss_summary(samples: dict[int, dict[str, dict[str, int]]], sidecar_bytes: dict[str, int]) -> dict:
+    """Memory per node at each pod count. `samples`: {pods per node: {node: {"agent": bytes,
+    "waypoint": bytes}}}; `sidecar_bytes`: {sidecar: RSS bytes} of the anchor's sidecars."""
+    sidecar = statistics.mean(sidecar_bytes.values()) / MIB
+    rows = {}
+    for pods, nodes in sorted(samples.items()):
+        agent = statistics.mean(n["agent"] for n in nodes.values()) / MIB
+        waypoint = statistics.mean(n["waypoint"] for n in nodes.values()) / MIB
+        rows[str(pods)] = {"nodes": {node: {k: v / MIB for k, v in n.items()} for node, n in nodes.items()},
+                           "agent_mib": agent, "waypoint_mib": waypoint, "nodeagent_mib": agent + waypoint,
+                           "sidecars_mib": sidecar * pods, "ratio": (agent + waypoint) / (sidecar * pods)}
+    return {"sidecar_mib": sidecar, "sidecars": {k: v / MIB for k, v in sidecar_bytes.items()}, "pods": rows}
+
+
+# --- text --------------------------------------------------------------------------------
+LABEL_WIDTH, CELL_WIDTH = 46, 18
+
+
+def cell(value: float | None, decimals: int, added: bool = False, ratio: float | None = None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:+.{decimals}f}" if added else f"{value:.{decimals}f}"
+    return f"{text} x{ratio:.2f}" if ratio is not None else text
+
+
+def placement_lines(placement: str, summary: dict) -> list[str]:
+    table, ratio = summary["table"], summary["ratio"]
+    lines = [PLACEMENTS[placement],
+             f"{'FIGURE':<{LABEL_WIDTH}}" + "".join(f"{SETUP_TITLES[s]:>{CELL_WIDTH}}" for s in SETUPS)]
+    for f in FIGURES:
+        cells = [cell(table["direct"][f.key], f.decimals)]
+        cells += [cell(table[s][f.key], f.decimals, f.added, ratio[s][f.key]) for s in MESHES]
+        cells.append(cell(table[ANCHOR][f.key], f.decimals, f.added))
+        lines.append(f"{f.label:<{LABEL_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells))
+    return lines
+
+
+RSS_HEADER = ("MESHED PODS/NODE", "AGENT", "WAYPOINT", "NODEAGENT", "SIDECARS", "RATIO")
+
+
+def rss_lines(rss: dict) -> list[str]:
+    lines = [f"memory per node (RSS, MiB): nodeagent's agent + waypoint Envoy (mean of the nodes) against one "
+             f"Envoy sidecar per pod ({rss['sidecar_mib']:.1f} MiB each, measured after the runs)",
+             "".join(f"{h:>{w}}" for h, w in zip(RSS_HEADER, (16, 10, 10, 11, 10, 8)))]
+    for pods, row in rss["pods"].items():
+        values = (pods, f"{row['agent_mib']:.1f}", f"{row['waypoint_mib']:.1f}", f"{row['nodeagent_mib']:.1f}",
+                  f"{row['sidecars_mib']:.1f}", f"x{row['ratio']:.2f}")
+        lines.append("".join(f"{v:>{w}}" for v, w in zip(values, (16, 10, 10, 11, 10, 8))))
+    return lines
