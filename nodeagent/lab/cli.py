@@ -103,14 +103,14 @@ def cmd_kubectl(args: argparse.Namespace) -> int:
 
 def _exec_api_pod(record, namespace: str, name: str, args: argparse.Namespace) -> int:
     """`lab exec` into a pod of the API (a --kube lab's kubelet runs it)."""
-    status, item = controlplane.admin_client(record.layout).request(
-        "GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+    client = controlplane.admin_client(record.layout)
+    status, item = client.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
     if status != 200:
         raise LabError(f"no pod {namespace}/{name} in lab {args.name}'s file nor in its API ({status})",
                        f"see: nodeagent lab kubectl --name {args.name} -- get pods -A")
     if not args.command:
         raise LabError("no command to run", f"nodeagent lab exec {args.target} -- COMMAND ARGS…")
-    argv, env, cgroup = kubelet.exec_plan(record, item, args.container, args.command)
+    argv, env, cgroup = kubelet.exec_plan(record, client, item, args.container, args.command)
     if "TERM" in os.environ:
         env["TERM"] = os.environ["TERM"]
     sys.stdout.flush()

@@ -392,3 +392,45 @@ def test_a_pod_uses_in_cluster_config_and_rbac_decides(kube_lab: Lab, tmp_path):
     while api_pods(kube_lab, "rbac", "")[0]["status"].get("phase") != "Succeeded":
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+CONFIGURED = """
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings, namespace: apps}
+data: {MODE: fast, LEVEL: "3"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds, namespace: apps}
+stringData: {password: s3cret}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: configured, namespace: apps, labels: {tier: back}}
+spec:
+  containers:
+  - name: main
+    image: none
+    command: [sleep, infinity]
+    envFrom: [{configMapRef: {name: settings}, prefix: CFG_}]
+    env:
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
+    - {name: TIER, valueFrom: {fieldRef: {fieldPath: "metadata.labels['tier']"}}}
+    - {name: MY_NODE, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+"""
+
+
+def test_env_comes_from_configmaps_secrets_and_the_downward_api(kube_lab: Lab):
+    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=CONFIGURED)
+    pod = wait_pods(kube_lab, "apps", "tier=back", 1)[0]
+    wanted = {"CFG_MODE": "fast", "CFG_LEVEL": "3", "PASSWORD": "s3cret", "TIER": "back",
+              "MY_NODE": pod["spec"]["nodeName"]}
+    pid = int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("nodeagent-lab://"))
+    with open(f"/proc/{pid}/environ", "rb") as f:  # what the container process was given
+        env = dict(v.split("=", 1) for v in f.read().decode().split("\0") if "=" in v)
+    assert {k: env.get(k) for k in wanted} == wanted
+    lines = kube_lab.exec("apps/configured", "env").stdout.splitlines()  # and what lab exec gives
+    env = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert {k: env.get(k) for k in wanted} == wanted
+    kubectl(kube_lab, "delete", "pod", "configured", "-n", "apps", "--wait=true", "--timeout=60s")

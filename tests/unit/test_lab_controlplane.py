@@ -19,6 +19,7 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import object_from_dict
 from nodeagent.lab import dns, services, spec
 from nodeagent.lab.ipam import Allocations, NodeAlloc, node_addresses
@@ -292,3 +293,32 @@ def test_the_files_namespaces_are_created_or_labelled():
         ("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "implied"}}),
         ("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", **{
             k: v for k, v in docs[1].items() if k == "metadata"}})]
+
+
+def test_env_from_configmaps_secrets_and_labels_is_resolved_as_kubelet_does():
+    class Api:
+        objects = {"/api/v1/namespaces/n/configmaps/cfg": {"data": {"MODE": "fast", "LEVEL": "3"}},
+                   "/api/v1/namespaces/n/secrets/sec": {"data": {"password": base64.b64encode(b"s3cret").decode()}}}
+
+        def request(self, method, path, body=None, content_type="application/json"):
+            return (200, self.objects[path]) if path in self.objects else (404, {"message": "not found"})
+
+    item = {"metadata": {"name": "p", "namespace": "n", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c", "command": ["true"],
+                                     "envFrom": [{"configMapRef": {"name": "cfg"}, "prefix": "CFG_"},
+                                                 {"secretRef": {"name": "absent", "optional": True}}],
+                                     "env": [
+        {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "password"}}},
+        {"name": "NOPE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "x", "optional": True}}},
+        {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+        {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "PLAIN", "value": "v"}]}]}}
+    resolved = kubelet.resolve_env(Api(), item)["spec"]["containers"][0]["env"]
+    assert resolved == [{"name": "CFG_LEVEL", "value": "3"}, {"name": "CFG_MODE", "value": "fast"},
+                        {"name": "PASSWORD", "value": "s3cret"}, {"name": "APP", "value": "web"},
+                        {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                        {"name": "PLAIN", "value": "v"}]
+    missing = {"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "x"}}}
+    item["spec"]["containers"][0]["env"] = [missing]
+    with pytest.raises(ConfigError, match="has no key 'x'"):
+        kubelet.resolve_env(Api(), item)

@@ -25,6 +25,7 @@ units of the pods in `pods` (`step`).
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import logging
@@ -208,6 +209,7 @@ class Kubelet:
     def _admit(self, node: str, client: ApiClient, item: dict) -> None:
         meta = item["metadata"]
         try:  # list items carry no apiVersion/kind
+            item = resolve_env(client, item)
             obj = object_from_dict({**item, "apiVersion": "v1", "kind": "Pod"},
                                    f"API Pod {meta['namespace']}/{meta['name']}")
             pod = spec.pod_of(obj, self.record.desired.node_names)
@@ -366,6 +368,77 @@ class Kubelet:
                 pod.stopped = True
 
 
+def _source(client: ApiClient, namespace: str, kind: str, name: str, cache: dict) -> dict[str, str] | None:
+    """The data of ConfigMap or Secret `name` (Secrets decoded), None when it does not exist."""
+    key = (kind, name)
+    if key not in cache:
+        status, obj = client.request("GET", f"/api/v1/namespaces/{namespace}/{kind}s/{name}")
+        if status == 404:
+            cache[key] = None
+        elif status != 200 or not isinstance(obj, dict):
+            raise ApiError(f"reading {kind} {namespace}/{name}: {status}", status)
+        elif kind == "secret":
+            cache[key] = {k: base64.b64decode(v).decode(errors="replace") for k, v in (obj.get("data") or {}).items()}
+        else:
+            cache[key] = dict(obj.get("data") or {})
+    return cache[key]
+
+
+def _field(item: dict, path: str) -> str | None:
+    """Downward-API field paths beyond the lab's own: labels and annotations by key."""
+    for prefix, where in (("metadata.labels['", "labels"), ("metadata.annotations['", "annotations")):
+        if path.startswith(prefix) and path.endswith("']"):
+            return item["metadata"].get(where, {}).get(path[len(prefix):-2], "")
+    return None
+
+
+def _resolve_var(client: ApiClient, item: dict, container: str, var: dict, cache: dict) -> dict | None:
+    """One `env` entry with a ConfigMap/Secret key or a label/annotation as its value;
+    others unchanged (the lab's parser accepts or refuses them)."""
+    value_from = var.get("valueFrom") or {}
+    for kind in ("configMap", "secret"):
+        ref = value_from.get(f"{kind}KeyRef")
+        if ref is None:
+            continue
+        data = _source(client, item["metadata"]["namespace"], kind.lower(), ref.get("name", ""), cache) or {}
+        if ref.get("key") in data:
+            return {"name": var["name"], "value": data[ref["key"]]}
+        if ref.get("optional"):
+            return None
+        raise ConfigError(f"container {container} env {var.get('name')}",
+                          f"{kind} {ref.get('name')} has no key {ref.get('key')!r}")
+    path = value_from.get("fieldRef", {}).get("fieldPath", "")
+    value = _field(item, path) if path else None
+    return var if value is None else {"name": var["name"], "value": value}
+
+
+def resolve_env(client: ApiClient, item: dict) -> dict:
+    """The Pod with what kubelet resolves before a container starts written in as plain
+    values: `envFrom` and `valueFrom` of ConfigMaps and Secrets (read as the node, which
+    the Node authorizer allows for its own pods' references), labels and annotations.
+    A missing source or key is a ConfigError unless marked optional."""
+    namespace, cache = item["metadata"]["namespace"], {}
+    containers = []
+    for container in item.get("spec", {}).get("containers", []):
+        env = []
+        for source in container.get("envFrom") or []:
+            for kind in ("configMap", "secret"):
+                ref = source.get(f"{kind}Ref")
+                if ref is None:
+                    continue
+                data = _source(client, namespace, kind.lower(), ref.get("name", ""), cache)
+                if data is None and not ref.get("optional"):
+                    raise ConfigError(f"container {container.get('name')} envFrom",
+                                      f"{kind} {ref.get('name')} not found")
+                env += [{"name": source.get("prefix", "") + k, "value": v} for k, v in sorted((data or {}).items())]
+        for var in container.get("env") or []:
+            resolved = _resolve_var(client, item, container.get("name"), var, cache)
+            if resolved is not None:  # None: an optional key that is missing, so no variable
+                env.append(resolved)
+        containers.append({**container, "env": env})
+    return {**item, "spec": {**item["spec"], "containers": containers}}
+
+
 def container_argv(layout, pod: spec.PodSpec, node: str, host_network: bool, files: str,
                    command: list[str]) -> list[str]:
     """How a container (or `lab exec`) of an API pod runs: in the pod's netns (the node's
@@ -377,10 +450,11 @@ def container_argv(layout, pod: spec.PodSpec, node: str, host_network: bool, fil
     return processes.in_node(layout, node, command) if host_network else processes.in_pod(layout, pod, command)
 
 
-def exec_plan(record: LabRecord, item: dict, container: str | None,
+def exec_plan(record: LabRecord, client: ApiClient, item: dict, container: str | None,
               command: list[str]) -> tuple[list[str], dict[str, str], str]:
     """(argv, env, cgroup) to run `command` in a running API pod as its container
     `container` (default: the first) sees it: `lab exec` for the API's pods."""
+    item = resolve_env(client, item)
     meta, status = item["metadata"], item.get("status", {})
     pod = spec.pod_of(object_from_dict({**item, "apiVersion": "v1", "kind": "Pod"}, "API"),
                       record.desired.node_names)
