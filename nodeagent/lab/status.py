@@ -30,7 +30,7 @@ def collect(record: LabRecord, runtime: Runtime) -> dict:
                        "running": supervisor.is_supervisor(record.supervisor_pid, record.name)},
         "ca": _ca(record, runtime),
         "controlplane": {"server": controlplane.server(), "kubeconfig": record.layout.admin_kubeconfig,
-                         "components": runtime.controlplane} if record.kube else None,
+                         "components": runtime.controlplane, "pods": _api_pods(record)} if record.kube else None,
         "nodes": [{"name": name, "fabricIP": alloc.nodes[name].fabric_ip, "podCIDR": alloc.nodes[name].pod_cidr,
                    "agent": runtime.agents.get(name) if record.agents else None,
                    "waypoint": _waypoint(record, name) if record.agents else None}
@@ -46,6 +46,21 @@ def collect(record: LabRecord, runtime: Runtime) -> dict:
                                 for port, eps in services.endpoints(svc, desired, alloc, running).items()]}
                      for key, svc in sorted(desired.services.items())],
     }
+
+
+def _api_pods(record: LabRecord) -> list[dict] | str:
+    """The API's pods on the lab's nodes (the lab's kubelet runs them), or why not known."""
+    try:
+        items = controlplane.admin_client(record.layout).call("GET", "/api/v1/pods").get("items", [])
+    except NodeagentError as exc:
+        return f"cannot list the API's pods: {exc}"
+    return [{"namespace": p["metadata"]["namespace"], "name": p["metadata"]["name"],
+             "ip": p.get("status", {}).get("podIP", ""), "node": p["spec"].get("nodeName", ""),
+             "phase": p.get("status", {}).get("phase", ""),
+             "restarts": sum(c.get("restartCount", 0) for c in p.get("status", {}).get("containerStatuses", [])),
+             "uid": p["metadata"]["uid"]}
+            for p in sorted(items, key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"]))
+            if p["spec"].get("nodeName") in record.alloc.nodes]
 
 
 def _ca(record: LabRecord, runtime: Runtime) -> dict | None:
@@ -111,10 +126,15 @@ def render(data: dict) -> str:
         head += (f"\nMesh CA ({ca['trustDomain']}) on {ca['node']} at {ca['address']}: {_process(ca)}; "
                  f"root {ca['rootCert']}")
     cp = data.get("controlplane")
+    parts = [head, nodes, pods, svcs]
     if cp:
         head += (f"\nControl plane at {cp['server']} (kubeconfig {cp['kubeconfig']}): "
                  + ", ".join(f"{name} {_process(c)}" for name, c in cp["components"].items()))
-    return "\n\n".join([head, nodes, pods, svcs]) + "\n"
+        parts[0] = head
+        parts.append(cp["pods"] if isinstance(cp["pods"], str) else _table(
+            ["NAMESPACE", "POD (API)", "IP", "NODE", "PHASE", "RESTARTS"],
+            [[p["namespace"], p["name"], p["ip"], p["node"], p["phase"], str(p["restarts"])] for p in cp["pods"]]))
+    return "\n\n".join(parts) + "\n"
 
 
 def to_json(data: dict) -> str:

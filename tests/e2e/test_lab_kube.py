@@ -289,6 +289,10 @@ def test_a_deployment_runs_where_the_scheduler_puts_it_and_answers_by_service_na
     first, reply = inside.stdout.split("\n", 1)
     assert first == f"{pods[0]['metadata']['name']} {pods[0]['status']['podIP']}"  # lab exec into an API pod
     assert json.loads(reply)["pod"] in answered, inside
+    listed = {p["name"]: p for p in kube_lab.status()["controlplane"]["pods"] if p["namespace"] == "default"}
+    assert {n: (p["phase"], p["ip"]) for n, p in listed.items() if n.startswith("web-")} == {
+        p["metadata"]["name"]: ("Running", p["status"]["podIP"]) for p in pods}
+    assert "POD (API)" in kube_lab.run("status").stdout
     namespace = kube_lab.exec(f"default/{pods[0]['metadata']['name']}", "cat",
                               "/var/run/secrets/kubernetes.io/serviceaccount/namespace").stdout
     assert namespace == "default"  # the pod's own mounted service-account files
