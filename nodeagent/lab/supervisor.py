@@ -128,6 +128,7 @@ class Supervisor:
                 for pod in self.kubelet.pods.values():
                     for name, unit in pod.units.items():
                         self._step_unit(f"pod:{pod.key}/{name} (uid {pod.uid})", unit, now)
+                self.kubelet.observe()
 
     def _step_unit(self, key: str, unit: Unit, now: float) -> None:
         if unit.proc is not None and unit.proc.poll() is not None:

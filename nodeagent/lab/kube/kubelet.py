@@ -113,6 +113,7 @@ class Kubelet:
         self.lock = threading.Lock()
         self.pods: dict[str, KubePod] = {}  # uid -> pod
         self.refused: dict[str, tuple[str, str]] = {}  # uid -> (node, why the lab cannot run it)
+        self.failing: dict[str, tuple[str, str]] = {}  # uid -> (node, why starting it failed last time)
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
         self._said: dict[str, str] = {}
@@ -175,7 +176,12 @@ class Kubelet:
             elif meta.get("deletionTimestamp"):
                 self._finish_delete(client, meta["namespace"], meta["name"], uid)  # nothing of it runs
             elif item.get("status", {}).get("phase") not in TERMINAL:
-                self._admit(node, client, item)
+                try:
+                    self._admit(node, client, item)
+                except (ApiError, NodeagentError, OSError) as exc:  # this pod only: retried next round
+                    if self.failing.get(uid) != (node, str(exc)):
+                        self.log.warning("pod %s/%s not started yet: %s", meta["namespace"], meta["name"], exc)
+                        self.failing[uid] = (node, str(exc))
         with self.lock:
             gone = [p for p in self.pods.values() if p.node == node and p.uid not in seen and p.delete_grace is None]
         for pod in gone:  # deleted with --force: nothing waits for us
@@ -187,8 +193,9 @@ class Kubelet:
                 self._remove(client, pod, pod.uid in seen)
             elif pod.delete_grace is None:
                 self._report(client, pod)
-        for uid in [u for u, (n, _) in self.refused.items() if n == node and u not in seen]:
-            self.refused.pop(uid)
+        for known in (self.refused, self.failing):
+            for uid in [u for u, (n, _) in known.items() if n == node and (u not in seen or u in self.pods)]:
+                known.pop(uid)
 
     # --- admission and removal ---------------------------------------------------
     def _refuse(self, node: str, client: ApiClient, item: dict, why: str) -> None:
@@ -339,8 +346,8 @@ class Kubelet:
     def units(self) -> list:
         return [u for p in self.pods.values() if not p.stopped for u in p.units.values()]
 
-    def step(self, now: float) -> None:
-        """Signal the processes of pods being deleted; note start and end times."""
+    def observe(self) -> None:
+        """Note when containers started and ended (after the supervisor stepped them)."""
         wall = _now()
         for pod in self.pods.values():
             for name, unit in pod.units.items():
@@ -349,6 +356,10 @@ class Kubelet:
                     pod.finished.pop(name, None)
                 elif unit.proc is None and name in pod.started and name not in pod.finished:
                     pod.finished[name] = wall
+
+    def step(self, now: float) -> None:
+        """Signal the processes of pods being deleted (before the supervisor steps units)."""
+        for pod in self.pods.values():
             if pod.delete_grace is None or pod.stopped:
                 continue
             if pod.kill_at is None:
@@ -512,6 +523,8 @@ def _condition(kind: str, true: bool, reason: str = "", since: str | None = None
 
 def container_status(name: str, image: str, unit, started: tuple[int, str] | None, finished: str | None) -> dict:
     running = unit.proc is not None
+    if running and (started is None or started[0] != unit.proc.pid):
+        started = (unit.proc.pid, _now())  # started since the supervisor's loop last looked
     if running:
         state = {"running": {"startedAt": started[1] if started else _now()}}
     elif unit.finished:
