@@ -148,12 +148,17 @@ class HbonePool:
         source, _, addr = key
         try:
             sock = await self._tcp_connect(addr)
+            if self._closed:  # Python 3.11's wait_for can swallow the cancel close() sent as the connect completed
+                sock.close()
+                raise asyncio.CancelledError()
             try:
                 context = tls.with_alpn(self.ssl_context_for(source))
             except Exception as exc:
                 sock.close()
                 raise HandshakeFailed(addr, "no_local_identity", f"no certificate for {source}: {exc}") from None
             await self._tls(session, sock, context, addr)
+            if self._closed:  # the same, as the handshake completed: waiters get PoolClosed, not a session
+                raise asyncio.CancelledError()
         except TunnelError as err:
             self._connect_failed(session, key, err)
             raise
