@@ -173,7 +173,7 @@ def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: fl
         f"supervisor pid {record.supervisor_pid}{'' if agents else ' (no agents)'}")
     if kube:
         wait_kube(layout, desired.node_names, out, max(timeout, KUBE_TIMEOUT))
-        sync_kube_objects(layout, desired, out)
+        sync_kube_objects(layout, desired, alloc, out)
     wait_running(state, record.supervisor_pid, list(desired.pods), out, timeout)
     if agents:
         wait_agents(state, out, timeout)
@@ -193,15 +193,18 @@ def wait_kube(layout: Layout, node_names: list[str], out: Out, timeout: float) -
         raise LabError(str(exc), f"see {layout.supervisor_log}; the lab stays up") from None
 
 
-def sync_kube_objects(layout: Layout, desired: spec.DesiredState, out: Out) -> None:
-    """The file's objects the API holds (so far its namespaces): see kube/objects.py."""
+def sync_kube_objects(layout: Layout, desired: spec.DesiredState, alloc: ipam.Allocations, out: Out) -> None:
+    """The file's objects the API holds (so far its namespaces and services): see kube/objects.py."""
+    client = controlplane.admin_client(layout)
     try:
-        created = kube_objects.sync_namespaces(controlplane.admin_client(layout), desired)
+        namespaces = kube_objects.sync_namespaces(client, desired)
+        services = kube_objects.sync_services(client, desired, alloc)
     except NodeagentError as exc:
-        raise LabError(f"the file's namespaces could not be created in the API: {exc}",
+        raise LabError(f"the file's namespaces and services could not be created in the API: {exc}",
                        "the lab stays up; lab apply retries") from None
-    if created:
-        out(f"namespaces created in the API: {', '.join(created)}")
+    for kind, created in (("namespaces", namespaces), ("services", services)):
+        if created:
+            out(f"{kind} created in the API: {', '.join(created)}")
 
 
 def merge(old: list[KubeObject], new: list[KubeObject]) -> list[KubeObject]:
@@ -245,7 +248,7 @@ def apply(name: str, objects: list[KubeObject], out: Out, timeout: float) -> Non
     if supervisor.is_supervisor(old.supervisor_pid, name):
         os.kill(old.supervisor_pid, signal.SIGHUP)
     if old.kube:
-        sync_kube_objects(layout, desired, out)
+        sync_kube_objects(layout, desired, record.alloc, out)
     wait_running(state, old.supervisor_pid, [p.key for p in added], out, timeout)
     if old.agents and added:
         wait_agents(state, out, timeout)

@@ -86,6 +86,8 @@ class Supervisor:
         if stamp == self.stamp:
             return True
         self.record, self.stamp = self.state.load(), stamp
+        if self.kubelet is not None:  # it sees the file's pods and services `apply` added
+            self.kubelet.record = self.record
         wanted = self._wanted(self.record)
         for key in set(self.units) - wanted.keys():
             self.log.info("%s is no longer in the lab; stopping it", key)

@@ -45,6 +45,14 @@ kind: Namespace
 metadata: {name: apps, labels: {istio.io/dataplane-mode: ambient}}
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: apps, labels: {tier: data}}
+spec:
+  clusterIP: 10.96.0.100
+  selector: {app: db}
+  ports: [{port: 5432}]
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: idle2, namespace: apps}
 spec:
@@ -99,6 +107,15 @@ def test_the_files_namespaces_are_in_the_api(kube_lab: Lab):
     labels = {n["metadata"]["name"]: n["metadata"].get("labels", {}) for n in items}
     assert {"default", "apps", "kube-system", "kube-node-lease"} <= set(labels)
     assert labels["apps"]["istio.io/dataplane-mode"] == "ambient"
+
+
+def test_the_files_services_hold_their_cluster_ips_in_the_api(kube_lab: Lab):
+    svc = json.loads(kubectl(kube_lab, "get", "service", "db", "-n", "apps", "-o", "json").stdout)
+    assert (svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["port"]) == ("10.96.0.100", 5432)
+    assert svc["metadata"]["labels"] == {"tier": "data"}
+    taken = kubectl(kube_lab, "create", "service", "clusterip", "thief", "-n", "apps", "--tcp=80:80",
+                    "--clusterip=10.96.0.100", check=False)
+    assert taken.returncode != 0 and "already allocated" in taken.stderr, taken.stderr
 
 
 def test_leases_are_renewed(kube_lab: Lab):

@@ -229,6 +229,7 @@ def test_api_services_become_rules_with_the_ready_endpoints_at_the_slice_port():
         services.Rule("shop/web", "10.96.7.7", 9090, "TCP", (services.Endpoint("10.244.1.2", 9100),
                                                              services.Endpoint("10.244.2.3", 9100))))
     assert proxy.names(svcs) == (dns.Name("shop", "web", "10.96.7.7"),)
+    assert proxy.rules(svcs, slices, {"shop/web"}) == () and proxy.names(svcs, {"shop/web"}) == ()  # the file's
     assert proxy.rules(svcs, []) == (services.Rule("shop/web", "10.96.7.7", 80, "TCP", ()),
                                      services.Rule("shop/web", "10.96.7.7", 9090, "TCP", ()))
 
@@ -322,3 +323,27 @@ def test_env_from_configmaps_secrets_and_labels_is_resolved_as_kubelet_does():
     item["spec"]["containers"][0]["env"] = [missing]
     with pytest.raises(ConfigError, match="has no key 'x'"):
         kubelet.resolve_env(Api(), item)
+
+
+def test_the_files_services_are_created_at_their_lab_cluster_ips():
+    class Api:
+        def __init__(self):
+            self.posted = []
+
+        def request(self, method, path, body=None, content_type="application/json"):
+            self.posted.append((path, body))
+            return (409, {}) if body["metadata"]["name"] == "old" else (201, body)
+
+    docs = [{"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "db", "namespace": "shop", "labels": {"t": "d"}},
+             "spec": {"selector": {"app": "db"}, "ports": [{"port": 5432}], "clusterIP": "10.96.0.100"}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "old", "namespace": "shop"},
+             "spec": {"ports": [{"port": 80}]}}]
+    desired = spec.load([object_from_dict(d, "t") for d in docs])
+    alloc = Allocations(services={"shop/db": "10.96.0.100", "shop/old": "10.96.0.10"})
+    api = Api()
+    assert kube_objects.sync_services(api, desired, alloc) == ["shop/db"]
+    assert api.posted[0] == ("/api/v1/namespaces/shop/services", {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "labels": {"t": "d"}, "namespace": "shop"},
+        "spec": {"selector": {"app": "db"}, "ports": [{"port": 5432}], "clusterIP": "10.96.0.100",
+                 "clusterIPs": ["10.96.0.100"]}})

@@ -141,7 +141,9 @@ class Kubelet:
             try:
                 svcs, slices = proxy.fetch(self.proxy_client)
                 with self.lock:
-                    self.api_rules, self.api_names = proxy.rules(svcs, slices), proxy.names(svcs)
+                    files = set(self.record.desired.services)  # the lab serves those itself
+                    self.api_rules = proxy.rules(svcs, slices, files)
+                    self.api_names = proxy.names(svcs, files)
             except ApiError as exc:
                 if self._said.get("proxy") != str(exc):
                     self.log.warning("kube-proxy: %s (retrying)", exc)
@@ -282,11 +284,14 @@ class Kubelet:
         return directory
 
     def _free_ip(self, node: str) -> str:
+        """The highest free address of the node's CIDR: the lab's IPAM gives the file's
+        pods (also those `lab apply` adds later) the lowest, so the two never meet until
+        the range is full."""
         cidr = ipaddress.IPv4Network(self.record.alloc.nodes[node].pod_cidr)
         used = {a.ip for a in self.record.alloc.pods.values()}
         with self.lock:
             used |= {p.ip for p in self.pods.values()}
-        for host in list(cidr.hosts())[FIRST_POD_HOST - 1:]:
+        for host in reversed(list(cidr.hosts())[FIRST_POD_HOST - 1:]):
             if str(host) not in used:
                 return str(host)
         raise NodeagentError(f"node {node}'s pod CIDR {cidr} is full")

@@ -5,7 +5,8 @@ by the API server's default RBAC): every ClusterIP Service and its EndpointSlice
 the real EndpointSlice controller) become `services.Rule`s — ClusterIP:port to the ready
 endpoints at the slice's port of the same name — which the supervisor loads into every
 node's table beside the file's services, and `dns.Name`s for every pod's hosts file.
-`default/kubernetes` is left out: the lab serves it already (controlplane.service_rules).
+`default/kubernetes` and the file's Services (created in the API with the lab's
+ClusterIPs, kube/objects.py) are left out: the lab serves them already.
 Pure but for `fetch`.
 """
 
@@ -25,12 +26,13 @@ def fetch(client: ApiClient) -> tuple[list[dict], list[dict]]:
     return svcs, slices
 
 
-def _cluster_services(svcs: list[dict]) -> list[dict]:
+def _cluster_services(svcs: list[dict], skip: set[str]) -> list[dict]:
     out = []
     for svc in svcs:
         meta, spec = svc["metadata"], svc.get("spec", {})
         ip = spec.get("clusterIP")
-        if (meta["namespace"], meta["name"]) in SKIP or not ip or ip == "None" or ":" in ip:
+        if (meta["namespace"], meta["name"]) in SKIP or f"{meta['namespace']}/{meta['name']}" in skip \
+                or not ip or ip == "None" or ":" in ip:
             continue
         if spec.get("type", "ClusterIP") not in ("ClusterIP", "NodePort", "LoadBalancer"):
             continue
@@ -38,15 +40,16 @@ def _cluster_services(svcs: list[dict]) -> list[dict]:
     return out
 
 
-def rules(svcs: list[dict], slices: list[dict]) -> tuple[services.Rule, ...]:
-    """The lab's service rules for the API's Services, sorted for a stable table."""
+def rules(svcs: list[dict], slices: list[dict], skip: set[str] = frozenset()) -> tuple[services.Rule, ...]:
+    """The lab's service rules for the API's Services but those in `skip` ("ns/name":
+    the file's, which the lab serves from its own pods), sorted for a stable table."""
     by_service: dict[tuple[str, str], list[dict]] = {}
     for s in slices:
         name = s["metadata"].get("labels", {}).get(SERVICE_LABEL)
         if name and s.get("addressType", "IPv4") == "IPv4":
             by_service.setdefault((s["metadata"]["namespace"], name), []).append(s)
     out = []
-    for svc in _cluster_services(svcs):
+    for svc in _cluster_services(svcs, skip):
         ns, name = svc["metadata"]["namespace"], svc["metadata"]["name"]
         for port in svc["spec"].get("ports", []):
             protocol = port.get("protocol", "TCP")
@@ -64,6 +67,6 @@ def rules(svcs: list[dict], slices: list[dict]) -> tuple[services.Rule, ...]:
     return tuple(sorted(out, key=lambda r: (r.service, r.protocol, r.port)))
 
 
-def names(svcs: list[dict]) -> tuple[dns.Name, ...]:
+def names(svcs: list[dict], skip: set[str] = frozenset()) -> tuple[dns.Name, ...]:
     return tuple(sorted((dns.Name(s["metadata"]["namespace"], s["metadata"]["name"], s["spec"]["clusterIP"])
-                         for s in _cluster_services(svcs)), key=lambda n: (n.namespace, n.name)))
+                         for s in _cluster_services(svcs, skip)), key=lambda n: (n.namespace, n.name)))
