@@ -1,14 +1,17 @@
 """Lab files → a typed desired state, validated as a whole before anything is made.
 
-The lab runs `v1` Node, Namespace, Pod, Service and `apps/v1` Deployment; any other
-kind of those two groups is an error (the lab would silently not run it), while kinds
-of other groups (Istio resources, CRDs…) are kept unchanged for the agents. Every error
+The lab runs `v1` Node, Namespace, Pod, Service and `apps/v1` Deployment and holds `v1`
+ConfigMap, Secret and ServiceAccount (data, in the API with `--kube`); any other kind of
+those two groups is an error (the lab would silently not run it), while kinds of other
+groups (Istio resources, RBAC, CRDs…) are kept unchanged for the agents. Every error
 is a ConfigError naming `file#doc (Kind ns/name) field`, what is wrong and what to do.
 Pure: no kernel, no filesystem (`check_commands` takes the lookup function).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import re
 from dataclasses import dataclass, field
@@ -19,7 +22,8 @@ from nodeagent.kube.objects import DNS_LABEL, KubeObject, object_from_dict, stri
 from nodeagent.model import Model, ServicePort
 
 LAB_GROUPS = ("", "apps")
-LAB_KINDS = {"Node": "v1", "Namespace": "v1", "Pod": "v1", "Service": "v1", "Deployment": "apps/v1"}
+LAB_KINDS = {"Node": "v1", "Namespace": "v1", "Pod": "v1", "Service": "v1", "Deployment": "apps/v1",
+             "ConfigMap": "v1", "Secret": "v1", "ServiceAccount": "v1"}
 DEFAULT_NODES = ("node1", "node2")
 DEFAULT_NAMESPACE = "default"
 RESTART_POLICIES = ("Always", "OnFailure", "Never")
@@ -149,7 +153,8 @@ def _check_kind(obj: KubeObject) -> None:
     wanted = LAB_KINDS.get(obj.kind)
     if wanted is None:
         raise ConfigError(_where(obj), f"the lab does not run {obj.api_version} {obj.kind}",
-                          "the lab runs v1 Node, Namespace, Pod, Service and apps/v1 Deployment")
+                          "the lab runs v1 Node, Namespace, Pod, Service and apps/v1 Deployment, and holds "
+                          "v1 ConfigMap, Secret and ServiceAccount")
     if obj.api_version != wanted:
         raise ConfigError(_where(obj, "apiVersion"), f"{obj.kind} must be {wanted}, not {obj.api_version}")
 
@@ -295,6 +300,21 @@ def _service(obj: KubeObject) -> ServiceSpec:
     return ServiceSpec(obj.namespace, obj.name, svc.cluster_ip, svc.ports, svc.selector, obj.source)
 
 
+def _data(obj: KubeObject) -> None:
+    """A ConfigMap's or Secret's maps: strings, base64 where the API stores bytes."""
+    encoded = {"ConfigMap": ("binaryData",), "Secret": ("data",)}[obj.kind]
+    plain = {"ConfigMap": ("data",), "Secret": ("stringData",)}[obj.kind]
+    for name in plain + encoded:
+        values = string_map(obj.body.get(name), _where(obj), name)
+        for key, value in values.items() if name in encoded else ():
+            try:
+                base64.b64decode(value, validate=True)
+            except (ValueError, binascii.Error):
+                raise ConfigError(_where(obj, f"{name}[{key!r}]"), "is not base64",
+                                  f"encode it (base64 -w0), or put the text in "
+                                  f"{'stringData' if obj.kind == 'Secret' else 'data'}") from None
+
+
 def default_nodes() -> list[KubeObject]:
     return [object_from_dict({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}}, "(default node)")
             for n in DEFAULT_NODES]
@@ -331,6 +351,8 @@ def load(objects: list[KubeObject]) -> DesiredState:
             namespaces[obj.name] = obj
         elif obj.kind == "Service":
             services[f"{obj.namespace}/{obj.name}"] = _service(obj)
+        elif obj.kind in ("ConfigMap", "Secret"):
+            _data(obj)
         elif obj.kind in ("Pod", "Deployment"):
             made = [_pod(obj, names)] if obj.kind == "Pod" else _deployment_pods(obj, names)
             for pod in made:

@@ -129,9 +129,15 @@ spec:
 
 BAD = [
     ("not: [valid", "lab.yaml:10: malformed YAML"),
-    ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\n",
-     "lab.yaml#3 (ConfigMap default/cm): the lab does not run v1 ConfigMap (the lab runs v1 Node, "
-     "Namespace, Pod, Service and apps/v1 Deployment)"),
+    ("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: pvc}\n",
+     "lab.yaml#3 (PersistentVolumeClaim default/pvc): the lab does not run v1 PersistentVolumeClaim (the lab "
+     "runs v1 Node, Namespace, Pod, Service and apps/v1 Deployment, and holds v1 ConfigMap, Secret and "
+     "ServiceAccount)"),
+    ("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {password: not base64!}\n",
+     "lab.yaml#3 (Secret default/s) data['password']: is not base64 (encode it (base64 -w0), or put the "
+     "text in stringData)"),
+    ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\ndata: {replicas: 3}\n",
+     "lab.yaml#3 (ConfigMap default/cm): data['replicas'] must be a string, not int 3"),
     ("apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: s}\n",
      "lab.yaml#3 (StatefulSet default/s): the lab does not run apps/v1 StatefulSet"),
     ("apiVersion: apps/v1beta1\nkind: Deployment\nmetadata: {name: d}\n",
