@@ -68,6 +68,7 @@ class AgentConfig:
     waypoint_dir: Path
     envoy_admin_port: int
     data_path_engine: str  # who moves the bytes of relayed socket pairs: auto, native or python
+    same_node_fast_path: bool  # meshed pod to meshed pod of this node: admitted and joined here, no HBONE
 
     @property
     def admin_port(self) -> int:
@@ -228,6 +229,11 @@ SETTINGS: tuple[Setting, ...] = (
             "thread), python (asyncio), or auto (native when scripts/setup built it, else python); HBONE "
             "streams stay in Python either way. nodeagent status says which is in use and why",
             "|".join(ENGINES)),
+    Setting("same_node_fast_path", parse_bool, "true",
+            "a connection from a meshed pod to a meshed pod of this same node skips HBONE: the agent admits it "
+            "as the destination would (PeerAuthentication, AuthorizationPolicy with the source's identity), "
+            "reports it from both ends as over HBONE and joins the two sockets itself; "
+            "--no-same-node-fast-path sends it through HBONE", boolean=True),
 )
 
 

@@ -6,6 +6,9 @@ in-pod listeners, and what those handlers read.
 - inbound plaintext (15006): PeerAuthentication and AuthorizationPolicy, then delivery;
 - tunnel (15008): the HBONE server (tunnel_inbound), policy with the peer's identity,
   then the same delivery;
+- same node (samenode, setting same_node_fast_path): outbound to a meshed pod of this
+  node is admitted as the HBONE server would, delivered with the same Delivery and
+  joined, with no HBONE;
 - delivered connections are re-checked (admission.InboundConnections) after every
   policy update and every change of the waypoint's steering.
 They share the policies in force (policies.PolicyState), the workload identities
@@ -37,6 +40,7 @@ from nodeagent.agent.waypoint.jwks import JwksFetcher, jwks_uris, mesh_addresses
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
 from nodeagent.agent.proxy.policies import PolicyState
+from nodeagent.agent.proxy.samenode import SameNodeRoute
 from nodeagent.agent.proxy.splice import Splicer
 from nodeagent.agent.proxy.steering import NoWaypoint
 from nodeagent.agent.proxy.telemetry import FlowLog, Telemetry, TrafficMetrics
@@ -87,9 +91,12 @@ class DataPath:
         tunnel_metrics = TunnelMetrics(registry)
         self.hbone = HboneRoute(self.identities, tunnel_metrics, log.getChild("hbone"), mark=c.mark,
                                 port=c.tunnel_port)
-        self.outbound = OutboundRelay(inputs, capture, log.getChild("outbound"),
-                                      passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone)
         delivery = Delivery(c.delivery_mark, CONNECT_TIMEOUT)
+        self.same_node = SameNodeRoute(inputs, delivery, registry, log.getChild("samenode")) \
+            if c.same_node_fast_path else None
+        self.outbound = OutboundRelay(inputs, capture, log.getChild("outbound"),
+                                      passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone,
+                                      same_node=self.same_node)
         self.inbound = InboundRelay(inputs, log.getChild("inbound"), delivery=delivery)
         self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"))
         self._releases: set[asyncio.Task] = set()
@@ -150,9 +157,20 @@ class DataPath:
         return {"identity": self.identities.describe(), "policy": self.policies.describe(),
                 "tunnel": {"pooled_connections": self.hbone.connections(),
                            "inbound_connections": len(self.tunnel.server.sessions)},
-                "delivered_connections": len(self.connections), "data_path": self.splicer.describe(),
+                "delivered_connections": len(self.connections), "data_path": self._data_path(),
                 "waypoint": {**self.waypoint.describe(), "jwks": self.jwks.describe()}
                 if self.waypoint is not None else None}
+
+    def _data_path(self) -> dict:
+        """The engine (splice.Splicer) and the same-node fast path; the summary line says both."""
+        data_path = self.splicer.describe()
+        if self.same_node is None:
+            same_node, line = {"enabled": False}, "off (same_node_fast_path=false: HBONE)"
+        else:
+            same_node = self.same_node.describe()
+            line = f"on, joined by {same_node['join']}"
+        return {**data_path, "same_node": same_node,
+                "summary": f"{data_path['summary']}; same-node fast path {line}"}
 
     async def close(self) -> None:
         for task in list(self._releases):

@@ -427,7 +427,9 @@ def meshed(tmp_path, cluster, pods, monkeypatch, mesh_ca):
     pods.start(SLEEP, cookie=501)
     pods.start(HTTPBIN, cookie=502)
     write_pods(cluster, SLEEP, HTTPBIN)
-    return agent(tmp_path, cluster, pods, **mesh_ca.settings)
+    # These tests are about HBONE between this node's pods: the same-node fast path
+    # (on by default) would skip it; it has its own tests (test_samenode.py).
+    return agent(tmp_path, cluster, pods, same_node_fast_path=False, **mesh_ca.settings)
 
 
 async def dial_out(node: RunningAgent, dst: tuple[str, int]):

@@ -16,6 +16,7 @@ from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.proxy.admission import DENY, Delivered, describe
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import relay
+from nodeagent.agent.proxy.splice import SpliceResult
 from nodeagent.agent.proxy.steering import WaypointHandle
 from nodeagent.agent.proxy.telemetry import DESTINATION, Flow, Peer
 from nodeagent.errors import NodeagentError
@@ -72,11 +73,12 @@ def _peer_of_principal(principal: str) -> Peer:
 
 
 async def relay_delivered(inputs: ProxyInputs, flow: Flow, entry: Delivered, client,
-                          upstream: socket.socket) -> None:
+                          upstream: socket.socket) -> SpliceResult:
     """Relay a connection the agent sent on (to the app, or to the waypoint), tracked
     (`entry`, from `connections.delivering`, entered before the upstream connect so
     no re-check misses it) for re-checks, then close its report: with DENY when a
-    policy change revoked it. One revoked while connecting is reset as it starts."""
+    policy change revoked it. One revoked while connecting is reset as it starts.
+    Returns the relay's result (the same-node fast path reports the source's end too)."""
     result = await relay(inputs, "inbound", client, upstream, entry.abort)
     received, sent, revoked, telemetry = result.a_to_b, result.b_to_a, entry.revoked, inputs.telemetry
     if revoked is None:
@@ -85,6 +87,7 @@ async def relay_delivered(inputs: ProxyInputs, flow: Flow, entry: Delivered, cli
         telemetry.denied(flow, revoked.policy, describe(revoked, entry), received=received, sent=sent)
     else:
         telemetry.close(flow, received=received, sent=sent, reason=describe(revoked, entry))
+    return result
 
 
 async def open_inbound(waypoint: WaypointHandle, src: Address, dst: Address, principal: str | None):

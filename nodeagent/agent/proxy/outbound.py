@@ -4,8 +4,9 @@ in-pod listener (127.0.0.1:15001 / [::1]:15001).
 For each accepted connection: recover the original destination from the capture maps
 (keyed by the pod's netns cookie and the client port), decide where it goes
 (destinations.resolve: a Service is load-balanced here, at the source), then reach it
-over HBONE when the endpoint is a meshed pod (tunnel_outbound.py), else as plain TCP
-from the pod's own netns (`Passthrough`), and splice. Every connection is reported with
+over HBONE when the endpoint is a meshed pod (tunnel_outbound.py) — or, when it is a
+meshed pod of this node and the fast path is on, joined here with no HBONE
+(samenode.py) — else as plain TCP from the pod's own netns (`Passthrough`), and splice. Every connection is reported with
 `reporter="source"`; a failure resets the client and is counted with its reason.
 """
 
@@ -21,6 +22,7 @@ from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.proxy.destinations import NoEndpoint, RoundRobin, Target, resolve
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import Relay, connect_failure_reason, relay
+from nodeagent.agent.proxy.samenode import SameNodeRoute
 from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer
 from nodeagent.errors import NodeagentError
 from nodeagent.identity.errors import IdentityUnavailable
@@ -59,13 +61,15 @@ class Passthrough:
 class OutboundRelay(Relay):
     direction = "outbound"
 
-    def __init__(self, inputs: ProxyInputs, capture, log: logging.Logger, *, passthrough: Route, hbone: Route):
+    def __init__(self, inputs: ProxyInputs, capture, log: logging.Logger, *, passthrough: Route, hbone: Route,
+                 same_node: SameNodeRoute | None = None):
         super().__init__(inputs, log)
         self.capture = capture
         self.identities = inputs.identities
         self.telemetry = inputs.telemetry
         self.passthrough = passthrough
         self.hbone = hbone
+        self.same_node = same_node  # None: the same-node fast path is off (setting same_node_fast_path)
         self.balancer = RoundRobin()
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
@@ -136,6 +140,8 @@ class OutboundRelay(Relay):
 
     async def _relay(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address,
                      target: Target) -> None:
+        if self.same_node is not None and await self.same_node.relay(ctx, client, src, dst, target):
+            return
         route, flow = self._route(ctx, src, dst, target)
         try:
             if route is self.hbone:

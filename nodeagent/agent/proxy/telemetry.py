@@ -9,7 +9,8 @@ reported by the source agent (`reporter="source"`, outbound) or the destination 
 done, `DENY` refused by policy, `CONNECT` no upstream), adds the bytes (received = from
 the client, sent = back to it, as Istio counts them) and writes one JSON line to the
 flow log. Unknown values are "unknown", as in Istio. Registry, clocks and the flow-log
-stream are handed in.
+stream are handed in. A connection the same-node fast path took (samenode.py) is
+reported exactly as over HBONE by both ends; its flow lines say `"same_node": true`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Flow:
     service: Service | None = None
     security: str = PLAINTEXT
     upstream: Address | None = None  # where the agent connected (endpoint, or pod:15008 for HBONE)
+    same_node: bool = False  # taken by the same-node fast path (samenode.py): flow log `same_node`
     started: float = 0.0  # monotonic
     opened_at: float = 0.0  # wall clock
     closed: bool = field(default=False, repr=False)
@@ -198,6 +200,7 @@ class Telemetry:
             "security": flow.security, "bytes_received": received, "bytes_sent": sent,
             "duration_ms": round((self.clock() - flow.started) * 1000, 3),
             "verdict": verdict, "response_flags": flags, "reason": reason,
+            **({"same_node": True} if flow.same_node else {}),
         }
 
 

@@ -1,0 +1,227 @@
+"""The same-node fast path (agent/proxy/samenode.py, issue 11) on the loopback node of
+relay_world.py: an outbound connection from the meshed client pod to the meshed server
+pod of the same node is admitted as the HBONE server would admit it, delivered as the
+client and joined with no HBONE, reported by both ends exactly as over HBONE (plus
+`same_node` in the flow lines); a DENY is refused as a 403 would be; a policy change
+revokes it; a port behind the waypoint, and the setting off, go over HBONE. Every case
+runs on the Python and the native engine."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+import pytest
+
+from engines import engine_fixture
+from identity_fixtures import run, until
+from nodeagent.agent import config
+from nodeagent.agent.proxy.inputs import ProxyInputs
+from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
+from nodeagent.agent.proxy.samenode import SameNodeRoute
+from policy_world import document
+from relay_world import CLIENT, DELIVERY_MARK, LOG, MARK, SERVER, SERVICE, TIMEOUT, World, ended, listening, principal
+
+SLEEP, HTTPBIN = principal("mesh", "sleep"), principal("mesh", "httpbin")
+PAYLOAD = os.urandom((1 << 20) + 7)  # both ways: the app echoes it after its greeting line
+DENY_SLEEP = document("AuthorizationPolicy", "mesh", "deny-sleep", """
+action: DENY
+rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/sleep]}}]}]
+""")
+
+engine = engine_fixture(("python", "native"))
+
+
+@pytest.fixture
+def node(tmp_path, monkeypatch, engine):
+    """node(body) runs `async body(world, route)` on a World whose client pod's outbound
+    listener goes to an OutboundRelay with the same-node fast path (`route`), as
+    datapath.DataPath wires it with same_node_fast_path on."""
+    def on_node(body, fast_path: bool = True):
+        async def main():
+            async with World(tmp_path, monkeypatch, engine=engine) as world:
+                route = fast(world) if fast_path else None
+                await body(world, route)
+        run(main())
+    return on_node
+
+
+def fast(w: World) -> SameNodeRoute:
+    inputs = ProxyInputs(model=lambda: w.model, pod_at=w.enrolled.get, policies=w.policies, identities=w.identities,
+                         telemetry=w.telemetry, connections=w.connections, waypoint=w.envoy, metrics=w.metrics,
+                         agent_ports=w.agent_ports, splicer=w.splicer)
+    route = SameNodeRoute(inputs, w.delivery, w.registry, LOG)
+    relay = OutboundRelay(inputs, w.capture, LOG, passthrough=Passthrough(MARK, TIMEOUT), hbone=w.hbone,
+                          same_node=route)
+    w.outbound_listener = listening("127.0.0.1")  # dial_out connects here from now on
+    w._listen(w.outbound_listener, w.enrolled[CLIENT], "outbound", relay.handle)
+    return route
+
+
+async def certificates(w: World) -> None:
+    """Both pods' certificates at hand, as the agent's prefetch has them before traffic."""
+    for ip in (CLIENT, SERVER):
+        await w.identities.ready(w.identities.of(w.model.pod_by_ip(ip)))
+
+
+async def round_trip(w: World, payload: bytes) -> tuple[str, bytes]:
+    """Through the fast path to the app: `payload` sent and half-closed; the app's
+    greeting line and everything it sent back until its FIN."""
+    reader, writer = await w.dial_out(SERVICE)
+    writer.write(payload)
+    await writer.drain()
+    writer.write_eof()
+    greeting = (await reader.readline()).decode().strip()
+    back = await reader.read()  # to EOF: the app's FIN came through
+    writer.close()
+    return greeting, back
+
+
+def test_an_allowed_connection_is_joined_with_no_hbone_and_reported_by_both_ends(node):
+    async def body(w: World, route: SameNodeRoute):
+        await w.app.start()
+        await certificates(w)
+        greeting, back = await round_trip(w, PAYLOAD)
+        assert greeting.startswith(CLIENT + ":")  # the app saw the client pod's address
+        assert hashlib.sha256(back).digest() == hashlib.sha256(PAYLOAD).digest() and len(back) == len(PAYLOAD)
+        await w.settled(flows=2)
+        assert route.counts == {"relayed": 1, "denied": 0, "failed": 0, "waypoint": 0}
+        assert w.value("nodeagent_same_node_connections_total", outcome="relayed") == 1
+        assert w.sockets.asked == [("transparent", w.enrolled[SERVER].netns_fd, DELIVERY_MARK, CLIENT)]  # no HBONE
+        assert w.value("nodeagent_hbone_streams_opened_total", direction="outbound") == 0
+        assert w.failures() == {}
+        assert (w.value("nodeagent_outbound_connections_total"), w.value("nodeagent_inbound_connections_total"),
+                w.value("nodeagent_passthrough_connections_total")) == (1, 1, 0)
+        sent = len(greeting) + 1 + len(PAYLOAD)  # back to the client: the greeting line, then the echo
+        for direction in ("outbound", "inbound"):
+            assert w.value("nodeagent_relayed_bytes_total", direction=direction, flow="sent") == len(PAYLOAD)
+            assert w.value("nodeagent_relayed_bytes_total", direction=direction, flow="received") == sent
+        labels = {"source_workload": "sleep", "source_principal": SLEEP, "destination_workload": "httpbin",
+                  "destination_principal": HTTPBIN, "destination_service": "httpbin.mesh.svc.cluster.local",
+                  "connection_security_policy": "mutual_tls", "response_flags": "-"}
+        for reporter in ("source", "destination"):
+            istio = {**labels, "reporter": reporter, "source_workload_namespace": "mesh",
+                     "destination_workload_namespace": "mesh"}
+            assert (w.value("istio_tcp_connections_opened_total", **istio),
+                    w.value("istio_tcp_connections_closed_total", **istio),
+                    w.value("istio_tcp_received_bytes_total", **istio),
+                    w.value("istio_tcp_sent_bytes_total", **istio)) == (1, 1, len(PAYLOAD), sent), reporter
+        app = f"{SERVER}:{w.app.address[1]}"
+        flows = {f["reporter"]: f for f in w.flows()}
+        assert {r: (f["src"]["principal"], f["dst"]["principal"], f["security"], f["bytes_received"],
+                    f["bytes_sent"], f["verdict"], f["upstream"], f.get("same_node")) for r, f in flows.items()} == {
+            r: (SLEEP, HTTPBIN, "mutual_tls", len(PAYLOAD), sent, "allowed", app, True)
+            for r in ("source", "destination")}
+        assert (flows["source"]["dst"]["addr"], flows["destination"]["dst"]["addr"]) == ("10.96.0.10:80", app)
+    node(body)
+
+
+def test_a_denied_connection_is_refused_as_a_403_and_counted_once(node):
+    async def body(w: World, route: SameNodeRoute):
+        await w.app.start()
+        await certificates(w)
+        w.apply(DENY_SLEEP)
+        reader, writer = await w.dial_out(SERVICE)
+        assert await ended(reader) == "reset"
+        writer.close()
+        await w.settled(flows=2)
+        assert w.app.peers == [] and route.counts["denied"] == 1
+        assert w.value("nodeagent_policy_denials_total", policy="mesh/deny-sleep") == 1
+        assert w.failures() == {("outbound", "hbone_status_403"): 1}  # as over HBONE
+        assert w.value("nodeagent_hbone_streams_opened_total", direction="outbound") == 0
+        flows = {f["reporter"]: f for f in w.flows()}
+        assert (flows["destination"]["verdict"], flows["destination"]["response_flags"],
+                flows["destination"]["bytes_received"], flows["destination"]["same_node"]) == ("denied", "DENY", 0, True)
+        assert (flows["source"]["verdict"], flows["source"]["response_flags"]) == ("failed", "CONNECT")
+        assert w.value("istio_tcp_connections_closed_total", reporter="destination", source_workload="sleep",
+                       source_workload_namespace="mesh", source_principal=SLEEP, destination_workload="httpbin",
+                       destination_workload_namespace="mesh", destination_service="httpbin.mesh.svc.cluster.local",
+                       destination_principal=HTTPBIN, connection_security_policy="mutual_tls",
+                       response_flags="DENY") == 1
+    node(body)
+
+
+def test_strict_peer_authentication_still_admits_it(node):
+    async def body(w: World, route: SameNodeRoute):
+        await w.app.start()
+        await certificates(w)
+        w.apply(document("PeerAuthentication", "mesh", "strict", "mtls: {mode: STRICT}"))
+        greeting, back = await round_trip(w, b"ping\n")
+        assert back == b"ping\n" and route.counts["relayed"] == 1
+    node(body)
+
+
+def test_a_policy_change_revokes_an_established_fast_path_connection(node):
+    async def body(w: World, route: SameNodeRoute):
+        await w.app.start()
+        await certificates(w)
+        reader, writer = await w.dial_out(SERVICE)
+        greeting = await reader.readline()
+        writer.write(b"hello\n")
+        assert await reader.readline() == b"hello\n"
+        w.apply(DENY_SLEEP)
+        assert w.connections.recheck() == 1
+        assert await ended(reader) == "reset"
+        writer.close()
+        await w.settled(flows=2)
+        assert w.value("nodeagent_inbound_connections_revoked_total", reason="deny") == 1
+        flows = {f["reporter"]: f for f in w.flows()}
+        assert (flows["destination"]["verdict"], flows["destination"]["response_flags"],
+                flows["destination"]["bytes_received"], flows["destination"]["bytes_sent"]) == (
+            "denied", "DENY", len(b"hello\n"), len(greeting) + len(b"hello\n"))
+        assert (flows["source"]["bytes_received"], flows["source"]["bytes_sent"]) == (
+            len(b"hello\n"), len(greeting) + len(b"hello\n"))
+    node(body)
+
+
+def test_an_app_not_listening_fails_as_a_503_would(node):
+    async def body(w: World, route: SameNodeRoute):
+        await certificates(w)
+        w.app.listener.close()  # nothing listens on the app's port any more
+        reader, writer = await w.dial_out(SERVICE)
+        assert await ended(reader) == "reset"
+        writer.close()
+        await w.settled(flows=2)
+        assert w.failures() == {("outbound", "hbone_status_503"): 1, ("inbound", "connect_refused"): 1}
+        assert route.counts["failed"] == 1
+        assert {f["reporter"]: f["response_flags"] for f in w.flows()} == {"source": "CONNECT",
+                                                                            "destination": "CONNECT"}
+    node(body)
+
+
+@pytest.mark.parametrize("why", ["waypoint", "setting off"])
+def test_a_port_behind_the_waypoint_and_the_setting_off_go_over_hbone(node, why):
+    async def body(w: World, route: SameNodeRoute | None):
+        await w.app.start()
+        await certificates(w)
+        if why == "waypoint":
+            w.envoy_acks(inbound={w.app.address: "chain-1"})
+        reader, writer = await w.dial_out(SERVICE)
+        if why == "waypoint":  # the HBONE server hands it to Envoy: our stand-in holds it
+            await until_accepted(w)
+            writer.close()
+            assert route.counts == {"relayed": 0, "denied": 0, "failed": 0, "waypoint": 1}
+        else:
+            assert (await reader.readline()).startswith(CLIENT.encode())
+            writer.write_eof()
+            assert await ended(reader) == "eof"
+            writer.close()
+            await w.settled(flows=2)
+            assert all("same_node" not in f for f in w.flows())
+        await until(lambda: w.value("nodeagent_hbone_streams_opened_total", direction="outbound") == 1, 5,
+                    "the HBONE stream opened")
+    node(body, fast_path=why != "setting off")
+
+
+async def until_accepted(w: World) -> None:
+    await until(lambda: len(w.envoy.accepted) == 1, 5, "the HBONE server handed the stream to the waypoint")
+
+
+def test_the_setting_is_on_by_default_and_can_be_turned_off(tmp_path):
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cg").mkdir()
+    base = {"node": "node-1", "source": f"files:{tmp_path / 'cluster'}", "cgroup": str(tmp_path / "cg")}
+    assert config.load(base, {}).same_node_fast_path is True
+    assert config.load(base, {"NODEAGENT_SAME_NODE_FAST_PATH": "false"}).same_node_fast_path is False
+    assert config.load({**base, "same_node_fast_path": False}, {}).same_node_fast_path is False
