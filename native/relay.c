@@ -149,6 +149,18 @@ static int stream_socket(int fd)
 
 /* ---- engine life ---------------------------------------------------------------------- */
 
+/* The per-slot arrays sized by max_relays: freed by na_engine_new's failure path (some
+ * may be NULL there) and by na_engine_free, so a new array is added in one place. */
+static void free_arrays(struct na_engine *e)
+{
+    free(e->slots);
+    free(e->gens);
+    free(e->free_slots);
+    free(e->aborts);
+    free(e->abort_queued);
+    free(e->ends);
+}
+
 int na_engine_new(const struct na_config *config, struct na_engine **out)
 {
     if (config->max_relays < 1 || config->max_relays > (1u << 20) || config->pipe_size < 4096 ||
@@ -213,12 +225,7 @@ fail:
         close(e->wakefd);
     if (e->notifyfd >= 0)
         close(e->notifyfd);
-    free(e->slots);
-    free(e->gens);
-    free(e->free_slots);
-    free(e->aborts);
-    free(e->abort_queued);
-    free(e->ends);
+    free_arrays(e);
     free(e);
     return err;
 }
@@ -254,12 +261,7 @@ void na_engine_free(struct na_engine *e)
     close(e->wakefd);
     close(e->notifyfd);
     pthread_mutex_destroy(&e->lock);
-    free(e->slots);
-    free(e->gens);
-    free(e->free_slots);
-    free(e->aborts);
-    free(e->abort_queued);
-    free(e->ends);
+    free_arrays(e);
     free(e);
 }
 
