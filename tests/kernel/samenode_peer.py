@@ -1,0 +1,80 @@
+"""Both ends of a known exchange for the same-node fast path test (test_same_node.py),
+run inside sandbox pods: stdlib only, one JSON line per connection on stdout.
+
+  python samenode_peer.py serve PORT DOWN
+      Per connection: read to EOF (the client's half-close), then send DOWN bytes of the
+      known pattern and close. Prints {"peer", "received", "sha256"}.
+  python samenode_peer.py send HOST:PORT UP
+      Connect, send UP bytes of the known pattern, half-close, read to EOF. Prints
+      {"received", "sha256", "error"} (error: null, "reset" or another errno name).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import random
+import socket
+import sys
+
+
+def pattern(size: int) -> bytes:
+    """The known payload of `size` bytes (the same on every run)."""
+    return random.Random(size).randbytes(size)
+
+
+def _read_all(sock: socket.socket) -> tuple[bytes, str | None]:
+    data = bytearray()
+    try:
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    except OSError as exc:
+        return bytes(data), "reset" if exc.errno == errno.ECONNRESET else errno.errorcode.get(exc.errno, str(exc))
+    return bytes(data), None
+
+
+def serve(port: int, down: int) -> None:
+    with socket.create_server(("0.0.0.0", port), backlog=16) as listener:
+        print("listening", flush=True)
+        while True:
+            conn, peer = listener.accept()
+            with conn:
+                data, _ = _read_all(conn)
+                try:
+                    conn.sendall(pattern(down))
+                except OSError:
+                    pass
+            print(json.dumps({"peer": f"{peer[0]}:{peer[1]}", "received": len(data),
+                              "sha256": hashlib.sha256(data).hexdigest()}), flush=True)
+
+
+def send(host: str, port: int, up: int) -> dict:
+    error = None
+    data = b""
+    try:
+        sock = socket.create_connection((host, port), timeout=10)
+    except ConnectionResetError:  # reset as the connect completed (a refusal can be that quick)
+        return {"received": 0, "sha256": hashlib.sha256(b"").hexdigest(), "error": "reset"}
+    with sock:
+        try:
+            sock.sendall(pattern(up))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            error = "reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else errno.errorcode.get(exc.errno)
+        if error is None:
+            data, error = _read_all(sock)
+    return {"received": len(data), "sha256": hashlib.sha256(data).hexdigest(), "error": error}
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "serve":
+        serve(int(argv[1]), int(argv[2]))
+    else:
+        host, _, port = argv[1].rpartition(":")
+        print(json.dumps(send(host, int(port), int(argv[2]))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

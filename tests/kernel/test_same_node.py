@@ -1,0 +1,196 @@
+"""The same-node fast path (issue 11) on one real node: `python -m nodeagent run` with
+its mesh CA in a throwaway sandbox (nodeagent.bench.sandbox), two meshed pods (client
+and server, namespace app, service accounts client and server), real capture programs and netns.
+
+(a) An allowed connection takes the fast path (status and its counter say so, no HBONE
+stream opens): a known payload crosses byte-identically both ways with a half-close
+each way (the server answers only after the client's FIN, the client reads to the
+server's FIN), the server sees the client pod's own address, and both reporters'
+istio_tcp_* metrics and flow lines carry the exact byte counts.
+(b) An AuthorizationPolicy DENY for the client's principal is refused: the client is
+reset with no data, the server never sees it, the policy's denial counter moves by
+exactly one.
+(c) With --no-same-node-fast-path the same exchange goes over HBONE, counted the same.
+(a) and (b) run on the Python and the native engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from nodeagent.agent.admin import fetch
+from nodeagent.bench.sandbox import AMBIENT, Sandbox
+from nodeagent.digests import spec_digest
+from samenode_peer import pattern
+
+pytestmark = pytest.mark.root
+PORT = 9000
+UP, DOWN = (1 << 20) + 7, 300 * 1024 + 3  # client -> server, server -> client
+CLIENT_ID, SERVER_ID = "spiffe://cluster.local/ns/app/sa/client", "spiffe://cluster.local/ns/app/sa/server"
+EMPTY = hashlib.sha256(b"").hexdigest()
+PEER = str(Path(__file__).with_name("samenode_peer.py"))
+DENY_SPEC = {"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+             "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/app/sa/client"]}}]}]}
+
+
+class Node:
+    """The sandbox and what the tests read from it."""
+
+    def __init__(self, sb: Sandbox, client, server, app: subprocess.Popen):
+        self.sb, self.client, self.server, self.app = sb, client, server, app
+
+    def send(self, size: int) -> dict:
+        proc = self.sb.in_pod(self.client, [sys.executable, PEER, "send", f"{self.server.ip}:{PORT}", str(size)],
+                              stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=60)
+        return json.loads(out)
+
+    def served(self) -> dict:
+        """The server's line for the next connection it finished."""
+        return json.loads(self.app.stdout.readline())
+
+    def metric(self, name: str, **labels) -> float:
+        text = fetch(self.sb.admin_socket, "/metrics").decode()
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def flows(self) -> list[dict]:
+        with open(self.sb.layout.flow_log(self.sb.node)) as f:
+            return [json.loads(line) for line in f]
+
+    def apply(self, name: str, spec: dict) -> None:
+        """An AuthorizationPolicy in namespace app, waited for until the agent enforces it."""
+        doc = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": name, "namespace": "app"}, "spec": spec}
+        tmp = self.sb.source_dir / f".{name}.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(doc))
+        tmp.replace(self.sb.source_dir / f"{name}.yaml")
+        key = f"AuthorizationPolicy app/{name}"
+        self.sb.wait_for(lambda s: s["policy"]["resources"].get(key) == spec_digest(spec), 15, f"{key} in force")
+
+
+def sandbox(tmp_path: Path, *agent_args: str):
+    """A node with the meshed client and server (its app: samenode_peer serve) and the
+    agent started with `agent_args`; removed after, and the test fails if anything is left."""
+    sb = Sandbox(f"test-{secrets.token_hex(3)}", workdir=tmp_path)
+    try:
+        sb.setup()
+        client, server = sb.add_pod("app", "client"), sb.add_pod("app", "server")
+        server.labels = {"app": "server"}
+        write_pods(sb)
+        sb.label_namespace("app", AMBIENT)
+        app = sb.in_pod(server, [sys.executable, PEER, "serve", str(PORT), str(DOWN)], stdout=subprocess.PIPE,
+                        text=True)
+        assert app.stdout.readline().strip() == "listening"
+        sb.in_pod(client, ["sleep", "infinity"])  # a pod is found by its processes
+        sb.start_ca()
+        sb.start_agent(*sb.ca_args(), "--no-waypoint", *agent_args)
+        sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True] * 2,
+                    20, "both pods enrolled and their certificates held")
+        yield Node(sb, client, server, app)
+    finally:
+        left = sb.close()
+        assert left == [] and sb.leftovers() == []
+
+
+def write_pods(sb: Sandbox) -> None:
+    """The sandbox's pods, each with a service account of its name (Sandbox.write_pods
+    gives none, so both would share one identity)."""
+    docs = [{"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
+             "spec": {"nodeName": sb.node, "serviceAccountName": p.name},
+             "status": {"phase": "Running", "podIP": p.ip}} for p in sb.pods.values()]
+    tmp = sb.source_dir / ".pods.yaml.tmp"
+    tmp.write_text(yaml.safe_dump_all(docs))
+    tmp.replace(sb.source_dir / "pods.yaml")
+
+
+@pytest.fixture(params=["python", "native"])
+def fast(request, tmp_path):
+    yield from sandbox(tmp_path, "--data-path-engine", request.param)
+
+
+@pytest.fixture
+def hbone(tmp_path):
+    yield from sandbox(tmp_path, "--no-same-node-fast-path")
+
+
+LABELS = {"source_workload": "client", "source_workload_namespace": "app", "source_principal": CLIENT_ID,
+          "destination_workload": "server", "destination_workload_namespace": "app",
+          "destination_principal": SERVER_ID, "connection_security_policy": "mutual_tls"}
+
+
+def exchanged(node: Node) -> None:
+    """One known exchange, checked byte for byte at both ends and in both reporters'
+    metrics and flow lines."""
+    result = node.send(UP)
+    assert result == {"received": DOWN, "sha256": hashlib.sha256(pattern(DOWN)).hexdigest(), "error": None}
+    served = node.served()
+    assert (served["received"], served["sha256"]) == (UP, hashlib.sha256(pattern(UP)).hexdigest())
+    assert served["peer"].startswith(node.client.ip + ":")  # the client pod's own address
+    node.sb.wait_for(lambda _: len(node.flows()) == 2, 10, "both ends' flow lines")
+    for reporter in ("source", "destination"):
+        labels = {**LABELS, "reporter": reporter}
+        assert (node.metric("istio_tcp_connections_opened_total", **labels),
+                node.metric("istio_tcp_connections_closed_total", **labels, response_flags="-"),
+                node.metric("istio_tcp_received_bytes_total", **labels),
+                node.metric("istio_tcp_sent_bytes_total", **labels)) == (1, 1, UP, DOWN), reporter
+    assert sorted((f["reporter"], f["bytes_received"], f["bytes_sent"], f["verdict"], f["security"])
+                  for f in node.flows()) == [("destination", UP, DOWN, "allowed", "mutual_tls"),
+                                             ("source", UP, DOWN, "allowed", "mutual_tls")]
+
+
+def test_the_fast_path_joins_an_allowed_connection_and_refuses_a_denied_one(fast):
+    node = fast
+    status = node.sb.status()
+    engine = status["data_path"]["engine"]
+    assert status["data_path"]["same_node"] == {
+        "enabled": True, "join": "splice" if engine == "native" else "python",
+        "connections": {"relayed": 0, "denied": 0, "failed": 0, "waypoint": 0}}
+    assert "same-node fast path on" in status["data_path"]["summary"]
+
+    exchanged(node)  # (a)
+    counters = node.sb.status()["counters"]
+    assert counters["same_node_connections_total{outcome=relayed}"] == 1
+    assert counters.get("hbone_streams_opened_total{direction=outbound}", 0) == 0
+    assert counters.get("hbone_streams_opened_total{direction=inbound}", 0) == 0
+    assert all(f["same_node"] is True for f in node.flows())
+
+    node.apply("deny-client", DENY_SPEC)  # (b)
+    denials = node.metric("nodeagent_policy_denials_total", policy="app/deny-client")
+    assert node.send(1000) == {"received": 0, "sha256": EMPTY, "error": "reset"}
+    node.sb.wait_for(lambda _: len(node.flows()) == 4, 10, "the denied connection's flow lines")
+    assert node.metric("nodeagent_policy_denials_total", policy="app/deny-client") - denials == 1
+    counters = node.sb.status()["counters"]
+    assert counters["same_node_connections_total{outcome=denied}"] == 1
+    assert counters["connection_failures_total{direction=outbound,reason=hbone_status_403}"] == 1
+    assert node.metric("istio_tcp_connections_closed_total", **LABELS, reporter="destination",
+                       response_flags="DENY") == 1
+    denied = {f["reporter"]: f for f in node.flows()[2:]}
+    assert (denied["destination"]["verdict"], denied["destination"]["response_flags"],
+            denied["destination"]["bytes_received"]) == ("denied", "DENY", 0)
+    node.apply("deny-client", {**DENY_SPEC, "rules": [{"from": [{"source": {"principals": ["nobody"]}}]}]})
+    exchanged_again = node.send(UP)  # the server saw nothing of the denied one: its next line is this one
+    assert exchanged_again["error"] is None and node.served()["received"] == UP
+
+
+def test_with_the_fast_path_off_the_same_exchange_goes_over_hbone(hbone):
+    node = hbone
+    status = node.sb.status()
+    assert status["data_path"]["same_node"] == {"enabled": False}
+    assert "same-node fast path off" in status["data_path"]["summary"]
+    exchanged(node)  # (c)
+    counters = node.sb.status()["counters"]
+    assert counters["hbone_streams_opened_total{direction=outbound}"] == 1
+    assert counters["hbone_streams_opened_total{direction=inbound}"] == 1
+    assert not any(k.startswith("same_node_connections_total") for k in counters)
+    assert all("same_node" not in f for f in node.flows())
