@@ -865,7 +865,14 @@ def test_lab_apply_and_status_answer_every_kind(mesh):
         assert any("(Sidecar mesh/default) kind: not applicable" in w for w in wp["warnings"]), wp["warnings"]
 
 
-def proxy_config(*args: str, timeout: float = 15) -> subprocess.CompletedProcess:
+# A hang is what these runs catch (one sat > 10 min in a futex wait), not slowness: a run
+# is bounded by its own --timeout once connected, but Python's start-up and the first
+# decoding of Envoy's message types take seconds more on a loaded machine (up to 13 s
+# measured with the other core busy), so the bound is a hang's, not a latency's.
+HANG = 60.0
+
+
+def proxy_config(*args: str, timeout: float = HANG) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nodeagent", "proxy-config", *args], capture_output=True, text=True,
                           timeout=timeout)
 
