@@ -46,8 +46,10 @@ AGENT_PORTS = (default("tunnel_port"), default("outbound_port"), default("inboun
 @pytest.fixture
 def mesh(tmp_path):
     """client and server (namespace app, meshed), legacy (namespace plain); the probe
-    server runs in server; the CA and the agent run, the server holds a certificate."""
-    with meshed_sandbox(tmp_path, "legacy") as (sb, client, server, legacy, app):
+    server runs in server; the CA and the agent run, the server holds a certificate.
+    Client to server is HBONE here: the same-node fast path (on by default; its own
+    tests are test_same_node.py) is off."""
+    with meshed_sandbox(tmp_path, "legacy", "--no-same-node-fast-path") as (sb, client, server, legacy, app):
         yield sb, client, server, legacy
 
 

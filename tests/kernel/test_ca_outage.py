@@ -29,6 +29,7 @@ PORT = 9000
 COUNT = 20
 IDENTITY = "spiffe://cluster.local/ns/app/sa/default"
 INBOUND_STREAMS = "hbone_streams_opened_total{direction=inbound}"
+HBONE = "--no-same-node-fast-path"  # the pods of this one node talk over HBONE (test_same_node.py: the fast path)
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def mesh(tmp_path):
         sb.serve(server, PORT)
         sb.in_pod(client, ["sleep", "infinity"])  # a pod is found by its processes
         ca = sb.start_ca()
-        sb.start_agent(*sb.ca_args())
+        sb.start_agent(*sb.ca_args(), HBONE)
         sb.wait_for(lambda s: len(s["pods"]) == 2 and holds_certificate(s), 15, "both pods and the certificate")
         yield sb, ca, client, server
     finally:
@@ -93,7 +94,7 @@ def test_a_restart_while_the_ca_is_down_keeps_serving_with_the_certificate_left(
     left = open(key_file(sb), "rb").read()
     stop_ca(ca)
     sb.stop_agent(stop)
-    sb.start_agent(*sb.ca_args())  # returns once ready: with the CA down, only the file can make it so
+    sb.start_agent(*sb.ca_args(), HBONE)  # returns once ready: with the CA down, only the file can make it so
     after = connect(sb, client, server)
     assert after["ok"] == COUNT and after["peers"] == {client.ip: COUNT}
     status = sb.status()
@@ -111,7 +112,7 @@ def test_without_a_trustworthy_certificate_the_agent_is_not_ready_until_the_ca_i
     sb.stop_agent()
     os.chmod(key_file(sb), 0o644)  # readable by others: not to be trusted any more
     with pytest.raises(NodeagentError, match="the agent to become ready"):
-        sb.start_agent(*sb.ca_args(), timeout=5)
+        sb.start_agent(*sb.ca_args(), HBONE, timeout=5)
     status = sb.wait_for(lambda s: any("CA unreachable" in m for m in s["not_ready"]), 15, "the reason")
     assert status["ready"] is False and status["not_ready"] == [
         m for m in status["not_ready"] if m.startswith(f"no valid certificate for {IDENTITY}: CA unreachable (")]
