@@ -117,7 +117,7 @@ def _cluster_dangling(cluster: Cluster, endpoints: dict, listeners: dict) -> Ite
         assignment = endpoints[name]
     else:
         assignment = cluster.load_assignment
-    for listener in _internal_listeners(assignment):
+    for listener in internal_listeners(assignment):
         if listener not in listeners or listeners[listener].internal_listener is None:
             yield "cluster", cluster.name, "internal listener", listener
 
@@ -127,7 +127,7 @@ def eds_name(cluster: Cluster) -> str:
     return (cluster.eds_cluster_config.service_name if cluster.eds_cluster_config else "") or cluster.name
 
 
-def _internal_listeners(assignment: ClusterLoadAssignment | None) -> set[str]:
+def internal_listeners(assignment: ClusterLoadAssignment | None) -> set[str]:
     out = set()
     for locality in assignment.endpoints if assignment else []:
         for lb in locality.lb_endpoints:

@@ -136,9 +136,17 @@ class StreamState:
     def accepted(self, snapshot: Snapshot) -> bool:
         """Whether every type `snapshot` has resources of is subscribed and has ACKed
         what the snapshot holds for it."""
-        return all(s.subscribed and s.acked_version == version(t, snapshot, self._names(t, s, snapshot))
-                   and s.nonce is None and not s.nacked
-                   for t, s in self.types.items() if s.subscribed or snapshot.names(t))
+        return all(self._accepted(t, s, snapshot) for t, s in self.types.items() if s.subscribed or snapshot.names(t))
+
+    def _accepted(self, type_url: str, state: TypeState, snapshot: Snapshot) -> bool:
+        names = self._names(type_url, state, snapshot)
+        current = version(type_url, snapshot, names)
+        if type_url in rt.NAMED and not names and state.sent_version == current and not state.nacked:
+            # Nothing of this type for Envoy, and that was sent: once the last cluster (or
+            # listener) using it went, Envoy has no watch on it and takes the empty response
+            # without answering (GrpcMuxImpl), so no ACK would ever come.
+            return True
+        return state.subscribed and state.acked_version == current and state.nonce is None and not state.nacked
 
 
 def version(type_url: str, snapshot: Snapshot, names: frozenset[str] | None) -> str:

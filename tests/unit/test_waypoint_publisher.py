@@ -197,6 +197,26 @@ def test_dropped_clusters_stay_until_envoy_acked_the_routes_without_them(world):
     assert world.publisher.describe()["resources"] == {REVIEWS: digest(VS)}
 
 
+def test_when_the_last_l7_resource_goes_the_internal_listener_stays_with_the_carried_clusters(world):
+    """`lab delete` of the last VirtualService and DestinationRule: the new snapshot has no
+    internal listener, so carrying the dropped clusters alone made it inconsistent and the
+    old configuration stayed in force (status still listed the deleted resources)."""
+    world.publisher.update(model(SUBSETS))
+    first = world.ack()
+    internal = [n for n, l in first.resources(rt.LISTENER).items() if l.internal_listener is not None]
+    assert internal and V1 in first.names(rt.CLUSTER)
+    world.publisher.update(model(""))
+    carrying = world.current()
+    assert world.publisher.snapshot_error is None
+    assert carrying.version == "2" and V1 in carrying.names(rt.CLUSTER)
+    assert set(internal) <= set(carrying.names(rt.LISTENER))
+    world.ack(carrying)
+    assert world.publisher.describe()["resources"] == {}
+    assert world.publisher.collect() is True
+    clean = world.current()
+    assert V1 not in clean.names(rt.CLUSTER) and not set(internal) & set(clean.names(rt.LISTENER))
+
+
 def test_one_refused_resource_among_several_changes_is_found_by_bisection(world):
     world.publisher.update(model(VS + RATINGS_OK))
     world.ack()

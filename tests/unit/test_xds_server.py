@@ -300,6 +300,32 @@ def test_stale_nonces_are_ignored_and_a_nack_is_not_answered_with_the_same_conte
     assert state.pump(snap) == []
 
 
+def test_an_empty_response_of_a_type_envoy_no_longer_watches_counts_as_accepted():
+    """The last cluster using endpoints went (lab delete of the last L7 resource): Envoy
+    asks for no endpoints and silently takes an empty EDS response without answering it
+    (no watch), so waiting for its ACK left the waypoint never in sync again."""
+    state = StreamState(on_nack=lambda *a: None, on_push=lambda t: None)
+    first, empty = snapshot("1"), Snapshot.build("2", [])
+    get = {"node1": first}.get
+    eds_names = sorted(first.names(rt.ENDPOINT))
+    (cds,) = state.request(request(rt.CLUSTER), get)
+    (eds,) = state.request(request(rt.ENDPOINT, eds_names), get)
+    assert state.request(request(rt.LISTENER), get) == []
+    assert state.request(request(rt.ENDPOINT, eds_names, nonce=eds.nonce, version=eds.version_info), get) == []
+    (lds,) = state.request(request(rt.CLUSTER, nonce=cds.nonce, version=cds.version_info), get)
+    assert state.request(request(rt.LISTENER, nonce=lds.nonce, version=lds.version_info), get) == []
+    get = {"node1": empty}.get
+    cds, eds = state.pump(empty)  # no clusters; endpoints follow every cluster push
+    assert (cds.resources, eds.type_url, eds.resources) == ([], rt.ENDPOINT, [])
+    # Envoy drops its endpoint watches (a request with the older nonce: stale) and takes
+    # the empty response without answering.
+    assert state.request(request(rt.ENDPOINT, [], nonce="1", version=""), get) == []
+    (lds,) = state.request(request(rt.CLUSTER, nonce=cds.nonce, version=cds.version_info), get)
+    assert lds.type_url == rt.LISTENER and lds.resources == []
+    assert state.request(request(rt.LISTENER, nonce=lds.nonce, version=lds.version_info), get) == []
+    assert state.accepted(empty)
+
+
 def wait_until(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

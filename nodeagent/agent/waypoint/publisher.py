@@ -34,7 +34,7 @@ from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import DataPlane, Sockets
 from nodeagent.xds.istio.config import READERS, IstioConfig
 from nodeagent.xds.istio.refusals import Build, Refusals
-from nodeagent.xds.snapshot import InconsistentSnapshot, Snapshot, eds_name
+from nodeagent.xds.snapshot import InconsistentSnapshot, Snapshot, eds_name, internal_listeners
 from nodeagent.xds.translate.build import translate
 from nodeagent.xds.translate.options import WaypointOptions
 
@@ -143,14 +143,22 @@ class Publisher:
         if previous is None:
             return []
         kept = {rt.name_of(m) for m in fresh if rt.type_of(m) == rt.CLUSTER}
+        listeners = {rt.name_of(m) for m in fresh if rt.type_of(m) == rt.LISTENER}
         endpoints = previous.resources(rt.ENDPOINT)
-        carried = []
+        carried, internal = [], set()
         for name, cluster in previous.resources(rt.CLUSTER).items():
             if name not in kept:
                 carried.append(cluster)
-                assignment = endpoints.get(eds_name(cluster)) if cluster.type == ClusterDiscoveryType.EDS else None
-                if assignment is not None:
+                assignment = endpoints.get(eds_name(cluster)) if cluster.type == ClusterDiscoveryType.EDS \
+                    else cluster.load_assignment
+                if assignment is not None and cluster.type == ClusterDiscoveryType.EDS:
                     carried.append(assignment)
+                internal |= internal_listeners(assignment)
+        # The internal listeners the carried clusters send to stay too: when the last L7
+        # resource goes (lab delete), the new snapshot has none, and the carried clusters
+        # would dangle (Snapshot.build refused it: the old configuration stayed in force).
+        carried += [listener for name, listener in previous.resources(rt.LISTENER).items()
+                    if name in internal - listeners]
         return carried
 
     def collect(self) -> bool:
