@@ -135,7 +135,7 @@ def _mesh_sections(status: dict[str, Any], now: float) -> list[str]:
             _section("POLICY ERRORS", "\n".join(f"  {e}" for e in policy.get("errors", []))), "",
             f"HBONE: {tunnel.get('pooled_connections', 0)} pooled outbound connections, "
             f"{tunnel.get('inbound_connections', 0)} inbound", "", *_data_path_lines(status.get("data_path")),
-            *_waypoint_sections(status.get("waypoint"))]
+            *_waypoint_sections(status.get("waypoint"), policy.get("kinds") or {})]
 
 
 def _data_path_lines(data_path: dict[str, Any] | None) -> list[str]:
@@ -152,10 +152,15 @@ def _data_path_lines(data_path: dict[str, Any] | None) -> list[str]:
     return ["\n".join(lines), ""]
 
 
-def _waypoint_sections(waypoint: dict[str, Any] | None) -> list[str]:
-    """The node's waypoint: Envoy, xDS, what is steered through it, its configuration."""
+def _waypoint_sections(waypoint: dict[str, Any] | None, kinds: dict[str, list[str]]) -> list[str]:
+    """The node's waypoint: Envoy, xDS, what is steered through it, its configuration.
+    Without one, the verdicts on Istio kinds the agent does not read (`kinds`, from the
+    policy state), which the waypoint's configuration problems list otherwise."""
     if not waypoint:
-        return ["WAYPOINT: off (--no-waypoint): L4 only", ""]
+        problems = [f"  error: {e}" for e in kinds.get("errors", [])] + \
+            [f"  warning: {w}" for w in kinds.get("warnings", [])]
+        return ["WAYPOINT: off (--no-waypoint): L4 only", "",
+                _section("ISTIO KINDS NOT READ", "\n".join(problems)), ""]
     envoy, xds, steered = waypoint["envoy"], waypoint["xds"], waypoint["dataplane"]
     state = f"running, pid {envoy['pid']}" if envoy["running"] else f"NOT RUNNING (last exit {envoy['last_exit']})"
     sync = "in sync" if xds["in_sync"] else ("NOT CONNECTED" if not xds["connected"] else "syncing")

@@ -83,3 +83,23 @@ def test_a_failing_build_keeps_the_policies_in_force(monkeypatch, caplog):
         state.update(model(STRICT))
     assert decide(state, world, None) is False  # the ALLOW stays
     assert "keeping the ones in force" in caplog.records[-1].getMessage()
+
+
+def test_kinds_the_agents_do_not_read_get_their_verdict_without_a_waypoint():
+    """Issue 14: an L4-only agent (--no-waypoint) shows the same kind verdicts as a
+    waypoint's configuration problems: not supported, not applicable, unknown kind."""
+    state = PolicyState("istio-system", LOG)
+    gateway = document("Gateway", "foo", "ingress", "servers: []", api_version="networking.istio.io/v1")
+    sidecar = document("Sidecar", "foo", "default", "egress: []", api_version="networking.istio.io/v1")
+    typo = document("VirtualServce", "foo", "typo", "hosts: [x]", api_version="networking.istio.io/v1")
+    state.update(model(gateway + sidecar + typo + STRICT))
+    kinds = state.describe()["kinds"]
+    assert [e.split(" kind: ")[0] for e in kinds["errors"]] == [
+        "policies.yaml#10 (Gateway foo/ingress)", "policies.yaml#12 (VirtualServce foo/typo)"]
+    assert "not supported in ambient mode" in kinds["errors"][0]
+    assert "unknown kind VirtualServce in networking.istio.io (did you mean VirtualService?)" in kinds["errors"][1]
+    assert kinds["warnings"] == [next(w for w in kinds["warnings"] if w.startswith(
+        "policies.yaml#11 (Sidecar foo/default) kind: not applicable to ambient (sidecar-only)"))]
+    assert state.describe()["errors"] == []  # the policies themselves are fine
+    state.update(model(STRICT))  # gone from the model: gone from the status
+    assert state.describe()["kinds"] == {"errors": [], "warnings": []}

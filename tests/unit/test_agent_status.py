@@ -154,3 +154,14 @@ def test_not_ready_says_why():
                               now=NOW)
     lines = text.splitlines()
     assert "NOT ready" in lines[0] and lines[2] == f"not ready: {reasons[0]}"
+
+
+def test_without_a_waypoint_the_kind_verdicts_are_shown():
+    kinds = {"errors": ["x.yaml#1 (Gateway app/gw) kind: not supported in ambient mode: …"],
+             "warnings": ["x.yaml#2 (Sidecar app/default) kind: not applicable to ambient (sidecar-only): …"]}
+    text = status.render_text({**STATUS, **MESH, "policy": {**MESH["policy"], "kinds": kinds}, "waypoint": None},
+                              now=NOW)
+    assert ("WAYPOINT: off (--no-waypoint): L4 only\n\nISTIO KINDS NOT READ\n"
+            f"  error: {kinds['errors'][0]}\n  warning: {kinds['warnings'][0]}\n") in text
+    none = status.render_text({**STATUS, **MESH, "waypoint": None}, now=NOW)
+    assert "ISTIO KINDS NOT READ\n  (none)\n" in none

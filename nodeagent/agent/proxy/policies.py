@@ -19,6 +19,7 @@ from nodeagent.errors import ConfigError
 from nodeagent.model import Model
 from nodeagent.policy import PolicySet
 from nodeagent.policy.validate import KINDS
+from nodeagent.xds.istio import kinds
 
 
 class PolicyState:
@@ -29,6 +30,7 @@ class PolicyState:
         self.current = PolicySet({}, root_namespace)
         self.errors: list[ConfigError] = []
         self.digests: dict[str, str] = {}  # "Kind ns/name" -> digest of the spec in force
+        self.kinds: dict[str, list[str]] = {"errors": [], "warnings": []}  # Istio kinds the agents do not read
         self.built_at: float | None = None
 
     def update(self, model: Model) -> None:
@@ -46,12 +48,26 @@ class PolicyState:
             self.log.info("%d earlier policy errors are gone", len(fixed))
         self.digests = _digests(model, policies, self.current, self.digests)
         self.current, self.errors = policies, errors
+        self.kinds = kind_verdicts(model)
         self.built_at = self.wall_clock()
 
     def describe(self) -> dict:
         return {"root_namespace": self.root_namespace, "built_at": self.built_at,
                 "resources": dict(sorted(self.digests.items())),
-                "errors": [str(e) for e in self.errors]}
+                "errors": [str(e) for e in self.errors], "kinds": self.kinds}
+
+
+def kind_verdicts(model: Model) -> dict[str, list[str]]:
+    """The verdict on every resource of an Istio kind the agents do not read (kinds.py:
+    not supported in ambient mode, not applicable, unknown kind), so that an agent without
+    a waypoint shows them too (a waypoint's configuration problems list them as well)."""
+    out: dict[str, list[str]] = {"errors": [], "warnings": []}
+    for objects in model.resources.values():
+        for obj in objects:
+            found = kinds.problem(obj)
+            if found is not None:
+                out["errors" if found[0] == kinds.ERROR else "warnings"].append(str(found[1]))
+    return out
 
 
 def _digests(model: Model, policies: PolicySet, previous: PolicySet, digests: dict[str, str]) -> dict[str, str]:
