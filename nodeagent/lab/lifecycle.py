@@ -18,12 +18,13 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from nodeagent.errors import ConfigError, EnvironmentProblem, LabError, NodeagentError
-from nodeagent.kube.objects import KubeObject, parse_documents
+from nodeagent.kube.objects import STDIN, KubeObject, parse_documents, read_inputs, resource_type
 from nodeagent.lab import (cgroups, dns, ipam, meshca, processes, services, spec, supervisor, teardown,
                            topology)
 from nodeagent.lab import verdicts
@@ -39,17 +40,26 @@ KUBE_TIMEOUT = 180.0  # at least this long for the control plane to serve (a loa
 POLL = 0.1
 
 
-def read_objects(path: str | None) -> list[KubeObject]:
-    """The objects of a lab file, or of the built-in demo when `path` is None."""
-    if path is None:
+def read_objects(paths: list[str] | None, recursive: bool = False, stdin=None) -> list[KubeObject]:
+    """The objects of `-f` arguments read as kubectl reads them (files, directories, `-`:
+    kube/objects.py), or of the built-in demo when `paths` is None. Any file that cannot
+    be read or parsed refuses the whole input (ConfigError naming the file and line). An
+    object given again in a later file replaces the earlier one where it stood (kubectl
+    applies them in order, so the later wins); twice in one file is refused by spec.py."""
+    if paths is None:
         text = importlib.resources.files("nodeagent.lab").joinpath(DEMO).read_text()
         return parse_documents(text, DEMO)
-    try:
-        with open(path) as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(path, f"cannot read the lab file: {getattr(exc, 'strerror', None) or exc}") from None
-    return parse_documents(text, os.path.basename(path))
+    objects: list[KubeObject] = []
+    inputs = read_inputs(paths, recursive, stdin)
+    for given in inputs:
+        if given.error is not None:
+            raise given.error
+        source = given.name if given.path == STDIN else os.path.basename(given.path)
+        objects = merge(objects, parse_documents(given.text, source, syntax=given.syntax))
+    if not objects:
+        raise ConfigError(", ".join(i.name for i in inputs) or "-f", "no objects in the input",
+                          "give files or directories holding Kubernetes-shaped YAML")
+    return objects
 
 
 def preflight() -> str:
@@ -254,6 +264,112 @@ def apply(name: str, objects: list[KubeObject], out: Out, timeout: float) -> Non
         wait_agents(state, out, timeout)
     if old.agents:
         report_verdicts(state, changed, started, out, timeout)
+
+
+# Namespaces an API server never deletes (it answers Forbidden).
+UNDELETABLE_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What `lab delete` did: the objects deleted and those not found, in input order."""
+
+    deleted: list[KubeObject]
+    missing: list[KubeObject]
+
+
+def delete(name: str, objects: list[KubeObject], out: Out, timeout: float) -> Deletion:
+    """Remove `objects` from the lab as `kubectl delete -f` removes them from a cluster.
+
+    Through the same record as `apply` (lab.json, cluster/, hosts files, service rules),
+    so nothing comes back at the next apply. A Namespace takes every object in it along;
+    a Deployment its pods. Deleted pods are stopped by the supervisor, then their cgroup,
+    netns and hosts files removed; then, with agents, this waits until every agent has
+    let go of the deleted pods and Istio resources. Nodes cannot be deleted: they are
+    the lab's shape."""
+    for obj in objects:
+        if obj.kind == "Node" and obj.group == "":
+            raise ConfigError(f"{obj.source} (Node {obj.name})", "a lab's nodes cannot be deleted: they are "
+                              "its shape", f"nodeagent lab down --name {name}, then lab up with the nodes you want")
+        if obj.kind == "Namespace" and obj.group == "" and obj.name in UNDELETABLE_NAMESPACES:
+            raise ConfigError(f"{obj.source} (Namespace {obj.name})", "this namespace may not be deleted "
+                              "(an API server forbids it too)", "delete the objects in it instead")
+    layout = Layout(name, preflight())
+    state = StateDir(layout)
+    started = time.time()
+    with state.lock():
+        old = state.load()
+        wanted = list({o.key: o for o in objects}.values())  # an object given twice is deleted once
+        present = {o.key for o in old.objects}
+        deleted = [o for o in wanted if (o.name in old.desired.namespaces if _is_namespace(o) else o.key in present)]
+        gone = {o.key for o in deleted}
+        namespaces = {o.name for o in deleted if _is_namespace(o)}
+        kept = [o for o in old.objects if o.key not in gone and o.namespace not in namespaces]
+        desired = spec.load(kept)
+        record = LabRecord(name, old.cgroup_root, old.agents, desired.objects,
+                           ipam.allocate(desired, old.alloc), old.supervisor_pid, old.controlplane)
+        _publish(state, record, state.load_runtime())
+    removed = [o for o in old.objects if o.key not in {k.key for k in kept}]
+    pods = [p for key, p in old.desired.pods.items() if key not in desired.pods]
+    for obj in deleted:
+        out(f'{resource_type(obj)} "{obj.name}" deleted')
+    if supervisor.is_supervisor(old.supervisor_pid, name):
+        os.kill(old.supervisor_pid, signal.SIGHUP)
+    if old.kube:  # the API drops what the lab put there and no longer has
+        sync_kube_objects(layout, desired, record.alloc, out)
+    if pods:
+        _stop_pods(state, old, pods, timeout)
+    if old.agents and removed:
+        wait_dropped(state, removed, pods, started, timeout)
+    return Deletion(deleted, [o for o in wanted if o.key not in gone])
+
+
+def _is_namespace(obj: KubeObject) -> bool:
+    return obj.kind == "Namespace" and obj.group == ""
+
+
+def _stop_pods(state: StateDir, old: LabRecord, pods: list[spec.PodSpec], timeout: float) -> None:
+    """Once the supervisor has dropped the deleted pods (runtime.json no longer lists them:
+    it stopped their containers), kill what is left in their cgroups (a container's own
+    children) and remove their cgroups, netns and hosts files."""
+    layout = state.layout
+
+    def step() -> tuple[list[str], str]:
+        if not supervisor.is_supervisor(old.supervisor_pid, layout.name):
+            return [], ""  # nothing restarts them: what is left is killed below
+        runtime = state.load_runtime()
+        return [p.key for p in pods if p.key in runtime.pods], ""
+
+    _until(step, lambda _line: None, timeout, lambda waiting: LabError(
+        f"the supervisor did not stop the deleted pods within {timeout:.0f}s: {', '.join(waiting)}",
+        f"see {layout.supervisor_log}; nodeagent lab down removes everything"))
+    for pod in pods:
+        cgroup = processes.pod_cgroup(old, pod)
+        if not cgroups.kill_tree(cgroup):
+            raise LabError(f"processes of deleted pod {pod.key} survived SIGKILL in {cgroup}",
+                           "nodeagent lab down removes everything")
+        _remove_pod(old, pod)
+
+
+def wait_dropped(state: StateDir, removed: list[KubeObject], pods: list[spec.PodSpec], since: float,
+                 timeout: float) -> None:
+    """Wait until every node's agent has rebuilt its configuration since `since` without
+    the `removed` Istio resources (in force, refused or warned about) and the deleted
+    `pods` (enrolled or waiting); LabError naming what an agent still holds."""
+    layout = state.layout
+    nodes = state.load().desired.node_names
+    keys = [f"{o.kind} {o.namespace}/{o.name}" for o in removed if verdicts.held_by_agents(o)]
+    names = {p.key for p in pods}
+    held: dict[str, list[str]] = {}
+
+    def step() -> tuple[list[str], str]:
+        for node in nodes:
+            held[node] = verdicts.held(keys, names, _agent_status(layout.agent_socket(node)), since)
+        return [n for n in nodes if held[n]], ""
+
+    _until(step, lambda _line: None, timeout, lambda waiting: LabError(
+        f"after {timeout:.0f}s " + "; ".join(f"the agent of {n} still holds {', '.join(held[n])}" for n in waiting),
+        "see nodeagent status --lab " + layout.name + " --node " + waiting[0]))
 
 
 def report_verdicts(state: StateDir, objects: list[KubeObject], since: float, out: Out, timeout: float) -> None:
