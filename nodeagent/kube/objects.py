@@ -3,16 +3,20 @@
 Both the lab (its input files) and the `files` source (the state directory it watches)
 read Kubernetes-shaped YAML. This module does the part they share: split a stream into
 documents, check each has apiVersion/kind/metadata.name, expand `kind: List`, and name
-the document at fault when something is wrong. Kind-specific validation lives with the
-code that understands the kind (lab/spec.py, the Istio translators).
+the document at fault when something is wrong; and read `-f` arguments as kubectl does
+(files, directories, `-` for standard input) for `lab apply`/`delete` and `analyze`.
+Kind-specific validation lives with the code that understands the kind (lab/spec.py,
+the Istio translators).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import IO, Any, Iterable
 
 import yaml
 
@@ -23,6 +27,10 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 # Cluster-scoped kinds (no metadata.namespace); every other kind lives in a namespace.
+STDIN = "-"  # the -f argument naming standard input
+STDIN_NAME = "<stdin>"  # how errors name it
+SUFFIXES = (".yaml", ".yml", ".json")  # a directory's files that are read (kubectl's, the files source's)
+
 CLUSTER_SCOPED = {"Namespace", "Node", "ClusterRole", "ClusterRoleBinding",
                   "CustomResourceDefinition", "MutatingWebhookConfiguration",
                   "ValidatingWebhookConfiguration", "PersistentVolume", "StorageClass",
@@ -238,3 +246,66 @@ def dump_documents(objects: Iterable[KubeObject | dict[str, Any]]) -> str:
     """Serialise objects (or raw dicts) as one `---`-separated YAML stream."""
     bodies = [o.body if isinstance(o, KubeObject) else o for o in objects]
     return yaml.safe_dump_all(bodies, sort_keys=False, default_flow_style=False)
+
+
+def expand_paths(paths: Iterable[str], recursive: bool = False) -> list[str]:
+    """kubectl's `-f`: a file as given (whatever its name); a directory's *.yaml, *.yml and
+    *.json files, sorted (and, with `recursive`, those of its subdirectories: kubectl's
+    -R), hidden ones skipped; `-` as is. A path that does not exist is kept: reading it
+    says so."""
+    out: list[str] = []
+    for path in paths:
+        if path == STDIN or not os.path.isdir(path):
+            out.append(path)
+            continue
+        found = []
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+            found += [os.path.join(root, f) for f in files if f.endswith(SUFFIXES) and not f.startswith(".")]
+        out += sorted(found)
+    return out
+
+
+@dataclass(frozen=True)
+class Input:
+    """One file of the input: its text, or why it could not be read."""
+
+    path: str  # as given (`-` for standard input)
+    text: str = ""
+    error: ConfigError | None = None
+
+    @property
+    def name(self) -> str:
+        return STDIN_NAME if self.path == STDIN else self.path
+
+    @property
+    def syntax(self) -> str:
+        return "json" if self.path.endswith(".json") else "yaml"
+
+
+def read_inputs(paths: Iterable[str], recursive: bool = False, stdin: IO[str] | None = None) -> list[Input]:
+    """The files of `-f` arguments (expand_paths) in order, each read whole; one that
+    cannot be read (missing, unreadable, not UTF-8) carries its ConfigError instead."""
+    out = []
+    for path in expand_paths(paths, recursive):
+        try:
+            if path == STDIN:
+                out.append(Input(path, (stdin or sys.stdin).read()))
+            else:
+                with open(path, encoding="utf-8") as fh:
+                    out.append(Input(path, fh.read()))
+        except OSError as exc:
+            out.append(Input(path, error=ConfigError(path, f"cannot read: {exc.strerror or exc}")))
+        except UnicodeDecodeError as exc:
+            out.append(Input(path, error=ConfigError(path, f"cannot read: not UTF-8 ({exc.reason})")))
+    return out
+
+
+def resource_type(obj: KubeObject, plural: bool = False) -> str:
+    """How kubectl names the object's type in its messages: `virtualservice.networking.istio.io`,
+    `deployment.apps`, `pod` (and `virtualservices.networking.istio.io` in NotFound errors)."""
+    kind = obj.kind.lower()
+    if plural:
+        kind = kind + "es" if kind.endswith(("s", "x", "ch", "sh")) else \
+            kind[:-1] + "ies" if kind.endswith("y") and kind[-2:-1] not in "aeiou" else kind + "s"
+    return f"{kind}.{obj.group}" if obj.group else kind

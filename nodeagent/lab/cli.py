@@ -1,6 +1,6 @@
 """`nodeagent lab …`: bring a lab up, change it, look at it, run commands in it, take it down.
 
-Sub-commands: up, apply, status, exec, down, demo, echo and request (the lab's test
+Sub-commands: up, apply, delete, status, exec, down, demo, echo and request (the lab's test
 apps, in their own modules), kubeconfig and kubectl (a lab made with `up --kube`), and
 supervise (started by `up`, not by hand). Every
 command takes `--name` (default `nalab`, or $NODEAGENT_LAB). Errors are NodeagentErrors,
@@ -16,6 +16,7 @@ import os
 import sys
 
 from nodeagent.errors import LabError
+from nodeagent.kube.objects import resource_type
 from nodeagent.lab import cgroups, layout, lifecycle, processes, status, teardown
 from nodeagent.lab.kube import controlplane, kubelet
 from nodeagent.lab.state import StateDir
@@ -32,16 +33,31 @@ def _layout(args: argparse.Namespace) -> layout.Layout:
     return layout.Layout(layout.check_name(args.name), cgroups.cgroup2_root())
 
 
+def _objects(args: argparse.Namespace):
+    """The objects of -f (several, directories, - for standard input) as kubectl reads them."""
+    return lifecycle.read_objects(args.file, args.recursive)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    objects = lifecycle.read_objects(args.file)
+    objects = _objects(args)
     lifecycle.up(layout.check_name(args.name), objects, not args.no_agents, _out, args.timeout, kube=args.kube)
     _out(f"lab {args.name} is up: nodeagent lab status --name {args.name}")
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    lifecycle.apply(layout.check_name(args.name), lifecycle.read_objects(args.file), _out, args.timeout)
+    lifecycle.apply(layout.check_name(args.name), _objects(args), _out, args.timeout)
     return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    done = lifecycle.delete(layout.check_name(args.name), _objects(args), _out, args.timeout)
+    if args.ignore_not_found:
+        return 0
+    for obj in done.missing:  # kubectl's words, on stderr, and exit 1
+        print(f'Error from server (NotFound): error when deleting "{obj.source.split("#")[0]}": '
+              f'{resource_type(obj, plural=True)} "{obj.name}" not found', file=sys.stderr, flush=True)
+    return 1 if done.missing else 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -153,6 +169,16 @@ def _unavailable(module: str, exc: ImportError) -> int:
     raise LabError(f"nodeagent lab {module} is not available: {exc}")
 
 
+def _add_files(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("-f", "--file", "--filename", action="extend", nargs="+", required=required, metavar="FILE",
+                        help="Kubernetes-shaped YAML: files, directories (their *.yaml, *.yml, *.json, sorted) or - "
+                             "for standard input, as kubectl -f (repeat -f for several; an object in a later file "
+                             "wins). The lab runs v1 Node/Namespace/Pod/Service and apps/v1 Deployment; other "
+                             "kinds are stored for the agents")
+    parser.add_argument("-R", "--recursive", action="store_true",
+                        help="also read the files in the subdirectories of -f directories")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     lab = subparsers.add_parser("lab", help="run Kubernetes-shaped YAML on this machine (the embedded lab)",
                                 description=__doc__.split("\n\n")[0])
@@ -163,17 +189,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     waits = argparse.ArgumentParser(add_help=False)
     waits.add_argument("--timeout", type=float, default=UP_TIMEOUT, help="seconds to wait for pods to run")
 
-    up = sub.add_parser("up", parents=[named, waits], help="start a lab from a file (default: the built-in demo)")
-    up.add_argument("-f", "--file", help="Kubernetes-shaped YAML: v1 Node/Namespace/Pod/Service, apps/v1 "
-                    "Deployment; other kinds are stored for the agents")
+    up = sub.add_parser("up", parents=[named, waits], help="start a lab from files (default: the built-in demo)")
+    _add_files(up, required=False)
     up.add_argument("--no-agents", action="store_true", help="do not run a node agent per node")
     up.add_argument("--kube", action="store_true", help="also run a Kubernetes control plane (etcd, "
                     "kube-apiserver, -controller-manager, -scheduler) and register the nodes with it")
     up.set_defaults(func=cmd_up)
 
     apply = sub.add_parser("apply", parents=[named, waits], help="add or change objects in a running lab")
-    apply.add_argument("-f", "--file", required=True)
+    _add_files(apply, required=True)
     apply.set_defaults(func=cmd_apply)
+
+    delete = sub.add_parser("delete", parents=[named, waits],
+                            help="remove the objects of files from a running lab (as kubectl delete -f)",
+                            description="Remove each object of the files from the lab, printing one line per object "
+                                        "as kubectl does; a Namespace takes the objects in it along, a Deployment "
+                                        "its pods. Deleted pods' processes, netns and cgroups are removed and, with "
+                                        "agents, this returns once every agent has dropped what was deleted. An "
+                                        "object the lab does not have is an error (exit 1) unless "
+                                        "--ignore-not-found. Nodes cannot be deleted (lab down removes the lab).")
+    _add_files(delete, required=True)
+    delete.add_argument("--ignore-not-found", action="store_true",
+                        help="an object the lab does not have is not an error")
+    delete.set_defaults(func=cmd_delete)
 
     st = sub.add_parser("status", parents=[named], help="nodes, pods and services of a lab")
     st.add_argument("-o", "--output", choices=("table", "json"), default="table")

@@ -84,6 +84,34 @@ def judged(obj: KubeObject, node: str, status: dict | None, since: float) -> Ver
     return None
 
 
+def held_by_agents(obj: KubeObject) -> bool:
+    """Whether the agents' status may name `obj`: an Istio resource they read (in force or
+    refused), or one of a kind they answer for (kinds.py)."""
+    return kinds.is_istio(obj)
+
+
+def held(keys: list[str], pods: set[str], status: dict | None, since: float) -> list[str]:
+    """What an agent's status still holds of deleted resources (`keys`, "Kind ns/name":
+    in force, or named by an error or warning) and deleted `pods` ("ns/name": enrolled or
+    waiting); a reason in parentheses while its configuration is not rebuilt since
+    `since` (and, with a waypoint, Envoy not in sync with it)."""
+    if not keys and not pods:
+        return []
+    if not status:
+        return ["(its status: the agent does not answer)"]
+    policy, waypoint = status.get("policy", {}), status.get("waypoint") or {}
+    rebuilt = (policy.get("built_at") or 0) >= since and (not waypoint or (
+        (waypoint.get("built_at") or 0) >= since and waypoint.get("xds", {}).get("in_sync")))
+    if not rebuilt:
+        return ["(its configuration, not rebuilt since the delete yet)"]
+    texts = [*policy.get("errors", []), *policy.get("kinds", {}).get("errors", []),
+             *policy.get("kinds", {}).get("warnings", []), *waypoint.get("errors", []), *waypoint.get("warnings", [])]
+    found = [key for key in keys if key in policy.get("resources", {}) or key in waypoint.get("resources", {})
+             or any(f"({key})" in text for text in texts)]
+    enrolled = {f"{p['namespace']}/{p['name']}" for p in [*status.get("pods", []), *status.get("waiting", [])]}
+    return found + [f"Pod {key}" for key in sorted(pods & enrolled)]
+
+
 def wait(objects: list[KubeObject], nodes: list[str], status_of: Callable[[str], dict | None], since: float,
          timeout: float, clock: Callable[[], float] = time.monotonic,
          sleep: Callable[[float], None] = time.sleep) -> tuple[list[Verdict], list[tuple[KubeObject, str]]]:

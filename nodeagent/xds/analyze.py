@@ -1,7 +1,7 @@
 """`nodeagent analyze`: check Istio YAML offline with the checks the agents apply.
 
-Reads files, directories (their *.yaml, *.yml, *.json, as the `files` source does) and
-standard input (`-`), every document on its own; builds the Model, validates every Istio
+Reads files, directories (their *.yaml, *.yml, *.json; below them too with -R) and
+standard input (`-`) as kubectl reads -f, every document on its own; builds the Model, validates every Istio
 resource (IstioConfig: every problem of a resource at once, each with its field path;
 kinds the mesh does not implement get their verdict, xds/istio/kinds.py) and translates
 the waypoint of every node in the input (references to hosts, ports or subsets that do
@@ -16,16 +16,13 @@ warning; info for remarks that never fail), or "ok". Pure apart from reading the
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from nodeagent.errors import ConfigError
-from nodeagent.kube.objects import KubeObject, parse_each
+from nodeagent.kube.objects import KubeObject, parse_each, read_inputs
 from nodeagent.model import Model
 from nodeagent.policy.schema import Field, resource_name
-from nodeagent.sources.files import SUFFIXES  # a directory is read as the files source reads one
 from nodeagent.xds.dataplane import Sockets
 from nodeagent.xds.istio import kinds
 from nodeagent.xds.istio.config import IstioConfig
@@ -36,7 +33,6 @@ from nodeagent.xds.translate.options import WaypointOptions
 from nodeagent.xds.translate.services import Catalog
 
 ERROR, WARNING, INFO = "error", "warning", "info"
-STDIN = "-"
 # Kinds whose pod template gives the labels of the pods they run.
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job")
 
@@ -92,36 +88,15 @@ class Analysis:
             [str(p) for p in self.unattached]
 
 
-def expand(paths: Iterable[str]) -> list[str]:
-    """Files as given; a directory's YAML/JSON files below it, sorted; `-` as is."""
-    out = []
-    for path in paths:
-        if path != STDIN and os.path.isdir(path):
-            found = []
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [os.path.join(root, f) for f in files if f.endswith(SUFFIXES) and not f.startswith(".")]
-            out += sorted(found)
-        else:
-            out.append(path)
-    return out
-
-
-def analyze_files(paths: list[str], stdin=None) -> Analysis:
-    """The input in order: objects, and a Problem for each file or document that could not be read."""
+def analyze_files(paths: list[str], stdin=None, recursive: bool = False) -> Analysis:
+    """The input in order (kube/objects.py reads `-f` as kubectl does): objects, and a
+    Problem for each file or document that could not be read."""
     items: list[KubeObject | Problem] = []
-    for path in expand(paths):
-        try:
-            if path == STDIN:
-                text, name = (stdin or sys.stdin).read(), "<stdin>"
-            else:
-                with open(path, encoding="utf-8") as fh:
-                    text, name = fh.read(), path
-            items += [Problem(ERROR, i) if isinstance(i, ConfigError) else i for i in parse_each(text, name)]
-        except OSError as exc:
-            items.append(Problem(ERROR, ConfigError(path, f"cannot read: {exc.strerror}")))
-        except UnicodeDecodeError as exc:
-            items.append(Problem(ERROR, ConfigError(path, f"cannot read: not UTF-8 ({exc.reason})")))
+    for given in read_inputs(paths, recursive, stdin):
+        if given.error is not None:
+            items.append(Problem(ERROR, given.error))
+            continue
+        items += [Problem(ERROR, i) if isinstance(i, ConfigError) else i for i in parse_each(given.text, given.name)]
     return analyze(items)
 
 

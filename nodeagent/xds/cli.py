@@ -55,8 +55,10 @@ def register(sub: argparse._SubParsersAction, lab_socket: Callable[[str, str], s
                                     "'ok'. Exit 1 if any error (or warning, with --failure-threshold "
                                     "warning).")
     an.add_argument("-f", "--filename", action="extend", nargs="+", required=True, metavar="FILE",
-                    help="YAML files, directories (their *.yaml, *.yml, *.json) or - for standard input "
+                    help="YAML files, directories (their *.yaml, *.yml, *.json, sorted) or - for standard input "
                          "(-f a.yaml dir/ -, or -f repeated)")
+    an.add_argument("-R", "--recursive", action="store_true",
+                    help="also read the files in the subdirectories of -f directories (as kubectl -R)")
     an.add_argument("--failure-threshold", choices=("error", "warning"), default="error")
     an.set_defaults(func=_analyze)
 
@@ -120,7 +122,7 @@ def xds_socket(given: str | None, lab: str | None, node: str | None, lab_socket:
 def _analyze(args: argparse.Namespace) -> int:
     from nodeagent.xds.analyze import analyze_files
 
-    analysis = analyze_files(args.filename)
+    analysis = analyze_files(args.filename, recursive=args.recursive)
     for line in analysis.lines():
         print(line)
     if not analysis.translated:

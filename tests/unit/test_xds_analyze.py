@@ -130,12 +130,16 @@ def test_files_directories_and_standard_input_are_read_and_a_bad_document_spoils
     (tmp_path / "dir" / "notes.txt").write_text("not yaml: [")
     (tmp_path / "dir" / "svc.yaml").write_text(SERVICE + "---\napiVersion: v1\nkind: Service\nmetadata: {}\n")
     monkeypatch.setattr("sys.stdin", io.StringIO(BAD_VS.split("---")[0]))
-    assert main(["analyze", "-f", str(tmp_path / "dir"), "-f", "-"]) == 1
+    assert main(["analyze", "-f", str(tmp_path / "dir"), "-f", "-", "-R"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"ok: {tmp_path / 'dir' / 'sub' / 'dr.yml'}#1 (DestinationRule shop/reviews)"
     assert out[1] == f"error: {tmp_path / 'dir' / 'svc.yaml'}#2 (Service): missing metadata.name"
     assert out[2].startswith("error: <stdin>#1 (VirtualService shop/reviews) spec.http[0].retries.perTryTimeot: ")
     assert len(out) == 3
+    # Without -R, as kubectl and istioctl: only the directory's own files.
+    assert main(["analyze", "-f", str(tmp_path / "dir")]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"error: {tmp_path / 'dir' / 'svc.yaml'}#2 (Service): missing metadata.name"]
 
 
 def test_a_refused_resource_gives_every_error_to_status_too():
