@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +22,7 @@ from nodeagent.capture.preflight import MOUNTS, mount_table
 from nodeagent.errors import ConfigError
 from nodeagent.identity.caproto import default_server_name
 from nodeagent.identity.spiffe import parse_trust_domain
+from nodeagent.kube.client import ClusterConfig, from_kubeconfig, in_cluster
 from nodeagent.kube.objects import DNS_SUBDOMAIN
 from nodeagent.xds.dataplane import UNIX_PATH_MAX, Sockets
 from nodeagent.settings import (OFF, Setting, parse_absolute, parse_address, parse_bool, parse_choice,
@@ -38,8 +40,9 @@ FLOW_LOG_STDERR = "stderr"
 @dataclass(frozen=True)
 class AgentConfig:
     node: str
-    source: str  # as given: "files:DIR"
-    source_dir: Path
+    source: str  # as given: "files:DIR", "kube" or "kube:KUBECONFIG"
+    source_dir: Path | None  # the files source's directory; None for kube
+    kubeconfig: Path | None  # the kube source's kubeconfig; None: in-cluster (or the files source)
     cgroup: Path
     bpffs: Path
     admin_socket: Path
@@ -77,6 +80,10 @@ class AgentConfig:
     @property
     def identity_enabled(self) -> bool:
         return self.ca_address is not None
+
+    @property
+    def source_kind(self) -> str:
+        return self.source.partition(":")[0]
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
@@ -116,6 +123,21 @@ def seconds_between(low: float, high: float):
             raise ValueError(f"must be between {low:g} and {high:g} seconds")
         return value
     return parse
+
+
+def parse_agent_source(raw: str) -> str:
+    """files:DIR, kube (in-cluster) or kube:KUBECONFIG."""
+    kind, sep, rest = raw.partition(":")
+    if kind == "kube":
+        if sep and not rest:
+            raise ValueError("kube:KUBECONFIG needs the kubeconfig's path (plain `kube` in a pod)")
+        if rest and not Path(rest).is_file():
+            raise ValueError(f"kubeconfig {rest} is not a file")
+        return raw
+    try:
+        return parse_source(raw)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or kube (in a pod), or kube:KUBECONFIG") from None
 
 
 parse_interval = seconds_between(0.001, 60)
@@ -172,7 +194,13 @@ def cgroup2_root(mounts: str = MOUNTS) -> str:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("node", parse_node, None, "name of the node this agent serves (pods' spec.nodeName)", "NODE"),
-    Setting("source", parse_source, None, "where cluster state comes from: files:DIR", "files:DIR"),
+    Setting("source", parse_agent_source, None,
+            "where cluster state comes from: files:DIR (a directory of Kubernetes YAML), kube (the API "
+            "server, from inside a pod: its service-account token) or kube:KUBECONFIG",
+            "files:DIR|kube|kube:KUBECONFIG"),
+    Setting("kubeconfig", parse_optional_file, "off",
+            "kubeconfig of the kube source (its current context's server and client certificate or token); "
+            "off: in-cluster, or the path in kube:KUBECONFIG", "FILE"),
     Setting("cgroup", parse_directory, cgroup2_root,
             "cgroup v2 directory the capture programs attach to (default: the cgroup2 root)", "DIR"),
     Setting("bpffs", parse_absolute, "/sys/fs/bpf/nodeagent", "bpffs directory for pinned maps", "DIR"),
@@ -259,13 +287,36 @@ def load_uninstall(given: Mapping[str, Any] | argparse.Namespace,
 def load(given: Mapping[str, Any] | argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Parse and validate every setting; raise ConfigError naming the first bad one."""
     values = settings.parse_settings(SETTINGS, given, environ)
-    values["source_dir"] = Path(values["source"].partition(":")[2])
+    _check_source(values, os.environ if environ is None else environ)
     _check_ports(values)
     if values["delivery_mark"] == values["mark"]:
         raise ConfigError("setting delivery_mark", f"must differ from mark ({values['mark']:#x})",
                           "the pod's reply routing would catch the agent's outbound connections too")
     _check_identity(values)
     return AgentConfig(**values)
+
+
+def _check_source(values: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """source_dir and kubeconfig from the source; the kube source's credentials read once
+    now, so a missing token or a bad kubeconfig fails the start, naming what is wrong."""
+    kind, _, rest = values["source"].partition(":")
+    values["source_dir"] = Path(rest) if kind == "files" else None
+    if kind != "kube":
+        if values["kubeconfig"] is not None:
+            raise ConfigError("setting kubeconfig", f"is for the kube source, not {values['source']}",
+                              "pass --source kube with --kubeconfig, or drop --kubeconfig")
+        return
+    if rest:
+        if values["kubeconfig"] is not None and values["kubeconfig"] != Path(rest):
+            raise ConfigError("setting kubeconfig", f"{values['kubeconfig']} differs from the source's {rest}",
+                              "name the kubeconfig once: --source kube:PATH or --source kube --kubeconfig PATH")
+        values["kubeconfig"] = Path(rest)
+    cluster_config(values["kubeconfig"], environ)
+
+
+def cluster_config(kubeconfig: Path | None, environ: Mapping[str, str] | None = None) -> ClusterConfig:
+    """The kube source's API server and credentials: the kubeconfig's, else in-cluster."""
+    return from_kubeconfig(kubeconfig) if kubeconfig is not None else in_cluster(environ)
 
 
 def _check_identity(values: dict[str, Any]) -> None:

@@ -1,10 +1,11 @@
 """`nodeagent run`: the agent's asyncio main.
 
 Start-up: load capture (preflight, compile, adopt pinned maps, attach), start the admin
-endpoints, then reconcile: every meshed local pod is (re-)enrolled — idempotent, so a
+endpoints, start the source (`files:DIR`, woken by inotify, or `kube`, woken by its
+watches: sources/kube.py), then reconcile: every meshed local pod is (re-)enrolled — idempotent, so a
 restart after a crash adopts what the previous agent left — and capture entries of netns
 cookies no longer meshed are removed. Then the source is checked every poll interval
-(and at once when inotify reports a change) and each new model is reconciled: policies
+(and at once when inotify or a watch reports a change) and each new model is reconciled: policies
 rebuilt first (new connections see them at once), then enrolment, then the workload
 identities of the enrolled pods (fetched ahead, forgotten when unused) and the release
 of removed pods' tunnel connections. Ready (`/healthz/ready`, status) means "can serve":
@@ -30,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from nodeagent import __version__
 from nodeagent.agent import logs
 from nodeagent.agent.admin import AdminServer, Readiness
-from nodeagent.agent.config import AgentConfig
+from nodeagent.agent.config import AgentConfig, cluster_config
 from nodeagent.agent.configwork import ConfigWork
 from nodeagent.agent.datapath import DataPath
 from nodeagent.agent.inpod.enrolment import Enroller, Handlers, Ports
@@ -40,18 +41,19 @@ from nodeagent.agent.inpod.podns import PodNetnsResolver
 from nodeagent.agent.watch import DirectoryWatch
 from nodeagent.model import Model
 from nodeagent.sources.files import FilesSource
+from nodeagent.sources.kube import KubeSource
 
 
 class Agent:
     def __init__(self, config: AgentConfig, *, capture, registry: CollectorRegistry,
-                 log: logging.Logger, source: FilesSource | None = None,
+                 log: logging.Logger, source: FilesSource | KubeSource | None = None,
                  resolver: PodNetnsResolver | None = None):
         self.config = config
         self.capture = capture
         self.registry = registry
         self.log = log
         self.metrics = AgentMetrics(registry)
-        self.source = source or FilesSource(config.source_dir, log=log.getChild("source"))
+        self.source = source or new_source(config, log.getChild("source"))
         self.model = Model.empty()
         self._round_failed = False  # the last round raised: the next one redoes it all
         self.model_changed_at: float | None = None
@@ -80,7 +82,7 @@ class Agent:
         self.capture.load()
         try:
             await self.admin.start(self.config.admin_address, self.config.admin_socket)
-            watch = DirectoryWatch(self.config.source_dir, self.log.getChild("watch"))
+            watch = self._wakeup()
             try:
                 await self.datapath.start()
                 await self._first_reconcile(stop, watch)
@@ -101,6 +103,13 @@ class Agent:
             self.capture.close(keep=self.config.keep_on_exit)
             self.log.info("agent stopped (%s)", "capture kept for the next agent" if self.config.keep_on_exit
                           else "capture detached and unpinned")
+
+    def _wakeup(self) -> DirectoryWatch | Any:
+        """What wakes the agent when the source changes: inotify on the files source's
+        directory, or the kube source's watches (which this starts; closing it stops them)."""
+        if isinstance(self.source, KubeSource):
+            return self.source.wakeup()
+        return DirectoryWatch(self.config.source_dir, self.log.getChild("watch"))
 
     async def _first_reconcile(self, stop: asyncio.Event, watch: "DirectoryWatch") -> None:
         """Read the source until it reads (an unreadable one is no empty cluster: capture
@@ -173,7 +182,8 @@ class Agent:
         return {
             "node": self.config.node, "version": __version__, "pid": os.getpid(),
             "started_at": self.started_at, **self._readiness_status(),
-            "source": {"location": self.config.source, "errors": dict(self.source.errors),
+            "source": {"location": getattr(self.source, "location", self.config.source),
+                       "errors": dict(self.source.errors),
                        "model_changed_at": self.model_changed_at,
                        "pods_on_node": len(self.model.pods_on_node(self.config.node))},
             "pods": enrolment["enrolled"], "waiting": enrolment["waiting"],
@@ -184,6 +194,13 @@ class Agent:
     def _readiness_status(self) -> dict[str, Any]:
         readiness = self.readiness()
         return {"ready": bool(readiness), "not_ready": list(readiness.missing)}
+
+
+def new_source(config: AgentConfig, log: logging.Logger) -> FilesSource | KubeSource:
+    """The source `config.source` names (the kube source's reflectors start with its wake-up)."""
+    if config.source_kind == "kube":
+        return KubeSource(cluster_config(config.kubeconfig), log=log)
+    return FilesSource(config.source_dir, log=log)
 
 
 def new_capture(config: AgentConfig, log: logging.Logger):

@@ -93,8 +93,8 @@ def test_cli_flags_parse(base):
 
 BAD = [
     ("node", "Node_1", "DNS-1123"),
-    ("source", "kube", "not implemented yet"),
-    ("source", "kube:", "not implemented yet"),
+    ("source", "kube:", "needs the kubeconfig's path"),
+    ("source", "kube:/does/not/exist", "is not a file"),
     ("source", "http://x", "files:DIR"),
     ("source", "files:/does/not/exist", "not a directory"),
     ("cgroup", "relative/cg", "absolute"),

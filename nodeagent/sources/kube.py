@@ -1,0 +1,461 @@
+"""The `kube` source: cluster state from the Kubernetes API (list + watch).
+
+Same contract as the `files` source (sources/files.py), so the daemon uses either:
+`poll()` returns a new Model when anything changed since the last one, else None;
+`errors` maps what is wrong (a kind, an object) to a one-line message for status;
+`scan_error` says why the state cannot be trusted yet. A source that cannot be read is
+never an empty cluster: until every kind has been listed once `poll()` returns None and
+`scan_error` says what is missing (the agent is not ready); later, a kind whose watch
+broke keeps its objects as last read until a relist replaces them.
+
+One reflector per kind (as client-go's): discover the version to read (networking.istio.io
+v1, else v1beta1, else v1alpha3, as the server serves them), list (paginated), watch
+from the list's resourceVersion with bookmarks, re-watch from the last version seen when
+the server ends a watch, relist on 410 Gone, back off with jitter on errors. A kind the
+server does not serve (its CRD not installed) holds no objects, is reported in `errors`
+and is looked up again every `rediscover_seconds`: a cluster without Istio's CRDs is a
+cluster without Istio resources, not a failure.
+
+Every object goes through the checks the files source makes (object_from_dict, then
+model.check for Pods and Services); an invalid one is refused alone: its last good
+version stays and `errors` names it and the field. (Kubernetes Events for refused
+objects are not written yet.) Pods keep only the fields the model reads; every object
+loses metadata.managedFields (the server's bookkeeping): a 10k-pod cluster is held in a
+fraction of the memory the API's objects take.
+
+The reflectors run on an event loop of their own in a thread of their own, so decoding
+a busy cluster's events never takes the relays' loop; `poll()` is called from the
+agent's config thread; the two share the stores under one lock. A burst of events
+(kubectl apply -f of many objects) wakes the agent once: the wake-up waits until no
+event came for BURST_QUIET (at most BURST_MAX) — one model per change burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from nodeagent.backoff import Backoff
+from nodeagent.errors import ConfigError
+from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient, NotFound, Resource
+from nodeagent.kube.objects import KubeObject, object_from_dict
+from nodeagent.model import Model, check
+
+SOURCE = "kube"  # KubeObject.source of every object read here: messages say "kube (Pod ns/name)"
+BURST_QUIET = 0.02  # seconds without an event that end a burst
+BURST_MAX = 0.25  # a steady stream of events still wakes the agent this often
+RETRY = Backoff(0.5, 30.0)  # after a failed list or watch (jittered)
+REDISCOVER_SECONDS = 30.0  # a kind not served yet is looked up again this often
+WATCH_SECONDS = (300, 600)  # a watch's timeoutSeconds, drawn in this range (client-go's 5-10 min)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind the model reads, and the versions to read it at, most preferred first."""
+
+    kind: str
+    group: str
+    versions: tuple[str, ...]
+    plural: str
+
+    def resource(self, version: str) -> Resource:
+        if not self.group:
+            return Resource(f"/api/{version}/{self.plural}", self.plural)
+        return Resource(f"/apis/{self.group}/{version}/{self.plural}", f"{self.plural}.{self.group}")
+
+    def api_version(self, version: str) -> str:
+        return f"{self.group}/{version}" if self.group else version
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.group})" if self.group else self.kind
+
+
+NETWORKING, SECURITY = "networking.istio.io", "security.istio.io"
+ISTIO_NETWORKING = ("v1", "v1beta1", "v1alpha3")
+ISTIO_SECURITY = ("v1", "v1beta1")
+# What Model.build and the xDS/policy layers read (xds/istio/kinds.py IMPLEMENTED). Every
+# Pod, not only this node's: the model resolves a Service to its endpoint pods (their IP,
+# labels for DestinationRule subsets, service account for the peer's identity) on every
+# node. EndpointSlices are not read: the model derives endpoints from pods and selectors.
+KINDS: tuple[Kind, ...] = (
+    Kind("Namespace", "", ("v1",), "namespaces"),
+    Kind("Pod", "", ("v1",), "pods"),
+    Kind("Service", "", ("v1",), "services"),
+    Kind("VirtualService", NETWORKING, ISTIO_NETWORKING, "virtualservices"),
+    Kind("DestinationRule", NETWORKING, ISTIO_NETWORKING, "destinationrules"),
+    Kind("EnvoyFilter", NETWORKING, ("v1alpha3",), "envoyfilters"),
+    Kind("AuthorizationPolicy", SECURITY, ISTIO_SECURITY, "authorizationpolicies"),
+    Kind("PeerAuthentication", SECURITY, ISTIO_SECURITY, "peerauthentications"),
+    Kind("RequestAuthentication", SECURITY, ISTIO_SECURITY, "requestauthentications"),
+)
+
+
+# --- pure parts: what one object, one list, one event does to a kind's store ----------
+def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+    """The object as the source keeps it: without managedFields; a Pod with only the
+    fields model.py reads (and its resourceVersion, for change detection)."""
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    if kind.kind != "Pod" or kind.group:
+        return {**body, "metadata": meta}
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    spec = spec if isinstance(spec, dict) else {}
+    containers = spec.get("containers")
+    if isinstance(containers, list):
+        containers = [{k: c[k] for k in ("name", "ports") if k in c} if isinstance(c, dict) else c
+                      for c in containers]
+    keep_meta = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences",
+                 "creationTimestamp", "resourceVersion")
+    out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+           "metadata": {k: meta[k] for k in keep_meta if k in meta},
+           "spec": {k: spec[k] for k in ("nodeName", "serviceAccountName", "serviceAccount") if k in spec}}
+    if containers is not None:
+        out["spec"]["containers"] = containers
+    out["status"] = ({k: status[k] for k in ("podIP", "phase") if k in status}
+                     if isinstance(status, dict) else status)
+    return out
+
+
+def admit(kind: Kind, api_version: str, body: Any) -> KubeObject:
+    """The KubeObject of one API object, checked as the files source checks a file's
+    (ConfigError naming the object and field). List items carry no apiVersion and kind:
+    they are the list's."""
+    if not isinstance(body, dict):
+        raise ConfigError(f"{SOURCE} ({kind.kind})", f"expected an object, got {type(body).__name__}")
+    body = trimmed(kind, {**body, "apiVersion": api_version, "kind": kind.kind})
+    obj = object_from_dict(body, SOURCE)
+    check([obj])
+    return obj
+
+
+def object_name(kind: Kind, body: Any) -> str:
+    """How errors name an object that may not even parse: `Pod ns/name`."""
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    where = "/".join(str(p) for p in (meta.get("namespace"), meta.get("name")) if p)
+    return f"{kind.kind} {where or '?'}"
+
+
+def next_step(exc: BaseException) -> str:
+    """What a reflector does after its list or watch ended with `exc`: "relist" at once
+    (410 Gone: the version is too old to watch from), "rediscover" later (404: the kind
+    is not served, e.g. its CRD is not installed), else "backoff" and list again."""
+    if isinstance(exc, Gone):
+        return "relist"
+    if isinstance(exc, NotFound):
+        return "rediscover"
+    return "backoff"
+
+
+@dataclass
+class Store:
+    """One kind's objects as last read (invalid versions refused alone) and the
+    resourceVersion to watch from. Methods return whether the objects changed."""
+
+    kind: Kind
+    api_version: str = ""
+    objects: dict[str, KubeObject] = field(default_factory=dict)  # "Pod ns/name" -> object
+    errors: dict[str, str] = field(default_factory=dict)  # "Pod ns/name" -> why its last version was refused
+    resource_version: str = ""
+    on_error: Callable[[ConfigError], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.api_version = self.api_version or self.kind.api_version(self.kind.versions[0])  # until discovered
+
+    def replace(self, items: Iterable[Any], resource_version: str) -> bool:
+        """A complete list: what it holds is the kind's state (an object missing from it is gone)."""
+        before = {name: _version(obj) for name, obj in self.objects.items()}
+        kept, errors = {}, {}
+        for body in items:
+            name = object_name(self.kind, body)
+            try:
+                kept[name] = admit(self.kind, self.api_version, body)
+            except ConfigError as exc:
+                errors[name] = str(exc)
+                if name in self.objects:
+                    kept[name] = self.objects[name]  # the last good version stays
+                self._refused(exc)
+        self.objects, self.errors, self.resource_version = kept, errors, resource_version
+        return {name: _version(obj) for name, obj in kept.items()} != before
+
+    def apply(self, event: dict[str, Any]) -> bool:
+        """One watch event (ADDED, MODIFIED, DELETED or BOOKMARK)."""
+        kind, body = event.get("type"), event.get("object") or {}
+        version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        if kind == "BOOKMARK":
+            self.resource_version = version or self.resource_version
+            return False
+        name = object_name(self.kind, body)
+        self.resource_version = version or self.resource_version
+        if kind == "DELETED":
+            self.errors.pop(name, None)
+            return self.objects.pop(name, None) is not None
+        if kind not in ("ADDED", "MODIFIED"):
+            return False
+        try:
+            obj = admit(self.kind, self.api_version, body)
+        except ConfigError as exc:
+            self.errors[name] = str(exc)
+            self._refused(exc)
+            return False
+        self.errors.pop(name, None)
+        previous = self.objects.get(name)
+        self.objects[name] = obj
+        return previous is None or _version(previous) != _version(obj) or previous.body != obj.body
+
+    def clear(self) -> bool:
+        changed = bool(self.objects)
+        self.objects, self.errors, self.resource_version = {}, {}, ""
+        return changed
+
+    def _refused(self, exc: ConfigError) -> None:
+        if self.on_error:
+            self.on_error(exc)
+
+
+def _version(obj: KubeObject) -> str:
+    return str((obj.body.get("metadata") or {}).get("resourceVersion") or "")
+
+
+# --- the source -------------------------------------------------------------------
+class KubeSource:
+    """The Kubernetes API as the agent's source; `start()` runs its reflectors."""
+
+    def __init__(self, config: ClusterConfig, log: logging.Logger | None = None, *,
+                 kinds: tuple[Kind, ...] = KINDS, timeout: float = 10.0,
+                 watch_seconds: tuple[int, int] = WATCH_SECONDS,
+                 rediscover_seconds: float = REDISCOVER_SECONDS, rng: random.Random | None = None,
+                 on_error: Callable[[ConfigError], None] | None = None):
+        self.config = config
+        self.log = log or logging.getLogger("nodeagent.sources.kube")
+        self.client = KubeClient(config, timeout=timeout)
+        self.watch_seconds, self.rediscover_seconds = watch_seconds, rediscover_seconds
+        self.rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._stores = [Store(k, on_error=on_error) for k in kinds]
+        self._synced: set[Kind] = set()  # listed at least once (or known not served)
+        self._failing: dict[Kind, str] = {}  # kind -> why its reflector is retrying
+        self._missing: dict[Kind, str] = {}  # kind -> why it is not served
+        self._generation = 0  # bumped by every change of the stores
+        self._built = -1  # generation of the last model poll() returned
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None
+        self._subscribers: list[Callable[[], None]] = []
+
+    # --- what the daemon reads --------------------------------------------------------
+    @property
+    def location(self) -> str:
+        return f"kube ({self.config.origin}, {self.config.url})"
+
+    @property
+    def errors(self) -> dict[str, str]:
+        with self._lock:
+            out = {str(k): v for k, v in {**self._missing, **self._failing}.items()}
+            for store in self._stores:
+                out.update({f"{SOURCE} ({name})": why for name, why in store.errors.items()})
+            return out
+
+    @property
+    def scan_error(self) -> str | None:
+        with self._lock:
+            if self._failing:
+                kind, why = next(iter(self._failing.items()))
+                return f"{kind}: {why}"
+            waiting = [str(s.kind) for s in self._stores if s.kind not in self._synced]
+            return f"waiting for the first list of {', '.join(waiting)}" if waiting else None
+
+    def poll(self) -> Model | None:
+        """A new Model when anything changed since the last one; None before every kind
+        was listed once, and when nothing changed."""
+        with self._lock:
+            if len(self._synced) < len(self._stores) or self._generation == self._built:
+                return None
+            generation = self._generation
+            objects = [o for store in self._stores for o in store.objects.values()]
+        model = Model.build(objects)
+        self._built = generation
+        return model
+
+    # --- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            started = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(started,), name="nodeagent-kube", daemon=True)
+            self._thread.start()
+            started.wait()
+
+    def wakeup(self) -> "KubeWakeup":
+        """A wake-up for the caller's loop that fires once per change burst (starts the source)."""
+        wake = KubeWakeup(self, asyncio.get_running_loop())
+        with self._lock:
+            self._subscribers.append(wake.notify)
+        self.start()
+        return wake
+
+    def close(self) -> None:
+        """Stop the reflectors and wait for their thread."""
+        if self._thread is not None and self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already closed
+                self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout=30)
+        self._thread = None
+
+    def _run(self, started: threading.Event) -> None:
+        async def main() -> None:
+            self._loop, self._stop, self._changed = asyncio.get_running_loop(), asyncio.Event(), asyncio.Event()
+            started.set()
+            tasks = [asyncio.create_task(self._reflect(store)) for store in self._stores]
+            tasks.append(asyncio.create_task(self._notifier()))
+            try:
+                await self._stop.wait()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run(main())
+
+    # --- reflectors (on the source's own loop) ----------------------------------------
+    async def _reflect(self, store: Store) -> None:
+        kind, attempt = store.kind, 0
+        while True:
+            try:
+                resource = await self._discover(kind, store)
+                items, version = await self.client.list(resource)
+                self._update(store, store.replace, items, version, synced=True)
+                attempt = 0
+                while True:  # the server ends each watch after its timeoutSeconds: watch on
+                    seconds = self.rng.randint(*self.watch_seconds)
+                    async with contextlib.aclosing(self.client.watch(resource, store.resource_version,
+                                                                     timeout_seconds=seconds)) as events:
+                        async for event in events:
+                            self._update(store, store.apply, event)
+            except asyncio.CancelledError:
+                raise
+            except KubeApiError as exc:
+                step = next_step(exc)
+                if step == "relist":
+                    self.log.info("%s: %s; listing again", kind, exc)
+                    continue
+                if step == "rediscover":
+                    self._not_served(store, f"{exc.message}: is its CRD installed?")
+                    await asyncio.sleep(self.rediscover_seconds)
+                    continue
+                attempt += 1
+                delay = RETRY.jittered(attempt, self.rng)
+                self._fail(kind, str(exc), delay)
+                await asyncio.sleep(delay)
+            except Exception as exc:  # a bug must not end the reflector: keep the state, retry
+                attempt += 1
+                self.log.exception("%s: reflector failed; retrying", kind)
+                self._fail(kind, f"internal error: {exc!r}", RETRY.jittered(attempt, self.rng))
+                await asyncio.sleep(RETRY.jittered(attempt, self.rng))
+
+    async def _discover(self, kind: Kind, store: Store) -> Resource:
+        """The resource to read `kind` from: its most preferred version the server serves
+        with this kind in it; NotFound when none."""
+        if not kind.group:
+            store.api_version = kind.api_version(kind.versions[0])
+            return kind.resource(kind.versions[0])
+        group = await self.client.get(f"/apis/{kind.group}", f"group {kind.group}")
+        served = {v.get("version") for v in group.get("versions") or [] if isinstance(v, dict)}
+        for version in (v for v in kind.versions if v in served):
+            listing = await self.client.get(f"/apis/{kind.group}/{version}", f"{kind.group}/{version}")
+            if any(r.get("name") == kind.plural for r in listing.get("resources") or [] if isinstance(r, dict)):
+                store.api_version = kind.api_version(version)
+                return kind.resource(version)
+        raise NotFound(str(kind), f"not served (versions {', '.join(kind.versions)} wanted, the server has "
+                       f"{', '.join(sorted(served)) or 'none'})", 404)
+
+    def _update(self, store: Store, change: Callable[..., bool], *args: Any, synced: bool = False) -> None:
+        """Apply `change` to `store` under the lock; a change (or a kind's first list) wakes the agent."""
+        with self._lock:
+            changed = change(*args)
+            first = synced and store.kind not in self._synced
+            if synced:
+                self._synced.add(store.kind)
+                if self._failing.pop(store.kind, None) is not None or self._missing.pop(store.kind, None):
+                    self.log.info("%s: listed again (%d objects)", store.kind, len(store.objects))
+            if changed or first:
+                self._generation += 1
+        if changed or first:
+            self._signal()
+
+    def _not_served(self, store: Store, why: str) -> None:
+        with self._lock:
+            if self._missing.get(store.kind) != why:
+                self.log.warning("%s: %s; its objects are not read, looking again every %gs",
+                                 store.kind, why, self.rediscover_seconds)
+            self._missing[store.kind] = why
+            self._failing.pop(store.kind, None)
+            first = store.kind not in self._synced
+            self._synced.add(store.kind)
+            changed = store.clear()
+            if changed or first:
+                self._generation += 1
+        if changed or first:
+            self._signal()
+
+    def _signal(self) -> None:
+        """Tell the notifier (on the source's loop, the only caller's) that the stores changed."""
+        if self._changed is not None:
+            self._changed.set()
+
+    def _fail(self, kind: Kind, why: str, delay: float) -> None:
+        with self._lock:
+            if self._failing.get(kind) != why:
+                self.log.error("%s: %s; keeping the objects last read, retrying in %.1fs", kind, why, delay)
+            self._failing[kind] = why
+
+    async def _notifier(self) -> None:
+        """Wake the subscribers once per burst of changes."""
+        while True:
+            await self._changed.wait()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + BURST_MAX
+            while loop.time() < deadline:
+                self._changed.clear()
+                await asyncio.sleep(BURST_QUIET)
+                if not self._changed.is_set():
+                    break
+            self._changed.clear()
+            with self._lock:
+                subscribers = list(self._subscribers)
+            for notify in subscribers:
+                notify()
+
+
+class KubeWakeup:
+    """The daemon's wake-up for the kube source (DirectoryWatch's shape): `wait` returns
+    on a change burst, on `stop`, or after `timeout`. `reliable`: the watches report
+    every change, so the daemon only re-polls at the resync interval (a no-op poll
+    costs a lock and a comparison). `close` stops the source."""
+
+    reliable = True
+
+    def __init__(self, source: KubeSource, loop: asyncio.AbstractEventLoop):
+        self.source, self.loop = source, loop
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        """From the source's thread."""
+        with contextlib.suppress(RuntimeError):  # the daemon's loop is closed: nobody waits
+            self.loop.call_soon_threadsafe(self._changed.set)
+
+    async def wait(self, stop: asyncio.Event, timeout: float) -> None:
+        waiters = [asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        self._changed.clear()
+
+    def close(self) -> None:
+        self.source.close()

@@ -1,0 +1,431 @@
+"""The kube source's pure parts: what a list and each watch event do to a kind's store
+(refusing an invalid object alone), when a reflector relists, the Model it builds
+against the files source's for the same objects, poll()'s gating on the first complete
+list, the client's credentials and its Status errors, and the agent's source settings.
+The list/watch loop itself runs against the lab's real API server
+(tests/e2e/test_kube_source.py)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+
+from nodeagent.agent import config
+from nodeagent.errors import ConfigError
+from nodeagent.identity.ca.keys import generate_root
+from nodeagent.kube import client
+from nodeagent.kube.client import Gone, KubeApiError, NotFound, TokenFile, status_error
+from nodeagent.model import Model
+from nodeagent.sources import kube
+from nodeagent.sources.files import FilesSource
+from nodeagent.sources.kube import KINDS, KubeSource, Store, admit, next_step, trimmed
+
+KIND = {k.kind: k for k in KINDS}
+
+OBJECTS = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}, creationTimestamp: "2026-01-01T00:00:00Z"}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d9f-abcde
+  namespace: shop
+  uid: 1111
+  labels: {app: web, pod-template-hash: 7d9f}
+  annotations: {traffic.sidecar.istio.io/excludeOutboundPorts: "9000"}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9f, controller: true, uid: r1}]
+  creationTimestamp: "2026-01-01T00:00:01Z"
+  resourceVersion: "11"
+  managedFields: [{manager: kubectl, operation: Apply}]
+spec:
+  nodeName: n1
+  serviceAccountName: web
+  volumes: [{name: data, emptyDir: {}}]
+  containers:
+  - name: main
+    image: echo
+    command: [sleep, infinity]
+    ports: [{name: http, containerPort: 8080}]
+status: {phase: Running, podIP: 10.244.1.7, hostIP: 172.30.0.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, uid: "2222", creationTimestamp: "2026-01-01T00:00:02Z"}
+spec:
+  nodeName: n2
+  containers: [{name: main, image: db}]
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, creationTimestamp: "2026-01-01T00:00:03Z"}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop, creationTimestamp: "2026-01-01T00:00:04Z", resourceVersion: "14"}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web}}], timeout: 2s}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny, namespace: shop, creationTimestamp: "2026-01-01T00:00:05Z"}
+spec: {action: DENY, rules: [{from: [{source: {namespaces: [other]}}]}]}
+"""
+
+
+def docs(text: str = OBJECTS) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def api_item(doc: dict) -> dict:
+    """A list item as the API server sends it: no apiVersion or kind."""
+    return {k: v for k, v in doc.items() if k not in ("apiVersion", "kind")}
+
+
+def stores_from(documents: list[dict]) -> list[Store]:
+    """Each kind's store after one complete list of `documents`."""
+    stores = []
+    for kind in KINDS:
+        store = Store(kind, api_version=kind.api_version(kind.versions[0]))
+        store.replace([api_item(d) for d in documents if d["kind"] == kind.kind], "100")
+        stores.append(store)
+    return stores
+
+
+def comparable(model: Model):
+    """A Model's content, the objects' `source` (a file's name, or "kube") aside."""
+    resources = {kind: [(o.api_version, o.namespace, o.name, o.labels, o.annotations,
+                         {**o.body, "metadata": {k: v for k, v in o.body["metadata"].items()
+                                                 if k != "managedFields"}})
+                        for o in objs] for kind, objs in model.resources.items()}
+    return dict(model.namespaces), dict(model.pods), dict(model.services), resources
+
+
+def files_model(tmp_path: Path, text: str = OBJECTS) -> Model:
+    (tmp_path / "cluster").mkdir(exist_ok=True)
+    (tmp_path / "cluster" / "all.yaml").write_text(text)
+    model = FilesSource(tmp_path / "cluster").poll()
+    assert model is not None
+    return model
+
+
+# --- the model ----------------------------------------------------------------------
+def test_the_model_of_listed_objects_is_the_files_sources_model(tmp_path: Path):
+    stores = stores_from(docs())
+    model = Model.build([o for s in stores for o in s.objects.values()])
+    assert comparable(model) == comparable(files_model(tmp_path))
+    assert sorted(model.pods) == [("shop", "db-0"), ("shop", "web-7d9f-abcde")]  # every node's pods
+    web = model.pods[("shop", "web-7d9f-abcde")]
+    assert (web.node, web.ip, web.service_account, web.workload, web.ports["http"]) == \
+        ("n1", "10.244.1.7", "web", "web", 8080)
+    assert [o.name for o in model.resources["VirtualService"]] == ["web"]
+    assert model.resources["VirtualService"][0].source == "kube"
+
+
+def test_a_pod_keeps_only_what_the_model_reads_and_builds_the_same_pod():
+    doc = docs()[1]
+    kept = trimmed(KIND["Pod"], doc)
+    assert kept["spec"] == {"nodeName": "n1", "serviceAccountName": "web",
+                            "containers": [{"name": "main", "ports": [{"name": "http", "containerPort": 8080}]}]}
+    assert kept["status"] == {"phase": "Running", "podIP": "10.244.1.7"}
+    assert "managedFields" not in kept["metadata"] and kept["metadata"]["resourceVersion"] == "11"
+    full = Model.build([admit(KIND["Pod"], "v1", doc)]).pods
+    assert full == Model.build(parse(doc)).pods
+
+
+def parse(doc: dict):
+    from nodeagent.kube.objects import object_from_dict
+    return [object_from_dict(doc, "x")]
+
+
+def test_other_kinds_lose_only_managed_fields():
+    vs = docs()[4]
+    vs["metadata"]["managedFields"] = [{"manager": "kubectl"}]
+    kept = trimmed(KIND["VirtualService"], vs)
+    assert kept["spec"] == vs["spec"] and "managedFields" not in kept["metadata"]
+    assert kept["metadata"]["creationTimestamp"] == "2026-01-01T00:00:04Z"  # the API's, kept
+
+
+# --- one kind's store -------------------------------------------------------------------
+def pod_event(kind: str, name: str, version: str, ip: str = "10.244.1.9", **meta) -> dict:
+    return {"type": kind, "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": name, "namespace": "shop", "uid": name, "resourceVersion": version, **meta},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c"}]}, "status": {"phase": "Running", "podIP": ip}}}
+
+
+def pod_store() -> Store:
+    store = Store(KIND["Pod"], api_version="v1")
+    assert store.replace([], "1") is False  # an empty list of an empty store changes nothing
+    return store
+
+
+def test_events_add_modify_and_delete_objects():
+    store = pod_store()
+    assert store.apply(pod_event("ADDED", "a", "2")) is True
+    assert store.apply(pod_event("MODIFIED", "a", "3", ip="10.244.1.10")) is True
+    assert store.objects["Pod shop/a"].body["status"]["podIP"] == "10.244.1.10"
+    assert store.apply(pod_event("MODIFIED", "a", "3", ip="10.244.1.10")) is False  # seen already
+    assert store.resource_version == "3"
+    assert store.apply(pod_event("DELETED", "a", "4")) is True
+    assert store.objects == {} and store.resource_version == "4"
+    assert store.apply(pod_event("DELETED", "a", "5")) is False
+
+
+def test_a_bookmark_moves_the_resource_version_and_changes_nothing():
+    store = pod_store()
+    store.apply(pod_event("ADDED", "a", "2"))
+    bookmark = {"type": "BOOKMARK", "object": {"kind": "Pod", "apiVersion": "v1",
+                                              "metadata": {"resourceVersion": "90"}}}
+    assert store.apply(bookmark) is False
+    assert store.resource_version == "90" and list(store.objects) == ["Pod shop/a"]
+
+
+def test_an_invalid_object_is_refused_alone_and_its_last_good_version_stays():
+    store = pod_store()
+    store.apply(pod_event("ADDED", "a", "2"))
+    store.apply(pod_event("ADDED", "b", "3"))
+    assert store.apply(pod_event("MODIFIED", "a", "4", ip="not-an-ip")) is False
+    assert store.objects["Pod shop/a"].body["status"]["podIP"] == "10.244.1.9"
+    assert store.errors == {"Pod shop/a": "kube (Pod shop/a): status.podIP 'not-an-ip' is not an IP address"}
+    assert store.resource_version == "4"  # the watch goes on after it
+    assert store.apply(pod_event("MODIFIED", "a", "5", ip="10.244.1.11")) is True
+    assert store.errors == {}
+    bad = pod_event("ADDED", "c", "6", labels={"tier": 1})
+    assert store.apply(bad) is False and "Pod shop/c" not in store.objects
+    assert "metadata.labels['tier'] must be a string" in store.errors["Pod shop/c"]
+
+
+def test_a_list_replaces_the_kind_and_keeps_a_refused_objects_last_good_version():
+    store = pod_store()
+    store.apply(pod_event("ADDED", "a", "2"))
+    store.apply(pod_event("ADDED", "gone", "3"))
+    listed = [api_item(pod_event("ADDED", "a", "7", ip="bad")["object"]),
+              api_item(pod_event("ADDED", "new", "8")["object"])]
+    assert store.replace(listed, "9") is True
+    assert sorted(store.objects) == ["Pod shop/a", "Pod shop/new"]
+    assert store.objects["Pod shop/a"].body["status"]["podIP"] == "10.244.1.9"
+    assert list(store.errors) == ["Pod shop/a"] and store.resource_version == "9"
+    assert store.objects["Pod shop/new"].api_version == "v1"  # the list's, items carry none
+
+
+def test_a_relist_that_finds_the_same_versions_changes_nothing():
+    store = pod_store()
+    item = api_item(pod_event("ADDED", "a", "2")["object"])
+    assert store.replace([item], "5") is True
+    assert store.replace([item], "6") is False
+
+
+def test_istio_objects_take_the_served_version():
+    store = Store(KIND["DestinationRule"], api_version="networking.istio.io/v1alpha3")
+    store.replace([{"metadata": {"name": "dr", "namespace": "shop", "resourceVersion": "3"},
+                    "spec": {"host": "web"}}], "3")
+    assert store.objects["DestinationRule shop/dr"].api_version == "networking.istio.io/v1alpha3"
+
+
+# --- what a reflector does after an error ------------------------------------------------
+def test_410_gone_relists_404_rediscovers_and_other_errors_back_off():
+    expired = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old resource version: 5 (90)"}
+    gone = status_error("pods", expired, 410)
+    assert isinstance(gone, Gone) and next_step(gone) == "relist"
+    assert str(gone) == "pods: 410 Expired: too old resource version: 5 (90)"
+    missing = status_error("group networking.istio.io", {"reason": "NotFound"}, 404)
+    assert isinstance(missing, NotFound) and next_step(missing) == "rediscover"
+    forbidden = status_error("pods", {"reason": "Forbidden", "message": "cannot list"}, 403)
+    assert next_step(forbidden) == "backoff" and "ClusterRole" in str(forbidden)
+    assert next_step(KubeApiError("pods", "cannot connect to https://x:6443: timed out")) == "backoff"
+
+
+def test_a_watch_error_event_raises_its_status():
+    c = client.KubeClient.__new__(client.KubeClient)
+    with pytest.raises(Gone):
+        c._event(b'{"type":"ERROR","object":{"kind":"Status","code":410,"reason":"Expired"}}', "pods")
+    assert c._event(b'{"type":"ADDED","object":{"metadata":{}}}', "pods")["type"] == "ADDED"
+    with pytest.raises(KubeApiError, match="malformed watch event"):
+        c._event(b'{"type":', "pods")
+
+
+# --- poll(): none before every kind was listed, one model per change ---------------------
+def cluster(tmp_path: Path) -> client.ClusterConfig:
+    return client.from_kubeconfig(kubeconfig(tmp_path, user={"token": "t0"}))
+
+
+def test_poll_waits_for_every_kinds_first_list_then_returns_one_model_per_change(tmp_path: Path):
+    source = KubeSource(cluster(tmp_path), kinds=KINDS)
+    stores = {s.kind.kind: s for s in source._stores}
+    for kind in KINDS[:-1]:
+        source._update(stores[kind.kind], stores[kind.kind].replace, [], "1", synced=True)
+        assert source.poll() is None
+    assert source.scan_error == "waiting for the first list of RequestAuthentication (security.istio.io)"
+    source._not_served(stores["RequestAuthentication"], "not served: is its CRD installed?")
+    assert source.scan_error is None
+    assert source.errors == {"RequestAuthentication (security.istio.io)": "not served: is its CRD installed?"}
+    first = source.poll()
+    assert first is not None and first.pods == {}
+    assert source.poll() is None
+    source._update(stores["Pod"], stores["Pod"].apply, pod_event("ADDED", "a", "2"))
+    source._update(stores["Pod"], stores["Pod"].apply, pod_event("ADDED", "b", "3"))
+    second = source.poll()
+    assert sorted(second.pods) == [("shop", "a"), ("shop", "b")]
+    assert source.poll() is None
+
+
+def test_a_failing_kind_keeps_its_objects_and_is_the_scan_error(tmp_path: Path):
+    source = KubeSource(cluster(tmp_path), kinds=KINDS[1:2])
+    store = source._stores[0]
+    source._update(store, store.replace, [api_item(pod_event("ADDED", "a", "2")["object"])], "2", synced=True)
+    assert sorted(source.poll().pods) == [("shop", "a")]
+    source._fail(store.kind, "pods: cannot connect to https://10.0.0.1:443: timed out", 1.0)
+    assert source.scan_error == "Pod: pods: cannot connect to https://10.0.0.1:443: timed out"
+    assert source.poll() is None and list(store.objects) == ["Pod shop/a"]
+    source._update(store, store.replace, [api_item(pod_event("ADDED", "a", "2")["object"])], "7", synced=True)
+    assert source.scan_error is None and source.errors == {}
+
+
+# --- credentials --------------------------------------------------------------------------
+def pem_pair() -> tuple[bytes, bytes]:
+    root = generate_root("cluster.local", dt.datetime.now(dt.timezone.utc))
+    key = root.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    return root.cert.public_bytes(serialization.Encoding.PEM), key
+
+
+def kubeconfig(tmp_path: Path, user: dict, server: str = "https://172.30.0.1:6443", name: str = "kc") -> Path:
+    cert, _key = pem_pair()
+    doc = {"apiVersion": "v1", "kind": "Config", "current-context": "lab",
+           "clusters": [{"name": "lab", "cluster": {"server": server,
+                                                    "certificate-authority-data": base64.b64encode(cert).decode()}}],
+           "users": [{"name": "admin", "user": user}],
+           "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "admin"}}]}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_a_kubeconfig_with_a_client_certificate_or_a_token(tmp_path: Path):
+    cert, key = pem_pair()
+    with_cert = client.from_kubeconfig(kubeconfig(tmp_path, {
+        "client-certificate-data": base64.b64encode(cert).decode(),
+        "client-key-data": base64.b64encode(key).decode()}))
+    assert (with_cert.host, with_cert.port, with_cert.url, with_cert.bearer()) == \
+        ("172.30.0.1", 6443, "https://172.30.0.1:6443", None)
+    (tmp_path / "token").write_text("abc\n")
+    with_file = client.from_kubeconfig(kubeconfig(tmp_path, {"tokenFile": "token"}, name="kc2"))
+    assert with_file.bearer() == "abc"  # relative to the kubeconfig's directory
+
+
+@pytest.mark.parametrize("user, server, message", [
+    ({"exec": {"command": "aws"}}, "https://h:6443", "user exec credential plugins are not supported"),
+    ({}, "https://h:6443", "the user has neither a client certificate nor a token"),
+    ({"token": "t"}, "http://h:8080", "cluster server 'http://h:8080' is not an https:// URL"),
+    ({"client-certificate-data": "!!", "client-key-data": "!!"}, "https://h:6443",
+     "client-certificate-data is not base64"),
+])
+def test_a_kubeconfig_the_agent_cannot_use_is_named(tmp_path: Path, user, server, message):
+    path = kubeconfig(tmp_path, user, server)
+    with pytest.raises(ConfigError) as err:
+        client.from_kubeconfig(path)
+    assert str(err.value).startswith(f"kubeconfig {path}: {message}")
+
+
+def test_in_cluster_needs_the_service_environment_and_the_token(tmp_path: Path):
+    with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set"):
+        client.in_cluster({}, tmp_path)
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    with pytest.raises(ConfigError, match=f"cannot read {tmp_path / 'token'}"):
+        client.in_cluster(env, tmp_path)
+    cert, _ = pem_pair()
+    (tmp_path / "ca.crt").write_bytes(cert)
+    (tmp_path / "token").write_text("one")
+    cfg = client.in_cluster(env, tmp_path)
+    assert (cfg.url, cfg.bearer(), cfg.origin) == ("https://10.96.0.1:443", "one", "in-cluster")
+
+
+def test_a_rotated_token_file_is_read_again(tmp_path: Path):
+    path = tmp_path / "token"
+    path.write_text("first")
+    token = TokenFile(path)
+    assert token.get() == "first"
+    new = tmp_path / "token.new"
+    new.write_text("second")
+    os.replace(new, path)  # kubelet swaps a projected token's file: a new inode
+    assert token.get() == "second"
+    path.unlink()
+    assert token.get() == "second"  # caught mid-rotation: the previous token, not a crash
+
+
+# --- settings -------------------------------------------------------------------------------
+@pytest.fixture
+def base(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "cg").mkdir()
+    return {"node": "n1", "cgroup": str(tmp_path / "cg")}
+
+
+def test_source_kube_with_a_kubeconfig(base, tmp_path: Path):
+    path = kubeconfig(tmp_path, {"token": "t"})
+    for given in ({"source": f"kube:{path}"}, {"source": "kube", "kubeconfig": str(path)},
+                  {"source": f"kube:{path}", "kubeconfig": str(path)}):
+        cfg = config.load({**base, **given}, {})
+        assert (cfg.source_kind, cfg.kubeconfig, cfg.source_dir) == ("kube", path, None)
+
+
+def test_source_kube_in_a_pod_reads_the_service_environment(base):
+    with pytest.raises(ConfigError) as err:
+        config.load({**base, "source": "kube"}, {})
+    assert "KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set" in str(err.value)
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"source": "kube:"}, "kube:KUBECONFIG needs the kubeconfig's path"),
+    ({"source": "kube:/nonexistent/kc"}, "kubeconfig /nonexistent/kc is not a file"),
+    ({"source": "etcd:x"}, "or kube (in a pod), or kube:KUBECONFIG"),
+])
+def test_bad_kube_sources_are_named(base, given, message):
+    with pytest.raises(ConfigError) as err:
+        config.load({**base, **given}, {})
+    assert str(err.value).startswith("setting source") and message in str(err.value)
+
+
+def test_a_kubeconfig_needs_the_kube_source_and_is_given_once(base, tmp_path: Path):
+    path = kubeconfig(tmp_path, {"token": "t"})
+    other = kubeconfig(tmp_path, {"token": "t"}, name="other")
+    (tmp_path / "cluster").mkdir()
+    with pytest.raises(ConfigError, match="setting kubeconfig: is for the kube source, not files:"):
+        config.load({**base, "source": f"files:{tmp_path / 'cluster'}", "kubeconfig": str(path)}, {})
+    with pytest.raises(ConfigError, match="setting kubeconfig: .* differs from the source's"):
+        config.load({**base, "source": f"kube:{path}", "kubeconfig": str(other)}, {})
+
+
+def test_the_daemon_picks_the_kube_source(base, tmp_path: Path):
+    from nodeagent.agent.daemon import new_source
+    import logging
+    cfg = config.load({**base, "source": f"kube:{kubeconfig(tmp_path, {'token': 't'})}"}, {})
+    source = new_source(cfg, logging.getLogger("t"))
+    assert isinstance(source, KubeSource)
+    assert source.location == f"kube ({cfg.kubeconfig}, https://172.30.0.1:6443)"
+    assert source.scan_error.startswith("waiting for the first list of Namespace, Pod, Service")
+    assert source.poll() is None  # never an empty cluster before the first list
+
+
+def test_kinds_are_what_the_model_and_the_translators_read():
+    from nodeagent.xds.istio.kinds import IMPLEMENTED
+    istio = {(k.group, k.kind) for k in KINDS if k.group}
+    assert istio == {(g, k) for g, kinds in IMPLEMENTED.items() for k in kinds}
+    assert {k.kind for k in KINDS if not k.group} == {"Namespace", "Pod", "Service"}
+    assert KIND["VirtualService"].versions == ("v1", "v1beta1", "v1alpha3")
+    assert KIND["EnvoyFilter"].resource("v1alpha3").path == "/apis/networking.istio.io/v1alpha3/envoyfilters"
+    assert KIND["Pod"].resource("v1").name == "pods"
+    assert kube.BURST_QUIET < kube.BURST_MAX
