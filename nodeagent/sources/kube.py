@@ -247,6 +247,9 @@ class KubeSource:
         self._stop: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
         self._subscribers: list[Callable[[], None]] = []
+        # Totals since start, for status and tests: complete lists, watches opened, 410s
+        # that made a kind list again, failed lists/watches (backed off).
+        self.counts = {"lists": 0, "watches": 0, "gone": 0, "failures": 0}
 
     # --- what the daemon reads --------------------------------------------------------
     @property
@@ -328,10 +331,12 @@ class KubeSource:
             try:
                 resource = await self._discover(kind, store)
                 items, version = await self.client.list(resource)
+                self.counts["lists"] += 1
                 self._update(store, store.replace, items, version, synced=True)
                 attempt = 0
                 while True:  # the server ends each watch after its timeoutSeconds: watch on
                     seconds = self.rng.randint(*self.watch_seconds)
+                    self.counts["watches"] += 1
                     async with contextlib.aclosing(self.client.watch(resource, store.resource_version,
                                                                      timeout_seconds=seconds)) as events:
                         async for event in events:
@@ -341,6 +346,7 @@ class KubeSource:
             except KubeApiError as exc:
                 step = next_step(exc)
                 if step == "relist":
+                    self.counts["gone"] += 1
                     self.log.info("%s: %s; listing again", kind, exc)
                     continue
                 if step == "rediscover":
@@ -348,6 +354,7 @@ class KubeSource:
                     await asyncio.sleep(self.rediscover_seconds)
                     continue
                 attempt += 1
+                self.counts["failures"] += 1
                 delay = RETRY.jittered(attempt, self.rng)
                 self._fail(kind, str(exc), delay)
                 await asyncio.sleep(delay)
