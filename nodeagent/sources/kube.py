@@ -241,7 +241,7 @@ class KubeSource:
         self._failing: dict[Kind, str] = {}  # kind -> why its reflector is retrying
         self._missing: dict[Kind, str] = {}  # kind -> why it is not served
         self._generation = 0  # bumped by every change of the stores
-        self._built = -1  # generation of the last model poll() returned
+        self._built = -1  # generation of the last model poll() returned (-1: none yet)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -271,7 +271,12 @@ class KubeSource:
                 kind, why = next(iter(self._failing.items()))
                 return f"{kind}: {why}"
             waiting = [str(s.kind) for s in self._stores if s.kind not in self._synced]
-            return f"waiting for the first list of {', '.join(waiting)}" if waiting else None
+            if waiting:
+                return f"waiting for the first list of {', '.join(waiting)}"
+            # Listed, but poll() has not handed out the first model: until it has, the
+            # daemon must not take its empty model for the cluster (stale capture is
+            # dropped against it).
+            return "the first model is not read yet" if self._built < 0 else None
 
     def poll(self) -> Model | None:
         """A new Model when anything changed since the last one; None before every kind

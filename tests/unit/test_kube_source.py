@@ -271,10 +271,11 @@ def test_poll_waits_for_every_kinds_first_list_then_returns_one_model_per_change
         assert source.poll() is None
     assert source.scan_error == "waiting for the first list of RequestAuthentication (security.istio.io)"
     source._not_served(stores["RequestAuthentication"], "not served: is its CRD installed?")
-    assert source.scan_error is None
+    assert source.scan_error == "the first model is not read yet"  # unreadable until poll() hands it out
     assert source.errors == {"RequestAuthentication (security.istio.io)": "not served: is its CRD installed?"}
     first = source.poll()
     assert first is not None and first.pods == {}
+    assert source.scan_error is None
     assert source.poll() is None
     source._update(stores["Pod"], stores["Pod"].apply, pod_event("ADDED", "a", "2"))
     source._update(stores["Pod"], stores["Pod"].apply, pod_event("ADDED", "b", "3"))
@@ -287,7 +288,7 @@ def test_a_failing_kind_keeps_its_objects_and_is_the_scan_error(tmp_path: Path):
     source = KubeSource(cluster(tmp_path), kinds=KINDS[1:2])
     store = source._stores[0]
     source._update(store, store.replace, [api_item(pod_event("ADDED", "a", "2")["object"])], "2", synced=True)
-    assert sorted(source.poll().pods) == [("shop", "a")]
+    assert sorted(source.poll().pods) == [("shop", "a")] and source.scan_error is None
     source._fail(store.kind, "pods: cannot connect to https://10.0.0.1:443: timed out", 1.0)
     assert source.scan_error == "Pod: pods: cannot connect to https://10.0.0.1:443: timed out"
     assert source.poll() is None and list(store.objects) == ["Pod shop/a"]
