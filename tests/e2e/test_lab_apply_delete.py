@@ -4,7 +4,8 @@ later file winning; a malformed file refuses the whole command; `lab delete` pri
 kubectl's lines, goes through the lab's record (nothing comes back at the next apply),
 stops and removes deleted pods (processes, netns, cgroup, hosts files) and returns once
 both agents have dropped what was deleted; objects not found are kubectl's NotFound
-errors (exit 1) unless --ignore-not-found; nodes cannot be deleted. One lab with agents
+errors (exit 1) unless --ignore-not-found; nodes cannot be deleted. And a DestinationRule
+in a client's own namespace takes precedence for that client. One lab with agents
 (waypoints included) for the module."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: web, namespace: shop, labels: {app: web}}
+metadata: {name: web, namespace: shop, labels: {app: web, version: v1}}
 spec:
   nodeName: node2
   containers:
@@ -217,3 +218,49 @@ def test_deleting_what_the_lab_does_not_have_is_kubectls_not_found_unless_ignore
     ignored = mesh.lab.run("delete", "-f", mesh.files / "dir", "--ignore-not-found")
     assert (ignored.stdout, ignored.stderr) == ("", "")
     assert lab_json(mesh) == before
+
+
+TEAM = """apiVersion: v1
+kind: Namespace
+metadata: {name: team, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: team}
+spec:
+  nodeName: node1
+  containers:
+  - {name: main, command: [sleep, infinity]}
+---
+"""
+ROUTE_V1 = {"hosts": ["web"], "http": [{"route": [{"destination": {"host": "web", "subset": "v1"}}]}]}
+SHOP_RULE = {"host": "web", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}
+# The team's own rule for web: its v1 selects no pod, so its clients get 503 where shop's get 200.
+TEAM_RULE = {"host": "web.shop.svc.cluster.local", "subsets": [{"name": "v1", "labels": {"version": "none"}}]}
+
+
+def codes(mesh, client: str, n: int = 10) -> dict:
+    proc = mesh.lab.exec(client, "nodeagent", "lab", "request", "http://web.shop:8080/", "-n", str(n), "--timeout",
+                         "5", "--output", "json", check=False, timeout=120)
+    assert proc.returncode in (0, 1) and proc.stdout, proc
+    return json.loads(proc.stdout)["codes"]
+
+
+def test_a_destination_rule_in_the_clients_namespace_takes_precedence_for_its_clients(mesh):
+    """Istio looks for a client's DestinationRule in its own namespace first. One waypoint
+    serves both clients of node1: team's get routes and clusters of their own (matched by
+    their identity's namespace), with team's rule; shop's keep shop's rule."""
+    path = mesh.files / "team.yaml"
+    path.write_text(TEAM + doc("networking.istio.io/v1", "VirtualService", "web", ROUTE_V1) + "---\n"
+                    + doc("networking.istio.io/v1", "DestinationRule", "web", SHOP_RULE) + "---\n"
+                    + doc("networking.istio.io/v1", "DestinationRule", "web", TEAM_RULE, namespace="team"))
+    proc = mesh.lab.run("apply", "-f", path, "--timeout", "60")
+    assert sorted(line for line in proc.stdout.splitlines() if line.endswith(" in force")) == [
+        "DestinationRule shop/web in force", "DestinationRule team/web in force", "VirtualService shop/web in force"]
+    assert codes(mesh, "shop/client") == {"200": 10}
+    assert codes(mesh, "team/client") == {"503": 10}
+    deleted = mesh.lab.run("delete", "-f", path, "--timeout", "60")
+    assert deleted.stdout.splitlines() == [
+        'namespace "team" deleted', 'pod "client" deleted', 'virtualservice.networking.istio.io "web" deleted',
+        'destinationrule.networking.istio.io "web" deleted', 'destinationrule.networking.istio.io "web" deleted']
+    assert codes(mesh, "shop/client") == {"200": 10}  # back to L4, straight to the pod

@@ -100,9 +100,63 @@ def test_a_rule_in_the_services_namespace_wins_over_one_elsewhere():
     elsewhere = rule("reviews", "2020-01-01T00:00:00Z", "host: reviews.shop.svc.cluster.local\nsubsets: "
                      "[{name: v9, labels: {version: v9}}]").replace("namespace: shop", "namespace: other")
     result = translation(SPLIT + SUBSETS + elsewhere)
+    assert split_clusters(result) == [V1, V2]  # no pod of namespace other on the node: no routes of its own
+    assert [str(w) for w in result.warnings if w.where.endswith("(DestinationRule other/reviews)")] == [
+        f"test.yaml#14 (DestinationRule other/reviews): applies to {REVIEWS} for the clients in namespace other, "
+        "whose own rules take precedence as istiod's do; other clients get DestinationRule shop/reviews"]
+
+
+OTHER = """apiVersion: v1
+kind: Namespace
+metadata: {name: other, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: other}
+spec: {nodeName: node1}
+status: {podIP: 10.244.1.99, phase: Running}
+---
+"""
+OTHER_RULE = rule("reviews", "2026-01-03T00:00:00Z", """
+host: reviews.shop.svc.cluster.local
+trafficPolicy: {connectionPool: {tcp: {maxConnections: 3}}}
+subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+""").replace("namespace: shop", "namespace: other")
+
+
+def test_a_rule_in_the_clients_namespace_takes_precedence_for_its_clients():
+    """istiod looks in the client's namespace first: a node's meshed clients of namespace
+    other get routes of their own (matched by their principal's namespace) to clusters
+    with other's rule; every other client keeps the service namespace's rule."""
+    result = translation(OTHER + SPLIT + SUBSETS + OTHER_RULE)
+    first, default = routes(result)[f"{REVIEWS}:9080"].virtual_hosts[0].routes
+    (matcher,) = first.match.filter_state
+    assert (matcher.key, matcher.string_match.safe_regex.regex) == (
+        "nodeagent.source_principal", "spiffe://[^/]+/ns/other/.*")
+    assert [c.name for c in first.route.weighted_clusters.clusters] == [f"{V1}|other", f"{V2}|other"]
+    assert (default.match.filter_state, [c.name for c in default.route.weighted_clusters.clusters]) == ([], [V1, V2])
+    found = clusters(result)
+    assert [max_connections(found[f"{V1}|other"]), max_connections(found[V1])] == [3, 2**32 - 1]
+    # node2 runs no pod of namespace other: its waypoint has the routes of every client only.
+    (only,) = routes(translation(OTHER + SPLIT + SUBSETS + OTHER_RULE, node="node2"))[f"{REVIEWS}:9080"] \
+        .virtual_hosts[0].routes
+    assert only.match.filter_state == [] and f"{V1}|other" not in clusters(translation(
+        OTHER + SPLIT + SUBSETS + OTHER_RULE, node="node2"))
+
+
+def test_envoy_accepts_the_routes_and_clusters_of_a_client_namespace(tmp_path):
+    from envoy_validate import static_bootstrap, validate
+    from xds_world import OPTIONS
+
+    check = validate(static_bootstrap(translation(OTHER + SPLIT + SUBSETS + OTHER_RULE), "node1", OPTIONS.sockets),
+                     tmp_path)
+    assert (check.returncode, "OK" in check.output) == (0, True), check.output
+
+
+def test_a_client_namespace_whose_rule_is_everyones_gets_no_routes_of_its_own():
+    result = translation(OTHER + SPLIT + OTHER_RULE)  # no rule in shop: other's is every client's
     assert split_clusters(result) == [V1, V2]
-    assert any(w.where.endswith("(DestinationRule other/reviews)") and "this one is ignored for it" in str(w)
-               for w in result.warnings)
+    assert max_connections(clusters(result)[V1]) == 3
 
 
 def route_to(name: str, created: str, host: str, target: str) -> str:

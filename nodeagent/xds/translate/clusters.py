@@ -48,7 +48,7 @@ LB = {"ROUND_ROBIN": ClusterLbPolicy.ROUND_ROBIN, "RANDOM": ClusterLbPolicy.RAND
 def outbound(ctx: Context) -> tuple[list[Cluster], list[ClusterLoadAssignment]]:
     clusters, assignments = [], []
     for name, spec in sorted(ctx.clusters.items()):
-        rule = ctx.catalog.rule(spec.service)
+        rule = ctx.catalog.rule(spec.service, spec.client_namespace)
         policy = rule.policy_for(spec.subset, spec.port.port) if rule else Policy()
         cluster = _cluster(name, spec, policy, ctx)
         if cluster.type == ClusterDiscoveryType.EDS:

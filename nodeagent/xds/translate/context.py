@@ -9,7 +9,9 @@ with Istio) and a warning names the field.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from nodeagent.errors import ConfigError
 from nodeagent.model import Model, Service, ServicePort
@@ -25,6 +27,7 @@ class ClusterSpec:
     service: Service
     port: ServicePort
     subset: str = ""
+    client_namespace: str = ""  # whose own DestinationRule applies ("": the rule of every client)
 
 
 @dataclass
@@ -36,6 +39,9 @@ class Context:
     warnings: list[ConfigError] = field(default_factory=list)
     clusters: dict[str, ClusterSpec] = field(default_factory=dict)
     blackhole: bool = False  # whether anything routes to BlackHoleCluster
+    # The clients routes are being built for: a namespace with DestinationRules of its own
+    # (Catalog.client_rules), or "" for every other client (see for_clients).
+    client_namespace: str = ""
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.model, self.config, self.warnings.append)
@@ -43,9 +49,25 @@ class Context:
     def warn(self, where: str, message: str, hint: str | None = None) -> None:
         self.warnings.append(ConfigError(where, message, hint))
 
+    def client_namespaces(self) -> list[str]:
+        """The namespaces of this node's meshed pods whose own DestinationRules differ from
+        every client's for some service: their clients get routes and clusters of their own."""
+        here = {p.namespace for p in self.model.pods_on_node(self.node) if self.model.is_meshed(p)}
+        return [namespace for namespace in self.catalog.client_namespaces() if namespace in here]
+
+    @contextlib.contextmanager
+    def for_clients(self, namespace: str) -> Iterator[None]:
+        """Clusters and subsets as the clients of `namespace` see them, meanwhile."""
+        self.client_namespace = namespace
+        try:
+            yield
+        finally:
+            self.client_namespace = ""
+
     def cluster(self, service: Service, port: ServicePort, subset: str = "") -> str:
-        name = names.outbound_cluster(service.hostname, port.port, subset)
-        self.clusters.setdefault(name, ClusterSpec(service, port, subset))
+        own = self.client_namespace if (self.client_namespace, service.hostname) in self.catalog.client_rules else ""
+        name = names.outbound_cluster(service.hostname, port.port, subset, own)
+        self.clusters.setdefault(name, ClusterSpec(service, port, subset, own))
         return name
 
     def destination(self, dest: Destination, namespace: str, listener_port: int, where: str) -> str:
@@ -60,10 +82,12 @@ class Context:
         if port is None:
             return self._dangling(where, f"{service.hostname} has no port {number}")
         if dest.subset:
-            rule = self.catalog.rule(service)
+            rule = self.catalog.rule(service, self.client_namespace)
             if rule is None or rule.subset(dest.subset) is None:
+                clients = f" (for the clients in namespace {self.client_namespace}, whose own DestinationRule " \
+                          "applies)" if (self.client_namespace, service.hostname) in self.catalog.client_rules else ""
                 return self._dangling(where, f"subset {dest.subset!r} of {service.hostname} is not defined "
-                                             "by any DestinationRule")
+                                             f"by any DestinationRule{clients}")
         return self.cluster(service, port, dest.subset)
 
     def _dangling(self, where: str, message: str) -> str:

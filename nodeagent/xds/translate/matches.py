@@ -77,6 +77,12 @@ def source_matchers(match: HttpMatch) -> list[FilterStateMatcher]:
     return out
 
 
+def client_namespace_matcher(namespace: str) -> FilterStateMatcher:
+    """Only the clients of `namespace` (their SPIFFE principal, as the agent sent it)."""
+    return FilterStateMatcher(key=dataplane.FILTER_STATE[dataplane.TLV_PRINCIPAL],
+                              string_match=regex_matcher(namespace_regex(namespace)))
+
+
 def namespace_regex(namespace: str, pattern: str = "exact") -> str:
     """RE2 fully matching a SPIFFE principal of `namespace` (exact, prefix, suffix or any)."""
     escaped = dataplane.re2_escape(namespace)

@@ -1,8 +1,10 @@
 """Names of the Envoy resources the translation makes, in one place.
 
 Outbound clusters carry Istio's names (`outbound|<port>|<subset>|<host>`), so stats and
-`proxy-config` read as they do with Istio; route tables are named `<host>:<port>`
-(client side) and `inbound|<port>` (server side).
+`proxy-config` read as they do with Istio; a cluster for the clients of one namespace
+whose own DestinationRule takes precedence (services.py) has that namespace appended
+(`outbound|<port>|<subset>|<host>|<client namespace>`). Route tables are named
+`<host>:<port>` (client side) and `inbound|<port>` (server side).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ BLACKHOLE = "BlackHoleCluster"  # no endpoints: what a dangling reference routes
 PASSTHROUGH_ENDPOINT = "passthrough"
 
 
-def outbound_cluster(host: str, port: int, subset: str = "") -> str:
-    return f"outbound|{port}|{subset}|{host}"
+def outbound_cluster(host: str, port: int, subset: str = "", client_namespace: str = "") -> str:
+    return f"outbound|{port}|{subset}|{host}" + (f"|{client_namespace}" if client_namespace else "")
 
 
 def inbound_cluster(port: int) -> str:
@@ -34,6 +36,6 @@ def inbound_routes(port: int) -> str:
 def parse_outbound_cluster(name: str) -> tuple[str, int, str] | None:
     """(host, port, subset) of an outbound cluster name, None for any other name."""
     parts = name.split("|")
-    if len(parts) != 4 or parts[0] != "outbound" or not parts[1].isdigit():
+    if len(parts) not in (4, 5) or parts[0] != "outbound" or not parts[1].isdigit():
         return None
     return parts[3], int(parts[1]), parts[2]

@@ -22,16 +22,33 @@ from nodeagent.model import Service, ServicePort
 from nodeagent.xds.istio.virtualservice import MESH_GATEWAY, HttpMatch, HttpRoute, VirtualService
 from nodeagent.xds.translate import actions, names
 from nodeagent.xds.translate.context import Context
-from nodeagent.xds.translate.matches import is_catch_all, route_match
+from nodeagent.xds.translate.matches import client_namespace_matcher, is_catch_all, route_match
 
 
 def outbound_table(ctx: Context, service: Service, port: ServicePort) -> RouteConfiguration:
+    """The service port's routes; first, for each namespace whose clients see other
+    DestinationRules (their own: Catalog.client_rules), the same routes to that
+    namespace's clusters, matching only its clients (the PRINCIPAL the agent sent)."""
     name = names.outbound_routes(service.hostname, port.port)
+    every = _routes(ctx, service, port)
+    routes = []
+    for namespace in ctx.client_namespaces():
+        with ctx.for_clients(namespace):
+            own = _routes(ctx, service, port)
+        if own != every:
+            for route in own:
+                route.match.filter_state.append(client_namespace_matcher(namespace))
+            routes += own
+    return RouteConfiguration(name=name, virtual_hosts=[VirtualHost(name=name, domains=["*"],
+                                                                    routes=routes + every)])
+
+
+def _routes(ctx: Context, service: Service, port: ServicePort) -> list[Route]:
     vs = ctx.catalog.virtual_service(service)
     routes, per_source = _vs_routes(ctx, vs, port.port) if vs else ([], False)
     if not routes or per_source:
         routes.append(default_route(ctx, service, port))
-    return RouteConfiguration(name=name, virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=routes)])
+    return routes
 
 
 def _vs_routes(ctx: Context, vs: VirtualService, port: int) -> tuple[list[Route], bool]:

@@ -14,8 +14,12 @@ Several resources for one service are resolved as istiod resolves them:
   nearest namespace (the service's, then the root namespace, then any other) with the
   most specific host, the oldest is the base; each younger one adds the subsets whose
   names are new (a duplicate name is ignored, with a warning) and gives its
-  trafficPolicy only if no older rule had one. Rules of farther namespaces or less
-  specific hosts are ignored for the service, with a warning.
+  trafficPolicy only if no older rule had one. That is the rule of every client; but
+  the rules a client's own namespace has for the service take precedence for the
+  clients of that namespace, as istiod looks in the client's namespace first
+  (`client_rules`, merged the same way; the translation gives those clients routes and
+  clusters of their own). Rules with a less specific host than another of their
+  namespace are ignored for the service, with a warning.
 A port's protocol comes from its name (Istio's `<protocol>[-suffix]` convention); an
 unnamed or unknown one is HTTP if the VirtualService has http routes for it, else TCP.
 """
@@ -54,7 +58,9 @@ class Catalog:
         self.root = config.root_namespace
         mesh = [vs for vs in config.virtual_services if vs.mesh]
         self.virtual_services = self._routes(mesh, warn)
-        self.rules = self._rules(config.destination_rules, warn)
+        # The rule of every client, and (client namespace, host) -> the rule of that
+        # namespace's clients where their namespace's own rules differ from it.
+        self.rules, self.client_rules = self._rules(config.destination_rules, warn)
         for vs in mesh:
             self._known(vs.hosts, vs.namespace, lambda i: f"{vs.where} spec.hosts[{i}]", "VirtualService", warn)
         for dr in config.destination_rules:
@@ -81,8 +87,14 @@ class Catalog:
     def virtual_service(self, service: Service) -> VirtualService | None:
         return self.virtual_services.get(service.hostname)
 
-    def rule(self, service: Service) -> DestinationRule | None:
-        return self.rules.get(service.hostname)
+    def rule(self, service: Service, client_namespace: str = "") -> DestinationRule | None:
+        """The DestinationRule for `service` as the clients of `client_namespace` see it
+        ("": the clients without a rule of their own)."""
+        return self.client_rules.get((client_namespace, service.hostname)) or self.rules.get(service.hostname)
+
+    def client_namespaces(self) -> list[str]:
+        """The namespaces whose clients have rules of their own for some service."""
+        return sorted({namespace for namespace, _ in self.client_rules})
 
     def _routes(self, resources: Iterable[VirtualService], warn: Warn) -> dict[str, VirtualService]:
         candidates: dict[str, dict[str, tuple[tuple, VirtualService]]] = {}
@@ -102,24 +114,39 @@ class Catalog:
                                  "merge them into one VirtualService"))
         return chosen
 
-    def _rules(self, resources: Iterable[DestinationRule], warn: Warn) -> dict[str, DestinationRule]:
+    def _rules(self, resources: Iterable[DestinationRule],
+               warn: Warn) -> tuple[dict[str, DestinationRule], dict[tuple[str, str], DestinationRule]]:
         candidates: dict[str, list[tuple[tuple, DestinationRule]]] = {}
         for dr in resources:
             for service in self.resolve(dr.host, dr.namespace):
                 tier = 0 if dr.namespace == service.namespace else 1 if dr.namespace == self.root else 2
                 rank = (tier, specificity(qualify(dr.host, dr.namespace)), dr.namespace if tier == 2 else "")
                 candidates.setdefault(service.hostname, []).append((rank, dr))
-        chosen = {}
+        chosen, clients = {}, {}
         for hostname, found in candidates.items():
-            best = min(rank for rank, _ in found)
-            same = sorted((dr for rank, dr in found if rank == best), key=age)
+            same = _nearest(found)
             chosen[hostname] = merge(same, hostname, warn)
-            for rank, other in found:
-                if rank != best:
-                    warn(ConfigError(other.where, f"DestinationRule {same[0].key} applies to {hostname} (a nearer "
-                                     "namespace or a more specific host): this one is ignored for it, as istiod "
-                                     "does", "keep the rules of a host in the service's namespace"))
-        return chosen
+            used = {dr.key for dr in same}
+            for namespace in sorted({dr.namespace for _, dr in found} - {self.by_host[hostname].namespace}):
+                own = _nearest([(rank, dr) for rank, dr in found if dr.namespace == namespace])
+                used |= {dr.key for dr in own}
+                if [dr.key for dr in own] != [dr.key for dr in same]:
+                    clients[(namespace, hostname)] = merge(own, hostname, warn)
+                    warn(Note(own[0].where, f"applies to {hostname} for the clients in namespace {namespace}, whose "
+                                            f"own rules take precedence as istiod's do; other clients get "
+                                            f"DestinationRule {same[0].key}"))
+            for _, other in found:
+                if other.key not in used:
+                    warn(ConfigError(other.where, f"another DestinationRule of namespace {other.namespace} has a more "
+                                     f"specific host for {hostname}: this one is ignored for it, as istiod does",
+                                     "keep one rule per host and namespace"))
+        return chosen, clients
+
+
+def _nearest(found: list[tuple[tuple, DestinationRule]]) -> list[DestinationRule]:
+    """The rules of the best rank (nearest namespace, most specific host), oldest first."""
+    best = min(rank for rank, _ in found)
+    return sorted((dr for rank, dr in found if rank == best), key=age)
 
 
 def age(resource: VirtualService | DestinationRule) -> tuple:
@@ -182,8 +209,8 @@ def client_side(catalog: Catalog) -> list[Service]:
     load balancing) does."""
     out = []
     for service in catalog.by_host.values():
-        rule = catalog.rule(service)
-        policy = rule is not None and (rule.policy is not None or any(s.policy for s in rule.subsets))
+        rules = [catalog.rule(service, namespace) for namespace in ["", *catalog.client_namespaces()]]
+        policy = any(r is not None and (r.policy is not None or any(s.policy for s in r.subsets)) for r in rules)
         if (catalog.virtual_service(service) or policy) and has_vip(service):
             out.append(service)
     return out
