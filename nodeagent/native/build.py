@@ -64,19 +64,52 @@ def build(out: Path, extra_cflags: tuple[str, ...] = ()) -> Path:
     return Path(ffibuilder(extra_cflags).compile(tmpdir=str(out), verbose=False))
 
 
+# The native HBONE engine (native/hbone.{h,c}: TLS 1.3 with libssl, HTTP/2 with libnghttp2):
+# a second module, built the same way, with its own digest (nodeagent.native.hbone checks it).
+HBONE_SOURCES = ("hbone.h", "hbone.c")
+HBONE_MODULE = "nodeagent.native._hbone"
+HBONE_LIBRARIES = ["ssl", "crypto", "nghttp2"]
+
+
+def hbone_digest(native: Path = NATIVE) -> str:
+    h = hashlib.sha256()
+    for name in HBONE_SOURCES:
+        h.update(name.encode() + b"\0" + (native / name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def hbone_ffibuilder(extra_cflags: tuple[str, ...] = ()):
+    from cffi import FFI  # build time only
+
+    header = (NATIVE / "hbone.h").read_text()
+    ffi = FFI()
+    ffi.cdef(header.split(CDEF_BEGIN, 1)[1].split(CDEF_END, 1)[0] + "\nconst char *nh_build_digest(void);\n")
+    ffi.set_source(HBONE_MODULE, '#include "hbone.h"\n'
+                   f'static const char *nh_build_digest(void) {{ return "{hbone_digest()}"; }}\n',
+                   sources=[str(NATIVE / "hbone.c")], include_dirs=[str(NATIVE)], libraries=HBONE_LIBRARIES,
+                   extra_compile_args=[*CFLAGS, *extra_cflags], extra_link_args=list(extra_cflags))
+    return ffi
+
+
+def build_hbone(out: Path, extra_cflags: tuple[str, ...] = ()) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    return Path(hbone_ffibuilder(extra_cflags).compile(tmpdir=str(out), verbose=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="build there only (not installed next to this file)")
     parser.add_argument("--cflags", default="", help="extra compiler and linker flags")
     args = parser.parse_args(argv)
     extra = tuple(shlex.split(args.cflags))
-    built = build(args.out or ROOT / "build" / "native", extra)
-    if args.out is None:
-        target = Path(__file__).parent / built.name
-        shutil.copy2(built, target.with_suffix(".tmp"))
-        target.with_suffix(".tmp").replace(target)  # a running agent keeps the module it mapped
-        built = target
-    print(built)
+    for builder in (build, build_hbone):
+        built = builder(args.out or ROOT / "build" / "native", extra)
+        if args.out is None:
+            target = Path(__file__).parent / built.name
+            shutil.copy2(built, target.with_suffix(".tmp"))
+            target.with_suffix(".tmp").replace(target)  # a running agent keeps the module it mapped
+            built = target
+        print(built)
     return 0
 
 

@@ -1,0 +1,1855 @@
+/* hbone.c - the native HBONE engine (see hbone.h for the API, ownership and threads).
+ *
+ * One thread, one level-triggered epoll. A connection's socket carries TLS (OpenSSL on
+ * the fd itself, non-blocking); decrypted input goes to nghttp2 (mem_recv), whose
+ * callbacks move stream data to the streams' plain sockets; output is pulled from
+ * nghttp2 (mem_send) into one buffer per connection that SSL_write drains, refilled only
+ * when empty, so a peer that does not read stops nghttp2 from producing, which stops the
+ * data providers, which fill the stream buffers, which stop reading the plain sockets.
+ * Received DATA is given back to the peer's window (nghttp2_session_consume) only once
+ * written to the plain socket. Interest sets follow the state (a socket with nothing to
+ * wait for is taken out of epoll, so a hung-up socket cannot spin the loop).
+ *
+ * Objects that end during a round are unhooked at once (hash, epoll, nghttp2 user data)
+ * and freed at the end of the round, so a later epoll event of the same batch finds them
+ * marked dead. Calls from other threads are commands on a locked queue (woken by an
+ * eventfd); events go the other way on a locked queue, signalled on the notify eventfd.
+ */
+#define _GNU_SOURCE
+#include "hbone.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <nghttp2/nghttp2.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#define EVENTS 256
+#define BUCKETS 4096u              /* id hash buckets (chained) */
+#define READ_CHUNK 65536           /* TLS plaintext read at once */
+#define OUT_FILL 65536u            /* nghttp2 output gathered before SSL_write */
+#define MAX_HEADERS 16384u         /* MAX_HEADER_LIST_SIZE, as tunnel/h2conn.py */
+#define MAX_URI 512
+
+enum kind { K_WAKE = 1, K_CONN, K_STREAM };
+enum op { OP_CLIENT = 1, OP_SERVER, OP_VERDICT, OP_CLOSE, OP_OPEN, OP_ACCEPT, OP_REFUSE, OP_RESET };
+enum state { S_HANDSHAKE = 1, S_VERDICT, S_H2 };
+
+struct obj {                       /* first member of what epoll and the hash point at */
+    enum kind kind;
+    uint64_t id;
+    struct obj *hnext;
+    bool dead;
+    struct obj *gnext;             /* graveyard */
+};
+
+struct buf {
+    char *p;
+    size_t off, len, cap;
+};
+
+struct conn;
+struct stream {
+    struct obj o;
+    struct conn *conn;
+    struct stream *prev, *next;    /* the connection's streams */
+    int fd;                        /* the plain socket, -1 until given */
+    int32_t sid;                   /* HTTP/2 stream id, 0 until submitted */
+    uint32_t mask;
+    bool registered, relaying, answered;
+    bool up_eof, up_done;          /* socket FIN read; END_STREAM produced (or no more sending) */
+    bool down_eof, down_done;      /* END_STREAM (or clean close) received; FIN passed on */
+    bool h2_closed, deferred, ended, is_connect;
+    uint32_t reset_code;           /* the peer's reset before Python answered */
+    uint32_t status;               /* client: the response's :status */
+    struct buf up, down;           /* socket -> peer, peer -> socket */
+    uint64_t to_peer, from_peer;
+    char *authority, *hdrs;        /* client: what to send; server: what came */
+    size_t hdrs_len;
+};
+
+struct conn {
+    struct obj o;
+    struct nh_engine *e;
+    int fd;
+    SSL *ssl;
+    nghttp2_session *h2;
+    enum state state;
+    bool server, registered, pending_hs, closing, draining, in_hs_list, dirty;
+    uint32_t mask;
+    uint32_t closing_how, closing_code, goaway_code;
+    char *expected;
+    char *peer_pem;                /* client: the server's chain, reported with its first SETTINGS */
+    size_t peer_pem_len;
+    uint64_t deadline;
+    struct conn *hs_prev, *hs_next, *dnext;
+    struct stream *streams;
+    uint32_t nstreams;
+    struct buf out;
+    uint64_t *resets;              /* ring of the client's reset times (ms), server only */
+    uint32_t reset_head, reset_count;
+};
+
+struct cmd {
+    enum op op;
+    uint64_t id;
+    int fd;
+    uint32_t arg;
+    void *ptr;
+    struct cmd *next;
+};
+
+struct evnode {
+    struct nh_event ev;
+    struct evnode *next;
+};
+
+struct nh_tls {
+    SSL_CTX *ctx;
+};
+
+struct nh_engine {
+    struct nh_config cfg;
+    int ep, wake, notify;
+    pthread_t thread;
+    bool started;
+    pthread_mutex_t lock;          /* cmds, events, stopped */
+    struct cmd *cmd_head, *cmd_tail;
+    struct evnode *ev_head, *ev_tail;
+    bool stopped, stopping;
+    uint64_t next_id;              /* atomic */
+    uint32_t conns_reserved;       /* under lock: conns made, not yet freed */
+    uint32_t pending_hs;           /* under lock */
+    struct obj wake_obj;
+    struct obj *buckets[BUCKETS];  /* engine thread */
+    struct obj *graveyard;
+    struct conn *hs_head, *hs_tail, *dirty;
+    uint64_t held;
+    struct nh_stats st;            /* counters: atomics */
+};
+
+#define ST_ADD(e, f, n) __atomic_fetch_add(&(e)->st.f, (n), __ATOMIC_RELAXED)
+#define ST_SET(e, f, v) __atomic_store_n(&(e)->st.f, (v), __ATOMIC_RELAXED)
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void reset_close(int fd)
+{
+    struct linger lg = {1, 0};
+    if (fd < 0)
+        return;
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+/* --- buffers, held bytes ------------------------------------------------------------ */
+
+static int buf_append(struct buf *b, const void *data, size_t n)
+{
+    if (b->off && b->off == b->len)
+        b->off = b->len = 0;
+    if (b->len + n > b->cap) {
+        if (b->off) {
+            memmove(b->p, b->p + b->off, b->len - b->off);
+            b->len -= b->off;
+            b->off = 0;
+        }
+        if (b->len + n > b->cap) {
+            size_t cap = b->cap ? b->cap : 16384;
+            while (cap < b->len + n)
+                cap *= 2;
+            char *p = realloc(b->p, cap);
+            if (!p)
+                return -ENOMEM;
+            b->p = p;
+            b->cap = cap;
+        }
+    }
+    memcpy(b->p + b->len, data, n);
+    b->len += n;
+    return 0;
+}
+
+static size_t buf_avail(const struct buf *b) { return b->len - b->off; }
+
+static void buf_free(struct buf *b)
+{
+    free(b->p);
+    memset(b, 0, sizeof *b);
+}
+
+static void held_add(struct nh_engine *e, int64_t delta)
+{
+    e->held += delta;
+    ST_SET(e, bytes_held, e->held);
+    if (e->held > e->st.bytes_held_peak)
+        ST_SET(e, bytes_held_peak, e->held);
+}
+
+static void stream_peak(struct stream *s)
+{
+    uint64_t mine = buf_avail(&s->up) + buf_avail(&s->down);
+    if (mine > s->conn->e->st.stream_held_peak)
+        ST_SET(s->conn->e, stream_held_peak, mine);
+}
+
+/* --- ids, events, epoll ------------------------------------------------------------- */
+
+static void hash_put(struct nh_engine *e, struct obj *o)
+{
+    struct obj **b = &e->buckets[o->id & (BUCKETS - 1)];
+    o->hnext = *b;
+    *b = o;
+}
+
+static struct obj *hash_get(struct nh_engine *e, uint64_t id, enum kind kind)
+{
+    for (struct obj *o = e->buckets[id & (BUCKETS - 1)]; o; o = o->hnext)
+        if (o->id == id)
+            return o->kind == kind && !o->dead ? o : NULL;
+    return NULL;
+}
+
+static void hash_del(struct nh_engine *e, struct obj *o)
+{
+    for (struct obj **p = &e->buckets[o->id & (BUCKETS - 1)]; *p; p = &(*p)->hnext)
+        if (*p == o) {
+            *p = o->hnext;
+            return;
+        }
+}
+
+static void bury(struct nh_engine *e, struct obj *o)
+{
+    hash_del(e, o);
+    o->dead = true;
+    o->gnext = e->graveyard;
+    e->graveyard = o;
+}
+
+static void emit(struct nh_engine *e, const struct nh_event *ev, const char *data, size_t len)
+{
+    struct evnode *n = calloc(1, sizeof *n);
+    if (!n) {
+        ST_SET(e, fatal, ENOMEM);
+        return;
+    }
+    n->ev = *ev;
+    if (data && len) {
+        n->ev.data = malloc(len + 1);
+        if (n->ev.data) {
+            memcpy(n->ev.data, data, len);
+            n->ev.data[len] = 0;
+            n->ev.data_len = len;
+        }
+    }
+    pthread_mutex_lock(&e->lock);
+    if (e->ev_tail)
+        e->ev_tail->next = n;
+    else
+        e->ev_head = n;
+    e->ev_tail = n;
+    ST_ADD(e, events_queued, 1);
+    pthread_mutex_unlock(&e->lock);
+    uint64_t one = 1;
+    if (write(e->notify, &one, sizeof one) < 0) {
+        /* EAGAIN: the counter is already huge, the reader is woken anyway */
+    }
+}
+
+static void set_mask(struct nh_engine *e, int fd, struct obj *o, bool *registered, uint32_t *cur, uint32_t mask)
+{
+    struct epoll_event ev = {.events = mask, .data.ptr = o};
+    if (mask == 0) {
+        if (*registered)
+            epoll_ctl(e->ep, EPOLL_CTL_DEL, fd, NULL);
+        *registered = false;
+    } else if (!*registered) {
+        if (epoll_ctl(e->ep, EPOLL_CTL_ADD, fd, &ev) == 0)
+            *registered = true;
+    } else if (mask != *cur) {
+        epoll_ctl(e->ep, EPOLL_CTL_MOD, fd, &ev);
+    }
+    *cur = mask;
+}
+
+static void mark_dirty(struct conn *c)
+{
+    if (!c->dirty && !c->o.dead) {
+        c->dirty = true;
+        c->dnext = c->e->dirty;
+        c->e->dirty = c;
+    }
+}
+
+/* --- streams ------------------------------------------------------------------------ */
+
+static void stream_update(struct stream *s);
+
+static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t code, uint32_t status,
+                       const char *reason)
+{
+    struct conn *c = s->conn;
+    struct nh_engine *e = c->e;
+    if (s->ended)
+        return;
+    s->ended = true;
+    if (s->sid > 0 && !s->h2_closed && c->h2) {
+        nghttp2_session_set_stream_user_data(c->h2, s->sid, NULL);
+        if (how != NH_END_CLOSED && how != NH_END_RESET)
+            nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, s->sid,
+                                      how == NH_END_REFUSED && status == 0 ? NGHTTP2_REFUSED_STREAM
+                                                                           : NGHTTP2_CANCEL);
+        mark_dirty(c);
+    }
+    if (s->fd >= 0) {
+        set_mask(e, s->fd, &s->o, &s->registered, &s->mask, 0);
+        if (how == NH_END_CLOSED)
+            close(s->fd);
+        else
+            reset_close(s->fd);
+        s->fd = -1;
+    }
+    held_add(e, -(int64_t)(buf_avail(&s->up) + buf_avail(&s->down)));
+    /* what the socket took stays consumed; what it did not goes back to the connection window */
+    if (c->h2 && buf_avail(&s->down))
+        nghttp2_session_consume_connection(c->h2, buf_avail(&s->down));
+    buf_free(&s->up);
+    buf_free(&s->down);
+    struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_STREAM_END, .how = how,
+                          .error = error, .code = code, .status = status, .h2_stream = (uint32_t)s->sid,
+                          .to_peer = s->to_peer, .from_peer = s->from_peer};
+    emit(e, &ev, reason, reason ? strlen(reason) : 0);
+    if (s->prev)
+        s->prev->next = s->next;
+    else if (c->streams == s)
+        c->streams = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    s->prev = s->next = NULL;
+    c->nstreams--;
+    ST_ADD(e, streams_open, -1);
+    bury(e, &s->o);
+}
+
+static void stream_maybe_finish(struct stream *s)
+{
+    if (s->ended || !s->relaying)
+        return;
+    if (s->down_eof && !s->down_done && buf_avail(&s->down) == 0) {
+        shutdown(s->fd, SHUT_WR);
+        s->down_done = true;
+    }
+    if (s->h2_closed && s->down_done && (s->up_done || s->up_eof))
+        stream_end(s, NH_END_CLOSED, 0, 0, 0, NULL);
+}
+
+static void stream_consume(struct stream *s, size_t n)
+{
+    if (n && s->conn->h2) {
+        nghttp2_session_consume(s->conn->h2, s->sid, n);
+        mark_dirty(s->conn);
+    }
+}
+
+/* Write what waits for the plain socket; false when the stream ended. */
+static bool stream_write(struct stream *s)
+{
+    while (buf_avail(&s->down)) {
+        ssize_t n = send(s->fd, s->down.p + s->down.off, buf_avail(&s->down), MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                break;
+            stream_end(s, NH_END_SOCKET, errno, NGHTTP2_CANCEL, 0, "write to the socket failed");
+            return false;
+        }
+        s->down.off += n;
+        s->from_peer += n;
+        ST_ADD(s->conn->e, bytes_from_peer, n);
+        held_add(s->conn->e, -n);
+        stream_consume(s, n);
+    }
+    if (s->down.off == s->down.len)
+        s->down.off = s->down.len = 0;
+    return true;
+}
+
+static void stream_read(struct stream *s)
+{
+    struct nh_engine *e = s->conn->e;
+    if (s->up.cap == 0) {
+        s->up.p = malloc(e->cfg.stream_buffer);
+        if (!s->up.p) {
+            stream_end(s, NH_END_SOCKET, ENOMEM, NGHTTP2_INTERNAL_ERROR, 0, "out of memory");
+            return;
+        }
+        s->up.cap = e->cfg.stream_buffer;
+    }
+    if (s->up.off) {
+        memmove(s->up.p, s->up.p + s->up.off, s->up.len - s->up.off);
+        s->up.len -= s->up.off;
+        s->up.off = 0;
+    }
+    size_t room = s->up.cap - s->up.len;
+    if (room == 0)
+        return;
+    ssize_t n = recv(s->fd, s->up.p + s->up.len, room, 0);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EINTR)
+            return;
+        stream_end(s, NH_END_SOCKET, errno, NGHTTP2_CANCEL, 0, "read from the socket failed");
+        return;
+    }
+    if (n == 0)
+        s->up_eof = true;
+    s->up.len += n;
+    held_add(e, n);
+    stream_peak(s);
+    if (s->deferred && s->conn->h2) {
+        s->deferred = false;
+        nghttp2_session_resume_data(s->conn->h2, s->sid);
+    }
+    mark_dirty(s->conn);
+}
+
+static void stream_update(struct stream *s)
+{
+    if (s->ended || s->fd < 0 || !s->relaying)
+        return;
+    uint32_t mask = 0;
+    if (!s->up_eof && !s->up_done && buf_avail(&s->up) < s->conn->e->cfg.stream_buffer)
+        mask |= EPOLLIN;
+    if (buf_avail(&s->down))
+        mask |= EPOLLOUT;
+    set_mask(s->conn->e, s->fd, &s->o, &s->registered, &s->mask, mask);
+}
+
+static void stream_io(struct stream *s, uint32_t events)
+{
+    if (events & EPOLLOUT && !stream_write(s))
+        return;
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR) && s->mask & EPOLLIN)
+        stream_read(s);
+    else if (events & EPOLLERR) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        stream_end(s, NH_END_SOCKET, err ? err : EPIPE, NGHTTP2_CANCEL, 0, "socket error");
+        return;
+    }
+    if (s->ended)
+        return;
+    stream_maybe_finish(s);
+    stream_update(s);
+}
+
+/* Begin relaying: the socket is the stream's (non-blocking from here). */
+static void stream_start(struct stream *s)
+{
+    s->relaying = true;
+    if (stream_write(s)) {
+        stream_maybe_finish(s);
+        stream_update(s);
+    }
+}
+
+static ssize_t up_read_cb(nghttp2_session *h2, int32_t sid, uint8_t *buf, size_t length, uint32_t *flags,
+                          nghttp2_data_source *source, void *user)
+{
+    (void)source;
+    (void)user;
+    struct stream *s = nghttp2_session_get_stream_user_data(h2, sid);
+    if (!s || s->ended)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    size_t avail = buf_avail(&s->up);
+    if (avail == 0 && !s->up_eof) {
+        s->deferred = true;
+        return NGHTTP2_ERR_DEFERRED;
+    }
+    size_t n = MIN(avail, length);
+    memcpy(buf, s->up.p + s->up.off, n);
+    s->up.off += n;
+    s->to_peer += n;
+    ST_ADD(s->conn->e, bytes_to_peer, n);
+    held_add(s->conn->e, -(int64_t)n);
+    if (s->up_eof && buf_avail(&s->up) == 0) {
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+        s->up_done = true;
+    }
+    stream_update(s);
+    return (ssize_t)n;
+}
+
+static struct stream *stream_alloc(struct nh_engine *e)
+{
+    struct stream *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->o.kind = K_STREAM;
+    s->o.id = __atomic_add_fetch(&e->next_id, 1, __ATOMIC_RELAXED);
+    s->fd = -1;
+    return s;
+}
+
+static void stream_link(struct conn *c, struct stream *s)
+{
+    s->conn = c;
+    s->next = c->streams;
+    if (c->streams)
+        c->streams->prev = s;
+    c->streams = s;
+    c->nstreams++;
+    hash_put(c->e, &s->o);
+    ST_ADD(c->e, streams_open, 1);
+    ST_ADD(c->e, streams_total, 1);
+}
+
+static void stream_free(struct stream *s)
+{
+    free(s->authority);
+    free(s->hdrs);
+    buf_free(&s->up);
+    buf_free(&s->down);
+    free(s);
+}
+
+/* --- connections -------------------------------------------------------------------- */
+
+static void conn_flush(struct conn *c);
+
+static void hs_unlink(struct conn *c)
+{
+    struct nh_engine *e = c->e;
+    if (c->in_hs_list) {
+        if (c->hs_prev)
+            c->hs_prev->hs_next = c->hs_next;
+        else
+            e->hs_head = c->hs_next;
+        if (c->hs_next)
+            c->hs_next->hs_prev = c->hs_prev;
+        else
+            e->hs_tail = c->hs_prev;
+        c->in_hs_list = false;
+    }
+    if (c->pending_hs) {
+        c->pending_hs = false;
+        pthread_mutex_lock(&e->lock);
+        e->pending_hs--;
+        pthread_mutex_unlock(&e->lock);
+        ST_ADD(e, handshakes_pending, -1);
+    }
+}
+
+static void conn_end(struct conn *c, uint32_t how, int32_t error, uint32_t code, const char *reason)
+{
+    struct nh_engine *e = c->e;
+    if (c->o.dead)
+        return;
+    hs_unlink(c);
+    if (how == NH_END_TLS || how == NH_END_IDENTITY || how == NH_END_TIMEOUT)
+        ST_ADD(e, tls_failures, 1);
+    uint32_t stream_how = how == NH_END_STOPPED ? NH_END_STOPPED : NH_END_CONN_LOST;
+    while (c->streams)
+        stream_end(c->streams, stream_how, 0, 0, 0, reason);
+    set_mask(e, c->fd, &c->o, &c->registered, &c->mask, 0);
+    held_add(e, -(int64_t)buf_avail(&c->out));
+    buf_free(&c->out);
+    if (c->h2) {
+        nghttp2_session_del(c->h2);
+        c->h2 = NULL;
+    }
+    bool clean = how == NH_END_CLOSED || how == NH_END_FLOOD || how == NH_END_PROTOCOL || how == NH_END_GOAWAY
+                 || how == NH_END_TLS || how == NH_END_IDENTITY;
+    if (c->state == S_H2 && clean)
+        SSL_shutdown(c->ssl);  /* close_notify, best effort */
+    if (clean)
+        close(c->fd);
+    else
+        reset_close(c->fd);
+    c->fd = -1;
+    struct nh_event ev = {.conn = c->o.id, .type = NH_EV_CONN_END, .how = how, .error = error, .code = code};
+    emit(e, &ev, reason, reason ? strlen(reason) : 0);
+    ST_ADD(e, conns_open, -1);
+    bury(e, &c->o);
+}
+
+static void conn_free(struct conn *c)
+{
+    struct nh_engine *e = c->e;
+    if (c->fd >= 0)
+        reset_close(c->fd);
+    if (c->h2)
+        nghttp2_session_del(c->h2);
+    SSL_free(c->ssl);
+    buf_free(&c->out);
+    free(c->expected);
+    free(c->peer_pem);
+    free(c->resets);
+    free(c);
+    pthread_mutex_lock(&e->lock);
+    e->conns_reserved--;
+    pthread_mutex_unlock(&e->lock);
+}
+
+/* The client's RST_STREAM: false once more than max_resets fall within the window. */
+static bool reset_allowed(struct conn *c)
+{
+    struct nh_engine *e = c->e;
+    uint32_t cap = e->cfg.max_resets + 1;
+    uint64_t now = now_ms();
+    if (!c->resets && !(c->resets = calloc(cap, sizeof *c->resets)))
+        return false;
+    while (c->reset_count && c->resets[(c->reset_head + cap - c->reset_count) % cap] + e->cfg.reset_window_ms <= now)
+        c->reset_count--;
+    c->resets[c->reset_head] = now;
+    c->reset_head = (c->reset_head + 1) % cap;
+    if (c->reset_count < cap)
+        c->reset_count++;
+    return c->reset_count <= e->cfg.max_resets;
+}
+
+static void conn_terminate(struct conn *c, uint32_t how, uint32_t code, int32_t last_sid)
+{
+    if (c->closing)
+        return;
+    c->closing = true;
+    c->closing_how = how;
+    c->closing_code = code;
+    nghttp2_session_terminate_session2(c->h2, last_sid, code);
+    mark_dirty(c);
+}
+
+static int on_begin_headers(nghttp2_session *h2, const nghttp2_frame *frame, void *user)
+{
+    struct conn *c = user;
+    if (!c->server || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    struct stream *s = stream_alloc(c->e);
+    if (!s)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    s->sid = frame->hd.stream_id;
+    stream_link(c, s);
+    nghttp2_session_set_stream_user_data(h2, s->sid, s);
+    return 0;
+}
+
+static int on_header(nghttp2_session *h2, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
+                     const uint8_t *value, size_t valuelen, uint8_t flags, void *user)
+{
+    (void)flags;
+    (void)user;
+    struct stream *s = nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id);
+    if (!s || frame->hd.type != NGHTTP2_HEADERS)
+        return 0;
+    if (namelen == 7 && !memcmp(name, ":status", 7)) {
+        char tmp[8] = {0};
+        memcpy(tmp, value, MIN(valuelen, sizeof tmp - 1));
+        s->status = (uint32_t)atoi(tmp);
+        return 0;
+    }
+    if (!s->conn->server)
+        return 0;                          /* response headers: only the status matters */
+    if (namelen == 7 && !memcmp(name, ":method", 7)) {
+        s->is_connect = valuelen == 7 && !memcmp(value, "CONNECT", 7);
+        return 0;
+    }
+    if (namelen && name[0] == ':' && !(namelen == 10 && !memcmp(name, ":authority", 10)))
+        return 0;
+    size_t need = namelen + valuelen + 2;
+    if (s->hdrs_len + need > MAX_HEADERS)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    char *p = realloc(s->hdrs, s->hdrs_len + need);
+    if (!p)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    s->hdrs = p;
+    bool authority = namelen == 10 && !memcmp(name, ":authority", 10);
+    if (authority && s->hdrs_len) {          /* :authority first */
+        memmove(p + need, p, s->hdrs_len);
+        p = s->hdrs;
+    } else {
+        p = s->hdrs + s->hdrs_len;
+    }
+    memcpy(p, name, namelen);
+    p[namelen] = 0;
+    memcpy(p + namelen + 1, value, valuelen);
+    p[namelen + 1 + valuelen] = 0;
+    s->hdrs_len += need;
+    return 0;
+}
+
+static void refuse_now(struct conn *c, struct stream *s, uint32_t status)
+{
+    /* answered here: Python never hears of this stream */
+    if (!s->h2_closed) {
+        if (status) {
+            char st[16];
+            snprintf(st, sizeof st, "%u", status);
+            nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)st, 7, strlen(st), NGHTTP2_NV_FLAG_NONE};
+            nghttp2_submit_response(c->h2, s->sid, &nv, 1, NULL);  /* END_STREAM; the client resets */
+        } else {
+            nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, s->sid, NGHTTP2_REFUSED_STREAM);
+        }
+        nghttp2_session_set_stream_user_data(c->h2, s->sid, NULL);
+    }
+    mark_dirty(c);
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        c->streams = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    c->nstreams--;
+    s->ended = true;
+    held_add(c->e, -(int64_t)(buf_avail(&s->up) + buf_avail(&s->down)));
+    if (buf_avail(&s->down))
+        nghttp2_session_consume_connection(c->h2, buf_avail(&s->down));
+    ST_ADD(c->e, streams_open, -1);
+    bury(c->e, &s->o);
+}
+
+static void on_request(struct conn *c, struct stream *s)
+{
+    struct nh_engine *e = c->e;
+    if (c->draining) {
+        refuse_now(c, s, 0);
+        return;
+    }
+    if (c->nstreams > e->cfg.max_streams) {
+        ST_ADD(e, refused_streams, 1);
+        refuse_now(c, s, 0);
+        return;
+    }
+    if (!s->is_connect) {
+        refuse_now(c, s, 405);
+        return;
+    }
+    struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_REQUEST, .h2_stream = (uint32_t)s->sid};
+    emit(e, &ev, s->hdrs, s->hdrs_len);
+    free(s->hdrs);
+    s->hdrs = NULL;
+    s->hdrs_len = 0;
+}
+
+static void on_response(struct conn *c, struct stream *s)
+{
+    uint32_t status = s->status;
+    struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_RESPONSE, .status = status,
+                          .h2_stream = (uint32_t)s->sid};
+    emit(c->e, &ev, NULL, 0);
+    if (status == 200)
+        stream_start(s);
+    else
+        stream_end(s, NH_END_REFUSED, 0, 0, status, "the server refused the CONNECT");
+}
+
+static int on_frame_recv(nghttp2_session *h2, const nghttp2_frame *frame, void *user)
+{
+    struct conn *c = user;
+    int32_t sid = frame->hd.stream_id;
+    struct stream *s = sid ? nghttp2_session_get_stream_user_data(h2, sid) : NULL;
+    switch (frame->hd.type) {
+    case NGHTTP2_HEADERS:
+        if (!s)
+            break;
+        if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)
+            s->down_eof = true;
+        if (c->server && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
+            on_request(c, s);
+        else if (!c->server && frame->headers.cat == NGHTTP2_HCAT_RESPONSE)
+            on_response(c, s);
+        else if (!s->ended)
+            stream_maybe_finish(s);
+        break;
+    case NGHTTP2_DATA:
+        if (s && frame->hd.flags & NGHTTP2_FLAG_END_STREAM) {
+            s->down_eof = true;
+            stream_maybe_finish(s);
+            stream_update(s);
+        }
+        break;
+    case NGHTTP2_RST_STREAM:
+        if (c->server && !c->closing
+            && !(frame->rst_stream.error_code == NGHTTP2_NO_ERROR && (!s || s->down_eof))
+            && !reset_allowed(c)) {
+            ST_ADD(c->e, flood_goaways, 1);
+            conn_terminate(c, NH_END_FLOOD, NGHTTP2_ENHANCE_YOUR_CALM, sid);
+        }
+        break;
+    case NGHTTP2_SETTINGS:
+        if (!c->server && c->in_hs_list && !(frame->hd.flags & NGHTTP2_FLAG_ACK)) {
+            struct nh_event ev = {.conn = c->o.id, .type = NH_EV_CONN_UP};
+            hs_unlink(c);
+            emit(c->e, &ev, c->peer_pem, c->peer_pem_len);
+            free(c->peer_pem);
+            c->peer_pem = NULL;
+        }
+        break;
+    case NGHTTP2_GOAWAY:
+        c->draining = true;
+        if (frame->goaway.error_code != NGHTTP2_NO_ERROR)
+            c->goaway_code = frame->goaway.error_code;
+        break;
+    default:
+        break;
+    }
+    return 0;
+}
+
+static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t sid, const uint8_t *data, size_t len,
+                         void *user)
+{
+    (void)flags;
+    (void)user;
+    struct stream *s = nghttp2_session_get_stream_user_data(h2, sid);
+    if (!s || s->ended) {
+        nghttp2_session_consume(h2, sid, len);  /* nobody takes it: give the window back */
+        return 0;
+    }
+    size_t done = 0;
+    if (s->relaying && buf_avail(&s->down) == 0) {
+        ssize_t n = send(s->fd, data, len, MSG_NOSIGNAL);
+        if (n > 0) {
+            done = (size_t)n;
+            s->from_peer += done;
+            ST_ADD(s->conn->e, bytes_from_peer, done);
+            nghttp2_session_consume(h2, sid, done);
+        } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            nghttp2_session_consume(h2, sid, len);
+            stream_end(s, NH_END_SOCKET, errno, NGHTTP2_CANCEL, 0, "write to the socket failed");
+            return 0;
+        }
+    }
+    if (done < len) {
+        if (buf_append(&s->down, data + done, len - done) < 0)
+            return NGHTTP2_ERR_CALLBACK_FAILURE;
+        held_add(s->conn->e, len - done);
+        stream_peak(s);
+        stream_update(s);
+    }
+    mark_dirty(s->conn);
+    return 0;
+}
+
+static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void *user)
+{
+    (void)user;
+    struct stream *s = nghttp2_session_get_stream_user_data(h2, sid);
+    if (!s || s->ended)
+        return 0;
+    s->h2_closed = true;
+    if (!s->relaying && s->conn->server && !s->answered) {
+        s->reset_code = code ? code : NGHTTP2_CANCEL;  /* Python's answer ends it */
+        return 0;
+    }
+    if (code != NGHTTP2_NO_ERROR) {
+        stream_end(s, NH_END_RESET, 0, code, 0, "reset by the peer");
+        return 0;
+    }
+    /* closed cleanly: what was received goes out, then FIN; we send nothing more */
+    s->down_eof = true;
+    if (!s->up_done) {
+        s->up_done = true;
+        held_add(s->conn->e, -(int64_t)buf_avail(&s->up));
+        s->up.off = s->up.len = 0;
+    }
+    if (!s->relaying) {
+        stream_end(s, NH_END_REFUSED, 0, 0, 0, "closed before a response");
+        return 0;
+    }
+    stream_maybe_finish(s);
+    stream_update(s);
+    return 0;
+}
+
+static int h2_start(struct conn *c)
+{
+    struct nh_engine *e = c->e;
+    nghttp2_session_callbacks *cb;
+    nghttp2_option *opt;
+    if (nghttp2_session_callbacks_new(&cb))
+        return -ENOMEM;
+    nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
+    nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+    if (nghttp2_option_new(&opt)) {
+        nghttp2_session_callbacks_del(cb);
+        return -ENOMEM;
+    }
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    nghttp2_option_set_max_send_header_block_length(opt, MAX_HEADERS * 4);
+    int rv = c->server ? nghttp2_session_server_new2(&c->h2, cb, c, opt)
+                       : nghttp2_session_client_new2(&c->h2, cb, c, opt);
+    nghttp2_session_callbacks_del(cb);
+    nghttp2_option_del(opt);
+    if (rv)
+        return -ENOMEM;
+    nghttp2_settings_entry iv[5] = {
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, e->cfg.stream_window},
+        {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, e->cfg.max_frame_size},
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, e->cfg.max_streams},
+        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADERS},
+        {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+    };
+    if (nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, c->server ? 4 : 5)
+        || nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0, (int32_t)e->cfg.connection_window))
+        return -ENOMEM;
+    c->state = S_H2;
+    return 0;
+}
+
+static void submit_open(struct conn *c, struct stream *s)
+{
+    size_t n = 2;
+    for (size_t i = 0; i < s->hdrs_len; i++)
+        n += s->hdrs[i] == 0;
+    n = 2 + n / 2;
+    nghttp2_nv *nva = calloc(n, sizeof *nva);
+    if (!nva) {
+        stream_end(s, NH_END_SOCKET, ENOMEM, 0, 0, "out of memory");
+        return;
+    }
+    size_t k = 0;
+    nva[k++] = (nghttp2_nv){(uint8_t *)":method", (uint8_t *)"CONNECT", 7, 7, NGHTTP2_NV_FLAG_NONE};
+    nva[k++] = (nghttp2_nv){(uint8_t *)":authority", (uint8_t *)s->authority, 10, strlen(s->authority),
+                            NGHTTP2_NV_FLAG_NONE};
+    for (size_t i = 0; i < s->hdrs_len && k < n;) {
+        char *name = s->hdrs + i;
+        size_t nl = strlen(name);
+        if (i + nl + 1 >= s->hdrs_len)
+            break;
+        char *value = name + nl + 1;
+        size_t vl = strlen(value);
+        nva[k++] = (nghttp2_nv){(uint8_t *)name, (uint8_t *)value, nl, vl, NGHTTP2_NV_FLAG_NONE};
+        i += nl + vl + 2;
+    }
+    nghttp2_data_provider prd = {.source.ptr = s, .read_callback = up_read_cb};
+    int32_t sid = nghttp2_submit_request(c->h2, NULL, nva, k, &prd, s);
+    free(nva);
+    if (sid < 0) {
+        stream_end(s, NH_END_REFUSED, 0, 0, 0, nghttp2_strerror(sid));
+        return;
+    }
+    s->sid = sid;
+    mark_dirty(c);
+}
+
+static void conn_update(struct conn *c)
+{
+    uint32_t mask = c->state == S_VERDICT ? 0 : EPOLLIN;
+    if (buf_avail(&c->out))
+        mask |= EPOLLOUT;
+    set_mask(c->e, c->fd, &c->o, &c->registered, &c->mask, mask);
+}
+
+static void conn_fail_tls(struct conn *c, int sslerr, const char *what)
+{
+    char reason[256];
+    unsigned long err = ERR_peek_last_error();
+    if (sslerr == SSL_ERROR_SSL && err)
+        snprintf(reason, sizeof reason, "%s: %s", what, ERR_reason_error_string(err) ?: "unknown");
+    else if (sslerr == SSL_ERROR_SYSCALL && errno)
+        snprintf(reason, sizeof reason, "%s: %s", what, strerror(errno));
+    else
+        snprintf(reason, sizeof reason, "%s: the peer closed the connection", what);
+    ERR_clear_error();
+    int saved = sslerr == SSL_ERROR_SYSCALL ? errno : 0;
+    /* a client's handshake lasts until the server's SETTINGS (see handshake_done) */
+    conn_end(c, c->state == S_HANDSHAKE || c->in_hs_list ? NH_END_TLS : NH_END_IO, saved, 0, reason);
+}
+
+static int uri_sans(X509 *cert, char *out, size_t cap)
+{
+    GENERAL_NAMES *names = X509_get_ext_d2i(cert, NID_subject_alt_name, NULL, NULL);
+    int count = 0;
+    out[0] = 0;
+    for (int i = 0; names && i < sk_GENERAL_NAME_num(names); i++) {
+        GENERAL_NAME *g = sk_GENERAL_NAME_value(names, i);
+        if (g->type != GEN_URI)
+            continue;
+        if (count++ == 0) {
+            int len = ASN1_STRING_length(g->d.uniformResourceIdentifier);
+            if (len > 0 && (size_t)len < cap) {
+                memcpy(out, ASN1_STRING_get0_data(g->d.uniformResourceIdentifier), len);
+                out[len] = 0;
+            }
+        }
+    }
+    GENERAL_NAMES_free(names);
+    return count;
+}
+
+static void handshake_done(struct conn *c)
+{
+    X509 *leaf = SSL_get0_peer_certificate(c->ssl);
+    if (!leaf) {
+        conn_end(c, NH_END_IDENTITY, 0, 0, "the peer presented no certificate");
+        return;
+    }
+    BIO *bio = BIO_new(BIO_s_mem());
+    if (!bio) {
+        conn_end(c, NH_END_IO, ENOMEM, 0, "out of memory");
+        return;
+    }
+    PEM_write_bio_X509(bio, leaf);
+    STACK_OF(X509) *chain = SSL_get_peer_cert_chain(c->ssl);
+    for (int i = 0; chain && i < sk_X509_num(chain); i++)
+        if (X509_cmp(sk_X509_value(chain, i), leaf))
+            PEM_write_bio_X509(bio, sk_X509_value(chain, i));
+    char *pem;
+    long len = BIO_get_mem_data(bio, &pem);
+    if (!c->server) {
+        char uri[MAX_URI], reason[2 * MAX_URI + 64];
+        int n = uri_sans(leaf, uri, sizeof uri);
+        if (n != 1 || strcmp(uri, c->expected)) {
+            snprintf(reason, sizeof reason, "the server is %s%s, expected %s", n == 1 ? uri : "",
+                     n == 1 ? "" : "not one URI SAN", c->expected);
+            BIO_free(bio);
+            conn_end(c, NH_END_IDENTITY, 0, 0, reason);
+            return;
+        }
+    }
+    if (c->server) {
+        struct nh_event ev = {.conn = c->o.id, .type = NH_EV_CONN_UP};
+        emit(c->e, &ev, pem, (size_t)len);
+        BIO_free(bio);
+        hs_unlink(c);
+        c->state = S_VERDICT;
+        conn_update(c);
+        return;
+    }
+    /* Client: up once the server's first SETTINGS comes, as the Python pool: the server
+     * checks our certificate after its side of TLS, so its refusal comes instead. */
+    c->peer_pem = malloc((size_t)len);
+    if (c->peer_pem) {
+        memcpy(c->peer_pem, pem, (size_t)len);
+        c->peer_pem_len = (size_t)len;
+    }
+    BIO_free(bio);
+    if (h2_start(c) < 0) {
+        conn_end(c, NH_END_IO, ENOMEM, 0, "out of memory");
+        return;
+    }
+    for (struct stream *s = c->streams; s; s = s->next)
+        if (s->sid == 0)
+            submit_open(c, s);
+    mark_dirty(c);
+}
+
+static void do_handshake(struct conn *c)
+{
+    ERR_clear_error();
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        handshake_done(c);
+        return;
+    }
+    int err = SSL_get_error(c->ssl, r);
+    if (err == SSL_ERROR_WANT_READ) {
+        set_mask(c->e, c->fd, &c->o, &c->registered, &c->mask, EPOLLIN);
+    } else if (err == SSL_ERROR_WANT_WRITE) {
+        set_mask(c->e, c->fd, &c->o, &c->registered, &c->mask, EPOLLIN | EPOLLOUT);
+    } else {
+        conn_fail_tls(c, err, "TLS handshake");
+    }
+}
+
+static void conn_read(struct conn *c)
+{
+    static __thread uint8_t buf[READ_CHUNK];
+    while (!c->o.dead && !c->closing && c->state == S_H2) {
+        ERR_clear_error();
+        int n = SSL_read(c->ssl, buf, sizeof buf);
+        if (n <= 0) {
+            int err = SSL_get_error(c->ssl, n);
+            if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
+                break;
+            if (c->in_hs_list) {
+                conn_fail_tls(c, err, "the server closed the connection right after TLS (our certificate "
+                                      "refused?)");
+            } else if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && errno == 0)) {
+                bool idle = c->nstreams == 0;
+                ERR_clear_error();
+                conn_end(c, c->goaway_code ? NH_END_GOAWAY : idle ? NH_END_CLOSED : NH_END_IO, 0,
+                         c->goaway_code, idle ? "the peer closed the connection"
+                                              : "the peer closed the connection with streams open");
+            } else {
+                conn_fail_tls(c, err, "TLS read");
+            }
+            return;
+        }
+        ssize_t rv = nghttp2_session_mem_recv(c->h2, buf, (size_t)n);
+        if (rv < 0) {
+            /* nghttp2 queued GOAWAY itself, but not for a bad preface: then we do */
+            nghttp2_session_terminate_session(c->h2, NGHTTP2_PROTOCOL_ERROR);
+            c->closing = true;
+            c->closing_how = NH_END_PROTOCOL;
+            c->closing_code = rv == NGHTTP2_ERR_FLOODED ? NGHTTP2_ENHANCE_YOUR_CALM : NGHTTP2_PROTOCOL_ERROR;
+            while (c->streams)
+                stream_end(c->streams, NH_END_CONN_LOST, 0, 0, 0, nghttp2_strerror((int)rv));
+            conn_flush(c);  /* the GOAWAY nghttp2 queued, best effort */
+            if (!c->o.dead)
+                conn_end(c, NH_END_PROTOCOL, 0, c->closing_code, nghttp2_strerror((int)rv));
+            return;
+        }
+    }
+    mark_dirty(c);
+}
+
+static void conn_flush(struct conn *c)
+{
+    struct nh_engine *e = c->e;
+    if (c->o.dead || c->state != S_H2)
+        return;
+    if (c->closing)
+        while (c->streams)
+            stream_end(c->streams, NH_END_CONN_LOST, 0, 0, 0, "the connection is closing");
+    for (;;) {
+        if (buf_avail(&c->out)) {
+            ERR_clear_error();
+            int n = SSL_write(c->ssl, c->out.p + c->out.off, (int)buf_avail(&c->out));
+            if (n > 0) {
+                c->out.off += n;
+                held_add(e, -n);
+                continue;
+            }
+            int err = SSL_get_error(c->ssl, n);
+            if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ)
+                break;
+            conn_fail_tls(c, err, "TLS write");
+            return;
+        }
+        c->out.off = c->out.len = 0;
+        while (c->out.len < OUT_FILL) {
+            const uint8_t *data;
+            ssize_t n = nghttp2_session_mem_send(c->h2, &data);
+            if (n < 0) {
+                conn_end(c, NH_END_PROTOCOL, 0, NGHTTP2_INTERNAL_ERROR, nghttp2_strerror((int)n));
+                return;
+            }
+            if (n == 0)
+                break;
+            if (buf_append(&c->out, data, (size_t)n) < 0) {
+                conn_end(c, NH_END_IO, ENOMEM, 0, "out of memory");
+                return;
+            }
+            held_add(e, n);
+        }
+        if (c->out.len == 0)
+            break;
+    }
+    if (!buf_avail(&c->out) && !nghttp2_session_want_read(c->h2) && !nghttp2_session_want_write(c->h2)) {
+        conn_end(c, c->closing ? c->closing_how : c->goaway_code ? NH_END_GOAWAY : NH_END_CLOSED, 0,
+                 c->closing ? c->closing_code : c->goaway_code,
+                 c->closing_how == NH_END_FLOOD ? "the client reset too many streams: GOAWAY ENHANCE_YOUR_CALM"
+                                                : "GOAWAY");
+        return;
+    }
+    conn_update(c);
+}
+
+static void conn_io(struct conn *c, uint32_t events)
+{
+    if (c->state == S_HANDSHAKE) {
+        do_handshake(c);
+        return;
+    }
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+        conn_read(c);
+    if (events & EPOLLOUT)
+        mark_dirty(c);
+}
+
+/* --- commands ----------------------------------------------------------------------- */
+
+static void cmd_client_or_server(struct nh_engine *e, struct conn *c)
+{
+    hash_put(e, &c->o);
+    ST_ADD(e, conns_open, 1);
+    ST_ADD(e, conns_total, 1);
+    c->deadline = now_ms() + e->cfg.handshake_timeout_ms;
+    c->in_hs_list = true;
+    c->hs_prev = e->hs_tail;
+    if (e->hs_tail)
+        e->hs_tail->hs_next = c;
+    else
+        e->hs_head = c;
+    e->hs_tail = c;
+    do_handshake(c);
+}
+
+static void cmd_open(struct nh_engine *e, struct cmd *cmd)
+{
+    struct stream *s = cmd->ptr;
+    struct conn *c = (struct conn *)hash_get(e, cmd->id, K_CONN);
+    s->fd = cmd->fd;
+    if (!c || c->closing || c->draining) {
+        struct nh_event ev = {.conn = cmd->id, .stream = s->o.id, .type = NH_EV_STREAM_END,
+                              .how = NH_END_CONN_LOST};
+        reset_close(s->fd);
+        emit(e, &ev, "no such connection, or it is closing", 36);
+        stream_free(s);
+        return;
+    }
+    stream_link(c, s);
+    if (c->state == S_H2)
+        submit_open(c, s);
+}
+
+static void cmd_answer(struct nh_engine *e, struct cmd *cmd)
+{
+    struct stream *s = (struct stream *)hash_get(e, cmd->id, K_STREAM);
+    if (!s || s->answered || !s->conn->server) {
+        if (cmd->fd >= 0)
+            reset_close(cmd->fd);
+        return;
+    }
+    struct conn *c = s->conn;
+    s->answered = true;
+    if (cmd->op == OP_REFUSE) {
+        if (!s->h2_closed) {
+            if (cmd->arg) {
+                char st[16];
+                snprintf(st, sizeof st, "%u", cmd->arg);
+                nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)st, 7, strlen(st), NGHTTP2_NV_FLAG_NONE};
+                nghttp2_session_set_stream_user_data(c->h2, s->sid, NULL);
+                /* END_STREAM. No RST_STREAM NO_ERROR behind it as the Python server sends:
+                 * nghttp2 would send it first and the client would see a reset, not the
+                 * status; clients reset a refused stream themselves (the pool and ours do). */
+                nghttp2_submit_response(c->h2, s->sid, &nv, 1, NULL);
+                s->h2_closed = true;   /* nothing more of ours goes on it */
+            }
+            mark_dirty(c);
+        }
+        stream_end(s, NH_END_REFUSED, 0, cmd->arg ? 0 : NGHTTP2_REFUSED_STREAM, cmd->arg, "refused");
+        return;
+    }
+    s->fd = cmd->fd;
+    if (s->h2_closed) {
+        stream_end(s, NH_END_RESET, 0, s->reset_code, 0, "reset by the peer before the answer");
+        return;
+    }
+    nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE};
+    nghttp2_data_provider prd = {.source.ptr = s, .read_callback = up_read_cb};
+    if (nghttp2_submit_response(c->h2, s->sid, &nv, 1, &prd)) {
+        stream_end(s, NH_END_SOCKET, ENOMEM, 0, 0, "cannot answer");
+        return;
+    }
+    mark_dirty(c);
+    stream_start(s);
+}
+
+static void run_cmd(struct nh_engine *e, struct cmd *cmd)
+{
+    struct conn *c;
+    struct stream *s;
+    switch (cmd->op) {
+    case OP_CLIENT:
+    case OP_SERVER:
+        cmd_client_or_server(e, cmd->ptr);
+        break;
+    case OP_VERDICT:
+        c = (struct conn *)hash_get(e, cmd->id, K_CONN);
+        if (!c || c->state != S_VERDICT)
+            break;
+        if (!cmd->arg) {
+            conn_end(c, NH_END_IDENTITY, 0, 0, "the peer's identity was refused");
+        } else if (h2_start(c) < 0) {
+            conn_end(c, NH_END_IO, ENOMEM, 0, "out of memory");
+        } else {
+            conn_read(c);  /* the client's preface may be in OpenSSL's buffer already */
+            mark_dirty(c);
+        }
+        break;
+    case OP_CLOSE:
+        c = (struct conn *)hash_get(e, cmd->id, K_CONN);
+        if (!c)
+            break;
+        if (cmd->arg || c->state != S_H2) {
+            conn_end(c, NH_END_ABORTED, 0, 0, "closed");
+        } else if (!c->draining) {
+            c->draining = true;
+            nghttp2_submit_goaway(c->h2, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(c->h2),
+                                  NGHTTP2_NO_ERROR, NULL, 0);
+            mark_dirty(c);
+        }
+        break;
+    case OP_OPEN:
+        cmd_open(e, cmd);
+        break;
+    case OP_ACCEPT:
+    case OP_REFUSE:
+        cmd_answer(e, cmd);
+        break;
+    case OP_RESET:
+        s = (struct stream *)hash_get(e, cmd->id, K_STREAM);
+        if (s)
+            stream_end(s, NH_END_ABORTED, 0, NGHTTP2_CANCEL, 0, "reset");
+        break;
+    }
+}
+
+static void drain_cmds(struct nh_engine *e)
+{
+    uint64_t v;
+    if (read(e->wake, &v, sizeof v) < 0) {
+        /* EAGAIN: nothing new */
+    }
+    pthread_mutex_lock(&e->lock);
+    struct cmd *list = e->cmd_head;
+    e->cmd_head = e->cmd_tail = NULL;
+    pthread_mutex_unlock(&e->lock);
+    while (list) {
+        struct cmd *next = list->next;
+        run_cmd(e, list);
+        free(list);
+        list = next;
+    }
+}
+
+static int queue_cmd(struct nh_engine *e, struct cmd *cmd)
+{
+    pthread_mutex_lock(&e->lock);
+    if (e->stopped || e->stopping) {
+        pthread_mutex_unlock(&e->lock);
+        return -ESHUTDOWN;
+    }
+    if (e->cmd_tail)
+        e->cmd_tail->next = cmd;
+    else
+        e->cmd_head = cmd;
+    e->cmd_tail = cmd;
+    pthread_mutex_unlock(&e->lock);
+    uint64_t one = 1;
+    if (write(e->wake, &one, sizeof one) < 0) {
+        /* EAGAIN: already awake */
+    }
+    return 0;
+}
+
+/* --- the thread --------------------------------------------------------------------- */
+
+static void expire_handshakes(struct nh_engine *e, uint64_t now)
+{
+    while (e->hs_head && e->hs_head->deadline <= now) {
+        struct conn *c = e->hs_head;
+        char reason[64];
+        snprintf(reason, sizeof reason, "no TLS handshake within %u ms", e->cfg.handshake_timeout_ms);
+        conn_end(c, NH_END_TIMEOUT, ETIMEDOUT, 0, reason);
+    }
+}
+
+static void flush_dirty(struct nh_engine *e)
+{
+    while (e->dirty) {
+        struct conn *c = e->dirty;
+        e->dirty = c->dnext;
+        c->dirty = false;
+        conn_flush(c);
+    }
+}
+
+static void free_graveyard(struct nh_engine *e)
+{
+    while (e->graveyard) {
+        struct obj *o = e->graveyard;
+        e->graveyard = o->gnext;
+        if (o->kind == K_CONN)
+            conn_free((struct conn *)o);
+        else
+            stream_free((struct stream *)o);
+    }
+}
+
+static void end_everything(struct nh_engine *e)
+{
+    for (unsigned i = 0; i < BUCKETS; i++)
+        while (e->buckets[i]) {
+            struct obj *o = e->buckets[i];
+            if (o->kind == K_CONN)
+                conn_end((struct conn *)o, NH_END_STOPPED, 0, 0, "the engine stopped");
+            else
+                stream_end((struct stream *)o, NH_END_STOPPED, 0, 0, 0, "the engine stopped");
+        }
+    free_graveyard(e);
+}
+
+static void *engine_main(void *arg)
+{
+    struct nh_engine *e = arg;
+    struct epoll_event evs[EVENTS];
+    for (;;) {
+        pthread_mutex_lock(&e->lock);
+        bool stopping = e->stopping;
+        pthread_mutex_unlock(&e->lock);
+        if (stopping)
+            break;
+        int timeout = -1;
+        if (e->hs_head) {
+            uint64_t now = now_ms();
+            timeout = e->hs_head->deadline <= now ? 0 : (int)(e->hs_head->deadline - now);
+        }
+        int n = epoll_wait(e->ep, evs, EVENTS, timeout);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            ST_SET(e, fatal, errno);
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            struct obj *o = evs[i].data.ptr;
+            if (o->kind == K_WAKE)
+                drain_cmds(e);
+            else if (o->dead)
+                continue;
+            else if (o->kind == K_CONN)
+                conn_io((struct conn *)o, evs[i].events);
+            else
+                stream_io((struct stream *)o, evs[i].events);
+        }
+        expire_handshakes(e, now_ms());
+        flush_dirty(e);
+        free_graveyard(e);
+    }
+    drain_cmds(e);  /* what was queued before stop: its fds are closed below */
+    end_everything(e);
+    return NULL;
+}
+
+/* --- the API ------------------------------------------------------------------------ */
+
+static int check_config(const struct nh_config *c)
+{
+    if (!c || c->max_conns < 1 || c->max_conns > 65536 || c->max_streams < 1 || c->max_streams > 65536
+        || c->stream_window < 65535 || c->stream_window > 0x7fffffff || c->connection_window < c->stream_window
+        || c->connection_window > 0x7fffffff || c->max_frame_size < 16384 || c->max_frame_size > 16777215
+        || c->stream_buffer < 4096 || c->stream_buffer > (64u << 20) || c->max_resets < 1
+        || c->reset_window_ms < 1 || c->handshake_timeout_ms < 1 || c->max_pending_handshakes < 1)
+        return -EINVAL;
+    return 0;
+}
+
+int nh_engine_new(const struct nh_config *config, struct nh_engine **out)
+{
+    int err = check_config(config);
+    if (err)
+        return err;
+    struct nh_engine *e = calloc(1, sizeof *e);
+    if (!e)
+        return -ENOMEM;
+    e->cfg = *config;
+    e->wake_obj.kind = K_WAKE;
+    e->ep = epoll_create1(EPOLL_CLOEXEC);
+    e->wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->notify = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    pthread_mutex_init(&e->lock, NULL);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &e->wake_obj};
+    if (e->ep < 0 || e->wake < 0 || e->notify < 0 || epoll_ctl(e->ep, EPOLL_CTL_ADD, e->wake, &ev) < 0) {
+        err = -errno;
+        nh_engine_free(e);
+        return err;
+    }
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    err = pthread_create(&e->thread, NULL, engine_main, e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err) {
+        nh_engine_free(e);
+        return -err;
+    }
+    e->started = true;
+    *out = e;
+    return 0;
+}
+
+int nh_engine_notify_fd(const struct nh_engine *engine) { return engine->notify; }
+
+static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+                       unsigned int inlen, void *arg)
+{
+    (void)ssl;
+    (void)arg;
+    for (unsigned i = 0; i + 1 <= inlen;) {
+        unsigned len = in[i];
+        if (i + 1 + len <= inlen && len == 2 && !memcmp(in + i + 1, "h2", 2)) {
+            *out = in + i + 1;
+            *outlen = 2;
+            return SSL_TLSEXT_ERR_OK;
+        }
+        i += 1 + len;
+    }
+    return SSL_TLSEXT_ERR_NOACK;
+}
+
+int nh_tls_new(const char *key_chain_pem, size_t key_chain_len, const char *trust_pem, size_t trust_len,
+               struct nh_tls **out, const char **err)
+{
+    const char *why = NULL;
+    int rc = -EINVAL;
+    SSL_CTX *ctx = SSL_CTX_new(TLS_method());
+    BIO *bio = NULL;
+    X509 *cert = NULL;
+    EVP_PKEY *key = NULL;
+    int n = 0;
+    if (!ctx) {
+        why = "cannot make an SSL_CTX";
+        rc = -ENOMEM;
+        goto fail;
+    }
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    SSL_CTX_set_num_tickets(ctx, 0);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+                          | SSL_MODE_RELEASE_BUFFERS);
+    SSL_CTX_set_alpn_protos(ctx, (const unsigned char *)"\x02h2", 3);
+    SSL_CTX_set_alpn_select_cb(ctx, alpn_select, NULL);
+    X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+    bio = BIO_new_mem_buf(trust_pem, (int)trust_len);
+    while (bio && (cert = PEM_read_bio_X509(bio, NULL, NULL, NULL))) {
+        X509_STORE_add_cert(store, cert);
+        X509_free(cert);
+        n++;
+    }
+    BIO_free(bio);
+    if (n == 0) {
+        why = "the trust bundle holds no PEM certificate";
+        goto fail;
+    }
+    bio = BIO_new_mem_buf(key_chain_pem, (int)key_chain_len);
+    key = bio ? PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL) : NULL;
+    BIO_free(bio);
+    if (!key) {
+        why = "the key and chain PEM holds no (unencrypted) private key";
+        goto fail;
+    }
+    bio = BIO_new_mem_buf(key_chain_pem, (int)key_chain_len);
+    n = 0;
+    while (bio && (cert = PEM_read_bio_X509(bio, NULL, NULL, NULL))) {
+        if (n++ == 0) {
+            SSL_CTX_use_certificate(ctx, cert);
+            X509_free(cert);
+        } else {
+            SSL_CTX_add0_chain_cert(ctx, cert);
+        }
+    }
+    BIO_free(bio);
+    if (n == 0) {
+        why = "the key and chain PEM holds no certificate";
+        goto fail;
+    }
+    if (SSL_CTX_use_PrivateKey(ctx, key) != 1 || SSL_CTX_check_private_key(ctx) != 1) {
+        why = "the private key is not the certificate's";
+        goto fail;
+    }
+    EVP_PKEY_free(key);
+    ERR_clear_error();
+    struct nh_tls *t = calloc(1, sizeof *t);
+    if (!t) {
+        SSL_CTX_free(ctx);
+        return -ENOMEM;
+    }
+    t->ctx = ctx;
+    *out = t;
+    return 0;
+fail:
+    ERR_clear_error();
+    EVP_PKEY_free(key);
+    SSL_CTX_free(ctx);
+    if (err)
+        *err = why;
+    return rc;
+}
+
+void nh_tls_free(struct nh_tls *tls)
+{
+    if (tls) {
+        SSL_CTX_free(tls->ctx);
+        free(tls);
+    }
+}
+
+static int64_t conn_new(struct nh_engine *e, int fd, struct nh_tls *tls, const char *expected, bool server)
+{
+    if (fd < 0)
+        return -EBADF;
+    int type = 0;
+    socklen_t len = sizeof type;
+    if (!tls || (!server && (!expected || !*expected))) {
+        reset_close(fd);
+        return -EINVAL;
+    }
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_STREAM) {
+        int err = type ? EPROTOTYPE : errno;
+        reset_close(fd);
+        return -err;
+    }
+    pthread_mutex_lock(&e->lock);
+    int err = e->stopped || e->stopping ? -ESHUTDOWN
+              : e->conns_reserved >= e->cfg.max_conns ? -ENOSPC
+              : server && e->pending_hs >= e->cfg.max_pending_handshakes ? -EBUSY : 0;
+    if (!err) {
+        e->conns_reserved++;
+        if (server) {
+            e->pending_hs++;
+            ST_ADD(e, handshakes_pending, 1);
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (err) {
+        reset_close(fd);
+        return err;
+    }
+    struct conn *c = calloc(1, sizeof *c);
+    struct cmd *cmd = calloc(1, sizeof *cmd);
+    if (c) {
+        c->e = e;
+        c->fd = fd;
+        c->server = server;
+        c->pending_hs = server;
+        c->state = S_HANDSHAKE;
+        c->o.kind = K_CONN;
+        c->o.id = __atomic_add_fetch(&e->next_id, 1, __ATOMIC_RELAXED);
+        c->ssl = SSL_new(tls->ctx);
+        c->expected = expected ? strdup(expected) : NULL;
+    }
+    if (!c || !cmd || !c->ssl || (expected && !c->expected) || !SSL_set_fd(c->ssl, fd)) {
+        free(cmd);
+        if (c) {
+            if (server) {
+                pthread_mutex_lock(&e->lock);
+                e->pending_hs--;
+                pthread_mutex_unlock(&e->lock);
+                ST_ADD(e, handshakes_pending, -1);
+                c->pending_hs = false;
+            }
+            conn_free(c);  /* resets fd */
+        } else {
+            reset_close(fd);
+        }
+        return -ENOMEM;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (server)
+        SSL_set_accept_state(c->ssl);
+    else
+        SSL_set_connect_state(c->ssl);
+    int64_t id = (int64_t)c->o.id;
+    cmd->op = server ? OP_SERVER : OP_CLIENT;
+    cmd->ptr = c;
+    if ((err = queue_cmd(e, cmd)) < 0) {
+        free(cmd);
+        conn_free(c);
+        return err;
+    }
+    return id;
+}
+
+int64_t nh_conn_client(struct nh_engine *engine, int fd, struct nh_tls *tls, const char *expected)
+{
+    return conn_new(engine, fd, tls, expected, false);
+}
+
+int64_t nh_conn_server(struct nh_engine *engine, int fd, struct nh_tls *tls)
+{
+    return conn_new(engine, fd, tls, NULL, true);
+}
+
+static int simple_cmd(struct nh_engine *e, enum op op, uint64_t id, int fd, uint32_t arg)
+{
+    struct cmd *cmd = calloc(1, sizeof *cmd);
+    if (!cmd) {
+        if (fd >= 0)
+            reset_close(fd);
+        return -ENOMEM;
+    }
+    *cmd = (struct cmd){.op = op, .id = id, .fd = fd, .arg = arg};
+    int err = queue_cmd(e, cmd);
+    if (err < 0) {
+        free(cmd);
+        if (fd >= 0)
+            reset_close(fd);
+    }
+    return err;
+}
+
+static int stream_fd_ok(int fd)
+{
+    int type = 0;
+    socklen_t len = sizeof type;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
+        return -errno;
+    if (type != SOCK_STREAM)
+        return -EPROTOTYPE;
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    return 0;
+}
+
+int nh_conn_verdict(struct nh_engine *engine, uint64_t conn, int accept)
+{
+    return simple_cmd(engine, OP_VERDICT, conn, -1, accept != 0);
+}
+
+int nh_conn_close(struct nh_engine *engine, uint64_t conn, int abort)
+{
+    return simple_cmd(engine, OP_CLOSE, conn, -1, abort != 0);
+}
+
+int64_t nh_stream_open(struct nh_engine *e, uint64_t conn, int fd, const char *authority, const char *headers,
+                       size_t headers_len)
+{
+    if (fd < 0)
+        return -EBADF;
+    int err = authority && *authority && (headers_len == 0 || headers[headers_len - 1] == 0) ? stream_fd_ok(fd)
+                                                                                            : -EINVAL;
+    if (err) {
+        reset_close(fd);
+        return err;
+    }
+    struct stream *s = stream_alloc(e);
+    struct cmd *cmd = calloc(1, sizeof *cmd);
+    if (s) {
+        s->authority = strdup(authority);
+        s->hdrs = headers_len ? malloc(headers_len) : NULL;
+        if (s->hdrs)
+            memcpy(s->hdrs, headers, headers_len);
+        s->hdrs_len = headers_len;
+        s->answered = true;
+    }
+    if (!s || !cmd || !s->authority || (headers_len && !s->hdrs)) {
+        if (s)
+            stream_free(s);
+        free(cmd);
+        reset_close(fd);
+        return -ENOMEM;
+    }
+    int64_t id = (int64_t)s->o.id;
+    *cmd = (struct cmd){.op = OP_OPEN, .id = conn, .fd = fd, .ptr = s};
+    if ((err = queue_cmd(e, cmd)) < 0) {
+        stream_free(s);
+        free(cmd);
+        reset_close(fd);
+        return err;
+    }
+    return id;
+}
+
+int nh_stream_accept(struct nh_engine *engine, uint64_t stream, int fd)
+{
+    if (fd < 0)
+        return -EBADF;
+    int err = stream_fd_ok(fd);
+    if (err) {
+        reset_close(fd);
+        return err;
+    }
+    return simple_cmd(engine, OP_ACCEPT, stream, fd, 0);
+}
+
+int nh_stream_refuse(struct nh_engine *engine, uint64_t stream, uint32_t status)
+{
+    if (status && (status < 100 || status > 999))
+        return -EINVAL;
+    return simple_cmd(engine, OP_REFUSE, stream, -1, status);
+}
+
+int nh_stream_reset(struct nh_engine *engine, uint64_t stream)
+{
+    return simple_cmd(engine, OP_RESET, stream, -1, 0);
+}
+
+size_t nh_engine_events(struct nh_engine *e, struct nh_event *out, size_t max)
+{
+    size_t n = 0;
+    pthread_mutex_lock(&e->lock);
+    while (n < max && e->ev_head) {
+        struct evnode *node = e->ev_head;
+        e->ev_head = node->next;
+        if (!e->ev_head)
+            e->ev_tail = NULL;
+        out[n++] = node->ev;
+        free(node);
+        ST_ADD(e, events_queued, -1);
+    }
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+void nh_event_release(struct nh_event *event)
+{
+    free(event->data);
+    event->data = NULL;
+    event->data_len = 0;
+}
+
+void nh_engine_stats(struct nh_engine *e, struct nh_stats *out)
+{
+    uint64_t *dst = (uint64_t *)out, *src = (uint64_t *)&e->st;
+    for (size_t i = 0; i < offsetof(struct nh_stats, fatal) / sizeof(uint64_t); i++)
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    out->fatal = __atomic_load_n(&e->st.fatal, __ATOMIC_RELAXED);
+    out->pad = 0;
+}
+
+void nh_engine_stop(struct nh_engine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    bool join = e->started && !e->stopped;
+    e->stopping = true;
+    pthread_mutex_unlock(&e->lock);
+    if (join) {
+        uint64_t one = 1;
+        if (write(e->wake, &one, sizeof one) < 0) {
+            /* already awake */
+        }
+        pthread_join(e->thread, NULL);
+    }
+    pthread_mutex_lock(&e->lock);
+    e->stopped = true;
+    pthread_mutex_unlock(&e->lock);
+}
+
+void nh_engine_free(struct nh_engine *e)
+{
+    if (!e)
+        return;
+    nh_engine_stop(e);
+    struct nh_event ev;
+    while (nh_engine_events(e, &ev, 1))
+        nh_event_release(&ev);
+    if (e->ep >= 0)
+        close(e->ep);
+    if (e->wake >= 0)
+        close(e->wake);
+    if (e->notify >= 0)
+        close(e->notify);
+    pthread_mutex_destroy(&e->lock);
+    free(e);
+}

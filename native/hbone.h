@@ -1,0 +1,199 @@
+/* hbone.h - the native HBONE engine of nodeagent's data path (issue 11, item 2).
+ *
+ * HBONE is HTTP/2 CONNECT streams inside mutual TLS 1.3 (port 15008). Python decides,
+ * C moves bytes: Python hands the engine connected TCP sockets (a connection to a peer
+ * agent: client side; one accepted on 15008: server side) and, per stream, the plain
+ * socket whose bytes the stream carries; the engine's own thread runs TLS (OpenSSL),
+ * HTTP/2 (nghttp2) and the copy between each stream and its plain socket: END_STREAM <->
+ * FIN (half-close), RST_STREAM <-> reset (SO_LINGER 0). Everything that needs a decision
+ * comes back to Python as an event (a connection's TLS is up: the peer's chain; a new
+ * inbound CONNECT: its :authority and headers; a stream's response; ends with byte counts
+ * and reasons) through a queue Python drains when the notify fd is readable; Python
+ * answers with calls (a verdict on the peer, accept a stream with a socket or refuse it
+ * with a status). The engine never calls into Python.
+ *
+ * Ownership
+ *   - nh_tls_new copies the PEM it is given into an OpenSSL context; the caller frees
+ *     the nh_tls with nh_tls_free when it hands no more new connections to it
+ *     (rotation: make a new one for new connections; connections already made keep a
+ *     reference to theirs).
+ *   - nh_conn_client, nh_conn_server, nh_stream_open and nh_stream_accept take the fd
+ *     in every case where they return >= 0 (or any negative errno but -EBADF): the engine
+ *     closes it (a reset where the peer must see one) when its connection/stream ends.
+ *     The caller must hold no other reference that could close or read it (Python:
+ *     socket.detach()).
+ *   - Events are copied into memory the caller owns; an event's `data` is malloc'ed and
+ *     the caller's: release it with nh_event_release (once, also when ignored).
+ *
+ * Threads
+ *   - nh_engine_new starts one thread (all signals blocked in it) with its own epoll; it
+ *     alone touches sockets, SSL and nghttp2 objects. Every other call may come from any
+ *     thread, concurrently; calls about connections and streams are queued for it and
+ *     applied in order.
+ *   - nh_engine_stop and nh_engine_free: from one thread, no other call during or after
+ *     free. stop resets every connection and stream (their ends are queued) and joins.
+ *
+ * Errors
+ *   Functions return 0 (or a positive id / count) on success and a negative errno on
+ *   failure: -EINVAL (bad argument), -ENOSPC (max_conns), -EBUSY (max_pending_handshakes:
+ *   the fd was reset), -ESHUTDOWN (stopped), -ENOMEM. Calls naming a connection or stream
+ *   that has ended are ignored (its end event is, or was, queued). Ends say why in `how`
+ *   (NH_END_*), with an errno, an HTTP/2 error code or a status where one applies, and a
+ *   short reason text in `data`.
+ *
+ * Back-pressure
+ *   Per stream at most `stream_buffer` bytes read from the plain socket wait for HTTP/2
+ *   (the socket is not read while that much waits), and at most one stream window
+ *   (`stream_window`) received from the peer waits for the plain socket: received bytes
+ *   are given back to the peer's window only once written to the socket. Per connection,
+ *   HTTP/2 output is produced only while less than 2 frames wait for TLS to write them.
+ *
+ * Limits (tunnel/limits.py): a server connection serves at most max_streams streams at
+ *   once, counting a stream until Python answered its request and its socket closed
+ *   (more: RST_STREAM REFUSED_STREAM); more than max_resets client resets within
+ *   reset_window_ms end it with GOAWAY ENHANCE_YOUR_CALM; TLS must be done within
+ *   handshake_timeout_ms of nh_conn_*, and at most max_pending_handshakes server
+ *   connections may be in their handshake (more: -EBUSY, reset). The client's SPIFFE
+ *   identity check is the engine's (exactly one URI SAN, equal to `expected`); the
+ *   server reports the chain and waits for nh_conn_verdict before any HTTP/2.
+ *
+ * The block between cffi-begin and cffi-end is also the cffi cdef (nodeagent/native/
+ * build.py reads it): declarations and integer #defines only.
+ */
+#ifndef NODEAGENT_HBONE_H
+#define NODEAGENT_HBONE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* cffi-begin */
+#define NH_API 1                  /* bumped on any change of the functions or structs below */
+
+#define NH_EV_CONN_UP 1           /* TLS done: data = the peer's chain, PEM, leaf first.
+                                     Server: waits for nh_conn_verdict. Client: checked. */
+#define NH_EV_CONN_END 2          /* how: NH_END_*, error/code, data: reason text */
+#define NH_EV_REQUEST 3           /* server: a CONNECT; data = name\0value\0... (":authority"
+                                     first, then the request's other headers); answer with
+                                     nh_stream_accept or nh_stream_refuse */
+#define NH_EV_RESPONSE 4          /* client: the response; status (200: the stream relays) */
+#define NH_EV_STREAM_END 5        /* to_peer/from_peer bytes, how, error/code/status */
+
+#define NH_END_CLOSED 1           /* clean: FIN/END_STREAM both ways (conn: GOAWAY/close) */
+#define NH_END_RESET 2            /* stream: RST_STREAM from the peer (code) */
+#define NH_END_SOCKET 3           /* stream: the plain socket failed (error); RST_STREAM sent */
+#define NH_END_ABORTED 4          /* nh_stream_reset / nh_conn_close(abort) */
+#define NH_END_REFUSED 5          /* stream: not 200 (status), or REFUSED_STREAM */
+#define NH_END_CONN_LOST 6        /* stream: its connection ended first */
+#define NH_END_TLS 7              /* conn: the TLS handshake failed (data: OpenSSL's reason) */
+#define NH_END_IDENTITY 8         /* conn: the peer's identity is not the expected one / verdict no */
+#define NH_END_TIMEOUT 9          /* conn: handshake_timeout_ms passed */
+#define NH_END_PROTOCOL 10        /* conn: HTTP/2 error by the peer (code; GOAWAY sent) */
+#define NH_END_FLOOD 11           /* conn: too many resets: GOAWAY ENHANCE_YOUR_CALM sent */
+#define NH_END_GOAWAY 12          /* conn: the peer sent GOAWAY with an error (code) */
+#define NH_END_IO 13              /* conn: the TCP connection failed or closed (error) */
+#define NH_END_STOPPED 14         /* nh_engine_stop */
+
+struct nh_config {
+    uint32_t max_conns;           /* connections at once (1..65536); more: -ENOSPC */
+    uint32_t max_streams;         /* per connection, served/opened at once (1..65536) */
+    uint32_t stream_window;       /* HTTP/2 initial stream window we advertise */
+    uint32_t connection_window;   /* ... and the connection window (>= stream_window) */
+    uint32_t max_frame_size;      /* largest DATA frame we accept (16384..16777215) */
+    uint32_t stream_buffer;       /* bytes read from a plain socket held per stream (4096..) */
+    uint32_t max_resets;          /* server: client resets allowed within reset_window_ms */
+    uint32_t reset_window_ms;
+    uint32_t handshake_timeout_ms;
+    uint32_t max_pending_handshakes; /* server connections in their TLS handshake at once */
+};
+
+struct nh_event {
+    uint64_t conn;                /* connection id */
+    uint64_t stream;              /* stream id (engine-wide, not the HTTP/2 one), or 0 */
+    uint64_t to_peer;             /* stream end: bytes read from the socket, sent in DATA */
+    uint64_t from_peer;           /* stream end: bytes received in DATA, written to the socket */
+    uint32_t type;                /* NH_EV_* */
+    uint32_t how;                 /* NH_END_* for ends */
+    int32_t error;                /* positive errno, or 0 */
+    uint32_t code;                /* HTTP/2 error code where one applies */
+    uint32_t status;              /* HTTP status (response, refusal) */
+    uint32_t h2_stream;           /* the HTTP/2 stream id */
+    char *data;                   /* malloc'ed (the caller's: nh_event_release), or NULL */
+    size_t data_len;
+};
+
+struct nh_stats {
+    uint64_t conns_open;
+    uint64_t conns_total;
+    uint64_t handshakes_pending;  /* server connections in their handshake, now */
+    uint64_t streams_open;        /* stream objects alive (awaiting an answer, relaying) */
+    uint64_t streams_total;
+    uint64_t bytes_to_peer;       /* over every stream, sent in DATA */
+    uint64_t bytes_from_peer;     /* ... received in DATA and written to the sockets */
+    uint64_t bytes_held;          /* in stream buffers and TLS output, now */
+    uint64_t bytes_held_peak;     /* the most ever held at once */
+    uint64_t stream_held_peak;    /* the most one stream ever held (both directions) */
+    uint64_t tls_failures;        /* handshakes that failed (NH_END_TLS, IDENTITY, TIMEOUT) */
+    uint64_t refused_streams;     /* REFUSED_STREAM for the stream cap */
+    uint64_t flood_goaways;       /* GOAWAY ENHANCE_YOUR_CALM sent */
+    uint64_t events_queued;
+    int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
+    uint32_t pad;
+};
+
+struct nh_engine;
+struct nh_tls;
+
+int nh_engine_new(const struct nh_config *config, struct nh_engine **out);
+
+/* A non-blocking eventfd readable while events are queued; read it to clear it before
+ * draining with nh_engine_events; never close it. */
+int nh_engine_notify_fd(const struct nh_engine *engine);
+
+/* Credentials: `key_chain_pem` holds the private key and the certificate chain (leaf
+ * first), `trust_pem` the trust bundle; TLS 1.3 only, ALPN h2, the peer's certificate
+ * required and verified. *err (may be NULL) gets a reason text on failure (static). */
+int nh_tls_new(const char *key_chain_pem, size_t key_chain_len, const char *trust_pem, size_t trust_len,
+               struct nh_tls **out, const char **err);
+void nh_tls_free(struct nh_tls *tls);
+
+/* A client connection on connected TCP socket `fd`; the server must present exactly one
+ * URI SAN equal to `expected` (NUL-terminated). Returns its id (> 0). */
+int64_t nh_conn_client(struct nh_engine *engine, int fd, struct nh_tls *tls, const char *expected);
+
+/* A server connection on accepted TCP socket `fd`. Returns its id (> 0), -EBUSY when
+ * max_pending_handshakes are pending (fd reset and closed). */
+int64_t nh_conn_server(struct nh_engine *engine, int fd, struct nh_tls *tls);
+
+/* Server: after NH_EV_CONN_UP, admit the peer (accept != 0: HTTP/2 starts) or close. */
+int nh_conn_verdict(struct nh_engine *engine, uint64_t conn, int accept);
+
+/* GOAWAY (NO_ERROR) once open streams end (abort == 0), or reset everything now. */
+int nh_conn_close(struct nh_engine *engine, uint64_t conn, int abort);
+
+/* Client: a CONNECT to `authority` (host:port) with `headers` (name\0value\0... of
+ * headers_len bytes, names lower-case; may be empty) on connection `conn` (queued until
+ * it is up), relayed to connected stream socket `fd` once answered 200. Returns the
+ * stream id (> 0). */
+int64_t nh_stream_open(struct nh_engine *engine, uint64_t conn, int fd, const char *authority,
+                       const char *headers, size_t headers_len);
+
+/* Server: answer an NH_EV_REQUEST with 200 and relay to connected stream socket `fd`. */
+int nh_stream_accept(struct nh_engine *engine, uint64_t stream, int fd);
+
+/* Server: refuse an NH_EV_REQUEST with `status` (e.g. 400, 403, 503), or with
+ * RST_STREAM REFUSED_STREAM when status is 0. */
+int nh_stream_refuse(struct nh_engine *engine, uint64_t stream, uint32_t status);
+
+/* RST_STREAM CANCEL and reset the socket (ends NH_END_ABORTED). */
+int nh_stream_reset(struct nh_engine *engine, uint64_t stream);
+
+/* Move up to `max` queued events into `out`, oldest first; returns how many. */
+size_t nh_engine_events(struct nh_engine *engine, struct nh_event *out, size_t max);
+void nh_event_release(struct nh_event *event);
+
+void nh_engine_stats(struct nh_engine *engine, struct nh_stats *out);
+void nh_engine_stop(struct nh_engine *engine);
+void nh_engine_free(struct nh_engine *engine);
+/* cffi-end */
+
+#endif

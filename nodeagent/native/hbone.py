@@ -1,0 +1,304 @@
+"""The native HBONE engine (native/hbone.c: TLS 1.3 with libssl, HTTP/2 CONNECT with
+libnghttp2, its own thread) as asyncio sees it. Opt-in and not yet wired into the agent
+(tunnel/ is the default path; docs/design.md says what integration needs).
+
+Python keeps the decisions: it hands the engine connected sockets (detached: the
+engine closes them) and answers what the engine asks. Client side: `await
+engine.connect(sock, tls, expected_identity)` is a `ClientConnection` once TLS is up and
+the server's single URI SAN equals `expected_identity`; `conn.open(sock, authority,
+headers)` sends a CONNECT and relays `sock` once the answer is 200 (`stream.response`,
+then `stream.ended`). Server side: `engine.serve(sock, tls, admit, on_request)` runs the
+handshake; `admit(chain_pem)` says whether the peer's identity may connect (its return is
+the verdict); `on_request(request)` gets each CONNECT and must `request.accept(sock)` or
+`request.refuse(status)` (at once or later). Ends come back as `End`s (bytes each way,
+how, HTTP/2 code, reason). Events arrive through the engine's notify fd, read by the
+loop that started it; C never calls into Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from nodeagent.native import NativeUnavailable
+from nodeagent.tunnel.settings import TunnelSettings
+
+DEFAULT_MAX_CONNS = 16384
+DEFAULT_STREAM_BUFFER = 256 * 1024  # bytes read from a plain socket held per stream (the Python path's write_buffer)
+_BATCH = 256
+HOW = {1: "closed", 2: "reset", 3: "socket_error", 4: "aborted", 5: "refused", 6: "connection_lost", 7: "tls",
+       8: "identity", 9: "timeout", 10: "protocol_error", 11: "flood", 12: "goaway", 13: "io_error", 14: "stopped"}
+STATS = ("conns_open", "conns_total", "handshakes_pending", "streams_open", "streams_total", "bytes_to_peer",
+         "bytes_from_peer", "bytes_held", "bytes_held_peak", "stream_held_peak", "tls_failures", "refused_streams",
+         "flood_goaways", "events_queued", "fatal")
+
+
+def load():
+    """The built cffi module `_hbone`, or NativeUnavailable saying why not."""
+    try:
+        from nodeagent.native import _hbone
+    except ImportError as exc:
+        raise NativeUnavailable(f"native HBONE module not built ({exc}); run scripts/setup") from None
+    built = _hbone.ffi.string(_hbone.lib.nh_build_digest()).decode()
+    sources = Path(__file__).resolve().parents[2] / "native"
+    if (sources / "hbone.c").exists():
+        from nodeagent.native.build import hbone_digest
+
+        if built != hbone_digest(sources):
+            raise NativeUnavailable(f"native module {Path(_hbone.__file__).name} was built from other sources "
+                                    f"than {sources}; rebuild it: scripts/setup")
+    return _hbone
+
+
+class HboneFailed(Exception):
+    """A connection or stream ended before it could be used; `end` says how."""
+
+    def __init__(self, end: "End"):
+        super().__init__(f"{end.how}: {end.reason}" + (f" (HTTP/2 code {end.code})" if end.code else "")
+                         + (f" (status {end.status})" if end.status else ""))
+        self.end = end
+
+
+@dataclass(frozen=True)
+class End:
+    how: str  # HOW's names
+    reason: str = ""
+    error: int = 0  # errno
+    code: int = 0  # HTTP/2 error code
+    status: int = 0  # HTTP status (refusals)
+    to_peer: int = 0  # stream: bytes read from its socket and sent
+    from_peer: int = 0  # stream: bytes received and written to its socket
+
+
+class Tls:
+    """Credentials for new connections (rotation: make a new one; old connections keep theirs)."""
+
+    def __init__(self, engine: "HboneEngine", key_chain_pem: bytes, trust_pem: bytes):
+        ffi, lib = engine._ffi, engine._lib
+        out, err = ffi.new("struct nh_tls **"), ffi.new("const char **")
+        rc = lib.nh_tls_new(key_chain_pem, len(key_chain_pem), trust_pem, len(trust_pem), out, err)
+        if rc < 0:
+            why = ffi.string(err[0]).decode() if err[0] != ffi.NULL else os.strerror(-rc)
+            raise ValueError(f"native HBONE credentials: {why}")
+        self.handle = ffi.gc(out[0], lib.nh_tls_free)
+
+
+class NativeStream:
+    def __init__(self, engine: "HboneEngine", stream_id: int):
+        self.engine, self.id = engine, stream_id
+        self.response: asyncio.Future = engine._loop.create_future()  # client: the status
+        self.ended: asyncio.Future = engine._loop.create_future()  # End
+
+    def reset(self) -> None:
+        self.engine._lib.nh_stream_reset(self.engine._handle, self.id)
+
+
+class Request(NativeStream):
+    """An inbound CONNECT; answer with accept(sock) or refuse(status)."""
+
+    def __init__(self, engine: "HboneEngine", stream_id: int, conn: "ServerConnection", headers):
+        super().__init__(engine, stream_id)
+        self.conn = conn
+        self.authority = headers[0][1] if headers and headers[0][0] == ":authority" else ""
+        self.headers = tuple(h for h in headers if h[0] != ":authority")
+
+    def accept(self, sock: socket.socket) -> None:
+        rc = self.engine._lib.nh_stream_accept(self.engine._handle, self.id, sock.detach())
+        if rc < 0:
+            raise OSError(-rc, f"native HBONE accept: {os.strerror(-rc)}")
+
+    def refuse(self, status: int = 0) -> None:
+        self.engine._lib.nh_stream_refuse(self.engine._handle, self.id, status)
+
+
+class _Connection:
+    def __init__(self, engine: "HboneEngine", conn_id: int):
+        self.engine, self.id = engine, conn_id
+        self.up: asyncio.Future = engine._loop.create_future()  # the peer's chain, PEM
+        self.closed: asyncio.Future = engine._loop.create_future()  # End
+
+    def close(self, abort: bool = False) -> None:
+        """GOAWAY once the open streams end, or (abort) reset everything now."""
+        self.engine._lib.nh_conn_close(self.engine._handle, self.id, int(abort))
+
+
+class ClientConnection(_Connection):
+    def open(self, sock: socket.socket, authority: str, headers=()) -> NativeStream:
+        """CONNECT `authority` with `headers` ((name, value) pairs); `sock` relays once 200."""
+        packed = b"".join(k.lower().encode("latin-1") + b"\0" + v.encode("latin-1") + b"\0" for k, v in headers)
+        rc = self.engine._lib.nh_stream_open(self.engine._handle, self.id, sock.detach(), authority.encode("ascii"),
+                                             packed, len(packed))
+        if rc < 0:
+            raise OSError(-rc, f"native HBONE open: {os.strerror(-rc)}")
+        stream = NativeStream(self.engine, rc)
+        self.engine._streams[rc] = stream
+        return stream
+
+
+class ServerConnection(_Connection):
+    def __init__(self, engine, conn_id, admit: Callable[[bytes], bool], on_request: Callable[[Request], None]):
+        super().__init__(engine, conn_id)
+        self.admit, self.on_request = admit, on_request
+
+
+class HboneEngine:
+    """One native HBONE engine bound to the running loop that started it."""
+
+    def __init__(self, module, handle, loop: asyncio.AbstractEventLoop):
+        self._ffi, self._lib = module.ffi, module.lib
+        self._handle, self._loop = handle, loop
+        self._notify_fd = self._lib.nh_engine_notify_fd(handle)
+        self._events = self._ffi.new("struct nh_event[]", _BATCH)
+        self._conns: dict[int, _Connection] = {}
+        self._streams: dict[int, NativeStream] = {}
+        self._closed = False
+        loop.add_reader(self._notify_fd, self._take_events)
+
+    @classmethod
+    def start(cls, settings: TunnelSettings = TunnelSettings(), *, module=None, max_conns: int = DEFAULT_MAX_CONNS,
+              stream_buffer: int = DEFAULT_STREAM_BUFFER) -> "HboneEngine":
+        module = module or load()
+        ffi, lib = module.ffi, module.lib
+        config = ffi.new("struct nh_config *", {
+            "max_conns": max_conns, "max_streams": settings.max_concurrent_streams,
+            "stream_window": settings.stream_window, "connection_window": settings.connection_window,
+            "max_frame_size": settings.max_frame_size, "stream_buffer": stream_buffer,
+            "max_resets": settings.max_stream_resets, "reset_window_ms": int(settings.stream_reset_window * 1000),
+            "handshake_timeout_ms": int(settings.server_handshake_timeout * 1000),
+            "max_pending_handshakes": settings.max_pending_handshakes})
+        out = ffi.new("struct nh_engine **")
+        rc = lib.nh_engine_new(config, out)
+        if rc < 0:
+            raise OSError(-rc, f"cannot start the native HBONE engine: {os.strerror(-rc)}")
+        return cls(module, ffi.gc(out[0], lib.nh_engine_free), asyncio.get_running_loop())
+
+    def tls(self, key_chain_pem: bytes, trust_pem: bytes) -> Tls:
+        return Tls(self, key_chain_pem, trust_pem)
+
+    async def connect(self, sock: socket.socket, tls: Tls, expected_identity: str) -> ClientConnection:
+        """A client connection on connected `sock`, up (TLS done, identity checked)."""
+        rc = self._lib.nh_conn_client(self._handle, sock.detach(), tls.handle, expected_identity.encode())
+        if rc < 0:
+            raise OSError(-rc, f"native HBONE connect: {os.strerror(-rc)}")
+        conn = self._conns[rc] = ClientConnection(self, rc)
+        await conn.up
+        return conn
+
+    def serve(self, sock: socket.socket, tls: Tls, admit: Callable[[bytes], bool],
+              on_request: Callable[[Request], None]) -> ServerConnection:
+        """Serve accepted `sock`; OSError(EBUSY) when too many handshakes are pending (reset)."""
+        rc = self._lib.nh_conn_server(self._handle, sock.detach(), tls.handle)
+        if rc < 0:
+            raise OSError(-rc, f"native HBONE serve: {os.strerror(-rc)}")
+        conn = self._conns[rc] = ServerConnection(self, rc, admit, on_request)
+        return conn
+
+    def stats(self) -> dict[str, int]:
+        s = self._ffi.new("struct nh_stats *")
+        if not self._closed:
+            self._lib.nh_engine_stats(self._handle, s)
+        return {name: int(getattr(s, name)) for name in STATS}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._loop.remove_reader(self._notify_fd)
+        self._lib.nh_engine_stop(self._handle)
+        self._take_events()
+        self._closed = True
+        self._ffi.release(self._handle)
+
+    # --- events -------------------------------------------------------------------
+
+    def _take_events(self) -> None:
+        try:
+            os.read(self._notify_fd, 8)
+        except BlockingIOError:
+            pass
+        while True:
+            n = self._lib.nh_engine_events(self._handle, self._events, _BATCH)
+            for i in range(n):
+                ev = self._events[i]
+                data = self._ffi.unpack(ev.data, ev.data_len) if ev.data != self._ffi.NULL else b""
+                self._lib.nh_event_release(self._events + i)
+                self._dispatch(ev, data)
+            if n < _BATCH:
+                return
+
+    def _dispatch(self, ev, data: bytes) -> None:
+        lib = self._lib
+        if ev.type == lib.NH_EV_CONN_UP:
+            conn = self._conns.get(ev.conn)
+            if conn is None:
+                return
+            _settle(conn.up, data)
+            if isinstance(conn, ServerConnection):
+                try:
+                    verdict = bool(conn.admit(data))
+                except Exception:  # the caller's check: any failure refuses
+                    verdict = False
+                lib.nh_conn_verdict(self._handle, conn.id, int(verdict))
+        elif ev.type == lib.NH_EV_CONN_END:
+            conn = self._conns.pop(ev.conn, None)
+            if conn is not None:
+                end = _end(ev, data)
+                if not conn.up.done():
+                    conn.up.set_exception(HboneFailed(end))
+                    conn.up.exception()
+                _settle(conn.closed, end)
+        elif ev.type == lib.NH_EV_REQUEST:
+            conn = self._conns.get(ev.conn)
+            parts = data.split(b"\0")[:-1]
+            headers = tuple((parts[i].decode("latin-1"), parts[i + 1].decode("latin-1"))
+                            for i in range(0, len(parts) - 1, 2))
+            if conn is None:
+                lib.nh_stream_refuse(self._handle, ev.stream, 0)
+                return
+            request = self._streams[ev.stream] = Request(self, ev.stream, conn, headers)
+            try:
+                conn.on_request(request)
+            except Exception:
+                request.refuse(503)
+        elif ev.type == lib.NH_EV_RESPONSE:
+            stream = self._streams.get(ev.stream)
+            if stream is not None:
+                _settle(stream.response, ev.status)
+        elif ev.type == lib.NH_EV_STREAM_END:
+            stream = self._streams.pop(ev.stream, None)
+            if stream is not None:
+                end = _end(ev, data)
+                if not stream.response.done():
+                    stream.response.set_exception(HboneFailed(end))
+                    stream.response.exception()
+                _settle(stream.ended, end)
+
+
+def leaf_der(chain_pem: bytes) -> bytes:
+    """The DER of the first (leaf) certificate of a chain in PEM, as NH_EV_CONN_UP gives it
+    (what tunnel/tls.py's `verify_peer` takes)."""
+    end = b"-----END CERTIFICATE-----"
+    first = chain_pem[:chain_pem.index(end) + len(end)]
+    return ssl.PEM_cert_to_DER_cert(first.decode("ascii"))
+
+
+def _settle(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _end(ev, data: bytes) -> End:
+    return End(HOW.get(ev.how, str(ev.how)), data.decode("utf-8", "replace"), ev.error, ev.code, ev.status,
+               ev.to_peer, ev.from_peer)
+
+
+def reset_error(end: End) -> OSError | None:
+    """The OSError a relay would report for this end (None when clean)."""
+    if end.how == "closed":
+        return None
+    return OSError(end.error or errno.ECONNRESET, end.reason or end.how)

@@ -1,0 +1,616 @@
+"""The native HBONE engine (native/hbone.c through nodeagent/native/hbone.py) against the
+Python HBONE implementation (nodeagent/tunnel), both ways, on loopback: the native client
+with the Python HboneServer, the Python HbonePool with the native server, and the native
+engine with itself. Byte-identical transfers (64 B, 8 MiB), half-close each way, a reset
+passed on as a reset, identities refused (wrong SPIFFE ID, foreign CA, a verdict of no),
+plaintext and garbage peers closed cleanly, a silent one timed out, the pending-handshake
+budget, rapid reset answered with GOAWAY ENHANCE_YOUR_CALM, back-pressure (a reader that
+does not read leaves at most one stream window in the engine), and many concurrent
+streams on one connection. Certificates from the project's CA (hbone_certs.Pki).
+
+Without the built module the tests skip on a developer machine and fail under CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+
+import pytest
+
+from engines import ci_enabled
+from hbone_certs import AUTHORITY, LOG, Loopback, echo, pki, run, verify  # noqa: F401 (pki is a fixture)
+from identity_fixtures import until
+from nodeagent import native
+from nodeagent.tunnel import HbonePool, HandshakeFailed, StreamReset, TunnelMetrics, TunnelSettings
+from prometheus_client import CollectorRegistry
+
+MIB = 1024 * 1024
+AUTH = "%s:%d" % AUTHORITY
+
+
+@pytest.fixture(autouse=True)
+def built():
+    from nodeagent.native import hbone as nh
+    try:
+        nh.load()
+    except native.NativeUnavailable as exc:
+        if ci_enabled():
+            pytest.fail(f"CI: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+
+
+def nh():
+    from nodeagent.native import hbone
+    return hbone
+
+
+@contextlib.asynccontextmanager
+async def engine(settings: TunnelSettings = TunnelSettings(), **kw):
+    eng = nh().HboneEngine.start(settings, **kw)
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+def tls(eng, creds):
+    return eng.tls(creds.path.read_bytes(), creds.trust_bundle_pem)
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    """(the app's end, the end the engine takes): TCP on loopback, because a reset must
+    show as one (AF_UNIX ignores SO_LINGER 0)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        app = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    app.setblocking(False)
+    return app, theirs
+
+
+async def read_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    chunks = []
+    while chunk := await loop.sock_recv(sock, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def exchange(sock: socket.socket, payload: bytes) -> bytes:
+    """Send `payload` then FIN while reading until EOF; what came back."""
+    loop = asyncio.get_running_loop()
+
+    async def send():
+        await loop.sock_sendall(sock, payload)
+        sock.shutdown(socket.SHUT_WR)
+    sender = asyncio.create_task(send())
+    got = await read_all(sock)
+    await sender
+    return got
+
+
+async def app_echo(sock: socket.socket, request) -> None:
+    loop = asyncio.get_running_loop()
+    while data := await loop.sock_recv(sock, 1 << 20):
+        await loop.sock_sendall(sock, data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+class NativeServer:
+    """The native server on 127.0.0.1: each CONNECT goes to `app(sock, request)`."""
+
+    def __init__(self, eng, pki, app=app_echo, admit=None, creds=None):
+        self.eng, self.pki, self.app = eng, pki, app
+        self.admit = admit or (lambda pem: bool(verify(nh().leaf_der(pem))))
+        self.tls = tls(eng, creds or pki.server)
+        self.requests, self.conns, self.tasks = [], [], set()
+
+    async def __aenter__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()
+        self.acceptor = asyncio.create_task(self._accept())
+        return self
+
+    async def __aexit__(self, *exc):
+        self.acceptor.cancel()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(self.acceptor, *self.tasks, return_exceptions=True)
+        self.listener.close()
+
+    async def _accept(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(self.listener)
+            self.conns.append(self.eng.serve(sock, self.tls, self.admit, self._request))
+
+    def _request(self, request) -> None:
+        self.requests.append(request)
+        if self.app is None:
+            return request.refuse(503)
+        app, theirs = pair()
+        request.accept(theirs)
+        task = asyncio.get_running_loop().create_task(self._run(app, request))
+        self.tasks.add(task)
+
+    async def _run(self, sock, request):
+        try:
+            await self.app(sock, request)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+def frame_types(data: bytes) -> list[int]:
+    """The types of the HTTP/2 frames in `data`."""
+    types, i = [], 0
+    while i + 9 <= len(data):
+        types.append(data[i + 3])
+        i += 9 + int.from_bytes(data[i:i + 3], "big")
+    return types
+
+
+def pool(pki, settings=TunnelSettings()):
+    return HbonePool(lambda ip, port: socket.socket(), lambda source: pki.client.ssl_context(False), verify,
+                     metrics=TunnelMetrics(CollectorRegistry()), log=LOG, settings=settings)
+
+
+async def native_client(eng, pki, address, expected=None, creds=None):
+    sock = socket.create_connection(address)
+    return await eng.connect(sock, tls(eng, creds or pki.client), expected or pki.server.identity.uri)
+
+
+async def drained(eng) -> None:
+    """Every connection and stream of the engine has ended, nothing held."""
+    await until(lambda: (lambda s: s["conns_open"] == s["streams_open"] == s["bytes_held"] == 0)(eng.stats()),
+                what="the engine to hold nothing")
+
+
+# --- native client -> Python server -------------------------------------------------------
+
+@pytest.mark.parametrize("size", [64, 8 * MIB])
+def test_native_client_to_python_server_is_byte_identical(pki, size):
+    payload = os.urandom(size)
+    seen = []
+
+    async def on_stream(info, reader, writer):
+        seen.append(info)
+        await echo(info, reader, writer)
+
+    async def main():
+        async with Loopback(pki, on_stream) as lb, engine() as eng:
+            conn = await native_client(eng, pki, lb.address)
+            assert b"BEGIN CERTIFICATE" in conn.up.result()
+            app, theirs = pair()
+            stream = conn.open(theirs, AUTH, [("baggage", "k8s.pod.name=frontend-0"), ("Traceparent", "00-ab")])
+            assert await stream.response == 200
+            got = await exchange(app, payload)
+            app.close()
+            assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest() and len(got) == size
+            end = await stream.ended
+            assert (end.how, end.to_peer, end.from_peer) == ("closed", size, size)
+            info = seen[0]
+            assert info.peer_identity == pki.client.identity.uri and info.authority == AUTHORITY
+            assert info.header("baggage") == "k8s.pod.name=frontend-0" and info.header("traceparent") == "00-ab"
+            conn.close()
+            assert (await conn.closed).how == "closed"
+            await drained(eng)
+    run(main(), timeout=120)
+
+
+def test_native_client_half_close_from_the_server_first(pki):
+    """The server sends and ends its side first; the client still sends after it, then ends."""
+    received = []
+
+    async def greeter(info, reader, writer):
+        writer.respond(200)
+        writer.write(b"hello " * 1000)
+        writer.write_eof()
+        received.append(await reader.read())
+
+    async def main():
+        async with Loopback(pki, greeter) as lb, engine() as eng:
+            conn = await native_client(eng, pki, lb.address)
+            app, theirs = pair()
+            stream = conn.open(theirs, AUTH)
+            assert await stream.response == 200
+            assert await read_all(app) == b"hello " * 1000  # EOF while our side is open
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(app, b"after your FIN")
+            app.shutdown(socket.SHUT_WR)
+            end = await stream.ended
+            app.close()
+            assert received == [b"after your FIN"]
+            assert (end.how, end.to_peer, end.from_peer) == ("closed", 14, 6000)
+    run(main())
+
+
+def test_native_client_reset_both_ways(pki):
+    outcome = []
+
+    async def resetter(info, reader, writer):
+        writer.respond(200)
+        outcome.append(await reader.readexactly(5))
+        writer.abort()  # RST_STREAM CANCEL
+
+    async def reader_app(info, reader, writer):
+        writer.respond(200)
+        try:
+            await reader.read()
+            outcome.append("eof")
+        except StreamReset as exc:
+            outcome.append(("reset", exc.error_code))
+
+    async def main():
+        async with Loopback(pki, resetter) as lb, engine() as eng:
+            conn = await native_client(eng, pki, lb.address)
+            app, theirs = pair()
+            stream = conn.open(theirs, AUTH)
+            assert await stream.response == 200
+            await asyncio.get_running_loop().sock_sendall(app, b"12345")
+            with pytest.raises(ConnectionResetError):  # the server's RST_STREAM is a TCP reset here
+                await read_all(app)
+            app.close()
+            end = await stream.ended
+            assert (end.how, end.code) == ("reset", 8)
+        outcome.clear()
+        async with Loopback(pki, reader_app) as lb, engine() as eng:
+            conn = await native_client(eng, pki, lb.address)
+            app, theirs = pair()
+            stream = conn.open(theirs, AUTH)
+            assert await stream.response == 200
+            app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            app.close()  # our app resets: the server's stream must see RST_STREAM, not EOF
+            end = await stream.ended
+            assert end.how == "socket_error"
+            await until(lambda: outcome, what="the server's outcome")
+            assert outcome == [("reset", 8)]
+    run(main())
+
+
+def test_native_client_refusals(pki):
+    async def refuser(info, reader, writer):
+        writer.respond(403)
+
+    async def main():
+        async with Loopback(pki, refuser) as lb, engine() as eng:
+            conn = await native_client(eng, pki, lb.address)
+            app, theirs = pair()
+            stream = conn.open(theirs, AUTH)
+            assert await stream.response == 403
+            end = await stream.ended
+            assert (end.how, end.status) == ("refused", 403)
+            with pytest.raises(ConnectionResetError):
+                await read_all(app)
+            app.close()
+            # the server is not who we expect: no stream is ever sent
+            with pytest.raises(nh().HboneFailed) as failed:
+                await native_client(eng, pki, lb.address, expected="spiffe://cluster.local/ns/default/sa/other")
+            assert failed.value.end.how == "identity" and pki.server.identity.uri in failed.value.end.reason
+            # a server from another CA fails TLS
+        async with Loopback(pki, server_creds=pki.issue("default", "backend", pki.foreign)) as lb, engine() as eng:
+            with pytest.raises(nh().HboneFailed) as failed:
+                await native_client(eng, pki, lb.address)
+            assert failed.value.end.how == "tls" and "certificate verify failed" in failed.value.end.reason
+            assert eng.stats()["tls_failures"] == 1
+            await drained(eng)
+    run(main())
+
+
+def test_native_client_many_concurrent_streams_on_one_connection(pki):
+    async def main():
+        async with Loopback(pki) as lb, engine() as eng:
+            conn = await native_client(eng, pki, lb.address)
+            payloads = [os.urandom(1000 + 97 * i) for i in range(50)]
+            apps, streams = [], []
+            for _ in payloads:
+                app, theirs = pair()
+                apps.append(app)
+                streams.append(conn.open(theirs, AUTH))
+            results = await asyncio.gather(*(exchange(a, p) for a, p in zip(apps, payloads)))
+            assert results == payloads
+            ends = await asyncio.gather(*(s.ended for s in streams))
+            assert [(e.how, e.to_peer, e.from_peer) for e in ends] == [("closed", len(p), len(p)) for p in payloads]
+            assert lb.connects == 0 and len(lb.server.sessions) == 1  # one TCP connection, 50 streams
+            for app in apps:
+                app.close()
+    run(main())
+
+
+def test_native_client_to_a_plaintext_peer_fails_cleanly(pki):
+    async def main():
+        async with engine() as eng:
+            server = socket.socket()
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            server.setblocking(False)
+            loop = asyncio.get_running_loop()
+            connecting = asyncio.create_task(native_client(eng, pki, server.getsockname()))
+            peer, _ = await loop.sock_accept(server)
+            await loop.sock_recv(peer, 4096)  # the ClientHello
+            await loop.sock_sendall(peer, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            with pytest.raises(nh().HboneFailed) as failed:
+                await connecting
+            assert failed.value.end.how == "tls"
+            peer.close()
+            server.close()
+            await drained(eng)
+    run(main())
+
+
+# --- Python pool -> native server ---------------------------------------------------------
+
+@pytest.mark.parametrize("size", [64, 8 * MIB])
+def test_python_pool_to_native_server_is_byte_identical(pki, size):
+    payload = os.urandom(size)
+
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki) as srv:
+            p = pool(pki)
+            try:
+                s, _ = await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address,
+                                           AUTHORITY, [("baggage", "k8s.pod.name=frontend-0")])
+
+                async def send():
+                    for i in range(0, size, MIB):
+                        s.write(payload[i:i + MIB])
+                        await s.drain()
+                    s.write_eof()
+                sender = asyncio.create_task(send())
+                got = await asyncio.wait_for(s.read(), 60)
+                await sender
+                assert len(got) == size and hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+                end = await srv.requests[0].ended
+                assert (end.how, end.to_peer, end.from_peer) == ("closed", size, size)
+                request = srv.requests[0]
+                assert request.authority == AUTH and ("baggage", "k8s.pod.name=frontend-0") in request.headers
+                assert srv.conns[0].up.result().startswith(b"-----BEGIN CERTIFICATE")
+            finally:
+                await p.close()
+            assert (await srv.conns[0].closed).how == "closed"
+            await drained(eng)
+    run(main(), timeout=120)
+
+
+def test_python_pool_to_native_server_half_close_and_reset(pki):
+    async def server_first(sock, request):
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, b"greeting")
+        sock.shutdown(socket.SHUT_WR)
+        request.got = await read_all(sock)
+
+    async def resetter(sock, request):
+        loop = asyncio.get_running_loop()
+        await loop.sock_recv(sock, 10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki, app=server_first) as srv:
+            p = pool(pki)
+            try:
+                s, _ = await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address, AUTHORITY)
+                assert await s.read() == b"greeting"  # EOF with our side still open
+                s.write(b"and then us")
+                s.write_eof()
+                await asyncio.wait_for(s.wait_closed(), 10)
+                end = await srv.requests[0].ended
+                assert srv.requests[0].got == b"and then us"
+                assert (end.how, end.to_peer, end.from_peer) == ("closed", 8, 11)
+                srv.app = resetter
+                s, _ = await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address, AUTHORITY)
+                s.write(b"x")
+                with pytest.raises(StreamReset) as reset:
+                    await asyncio.wait_for(s.read(), 10)
+                assert reset.value.error_code == 8  # CANCEL, as the Python server resets
+                assert (await srv.requests[1].ended).how == "socket_error"
+                # the client resets: the app's socket is reset
+                outcome = []
+
+                async def watcher(sock, request):
+                    try:
+                        outcome.append(await read_all(sock))
+                    except ConnectionResetError:
+                        outcome.append("reset")
+                srv.app = watcher
+                s, _ = await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address, AUTHORITY)
+                s.abort()
+                end = await srv.requests[2].ended
+                assert (end.how, end.code) == ("reset", 8)
+                await until(lambda: outcome, what="the app's outcome")
+                assert outcome == ["reset"]
+            finally:
+                await p.close()
+    run(main())
+
+
+def test_native_server_refusals_and_identities(pki):
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki, app=None) as srv:
+            p = pool(pki)
+            try:
+                from nodeagent.tunnel import ConnectRefused
+                with pytest.raises(ConnectRefused):
+                    await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address, AUTHORITY)
+                assert (await srv.requests[0].ended).how == "refused"
+            finally:
+                await p.close()
+        # the verdict says no: the client sees its connection closed right after TLS
+        async with engine() as eng, NativeServer(eng, pki, admit=lambda pem: False) as srv:
+            p = pool(pki)
+            try:
+                with pytest.raises(HandshakeFailed):
+                    await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address, AUTHORITY)
+                end = await srv.conns[0].closed
+                assert end.how == "identity" and srv.requests == []
+            finally:
+                await p.close()
+            await drained(eng)
+        # a client of another CA never gets through TLS
+        async with engine() as eng, NativeServer(eng, pki) as srv:
+            foreign = pki.issue("default", "frontend", pki.foreign)
+            sock = socket.create_connection(srv.address)
+            with pytest.raises(nh().HboneFailed) as failed:  # the server's alert instead of its SETTINGS
+                await eng.connect(sock, tls(eng, foreign), pki.server.identity.uri)
+            assert failed.value.end.how == "tls"
+            await until(lambda: srv.conns and srv.conns[0].closed.done())
+            assert srv.conns[0].closed.result().how == "tls"
+            await drained(eng)
+    run(main())
+
+
+def test_native_server_closes_plaintext_garbage_and_silent_peers(pki):
+    settings = TunnelSettings(server_handshake_timeout=0.3, max_pending_handshakes=2,
+                              max_pending_handshakes_per_source=2)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with engine(settings) as eng, NativeServer(eng, pki) as srv:
+            for garbage in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                            os.urandom(4096)):
+                sock = socket.create_connection(srv.address)
+                sock.setblocking(False)
+                await loop.sock_sendall(sock, garbage)
+                with contextlib.suppress(ConnectionResetError):
+                    while await loop.sock_recv(sock, 4096):
+                        pass  # an alert maybe, then EOF
+                sock.close()
+            await until(lambda: len(srv.conns) == 3 and all(c.closed.done() for c in srv.conns))
+            assert [c.closed.result().how for c in srv.conns] == ["tls"] * 3
+            # TLS done, then garbage instead of the HTTP/2 preface: GOAWAY and close
+            import ssl
+            ctx = pki.client.ssl_context(False)
+            ctx.set_alpn_protocols(["h2"])
+            reader, writer = await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1")
+            writer.write(b"this is not HTTP/2 at all, not even close.")
+            data = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert 0x7 in frame_types(data)  # GOAWAY (behind the server's SETTINGS)
+            await until(lambda: len(srv.conns) == 4 and srv.conns[3].closed.done())
+            assert srv.conns[3].closed.result().how == "protocol_error"
+            # silent peers: two pending handshakes fill the budget, the third is reset at once
+            silent = [socket.create_connection(srv.address) for _ in range(2)]
+            await until(lambda: len(srv.conns) == 6)
+            assert eng.stats()["handshakes_pending"] == 2
+            third = socket.create_connection(srv.address)
+            third.setblocking(False)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(loop.sock_recv(third, 10), 10)
+            third.close()
+            await until(lambda: all(c.closed.done() for c in srv.conns[4:]), what="the handshake timeout")
+            assert [c.closed.result().how for c in srv.conns[4:]] == ["timeout", "timeout"]
+            for sock in silent:
+                sock.close()
+            await drained(eng)
+            assert eng.stats()["handshakes_pending"] == 0
+    run(main())
+
+
+def test_native_server_answers_rapid_reset_with_goaway_enhance_your_calm(pki):
+    from test_hbone_resets import RawClient
+
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki, app=None) as srv:
+            import ssl
+            ctx = pki.client.ssl_context(False)
+            ctx.set_alpn_protocols(["h2"])
+            client = RawClient(*await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1"))
+            assert await client.ping()
+            client.rapid_resets(200)
+            assert await client.ping()  # 200 resets within 10 s are allowed
+            client.rapid_resets(1)
+            assert not await client.ping()
+            assert client.goaway.error_code == 11  # ENHANCE_YOUR_CALM
+            await client.until_closed()
+            client.close()
+            assert (await srv.conns[0].closed).how == "flood"
+            assert eng.stats()["flood_goaways"] == 1
+            await drained(eng)
+    run(main())
+
+
+def test_native_server_back_pressure_holds_at_most_one_window(pki):
+    """The app does not read: the client's window closes, the engine holds at most one
+    stream window for it (and the client keeps the rest); then everything arrives."""
+    settings = TunnelSettings(stream_window=MIB, connection_window=2 * MIB)
+    payload = os.urandom(16 * MIB)
+
+    async def main():
+        go = asyncio.Event()
+
+        async def slow(sock, request):
+            await go.wait()
+            request.got = await read_all(sock)
+            sock.shutdown(socket.SHUT_WR)
+
+        async with engine(settings) as eng, NativeServer(eng, pki, app=slow) as srv:
+            p = pool(pki, settings)
+            try:
+                s, _ = await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address, AUTHORITY)
+                s.write(payload)
+                s.write_eof()
+                await until(lambda: eng.stats()["bytes_held"] >= MIB // 2 and s.get_write_buffer_size() > 0,
+                            what="the window to fill")
+                stats = eng.stats()
+                assert stats["bytes_held"] <= MIB + settings.max_frame_size
+                assert s.get_write_buffer_size() > len(payload) // 2  # most waits in the client
+                go.set()
+                assert await asyncio.wait_for(s.read(), 60) == b""  # the app's FIN
+                await asyncio.wait_for(s.wait_closed(), 10)
+                assert hashlib.sha256(srv.requests[0].got).digest() == hashlib.sha256(payload).digest()
+                assert eng.stats()["stream_held_peak"] <= MIB + settings.max_frame_size
+            finally:
+                await p.close()
+    run(main(), timeout=120)
+
+
+def test_python_pool_many_concurrent_streams_to_native_server(pki):
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki) as srv:
+            p = pool(pki)
+            try:
+                payloads = [os.urandom(500 + 131 * i) for i in range(60)]
+
+                async def one(data):
+                    s, _ = await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address,
+                                               AUTHORITY)
+                    s.write(data)
+                    s.write_eof()
+                    return await asyncio.wait_for(s.read(), 20)
+                assert await asyncio.gather(*(one(d) for d in payloads)) == payloads
+                assert len(srv.conns) == 1 and eng.stats()["streams_total"] == 60
+            finally:
+                await p.close()
+    run(main())
+
+
+# --- native <-> native --------------------------------------------------------------------
+
+def test_native_client_to_native_server(pki):
+    payload = os.urandom(3 * MIB + 17)
+
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki) as srv:
+            conn = await native_client(eng, pki, srv.address)
+            results = []
+            for _ in range(3):
+                app, theirs = pair()
+                stream = conn.open(theirs, AUTH)
+                assert await stream.response == 200
+                results.append(await exchange(app, payload))
+                app.close()
+                assert (await stream.ended).how == "closed"
+            assert results == [payload] * 3
+            conn.close()
+            await drained(eng)
+            assert eng.stats()["streams_total"] == 6  # 3 each side
+    run(main(), timeout=120)
