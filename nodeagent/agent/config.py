@@ -72,6 +72,7 @@ class AgentConfig:
     envoy_admin_port: int
     data_path_engine: str  # who moves the bytes of relayed socket pairs: auto, native or python
     same_node_fast_path: bool  # meshed pod to meshed pod of this node: admitted and joined here, no HBONE
+    same_node_sockmap: bool  # ... joined in the kernel (bpf/samenode.c) when it loads, else by the engine
 
     @property
     def admin_port(self) -> int:
@@ -262,6 +263,10 @@ SETTINGS: tuple[Setting, ...] = (
             "as the destination would (PeerAuthentication, AuthorizationPolicy with the source's identity), "
             "reports it from both ends as over HBONE and joins the two sockets itself; "
             "--no-same-node-fast-path sends it through HBONE", boolean=True),
+    Setting("same_node_sockmap", parse_bool, "true",
+            "join the two sockets of a same-node fast-path connection in the kernel (a sockmap verdict "
+            "program, bpf/samenode.c) when it loads, so no byte passes through the agent; false, or when it "
+            "cannot load (nodeagent status says why): the data path engine joins them", boolean=True),
 )
 
 

@@ -40,7 +40,7 @@ from nodeagent.agent.waypoint.jwks import JwksFetcher, jwks_uris, mesh_addresses
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
 from nodeagent.agent.proxy.policies import PolicyState
-from nodeagent.agent.proxy.samenode import SameNodeRoute
+from nodeagent.agent.proxy.samenode import KernelJoin, SameNodeRoute
 from nodeagent.agent.proxy.splice import Splicer
 from nodeagent.agent.proxy.steering import NoWaypoint
 from nodeagent.agent.proxy.telemetry import FlowLog, Telemetry, TrafficMetrics
@@ -92,8 +92,11 @@ class DataPath:
         self.hbone = HboneRoute(self.identities, tunnel_metrics, log.getChild("hbone"), mark=c.mark,
                                 port=c.tunnel_port)
         delivery = Delivery(c.delivery_mark, CONNECT_TIMEOUT)
-        self.same_node = SameNodeRoute(inputs, delivery, registry, log.getChild("samenode")) \
+        self.capture = capture
+        self.kernel_join = KernelJoin(c.same_node_sockmap, self.splicer, log.getChild("samenode")) \
             if c.same_node_fast_path else None
+        self.same_node = SameNodeRoute(inputs, delivery, registry, log.getChild("samenode"),
+                                       kernel=self.kernel_join) if c.same_node_fast_path else None
         self.outbound = OutboundRelay(inputs, capture, log.getChild("outbound"),
                                       passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone,
                                       same_node=self.same_node)
@@ -105,6 +108,8 @@ class DataPath:
         """Start what runs beside the relays: the native relay engine (when chosen), the
         waypoint (xDS server, Envoy)."""
         await self.splicer.start()
+        if self.kernel_join is not None:
+            await self.kernel_join.start(self.capture)
         if self.waypoint is not None:
             await self.waypoint.start()
 
@@ -169,6 +174,8 @@ class DataPath:
         else:
             same_node = self.same_node.describe()
             line = f"on, joined by {same_node['join']}"
+            if same_node["join"] != "sockmap":
+                line += f" (sockmap: {same_node['sockmap']})"
         return {**data_path, "same_node": same_node,
                 "summary": f"{data_path['summary']}; same-node fast path {line}"}
 
@@ -181,6 +188,8 @@ class DataPath:
         if self.waypoint is not None:
             await self.jwks.close()
             await self.waypoint.close()
+        if self.kernel_join is not None:
+            self.kernel_join.close()
         self.splicer.close()
         self.flow_log.close()
 

@@ -38,6 +38,7 @@ ATTACH_CGROUP_SOCK_OPS = 3
 ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET6_CONNECT = 11
 ATTACH_SK_LOOKUP = 36
+ATTACH_SK_SKB_VERDICT = 38  # BPF_SK_SKB_VERDICT: a sockmap's verdict program (target: the map fd)
 
 F_ALLOW_MULTI = 1 << 1  # BPF_F_ALLOW_MULTI
 ANY = 0  # BPF_ANY: create or replace an element

@@ -33,7 +33,7 @@ import nodeagent
 from nodeagent.capture import preflight
 from nodeagent.capture.errors import (CaptureError, CompileFailed, NotPrivileged, VerifierRejected,
                                       from_wire, to_wire)
-from nodeagent.capture.programs import PROGRAMS, LoadedPrograms, ProgramSpec
+from nodeagent.capture.programs import BY_NAME, PROGRAMS, LoadedPrograms, ProgramSpec
 
 COMPILE_TIMEOUT = 120.0  # seconds; a compile takes ~0.7 s on 2 cores
 EXIT_GRACE = 10.0  # seconds the child may take to exit once it has answered
@@ -44,12 +44,13 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nodeagent.__file
 # ---- the agent's end ----
 
 def load_programs(bpf_dir: str, flags: list[str], log: logging.Logger,
-                  timeout: float = COMPILE_TIMEOUT) -> LoadedPrograms:
-    """Compile and load in a child process; the fds of the loaded programs, by name."""
+                  timeout: float = COMPILE_TIMEOUT, programs: tuple[ProgramSpec, ...] = PROGRAMS) -> LoadedPrograms:
+    """Compile and load `programs` (default: capture's) in a child process; the fds of
+    the loaded programs, by name."""
     started = time.monotonic()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, tempfile.TemporaryFile() as output:
-        request = json.dumps({"bpf_dir": bpf_dir, "flags": flags})
+        request = json.dumps({"bpf_dir": bpf_dir, "flags": flags, "programs": [p.name for p in programs]})
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # the child runs this very code
             p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)}
         try:
@@ -64,10 +65,10 @@ def load_programs(bpf_dir: str, flags: list[str], log: logging.Logger,
             proc.kill()
             proc.wait()
             raise
-        reply = _reply(data, fds, proc.pid, _exit_status(proc), output)
+        reply = _reply(data, fds, proc.pid, _exit_status(proc), output, programs)
     names = reply["programs"]
-    log.info("capture programs compiled and loaded by process %d in %.1f s (its peak RSS %.0f MiB)",
-             proc.pid, time.monotonic() - started, reply["peak_rss_kib"] / 1024)
+    log.info("%s compiled and loaded by process %d in %.1f s (its peak RSS %.0f MiB)",
+             "capture programs" if programs == PROGRAMS else ", ".join(p.name for p in programs), proc.pid, time.monotonic() - started, reply["peak_rss_kib"] / 1024)
     for path, text in reply["warnings"].items():
         log.debug("bcc output for %s:\n%s", path, text)
     try:
@@ -112,7 +113,8 @@ def _receive(sock: socket.socket, pid: int, timeout: float) -> tuple[bytes, list
         raise
 
 
-def _reply(data: bytes, fds: list[int], pid: int, rc: int, output) -> dict:
+def _reply(data: bytes, fds: list[int], pid: int, rc: int, output,
+           programs: tuple[ProgramSpec, ...] = PROGRAMS) -> dict:
     """The child's reply, checked against the fds it sent; its typed error raised."""
     try:
         reply = json.loads(data) if data else None
@@ -124,9 +126,9 @@ def _reply(data: bytes, fds: list[int], pid: int, rc: int, output) -> dict:
             how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
             raise CaptureError(f"the compile process {pid} {how} without an answer; its output:\n{said}",
                                "check the kernel headers and bcc (scripts/setup)")
-        if sorted(reply["programs"]) != sorted(p.name for p in PROGRAMS) or len(fds) != len(PROGRAMS):
+        if sorted(reply["programs"]) != sorted(p.name for p in programs) or len(fds) != len(programs):
             raise CaptureError(f"the compile process {pid} sent programs {reply['programs']} "
-                               f"with {len(fds)} fds, not {[p.name for p in PROGRAMS]}")
+                               f"with {len(fds)} fds, not {[p.name for p in programs]}")
     except BaseException:
         _close(fds)
         raise
@@ -169,11 +171,12 @@ def _load(module, spec: ProgramSpec, output: Callable[[], str]) -> int:
         raise VerifierRejected(spec.name, reason, output()) from None
 
 
-def build(bcc: types.ModuleType, bpf_dir: str, flags: list[str]) -> tuple[list, dict[str, int], dict[str, str]]:
+def build(bcc: types.ModuleType, bpf_dir: str, flags: list[str],
+          programs: tuple[ProgramSpec, ...] = PROGRAMS) -> tuple[list, dict[str, int], dict[str, str]]:
     """(the bcc modules, which own the fds; program fds by name; bcc's output of a good
     compile by source path). One module per source file."""
     modules, fds, warnings = [], {}, {}
-    for source in dict.fromkeys(p.source for p in PROGRAMS):
+    for source in dict.fromkeys(p.source for p in programs):
         path = os.path.join(bpf_dir, source)
         with _stderr_captured() as output:
             try:
@@ -181,7 +184,7 @@ def build(bcc: types.ModuleType, bpf_dir: str, flags: list[str]) -> tuple[list, 
             except Exception as exc:  # bcc raises bare Exception
                 raise CompileFailed(path, output() or str(exc)) from None
             modules.append(module)
-            for spec in (p for p in PROGRAMS if p.source == source):
+            for spec in (p for p in programs if p.source == source):
                 fds[spec.name] = _load(module, spec, output)
             said = output().strip()
         if said:
@@ -201,7 +204,8 @@ def main(argv: list[str]) -> int:
     with socket.socket(fileno=fd) as sock:
         try:
             bcc = preflight.check_bcc()
-            modules, fds, warnings = build(bcc, request["bpf_dir"], request["flags"])  # modules: held until sent
+            programs = tuple(BY_NAME[name] for name in request["programs"])
+            modules, fds, warnings = build(bcc, request["bpf_dir"], request["flags"], programs)  # held until sent
         except CaptureError as exc:
             _send(sock, {"error": to_wire(exc)}, [])
             return 1

@@ -30,6 +30,7 @@ from nodeagent.capture.compiler import load_programs
 from nodeagent.capture.links import NetnsLinks
 from nodeagent.capture.maps import CaptureMaps
 from nodeagent.capture.programs import CGROUP_PROGRAMS, SK_LOOKUP, LoadedPrograms, cflags, check_pinned_maps
+from nodeagent.capture.sockmap import SockmapJoin
 from nodeagent.capture.structs import MAX_EXCLUDED_PORTS, POD_F_CAPTURE, OrigDstKey, Pod, PodIp
 from nodeagent.errors import ConfigError, NodeagentError
 
@@ -88,6 +89,7 @@ class CaptureLoader:
         self._maps: CaptureMaps | None = None
         self._links: NetnsLinks | None = None
         self._cgroup: CgroupAttachment | None = None
+        self._joins: list[SockmapJoin] = []
 
     @property
     def maps_dir(self) -> str:
@@ -138,7 +140,8 @@ class CaptureLoader:
     def _release(self, detach: bool, unpin: bool) -> None:
         cgroup, links, maps, programs = self._cgroup, self._links, self._maps, self._programs
         self._cgroup = self._links = self._maps = self._programs = None
-        steps: list[Callable[[], None]] = []
+        joins, self._joins = self._joins, []
+        steps: list[Callable[[], None]] = [join.close for join in joins]  # its pairs are this agent's own
         if cgroup:
             steps += [cgroup.detach_all] if detach else []
             steps.append(cgroup.close)
@@ -177,6 +180,16 @@ class CaptureLoader:
 
     def __exit__(self, *exc_info) -> None:
         self.close(keep=False)
+
+    def sockmap_join(self) -> SockmapJoin:
+        """Load the same-node fast path's in-kernel join (bpf/samenode.c: its own compile
+        child, its maps pinned beside capture's); CaptureError saying why it cannot.
+        Closed (detached) with the loader."""
+        self._loaded()
+        flags = cflags(str(self.bpf_dir), self.maps_dir, self.mark, self.ports)
+        join = SockmapJoin.load(str(self.bpf_dir), flags, self.maps_dir, self._log)
+        self._joins.append(join)
+        return join
 
     # ---- outbound ----
 

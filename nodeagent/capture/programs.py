@@ -17,7 +17,7 @@ from nodeagent.capture import bpfsys
 from nodeagent.capture.errors import PinnedMapMismatch
 from nodeagent.capture.structs import MAPS
 
-PROG_SOCK_OPS, PROG_CGROUP_SOCK_ADDR, PROG_SK_LOOKUP = 13, 18, 30
+PROG_SOCK_OPS, PROG_SK_SKB, PROG_CGROUP_SOCK_ADDR, PROG_SK_LOOKUP = 13, 14, 18, 30
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ PROGRAMS = (
 )
 CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.attach_type != bpfsys.ATTACH_SK_LOOKUP)
 SK_LOOKUP = next(p for p in PROGRAMS if p.attach_type == bpfsys.ATTACH_SK_LOOKUP)
+# The same-node fast path's in-kernel join (sockmap.py): compiled and loaded apart from
+# capture, so a kernel that refuses it leaves capture whole (the join falls back to splice).
+SAMENODE = ProgramSpec("na_sn_verdict", "samenode.c", PROG_SK_SKB, bpfsys.ATTACH_SK_SKB_VERDICT)
+BY_NAME = {p.name: p for p in (*PROGRAMS, SAMENODE)}
 
 
 def mark_mask(mark: int) -> int:

@@ -2,11 +2,17 @@
 run inside sandbox pods: stdlib only, one JSON line per connection on stdout.
 
   python samenode_peer.py serve PORT DOWN
-      Per connection: read to EOF (the client's half-close), then send DOWN bytes of the
-      known pattern and close. Prints {"peer", "received", "sha256"}.
+      Per connection: greet with one byte ("G"), read to EOF (the client's half-close),
+      then send DOWN bytes of the known pattern and close. Prints {"peer", "received",
+      "sha256"}.
   python samenode_peer.py send HOST:PORT UP
-      Connect, send UP bytes of the known pattern, half-close, read to EOF. Prints
-      {"received", "sha256", "error"} (error: null, "reset" or another errno name).
+      Connect, read the greeting (so the agent has joined the connection while it is
+      still open both ways), send UP bytes of the known pattern, half-close, read to EOF.
+      Prints {"received", "sha256", "error"} (error: null, "reset" or another errno name;
+      received and sha256 after the greeting).
+  python samenode_peer.py hold HOST:PORT
+      Connect, read the greeting, print "joined", then read until the connection ends.
+      Prints {"received", "error"}.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import json
 import random
 import socket
 import sys
+
+GREETING = b"G"
 
 
 def pattern(size: int) -> bytes:
@@ -40,6 +48,10 @@ def serve(port: int, down: int) -> None:
         while True:
             conn, peer = listener.accept()
             with conn:
+                try:
+                    conn.sendall(GREETING)
+                except OSError:
+                    pass
                 data, _ = _read_all(conn)
                 try:
                     conn.sendall(pattern(down))
@@ -58,6 +70,8 @@ def send(host: str, port: int, up: int) -> dict:
         return {"received": 0, "sha256": hashlib.sha256(b"").hexdigest(), "error": "reset"}
     with sock:
         try:
+            if sock.recv(1) != GREETING:
+                return {"received": 0, "sha256": hashlib.sha256(b"").hexdigest(), "error": "no greeting"}
             sock.sendall(pattern(up))
             sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -67,9 +81,21 @@ def send(host: str, port: int, up: int) -> dict:
     return {"received": len(data), "sha256": hashlib.sha256(data).hexdigest(), "error": error}
 
 
+def hold(host: str, port: int) -> dict:
+    with socket.create_connection((host, port), timeout=30) as sock:
+        if sock.recv(1) != GREETING:
+            return {"received": 0, "error": "no greeting"}
+        print("joined", flush=True)
+        data, error = _read_all(sock)
+    return {"received": len(data), "error": error}
+
+
 def main(argv: list[str]) -> int:
     if argv[0] == "serve":
         serve(int(argv[1]), int(argv[2]))
+    elif argv[0] == "hold":
+        host, _, port = argv[1].rpartition(":")
+        print(json.dumps(hold(host, int(port))), flush=True)
     else:
         host, _, port = argv[1].rpartition(":")
         print(json.dumps(send(host, int(port), int(argv[2]))), flush=True)

@@ -4,14 +4,17 @@ and server, namespace app, service accounts client and server), real capture pro
 
 (a) An allowed connection takes the fast path (status and its counter say so, no HBONE
 stream opens): a known payload crosses byte-identically both ways with a half-close
-each way (the server answers only after the client's FIN, the client reads to the
-server's FIN), the server sees the client pod's own address, and both reporters'
+each way (the server greets, then answers only after the client's FIN; the client
+sends after the greeting, so the join happens while both ways are open, and reads to
+the server's FIN), the server sees the client pod's own address, and both reporters'
 istio_tcp_* metrics and flow lines carry the exact byte counts.
-(b) An AuthorizationPolicy DENY for the client's principal is refused: the client is
-reset with no data, the server never sees it, the policy's denial counter moves by
-exactly one.
+(b) An AuthorizationPolicy DENY for the client's principal resets the connection it
+already joined (revocation: both ends reset, reported DENY) and refuses the next one:
+the client is reset with no data, the server never sees it; the policy's denial counter
+moves by exactly one for each.
 (c) With --no-same-node-fast-path the same exchange goes over HBONE, counted the same.
-(a) and (b) run on the Python and the native engine.
+(a) and (b) run with each join: asyncio (the Python engine), splice(2) (the native
+engine) and the kernel's (a sockmap verdict program, bpf/samenode.c).
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from nodeagent.agent.admin import fetch
 from nodeagent.bench.sandbox import AMBIENT, Sandbox
 from nodeagent.digests import spec_digest
-from samenode_peer import pattern
+from samenode_peer import GREETING, pattern
 
 pytestmark = pytest.mark.root
 PORT = 9000
-UP, DOWN = (1 << 20) + 7, 300 * 1024 + 3  # client -> server, server -> client
+UP, DOWN = (1 << 20) + 7, 300 * 1024 + 3  # client -> server, server -> client (after its greeting)
+BACK = len(GREETING) + DOWN  # all the server sends
 CLIENT_ID, SERVER_ID = "spiffe://cluster.local/ns/app/sa/client", "spiffe://cluster.local/ns/app/sa/server"
 EMPTY = hashlib.sha256(b"").hexdigest()
 PEER = str(Path(__file__).with_name("samenode_peer.py"))
@@ -114,9 +118,14 @@ def write_pods(sb: Sandbox) -> None:
     tmp.replace(sb.source_dir / "pods.yaml")
 
 
-@pytest.fixture(params=["python", "native"])
+JOINS = {"python": ("--data-path-engine", "python", "--no-same-node-sockmap"),  # joined by asyncio
+         "native": ("--data-path-engine", "native", "--no-same-node-sockmap"),  # by the engine's splice(2)
+         "sockmap": ("--data-path-engine", "native")}  # in the kernel: bpf/samenode.c
+
+
+@pytest.fixture(params=list(JOINS))
 def fast(request, tmp_path):
-    yield from sandbox(tmp_path, "--data-path-engine", request.param)
+    yield from sandbox(tmp_path, *JOINS[request.param])
 
 
 @pytest.fixture
@@ -143,44 +152,60 @@ def exchanged(node: Node) -> None:
         assert (node.metric("istio_tcp_connections_opened_total", **labels),
                 node.metric("istio_tcp_connections_closed_total", **labels, response_flags="-"),
                 node.metric("istio_tcp_received_bytes_total", **labels),
-                node.metric("istio_tcp_sent_bytes_total", **labels)) == (1, 1, UP, DOWN), reporter
+                node.metric("istio_tcp_sent_bytes_total", **labels)) == (1, 1, UP, BACK), reporter
     assert sorted((f["reporter"], f["bytes_received"], f["bytes_sent"], f["verdict"], f["security"])
-                  for f in node.flows()) == [("destination", UP, DOWN, "allowed", "mutual_tls"),
-                                             ("source", UP, DOWN, "allowed", "mutual_tls")]
+                  for f in node.flows()) == [("destination", UP, BACK, "allowed", "mutual_tls"),
+                                             ("source", UP, BACK, "allowed", "mutual_tls")]
 
 
-def test_the_fast_path_joins_an_allowed_connection_and_refuses_a_denied_one(fast):
-    node = fast
+def test_the_fast_path_joins_an_allowed_connection_and_refuses_a_denied_one(fast, request):
+    node, join = fast, request.node.callspec.params["fast"]
     status = node.sb.status()
-    engine = status["data_path"]["engine"]
-    assert status["data_path"]["same_node"] == {
-        "enabled": True, "join": "splice" if engine == "native" else "python",
-        "connections": {"relayed": 0, "denied": 0, "failed": 0, "waypoint": 0}}
-    assert "same-node fast path on" in status["data_path"]["summary"]
+    same_node = status["data_path"]["same_node"]
+    assert (same_node["enabled"], same_node["join"], same_node["connections"]) == (
+        True, "splice" if join == "native" else join, {"relayed": 0, "denied": 0, "failed": 0, "waypoint": 0})
+    assert same_node["sockmap"].startswith("loaded") if join == "sockmap" else \
+        same_node["sockmap"] == "same_node_sockmap=false"
+    assert f"same-node fast path on, joined by {same_node['join']}" in status["data_path"]["summary"]
 
     exchanged(node)  # (a)
-    counters = node.sb.status()["counters"]
+    status = node.sb.status()
+    counters = status["counters"]
     assert counters["same_node_connections_total{outcome=relayed}"] == 1
+    assert status["data_path"]["same_node"]["sockmap_pairs"] == (
+        {"joined": 1, "refused": 0} if join == "sockmap" else {"joined": 0, "refused": 0})
     assert counters.get("hbone_streams_opened_total{direction=outbound}", 0) == 0
     assert counters.get("hbone_streams_opened_total{direction=inbound}", 0) == 0
     assert all(f["same_node"] is True for f in node.flows())
 
-    node.apply("deny-client", DENY_SPEC)  # (b)
+    held = node.sb.in_pod(node.client, [sys.executable, PEER, "hold", f"{node.server.ip}:{PORT}"],
+                          stdout=subprocess.PIPE, text=True)  # joined, then revoked by the DENY
+    assert held.stdout.readline().strip() == "joined"
     denials = node.metric("nodeagent_policy_denials_total", policy="app/deny-client")
+    node.apply("deny-client", DENY_SPEC)  # (b)
+    assert json.loads(held.stdout.readline()) == {"received": 0, "error": "reset"}
+    assert node.served()["received"] == 0  # the server's end was reset too
     assert node.send(1000) == {"received": 0, "sha256": EMPTY, "error": "reset"}
-    node.sb.wait_for(lambda _: len(node.flows()) == 4, 10, "the denied connection's flow lines")
-    assert node.metric("nodeagent_policy_denials_total", policy="app/deny-client") - denials == 1
-    counters = node.sb.status()["counters"]
+    node.sb.wait_for(lambda _: len(node.flows()) == 6, 10, "the revoked and the denied connections' flow lines")
+    assert node.metric("nodeagent_policy_denials_total", policy="app/deny-client") - denials == 2  # one each
+    status = node.sb.status()
+    counters = status["counters"]
     assert counters["same_node_connections_total{outcome=denied}"] == 1
+    assert counters["inbound_connections_revoked_total{reason=deny}"] == 1
     assert counters["connection_failures_total{direction=outbound,reason=hbone_status_403}"] == 1
     assert node.metric("istio_tcp_connections_closed_total", **LABELS, reporter="destination",
-                       response_flags="DENY") == 1
-    denied = {f["reporter"]: f for f in node.flows()[2:]}
-    assert (denied["destination"]["verdict"], denied["destination"]["response_flags"],
-            denied["destination"]["bytes_received"]) == ("denied", "DENY", 0)
+                       response_flags="DENY") == 2
+    revoked, refused = (f for f in node.flows()[2:] if f["reporter"] == "destination")
+    assert (revoked["verdict"], revoked["response_flags"], revoked["bytes_received"], revoked["bytes_sent"],
+            revoked["reason"].startswith("no longer allowed")) == ("denied", "DENY", 0, len(GREETING), True)
+    assert (refused["verdict"], refused["response_flags"], refused["bytes_received"]) == ("denied", "DENY", 0)
+    if join == "sockmap":
+        assert status["data_path"]["same_node"]["sockmap_pairs"] == {"joined": 2, "refused": 0}
     node.apply("deny-client", {**DENY_SPEC, "rules": [{"from": [{"source": {"principals": ["nobody"]}}]}]})
     exchanged_again = node.send(UP)  # the server saw nothing of the denied one: its next line is this one
     assert exchanged_again["error"] is None and node.served()["received"] == UP
+    counters = node.sb.status()["counters"]
+    assert counters["active_connections{direction=outbound}"] == counters["active_connections{direction=inbound}"] == 0
 
 
 def test_with_the_fast_path_off_the_same_exchange_goes_over_hbone(hbone):

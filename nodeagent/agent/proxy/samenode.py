@@ -25,7 +25,10 @@ the source counts `hbone_status_403`, so dashboards do not tell the two paths ap
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import select
 import socket
 
 from prometheus_client import CollectorRegistry, Counter
@@ -36,8 +39,12 @@ from nodeagent.agent.proxy.delivery import Delivery, open_flow, relay_delivered
 from nodeagent.agent.proxy.destinations import Target
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import Relay, connect_failure_reason
+from nodeagent.agent.proxy.splice import Abort, SpliceResult
 from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS, SOURCE, Flow, Peer
+from nodeagent.capture.sockmap import taken
+from nodeagent.errors import NodeagentError
 from nodeagent.policy import Connection
+from nodeagent.resets import linger_reset
 
 Address = tuple[str, int]
 DENIED_REASON = "hbone_status_403"  # the source's failure label of a denial, as over HBONE
@@ -50,9 +57,12 @@ class SameNodeRoute(Relay):
 
     direction = "outbound"  # its failures are the outbound relay's, as over HBONE
 
-    def __init__(self, inputs: ProxyInputs, delivery: Delivery, registry: CollectorRegistry, log: logging.Logger):
+    def __init__(self, inputs: ProxyInputs, delivery: Delivery, registry: CollectorRegistry, log: logging.Logger,
+                 kernel: "KernelJoin | None" = None):
         super().__init__(inputs, log)
         self.delivery = delivery  # the HBONE server's: its sockets are known to the steering loop check
+        self.kernel = kernel  # the in-kernel join, when set up (KernelJoin.start); else the inputs' Splicer
+        self._kernel_inputs = dataclasses.replace(inputs, splicer=kernel) if kernel is not None else inputs
         counter = Counter("nodeagent_same_node_connections",
                           "Outbound connections to a meshed pod of this node decided by the same-node fast "
                           "path (no HBONE), by outcome: relayed, denied, failed (the app refused), or waypoint "
@@ -125,8 +135,9 @@ class SameNodeRoute(Relay):
             self.log.debug("outbound %s -> %s: same-node fast path", ctx, _where(server, target))
             active = metrics.active_by["outbound"]  # the inbound side's gauge and bytes: relay_delivered
             active.inc()
+            inputs = self._kernel_inputs if self.kernel is not None and self.kernel.ready else self.inputs
             try:
-                result = await relay_delivered(self.inputs, inbound, entry, client, upstream)
+                result = await relay_delivered(inputs, inbound, entry, client, upstream)
             finally:
                 active.dec()
         metrics.bytes_by[("outbound", "sent")].inc(result.a_to_b)
@@ -134,10 +145,172 @@ class SameNodeRoute(Relay):
         telemetry.close(outbound, received=result.a_to_b, sent=result.b_to_a)
 
     def describe(self) -> dict:
-        """For status: on, how the bytes move, and the outcomes so far."""
-        return {"enabled": True, "join": "splice" if self.inputs.splicer.engine is not None else "python",
-                "connections": dict(self.counts)}
+        """For status: on, how the bytes move (and why not in the kernel), the outcomes so far."""
+        if self.kernel is not None and self.kernel.ready:
+            join = "sockmap"
+        else:
+            join = "splice" if self.inputs.splicer.engine is not None else "python"
+        kernel = self.kernel
+        return {"enabled": True, "join": join, "sockmap": kernel.why if kernel is not None else "off",
+                "connections": dict(self.counts),
+                "sockmap_pairs": {"joined": kernel.joined, "refused": kernel.fallbacks} if kernel is not None
+                else None}
 
 
 def _where(server: PodContext, target: Target) -> str:
     return f"{target.address[0]}:{target.address[1]} ({server.pod.namespace}/{server.pod.name})"
+
+
+class KernelJoin:
+    """The pair of sockets joined in the kernel (bpf/samenode.c through
+    capture.sockmap.SockmapJoin): `splice(a, b, abort)` as splice.Splicer's, same
+    result and semantics, with no byte passing through the agent. The kernel moves the
+    segments and counts them; the agent watches both sockets for their FIN or error
+    only (an epoll set with EPOLLRDHUP, no EPOLLIN, so data never wakes it), passes a
+    FIN on once the other socket has taken every byte counted for that direction,
+    passes a reset on as a reset, and reads the counts when the pair ends. `start`
+    loads it beside capture; until then, or when it cannot (`why`), the relays use the
+    Splicer. The kernel takes only established sockets: a pair one of whose ends has
+    already half-closed (a short request sent with its FIN before the join) is refused
+    at the insert and goes to the Splicer (`fallbacks`)."""
+
+    def __init__(self, setting: bool, splicer, log: logging.Logger):
+        self.log = log
+        self.splicer = splicer  # splice.Splicer: the fallback for pairs the kernel refuses
+        self.maps = None  # capture.sockmap.SockmapJoin once started
+        self.why = "starting" if setting else "same_node_sockmap=false"
+        self._setting = setting
+        self.engine = None  # as Splicer: not the native engine
+        self.joined = self.fallbacks = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.maps is not None
+
+    async def start(self, capture) -> None:
+        """Load the program and maps beside `capture` (its compile child, in a thread:
+        it takes a second or two); on failure say why and leave the Splicer in use."""
+        if not self._setting:
+            return
+        load = getattr(capture, "sockmap_join", None)
+        if load is None:
+            self.why = "this capture layer has no sockmap join"
+            return
+        try:
+            self.maps = await asyncio.to_thread(load)
+            self.why = "loaded: bpf/samenode.c's verdict program on na_sn_peers"
+        except (NodeagentError, OSError) as exc:
+            self.why = f"not loaded: {exc}"
+            self.log.warning("same-node fast path: the in-kernel join (sockmap) is not available, splice "
+                             "instead: %s", exc)
+
+    def close(self) -> None:
+        self.maps = None  # the capture loader closes it
+
+    async def splice(self, a: socket.socket, b: socket.socket, abort: Abort | None = None) -> SpliceResult:
+        try:
+            keys = self.maps.insert(a, b)
+        except (NodeagentError, OSError) as exc:
+            self.fallbacks += 1
+            self.log.debug("same-node fast path: the kernel refused the pair (%s); splice instead", exc)
+            return await self.splicer.splice(a, b, abort)
+        self.joined += 1
+        pair = _JoinedPair(self.maps, keys, a, b, asyncio.get_running_loop())
+        if abort is not None:
+            abort.bind(pair)
+        try:
+            return await asyncio.shield(pair.done)
+        except asyncio.CancelledError:  # the agent is stopping: both peers see a reset
+            pair.abort()
+            raise
+
+
+_WATCH = select.EPOLLRDHUP | select.EPOLLET  # ERR and HUP are always reported
+
+
+class _JoinedPair:
+    """One pair in the kernel's hands, watched until both directions end."""
+
+    def __init__(self, maps, keys: tuple[int, int], a: socket.socket, b: socket.socket,
+                 loop: asyncio.AbstractEventLoop):
+        self.maps, self.keys, self.loop = maps, keys, loop
+        self.socks = (a, b)
+        self.done = loop.create_future()
+        self.eof = [False, False]  # read a FIN on a (a_to_b done once passed on), on b
+        self.passed = [False, False]
+        self._drains: set[asyncio.Task] = set()
+        self.epoll = select.epoll()
+        try:
+            for sock in self.socks:
+                self.epoll.register(sock.fileno(), _WATCH)
+            loop.add_reader(self.epoll.fileno(), self._events)
+        except (NodeagentError, OSError) as exc:
+            self._end(exc, reset=True)
+            return
+        self._events()  # a FIN or reset that came before the watch
+
+    def abort(self) -> None:
+        if not self.done.done():
+            self._end(None, reset=True)
+
+    def _events(self) -> None:
+        if self.done.done():
+            return
+        fds = {sock.fileno(): i for i, sock in enumerate(self.socks)}
+        for i, sock in enumerate(self.socks):  # edge-triggered: look at both, not only at what fired
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._end(OSError(err, os.strerror(err)), reset=True)
+                return
+        try:
+            fired = self.epoll.poll(0)
+        except OSError:
+            fired = []
+        for fd, events in fired:
+            i = fds.get(fd)
+            if i is not None and events & select.EPOLLRDHUP and not self.eof[i]:
+                self.eof[i] = True
+                task = self.loop.create_task(self._pass_fin(i))
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
+
+    async def _pass_fin(self, i: int) -> None:
+        """A FIN read on socket i: pass it on once the other socket took all i sent."""
+        other, delay = self.socks[1 - i], 0.0005
+        try:
+            while self.maps.redirected(self.keys[i]) > taken(other):
+                if self.done.done():
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            other.shutdown(socket.SHUT_WR)
+        except (NodeagentError, OSError) as exc:
+            if not self.done.done():
+                self._end(exc, reset=True)
+            return
+        self.passed[i] = True
+        if all(self.passed) and not self.done.done():
+            self._end(None, reset=False)
+
+    def _end(self, error: BaseException | None, reset: bool) -> None:
+        try:
+            self.loop.remove_reader(self.epoll.fileno())
+        except (ValueError, OSError):
+            pass
+        self.epoll.close()
+        result = SpliceResult(error=error)
+        try:
+            result.a_to_b, result.b_to_a = (self.maps.redirected(k) if k else 0 for k in self.keys)
+            self.maps.forget(*(k for k in self.keys if k))
+        except (NodeagentError, OSError) as exc:
+            result.error = result.error or exc
+        for sock in self.socks:
+            if reset:
+                linger_reset(sock)
+            sock.close()
+        for task in self._drains:
+            task.cancel()
+        if not self.done.done():
+            self.done.set_result(result)
+
+
