@@ -1,0 +1,310 @@
+/* hbone_sanity.c - drives native/hbone.c through its API alone, for the sanitizers
+ * (tests/unit/test_native_hbone.py builds it with ASan+UBSan and with TSan and runs it).
+ *
+ * Usage: hbone_sanity SERVER_PEM CLIENT_PEM TRUST_PEM SERVER_URI
+ * One engine is both client and server on loopback: a stream carries 1 MiB up and
+ * 256 KiB down with a half-close each way; a reset; a refusal (403); 20 streams at once;
+ * a plaintext peer; a wrong expected identity; then stop with a stream open, and free.
+ * A second thread reads the stats all along (TSan: the engine's counters). Prints
+ * "hbone_sanity: ok" and exits 0, or says what failed and exits 1.
+ */
+#define _GNU_SOURCE
+#include "hbone.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define CHECK(cond, ...) do { if (!(cond)) { fprintf(stderr, "hbone_sanity: line %d: ", __LINE__); \
+    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); exit(1); } } while (0)
+#define MAX_EV 4096
+
+static struct nh_engine *E;
+static struct nh_event evs[MAX_EV];       /* every event seen (data released) */
+static int nev;
+static int listener;
+static uint64_t last_request;             /* the newest REQUEST's stream id */
+static int refuse_next;                   /* the next REQUEST gets this status */
+static int server_app[64], napps;         /* the app ends of accepted streams */
+static atomic_int stop_stats;
+
+static char *slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    CHECK(f, "cannot open %s", path);
+    fseek(f, 0, SEEK_END);
+    *len = (size_t)ftell(f);
+    rewind(f);
+    char *p = malloc(*len + 1);
+    CHECK(p && fread(p, 1, *len, f) == *len, "cannot read %s", path);
+    fclose(f);
+    return p;
+}
+
+static struct nh_tls *tls_from(const char *key_chain, const char *trust)
+{
+    size_t kl, tl;
+    char *k = slurp(key_chain, &kl), *t = slurp(trust, &tl);
+    struct nh_tls *tls;
+    const char *err = NULL;
+    CHECK(nh_tls_new(k, kl, t, tl, &tls, &err) == 0, "nh_tls_new: %s", err ? err : "?");
+    free(k);
+    free(t);
+    return tls;
+}
+
+static void nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
+
+static void tcp_pair(int *app, int *theirs)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(bind(l, (void *)&a, sizeof a) == 0 && listen(l, 1) == 0 && getsockname(l, (void *)&a, &len) == 0, "pair");
+    *app = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(connect(*app, (void *)&a, sizeof a) == 0, "pair connect");
+    *theirs = accept(l, NULL, NULL);
+    CHECK(*theirs >= 0, "pair accept");
+    close(l);
+    nonblock(*app);
+}
+
+static int dial(void)
+{
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    getsockname(listener, (void *)&a, &len);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(connect(fd, (void *)&a, sizeof a) == 0, "dial");
+    return fd;
+}
+
+static struct nh_tls *server_tls;
+
+/* Take events and answer what the server side asks (verdicts, requests). */
+static void pump(int timeout_ms)
+{
+    struct pollfd p[2] = {{.fd = nh_engine_notify_fd(E), .events = POLLIN}, {.fd = listener, .events = POLLIN}};
+    poll(p, 2, timeout_ms);
+    if (p[1].revents & POLLIN) {
+        int fd = accept(listener, NULL, NULL);
+        if (fd >= 0)
+            CHECK(nh_conn_server(E, fd, server_tls) > 0, "nh_conn_server");
+    }
+    uint64_t v;
+    if (read(p[0].fd, &v, sizeof v) < 0) { /* nothing */ }
+    struct nh_event batch[64];
+    size_t n;
+    while ((n = nh_engine_events(E, batch, 64)) > 0)
+        for (size_t i = 0; i < n; i++) {
+            struct nh_event *ev = &batch[i];
+            if (ev->type == NH_EV_CONN_UP)
+                nh_conn_verdict(E, ev->conn, 1);  /* both sides' CONN_UP: the client's is ignored */
+            if (ev->type == NH_EV_REQUEST) {
+                CHECK(ev->data_len > 11 && !strcmp(ev->data, ":authority"), "request without :authority first");
+                last_request = ev->stream;
+                if (refuse_next) {
+                    CHECK(nh_stream_refuse(E, ev->stream, refuse_next) == 0, "refuse");
+                    refuse_next = 0;
+                } else {
+                    int app, theirs;
+                    tcp_pair(&app, &theirs);
+                    CHECK(nh_stream_accept(E, ev->stream, theirs) == 0, "accept");
+                    CHECK(napps < 64, "too many apps");
+                    server_app[napps++] = app;
+                }
+            }
+            nh_event_release(ev);
+            CHECK(nev < MAX_EV, "too many events");
+            evs[nev++] = *ev;
+        }
+}
+
+static const struct nh_event *wait_event(uint32_t type, uint64_t conn, uint64_t stream)
+{
+    for (int tries = 0; tries < 2000; tries++) {
+        for (int i = 0; i < nev; i++)
+            if (evs[i].type == type && (!conn || evs[i].conn == conn) && (!stream || evs[i].stream == stream))
+                return &evs[i];
+        pump(5);
+    }
+    CHECK(0, "no event %u for conn %lu stream %lu", type, (unsigned long)conn, (unsigned long)stream);
+    return NULL;
+}
+
+/* Send n bytes (pattern) from `from` then FIN, while reading `to` until EOF; bytes read. */
+static size_t transfer(int from, int to, size_t n, unsigned seed)
+{
+    static char buf[65536];
+    size_t sent = 0, got = 0;
+    int eof = 0, fin = 0;
+    while (!eof) {
+        if (sent < n) {
+            size_t k = n - sent < sizeof buf ? n - sent : sizeof buf;
+            for (size_t i = 0; i < k; i++)
+                buf[i] = (char)((sent + i) * seed);
+            ssize_t w = write(from, buf, k);
+            CHECK(w > 0 || errno == EAGAIN, "write: %s", strerror(errno));
+            if (w > 0)
+                sent += (size_t)w;
+        } else if (!fin) {
+            shutdown(from, SHUT_WR);
+            fin = 1;
+        }
+        char in[65536];
+        ssize_t r = read(to, in, sizeof in);
+        if (r == 0)
+            eof = 1;
+        else if (r > 0) {
+            for (ssize_t i = 0; i < r; i++)
+                CHECK(in[i] == (char)((got + (size_t)i) * seed), "byte %zu differs", got + (size_t)i);
+            got += (size_t)r;
+        } else {
+            CHECK(errno == EAGAIN, "read: %s", strerror(errno));
+            pump(1);
+        }
+    }
+    return got;
+}
+
+static void *stats_reader(void *arg)
+{
+    (void)arg;
+    struct nh_stats st;
+    while (!atomic_load(&stop_stats)) {
+        nh_engine_stats(E, &st);
+        CHECK(st.fatal == 0, "engine fatal %d", st.fatal);
+        usleep(200);
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    CHECK(argc == 5, "usage: hbone_sanity SERVER_PEM CLIENT_PEM TRUST_PEM SERVER_URI");
+    struct nh_config cfg = {.max_conns = 64, .max_streams = 200, .stream_window = 1 << 20,
+                            .connection_window = 4 << 20, .max_frame_size = 131072, .stream_buffer = 65536,
+                            .max_resets = 200, .reset_window_ms = 10000, .handshake_timeout_ms = 5000,
+                            .max_pending_handshakes = 16};
+    CHECK(nh_engine_new(&cfg, &E) == 0, "nh_engine_new");
+    server_tls = tls_from(argv[1], argv[3]);
+    struct nh_tls *client_tls = tls_from(argv[2], argv[3]);
+    const char *err = NULL;
+    struct nh_tls *bad;
+    CHECK(nh_tls_new("junk", 4, "junk", 4, &bad, &err) == -EINVAL && err, "junk credentials accepted");
+    pthread_t reader;
+    pthread_create(&reader, NULL, stats_reader, NULL);
+
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    listener = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(bind(listener, (void *)&a, sizeof a) == 0 && listen(listener, 64) == 0, "listen");
+    nonblock(listener);
+
+    /* one connection, a stream with a half-close each way */
+    int64_t conn = nh_conn_client(E, dial(), client_tls, argv[4]);
+    CHECK(conn > 0, "nh_conn_client %ld", (long)conn);
+    int app, theirs;
+    tcp_pair(&app, &theirs);
+    const char hdrs[] = "baggage\0k8s.pod.name=a\0";
+    int64_t s1 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", hdrs, sizeof hdrs - 1);
+    CHECK(s1 > 0, "nh_stream_open");
+    wait_event(NH_EV_CONN_UP, (uint64_t)conn, 0);
+    CHECK(wait_event(NH_EV_RESPONSE, 0, (uint64_t)s1)->status == 200, "status");
+    uint64_t server_s1 = last_request;
+    CHECK(transfer(app, server_app[0], 1 << 20, 7) == 1 << 20, "up");
+    CHECK(transfer(server_app[0], app, 256 << 10, 13) == 256 << 10, "down");
+    const struct nh_event *end = wait_event(NH_EV_STREAM_END, 0, (uint64_t)s1);
+    CHECK(end->how == NH_END_CLOSED && end->to_peer == 1 << 20 && end->from_peer == 256 << 10, "client end %u", end->how);
+    end = wait_event(NH_EV_STREAM_END, 0, server_s1);
+    CHECK(end->how == NH_END_CLOSED && end->from_peer == 1 << 20 && end->to_peer == 256 << 10, "server end %u", end->how);
+    close(app);
+
+    /* a reset passes as a reset */
+    tcp_pair(&app, &theirs);
+    int64_t s2 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
+    wait_event(NH_EV_RESPONSE, 0, (uint64_t)s2);
+    uint64_t server_s2 = last_request;
+    CHECK(nh_stream_reset(E, (uint64_t)s2) == 0, "reset");
+    CHECK(wait_event(NH_EV_STREAM_END, 0, (uint64_t)s2)->how == NH_END_ABORTED, "aborted");
+    end = wait_event(NH_EV_STREAM_END, 0, server_s2);
+    CHECK(end->how == NH_END_RESET && end->code == 8, "server saw %u code %u", end->how, end->code);
+    close(app);
+
+    /* a refusal */
+    refuse_next = 403;
+    tcp_pair(&app, &theirs);
+    int64_t s3 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
+    end = wait_event(NH_EV_STREAM_END, 0, (uint64_t)s3);
+    CHECK(end->how == NH_END_REFUSED && end->status == 403, "refused %u %u", end->how, end->status);
+    close(app);
+
+    /* 20 streams at once */
+    int apps[20];
+    int64_t ids[20];
+    for (int i = 0; i < 20; i++) {
+        tcp_pair(&apps[i], &theirs);
+        ids[i] = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
+    }
+    for (int i = 0; i < 20; i++)
+        wait_event(NH_EV_RESPONSE, 0, (uint64_t)ids[i]);
+    for (int i = 0; i < 20; i++) {
+        int srv = server_app[napps - 20 + i];
+        CHECK(transfer(apps[i], srv, 1000 + i, 3) == (size_t)(1000 + i), "many up");
+        CHECK(transfer(srv, apps[i], 0, 3) == 0, "many down");
+        CHECK(wait_event(NH_EV_STREAM_END, 0, (uint64_t)ids[i])->how == NH_END_CLOSED, "many end");
+        close(apps[i]);
+    }
+
+    /* a plaintext peer, and a server that is not who we expect */
+    int raw = dial();
+    CHECK(write(raw, "GET / HTTP/1.1\r\n\r\n", 18) == 18, "raw write");
+    int64_t wrong = nh_conn_client(E, dial(), client_tls, "spiffe://cluster.local/ns/x/sa/y");
+    CHECK(wait_event(NH_EV_CONN_END, (uint64_t)wrong, 0)->how == NH_END_IDENTITY, "wrong identity");
+    int tls_ends = 0;
+    for (int tries = 0; tries < 1000 && tls_ends == 0; tries++) {
+        for (int i = 0; i < nev; i++)
+            tls_ends += evs[i].type == NH_EV_CONN_END && evs[i].how == NH_END_TLS;
+        pump(5);
+    }
+    CHECK(tls_ends == 1, "the plaintext peer was not refused");
+    close(raw);
+
+    /* stop with a stream open, then free */
+    tcp_pair(&app, &theirs);
+    int64_t s4 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
+    wait_event(NH_EV_RESPONSE, 0, (uint64_t)s4);
+    atomic_store(&stop_stats, 1);
+    pthread_join(reader, NULL);
+    nh_engine_stop(E);
+    struct nh_event tail[64];
+    size_t n, stopped = 0;
+    while ((n = nh_engine_events(E, tail, 64)) > 0)
+        for (size_t i = 0; i < n; i++) {
+            stopped += tail[i].type == NH_EV_STREAM_END && tail[i].how == NH_END_STOPPED;
+            nh_event_release(&tail[i]);
+        }
+    CHECK(stopped == 2, "%zu streams ended STOPPED, expected 2", stopped);
+    CHECK(nh_stream_open(E, (uint64_t)conn, dup(app), "10.0.0.1:80", NULL, 0) == -ESHUTDOWN, "open after stop");
+    struct nh_stats st;
+    nh_engine_stats(E, &st);
+    CHECK(st.conns_open == 0 && st.streams_open == 0 && st.bytes_held == 0, "left open: %lu conns %lu streams %lu bytes",
+          (unsigned long)st.conns_open, (unsigned long)st.streams_open, (unsigned long)st.bytes_held);
+    nh_engine_free(E);
+    nh_tls_free(server_tls);
+    nh_tls_free(client_tls);
+    close(app);
+    for (int i = 0; i < napps; i++)
+        close(server_app[i]);
+    close(listener);
+    printf("hbone_sanity: ok\n");
+    return 0;
+}
