@@ -95,7 +95,8 @@ def down(layout: Layout) -> list[str]:
             done.append("state")
     else:
         _remove_kernel_side(layout, done, left)
-    kubelet.remove_mount_point(layout.run_root)  # the last lab takes the pods' token mount point
+    for path in kubelet.release_mount_points(layout):  # mount points and hostPaths its pods needed
+        left.append(f"{path}: could not be removed")
     if left:
         raise LabError(f"lab {layout.name} was not removed completely: " + "; ".join(left),
                        "a process outside the lab may hold one of these; run lab down again once it is gone")

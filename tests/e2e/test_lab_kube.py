@@ -455,3 +455,387 @@ def test_env_comes_from_configmaps_secrets_and_the_downward_api(kube_lab: Lab):
     env = dict(line.split("=", 1) for line in lines if "=" in line)
     assert {k: env.get(k) for k in wanted} == wanted
     kubectl(kube_lab, "delete", "pod", "configured", "-n", "apps", "--wait=true", "--timeout=60s")
+
+
+VOLUMES = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: vols}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: app-config, namespace: vols}
+data: {greeting: hello, settings.yaml: "a: 1"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: app-secret, namespace: vols}
+data: {password: czNjcmV0, api-key: azEyMw==}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reader, namespace: vols, labels: {app: reader, tier: back}}
+spec:
+  nodeName: kn2
+  terminationGracePeriodSeconds: 1
+  volumes:
+  - {name: config, configMap: {name: app-config}}
+  - name: secret
+    secret:
+      secretName: app-secret
+      defaultMode: 0440
+      items: [{key: password, path: pw/password, mode: 0400}, {key: api-key, path: key}]
+  - name: podinfo
+    downwardAPI:
+      items:
+      - {path: name, fieldRef: {fieldPath: metadata.name}}
+      - {path: labels, fieldRef: {fieldPath: metadata.labels}}
+      - {path: cpu, resourceFieldRef: {containerName: main, resource: limits.cpu, divisor: 1m}, mode: 0600}
+  - {name: shared, emptyDir: {}}
+  - {name: host, hostPath: {path: HOSTDIR, type: Directory}}
+  - {name: made, hostPath: {path: MOUNTS/made/deep, type: DirectoryOrCreate}}
+  - name: tokens
+    projected:
+      sources:
+      - serviceAccountToken: {audience: e2e, expirationSeconds: 600, path: e2e-token}
+      - configMap: {name: app-config, items: [{key: greeting, path: greeting}]}
+  containers:
+  - name: main
+    image: none
+    resources: {limits: {cpu: 500m, memory: 64Mi}}
+    env:
+    - {name: CPU_LIMIT, valueFrom: {resourceFieldRef: {resource: limits.cpu, divisor: 1m}}}
+    - {name: MEM_LIMIT, valueFrom: {resourceFieldRef: {resource: limits.memory, divisor: 1Mi}}}
+    - {name: MEM_REQUEST, valueFrom: {resourceFieldRef: {resource: requests.memory}}}
+    volumeMounts:
+    - {name: config, mountPath: MOUNTS/config}
+    - {name: config, mountPath: MOUNTS/greeting, subPath: greeting}
+    - {name: secret, mountPath: MOUNTS/secret}
+    - {name: podinfo, mountPath: MOUNTS/podinfo}
+    - {name: shared, mountPath: MOUNTS/shared}
+    - {name: host, mountPath: MOUNTS/host}
+    - {name: made, mountPath: MOUNTS/made-here}
+    - {name: tokens, mountPath: MOUNTS/tokens}
+    command:
+    - sh
+    - -c
+    - |
+      cd MOUNTS
+      echo "greeting=$(cat config/greeting) settings=$(cat config/settings.yaml) subpath=$(cat greeting)"
+      echo "config=$(ls config | tr '\\n' ,) mode=$(stat -L -c %a config/greeting)"
+      echo "password=$(cat secret/pw/password) mode=$(stat -L -c %a secret/pw/password)"
+      echo "key=$(cat secret/key) mode=$(stat -L -c %a secret/key)"
+      echo "name=$(cat podinfo/name) cpu=$(cat podinfo/cpu) mode=$(stat -L -c %a podinfo/cpu)"
+      echo "labels=$(tr '\\n' , < podinfo/labels)"
+      echo "env cpu=$CPU_LIMIT mem=$MEM_LIMIT request=$MEM_REQUEST"
+      echo "host=$(cat host/seed)"; echo from-pod > host/written
+      touch config/new 2>/dev/null && echo "config writable" || echo "config read-only"
+      echo "sa=$(cat /var/run/secrets/kubernetes.io/serviceaccount/namespace) token=$(wc -c < tokens/e2e-token)"
+      echo main > shared/note
+      echo "made=$(ls -A made-here | wc -l)"
+      echo done
+      last=""
+      while true; do
+        t=$(cat tokens/e2e-token); [ "$t" = "$last" ] || echo "token ends ${t#"${t%????????????????}"}"
+        last=$t; sleep 0.2
+      done
+  - name: side
+    image: none
+    volumeMounts: [{name: shared, mountPath: MOUNTS/shared-too}]
+    command:
+    - sh
+    - -c
+    - |
+      while [ ! -f MOUNTS/shared-too/note ]; do sleep 0.2; done
+      echo side sees $(cat MOUNTS/shared-too/note); exec sleep infinity
+"""
+
+
+def log_path(lab: Lab, namespace: str, pod: str, container: str) -> str:
+    return f"/run/nodeagent/{lab.name}/logs/{namespace}_{pod}_{container}.log"
+
+
+def log_size(lab: Lab, namespace: str, pod: str, container: str) -> int:
+    """Where the next pod of that name will start writing (a pod's log outlives it)."""
+    path = log_path(lab, namespace, pod, container)
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def wait_log(lab: Lab, namespace: str, pod: str, container: str, text: str, timeout: float = 60,
+             after: int = 0) -> str:
+    """The container's log (from offset `after`) once it holds `text`."""
+    path = log_path(lab, namespace, pod, container)
+
+    def read() -> str:
+        with open(path) as f:
+            f.seek(after)
+            return f.read()
+
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(path) and text in read()):
+        assert time.monotonic() < deadline, read() if os.path.exists(path) else f"no log {path}"
+        time.sleep(0.3)
+    return read()
+
+
+def machine_mounts() -> str:
+    with open("/proc/1/mountinfo") as f:
+        return f.read()
+
+
+def test_volumes_are_files_at_the_mount_paths_and_leave_nothing(kube_lab: Lab, tmp_path):
+    """ConfigMap, Secret (items, modes), downwardAPI (fields, labels, a limit), emptyDir
+    shared by two containers, hostPath (checked, created), a projected token and a
+    subPath: what the container reads, in its own mount namespace only; after deletion
+    no mount, mount point or file of them is left on the machine."""
+    mounts = f"/opt/nodeagent-e2e-{kube_lab.name}"
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "seed").write_text("seeded")
+    offset = log_size(kube_lab, "vols", "reader", "main"), log_size(kube_lab, "vols", "reader", "side")
+    kube_lab.run("kubectl", "--", "apply", "-f", "-",
+                 input=VOLUMES.replace("MOUNTS", mounts).replace("HOSTDIR", str(host)))
+    out = wait_log(kube_lab, "vols", "reader", "main", "done\n", after=offset[0])
+    lines = out.split("done\n")[0].splitlines()
+    assert lines == [
+        "greeting=hello settings=a: 1 subpath=hello",
+        "config=greeting,settings.yaml, mode=644",
+        "password=s3cret mode=400",
+        "key=k123 mode=440",
+        "name=reader cpu=500 mode=600",
+        'labels=app="reader",tier="back"',
+        f"env cpu=500 mem=64 request={64 * 2**20}",  # requests default to limits
+        "host=seeded",
+        "config read-only",
+        lines[9],
+        "made=0"], out
+    assert lines[9].startswith("sa=vols token=") and int(lines[9].split("token=")[1]) > 100
+    assert "side sees main" in wait_log(kube_lab, "vols", "reader", "side", "side sees", after=offset[1])
+    assert (host / "written").read_text() == "from-pod\n"
+    assert mounts not in machine_mounts()  # the machine's mount table is unchanged
+    assert os.path.isdir(f"{mounts}/made/deep")  # DirectoryOrCreate, made on the machine
+    assert sorted(os.listdir(f"{mounts}/config")) == []  # a mount point: empty on the machine
+    assert kube_lab.exec("vols/reader", "cat", f"{mounts}/secret/key").stdout == "k123"  # lab exec sees them too
+    pod = api_pods(kube_lab, "vols", "app=reader")[0]
+    pod_dir = f"/run/nodeagent/{kube_lab.name}/kube/pods/{pod['metadata']['uid']}"
+    assert os.path.isdir(pod_dir)
+    kubectl(kube_lab, "delete", "pod", "reader", "-n", "vols", "--wait=true", "--timeout=60s")
+    deadline = time.monotonic() + 30
+    while os.path.exists(pod_dir) or os.path.exists(mounts):
+        assert time.monotonic() < deadline, (os.path.exists(pod_dir), os.listdir(mounts))
+        time.sleep(0.2)
+    assert sorted(os.listdir(host)) == ["seed", "written"]  # a hostPath the lab did not make stays
+    assert mounts not in machine_mounts()
+
+
+def test_a_projected_token_is_replaced_under_a_running_container(kube_lab: Lab, tmp_path):
+    """The renewal's file replacement end to end: a token requested as the node (as the
+    kubelet does when 80% of its life has passed) is written with the atomic writer into
+    the running pod's volume, and the container sees the new one whole at once."""
+    from nodeagent.lab.kube import controlplane, kubelet, volumes
+    from nodeagent.lab.layout import Layout
+
+    mounts = f"/opt/nodeagent-e2e-{kube_lab.name}"
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "seed").write_text("seeded")
+    offset = log_size(kube_lab, "vols", "reader", "main")
+    kube_lab.run("kubectl", "--", "apply", "-f", "-",
+                 input=VOLUMES.replace("MOUNTS", mounts).replace("HOSTDIR", str(host)))
+    first = wait_log(kube_lab, "vols", "reader", "main", "token ends ", after=offset)
+    pod = api_pods(kube_lab, "vols", "app=reader")[0]
+    volume = f"/run/nodeagent/{kube_lab.name}/kube/pods/{pod['metadata']['uid']}/volumes/tokens"
+    old = open(f"{volume}/e2e-token").read()
+    assert f"token ends {old[-16:]}" in first
+    client = controlplane.node_client(Layout(kube_lab.name, cgroup_root=""), "kn2")
+    fields = {"metadata.name": "reader", "metadata.namespace": "vols"}
+    inputs = volumes.Inputs(pod, fields, kubelet.volume_reader(client, "vols"), kubelet.token_requester(client, pod),
+                            dict)
+    spec = next(v for v in pod["spec"]["volumes"] if v["name"] == "tokens")
+    files = volumes.payload(spec, inputs, {}, kubelet.utc_now())
+    assert volumes.write_atomically(volume, files, "tokens")
+    new = files["e2e-token"][0].decode()
+    assert new != old and new.count(".") == 2  # a JWT
+    wait_log(kube_lab, "vols", "reader", "main", f"token ends {new[-16:]}", after=offset)
+    kubectl(kube_lab, "delete", "pod", "reader", "-n", "vols", "--wait=true", "--timeout=60s")
+
+
+BROKEN = """
+apiVersion: v1
+kind: Pod
+metadata: {name: claims, namespace: vols, labels: {case: broken}}
+spec:
+  nodeName: kn1  # the scheduler would not place a pod whose claim does not exist
+  containers: [{name: main, image: none, command: [sleep, infinity], volumeMounts: [{name: data, mountPath: /data}]}]
+  volumes: [{name: data, persistentVolumeClaim: {claimName: pvc}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waits, namespace: vols, labels: {case: later}}
+spec:
+  nodeName: kn1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: none
+    command: [sh, -c, "cat MOUNTS/later/value; echo; exec sleep infinity"]
+    volumeMounts: [{name: later, mountPath: MOUNTS/later}]
+  volumes: [{name: later, configMap: {name: later}}]
+"""
+
+
+def waiting(lab: Lab, selector: str) -> dict:
+    pods = api_pods(lab, "vols", selector)
+    statuses = pods[0]["status"].get("containerStatuses") or [{}]
+    return {"phase": pods[0]["status"].get("phase"), **statuses[0].get("state", {}).get("waiting", {})}
+
+
+def test_unimplemented_volumes_are_refused_and_missing_sources_waited_for(kube_lab: Lab):
+    mounts = f"/opt/nodeagent-e2e-{kube_lab.name}"
+    kubectl(kube_lab, "create", "namespace", "vols", check=False)
+    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=BROKEN.replace("MOUNTS", mounts))
+    wanted = {"case=broken": {"phase": "Pending", "reason": "CreateContainerConfigError",
+                              "message": "volume data: the lab does not implement persistentVolumeClaim volumes "
+                                         "(it implements configMap, secret, downwardAPI, projected, emptyDir, "
+                                         "hostPath)"},
+              "case=later": {"phase": "Pending", "reason": "ContainerCreating",
+                             "message": 'MountVolume.SetUp failed for volume "later" : configmap "later" not found'}}
+    deadline = time.monotonic() + 60
+    while {s: waiting(kube_lab, s) for s in wanted} != wanted:
+        assert time.monotonic() < deadline, {s: waiting(kube_lab, s) for s in wanted}
+        time.sleep(0.5)
+    assert not os.path.exists(mounts)
+    kubectl(kube_lab, "create", "configmap", "later", "-n", "vols", "--from-literal=value=arrived")
+    wait_pods(kube_lab, "vols", "case=later", 1)
+    assert "arrived\n" in wait_log(kube_lab, "vols", "waits", "main", "arrived")
+    assert waiting(kube_lab, "case=broken")["reason"] == "CreateContainerConfigError"
+    kubectl(kube_lab, "delete", "pod", "-n", "vols", "-l", "case", "--wait=true", "--timeout=60s")
+    assert not os.path.exists(mounts)
+
+
+SECURED = """
+apiVersion: v1
+kind: Pod
+metadata: {name: secured, namespace: vols, labels: {case: secured}}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  securityContext: {runAsUser: 65534, runAsGroup: 65534, seccompProfile: {type: RuntimeDefault}}
+  containers:
+  - name: main
+    image: none
+    securityContext: {capabilities: {drop: [ALL], add: [NET_BIND_SERVICE]}, allowPrivilegeEscalation: false}
+    command:
+    - sh
+    - -c
+    - |
+      echo id=$(id -u):$(id -g); grep -E 'CapBnd|NoNewPrivs' /proc/self/status
+      cat MOUNTS/conf/greeting; echo; exec sleep infinity
+    volumeMounts: [{name: conf, mountPath: MOUNTS/conf}]
+  volumes: [{name: conf, configMap: {name: app-config}}]
+"""
+
+
+def test_security_context_and_a_host_network_pods_volume(kube_lab: Lab):
+    mounts = f"/opt/nodeagent-e2e-{kube_lab.name}"
+    kubectl(kube_lab, "create", "namespace", "vols", check=False)
+    kubectl(kube_lab, "create", "configmap", "app-config", "-n", "vols", "--from-literal=greeting=hi", check=False)
+    offset = log_size(kube_lab, "vols", "secured", "main")
+    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=SECURED.replace("MOUNTS", mounts))
+    out = wait_log(kube_lab, "vols", "secured", "main", "NoNewPrivs", after=offset)
+    assert "id=65534:65534\n" in out
+    assert "CapBnd:\t0000000000000400\n" in out  # CAP_NET_BIND_SERVICE (10) only
+    assert "NoNewPrivs:\t1\n" in out
+    assert mounts not in machine_mounts()
+    events = json.loads(kubectl(kube_lab, "get", "events", "-n", "vols", "--field-selector",
+                                "involvedObject.name=secured,reason=LabSecurityContext", "-o", "json").stdout)
+    assert [e["message"] for e in events["items"]] == ["spec.securityContext.seccompProfile is not applied by the lab"]
+    kubectl(kube_lab, "delete", "pod", "secured", "-n", "vols", "--wait=true", "--timeout=60s")
+    assert not os.path.exists(mounts)
+
+
+PROBED = """
+apiVersion: v1
+kind: Service
+metadata: {name: probed, namespace: vols}
+spec:
+  selector: {app: probed}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: by-http, namespace: vols, labels: {app: probed}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: echo
+    image: none
+    command: [nodeagent, lab, echo, --port, "8080", --quiet]
+    ports: [{containerPort: 8080, name: http}]
+    readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: by-tcp, namespace: vols, labels: {app: probed}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: echo
+    image: none
+    command: [nodeagent, lab, echo, --port, "8080", --quiet]
+    readinessProbe: {tcpSocket: {port: 8080}, initialDelaySeconds: 1, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: by-exec, namespace: vols, labels: {app: probed}}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{name: gate, emptyDir: {}}]
+  containers:
+  - name: echo
+    image: none
+    command: [nodeagent, lab, echo, --port, "8080", --quiet]
+    volumeMounts: [{name: gate, mountPath: MOUNTS/gate}]
+    readinessProbe: {exec: {command: [test, -f, MOUNTS/gate/open]}, periodSeconds: 1, failureThreshold: 2}
+"""
+
+
+def readiness(lab: Lab) -> dict[str, tuple[str, bool, bool]]:
+    """Each probed pod's (phase, Ready condition, container ready)."""
+    out = {}
+    for pod in api_pods(lab, "vols", "app=probed"):
+        status = pod["status"]
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+        container = (status.get("containerStatuses") or [{}])[0].get("ready", False)
+        out[pod["metadata"]["name"]] = (status.get("phase"), ready, container)
+    return out
+
+
+def ready_endpoints(lab: Lab) -> set[str]:
+    slices = json.loads(kubectl(lab, "get", "endpointslices", "-n", "vols", "-l",
+                                "kubernetes.io/service-name=probed", "-o", "json").stdout)["items"]
+    return {e["targetRef"]["name"] for s in slices for e in s.get("endpoints") or []
+            if e.get("conditions", {}).get("ready")}
+
+
+def wait_readiness(lab: Lab, wanted: dict[str, bool], timeout: float = 60) -> None:
+    """Until each pod's Ready (condition and container) and the Service's ready endpoints are as wanted."""
+    expected = {n: ("Running", r, r) for n, r in wanted.items()}
+    deadline = time.monotonic() + timeout
+    while readiness(lab) != expected or ready_endpoints(lab) != {n for n, r in wanted.items() if r}:
+        assert time.monotonic() < deadline, (readiness(lab), ready_endpoints(lab))
+        time.sleep(0.5)
+
+
+def test_readiness_probes_drive_ready_and_the_endpoints(kube_lab: Lab):
+    mounts = f"/opt/nodeagent-e2e-{kube_lab.name}"
+    kubectl(kube_lab, "create", "namespace", "vols", check=False)
+    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=PROBED.replace("MOUNTS", mounts))
+    wait_readiness(kube_lab, {"by-http": True, "by-tcp": True, "by-exec": False})
+    kube_lab.exec("vols/by-exec", "touch", f"{mounts}/gate/open")
+    wait_readiness(kube_lab, {"by-http": True, "by-tcp": True, "by-exec": True})
+    kube_lab.exec("vols/by-exec", "rm", f"{mounts}/gate/open")
+    wait_readiness(kube_lab, {"by-http": True, "by-tcp": True, "by-exec": False})
+    kube_lab.run("kubectl", "--", "delete", "-f", "-", "--wait=true", "--timeout=60s",
+                 input=PROBED.replace("MOUNTS", mounts))
+    assert not os.path.exists(mounts)

@@ -6,17 +6,23 @@ Pod is made as the lab makes the file's pods: an address from the node's pod CID
 netns with its veth and routes, a hosts file, the cgroup `kubepods/pod<uid>` (the API's
 UID, kubelet's naming), and one supervised process per container (`command` + `args`;
 images are ignored). `hostNetwork: true` pods run in the node's netns with the node's
-address. Unless `automountServiceAccountToken: false`, the pod gets what in-cluster
-clients read at /var/run/secrets/kubernetes.io/serviceaccount: a token the node requests
-for the pod's ServiceAccount, bound to the pod (TokenRequest), the cluster CA and the
-namespace, bind-mounted in the container's own mount namespace only. What runs is
+address. Its volumes (`volumes.py`) are made under `kube/pods/<uid>/` and bind-mounted
+at each container's mountPaths in the container's own mount namespace only, among them
+the projected `kube-api-access-*` volume the API server adds (a token the node requests
+for the pod's ServiceAccount, bound to the pod, renewed as kubelet renews it; the
+cluster CA; the namespace), which in-cluster clients read at
+/var/run/secrets/kubernetes.io/serviceaccount. Its securityContext is applied as far as
+`security.py` says; what the lab cannot give is a Warning event of the Pod. What runs is
 reported through the Pod's status (phase, podIP, hostIP, conditions, container states
-with restart counts), patched only when it changed. A Pod being deleted gets SIGTERM,
-SIGKILL after its grace period; once its processes are gone its netns, hosts file and
-cgroup are removed and the Pod deleted for good (grace 0, preconditioned on its UID), as
-kubelet finishes a deletion. A Pod the lab cannot run (no command, an executable not
-found, a name the file's pods hold) stays Pending with the reason in its container
-status.
+with restart counts, readiness from readinessProbes run by `probes.py`), patched only
+when it changed. A Pod being deleted gets SIGTERM, SIGKILL after its grace period; once
+its processes are gone its netns, hosts file, cgroup, volumes and mount points are
+removed and the Pod deleted for good (grace 0, preconditioned on its UID), as kubelet
+finishes a deletion. A Pod the lab cannot run (no command, an executable not
+found, a name the file's pods hold, a volume kind it does not implement) stays Pending
+with the reason in its container status (CreateContainerConfigError); one whose volume
+cannot be set up yet (a missing ConfigMap or Secret) waits in ContainerCreating, retried
+every round as kubelet retries.
 
 Threads: `Kubelet.run` (the thread) talks to the API and does the kernel work; the
 supervisor's loop owns the processes and, under `lock`, starts, restarts and stops the
@@ -25,40 +31,38 @@ units of the pods in `pods` (`step`).
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
+import functools
 import ipaddress
 import logging
 import os
 import shutil
 import signal
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable
 
+from nodeagent import netns
 from nodeagent.errors import ConfigError, NodeagentError
 from nodeagent.kube.objects import object_from_dict
 from nodeagent.lab import cgroups, dns, processes, spec, topology
 from nodeagent.lab.ipam import FIRST_POD_HOST, PodAlloc
-from nodeagent.lab.kube import controlplane, proxy
+from nodeagent.lab.kube import controlplane, probes, proxy, security, volumes
 from nodeagent.lab.kube.api import STRATEGIC_PATCH, ApiClient, ApiError
 from nodeagent.lab.state import LabRecord
 
 POLL = 1.0
 TERMINAL = ("Succeeded", "Failed")
-# Where in-cluster clients look for their credentials. It exists only inside a pod's own
-# mount namespace (a bind mount of the pod's files); on the machine it is an empty
-# directory, the mount point, removed when the last lab goes (`remove_mount_point`).
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-TOKEN_SECONDS = 3607  # kubelet's request; the API server extends such tokens (warning after 1 h)
-# Run in the container's private mount namespace (made by `ip netns exec`, or by unshare
-# for hostNetwork pods) before exec'ing the command: $0 is the pod's directory.
-MOUNT_SCRIPT = f'mount --bind "$0" {SERVICE_ACCOUNT_DIR} && exec "$@"'
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
 @dataclass
@@ -73,7 +77,8 @@ class KubePod:
     host_network: bool
     units: dict  # container name -> supervisor.Unit
     images: dict[str, str]
-    files: str = ""  # the pod's service-account files, mounted at SERVICE_ACCOUNT_DIR; "" = none
+    volumes: volumes.PodVolumes | None = None
+    probers: dict = field(default_factory=dict)  # container -> probes.Prober (readinessProbe)
     start_time: str = field(default_factory=_now)
     started: dict[str, tuple[int, str]] = field(default_factory=dict)  # container -> (pid, startedAt)
     finished: dict[str, str] = field(default_factory=dict)  # container -> finishedAt
@@ -100,11 +105,13 @@ class Kubelet:
     """The kubelet side of every node of `record`; see the module docstring."""
 
     def __init__(self, record: LabRecord, clients: dict[str, ApiClient], proxy_client: ApiClient,
-                 make_unit: Callable, phase_of: Callable[[list], str], log: logging.Logger):
+                 make_unit: Callable, phase_of: Callable[[list], str], log: logging.Logger,
+                 clock: Callable[[], dt.datetime] = utc_now, monotonic: Callable[[], float] = time.monotonic):
         """`clients`: each node's; `proxy_client` reads Services as kube-proxy;
         `make_unit(argv, env, cgroup, log_path, restart_policy)` makes a supervisor Unit;
-        `phase_of(units)` is the supervisor's pod phase rule."""
+        `phase_of(units)` is the supervisor's pod phase rule; `clock` decides token renewal."""
         self.record, self.clients, self.make_unit, self.phase_of, self.log = record, clients, make_unit, phase_of, log
+        self.clock, self.monotonic = clock, monotonic
         self.proxy_client = proxy_client
         self.api_rules: tuple = ()  # the API's Services as service rules (proxy.rules)
         self.api_names: tuple = ()  # and as names for the hosts files
@@ -125,6 +132,10 @@ class Kubelet:
 
     def close(self) -> None:
         self.stop_event.set()
+        with self.lock:
+            probers = [p for pod in self.pods.values() for p in pod.probers.values()]
+        for prober in probers:
+            prober.close()
         if self.thread is not None:
             self.thread.join(timeout=10)
 
@@ -194,23 +205,26 @@ class Kubelet:
             if pod.stopped:
                 self._remove(client, pod, pod.uid in seen)
             elif pod.delete_grace is None:
+                self._resync(pod)
                 self._report(client, pod)
         for known in (self.refused, self.failing):
             for uid in [u for u, (n, _) in known.items() if n == node and (u not in seen or u in self.pods)]:
                 known.pop(uid)
 
     # --- admission and removal ---------------------------------------------------
-    def _refuse(self, node: str, client: ApiClient, item: dict, why: str) -> None:
+    def _refuse(self, node: str, client: ApiClient, item: dict, why: str,
+                reason: str = "CreateContainerConfigError") -> None:
         uid = item["metadata"]["uid"]
         if self.refused.get(uid) == (node, why):
             return
         self.refused[uid] = (node, why)
-        self.log.warning("cannot run pod %s/%s: %s", item["metadata"]["namespace"], item["metadata"]["name"], why)
+        self.log.warning("cannot run pod %s/%s yet: %s", item["metadata"]["namespace"], item["metadata"]["name"],
+                         why)
         containers = [c.get("name", "") for c in item.get("spec", {}).get("containers", [])]
         status = {"phase": "Pending", "conditions": [_condition("PodScheduled", True)],
                   "containerStatuses": [{"name": c, "ready": False, "restartCount": 0, "image": "", "imageID": "",
-                                         "state": {"waiting": {"reason": "CreateContainerConfigError",
-                                                               "message": why}}} for c in containers]}
+                                         "state": {"waiting": {"reason": reason, "message": why}}}
+                                        for c in containers]}
         meta = item["metadata"]
         client.call("PATCH", pod_path(meta["namespace"], meta["name"]) + "/status", {"status": status},
                     STRATEGIC_PATCH)
@@ -218,13 +232,16 @@ class Kubelet:
     def _admit(self, node: str, client: ApiClient, item: dict) -> None:
         meta = item["metadata"]
         try:  # list items carry no apiVersion/kind
-            item = resolve_env(client, item)
+            volumes.check(item)
+            item = resolve_env(client, item, lambda: self._allocatable(client, node))
             obj = object_from_dict({**item, "apiVersion": "v1", "kind": "Pod"},
                                    f"API Pod {meta['namespace']}/{meta['name']}")
             pod = spec.pod_of(obj, self.record.desired.node_names)
             for c in pod.containers:
                 if processes.which(c.command[0]) is None:
                     raise ConfigError(f"container {c.name} command[0]", f"{c.command[0]!r} not found on this machine")
+            plans = {c["name"]: security.plan(item, c) for c in item["spec"]["containers"]}
+            readiness = {c["name"]: probes.readiness(c) for c in item["spec"]["containers"]}
         except ConfigError as exc:
             self._refuse(node, client, item, str(exc))
             return
@@ -238,50 +255,138 @@ class Kubelet:
         host_ip = self.record.alloc.nodes[node].fabric_ip
         ip = host_ip if host_network else self._free_ip(node)
         alloc = PodAlloc(meta["uid"], node, ip)
+        fields = {"metadata.name": pod.name, "metadata.namespace": pod.namespace, "metadata.uid": alloc.uid,
+                  "spec.nodeName": node, "spec.serviceAccountName": pod.service_account,
+                  "status.podIP": ip, "status.hostIP": host_ip}
+        pod_dir, user = self._pod_dir(alloc.uid), self._mount_user(alloc.uid)
+        try:  # first the volumes: a pod waiting for a ConfigMap gets no netns made and unmade every round
+            made, mounts = self._volumes(client, item, pod, pod_dir, fields, user)
+        except (volumes.NotReady, ConfigError) as exc:
+            self._drop_volumes(pod_dir, user)
+            waiting = isinstance(exc, volumes.NotReady)
+            self._refuse(node, client, item, str(exc), "ContainerCreating" if waiting else "CreateContainerConfigError")
+            return
+        except (ApiError, OSError) as exc:
+            self._drop_volumes(pod_dir, user)
+            raise NodeagentError(f"pod {pod.key}: volumes: {exc}") from None
         try:
             self._make(pod, alloc, host_network)
         except (OSError, NodeagentError) as exc:
             self._unmake(pod, alloc, host_network)
+            self._drop_volumes(pod_dir, user)
             raise NodeagentError(f"creating pod {pod.key}: {exc}") from None
-        try:
-            files = self._service_account(client, item, alloc) if _automount(item) else ""
-        except (ApiError, OSError) as exc:
-            self._unmake(pod, alloc, host_network)
-            raise NodeagentError(f"pod {pod.key}: service-account token: {exc}") from None
-        fields = {"metadata.name": pod.name, "metadata.namespace": pod.namespace, "metadata.uid": alloc.uid,
-                  "spec.nodeName": node, "spec.serviceAccountName": pod.service_account,
-                  "status.podIP": ip, "status.hostIP": host_ip}
         cgroup = self.layout.pod_cgroup(node, alloc.uid)
         units = {}
         for c in pod.containers:
-            argv = container_argv(self.layout, pod, node, host_network, files, list(c.command))
+            argv = container_argv(self.layout, pod, node, host_network, mounts[c.name], plans[c.name],
+                                  list(c.command))
             units[c.name] = self.make_unit(argv, processes.pod_env(pod, c, fields, True), cgroup,
                                            self.layout.container_log(pod.namespace, pod.name, c.name),
                                            pod.restart_policy)
         images = {c["name"]: c.get("image", "") for c in item["spec"]["containers"]}
+        kube_pod = KubePod(alloc.uid, pod, node, ip, host_ip, host_network, units, images, made)
+        for c in pod.containers:
+            if readiness[c.name] is not None:
+                kube_pod.probers[c.name] = self._prober(kube_pod, c, readiness[c.name], mounts[c.name],
+                                                        plans[c.name], fields)
         with self.lock:
-            self.pods[alloc.uid] = KubePod(alloc.uid, pod, node, ip, host_ip, host_network, units, images, files)
+            self.pods[alloc.uid] = kube_pod
+        for prober in kube_pod.probers.values():
+            prober.thread.start()
         self.log.info("pod %s (uid %s) admitted on %s with IP %s", pod.key, alloc.uid, node, ip)
+        warnings = sorted({w for p in plans.values() for w in p.warnings})
+        warnings += [f"container {c['name']}: {kind} is not run by the lab" for c in item["spec"]["containers"]
+                     for kind in ("livenessProbe", "startupProbe") if c.get(kind)]
+        if warnings:
+            self._warn(client, item, node, "LabSecurityContext", "; ".join(warnings))
 
-    def _service_account(self, client: ApiClient, item: dict, alloc: PodAlloc) -> str:
-        """The pod's token (TokenRequest bound to the pod, as its node), the cluster CA
-        and its namespace, in `kube/pods/<uid>/serviceaccount/`, as a projected volume."""
-        meta, pod_spec = item["metadata"], item["spec"]
-        account = pod_spec.get("serviceAccountName") or "default"
-        request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                   "spec": {"expirationSeconds": TOKEN_SECONDS,
-                            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
-                                               "uid": alloc.uid}}}
-        answer = client.call("POST", f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token",
-                             request)
-        directory = os.path.join(self.layout.kube_dir, "pods", alloc.uid, "serviceaccount")
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        for name, text in (("token", answer["status"]["token"]), ("namespace", meta["namespace"])):
-            with open(os.path.join(directory, name), "w") as f:
-                f.write(text)
-        shutil.copyfile(controlplane.credentials(self.layout, "admin").ca_cert, os.path.join(directory, "ca.crt"))
-        os.makedirs(SERVICE_ACCOUNT_DIR, exist_ok=True)
-        return directory
+    def _volumes(self, client: ApiClient, item: dict, pod: spec.PodSpec, pod_dir: str, fields: dict,
+                 user: str) -> tuple[volumes.PodVolumes, dict[str, list[volumes.Mount]]]:
+        """The pod's volumes made, each container's mounts planned and their mount points
+        made on the machine (noted in the ledger under `user`)."""
+        meta = item["metadata"]
+        inputs = volumes.Inputs(item, fields, volume_reader(client, meta["namespace"]), token_requester(client, item),
+                                lambda: self._allocatable(client, fields["spec.nodeName"]))
+        made = volumes.PodVolumes(item, pod_dir, inputs)
+        try:
+            made.set_up(self.clock(), self.monotonic())
+        finally:  # hostPaths it created are the lab's to remove, even when set-up stopped half-way
+            volumes.claim(self.layout.run_root, user, [], made.created)
+        mounts, points = {}, []
+        for c in pod.containers:
+            env = processes.pod_env(pod, c, fields, True)
+            mounts[c.name] = volumes.container_mounts(item, c.name, pod_dir, env)
+            points += volumes.mount_points(mounts[c.name])
+        volumes.claim(self.layout.run_root, user, points, made.created)
+        return made, mounts
+
+    def _prober(self, pod: KubePod, container: spec.Container, probe: probes.Probe, mounts: list,
+                plan: security.Plan, fields: dict) -> probes.Prober:
+        """A readiness prober of `container`: exec as `lab exec` runs the command in it,
+        httpGet/tcpSocket from the node's netns to the pod's address."""
+        unit = pod.units[container.name]
+        if probe.kind == "exec":
+            argv = container_argv(self.layout, pod.pod, pod.node, pod.host_network, mounts, plan, list(probe.command))
+            env = processes.pod_env(pod.pod, container, fields, True)
+            join = functools.partial(cgroups.join, self.layout.pod_cgroup(pod.node, pod.uid))
+
+            def check() -> bool:
+                return probes.exec_check(argv, env, join, probe)
+        else:
+            make = probes.in_netns(netns.named_path(self.layout.node_netns(pod.node)))
+            run = probes.http_check if probe.kind == "httpGet" else probes.tcp_check
+
+            def check() -> bool:
+                return run(make, pod.ip, probe)
+
+        def started() -> tuple | None:
+            proc = unit.proc
+            return (proc.pid, unit.started_at) if proc is not None else None
+        return probes.Prober(probe, check, started, lambda: None, self.monotonic)
+
+    def _drop_volumes(self, pod_dir: str, user: str) -> None:
+        for path in volumes.release(self.layout.run_root, user):
+            self.log.warning("kept %s: not empty", path)
+        shutil.rmtree(pod_dir, ignore_errors=True)
+
+    def _pod_dir(self, uid: str) -> str:
+        return os.path.join(self.layout.kube_dir, "pods", uid)
+
+    def _mount_user(self, uid: str) -> str:
+        return f"{self.layout.name}:{uid}"
+
+    def _allocatable(self, client: ApiClient, node: str) -> dict:
+        """The node's allocatable resources (what a resourceFieldRef of a limit not set gives)."""
+        return client.call("GET", f"/api/v1/nodes/{node}")["status"].get("allocatable", {})
+
+    def _resync(self, pod: KubePod) -> None:
+        """Keep a running pod's written volumes current: a token due for renewal, new data."""
+        now, mono = self.clock(), self.monotonic()
+        if pod.volumes is None or not pod.volumes.due(now, mono):
+            return
+        try:
+            changed = pod.volumes.resync(now, mono)
+        except (ApiError, NodeagentError, OSError) as exc:
+            self.log.warning("pod %s: volumes not updated: %s (retrying)", pod.key, exc)
+            return
+        if changed:
+            self.log.info("pod %s: volumes %s updated", pod.key, ", ".join(changed))
+
+    def _warn(self, client: ApiClient, item: dict, node: str, reason: str, message: str) -> None:
+        """A Warning event of the Pod, as kubelet records what it could not do."""
+        meta, now = item["metadata"], _now()
+        event = {"apiVersion": "v1", "kind": "Event",
+                 "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": meta["namespace"]},
+                 "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                                    "namespace": meta["namespace"], "uid": meta["uid"]},
+                 "reason": reason, "message": message, "type": "Warning", "count": 1,
+                 "firstTimestamp": now, "lastTimestamp": now, "source": {"component": "kubelet", "host": node},
+                 "reportingComponent": "kubelet", "reportingInstance": node}
+        self.log.warning("pod %s/%s: %s", meta["namespace"], meta["name"], message)
+        try:
+            client.call("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
+        except ApiError as exc:
+            self.log.warning("event for pod %s/%s not recorded: %s", meta["namespace"], meta["name"], exc)
 
     def _free_ip(self, node: str) -> str:
         """The highest free address of the node's CIDR: the lab's IPAM gives the file's
@@ -319,14 +424,15 @@ class Kubelet:
         cgroups.remove_tree(self.layout.pod_cgroup(alloc.node, alloc.uid))
 
     def _delete_asked(self, pod: KubePod, grace: float) -> None:
+        for prober in pod.probers.values():
+            prober.close()
         with self.lock:
             pod.delete_grace = grace
         self.log.info("pod %s (uid %s) is being deleted (grace %.0fs)", pod.key, pod.uid, grace)
 
     def _remove(self, client: ApiClient, pod: KubePod, in_api: bool) -> None:
         self._unmake(pod.pod, PodAlloc(pod.uid, pod.node, pod.ip), pod.host_network)
-        if pod.files:
-            shutil.rmtree(os.path.dirname(pod.files), ignore_errors=True)
+        self._drop_volumes(self._pod_dir(pod.uid), self._mount_user(pod.uid))  # its processes are gone
         if in_api:
             self._finish_delete(client, pod.pod.namespace, pod.pod.name, pod.uid)
         with self.lock:
@@ -394,10 +500,41 @@ def _source(client: ApiClient, namespace: str, kind: str, name: str, cache: dict
         elif status != 200 or not isinstance(obj, dict):
             raise ApiError(f"reading {kind} {namespace}/{name}: {status}", status)
         elif kind == "secret":
-            cache[key] = {k: base64.b64decode(v).decode(errors="replace") for k, v in (obj.get("data") or {}).items()}
+            cache[key] = {k: v.decode(errors="replace") for k, v in volumes.decode_data(kind, obj).items()}
         else:
             cache[key] = dict(obj.get("data") or {})
     return cache[key]
+
+
+def volume_reader(client: ApiClient, namespace: str) -> volumes.Reader:
+    """Reads ConfigMaps and Secrets of `namespace` for volumes (as bytes; None: absent)."""
+    def read(kind: str, name: str) -> dict[str, bytes] | None:
+        status, obj = client.request("GET", f"/api/v1/namespaces/{namespace}/{kind.lower()}s/{name}")
+        if status == 404:
+            return None
+        if status != 200 or not isinstance(obj, dict):
+            raise ApiError(f"reading {kind} {namespace}/{name}: {status}", status)
+        return volumes.decode_data(kind.lower(), obj)
+    return read
+
+
+def token_requester(client: ApiClient, item: dict) -> volumes.TokenFn:
+    """Requests tokens of the pod's ServiceAccount bound to the pod (TokenRequest, as its node)."""
+    meta = item["metadata"]
+    account = item["spec"].get("serviceAccountName") or "default"
+
+    def request(audience: str, seconds: int) -> volumes.Token:
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"expirationSeconds": seconds,
+                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                                            "uid": meta["uid"]}}}
+        if audience:
+            body["spec"]["audiences"] = [audience]
+        answer = client.call("POST", f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token", body)
+        expires = dt.datetime.strptime(answer["status"]["expirationTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
+        return volumes.Token(answer["status"]["token"], expires.replace(tzinfo=dt.timezone.utc),
+                             int(answer["spec"].get("expirationSeconds") or seconds))
+    return request
 
 
 def _field(item: dict, path: str) -> str | None:
@@ -408,10 +545,15 @@ def _field(item: dict, path: str) -> str | None:
     return None
 
 
-def _resolve_var(client: ApiClient, item: dict, container: str, var: dict, cache: dict) -> dict | None:
-    """One `env` entry with a ConfigMap/Secret key or a label/annotation as its value;
-    others unchanged (the lab's parser accepts or refuses them)."""
+def _resolve_var(client: ApiClient, item: dict, container: str, var: dict, cache: dict,
+                 allocatable: Callable[[], dict]) -> dict | None:
+    """One `env` entry with a ConfigMap/Secret key, a label/annotation or a resource as
+    its value; others unchanged (the lab's parser accepts or refuses them)."""
     value_from = var.get("valueFrom") or {}
+    if "resourceFieldRef" in value_from:
+        ref = value_from["resourceFieldRef"]
+        return {"name": var["name"], "value": volumes.resource_value(
+            item, ref.get("containerName") or container, ref.get("resource", ""), ref.get("divisor"), allocatable)}
     for kind in ("configMap", "secret"):
         ref = value_from.get(f"{kind}KeyRef")
         if ref is None:
@@ -428,12 +570,16 @@ def _resolve_var(client: ApiClient, item: dict, container: str, var: dict, cache
     return var if value is None else {"name": var["name"], "value": value}
 
 
-def resolve_env(client: ApiClient, item: dict) -> dict:
+def resolve_env(client: ApiClient, item: dict, allocatable: Callable[[], dict] | None = None) -> dict:
     """The Pod with what kubelet resolves before a container starts written in as plain
     values: `envFrom` and `valueFrom` of ConfigMaps and Secrets (read as the node, which
-    the Node authorizer allows for its own pods' references), labels and annotations.
-    A missing source or key is a ConfigError unless marked optional."""
+    the Node authorizer allows for its own pods' references), labels and annotations,
+    resourceFieldRef (a limit not set: the node's `allocatable()`). A missing source or
+    key is a ConfigError unless marked optional."""
     namespace, cache = item["metadata"]["namespace"], {}
+    if allocatable is None:
+        node = item["spec"].get("nodeName", "")
+        allocatable = functools.cache(lambda: client.call("GET", f"/api/v1/nodes/{node}")["status"]["allocatable"])
     containers = []
     for container in item.get("spec", {}).get("containers", []):
         env = []
@@ -448,19 +594,22 @@ def resolve_env(client: ApiClient, item: dict) -> dict:
                                       f"{kind} {ref.get('name')} not found")
                 env += [{"name": source.get("prefix", "") + k, "value": v} for k, v in sorted((data or {}).items())]
         for var in container.get("env") or []:
-            resolved = _resolve_var(client, item, container.get("name"), var, cache)
+            resolved = _resolve_var(client, item, container.get("name"), var, cache, allocatable)
             if resolved is not None:  # None: an optional key that is missing, so no variable
                 env.append(resolved)
         containers.append({**container, "env": env})
     return {**item, "spec": {**item["spec"], "containers": containers}}
 
 
-def container_argv(layout, pod: spec.PodSpec, node: str, host_network: bool, files: str,
-                   command: list[str]) -> list[str]:
+def container_argv(layout, pod: spec.PodSpec, node: str, host_network: bool, mounts: list[volumes.Mount],
+                   plan: security.Plan, command: list[str]) -> list[str]:
     """How a container (or `lab exec`) of an API pod runs: in the pod's netns (the node's
-    for hostNetwork), with the pod's service-account files mounted when it has them."""
-    if files:
-        command = ["sh", "-c", MOUNT_SCRIPT, files, *command]
+    for hostNetwork); its volumes bind-mounted in its own mount namespace (made by `ip
+    netns exec`, or by unshare for hostNetwork), then its securityContext's setpriv."""
+    command = [*plan.argv, *command]
+    script = volumes.mount_script(mounts, plan.read_only_root)
+    if script:
+        command = ["sh", "-c", f'{script} && exec "$@"', "nodeagent-lab-mounts", *command]
         if host_network:  # nsenter --net keeps the machine's mount namespace
             command = ["unshare", "--mount", "--propagation", "slave", *command]
     return processes.in_node(layout, node, command) if host_network else processes.in_pod(layout, pod, command)
@@ -482,33 +631,21 @@ def exec_plan(record: LabRecord, client: ApiClient, item: dict, container: str |
     if node not in record.alloc.nodes or status.get("phase") != "Running":
         raise ConfigError(f"pod {pod.key}", f"is not running on a node of this lab (phase {status.get('phase')})")
     layout = record.layout
-    files = os.path.join(layout.kube_dir, "pods", uid, "serviceaccount")
     fields = {"metadata.name": pod.name, "metadata.namespace": pod.namespace, "metadata.uid": uid,
               "spec.nodeName": node, "spec.serviceAccountName": pod.service_account,
               "status.podIP": status.get("podIP", ""), "status.hostIP": status.get("hostIP", "")}
-    argv = container_argv(layout, pod, node, bool(item["spec"].get("hostNetwork")),
-                          files if os.path.isdir(files) else "", command)
-    return argv, processes.pod_env(pod, chosen, fields, True), layout.pod_cgroup(node, uid)
+    env = processes.pod_env(pod, chosen, fields, True)
+    mounts = volumes.container_mounts(item, chosen.name, os.path.join(layout.kube_dir, "pods", uid), env)
+    raw = next(c for c in item["spec"]["containers"] if c["name"] == chosen.name)
+    argv = container_argv(layout, pod, node, bool(item["spec"].get("hostNetwork")), mounts,
+                          security.plan(item, raw), command)
+    return argv, env, layout.pod_cgroup(node, uid)
 
 
-def _automount(item: dict) -> bool:
-    return item.get("spec", {}).get("automountServiceAccountToken") is not False
-
-
-def remove_mount_point(run_root: str) -> None:
-    """Remove SERVICE_ACCOUNT_DIR (empty directories only) once no lab is left in `run_root`."""
-    try:
-        if [n for n in os.listdir(run_root) if not n.startswith(".")]:
-            return
-    except FileNotFoundError:
-        pass
-    path = SERVICE_ACCOUNT_DIR
-    while path not in ("/var/run", "/run", "/"):
-        try:
-            os.rmdir(path)
-        except OSError:
-            return  # not ours alone, or in use
-        path = os.path.dirname(path)
+def release_mount_points(layout) -> list[str]:
+    """At `lab down`: remove what the lab made on the machine for its pods' mounts (mount
+    points, hostPaths it created) that no other lab uses; the paths it could not remove."""
+    return volumes.release(layout.run_root, f"{layout.name}:", final=True)
 
 
 def _signal(proc, signum: int) -> None:
@@ -526,7 +663,9 @@ def _condition(kind: str, true: bool, reason: str = "", since: str | None = None
     return out
 
 
-def container_status(name: str, image: str, unit, started: tuple[int, str] | None, finished: str | None) -> dict:
+def container_status(name: str, image: str, unit, started: tuple[int, str] | None, finished: str | None,
+                     ready: bool = True) -> dict:
+    """`ready`: what its readiness probe says (True without one)."""
     running = unit.proc is not None
     if running and (started is None or started[0] != unit.proc.pid):
         started = (unit.proc.pid, _now())  # started since the supervisor's loop last looked
@@ -541,17 +680,19 @@ def container_status(name: str, image: str, unit, started: tuple[int, str] | Non
                              "message": f"back-off restarting the failed container (exit code {unit.exit_code})"}}
     else:
         state = {"waiting": {"reason": "ContainerCreating"}}
-    return {"name": name, "image": image, "imageID": "", "ready": running, "started": running,
+    return {"name": name, "image": image, "imageID": "", "ready": running and ready, "started": running,
             "restartCount": unit.restarts, "state": state,
             "containerID": f"nodeagent-lab://{started[0]}" if started else ""}
 
 
 def pod_status(pod: KubePod, phase: str) -> dict:
-    """The Pod's status from what runs (no probes: a running container is ready); each
-    condition keeps the time it last changed, so an unchanged pod gives an equal status."""
-    ready = phase == "Running"
-    statuses = [container_status(n, pod.images.get(n, ""), u, pod.started.get(n), pod.finished.get(n))
+    """The Pod's status from what runs: a running container is ready unless its readiness
+    probe says otherwise; each condition keeps the time it last changed, so an unchanged
+    pod gives an equal status."""
+    statuses = [container_status(n, pod.images.get(n, ""), u, pod.started.get(n), pod.finished.get(n),
+                                 n not in pod.probers or pod.probers[n].ready)
                 for n, u in pod.units.items()]
+    ready = phase == "Running" and all(s["ready"] for s in statuses)
     conditions = []
     for kind, true in (("PodReadyToStartContainers", True), ("Initialized", True), ("Ready", ready),
                        ("ContainersReady", ready), ("PodScheduled", True)):
@@ -560,5 +701,5 @@ def pod_status(pod: KubePod, phase: str) -> dict:
         reason = "ContainersNotReady" if kind in ("Ready", "ContainersReady") and not true else ""
         conditions.append(_condition(kind, true, reason, pod.transitions[kind][1]))
     return {"phase": phase, "podIP": pod.ip, "podIPs": [{"ip": pod.ip}], "hostIP": pod.host_ip,
-            "hostIPs": [{"ip": pod.host_ip}], "startTime": pod.start_time, "qosClass": "BestEffort",
+            "hostIPs": [{"ip": pod.host_ip}], "startTime": pod.start_time,
             "conditions": conditions, "containerStatuses": statuses}
