@@ -649,3 +649,11 @@ def test_the_engine_is_clean_under_sanitizers(pki, tmp_path, name):
                            pki.server.identity.uri], capture_output=True, text=True, timeout=120,
                           env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "TSAN_OPTIONS": "halt_on_error=1"})
     assert (run_.returncode, run_.stdout, run_.stderr) == (0, "hbone_sanity: ok\n", "")
+
+
+def test_the_benchmark_compares_both_engines(capsys):
+    from nodeagent.bench import hbone as bench
+
+    assert bench.main(["--engines", "--connections", "5", "--megabytes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "python" in out and "native" in out and "CPU per new connection, client (ms)" in out
