@@ -29,7 +29,7 @@ from nodeagent.lab import (cgroups, dns, ipam, meshca, processes, services, spec
                            topology)
 from nodeagent.lab import verdicts
 from nodeagent.lab.kube import controlplane, nodes
-from nodeagent.lab.kube import objects as kube_objects
+from nodeagent.lab.kube import fileobjects
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord, Runtime, StateDir, lab_model
 
@@ -204,17 +204,16 @@ def wait_kube(layout: Layout, node_names: list[str], out: Out, timeout: float) -
 
 
 def sync_kube_objects(layout: Layout, desired: spec.DesiredState, alloc: ipam.Allocations, out: Out) -> None:
-    """The file's objects the API holds (so far its namespaces and services): see kube/objects.py."""
-    client = controlplane.admin_client(layout)
+    """The lab's objects in the API: applied, and deleted once the lab drops them (see
+    kube/fileobjects.py; its pods are mirror pods the supervisor keeps: kube/mirror.py)."""
     try:
-        namespaces = kube_objects.sync_namespaces(client, desired)
-        services = kube_objects.sync_services(client, desired, alloc)
+        changes = fileobjects.sync(controlplane.admin_client(layout), desired, alloc)
     except NodeagentError as exc:
-        raise LabError(f"the file's namespaces and services could not be created in the API: {exc}",
+        raise LabError(f"the file's objects could not be applied to the API: {exc}",
                        "the lab stays up; lab apply retries") from None
-    for kind, created in (("namespaces", namespaces), ("services", services)):
-        if created:
-            out(f"{kind} created in the API: {', '.join(created)}")
+    for verb, items in (("created in", changes.created), ("deleted from", changes.deleted)):
+        if items:
+            out(f"{verb} the API: {', '.join(items)}")
 
 
 def merge(old: list[KubeObject], new: list[KubeObject]) -> list[KubeObject]:

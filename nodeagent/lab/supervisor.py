@@ -1,15 +1,17 @@
 """The lab's supervisor daemon (`nodeagent lab supervise`): the lab's kubelet.
 
 It runs every container of every pod; with `--kube` the control plane (kube/
-controlplane.py) and, in a thread, the nodes' registration and heartbeats
-(kube/nodes.py); unless the lab was made with `--no-agents`, the mesh CA (meshca.py) and
-one agent per node; restarts what exits with exponential backoff according to the pod's
-restartPolicy; and publishes what runs: `runtime.json` (pids, restarts, phases), pod
-phases in `cluster/`, and the service rules, whose endpoints are the Running pods. It
-reconciles from `lab.json` every second, on SIGHUP (sent by `lab apply`) and when a
-child exits. SIGTERM stops the children (SIGTERM, then SIGKILL) and exits; it exits by
-itself when the lab's state directory goes away. It lives in its own cgroup below the
-lab's, so `lab down` can always kill it with everything else.
+controlplane.py; the API server's clients once it is ready) and, in threads, the nodes'
+registration and heartbeats (kube/nodes.py), the pods the API binds to them
+(kube/kubelet.py) and the file pods' mirror pods (kube/mirror.py); unless the lab was
+made with `--no-agents`, the mesh CA (meshca.py) and one agent per node; restarts what
+exits with exponential backoff according to the pod's restartPolicy; and publishes what
+runs: `runtime.json` (pids, restarts, phases), pod phases in `cluster/`, and the service
+rules, whose endpoints are the Running pods. It reconciles from `lab.json` every second,
+on SIGHUP (sent by `lab apply`) and when a child exits. SIGTERM stops the children
+(SIGTERM, then SIGKILL) and exits; it exits by itself when the lab's state directory
+goes away. It lives in its own cgroup below the lab's, so `lab down` can always kill it
+with everything else.
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from nodeagent.backoff import Backoff
 from nodeagent.errors import NodeagentError
 from nodeagent.lab import cgroups, dns, meshca, processes, services
-from nodeagent.lab.kube import controlplane, kubelet, nodes
+from nodeagent.lab.kube import controlplane, kubelet, mirror, nodes
 from nodeagent.lab.state import LabRecord, Runtime, StateDir
 
 RESTART_BACKOFF = Backoff(first=1.0, maximum=30.0)
 BACKOFF_RESET_AFTER = 10.0  # a process that ran this long starts its backoff over
 STOP_GRACE = 3.0
+GATE_POLL = 0.2  # how often a unit waiting for its `after` condition asks again
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Unit:
     next_start: float = 0.0
     failures: int = 0  # exits and failed starts in a row: the restart backoff's attempt
     finished: bool = False  # exited and will not be restarted
+    after: Callable[[], bool] | None = None  # the first start waits until this is true
 
     def state(self) -> str:
         if self.proc is not None:
@@ -70,6 +75,7 @@ class Supervisor:
     units: dict[str, Unit] = field(default_factory=dict)  # "pod:ns/name/container" | "agent:node" | "cp:component"
     heartbeats: nodes.Heartbeats | None = None  # `--kube`: the nodes' kubelet heartbeats
     kubelet: kubelet.Kubelet | None = None  # `--kube`: runs the pods the API binds to the nodes
+    mirrors: mirror.MirrorPods | None = None  # `--kube`: the file's pods in the API
     record: LabRecord | None = None
     stamp: tuple | None = None  # lab.json (inode, mtime) of `record`
     published: tuple = ()  # (pods, agents, stamp) last written
@@ -99,10 +105,12 @@ class Supervisor:
     def _wanted(self, record: LabRecord) -> dict[str, Unit]:
         layout, out = self.state.layout, {}
         if record.kube:  # the control plane first: etcd, then what needs it
+            ready = controlplane.ApiReadiness(layout)
             for component in controlplane.COMPONENTS:
                 out[f"cp:{component}"] = Unit(controlplane.argv(layout, record.controlplane, component),
                                               processes.base_env(), layout.controlplane_cgroup,
-                                              layout.controlplane_log(component))
+                                              layout.controlplane_log(component),
+                                              after=ready if component in controlplane.API_CLIENTS else None)
         if record.agents:  # first, so it starts before the agents ask it for certificates
             out["ca"] = Unit(meshca.ca_argv(layout, record), processes.base_env(),
                              layout.system_cgroup(meshca.ca_node(record)), layout.ca_log)
@@ -131,11 +139,16 @@ class Supervisor:
                     for name, unit in pod.units.items():
                         self._step_unit(f"pod:{pod.key}/{name} (uid {pod.uid})", unit, now)
                 self.kubelet.observe()
+        if self.mirrors is not None:
+            self.mirrors.observe(self.record, self.units, pod_phase)
 
     def _step_unit(self, key: str, unit: Unit, now: float) -> None:
         if unit.proc is not None and unit.proc.poll() is not None:
             self._exited(key, unit, now)
         if unit.proc is None and not unit.finished and now >= unit.next_start:
+            if unit.after is not None and not unit.starts and not unit.after():
+                unit.next_start = now + GATE_POLL
+                return
             self._start(key, unit, now)
 
     def _exited(self, key: str, unit: Unit, now: float) -> None:
@@ -243,17 +256,21 @@ class Supervisor:
                     self.heartbeats.start()
                     self.kubelet = self._kubelet(self.record)
                     self.kubelet.start()
+                    self.mirrors = self._mirrors(self.record)
+                    self.mirrors.start()
                 self.step()
                 self.publish()
             except NodeagentError as exc:
                 if not self.state.exists():
                     break
                 self.log.error("%s", exc)
-            select.select([wake_r], [], [], 1.0)
+            select.select([wake_r], [], [], self._idle())
             while _drain(wake_r):
                 pass
         if self.heartbeats is not None:
             self.heartbeats.close()
+        if self.mirrors is not None:
+            self.mirrors.close()
         groups = stop_order(self.units)
         if self.kubelet is not None:
             self.kubelet.close()
@@ -267,6 +284,16 @@ class Supervisor:
         clients = {node: controlplane.node_client(layout, node) for node in record.desired.node_names}
         return kubelet.Kubelet(record, clients, controlplane.proxy_client(layout), Unit, pod_phase,
                                logging.getLogger("nodeagent.lab.kube.kubelet"))
+
+    def _mirrors(self, record: LabRecord) -> mirror.MirrorPods:
+        layout = self.state.layout
+        clients = {node: controlplane.node_client(layout, node) for node in record.desired.node_names}
+        return mirror.MirrorPods(record, clients, logging.getLogger("nodeagent.lab.kube.mirror"))
+
+    def _idle(self) -> float:
+        """How long the loop may sleep: 1 s, less while a unit waits for its condition."""
+        gated = [u.next_start for u in self.units.values() if u.after is not None and not u.starts and u.proc is None]
+        return max(0.05, min([1.0] + [t - self.clock() for t in gated]))
 
     def _heartbeats(self, record: LabRecord) -> nodes.Heartbeats:
         layout = self.state.layout

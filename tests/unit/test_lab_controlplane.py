@@ -24,7 +24,6 @@ from nodeagent.kube.objects import object_from_dict
 from nodeagent.lab import dns, services, spec
 from nodeagent.lab.ipam import Allocations, NodeAlloc, node_addresses
 from nodeagent.lab.kube import controlplane, kubelet, nodes, pki, proxy
-from nodeagent.lab.kube import objects as kube_objects
 from nodeagent.lab.kube.api import ApiError
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord
@@ -266,36 +265,6 @@ def test_pod_status_reports_phase_ip_and_container_states_and_is_stable():
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "False"
 
 
-def test_the_files_namespaces_are_created_or_labelled():
-    class Api:
-        def __init__(self):
-            self.calls = []
-
-        def request(self, method, path, body=None, content_type="application/json"):
-            self.calls.append((method, path, body))
-            return (409, {}) if body["metadata"]["name"] == "default" else (201, body)
-
-        def call(self, method, path, body=None, content_type="application/json", ok=(200, 201)):
-            self.calls.append((method, path, body))
-            return {}
-
-    docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": {"team": "a"}}},
-            {"apiVersion": "v1", "kind": "Namespace",
-             "metadata": {"name": "mesh", "labels": {"istio.io/dataplane-mode": "ambient"}}},
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "implied"},
-             "spec": {"ports": [{"port": 80}]}}]
-    desired = spec.load([object_from_dict(d, "t") for d in docs])
-    api = Api()
-    assert kube_objects.sync_namespaces(api, desired) == ["implied", "mesh"]
-    assert api.calls == [
-        ("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                        "metadata": {"name": "default", "labels": {"team": "a"}}}),
-        ("PATCH", "/api/v1/namespaces/default", {"metadata": {"labels": {"team": "a"}}}),
-        ("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "implied"}}),
-        ("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", **{
-            k: v for k, v in docs[1].items() if k == "metadata"}})]
-
-
 def test_env_from_configmaps_secrets_and_labels_is_resolved_as_kubelet_does():
     class Api:
         objects = {"/api/v1/namespaces/n/configmaps/cfg": {"data": {"MODE": "fast", "LEVEL": "3"}},
@@ -323,27 +292,3 @@ def test_env_from_configmaps_secrets_and_labels_is_resolved_as_kubelet_does():
     item["spec"]["containers"][0]["env"] = [missing]
     with pytest.raises(ConfigError, match="has no key 'x'"):
         kubelet.resolve_env(Api(), item)
-
-
-def test_the_files_services_are_created_at_their_lab_cluster_ips():
-    class Api:
-        def __init__(self):
-            self.posted = []
-
-        def request(self, method, path, body=None, content_type="application/json"):
-            self.posted.append((path, body))
-            return (409, {}) if body["metadata"]["name"] == "old" else (201, body)
-
-    docs = [{"apiVersion": "v1", "kind": "Service",
-             "metadata": {"name": "db", "namespace": "shop", "labels": {"t": "d"}},
-             "spec": {"selector": {"app": "db"}, "ports": [{"port": 5432}], "clusterIP": "10.96.0.100"}},
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "old", "namespace": "shop"},
-             "spec": {"ports": [{"port": 80}]}}]
-    desired = spec.load([object_from_dict(d, "t") for d in docs])
-    alloc = Allocations(services={"shop/db": "10.96.0.100", "shop/old": "10.96.0.10"})
-    api = Api()
-    assert kube_objects.sync_services(api, desired, alloc) == ["shop/db"]
-    assert api.posted[0] == ("/api/v1/namespaces/shop/services", {
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "labels": {"t": "d"}, "namespace": "shop"},
-        "spec": {"selector": {"app": "db"}, "ports": [{"port": 5432}], "clusterIP": "10.96.0.100",
-                 "clusterIPs": ["10.96.0.100"]}})

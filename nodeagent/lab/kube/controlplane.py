@@ -15,8 +15,10 @@ leader election: one of each). Pods reach it as in a cluster through the `kubern
 Service: the lab's service rules DNAT 10.96.0.1:443 to it on every node, pods resolve
 `kubernetes.default.svc…`, containers get kubelet's `KUBERNETES_SERVICE_*` variables.
 The lab's supervisor runs them in cgroup
-`nodeagent-<lab>/controlplane/` and restarts them with backoff; `lab down` stops them
-with the rest of the lab and removes `kube/` with the state directory.
+`nodeagent-<lab>/controlplane/` and restarts them with backoff; it starts the controller
+manager and the scheduler once the API server is ready (`ApiReadiness`), so they never
+start against an API server that has not bootstrapped its RBAC roles yet. `lab down`
+stops them with the rest of the lab and removes `kube/` with the state directory.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ KUBERNETES_SERVICE_IP = str(SERVICE_CIDR.network_address + 1)  # the `kubernetes
 ETCD_URL = "http://127.0.0.1:2379"
 FABRIC_VETH = "cp"  # its veth in the fabric netns, beside the nodes' `node<i>`
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+API_CLIENTS = ("kube-controller-manager", "kube-scheduler")  # started once the API server is ready
 BINARY_ENV = "NODEAGENT_CONTROLPLANE"  # a control plane binary to use instead of the cached build
 REPO_BUILD = Path(__file__).resolve().parents[3] / "controlplane" / "build"
 
@@ -186,6 +189,24 @@ def node_client(layout: Layout, node: str) -> ApiClient:
 def proxy_client(layout: Layout) -> ApiClient:
     """The API server as kube-proxy (`system:kube-proxy`), from the control plane's netns."""
     return ApiClient(ADDRESS, API_PORT, netns.named_path(layout.controlplane_netns), credentials(layout, "kube-proxy"))
+
+
+class ApiReadiness:
+    """Whether the API server is ready: `/readyz` answers 200, which it does only once
+    every post-start hook has run, `rbac/bootstrap-roles` included. Before that the
+    controller manager, whose identity the bootstrap roles and bindings authorize, can
+    be refused reading `extension-apiserver-authentication` and exit. Once true, stays
+    true (a restart of the API server finds the roles in etcd)."""
+
+    def __init__(self, layout: Layout, timeout: float = 1.0):
+        self.layout, self.timeout, self.ready = layout, timeout, False
+
+    def __call__(self) -> bool:
+        if not self.ready:
+            client = ApiClient(ADDRESS, API_PORT, netns.named_path(self.layout.controlplane_netns),
+                               credentials(self.layout, "admin"), timeout=self.timeout)
+            self.ready = client.healthy("/readyz")[0]
+        return self.ready
 
 
 def problems(layout: Layout) -> list[str]:

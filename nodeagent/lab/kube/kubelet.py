@@ -179,6 +179,8 @@ class Kubelet:
         seen = set()
         for item in items:
             meta = item["metadata"]
+            if "kubernetes.io/config.mirror" in (meta.get("annotations") or {}):
+                continue  # a file pod's mirror (kube/mirror.py): the lab runs that pod from its file
             uid = meta["uid"]
             seen.add(uid)
             with self.lock:

@@ -6,7 +6,7 @@ the real EndpointSlice controller) become `services.Rule`s — ClusterIP:port to
 endpoints at the slice's port of the same name — which the supervisor loads into every
 node's table beside the file's services, and `dns.Name`s for every pod's hosts file.
 `default/kubernetes` and the file's Services (created in the API with the lab's
-ClusterIPs, kube/objects.py) are left out: the lab serves them already.
+ClusterIPs, kube/fileobjects.py) are left out: the lab serves them already.
 Pure but for `fetch`.
 """
 
