@@ -103,13 +103,14 @@ class DataPath:
         self.inbound = InboundRelay(inputs, log.getChild("inbound"), delivery=delivery)
         self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"))
         self._releases: set[asyncio.Task] = set()
+        self._kernel_start: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Start what runs beside the relays: the native relay engine (when chosen), the
         waypoint (xDS server, Envoy)."""
         await self.splicer.start()
-        if self.kernel_join is not None:
-            await self.kernel_join.start(self.capture)
+        if self.kernel_join is not None:  # a compile child of its own: readiness does not wait for it
+            self._kernel_start = asyncio.get_running_loop().create_task(self.kernel_join.start(self.capture))
         if self.waypoint is not None:
             await self.waypoint.start()
 
@@ -188,6 +189,9 @@ class DataPath:
         if self.waypoint is not None:
             await self.jwks.close()
             await self.waypoint.close()
+        if self._kernel_start is not None:
+            self._kernel_start.cancel()
+            await asyncio.gather(self._kernel_start, return_exceptions=True)
         if self.kernel_join is not None:
             self.kernel_join.close()
         self.splicer.close()

@@ -10,9 +10,9 @@ run inside sandbox pods: stdlib only, one JSON line per connection on stdout.
       still open both ways), send UP bytes of the known pattern, half-close, read to EOF.
       Prints {"received", "sha256", "error"} (error: null, "reset" or another errno name;
       received and sha256 after the greeting).
-  python samenode_peer.py hold HOST:PORT
-      Connect, read the greeting, print "joined", then read until the connection ends.
-      Prints {"received", "error"}.
+  python samenode_peer.py hold HOST:PORT [--reset]
+      Connect, read the greeting, print "joined", then read until the connection ends
+      (--reset: reset it instead, SO_LINGER 0). Prints {"received", "error"}.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import hashlib
 import json
 import random
 import socket
+import struct
 import sys
 
 GREETING = b"G"
@@ -52,13 +53,13 @@ def serve(port: int, down: int) -> None:
                     conn.sendall(GREETING)
                 except OSError:
                     pass
-                data, _ = _read_all(conn)
+                data, error = _read_all(conn)
                 try:
                     conn.sendall(pattern(down))
                 except OSError:
                     pass
             print(json.dumps({"peer": f"{peer[0]}:{peer[1]}", "received": len(data),
-                              "sha256": hashlib.sha256(data).hexdigest()}), flush=True)
+                              "sha256": hashlib.sha256(data).hexdigest(), "error": error}), flush=True)
 
 
 def send(host: str, port: int, up: int) -> dict:
@@ -81,11 +82,14 @@ def send(host: str, port: int, up: int) -> dict:
     return {"received": len(data), "sha256": hashlib.sha256(data).hexdigest(), "error": error}
 
 
-def hold(host: str, port: int) -> dict:
+def hold(host: str, port: int, reset: bool) -> dict:
     with socket.create_connection((host, port), timeout=30) as sock:
         if sock.recv(1) != GREETING:
             return {"received": 0, "error": "no greeting"}
         print("joined", flush=True)
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return {"received": 0, "error": None}
         data, error = _read_all(sock)
     return {"received": len(data), "error": error}
 
@@ -95,7 +99,7 @@ def main(argv: list[str]) -> int:
         serve(int(argv[1]), int(argv[2]))
     elif argv[0] == "hold":
         host, _, port = argv[1].rpartition(":")
-        print(json.dumps(hold(host, int(port))), flush=True)
+        print(json.dumps(hold(host, int(port), "--reset" in argv)), flush=True)
     else:
         host, _, port = argv[1].rpartition(":")
         print(json.dumps(send(host, int(port), int(argv[2]))), flush=True)

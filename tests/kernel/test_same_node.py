@@ -97,9 +97,10 @@ def sandbox(tmp_path: Path, *agent_args: str):
         assert app.stdout.readline().strip() == "listening"
         sb.in_pod(client, ["sleep", "infinity"])  # a pod is found by its processes
         sb.start_ca()
-        sb.start_agent(*sb.ca_args(), "--no-waypoint", *agent_args)
-        sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True] * 2,
-                    20, "both pods enrolled and their certificates held")
+        sb.start_agent(*sb.ca_args(), "--no-waypoint", *agent_args, timeout=60)  # bounds for a loaded machine
+        sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True] * 2
+                    and s["data_path"]["same_node"].get("sockmap") != "starting", 60,
+                    "both pods enrolled, their certificates held, the in-kernel join loaded (or not)")
         yield Node(sb, client, server, app)
     finally:
         left = sb.close()
@@ -172,11 +173,18 @@ def test_the_fast_path_joins_an_allowed_connection_and_refuses_a_denied_one(fast
     status = node.sb.status()
     counters = status["counters"]
     assert counters["same_node_connections_total{outcome=relayed}"] == 1
+    assert counters["active_connections{direction=outbound}"] == counters["active_connections{direction=inbound}"] == 0
     assert status["data_path"]["same_node"]["sockmap_pairs"] == (
         {"joined": 1, "refused": 0} if join == "sockmap" else {"joined": 0, "refused": 0})
     assert counters.get("hbone_streams_opened_total{direction=outbound}", 0) == 0
     assert counters.get("hbone_streams_opened_total{direction=inbound}", 0) == 0
     assert all(f["same_node"] is True for f in node.flows())
+    resetting = node.sb.in_pod(node.client, [sys.executable, PEER, "hold", f"{node.server.ip}:{PORT}", "--reset"],
+                               stdout=subprocess.PIPE, text=True)  # a reset passes on as a reset
+    assert resetting.communicate(timeout=30)[0].splitlines() == ["joined", '{"received": 0, "error": null}']
+    served = node.served()
+    assert (served["received"], served["error"]) == (0, "reset")
+    node.sb.wait_for(lambda _: len(node.flows()) == 4, 10, "the reset connection's flow lines")
 
     held = node.sb.in_pod(node.client, [sys.executable, PEER, "hold", f"{node.server.ip}:{PORT}"],
                           stdout=subprocess.PIPE, text=True)  # joined, then revoked by the DENY
@@ -184,9 +192,10 @@ def test_the_fast_path_joins_an_allowed_connection_and_refuses_a_denied_one(fast
     denials = node.metric("nodeagent_policy_denials_total", policy="app/deny-client")
     node.apply("deny-client", DENY_SPEC)  # (b)
     assert json.loads(held.stdout.readline()) == {"received": 0, "error": "reset"}
-    assert node.served()["received"] == 0  # the server's end was reset too
+    served = node.served()
+    assert (served["received"], served["error"]) == (0, "reset")  # the server's end was reset too
     assert node.send(1000) == {"received": 0, "sha256": EMPTY, "error": "reset"}
-    node.sb.wait_for(lambda _: len(node.flows()) == 6, 10, "the revoked and the denied connections' flow lines")
+    node.sb.wait_for(lambda _: len(node.flows()) == 8, 10, "the revoked and the denied connections' flow lines")
     assert node.metric("nodeagent_policy_denials_total", policy="app/deny-client") - denials == 2  # one each
     status = node.sb.status()
     counters = status["counters"]
@@ -195,12 +204,12 @@ def test_the_fast_path_joins_an_allowed_connection_and_refuses_a_denied_one(fast
     assert counters["connection_failures_total{direction=outbound,reason=hbone_status_403}"] == 1
     assert node.metric("istio_tcp_connections_closed_total", **LABELS, reporter="destination",
                        response_flags="DENY") == 2
-    revoked, refused = (f for f in node.flows()[2:] if f["reporter"] == "destination")
+    revoked, refused = (f for f in node.flows()[4:] if f["reporter"] == "destination")
     assert (revoked["verdict"], revoked["response_flags"], revoked["bytes_received"], revoked["bytes_sent"],
             revoked["reason"].startswith("no longer allowed")) == ("denied", "DENY", 0, len(GREETING), True)
     assert (refused["verdict"], refused["response_flags"], refused["bytes_received"]) == ("denied", "DENY", 0)
     if join == "sockmap":
-        assert status["data_path"]["same_node"]["sockmap_pairs"] == {"joined": 2, "refused": 0}
+        assert status["data_path"]["same_node"]["sockmap_pairs"] == {"joined": 3, "refused": 0}
     node.apply("deny-client", {**DENY_SPEC, "rules": [{"from": [{"source": {"principals": ["nobody"]}}]}]})
     exchanged_again = node.send(UP)  # the server saw nothing of the denied one: its next line is this one
     assert exchanged_again["error"] is None and node.served()["received"] == UP

@@ -170,9 +170,10 @@ class KernelJoin:
     FIN on once the other socket has taken every byte counted for that direction,
     passes a reset on as a reset, and reads the counts when the pair ends. `start`
     loads it beside capture; until then, or when it cannot (`why`), the relays use the
-    Splicer. The kernel takes only established sockets: a pair one of whose ends has
-    already half-closed (a short request sent with its FIN before the join) is refused
-    at the insert and goes to the Splicer (`fallbacks`)."""
+    Splicer. The kernel takes only established TCP sockets: a pair one of whose ends
+    has already half-closed (a short request sent with its FIN before the join) is
+    refused at the insert and goes to the Splicer (`fallbacks`), and so does one with
+    Envoy's unix socket on one side (a connection the waypoint handed back)."""
 
     def __init__(self, setting: bool, splicer, log: logging.Logger):
         self.log = log
@@ -197,7 +198,8 @@ class KernelJoin:
             self.why = "this capture layer has no sockmap join"
             return
         try:
-            self.maps = await asyncio.to_thread(load)
+            maps = await asyncio.to_thread(load)
+            self.maps = maps
             self.why = "loaded: bpf/samenode.c's verdict program on na_sn_peers"
         except (NodeagentError, OSError) as exc:
             self.why = f"not loaded: {exc}"
@@ -208,6 +210,8 @@ class KernelJoin:
         self.maps = None  # the capture loader closes it
 
     async def splice(self, a: socket.socket, b: socket.socket, abort: Abort | None = None) -> SpliceResult:
+        if not (_tcp(a) and _tcp(b)):  # Envoy's unix socket (a connection it handed back): not the kernel's
+            return await self.splicer.splice(a, b, abort)
         try:
             keys = self.maps.insert(a, b)
         except (NodeagentError, OSError) as exc:
@@ -226,6 +230,10 @@ class KernelJoin:
 
 
 _WATCH = select.EPOLLRDHUP | select.EPOLLET  # ERR and HUP are always reported
+
+
+def _tcp(sock: socket.socket) -> bool:
+    return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
 
 
 class _JoinedPair:
