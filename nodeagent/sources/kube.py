@@ -10,8 +10,9 @@ broke keeps its objects as last read until a relist replaces them.
 
 One reflector per kind (as client-go's): discover the version to read (networking.istio.io
 v1, else v1beta1, else v1alpha3, as the server serves them), list (paginated), watch
-from the list's resourceVersion with bookmarks, re-watch from the last version seen when
-the server ends a watch, relist on 410 Gone, back off with jitter on errors. A kind the
+from the list's resourceVersion with bookmarks, watch again from the last version seen
+when the server ends a watch or the connection breaks (backing off with jitter), and
+list again on 410 Gone or after a failed list. A kind the
 server does not serve (its CRD not installed) holds no objects, is reported in `errors`
 and is looked up again every `rediscover_seconds`: a cluster without Istio's CRDs is a
 cluster without Istio resources, not a failure.
@@ -331,25 +332,36 @@ class KubeSource:
 
     # --- reflectors (on the source's own loop) ----------------------------------------
     async def _reflect(self, store: Store) -> None:
-        kind, attempt = store.kind, 0
+        """List, then watch from the last version seen, for ever. A broken watch is
+        watched again from that version (as client-go does: a restarted API server is
+        not a reason for every agent to list everything again); a 410 lists again."""
+        kind, attempt, resource = store.kind, 0, None
         while True:
             try:
-                resource = await self._discover(kind, store)
-                items, version = await self.client.list(resource)
-                self.counts["lists"] += 1
-                self._update(store, store.replace, items, version, synced=True)
-                attempt = 0
-                while True:  # the server ends each watch after its timeoutSeconds: watch on
-                    seconds = self.rng.randint(*self.watch_seconds)
-                    self.counts["watches"] += 1
-                    async with contextlib.aclosing(self.client.watch(resource, store.resource_version,
-                                                                     timeout_seconds=seconds)) as events:
-                        async for event in events:
-                            self._update(store, store.apply, event)
+                if resource is None:
+                    found = await self._discover(kind, store)
+                    items, version = await self.client.list(found)
+                    self.counts["lists"] += 1
+                    self._update(store, store.replace, items, version, synced=True)
+                    resource, attempt = found, 0  # from now on watch from the store's version
+                self.counts["watches"] += 1
+                seconds = self.rng.randint(*self.watch_seconds)
+                async with contextlib.aclosing(self.client.watch(resource, store.resource_version,
+                                                                 timeout_seconds=seconds)) as events:
+                    async for event in events:
+                        self._update(store, store.apply, event)
+                        if attempt:
+                            attempt = 0
+                            self._recovered(kind)
+                if attempt:  # a watch that ended as the server ends them: the kind is read again
+                    attempt = 0
+                    self._recovered(kind)
             except asyncio.CancelledError:
                 raise
             except KubeApiError as exc:
                 step = next_step(exc)
+                if step != "backoff":
+                    resource = None  # list (and look the kind up) again
                 if step == "relist":
                     self.counts["gone"] += 1
                     self.log.info("%s: %s; listing again", kind, exc)
@@ -363,11 +375,13 @@ class KubeSource:
                 delay = RETRY.jittered(attempt, self.rng)
                 self._fail(kind, str(exc), delay)
                 await asyncio.sleep(delay)
-            except Exception as exc:  # a bug must not end the reflector: keep the state, retry
-                attempt += 1
+            except Exception as exc:  # a bug must not end the reflector: keep the state, list again
+                attempt, resource = attempt + 1, None
+                self.counts["failures"] += 1
+                delay = RETRY.jittered(attempt, self.rng)
                 self.log.exception("%s: reflector failed; retrying", kind)
-                self._fail(kind, f"internal error: {exc!r}", RETRY.jittered(attempt, self.rng))
-                await asyncio.sleep(RETRY.jittered(attempt, self.rng))
+                self._fail(kind, f"internal error: {exc!r}", delay)
+                await asyncio.sleep(delay)
 
     async def _discover(self, kind: Kind, store: Store) -> Resource:
         """The resource to read `kind` from: its most preferred version the server serves
@@ -418,6 +432,11 @@ class KubeSource:
         """Tell the notifier (on the source's loop, the only caller's) that the stores changed."""
         if self._changed is not None:
             self._changed.set()
+
+    def _recovered(self, kind: Kind) -> None:
+        with self._lock:
+            if self._failing.pop(kind, None) is not None:
+                self.log.info("%s: watching again", kind)
 
     def _fail(self, kind: Kind, why: str, delay: float) -> None:
         with self._lock:
