@@ -8,6 +8,7 @@ runs on the Python and the native engine."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -225,3 +226,58 @@ def test_the_setting_is_on_by_default_and_can_be_turned_off(tmp_path):
     assert config.load(base, {}).same_node_fast_path is True
     assert config.load(base, {"NODEAGENT_SAME_NODE_FAST_PATH": "false"}).same_node_fast_path is False
     assert config.load({**base, "same_node_fast_path": False}, {}).same_node_fast_path is False
+
+
+class RefusingMaps:
+    """Stand-in for capture.sockmap.SockmapJoin whose kernel refuses every pair (as it
+    refuses a socket that is no longer established)."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def insert(self, a, b):
+        self.asked += 1
+        raise OSError(95, "Operation not supported")
+
+
+@pytest.mark.parametrize("pair", ["refused by the kernel", "unix socket"])
+def test_a_pair_the_kernel_join_cannot_take_goes_to_the_splicer(pair):
+    """KernelJoin (bpf/samenode.c's join, kernel-tested in tests/kernel/test_same_node.py)
+    hands a pair it cannot join to the Splicer, bytes and half-closes intact."""
+    from nodeagent.agent.proxy.samenode import KernelJoin
+    from nodeagent.agent.proxy.splice import Splicer
+
+    async def main():
+        join = KernelJoin(True, Splicer("python", LOG), LOG)
+        join.maps = maps = RefusingMaps()  # as start() leaves it once loaded
+        family = socket.AF_INET if pair == "refused by the kernel" else socket.AF_UNIX
+        (client, a), (b, server) = connected(family), connected(family)
+        relayed = asyncio.ensure_future(join.splice(a, b))
+        client.sendall(b"x" * 1000)
+        client.shutdown(socket.SHUT_WR)
+        assert await asyncio.to_thread(read_all, server) == b"x" * 1000
+        server.sendall(b"y" * 10)
+        server.shutdown(socket.SHUT_WR)
+        assert await asyncio.to_thread(read_all, client) == b"y" * 10
+        result = await relayed
+        assert (result.a_to_b, result.b_to_a, result.error) == (1000, 10, None)
+        assert (join.joined, join.fallbacks, maps.asked) == ((0, 1, 1) if family == socket.AF_INET else (0, 0, 0))
+        for sock in (client, server):
+            sock.close()
+    run(main())
+
+
+def connected(family: int) -> tuple[socket.socket, socket.socket]:
+    if family == socket.AF_UNIX:
+        return socket.socketpair()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        return client, listener.accept()[0]
+
+
+def read_all(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
