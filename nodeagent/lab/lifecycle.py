@@ -28,7 +28,7 @@ from nodeagent.kube.objects import STDIN, KubeObject, parse_documents, read_inpu
 from nodeagent.lab import (cgroups, dns, ipam, meshca, processes, services, spec, supervisor, teardown,
                            topology)
 from nodeagent.lab import verdicts
-from nodeagent.lab.kube import controlplane, nodes
+from nodeagent.lab.kube import controlplane, crds, nodes
 from nodeagent.lab.kube import fileobjects
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord, Runtime, StateDir, lab_model
@@ -191,7 +191,8 @@ def up(name: str, objects: list[KubeObject], agents: bool, out: Out, timeout: fl
 
 
 def wait_kube(layout: Layout, node_names: list[str], out: Out, timeout: float) -> None:
-    """Wait until the control plane serves and every node is registered and Ready."""
+    """Wait until the control plane serves, every node is registered and Ready, and Istio's
+    CRDs are Established (kube/crds.py)."""
     started = time.monotonic()
     took = controlplane.wait_ready(layout, out, timeout)
     out(f"control plane ready in {took:.1f}s at {controlplane.server()} "
@@ -199,6 +200,7 @@ def wait_kube(layout: Layout, node_names: list[str], out: Out, timeout: float) -
     try:
         nodes.wait_ready(controlplane.admin_client(layout), node_names, out,
                          max(1.0, timeout - (time.monotonic() - started)))
+        crds.install(controlplane.admin_client(layout), out, max(1.0, timeout - (time.monotonic() - started)))
     except NodeagentError as exc:
         raise LabError(str(exc), f"see {layout.supervisor_log}; the lab stays up") from None
 
