@@ -2,7 +2,10 @@
 `daemonset/crds/customresourcedefinitions.gen.yaml` (Istio's published file, pinned by
 that folder's go.mod) is Established when `lab up` returns; the API server accepts a
 valid VirtualService in each of its three spellings (v1, v1beta1, v1alpha3) and refuses
-one with a wrong-typed field with the schema's message, which kubectl prints.
+one with a wrong-typed field with the schema's message, which kubectl prints. And the
+kustomize base `daemonset/` on that real API server: every object passes a server-side
+dry run of `kubectl apply -k daemonset/`, and with its RBAC applied the agent's and the
+CA's ServiceAccounts may do what their roles grant and are refused the rest.
 
 Needs the control plane built (`controlplane/build`, run by scripts/setup): without it
 the test is skipped on a developer machine and fails under CI."""
@@ -117,3 +120,55 @@ def test_a_wrong_typed_field_is_refused_by_the_schema(crd_lab: Lab):
     assert missing.returncode != 0 and "NotFound" in missing.stderr, missing.stderr
 
 
+
+def test_the_daemonset_base_passes_the_api_servers_validation(crd_lab: Lab):
+    """Every object of `kubectl apply -k daemonset/` is accepted by the real API server
+    (schemas, CRDs, admission), server-side dry run: nothing of it runs here."""
+    base = os.path.join(ROOT, "daemonset")
+    kubectl(crd_lab, "create", "namespace", "nodeagent-system")  # a dry run of it creates nothing for the rest
+    try:
+        proc = kubectl(crd_lab, "apply", "--dry-run=server", "-k", base, check=False)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        for expected in ("daemonset.apps/nodeagent created (server dry run)",
+                         "deployment.apps/nodeagent-ca created (server dry run)",
+                         "service/nodeagent-ca created (server dry run)",
+                         "clusterrole.rbac.authorization.k8s.io/nodeagent created (server dry run)",
+                         "role.rbac.authorization.k8s.io/nodeagent-ca created (server dry run)"):
+            assert expected in lines, proc.stdout
+        assert len(lines) == 12 + 14, proc.stdout  # our 12 objects and Istio's 14 CRDs
+    finally:
+        kubectl(crd_lab, "delete", "namespace", "nodeagent-system", "--wait=true", "--timeout=60s")
+
+
+AGENT = "system:serviceaccount:nodeagent-system:nodeagent"
+CA = "system:serviceaccount:nodeagent-system:nodeagent-ca"
+
+
+def test_the_service_accounts_may_do_what_their_roles_grant_and_nothing_else(crd_lab: Lab):
+    mesh = os.path.join(ROOT, "daemonset", "mesh")
+    files = [a for f in ("namespace.yaml", "rbac-agent.yaml", "rbac-ca.yaml") for a in ("-f", os.path.join(mesh, f))]
+    kubectl(crd_lab, "apply", *files)
+    try:
+        def can(who: str, *what: str) -> bool:
+            proc = kubectl(crd_lab, "auth", "can-i", f"--as={who}", *what, check=False)
+            assert proc.stdout.strip() in ("yes", "no"), (what, proc.stdout, proc.stderr)
+            return proc.stdout.strip() == "yes"
+
+        for resource in ("pods", "namespaces", "services", "endpointslices.discovery.k8s.io",
+                         "virtualservices.networking.istio.io", "authorizationpolicies.security.istio.io"):
+            assert can(AGENT, "watch", resource, "-A"), resource
+        assert can(AGENT, "create", "events", "-n", "shop")
+        for refused in (("get", "secrets", "-n", "nodeagent-system"), ("delete", "pods", "-n", "shop"),
+                        ("create", "virtualservices.networking.istio.io", "-n", "shop"),
+                        ("create", "tokenreviews.authentication.k8s.io"), ("list", "nodes")):
+            assert not can(AGENT, *refused), refused
+        assert can(CA, "create", "tokenreviews.authentication.k8s.io")
+        assert can(CA, "list", "pods", "-A")
+        assert can(CA, "get", "secrets/nodeagent-ca-keys", "-n", "nodeagent-system")
+        assert can(CA, "update", "configmaps/nodeagent-ca-root-cert", "-n", "nodeagent-system")
+        for refused in (("get", "secrets/other", "-n", "nodeagent-system"), ("get", "secrets", "-n", "shop"),
+                        ("watch", "pods", "-A"), ("update", "configmaps/other", "-n", "nodeagent-system")):
+            assert not can(CA, *refused), refused
+    finally:
+        kubectl(crd_lab, "delete", "--wait=true", "--timeout=60s", *files)
