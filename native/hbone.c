@@ -959,7 +959,7 @@ static void submit_open(struct conn *c, struct stream *s)
 
 static void conn_update(struct conn *c)
 {
-    uint32_t mask = c->state == S_VERDICT ? 0 : EPOLLIN;
+    uint32_t mask = c->state == S_VERDICT || c->closing ? 0 : EPOLLIN;
     if (buf_avail(&c->out))
         mask |= EPOLLOUT;
     set_mask(c->e, c->fd, &c->o, &c->registered, &c->mask, mask);
@@ -1001,6 +1001,8 @@ static int uri_sans(X509 *cert, char *out, size_t cap)
     GENERAL_NAMES_free(names);
     return count;
 }
+
+static void conn_read(struct conn *c);
 
 static void handshake_done(struct conn *c)
 {
@@ -1057,6 +1059,7 @@ static void handshake_done(struct conn *c)
         if (s->sid == 0)
             submit_open(c, s);
     mark_dirty(c);
+    conn_read(c);  /* records OpenSSL may already hold */
 }
 
 static void do_handshake(struct conn *c)
@@ -1160,6 +1163,12 @@ static void conn_flush(struct conn *c)
         }
         if (c->out.len == 0)
             break;
+    }
+    if (c->closing && buf_avail(&c->out)) {
+        /* a flood or a protocol error: the GOAWAY does not go out at once (the peer does
+         * not read), so no waiting for it */
+        conn_end(c, c->closing_how, 0, c->closing_code, "closed before the GOAWAY was written");
+        return;
     }
     if (!buf_avail(&c->out) && !nghttp2_session_want_read(c->h2) && !nghttp2_session_want_write(c->h2)) {
         conn_end(c, c->closing ? c->closing_how : c->goaway_code ? NH_END_GOAWAY : NH_END_CLOSED, 0,
