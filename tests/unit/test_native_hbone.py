@@ -134,6 +134,8 @@ class NativeServer:
 
     def _request(self, request) -> None:
         self.requests.append(request)
+        if self.app == "hold":  # answered later by the test
+            return
         if self.app is None:
             return request.refuse(503)
         app, theirs = pair()
@@ -535,6 +537,72 @@ def test_native_server_answers_rapid_reset_with_goaway_enhance_your_calm(pki):
             assert (await srv.conns[0].closed).how == "flood"
             assert eng.stats()["flood_goaways"] == 1
             await drained(eng)
+    run(main())
+
+
+def test_native_server_stream_cap_counts_streams_until_answered(pki):
+    """max_concurrent_streams 5: streams Python has not answered count, also once the
+    client reset them; the 6th is REFUSED_STREAM; answering frees room again."""
+    from test_hbone_resets import RawClient
+
+    settings = TunnelSettings(max_concurrent_streams=5)
+
+    async def main():
+        async with engine(settings) as eng, NativeServer(eng, pki, app="hold") as srv:
+            import ssl
+            ctx = pki.client.ssl_context(False)
+            ctx.set_alpn_protocols(["h2"])
+            client = RawClient(*await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1"))
+            assert await client.ping()
+            client.rapid_resets(5)  # reset at once, but not answered yet: still counted
+            sixth = client.open()
+            assert await client.ping()
+            assert client.resets == {sixth: 7} and len(srv.requests) == 5  # REFUSED_STREAM
+            assert eng.stats()["refused_streams"] == 1
+            for request in srv.requests:
+                request.refuse(503)
+            ends = await asyncio.gather(*(r.ended for r in srv.requests))
+            assert [e.how for e in ends] == ["refused"] * 5
+            seventh = client.open()
+            assert await client.ping()
+            await until(lambda: len(srv.requests) == 6)
+            assert seventh not in client.resets
+            client.close()
+    run(main())
+
+
+def test_no_descriptor_is_left_behind(pki):
+    """Connections and streams ended every way (clean, reset, refused, garbage, identity)
+    leave no descriptor open in the process."""
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main():
+        async with engine() as eng:
+            before = fds()
+            async with NativeServer(eng, pki) as srv:
+                for i in range(10):
+                    conn = await native_client(eng, pki, srv.address)
+                    app, theirs = pair()
+                    stream = conn.open(theirs, AUTH)
+                    assert await stream.response == 200
+                    if i % 2:
+                        assert await exchange(app, b"x" * 1000) == b"x" * 1000
+                    else:
+                        stream.reset()
+                    await stream.ended
+                    app.close()
+                    conn.close(abort=i % 3 == 0)
+                    await conn.closed
+                for _ in range(5):
+                    raw = socket.create_connection(srv.address)
+                    raw.sendall(b"garbage" * 100)
+                    raw.close()
+                with pytest.raises(nh().HboneFailed):
+                    await native_client(eng, pki, srv.address, expected="spiffe://cluster.local/ns/a/sa/b")
+                await until(lambda: len(srv.conns) == 16 and all(c.closed.done() for c in srv.conns))
+                await drained(eng)
+            assert fds() == before
     run(main())
 
 
