@@ -46,13 +46,16 @@
  *   (the socket is not read while that much waits), and at most one stream window
  *   (`stream_window`) received from the peer waits for the plain socket: received bytes
  *   are given back to the peer's window only once written to the socket. Per connection,
- *   HTTP/2 output is produced only while less than 2 frames wait for TLS to write them.
+ *   HTTP/2 output is pulled from nghttp2 (up to 64 KiB at once) only when TLS has written
+ *   everything pulled before, so a peer that does not read stops the streams' sockets
+ *   from being read.
  *
  * Limits (tunnel/limits.py): a server connection serves at most max_streams streams at
  *   once, counting a stream until Python answered its request and its socket closed
  *   (more: RST_STREAM REFUSED_STREAM); more than max_resets client resets within
  *   reset_window_ms end it with GOAWAY ENHANCE_YOUR_CALM; TLS must be done within
- *   handshake_timeout_ms of nh_conn_*, and at most max_pending_handshakes server
+ *   handshake_timeout_ms of nh_conn_* (a client's: up to the server's first SETTINGS,
+ *   as the Python pool's), and at most max_pending_handshakes server
  *   connections may be in their handshake (more: -EBUSY, reset). The client's SPIFFE
  *   identity check is the engine's (exactly one URI SAN, equal to `expected`); the
  *   server reports the chain and waits for nh_conn_verdict before any HTTP/2.
@@ -69,8 +72,9 @@
 /* cffi-begin */
 #define NH_API 1                  /* bumped on any change of the functions or structs below */
 
-#define NH_EV_CONN_UP 1           /* TLS done: data = the peer's chain, PEM, leaf first.
-                                     Server: waits for nh_conn_verdict. Client: checked. */
+#define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
+                                     done, waits for nh_conn_verdict. Client: identity
+                                     checked and the server's first SETTINGS received. */
 #define NH_EV_CONN_END 2          /* how: NH_END_*, error/code, data: reason text */
 #define NH_EV_REQUEST 3           /* server: a CONNECT; data = name\0value\0... (":authority"
                                      first, then the request's other headers); answer with
@@ -82,7 +86,8 @@
 #define NH_END_RESET 2            /* stream: RST_STREAM from the peer (code) */
 #define NH_END_SOCKET 3           /* stream: the plain socket failed (error); RST_STREAM sent */
 #define NH_END_ABORTED 4          /* nh_stream_reset / nh_conn_close(abort) */
-#define NH_END_REFUSED 5          /* stream: not 200 (status), or REFUSED_STREAM */
+#define NH_END_REFUSED 5          /* stream: not 200 (status; a RESPONSE came first), or
+                                     REFUSED_STREAM, or nh_stream_refuse */
 #define NH_END_CONN_LOST 6        /* stream: its connection ended first */
 #define NH_END_TLS 7              /* conn: the TLS handshake failed (data: OpenSSL's reason) */
 #define NH_END_IDENTITY 8         /* conn: the peer's identity is not the expected one / verdict no */
