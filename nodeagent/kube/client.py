@@ -1,11 +1,11 @@
 """A small asyncio client of the Kubernetes API: what the agent's `kube` source needs.
 
-GET only: discovery, list (paginated with `limit`/`continue`) and watch (a chunked
+GET (for the agent): discovery, list (paginated with `limit`/`continue`) and watch (a chunked
 stream of JSON events, `allowWatchBookmarks=true`, from a `resourceVersion`), over
 HTTP/1.1 and TLS from the standard library (asyncio, ssl, json), one connection per
-request. Why not a client library: each one costs the agent 10-52 MiB of imports for
-calls this file makes in a few hundred lines (figures in docs/design.md, "The kube
-source").
+request; POST and PUT of JSON (for the CA: TokenReview, its root Secret and ConfigMap).
+Why not a client library: each one costs the agent 10-52 MiB of imports for calls this
+file makes in a few hundred lines (figures in docs/design.md, "The kube source").
 
 Credentials, as client-go finds them: in the cluster, the pod's service-account token
 (re-read when the file changes and at least every minute, since kubelet rotates
@@ -46,7 +46,7 @@ class KubeApiError(NodeagentError):
     """A request about `resource` failed: `status` is the HTTP status (0: no answer)."""
 
     def __init__(self, resource: str, message: str, status: int = 0, hint: str | None = None):
-        self.resource, self.status = resource, status
+        self.resource, self.status, self.detail = resource, status, message
         super().__init__(f"{resource}: {message}", hint)
 
 
@@ -56,6 +56,10 @@ class Gone(KubeApiError):
 
 class NotFound(KubeApiError):
     """404: the server does not serve this path (a group, version or kind not installed)."""
+
+
+class Conflict(KubeApiError):
+    """409: AlreadyExists on a create, or a stale resourceVersion on an update."""
 
 
 HINTS = {
@@ -226,7 +230,20 @@ class KubeClient:
 
     async def get(self, path: str, resource: str, params: Mapping[str, str] | None = None) -> dict:
         """The decoded JSON object at `path`."""
-        reader, writer = await self._request(path, resource, params)
+        return await self.send("GET", path, resource, params)
+
+    async def post(self, path: str, resource: str, body: Mapping[str, Any]) -> dict:
+        """Create (`body` to a collection, or a review such as a TokenReview): the server's object."""
+        return await self.send("POST", path, resource, body=body)
+
+    async def put(self, path: str, resource: str, body: Mapping[str, Any]) -> dict:
+        """Replace the object at `path` (Conflict when body's resourceVersion is stale)."""
+        return await self.send("PUT", path, resource, body=body)
+
+    async def send(self, method: str, path: str, resource: str, params: Mapping[str, str] | None = None,
+                   body: Mapping[str, Any] | None = None) -> dict:
+        """One request; the decoded JSON answer (200 or 201), else its typed KubeApiError."""
+        reader, writer = await self._request(path, resource, params, method, body)
         try:
             status, headers = await self._head(reader, resource)
             body = b"".join([chunk async for chunk in self._body(reader, headers, resource, self.timeout)])
@@ -280,7 +297,8 @@ class KubeClient:
             writer.close()
 
     # --- HTTP/1.1 -------------------------------------------------------------------
-    async def _request(self, path: str, resource: str, params: Mapping[str, str] | None):
+    async def _request(self, path: str, resource: str, params: Mapping[str, str] | None,
+                       method: str = "GET", body: Mapping[str, Any] | None = None):
         target = path + ("?" + urllib.parse.urlencode(params) if params else "")
         cfg = self.config
         try:
@@ -290,12 +308,15 @@ class KubeClient:
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             raise KubeApiError(resource, f"cannot connect to {cfg.url}: {_why(exc)}",
                                hint="is the API server reachable from this node?") from None
-        lines = [f"GET {target} HTTP/1.1", f"Host: {cfg.host}:{cfg.port}", "Accept: application/json",
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {cfg.host}:{cfg.port}", "Accept: application/json",
                  f"User-Agent: {USER_AGENT}", "Connection: close"]
         token = cfg.bearer()
         if token:
             lines.append(f"Authorization: Bearer {token}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        payload = json.dumps(body).encode() if body is not None else b""
+        if body is not None:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
         return reader, writer
 
     async def _head(self, reader: asyncio.StreamReader, resource: str) -> tuple[int, dict[str, str]]:
@@ -347,7 +368,7 @@ class KubeClient:
             doc = json.loads(body) if body else {}
         except ValueError:
             doc = {"message": body[:200].decode(errors="replace").strip()}
-        if status == 200 and isinstance(doc, dict) and doc.get("kind") != "Status":
+        if status in (200, 201) and isinstance(doc, dict) and doc.get("kind") != "Status":
             return doc
         raise status_error(resource, doc if isinstance(doc, dict) else {}, status)
 
@@ -368,7 +389,7 @@ def status_error(resource: str, status: Mapping[str, Any], code: int) -> KubeApi
     """The typed error of a Kubernetes Status (an HTTP error or a watch ERROR event)."""
     reason, message = status.get("reason") or "", str(status.get("message") or "").strip()
     text = f"{code} {reason}".strip() + (f": {message}" if message else "")
-    cls = Gone if code == 410 else NotFound if code == 404 else KubeApiError
+    cls = {410: Gone, 404: NotFound, 409: Conflict}.get(code, KubeApiError)
     return cls(resource, text, code, HINTS.get(code))
 
 
