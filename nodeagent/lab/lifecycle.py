@@ -309,8 +309,13 @@ def delete(name: str, objects: list[KubeObject], out: Out, timeout: float) -> De
         desired = spec.load(kept)
         record = LabRecord(name, old.cgroup_root, old.agents, desired.objects,
                            ipam.allocate(desired, old.alloc), old.supervisor_pid, old.controlplane)
-        _publish(state, record, state.load_runtime())
-    removed = [o for o in old.objects if o.key not in {k.key for k in kept}]
+        try:
+            _publish(state, record, state.load_runtime())
+        except BaseException:  # hosts files and rules as they were, with lab.json
+            _secondary(out, _publish, state, old, state.load_runtime())
+            raise
+    left = {o.key for o in kept}
+    removed = [o for o in old.objects if o.key not in left]
     pods = [p for key, p in old.desired.pods.items() if key not in desired.pods]
     for obj in deleted:
         out(f'{resource_type(obj)} "{obj.name}" deleted')
