@@ -49,6 +49,7 @@ from nodeagent.agent.proxy.tunnel_outbound import HboneRoute
 from nodeagent.agent.waypoint.waypoint import Waypoint
 from nodeagent.errors import ConfigError
 from nodeagent.identity.workload.client import CaClient
+from nodeagent.kube.client import TokenFile
 from nodeagent.clock import SystemClock
 from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.model import Model, Pod
@@ -210,7 +211,9 @@ def identity_manager(config: AgentConfig, registry: CollectorRegistry, log: logg
         raise ConfigError("setting ca_token_file", f"{config.ca_token_file} is empty",
                           "it must hold this node's token for the CA")
     host, port = config.ca_address
-    client = CaClient(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", root, token, config.ca_server_name)
+    # Re-read at every request: a projected token (--ca-token-file in a cluster) is rotated by kubelet.
+    client = CaClient(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", root,
+                      TokenFile(config.ca_token_file).get, config.ca_server_name)
     return IdentityManager(client, SystemClock(), root, registry, log, runtime_dir=config.identity_dir,
                            cert_ttl=config.cert_ttl)
 

@@ -69,7 +69,11 @@ def test_durations(raw, seconds):
     ("namespace", "Istio_System", "Kubernetes namespace name"),
     ("server_names", "ca.example,bad name", "'bad name' is not a DNS name"),
     ("tokens", "/nonexistent/tokens.yaml", "no such file"),
-    ("source", "kube", "not implemented"),
+    ("source", "kube:/nonexistent/kubeconfig", "is not a file"),
+    ("source", "http://api", "expected files:DIR"),
+    ("agent_service_account", "nodeagent", "expected NAMESPACE/NAME"),
+    ("root_secret", "Keys", "not a Kubernetes object name"),
+    ("token_audience", "a b", "non-empty word"),
 ])
 def test_bad_values_name_the_setting_and_value(base, setting, raw, says):
     with pytest.raises(ConfigError) as err:

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Serve istio.v1.auth.IstioCertificateService/CreateCertificate over "
                                     "TLS until SIGTERM/SIGINT. Every flag has a NODEAGENT_CA_* "
                                     "environment variable; the flag wins. Agents verify the CA with "
-                                    "<state-dir>/root-cert.pem.")
+                                    "<state-dir>/root-cert.pem (files source) or the root-cert.pem "
+                                    "of --root-configmap (kube source).")
     config.add_arguments(ca)
     ca.set_defaults(func=_run)
 
@@ -40,8 +41,10 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     port = server.start()
+    root = (f"ConfigMap {cfg.namespace}/{cfg.root_configmap} key root-cert.pem" if cfg.kube
+            else f"{cfg.state_dir}/root-cert.pem")
     print(f"nodeagent ca: {cfg.trust_domain} CA listening on {cfg.listen[0]}:{port} "
-          f"({cfg.server_identity_uri}, {', '.join(cfg.server_names)}); root {cfg.state_dir}/root-cert.pem",
+          f"({cfg.server_identity_uri}, {', '.join(cfg.server_names)}); root {root}",
           file=sys.stderr, flush=True)
     try:
         stop.wait()

@@ -16,9 +16,10 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -109,21 +110,51 @@ def load(state_dir: Path, now: dt.datetime) -> SigningMaterial:
         raise ConfigError(str(state_dir), f"has some CA files but not {', '.join(missing)}",
                           f"restore them, or empty the directory to generate a new root "
                           f"(every issued certificate then stops being trusted)")
-    cert = _one_cert(state_dir / CA_CERT)
-    root = _one_cert(state_dir / ROOT_CERT)
-    key = pemfiles.read_key(state_dir / CA_KEY)
-    chain_path = state_dir / CERT_CHAIN
-    extra = pemfiles.read_certs(chain_path) if chain_path.exists() else []
+    files = {}
+    for name in (CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN):
+        try:
+            files[name] = (state_dir / name).read_bytes()
+        except FileNotFoundError:
+            continue  # only cert-chain.pem may be missing (checked above)
+        except OSError as exc:
+            raise ConfigError(str(state_dir / name), f"cannot read: {exc.strerror}") from None
+    return from_files(files, str(state_dir), now)
+
+
+def from_files(files: Mapping[str, bytes], where: str, now: dt.datetime) -> SigningMaterial:
+    """The material in `files` (name -> PEM, the state directory's layout; also the keys
+    of the CA's Secret in a cluster), checked; ConfigError naming `where`/name."""
+    missing = [n for n in (CA_CERT, CA_KEY, ROOT_CERT) if not files.get(n)]
+    if missing:
+        raise ConfigError(where, f"lacks {', '.join(missing)}", "restore it, or delete it to generate a new "
+                          "root (every issued certificate then stops being trusted)")
+    cert = _one_cert(files[CA_CERT], f"{where}/{CA_CERT}")
+    root = _one_cert(files[ROOT_CERT], f"{where}/{ROOT_CERT}")
+    try:
+        key = serialization.load_pem_private_key(files[CA_KEY], password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # The exception's text is not shown: nothing of a private key goes to a log.
+        raise ConfigError(f"{where}/{CA_KEY}", "not an unencrypted PEM private key") from None
+    extra = pemfiles.load_certs(files[CERT_CHAIN], f"{where}/{CERT_CHAIN}") if files.get(CERT_CHAIN) else []
     # Istio's cert-chain.pem may repeat ca-cert and the root; keep only what lies between.
     material = SigningMaterial(cert, key, tuple(c for c in extra if c not in (cert, root)), root)
-    check(material, str(state_dir), now)
+    check(material, where, now)
     return material
 
 
-def _one_cert(path: Path) -> x509.Certificate:
-    certs = pemfiles.read_certs(path)
+def to_files(material: SigningMaterial) -> dict[str, bytes]:
+    """`material` in the state directory's layout (what `from_files` reads back)."""
+    files = {CA_CERT: pemfiles.certs_pem([material.cert]), CA_KEY: pemfiles.key_pem(material.key),
+             ROOT_CERT: pemfiles.certs_pem([material.root])}
+    if material.intermediates:
+        files[CERT_CHAIN] = pemfiles.certs_pem(list(material.intermediates))
+    return files
+
+
+def _one_cert(data: bytes, where: str) -> x509.Certificate:
+    certs = pemfiles.load_certs(data, where)
     if len(certs) != 1:
-        raise ConfigError(str(path), f"holds {len(certs)} certificates, expected exactly one")
+        raise ConfigError(where, f"holds {len(certs)} certificates, expected exactly one")
     return certs[0]
 
 

@@ -12,6 +12,7 @@ reissued at half-life. Agents get the root to verify it from a file (root-cert.p
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import logging
@@ -32,16 +33,17 @@ from nodeagent.identity.ca.config import CaConfig
 from nodeagent.identity.ca.signer import CertificateAuthority
 from nodeagent.identity.caproto import (IMPERSONATED_IDENTITY, METHOD, SERVER_ACCOUNT, SERVICE,
                                         IstioCertificateRequest, IstioCertificateResponse)
-from nodeagent.identity.errors import (CsrRejected, IdentityError, PermissionDenied, SignerExpired,
-                                       Unauthenticated)
+from nodeagent.identity.errors import (CaUnavailable, CsrRejected, IdentityError, PermissionDenied,
+                                       SignerExpired, Unauthenticated)
 from nodeagent.identity.spiffe import Identity
 from nodeagent.sources.files import FilesSource
 
 # Refusals as gRPC status codes, and as the `reason` label of the denial counter.
 STATUS = {Unauthenticated: grpc.StatusCode.UNAUTHENTICATED, PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-          CsrRejected: grpc.StatusCode.INVALID_ARGUMENT, SignerExpired: grpc.StatusCode.UNAVAILABLE}
+          CsrRejected: grpc.StatusCode.INVALID_ARGUMENT, SignerExpired: grpc.StatusCode.UNAVAILABLE,
+          CaUnavailable: grpc.StatusCode.UNAVAILABLE}
 REASONS = {Unauthenticated: "unauthenticated", PermissionDenied: "permission_denied",
-           CsrRejected: "invalid_csr", SignerExpired: "signer_expired"}
+           CsrRejected: "invalid_csr", SignerExpired: "signer_expired", CaUnavailable: "unavailable"}
 SERVER_CERT_TTL = dt.timedelta(hours=24)
 
 
@@ -138,9 +140,10 @@ class CaServer:
     """The gRPC server; `start()` returns the bound port (0 in `address` picks one)."""
 
     def __init__(self, service: CertificateService, certificate: ServingCertificate,
-                 address: tuple[str, int], workers: int = 8):
+                 address: tuple[str, int], workers: int = 8, source=None):
         self.address = address
         self.certificate = certificate
+        self.source = source  # the kube source feeding NodeAuthorizer, closed by stop()
         # grpc turns SO_REUSEPORT on by default: a second CA on the port would share it silently.
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca"),
                                    handlers=[grpc_handler(service)], options=[("grpc.so_reuseport", 0)])
@@ -160,6 +163,8 @@ class CaServer:
 
     def stop(self, grace: float = 1.0) -> None:
         self._server.stop(grace).wait()
+        if self.source is not None:
+            self.source.close()
 
     def wait(self) -> None:
         self._server.wait_for_termination()
@@ -175,13 +180,46 @@ def listen_ips(host: str) -> tuple[str, ...]:
 
 
 def build(cfg: CaConfig, registry: CollectorRegistry, log: logging.Logger) -> CaServer:
-    """The CaServer `cfg` describes (keys from the state directory, node tokens, the
-    cluster model from the files source), not started: what `nodeagent ca` runs."""
-    material = keys.load_or_create(cfg.state_dir, cfg.trust_domain, dt.datetime.now(dt.timezone.utc), log)
+    """The CaServer `cfg` describes, not started: what `nodeagent ca` runs. Files source:
+    keys from the state directory, node tokens from a file, the cluster model from the
+    files. Kube source: keys from the root Secret (made on first start) and the root
+    published in the ConfigMap, agents by TokenReview, the pods from the API (watched)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    source = None
+    if cfg.kube:
+        material, authenticator, source, models = _from_kube(cfg, now, log)
+    else:
+        material = keys.load_or_create(cfg.state_dir, cfg.trust_domain, now, log)
+        authenticator = TokenFileAuthenticator(cfg.tokens, log.getChild("tokens"))
+        models = ModelView(FilesSource(cfg.source_dir, log.getChild("source")))
     ca = CertificateAuthority(cfg.trust_domain, material, cert_ttl=cfg.cert_ttl)
-    models = ModelView(FilesSource(cfg.source_dir, log.getChild("source")))
-    service = CertificateService(ca, TokenFileAuthenticator(cfg.tokens, log.getChild("tokens")),
-                                 NodeAuthorizer(models), CaMetrics(registry), log)
+    service = CertificateService(ca, authenticator, NodeAuthorizer(models), CaMetrics(registry), log)
     identity = Identity(cfg.trust_domain, cfg.namespace, SERVER_ACCOUNT)
     certificate = ServingCertificate(ca, identity, cfg.server_names, listen_ips(cfg.listen[0]))
-    return CaServer(service, certificate, cfg.listen)
+    return CaServer(service, certificate, cfg.listen, source=source)
+
+
+def _from_kube(cfg: CaConfig, now: dt.datetime, log: logging.Logger):
+    """Keys, authenticator, pod source and model view of the kube source (the source started)."""
+    from nodeagent.identity.ca import kubekeys
+    from nodeagent.identity.ca.config import cluster_config
+    from nodeagent.identity.ca.kubeauth import KubeAuthenticator, SyncedModelView
+    from nodeagent.kube.client import KubeClient
+    from nodeagent.sources.kube import KINDS, KubeSource
+
+    cluster = cluster_config(cfg.kubeconfig)
+    client = KubeClient(cluster)
+
+    async def keys_and_root():
+        material = await kubekeys.load_or_create(client, cfg.namespace, cfg.root_secret, cfg.trust_domain,
+                                                 now, log)
+        await kubekeys.publish_root(client, cfg.namespace, cfg.root_configmap, material, log)
+        return material
+
+    material = asyncio.run(keys_and_root())
+    authenticator = KubeAuthenticator(client, cfg.token_audience, cfg.agent_service_account,
+                                      log.getChild("tokens"))
+    # Only Pods: the node authorization needs who runs where with which service account.
+    source = KubeSource(cluster, log.getChild("source"), kinds=tuple(k for k in KINDS if k.kind == "Pod"))
+    source.start()
+    return material, authenticator, source, SyncedModelView(source)

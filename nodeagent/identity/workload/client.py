@@ -5,19 +5,23 @@ and checks the CA's certificate for `server_name` (default nodeagent-ca.istio-sy
 whatever address it dials: the target name override makes a CA reached by IP verify by
 its DNS SAN. That name is as good as a SPIFFE check, since this CA puts DNS SANs only in
 its own certificate and refuses CSRs asking for any. The node's bearer token goes in
-`authorization` metadata; the identity is also named as ztunnel does
-(`ImpersonatedIdentity`). Refusals come back as CaRefused, everything else that fails
-(unreachable, timeout) as CaUnavailable, so callers retry the right way.
+`authorization` metadata, asked for at every request when given as a function (a
+projected service-account token kubelet rotates: kube.client.TokenFile re-reads it);
+the identity is also named as ztunnel does (`ImpersonatedIdentity`). Refusals come back
+as CaRefused, everything else that fails (unreachable, timeout, an unreadable token) as
+CaUnavailable, so callers retry the right way.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Callable
 
 import grpc
 import grpc.aio
 from envoy_data_plane.google.protobuf import Struct
 
+from nodeagent.errors import NodeagentError
 from nodeagent.identity.caproto import (IMPERSONATED_IDENTITY, PATH, IstioCertificateRequest,
                                         IstioCertificateResponse, default_server_name)
 from nodeagent.identity.errors import CaRefused, CaUnavailable
@@ -30,8 +34,8 @@ DEFAULT_TIMEOUT = 10.0
 
 
 class CaClient:
-    def __init__(self, address: str, root_cert_pem: bytes, token: str, server_name: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, address: str, root_cert_pem: bytes, token: str | Callable[[], str],
+                 server_name: str | None = None, timeout: float = DEFAULT_TIMEOUT):
         self.address = address
         self.root_cert_pem = root_cert_pem
         self.token = token
@@ -56,8 +60,12 @@ class CaClient:
             csr=csr_pem.decode("ascii"), validity_duration=int(ttl.total_seconds()) if ttl else 0,
             metadata=Struct.from_dict({IMPERSONATED_IDENTITY: identity.uri}))
         try:
+            token = self.token() if callable(self.token) else self.token
+        except NodeagentError as exc:
+            raise CaUnavailable(f"cannot read the token for the CA: {exc}") from None
+        try:
             response = await self._call()(request, timeout=self.timeout,
-                                          metadata=(("authorization", f"Bearer {self.token}"),))
+                                          metadata=(("authorization", f"Bearer {token}"),))
         except grpc.aio.AioRpcError as exc:
             if exc.code() in REFUSALS:
                 raise CaRefused(exc.code().name, exc.details() or "") from None

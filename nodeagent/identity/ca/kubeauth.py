@@ -1,0 +1,206 @@
+"""The CA's callers in a cluster: node agents proven by their service-account token.
+
+An agent sends its projected token (kubelet writes and rotates it; audience
+`nodeagent-ca`, so a token made for the API server or anything else is useless here).
+`KubeAuthenticator` asks the API server about it with a TokenReview whose
+`spec.audiences` is the CA's own audience, accepts only the agent's ServiceAccount, and
+takes the caller's node from the pod the token is bound to: the
+`authentication.kubernetes.io/node-name` extra (Kubernetes >= 1.32 puts it there for
+pod-bound tokens), else the bound pod read by name and checked by UID. A token bound to
+no pod names no node and is refused. As Istio's CA does for ztunnel, the node is then
+all that is trusted: NodeAuthorizer decides which identities it may have.
+
+Accepted tokens are remembered by digest (bounded, least recently used out first) until
+the token expires or CACHE_SECONDS pass, whichever is first, so a rotating fleet of
+agents costs the API one review per agent per minute at most; refusals are not
+remembered. An API server that cannot answer never authenticates anyone: the request
+fails with Unavailable (the agent retries), never with a guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from nodeagent.identity.ca.auth import Caller, ModelView
+from nodeagent.identity.errors import CaUnavailable, Unauthenticated
+from nodeagent.kube.client import KubeApiError, KubeClient, NotFound
+from nodeagent.model import Model
+
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+NODE_NAME = "authentication.kubernetes.io/node-name"
+POD_NAME = "authentication.kubernetes.io/pod-name"
+POD_UID = "authentication.kubernetes.io/pod-uid"
+DEFAULT_AUDIENCE = "nodeagent-ca"
+CACHE_SECONDS = 60.0
+CACHE_SIZE = 4096  # accepted tokens remembered: a few per node of a large cluster
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What a TokenReview says of an accepted agent token: its pod and, if given, its node."""
+
+    namespace: str
+    pod: str
+    uid: str
+    node: str | None
+
+
+def review_request(token: str, audience: str) -> dict[str, Any]:
+    return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "spec": {"token": token, "audiences": [audience]}}
+
+
+def binding_of(review: Mapping[str, Any], audience: str, account: tuple[str, str]) -> Binding:
+    """The pod binding of an authenticated agent token, from the API server's TokenReview
+    answer; Unauthenticated saying why for anything else."""
+    status = review.get("status") if isinstance(review.get("status"), dict) else {}
+    if not status.get("authenticated"):
+        why = str(status.get("error") or "not authenticated")
+        raise Unauthenticated(f"the API server refused the token: {why}",
+                              f"send the agent's projected service-account token of audience {audience}")
+    if audience not in (status.get("audiences") or []):
+        raise Unauthenticated(f"the token is not for audience {audience} (it is for "
+                              f"{', '.join(status.get('audiences') or []) or 'no audience'})")
+    user = status.get("user") if isinstance(status.get("user"), dict) else {}
+    namespace, name = account
+    if user.get("username") != f"system:serviceaccount:{namespace}:{name}":
+        raise Unauthenticated(f"the token is {user.get('username') or 'nobody'}'s; only ServiceAccount "
+                              f"{namespace}/{name} (the node agents') may ask the CA")
+    extra = user.get("extra") if isinstance(user.get("extra"), dict) else {}
+
+    def one(key: str) -> str | None:
+        values = extra.get(key) or []
+        return str(values[0]) if isinstance(values, list) and len(values) == 1 and values[0] else None
+
+    pod, uid = one(POD_NAME), one(POD_UID)
+    if not pod or not uid:
+        raise Unauthenticated("the token is bound to no pod, so it names no node",
+                              "use the projected token kubelet writes for the agent's pod")
+    return Binding(namespace, pod, uid, one(NODE_NAME))
+
+
+def node_of_pod(pod: Mapping[str, Any], binding: Binding) -> str:
+    """The node of the token's bound pod as the API has it (the UID tells a pod from a
+    newer one of the same name)."""
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    node = (pod.get("spec") or {}).get("nodeName") if isinstance(pod.get("spec"), dict) else None
+    if meta.get("uid") != binding.uid:
+        raise Unauthenticated(f"the token's pod {binding.namespace}/{binding.pod} no longer exists")
+    if not node:
+        raise Unauthenticated(f"the token's pod {binding.namespace}/{binding.pod} is on no node")
+    return str(node)
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` of a JWT's payload (read only after the API server vouched for the
+    token), or None if it has none."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
+class CallerCache:
+    """Accepted tokens by digest -> (caller, until), at most `size`, least recently used out first."""
+
+    def __init__(self, size: int = CACHE_SIZE, seconds: float = CACHE_SECONDS):
+        self.size, self.seconds = size, seconds
+        self._entries: OrderedDict[bytes, tuple[Caller, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes, now: float) -> Caller | None:
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            if entry[1] <= now:
+                del self._entries[digest]
+                return None
+            self._entries.move_to_end(digest)
+            return entry[0]
+
+    def put(self, digest: bytes, caller: Caller, now: float, expiry: float | None) -> None:
+        until = min(now + self.seconds, expiry if expiry is not None else now + self.seconds)
+        if until <= now:
+            return
+        with self._lock:
+            self._entries[digest] = (caller, until)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class KubeAuthenticator:
+    """Authenticator of agents' projected tokens by TokenReview (auth.Authenticator)."""
+
+    def __init__(self, client: KubeClient, audience: str, account: tuple[str, str],
+                 log: logging.Logger | None = None, cache: CallerCache | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.client, self.audience, self.account = client, audience, account
+        self.log = log or logging.getLogger("nodeagent.identity.ca.kubeauth")
+        self.cache = cache if cache is not None else CallerCache()
+        self.clock = clock
+
+    def authenticate(self, token: str) -> Caller:
+        digest = hashlib.sha256(token.encode()).digest()
+        caller = self.cache.get(digest, self.clock())
+        if caller is not None:
+            return caller
+        try:
+            # grpc's worker threads have no loop of their own: one short-lived loop per review.
+            caller = asyncio.run(self._review(token))
+        except KubeApiError as exc:
+            self.log.error("cannot check an agent's token: %s", exc)
+            raise CaUnavailable(f"the CA cannot check tokens now: the API server did not answer "
+                                f"its TokenReview ({exc.detail})", "retry; check the CA's log") from None
+        self.cache.put(digest, caller, self.clock(), token_expiry(token))
+        return caller
+
+    async def _review(self, token: str) -> Caller:
+        review = await self.client.post(TOKEN_REVIEWS, "tokenreviews", review_request(token, self.audience))
+        binding = binding_of(review, self.audience, self.account)
+        if binding.node:
+            return Caller(binding.node)
+        try:
+            pod = await self.client.get(f"/api/v1/namespaces/{binding.namespace}/pods/{binding.pod}",
+                                        f"pod {binding.namespace}/{binding.pod}")
+        except NotFound:
+            raise Unauthenticated(f"the token's pod {binding.namespace}/{binding.pod} no longer exists") from None
+        return Caller(node_of_pod(pod, binding))
+
+
+class SyncedModelView(ModelView):
+    """ModelView of the kube source that refuses to answer (Unavailable) until the
+    source has listed the cluster's pods once: an empty model is not an empty cluster."""
+
+    def __init__(self, source):
+        super().__init__(source)
+        self._read = False
+
+    def __call__(self) -> Model:
+        with self._lock:
+            model = self.source.poll()
+            if model is not None:
+                self._model, self._read = model, True
+            if not self._read:
+                raise CaUnavailable(f"the CA has not read the cluster's pods yet: {self.source.scan_error}",
+                                    "retry; check that the CA can list pods")
+            return self._model
