@@ -367,7 +367,7 @@ class KubeSource:
                     self.log.info("%s: %s; listing again", kind, exc)
                     continue
                 if step == "rediscover":
-                    self._not_served(store, f"{exc.message}: is its CRD installed?")
+                    self._not_served(store, f"{exc.detail}: is its CRD installed?")
                     await asyncio.sleep(self.rediscover_seconds)
                     continue
                 attempt += 1
@@ -389,15 +389,21 @@ class KubeSource:
         if not kind.group:
             store.api_version = kind.api_version(kind.versions[0])
             return kind.resource(kind.versions[0])
-        group = await self.client.get(f"/apis/{kind.group}", f"group {kind.group}")
+        try:
+            group = await self.client.get(f"/apis/{kind.group}", f"group {kind.group}")
+        except NotFound:
+            raise NotFound(str(kind), f"not served: the API server has no group {kind.group}", 404) from None
         served = {v.get("version") for v in group.get("versions") or [] if isinstance(v, dict)}
-        for version in (v for v in kind.versions if v in served):
+        wanted = [v for v in kind.versions if v in served]
+        for version in wanted:
             listing = await self.client.get(f"/apis/{kind.group}/{version}", f"{kind.group}/{version}")
             if any(r.get("name") == kind.plural for r in listing.get("resources") or [] if isinstance(r, dict)):
                 store.api_version = kind.api_version(version)
                 return kind.resource(version)
-        raise NotFound(str(kind), f"not served (versions {', '.join(kind.versions)} wanted, the server has "
-                       f"{', '.join(sorted(served)) or 'none'})", 404)
+        if wanted:
+            raise NotFound(str(kind), f"not served: {kind.group} {', '.join(wanted)} has no {kind.plural}", 404)
+        raise NotFound(str(kind), f"not served: {kind.group} has versions {', '.join(sorted(served))}, "
+                       f"not {', '.join(kind.versions)}", 404)
 
     def _update(self, store: Store, change: Callable[..., bool], *args: Any, synced: bool = False) -> None:
         """Apply `change` to `store` under the lock; a change (or a kind's first list) wakes the agent."""

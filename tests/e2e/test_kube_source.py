@@ -430,5 +430,59 @@ def test_a_kind_whose_crd_is_not_installed_is_reported_and_the_others_read(kube_
     assert "shop/web" in probe.model()["pods"]
 
 
+
+def test_the_agent_runs_on_the_kube_source_and_enrols_an_api_pod(kube_lab):
+    """`nodeagent run --source kube:KUBECONFIG` on kn1, as the lab would run its agent:
+    it reads the API, enrols the ambient namespace's pod the lab's kubelet runs there
+    and shows the source and its errors (the CRD the test before deleted) in status."""
+    from tests.e2e.conftest import cgroup2_root
+    from nodeagent.lab.layout import Layout
+    from nodeagent.lab.processes import in_node
+    layout = Layout(kube_lab.name, cgroup_root=cgroup2_root())
+    kubeconfig = kube_lab.run("kubeconfig").stdout.strip()
+    kubectl(kube_lab, "label", "namespace", "shop", "istio.io/dataplane-mode=ambient", "--overwrite")
+    argv = in_node(layout, "kn1", [
+        sys.executable, "-m", "nodeagent", "run", "--node", "kn1", "--source", f"kube:{kubeconfig}",
+        "--cgroup", layout.kubepods_cgroup("kn1"), "--bpffs", layout.node_bpffs("kn1"),
+        "--admin-socket", layout.agent_socket("kn1"), "--waypoint-dir", layout.waypoint_dir("kn1"),
+        "--no-waypoint", "--no-keep-on-exit", "--flow-log", "off"])
+    log = kube_lab.workdir / f"{kube_lab.name}-agent.log"
+    with open(log, "wb") as out:
+        agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+    def status() -> dict | None:
+        assert agent.poll() is None, f"the agent exited {agent.returncode}: {log.read_text()[-3000:]}"
+        proc = subprocess.run([sys.executable, "-m", "nodeagent", "status", "--lab", kube_lab.name, "--node", "kn1",
+                               "--output", "json"], capture_output=True, text=True, timeout=60)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    try:
+        deadline, found = time.monotonic() + 240, None
+        while time.monotonic() < deadline:
+            found = status()
+            if found and found["ready"] and [p["name"] for p in found["pods"]] == ["web"]:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the agent did not enrol shop/web: {json.dumps(found)[:2000]}\n"
+                                 f"{log.read_text()[-3000:]}")
+        assert found["source"]["location"] == f"kube ({kubeconfig}, https://172.30.0.1:6443)"
+        assert found["source"]["pods_on_node"] == 1
+        errors = found["source"]["errors"]
+        if istio_served(kube_lab):
+            assert errors == {"EnvoyFilter (networking.istio.io)": "not served: networking.istio.io v1alpha3 has no "
+                              "envoyfilters: is its CRD installed?"}
+        assert errors and all(e.endswith("is its CRD installed?") for e in errors.values()), errors
+        assert found["pods"][0]["namespace"] == "shop"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 0, log.read_text()[-3000:]
+
+
 if __name__ == "__main__":
     asyncio.run(probe(sys.argv[1], int(sys.argv[2])))
