@@ -164,11 +164,11 @@ def test_the_service_accounts_may_do_what_their_roles_grant_and_nothing_else(crd
                         ("create", "tokenreviews.authentication.k8s.io"), ("list", "nodes")):
             assert not can(AGENT, *refused), refused
         assert can(CA, "create", "tokenreviews.authentication.k8s.io")
-        assert can(CA, "list", "pods", "-A")
+        assert can(CA, "list", "pods", "-A") and can(CA, "watch", "pods", "-A")  # its Pod-only KubeSource
         assert can(CA, "get", "secrets/nodeagent-ca-keys", "-n", "nodeagent-system")
         assert can(CA, "update", "configmaps/nodeagent-ca-root-cert", "-n", "nodeagent-system")
         for refused in (("get", "secrets/other", "-n", "nodeagent-system"), ("get", "secrets", "-n", "shop"),
-                        ("watch", "pods", "-A"), ("update", "configmaps/other", "-n", "nodeagent-system")):
+                        ("delete", "pods", "-A"), ("update", "configmaps/other", "-n", "nodeagent-system")):
             assert not can(CA, *refused), refused
     finally:
         kubectl(crd_lab, "delete", "--wait=true", "--timeout=60s", *files)
