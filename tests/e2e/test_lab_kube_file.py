@@ -125,7 +125,9 @@ def kube_lab(tmp_path_factory: pytest.TempPathFactory):
     labs = Labs(tmp_path_factory.mktemp("kubefile"))
     lab = labs.new()
     try:
-        proc = lab.up(LAB_YAML, "--kube", "--no-agents", "--timeout", "60")
+        # `up --kube` waits up to 180 s for the control plane on a loaded machine: so may we
+        proc = lab.run("up", "-f", lab.write(LAB_YAML, "up"), "--kube", "--no-agents", "--timeout", "60",
+                       timeout=300)
         print(proc.stdout)
         yield lab
     finally:
@@ -250,3 +252,20 @@ def test_lab_apply_of_a_changed_file_changes_the_api(kube_lab: Lab):
         before["default/client"]["status"]["containerStatuses"][0]["containerID"]
     assert client["status"]["containerStatuses"][0]["restartCount"] == 0
     assert after["shop/web-0"]["metadata"]["uid"] == before["shop/web-0"]["metadata"]["uid"]
+
+
+def test_a_mirror_pod_deleted_through_the_api_comes_back_and_the_pod_runs_on(kube_lab: Lab):
+    """As kubelet does for a static pod: deleting its mirror does not stop it; the node
+    deletes the mirror for good and creates it again."""
+    before = wait_mirrors(kube_lab, {"shop/web-0", "shop/web-1", "default/client"})["shop/web-1"]
+    kube_lab.run("kubectl", "--", "delete", "pod", "web-1", "-n", "shop", "--wait=false", timeout=60)
+    deadline = time.monotonic() + 60
+    while True:
+        after = wait_mirrors(kube_lab, {"shop/web-0", "shop/web-1", "default/client"})["shop/web-1"]
+        if after["metadata"]["uid"] != before["metadata"]["uid"] and not after["metadata"].get("deletionTimestamp"):
+            break
+        assert time.monotonic() < deadline, "the mirror of shop/web-1 did not come back"
+        time.sleep(0.5)
+    old, new = before["status"]["containerStatuses"][0], after["status"]["containerStatuses"][0]
+    assert (new["containerID"], new["restartCount"]) == (old["containerID"], 0)  # the same process
+    assert after["status"]["podIP"] == before["status"]["podIP"]
