@@ -328,6 +328,30 @@ def test_native_client_many_concurrent_streams_on_one_connection(pki):
     run(main())
 
 
+def test_native_client_when_the_python_server_drains(pki):
+    """The Python server closing drains: our open stream finishes, then its GOAWAY ends
+    the connection cleanly; a stream opened on it afterwards ends connection_lost."""
+    async def main():
+        async with Loopback(pki) as lb, engine() as eng:
+            conn = await native_client(eng, pki, lb.address)
+            app, theirs = pair()
+            stream = conn.open(theirs, AUTH)
+            assert await stream.response == 200
+            closing = asyncio.create_task(lb.server.close(grace=10))
+            await until(lambda: all(s.draining for s in lb.server.sessions), what="the server to drain")
+            assert await exchange(app, b"last words") == b"last words"
+            app.close()
+            assert (await stream.ended).how == "closed"
+            assert (await conn.closed).how == "closed"
+            await closing
+            late_app, late = pair()
+            late_stream = conn.open(late, AUTH)
+            assert (await late_stream.ended).how == "connection_lost"
+            late_app.close()
+            await drained(eng)
+    run(main())
+
+
 def test_native_client_to_a_plaintext_peer_fails_cleanly(pki):
     async def main():
         async with engine() as eng:
