@@ -10,8 +10,10 @@ as both ends would (the source's report and the destination's, `mutual_tls`, the
 DENY, counters and flow lines, marked `same_node` in the flow log), delivers into the
 server pod's netns as the client's address (delivery.Delivery, as the HBONE server
 does), tracks the connection for revocation (admission.InboundConnections) and joins
-the client socket with the delivery socket in one relay of the inputs' Splicer (native:
-splice(2) on the engine's thread; Python otherwise).
+the client socket with the delivery socket: in the kernel (`KernelJoin`: a sockmap
+verdict program, bpf/samenode.c, no byte through the agent) when it loaded and takes
+the pair, else in one relay of the inputs' Splicer (native: splice(2) on the engine's
+thread; Python otherwise).
 
 A connection it does not take goes over HBONE exactly as before: the setting
 `same_node_fast_path` off (the outbound relay then has no SameNodeRoute), an endpoint
