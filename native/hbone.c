@@ -1246,8 +1246,8 @@ static void cmd_answer(struct nh_engine *e, struct cmd *cmd)
                 nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)st, 7, strlen(st), NGHTTP2_NV_FLAG_NONE};
                 nghttp2_session_set_stream_user_data(c->h2, s->sid, NULL);
                 /* END_STREAM. No RST_STREAM NO_ERROR behind it as the Python server sends:
-                 * nghttp2 would send it first and the client would see a reset, not the
-                 * status; clients reset a refused stream themselves (the pool and ours do). */
+                 * with it the Python pool saw a reset, not the status (nghttp2 seemingly
+                 * sends the RST first); clients reset a refused stream themselves. */
                 nghttp2_submit_response(c->h2, s->sid, &nv, 1, NULL);
                 s->h2_closed = true;   /* nothing more of ours goes on it */
             }
