@@ -79,7 +79,9 @@ class Kind:
 NETWORKING, SECURITY = "networking.istio.io", "security.istio.io"
 ISTIO_NETWORKING = ("v1", "v1beta1", "v1alpha3")
 ISTIO_SECURITY = ("v1", "v1beta1")
-# What Model.build and the xDS/policy layers read (xds/istio/kinds.py IMPLEMENTED). Every
+# What Model.build and the xDS/policy layers read (xds/istio/kinds.py IMPLEMENTED), and
+# the Istio kinds they answer as not supported or not applicable (kinds.py ANSWERS), so a
+# user's ServiceEntry gets its verdict in status as with the files source. Every
 # Pod, not only this node's: the model resolves a Service to its endpoint pods (their IP,
 # labels for DestinationRule subsets, service account for the peer's identity) on every
 # node. EndpointSlices are not read: the model derives endpoints from pods and selectors.
@@ -93,6 +95,14 @@ KINDS: tuple[Kind, ...] = (
     Kind("AuthorizationPolicy", SECURITY, ISTIO_SECURITY, "authorizationpolicies"),
     Kind("PeerAuthentication", SECURITY, ISTIO_SECURITY, "peerauthentications"),
     Kind("RequestAuthentication", SECURITY, ISTIO_SECURITY, "requestauthentications"),
+    Kind("Gateway", NETWORKING, ISTIO_NETWORKING, "gateways"),
+    Kind("ServiceEntry", NETWORKING, ISTIO_NETWORKING, "serviceentries"),
+    Kind("Sidecar", NETWORKING, ISTIO_NETWORKING, "sidecars"),
+    Kind("WorkloadEntry", NETWORKING, ISTIO_NETWORKING, "workloadentries"),
+    Kind("WorkloadGroup", NETWORKING, ISTIO_NETWORKING, "workloadgroups"),
+    Kind("ProxyConfig", NETWORKING, ("v1beta1",), "proxyconfigs"),
+    Kind("Telemetry", "telemetry.istio.io", ("v1", "v1alpha1"), "telemetries"),
+    Kind("WasmPlugin", "extensions.istio.io", ("v1alpha1",), "wasmplugins"),
 )
 
 

@@ -241,11 +241,10 @@ def istio_served(lab) -> bool:
 def files_summary(lab, tmp_path: Path) -> dict:
     """The files source's model of the API's objects, as `kubectl get -o json` prints them."""
     from nodeagent.sources.files import FilesSource
+    from nodeagent.sources.kube import KINDS
     kinds = "namespaces,pods,services"
     if istio_served(lab):
-        kinds += (",virtualservices.networking.istio.io,destinationrules.networking.istio.io,"
-                  "envoyfilters.networking.istio.io,authorizationpolicies.security.istio.io,"
-                  "peerauthentications.security.istio.io,requestauthentications.security.istio.io")
+        kinds += "".join(f",{k.plural}.{k.group}" for k in KINDS if k.group)
     listed = kubectl(lab, "get", kinds, "-A", "-o", "json").stdout
     directory = tmp_path / f"files-{time.monotonic_ns()}"
     directory.mkdir()
@@ -349,8 +348,9 @@ def test_a_restarted_api_server_is_watched_again_and_a_compacted_version_listed_
     version, which the new server answers with 410, so each kind is listed again; a
     Service made once the server is back is in the next models, and none is lost."""
     probe = probe_on_kn1
-    kinds = 9 if istio_served(kube_lab) else 3  # the others are not served: looked up, never listed
+    from nodeagent.sources.kube import KINDS
     quiet(probe)
+    kinds = len(KINDS) - len(probe.latest["errors"])  # the kinds not served are looked up, never listed
     before = dict(probe.latest["counts"])
     kubectl(kube_lab, "create", "configmap", "bump-restart", "-n", "shop")  # newer than any version seen
     revision = int(etcd(kube_lab, "/v3/kv/range", {"key": "AA=="})["header"]["revision"])
@@ -418,10 +418,8 @@ def test_a_kind_whose_crd_is_not_installed_is_reported_and_the_others_read(kube_
         kubectl(kube_lab, "delete", "crd", "envoyfilters.networking.istio.io", "--wait=true")
         wanted = ["EnvoyFilter (networking.istio.io)"]
     else:
-        wanted = [f"{k} ({g})" for k, g in (
-            ("VirtualService", "networking.istio.io"), ("DestinationRule", "networking.istio.io"),
-            ("EnvoyFilter", "networking.istio.io"), ("AuthorizationPolicy", "security.istio.io"),
-            ("PeerAuthentication", "security.istio.io"), ("RequestAuthentication", "security.istio.io"))]
+        from nodeagent.sources.kube import KINDS
+        wanted = [str(k) for k in KINDS if k.group]
     errors = probe.wait(lambda: (e := probe.latest["errors"]) and all(w in e for w in wanted) and e,
                         "the missing kinds reported")
     assert sorted(errors) == sorted(wanted), errors
