@@ -296,10 +296,11 @@ def test_a_deployment_runs_where_the_scheduler_puts_it_and_answers_by_service_na
     # By name through the API's Service, from the file's pods on both nodes (one of them
     # is on another node than some of the Deployment's pods) and from a pod of the API.
     answered = set()
-    for client in ("default/idle1", "apps/idle2"):
-        for _ in range(15):
-            reply = kube_lab.exec(client, "curl", "-sS", "--max-time", "5", "http://web.default/").stdout
-            answered.add(json.loads(reply)["pod"])
+    for client in ("default/idle1", "apps/idle2"):  # 15 requests in one exec: a loaded machine starts each slowly
+        replies = kube_lab.exec(client, "sh", "-c", "for i in $(seq 15); do curl -sS --max-time 5 http://web.default/; "
+                                "done").stdout.splitlines()  # each reply is one line
+        assert len(replies) == 15, replies
+        answered |= {json.loads(reply)["pod"] for reply in replies}
     assert answered == {p["metadata"]["name"] for p in pods}
     inside = kube_lab.exec(f"default/{pods[0]['metadata']['name']}", "sh", "-c",
                            "echo $POD_NAME $POD_IP; curl -sS --max-time 5 http://web/")
