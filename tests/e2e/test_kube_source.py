@@ -295,7 +295,8 @@ def test_the_first_model_waits_for_every_kind_and_equals_the_files_sources(kube_
     model = probe.model()
     assert model["pods"]["shop/web"]["node"] == "kn1" and model["pods"]["shop/db"]["node"] == "kn2"
     assert model["pods"]["shop/web"]["ports"] == {"http": 8080} and model["pods"]["shop/web"]["ip"]
-    assert model["namespaces"]["shop"] == {"name": "shop", "labels": {"team": "a", "kubernetes.io/metadata.name": "shop"}}
+    assert model["namespaces"]["shop"] == {"name": "shop",
+                                           "labels": {"team": "a", "kubernetes.io/metadata.name": "shop"}}
     if istio_served(kube_lab):
         assert [r[2] for r in model["resources"]["VirtualService"]] == ["web"]
 

@@ -432,3 +432,33 @@ def test_kinds_are_what_the_model_and_the_translators_read():
     assert KIND["EnvoyFilter"].resource("v1alpha3").path == "/apis/networking.istio.io/v1alpha3/envoyfilters"
     assert KIND["Pod"].resource("v1").name == "pods"
     assert kube.BURST_QUIET < kube.BURST_MAX
+
+
+def test_a_burst_of_changes_wakes_the_agent_once(tmp_path: Path):
+    """Events in a row (kubectl apply of several objects; the notifier runs between them)
+    are one wake-up; a change after a quiet gap is another."""
+    import asyncio
+    source = KubeSource(cluster(tmp_path), kinds=KINDS[:1])
+    woken: list[float] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        source._changed = asyncio.Event()
+        source._subscribers.append(lambda: woken.append(loop.time()))
+        notifier = asyncio.create_task(source._notifier())
+        try:
+            for _ in range(5):
+                source._signal()
+                await asyncio.sleep(0)
+            while not woken:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(kube.BURST_QUIET * 3)
+            assert len(woken) == 1
+            source._signal()
+            while len(woken) < 2:
+                await asyncio.sleep(0.005)
+        finally:
+            notifier.cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert len(woken) == 2
