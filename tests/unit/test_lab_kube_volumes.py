@@ -317,6 +317,7 @@ def test_security_context_becomes_setpriv():
         "spec.securityContext.fsGroup is not applied by the lab",
         "container main: securityContext.seccompProfile is not applied by the lab",
         "spec.hostUsers: false: the lab has no user namespaces; the container runs as the machine's users")
+    assert plan({"appArmorProfile": {"type": "Unconfined"}}, {"seccompProfile": {"type": "Unconfined"}}).warnings == ()
     with pytest.raises(ConfigError, match="container has runAsNonRoot and image will run as root"):
         plan({"runAsNonRoot": True})
     assert plan({"runAsNonRoot": True, "runAsUser": 65534}).argv[1] == "--reuid=65534"

@@ -7,7 +7,8 @@ capability (privileged). On top of that, with setpriv after the container's moun
 privileged), `runAsUser`/`runAsGroup`/`supplementalGroups`, `allowPrivilegeEscalation:
 false` (no_new_privs); `readOnlyRootFilesystem` remounts / read-only in the container's
 mount namespace. `runAsNonRoot` without a non-zero runAsUser is refused with kubelet's
-message (the lab has no image user). What the lab cannot give (seccomp, AppArmor,
+message (the lab has no image user). Another user must be able to read and run the
+command where the machine has it (a venv under a 0700 /root is not). What the lab cannot give (seccomp, AppArmor,
 SELinux, fsGroup, sysctls, a user namespace) is named in a Warning event of the Pod:
 the container runs without it.
 """
@@ -55,6 +56,11 @@ def _capabilities(caps: dict, where: str) -> list[str]:
     return [f"-{c}" for c in drop if c not in add]
 
 
+def _confines(value) -> bool:
+    """Whether a field asks for something: a profile of type Unconfined asks for nothing."""
+    return value is not None and not (isinstance(value, dict) and value.get("type") == "Unconfined")
+
+
 def plan(item: dict, container: dict) -> Plan:
     """The container's securityContext as the lab applies it; ConfigError when kubelet
     would refuse it (runAsNonRoot as root, an unknown capability)."""
@@ -81,14 +87,11 @@ def plan(item: dict, container: dict) -> Plan:
         if bounding:
             argv.append("--bounding-set=" + ",".join(bounding))
     warnings = []
-    for field, scope in (("seccompProfile", "pod"), ("seLinuxOptions", "pod"), ("appArmorProfile", "pod"),
-                         ("sysctls", "pod"), ("fsGroup", "pod"), ("windowsOptions", "pod")):
-        value = pod_sc.get(field)
-        if value is not None and not (field == "seccompProfile" and value.get("type") == "Unconfined"):
+    for field in ("seccompProfile", "seLinuxOptions", "appArmorProfile", "sysctls", "fsGroup", "windowsOptions"):
+        if _confines(pod_sc.get(field)):
             warnings.append(f"spec.securityContext.{field} is not applied by the lab")
     for field in ("seccompProfile", "seLinuxOptions", "appArmorProfile"):
-        value = sc.get(field)
-        if value is not None and not (field == "seccompProfile" and value.get("type") == "Unconfined"):
+        if _confines(sc.get(field)):
             warnings.append(f"container {name}: securityContext.{field} is not applied by the lab")
     if sc.get("procMount") not in (None, "Default", "Unmasked"):
         warnings.append(f"container {name}: securityContext.procMount is not applied by the lab")
