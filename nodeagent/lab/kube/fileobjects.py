@@ -13,8 +13,9 @@ API server's own namespaces are never marked nor deleted. Services keep the Clus
 lab gave them, so the API's allocator never hands it to another Service; the lab serves
 them from its own pods (kube-proxy's view skips them: kube/proxy.py). Pods and the pods of
 Deployments appear as mirror pods (kube/mirror.py); Deployments themselves stay out of the
-API, whose controller would run a second set of pods. Istio kinds stay with the agents'
-`files` source until their CRDs are in the API. Pure but for `sync`.
+API, whose controller would run a second set of pods. Istio kinds are not applied yet (the
+agents read them from the `files` source until the `kube` source takes over, issue 13).
+Pure but for `sync`.
 """
 
 from __future__ import annotations
