@@ -39,8 +39,10 @@ from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.inpod.podns import PodNetnsResolver
 from nodeagent.agent.watch import DirectoryWatch
+from nodeagent.kube import events
 from nodeagent.model import Model
 from nodeagent.sources.files import FilesSource
+from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.sources.kube import KubeSource
 
 
@@ -59,6 +61,8 @@ class Agent:
         self.model_changed_at: float | None = None
         self.started_at = time.time()
         self.reconciled = False  # the first reconcile is done (part of readiness)
+        self._istio: IstioConfig | None = None  # validation of the Istio resources, without a waypoint (events)
+        self._event_errors: dict[str, str] = {}  # the source's errors the last Events were computed with
         self.work = ConfigWork(log.getChild("config"))
         self.datapath = DataPath(config, registry=registry, metrics=self.metrics, capture=capture, log=log,
                                  model=lambda: self.model, pod_at=self.pod_at, work=self.work)
@@ -156,11 +160,37 @@ class Agent:
             self.model_changed_at = time.time()
         if model is not None or rebuild:
             await self.datapath.update(self.model)
+        if getattr(self.source, "events", None) is not None and (
+                model is not None or rebuild or self.source.errors != self._event_errors):
+            try:  # a refusal by the source alone changes no model, only its errors
+                await self.work.run(self._report_events, self.model)
+            except Exception:  # reporting must never stop a reconcile
+                self.log.exception("cannot compute the Events of the verdicts")
         if model is not None or force or self.enroller.retry_due():
             before = {e.ctx for e in self.enroller.enrolled.values()}
             await self.enroller.reconcile(self.model)
             enrolled = list(self.enroller.enrolled.values())
             self.datapath.enrolled([e.ctx.pod for e in enrolled], before - {e.ctx for e in enrolled})
+
+    def _report_events(self, model: Model) -> None:
+        """In the config thread: the verdicts status shows (the source's refusals, the
+        policies', the Istio kinds', and the waypoint's validation — or, without a
+        waypoint, the same IstioConfig validation it would run) handed to the kube
+        source's Event writer (kube/events.py), so every agent reports the same."""
+        policies, waypoint = self.datapath.policies, self.datapath.waypoint
+        self._event_errors = source_errors = self.source.errors
+        errors = [*source_errors.values(), *(str(e) for e in policies.errors), *policies.kinds["errors"]]
+        warnings = list(policies.kinds["warnings"])
+        if waypoint is not None:
+            config = waypoint.publisher.config
+            warnings += list(waypoint.publisher.warnings)
+        else:
+            config = self._istio = IstioConfig.build(model, self._istio, self.config.root_namespace)
+            warnings += [str(w) for w in config.warnings]
+        errors += [str(e) for e in config.errors]
+        warnings = [w for w in warnings if "not in force" in w or "not applicable" in w]
+        objects = [*(o for objs in model.resources.values() for o in objs), *self.source.refused()]
+        self.source.events.submit(events.problems(objects, errors, warnings))
 
     # --- status ---------------------------------------------------------------------
     def readiness(self) -> Readiness:
@@ -184,6 +214,8 @@ class Agent:
             "started_at": self.started_at, **self._readiness_status(),
             "source": {"location": getattr(self.source, "location", self.config.source),
                        "errors": dict(self.source.errors),
+                       **({"events": self.source.events.describe()}
+                          if getattr(self.source, "events", None) is not None else {}),
                        "model_changed_at": self.model_changed_at,
                        "pods_on_node": len(self.model.pods_on_node(self.config.node))},
             "pods": enrolment["enrolled"], "waiting": enrolment["waiting"],
@@ -199,7 +231,9 @@ class Agent:
 def new_source(config: AgentConfig, log: logging.Logger) -> FilesSource | KubeSource:
     """The source `config.source` names (the kube source's reflectors start with its wake-up)."""
     if config.source_kind == "kube":
-        return KubeSource(cluster_config(config.kubeconfig), log=log)
+        source = KubeSource(cluster_config(config.kubeconfig), log=log)
+        source.events = events.EventWriter(source.client, config.node, log.getChild("events"))
+        return source
     return FilesSource(config.source_dir, log=log)
 
 

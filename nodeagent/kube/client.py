@@ -3,7 +3,8 @@
 GET (for the agent): discovery, list (paginated with `limit`/`continue`) and watch (a chunked
 stream of JSON events, `allowWatchBookmarks=true`, from a `resourceVersion`), over
 HTTP/1.1 and TLS from the standard library (asyncio, ssl, json), one connection per
-request; POST and PUT of JSON (for the CA: TokenReview, its root Secret and ConfigMap).
+request; POST and PUT of JSON (for the CA: TokenReview, its root Secret and ConfigMap)
+and merge-PATCH (the agent's Events, kube/events.py).
 Why not a client library: each one costs the agent 10-52 MiB of imports for calls this
 file makes in a few hundred lines (figures in docs/design.md, "The kube source").
 
@@ -240,10 +241,14 @@ class KubeClient:
         """Replace the object at `path` (Conflict when body's resourceVersion is stale)."""
         return await self.send("PUT", path, resource, body=body)
 
+    async def patch(self, path: str, resource: str, body: Mapping[str, Any]) -> dict:
+        """A JSON merge patch (RFC 7386) of the object at `path`: the server's object after it."""
+        return await self.send("PATCH", path, resource, body=body, content_type="application/merge-patch+json")
+
     async def send(self, method: str, path: str, resource: str, params: Mapping[str, str] | None = None,
-                   body: Mapping[str, Any] | None = None) -> dict:
+                   body: Mapping[str, Any] | None = None, content_type: str = "application/json") -> dict:
         """One request; the decoded JSON answer (200 or 201), else its typed KubeApiError."""
-        reader, writer = await self._request(path, resource, params, method, body)
+        reader, writer = await self._request(path, resource, params, method, body, content_type)
         try:
             status, headers = await self._head(reader, resource)
             body = b"".join([chunk async for chunk in self._body(reader, headers, resource, self.timeout)])
@@ -298,7 +303,8 @@ class KubeClient:
 
     # --- HTTP/1.1 -------------------------------------------------------------------
     async def _request(self, path: str, resource: str, params: Mapping[str, str] | None,
-                       method: str = "GET", body: Mapping[str, Any] | None = None):
+                       method: str = "GET", body: Mapping[str, Any] | None = None,
+                       content_type: str = "application/json"):
         target = path + ("?" + urllib.parse.urlencode(params) if params else "")
         cfg = self.config
         try:
@@ -315,7 +321,7 @@ class KubeClient:
             lines.append(f"Authorization: Bearer {token}")
         payload = json.dumps(body).encode() if body is not None else b""
         if body is not None:
-            lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+            lines += [f"Content-Type: {content_type}", f"Content-Length: {len(payload)}"]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
         return reader, writer
 

@@ -19,8 +19,9 @@ cluster without Istio resources, not a failure.
 
 Every object goes through the checks the files source makes (object_from_dict, then
 model.check for Pods and Services); an invalid one is refused alone: its last good
-version stays and `errors` names it and the field. (Kubernetes Events for refused
-objects are not written yet.) Pods keep only the fields the model reads; every object
+version stays and `errors` names it and the field; `refused()` gives their bodies'
+metadata, so the agent's Events (kube/events.py, written by `events` on this source's
+loop) can name them with their uid and resourceVersion. Pods keep only the fields the model reads; every object
 loses metadata.managedFields (the server's bookkeeping): a 10k-pod cluster is held in a
 fraction of the memory the API's objects take.
 
@@ -44,6 +45,7 @@ from typing import Any, Callable, Iterable
 from nodeagent.backoff import Backoff
 from nodeagent.errors import ConfigError
 from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient, NotFound, Resource
+from nodeagent.kube.events import EventWriter
 from nodeagent.kube.objects import KubeObject, object_from_dict
 from nodeagent.model import Model, check
 
@@ -171,6 +173,7 @@ class Store:
     api_version: str = ""
     objects: dict[str, KubeObject] = field(default_factory=dict)  # "Pod ns/name" -> object
     errors: dict[str, str] = field(default_factory=dict)  # "Pod ns/name" -> why its last version was refused
+    refused: dict[str, dict] = field(default_factory=dict)  # "Pod ns/name" -> the refused version's identity
     resource_version: str = ""
     on_error: Callable[[ConfigError], None] | None = None
 
@@ -187,10 +190,12 @@ class Store:
                 kept[name] = admit(self.kind, self.api_version, body)
             except ConfigError as exc:
                 errors[name] = str(exc)
+                self.refused[name] = _identity(self.kind, self.api_version, body)
                 if name in self.objects:
                     kept[name] = self.objects[name]  # the last good version stays
                 self._refused(exc)
         self.objects, self.errors, self.resource_version = kept, errors, resource_version
+        self.refused = {name: ref for name, ref in self.refused.items() if name in errors}
         return {name: _version(obj) for name, obj in kept.items()} != before
 
     def apply(self, event: dict[str, Any]) -> bool:
@@ -204,6 +209,7 @@ class Store:
         self.resource_version = version or self.resource_version
         if kind == "DELETED":
             self.errors.pop(name, None)
+            self.refused.pop(name, None)
             return self.objects.pop(name, None) is not None
         if kind not in ("ADDED", "MODIFIED"):
             return False
@@ -211,21 +217,30 @@ class Store:
             obj = admit(self.kind, self.api_version, body)
         except ConfigError as exc:
             self.errors[name] = str(exc)
+            self.refused[name] = _identity(self.kind, self.api_version, body)
             self._refused(exc)
             return False
         self.errors.pop(name, None)
+        self.refused.pop(name, None)
         previous = self.objects.get(name)
         self.objects[name] = obj
         return previous is None or _version(previous) != _version(obj) or previous.body != obj.body
 
     def clear(self) -> bool:
         changed = bool(self.objects)
-        self.objects, self.errors, self.resource_version = {}, {}, ""
+        self.objects, self.errors, self.resource_version, self.refused = {}, {}, "", {}
         return changed
 
     def _refused(self, exc: ConfigError) -> None:
         if self.on_error:
             self.on_error(exc)
+
+
+def _identity(kind: Kind, api_version: str, body: Any) -> dict:
+    """What an Event needs of a refused object (it may not even parse)."""
+    meta = body.get("metadata") if isinstance(body, dict) and isinstance(body.get("metadata"), dict) else {}
+    return {"apiVersion": api_version, "kind": kind.kind,
+            "metadata": {k: meta[k] for k in ("namespace", "name", "uid", "resourceVersion") if k in meta}}
 
 
 def _version(obj: KubeObject) -> str:
@@ -261,6 +276,7 @@ class KubeSource:
         # Totals since start, for status and tests: complete lists, watches opened, 410s
         # that made a kind list again, failed lists/watches (backed off).
         self.counts = {"lists": 0, "watches": 0, "gone": 0, "failures": 0}
+        self.events: EventWriter | None = None  # set before start(): its task runs on this source's loop
 
     # --- what the daemon reads --------------------------------------------------------
     @property
@@ -274,6 +290,11 @@ class KubeSource:
             for store in self._stores:
                 out.update({f"{SOURCE} ({name})": why for name, why in store.errors.items()})
             return out
+
+    def refused(self) -> list[dict]:
+        """The identity (apiVersion, kind, metadata) of every object whose last version was refused."""
+        with self._lock:
+            return [ref for store in self._stores for ref in store.refused.values()]
 
     @property
     def scan_error(self) -> str | None:
@@ -328,9 +349,13 @@ class KubeSource:
     def _run(self, started: threading.Event) -> None:
         async def main() -> None:
             self._loop, self._stop, self._changed = asyncio.get_running_loop(), asyncio.Event(), asyncio.Event()
+            if self.events is not None:
+                self.events.bind(self._loop)  # takes writes from now on
             started.set()
             tasks = [asyncio.create_task(self._reflect(store)) for store in self._stores]
             tasks.append(asyncio.create_task(self._notifier()))
+            if self.events is not None:
+                tasks.append(asyncio.create_task(self.events.run()))
             try:
                 await self._stop.wait()
             finally:
