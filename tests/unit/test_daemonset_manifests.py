@@ -217,6 +217,17 @@ def test_rbac_rules_are_exactly_what_their_comments_name(path: str):
                 f"{path}: {match['code']} does not exist; mark the rule pending or fix the name"
 
 
+def test_the_agents_cluster_role_is_exactly_what_its_code_uses():
+    """list and watch of every kind the kube source reads (sources/kube.py KINDS; no get, no
+    EndpointSlices), create and patch of core Events (kube/events.py), nothing else."""
+    from nodeagent.sources.kube import KINDS
+    granted = {(group, resource, verb) for rule in BY_KEY["ClusterRole/nodeagent"]["rules"]
+               for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+    used = {(k.group, k.plural, verb) for k in KINDS for verb in ("list", "watch")}
+    used |= {("", "events", "create"), ("", "events", "patch")}
+    assert granted == used, (sorted(granted - used), sorted(used - granted))
+
+
 def test_no_rule_grants_wildcards_or_escalation():
     for obj in OBJECTS:
         for rule in obj.get("rules", []) if obj["kind"] in ("ClusterRole", "Role") else []:
@@ -301,7 +312,7 @@ def agent_args() -> dict[str, str]:
 
 SAMPLE = {"$(NODE_NAME)": "node-1", "$(NODE_IP)": "10.0.0.1"}
 CHECKED_AT_RUN_TIME = {  # flags whose value names something only the pod has
-    "source",  # kube: pending (issue 13 item 1); parse_source refuses it until then
+    "source",  # kube: in-cluster config needs the pod's service-account token and environment
     "cgroup", "ca_root_cert", "ca_token_file",  # must exist: they are the pod's mounts
 }
 
