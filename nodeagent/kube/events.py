@@ -245,8 +245,8 @@ class EventWriter:
         self.counts = {"created": 0, "patched": 0, "dropped_queue": 0, "failures": 0}
 
     def describe(self) -> dict[str, int]:
-        with self._lock:
-            return {**self.reporter.counts, **self.counts}
+        with self._lock:  # open: problems reported and not fixed yet
+            return {"open": len(self.reporter.reported), **self.reporter.counts, **self.counts}
 
     def submit(self, found: Iterable[Problem]) -> None:
         """The problems of the agent's latest verdicts (all of them, each time)."""

@@ -144,7 +144,7 @@ def test_submit_never_waits_a_full_queue_drops_and_counts_and_the_problem_is_tri
         return writer
 
     writer = asyncio.run(main())
-    assert writer.describe() == {"reported": 5, "dropped_rate": 0, "created": 0, "patched": 0,
+    assert writer.describe() == {"open": 2, "reported": 5, "dropped_rate": 0, "created": 0, "patched": 0,
                                  "dropped_queue": 3, "failures": 0}
     assert len(writer.reporter.reported) == 2  # the three dropped are written with the next verdicts
 
