@@ -286,6 +286,18 @@ def test_the_ledger_removes_mount_points_when_their_last_pod_goes(tmp_path):
     assert os.listdir(base) == [] and os.listdir(run_root) == []  # ledger gone with its last entry
 
 
+def test_a_lab_going_down_leaves_the_parents_of_another_labs_mount_point_to_it(tmp_path):
+    run_root, base = str(tmp_path / "run"), tmp_path / "machine"
+    base.mkdir()
+    point = str(base / "secrets" / "sa")
+    volumes.claim(run_root, "lab1:u1", [(point, True)])  # lab1 made secrets/ and secrets/sa
+    volumes.claim(run_root, "lab2:u2", [(point, True)])
+    assert volumes.release(run_root, "lab1:", final=True) == []
+    assert os.path.isdir(point)
+    assert volumes.release(run_root, "lab2:", final=True) == []
+    assert os.listdir(base) == [] and os.listdir(run_root) == []
+
+
 def test_created_host_paths_keep_their_content_until_lab_down(tmp_path):
     run_root, made = str(tmp_path / "run"), tmp_path / "data"
     made.mkdir()

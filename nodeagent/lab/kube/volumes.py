@@ -559,8 +559,9 @@ def claim(run_root: str, user: str, points: list[tuple[str, bool]], created: lis
 def release(run_root: str, user: str, final: bool = False) -> list[str]:
     """Drop `user` (or with final, every user starting with it: a lab going down) from the
     ledger and remove what no one uses any more, deepest first: mount points only while
-    empty; created hostPaths while empty, or whatever they hold when `final`. Returns the
-    paths left because something is in them."""
+    empty (one holding another pod's mount point stays for whoever releases that one);
+    created hostPaths while empty, or whatever they hold when `final`. Returns the
+    created hostPaths a final release could not remove."""
     left = []
     if not os.path.isdir(run_root):
         return left
@@ -585,9 +586,11 @@ def release(run_root: str, user: str, final: bool = False) -> list[str]:
                     os.unlink(path)
                 del paths[path]
             except OSError:
+                if not entry["content"]:
+                    continue  # another pod's mount point is below it: removed after that one
                 if final:
                     left.append(path)
                     del paths[path]  # the lab is gone: no one would ever remove it
-                elif entry["content"]:
+                else:
                     entry["users"] = [user]  # kept for its lab's `lab down`
     return left
