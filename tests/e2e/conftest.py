@@ -66,6 +66,13 @@ class Lab:
     def up(self, text: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.run("up", "-f", self.write(text, "up"), *args, check=check)
 
+    def up_kube(self, text: str, *args: str) -> subprocess.CompletedProcess:
+        """`up --kube --no-agents`: the control plane alone may take up to 180 s to be
+        ready on a loaded machine (it waits for it; measured 37 s + 24 s for the CRDs
+        at load 12), so the command gets 300 s before it counts as hung."""
+        return self.run("up", "-f", self.write(text, "up"), "--kube", "--no-agents", "--timeout", "60", *args,
+                        timeout=300)
+
     def apply(self, text: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.run("apply", "-f", self.write(text, "apply"), *args, check=check)
 

@@ -166,7 +166,7 @@ def ca_lab(tmp_path_factory: pytest.TempPathFactory):
     labs = Labs(tmp_path_factory.mktemp("cakube"))
     lab = labs.new()
     try:
-        lab.up(LAB_YAML, "--kube", "--no-agents", "--timeout", "60")
+        lab.up_kube(LAB_YAML)
         kubectl(lab, "apply", *[a for f in ("namespace.yaml", "rbac-agent.yaml", "rbac-ca.yaml")
                                 for a in ("-f", os.path.join(MESH, f))])
         kubectl(lab, "apply", "-f", "-", input=OBJECTS.replace("NODEAGENT", NODEAGENT))

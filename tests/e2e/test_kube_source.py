@@ -213,7 +213,7 @@ def kube_lab(tmp_path_factory: pytest.TempPathFactory):
     labs = Labs(tmp_path_factory.mktemp("kubesrc"))
     lab = labs.new()
     try:
-        lab.up(LAB_YAML, "--kube", "--no-agents", "--timeout", "60")
+        lab.up_kube(LAB_YAML)
         yield lab
     finally:
         labs.close()

@@ -75,7 +75,7 @@ def kube_lab(tmp_path_factory: pytest.TempPathFactory):
     lab = labs.new()
     try:
         started = time.monotonic()
-        proc = lab.up(LAB_YAML, "--kube", "--no-agents", "--timeout", "60")
+        proc = lab.up_kube(LAB_YAML)
         print(proc.stdout, f"lab up --kube took {time.monotonic() - started:.1f}s")
         yield lab
     finally:
@@ -192,7 +192,7 @@ def test_down_leaves_nothing_of_the_control_plane(lab_factory: Labs):
     if not built():
         pytest.skip("the control plane is not built: run scripts/setup")
     lab = lab_factory.new()
-    lab.up(LAB_YAML, "--kube", "--no-agents", "--timeout", "60")
+    lab.up_kube(LAB_YAML)
     runtime = json.loads((lab.state_dir / "runtime.json").read_text())
     pids = [c["pid"] for c in runtime["controlplane"].values()]
     assert sorted(runtime["controlplane"]) == ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"]

@@ -61,7 +61,7 @@ def crd_lab(tmp_path_factory: pytest.TempPathFactory):
     labs = Labs(tmp_path_factory.mktemp("crds"))
     lab = labs.new()
     try:
-        lab.output = lab.up(LAB_YAML, "--kube", "--no-agents", "--timeout", "60").stdout
+        lab.output = lab.up_kube(LAB_YAML).stdout
         yield lab
     finally:
         labs.close()

@@ -125,9 +125,7 @@ def kube_lab(tmp_path_factory: pytest.TempPathFactory):
     labs = Labs(tmp_path_factory.mktemp("kubefile"))
     lab = labs.new()
     try:
-        # `up --kube` waits up to 180 s for the control plane on a loaded machine: so may we
-        proc = lab.run("up", "-f", lab.write(LAB_YAML, "up"), "--kube", "--no-agents", "--timeout", "60",
-                       timeout=300)
+        proc = lab.up_kube(LAB_YAML)
         print(proc.stdout)
         yield lab
     finally:
