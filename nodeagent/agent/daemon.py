@@ -189,8 +189,8 @@ class Agent:
             warnings += [str(w) for w in config.warnings]
         errors += [str(e) for e in config.errors]
         warnings = [w for w in warnings if "not in force" in w or "not applicable" in w]
-        objects = [*(o for objs in model.resources.values() for o in objs), *self.source.refused()]
-        self.source.events.submit(events.problems(objects, errors, warnings))
+        objects = [o for objs in model.resources.values() for o in objs]
+        self.source.events.submit(events.problems(objects, errors, warnings, self.source.refused()))
 
     # --- status ---------------------------------------------------------------------
     def readiness(self) -> Readiness:

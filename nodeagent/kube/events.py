@@ -106,17 +106,19 @@ def reason_of(obj: KubeObject | Ref, severity: str, text: str) -> str:
     return REFUSED
 
 
-def problems(objects: Iterable[KubeObject | dict], errors: Iterable[str], warnings: Iterable[str] = ()) -> list[Problem]:
+def problems(objects: Iterable[KubeObject | dict], errors: Iterable[str], warnings: Iterable[str] = (),
+             refused: Iterable[tuple[dict, str]] = ()) -> list[Problem]:
     """One Problem per (Istio resource, reason) named by the verdicts `errors` (refused,
-    not supported, unknown kind) or `warnings` (not applicable, not in force); several
-    texts of one resource and reason are joined. Objects no verdict names get none;
+    not supported, unknown kind) or `warnings` (not applicable, not in force), and one
+    `Refused` per object the source refused outright (`refused`: its identity and why,
+    as KubeSource.refused gives them: its message may not name it in full); several texts
+    of one resource and reason are joined. Objects no verdict names get none;
     Kubernetes' own kinds (Pods, Services) get none here."""
     texts = [(kinds.ERROR, t) for t in dict.fromkeys(errors)] + [(kinds.WARNING, t) for t in dict.fromkeys(warnings)]
     out: dict[tuple, tuple[Ref, str, list[str]]] = {}
     for obj in objects:
         ref = ref_of(obj)
-        group = ref.api_version.split("/")[0] if "/" in ref.api_version else ""
-        if not (group.endswith(".istio.io") or group == kinds.GATEWAY_API):
+        if not _istio(ref):
             continue
         mark = f"({ref.label})"
         for severity, text in texts:
@@ -124,7 +126,18 @@ def problems(objects: Iterable[KubeObject | dict], errors: Iterable[str], warnin
                 reason = reason_of(ref, severity, text)
                 entry = out.setdefault((ref.label, reason), (ref, reason, []))
                 entry[2].append(one_line(text))
+    for identity, why in refused:
+        ref = ref_of(identity)
+        if _istio(ref):
+            entry = out.setdefault((ref.label, REFUSED), (ref, REFUSED, []))
+            if one_line(why) not in entry[2]:
+                entry[2].append(one_line(why))
     return [Problem(ref, reason, _clip("; ".join(lines))) for ref, reason, lines in out.values()]
+
+
+def _istio(ref: Ref) -> bool:
+    group = ref.api_version.split("/")[0] if "/" in ref.api_version else ""
+    return group.endswith(".istio.io") or group == kinds.GATEWAY_API
 
 
 def one_line(text: str) -> str:

@@ -291,10 +291,11 @@ class KubeSource:
                 out.update({f"{SOURCE} ({name})": why for name, why in store.errors.items()})
             return out
 
-    def refused(self) -> list[dict]:
-        """The identity (apiVersion, kind, metadata) of every object whose last version was refused."""
+    def refused(self) -> list[tuple[dict, str]]:
+        """(identity: apiVersion, kind, metadata; why) of every object whose last version was refused."""
         with self._lock:
-            return [ref for store in self._stores for ref in store.refused.values()]
+            return [(ref, store.errors[name]) for store in self._stores for name, ref in store.refused.items()
+                    if name in store.errors]
 
     @property
     def scan_error(self) -> str | None:

@@ -153,3 +153,21 @@ def test_submit_without_a_running_writer_drops_and_counts():
     writer = events.EventWriter(client=None, node="n1")
     writer.submit([problem()])
     assert writer.describe()["dropped_queue"] == 1 and writer.reporter.reported == {}
+
+
+
+def test_an_object_the_kube_source_refuses_gets_its_event_until_fixed_or_deleted():
+    from nodeagent.sources.kube import KINDS, Store
+    store = Store(next(k for k in KINDS if k.kind == "VirtualService"))
+    meta = {"name": "r", "namespace": "shop", "uid": "u1", "resourceVersion": "5"}
+    store.apply({"type": "ADDED", "object": {"metadata": {**meta, "labels": "x"}, "spec": {}}})
+    refused = [(store.refused[name], store.errors[name]) for name in store.refused]
+    [p] = events.problems([], [], [], refused)  # its message names it without its namespace
+    assert p == Problem(Ref("networking.istio.io/v1", "VirtualService", "shop", "r", "u1", "5"), "Refused",
+                        "kube (VirtualService r): metadata.labels must be a map of strings, not str")
+    store.apply({"type": "MODIFIED", "object": {"metadata": {**meta, "resourceVersion": "6"}, "spec": {}}})
+    assert store.refused == {} and store.errors == {}
+    store.apply({"type": "MODIFIED", "object": {"metadata": {**meta, "labels": 1, "resourceVersion": "7"}}})
+    assert list(store.refused) == ["VirtualService shop/r"]
+    store.apply({"type": "DELETED", "object": {"metadata": {**meta, "resourceVersion": "8"}}})
+    assert store.refused == {}
