@@ -10,7 +10,9 @@ the Istio CRDs are served) equals the files source's model of the same objects a
 AuthorizationPolicy applied and deleted each arrive as the next model; the real server's
 410 for a compacted resourceVersion is a Gone; a restarted API server breaks every watch
 and the source lists again, losing no change made meanwhile; a kind whose CRD is not
-installed is reported and the others are read.
+installed is reported and the others are read; `nodeagent run --source kube` agents on
+both nodes report a Gateway and a VirtualService whose regex does not compile as one
+Warning Event each (kube/events.py), counted across agents, and nothing once fixed.
 
 Needs the control plane built (`controlplane/build`, run by scripts/setup): without it
 the test is skipped on a developer machine and fails under CI."""
@@ -481,6 +483,175 @@ def test_the_agent_runs_on_the_kube_source_and_enrols_an_api_pod(kube_lab):
             agent.kill()
             agent.wait()
     assert agent.returncode == 0, log.read_text()[-3000:]
+
+
+# --- Events for refused or unsupported Istio resources (kube/events.py) -----------------
+EVENTS_NAMESPACE = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: evt}
+"""
+
+GATEWAY = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: evt}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+"""
+
+
+def bad_route(regex: str) -> str:
+    """A VirtualService the CRD schema takes and the agents' validation refuses (`regex` does not compile)."""
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: route, namespace: evt}}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  http:
+  - match: [{{uri: {{regex: {json.dumps(regex)}}}}}]
+    route: [{{destination: {{host: web.shop.svc.cluster.local}}}}]
+"""
+
+
+GOOD_ROUTE = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: route, namespace: evt}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  http: [{route: [{destination: {host: web.shop.svc.cluster.local}}]}]
+"""
+
+
+def start_agent(lab, node: str) -> tuple[subprocess.Popen, Path]:
+    """`nodeagent run --source kube:KUBECONFIG` on `node`, as the lab would run its agent."""
+    from tests.e2e.conftest import cgroup2_root
+    from nodeagent.lab.layout import Layout
+    from nodeagent.lab.processes import in_node
+    layout = Layout(lab.name, cgroup_root=cgroup2_root())
+    kubeconfig = lab.run("kubeconfig").stdout.strip()
+    argv = in_node(layout, node, [
+        sys.executable, "-m", "nodeagent", "run", "--node", node, "--source", f"kube:{kubeconfig}",
+        "--cgroup", layout.kubepods_cgroup(node), "--bpffs", layout.node_bpffs(node),
+        "--admin-socket", layout.agent_socket(node), "--waypoint-dir", layout.waypoint_dir(node),
+        "--no-waypoint", "--no-keep-on-exit", "--flow-log", "off"])
+    log = lab.workdir / f"{lab.name}-agent-{node}.log"
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT), log
+
+
+def stop_agent(agent: subprocess.Popen) -> None:
+    if agent.poll() is None:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+
+
+def agent_status(lab, node: str, agent: subprocess.Popen, log: Path) -> dict | None:
+    assert agent.poll() is None, f"the agent of {node} exited {agent.returncode}: {log.read_text()[-3000:]}"
+    proc = subprocess.run([sys.executable, "-m", "nodeagent", "status", "--lab", lab.name, "--node", node,
+                           "--output", "json"], capture_output=True, text=True, timeout=60)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def warnings_in(lab, namespace: str) -> dict[str, dict]:
+    """The namespace's Events, by the name of the object they are on."""
+    listed = json.loads(kubectl(lab, "get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    out: dict[str, list] = {}
+    for event in listed:
+        out.setdefault(event["involvedObject"]["name"], []).append(event)
+    return out
+
+
+def poll(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_refused_and_unsupported_istio_resources_get_one_warning_event_each_from_every_agent(kube_lab):
+    """Agents on kn1 and kn2 (the kube source) find a Gateway (not supported in ambient
+    mode) and a VirtualService whose regex does not compile (the CRD schema takes it):
+    each gets exactly one Warning Event, named for the object and reason, created by one
+    agent and counted up by the other (count 2). A new broken version is re-reported on
+    the same Event (count 3-4: two agents' concurrent count patches may lose one); after
+    the VirtualService is fixed and the Gateway deleted no Event is added or counted."""
+    lab = kube_lab
+    if not istio_served(lab):
+        pytest.fail("the Istio CRDs are not served on lab up --kube")
+    kubectl(lab, "apply", "-f", "-", input=EVENTS_NAMESPACE)
+    kubectl(lab, "apply", "-f", "-", input=GATEWAY + "---" + bad_route("(unclosed"))
+    uids = {name: kubectl(lab, "get", kind, name, "-n", "evt", "-o", "jsonpath={.metadata.uid}").stdout
+            for kind, name in (("gateways.networking.istio.io", "gw"),
+                               ("virtualservices.networking.istio.io", "route"))}
+    agents = {}
+    try:
+        for node in ("kn1", "kn2"):
+            agents[node] = start_agent(lab, node)
+
+        def counted(wanted: Callable[[int], bool]) -> dict | None:
+            found = warnings_in(lab, "evt")
+            ok = set(found) == {"gw", "route"} and all(len(v) == 1 and wanted(v[0]["count"]) for v in found.values())
+            return {name: v[0] for name, v in found.items()} if ok else None
+
+        events = poll(lambda: counted(lambda c: c == 2), "one Event per object, counted by both agents", 240)
+        gw, route = events["gw"], events["route"]
+        assert (gw["type"], gw["reason"]) == ("Warning", "NotSupportedInAmbient")
+        assert gw["message"].startswith("kube (Gateway evt/gw) kind: not supported in ambient mode: "), gw["message"]
+        assert (route["type"], route["reason"]) == ("Warning", "Refused")
+        assert route["message"].startswith("kube (VirtualService evt/route) spec.http[0].match[0].uri.regex"), \
+            route["message"]
+        assert "(unclosed" in route["message"] and "\n" not in route["message"]
+        for name, event in events.items():
+            ref = event["involvedObject"]
+            assert (ref["namespace"], ref["name"], ref["uid"]) == ("evt", name, uids[name])
+            assert event["source"]["component"] == event["reportingComponent"] == "nodeagent"
+            assert event["source"]["host"] in ("kn1", "kn2")
+        first_name = route["metadata"]["name"]
+
+        kubectl(lab, "apply", "-f", "-", input=bad_route("[still"))  # re-reported: a new broken version
+        again = poll(lambda: (e := counted(lambda c: c >= 2)) and "[still" in e["route"]["message"]
+                     and e["route"]["count"] in (3, 4) and e, "the re-report counted on the same Event")
+        assert again["route"]["metadata"]["name"] == first_name
+        assert again["gw"]["count"] == 2  # the Gateway did not change: not re-reported
+
+        kubectl(lab, "apply", "-f", "-", input=GOOD_ROUTE)
+        kubectl(lab, "delete", "gateways.networking.istio.io", "gw", "-n", "evt", "--wait=true")
+        for node, (agent, log) in agents.items():  # every agent's problems fixed
+            poll(lambda: (st := agent_status(lab, node, agent, log)) and st["source"]["events"]["open"] == 0,
+                 f"the agent of {node} to see the fixes")
+        settled = {name: {k: e[k] for k in ("count", "lastTimestamp", "message")}
+                   for name, e in counted(lambda c: True).items()}
+        touched = time.time()  # one more model on each agent after the fixes: it writes nothing
+        kubectl(lab, "label", "namespace", "evt", "touched=1", "--overwrite")
+        statuses = {node: poll(lambda: (st := agent_status(lab, node, agent, log))
+                               and (st["source"]["model_changed_at"] or 0) > touched and st,
+                               f"the agent of {node} to read the next model")
+                    for node, (agent, log) in agents.items()}
+        for node, st in statuses.items():
+            counts = st["source"]["events"]
+            assert counts["failures"] == counts["dropped_rate"] == counts["dropped_queue"] == 0, (node, counts)
+        assert sum(st["source"]["events"]["created"] for st in statuses.values()) == 2
+        later = {name: {k: e[k] for k in ("count", "lastTimestamp", "message")}
+                 for name, e in counted(lambda c: True).items()}
+        assert later == settled  # nothing new once fixed
+        assert settled["route"]["count"] in (3, 4) and settled["gw"]["count"] == 2
+    finally:
+        for agent, _ in agents.values():
+            stop_agent(agent)
+        kubectl(lab, "delete", "namespace", "evt", "--wait=false", check=False)
+    for node, (agent, log) in agents.items():
+        assert agent.returncode == 0, (node, log.read_text()[-3000:])
 
 
 if __name__ == "__main__":
