@@ -14,7 +14,7 @@ import os
 from nodeagent.agent.admin import fetch_status
 from nodeagent.errors import NodeagentError
 from nodeagent.lab import meshca, services, supervisor
-from nodeagent.lab.kube import controlplane
+from nodeagent.lab.kube import controlplane, mirror
 from nodeagent.lab.state import LabRecord, Runtime, lab_model
 
 
@@ -60,7 +60,7 @@ def _api_pods(record: LabRecord) -> list[dict] | str:
              "restarts": sum(c.get("restartCount", 0) for c in p.get("status", {}).get("containerStatuses", [])),
              "uid": p["metadata"]["uid"]}
             for p in sorted(items, key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"]))
-            if p["spec"].get("nodeName") in record.alloc.nodes]
+            if p["spec"].get("nodeName") in record.alloc.nodes and not mirror.is_mirror(p)]  # file pods: listed above
 
 
 def _ca(record: LabRecord, runtime: Runtime) -> dict | None:

@@ -187,6 +187,8 @@ def test_the_files_pods_are_mirror_pods_at_their_lab_addresses(kube_lab: Lab):
     assert pods["shop/web-0"]["metadata"]["labels"] == {"app": "web"}
     assert pods["shop/web-0"]["metadata"]["annotations"]["nodeagent.io/service-account"] == "reviews"
     assert pods["shop/web-0"]["spec"]["containers"][0]["image"] == "nodeagent-lab/echo"
+    # lab status lists the file's pods once: their mirrors are not listed again as the API's pods
+    assert [p["name"] for p in kube_lab.status()["controlplane"]["pods"]] == []
 
 
 def test_the_files_service_gets_an_endpointslice_of_exactly_the_files_pods(kube_lab: Lab):

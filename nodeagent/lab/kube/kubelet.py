@@ -463,12 +463,7 @@ class Kubelet:
         """Note when containers started and ended (after the supervisor stepped them)."""
         wall = _now()
         for pod in self.pods.values():
-            for name, unit in pod.units.items():
-                if unit.proc is not None and pod.started.get(name, (None,))[0] != unit.proc.pid:
-                    pod.started[name] = (unit.proc.pid, wall)
-                    pod.finished.pop(name, None)
-                elif unit.proc is None and name in pod.started and name not in pod.finished:
-                    pod.finished[name] = wall
+            observe_units(pod, wall)
 
     def step(self, now: float) -> None:
         """Signal the processes of pods being deleted (before the supervisor steps units)."""
@@ -648,6 +643,17 @@ def release_mount_points(layout) -> list[str]:
     """At `lab down`: remove what the lab made on the machine for its pods' mounts (mount
     points, hostPaths it created) that no other lab uses; the paths it could not remove."""
     return volumes.release(layout.run_root, f"{layout.name}:", final=True)
+
+
+def observe_units(pod: KubePod, wall: str) -> None:
+    """Note when the pod's containers started and ended (`wall`: now, RFC 3339), for
+    their statuses; the file pods' mirrors (kube/mirror.py) use it too."""
+    for name, unit in pod.units.items():
+        if unit.proc is not None and pod.started.get(name, (None,))[0] != unit.proc.pid:
+            pod.started[name] = (unit.proc.pid, wall)
+            pod.finished.pop(name, None)
+        elif unit.proc is None and name in pod.started and name not in pod.finished:
+            pod.finished[name] = wall
 
 
 def _signal(proc, signum: int) -> None:

@@ -108,16 +108,6 @@ def why_replace(item: dict, pod: spec.PodSpec | None) -> str | None:
     return None
 
 
-def observe_units(pod: kubelet.KubePod, wall: str) -> None:
-    """Note when the pod's containers started and ended, as `Kubelet.observe` does."""
-    for name, unit in pod.units.items():
-        if unit.proc is not None and pod.started.get(name, (None,))[0] != unit.proc.pid:
-            pod.started[name] = (unit.proc.pid, wall)
-            pod.finished.pop(name, None)
-        elif unit.proc is None and name in pod.started and name not in pod.finished:
-            pod.finished[name] = wall
-
-
 @dataclass
 class MirrorPods:
     """The mirror pods of every node of the lab; see the module docstring."""
@@ -150,7 +140,7 @@ class MirrorPods:
                 known = kubelet.KubePod(alloc.uid, pod, alloc.node, alloc.ip, record.alloc.nodes[alloc.node].fabric_ip,
                                         False, mine, images)
             known.pod = pod  # relabelled by `apply`: the same processes, so the same history
-            observe_units(known, wall)
+            kubelet.observe_units(known, wall)
             pods[key] = known
             statuses[key] = kubelet.pod_status(known, phase_of(list(mine.values())))
         self.pods = pods
