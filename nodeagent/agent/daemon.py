@@ -43,6 +43,7 @@ from nodeagent.kube import events
 from nodeagent.model import Model
 from nodeagent.sources.files import FilesSource
 from nodeagent.xds.istio.config import IstioConfig
+from nodeagent.xds.istio.problems import problems
 from nodeagent.sources.kube import KubeSource
 
 
@@ -190,7 +191,7 @@ class Agent:
         errors += [str(e) for e in config.errors]
         warnings = [w for w in warnings if "not in force" in w or "not applicable" in w]
         objects = [o for objs in model.resources.values() for o in objs]
-        self.source.events.submit(events.problems(objects, errors, warnings, self.source.refused()))
+        self.source.events.submit(problems(objects, errors, warnings, self.source.refused()))
 
     # --- status ---------------------------------------------------------------------
     def readiness(self) -> Readiness:

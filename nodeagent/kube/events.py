@@ -4,11 +4,9 @@ The agents' verdicts on Istio resources (refused by validation, a kind not suppo
 ambient mode, not applicable to ambient) are shown where users look: a Warning Event
 on the resource, as istiod's validation and client-go's event recorder write them.
 
-- `problems(objects, errors, warnings)`: the verdicts as the agent's status gives them
-  (one-line texts naming a resource "(Kind ns/name)", the way lab/verdicts.py matches
-  them) turned into one Problem per resource: its reference (uid, resourceVersion), a
-  reason (`Refused`, `NotSupportedInAmbient`, `NotApplicable`, `NotInForce`) and the
-  message. Pure.
+- `Problem`: one resource's reference (uid, resourceVersion), a reason (`Refused`,
+  `NotSupportedInAmbient`, `NotApplicable`, `NotInForce`) and the message; the
+  verdicts become Problems in xds/istio/problems.py (this package stays below xds).
 - `event_name(ref, reason)`: deterministic, from the object (and its uid) and the
   reason, so every agent that finds the same problem writes the same Event: the first
   creates it, the others get 409 AlreadyExists and PATCH its count and lastTimestamp
@@ -38,7 +36,6 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 from nodeagent.kube.objects import KubeObject
-from nodeagent.xds.istio import kinds
 
 COMPONENT = "nodeagent"  # source.component and reportingController
 REFUSED, NOT_SUPPORTED, NOT_APPLICABLE, NOT_IN_FORCE = (
@@ -95,56 +92,11 @@ class Problem:
                 self.reason)
 
 
-def reason_of(obj: KubeObject | Ref, severity: str, text: str) -> str:
-    """The Event reason of one verdict on `obj`."""
-    if severity == kinds.WARNING and kinds.NOT_APPLICABLE.split(" (")[0] in text:
-        return NOT_APPLICABLE
-    if kinds.NOT_SUPPORTED in text:
-        return NOT_SUPPORTED
-    if severity == kinds.WARNING:
-        return NOT_IN_FORCE
-    return REFUSED
-
-
-def problems(objects: Iterable[KubeObject | dict], errors: Iterable[str], warnings: Iterable[str] = (),
-             refused: Iterable[tuple[dict, str]] = ()) -> list[Problem]:
-    """One Problem per (Istio resource, reason) named by the verdicts `errors` (refused,
-    not supported, unknown kind) or `warnings` (not applicable, not in force), and one
-    `Refused` per object the source refused outright (`refused`: its identity and why,
-    as KubeSource.refused gives them: its message may not name it in full); several texts
-    of one resource and reason are joined. Objects no verdict names get none;
-    Kubernetes' own kinds (Pods, Services) get none here."""
-    texts = [(kinds.ERROR, t) for t in dict.fromkeys(errors)] + [(kinds.WARNING, t) for t in dict.fromkeys(warnings)]
-    out: dict[tuple, tuple[Ref, str, list[str]]] = {}
-    for obj in objects:
-        ref = ref_of(obj)
-        if not _istio(ref):
-            continue
-        mark = f"({ref.label})"
-        for severity, text in texts:
-            if mark in text:
-                reason = reason_of(ref, severity, text)
-                entry = out.setdefault((ref.label, reason), (ref, reason, []))
-                entry[2].append(one_line(text))
-    for identity, why in refused:
-        ref = ref_of(identity)
-        if _istio(ref):
-            entry = out.setdefault((ref.label, REFUSED), (ref, REFUSED, []))
-            if one_line(why) not in entry[2]:
-                entry[2].append(one_line(why))
-    return [Problem(ref, reason, _clip("; ".join(lines))) for ref, reason, lines in out.values()]
-
-
-def _istio(ref: Ref) -> bool:
-    group = ref.api_version.split("/")[0] if "/" in ref.api_version else ""
-    return group.endswith(".istio.io") or group == kinds.GATEWAY_API
-
-
 def one_line(text: str) -> str:
     return re.sub(r"\s*\n\s*", "; ", text.strip())
 
 
-def _clip(text: str) -> str:
+def clip(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
 
 

@@ -10,6 +10,7 @@ import asyncio
 from nodeagent.kube import events
 from nodeagent.kube.events import Problem, Ref, Reporter
 from nodeagent.kube.objects import object_from_dict
+from nodeagent.xds.istio.problems import problems
 from nodeagent.model import Model
 from nodeagent.agent.proxy.policies import kind_verdicts
 from nodeagent.xds.istio.config import IstioConfig
@@ -44,7 +45,7 @@ def verdicts(objects):
 
 def test_each_resource_gets_one_problem_with_its_reason_and_the_verdicts_message():
     objects = [GATEWAY, SIDECAR, BAD_REGEX, GOOD, POD]
-    found = {p.ref.label: p for p in events.problems(objects, *verdicts(objects))}
+    found = {p.ref.label: p for p in problems(objects, *verdicts(objects))}
     assert sorted(found) == ["Gateway shop/gw", "Sidecar shop/default", "VirtualService shop/web"]
     assert found["Gateway shop/gw"].reason == "NotSupportedInAmbient"
     assert found["Gateway shop/gw"].message.startswith("kube (Gateway shop/gw) kind: not supported in ambient mode")
@@ -57,16 +58,16 @@ def test_each_resource_gets_one_problem_with_its_reason_and_the_verdicts_message
 
 def test_texts_of_one_resource_and_reason_are_joined_on_one_line_and_clipped():
     texts = ["kube (VirtualService shop/ok) spec.a: bad", "kube (VirtualService shop/ok) spec.b: worse\n  why"]
-    [p] = events.problems([GOOD], texts)
+    [p] = problems([GOOD], texts)
     assert p.message == "kube (VirtualService shop/ok) spec.a: bad; kube (VirtualService shop/ok) spec.b: worse; why"
-    [p] = events.problems([GOOD], ["kube (VirtualService shop/ok) " + "x" * 5000])
+    [p] = problems([GOOD], ["kube (VirtualService shop/ok) " + "x" * 5000])
     assert len(p.message) == events.MAX_MESSAGE and p.message.endswith("...")
 
 
 def test_a_refused_objects_identity_from_the_source_is_enough():
     ref = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
            "metadata": {"namespace": "shop", "name": "broken", "uid": "u1", "resourceVersion": "7"}}
-    [p] = events.problems([ref], ["kube (VirtualService shop/broken): spec must be a map"])
+    [p] = problems([ref], ["kube (VirtualService shop/broken): spec must be a map"])
     assert (p.ref.uid, p.ref.resource_version, p.reason) == ("u1", "7", "Refused")
 
 
@@ -84,7 +85,7 @@ def test_the_event_name_is_deterministic_per_object_and_reason():
 
 
 def test_the_event_body_names_the_object_and_the_reporting_node():
-    [p] = events.problems([BAD_REGEX], ["kube (VirtualService shop/web) spec: bad"])
+    [p] = problems([BAD_REGEX], ["kube (VirtualService shop/web) spec: bad"])
     body = events.event_body(p, "node-1", 0.0)
     assert body["metadata"] == {"name": events.event_name(p.ref, "Refused"), "namespace": "shop"}
     assert body["involvedObject"] == {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
@@ -162,7 +163,7 @@ def test_an_object_the_kube_source_refuses_gets_its_event_until_fixed_or_deleted
     meta = {"name": "r", "namespace": "shop", "uid": "u1", "resourceVersion": "5"}
     store.apply({"type": "ADDED", "object": {"metadata": {**meta, "labels": "x"}, "spec": {}}})
     refused = [(store.refused[name], store.errors[name]) for name in store.refused]
-    [p] = events.problems([], [], [], refused)  # its message names it without its namespace
+    [p] = problems([], [], [], refused)  # its message names it without its namespace
     assert p == Problem(Ref("networking.istio.io/v1", "VirtualService", "shop", "r", "u1", "5"), "Refused",
                         "kube (VirtualService r): metadata.labels must be a map of strings, not str")
     store.apply({"type": "MODIFIED", "object": {"metadata": {**meta, "resourceVersion": "6"}, "spec": {}}})
