@@ -90,7 +90,16 @@ spec:
   nodeName: fk1
   containers:
   - {name: main, command: [sleep, infinity]}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  http: [{timeout: 3s, route: [{destination: {host: web.shop.svc.cluster.local}}]}]
 """
+
+VIRTUAL_SERVICE = LAB_YAML[LAB_YAML.index("apiVersion: networking.istio.io/v1beta1"):]
 
 CHANGED = """
 apiVersion: v1
@@ -227,6 +236,21 @@ def test_the_files_data_and_rbac_objects_are_in_the_api(kube_lab: Lab):
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
     default = kubectl_json(kube_lab, "get", "namespace", "default")
     assert "nodeagent.io/managed-by" not in default["metadata"].get("annotations", {})  # the API server's own
+
+
+def test_the_files_istio_objects_are_in_the_api_until_deleted_from_the_lab(kube_lab: Lab):
+    """Given at v1beta1, judged by Istio's schema (the CRDs lab up --kube installs), read
+    back at v1; lab delete -f removes it from the API as from the lab."""
+    vs = kubectl_json(kube_lab, "get", "virtualservices.networking.istio.io", "web", "-n", "shop")
+    assert vs["apiVersion"] == "networking.istio.io/v1"
+    assert vs["spec"] == {"hosts": ["web.shop.svc.cluster.local"],
+                          "http": [{"timeout": "3s", "route": [{"destination": {"host": "web.shop.svc.cluster.local"}}]}]}
+    assert vs["metadata"]["annotations"]["nodeagent.io/managed-by"] == "nodeagent-lab"
+    out = kube_lab.run("delete", "-f", kube_lab.write(VIRTUAL_SERVICE, "vs")).stdout
+    assert "deleted from the API: virtualservice shop/web" in out, out
+    gone = kube_lab.run("kubectl", "--", "get", "virtualservices.networking.istio.io", "web", "-n", "shop",
+                        timeout=60, check=False)
+    assert gone.returncode == 1 and 'virtualservices.networking.istio.io "web" not found' in gone.stderr, gone
 
 
 def test_lab_apply_of_a_changed_file_changes_the_api(kube_lab: Lab):

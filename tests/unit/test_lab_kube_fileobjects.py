@@ -2,12 +2,12 @@
 (kube/fileobjects.py: server-side apply bodies, the lab's mark, what is deleted and in
 which order), the mirror pods of the file's pods (kube/mirror.py: what NodeRestriction
 lets a node create, when one is replaced, the status from the supervisor's units), and
-the supervisor starting the API server's clients only once it is ready."""
+the supervisor starting the API server's clients only once it is ready. Talking to the API
+is checked on the real one (tests/e2e/test_lab_kube_file.py), never a stand-in."""
 
 from __future__ import annotations
 
 import base64
-import logging
 import urllib.parse
 
 import pytest
@@ -17,8 +17,7 @@ from nodeagent.kube.objects import parse_documents
 from nodeagent.lab import spec
 from nodeagent.lab.ipam import allocate
 from nodeagent.lab.kube import fileobjects, mirror
-from nodeagent.lab.state import LabRecord
-from nodeagent.lab.supervisor import Supervisor, Unit, pod_phase
+from nodeagent.lab.supervisor import Supervisor, Unit
 
 FILE = """
 apiVersion: v1
@@ -113,7 +112,8 @@ def test_the_lab_applies_the_kinds_the_api_serves_in_dependency_order():
     items = fileobjects.wanted(desired, alloc)
     assert [str(i) for i in items] == [
         "namespace default", "namespace other", "namespace shop", "serviceaccount shop/reviews", "secret shop/creds",
-        "configmap shop/settings", "clusterrolebinding readers", "role shop/reader", "service shop/web"]
+        "configmap shop/settings", "clusterrolebinding readers", "role shop/reader", "service shop/web",
+        "virtualservice shop/web"]
     by_name = {str(i): i.body for i in items}
     mark = {fileobjects.MANAGED_BY: "nodeagent-lab"}
     # `default` is the API server's: labelled, never marked (so never deleted)
@@ -154,6 +154,29 @@ def test_an_rbac_version_the_api_does_not_serve_is_refused_by_name():
         fileobjects.wanted(desired, alloc)
 
 
+def test_istio_kinds_go_at_the_files_version_when_their_crd_serves_it():
+    desired, alloc = desired_of(FILE.replace("networking.istio.io/v1\nkind: VirtualService",
+                                             "networking.istio.io/v1beta1\nkind: VirtualService"))
+    [vs] = [i for i in fileobjects.wanted(desired, alloc) if i.kind.kind == "VirtualService"]
+    assert vs.body == {"apiVersion": "networking.istio.io/v1beta1", "kind": "VirtualService", "spec": {"hosts": ["web"]},
+                       "metadata": {"name": "web", "namespace": "shop",
+                                    "annotations": {fileobjects.MANAGED_BY: "nodeagent-lab"}}}
+    assert fileobjects.apply_path(vs).startswith("/apis/networking.istio.io/v1beta1/namespaces/shop/virtualservices/web?")
+    # Listed (for stale ones) at the CRD's storage version; every CRD of daemonset/crds is a kind here.
+    kinds = {k.kind: k for k in fileobjects.istio_kinds()}
+    assert len(kinds) == 14 and kinds["VirtualService"].collection() == "/apis/networking.istio.io/v1/virtualservices"
+    assert kinds["AuthorizationPolicy"].served == ("v1", "v1beta1")
+    desired, alloc = desired_of(FILE.replace("networking.istio.io/v1\nkind: VirtualService",
+                                             "networking.istio.io/v2\nkind: VirtualService"))
+    with pytest.raises(ConfigError, match=r"\(VirtualService shop/web\) apiVersion: VirtualService is served as "
+                                          r"networking.istio.io/v1, networking.istio.io/v1alpha3, "
+                                          r"networking.istio.io/v1beta1, not networking.istio.io/v2"):
+        fileobjects.wanted(desired, alloc)
+
+
+VS = next(k for k in fileobjects.istio_kinds() if k.kind == "VirtualService")
+
+
 def _item(name: str, namespace: str = "", marked: bool = True) -> dict:
     meta = {"name": name, **({"namespace": namespace} if namespace else {})}
     if marked:
@@ -169,41 +192,11 @@ def test_only_the_labs_own_objects_that_left_it_are_deleted_namespaces_last():
             kinds["ConfigMap"]: [_item("settings", "shop"), _item("old", "gone"), _item("theirs", "shop", False),
                                  _item("kube-root-ca.crt", "shop", False)],
             kinds["Service"]: [_item("web", "shop"), _item("web", "gone")],
-            kinds["ClusterRole"]: [_item("old-role")]}
+            kinds["ClusterRole"]: [_item("old-role")],
+            VS: [_item("web", "shop"), _item("old", "shop")]}
     assert [(k.kind, ns, name) for k, ns, name in fileobjects.stale(keep, live)] == [
-        ("Service", "gone", "web"), ("ClusterRole", "", "old-role"), ("ConfigMap", "gone", "old"),
-        ("Namespace", "", "gone")]
-
-
-class RecordingApi:
-    """An API server that answers server-side applies (201 the first time, 200 after)
-    and lists and deletes what it holds; records every call."""
-
-    def __init__(self, held: dict[str, list[dict]] | None = None):
-        self.calls, self.held, self.applied = [], held or {}, set()
-
-    def request(self, method, path, body=None, content_type="application/json"):
-        self.calls.append((method, path, content_type))
-        key = path.partition("?")[0]
-        created = key not in self.applied
-        self.applied.add(key)
-        return (201 if created else 200), body
-
-    def call(self, method, path, body=None, content_type="application/json", ok=(200, 201)):
-        self.calls.append((method, path, content_type))
-        return {"items": self.held.get(path, [])} if method == "GET" else {}
-
-
-def test_sync_applies_everything_then_deletes_what_left_the_lab():
-    desired, alloc = desired_of()
-    api = RecordingApi({"/api/v1/configmaps": [_item("settings", "shop"), _item("old", "shop")]})
-    changes = fileobjects.sync(api, desired, alloc)
-    assert len(changes.created) == 9 and changes.deleted == ["configmap shop/old"]
-    patches = [c for c in api.calls if c[0] == "PATCH"]
-    assert {c[2] for c in patches} == {"application/apply-patch+yaml"}
-    assert api.calls[-1] == ("DELETE", "/api/v1/namespaces/shop/configmaps/old", "application/json")
-    again = fileobjects.sync(api, desired, alloc)
-    assert again.created == []  # applied again: 200, nothing new
+        ("VirtualService", "shop", "old"), ("Service", "gone", "web"), ("ClusterRole", "", "old-role"),
+        ("ConfigMap", "gone", "old"), ("Namespace", "", "gone")]
 
 
 # --- mirror pods ------------------------------------------------------------------
@@ -240,86 +233,6 @@ def test_a_mirror_pod_is_replaced_when_the_files_pod_changes_or_the_api_deletes_
     assert mirror.why_replace(item, None) == "its pod left the lab"
     item["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert mirror.why_replace(item, pod) == "deleted through the API"
-
-
-class FakeProc:
-    def __init__(self, pid: int):
-        self.pid = pid
-
-
-def _units(record: LabRecord) -> dict[str, Unit]:
-    out = {}
-    for key, pod in record.desired.pods.items():
-        for c in pod.containers:
-            out[f"pod:{key}/{c.name}"] = Unit(["x"], {}, "/cg", "/log")
-    return out
-
-
-class NodeApi:
-    """What node n2 sees: its Node, the pods bound to it; records creates, deletes, status patches."""
-
-    def __init__(self, pods: list[dict]):
-        self.pods, self.created, self.deleted, self.patched = pods, [], [], []
-
-    def request(self, method, path, body=None, content_type="application/json"):
-        if method == "GET":
-            return 200, {"metadata": {"name": "n2", "uid": "uid-n2"}}
-        body = {**body, "metadata": {**body["metadata"], "uid": f"uid-{len(self.created)}"}}
-        self.created.append(body)
-        self.pods.append(body)
-        return 201, body
-
-    def call(self, method, path, body=None, content_type="application/json", ok=(200, 201)):
-        if method == "GET":
-            return {"items": list(self.pods)}
-        if method == "DELETE":
-            self.deleted.append((path, body["preconditions"]["uid"]))
-            self.pods = [p for p in self.pods if p["metadata"]["uid"] != body["preconditions"]["uid"]]
-        else:
-            self.patched.append((path, body))
-        return {}
-
-
-def test_mirror_pods_are_created_reported_once_and_replaced_as_kubelet_does():
-    desired, alloc = desired_of()
-    record = LabRecord("t", "/sys/fs/cgroup", False, desired.objects, alloc, controlplane="/cp")
-    units = _units(record)
-    units["pod:shop/web/main"].proc, units["pod:shop/web/main"].starts = FakeProc(42), 1
-    stranger = {"metadata": {"name": "old", "namespace": "shop", "uid": "uid-old",
-                             "annotations": {mirror.MIRROR: "h"}}}
-    api_pod = {"metadata": {"name": "theirs", "namespace": "shop", "uid": "uid-api"}}  # not a mirror: not ours
-    api = NodeApi([stranger, api_pod])
-    mirrors = mirror.MirrorPods(record, {"n2": api}, logging.getLogger("t"))
-    mirrors.observe(record, units, pod_phase)
-    mirrors.sync_node("n2", api, record, mirrors.statuses)
-    on_n2 = sorted(k for k, a in alloc.pods.items() if a.node == "n2")
-    assert sorted(f"{b['metadata']['namespace']}/{b['metadata']['name']}" for b in api.created) == on_n2
-    assert api.deleted == [("/api/v1/namespaces/shop/pods/old", "uid-old")]
-    web = next(body for path, body in api.patched if path == "/api/v1/namespaces/shop/pods/web/status")
-    status = web["status"]
-    assert (status["phase"], status["podIP"], status["hostIP"]) == ("Running", alloc.pods["shop/web"].ip,
-                                                                    alloc.nodes["n2"].fabric_ip)
-    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
-    main = status["containerStatuses"][0]
-    assert (main["name"], main["ready"], main["restartCount"], main["containerID"]) == (
-        "main", True, 0, "nodeagent-lab://42")
-    others = [body for path, body in api.patched if path != "/api/v1/namespaces/shop/pods/web/status"]
-    assert {b["status"]["phase"] for b in others} == {"Pending"}  # not started yet
-    patched = len(api.patched)
-    mirrors.observe(record, units, pod_phase)
-    mirrors.sync_node("n2", api, record, mirrors.statuses)
-    assert (len(api.created), len(api.patched)) == (len(on_n2), patched)  # nothing changed: no call
-    units["pod:shop/web/main"].proc, units["pod:shop/web/main"].restarts = FakeProc(43), 1  # it restarted
-    mirrors.observe(record, units, pod_phase)
-    mirrors.sync_node("n2", api, record, mirrors.statuses)
-    assert api.patched[-1][1]["status"]["containerStatuses"][0]["restartCount"] == 1
-    # the pod leaves the lab: its mirror goes; the others stay
-    kept = [o for o in desired.objects if not (o.kind == "Pod" and o.name == "web")]
-    smaller = LabRecord("t", "/sys/fs/cgroup", False, kept, alloc, controlplane="/cp")
-    mirrors.observe(smaller, units, pod_phase)
-    mirrors.sync_node("n2", api, smaller, mirrors.statuses)
-    assert api.deleted[-1][0] == "/api/v1/namespaces/shop/pods/web"
-    assert len(api.created) == len(on_n2)
 
 
 def test_the_api_servers_clients_start_only_once_it_is_ready():

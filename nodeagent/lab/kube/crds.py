@@ -6,7 +6,8 @@ byte for byte (tests/unit/test_daemonset_manifests.py checks it against the modu
 checksum-verified by that folder's go.sum). `lab up --kube` applies them once the control
 plane serves and the nodes are Ready (server-side apply as the admin, field manager
 `nodeagent-lab`; an apply that gets no answer from a loaded API server is retried) and
-waits until each is Established, so a VirtualService given to the API is checked by
+waits until each is Established and its objects can be listed (an Established CRD's
+storage may still be initializing: 429), so a VirtualService given to the API is checked by
 Istio's schema from the first `kubectl apply` on.
 """
 
@@ -94,6 +95,23 @@ def not_established(client: ApiClient, names: list[str]) -> dict[str, str]:
     return waiting
 
 
+def not_serving(client: ApiClient, crds: list[dict]) -> dict[str, str]:
+    """CRD name -> why its objects cannot be listed yet: an Established CRD's storage
+    may still be initializing (the API answers 429 "storage is (re)initializing")."""
+    waiting = {}
+    for crd in crds:
+        spec = crd["spec"]
+        version = next(v["name"] for v in spec["versions"] if v.get("storage"))
+        try:
+            status, answer = client.request("GET", f"/apis/{spec['group']}/{version}/{spec['names']['plural']}?limit=1")
+        except ApiError as exc:
+            status, answer = 0, str(exc)
+        if status != 200:
+            message = answer.get("message") if isinstance(answer, dict) else str(answer).strip()
+            waiting[crd["metadata"]["name"]] = f"listing answered {status} {message}"
+    return waiting
+
+
 def install(client: ApiClient, out: Callable[[str], None], timeout: float, poll: float = 0.2,
             path: Path = CRD_FILE) -> list[str]:
     """Apply Istio's CRDs and wait until every one is Established; their names. ApiError
@@ -103,12 +121,12 @@ def install(client: ApiClient, out: Callable[[str], None], timeout: float, poll:
     deadline = time.monotonic() + timeout
     for crd in crds:
         _apply_until(client, crd, deadline, poll)
-    while True:
-        waiting = not_established(client, names)
+    while True:  # Established, then serving: the lab's first apply lists every kind
+        waiting = not_established(client, names) or not_serving(client, crds)
         if not waiting:
             out(f"{len(names)} Istio CRDs Established ({path.parent.name}/{path.name})")
             return names
         if time.monotonic() > deadline:
-            raise ApiError(f"Istio CRDs not Established after {timeout:.0f}s: "
+            raise ApiError(f"Istio CRDs not Established and serving after {timeout:.0f}s: "
                            + "; ".join(f"{n}: {why}" for n, why in waiting.items()))
         time.sleep(poll)

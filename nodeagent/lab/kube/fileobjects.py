@@ -13,20 +13,25 @@ API server's own namespaces are never marked nor deleted. Services keep the Clus
 lab gave them, so the API's allocator never hands it to another Service; the lab serves
 them from its own pods (kube-proxy's view skips them: kube/proxy.py). Pods and the pods of
 Deployments appear as mirror pods (kube/mirror.py); Deployments themselves stay out of the
-API, whose controller would run a second set of pods. Istio kinds are not applied yet (the
-agents read them from the `files` source until the `kube` source takes over, issue 13).
-Pure but for `sync`.
+API, whose controller would run a second set of pods. Istio's kinds are applied too, after
+the Services, at the version the file gives when their CRD (kube/crds.py, installed by
+`lab up --kube`) serves it: the API then judges them by Istio's schema, as a cluster
+would, and a refusal names the object and the schema's message. The lab's agents still
+read the file's Istio objects from the `files` source. Pure but for `sync`.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import functools
 import urllib.parse
 from dataclasses import dataclass, field
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
 from nodeagent.lab.ipam import Allocations
+from nodeagent.lab.kube import crds
 from nodeagent.lab.kube.api import ApiClient, ApiError
 from nodeagent.lab.spec import DesiredState
 
@@ -47,6 +52,7 @@ class Kind:
     plural: str
     namespaced: bool
     version: str = "v1"
+    served: tuple[str, ...] = ()  # a CRD's kind: the versions a file may give (else only `version`)
 
     @property
     def api_version(self) -> str:
@@ -67,7 +73,29 @@ KINDS = (Kind("", "Namespace", "namespaces", False), Kind("", "ServiceAccount", 
          Kind(RBAC, "ClusterRoleBinding", "clusterrolebindings", False),
          Kind(RBAC, "Role", "roles", True), Kind(RBAC, "RoleBinding", "rolebindings", True),
          Kind("", "Service", "services", True))
-BY_KIND = {(k.group, k.kind): k for k in KINDS}
+
+
+@functools.lru_cache(maxsize=1)
+def istio_kinds() -> tuple[Kind, ...]:
+    """The kinds of Istio's CRDs, as the lab installs them: listed at their storage
+    version, applied at the version the file gives if the CRD serves it."""
+    out = []
+    for crd in crds.load():
+        spec = crd["spec"]
+        versions = [v for v in spec["versions"] if v.get("served")]
+        storage = next(v["name"] for v in versions if v.get("storage"))
+        out.append(Kind(spec["group"], spec["names"]["kind"], spec["names"]["plural"],
+                        spec["scope"] == "Namespaced", storage, tuple(v["name"] for v in versions)))
+    return tuple(sorted(out, key=lambda k: (k.group, k.kind)))
+
+
+def all_kinds() -> tuple[Kind, ...]:
+    """In the order they are applied (Istio's last: they name Services); deleted in reverse."""
+    return KINDS + istio_kinds()
+
+
+def _by_kind() -> dict[tuple[str, str], Kind]:
+    return {(k.group, k.kind): k for k in all_kinds()}
 
 
 @dataclass(frozen=True)
@@ -122,7 +150,14 @@ def _secret_fields(body: dict) -> dict:
 def applied(obj: KubeObject, kind: Kind, alloc: Allocations) -> Applied:
     """The object as the lab applies it: the file's fields (no status, and only name,
     namespace, labels and annotations of its metadata), marked as the lab's."""
-    if kind.group and obj.api_version != kind.api_version:
+    version = obj.api_version.rpartition("/")[2]
+    if kind.served and version in kind.served:
+        kind = dataclasses.replace(kind, version=version)  # the CRD converts: all versions are one schema
+    elif kind.served:
+        raise ConfigError(f"{obj.source} ({obj.key}) apiVersion",
+                          f"{obj.kind} is served as {', '.join(f'{kind.group}/{v}' for v in kind.served)}, "
+                          f"not {obj.api_version}", "use one of those versions")
+    elif kind.group and obj.api_version != kind.api_version:
         raise ConfigError(f"{obj.source} ({obj.key}) apiVersion",
                           f"{obj.kind} must be {kind.api_version} in a --kube lab, not {obj.api_version}",
                           "the API server serves that version only")
@@ -140,21 +175,22 @@ def applied(obj: KubeObject, kind: Kind, alloc: Allocations) -> Applied:
 
 
 def wanted(desired: DesiredState, alloc: Allocations) -> list[Applied]:
-    """Every object of the lab the API should hold, in KINDS order: the file's objects
+    """Every object of the lab the API should hold, in all_kinds() order: the file's objects
     of those kinds, and a bare Namespace for each one the file only implies."""
     out = []
-    namespace = BY_KIND[("", "Namespace")]
+    by_kind = _by_kind()
+    namespace = by_kind[("", "Namespace")]
     for name, obj in desired.namespaces.items():
         if obj is None:
             body = {"apiVersion": "v1", "kind": "Namespace",
                     "metadata": _metadata(name, "", None, name not in SYSTEM_NAMESPACES)}
             out.append(Applied(namespace, "", name, body))
     for obj in desired.objects:
-        kind = BY_KIND.get((obj.group, obj.kind))
+        kind = by_kind.get((obj.group, obj.kind))
         if kind is not None:
             out.append(applied(obj, kind, alloc))
-    order = {k: i for i, k in enumerate(KINDS)}
-    return sorted(out, key=lambda a: (order[a.kind], a.namespace, a.name))
+    order = {(k.group, k.kind): i for i, k in enumerate(all_kinds())}
+    return sorted(out, key=lambda a: (order[(a.kind.group, a.kind.kind)], a.namespace, a.name))
 
 
 def _system(kind: Kind, name: str) -> bool:
@@ -169,10 +205,10 @@ def managed(kind: Kind, item: dict) -> bool:
 
 def stale(keep: list[Applied], live: dict[Kind, list[dict]]) -> list[tuple[Kind, str, str]]:
     """(kind, namespace, name) of the lab's objects in the API that `keep` no longer
-    holds, in deletion order: the reverse of KINDS, so namespaces go last."""
+    holds, in deletion order: the reverse of all_kinds(), so namespaces go last."""
     kept = {a.key for a in keep}
     out = []
-    for kind in reversed(KINDS):
+    for kind in reversed(all_kinds()):
         for item in live.get(kind, []):
             meta = item["metadata"]
             namespace = meta.get("namespace", "") if kind.namespaced else ""
@@ -188,20 +224,24 @@ def apply_path(item: Applied) -> str:
 
 def sync(client: ApiClient, desired: DesiredState, alloc: Allocations) -> Changes:
     """Apply every object of the lab to the API and delete the lab's objects it no longer
-    holds. ConfigError for an object the lab cannot apply, ApiError for the API's refusal
-    (naming the object and the server's message)."""
+    holds. ConfigError for an object the lab cannot apply; ApiError naming every object
+    the API refused and the server's message (e.g. Istio's schema), raised once the
+    others are applied and the stale ones deleted."""
     changes = Changes()
     keep = wanted(desired, alloc)
+    refused = []
     for item in keep:
         status, answer = client.request("PATCH", apply_path(item), item.body, APPLY_PATCH)
         if status == 201:
             changes.created.append(str(item))
         elif status != 200:
             message = answer.get("message") if isinstance(answer, dict) else str(answer).strip()
-            raise ApiError(f"applying {item}: {status} {message}", status)
-    live = {kind: client.call("GET", kind.collection()).get("items", []) for kind in KINDS}
+            refused.append((status, f"applying {item}: {status} {message}"))
+    live = {kind: client.call("GET", kind.collection()).get("items", []) for kind in all_kinds()}
     for kind, namespace, name in stale(keep, live):
         client.call("DELETE", kind.path(namespace, name), ok=(200, 202, 404))
         changes.deleted.append(f"{kind.kind.lower()} {namespace}/{name}" if namespace
                                else f"{kind.kind.lower()} {name}")
+    if refused:
+        raise ApiError("; ".join(text for _, text in refused), refused[0][0])
     return changes
