@@ -1,16 +1,15 @@
 """The lab's control plane without running it: the certificates and kubeconfigs the lab
 makes (who each user is, what the API server's certificate covers, file modes), each
-component's command line, the lab record carrying the binary, the node heartbeats
-against a recording API (register once, then a lease per beat, status every 5 minutes;
-errors retried), the API's Services as service rules, and pod status as the lab's
-kubelet reports it."""
+component's command line, the lab record carrying the binary, the API's Services as
+service rules, and pod status as the lab's kubelet reports it. What the lab says to the
+API (node registration and leases, env from ConfigMaps and Secrets) is checked on the
+real API server (tests/e2e/test_lab_kube.py), never a stand-in."""
 
 from __future__ import annotations
 
 import base64
 import ipaddress
 import json
-import logging
 import os
 import stat
 
@@ -19,12 +18,10 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import object_from_dict
 from nodeagent.lab import dns, services, spec
-from nodeagent.lab.ipam import Allocations, NodeAlloc, node_addresses
-from nodeagent.lab.kube import controlplane, kubelet, nodes, pki, proxy
-from nodeagent.lab.kube.api import ApiError
+from nodeagent.lab.ipam import Allocations
+from nodeagent.lab.kube import controlplane, kubelet, pki, proxy
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.state import LabRecord
 
@@ -115,93 +112,6 @@ def test_lab_record_keeps_the_control_plane_binary():
     assert LabRecord.from_json(data).kube is False
 
 
-class RecordingApi:
-    """Answers like an API server for one node; `fail` makes the next calls unreachable."""
-
-    def __init__(self):
-        self.calls: list[tuple[str, str]] = []
-        self.bodies: list[dict | None] = []
-        self.fail = 0
-        self.leases: set[str] = set()
-
-    def request(self, method, path, body=None, content_type="application/json"):
-        if self.fail:
-            self.fail -= 1
-            raise ApiError(f"{method} {path}: connection refused")
-        self.calls.append((method, path))
-        self.bodies.append(body)
-        if method == "PATCH" and "/leases/" in path and path.rsplit("/", 1)[1] not in self.leases:
-            return 404, {"message": "not found"}
-        if method == "POST" and path.endswith("/leases"):
-            self.leases.add(body["metadata"]["name"])
-            return 201, body
-        if method == "GET":
-            return 200, {"metadata": {"name": path.rsplit("/", 1)[1], "uid": "uid-1"}}
-        return 201 if method == "POST" else 200, body or {}
-
-    def call(self, method, path, body=None, content_type="application/json", ok=(200, 201)):
-        status, answer = self.request(method, path, body, content_type)
-        if status not in ok:
-            raise ApiError(f"{method} {path}: {status}", status)
-        return answer
-
-
-def test_node_registers_once_then_renews_its_lease(monkeypatch):
-    api, admin = RecordingApi(), RecordingApi()
-    clock = [1000.0]
-    monkeypatch.setattr(nodes.time, "monotonic", lambda: clock[0])
-    beat = nodes.NodeHeartbeat("n1", node_addresses(1), api, admin, {"labels": {"role": "edge"}})
-    beat.beat()
-    assert api.calls == [("POST", "/api/v1/nodes"), ("GET", "/api/v1/nodes/n1"),
-                         ("PATCH", "/api/v1/nodes/n1/status"),
-                         ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1"),
-                         ("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases")]
-    node = api.bodies[0]
-    assert node["spec"] == {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}
-    assert "role" not in node["metadata"]["labels"]  # NodeRestriction: the admin sets the file's labels
-    assert admin.calls == [("PATCH", "/api/v1/nodes/n1")]
-    assert admin.bodies == [{"metadata": {"labels": {"role": "edge"}}}]
-    status = api.bodies[2]["status"]
-    assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "MemoryPressure": "False", "DiskPressure": "False", "PIDPressure": "False", "Ready": "True"}
-    assert {"type": "InternalIP", "address": "172.30.0.2"} in status["addresses"]
-    assert api.bodies[-2] == {"spec": api.bodies[-1]["spec"]}
-    lease = api.bodies[-1]
-    assert lease["spec"]["holderIdentity"] == "n1" and lease["spec"]["leaseDurationSeconds"] == 40
-    assert lease["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-
-    api.calls.clear()
-    clock[0] += nodes.LEASE_RENEW
-    beat.beat()
-    assert api.calls == [("PATCH", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1")]
-    api.calls.clear()
-    clock[0] += nodes.STATUS_REPORT
-    beat.beat()
-    assert api.calls[1] == ("PATCH", "/api/v1/nodes/n1/status")
-
-
-def test_heartbeats_retry_an_unreachable_api_server_and_log_once(monkeypatch):
-    monkeypatch.setattr(nodes, "RETRY", nodes.Backoff(first=0.01, maximum=0.01))
-    api = RecordingApi()
-    api.fail = 3
-    log = logging.getLogger("test.heartbeats")
-    beat = nodes.NodeHeartbeat("n1", NodeAlloc(1, "172.30.0.2", "10.244.1.0/24"), api, RecordingApi(), {})
-    beats = nodes.Heartbeats([beat], log)
-    messages = []
-    log.warning = lambda fmt, *args: messages.append(fmt % args)  # type: ignore[method-assign]
-    beats.start()
-    try:
-        for _ in range(200):
-            lease = ("PATCH", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1")
-            if beat.registered and lease in api.calls:
-                break
-            beats.stop.wait(0.05)
-    finally:
-        beats.close()
-    assert beat.registered
-    assert len(messages) == 1 and "connection refused" in messages[0]
-
-
 def _svc(ns, name, ip, ports, kind="ClusterIP"):
     return {"metadata": {"namespace": ns, "name": name}, "spec": {"clusterIP": ip, "type": kind, "ports": ports}}
 
@@ -263,32 +173,3 @@ def test_pod_status_reports_phase_ip_and_container_states_and_is_stable():
     crashed = status["containerStatuses"][1]
     assert (crashed["restartCount"], crashed["state"]["waiting"]["reason"]) == (2, "CrashLoopBackOff")
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "False"
-
-
-def test_env_from_configmaps_secrets_and_labels_is_resolved_as_kubelet_does():
-    class Api:
-        objects = {"/api/v1/namespaces/n/configmaps/cfg": {"data": {"MODE": "fast", "LEVEL": "3"}},
-                   "/api/v1/namespaces/n/secrets/sec": {"data": {"password": base64.b64encode(b"s3cret").decode()}}}
-
-        def request(self, method, path, body=None, content_type="application/json"):
-            return (200, self.objects[path]) if path in self.objects else (404, {"message": "not found"})
-
-    item = {"metadata": {"name": "p", "namespace": "n", "labels": {"app": "web"}},
-            "spec": {"containers": [{"name": "c", "command": ["true"],
-                                     "envFrom": [{"configMapRef": {"name": "cfg"}, "prefix": "CFG_"},
-                                                 {"secretRef": {"name": "absent", "optional": True}}],
-                                     "env": [
-        {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "password"}}},
-        {"name": "NOPE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "x", "optional": True}}},
-        {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
-        {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-        {"name": "PLAIN", "value": "v"}]}]}}
-    resolved = kubelet.resolve_env(Api(), item)["spec"]["containers"][0]["env"]
-    assert resolved == [{"name": "CFG_LEVEL", "value": "3"}, {"name": "CFG_MODE", "value": "fast"},
-                        {"name": "PASSWORD", "value": "s3cret"}, {"name": "APP", "value": "web"},
-                        {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                        {"name": "PLAIN", "value": "v"}]
-    missing = {"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "x"}}}
-    item["spec"]["containers"][0]["env"] = [missing]
-    with pytest.raises(ConfigError, match="has no key 'x'"):
-        kubelet.resolve_env(Api(), item)
