@@ -665,7 +665,9 @@ def test_a_withdrawn_server_side_policy_stops_applying_to_the_connection_a_clien
         # The client never lost its own connection: node2's agent reset the connections
         # node1's Envoy held through node2's waypoint, and Envoy replaced them unseen.
         assert (withdrawn["connections"], withdrawn["replaced_idle"]) == (1, 0), withdrawn
-        assert mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deliver") > revoked
+        # The reset follows the steering change, which need not precede the requests above.
+        eventually(lambda: mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deliver")
+                   > revoked, True, "node2's agent reset the connections held through its waypoint", timeout=30)
     finally:
         held.close()
         mesh.apply_all([nowhere(r) for r in resources])
