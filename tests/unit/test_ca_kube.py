@@ -1,7 +1,7 @@
 """The CA's kube side without an API server: what a TokenReview answer decides (caller's
 node, or a refusal saying why), the pod fallback, token expiry, the bounded cache, an
 API error failing closed, the Secret's layout read back, and the kube settings. The
-API server's real answers are checked by tests/e2e/test_ca_kube.py."""
+API server's real answers are checked by tests/e2e/test_lab_kube_ca.py."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 against the files source's for the same objects, poll()'s gating on the first complete
 list, the client's credentials and its Status errors, and the agent's source settings.
 The list/watch loop itself runs against the lab's real API server
-(tests/e2e/test_kube_source.py)."""
+(tests/e2e/test_lab_kube_source.py)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ another) keeps the same root and still issues.
 
 Requests are made by the agent's own client (identity/workload/client.py CaClient and
 credentials.new_request) in a child process inside node kn1's netns, as the agent would
-(this file run as `python -m tests.e2e.test_ca_kube` is that child: a JSON request on
+(this file run as `python -m tests.e2e.test_lab_kube_ca` is that child: a JSON request on
 stdin, a JSON answer on stdout).
 
 Needs the control plane built (`controlplane/build`, run by scripts/setup): without it
@@ -199,7 +199,7 @@ def ask(lab: Lab, bearer: str, namespace: str, account: str, timeout: float = 60
     deadline = time.monotonic() + timeout
     while True:
         proc = subprocess.run(["ip", "netns", "exec", f"{lab.name}-n-kn1", sys.executable, "-m",
-                               "tests.e2e.test_ca_kube"], input=request, cwd=ROOT, capture_output=True,
+                               "tests.e2e.test_lab_kube_ca"], input=request, cwd=ROOT, capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         answer = json.loads(proc.stdout)

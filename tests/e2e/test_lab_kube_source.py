@@ -2,7 +2,7 @@
 
 A KubeSource runs in a child process inside a lab node's netns, as the agent would on
 that node, with the lab's admin kubeconfig (this file run as `python -m
-tests.e2e.test_kube_source KUBECONFIG WATCH_SECONDS` is that child: it prints one JSON
+tests.e2e.test_lab_kube_source KUBECONFIG WATCH_SECONDS` is that child: it prints one JSON
 line per new model, error change or counter change until its stdin closes). Checked:
 the model after kubectl applied Namespaces, Pods, Services (and a VirtualService when
 the Istio CRDs are served) equals the files source's model of the same objects as
@@ -157,7 +157,7 @@ class Probe:
 
     def __init__(self, netns: str, kubeconfig: str):
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.e2e.test_kube_source", kubeconfig,
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.e2e.test_lab_kube_source", kubeconfig,
              str(WATCH_SECONDS)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         self.lines: list[dict] = []
