@@ -17,6 +17,8 @@ import random
 import string
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +40,7 @@ class Lab:
     name: str
     workdir: Path
     pids: set[int] = field(default_factory=set)
+    output: str = ""  # what `up` printed, for modules that check it
 
     def run(self, command: str, *args: str, input: str | None = None, timeout: float = 90,
             check: bool = True) -> subprocess.CompletedProcess:
@@ -157,6 +160,32 @@ class Labs:
         problems = {lab.name: take_down(lab) for lab in self.made}
         problems = {name: found for name, found in problems.items() if found}
         assert not problems, f"labs not removed completely: {problems}"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def controlplane_built() -> bool:
+    """The Kubernetes control plane is in the machine's cache (scripts/setup builds it)."""
+    return subprocess.run([str(ROOT / "controlplane" / "build"), "--print"], capture_output=True).returncode == 0
+
+
+@contextmanager
+def kube_lab_up(tmp_path_factory: pytest.TempPathFactory, text: str, stem: str) -> Iterator[Lab]:
+    """A `lab up --kube --no-agents` lab of `text` for a test module, always taken down;
+    `lab.output` is what `up` printed. Skipped when the control plane is not built (a
+    skip fails under CI: tests/conftest.py)."""
+    if not controlplane_built():
+        pytest.skip("the control plane is not built: run scripts/setup")
+    labs = Labs(tmp_path_factory.mktemp(stem))
+    lab = labs.new()
+    try:
+        started = time.monotonic()
+        lab.output = lab.up_kube(text).stdout
+        print(lab.output, f"lab up --kube took {time.monotonic() - started:.1f}s")
+        yield lab
+    finally:
+        labs.close()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import time
 import pytest
 import yaml
 
-from tests.e2e.conftest import Lab, Labs, alive, take_down
+from tests.e2e.conftest import Lab, Labs, alive, controlplane_built, kube_lab_up, take_down
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,24 +62,10 @@ spec:
 """
 
 
-def built() -> bool:
-    return subprocess.run([os.path.join(ROOT, "controlplane", "build"), "--print"],
-                          capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def kube_lab(tmp_path_factory: pytest.TempPathFactory):
-    if not built():
-        pytest.skip("the control plane is not built: run scripts/setup")
-    labs = Labs(tmp_path_factory.mktemp("kube"))
-    lab = labs.new()
-    try:
-        started = time.monotonic()
-        proc = lab.up_kube(LAB_YAML)
-        print(proc.stdout, f"lab up --kube took {time.monotonic() - started:.1f}s")
+    with kube_lab_up(tmp_path_factory, LAB_YAML, "kube") as lab:
         yield lab
-    finally:
-        labs.close()
 
 
 def kubectl(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -189,7 +175,7 @@ def test_kubeconfig_names_the_admin(kube_lab: Lab):
 
 
 def test_down_leaves_nothing_of_the_control_plane(lab_factory: Labs):
-    if not built():
+    if not controlplane_built():
         pytest.skip("the control plane is not built: run scripts/setup")
     lab = lab_factory.new()
     lab.up_kube(LAB_YAML)

@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import Lab, Labs
+from tests.e2e.conftest import Lab, kube_lab_up
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -120,11 +120,6 @@ spec:
 """
 
 
-def built() -> bool:
-    return subprocess.run([os.path.join(ROOT, "controlplane", "build"), "--print"],
-                          capture_output=True).returncode == 0
-
-
 def kubectl(lab: Lab, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     return lab.run("kubectl", "--", *args, input=input, check=check, timeout=60)
 
@@ -159,21 +154,12 @@ def ca_log(lab: Lab, pod: dict) -> str:
 
 @pytest.fixture(scope="module")
 def ca_lab(tmp_path_factory: pytest.TempPathFactory):
-    if not built():
-        if os.environ.get("CI") == "true":
-            pytest.fail("the control plane is not built: run scripts/setup")
-        pytest.skip("the control plane is not built: run scripts/setup")
-    labs = Labs(tmp_path_factory.mktemp("cakube"))
-    lab = labs.new()
-    try:
-        lab.up_kube(LAB_YAML)
+    with kube_lab_up(tmp_path_factory, LAB_YAML, "cakube") as lab:
         kubectl(lab, "apply", *[a for f in ("namespace.yaml", "rbac-agent.yaml", "rbac-ca.yaml")
                                 for a in ("-f", os.path.join(MESH, f))])
         kubectl(lab, "apply", "-f", "-", input=OBJECTS.replace("NODEAGENT", NODEAGENT))
         wait_ca(lab)
         yield lab
-    finally:
-        labs.close()
 
 
 def token(lab: Lab, account: str, *args: str) -> str:

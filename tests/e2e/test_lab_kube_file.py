@@ -17,12 +17,11 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
 import time
 
 import pytest
 
-from tests.e2e.conftest import Lab, Labs
+from tests.e2e.conftest import Lab, kube_lab_up
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -122,23 +121,10 @@ spec:
 """
 
 
-def built() -> bool:
-    return subprocess.run([os.path.join(ROOT, "controlplane", "build"), "--print"],
-                          capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def kube_lab(tmp_path_factory: pytest.TempPathFactory):
-    if not built():  # under CI the skip fails (tests/conftest.py)
-        pytest.skip("the control plane is not built: run scripts/setup")
-    labs = Labs(tmp_path_factory.mktemp("kubefile"))
-    lab = labs.new()
-    try:
-        proc = lab.up_kube(LAB_YAML)
-        print(proc.stdout)
+    with kube_lab_up(tmp_path_factory, LAB_YAML, "kubefile") as lab:
         yield lab
-    finally:
-        labs.close()
 
 
 def kubectl_json(lab: Lab, *args: str) -> dict:

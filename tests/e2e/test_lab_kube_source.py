@@ -147,11 +147,6 @@ async def probe(kubeconfig: str, watch_seconds: int) -> None:
 
 
 # --- the test side ---------------------------------------------------------------------------
-def built() -> bool:
-    return subprocess.run([os.path.join(ROOT, "controlplane", "build"), "--print"],
-                          capture_output=True).returncode == 0
-
-
 class Probe:
     """The child process and the lines it printed (read by a thread)."""
 
@@ -209,16 +204,9 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def kube_lab(tmp_path_factory: pytest.TempPathFactory):
-    from tests.e2e.conftest import Labs
-    if not built():
-        pytest.skip("the control plane is not built: run scripts/setup")
-    labs = Labs(tmp_path_factory.mktemp("kubesrc"))
-    lab = labs.new()
-    try:
-        lab.up_kube(LAB_YAML)
+    from tests.e2e.conftest import kube_lab_up
+    with kube_lab_up(tmp_path_factory, LAB_YAML, "kubesrc") as lab:
         yield lab
-    finally:
-        labs.close()
 
 
 @pytest.fixture(scope="module")
