@@ -1,8 +1,9 @@
 """Capture end to end on the lab: the built-in demo with one real agent per node.
 
 The meshed client (namespace `mesh`) reaches the backend service through its node's
-agent (outbound capture; the backends are meshed, so HBONE to them) and the backends'
-agents (HBONE streams, delivery with the client's address); the unmeshed client
+agent (outbound capture; the backends are meshed, so HBONE to the other node's, and the
+same-node fast path to the one beside it) and the backends' agents (HBONE streams,
+delivery with the client's address); the unmeshed client
 (namespace `legacy`) is not captured at its source and reaches the backends' agents as
 plaintext (inbound steering). Counts are exact: every request opens one new connection.
 """
@@ -69,6 +70,7 @@ def test_meshed_client_goes_through_the_agents(demo):
     out_before = totals(lab, "outbound_connections_total")
     in_before = totals(lab, "inbound_connections_total")
     hbone_before = totals(lab, "hbone_streams_opened_total{direction=inbound}")
+    same_node_before = totals(lab, "same_node_connections_total{outcome=relayed}")
     passthrough_before = totals(lab, "passthrough_connections_total")
 
     result = request(lab, "mesh/client", "http://backend:8080/", 60)
@@ -87,9 +89,14 @@ def test_meshed_client_goes_through_the_agents(demo):
     assert sum(in_after.values()) - sum(in_before.values()) == 60
     by_node = {pods[("mesh", name)]["node"]: n for name, n in result["pods"].items()}
     hbone_after = totals(lab, "hbone_streams_opened_total{direction=inbound}")
+    same_node_after = totals(lab, "same_node_connections_total{outcome=relayed}")
     for node, n in by_node.items():
         assert in_after[node] - in_before[node] == n
-        assert hbone_after[node] - hbone_before[node] == n  # every one of them through the tunnel
+        # Across nodes every one goes through the tunnel; on the client's own node the
+        # agent joins the two pods' connections itself (the same-node fast path, issue 11).
+        tunnelled, joined = (0, n) if node == client["node"] else (n, 0)
+        assert hbone_after[node] - hbone_before[node] == tunnelled, (node, hbone_before, hbone_after)
+        assert same_node_after[node] - same_node_before[node] == joined, (node, same_node_before, same_node_after)
     assert result["pods"] == {"backend-v1-0": 30, "backend-v2-0": 30}  # the source agent's round-robin
     assert totals(lab, "passthrough_connections_total") == passthrough_before
 
