@@ -12,6 +12,7 @@ import json
 import secrets
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -58,6 +59,12 @@ def compile_processes(pid: int) -> list[str]:
 def check_agent(sb: Sandbox, client: SandboxPod, server: SandboxPod, captured_before: int) -> int:
     """No bcc/LLVM mapped in the agent, no compile process left, capture in force."""
     pid = sb.agent.pid
+    # The same-node join's program compiles in a child of its own after start-up
+    # (readiness does not wait for it): once it has loaded, or said why not, none is left.
+    deadline = time.monotonic() + 120
+    while sb.status()["data_path"]["same_node"]["sockmap"] == "starting":
+        assert time.monotonic() < deadline, "the same-node join is still starting after 120 s"
+        time.sleep(0.2)
     assert llvm_or_bcc(pid) == []
     assert compile_processes(pid) == []
     status = sb.status()
