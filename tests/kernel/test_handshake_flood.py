@@ -42,7 +42,7 @@ TIMEOUTS = "hbone_handshake_failures_total{direction=inbound,reason=timeout}"
 def mesh(tmp_path):
     """server (namespace app, meshed, probe server on PORT) and its meshed client;
     attacker (namespace plain, unmeshed)."""
-    with meshed_sandbox(tmp_path, "attacker") as (sb, client, server, attacker, app):
+    with meshed_sandbox(tmp_path, "attacker", "--no-same-node-fast-path") as (sb, client, server, attacker, app):
         yield sb, client, server, attacker
 
 

@@ -42,7 +42,7 @@ ESTABLISHED = "01"  # st column of /proc/net/tcp
 def mesh(tmp_path):
     """server (namespace app, meshed, probe server on PORT) and its meshed client;
     attacker (namespace plain, unmeshed) holding a valid mesh certificate."""
-    with meshed_sandbox(tmp_path, "attacker") as (sb, client, server, attacker, app):
+    with meshed_sandbox(tmp_path, "attacker", "--no-same-node-fast-path") as (sb, client, server, attacker, app):
         yield sb, client, server, attacker, app
 
 
