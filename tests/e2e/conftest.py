@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
+import signal
 import string
 import subprocess
 import sys
@@ -215,3 +217,36 @@ def lab_factory_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab
         yield labs
     finally:
         labs.close()
+
+
+class FabricCapture:
+    """tcpdump on the fabric bridge (the only way between nodes), to a pcap file."""
+
+    def __init__(self, fabric_netns: str, path: str):
+        self.path = path
+        self.proc = subprocess.Popen(
+            ["timeout", "120", "ip", "netns", "exec", fabric_netns, "tcpdump", "-i", "br0", "-nn",
+             "-U", "-s", "0", "-c", "20000", "-w", path, "tcp"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([self.proc.stderr], [], [], 10)
+        assert ready and "listening on br0" in self.proc.stderr.readline(), "tcpdump did not start"
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def stop(self) -> bytes:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # `timeout` passes it on; tcpdump flushes and exits
+        try:
+            self.proc.wait(10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.stderr.close()
+        return self.read()
+
+    def packets(self, bpf_filter: str) -> int:
+        out = subprocess.run(["tcpdump", "-nn", "-r", self.path, bpf_filter], capture_output=True, text=True,
+                             check=True).stdout
+        return len(out.splitlines())

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import subprocess
 import time
 import uuid
@@ -27,6 +25,7 @@ from nodeagent.agent.admin import fetch, fetch_status
 from nodeagent.bench.probe import HoldClient
 from nodeagent.digests import spec_digest
 from nodeagent.lab.layout import Layout
+from tests.e2e.conftest import FabricCapture
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -159,39 +158,6 @@ def mesh(lab_factory_module):
     return m
 
 
-class Capture:
-    """tcpdump on the fabric bridge (the only way between nodes), to a pcap file."""
-
-    def __init__(self, mesh: Mesh, path: str):
-        self.path = path
-        self.proc = subprocess.Popen(
-            ["timeout", "120", "ip", "netns", "exec", mesh.layout.fabric_netns, "tcpdump", "-i", "br0", "-nn",
-             "-U", "-s", "0", "-c", "20000", "-w", path, "tcp"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        ready, _, _ = select.select([self.proc.stderr], [], [], 10)
-        assert ready and "listening on br0" in self.proc.stderr.readline(), "tcpdump did not start"
-
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            return f.read()
-
-    def stop(self) -> bytes:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # `timeout` passes it on; tcpdump flushes and exits
-        try:
-            self.proc.wait(10)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.stderr.close()
-        return self.read()
-
-    def packets(self, bpf_filter: str) -> int:
-        out = subprocess.run(["tcpdump", "-nn", "-r", self.path, bpf_filter], capture_output=True, text=True,
-                             check=True).stdout
-        return len(out.splitlines())
-
-
 def test_meshed_traffic_across_nodes_carries_the_principal_and_only_tls(mesh, tmp_path):
     marker, control = f"SECRET-{uuid.uuid4().hex}", f"PLAIN-{uuid.uuid4().hex}"
     count, flows_before = 20, len(mesh.flows("node2"))
@@ -203,7 +169,7 @@ def test_meshed_traffic_across_nodes_carries_the_principal_and_only_tls(mesh, tm
     before = {name: mesh.total("node2", name, **dst_labels) for name in (
         "istio_tcp_connections_opened_total", "istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total")}
     source_before = mesh.total("node1", "istio_tcp_connections_opened_total", **src_labels)
-    capture = Capture(mesh, str(tmp_path / "fabric.pcap"))
+    capture = FabricCapture(mesh.layout.fabric_netns, str(tmp_path / "fabric.pcap"))
     try:
         meshed = mesh.send("mesh/client", count=count, marker=marker)
         plain = mesh.send("legacy/client", count=3, marker=control)  # the control: plaintext is visible
