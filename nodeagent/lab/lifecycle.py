@@ -119,7 +119,7 @@ def _build(state: StateDir, record: LabRecord) -> None:
         for node in record.desired.node_names:
             cgroups.make(layout.kubepods_cgroup(node))
             cgroups.make(layout.system_cgroup(node))
-            if record.agents:
+            if record.agents or record.kube:  # a --kube node's bpffs: what its pods' /sys/fs/bpf is (kube/nodeview.py)
                 os.makedirs(layout.node_bpffs(node), exist_ok=True)
     if record.agents:
         with kernel_step("provisioning the mesh CA (tokens, keys, root bundle)"):

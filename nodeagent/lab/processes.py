@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 from nodeagent import netns
-from nodeagent.lab import cgroups
+from nodeagent.lab import cgroups, expansion
 from nodeagent.lab.kube import controlplane
 from nodeagent.lab.layout import Layout
 from nodeagent.lab.spec import Container, PodSpec
@@ -59,11 +59,26 @@ def pod_env(pod: PodSpec, container: Container, fields: dict[str, str], kube: bo
     env.update(POD_NAME=pod.name, POD_NAMESPACE=pod.namespace, POD_IP=fields["status.podIP"],
                POD_UID=fields["metadata.uid"], NODE_NAME=fields["spec.nodeName"],
                POD_LABELS=json.dumps(dict(pod.labels), sort_keys=True), SERVICE_ACCOUNT=pod.service_account)
-    if kube:
-        env.update(controlplane.service_env())
-    for var in container.env:
-        env[var.name] = fields[var.field_path] if var.field_path else var.value
+    env.update(declared_env(container, fields, kube))
     return env
+
+
+def declared_env(container: Container, fields: dict[str, str], kube: bool) -> dict[str, str]:
+    """The variables kubelet gives a container and expands its `$(VAR)`s with: the
+    Services' (`kube`), then its `env` in order, each literal value expanded with the
+    variables before it, then the Services' (kubelet's makeEnvironmentVariables)."""
+    services = controlplane.service_env() if kube else {}
+    declared: dict[str, str] = {}
+    for var in container.env:
+        declared[var.name] = fields[var.field_path] if var.field_path else \
+            expansion.expand(var.value, declared, services)
+    return {**services, **declared}
+
+
+def command_of(container: Container, fields: dict[str, str], kube: bool) -> list[str]:
+    """The container's command and args with their `$(VAR)`s expanded as kubelet does."""
+    env = declared_env(container, fields, kube)
+    return [expansion.expand(arg, env) for arg in container.command]
 
 
 def in_pod(layout: Layout, pod: PodSpec, command: list[str] | tuple[str, ...]) -> list[str]:

@@ -115,9 +115,11 @@ class Supervisor:
             out["ca"] = Unit(meshca.ca_argv(layout, record), processes.base_env(),
                              layout.system_cgroup(meshca.ca_node(record)), layout.ca_log)
         for pod in record.desired.pods.values():
+            fields = processes.pod_fields(record, pod)
             for c in pod.containers:
                 out[f"pod:{pod.key}/{c.name}"] = Unit(
-                    processes.in_pod(layout, pod, c.command), processes.container_env(record, pod, c),
+                    processes.in_pod(layout, pod, processes.command_of(c, fields, record.kube)),
+                    processes.container_env(record, pod, c),
                     processes.pod_cgroup(record, pod), layout.container_log(pod.namespace, pod.name, c.name),
                     pod.restart_policy)
         if record.agents:

@@ -47,9 +47,9 @@ from typing import Callable
 from nodeagent import netns
 from nodeagent.errors import ConfigError, NodeagentError
 from nodeagent.kube.objects import object_from_dict
-from nodeagent.lab import cgroups, dns, processes, spec, topology
+from nodeagent.lab import cgroups, dns, expansion, processes, spec, topology
 from nodeagent.lab.ipam import FIRST_POD_HOST, PodAlloc
-from nodeagent.lab.kube import controlplane, probes, proxy, security, volumes
+from nodeagent.lab.kube import controlplane, image, nodeview, probes, proxy, security, volumes
 from nodeagent.lab.kube.api import STRATEGIC_PATCH, ApiClient, ApiError
 from nodeagent.lab.state import LabRecord
 
@@ -87,6 +87,7 @@ class KubePod:
     kill_at: float | None = None  # monotonic: SIGKILL what is left
     stopped: bool = False  # every process gone after a deletion
     reported: dict | None = None
+    hosts_file: str | None = None  # its hosts file (a hostNetwork pod: only with ClusterFirstWithHostNet)
 
     @property
     def key(self) -> str:
@@ -170,9 +171,11 @@ class Kubelet:
         """Rewrite the hosts file of every API pod with these service names (and the file's)."""
         with self.lock:
             self.hosts_names = names
-            pods = [p.pod for p in self.pods.values() if not p.host_network]
-        for pod in pods:
-            self._write_hosts(pod)
+            pods = [(p.pod, p.hosts_file) for p in self.pods.values() if not p.stopped]
+        for pod, path in pods:
+            if path is None:  # a hostNetwork pod with the node's own /etc/hosts
+                continue
+            self._write_hosts(pod, path)
 
     def sync_node(self, node: str, client: ApiClient) -> None:
         items = client.call("GET", pods_path(node)).get("items", [])
@@ -239,9 +242,6 @@ class Kubelet:
             obj = object_from_dict({**item, "apiVersion": "v1", "kind": "Pod"},
                                    f"API Pod {meta['namespace']}/{meta['name']}")
             pod = spec.pod_of(obj, self.record.desired.node_names)
-            for c in pod.containers:
-                if processes.which(c.command[0]) is None:
-                    raise ConfigError(f"container {c.name} command[0]", f"{c.command[0]!r} not found on this machine")
             plans = {c["name"]: security.plan(item, c) for c in item["spec"]["containers"]}
             readiness = {c["name"]: probes.readiness(c) for c in item["spec"]["containers"]}
         except ConfigError as exc:
@@ -260,6 +260,13 @@ class Kubelet:
         fields = {"metadata.name": pod.name, "metadata.namespace": pod.namespace, "metadata.uid": alloc.uid,
                   "spec.nodeName": node, "spec.serviceAccountName": pod.service_account,
                   "status.podIP": ip, "status.hostIP": host_ip}
+        commands = {c.name: processes.command_of(c, fields, True) for c in pod.containers}
+        missing = next((c for c in pod.containers if processes.which(commands[c.name][0]) is None), None)
+        if missing is not None:
+            why = ConfigError(f"container {missing.name} command[0]",
+                              f"{commands[missing.name][0]!r} not found on this machine")
+            self._refuse(node, client, item, str(why))
+            return
         pod_dir, user = self._pod_dir(alloc.uid), self._mount_user(alloc.uid)
         try:  # first the volumes: a pod waiting for a ConfigMap gets no netns made and unmade every round
             made, mounts = self._volumes(client, item, pod, pod_dir, fields, user)
@@ -271,8 +278,13 @@ class Kubelet:
         except (ApiError, OSError) as exc:
             self._drop_volumes(pod_dir, user)
             raise NodeagentError(f"pod {pod.key}: volumes: {exc}") from None
+        if not host_network:
+            hosts: str | None = self.layout.hosts_file(self.layout.pod_netns(pod.namespace, pod.name))
+        else:  # kubelet gives a hostNetwork pod cluster DNS only with ClusterFirstWithHostNet
+            hosts = hosts_path(pod_dir) if cluster_dns_on_host(item) else None
         try:
-            self._make(pod, alloc, host_network)
+            self._make(pod, alloc, host_network, hosts)
+            views = {c.name: image_view(pod_dir, c.name, plans[c.name]) for c in pod.containers}
         except (OSError, NodeagentError) as exc:
             self._unmake(pod, alloc, host_network)
             self._drop_volumes(pod_dir, user)
@@ -281,22 +293,22 @@ class Kubelet:
         units = {}
         for c in pod.containers:
             argv = container_argv(self.layout, pod, node, host_network, mounts[c.name], plans[c.name],
-                                  list(c.command))
+                                  commands[c.name], views[c.name][0])
             units[c.name] = self.make_unit(argv, processes.pod_env(pod, c, fields, True), cgroup,
                                            self.layout.container_log(pod.namespace, pod.name, c.name),
                                            pod.restart_policy)
         images = {c["name"]: c.get("image", "") for c in item["spec"]["containers"]}
-        kube_pod = KubePod(alloc.uid, pod, node, ip, host_ip, host_network, units, images, made)
+        kube_pod = KubePod(alloc.uid, pod, node, ip, host_ip, host_network, units, images, made, hosts_file=hosts)
         for c in pod.containers:
             if readiness[c.name] is not None:
                 kube_pod.probers[c.name] = self._prober(kube_pod, c, readiness[c.name], mounts[c.name],
-                                                        plans[c.name], fields)
+                                                        plans[c.name], fields, views[c.name][0])
         with self.lock:
             self.pods[alloc.uid] = kube_pod
         for prober in kube_pod.probers.values():
             prober.thread.start()
         self.log.info("pod %s (uid %s) admitted on %s with IP %s", pod.key, alloc.uid, node, ip)
-        warnings = sorted({w for p in plans.values() for w in p.warnings})
+        warnings = sorted({w for p in plans.values() for w in p.warnings} | {w for v in views.values() for w in v[1]})
         warnings += [f"container {c['name']}: {kind} is not run by the lab" for c in item["spec"]["containers"]
                      for kind in ("livenessProbe", "startupProbe") if c.get(kind)]
         if warnings:
@@ -309,7 +321,8 @@ class Kubelet:
         meta = item["metadata"]
         inputs = volumes.Inputs(item, fields, volume_reader(client, meta["namespace"]), token_requester(client, item),
                                 lambda: self._allocatable(client, fields["spec.nodeName"]))
-        made = volumes.PodVolumes(item, pod_dir, inputs)
+        made = volumes.PodVolumes(item, pod_dir, inputs, functools.partial(nodeview.host_path, self.layout,
+                                                                            fields["spec.nodeName"]))
         try:
             made.set_up(self.clock(), self.monotonic())
         finally:  # hostPaths it created are the lab's to remove, even when set-up stopped half-way
@@ -317,18 +330,19 @@ class Kubelet:
         mounts, points = {}, []
         for c in pod.containers:
             env = processes.pod_env(pod, c, fields, True)
-            mounts[c.name] = volumes.container_mounts(item, c.name, pod_dir, env)
+            mounts[c.name] = node_mounts(self.layout, item, fields["spec.nodeName"], pod_dir, c.name, env)
             points += volumes.mount_points(mounts[c.name])
         volumes.claim(self.layout.run_root, user, points, made.created)
         return made, mounts
 
     def _prober(self, pod: KubePod, container: spec.Container, probe: probes.Probe, mounts: list,
-                plan: security.Plan, fields: dict) -> probes.Prober:
+                plan: security.Plan, fields: dict, view: list[str]) -> probes.Prober:
         """A readiness prober of `container`: exec as `lab exec` runs the command in it,
         httpGet/tcpSocket from the node's netns to the pod's address."""
         unit = pod.units[container.name]
         if probe.kind == "exec":
-            argv = container_argv(self.layout, pod.pod, pod.node, pod.host_network, mounts, plan, list(probe.command))
+            argv = container_argv(self.layout, pod.pod, pod.node, pod.host_network, mounts, plan, list(probe.command),
+                                  view)
             env = processes.pod_env(pod.pod, container, fields, True)
             join = functools.partial(cgroups.join, self.layout.pod_cgroup(pod.node, pod.uid))
 
@@ -403,20 +417,19 @@ class Kubelet:
                 return str(host)
         raise NodeagentError(f"node {node}'s pod CIDR {cidr} is full")
 
-    def _make(self, pod: spec.PodSpec, alloc: PodAlloc, host_network: bool) -> None:
+    def _make(self, pod: spec.PodSpec, alloc: PodAlloc, host_network: bool, hosts: str | None) -> None:
         if not host_network:
             topology.add_pod(self.layout, pod.namespace, pod.name, alloc)
-            self._write_hosts(pod)
+        if hosts is not None:
+            self._write_hosts(pod, hosts)
         cgroups.make(self.layout.pod_cgroup(alloc.node, alloc.uid))
 
-    def _write_hosts(self, pod: spec.PodSpec) -> None:
+    def _write_hosts(self, pod: spec.PodSpec, path: str) -> None:
         record = self.record
         services = [dns.Name(*k.split("/"), ip) for k, ip in record.alloc.services.items()]
         services += list(self.hosts_names)
         pods = [dns.Name(*k.split("/"), a.ip) for k, a in record.alloc.pods.items()]
-        netns = self.layout.pod_netns(pod.namespace, pod.name)
-        dns.write_in_place(self.layout.hosts_file(netns), dns.hosts_text(self.layout.name, pod.namespace, pod.name,
-                                                                         services, pods))
+        dns.write_in_place(path, dns.hosts_text(self.layout.name, pod.namespace, pod.name, services, pods))
 
     def _unmake(self, pod: spec.PodSpec, alloc: PodAlloc, host_network: bool) -> None:
         if not host_network:
@@ -545,7 +558,8 @@ def _field(item: dict, path: str) -> str | None:
 def _resolve_var(client: ApiClient, item: dict, container: str, var: dict, cache: dict,
                  allocatable: Callable[[], dict]) -> dict | None:
     """One `env` entry with a ConfigMap/Secret key, a label/annotation or a resource as
-    its value; others unchanged (the lab's parser accepts or refuses them)."""
+    its value; others unchanged (the lab's parser accepts or refuses them). kubelet does
+    not expand `$(VAR)` in such values: they are escaped (expansion.escape)."""
     value_from = var.get("valueFrom") or {}
     if "resourceFieldRef" in value_from:
         ref = value_from["resourceFieldRef"]
@@ -557,14 +571,14 @@ def _resolve_var(client: ApiClient, item: dict, container: str, var: dict, cache
             continue
         data = _source(client, item["metadata"]["namespace"], kind.lower(), ref.get("name", ""), cache) or {}
         if ref.get("key") in data:
-            return {"name": var["name"], "value": data[ref["key"]]}
+            return {"name": var["name"], "value": expansion.escape(data[ref["key"]])}
         if ref.get("optional"):
             return None
         raise ConfigError(f"container {container} env {var.get('name')}",
                           f"{kind} {ref.get('name')} has no key {ref.get('key')!r}")
     path = value_from.get("fieldRef", {}).get("fieldPath", "")
     value = _field(item, path) if path else None
-    return var if value is None else {"name": var["name"], "value": value}
+    return var if value is None else {"name": var["name"], "value": expansion.escape(value)}
 
 
 def resolve_env(client: ApiClient, item: dict, allocatable: Callable[[], dict] | None = None) -> dict:
@@ -589,7 +603,8 @@ def resolve_env(client: ApiClient, item: dict, allocatable: Callable[[], dict] |
                 if data is None and not ref.get("optional"):
                     raise ConfigError(f"container {container.get('name')} envFrom",
                                       f"{kind} {ref.get('name')} not found")
-                env += [{"name": source.get("prefix", "") + k, "value": v} for k, v in sorted((data or {}).items())]
+                env += [{"name": source.get("prefix", "") + k, "value": expansion.escape(v)}
+                        for k, v in sorted((data or {}).items())]
         for var in container.get("env") or []:
             resolved = _resolve_var(client, item, container.get("name"), var, cache, allocatable)
             if resolved is not None:  # None: an optional key that is missing, so no variable
@@ -598,13 +613,53 @@ def resolve_env(client: ApiClient, item: dict, allocatable: Callable[[], dict] |
     return {**item, "spec": {**item["spec"], "containers": containers}}
 
 
+def hosts_path(pod_dir: str) -> str:
+    """The hosts file of a hostNetwork pod with cluster DNS (kubelet's etc-hosts)."""
+    return os.path.join(pod_dir, "etc-hosts")
+
+
+def cluster_dns_on_host(item: dict) -> bool:
+    """Whether the pod is a hostNetwork pod that asks for cluster DNS (ClusterFirstWithHostNet)."""
+    pod_spec = item.get("spec", {})
+    return bool(pod_spec.get("hostNetwork")) and pod_spec.get("dnsPolicy") == "ClusterFirstWithHostNet"
+
+
+def node_mounts(layout, item: dict, node: str, pod_dir: str, container: str,
+                env: dict[str, str]) -> list[volumes.Mount]:
+    """The container's mounts on `node`: its volumes (hostPaths as the node sees them,
+    nodeview.py) and, for a hostNetwork pod with ClusterFirstWithHostNet, the lab's DNS
+    (the pod's hosts file, with the Services' names) over /etc/hosts, unless the
+    container mounts something there itself (kubelet leaves its etc-hosts out then)."""
+    mounts = volumes.container_mounts(item, container, pod_dir, env,
+                                      functools.partial(nodeview.host_path, layout, node))
+    if cluster_dns_on_host(item) and not any(m.target == "/etc/hosts" for m in mounts):
+        mounts = volumes.ordered([*mounts, volumes.Mount(hosts_path(pod_dir), "/etc/hosts", False)])
+    return mounts
+
+
+def image_view(pod_dir: str, container: str, plan: security.Plan) -> tuple[list[str], list[str]]:
+    """(mount steps, warnings) giving a container that runs as another user than root the
+    machine's installation, the lab's stand-in for its image (image.py); its staging
+    directories are made in the pod's directory."""
+    if plan.uid == 0:
+        return [], []
+    cover, unreadable = image.blocked(image.installation(), plan.uid, plan.gids)
+    stage = os.path.join(pod_dir, "image", container)
+    for n in range(image.stage_count(cover)):
+        os.makedirs(os.path.join(stage, str(n)), exist_ok=True)
+    warnings = [f"container {container}: user {plan.uid} cannot read {path}, where the lab's installation (its "
+                f"stand-in for the image) is" for path in unreadable]
+    return image.mount_steps(cover, stage, plan.read_only_root), warnings
+
+
 def container_argv(layout, pod: spec.PodSpec, node: str, host_network: bool, mounts: list[volumes.Mount],
-                   plan: security.Plan, command: list[str]) -> list[str]:
+                   plan: security.Plan, command: list[str], view: list[str] = ()) -> list[str]:
     """How a container (or `lab exec`) of an API pod runs: in the pod's netns (the node's
-    for hostNetwork); its volumes bind-mounted in its own mount namespace (made by `ip
-    netns exec`, or by unshare for hostNetwork), then its securityContext's setpriv."""
+    for hostNetwork); the image view (`view`, image_view) and its volumes mounted in its
+    own mount namespace (made by `ip netns exec`, or by unshare for hostNetwork), then
+    its securityContext's setpriv."""
     command = [*plan.argv, *command]
-    script = volumes.mount_script(mounts, plan.read_only_root)
+    script = volumes.mount_script(mounts, plan.read_only_root, list(view))
     if script:
         command = ["sh", "-c", f'{script} && exec "$@"', "nodeagent-lab-mounts", *command]
         if host_network:  # nsenter --net keeps the machine's mount namespace
@@ -632,10 +687,12 @@ def exec_plan(record: LabRecord, client: ApiClient, item: dict, container: str |
               "spec.nodeName": node, "spec.serviceAccountName": pod.service_account,
               "status.podIP": status.get("podIP", ""), "status.hostIP": status.get("hostIP", "")}
     env = processes.pod_env(pod, chosen, fields, True)
-    mounts = volumes.container_mounts(item, chosen.name, os.path.join(layout.kube_dir, "pods", uid), env)
+    pod_dir = os.path.join(layout.kube_dir, "pods", uid)
+    mounts = node_mounts(layout, item, node, pod_dir, chosen.name, env)
     raw = next(c for c in item["spec"]["containers"] if c["name"] == chosen.name)
+    plan = security.plan(item, raw)
     argv = container_argv(layout, pod, node, bool(item["spec"].get("hostNetwork")), mounts,
-                          security.plan(item, raw), command)
+                          plan, command, image_view(pod_dir, chosen.name, plan)[0])
     return argv, env, layout.pod_cgroup(node, uid)
 
 

@@ -7,8 +7,8 @@ capability (privileged). On top of that, with setpriv after the container's moun
 privileged), `runAsUser`/`runAsGroup`/`supplementalGroups`, `allowPrivilegeEscalation:
 false` (no_new_privs); `readOnlyRootFilesystem` remounts / read-only in the container's
 mount namespace. `runAsNonRoot` without a non-zero runAsUser is refused with kubelet's
-message (the lab has no image user). Another user must be able to read and run the
-command where the machine has it (a venv under a 0700 /root is not). What the lab cannot give (seccomp, AppArmor,
+message (the lab has no image user). A non-root user reaches the machine's installation
+(the lab's stand-in for the image) through `image.py`'s view. What the lab cannot give (seccomp, AppArmor,
 SELinux, fsGroup, sysctls, a user namespace) is named in a Warning event of the Pod:
 the container runs without it.
 """
@@ -30,6 +30,8 @@ class Plan:
     argv: tuple[str, ...]  # prefix run just before the command (setpriv …), () = none
     read_only_root: bool
     warnings: tuple[str, ...]
+    uid: int = 0  # the user the command runs as
+    gids: frozenset[int] = frozenset()  # its group and supplementary groups
 
 
 @functools.cache
@@ -74,8 +76,8 @@ def plan(item: dict, container: dict) -> Plan:
         raise ConfigError(where, f"container has runAsNonRoot and image will run as root (container: {name})",
                           "the lab runs commands as root unless runAsUser says otherwise: set runAsUser")
     argv: list[str] = []
+    groups = [str(g) for g in pod_sc.get("supplementalGroups") or []]
     if uid is not None and uid != 0:
-        groups = [str(g) for g in pod_sc.get("supplementalGroups") or []]
         argv += [f"--reuid={uid}", f"--regid={gid or 0}",
                  f"--groups={','.join(groups)}" if groups else "--clear-groups"]
     elif gid:
@@ -98,5 +100,6 @@ def plan(item: dict, container: dict) -> Plan:
     if spec.get("hostUsers") is False:
         warnings.append("spec.hostUsers: false: the lab has no user namespaces; the container runs as the "
                         "machine's users")
+    gids = frozenset(int(g) for g in [*groups, *([gid or 0] if uid or gid else [])])
     return Plan(tuple(["setpriv", *argv, "--"]) if argv else (), bool(sc.get("readOnlyRootFilesystem")),
-                tuple(warnings))
+                tuple(warnings), int(uid or 0), gids)

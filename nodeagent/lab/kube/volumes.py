@@ -41,6 +41,7 @@ from decimal import Decimal
 from typing import Callable
 
 from nodeagent.errors import ConfigError, NodeagentError
+from nodeagent.lab import expansion
 
 # Kinds the lab makes; any other key of a volume is a kind it does not implement.
 KINDS = ("configMap", "secret", "downwardAPI", "projected", "emptyDir", "hostPath")
@@ -199,6 +200,7 @@ def field_value(item: dict, path: str, fields: dict[str, str]) -> str:
 # --- what a written volume holds ---------------------------------------------------------------
 Reader = Callable[[str, str], "dict[str, bytes] | None"]  # (configmap|secret, name) -> data, None: absent
 TokenFn = Callable[[str, int], Token]  # (audience, expirationSeconds) -> a new token
+HostView = Callable[[str], str]  # a hostPath's path -> that path on the pod's node
 
 
 @dataclass
@@ -393,8 +395,9 @@ class PodVolumes:
     """The volumes of one pod: made by `set_up`, kept current by `resync` (a new token when
     one is due, the ConfigMaps' and Secrets' latest data), sources of its mounts."""
 
-    def __init__(self, item: dict, pod_dir: str, inputs: Inputs):
-        self.item, self.pod_dir, self.inputs = item, pod_dir, inputs
+    def __init__(self, item: dict, pod_dir: str, inputs: Inputs, host_view: HostView = str):
+        """`host_view`: what a hostPath's path is on the pod's node (kube/nodeview.py)."""
+        self.item, self.pod_dir, self.inputs, self.host_view = item, pod_dir, inputs, host_view
         self.volumes = {v["name"]: v for v in item["spec"].get("volumes") or []}
         self.tokens: dict[str, dict[int, Token]] = {}
         self.created: list[str] = []  # hostPaths this pod's set-up created (…OrCreate)
@@ -415,7 +418,7 @@ class PodVolumes:
                 path = body.get("path", "")
                 if not path.startswith("/"):
                     raise ConfigError(f"volume {name} hostPath.path", f"{path!r} is not an absolute path")
-                self.created += check_host_path(name, path, body.get("type", ""))
+                self.created += check_host_path(name, self.host_view(path), body.get("type", ""))
         self.resync(now, monotonic, force=True)
 
     def due(self, now: dt.datetime, monotonic: float) -> bool:
@@ -444,14 +447,20 @@ class PodVolumes:
 
 
 # --- mounts of a container ----------------------------------------------------------------------
-def _expand(text: str, env: dict[str, str]) -> str:
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", lambda m: env.get(m.group(1), ""), text)
+def _sub_path_expr(text: str, env: dict[str, str], volume: str) -> str:
+    """kubelet's ExpandContainerVolumeMounts: a variable not set (or empty) is an error."""
+    missing = sorted({n for n in expansion.references(text) if not env.get(n)})
+    if missing:
+        raise ConfigError(f"volume {volume} subPathExpr {text!r}", f"missing value for {', '.join(missing)}")
+    return expansion.expand(text, env)
 
 
-def container_mounts(item: dict, container: str, pod_dir: str, env: dict[str, str]) -> list[Mount]:
+def container_mounts(item: dict, container: str, pod_dir: str, env: dict[str, str],
+                     host_view: HostView = str) -> list[Mount]:
     """The container's bind mounts, parents first (as container runtimes order them).
-    subPath (or subPathExpr, expanded with `env`) mounts that part of the volume; a
-    missing one is made as a directory, as kubelet does."""
+    subPath (or subPathExpr, expanded with `env` as kubelet expands it) mounts that part
+    of the volume; a missing one is made as a directory, as kubelet does. A hostPath is
+    `host_view(path)`: the path on the pod's node."""
     spec = item["spec"]
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     found = next((c for c in spec.get("containers", []) if c.get("name") == container), {})
@@ -459,8 +468,8 @@ def container_mounts(item: dict, container: str, pod_dir: str, env: dict[str, st
     for i, vm in enumerate(found.get("volumeMounts") or []):
         volume = volumes[vm["name"]]
         kind = kind_of(volume)
-        base = volume["hostPath"]["path"] if kind == "hostPath" else volume_dir(pod_dir, vm["name"])
-        sub = _expand(vm["subPathExpr"], env) if vm.get("subPathExpr") else vm.get("subPath", "")
+        base = host_view(volume["hostPath"]["path"]) if kind == "hostPath" else volume_dir(pod_dir, vm["name"])
+        sub = _sub_path_expr(vm["subPathExpr"], env, vm["name"]) if vm.get("subPathExpr") else vm.get("subPath", "")
         source = base
         if sub:
             _check_path(sub, vm["name"])
@@ -471,6 +480,11 @@ def container_mounts(item: dict, container: str, pod_dir: str, env: dict[str, st
                 os.makedirs(source, mode=0o755)
         target = os.path.normpath(vm["mountPath"])
         mounts.append(Mount(source, target, bool(vm.get("readOnly")) or kind in WRITTEN))
+    return ordered(mounts)
+
+
+def ordered(mounts: list[Mount]) -> list[Mount]:
+    """`mounts` parents first (by depth, stable), as container runtimes order them."""
     return sorted(mounts, key=lambda m: len([p for p in m.target.split("/") if p]))
 
 
@@ -488,9 +502,11 @@ def mount_points(mounts: list[Mount]) -> list[tuple[str, bool]]:
     return out
 
 
-def mount_script(mounts: list[Mount], read_only_root: bool = False) -> str:
-    """Shell commands making `mounts` in the (private) mount namespace they run in."""
+def mount_script(mounts: list[Mount], read_only_root: bool = False, before: list[str] = ()) -> str:
+    """Shell commands making `mounts` in the (private) mount namespace they run in
+    (`before`: steps run first, after the root is made read-only: the image view)."""
     steps = ["mount -o remount,bind,ro /"] if read_only_root else []
+    steps += before
     for m in mounts:
         steps.append(f"mount --bind {shlex.quote(m.source)} {shlex.quote(m.target)}")
         if m.read_only:
