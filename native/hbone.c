@@ -48,7 +48,7 @@
 #define MAX_URI 512
 
 enum kind { K_WAKE = 1, K_CONN, K_STREAM };
-enum op { OP_CLIENT = 1, OP_SERVER, OP_VERDICT, OP_CLOSE, OP_OPEN, OP_ACCEPT, OP_REFUSE, OP_RESET };
+enum op { OP_CLIENT = 1, OP_SERVER, OP_VERDICT, OP_CLOSE, OP_OPEN, OP_ACCEPT, OP_REFUSE, OP_RESET, OP_ATTACH };
 enum state { S_HANDSHAKE = 1, S_VERDICT, S_H2 };
 
 struct obj {                       /* first member of what epoll and the hash point at */
@@ -76,6 +76,7 @@ struct stream {
     bool up_eof, up_done;          /* socket FIN read; END_STREAM produced (or no more sending) */
     bool down_eof, down_done;      /* END_STREAM (or clean close) received; FIN passed on */
     bool h2_closed, deferred, ended, is_connect;
+    bool got_200;                  /* client: answered 200 (relays once it has its socket) */
     uint32_t reset_code;           /* the peer's reset before Python answered */
     uint32_t status;               /* client: the response's :status */
     struct buf up, down;           /* socket -> peer, peer -> socket */
@@ -104,6 +105,9 @@ struct conn {
     struct buf out;
     uint64_t *resets;              /* ring of the client's reset times (ms), server only */
     uint32_t reset_head, reset_count;
+    uint64_t last_heard, ping_sent, idle_since; /* ms; 0: no PING out / streams open */
+    struct conn *live_prev, *live_next; /* connections in HTTP/2 (keepalive, idle) */
+    bool live;
 };
 
 struct cmd {
@@ -140,6 +144,9 @@ struct nh_engine {
     struct obj *buckets[BUCKETS];  /* engine thread */
     struct obj *graveyard;
     struct conn *hs_head, *hs_tail, *dirty;
+    struct conn *live_head;        /* connections in HTTP/2, for tick() */
+    uint64_t next_tick;            /* ms; 0: no periodic work configured */
+    uint32_t tick_ms;
     uint64_t held;
     struct nh_stats st;            /* counters: atomics */
 };
@@ -349,14 +356,15 @@ static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t c
     if (s->next)
         s->next->prev = s->prev;
     s->prev = s->next = NULL;
-    c->nstreams--;
+    if (--c->nstreams == 0)
+        c->idle_since = now_ms();
     ST_ADD(e, streams_open, -1);
     bury(e, &s->o);
 }
 
 static void stream_maybe_finish(struct stream *s)
 {
-    if (s->ended || !s->relaying)
+    if (s->ended || !s->relaying || s->fd < 0)
         return;
     if (s->down_eof && !s->down_done && buf_avail(&s->down) == 0) {
         shutdown(s->fd, SHUT_WR);
@@ -521,6 +529,7 @@ static void stream_link(struct conn *c, struct stream *s)
         c->streams->prev = s;
     c->streams = s;
     c->nstreams++;
+    c->idle_since = 0;
     hash_put(c->e, &s->o);
     ST_ADD(c->e, streams_open, 1);
     ST_ADD(c->e, streams_total, 1);
@@ -568,6 +577,15 @@ static void conn_end(struct conn *c, uint32_t how, int32_t error, uint32_t code,
     if (c->o.dead)
         return;
     hs_unlink(c);
+    if (c->live) {
+        if (c->live_prev)
+            c->live_prev->live_next = c->live_next;
+        else
+            e->live_head = c->live_next;
+        if (c->live_next)
+            c->live_next->live_prev = c->live_prev;
+        c->live = false;
+    }
     if (how == NH_END_TLS || how == NH_END_IDENTITY || how == NH_END_TIMEOUT)
         ST_ADD(e, tls_failures, 1);
     uint32_t stream_how = how == NH_END_STOPPED ? NH_END_STOPPED : NH_END_CONN_LOST;
@@ -720,7 +738,8 @@ static void refuse_now(struct conn *c, struct stream *s, uint32_t status)
         c->streams = s->next;
     if (s->next)
         s->next->prev = s->prev;
-    c->nstreams--;
+    if (--c->nstreams == 0)
+        c->idle_since = now_ms();
     s->ended = true;
     held_add(c->e, -(int64_t)(buf_avail(&s->up) + buf_avail(&s->down)));
     if (buf_avail(&s->down))
@@ -758,9 +777,11 @@ static void on_response(struct conn *c, struct stream *s)
     struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_RESPONSE, .status = status,
                           .h2_stream = (uint32_t)s->sid};
     emit(c->e, &ev, NULL, 0);
-    if (status == 200)
-        stream_start(s);
-    else
+    if (status == 200) {
+        s->got_200 = true;
+        if (s->fd >= 0)
+            stream_start(s);       /* else at nh_stream_attach */
+    } else
         stream_end(s, NH_END_REFUSED, 0, 0, status, "the server refused the CONNECT");
 }
 
@@ -805,6 +826,10 @@ static int on_frame_recv(nghttp2_session *h2, const nghttp2_frame *frame, void *
             free(c->peer_pem);
             c->peer_pem = NULL;
         }
+        break;
+    case NGHTTP2_PING:
+        if (frame->hd.flags & NGHTTP2_FLAG_ACK)
+            c->ping_sent = 0;
         break;
     case NGHTTP2_GOAWAY:
         c->draining = true;
@@ -861,6 +886,9 @@ static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void
     s->h2_closed = true;
     if (!s->relaying && s->conn->server && !s->answered) {
         s->reset_code = code ? code : NGHTTP2_CANCEL;  /* Python's answer ends it */
+        struct nh_event ev = {.conn = s->conn->o.id, .stream = s->o.id, .type = NH_EV_REQUEST_RESET,
+                              .code = s->reset_code, .h2_stream = (uint32_t)sid};
+        emit(s->conn->e, &ev, NULL, 0);
         return 0;
     }
     if (code != NGHTTP2_NO_ERROR) {
@@ -874,7 +902,7 @@ static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void
         held_add(s->conn->e, -(int64_t)buf_avail(&s->up));
         s->up.off = s->up.len = 0;
     }
-    if (!s->relaying) {
+    if (!s->relaying && !s->got_200) {
         stream_end(s, NH_END_REFUSED, 0, 0, 0, "closed before a response");
         return 0;
     }
@@ -918,6 +946,14 @@ static int h2_start(struct conn *c)
         || nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0, (int32_t)e->cfg.connection_window))
         return -ENOMEM;
     c->state = S_H2;
+    c->last_heard = now_ms();
+    if (c->nstreams == 0)
+        c->idle_since = c->last_heard;
+    c->live = true;
+    c->live_next = e->live_head;
+    if (e->live_head)
+        e->live_head->live_prev = c;
+    e->live_head = c;
     return 0;
 }
 
@@ -1104,6 +1140,7 @@ static void conn_read(struct conn *c)
             }
             return;
         }
+        c->last_heard = now_ms();
         ssize_t rv = nghttp2_session_mem_recv(c->h2, buf, (size_t)n);
         if (rv < 0) {
             /* nghttp2 queued GOAWAY itself, but not for a bad preface: then we do */
@@ -1318,6 +1355,16 @@ static void run_cmd(struct nh_engine *e, struct cmd *cmd)
         if (s)
             stream_end(s, NH_END_ABORTED, 0, NGHTTP2_CANCEL, 0, "reset");
         break;
+    case OP_ATTACH:
+        s = (struct stream *)hash_get(e, cmd->id, K_STREAM);
+        if (!s || s->conn->server || s->fd >= 0) {
+            reset_close(cmd->fd);  /* ended (its end is queued), or not one waiting for a socket */
+            break;
+        }
+        s->fd = cmd->fd;
+        if (s->got_200)
+            stream_start(s);       /* else on_response starts it */
+        break;
     }
 }
 
@@ -1371,6 +1418,42 @@ static void expire_handshakes(struct nh_engine *e, uint64_t now)
     }
 }
 
+/* Keepalive and idle (tunnel/liveness.py's): every tick_ms, PING connections not heard
+ * from for keepalive_interval_ms, end those whose PING went unanswered for
+ * keepalive_timeout_ms, and GOAWAY those without streams for their idle time. */
+static void tick(struct nh_engine *e, uint64_t now)
+{
+    if (!e->tick_ms || now < e->next_tick)
+        return;
+    e->next_tick = now + e->tick_ms;
+    const struct nh_config *cfg = &e->cfg;
+    for (struct conn *c = e->live_head, *next; c; c = next) {
+        next = c->live_next;
+        if (c->closing)
+            continue;
+        if (cfg->keepalive_interval_ms) {
+            if (c->ping_sent && now - c->ping_sent >= cfg->keepalive_timeout_ms) {
+                char reason[64];
+                snprintf(reason, sizeof reason, "no answer to PING within %u ms", cfg->keepalive_timeout_ms);
+                conn_end(c, NH_END_KEEPALIVE, ETIMEDOUT, 0, reason);
+                continue;
+            }
+            if (!c->ping_sent && now - c->last_heard >= cfg->keepalive_interval_ms
+                && nghttp2_submit_ping(c->h2, NGHTTP2_FLAG_NONE, NULL) == 0) {
+                c->ping_sent = now ? now : 1;
+                mark_dirty(c);
+            }
+        }
+        uint32_t idle = c->server ? cfg->server_idle_ms : cfg->client_idle_ms;
+        if (idle && !c->draining && c->nstreams == 0 && c->idle_since && now - c->idle_since >= idle) {
+            c->draining = true;    /* no new streams; closed once the GOAWAY is out */
+            nghttp2_submit_goaway(c->h2, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(c->h2),
+                                  NGHTTP2_NO_ERROR, NULL, 0);
+            mark_dirty(c);
+        }
+    }
+}
+
 static void flush_dirty(struct nh_engine *e)
 {
     while (e->dirty) {
@@ -1417,9 +1500,12 @@ static void *engine_main(void *arg)
         if (stopping)
             break;
         int timeout = -1;
-        if (e->hs_head) {
-            uint64_t now = now_ms();
+        uint64_t now = now_ms();
+        if (e->hs_head)
             timeout = e->hs_head->deadline <= now ? 0 : (int)(e->hs_head->deadline - now);
+        if (e->tick_ms && e->live_head) {
+            int until = e->next_tick <= now ? 0 : (int)(e->next_tick - now);
+            timeout = timeout < 0 || until < timeout ? until : timeout;
         }
         int n = epoll_wait(e->ep, evs, EVENTS, timeout);
         if (n < 0) {
@@ -1439,7 +1525,9 @@ static void *engine_main(void *arg)
             else
                 stream_io((struct stream *)o, evs[i].events);
         }
-        expire_handshakes(e, now_ms());
+        now = now_ms();
+        expire_handshakes(e, now);
+        tick(e, now);
         flush_dirty(e);
         free_graveyard(e);
     }
@@ -1456,9 +1544,22 @@ static int check_config(const struct nh_config *c)
         || c->stream_window < 65535 || c->stream_window > 0x7fffffff || c->connection_window < c->stream_window
         || c->connection_window > 0x7fffffff || c->max_frame_size < 16384 || c->max_frame_size > 16777215
         || c->stream_buffer < 4096 || c->stream_buffer > (64u << 20) || c->max_resets < 1
-        || c->reset_window_ms < 1 || c->handshake_timeout_ms < 1 || c->max_pending_handshakes < 1)
+        || c->reset_window_ms < 1 || c->handshake_timeout_ms < 1 || c->max_pending_handshakes < 1
+        || (c->keepalive_interval_ms && !c->keepalive_timeout_ms))
         return -EINVAL;
     return 0;
+}
+
+/* How often tick() runs: half the shortest of its periods (as tunnel/liveness.py), 0: never. */
+static uint32_t tick_period(const struct nh_config *c)
+{
+    uint32_t periods[] = {c->keepalive_interval_ms, c->keepalive_interval_ms ? c->keepalive_timeout_ms : 0,
+                          c->client_idle_ms, c->server_idle_ms};
+    uint32_t best = 0;
+    for (size_t i = 0; i < sizeof periods / sizeof periods[0]; i++)
+        if (periods[i] && (!best || periods[i] / 2 < best))
+            best = periods[i] / 2;
+    return best ? (best < 5 ? 5 : best) : 0;
 }
 
 int nh_engine_new(const struct nh_config *config, struct nh_engine **out)
@@ -1470,6 +1571,7 @@ int nh_engine_new(const struct nh_config *config, struct nh_engine **out)
     if (!e)
         return -ENOMEM;
     e->cfg = *config;
+    e->tick_ms = tick_period(config);
     e->wake_obj.kind = K_WAKE;
     e->ep = epoll_create1(EPOLL_CLOEXEC);
     e->wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -1734,10 +1836,11 @@ int nh_conn_close(struct nh_engine *engine, uint64_t conn, int abort)
 int64_t nh_stream_open(struct nh_engine *e, uint64_t conn, int fd, const char *authority, const char *headers,
                        size_t headers_len)
 {
-    if (fd < 0)
+    if (fd < -1)
         return -EBADF;
-    int err = authority && *authority && (headers_len == 0 || headers[headers_len - 1] == 0) ? stream_fd_ok(fd)
-                                                                                            : -EINVAL;
+    int err = authority && *authority && (headers_len == 0 || headers[headers_len - 1] == 0)
+                  ? (fd == -1 ? 0 : stream_fd_ok(fd))
+                  : -EINVAL;
     if (err) {
         reset_close(fd);
         return err;
@@ -1780,6 +1883,18 @@ int nh_stream_accept(struct nh_engine *engine, uint64_t stream, int fd)
         return err;
     }
     return simple_cmd(engine, OP_ACCEPT, stream, fd, 0);
+}
+
+int nh_stream_attach(struct nh_engine *engine, uint64_t stream, int fd)
+{
+    if (fd < 0)
+        return -EBADF;
+    int err = stream_fd_ok(fd);
+    if (err) {
+        reset_close(fd);
+        return err;
+    }
+    return simple_cmd(engine, OP_ATTACH, stream, fd, 0);
 }
 
 int nh_stream_refuse(struct nh_engine *engine, uint64_t stream, uint32_t status)

@@ -17,7 +17,7 @@
  *     the nh_tls with nh_tls_free when it hands no more new connections to it
  *     (rotation: make a new one for new connections; connections already made keep a
  *     reference to theirs).
- *   - nh_conn_client, nh_conn_server, nh_stream_open and nh_stream_accept take the fd
+ *   - nh_conn_client, nh_conn_server, nh_stream_open, nh_stream_attach and nh_stream_accept take the fd
  *     in every case where they return >= 0 (or any negative errno but -EBADF): the engine
  *     closes it (a reset where the peer must see one) when its connection/stream ends.
  *     The caller must hold no other reference that could close or read it (Python:
@@ -50,6 +50,11 @@
  *   everything pulled before, so a peer that does not read stops the streams' sockets
  *   from being read.
  *
+ * Liveness (tunnel/liveness.py): a connection not heard from for keepalive_interval_ms is
+ *   PINGed, and ends NH_END_KEEPALIVE when the answer has not come within
+ *   keepalive_timeout_ms; one without streams for client_idle_ms / server_idle_ms is closed
+ *   with GOAWAY NO_ERROR (an open racing it ends NH_END_CONN_LOST before any byte is sent).
+ *
  * Limits (tunnel/limits.py): a server connection serves at most max_streams streams at
  *   once, counting a stream until Python answered its request and its socket closed
  *   (more: RST_STREAM REFUSED_STREAM); more than max_resets client resets within
@@ -70,7 +75,7 @@
 #include <stdint.h>
 
 /* cffi-begin */
-#define NH_API 1                  /* bumped on any change of the functions or structs below */
+#define NH_API 2                  /* bumped on any change of the functions or structs below */
 
 #define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
                                      done, waits for nh_conn_verdict. Client: identity
@@ -81,6 +86,9 @@
                                      nh_stream_accept or nh_stream_refuse */
 #define NH_EV_RESPONSE 4          /* client: the response; status (200: the stream relays) */
 #define NH_EV_STREAM_END 5        /* to_peer/from_peer bytes, how, error/code/status */
+#define NH_EV_REQUEST_RESET 6     /* server: the client reset a stream Python has not answered
+                                     yet; it must still be answered (accept: its socket is
+                                     reset at once; refuse), but may stop preparing it */
 
 #define NH_END_CLOSED 1           /* clean: FIN/END_STREAM both ways (conn: GOAWAY/close) */
 #define NH_END_RESET 2            /* stream: RST_STREAM from the peer (code) */
@@ -97,6 +105,7 @@
 #define NH_END_GOAWAY 12          /* conn: the peer sent GOAWAY with an error (code) */
 #define NH_END_IO 13              /* conn: the TCP connection failed or closed (error) */
 #define NH_END_STOPPED 14         /* nh_engine_stop */
+#define NH_END_KEEPALIVE 15       /* conn: no answer to our PING within keepalive_timeout_ms */
 
 struct nh_config {
     uint32_t max_conns;           /* connections at once (1..65536); more: -ENOSPC */
@@ -109,6 +118,11 @@ struct nh_config {
     uint32_t reset_window_ms;
     uint32_t handshake_timeout_ms;
     uint32_t max_pending_handshakes; /* server connections in their TLS handshake at once */
+    /* 0 turns each of these off */
+    uint32_t keepalive_interval_ms; /* PING a connection not heard from for this long... */
+    uint32_t keepalive_timeout_ms;  /* ...and end it (NH_END_KEEPALIVE) unanswered this long */
+    uint32_t client_idle_ms;      /* a client connection without streams this long: GOAWAY, closed */
+    uint32_t server_idle_ms;      /* the same for a server connection */
 };
 
 struct nh_event {
@@ -177,10 +191,15 @@ int nh_conn_close(struct nh_engine *engine, uint64_t conn, int abort);
 
 /* Client: a CONNECT to `authority` (host:port) with `headers` (name\0value\0... of
  * headers_len bytes, names lower-case; may be empty) on connection `conn` (queued until
- * it is up), relayed to connected stream socket `fd` once answered 200. Returns the
- * stream id (> 0). */
+ * it is up), relayed to connected stream socket `fd` once answered 200. `fd` -1: the
+ * socket comes later (nh_stream_attach), so the caller can learn the answer first; until
+ * then at most one stream window received waits in the engine. Returns the stream id (> 0). */
 int64_t nh_stream_open(struct nh_engine *engine, uint64_t conn, int fd, const char *authority,
                        const char *headers, size_t headers_len);
+
+/* Client: the socket of a stream opened with fd -1 (before or after its RESPONSE). A
+ * stream that has ended, or has a socket, gets none: fd is reset and closed. */
+int nh_stream_attach(struct nh_engine *engine, uint64_t stream, int fd);
 
 /* Server: answer an NH_EV_REQUEST with 200 and relay to connected stream socket `fd`. */
 int nh_stream_accept(struct nh_engine *engine, uint64_t stream, int fd);

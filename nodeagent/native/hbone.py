@@ -1,16 +1,20 @@
 """The native HBONE engine (native/hbone.c: TLS 1.3 with libssl, HTTP/2 CONNECT with
-libnghttp2, its own thread) as asyncio sees it. Opt-in and not yet wired into the agent
-(tunnel/ is the default path; docs/design.md says what integration needs).
+libnghttp2, its own thread) as asyncio sees it. The agent takes it with the setting
+`hbone_engine` (agent/proxy/hbone_engine.py; tunnel/ is the default path).
 
 Python keeps the decisions: it hands the engine connected sockets (detached: the
 engine closes them) and answers what the engine asks. Client side: `await
 engine.connect(sock, tls, expected_identity)` is a `ClientConnection` once TLS is up and
 the server's single URI SAN equals `expected_identity`; `conn.open(sock, authority,
 headers)` sends a CONNECT and relays `sock` once the answer is 200 (`stream.response`,
-then `stream.ended`). Server side: `engine.serve(sock, tls, admit, on_request)` runs the
+then `stream.ended`); `conn.open(None, ...)` waits for the socket, given by
+`stream.carry(sock)` once the answer is known (the agent's outbound relay). Server side: `engine.serve(sock, tls, admit, on_request)` runs the
 handshake; `admit(chain_pem)` says whether the peer's identity may connect (its return is
 the verdict); `on_request(request)` gets each CONNECT and must `request.accept(sock)` or
-`request.refuse(status)` (at once or later). Ends come back as `End`s (bytes each way,
+`request.refuse(status)` (at once or later); `request.cancelled` is set when the client
+reset it before the answer. `carry(sock, abort)` on either kind of stream gives it its
+socket and waits for the end: a SpliceResult as the relays' splice returns (a_to_b = bytes
+from the socket to the peer), ended early by a splice.Abort. Ends come back as `End`s (bytes each way,
 how, HTTP/2 code, reason). Events arrive through the engine's notify fd, read by the
 loop that started it; C never calls into Python.
 """
@@ -26,14 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nodeagent.native import NativeUnavailable
+from nodeagent.native import NativeUnavailable, SpliceResult
 from nodeagent.tunnel.settings import TunnelSettings
 
 DEFAULT_MAX_CONNS = 16384
 DEFAULT_STREAM_BUFFER = 256 * 1024  # bytes read from a plain socket held per stream (the Python path's write_buffer)
 _BATCH = 256
 HOW = {1: "closed", 2: "reset", 3: "socket_error", 4: "aborted", 5: "refused", 6: "connection_lost", 7: "tls",
-       8: "identity", 9: "timeout", 10: "protocol_error", 11: "flood", 12: "goaway", 13: "io_error", 14: "stopped"}
+       8: "identity", 9: "timeout", 10: "protocol_error", 11: "flood", 12: "goaway", 13: "io_error", 14: "stopped",
+       15: "keepalive"}
+CLEAN = ("closed", "aborted")  # ends a relay reports without an error (aborted: policy revocation, as splice.Abort)
 STATS = ("conns_open", "conns_total", "handshakes_pending", "streams_open", "streams_total", "bytes_to_peer",
          "bytes_from_peer", "bytes_held", "bytes_held_peak", "stream_held_peak", "tls_failures", "refused_streams",
          "flood_goaways", "events_queued", "fatal")
@@ -90,21 +96,46 @@ class Tls:
 
 
 class NativeStream:
-    def __init__(self, engine: "HboneEngine", stream_id: int):
-        self.engine, self.id = engine, stream_id
+    def __init__(self, engine: "HboneEngine", stream_id: int, conn: "_Connection | None" = None):
+        self.engine, self.id, self.conn = engine, stream_id, conn
         self.response: asyncio.Future = engine._loop.create_future()  # client: the status
         self.ended: asyncio.Future = engine._loop.create_future()  # End
 
     def reset(self) -> None:
         self.engine._lib.nh_stream_reset(self.engine._handle, self.id)
 
+    abort = reset  # what a splice.Abort calls (policy revocation)
+
+    def _give(self, sock: socket.socket) -> None:
+        """Client: the socket of a stream opened without one."""
+        rc = self.engine._lib.nh_stream_attach(self.engine._handle, self.id, sock.detach())
+        if rc < 0:
+            raise OSError(-rc, f"native HBONE attach: {os.strerror(-rc)}")
+
+    async def carry(self, sock: socket.socket, abort=None) -> SpliceResult:
+        """Hand `sock` to the stream and wait until it ends; the engine moves the bytes.
+        `abort` (a splice.Abort) resets both; cancelling resets both too."""
+        if abort is not None:
+            abort.bind(self)
+        try:
+            self._give(sock)
+        except OSError as exc:
+            self.reset()
+            return SpliceResult(error=exc)
+        try:
+            end = await asyncio.shield(self.ended)
+        except asyncio.CancelledError:  # the agent is stopping: both peers see a reset
+            self.reset()
+            raise
+        return SpliceResult(end.to_peer, end.from_peer, None if end.how in CLEAN else reset_error(end))
+
 
 class Request(NativeStream):
     """An inbound CONNECT; answer with accept(sock) or refuse(status)."""
 
     def __init__(self, engine: "HboneEngine", stream_id: int, conn: "ServerConnection", headers):
-        super().__init__(engine, stream_id)
-        self.conn = conn
+        super().__init__(engine, stream_id, conn)
+        self.cancelled: asyncio.Future = engine._loop.create_future()  # the client reset it before the answer
         self.authority = headers[0][1] if headers and headers[0][0] == ":authority" else ""
         self.headers = tuple(h for h in headers if h[0] != ":authority")
 
@@ -112,6 +143,8 @@ class Request(NativeStream):
         rc = self.engine._lib.nh_stream_accept(self.engine._handle, self.id, sock.detach())
         if rc < 0:
             raise OSError(-rc, f"native HBONE accept: {os.strerror(-rc)}")
+
+    _give = accept  # carry(sock): answer 200 and relay
 
     def refuse(self, status: int = 0) -> None:
         self.engine._lib.nh_stream_refuse(self.engine._handle, self.id, status)
@@ -122,6 +155,7 @@ class _Connection:
         self.engine, self.id = engine, conn_id
         self.up: asyncio.Future = engine._loop.create_future()  # the peer's chain, PEM
         self.closed: asyncio.Future = engine._loop.create_future()  # End
+        self.streams: set[int] = set()  # ids of its streams that have not ended
 
     def close(self, abort: bool = False) -> None:
         """GOAWAY once the open streams end, or (abort) reset everything now."""
@@ -129,15 +163,18 @@ class _Connection:
 
 
 class ClientConnection(_Connection):
-    def open(self, sock: socket.socket, authority: str, headers=()) -> NativeStream:
-        """CONNECT `authority` with `headers` ((name, value) pairs); `sock` relays once 200."""
+    def open(self, sock: socket.socket | None, authority: str, headers=()) -> NativeStream:
+        """CONNECT `authority` with `headers` ((name, value) pairs); `sock` relays once 200
+        (None: the socket comes with `stream.carry`)."""
         packed = b"".join(k.lower().encode("latin-1") + b"\0" + v.encode("latin-1") + b"\0" for k, v in headers)
-        rc = self.engine._lib.nh_stream_open(self.engine._handle, self.id, sock.detach(), authority.encode("ascii"),
+        fd = sock.detach() if sock is not None else -1
+        rc = self.engine._lib.nh_stream_open(self.engine._handle, self.id, fd, authority.encode("ascii"),
                                              packed, len(packed))
         if rc < 0:
             raise OSError(-rc, f"native HBONE open: {os.strerror(-rc)}")
-        stream = NativeStream(self.engine, rc)
+        stream = NativeStream(self.engine, rc, self)
         self.engine._streams[rc] = stream
+        self.streams.add(rc)
         return stream
 
 
@@ -162,7 +199,12 @@ class HboneEngine:
 
     @classmethod
     def start(cls, settings: TunnelSettings = TunnelSettings(), *, module=None, max_conns: int = DEFAULT_MAX_CONNS,
-              stream_buffer: int = DEFAULT_STREAM_BUFFER) -> "HboneEngine":
+              stream_buffer: int = DEFAULT_STREAM_BUFFER, client_idle: float = 0.0,
+              server_idle: float = 0.0) -> "HboneEngine":
+        """An engine with `settings`' windows, limits and keepalive (PING after
+        keepalive_interval, give up after keepalive_timeout); connections without streams
+        close after `client_idle` / `server_idle` seconds (0: never), as the pool's and
+        the server's idle_timeout."""
         module = module or load()
         ffi, lib = module.ffi, module.lib
         config = ffi.new("struct nh_config *", {
@@ -171,7 +213,10 @@ class HboneEngine:
             "max_frame_size": settings.max_frame_size, "stream_buffer": stream_buffer,
             "max_resets": settings.max_stream_resets, "reset_window_ms": int(settings.stream_reset_window * 1000),
             "handshake_timeout_ms": int(settings.server_handshake_timeout * 1000),
-            "max_pending_handshakes": settings.max_pending_handshakes})
+            "max_pending_handshakes": settings.max_pending_handshakes,
+            "keepalive_interval_ms": int(settings.keepalive_interval * 1000),
+            "keepalive_timeout_ms": int(settings.keepalive_timeout * 1000),
+            "client_idle_ms": int(client_idle * 1000), "server_idle_ms": int(server_idle * 1000)})
         out = ffi.new("struct nh_engine **")
         rc = lib.nh_engine_new(config, out)
         if rc < 0:
@@ -261,6 +306,7 @@ class HboneEngine:
                 lib.nh_stream_refuse(self._handle, ev.stream, 0)
                 return
             request = self._streams[ev.stream] = Request(self, ev.stream, conn, headers)
+            conn.streams.add(ev.stream)
             try:
                 conn.on_request(request)
             except Exception:
@@ -269,9 +315,15 @@ class HboneEngine:
             stream = self._streams.get(ev.stream)
             if stream is not None:
                 _settle(stream.response, ev.status)
+        elif ev.type == lib.NH_EV_REQUEST_RESET:
+            stream = self._streams.get(ev.stream)
+            if isinstance(stream, Request):
+                _settle(stream.cancelled, ev.code)
         elif ev.type == lib.NH_EV_STREAM_END:
             stream = self._streams.pop(ev.stream, None)
             if stream is not None:
+                if stream.conn is not None:
+                    stream.conn.streams.discard(ev.stream)
                 end = _end(ev, data)
                 if not stream.response.done():
                     stream.response.set_exception(HboneFailed(end))
