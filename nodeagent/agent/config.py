@@ -52,7 +52,9 @@ class AgentConfig:
     outbound_port: int
     inbound_port: int
     tunnel_port: int
-    keep_on_exit: bool
+    keep_on_exit: bool  # on_exit != "remove": what the agent does when it cannot tell (or is told to keep)
+    on_exit: str  # keep, remove, or owner: remove only when its DaemonSet or Namespace is going away
+    pod: tuple[str, str] | None  # (namespace, name) of the agent's own pod (downward API); None outside one
     poll_interval: float
     resync_interval: float
     log_level: str
@@ -141,6 +143,27 @@ def parse_agent_source(raw: str) -> str:
         raise ValueError(f"{exc}; or kube (in a pod), or kube:KUBECONFIG") from None
 
 
+ON_EXIT = ("keep", "remove", "owner")
+
+
+def parse_on_exit(raw: str) -> str:
+    """keep, remove, owner; empty: as --[no-]keep-on-exit says."""
+    value = raw.strip().lower()
+    if value and value not in ON_EXIT:
+        raise ValueError(f"must be one of {', '.join(ON_EXIT)}")
+    return value
+
+
+def parse_pod(raw: str) -> tuple[str, str] | None:
+    if raw.strip().lower() in OFF:
+        return None
+    namespace, sep, name = raw.partition("/")
+    if not sep or not DNS_SUBDOMAIN.match(name):
+        raise ValueError("must be NAMESPACE/NAME of the agent's own pod (the downward API's "
+                         "metadata.namespace and metadata.name)")
+    return parse_namespace(namespace), name
+
+
 parse_interval = seconds_between(0.001, 60)
 parse_resync_interval = seconds_between(1, 3600)
 
@@ -219,7 +242,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("keep_on_exit", parse_bool, "true",
             "leave programs attached and maps pinned when the agent stops, so its pods stay captured "
             "(fail closed) until the next agent adopts them; `nodeagent uninstall` removes them. "
-            "--no-keep-on-exit removes capture at exit (meshed pods then talk plaintext)", boolean=True),
+            "--no-keep-on-exit removes capture at exit (meshed pods then talk plaintext); "
+            "--on-exit says more", boolean=True),
+    Setting("on_exit", parse_on_exit, "",
+            "what a stopping agent does with capture: keep (for the next agent, fail closed), remove (as "
+            "`nodeagent uninstall`, with the pods' routing), or owner (kube source and --pod: remove only "
+            "when it saw its DaemonSet deleted or its Namespace terminating — `kubectl delete -k` —, else "
+            "keep: a rolling update, a pod deleted by hand, an API it cannot read). Default: keep, or "
+            "remove with --no-keep-on-exit", "|".join(ON_EXIT)),
+    Setting("pod", parse_pod, "off",
+            "the agent's own pod as NAMESPACE/NAME (from the downward API), read for --on-exit=owner",
+            "NAMESPACE/NAME"),
     Setting("poll_interval", parse_interval, "0.1",
             "seconds between checks of the source when inotify cannot report its changes, or while a "
             "pod's enrolment waits for a retry", "SECONDS"),
@@ -298,7 +331,29 @@ def load(given: Mapping[str, Any] | argparse.Namespace, environ: Mapping[str, st
         raise ConfigError("setting delivery_mark", f"must differ from mark ({values['mark']:#x})",
                           "the pod's reply routing would catch the agent's outbound connections too")
     _check_identity(values)
+    _check_on_exit(values, given, os.environ if environ is None else environ)
     return AgentConfig(**values)
+
+
+def _check_on_exit(values: dict[str, Any], given: Mapping[str, Any] | argparse.Namespace,
+                   environ: Mapping[str, str]) -> None:
+    """on_exit from --on-exit, else from --[no-]keep-on-exit; keep_on_exit follows it."""
+    given = vars(given) if isinstance(given, argparse.Namespace) else given
+    keep_given = given.get("keep_on_exit") is not None or "NODEAGENT_KEEP_ON_EXIT" in environ
+    on_exit = values["on_exit"]
+    if not on_exit:
+        on_exit = "keep" if values["keep_on_exit"] else "remove"
+    elif keep_given and (on_exit == "remove") == values["keep_on_exit"]:
+        raise ConfigError("setting on_exit", f"{on_exit} contradicts keep_on_exit={values['keep_on_exit']}",
+                          "give one of --on-exit and --[no-]keep-on-exit")
+    if on_exit == "owner":
+        if values["source"].partition(":")[0] != "kube":
+            raise ConfigError("setting on_exit", "owner reads the agent's DaemonSet from the API",
+                              "use it with --source kube, or choose keep or remove")
+        if values["pod"] is None:
+            raise ConfigError("setting on_exit", "owner needs the agent's own pod",
+                              "pass --pod=$(POD_NAMESPACE)/$(POD_NAME) from the downward API")
+    values["on_exit"], values["keep_on_exit"] = on_exit, on_exit != "remove"
 
 
 def _check_source(values: dict[str, Any], environ: Mapping[str, str]) -> None:

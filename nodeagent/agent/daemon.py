@@ -12,9 +12,12 @@ of removed pods' tunnel connections. Ready (`/healthz/ready`, status) means "can
 the first reconcile is done and every enrolled pod's identity has a valid certificate
 (when there is a CA; one a previous agent left counts, so a restart while the CA is down
 stays ready). The data path is wired in datapath.py. SIGTERM or SIGINT: stop listening
-and relaying and leave capture and in-pod routing for the next agent (keep-on-exit, the
-default), as a SIGKILL does: meshed pods fail closed until it is ready. Only
---no-keep-on-exit (or `nodeagent uninstall` afterwards) removes them.
+and relaying and leave capture and in-pod routing for the next agent (--on-exit=keep, the
+default), as a SIGKILL does: meshed pods fail closed until it is ready. --on-exit=remove
+(--no-keep-on-exit) removes them, as `nodeagent uninstall` does; --on-exit=owner (the
+DaemonSet's) removes them only when the agent saw its DaemonSet deleted or its Namespace
+terminating (kube/owner.py), asking the API once more, briefly, at the signal. The
+decision and its reason are logged.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.inpod.podns import PodNetnsResolver
 from nodeagent.agent.watch import DirectoryWatch
 from nodeagent.kube import events
+from nodeagent.kube.client import KubeApiError
+from nodeagent.kube.owner import CONFIRM_SECONDS, ExitDecision, OwnerWatch
 from nodeagent.model import Model
 from nodeagent.sources.files import FilesSource
 from nodeagent.xds.istio.config import IstioConfig
@@ -85,6 +90,7 @@ class Agent:
     # --- lifecycle ------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self.capture.load()
+        at_exit = self._exit_default()
         try:
             await self.admin.start(self.config.admin_address, self.config.admin_socket)
             watch = self._wakeup()
@@ -99,15 +105,42 @@ class Agent:
                               len(self.enroller.enrolled), "; ".join(self.readiness().missing) or "ready")
                 await self._loop(stop, watch)
             finally:
+                at_exit = await self._exit_decision(at_exit)  # while the source still runs
                 watch.close()
                 await asyncio.to_thread(self.work.close)  # the config step under way ends first
-                await self.enroller.close(keep_routing=self.config.keep_on_exit)
+                await self.enroller.close(keep_routing=not at_exit.remove)
                 await self.datapath.close()
                 await self.admin.close()
         finally:
-            self.capture.close(keep=self.config.keep_on_exit)
-            self.log.info("agent stopped (%s)", "capture kept for the next agent" if self.config.keep_on_exit
-                          else "capture detached and unpinned")
+            self.capture.close(keep=not at_exit.remove)
+            self.log.info("agent stopped: %s", "capture detached and unpinned, pods' routing removed"
+                          if at_exit.remove else "capture kept for the next agent")
+
+    def _exit_default(self) -> ExitDecision:
+        """What exit does before the owner watch could say anything (--on-exit=owner: keep)."""
+        mode = self.config.on_exit
+        if mode == "owner":
+            return ExitDecision(False, "the agent stopped before it could watch its DaemonSet")
+        return ExitDecision(mode == "remove", f"--on-exit={mode}")
+
+    async def _exit_decision(self, default: ExitDecision) -> ExitDecision:
+        """--on-exit=owner: what the owner watch saw; when that says keep, one fresh look
+        (pod, DaemonSets, Namespace) bounded by CONFIRM_SECONDS, since the DaemonSet's
+        deletion may still be on its way. Logged with its reason; never raises."""
+        owner = getattr(self.source, "owner", None)
+        decision = default
+        if self.config.on_exit == "owner" and isinstance(owner, OwnerWatch):
+            decision = owner.decision()
+            if not decision.remove:
+                try:
+                    await asyncio.wait_for(self.source.run_here(owner.confirm()), CONFIRM_SECONDS)
+                except asyncio.TimeoutError:
+                    self.log.warning("no answer from the API within %gs at exit", CONFIRM_SECONDS)
+                except (KubeApiError, RuntimeError) as exc:
+                    self.log.warning("cannot ask the API at exit: %s", exc)
+                decision = owner.decision()
+        self.log.info("agent stopping: %s", decision)
+        return decision
 
     def _wakeup(self) -> DirectoryWatch | Any:
         """What wakes the agent when the source changes: inotify on the files source's
@@ -217,6 +250,8 @@ class Agent:
                        "errors": dict(self.source.errors),
                        **({"events": self.source.events.describe()}
                           if getattr(self.source, "events", None) is not None else {}),
+                       **({"owner": self.source.owner.describe()}
+                          if getattr(self.source, "owner", None) is not None else {}),
                        "model_changed_at": self.model_changed_at,
                        "pods_on_node": len(self.model.pods_on_node(self.config.node))},
             "pods": enrolment["enrolled"], "waiting": enrolment["waiting"],
@@ -234,6 +269,8 @@ def new_source(config: AgentConfig, log: logging.Logger) -> FilesSource | KubeSo
     if config.source_kind == "kube":
         source = KubeSource(cluster_config(config.kubeconfig), log=log)
         source.events = events.EventWriter(source.client, config.node, log.getChild("events"))
+        if config.on_exit == "owner" and config.pod is not None:
+            source.owner = OwnerWatch(source.client, *config.pod, log=log.getChild("owner"))
         return source
     return FilesSource(config.source_dir, log=log)
 

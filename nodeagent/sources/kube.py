@@ -21,7 +21,9 @@ Every object goes through the checks the files source makes (object_from_dict, t
 model.check for Pods and Services); an invalid one is refused alone: its last good
 version stays and `errors` names it and the field; `refused()` gives their bodies'
 metadata, so the agent's Events (kube/events.py, written by `events` on this source's
-loop) can name them with their uid and resourceVersion. Pods keep only the fields the model reads; every object
+loop) can name them with their uid and resourceVersion. The agent's exit watch (`owner`,
+kube/owner.py) runs on that loop too; `run_here` awaits a coroutine there from the
+daemon's loop. Pods keep only the fields the model reads; every object
 loses metadata.managedFields (the server's bookkeeping): a 10k-pod cluster is held in a
 fraction of the memory the API's objects take.
 
@@ -47,6 +49,7 @@ from nodeagent.errors import ConfigError
 from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient, NotFound, Resource
 from nodeagent.kube.events import EventWriter
 from nodeagent.kube.objects import KubeObject, object_from_dict
+from nodeagent.kube.owner import OwnerWatch
 from nodeagent.model import Model, check
 
 SOURCE = "kube"  # KubeObject.source of every object read here: messages say "kube (Pod ns/name)"
@@ -277,6 +280,7 @@ class KubeSource:
         # that made a kind list again, failed lists/watches (backed off).
         self.counts = {"lists": 0, "watches": 0, "gone": 0, "failures": 0}
         self.events: EventWriter | None = None  # set before start(): its task runs on this source's loop
+        self.owner: OwnerWatch | None = None  # set before start(): the agent's exit watch, on this loop too
 
     # --- what the daemon reads --------------------------------------------------------
     @property
@@ -339,6 +343,15 @@ class KubeSource:
         self.start()
         return wake
 
+    async def run_here(self, coro: Any) -> Any:
+        """Await `coro` on the source's loop from another loop (its client's requests run
+        there); RuntimeError when the source is not running."""
+        loop = self._loop
+        if self._thread is None or loop is None or loop.is_closed():
+            coro.close()
+            raise RuntimeError("the kube source is not running")
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
     def close(self) -> None:
         """Stop the reflectors and wait for their thread."""
         if self._thread is not None and self._loop is not None and self._stop is not None:
@@ -357,6 +370,8 @@ class KubeSource:
             tasks.append(asyncio.create_task(self._notifier()))
             if self.events is not None:
                 tasks.append(asyncio.create_task(self.events.run()))
+            if self.owner is not None:
+                tasks.append(asyncio.create_task(self.owner.run()))
             try:
                 await self._stop.wait()
             finally:

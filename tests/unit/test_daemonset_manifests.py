@@ -217,15 +217,42 @@ def test_rbac_rules_are_exactly_what_their_comments_name(path: str):
                 f"{path}: {match['code']} does not exist; mark the rule pending or fix the name"
 
 
+def _granted(role: str) -> set[tuple[str, str, str]]:
+    return {(group, resource, verb) for rule in BY_KEY[role]["rules"]
+            for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+
 def test_the_agents_cluster_role_is_exactly_what_its_code_uses():
     """list and watch of every kind the kube source reads (sources/kube.py KINDS; no get, no
     EndpointSlices), create and patch of core Events (kube/events.py), nothing else."""
     from nodeagent.sources.kube import KINDS
-    granted = {(group, resource, verb) for rule in BY_KEY["ClusterRole/nodeagent"]["rules"]
-               for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+    granted = _granted("ClusterRole/nodeagent")
     used = {(k.group, k.plural, verb) for k in KINDS for verb in ("list", "watch")}
     used |= {("", "events", "create"), ("", "events", "patch")}
     assert granted == used, (sorted(granted - used), sorted(used - granted))
+
+
+def test_the_agents_role_is_exactly_what_its_exit_watch_uses():
+    """kube/owner.py: list and watch of the DaemonSets of the agent's namespace (a Role
+    there), and of its pod and Namespace — which the ClusterRole grants already."""
+    from nodeagent.kube.owner import OwnerWatch
+    watch = OwnerWatch(client=None, namespace="nodeagent-system", pod="nodeagent-x1")
+    assert _granted("Role/nodeagent-system/nodeagent") == {("apps", "daemonsets", "list"),
+                                                         ("apps", "daemonsets", "watch")}
+    assert watch.daemonsets[0].path == "/apis/apps/v1/namespaces/nodeagent-system/daemonsets"
+    assert watch.pods[0].path.startswith("/api/v1/namespaces/nodeagent-system/pods")
+    assert watch.namespaces[0].path == "/api/v1/namespaces"
+    cluster = _granted("ClusterRole/nodeagent")
+    assert {("", r, v) for r in ("pods", "namespaces") for v in ("list", "watch")} <= cluster
+
+
+def test_the_agent_decides_at_exit_from_its_own_pod_and_daemonset():
+    args = agent_args()
+    assert args["--on-exit"] == "owner" and args["--pod"] == "$(POD_NAMESPACE)/$(POD_NAME)"
+    assert "--keep-on-exit" not in args and "--no-keep-on-exit" not in args
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+           for e in AGENT["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["POD_NAME"], env["POD_NAMESPACE"]) == ("metadata.name", "metadata.namespace")
 
 
 def test_no_rule_grants_wildcards_or_escalation():
@@ -247,6 +274,8 @@ def test_each_service_account_is_bound_to_its_own_roles():
                                                                        "nodeagent")]),
         "ClusterRoleBinding/nodeagent-ca": ("ClusterRole", "nodeagent-ca",
                                             [("ServiceAccount", "nodeagent-system", "nodeagent-ca")]),
+        "RoleBinding/nodeagent-system/nodeagent": ("Role", "nodeagent", [("ServiceAccount", "nodeagent-system",
+                                                                      "nodeagent")]),
         "RoleBinding/nodeagent-system/nodeagent-ca": ("Role", "nodeagent-ca",
                                                       [("ServiceAccount", "nodeagent-system", "nodeagent-ca")]),
     }
@@ -310,7 +339,8 @@ def agent_args() -> dict[str, str]:
     return _flags(AGENT["spec"]["template"]["spec"]["containers"][0])
 
 
-SAMPLE = {"$(NODE_NAME)": "node-1", "$(NODE_IP)": "10.0.0.1"}
+SAMPLE = {"$(NODE_NAME)": "node-1", "$(NODE_IP)": "10.0.0.1", "$(POD_NAME)": "nodeagent-x1",
+          "$(POD_NAMESPACE)": "nodeagent-system"}
 CHECKED_AT_RUN_TIME = {  # flags whose value names something only the pod has
     "source",  # kube: in-cluster config needs the pod's service-account token and environment
     "cgroup", "ca_root_cert", "ca_token_file",  # must exist: they are the pod's mounts
