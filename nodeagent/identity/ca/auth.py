@@ -173,16 +173,22 @@ class ModelView:
 
 
 class NodeAuthorizer:
-    """A node may have an identity while a pod with that service account runs on it."""
+    """A node may have an identity while a pod with that service account runs on it.
+    `lookup(node, identity)`, when given, is asked on a miss: the model is a watch's
+    view and may not have a pod created moments ago (the kube source's; kubeauth.PodLookup
+    asks the API directly). It answers True or False, or raises (CaUnavailable)."""
 
-    def __init__(self, models: Callable[[], Model]):
+    def __init__(self, models: Callable[[], Model], lookup: Callable[[str, Identity], bool] | None = None):
         self.models = models
+        self.lookup = lookup
 
     def authorize(self, caller: Caller, identity: Identity) -> None:
         for pod in self.models().pods_on_node(caller.node):
             if (pod.namespace, pod.service_account) == (identity.namespace, identity.service_account) \
                     and pod.phase not in TERMINATED:
                 return
+        if self.lookup is not None and self.lookup(caller.node, identity):
+            return
         raise PermissionDenied(f"no pod with service account {identity.short} on node {caller.node}",
                                "the CA issues an identity only to the agent of a node running a pod "
                                "with that service account")

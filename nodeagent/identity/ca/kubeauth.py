@@ -15,6 +15,12 @@ the token expires or CACHE_SECONDS pass, whichever is first, so a rotating fleet
 agents costs the API one review per agent per minute at most; refusals are not
 remembered. An API server that cannot answer never authenticates anyone: the request
 fails with Unavailable (the agent retries), never with a guess.
+
+`PodLookup` closes the watch's window for NodeAuthorizer: a pod created moments ago may
+not be in the CA's pod watch yet when its node's agent asks for its identity, so on a
+miss the CA lists that namespace's pods on that node with that service account (field
+selectors `spec.nodeName` and `spec.serviceAccountName`: one small consistent read)
+before refusing. Only authenticated agents get this far.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from nodeagent.identity.ca.auth import Caller, ModelView
+from nodeagent.identity.ca.auth import TERMINATED, Caller, ModelView
 from nodeagent.identity.errors import CaUnavailable, Unauthenticated
-from nodeagent.kube.client import KubeApiError, KubeClient, NotFound
+from nodeagent.identity.spiffe import Identity
+from nodeagent.kube.client import KubeApiError, KubeClient, NotFound, Resource
 from nodeagent.model import Model
 
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -204,3 +211,45 @@ class SyncedModelView(ModelView):
                 raise CaUnavailable(f"the CA has not read the cluster's pods yet: {self.source.scan_error}",
                                     "retry; check that the CA can list pods")
             return self._model
+
+
+def pods_query(node: str, identity: Identity) -> tuple[Resource, dict[str, str]]:
+    """The list that finds the pods of `identity` on `node`."""
+    namespace = identity.namespace
+    return (Resource(f"/api/v1/namespaces/{namespace}/pods", f"pods in {namespace}"),
+            {"fieldSelector": f"spec.nodeName={node},spec.serviceAccountName={identity.service_account}"})
+
+
+def runs_identity(pods: list[dict[str, Any]], node: str, identity: Identity) -> bool:
+    """A listed pod of `identity` runs (is not finished) on `node` (the selectors'
+    answer checked again, as the model's pods are)."""
+    for pod in pods:
+        meta, spec, status = (pod.get(k) if isinstance(pod.get(k), dict) else {}
+                              for k in ("metadata", "spec", "status"))
+        account = spec.get("serviceAccountName") or spec.get("serviceAccount")
+        if (meta.get("namespace"), spec.get("nodeName"), account) == (identity.namespace, node,
+                                                                       identity.service_account) \
+                and status.get("phase") not in TERMINATED:
+            return True
+    return False
+
+
+class PodLookup:
+    """NodeAuthorizer's `lookup` in a cluster: the API asked directly on a watch miss."""
+
+    def __init__(self, client: KubeClient, log: logging.Logger | None = None):
+        self.client = client
+        self.log = log or logging.getLogger("nodeagent.identity.ca.kubeauth")
+
+    def __call__(self, node: str, identity: Identity) -> bool:
+        resource, params = pods_query(node, identity)
+        try:
+            items, _ = asyncio.run(self.client.list(resource, params))  # a grpc worker thread: no loop
+        except KubeApiError as exc:
+            self.log.error("cannot look up the pods of %s on node %s: %s", identity.short, node, exc)
+            raise CaUnavailable(f"the CA cannot check the pods of node {node} now: {exc.detail}",
+                                "retry; check the CA's log") from None
+        found = runs_identity(items, node, identity)
+        if found:
+            self.log.info("%s on node %s: found by a direct list (not in the pod watch yet)", identity.short, node)
+        return found

@@ -187,23 +187,24 @@ def build(cfg: CaConfig, registry: CollectorRegistry, log: logging.Logger) -> Ca
     now = dt.datetime.now(dt.timezone.utc)
     source = None
     if cfg.kube:
-        material, authenticator, source, models = _from_kube(cfg, now, log)
+        material, authenticator, source, authorizer = _from_kube(cfg, now, log)
     else:
         material = keys.load_or_create(cfg.state_dir, cfg.trust_domain, now, log)
         authenticator = TokenFileAuthenticator(cfg.tokens, log.getChild("tokens"))
-        models = ModelView(FilesSource(cfg.source_dir, log.getChild("source")))
+        authorizer = NodeAuthorizer(ModelView(FilesSource(cfg.source_dir, log.getChild("source"))))
     ca = CertificateAuthority(cfg.trust_domain, material, cert_ttl=cfg.cert_ttl)
-    service = CertificateService(ca, authenticator, NodeAuthorizer(models), CaMetrics(registry), log)
+    service = CertificateService(ca, authenticator, authorizer, CaMetrics(registry), log)
     identity = Identity(cfg.trust_domain, cfg.namespace, SERVER_ACCOUNT)
     certificate = ServingCertificate(ca, identity, cfg.server_names, listen_ips(cfg.listen[0]))
     return CaServer(service, certificate, cfg.listen, source=source)
 
 
 def _from_kube(cfg: CaConfig, now: dt.datetime, log: logging.Logger):
-    """Keys, authenticator, pod source and model view of the kube source (the source started)."""
+    """Keys, authenticator, pod source and authorizer of the kube source (the source
+    started): the pod watch's model, and a direct list on a miss (kubeauth.PodLookup)."""
     from nodeagent.identity.ca import kubekeys
     from nodeagent.identity.ca.config import cluster_config
-    from nodeagent.identity.ca.kubeauth import KubeAuthenticator, SyncedModelView
+    from nodeagent.identity.ca.kubeauth import KubeAuthenticator, PodLookup, SyncedModelView
     from nodeagent.kube.client import KubeClient
     from nodeagent.sources.kube import KINDS, KubeSource
 
@@ -222,4 +223,5 @@ def _from_kube(cfg: CaConfig, now: dt.datetime, log: logging.Logger):
     # Only Pods: the node authorization needs who runs where with which service account.
     source = KubeSource(cluster, log.getChild("source"), kinds=tuple(k for k in KINDS if k.kind == "Pod"))
     source.start()
-    return material, authenticator, source, SyncedModelView(source)
+    authorizer = NodeAuthorizer(SyncedModelView(source), PodLookup(client, log.getChild("pods")))
+    return material, authenticator, source, authorizer
