@@ -1,8 +1,8 @@
 """`nodeagent status`: what an agent is doing, read from its admin socket and shown as
 JSON or as aligned text tables (enrolled pods, pods waiting, workload certificates,
-policies in force and refused, HBONE connections, the data path's engine, programs,
-maps and their fill, counters, source errors). Rendering is a pure function of the
-status JSON.
+policies in force and refused, HBONE connections, the data path's engine, the kernel
+features the probes found, programs, maps and their fill, counters, source errors).
+Rendering is a pure function of the status JSON.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
     if "error" in capture:
         out.append(f"CAPTURE\n  cannot read capture state: {capture['error']}")
     else:
+        out.extend(_kernel_lines(capture.get("kernel")))
         programs = capture.get("programs", [])
         out.append(_section("PROGRAMS", table(
             ["NAME", "ID", "ATTACHED TO"],
@@ -112,6 +113,17 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
     out.append("")
     out.append(_section("SOURCE ERRORS", "\n".join(f"  {f}: {m}" for f, m in sorted(errors.items()))))
     return "\n".join(out) + "\n"
+
+
+def _kernel_lines(kernel: dict[str, Any] | None) -> list[str]:
+    """What the feature probes found at start: each feature, the release that has it,
+    ok or missing and what the agent does instead (followed by a blank line)."""
+    if not kernel:
+        return []
+    rows = [[f["name"], f["since"], f["outcome"] + (f" ({f['detail']})" if f.get("detail") else "")]
+            for f in kernel.get("features", [])]
+    title = f"KERNEL FEATURES (Linux {kernel.get('release')}; nodeagent needs >= {kernel.get('minimum')})"
+    return [_section(title, table(["FEATURE", "SINCE", "STATUS"], rows) if rows else ""), ""]
 
 
 def _expires(when: float | None, now: float) -> str:

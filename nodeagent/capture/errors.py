@@ -13,7 +13,7 @@ import os
 from nodeagent.errors import EnvironmentProblem
 
 SETUP_HINT = "run scripts/setup as root"
-MIN_KERNEL = "5.17"  # sk_lookup's ingress_ifindex; the other features are older
+MIN_KERNEL = "5.17"  # sk_lookup's ingress_ifindex; the other features are older (features.FEATURES)
 
 
 class CaptureError(EnvironmentProblem):
@@ -55,6 +55,11 @@ class BpffsMissing(CaptureError):
     def __init__(self, path: str):
         super().__init__(f"{path} is not on a bpf filesystem, so maps cannot be pinned there",
                          f"{SETUP_HINT} (it mounts bpffs at /sys/fs/bpf), or pick a pin dir under it")
+
+
+class KernelFeatureMissing(CaptureError):
+    """The feature probes (features.py) found something the agent needs and has no
+    fallback for; the message names each feature and the Linux release that has it."""
 
 
 class CompileFailed(CaptureError):

@@ -1,10 +1,12 @@
 """Checks that the machine can run the capture programs, before anything is touched.
 
 Each check raises a typed error (nodeagent.capture.errors) naming what is missing and
-how to fix it; `check_all` runs them in the order an operator would fix them. Compile
-and verifier failures are caught later, where they happen (compiler.py). The agent
-only looks bcc up (check_bcc_found): importing it maps LLVM, which is the compile
-process's job (check_bcc).
+how to fix it; `check_all` runs them in the order an operator would fix them, then
+probes the kernel for every program type, helper, map and link the programs use
+(features.py) and returns what it found (a KernelSupport: the fallbacks in force), or
+raises KernelFeatureMissing. Compile and verifier failures are caught later, where they
+happen (compiler.py). The agent only looks bcc up (check_bcc_found): importing it maps
+LLVM, which is the compile process's job (check_bcc).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import re
 import types
 
+from nodeagent.capture import bpfsys, features
 from nodeagent.capture.errors import (BccMissing, BpffsMissing, BtfMissing, Cgroup2Missing,
                                       KernelHeadersMissing, NotPrivileged)
 
@@ -115,11 +118,16 @@ def check_bpffs(pin_dir: str, mounts: str = MOUNTS) -> None:
         raise BpffsMissing(pin_dir)
 
 
-def check_all(cgroup: str, pin_dir: str) -> None:
-    """Run every check (bcc is looked up, not imported)."""
+def check_all(cgroup: str, pin_dir: str, bpf: features.Syscall = bpfsys.call) -> features.KernelSupport:
+    """Run every check (bcc is looked up, not imported), then the kernel feature probes
+    (through `bpf`: tests inject a failing one); what the kernel offers, with the
+    fallbacks in force. KernelFeatureMissing when a feature without fallback is missing."""
     check_privileges()
     check_bcc_found()
     check_kernel_headers()
     check_btf()
     check_cgroup(cgroup)
     check_bpffs(pin_dir)
+    support = features.probe(cgroup, bpf)
+    support.check()
+    return support

@@ -1,0 +1,87 @@
+"""The kernel feature probes (capture/features.py) on this kernel: every feature the
+programs use is found, fast, without bcc or LLVM in the process; a probe made to fail
+(an injected failing bpf(2)) stops the loader before anything is loaded, with the exact
+message, or — for the same-node join — leaves capture whole and the join to splice."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kernel_sandbox import our_programs
+from nodeagent.capture import bpfsys, features, preflight
+from nodeagent.capture.errors import BpfSyscallError, CaptureError, KernelFeatureMissing
+from nodeagent.capture.loader import CaptureLoader
+
+RELEASE = os.uname().release
+
+
+def _failing(what_fails: str, err: int, said: str = ""):
+    """bpf(2) as the kernel answers it, except the call named `what_fails`."""
+    def bpf(cmd, attr, what):
+        if what == what_fails:
+            raise BpfSyscallError(f"{what}{said}", err)
+        return bpfsys.call(cmd, attr, what)
+    return bpf
+
+
+def test_every_feature_is_found_on_this_kernel_within_50ms(cgroup_dir):
+    features.probe(cgroup_dir)  # the first run pays for imports and page faults
+    started = time.perf_counter()
+    support = features.probe(cgroup_dir)
+    took = time.perf_counter() - started
+    assert [(r.feature.name, r.detail) for r in support.rows if not r.ok] == []
+    assert support.release == RELEASE
+    assert took < 0.05, f"probing took {took * 1000:.1f} ms"
+
+
+def test_probing_maps_no_bcc_or_llvm(cgroup_dir):
+    code = ("import sys; from nodeagent.capture import features; "
+            f"s = features.probe({cgroup_dir!r}); s.check(); "
+            "maps = open('/proc/self/maps').read(); "
+            "print('bcc' in sys.modules, any(n in maps for n in ('libbcc', 'libLLVM', 'libclang')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_missing_feature_stops_the_loader_before_anything_loads(cgroup_dir, pin_dir, monkeypatch):
+    said = ": invalid bpf_context access off=64 size=4"
+    bpf = _failing("load an sk_lookup program reading ingress_ifindex", errno.EACCES, said)
+    real = features.probe
+    monkeypatch.setattr(preflight.features, "probe", lambda cgroup, _bpf: real(cgroup, bpf))
+    loader = CaptureLoader(cgroup=cgroup_dir, pin_dir=pin_dir)
+    with pytest.raises(KernelFeatureMissing) as err:
+        loader.load()
+    assert err.value.message == ("missing kernel feature: the ingress_ifindex field of sk_lookup programs "
+                                 f"needs Linux 5.17; this kernel is {RELEASE}")
+    assert err.value.hint == (
+        'nodeagent needs Linux >= 5.17 (README, "Kernel requirements"); the probes said: sk_lookup_ifindex: '
+        "load an sk_lookup program reading ingress_ifindex: invalid bpf_context access off=64 size=4: "
+        "Permission denied (errno 13)")
+    assert not os.path.exists(pin_dir)
+    assert our_programs(cgroup_dir) == {"na_connect4": [], "na_connect6": [], "na_sockops": []}
+
+
+def test_without_the_same_node_join_capture_loads_and_the_join_says_why(cgroup_dir, pin_dir, monkeypatch):
+    attach = "attach an sk_skb program to a sockhash (BPF_SK_SKB_VERDICT)"
+    bpf = _failing(attach, errno.EINVAL)
+    real = features.probe
+    monkeypatch.setattr(preflight.features, "probe", lambda cgroup, _bpf: real(cgroup, bpf))
+    with CaptureLoader(cgroup=cgroup_dir, pin_dir=pin_dir) as loader:
+        assert [len(ids) for ids in our_programs(cgroup_dir).values()] == [1, 1, 1]
+        with pytest.raises(CaptureError) as err:
+            loader.sockmap_join()
+        assert str(err.value) == (
+            "sk_skb verdict programs on a sockhash (BPF_SK_SKB_VERDICT, bpf_sk_redirect_hash) need Linux 5.13; "
+            f"this kernel is {RELEASE} ({attach}: Invalid argument (errno 22)) "
+            "(splice(2) joins same-node pairs instead)")
+        kernel = loader.stats()["kernel"]
+        assert kernel["release"] == RELEASE and kernel["minimum"] == "5.17"
+        assert {f["name"]: f["outcome"] for f in kernel["features"] if f["outcome"] != "ok"} == {
+            "same_node_join": "missing: fallback: same-node pairs are joined by splice(2) in the agent"}
+        assert len(kernel["features"]) == len(features.FEATURES)
