@@ -27,6 +27,8 @@ import nodeagent
 from nodeagent.capture import preflight
 from nodeagent.capture.cgroup import CgroupAttachment
 from nodeagent.capture.compiler import load_programs
+from nodeagent.capture.errors import CaptureError
+from nodeagent.capture.features import KernelSupport
 from nodeagent.capture.links import NetnsLinks
 from nodeagent.capture.maps import CaptureMaps
 from nodeagent.capture.programs import CGROUP_PROGRAMS, SK_LOOKUP, LoadedPrograms, cflags, check_pinned_maps
@@ -90,6 +92,7 @@ class CaptureLoader:
         self._links: NetnsLinks | None = None
         self._cgroup: CgroupAttachment | None = None
         self._joins: list[SockmapJoin] = []
+        self.kernel: KernelSupport | None = None  # what the feature probes found (load())
 
     @property
     def maps_dir(self) -> str:
@@ -104,7 +107,7 @@ class CaptureLoader:
     def load(self) -> None:
         if self._programs is not None:
             raise NodeagentError("CaptureLoader.load: already loaded", "close() it first")
-        preflight.check_all(self.cgroup, self.pin_dir)
+        self.kernel = preflight.check_all(self.cgroup, self.pin_dir)
         fresh = not os.path.exists(self.pin_dir)
         try:
             self._load()
@@ -186,6 +189,8 @@ class CaptureLoader:
         child, its maps pinned beside capture's); CaptureError saying why it cannot.
         Closed (detached) with the loader."""
         self._loaded()
+        if self.kernel is not None and not self.kernel.has("same_node_join"):
+            raise CaptureError(self.kernel.why_not("same_node_join"), "splice(2) joins same-node pairs instead")
         flags = cflags(str(self.bpf_dir), self.maps_dir, self.mark, self.ports)
         join = SockmapJoin.load(str(self.bpf_dir), flags, self.maps_dir, self._log)
         self._joins.append(join)
@@ -249,7 +254,7 @@ class CaptureLoader:
         assert self._cgroup is not None and self._links is not None
         return {"programs": self._cgroup.describe() + self._links.describe(),
                 "maps": [{k: m[k] for k in ("name", "max_entries", "entries")} for m in maps.describe()],
-                "counters": maps.counters()}
+                "counters": maps.counters(), "kernel": self.kernel.describe() if self.kernel else None}
 
 
 def _run_all(steps: list[Callable[[], None]], log: logging.Logger) -> None:
