@@ -246,7 +246,11 @@ class Splicer:
             self.log.warning("data path: python relays: %s", exc)
 
     async def splice(self, a: socket.socket, b, abort: Abort | None = None) -> SpliceResult:
-        """As `splice` (same arguments, same result), by the chosen engine."""
+        """As `splice` (same arguments, same result), by the chosen engine. A native HBONE
+        stream (nodeagent.native.hbone, setting hbone_engine) moves its own bytes: `a` goes to it."""
+        carry = getattr(b, "carry", None)
+        if carry is not None:
+            return await carry(a, abort)
         if self.engine is not None and native.relayable(a, b):
             return await self.engine.relay(a, b, abort)
         return await splice(a, b, abort)
