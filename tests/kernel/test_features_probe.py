@@ -6,7 +6,9 @@ message, or — for the same-node join — leaves capture whole and the join to 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import time
 import pytest
 
 from kernel_sandbox import our_programs
+from nodeagent.bench.sandbox import Sandbox
 from nodeagent.capture import bpfsys, features, preflight
 from nodeagent.capture.errors import BpfSyscallError, CaptureError, KernelFeatureMissing
 from nodeagent.capture.loader import CaptureLoader
@@ -85,3 +88,24 @@ def test_without_the_same_node_join_capture_loads_and_the_join_says_why(cgroup_d
         assert {f["name"]: f["outcome"] for f in kernel["features"] if f["outcome"] != "ok"} == {
             "same_node_join": "missing: fallback: same-node pairs are joined by splice(2) in the agent"}
         assert len(kernel["features"]) == len(features.FEATURES)
+
+
+def test_a_live_agent_shows_every_probe_in_status(tmp_path):
+    sb = Sandbox(f"test-{secrets.token_hex(3)}", workdir=tmp_path)
+    try:
+        sb.setup()
+        sb.write_pods()
+        sb.start_agent()
+        sb.wait_for(lambda s: s["ready"], 20, "agent ready")
+        run = [sys.executable, "-m", "nodeagent", "status", "--socket", str(sb.admin_socket)]
+        kernel = json.loads(subprocess.run(run + ["-o", "json"], capture_output=True, text=True,
+                                           check=True).stdout)["capture"]["kernel"]
+        assert (kernel["release"], kernel["minimum"]) == (RELEASE, "5.17")
+        assert [(f["name"], f["outcome"]) for f in kernel["features"]] == [(f.name, "ok") for f in features.FEATURES]
+        lines = subprocess.run(run, capture_output=True, text=True, check=True).stdout.splitlines()
+        start = lines.index(f"KERNEL FEATURES (Linux {RELEASE}; nodeagent needs >= 5.17)")
+        rows = [line.split() for line in lines[start + 2:start + 2 + len(features.FEATURES)]]
+        assert rows == [[f.name, f.since, "ok"] for f in features.FEATURES]
+    finally:
+        left = sb.close()
+        assert left == [] and sb.leftovers() == []
