@@ -4,8 +4,8 @@ Each row of FEATURES is one program type, attach type, helper, map type or link 
 that bpf/*.c and the loader use, with the first Linux release that has it and, where
 the agent has one, its fallback. `probe()` asks the kernel the way libbpf's
 libbpf_probe_bpf_prog_type/_helper do: a minimal program of that shape goes through
-BPF_PROG_LOAD (raw bpf(2), no bcc, no LLVM), a map is created, a link is made and
-updated, a BTF blob is loaded; every fd is closed again (~2 ms in all). `decide()` is
+BPF_PROG_LOAD (raw bpf(2), no bcc, no LLVM), a map is created, a link is made in a
+throwaway netns and updated, a BTF blob is loaded; every fd is closed again (~3-6 ms). `decide()` is
 pure: probe results in, a KernelSupport out, which says per row ok / missing →
 fallback / missing → fatal, and raises KernelFeatureMissing naming each missing
 feature and the release that brings it. See docs/design.md, "Kernel feature probing".
@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +37,9 @@ FN_SK_RELEASE, FN_GET_NETNS_COOKIE, FN_SK_ASSIGN = 86, 122, 124
 SK_LOOKUP_INGRESS_IFINDEX = 64  # offsetof(struct bpf_sk_lookup, ingress_ifindex)
 SO_NETNS_COOKIE = 71
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,28 @@ EXIT = _insn(0x95)
 RETURN_1 = _mov_imm(0, 1) + EXIT
 
 
+def _throwaway_netns() -> int:
+    """An fd of a new, empty network namespace (it goes when the fd is closed): made by a
+    short-lived thread that unshares its own netns (~1-3 ms), so no thread of ours moves."""
+    made: dict[str, int] = {}
+
+    def unshare() -> None:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            made["errno"] = ctypes.get_errno()
+            return
+        made["fd"] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    thread = threading.Thread(target=unshare, name="netns-probe")
+    thread.start()
+    thread.join()
+    if "fd" not in made:
+        err = made.get("errno", errno.EINVAL)
+        if err == errno.EPERM:
+            raise NotPrivileged(["CAP_SYS_ADMIN (a network namespace for the link probe)"])
+        raise BpfSyscallError("unshare a network namespace for the link probe", err)
+    return made["fd"]
+
+
 class Prober:
     """Runs every probe through `bpf` (bpfsys.call; a test passes one that fails on purpose)."""
 
@@ -312,10 +338,14 @@ class Prober:
             os.close(map_fd)
 
     def netns_links(self) -> None:
-        """A pass-through sk_lookup program linked into this thread's netns for a moment,
-        the link updated and read back, then closed (which detaches it)."""
+        """A pass-through sk_lookup program linked into a throwaway netns (never the
+        agent's own), the link updated and read back, then closed (which detaches it)."""
         prog = self._sk_lookup("load an sk_lookup program")
-        netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            netns = _throwaway_netns()
+        except BaseException:
+            os.close(prog)
+            raise
         try:
             link = self.bpf(bpfsys.LINK_CREATE, _LinkCreateAttr(prog_fd=prog, target_fd=netns,
                                                                 attach_type=bpfsys.ATTACH_SK_LOOKUP),
