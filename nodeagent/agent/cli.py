@@ -1,6 +1,6 @@
 """Sub-commands of the node agent: `nodeagent run` (the daemon), `nodeagent uninstall`
 (remove the capture agents keep across restarts), `nodeagent status`
-(what a running agent is doing)."""
+(what a running agent is doing; `--kube`: every node's agent from the API, kubestatus.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Callable
 
-from nodeagent.agent import config
+from nodeagent.agent import config, kubestatus
 from nodeagent.errors import ConfigError
 
 
@@ -28,12 +28,21 @@ def register(sub: argparse._SubParsersAction, lab_socket: Callable[[str | None, 
     config.add_uninstall_arguments(uninstall)
     uninstall.set_defaults(func=_uninstall)
 
-    status = sub.add_parser("status", help="show what a node agent is doing")
+    status = sub.add_parser("status", help="show what a node agent is doing (--kube: every node's, from the API)")
     where = status.add_mutually_exclusive_group()
     where.add_argument("--socket", help="the agent's admin socket (default /run/nodeagent/agent.sock)")
     where.add_argument("--node", help="a lab node: read that node's agent socket")
+    where.add_argument("--kube", action="store_true",
+                       help="every node's agent from the Kubernetes API: the DaemonSet's counts, then per node "
+                            "the agent pod, phase, Ready and why not, restarts, age, image, Warning Events; "
+                            "exit 1 when a node lacks a Ready agent")
+    status.add_argument("--kubeconfig", help="with --kube: kubeconfig (default $KUBECONFIG, ~/.kube/config, "
+                                             "else in-cluster)")
+    status.add_argument("--namespace", default=kubestatus.NAMESPACE, help="with --kube: the agent DaemonSet's "
+                                                                          "namespace (default %(default)s)")
     status.add_argument("--lab", help="lab name with --node (default: $NODEAGENT_LAB or nalab)")
     status.add_argument("--output", "-o", choices=("text", "json"), default="text")
+    status.add_argument("--json", dest="output", action="store_const", const="json", help="same as -o json")
     status.set_defaults(func=_status, lab_socket=lab_socket)
 
 
@@ -55,9 +64,27 @@ def _uninstall(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from nodeagent.agent import admin, status
 
+    if args.kube:
+        return _kube_status(args)
+    if args.kubeconfig or args.namespace != kubestatus.NAMESPACE:
+        raise ConfigError("--kubeconfig/--namespace", "are read with --kube only", "add --kube")
     if args.lab and not args.node:
         raise ConfigError("--lab", "names the lab of --node", "add --node NODE, or drop --lab")
     state = admin.fetch_status(status.socket_path(args.socket, args.node, args.lab, args.lab_socket))
     sys.stdout.write(status.render(state, args.output))
     return 0
 
+
+
+def _kube_status(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from nodeagent.kube.client import KubeClient
+
+    if args.lab:
+        raise ConfigError("--lab", "names the lab of --node", "drop --lab with --kube (use --kubeconfig)")
+    client = KubeClient(kubestatus.kube_config(args.kubeconfig))
+    summary = kubestatus.summarise(asyncio.run(kubestatus.read(client, args.namespace)), time.time())
+    sys.stdout.write(kubestatus.render(summary, args.output))
+    return 0 if summary["ok"] else 1
