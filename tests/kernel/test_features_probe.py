@@ -1,7 +1,8 @@
-"""The kernel feature probes (capture/features.py) on this kernel: every feature the
-programs use is found, fast, without bcc or LLVM in the process; a probe made to fail
-(an injected failing bpf(2)) stops the loader before anything is loaded, with the exact
-message, or — for the same-node join — leaves capture whole and the join to splice."""
+"""The kernel feature probes (capture/features.py, probes.py) on this kernel: every
+feature the programs use is found, fast, without bcc or LLVM in the process; a probe
+made to fail (an injected failing bpf(2)) stops the loader before anything is loaded,
+with the exact message, or — for the same-node join — leaves capture whole and the join
+to splice; a live agent's status shows every probe."""
 
 from __future__ import annotations
 

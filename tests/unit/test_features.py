@@ -1,6 +1,7 @@
 """The kernel feature decision table (capture/features.py) without a kernel: probe
-results in, fallbacks and fatal messages out, exact strings; the probes' plumbing with an
-injected bpf(2) that refuses everything; and how `nodeagent status` shows the table."""
+results in, fallbacks and fatal messages out, exact strings; the probes' plumbing
+(probes.py) with an injected bpf(2) that refuses everything; and how `nodeagent status`
+shows the table."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import errno
 import pytest
 
 from nodeagent.agent import status
-from nodeagent.capture import features
+from nodeagent.capture import probes
 from nodeagent.capture.errors import MIN_KERNEL, BpfSyscallError, KernelFeatureMissing, NotPrivileged
 from nodeagent.capture.features import FEATURES, Probe, decide
 
@@ -38,7 +39,7 @@ def test_the_minimum_kernel_is_the_newest_feature_without_fallback():
 
 
 def test_every_feature_has_its_probe():
-    assert all(callable(getattr(features.Prober, f.name, None)) for f in FEATURES)
+    assert all(callable(getattr(probes.Prober, f.name, None)) for f in FEATURES)
 
 
 def test_same_node_join_missing_falls_back_to_splice():
@@ -91,7 +92,7 @@ def _refuse(err: int):
 
 
 def test_probes_through_a_bpf_that_refuses_everything(tmp_path):
-    results = features.Prober(_refuse(errno.EINVAL)).run(str(tmp_path))
+    results = probes.Prober(_refuse(errno.EINVAL)).run([f.name for f in FEATURES], str(tmp_path))
     assert results["sk_lookup"] == Probe(False, "load an sk_lookup program: Invalid argument (errno 22)")
     assert results["cgroup_bpf"] == Probe(False, f"query the programs on cgroup {tmp_path}: "
                                                  "Invalid argument (errno 22)")
@@ -103,7 +104,7 @@ def test_probes_through_a_bpf_that_refuses_everything(tmp_path):
 
 def test_eperm_means_not_privileged_not_a_missing_feature(tmp_path):
     with pytest.raises(NotPrivileged, match=r"CAP_BPF \(create map type 1\)"):
-        features.Prober(_refuse(errno.EPERM)).run(str(tmp_path))
+        probes.Prober(_refuse(errno.EPERM)).run([f.name for f in FEATURES], str(tmp_path))
 
 
 def test_status_shows_each_feature_and_its_outcome():
