@@ -37,6 +37,8 @@ SO_NETNS_COOKIE = 71
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 CLONE_NEWNET = 0x40000000
 
+_LOG_STATISTICS = ("processed ", "verification time", "stack depth")  # after the reason, on success too
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -155,18 +157,24 @@ class Prober:
 
     def load(self, what: str, prog_type: int, insns: bytes, attach_type: int = 0) -> int:
         code = ctypes.create_string_buffer(insns, len(insns))
-        license = ctypes.create_string_buffer(b"GPL")
+        gpl = ctypes.create_string_buffer(b"GPL")
         self._log[0] = b"\0"
         attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
-                             license=ctypes.addressof(license), log_level=1, log_size=self.LOG_SIZE,
+                             license=ctypes.addressof(gpl), log_level=1, log_size=self.LOG_SIZE,
                              log_buf=ctypes.addressof(self._log), expected_attach_type=attach_type)
         try:
             return self.bpf(PROG_LOAD, attr, what)
         except BpfSyscallError as exc:
-            said = self._log.value.decode(errors="replace").strip().splitlines()
-            if said and exc.errno != errno.EPERM:
-                raise BpfSyscallError(f"{what}: {said[-1]}", exc.errno) from None
+            reason = self._refusal()
+            if reason and exc.errno != errno.EPERM:
+                raise BpfSyscallError(f"{what}: {reason}", exc.errno) from None
             raise
+
+    def _refusal(self) -> str:
+        """The verifier's reason: the log's last line before its statistics."""
+        lines = self._log.value.decode(errors="replace").strip().splitlines()
+        said = [line for line in lines if not line.startswith(_LOG_STATISTICS)]
+        return said[-1] if said else ""
 
     def create_map(self, what: str, map_type: int, key: int, value: int) -> int:
         return self.bpf(MAP_CREATE, _MapCreateAttr(map_type=map_type, key_size=key, value_size=value,

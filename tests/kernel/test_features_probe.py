@@ -18,7 +18,7 @@ import pytest
 
 from kernel_sandbox import our_programs
 from nodeagent.bench.sandbox import Sandbox
-from nodeagent.capture import bpfsys, features, preflight
+from nodeagent.capture import bpfsys, features, preflight, probes
 from nodeagent.capture.errors import BpfSyscallError, CaptureError, KernelFeatureMissing
 from nodeagent.capture.loader import CaptureLoader
 
@@ -42,6 +42,16 @@ def test_every_feature_is_found_on_this_kernel_within_50ms(cgroup_dir):
     assert [(r.feature.name, r.detail) for r in support.rows if not r.ok] == []
     assert support.release == RELEASE
     assert took < 0.05, f"probing took {took * 1000:.1f} ms"
+
+
+def test_a_refused_probe_keeps_the_verifiers_reason():
+    prober = probes.Prober()
+    past_the_end = probes._insn(0x61, 2, 1, 4000) + probes.RETURN_1  # r2 = *(u32 *)(ctx + 4000)
+    with pytest.raises(BpfSyscallError) as err:
+        prober.load("load an sk_lookup program reading past its context", probes.PROG_SK_LOOKUP, past_the_end,
+                    bpfsys.ATTACH_SK_LOOKUP)
+    assert err.value.message == ("load an sk_lookup program reading past its context: invalid bpf_context "
+                                 "access off=4000 size=4: Permission denied (errno 13)")
 
 
 def test_probing_maps_no_bcc_or_llvm(cgroup_dir):
