@@ -84,15 +84,15 @@ def mount_steps(cover: dict[str, tuple[str, ...]], stage: str, read_only: bool =
         staged = []
         for path in paths:
             spot = os.path.join(stage, str(n))
-            steps.append(f"mount --rbind {shlex.quote(path)} {shlex.quote(spot)}")
+            steps.append(f"mount -n --rbind {shlex.quote(path)} {shlex.quote(spot)}")
             staged.append((spot, path))
             n += 1
-        steps.append(f"mount -t tmpfs -o mode=0755 {TMPFS_SOURCE} {shlex.quote(ancestor)}")
+        steps.append(f"mount -n -t tmpfs -o mode=0755 {TMPFS_SOURCE} {shlex.quote(ancestor)}")
         for spot, path in staged:
             steps.append(f"(umask 022 && mkdir -p {shlex.quote(path)})")
-            steps.append(f"mount --move {shlex.quote(spot)} {shlex.quote(path)}")
+            steps.append(f"mount -n --move {shlex.quote(spot)} {shlex.quote(path)}")
         if read_only:
-            steps.append(f"mount -o remount,ro {shlex.quote(ancestor)}")
+            steps.append(f"mount -n -o remount,ro {shlex.quote(ancestor)}")
     return steps
 
 

@@ -54,6 +54,8 @@ from nodeagent.lab.kube.api import STRATEGIC_PATCH, ApiClient, ApiError
 from nodeagent.lab.state import LabRecord
 
 POLL = 1.0
+# A pod's own /dev/shm (not hostIPC), as runtimes mount one per pod (64 MiB is their default).
+SHM_MOUNT = "mount -n -t tmpfs -o mode=1777,size=64m,nosuid,nodev,noexec shm /dev/shm"
 TERMINAL = ("Succeeded", "Failed")
 
 
@@ -659,7 +661,8 @@ def container_argv(layout, pod: spec.PodSpec, node: str, host_network: bool, mou
     own mount namespace (made by `ip netns exec`, or by unshare for hostNetwork), then
     its securityContext's setpriv."""
     command = [*plan.argv, *command]
-    script = volumes.mount_script(mounts, plan.read_only_root, list(view))
+    shm = [SHM_MOUNT] if plan.own_shm else []
+    script = volumes.mount_script(mounts, plan.read_only_root, [*shm, *view])
     if script:
         command = ["sh", "-c", f'{script} && exec "$@"', "nodeagent-lab-mounts", *command]
         if host_network:  # nsenter --net keeps the machine's mount namespace

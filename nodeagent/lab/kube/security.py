@@ -1,8 +1,10 @@
 """What of a Pod's securityContext the lab's kubelet (`--kube`) gives its containers.
 
 Lab containers are processes of the machine: they share its PID and IPC namespaces
-(hostPID and hostIPC always hold, shareProcessNamespace too) and start as root with every
-capability (privileged). On top of that, with setpriv after the container's mounts:
+(hostPID always holds, shareProcessNamespace too, and hostIPC but for /dev/shm: without
+hostIPC a container gets an empty tmpfs there, as runtimes give each pod one, so no two
+pods' Envoys meet in one shared-memory file) and start as root with every capability
+(privileged). On top of that, with setpriv after the container's mounts:
 `capabilities` (add/drop as container runtimes apply them to the bounding set, unless
 privileged), `runAsUser`/`runAsGroup`/`supplementalGroups`, `allowPrivilegeEscalation:
 false` (no_new_privs); `readOnlyRootFilesystem` remounts / read-only in the container's
@@ -32,6 +34,7 @@ class Plan:
     warnings: tuple[str, ...]
     uid: int = 0  # the user the command runs as
     gids: frozenset[int] = frozenset()  # its group and supplementary groups
+    own_shm: bool = True  # a /dev/shm of its own (False: hostIPC)
 
 
 @functools.cache
@@ -102,4 +105,4 @@ def plan(item: dict, container: dict) -> Plan:
                         "machine's users")
     gids = frozenset(int(g) for g in [*groups, *([gid or 0] if uid or gid else [])])
     return Plan(tuple(["setpriv", *argv, "--"]) if argv else (), bool(sc.get("readOnlyRootFilesystem")),
-                tuple(warnings), int(uid or 0), gids)
+                tuple(warnings), int(uid or 0), gids, not spec.get("hostIPC"))

@@ -502,15 +502,39 @@ def mount_points(mounts: list[Mount]) -> list[tuple[str, bool]]:
     return out
 
 
+FIRST_FD, LAST_FD = 3, 9  # the descriptors sh (dash) can open by number
+
+
+def _inside(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 def mount_script(mounts: list[Mount], read_only_root: bool = False, before: list[str] = ()) -> str:
     """Shell commands making `mounts` in the (private) mount namespace they run in
-    (`before`: steps run first, after the root is made read-only: the image view)."""
+    (`before`: steps run first, after the root is made read-only: the image view).
+    A source that an earlier mount of the container hides (the pod's own directory
+    under /run/nodeagent/<lab>/ when a volume is mounted at /run/nodeagent) is opened
+    before any mount and bound from its descriptor, as a runtime resolves every source
+    on the machine, not in the container; the descriptors are closed before the command."""
+    hidden = [n for n, m in enumerate(mounts) if any(_inside(m.source, p.target) for p in mounts[:n])]
+    if len(hidden) > LAST_FD - FIRST_FD + 1:
+        raise ConfigError(f"volume mounts at {', '.join(mounts[n].target for n in hidden)}",
+                          f"the lab can mount at most {LAST_FD - FIRST_FD + 1} volumes from below another "
+                          "mount of the same container")
+    fds = {n: FIRST_FD + i for i, n in enumerate(hidden)}
     steps = ["mount -o remount,bind,ro /"] if read_only_root else []
+    if fds:
+        steps.append("exec " + " ".join(f"{fd}<{shlex.quote(mounts[n].source)}" for n, fd in fds.items()))
     steps += before
-    for m in mounts:
-        steps.append(f"mount --bind {shlex.quote(m.source)} {shlex.quote(m.target)}")
+    for n, m in enumerate(mounts):
+        if n in fds:  # -c: mount(8) must not resolve the link to the (hidden) path
+            steps.append(f"mount -c --bind /proc/self/fd/{fds[n]} {shlex.quote(m.target)}")
+        else:
+            steps.append(f"mount --bind {shlex.quote(m.source)} {shlex.quote(m.target)}")
         if m.read_only:
             steps.append(f"mount -o remount,bind,ro {shlex.quote(m.target)}")
+    if fds:
+        steps.append("exec " + " ".join(f"{fd}<&-" for fd in fds.values()))
     return " && ".join(steps)
 
 
