@@ -6,20 +6,25 @@ probes the kernel for every program type, helper, map and link the programs use
 (features.py) and returns what it found (a KernelSupport: the fallbacks in force), or
 raises KernelFeatureMissing. Compile and verifier failures are caught later, where they
 happen (compiler.py). The agent only looks bcc up (check_bcc_found): importing it maps
-LLVM, which is the compile process's job (check_bcc).
+LLVM, which is the compile process's job (check_bcc). `python -m
+nodeagent.capture.preflight [--cgroup DIR] [--json]` prints the probes alone (root; exit
+status 1 when a feature without fallback is missing), for kernel matrices and operators.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
+import json
 import os
 import re
+import sys
 import types
 
 from nodeagent.capture import bpfsys, features
 from nodeagent.capture.errors import (BccMissing, BpffsMissing, BtfMissing, Cgroup2Missing,
-                                      KernelHeadersMissing, NotPrivileged)
+                                      KernelFeatureMissing, KernelHeadersMissing, NotPrivileged)
 
 MOUNTS = "/proc/self/mounts"
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -131,3 +136,32 @@ def check_all(cgroup: str, pin_dir: str, bpf: features.Syscall = bpfsys.call) ->
     support = features.probe(cgroup, bpf)
     support.check()
     return support
+
+
+def main(argv: list[str]) -> int:
+    """Print what the feature probes find on this kernel, one line per feature."""
+    parser = argparse.ArgumentParser(prog="python -m nodeagent.capture.preflight",
+                                     description="Probe this kernel for what the capture programs use.")
+    parser.add_argument("--cgroup", help="a cgroup v2 directory (default: the first cgroup2 mount)")
+    parser.add_argument("--json", action="store_true", help="print capture.kernel as the agent's status has it")
+    args = parser.parse_args(argv)
+    cgroup = args.cgroup or next((point for point, kind in mount_table() if kind == "cgroup2"), None)
+    if cgroup is None:
+        raise Cgroup2Missing(f"no cgroup2 mount in {MOUNTS}")
+    support = features.probe(cgroup)
+    if args.json:
+        print(json.dumps(support.describe(), indent=2))
+    else:
+        for row in support.rows:
+            detail = f" ({row.detail})" if row.detail else ""
+            print(f"{row.feature.name:<18} {row.feature.since:<5} {row.outcome}{detail}")
+    try:
+        support.check()
+    except KernelFeatureMissing as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

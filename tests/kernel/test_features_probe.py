@@ -120,3 +120,10 @@ def test_a_live_agent_shows_every_probe_in_status(tmp_path):
     finally:
         left = sb.close()
         assert left == [] and sb.leftovers() == []
+
+
+def test_the_probe_command_prints_one_line_per_feature(cgroup_dir):
+    out = subprocess.run([sys.executable, "-m", "nodeagent.capture.preflight", "--cgroup", cgroup_dir],
+                         capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (0, "")
+    assert [line.split() for line in out.stdout.splitlines()] == [[f.name, f.since, "ok"] for f in features.FEATURES]
