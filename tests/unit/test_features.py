@@ -78,11 +78,17 @@ def test_several_missing_features_are_named_in_table_order():
 
 def test_a_feature_not_probed_counts_as_missing():
     results = dict(ALL_OK)
-    del results["btf"]
+    del results["sockops"]
     support = decide(results, "6.1.0")
-    assert support.row("btf").detail == "not probed"
-    with pytest.raises(KernelFeatureMissing, match=r"^missing kernel feature: BTF \(BPF_BTF_LOAD"):
+    assert support.row("sockops").detail == "not probed"
+    with pytest.raises(KernelFeatureMissing, match=r"^missing kernel feature: sockops programs need Linux 4.13;"):
         support.check()
+
+
+def test_without_kernel_btf_bcc_loads_the_programs_anyway():
+    support = decide(_with(btf="no /sys/kernel/btf/vmlinux: No such file or directory (errno 2)"), "5.15.0")
+    support.check()
+    assert support.row("btf").outcome == "missing: fallback: bcc loads the programs without it (they use no CO-RE)"
 
 
 def _refuse(err: int):
@@ -99,7 +105,8 @@ def test_probes_through_a_bpf_that_refuses_everything(tmp_path):
     # SO_NETNS_COOKIE is a socket option, not bpf(2): this kernel answers it
     assert [name for name, found in results.items() if found.ok and name != "so_netns_cookie"] == []
     support = decide(results, "4.4.0")
-    assert [r.feature.name for r in support.rows if r.outcome.startswith("missing: fallback")] == ["same_node_join"]
+    assert [r.feature.name for r in support.rows if r.outcome.startswith("missing: fallback")] == [
+        "btf", "same_node_join"]
 
 
 def test_eperm_means_not_privileged_not_a_missing_feature(tmp_path):
