@@ -17,7 +17,9 @@ without `--ca-address`), Istio's TCP telemetry and the flow log, all registered 
 the agent's registry. `enrolled()` follows enrolment: certificates for the pods' service
 accounts, tunnel connections of removed pods drained and closed. The `Splicer` (setting
 data_path_engine) says which engine moves the relays' bytes: its native engine starts
-with the data path and stops last, resetting what is still open.
+with the data path and stops last, resetting what is still open. `HboneEngines`
+(setting hbone_engine) says which carries HBONE, tunnel/ in Python or the native HBONE
+engine, for both the source's pools and the tunnel listener.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.configwork import ConfigWork
 from nodeagent.agent.proxy.identities import WorkloadIdentities
 from nodeagent.agent.proxy.delivery import Delivery
+from nodeagent.agent.proxy.hbone_native import HboneEngines
 from nodeagent.agent.proxy.inbound import InboundRelay
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.inpod.sockets import PodContext
@@ -90,8 +93,9 @@ class DataPath:
                                                                      c.tunnel_port, c.admin_port}),
                              splicer=self.splicer)
         tunnel_metrics = TunnelMetrics(registry)
+        self.hbone_engines = HboneEngines(c.hbone_engine, log.getChild("hbone"))
         self.hbone = HboneRoute(self.identities, tunnel_metrics, log.getChild("hbone"), mark=c.mark,
-                                port=c.tunnel_port)
+                                port=c.tunnel_port, engines=self.hbone_engines)
         delivery = Delivery(c.delivery_mark, CONNECT_TIMEOUT)
         self.capture = capture
         self.kernel_join = KernelJoin(c.same_node_sockmap, self.splicer, log.getChild("samenode")) \
@@ -102,14 +106,16 @@ class DataPath:
                                       passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone,
                                       same_node=self.same_node)
         self.inbound = InboundRelay(inputs, log.getChild("inbound"), delivery=delivery)
-        self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"))
+        self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"),
+                                    engines=self.hbone_engines)
         self._releases: set[asyncio.Task] = set()
         self._kernel_start: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Start what runs beside the relays: the native relay engine (when chosen), the
-        waypoint (xDS server, Envoy)."""
+        """Start what runs beside the relays: the native relay and HBONE engines (when
+        chosen), the waypoint (xDS server, Envoy)."""
         await self.splicer.start()
+        await self.hbone_engines.start()
         if self.kernel_join is not None:  # a compile child of its own: readiness does not wait for it
             self._kernel_start = asyncio.get_running_loop().create_task(self.kernel_join.start(self.capture))
         if self.waypoint is not None:
@@ -163,14 +169,16 @@ class DataPath:
     def describe(self) -> dict:
         return {"identity": self.identities.describe(), "policy": self.policies.describe(),
                 "tunnel": {"pooled_connections": self.hbone.connections(),
-                           "inbound_connections": len(self.tunnel.server.sessions)},
+                           "inbound_connections": self.tunnel.connections()},
                 "delivered_connections": len(self.connections), "data_path": self._data_path(),
                 "waypoint": {**self.waypoint.describe(), "jwks": self.jwks.describe()}
                 if self.waypoint is not None else None}
 
     def _data_path(self) -> dict:
-        """The engine (splice.Splicer) and the same-node fast path; the summary line says both."""
-        data_path = self.splicer.describe()
+        """The engines (splice.Splicer for socket pairs, HboneEngines for HBONE) and the
+        same-node fast path; the summary line says all three."""
+        data_path, hbone = self.splicer.describe(), self.hbone_engines.describe()
+        relays = engines_summary(data_path["summary"], hbone)
         if self.same_node is None:
             same_node, line = {"enabled": False}, "off (same_node_fast_path=false: HBONE)"
         else:
@@ -178,8 +186,8 @@ class DataPath:
             line = f"on, joined by {same_node['join']}"
             if same_node["join"] != "sockmap":
                 line += f" (sockmap: {same_node['sockmap']})"
-        return {**data_path, "same_node": same_node,
-                "summary": f"{data_path['summary']}; same-node fast path {line}"}
+        return {**data_path, "hbone": hbone, "same_node": same_node,
+                "summary": f"{relays}; same-node fast path {line}"}
 
     async def close(self) -> None:
         for task in list(self._releases):
@@ -195,8 +203,18 @@ class DataPath:
             await asyncio.gather(self._kernel_start, return_exceptions=True)
         if self.kernel_join is not None:
             self.kernel_join.close()
+        self.hbone_engines.close()
         self.splicer.close()
         self.flow_log.close()
+
+
+def engines_summary(relays: str, hbone: dict) -> str:
+    """The status line's start: who moves socket pairs (splice.Splicer's summary) and who
+    carries HBONE (HboneEngines.describe())."""
+    relays = relays.replace("; python for HBONE streams", "")
+    if hbone["engine"] == "native":
+        return f"{relays}; HBONE: native engine [hbone_engine={hbone['setting']}]"
+    return f"{relays}; HBONE: python ({hbone['why']})"
 
 
 def identity_manager(config: AgentConfig, registry: CollectorRegistry, log: logging.Logger) -> IdentityManager | None:

@@ -80,6 +80,7 @@ class End:
     status: int = 0  # HTTP status (refusals)
     to_peer: int = 0  # stream: bytes read from its socket and sent
     from_peer: int = 0  # stream: bytes received and written to its socket
+    h2_stream: int = 0  # stream: its HTTP/2 id, 0 when it was never sent
 
 
 class Tls:
@@ -346,7 +347,7 @@ def _settle(future: asyncio.Future, value) -> None:
 
 def _end(ev, data: bytes) -> End:
     return End(HOW.get(ev.how, str(ev.how)), data.decode("utf-8", "replace"), ev.error, ev.code, ev.status,
-               ev.to_peer, ev.from_peer)
+               ev.to_peer, ev.from_peer, ev.h2_stream)
 
 
 def reset_error(end: End) -> OSError | None:

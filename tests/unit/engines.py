@@ -2,7 +2,10 @@
 the Python and C paths share their tests): `python` (asyncio, agent/proxy/splice.py),
 `native` (the C engine of native/, splice(2)) and `native-copy` (the same engine told
 never to splice: its read/write fallback). A test takes the `engine` fixture of its
-module (`engine_fixture`) and opens `splicer(engine)` inside its loop.
+module (`engine_fixture`) and opens `splicer(engine)` inside its loop. The agent's relay
+tests also take `native-hbone`: the native relay engine and the native HBONE engine
+(native/hbone.c, setting hbone_engine) carrying every HBONE hop; `hbone_engine(engine)`
+says which HBONE engine an engine name means.
 
 Without the built native module a native case is skipped on a developer machine and
 *fails* under CI (tests/conftest.py's CI rule), so a missing build cannot pass unseen.
@@ -23,6 +26,7 @@ from nodeagent import native
 from nodeagent.agent.proxy.splice import Splicer
 
 ENGINES = ("python", "native", "native-copy")
+NATIVE_HBONE = "native-hbone"
 LOG = logging.getLogger("test.engines")
 
 
@@ -43,12 +47,31 @@ def require_native() -> None:
         pytest.skip(str(exc))
 
 
+def require_native_hbone() -> None:
+    """The native HBONE module is built and current; else skip (fail under CI)."""
+    from nodeagent.native import hbone
+
+    try:
+        hbone.load()
+    except native.NativeUnavailable as exc:
+        if ci_enabled():
+            pytest.fail(f"CI: the native HBONE engine must be tested: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+
+
+def hbone_engine(engine: str) -> str:
+    """The hbone_engine setting an engine name of these tests means."""
+    return "native" if engine == NATIVE_HBONE else "python"
+
+
 def engine_fixture(engines=ENGINES):
     """A module's `engine` fixture: each test runs once per engine."""
     @pytest.fixture(params=engines)
     def engine(request) -> str:
         if request.param != "python":
             require_native()
+        if request.param == NATIVE_HBONE:
+            require_native_hbone()
         return request.param
     return engine
 

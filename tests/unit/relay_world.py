@@ -18,8 +18,9 @@ listeners are the agent's own InPodListener on such sockets. The stand-ins:
 - `App.take()` for sk_lookup: the connection waiting on the app's listener goes to
   the agent's inbound relay, as steering would hand it, with the app's address as its
   local (original destination) address.
-The bytes move by the engine a test names (`engine`: python or native, engines.py), so
-every relay test runs against both.
+The bytes move by the engine a test names (`engine`: python, native, or native-hbone
+with the native HBONE engine carrying HBONE too; engines.py), so every relay test runs
+against each.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
-from engines import splicer
+from engines import hbone_engine, splicer
 from identity_fixtures import ManualClock, make_ca
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.proxy.admission import InboundConnections
 from nodeagent.agent.proxy.identities import WorkloadIdentities
 from nodeagent.agent.proxy.delivery import Delivery
+from nodeagent.agent.proxy.hbone_native import HboneEngines
 from nodeagent.agent.proxy.inbound import InboundRelay
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.inpod.sockets import InPodListener, PodContext
@@ -280,6 +282,9 @@ class World:
         engine = splicer(self.engine)
         self.splicer = await engine.__aenter__()
         self._closers.append(lambda: engine.__aexit__(None, None, None))
+        self.hbone_engines = HboneEngines(hbone_engine(self.engine), LOG)
+        await self.hbone_engines.start()
+        self._closers.append(self.hbone_engines.close)  # after the pools and the tunnel listener
         self._wire(tunnel_metrics)
 
     def _identity_manager(self) -> IdentityManager | None:
@@ -300,13 +305,14 @@ class World:
                              identities=self.identities, telemetry=self.telemetry, connections=self.connections,
                              waypoint=self.envoy, metrics=self.metrics, agent_ports=self.agent_ports,
                              splicer=self.splicer)
-        self.hbone = HboneRoute(self.identities, tunnel_metrics, LOG, mark=MARK, port=self.tunnel_port)
+        self.hbone = HboneRoute(self.identities, tunnel_metrics, LOG, mark=MARK, port=self.tunnel_port,
+                                engines=self.hbone_engines)
         self._closers.append(self.hbone.close)
         self.outbound = OutboundRelay(inputs, self.capture, LOG, passthrough=Passthrough(MARK, TIMEOUT),
                                       hbone=self.hbone)
         self.delivery = Delivery(DELIVERY_MARK, TIMEOUT)
         self.inbound = InboundRelay(inputs, LOG, delivery=self.delivery)
-        self.tunnel = TunnelInbound(inputs, self.delivery, tunnel_metrics, LOG)
+        self.tunnel = TunnelInbound(inputs, self.delivery, tunnel_metrics, LOG, engines=self.hbone_engines)
         self._closers.append(self.tunnel.close)
         client, server = self.enrolled[CLIENT], self.enrolled[SERVER]
         self._listen(self.outbound_listener, client, "outbound", self.outbound.handle)

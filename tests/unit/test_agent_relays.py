@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from engines import engine_fixture, native_relays
+from engines import NATIVE_HBONE, engine_fixture, native_relays
 from identity_fixtures import run, until
 from nodeagent.resets import LINGER_RESET
 from nodeagent.tunnel import ConnectRefused, HandshakeFailed
@@ -23,7 +23,7 @@ SLEEP, HTTPBIN = principal("mesh", "sleep"), principal("mesh", "httpbin")
 PING = b"ping\n"
 
 
-engine = engine_fixture(("python", "native"))
+engine = engine_fixture(("python", "native", NATIVE_HBONE))
 
 
 @pytest.fixture
@@ -292,7 +292,7 @@ def test_plaintext_inbound_is_delivered_to_the_app_as_the_client(node):
     node(body)
 
 
-def test_socket_pairs_go_to_the_native_engine_and_hbone_hops_stay_in_python(node, engine):
+def test_socket_pairs_go_to_the_native_engine_and_hbone_hops_to_the_hbone_engine(node, engine):
     async def body(w: World):
         legacy = await w.serve(LEGACY)
         await exchange(*await w.dial_out(legacy.address))  # passthrough: socket <-> socket
@@ -304,6 +304,10 @@ def test_socket_pairs_go_to_the_native_engine_and_hbone_hops_stay_in_python(node
         assert (socket_pairs, native_relays(w.splicer)) == ((0, 0) if engine == "python" else (2, 2))
         assert w.splicer.describe()["summary"] == ("python: data_path_engine=python" if engine == "python"
                                                    else "native (socket pairs); python for HBONE streams")
+        hbone = w.hbone_engines.describe()
+        assert hbone["engine"] == ("native" if engine == NATIVE_HBONE else "python")
+        if engine == NATIVE_HBONE:  # the client's stream and the server's, both in the one engine
+            assert (hbone["native"]["conns_total"], hbone["native"]["streams_total"]) == (2, 2)
     node(body)
 
 
@@ -447,7 +451,7 @@ def test_a_valid_client_cannot_aim_a_stream_at_another_pod_or_an_agent_port(node
             assert w.failures() == {("inbound", "hbone_bad_destination"): count}
             assert w.stream_refusals() == {("inbound", "bad_destination"): count}
         assert (await round_trip(await w.open_stream(pool, app))).startswith(CLIENT + ":")
-        assert pool.connections() == 1 and len(w.tunnel.server.sessions) == 1  # the same connection all along
+        assert pool.connections() == 1 and w.tunnel.connections() == 1  # the same connection all along
         assert [p[0] for p in w.app.peers] == [CLIENT, CLIENT]  # only the good streams reached the app
         await w.settled(flows=len(aimed) + 2)
         assert [(f["dst"]["addr"], f["verdict"], f["response_flags"], f["reason"]) for f in w.flows()[1:-1]] == [
@@ -576,11 +580,11 @@ def test_removed_pods_let_go_of_their_tunnel_connections_once_their_relays_end(n
         await exchange(*await w.dial_out(SERVICE))
         reader, writer = await w.dial_out(SERVICE)  # held open, on the same pooled connection
         assert (await reader.readline()).startswith(CLIENT.encode())
-        assert w.hbone.connections() == 1 and len(w.tunnel.server.sessions) == 1
+        assert w.hbone.connections() == 1 and w.tunnel.connections() == 1
         w.tunnel.drain(OTHER)  # another pod's connections only
-        assert [s.draining for s in w.tunnel.server.sessions] == [False]
+        assert draining(w) == [False]
         w.tunnel.drain(SERVER)  # the server pod left: no new streams, GOAWAY once idle
-        assert [s.draining for s in w.tunnel.server.sessions] == [True]
+        assert draining(w) == [True]
         released = asyncio.create_task(w.hbone.release(client))  # the client pod left
         for _ in range(3):
             await asyncio.sleep(0)
@@ -592,10 +596,15 @@ def test_removed_pods_let_go_of_their_tunnel_connections_once_their_relays_end(n
         writer.close()
         await released
         assert w.hbone.connections() == 0 and client not in w.hbone.pools
-        await until(lambda: not w.tunnel.server.sessions, 5, "the drained connection closed")
+        await until(lambda: not w.tunnel.connections(), 5, "the drained connection closed")
         await w.settled(flows=4)
         await w.hbone.release(client)  # twice: nothing left to close
     node(body)
+
+
+def draining(w: World) -> list[bool]:
+    """Whether each HBONE connection the tunnel listener serves is draining (either engine)."""
+    return [s.draining for s in w.tunnel.server.sessions] + [s.draining for s in w.tunnel.native.conns.values()]
 
 
 @pytest.mark.parametrize("change", ["deny", "waypoint"])

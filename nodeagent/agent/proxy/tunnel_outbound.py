@@ -7,7 +7,9 @@ IP from them; within it, connections are pooled per (source identity, destinatio
 identity, destination pod address). The source presents its own workload certificate
 and requires the destination pod's SPIFFE identity (its service account); `:authority`
 is the endpoint's IP and target port. A removed pod's pool is closed once its relayed
-connections have ended.
+connections have ended. With the native HBONE engine (setting hbone_engine) the pool is
+a hbone_native.NativePool and the stream returned is a native one: the relay's splice
+hands the client socket to it (`carry`) and the engine moves the bytes.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import logging
 
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.proxy.destinations import Target
+from nodeagent.agent.proxy.hbone_native import HboneEngines, NativePool
 from nodeagent.agent.proxy.identities import WorkloadIdentities
 from nodeagent.agent.inpod.sockets import PodContext
+from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.identity.spiffe import Identity
+from nodeagent.native.hbone import NativeStream
 from nodeagent.tunnel import HbonePool, HboneStream, TunnelMetrics, TunnelSettings, tls
 
 
@@ -27,32 +32,44 @@ class HboneRoute:
     name = "hbone"
 
     def __init__(self, identities: WorkloadIdentities, metrics: TunnelMetrics, log: logging.Logger, *,
-                 mark: int, port: int, settings: TunnelSettings = TunnelSettings()):
+                 mark: int, port: int, settings: TunnelSettings = TunnelSettings(),
+                 engines: HboneEngines | None = None):
         self.identities = identities
+        self.engines = engines  # None or python: tunnel/'s HbonePool
         self.metrics = metrics
         self.log = log
         self.mark = mark
         self.port = port
         self.settings = settings
         self.verify = tls.verifier(identities.trust_domain)
-        self.pools: dict[PodContext, HbonePool] = {}
+        self.pools: dict[PodContext, HbonePool | NativePool] = {}
 
-    async def connect(self, ctx: PodContext, target: Target) -> HboneStream:
+    async def connect(self, ctx: PodContext, target: Target) -> HboneStream | NativeStream:
         source = self.identities.of(ctx.pod)
         await self.identities.ready(source)  # the handshake reads its context synchronously
         destination = self.identities.of(target.pod)
-        stream, _ = await self._pool(ctx).open_stream(source.uri, destination.uri, (target.pod.ip, self.port),
-                                                      target.address)
-        return stream
+        pool = self._pool(ctx)
+        opened = await pool.open_stream(source.uri, destination.uri, (target.pod.ip, self.port), target.address)
+        return opened if isinstance(pool, NativePool) else opened[0]
 
-    def _pool(self, ctx: PodContext) -> HbonePool:
+    def _pool(self, ctx: PodContext) -> HbonePool | NativePool:
         pool = self.pools.get(ctx)
-        if pool is None:
+        if pool is None and self.engines is not None and self.engines.native:
+            pool = self.pools[ctx] = NativePool(
+                self.engines, lambda ip, _port: inpod.upstream(ctx.netns_fd, inpod.family_of(ip), self.mark),
+                self._native_tls, metrics=self.metrics, log=self.log, settings=self.settings)
+        elif pool is None:
             pool = self.pools[ctx] = HbonePool(
                 lambda ip, _port: inpod.upstream(ctx.netns_fd, inpod.family_of(ip), self.mark),
                 lambda uri: self.identities.context(Identity.parse(uri), server_side=False),
                 self.verify, metrics=self.metrics, log=self.log, settings=self.settings)
         return pool
+
+    def _native_tls(self, uri: str):
+        creds = self.identities.manager.current(Identity.parse(uri)) if self.identities.manager else None
+        if creds is None:
+            raise IdentityUnavailable(f"no valid certificate for {uri}")
+        return self.engines.tls(creds)
 
     async def release(self, ctx: PodContext) -> None:
         """Close a removed pod's pool once its outbound relays have ended."""
