@@ -632,8 +632,15 @@ def node_mounts(layout, item: dict, node: str, pod_dir: str, container: str,
     nodeview.py) and, for a hostNetwork pod with ClusterFirstWithHostNet, the lab's DNS
     (the pod's hosts file, with the Services' names) over /etc/hosts, unless the
     container mounts something there itself (kubelet leaves its etc-hosts out then)."""
+    host_network = bool(item.get("spec", {}).get("hostNetwork"))
     mounts = volumes.container_mounts(item, container, pod_dir, env,
                                       functools.partial(nodeview.host_path, layout, node))
+    if not host_network:  # `ip netns exec` mounts the pod netns's own sysfs over /sys first
+        for m in mounts:
+            if nodeview.in_view(layout, node, m.source):
+                raise ConfigError(f"container {container} mount at {m.target}",
+                                  f"the lab gives the node's cgroup and bpffs ({m.source}) only to hostNetwork pods",
+                                  "set hostNetwork: true")
     if cluster_dns_on_host(item) and not any(m.target == "/etc/hosts" for m in mounts):
         mounts = volumes.ordered([*mounts, volumes.Mount(hosts_path(pod_dir), "/etc/hosts", False)])
     return mounts
