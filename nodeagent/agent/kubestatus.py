@@ -96,9 +96,10 @@ def _ready_condition(pod: Mapping[str, Any]) -> dict:
     return {}
 
 
-def not_ready_reason(pod: Mapping[str, Any], last_warning: str = "") -> str:
+def not_ready_reason(pod: Mapping[str, Any], last_probe_failure: str = "") -> str:
     """Why a pod is not Ready, most telling first: terminating, a container waiting or
-    ended (CrashLoopBackOff, ContainerCreating...), the Ready condition, the newest Warning."""
+    ended (CrashLoopBackOff, ContainerCreating...), the newest failed probe (kubelet's
+    Unhealthy Warning: the readiness probe's answer), the Ready condition."""
     if _meta(pod).get("deletionTimestamp"):
         return "terminating"
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -107,16 +108,19 @@ def not_ready_reason(pod: Mapping[str, Any], last_warning: str = "") -> str:
             if isinstance(state.get(kind), dict) and state[kind].get("reason"):
                 detail = state[kind].get("message") or ""
                 return f"{status.get('name')} {kind}: {state[kind]['reason']}" + (f": {detail}" if detail else "")
-    if last_warning:
-        return last_warning
+    if last_probe_failure:
+        return last_probe_failure
     cond = _ready_condition(pod)
     if cond:
         return ": ".join(str(p) for p in (cond.get("reason"), cond.get("message")) if p) or "not ready"
     return str((pod.get("status") or {}).get("reason") or "not ready")
 
 
+PROBE_FAILED = "Unhealthy"  # kubelet's reason for a failed readiness or liveness probe
+
+
 def _warnings(events: list[dict]) -> dict[str, tuple[int, float, str]]:
-    """Pod name -> (occurrences of Warning Events, newest time, its 'reason: message')."""
+    """Pod name -> (occurrences of Warning Events, time and 'reason: message' of the newest failed probe)."""
     out: dict[str, tuple[int, float, str]] = {}
     for event in events:
         if event.get("type") != "Warning" or (event.get("involvedObject") or {}).get("kind") != "Pod":
@@ -126,7 +130,8 @@ def _warnings(events: list[dict]) -> dict[str, tuple[int, float, str]]:
         when = _time(event.get("lastTimestamp") or event.get("eventTime") or _meta(event).get("creationTimestamp")) or 0
         text = ": ".join(str(p) for p in (event.get("reason"), event.get("message")) if p)
         total, newest, last = out.get(name, (0, -1.0, ""))
-        out[name] = (total + count, *((when, text) if when >= newest else (newest, last)))
+        newer = event.get("reason") == PROBE_FAILED and when >= newest
+        out[name] = (total + count, *((when, text) if newer else (newest, last)))
     return out
 
 

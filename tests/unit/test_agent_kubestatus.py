@@ -147,6 +147,18 @@ def test_why_an_agent_is_not_ready(agent, reason):
     assert [(r["ready"], r["reason"]) for r in summary["nodes"]] == [(False, reason)]
 
 
+def test_the_newest_failed_probe_says_why_not_other_warnings():
+    agent = pod("p", "kn1", ready=False)
+    events = [warning("p", "Unhealthy", "Readiness probe failed: HTTP probe failed with statuscode: 503",
+                      seconds_ago=20),
+              warning("p", "Unhealthy", "Readiness probe failed: Get \"http://10.0.0.1:15020/healthz/ready\": "
+                                        "connection refused", seconds_ago=60),
+              warning("p", "FailedMount", "MountVolume.SetUp failed", seconds_ago=1)]
+    summary = kubestatus.summarise(objects(pods=[agent], nodes=[node("kn1")], events=events), NOW)
+    assert [(r["reason"], r["warnings"]) for r in summary["nodes"]] == [
+        ("Unhealthy: Readiness probe failed: HTTP probe failed with statuscode: 503", 3)]
+
+
 def test_the_daemonsets_node_selector_says_which_nodes_need_an_agent():
     summary = kubestatus.summarise(objects(daemonset=daemonset(desired=1, ready=1, available=1,
                                                                node_selector={"mesh": "yes"}),
