@@ -12,10 +12,31 @@ the projected `kube-api-access-*` volume the API server adds (a token the node r
 for the pod's ServiceAccount, bound to the pod, renewed as kubelet renews it; the
 cluster CA; the namespace), which in-cluster clients read at
 /var/run/secrets/kubernetes.io/serviceaccount. Its securityContext is applied as far as
-`security.py` says; what the lab cannot give is a Warning event of the Pod. What runs is
-reported through the Pod's status (phase, podIP, hostIP, conditions, container states
-with restart counts, readiness from readinessProbes run by `probes.py`), patched only
-when it changed. A Pod being deleted gets SIGTERM, SIGKILL after its grace period; once
+`security.py` says; what the lab cannot give is a Warning event of the Pod.
+
+What a node gives a pod, the lab gives from the node's share of the machine, in the
+container's own mount namespace only (the machine's mount table never changes):
+- hostPaths as the node sees them (`nodeview.py`): at or below /sys/fs/cgroup the node's
+  cgroup directory (`Layout.node_cgroup`), at or below /sys/fs/bpf its bpffs directory
+  (`Layout.node_bpffs`), bind-mounted there; so the DaemonSet's `--cgroup=/sys/fs/cgroup`
+  attaches at its node's cgroup and pins in its node's bpffs, never at the machine's
+  roots, and `lab down` removes both. Only hostNetwork pods see the machine's /sys, so
+  other pods are refused such hostPaths.
+- `$(VAR)` in command, args and env expanded as kubelet expands them (`expansion.py`;
+  `--node=$(NODE_NAME)`, `--admin-address=$(NODE_IP):15020`).
+- cluster DNS: the lab's DNS is a hosts file with the Services' names; a hostNetwork pod
+  with `dnsPolicy: ClusterFirstWithHostNet` gets its own (`kube/pods/<uid>/etc-hosts`,
+  rewritten in place as Services change) over /etc/hosts, and the node netns's service
+  rules (services.py, output hook) take its connections to ClusterIPs.
+- a private /dev/shm (unless hostIPC), and for a non-root runAsUser the machine's
+  installation, which stands in for the image (`image.py`).
+A volume source that an earlier mount of the same container hides (the pod's directory
+under /run/nodeagent/<lab>/ once a volume is mounted at /run/nodeagent) is opened before
+any mount and bound from its descriptor, as a runtime resolves sources on the machine.
+
+What runs is reported through the Pod's status (phase, podIP, hostIP, conditions,
+container states with restart counts, readiness from readinessProbes run by
+`probes.py`), patched only when it changed. A Pod being deleted gets SIGTERM, SIGKILL after its grace period; once
 its processes are gone its netns, hosts file, cgroup, volumes and mount points are
 removed and the Pod deleted for good (grace 0, preconditioned on its UID), as kubelet
 finishes a deletion. A Pod the lab cannot run (no command, an executable not
