@@ -134,6 +134,11 @@ def tls_reason(end: hbone.End) -> str:
     return "tls_error"
 
 
+def error_label(end: hbone.End) -> str:
+    """The connection_errors label (the Python session's names where they exist) of a native end."""
+    return {"keepalive": "keepalive_timeout", "flood": "too_many_resets"}.get(end.how, end.how)
+
+
 class _Conn:
     """One pooled native client connection and what the pool knows of it."""
 
@@ -296,7 +301,7 @@ class NativePool:
     def _ended(self, entry: _Conn, end: hbone.End) -> None:
         self.metrics.connections.labels(direction=OUTBOUND).dec()
         if end.how in ERROR_ENDS:
-            self.metrics.connection_error(OUTBOUND, end.how)
+            self.metrics.connection_error(OUTBOUND, error_label(end))
             self.log.info("HBONE to %s:%d ended: %s (%s)", *entry.key[2], end.how, end.reason)
         self._forget(entry)
 

@@ -31,7 +31,7 @@ from typing import Awaitable, TypeVar
 from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, admit
 from nodeagent.agent.proxy.delivery import Delivery, open_flow, open_inbound, relay_delivered
-from nodeagent.agent.proxy.hbone_native import ERROR_ENDS, HboneEngines, tls_reason
+from nodeagent.agent.proxy.hbone_native import ERROR_ENDS, HboneEngines, error_label, tls_reason
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import connect_failure_reason
 from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS
@@ -41,6 +41,7 @@ from nodeagent.policy import Connection
 from nodeagent.resets import reset
 from nodeagent.tunnel import HboneServer, HboneStream, StreamInfo, TunnelMetrics, TunnelSettings, tls
 from nodeagent.tunnel.authority import parse_authority
+from nodeagent.tunnel.limits import STREAM_RESETS
 
 T = TypeVar("T")
 DIRECTION = "inbound"
@@ -275,8 +276,12 @@ class NativeServing:
         finally:
             self.conns.pop(conn.id, None)
             self.metrics.connections.labels(direction=DIRECTION).dec()
-        if end.how in ERROR_ENDS:
-            self.metrics.connection_error(DIRECTION, end.how)
+        if end.how == "flood":  # as FloodGuard and the Python session count and log it
+            self.metrics.limit_hit(DIRECTION, STREAM_RESETS)
+            self.metrics.connection_error(DIRECTION, "too_many_resets")
+            self.log.warning("HBONE connection from %s (%s:%d): %s", served.identity, *served.peer, end.reason)
+        elif end.how in ERROR_ENDS:
+            self.metrics.connection_error(DIRECTION, error_label(end))
             self.log.info("HBONE connection from %s (%s:%d) ended: %s (%s)", served.identity, *served.peer,
                           end.how, end.reason)
 

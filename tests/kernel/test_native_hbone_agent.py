@@ -1,0 +1,86 @@
+"""The agent with `--hbone-engine native` on one real node (a throwaway sandbox, as
+test_agent_tunnel.py and test_rapid_reset.py run it): meshed traffic crosses the native
+HBONE engine with the client's address and principal, exactly counted by both reports,
+over one pooled connection, and status says which engine carries HBONE; rapid resets
+against the real tunnel port leave nothing behind and a flood gets GOAWAY
+ENHANCE_YOUR_CALM, counted as the Python path counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from h2.errors import ErrorCodes
+
+from meshed_sandbox import PORT, meshed_sandbox
+from nodeagent.bench.probe import HoldClient
+from test_agent_tunnel import PRINCIPAL, connect
+from test_rapid_reset import BURST, LIMIT, RapidResetClient, agent_descriptors, app_established, settle, steady
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def mesh(tmp_path):
+    with meshed_sandbox(tmp_path, "attacker", "--no-same-node-fast-path", "--hbone-engine", "native") as (
+            sb, client, server, attacker, app):
+        yield sb, client, server, attacker, app
+
+
+def test_meshed_traffic_crosses_the_native_engine(mesh):
+    sb, client, server, attacker, app = mesh
+    result = connect(sb, client, server, 20)
+    assert result["ok"] == 20 and result["peers"] == {client.ip: 20}
+    status = sb.status()
+    c = status["counters"]
+    assert c["hbone_streams_opened_total{direction=inbound}"] == 20
+    assert c["hbone_streams_opened_total{direction=outbound}"] == 20
+    assert "HBONE: native engine [hbone_engine=native]" in status["data_path"]["summary"]
+    native = status["data_path"]["hbone"]["native"]
+    assert (native["conns_total"], native["streams_total"]) == (2, 40)  # one pooled connection, each side
+    with open(sb.layout.flow_log(sb.node)) as f:
+        flows = [json.loads(line) for line in f]
+    inbound = [f for f in flows if f["reporter"] == "destination"]
+    assert len(inbound) == 20 and len(flows) == 40
+    assert {(f["src"]["principal"], f["security"], f["bytes_received"], f["verdict"]) for f in inbound} == {
+        (PRINCIPAL, "mutual_tls", len(b"ping\n"), "allowed")}
+
+
+def test_rapid_resets_leave_nothing_and_a_flood_gets_goaway(mesh):
+    sb, client, server, attacker, app = mesh
+    held = HoldClient(sb.probe(client, "hold", f"{server.ip}:{PORT}", stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, bufsize=1))
+    rapid = None
+    try:
+        assert held.echo("before") == "before"
+        before = sb.status()["counters"]
+        fds_idle = steady(lambda: agent_descriptors(sb))
+        apps = app_established(app)
+        rapid = RapidResetClient(sb, attacker, server.ip)
+        assert rapid.ping()
+        fds = steady(lambda: agent_descriptors(sb))
+        while rapid.sent < LIMIT:
+            rapid.reset_streams(min(BURST, LIMIT - rapid.sent))
+            assert rapid.ping(), f"GOAWAY after {rapid.sent} resets, at most {LIMIT} in its window are allowed"
+        settle(lambda: (agent_descriptors(sb), app_established(app)), (fds, apps),
+               f"(agent descriptors, app connections) after {LIMIT} rapid resets")
+        while rapid.goaway is None and rapid.sent < 20 * LIMIT:
+            rapid.reset_streams(BURST)
+            rapid.ping()
+        assert rapid.goaway is not None and rapid.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        rapid.close()
+        rapid = None
+        settle(lambda: (agent_descriptors(sb), app_established(app)), (fds_idle, apps),
+               "(agent descriptors, app connections) once the flooding connection is gone")
+        after = sb.status()["counters"]
+        moved = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("hbone_")}
+        assert moved["hbone_limit_hits_total{direction=inbound,limit=stream_resets}"] == 1
+        assert moved["hbone_connection_errors_total{direction=inbound,reason=too_many_resets}"] == 1
+        assert moved.get("hbone_streams_opened_total{direction=inbound}", 0) == 0
+        assert held.echo("after") == "after"
+    finally:
+        if rapid is not None:
+            rapid.close()
+        held.close()
