@@ -106,6 +106,8 @@ struct conn {
     uint64_t *resets;              /* ring of the client's reset times (ms), server only */
     uint32_t reset_head, reset_count;
     uint64_t last_heard, ping_sent, idle_since; /* ms; 0: no PING out / streams open */
+    uint32_t preface_left, frame_left; /* received HTTP/2: preface bytes to come, payload of this frame */
+    uint8_t frame_head[9], frame_head_len; /* ... and the frame header being read */
     struct conn *live_prev, *live_next; /* connections in HTTP/2 (keepalive, idle) */
     bool live;
 };
@@ -946,6 +948,7 @@ static int h2_start(struct conn *c)
         || nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0, (int32_t)e->cfg.connection_window))
         return -ENOMEM;
     c->state = S_H2;
+    c->preface_left = c->server ? 24 : 0;
     c->last_heard = now_ms();
     if (c->nstreams == 0)
         c->idle_since = c->last_heard;
@@ -1013,8 +1016,10 @@ static void conn_fail_tls(struct conn *c, int sslerr, const char *what)
         snprintf(reason, sizeof reason, "%s: the peer closed the connection", what);
     ERR_clear_error();
     int saved = sslerr == SSL_ERROR_SYSCALL ? errno : 0;
+    long verify = c->state == S_HANDSHAKE ? SSL_get_verify_result(c->ssl) : X509_V_OK;
     /* a client's handshake lasts until the server's SETTINGS (see handshake_done) */
-    conn_end(c, c->state == S_HANDSHAKE || c->in_hs_list ? NH_END_TLS : NH_END_IO, saved, 0, reason);
+    conn_end(c, c->state == S_HANDSHAKE || c->in_hs_list ? NH_END_TLS : NH_END_IO, saved,
+             verify != X509_V_OK ? (uint32_t)verify : 0, reason);
 }
 
 static int uri_sans(X509 *cert, char *out, size_t cap)
@@ -1116,6 +1121,34 @@ static void do_handshake(struct conn *c)
     }
 }
 
+/* Follow the frame boundaries of what the peer sent (nghttp2 does not say), so a peer
+ * that stops inside a frame is told apart (NH_END_TRUNCATED) from one that closes. */
+static void track_frames(struct conn *c, const uint8_t *p, size_t n)
+{
+    while (n) {
+        size_t k;
+        if (c->preface_left || c->frame_left) {
+            uint32_t *left = c->preface_left ? &c->preface_left : &c->frame_left;
+            k = MIN(n, *left);
+            *left -= (uint32_t)k;
+        } else {
+            k = 1;
+            c->frame_head[c->frame_head_len++] = *p;
+            if (c->frame_head_len == 9) {
+                c->frame_left = (uint32_t)c->frame_head[0] << 16 | (uint32_t)c->frame_head[1] << 8 | c->frame_head[2];
+                c->frame_head_len = 0;
+            }
+        }
+        p += k;
+        n -= k;
+    }
+}
+
+static bool mid_frame(const struct conn *c)
+{
+    return c->frame_left || c->frame_head_len || (c->server && c->preface_left && c->preface_left < 24);
+}
+
 static void conn_read(struct conn *c)
 {
     static __thread uint8_t buf[READ_CHUNK];
@@ -1129,6 +1162,10 @@ static void conn_read(struct conn *c)
             if (c->in_hs_list) {
                 conn_fail_tls(c, err, "the server closed the connection right after TLS (our certificate "
                                       "refused?)");
+            } else if (mid_frame(c) && err != SSL_ERROR_SSL) {
+                int saved = err == SSL_ERROR_SYSCALL ? errno : 0;
+                ERR_clear_error();
+                conn_end(c, NH_END_TRUNCATED, saved, 0, "the peer's bytes ended inside an HTTP/2 frame");
             } else if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && errno == 0)) {
                 bool idle = c->nstreams == 0;
                 ERR_clear_error();
@@ -1141,6 +1178,7 @@ static void conn_read(struct conn *c)
             return;
         }
         c->last_heard = now_ms();
+        track_frames(c, buf, (size_t)n);
         ssize_t rv = nghttp2_session_mem_recv(c->h2, buf, (size_t)n);
         if (rv < 0) {
             /* nghttp2 queued GOAWAY itself, but not for a bad preface: then we do */

@@ -97,7 +97,8 @@
 #define NH_END_REFUSED 5          /* stream: not 200 (status; a RESPONSE came first), or
                                      REFUSED_STREAM, or nh_stream_refuse */
 #define NH_END_CONN_LOST 6        /* stream: its connection ended first */
-#define NH_END_TLS 7              /* conn: the TLS handshake failed (data: OpenSSL's reason) */
+#define NH_END_TLS 7              /* conn: the TLS handshake failed (data: OpenSSL's reason; code:
+                                     the X509 verify result when the peer's chain failed it) */
 #define NH_END_IDENTITY 8         /* conn: the peer's identity is not the expected one / verdict no */
 #define NH_END_TIMEOUT 9          /* conn: handshake_timeout_ms passed */
 #define NH_END_PROTOCOL 10        /* conn: HTTP/2 error by the peer (code; GOAWAY sent) */
@@ -106,6 +107,7 @@
 #define NH_END_IO 13              /* conn: the TCP connection failed or closed (error) */
 #define NH_END_STOPPED 14         /* nh_engine_stop */
 #define NH_END_KEEPALIVE 15       /* conn: no answer to our PING within keepalive_timeout_ms */
+#define NH_END_TRUNCATED 16       /* conn: the peer's bytes ended (closed, reset) inside an HTTP/2 frame */
 
 struct nh_config {
     uint32_t max_conns;           /* connections at once (1..65536); more: -ENOSPC */

@@ -38,7 +38,7 @@ DEFAULT_STREAM_BUFFER = 256 * 1024  # bytes read from a plain socket held per st
 _BATCH = 256
 HOW = {1: "closed", 2: "reset", 3: "socket_error", 4: "aborted", 5: "refused", 6: "connection_lost", 7: "tls",
        8: "identity", 9: "timeout", 10: "protocol_error", 11: "flood", 12: "goaway", 13: "io_error", 14: "stopped",
-       15: "keepalive"}
+       15: "keepalive", 16: "truncated"}
 CLEAN = ("closed", "aborted")  # ends a relay reports without an error (aborted: policy revocation, as splice.Abort)
 STATS = ("conns_open", "conns_total", "handshakes_pending", "streams_open", "streams_total", "bytes_to_peer",
          "bytes_from_peer", "bytes_held", "bytes_held_peak", "stream_held_peak", "tls_failures", "refused_streams",

@@ -32,7 +32,7 @@ ALPN = "h2"
 HANDSHAKE_READ_SIZE = 4096  # bytes read at once until TLS is up (a ClientHello: ~0.5 KiB, 1.8 with ML-KEM)
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) -> our reasons.
-_VERIFY_REASONS = {
+VERIFY_REASONS = {
     9: "cert_not_yet_valid", 10: "cert_expired",
     2: "unknown_ca", 18: "unknown_ca", 19: "unknown_ca", 20: "unknown_ca", 21: "unknown_ca",
 }
@@ -84,7 +84,7 @@ def peer_certificate(transport: asyncio.BaseTransport) -> bytes:
 def failure_reason(exc: BaseException) -> str:
     """A short metrics label for why a handshake failed."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return _VERIFY_REASONS.get(exc.verify_code, "bad_certificate")
+        return VERIFY_REASONS.get(exc.verify_code, "bad_certificate")
     if isinstance(exc, ssl.SSLError):
         return _SSL_REASONS.get(exc.reason or "", "tls_error")
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionAbortedError)):

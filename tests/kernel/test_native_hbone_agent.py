@@ -16,6 +16,7 @@ from h2.errors import ErrorCodes
 
 from meshed_sandbox import PORT, meshed_sandbox
 from nodeagent.bench.probe import HoldClient
+from hbone_attacks import attack, refusals
 from test_agent_tunnel import PRINCIPAL, connect
 from test_rapid_reset import BURST, LIMIT, RapidResetClient, agent_descriptors, app_established, settle, steady
 
@@ -84,3 +85,21 @@ def test_rapid_resets_leave_nothing_and_a_flood_gets_goaway(mesh):
         if rapid is not None:
             rapid.close()
         held.close()
+
+
+def test_bad_clients_on_the_real_tunnel_port_are_refused_and_harm_no_one(mesh):
+    sb, client, server, attacker, app = mesh
+    held = HoldClient(sb.probe(client, "hold", f"{server.ip}:{PORT}", stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, bufsize=1))
+    try:
+        assert held.greeting.startswith(client.ip + ":") and held.echo("before") == "before"
+        results = attack(sb, attacker, server.ip)
+        assert results == {"garbage": "closed", "no_client_cert": "closed", "foreign_ca": "closed",
+                           "expired": "closed", "foreign_trust_domain": "closed", "truncated_h2": "sent"}
+        expected = {("handshake", "not_tls"): 1, ("handshake", "no_client_cert"): 1, ("handshake", "unknown_ca"): 1,
+                    ("handshake", "cert_expired"): 1, ("handshake", "identity"): 1, ("error", "truncated"): 1}
+        sb.wait_for(lambda s: refusals(s["counters"]) == expected, 10, f"refusals counted as {expected}")
+        assert held.echo("after") == "after"
+    finally:
+        held.close()
+    assert connect(sb, client, server, 5)["ok"] == 5

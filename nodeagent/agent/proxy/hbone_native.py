@@ -33,6 +33,7 @@ from nodeagent.tunnel import ConnectFailed, ConnectionLost, ConnectRefused, Hand
     ResponseTimeout, StreamReset, TunnelMetrics, TunnelSettings
 from nodeagent.tunnel.authority import Address, format_authority
 from nodeagent.tunnel.errors import connect_failure_reason
+from nodeagent.tunnel.tls import VERIFY_REASONS
 
 ENGINES = ("auto", "native", "python")  # the hbone_engine setting
 # `auto` takes the native engine when it is built. Kept False while a behaviour of the
@@ -42,7 +43,7 @@ POOL_IDLE = 300.0  # seconds a pooled client connection without streams lives (H
 SERVER_IDLE = 600.0  # ... and a server connection (HboneServer's)
 OUTBOUND = "outbound"
 CLOSE_GRACE = 1.0  # seconds close() lets GOAWAYs flush before resetting
-ERROR_ENDS = ("keepalive", "protocol_error", "flood", "goaway", "io_error")  # after TLS: connection_errors
+ERROR_ENDS = ("keepalive", "protocol_error", "flood", "goaway", "io_error", "truncated")  # after TLS: connection_errors
 Key = tuple[str, str, Address]
 Connect = Callable[[str, int], Union[socket.socket, Awaitable[socket.socket]]]
 
@@ -121,6 +122,8 @@ def tls_reason(end: hbone.End) -> str:
     """The handshake failure label (tunnel/tls.failure_reason's names) of a native end."""
     if end.how in ("timeout", "identity"):
         return {"timeout": "timeout", "identity": "identity_mismatch"}[end.how]
+    if end.code:  # the X509 verify result of the peer's chain
+        return VERIFY_REASONS.get(end.code, "bad_certificate")
     text = end.reason.lower()
     for words, label in (("did not return a certificate", "no_client_cert"), ("certificate required", "peer_requires_cert"),
                          ("unknown ca", "peer_refused_cert"), ("bad certificate", "peer_refused_cert"),
