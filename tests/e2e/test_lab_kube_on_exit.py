@@ -1,0 +1,167 @@
+"""What a DaemonSet agent leaves on its node when it stops (`--on-exit=owner`, issue 13),
+on the lab's real API server (`lab up --kube --no-agents`, one node; daemonset/mesh
+applied as it is, the lab's kubelet running the DaemonSet's pods).
+
+1. `nodeagent status --kube` reads the installed DaemonSet: ok, one Ready agent on kn1;
+2. a rolling update (`kubectl rollout restart`) and a pod deleted by hand keep capture:
+   the node's pinned maps are the same maps (same BPF map IDs) once the next agent is
+   Ready — it adopted them — and the stopped agent logged why it kept them;
+3. deleting the DaemonSet alone (its Namespace stays) removes capture: no program on the
+   node's cgroup, nothing pinned, and the agent logged the DaemonSet's UID deleted.
+`kubectl delete -k daemonset/` (the Namespace terminating) is tests/e2e/test_lab_daemonset.py's.
+
+Needs the control plane built (`controlplane/build`, run by scripts/setup): without it
+the test is skipped on a developer machine and fails under CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from typing import Any, Callable
+
+import pytest
+
+from nodeagent.lab.layout import Layout
+from tests.e2e.conftest import Lab, Labs, cgroup2_root, controlplane_built, unique_name
+
+pytestmark = pytest.mark.timeout(900)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MESH = os.path.join(ROOT, "daemonset", "mesh")
+NODEAGENT = os.path.join(ROOT, ".venv", "bin", "nodeagent")
+SYSTEM = "nodeagent-system"
+LAB_YAML = """
+apiVersion: v1
+kind: Node
+metadata: {name: kn1}
+"""
+
+
+def kubectl(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return lab.run("kubectl", "--", *args, timeout=120, check=check)
+
+
+def get(lab: Lab, *args: str) -> dict:
+    return json.loads(kubectl(lab, "get", *args, "-o", "json").stdout)
+
+
+def poll(check: Callable[[], Any], what: str, timeout: float = 180, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def ready_agent(lab: Lab) -> dict | None:
+    """kn1's agent pod once it is Ready (and not terminating)."""
+    pods = get(lab, "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=nodeagent")["items"]
+    for pod in pods:
+        if not pod["metadata"].get("deletionTimestamp") and any(
+                c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", [])):
+            return pod
+    return None
+
+
+def capture(lab: Lab) -> dict[str, Any]:
+    """kn1's capture: programs attached in its cgroup subtree, and pinned map IDs by pin."""
+    layout = Layout(lab.name, cgroup_root=cgroup2_root())
+    tree = subprocess.run(["bpftool", "-j", "cgroup", "tree", layout.node_cgroup("kn1")], capture_output=True,
+                          text=True, check=True).stdout
+    programs = sorted((a["name"], a["attach_type"]) for cg in json.loads(tree or "[]") for a in cg.get("programs", []))
+    maps = {}
+    root = os.path.join(layout.node_bpffs("kn1"), "nodeagent", "maps")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        shown = subprocess.run(["bpftool", "-j", "map", "show", "pinned", os.path.join(root, name)],
+                               capture_output=True, text=True, check=True).stdout
+        maps[name] = json.loads(shown)["id"]
+    pins = sorted(os.path.relpath(os.path.join(d, f), layout.node_bpffs("kn1"))
+                  for d, _, files in os.walk(layout.node_bpffs("kn1")) for f in files)
+    return {"programs": programs, "maps": maps, "pins": pins}
+
+
+def stopping_line(lab: Lab, pod: str) -> str:
+    """The 'agent stopping: …' message of that agent pod's log (JSON lines)."""
+    path = Layout(lab.name, cgroup_root="").container_log(SYSTEM, pod, "agent")
+    with open(path) as f:
+        found = [json.loads(line)["message"] for line in f if line.startswith("{") and "agent stopping" in line]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def replaced(lab: Lab, old: str) -> dict | None:
+    """A Ready agent other than `old` whose predecessor has logged its stop."""
+    pod = ready_agent(lab)
+    if pod is None or pod["metadata"]["name"] == old:
+        return None
+    path = Layout(lab.name, cgroup_root="").container_log(SYSTEM, old, "agent")
+    with open(path) as f:
+        return pod if "agent stopped:" in f.read() else None
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory):
+    if not controlplane_built():
+        pytest.skip("the control plane is not built: run scripts/setup")
+    labs = Labs(tmp_path_factory.mktemp("onexit"))
+    lab = Lab("h2" + unique_name()[1:6], labs.workdir)  # this module's labs are named h2*
+    labs.made.append(lab)
+    try:
+        lab.up_kube(LAB_YAML)
+        kubectl(lab, "apply", "-k", MESH)
+        poll(lambda: ready_agent(lab), "kn1's agent to be Ready", 420, 1)
+        yield lab
+    finally:
+        kubectl(lab, "delete", "-k", MESH, "--ignore-not-found", "--wait=true", check=False)
+        labs.close()
+
+
+def test_status_kube_summarises_the_installed_daemonset(lab: Lab):
+    layout = Layout(lab.name, cgroup_root="")
+    proc = subprocess.run(["ip", "netns", "exec", layout.controlplane_netns, NODEAGENT, "status", "--kube",
+                           "--kubeconfig", layout.admin_kubeconfig, "-o", "json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["ok"], summary["problems"], summary["nodes_listed"]) == (True, [], True)
+    ds = summary["daemonset"]
+    assert (ds["desired"], ds["ready"], ds["updated"], ds["available"]) == (1, 1, 1, 1)
+    [row] = summary["nodes"]
+    assert (row["node"], row["pod"], row["phase"], row["ready"], row["reason"]) == (
+        "kn1", ready_agent(lab)["metadata"]["name"], "Running", True, "")
+
+
+@pytest.mark.parametrize("how", ["rollout restart", "pod deleted by hand"])
+def test_a_restart_keeps_capture_for_the_next_agent(lab: Lab, how: str):
+    before = capture(lab)
+    assert before["programs"] and before["maps"], before  # the check can see capture
+    old = ready_agent(lab)["metadata"]["name"]
+    uid = get(lab, "daemonset", "nodeagent", "-n", SYSTEM)["metadata"]["uid"]
+    if how == "rollout restart":
+        kubectl(lab, "rollout", "restart", "daemonset/nodeagent", "-n", SYSTEM)
+    else:
+        kubectl(lab, "delete", "pod", old, "-n", SYSTEM, "--wait=false")
+    poll(lambda: replaced(lab, old), f"a Ready agent after the {how}", 300, 1)
+    assert stopping_line(lab, old) == (
+        f"agent stopping: keeping capture for the next agent: DaemonSet {SYSTEM}/nodeagent (uid {uid}) is in "
+        "place (a rolling update, or the pod deleted by hand)")
+    after = capture(lab)
+    assert after["maps"] == before["maps"]  # the same maps: kept, then adopted, never re-created
+    assert after["programs"] == before["programs"]
+
+
+def test_deleting_the_daemonset_removes_capture(lab: Lab):
+    assert capture(lab)["programs"]
+    old = ready_agent(lab)["metadata"]["name"]
+    uid = get(lab, "daemonset", "nodeagent", "-n", SYSTEM)["metadata"]["uid"]
+    kubectl(lab, "delete", "daemonset", "nodeagent", "-n", SYSTEM, "--wait=false")
+    poll(lambda: not get(lab, "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=nodeagent")["items"],
+         "the agent pod to be gone", 240, 1)
+    assert stopping_line(lab, old) == (
+        f"agent stopping: removing capture (as `nodeagent uninstall`): DaemonSet {SYSTEM}/nodeagent (uid {uid}) "
+        "was deleted")
+    assert capture(lab) == {"programs": [], "maps": {}, "pins": []}
