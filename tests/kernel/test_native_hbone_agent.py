@@ -18,6 +18,8 @@ from meshed_sandbox import PORT, meshed_sandbox
 from nodeagent.bench.probe import HoldClient
 from hbone_attacks import attack, refusals
 from test_agent_tunnel import PRINCIPAL, connect
+from test_handshake_flood import (FLOOD, HITS, PENDING, PER_SOURCE, RSS_BOUND_MB, TIMEOUTS, client_hello,  # noqa: F401
+                                  descriptors, flood, moved, rss_mb)  # (descriptors is a fixture)
 from test_rapid_reset import BURST, LIMIT, RapidResetClient, agent_descriptors, app_established, settle, steady
 
 pytestmark = pytest.mark.root
@@ -103,3 +105,33 @@ def test_bad_clients_on_the_real_tunnel_port_are_refused_and_harm_no_one(mesh):
     finally:
         held.close()
     assert connect(sb, client, server, 5)["ok"] == 5
+
+
+@pytest.mark.parametrize("first", ["silent", "client_hello"])
+def test_a_handshake_flood_is_capped_reset_and_counted(mesh, descriptors, first):
+    """test_handshake_flood.py's flood against the native engine: the same per-source
+    budget (Python's, told of each connection up or ended), the same counts, and the
+    agent's growth under the same bound."""
+    sb, client, server, attacker, app = mesh
+    before, rss_before = sb.status()["counters"], rss_mb(sb)
+    fates = flood(attacker, server.ip, client_hello() if first == "client_hello" else b"")
+    try:
+        settle(lambda: (lambda m: m.get(HITS, 0) + m.get(PENDING, 0) + m.get(TIMEOUTS, 0))(moved(sb, before)),
+               FLOOD, f"the agent's decision on all {FLOOD} connections (reset + pending + timed out)")
+        during = moved(sb, before)
+        result = connect(sb, client, server, 20)
+        resets = during.get(HITS, 0)
+        if first == "client_hello":
+            settle(fates.tally, (resets, FLOOD - resets), "(reset, answered) flood connections")
+        assert fates.tally()[0] == resets
+        rss_during = rss_mb(sb)
+        print(f"native, {first}: agent RSS {rss_before:.0f} MB -> {rss_during:.0f} MB with {FLOOD} connections "
+              f"({during.get(PENDING, 0):.0f} pending, {resets:.0f} reset)")
+        assert result["ok"] == 20 and result["peers"] == {client.ip: 20}
+        assert during.get(PENDING, 0) <= PER_SOURCE and resets >= FLOOD - 2 * PER_SOURCE
+        assert rss_during - rss_before < RSS_BOUND_MB
+    finally:
+        fates.close()
+    settle(lambda: sb.status()["counters"].get(PENDING), 0, "pending handshakes once the flood is gone")
+    after = moved(sb, before)
+    assert after[HITS] == resets and after["hbone_connections{direction=inbound}"] == 1
