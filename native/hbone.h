@@ -80,7 +80,8 @@
 #define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
                                      done, waits for nh_conn_verdict. Client: identity
                                      checked and the server's first SETTINGS received. */
-#define NH_EV_CONN_END 2          /* how: NH_END_*, error/code, data: reason text */
+#define NH_EV_CONN_END 2          /* how: NH_END_*, error/code, data: reason text; a server's:
+                                     the streams it refused without asking (refused_*) */
 #define NH_EV_REQUEST 3           /* server: a CONNECT; data = name\0value\0... (":authority"
                                      first, then the request's other headers); answer with
                                      nh_stream_accept or nh_stream_refuse */
@@ -140,6 +141,8 @@ struct nh_event {
     uint32_t h2_stream;           /* the HTTP/2 stream id */
     char *data;                   /* malloc'ed (the caller's: nh_event_release), or NULL */
     size_t data_len;
+    uint32_t refused_cap;         /* server conn end: streams it refused at max_streams */
+    uint32_t refused_draining;    /* ... and while draining (GOAWAY sent or received) */
 };
 
 struct nh_stats {

@@ -81,6 +81,8 @@ class End:
     to_peer: int = 0  # stream: bytes read from its socket and sent
     from_peer: int = 0  # stream: bytes received and written to its socket
     h2_stream: int = 0  # stream: its HTTP/2 id, 0 when it was never sent
+    refused_cap: int = 0  # server connection: streams it refused at max_streams (never asked about)
+    refused_draining: int = 0  # ... and while draining
 
 
 class Tls:
@@ -347,7 +349,7 @@ def _settle(future: asyncio.Future, value) -> None:
 
 def _end(ev, data: bytes) -> End:
     return End(HOW.get(ev.how, str(ev.how)), data.decode("utf-8", "replace"), ev.error, ev.code, ev.status,
-               ev.to_peer, ev.from_peer, ev.h2_stream)
+               ev.to_peer, ev.from_peer, ev.h2_stream, ev.refused_cap, ev.refused_draining)
 
 
 def reset_error(end: End) -> OSError | None:

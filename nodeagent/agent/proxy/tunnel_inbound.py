@@ -41,7 +41,7 @@ from nodeagent.policy import Connection
 from nodeagent.resets import reset
 from nodeagent.tunnel import HboneServer, HboneStream, StreamInfo, TunnelMetrics, TunnelSettings, tls
 from nodeagent.tunnel.authority import parse_authority
-from nodeagent.tunnel.limits import STREAM_RESETS
+from nodeagent.tunnel.limits import STREAM_CAP, STREAM_RESETS
 
 T = TypeVar("T")
 DIRECTION = "inbound"
@@ -276,6 +276,7 @@ class NativeServing:
         finally:
             self.conns.pop(conn.id, None)
             self.metrics.connections.labels(direction=DIRECTION).dec()
+        self._count_refusals(served, end)
         if end.how == "flood":  # as FloodGuard and the Python session count and log it
             self.metrics.limit_hit(DIRECTION, STREAM_RESETS)
             self.metrics.connection_error(DIRECTION, "too_many_resets")
@@ -284,6 +285,19 @@ class NativeServing:
             self.metrics.connection_error(DIRECTION, error_label(end))
             self.log.info("HBONE connection from %s (%s:%d) ended: %s (%s)", served.identity, *served.peer,
                           end.how, end.reason)
+
+    def _count_refusals(self, served: _Served, end: hbone.End) -> None:
+        """The streams the engine refused without asking (stream cap, draining), counted as
+        the Python server counts them, once the connection has ended."""
+        if end.refused_draining:
+            self.metrics.streams_refused.labels(direction=DIRECTION, reason="draining").inc(end.refused_draining)
+        if end.refused_cap:
+            self.metrics.streams_refused.labels(direction=DIRECTION, reason="too_many_streams").inc(end.refused_cap)
+            self.metrics.limit_hit(DIRECTION, STREAM_CAP)
+            self.log.warning("HBONE connection from %s (%s:%d): %d streams refused (REFUSED_STREAM) at the limit of "
+                             "%d served at once; a client resetting streams faster than we finish them?",
+                             served.identity, *served.peer, end.refused_cap,
+                             self.tunnel.server.settings.max_concurrent_streams)
 
     def _release(self, served: _Served) -> None:
         if not served.released:
