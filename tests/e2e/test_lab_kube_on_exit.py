@@ -9,6 +9,9 @@ applied as it is, the lab's kubelet running the DaemonSet's pods).
 3. deleting the DaemonSet alone (its Namespace stays) removes capture: no program on the
    node's cgroup, nothing pinned, and the agent logged the DaemonSet's UID deleted.
 `kubectl delete -k daemonset/` (the Namespace terminating) is tests/e2e/test_lab_daemonset.py's.
+Beside them, the CA's lookup on a pod-watch miss (identity/ca/kubeauth.py PodLookup) asks
+this API server with the CA's own ServiceAccount token: the field selectors it sends are
+served and its RBAC allows them.
 
 Needs the control plane built (`controlplane/build`, run by scripts/setup): without it
 the test is skipped on a developer machine and fails under CI."""
@@ -18,10 +21,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from typing import Any, Callable
 
 import pytest
+import yaml
 
 from nodeagent.lab.layout import Layout
 from tests.e2e.conftest import Lab, Labs, cgroup2_root, controlplane_built, unique_name
@@ -154,6 +159,37 @@ def test_a_restart_keeps_capture_for_the_next_agent(lab: Lab, how: str):
     assert after["programs"] == before["programs"]
 
 
+LOOKUP = """
+import json, sys
+from pathlib import Path
+from nodeagent.identity.ca.kubeauth import PodLookup
+from nodeagent.identity.spiffe import Identity
+from nodeagent.kube.client import KubeClient, from_kubeconfig
+lookup = PodLookup(KubeClient(from_kubeconfig(Path(sys.argv[1]))))
+print(json.dumps([lookup(node, Identity("cluster.local", ns, sa)) for node, ns, sa in json.loads(sys.argv[2])]))
+"""
+
+
+def test_the_cas_lookup_of_a_pod_on_a_node_by_its_service_account(lab: Lab, tmp_path):
+    """As the CA's ServiceAccount (its ClusterRole): kn1 runs the agent (nodeagent) and
+    the CA (nodeagent-ca) pods of nodeagent-system; no pod there runs as `default`, and no
+    node kn2 exists."""
+    layout = Layout(lab.name, cgroup_root="")
+    token = kubectl(lab, "create", "token", "nodeagent-ca", "-n", SYSTEM).stdout.strip()
+    with open(layout.admin_kubeconfig) as f:
+        admin = yaml.safe_load(f)
+    admin["users"] = [{"name": "ca", "user": {"token": token}}]
+    admin["contexts"] = [{"name": "ca", "context": {"cluster": admin["clusters"][0]["name"], "user": "ca"}}]
+    admin["current-context"] = "ca"
+    kubeconfig = tmp_path / "ca.kubeconfig"
+    kubeconfig.write_text(json.dumps(admin))
+    asks = [["kn1", SYSTEM, "nodeagent"], ["kn1", SYSTEM, "nodeagent-ca"], ["kn1", SYSTEM, "default"],
+            ["kn2", SYSTEM, "nodeagent"], ["kn1", "default", "nodeagent"]]
+    proc = subprocess.run(["ip", "netns", "exec", layout.controlplane_netns, sys.executable, "-c", LOOKUP,
+                           str(kubeconfig), json.dumps(asks)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [True, True, False, False, False]
+
 def test_deleting_the_daemonset_removes_capture(lab: Lab):
     assert capture(lab)["programs"]
     old = ready_agent(lab)["metadata"]["name"]
@@ -165,3 +201,4 @@ def test_deleting_the_daemonset_removes_capture(lab: Lab):
         f"agent stopping: removing capture (as `nodeagent uninstall`): DaemonSet {SYSTEM}/nodeagent (uid {uid}) "
         "was deleted")
     assert capture(lab) == {"programs": [], "maps": {}, "pins": []}
+
