@@ -67,7 +67,7 @@ class Seen:
     namespace_ending: str = ""  # why the Namespace is going away ("" while it is not)
     ended: dict[str, str] = field(default_factory=dict)  # DaemonSet UID -> how it was seen ending
     confirmed_absent: str = ""  # the owner UID a fresh list taken after the pod read did not hold
-    error: str = ""  # the last API failure, for the reason of a kept capture
+    error: str = ""  # the API failures not recovered from yet, for the reason of a kept capture
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ class OwnerWatch:
         self._lock = threading.Lock()
         self.seen = Seen(namespace, pod)
         self._present: set[str] = set()  # DaemonSet UIDs of the last list plus what the watch added since
+        self._errors: dict[str, str] = {}  # resource -> its failure until it answers again
         by_name = {"fieldSelector": f"metadata.name={pod}"}
         self.pods = (Resource(f"/api/v1/namespaces/{namespace}/pods", f"pod {namespace}/{pod}"), by_name)
         self.namespaces = (Resource("/api/v1/namespaces", f"namespace {namespace}"),
@@ -174,15 +175,18 @@ class OwnerWatch:
         try:
             items, _ = await self.client.list(self.pods[0], self.pods[1])
             self._pods(items)
+            self._answered(self.pods[0].name)
             with self._lock:
                 owner = self.seen.owner
             items, _ = await self.client.list(self.daemonsets[0], self.daemonsets[1])
             self._daemonsets(items)
+            self._answered(self.daemonsets[0].name)
             if owner is not None and owner.uid not in {_uid(d) for d in items}:
                 with self._lock:
                     self.seen.confirmed_absent = owner.uid
             items, _ = await self.client.list(self.namespaces[0], self.namespaces[1])
             self._namespaces(items)
+            self._answered(self.namespaces[0].name)
         except KubeApiError as exc:
             self._failed(exc)
 
@@ -238,8 +242,15 @@ class OwnerWatch:
                 self.log.info("%s", why)
 
     def _failed(self, exc: KubeApiError) -> None:
+        self._answered(exc.resource, str(exc))
+
+    def _answered(self, resource: str, error: str = "") -> None:
         with self._lock:
-            self.seen.error = str(exc)
+            if error:
+                self._errors[resource] = error
+            else:
+                self._errors.pop(resource, None)
+            self.seen.error = "; ".join(self._errors.values())
 
     # --- list + watch of one resource -------------------------------------------------
     async def _follow(self, resource: Resource, params: dict[str, str], on_list: Callable[[list[dict]], None],
@@ -252,10 +263,13 @@ class OwnerWatch:
                 if not version:
                     items, version = await self.client.list(resource, params)
                     on_list(items)
+                    self._answered(resource.name)
                 seconds = self.rng.randint(*self.watch_seconds)
                 async with contextlib.aclosing(self.client.watch(resource, version, params, seconds)) as events:
                     async for event in events:
-                        attempt = 0
+                        if attempt:
+                            attempt = 0
+                            self._answered(resource.name)
                         obj = event["object"]
                         version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
                         if event.get("type") != "BOOKMARK":

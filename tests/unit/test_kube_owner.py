@@ -185,6 +185,19 @@ def test_an_api_error_is_the_reason_of_a_kept_capture():
     assert w.describe() == {"owner": "DaemonSet nodeagent (uid ds-1)", "at_exit": str(decision)}
 
 
+def test_an_error_is_forgotten_once_its_resource_answers_again():
+    w = watch()
+    w._pods([pod(ref())])
+    w._failed(KubeApiError("daemonsets.apps in nodeagent-system", "no answer"))
+    w._failed(KubeApiError("namespace nodeagent-system", "403 Forbidden"))
+    assert w.seen.error == "daemonsets.apps in nodeagent-system: no answer; namespace nodeagent-system: 403 Forbidden"
+    w._answered("daemonsets.apps in nodeagent-system")
+    assert w.seen.error == "namespace nodeagent-system: 403 Forbidden"
+    w._answered("namespace nodeagent-system")
+    assert w.decision().reason == ("DaemonSet nodeagent-system/nodeagent (uid ds-1) is in place "
+                                   "(a rolling update, or the pod deleted by hand)")
+
+
 def test_the_watches_select_the_agents_own_objects():
     w = watch()
     assert (w.pods[0].path, w.pods[1]) == (f"/api/v1/namespaces/{NS}/pods", {"fieldSelector": f"metadata.name={POD}"})
