@@ -1278,14 +1278,24 @@ static void cmd_client_or_server(struct nh_engine *e, struct conn *c)
     hash_put(e, &c->o);
     ST_ADD(e, conns_open, 1);
     ST_ADD(e, conns_total, 1);
-    c->deadline = now_ms() + e->cfg.handshake_timeout_ms;
+    c->deadline = now_ms() + (c->server || !e->cfg.client_handshake_timeout_ms ? e->cfg.handshake_timeout_ms
+                                                                                : e->cfg.client_handshake_timeout_ms);
+    /* the list stays sorted by deadline (expire_handshakes reads its head): from the tail,
+     * since with one timeout per side a new one goes last or behind the other side's few */
+    struct conn *after = e->hs_tail;
+    while (after && after->deadline > c->deadline)
+        after = after->hs_prev;
     c->in_hs_list = true;
-    c->hs_prev = e->hs_tail;
-    if (e->hs_tail)
-        e->hs_tail->hs_next = c;
+    c->hs_prev = after;
+    c->hs_next = after ? after->hs_next : e->hs_head;
+    if (c->hs_next)
+        c->hs_next->hs_prev = c;
+    else
+        e->hs_tail = c;
+    if (after)
+        after->hs_next = c;
     else
         e->hs_head = c;
-    e->hs_tail = c;
     do_handshake(c);
 }
 
@@ -1455,7 +1465,9 @@ static void expire_handshakes(struct nh_engine *e, uint64_t now)
     while (e->hs_head && e->hs_head->deadline <= now) {
         struct conn *c = e->hs_head;
         char reason[64];
-        snprintf(reason, sizeof reason, "no TLS handshake within %u ms", e->cfg.handshake_timeout_ms);
+        snprintf(reason, sizeof reason, "no TLS handshake within %u ms",
+                 c->server || !e->cfg.client_handshake_timeout_ms ? e->cfg.handshake_timeout_ms
+                                                                  : e->cfg.client_handshake_timeout_ms);
         conn_end(c, NH_END_TIMEOUT, ETIMEDOUT, 0, reason);
     }
 }

@@ -59,8 +59,8 @@
  *   once, counting a stream until Python answered its request and its socket closed
  *   (more: RST_STREAM REFUSED_STREAM); more than max_resets client resets within
  *   reset_window_ms end it with GOAWAY ENHANCE_YOUR_CALM; TLS must be done within
- *   handshake_timeout_ms of nh_conn_* (a client's: up to the server's first SETTINGS,
- *   as the Python pool's), and at most max_pending_handshakes server
+ *   handshake_timeout_ms of nh_conn_server (a client's within client_handshake_timeout_ms:
+ *   up to the server's first SETTINGS, as the Python pool's), and at most max_pending_handshakes server
  *   connections may be in their handshake (more: -EBUSY, reset). The client's SPIFFE
  *   identity check is the engine's (exactly one URI SAN, equal to `expected`); the
  *   server reports the chain and waits for nh_conn_verdict before any HTTP/2.
@@ -126,6 +126,7 @@ struct nh_config {
     uint32_t keepalive_timeout_ms;  /* ...and end it (NH_END_KEEPALIVE) unanswered this long */
     uint32_t client_idle_ms;      /* a client connection without streams this long: GOAWAY, closed */
     uint32_t server_idle_ms;      /* the same for a server connection */
+    uint32_t client_handshake_timeout_ms; /* a client's (up to the server's SETTINGS); 0: handshake_timeout_ms */
 };
 
 struct nh_event {

@@ -216,6 +216,7 @@ class HboneEngine:
             "max_frame_size": settings.max_frame_size, "stream_buffer": stream_buffer,
             "max_resets": settings.max_stream_resets, "reset_window_ms": int(settings.stream_reset_window * 1000),
             "handshake_timeout_ms": int(settings.server_handshake_timeout * 1000),
+            "client_handshake_timeout_ms": int(settings.handshake_timeout * 1000),
             "max_pending_handshakes": settings.max_pending_handshakes,
             "keepalive_interval_ms": int(settings.keepalive_interval * 1000),
             "keepalive_timeout_ms": int(settings.keepalive_timeout * 1000),

@@ -22,6 +22,7 @@ from engines import ci_enabled
 from hbone_certs import LOG, pki, run  # noqa: F401 (pki is a fixture)
 from identity_fixtures import until
 from nodeagent import native
+import nodeagent.native.hbone  # noqa: F401 (native.hbone below)
 from nodeagent.agent.proxy.splice import Abort
 from nodeagent.tunnel import TunnelSettings
 from test_native_hbone import AUTH, NativeServer, drained, engine, exchange, native_client, pair, pool
@@ -87,7 +88,9 @@ def test_keepalive_pings_keep_a_quiet_connection_and_end_a_silent_one(pki):
     and the connection stays up; once the cable drops everything, the connection ends
     `keepalive` within interval + timeout (+ a tick)."""
     async def main():
-        async with engine(QUICK) as eng, NativeServer(eng, pki) as srv, Cable(srv.address) as cable:
+        # The server in an engine of its own with the default keepalive, so only the client's ends it.
+        async with engine(QUICK) as eng, engine() as server_engine, NativeServer(server_engine, pki) as srv, \
+                Cable(srv.address) as cable:
             conn = await native_client(eng, pki, cable.address)
             before = cable.forwarded
             await asyncio.sleep(1.0)
@@ -221,5 +224,31 @@ def test_a_request_reset_before_the_answer_is_reported_cancelled(pki):
             request.refuse(503)
             assert (await request.ended).how in ("refused", "reset")
             await client.close()
+            await drained(eng)
+    run(main())
+
+
+def test_client_and_server_handshakes_have_their_own_timeouts(pki):
+    """A client connection to a silent server waits `handshake_timeout` (the pool's), a
+    server connection from a silent client `server_handshake_timeout`; one started later
+    with a shorter timeout still ends first."""
+    settings = TunnelSettings(handshake_timeout=1.5, server_handshake_timeout=0.3)
+
+    async def main():
+        async with engine(settings) as eng, NativeServer(eng, pki) as srv:
+            silent = socket.create_server(("127.0.0.1", 0))  # accepts (backlog), never answers
+            started = time.monotonic()
+            client = asyncio.create_task(native_client(eng, pki, silent.getsockname()))
+            await asyncio.sleep(0.1)
+            mute = socket.create_connection(srv.address)  # says nothing to the native server
+            await until(lambda: srv.conns, what="the server connection")
+            server_end = await asyncio.wait_for(srv.conns[0].closed, 5)
+            assert server_end.how == "timeout" and time.monotonic() - started < 1.2
+            with pytest.raises(native.hbone.HboneFailed) as failed:
+                await asyncio.wait_for(client, 5)
+            assert failed.value.end.how == "timeout" and 1.4 <= time.monotonic() - started < 3
+            assert failed.value.end.reason == "no TLS handshake within 1500 ms"
+            mute.close()
+            silent.close()
             await drained(eng)
     run(main())

@@ -33,6 +33,7 @@ from nodeagent.tunnel import ConnectFailed, ConnectionLost, ConnectRefused, Hand
     ResponseTimeout, StreamReset, TunnelMetrics, TunnelSettings
 from nodeagent.tunnel.authority import Address, format_authority
 from nodeagent.tunnel.errors import connect_failure_reason
+from nodeagent.tunnel.h2conn import code_name
 from nodeagent.tunnel.tls import VERIFY_REASONS
 
 ENGINES = ("auto", "native", "python")  # the hbone_engine setting
@@ -138,7 +139,13 @@ def tls_reason(end: hbone.End) -> str:
 
 
 def error_label(end: hbone.End) -> str:
-    """The connection_errors label (the Python session's names where they exist) of a native end."""
+    """The connection_errors label of a native end, named as the Python session names it."""
+    if end.how == "goaway":
+        return f"goaway_{code_name(end.code).lower()}"
+    if end.how == "io_error":
+        return "transport_error" if end.error else "closed_with_open_streams"
+    if end.how == "protocol_error" and "magic" in end.reason.lower():  # nghttp2: "bad client magic"
+        return "bad_preface"
     return {"keepalive": "keepalive_timeout", "flood": "too_many_resets"}.get(end.how, end.how)
 
 
