@@ -4,6 +4,8 @@
  * Usage: hbone_sanity SERVER_PEM CLIENT_PEM TRUST_PEM SERVER_URI
  * One engine is both client and server on loopback: a stream carries 1 MiB up and
  * 256 KiB down with a half-close each way; a reset; a refusal (403); 20 streams at once;
+ * a stream opened before its socket (the server's bytes wait, then nh_stream_attach), and a
+ * socket attached to a stream that ended (reset); keepalive PINGs every 20 ms meanwhile;
  * a plaintext peer; a wrong expected identity; then stop with a stream open, and free.
  * A second thread reads the stats all along (TSan: the engine's counters). Prints
  * "hbone_sanity: ok" and exits 0, or says what failed and exits 1.
@@ -194,7 +196,8 @@ int main(int argc, char **argv)
     struct nh_config cfg = {.max_conns = 64, .max_streams = 200, .stream_window = 1 << 20,
                             .connection_window = 4 << 20, .max_frame_size = 131072, .stream_buffer = 65536,
                             .max_resets = 200, .reset_window_ms = 10000, .handshake_timeout_ms = 5000,
-                            .max_pending_handshakes = 16};
+                            .max_pending_handshakes = 16, .keepalive_interval_ms = 20,
+                            .keepalive_timeout_ms = 30000};
     CHECK(nh_engine_new(&cfg, &E) == 0, "nh_engine_new");
     server_tls = tls_from(argv[1], argv[3]);
     struct nh_tls *client_tls = tls_from(argv[2], argv[3]);
@@ -263,6 +266,69 @@ int main(int argc, char **argv)
         CHECK(wait_event(NH_EV_STREAM_END, 0, (uint64_t)ids[i])->how == NH_END_CLOSED, "many end");
         close(apps[i]);
     }
+
+    /* a stream opened before its socket: answered, the server's bytes and FIN wait, then attach */
+    int64_t s5 = nh_stream_open(E, (uint64_t)conn, -1, "10.0.0.1:80", NULL, 0);
+    CHECK(s5 > 0, "deferred open");
+    CHECK(wait_event(NH_EV_RESPONSE, 0, (uint64_t)s5)->status == 200, "deferred status");
+    int srv5 = server_app[napps - 1];
+    nonblock(srv5);
+    char early[100000];
+    for (size_t i = 0; i < sizeof early; i++)
+        early[i] = (char)(i * 11);
+    for (size_t sent = 0; sent < sizeof early;) {
+        ssize_t w = write(srv5, early + sent, sizeof early - sent);
+        CHECK(w > 0 || errno == EAGAIN, "early write: %s", strerror(errno));
+        sent += w > 0 ? (size_t)w : 0;
+        pump(1);
+    }
+    shutdown(srv5, SHUT_WR);
+    for (int i = 0; i < 40; i++)
+        pump(5);  /* quiet for 200 ms: PINGs go both ways */
+    tcp_pair(&app, &theirs);
+    CHECK(nh_stream_attach(E, (uint64_t)s5, theirs) == 0, "attach");
+    size_t got = 0;
+    for (int tries = 0; tries < 4000; tries++) {
+        char in[65536];
+        ssize_t r = read(app, in, sizeof in);
+        if (r == 0)
+            break;
+        if (r > 0) {
+            for (ssize_t i = 0; i < r; i++)
+                CHECK(in[i] == early[got + (size_t)i], "early byte %zu differs", got + (size_t)i);
+            got += (size_t)r;
+        } else {
+            CHECK(errno == EAGAIN, "early read: %s", strerror(errno));
+            pump(1);
+        }
+    }
+    CHECK(got == sizeof early, "got %zu early bytes", got);
+    CHECK(transfer(app, srv5, 5000, 5) == 5000, "after attach");
+    end = wait_event(NH_EV_STREAM_END, 0, (uint64_t)s5);
+    CHECK(end->how == NH_END_CLOSED && end->to_peer == 5000 && end->from_peer == sizeof early, "deferred end %u", end->how);
+    close(app);
+
+    /* a socket for a stream that has ended is reset */
+    int64_t s6 = nh_stream_open(E, (uint64_t)conn, -1, "10.0.0.1:80", NULL, 0);
+    wait_event(NH_EV_RESPONSE, 0, (uint64_t)s6);
+    CHECK(nh_stream_reset(E, (uint64_t)s6) == 0, "reset s6");
+    CHECK(wait_event(NH_EV_STREAM_END, 0, (uint64_t)s6)->how == NH_END_ABORTED, "s6 aborted");
+    tcp_pair(&app, &theirs);
+    CHECK(nh_stream_attach(E, (uint64_t)s6, theirs) == 0, "attach to an ended stream");
+    int reset_seen = 0;
+    for (int tries = 0; tries < 2000 && !reset_seen; tries++) {
+        char in[16];
+        ssize_t r = read(app, in, sizeof in);
+        CHECK(r != 0, "EOF, not a reset");
+        reset_seen = r < 0 && errno == ECONNRESET;
+        if (!reset_seen)
+            pump(1);
+    }
+    CHECK(reset_seen, "the socket of an ended stream was not reset");
+    close(app);
+    for (int i = 0; i < nev; i++)
+        CHECK(!(evs[i].type == NH_EV_CONN_END && evs[i].conn == (uint64_t)conn), "the connection ended: %u",
+              evs[i].how);
 
     /* a plaintext peer, and a server that is not who we expect */
     int raw = dial();
