@@ -22,9 +22,10 @@ def register(sub: argparse._SubParsersAction, lab_socket: Callable[[str | None, 
 
     uninstall = sub.add_parser("uninstall", help="remove the capture agents leave in place when they stop (root)",
                                description="Detach the capture programs from the cgroup and unpin the maps "
-                                           "and links agents keep across restarts (keep-on-exit). Run it on a "
-                                           "node taken out of the mesh, after its agent stopped; meshed pods "
-                                           "then talk directly again.")
+                                           "and links agents keep across restarts (--on-exit=keep, or owner "
+                                           "when the agent could not tell an uninstall). Run it on a node "
+                                           "taken out of the mesh, after its agent stopped; meshed pods then "
+                                           "talk directly again.")
     config.add_uninstall_arguments(uninstall)
     uninstall.set_defaults(func=_uninstall)
 
