@@ -19,10 +19,10 @@ import time
 import pytest
 
 from engines import ci_enabled
-from hbone_certs import LOG, pki, run  # noqa: F401 (pki is a fixture)
+from hbone_certs import pki, run  # noqa: F401 (pki is a fixture)
 from identity_fixtures import until
 from nodeagent import native
-import nodeagent.native.hbone  # noqa: F401 (native.hbone below)
+from nodeagent.native.hbone import HboneFailed
 from nodeagent.agent.proxy.splice import Abort
 from nodeagent.tunnel import TunnelSettings
 from test_native_hbone import AUTH, NativeServer, drained, engine, exchange, native_client, pair, pool
@@ -244,7 +244,7 @@ def test_client_and_server_handshakes_have_their_own_timeouts(pki):
             await until(lambda: srv.conns, what="the server connection")
             server_end = await asyncio.wait_for(srv.conns[0].closed, 5)
             assert server_end.how == "timeout" and time.monotonic() - started < 1.2
-            with pytest.raises(native.hbone.HboneFailed) as failed:
+            with pytest.raises(HboneFailed) as failed:
                 await asyncio.wait_for(client, 5)
             assert failed.value.end.how == "timeout" and 1.4 <= time.monotonic() - started < 3
             assert failed.value.end.reason == "no TLS handshake within 1500 ms"

@@ -8,7 +8,7 @@ identity, destination pod address). The source presents its own workload certifi
 and requires the destination pod's SPIFFE identity (its service account); `:authority`
 is the endpoint's IP and target port. A removed pod's pool is closed once its relayed
 connections have ended. With the native HBONE engine (setting hbone_engine) the pool is
-a hbone_native.NativePool and the stream returned is a native one: the relay's splice
+a native_outbound.NativePool and the stream returned is a native one: the relay's splice
 hands the client socket to it (`carry`) and the engine moves the bytes.
 """
 
@@ -19,7 +19,8 @@ import logging
 
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.proxy.destinations import Target
-from nodeagent.agent.proxy.hbone_native import HboneEngines, NativePool
+from nodeagent.agent.proxy.hbone_native import HboneEngines
+from nodeagent.agent.proxy.native_outbound import NativePool
 from nodeagent.agent.proxy.identities import WorkloadIdentities
 from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.identity.errors import IdentityUnavailable
