@@ -62,7 +62,7 @@ def agent_pod(host_network: bool = True, dns_policy: str = "ClusterFirstWithHost
                          {"name": "ca-root", "mountPath": "/etc/nodeagent/ca-root", "readOnly": True}]}]}}
 
 
-def test_the_agent_pods_mounts_are_its_nodes_with_the_labs_hosts_file():
+def test_the_agent_pods_mounts_are_its_nodes_with_the_labs_hosts_file(tmp_path):
     mounts = kubelet.node_mounts(HYBRID, agent_pod(), "hn1", POD_DIR, "agent", {})
     assert mounts == [volumes.Mount(f"{POD_DIR}/volumes/run", "/run/nodeagent", False),
                       volumes.Mount(f"{POD_DIR}/etc-hosts", "/etc/hosts", False),
@@ -72,9 +72,10 @@ def test_the_agent_pods_mounts_are_its_nodes_with_the_labs_hosts_file():
     # the node's own /etc/hosts without ClusterFirstWithHostNet, or when the container mounts one
     assert volumes.Mount(f"{POD_DIR}/etc-hosts", "/etc/hosts", False) not in \
         kubelet.node_mounts(HYBRID, agent_pod(dns_policy="ClusterFirst"), "hn1", POD_DIR, "agent", {})
+    (tmp_path / "volumes" / "run").mkdir(parents=True)  # the subPath is made in the volume, as kubelet makes it
     own = kubelet.node_mounts(HYBRID, agent_pod(mounts=[{"name": "run", "mountPath": "/etc/hosts", "subPath": "h"}]),
-                              "hn1", POD_DIR, "agent", {})
-    assert [m.target for m in own] == ["/etc/hosts"] and own[0].source == f"{POD_DIR}/volumes/run/h"
+                              "hn1", str(tmp_path), "agent", {})
+    assert [m.target for m in own] == ["/etc/hosts"] and own[0].source == f"{tmp_path}/volumes/run/h"
 
 
 def test_a_pod_with_its_own_netns_is_refused_the_nodes_cgroup_and_bpffs():
