@@ -13,6 +13,7 @@ native_outbound.NativePool, the destination side native_inbound.NativeServing.
 from __future__ import annotations
 
 import logging
+import time
 
 from nodeagent.errors import ConfigError
 from nodeagent.identity.workload.credentials import Credentials
@@ -79,11 +80,15 @@ class HboneEngines:
         self.why = f"hbone_engine={self.setting}: the native HBONE module is built from this tree's native/"
 
     def tls(self, creds: Credentials) -> hbone.Tls:
-        """The engine's credentials for `creds` (made once per certificate: rotation makes new ones)."""
+        """The engine's credentials for `creds` (made once per certificate: rotation makes
+        new ones; those of certificates that have expired, e.g. of a service account no pod
+        uses any more, are let go: connections made with them keep their own reference)."""
         cached = self._tls.get(creds.identity)
         if cached is not None and cached[0] is creds:
             return cached[1]
         made = self.engine.tls(creds.key_pem + creds.chain_pem, creds.trust_bundle_pem)
+        now = time.time()
+        self._tls = {k: v for k, v in self._tls.items() if v[0].not_after > now}
         self._tls[creds.identity] = (creds, made)
         return made
 
