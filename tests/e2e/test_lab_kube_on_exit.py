@@ -9,7 +9,8 @@ applied as it is, the lab's kubelet running the DaemonSet's pods).
 3. deleting the DaemonSet alone (its Namespace stays) removes capture: no program on the
    node's cgroup, nothing pinned, and the agent logged the DaemonSet's UID deleted.
 `kubectl delete -k daemonset/` (the Namespace terminating) is tests/e2e/test_lab_daemonset.py's.
-Beside them, the CA's lookup on a pod-watch miss (identity/ca/kubeauth.py PodLookup) asks
+Beside them, the agent's Role (daemonsets list/watch in its namespace, nothing else), and
+the CA's lookup on a pod-watch miss (identity/ca/kubeauth.py PodLookup) asks
 this API server with the CA's own ServiceAccount token: the field selectors it sends are
 served and its RBAC allows them.
 
@@ -189,6 +190,20 @@ def test_the_cas_lookup_of_a_pod_on_a_node_by_its_service_account(lab: Lab, tmp_
                            str(kubeconfig), json.dumps(asks)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [True, True, False, False, False]
+
+def test_the_agent_may_watch_the_daemonsets_of_its_namespace_only(lab: Lab):
+    def can(*what: str) -> bool:
+        proc = kubectl(lab, "auth", "can-i", "--as=system:serviceaccount:nodeagent-system:nodeagent", *what,
+                       check=False)
+        assert proc.stdout.strip() in ("yes", "no"), (what, proc.stdout, proc.stderr)
+        return proc.stdout.strip() == "yes"
+
+    assert can("list", "daemonsets.apps", "-n", SYSTEM) and can("watch", "daemonsets.apps", "-n", SYSTEM)
+    for refused in (("get", "daemonsets.apps/nodeagent", "-n", SYSTEM), ("watch", "daemonsets.apps", "-A"),
+                    ("list", "daemonsets.apps", "-n", "default"), ("delete", "daemonsets.apps", "-n", SYSTEM),
+                    ("list", "deployments.apps", "-n", SYSTEM)):
+        assert not can(*refused), refused
+
 
 def test_deleting_the_daemonset_removes_capture(lab: Lab):
     assert capture(lab)["programs"]
