@@ -354,6 +354,7 @@ class Kubelet:
         for c in pod.containers:
             env = processes.pod_env(pod, c, fields, True)
             mounts[c.name] = node_mounts(self.layout, item, fields["spec.nodeName"], pod_dir, c.name, env)
+            volumes.mount_script(mounts[c.name])  # a plan it cannot run is refused now (ConfigError)
             points += volumes.mount_points(mounts[c.name])
         volumes.claim(self.layout.run_root, user, points, made.created)
         return made, mounts

@@ -10,9 +10,9 @@ privileged), `runAsUser`/`runAsGroup`/`supplementalGroups`, `allowPrivilegeEscal
 false` (no_new_privs); `readOnlyRootFilesystem` remounts / read-only in the container's
 mount namespace. `runAsNonRoot` without a non-zero runAsUser is refused with kubelet's
 message (the lab has no image user). A non-root user reaches the machine's installation
-(the lab's stand-in for the image) through `image.py`'s view. What the lab cannot give (seccomp, AppArmor,
-SELinux, fsGroup, sysctls, a user namespace) is named in a Warning event of the Pod:
-the container runs without it.
+(the lab's stand-in for the image) through `image.py`'s view. What the lab cannot give
+(seccomp, AppArmor, SELinux, fsGroup, sysctls, a user namespace) is named in a Warning
+event of the Pod: the container runs without it.
 """
 
 from __future__ import annotations
