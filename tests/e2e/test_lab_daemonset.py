@@ -153,7 +153,8 @@ def get(lab: Lab, *args: str) -> dict:
 def agent_pods(lab: Lab) -> dict[str, dict]:
     """The DaemonSet's pods by node."""
     pods = get(lab, "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=nodeagent")["items"]
-    return {p["spec"]["nodeName"]: p for p in pods if not p["metadata"].get("deletionTimestamp")}
+    return {p["spec"]["nodeName"]: p for p in pods
+            if p["spec"].get("nodeName") and not p["metadata"].get("deletionTimestamp")}
 
 
 def ready(pod: dict) -> bool:
