@@ -43,9 +43,6 @@ def test_the_nodes_view_never_reaches_the_machines_roots():
         seen = nodeview.host_path(HYBRID, "hn2", path)
         assert seen.startswith(("/sys/fs/cgroup/unified/nodeagent-h1ds/hn2", "/sys/fs/bpf/nodeagent-h1ds/hn2")) or \
             seen == "/sys/fs", (path, seen)
-    assert nodeview.in_view(HYBRID, "hn2", "/sys/fs/bpf/nodeagent-h1ds/hn2/nodeagent")
-    assert not nodeview.in_view(HYBRID, "hn2", "/sys/fs/bpf/nodeagent-h1ds/hn1")
-    assert not nodeview.in_view(HYBRID, "hn2", "/sys/fs/bpf")
 
 
 def agent_pod(host_network: bool = True, dns_policy: str = "ClusterFirstWithHostNet", mounts: list | None = None):
@@ -78,10 +75,25 @@ def test_the_agent_pods_mounts_are_its_nodes_with_the_labs_hosts_file(tmp_path):
     assert [m.target for m in own] == ["/etc/hosts"] and own[0].source == f"{tmp_path}/volumes/run/h"
 
 
-def test_a_pod_with_its_own_netns_is_refused_the_nodes_cgroup_and_bpffs():
-    with pytest.raises(ConfigError, match="container agent mount at /sys/fs/bpf: the lab gives the node's cgroup "
-                                          "and bpffs .* only to hostNetwork pods"):
-        kubelet.node_mounts(HYBRID, agent_pod(host_network=False), "hn1", POD_DIR, "agent", {})
+def test_a_pod_with_its_own_netns_gets_its_sysfs_and_still_the_nodes_cgroup():
+    item = agent_pod(host_network=False, mounts=[{"name": "cgroup", "mountPath": "/sys/fs/cgroup"}])
+    mounts = kubelet.node_mounts(HYBRID, item, "hn1", POD_DIR, "agent", {})
+    hosts = f"/etc/netns/{HYBRID.pod_netns('nodeagent-system', 'nodeagent-x1')}"
+    assert mounts == [volumes.Mount(f"{hosts}/hosts", "/etc/hosts", False),  # the lab's DNS, always
+                      volumes.Mount("/sys/fs/cgroup/unified/nodeagent-h1ds/hn1", "/sys/fs/cgroup", False)]
+    pod = PodSpec("nodeagent-system", "nodeagent-x1", "hn1", {}, {}, ())
+    argv = kubelet.container_argv(HYBRID, pod, "hn1", False, mounts, security.plan(item, {"name": "agent"}),
+                                  ["sleep", "1"])
+    assert argv == [
+        "nsenter", f"--net=/run/netns/{HYBRID.pod_netns('nodeagent-system', 'nodeagent-x1')}", "--",
+        "unshare", "--mount", "--propagation", "slave", "sh", "-c", " && ".join([
+            "exec 3</sys/fs/cgroup/unified/nodeagent-h1ds/hn1",  # opened before the pod's sysfs hides it
+            kubelet.SYSFS_MOUNT, kubelet.SHM_MOUNT,
+            f"mount --bind {hosts}/hosts /etc/hosts",
+            "mount -c --bind /proc/self/fd/3 /sys/fs/cgroup",
+            "exec 3<&-"]) + ' && exec "$@"',
+        "nodeagent-lab-mounts", "sleep", "1"]
+    assert kubelet.SYSFS_MOUNT == "mount -n -t sysfs sysfs /sys"
 
 
 def test_sources_an_earlier_mount_hides_are_bound_from_descriptors():

@@ -21,11 +21,22 @@ import os
 import shlex
 import stat
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import nodeagent
 
 TMPFS_SOURCE = "nodeagent-image"  # the tmpfs's name in the container's mount table
+
+
+@dataclass(frozen=True)
+class View:
+    """A container's image view: its mount steps, the directories they cover (a volume
+    source below one is hidden once they ran) and what the pod's Warning event says."""
+
+    steps: tuple[str, ...] = ()
+    covers: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 def installation() -> tuple[str, ...]:

@@ -20,14 +20,15 @@ container's own mount namespace only (the machine's mount table never changes):
   cgroup directory (`Layout.node_cgroup`), at or below /sys/fs/bpf its bpffs directory
   (`Layout.node_bpffs`), bind-mounted there; so the DaemonSet's `--cgroup=/sys/fs/cgroup`
   attaches at its node's cgroup and pins in its node's bpffs, never at the machine's
-  roots, and `lab down` removes both. Only hostNetwork pods see the machine's /sys, so
-  other pods are refused such hostPaths.
+  roots, and `lab down` removes both. A pod with its own netns gets that netns's sysfs
+  over /sys (as `ip netns exec` gives one) and its hostPaths below /sys still.
 - `$(VAR)` in command, args and env expanded as kubelet expands them (`expansion.py`;
   `--node=$(NODE_NAME)`, `--admin-address=$(NODE_IP):15020`).
-- cluster DNS: the lab's DNS is a hosts file with the Services' names; a hostNetwork pod
-  with `dnsPolicy: ClusterFirstWithHostNet` gets its own (`kube/pods/<uid>/etc-hosts`,
-  rewritten in place as Services change) over /etc/hosts, and the node netns's service
-  rules (services.py, output hook) take its connections to ClusterIPs.
+- cluster DNS: the lab's DNS is a hosts file with the Services' names over /etc/hosts,
+  rewritten in place as Services change; a hostNetwork pod gets one
+  (`kube/pods/<uid>/etc-hosts`) only with `dnsPolicy: ClusterFirstWithHostNet`, and the
+  node netns's service rules (services.py, output hook) take its connections to
+  ClusterIPs.
 - a private /dev/shm (unless hostIPC), and for a non-root runAsUser the machine's
   installation, which stands in for the image (`image.py`).
 A volume source that an earlier mount of the same container hides (the pod's directory
@@ -77,6 +78,8 @@ from nodeagent.lab.state import LabRecord
 POLL = 1.0
 # A pod's own /dev/shm (not hostIPC), as runtimes mount one per pod (64 MiB is their default).
 SHM_MOUNT = "mount -n -t tmpfs -o mode=1777,size=64m,nosuid,nodev,noexec shm /dev/shm"
+# The sysfs of the pod's netns over /sys (/sys/class/net lists its interfaces), as `ip netns exec` mounts it.
+SYSFS_MOUNT = "mount -n -t sysfs sysfs /sys"
 TERMINAL = ("Succeeded", "Failed")
 
 
@@ -316,7 +319,7 @@ class Kubelet:
         units = {}
         for c in pod.containers:
             argv = container_argv(self.layout, pod, node, host_network, mounts[c.name], plans[c.name],
-                                  commands[c.name], views[c.name][0])
+                                  commands[c.name], views[c.name])
             units[c.name] = self.make_unit(argv, processes.pod_env(pod, c, fields, True), cgroup,
                                            self.layout.container_log(pod.namespace, pod.name, c.name),
                                            pod.restart_policy)
@@ -325,13 +328,13 @@ class Kubelet:
         for c in pod.containers:
             if readiness[c.name] is not None:
                 kube_pod.probers[c.name] = self._prober(kube_pod, c, readiness[c.name], mounts[c.name],
-                                                        plans[c.name], fields, views[c.name][0])
+                                                        plans[c.name], fields, views[c.name])
         with self.lock:
             self.pods[alloc.uid] = kube_pod
         for prober in kube_pod.probers.values():
             prober.thread.start()
         self.log.info("pod %s (uid %s) admitted on %s with IP %s", pod.key, alloc.uid, node, ip)
-        warnings = sorted({w for p in plans.values() for w in p.warnings} | {w for v in views.values() for w in v[1]})
+        warnings = sorted({w for p in [*plans.values(), *views.values()] for w in p.warnings})
         warnings += [f"container {c['name']}: {kind} is not run by the lab" for c in item["spec"]["containers"]
                      for kind in ("livenessProbe", "startupProbe") if c.get(kind)]
         if warnings:
@@ -360,7 +363,7 @@ class Kubelet:
         return made, mounts
 
     def _prober(self, pod: KubePod, container: spec.Container, probe: probes.Probe, mounts: list,
-                plan: security.Plan, fields: dict, view: list[str]) -> probes.Prober:
+                plan: security.Plan, fields: dict, view: image.View) -> probes.Prober:
         """A readiness prober of `container`: exec as `lab exec` runs the command in it,
         httpGet/tcpSocket from the node's netns to the pod's address."""
         unit = pod.units[container.name]
@@ -651,52 +654,52 @@ def cluster_dns_on_host(item: dict) -> bool:
 def node_mounts(layout, item: dict, node: str, pod_dir: str, container: str,
                 env: dict[str, str]) -> list[volumes.Mount]:
     """The container's mounts on `node`: its volumes (hostPaths as the node sees them,
-    nodeview.py) and, for a hostNetwork pod with ClusterFirstWithHostNet, the lab's DNS
-    (the pod's hosts file, with the Services' names) over /etc/hosts, unless the
+    nodeview.py) and the lab's DNS over /etc/hosts — the pod's hosts file (a hostNetwork
+    pod's only with ClusterFirstWithHostNet: the node's own otherwise) —, unless the
     container mounts something there itself (kubelet leaves its etc-hosts out then)."""
-    host_network = bool(item.get("spec", {}).get("hostNetwork"))
+    pod_spec, meta = item.get("spec", {}), item["metadata"]
     mounts = volumes.container_mounts(item, container, pod_dir, env,
                                       functools.partial(nodeview.host_path, layout, node))
-    if not host_network:  # `ip netns exec` mounts the pod netns's own sysfs over /sys first
-        for m in mounts:
-            if nodeview.in_view(layout, node, m.source):
-                raise ConfigError(f"container {container} mount at {m.target}",
-                                  f"the lab gives the node's cgroup and bpffs ({m.source}) only to hostNetwork pods",
-                                  "set hostNetwork: true")
-    if cluster_dns_on_host(item) and not any(m.target == "/etc/hosts" for m in mounts):
-        mounts = volumes.ordered([*mounts, volumes.Mount(hosts_path(pod_dir), "/etc/hosts", False)])
+    if not pod_spec.get("hostNetwork"):
+        hosts: str | None = layout.hosts_file(layout.pod_netns(meta["namespace"], meta["name"]))
+    else:
+        hosts = hosts_path(pod_dir) if cluster_dns_on_host(item) else None
+    if hosts is not None and not any(m.target == "/etc/hosts" for m in mounts):
+        mounts = volumes.ordered([*mounts, volumes.Mount(hosts, "/etc/hosts", False)])
     return mounts
 
 
-def image_view(pod_dir: str, container: str, plan: security.Plan) -> tuple[list[str], list[str]]:
-    """(mount steps, warnings) giving a container that runs as another user than root the
-    machine's installation, the lab's stand-in for its image (image.py); its staging
-    directories are made in the pod's directory."""
+def image_view(pod_dir: str, container: str, plan: security.Plan) -> image.View:
+    """The view giving a container that runs as another user than root the machine's
+    installation, the lab's stand-in for its image (image.py); its staging directories
+    are made in the pod's directory."""
     if plan.uid == 0:
-        return [], []
+        return image.View()
     cover, unreadable = image.blocked(image.installation(), plan.uid, plan.gids)
     stage = os.path.join(pod_dir, "image", container)
     for n in range(image.stage_count(cover)):
         os.makedirs(os.path.join(stage, str(n)), exist_ok=True)
     warnings = [f"container {container}: user {plan.uid} cannot read {path}, where the lab's installation (its "
                 f"stand-in for the image) is" for path in unreadable]
-    return image.mount_steps(cover, stage, plan.read_only_root), warnings
+    return image.View(tuple(image.mount_steps(cover, stage, plan.read_only_root)), tuple(cover), tuple(warnings))
 
 
 def container_argv(layout, pod: spec.PodSpec, node: str, host_network: bool, mounts: list[volumes.Mount],
-                   plan: security.Plan, command: list[str], view: list[str] = ()) -> list[str]:
+                   plan: security.Plan, command: list[str], view: image.View = image.View()) -> list[str]:
     """How a container (or `lab exec`) of an API pod runs: in the pod's netns (the node's
-    for hostNetwork); the image view (`view`, image_view) and its volumes mounted in its
-    own mount namespace (made by `ip netns exec`, or by unshare for hostNetwork), then
-    its securityContext's setpriv."""
+    for hostNetwork) and a mount namespace of its own (`unshare`; `nsenter --net` keeps
+    the machine's), where a pod with its own netns first gets that netns's sysfs over
+    /sys, as `ip netns exec` gives one, then /dev/shm, the image `view` (image_view) and
+    its volumes are mounted; then its securityContext's setpriv."""
     command = [*plan.argv, *command]
-    shm = [SHM_MOUNT] if plan.own_shm else []
-    script = volumes.mount_script(mounts, plan.read_only_root, [*shm, *view])
+    before, covers = ([], ()) if host_network else ([SYSFS_MOUNT], ("/sys",))
+    before += [SHM_MOUNT] if plan.own_shm else []
+    script = volumes.mount_script(mounts, plan.read_only_root, [*before, *view.steps], (*covers, *view.covers))
     if script:
-        command = ["sh", "-c", f'{script} && exec "$@"', "nodeagent-lab-mounts", *command]
-        if host_network:  # nsenter --net keeps the machine's mount namespace
-            command = ["unshare", "--mount", "--propagation", "slave", *command]
-    return processes.in_node(layout, node, command) if host_network else processes.in_pod(layout, pod, command)
+        command = ["unshare", "--mount", "--propagation", "slave", "sh", "-c", f'{script} && exec "$@"',
+                   "nodeagent-lab-mounts", *command]
+    where = layout.node_netns(node) if host_network else layout.pod_netns(pod.namespace, pod.name)
+    return ["nsenter", f"--net={netns.named_path(where)}", "--", *command]
 
 
 def exec_plan(record: LabRecord, client: ApiClient, item: dict, container: str | None,
@@ -724,7 +727,7 @@ def exec_plan(record: LabRecord, client: ApiClient, item: dict, container: str |
     raw = next(c for c in item["spec"]["containers"] if c["name"] == chosen.name)
     plan = security.plan(item, raw)
     argv = container_argv(layout, pod, node, bool(item["spec"].get("hostNetwork")), mounts,
-                          plan, command, image_view(pod_dir, chosen.name, plan)[0])
+                          plan, command, image_view(pod_dir, chosen.name, plan))
     return argv, env, layout.pod_cgroup(node, uid)
 
 

@@ -7,9 +7,7 @@ hybrid machine: a lab node is a cgroup v2 node) is that path in the node's cgrou
 directory, and one at or below `/sys/fs/bpf` is that path in the node's bpffs
 directory; every other path is the machine's own. A DaemonSet's `--cgroup=/sys/fs/cgroup`
 thus attaches at its node's cgroup, never at the machine's root, and its pins under
-`/sys/fs/bpf` land in the node's bpffs directory, which `lab down` removes. Only a
-hostNetwork pod sees the machine's /sys (`ip netns exec` mounts a pod netns's own sysfs
-over it), so the kubelet refuses such hostPaths in other pods (`in_view`). Pure.
+`/sys/fs/bpf` land in the node's bpffs directory, which `lab down` removes. Pure.
 """
 
 from __future__ import annotations
@@ -43,8 +41,3 @@ def host_path(layout: Layout, node: str, path: str) -> str:
                 return os.path.join(node_root, rest) if rest else node_root
     return path
 
-
-def in_view(layout: Layout, node: str, path: str) -> bool:
-    """Whether `path` (a path on the machine) is in node `node`'s cgroup or bpffs subtree."""
-    return any(_under(os.path.normpath(path), root) is not None
-               for root in (layout.node_cgroup(node), layout.node_bpffs(node)))

@@ -509,14 +509,18 @@ def _inside(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def mount_script(mounts: list[Mount], read_only_root: bool = False, before: list[str] = ()) -> str:
+def mount_script(mounts: list[Mount], read_only_root: bool = False, before: list[str] = (),
+                 covers: tuple[str, ...] = ()) -> str:
     """Shell commands making `mounts` in the (private) mount namespace they run in
-    (`before`: steps run first, after the root is made read-only: the image view).
-    A source that an earlier mount of the container hides (the pod's own directory
-    under /run/nodeagent/<lab>/ when a volume is mounted at /run/nodeagent) is opened
-    before any mount and bound from its descriptor, as a runtime resolves every source
-    on the machine, not in the container; the descriptors are closed before the command."""
-    hidden = [n for n, m in enumerate(mounts) if any(_inside(m.source, p.target) for p in mounts[:n])]
+    (`before`: steps run first, after the root is made read-only — the pod netns's
+    sysfs, /dev/shm, the image view —, which mount over the directories `covers`).
+    A source that `before` or an earlier mount of the container hides (the machine's
+    /sys/fs/cgroup below a pod's sysfs; the pod's own directory under /run/nodeagent/<lab>/
+    when a volume is mounted at /run/nodeagent) is opened before any mount and bound
+    from its descriptor, as a runtime resolves every source on the machine, not in the
+    container; the descriptors are closed before the command."""
+    hidden = [n for n, m in enumerate(mounts)
+              if any(_inside(m.source, top) for top in (*covers, *(p.target for p in mounts[:n])))]
     if len(hidden) > LAST_FD - FIRST_FD + 1:
         raise ConfigError(f"volume mounts at {', '.join(mounts[n].target for n in hidden)}",
                           f"the lab can mount at most {LAST_FD - FIRST_FD + 1} volumes from below another "
