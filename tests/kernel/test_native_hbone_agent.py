@@ -1,9 +1,12 @@
 """The agent with `--hbone-engine native` on one real node (a throwaway sandbox, as
 test_agent_tunnel.py and test_rapid_reset.py run it): meshed traffic crosses the native
 HBONE engine with the client's address and principal, exactly counted by both reports,
-over one pooled connection, and status says which engine carries HBONE; rapid resets
-against the real tunnel port leave nothing behind and a flood gets GOAWAY
-ENHANCE_YOUR_CALM, counted as the Python path counts it.
+over one pooled connection, and status says which engine carries HBONE; the bad clients
+of test_agent_tunnel.py are refused with the same labels; rapid resets against the real
+tunnel port leave nothing behind (each counted `client_reset`), a flood gets GOAWAY
+ENHANCE_YOUR_CALM, streams reset once relayed end their app connections; the handshake
+flood of test_handshake_flood.py stays within its bounds — each counted as the Python
+path counts it.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def test_rapid_resets_leave_nothing_and_a_flood_gets_goaway(mesh):
             rapid.reset_streams(BURST)
             rapid.ping()
         assert rapid.goaway is not None and rapid.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        handled = (rapid.goaway.last_stream_id + 1) // 2  # client streams are 1, 3, 5...; none after it
         rapid.close()
         rapid = None
         settle(lambda: (agent_descriptors(sb), app_established(app)), (fds_idle, apps),
@@ -82,6 +86,8 @@ def test_rapid_resets_leave_nothing_and_a_flood_gets_goaway(mesh):
         assert moved["hbone_limit_hits_total{direction=inbound,limit=stream_resets}"] == 1
         assert moved["hbone_connection_errors_total{direction=inbound,reason=too_many_resets}"] == 1
         assert moved.get("hbone_streams_opened_total{direction=inbound}", 0) == 0
+        reset = "connection_failures_total{direction=inbound,reason=client_reset}"
+        assert after.get(reset, 0) - before.get(reset, 0) == handled  # each cancelled its connect to the app
         assert held.echo("after") == "after"
     finally:
         if rapid is not None:
@@ -135,3 +141,28 @@ def test_a_handshake_flood_is_capped_reset_and_counted(mesh, descriptors, first)
     settle(lambda: sb.status()["counters"].get(PENDING), 0, "pending handshakes once the flood is gone")
     after = moved(sb, before)
     assert after[HITS] == resets and after["hbone_connections{direction=inbound}"] == 1
+
+
+def test_streams_reset_once_relayed_end_their_app_connections(mesh):
+    """test_rapid_reset.py's: 20 streams answered 200 and relayed, then reset by the client:
+    each app connection is reset too, and the agent holds no descriptor more than before."""
+    sb, client, server, attacker, app = mesh
+    count = 20
+    fds_idle, apps = steady(lambda: agent_descriptors(sb)), app_established(app)
+    before = sb.status()["counters"]
+    late = RapidResetClient(sb, attacker, server.ip)
+    try:
+        assert late.ping()
+        fds = steady(lambda: agent_descriptors(sb))
+        ids = late.open_answered(count)
+        settle(lambda: app_established(app), apps + count, "app connections of the answered streams")
+        for stream_id in ids:
+            late.reset(stream_id)
+        assert late.ping()
+        settle(lambda: (agent_descriptors(sb), app_established(app)), (fds, apps),
+               f"(agent descriptors, app connections) after resetting {count} relayed streams")
+    finally:
+        late.close()
+    settle(lambda: agent_descriptors(sb), fds_idle, "agent descriptors once the connection is gone")
+    opened = "hbone_streams_opened_total{direction=inbound}"
+    assert sb.status()["counters"][opened] - before.get(opened, 0) == count
