@@ -108,7 +108,6 @@ struct conn {
     uint64_t last_heard, ping_sent, idle_since; /* ms; 0: no PING out / streams open */
     uint32_t preface_left, frame_left; /* received HTTP/2: preface bytes to come, payload of this frame */
     uint8_t frame_head[9], frame_head_len; /* ... and the frame header being read */
-    uint32_t refused_cap, refused_draining; /* streams refused without asking Python (CONN_END says) */
     struct conn *live_prev, *live_next; /* connections in HTTP/2 (keepalive, idle) */
     bool live;
 };
@@ -610,8 +609,7 @@ static void conn_end(struct conn *c, uint32_t how, int32_t error, uint32_t code,
     else
         reset_close(c->fd);
     c->fd = -1;
-    struct nh_event ev = {.conn = c->o.id, .type = NH_EV_CONN_END, .how = how, .error = error, .code = code,
-                          .refused_cap = c->refused_cap, .refused_draining = c->refused_draining};
+    struct nh_event ev = {.conn = c->o.id, .type = NH_EV_CONN_END, .how = how, .error = error, .code = code};
     emit(e, &ev, reason, reason ? strlen(reason) : 0);
     ST_ADD(e, conns_open, -1);
     bury(e, &c->o);
@@ -752,17 +750,24 @@ static void refuse_now(struct conn *c, struct stream *s, uint32_t status)
     bury(c->e, &s->o);
 }
 
+static void refused_event(struct conn *c, struct stream *s, uint32_t why)
+{
+    struct nh_event ev = {.conn = c->o.id, .type = NH_EV_REFUSED, .how = why, .code = NGHTTP2_REFUSED_STREAM,
+                          .h2_stream = (uint32_t)s->sid};
+    emit(c->e, &ev, NULL, 0);
+}
+
 static void on_request(struct conn *c, struct stream *s)
 {
     struct nh_engine *e = c->e;
     if (c->draining) {
-        c->refused_draining++;
+        refused_event(c, s, NH_REFUSED_DRAINING);
         refuse_now(c, s, 0);
         return;
     }
     if (c->nstreams > e->cfg.max_streams) {
         ST_ADD(e, refused_streams, 1);
-        c->refused_cap++;
+        refused_event(c, s, NH_REFUSED_CAP);
         refuse_now(c, s, 0);
         return;
     }

@@ -80,8 +80,7 @@
 #define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
                                      done, waits for nh_conn_verdict. Client: identity
                                      checked and the server's first SETTINGS received. */
-#define NH_EV_CONN_END 2          /* how: NH_END_*, error/code, data: reason text; a server's:
-                                     the streams it refused without asking (refused_*) */
+#define NH_EV_CONN_END 2          /* how: NH_END_*, error/code, data: reason text */
 #define NH_EV_REQUEST 3           /* server: a CONNECT; data = name\0value\0... (":authority"
                                      first, then the request's other headers); answer with
                                      nh_stream_accept or nh_stream_refuse */
@@ -90,6 +89,10 @@
 #define NH_EV_REQUEST_RESET 6     /* server: the client reset a stream Python has not answered
                                      yet; it must still be answered (accept: its socket is
                                      reset at once; refuse), but may stop preparing it */
+#define NH_EV_REFUSED 7           /* server: a stream refused (REFUSED_STREAM) without asking
+                                     Python; how: NH_REFUSED_* */
+#define NH_REFUSED_CAP 1          /* max_streams were being served */
+#define NH_REFUSED_DRAINING 2     /* the connection is draining (GOAWAY sent or received) */
 
 #define NH_END_CLOSED 1           /* clean: FIN/END_STREAM both ways (conn: GOAWAY/close) */
 #define NH_END_RESET 2            /* stream: RST_STREAM from the peer (code) */
@@ -142,8 +145,6 @@ struct nh_event {
     uint32_t h2_stream;           /* the HTTP/2 stream id */
     char *data;                   /* malloc'ed (the caller's: nh_event_release), or NULL */
     size_t data_len;
-    uint32_t refused_cap;         /* server conn end: streams it refused at max_streams */
-    uint32_t refused_draining;    /* ... and while draining (GOAWAY sent or received) */
 };
 
 struct nh_stats {

@@ -81,8 +81,6 @@ class End:
     to_peer: int = 0  # stream: bytes read from its socket and sent
     from_peer: int = 0  # stream: bytes received and written to its socket
     h2_stream: int = 0  # stream: its HTTP/2 id, 0 when it was never sent
-    refused_cap: int = 0  # server connection: streams it refused at max_streams (never asked about)
-    refused_draining: int = 0  # ... and while draining
 
 
 class Tls:
@@ -182,9 +180,11 @@ class ClientConnection(_Connection):
 
 
 class ServerConnection(_Connection):
-    def __init__(self, engine, conn_id, admit: Callable[[bytes], bool], on_request: Callable[[Request], None]):
+    def __init__(self, engine, conn_id, admit: Callable[[bytes], bool], on_request: Callable[[Request], None],
+                 on_refused: Callable[[str], None] | None = None):
         super().__init__(engine, conn_id)
-        self.admit, self.on_request = admit, on_request
+        self.admit, self.on_request, self.on_refused = admit, on_request, on_refused
+        self.refused = {"max_streams": 0, "draining": 0}  # streams the engine refused without asking
 
 
 class HboneEngine:
@@ -240,12 +240,15 @@ class HboneEngine:
         return conn
 
     def serve(self, sock: socket.socket, tls: Tls, admit: Callable[[bytes], bool],
-              on_request: Callable[[Request], None]) -> ServerConnection:
-        """Serve accepted `sock`; OSError(EBUSY) when too many handshakes are pending (reset)."""
+              on_request: Callable[[Request], None],
+              on_refused: Callable[[str], None] | None = None) -> ServerConnection:
+        """Serve accepted `sock`; OSError(EBUSY) when too many handshakes are pending (reset).
+        `on_refused(why)` hears of each stream the engine refused without asking
+        (`max_streams`, `draining`)."""
         rc = self._lib.nh_conn_server(self._handle, sock.detach(), tls.handle)
         if rc < 0:
             raise OSError(-rc, f"native HBONE serve: {os.strerror(-rc)}")
-        conn = self._conns[rc] = ServerConnection(self, rc, admit, on_request)
+        conn = self._conns[rc] = ServerConnection(self, rc, admit, on_request, on_refused)
         return conn
 
     def stats(self) -> dict[str, int]:
@@ -319,6 +322,13 @@ class HboneEngine:
             stream = self._streams.get(ev.stream)
             if stream is not None:
                 _settle(stream.response, ev.status)
+        elif ev.type == lib.NH_EV_REFUSED:
+            conn = self._conns.get(ev.conn)
+            if isinstance(conn, ServerConnection):
+                why = "max_streams" if ev.how == lib.NH_REFUSED_CAP else "draining"
+                conn.refused[why] += 1
+                if conn.on_refused is not None:
+                    conn.on_refused(why)
         elif ev.type == lib.NH_EV_REQUEST_RESET:
             stream = self._streams.get(ev.stream)
             if isinstance(stream, Request):
@@ -350,7 +360,7 @@ def _settle(future: asyncio.Future, value) -> None:
 
 def _end(ev, data: bytes) -> End:
     return End(HOW.get(ev.how, str(ev.how)), data.decode("utf-8", "replace"), ev.error, ev.code, ev.status,
-               ev.to_peer, ev.from_peer, ev.h2_stream, ev.refused_cap, ev.refused_draining)
+               ev.to_peer, ev.from_peer, ev.h2_stream)
 
 
 def reset_error(end: End) -> OSError | None:

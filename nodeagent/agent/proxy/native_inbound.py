@@ -76,7 +76,8 @@ class NativeServing:
                 raise IdentityUnavailable(f"no valid certificate for {now}")
             engine_tls = self.tunnel.engines.tls(creds)
             served.conn = self.tunnel.engines.engine.serve(sock, engine_tls, lambda pem: self._admit(served, pem),
-                                                           lambda request: self._request(served, request))
+                                                           lambda request: self._request(served, request),
+                                                           lambda why: self._stream_refused(served, why))
         except (IdentityUnavailable, ValueError, OSError) as exc:
             budget.release(served.peer[0])
             self._refused("no_local_identity" if not isinstance(exc, OSError) else "engine",
@@ -107,7 +108,6 @@ class NativeServing:
         finally:
             self.conns.pop(conn.id, None)
             self.metrics.connections.labels(direction=DIRECTION).dec()
-        self._count_refusals(served, end)
         if end.how == "flood":  # as FloodGuard and the Python session count and log it
             self.metrics.limit_hit(DIRECTION, STREAM_RESETS)
             self.metrics.connection_error(DIRECTION, "too_many_resets")
@@ -117,17 +117,20 @@ class NativeServing:
             self.log.info("HBONE connection from %s (%s:%d) ended: %s (%s)", served.identity, *served.peer,
                           end.how, end.reason)
 
-    def _count_refusals(self, served: _Served, end: hbone.End) -> None:
-        """The streams the engine refused without asking (stream cap, draining), counted as
-        the Python server counts them, once the connection has ended."""
-        if end.refused_draining:
-            self.metrics.streams_refused.labels(direction=DIRECTION, reason="draining").inc(end.refused_draining)
-        if end.refused_cap:
-            self.metrics.streams_refused.labels(direction=DIRECTION, reason="too_many_streams").inc(end.refused_cap)
+    def _stream_refused(self, served: _Served, why: str) -> None:
+        """A stream the engine refused without asking (REFUSED_STREAM), counted as the Python
+        server counts it: by reason, and the stream cap's limit once per connection."""
+        if why == "draining":
+            self.metrics.refused(DIRECTION, "draining")
+            self.log.info("HBONE connection from %s (%s:%d): stream refused (draining)", served.identity,
+                          *served.peer)
+            return
+        self.metrics.refused(DIRECTION, "too_many_streams")
+        if served.conn.refused["max_streams"] == 1:
             self.metrics.limit_hit(DIRECTION, STREAM_CAP)
-            self.log.warning("HBONE connection from %s (%s:%d): %d streams refused (REFUSED_STREAM) at the limit of "
-                             "%d served at once; a client resetting streams faster than we finish them?",
-                             served.identity, *served.peer, end.refused_cap,
+            self.log.warning("HBONE connection from %s (%s:%d): %d streams still being served, refusing more "
+                             "(REFUSED_STREAM) until some end; a client resetting streams faster than we finish "
+                             "them? (logged once per connection)", served.identity, *served.peer,
                              self.tunnel.server.settings.max_concurrent_streams)
 
     def _release(self, served: _Served) -> None:
