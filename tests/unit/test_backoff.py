@@ -42,7 +42,7 @@ def test_each_user_keeps_its_schedule(tmp_path):
     assert CA_RETRY == Backoff(1.0, 60.0)  # the certificate manager, jittered
     assert JwksFetcher(tmp_path, logging.getLogger("test.backoff")).retry == Backoff(5.0, 1200.0)  # jittered
     assert RETRY == Backoff(0.1, 2.0)  # pod enrolment
-    assert EnvoySupervisor("/b.json", 1, binary="/bin/true").backoff == Backoff(0.5, 30.0)
+    assert EnvoySupervisor("/b.json", binary="/bin/true").backoff == Backoff(0.5, 30.0)
     assert RESTART_BACKOFF == Backoff(1.0, 30.0)  # the lab's processes
 
 

@@ -315,7 +315,7 @@ def envoy_messages(tmp_path_factory) -> list[bytes]:
     from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
     from nodeagent.xds.cache import SnapshotCache
     from nodeagent.xds.dataplane import Sockets
-    from nodeagent.xds.envoy import EnvoySupervisor, base_id_for
+    from nodeagent.xds.envoy import EnvoySupervisor
     from nodeagent.xds.istio.config import IstioConfig
     from nodeagent.xds.server import AdsServer
     from nodeagent.xds.translate.build import build_snapshot
@@ -324,7 +324,7 @@ def envoy_messages(tmp_path_factory) -> list[bytes]:
     sockets, signer, recorder, cache = Sockets(str(tmp)), Signer(), Recorder(), SnapshotCache()
     server = AdsServer(cache, CollectorRegistry(), debounce=0.05, access_log=recorder).start(unix_path=sockets.xds)
     (tmp / "bootstrap.json").write_text(bootstrap_json(BootstrapSettings("node1", sockets.xds, free_port())))
-    supervisor = EnvoySupervisor(str(tmp / "bootstrap.json"), base_id_for(str(tmp)), str(tmp / "envoy.log"))
+    supervisor = EnvoySupervisor(str(tmp / "bootstrap.json"), str(tmp / "envoy.log"))
     agent = FakeAgent({"upstream": sockets.upstream, "deliver": sockets.deliver})
     try:
         world = model(signer)

@@ -25,7 +25,7 @@ from nodeagent.xds import dataplane, resources as rt
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import Sockets
-from nodeagent.xds.envoy import EnvoySupervisor, base_id_for
+from nodeagent.xds.envoy import EnvoySupervisor
 from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.translate.build import build_snapshot
@@ -53,7 +53,7 @@ class Waypoint:
         self.admin = free_port()
         (tmp / "bootstrap.json").write_text(bootstrap_json(BootstrapSettings(NODE, self.sockets.xds, self.admin)))
         self.log = tmp / "envoy.log"
-        self.supervisor = EnvoySupervisor(str(tmp / "bootstrap.json"), base_id_for(str(tmp)), str(self.log),
+        self.supervisor = EnvoySupervisor(str(tmp / "bootstrap.json"), str(self.log),
                                           backoff=0.2, reset_after=2.0)
         self.agent = FakeAgent({"upstream": self.sockets.upstream, "deliver": self.sockets.deliver})
         self.snapshot = None

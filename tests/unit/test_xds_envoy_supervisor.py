@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from nodeagent.xds.envoy import EnvoySupervisor, base_id_for, find_envoy
+from nodeagent.xds.envoy import EnvoySupervisor, find_envoy
 
 SCRIPT = """#!/bin/sh
 echo "$$ $*" >> {calls}
@@ -45,19 +45,19 @@ def alive(pid: int) -> bool:
         return fh.read().split(") ")[1][0] != "Z"
 
 
-def test_envoy_gets_the_bootstrap_and_its_own_base_id(tmp_path):
-    supervisor = EnvoySupervisor("/b.json", 4242, binary=fake(tmp_path, "sleep 30")).start()
+def test_envoy_gets_the_bootstrap_and_no_hot_restart(tmp_path):
+    supervisor = EnvoySupervisor("/b.json", binary=fake(tmp_path, "sleep 30")).start()
     try:
         wait_for(lambda: calls(tmp_path))
         (call,) = calls(tmp_path)
-        assert call[1:5] == ["-c", "/b.json", "--base-id", "4242"]
+        assert call[1:4] == ["-c", "/b.json", "--disable-hot-restart"] and "--base-id" not in call
         assert supervisor.status().running and supervisor.status().pid == int(call[0])
     finally:
         supervisor.stop()
 
 
 def test_an_exiting_envoy_is_restarted_with_doubling_backoff(tmp_path):
-    supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, "exit 3"), backoff=0.1, max_backoff=0.4,
+    supervisor = EnvoySupervisor("/b.json", binary=fake(tmp_path, "exit 3"), backoff=0.1, max_backoff=0.4,
                                  reset_after=60).start()
     try:
         wait_for(lambda: len(calls(tmp_path)) >= 4)
@@ -88,7 +88,7 @@ def test_backoff_doubles_up_to_the_maximum_and_starts_over_after_a_long_run(tmp_
         delays.append(delay)
         return len(delays) == 6
     # Runs 1-3 end at once, run 4 lasts 60 s (>= reset_after), runs 5 and 6 end at once.
-    supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, "exit 1"), backoff=0.1, max_backoff=0.4,
+    supervisor = EnvoySupervisor("/b.json", binary=fake(tmp_path, "exit 1"), backoff=0.1, max_backoff=0.4,
                                  reset_after=10, clock=run_clock([0, 0, 0, 60, 0, 0]), pause=pause).start()
     try:
         wait_for(lambda: len(delays) == 6 and supervisor.status().last_exit == 1)
@@ -99,7 +99,7 @@ def test_backoff_doubles_up_to_the_maximum_and_starts_over_after_a_long_run(tmp_
 
 
 def test_stop_ends_envoy_by_pid_with_sigterm(tmp_path):
-    supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, "exec sleep 30")).start()
+    supervisor = EnvoySupervisor("/b.json", binary=fake(tmp_path, "exec sleep 30")).start()
     wait_for(lambda: supervisor.status().running)
     pid = supervisor.status().pid
     supervisor.stop()
@@ -110,7 +110,7 @@ def test_stop_ends_envoy_by_pid_with_sigterm(tmp_path):
 def test_stop_kills_an_envoy_that_ignores_sigterm(tmp_path):
     ready = tmp_path / "trapping"
     body = f"trap '' TERM\ntouch {ready}\nwhile true; do sleep 0.05; done"
-    supervisor = EnvoySupervisor("/b.json", 1, binary=fake(tmp_path, body), stop_timeout=0.3).start()
+    supervisor = EnvoySupervisor("/b.json", binary=fake(tmp_path, body), stop_timeout=0.3).start()
     wait_for(ready.exists)  # SIGTERM before the trap would end it at once
     pid = supervisor.status().pid
     supervisor.stop()  # returns (the test's timeout guards a hang) only once the process is gone
@@ -122,8 +122,21 @@ def test_the_binary_next_to_the_interpreter_is_found_first():
     assert find_envoy() == os.path.join(os.path.dirname(sys.executable), "envoy")
 
 
-def test_base_ids_are_stable_per_instance_and_differ_between_instances():
-    # Literals: the same in every process and Python version (crc32, not the per-process hash()).
-    assert base_id_for("/run/nodeagent/a/waypoint") == 476703
-    assert base_id_for("/run/nodeagent/b/waypoint") == 872092
+def test_the_real_envoy_leaves_no_hot_restart_memory_behind(tmp_path):
+    """With --disable-hot-restart Envoy makes no /dev/shm/envoy_shared_memory_* file: with
+    a --base-id each waypoint Envoy left one on the machine when it stopped."""
+    def shared() -> set[str]:
+        return {name for name in os.listdir("/dev/shm") if name.startswith("envoy_shared_memory")}
 
+    before = shared()
+    bootstrap = tmp_path / "bootstrap.json"
+    bootstrap.write_text('{"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}}')
+    ready = tmp_path / "admin-address"
+    supervisor = EnvoySupervisor(str(bootstrap), str(tmp_path / "envoy.log"),
+                                 extra_args=("--admin-address-path", str(ready))).start()
+    try:
+        wait_for(lambda: ready.exists() and ready.read_text().strip(), timeout=60)  # initialised and serving
+        assert supervisor.status().running and shared() == before
+    finally:
+        supervisor.stop()
+    assert shared() == before

@@ -33,7 +33,7 @@ from nodeagent.xds.accesslog import RequestMetrics
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import DataPlane, HeaderReader, ProxyHeader, Sockets
-from nodeagent.xds.envoy import EnvoySupervisor, base_id_for
+from nodeagent.xds.envoy import EnvoySupervisor
 from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.snapshot import Snapshot
@@ -92,7 +92,7 @@ class Waypoint:
         self._tasks: set[asyncio.Task] = set()
         self.sent = {"outbound": 0, "inbound": 0}  # connections the agent sent to Envoy
         try:
-            self.supervisor = EnvoySupervisor(str(self.directory / "bootstrap.json"), base_id_for(str(self.directory)),
+            self.supervisor = EnvoySupervisor(str(self.directory / "bootstrap.json"),
                                               str(self.directory / "envoy.log"), log=log.getChild("envoy"),
                                               preexec_fn=_die_with_parent, **(supervisor_options or {}))
         except EnvironmentProblem as exc:
