@@ -95,6 +95,7 @@ struct conn {
     bool server, registered, pending_hs, closing, draining, in_hs_list, dirty;
     uint32_t mask;
     uint32_t closing_how, closing_code, goaway_code;
+    uint32_t sent_goaway_code;     /* nghttp2 ended the connection for the peer's error (GOAWAY sent) */
     char *expected;
     char *peer_pem;                /* client: the server's chain, reported with its first SETTINGS */
     size_t peer_pem_len;
@@ -922,6 +923,17 @@ static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void
     return 0;
 }
 
+/* A GOAWAY with an error that we did not ask for is nghttp2 answering the peer's protocol
+ * error (flow control, a bad frame...): the connection then ends NH_END_PROTOCOL. */
+static int on_frame_send(nghttp2_session *h2, const nghttp2_frame *frame, void *user)
+{
+    (void)h2;
+    struct conn *c = user;
+    if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR && !c->closing)
+        c->sent_goaway_code = frame->goaway.error_code;
+    return 0;
+}
+
 static int h2_start(struct conn *c)
 {
     struct nh_engine *e = c->e;
@@ -934,6 +946,7 @@ static int h2_start(struct conn *c)
     nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cb, on_frame_send);
     if (nghttp2_option_new(&opt)) {
         nghttp2_session_callbacks_del(cb);
         return -ENOMEM;
@@ -1255,6 +1268,13 @@ static void conn_flush(struct conn *c)
         return;
     }
     if (!buf_avail(&c->out) && !nghttp2_session_want_read(c->h2) && !nghttp2_session_want_write(c->h2)) {
+        if (!c->closing && c->sent_goaway_code) {
+            char reason[96];
+            snprintf(reason, sizeof reason, "the peer broke HTTP/2: GOAWAY %s sent",
+                     nghttp2_http2_strerror(c->sent_goaway_code));
+            conn_end(c, NH_END_PROTOCOL, 0, c->sent_goaway_code, reason);
+            return;
+        }
         conn_end(c, c->closing ? c->closing_how : c->goaway_code ? NH_END_GOAWAY : NH_END_CLOSED, 0,
                  c->closing ? c->closing_code : c->goaway_code,
                  c->closing_how == NH_END_FLOOD ? "the client reset too many streams: GOAWAY ENHANCE_YOUR_CALM"

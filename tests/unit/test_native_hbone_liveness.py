@@ -252,3 +252,26 @@ def test_client_and_server_handshakes_have_their_own_timeouts(pki):
             silent.close()
             await drained(eng)
     run(main())
+
+
+def test_a_protocol_error_after_the_preface_ends_the_connection_as_one(pki):
+    """A valid preface and SETTINGS, then DATA on stream 0: nghttp2 answers GOAWAY
+    PROTOCOL_ERROR itself, and the connection ends `protocol_error` (code 1), not `closed`."""
+    import ssl
+
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki) as srv:
+            ctx = pki.client.ssl_context(False)
+            ctx.set_alpn_protocols(["h2"])
+            reader, writer = await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1")
+            assert isinstance(ctx, ssl.SSLContext)
+            settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS
+            data_on_zero = b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"  # DATA, stream 0: a connection error
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + data_on_zero)
+            await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            await until(lambda: srv.conns and srv.conns[0].closed.done(), what="the connection's end")
+            end = srv.conns[0].closed.result()
+            assert (end.how, end.code) == ("protocol_error", 1) and "PROTOCOL_ERROR" in end.reason
+            await drained(eng)
+    run(main())

@@ -132,4 +132,6 @@ def error_label(end: hbone.End) -> str:
         return "transport_error" if end.error else "closed_with_open_streams"
     if end.how == "protocol_error" and "magic" in end.reason.lower():  # nghttp2: "bad client magic"
         return "bad_preface"
+    if end.how == "protocol_error":  # h2conn.error_reason's names for the codes they map to
+        return {3: "flow_control", 6: "frame_too_large"}.get(end.code, "protocol_error")
     return {"keepalive": "keepalive_timeout", "flood": "too_many_resets"}.get(end.how, end.how)
