@@ -2,8 +2,10 @@
 in for the Python path in the agent: keepalive PINGs (an answered PING keeps a quiet
 connection, an unanswered one ends it as `keepalive`), the idle timeout of connections
 without streams (client and server side), a client stream opened before its socket
-(the answer first, then `carry(sock)`, as the agent's outbound relay needs it), and the
-client's reset of a request the agent has not answered yet (`request.cancelled`).
+(the answer first, then `carry(sock)`, as the agent's outbound relay needs it), the
+client's reset of a request the agent has not answered yet (`request.cancelled`), the
+client's and the server's own handshake timeouts, and a peer's protocol error after the
+preface ending the connection as one.
 On loopback, certificates from hbone_certs.Pki; skipped without the built module, failed
 under CI (test_native_hbone.py's `built` rule).
 """
