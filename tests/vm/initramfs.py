@@ -1,6 +1,7 @@
 """The small initramfs the runner boots each Debian kernel with: busybox-static, the
 image's own modules that reaching the 9p root needs (virtio PCI, 9p over virtio,
-overlayfs, virtio-rng for early entropy) in dependency order, decompressed, and
+overlayfs, virtio-rng for early entropy, virtio-blk and ext4 for the Python images) in
+dependency order, decompressed, and
 tests/vm/init as /init. Written as a gzip'd newc cpio by this module, so no cpio tool
 is needed. Cached next to the kernel (kernels/SUITE/initrd.img); rebuilt with --rebuild
 or when tests/vm/init changes."""
@@ -20,7 +21,11 @@ HERE = pathlib.Path(__file__).resolve().parent
 INIT = HERE / "init"
 # What the guest's first minutes need that Debian builds as modules; their dependencies
 # (virtio, virtio_ring, 9pnet, netfs, fscache, rng_core, ...) are added from modules.dep.
-WANTED = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_rng")
+# virtio_blk, ext4 and crc32c (which ext4 asks the crypto API for at mount) read the
+# Python images (tests/vm/pyimage.py).
+# 7.x dropped the crc32c_generic crypto module (crc32c is in lib/, ext4 calls it directly).
+MAYBE_GONE = {"crc32c_generic"}
+WANTED = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_rng", "virtio_blk", "crc32c_generic", "ext4")
 
 
 def _modules_in_order(kernel: Kernel) -> list[str]:
@@ -44,6 +49,8 @@ def _modules_in_order(kernel: Kernel) -> list[str]:
 
     for name in WANTED:
         if name in builtin:
+            continue
+        if name not in by_name and name in MAYBE_GONE:
             continue
         if name not in by_name:
             raise KernelFetchError(f"{kernel.release} has module {name} neither built in nor in modules.dep")

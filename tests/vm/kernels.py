@@ -42,7 +42,7 @@ class Kernel:
 
     @property
     def vmlinuz(self) -> pathlib.Path:
-        return self.root / "boot" / f"vmlinuz-{self.release}"
+        return _vmlinuz(self.root, self.release)
 
     @property
     def modules(self) -> pathlib.Path:
@@ -85,7 +85,10 @@ class PrivateApt:
             f'APT::Architecture "{ARCH}";', f'APT::Architectures {{ "{ARCH}"; }};',
             'Acquire::Languages "none";', 'Acquire::IndexTargets::deb::DEP-11::DefaultEnabled "false";',
             'Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled "false";',
-            'Debug::NoLocking "true";', "",
+            'Debug::NoLocking "true";',
+            # sid's Release is valid for a week only; a mirror snapshot older than that (as
+            # this machine's) is still the suite's newest kernel, signed, and we pin it.
+            'Acquire::Check-Valid-Until "false";', "",
         ]))
 
     def _env(self) -> dict[str, str]:
@@ -159,7 +162,10 @@ def fetch(cache: pathlib.Path, suite: str, rebuild: bool = False, say=print) -> 
                    and d.endswith("-common")), None)
     if common is None:
         raise KernelFetchError(f"linux-headers-{release} of Debian {suite} names no linux-headers-*-common")
-    pins = [f"{image}={version}", f"linux-headers-{release}={apt.candidate(f'linux-headers-{release}')}",
+    # sid's 7.x image is a meta package: vmlinuz, modules and config come in
+    # linux-{binary,modules,base}-RELEASE of the same version.
+    parts = sorted({d for d in apt.depends(image) if release in d and d != image})
+    pins = [f"{image}={version}", *(f"{d}={apt.candidate(d)}" for d in parts), f"linux-headers-{release}={apt.candidate(f'linux-headers-{release}')}",
             f"{common}={apt.candidate(common)}", f"busybox-static={apt.candidate('busybox-static')}"]
     debs = apt.download(pins)
 
@@ -178,6 +184,12 @@ def fetch(cache: pathlib.Path, suite: str, rebuild: bool = False, say=print) -> 
     return Kernel(suite, image, version, release, home / "root")
 
 
+def _vmlinuz(root: pathlib.Path, release: str) -> pathlib.Path:
+    """boot/vmlinuz-RELEASE, or lib/modules/RELEASE/vmlinuz where sid's linux-binary puts it."""
+    boot = root / "boot" / f"vmlinuz-{release}"
+    return boot if boot.exists() else root / "lib" / "modules" / release / "vmlinuz"
+
+
 def _finish_tree(root: pathlib.Path, release: str, final_root: pathlib.Path) -> None:
     """Index the modules (the image's postinst would run depmod) and point build/source
     at the headers by the path the guest sees (the cache through the 9p root)."""
@@ -188,8 +200,8 @@ def _finish_tree(root: pathlib.Path, release: str, final_root: pathlib.Path) -> 
             raise KernelFetchError(f"the image package has no lib/modules/{release}")
         (root / "lib").mkdir(exist_ok=True)
         shutil.move(str(alt.parent), str(root / "lib" / "modules"))
-    if not (root / "boot" / f"vmlinuz-{release}").exists():
-        raise KernelFetchError(f"the image package has no boot/vmlinuz-{release}")
+    if not _vmlinuz(root, release).exists():
+        raise KernelFetchError(f"the image packages have no boot/vmlinuz-{release} or lib/modules/{release}/vmlinuz")
     _run(["depmod", "-b", str(root), release], f"depmod of {release}")
     headers = root / "usr" / "src" / f"linux-headers-{release}"
     if not (headers / "include").exists() and not (headers / "Makefile").exists():
