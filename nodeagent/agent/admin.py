@@ -4,6 +4,11 @@ routes on both: `/metrics` (Prometheus text), `/debug/status` (JSON, what `nodea
 status` renders) and `/healthz/ready` (200 when the agent can serve; 503 naming everything
 missing, from a `Readiness`). `fetch` and `fetch_status` are the client side over the unix
 socket. One request per connection; nothing here can block the agent's event loop.
+
+The admin TCP port is shared (SO_REUSEPORT) by the old and the new agent of a node
+during a rolling update, so a probe there may reach either: kubelet's readiness probe
+reads `ReadinessFile` instead, this agent's own verdict in its pod's own directory
+(beside the admin socket), rewritten every second so a stalled agent reads as not ready.
 """
 
 from __future__ import annotations
@@ -38,6 +43,68 @@ class Readiness:
         return not self.missing
 
 
+READINESS_FILE = "readiness"  # beside the admin socket
+READINESS_EVERY = 1.0  # seconds between rewrites; the DaemonSet's probe wants one newer than 5 s
+
+
+def readiness_path(socket_path: Path) -> Path:
+    return socket_path.parent / READINESS_FILE
+
+
+def readiness_text(verdict: Readiness | bool) -> str:
+    """`ready`, or one `not ready: …` line per thing missing (what the probe prints)."""
+    if verdict:
+        return "ready\n"
+    return "\n".join([f"not ready: {m}" for m in getattr(verdict, "missing", ())] or ["not ready"]) + "\n"
+
+
+class ReadinessFile:
+    """The agent's readiness in a file, for an exec probe that must reach this agent and
+    no other (the DaemonSet's: daemonset/mesh/agent.yaml). Rewritten (atomically) every
+    `every` seconds while the event loop runs; removed at start and at close."""
+
+    def __init__(self, path: Path, ready: Callable[[], Readiness | bool], log: logging.Logger,
+                 every: float = READINESS_EVERY):
+        self.path, self.ready, self.log, self.every = path, ready, log, every
+        self._task: asyncio.Task | None = None
+
+    def clear(self) -> None:
+        """Forget what an earlier agent (a crashed container of this pod) wrote."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.write()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="readiness-file")
+
+    def write(self) -> None:
+        try:
+            text = readiness_text(self.ready())
+        except Exception as exc:  # a bug in a readiness source reads as not ready, never as ready
+            text = f"not ready: cannot tell: {exc}\n"
+        temporary = self.path.with_name(self.path.name + ".new")
+        temporary.write_text(text)
+        os.replace(temporary, self.path)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            try:
+                self.write()
+            except OSError as exc:
+                self.log.warning("cannot write %s: %s", self.path, exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self.clear()
+
+
 class AdminServer:
     def __init__(self, *, registry: CollectorRegistry, status: Callable[[], dict[str, Any]],
                  ready: Callable[[], Readiness | bool], log: logging.Logger):
@@ -47,12 +114,15 @@ class AdminServer:
         self.log = log
         self._servers: list[asyncio.AbstractServer] = []
         self._socket_path: Path | None = None
+        self._readiness_file: ReadinessFile | None = None
 
     async def start(self, address: tuple[str, int] | None, socket_path: Path | None) -> None:
         if address is not None:
             try:
+                # SO_REUSEPORT: a rolling update's new agent binds the node's admin port
+                # beside the old one (so readiness is probed through ReadinessFile).
                 self._servers.append(await asyncio.start_server(self._serve, address[0], address[1],
-                                                                reuse_address=True))
+                                                                reuse_address=True, reuse_port=True))
             except OSError as exc:
                 raise ConfigError("setting admin_address", f"cannot listen on {address[0]}:{address[1]}: "
                                   f"{exc.strerror}", "is another agent running in this netns? "
@@ -62,8 +132,13 @@ class AdminServer:
             socket_path.parent.mkdir(parents=True, exist_ok=True)
             self._servers.append(await asyncio.start_unix_server(self._serve, str(socket_path)))
             self._socket_path = socket_path
+            self._readiness_file = ReadinessFile(readiness_path(socket_path), self.ready, self.log)
+            self._readiness_file.start()
 
     async def close(self) -> None:
+        if self._readiness_file is not None:
+            await self._readiness_file.close()
+            self._readiness_file = None
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -90,10 +165,7 @@ class AdminServer:
 
     def _readiness(self) -> tuple[int, str, bytes]:
         verdict = self.ready()
-        if verdict:
-            return 200, "text/plain", b"ready\n"
-        lines = [f"not ready: {m}" for m in getattr(verdict, "missing", ())] or ["not ready"]
-        return 503, "text/plain", "\n".join(lines).encode() + b"\n"
+        return (200 if verdict else 503), "text/plain", readiness_text(verdict).encode()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

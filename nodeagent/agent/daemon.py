@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent import __version__
 from nodeagent.agent import logs
-from nodeagent.agent.admin import AdminServer, Readiness
+from nodeagent.agent.admin import AdminServer, Readiness, ReadinessFile, readiness_path
 from nodeagent.agent.config import AgentConfig, cluster_config
 from nodeagent.agent.configwork import ConfigWork
 from nodeagent.agent.datapath import DataPath
@@ -50,6 +50,10 @@ from nodeagent.sources.files import FilesSource
 from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.istio.problems import problems
 from nodeagent.sources.kube import KubeSource
+
+# Bound of the drain at a rolling update: within the DaemonSet's 30 s grace period, after
+# the API look at exit (CONFIRM_SECONDS) and before the close.
+DRAIN_SECONDS = 20.0
 
 
 class Agent:
@@ -89,6 +93,8 @@ class Agent:
 
     # --- lifecycle ------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        if self.config.admin_socket is not None:  # a crashed predecessor's verdict is not ours
+            ReadinessFile(readiness_path(self.config.admin_socket), self.readiness, self.log).clear()
         self.capture.load()
         at_exit = self._exit_default()
         try:
@@ -105,7 +111,10 @@ class Agent:
                               len(self.enroller.enrolled), "; ".join(self.readiness().missing) or "ready")
                 await self._loop(stop, watch)
             finally:
+                self._hand_over()  # at once: the next agent, if any, serves from now on
                 at_exit = await self._exit_decision(at_exit)  # while the source still runs
+                if not at_exit.remove and self.config.on_exit == "owner":
+                    await self._drain()
                 watch.close()
                 await asyncio.to_thread(self.work.close)  # the config step under way ends first
                 await self.enroller.close(keep_routing=not at_exit.remove)
@@ -115,6 +124,26 @@ class Agent:
             self.capture.close(keep=not at_exit.remove)
             self.log.info("agent stopped: %s", "capture detached and unpinned, pods' routing removed"
                           if at_exit.remove else "capture kept for the next agent")
+
+    def _hand_over(self) -> None:
+        """Stop taking connections: close the in-pod listeners (what they queued moves to
+        the next agent's, tcp_migrate_req) and have the HBONE connections of the pods take
+        no new streams (refused, so their clients retry on a new connection: the next
+        agent's). The relays under way go on until `_drain` or the close."""
+        try:
+            self.enroller.stop_listening()
+            for e in list(self.enroller.enrolled.values()):
+                self.datapath.tunnel.drain(e.wanted.ip)
+        except Exception:  # the shutdown goes on: the close below closes what is left
+            self.log.exception("handing over the pods' listeners failed")
+
+    async def _drain(self) -> None:
+        """A rolling update (--on-exit=owner, keeping capture): let the relays under way
+        end, up to DRAIN_SECONDS, before the rest is closed (reset)."""
+        started = time.monotonic()
+        left = await self.enroller.drain(DRAIN_SECONDS)
+        self.log.info("drained the relays in %.1fs%s", time.monotonic() - started,
+                      f"; {left} still open are closed now" if left else "")
 
     def _exit_default(self) -> ExitDecision:
         """What exit does before the owner watch could say anything (--on-exit=owner: keep)."""
@@ -228,14 +257,18 @@ class Agent:
 
     # --- status ---------------------------------------------------------------------
     def readiness(self) -> Readiness:
-        """Can serve: the first reconcile is done and every enrolled pod's identity has a
-        valid certificate now; else what is missing."""
+        """Can serve: the first reconcile is done, every pod captured before this agent
+        (by the previous one) is enrolled — listeners open, steering at them — and every
+        enrolled pod's identity has a valid certificate now; else what is missing. A
+        rolling update deletes the old agent only once this holds for the new one."""
         if not self.reconciled:
             scan_error = self.source.scan_error
             return Readiness((f"cluster state not read yet: {scan_error}" if scan_error
                               else "first reconcile not done yet",))
         pods = [e.ctx.pod for e in self.enroller.enrolled.values()]
-        return Readiness(tuple(self.datapath.identities.missing(pods)))
+        failed = [f"pod {f.wanted.namespace}/{f.wanted.name} is not enrolled: {f.reason}"
+                  for f in sorted(self.enroller.failures.values(), key=lambda f: f.wanted.uid) if f.blocks_readiness]
+        return Readiness(tuple(failed + self.datapath.identities.missing(pods)))
 
     def status(self) -> dict[str, Any]:
         enrolment = self.enroller.describe()

@@ -17,7 +17,10 @@ hostPath volumes each node's own view (nodeagent/lab/kube/kubelet.py). Checked, 
    message; one the schema takes but the agents cannot (a regex that does not compile)
    gets a Warning Event, while the agents keep their last good configuration (a policy
    applied before it still holds);
-6. `kubectl delete -k daemonset/` leaves nothing on the nodes: no BPF program attached
+6. a rolling update (`kubectl set env`, twice) while a client sends a request every
+   10 ms (new connection each, a marker in the path): every request answered 200, the
+   marker never in plaintext on the fabric, both agents replaced by Ready ones;
+7. `kubectl delete -k daemonset/` leaves nothing on the nodes: no BPF program attached
    in a node's cgroup, no pin in its bpffs, no listener or `ip rule` left in a pod, and
    the client reaches the server in plaintext again.
 
@@ -185,13 +188,17 @@ def request(lab: Lab, path: str = "/", count: int = 1) -> dict:
 
 PINGER = """
 import socket, sys, time
+path = sys.argv[1]
 while True:
     started = time.time()
     try:
         with socket.create_connection(("web.shop", 80), timeout=2) as s:
             s.settimeout(2)
-            s.sendall(b"GET / HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n")
-            ok = s.recv(12) == b"HTTP/1.1 200"
+            s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n".encode())
+            answer = b""
+            while chunk := s.recv(65536):  # to the end: closing with unread bytes would reset
+                answer += chunk
+            ok = answer.startswith(b"HTTP/1.1 200")
     except OSError:
         ok = False
     print(f"{started:.3f} {int(ok)}", flush=True)
@@ -203,8 +210,8 @@ class Pinger:
     """One request every 10 ms from shop/client to the web Service, each on a new
     connection, for as long as it runs: (wall-clock start, answered 200) per request."""
 
-    def __init__(self, lab: Lab):
-        self.proc = lab.spawn("shop/client", sys.executable, "-c", PINGER)
+    def __init__(self, lab: Lab, path: str = "/"):
+        self.proc = lab.spawn("shop/client", sys.executable, "-c", PINGER, path)
         self.results: list[tuple[float, bool]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -326,10 +333,11 @@ def test_an_authorization_policy_applied_with_kubectl_is_enforced_and_lifted_by_
         print(f"AuthorizationPolicy enforced {pinger.first(False, applied, 'a refusal'):.3f}s after kubectl apply")
         refused = time.time() + 0.5
         poll(lambda: len(pinger.since(refused)) >= 10, "10 more requests", 60)
+        deleting = time.time()  # the deletion may be in force before kubectl returns
         kubectl(mesh, "delete", "authorizationpolicies.security.istio.io", "only-nobody", "-n", "shop")
         deleted = time.time()
         print(f"AuthorizationPolicy lifted {pinger.first(True, deleted, 'an answer'):.3f}s after kubectl delete")
-        assert not any(ok for t, ok in pinger.since(refused) if t < deleted)  # refused until deleted
+        assert not any(ok for t, ok in pinger.since(refused) if t < deleting)  # refused until deleted
         lifted = time.time() + 0.5
         poll(lambda: len(pinger.since(lifted)) >= 10, "10 more requests", 60)
         assert all(ok for _, ok in pinger.since(lifted))
@@ -360,6 +368,91 @@ def test_an_invalid_virtual_service_is_refused_and_the_last_good_config_stays(me
     kubectl(mesh, "delete", "virtualservices.networking.istio.io", "regex", "-n", "shop")
     kubectl(mesh, "delete", "authorizationpolicies.security.istio.io", "only-nobody", "-n", "shop")
     poll(lambda: request(mesh)["codes"] == {"200": 1}, "the deletion to lift the policy", 60, 0.05)
+
+
+def all_agent_pods(lab: Lab) -> list[dict]:
+    """Every pod of the DaemonSet, terminating ones included."""
+    return get(lab, "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=nodeagent")["items"]
+
+
+def roll(lab: Lab, value: str, tmp_path) -> None:
+    """`kubectl set env` on the DaemonSet while the pinger runs (a marker in its path)
+    and the fabric is captured, until both nodes run a new Ready agent and the old
+    agents are gone; then checks every request was answered 200 and the marker never
+    crossed the fabric in plaintext."""
+    marker = f"ROLL-{uuid.uuid4().hex}"
+    capture = FabricCapture(Layout(lab.name, cgroup_root="").fabric_netns, str(tmp_path / f"roll-{value}.pcap"))
+    pinger = Pinger(lab, f"/{marker}")
+    try:
+        before = {n: p["metadata"]["uid"] for n, p in agent_pods(lab).items()}
+        assert sorted(before) == ["kn1", "kn2"]
+        started = time.time()
+        kubectl(lab, "set", "env", "daemonset/nodeagent", "-n", SYSTEM, f"ROLLED={value}")
+
+        seen: dict = {}
+
+        def replaced() -> dict | None:
+            pods = all_agent_pods(lab)
+            for p in pods:
+                state = (p["spec"].get("nodeName"), ready(p), bool(p["metadata"].get("deletionTimestamp")))
+                if seen.get(p["metadata"]["name"]) != state:
+                    seen[p["metadata"]["name"]] = state
+                    print(f"  {time.time() - started:6.2f}s {p['metadata']['name']} node={state[0]} "
+                          f"ready={state[1]} deleting={state[2]}")
+            new = {p["spec"].get("nodeName"): p for p in pods if p["metadata"]["uid"] not in before.values()}
+            return new if len(pods) == 2 and sorted(new) == ["kn1", "kn2"] and all(
+                ready(p) and not p["metadata"].get("deletionTimestamp") for p in new.values()) else None
+
+        new = poll(replaced, "both agents replaced by Ready ones and the old ones gone", 300, 0.5)
+        done = time.time()
+        poll(lambda: len(pinger.since(done)) >= 50, "50 more requests after the rollout", 60)
+        poll(lambda: capture.packets("tcp port 15008") > 0, "HBONE packets in the capture", 30)
+    finally:
+        pinger.stop()
+        pcap = capture.stop()
+    results = pinger.since(started)
+    failed = [round(t - started, 3) for t, ok in results if not ok]
+    print_agent_logs(lab, [f"{SYSTEM}_{name}_agent.log" for name in seen if name not in new_names(new)],
+                     everything=bool(failed))
+    print(f"rollout ROLLED={value}: {done - started:.1f}s to both old agents gone; {len(results)} requests, "
+          f"{len(failed)} failed {failed[:10]}")
+    assert failed == [] and len(results) > 100, (len(results), failed)
+    assert marker.encode() not in pcap, "a request crossed the fabric in plaintext during the rollout"
+    assert capture.packets("tcp port 8080") == 0
+    for node, pod in new.items():
+        assert pod["metadata"]["uid"] != before[node]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["ROLLED"] == value
+        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0, pod["status"]
+    assert enrolled(lab, "kn1") == ["shop/client"] and enrolled(lab, "kn2") == ["shop/web"]
+
+
+def new_names(pods: dict) -> set[str]:
+    return {p["metadata"]["name"] for p in pods.values()}
+
+
+def print_agent_logs(lab: Lab, files: list[str], everything: bool) -> None:
+    """The old agents' hand-over (how long their drain took), or, after a failure, all
+    they logged above debug."""
+    logs = Layout(lab.name, cgroup_root="").logs_dir
+    for name in sorted(files):
+        path = os.path.join(logs, name)
+        for line in open(path, errors="replace") if os.path.exists(path) else ():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            message = str(rec.get("message") or rec.get("msg"))
+            if everything or message.startswith(("drained the relays", "agent stopped")):
+                print(f"  {name}: {str(rec.get('time') or rec.get('ts'))[-13:]} {rec.get('level')} {message[:250]}")
+
+
+def test_a_rolling_update_fails_no_request_and_sends_no_plaintext(mesh: Lab, tmp_path):
+    """Twice in a row (two env changes), so it is not luck: one request every 10 ms,
+    each on a new connection, through the whole rollout of both nodes (maxSurge 1: the
+    new agent serves beside the old one, which hands over at SIGTERM)."""
+    roll(mesh, "1", tmp_path)
+    roll(mesh, "2", tmp_path)
 
 
 def test_kubectl_delete_leaves_nothing_on_the_nodes(mesh: Lab):

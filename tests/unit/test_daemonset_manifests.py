@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import kubernetes_validate
@@ -308,7 +309,7 @@ def test_the_agent_pod_is_what_capture_needs():
     assert (spec["hostNetwork"], spec["hostPID"], spec["dnsPolicy"]) == (True, True, "ClusterFirstWithHostNet")
     assert spec["tolerations"] == [{"operator": "Exists"}]
     assert AGENT["spec"]["updateStrategy"] == {"type": "RollingUpdate",
-                                               "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+                                               "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
     assert host == {"bpffs": "/sys/fs/bpf", "cgroup": "/sys/fs/cgroup", "modules": "/lib/modules",
@@ -372,11 +373,9 @@ def test_probes_and_scrape_annotations_hit_the_admin_server():
     container = AGENT["spec"]["template"]["spec"]["containers"][0]
     port = int(agent_args()["--admin-address"].rpartition(":")[2])
     server = admin.AdminServer(registry=admin.CollectorRegistry(), status=dict, ready=lambda: True, log=None)
-    for probe in ("readinessProbe", "livenessProbe"):
-        get = container[probe]["httpGet"]
-        assert get["port"] == port
-        assert server.respond("GET", get["path"])[0] == 200, probe
-    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
+    get = container["livenessProbe"]["httpGet"]
+    assert get["port"] == port
+    assert server.respond("GET", get["path"])[0] == 200
     annotations = AGENT["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
                            "prometheus.io/path": "/metrics"}
@@ -436,3 +435,26 @@ def test_a_crd_file_holding_anything_else_is_refused(tmp_path: Path):
         crds.load(bad)
     with pytest.raises(crds.EnvironmentProblem, match="are not beside this nodeagent"):
         crds.load(tmp_path / "missing.yaml")
+
+
+def test_the_readiness_probe_reads_the_agents_own_readiness_file(tmp_path):
+    """An exec probe (the admin port is shared during a rolling update): ready only with a
+    fresh file saying `ready`; otherwise it fails printing why (kubelet's Unhealthy event)."""
+    command = AGENT["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
+    default = str(admin.readiness_path(Path(agent_config.DEFAULT_ADMIN_SOCKET)))
+    assert command[:2] == ["sh", "-c"] and default in command[2]
+    path = tmp_path / "readiness"
+    script = command[2].replace(default, str(path))
+
+    def probe() -> tuple[int, str]:
+        done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=10)
+        return done.returncode, done.stdout
+
+    assert probe() == (1, f"not ready: no {path} newer than 5 s\n")
+    path.write_text(admin.readiness_text(admin.Readiness()))
+    assert probe() == (0, "")
+    path.write_text(admin.readiness_text(admin.Readiness(("no valid certificate for x",))))
+    assert probe() == (1, "not ready: no valid certificate for x\n")
+    path.write_text("ready\n")
+    os.utime(path, (time.time() - 6, time.time() - 6))
+    assert probe() == (1, f"not ready: no {path} newer than 5 s\n")

@@ -134,6 +134,16 @@ class Failure:
     reason: str
     attempts: int = 0
     retry_at: float = 0.0
+    adopted_cookie: int | None = None  # its netns was captured already (by the agent before this one)
+
+    @property
+    def blocks_readiness(self) -> bool:
+        """A pod the previous agent captured (and may still serve, in a rolling update)
+        that this agent cannot serve (a listener it cannot open: the port held without
+        SO_REUSEPORT…). Other failures — a pod not started yet, an app holding a mesh
+        port from the start — do not: no agent could serve that pod, and one pod must not
+        hold back the node's agent."""
+        return self.adopted_cookie is not None
 
     def describe(self) -> dict:
         return {"namespace": self.wanted.namespace, "name": self.wanted.name, "uid": self.wanted.uid,
@@ -204,6 +214,7 @@ class Enroller:
         steered, so the IPs of this node's pods that are not enrolled are unsteered too
         (none of them may be steered)."""
         ours = {e.ctx.cookie for e in self.enrolled.values()}
+        ours |= {f.adopted_cookie for f in self.failures.values() if f.adopted_cookie is not None}  # kept, retried
         stale = sorted(set(self.capture.enrolled_netns()) - ours)
         enrolled_ips = {e.wanted.ip for e in self.enrolled.values()}
         loose = sorted({p.ip for p in model.pods_on_node(self.node) if p.ip} - enrolled_ips)
@@ -214,16 +225,16 @@ class Enroller:
         return stale
 
     # --- enrol ----------------------------------------------------------------------
-    def _retry_later(self, want: Wanted, reason: str) -> tuple[int, float]:
+    def _retry_later(self, want: Wanted, reason: str, adopted_cookie: int | None = None) -> tuple[int, float]:
         """Record a failed attempt at `want`: its number in a row and the delay before the next."""
         prev = self.failures.get(want.uid)
         attempts = (prev.attempts if prev else 0) + 1
         delay = RETRY.delay(attempts)
-        self.failures[want.uid] = Failure(want, reason, attempts, self.clock() + delay)
+        self.failures[want.uid] = Failure(want, reason, attempts, self.clock() + delay, adopted_cookie)
         return attempts, delay
 
-    def _failed(self, want: Wanted, reason: str, metric: str) -> None:
-        attempts, delay = self._retry_later(want, reason)
+    def _failed(self, want: Wanted, reason: str, metric: str, adopted_cookie: int | None = None) -> None:
+        attempts, delay = self._retry_later(want, reason, adopted_cookie)
         self.metrics.enrol_errors.labels(reason=metric).inc()
         # A pod just starting is normal; one that stays unfindable is worth a warning a minute.
         loud = metric != "netns_not_found" or attempts == 5 or attempts % 30 == 5
@@ -237,15 +248,26 @@ class Enroller:
             return
         ctx = PodContext(pod, os.dup(found.fd), found.cookie)
         listeners: list[InPodListener] = []
+        captured = False
         try:
             podrouting.install(ctx.netns_fd, self._routing(want))
             listeners = self._open_listeners(ctx, want)
             self.capture.enrol_netns(ctx.cookie, exclude_outbound_ports=sorted(want.exclude_outbound))
+            captured = True
             self._steer(ctx, want, listeners)
         except Exception as exc:  # one pod's failure must never stop the agent
             self.log.debug("enrolment of %s failed", ctx, exc_info=True)
-            self._undo(ctx, want, listeners)
-            self._failed(want, f"{type(exc).__name__}: {exc}", "error")
+            # Captured already, before this attempt: by the previous agent (a restart, or
+            # a rolling update's old agent still serving it). Its capture, steering and
+            # routing then stay — fail closed, or served by that agent — never unmeshed.
+            adopted = not captured and ctx.cookie in self.capture.enrolled_netns()
+            if adopted:
+                for lst in listeners:
+                    lst.close()
+                os.close(ctx.netns_fd)
+            else:
+                self._undo(ctx, want, listeners)
+            self._failed(want, f"{type(exc).__name__}: {exc}", "error", ctx.cookie if adopted else None)
             return
         self.failures.pop(want.uid, None)
         self.enrolled[want.uid] = Enrolment(want, ctx, found.pid, listeners, self.wall_clock())
@@ -342,6 +364,26 @@ class Enroller:
         os.close(ctx.netns_fd)
 
     # --- shutdown -------------------------------------------------------------------
+    def stop_listening(self) -> None:
+        """Handing the node over to the next agent: close every in-pod listener without
+        accepting what is queued, which the kernel moves to the next agent's listener of
+        the same reuseport group (tcp_migrate_req, podrouting.py). Capture and steering
+        stay as they are (the next agent points them at its own listeners); the relays
+        under way go on."""
+        for e in self.enrolled.values():
+            for lst in e.listeners:
+                lst.close(accept_queued=False)
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` seconds for the relays of every pod to end; how many are
+        still running then."""
+        tasks = {t for e in [*self.enrolled.values(), *self.draining.values()]
+                 for bucket in e.ctx.tasks.values() for t in bucket}
+        if not tasks:
+            return 0
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return len(pending)
+
     async def close(self, keep_routing: bool) -> None:
         """Agent shutdown: stop listening and relaying; remove routing unless kept."""
         entries = list(self.enrolled.values())

@@ -7,6 +7,9 @@ and `local 0.0.0.0/0 dev lo table TABLE` (and the IPv6 pair for IPv6 pods), so t
 app's replies to the client address are delivered locally to the agent's transparent
 socket. The delivery mark differs from the mark on the agent's outbound sockets: with
 one mark the rule would deliver the agent's own outbound connections locally too.
+Also `net.ipv4.tcp_migrate_req=1` (Linux 5.14): when an agent closes its in-pod
+listeners at a rolling update, the connections queued on them move to the next agent's
+listener of the same reuseport group instead of being reset (sockets.py).
 
 These are four fixed rtnetlink messages, so they are built here rather than through
 pyroute2, whose per-request overhead (~1 ms of CPU each) would dominate enrolment
@@ -28,6 +31,7 @@ from nodeagent import netns
 TABLE = 539
 RULE_PRIORITY = 32764  # before `main` (32766), after `local` (0)
 FWMARK_ACCEPT = "/proc/sys/net/ipv4/tcp_fwmark_accept"
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 LOOPBACK_IFINDEX = 1  # lo is always ifindex 1 in its netns
 
 # rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/fib_rules.h)
@@ -103,46 +107,54 @@ class _Netlink:
             raise OSError(err, f"rtnetlink request {kind} in the pod netns: {os.strerror(err)}")
 
 
-def _open(netns_fd: int) -> tuple[_Netlink, int]:
-    """The pod netns' netlink socket and its tcp_fwmark_accept file (read-write fd)."""
+def _open(netns_fd: int) -> tuple[_Netlink, list[int]]:
+    """The pod netns' netlink socket and its tcp_fwmark_accept and tcp_migrate_req
+    files (read-write fds)."""
     with netns.entered(netns_fd):
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        sysctls: list[int] = []
         try:
-            sysctl = os.open(FWMARK_ACCEPT, os.O_RDWR | os.O_CLOEXEC)
+            for path in (FWMARK_ACCEPT, MIGRATE_REQ):
+                sysctls.append(os.open(path, os.O_RDWR | os.O_CLOEXEC))
         except BaseException:
             sock.close()
+            for fd in sysctls:
+                os.close(fd)
             raise
-    return _Netlink(sock), sysctl
+    return _Netlink(sock), sysctls
 
 
-def _write_sysctl(fd: int, value: str) -> None:
-    os.pwrite(fd, value.encode(), 0)
+def _write_sysctls(fds: list[int], value: str) -> None:
+    for fd in fds:
+        os.pwrite(fd, value.encode(), 0)
 
 
 def install(netns_fd: int, spec: RoutingSpec) -> None:
     """Apply the pod's delivery routing."""
-    nl, sysctl = _open(netns_fd)
+    nl, sysctls = _open(netns_fd)
     try:
-        _write_sysctl(sysctl, "1")
+        _write_sysctls(sysctls, "1")
         for family in spec.families:
             nl.check(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule_body(family, spec), ok=(errno.EEXIST,))
             nl.check(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, route_body(family, spec))
     finally:
         nl.sock.close()
-        os.close(sysctl)
+        for fd in sysctls:
+            os.close(fd)
 
 
 def remove(netns_fd: int, spec: RoutingSpec) -> None:
-    """Undo `install` (missing pieces are fine). tcp_fwmark_accept goes back to the
-    kernel default 0: after a restart the agent cannot know an earlier value."""
-    nl, sysctl = _open(netns_fd)
+    """Undo `install` (missing pieces are fine). tcp_fwmark_accept and tcp_migrate_req
+    go back to the kernel default 0: after a restart the agent cannot know an earlier value."""
+    nl, sysctls = _open(netns_fd)
     try:
         for family in spec.families:
             for _ in range(16):  # a duplicate rule (added by hand?) goes too
                 if nl.request(RTM_DELRULE, 0, rule_body(family, spec)) != 0:
                     break
             nl.check(RTM_DELROUTE, 0, route_body(family, spec), ok=(errno.ENOENT, errno.ESRCH))
-        _write_sysctl(sysctl, "0")
+        _write_sysctls(sysctls, "0")
     finally:
         nl.sock.close()
-        os.close(sysctl)
+        for fd in sysctls:
+            os.close(fd)

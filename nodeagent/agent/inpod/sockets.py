@@ -6,6 +6,15 @@ Every socket here is created by briefly entering the pod netns on the calling th
 the agent's own connections. `InPodListener` accepts without blocking the event loop and
 hands each connection to a handler task, which `PodContext` tracks so removal can wait
 for a pod's relays to finish before undoing its routing.
+
+Every listener sets SO_REUSEPORT, so a rolling update's new agent binds beside the old
+one and the two serve the pod together; when the old one closes its listeners, the pod
+netns' `net.ipv4.tcp_migrate_req=1` (podrouting.py) moves the connections waiting in
+its accept queues to the new agent's listener instead of resetting them. The kernel
+lets a socket join a reuseport group only when its owner uid is the group's (the
+agent's: root), so a process in the pod running as root can bind the same port and
+take a share of the pod's captured connections: docs/design.md, "Install on a
+cluster", says what that does and does not allow.
 """
 
 from __future__ import annotations
@@ -81,6 +90,7 @@ def listeners(netns_fd: int, specs: list[ListenSpec]) -> list[socket.socket | No
 
 def _listen(sock: socket.socket, spec: ListenSpec) -> socket.socket | None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # the next agent binds beside this one
     if spec.freebind:
         level = socket.IPPROTO_IPV6 if sock.family == socket.AF_INET6 else socket.IPPROTO_IP
         sock.setsockopt(level, IP_FREEBIND, 1)
@@ -177,10 +187,16 @@ class InPodListener:
             self.log.exception("%s connection of pod %s failed", self.direction, self.ctx)
             conn.close()
 
-    def close(self) -> None:
+    def close(self, accept_queued: bool = True) -> None:
         """Stop listening. Connections already queued are accepted and relayed first, so
-        removing a pod never resets a connection its app already saw established."""
+        removing a pod never resets a connection its app already saw established.
+        `accept_queued=False` (handing over to the next agent): they are left to the
+        kernel, which moves them to another listener of the reuseport group
+        (tcp_migrate_req) or, with none left, resets them."""
+        if self.sock.fileno() == -1:
+            return  # closed already (handed over, then the agent's shutdown)
         if self._loop is not None:
             self._loop.remove_reader(self.sock.fileno())
-            self._accept_ready()
+            if accept_queued:
+                self._accept_ready()
         self.sock.close()

@@ -1,0 +1,92 @@
+"""The agent's side of a rolling update's hand-over, through its own admin API and
+readiness file (agent_world.py: stand-ins only for capture, the /proc scan and entering
+a pod's netns): a pod the previous agent captured but this agent cannot serve keeps its
+capture and makes the agent not ready, saying why; the readiness file kubelet's exec
+probe reads says what /healthz/ready says, and goes with the agent."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from agent_world import (LEGACY_POD, SLEEP, CaptureMaps, PodKernel, PodProcesses, RunningAgent, load_config,
+                         namespaces, write_docs)
+from identity_fixtures import run
+
+from nodeagent.agent import admin
+
+
+@pytest.fixture
+def cluster(tmp_path) -> Path:
+    """The source directory: the namespaces, an unmeshed pod and the meshed sleep pod."""
+    directory = tmp_path / "cluster"
+    write_docs(directory / "namespaces.yaml", namespaces())
+    write_docs(directory / "pods.yaml", [LEGACY_POD.document(), SLEEP.document()])
+    return directory
+
+
+@pytest.fixture
+def pods(tmp_path) -> PodProcesses:
+    return PodProcesses(tmp_path / "netns")
+
+
+def agent(tmp_path, cluster, pods: PodProcesses, capture: CaptureMaps) -> RunningAgent:
+    return RunningAgent(load_config(tmp_path, cluster), capture, pods)
+
+
+def readiness_file(node: RunningAgent) -> str:
+    return admin.readiness_path(node.config.admin_socket).read_text()
+
+
+@pytest.mark.timeout(120)
+def test_a_pod_the_previous_agent_captured_but_this_one_cannot_serve_keeps_capture_and_holds_readiness(
+        tmp_path, cluster, pods, monkeypatch):
+    PodKernel(pods, monkeypatch)
+    pods.start(SLEEP, cookie=701)
+    capture = CaptureMaps(left={701: []})  # the old agent's capture of the pod, still serving it
+    node = agent(tmp_path, cluster, pods, capture)
+    squatter = socket.socket()  # the old agent's 15006 without SO_REUSEPORT (an older version)
+    squatter.bind((SLEEP.ip, node.config.inbound_port))
+    squatter.listen()
+
+    async def main():
+        async with node:
+            code, body = await node.until_ready_says(lambda b: "is not enrolled" in b)
+            assert code == 503 and body.startswith("not ready: pod mesh/sleep is not enrolled: OSError: "), body
+            assert "Address already in use" in body and body.count("\n") == 1, body
+            await node.until(lambda: readiness_file(node) == body, "the readiness file to say it")  # the probe prints it
+            assert capture.named("remove_netns", "unsteer_inbound") == []  # neither undone nor stale
+            assert capture.pods == {701: []}
+            squatter.close()
+            status = await node.until_ready()  # retried with backoff
+            assert [(p["name"], p["netns_cookie"]) for p in status["pods"]] == [("sleep", 701)]
+            await node.until(lambda: readiness_file(node) == "ready\n", "the readiness file to say ready")
+        assert not admin.readiness_path(node.config.admin_socket).exists()  # gone with the agent
+    try:
+        run(main())
+    finally:
+        squatter.close()
+
+
+def test_a_pod_no_agent_served_does_not_hold_readiness(tmp_path, cluster, pods, monkeypatch):
+    """An app holding a mesh port from the start: reported, retried, but the agent is ready
+    (no agent could serve that pod; one pod must not hold back the node's agent)."""
+    PodKernel(pods, monkeypatch)
+    pods.start(SLEEP, cookie=702)
+    capture = CaptureMaps()
+    node = agent(tmp_path, cluster, pods, capture)
+    squatter = socket.socket()
+    squatter.bind((SLEEP.ip, node.config.inbound_port))
+    squatter.listen()
+
+    async def main():
+        async with node:
+            status = await node.until_status(lambda s: s["waiting"] and s["waiting"][0].get("attempts", 0) >= 2,
+                                             "two failed enrolments")
+            assert status["ready"] and "Address already in use" in status["waiting"][0]["reason"], status
+            assert capture.pods == {}  # undone: nothing half-done
+    try:
+        run(main())
+    finally:
+        squatter.close()
