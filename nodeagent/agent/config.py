@@ -27,7 +27,7 @@ from nodeagent.kube.objects import DNS_SUBDOMAIN
 from nodeagent.xds.dataplane import UNIX_PATH_MAX, Sockets
 from nodeagent.settings import (OFF, Setting, parse_absolute, parse_address, parse_bool, parse_choice,
                                 parse_directory, parse_int, parse_namespace, parse_optional_file,
-                                parse_port, parse_source, parse_target)
+                                parse_port, parse_port_or_zero, parse_source, parse_target)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -286,7 +286,9 @@ SETTINGS: tuple[Setting, ...] = (
             "false: L4 only (HTTP-only policy rules then fail safe)", boolean=True),
     Setting("waypoint_dir", parse_waypoint_dir, DEFAULT_WAYPOINT_DIR,
             "directory of the waypoint's unix sockets (xDS, Envoy <-> agent), bootstrap and Envoy log", "DIR"),
-    Setting("envoy_admin_port", parse_port, "15000", "the waypoint Envoy's admin port on 127.0.0.1", "PORT"),
+    Setting("envoy_admin_port", parse_port_or_zero, "15000",
+            "the waypoint Envoy's admin port on 127.0.0.1; 0: a free port Envoy picks, shown in status (two agents "
+            "of one node during a rolling update with surge)", "PORT"),
     Setting("data_path_engine", parse_choice(ENGINES), "auto",
             "who moves the bytes of relayed socket pairs: native (the C engine of native/, splice(2) on its own "
             "thread), python (asyncio), or auto (native when scripts/setup built it, else python); HBONE "

@@ -52,8 +52,8 @@ class BootstrapSettings:
     max_connections: int = 50_000
 
     def __post_init__(self) -> None:
-        if not 0 < self.admin_port < 65536:
-            raise ConfigError("waypoint admin port", f"{self.admin_port} is not a port number 1-65535")
+        if not 0 <= self.admin_port < 65536:
+            raise ConfigError("waypoint admin port", f"{self.admin_port} is not a port number 1-65535 (0: a free one)")
         if not self.node:
             raise ConfigError("waypoint node id", "must not be empty")
 

@@ -425,6 +425,9 @@ def roll(lab: Lab, value: str, tmp_path) -> None:
         assert env["ROLLED"] == value
         assert pod["status"]["containerStatuses"][0]["restartCount"] == 0, pod["status"]
     assert enrolled(lab, "kn1") == ["shop/client"] and enrolled(lab, "kn2") == ["shop/web"]
+    for node in ("kn1", "kn2"):  # each new agent's waypoint Envoy ran beside the old one's (its own admin port)
+        envoy = agent_status(lab, node)["waypoint"]["envoy"]
+        assert (envoy["running"], envoy["restarts"]) == (True, 0), envoy
 
 
 def new_names(pods: dict) -> set[str]:

@@ -129,7 +129,7 @@ BAD = [
     ("waypoint", "sometimes", "true or false"),
     ("waypoint_dir", "run/waypoint", "absolute"),
     ("waypoint_dir", "/run/" + "w" * 100, "would exceed 107 bytes"),
-    ("envoy_admin_port", "0", "1-65535"),
+    ("envoy_admin_port", "65536", "1-65535, or 0 for a free one"),
 ]
 
 

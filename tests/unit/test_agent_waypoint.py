@@ -178,3 +178,45 @@ def test_open_writes_the_header_or_says_envoy_is_unavailable(waypoint, tmp_path)
     header, got = run(go())
     assert got == header
     assert waypoint.describe()["connections"] == {"outbound": 1, "inbound": 0}
+
+
+def test_two_waypoints_with_free_admin_ports_run_side_by_side(tmp_path):
+    """envoy_admin_port 0 (the DaemonSet's): each real Envoy picks a free admin port and
+    status shows it, so two agents of one node (a rolling update with surge) both run
+    their waypoint; with both on 127.0.0.1:15000 the new agent's Envoy exited 1 until
+    the old one was gone."""
+    import json
+    import urllib.request
+
+    from nodeagent.agent import config as agent_config
+
+    async def handler(sock, header):
+        sock.close()
+
+    async def go():
+        waypoints = []
+        try:
+            for name in ("old", "new"):
+                (tmp_path / name / "cluster").mkdir(parents=True)
+                config = agent_config.load({"node": "node1", "source": f"files:{tmp_path / name / 'cluster'}",
+                                            "cgroup": str(tmp_path), "waypoint_dir": str(tmp_path / name / "wp"),
+                                            "envoy_admin_port": "0"}, {})
+                waypoint = Waypoint(config, registry=CollectorRegistry(), log=logging.getLogger(name),
+                                    on_upstream=handler, on_deliver=handler)
+                waypoints.append(waypoint)
+                await waypoint.start()
+            await until(lambda: all(w.admin_address() for w in waypoints), "both Envoys' admin addresses", 60)
+            answers = []
+            for waypoint in waypoints:
+                url = f"http://{waypoint.describe()['envoy']['admin']}/server_info"
+                with await asyncio.to_thread(urllib.request.urlopen, url, timeout=10) as response:
+                    answers.append((response.status, json.load(response)["command_line_options"]["admin_address_path"]))
+            return answers, [w.describe()["envoy"] for w in waypoints]
+        finally:
+            for waypoint in waypoints:
+                await waypoint.close()
+
+    answers, envoys = run(go())
+    assert answers == [(200, str(tmp_path / name / "wp" / "admin-address")) for name in ("old", "new")]
+    assert envoys[0]["admin"] != envoys[1]["admin"] and all(e["admin"].startswith("127.0.0.1:") for e in envoys)
+    assert [(e["running"], e["restarts"]) for e in envoys] == [(True, 0), (True, 0)]

@@ -16,6 +16,7 @@ header. Every file lives in the waypoint directory; `close()` removes the socket
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -72,7 +73,8 @@ class Waypoint:
         self.log = log
         self.directory = config.waypoint_dir
         self.sockets = Sockets(str(self.directory))
-        self.admin_port = config.envoy_admin_port
+        self.admin_port = config.envoy_admin_port  # 0: Envoy picks one and writes it to admin_address_path
+        self.admin_address_path = self.directory / "admin-address"
         self.metrics = WaypointMetrics(registry)
         self.handlers = {"upstream": on_upstream, "deliver": on_deliver}
         # Runs a config step (the publisher's rebuilds after an ACK or NACK, cluster
@@ -91,10 +93,14 @@ class Waypoint:
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task] = set()
         self.sent = {"outbound": 0, "inbound": 0}  # connections the agent sent to Envoy
+        options = dict(supervisor_options or {})
+        if self.admin_port == 0:
+            options["extra_args"] = (*options.get("extra_args", ()), "--admin-address-path",
+                                     str(self.admin_address_path))
         try:
             self.supervisor = EnvoySupervisor(str(self.directory / "bootstrap.json"),
                                               str(self.directory / "envoy.log"), log=log.getChild("envoy"),
-                                              preexec_fn=_die_with_parent, **(supervisor_options or {}))
+                                              preexec_fn=_die_with_parent, **options)
         except EnvironmentProblem as exc:
             raise EnvironmentProblem(exc.message, f"{exc.hint}, or run the agent with --no-waypoint "
                                      "(L4 only)") from None
@@ -116,12 +122,15 @@ class Waypoint:
             self._listeners.append(listener)
             self._tasks.add(loop.create_task(self._serve(name, listener), name=f"waypoint-{name}"))
         bootstrap = self.directory / "bootstrap.json"
+        with contextlib.suppress(FileNotFoundError):
+            self.admin_address_path.unlink()  # a previous Envoy's
         bootstrap.write_text(bootstrap_json(BootstrapSettings(self.node, self.sockets.xds, self.admin_port)))
         self.supervisor.start()
         self._started = True
         self._tasks.add(loop.create_task(self._collect_loop(), name="waypoint-collect"))
-        self.log.info("waypoint: envoy pid %s, admin 127.0.0.1:%d, xDS on %s",
-                      self.supervisor.status().pid, self.admin_port, self.sockets.xds)
+        self.log.info("waypoint: envoy pid %s, admin %s, xDS on %s", self.supervisor.status().pid,
+                      f"127.0.0.1:{self.admin_port}" if self.admin_port else f"a free port ({self.admin_address_path})",
+                      self.sockets.xds)
 
     async def close(self) -> None:
         if self._started:
@@ -222,6 +231,16 @@ class Waypoint:
         await self.handlers[name](raw, header)
 
     # --- status -------------------------------------------------------------------------
+    def admin_address(self) -> str | None:
+        """Envoy's admin HOST:PORT: the configured port, or the one Envoy picked (None
+        until it wrote it)."""
+        if self.admin_port:
+            return f"127.0.0.1:{self.admin_port}"
+        try:
+            return self.admin_address_path.read_text().strip() or None
+        except OSError:
+            return None
+
     def describe(self) -> dict:
         status = self.supervisor.status() if self._started else None
         published = self.publisher.describe()  # its xDS versions, then what is in force
@@ -233,7 +252,7 @@ class Waypoint:
             "envoy": {"running": bool(status and status.running), "pid": status.pid if status else None,
                       "restarts": status.restarts if status else 0,
                       "last_exit": status.last_exit if status else None,
-                      "admin": f"127.0.0.1:{self.admin_port}", "log": str(self.directory / "envoy.log")},
+                      "admin": self.admin_address(), "log": str(self.directory / "envoy.log")},
             "xds": {**xds, "connected": self.node in self.server.connected(), "nacks": int(nacks),
                     "snapshot_error": self.publisher.snapshot_error},
             **published,  # built_at, resources, errors, warnings, dataplane
