@@ -148,6 +148,8 @@ struct nh_engine {
     struct obj *graveyard;
     struct conn *hs_head, *hs_tail, *dirty;
     struct conn *live_head;        /* connections in HTTP/2, for tick() */
+    struct evnode *stage_head, *stage_tail; /* engine thread: events of one read, published together */
+    bool staging;                  /* engine thread */
     uint64_t next_tick;            /* ms; 0: no periodic work configured */
     uint32_t tick_ms;
     uint64_t held;
@@ -275,6 +277,14 @@ static void emit(struct nh_engine *e, const struct nh_event *ev, const char *dat
             n->ev.data_len = len;
         }
     }
+    if (e->staging) {
+        if (e->stage_tail)
+            e->stage_tail->next = n;
+        else
+            e->stage_head = n;
+        e->stage_tail = n;
+        return;
+    }
     pthread_mutex_lock(&e->lock);
     if (e->ev_tail)
         e->ev_tail->next = n;
@@ -283,6 +293,37 @@ static void emit(struct nh_engine *e, const struct nh_event *ev, const char *dat
     e->ev_tail = n;
     ST_ADD(e, events_queued, 1);
     pthread_mutex_unlock(&e->lock);
+    uint64_t one = 1;
+    if (write(e->notify, &one, sizeof one) < 0) {
+        /* EAGAIN: the counter is already huge, the reader is woken anyway */
+    }
+}
+
+/* The events of one read (a REQUEST and the client's reset of it right behind, say) go to
+ * Python together: it drains the queue at once, so it never acts on a request whose reset
+ * it has not seen yet, as the Python server, which handles a read's frames in one go. */
+static void stage_begin(struct nh_engine *e)
+{
+    e->staging = true;
+}
+
+static void stage_publish(struct nh_engine *e)
+{
+    e->staging = false;
+    if (!e->stage_head)
+        return;
+    size_t count = 0;
+    for (struct evnode *n = e->stage_head; n; n = n->next)
+        count++;
+    pthread_mutex_lock(&e->lock);
+    if (e->ev_tail)
+        e->ev_tail->next = e->stage_head;
+    else
+        e->ev_head = e->stage_head;
+    e->ev_tail = e->stage_tail;
+    ST_ADD(e, events_queued, (uint64_t)count);
+    pthread_mutex_unlock(&e->lock);
+    e->stage_head = e->stage_tail = NULL;
     uint64_t one = 1;
     if (write(e->notify, &one, sizeof one) < 0) {
         /* EAGAIN: the counter is already huge, the reader is woken anyway */
@@ -1201,7 +1242,9 @@ static void conn_read(struct conn *c)
         }
         c->last_heard = now_ms();
         track_frames(c, buf, (size_t)n);
+        stage_begin(c->e);
         ssize_t rv = nghttp2_session_mem_recv(c->h2, buf, (size_t)n);
+        stage_publish(c->e);
         if (rv < 0) {
             /* nghttp2 queued GOAWAY itself, but not for a bad preface: then we do */
             nghttp2_session_terminate_session(c->h2, NGHTTP2_PROTOCOL_ERROR);
