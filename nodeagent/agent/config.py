@@ -73,7 +73,7 @@ class AgentConfig:
     waypoint_dir: Path
     envoy_admin_port: int
     data_path_engine: str  # who moves the bytes of relayed socket pairs: auto, native or python
-    hbone_engine: str  # who carries HBONE (TLS, HTTP/2, the streams' bytes): python, native or auto
+    hbone_engine: str  # who carries HBONE (TLS, HTTP/2, the streams' bytes): auto, native or python
     same_node_fast_path: bool  # meshed pod to meshed pod of this node: admitted and joined here, no HBONE
     same_node_sockmap: bool  # ... joined in the kernel (bpf/samenode.c) when it loads, else by the engine
 
@@ -294,11 +294,11 @@ SETTINGS: tuple[Setting, ...] = (
             "thread), python (asyncio), or auto (native when scripts/setup built it, else python); HBONE "
             "streams stay in Python either way. nodeagent status says which is in use and why",
             "|".join(ENGINES)),
-    Setting("hbone_engine", parse_choice(ENGINES), "python",
-            "who carries HBONE (mTLS, HTTP/2 CONNECT and the streams' bytes): python (nodeagent/tunnel, asyncio), "
-            "native (the C engine of native/hbone.c on its own thread; refused at start-up unless scripts/setup "
-            "built it), or auto (python while the native engine lacks a behaviour of the Python path; "
-            "docs/design.md). nodeagent status says which is in use and why", "|".join(ENGINES)),
+    Setting("hbone_engine", parse_choice(ENGINES), "auto",
+            "who carries HBONE (mTLS, HTTP/2 CONNECT and the streams' bytes): native (the C engine of "
+            "native/hbone.c on its own thread; refused at start-up unless scripts/setup built it), python "
+            "(nodeagent/tunnel, asyncio), or auto (native when scripts/setup built it, else python). "
+            "nodeagent status says which is in use and why", "|".join(ENGINES)),
     Setting("same_node_fast_path", parse_bool, "true",
             "a connection from a meshed pod to a meshed pod of this same node skips HBONE: the agent admits it "
             "as the destination would (PeerAuthentication, AuthorizationPolicy with the source's identity), "

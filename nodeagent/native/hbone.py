@@ -1,6 +1,7 @@
 """The native HBONE engine (native/hbone.c: TLS 1.3 with libssl, HTTP/2 CONNECT with
 libnghttp2, its own thread) as asyncio sees it. The agent takes it with the setting
-`hbone_engine` (agent/proxy/hbone_engine.py; tunnel/ is the default path).
+`hbone_engine` (agent/proxy/hbone_native.py; the default, auto, takes it when built,
+else the Python tunnel/ path).
 
 Python keeps the decisions: it hands the engine connected sockets (detached: the
 engine closes them) and answers what the engine asks. Client side: `await

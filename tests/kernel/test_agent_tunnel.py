@@ -43,13 +43,15 @@ AGENT_PORTS = (default("tunnel_port"), default("outbound_port"), default("inboun
                default("admin_address")[1])
 
 
-@pytest.fixture
-def mesh(tmp_path):
+@pytest.fixture(params=["auto", "python"])
+def mesh(tmp_path, request):
     """client and server (namespace app, meshed), legacy (namespace plain); the probe
     server runs in server; the CA and the agent run, the server holds a certificate.
     Client to server is HBONE here: the same-node fast path (on by default; its own
-    tests are test_same_node.py) is off."""
-    with meshed_sandbox(tmp_path, "legacy", "--no-same-node-fast-path") as (sb, client, server, legacy, app):
+    tests are test_same_node.py) is off. Each test runs on both HBONE engines: the
+    default (auto: the native engine where it is built) and the Python fallback."""
+    with meshed_sandbox(tmp_path, "legacy", "--no-same-node-fast-path", "--hbone-engine", request.param) as (
+            sb, client, server, legacy, app):
         yield sb, client, server, legacy
 
 

@@ -41,8 +41,11 @@ ESTABLISHED = "01"  # st column of /proc/net/tcp
 @pytest.fixture
 def mesh(tmp_path):
     """server (namespace app, meshed, probe server on PORT) and its meshed client;
-    attacker (namespace plain, unmeshed) holding a valid mesh certificate."""
-    with meshed_sandbox(tmp_path, "attacker", "--no-same-node-fast-path") as (sb, client, server, attacker, app):
+    attacker (namespace plain, unmeshed) holding a valid mesh certificate. The Python
+    HBONE path (the fallback where the native module is missing): the default engine's
+    twin of these tests is test_native_hbone_agent.py."""
+    with meshed_sandbox(tmp_path, "attacker", "--no-same-node-fast-path", "--hbone-engine", "python") as (
+            sb, client, server, attacker, app):
         yield sb, client, server, attacker, app
 
 

@@ -1,8 +1,8 @@
 """Which engine carries the agent's HBONE (setting hbone_engine, hbone_native.HboneEngines)
-and what status says about it: python by default; native takes the built module and
-refuses to start without it, naming the setting; auto stays python while the native
-engine lacks a behaviour of the Python path (AUTO_TAKES_NATIVE), saying so; an engine
-that cannot start is an error for native."""
+and what status says about it: auto by default, which takes the built module and is
+python without it, saying why; native takes the built module and refuses to start
+without it, naming the setting; an engine that cannot start is an error for native and
+python, saying why, for auto."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from engines import require_native_hbone
 from nodeagent import native
 from nodeagent.agent import config
 from nodeagent.agent.datapath import engines_summary
-from nodeagent.agent.proxy import hbone_native
 from nodeagent.agent.proxy.hbone_native import HboneEngines
 from nodeagent.errors import ConfigError
 from nodeagent.native import hbone
@@ -48,14 +47,11 @@ def test_python_is_python_even_when_the_module_is_built():
     assert (described["engine"], described["why"], described["native"]) == ("python", "hbone_engine=python", None)
 
 
-def test_auto_is_python_while_the_native_engine_lacks_a_behaviour(monkeypatch):
+def test_auto_takes_the_built_module():
     require_native_hbone()
     described = _started("auto")
-    assert (described["engine"], described["why"]) == ("python", (
-        "hbone_engine=auto: python until the native engine keeps every behaviour of the Python path "
-        "(docs/design.md, Native HBONE engine); hbone_engine=native takes it"))
-    monkeypatch.setattr(hbone_native, "AUTO_TAKES_NATIVE", True)
-    assert _started("auto")["engine"] == "native"
+    assert (described["engine"], described["setting"], described["why"]) == (
+        "native", "auto", "hbone_engine=auto: the native HBONE module is built from this tree's native/")
 
 
 def _unbuilt(monkeypatch) -> None:
@@ -80,6 +76,9 @@ def test_an_engine_that_cannot_start_is_an_error_for_native(monkeypatch):
     monkeypatch.setattr(hbone.HboneEngine, "start", cannot_start)
     with pytest.raises(ConfigError, match="setting hbone_engine.*Too many open files"):
         _started("native")
+    described = _started("auto")
+    assert (described["engine"], described["why"]) == (
+        "python", "[Errno 24] cannot start the native HBONE engine: Too many open files")
 
 
 @pytest.fixture
@@ -89,8 +88,8 @@ def base(tmp_path: Path) -> dict[str, str]:
     return {"node": "node-1", "source": f"files:{tmp_path / 'cluster'}", "cgroup": str(tmp_path / "cg")}
 
 
-def test_the_setting_defaults_to_python_and_reads_flag_and_environment(base):
-    assert config.load(base, {}).hbone_engine == "python"
+def test_the_setting_defaults_to_auto_and_reads_flag_and_environment(base):
+    assert config.load(base, {}).hbone_engine == "auto"
     assert config.load(base, {"NODEAGENT_HBONE_ENGINE": "native"}).hbone_engine == "native"
     assert config.load({**base, "hbone_engine": "auto"}, {"NODEAGENT_HBONE_ENGINE": "native"}).hbone_engine == "auto"
     with pytest.raises(ConfigError, match="setting hbone_engine .*'nghttp2'"):

@@ -2,8 +2,9 @@
 chosen by the setting `hbone_engine` beside the Python `tunnel/` path.
 
 `HboneEngines` is the choice, made once from the setting as splice.Splicer makes the
-relays' (`python`; `native`: required, ConfigError at start-up without the module;
-`auto`: see AUTO_TAKES_NATIVE), the engine itself (started on the agent's loop, stopped
+relays' (`auto`, the default: native when the module is built from this tree's sources
+and starts, else python saying why; `native`: required, ConfigError at start-up without
+the module; `python`), the engine itself (started on the agent's loop, stopped
 last) and the engine's TLS credentials per workload identity (a new `nh_tls` when a
 certificate rotates; connections made keep theirs), and how the engine's ends are
 labelled in the tunnel's metrics (the Python path's names). The source side's pool is
@@ -23,9 +24,6 @@ from nodeagent.tunnel import TunnelSettings
 from nodeagent.tunnel.h2conn import code_name
 from nodeagent.tunnel.tls import VERIFY_REASONS
 
-# `auto` takes the native engine when it is built. Kept False while a behaviour of the
-# Python path is missing from the native one (docs/design.md "Native HBONE engine").
-AUTO_TAKES_NATIVE = False
 POOL_IDLE = 300.0  # seconds a pooled client connection without streams lives (HbonePool's idle_timeout)
 SERVER_IDLE = 600.0  # ... and a server connection (HboneServer's)
 ERROR_ENDS = ("keepalive", "protocol_error", "flood", "goaway", "io_error", "truncated")  # after TLS: connection_errors
@@ -51,10 +49,6 @@ class HboneEngines:
                 raise ConfigError("setting hbone_engine", f"is native, but {exc}",
                                   "build it (scripts/setup) or set hbone_engine to python") from None
             self.why = str(exc)
-            return
-        if setting == "auto" and not AUTO_TAKES_NATIVE:
-            self.why = ("hbone_engine=auto: python until the native engine keeps every behaviour of the Python "
-                        "path (docs/design.md, Native HBONE engine); hbone_engine=native takes it")
             return
         self._module = module
         self.why = "the native HBONE engine has not started yet"
