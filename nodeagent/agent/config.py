@@ -292,7 +292,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data_path_engine", parse_choice(ENGINES), "auto",
             "who moves the bytes of relayed socket pairs: native (the C engine of native/, splice(2) on its own "
             "thread), python (asyncio), or auto (native when scripts/setup built it, else python); HBONE "
-            "streams stay in Python either way. nodeagent status says which is in use and why",
+            "streams are hbone_engine's. nodeagent status says which is in use and why",
             "|".join(ENGINES)),
     Setting("hbone_engine", parse_choice(ENGINES), "auto",
             "who carries HBONE (mTLS, HTTP/2 CONNECT and the streams' bytes): native (the C engine of "

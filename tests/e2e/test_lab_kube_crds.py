@@ -122,9 +122,11 @@ def test_the_daemonset_base_passes_the_api_servers_validation(crd_lab: Lab):
                          "deployment.apps/nodeagent-ca created (server dry run)",
                          "service/nodeagent-ca created (server dry run)",
                          "clusterrole.rbac.authorization.k8s.io/nodeagent created (server dry run)",
-                         "role.rbac.authorization.k8s.io/nodeagent-ca created (server dry run)"):
+                         "role.rbac.authorization.k8s.io/nodeagent-ca created (server dry run)",
+                         "role.rbac.authorization.k8s.io/nodeagent created (server dry run)",
+                         "rolebinding.rbac.authorization.k8s.io/nodeagent created (server dry run)"):
             assert expected in lines, proc.stdout
-        assert len(lines) == 12 + 14, proc.stdout  # our 12 objects and Istio's 14 CRDs
+        assert len(lines) == 14 + 14, proc.stdout  # our 14 objects and Istio's 14 CRDs
     finally:
         kubectl(crd_lab, "delete", "namespace", "nodeagent-system", "--wait=true", "--timeout=60s")
 
