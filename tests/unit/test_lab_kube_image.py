@@ -46,8 +46,12 @@ def test_the_topmost_directory_a_user_cannot_traverse_is_covered():
     assert image.blocked(INSTALL, 1002, frozenset({1001}), TREE.__getitem__)[0] == {
         "/home/ci/work": ("/home/ci/work/main",), "/root": ("/root/.pyenv/versions/3.11.7",)}
     assert image.blocked(INSTALL, 0, frozenset(), TREE.__getitem__) == ({}, [])
-    # an installation directory the user cannot read itself is named, not covered
-    assert image.blocked(("/opt/secret",), 65532, frozenset({65532}), TREE.__getitem__) == ({}, ["/opt/secret"])
+    # an installation directory the user cannot read itself (a clone in a 0700 mktemp -d)
+    # covers itself: all its entries come back; under a blocking ancestor too, it is named
+    assert image.blocked(("/opt/secret",), 65532, frozenset({65532}), TREE.__getitem__) == (
+        {"/opt/secret": ("/opt/secret",)}, [])
+    assert image.blocked(("/home/ci/work",), 65532, frozenset({65532}), TREE.__getitem__) == (
+        {"/home/ci": ("/home/ci/work",)}, ["/home/ci/work"])
 
 
 def test_the_mount_steps_bring_back_only_the_installation():
@@ -80,3 +84,15 @@ def test_the_plan_names_the_user_and_groups_the_view_is_for():
     assert plan.argv == ("setpriv", "--reuid=65532", "--regid=65532", "--groups=7", "--")
     root = security.plan({"spec": {}}, {"name": "agent"})
     assert (root.uid, root.gids) == (0, frozenset())
+
+
+def test_a_directory_covering_itself_brings_back_every_entry_of_its_staged_copy():
+    cover = {"/tmp/tmp.X": ("/tmp/tmp.X",)}
+    assert image.stage_count(cover) == 1
+    loop = ('(umask 022 && for e in /s/0/* /s/0/.[!.]* /s/0/..?*; do [ -e "$e" ] || [ -L "$e" ] || continue; '
+            't=/tmp/tmp.X/"${e##*/}"; if [ -L "$e" ]; then ln -s "$(readlink "$e")" "$t"; '
+            'elif [ -d "$e" ]; then mkdir "$t" && mount -n --rbind "$e" "$t"; '
+            'else : > "$t" && mount -n --bind "$e" "$t"; fi || exit 1; done)')
+    assert image.mount_steps(cover, "/s", read_only=True) == [
+        "mount -n --rbind /tmp/tmp.X /s/0", "mount -n -t tmpfs -o mode=0755 nodeagent-image /tmp/tmp.X", loop,
+        "mount -n -o remount,ro /tmp/tmp.X"]

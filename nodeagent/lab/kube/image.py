@@ -11,8 +11,11 @@ to one of them is covered by an empty tmpfs (0755) in which just the installatio
 subtrees are bind-mounted back at their own paths (staged through an empty directory of
 the pod first, since the tmpfs hides them); nothing else of that directory is visible,
 and nothing on the machine is chmod'ed or mounted. An installation directory the user
-cannot read itself is named in the pod's Warning event. `blocked` and `mount_steps` are
-pure (the lookup of modes is passed in).
+cannot read itself (a clone in a 0700 `mktemp -d`, as CI makes) is covered the same way
+and every entry of it brought back (directories and files bound, symbolic links made
+again), so the tree keeps its contents and only its own mode changes, to 0755. One under
+an ancestor the user cannot traverse either is named in the pod's Warning event.
+`blocked` and `mount_steps` are pure (the lookup of modes is passed in).
 """
 
 from __future__ import annotations
@@ -69,19 +72,22 @@ def may(st: os.stat_result, uid: int, gids: frozenset[int], bits: int) -> bool:
 
 def blocked(paths: tuple[str, ...], uid: int, gids: frozenset[int],
             lookup: Callable[[str], os.stat_result] = os.stat) -> tuple[dict[str, tuple[str, ...]], list[str]]:
-    """({topmost ancestor `uid` cannot traverse: the paths below it to bring back}, the
-    paths `uid` cannot read and traverse themselves)."""
+    """({topmost ancestor `uid` cannot traverse: the paths below it to bring back, or an
+    installation path it cannot read and traverse itself: (that path,), meaning all its
+    entries}, the paths `uid` can reach neither way)."""
     cover: dict[str, list[str]] = {}
     unreadable = []
     for path in paths:
         parts = [p for p in path.split("/") if p]
-        for n in range(len(parts)):
-            ancestor = "/" + "/".join(parts[:n])
-            if not may(lookup(ancestor), uid, gids, 1):
-                cover.setdefault(ancestor, []).append(path)
-                break
-        if not may(lookup(path), uid, gids, 5):
-            unreadable.append(path)
+        ancestors = ["/" + "/".join(parts[:n]) for n in range(len(parts))]
+        ancestor = next((a for a in ancestors if not may(lookup(a), uid, gids, 1)), None)
+        readable = may(lookup(path), uid, gids, 5)
+        if ancestor is not None:
+            cover.setdefault(ancestor, []).append(path)
+            if not readable:
+                unreadable.append(path)
+        elif not readable:
+            cover[path] = [path]
     return {a: tuple(sorted(p)) for a, p in sorted(cover.items())}, unreadable
 
 
@@ -89,9 +95,25 @@ def mount_steps(cover: dict[str, tuple[str, ...]], stage: str, read_only: bool =
     """Shell steps (run as root in the container's mount namespace) making `cover`: each
     path is bind-mounted to `stage`/<n> (an existing empty directory), its ancestor
     covered by a tmpfs, the path made on it and the bind moved there; the tmpfs is
-    made read-only afterwards when the container's root filesystem is."""
+    made read-only afterwards when the container's root filesystem is. A path covering
+    itself ((path,)) is bound to its stage whole, covered, and each entry of the staged
+    copy brought back at run time."""
     steps, n = [], 0
     for ancestor, paths in cover.items():
+        if paths == (ancestor,):
+            spot, where = os.path.join(stage, str(n)), shlex.quote(ancestor)
+            n += 1
+            steps.append(f"mount -n --rbind {where} {shlex.quote(spot)}")
+            steps.append(f"mount -n -t tmpfs -o mode=0755 {TMPFS_SOURCE} {where}")
+            steps.append(f"(umask 022 && for e in {shlex.quote(spot)}/* {shlex.quote(spot)}/.[!.]* "
+                         f"{shlex.quote(spot)}/..?*; do [ -e \"$e\" ] || [ -L \"$e\" ] || continue; "
+                         f"t={where}/\"${{e##*/}}\"; "
+                         f"if [ -L \"$e\" ]; then ln -s \"$(readlink \"$e\")\" \"$t\"; "
+                         f"elif [ -d \"$e\" ]; then mkdir \"$t\" && mount -n --rbind \"$e\" \"$t\"; "
+                         f"else : > \"$t\" && mount -n --bind \"$e\" \"$t\"; fi || exit 1; done)")
+            if read_only:
+                steps.append(f"mount -n -o remount,ro {where}")
+            continue
         staged = []
         for path in paths:
             spot = os.path.join(stage, str(n))
