@@ -48,10 +48,25 @@ def _size_mib(tree: pathlib.Path) -> int:
     return int(out.stdout.split()[0])
 
 
+def prune(home: pathlib.Path, say) -> None:
+    """Remove the images of trees that are gone (a .venv of a clone since deleted, e.g. a
+    fresh-clone test run's under /tmp): each is hundreds of MiB."""
+    for stamp in sorted(home.glob("*.json")):
+        try:
+            tree = json.loads(stamp.read_text()).get("tree")
+        except (OSError, ValueError):
+            tree = None
+        if tree and not os.path.isdir(tree):
+            say(f"removing the image of {tree}, which is gone")
+            stamp.with_suffix(".img").unlink(missing_ok=True)
+            stamp.unlink(missing_ok=True)
+
+
 def ensure(cache: pathlib.Path, tree: pathlib.Path, rebuild: bool, say) -> pathlib.Path:
     """The image of `tree` under cache/python/, made when missing, stale or asked."""
     home = cache / "python"
     home.mkdir(parents=True, exist_ok=True)
+    prune(home, say)
     name = str(tree).strip("/").replace("/", "_")
     image, stamp = home / f"{name}.img", home / f"{name}.json"
     want = {"tree": str(tree), "fingerprint": _fingerprint(tree)}
