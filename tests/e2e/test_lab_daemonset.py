@@ -275,6 +275,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
         try:
             poll(lambda: (ds := get(lab, "daemonset", "nodeagent", "-n", SYSTEM)["status"]).get("numberReady") == 2
                  and ds.get("desiredNumberScheduled") == 2, "the DaemonSet to be Ready on both nodes", 420, 1)
+            # An agent with nothing enrolled is Ready before it needs a certificate: the CA
+            # may still be starting (seen once on a loaded machine); the mesh needs both.
+            poll(lambda: get(lab, "deployment", "nodeagent-ca", "-n", SYSTEM)["status"].get("availableReplicas") == 1,
+                 "the CA Deployment to be available", 420, 1)
             print(f"kubectl apply -k daemonset/ to a Ready DaemonSet: {time.monotonic() - started:.1f}s")
             yield lab
         finally:
