@@ -1,5 +1,5 @@
 """`python -m nodeagent` is the `nodeagent` command."""
 
-from nodeagent.cli import main
+from nodeagent.cli import command
 
-raise SystemExit(main())
+command()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from typing import NoReturn
 
 from nodeagent import __version__
 from nodeagent.agent import admin
@@ -42,17 +44,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return _run(build_parser(), argv)[0]
+
+
+def command() -> NoReturn:
+    """The process's entry point (`nodeagent`, `python -m nodeagent`). A one-shot gRPC
+    client (proxy-config) ends the process with os._exit once its output is flushed:
+    gRPC's core shutdown at interpreter exit waits on gRPC's own threads, and in CI it
+    did not return (1 run of 80: the whole table printed, the process still alive a
+    minute later, past its --timeout of 5 s). Nothing of ours is left to finalize by
+    then: the session was closed before the output was written."""
+    code, args = _run(build_parser(), None)
+    if getattr(args, "one_shot_grpc", False):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: the exit code still tells
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[int, argparse.Namespace]:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return 2, args
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or 0), args
     except NodeagentError as exc:
         print(f"nodeagent: error: {exc}", file=sys.stderr)
-        return 1
+        return 1, args
     except KeyboardInterrupt:
-        return 130
+        return 130, args

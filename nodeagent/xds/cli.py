@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction, lab_socket: Callable[[str, str], s
     pc.add_argument("--timeout", type=float, default=10.0,
                     help="seconds for everything: connecting, the answer, the agent's status (default 10)")
     pc.set_defaults(func=_proxy_config, lab_socket=lab_socket, lab_agent_socket=lab_agent_socket,
-                    agent_status=agent_status)
+                    agent_status=agent_status, one_shot_grpc=True)  # the process ends without gRPC's shutdown
 
     an = sub.add_parser("analyze", help="check Istio YAML offline (a verdict per resource)",
                         description="Validate Istio resources as the agents do: every problem of a "

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -148,3 +150,19 @@ def test_secret_shows_each_certificate_as_istioctl_does(capsys, monkeypatch):
         (socket_path, timeout)) or {"identity": IDENTITY})
     assert main(["proxy-config", "secret", "-o", "json", "--admin-socket", "/run/a.sock", "--timeout", "3"]) == 0
     assert asked == [("/run/a.sock", 3.0)] and '"serial": "1f2e"' in capsys.readouterr().out
+
+
+def test_the_command_as_a_process_prints_everything_and_ends_with_its_code(served):
+    """The process ends without gRPC's shutdown (os._exit, which flushes nothing): a
+    piped table must still arrive whole, and an error keep its line and exit code."""
+    cache, path = served
+    cache.set_snapshot("node1", world_snapshot())
+    expected = render("routes", fetch(path, "node1")[rt.ROUTE], "short")
+    for _ in range(3):
+        run = subprocess.run([sys.executable, "-m", "nodeagent", "proxy-config", "routes", "--xds-socket", path,
+                              "--node", "node1", "--timeout", "10"], capture_output=True, text=True, timeout=HANG * 2)
+        assert (run.returncode, run.stdout, run.stderr) == (0, expected, ""), run
+    wrong = subprocess.run([sys.executable, "-m", "nodeagent", "proxy-config", "routes", "--xds-socket", path,
+                            "--node", "node9", "--timeout", "1"], capture_output=True, text=True, timeout=HANG * 2)
+    assert (wrong.returncode, wrong.stdout) == (1, "") and wrong.stderr.startswith(
+        f"nodeagent: error: the xDS server at {path} sent nothing for node id 'node9' within 1s"), wrong
