@@ -16,11 +16,13 @@ import os
 import sys
 
 from nodeagent.errors import LabError
-from nodeagent.kube.objects import resource_type
-from nodeagent.lab import cgroups, layout, lifecycle, processes, status, teardown
-from nodeagent.lab.kube import controlplane, kubelet
+from nodeagent.lab import cgroups, layout
 from nodeagent.lab.state import StateDir
-from nodeagent.lab.supervisor import Supervisor
+
+# The lab's machinery (lifecycle, status, the control plane, the supervisor) is imported
+# by the commands that use it, not here: every `nodeagent` process parses this module's
+# sub-commands, the agent's too, and that machinery (pyroute2, sqlite, Envoy's message
+# types through the lab's CA and status) was 11 MiB of the agent's RSS.
 
 UP_TIMEOUT = 60.0
 
@@ -35,10 +37,12 @@ def _layout(args: argparse.Namespace) -> layout.Layout:
 
 def _objects(args: argparse.Namespace):
     """The objects of -f (several, directories, - for standard input) as kubectl reads them."""
+    from nodeagent.lab import lifecycle
     return lifecycle.read_objects(args.file, args.recursive)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from nodeagent.lab import lifecycle
     objects = _objects(args)
     lifecycle.up(layout.check_name(args.name), objects, not args.no_agents, _out, args.timeout, kube=args.kube)
     _out(f"lab {args.name} is up: nodeagent lab status --name {args.name}")
@@ -46,11 +50,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from nodeagent.lab import lifecycle
     lifecycle.apply(layout.check_name(args.name), _objects(args), _out, args.timeout)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    from nodeagent.kube.objects import resource_type
+    from nodeagent.lab import lifecycle
     done = lifecycle.delete(layout.check_name(args.name), _objects(args), _out, args.timeout)
     if args.ignore_not_found:
         return 0
@@ -61,12 +68,14 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    from nodeagent.lab import teardown
     removed = teardown.down(_layout(args))
     _out(f"lab {args.name}: removed {', '.join(removed)}" if removed else f"no lab named {args.name}; nothing to do")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from nodeagent.lab import status
     state = StateDir(_layout(args))
     data = status.collect(state.load(), state.load_runtime())
     sys.stdout.write(status.to_json(data) if args.output == "json" else status.render(data))
@@ -74,6 +83,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    from nodeagent.lab import processes
     record = StateDir(_layout(args)).load()
     namespace, _, name = args.target.rpartition("/")
     namespace = namespace or "default"
@@ -109,6 +119,8 @@ def cmd_kubeconfig(args: argparse.Namespace) -> int:
 
 
 def cmd_kubectl(args: argparse.Namespace) -> int:
+    from nodeagent.lab import processes
+    from nodeagent.lab.kube import controlplane
     record = _kube_record(args)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     argv = controlplane.kubectl_argv(record.layout, record.controlplane, command)
@@ -119,6 +131,7 @@ def cmd_kubectl(args: argparse.Namespace) -> int:
 
 def _exec_api_pod(record, namespace: str, name: str, args: argparse.Namespace) -> int:
     """`lab exec` into a pod of the API (a --kube lab's kubelet runs it)."""
+    from nodeagent.lab.kube import controlplane, kubelet
     client = controlplane.admin_client(record.layout)
     status, item = client.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
     if status != 200:
@@ -136,6 +149,7 @@ def _exec_api_pod(record, namespace: str, name: str, args: argparse.Namespace) -
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
+    from nodeagent.lab.supervisor import Supervisor
     logging.getLogger().setLevel(logging.INFO)
     return Supervisor(StateDir(_layout(args))).run()
 
