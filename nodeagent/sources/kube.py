@@ -57,6 +57,12 @@ BURST_QUIET = 0.02  # seconds without an event that end a burst
 BURST_MAX = 0.25  # a steady stream of events still wakes the agent this often
 RETRY = Backoff(0.5, 30.0)  # after a failed list or watch (jittered)
 REDISCOVER_SECONDS = 30.0  # a kind not served yet is looked up again this often
+# How long close() waits for the source's thread. The daemon closes the source on its
+# way out, before it removes capture (--on-exit=remove): a wait as long as the
+# DaemonSet's grace period (30 s) would let the kubelet's SIGKILL come first and leave
+# the programs attached with no agent. The thread is a daemon thread: it cannot keep
+# the process alive.
+CLOSE_SECONDS = 5.0
 WATCH_SECONDS = (300, 600)  # a watch's timeoutSeconds, drawn in this range (client-go's 5-10 min)
 
 
@@ -352,12 +358,14 @@ class KubeSource:
             raise RuntimeError("the kube source is not running")
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
-    def close(self) -> None:
-        """Stop the reflectors and wait for their thread."""
+    def close(self, timeout: float = CLOSE_SECONDS) -> None:
+        """Stop the reflectors and wait for their thread, at most `timeout` seconds."""
         if self._thread is not None and self._loop is not None and self._stop is not None:
             with contextlib.suppress(RuntimeError):  # its loop already closed
                 self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                self.log.warning("the kube source's thread did not stop within %gs; going on without it", timeout)
         self._thread = None
 
     def _run(self, started: threading.Event) -> None:

@@ -462,3 +462,33 @@ def test_a_burst_of_changes_wakes_the_agent_once(tmp_path: Path):
 
     asyncio.run(asyncio.wait_for(main(), 10))
     assert len(woken) == 2
+
+
+class StuckOwner:
+    """An exit watch that blocks the source's loop (a call that never returns)."""
+
+    def __init__(self):
+        import threading
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    async def run(self) -> None:
+        self.entered.set()
+        self.release.wait(60)
+
+
+def test_close_waits_for_a_stuck_source_only_its_bound(tmp_path: Path, caplog):
+    """The daemon closes the source before it removes capture: a stuck source thread must
+    not hold that for the DaemonSet's 30 s grace period."""
+    closed_port = client.from_kubeconfig(kubeconfig(tmp_path, {"token": "t0"}, server="https://127.0.0.1:1"))
+    source = KubeSource(closed_port, kinds=KINDS[:1])  # its reflector fails and backs off meanwhile
+    source.owner = StuckOwner()
+    source.start()
+    try:
+        assert source.owner.entered.wait(10)
+        started = time.monotonic()
+        source.close(timeout=0.5)
+        assert time.monotonic() - started < 5.0  # bounded: far from the 60 s the owner would hold it
+        assert "the kube source's thread did not stop within 0.5s; going on without it" in caplog.text
+        assert kube.CLOSE_SECONDS < 30 / 2  # well inside the DaemonSet's terminationGracePeriodSeconds
+    finally:
+        source.owner.release.set()
