@@ -65,6 +65,13 @@ def _value(v: Any) -> str:
     return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
+def _at_exit(owner: dict[str, Any] | None) -> list[str]:
+    """--on-exit=owner: who owns the agent's pod and what exit would do now."""
+    if owner is None:
+        return []
+    return [f"at exit (owner {owner.get('owner') or 'not read yet'}): {owner.get('at_exit')}"]
+
+
 def render_text(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     src = status.get("source", {})
@@ -73,6 +80,7 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
            f"{'ready' if status.get('ready') else 'NOT ready'}, started {_ago(status.get('started_at'), now)}",
            f"source {src.get('location')}: {src.get('pods_on_node', 0)} pods on this node, "
            f"model changed {_ago(src.get('model_changed_at'), now)}",
+           *_at_exit(src.get("owner")),
            *(f"not ready: {reason}" for reason in status.get("not_ready") or []), ""]
     out.append(_section("ENROLLED PODS", table(
         ["NAMESPACE", "NAME", "IP", "NETNS COOKIE", "ACTIVE OUT", "ACTIVE IN", "ENROLLED"],

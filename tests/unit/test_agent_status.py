@@ -165,3 +165,17 @@ def test_without_a_waypoint_the_kind_verdicts_are_shown():
             f"  error: {kinds['errors'][0]}\n  warning: {kinds['warnings'][0]}\n") in text
     none = status.render_text({**STATUS, **MESH, "waypoint": None}, now=NOW)
     assert "ISTIO KINDS NOT READ\n  (none)\n" in none
+
+
+def test_the_exit_decision_is_shown_when_the_owner_is_watched():
+    """--on-exit=owner: who owns the agent's pod and what its exit would do, under the source line."""
+    owner = {"owner": "DaemonSet nodeagent (uid d1)",
+             "at_exit": "keeping capture for the next agent: DaemonSet nodeagent is in place (a rolling update, or "
+                        "the pod deleted by hand)"}
+    watched = {**STATUS, "source": {**STATUS["source"], "owner": owner}}
+    lines = status.render_text(watched, now=NOW).splitlines()
+    assert lines[2] == ("at exit (owner DaemonSet nodeagent (uid d1)): keeping capture for the next agent: DaemonSet "
+                        "nodeagent is in place (a rolling update, or the pod deleted by hand)")
+    unread = {**STATUS, "source": {**STATUS["source"], "owner": {"owner": None, "at_exit": "keeping capture …"}}}
+    assert status.render_text(unread, now=NOW).splitlines()[2] == "at exit (owner not read yet): keeping capture …"
+    assert not any(line.startswith("at exit") for line in status.render_text(STATUS, now=NOW).splitlines())
