@@ -1995,7 +1995,8 @@ int64_t nh_stream_open(struct nh_engine *e, uint64_t conn, int fd, const char *a
     return id;
 }
 
-int nh_stream_accept(struct nh_engine *engine, uint64_t stream, int fd)
+/* A stream's socket handed over (accept, attach): checked, then queued; owned either way. */
+static int stream_fd_cmd(struct nh_engine *engine, enum op op, uint64_t stream, int fd)
 {
     if (fd < 0)
         return -EBADF;
@@ -2004,19 +2005,17 @@ int nh_stream_accept(struct nh_engine *engine, uint64_t stream, int fd)
         reset_close(fd);
         return err;
     }
-    return simple_cmd(engine, OP_ACCEPT, stream, fd, 0);
+    return simple_cmd(engine, op, stream, fd, 0);
+}
+
+int nh_stream_accept(struct nh_engine *engine, uint64_t stream, int fd)
+{
+    return stream_fd_cmd(engine, OP_ACCEPT, stream, fd);
 }
 
 int nh_stream_attach(struct nh_engine *engine, uint64_t stream, int fd)
 {
-    if (fd < 0)
-        return -EBADF;
-    int err = stream_fd_ok(fd);
-    if (err) {
-        reset_close(fd);
-        return err;
-    }
-    return simple_cmd(engine, OP_ATTACH, stream, fd, 0);
+    return stream_fd_cmd(engine, OP_ATTACH, stream, fd);
 }
 
 int nh_stream_refuse(struct nh_engine *engine, uint64_t stream, uint32_t status)
