@@ -9,12 +9,15 @@ so the agent gets workload certificates (`ca_args`). Nothing is added to
 the machine's own netns. Every name carries the sandbox name (`<name>-…` netns,
 `<cg2>/nodeagent-<name>/`, `/sys/fs/bpf/nodeagent-<name>/`); `close()` stops the
 processes it started (by pid, then by cgroup) and removes everything by those names,
-also after a failure half-way.
+also after a failure half-way. Every wait for a condition (ready, serving, exited) is
+multiplied by `time_scale()`, which the kernel lab's VMs raise (software emulation runs
+Python ~30x slower); the tests scale their own waits with `scaled()`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -25,13 +28,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import yaml
 
 from nodeagent import netns
 from nodeagent.agent.admin import fetch_status
-from nodeagent.errors import NodeagentError
+from nodeagent.errors import ConfigError, NodeagentError
 from nodeagent.lab import cgroups, meshca, topology
 from nodeagent.lab.ipam import PodAlloc
 from nodeagent.lab.layout import Layout, short_hash
@@ -43,6 +46,29 @@ AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 # Joins the cgroup given as $0, then runs the command: nsenter only enters the netns, and
 # unlike `ip netns exec` keeps /sys (the agent needs /sys/fs/bpf and the cgroup2 mount).
 JOIN_AND_EXEC = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+# A factor for every wait for a condition (readiness, an answer, an exit) — never for a
+# latency the test asserts: tests/vm/run sets it in a VM under emulation (its --time-scale).
+TIME_SCALE_ENV = "NODEAGENT_TEST_TIME_SCALE"
+
+
+def time_scale(environ: Mapping[str, str] = os.environ) -> float:
+    """The factor of NODEAGENT_TEST_TIME_SCALE (a number >= 1; 1 when unset or empty)."""
+    raw = environ.get(TIME_SCALE_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise ConfigError(TIME_SCALE_ENV, f"{raw!r} is not a number >= 1",
+                          "unset it, or give the factor by which this machine is slower (30 under qemu TCG)")
+    return value
+
+
+def scaled(seconds: float) -> float:
+    """`seconds` of a wait for a condition, on this machine: times `time_scale()`."""
+    return seconds * time_scale()
 
 
 @dataclass
@@ -142,7 +168,8 @@ class Sandbox:
                 *extra]
 
     def start_agent(self, *extra: str, timeout: float = 30.0) -> subprocess.Popen:
-        """Start the agent in the node netns and wait until it reports ready."""
+        """Start the agent in the node netns and wait until it reports ready (`timeout`
+        scaled, as every wait of `wait_for`)."""
         log = open(self.workdir / "agent.log", "ab")
         self.agent = self.spawn(self.node_netns, self.layout.system_cgroup(self.node), self.agent_argv(*extra),
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -155,10 +182,10 @@ class Sandbox:
         if agent is None:
             return 0
         agent.send_signal(sig)
-        return agent.wait(timeout)
+        return agent.wait(scaled(timeout))
 
     def status(self) -> dict:
-        return fetch_status(self.admin_socket, timeout=5)
+        return fetch_status(self.admin_socket, timeout=scaled(5))
 
     # --- the mesh CA ----------------------------------------------------------------------
     def start_ca(self, timeout: float = 20.0) -> subprocess.Popen:
@@ -172,7 +199,7 @@ class Sandbox:
         with open(log_path, "ab") as log:
             proc = self.spawn(self.node_netns, self.layout.system_cgroup(self.node), argv, stdout=log,
                               stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while "listening" not in log_path.read_text():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise NodeagentError(f"the sandbox CA did not start: {log_path.read_text().strip() or 'no output'}")
@@ -186,7 +213,8 @@ class Sandbox:
                 self.layout.identity_dir(self.node), "--flow-log", self.layout.flow_log(self.node)]
 
     def wait_for(self, predicate: Callable[[dict], object], timeout: float, what: str) -> dict:
-        """Poll the agent's status until `predicate(status)` holds."""
+        """Poll the agent's status until `predicate(status)` holds, for `scaled(timeout)` s."""
+        timeout = scaled(timeout)
         deadline, last = time.monotonic() + timeout, "no answer"
         while time.monotonic() < deadline:
             if self.agent is not None and self.agent.poll() is not None:
@@ -200,7 +228,7 @@ class Sandbox:
             except (NodeagentError, OSError, ValueError) as exc:
                 last = str(exc)
             time.sleep(0.02)
-        raise NodeagentError(f"timed out after {timeout}s waiting for {what} ({last})",
+        raise NodeagentError(f"timed out after {timeout:g}s waiting for {what} ({last})",
                              f"see {self.workdir / 'agent.log'}")
 
     # --- the files source ---------------------------------------------------------------

@@ -4,13 +4,17 @@ programs once matters — and always removed."""
 
 from __future__ import annotations
 
+import pathlib
 from typing import Iterator
 
 import pytest
 
 from kernel_sandbox import Netns, link, netns_factory, throwaway_cgroup, throwaway_pin_dir
 from nodeagent.capture.loader import CaptureLoader
+from nodeagent.bench.sandbox import time_scale
 from nodeagent.capture.preflight import mount_table
+
+KERNEL_TIER = pathlib.Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +68,17 @@ def pod_and_peer(make_netns) -> tuple[Netns, Netns]:
     pod, peer = make_netns(), make_netns()
     link(pod, peer, ["10.77.0.1/24", "fd77::1/64"], ["10.77.0.2/24", "fd77::2/64"])
     return pod, peer
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under a time scale (a kernel lab VM under emulation: NODEAGENT_TEST_TIME_SCALE),
+    the per-test limit of pytest-timeout (`timeout` in pyproject.toml, or --timeout)
+    scales with the tests' waits; a test's own timeout marker is left as it is."""
+    scale = time_scale()
+    base = config.getoption("timeout", None) or float(config.getini("timeout") or 0)
+    if scale == 1 or not base:
+        return
+    for item in items:
+        if item.path.resolve().is_relative_to(KERNEL_TIER) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(base * scale))
