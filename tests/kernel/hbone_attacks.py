@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from nodeagent.bench.sandbox import Sandbox, SandboxPod
+from nodeagent.bench.sandbox import Sandbox, SandboxPod, scaled
 from nodeagent.identity import pemfiles
 from nodeagent.identity.ca import keys as cakeys
 from nodeagent.identity.ca.signer import CertificateAuthority
@@ -50,7 +50,7 @@ def certificates(layout: Layout, namespace: str, directory: Path) -> dict[str, P
 
 def _run(sb: Sandbox, attacker: SandboxPod, *args: str) -> dict:
     proc = sb.in_pod(attacker, [sys.executable, str(ATTACKER), *args], stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=scaled(60))
     return json.loads(out)
 
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.agent.admin import fetch
 from nodeagent.bench.probe import HoldClient
-from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled
 from nodeagent.capture import bpfsys
 from nodeagent.capture.cgroup import attached
 
@@ -53,9 +53,9 @@ def pods(sb):
 
 
 def connect(sb: Sandbox, src: SandboxPod, dst: SandboxPod, count: int) -> dict:
-    proc = sb.probe(src, "connect", f"{dst.ip}:{PORT}", "--count", str(count), "--timeout", "3",
+    proc = sb.probe(src, "connect", f"{dst.ip}:{PORT}", "--count", str(count), "--timeout", f"{scaled(3):g}",
                     stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=scaled(120))
     return json.loads(out)
 
 
@@ -139,7 +139,7 @@ def stream(sb: Sandbox, src: SandboxPod, dst: SandboxPod) -> dict:
     """REQUEST bytes from `src` to the sink in `dst`, half-close, read its RESPONSE."""
     proc = sb.probe(src, "stream", f"{dst.ip}:{SINK_PORT}", "--bytes", str(REQUEST), stdout=subprocess.PIPE,
                     text=True)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=scaled(60))
     return json.loads(out)
 
 

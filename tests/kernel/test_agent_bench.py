@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from nodeagent.bench.sandbox import scaled
 from nodeagent.lab import cgroups, topology
 
 pytestmark = pytest.mark.root
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.root
 
 def bench(name: str, output: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nodeagent", "bench", "capture", "--pods", "3", "--requests", "20",
-                           "--name", name, "--output", output], capture_output=True, text=True, timeout=180)
+                           "--name", name, "--output", output], capture_output=True, text=True, timeout=scaled(180))
 
 
 def leftovers(name: str) -> list[str]:

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from footprint import children, llvm_or_bcc, report
-from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled
 
 pytestmark = pytest.mark.root
 PORT = 9000
@@ -36,9 +36,9 @@ def sb(tmp_path):
 
 
 def connect(sb: Sandbox, src: SandboxPod, dst: SandboxPod, count: int) -> dict:
-    proc = sb.probe(src, "connect", f"{dst.ip}:{PORT}", "--count", str(count), "--timeout", "3",
+    proc = sb.probe(src, "connect", f"{dst.ip}:{PORT}", "--count", str(count), "--timeout", f"{scaled(3):g}",
                     stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=scaled(120))
     return json.loads(out)
 
 
@@ -61,9 +61,9 @@ def check_agent(sb: Sandbox, client: SandboxPod, server: SandboxPod, captured_be
     pid = sb.agent.pid
     # The same-node join's program compiles in a child of its own after start-up
     # (readiness does not wait for it): once it has loaded, or said why not, none is left.
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + scaled(120)
     while sb.status()["data_path"]["same_node"]["sockmap"] == "starting":
-        assert time.monotonic() < deadline, "the same-node join is still starting after 120 s"
+        assert time.monotonic() < deadline, f"the same-node join is still starting after {scaled(120):g} s"
         time.sleep(0.2)
     assert llvm_or_bcc(pid) == []
     assert compile_processes(pid) == []

@@ -26,7 +26,7 @@ from hbone_attacks import aim, attack, labelled, refusals
 from nodeagent.agent.config import SETTINGS
 from nodeagent.bench.probe import HoldClient
 from meshed_sandbox import PORT, meshed_sandbox
-from nodeagent.bench.sandbox import Sandbox, SandboxPod
+from nodeagent.bench.sandbox import Sandbox, SandboxPod, scaled
 
 pytestmark = pytest.mark.root
 PRINCIPAL = "spiffe://cluster.local/ns/app/sa/default"
@@ -90,9 +90,9 @@ def connected_tcp_sockets(pid: int) -> list[tuple[tuple[str, int], tuple[str, in
 
 
 def connect(sb: Sandbox, src: SandboxPod, dst: SandboxPod, count: int) -> dict:
-    proc = sb.probe(src, "connect", f"{dst.ip}:{PORT}", "--count", str(count), "--timeout", "5",
+    proc = sb.probe(src, "connect", f"{dst.ip}:{PORT}", "--count", str(count), "--timeout", f"{scaled(5):g}",
                     stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=scaled(120))
     return json.loads(out)
 
 

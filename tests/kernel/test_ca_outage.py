@@ -21,7 +21,7 @@ import subprocess
 import pytest
 
 from nodeagent.bench import sandbox as sandbox_module
-from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled
 from nodeagent.errors import NodeagentError
 
 pytestmark = pytest.mark.root
@@ -58,21 +58,21 @@ def holds_certificate(status: dict) -> bool:
 
 
 def connect(sb: Sandbox, src: SandboxPod, dst: SandboxPod, count: int = COUNT) -> dict:
-    proc = sb.probe(src, "connect", f"{dst.ip}:{PORT}", "--count", str(count), "--timeout", "5",
+    proc = sb.probe(src, "connect", f"{dst.ip}:{PORT}", "--count", str(count), "--timeout", f"{scaled(5):g}",
                     stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=scaled(120))
     return json.loads(out)
 
 
 def stop_ca(ca: subprocess.Popen) -> None:
     ca.terminate()
-    ca.wait(10)
+    ca.wait(scaled(10))
 
 
 def readiness(sb: Sandbox) -> tuple[int, str]:
     """GET /healthz/ready on the admin socket: (status code, body)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
+        sock.settimeout(scaled(5))
         sock.connect(str(sb.admin_socket))
         sock.sendall(b"GET /healthz/ready HTTP/1.1\r\nHost: agent\r\n\r\n")
         chunks = []

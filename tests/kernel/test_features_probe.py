@@ -17,7 +17,7 @@ import time
 import pytest
 
 from kernel_sandbox import our_programs
-from nodeagent.bench.sandbox import Sandbox
+from nodeagent.bench.sandbox import Sandbox, scaled
 from nodeagent.capture import bpfsys, features, preflight, probes
 from nodeagent.capture.errors import BpfSyscallError, CaptureError, KernelFeatureMissing
 from nodeagent.capture.loader import CaptureLoader
@@ -59,7 +59,7 @@ def test_probing_maps_no_bcc_or_llvm(cgroup_dir):
             f"s = features.probe({cgroup_dir!r}); s.check(); "
             "maps = open('/proc/self/maps').read(); "
             "print('bcc' in sys.modules, any(n in maps for n in ('libbcc', 'libLLVM', 'libclang')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(60), check=True)
     assert out.stdout.split() == ["False", "False"]
 
 
@@ -124,6 +124,6 @@ def test_a_live_agent_shows_every_probe_in_status(tmp_path):
 
 def test_the_probe_command_prints_one_line_per_feature(cgroup_dir):
     out = subprocess.run([sys.executable, "-m", "nodeagent.capture.preflight", "--cgroup", cgroup_dir],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=scaled(60))
     assert (out.returncode, out.stderr) == (0, "")
     assert [line.split() for line in out.stdout.splitlines()] == [[f.name, f.since, "ok"] for f in features.FEATURES]

@@ -22,7 +22,7 @@ import pytest
 from hbone_attacker import PORT as TUNNEL_PORT
 from nodeagent import netns
 from meshed_sandbox import meshed_sandbox
-from nodeagent.bench.sandbox import Sandbox
+from nodeagent.bench.sandbox import Sandbox, scaled
 from nodeagent.tunnel import TunnelSettings
 from test_agent_tunnel import PORT, connect
 from test_rapid_reset import settle
@@ -80,7 +80,7 @@ def flood(attacker, ip: str, first: bytes) -> "Fates":
         for _ in range(FLOOD):
             sock = netns.socket_in(netns.named_path(attacker.netns))
             fates.add(sock)
-            sock.settimeout(10)
+            sock.settimeout(scaled(10))
             try:
                 sock.connect((ip, TUNNEL_PORT))
                 sock.sendall(first)

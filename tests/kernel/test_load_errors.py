@@ -20,6 +20,7 @@ import pytest
 from kernel_sandbox import our_programs
 from nodeagent.capture.errors import (BpffsMissing, Cgroup2Missing, CompileFailed, PinnedMapMismatch,
                                       VerifierRejected)
+from nodeagent.bench.sandbox import scaled
 from nodeagent.capture.loader import DEFAULT_BPF_DIR, CaptureLoader
 from nodeagent.errors import ConfigError, EnvironmentProblem
 
@@ -52,7 +53,7 @@ def test_compile_error_comes_back_from_the_compile_process(cgroup_dir, pin_dir, 
     spec = {"cgroup": cgroup_dir, "pin_dir": pin_dir,
             "bpf_dir": broken_bpf_dir(tmp_path, "\treturn no_such_symbol;")}
     run = subprocess.run([sys.executable, FRESH_LOADER, json.dumps(spec)], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=scaled(120))
     assert run.returncode == 0, run.stderr
     outcome = json.loads(run.stdout)
     error = outcome["error"]

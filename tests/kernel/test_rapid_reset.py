@@ -29,7 +29,7 @@ from hbone_attacks import certificates
 from nodeagent import netns
 from nodeagent.bench.probe import HoldClient
 from meshed_sandbox import PORT, meshed_sandbox
-from nodeagent.bench.sandbox import Sandbox
+from nodeagent.bench.sandbox import Sandbox, scaled
 from nodeagent.tunnel import TunnelSettings
 
 pytestmark = pytest.mark.root
@@ -56,7 +56,7 @@ class RapidResetClient:
     def __init__(self, sb: Sandbox, attacker, ip: str):
         cert = certificates(sb.layout, attacker.namespace, sb.workdir)["valid"]
         raw = netns.socket_in(netns.named_path(attacker.netns), socket.AF_INET)
-        raw.settimeout(30)
+        raw.settimeout(scaled(30))
         raw.connect((ip, TUNNEL_PORT))
         self.sock = tls_context(sb.layout.root_cert, str(cert)).wrap_socket(raw)
         self.authority = f"{ip}:{PORT}"
@@ -144,7 +144,7 @@ def app_established(app: subprocess.Popen) -> int:
 def steady(read, readings: int = 10, timeout: float = 30.0) -> int:
     """A baseline: the value once `readings` readings 50 ms apart agree, so a passing
     descriptor (a source poll, the CA channel connecting) does not shift it."""
-    deadline, last, same = time.monotonic() + timeout, None, 0
+    deadline, last, same = time.monotonic() + scaled(timeout), None, 0
     while same < readings:
         assert time.monotonic() < deadline, f"no steady reading: last {last}"
         value = read()
@@ -156,7 +156,7 @@ def steady(read, readings: int = 10, timeout: float = 30.0) -> int:
 
 def settle(read, want, what: str, timeout: float = 30.0) -> None:
     """Poll `read()` until it equals `want`; fail with the last reading at the deadline."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while (got := read()) != want:
         assert time.monotonic() < deadline, f"{what}: {got}, want {want}"
         time.sleep(0.05)

@@ -31,7 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.agent.admin import fetch
-from nodeagent.bench.sandbox import AMBIENT, Sandbox
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, scaled
 from nodeagent.digests import spec_digest
 from samenode_peer import GREETING, pattern
 
@@ -55,7 +55,7 @@ class Node:
     def send(self, size: int) -> dict:
         proc = self.sb.in_pod(self.client, [sys.executable, PEER, "send", f"{self.server.ip}:{PORT}", str(size)],
                               stdout=subprocess.PIPE, text=True)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=scaled(60))
         return json.loads(out)
 
     def served(self) -> dict:
@@ -181,7 +181,7 @@ def test_the_fast_path_joins_an_allowed_connection_and_refuses_a_denied_one(fast
     assert all(f["same_node"] is True for f in node.flows())
     resetting = node.sb.in_pod(node.client, [sys.executable, PEER, "hold", f"{node.server.ip}:{PORT}", "--reset"],
                                stdout=subprocess.PIPE, text=True)  # a reset passes on as a reset
-    assert resetting.communicate(timeout=30)[0].splitlines() == ["joined", '{"received": 0, "error": null}']
+    assert resetting.communicate(timeout=scaled(30))[0].splitlines() == ["joined", '{"received": 0, "error": null}']
     served = node.served()
     assert (served["received"], served["error"]) == (0, "reset")
     node.sb.wait_for(lambda _: len(node.flows()) == 4, 10, "the reset connection's flow lines")
