@@ -3,7 +3,9 @@
 `lab_factory(yaml_text, agents=False, timeout=30) -> Lab` runs `nodeagent lab up` under
 a fresh name (`t` + 7 random characters, so tests run beside a demo lab);
 `lab_factory.new()` gives a named Lab without `up` (for tests of failing `up`s).
-`module_lab` is one lab shared by a test module, made from the module's `LAB_YAML`.
+`module_lab` is one lab shared by a test module, made from the module's `LAB_YAML`;
+`kube_lab` the same with the Kubernetes control plane (`up --kube`; the helpers that
+talk to its API are tests/e2e/kubelab.py's).
 At teardown, even after a failure or a failed `up`, every lab is taken down with
 `nodeagent lab down` and the test fails if anything of it is left: a netns, /etc/netns
 dir, cgroup, mount, bpffs dir, state dir or process.
@@ -148,8 +150,8 @@ class Labs:
     def __init__(self, workdir: Path):
         self.workdir, self.made = workdir, []
 
-    def new(self) -> Lab:
-        lab = Lab(unique_name(), self.workdir)
+    def new(self, name: str | None = None) -> Lab:
+        lab = Lab(name or unique_name(), self.workdir)
         self.made.append(lab)  # before `up`, so a half-made lab is taken down too
         return lab
 
@@ -173,14 +175,15 @@ def controlplane_built() -> bool:
 
 
 @contextmanager
-def kube_lab_up(tmp_path_factory: pytest.TempPathFactory, text: str, stem: str) -> Iterator[Lab]:
-    """A `lab up --kube --no-agents` lab of `text` for a test module, always taken down;
-    `lab.output` is what `up` printed. Skipped when the control plane is not built (a
-    skip fails under CI: tests/conftest.py)."""
+def kube_lab_up(tmp_path_factory: pytest.TempPathFactory, text: str, stem: str,
+                name: str | None = None) -> Iterator[Lab]:
+    """A `lab up --kube --no-agents` lab of `text` for a test module (named `name`, else
+    a unique name), always taken down; `lab.output` is what `up` printed. Skipped when
+    the control plane is not built (a skip fails under CI: tests/conftest.py)."""
     if not controlplane_built():
         pytest.skip("the control plane is not built: run scripts/setup")
     labs = Labs(tmp_path_factory.mktemp(stem))
-    lab = labs.new()
+    lab = labs.new(name)
     try:
         started = time.monotonic()
         lab.output = lab.up_kube(text).stdout
@@ -207,6 +210,13 @@ def module_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         yield labs(request.module.LAB_YAML)
     finally:
         labs.close()
+
+
+@pytest.fixture(scope="module")
+def kube_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """One `lab up --kube --no-agents` lab for a whole module, made from the module's LAB_YAML."""
+    with kube_lab_up(tmp_path_factory, request.module.LAB_YAML, request.module.__name__.rsplit(".", 1)[-1]) as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")

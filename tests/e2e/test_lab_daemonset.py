@@ -36,28 +36,18 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from nodeagent.lab.layout import Layout
 from tests.e2e.conftest import FabricCapture, Lab, cgroup2_root, kube_lab_up
+from tests.e2e.kubelab import (DAEMONSET, SYSTEM, agent_pods, applied_kustomization, attached_programs, get, kubectl,
+                               nodes_yaml, pinned, poll, ready)
 
 pytestmark = pytest.mark.timeout(900)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DAEMONSET = os.path.join(ROOT, "daemonset")
-SYSTEM = "nodeagent-system"
-
-LAB_YAML = """
-apiVersion: v1
-kind: Node
-metadata: {name: kn1}
----
-apiVersion: v1
-kind: Node
-metadata: {name: kn2}
-"""
+LAB_YAML = nodes_yaml("kn1", "kn2")
 
 APPS = """
 apiVersion: v1
@@ -134,40 +124,16 @@ spec:
 """
 
 
-def poll(condition: Callable[[], Any], what: str, timeout: float = 120, every: float = 0.3) -> Any:
-    """`condition()` once it is truthy; AssertionError naming `what` after `timeout` (a hang's bound)."""
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def kubectl(lab: Lab, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return lab.run("kubectl", "--", *args, input=input, check=check, timeout=120)
-
-
-def get(lab: Lab, *args: str) -> dict:
-    return json.loads(kubectl(lab, "get", *args, "-o", "json").stdout)
-
-
-def agent_pods(lab: Lab) -> dict[str, dict]:
-    """The DaemonSet's pods by node."""
-    pods = get(lab, "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=nodeagent")["items"]
-    return {p["spec"]["nodeName"]: p for p in pods
+def agents_by_node(lab: Lab) -> dict[str, dict]:
+    """The DaemonSet's pods by node (not the terminating ones)."""
+    return {p["spec"]["nodeName"]: p for p in agent_pods(lab)
             if p["spec"].get("nodeName") and not p["metadata"].get("deletionTimestamp")}
-
-
-def ready(pod: dict) -> bool:
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
 
 def agent_status(lab: Lab, node: str) -> dict | None:
     """`nodeagent status` inside the node's agent pod, as the README's
     `kubectl -n nodeagent-system exec ds/nodeagent -- nodeagent status` runs it."""
-    pod = agent_pods(lab).get(node)
+    pod = agents_by_node(lab).get(node)
     if pod is None:
         return None
     proc = lab.exec(f"{SYSTEM}/{pod['metadata']['name']}", "nodeagent", "status", "--output", "json", check=False)
@@ -242,13 +208,7 @@ def node_state(lab: Lab) -> dict[str, Any]:
     layout = Layout(lab.name, cgroup_root=cgroup2_root())
     state: dict[str, Any] = {}
     for node in ("kn1", "kn2"):
-        tree = subprocess.run(["bpftool", "-j", "cgroup", "tree", layout.node_cgroup(node)], capture_output=True,
-                              text=True, check=True).stdout
-        programs = sorted((a["name"], a["attach_type"]) for cg in json.loads(tree or "[]")
-                          for a in cg.get("programs", []))
-        pins = sorted(os.path.relpath(os.path.join(d, f), layout.node_bpffs(node))
-                      for d, _, files in os.walk(layout.node_bpffs(node)) for f in files)
-        state[node] = {"programs": programs, "pins": pins}
+        state[node] = {"programs": attached_programs(layout, node), "pins": pinned(layout, node)}
     for pod in ("client", "web"):
         netns = f"{lab.name}-p-shop-{pod}"
         rules = subprocess.run(["ip", "netns", "exec", netns, "ip", "rule", "show"], capture_output=True, text=True,
@@ -270,9 +230,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
         lab.before = node_state(lab)
         lab.uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in get(lab, "pods", "-n", "shop")["items"]}
         started = time.monotonic()
-        kubectl(lab, "apply", "-k", DAEMONSET)
-        lab.installed = True
-        try:
+        with applied_kustomization(lab, DAEMONSET):  # already deleted by the last test, if it ran
             poll(lambda: (ds := get(lab, "daemonset", "nodeagent", "-n", SYSTEM)["status"]).get("numberReady") == 2
                  and ds.get("desiredNumberScheduled") == 2, "the DaemonSet to be Ready on both nodes", 420, 1)
             # An agent with nothing enrolled is Ready before it needs a certificate: the CA
@@ -281,13 +239,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
                  "the CA Deployment to be available", 420, 1)
             print(f"kubectl apply -k daemonset/ to a Ready DaemonSet: {time.monotonic() - started:.1f}s")
             yield lab
-        finally:
-            if lab.installed:
-                kubectl(lab, "delete", "-k", DAEMONSET, "--ignore-not-found", "--wait=true", check=False)
 
 
 def test_the_daemonset_is_ready_on_every_node_with_the_ca(mesh: Lab):
-    pods = agent_pods(mesh)
+    pods = agents_by_node(mesh)
     assert sorted(pods) == ["kn1", "kn2"] and all(ready(p) for p in pods.values())
     for node, pod in pods.items():
         assert pod["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet"
@@ -374,11 +329,6 @@ def test_an_invalid_virtual_service_is_refused_and_the_last_good_config_stays(me
     poll(lambda: request(mesh)["codes"] == {"200": 1}, "the deletion to lift the policy", 60, 0.05)
 
 
-def all_agent_pods(lab: Lab) -> list[dict]:
-    """Every pod of the DaemonSet, terminating ones included."""
-    return get(lab, "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=nodeagent")["items"]
-
-
 def roll(lab: Lab, value: str, tmp_path) -> None:
     """`kubectl set env` on the DaemonSet while the pinger runs (a marker in its path)
     and the fabric is captured, until both nodes run a new Ready agent and the old
@@ -388,7 +338,7 @@ def roll(lab: Lab, value: str, tmp_path) -> None:
     capture = FabricCapture(Layout(lab.name, cgroup_root="").fabric_netns, str(tmp_path / f"roll-{value}.pcap"))
     pinger = Pinger(lab, f"/{marker}")
     try:
-        before = {n: p["metadata"]["uid"] for n, p in agent_pods(lab).items()}
+        before = {n: p["metadata"]["uid"] for n, p in agents_by_node(lab).items()}
         assert sorted(before) == ["kn1", "kn2"]
         started = time.time()
         kubectl(lab, "set", "env", "daemonset/nodeagent", "-n", SYSTEM, f"ROLLED={value}")
@@ -396,7 +346,7 @@ def roll(lab: Lab, value: str, tmp_path) -> None:
         seen: dict = {}
 
         def replaced() -> dict | None:
-            pods = all_agent_pods(lab)
+            pods = agent_pods(lab)
             for p in pods:
                 state = (p["spec"].get("nodeName"), ready(p), bool(p["metadata"].get("deletionTimestamp")))
                 if seen.get(p["metadata"]["name"]) != state:
@@ -467,7 +417,6 @@ def test_kubectl_delete_leaves_nothing_on_the_nodes(mesh: Lab):
     assert installed["kn1"]["programs"] and installed["kn1"]["pins"], installed  # the check can see the mesh
     assert "15008" in installed["web"]["ports"], installed
     kubectl(mesh, "delete", "-k", DAEMONSET, "--wait=true")
-    mesh.installed = False
     poll(lambda: not get(mesh, "namespaces")["items"] or all(
         n["metadata"]["name"] != SYSTEM for n in get(mesh, "namespaces")["items"]), "the namespace to be gone", 240, 1)
     left = poll(lambda: (s := node_state(mesh)) == mesh.before and s, "the nodes to be as before the install", 120, 1)

@@ -18,11 +18,11 @@ import time
 import pytest
 import yaml
 
-from tests.e2e.conftest import Lab, Labs, alive, controlplane_built, kube_lab_up, take_down
+from tests.e2e.conftest import ROOT, Lab, Labs, alive, controlplane_built, take_down
+from tests.e2e.kubelab import container_log, get, kubectl, ready
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAB_YAML = """
 apiVersion: v1
 kind: Node
@@ -62,18 +62,8 @@ spec:
 """
 
 
-@pytest.fixture(scope="module")
-def kube_lab(tmp_path_factory: pytest.TempPathFactory):
-    with kube_lab_up(tmp_path_factory, LAB_YAML, "kube") as lab:
-        yield lab
-
-
-def kubectl(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return lab.run("kubectl", "--", *args, check=check, timeout=60)
-
-
 def test_nodes_are_registered_ready_with_the_labs_addresses(kube_lab: Lab):
-    items = json.loads(kubectl(kube_lab, "get", "nodes", "-o", "json").stdout)["items"]
+    items = get(kube_lab, "nodes")["items"]
     nodes = {n["metadata"]["name"]: n for n in items}
     assert sorted(nodes) == ["kn1", "kn2"]
     for index, name in enumerate(["kn1", "kn2"], start=1):
@@ -89,14 +79,14 @@ def test_nodes_are_registered_ready_with_the_labs_addresses(kube_lab: Lab):
 
 
 def test_the_files_namespaces_are_in_the_api(kube_lab: Lab):
-    items = json.loads(kubectl(kube_lab, "get", "namespaces", "-o", "json").stdout)["items"]
+    items = get(kube_lab, "namespaces")["items"]
     labels = {n["metadata"]["name"]: n["metadata"].get("labels", {}) for n in items}
     assert {"default", "apps", "kube-system", "kube-node-lease"} <= set(labels)
     assert labels["apps"]["istio.io/dataplane-mode"] == "ambient"
 
 
 def test_the_files_services_hold_their_cluster_ips_in_the_api(kube_lab: Lab):
-    svc = json.loads(kubectl(kube_lab, "get", "service", "db", "-n", "apps", "-o", "json").stdout)
+    svc = get(kube_lab, "service", "db", "-n", "apps")
     assert (svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["port"]) == ("10.96.0.100", 5432)
     assert svc["metadata"]["labels"] == {"tier": "data"}
     taken = kubectl(kube_lab, "create", "service", "clusterip", "thief", "-n", "apps", "--tcp=80:80",
@@ -106,7 +96,7 @@ def test_the_files_services_hold_their_cluster_ips_in_the_api(kube_lab: Lab):
 
 def test_leases_are_renewed(kube_lab: Lab):
     def renew_times() -> dict[str, str]:
-        leases = json.loads(kubectl(kube_lab, "get", "leases", "-n", "kube-node-lease", "-o", "json").stdout)["items"]
+        leases = get(kube_lab, "leases", "-n", "kube-node-lease")["items"]
         return {le["metadata"]["name"]: le["spec"]["renewTime"] for le in leases}
 
     first = renew_times()
@@ -185,7 +175,7 @@ def test_down_leaves_nothing_of_the_control_plane(lab_factory: Labs):
     assert all(pids), runtime["controlplane"]
     assert os.path.exists(f"/run/netns/{lab.name}-cp")
     lab.pids.update(pids)
-    lab.run("kubectl", "--", "apply", "-f", "-", input=DAEMONSET)  # pods of the API, with tokens mounted
+    kubectl(lab, "apply", "-f", "-", input=DAEMONSET)  # pods of the API, with tokens mounted
     wait_pods(lab, "daemons", "app=everywhere", 2)
     problems = take_down(lab)
     assert problems == []
@@ -240,7 +230,7 @@ spec:
 
 
 def api_pods(lab: Lab, namespace: str, selector: str) -> list[dict]:
-    return json.loads(kubectl(lab, "get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
+    return get(lab, "pods", "-n", namespace, "-l", selector)["items"]
 
 
 def wait_pods(lab: Lab, namespace: str, selector: str, count: int, timeout: float = 60) -> list[dict]:
@@ -248,8 +238,7 @@ def wait_pods(lab: Lab, namespace: str, selector: str, count: int, timeout: floa
     deadline = time.monotonic() + timeout
     while True:
         pods = api_pods(lab, namespace, selector)
-        running = [p for p in pods if p["status"].get("phase") == "Running"
-                   and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+        running = [p for p in pods if p["status"].get("phase") == "Running" and ready(p)]
         if len(pods) == count and len(running) == count:
             return pods
         assert time.monotonic() < deadline, f"wanted {count} Running pods {selector}, have " + \
@@ -267,7 +256,7 @@ def what_runs(lab: Lab, pod: dict) -> tuple[str, str, list[int]]:
 
 
 def test_a_deployment_runs_where_the_scheduler_puts_it_and_answers_by_service_name(kube_lab: Lab):
-    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=WEB)
+    kubectl(kube_lab, "apply", "-f", "-", input=WEB)
     pods = wait_pods(kube_lab, "default", "app=web", 3)
     cidrs = {"kn1": "10.244.1.", "kn2": "10.244.2."}
     for pod in pods:
@@ -303,7 +292,7 @@ def test_a_deployment_runs_where_the_scheduler_puts_it_and_answers_by_service_na
 
 
 def test_scale_and_delete_add_and_remove_pods(kube_lab: Lab):
-    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=WEB)
+    kubectl(kube_lab, "apply", "-f", "-", input=WEB)
     before = wait_pods(kube_lab, "default", "app=web", 3)
     kubectl(kube_lab, "scale", "deployment/web", "-n", "default", "--replicas=1")
     after = wait_pods(kube_lab, "default", "app=web", 1)
@@ -326,7 +315,7 @@ def test_scale_and_delete_add_and_remove_pods(kube_lab: Lab):
 
 
 def test_a_daemonset_runs_one_pod_per_node(kube_lab: Lab):
-    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=DAEMONSET)
+    kubectl(kube_lab, "apply", "-f", "-", input=DAEMONSET)
     pods = wait_pods(kube_lab, "daemons", "app=everywhere", 2)
     assert sorted(p["spec"]["nodeName"] for p in pods) == ["kn1", "kn2"]
     assert all(p["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet" for p in pods)
@@ -383,9 +372,9 @@ def test_a_pod_uses_in_cluster_config_and_rbac_decides(kube_lab: Lab, tmp_path):
     listing pods in its namespace only."""
     binary = subprocess.run([os.path.join(ROOT, "controlplane", "build"), "--print"],
                             capture_output=True, text=True, check=True).stdout.strip()
-    kube_lab.run("kubectl", "--", "apply", "-f", "-",
-                 input=RBAC.replace("KUBECTL", f"{binary} kubectl").replace("HOMEDIR", str(tmp_path)))
-    log = f"/run/nodeagent/{kube_lab.name}/logs/rbac_checker_main.log"
+    kubectl(kube_lab, "apply", "-f", "-",
+            input=RBAC.replace("KUBECTL", f"{binary} kubectl").replace("HOMEDIR", str(tmp_path)))
+    log = container_log(kube_lab, "rbac", "checker", "main")
     deadline = time.monotonic() + 60
     while not (os.path.exists(log) and "other namespace rc=" in open(log).read()):
         assert time.monotonic() < deadline, open(log).read() if os.path.exists(log) else "no log"
@@ -430,7 +419,7 @@ spec:
 
 
 def test_env_comes_from_configmaps_secrets_and_the_downward_api(kube_lab: Lab):
-    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=CONFIGURED)
+    kubectl(kube_lab, "apply", "-f", "-", input=CONFIGURED)
     pod = wait_pods(kube_lab, "apps", "tier=back", 1)[0]
     wanted = {"CFG_MODE": "fast", "CFG_LEVEL": "3", "PASSWORD": "s3cret", "TIER": "back",
               "MY_NODE": pod["spec"]["nodeName"]}
@@ -538,20 +527,16 @@ spec:
 """
 
 
-def log_path(lab: Lab, namespace: str, pod: str, container: str) -> str:
-    return f"/run/nodeagent/{lab.name}/logs/{namespace}_{pod}_{container}.log"
-
-
 def log_size(lab: Lab, namespace: str, pod: str, container: str) -> int:
     """Where the next pod of that name will start writing (a pod's log outlives it)."""
-    path = log_path(lab, namespace, pod, container)
+    path = container_log(lab, namespace, pod, container)
     return os.path.getsize(path) if os.path.exists(path) else 0
 
 
 def wait_log(lab: Lab, namespace: str, pod: str, container: str, text: str, timeout: float = 60,
              after: int = 0) -> str:
     """The container's log (from offset `after`) once it holds `text`."""
-    path = log_path(lab, namespace, pod, container)
+    path = container_log(lab, namespace, pod, container)
 
     def read() -> str:
         with open(path) as f:
@@ -580,8 +565,8 @@ def test_volumes_are_files_at_the_mount_paths_and_leave_nothing(kube_lab: Lab, t
     host.mkdir()
     (host / "seed").write_text("seeded")
     offset = log_size(kube_lab, "vols", "reader", "main"), log_size(kube_lab, "vols", "reader", "side")
-    kube_lab.run("kubectl", "--", "apply", "-f", "-",
-                 input=VOLUMES.replace("MOUNTS", mounts).replace("HOSTDIR", str(host)))
+    kubectl(kube_lab, "apply", "-f", "-",
+            input=VOLUMES.replace("MOUNTS", mounts).replace("HOSTDIR", str(host)))
     out = wait_log(kube_lab, "vols", "reader", "main", "done\n", after=offset[0])
     lines = out.split("done\n")[0].splitlines()
     assert lines == [
@@ -627,8 +612,8 @@ def test_a_projected_token_is_replaced_under_a_running_container(kube_lab: Lab, 
     host.mkdir()
     (host / "seed").write_text("seeded")
     offset = log_size(kube_lab, "vols", "reader", "main")
-    kube_lab.run("kubectl", "--", "apply", "-f", "-",
-                 input=VOLUMES.replace("MOUNTS", mounts).replace("HOSTDIR", str(host)))
+    kubectl(kube_lab, "apply", "-f", "-",
+            input=VOLUMES.replace("MOUNTS", mounts).replace("HOSTDIR", str(host)))
     first = wait_log(kube_lab, "vols", "reader", "main", "token ends ", after=offset)
     pod = api_pods(kube_lab, "vols", "app=reader")[0]
     volume = f"/run/nodeagent/{kube_lab.name}/kube/pods/{pod['metadata']['uid']}/volumes/tokens"
@@ -680,7 +665,7 @@ def waiting(lab: Lab, selector: str) -> dict:
 def test_unimplemented_volumes_are_refused_and_missing_sources_waited_for(kube_lab: Lab):
     mounts = f"/opt/nodeagent-e2e-{kube_lab.name}"
     kubectl(kube_lab, "create", "namespace", "vols", check=False)
-    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=BROKEN.replace("MOUNTS", mounts))
+    kubectl(kube_lab, "apply", "-f", "-", input=BROKEN.replace("MOUNTS", mounts))
     wanted = {"case=broken": {"phase": "Pending", "reason": "CreateContainerConfigError",
                               "message": "volume data: the lab does not implement persistentVolumeClaim volumes "
                                          "(it implements configMap, secret, downwardAPI, projected, emptyDir, "
@@ -728,14 +713,14 @@ def test_security_context_and_a_host_network_pods_volume(kube_lab: Lab):
     kubectl(kube_lab, "create", "namespace", "vols", check=False)
     kubectl(kube_lab, "create", "configmap", "app-config", "-n", "vols", "--from-literal=greeting=hi", check=False)
     offset = log_size(kube_lab, "vols", "secured", "main")
-    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=SECURED.replace("MOUNTS", mounts))
+    kubectl(kube_lab, "apply", "-f", "-", input=SECURED.replace("MOUNTS", mounts))
     out = wait_log(kube_lab, "vols", "secured", "main", "NoNewPrivs", after=offset)
     assert "id=65534:65534\n" in out
     assert "CapBnd:\t0000000000000400\n" in out  # CAP_NET_BIND_SERVICE (10) only
     assert "NoNewPrivs:\t1\n" in out
     assert mounts not in machine_mounts()
-    events = json.loads(kubectl(kube_lab, "get", "events", "-n", "vols", "--field-selector",
-                                "involvedObject.name=secured,reason=LabSecurityContext", "-o", "json").stdout)
+    events = get(kube_lab, "events", "-n", "vols", "--field-selector",
+                 "involvedObject.name=secured,reason=LabSecurityContext")
     assert [e["message"] for e in events["items"]] == ["spec.securityContext.seccompProfile is not applied by the lab"]
     kubectl(kube_lab, "delete", "pod", "secured", "-n", "vols", "--wait=true", "--timeout=60s")
     assert not os.path.exists(mounts)
@@ -792,15 +777,13 @@ def readiness(lab: Lab) -> dict[str, tuple[str, bool, bool]]:
     out = {}
     for pod in api_pods(lab, "vols", "app=probed"):
         status = pod["status"]
-        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
         container = (status.get("containerStatuses") or [{}])[0].get("ready", False)
-        out[pod["metadata"]["name"]] = (status.get("phase"), ready, container)
+        out[pod["metadata"]["name"]] = (status.get("phase"), ready(pod), container)
     return out
 
 
 def ready_endpoints(lab: Lab) -> set[str]:
-    slices = json.loads(kubectl(lab, "get", "endpointslices", "-n", "vols", "-l",
-                                "kubernetes.io/service-name=probed", "-o", "json").stdout)["items"]
+    slices = get(lab, "endpointslices", "-n", "vols", "-l", "kubernetes.io/service-name=probed")["items"]
     return {e["targetRef"]["name"] for s in slices for e in s.get("endpoints") or []
             if e.get("conditions", {}).get("ready")}
 
@@ -817,12 +800,12 @@ def wait_readiness(lab: Lab, wanted: dict[str, bool], timeout: float = 60) -> No
 def test_readiness_probes_drive_ready_and_the_endpoints(kube_lab: Lab):
     mounts = f"/opt/nodeagent-e2e-{kube_lab.name}"
     kubectl(kube_lab, "create", "namespace", "vols", check=False)
-    kube_lab.run("kubectl", "--", "apply", "-f", "-", input=PROBED.replace("MOUNTS", mounts))
+    kubectl(kube_lab, "apply", "-f", "-", input=PROBED.replace("MOUNTS", mounts))
     wait_readiness(kube_lab, {"by-http": True, "by-tcp": True, "by-exec": False})
     kube_lab.exec("vols/by-exec", "touch", f"{mounts}/gate/open")
     wait_readiness(kube_lab, {"by-http": True, "by-tcp": True, "by-exec": True})
     kube_lab.exec("vols/by-exec", "rm", f"{mounts}/gate/open")
     wait_readiness(kube_lab, {"by-http": True, "by-tcp": True, "by-exec": False})
-    kube_lab.run("kubectl", "--", "delete", "-f", "-", "--wait=true", "--timeout=60s",
-                 input=PROBED.replace("MOUNTS", mounts))
+    kubectl(kube_lab, "delete", "-f", "-", "--wait=true", "--timeout=60s",
+            input=PROBED.replace("MOUNTS", mounts))
     assert not os.path.exists(mounts)

@@ -31,24 +31,14 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import Lab, kube_lab_up
+from tests.e2e.conftest import ROOT, Lab, kube_lab_up
+from tests.e2e.kubelab import MESH_RBAC, NODEAGENT, container_log, get, kubectl, nodes_yaml, ready
 
 pytestmark = pytest.mark.timeout(400)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MESH = os.path.join(ROOT, "daemonset", "mesh")
-NODEAGENT = os.path.join(ROOT, ".venv", "bin", "nodeagent")
 SERVER_NAME = "nodeagent-ca.nodeagent-system.svc"
 
-LAB_YAML = """
-apiVersion: v1
-kind: Node
-metadata: {name: kn1}
----
-apiVersion: v1
-kind: Node
-metadata: {name: kn2}
-"""
+LAB_YAML = nodes_yaml("kn1", "kn2")
 
 OBJECTS = """
 apiVersion: v1
@@ -120,14 +110,6 @@ spec:
 """
 
 
-def kubectl(lab: Lab, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return lab.run("kubectl", "--", *args, input=input, check=check, timeout=60)
-
-
-def get(lab: Lab, *args: str) -> dict:
-    return json.loads(kubectl(lab, "get", "-o", "json", *args).stdout)
-
-
 def ca_pods(lab: Lab) -> list[dict]:
     return get(lab, "pods", "-n", "nodeagent-system", "-l", "app=nodeagent-ca")["items"]
 
@@ -137,10 +119,10 @@ def wait_ca(lab: Lab, not_named: str = "", timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         pods = ca_pods(lab)
-        ready = [p for p in pods if p["metadata"]["name"] != not_named and p["status"].get("phase") == "Running"
-                 and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
-        if len(pods) == 1 and len(ready) == 1:
-            return ready[0]
+        running = [p for p in pods if p["metadata"]["name"] != not_named and p["status"].get("phase") == "Running"
+                   and ready(p)]
+        if len(pods) == 1 and len(running) == 1:
+            return running[0]
         if time.monotonic() > deadline:
             log = ca_log(lab, pods[0]) if pods else "no pod"
             pytest.fail(f"no Ready CA pod: {[(p['metadata']['name'], p['status'].get('phase')) for p in pods]}\n{log}")
@@ -148,15 +130,14 @@ def wait_ca(lab: Lab, not_named: str = "", timeout: float = 120) -> dict:
 
 
 def ca_log(lab: Lab, pod: dict) -> str:
-    path = f"/run/nodeagent/{lab.name}/logs/nodeagent-system_{pod['metadata']['name']}_ca.log"
+    path = container_log(lab, "nodeagent-system", pod["metadata"]["name"], "ca")
     return open(path).read()[-4000:] if os.path.exists(path) else f"(no {path})"
 
 
 @pytest.fixture(scope="module")
 def ca_lab(tmp_path_factory: pytest.TempPathFactory):
     with kube_lab_up(tmp_path_factory, LAB_YAML, "cakube") as lab:
-        kubectl(lab, "apply", *[a for f in ("namespace.yaml", "rbac-agent.yaml", "rbac-ca.yaml")
-                                for a in ("-f", os.path.join(MESH, f))])
+        kubectl(lab, "apply", *MESH_RBAC)
         kubectl(lab, "apply", "-f", "-", input=OBJECTS.replace("NODEAGENT", NODEAGENT))
         wait_ca(lab)
         yield lab

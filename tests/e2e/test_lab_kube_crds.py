@@ -12,18 +12,14 @@ the test is skipped on a developer machine and fails under CI."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-
 import pytest
 
 from nodeagent.lab.kube import crds
-from tests.e2e.conftest import Lab, kube_lab_up
+from tests.e2e.conftest import Lab
+from tests.e2e.kubelab import AGENT_ACCOUNT, DAEMONSET, MESH_RBAC, SYSTEM, can_i, get, kubectl
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAB_YAML = """
 apiVersion: v1
 kind: Node
@@ -49,50 +45,39 @@ spec:
 """
 
 
-@pytest.fixture(scope="module")
-def crd_lab(tmp_path_factory: pytest.TempPathFactory):
-    with kube_lab_up(tmp_path_factory, LAB_YAML, "crds") as lab:
-        yield lab
-
-
-def kubectl(lab: Lab, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return lab.run("kubectl", "--", *args, input=input, check=check, timeout=60)
-
-
-def test_every_istio_crd_is_established_when_up_returns(crd_lab: Lab):
+def test_every_istio_crd_is_established_when_up_returns(kube_lab: Lab):
     expected = sorted(c["metadata"]["name"] for c in crds.load())
     assert len(expected) == 14 and "virtualservices.networking.istio.io" in expected
-    assert f"{len(expected)} Istio CRDs Established" in crd_lab.output
-    items = json.loads(kubectl(crd_lab, "get", "crd", "-o", "json").stdout)["items"]
+    assert f"{len(expected)} Istio CRDs Established" in kube_lab.output
+    items = get(kube_lab, "crd")["items"]
     istio = {c["metadata"]["name"]: c for c in items if c["spec"]["group"].endswith(".istio.io")}
     assert sorted(istio) == expected
     for name, crd in istio.items():
         conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
         assert conditions.get("Established") == "True", (name, conditions)
-    vs = json.loads(kubectl(crd_lab, "get", "crd", "virtualservices.networking.istio.io", "-o", "json").stdout)
+    vs = get(kube_lab, "crd", "virtualservices.networking.istio.io")
     served = {v["name"]: (v["served"], v["storage"]) for v in vs["spec"]["versions"]}
     assert served == {"v1": (True, True), "v1beta1": (True, False), "v1alpha3": (True, False)}
     assert vs["metadata"]["labels"]["app"] == "istio-pilot"  # Istio's own file, not a rewrite
 
 
 @pytest.mark.parametrize("version", ["v1", "v1beta1", "v1alpha3"])
-def test_a_valid_virtual_service_is_accepted(crd_lab: Lab, version: str):
+def test_a_valid_virtual_service_is_accepted(kube_lab: Lab, version: str):
     name = f"reviews-{version}"
-    kubectl(crd_lab, "apply", "-f", "-", input=VIRTUAL_SERVICE.format(version=version, name=name, hosts="[reviews]"))
+    kubectl(kube_lab, "apply", "-f", "-", input=VIRTUAL_SERVICE.format(version=version, name=name, hosts="[reviews]"))
     try:
-        got = json.loads(kubectl(crd_lab, "get", f"virtualservices.{version}.networking.istio.io", name,
-                                 "-n", "shop", "-o", "json").stdout)
+        got = get(kube_lab, f"virtualservices.{version}.networking.istio.io", name, "-n", "shop")
         assert got["spec"]["hosts"] == ["reviews"]
         assert [d["weight"] for d in got["spec"]["http"][0]["route"]] == [90, 10]
         assert got["spec"]["http"][0]["timeout"] == "2s"
     finally:
-        kubectl(crd_lab, "delete", "virtualservice", name, "-n", "shop", "--ignore-not-found")
+        kubectl(kube_lab, "delete", "virtualservice", name, "-n", "shop", "--ignore-not-found")
 
 
-def test_a_wrong_typed_field_is_refused_by_the_schema(crd_lab: Lab):
+def test_a_wrong_typed_field_is_refused_by_the_schema(kube_lab: Lab):
     # `hosts` is a list of strings in Istio's schema; a string is refused by the API server.
     bad = VIRTUAL_SERVICE.format(version="v1", name="bad", hosts="reviews")
-    refused = kubectl(crd_lab, "apply", "-f", "-", input=bad, check=False)
+    refused = kubectl(kube_lab, "apply", "-f", "-", input=bad, check=False)
     assert refused.returncode != 0
     assert 'The VirtualService "bad" is invalid' in refused.stderr, refused.stderr
     assert 'spec.hosts: Invalid value: "string": spec.hosts in body must be of type array: "string"' \
@@ -100,22 +85,21 @@ def test_a_wrong_typed_field_is_refused_by_the_schema(crd_lab: Lab):
     # A weight of the wrong type too, in the v1alpha3 spelling.
     weight = VIRTUAL_SERVICE.format(version="v1alpha3", name="bad", hosts="[reviews]").replace("weight: 90",
                                                                                                "weight: ninety")
-    refused = kubectl(crd_lab, "apply", "-f", "-", input=weight, check=False)
+    refused = kubectl(kube_lab, "apply", "-f", "-", input=weight, check=False)
     assert refused.returncode != 0
     assert "spec.http[0].route[0].weight" in refused.stderr and "must be of type integer" in refused.stderr, \
         refused.stderr
-    missing = kubectl(crd_lab, "get", "virtualservice", "bad", "-n", "shop", check=False)
+    missing = kubectl(kube_lab, "get", "virtualservice", "bad", "-n", "shop", check=False)
     assert missing.returncode != 0 and "NotFound" in missing.stderr, missing.stderr
 
 
 
-def test_the_daemonset_base_passes_the_api_servers_validation(crd_lab: Lab):
+def test_the_daemonset_base_passes_the_api_servers_validation(kube_lab: Lab):
     """Every object of `kubectl apply -k daemonset/` is accepted by the real API server
     (schemas, CRDs, admission), server-side dry run: nothing of it runs here."""
-    base = os.path.join(ROOT, "daemonset")
-    kubectl(crd_lab, "create", "namespace", "nodeagent-system")  # a dry run of it creates nothing for the rest
+    kubectl(kube_lab, "create", "namespace", SYSTEM)  # a dry run of it creates nothing for the rest
     try:
-        proc = kubectl(crd_lab, "apply", "--dry-run=server", "-k", base, check=False)
+        proc = kubectl(kube_lab, "apply", "--dry-run=server", "-k", DAEMONSET, check=False)
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.splitlines()
         for expected in ("daemonset.apps/nodeagent created (server dry run)",
@@ -128,33 +112,28 @@ def test_the_daemonset_base_passes_the_api_servers_validation(crd_lab: Lab):
             assert expected in lines, proc.stdout
         assert len(lines) == 14 + 14, proc.stdout  # our 14 objects and Istio's 14 CRDs
     finally:
-        kubectl(crd_lab, "delete", "namespace", "nodeagent-system", "--wait=true", "--timeout=60s")
+        kubectl(kube_lab, "delete", "namespace", SYSTEM, "--wait=true", "--timeout=60s")
 
 
-AGENT = "system:serviceaccount:nodeagent-system:nodeagent"
-CA = "system:serviceaccount:nodeagent-system:nodeagent-ca"
+CA = f"system:serviceaccount:{SYSTEM}:nodeagent-ca"
 
 
-def test_the_service_accounts_may_do_what_their_roles_grant_and_nothing_else(crd_lab: Lab):
-    mesh = os.path.join(ROOT, "daemonset", "mesh")
-    files = [a for f in ("namespace.yaml", "rbac-agent.yaml", "rbac-ca.yaml") for a in ("-f", os.path.join(mesh, f))]
-    kubectl(crd_lab, "apply", *files)
+def test_the_service_accounts_may_do_what_their_roles_grant_and_nothing_else(kube_lab: Lab):
+    kubectl(kube_lab, "apply", *MESH_RBAC)
     try:
         def can(who: str, *what: str) -> bool:
-            proc = kubectl(crd_lab, "auth", "can-i", f"--as={who}", *what, check=False)
-            assert proc.stdout.strip() in ("yes", "no"), (what, proc.stdout, proc.stderr)
-            return proc.stdout.strip() == "yes"
+            return can_i(kube_lab, who, *what)
 
         for resource in ("pods", "namespaces", "services", "virtualservices.networking.istio.io",
                          "authorizationpolicies.security.istio.io"):
-            assert can(AGENT, "watch", resource, "-A"), resource
-        assert can(AGENT, "create", "events", "-n", "shop")
+            assert can(AGENT_ACCOUNT, "watch", resource, "-A"), resource
+        assert can(AGENT_ACCOUNT, "create", "events", "-n", "shop")
         # The kube source lists and watches; it never GETs one object nor reads EndpointSlices.
         for refused in (("get", "pods", "-n", "shop"), ("watch", "endpointslices.discovery.k8s.io", "-A"),
                         ("get", "secrets", "-n", "nodeagent-system"), ("delete", "pods", "-n", "shop"),
                         ("create", "virtualservices.networking.istio.io", "-n", "shop"),
                         ("create", "tokenreviews.authentication.k8s.io"), ("list", "nodes")):
-            assert not can(AGENT, *refused), refused
+            assert not can(AGENT_ACCOUNT, *refused), refused
         assert can(CA, "create", "tokenreviews.authentication.k8s.io")
         assert can(CA, "list", "pods", "-A") and can(CA, "watch", "pods", "-A")  # its Pod-only KubeSource
         assert can(CA, "get", "secrets/nodeagent-ca-keys", "-n", "nodeagent-system")
@@ -163,4 +142,4 @@ def test_the_service_accounts_may_do_what_their_roles_grant_and_nothing_else(crd
                         ("delete", "pods", "-A"), ("update", "configmaps/other", "-n", "nodeagent-system")):
             assert not can(CA, *refused), refused
     finally:
-        kubectl(crd_lab, "delete", "--wait=true", "--timeout=60s", *files)
+        kubectl(kube_lab, "delete", "--wait=true", "--timeout=60s", *MESH_RBAC)

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import time
 
 import pytest
 
-from tests.e2e.conftest import Lab, kube_lab_up
+from tests.e2e.conftest import Lab
+from tests.e2e.kubelab import get, kubectl, ready
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIRROR = "kubernetes.io/config.mirror"
 LAB_YAML = """
 apiVersion: v1
@@ -121,23 +120,8 @@ spec:
 """
 
 
-@pytest.fixture(scope="module")
-def kube_lab(tmp_path_factory: pytest.TempPathFactory):
-    with kube_lab_up(tmp_path_factory, LAB_YAML, "kubefile") as lab:
-        yield lab
-
-
-def kubectl_json(lab: Lab, *args: str) -> dict:
-    return json.loads(lab.run("kubectl", "--", *args, "-o", "json", timeout=60).stdout)
-
-
-def ready(pod: dict) -> bool:
-    return pod["status"].get("phase") == "Running" and \
-        any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
-
-
 def mirror_pods(lab: Lab) -> dict[str, dict]:
-    items = kubectl_json(lab, "get", "pods", "-A")["items"]
+    items = get(lab, "pods", "-A")["items"]
     return {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p for p in items
             if MIRROR in p["metadata"].get("annotations", {})}
 
@@ -147,7 +131,7 @@ def wait_mirrors(lab: Lab, keys: set[str], timeout: float = 60) -> dict[str, dic
     deadline = time.monotonic() + timeout
     while True:
         pods = mirror_pods(lab)
-        if set(pods) == keys and all(ready(p) for p in pods.values()):
+        if set(pods) == keys and all(p["status"].get("phase") == "Running" and ready(p) for p in pods.values()):
             return pods
         assert time.monotonic() < deadline, f"mirror pods {keys} not Running/Ready: " + \
             str({k: p["status"].get("phase") for k, p in pods.items()})
@@ -165,7 +149,7 @@ def test_the_files_pods_are_mirror_pods_at_their_lab_addresses(kube_lab: Lab):
     lab_pods = {f"{p['namespace']}/{p['name']}": p for p in kube_lab.status()["pods"]}
     assert set(lab_pods) == {"shop/web-0", "shop/web-1", "default/client"}
     pods = wait_mirrors(kube_lab, set(lab_pods))
-    nodes = {n["metadata"]["name"]: n for n in kubectl_json(kube_lab, "get", "nodes")["items"]}
+    nodes = {n["metadata"]["name"]: n for n in get(kube_lab, "nodes")["items"]}
     for key, pod in pods.items():
         meta, status, node = pod["metadata"], pod["status"], pod["spec"]["nodeName"]
         assert (node, status["podIP"]) == (lab_pods[key]["node"], lab_pods[key]["ip"]), key
@@ -190,8 +174,7 @@ def test_the_files_service_gets_an_endpointslice_of_exactly_the_files_pods(kube_
     web = {p["ip"] for p in kube_lab.status()["pods"] if p["name"].startswith("web-")}
     deadline, found = time.monotonic() + 60, None
     while time.monotonic() < deadline:
-        slices = kubectl_json(kube_lab, "get", "endpointslices", "-n", "shop",
-                              "-l", "kubernetes.io/service-name=web")["items"]
+        slices = get(kube_lab, "endpointslices", "-n", "shop", "-l", "kubernetes.io/service-name=web")["items"]
         found = {(a, e["conditions"].get("ready")) for s in slices for e in s.get("endpoints") or []
                  for a in e["addresses"]}
         ports = [(p["name"], p["port"]) for s in slices for p in s.get("ports") or []]
@@ -209,33 +192,32 @@ def test_the_files_service_gets_an_endpointslice_of_exactly_the_files_pods(kube_
 
 
 def test_the_files_data_and_rbac_objects_are_in_the_api(kube_lab: Lab):
-    settings = kubectl_json(kube_lab, "get", "configmap", "settings", "-n", "shop", "--show-managed-fields")
+    settings = get(kube_lab, "configmap", "settings", "-n", "shop", "--show-managed-fields")
     assert settings["data"] == {"mode": "fast", "level": "3"}
     assert settings["metadata"]["annotations"]["nodeagent.io/managed-by"] == "nodeagent-lab"
     managers = {(m["manager"], m["operation"]) for m in settings["metadata"]["managedFields"]}
     assert ("nodeagent-lab", "Apply") in managers
-    account = kubectl_json(kube_lab, "get", "serviceaccount", "reviews", "-n", "shop")
+    account = get(kube_lab, "serviceaccount", "reviews", "-n", "shop")
     assert account["metadata"]["annotations"]["nodeagent.io/managed-by"] == "nodeagent-lab"
-    secret = kubectl_json(kube_lab, "get", "secret", "creds", "-n", "shop")
+    secret = get(kube_lab, "secret", "creds", "-n", "shop")
     assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {"password": "s3cret"}
-    role = kubectl_json(kube_lab, "get", "role", "pod-reader", "-n", "shop")
+    role = get(kube_lab, "role", "pod-reader", "-n", "shop")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
-    default = kubectl_json(kube_lab, "get", "namespace", "default")
+    default = get(kube_lab, "namespace", "default")
     assert "nodeagent.io/managed-by" not in default["metadata"].get("annotations", {})  # the API server's own
 
 
 def test_the_files_istio_objects_are_in_the_api_until_deleted_from_the_lab(kube_lab: Lab):
     """Given at v1beta1, judged by Istio's schema (the CRDs lab up --kube installs), read
     back at v1; lab delete -f removes it from the API as from the lab."""
-    vs = kubectl_json(kube_lab, "get", "virtualservices.networking.istio.io", "web", "-n", "shop")
+    vs = get(kube_lab, "virtualservices.networking.istio.io", "web", "-n", "shop")
     assert vs["apiVersion"] == "networking.istio.io/v1"
     assert vs["spec"] == {"hosts": ["web.shop.svc.cluster.local"],
                           "http": [{"timeout": "3s", "route": [{"destination": {"host": "web.shop.svc.cluster.local"}}]}]}
     assert vs["metadata"]["annotations"]["nodeagent.io/managed-by"] == "nodeagent-lab"
     out = kube_lab.run("delete", "-f", kube_lab.write(VIRTUAL_SERVICE, "vs")).stdout
     assert "deleted from the API: virtualservice shop/web" in out, out
-    gone = kube_lab.run("kubectl", "--", "get", "virtualservices.networking.istio.io", "web", "-n", "shop",
-                        timeout=60, check=False)
+    gone = kubectl(kube_lab, "get", "virtualservices.networking.istio.io", "web", "-n", "shop", check=False)
     assert gone.returncode == 1 and 'virtualservices.networking.istio.io "web" not found' in gone.stderr, gone
 
 
@@ -243,9 +225,9 @@ def test_lab_apply_of_a_changed_file_changes_the_api(kube_lab: Lab):
     before = wait_mirrors(kube_lab, {"shop/web-0", "shop/web-1", "default/client"})
     out = kube_lab.apply(CHANGED).stdout
     assert "created in the API: configmap shop/extra" in out, out
-    settings = kubectl_json(kube_lab, "get", "configmap", "settings", "-n", "shop")
+    settings = get(kube_lab, "configmap", "settings", "-n", "shop")
     assert settings["data"] == {"mode": "slow"}  # the key the file dropped is gone
-    extra = kubectl_json(kube_lab, "get", "configmap", "extra", "-n", "shop")
+    extra = get(kube_lab, "configmap", "extra", "-n", "shop")
     assert (extra["data"], extra["metadata"]["labels"]) == ({"k": "v"}, {"added": "by-apply"})
     # The relabelled pod's mirror is replaced (a node may not change a pod's metadata);
     # the process keeps running: same container, no restart.
@@ -268,7 +250,7 @@ def test_a_mirror_pod_deleted_through_the_api_comes_back_and_the_pod_runs_on(kub
     """As kubelet does for a static pod: deleting its mirror does not stop it; the node
     deletes the mirror for good and creates it again."""
     before = wait_mirrors(kube_lab, {"shop/web-0", "shop/web-1", "default/client"})["shop/web-1"]
-    kube_lab.run("kubectl", "--", "delete", "pod", "web-1", "-n", "shop", "--wait=false", timeout=60)
+    kubectl(kube_lab, "delete", "pod", "web-1", "-n", "shop", "--wait=false")
     deadline = time.monotonic() + 60
     while True:
         after = wait_mirrors(kube_lab, {"shop/web-0", "shop/web-1", "default/client"})["shop/web-1"]

@@ -23,52 +23,25 @@ import json
 import os
 import subprocess
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
 
 from nodeagent.lab.layout import Layout
-from tests.e2e.conftest import Lab, Labs, cgroup2_root, controlplane_built, unique_name
+from tests.e2e.conftest import ROOT, Lab, cgroup2_root, kube_lab_up, unique_name
+from tests.e2e.kubelab import (AGENT_ACCOUNT, MESH, NODEAGENT, SYSTEM, agent_pods, applied_kustomization,
+                               attached_programs, can_i, container_log, get, kubectl, nodes_yaml, pinned, poll, ready)
 
 pytestmark = pytest.mark.timeout(900)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MESH = os.path.join(ROOT, "daemonset", "mesh")
-NODEAGENT = os.path.join(ROOT, ".venv", "bin", "nodeagent")
-SYSTEM = "nodeagent-system"
-LAB_YAML = """
-apiVersion: v1
-kind: Node
-metadata: {name: kn1}
-"""
-
-
-def kubectl(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return lab.run("kubectl", "--", *args, timeout=120, check=check)
-
-
-def get(lab: Lab, *args: str) -> dict:
-    return json.loads(kubectl(lab, "get", *args, "-o", "json").stdout)
-
-
-def poll(check: Callable[[], Any], what: str, timeout: float = 180, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+LAB_YAML = nodes_yaml("kn1")
 
 
 def ready_agent(lab: Lab) -> dict | None:
     """kn1's agent pod once it is Ready (and not terminating)."""
-    pods = get(lab, "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=nodeagent")["items"]
-    for pod in pods:
-        if not pod["metadata"].get("deletionTimestamp") and any(
-                c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", [])):
+    for pod in agent_pods(lab):
+        if not pod["metadata"].get("deletionTimestamp") and ready(pod):
             return pod
     return None
 
@@ -76,24 +49,18 @@ def ready_agent(lab: Lab) -> dict | None:
 def capture(lab: Lab) -> dict[str, Any]:
     """kn1's capture: programs attached in its cgroup subtree, and pinned map IDs by pin."""
     layout = Layout(lab.name, cgroup_root=cgroup2_root())
-    tree = subprocess.run(["bpftool", "-j", "cgroup", "tree", layout.node_cgroup("kn1")], capture_output=True,
-                          text=True, check=True).stdout
-    programs = sorted((a["name"], a["attach_type"]) for cg in json.loads(tree or "[]") for a in cg.get("programs", []))
     maps = {}
     root = os.path.join(layout.node_bpffs("kn1"), "nodeagent", "maps")
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         shown = subprocess.run(["bpftool", "-j", "map", "show", "pinned", os.path.join(root, name)],
                                capture_output=True, text=True, check=True).stdout
         maps[name] = json.loads(shown)["id"]
-    pins = sorted(os.path.relpath(os.path.join(d, f), layout.node_bpffs("kn1"))
-                  for d, _, files in os.walk(layout.node_bpffs("kn1")) for f in files)
-    return {"programs": programs, "maps": maps, "pins": pins}
+    return {"programs": attached_programs(layout, "kn1"), "maps": maps, "pins": pinned(layout, "kn1")}
 
 
 def stopping_line(lab: Lab, pod: str) -> str:
     """The 'agent stopping: …' message of that agent pod's log (JSON lines)."""
-    path = Layout(lab.name, cgroup_root="").container_log(SYSTEM, pod, "agent")
-    with open(path) as f:
+    with open(container_log(lab, SYSTEM, pod, "agent")) as f:
         found = [json.loads(line)["message"] for line in f if line.startswith("{") and "agent stopping" in line]
     assert len(found) == 1, found
     return found[0]
@@ -104,26 +71,16 @@ def replaced(lab: Lab, old: str) -> dict | None:
     pod = ready_agent(lab)
     if pod is None or pod["metadata"]["name"] == old:
         return None
-    path = Layout(lab.name, cgroup_root="").container_log(SYSTEM, old, "agent")
-    with open(path) as f:
+    with open(container_log(lab, SYSTEM, old, "agent")) as f:
         return pod if "agent stopped:" in f.read() else None
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory):
-    if not controlplane_built():
-        pytest.skip("the control plane is not built: run scripts/setup")
-    labs = Labs(tmp_path_factory.mktemp("onexit"))
-    lab = Lab("h2" + unique_name()[1:6], labs.workdir)  # this module's labs are named h2*
-    labs.made.append(lab)
-    try:
-        lab.up_kube(LAB_YAML)
-        kubectl(lab, "apply", "-k", MESH)
+    name = "h2" + unique_name()[1:6]  # this module's labs are named h2*
+    with kube_lab_up(tmp_path_factory, LAB_YAML, "onexit", name) as lab, applied_kustomization(lab, MESH):
         poll(lambda: ready_agent(lab), "kn1's agent to be Ready", 420, 1)
         yield lab
-    finally:
-        kubectl(lab, "delete", "-k", MESH, "--ignore-not-found", "--wait=true", check=False)
-        labs.close()
 
 
 def test_status_kube_summarises_the_installed_daemonset(lab: Lab):
@@ -193,10 +150,7 @@ def test_the_cas_lookup_of_a_pod_on_a_node_by_its_service_account(lab: Lab, tmp_
 
 def test_the_agent_may_watch_the_daemonsets_of_its_namespace_only(lab: Lab):
     def can(*what: str) -> bool:
-        proc = kubectl(lab, "auth", "can-i", "--as=system:serviceaccount:nodeagent-system:nodeagent", *what,
-                       check=False)
-        assert proc.stdout.strip() in ("yes", "no"), (what, proc.stdout, proc.stderr)
-        return proc.stdout.strip() == "yes"
+        return can_i(lab, AGENT_ACCOUNT, *what)
 
     assert can("list", "daemonsets.apps", "-n", SYSTEM) and can("watch", "daemonsets.apps", "-n", SYSTEM)
     for refused in (("get", "daemonsets.apps/nodeagent", "-n", SYSTEM), ("watch", "daemonsets.apps", "-A"),
@@ -210,7 +164,7 @@ def test_deleting_the_daemonset_removes_capture(lab: Lab):
     old = ready_agent(lab)["metadata"]["name"]
     uid = get(lab, "daemonset", "nodeagent", "-n", SYSTEM)["metadata"]["uid"]
     kubectl(lab, "delete", "daemonset", "nodeagent", "-n", SYSTEM, "--wait=false")
-    poll(lambda: not get(lab, "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=nodeagent")["items"],
+    poll(lambda: not agent_pods(lab),
          "the agent pod to be gone", 240, 1)
     assert stopping_line(lab, old) == (
         f"agent stopping: removing capture (as `nodeagent uninstall`): DaemonSet {SYSTEM}/nodeagent (uid {uid}) "

@@ -34,18 +34,12 @@ from typing import Any, Callable
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.e2e.conftest import ROOT, cgroup2_root
+from tests.e2e.kubelab import get, kubectl, nodes_yaml, poll
+
 WATCH_SECONDS = 5  # short watches: the server ends them often, the source watches on
 
-LAB_YAML = """
-apiVersion: v1
-kind: Node
-metadata: {name: kn1}
----
-apiVersion: v1
-kind: Node
-metadata: {name: kn2}
-"""
+LAB_YAML = nodes_yaml("kn1", "kn2")
 
 OBJECTS = """
 apiVersion: v1
@@ -203,13 +197,6 @@ class Probe:
 
 
 @pytest.fixture(scope="module")
-def kube_lab(tmp_path_factory: pytest.TempPathFactory):
-    from tests.e2e.conftest import kube_lab_up
-    with kube_lab_up(tmp_path_factory, LAB_YAML, "kubesrc") as lab:
-        yield lab
-
-
-@pytest.fixture(scope="module")
 def probe_on_kn1(kube_lab):
     kubeconfig = kube_lab.run("kubeconfig").stdout.strip()
     child = Probe(f"{kube_lab.name}-n-kn1", kubeconfig)
@@ -217,10 +204,6 @@ def probe_on_kn1(kube_lab):
         yield child
     finally:
         child.close()
-
-
-def kubectl(lab, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return lab.run("kubectl", "--", *args, input=input, check=check, timeout=90)
 
 
 def istio_served(lab) -> bool:
@@ -419,36 +402,51 @@ def test_a_kind_whose_crd_is_not_installed_is_reported_and_the_others_read(kube_
     assert "shop/web" in probe.model()["pods"]
 
 
+# --- agents on the kube source ------------------------------------------------------------
+def start_agent(lab, node: str) -> tuple[subprocess.Popen, Path]:
+    """`nodeagent run --source kube:KUBECONFIG` on `node`, as the lab would run its agent."""
+    from nodeagent.lab.layout import Layout
+    from nodeagent.lab.processes import in_node
+    layout = Layout(lab.name, cgroup_root=cgroup2_root())
+    kubeconfig = lab.run("kubeconfig").stdout.strip()
+    argv = in_node(layout, node, [
+        sys.executable, "-m", "nodeagent", "run", "--node", node, "--source", f"kube:{kubeconfig}",
+        "--cgroup", layout.kubepods_cgroup(node), "--bpffs", layout.node_bpffs(node),
+        "--admin-socket", layout.agent_socket(node), "--waypoint-dir", layout.waypoint_dir(node),
+        "--no-waypoint", "--no-keep-on-exit", "--flow-log", "off"])
+    log = lab.workdir / f"{lab.name}-agent-{node}.log"
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT), log
+
+
+def stop_agent(agent: subprocess.Popen) -> None:
+    if agent.poll() is None:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+
+
+def agent_status(lab, node: str, agent: subprocess.Popen, log: Path) -> dict | None:
+    assert agent.poll() is None, f"the agent of {node} exited {agent.returncode}: {log.read_text()[-3000:]}"
+    proc = subprocess.run([sys.executable, "-m", "nodeagent", "status", "--lab", lab.name, "--node", node,
+                           "--output", "json"], capture_output=True, text=True, timeout=60)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
 
 def test_the_agent_runs_on_the_kube_source_and_enrols_an_api_pod(kube_lab):
     """`nodeagent run --source kube:KUBECONFIG` on kn1, as the lab would run its agent:
     it reads the API, enrols the ambient namespace's pod the lab's kubelet runs there
     and shows the source and its errors (the CRD the test before deleted) in status."""
-    from tests.e2e.conftest import cgroup2_root
-    from nodeagent.lab.layout import Layout
-    from nodeagent.lab.processes import in_node
-    layout = Layout(kube_lab.name, cgroup_root=cgroup2_root())
     kubeconfig = kube_lab.run("kubeconfig").stdout.strip()
     kubectl(kube_lab, "label", "namespace", "shop", "istio.io/dataplane-mode=ambient", "--overwrite")
-    argv = in_node(layout, "kn1", [
-        sys.executable, "-m", "nodeagent", "run", "--node", "kn1", "--source", f"kube:{kubeconfig}",
-        "--cgroup", layout.kubepods_cgroup("kn1"), "--bpffs", layout.node_bpffs("kn1"),
-        "--admin-socket", layout.agent_socket("kn1"), "--waypoint-dir", layout.waypoint_dir("kn1"),
-        "--no-waypoint", "--no-keep-on-exit", "--flow-log", "off"])
-    log = kube_lab.workdir / f"{kube_lab.name}-agent.log"
-    with open(log, "wb") as out:
-        agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-
-    def status() -> dict | None:
-        assert agent.poll() is None, f"the agent exited {agent.returncode}: {log.read_text()[-3000:]}"
-        proc = subprocess.run([sys.executable, "-m", "nodeagent", "status", "--lab", kube_lab.name, "--node", "kn1",
-                               "--output", "json"], capture_output=True, text=True, timeout=60)
-        return json.loads(proc.stdout) if proc.returncode == 0 else None
-
+    agent, log = start_agent(kube_lab, "kn1")
     try:
         deadline, found = time.monotonic() + 240, None
         while time.monotonic() < deadline:
-            found = status()
+            found = agent_status(kube_lab, "kn1", agent, log)
             if found and found["ready"] and [p["name"] for p in found["pods"]] == ["web"]:
                 break
             time.sleep(0.5)
@@ -464,12 +462,7 @@ def test_the_agent_runs_on_the_kube_source_and_enrols_an_api_pod(kube_lab):
         assert errors and all(e.endswith("is its CRD installed?") for e in errors.values()), errors
         assert found["pods"][0]["namespace"] == "shop"
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+        stop_agent(agent)
     assert agent.returncode == 0, log.read_text()[-3000:]
 
 
@@ -514,57 +507,13 @@ spec:
 """
 
 
-def start_agent(lab, node: str) -> tuple[subprocess.Popen, Path]:
-    """`nodeagent run --source kube:KUBECONFIG` on `node`, as the lab would run its agent."""
-    from tests.e2e.conftest import cgroup2_root
-    from nodeagent.lab.layout import Layout
-    from nodeagent.lab.processes import in_node
-    layout = Layout(lab.name, cgroup_root=cgroup2_root())
-    kubeconfig = lab.run("kubeconfig").stdout.strip()
-    argv = in_node(layout, node, [
-        sys.executable, "-m", "nodeagent", "run", "--node", node, "--source", f"kube:{kubeconfig}",
-        "--cgroup", layout.kubepods_cgroup(node), "--bpffs", layout.node_bpffs(node),
-        "--admin-socket", layout.agent_socket(node), "--waypoint-dir", layout.waypoint_dir(node),
-        "--no-waypoint", "--no-keep-on-exit", "--flow-log", "off"])
-    log = lab.workdir / f"{lab.name}-agent-{node}.log"
-    with open(log, "wb") as out:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT), log
-
-
-def stop_agent(agent: subprocess.Popen) -> None:
-    if agent.poll() is None:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
-
-
-def agent_status(lab, node: str, agent: subprocess.Popen, log: Path) -> dict | None:
-    assert agent.poll() is None, f"the agent of {node} exited {agent.returncode}: {log.read_text()[-3000:]}"
-    proc = subprocess.run([sys.executable, "-m", "nodeagent", "status", "--lab", lab.name, "--node", node,
-                           "--output", "json"], capture_output=True, text=True, timeout=60)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
 def warnings_in(lab, namespace: str) -> dict[str, dict]:
     """The namespace's Events, by the name of the object they are on."""
-    listed = json.loads(kubectl(lab, "get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    listed = get(lab, "events", "-n", namespace)["items"]
     out: dict[str, list] = {}
     for event in listed:
         out.setdefault(event["involvedObject"]["name"], []).append(event)
     return out
-
-
-def poll(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_refused_and_unsupported_istio_resources_get_one_warning_event_each_from_every_agent(kube_lab):
