@@ -11,7 +11,9 @@ under ~/.vagrant.d usually sits in a 0700 home — and the box's Vagrantfile nam
 Inside: systemd, sshd (host keys made at first boot, so two VMs of one box differ),
 sudo, rsync (vagrant's rsync synced folder), qemu-guest-agent (the Vagrantfile's VMs
 have no libvirt network: vagrant-libvirt asks the agent for the address, ssh goes
-through a forwarded port), python3, DHCP on the first NIC by systemd-networkd. User
+through a forwarded port), python3, DHCP on the first NIC by systemd-networkd, the
+host's locally added CAs (/usr/local/share/ca-certificates: a TLS-intercepting proxy the
+host trusts is trusted in the VM, or pip fails there). User
 `vagrant`, password-less sudo, vagrant's well-known insecure public key read from the
 installed vagrant package (vagrant swaps it for a per-VM key on the first `vagrant up`).
 Nothing of the project is installed: scripts/setup provisions the VM.
@@ -54,6 +56,7 @@ GUEST_PACKAGES = [
 GUEST_PACKAGES_BY_SUITE = {"bullseye": [], "bookworm": ["systemd-resolved"], "trixie": ["systemd-resolved"],
                            "sid": ["systemd-resolved"]}
 VAGRANT_PUBKEY_GLOB = "/usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub"
+LOCAL_CA_DIR = pathlib.Path("/usr/local/share/ca-certificates")
 CMDLINE = "root=/dev/vda rw console=ttyS0 net.ifnames=0 mitigations=off"
 
 
@@ -174,8 +177,9 @@ def write(root: pathlib.Path, path: str, text: str, mode: int = 0o644) -> None:
     target.chmod(mode)
 
 
-def configure(suite: str, root: pathlib.Path, pubkey: str) -> None:
-    """Everything a vagrant box needs, written into the root before it becomes an image."""
+def configure(suite: str, root: pathlib.Path, pubkey: str) -> list[str]:
+    """Everything a vagrant box needs, written into the root before it becomes an image;
+    the names of the host CAs it trusts."""
     write(root, "/etc/hostname", f"nodeagent-{suite}\n")
     write(root, "/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\tnodeagent-{suite}\n"
                               "::1\tlocalhost ip6-localhost ip6-loopback\n")
@@ -212,7 +216,25 @@ def configure(suite: str, root: pathlib.Path, pubkey: str) -> None:
     if resolv.exists() or resolv.is_symlink():
         resolv.unlink()
     resolv.symlink_to("/run/systemd/resolve/resolv.conf")
+    cas = local_cas(root)
     chroot(root, "apt-get", "clean", what="apt-get clean")
+    return cas
+
+
+def local_cas(root: pathlib.Path) -> list[str]:
+    """The host's locally trusted CAs (Debian's /usr/local/share/ca-certificates) trusted
+    in the box too: behind a TLS-intercepting proxy the host trusts, pip in the VM
+    (scripts/setup) otherwise fails certificate verification. apt uses plain http."""
+    names = []
+    for crt in sorted(LOCAL_CA_DIR.glob("**/*.crt")):
+        target = root / LOCAL_CA_DIR.relative_to("/") / crt.relative_to(LOCAL_CA_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(crt, target)
+        target.chmod(0o644)
+        names.append(str(crt.relative_to(LOCAL_CA_DIR)))
+    if names:
+        chroot(root, "update-ca-certificates", what="update-ca-certificates")
+    return names
 
 
 def kernel_of(root: pathlib.Path) -> tuple[str, str, pathlib.Path, pathlib.Path]:
@@ -324,7 +346,7 @@ def build(cache: pathlib.Path, suite: str, rebuild: bool, say) -> Box:
     try:
         debootstrap(suite, root, say)
         t_debootstrap = time.monotonic() - started
-        configure(suite, root, pubkey)
+        cas = configure(suite, root, pubkey)
         package, version, vmlinuz, initrd = kernel_of(root)
         say(f"{suite}: kernel {package} {version}")
         packages = chroot(root, "dpkg-query", "-W", "-f=${Package}=${Version}\n", what="dpkg-query -W").split()
@@ -346,7 +368,7 @@ def build(cache: pathlib.Path, suite: str, rebuild: bool, say) -> Box:
         "suite": suite, "kernel_package": package, "kernel_version": version, "cmdline": CMDLINE,
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_seconds": round(elapsed),
         "debootstrap_seconds": round(t_debootstrap), "box_bytes": box.file.stat().st_size,
-        "mirror": kernels.MIRROR, "packages": packages,
+        "mirror": kernels.MIRROR, "local_cas": cas, "packages": packages,
     }, indent=2) + "\n")
     say(f"{suite}: built {box.file} ({box.file.stat().st_size / 2**20:.0f} MiB) in {elapsed:.0f} s")
     return box
