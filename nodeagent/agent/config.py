@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from nodeagent import settings
 from nodeagent.agent.proxy.splice import ENGINES
+from nodeagent.capture.compiler import COMPILE_TIMEOUT
 from nodeagent.capture.preflight import MOUNTS, mount_table
 from nodeagent.errors import ConfigError
 from nodeagent.identity.caproto import default_server_name
@@ -76,6 +77,7 @@ class AgentConfig:
     hbone_engine: str  # who carries HBONE (TLS, HTTP/2, the streams' bytes): auto, native or python
     same_node_fast_path: bool  # meshed pod to meshed pod of this node: admitted and joined here, no HBONE
     same_node_sockmap: bool  # ... joined in the kernel (bpf/samenode.c) when it loads, else by the engine
+    compile_timeout: float  # seconds a compile process of the eBPF programs may take before it is killed
 
     @property
     def admin_port(self) -> int:
@@ -308,6 +310,11 @@ SETTINGS: tuple[Setting, ...] = (
             "join the two sockets of a same-node fast-path connection in the kernel (a sockmap verdict "
             "program, bpf/samenode.c) when it loads, so no byte passes through the agent; false, or when it "
             "cannot load (nodeagent status says why): the data path engine joins them", boolean=True),
+    Setting("compile_timeout", seconds_between(10, 3600), f"{COMPILE_TIMEOUT:g}",
+            "seconds the process compiling and loading the eBPF programs (bcc, LLVM) may take before the agent "
+            "kills it: then capture does not start and the agent stops, or the same-node join falls back to the "
+            "data path engine. ~1 s on two idle cores; 15-100 s under software emulation (the kernel lab's "
+            "VMs) or on a starved node", "SECONDS"),
 )
 
 

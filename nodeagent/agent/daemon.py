@@ -316,7 +316,7 @@ def new_capture(config: AgentConfig, log: logging.Logger):
     return CaptureLoader(cgroup=str(config.cgroup), pin_dir=str(config.bpffs), mark=config.mark,
                          outbound_port=config.outbound_port, inbound_port=config.inbound_port,
                          tunnel_port=config.tunnel_port, admin_port=config.admin_port,
-                         log=log.getChild("capture"))
+                         compile_timeout=config.compile_timeout, log=log.getChild("capture"))
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)

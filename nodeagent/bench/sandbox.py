@@ -34,6 +34,7 @@ import yaml
 
 from nodeagent import netns
 from nodeagent.agent.admin import fetch_status
+from nodeagent.capture.compiler import COMPILE_TIMEOUT
 from nodeagent.errors import ConfigError, NodeagentError
 from nodeagent.lab import cgroups, meshca, topology
 from nodeagent.lab.ipam import PodAlloc
@@ -162,10 +163,12 @@ class Sandbox:
         return proc
 
     def agent_argv(self, *extra: str) -> list[str]:
+        """The agent's command line; its compile process's limit scaled as the waits are
+        (software emulation compiles 15-100 s against ~1 s)."""
         return [sys.executable, "-m", "nodeagent", "run", "--node", self.node,
                 "--source", f"files:{self.source_dir}", "--cgroup", self.kubepods, "--bpffs", self.bpffs,
                 "--admin-socket", str(self.admin_socket), "--waypoint-dir", self.waypoint_dir,
-                *extra]
+                "--compile-timeout", f"{min(3600.0, scaled(COMPILE_TIMEOUT)):g}", *extra]
 
     def start_agent(self, *extra: str, timeout: float = 30.0) -> subprocess.Popen:
         """Start the agent in the node netns and wait until it reports ready (`timeout`

@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import nodeagent
 from nodeagent.capture import preflight
 from nodeagent.capture.cgroup import CgroupAttachment
-from nodeagent.capture.compiler import load_programs
+from nodeagent.capture.compiler import COMPILE_TIMEOUT, load_programs
 from nodeagent.capture.errors import CaptureError
 from nodeagent.capture.features import KernelSupport
 from nodeagent.capture.links import NetnsLinks
@@ -74,7 +74,8 @@ class CaptureLoader:
 
     def __init__(self, *, cgroup: str, pin_dir: str, bpf_dir: str | None = None, mark: int = 0x539,
                  outbound_port: int = 15001, inbound_port: int = 15006, tunnel_port: int = 15008,
-                 admin_port: int = 15020, log: logging.Logger | None = None):
+                 admin_port: int = 15020, compile_timeout: float = COMPILE_TIMEOUT,
+                 log: logging.Logger | None = None):
         if not _SAFE_PATH.match(pin_dir):
             raise ConfigError("pin_dir", f"{pin_dir!r} must be an absolute path of [A-Za-z0-9._/@+-]")
         if not 0 < mark < 2 ** 32:
@@ -85,6 +86,7 @@ class CaptureLoader:
         if len(set(self.ports.values())) != 4:
             raise ConfigError("ports", f"the agent's ports must differ: {self.ports}")
         self.cgroup, self.pin_dir, self.mark = cgroup, pin_dir.rstrip("/"), mark
+        self.compile_timeout = compile_timeout  # seconds each compile process may take
         self.bpf_dir = Path(bpf_dir) if bpf_dir else DEFAULT_BPF_DIR
         self._log = log or logging.getLogger(__name__)
         self._programs: LoadedPrograms | None = None
@@ -121,7 +123,7 @@ class CaptureLoader:
         os.makedirs(self.links_dir, exist_ok=True)
         check_pinned_maps(self.maps_dir)
         flags = cflags(str(self.bpf_dir), self.maps_dir, self.mark, self.ports)
-        self._programs = programs = load_programs(str(self.bpf_dir), flags, self._log)
+        self._programs = programs = load_programs(str(self.bpf_dir), flags, self._log, self.compile_timeout)
         self._maps = CaptureMaps(self.maps_dir)
         self._links = NetnsLinks(self.links_dir, programs.fds[SK_LOOKUP.name],
                                  programs.ids[SK_LOOKUP.name], self._log)
@@ -192,7 +194,7 @@ class CaptureLoader:
         if self.kernel is not None and not self.kernel.has("same_node_join"):
             raise CaptureError(self.kernel.why_not("same_node_join"), "splice(2) joins same-node pairs instead")
         flags = cflags(str(self.bpf_dir), self.maps_dir, self.mark, self.ports)
-        join = SockmapJoin.load(str(self.bpf_dir), flags, self.maps_dir, self._log)
+        join = SockmapJoin.load(str(self.bpf_dir), flags, self.maps_dir, self._log, self.compile_timeout)
         self._joins.append(join)
         return join
 

@@ -28,7 +28,7 @@ import socket
 import struct
 
 from nodeagent.capture import bpfsys
-from nodeagent.capture.compiler import load_programs
+from nodeagent.capture.compiler import COMPILE_TIMEOUT, load_programs
 from nodeagent.capture.errors import CaptureError
 from nodeagent.capture.programs import SAMENODE
 
@@ -61,8 +61,9 @@ class SockmapJoin:
         self.log = log
 
     @classmethod
-    def load(cls, bpf_dir: str, flags: list[str], maps_dir: str, log: logging.Logger) -> "SockmapJoin":
-        programs = load_programs(bpf_dir, flags, log, programs=(SAMENODE,))
+    def load(cls, bpf_dir: str, flags: list[str], maps_dir: str, log: logging.Logger,
+             timeout: float = COMPILE_TIMEOUT) -> "SockmapJoin":
+        programs = load_programs(bpf_dir, flags, log, timeout, programs=(SAMENODE,))
         prog_fd = programs.fds.pop(SAMENODE.name)
         fds = [prog_fd]
         try:

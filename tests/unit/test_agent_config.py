@@ -35,6 +35,7 @@ def test_defaults(base):
     assert cfg.keep_on_exit is True  # a stop keeps capture: fail closed until the next agent
     assert cfg.poll_interval == 0.1
     assert (cfg.log_level, cfg.log_format) == ("info", "text")
+    assert cfg.compile_timeout == 120.0
 
 
 def test_every_setting_has_flag_and_env():
@@ -59,6 +60,7 @@ ENV_VALUES = {
     "NODEAGENT_POLL_INTERVAL": ("0.5", "poll_interval", 0.5),
     "NODEAGENT_LOG_LEVEL": ("DEBUG", "log_level", "debug"),
     "NODEAGENT_LOG_FORMAT": ("json", "log_format", "json"),
+    "NODEAGENT_COMPILE_TIMEOUT": ("900", "compile_timeout", 900.0),
 }
 
 
@@ -130,6 +132,8 @@ BAD = [
     ("waypoint_dir", "run/waypoint", "absolute"),
     ("waypoint_dir", "/run/" + "w" * 100, "would exceed 107 bytes"),
     ("envoy_admin_port", "65536", "1-65535, or 0 for a free one"),
+    ("compile_timeout", "5", "between 10 and 3600 seconds"),
+    ("compile_timeout", "2m", "a number of seconds"),
 ]
 
 

@@ -664,12 +664,12 @@ def test_nodeagent_run_stops_on_a_signal_and_keeps_capture_for_the_next_agent(tm
 
 
 def test_the_capture_loader_is_built_from_the_agent_config(tmp_path, cluster):
-    config = load_config(tmp_path, cluster, mark="0x777")
+    config = load_config(tmp_path, cluster, mark="0x777", compile_timeout="450")
     loader = daemon.new_capture(config, logging.getLogger("test.agent"))
-    assert (loader.cgroup, loader.pin_dir, loader.mark, loader.ports) == (
+    assert (loader.cgroup, loader.pin_dir, loader.mark, loader.ports, loader.compile_timeout) == (
         str(tmp_path / "cgroup"), str(tmp_path / "bpffs"), 0x777,
         {"outbound": config.outbound_port, "inbound": config.inbound_port, "tunnel": config.tunnel_port,
-         "admin": config.admin_port})
+         "admin": config.admin_port}, 450.0)
 
 
 # --- with the node's waypoint (a real Envoy) ------------------------------------------

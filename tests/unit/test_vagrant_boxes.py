@@ -37,6 +37,7 @@ class NodeagentShow < Vagrant.plugin("2", :command)
         networks: nets.map { |type, o| [type.to_s, o] }, ssh: [m.config.ssh.host, m.config.ssh.port],
         kernel: pc.kernel, initrd: pc.initrd, cmd_line: pc.cmd_line,
         provisioners: m.config.vm.provisioners.map { |p| [p.name.to_s, p.run.to_s] },
+        setup: m.config.vm.provisioners.select { |p| p.name.to_s == "setup" }.map { |p| p.config.inline },
         synced: m.config.vm.synced_folders.map { |id, o| [o[:guestpath], o[:type].to_s, o[:disabled] ? true : false] },
       })
     end
@@ -92,6 +93,8 @@ def test_matrix_all_four_kernels_by_default_one_box_each(tmp_path):
         assert kind == "private_network"
         assert (net["libvirt__tunnel_type"], net["libvirt__mac"], net["auto_config"]) == ("udp", mac, False)
         assert vm["provisioners"] == [["setup", ""], ["kernel", ""], ["e2e", "never"]]
+        # the kernel tier alone: no Kubernetes control plane built in the VM
+        assert vm["setup"] == ["cd /nodeagent && scripts/setup --no-kube"]
         assert ["/nodeagent", "rsync", False] in vm["synced"] and ["/vagrant", "", True] in vm["synced"]
 
 
@@ -102,6 +105,7 @@ def test_kernels_picked_by_variable_kvm_and_e2e_on_request(tmp_path):
     for vm in vms.values():
         assert (vm["driver"], vm["cpus"], vm["cpu_mode"]) == ("kvm", 2, "host-passthrough")
         assert vm["provisioners"] == [["setup", ""], ["kernel", ""], ["e2e", "once"]]
+        assert vm["setup"] == ["cd /nodeagent && scripts/setup"]  # the e2e tier's --kube lab needs it
     # the matrix's indexes stay put whatever is picked: bookworm keeps its port
     assert vms["bookworm"]["ssh"] == ["127.0.0.1", 52221]
 

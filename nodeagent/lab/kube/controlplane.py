@@ -92,7 +92,7 @@ def binary() -> str:
     proc = subprocess.run([str(REPO_BUILD), "--print"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise EnvironmentProblem("the Kubernetes control plane is not built for this checkout",
-                                 "run scripts/setup (the first build takes several minutes)")
+                                 "run scripts/setup without --no-kube (the first build takes several minutes)")
     return proc.stdout.strip()
 
 
