@@ -60,6 +60,11 @@ def prune(home: pathlib.Path, say) -> None:
             say(f"removing the image of {tree}, which is gone")
             stamp.with_suffix(".img").unlink(missing_ok=True)
             stamp.unlink(missing_ok=True)
+    # An image without its stamp is never used (ensure() wants both) and a .partial is an
+    # interrupted mkfs: both are left-overs (one runner per cache holds the lock).
+    for orphan in sorted([*home.glob("*.partial"), *(i for i in home.glob("*.img") if not i.with_suffix(".json").exists())]):
+        say(f"removing {orphan.name}: no stamp says what it is an image of")
+        orphan.unlink(missing_ok=True)
 
 
 def ensure(cache: pathlib.Path, tree: pathlib.Path, rebuild: bool, say) -> pathlib.Path:
