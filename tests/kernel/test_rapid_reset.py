@@ -142,15 +142,16 @@ def app_established(app: subprocess.Popen) -> int:
 
 
 def steady(read, readings: int = 10, timeout: float = 30.0) -> int:
-    """A baseline: the value once `readings` readings 50 ms apart agree, so a passing
-    descriptor (a source poll, the CA channel connecting) does not shift it."""
+    """A baseline: the value once `readings` readings 50 ms apart (scaled, as the agent's
+    own steps are slower under emulation) agree, so a passing descriptor (a source poll,
+    the CA channel connecting) does not shift it."""
     deadline, last, same = time.monotonic() + scaled(timeout), None, 0
     while same < readings:
         assert time.monotonic() < deadline, f"no steady reading: last {last}"
         value = read()
         same = same + 1 if value == last else 1
         last = value
-        time.sleep(0.05)
+        time.sleep(scaled(0.05))
     return last
 
 
