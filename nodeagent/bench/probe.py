@@ -38,6 +38,7 @@ import sys
 import time
 from collections import Counter
 
+from nodeagent.bench.timescale import scaled
 from nodeagent.lab import request
 
 PAYLOAD = b"ping\n"
@@ -202,7 +203,7 @@ class HoldClient:
         self.greeting = first.removeprefix("ready").strip()
 
     def _line(self, timeout: float = 10.0) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        ready, _, _ = select.select([self.proc.stdout], [], [], scaled(timeout))
         assert ready, "no answer on the held connection"
         return self.proc.stdout.readline().strip()
 
@@ -214,7 +215,7 @@ class HoldClient:
     def close(self) -> None:
         self.proc.stdin.close()
         try:
-            self.proc.wait(5)
+            self.proc.wait(scaled(5))
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -251,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("connect", "hold", "send", "rr", "stream"):
         p = sub.add_parser(name)
         p.add_argument("target", help="HOST:PORT")
-        p.add_argument("--timeout", type=float, default=5.0)
+        p.add_argument("--timeout", type=float, default=scaled(5.0))
         p.add_argument("--count", type=int, default=1)
         p.add_argument("--bytes", type=int, default=1024)
         p.add_argument("--size", type=int, default=64)

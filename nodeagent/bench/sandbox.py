@@ -17,7 +17,6 @@ Python ~30x slower); the tests scale their own waits with `scaled()`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import signal
@@ -28,14 +27,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import yaml
 
 from nodeagent import netns
 from nodeagent.agent.admin import fetch_status
+from nodeagent.bench.timescale import TIME_SCALE_ENV, scaled, time_scale  # noqa: F401 (the tests' import)
 from nodeagent.capture.compiler import COMPILE_TIMEOUT
-from nodeagent.errors import ConfigError, NodeagentError
+from nodeagent.errors import NodeagentError
 from nodeagent.lab import cgroups, meshca, topology
 from nodeagent.lab.ipam import PodAlloc
 from nodeagent.lab.layout import Layout, short_hash
@@ -47,29 +47,6 @@ AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 # Joins the cgroup given as $0, then runs the command: nsenter only enters the netns, and
 # unlike `ip netns exec` keeps /sys (the agent needs /sys/fs/bpf and the cgroup2 mount).
 JOIN_AND_EXEC = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
-# A factor for every wait for a condition (readiness, an answer, an exit) — never for a
-# latency the test asserts: tests/vm/run sets it in a VM under emulation (its --time-scale).
-TIME_SCALE_ENV = "NODEAGENT_TEST_TIME_SCALE"
-
-
-def time_scale(environ: Mapping[str, str] = os.environ) -> float:
-    """The factor of NODEAGENT_TEST_TIME_SCALE (a number >= 1; 1 when unset or empty)."""
-    raw = environ.get(TIME_SCALE_ENV, "").strip()
-    if not raw:
-        return 1.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 1):
-        raise ConfigError(TIME_SCALE_ENV, f"{raw!r} is not a number >= 1",
-                          "unset it, or give the factor by which this machine is slower (30 under qemu TCG)")
-    return value
-
-
-def scaled(seconds: float) -> float:
-    """`seconds` of a wait for a condition, on this machine: times `time_scale()`."""
-    return seconds * time_scale()
 
 
 @dataclass

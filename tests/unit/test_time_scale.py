@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.bench import sandbox
+from nodeagent.bench import sandbox, timescale
 from nodeagent.capture.compiler import COMPILE_TIMEOUT
 from nodeagent.errors import ConfigError
 
@@ -15,13 +15,13 @@ from nodeagent.errors import ConfigError
                                          (" 2.5 ", 2.5)])
 def test_the_factor_read_from_the_environment(raw, factor) -> None:
     environ = {} if raw is None else {"NODEAGENT_TEST_TIME_SCALE": raw}
-    assert sandbox.time_scale(environ) == factor
+    assert timescale.time_scale(environ) == factor
 
 
 @pytest.mark.parametrize("raw", ["0.5", "0", "-3", "nan", "inf", "x30", "30s"])
 def test_a_factor_below_one_or_not_a_number_is_refused(raw) -> None:
     with pytest.raises(ConfigError) as caught:
-        sandbox.time_scale({"NODEAGENT_TEST_TIME_SCALE": raw})
+        timescale.time_scale({"NODEAGENT_TEST_TIME_SCALE": raw})
     text = str(caught.value)
     assert "NODEAGENT_TEST_TIME_SCALE" in text and repr(raw) in text and "is not a number >= 1" in text
 
