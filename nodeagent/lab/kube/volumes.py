@@ -326,7 +326,7 @@ def current(directory: str) -> dict[str, tuple[bytes, int]]:
 def write_atomically(directory: str, files: dict[str, tuple[bytes, int]], volume: str = "") -> bool:
     """Make `directory` hold exactly `files`; False when it already did. The new files are
     written in a fresh `..<time>` directory and `..data` is renamed to point at it, so a
-    reader sees the old set or the new one, never a mix, a partial file or no file."""
+    reader sees the old set or the new one, never a mix or a partial file."""
     for path in files:
         _check_path(path, volume)
     if os.path.isdir(os.path.join(directory, DATA)) and current(directory) == files:
@@ -355,12 +355,8 @@ def write_atomically(directory: str, files: dict[str, tuple[bytes, int]], volume
     for name in tops:
         if not os.path.lexists(os.path.join(directory, name)):
             os.symlink(os.path.join(DATA, name), os.path.join(directory, name))
-    # The set `..data` pointed to until now stays one more write: a reader that resolved
-    # `..data` just before the rename still opens its file (kubelet removes it at once, and
-    # such a reader gets ENOENT). Older sets go.
-    for name in os.listdir(directory):
-        if name.startswith("..") and name not in (DATA, stamp, old) and not os.path.islink(os.path.join(directory, name)):
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    if old and old != stamp:
+        shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
     return True
 
 
