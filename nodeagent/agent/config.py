@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from nodeagent import settings
 from nodeagent.agent.proxy.splice import ENGINES
-from nodeagent.capture.compiler import COMPILE_TIMEOUT
+from nodeagent.capture.compiler import COMPILE_TIMEOUT, COMPILE_TIMEOUT_MAX
 from nodeagent.capture.preflight import MOUNTS, mount_table
 from nodeagent.errors import ConfigError
 from nodeagent.identity.caproto import default_server_name
@@ -310,7 +310,7 @@ SETTINGS: tuple[Setting, ...] = (
             "join the two sockets of a same-node fast-path connection in the kernel (a sockmap verdict "
             "program, bpf/samenode.c) when it loads, so no byte passes through the agent; false, or when it "
             "cannot load (nodeagent status says why): the data path engine joins them", boolean=True),
-    Setting("compile_timeout", seconds_between(10, 3600), f"{COMPILE_TIMEOUT:g}",
+    Setting("compile_timeout", seconds_between(10, COMPILE_TIMEOUT_MAX), f"{COMPILE_TIMEOUT:g}",
             "seconds the process compiling and loading the eBPF programs (bcc, LLVM) may take before the agent "
             "kills it: then capture does not start and the agent stops, or the same-node join falls back to the "
             "data path engine. ~1 s on two idle cores; 15-100 s under software emulation (the kernel lab's "

@@ -34,7 +34,7 @@ import yaml
 from nodeagent import netns
 from nodeagent.agent.admin import fetch_status
 from nodeagent.bench.timescale import TIME_SCALE_ENV, scaled, time_scale  # noqa: F401 (the tests' import)
-from nodeagent.capture.compiler import COMPILE_TIMEOUT
+from nodeagent.capture.compiler import COMPILE_TIMEOUT, COMPILE_TIMEOUT_MAX
 from nodeagent.errors import NodeagentError
 from nodeagent.lab import cgroups, meshca, topology
 from nodeagent.lab.ipam import PodAlloc
@@ -145,7 +145,7 @@ class Sandbox:
         return [sys.executable, "-m", "nodeagent", "run", "--node", self.node,
                 "--source", f"files:{self.source_dir}", "--cgroup", self.kubepods, "--bpffs", self.bpffs,
                 "--admin-socket", str(self.admin_socket), "--waypoint-dir", self.waypoint_dir,
-                "--compile-timeout", f"{min(3600.0, scaled(COMPILE_TIMEOUT)):g}", *extra]
+                "--compile-timeout", f"{min(COMPILE_TIMEOUT_MAX, scaled(COMPILE_TIMEOUT)):g}", *extra]
 
     def start_agent(self, *extra: str, timeout: float = 30.0) -> subprocess.Popen:
         """Start the agent in the node netns and wait until it reports ready (`timeout`

@@ -36,6 +36,7 @@ from nodeagent.capture.errors import (CaptureError, CompileFailed, NotPrivileged
 from nodeagent.capture.programs import BY_NAME, PROGRAMS, LoadedPrograms, ProgramSpec
 
 COMPILE_TIMEOUT = 120.0  # seconds, by default (the agent's compile_timeout); a compile takes ~0.7 s on 2 cores
+COMPILE_TIMEOUT_MAX = 3600.0  # the most compile_timeout may be
 EXIT_GRACE = 10.0  # seconds the child may take to exit once it has answered
 _MAX_FDS = 2 * len(PROGRAMS)  # room for more than we expect, so a surplus is seen, not cut
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nodeagent.__file__)))
