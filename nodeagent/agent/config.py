@@ -29,6 +29,7 @@ from nodeagent.xds.dataplane import UNIX_PATH_MAX, Sockets
 from nodeagent.settings import (OFF, Setting, parse_absolute, parse_address, parse_bool, parse_choice,
                                 parse_directory, parse_int, parse_namespace, parse_optional_file,
                                 parse_port, parse_port_or_zero, parse_source, parse_target)
+from nodeagent.tunnel.settings import SERVER_HANDSHAKE_TIMEOUT_MAX, TunnelSettings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -78,6 +79,7 @@ class AgentConfig:
     same_node_fast_path: bool  # meshed pod to meshed pod of this node: admitted and joined here, no HBONE
     same_node_sockmap: bool  # ... joined in the kernel (bpf/samenode.c) when it loads, else by the engine
     compile_timeout: float  # seconds a compile process of the eBPF programs may take before it is killed
+    hbone_handshake_timeout: float  # seconds from accept on a pod's tunnel port to TLS done (the server's side)
 
     @property
     def admin_port(self) -> int:
@@ -315,6 +317,13 @@ SETTINGS: tuple[Setting, ...] = (
             "kills it: then capture does not start and the agent stops, or the same-node join falls back to the "
             "data path engine. ~1 s on two idle cores; 15-100 s under software emulation (the kernel lab's "
             "VMs) or on a starved node", "SECONDS"),
+    Setting("hbone_handshake_timeout", seconds_between(1, SERVER_HANDSHAKE_TIMEOUT_MAX),
+            f"{TunnelSettings.server_handshake_timeout:g}",
+            "seconds a connection to a pod's HBONE port may take from accept to TLS done, its silence before the "
+            "ClientHello included, before the agent drops it (hbone_handshake_failures_total{reason=timeout}); "
+            "until then it holds one of max_pending_handshakes (1024, all pods) and of "
+            "max_pending_handshakes_per_source (128, one client IP). A handshake is milliseconds in a cluster; "
+            "raise it only where the agent itself runs slowly (software emulation)", "SECONDS"),
 )
 
 

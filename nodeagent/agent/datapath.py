@@ -56,7 +56,7 @@ from nodeagent.kube.client import TokenFile
 from nodeagent.clock import SystemClock
 from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.model import Model, Pod
-from nodeagent.tunnel import TunnelMetrics
+from nodeagent.tunnel import TunnelMetrics, TunnelSettings
 
 CONNECT_TIMEOUT = 10.0  # seconds for an upstream connect (outbound or delivery to the app)
 
@@ -93,9 +93,10 @@ class DataPath:
                                                                      c.tunnel_port, c.admin_port}),
                              splicer=self.splicer)
         tunnel_metrics = TunnelMetrics(registry)
-        self.hbone_engines = HboneEngines(c.hbone_engine, log.getChild("hbone"))
+        tunnel = TunnelSettings(server_handshake_timeout=c.hbone_handshake_timeout)
+        self.hbone_engines = HboneEngines(c.hbone_engine, log.getChild("hbone"), tunnel)
         self.hbone = HboneRoute(self.identities, tunnel_metrics, log.getChild("hbone"), mark=c.mark,
-                                port=c.tunnel_port, engines=self.hbone_engines)
+                                port=c.tunnel_port, settings=tunnel, engines=self.hbone_engines)
         delivery = Delivery(c.delivery_mark, CONNECT_TIMEOUT)
         self.capture = capture
         self.kernel_join = KernelJoin(c.same_node_sockmap, self.splicer, log.getChild("samenode")) \
@@ -106,7 +107,7 @@ class DataPath:
                                       passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone,
                                       same_node=self.same_node)
         self.inbound = InboundRelay(inputs, log.getChild("inbound"), delivery=delivery)
-        self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"),
+        self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"), settings=tunnel,
                                     engines=self.hbone_engines)
         self._releases: set[asyncio.Task] = set()
         self._kernel_start: asyncio.Task | None = None

@@ -39,6 +39,7 @@ from nodeagent.errors import NodeagentError
 from nodeagent.lab import cgroups, meshca, topology
 from nodeagent.lab.ipam import PodAlloc
 from nodeagent.lab.layout import Layout, short_hash
+from nodeagent.tunnel.settings import SERVER_HANDSHAKE_TIMEOUT_MAX, TunnelSettings
 
 NODE = "node1"
 CA_PORT = 15012
@@ -140,12 +141,15 @@ class Sandbox:
         return proc
 
     def agent_argv(self, *extra: str) -> list[str]:
-        """The agent's command line; its compile process's limit scaled as the waits are
-        (software emulation compiles 15-100 s against ~1 s)."""
+        """The agent's command line; its compile process's limit and its HBONE server's
+        handshake timeout scaled as the waits are (software emulation compiles 15-100 s
+        against ~1 s, and takes the agent past 5 s to answer a flood of handshakes)."""
         return [sys.executable, "-m", "nodeagent", "run", "--node", self.node,
                 "--source", f"files:{self.source_dir}", "--cgroup", self.kubepods, "--bpffs", self.bpffs,
                 "--admin-socket", str(self.admin_socket), "--waypoint-dir", self.waypoint_dir,
-                "--compile-timeout", f"{min(COMPILE_TIMEOUT_MAX, scaled(COMPILE_TIMEOUT)):g}", *extra]
+                "--compile-timeout", f"{min(COMPILE_TIMEOUT_MAX, scaled(COMPILE_TIMEOUT)):g}",
+                "--hbone-handshake-timeout",
+                f"{min(SERVER_HANDSHAKE_TIMEOUT_MAX, scaled(TunnelSettings.server_handshake_timeout)):g}", *extra]
 
     def start_agent(self, *extra: str, timeout: float = 30.0) -> subprocess.Popen:
         """Start the agent in the node netns and wait until it reports ready (`timeout`

@@ -22,7 +22,9 @@ Three more stand against unauthenticated connections to :15008 that never finish
 connection counts as a pending handshake from accept until TLS is done, for at most
 `server_handshake_timeout` (5 s: a TLS 1.3 handshake is one round trip, milliseconds in a
 cluster, and a handshake the agent cannot finish in 5 s is a peer not talking or a node
-too loaded to serve it anyway; the pool, which also connects, keeps `handshake_timeout`).
+too loaded to serve it anyway; the pool, which also connects, keeps `handshake_timeout`;
+the agent's setting `hbone_handshake_timeout`, which the kernel lab's sandbox scales as
+its waits: under software emulation the agent takes longer than 5 s to answer a flood).
 `max_pending_handshakes` (1024) bounds them for the whole agent, all pods' tunnel
 listeners together: the agent completes ~500 handshakes a second on two vCPUs, so that
 is ~2 s of work, well inside the timeout, and at most ~60 MB mid-handshake. And
@@ -39,6 +41,7 @@ from dataclasses import dataclass, fields
 from nodeagent.errors import ConfigError
 
 MIB = 1024 * 1024
+SERVER_HANDSHAKE_TIMEOUT_MAX = 300.0  # the agent's hbone_handshake_timeout setting: at most this many seconds
 H2_MAX_WINDOW = 2**31 - 1
 H2_MIN_FRAME, H2_MAX_FRAME = 16384, 2**24 - 1
 

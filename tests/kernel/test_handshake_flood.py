@@ -8,7 +8,10 @@ admitted ones at `server_handshake_timeout`, and grows by a few MB; a meshed cli
 (another source) opens fresh HBONE connections and moves bytes meanwhile, 20/20.
 
 The attacker runs in this process with sockets made in the unmeshed pod's netns
-(nothing of it is captured).
+(nothing of it is captured). The sandbox's agent has its handshake timeout
+(`hbone_handshake_timeout`) scaled as the waits are: under software emulation 2000
+connections take the agent longer than 5 s, and admitted ones timing out mid-flood would
+free their slots for more.
 """
 
 from __future__ import annotations

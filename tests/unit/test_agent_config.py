@@ -9,6 +9,7 @@ import pytest
 
 from nodeagent.agent import config
 from nodeagent.errors import ConfigError
+from nodeagent.tunnel import TunnelSettings
 
 
 @pytest.fixture
@@ -36,6 +37,7 @@ def test_defaults(base):
     assert cfg.poll_interval == 0.1
     assert (cfg.log_level, cfg.log_format) == ("info", "text")
     assert cfg.compile_timeout == 120.0
+    assert cfg.hbone_handshake_timeout == 5.0 == TunnelSettings().server_handshake_timeout
 
 
 def test_every_setting_has_flag_and_env():
@@ -61,6 +63,7 @@ ENV_VALUES = {
     "NODEAGENT_LOG_LEVEL": ("DEBUG", "log_level", "debug"),
     "NODEAGENT_LOG_FORMAT": ("json", "log_format", "json"),
     "NODEAGENT_COMPILE_TIMEOUT": ("900", "compile_timeout", 900.0),
+    "NODEAGENT_HBONE_HANDSHAKE_TIMEOUT": ("150", "hbone_handshake_timeout", 150.0),
 }
 
 
@@ -134,6 +137,8 @@ BAD = [
     ("envoy_admin_port", "65536", "1-65535, or 0 for a free one"),
     ("compile_timeout", "5", "between 10 and 3600 seconds"),
     ("compile_timeout", "2m", "a number of seconds"),
+    ("hbone_handshake_timeout", "0.5", "between 1 and 300 seconds"),
+    ("hbone_handshake_timeout", "301", "between 1 and 300 seconds"),
 ]
 
 

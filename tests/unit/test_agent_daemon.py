@@ -22,6 +22,7 @@ import yaml
 from agent_world import (CLIENT, HTTPBIN, LEGACY_POD, NODE, REMOTE, SERVER, SLEEP, WAIT, CaptureMaps, MeshCa,
                          PodKernel, PodProcesses, PodSpec, RunningAgent, bound, free_port, get, load_config,
                          namespaces, write, write_docs)
+from engines import require_native_hbone
 from identity_fixtures import run
 from relay_world import ended
 from nodeagent import native
@@ -774,3 +775,42 @@ def native_built() -> bool:
         return True
     except native.NativeUnavailable:
         return False
+
+
+@pytest.mark.parametrize("hbone", ["python", "native"])
+def test_a_silent_client_of_a_pods_tunnel_port_is_dropped_at_the_agents_handshake_timeout(
+        tmp_path, cluster, pods, monkeypatch, mesh_ca, hbone):
+    """hbone_handshake_timeout reaches the HBONE server of either engine: a
+    client that connects to a meshed pod's :15008 and never sends a ClientHello holds its
+    pending slot that long, then the agent drops it, counted as a timeout. (The kernel
+    lab's sandbox scales it: under software emulation a flood of handshakes takes the
+    agent longer than the default 5 s to answer.)"""
+    if hbone == "native":
+        require_native_hbone()
+    PodKernel(pods, monkeypatch)
+    pods.start(SLEEP, cookie=501)
+    pods.start(HTTPBIN, cookie=502)
+    write_pods(cluster, SLEEP, HTTPBIN)
+    mesh_ca.start()
+    timeouts = "hbone_handshake_failures_total{direction=inbound,reason=timeout}"
+
+    async def main():
+        async with agent(tmp_path, cluster, pods, same_node_fast_path=False, hbone_handshake_timeout="1.5",
+                         hbone_engine=hbone, **mesh_ca.settings) as node:
+            await node.until_ready()
+            assert node.agent.datapath.hbone_engines.native == (hbone == "native")
+            datapath = node.agent.datapath
+            assert {datapath.tunnel.server.settings.server_handshake_timeout,
+                    datapath.hbone.settings.server_handshake_timeout,
+                    datapath.hbone_engines.settings.server_handshake_timeout} == {1.5}
+            loop = asyncio.get_running_loop()
+            reader, writer = await asyncio.open_connection(SERVER, node.config.tunnel_port)
+            opened = loop.time()
+            # Nothing sent, nothing back: the agent dropped it (Python closes, the C engine resets).
+            assert await ended(reader, WAIT) == ("reset" if hbone == "native" else "eof")
+            waited = loop.time() - opened
+            writer.close()
+            status = await node.until_status(lambda s: s["counters"].get(timeouts) == 1, "the timeout counted")
+            assert status["config"]["hbone_handshake_timeout"] == 1.5
+            assert waited >= 1.4  # held for the setting's time (less a poll of the engine's clock), not dropped at once
+    run(main(), 60)

@@ -1,6 +1,6 @@
 """NODEAGENT_TEST_TIME_SCALE (nodeagent/bench/sandbox.py): the factor by which the kernel
 lab's VMs stretch every wait of the kernel tier for a promised condition, and the agent's
-compile limit with them; a bad value is refused, naming the variable."""
+compile limit and HBONE handshake timeout with them; a bad value is refused, naming the variable."""
 
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ def test_a_factor_below_one_or_not_a_number_is_refused(raw) -> None:
     assert "NODEAGENT_TEST_TIME_SCALE" in text and repr(raw) in text and "is not a number >= 1" in text
 
 
-def test_waits_and_the_agents_compile_limit_scale_together(monkeypatch, tmp_path) -> None:
+def test_waits_and_the_agents_limits_scale_together(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("NODEAGENT_TEST_TIME_SCALE", "30")
     assert sandbox.scaled(2.0) == 60.0
     node = sandbox.Sandbox("scale", workdir=tmp_path)  # builds nothing until entered
     argv = node.agent_argv("--no-waypoint")
     assert argv[argv.index("--compile-timeout") + 1] == "3600"  # 30 x 120 s, at most the setting's 3600
+    assert argv[argv.index("--hbone-handshake-timeout") + 1] == "150"  # 30 x 5 s
     assert argv[-1] == "--no-waypoint"
     monkeypatch.setenv("NODEAGENT_TEST_TIME_SCALE", "2")
     argv = node.agent_argv()
@@ -40,3 +41,7 @@ def test_waits_and_the_agents_compile_limit_scale_together(monkeypatch, tmp_path
     assert sandbox.scaled(2.0) == 2.0
     argv = node.agent_argv()
     assert argv[argv.index("--compile-timeout") + 1] == "120"
+    assert argv[argv.index("--hbone-handshake-timeout") + 1] == "5"
+    monkeypatch.setenv("NODEAGENT_TEST_TIME_SCALE", "100")
+    argv = node.agent_argv()
+    assert argv[argv.index("--hbone-handshake-timeout") + 1] == "300"  # at most the setting's 300
