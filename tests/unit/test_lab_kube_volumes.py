@@ -9,6 +9,7 @@ import datetime as dt
 import os
 import stat
 import threading
+import time
 
 import pytest
 
@@ -158,26 +159,44 @@ def test_the_atomic_writer_swaps_the_whole_set_at_once(tmp_path):
 
 
 def test_a_reader_never_sees_a_partial_token(tmp_path):
-    """A token rewritten 200 times while another thread reads it: every read is whole."""
+    """A token rewritten 200 times while another thread reads it: every read is whole.
+    A read may find no file at all — it resolved `..data` just before a swap and opened
+    after the replaced set was removed, kubelet's writer has the same window — and reads
+    again; any other error fails the test. Each write waits for a read after the previous
+    one, so the reader races every write and sees several versions."""
     target, big = str(tmp_path / "vol"), 64 * 1024
     volumes.write_atomically(target, {"token": (b"0" * big, 0o644)})
-    seen, done = set(), threading.Event()
+    seen, errors, reads, done = set(), [], [0], threading.Event()
 
     def read():
-        while not done.is_set():
-            with open(f"{target}/token", "rb") as f:
-                data = f.read()
-            seen.add((len(data), data[:1], data[-1:]))
+        try:
+            while not done.is_set():
+                try:
+                    with open(f"{target}/token", "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:
+                    continue
+                seen.add((len(data), data[:1], data[-1:]))
+                reads[0] += 1
+        except BaseException as exc:  # noqa: BLE001 (reported by the test, not as a thread warning)
+            errors.append(exc)
 
     reader = threading.Thread(target=read)
     reader.start()
     try:
         for n in range(200):
             volumes.write_atomically(target, {"token": (str(n % 10).encode() * big, 0o644)})
+            after, deadline = reads[0], time.monotonic() + 30
+            while reads[0] == after and not errors:
+                assert time.monotonic() < deadline, "the reader read nothing for 30 s"
+                time.sleep(0.001)
     finally:
         done.set()
         reader.join()
+    assert errors == []
     assert all(length == big and first == last for length, first, last in seen), seen
+    assert len({first for _, first, _ in seen}) > 1
+    assert reads[0] >= 200
 
 
 def test_set_up_makes_empty_dirs_and_checks_host_paths(tmp_path):
