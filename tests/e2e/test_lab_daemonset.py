@@ -381,6 +381,9 @@ def roll(lab: Lab, value: str, tmp_path) -> None:
     assert enrolled(lab, "kn1") == ["shop/client"] and enrolled(lab, "kn2") == ["shop/web"]
     for node in ("kn1", "kn2"):  # each new agent's waypoint Envoy ran beside the old one's (its own admin port)
         envoy = agent_status(lab, node)["waypoint"]["envoy"]
+        if (envoy["running"], envoy["restarts"]) != (True, 0):  # what Envoy said before it went (its abort, say)
+            pod = agents_by_node(lab)[node]["metadata"]["name"]
+            print(lab.exec(f"{SYSTEM}/{pod}", "tail", "-n", "150", envoy["log"], check=False).stdout)
         assert (envoy["running"], envoy["restarts"]) == (True, 0), envoy
 
 
