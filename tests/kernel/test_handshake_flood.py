@@ -27,8 +27,8 @@ from nodeagent import netns
 from meshed_sandbox import meshed_sandbox
 from nodeagent.bench.sandbox import Sandbox, scaled
 from nodeagent.tunnel import TunnelSettings
-from test_agent_tunnel import PORT, connect
-from test_rapid_reset import settle
+from test_agent_tunnel import connect
+from test_rapid_reset import HBONE_ENGINES, settle
 
 pytestmark = pytest.mark.root
 FLOOD = 2000
@@ -41,12 +41,13 @@ PENDING = "hbone_pending_handshakes{direction=inbound}"
 TIMEOUTS = "hbone_handshake_failures_total{direction=inbound,reason=timeout}"
 
 
-@pytest.fixture
-def mesh(tmp_path):
+@pytest.fixture(params=HBONE_ENGINES)
+def mesh(tmp_path, request):
     """server (namespace app, meshed, probe server on PORT) and its meshed client;
-    attacker (namespace plain, unmeshed). The Python HBONE path (the fallback where the
-    native module is missing): the default engine's twin is test_native_hbone_agent.py."""
-    with meshed_sandbox(tmp_path, "attacker", "--no-same-node-fast-path", "--hbone-engine", "python") as (
+    attacker (namespace plain, unmeshed); both HBONE engines, as test_rapid_reset.py's
+    (the native one keeps the Python path's per-source budget, told of each connection
+    up or ended, and counts as it counts)."""
+    with meshed_sandbox(tmp_path, "attacker", "--no-same-node-fast-path", "--hbone-engine", request.param) as (
             sb, client, server, attacker, app):
         yield sb, client, server, attacker
 

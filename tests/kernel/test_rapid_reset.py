@@ -36,15 +36,17 @@ pytestmark = pytest.mark.root
 LIMIT = TunnelSettings().max_stream_resets  # the agent runs with the default settings
 BURST = 50  # streams per write, each followed by a PING the agent answers after them
 ESTABLISHED = "01"  # st column of /proc/net/tcp
+HBONE_ENGINES = ("python", "native")  # the agent's hbone_engine settings these attacks run against
 
 
-@pytest.fixture
-def mesh(tmp_path):
+@pytest.fixture(params=HBONE_ENGINES)
+def mesh(tmp_path, request):
     """server (namespace app, meshed, probe server on PORT) and its meshed client;
-    attacker (namespace plain, unmeshed) holding a valid mesh certificate. The Python
-    HBONE path (the fallback where the native module is missing): the default engine's
-    twin of these tests is test_native_hbone_agent.py."""
-    with meshed_sandbox(tmp_path, "attacker", "--no-same-node-fast-path", "--hbone-engine", "python") as (
+    attacker (namespace plain, unmeshed) holding a valid mesh certificate. Each test runs
+    against both HBONE engines: `python` (nodeagent/tunnel, the fallback where the native
+    module is missing) and `native` (native/hbone.c, the default; an agent told to use it
+    refuses to start without it, so a missing build fails here)."""
+    with meshed_sandbox(tmp_path, "attacker", "--no-same-node-fast-path", "--hbone-engine", request.param) as (
             sb, client, server, attacker, app):
         yield sb, client, server, attacker, app
 
