@@ -164,10 +164,10 @@ def setup_packages() -> list[str]:
 
 
 def debootstrap(suite: str, root: pathlib.Path, say) -> None:
-    say(f"{suite}: debootstrap --variant=minbase with {len(guest_packages(suite))} packages "
-        f"({kernels.MIRROR}; several minutes)")
+    packages = guest_packages(suite)
+    say(f"{suite}: debootstrap --variant=minbase with {len(packages)} packages ({kernels.MIRROR}; several minutes)")
     run(["debootstrap", "--variant=minbase", f"--keyring={kernels.KEYRING}", "--arch", kernels.ARCH,
-         "--include=" + ",".join(guest_packages(suite)), suite, str(root), kernels.MIRROR],
+         "--include=" + ",".join(packages), suite, str(root), kernels.MIRROR],
         f"debootstrap {suite}")
 
 
