@@ -44,6 +44,9 @@
 #define BUCKETS 4096u              /* id hash buckets (chained) */
 #define READ_CHUNK 65536           /* TLS plaintext read at once */
 #define OUT_FILL 65536u            /* nghttp2 output gathered before SSL_write */
+#define DOWN_BATCH 65536u          /* received DATA gathered before a write to the plain socket */
+#define TLS_OUT 65536              /* TLS records gathered before a write(2): one TCP segment of up to
+                                    * 64 KiB instead of one per 16 KiB record */
 #define MAX_HEADERS 16384u         /* MAX_HEADER_LIST_SIZE, as tunnel/h2conn.py */
 #define MAX_URI 512
 
@@ -459,7 +462,8 @@ static void stream_read(struct stream *s)
         }
         s->up.cap = e->cfg.stream_buffer;
     }
-    if (s->up.off) {
+    if (s->up.off && s->up.cap - s->up.len < s->up.cap / 4) {  /* compact only when the end is near:
+                                                                  * not a large move for every read */
         memmove(s->up.p, s->up.p + s->up.off, s->up.len - s->up.off);
         s->up.len -= s->up.off;
         s->up.off = 0;
@@ -540,18 +544,48 @@ static ssize_t up_read_cb(nghttp2_session *h2, int32_t sid, uint8_t *buf, size_t
         s->deferred = true;
         return NGHTTP2_ERR_DEFERRED;
     }
+    (void)buf;
     size_t n = MIN(avail, length);
-    memcpy(buf, s->up.p + s->up.off, n);
-    s->up.off += n;
+    /* no copy into nghttp2's frame buffer: send_data_cb appends the frame to the
+     * connection's output straight from the stream buffer, in this same mem_send */
+    *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
     s->to_peer += n;
     ST_ADD(s->conn->e, bytes_to_peer, n);
-    held_add(s->conn->e, -(int64_t)n);
-    if (s->up_eof && buf_avail(&s->up) == 0) {
+    if (s->up_eof && avail == n) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
         s->up_done = true;
     }
-    stream_update(s);
     return (ssize_t)n;
+}
+
+static int send_data_cb(nghttp2_session *h2, nghttp2_frame *frame, const uint8_t *framehd, size_t length,
+                        nghttp2_data_source *source, void *user)
+{
+    (void)source;
+    struct conn *c = user;
+    struct stream *s = nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id);
+    if (!s || frame->data.padlen || length > buf_avail(&s->up))  /* we never pad; up_read_cb said `length` */
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    if (buf_append(&c->out, framehd, 9) < 0 || buf_append(&c->out, s->up.p + s->up.off, length) < 0)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    s->up.off += length;
+    if (s->up.off == s->up.len)
+        s->up.off = s->up.len = 0;
+    held_add(c->e, 9);  /* the frame moved from the stream's buffer to the connection's output */
+    stream_update(s);
+    return 0;
+}
+
+/* DATA frames as large as the peer takes (SETTINGS_MAX_FRAME_SIZE) rather than nghttp2's
+ * 16 KiB: fewer frames to build and to parse on the other side. */
+static ssize_t data_length_cb(nghttp2_session *h2, uint8_t type, int32_t sid, int32_t session_window,
+                              int32_t stream_window, uint32_t max_frame, void *user)
+{
+    (void)h2;
+    (void)type;
+    (void)sid;
+    (void)user;
+    return MIN(MIN(session_window, stream_window), (int32_t)max_frame);
 }
 
 static struct stream *stream_alloc(struct nh_engine *e)
@@ -644,8 +678,10 @@ static void conn_end(struct conn *c, uint32_t how, int32_t error, uint32_t code,
     }
     bool clean = how == NH_END_CLOSED || how == NH_END_FLOOD || how == NH_END_PROTOCOL || how == NH_END_GOAWAY
                  || how == NH_END_TLS || how == NH_END_IDENTITY;
-    if (c->state == S_H2 && clean)
+    if (c->state == S_H2 && clean) {
         SSL_shutdown(c->ssl);  /* close_notify, best effort */
+        (void)BIO_flush(SSL_get_wbio(c->ssl));  /* and what the buffer BIO held */
+    }
     if (clean)
         close(c->fd);
     else
@@ -905,29 +941,31 @@ static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t sid, const 
         nghttp2_session_consume(h2, sid, len);  /* nobody takes it: give the window back */
         return 0;
     }
-    size_t done = 0;
-    if (s->relaying && buf_avail(&s->down) == 0) {
-        ssize_t n = send(s->fd, data, len, MSG_NOSIGNAL);
-        if (n > 0) {
-            done = (size_t)n;
-            s->from_peer += done;
-            ST_ADD(s->conn->e, bytes_from_peer, done);
-            nghttp2_session_consume(h2, sid, done);
-        } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
-            nghttp2_session_consume(h2, sid, len);
-            stream_end(s, NH_END_SOCKET, errno, NGHTTP2_CANCEL, 0, "write to the socket failed");
-            return 0;
-        }
-    }
-    if (done < len) {
-        if (buf_append(&s->down, data + done, len - done) < 0)
-            return NGHTTP2_ERR_CALLBACK_FAILURE;
-        held_add(s->conn->e, len - done);
-        stream_peak(s);
-        stream_update(s);
-    }
+    /* Gathered, and written once DOWN_BATCH is there or the read round ends (conn_read):
+     * one send per DATA chunk (a TLS record, 16 KiB) made as many segments on the app's
+     * socket, and the app paid for each. */
+    if (buf_append(&s->down, data, len) < 0)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    held_add(s->conn->e, len);
+    stream_peak(s);
+    if (s->relaying && buf_avail(&s->down) >= DOWN_BATCH && !stream_write(s))
+        return 0;
+    stream_update(s);
     mark_dirty(s->conn);
     return 0;
+}
+
+/* The end of a read round: what the streams gathered goes to their sockets. */
+static void streams_write(struct conn *c)
+{
+    for (struct stream *s = c->streams, *next; s; s = next) {
+        next = s->next;
+        if (s->relaying && s->fd >= 0 && buf_avail(&s->down) && stream_write(s)) {
+            stream_maybe_finish(s);
+            if (!s->ended)
+                stream_update(s);
+        }
+    }
 }
 
 static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void *user)
@@ -975,6 +1013,46 @@ static int on_frame_send(nghttp2_session *h2, const nghttp2_frame *frame, void *
     return 0;
 }
 
+/* From HTTP/2 on, TLS writes go through a buffer BIO in front of the socket: SSL_write
+ * writes each 16 KiB record by itself, and with TCP_NODELAY each write is a segment of its
+ * own, so a bulk transfer paid the per-packet cost (veth, bridge, netfilter, the peer's
+ * receive) once per record. The buffer writes TLS_OUT at once; conn_flush pushes what is
+ * left at the end of each round, so nothing small waits. What the socket does not take
+ * stays in the BIO: the connection then wants EPOLLOUT (conn_update) and SSL_write reports
+ * WANT_WRITE once the BIO is full, so back-pressure is unchanged. */
+static int tls_gather_writes(struct conn *c)
+{
+    BIO *sock = SSL_get_wbio(c->ssl);
+    BIO *buf = BIO_new(BIO_f_buffer());
+    if (!buf || BIO_set_write_buffer_size(buf, TLS_OUT) <= 0 || !BIO_up_ref(sock)) {
+        BIO_free(buf);
+        return -ENOMEM;
+    }
+    BIO_push(buf, sock);       /* the chain holds its own reference; the read side keeps the socket BIO */
+    SSL_set0_wbio(c->ssl, buf);
+    return 0;
+}
+
+static size_t tls_pending(const struct conn *c)
+{
+    return c->ssl ? (size_t)BIO_wpending(SSL_get_wbio(c->ssl)) : 0;
+}
+
+/* Write what the buffer BIO holds: 1 all written, 0 the socket is full, -1 the connection ended. */
+static int tls_push(struct conn *c)
+{
+    BIO *w = SSL_get_wbio(c->ssl);
+    if (BIO_wpending(w) == 0)
+        return 1;
+    errno = 0;
+    if (BIO_flush(w) > 0)
+        return 1;
+    if (BIO_should_retry(w))
+        return 0;
+    conn_end(c, NH_END_IO, errno ? errno : EPIPE, 0, "TLS write: the socket refused it");
+    return -1;
+}
+
 static int h2_start(struct conn *c)
 {
     struct nh_engine *e = c->e;
@@ -988,6 +1066,8 @@ static int h2_start(struct conn *c)
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
     nghttp2_session_callbacks_set_on_frame_send_callback(cb, on_frame_send);
+    nghttp2_session_callbacks_set_send_data_callback(cb, send_data_cb);
+    nghttp2_session_callbacks_set_data_source_read_length_callback(cb, data_length_cb);
     if (nghttp2_option_new(&opt)) {
         nghttp2_session_callbacks_del(cb);
         return -ENOMEM;
@@ -1009,6 +1089,8 @@ static int h2_start(struct conn *c)
     };
     if (nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, c->server ? 4 : 5)
         || nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0, (int32_t)e->cfg.connection_window))
+        return -ENOMEM;
+    if (tls_gather_writes(c) < 0)
         return -ENOMEM;
     c->state = S_H2;
     c->preface_left = c->server ? 24 : 0;
@@ -1062,7 +1144,7 @@ static void submit_open(struct conn *c, struct stream *s)
 static void conn_update(struct conn *c)
 {
     uint32_t mask = c->state == S_VERDICT || c->closing ? 0 : EPOLLIN;
-    if (buf_avail(&c->out))
+    if (buf_avail(&c->out) || tls_pending(c))
         mask |= EPOLLOUT;
     set_mask(c->e, c->fd, &c->o, &c->registered, &c->mask, mask);
 }
@@ -1222,6 +1304,9 @@ static void conn_read(struct conn *c)
             int err = SSL_get_error(c->ssl, n);
             if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
                 break;
+            int saved = errno;
+            streams_write(c);  /* what this round gathered goes out before the connection ends */
+            errno = saved;
             if (c->in_hs_list) {
                 conn_fail_tls(c, err, "the server closed the connection right after TLS (our certificate "
                                       "refused?)");
@@ -1259,6 +1344,8 @@ static void conn_read(struct conn *c)
             return;
         }
     }
+    if (!c->o.dead)
+        streams_write(c);
     mark_dirty(c);
 }
 
@@ -1304,13 +1391,16 @@ static void conn_flush(struct conn *c)
         if (c->out.len == 0)
             break;
     }
-    if (c->closing && buf_avail(&c->out)) {
+    if (tls_push(c) < 0)
+        return;
+    if (c->closing && (buf_avail(&c->out) || tls_pending(c))) {
         /* a flood or a protocol error: the GOAWAY does not go out at once (the peer does
          * not read), so no waiting for it */
         conn_end(c, c->closing_how, 0, c->closing_code, "closed before the GOAWAY was written");
         return;
     }
-    if (!buf_avail(&c->out) && !nghttp2_session_want_read(c->h2) && !nghttp2_session_want_write(c->h2)) {
+    if (!buf_avail(&c->out) && !tls_pending(c) && !nghttp2_session_want_read(c->h2)
+        && !nghttp2_session_want_write(c->h2)) {
         if (!c->closing && c->sent_goaway_code) {
             char reason[96];
             snprintf(reason, sizeof reason, "the peer broke HTTP/2: GOAWAY %s sent",

@@ -231,6 +231,9 @@ def test_native_client_half_close_from_the_server_first(pki):
             app.shutdown(socket.SHUT_WR)
             end = await stream.ended
             app.close()
+            # STREAM_END comes once the engine handed the last bytes to HTTP/2 and TLS; the
+            # server (in this same loop) reads them when they have reached its socket
+            await until(lambda: received, what="the server to read to its EOF")
             assert received == [b"after your FIN"]
             assert (end.how, end.to_peer, end.from_peer) == ("closed", 14, 6000)
     run(main())
