@@ -226,3 +226,13 @@ def fetch(socket_path: str | os.PathLike, path: str, timeout: float = 5.0) -> by
 def fetch_status(socket_path: str | os.PathLike, timeout: float = 5.0) -> dict[str, Any]:
     """GET /debug/status over the admin unix socket (what `nodeagent status` shows)."""
     return json.loads(fetch(socket_path, "/debug/status", timeout))
+
+
+def fetch_requests(socket_path: str | os.PathLike, reporter: str, timeout: float = 5.0) -> int:
+    """istio_requests_total of one reporter ("waypoint": the client side's waypoint,
+    "destination": the server side's), summed over its labels, from the agent's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = fetch(socket_path, "/metrics", timeout).decode()
+    return int(sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "istio_requests_total" and s.labels.get("reporter") == reporter))

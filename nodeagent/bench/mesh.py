@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nodeagent.agent.admin import fetch_status
+from nodeagent.agent.admin import fetch_requests, fetch_status
 from nodeagent.bench import loadgen, meshlab, meshreport, sidecars, usage
 from nodeagent.bench.tunnel import left_behind
 from nodeagent.errors import ConfigError, NodeagentError
@@ -318,7 +318,9 @@ class Runs:
             c = agent_status(self.layout, node)["counters"]
             out[f"{node}/captured"] = c.get("outbound_connections_total", 0.0)
             out[f"{node}/waypoint_out"] = c.get("waypoint_connections_total{direction=outbound}", 0.0)
-            out[f"{node}/waypoint_in"] = c.get("waypoint_connections_total{direction=inbound}", 0.0)
+            # requests the node's server-side waypoint handled (from its access log): a
+            # connection count can stay put, since the client waypoint pools its upstreams
+            out[f"{node}/waypoint_in"] = float(fetch_requests(self.layout.agent_socket(node), "destination"))
         for key, car in self.cars.items():
             out[f"{key}/tls13"] = car.tls13_handshakes()
         return out

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from nodeagent.agent.admin import fetch, fetch_status
+from nodeagent.agent.admin import fetch_requests, fetch_status
 from nodeagent.errors import ConfigError, NodeagentError
 from nodeagent.kube.objects import parse_documents
 from nodeagent.lab import cgroups, lifecycle, teardown
@@ -153,11 +153,7 @@ def _settled(layout: Layout, timeout: float = 10.0) -> tuple[int, ...]:
 
 
 def _requests(layout: Layout, node: str) -> int:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = fetch(layout.agent_socket(node), "/metrics").decode()
-    return int(sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == "istio_requests_total" and s.labels.get("reporter") == REPORTERS[node]))
+    return fetch_requests(layout.agent_socket(node), REPORTERS[node])
 
 
 def render(result: dict, output: str) -> str:
