@@ -209,6 +209,14 @@ static int buf_append(struct buf *b, const void *data, size_t n)
 
 static size_t buf_avail(const struct buf *b) { return b->len - b->off; }
 
+/* `n` bytes taken from the front; an emptied buffer starts over at its beginning */
+static void buf_consume(struct buf *b, size_t n)
+{
+    b->off += n;
+    if (b->off == b->len)
+        b->off = b->len = 0;
+}
+
 static void buf_free(struct buf *b)
 {
     free(b->p);
@@ -440,14 +448,12 @@ static bool stream_write(struct stream *s)
             stream_end(s, NH_END_SOCKET, errno, NGHTTP2_CANCEL, 0, "write to the socket failed");
             return false;
         }
-        s->down.off += n;
+        buf_consume(&s->down, (size_t)n);
         s->from_peer += n;
         ST_ADD(s->conn->e, bytes_from_peer, n);
         held_add(s->conn->e, -n);
         stream_consume(s, n);
     }
-    if (s->down.off == s->down.len)
-        s->down.off = s->down.len = 0;
     return true;
 }
 
@@ -521,14 +527,20 @@ static void stream_io(struct stream *s, uint32_t events)
     stream_update(s);
 }
 
-/* Begin relaying: the socket is the stream's (non-blocking from here). */
-static void stream_start(struct stream *s)
+/* What waits for the socket goes to it; FIN once all has (stream_maybe_finish). */
+static void stream_drain(struct stream *s)
 {
-    s->relaying = true;
     if (stream_write(s)) {
         stream_maybe_finish(s);
         stream_update(s);
     }
+}
+
+/* Begin relaying: the socket is the stream's (non-blocking from here). */
+static void stream_start(struct stream *s)
+{
+    s->relaying = true;
+    stream_drain(s);
 }
 
 static ssize_t up_read_cb(nghttp2_session *h2, int32_t sid, uint8_t *buf, size_t length, uint32_t *flags,
@@ -568,9 +580,7 @@ static int send_data_cb(nghttp2_session *h2, nghttp2_frame *frame, const uint8_t
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     if (buf_append(&c->out, framehd, 9) < 0 || buf_append(&c->out, s->up.p + s->up.off, length) < 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
-    s->up.off += length;
-    if (s->up.off == s->up.len)
-        s->up.off = s->up.len = 0;
+    buf_consume(&s->up, length);
     held_add(c->e, 9);  /* the frame moved from the stream's buffer to the connection's output */
     stream_update(s);
     return 0;
@@ -960,11 +970,8 @@ static void streams_write(struct conn *c)
 {
     for (struct stream *s = c->streams, *next; s; s = next) {
         next = s->next;
-        if (s->relaying && s->fd >= 0 && buf_avail(&s->down) && stream_write(s)) {
-            stream_maybe_finish(s);
-            if (!s->ended)
-                stream_update(s);
-        }
+        if (s->relaying && s->fd >= 0 && buf_avail(&s->down))
+            stream_drain(s);
     }
 }
 
