@@ -2151,6 +2151,11 @@ void nh_event_release(struct nh_event *event)
     event->data_len = 0;
 }
 
+const char *nh_tls_library(void)
+{
+    return OpenSSL_version(OPENSSL_VERSION);
+}
+
 void nh_engine_stats(struct nh_engine *e, struct nh_stats *out)
 {
     uint64_t *dst = (uint64_t *)out, *src = (uint64_t *)&e->st;

@@ -223,6 +223,8 @@ size_t nh_engine_events(struct nh_engine *engine, struct nh_event *out, size_t m
 void nh_event_release(struct nh_event *event);
 
 void nh_engine_stats(struct nh_engine *engine, struct nh_stats *out);
+/* The TLS library the engine runs, as OpenSSL names itself ("OpenSSL 3.5.5 27 Jan 2026"). */
+const char *nh_tls_library(void);
 void nh_engine_stop(struct nh_engine *engine);
 void nh_engine_free(struct nh_engine *engine);
 /* cffi-end */

@@ -214,7 +214,9 @@ def engines_summary(relays: str, hbone: dict) -> str:
     carries HBONE (HboneEngines.describe())."""
     relays = relays.replace("; python for HBONE streams", "")
     if hbone["engine"] == "native":
-        return f"{relays}; HBONE: native engine [hbone_engine={hbone['setting']}]"
+        library = " ".join((hbone.get("tls_library") or "").split()[:2])  # "OpenSSL 3.5.5"
+        return f"{relays}; HBONE: native engine" + (f" ({library})" if library else "") \
+            + f" [hbone_engine={hbone['setting']}]"
     return f"{relays}; HBONE: python ({hbone['why']})"
 
 

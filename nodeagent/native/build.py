@@ -1,5 +1,7 @@
 """Builds `nodeagent.native._relay`, the cffi (API mode) module of the native relay engine
-(native/relay.c, its API in native/relay.h).
+(native/relay.c, its API in native/relay.h), and `nodeagent.native._hbone`, the native HBONE
+engine's (native/hbone.c), linked with the pinned OpenSSL that nodeagent.native.openssl
+fetches and builds once per machine.
 
 scripts/setup runs it after `pip install -e .`; the .so lands in nodeagent/native/ next to
 this file (git-ignored), where the editable install imports it from. The cdef is the
@@ -64,15 +66,20 @@ def build(out: Path, extra_cflags: tuple[str, ...] = ()) -> Path:
     return Path(ffibuilder(extra_cflags).compile(tmpdir=str(out), verbose=False))
 
 
-# The native HBONE engine (native/hbone.{h,c}: TLS 1.3 with libssl, HTTP/2 with libnghttp2):
+# The native HBONE engine (native/hbone.{h,c}: TLS 1.3 with OpenSSL, HTTP/2 with libnghttp2):
 # a second module, built the same way, with its own digest (nodeagent.native.hbone checks it).
+# OpenSSL is the pinned release of nodeagent.native.openssl, linked static with its symbols
+# kept inside the module; nghttp2 is Debian's shared library.
 HBONE_SOURCES = ("hbone.h", "hbone.c")
 HBONE_MODULE = "nodeagent.native._hbone"
-HBONE_LIBRARIES = ["ssl", "crypto", "nghttp2"]
+HBONE_LIBRARIES = ["nghttp2"]
 
 
 def hbone_digest(native: Path = NATIVE) -> str:
-    h = hashlib.sha256()
+    """sha256 over hbone's C sources and the OpenSSL pin they are linked with, hex."""
+    from nodeagent.native import openssl
+
+    h = hashlib.sha256(f"openssl {openssl.VERSION} {openssl.SHA256}\0".encode())
     for name in HBONE_SOURCES:
         h.update(name.encode() + b"\0" + (native / name).read_bytes() + b"\0")
     return h.hexdigest()
@@ -81,13 +88,18 @@ def hbone_digest(native: Path = NATIVE) -> str:
 def hbone_ffibuilder(extra_cflags: tuple[str, ...] = ()):
     from cffi import FFI  # build time only
 
+    from nodeagent.native import openssl
+
+    ssl = openssl.ensure()
     header = (NATIVE / "hbone.h").read_text()
     ffi = FFI()
     ffi.cdef(header.split(CDEF_BEGIN, 1)[1].split(CDEF_END, 1)[0] + "\nconst char *nh_build_digest(void);\n")
     ffi.set_source(HBONE_MODULE, '#include "hbone.h"\n'
                    f'static const char *nh_build_digest(void) {{ return "{hbone_digest()}"; }}\n',
-                   sources=[str(NATIVE / "hbone.c")], include_dirs=[str(NATIVE)], libraries=HBONE_LIBRARIES,
-                   extra_compile_args=[*CFLAGS, *extra_cflags], extra_link_args=list(extra_cflags))
+                   sources=[str(NATIVE / "hbone.c")], include_dirs=[str(ssl / "include"), str(NATIVE)],
+                   extra_objects=[str(ssl / "lib" / name) for name in openssl.LIBRARIES], libraries=HBONE_LIBRARIES,
+                   extra_compile_args=[*CFLAGS, *extra_cflags],
+                   extra_link_args=["-Wl,--exclude-libs,ALL", *extra_cflags])
     return ffi
 
 
@@ -101,9 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="build there only (not installed next to this file)")
     parser.add_argument("--cflags", default="", help="extra compiler and linker flags")
     args = parser.parse_args(argv)
+    from nodeagent.native import openssl
+
     extra = tuple(shlex.split(args.cflags))
     for builder in (build, build_hbone):
-        built = builder(args.out or ROOT / "build" / "native", extra)
+        try:
+            built = builder(args.out or ROOT / "build" / "native", extra)
+        except openssl.OpenSSLBuildError as exc:
+            print(f"build: error: {exc}", file=sys.stderr)
+            return 1
         if args.out is None:
             target = Path(__file__).parent / built.name
             shutil.copy2(built, target.with_suffix(".tmp"))

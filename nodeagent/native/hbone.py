@@ -63,6 +63,11 @@ def load():
     return _hbone
 
 
+def tls_library(module) -> str:
+    """The TLS library `module` (load()'s) runs, as it names itself: "OpenSSL 3.5.5 27 Jan 2026"."""
+    return module.ffi.string(module.lib.nh_tls_library()).decode()
+
+
 class HboneFailed(Exception):
     """A connection or stream ended before it could be used; `end` says how."""
 

@@ -15,6 +15,7 @@ import pytest
 
 from meshed_sandbox import PORT, meshed_sandbox
 from nodeagent.bench.probe import HoldClient
+from nodeagent.native import openssl
 from hbone_attacks import attack, refusals
 from test_agent_tunnel import PRINCIPAL, connect
 
@@ -36,7 +37,8 @@ def test_meshed_traffic_crosses_the_native_engine(mesh):
     c = status["counters"]
     assert c["hbone_streams_opened_total{direction=inbound}"] == 20
     assert c["hbone_streams_opened_total{direction=outbound}"] == 20
-    assert "HBONE: native engine [hbone_engine=native]" in status["data_path"]["summary"]
+    assert f"HBONE: native engine (OpenSSL {openssl.VERSION}) [hbone_engine=native]" in status["data_path"]["summary"]
+    assert status["data_path"]["hbone"]["tls_library"].startswith(f"OpenSSL {openssl.VERSION} ")
     native = status["data_path"]["hbone"]["native"]
     assert (native["conns_total"], native["streams_total"]) == (2, 40)  # one pooled connection, each side
     with open(sb.layout.flow_log(sb.node)) as f:

@@ -97,8 +97,9 @@ def test_the_setting_defaults_to_auto_and_reads_flag_and_environment(base):
 
 
 def test_the_status_line_says_who_carries_hbone():
-    native_hbone = {"engine": "native", "setting": "native", "why": "", "native": {}}
+    native_hbone = {"engine": "native", "setting": "native", "why": "", "native": {},
+                    "tls_library": "OpenSSL 3.5.5 27 Jan 2026"}
     assert engines_summary("native (socket pairs); python for HBONE streams", native_hbone) == (
-        "native (socket pairs); HBONE: native engine [hbone_engine=native]")
+        "native (socket pairs); HBONE: native engine (OpenSSL 3.5.5) [hbone_engine=native]")
     assert engines_summary("python: data_path_engine=python", {"engine": "python", "why": "hbone_engine=python"}) == (
         "python: data_path_engine=python; HBONE: python (hbone_engine=python)")

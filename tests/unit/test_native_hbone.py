@@ -732,13 +732,21 @@ def test_the_engine_is_clean_under_sanitizers(pki, tmp_path, name):
         if ci_enabled():
             pytest.fail("CI: gcc is needed to build the native engine (scripts/setup installs it)", pytrace=False)
         pytest.skip("no gcc")
+    from nodeagent.native import openssl
+
+    ssl_prefix = openssl.prefix()  # the pinned OpenSSL the module links, as scripts/setup built it
+    if not openssl.built(ssl_prefix):
+        if ci_enabled():
+            pytest.fail(f"CI: the pinned OpenSSL is not built in {ssl_prefix} (scripts/setup builds it)", pytrace=False)
+        pytest.skip(f"the pinned OpenSSL is not built in {ssl_prefix}")
     here = Path(__file__).resolve().parent
     native_dir = here.parents[1] / "native"
     binary = tmp_path / f"hbone_sanity_{name}"
     subprocess.run([gcc, "-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={SANITIZERS[name]}",
-                    "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror", "-std=gnu11", f"-I{native_dir}",
-                    str(here / "hbone_sanity.c"), str(native_dir / "hbone.c"), "-o", str(binary), "-lpthread",
-                    "-lssl", "-lcrypto", "-lnghttp2"], check=True, capture_output=True, text=True)
+                    "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror", "-std=gnu11", f"-I{ssl_prefix}/include",
+                    f"-I{native_dir}", str(here / "hbone_sanity.c"), str(native_dir / "hbone.c"), "-o", str(binary),
+                    *(str(ssl_prefix / "lib" / lib) for lib in openssl.LIBRARIES), "-lnghttp2", "-lpthread", "-ldl"],
+                   check=True, capture_output=True, text=True)
     trust = tmp_path / "trust.pem"
     trust.write_bytes(pki.server.trust_bundle_pem)
     run_ = subprocess.run([str(binary), str(pki.server.path), str(pki.client.path), str(trust),

@@ -38,7 +38,7 @@ def test_packages_lists_what_it_installs_and_does_nothing_else() -> None:
     assert out.returncode == 0 and out.stderr == ""
     assert out.stdout.splitlines() == [
         "python3-bpfcc", "bpftool", "iproute2", "nftables", "curl", "iperf3", "wrk", "tcpdump", "ca-certificates",
-        "gcc", "libc6-dev", "python3-dev", "libssl-dev", "libnghttp2-dev", f"linux-headers-{arch}"]
+        "gcc", "libc6-dev", "python3-dev", "libnghttp2-dev", "make", "perl", f"linux-headers-{arch}"]
     # the list it prints is the one it installs from: one PACKAGES array, read by the install loop
     text = SETUP.read_text()
     assert text.count("PACKAGES=(") == 1 and 'for p in "${PACKAGES[@]}"; do' in text

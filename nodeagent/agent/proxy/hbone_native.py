@@ -39,6 +39,7 @@ class HboneEngines:
         self.engine: hbone.HboneEngine | None = None
         self._module = None
         self._tls: dict[object, tuple[Credentials, hbone.Tls]] = {}
+        self.tls_library: str | None = None  # the native module's OpenSSL, once loaded
         self.why = "hbone_engine=python"
         if setting == "python":
             return
@@ -51,6 +52,7 @@ class HboneEngines:
             self.why = str(exc)
             return
         self._module = module
+        self.tls_library = hbone.tls_library(module)
         self.why = "the native HBONE engine has not started yet"
 
     @property
@@ -88,6 +90,7 @@ class HboneEngines:
 
     def describe(self) -> dict:
         return {"engine": "native" if self.native else "python", "setting": self.setting, "why": self.why,
+                "tls_library": self.tls_library if self.native else None,
                 "native": self.engine.stats() if self.engine is not None else None}
 
     def close(self) -> None:
