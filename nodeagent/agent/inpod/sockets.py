@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import random
 import socket
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -114,7 +115,10 @@ def _close_all(socks: list[socket.socket | None]) -> None:
 
 def upstream(netns_fd: int, family: int, mark: int) -> socket.socket:
     """A TCP socket in the pod netns, marked so capture leaves it alone, Nagle off."""
-    sock = netns.socket_in(netns_fd, family, socket.SOCK_STREAM)
+    return _marked(netns.socket_in(netns_fd, family, socket.SOCK_STREAM), mark)
+
+
+def _marked(sock: socket.socket, mark: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         set_nodelay(sock)
@@ -125,26 +129,56 @@ def upstream(netns_fd: int, family: int, mark: int) -> socket.socket:
         raise
 
 
+PORT_RANGE_SYSCTL = "/proc/sys/net/ipv4/ip_local_port_range"  # the netns' own; it applies to IPv6 too
+SOURCE_PORT_TRIES = 16
+
+
 def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
     """A marked socket bound to `source_ip` (not local: IP_TRANSPARENT), so the app sees
     the real client address, and to `lo`, so sk_lookup sees a loopback connection and
     does not steer it back to the agent. The port is never the client's own port: the
-    app's accepted socket would then have the same 4-tuple as the agent's inbound one."""
+    app's accepted socket would then have the same 4-tuple as the agent's inbound one.
+
+    The port is drawn at random from the pod netns' ephemeral range and bound with
+    SO_REUSEADDR, not left to bind(port 0): every delivery its client closes first ends
+    in TIME_WAIT here for 60 s under the client's address, and bind(port 0) looks for a
+    port no socket holds, scanning further as they fill, so one client opening
+    connections at a steady rate exhausted the range (28,232 ports: ~470 a second) with
+    the agent at 100 % system CPU in inet_csk_get_port. A TIME_WAIT socket does not stop
+    this bind; connect() then checks the 4-tuple, reusing a TIME_WAIT one more than a
+    second old on lo (tcp_tw_reuse=2, the default) and refusing a live one
+    (EADDRNOTAVAIL: Delivery.connect draws again)."""
     family = family_of(source_ip)
     level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
-    for _ in range(4):
-        sock = upstream(netns_fd, family, mark)
+    low = high = 0
+    for _ in range(SOURCE_PORT_TRIES):
+        with netns.entered(netns_fd):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                with open(PORT_RANGE_SYSCTL) as f:
+                    low, high = (int(n) for n in f.read().split())
+            except BaseException:
+                sock.close()
+                raise
+        sock = _marked(sock, mark)
+        port = random.randint(low, high)
         try:
+            if port == avoid_port:
+                raise OSError(errno.EADDRINUSE, "the client's own port")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
             sock.setsockopt(level, IP_TRANSPARENT, 1)
-            sock.bind((source_ip, 0))
+            sock.bind((source_ip, port))
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
         except BaseException:
             sock.close()
             raise
-        if sock.getsockname()[1] != avoid_port:
-            return sock
-        sock.close()
-    raise OSError(errno.EADDRINUSE, f"no source port for {source_ip} other than {avoid_port}")
+    raise OSError(errno.EADDRINUSE, f"no source port for {source_ip} in {low}-{high} "
+                                    f"after {SOURCE_PORT_TRIES} tries")
 
 
 class InPodListener:

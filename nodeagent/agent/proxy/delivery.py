@@ -9,6 +9,8 @@ revoked it).
 from __future__ import annotations
 
 import asyncio
+import collections
+import errno
 import socket
 
 from nodeagent.agent.inpod import sockets as inpod
@@ -23,6 +25,7 @@ from nodeagent.errors import NodeagentError
 from nodeagent.xds import dataplane
 
 Address = tuple[str, int]
+CONNECT_TRIES = 8  # source ports drawn when connect() finds the 4-tuple taken
 
 
 class Delivery:
@@ -31,24 +34,37 @@ class Delivery:
     def __init__(self, mark: int, timeout: float):
         self.mark = mark
         self.timeout = timeout
-        self._connecting: set[Address] = set()  # local addresses of our delivery sockets
+        # Local addresses of our delivery sockets while they connect, counted: two may
+        # share one (SO_REUSEADDR) while they connect to different apps.
+        self._connecting: collections.Counter[Address] = collections.Counter()
 
     def is_ours(self, addr: Address) -> bool:
         """True for a connection from one of our delivery sockets (a steering loop)."""
         return addr in self._connecting
 
     async def connect(self, ctx: PodContext, src: Address, dst: Address) -> socket.socket:
-        upstream = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
-        local = upstream.getsockname()[:2]
-        self._connecting.add(local)  # before connecting: a loop shows up during the connect
-        try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(upstream, dst), self.timeout)
-            return upstream
-        except BaseException:
-            upstream.close()
-            raise
-        finally:
-            self._connecting.discard(local)
+        attempt = 0
+        while True:
+            attempt += 1
+            upstream = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
+            local = upstream.getsockname()[:2]
+            self._connecting[local] += 1  # before connecting: a loop shows up during the connect
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(upstream, dst), self.timeout)
+                return upstream
+            except OSError as exc:
+                upstream.close()
+                # The 4-tuple is taken (a live connection, or one in TIME_WAIT under a
+                # second old): another source port.
+                if exc.errno != errno.EADDRNOTAVAIL or attempt == CONNECT_TRIES:
+                    raise
+            except BaseException:
+                upstream.close()
+                raise
+            finally:
+                self._connecting[local] -= 1
+                if not self._connecting[local]:
+                    del self._connecting[local]
 
 
 def open_flow(inputs: ProxyInputs, ctx: PodContext, src: Address, dst: Address, principal: str | None,

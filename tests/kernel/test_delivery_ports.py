@@ -1,0 +1,106 @@
+"""Delivery's source ports under TIME_WAIT (nodeagent/agent/proxy/delivery.py,
+inpod.transparent_upstream), in a throwaway netns on a real kernel.
+
+A delivery its client closes first ends in TIME_WAIT in the pod netns for 60 s, under
+the client's address. When one client opened connections at a steady rate, those held
+every port of the range: bind(port 0) then failed, and scanned further each time
+before it did (the agent at 100 % system CPU, ~150-250 connections a second). Here
+every port of a 256-port range holds a TIME_WAIT of the client's address to the app,
+as after such a burst; the kernel refuses bind(port 0) for that address (what the
+agent did before), and the delivery still connects, reusing 4-tuples in TIME_WAIT
+over a second old on lo, and never with the client's own port."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from nodeagent import netns
+from nodeagent.agent.inpod.sockets import PodContext
+from nodeagent.agent.proxy.delivery import Delivery
+from nodeagent.model import Pod
+
+APP = ("127.0.0.1", 8080)
+CLIENT_IP = "127.0.0.2"  # the client's address the delivery binds (every 127/8 address is local on lo)
+LOW, HIGH = 40000, 40255
+MARK = 0x539
+
+
+def time_waits(ns) -> set[int]:
+    """Local ports of the TIME_WAIT sockets from CLIENT_IP to the app in `ns`."""
+    out = subprocess.run(["ip", "netns", "exec", ns.name, "ss", "-Htn", "state", "time-wait",
+                          "src", CLIENT_IP, "dst", f"{APP[0]}:{APP[1]}"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(line.split()[2].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def close_first(client: socket.socket, app: socket.socket) -> None:
+    """The client ends the connection first, as wrk does with Connection: close, so its
+    side is the one left in TIME_WAIT."""
+    client.setblocking(True)
+    client.settimeout(5)
+    client.shutdown(socket.SHUT_WR)
+    conn, _ = app.accept()
+    with conn:
+        conn.settimeout(5)
+        assert conn.recv(1) == b""
+    assert client.recv(1) == b""
+    client.close()
+
+
+def test_delivery_reuses_ports_the_clients_connections_left_in_time_wait(make_netns):
+    ns = make_netns()
+    with netns.entered(ns.path):
+        with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
+            f.write(f"{LOW} {HIGH}")
+    app = ns.listener(*APP)
+    with app:
+        # A TIME_WAIT of the client's address on every port of the range, as the agent's
+        # deliveries leave them (SO_REUSEADDR, bound to lo).
+        for port in range(LOW, HIGH + 1):
+            sock = ns.new_socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+            sock.bind((CLIENT_IP, port))
+            sock.connect(APP)
+            close_first(sock, app)
+        assert time_waits(ns) == set(range(LOW, HIGH + 1))
+        # What the agent did before: the kernel has no port left for that address.
+        probe = ns.new_socket()
+        with probe, pytest.raises(OSError) as refused:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+            probe.bind((CLIENT_IP, 0))
+        assert refused.value.errno == errno.EADDRINUSE
+        # tcp_tw_reuse=2 takes a TIME_WAIT on lo once it is more than a second old
+        # (whole seconds of its last timestamp): past two, every one qualifies.
+        time.sleep(2.1)
+
+        fd = netns.open_netns(ns.path)
+        try:
+            pod = Pod(namespace="test", name="app", uid="u1", node="node1", ip=APP[0], labels={}, annotations={})
+            ctx = PodContext(pod, fd, 0)
+            delivery = Delivery(MARK, timeout=5)
+            client_port = LOW + 7  # the client's own port: never the delivery's
+
+            async def deliver(n: int) -> list[int]:
+                ports = []
+                for _ in range(n):
+                    upstream = await delivery.connect(ctx, (CLIENT_IP, client_port), APP)
+                    local = upstream.getsockname()
+                    assert local[0] == CLIENT_IP and LOW <= local[1] <= HIGH
+                    assert upstream.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == MARK
+                    ports.append(local[1])
+                    close_first(upstream, app)
+                return ports
+
+            ports = asyncio.run(deliver(32))
+        finally:
+            os.close(fd)
+        assert len(ports) == 32 and client_port not in ports
+        assert not delivery.is_ours((CLIENT_IP, ports[-1]))  # nothing left counted as connecting
