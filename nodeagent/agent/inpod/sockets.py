@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import random
 import socket
 from dataclasses import dataclass, field
@@ -115,10 +116,7 @@ def _close_all(socks: list[socket.socket | None]) -> None:
 
 def upstream(netns_fd: int, family: int, mark: int) -> socket.socket:
     """A TCP socket in the pod netns, marked so capture leaves it alone, Nagle off."""
-    return _marked(netns.socket_in(netns_fd, family, socket.SOCK_STREAM), mark)
-
-
-def _marked(sock: socket.socket, mark: int) -> socket.socket:
+    sock = netns.socket_in(netns_fd, family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         set_nodelay(sock)
@@ -131,6 +129,22 @@ def _marked(sock: socket.socket, mark: int) -> socket.socket:
 
 PORT_RANGE_SYSCTL = "/proc/sys/net/ipv4/ip_local_port_range"  # the netns' own; it applies to IPv6 too
 SOURCE_PORT_TRIES = 16
+_port_ranges: dict[int, tuple[int, tuple[int, int]]] = {}  # netns fd -> (its inode, range)
+
+
+def port_range(netns_fd: int) -> tuple[int, int]:
+    """The ephemeral port range of the netns (inclusive), read once per netns: the fd's
+    inode tells a netns from a later one on the same fd number. (Were an inode number
+    recycled too, the range would be the earlier pod's: still ports it may bind.)"""
+    inode = os.fstat(netns_fd).st_ino
+    known = _port_ranges.get(netns_fd)
+    if known is not None and known[0] == inode:
+        return known[1]
+    with netns.entered(netns_fd):
+        with open(PORT_RANGE_SYSCTL) as f:
+            low, high = (int(n) for n in f.read().split())
+    _port_ranges[netns_fd] = (inode, (low, high))
+    return low, high
 
 
 def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
@@ -139,10 +153,10 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
     does not steer it back to the agent. The port is never the client's own port: the
     app's accepted socket would then have the same 4-tuple as the agent's inbound one.
 
-    The port is drawn at random from the pod netns' ephemeral range and bound with
-    SO_REUSEADDR, not left to bind(port 0): every delivery its client closes first ends
-    in TIME_WAIT here for 60 s under the client's address, and bind(port 0) looks for a
-    port no socket holds, scanning further as they fill, so one client opening
+    The port is drawn at random from the pod netns' ephemeral range (`port_range`) and
+    bound with SO_REUSEADDR, not left to bind(port 0): every delivery its client closes
+    first ends in TIME_WAIT here for 60 s under the client's address, and bind(port 0)
+    looks for a port no socket holds, scanning further as they fill, so one client opening
     connections at a steady rate exhausted the range (28,232 ports: ~470 a second) with
     the agent at 100 % system CPU in inet_csk_get_port. A TIME_WAIT socket does not stop
     this bind; connect() then checks the 4-tuple, reusing a TIME_WAIT one more than a
@@ -150,17 +164,9 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
     (EADDRNOTAVAIL: Delivery.connect draws again)."""
     family = family_of(source_ip)
     level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
-    low = high = 0
+    low, high = port_range(netns_fd)
     for _ in range(SOURCE_PORT_TRIES):
-        with netns.entered(netns_fd):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                with open(PORT_RANGE_SYSCTL) as f:
-                    low, high = (int(n) for n in f.read().split())
-            except BaseException:
-                sock.close()
-                raise
-        sock = _marked(sock, mark)
+        sock = upstream(netns_fd, family, mark)
         port = random.randint(low, high)
         try:
             if port == avoid_port:
