@@ -97,7 +97,7 @@ def hbone_ffibuilder(extra_cflags: tuple[str, ...] = ()):
     ffi.set_source(HBONE_MODULE, '#include "hbone.h"\n'
                    f'static const char *nh_build_digest(void) {{ return "{hbone_digest()}"; }}\n',
                    sources=[str(NATIVE / "hbone.c")], include_dirs=[str(ssl / "include"), str(NATIVE)],
-                   extra_objects=[str(ssl / "lib" / name) for name in openssl.LIBRARIES], libraries=HBONE_LIBRARIES,
+                   extra_objects=[str(path) for path in openssl.archives(ssl)], libraries=HBONE_LIBRARIES,
                    extra_compile_args=[*CFLAGS, *extra_cflags],
                    extra_link_args=["-Wl,--exclude-libs,ALL", *extra_cflags])
     return ffi

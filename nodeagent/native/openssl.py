@@ -25,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.request
@@ -54,8 +53,13 @@ def prefix(root: Path | None = None) -> Path:
     return (root or cache_root()) / f"{VERSION}-{SHA256[:12]}"
 
 
+def archives(at: Path) -> list[Path]:
+    """The static libraries under prefix `at`, in link order."""
+    return [at / "lib" / name for name in LIBRARIES]
+
+
 def built(at: Path) -> bool:
-    return all((at / "lib" / name).is_file() for name in LIBRARIES) and (at / "include/openssl/ssl.h").is_file()
+    return all(path.is_file() for path in archives(at)) and (at / "include/openssl/ssl.h").is_file()
 
 
 def ensure(progress: Callable[[str], None] = print, *, url: str = URL, sha256: str = SHA256,
@@ -114,6 +118,8 @@ def fetch(url: str, to: Path, sha256: str) -> None:
 
 def unpack(crate: Path, into: Path) -> Path:
     """The crate's openssl/ tree, extracted under `into` (members outside it refused)."""
+    import tarfile  # here, not at the top: the agent imports this module for the pin alone
+
     try:
         with tarfile.open(crate, "r:gz") as archive:
             members = archive.getmembers()

@@ -745,7 +745,7 @@ def test_the_engine_is_clean_under_sanitizers(pki, tmp_path, name):
     subprocess.run([gcc, "-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={SANITIZERS[name]}",
                     "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror", "-std=gnu11", f"-I{ssl_prefix}/include",
                     f"-I{native_dir}", str(here / "hbone_sanity.c"), str(native_dir / "hbone.c"), "-o", str(binary),
-                    *(str(ssl_prefix / "lib" / lib) for lib in openssl.LIBRARIES), "-lnghttp2", "-lpthread", "-ldl"],
+                    *map(str, openssl.archives(ssl_prefix)), "-lnghttp2", "-lpthread", "-ldl"],
                    check=True, capture_output=True, text=True)
     trust = tmp_path / "trust.pem"
     trust.write_bytes(pki.server.trust_bundle_pem)

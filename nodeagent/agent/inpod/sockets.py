@@ -166,11 +166,11 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
     level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
     low, high = port_range(netns_fd)
     for _ in range(SOURCE_PORT_TRIES):
-        sock = upstream(netns_fd, family, mark)
         port = random.randint(low, high)
+        if port == avoid_port:
+            continue
+        sock = upstream(netns_fd, family, mark)
         try:
-            if port == avoid_port:
-                raise OSError(errno.EADDRINUSE, "the client's own port")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
             sock.setsockopt(level, IP_TRANSPARENT, 1)
