@@ -2,7 +2,7 @@
 
 Every HTTP connection manager of the waypoint streams its access log to the agent's xDS
 server (envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs, served by the same
-grpcio server as ADS); the first message of a stream names the log, which is the
+grpclib server as ADS); the first message of a stream names the log, which is the
 listener: `outbound` (client side, reporter "waypoint") or `inbound` (server side,
 reporter "destination"), so a request through both counts once under each reporter.
 `RequestMetrics` turns each entry into istio_requests_total and the duration, request
@@ -35,9 +35,10 @@ import logging
 import struct
 from typing import Callable, Iterable, NamedTuple, Protocol
 
-import grpc
+from grpclib.exceptions import StreamTerminatedError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from nodeagent import grpcwire
 from nodeagent.errors import ConfigError
 from nodeagent.identity.spiffe import Identity
 from nodeagent.model import Model, Pod, Service
@@ -76,22 +77,22 @@ class MalformedEntry(ValueError):
 
 
 class AccessLogSink(Protocol):
-    def consume(self, messages: Iterable[bytes]) -> None:
-        """Take the raw messages of one StreamAccessLogs stream, until it ends."""
+    def stream(self) -> Callable[[bytes], None]:
+        """A reader for the raw messages of one StreamAccessLogs stream, in order."""
 
 
-def rpc_handler(sink: AccessLogSink) -> grpc.GenericRpcHandler:
-    """AccessLogService for a grpcio server: each stream's raw messages (no deserializer:
-    grpcio hands over the bytes) go to `sink`; the answer is the empty
-    StreamAccessLogsResponse."""
-    def stream(requests, context) -> bytes:
+def serve(sink: AccessLogSink) -> Callable:
+    """AccessLogService's handler for a grpclib server (grpcwire.Raw codec): each stream's
+    raw messages go to a reader of `sink`; the answer is the empty StreamAccessLogsResponse."""
+    async def stream(call) -> None:
+        take = sink.stream()
         try:
-            sink.consume(requests)
-        except grpc.RpcError:
-            pass  # Envoy reset the stream (restart, shutdown); it opens another at its next flush
-        return b""
-    handler = grpc.stream_unary_rpc_method_handler(stream)
-    return grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})
+            while (data := await grpcwire.receive(call)) is not None:
+                take(data)
+        except StreamTerminatedError:
+            return  # Envoy reset the stream (restart, shutdown); it opens another at its next flush
+        await call.send_message(b"")
+    return stream
 
 
 class Series(NamedTuple):
@@ -127,20 +128,30 @@ class RequestMetrics:
         self._cache: tuple[Model | None, dict[tuple[str, RequestFacts], Series]] = (None, {})
 
     def consume(self, messages: Iterable[bytes]) -> None:
-        """Record every HTTP entry of one stream; its first message names the log."""
-        log_name = None
+        """Record every HTTP entry of one stream's messages."""
+        take = self.stream()
         for data in messages:
+            take(data)
+
+    def stream(self) -> Callable[[bytes], None]:
+        """A reader of one stream's messages: it records every HTTP entry; the stream's
+        first message names the log."""
+        log_name = None
+
+        def take(data: bytes) -> None:
+            nonlocal log_name
             try:
                 message = self.decoder.parse(data)
             except DecodeError as exc:
                 self._error(f"an access-log message ({len(data)} bytes) does not parse: {exc!r}")
-                continue
+                return
             if message.HasField("identifier"):
                 log_name = message.identifier.log_name
             if message.HasField("http_logs"):
                 model = self.model()
                 for entry in message.http_logs.log_entry:
                     self.record(log_name, entry, model)
+        return take
 
     def record(self, log_name: str | None, entry, model: Model | None = None) -> bool:
         """Count one request (an HTTPAccessLogEntry as AlsDecoder parsed it); False (and an

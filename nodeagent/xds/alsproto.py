@@ -10,8 +10,8 @@ field to upb, skipped in C and never turned into Python objects. `AlsDecoder.fac
 then reads one entry into `RequestFacts`: a tuple of what the labels depend on (the
 key accesslog.py caches label sets by) and the three measured values.
 
-The schema is built into a private DescriptorPool when an AlsDecoder is made, so it
-never meets another copy of Envoy's protos in the process; the unit tests check every
+The schema is built into a private DescriptorPool (subset.py) when an AlsDecoder is
+made, so it never meets another copy of Envoy's protos in the process; the unit tests check every
 number and type against envoy-data-plane's classes (generated from Envoy's .proto
 files) and compare both decoders field by field on the bytes a real Envoy sends.
 """
@@ -21,10 +21,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import NamedTuple
 
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory, wrappers_pb2
 from google.protobuf.message import DecodeError  # noqa: F401 (what parse and facts raise)
 
-from nodeagent.xds import dataplane
+from nodeagent.xds import dataplane, subset
 
 PACKAGE = "nodeagent.als"
 STRING_VALUE = "type.googleapis.com/google.protobuf.StringValue"
@@ -86,9 +85,6 @@ SCHEMA: dict[str, list[tuple[str, int, str, str | None]]] = {
     # a message whose presence alone is read (ResponseFlags.Unauthorized, Pipe, TCP entries)
     "Skipped": [],
 }
-_F = descriptor_pb2.FieldDescriptorProto
-_SCALARS = {"string": _F.TYPE_STRING, "bool": _F.TYPE_BOOL, "uint32": _F.TYPE_UINT32, "uint64": _F.TYPE_UINT64}
-_WELL_KNOWN = (any_pb2, duration_pb2, wrappers_pb2)
 
 
 class RequestFacts(NamedTuple):
@@ -118,12 +114,9 @@ class AlsDecoder:
     entry's facts (`facts`). Each instance has its own descriptor pool."""
 
     def __init__(self):
-        pool = descriptor_pool.DescriptorPool()
-        for module in _WELL_KNOWN:
-            pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-        pool.Add(schema_file())
-        self.message = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.StreamAccessLogsMessage"))
-        self._string_value = message_factory.GetMessageClass(pool.FindMessageTypeByName("google.protobuf.StringValue"))
+        classes = subset.classes("nodeagent/als_subset.proto", PACKAGE, SCHEMA)
+        self.message = classes("StreamAccessLogsMessage")
+        self._string_value = classes("google.protobuf.StringValue")
 
     def parse(self, data: bytes):
         """The message; DecodeError for bytes that are not one."""
@@ -176,43 +169,3 @@ def _milliseconds(took) -> float:
     if took is None:
         return 0.0
     return float(timedelta(seconds=took.seconds, microseconds=took.nanos / 1e3).total_seconds() * 1000)
-
-
-def schema_file() -> descriptor_pb2.FileDescriptorProto:
-    """SCHEMA as a proto3 file of package nodeagent.als."""
-    file = descriptor_pb2.FileDescriptorProto(
-        name="nodeagent/als_subset.proto", package=PACKAGE, syntax="proto3",
-        dependency=[m.DESCRIPTOR.name for m in _WELL_KNOWN])
-    for name, fields in SCHEMA.items():
-        message = file.message_type.add(name=name)
-        oneofs = list(dict.fromkeys(oneof for *_, oneof in fields if oneof))
-        for oneof in oneofs:
-            message.oneof_decl.add(name=oneof)
-        for field, number, kind, oneof in fields:
-            proto = message.field.add(name=field, number=number, label=_F.LABEL_OPTIONAL)
-            if oneof:
-                proto.oneof_index = oneofs.index(oneof)
-            if kind.startswith("map<string, "):
-                proto.label = _F.LABEL_REPEATED
-                entry = message.nested_type.add(name=_camel(field) + "Entry")
-                entry.options.map_entry = True
-                entry.field.add(name="key", number=1, label=_F.LABEL_OPTIONAL, type=_F.TYPE_STRING)
-                _set_type(entry.field.add(name="value", number=2, label=_F.LABEL_OPTIONAL), kind[12:-1])
-                proto.type, proto.type_name = _F.TYPE_MESSAGE, f".{PACKAGE}.{name}.{entry.name}"
-                continue
-            if kind.startswith("repeated "):
-                proto.label, kind = _F.LABEL_REPEATED, kind[9:]
-            _set_type(proto, kind)
-    return file
-
-
-def _set_type(field: descriptor_pb2.FieldDescriptorProto, kind: str) -> None:
-    if kind in _SCALARS:
-        field.type = _SCALARS[kind]
-    else:
-        field.type = _F.TYPE_MESSAGE
-        field.type_name = f".{kind}" if kind.startswith("google.protobuf.") else f".{PACKAGE}.{kind}"
-
-
-def _camel(name: str) -> str:
-    return "".join(part.capitalize() for part in name.split("_"))

@@ -1,4 +1,4 @@
-"""The ADS server: envoy.service.discovery.v3.AggregatedDiscoveryService over grpcio.
+"""The ADS server: envoy.service.discovery.v3.AggregatedDiscoveryService over grpclib.
 
 Serves the SnapshotCache (state of the world, one stream per Envoy) on a unix socket,
 and optionally on 127.0.0.1 for tests. Each stream runs the protocol of stream.py; a
@@ -13,25 +13,29 @@ the last snapshot that node's proxy ACKed completely, having asked for all its r
 tables and endpoints (kept across reconnects); `in_sync(node)` says whether a connected
 proxy has ACKed the current one. With an `access_log` sink (such as
 accesslog.RequestMetrics) the same server also takes the waypoint's access-log streams
-(AccessLogService); each open stream, ADS or ALS, holds one of the `workers` threads,
-and Envoy opens an ALS stream per worker thread and listener.
+(AccessLogService); Envoy opens an ALS stream per worker thread and listener.
+The streams run on an event loop of the server's own thread ("xds"), never the agent's:
+at most `max_streams` at once (more are refused RESOURCE_EXHAUSTED), messages at most
+grpcwire.MAX_MESSAGE bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import queue
+import socket
 import threading
 import time
-from concurrent import futures
 from typing import Callable
 
-import grpc
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from nodeagent.xds import accesslog, resources as rt
+from nodeagent import grpcwire
+from nodeagent.xds import accesslog, adsproto, resources as rt
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.snapshot import Snapshot
 from nodeagent.xds.stream import StreamState
@@ -53,27 +57,30 @@ class XdsMetrics:
 class AdsServer:
     def __init__(self, cache: SnapshotCache, registry: CollectorRegistry, log: logging.Logger | None = None,
                  debounce: float = 0.1, max_delay: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 workers: int = 32, access_log: accesslog.AccessLogSink | None = None,
+                 max_streams: int = 32, access_log: accesslog.AccessLogSink | None = None,
                  on_accepted: Callable[[str, Snapshot], None] | None = None,
                  on_rejected: Callable[[str, Snapshot, str, str], None] | None = None):
         self.cache, self.log, self.clock = cache, log or logging.getLogger(__name__), clock
-        self.on_accepted = on_accepted  # called (in a server thread) when a node's proxy ACKed a new snapshot
-        # called (in a server thread) with (node, snapshot, type URL, Envoy's message) on a NACK
+        self.on_accepted = on_accepted  # called (in the server's thread) when a node's proxy ACKed a new snapshot
+        # called (in the server's thread) with (node, snapshot, type URL, Envoy's message) on a NACK
         self.on_rejected = on_rejected
         self.debounce, self.max_delay = debounce, max_delay
+        self.max_streams = max_streams
         self.metrics = XdsMetrics(registry)
         self._lock = threading.Condition()
-        self._streams: dict[int, tuple[StreamState, queue.Queue]] = {}
+        # stream key → (state, put: thread-safe, hands an event to the stream's queue)
+        self._streams: dict[int, tuple[StreamState, Callable[[tuple], None]]] = {}
+        self._open = 0  # streams being served, ADS and ALS (on the loop only)
         self._accepted: dict[str, Snapshot] = {}
         self._pending: dict[str, tuple[float, float]] = {}  # node → (first, last) change time
         self._stopping = False
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xds"),
-                                   maximum_concurrent_rpcs=workers // 2)
-        handler = grpc.stream_stream_rpc_method_handler(self._serve, request_deserializer=DiscoveryRequest.parse,
-                                                        response_serializer=bytes)
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+        self._service = grpcwire.Service().add(SERVICE, METHOD, Cardinality.STREAM_STREAM, self._serve)
         if access_log is not None:
-            self._server.add_generic_rpc_handlers((accesslog.rpc_handler(access_log),))
+            self._service.add(accesslog.SERVICE, accesslog.METHOD, Cardinality.STREAM_UNARY,
+                              self._limited(accesslog.serve(access_log)))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="xds", daemon=True)
+        self._servers: list[Server] = []
         self._unwatch: Callable[[], None] | None = None
         self._debouncer = threading.Thread(target=self._debounce_loop, name="xds-debounce", daemon=True)
         self.port: int | None = None
@@ -81,29 +88,61 @@ class AdsServer:
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self, unix_path: str | None = None, tcp: bool = False) -> "AdsServer":
-        if unix_path:
-            if os.path.exists(unix_path):
-                os.unlink(unix_path)  # a stale socket of a previous run
-            self._server.add_insecure_port(f"unix:{os.path.abspath(unix_path)}")
-            self.path = unix_path
-        if tcp:
-            self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._listen(unix_path, tcp), self._loop).result(10)
+        except BaseException:
+            self._end_loop()
+            raise
         self._unwatch = self.cache.watch(self._changed)
         self._debouncer.start()
         return self
+
+    async def _listen(self, unix_path: str | None, tcp: bool) -> None:
+        if unix_path:
+            if os.path.exists(unix_path):
+                os.unlink(unix_path)  # a stale socket of a previous run
+            server = Server([self._service], codec=grpcwire.Raw())
+            await server.start(path=os.path.abspath(unix_path))
+            self._servers.append(server)
+            self.path = unix_path
+        if tcp:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            server = Server([self._service], codec=grpcwire.Raw())
+            await server.start(sock=sock)
+            self._servers.append(server)
+            self.port = sock.getsockname()[1]
 
     def stop(self, grace: float = 1.0) -> None:
         if self._unwatch:
             self._unwatch()
         with self._lock:
             self._stopping = True
-            for _, events in self._streams.values():
-                events.put((CLOSED, None))
+            for _, put in self._streams.values():
+                put((CLOSED, None))
             self._lock.notify_all()
-        self._server.stop(grace).wait(grace + 1)
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._close(grace), self._loop).result(grace + 1)
+            except (TimeoutError, asyncio.TimeoutError):
+                self.log.warning("xDS: streams still open %.1f s after the server stopped", grace)
+            self._end_loop()
         if self.path and os.path.exists(self.path):
             os.unlink(self.path)
+
+    async def _close(self, grace: float) -> None:
+        for server in self._servers:
+            server.close()  # stops listening and cancels the streams' handlers
+        waits = [server.wait_closed() for server in self._servers]
+        if waits:
+            await asyncio.wait_for(asyncio.gather(*waits), grace)
+
+    def _end_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def accepted(self, node: str) -> Snapshot | None:
         with self._lock:
@@ -121,38 +160,62 @@ class AdsServer:
             return sorted(state.node for state, _ in self._streams.values())
 
     # --- one stream --------------------------------------------------------------------
-    def _serve(self, requests, context):
-        events: queue.Queue = queue.Queue()
+    def _limited(self, handler: Callable) -> Callable:
+        """`handler` counted against max_streams: one more is refused."""
+        async def serve(stream) -> None:
+            if self._open >= self.max_streams:
+                raise GRPCError(Status.RESOURCE_EXHAUSTED, f"this server serves at most {self.max_streams} streams")
+            self._open += 1
+            try:
+                await handler(stream)
+            finally:
+                self._open -= 1
+        return serve
+
+    async def _serve(self, stream) -> None:
+        await self._limited(self._ads)(stream)
+
+    async def _ads(self, stream) -> None:
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
         sent: dict[str, tuple[str, Snapshot | None]] = {}  # type URL → (nonce, snapshot) of the last response
         state = StreamState(on_nack=lambda node, type_url, request: self._nacked(node, type_url, request, sent),
                             on_push=lambda t: self.metrics.pushes.labels(rt.SHORT[t]).inc())
         key = id(state)
         with self._lock:
-            self._streams[key] = (state, events)
+            if self._stopping:
+                return
+            self._streams[key] = (state, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         self.metrics.connected.inc()
-        context.add_callback(lambda: events.put((CLOSED, None)))
-        threading.Thread(target=self._read, args=(requests, events), name="xds-read", daemon=True).start()
+        reader = asyncio.ensure_future(self._read(stream, events))
         try:
-            yield from self._respond(state, events, sent)
+            await self._respond(stream, state, events, sent)
         finally:
+            reader.cancel()
             with self._lock:
                 self._streams.pop(key, None)
             self.metrics.connected.dec()
 
-    def _read(self, requests, events: queue.Queue) -> None:
+    async def _read(self, stream, events: asyncio.Queue) -> None:
         try:
-            for request in requests:
-                events.put((REQUEST, request))
-        except grpc.RpcError:
-            pass  # the stream ended; the close callback reports it
-        events.put((CLOSED, None))
+            while (data := await grpcwire.receive(stream)) is not None:
+                events.put_nowait((REQUEST, adsproto.DiscoveryRequest.FromString(data)))
+            events.put_nowait((CLOSED, None))
+        except GRPCError as exc:
+            self.log.warning("xDS: a stream sent what cannot be served, it ends: %s", exc.message)
+            events.put_nowait((CLOSED, exc))
+        except adsproto.DecodeError as exc:
+            self.log.warning("xDS: a stream sent a DiscoveryRequest that does not parse, it ends: %r", exc)
+            events.put_nowait((CLOSED, GRPCError(Status.INVALID_ARGUMENT, "not a DiscoveryRequest")))
 
-    def _respond(self, state: StreamState, events: queue.Queue, sent: dict):
+    async def _respond(self, stream, state: StreamState, events: asyncio.Queue, sent: dict) -> None:
         while True:
-            kind, request = events.get()
+            kind, request = await events.get()
             if kind == CLOSED:
+                if request is not None:
+                    raise request  # the error the stream ends with
                 return
-            node = state.node or (request.node.id if kind == REQUEST and request.node else "")
+            node = state.node or (request.node.id if kind == REQUEST else "")
             snapshot = self.cache.get(node) if node else None  # what the responses are built from
             if kind == REQUEST:
                 responses = state.request(request, lambda _: snapshot)
@@ -160,7 +223,7 @@ class AdsServer:
                 responses = state.pump(snapshot)
             for response in responses:
                 sent[response.type_url] = (response.nonce, snapshot)
-            yield from responses
+                await stream.send_message(response.SerializeToString())
             self._note_accepted(state)
 
     def _note_accepted(self, state: StreamState) -> None:
@@ -175,9 +238,9 @@ class AdsServer:
                 except Exception:  # the stream must go on
                     self.log.exception("xDS: on_accepted callback failed")
 
-    def _nacked(self, node: str, type_url: str, request: DiscoveryRequest, sent: dict) -> None:
+    def _nacked(self, node: str, type_url: str, request, sent: dict) -> None:
         self.metrics.nacks.labels(rt.SHORT[type_url]).inc()
-        detail = request.error_detail.message if request.error_detail else ""
+        detail = request.error_detail.message
         self.log.warning("xDS NACK from %s for %s (keeps version %r): %s", node, rt.SHORT[type_url],
                          request.version_info, detail)
         nonce, snapshot = sent.get(type_url, ("", None))
@@ -206,9 +269,9 @@ class AdsServer:
                        if now - last >= self.debounce or now - first >= self.max_delay]
                 for node in due:
                     del self._pending[node]
-                    for state, events in self._streams.values():
+                    for state, put in self._streams.values():
                         if state.node == node:
-                            events.put((CHANGED, None))
+                            put((CHANGED, None))
                 if not due:
                     self._lock.wait(self._next_due(now))
 

@@ -21,11 +21,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from envoy_data_plane.envoy.config.core.v3 import ControlPlane
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
-from envoy_data_plane.google.protobuf import Any
-
 from nodeagent.xds import resources as rt
+from nodeagent.xds.adsproto import Any, ControlPlane, DiscoveryRequest, DiscoveryResponse
 from nodeagent.xds.snapshot import Snapshot
 
 CONTROL_PLANE = ControlPlane(identifier="nodeagent")
@@ -53,7 +50,7 @@ class StreamState:
     counter: int = 0
 
     def request(self, req: DiscoveryRequest, snapshot_of: Callable[[str], Snapshot | None]) -> list[DiscoveryResponse]:
-        if not self.node and req.node is not None:
+        if not self.node and req.HasField("node"):
             self.node = req.node.id
         state = self.types.get(req.type_url)
         if state is None:
@@ -62,7 +59,7 @@ class StreamState:
             return []  # stale: about an older response
         if req.response_nonce and state.nonce is not None:  # the answer to the last response
             state.nonce = None
-            if req.error_detail is not None and (req.error_detail.code or req.error_detail.message):
+            if req.HasField("error_detail") and (req.error_detail.code or req.error_detail.message):
                 state.nacked = True
                 self.on_nack(self.node, req.type_url, req)
             else:

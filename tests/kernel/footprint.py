@@ -82,6 +82,11 @@ def llvm_or_bcc(pid: int) -> list[str]:
     return sorted(path.strip() for path in mapped_files(pid) if LLVM_BCC.search(path))
 
 
+def grpcio(pid: int) -> list[str]:
+    """grpcio's core library if the process has it mapped (the agent speaks gRPC with grpclib)."""
+    return sorted(path.strip() for path in mapped_files(pid) if dict(ORIGINS)["grpc"].search(path))
+
+
 def children(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):

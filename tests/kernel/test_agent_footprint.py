@@ -1,8 +1,9 @@
-"""Issue 11: the running agent carries no bcc or LLVM. `python -m nodeagent run` in a
+"""Issue 11: the running agent carries no bcc or LLVM, nor grpcio. `python -m nodeagent run` in a
 throwaway sandbox node compiles and loads its programs in a short-lived child process;
 the agent itself must have none of libbcc, libLLVM or libclang mapped (an exact check
 of /proc/<pid>/maps, not a size), while capture works, after a start and after a
-restart that adopts what the first agent left pinned. Memory figures are printed
+restart that adopts what the first agent left pinned. Its gRPC (the waypoint's ADS and
+access logs, the CA client) is grpclib's, so grpcio's core library is not mapped either. Memory figures are printed
 (pytest -s), never asserted.
 """
 
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from footprint import children, llvm_or_bcc, report
+from footprint import children, grpcio, llvm_or_bcc, report
 from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled
 
 pytestmark = pytest.mark.root
@@ -66,6 +67,7 @@ def check_agent(sb: Sandbox, client: SandboxPod, server: SandboxPod, captured_be
         assert time.monotonic() < deadline, f"the same-node join is still starting after {scaled(120):g} s"
         time.sleep(0.2)
     assert llvm_or_bcc(pid) == []
+    assert grpcio(pid) == []
     assert compile_processes(pid) == []
     status = sb.status()
     assert sorted(p["name"] for p in status["capture"]["programs"]) == PROGRAMS

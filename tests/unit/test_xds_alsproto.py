@@ -305,9 +305,8 @@ class Recorder:
     def __init__(self):
         self.messages: list[bytes] = []
 
-    def consume(self, messages) -> None:
-        for raw in messages:
-            self.messages.append(bytes(raw))
+    def stream(self):
+        return lambda raw: self.messages.append(bytes(raw))
 
 
 @pytest.fixture(scope="module")

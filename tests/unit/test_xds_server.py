@@ -17,14 +17,13 @@ from envoy_data_plane.envoy.service.accesslog.v3 import (StreamAccessLogsMessage
                                                          StreamAccessLogsMessageHttpAccessLogEntries,
                                                          StreamAccessLogsMessageIdentifier,
                                                          StreamAccessLogsResponse)
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
-from envoy_data_plane.google.rpc import Status
 from prometheus_client import CollectorRegistry
 
+from nodeagent import grpcwire
 from nodeagent.cli import main
 from nodeagent.errors import ConfigError
 from nodeagent.lab.layout import xds_socket as lab_xds_socket
-from nodeagent.xds import resources as rt
+from nodeagent.xds import adsproto, resources as rt
 from nodeagent.xds.accesslog import RequestMetrics
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.cli import DEFAULT_XDS_SOCKET, xds_socket
@@ -226,13 +225,13 @@ def test_access_log_streams_are_served_beside_ads_and_counted_as_they_arrive(tmp
 def test_a_reset_access_log_stream_leaves_the_server_serving(tmp_path):
     registry, world = CollectorRegistry(), model()
     path = str(tmp_path / "xds.sock")
-    server = AdsServer(SnapshotCache(), registry, access_log=RequestMetrics(registry, lambda: world), workers=4)
+    server = AdsServer(SnapshotCache(), registry, access_log=RequestMetrics(registry, lambda: world), max_streams=4)
     server.start(unix_path=path)
     try:
         with grpc.insecure_channel(f"unix:{path}") as channel:
             call = channel.stream_unary("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
                                         request_serializer=bytes)
-            for i in range(4):  # more resets than workers: each reset stream gives its thread back
+            for i in range(8):  # more resets than max_streams: each reset stream is let go
                 outgoing: queue.Queue = queue.Queue()
                 done = call.future(iter(outgoing.get, None))
                 outgoing.put(access_logs(200, first=True))
@@ -254,11 +253,98 @@ def test_without_a_sink_the_access_log_service_is_unimplemented(served):
     assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+ALS_METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+
+
+def test_a_message_over_the_limit_ends_its_stream_unread_and_the_server_serves_on(served):
+    cache, registry, _, path = served
+    cache.set_snapshot("node1", snapshot("1"))
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        call = channel.stream_stream(ADS_METHOD, request_serializer=bytes)
+        with pytest.raises(grpc.RpcError) as failed:
+            list(call(iter([b"\x0a" + b"\xff" * grpcwire.MAX_MESSAGE]), timeout=10))
+    assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"{grpcwire.MAX_MESSAGE + 1} bytes is over the limit" in failed.value.details()
+    assert sorted(fetch(path, "node1")[rt.ROUTE]) == [f"{REVIEWS}:9080"]
+    assert registry.get_sample_value("nodeagent_xds_connected_proxies") == 0
+
+
+def test_bytes_that_are_no_discovery_request_end_the_stream_invalid(served, caplog):
+    cache, _, _, path = served
+    cache.set_snapshot("node1", snapshot("1"))
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        call = channel.stream_stream(ADS_METHOD, request_serializer=bytes)
+        with pytest.raises(grpc.RpcError) as failed:
+            list(call(iter([b"\x12\xff\xff"]), timeout=10))  # field 2 (node) longer than the message
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a DiscoveryRequest that does not parse" in caplog.text
+    assert sorted(fetch(path, "node1")[rt.ROUTE]) == [f"{REVIEWS}:9080"]
+
+
+def test_streams_beyond_max_streams_are_refused_and_the_open_ones_go_on(tmp_path):
+    registry, world = CollectorRegistry(), model()
+    path = str(tmp_path / "xds.sock")
+    server = AdsServer(SnapshotCache(), registry, access_log=RequestMetrics(registry, lambda: world), max_streams=2)
+    server.start(unix_path=path)
+    feeds: list[queue.Queue] = [queue.Queue(), queue.Queue()]
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            call = channel.stream_unary(ALS_METHOD, request_serializer=bytes)
+            open_calls = [call.future(iter(feed.get, None)) for feed in feeds]
+            for i, feed in enumerate(feeds):
+                feed.put(access_logs(200, first=True))
+                wait_until(lambda: requests_by_code(registry) == {"200": i + 1})  # both are being served
+            with pytest.raises(grpc.RpcError) as failed:
+                call(iter([access_logs(200, first=True)]), timeout=10)
+            assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            feeds[0].put(access_logs(503, first=False))
+            wait_until(lambda: requests_by_code(registry) == {"200": 2, "503": 1})
+            for feed, done in zip(feeds, open_calls):
+                feed.put(None)
+                done.result(timeout=5)
+            call(iter([access_logs(200, first=True)]), timeout=10)  # a slot is free again
+            assert requests_by_code(registry) == {"200": 3, "503": 1}
+    finally:
+        for feed in feeds:
+            feed.put(None)
+        server.stop()
+
+
+def test_the_ads_subset_schema_is_envoys():
+    from envoy_data_plane.envoy.config.core.v3 import ControlPlane, Node as EnvoyNode
+    from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
+    from envoy_data_plane.google.rpc import Status
+    classes = {"DiscoveryRequest": DiscoveryRequest, "DiscoveryResponse": DiscoveryResponse, "Node": EnvoyNode,
+               "ControlPlane": ControlPlane, "Status": Status}
+    assert set(adsproto.SCHEMA) == set(classes)
+    for name, fields in adsproto.SCHEMA.items():
+        meta = classes[name]._betterproto
+        for field, number, kind, oneof in fields:
+            envoy = meta.meta_by_field_name[field]
+            assert (name, field, envoy.number, envoy.group, envoy.repeated) == \
+                (name, field, number, oneof, kind.startswith("repeated "))
+            assert envoy.proto_type == (kind if kind in ("string", "int32") else
+                                        "string" if kind == "repeated string" else "message")
+    # and both read each other's bytes alike
+    ours = request(rt.CLUSTER, ["a", "b"], nonce="3", version="v1", error="refused")
+    theirs = DiscoveryRequest.parse(ours.SerializeToString())
+    assert (theirs.node.id, theirs.resource_names, theirs.type_url, theirs.response_nonce, theirs.version_info,
+            theirs.error_detail.code, theirs.error_detail.message) == \
+        ("node1", ["a", "b"], rt.CLUSTER, "3", "v1", 3, "refused")
+    snap = snapshot("1")
+    (cds,) = StreamState(on_nack=lambda *a: None, on_push=lambda t: None).request(request(rt.CLUSTER), lambda _: snap)
+    parsed = DiscoveryResponse.parse(cds.SerializeToString())
+    assert (parsed.type_url, parsed.nonce, parsed.control_plane.identifier, len(parsed.resources)) == \
+        (rt.CLUSTER, cds.nonce, "nodeagent", len(snap.names(rt.CLUSTER)))
+    assert [bytes(a.value) for a in parsed.resources] == [snap.serialized[rt.CLUSTER][n] for n in sorted(snap.names(rt.CLUSTER))]
+
+
 # --- the protocol without a transport ---------------------------------------------------
-def request(type_url: str, names=(), nonce: str = "", version: str = "", error: str = "") -> DiscoveryRequest:
-    return DiscoveryRequest(node=Node(id="node1"), type_url=type_url, resource_names=list(names),
-                            response_nonce=nonce, version_info=version,
-                            error_detail=Status(code=3, message=error) if error else None)
+def request(type_url: str, names=(), nonce: str = "", version: str = "", error: str = ""):
+    return adsproto.DiscoveryRequest(node=adsproto.Node(id="node1"), type_url=type_url, resource_names=list(names),
+                                     response_nonce=nonce, version_info=version,
+                                     error_detail=adsproto.Status(code=3, message=error) if error else None)
 
 
 def test_listeners_wait_for_the_cluster_ack_and_the_endpoints_request():

@@ -9,18 +9,25 @@ its own certificate and refuses CSRs asking for any. The node's bearer token goe
 projected service-account token kubelet rotates: kube.client.TokenFile re-reads it);
 the identity is also named as ztunnel does (`ImpersonatedIdentity`). Refusals come back
 as CaRefused, everything else that fails (unreachable, timeout, an unreadable token) as
-CaUnavailable, so callers retry the right way.
+CaUnavailable, so callers retry the right way. The call is grpclib's (grpcwire.py: the
+agent carries no grpcio), on the caller's event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import ssl
 from typing import Callable
 
-import grpc
-import grpc.aio
+import h2.exceptions
 from envoy_data_plane.google.protobuf import Struct
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
+from nodeagent import grpcwire
 from nodeagent.errors import NodeagentError
 from nodeagent.identity.caproto import (IMPERSONATED_IDENTITY, PATH, IstioCertificateRequest,
                                         IstioCertificateResponse, default_server_name)
@@ -28,8 +35,10 @@ from nodeagent.identity.errors import CaRefused, CaUnavailable
 from nodeagent.identity.spiffe import Identity
 
 # Codes meaning "the CA looked at the request and said no"; anything else is transport.
-REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+REFUSALS = (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED, Status.INVALID_ARGUMENT, Status.FAILED_PRECONDITION)
+# Everything else a call can end with that is the transport's (or the CA's) failure.
+UNAVAILABLE = (StreamTerminatedError, ProtocolError, h2.exceptions.H2Error, OSError, asyncio.TimeoutError,
+               EOFError)
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -41,17 +50,17 @@ class CaClient:
         self.token = token
         self.server_name = server_name or default_server_name()
         self.timeout = timeout
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: Channel | None = None
 
-    def _call(self):
-        # Made on first use: a grpc.aio channel belongs to the event loop it was made in.
+    def _open(self) -> Channel:
+        # Made on first use: the channel belongs to the event loop it was made in.
         if self._channel is None:
-            creds = grpc.ssl_channel_credentials(root_certificates=self.root_cert_pem)
-            self._channel = grpc.aio.secure_channel(self.address, creds, options=[
-                ("grpc.ssl_target_name_override", self.server_name),
-                ("grpc.default_authority", self.server_name)])
-        return self._channel.unary_unary(PATH, request_serializer=bytes,
-                                         response_deserializer=IstioCertificateResponse.parse)
+            context = ssl.create_default_context(cadata=self.root_cert_pem.decode("ascii"))
+            context.set_alpn_protocols(["h2"])
+            host, _, port = self.address.rpartition(":")
+            self._channel = Channel(host.strip("[]"), int(port), ssl=context, codec=grpcwire.Raw(),
+                                    config=Configuration(ssl_target_name_override=self.server_name))
+        return self._channel
 
     async def create_certificate(self, csr_pem: bytes, identity: Identity,
                                  ttl: dt.timedelta | None = None) -> list[str]:
@@ -64,17 +73,35 @@ class CaClient:
         except NodeagentError as exc:
             raise CaUnavailable(f"cannot read the token for the CA: {exc}") from None
         try:
-            response = await self._call()(request, timeout=self.timeout,
-                                          metadata=(("authorization", f"Bearer {token}"),))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in REFUSALS:
-                raise CaRefused(exc.code().name, exc.details() or "") from None
-            raise CaUnavailable(f"CA at {self.address} failed: {exc.code().name}: {exc.details()}",
-                                "check that the CA runs, that the agent can reach it, and that the "
-                                "agent's root certificate is the CA's") from None
+            data = await asyncio.wait_for(self._call(bytes(request), token), self.timeout)
+            response = IstioCertificateResponse.parse(data)
+        except GRPCError as exc:
+            if exc.status in REFUSALS:
+                raise CaRefused(exc.status.name, exc.message or "") from None
+            raise self._unavailable(f"{exc.status.name}: {exc.message}") from None
+        except UNAVAILABLE as exc:
+            raise self._unavailable(f"{type(exc).__name__}: {exc}") from None
+        except ValueError as exc:  # an answer that is no IstioCertificateResponse
+            raise self._unavailable(f"its answer does not parse: {exc}") from None
         return list(response.cert_chain)
+
+    async def _call(self, request: bytes, token: str) -> bytes:
+        async with self._open().request(PATH, Cardinality.UNARY_UNARY, bytes, bytes, timeout=self.timeout,
+                                        metadata={"authorization": f"Bearer {token}"}) as stream:
+            await stream.send_message(request, end=True)
+            await stream.recv_initial_metadata()
+            data = await grpcwire.receive(stream)
+            await stream.recv_trailing_metadata()  # raises GRPCError for a status other than OK
+        if data is None:
+            raise GRPCError(Status.UNKNOWN, "the CA answered without a message")
+        return data
+
+    def _unavailable(self, why: str) -> CaUnavailable:
+        return CaUnavailable(f"CA at {self.address} failed: {why}",
+                             "check that the CA runs, that the agent can reach it, and that the "
+                             "agent's root certificate is the CA's")
 
     async def close(self) -> None:
         if self._channel is not None:
-            await self._channel.close()
+            self._channel.close()
             self._channel = None
