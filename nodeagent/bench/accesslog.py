@@ -16,7 +16,7 @@ a stream carries the identifier). Then, in CPU µs per entry (process time, best
   labels uncached     request_labels and the four .labels() lookups, per entry
   consume             RequestMetrics.consume, the agent's whole path (cached label sets)
 and through gRPC: the same messages streamed by a client process over a unix socket to
-the agent's AccessLogService handler (accesslog.rpc_handler), the server process's CPU
+the agent's gRPC server (xds.server.AdsServer with the sink), the server process's CPU
 per message and per entry, for a sink that only drains the stream and for
 RequestMetrics, with batches of --batch-bytes and of Envoy's default 16 KiB.
 
@@ -317,17 +317,16 @@ def decoding(messages: list[bytes], entries: int, rounds: int) -> dict[str, floa
 
 # --- through gRPC ------------------------------------------------------------------------------
 def through_grpc(messages: list[bytes], entries: int) -> dict[str, float]:
-    """Server-process CPU per message and per entry of one stream into rpc_handler."""
-    import grpc
-    from concurrent import futures
+    """Server-process CPU per message and per entry of one stream into the agent's server."""
     from prometheus_client import CollectorRegistry
 
     from nodeagent.xds import accesslog
+    from nodeagent.xds.cache import SnapshotCache
+    from nodeagent.xds.server import AdsServer
 
     class Drain:
-        def consume(self, stream: Iterable[bytes]) -> None:
-            for _ in stream:
-                pass
+        def stream(self) -> Callable[[bytes], None]:
+            return lambda data: None
 
     model = world()
     out = {}
@@ -338,17 +337,14 @@ def through_grpc(messages: list[bytes], entries: int) -> dict[str, float]:
                 f.write(len(message).to_bytes(4, "big") + message)
         sinks = (("drain", Drain()), ("consume", accesslog.RequestMetrics(CollectorRegistry(), lambda: model)))
         for name, sink in sinks:
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-            server.add_generic_rpc_handlers((accesslog.rpc_handler(sink),))
-            server.add_insecure_port(f"unix:{path}")
-            server.start()
+            server = AdsServer(SnapshotCache(), CollectorRegistry(), access_log=sink).start(unix_path=path)
             try:
                 _send(path, feed)  # warm-up: the connection, the label cache
                 before = resource.getrusage(resource.RUSAGE_SELF)
                 _send(path, feed)
                 after = resource.getrusage(resource.RUSAGE_SELF)
             finally:
-                server.stop(0).wait()
+                server.stop(0)
             cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1e6
             out[f"{name} per message"], out[f"{name} per entry"] = cpu / len(messages), cpu / entries
     return out

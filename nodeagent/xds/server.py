@@ -135,8 +135,8 @@ class AdsServer:
         for server in self._servers:
             server.close()  # stops listening and cancels the streams' handlers
         waits = [server.wait_closed() for server in self._servers]
-        if waits:
-            await asyncio.wait_for(asyncio.gather(*waits), grace)
+        if waits:  # the cancelled handlers unwinding: quick, so at least a second whatever `grace`
+            await asyncio.wait_for(asyncio.gather(*waits), max(grace, 1.0))
 
     def _end_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
