@@ -139,3 +139,30 @@ def test_a_flow_log_file_is_rotated_at_its_size_limit(tmp_path):
     assert (tmp_path / "flows.log.1").read_text() == "".join(f'{{"n":{n}}}\n' for n in (4, 5, 6, 7))
     assert path.read_text() == '{"n":8}\n{"n":9}\n'
     assert log.rotations == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["flows.log", "flows.log.1"]
+
+
+def test_cached_label_sets_count_each_flow_under_its_own_labels_across_a_cache_restart(monkeypatch):
+    from nodeagent.agent.proxy import telemetry as module
+    monkeypatch.setattr(module, "SERIES_CACHE", 2)  # three label sets: the cache starts over once
+    telemetry, registry, _, _ = make()
+    peers = [Peer.of(SERVER, SERVER_ID), Peer(), Peer("other", "mesh", "spiffe://cluster.local/ns/mesh/sa/other")]
+    for round_ in range(3):
+        for i, peer in enumerate(peers):
+            flow = telemetry.open(Flow(SOURCE, ("10.244.1.2", 40000 + i), ("10.96.0.10", 9000),
+                                       Peer.of(CLIENT, CLIENT_ID), peer, SERVICE, MTLS))
+            telemetry.close(flow, received=10 * (i + 1), sent=0 if i == 1 else 7,
+                            flags=FLAG_CONNECT if round_ == 2 and i == 0 else "-")
+    assert len(telemetry._series) <= 2
+    for i, peer in enumerate(peers):
+        labels = Flow(SOURCE, ("10.244.1.2", 1), ("10.96.0.10", 9000), Peer.of(CLIENT, CLIENT_ID), peer, SERVICE,
+                      MTLS).labels("-")
+        assert value(registry, "istio_tcp_connections_opened_total", **labels) == 3
+        assert value(registry, "istio_tcp_connections_closed_total", **labels) == (2 if i == 0 else 3)
+        assert value(registry, "istio_tcp_connections_closed_total", **{**labels, "response_flags": "CONNECT"}) == \
+            (1 if i == 0 else 0)
+        assert value(registry, "istio_tcp_received_bytes_total", **labels) == 30 * (i + 1)
+        assert value(registry, "istio_tcp_sent_bytes_total", **labels) == (0 if i == 1 else 21)
+    # a label set with no bytes sent has no sent series at all, as before the cache
+    assert registry.get_sample_value("istio_tcp_sent_bytes_total", Flow(
+        SOURCE, ("10.244.1.2", 1), ("10.96.0.10", 9000), Peer.of(CLIENT, CLIENT_ID), Peer(), SERVICE,
+        MTLS).labels("-")) is None
