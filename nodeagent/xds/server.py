@@ -74,7 +74,7 @@ class AdsServer:
         self._accepted: dict[str, Snapshot] = {}
         self._pending: dict[str, tuple[float, float]] = {}  # node → (first, last) change time
         self._stopping = False
-        self._service = grpcwire.Service().add(SERVICE, METHOD, Cardinality.STREAM_STREAM, self._serve)
+        self._service = grpcwire.Service().add(SERVICE, METHOD, Cardinality.STREAM_STREAM, self._limited(self._ads))
         if access_log is not None:
             self._service.add(accesslog.SERVICE, accesslog.METHOD, Cardinality.STREAM_UNARY,
                               self._limited(accesslog.serve(access_log)))
@@ -102,17 +102,18 @@ class AdsServer:
         if unix_path:
             if os.path.exists(unix_path):
                 os.unlink(unix_path)  # a stale socket of a previous run
-            server = Server([self._service], codec=grpcwire.Raw())
-            await server.start(path=os.path.abspath(unix_path))
-            self._servers.append(server)
+            await self._serve_on(path=os.path.abspath(unix_path))
             self.path = unix_path
         if tcp:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("127.0.0.1", 0))
-            server = Server([self._service], codec=grpcwire.Raw())
-            await server.start(sock=sock)
-            self._servers.append(server)
+            await self._serve_on(sock=sock)
             self.port = sock.getsockname()[1]
+
+    async def _serve_on(self, **where) -> None:
+        server = Server([self._service], codec=grpcwire.Raw())
+        await server.start(**where)
+        self._servers.append(server)
 
     def stop(self, grace: float = 1.0) -> None:
         if self._unwatch:
@@ -123,20 +124,21 @@ class AdsServer:
                 put((CLOSED, None))
             self._lock.notify_all()
         if self._thread.is_alive():
+            wait = max(grace, 1.0)  # the cancelled handlers unwinding: quick, so at least a second
             try:
-                asyncio.run_coroutine_threadsafe(self._close(grace), self._loop).result(grace + 1)
+                asyncio.run_coroutine_threadsafe(self._close(wait), self._loop).result(wait + 1)
             except (TimeoutError, asyncio.TimeoutError):
-                self.log.warning("xDS: streams still open %.1f s after the server stopped", grace)
+                self.log.warning("xDS: streams still open %.1f s after the server stopped", wait)
             self._end_loop()
         if self.path and os.path.exists(self.path):
             os.unlink(self.path)
 
-    async def _close(self, grace: float) -> None:
+    async def _close(self, wait: float) -> None:
         for server in self._servers:
             server.close()  # stops listening and cancels the streams' handlers
         waits = [server.wait_closed() for server in self._servers]
-        if waits:  # the cancelled handlers unwinding: quick, so at least a second whatever `grace`
-            await asyncio.wait_for(asyncio.gather(*waits), max(grace, 1.0))
+        if waits:
+            await asyncio.wait_for(asyncio.gather(*waits), wait)
 
     def _end_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -171,9 +173,6 @@ class AdsServer:
             finally:
                 self._open -= 1
         return serve
-
-    async def _serve(self, stream) -> None:
-        await self._limited(self._ads)(stream)
 
     async def _ads(self, stream) -> None:
         events: asyncio.Queue = asyncio.Queue()
