@@ -50,7 +50,13 @@ def test_every_figure_of_every_set_up_is_there(run):
             assert all(r["errors"] <= 0.01 * sum(r["requests"].values()) for r in data["rounds"][setup])
         assert data["table"]["direct"]["cpu_ms_per_1k"] is None
         for setup in ("l4", "l7", "envoy"):
-            assert data["table"][setup]["cpu_ms_per_1k"] > 0
+            cpu = data["table"][setup]["cpu_ms_per_1k"]
+            if (placement, setup) == ("same", "l4"):
+                # the same-node fast path joins the sockets in the kernel (the bench checks the
+                # traffic was captured): the agents may spend no clock tick in a quick run (0.0 seen)
+                assert cpu is not None and cpu >= 0, (placement, setup, cpu)
+            else:
+                assert cpu > 0, (placement, setup, cpu)
             # capture, the tunnel, Envoy: each costs more than no mesh at all
             assert data["table"][setup]["p50_us"] > 0, (placement, setup)
         for mesh in meshreport.MESHES:
