@@ -337,6 +337,13 @@ def test_retries_turn_a_30_percent_failing_backend_into_97_percent_success(mesh)
     assert versions(summary) == {"v1": n}
 
 
+# Envoy's timers count from the time its event loop cached when it last woke (libevent's
+# event_add), not from the moment the request is handled: when the worker was slow to get
+# to the request, as on a busy CPU, a timer fires that much early (CI saw a 500 ms route
+# timeout answer after 497.9 ms).
+TIMER_EARLY_MS = 25
+
+
 def test_timeout_returns_504_at_the_configured_time(mesh):
     timeout_ms = 500
     mesh.route([{"route": [to("v1")], "timeout": f"{timeout_ms}ms", "retries": NO_RETRIES}])
@@ -344,10 +351,10 @@ def test_timeout_returns_504_at_the_configured_time(mesh):
     slow = mesh.request("/?delay=3", n=5, concurrency=5, timeout=10)
     assert slow["codes"] == {"504": 5} and slow["errors"] == {}, slow
     assert mesh.cluster_stat("node1", "v1", "upstream_rq_timeout") - timeouts == 5
-    # Envoy's timer starts when it has the request and fires at 500 ms; the path around
-    # it (two agents, loopback) adds milliseconds. Tolerance: -0 / +300 ms.
+    # Envoy's timer fires at 500 ms (less TIMER_EARLY_MS); the path around it (two agents,
+    # loopback) adds milliseconds. Tolerance: -TIMER_EARLY_MS / +300 ms.
     latency = slow["latency_ms"]
-    assert timeout_ms <= latency["p50"] <= latency["max"] <= timeout_ms + 300, latency
+    assert timeout_ms - TIMER_EARLY_MS <= latency["p50"] <= latency["max"] <= timeout_ms + 300, latency
     fast = mesh.request("/?delay=0.2", n=3)
     assert ok(fast, 3) and fast["latency_ms"]["max"] < timeout_ms, fast
 
@@ -374,7 +381,7 @@ def test_fault_delay_and_abort_at_the_configured_percentage(mesh):
     # Delayed ~ Binomial(200, 0.5): mean 100, sigma 7.07; 5 sigma: 100 +- 35.
     assert abs(d - n * 0.5) <= 5 * math.sqrt(n * 0.25), d
     # At least 65 of 200 waited 0.2 s, so the 90th percentile (rank 180) is one of them.
-    assert delayed["latency_ms"]["p90"] >= delay_s * 1000, delayed["latency_ms"]
+    assert delayed["latency_ms"]["p90"] >= delay_s * 1000 - TIMER_EARLY_MS, delayed["latency_ms"]
 
     upstream = mesh.cluster_stat("node1", "v1", "upstream_rq_total")
     n = 500
