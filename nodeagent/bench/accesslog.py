@@ -1,6 +1,6 @@
 """What one request costs the agent in request metrics: the waypoint's access log, decoded.
 
-Usage: python -m nodeagent.bench.accesslog [--entries 20000] [--batch-bytes 65536] [-o json]
+Usage: python -m nodeagent.bench.accesslog [--entries 20000] [--batch-bytes 65536] [--rounds 5] [-o json]
 
 Makes --entries HTTP access-log entries shaped as Envoy 1.40 fills them for the
 waypoint's config (every field a real Envoy sets for a client-side request: addresses,
@@ -9,7 +9,10 @@ response properties; tests/unit/test_xds_alsproto.py checks the shape against a 
 Envoy's), batched into StreamAccessLogsMessage bytes of up to --batch-bytes as Envoy
 buffers them (buffer_size_bytes: the waypoint's 64 KiB by default; the first message of
 a stream carries the identifier). Then, in CPU µs per entry (process time, best of --rounds):
-  decode betterproto  envoy-data-plane's classes: what RequestMetrics paid before issue 11
+  decode protobuf (xds-protos, upb)
+                      StreamAccessLogsMessage.FromString of the classes generated from
+                      all of Envoy's schema (xds-protos), protobuf's C runtime too: the
+                      full schema's cost, for comparison with the subset's below
   decode python       a hand-written pure-Python decoder of exactly the fields read
   decode upb          AlsDecoder.parse: protobuf's C runtime, the subset schema
   facts upb           parse, then AlsDecoder.facts of every entry
@@ -79,21 +82,21 @@ def entry(i: int, socket_dir: str = "/run/nodeagent/nalab/waypoint/node1"):
     """The i-th client-side entry, with every field Envoy 1.40 sets for one (seen in a
     capture of the real Envoy with the waypoint's config): 1 in 10 is a POST with a
     content-type, 1 in 50 a 503 after retries (UF,URX), 1 in 100 a gRPC call."""
-    from envoy_data_plane.envoy.config.core.v3 import Address, EnvoyInternalAddress, Pipe, SocketAddress
-    from envoy_data_plane.envoy.data.accesslog.v3 import (AccessLogCommon, AccessLogType, HttpAccessLogEntry,
-                                                          HttpAccessLogEntryHttpVersion, HttpRequestProperties,
-                                                          HttpResponseProperties, ResponseFlags)
-    from envoy_data_plane.envoy.config.core.v3 import RequestMethod
-    from envoy_data_plane.google.protobuf import Any, StringValue
+    from envoy.config.core.v3.address_pb2 import Address, EnvoyInternalAddress, Pipe, SocketAddress
+    from envoy.config.core.v3.base_pb2 import RequestMethod
+    from envoy.data.accesslog.v3.accesslog_pb2 import (AccessLogCommon, AccessLogType, HTTPAccessLogEntry,
+                                                       HTTPRequestProperties, HTTPResponseProperties, ResponseFlags)
+    from google.protobuf.any_pb2 import Any
+    from google.protobuf.wrappers_pb2 import StringValue, UInt32Value
 
     workload, source_ip = SOURCES[i % len(SOURCES)]
     subset, endpoint = ENDPOINTS[(i // 2) % len(ENDPOINTS)]
     failed, grpc, post = i % 50 == 49, i % 100 == 17, i % 10 == 3
     us = lambda n: timedelta(microseconds=n)  # noqa: E731
     stream_id = str(uuid.UUID(int=i + 1))
-    states = {SOURCE_WORKLOAD: Any(type_url=STRING_VALUE, value=bytes(StringValue(value=workload))),
-              PRINCIPAL: Any(type_url=STRING_VALUE, value=bytes(StringValue(
-                  value=f"spiffe://cluster.local/ns/shop/sa/{workload.split('/')[1].rsplit('-', 1)[0]}")))}
+    principal = f"spiffe://cluster.local/ns/shop/sa/{workload.split('/')[1].rsplit('-', 1)[0]}"
+    states = {SOURCE_WORKLOAD: Any(type_url=STRING_VALUE, value=StringValue(value=workload).SerializeToString()),
+              PRINCIPAL: Any(type_url=STRING_VALUE, value=StringValue(value=principal).SerializeToString())}
     common = AccessLogCommon(
         downstream_remote_address=Address(socket_address=SocketAddress(address=source_ip, port_value=0)),
         downstream_local_address=Address(socket_address=SocketAddress(address="10.96.1.10", port_value=9080)),
@@ -109,43 +112,42 @@ def entry(i: int, socket_dir: str = "/run/nodeagent/nalab/waypoint/node1"):
         downstream_direct_remote_address=Address(pipe=Pipe(path=f"{socket_dir}/outbound.sock")),
         filter_state_objects=states, duration=us(641 + i % 97), upstream_request_attempt_count=3 if failed else 1,
         stream_id=stream_id, downstream_wire_bytes_sent=430, downstream_wire_bytes_received=76,
-        upstream_wire_bytes_sent=134, upstream_wire_bytes_received=325, access_log_type=AccessLogType.DownstreamEnd,
+        upstream_wire_bytes_sent=134, upstream_wire_bytes_received=325,
+        access_log_type=AccessLogType.Value("DownstreamEnd"),
         response_flags=ResponseFlags(upstream_connection_failure=True, upstream_retry_limit_exceeded=True)
         if failed else None)
     headers = {"content-type": "application/grpc" if grpc else "application/json"} if grpc or post else {}
-    request = HttpRequestProperties(
-        request_method=RequestMethod.POST if grpc or post else RequestMethod.GET, scheme="http",
+    request = HTTPRequestProperties(
+        request_method=RequestMethod.Value("POST" if grpc or post else "GET"), scheme="http",
         authority="reviews:9080", path=f"/reviews/{i}", request_id=stream_id, request_headers_bytes=133,
         request_body_bytes=120 if post else 0, request_headers=headers, upstream_header_bytes_sent=106,
         downstream_header_bytes_received=45, user_agent="wrk" if i % 2 else "")
-    response = HttpResponseProperties(
-        response_code=503 if failed else 200, response_headers_bytes=144, response_body_bytes=253,
+    response = HTTPResponseProperties(
+        response_code=UInt32Value(value=503 if failed else 200), response_headers_bytes=144, response_body_bytes=253,
         response_code_details="upstream_reset_before_response_started{connection_failure}" if failed
         else "via_upstream", upstream_header_bytes_received=51, downstream_header_bytes_sent=158,
         response_trailers={"grpc-status": "0"} if grpc else {})
-    return HttpAccessLogEntry(common_properties=common, protocol_version=HttpAccessLogEntryHttpVersion.HTTP11,
+    return HTTPAccessLogEntry(common_properties=common, protocol_version=HTTPAccessLogEntry.HTTP11,
                               request=request, response=response)
 
 
 def payloads(entries: int, batch_bytes: int) -> list[bytes]:
     """One stream's messages: entries appended until a message reaches `batch_bytes`, as
     Envoy's buffer does; the identifier (node and log name) on the first message only."""
-    from envoy_data_plane.envoy.config.core.v3 import Node
-    from envoy_data_plane.envoy.service.accesslog.v3 import (StreamAccessLogsMessage,
-                                                             StreamAccessLogsMessageHttpAccessLogEntries,
-                                                             StreamAccessLogsMessageIdentifier)
+    from envoy.config.core.v3.base_pb2 import Node
+    from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 
     messages, batch, size = [], [], 0
     for i in range(entries):
         one = entry(i)
         batch.append(one)
-        size += len(bytes(one)) + 3
+        size += one.ByteSize() + 3
         if size >= batch_bytes or i == entries - 1:
-            message = StreamAccessLogsMessage(http_logs=StreamAccessLogsMessageHttpAccessLogEntries(log_entry=batch))
+            message = StreamAccessLogsMessage(http_logs=StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=batch))
             if not messages:
-                message.identifier = StreamAccessLogsMessageIdentifier(
-                    node=Node(id="node1", cluster="nodeagent-waypoint", user_agent_name="envoy"), log_name="outbound")
-            messages.append(bytes(message))
+                message.identifier.CopyFrom(StreamAccessLogsMessage.Identifier(
+                    node=Node(id="node1", cluster="nodeagent-waypoint", user_agent_name="envoy"), log_name="outbound"))
+            messages.append(message.SerializeToString(deterministic=True))  # the same bytes every run
             batch, size = [], 0
     return messages
 
@@ -279,7 +281,7 @@ def cpu_us_per(work: Callable[[], object], count: int, rounds: int) -> float:
 
 
 def decoding(messages: list[bytes], entries: int, rounds: int) -> dict[str, float]:
-    from envoy_data_plane.envoy.service.accesslog.v3 import StreamAccessLogsMessage
+    from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
     from prometheus_client import CollectorRegistry
 
     from nodeagent.xds.accesslog import RequestMetrics, WAYPOINT, request_labels
@@ -304,9 +306,10 @@ def decoding(messages: list[bytes], entries: int, rounds: int) -> dict[str, floa
             for e in upb.parse(message).http_logs.log_entry:
                 upb.facts(e)
 
-    slow = max(1, rounds // 3)  # betterproto takes ~0.5 ms an entry: fewer rounds
+    slow = max(1, rounds // 3)  # fewer rounds for the uncached labels (~25 µs an entry)
     return {
-        "decode betterproto": cpu_us_per(lambda: [StreamAccessLogsMessage.parse(m) for m in messages], entries, slow),
+        "decode protobuf (xds-protos, upb)": cpu_us_per(
+            lambda: [StreamAccessLogsMessage.FromString(m) for m in messages], entries, rounds),
         "decode python": cpu_us_per(lambda: [python.entries(m) for m in messages], entries, rounds),
         "decode upb": cpu_us_per(lambda: [upb.parse(m) for m in messages], entries, rounds),
         "facts upb": cpu_us_per(upb_facts, entries, rounds),
@@ -392,8 +395,10 @@ def render(result: dict, output: str) -> str:
     for size, batch in result["batches"].items():
         lines.append(f"batches of {size} bytes: {batch['messages']} messages, "
                      f"{batch['entries_per_message']:.1f} entries each, ~{batch['bytes_per_entry']:.0f} B an entry")
-        for name, value in batch.get("cpu_us_per_entry", {}).items():
-            lines.append(f"  {name:<22}{value:>10.2f} µs CPU per entry")
+        rows = batch.get("cpu_us_per_entry", {})
+        width = max(map(len, rows), default=0) + 2
+        for name, value in rows.items():
+            lines.append(f"  {name:<{width}}{value:>10.2f} µs CPU per entry")
         grpc_cpu = batch["grpc_cpu_us"]
         for sink in ("drain", "consume"):
             lines.append(f"  gRPC server, {sink:<8}{grpc_cpu[sink + ' per message']:>10.1f} µs CPU per message, "

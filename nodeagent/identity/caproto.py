@@ -1,8 +1,9 @@
 """Istio's CA API on the wire: `istio.v1.auth.IstioCertificateService/CreateCertificate`.
 
-The two messages of istio/api security/v1alpha1/ca.proto, as betterproto2 dataclasses
-with the same field numbers and types, so Istio's own clients (istio-agent, ztunnel) and
-ours speak the same bytes. `metadata` is a google.protobuf.Struct; ztunnel puts the
+The two messages of istio/api security/v1alpha1/ca.proto, as protobuf (upb) classes
+built by nodeagent.protosubset with the same field numbers and types, so Istio's own
+clients (istio-agent, ztunnel) and ours speak the same bytes. `metadata` is a
+google.protobuf.Struct (`Struct` here, of the same descriptor pool); ztunnel puts the
 identity it asks for on behalf of a workload in it as `ImpersonatedIdentity`. Both
 sides also agree here on the CA's name: its service account and the DNS name agents
 check in its certificate.
@@ -10,10 +11,9 @@ check in its certificate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from google.protobuf.message import DecodeError  # noqa: F401 (what FromString raises)
 
-import betterproto2
-from envoy_data_plane.google.protobuf import Struct
+from nodeagent import protosubset as subset
 
 SERVICE = "istio.v1.auth.IstioCertificateService"
 METHOD = "CreateCertificate"
@@ -21,27 +21,28 @@ PATH = f"/{SERVICE}/{METHOD}"
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"  # metadata key ztunnel uses
 SERVER_ACCOUNT = "nodeagent-ca"  # the CA's service account: its server identity
 
+PACKAGE = "istio.v1.auth"
+SCHEMA: subset.Schema = {
+    # field 2 (subject_id) was removed from the proto; its number stays unused
+    "IstioCertificateRequest": [("csr", 1, "string", None),  # PEM PKCS#10
+                                ("validity_duration", 3, "int64", None),  # seconds, 0 = CA default
+                                ("metadata", 4, "google.protobuf.Struct", None)],
+    "IstioCertificateResponse": [("cert_chain", 1, "repeated string", None)],  # leaf first
+}
+_classes = subset.classes("istio/security/v1alpha1/ca.proto", PACKAGE, SCHEMA)
+IstioCertificateRequest = _classes("IstioCertificateRequest")
+IstioCertificateResponse = _classes("IstioCertificateResponse")
+Struct = _classes("google.protobuf.Struct")
+
 
 def default_server_name(ca_namespace: str = "istio-system") -> str:
     """The DNS name agents expect in the CA's certificate (the CA Service's name)."""
     return f"{SERVER_ACCOUNT}.{ca_namespace}.svc"
 
 
-@dataclass(eq=False, repr=False)
-class IstioCertificateRequest(betterproto2.Message):
-    csr: str = betterproto2.field(1, betterproto2.TYPE_STRING)  # PEM PKCS#10
-    # field 2 (subject_id) was removed from the proto; its number stays unused
-    validity_duration: int = betterproto2.field(3, betterproto2.TYPE_INT64)  # seconds, 0 = CA default
-    metadata: "Struct | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
-
-    def metadata_string(self, key: str) -> str | None:
-        if self.metadata is None or key not in self.metadata.fields:
-            return None
-        value = self.metadata.fields[key]
-        return value.string_value if betterproto2.which_one_of(value, "kind")[0] == "string_value" else None
-
-
-@dataclass(eq=False, repr=False)
-class IstioCertificateResponse(betterproto2.Message):
-    cert_chain: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)  # leaf first
-
+def metadata_string(request: IstioCertificateRequest, key: str) -> str | None:
+    """The string `request.metadata[key]`, or None when it is absent or not a string."""
+    if not request.HasField("metadata") or key not in request.metadata.fields:
+        return None
+    value = request.metadata.fields[key]
+    return value.string_value if value.WhichOneof("kind") == "string_value" else None

@@ -3,7 +3,7 @@
 The server reads and writes only these two messages; the resources they carry are
 already serialized in the Snapshot. envoy-data-plane's module for them also defines the
 discovery service's grpcio stubs and imports grpcio (~14 MiB of the agent's RSS), so the
-agent uses this subset of envoy/service/discovery/v3/discovery.proto instead (subset.py):
+agent uses this subset of envoy/service/discovery/v3/discovery.proto instead (nodeagent/protosubset.py):
 fields the server does not read (the rest of the Node, resource locators, a status's
 details, …) are skipped when a request is parsed.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from google.protobuf.message import DecodeError  # noqa: F401 (what parse raises)
 
-from nodeagent.xds import subset
+from nodeagent import protosubset as subset
 
 PACKAGE = "nodeagent.ads"
 SCHEMA: subset.Schema = {

@@ -10,7 +10,7 @@ field to upb, skipped in C and never turned into Python objects. `AlsDecoder.fac
 then reads one entry into `RequestFacts`: a tuple of what the labels depend on (the
 key accesslog.py caches label sets by) and the three measured values.
 
-The schema is built into a private DescriptorPool (subset.py) when an AlsDecoder is
+The schema is built into a private DescriptorPool (nodeagent/protosubset.py) when an AlsDecoder is
 made, so it never meets another copy of Envoy's protos in the process; the unit tests check every
 number and type against envoy-data-plane's classes (generated from Envoy's .proto
 files) and compare both decoders field by field on the bytes a real Envoy sends.
@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 from google.protobuf.message import DecodeError  # noqa: F401 (what parse and facts raise)
 
-from nodeagent.xds import dataplane, subset
+from nodeagent import protosubset as subset
+from nodeagent.xds import dataplane
 
 PACKAGE = "nodeagent.als"
 STRING_VALUE = "type.googleapis.com/google.protobuf.StringValue"

@@ -22,12 +22,12 @@ import threading
 import time
 from typing import Callable
 
-import betterproto2
+from google.protobuf.message import Message
 import grpc
-from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
-from envoy_data_plane.envoy.config.core.v3 import Node
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
-from envoy_data_plane.google.rpc import Status
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+from google.rpc.status_pb2 import Status
 
 from nodeagent.errors import NodeagentError
 from nodeagent.xds import resources as rt
@@ -63,7 +63,7 @@ class AdsSession:
         self.address, self.deadline = address, deadline
         self.node = Node(id=node, cluster=cluster)
         self.reject = reject
-        self.resources: dict[str, dict[str, betterproto2.Message]] = {}
+        self.resources: dict[str, dict[str, Message]] = {}
         self.responses: list[DiscoveryResponse] = []
         self.nacked: list[DiscoveryResponse] = []
         self.error: Exception | None = None
@@ -74,8 +74,8 @@ class AdsSession:
         self._cond = threading.Condition()
         self._stream = None  # the call, once started: cancelled on close
         self._channel = grpc.insecure_channel(target(address))
-        self._call = self._channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=bytes,
-                                                 response_deserializer=DiscoveryResponse.parse)
+        self._call = self._channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=DiscoveryRequest.SerializeToString,
+                                                 response_deserializer=DiscoveryResponse.FromString)
         self._thread = threading.Thread(target=self._receive, name="ads-client", daemon=True)
 
     def __enter__(self) -> "AdsSession":
@@ -173,7 +173,7 @@ class AdsSession:
                 self.nacked.append(response)
             else:
                 self._acked[type_url] = response.version_info
-                self.resources[type_url] = {rt.name_of(m): m for m in (a.unpack() for a in response.resources)}
+                self.resources[type_url] = {rt.name_of(m): m for m in (rt.unpack(a) for a in response.resources)}
             self._requests.put(DiscoveryRequest(
                 node=self.node, type_url=type_url, resource_names=self._names.get(type_url, []),
                 version_info=self._acked.get(type_url, ""), response_nonce=response.nonce,
@@ -186,7 +186,7 @@ class AdsSession:
         """Subscribe to what the resources just received refer to, as Envoy does."""
         if type_url == rt.CLUSTER:
             names = sorted(eds_name(c) for c in self.resources[rt.CLUSTER].values()
-                           if c.type == ClusterDiscoveryType.EDS)
+                           if c.type == Cluster.DiscoveryType.EDS)
             if names != self._names.get(rt.ENDPOINT):
                 self._subscribe(rt.ENDPOINT, names)
             if not names and rt.LISTENER not in self._names:
@@ -201,7 +201,7 @@ class AdsSession:
 
 
 def fetch(address: str, node: str, timeout: float = 10.0,
-          deadline: float | None = None) -> dict[str, dict[str, betterproto2.Message]]:
+          deadline: float | None = None) -> dict[str, dict[str, Message]]:
     """Everything the server has for node id `node`, by type URL then name; all of it,
     connecting included, within `timeout` seconds, or by `deadline` (time.monotonic())
     when the caller's budget started earlier (XdsClientError otherwise)."""

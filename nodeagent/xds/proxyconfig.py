@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-import betterproto2
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from nodeagent.xds import resources as rt
 from nodeagent.xds.snapshot import action_clusters
@@ -18,9 +20,9 @@ from nodeagent.xds.snapshot import action_clusters
 KINDS = {"clusters": rt.CLUSTER, "endpoints": rt.ENDPOINT, "listeners": rt.LISTENER, "routes": rt.ROUTE}
 
 
-def render(kind: str, resources: dict[str, betterproto2.Message], output: str) -> str:
+def render(kind: str, resources: dict[str, Message], output: str) -> str:
     if output == "json":
-        return json.dumps([m.to_dict() for m in resources.values()], indent=2) + "\n"
+        return json.dumps([json_format.MessageToDict(m) for m in resources.values()], indent=2) + "\n"
     rows = [_ROWS[kind](m) for m in resources.values()]
     return _table(_HEADERS[kind], [r for row in rows for r in row])
 
@@ -32,8 +34,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def _cluster(c) -> list[tuple[str, ...]]:
-    kind = c.type.name if c.type is not None else "EDS"
-    return [(c.name, kind, c.lb_policy.name if c.lb_policy is not None else "ROUND_ROBIN")]
+    return [(c.name, Cluster.DiscoveryType.Name(c.type), Cluster.LbPolicy.Name(c.lb_policy))]
 
 
 def _endpoints(a) -> list[tuple[str, ...]]:
@@ -41,9 +42,9 @@ def _endpoints(a) -> list[tuple[str, ...]]:
     for locality in a.endpoints:
         for lb in locality.lb_endpoints:
             address = lb.endpoint.address
-            if address.envoy_internal_address is not None:
+            if address.HasField("envoy_internal_address"):
                 where = address.envoy_internal_address.endpoint_id
-            elif address.pipe is not None:
+            elif address.HasField("pipe"):
                 where = address.pipe.path
             else:
                 where = f"{address.socket_address.address}:{address.socket_address.port_value}"
@@ -52,7 +53,7 @@ def _endpoints(a) -> list[tuple[str, ...]]:
 
 
 def _listener(listener) -> list[tuple[str, ...]]:
-    where = listener.address.pipe.path if listener.address and listener.address.pipe else "(internal)"
+    where = listener.address.pipe.path if listener.address.HasField("pipe") else "(internal)"
     chains = [c.name or "(default)" for c in listener.filter_chains]
     return [(listener.name, where, chain) for chain in chains]
 
@@ -63,22 +64,22 @@ def _routes(table) -> list[tuple[str, ...]]:
 
 
 def _match(match) -> str:
-    path = match.path or match.prefix or (match.safe_regex.regex if match.safe_regex else "")
+    path = match.path or match.prefix or match.safe_regex.regex
     extra = [h.name for h in match.headers] + [f"?{q.name}" for q in match.query_parameters]
     extra += [f.key for f in match.filter_state]
     return path + (f" [{', '.join(extra)}]" if extra else "")
 
 
 def _action(route) -> str:
-    if route.redirect is not None:
+    if route.HasField("redirect"):
         return "redirect"
-    if route.direct_response is not None:
+    if route.HasField("direct_response"):
         return f"direct {route.direct_response.status}"
-    weighted = route.route.weighted_clusters if route.route is not None else None
-    if weighted is not None and len(weighted.clusters) > 1:  # a split: name each share
-        total = sum(c.weight or 0 for c in weighted.clusters) or 1
+    weighted = route.route.weighted_clusters
+    if len(weighted.clusters) > 1:  # a split: name each share
+        total = sum(c.weight.value for c in weighted.clusters) or 1
         mirrors = [m.cluster for m in route.route.request_mirror_policies]
-        return ", ".join([f"{c.name} {100 * (c.weight or 0) / total:g}%" for c in weighted.clusters]
+        return ", ".join([f"{c.name} {100 * c.weight.value / total:g}%" for c in weighted.clusters]
                          + [f"{m} (mirror)" for m in mirrors])
     return ", ".join(action_clusters(route))
 

@@ -2,18 +2,20 @@
 
 ADS carries several resource types on one stream; Envoy needs clusters before the
 endpoints and listeners that use them and listeners before their routes, so PUSH_ORDER
-is CDS, EDS, LDS, RDS. Messages are envoy-data-plane (betterproto2) dataclasses;
-`pack` wraps one in a google.protobuf.Any for a DiscoveryResponse or a typed_config.
+is CDS, EDS, LDS, RDS. Messages are xds-protos' classes (protobuf, upb); `pack` wraps one
+in a google.protobuf.Any for a DiscoveryResponse or a typed_config, `unpack` finds the
+class of an Any's type among the Envoy modules imported so far.
 """
 
 from __future__ import annotations
 
-import betterproto2
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster
-from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
-from envoy_data_plane.envoy.config.listener.v3 import Listener
-from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
-from envoy_data_plane.google.protobuf import Any
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import Message
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from google.protobuf.any_pb2 import Any
 
 PREFIX = "type.googleapis.com/"
 CLUSTER = PREFIX + "envoy.config.cluster.v3.Cluster"
@@ -31,23 +33,35 @@ MESSAGE = {CLUSTER: Cluster, ENDPOINT: ClusterLoadAssignment, LISTENER: Listener
 NAMED = (ENDPOINT, ROUTE)
 
 
-def name_of(message: betterproto2.Message) -> str:
+def name_of(message: Message) -> str:
     """The xDS resource name of a message (its `name`, or `cluster_name` for endpoints)."""
     if isinstance(message, ClusterLoadAssignment):
         return message.cluster_name
     return message.name
 
 
-def type_of(message: betterproto2.Message) -> str:
+def type_of(message: Message) -> str:
     for type_url, cls in MESSAGE.items():
         if isinstance(message, cls):
             return type_url
     raise TypeError(f"{type(message).__name__} is not an xDS resource type this server serves")
 
 
-def pack(message: betterproto2.Message) -> Any:
-    return Any.pack(message)
+def pack(message: Message) -> Any:
+    packed = Any()
+    packed.Pack(message)
+    return packed
 
 
-def unpack(any_: Any) -> betterproto2.Message:
-    return any_.unpack()
+def unpack(any_: Any) -> Message:
+    """The message in `any_` (KeyError for a type no imported module defines)."""
+    name = any_.type_url.rpartition("/")[2]
+    message = message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(name))()
+    any_.Unpack(message)
+    return message
+
+
+def serialize(message: Message) -> bytes:
+    """The bytes of `message`, the same for equal messages (map entries sorted): what
+    versions and hashes are computed from."""
+    return message.SerializeToString(deterministic=True)

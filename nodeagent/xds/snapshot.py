@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Iterator, Mapping
 
-import betterproto2
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
-from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
-from envoy_data_plane.envoy.config.listener.v3 import Listener
-from envoy_data_plane.envoy.config.route.v3 import Route, RouteConfiguration
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpConnectionManager
-from envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3 import TcpProxy
+from google.protobuf.message import Message
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.config.route.v3.route_components_pb2 import Route
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (
+    HttpConnectionManager)
+from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
 
 from nodeagent.errors import NodeagentError
 from nodeagent.xds import resources as rt
@@ -53,9 +55,9 @@ class Snapshot:
     wanted: Mapping[str, frozenset[str]] = field(default_factory=dict)  # type URL (EDS, RDS) → names
 
     @classmethod
-    def build(cls, version: str, messages: Iterable[betterproto2.Message],
+    def build(cls, version: str, messages: Iterable[Message],
               dataplane: DataPlane | None = None) -> "Snapshot":
-        by_type: dict[str, dict[str, betterproto2.Message]] = {t: {} for t in rt.PUSH_ORDER}
+        by_type: dict[str, dict[str, Message]] = {t: {} for t in rt.PUSH_ORDER}
         for message in messages:
             kind, name = rt.type_of(message), rt.name_of(message)
             if not name or name in by_type[kind]:
@@ -64,21 +66,21 @@ class Snapshot:
         dangling = list(_dangling(by_type))
         if dangling:
             raise InconsistentSnapshot(dangling)
-        serialized = {t: MappingProxyType({n: bytes(m) for n, m in sorted(ms.items())})
+        serialized = {t: MappingProxyType({n: rt.serialize(m) for n, m in sorted(ms.items())})
                       for t, ms in by_type.items()}
         versions = {t: _content_version(s) for t, s in serialized.items()}
         wanted = {rt.ROUTE: frozenset(t for x in by_type[rt.LISTENER].values() for t in listener_routes(x)),
                   rt.ENDPOINT: frozenset(eds_name(c) for c in by_type[rt.CLUSTER].values()
-                                         if c.type == ClusterDiscoveryType.EDS)}
+                                         if c.type == Cluster.DiscoveryType.EDS)}
         return cls(version, MappingProxyType(serialized), MappingProxyType(versions), dataplane,
                    MappingProxyType(wanted))
 
     def names(self, type_url: str) -> list[str]:
         return list(self.serialized.get(type_url, {}))
 
-    def resources(self, type_url: str) -> dict[str, betterproto2.Message]:
+    def resources(self, type_url: str) -> dict[str, Message]:
         cls = rt.MESSAGE[type_url]
-        return {n: cls.parse(b) for n, b in self.serialized.get(type_url, {}).items()}
+        return {n: cls.FromString(b) for n, b in self.serialized.get(type_url, {}).items()}
 
     def version_of(self, type_url: str) -> str:
         return self.versions.get(type_url, "")
@@ -91,7 +93,7 @@ def _content_version(resources: Mapping[str, bytes]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _dangling(by_type: dict[str, dict[str, betterproto2.Message]]) -> Iterator[tuple[str, str, str, str]]:
+def _dangling(by_type: dict[str, dict[str, Message]]) -> Iterator[tuple[str, str, str, str]]:
     clusters, routes, listeners = by_type[rt.CLUSTER], by_type[rt.ROUTE], by_type[rt.LISTENER]
     for listener in listeners.values():
         for table in listener_routes(listener):
@@ -109,7 +111,7 @@ def _dangling(by_type: dict[str, dict[str, betterproto2.Message]]) -> Iterator[t
 
 
 def _cluster_dangling(cluster: Cluster, endpoints: dict, listeners: dict) -> Iterator[tuple[str, str, str, str]]:
-    if cluster.type == ClusterDiscoveryType.EDS:
+    if cluster.type == Cluster.DiscoveryType.EDS:
         name = eds_name(cluster)
         if name not in endpoints:
             yield "cluster", cluster.name, "endpoints", name
@@ -118,36 +120,36 @@ def _cluster_dangling(cluster: Cluster, endpoints: dict, listeners: dict) -> Ite
     else:
         assignment = cluster.load_assignment
     for listener in internal_listeners(assignment):
-        if listener not in listeners or listeners[listener].internal_listener is None:
+        if listener not in listeners or not listeners[listener].HasField("internal_listener"):
             yield "cluster", cluster.name, "internal listener", listener
 
 
 def eds_name(cluster: Cluster) -> str:
     """The endpoints resource an EDS cluster asks for."""
-    return (cluster.eds_cluster_config.service_name if cluster.eds_cluster_config else "") or cluster.name
+    return cluster.eds_cluster_config.service_name or cluster.name
 
 
 def internal_listeners(assignment: ClusterLoadAssignment | None) -> set[str]:
     out = set()
-    for locality in assignment.endpoints if assignment else []:
+    for locality in assignment.endpoints if assignment is not None else []:
         for lb in locality.lb_endpoints:
-            address = lb.endpoint.address if lb.endpoint else None
-            if address is not None and address.envoy_internal_address is not None:
+            address = lb.endpoint.address
+            if address.HasField("envoy_internal_address"):
                 out.add(address.envoy_internal_address.server_listener_name)
     return out
 
 
-def _network_filters(listener: Listener) -> Iterator[betterproto2.Message]:
+def _network_filters(listener: Listener) -> Iterator[Message]:
     for chain in list(listener.filter_chains) + ([listener.default_filter_chain]
-                                                 if listener.default_filter_chain else []):
+                                                 if listener.HasField("default_filter_chain") else []):
         for f in chain.filters:
-            if f.typed_config is not None:
-                yield f.typed_config.unpack()
+            if f.HasField("typed_config"):
+                yield rt.unpack(f.typed_config)
 
 
 def listener_routes(listener: Listener) -> Iterator[str]:
     for config in _network_filters(listener):
-        if isinstance(config, HttpConnectionManager) and config.rds is not None:
+        if isinstance(config, HttpConnectionManager) and config.HasField("rds"):
             yield config.rds.route_config_name
 
 
@@ -156,7 +158,7 @@ def listener_clusters(listener: Listener) -> Iterator[str]:
         if isinstance(config, TcpProxy):
             if config.cluster:
                 yield config.cluster
-            if config.weighted_clusters is not None:
+            if config.HasField("weighted_clusters"):
                 yield from (c.name for c in config.weighted_clusters.clusters)
 
 
@@ -168,11 +170,11 @@ def route_clusters(table: RouteConfiguration) -> Iterator[str]:
 
 
 def action_clusters(route: Route) -> Iterator[str]:
-    action = route.route
-    if action is None:
+    if not route.HasField("route"):
         return
+    action = route.route
     if action.cluster:
         yield action.cluster
-    if action.weighted_clusters is not None:
+    if action.HasField("weighted_clusters"):
         yield from (c.name for c in action.weighted_clusters.clusters)
     yield from (m.cluster for m in action.request_mirror_policies)

@@ -12,16 +12,15 @@ Deployment's or StatefulSet's), among the pods enrolled on the node. Pure.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable
 
-import betterproto2
+from google.protobuf.message import Message
 
 from nodeagent.xds import resources as rt
 from nodeagent.xds.snapshot import eds_name, listener_clusters, listener_routes, route_clusters
 from nodeagent.xds.translate import names
 
-Resources = dict[str, dict[str, betterproto2.Message]]  # type URL → name → message
+Resources = dict[str, dict[str, Message]]  # type URL → name → message
 
 
 def pods_of(workload: str, enrolled: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -41,7 +40,11 @@ def narrow(resources: Resources, pods: Iterable[tuple[str, str]]) -> Resources:
             chains = [c for c in listener.filter_chains if any(c.name.startswith(prefix) for prefix in own)]
             if not chains:
                 continue
-            listener = dataclasses.replace(listener, filter_chains=chains)
+            narrowed = type(listener)()
+            narrowed.CopyFrom(listener)
+            del narrowed.filter_chains[:]
+            narrowed.filter_chains.extend(chains)
+            listener = narrowed
         listeners[name] = listener
     tables = {name for listener in listeners.values() for name in listener_routes(listener)}
     routes = {n: t for n, t in resources.get(rt.ROUTE, {}).items() if n in tables}

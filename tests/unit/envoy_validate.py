@@ -17,10 +17,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import betterproto2
-from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
-from envoy_data_plane.envoy.config.listener.v3 import Filter, Listener
+from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.listener.v3.listener_components_pb2 import Filter
+from envoy.config.listener.v3.listener_pb2 import Listener
+from google.protobuf.message import Message
 
 from nodeagent.xds import resources as rt
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap
@@ -50,38 +51,42 @@ def static_bootstrap(translation: Translation, node: str, sockets: Sockets) -> B
     if any(unused.values()):
         raise AssertionError(f"translated but used by no listener or cluster, so not validated: {unused}")
     config = bootstrap(BootstrapSettings(node, sockets.xds))
-    config.dynamic_resources = None
-    config.static_resources.clusters = [*config.static_resources.clusters, *clusters]
-    config.static_resources.listeners = listeners
+    config.ClearField("dynamic_resources")
+    config.static_resources.clusters.extend(clusters)
+    config.static_resources.listeners.extend(listeners)
     return config
 
 
 def validate(config: Bootstrap, directory: Path) -> Validation:
     path = directory / "static-bootstrap.pb"
-    path.write_bytes(bytes(config))
+    path.write_bytes(rt.serialize(config))
     proc = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(path), "--log-level", "warning",
                            "--disable-hot-restart"], capture_output=True, text=True, timeout=VALIDATE_TIMEOUT)
     return Validation(proc.returncode, proc.stdout + proc.stderr)
 
 
-def _copy(message: betterproto2.Message) -> betterproto2.Message:
-    return type(message).parse(bytes(message))
+def _copy(message: Message) -> Message:
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
 
 
 def _static_cluster(cluster: Cluster, assignments: dict, used: set[str]) -> Cluster:
     cluster = _copy(cluster)
-    if cluster.type == ClusterDiscoveryType.EDS:
+    if cluster.type == Cluster.DiscoveryType.EDS:
         if cluster.name not in assignments:
             raise AssertionError(f"EDS cluster {cluster.name} has no endpoint assignment in the translation")
-        cluster.type, cluster.eds_cluster_config = ClusterDiscoveryType.STATIC, None
-        cluster.load_assignment = assignments[cluster.name]
+        cluster.type = Cluster.DiscoveryType.STATIC
+        cluster.ClearField("eds_cluster_config")
+        cluster.load_assignment.CopyFrom(assignments[cluster.name])
         used.add(cluster.name)
     return cluster
 
 
 def _inline_routes(listener: Listener, routes: dict, used: set[str]) -> Listener:
     listener = _copy(listener)
-    chains = [*listener.filter_chains, *([listener.default_filter_chain] if listener.default_filter_chain else [])]
+    chains = [*listener.filter_chains,
+              *([listener.default_filter_chain] if listener.HasField("default_filter_chain") else [])]
     for chain in chains:
         for network_filter in chain.filters:
             if network_filter.name == HCM:
@@ -90,12 +95,12 @@ def _inline_routes(listener: Listener, routes: dict, used: set[str]) -> Listener
 
 
 def _inline_route(network_filter: Filter, routes: dict, used: set[str], listener: str) -> None:
-    hcm = network_filter.typed_config.unpack()
-    if hcm.rds is None:
+    hcm = rt.unpack(network_filter.typed_config)
+    if not hcm.HasField("rds"):
         return
     name = hcm.rds.route_config_name
     if name not in routes:
         raise AssertionError(f"listener {listener} names route table {name!r}, which was not translated")
-    hcm.rds, hcm.route_config = None, routes[name]
+    hcm.route_config.CopyFrom(routes[name])  # a oneof with rds: clears it
     used.add(name)
-    network_filter.typed_config = rt.pack(hcm)
+    network_filter.typed_config.CopyFrom(rt.pack(hcm))

@@ -172,7 +172,7 @@ def test_the_cas_certificate_is_reissued_at_half_life():
 # --- wire compatibility: Istio's proto, encoded by google.protobuf -----------------------
 def _istio_messages():
     """IstioCertificateRequest/Response built from a descriptor written after ca.proto
-    (istio/api security/v1alpha1), independent of nodeagent's betterproto classes."""
+    (istio/api security/v1alpha1), independent of nodeagent's classes (caproto's schema)."""
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(struct_pb2.DESCRIPTOR.serialized_pb)
     f = descriptor_pb2.FileDescriptorProto(name="ca.proto", package="istio.v1.auth", syntax="proto3",
@@ -225,13 +225,40 @@ def test_an_impersonated_identity_that_differs_from_the_csr_is_refused(ca):
 
 
 def test_our_messages_encode_as_istios_do():
-    from nodeagent.identity.caproto import IstioCertificateRequest, IstioCertificateResponse
-    from envoy_data_plane.google.protobuf import Struct
+    from nodeagent.identity.caproto import IstioCertificateRequest, IstioCertificateResponse, Struct
 
     Request, Response = _istio_messages()
-    ours = IstioCertificateRequest(csr="PEM", validity_duration=86400,
-                                   metadata=Struct.from_dict({"ImpersonatedIdentity": WEB.uri}))
-    theirs = Request.FromString(bytes(ours))
+    metadata = Struct()
+    metadata.update({"ImpersonatedIdentity": WEB.uri})
+    ours = IstioCertificateRequest(csr="PEM", validity_duration=86400, metadata=metadata)
+    theirs = Request.FromString(ours.SerializeToString())
     assert (theirs.csr, theirs.validity_duration, dict(theirs.metadata)) == ("PEM", 86400,
                                                                            {"ImpersonatedIdentity": WEB.uri})
-    assert IstioCertificateResponse.parse(Response(cert_chain=["a", "b"]).SerializeToString()).cert_chain == ["a", "b"]
+    assert IstioCertificateResponse.FromString(Response(cert_chain=["a", "b"]).SerializeToString()).cert_chain == [
+        "a", "b"]
+
+
+def test_our_schema_has_istios_field_numbers_and_types():
+    """Every field of caproto's messages as ca.proto declares it (number, type, repeated,
+    message type), checked against the independent descriptor above."""
+    from nodeagent.identity.caproto import IstioCertificateRequest, IstioCertificateResponse
+
+    def fields(cls):
+        return {f.name: (f.number, f.type, f.is_repeated, f.message_type and f.message_type.full_name)
+                for f in cls.DESCRIPTOR.fields}
+    Request, Response = _istio_messages()
+    assert fields(IstioCertificateRequest) == fields(Request)
+    assert fields(IstioCertificateResponse) == fields(Response)
+    assert IstioCertificateRequest.DESCRIPTOR.full_name == Request.DESCRIPTOR.full_name
+
+
+def test_metadata_string_reads_only_a_string_that_is_there():
+    from nodeagent.identity.caproto import IstioCertificateRequest, Struct, metadata_string
+
+    assert metadata_string(IstioCertificateRequest(csr="PEM"), "ImpersonatedIdentity") is None  # no metadata
+    metadata = Struct()
+    metadata.update({"ImpersonatedIdentity": WEB.uri, "Count": 3, "Flag": True})
+    request = IstioCertificateRequest.FromString(IstioCertificateRequest(metadata=metadata).SerializeToString())
+    assert metadata_string(request, "ImpersonatedIdentity") == WEB.uri
+    assert metadata_string(request, "Count") is None and metadata_string(request, "Flag") is None
+    assert metadata_string(request, "ClusterID") is None

@@ -203,7 +203,7 @@ def test_when_the_last_l7_resource_goes_the_internal_listener_stays_with_the_car
     old configuration stayed in force (status still listed the deleted resources)."""
     world.publisher.update(model(SUBSETS))
     first = world.ack()
-    internal = [n for n, l in first.resources(rt.LISTENER).items() if l.internal_listener is not None]
+    internal = [n for n, l in first.resources(rt.LISTENER).items() if l.HasField("internal_listener")]
     assert internal and V1 in first.names(rt.CLUSTER)
     world.publisher.update(model(""))
     carrying = world.current()

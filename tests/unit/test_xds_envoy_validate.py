@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
-from envoy_data_plane.envoy.config.route.v3 import HeaderMatcher
-from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.route.v3.route_components_pb2 import HeaderMatcher
+from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
+from envoy.type.matcher.v3.string_pb2 import StringMatcher
 
 from envoy_validate import static_bootstrap, validate
 from nodeagent.xds import resources as rt
@@ -44,7 +45,7 @@ def replaced(result, message):
 
 def route_table(result):
     (table,) = [m for m in result.resources[rt.ROUTE] if rt.name_of(m) == f"{REVIEWS}:9080"]
-    return rt.MESSAGE[rt.ROUTE].parse(bytes(table))  # a copy to break
+    return rt.MESSAGE[rt.ROUTE].FromString(rt.serialize(table))  # a copy to break
 
 
 @pytest.mark.parametrize("node", ["node1", "node2"])
@@ -61,12 +62,14 @@ def test_the_bootstrap_holds_the_translated_resources_as_static_ones():
     static = static_bootstrap(result, "node1", OPTIONS.sockets).static_resources
     clusters = {c.name: c for c in static.clusters}
     assert sorted(clusters) == sorted([XDS_CLUSTER, *(rt.name_of(c) for c in result.resources[rt.CLUSTER])])
-    assert clusters[CLUSTER].type == ClusterDiscoveryType.STATIC and clusters[CLUSTER].eds_cluster_config is None
+    assert clusters[CLUSTER].type == Cluster.DiscoveryType.STATIC
+    assert not clusters[CLUSTER].HasField("eds_cluster_config")
     (assignment,) = [a for a in result.resources[rt.ENDPOINT] if a.cluster_name == CLUSTER]
     assert clusters[CLUSTER].load_assignment == assignment
     outbound = next(x for x in static.listeners if x.name == "outbound")
-    managers = [f.typed_config.unpack() for c in outbound.filter_chains for f in c.filters if f.name == HCM]
-    assert [(m.rds, m.route_config.name) for m in managers] == [(None, f"{REVIEWS}:9080")]
+    managers = [rt.unpack(f.typed_config) for c in outbound.filter_chains for f in c.filters if f.name == HCM]
+    assert [(m.WhichOneof("route_specifier"), m.route_config.name) for m in managers] == [
+        ("route_config", f"{REVIEWS}:9080")]
     assert sorted(x.name for x in static.listeners) == sorted(rt.name_of(x) for x in result.resources[rt.LISTENER])
 
 
@@ -82,8 +85,9 @@ def test_a_route_to_a_cluster_that_was_not_translated_is_refused_by_envoy(tmp_pa
 def test_a_header_regex_re2_cannot_compile_is_refused_by_envoy(tmp_path):
     result = routed()
     table = route_table(result)
-    table.virtual_hosts[0].routes[0].match.headers = [HeaderMatcher(
-        name="end-user", string_match=StringMatcher(safe_regex=RegexMatcher(regex="(jason")))]
+    headers = table.virtual_hosts[0].routes[0].match.headers
+    del headers[:]
+    headers.append(HeaderMatcher(name="end-user", string_match=StringMatcher(safe_regex=RegexMatcher(regex="(jason"))))
     check = validate(static_bootstrap(replaced(result, table), "node1", OPTIONS.sockets), tmp_path)
     assert check.returncode == 1 and "missing ): (jason" in check.output, check.output
 

@@ -11,12 +11,10 @@ import time
 
 import grpc
 import pytest
-from envoy_data_plane.envoy.config.core.v3 import Node
-from envoy_data_plane.envoy.data.accesslog.v3 import AccessLogCommon, HttpAccessLogEntry, HttpResponseProperties
-from envoy_data_plane.envoy.service.accesslog.v3 import (StreamAccessLogsMessage,
-                                                         StreamAccessLogsMessageHttpAccessLogEntries,
-                                                         StreamAccessLogsMessageIdentifier,
-                                                         StreamAccessLogsResponse)
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.data.accesslog.v3.accesslog_pb2 import AccessLogCommon, HTTPAccessLogEntry, HTTPResponseProperties
+from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
+from google.protobuf.wrappers_pb2 import UInt32Value
 from prometheus_client import CollectorRegistry
 
 from nodeagent import grpcwire
@@ -184,12 +182,12 @@ def test_proxy_config_cli_reads_back_what_envoy_gets(served, capsys):
 
 
 def access_logs(code: int, first: bool) -> bytes:
-    message = StreamAccessLogsMessage(http_logs=StreamAccessLogsMessageHttpAccessLogEntries(log_entry=[
-        HttpAccessLogEntry(common_properties=AccessLogCommon(upstream_cluster=f"outbound|9080||{REVIEWS}"),
-                           response=HttpResponseProperties(response_code=code))]))
+    message = StreamAccessLogsMessage(http_logs=StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=[
+        HTTPAccessLogEntry(common_properties=AccessLogCommon(upstream_cluster=f"outbound|9080||{REVIEWS}"),
+                           response=HTTPResponseProperties(response_code=UInt32Value(value=code)))]))
     if first:
-        message.identifier = StreamAccessLogsMessageIdentifier(node=Node(id="node1"), log_name="outbound")
-    return bytes(message)
+        message.identifier.CopyFrom(StreamAccessLogsMessage.Identifier(node=Node(id="node1"), log_name="outbound"))
+    return message.SerializeToString()
 
 
 def requests_by_code(registry) -> dict[str, float]:
@@ -207,7 +205,7 @@ def test_access_log_streams_are_served_beside_ads_and_counted_as_they_arrive(tmp
         with grpc.insecure_channel(f"unix:{path}") as channel:
             call = channel.stream_unary("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
                                         request_serializer=bytes,
-                                        response_deserializer=StreamAccessLogsResponse.parse)
+                                        response_deserializer=StreamAccessLogsResponse.FromString)
             done = call.future(iter(outgoing.get, None))
             outgoing.put(access_logs(200, first=True))
             wait_until(lambda: requests_by_code(registry) == {"200": 1})  # the stream is still open
@@ -311,30 +309,42 @@ def test_streams_beyond_max_streams_are_refused_and_the_open_ones_go_on(tmp_path
         server.stop()
 
 
+def same_fields(ours, envoy) -> None:
+    """Every field of the subset message `ours` (a descriptor) is the field of that name of
+    Envoy's `envoy` (xds-protos' descriptor): same number, type, repetition, presence and
+    oneof, of the message of the same name (any message for a Skipped one); a map entry's
+    key and value likewise."""
+    for field in ours.fields:
+        theirs = envoy.fields_by_name.get(field.name)
+        assert theirs is not None, f"{envoy.full_name} has no field {field.name}"
+        skipped = field.message_type is not None and field.message_type.name == "Skipped"
+        found = [(f.number, f.type, f.is_repeated, f.has_presence, f.containing_oneof and f.containing_oneof.name,
+                  None if skipped or f.message_type is None else f.message_type.name) for f in (field, theirs)]
+        assert (field.full_name, found[0]) == (field.full_name, found[1])
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            same_fields(field.message_type, theirs.message_type)
+
+
 def test_the_ads_subset_schema_is_envoys():
-    from envoy_data_plane.envoy.config.core.v3 import ControlPlane, Node as EnvoyNode
-    from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
-    from envoy_data_plane.google.rpc import Status
+    from envoy.config.core.v3.base_pb2 import ControlPlane, Node as EnvoyNode
+    from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+    from google.rpc.status_pb2 import Status
     classes = {"DiscoveryRequest": DiscoveryRequest, "DiscoveryResponse": DiscoveryResponse, "Node": EnvoyNode,
                "ControlPlane": ControlPlane, "Status": Status}
     assert set(adsproto.SCHEMA) == set(classes)
     for name, fields in adsproto.SCHEMA.items():
-        meta = classes[name]._betterproto
-        for field, number, kind, oneof in fields:
-            envoy = meta.meta_by_field_name[field]
-            assert (name, field, envoy.number, envoy.group, envoy.repeated) == \
-                (name, field, number, oneof, kind.startswith("repeated "))
-            assert envoy.proto_type == (kind if kind in ("string", "int32") else
-                                        "string" if kind == "repeated string" else "message")
+        built = getattr(adsproto, name).DESCRIPTOR  # the class the agent uses, made from the schema
+        assert [f.name for f in built.fields] == [field for field, *_ in fields]
+        same_fields(built, classes[name].DESCRIPTOR)
     # and both read each other's bytes alike
     ours = request(rt.CLUSTER, ["a", "b"], nonce="3", version="v1", error="refused")
-    theirs = DiscoveryRequest.parse(ours.SerializeToString())
-    assert (theirs.node.id, theirs.resource_names, theirs.type_url, theirs.response_nonce, theirs.version_info,
+    theirs = DiscoveryRequest.FromString(ours.SerializeToString())
+    assert (theirs.node.id, list(theirs.resource_names), theirs.type_url, theirs.response_nonce, theirs.version_info,
             theirs.error_detail.code, theirs.error_detail.message) == \
         ("node1", ["a", "b"], rt.CLUSTER, "3", "v1", 3, "refused")
     snap = snapshot("1")
     (cds,) = StreamState(on_nack=lambda *a: None, on_push=lambda t: None).request(request(rt.CLUSTER), lambda _: snap)
-    parsed = DiscoveryResponse.parse(cds.SerializeToString())
+    parsed = DiscoveryResponse.FromString(cds.SerializeToString())
     assert (parsed.type_url, parsed.nonce, parsed.control_plane.identifier, len(parsed.resources)) == \
         (rt.CLUSTER, cds.nonce, "nodeagent", len(snap.names(rt.CLUSTER)))
     assert [bytes(a.value) for a in parsed.resources] == [snap.serialized[rt.CLUSTER][n] for n in sorted(snap.names(rt.CLUSTER))]

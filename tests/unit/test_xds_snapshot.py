@@ -5,7 +5,7 @@ tells its watchers."""
 from __future__ import annotations
 
 import pytest
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
 
 from nodeagent.xds import resources as rt
 from nodeagent.xds.cache import SnapshotCache
@@ -81,7 +81,7 @@ def test_all_dangling_references_are_listed():
 
 def test_names_must_be_unique():
     with pytest.raises(ValueError, match="given twice"):
-        Snapshot.build("1", [Cluster(name="a", type=ClusterDiscoveryType.STATIC)] * 2)
+        Snapshot.build("1", [Cluster(name="a", type=Cluster.DiscoveryType.STATIC)] * 2)
 
 
 def test_versions_follow_content_per_type():
@@ -89,7 +89,7 @@ def test_versions_follow_content_per_type():
     assert one.versions == two.versions
     changed = [m for m in messages() if rt.type_of(m) != rt.ROUTE or rt.name_of(m) != f"{REVIEWS}:9080"]
     table = next(m for m in messages() if rt.type_of(m) == rt.ROUTE)
-    table.virtual_hosts[0].routes[0].route.timeout = None
+    table.virtual_hosts[0].routes[0].route.ClearField("timeout")
     three = Snapshot.build("3", changed + [table])
     assert [t for t in rt.PUSH_ORDER if three.version_of(t) != one.version_of(t)] == [rt.ROUTE]
 

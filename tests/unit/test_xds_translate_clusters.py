@@ -4,14 +4,14 @@ and PROXY TLVs that lead Envoy's upstream connections back to the agent."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType, ClusterLbPolicy
-from envoy_data_plane.envoy.config.core.v3 import ProxyProtocolConfigVersion
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.proxy_protocol_pb2 import ProxyProtocolConfig
+from google.protobuf.duration_pb2 import Duration
 
 from nodeagent.model import ServicePort
 from nodeagent.xds import dataplane
 from nodeagent.xds.dataplane import Sockets
+from nodeagent.xds.resources import unpack
 from nodeagent.xds.translate.clusters import HTTP_OPTIONS, PROXY_PROTOCOL_HOST, UNLIMITED
 from nodeagent.xds.translate.options import WaypointOptions
 from xds_world import DB, RATINGS, REVIEWS, RUN, WEB, clusters, doc, endpoints, translation
@@ -40,7 +40,7 @@ def thresholds(cluster):
 
 
 def http_options(cluster):
-    return cluster.typed_extension_protocol_options[HTTP_OPTIONS].unpack()
+    return unpack(cluster.typed_extension_protocol_options[HTTP_OPTIONS])
 
 
 def test_connection_pool_maps_to_circuit_breakers_and_protocol_options():
@@ -53,15 +53,16 @@ trafficPolicy:
            idleTimeout: 30s}
 """)
     t = thresholds(cluster)
-    assert (t.max_connections, t.max_pending_requests, t.max_requests, t.max_retries, t.track_remaining) == (
-        100, 10, 1000, 5, True)
-    assert cluster.connect_timeout == timedelta(seconds=3)
+    assert (t.max_connections.value, t.max_pending_requests.value, t.max_requests.value, t.max_retries.value,
+            t.track_remaining) == (100, 10, 1000, 5, True)
+    assert cluster.connect_timeout == Duration(seconds=3)
     keepalive = cluster.upstream_connection_options.tcp_keepalive
-    assert (keepalive.keepalive_probes, keepalive.keepalive_time, keepalive.keepalive_interval) == (4, 60, 10)
+    assert (keepalive.keepalive_probes.value, keepalive.keepalive_time.value,
+            keepalive.keepalive_interval.value) == (4, 60, 10)
     options = http_options(cluster)
     common = options.common_http_protocol_options
-    assert (common.max_requests_per_connection, common.idle_timeout) == (7, timedelta(seconds=30))
-    assert options.explicit_http_config.http_protocol_options is not None
+    assert (common.max_requests_per_connection.value, common.idle_timeout) == (7, Duration(seconds=30))
+    assert options.explicit_http_config.HasField("http_protocol_options")
 
 
 def test_without_a_rule_clusters_get_istios_unlimited_thresholds_and_least_request():
@@ -69,10 +70,11 @@ def test_without_a_rule_clusters_get_istios_unlimited_thresholds_and_least_reque
                                                    "- route: [{destination: {host: reviews}}]"))
     cluster = clusters(result)[f"outbound|9080||{REVIEWS}"]
     t = thresholds(cluster)
-    assert (t.max_connections, t.max_pending_requests, t.max_requests, t.max_retries) == (UNLIMITED,) * 4
-    assert cluster.lb_policy == ClusterLbPolicy.LEAST_REQUEST
-    assert cluster.connect_timeout == timedelta(seconds=10)
-    assert cluster.outlier_detection is None
+    assert (t.max_connections.value, t.max_pending_requests.value, t.max_requests.value,
+            t.max_retries.value) == (UNLIMITED,) * 4
+    assert cluster.lb_policy == Cluster.LbPolicy.LEAST_REQUEST
+    assert cluster.connect_timeout == Duration(seconds=10)
+    assert not cluster.HasField("outlier_detection")
 
 
 def test_outlier_detection_enforces_exactly_the_given_error_kinds():
@@ -83,43 +85,45 @@ trafficPolicy:
                      maxEjectionPercent: 50, minHealthPercent: 20}
 """)
     od = cluster.outlier_detection
-    assert (od.consecutive_5xx, od.enforcing_consecutive_5xx) == (3, 100)
-    assert (od.consecutive_gateway_failure, od.enforcing_consecutive_gateway_failure) == (2, 100)
-    assert (od.interval, od.base_ejection_time, od.max_ejection_percent) == (
-        timedelta(seconds=10), timedelta(seconds=30), 50)
-    assert od.enforcing_success_rate == 0
+    assert (od.consecutive_5xx.value, od.enforcing_consecutive_5xx.value) == (3, 100)
+    assert (od.consecutive_gateway_failure.value, od.enforcing_consecutive_gateway_failure.value) == (2, 100)
+    assert (od.interval, od.base_ejection_time, od.max_ejection_percent.value) == (
+        Duration(seconds=10), Duration(seconds=30), 50)
+    assert od.HasField("enforcing_success_rate") and od.enforcing_success_rate.value == 0
     assert cluster.common_lb_config.healthy_panic_threshold.value == 20
 
 
 def test_outlier_detection_with_zero_errors_disables_that_kind_and_the_panic_threshold():
     cluster = reviews_cluster("host: reviews\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 0}}")
     od = cluster.outlier_detection
-    assert (od.consecutive_5xx, od.enforcing_consecutive_5xx, od.consecutive_gateway_failure) == (0, 0, None)
+    assert od.HasField("consecutive_5xx") and od.HasField("enforcing_consecutive_5xx")
+    assert (od.consecutive_5xx.value, od.enforcing_consecutive_5xx.value) == (0, 0)
+    assert not od.HasField("consecutive_gateway_failure")
     assert cluster.common_lb_config.healthy_panic_threshold.value == 0
 
 
 def test_load_balancer_policies():
     def policy(simple: str):
         return reviews_cluster(f"host: reviews\ntrafficPolicy: {{loadBalancer: {{simple: {simple}}}}}").lb_policy
-    assert policy("ROUND_ROBIN") == ClusterLbPolicy.ROUND_ROBIN
-    assert policy("RANDOM") == ClusterLbPolicy.RANDOM
-    assert policy("LEAST_REQUEST") == ClusterLbPolicy.LEAST_REQUEST
-    assert policy("LEAST_CONN") == ClusterLbPolicy.LEAST_REQUEST
-    assert policy("UNSPECIFIED") == ClusterLbPolicy.LEAST_REQUEST
+    assert policy("ROUND_ROBIN") == Cluster.LbPolicy.ROUND_ROBIN
+    assert policy("RANDOM") == Cluster.LbPolicy.RANDOM
+    assert policy("LEAST_REQUEST") == Cluster.LbPolicy.LEAST_REQUEST
+    assert policy("LEAST_CONN") == Cluster.LbPolicy.LEAST_REQUEST
+    assert policy("UNSPECIFIED") == Cluster.LbPolicy.LEAST_REQUEST
 
 
 def test_warmup_becomes_slow_start():
     cluster = reviews_cluster("host: reviews\ntrafficPolicy: {loadBalancer: {simple: ROUND_ROBIN, "
                               "warmupDurationSecs: 45s}}")
-    assert cluster.round_robin_lb_config.slow_start_config.slow_start_window == timedelta(seconds=45)
+    assert cluster.round_robin_lb_config.slow_start_config.slow_start_window == Duration(seconds=45)
 
 
 def test_passthrough_is_one_endpoint_without_an_endpoint_tlv():
     cluster = reviews_cluster("host: reviews\ntrafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}")
-    assert cluster.type == ClusterDiscoveryType.STATIC
+    assert cluster.type == Cluster.DiscoveryType.STATIC
     (lb,) = cluster.load_assignment.endpoints[0].lb_endpoints
     assert lb.endpoint.address.envoy_internal_address.endpoint_id == "passthrough"
-    assert lb.metadata is None
+    assert not lb.HasField("metadata")
 
 
 def test_subsets_are_clusters_with_label_filtered_endpoints():
@@ -130,26 +134,26 @@ def test_subsets_are_clusters_with_label_filtered_endpoints():
                   for lb in a.endpoints[0].lb_endpoints] for name, a in eds.items()}
     assert ids == {f"outbound|9080|v1|{REVIEWS}": ["10.244.1.6:9080"],
                    f"outbound|9080|v2|{REVIEWS}": ["10.244.2.6:9080"]}
-    assert clusters(result)[f"outbound|9080|v1|{REVIEWS}"].type == ClusterDiscoveryType.EDS
+    assert clusters(result)[f"outbound|9080|v1|{REVIEWS}"].type == Cluster.DiscoveryType.EDS
 
 
 def test_every_endpoint_is_an_internal_address_carrying_its_pod_as_a_proxy_tlv():
     result = translation(dr("host: reviews\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}"))
     lbs = endpoints(result)[f"outbound|9080||{REVIEWS}"].endpoints[0].lb_endpoints
     assert [lb.endpoint.address.envoy_internal_address.server_listener_name for lb in lbs] == ["nodeagent_upstream"] * 3
-    tlvs = [lb.metadata.typed_filter_metadata[PROXY_PROTOCOL_HOST].unpack().added_tlvs for lb in lbs]
+    tlvs = [unpack(lb.metadata.typed_filter_metadata[PROXY_PROTOCOL_HOST]).added_tlvs for lb in lbs]
     assert [(t.type, t.value) for (t,) in tlvs] == [(dataplane.TLV_ENDPOINT, b"10.244.1.6:9080"),
                                                     (dataplane.TLV_ENDPOINT, b"10.244.2.6:9080"),
                                                     (dataplane.TLV_ENDPOINT, b"10.244.2.7:9080")]
-    assert [lb.metadata.filter_metadata["nodeagent"].to_dict()["pod"] for lb in lbs] == [
+    assert [lb.metadata.filter_metadata["nodeagent"]["pod"] for lb in lbs] == [
         "shop/reviews-v1", "shop/reviews-v2", "shop/reviews-v3"]
 
 
 def test_clusters_write_proxy_v2_passing_the_agents_tlvs_over_the_internal_listener():
     socket = reviews_cluster("host: reviews\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}").transport_socket
     assert socket.name == "envoy.transport_sockets.upstream_proxy_protocol"
-    config = socket.typed_config.unpack()
-    assert config.config.version == ProxyProtocolConfigVersion.V2
+    config = unpack(socket.typed_config)
+    assert config.config.version == ProxyProtocolConfig.Version.V2
     assert config.config.pass_through_tlvs.tlv_type == [dataplane.TLV_PRINCIPAL, dataplane.TLV_SOURCE_WORKLOAD]
     assert config.transport_socket.name == "envoy.transport_sockets.internal_upstream"
 
@@ -173,10 +177,10 @@ subsets:
     result = translation(dr(spec) + HALF_AND_HALF)
     v1, v2 = (clusters(result)[f"outbound|9080|{s}|{REVIEWS}"] for s in ("v1", "v2"))
     # Port-level settings replace every rule-level component for port 9080 (istiod)...
-    assert (v2.lb_policy, thresholds(v2).max_connections, v2.outlier_detection.consecutive_5xx) == (
-        ClusterLbPolicy.LEAST_REQUEST, UNLIMITED, 9)
+    assert (v2.lb_policy, thresholds(v2).max_connections.value, v2.outlier_detection.consecutive_5xx.value) == (
+        Cluster.LbPolicy.LEAST_REQUEST, UNLIMITED, 9)
     # ...and a subset's own components override on top.
-    assert (v1.lb_policy, v1.outlier_detection.consecutive_5xx) == (ClusterLbPolicy.ROUND_ROBIN, 9)
+    assert (v1.lb_policy, v1.outlier_detection.consecutive_5xx.value) == (Cluster.LbPolicy.ROUND_ROBIN, 9)
 
 
 def test_http2_upstream_for_grpc_ports_and_h2_upgrade_and_downstream_for_use_client_protocol():
@@ -186,25 +190,25 @@ def test_http2_upstream_for_grpc_ports_and_h2_upgrade_and_downstream_for_use_cli
                              "{connectionPool: {http: {useClientProtocol: true}}}"))
     found = clusters(result)
     upgraded = http_options(found[f"outbound|8080||{RATINGS}"])
-    assert upgraded.explicit_http_config.http2_protocol_options is not None
+    assert upgraded.explicit_http_config.HasField("http2_protocol_options")
     grpc = http_options(found[f"outbound|9090||{RATINGS}"])
-    assert grpc.explicit_http_config.http2_protocol_options is not None
+    assert grpc.explicit_http_config.HasField("http2_protocol_options")
     client = http_options(found[f"outbound|9080||{REVIEWS}"])
-    assert client.use_downstream_protocol_config.http2_protocol_options is not None
+    assert client.use_downstream_protocol_config.HasField("http2_protocol_options")
 
 
 def test_tcp_ports_get_no_http_options():
     result = translation(doc("DestinationRule", "db", "host: db\n"
                                                      "trafficPolicy: {connectionPool: {tcp: {maxConnections: 5}}}"))
     cluster = clusters(result)[f"outbound|5432||{DB}"]
-    assert cluster.typed_extension_protocol_options == {}
-    assert thresholds(cluster).max_connections == 5
+    assert len(cluster.typed_extension_protocol_options) == 0
+    assert thresholds(cluster).max_connections.value == 5
 
 
 def test_clusters_back_to_the_agent():
     result = translation(dr("host: reviews\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}"))
     agent = clusters(result)["nodeagent|upstream"]
-    assert agent.type == ClusterDiscoveryType.STATIC
+    assert agent.type == Cluster.DiscoveryType.STATIC
     assert agent.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe.path == f"{RUN}/upstream.sock"
 
 

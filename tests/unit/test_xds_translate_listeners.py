@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from envoy_data_plane.envoy.config.core.v3 import ApiVersion
-from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import HttpGrpcAccessLogConfig
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpConnectionManager
-from envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3 import TcpProxy
+from envoy.config.core.v3.config_source_pb2 import ApiVersion
+from envoy.extensions.access_loggers.grpc.v3.als_pb2 import HttpGrpcAccessLogConfig
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (
+    HttpConnectionManager)
+from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
 
 from nodeagent.xds import dataplane
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap
+from nodeagent.xds.resources import unpack
 from xds_world import DB, RATINGS, REVIEWS, RUN, chain, doc, listeners, network, translation
 
 SUBSETS = doc("DestinationRule", "db", "host: db\nsubsets:\n- {name: a, labels: {app: db}}\n"
@@ -26,7 +28,7 @@ def test_outbound_listener_is_a_unix_socket_reading_proxy_v2_and_the_agents_tlvs
     outbound = listeners(translation(SOME_L7))["outbound"]
     assert outbound.address.pipe.path == f"{RUN}/outbound.sock"
     (pp,) = outbound.listener_filters
-    config = pp.typed_config.unpack()
+    config = unpack(pp.typed_config)
     assert pp.name == "envoy.filters.listener.proxy_protocol"
     assert [(r.tlv_type, r.on_tlv_present.metadata_namespace, r.on_tlv_present.key) for r in config.rules] == [
         (0xE0, "nodeagent", "source_principal"), (0xE1, "nodeagent", "source_labels"),
@@ -39,13 +41,13 @@ def test_one_chain_per_service_port_that_needs_l7_matched_by_vip_and_port():
     assert [c.name for c in outbound.filter_chains] == [
         f"outbound|8080||{RATINGS}", f"outbound|9090||{RATINGS}", f"outbound|9080||{REVIEWS}"]
     match = chain(outbound, f"outbound|9080||{REVIEWS}").filter_chain_match
-    assert (match.prefix_ranges[0].address_prefix, match.prefix_ranges[0].prefix_len, match.destination_port) == (
-        "10.96.1.10", 32, 9080)
+    (prefix,) = match.prefix_ranges
+    assert (prefix.address_prefix, prefix.prefix_len.value, match.destination_port.value) == ("10.96.1.10", 32, 9080)
 
 
 def test_a_chain_copies_the_tlvs_to_filter_state_then_runs_http_with_rds():
     found = chain(listeners(translation(SOME_L7))["outbound"], f"outbound|9080||{REVIEWS}")
-    state = found.filters[0].typed_config.unpack()
+    state = unpack(found.filters[0].typed_config)
     assert [(v.object_key, v.factory_key, v.format_string.text_format_source.inline_string, v.skip_if_empty,
              v.format_string.omit_empty_values) for v in state.on_new_connection] == [
         ("nodeagent.source_principal", "envoy.string", "%DYNAMIC_METADATA(nodeagent:source_principal)%", True, True),
@@ -53,14 +55,14 @@ def test_a_chain_copies_the_tlvs_to_filter_state_then_runs_http_with_rds():
         ("nodeagent.source_workload", "envoy.string", "%DYNAMIC_METADATA(nodeagent:source_workload)%", True, True)]
     hcm = network(found)
     assert isinstance(hcm, HttpConnectionManager)
-    assert hcm.rds.route_config_name == f"{REVIEWS}:9080" and hcm.rds.config_source.ads is not None
+    assert hcm.rds.route_config_name == f"{REVIEWS}:9080" and hcm.rds.config_source.HasField("ads")
     assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.fault", "envoy.filters.http.router"]
 
 
 def access_log(hcm: HttpConnectionManager) -> HttpGrpcAccessLogConfig:
     (log,) = hcm.access_log
     assert log.name == "envoy.access_loggers.http_grpc"
-    return log.typed_config.unpack()
+    return unpack(log.typed_config)
 
 
 def test_both_sides_stream_their_access_log_to_the_agents_xds_socket_named_by_listener():
@@ -73,7 +75,8 @@ def test_both_sides_stream_their_access_log_to_the_agents_xds_socket_named_by_li
     for config in (client, server):
         common = config.common_config
         assert (common.grpc_service.envoy_grpc.cluster_name, common.transport_api_version) == (xds.name, ApiVersion.V3)
-        assert (common.buffer_flush_interval, common.buffer_size_bytes) == (timedelta(milliseconds=200), 65536)
+        assert (common.buffer_flush_interval.ToTimedelta(), common.buffer_size_bytes.value) == (
+            timedelta(milliseconds=200), 65536)
         assert common.filter_state_objects_to_log == ["nodeagent.source_principal", "nodeagent.source_workload"]
         assert (config.additional_request_headers_to_log, config.additional_response_headers_to_log,
                 config.additional_response_trailers_to_log) == (["content-type"], ["grpc-status"], ["grpc-status"])
@@ -104,7 +107,7 @@ def test_a_tcp_port_without_tcp_routes_proxies_to_the_service():
 
 def test_the_internal_upstream_listener_pipes_to_the_agent():
     upstream = listeners(translation(SOME_L7))["nodeagent_upstream"]
-    assert upstream.internal_listener is not None and upstream.address is None
+    assert upstream.HasField("internal_listener") and not upstream.HasField("address")
     assert network(upstream.filter_chains[0]).cluster == "nodeagent|upstream"
 
 

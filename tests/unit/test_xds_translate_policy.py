@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import re
 
-from envoy_data_plane.envoy.config.rbac.v3 import RbacAction
+from envoy.config.rbac.v3.rbac_pb2 import RBAC
 
 from nodeagent.xds.dataplane import Sockets
+from nodeagent.xds.resources import unpack
 from nodeagent.xds.translate.options import WaypointOptions
 from xds_world import RUN, WEB, chain, clusters, doc, listeners, network, routes, translation
 
@@ -30,17 +31,23 @@ def inbound_chain(yaml: str, options=None):
 
 def http_filters(yaml: str, options=None):
     found, result = inbound_chain(yaml, options)
-    return {f.name: f.typed_config.unpack() for f in network(found).http_filters}, [
+    return {f.name: unpack(f.typed_config) for f in network(found).http_filters}, [
         f.name for f in network(found).http_filters], result
 
 
-def policies(yaml: str, action: RbacAction = RbacAction.ALLOW):
+def policies(yaml: str, action: RBAC.Action = RBAC.Action.ALLOW):
     found, _ = inbound_chain(yaml)
     for f in network(found).http_filters:
-        config = f.typed_config.unpack()
+        config = unpack(f.typed_config)
         if f.name == "envoy.filters.http.rbac" and config.rules.action == action:
             return config.rules.policies
     raise AssertionError(f"no {action} RBAC filter")
+
+
+def pattern(matcher) -> tuple[str, str]:
+    """A StringMatcher as (the kind set, its value)."""
+    kind = matcher.WhichOneof("match_pattern")
+    return kind, matcher.safe_regex.regex if kind == "safe_regex" else getattr(matcher, kind)
 
 
 def test_pods_of_this_node_with_http_policy_get_an_inbound_chain_per_http_port():
@@ -49,11 +56,11 @@ def test_pods_of_this_node_with_http_policy_get_an_inbound_chain_per_http_port()
     assert inbound.address.pipe.path == f"{RUN}/inbound.sock"
     assert [c.name for c in inbound.filter_chains] == [CHAIN]  # reviews-v2/v3 run on node2
     match = inbound.filter_chains[0].filter_chain_match
-    assert (match.prefix_ranges[0].address_prefix, match.destination_port) == ("10.244.1.6", 9080)
+    assert (match.prefix_ranges[0].address_prefix, match.destination_port.value) == ("10.244.1.6", 9080)
     assert set(result.dataplane.inbound) == {("10.244.1.6", 9080)}
-    assert [r.tlv_type for r in inbound.listener_filters[0].typed_config.unpack().rules] == [0xE0]
+    assert [r.tlv_type for r in unpack(inbound.listener_filters[0].typed_config).rules] == [0xE0]
     hcm = network(inbound.filter_chains[0])
-    assert (hcm.rds.route_config_name, hcm.normalize_path) == ("inbound|9080", True)
+    assert (hcm.rds.route_config_name, hcm.normalize_path.value) == ("inbound|9080", True)
     (route,) = routes(result)["inbound|9080"].virtual_hosts[0].routes
     assert route.route.cluster == "inbound|9080||"
     deliver = clusters(result)["inbound|9080||"]
@@ -81,10 +88,8 @@ rules:
     (permission,) = policy.permissions
     methods, paths, hosts, not_ports = permission.and_rules.rules
     assert [r.header.string_match.exact for r in methods.or_rules.rules] == ["GET", "POST"]
-    assert [(p.url_path.path.prefix, p.url_path.path.suffix, p.url_path.path.exact,
-             p.url_path.path.safe_regex.regex if p.url_path.path.safe_regex else None)
-            for p in paths.or_rules.rules] == [("/api/", None, None, None), (None, "/info", None, None),
-                                              (None, None, "/exact", None), (None, None, None, ".+")]
+    assert [pattern(p.url_path.path) for p in paths.or_rules.rules] == [
+        ("prefix", "/api/"), ("suffix", "/info"), ("exact", "/exact"), ("safe_regex", ".+")]
     assert (hosts.header.name, hosts.header.string_match.exact, hosts.header.string_match.ignore_case) == (
         ":authority", "Reviews.Shop", True)
     assert not_ports.not_rule.destination_port == 9999
@@ -108,7 +113,7 @@ rules:
         "nodeagent.source_principal", "spiffe://cluster.local/ns/shop/sa/productpage")
     assert suffix.filter_state.string_match.suffix == "/sa/admin"
     assert not_namespaces.not_id.filter_state.string_match.safe_regex.regex == "spiffe://[^/]+/ns/legacy/.*"
-    assert (second.direct_remote_ip.address_prefix, second.direct_remote_ip.prefix_len) == ("10.244.0.0", 16)
+    assert (second.direct_remote_ip.address_prefix, second.direct_remote_ip.prefix_len.value) == ("10.244.0.0", 16)
 
 
 def test_when_conditions_on_headers_and_jwt_claims():
@@ -121,8 +126,8 @@ rules:
   - {key: destination.port, notValues: ["9999"]}
 """, SEC)).values()
     tenant, groups = policy.principals[0].and_ids.ids
-    assert [(h.header.name, h.header.string_match.exact, h.header.string_match.prefix)
-            for h in tenant.or_ids.ids] == [("x-tenant", "acme", None), ("x-tenant", None, "beta")]
+    assert [(h.header.name, pattern(h.header.string_match)) for h in tenant.or_ids.ids] == [
+        ("x-tenant", ("exact", "acme")), ("x-tenant", ("prefix", "beta"))]
     string, listed = (p.sourced_metadata.metadata_matcher for p in groups.or_ids.ids)
     assert (string.filter, [s.key for s in string.path], string.value.string_match.exact) == (
         "envoy.filters.http.jwt_authn", ["payload", "groups"], "admins")
@@ -150,7 +155,7 @@ def test_deny_runs_before_allow_and_rule_less_allow_policies_deny_everything():
                                             "rules: [{to: [{operation: {methods: [DELETE]}}]}]", SEC)
     configs, names, _ = http_filters(yaml)
     assert names == ["envoy.filters.http.rbac", "envoy.filters.http.rbac", "envoy.filters.http.router"]
-    assert list(policies(yaml, RbacAction.DENY)) == ["ns[shop]-policy[no-delete]-rule[0]"]
+    assert list(policies(yaml, RBAC.Action.DENY)) == ["ns[shop]-policy[no-delete]-rule[0]"]
     assert list(policies(yaml)) == ["ns[shop]-policy[allow-get]-rule[0]"]  # deny-all adds no rule
 
 
@@ -193,8 +198,8 @@ def test_jwt_rules_become_providers_any_of_which_or_no_token_passes():
     (rule,) = config.rules
     assert rule.match.prefix == "/"
     any_of = rule.requires.requires_any.requirements
-    assert [r.provider_name for r in any_of] == ["shop/jwt/jwtRules[0]", None]
-    assert any_of[1].allow_missing is not None
+    assert [r.WhichOneof("requires_type") for r in any_of] == ["provider_name", "allow_missing"]
+    assert any_of[0].provider_name == "shop/jwt/jwtRules[0]"
 
 
 def test_jwks_uri_reads_a_local_copy_never_the_network(tmp_path):
@@ -276,7 +281,7 @@ rules:
     assert re.fullmatch(patterns[0], "spiffe://cluster.local/ns/shop/sa/productpage")
     assert not re.fullmatch(patterns[0], "spiffe://cluster.local/ns/shop/sa/productpage2")
     assert re.fullmatch(patterns[1], "spiffe://td/ns/other/sa/robot")
-    assert (remote.remote_ip.address_prefix, remote.remote_ip.prefix_len) == ("192.0.2.0", 24)
+    assert (remote.remote_ip.address_prefix, remote.remote_ip.prefix_len.value) == ("192.0.2.0", 24)
     (permission,) = policy.permissions
     assert permission.not_rule.header.string_match.suffix == ".internal"
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from envoy_data_plane.envoy.config.core.v3 import HeaderValueOptionHeaderAppendAction as Append
-from envoy_data_plane.envoy.config.route.v3 import RedirectActionRedirectResponseCode
-from envoy_data_plane.envoy.type.v3 import FractionalPercentDenominatorType as Denominator
+from envoy.config.core.v3.base_pb2 import HeaderValueOption
+from envoy.config.route.v3.route_components_pb2 import RedirectAction
+from envoy.type.v3.percent_pb2 import FractionalPercent
 
 from nodeagent.xds import dataplane
+from nodeagent.xds.resources import unpack
 from xds_world import RATINGS, REVIEWS, clusters, doc, routes, translation
 
+Append = HeaderValueOption.HeaderAppendAction
+Denominator = FractionalPercent.DenominatorType
 SUBSETS = doc("DestinationRule", "reviews", "host: reviews\nsubsets:\n- {name: v1, labels: {version: v1}}\n"
                                             "- {name: v2, labels: {version: v2}}\n")
 
@@ -28,6 +31,11 @@ def first(http: str, extra: str = ""):
     return found.virtual_hosts[0].routes[0]
 
 
+def duration(message, field: str) -> timedelta | None:
+    """A Duration field as a timedelta, None when unset (Envoy tells 0 from unset)."""
+    return getattr(message, field).ToTimedelta() if message.HasField(field) else None
+
+
 def test_one_virtual_host_for_every_authority_named_after_the_service_port():
     found, _ = table("- route: [{destination: {host: reviews}}]")
     (vhost,) = found.virtual_hosts
@@ -40,9 +48,9 @@ def test_uri_exact_prefix_and_regex():
   route: [{destination: {host: reviews}}]
 """)
     a, b, c = found.virtual_hosts[0].routes[:3]
-    assert (a.match.path, a.match.prefix) == ("/a", None)
-    assert b.match.prefix == "/b"
-    assert (c.match.safe_regex.regex, c.match.prefix) == ("/c/[0-9]+", None)
+    assert (a.match.WhichOneof("path_specifier"), a.match.path) == ("path", "/a")
+    assert (b.match.WhichOneof("path_specifier"), b.match.prefix) == ("prefix", "/b")
+    assert (c.match.WhichOneof("path_specifier"), c.match.safe_regex.regex) == ("safe_regex", "/c/[0-9]+")
     assert a.name == "shop/r spec.http[0].match[0]" and c.name == "shop/r spec.http[0].match[2]"
 
 
@@ -69,7 +77,7 @@ def test_headers_method_authority_query_and_case():
     assert by_name[":authority"].string_match.prefix == "reviews"
     query = {q.name: q for q in match.query_parameters}
     assert query["debug"].string_match.exact == "true" and query["trace"].present_match is True
-    assert match.case_sensitive is False
+    assert match.HasField("case_sensitive") and match.case_sensitive.value is False
 
 
 def test_source_labels_and_namespace_become_filter_state_matches():
@@ -105,7 +113,7 @@ def test_weighted_destinations_with_subsets_and_ports_skip_zero_weights():
   - {destination: {host: ratings, port: {number: 9090}}, weight: 0}
 """, SUBSETS)
     weighted = route.route.weighted_clusters.clusters
-    assert [(c.name, c.weight) for c in weighted] == [(f"outbound|9080|v1|{REVIEWS}", 75),
+    assert [(c.name, c.weight.value) for c in weighted] == [(f"outbound|9080|v1|{REVIEWS}", 75),
                                                       (f"outbound|9080|v2|{REVIEWS}", 25)]
 
 
@@ -115,14 +123,16 @@ def test_a_destination_port_picks_the_cluster_port():
 
 
 def test_timeout_and_default_no_timeout():
-    assert first("- route: [{destination: {host: reviews}}]\n  timeout: 2.5s").route.timeout == timedelta(seconds=2.5)
-    assert first("- route: [{destination: {host: reviews}}]").route.timeout == timedelta(0)
+    assert duration(first("- route: [{destination: {host: reviews}}]\n  timeout: 2.5s").route, "timeout") == timedelta(
+        seconds=2.5)
+    assert duration(first("- route: [{destination: {host: reviews}}]").route, "timeout") == timedelta(0)
 
 
 def test_retries_as_istio_converts_them():
     policy = first("- route: [{destination: {host: reviews}}]\n  retries: {attempts: 4, perTryTimeout: 2s, "
                    "retryOn: 'gateway-error,connect-failure,503'}").route.retry_policy
-    assert (policy.num_retries, policy.per_try_timeout, policy.retry_on, policy.retriable_status_codes) == (
+    assert (policy.num_retries.value, duration(policy, "per_try_timeout"), policy.retry_on,
+            policy.retriable_status_codes) == (
         4, timedelta(seconds=2), "gateway-error,connect-failure,retriable-status-codes", [503])
     assert [p.name for p in policy.retry_host_predicate] == ["envoy.retry_host_predicates.previous_hosts"]
     assert policy.host_selection_retry_max_attempts == 5
@@ -130,19 +140,20 @@ def test_retries_as_istio_converts_them():
 
 def test_default_retries_and_none_when_attempts_is_zero():
     default = first("- route: [{destination: {host: reviews}}]").route.retry_policy
-    assert (default.num_retries, default.retry_on, default.retriable_status_codes) == (
+    assert (default.num_retries.value, default.retry_on, default.retriable_status_codes) == (
         2, "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", [503])
-    assert first("- route: [{destination: {host: reviews}}]\n  retries: {attempts: 0}").route.retry_policy is None
+    assert not first("- route: [{destination: {host: reviews}}]\n  retries: {attempts: 0}").route.HasField(
+        "retry_policy")
 
 
 def fault(route):
-    return route.typed_per_filter_config["envoy.filters.http.fault"].unpack()
+    return unpack(route.typed_per_filter_config["envoy.filters.http.fault"])
 
 
 def test_fault_percentage_in_millionths_and_deprecated_percent_in_hundredths():
     new = fault(first("- route: [{destination: {host: reviews}}]\n  fault: {delay: {fixedDelay: 5s, "
                       "percentage: {value: 12.5}}, abort: {httpStatus: 503, percentage: {value: 5}}}"))
-    assert new.delay.fixed_delay == timedelta(seconds=5)
+    assert duration(new.delay, "fixed_delay") == timedelta(seconds=5)
     assert (new.delay.percentage.numerator, new.delay.percentage.denominator) == (125000, Denominator.MILLION)
     assert (new.abort.http_status, new.abort.percentage.numerator, new.abort.percentage.denominator) == (
         503, 50000, Denominator.MILLION)
@@ -160,12 +171,12 @@ def test_mirror_with_percentage_and_default_hundred_percent():
     assert mirror.cluster == f"outbound|8080||{RATINGS}"
     assert (mirror.runtime_fraction.default_value.numerator, mirror.runtime_fraction.default_value.denominator) == (
         250000, Denominator.MILLION)
-    assert mirror.trace_sampled is False
+    assert mirror.HasField("trace_sampled") and mirror.trace_sampled.value is False
     mirror_ratings = "- route: [{destination: {host: reviews}}]\n  mirror: {host: ratings, port: {number: 8080}}"
     (whole,) = first(mirror_ratings).route.request_mirror_policies
     assert whole.runtime_fraction.default_value.numerator == 100
     none = first(mirror_ratings + "\n  mirrorPercentage: {value: 0}")
-    assert none.route.request_mirror_policies == []
+    assert list(none.route.request_mirror_policies) == []
 
 
 def test_rewrite_uri_authority_and_regex():
@@ -180,7 +191,7 @@ def test_redirect_and_direct_response():
     redirect = first("- redirect: {uri: /new, authority: other, redirectCode: 302, port: 8443, "
                      "scheme: https}").redirect
     assert (redirect.path_redirect, redirect.host_redirect, redirect.response_code, redirect.port_redirect,
-            redirect.scheme_redirect) == ("/new", "other", RedirectActionRedirectResponseCode.FOUND, 8443, "https")
+            redirect.scheme_redirect) == ("/new", "other", RedirectAction.FOUND, 8443, "https")
     direct = first("- directResponse: {status: 418, body: {string: teapot}}").direct_response
     assert (direct.status, direct.body.inline_string) == (418, "teapot")
 
@@ -228,9 +239,9 @@ def test_a_missing_subset_or_host_goes_to_the_blackhole_with_a_warning():
 def test_a_destination_rule_with_a_policy_alone_gets_the_default_route():
     result = translation(doc("DestinationRule", "d", "host: reviews\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}"))
     (route,) = routes(result)[f"{REVIEWS}:9080"].virtual_hosts[0].routes
-    assert (route.name, route.match.prefix, route.route.cluster, route.route.timeout) == (
+    assert (route.name, route.match.prefix, route.route.cluster, duration(route.route, "timeout")) == (
         "default", "/", f"outbound|9080||{REVIEWS}", timedelta(0))
-    assert route.route.retry_policy.num_retries == 2
+    assert route.route.retry_policy.num_retries.value == 2
 
 
 def test_a_virtual_service_for_gateways_only_changes_nothing():

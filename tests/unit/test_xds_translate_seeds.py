@@ -138,13 +138,13 @@ def test_canary_header_goes_to_v2_and_the_rest_is_split_90_10():
     canary, split = of(result, rt.ROUTE)["api-service.default.svc.cluster.local:8080"].virtual_hosts[0].routes
     assert canary.match.headers[0].name == "x-canary" and canary.match.headers[0].string_match.exact == "true"
     assert canary.route.cluster == "outbound|8080|v2|api-service.default.svc.cluster.local"
-    assert [c.weight for c in split.route.weighted_clusters.clusters] == [90, 10]
+    assert [c.weight.value for c in split.route.weighted_clusters.clusters] == [90, 10]
 
 
 def test_security_seed_puts_the_api_pod_behind_jwt_and_rbac():
     _, result = translated("002_security.yaml")
     (chain,) = of(result, rt.LISTENER)["inbound"].filter_chains
-    names = [f.name for f in chain.filters[-1].typed_config.unpack().http_filters]
+    names = [f.name for f in rt.unpack(chain.filters[-1].typed_config).http_filters]
     assert names == ["envoy.filters.http.jwt_authn", "envoy.filters.http.rbac", "envoy.filters.http.router"]
     assert any("jwksUri https://auth.example.com/.well-known/jwks.json is not fetched" in str(w)
                for w in result.warnings)

@@ -118,4 +118,4 @@ def chain(listener, name: str):
 
 def network(chain_, index: int = -1):
     """The typed config of a filter chain's network filter (the last one by default)."""
-    return chain_.filters[index].typed_config.unpack()
+    return rt.unpack(chain_.filters[index].typed_config)

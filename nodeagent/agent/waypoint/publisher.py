@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Callable, Protocol
 
-from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from prometheus_client import Counter
 
 from nodeagent.digests import digests_in_force
@@ -149,9 +149,9 @@ class Publisher:
         for name, cluster in previous.resources(rt.CLUSTER).items():
             if name not in kept:
                 carried.append(cluster)
-                assignment = endpoints.get(eds_name(cluster)) if cluster.type == ClusterDiscoveryType.EDS \
+                assignment = endpoints.get(eds_name(cluster)) if cluster.type == Cluster.DiscoveryType.EDS \
                     else cluster.load_assignment
-                if assignment is not None and cluster.type == ClusterDiscoveryType.EDS:
+                if assignment is not None and cluster.type == Cluster.DiscoveryType.EDS:
                     carried.append(assignment)
                 internal |= internal_listeners(assignment)
         # The internal listeners the carried clusters send to stay too: when the last L7

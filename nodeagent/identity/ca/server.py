@@ -32,7 +32,7 @@ from nodeagent.identity.ca.auth import (Authenticator, ModelView, NodeAuthorizer
 from nodeagent.identity.ca.config import CaConfig
 from nodeagent.identity.ca.signer import CertificateAuthority
 from nodeagent.identity.caproto import (IMPERSONATED_IDENTITY, METHOD, SERVER_ACCOUNT, SERVICE,
-                                        IstioCertificateRequest, IstioCertificateResponse)
+                                        IstioCertificateRequest, IstioCertificateResponse, metadata_string)
 from nodeagent.identity.errors import (CaUnavailable, CsrRejected, IdentityError, PermissionDenied,
                                        SignerExpired, Unauthenticated)
 from nodeagent.identity.spiffe import Identity
@@ -89,7 +89,7 @@ class CertificateService:
 
 def _check_impersonation(request: IstioCertificateRequest, identity: Identity) -> None:
     """ztunnel names the identity in metadata too; when present it must match the CSR."""
-    named = request.metadata_string(IMPERSONATED_IDENTITY)
+    named = metadata_string(request, IMPERSONATED_IDENTITY)
     if named is not None and named != identity.uri:
         raise CsrRejected(f"metadata {IMPERSONATED_IDENTITY} {named!r} differs from the CSR's SAN {identity.uri}")
 
@@ -101,8 +101,8 @@ def grpc_handler(service: CertificateService) -> grpc.GenericRpcHandler:
         except IdentityError as exc:
             context.abort(STATUS.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
 
-    method = grpc.unary_unary_rpc_method_handler(create, request_deserializer=IstioCertificateRequest.parse,
-                                                 response_serializer=bytes)
+    method = grpc.unary_unary_rpc_method_handler(create, request_deserializer=IstioCertificateRequest.FromString,
+                                                 response_serializer=IstioCertificateResponse.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})
 
 

@@ -21,7 +21,6 @@ import ssl
 from typing import Callable
 
 import h2.exceptions
-from envoy_data_plane.google.protobuf import Struct
 from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
@@ -29,8 +28,8 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from nodeagent import grpcwire
 from nodeagent.errors import NodeagentError
-from nodeagent.identity.caproto import (IMPERSONATED_IDENTITY, PATH, IstioCertificateRequest,
-                                        IstioCertificateResponse, default_server_name)
+from nodeagent.identity.caproto import (IMPERSONATED_IDENTITY, PATH, DecodeError, IstioCertificateRequest,
+                                        IstioCertificateResponse, Struct, default_server_name)
 from nodeagent.identity.errors import CaRefused, CaUnavailable
 from nodeagent.identity.spiffe import Identity
 
@@ -65,23 +64,24 @@ class CaClient:
     async def create_certificate(self, csr_pem: bytes, identity: Identity,
                                  ttl: dt.timedelta | None = None) -> list[str]:
         """The CA's chain (PEM strings, leaf first) for `csr_pem`."""
+        metadata = Struct()
+        metadata.update({IMPERSONATED_IDENTITY: identity.uri})
         request = IstioCertificateRequest(
-            csr=csr_pem.decode("ascii"), validity_duration=int(ttl.total_seconds()) if ttl else 0,
-            metadata=Struct.from_dict({IMPERSONATED_IDENTITY: identity.uri}))
+            csr=csr_pem.decode("ascii"), validity_duration=int(ttl.total_seconds()) if ttl else 0, metadata=metadata)
         try:
             token = self.token() if callable(self.token) else self.token
         except NodeagentError as exc:
             raise CaUnavailable(f"cannot read the token for the CA: {exc}") from None
         try:
-            data = await asyncio.wait_for(self._call(bytes(request), token), self.timeout)
-            response = IstioCertificateResponse.parse(data)
+            data = await asyncio.wait_for(self._call(request.SerializeToString(), token), self.timeout)
+            response = IstioCertificateResponse.FromString(data)
         except GRPCError as exc:
             if exc.status in REFUSALS:
                 raise CaRefused(exc.status.name, exc.message or "") from None
             raise self._unavailable(f"{exc.status.name}: {exc.message}") from None
         except UNAVAILABLE as exc:
             raise self._unavailable(f"{type(exc).__name__}: {exc}") from None
-        except ValueError as exc:  # an answer that is no IstioCertificateResponse
+        except DecodeError as exc:  # an answer that is no IstioCertificateResponse
             raise self._unavailable(f"its answer does not parse: {exc}") from None
         return list(response.cert_chain)
 

@@ -5,20 +5,22 @@ waypoint, in front of the selected pods), optionally `listener.portNumber`, a ma
 the http_connection_manager (optionally its `envoy.filters.http.router` sub-filter),
 operation INSERT_BEFORE (before the router when the sub-filter is named, else first, as
 istiod does) or INSERT_FIRST, and a value `envoy.filters.http.local_ratelimit` whose
-typed_config is a LocalRateLimit or a TypedStruct of one; every regex in it (rate_limits
-actions' header matches) is compiled as Envoy's RE2 compiles it. Patches for GATEWAY are
-valid but apply to no waypoint (a warning). Anything else is refused naming the field. Pure.
+typed_config is a LocalRateLimit or a TypedStruct of one (read as protobuf's JSON mapping
+reads it); every regex in it (rate_limits actions' header matches) is compiled as Envoy's
+RE2 compiles it, and a negative duration is refused. Patches for GATEWAY are valid but
+apply to no waypoint (a warning). Anything else is refused naming the field. Pure.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
-import betterproto2
-from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
-from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher
+from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2 import LocalRateLimit
+from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
@@ -136,31 +138,45 @@ def _value(field: Field, warn: Warn) -> LocalRateLimit:
         raise typed.error(f"must be a map with @type, not {describe(typed.value)}")
     body, where = _unwrap(typed)
     try:
-        config = LocalRateLimit.from_dict(body)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise where.error(f"is not a valid LocalRateLimit: {exc}") from None
+        config = json_format.ParseDict(body, LocalRateLimit())
+    except json_format.ParseError as exc:
+        reason = str(exc).partition("\n")[0].rstrip(".")  # names the field; then protobuf lists every field
+        raise where.error(f"is not a valid LocalRateLimit: {reason}") from None
     if not config.stat_prefix:
         raise where.error("stat_prefix must be set")
-    for path, pattern in _regexes(config, ""):
-        f.regex(Field(where.where, f"{where.path}{path}.regex", pattern), pattern)
+    for path, message in _messages(config, ""):
+        if isinstance(message, RegexMatcher):
+            f.regex(Field(where.where, f"{where.path}{path}.regex", message.regex), message.regex)
+        elif isinstance(message, Duration) and (message.seconds < 0 or message.nanos < 0):
+            # protobuf's parser takes "-1s"; Envoy needs a positive fill_interval.
+            raise Field(where.where, f"{where.path}{path}", message.ToJsonString()).error(
+                f"{message.ToJsonString()} is negative", "give a duration such as 1s")
     for name, effect in (("filter_enabled", "never runs"), ("filter_enforced", "only counts, never enforces")):
-        if getattr(config, name) is None:
+        if not config.HasField(name):
             warn(where.error(f"{name} is not set, so Envoy {effect} this rate limit",
                              f"set {name}.default_value to 100%"))
     return config
 
 
-def _regexes(message: betterproto2.Message, path: str) -> Iterator[tuple[str, str]]:
-    """(field path, pattern) of every RegexMatcher within `message`."""
-    if isinstance(message, RegexMatcher):
-        yield path, message.regex
-        return
-    for item in dataclasses.fields(message):
-        value = getattr(message, item.name)
-        values = enumerate(value) if isinstance(value, list) else [(None, value)]
-        for i, one in values:
-            if isinstance(one, betterproto2.Message):
-                yield from _regexes(one, f"{path}.{item.name}" + (f"[{i}]" if i is not None else ""))
+def _messages(message: Message, path: str) -> Iterator[tuple[str, Message]]:
+    """(field path, message) of every message set within `message`, lists and maps included."""
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            if field.message_type.fields_by_name["value"].message_type is not None:
+                for key, one in value.items():
+                    yield from _nested(one, f"{path}.{field.name}[{key}]")
+        elif field.is_repeated:
+            for i, one in enumerate(value):
+                yield from _nested(one, f"{path}.{field.name}[{i}]")
+        else:
+            yield from _nested(value, f"{path}.{field.name}")
+
+
+def _nested(message: Message, path: str) -> Iterator[tuple[str, Message]]:
+    yield path, message
+    yield from _messages(message, path)
 
 
 def _unwrap(typed: Field) -> tuple[dict, Field]:

@@ -10,33 +10,30 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from envoy_data_plane.envoy.config.core.v3 import (DataSource, HeaderValue, HeaderValueOption,
-                                                  HeaderValueOptionHeaderAppendAction, RuntimeFractionalPercent)
-from envoy_data_plane.envoy.config.route.v3 import (
-    DirectResponseAction, RedirectAction, RedirectActionRedirectResponseCode, RetryPolicy,
-    RetryPolicyRetryBackOff, RetryPolicyRetryHostPredicate, RouteAction, RouteActionRequestMirrorPolicy,
-    WeightedCluster, WeightedClusterClusterWeight)
-from envoy_data_plane.envoy.extensions.filters.common.fault.v3 import FaultDelay
-from envoy_data_plane.envoy.extensions.filters.http.fault.v3 import FaultAbort, HttpFault
-from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
-from envoy_data_plane.envoy.type.matcher.v3 import RegexMatchAndSubstitute, RegexMatcher
-from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
+from envoy.config.core.v3.base_pb2 import DataSource, HeaderValue, HeaderValueOption, RuntimeFractionalPercent
+from envoy.config.route.v3.route_components_pb2 import (
+    DirectResponseAction, RedirectAction, RetryPolicy, RouteAction, WeightedCluster)
+from envoy.extensions.filters.common.fault.v3.fault_pb2 import FaultDelay
+from envoy.extensions.filters.http.fault.v3.fault_pb2 import FaultAbort, HTTPFault
+from envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2 import PreviousHostsPredicate
+from envoy.type.matcher.v3.regex_pb2 import RegexMatchAndSubstitute, RegexMatcher
+from envoy.type.v3.percent_pb2 import FractionalPercent
 
 from nodeagent.xds.istio.fields import HeaderOps
 from nodeagent.xds.istio.virtualservice import Fault, HttpRoute, Redirect, Retry, VirtualService
 from nodeagent.xds.resources import pack
 from nodeagent.xds.translate.context import Context
-from nodeagent.xds.translate.primitives import fraction
+from nodeagent.xds.translate.primitives import boolean, fraction, u32
 
-OVERWRITE = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
-APPEND = HeaderValueOptionHeaderAppendAction.APPEND_IF_EXISTS_OR_ADD
+OVERWRITE = HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+APPEND = HeaderValueOption.HeaderAppendAction.APPEND_IF_EXISTS_OR_ADD
 DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
-REDIRECT_CODES = {301: RedirectActionRedirectResponseCode.MOVED_PERMANENTLY,
-                  302: RedirectActionRedirectResponseCode.FOUND,
-                  303: RedirectActionRedirectResponseCode.SEE_OTHER,
-                  307: RedirectActionRedirectResponseCode.TEMPORARY_REDIRECT,
-                  308: RedirectActionRedirectResponseCode.PERMANENT_REDIRECT}
-HUNDRED_PERCENT = FractionalPercent(numerator=100, denominator=FractionalPercentDenominatorType.HUNDRED)
+REDIRECT_CODES = {301: RedirectAction.RedirectResponseCode.MOVED_PERMANENTLY,
+                  302: RedirectAction.RedirectResponseCode.FOUND,
+                  303: RedirectAction.RedirectResponseCode.SEE_OTHER,
+                  307: RedirectAction.RedirectResponseCode.TEMPORARY_REDIRECT,
+                  308: RedirectAction.RedirectResponseCode.PERMANENT_REDIRECT}
+HUNDRED_PERCENT = FractionalPercent(numerator=100, denominator=FractionalPercent.DenominatorType.HUNDRED)
 
 
 def route_action(ctx: Context, vs: VirtualService, http: HttpRoute, port: int,
@@ -49,22 +46,22 @@ def route_action(ctx: Context, vs: VirtualService, http: HttpRoute, port: int,
         action.cluster = ctx.destination(only.destination, vs.namespace, port, f"{where}.route[{i}].destination")
         headers.extend(only.headers)
     else:
-        action.weighted_clusters = WeightedCluster(clusters=[_weighted(ctx, vs, d, port, f"{where}.route[{i}]")
-                                                             for i, d in live])
+        action.weighted_clusters.CopyFrom(WeightedCluster(clusters=[
+            _weighted(ctx, vs, d, port, f"{where}.route[{i}]") for i, d in live]))
     _rewrite(action, http, headers.authority)
-    action.request_mirror_policies = [
-        RouteActionRequestMirrorPolicy(cluster=ctx.destination(m.destination, vs.namespace, port,
-                                                               f"{where}.mirror"),
-                                       runtime_fraction=RuntimeFractionalPercent(
-                                           default_value=fraction(m.fraction) if m.fraction else HUNDRED_PERCENT),
-                                       trace_sampled=False)
-        for m in http.mirrors if m.fraction is None or m.fraction.value > 0]
+    action.request_mirror_policies.extend(
+        RouteAction.RequestMirrorPolicy(cluster=ctx.destination(m.destination, vs.namespace, port,
+                                                                f"{where}.mirror"),
+                                        runtime_fraction=RuntimeFractionalPercent(
+                                            default_value=fraction(m.fraction) if m.fraction else HUNDRED_PERCENT),
+                                        trace_sampled=boolean(False))
+        for m in http.mirrors if m.fraction is None or m.fraction.value > 0)
     return action
 
 
-def _weighted(ctx: Context, vs: VirtualService, dest, port: int, where: str) -> WeightedClusterClusterWeight:
-    out = WeightedClusterClusterWeight(name=ctx.destination(dest.destination, vs.namespace, port,
-                                                            f"{where}.destination"), weight=dest.weight)
+def _weighted(ctx: Context, vs: VirtualService, dest, port: int, where: str) -> WeightedCluster.ClusterWeight:
+    out = WeightedCluster.ClusterWeight(name=ctx.destination(dest.destination, vs.namespace, port,
+                                                             f"{where}.destination"), weight=u32(dest.weight))
     changes = HeaderChanges()
     changes.extend(dest.headers)
     changes.apply(out)
@@ -77,8 +74,8 @@ def _rewrite(action: RouteAction, http: HttpRoute, authority: str) -> None:
     rewrite = http.rewrite
     if rewrite is not None:
         if rewrite.regex:
-            action.regex_rewrite = RegexMatchAndSubstitute(pattern=RegexMatcher(regex=rewrite.regex[0]),
-                                                           substitution=rewrite.regex[1])
+            action.regex_rewrite.CopyFrom(RegexMatchAndSubstitute(pattern=RegexMatcher(regex=rewrite.regex[0]),
+                                                                  substitution=rewrite.regex[1]))
         elif rewrite.uri:
             action.prefix_rewrite = rewrite.uri
         authority = rewrite.authority or authority
@@ -89,47 +86,49 @@ def _rewrite(action: RouteAction, http: HttpRoute, authority: str) -> None:
 def retry_policy(retry: Retry | None) -> RetryPolicy | None:
     """istiod's ConvertPolicy: its default when unset; none when attempts is 0; else the
     default with attempts, retryOn (numbers become retriable status codes) and the rest."""
-    out = RetryPolicy(num_retries=2, retry_on=DEFAULT_RETRY_ON, retriable_status_codes=[503],
-                      host_selection_retry_max_attempts=5, retry_host_predicate=[_previous_hosts()])
     if retry is None:
-        return out
+        return RetryPolicy(num_retries=u32(2), retry_on=DEFAULT_RETRY_ON, retriable_status_codes=[503],
+                           host_selection_retry_max_attempts=5, retry_host_predicate=[_previous_hosts()])
     if retry.attempts <= 0:
         return None
-    out.num_retries = retry.attempts
-    if retry.retry_on:
-        parts = [p.strip() for p in retry.retry_on.split(",") if p.strip()]
-        codes = [int(p) for p in parts if p.isdigit() and 100 <= int(p) <= 599]
-        out.retry_on = ",".join(p for p in parts if not (p.isdigit() and 100 <= int(p) <= 599))
-        out.retriable_status_codes = codes
-        if codes and "retriable-status-codes" not in out.retry_on:
-            out.retry_on = ",".join(filter(None, (out.retry_on, "retriable-status-codes")))
-    out.per_try_timeout = retry.per_try_timeout
-    if retry.retry_ignore_previous_hosts is not None:
-        out.retry_host_predicate = [_previous_hosts()] if retry.retry_ignore_previous_hosts else []
-    if retry.backoff is not None:
-        out.retry_back_off = RetryPolicyRetryBackOff(base_interval=retry.backoff)
-    return out
+    retry_on, codes = _retry_on(retry.retry_on) if retry.retry_on else (DEFAULT_RETRY_ON, [503])
+    return RetryPolicy(
+        num_retries=u32(retry.attempts), retry_on=retry_on, retriable_status_codes=codes,
+        host_selection_retry_max_attempts=5, per_try_timeout=retry.per_try_timeout,
+        retry_host_predicate=[] if retry.retry_ignore_previous_hosts is False else [_previous_hosts()],
+        retry_back_off=None if retry.backoff is None else RetryPolicy.RetryBackOff(base_interval=retry.backoff))
 
 
-def _previous_hosts() -> RetryPolicyRetryHostPredicate:
-    return RetryPolicyRetryHostPredicate(name="envoy.retry_host_predicates.previous_hosts",
-                                         typed_config=pack(PreviousHostsPredicate()))
+def _retry_on(text: str) -> tuple[str, list[int]]:
+    """Istio's retryOn as Envoy's retry_on and the HTTP status codes in it, which go to
+    retriable_status_codes (and need the retriable-status-codes condition)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    codes = [int(p) for p in parts if p.isdigit() and 100 <= int(p) <= 599]
+    retry_on = ",".join(p for p in parts if not (p.isdigit() and 100 <= int(p) <= 599))
+    if codes and "retriable-status-codes" not in retry_on:
+        retry_on = ",".join(filter(None, (retry_on, "retriable-status-codes")))
+    return retry_on, codes
+
+
+def _previous_hosts() -> RetryPolicy.RetryHostPredicate:
+    return RetryPolicy.RetryHostPredicate(name="envoy.retry_host_predicates.previous_hosts",
+                                          typed_config=pack(PreviousHostsPredicate()))
 
 
 def fault_config(fault: Fault | None) -> dict:
     """typed_per_filter_config for envoy.filters.http.fault ({} without a fault)."""
     if fault is None:
         return {}
-    out = HttpFault()
+    delay = abort = None
     if fault.delay is not None:
         # istiod: an unset percentage is the deprecated integer percent, 0 when unset too.
-        out.delay = FaultDelay(fixed_delay=fault.delay, percentage=fraction(fault.delay_fraction) if
-                               fault.delay_fraction else FractionalPercent(
-                                   numerator=0, denominator=FractionalPercentDenominatorType.HUNDRED))
+        delay = FaultDelay(fixed_delay=fault.delay, percentage=fraction(fault.delay_fraction) if
+                           fault.delay_fraction else FractionalPercent(
+                               numerator=0, denominator=FractionalPercent.DenominatorType.HUNDRED))
     if fault.has_abort:
-        out.abort = FaultAbort(http_status=fault.abort_http, grpc_status=fault.abort_grpc,
-                               percentage=fraction(fault.abort_fraction) if fault.abort_fraction else None)
-    return {"envoy.filters.http.fault": pack(out)}
+        abort = FaultAbort(http_status=fault.abort_http, grpc_status=fault.abort_grpc,
+                           percentage=fraction(fault.abort_fraction) if fault.abort_fraction else None)
+    return {"envoy.filters.http.fault": pack(HTTPFault(delay=delay, abort=abort))}
 
 
 def redirect(value: Redirect, port: int) -> RedirectAction:
@@ -171,11 +170,12 @@ class HeaderChanges:
         self.authority = authority[-1] if authority else self.authority
 
     def apply(self, target) -> None:
-        """Set the four header fields on a Route or a WeightedCluster.ClusterWeight."""
-        target.request_headers_to_add = self.request_add
-        target.request_headers_to_remove = self.request_remove
-        target.response_headers_to_add = self.response_add
-        target.response_headers_to_remove = self.response_remove
+        """Fill the four header fields of a Route or a WeightedCluster.ClusterWeight
+        (empty until then: protobuf's repeated fields are extended, not assigned)."""
+        target.request_headers_to_add.extend(self.request_add)
+        target.request_headers_to_remove.extend(self.request_remove)
+        target.response_headers_to_add.extend(self.response_add)
+        target.response_headers_to_remove.extend(self.response_remove)
 
 
 def _internal(name: str) -> bool:

@@ -19,15 +19,16 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from envoy_data_plane.envoy.config.core.v3 import CidrRange
-from envoy_data_plane.envoy.config.rbac.v3 import (Permission, PermissionSet, Policy, Principal, PrincipalSet,
-                                                  Rbac as Rules, RbacAction, SourcedMetadata)
-from envoy_data_plane.envoy.config.route.v3 import HeaderMatcher
-from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
-from envoy_data_plane.envoy.type.matcher.v3 import (FilterStateMatcher, ListMatcher, MetadataMatcher,
-                                                   MetadataMatcherPathSegment, PathMatcher, StringMatcher,
-                                                   ValueMatcher)
+from envoy.config.core.v3.address_pb2 import CidrRange
+from envoy.config.rbac.v3.rbac_pb2 import RBAC as Rules, Permission, Policy, Principal, SourcedMetadata
+from envoy.config.route.v3.route_components_pb2 import HeaderMatcher
+from envoy.extensions.filters.http.rbac.v3.rbac_pb2 import RBAC as RbacFilter
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import HttpFilter
+from envoy.type.matcher.v3.filter_state_pb2 import FilterStateMatcher
+from envoy.type.matcher.v3.metadata_pb2 import MetadataMatcher
+from envoy.type.matcher.v3.path_pb2 import PathMatcher
+from envoy.type.matcher.v3.string_pb2 import StringMatcher
+from envoy.type.matcher.v3.value_pb2 import ListMatcher, ValueMatcher
 
 from nodeagent.policy.authz import ALLOW, DENY
 from nodeagent.policy.rules import OPERATION_FIELDS, SOURCE_FIELDS
@@ -36,7 +37,7 @@ from nodeagent.xds import dataplane
 from nodeagent.xds.istio.security import Authorization, request_principal
 from nodeagent.xds.translate.jwt import JWT_AUTHN, PAYLOAD
 from nodeagent.xds.translate.matches import namespace_regex
-from nodeagent.xds.translate.primitives import http_filter, istio_pattern, regex_matcher
+from nodeagent.xds.translate.primitives import http_filter, istio_pattern, regex_matcher, u32
 
 RBAC = "envoy.filters.http.rbac"
 SPIFFE = "spiffe://"
@@ -47,7 +48,7 @@ CLAIM = re.compile(r"\[([^\[\]]+)\]")
 
 def rbac_filters(authorizations: list[Authorization]) -> list[HttpFilter]:
     out = []
-    for action, envoy_action in ((DENY, RbacAction.DENY), (ALLOW, RbacAction.ALLOW)):
+    for action, envoy_action in ((DENY, Rules.DENY), (ALLOW, Rules.ALLOW)):
         chosen = [a for a in authorizations if a.policy.action == action]
         if chosen:
             policies = {}
@@ -55,7 +56,7 @@ def rbac_filters(authorizations: list[Authorization]) -> list[HttpFilter]:
                 for i, rule in enumerate(authz.obj.spec.get("rules") or []):
                     key = f"ns[{authz.obj.namespace}]-policy[{authz.obj.name}]-rule[{i}]"
                     policies[key] = _policy(rule or {}, authz, f"spec.rules[{i}]")
-            out.append(http_filter(RBAC, Rbac(rules=Rules(action=envoy_action, policies=policies))))
+            out.append(http_filter(RBAC, RbacFilter(rules=Rules(action=envoy_action, policies=policies))))
     return out
 
 
@@ -96,15 +97,15 @@ def _all(items: list, kind):
         return kind(any=True)
     if len(items) == 1:
         return items[0]
-    return Principal(and_ids=PrincipalSet(ids=items)) if kind is Principal else \
-        Permission(and_rules=PermissionSet(rules=items))
+    return Principal(and_ids=Principal.Set(ids=items)) if kind is Principal else \
+        Permission(and_rules=Permission.Set(rules=items))
 
 
 def _any(items: list, kind):
     if len(items) == 1:
         return items[0]
-    return Principal(or_ids=PrincipalSet(ids=items)) if kind is Principal else \
-        Permission(or_rules=PermissionSet(rules=items))
+    return Principal(or_ids=Principal.Set(ids=items)) if kind is Principal else \
+        Permission(or_rules=Permission.Set(rules=items))
 
 
 def _matcher(attribute: str, value: str, namespace: str, authz: Authorization, path: str):
@@ -131,7 +132,7 @@ def _header(name: str, value: str) -> HeaderMatcher:
 
 def _cidr(value: str) -> CidrRange:
     network = ipaddress.ip_network(value, strict=False)
-    return CidrRange(address_prefix=str(network.network_address), prefix_len=network.prefixlen)
+    return CidrRange(address_prefix=str(network.network_address), prefix_len=u32(network.prefixlen))
 
 
 def _principal_state(matcher: StringMatcher) -> Principal:
@@ -156,7 +157,7 @@ def _service_account(value: str, namespace: str) -> Principal:
 
 def _claim(path: list[str], value: str, lists: bool = True) -> Principal:
     """A JWT payload value (string, or a list holding it, for claims) as jwt_authn stored it."""
-    segments = [MetadataMatcherPathSegment(key=k) for k in [PAYLOAD, *path]]
+    segments = [MetadataMatcher.PathSegment(key=k) for k in [PAYLOAD, *path]]
     if value == "*":
         return Principal(sourced_metadata=SourcedMetadata(metadata_matcher=MetadataMatcher(
             filter=JWT_AUTHN, path=segments, value=ValueMatcher(present_match=True))))

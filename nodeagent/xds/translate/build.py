@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-import betterproto2
+from google.protobuf.message import Message
 
 from nodeagent.errors import ConfigError
 from nodeagent.model import Model
@@ -27,11 +27,11 @@ from nodeagent.xds.translate.options import WaypointOptions
 
 @dataclass(frozen=True)
 class Translation:
-    resources: Mapping[str, tuple[betterproto2.Message, ...]]  # type URL → messages, by name
+    resources: Mapping[str, tuple[Message, ...]]  # type URL → messages, by name
     dataplane: DataPlane
     warnings: tuple[ConfigError, ...]  # dangling references, unresolved ports, unfetched keys
 
-    def messages(self) -> list[betterproto2.Message]:
+    def messages(self) -> list[Message]:
         return [m for t in rt.PUSH_ORDER for m in self.resources.get(t, ())]
 
 

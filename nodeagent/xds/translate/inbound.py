@@ -18,21 +18,23 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 
-from envoy_data_plane.envoy.config.core.v3 import CidrRange
-from envoy_data_plane.envoy.config.listener.v3 import FilterChain, FilterChainMatch, Listener
-from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+from envoy.config.core.v3.address_pb2 import CidrRange
+from envoy.config.listener.v3.listener_components_pb2 import FilterChain, FilterChainMatch
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import HttpFilter
 
 from nodeagent.model import Pod
 from nodeagent.policy.authz import ALLOW, DENY
 from nodeagent.policy.scope import Scope, labels_match
 from nodeagent.xds import dataplane
 from nodeagent.xds.istio.envoyfilter import LOCAL_RATELIMIT, EnvoyFilter, RateLimitPatch
+from nodeagent.xds.resources import serialize
 from nodeagent.xds.translate import listeners, names, routes
 from nodeagent.xds.translate.authz import rbac_filters
 from nodeagent.xds.translate.context import Context
 from nodeagent.xds.translate.jwt import jwt_filter
-from nodeagent.xds.translate.primitives import http_filter
+from nodeagent.xds.translate.primitives import http_filter, u32
 from nodeagent.xds.translate.services import TCP, protocol
 
 TLVS = (dataplane.TLV_PRINCIPAL,)
@@ -71,7 +73,7 @@ def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list
 def chain_digest(chain: FilterChain) -> str:
     """What Envoy compares to keep a filter chain across a listener update (its serialized
     config): equal digests, the connections on it keep their policy; else they are drained."""
-    return hashlib.sha256(bytes(chain)).hexdigest()[:16]
+    return hashlib.sha256(serialize(chain)).hexdigest()[:16]
 
 
 def selects(ctx: Context, scope: Scope, pod: Pod) -> bool:
@@ -143,8 +145,8 @@ def _with_limits(head: list[HttpFilter], patches: list[RateLimitPatch], port: in
 
 def _chain(pod: Pod, port: int, filters: list[HttpFilter]) -> FilterChain:
     ip = ipaddress.ip_address(pod.ip)
-    match = FilterChainMatch(prefix_ranges=[CidrRange(address_prefix=str(ip), prefix_len=ip.max_prefixlen)],
-                             destination_port=port)
+    match = FilterChainMatch(prefix_ranges=[CidrRange(address_prefix=str(ip), prefix_len=u32(ip.max_prefixlen))],
+                             destination_port=u32(port))
     hcm = listeners.http_connection_manager(f"inbound|{port}|{pod.namespace}/{pod.name}",
                                             names.inbound_routes(port), filters,
                                             log_name=names.INBOUND_LISTENER, normalize=True)

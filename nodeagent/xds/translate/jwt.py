@@ -15,13 +15,12 @@ import base64
 import hashlib
 import json
 
-from envoy_data_plane.envoy.config.core.v3 import DataSource
-from envoy_data_plane.envoy.config.route.v3 import RouteMatch
-from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
-    JwtAuthentication, JwtClaimToHeader, JwtHeader, JwtProvider, JwtRequirement, JwtRequirementOrList,
-    RequirementRule)
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
-from envoy_data_plane.google.protobuf import Empty
+from envoy.config.core.v3.base_pb2 import DataSource
+from envoy.config.route.v3.route_components_pb2 import RouteMatch
+from envoy.extensions.filters.http.jwt_authn.v3.config_pb2 import (
+    JwtAuthentication, JwtClaimToHeader, JwtHeader, JwtProvider, JwtRequirement, JwtRequirementOrList, RequirementRule)
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import HttpFilter
+from google.protobuf.empty_pb2 import Empty
 
 from nodeagent.errors import ConfigError
 from nodeagent.xds.istio.security import Authentication, JwtRule

@@ -17,30 +17,29 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
-from envoy_data_plane.envoy.config.core.v3 import (Address, ApiVersion, DataSource, GrpcService,
-                                                  GrpcServiceEnvoyGrpc, Pipe, ProxyProtocolPassThroughTlVs,
-                                                  ProxyProtocolPassThroughTlVsPassTlVsMatchType,
-                                                  SubstitutionFormatString)
-from envoy_data_plane.envoy.config.listener.v3 import (Filter, FilterChain, Listener, ListenerFilter,
-                                                      ListenerInternalListenerConfig)
-from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (CommonGrpcAccessLogConfig,
-                                                                      HttpGrpcAccessLogConfig)
-from envoy_data_plane.envoy.extensions.filters.common.set_filter_state.v3 import FilterStateValue
-from envoy_data_plane.envoy.extensions.filters.listener.proxy_protocol.v3 import (ProxyProtocol,
-                                                                                  ProxyProtocolKeyValuePair,
-                                                                                  ProxyProtocolRule)
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
-    HttpConnectionManager, HttpConnectionManagerUpgradeConfig, HttpFilter, Rds)
-from envoy_data_plane.envoy.extensions.filters.network.set_filter_state.v3 import Config as SetFilterState
-from envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3 import TcpProxy
-from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy.config.accesslog.v3.accesslog_pb2 import AccessLog
+from envoy.config.core.v3.address_pb2 import Address, Pipe
+from envoy.config.core.v3.base_pb2 import DataSource
+from envoy.config.core.v3.config_source_pb2 import ApiVersion
+from envoy.config.core.v3.grpc_service_pb2 import GrpcService
+from envoy.config.core.v3.proxy_protocol_pb2 import ProxyProtocolPassThroughTLVs
+from envoy.config.core.v3.substitution_format_string_pb2 import SubstitutionFormatString
+from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain, ListenerFilter
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.extensions.access_loggers.grpc.v3.als_pb2 import CommonGrpcAccessLogConfig, HttpGrpcAccessLogConfig
+from envoy.extensions.filters.common.set_filter_state.v3.value_pb2 import FilterStateValue
+from envoy.extensions.filters.http.router.v3.router_pb2 import Router
+from envoy.extensions.filters.listener.proxy_protocol.v3.proxy_protocol_pb2 import ProxyProtocol
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (
+    HttpConnectionManager, HttpFilter, Rds)
+from envoy.extensions.filters.network.set_filter_state.v3.set_filter_state_pb2 import Config
+from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
 
 from nodeagent.xds import dataplane
 from nodeagent.xds.bootstrap import XDS_CLUSTER
 from nodeagent.xds.resources import pack
 from nodeagent.xds.translate import names
-from nodeagent.xds.translate.primitives import ADS, PASSED_TLVS, http_filter, network_filter
+from nodeagent.xds.translate.primitives import ADS, PASSED_TLVS, boolean, http_filter, network_filter, u32
 
 HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
@@ -65,10 +64,10 @@ def listener(name: str, path: str, tlvs: tuple[int, ...], chains: list[FilterCha
 
 def _proxy_protocol(tlvs: tuple[int, ...]) -> ListenerFilter:
     config = ProxyProtocol(
-        rules=[ProxyProtocolRule(tlv_type=t, on_tlv_present=ProxyProtocolKeyValuePair(
+        rules=[ProxyProtocol.Rule(tlv_type=t, on_tlv_present=ProxyProtocol.KeyValuePair(
             metadata_namespace=dataplane.METADATA_NAMESPACE, key=dataplane.TLV_KEYS[t])) for t in tlvs],
-        pass_through_tlvs=ProxyProtocolPassThroughTlVs(
-            match_type=ProxyProtocolPassThroughTlVsPassTlVsMatchType.INCLUDE,
+        pass_through_tlvs=ProxyProtocolPassThroughTLVs(
+            match_type=ProxyProtocolPassThroughTLVs.PassTLVsMatchType.INCLUDE,
             tlv_type=[t for t in PASSED_TLVS if t in tlvs]))
     return ListenerFilter(name="envoy.filters.listener.proxy_protocol", typed_config=pack(config))
 
@@ -81,7 +80,7 @@ def set_filter_state(tlvs: tuple[int, ...]) -> Filter:
         format_string=SubstitutionFormatString(omit_empty_values=True, text_format_source=DataSource(
             inline_string=f"%DYNAMIC_METADATA({dataplane.METADATA_NAMESPACE}:{dataplane.TLV_KEYS[t]})%")))
         for t in tlvs]
-    return network_filter("envoy.filters.network.set_filter_state", SetFilterState(on_new_connection=values))
+    return network_filter("envoy.filters.network.set_filter_state", Config(on_new_connection=values))
 
 
 def stat_prefix(name: str) -> str:
@@ -94,10 +93,10 @@ def http_connection_manager(prefix: str, route_config: str, filters: list[HttpFi
     hcm = HttpConnectionManager(
         stat_prefix=stat_prefix(prefix), rds=Rds(config_source=ADS, route_config_name=route_config),
         http_filters=filters + [http_filter(ROUTER, Router())],
-        upgrade_configs=[HttpConnectionManagerUpgradeConfig(upgrade_type="websocket")],
-        access_log=[access_log(log_name)])
-    if normalize:  # paths are normalized before authorization looks at them, as istiod does inbound
-        hcm.normalize_path = True
+        upgrade_configs=[HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
+        access_log=[access_log(log_name)],
+        # paths are normalized before authorization looks at them, as istiod does inbound
+        normalize_path=boolean(True) if normalize else None)
     return network_filter(HCM, hcm)
 
 
@@ -107,8 +106,8 @@ def access_log(log_name: str) -> AccessLog:
     has no body (trailers-only)."""
     common = CommonGrpcAccessLogConfig(
         log_name=log_name, transport_api_version=ApiVersion.V3,
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=XDS_CLUSTER)),
-        buffer_flush_interval=ACCESS_LOG_FLUSH, buffer_size_bytes=ACCESS_LOG_BUFFER,
+        grpc_service=GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
+        buffer_flush_interval=ACCESS_LOG_FLUSH, buffer_size_bytes=u32(ACCESS_LOG_BUFFER),
         filter_state_objects_to_log=list(LOGGED_FILTER_STATE))
     config = HttpGrpcAccessLogConfig(common_config=common, additional_request_headers_to_log=["content-type"],
                                      additional_response_headers_to_log=["grpc-status"],
@@ -124,6 +123,6 @@ def tcp_proxy(prefix: str, proxy: TcpProxy) -> Filter:
 def upstream_listener() -> Listener:
     """Internal listener every outbound endpoint address points at: bytes (the PROXY
     header the cluster wrote, then the request) go on to the agent's upstream socket."""
-    return Listener(name=names.UPSTREAM_LISTENER, internal_listener=ListenerInternalListenerConfig(),
+    return Listener(name=names.UPSTREAM_LISTENER, internal_listener=Listener.InternalListenerConfig(),
                     filter_chains=[FilterChain(filters=[tcp_proxy(names.UPSTREAM_LISTENER,
                                                                   TcpProxy(cluster=names.AGENT_UPSTREAM))])])

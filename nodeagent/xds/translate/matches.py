@@ -12,45 +12,41 @@ SOURCE_LABELS and PRINCIPAL, copied to filter state by the listener).
 
 from __future__ import annotations
 
-from envoy_data_plane.envoy.config.route.v3 import HeaderMatcher, QueryParameterMatcher, RouteMatch
-from envoy_data_plane.envoy.type.matcher.v3 import FilterStateMatcher, RegexMatcher
+from envoy.config.route.v3.route_components_pb2 import HeaderMatcher, QueryParameterMatcher, RouteMatch
+from envoy.type.matcher.v3.filter_state_pb2 import FilterStateMatcher
+from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
 
 from nodeagent.xds import dataplane
 from nodeagent.xds.istio.fields import StringMatch
 from nodeagent.xds.istio.virtualservice import HttpMatch
-from nodeagent.xds.translate.primitives import regex_matcher, string_matcher
+from nodeagent.xds.translate.primitives import boolean, regex_matcher, string_matcher
 
 SPIFFE_ANY_TRUST_DOMAIN = "spiffe://[^/]+"
 
 
 def route_match(match: HttpMatch | None) -> RouteMatch:
-    out = RouteMatch(prefix="/")
     if match is None:
-        return out
-    _path(out, match.uri)
-    out.case_sensitive = not match.ignore_uri_case
+        return RouteMatch(prefix="/")
     headers = [header(n, m) for n, m in match.headers]
     headers += [header(n, m, invert=True) for n, m in match.without_headers]
     headers.sort(key=lambda h: h.name)
     for name, value in ((":method", match.method), (":authority", match.authority), (":scheme", match.scheme)):
         if value is not None:
             headers.append(header(name, value))
-    out.headers = headers
-    out.query_parameters = [_query(n, m) for n, m in match.query_params]
-    out.filter_state = source_matchers(match)
-    return out
+    return RouteMatch(**_path(match.uri), case_sensitive=boolean(not match.ignore_uri_case), headers=headers,
+                      query_parameters=[_query(n, m) for n, m in match.query_params],
+                      filter_state=source_matchers(match))
 
 
-def _path(out: RouteMatch, uri: StringMatch | None) -> None:
+def _path(uri: StringMatch | None) -> dict:
+    """The path specifier (a oneof) as RouteMatch's keyword: every path without a uri."""
     if uri is None or uri.kind == "present":
-        return
-    out.prefix = None
+        return {"prefix": "/"}
     if uri.kind == "exact":
-        out.path = uri.value
-    elif uri.kind == "prefix":
-        out.prefix = uri.value
-    else:
-        out.safe_regex = RegexMatcher(regex=uri.value)
+        return {"path": uri.value}
+    if uri.kind == "prefix":
+        return {"prefix": uri.value}
+    return {"safe_regex": RegexMatcher(regex=uri.value)}
 
 
 def header(name: str, match: StringMatch, invert: bool = False) -> HeaderMatcher:

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import ipaddress
 
-from envoy_data_plane.envoy.config.core.v3 import CidrRange
-from envoy_data_plane.envoy.config.listener.v3 import FilterChain, FilterChainMatch, Listener
-from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
-from envoy_data_plane.envoy.extensions.filters.http.fault.v3 import HttpFault
-from envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3 import (TcpProxy, TcpProxyWeightedCluster,
-                                                                            TcpProxyWeightedClusterClusterWeight)
+from envoy.config.core.v3.address_pb2 import CidrRange
+from envoy.config.listener.v3.listener_components_pb2 import FilterChain, FilterChainMatch
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.extensions.filters.http.fault.v3.fault_pb2 import HTTPFault
+from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
 
 from nodeagent.model import Service, ServicePort
 from nodeagent.xds import dataplane
 from nodeagent.xds.istio.virtualservice import VirtualService
 from nodeagent.xds.translate import listeners, names, routes
 from nodeagent.xds.translate.context import Context
-from nodeagent.xds.translate.primitives import http_filter
+from nodeagent.xds.translate.primitives import http_filter, u32
 from nodeagent.xds.translate.services import TCP, client_side, protocol
 
 TLVS = (dataplane.TLV_PRINCIPAL, dataplane.TLV_SOURCE_LABELS, dataplane.TLV_SOURCE_WORKLOAD)
@@ -47,15 +47,15 @@ def _chain(ctx: Context, service: Service, port: ServicePort, vs: VirtualService
            tables: list[RouteConfiguration]) -> FilterChain:
     name = names.outbound_cluster(service.hostname, port.port)
     ip = ipaddress.ip_address(service.cluster_ip)
-    match = FilterChainMatch(prefix_ranges=[CidrRange(address_prefix=str(ip), prefix_len=ip.max_prefixlen)],
-                             destination_port=port.port)
+    match = FilterChainMatch(prefix_ranges=[CidrRange(address_prefix=str(ip), prefix_len=u32(ip.max_prefixlen))],
+                             destination_port=u32(port.port))
     if protocol(port, vs) == TCP:
         network = listeners.tcp_proxy(name, _tcp_target(ctx, service, port, vs))
     else:
         table = routes.outbound_table(ctx, service, port)
         tables.append(table)
         network = listeners.http_connection_manager(name, table.name,
-                                                    [http_filter("envoy.filters.http.fault", HttpFault())],
+                                                    [http_filter("envoy.filters.http.fault", HTTPFault())],
                                                     log_name=names.OUTBOUND_LISTENER)
     return FilterChain(name=name, filter_chain_match=match, filters=[listeners.set_filter_state(TLVS), network])
 
@@ -70,6 +70,6 @@ def _tcp_target(ctx: Context, service: Service, port: ServicePort, vs: VirtualSe
                    for i, d in live]
         if len(targets) == 1:
             return TcpProxy(cluster=targets[0][0])
-        return TcpProxy(weighted_clusters=TcpProxyWeightedCluster(clusters=[
-            TcpProxyWeightedClusterClusterWeight(name=c, weight=w) for c, w in targets]))
+        return TcpProxy(weighted_clusters=TcpProxy.WeightedCluster(clusters=[
+            TcpProxy.WeightedCluster.ClusterWeight(name=c, weight=w) for c, w in targets]))
     return TcpProxy(cluster=ctx.cluster(service, port))

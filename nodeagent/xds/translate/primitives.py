@@ -1,20 +1,26 @@
 """Envoy building blocks the translators share: the ADS config source, filters wrapped
-with their typed config, the PROXY v2 transport sockets, string matchers and fractions.
+with their typed config, the PROXY v2 transport sockets, string matchers and fractions,
+and the google.protobuf wrappers and Struct as values of fields (protobuf's constructors
+take a message there, not the Python value).
 """
 
 from __future__ import annotations
 
-import betterproto2
-from envoy_data_plane.envoy.config.core.v3 import (
-    AggregatedConfigSource, ApiVersion, ConfigSource, ProxyProtocolConfig, ProxyProtocolConfigVersion,
-    ProxyProtocolPassThroughTlVs, ProxyProtocolPassThroughTlVsPassTlVsMatchType, TransportSocket)
-from envoy_data_plane.envoy.config.listener.v3 import Filter
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
-from envoy_data_plane.envoy.extensions.transport_sockets.internal_upstream.v3 import InternalUpstreamTransport
-from envoy_data_plane.envoy.extensions.transport_sockets.proxy_protocol.v3 import ProxyProtocolUpstreamTransport
-from envoy_data_plane.envoy.extensions.transport_sockets.raw_buffer.v3 import RawBuffer
-from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
-from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
+from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
+from envoy.config.core.v3.base_pb2 import TransportSocket
+from envoy.config.core.v3.config_source_pb2 import AggregatedConfigSource, ApiVersion, ConfigSource
+from envoy.config.core.v3.proxy_protocol_pb2 import ProxyProtocolConfig, ProxyProtocolPassThroughTLVs
+from envoy.config.listener.v3.listener_components_pb2 import Filter
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import HttpFilter
+from envoy.extensions.transport_sockets.internal_upstream.v3.internal_upstream_pb2 import InternalUpstreamTransport
+from envoy.extensions.transport_sockets.proxy_protocol.v3.upstream_proxy_protocol_pb2 import (
+    ProxyProtocolUpstreamTransport)
+from envoy.extensions.transport_sockets.raw_buffer.v3.raw_buffer_pb2 import RawBuffer
+from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
+from envoy.type.matcher.v3.string_pb2 import StringMatcher
+from envoy.type.v3.percent_pb2 import FractionalPercent
 
 from nodeagent.xds import dataplane
 from nodeagent.xds.istio.fields import StringMatch
@@ -26,15 +32,32 @@ ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion
 PASSED_TLVS = (dataplane.TLV_PRINCIPAL, dataplane.TLV_SOURCE_WORKLOAD)
 
 
-def http_filter(name: str, config: betterproto2.Message) -> HttpFilter:
+def u32(value: int | None) -> UInt32Value | None:
+    """A UInt32Value field's value; None leaves the field unset."""
+    return None if value is None else UInt32Value(value=value)
+
+
+def boolean(value: bool | None) -> BoolValue | None:
+    """A BoolValue field's value; None leaves the field unset."""
+    return None if value is None else BoolValue(value=value)
+
+
+def struct(values: dict) -> Struct:
+    """A Struct of JSON-like `values`."""
+    out = Struct()
+    out.update(values)
+    return out
+
+
+def http_filter(name: str, config: Message) -> HttpFilter:
     return HttpFilter(name=name, typed_config=pack(config))
 
 
-def network_filter(name: str, config: betterproto2.Message) -> Filter:
+def network_filter(name: str, config: Message) -> Filter:
     return Filter(name=name, typed_config=pack(config))
 
 
-def transport_socket(name: str, config: betterproto2.Message) -> TransportSocket:
+def transport_socket(name: str, config: Message) -> TransportSocket:
     return TransportSocket(name=name, typed_config=pack(config))
 
 
@@ -49,8 +72,8 @@ def proxy_protocol_transport(internal: bool) -> TransportSocket:
     if internal:
         inner = transport_socket("envoy.transport_sockets.internal_upstream",
                                  InternalUpstreamTransport(transport_socket=inner))
-    config = ProxyProtocolConfig(version=ProxyProtocolConfigVersion.V2, pass_through_tlvs=ProxyProtocolPassThroughTlVs(
-        match_type=ProxyProtocolPassThroughTlVsPassTlVsMatchType.INCLUDE, tlv_type=list(PASSED_TLVS)))
+    config = ProxyProtocolConfig(version=ProxyProtocolConfig.Version.V2, pass_through_tlvs=ProxyProtocolPassThroughTLVs(
+        match_type=ProxyProtocolPassThroughTLVs.PassTLVsMatchType.INCLUDE, tlv_type=list(PASSED_TLVS)))
     return transport_socket("envoy.transport_sockets.upstream_proxy_protocol",
                             ProxyProtocolUpstreamTransport(config=config, transport_socket=inner))
 
@@ -83,6 +106,6 @@ def istio_pattern(text: str, prefix: str = "", ignore_case: bool = False) -> Str
 def fraction(value: Fraction) -> FractionalPercent:
     """Istio's translation: `percentage` in millionths, the deprecated integer in hundredths."""
     if value.legacy_integer:
-        return FractionalPercent(numerator=int(value.value), denominator=FractionalPercentDenominatorType.HUNDRED)
+        return FractionalPercent(numerator=int(value.value), denominator=FractionalPercent.DenominatorType.HUNDRED)
     return FractionalPercent(numerator=int(round(value.value * 10000)),
-                             denominator=FractionalPercentDenominatorType.MILLION)
+                             denominator=FractionalPercent.DenominatorType.MILLION)

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from envoy_data_plane.envoy.config.core.v3 import Metadata
-from envoy_data_plane.envoy.config.route.v3 import (Route, RouteAction, RouteConfiguration, RouteMatch,
-                                                   VirtualHost)
-from envoy_data_plane.google.protobuf import Struct
+from envoy.config.core.v3.base_pb2 import Metadata
+from envoy.config.route.v3.route_components_pb2 import Route, RouteAction, RouteMatch, VirtualHost
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
 
 from nodeagent.model import Service, ServicePort
 from nodeagent.xds.istio.virtualservice import MESH_GATEWAY, HttpMatch, HttpRoute, VirtualService
 from nodeagent.xds.translate import actions, names
 from nodeagent.xds.translate.context import Context
 from nodeagent.xds.translate.matches import client_namespace_matcher, is_catch_all, route_match
+from nodeagent.xds.translate.primitives import struct
 
 
 def outbound_table(ctx: Context, service: Service, port: ServicePort) -> RouteConfiguration:
@@ -80,11 +80,11 @@ def _route(ctx: Context, vs: VirtualService, http: HttpRoute, match: HttpMatch |
     headers = actions.HeaderChanges()
     headers.extend(http.headers)
     if http.redirect is not None:
-        out.redirect = actions.redirect(http.redirect, port)
+        out.redirect.CopyFrom(actions.redirect(http.redirect, port))
     elif http.direct_status is not None:
-        out.direct_response = actions.direct_response(http.direct_status, http.direct_body)
+        out.direct_response.CopyFrom(actions.direct_response(http.direct_status, http.direct_body))
     else:
-        out.route = actions.route_action(ctx, vs, http, port, headers)
+        out.route.CopyFrom(actions.route_action(ctx, vs, http, port, headers))
     headers.apply(out)
     return out
 
@@ -98,7 +98,7 @@ def _name(vs: VirtualService, http: HttpRoute, match: HttpMatch | None, index: i
 
 def _config_metadata(vs: VirtualService) -> Metadata:
     path = f"/apis/networking.istio.io/v1/namespaces/{vs.namespace}/virtual-service/{vs.name}"
-    return Metadata(filter_metadata={"istio": Struct.from_dict({"config": path})})
+    return Metadata(filter_metadata={"istio": struct({"config": path})})
 
 
 def default_route(ctx: Context, service: Service, port: ServicePort) -> Route:

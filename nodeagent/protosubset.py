@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory, wrappers_pb2
+from google.protobuf import (any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory, struct_pb2,
+                             wrappers_pb2)
 
 Schema = dict[str, list[tuple[str, int, str, "str | None"]]]
 _F = descriptor_pb2.FieldDescriptorProto
 SCALARS = {"string": _F.TYPE_STRING, "bool": _F.TYPE_BOOL, "int32": _F.TYPE_INT32, "uint32": _F.TYPE_UINT32,
-           "uint64": _F.TYPE_UINT64}
-_WELL_KNOWN = (any_pb2, duration_pb2, wrappers_pb2)
+           "int64": _F.TYPE_INT64, "uint64": _F.TYPE_UINT64}
+_WELL_KNOWN = (any_pb2, duration_pb2, struct_pb2, wrappers_pb2)
 
 
 def classes(file_name: str, package: str, schema: Schema) -> Callable[[str], type]:
