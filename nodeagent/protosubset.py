@@ -1,14 +1,15 @@
-"""Subsets of Envoy's protobuf schema, parsed and built by upb (protobuf's C runtime).
+"""Subsets of a protobuf schema, parsed and built by upb (protobuf's C runtime).
 
-The agent reads and writes a few Envoy messages on hot or always-loaded paths (access
-logs: alsproto.py; the ADS envelope: adsproto.py). Instead of envoy-data-plane's
-pure-Python classes, or a module of them that drags in grpcio, such a message is
-described here by the fields the agent uses, with Envoy's field numbers, types and
-oneofs, and built into a private DescriptorPool: fields left out are unknown to upb,
-skipped when parsing. A schema maps a message name to its fields as (name, number,
-type, oneof): type is a scalar, a message of the same schema or a google.protobuf one,
-"repeated T" or "map<string, T>"; a oneof only where Envoy has one. Tests check each
-schema's numbers and types against envoy-data-plane's classes.
+A few messages the agent reads and writes on hot or always-loaded paths are described
+here by the fields the agent uses, with their schema's field numbers, types and oneofs,
+and built into a private DescriptorPool: Envoy's access logs (xds/alsproto.py: fields
+left out are unknown to upb, skipped in C when parsing), the ADS envelope
+(xds/adsproto.py) and Istio's CA messages (identity/caproto.py, a schema no package
+publishes). A schema maps a message name to its fields as (name, number, type, oneof):
+type is a scalar, a message of the same schema or a google.protobuf one, "repeated T"
+or "map<string, T>"; a oneof only where the original has one. Tests check each schema's
+numbers and types against the original's descriptors (xds-protos' for Envoy's, Istio's
+ca.proto for the CA's).
 """
 
 from __future__ import annotations

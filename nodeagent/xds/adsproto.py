@@ -1,11 +1,10 @@
 """The ADS envelope (DiscoveryRequest, DiscoveryResponse), built and parsed by upb.
 
 The server reads and writes only these two messages; the resources they carry are
-already serialized in the Snapshot. envoy-data-plane's module for them also defines the
-discovery service's grpcio stubs and imports grpcio (~14 MiB of the agent's RSS), so the
-agent uses this subset of envoy/service/discovery/v3/discovery.proto instead (nodeagent/protosubset.py):
-fields the server does not read (the rest of the Node, resource locators, a status's
-details, …) are skipped when a request is parsed.
+already serialized in the Snapshot. It uses this subset of
+envoy/service/discovery/v3/discovery.proto (nodeagent/protosubset.py): fields the server
+does not read (the rest of the Node, resource locators, a status's details, …) are
+skipped in C when a request is parsed, and never become Python objects.
 """
 
 from __future__ import annotations

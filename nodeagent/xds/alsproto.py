@@ -2,18 +2,20 @@
 request metrics read.
 
 Envoy streams StreamAccessLogsMessage batches of ~730-byte HTTP entries; decoding them
-with envoy-data-plane's pure-Python classes cost 660-800 µs an entry, several times what
-the agent spends on the request itself (issue 11; python -m nodeagent.bench.accesslog). Here protobuf's upb runtime parses them in C against a subset of
+with envoy-data-plane's pure-Python classes (used until issue 11) cost 660-800 µs an
+entry, several times what the agent spends on the request itself (python -m
+nodeagent.bench.accesslog). Here protobuf's upb runtime parses them in C against a subset of
 Envoy's schema: the messages and fields below, with Envoy's field numbers, and nothing
 else. Every other field (paths, timestamps, the Node, wire byte counts …) is an unknown
 field to upb, skipped in C and never turned into Python objects. `AlsDecoder.facts`
 then reads one entry into `RequestFacts`: a tuple of what the labels depend on (the
 key accesslog.py caches label sets by) and the three measured values.
 
-The schema is built into a private DescriptorPool (nodeagent/protosubset.py) when an AlsDecoder is
-made, so it never meets another copy of Envoy's protos in the process; the unit tests check every
-number and type against envoy-data-plane's classes (generated from Envoy's .proto
-files) and compare both decoders field by field on the bytes a real Envoy sends.
+The schema is built into a private DescriptorPool (nodeagent/protosubset.py) when an
+AlsDecoder is made, so it never meets xds-protos' copy of Envoy's protos in the process;
+the unit tests check every number and type against xds-protos' descriptors (generated
+from Envoy's .proto files) and compare this decoder with xds-protos' full classes field
+by field on the bytes a real Envoy sends.
 """
 
 from __future__ import annotations
