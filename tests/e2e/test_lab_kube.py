@@ -246,6 +246,13 @@ def wait_pods(lab: Lab, namespace: str, selector: str, count: int, timeout: floa
         time.sleep(0.5)
 
 
+def ready_endpoints(lab: Lab, namespace: str, service: str) -> set[str]:
+    """The pods the Service's EndpointSlices list as ready (what the lab's proxy routes to)."""
+    slices = get(lab, "endpointslices", "-n", namespace, "-l", f"kubernetes.io/service-name={service}")["items"]
+    return {e["targetRef"]["name"] for s in slices for e in s.get("endpoints") or []
+            if e.get("conditions", {}).get("ready")}
+
+
 def what_runs(lab: Lab, pod: dict) -> tuple[str, str, list[int]]:
     """The pod's netns, cgroup and the pids in that cgroup, as the lab made them."""
     node, uid = pod["spec"]["nodeName"], pod["metadata"]["uid"]
@@ -270,13 +277,23 @@ def test_a_deployment_runs_where_the_scheduler_puts_it_and_answers_by_service_na
             status["containerID"].removeprefix("nodeagent-lab://") in map(str, pids)
     # By name through the API's Service, from the file's pods on both nodes (one of them
     # is on another node than some of the Deployment's pods) and from a pod of the API.
-    answered = set()
-    for client in ("default/idle1", "apps/idle2"):  # 15 requests in one exec: a loaded machine starts each slowly
-        replies = kube_lab.exec(client, "sh", "-c", "for i in $(seq 15); do curl -sS --max-time 5 http://web.default/; "
-                                "done").stdout.splitlines()  # each reply is one line
-        assert len(replies) == 15, replies
-        answered |= {json.loads(reply)["pod"] for reply in replies}
-    assert answered == {p["metadata"]["name"] for p in pods}
+    # Ready pods reach the EndpointSlices (the controller), then the lab's proxy (a watch):
+    # wait for the first, and send rounds until every pod answered (CI once saw 30 requests
+    # miss one of three pods that had just become ready).
+    names = {p["metadata"]["name"] for p in pods}
+    deadline = time.monotonic() + 60
+    while ready_endpoints(kube_lab, "default", "web") != names:
+        assert time.monotonic() < deadline, ready_endpoints(kube_lab, "default", "web")
+        time.sleep(0.5)
+    answered: set[str] = set()
+    while answered != names:
+        assert time.monotonic() < deadline, (answered, names)
+        for client in ("default/idle1", "apps/idle2"):  # 15 requests in one exec: a loaded machine starts each slowly
+            replies = kube_lab.exec(client, "sh", "-c", "for i in $(seq 15); do curl -sS --max-time 5 "
+                                    "http://web.default/; done").stdout.splitlines()  # each reply is one line
+            assert len(replies) == 15, replies
+            answered |= {json.loads(reply)["pod"] for reply in replies}
+        assert answered <= names, answered
     inside = kube_lab.exec(f"default/{pods[0]['metadata']['name']}", "sh", "-c",
                            "echo $POD_NAME $POD_IP; curl -sS --max-time 5 http://web/")
     first, reply = inside.stdout.split("\n", 1)
@@ -782,18 +799,12 @@ def readiness(lab: Lab) -> dict[str, tuple[str, bool, bool]]:
     return out
 
 
-def ready_endpoints(lab: Lab) -> set[str]:
-    slices = get(lab, "endpointslices", "-n", "vols", "-l", "kubernetes.io/service-name=probed")["items"]
-    return {e["targetRef"]["name"] for s in slices for e in s.get("endpoints") or []
-            if e.get("conditions", {}).get("ready")}
-
-
 def wait_readiness(lab: Lab, wanted: dict[str, bool], timeout: float = 60) -> None:
     """Until each pod's Ready (condition and container) and the Service's ready endpoints are as wanted."""
     expected = {n: ("Running", r, r) for n, r in wanted.items()}
     deadline = time.monotonic() + timeout
-    while readiness(lab) != expected or ready_endpoints(lab) != {n for n, r in wanted.items() if r}:
-        assert time.monotonic() < deadline, (readiness(lab), ready_endpoints(lab))
+    while readiness(lab) != expected or ready_endpoints(lab, "vols", "probed") != {n for n, r in wanted.items() if r}:
+        assert time.monotonic() < deadline, (readiness(lab), ready_endpoints(lab, "vols", "probed"))
         time.sleep(0.5)
 
 
