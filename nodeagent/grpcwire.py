@@ -2,8 +2,8 @@
 
 The agent serves Envoy (ADS, access logs) and calls the mesh CA with grpclib, on
 asyncio, rather than grpcio: grpcio's core library and its threads cost the agent ~14 MiB
-of RSS, and grpclib is pure Python over h2, which the agent loads anyway. Messages stay bytes here (`Raw`); the callers parse them with the schema they
-need. grpclib reads a message of any announced length into memory, so `receive` reads
+of RSS, and grpclib is pure Python over h2, which the agent loads anyway. Messages stay
+bytes here (`Raw`); the callers parse them with the schema they need. grpclib reads a message of any announced length into memory, so `receive` reads
 the 5-byte gRPC prefix itself and refuses one above `limit` (grpcio's default, 4 MiB)
 before any of it is buffered, and a compressed one (neither side here compresses).
 """

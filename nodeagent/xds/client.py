@@ -22,11 +22,11 @@ import threading
 import time
 from typing import Callable
 
-from google.protobuf.message import Message
 import grpc
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+from google.protobuf.message import Message
 from google.rpc.status_pb2 import Status
 
 from nodeagent.errors import NodeagentError
@@ -74,7 +74,8 @@ class AdsSession:
         self._cond = threading.Condition()
         self._stream = None  # the call, once started: cancelled on close
         self._channel = grpc.insecure_channel(target(address))
-        self._call = self._channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=DiscoveryRequest.SerializeToString,
+        self._call = self._channel.stream_stream(f"/{SERVICE}/{METHOD}",
+                                                 request_serializer=DiscoveryRequest.SerializeToString,
                                                  response_deserializer=DiscoveryResponse.FromString)
         self._thread = threading.Thread(target=self._receive, name="ads-client", daemon=True)
 

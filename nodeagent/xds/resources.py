@@ -9,13 +9,13 @@ class of an Any's type among the Envoy modules imported so far.
 
 from __future__ import annotations
 
-from google.protobuf import descriptor_pool, message_factory
-from google.protobuf.message import Message
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.any_pb2 import Any
+from google.protobuf.message import Message
 
 PREFIX = "type.googleapis.com/"
 CLUSTER = PREFIX + "envoy.config.cluster.v3.Cluster"

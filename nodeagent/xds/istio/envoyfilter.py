@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
+from envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2 import LocalRateLimit
+from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
-from envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2 import LocalRateLimit
-from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
 
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject

@@ -6,9 +6,6 @@ take a message there, not the Python value).
 
 from __future__ import annotations
 
-from google.protobuf.message import Message
-from google.protobuf.struct_pb2 import Struct
-from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
 from envoy.config.core.v3.base_pb2 import TransportSocket
 from envoy.config.core.v3.config_source_pb2 import AggregatedConfigSource, ApiVersion, ConfigSource
 from envoy.config.core.v3.proxy_protocol_pb2 import ProxyProtocolConfig, ProxyProtocolPassThroughTLVs
@@ -21,6 +18,9 @@ from envoy.extensions.transport_sockets.raw_buffer.v3.raw_buffer_pb2 import RawB
 from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
 from envoy.type.v3.percent_pb2 import FractionalPercent
+from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
 
 from nodeagent.xds import dataplane
 from nodeagent.xds.istio.fields import StringMatch
