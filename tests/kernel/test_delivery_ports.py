@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import time
+from contextlib import ExitStack
 
 import pytest
 
@@ -91,16 +92,18 @@ def test_delivery_reuses_ports_the_clients_connections_left_in_time_wait(make_ne
             async def deliver(n: int) -> list[int]:
                 ports = []
                 for _ in range(n):
-                    upstream = await delivery.connect(ctx, (CLIENT_IP, client_port), APP)
-                    local = upstream.getsockname()
-                    assert local[0] == CLIENT_IP and LOW <= local[1] <= HIGH
-                    assert upstream.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == MARK
-                    ports.append(local[1])
-                    close_first(upstream, app)
+                    with ExitStack() as ends:
+                        upstream = await delivery.connect(ctx, (CLIENT_IP, client_port), APP, ends)
+                        local = upstream.getsockname()
+                        assert local[0] == CLIENT_IP and LOW <= local[1] <= HIGH
+                        assert upstream.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == MARK
+                        assert delivery.is_ours(local)  # for as long as the delivery lives
+                        ports.append(local[1])
+                        close_first(upstream, app)
+                    assert not delivery.is_ours(local)
                 return ports
 
             ports = asyncio.run(deliver(32))
         finally:
             os.close(fd)
         assert len(ports) == 32 and client_port not in ports
-        assert not delivery.is_ours((CLIENT_IP, ports[-1]))  # nothing left counted as connecting

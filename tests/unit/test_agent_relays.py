@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from contextlib import ExitStack
 
 import pytest
 
@@ -345,6 +346,24 @@ def test_a_delivery_steered_back_to_the_agent_is_reset_not_looped(node):
         assert w.failures() == {("inbound", "steering_loop"): 1}
         assert w.value("nodeagent_inbound_connections_total") == 2  # the client's, and the delivery come back
         assert len(w.sockets.asked) == 1  # one delivery, not one more per loop
+    node(body)
+
+
+def test_a_steering_loop_is_caught_after_the_delivery_connected(node):
+    """The looped connection handled only after the connect that made it returned (the
+    event loop may run either first): still caught, since a delivery's address is ours
+    until the delivered connection ends, and only until then."""
+    async def body(w: World):
+        server, loop = w.enrolled[SERVER], asyncio.get_running_loop()
+        with ExitStack() as ends:
+            upstream = await w.delivery.connect(server, (LEGACY, 40000), w.app.address, ends)
+            local = upstream.getsockname()[:2]
+            looped = await w.app.take()  # as a stale sk_lookup would steer it to the agent
+            w.handle(server, "inbound", w.inbound.handle(server, looped))
+            with upstream, pytest.raises(ConnectionResetError):
+                await loop.sock_recv(upstream, 1)
+            assert w.failures() == {("inbound", "steering_loop"): 1} and w.delivery.is_ours(local)
+        assert not w.delivery.is_ours(local)
     node(body)
 
 

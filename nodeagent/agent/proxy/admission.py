@@ -18,8 +18,8 @@ next connection meets the policy in force, applied and withdrawn alike.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter
@@ -72,6 +72,7 @@ class Delivered:
     admission: Admission  # DELIVER, or WAYPOINT with the chain it was sent to
     abort: Abort
     revoked: Admission | None = None  # set when a re-check ended it
+    ends: ExitStack = field(default_factory=ExitStack)  # closed once it is no longer tracked
 
 
 def still_admitted(entry: Delivered, now: Admission) -> bool:
@@ -106,6 +107,7 @@ class InboundConnections:
             yield entry
         finally:
             self._delivered.discard(entry)
+            entry.ends.close()
 
     def recheck(self) -> int:
         """Admit every tracked connection again; reset those that would now go another

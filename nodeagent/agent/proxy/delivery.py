@@ -12,6 +12,7 @@ import asyncio
 import collections
 import errno
 import socket
+from contextlib import ExitStack
 
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.inpod.sockets import PodContext
@@ -34,37 +35,48 @@ class Delivery:
     def __init__(self, mark: int, timeout: float):
         self.mark = mark
         self.timeout = timeout
-        # Local addresses of our delivery sockets while they connect, counted: two may
-        # share one (SO_REUSEADDR) while they connect to different apps.
-        self._connecting: collections.Counter[Address] = collections.Counter()
+        # Local addresses of our delivery sockets, from before their connect until the
+        # delivered connection ends, counted: two may share one (SO_REUSEADDR) while they
+        # connect to different apps.
+        self._ours: collections.Counter[Address] = collections.Counter()
 
     def is_ours(self, addr: Address) -> bool:
-        """True for a connection from one of our delivery sockets (a steering loop)."""
-        return addr in self._connecting
+        """True for a connection from one of our delivery sockets (a steering loop). Its
+        address is known for as long as the delivery lives, so the looped connection is
+        recognised whichever the event loop runs first: its accept, or the end of the
+        connect that made it."""
+        return addr in self._ours
 
-    async def connect(self, ctx: PodContext, src: Address, dst: Address) -> socket.socket:
+    async def connect(self, ctx: PodContext, src: Address, dst: Address, ends: ExitStack) -> socket.socket:
+        """A socket connected to `dst` in `ctx`'s netns from `src`'s IP; its address
+        counts as ours until `ends` (the delivered connection's) is closed."""
         attempt = 0
         while True:
             attempt += 1
             upstream = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
             local = upstream.getsockname()[:2]
-            self._connecting[local] += 1  # before connecting: a loop shows up during the connect
+            self._ours[local] += 1  # before connecting: a loop shows up during the connect
             try:
                 await asyncio.wait_for(asyncio.get_running_loop().sock_connect(upstream, dst), self.timeout)
-                return upstream
             except OSError as exc:
                 upstream.close()
+                self._forget(local)
                 # The 4-tuple is taken (a live connection, or one in TIME_WAIT under a
                 # second old): another source port.
                 if exc.errno != errno.EADDRNOTAVAIL or attempt == CONNECT_TRIES:
                     raise
             except BaseException:
                 upstream.close()
+                self._forget(local)
                 raise
-            finally:
-                self._connecting[local] -= 1
-                if not self._connecting[local]:
-                    del self._connecting[local]
+            else:
+                ends.callback(self._forget, local)
+                return upstream
+
+    def _forget(self, local: Address) -> None:
+        self._ours[local] -= 1
+        if not self._ours[local]:
+            del self._ours[local]
 
 
 def open_flow(inputs: ProxyInputs, ctx: PodContext, src: Address, dst: Address, principal: str | None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from contextlib import ExitStack
 
 from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, admit
@@ -66,7 +67,7 @@ class InboundRelay(Relay):
             return
         with self.inputs.connections.delivering(conn, src, plaintext=True) as entry:
             try:
-                upstream = await self.delivery.connect(ctx, src, dst)
+                upstream = await self.delivery.connect(ctx, src, dst, entry.ends)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = connect_failure_reason(exc)
                 self._fail(ctx, client, reason,
@@ -96,12 +97,13 @@ class InboundRelay(Relay):
         ctx = self._enrolled(sock, dst[0], "delivery to")
         if ctx is None:
             return
-        try:
-            upstream = await self.delivery.connect(ctx, src, dst)
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = connect_failure_reason(exc)
-            self._fail(ctx, sock, reason, f"waypoint delivery from {src[0]} to {dst[0]}:{dst[1]} failed: "
-                       f"{reason} ({exc})")
-            return
-        await relay(self.inputs, "inbound", sock, upstream)
+        with ExitStack() as ends:
+            try:
+                upstream = await self.delivery.connect(ctx, src, dst, ends)
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = connect_failure_reason(exc)
+                self._fail(ctx, sock, reason, f"waypoint delivery from {src[0]} to {dst[0]}:{dst[1]} failed: "
+                           f"{reason} ({exc})")
+                return
+            await relay(self.inputs, "inbound", sock, upstream)
 

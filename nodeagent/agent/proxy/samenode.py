@@ -123,7 +123,7 @@ class SameNodeRoute(Relay):
         metrics, telemetry = self.metrics, self.inputs.telemetry
         with self.inputs.connections.delivering(conn, src, plaintext=False) as entry:
             try:
-                upstream = await self.delivery.connect(server, src, target.address)
+                upstream = await self.delivery.connect(server, src, target.address, entry.ends)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = connect_failure_reason(exc)
                 self._count("failed")
