@@ -8,7 +8,8 @@ before it did (the agent at 100 % system CPU, ~150-250 connections a second). He
 every port of a 256-port range holds a TIME_WAIT of the client's address to the app,
 as after such a burst; the kernel refuses bind(port 0) for that address (what the
 agent did before), and the delivery still connects, reusing 4-tuples in TIME_WAIT
-over a second old on lo, and never with the client's own port."""
+over a second old on lo, and never with the client's own port. Nor with a port the pod
+reserves (ip_local_reserved_ports)."""
 
 from __future__ import annotations
 
@@ -55,11 +56,46 @@ def close_first(client: socket.socket, app: socket.socket) -> None:
     client.close()
 
 
-def test_delivery_reuses_ports_the_clients_connections_left_in_time_wait(make_netns):
-    ns = make_netns()
+def in_range(ns, low: int, high: int, reserved: str = "") -> None:
+    """Set the ephemeral range and the reserved ports of `ns`."""
     with netns.entered(ns.path):
         with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
-            f.write(f"{LOW} {HIGH}")
+            f.write(f"{low} {high}")
+        with open("/proc/sys/net/ipv4/ip_local_reserved_ports", "w") as f:
+            f.write(reserved)
+
+
+def deliver(ns, app: socket.socket, client: tuple[str, int], n: int) -> list[int]:
+    """The source ports of `n` deliveries from `client`'s address to the app in `ns`, each
+    closed by the client first (checked: marked, bound to the client's IP, the address
+    ours for as long as the delivery lives)."""
+    fd = netns.open_netns(ns.path)
+    pod = Pod(namespace="test", name="app", uid="u1", node="node1", ip=APP[0], labels={}, annotations={})
+    ctx, delivery = PodContext(pod, fd, 0), Delivery(MARK, timeout=5)
+
+    async def main() -> list[int]:
+        ports = []
+        for _ in range(n):
+            with ExitStack() as ends:
+                upstream = await delivery.connect(ctx, client, APP, ends)
+                local = upstream.getsockname()
+                assert local[0] == client[0]
+                assert upstream.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == MARK
+                assert delivery.is_ours(local)
+                ports.append(local[1])
+                close_first(upstream, app)
+            assert not delivery.is_ours(local)
+        return ports
+
+    try:
+        return asyncio.run(main())
+    finally:
+        os.close(fd)
+
+
+def test_delivery_reuses_ports_the_clients_connections_left_in_time_wait(make_netns):
+    ns = make_netns()
+    in_range(ns, LOW, HIGH)
     app = ns.listener(*APP)
     with app:
         # A TIME_WAIT of the client's address on every port of the range, as the agent's
@@ -82,28 +118,25 @@ def test_delivery_reuses_ports_the_clients_connections_left_in_time_wait(make_ne
         # (whole seconds of its last timestamp): past two, every one qualifies.
         time.sleep(2.1)
 
-        fd = netns.open_netns(ns.path)
-        try:
-            pod = Pod(namespace="test", name="app", uid="u1", node="node1", ip=APP[0], labels={}, annotations={})
-            ctx = PodContext(pod, fd, 0)
-            delivery = Delivery(MARK, timeout=5)
-            client_port = LOW + 7  # the client's own port: never the delivery's
+        client_port = LOW + 7  # the client's own port: never the delivery's
+        ports = deliver(ns, app, (CLIENT_IP, client_port), 32)
+        assert len(ports) == 32 and client_port not in ports and all(LOW <= port <= HIGH for port in ports)
 
-            async def deliver(n: int) -> list[int]:
-                ports = []
-                for _ in range(n):
-                    with ExitStack() as ends:
-                        upstream = await delivery.connect(ctx, (CLIENT_IP, client_port), APP, ends)
-                        local = upstream.getsockname()
-                        assert local[0] == CLIENT_IP and LOW <= local[1] <= HIGH
-                        assert upstream.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == MARK
-                        assert delivery.is_ours(local)  # for as long as the delivery lives
-                        ports.append(local[1])
-                        close_first(upstream, app)
-                    assert not delivery.is_ours(local)
-                return ports
 
-            ports = asyncio.run(deliver(32))
-        finally:
-            os.close(fd)
-        assert len(ports) == 32 and client_port not in ports
+def test_delivery_never_binds_a_port_the_pod_reserved(make_netns):
+    """ip_local_reserved_ports: ports an app will listen on, which the kernel never hands
+    out as ephemeral ports; a delivery bound to one would make that listen fail."""
+    ns = make_netns()
+    in_range(ns, LOW, HIGH, f"{LOW}-{HIGH - 16},{HIGH - 3}")  # free: 15 of the 256
+    app = ns.listener(*APP)
+    with app:
+        ports = deliver(ns, app, (CLIENT_IP, 1234), 4)  # unreserved, 4 in (15/256)^4 = 1e-5
+    assert len(ports) == 4 and all(HIGH - 15 <= port <= HIGH and port != HIGH - 3 for port in ports), ports
+    full = make_netns()
+    in_range(full, LOW, HIGH, f"{LOW}-{HIGH}")
+    app = full.listener(*APP)
+    with app, pytest.raises(OSError) as refused:
+        deliver(full, app, (CLIENT_IP, 1234), 1)
+    assert refused.value.errno == errno.EADDRNOTAVAIL
+    assert refused.value.strerror == (f"no source port for {CLIENT_IP}: every port of {LOW}-{HIGH} is in the pod's "
+                                      "ip_local_reserved_ports")

@@ -128,14 +128,60 @@ def upstream(netns_fd: int, family: int, mark: int) -> socket.socket:
 
 
 PORT_RANGE_SYSCTL = "/proc/sys/net/ipv4/ip_local_port_range"  # the netns' own; it applies to IPv6 too
+RESERVED_PORTS_SYSCTL = "/proc/sys/net/ipv4/ip_local_reserved_ports"  # likewise
 SOURCE_PORT_TRIES = 16
-_port_ranges: dict[int, tuple[int, tuple[int, int]]] = {}  # netns fd -> (its inode, range)
 
 
-def port_range(netns_fd: int) -> tuple[int, int]:
-    """The ephemeral port range of the netns (inclusive), read once per netns: the fd's
-    inode tells a netns from a later one on the same fd number. (Were an inode number
-    recycled too, the range would be the earlier pod's: still ports it may bind.)"""
+@dataclass(frozen=True)
+class PortRange:
+    """The ports a delivery may bind in a netns: its ephemeral range less the ports it
+    reserves (ip_local_reserved_ports), which the kernel never hands out as ephemeral
+    ports either; an app reserves the ports it will listen on, and a delivery bound to
+    one would make that listen fail (EADDRINUSE)."""
+
+    low: int
+    high: int
+    free: tuple[tuple[int, int], ...]  # inclusive intervals of the range, reserved ports left out
+    size: int  # how many ports they hold
+
+    @classmethod
+    def of(cls, low: int, high: int, reserved: str) -> PortRange:
+        """From the range and the reserved ports as the sysctl shows them ("8080,9000-9100")."""
+        cut = sorted(_interval(item) for item in reserved.replace(",", " ").split())
+        free, start = [], low
+        for a, b in cut:
+            if b < start or a > high:
+                continue
+            if a > start:
+                free.append((start, a - 1))
+            start = max(start, b + 1)
+        if start <= high:
+            free.append((start, high))
+        return cls(low, high, tuple(free), sum(b - a + 1 for a, b in free))
+
+    def draw(self) -> int:
+        """A port at random, each free one alike."""
+        n = random.randrange(self.size)
+        for a, b in self.free:
+            if n <= b - a:
+                return a + n
+            n -= b - a + 1
+        raise AssertionError("unreachable: n < size")
+
+
+def _interval(item: str) -> tuple[int, int]:
+    a, _, b = item.partition("-")
+    return int(a), int(b or a)
+
+
+_port_ranges: dict[int, tuple[int, PortRange]] = {}  # netns fd -> (its inode, ports)
+
+
+def port_range(netns_fd: int) -> PortRange:
+    """The delivery ports of the netns, read once per netns: the fd's inode tells a
+    netns from a later one on the same fd number. (Were an inode number recycled too,
+    the range would be the earlier pod's: still ports it may bind.) Reserved ports the
+    pod sets after its first delivery are not seen."""
     inode = os.fstat(netns_fd).st_ino
     known = _port_ranges.get(netns_fd)
     if known is not None and known[0] == inode:
@@ -143,8 +189,11 @@ def port_range(netns_fd: int) -> tuple[int, int]:
     with netns.entered(netns_fd):
         with open(PORT_RANGE_SYSCTL) as f:
             low, high = (int(n) for n in f.read().split())
-    _port_ranges[netns_fd] = (inode, (low, high))
-    return low, high
+        with open(RESERVED_PORTS_SYSCTL) as f:
+            reserved = f.read()
+    ports = PortRange.of(low, high, reserved)
+    _port_ranges[netns_fd] = (inode, ports)
+    return ports
 
 
 def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
@@ -153,20 +202,23 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
     does not steer it back to the agent. The port is never the client's own port: the
     app's accepted socket would then have the same 4-tuple as the agent's inbound one.
 
-    The port is drawn at random from the pod netns' ephemeral range (`port_range`) and
-    bound with SO_REUSEADDR, not left to bind(port 0): every delivery its client closes
-    first ends in TIME_WAIT here for 60 s under the client's address, and bind(port 0)
-    looks for a port no socket holds, scanning further as they fill, so one client opening
-    connections at a steady rate exhausted the range (28,232 ports: ~470 a second) with
-    the agent at 100 % system CPU in inet_csk_get_port. A TIME_WAIT socket does not stop
-    this bind; connect() then checks the 4-tuple, reusing a TIME_WAIT one more than a
-    second old on lo (tcp_tw_reuse=2, the default) and refusing a live one
-    (EADDRNOTAVAIL: Delivery.connect draws again)."""
+    The port is drawn at random from the pod netns' ephemeral range less its reserved
+    ports (`port_range`) and bound with SO_REUSEADDR, not left to bind(port 0): every
+    delivery its client closes first ends in TIME_WAIT here for 60 s under the client's
+    address, and bind(port 0) looks for a port no socket holds, scanning further as they
+    fill, so one client opening connections at a steady rate exhausted the range (28,232
+    ports: ~470 a second) with the agent at 100 % system CPU in inet_csk_get_port. A
+    TIME_WAIT socket does not stop this bind; connect() then checks the 4-tuple, reusing
+    a TIME_WAIT one more than a second old on lo (tcp_tw_reuse=2, the default) and
+    refusing a live one (EADDRNOTAVAIL: Delivery.connect draws again)."""
     family = family_of(source_ip)
     level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
-    low, high = port_range(netns_fd)
+    ports = port_range(netns_fd)
+    if not ports.size:
+        raise OSError(errno.EADDRNOTAVAIL, f"no source port for {source_ip}: every port of {ports.low}-{ports.high} "
+                                           "is in the pod's ip_local_reserved_ports")
     for _ in range(SOURCE_PORT_TRIES):
-        port = random.randint(low, high)
+        port = ports.draw()
         if port == avoid_port:
             continue
         sock = upstream(netns_fd, family, mark)
@@ -183,7 +235,7 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
         except BaseException:
             sock.close()
             raise
-    raise OSError(errno.EADDRINUSE, f"no source port for {source_ip} in {low}-{high} "
+    raise OSError(errno.EADDRINUSE, f"no source port for {source_ip} in {ports.low}-{ports.high} "
                                     f"after {SOURCE_PORT_TRIES} tries")
 
 
