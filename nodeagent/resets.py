@@ -8,6 +8,7 @@ import socket
 import struct
 
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+LINGER_DEFAULT = struct.pack("ii", 0, 0)  # SO_LINGER off: close() sends FIN
 
 
 def linger_reset(sock) -> None:
@@ -16,6 +17,12 @@ def linger_reset(sock) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     except OSError:
         pass
+
+
+def linger_default(sock: socket.socket) -> None:
+    """Undo linger_reset: the last close of `sock` sends FIN again. For a socket whose
+    copy was reset (a native HBONE stream that was refused) and that is offered again."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_DEFAULT)
 
 
 def reset(sock: socket.socket) -> None:

@@ -107,6 +107,7 @@ class NativeStream:
         self.engine, self.id, self.conn = engine, stream_id, conn
         self.response: asyncio.Future = engine._loop.create_future()  # client: the status
         self.ended: asyncio.Future = engine._loop.create_future()  # End
+        self.holds_copy = False  # client: opened with a copy of its socket (ClientConnection.open_with_copy)
 
     def reset(self) -> None:
         self.engine._lib.nh_stream_reset(self.engine._handle, self.id)
@@ -114,7 +115,11 @@ class NativeStream:
     abort = reset  # what a splice.Abort calls (policy revocation)
 
     def _give(self, sock: socket.socket) -> None:
-        """Client: the socket of a stream opened without one."""
+        """Client: the socket of a stream opened without one; a stream opened with a copy
+        already relays it, and the caller's copy is closed."""
+        if self.holds_copy:
+            sock.close()
+            return
         rc = self.engine._lib.nh_stream_attach(self.engine._handle, self.id, sock.detach())
         if rc < 0:
             raise OSError(-rc, f"native HBONE attach: {os.strerror(-rc)}")
@@ -173,8 +178,20 @@ class ClientConnection(_Connection):
     def open(self, sock: socket.socket | None, authority: str, headers=()) -> NativeStream:
         """CONNECT `authority` with `headers` ((name, value) pairs); `sock` relays once 200
         (None: the socket comes with `stream.carry`)."""
+        return self._open(sock.detach() if sock is not None else -1, authority, headers)
+
+    def open_with_copy(self, sock: socket.socket, authority: str, headers=()) -> NativeStream:
+        """As open, with a copy of `sock`'s descriptor: the engine relays it as soon as the
+        200 arrives, with no round through the caller, and reads nothing before, so a
+        refused stream leaves `sock` as it was, but for SO_LINGER: the engine ends its copy
+        with a reset, which resets.linger_default undoes before `sock` is offered again.
+        The caller closes its copy (`carry` does) or resets it (refused)."""
+        stream = self._open(os.dup(sock.fileno()), authority, headers)
+        stream.holds_copy = True
+        return stream
+
+    def _open(self, fd: int, authority: str, headers) -> NativeStream:
         packed = b"".join(k.lower().encode("latin-1") + b"\0" + v.encode("latin-1") + b"\0" for k, v in headers)
-        fd = sock.detach() if sock is not None else -1
         rc = self.engine._lib.nh_stream_open(self.engine._handle, self.id, fd, authority.encode("ascii"),
                                              packed, len(packed))
         if rc < 0:

@@ -20,6 +20,7 @@ from typing import Awaitable, Callable, Sequence, Union
 
 from nodeagent.agent.proxy.hbone_native import ERROR_ENDS, HboneEngines, error_label, tls_reason
 from nodeagent.native import hbone
+from nodeagent.resets import linger_default
 from nodeagent.tunnel import ConnectFailed, ConnectionLost, ConnectRefused, HandshakeFailed, PoolClosed, \
     ResponseTimeout, StreamReset, TunnelMetrics, TunnelSettings
 from nodeagent.tunnel.authority import Address, format_authority
@@ -54,14 +55,21 @@ class NativePool:
         self._closed = False
 
     async def open_stream(self, source_identity: str, dest_identity: str, dest_addr: Address,
-                          authority: Address, headers: Sequence[tuple[str, str]] = ()) -> hbone.NativeStream:
+                          authority: Address, headers: Sequence[tuple[str, str]] = (),
+                          sock: socket.socket | None = None) -> hbone.NativeStream:
         """A CONNECT to `authority` through the destination pod at `dest_addr`, answered 200;
-        its socket comes with `carry`. Raises the tunnel's typed errors."""
+        its socket comes with `carry`. Given `sock` (the client's), the engine gets a copy
+        with the CONNECT and relays it the moment the 200 arrives (open_with_copy), and
+        `carry` only closes the caller's copy: the client's first bytes do not wait for the
+        answer to go through this loop first. Raises the tunnel's typed errors."""
         key = (source_identity, dest_identity, (dest_addr[0], int(dest_addr[1])))
         error = None
         for _ in range(2):
             entry = await self._checkout(key)
-            stream = entry.conn.open(None, format_authority(authority), headers)
+            if sock is None:
+                stream = entry.conn.open(None, format_authority(authority), headers)
+            else:
+                stream = entry.conn.open_with_copy(sock, format_authority(authority), headers)
             self.metrics.streams.labels(direction=OUTBOUND).inc()
             stream.ended.add_done_callback(lambda _: self.metrics.streams.labels(direction=OUTBOUND).dec())
             try:
@@ -78,6 +86,8 @@ class NativePool:
                 if _unprocessed(end):
                     entry.usable = False  # GOAWAY or REFUSED_STREAM: no new streams on it
                     error = ConnectionLost(f"{end.how}: {end.reason}", retryable=True)
+                    if sock is not None:
+                        linger_default(sock)  # the engine reset its copy, which it never read
                     self.log.debug("HBONE to %s:%d: stream not processed (%s), retrying on a new connection",
                                    *key[2], end.reason)
                     continue

@@ -35,8 +35,8 @@ Address = tuple[str, int]
 class Route(Protocol):
     name: str
 
-    async def connect(self, ctx: PodContext, target: Target):
-        """A connected socket, or an HBONE stream, to `target`."""
+    async def connect(self, ctx: PodContext, target: Target, client: socket.socket | None = None):
+        """A connected socket, or an HBONE stream, to `target`, for `client`'s connection."""
 
 
 class Passthrough:
@@ -48,7 +48,7 @@ class Passthrough:
         self.mark = mark
         self.timeout = timeout
 
-    async def connect(self, ctx: PodContext, target: Target) -> socket.socket:
+    async def connect(self, ctx: PodContext, target: Target, client: socket.socket | None = None) -> socket.socket:
         sock = inpod.upstream(ctx.netns_fd, inpod.family_of(target.address[0]), self.mark)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target.address), self.timeout)
@@ -146,7 +146,7 @@ class OutboundRelay(Relay):
         try:
             if route is self.hbone:
                 self.identities.of(target.pod)  # a destination without a valid identity: refused
-            upstream = await route.connect(ctx, target)
+            upstream = await route.connect(ctx, target, client)
         except (OSError, asyncio.TimeoutError, TunnelError, IdentityUnavailable) as exc:
             reason = connect_failure_reason(exc)
             self._fail(ctx, client, reason, f"{route.name} to {_where(target)} failed: {reason} ({exc})")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.proxy.destinations import Target
@@ -45,13 +46,18 @@ class HboneRoute:
         self.verify = tls.verifier(identities.trust_domain)
         self.pools: dict[PodContext, HbonePool | NativePool] = {}
 
-    async def connect(self, ctx: PodContext, target: Target) -> HboneStream | NativeStream:
+    async def connect(self, ctx: PodContext, target: Target, client: socket.socket | None = None
+                      ) -> HboneStream | NativeStream:
+        """A stream to `target`; the native one relays `client` (when given) from its 200 on."""
         source = self.identities.of(ctx.pod)
         await self.identities.ready(source)  # the handshake reads its context synchronously
         destination = self.identities.of(target.pod)
         pool = self._pool(ctx)
+        if isinstance(pool, NativePool):
+            return await pool.open_stream(source.uri, destination.uri, (target.pod.ip, self.port), target.address,
+                                          sock=client)
         opened = await pool.open_stream(source.uri, destination.uri, (target.pod.ip, self.port), target.address)
-        return opened if isinstance(pool, NativePool) else opened[0]
+        return opened[0]
 
     def _pool(self, ctx: PodContext) -> HbonePool | NativePool:
         pool = self.pools.get(ctx)

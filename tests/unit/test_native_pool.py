@@ -1,0 +1,162 @@
+"""The source side's native HBONE pool (agent/proxy/native_outbound.NativePool) given the
+client's socket, as the outbound relay opens its streams: the engine gets a copy of the
+socket with the CONNECT and relays it from the 200 on, with no round through the event
+loop between the answer and the client's first bytes. Against the Python HBONE server on
+loopback: byte-identical both ways with half-close and the client's FIN passed on as a
+FIN; a refused CONNECT leaves the socket unread to the caller, which resets it; a stream
+the server never processed (it drains: REFUSED_STREAM) is retried on a new connection
+with the same socket, whose SO_LINGER is as it was before the engine reset its first copy; and a stream opened without the socket still takes it at `carry`.
+
+Without the built module the tests skip on a developer machine and fail under CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from engines import ci_enabled
+from hbone_certs import AUTHORITY, LOG, Loopback, pki, run  # noqa: F401 (pki is a fixture)
+from identity_fixtures import until
+from nodeagent import native
+from nodeagent.agent.proxy.hbone_native import HboneEngines
+from nodeagent.agent.proxy.native_outbound import NativePool
+from nodeagent.resets import LINGER_DEFAULT, reset
+from nodeagent.tunnel import ConnectRefused, TunnelMetrics
+
+
+@pytest.fixture(autouse=True)
+def built():
+    from nodeagent.native import hbone
+    try:
+        hbone.load()
+    except native.NativeUnavailable as exc:
+        if ci_enabled():
+            pytest.fail(f"CI: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+
+
+@contextlib.asynccontextmanager
+async def native_pool(pki, lb: Loopback):
+    """A NativePool of the client workload to `lb`'s server, on an engine of its own;
+    `pool.sockets` counts the TCP connections it made."""
+    engines = HboneEngines("native", LOG)
+    await engines.start()
+    metrics = TunnelMetrics(CollectorRegistry())
+
+    def connect(ip: str, port: int) -> socket.socket:
+        pool.sockets += 1
+        return socket.socket()
+    pool = NativePool(engines, connect, lambda source: engines.tls(pki.client), metrics=metrics, log=LOG)
+    pool.sockets = 0
+    try:
+        yield pool
+    finally:
+        await pool.close()
+        engines.close()
+
+
+def client_pair() -> tuple[socket.socket, socket.socket]:
+    """(the client app's end, the agent's accepted end): TCP on loopback, so that a reset
+    shows as one."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        app = socket.create_connection(listener.getsockname())
+        agent, _ = listener.accept()
+    app.setblocking(False)
+    return app, agent
+
+
+async def open_for(pool: NativePool, pki, lb: Loopback, agent: socket.socket | None):
+    return await pool.open_stream(pki.client.identity.uri, pki.server.identity.uri, lb.address, AUTHORITY,
+                                  sock=agent)
+
+
+async def talk(app: socket.socket, payload: bytes) -> bytes:
+    """Send `payload` and FIN while reading to EOF; what came back (an echo behind the server)."""
+    loop = asyncio.get_running_loop()
+
+    async def send():
+        await loop.sock_sendall(app, payload)
+        app.shutdown(socket.SHUT_WR)
+    sender = asyncio.create_task(send())
+    chunks = []
+    while chunk := await loop.sock_recv(app, 1 << 20):
+        chunks.append(chunk)
+    await sender
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("with_socket", [True, False], ids=["copy-at-open", "socket-at-carry"])
+def test_a_stream_relays_the_client_byte_identical_and_ends_with_fin(pki, with_socket):
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+
+    async def main():
+        async with Loopback(pki) as lb, native_pool(pki, lb) as pool:
+            app, agent = client_pair()
+            early = b"GET / HTTP/1.1\r\n\r\n"  # waiting in the socket before the CONNECT is answered
+            app.send(early)
+            stream = await open_for(pool, pki, lb, agent if with_socket else None)
+            assert stream.holds_copy is with_socket
+            carried = asyncio.create_task(stream.carry(agent))
+            got = await talk(app, payload)
+            assert got == early + payload  # the echo server: FIN passed on, its FIN back
+            result = await carried
+            assert (result.a_to_b, result.b_to_a, result.error) == (len(early + payload),) * 2 + (None,)
+            assert agent.fileno() == -1  # the caller's copy is closed (or was handed over)
+            app.close()
+    run(main(), timeout=120)
+
+
+def test_a_refused_connect_leaves_the_socket_unread_to_the_caller(pki):
+    async def refuse(info, reader, writer):
+        writer.respond(403)
+
+    async def main():
+        async with Loopback(pki, refuse) as lb, native_pool(pki, lb) as pool:
+            app, agent = client_pair()
+            app.send(b"ping")
+            with pytest.raises(ConnectRefused) as refused:
+                await open_for(pool, pki, lb, agent)
+            assert refused.value.status == 403
+            assert agent.recv(4, socket.MSG_PEEK) == b"ping"  # nothing of it was read
+            reset(agent)  # as the outbound relay's _fail does
+            loop = asyncio.get_running_loop()
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(loop.sock_recv(app, 1), 10)
+            app.close()
+    run(main())
+
+
+def test_a_stream_the_server_never_processed_is_retried_with_the_same_socket(pki):
+    """The server drains (REFUSED_STREAM for new streams): the engine reset its copy of the
+    socket, which it never read; the pool undoes that reset's SO_LINGER and opens again on
+    a new connection."""
+    async def main():
+        async with Loopback(pki) as lb, native_pool(pki, lb) as pool:
+            first_app, first = client_pair()
+            held = await open_for(pool, pki, lb, first)  # keeps the first connection open
+            carried = asyncio.create_task(held.carry(first))
+            (session,) = lb.server.sessions
+            session.drain()
+            app, agent = client_pair()
+            app.send(b"before ")
+            stream = await open_for(pool, pki, lb, agent)
+            assert pool.sockets == 2  # answered on a second connection
+            # SO_LINGER as it was: the first copy's reset would otherwise end this one with RST
+            assert agent.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8) == LINGER_DEFAULT
+            assert lb.value("nodeagent_hbone_streams_refused_total", direction="inbound", reason="draining") == 1
+            result = asyncio.create_task(stream.carry(agent))
+            assert await talk(app, b"after") == b"before after"
+            assert (await result).error is None
+            app.close()
+            assert await talk(first_app, b"old") == b"old"
+            await carried
+            first_app.close()
+    run(main(), timeout=60)
