@@ -120,6 +120,11 @@ class HboneStream(asyncio.Transport):
         if self._error is not None or self._write_error is not None:
             raise self._error or self._write_error
 
+    @property
+    def gone(self) -> tuple[asyncio.Future]:
+        """Done once the stream is `ended` (what `wait_closed` waits for)."""
+        return (self._closed,)
+
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
 

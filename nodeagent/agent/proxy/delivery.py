@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import os
+import select
 import socket
 from contextlib import ExitStack
+from typing import Sequence
 
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.inpod.sockets import PodContext
@@ -23,6 +26,7 @@ from nodeagent.agent.proxy.splice import SpliceResult
 from nodeagent.agent.proxy.steering import WaypointHandle
 from nodeagent.agent.proxy.telemetry import DESTINATION, Flow, Peer
 from nodeagent.errors import NodeagentError
+from nodeagent.resets import reset
 from nodeagent.xds import dataplane
 
 Address = tuple[str, int]
@@ -47,17 +51,22 @@ class Delivery:
         connect that made it."""
         return addr in self._ours
 
-    async def connect(self, ctx: PodContext, src: Address, dst: Address, ends: ExitStack) -> socket.socket:
+    async def connect(self, ctx: PodContext, src: Address, dst: Address, ends: ExitStack,
+                      gone: Sequence[asyncio.Future] = ()) -> socket.socket | None:
         """A socket connected to `dst` in `ctx`'s netns from `src`'s IP; its address
-        counts as ours until `ends` (the delivered connection's) is closed."""
+        counts as ours until `ends` (the delivered connection's) is closed. None when one
+        of `gone` (the client's stream ending) completes first: the connect is abandoned
+        and its socket reset, also one that connected at that moment."""
         attempt = 0
         while True:
+            if any(future.done() for future in gone):
+                return None
             attempt += 1
             upstream = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
             local = upstream.getsockname()[:2]
             self._ours[local] += 1  # before connecting: a loop shows up during the connect
             try:
-                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(upstream, dst), self.timeout)
+                connected = await connect_socket(upstream, dst, self.timeout, gone)
             except OSError as exc:
                 upstream.close()
                 self._forget(local)
@@ -65,18 +74,65 @@ class Delivery:
                 # second old): another source port.
                 if exc.errno != errno.EADDRNOTAVAIL or attempt == CONNECT_TRIES:
                     raise
+                continue
             except BaseException:
                 upstream.close()
                 self._forget(local)
                 raise
-            else:
-                ends.callback(self._forget, local)
-                return upstream
+            if not connected:
+                reset(upstream)
+                self._forget(local)
+                return None
+            ends.callback(self._forget, local)
+            return upstream
 
     def _forget(self, local: Address) -> None:
         self._ours[local] -= 1
         if not self._ours[local]:
             del self._ours[local]
+
+
+async def connect_socket(sock: socket.socket, address: Address, timeout: float,
+                         gone: Sequence[asyncio.Future] = ()) -> bool:
+    """Connect non-blocking `sock` to `address`: True once connected, False when one of
+    `gone` completes first; OSError as connect(2) fails, TimeoutError after `timeout`.
+
+    A delivery connects over loopback, where the SYN, the SYN-ACK and the ACK are handled
+    before connect(2) returns (EINPROGRESS all the same): a poll with no wait finds the
+    socket writable, and the connect completes in the caller's loop round, with no
+    writer, timer or task (asyncio's `wait_for(sock_connect)` costs a task, a timer and
+    a loop round per delivery). Otherwise it waits for the socket to become writable."""
+    err = sock.connect_ex(address)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        if not select.select((), (sock,), (), 0)[1]:
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+
+            def settle(outcome) -> None:
+                if not waiter.done():
+                    waiter.set_result(outcome)
+            def left(_) -> None:
+                settle(False)
+            fd = sock.fileno()
+            loop.add_writer(fd, settle, True)
+            timer = loop.call_later(timeout, settle, None)
+            for future in gone:
+                future.add_done_callback(left)
+            try:
+                outcome = await waiter
+            finally:
+                loop.remove_writer(fd)
+                timer.cancel()
+                for future in gone:
+                    future.remove_done_callback(left)
+            if outcome is None:
+                raise TimeoutError(f"connect to {address[0]}:{address[1]} timed out after {timeout:g} s")
+            if not outcome:
+                return False
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return True
 
 
 def open_flow(inputs: ProxyInputs, ctx: PodContext, src: Address, dst: Address, principal: str | None,

@@ -234,8 +234,13 @@ class NativeRequest:
     def ended(self) -> bool:
         return self.request.ended.done() or self.request.cancelled.done()
 
+    @property
+    def gone(self) -> tuple[asyncio.Future, asyncio.Future]:
+        """Done once the stream ended or the client reset it (what `wait_closed` waits for)."""
+        return self.request.ended, self.request.cancelled
+
     async def wait_closed(self) -> None:
-        await asyncio.wait((self.request.ended, self.request.cancelled), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(self.gone, return_when=asyncio.FIRST_COMPLETED)
 
     def abort(self) -> None:
         if self.status is None:

@@ -148,7 +148,7 @@ class TunnelInbound:
     async def _deliver(self, ctx: PodContext, stream: HboneStream, flow, conn: Connection, src, dst) -> None:
         with self.inputs.connections.delivering(conn, src, plaintext=False) as entry:
             try:
-                upstream = await unless_reset(stream, self.delivery.connect(ctx, src, dst, entry.ends))
+                upstream = await self.delivery.connect(ctx, src, dst, entry.ends, stream.gone)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = connect_failure_reason(exc)
                 stream.respond(503, reason="app_unreachable")
