@@ -20,25 +20,18 @@ import socket
 import pytest
 from prometheus_client import CollectorRegistry
 
-from engines import ci_enabled
+from engines import require_native_hbone
 from hbone_certs import AUTHORITY, LOG, Loopback, pki, run  # noqa: F401 (pki is a fixture)
-from identity_fixtures import until
-from nodeagent import native
 from nodeagent.agent.proxy.hbone_native import HboneEngines
 from nodeagent.agent.proxy.native_outbound import NativePool
 from nodeagent.resets import LINGER_DEFAULT, reset
 from nodeagent.tunnel import ConnectRefused, TunnelMetrics
+from test_native_hbone import exchange, pair
 
 
 @pytest.fixture(autouse=True)
 def built():
-    from nodeagent.native import hbone
-    try:
-        hbone.load()
-    except native.NativeUnavailable as exc:
-        if ci_enabled():
-            pytest.fail(f"CI: {exc}", pytrace=False)
-        pytest.skip(str(exc))
+    require_native_hbone()
 
 
 @contextlib.asynccontextmanager
@@ -61,36 +54,9 @@ async def native_pool(pki, lb: Loopback):
         engines.close()
 
 
-def client_pair() -> tuple[socket.socket, socket.socket]:
-    """(the client app's end, the agent's accepted end): TCP on loopback, so that a reset
-    shows as one."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        app = socket.create_connection(listener.getsockname())
-        agent, _ = listener.accept()
-    app.setblocking(False)
-    return app, agent
-
-
 async def open_for(pool: NativePool, pki, lb: Loopback, agent: socket.socket | None):
     return await pool.open_stream(pki.client.identity.uri, pki.server.identity.uri, lb.address, AUTHORITY,
                                   sock=agent)
-
-
-async def talk(app: socket.socket, payload: bytes) -> bytes:
-    """Send `payload` and FIN while reading to EOF; what came back (an echo behind the server)."""
-    loop = asyncio.get_running_loop()
-
-    async def send():
-        await loop.sock_sendall(app, payload)
-        app.shutdown(socket.SHUT_WR)
-    sender = asyncio.create_task(send())
-    chunks = []
-    while chunk := await loop.sock_recv(app, 1 << 20):
-        chunks.append(chunk)
-    await sender
-    return b"".join(chunks)
 
 
 @pytest.mark.parametrize("with_socket", [True, False], ids=["copy-at-open", "socket-at-carry"])
@@ -99,13 +65,13 @@ def test_a_stream_relays_the_client_byte_identical_and_ends_with_fin(pki, with_s
 
     async def main():
         async with Loopback(pki) as lb, native_pool(pki, lb) as pool:
-            app, agent = client_pair()
+            app, agent = pair()
             early = b"GET / HTTP/1.1\r\n\r\n"  # waiting in the socket before the CONNECT is answered
             app.send(early)
             stream = await open_for(pool, pki, lb, agent if with_socket else None)
             assert stream.holds_copy is with_socket
             carried = asyncio.create_task(stream.carry(agent))
-            got = await talk(app, payload)
+            got = await exchange(app, payload)
             assert got == early + payload  # the echo server: FIN passed on, its FIN back
             result = await carried
             assert (result.a_to_b, result.b_to_a, result.error) == (len(early + payload),) * 2 + (None,)
@@ -120,7 +86,7 @@ def test_a_refused_connect_leaves_the_socket_unread_to_the_caller(pki):
 
     async def main():
         async with Loopback(pki, refuse) as lb, native_pool(pki, lb) as pool:
-            app, agent = client_pair()
+            app, agent = pair()
             app.send(b"ping")
             with pytest.raises(ConnectRefused) as refused:
                 await open_for(pool, pki, lb, agent)
@@ -140,12 +106,12 @@ def test_a_stream_the_server_never_processed_is_retried_with_the_same_socket(pki
     a new connection."""
     async def main():
         async with Loopback(pki) as lb, native_pool(pki, lb) as pool:
-            first_app, first = client_pair()
+            first_app, first = pair()
             held = await open_for(pool, pki, lb, first)  # keeps the first connection open
             carried = asyncio.create_task(held.carry(first))
             (session,) = lb.server.sessions
             session.drain()
-            app, agent = client_pair()
+            app, agent = pair()
             app.send(b"before ")
             stream = await open_for(pool, pki, lb, agent)
             assert pool.sockets == 2  # answered on a second connection
@@ -153,10 +119,10 @@ def test_a_stream_the_server_never_processed_is_retried_with_the_same_socket(pki
             assert agent.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8) == LINGER_DEFAULT
             assert lb.value("nodeagent_hbone_streams_refused_total", direction="inbound", reason="draining") == 1
             result = asyncio.create_task(stream.carry(agent))
-            assert await talk(app, b"after") == b"before after"
+            assert await exchange(app, b"after") == b"before after"
             assert (await result).error is None
             app.close()
-            assert await talk(first_app, b"old") == b"old"
+            assert await exchange(first_app, b"old") == b"old"
             await carried
             first_app.close()
     run(main(), timeout=60)
