@@ -686,8 +686,10 @@ static void conn_end(struct conn *c, uint32_t how, int32_t error, uint32_t code,
         nghttp2_session_del(c->h2);
         c->h2 = NULL;
     }
+    /* A peer silent past the handshake deadline gets a FIN, as from the Python server
+     * (and Envoy, ztunnel): nothing of it is left unread, so close() sends no RST. */
     bool clean = how == NH_END_CLOSED || how == NH_END_FLOOD || how == NH_END_PROTOCOL || how == NH_END_GOAWAY
-                 || how == NH_END_TLS || how == NH_END_IDENTITY;
+                 || how == NH_END_TLS || how == NH_END_IDENTITY || how == NH_END_TIMEOUT;
     if (c->state == S_H2 && clean) {
         SSL_shutdown(c->ssl);  /* close_notify, best effort */
         (void)BIO_flush(SSL_get_wbio(c->ssl));  /* and what the buffer BIO held */

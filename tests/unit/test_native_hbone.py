@@ -537,7 +537,9 @@ def test_native_server_closes_plaintext_garbage_and_silent_peers(pki):
             third.close()
             await until(lambda: all(c.closed.done() for c in srv.conns[4:]), what="the handshake timeout")
             assert [c.closed.result().how for c in srv.conns[4:]] == ["timeout", "timeout"]
-            for sock in silent:
+            for sock in silent:  # closed at the deadline with a FIN, as the Python server closes them
+                sock.setblocking(False)
+                assert await asyncio.wait_for(loop.sock_recv(sock, 10), 10) == b""
                 sock.close()
             await drained(eng)
             assert eng.stats()["handshakes_pending"] == 0
