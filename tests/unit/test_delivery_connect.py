@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
+import resource
 import socket
 import types
 from contextlib import ExitStack
@@ -58,6 +60,26 @@ def test_a_loopback_connect_completes_without_a_loop_round():
         with pytest.raises(StopIteration) as done:  # no await suspended it: no event loop needed
             coro.send(None)
         assert done.value.value is True and sock.getpeername() == listener.getsockname()
+
+
+def test_a_descriptor_above_select_s_limit_connects_too():
+    """select() refuses descriptors above 1023; an agent with many connections has them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1024:  # what a unit (the DaemonSet, systemd) gives the agent is far above
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with contextlib.ExitStack() as undo, socket.socket() as listener, nonblocking() as low:
+        undo.callback(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        high = os.dup2(low.fileno(), 1024)
+        sock = socket.socket(fileno=high)
+        try:
+            coro = connect_socket(sock, listener.getsockname(), 5.0)
+            with pytest.raises(StopIteration) as done:
+                coro.send(None)
+            assert done.value.value is True
+        finally:
+            sock.close()
 
 
 def test_a_refused_connect_raises_as_connect_does():

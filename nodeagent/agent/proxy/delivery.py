@@ -104,7 +104,7 @@ async def connect_socket(sock: socket.socket, address: Address, timeout: float,
     a loop round per delivery). Otherwise it waits for the socket to become writable."""
     err = sock.connect_ex(address)
     if err in (errno.EINPROGRESS, errno.EAGAIN):
-        if not select.select((), (sock,), (), 0)[1]:
+        if not _writable_now(sock):
             loop = asyncio.get_running_loop()
             waiter = loop.create_future()
 
@@ -133,6 +133,14 @@ async def connect_socket(sock: socket.socket, address: Address, timeout: float,
     if err:
         raise OSError(err, os.strerror(err))
     return True
+
+
+def _writable_now(sock: socket.socket) -> bool:
+    """Whether `sock` is writable (a connect done, or failed) without waiting; poll, not
+    select, which refuses descriptors above 1023."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 def open_flow(inputs: ProxyInputs, ctx: PodContext, src: Address, dst: Address, principal: str | None,
