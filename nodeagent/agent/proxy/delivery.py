@@ -111,6 +111,7 @@ async def connect_socket(sock: socket.socket, address: Address, timeout: float,
             def settle(outcome) -> None:
                 if not waiter.done():
                     waiter.set_result(outcome)
+
             def left(_) -> None:
                 settle(False)
             fd = sock.fileno()
