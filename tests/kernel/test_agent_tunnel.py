@@ -14,14 +14,13 @@ sockets.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import socket
 import subprocess
 
 import pytest
 
+from agent_sockets import connected_tcp_sockets
 from hbone_attacks import aim, attack, labelled, refusals
 from nodeagent.agent.config import SETTINGS
 from nodeagent.bench.probe import HoldClient
@@ -53,40 +52,6 @@ def mesh(tmp_path, request):
     with meshed_sandbox(tmp_path, "legacy", "--no-same-node-fast-path", "--hbone-engine", request.param) as (
             sb, client, server, legacy, app):
         yield sb, client, server, legacy
-
-
-PIDFD_GETFD = 438  # syscall number, the same on every architecture (Linux >= 5.6)
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def connected_tcp_sockets(pid: int) -> list[tuple[tuple[str, int], tuple[str, int], bool]]:
-    """(local, peer, TCP_NODELAY on) of every connected TCP socket process `pid` holds,
-    read through copies of its descriptors (pidfd_getfd), whatever netns each lives in."""
-    found = []
-    pidfd = os.pidfd_open(pid)
-    try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                    continue
-            except FileNotFoundError:
-                continue  # closed meanwhile
-            fd = _libc.syscall(PIDFD_GETFD, pidfd, int(name), 0)
-            if fd < 0:
-                assert ctypes.get_errno() == 9, os.strerror(ctypes.get_errno())  # EBADF: closed meanwhile
-                continue
-            with socket.socket(fileno=fd) as sock:
-                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-                    continue
-                try:
-                    peer = sock.getpeername()[:2]
-                except OSError:
-                    continue  # a listener
-                found.append((sock.getsockname()[:2], peer,
-                              sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0))
-    finally:
-        os.close(pidfd)
-    return found
 
 
 def connect(sb: Sandbox, src: SandboxPod, dst: SandboxPod, count: int) -> dict:
@@ -165,6 +130,10 @@ def test_a_valid_client_cannot_aim_a_stream_at_another_pod_or_at_the_agent(mesh)
         f"{server.ip}:{PORT}", "allowed", len(b"ping\n"))
 
 
+def nagle_off(sock: socket.socket) -> bool:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_every_connection_the_agent_relays_has_nagle_off(mesh):
     """Issue 11: asyncio turns Nagle off only on sockets made with proto IPPROTO_TCP, and
     the agent makes its own with 0 — in-pod accepts, its HBONE connection, deliveries —
@@ -180,7 +149,7 @@ def test_every_connection_the_agent_relays_has_nagle_off(mesh):
         assert meshed.echo("meshed") == "meshed" and plain.echo("plain") == "plain"
         pods = {client.ip, server.ip, legacy.ip}
         relayed = sorted((local[1] if local[1] in (15001, 15008, PORT) else peer[1], nagle_off)
-                         for local, peer, nagle_off in connected_tcp_sockets(sb.agent.pid)
+                         for local, peer, nagle_off in connected_tcp_sockets(sb.agent.pid, nagle_off)
                          if local[0] in pods or peer[0] in pods or local[1] == 15001)
         assert relayed == sorted([
             (15001, True),  # the meshed client's connection, accepted in its pod

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent_sockets import connected_tcp_sockets
 from nodeagent.agent.admin import fetch
 from nodeagent.bench.sandbox import AMBIENT, Sandbox, scaled
+from nodeagent.capture.sockmap import SNDBUF
 from nodeagent.digests import spec_digest
 from samenode_peer import GREETING, pattern
 
@@ -159,6 +162,10 @@ def exchanged(node: Node) -> None:
                                              ("source", UP, BACK, "allowed", "mutual_tls")]
 
 
+def send_buffer(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
 def test_the_fast_path_joins_an_allowed_connection_and_refuses_a_denied_one(fast, request):
     node, join = fast, request.node.callspec.params["fast"]
     status = node.sb.status()
@@ -189,6 +196,10 @@ def test_the_fast_path_joins_an_allowed_connection_and_refuses_a_denied_one(fast
     held = node.sb.in_pod(node.client, [sys.executable, PEER, "hold", f"{node.server.ip}:{PORT}"],
                           stdout=subprocess.PIPE, text=True)  # joined, then revoked by the DENY
     assert held.stdout.readline().strip() == "joined"
+    if join == "sockmap":  # both joined sockets: a send buffer past autotuning's (the kernel doubles it)
+        joined = sorted(sndbuf for local, peer, sndbuf in connected_tcp_sockets(node.sb.agent.pid, send_buffer)
+                        if local[1] == 15001 or peer == (node.server.ip, PORT))
+        assert joined == [2 * SNDBUF, 2 * SNDBUF]
     denials = node.metric("nodeagent_policy_denials_total", policy="app/deny-client")
     node.apply("deny-client", DENY_SPEC)  # (b)
     assert json.loads(held.stdout.readline()) == {"received": 0, "error": "reset"}
