@@ -103,7 +103,6 @@ class SockmapJoin:
                 sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
             except PermissionError:  # no CAP_NET_ADMIN: as much as net.core.wmem_max allows
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-        for sock in (a, b):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _HOLD)
         inserted = []
         try:

@@ -67,17 +67,13 @@ class Delivery:
             self._ours[local] += 1  # before connecting: a loop shows up during the connect
             try:
                 connected = await connect_socket(upstream, dst, self.timeout, gone)
-            except OSError as exc:
+            except BaseException as exc:
                 upstream.close()
                 self._forget(local)
                 # The 4-tuple is taken (a live connection, or one in TIME_WAIT under a
                 # second old): another source port.
-                if exc.errno != errno.EADDRNOTAVAIL or attempt == CONNECT_TRIES:
-                    raise
-                continue
-            except BaseException:
-                upstream.close()
-                self._forget(local)
+                if isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL and attempt < CONNECT_TRIES:
+                    continue
                 raise
             if not connected:
                 reset(upstream)

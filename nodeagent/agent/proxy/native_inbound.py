@@ -232,7 +232,7 @@ class NativeRequest:
 
     @property
     def ended(self) -> bool:
-        return self.request.ended.done() or self.request.cancelled.done()
+        return any(future.done() for future in self.gone)
 
     @property
     def gone(self) -> tuple[asyncio.Future, asyncio.Future]:
