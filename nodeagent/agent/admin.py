@@ -43,12 +43,13 @@ class Readiness:
         return not self.missing
 
 
-READINESS_FILE = "readiness"  # beside the admin socket
 READINESS_EVERY = 1.0  # seconds between rewrites; the DaemonSet's probe wants one newer than 5 s
 
 
 def readiness_path(socket_path: Path) -> Path:
-    return socket_path.parent / READINESS_FILE
+    """Beside the admin socket and named after it (agent.sock: agent.readiness), so the
+    agents of a lab, whose sockets share one directory, never write one another's."""
+    return socket_path.with_name(socket_path.stem + ".readiness")
 
 
 def readiness_text(verdict: Readiness | bool) -> str:

@@ -90,3 +90,28 @@ def test_a_pod_no_agent_served_does_not_hold_readiness(tmp_path, cluster, pods, 
         run(main())
     finally:
         squatter.close()
+
+
+def test_agents_whose_sockets_share_a_directory_each_write_their_own_readiness(tmp_path):
+    """A lab's agents keep their admin sockets in one directory: with one `readiness`
+    file there, each agent's write replaced the other's verdict, and a write that raced
+    another's rename failed the agent's start (FileNotFoundError on readiness.new)."""
+    import asyncio
+    import logging
+
+    verdicts = {"node1": admin.Readiness(), "node2": admin.Readiness(("no valid certificate for x",))}
+    files = {node: admin.ReadinessFile(admin.readiness_path(tmp_path / f"{node}.sock"), lambda v=verdict: v,
+                                       logging.getLogger("test"), every=0.01)
+             for node, verdict in verdicts.items()}
+
+    async def main():
+        for f in files.values():
+            f.start()
+        await asyncio.sleep(0.1)  # both rewrite theirs ten times meanwhile
+        texts = {node: admin.readiness_path(tmp_path / f"{node}.sock").read_text() for node in files}
+        for f in files.values():
+            await f.close()
+        return texts
+
+    assert run(main()) == {"node1": "ready\n", "node2": "not ready: no valid certificate for x\n"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # each removed its own at close
