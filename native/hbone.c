@@ -45,6 +45,7 @@
 #define READ_CHUNK 65536           /* TLS plaintext read at once */
 #define OUT_FILL 65536u            /* nghttp2 output gathered before SSL_write */
 #define DOWN_BATCH 65536u          /* received DATA gathered before a write to the plain socket */
+#define TLS_IN 65536               /* ciphertext read(2) at once (OpenSSL's read-ahead buffer) */
 #define TLS_OUT 65536              /* TLS records gathered before a write(2): one TCP segment of up to
                                     * 64 KiB instead of one per 16 KiB record */
 #define MAX_HEADERS 16384u         /* MAX_HEADER_LIST_SIZE, as tunnel/h2conn.py */
@@ -962,7 +963,9 @@ static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t sid, const 
     stream_peak(s);
     if (s->relaying && buf_avail(&s->down) >= DOWN_BATCH && !stream_write(s))
         return 0;
-    stream_update(s);
+    /* No stream_update here: the read round ends in streams_write, which writes the rest
+     * and sets the socket's interest then. Setting it here asked for EPOLLOUT before the
+     * write and took it back after: two epoll_ctl per delivery of received data. */
     mark_dirty(s->conn);
     return 0;
 }
@@ -1859,6 +1862,13 @@ int nh_tls_new(const char *key_chain_pem, size_t key_chain_len, const char *trus
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
                           | SSL_MODE_RELEASE_BUFFERS);
+    /* Read what the socket holds, up to TLS_IN, at once: without read-ahead OpenSSL reads
+     * each record with two read(2)s, its 5-byte header and then its body. What it reads
+     * past the record it returns stays in its buffer, where epoll does not see it; conn_read
+     * reads until WANT_READ, and is called wherever reading starts (handshake done,
+     * verdict), so nothing is left there. */
+    SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_default_read_buffer_len(ctx, TLS_IN);
     SSL_CTX_set_alpn_protos(ctx, (const unsigned char *)"\x02h2", 3);
     SSL_CTX_set_alpn_select_cb(ctx, alpn_select, NULL);
     X509_STORE *store = SSL_CTX_get_cert_store(ctx);
