@@ -99,12 +99,12 @@ def test_denied_and_failed_connections_are_flagged():
 def test_flow_log_file_off_and_failures(tmp_path, caplog):
     path = tmp_path / "flows.log"
     log = FlowLog.open(path, LOG)
-    log.write({"a": 1})
-    log.write({"b": 2})
+    log.write('{"a":1}')
+    log.write('{"b":2}')
     log.close()
     assert path.read_text() == '{"a":1}\n{"b":2}\n'
     off = FlowLog.open("off", LOG)
-    off.write({"a": 1})  # nothing, and no error
+    off.write('{"a":1}')  # nothing, and no error
 
     class Broken(io.StringIO):
         def write(self, _text):
@@ -113,7 +113,7 @@ def test_flow_log_file_off_and_failures(tmp_path, caplog):
     broken = FlowLog(Broken(), LOG)
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
-            broken.write({"a": 1})
+            broken.write('{"a":1}')
     assert [r.message for r in caplog.records].count(
         "cannot write the flow log: [Errno 28] No space left on device (flow lines are dropped until it works)") == 1
 
@@ -132,7 +132,7 @@ def test_a_flow_log_file_is_rotated_at_its_size_limit(tmp_path):
     line = '{"n":1}\n'
     log = FlowLog.open(path, LOG, max_bytes=10 + 3 * len(line))
     for n in range(1, 10):
-        log.write({"n": n})
+        log.write(f'{{"n":{n}}}')
     log.close()
     # The old 10 bytes and lines 1-3 fill the first file (34 bytes); lines 4-7 (32) the
     # second, which replaces the first as flows.log.1; lines 8 and 9 start the third.
@@ -166,3 +166,40 @@ def test_cached_label_sets_count_each_flow_under_its_own_labels_across_a_cache_r
     assert registry.get_sample_value("istio_tcp_sent_bytes_total", Flow(
         SOURCE, ("10.244.1.2", 1), ("10.96.0.10", 9000), Peer.of(CLIENT, CLIENT_ID), Peer(), SERVICE,
         MTLS).labels("-")) is None
+
+
+def test_the_flow_line_is_exactly_what_json_dumps_writes_for_awkward_values():
+    """The line is built from pieces (telemetry._line), not through json.dumps: byte for
+    byte what json.dumps(separators=(",", ":")) writes for the same object, with quotes,
+    backslashes, control characters and non-ASCII in the free-text fields, IPv6, no
+    upstream, the fast path's flag, and durations that round."""
+    reason = 'policy "deny\\all"\nrule 0\t\x01 – é 🚫'
+    odd = Peer("wörk\"load", "ns\\x", "spiffe://cluster.local/ns/a/sa/\u2028")
+    cases = [
+        (Flow(SOURCE, ("fd00::2", 40000), ("fd00::9", 443), odd, Peer(), None, PLAINTEXT, same_node=True),
+         0.0004, 0, 0, "-", "allowed", ""),
+        (hbone_flow(), 1234.56789, 10**12, 7, "DENY", "denied", reason),
+        (Flow(DESTINATION, ("10.244.1.2", 1), ("10.244.2.2", 9000), Peer.of(CLIENT), Peer.of(SERVER), SERVICE,
+              MTLS, upstream=("fd00::5", 15008)), 2.0, 5, 6, "CONNECT", "failed", "connect_refused"),
+    ]
+    for flow, elapsed, received, sent, flags, verdict, why in cases:
+        telemetry, _, stream, clock = make()
+        telemetry.open(flow)
+        clock.t += elapsed
+        telemetry.close(flow, received=received, sent=sent, flags=flags, verdict=verdict, reason=why)
+        expected = {
+            "time": "2027-01-15T08:00:00.250Z", "reporter": flow.reporter,
+            "src": {"addr": f"[{flow.src[0]}]:{flow.src[1]}" if ":" in flow.src[0] else f"{flow.src[0]}:{flow.src[1]}",
+                    "workload": flow.source.workload, "namespace": flow.source.namespace,
+                    "principal": flow.source.principal},
+            "dst": {"addr": f"[{flow.dst[0]}]:{flow.dst[1]}" if ":" in flow.dst[0] else f"{flow.dst[0]}:{flow.dst[1]}",
+                    "workload": flow.destination.workload, "namespace": flow.destination.namespace,
+                    "principal": flow.destination.principal, "service": flow.labels(flags)["destination_service"]},
+            "upstream": (None if flow.upstream is None else f"[{flow.upstream[0]}]:{flow.upstream[1]}"
+                         if ":" in flow.upstream[0] else f"{flow.upstream[0]}:{flow.upstream[1]}"),
+            "security": flow.security, "bytes_received": received, "bytes_sent": sent,
+            "duration_ms": round(elapsed * 1000, 3), "verdict": verdict, "response_flags": flags, "reason": why,
+            **({"same_node": True} if flow.same_node else {}),
+        }
+        assert stream.getvalue() == json.dumps(expected, separators=(",", ":")) + "\n"
+        assert stream.getvalue().isascii()
