@@ -17,6 +17,7 @@ Python ~30x slower); the tests scale their own waits with `scaled()`.
 from __future__ import annotations
 
 import logging
+import json
 import os
 import shutil
 import signal
@@ -195,6 +196,14 @@ class Sandbox:
         return ["--ca-address", f"127.0.0.1:{CA_PORT}", "--ca-root-cert", self.layout.root_cert,
                 "--ca-token-file", self.layout.node_token(self.node), "--identity-dir",
                 self.layout.identity_dir(self.node), "--flow-log", self.layout.flow_log(self.node)]
+
+    def flows(self) -> list[dict]:
+        """The agent's flow-log lines so far (its writer thread writes them within 50 ms)."""
+        try:
+            with open(self.layout.flow_log(self.node)) as f:
+                return [json.loads(line) for line in f]
+        except FileNotFoundError:
+            return []
 
     def wait_for(self, predicate: Callable[[dict], object], timeout: float, what: str) -> dict:
         """Poll the agent's status until `predicate(status)` holds, for `scaled(timeout)` s."""

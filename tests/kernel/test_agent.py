@@ -180,8 +180,8 @@ def test_bytes_are_counted_by_direction_at_source_and_destination(sb, pods):
                ("source", "client", "plain", "none"), ("destination", "plain", "client", "none")]
     received, sent = ISTIO_BYTES
     assert istio_bytes(sb) == {**{(received, *r): REQUEST for r in reports}, **{(sent, *r): RESPONSE for r in reports}}
-    with open(sb.layout.flow_log(sb.node)) as f:
-        flows = [json.loads(line) for line in f]
+    sb.wait_for(lambda _: len(sb.flows()) == len(reports), 10, "the flow lines")
+    flows = sb.flows()
     assert sorted((f["reporter"], f["src"]["workload"], f["dst"]["workload"], f["security"], f["bytes_received"],
                    f["bytes_sent"], f["verdict"]) for f in flows) == sorted(
         (*r, REQUEST, RESPONSE, "allowed") for r in reports)

@@ -70,8 +70,8 @@ def test_same_node_meshed_traffic_goes_through_the_tunnel(mesh):
     assert c["hbone_streams_opened_total{direction=outbound}"] == 20
     assert c.get("passthrough_connections_total", 0) == 0
     assert c["inbound_connections_total"] == 20 and c["outbound_connections_total"] == 20
-    with open(sb.layout.flow_log(sb.node)) as f:
-        flows = [json.loads(line) for line in f]
+    sb.wait_for(lambda _: len(sb.flows()) >= 40, 10, "both ends' flow lines")
+    flows = sb.flows()
     inbound = [f for f in flows if f["reporter"] == "destination"]
     assert len(inbound) == 20 and len(flows) == 40  # each connection reported by both ends
     assert {(f["src"]["principal"], f["security"], f["bytes_received"], f["verdict"]) for f in inbound} == {
@@ -112,9 +112,7 @@ def test_a_valid_client_cannot_aim_a_stream_at_another_pod_or_at_the_agent(mesh)
     principal = "spiffe://cluster.local/ns/plain/sa/default"
 
     def attacker_flows() -> list[dict]:
-        with open(sb.layout.flow_log(sb.node)) as f:
-            flows = [json.loads(line) for line in f]
-        return [f for f in flows if f["reporter"] == "destination" and f["src"]["principal"] == principal]
+        return [f for f in sb.flows() if f["reporter"] == "destination" and f["src"]["principal"] == principal]
     c = sb.wait_for(lambda _: len(attacker_flows()) == len(aimed) + 1, 10, "the attacker's flows closed")["counters"]
     assert labelled(c, "connection_failures_total") == {"hbone_bad_destination": len(aimed)}
     assert labelled(c, "hbone_streams_refused_total") == {"bad_destination": len(aimed)}

@@ -8,7 +8,6 @@ in test_rapid_reset.py and test_handshake_flood.py.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
@@ -41,8 +40,8 @@ def test_meshed_traffic_crosses_the_native_engine(mesh):
     assert status["data_path"]["hbone"]["tls_library"].startswith(f"OpenSSL {openssl.VERSION} ")
     native = status["data_path"]["hbone"]["native"]
     assert (native["conns_total"], native["streams_total"]) == (2, 40)  # one pooled connection, each side
-    with open(sb.layout.flow_log(sb.node)) as f:
-        flows = [json.loads(line) for line in f]
+    sb.wait_for(lambda _: len(sb.flows()) >= 40, 10, "both ends' flow lines")
+    flows = sb.flows()
     inbound = [f for f in flows if f["reporter"] == "destination"]
     assert len(inbound) == 20 and len(flows) == 40
     assert {(f["src"]["principal"], f["security"], f["bytes_received"], f["verdict"]) for f in inbound} == {

@@ -71,8 +71,7 @@ class Node:
                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
     def flows(self) -> list[dict]:
-        with open(self.sb.layout.flow_log(self.sb.node)) as f:
-            return [json.loads(line) for line in f]
+        return self.sb.flows()
 
     def apply(self, name: str, spec: dict) -> None:
         """An AuthorizationPolicy in namespace app, waited for until the agent enforces it."""

@@ -98,6 +98,13 @@ def cluster(app_port: int, extra_yaml: str = "") -> Model:
     return Model.build(parse_documents(text, "cluster.yaml"))
 
 
+
+class KeptOpen(io.StringIO):
+    """The flow log's stream, readable after the world closed its FlowLog."""
+
+    def close(self) -> None:
+        pass
+
 class OriginalDestinations:
     """Stand-in for the capture maps' lookup: what each client port asked for."""
 
@@ -256,8 +263,10 @@ class World:
     async def _build(self) -> None:
         self.registry = CollectorRegistry()
         self.metrics, tunnel_metrics = AgentMetrics(self.registry), TunnelMetrics(self.registry)
-        self.flow_lines = io.StringIO()
-        self.telemetry = Telemetry(TrafficMetrics(self.registry), FlowLog(self.flow_lines, LOG))
+        self.flow_lines = KeptOpen()
+        self.flow_log = FlowLog(self.flow_lines, LOG)
+        self._closers.append(self.flow_log.close)  # first in, so closed last: its writer thread ends
+        self.telemetry = Telemetry(TrafficMetrics(self.registry), self.flow_log)
         self.app = App(SERVER)
         self._closers.append(self.app.close)
         self.tunnel_listener = listening(SERVER)
@@ -401,6 +410,8 @@ class World:
         return self.registry.get_sample_value(name, labels) or 0.0
 
     def flows(self) -> list[dict]:
+        """The flow lines logged so far (what the log's writer thread has not written yet too)."""
+        self.flow_log.flush()
         return [json.loads(line) for line in self.flow_lines.getvalue().splitlines()]
 
     # --- clients --------------------------------------------------------------------

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -68,6 +70,7 @@ def test_three_connections_counted_exactly_with_bytes():
     assert value(registry, "istio_tcp_connections_closed_total", **labels) == 3
     assert value(registry, "istio_tcp_received_bytes_total", **labels) == 300
     assert value(registry, "istio_tcp_sent_bytes_total", **labels) == 750
+    telemetry.flow_log.flush()
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(lines) == 3
     assert lines[0] == {
@@ -90,6 +93,7 @@ def test_denied_and_failed_connections_are_flagged():
     assert value(registry, "istio_tcp_connections_closed_total", **opened) == 0
     assert value(registry, "nodeagent_policy_denials_total", policy="mesh/deny-all") == 1
     assert value(registry, "istio_tcp_received_bytes_total", **opened) == 0
+    telemetry.flow_log.flush()
     denied, failed = (json.loads(line) for line in stream.getvalue().splitlines())
     assert (denied["verdict"], denied["response_flags"], denied["reason"]) == (
         "denied", "DENY", "denied by DENY policy mesh/deny-all rule 0")
@@ -114,8 +118,11 @@ def test_flow_log_file_off_and_failures(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             broken.write('{"a":1}')
+            broken.flush()
+        broken.close()
     assert [r.message for r in caplog.records].count(
         "cannot write the flow log: [Errno 28] No space left on device (flow lines are dropped until it works)") == 1
+    assert broken.dropped == 3
 
 
 def test_peer_of_a_pod_uses_istios_workload_name():
@@ -187,6 +194,7 @@ def test_the_flow_line_is_exactly_what_json_dumps_writes_for_awkward_values():
         telemetry.open(flow)
         clock.t += elapsed
         telemetry.close(flow, received=received, sent=sent, flags=flags, verdict=verdict, reason=why)
+        telemetry.flow_log.flush()
         expected = {
             "time": "2027-01-15T08:00:00.250Z", "reporter": flow.reporter,
             "src": {"addr": f"[{flow.src[0]}]:{flow.src[1]}" if ":" in flow.src[0] else f"{flow.src[0]}:{flow.src[1]}",
@@ -203,3 +211,59 @@ def test_the_flow_line_is_exactly_what_json_dumps_writes_for_awkward_values():
         }
         assert stream.getvalue() == json.dumps(expected, separators=(",", ":")) + "\n"
         assert stream.getvalue().isascii()
+
+
+class Recorder(io.StringIO):
+    """A stream that records each write(2)'s text and can be held (a stalled disk or reader)."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[str] = []
+        self.held = threading.Event()
+        self.held.set()
+
+    def write(self, text):
+        self.held.wait(10)
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_lines_reach_the_stream_from_the_writer_thread_in_one_write_per_gathering():
+    stream = Recorder()
+    log = FlowLog(stream, LOG, flush_every=0.5)
+    for n in range(100):
+        log.write(f'{{"n":{n}}}')  # the caller only queues
+    assert stream.writes == []
+    deadline = time.monotonic() + 10
+    while not stream.writes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.writes == ["".join(f'{{"n":{n}}}\n' for n in range(100))]  # in order, one write
+    log.write('{"n":100}')
+    writer = log._writer
+    log.close()  # what is queued is written, and the thread ends
+    assert stream.writes[-1] == '{"n":100}\n' and not writer.is_alive()
+    log.write('{"n":101}')  # after close: nothing, and no error
+    assert "".join(stream.writes).count("\n") == 101
+
+
+def test_a_stalled_stream_never_blocks_the_caller_and_overflow_is_counted(caplog, monkeypatch):
+    monkeypatch.setattr(FlowLog, "MAX_QUEUED", 5)
+    stream = Recorder()
+    stream.held.clear()  # the first write blocks the writer thread
+    log = FlowLog(stream, LOG, flush_every=0.0)
+    with caplog.at_level(logging.WARNING):
+        log.write('{"n":0}')
+        deadline = time.monotonic() + 10
+        while log._queued and time.monotonic() < deadline:  # the writer took it and is stuck writing it
+            time.sleep(0.01)
+        for n in range(1, 9):
+            log.write(f'{{"n":{n}}}')  # 1-5 queue, 6-8 are dropped
+        # the writer is still stuck (had a write waited for it, the stream's 10 s hold
+        # would have run out and the write gone through)
+        assert stream.writes == [] and log.dropped == 3
+        stream.held.set()
+        log.close()
+    assert "".join(stream.writes) == "".join(f'{{"n":{n}}}\n' for n in range(6))
+    messages = [r.message for r in caplog.records]
+    assert messages == ["the flow log is 5 lines behind: flow lines are dropped until it catches up",
+                        "the flow log is written again; 3 flow lines were dropped"]
