@@ -115,12 +115,12 @@ def _close_all(socks: list[socket.socket | None]) -> None:
 
 
 def upstream(netns_fd: int, family: int, mark: int) -> socket.socket:
-    """A TCP socket in the pod netns, marked so capture leaves it alone, Nagle off."""
-    sock = netns.socket_in(netns_fd, family, socket.SOCK_STREAM)
+    """A non-blocking TCP socket in the pod netns, marked so capture leaves it alone,
+    Nagle off (set directly: it is TCP, which set_nodelay would ask first)."""
+    sock = netns.socket_in(netns_fd, family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        set_nodelay(sock)
-        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
     except BaseException:
         sock.close()
