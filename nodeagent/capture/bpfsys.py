@@ -124,11 +124,24 @@ def _nr() -> int:
     return _SYSCALL_NR[machine]
 
 
+_NR: list[int] = []  # _nr(), once known
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> tuple[int, int]:
+    """bpf(cmd, &attr, sizeof(attr)): (result, errno when it is negative). The map
+    commands run several times per connection (same-node fast path, original
+    destinations): no exception for an answer as common as ENOENT, no lookups per call."""
+    if not _NR:
+        _NR.append(_nr())
+    ret = _libc.syscall(_NR[0], cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    return (ret, ctypes.get_errno()) if ret < 0 else (ret, 0)
+
+
 def call(cmd: int, attr: ctypes.Structure, what: str) -> int:
     """bpf(cmd, &attr, sizeof(attr)); the result, or BpfSyscallError naming `what`."""
-    ret = _libc.syscall(_nr(), ctypes.c_int(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+    ret, err = _bpf(cmd, attr)
     if ret < 0:
-        raise BpfSyscallError(what, ctypes.get_errno())
+        raise BpfSyscallError(what, err)
     return ret
 
 
@@ -213,13 +226,10 @@ def link_update(link_fd: int, new_prog_fd: int, what: str) -> None:
 
 def map_lookup(fd: int, key: ctypes._CData, value: ctypes._CData) -> bool:
     """Fill `value` from the element at `key`; False if there is none."""
-    try:
-        call(MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd, key=_addr(key), value=_addr(value)), "map lookup")
-    except BpfSyscallError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    ret, err = _bpf(MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd, key=_addr(key), value=_addr(value)))
+    if ret < 0 and err != errno.ENOENT:
+        raise BpfSyscallError("map lookup", err)
+    return ret >= 0
 
 
 def map_update(fd: int, key: ctypes._CData, value: ctypes._CData, what: str, flags: int = ANY) -> None:
@@ -228,13 +238,10 @@ def map_update(fd: int, key: ctypes._CData, value: ctypes._CData, what: str, fla
 
 def map_delete(fd: int, key: ctypes._CData) -> bool:
     """Delete the element at `key`; False if there was none."""
-    try:
-        call(MAP_DELETE_ELEM, _MapElemAttr(map_fd=fd, key=_addr(key)), "map delete")
-    except BpfSyscallError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    ret, err = _bpf(MAP_DELETE_ELEM, _MapElemAttr(map_fd=fd, key=_addr(key)))
+    if ret < 0 and err != errno.ENOENT:
+        raise BpfSyscallError("map delete", err)
+    return ret >= 0
 
 
 def map_keys(fd: int, key_type: type[ctypes._CData]) -> Iterator[ctypes._CData]:

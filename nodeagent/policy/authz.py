@@ -12,6 +12,7 @@ DENY rule is enforced without them (broader). Types are built by validate.py; pu
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -168,6 +169,7 @@ def attributes(conn: Connection) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=4096)  # per connection twice; the addresses are the pods' (immutable results)
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The address, IPv4-mapped IPv6 (a dual-stack listener's view) read as IPv4."""
     ip = ipaddress.ip_address(text)
