@@ -16,6 +16,8 @@ refuses, saying how to turn mTLS on.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import ssl
 from typing import Iterable
@@ -48,7 +50,7 @@ class WorkloadIdentities:
     def of(self, pod: Pod) -> Identity:
         """The pod's SPIFFE identity; IdentityUnavailable if its names cannot form one."""
         try:
-            return Identity(self.trust_domain, pod.namespace, pod.service_account)
+            return _identity(self.trust_domain, pod.namespace, pod.service_account)
         except ConfigError as exc:
             raise IdentityUnavailable(f"pod {pod.namespace}/{pod.name} has no valid identity: {exc}",
                                       "fix its spec.serviceAccountName") from None
@@ -126,3 +128,11 @@ class WorkloadIdentities:
         if self.manager is not None:
             await self.manager.close()
             await self.manager.client.close()
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(trust_domain: str, namespace: str, service_account: str) -> Identity:
+    """Identity(...), validated once per name rather than each time a connection asks
+    (several times per connection; an Identity is immutable). A name that is invalid is
+    not cached: it raises ConfigError each time."""
+    return Identity(trust_domain, namespace, service_account)
