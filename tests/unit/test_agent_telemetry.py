@@ -267,3 +267,21 @@ def test_a_stalled_stream_never_blocks_the_caller_and_overflow_is_counted(caplog
     messages = [r.message for r in caplog.records]
     assert messages == ["the flow log is 5 lines behind: flow lines are dropped until it catches up",
                         "the flow log is written again; 3 flow lines were dropped"]
+
+
+def test_close_gives_up_on_a_writer_stuck_in_a_write(caplog):
+    """A full pipe nobody reads must not keep the agent from stopping."""
+    stream = Recorder()
+    stream.held.clear()
+    log = FlowLog(stream, LOG, flush_every=0.0)
+    log.write('{"n":0}')
+    deadline = time.monotonic() + 10
+    while log._queued and time.monotonic() < deadline:  # the writer took it and is stuck writing it
+        time.sleep(0.01)
+    log.write('{"n":1}')
+    with caplog.at_level(logging.WARNING):
+        log.close(timeout=0.2)
+    assert [r.message for r in caplog.records] == [
+        "the flow log's writer is stuck in a write after 0.2 s: 1 queued flow lines are not written"]
+    assert stream.writes == []  # nothing went through, and close() returned
+    stream.held.set()  # the stuck write ends; the thread goes

@@ -219,12 +219,19 @@ class FlowLog:
             self._failed = True
             self.dropped += len(lines) - done
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what waits and end the writer thread. A writer stuck in a write (a full
+        pipe nobody reads, a hung disk) is left behind after `timeout` s, with a warning,
+        so the agent still stops: what it holds and what waits are lost."""
         self._stopping = True
         self._stop.set()
         self._wake.set()
         if self._writer is not None:
-            self._writer.join()
+            self._writer.join(timeout)
+            if self._writer.is_alive():
+                self.log.warning("the flow log's writer is stuck in a write after %g s: %d queued flow lines "
+                                 "are not written", timeout, len(self._queued))
+                return
             self._writer = None
         self.flush()
         with self._lock:
