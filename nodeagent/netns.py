@@ -22,6 +22,7 @@ from nodeagent.errors import NodeagentError
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71  # Linux >= 5.14
 NETNS_RUN_DIR = "/run/netns"  # where `ip netns add NAME` pins namespaces
+OWN_NETNS = "/proc/thread-self/ns/net"  # the calling thread's netns
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -54,7 +55,7 @@ class _Own:
     """A thread's own netns, opened once (the thread keeps it until it ends)."""
 
     def __init__(self):
-        self.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = os.open(OWN_NETNS, os.O_RDONLY | os.O_CLOEXEC)
 
     def __del__(self):
         os.close(self.fd)
@@ -81,7 +82,7 @@ def entered(target: str | int) -> Iterator[None]:
     """
     state = _thread
     if state.depth:
-        back, opened = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC), True
+        back, opened = os.open(OWN_NETNS, os.O_RDONLY | os.O_CLOEXEC), True
     else:
         if state.own is None:
             state.own = _Own()

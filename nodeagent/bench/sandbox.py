@@ -16,8 +16,8 @@ Python ~30x slower); the tests scale their own waits with `scaled()`.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import shutil
 import signal

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 from typing import Iterator
@@ -117,6 +118,7 @@ class LinkInfo(ctypes.Structure):
                 ("attach_type", ctypes.c_uint32)]
 
 
+@functools.cache
 def _nr() -> int:
     machine = platform.machine()
     if machine not in _SYSCALL_NR:
@@ -124,16 +126,11 @@ def _nr() -> int:
     return _SYSCALL_NR[machine]
 
 
-_NR: list[int] = []  # _nr(), once known
-
-
 def _bpf(cmd: int, attr: ctypes.Structure) -> tuple[int, int]:
     """bpf(cmd, &attr, sizeof(attr)): (result, errno when it is negative). The map
     commands run several times per connection (same-node fast path, original
-    destinations): no exception for an answer as common as ENOENT, no lookups per call."""
-    if not _NR:
-        _NR.append(_nr())
-    ret = _libc.syscall(_NR[0], cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    destinations): no exception for an answer as common as ENOENT."""
+    ret = _libc.syscall(_nr(), cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     return (ret, ctypes.get_errno()) if ret < 0 else (ret, 0)
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 
 from nodeagent.capture import bpfsys
 from nodeagent.capture.errors import BpfSyscallError, NotPrivileged
+from nodeagent.netns import CLONE_NEWNET, OWN_NETNS, SO_NETNS_COOKIE
 
 Syscall = Callable[[int, ctypes.Structure, str], int]  # bpfsys.call's shape; tests inject failures
 
@@ -33,9 +34,7 @@ MAP_HASH, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_SOCKHASH = 1, 6, 9, 18
 FN_MAP_LOOKUP, FN_GET_SOCKET_COOKIE, FN_SK_REDIRECT_HASH = 1, 46, 72
 FN_SK_RELEASE, FN_GET_NETNS_COOKIE, FN_SK_ASSIGN = 86, 122, 124
 SK_LOOKUP_INGRESS_IFINDEX = 64  # offsetof(struct bpf_sk_lookup, ingress_ifindex)
-SO_NETNS_COOKIE = 71
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
-CLONE_NEWNET = 0x40000000
 
 _LOG_STATISTICS = ("processed ", "verification time", "stack depth")  # after the reason, on success too
 
@@ -131,7 +130,7 @@ def _throwaway_netns() -> int:
         if _libc.unshare(CLONE_NEWNET) != 0:
             made["errno"] = ctypes.get_errno()
             return
-        made["fd"] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        made["fd"] = os.open(OWN_NETNS, os.O_RDONLY | os.O_CLOEXEC)
 
     thread = threading.Thread(target=unshare, name="netns-probe")
     thread.start()

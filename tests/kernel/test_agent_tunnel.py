@@ -146,8 +146,8 @@ def test_every_connection_the_agent_relays_has_nagle_off(mesh):
     try:
         assert meshed.echo("meshed") == "meshed" and plain.echo("plain") == "plain"
         pods = {client.ip, server.ip, legacy.ip}
-        relayed = sorted((local[1] if local[1] in (15001, 15008, PORT) else peer[1], nagle_off)
-                         for local, peer, nagle_off in connected_tcp_sockets(sb.agent.pid, nagle_off)
+        relayed = sorted((local[1] if local[1] in (15001, 15008, PORT) else peer[1], off)
+                         for local, peer, off in connected_tcp_sockets(sb.agent.pid, nagle_off)
                          if local[0] in pods or peer[0] in pods or local[1] == 15001)
         assert relayed == sorted([
             (15001, True),  # the meshed client's connection, accepted in its pod

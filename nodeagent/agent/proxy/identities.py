@@ -17,7 +17,6 @@ refuses, saying how to turn mTLS on.
 from __future__ import annotations
 
 import functools
-
 import logging
 import ssl
 from typing import Iterable

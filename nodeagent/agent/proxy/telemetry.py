@@ -139,8 +139,7 @@ class FlowLog:
         self._queued: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()  # the stream, its size and rotation: the writer's or flush()'s
         self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._stopping = False
+        self._stop = threading.Event()  # close(): no more lines, the writer ends
         self._writer: threading.Thread | None = None
 
     @classmethod
@@ -162,7 +161,7 @@ class FlowLog:
 
     def write(self, line: str) -> None:
         """Queue one JSON line (ASCII: its length is its size in bytes)."""
-        if self.stream is None or self._stopping:
+        if self.stream is None or self._stop.is_set():
             return
         if len(self._queued) >= self.MAX_QUEUED:
             if not self.dropped:
@@ -223,7 +222,6 @@ class FlowLog:
         """Write what waits and end the writer thread. A writer stuck in a write (a full
         pipe nobody reads, a hung disk) is left behind after `timeout` s, with a warning,
         so the agent still stops: what it holds and what waits are lost."""
-        self._stopping = True
         self._stop.set()
         self._wake.set()
         if self._writer is not None:
