@@ -48,6 +48,7 @@
 #define TLS_IN 65536               /* ciphertext read(2) at once (OpenSSL's read-ahead buffer) */
 #define TLS_OUT 65536              /* TLS records gathered before a write(2): one TCP segment of up to
                                     * 64 KiB instead of one per 16 KiB record */
+#define EARLY_MAX 16384u           /* client: the first bytes sent with the CONNECT, before its answer */
 #define MAX_HEADERS 16384u         /* MAX_HEADER_LIST_SIZE, as tunnel/h2conn.py */
 #define MAX_URI 512
 
@@ -81,6 +82,9 @@ struct stream {
     bool down_eof, down_done;      /* END_STREAM (or clean close) received; FIN passed on */
     bool h2_closed, deferred, ended, is_connect;
     bool got_200;                  /* client: answered 200 (relays once it has its socket) */
+    bool peeked;                   /* client: the early peek is done (or not wanted) */
+    uint32_t early;                /* client: bytes peeked into `up` before the answer, still in the socket */
+    uint64_t early_sent;           /* client: ... of which handed to DATA before relaying */
     uint32_t reset_code;           /* the peer's reset before Python answered */
     uint32_t status;               /* client: the response's :status */
     struct buf up, down;           /* socket -> peer, peer -> socket */
@@ -458,16 +462,35 @@ static bool stream_write(struct stream *s)
     return true;
 }
 
+/* The stream's buffer of bytes read from its socket, allocated on first use. */
+static bool up_ready(struct stream *s)
+{
+    if (s->up.cap == 0) {
+        s->up.p = malloc(s->conn->e->cfg.stream_buffer);
+        if (!s->up.p)
+            return false;
+        s->up.cap = s->conn->e->cfg.stream_buffer;
+    }
+    return true;
+}
+
+/* `n` bytes more in `up`: counted, and HTTP/2 may send them. */
+static void up_added(struct stream *s, size_t n)
+{
+    held_add(s->conn->e, n);
+    stream_peak(s);
+    if (s->deferred && s->conn->h2) {
+        s->deferred = false;
+        nghttp2_session_resume_data(s->conn->h2, s->sid);
+    }
+    mark_dirty(s->conn);
+}
+
 static void stream_read(struct stream *s)
 {
-    struct nh_engine *e = s->conn->e;
-    if (s->up.cap == 0) {
-        s->up.p = malloc(e->cfg.stream_buffer);
-        if (!s->up.p) {
-            stream_end(s, NH_END_SOCKET, ENOMEM, NGHTTP2_INTERNAL_ERROR, 0, "out of memory");
-            return;
-        }
-        s->up.cap = e->cfg.stream_buffer;
+    if (!up_ready(s)) {
+        stream_end(s, NH_END_SOCKET, ENOMEM, NGHTTP2_INTERNAL_ERROR, 0, "out of memory");
+        return;
     }
     if (s->up.off && s->up.cap - s->up.len < s->up.cap / 4) {  /* compact only when the end is near:
                                                                   * not a large move for every read */
@@ -488,19 +511,65 @@ static void stream_read(struct stream *s)
     if (n == 0)
         s->up_eof = true;
     s->up.len += n;
-    held_add(e, n);
-    stream_peak(s);
-    if (s->deferred && s->conn->h2) {
-        s->deferred = false;
-        nghttp2_session_resume_data(s->conn->h2, s->sid);
+    up_added(s, (size_t)n);
+}
+
+/* Client, before the answer: the first bytes the client sent go out with the CONNECT
+ * (DATA right behind its HEADERS), so the server has them the moment it accepts instead of
+ * a round trip after its 200. They are peeked, not read: the socket keeps them until the
+ * 200 (stream_start discards them then), so a refused or unprocessed stream leaves the
+ * caller's socket as it was. One peek, up to EARLY_MAX; nothing more before the answer. */
+static void stream_peek(struct stream *s)
+{
+    if (s->peeked || s->ended || s->fd < 0 || s->relaying || s->conn->server)
+        return;
+    if (!up_ready(s)) {
+        s->peeked = true;          /* stream_read reports it, once relaying */
+        return;
     }
-    mark_dirty(s->conn);
+    ssize_t n = recv(s->fd, s->up.p, MIN(s->up.cap, EARLY_MAX), MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return;                    /* nothing yet: EPOLLIN (stream_update) */
+    s->peeked = true;
+    if (n <= 0)
+        return;                    /* EOF or an error: the relay finds it after the 200 */
+    s->early = (uint32_t)n;
+    s->up.off = 0;
+    s->up.len = (size_t)n;
+    up_added(s, (size_t)n);
+}
+
+/* The 200: the peeked bytes are the stream's; take them out of the socket (their DATA is
+ * sent or waits in `up`). false when the stream ended. */
+static bool stream_take_early(struct stream *s)
+{
+    char scratch[4096];
+    while (s->early) {
+        ssize_t n = recv(s->fd, scratch, MIN(sizeof scratch, s->early), MSG_DONTWAIT);
+        if (n <= 0) {
+            if (n < 0 && errno == EINTR)
+                continue;
+            /* the socket lost bytes it showed: nobody else reads it, so it was reset */
+            stream_end(s, NH_END_SOCKET, n < 0 ? errno : EPIPE, NGHTTP2_CANCEL, 0, "read from the socket failed");
+            return false;
+        }
+        s->early -= (uint32_t)n;
+    }
+    s->to_peer += s->early_sent;
+    ST_ADD(s->conn->e, bytes_to_peer, s->early_sent);
+    s->early_sent = 0;
+    return true;
 }
 
 static void stream_update(struct stream *s)
 {
-    if (s->ended || s->fd < 0 || !s->relaying)
+    if (s->ended || s->fd < 0)
         return;
+    if (!s->relaying) {            /* client before its answer: only the early peek reads */
+        if (!s->conn->server)
+            set_mask(s->conn->e, s->fd, &s->o, &s->registered, &s->mask, s->peeked ? 0 : EPOLLIN);
+        return;
+    }
     uint32_t mask = 0;
     if (!s->up_eof && !s->up_done && buf_avail(&s->up) < s->conn->e->cfg.stream_buffer)
         mask |= EPOLLIN;
@@ -511,6 +580,12 @@ static void stream_update(struct stream *s)
 
 static void stream_io(struct stream *s, uint32_t events)
 {
+    if (!s->relaying) {
+        if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+            stream_peek(s);
+        stream_update(s);
+        return;
+    }
     if (events & EPOLLOUT && !stream_write(s))
         return;
     if (events & (EPOLLIN | EPOLLHUP | EPOLLERR) && s->mask & EPOLLIN)
@@ -540,6 +615,9 @@ static void stream_drain(struct stream *s)
 /* Begin relaying: the socket is the stream's (non-blocking from here). */
 static void stream_start(struct stream *s)
 {
+    if (!s->conn->server && !stream_take_early(s))
+        return;
+    s->peeked = true;
     s->relaying = true;
     stream_drain(s);
 }
@@ -562,8 +640,12 @@ static ssize_t up_read_cb(nghttp2_session *h2, int32_t sid, uint8_t *buf, size_t
     /* no copy into nghttp2's frame buffer: send_data_cb appends the frame to the
      * connection's output straight from the stream buffer, in this same mem_send */
     *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
-    s->to_peer += n;
-    ST_ADD(s->conn->e, bytes_to_peer, n);
+    if (s->relaying) {
+        s->to_peer += n;
+        ST_ADD(s->conn->e, bytes_to_peer, n);
+    } else {
+        s->early_sent += n;        /* counted once the 200 makes them the stream's (stream_start) */
+    }
     if (s->up_eof && avail == n) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
         s->up_done = true;
@@ -1150,6 +1232,8 @@ static void submit_open(struct conn *c, struct stream *s)
         return;
     }
     s->sid = sid;
+    stream_peek(s);
+    stream_update(s);
     mark_dirty(c);
 }
 
@@ -1584,8 +1668,12 @@ static void run_cmd(struct nh_engine *e, struct cmd *cmd)
             break;
         }
         s->fd = cmd->fd;
-        if (s->got_200)
-            stream_start(s);       /* else on_response starts it */
+        if (s->got_200) {
+            stream_start(s);
+        } else if (s->sid > 0) {   /* else on_response starts it; the early peek goes now */
+            stream_peek(s);
+            stream_update(s);
+        }
         break;
     }
 }

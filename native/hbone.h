@@ -198,9 +198,13 @@ int nh_conn_close(struct nh_engine *engine, uint64_t conn, int abort);
 
 /* Client: a CONNECT to `authority` (host:port) with `headers` (name\0value\0... of
  * headers_len bytes, names lower-case; may be empty) on connection `conn` (queued until
- * it is up), relayed to connected stream socket `fd` once answered 200. `fd` -1: the
- * socket comes later (nh_stream_attach), so the caller can learn the answer first; until
- * then at most one stream window received waits in the engine. Returns the stream id (> 0). */
+ * it is up), relayed to connected stream socket `fd` once answered 200. Before the answer
+ * the engine only peeks: the first bytes waiting in `fd` (up to 16 KiB, one peek) go out
+ * as DATA right behind the CONNECT, so the server has them when it accepts; they leave the
+ * socket only with the 200 and count in to_peer only then, so a refused stream leaves
+ * `fd`'s bytes where they were. `fd` -1: the socket comes later (nh_stream_attach), so the
+ * caller can learn the answer first; until then at most one stream window received waits
+ * in the engine. Returns the stream id (> 0). */
 int64_t nh_stream_open(struct nh_engine *engine, uint64_t conn, int fd, const char *authority,
                        const char *headers, size_t headers_len);
 

@@ -182,8 +182,9 @@ class ClientConnection(_Connection):
 
     def open_with_copy(self, sock: socket.socket, authority: str, headers=()) -> NativeStream:
         """As open, with a copy of `sock`'s descriptor: the engine relays it as soon as the
-        200 arrives, with no round through the caller, and reads nothing before, so a
-        refused stream leaves `sock` as it was, but for SO_LINGER: the engine ends its copy
+        200 arrives, with no round through the caller. Before that it only peeks (the first
+        bytes go out with the CONNECT and leave the socket with the 200), so a refused
+        stream leaves `sock` as it was, but for SO_LINGER: the engine ends its copy
         with a reset, which resets.linger_default undoes before `sock` is offered again.
         The caller closes its copy (`carry` does) or resets it (refused)."""
         stream = self._open(os.dup(sock.fileno()), authority, headers)

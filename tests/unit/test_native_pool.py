@@ -1,7 +1,8 @@
 """The source side's native HBONE pool (agent/proxy/native_outbound.NativePool) given the
 client's socket, as the outbound relay opens its streams: the engine gets a copy of the
 socket with the CONNECT and relays it from the 200 on, with no round through the event
-loop between the answer and the client's first bytes. Against the Python HBONE server on
+loop between the answer and the client's first bytes, which it sends (peeked) with the
+CONNECT. Against the Python HBONE server on
 loopback: byte-identical both ways with half-close and the client's FIN passed on as a
 FIN; a refused CONNECT leaves the socket unread to the caller, which resets it; a stream
 the server never processed (it drains: REFUSED_STREAM) is retried on a new connection
@@ -97,6 +98,59 @@ def test_a_refused_connect_leaves_the_socket_unread_to_the_caller(pki):
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(loop.sock_recv(app, 1), 10)
             app.close()
+    run(main())
+
+
+def test_the_first_bytes_reach_the_server_before_it_answers(pki):
+    """The client's first bytes go with the CONNECT: a server that reads before it answers
+    gets them (with an engine that read only after the 200 it waited forever), and once
+    answered the rest follows in order; the stream counts each byte once."""
+    seen = []
+
+    async def read_then_echo(info, reader, writer):
+        seen.append(await reader.readexactly(len(b"GET / HTTP/1.1\r\n\r\n")))
+        writer.respond(200)
+        writer.write(seen[0])
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+
+    async def main():
+        async with Loopback(pki, read_then_echo) as lb, native_pool(pki, lb) as pool:
+            app, agent = pair()
+            early = b"GET / HTTP/1.1\r\n\r\n"
+            app.send(early)
+            stream = await asyncio.wait_for(open_for(pool, pki, lb, agent), 10)
+            assert seen == [early]
+            carried = asyncio.create_task(stream.carry(agent))
+            payload = os.urandom(200_000)
+            assert await exchange(app, payload) == early + payload
+            result = await carried
+            assert (result.a_to_b, result.b_to_a, result.error) == (len(early + payload),) * 2 + (None,)
+            app.close()
+    run(main(), timeout=60)
+
+
+def test_a_refused_connect_saw_the_first_bytes_but_the_socket_keeps_them(pki):
+    """Refused after reading what came with the CONNECT: the bytes are still the caller's
+    (peeked, not read) and the stream reports none sent."""
+    seen = []
+
+    async def read_then_refuse(info, reader, writer):
+        seen.append(await reader.readexactly(4))
+        writer.respond(403)
+
+    async def main():
+        async with Loopback(pki, read_then_refuse) as lb, native_pool(pki, lb) as pool:
+            app, agent = pair()
+            app.send(b"ping")
+            with pytest.raises(ConnectRefused):
+                await asyncio.wait_for(open_for(pool, pki, lb, agent), 10)
+            assert seen == [b"ping"]
+            assert agent.recv(8, socket.MSG_PEEK) == b"ping"
+            app.close()
+            agent.close()
     run(main())
 
 
