@@ -231,6 +231,34 @@ int main(int argc, char **argv)
     CHECK(end->how == NH_END_CLOSED && end->from_peer == 1 << 20 && end->to_peer == 256 << 10, "server end %u", end->how);
     close(app);
 
+    /* the client's first bytes go with the CONNECT (peeked): a refusal leaves them in the
+     * socket and counts none sent; an answered stream takes them once */
+    tcp_pair(&app, &theirs);
+    CHECK(write(app, "early", 5) == 5, "early write");
+    refuse_next = 403;
+    int64_t s7 = nh_stream_open(E, (uint64_t)conn, dup(theirs), "10.0.0.1:80", NULL, 0);
+    end = wait_event(NH_EV_STREAM_END, 0, (uint64_t)s7);
+    CHECK(end->how == NH_END_REFUSED && end->status == 403 && end->to_peer == 0, "refused early %u", end->how);
+    char peek[8];
+    CHECK(recv(theirs, peek, sizeof peek, MSG_PEEK | MSG_DONTWAIT) == 5 && !memcmp(peek, "early", 5), "early kept");
+    int64_t s8 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
+    CHECK(wait_event(NH_EV_RESPONSE, 0, (uint64_t)s8)->status == 200, "early status");
+    int server_s8 = server_app[napps - 1];
+    size_t taken = 0;
+    for (int tries = 0; taken < 5 && tries < 2000; tries++) {
+        ssize_t r = recv(server_s8, peek + taken, 5 - taken, MSG_DONTWAIT);
+        if (r > 0)
+            taken += (size_t)r;
+        else
+            pump(1);
+    }
+    CHECK(taken == 5 && !memcmp(peek, "early", 5), "early delivered");
+    shutdown(app, SHUT_WR);
+    shutdown(server_s8, SHUT_WR);
+    end = wait_event(NH_EV_STREAM_END, 0, (uint64_t)s8);
+    CHECK(end->how == NH_END_CLOSED && end->to_peer == 5 && end->from_peer == 0, "early end %u", end->how);
+    close(app);
+
     /* a reset passes as a reset */
     tcp_pair(&app, &theirs);
     int64_t s2 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
