@@ -518,25 +518,23 @@ static void stream_read(struct stream *s)
  * (DATA right behind its HEADERS), so the server has them the moment it accepts instead of
  * a round trip after its 200. They are peeked, not read: the socket keeps them until the
  * 200 (stream_start discards them then), so a refused or unprocessed stream leaves the
- * caller's socket as it was. One peek, up to EARLY_MAX; nothing more before the answer. */
+ * caller's socket as it was. One peek, up to EARLY_MAX; nothing more before the answer.
+ * The socket's interest follows (stream_update: EPOLLIN until the peek is done). */
 static void stream_peek(struct stream *s)
 {
     if (s->peeked || s->ended || s->fd < 0 || s->relaying || s->conn->server)
         return;
-    if (!up_ready(s)) {
-        s->peeked = true;          /* stream_read reports it, once relaying */
-        return;
+    /* without a buffer no early bytes: stream_read reports it, once relaying */
+    ssize_t n = up_ready(s) ? recv(s->fd, s->up.p, MIN(s->up.cap, EARLY_MAX), MSG_PEEK | MSG_DONTWAIT) : 0;
+    if (n > 0) {
+        s->early = (uint32_t)n;
+        s->up.off = 0;
+        s->up.len = (size_t)n;
+        up_added(s, (size_t)n);
     }
-    ssize_t n = recv(s->fd, s->up.p, MIN(s->up.cap, EARLY_MAX), MSG_PEEK | MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR))
-        return;                    /* nothing yet: EPOLLIN (stream_update) */
-    s->peeked = true;
-    if (n <= 0)
-        return;                    /* EOF or an error: the relay finds it after the 200 */
-    s->early = (uint32_t)n;
-    s->up.off = 0;
-    s->up.len = (size_t)n;
-    up_added(s, (size_t)n);
+    /* nothing yet: wait for EPOLLIN; else (bytes, EOF, an error the relay finds after the 200) done */
+    s->peeked = !(n < 0 && (errno == EAGAIN || errno == EINTR));
+    stream_update(s);
 }
 
 /* The 200: the peeked bytes are the stream's; take them out of the socket (their DATA is
@@ -580,10 +578,8 @@ static void stream_update(struct stream *s)
 
 static void stream_io(struct stream *s, uint32_t events)
 {
-    if (!s->relaying) {
-        if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
-            stream_peek(s);
-        stream_update(s);
+    if (!s->relaying) {            /* client before its answer: registered for the early peek only */
+        stream_peek(s);
         return;
     }
     if (events & EPOLLOUT && !stream_write(s))
@@ -615,9 +611,8 @@ static void stream_drain(struct stream *s)
 /* Begin relaying: the socket is the stream's (non-blocking from here). */
 static void stream_start(struct stream *s)
 {
-    if (!s->conn->server && !stream_take_early(s))
+    if (!stream_take_early(s))     /* client: what was peeked before the answer */
         return;
-    s->peeked = true;
     s->relaying = true;
     stream_drain(s);
 }
@@ -1233,7 +1228,6 @@ static void submit_open(struct conn *c, struct stream *s)
     }
     s->sid = sid;
     stream_peek(s);
-    stream_update(s);
     mark_dirty(c);
 }
 
@@ -1668,12 +1662,10 @@ static void run_cmd(struct nh_engine *e, struct cmd *cmd)
             break;
         }
         s->fd = cmd->fd;
-        if (s->got_200) {
+        if (s->got_200)
             stream_start(s);
-        } else if (s->sid > 0) {   /* else on_response starts it; the early peek goes now */
-            stream_peek(s);
-            stream_update(s);
-        }
+        else
+            stream_peek(s);        /* on_response starts it */
         break;
     }
 }
