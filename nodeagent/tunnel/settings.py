@@ -32,6 +32,17 @@ is ~2 s of work, well inside the timeout, and at most ~60 MB mid-handshake. And
 handshake per (source pod, destination pod) at a time and a node runs at most 110 pods
 (kubelet's default), so more from one address is a flood, and one source cannot take the
 budget of all. Connections over either are reset at once, before any TLS state exists.
+
+The windows bound what one connection can make the agent hold for an app that does not
+read (a stream window per stream, a connection window per connection), not what many
+can: a peer with one stolen certificate could open thousands of connections, each
+sending its 16 MiB towards such an app. `receive_budget` (128 MiB; the DaemonSet's limit
+is 512 MiB) bounds what all streams of the native engine hold together: past half of it,
+a connection whose streams hold their share is no longer read (TCP keeps the rest in the
+sender) until its apps read, and a stream whose app has taken nothing for
+`receive_stall` seconds (20, the keepalive's timeout) while its connection waits is
+reset, so it frees its share and no longer holds back the streams multiplexed with it
+(native/hbone.h, Back-pressure). The Python fallback has no such budget.
 """
 
 from __future__ import annotations
@@ -62,6 +73,8 @@ class TunnelSettings:
     max_concurrent_streams: int = 200  # server: streams one connection may have served at once
     max_stream_resets: int = 200  # server: client resets allowed within stream_reset_window...
     stream_reset_window: float = 10.0  # ...seconds; one more is GOAWAY ENHANCE_YOUR_CALM
+    receive_budget: int = 128 * MIB  # native engine: received bytes all streams together hold (see below)
+    receive_stall: float = 20.0  # native engine: a held-back stream whose app took nothing this long is reset
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -4,7 +4,8 @@
  * Usage: hbone_sanity SERVER_PEM CLIENT_PEM TRUST_PEM SERVER_URI
  * One engine is both client and server on loopback: a stream carries 1 MiB up and
  * 256 KiB down with a half-close each way; a reset; a refusal (403); 20 streams at once;
- * a stream opened before its socket (the server's bytes wait, then nh_stream_attach), and a
+ * a server app that never reads (the receive budget holds the connection back, then resets
+ * the stream for stalling); a stream opened before its socket (the server's bytes wait, then nh_stream_attach), and a
  * socket attached to a stream that ended (reset); keepalive PINGs every 20 ms meanwhile;
  * a plaintext peer; a wrong expected identity; then stop with a stream open, and free.
  * A second thread reads the stats all along (TSan: the engine's counters). Prints
@@ -38,6 +39,7 @@ static uint64_t last_request;             /* the newest REQUEST's stream id */
 static int refuse_next;                   /* the next REQUEST gets this status */
 static int server_app[64], napps;         /* the app ends of accepted streams */
 static atomic_int stop_stats;
+static int small_buffers;                 /* tcp_pair: 16 KiB socket buffers */
 
 static char *slurp(const char *path, size_t *len)
 {
@@ -70,9 +72,13 @@ static void tcp_pair(int *app, int *theirs)
 {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t len = sizeof a;
-    int l = socket(AF_INET, SOCK_STREAM, 0);
+    int l = socket(AF_INET, SOCK_STREAM, 0), small = 16384;
+    if (small_buffers)
+        setsockopt(l, SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
     CHECK(bind(l, (void *)&a, sizeof a) == 0 && listen(l, 1) == 0 && getsockname(l, (void *)&a, &len) == 0, "pair");
     *app = socket(AF_INET, SOCK_STREAM, 0);
+    if (small_buffers)
+        setsockopt(*app, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
     CHECK(connect(*app, (void *)&a, sizeof a) == 0, "pair connect");
     *theirs = accept(l, NULL, NULL);
     CHECK(*theirs >= 0, "pair accept");
@@ -197,7 +203,8 @@ int main(int argc, char **argv)
                             .connection_window = 4 << 20, .max_frame_size = 131072, .stream_buffer = 65536,
                             .max_resets = 200, .reset_window_ms = 10000, .handshake_timeout_ms = 5000,
                             .max_pending_handshakes = 16, .keepalive_interval_ms = 20,
-                            .keepalive_timeout_ms = 30000};
+                            .keepalive_timeout_ms = 30000, .receive_budget = 512 << 10,
+                            .receive_stall_ms = 100};
     CHECK(nh_engine_new(&cfg, &E) == 0, "nh_engine_new");
     server_tls = tls_from(argv[1], argv[3]);
     struct nh_tls *client_tls = tls_from(argv[2], argv[3]);
@@ -294,6 +301,37 @@ int main(int argc, char **argv)
         CHECK(wait_event(NH_EV_STREAM_END, 0, (uint64_t)ids[i])->how == NH_END_CLOSED, "many end");
         close(apps[i]);
     }
+
+    /* the receive budget: the server's app never reads, so its stream soon holds half the
+     * budget and the connection is held back; after receive_stall_ms without progress the
+     * stream is reset (OVERLOAD; the client sees RST_STREAM CANCEL) and the connection is
+     * read again */
+    small_buffers = 1;
+    tcp_pair(&app, &theirs);
+    int64_t s9 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
+    CHECK(wait_event(NH_EV_RESPONSE, 0, (uint64_t)s9)->status == 200, "budget status");
+    uint64_t server_s9 = last_request;
+    small_buffers = 0;
+    nonblock(app);
+    static char zeros[65536];
+    end = NULL;
+    for (int tries = 0; tries < 4000 && !end; tries++) {
+        if (write(app, zeros, sizeof zeros) < 0)
+            CHECK(errno == EAGAIN, "budget write: %s", strerror(errno));
+        pump(1);
+        for (int i = 0; i < nev && !end; i++)
+            if (evs[i].type == NH_EV_STREAM_END && evs[i].stream == server_s9)
+                end = &evs[i];
+    }
+    CHECK(end && end->how == NH_END_OVERLOAD, "the stalled stream was not reset: %u", end ? end->how : 0);
+    end = wait_event(NH_EV_STREAM_END, 0, (uint64_t)s9);
+    CHECK(end->how == NH_END_RESET && end->code == 8, "client saw %u code %u", end->how, end->code);
+    struct nh_stats bst;
+    nh_engine_stats(E, &bst);
+    CHECK(bst.streams_stalled == 1 && bst.holds >= 1 && bst.conns_held_back == 0 && bst.received_held == 0,
+          "budget stats: %lu stalled %lu holds %lu held back %lu held", (unsigned long)bst.streams_stalled,
+          (unsigned long)bst.holds, (unsigned long)bst.conns_held_back, (unsigned long)bst.received_held);
+    close(app);
 
     /* a stream opened before its socket: answered, the server's bytes and FIN wait, then attach */
     int64_t s5 = nh_stream_open(E, (uint64_t)conn, -1, "10.0.0.1:80", NULL, 0);

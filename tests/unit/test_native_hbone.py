@@ -61,13 +61,19 @@ def tls(eng, creds):
     return eng.tls(creds.path.read_bytes(), creds.trust_bundle_pem)
 
 
-def pair() -> tuple[socket.socket, socket.socket]:
+def pair(buffers: int = 0) -> tuple[socket.socket, socket.socket]:
     """(the app's end, the end the engine takes): TCP on loopback, because a reset must
-    show as one (AF_UNIX ignores SO_LINGER 0)."""
+    show as one (AF_UNIX ignores SO_LINGER 0). `buffers`: the app's receive and the
+    engine's send buffer, so an app that does not read soon leaves its bytes in the engine."""
     with socket.socket() as listener:
+        if buffers:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
-        app = socket.create_connection(listener.getsockname())
+        app = socket.socket()
+        if buffers:
+            app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+        app.connect(listener.getsockname())
         theirs, _ = listener.accept()
     app.setblocking(False)
     return app, theirs
@@ -104,8 +110,8 @@ async def app_echo(sock: socket.socket, request) -> None:
 class NativeServer:
     """The native server on 127.0.0.1: each CONNECT goes to `app(sock, request)`."""
 
-    def __init__(self, eng, pki, app=app_echo, admit=None, creds=None):
-        self.eng, self.pki, self.app = eng, pki, app
+    def __init__(self, eng, pki, app=app_echo, admit=None, creds=None, buffers=0):
+        self.eng, self.pki, self.app, self.buffers = eng, pki, app, buffers
         self.admit = admit or (lambda pem: bool(verify(nh().leaf_der(pem))))
         self.tls = tls(eng, creds or pki.server)
         self.requests, self.conns, self.tasks = [], [], set()
@@ -138,7 +144,7 @@ class NativeServer:
             return
         if self.app is None:
             return request.refuse(503)
-        app, theirs = pair()
+        app, theirs = pair(self.buffers)
         request.accept(theirs)
         task = asyncio.get_running_loop().create_task(self._run(app, request))
         self.tasks.add(task)
@@ -666,6 +672,122 @@ def test_native_server_back_pressure_holds_at_most_one_window(pki):
                 await asyncio.wait_for(s.wait_closed(), 10)
                 assert hashlib.sha256(srv.requests[0].got).digest() == hashlib.sha256(payload).digest()
                 assert eng.stats()["stream_held_peak"] <= MIB + settings.max_frame_size
+            finally:
+                await p.close()
+    run(main(), timeout=120)
+
+
+def port_of(request) -> int:
+    return int(request.authority.rsplit(":", 1)[1])
+
+
+async def quiet(eng, what: str) -> dict:
+    """The engine's stats once received_held has not moved for 0.5 s (its senders wait)."""
+    last, still = None, 0
+    deadline = asyncio.get_running_loop().time() + 30
+    while still < 20:
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.025)
+        stats = eng.stats()
+        still = still + 1 if stats["received_held"] == last else 0
+        last = stats["received_held"]
+    return stats
+
+
+def test_native_receive_budget_bounds_what_many_connections_hold(pki):
+    """Four connections send 4 MiB each to apps that do not read. By their windows alone the
+    engine would hold ~1 MiB for each; the 2 MiB receive budget holds back the connections
+    that hold their share, so all together stay under it (plus a read per connection),
+    while a fifth connection, to an app that reads, carries 8 MiB both ways meanwhile.
+    When the apps read, every byte arrives and nothing is held back any more."""
+    budget, read = 2 * MIB, 64 * 1024
+    settings = TunnelSettings(stream_window=MIB, connection_window=2 * MIB, receive_budget=budget)
+    payloads = [os.urandom(4 * MIB) for _ in range(4)]
+    echoed = os.urandom(8 * MIB)
+
+    async def main():
+        go = asyncio.Event()
+        got = {}
+
+        async def app(sock, request):
+            if port_of(request) == 9999:
+                return await app_echo(sock, request)
+            await go.wait()
+            got[port_of(request)] = await read_all(sock)
+            sock.shutdown(socket.SHUT_WR)
+
+        async with engine(settings) as eng, NativeServer(eng, pki, app=app, buffers=32 * 1024) as srv:
+            pools = [pool(pki, settings) for _ in range(5)]
+            try:
+                streams = []
+                for i, data in enumerate(payloads):
+                    s, _ = await pools[i].open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address,
+                                                      ("10.244.1.5", 9000 + i))
+                    s.write(data)
+                    s.write_eof()
+                    streams.append(s)
+                stats = await quiet(eng, "the four connections to stop sending")
+                assert budget // 2 <= stats["received_held"] <= budget + 4 * read, stats
+                assert stats["conns_held_back"] >= 1 and stats["holds"] >= 1, stats
+                assert all(s.get_write_buffer_size() > 0 for s in streams)  # the rest waits in the senders
+
+                s, _ = await pools[4].open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address,
+                                                  ("10.244.1.5", 9999))
+                s.write(echoed)
+                s.write_eof()
+                back = await asyncio.wait_for(s.read(), 60)
+                assert hashlib.sha256(back).digest() == hashlib.sha256(echoed).digest()
+                assert eng.stats()["received_held"] >= budget // 2  # the four still hold theirs
+
+                go.set()
+                for s in streams:
+                    assert await asyncio.wait_for(s.read(), 60) == b""
+                assert {port: hashlib.sha256(data).digest() for port, data in got.items()} == \
+                    {9000 + i: hashlib.sha256(data).digest() for i, data in enumerate(payloads)}
+                stats = eng.stats()
+                assert stats["received_held_peak"] <= budget + 5 * read, stats
+                assert stats["conns_held_back"] == stats["received_held"] == stats["streams_stalled"] == 0, stats
+            finally:
+                for p in pools:
+                    await p.close()
+    run(main(), timeout=180)
+
+
+def test_native_receive_budget_resets_a_stream_whose_app_never_reads(pki):
+    """One connection: the app of its first stream never reads, so once the stream holds
+    half the 1 MiB budget the connection is held back, and a second stream on it (to an app
+    that reads) waits behind it. After receive_stall without progress the first is reset
+    (RST_STREAM CANCEL to the client, its socket reset, how "overload") and the second goes
+    through byte-identical."""
+    settings = TunnelSettings(stream_window=MIB, connection_window=2 * MIB, receive_budget=MIB, receive_stall=0.5)
+    payload = os.urandom(256 * 1024)
+
+    async def main():
+        async def app(sock, request):
+            if port_of(request) == 9999:
+                return await app_echo(sock, request)
+            await asyncio.Event().wait()  # never reads
+
+        async with engine(settings) as eng, NativeServer(eng, pki, app=app, buffers=32 * 1024) as srv:
+            p = pool(pki, settings)
+            try:
+                stuck, _ = await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address,
+                                               ("10.244.1.5", 9000))
+                stuck.write(os.urandom(4 * MIB))
+                await until(lambda: eng.stats()["conns_held_back"] == 1, timeout=30, what="the connection held back")
+                s, _ = await asyncio.wait_for(p.open_stream(pki.client.identity.uri, pki.server.identity.uri,
+                                                            srv.address, ("10.244.1.5", 9999)), 30)
+                assert len(srv.conns) == 1  # the same connection, let go once the stuck stream was reset
+                s.write(payload)
+                s.write_eof()
+                assert await asyncio.wait_for(s.read(), 30) == payload
+                with pytest.raises(StreamReset) as reset:
+                    await asyncio.wait_for(stuck.read(), 30)
+                assert reset.value.error_code == 8  # CANCEL
+                end = await asyncio.wait_for(srv.requests[0].ended, 10)
+                assert end.how == "overload" and "receive budget" in end.reason, end
+                stats = eng.stats()
+                assert stats["streams_stalled"] == 1 and stats["conns_held_back"] == 0, stats
             finally:
                 await p.close()
     run(main(), timeout=120)

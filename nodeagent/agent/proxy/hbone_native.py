@@ -91,7 +91,8 @@ class HboneEngines:
     def describe(self) -> dict:
         return {"engine": "native" if self.native else "python", "setting": self.setting, "why": self.why,
                 "tls_library": self.tls_library if self.native else None,
-                "native": self.engine.stats() if self.engine is not None else None}
+                "native": self.engine.stats() if self.engine is not None else None,
+                "receive_budget": self.settings.receive_budget if self.engine is not None else None}
 
     def close(self) -> None:
         """Stop the native engine: what is still open is reset."""
