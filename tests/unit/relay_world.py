@@ -230,13 +230,20 @@ class SigningCa:
         pass
 
 
-def listening(ip: str, port: int = 0) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((ip, port))
-    sock.listen(64)
-    sock.setblocking(False)
-    return sock
+def listening(ip: str, port: int = 0, avoid=frozenset()) -> socket.socket:
+    """A listener on `ip`; with port 0 one whose port is none of `avoid`: the kernel may
+    give a port in use on another loopback address, and the relays tell the agent's own
+    ports by number, as on a node (15001, 15006, 15008)."""
+    for _ in range(100):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, port))
+        if port or sock.getsockname()[1] not in avoid:
+            sock.listen(64)
+            sock.setblocking(False)
+            return sock
+        sock.close()
+    raise AssertionError(f"no port on {ip} outside {sorted(avoid)}")
 
 
 class World:
@@ -272,7 +279,7 @@ class World:
         self.tunnel_listener = listening(SERVER)
         self.tunnel_port = self.tunnel_listener.getsockname()[1]
         self.inbound_listener = listening(SERVER)  # the agent's plaintext port (15006 in a pod)
-        self.outbound_listener = listening("127.0.0.1")  # the client pod's 127.0.0.1:15001
+        self.outbound_listener = listening("127.0.0.1", avoid={self.app.address[1]})  # the client pod's :15001
         self.agent_ports = frozenset({self.outbound_listener.getsockname()[1], self.inbound_listener.getsockname()[1],
                                       self.tunnel_port, ADMIN_PORT})
         self.model = cluster(self.app.address[1])
@@ -355,7 +362,7 @@ class World:
     def steer(self) -> tuple[str, int]:
         """A port of the server pod steered to the agent's plaintext relay, as sk_lookup
         does (a listener handing its connections to inbound.handle); its address."""
-        sock = listening(SERVER)
+        sock = listening(SERVER, avoid=self.agent_ports)
         self._listen(sock, self.enrolled[SERVER], "inbound", self.inbound.handle)
         return sock.getsockname()
 

@@ -55,7 +55,7 @@ def fast(w: World) -> SameNodeRoute:
     route = SameNodeRoute(inputs, w.delivery, w.registry, LOG)
     relay = OutboundRelay(inputs, w.capture, LOG, passthrough=Passthrough(MARK, TIMEOUT), hbone=w.hbone,
                           same_node=route)
-    w.outbound_listener = listening("127.0.0.1")  # dial_out connects here from now on
+    w.outbound_listener = listening("127.0.0.1", avoid={w.app.address[1]})  # dial_out connects here from now on
     w._listen(w.outbound_listener, w.enrolled[CLIENT], "outbound", relay.handle)
     return route
 
