@@ -4,7 +4,7 @@
 version, as IstioConfig.build does) and this node's snapshot, and puts it in the
 SnapshotCache when it is consistent; an inconsistent one is logged and the previous stays.
 Clusters the new snapshot drops are carried (make before break) until Envoy ACKed it,
-then `collect()` publishes it without them. `steer(snapshot)` takes in an ACK (on the
+then `collect()` (a config step after each ACK) publishes it without them. `steer(snapshot)` takes in an ACK (on the
 agent's loop): `dataplane()` is from then on that snapshot's steering, so the agent never
 steers a connection to a listener Envoy does not have yet, and its configuration is in
 force. `rejected(...)` takes in a NACK: the Istio resources to blame are found and held
@@ -163,7 +163,7 @@ class Publisher:
 
     def collect(self) -> bool:
         """Once Envoy ACKed a snapshot that carried dropped clusters, publish it without
-        them. True when it did."""
+        them (a config step after each ACK: _in_force_now). True when it did."""
         if self._cleanup is None or self.acks.accepted(self.node) is not self._cleanup[0]:
             return False
         carrying, fresh, steering = self._cleanup
@@ -200,6 +200,10 @@ class Publisher:
         self.defer(self._in_force_now, snapshot)
 
     def _in_force_now(self, snapshot: Snapshot) -> None:
+        self._take_in(snapshot)
+        self.collect()  # this ACK may be the one that lets carried clusters go
+
+    def _take_in(self, snapshot: Snapshot) -> None:
         build = self._builds.get(snapshot.version)
         self._in_force_version = snapshot.version  # status: in sync only from here on
         if build is None:

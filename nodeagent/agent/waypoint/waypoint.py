@@ -42,7 +42,6 @@ from nodeagent.xds.snapshot import Snapshot
 Handler = Callable[[socket.socket, ProxyHeader], Awaitable[None]]
 HEADER_TIMEOUT = 5.0  # seconds for Envoy to send the PROXY header of a connection
 PR_SET_PDEATHSIG = 1
-COLLECT_INTERVAL = 0.2  # seconds between checks for an ACK that lets dropped clusters go
 
 
 class WaypointUnavailable(NodeagentError):
@@ -127,7 +126,6 @@ class Waypoint:
         bootstrap.write_text(bootstrap_json(BootstrapSettings(self.node, self.sockets.xds, self.admin_port)))
         self.supervisor.start()
         self._started = True
-        self._tasks.add(loop.create_task(self._collect_loop(), name="waypoint-collect"))
         self.log.info("waypoint: envoy pid %s, admin %s, xDS on %s", self.supervisor.status().pid,
                       f"127.0.0.1:{self.admin_port}" if self.admin_port else f"a free port ({self.admin_address_path})",
                       self.sockets.xds)
@@ -146,14 +144,6 @@ class Waypoint:
                 os.unlink(self.sockets.path(name))
             except FileNotFoundError:
                 pass
-
-    async def _collect_loop(self) -> None:
-        while True:
-            await asyncio.sleep(COLLECT_INTERVAL)
-            try:
-                self.defer(self.publisher.collect)
-            except Exception:  # never end the loop; the clusters just stay a while longer
-                self.log.exception("waypoint: cannot drop unreferenced clusters")
 
     def _acked(self, node: str, snapshot: Snapshot) -> None:
         """In an xDS thread: Envoy ACKed `snapshot`; steer by it on the agent's loop."""
