@@ -86,7 +86,7 @@ struct stream {
     uint32_t early;                /* client: bytes peeked into `up` before the answer, still in the socket */
     uint64_t early_sent;           /* client: ... of which handed to DATA before relaying */
     uint32_t reset_code;           /* the peer's reset before Python answered */
-    uint64_t down_since;           /* ms: its socket last took received bytes (or they began to wait) */
+    uint64_t down_held;            /* bytes of `down` counted in the receive budget */
     uint32_t status;               /* client: the response's :status */
     struct buf up, down;           /* socket -> peer, peer -> socket */
     uint64_t to_peer, from_peer;
@@ -120,10 +120,6 @@ struct conn {
     uint8_t frame_head[9], frame_head_len; /* ... and the frame header being read */
     struct conn *live_prev, *live_next; /* connections in HTTP/2 (keepalive, idle) */
     bool live;
-    bool held_back;                /* not read: the receive budget (budget_holds) */
-    bool read_again;               /* let go: read once (OpenSSL may hold bytes epoll does not report) */
-    bool hung_up;                  /* EPOLLHUP/ERR seen: what is left is read, budget or not */
-    uint64_t down_held;            /* received DATA its streams hold */
 };
 
 struct cmd {
@@ -167,7 +163,7 @@ struct nh_engine {
     uint32_t tick_ms;
     uint64_t held;
     uint64_t down_held;            /* received DATA all streams hold (the receive budget's) */
-    uint32_t holding, held_back;   /* connections holding any; ... held back */
+    uint32_t holding;              /* streams holding any */
     struct nh_stats st;            /* counters: atomics */
 };
 
@@ -252,67 +248,31 @@ static void stream_peak(struct stream *s)
 
 /* --- the receive budget (hbone.h, Back-pressure) ------------------------------------ */
 
-static void conn_update(struct conn *c);
-static void mark_dirty(struct conn *c);
-
-/* Whether `c` is not to be read now: the streams hold half the budget, and c's its share
- * of that half (the half over the connections holding any). */
-static bool budget_holds(const struct conn *c)
-{
-    const struct nh_engine *e = c->e;
-    uint64_t half = e->cfg.receive_budget / 2;
-    return half && !c->hung_up && e->down_held >= half && c->down_held * e->holding >= half;
-}
-
-static void hold_back(struct conn *c)
-{
-    struct nh_engine *e = c->e;
-    c->held_back = true;
-    ST_SET(e, conns_held_back, ++e->held_back);
-    ST_ADD(e, holds, 1);
-    conn_update(c);
-}
-
-/* Read `c` again (in flush_dirty, out of any nghttp2 callback); with `gone` only the count. */
-static void let_go(struct conn *c, bool gone)
-{
-    struct nh_engine *e = c->e;
-    c->held_back = false;
-    ST_SET(e, conns_held_back, --e->held_back);
-    if (gone)
-        return;
-    c->read_again = true;
-    conn_update(c);
-    mark_dirty(c);
-}
-
-/* `delta` bytes of received DATA more (or fewer) held by `s`. Fewer may let connections
- * go: this one below half its share, or every one once all hold under 3/8 of the budget. */
+/* `delta` bytes of received DATA more (or fewer) held by `s`. */
 static void received_add(struct stream *s, int64_t delta)
 {
-    struct conn *c = s->conn;
-    struct nh_engine *e = c->e;
+    struct nh_engine *e = s->conn->e;
     if (delta == 0)
         return;
     held_add(e, delta);
-    bool was = c->down_held != 0;
-    c->down_held += delta;
+    bool was = s->down_held != 0;
+    s->down_held += delta;
     e->down_held += delta;
+    if (was != (s->down_held != 0))
+        e->holding += was ? -1 : 1;
     ST_SET(e, received_held, e->down_held);
     if (e->down_held > e->st.received_held_peak)
         ST_SET(e, received_held_peak, e->down_held);
-    if (was != (c->down_held != 0))
-        e->holding += was ? -1 : 1;
-    if (delta > 0 || !e->held_back)
-        return;
+}
+
+/* Whether `len` more bytes for `s` are over the budget: the streams would hold half of it,
+ * and `s` its share of that half (the half over the streams holding any). */
+static bool over_budget(const struct stream *s, size_t len)
+{
+    const struct nh_engine *e = s->conn->e;
     uint64_t half = e->cfg.receive_budget / 2;
-    if (e->down_held < half / 4 * 3) {
-        for (struct conn *o = e->live_head; o && e->held_back; o = o->live_next)
-            if (o->held_back)
-                let_go(o, false);
-    } else if (c->held_back && c->live && c->down_held * e->holding * 2 < half) {
-        let_go(c, false);
-    }
+    uint64_t holding = e->holding + (s->down_held == 0);
+    return half && e->down_held + len >= half && (s->down_held + len) * holding >= half;
 }
 
 /* --- ids, events, epoll ------------------------------------------------------------- */
@@ -529,8 +489,6 @@ static bool stream_write(struct stream *s)
         buf_consume(&s->down, (size_t)n);
         s->from_peer += n;
         ST_ADD(s->conn->e, bytes_from_peer, n);
-        if (s->conn->e->cfg.receive_budget)
-            s->down_since = now_ms();
         received_add(s, -n);
         stream_consume(s, n);
     }
@@ -829,8 +787,6 @@ static void conn_end(struct conn *c, uint32_t how, int32_t error, uint32_t code,
     }
     if (how == NH_END_TLS || how == NH_END_IDENTITY || how == NH_END_TIMEOUT)
         ST_ADD(e, tls_failures, 1);
-    if (c->held_back)
-        let_go(c, true);
     uint32_t stream_how = how == NH_END_STOPPED ? NH_END_STOPPED : NH_END_CONN_LOST;
     while (c->streams)
         stream_end(c->streams, stream_how, 0, 0, 0, reason);
@@ -1112,8 +1068,15 @@ static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t sid, const 
     /* Gathered, and written once DOWN_BATCH is there or the read round ends (conn_read):
      * one send per DATA chunk (a TLS record, 16 KiB) made as many segments on the app's
      * socket, and the app paid for each. */
-    if (s->conn->e->cfg.receive_budget && buf_avail(&s->down) == 0)
-        s->down_since = now_ms();
+    if (over_budget(s, len)) {
+        char reason[160];
+        snprintf(reason, sizeof reason, "its app had not read %zu bytes received when the node's streams held half "
+                 "the receive budget (%llu bytes)", buf_avail(&s->down), (unsigned long long)s->conn->e->cfg.receive_budget);
+        ST_ADD(s->conn->e, streams_overloaded, 1);
+        nghttp2_session_consume_connection(h2, len);  /* dropped: the connection window is the peer's again */
+        stream_end(s, NH_END_OVERLOAD, 0, NGHTTP2_CANCEL, 0, reason);
+        return 0;
+    }
     if (buf_append(&s->down, data, len) < 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     received_add(s, (int64_t)len);
@@ -1313,7 +1276,7 @@ static void submit_open(struct conn *c, struct stream *s)
 
 static void conn_update(struct conn *c)
 {
-    uint32_t mask = c->state == S_VERDICT || c->closing || c->held_back ? 0 : EPOLLIN;
+    uint32_t mask = c->state == S_VERDICT || c->closing ? 0 : EPOLLIN;
     if (buf_avail(&c->out) || tls_pending(c))
         mask |= EPOLLOUT;
     set_mask(c->e, c->fd, &c->o, &c->registered, &c->mask, mask);
@@ -1468,11 +1431,6 @@ static void conn_read(struct conn *c)
 {
     static __thread uint8_t buf[READ_CHUNK];
     while (!c->o.dead && !c->closing && c->state == S_H2) {
-        if (c->held_back || budget_holds(c)) {
-            if (!c->held_back)
-                hold_back(c);
-            break;
-        }
         ERR_clear_error();
         int n = SSL_read(c->ssl, buf, sizeof buf);
         if (n <= 0) {
@@ -1597,11 +1555,6 @@ static void conn_io(struct conn *c, uint32_t events)
     if (c->state == S_HANDSHAKE) {
         do_handshake(c);
         return;
-    }
-    if (events & (EPOLLHUP | EPOLLERR)) {
-        c->hung_up = true;         /* the rest is bounded by the socket's buffer: read it */
-        if (c->held_back)
-            let_go(c, false);
     }
     if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
         conn_read(c);
@@ -1812,28 +1765,9 @@ static void expire_handshakes(struct nh_engine *e, uint64_t now)
     }
 }
 
-/* A held-back connection's streams whose sockets took none of their bytes for
- * receive_stall_ms are reset: their apps do not read, and they hold the connection. */
-static void reset_stalled(struct conn *c, uint64_t now)
-{
-    struct nh_engine *e = c->e;
-    for (struct stream *s = c->streams, *next; s && c->held_back; s = next) {
-        next = s->next;
-        if (buf_avail(&s->down) && now - s->down_since >= e->cfg.receive_stall_ms) {
-            char reason[160];
-            snprintf(reason, sizeof reason, "its socket took none of %zu bytes received for %u ms while the "
-                     "receive budget held its connection back", buf_avail(&s->down), e->cfg.receive_stall_ms);
-            ST_ADD(e, streams_stalled, 1);
-            stream_end(s, NH_END_OVERLOAD, 0, NGHTTP2_CANCEL, 0, reason);
-        }
-    }
-}
-
 /* Keepalive and idle (tunnel/liveness.py's): every tick_ms, PING connections not heard
  * from for keepalive_interval_ms, end those whose PING went unanswered for
- * keepalive_timeout_ms, and GOAWAY those without streams for their idle time. A
- * held-back connection is not read, so its silence is ours: no keepalive for it, and its
- * stalled streams are reset (reset_stalled). */
+ * keepalive_timeout_ms, and GOAWAY those without streams for their idle time. */
 static void tick(struct nh_engine *e, uint64_t now)
 {
     if (!e->tick_ms || now < e->next_tick)
@@ -1844,13 +1778,6 @@ static void tick(struct nh_engine *e, uint64_t now)
         next = c->live_next;
         if (c->closing)
             continue;
-        if (c->held_back) {
-            c->last_heard = now;
-            c->ping_sent = 0;
-            if (cfg->receive_stall_ms)
-                reset_stalled(c, now);
-            continue;
-        }
         if (cfg->keepalive_interval_ms) {
             if (c->ping_sent && now - c->ping_sent >= cfg->keepalive_timeout_ms) {
                 char reason[64];
@@ -1880,10 +1807,6 @@ static void flush_dirty(struct nh_engine *e)
         struct conn *c = e->dirty;
         e->dirty = c->dnext;
         c->dirty = false;
-        if (c->read_again && !c->o.dead) {
-            c->read_again = false;
-            conn_read(c);
-        }
         conn_flush(c);
     }
 }
@@ -1978,7 +1901,7 @@ static int check_config(const struct nh_config *c)
 static uint32_t tick_period(const struct nh_config *c)
 {
     uint32_t periods[] = {c->keepalive_interval_ms, c->keepalive_interval_ms ? c->keepalive_timeout_ms : 0,
-                          c->client_idle_ms, c->server_idle_ms, c->receive_budget ? c->receive_stall_ms : 0};
+                          c->client_idle_ms, c->server_idle_ms};
     uint32_t best = 0;
     for (size_t i = 0; i < sizeof periods / sizeof periods[0]; i++)
         if (periods[i] && (!best || periods[i] / 2 < best))

@@ -49,16 +49,15 @@
  *   HTTP/2 output is pulled from nghttp2 (up to 64 KiB at once) only when TLS has written
  *   everything pulled before, so a peer that does not read stops the streams' sockets
  *   from being read.
- *   Across connections, `receive_budget` (0: none) bounds what all streams together hold
- *   of received DATA: once they hold half of it, a connection whose streams hold their
- *   share (that half over the connections holding any) is not read until its streams'
- *   apps take it down to half a share (or all together to 3/8 of the budget): TCP holds
- *   the rest in the peer. A stream of such a connection whose socket has taken none of
- *   its bytes for receive_stall_ms (0: never) is reset (NH_END_OVERLOAD, RST_STREAM
- *   CANCEL), so an app that never reads cannot keep its share, nor stall the streams
- *   sharing its connection, for good. So what received DATA holds stays under the
- *   budget plus one read (64 KiB) per connection, however many connections send to an
- *   app that does not read.
+ *   Across streams and connections, `receive_budget` (0: none) bounds what all streams
+ *   together hold of received DATA: once they would hold half of it, DATA for a stream
+ *   that would hold its share of that half (the half over the streams holding any) resets
+ *   the stream (NH_END_OVERLOAD, RST_STREAM CANCEL; its bytes dropped, the connection
+ *   window given back), as Envoy's overload manager resets the streams using the most
+ *   memory. Connections are always read (a connection not read hears no WINDOW_UPDATE, so
+ *   an app that writes as it reads would wait on it for good), and a stream whose app
+ *   reads holds little, so only streams whose apps lag are reset, only when the budget is
+ *   half used, however many connections send to apps that do not read.
  *
  * Liveness (tunnel/liveness.py): a connection not heard from for keepalive_interval_ms is
  *   PINGed, and ends NH_END_KEEPALIVE when the answer has not come within
@@ -122,8 +121,7 @@
 #define NH_END_STOPPED 14         /* nh_engine_stop */
 #define NH_END_KEEPALIVE 15       /* conn: no answer to our PING within keepalive_timeout_ms */
 #define NH_END_TRUNCATED 16       /* conn: the peer's bytes ended (closed, reset) inside an HTTP/2 frame */
-#define NH_END_OVERLOAD 17        /* stream: its socket took none of its bytes for receive_stall_ms
-                                     while the receive budget held its connection (RST_STREAM sent) */
+#define NH_END_OVERLOAD 17        /* stream: it held its share of a half-used receive budget (RST_STREAM sent) */
 
 struct nh_config {
     uint32_t max_conns;           /* connections at once (1..65536); more: -ENOSPC */
@@ -143,7 +141,6 @@ struct nh_config {
     uint32_t server_idle_ms;      /* the same for a server connection */
     uint32_t client_handshake_timeout_ms; /* a client's (up to the server's SETTINGS); 0: handshake_timeout_ms */
     uint64_t receive_budget;      /* bytes of received DATA all streams hold at most (see Back-pressure) */
-    uint32_t receive_stall_ms;    /* a held-back stream's socket taking nothing this long: reset */
 };
 
 struct nh_event {
@@ -178,9 +175,7 @@ struct nh_stats {
     uint64_t events_queued;
     uint64_t received_held;       /* received DATA the streams hold, now (what receive_budget bounds) */
     uint64_t received_held_peak;  /* ... the most at once */
-    uint64_t conns_held_back;     /* connections not read for the receive budget, now */
-    uint64_t holds;               /* ... times a connection was held back */
-    uint64_t streams_stalled;     /* streams reset for stalling while held back (NH_END_OVERLOAD) */
+    uint64_t streams_overloaded;  /* streams reset for the receive budget (NH_END_OVERLOAD) */
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
     uint32_t pad;
 };

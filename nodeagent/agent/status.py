@@ -169,13 +169,11 @@ def _data_path_lines(data_path: dict[str, Any] | None) -> list[str]:
                      f"{engine['relays_total']} total, {engine['relays_failed']} failed, "
                      f"{engine['relays_aborted']} aborted; {engine['bytes_held']} bytes held "
                      f"(at most {engine['pipe_size']} per direction)")
-    hbone = (data_path.get("hbone") or {}).get("native")
-    if hbone:
-        budget = data_path["hbone"]["receive_budget"]
-        lines.append(f"  HBONE engine: {hbone['conns_open']} connections, {hbone['streams_open']} streams; "
-                     f"{hbone['received_held']} received bytes held (peak {hbone['received_held_peak']}, "
-                     f"budget {budget}); {hbone['conns_held_back']} connections held back for it now, "
-                     f"{hbone['holds']} times in all; {hbone['streams_stalled']} streams reset for not reading")
+    receive = (data_path.get("hbone") or {}).get("receive")
+    if receive:
+        lines.append(f"  HBONE receive budget: {receive['received_held']} received bytes held (peak "
+                     f"{receive['received_held_peak']}, budget {receive['receive_budget']}); "
+                     f"{receive['streams_overloaded']} streams reset for it")
     return ["\n".join(lines), ""]
 
 

@@ -6,9 +6,10 @@ that are also asyncio transports for the agent's splice. Built on `h2` (HTTP/2 s
 machine) and `ssl`; see docs/design.md "HBONE tunnel".
 """
 
+from nodeagent.tunnel.budget import ReceiveBudget
 from nodeagent.tunnel.errors import (ConnectFailed, ConnectionLost, ConnectRefused, HandshakeFailed,
-                                     IdentityMismatch, PeerRefused, PoolClosed, ResponseTimeout, StreamReset,
-                                     TunnelError)
+                                     IdentityMismatch, Overloaded, PeerRefused, PoolClosed, ResponseTimeout,
+                                     StreamReset, TunnelError)
 from nodeagent.tunnel.hbone_client import HbonePool
 from nodeagent.tunnel.hbone_server import HboneServer, StreamInfo
 from nodeagent.tunnel.metrics import TunnelMetrics
@@ -16,5 +17,5 @@ from nodeagent.tunnel.settings import TunnelSettings
 from nodeagent.tunnel.stream import HboneStream
 
 __all__ = ["ConnectFailed", "ConnectionLost", "ConnectRefused", "HandshakeFailed", "HboneServer", "HbonePool",
-           "HboneStream", "IdentityMismatch", "PeerRefused", "PoolClosed", "ResponseTimeout", "StreamInfo",
-           "StreamReset", "TunnelError", "TunnelMetrics", "TunnelSettings"]
+           "HboneStream", "IdentityMismatch", "Overloaded", "PeerRefused", "PoolClosed", "ReceiveBudget",
+           "ResponseTimeout", "StreamInfo", "StreamReset", "TunnelError", "TunnelMetrics", "TunnelSettings"]

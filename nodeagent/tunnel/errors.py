@@ -99,6 +99,13 @@ class StreamReset(TunnelError):
                          + (f": {detail}" if detail else ""))
 
 
+class Overloaded(TunnelError):
+    """The stream was reset (RST_STREAM CANCEL) because its app lagged while the node's
+    streams held half the receive budget (budget.py)."""
+
+    reason = "overload"
+
+
 class ConnectionLost(TunnelError):
     """The HBONE connection carrying the stream ended (closed, GOAWAY, protocol error,
     keepalive timeout) before the stream was done."""

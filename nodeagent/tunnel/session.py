@@ -9,7 +9,8 @@ error or a connection cut mid-frame into a counted, logged close — never an ex
 into the event loop. h2 closes the whole connection on any GOAWAY (python-hyper/h2
 #1181), so a graceful server drain refuses new streams first and sends GOAWAY last. A
 server connection keeps the flood limits of limits.py: the client's stream resets are
-counted here, the streams being served by the server.
+counted here, the streams being served by the server. Received DATA counts against the
+receive budget shared by the agent's connections (budget.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import h2.events as ev
 import h2.exceptions
 from h2.errors import ErrorCodes
 
+from nodeagent.tunnel.budget import ReceiveBudget
 from nodeagent.tunnel.errors import ConnectionLost, PeerRefused, TunnelError
 from nodeagent.tunnel.h2conn import code_name, error_reason, latin1_headers, new_connection, partial_input, start
 from nodeagent.tunnel.limits import FloodGuard
@@ -37,7 +39,8 @@ TLS_HIGH_WATER = 1024 * 1024  # bytes the TLS transport may hold before streams 
 class Session(asyncio.Protocol):
     def __init__(self, *, direction: str, settings: TunnelSettings, metrics: TunnelMetrics,
                  log: logging.Logger, check_peer: Callable[[asyncio.BaseTransport], str], max_streams: int,
-                 idle_timeout: float, on_request: Callable[["Session", ev.RequestReceived], None] | None = None,
+                 idle_timeout: float, budget: ReceiveBudget,
+                 on_request: Callable[["Session", ev.RequestReceived], None] | None = None,
                  clock: Callable[[], float] | None = None):
         self.loop = asyncio.get_running_loop()
         self.is_server = on_request is not None
@@ -66,6 +69,7 @@ class Session(asyncio.Protocol):
         self._flushing = False  # inside _flush() or data_received(): sends are picked up there
         self.liveness = Liveness(self.loop, settings, idle_timeout, ping=self._ping, dead=self._unanswered,
                                  idle=self._idle)
+        self.budget = budget  # what all connections' streams may hold of received DATA
         self._handlers = {
             ev.RequestReceived: self._request, ev.ResponseReceived: self._response, ev.DataReceived: self._data,
             ev.StreamEnded: self._ended, ev.StreamReset: self._reset, ev.RemoteSettingsChanged: self._settings,
@@ -210,6 +214,12 @@ class Session(asyncio.Protocol):
         if flow_controlled and not self._h2_closed:
             self.conn.acknowledge_received_data(flow_controlled, stream.stream_id)
             self._flush_soon()
+
+    def taken(self, stream: HboneStream, flow_controlled: int) -> None:
+        """What `stream` held in its inbox was taken (or dropped): out of the budget, and
+        back to the peer's window."""
+        stream._held = self.budget.add(stream._held, -flow_controlled)
+        self.ack(stream, flow_controlled)
 
     def reserve(self) -> None:
         """Promise a stream to a pool caller (keeps the idle timer off)."""

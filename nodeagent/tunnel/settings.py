@@ -37,12 +37,10 @@ The windows bound what one connection can make the agent hold for an app that do
 read (a stream window per stream, a connection window per connection), not what many
 can: a peer with one stolen certificate could open thousands of connections, each
 sending its 16 MiB towards such an app. `receive_budget` (128 MiB; the DaemonSet's limit
-is 512 MiB) bounds what all streams of the native engine hold together: past half of it,
-a connection whose streams hold their share is no longer read (TCP keeps the rest in the
-sender) until its apps read, and a stream whose app has taken nothing for
-`receive_stall` seconds (20, the keepalive's timeout) while its connection waits is
-reset, so it frees its share and no longer holds back the streams multiplexed with it
-(native/hbone.h, Back-pressure). The Python fallback has no such budget.
+is 512 MiB) bounds what all streams hold together: once they would hold half of it, DATA
+for a stream that would hold its share of that half resets that stream (RST_STREAM
+CANCEL), as Envoy's overload manager resets the streams using the most memory. Both
+engines keep it (native/hbone.h, Back-pressure; budget.py).
 """
 
 from __future__ import annotations
@@ -73,8 +71,7 @@ class TunnelSettings:
     max_concurrent_streams: int = 200  # server: streams one connection may have served at once
     max_stream_resets: int = 200  # server: client resets allowed within stream_reset_window...
     stream_reset_window: float = 10.0  # ...seconds; one more is GOAWAY ENHANCE_YOUR_CALM
-    receive_budget: int = 128 * MIB  # native engine: received bytes all streams together hold (see below)
-    receive_stall: float = 20.0  # native engine: a held-back stream whose app took nothing this long is reset
+    receive_budget: int = 128 * MIB  # received bytes all streams together hold (see below)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -25,7 +25,7 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING
 
-from nodeagent.tunnel.errors import StreamReset
+from nodeagent.tunnel.errors import Overloaded, StreamReset
 
 if TYPE_CHECKING:
     from nodeagent.tunnel.session import Session
@@ -51,6 +51,7 @@ class HboneStream(asyncio.Transport):
         self.bytes_sent = 0  # payload bytes handed to HTTP/2
         self.bytes_received = 0  # payload bytes received from the peer
         self._inbox: collections.deque[list] = collections.deque()  # [memoryview, flow-controlled len]
+        self._held = 0  # flow-controlled bytes of the inbox, counted in the receive budget
         self._remote_ended = False
         self._eof_delivered = False
         self._protocol: asyncio.BaseProtocol | None = None
@@ -262,7 +263,17 @@ class HboneStream(asyncio.Transport):
         if self._closing or self._done:
             self._session.ack(self, flow_controlled)
             return
+        budget = self._session.budget
+        if budget.over(self._held, flow_controlled):
+            budget.overloaded += 1
+            self._session.log.warning("%r: reset: its app had not read %d bytes received when the node's streams "
+                                      "held half the receive budget (%d bytes)", self, self._held, budget.limit)
+            self._session.ack(self, flow_controlled)  # dropped: the window is the peer's again
+            self._overloaded(Overloaded(f"its app had not read {self._held} bytes received when the node's "
+                                        f"streams held half the receive budget ({budget.limit} bytes)"))
+            return
         self._inbox.append([memoryview(data), flow_controlled])
+        self._held = budget.add(self._held, flow_controlled)
         if self._protocol is not None:
             self._deliver()
         else:
@@ -292,6 +303,12 @@ class HboneStream(asyncio.Transport):
             self._maybe_finish()
         else:
             self._fail(StreamReset(self.stream_id, error_code, "by the peer"))
+
+    def _overloaded(self, exc: BaseException) -> None:
+        """Reset (CANCEL) by the receive budget (budget.py): its app lags when the budget is half used."""
+        if not self._done:
+            self._session.reset(self, CANCEL)
+            self._finish(exc)
 
     def _fail(self, exc: BaseException) -> None:
         if self._done:
@@ -354,7 +371,7 @@ class HboneStream(asyncio.Transport):
         view = entry[0]
         if len(view) <= n:
             self._inbox.popleft()
-            self._session.ack(self, entry[1])
+            self._session.taken(self, entry[1])
             data = _as_bytes(view)
         else:
             data = view[:n].tobytes()
@@ -376,7 +393,7 @@ class HboneStream(asyncio.Transport):
         try:
             while self._inbox and (ignore_pause or not self._reading_paused) and not self._done:
                 view, flow_controlled = self._inbox.popleft()
-                self._session.ack(self, flow_controlled)
+                self._session.taken(self, flow_controlled)
                 protocol.data_received(_as_bytes(view))
             if self._remote_ended and not self._inbox and not self._eof_delivered and not self._done:
                 self._eof_delivered = True
@@ -396,7 +413,7 @@ class HboneStream(asyncio.Transport):
 
     def _discard_received(self) -> None:
         while self._inbox:
-            self._session.ack(self, self._inbox.popleft()[1])
+            self._session.taken(self, self._inbox.popleft()[1])
 
     def _drop_outbox(self) -> None:
         self._outbox.clear()

@@ -107,13 +107,11 @@ def test_status_says_which_engine_and_why():
                                              "native": engine}}, now=0)
     assert f"DATA PATH: {NATIVE_SUMMARY} [data_path_engine=auto]\n  native engine: 3 relays open (max 65536), " \
            "120 total, 2 failed, 1 aborted; 4096 bytes held (at most 65536 per direction)\n" in text
-    hbone = {"conns_open": 2, "streams_open": 5, "received_held": 1000, "received_held_peak": 9000,
-             "conns_held_back": 1, "holds": 3, "streams_stalled": 1}
+    receive = {"received_held": 1000, "received_held_peak": 9000, "receive_budget": 4096, "streams_overloaded": 1}
     text = status.render_text({"data_path": {"engine": "native", "setting": "auto", "summary": NATIVE_SUMMARY,
-                                             "native": engine, "hbone": {"native": hbone, "receive_budget": 4096}}},
-                              now=0)
-    assert "\n  HBONE engine: 2 connections, 5 streams; 1000 received bytes held (peak 9000, budget 4096); " \
-           "1 connections held back for it now, 3 times in all; 1 streams reset for not reading\n" in text
+                                             "native": engine, "hbone": {"receive": receive}}}, now=0)
+    assert "\n  HBONE receive budget: 1000 received bytes held (peak 9000, budget 4096); 1 streams reset for it\n" \
+        in text
     text = status.render_text({"data_path": {"engine": "python", "setting": "auto", "native": None,
                                              "summary": "python: native module not built"}}, now=0)
     assert "DATA PATH: python: native module not built [data_path_engine=auto]\n\n" in text

@@ -25,7 +25,8 @@ from engines import ci_enabled
 from hbone_certs import AUTHORITY, LOG, Loopback, echo, pki, run, verify  # noqa: F401 (pki is a fixture)
 from identity_fixtures import until
 from nodeagent import native
-from nodeagent.tunnel import HbonePool, HandshakeFailed, StreamReset, TunnelMetrics, TunnelSettings
+from nodeagent.tunnel import (HbonePool, HandshakeFailed, Overloaded, StreamReset, TunnelError, TunnelMetrics,
+                              TunnelSettings)
 from prometheus_client import CollectorRegistry
 
 MIB = 1024 * 1024
@@ -677,47 +678,95 @@ def test_native_server_back_pressure_holds_at_most_one_window(pki):
     run(main(), timeout=120)
 
 
-def port_of(request) -> int:
-    return int(request.authority.rsplit(":", 1)[1])
+class BudgetServer:
+    """A server for the receive budget's tests, native or Python, whose app per stream is
+    chosen by the authority's port: 9999 echoes, others wait for `go` (never, if None)
+    and then read to the end, keeping what they read in `got[port]`. `stats()` is the
+    budget's view (native: the engine's counters; python: ReceiveBudget.describe())."""
+
+    def __init__(self, kind: str, pki, settings: TunnelSettings, go: asyncio.Event | None):
+        self.kind, self.pki, self.settings, self.go = kind, pki, settings, go
+        self.got: dict[int, bytes] = {}
+        self.ends: dict[int, object] = {}  # port -> how its stream ended on the server
+
+    async def __aenter__(self):
+        self.stack = contextlib.AsyncExitStack()
+        await self.stack.__aenter__()
+        if self.kind == "native":
+            self.eng = await self.stack.enter_async_context(engine(self.settings))
+            self.srv = await self.stack.enter_async_context(
+                NativeServer(self.eng, self.pki, app=self._native_app, buffers=32 * 1024))
+        else:
+            self.lb = await self.stack.enter_async_context(
+                Loopback(self.pki, self._python_app, settings=self.settings))
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.stack.__aexit__(*exc)
+
+    @property
+    def address(self):
+        return self.srv.address if self.kind == "native" else self.lb.address
+
+    def stats(self) -> dict:
+        if self.kind == "python":
+            return self.lb.server.budget.describe()
+        return self.eng.stats()
+
+    async def _native_app(self, sock, request):
+        port = int(request.authority.rsplit(":", 1)[1])
+        request.ended.add_done_callback(lambda f: self.ends.setdefault(port, f.result()))
+        if port == 9999:
+            return await app_echo(sock, request)
+        await (self.go.wait() if self.go else asyncio.Event().wait())
+        self.got[port] = await read_all(sock)
+        sock.shutdown(socket.SHUT_WR)
+
+    async def _python_app(self, info, reader, writer):
+        port = info.authority[1]
+        try:
+            if port == 9999:
+                return await echo(info, reader, writer)
+            writer.respond(200)
+            if self.go is None:  # never reads: wait for the stream to end, then ask how
+                await reader.wait_closed()
+                await reader.read()
+            await self.go.wait()
+            self.got[port] = await reader.read()
+            writer.write_eof()
+        except TunnelError as exc:
+            self.ends[port] = exc
+            raise
 
 
-async def quiet(eng, what: str) -> dict:
-    """The engine's stats once received_held has not moved for 0.5 s (its senders wait)."""
+async def quiet(server: BudgetServer, what: str) -> dict:
+    """The budget's stats once received_held has not moved for 0.5 s (its senders wait)."""
     last, still = None, 0
     deadline = asyncio.get_running_loop().time() + 30
     while still < 20:
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.025)
-        stats = eng.stats()
+        stats = server.stats()
         still = still + 1 if stats["received_held"] == last else 0
         last = stats["received_held"]
     return stats
 
 
-def test_native_receive_budget_bounds_what_many_connections_hold(pki):
-    """Four connections send 4 MiB each to apps that do not read. By their windows alone the
-    engine would hold ~1 MiB for each; the 2 MiB receive budget holds back the connections
-    that hold their share, so all together stay under it (plus a read per connection),
-    while a fifth connection, to an app that reads, carries 8 MiB both ways meanwhile.
-    When the apps read, every byte arrives and nothing is held back any more."""
-    budget, read = 2 * MIB, 64 * 1024
+@pytest.mark.parametrize("kind", ["native", "python"])
+def test_receive_budget_bounds_what_many_connections_hold(pki, kind):
+    """Eight connections send 4 MiB each to apps that do not read. By their windows alone the
+    server would hold ~1 MiB for each (8 MiB); with a 2 MiB receive budget, DATA for a stream
+    that would hold its share of the half-used budget resets that stream, so all together
+    stay under the budget (plus a frame per stream). Then the apps read: each stream either
+    arrives whole or was reset (CANCEL to the client, `overload` on the server)."""
+    budget, frame = 2 * MIB, TunnelSettings().max_frame_size
     settings = TunnelSettings(stream_window=MIB, connection_window=2 * MIB, receive_budget=budget)
-    payloads = [os.urandom(4 * MIB) for _ in range(4)]
-    echoed = os.urandom(8 * MIB)
+    payloads = [os.urandom(4 * MIB) for _ in range(8)]
 
     async def main():
         go = asyncio.Event()
-        got = {}
-
-        async def app(sock, request):
-            if port_of(request) == 9999:
-                return await app_echo(sock, request)
-            await go.wait()
-            got[port_of(request)] = await read_all(sock)
-            sock.shutdown(socket.SHUT_WR)
-
-        async with engine(settings) as eng, NativeServer(eng, pki, app=app, buffers=32 * 1024) as srv:
-            pools = [pool(pki, settings) for _ in range(5)]
+        async with BudgetServer(kind, pki, settings, go) as srv:
+            pools = [pool(pki, settings) for _ in payloads]
             try:
                 streams = []
                 for i, data in enumerate(payloads):
@@ -726,68 +775,63 @@ def test_native_receive_budget_bounds_what_many_connections_hold(pki):
                     s.write(data)
                     s.write_eof()
                     streams.append(s)
-                stats = await quiet(eng, "the four connections to stop sending")
-                assert budget // 2 <= stats["received_held"] <= budget + 4 * read, stats
-                assert stats["conns_held_back"] >= 1 and stats["holds"] >= 1, stats
-                assert all(s.get_write_buffer_size() > 0 for s in streams)  # the rest waits in the senders
-
-                s, _ = await pools[4].open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address,
-                                                  ("10.244.1.5", 9999))
-                s.write(echoed)
-                s.write_eof()
-                back = await asyncio.wait_for(s.read(), 60)
-                assert hashlib.sha256(back).digest() == hashlib.sha256(echoed).digest()
-                assert eng.stats()["received_held"] >= budget // 2  # the four still hold theirs
-
+                stats = await quiet(srv, "the eight connections to stop sending")
+                assert stats["received_held_peak"] <= budget + 8 * frame and stats["streams_overloaded"] >= 1, stats
                 go.set()
-                for s in streams:
-                    assert await asyncio.wait_for(s.read(), 60) == b""
-                assert {port: hashlib.sha256(data).digest() for port, data in got.items()} == \
-                    {9000 + i: hashlib.sha256(data).digest() for i, data in enumerate(payloads)}
-                stats = eng.stats()
-                assert stats["received_held_peak"] <= budget + 5 * read, stats
-                assert stats["conns_held_back"] == stats["received_held"] == stats["streams_stalled"] == 0, stats
+                delivered = reset = 0
+                for i, s in enumerate(streams):
+                    try:
+                        assert await asyncio.wait_for(s.read(), 60) == b""
+                    except StreamReset as exc:
+                        assert exc.error_code == 8  # CANCEL
+                        reset += 1
+                        continue
+                    assert hashlib.sha256(srv.got[9000 + i]).digest() == hashlib.sha256(payloads[i]).digest()
+                    delivered += 1
+                await until(lambda: len(srv.ends) >= reset, what="the server's ends of the reset streams")
+                overloaded = [port for port, end in srv.ends.items()
+                              if (getattr(end, "how", None) == "overload" or isinstance(end, Overloaded))]
+                assert len(overloaded) == reset == srv.stats()["streams_overloaded"] and delivered + reset == 8
+                stats = srv.stats()
+                assert stats["received_held_peak"] <= budget + 8 * frame and stats["received_held"] == 0, stats
             finally:
                 for p in pools:
                     await p.close()
     run(main(), timeout=180)
 
 
-def test_native_receive_budget_resets_a_stream_whose_app_never_reads(pki):
-    """One connection: the app of its first stream never reads, so once the stream holds
-    half the 1 MiB budget the connection is held back, and a second stream on it (to an app
-    that reads) waits behind it. After receive_stall without progress the first is reset
-    (RST_STREAM CANCEL to the client, its socket reset, how "overload") and the second goes
-    through byte-identical."""
-    settings = TunnelSettings(stream_window=MIB, connection_window=2 * MIB, receive_budget=MIB, receive_stall=0.5)
+@pytest.mark.parametrize("kind", ["native", "python"])
+def test_receive_budget_resets_a_stream_whose_app_does_not_read_and_not_the_one_beside_it(pki, kind):
+    """One connection: the app of its first stream never reads, so its DATA is reset once it
+    would hold half the 1 MiB budget (RST_STREAM CANCEL to the client, how `overload` on the
+    server); a second stream on the same connection then carries 256 KiB both ways."""
+    settings = TunnelSettings(stream_window=MIB, connection_window=2 * MIB, receive_budget=MIB)
     payload = os.urandom(256 * 1024)
 
     async def main():
-        async def app(sock, request):
-            if port_of(request) == 9999:
-                return await app_echo(sock, request)
-            await asyncio.Event().wait()  # never reads
-
-        async with engine(settings) as eng, NativeServer(eng, pki, app=app, buffers=32 * 1024) as srv:
+        async with BudgetServer(kind, pki, settings, None) as srv:
             p = pool(pki, settings)
             try:
                 stuck, _ = await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address,
                                                ("10.244.1.5", 9000))
                 stuck.write(os.urandom(4 * MIB))
-                await until(lambda: eng.stats()["conns_held_back"] == 1, timeout=30, what="the connection held back")
-                s, _ = await asyncio.wait_for(p.open_stream(pki.client.identity.uri, pki.server.identity.uri,
-                                                            srv.address, ("10.244.1.5", 9999)), 30)
-                assert len(srv.conns) == 1  # the same connection, let go once the stuck stream was reset
-                s.write(payload)
-                s.write_eof()
-                assert await asyncio.wait_for(s.read(), 30) == payload
                 with pytest.raises(StreamReset) as reset:
                     await asyncio.wait_for(stuck.read(), 30)
                 assert reset.value.error_code == 8  # CANCEL
-                end = await asyncio.wait_for(srv.requests[0].ended, 10)
-                assert end.how == "overload" and "receive budget" in end.reason, end
-                stats = eng.stats()
-                assert stats["streams_stalled"] == 1 and stats["conns_held_back"] == 0, stats
+                await until(lambda: 9000 in srv.ends, what="the server's end of the stuck stream")
+                end = srv.ends[9000]
+                if kind == "native":
+                    assert end.how == "overload" and "receive budget" in end.reason, end
+                else:
+                    assert isinstance(end, Overloaded) and "receive budget" in str(end), end
+                s, _ = await p.open_stream(pki.client.identity.uri, pki.server.identity.uri, srv.address,
+                                           ("10.244.1.5", 9999))
+                s.write(payload)
+                s.write_eof()
+                assert await asyncio.wait_for(s.read(), 30) == payload
+                assert sum(map(len, p._sessions.values())) == 1  # one connection carried both
+                stats = srv.stats()
+                assert stats["streams_overloaded"] == 1 and stats["received_held_peak"] <= MIB // 2 + 2 ** 17, stats
             finally:
                 await p.close()
     run(main(), timeout=120)

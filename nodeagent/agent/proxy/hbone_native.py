@@ -91,8 +91,15 @@ class HboneEngines:
     def describe(self) -> dict:
         return {"engine": "native" if self.native else "python", "setting": self.setting, "why": self.why,
                 "tls_library": self.tls_library if self.native else None,
-                "native": self.engine.stats() if self.engine is not None else None,
-                "receive_budget": self.settings.receive_budget if self.engine is not None else None}
+                "native": self.engine.stats() if self.engine is not None else None}
+
+    def receive(self) -> dict | None:
+        """The native engine's receive budget, as ReceiveBudget.describe() says the Python path's."""
+        if self.engine is None:
+            return None
+        stats = self.engine.stats()
+        return {"received_held": stats["received_held"], "received_held_peak": stats["received_held_peak"],
+                "receive_budget": self.settings.receive_budget, "streams_overloaded": stats["streams_overloaded"]}
 
     def close(self) -> None:
         """Stop the native engine: what is still open is reset."""

@@ -35,21 +35,22 @@ from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.policy import Connection
 from nodeagent.resets import reset
-from nodeagent.tunnel import HboneServer, HboneStream, StreamInfo, TunnelMetrics, TunnelSettings, tls
+from nodeagent.tunnel import HboneServer, HboneStream, ReceiveBudget, StreamInfo, TunnelMetrics, TunnelSettings, tls
 
 T = TypeVar("T")
 
 
 class TunnelInbound:
     def __init__(self, inputs: ProxyInputs, delivery: Delivery, tunnel_metrics: TunnelMetrics, log: logging.Logger,
-                 *, settings: TunnelSettings = TunnelSettings(), engines: HboneEngines | None = None):
+                 *, settings: TunnelSettings = TunnelSettings(), engines: HboneEngines | None = None,
+                 budget: ReceiveBudget | None = None):
         self.inputs = inputs
         self.delivery = delivery
         self.metrics = inputs.metrics
         self.log = log
         self.verify = tls.verifier(inputs.identities.trust_domain)
         self.server = HboneServer(self._context_for, self.verify, self._on_stream,
-                                  metrics=tunnel_metrics, log=log, settings=settings)
+                                  metrics=tunnel_metrics, log=log, settings=settings, budget=budget)
         self.engines = engines  # None or python: the HboneServer above serves
         self.native = NativeServing(self, tunnel_metrics, log)
 
