@@ -176,6 +176,7 @@ struct nh_stats {
     uint64_t received_held;       /* received DATA the streams hold, now (what receive_budget bounds) */
     uint64_t received_held_peak;  /* ... the most at once */
     uint64_t streams_overloaded;  /* streams reset for the receive budget (NH_END_OVERLOAD) */
+    uint64_t write_buffers;       /* connections holding a TLS write buffer (those with streams, or idle < a tick) */
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
     uint32_t pad;
 };
