@@ -108,21 +108,24 @@ class HboneServer:
             return self._refuse_connection(sock, "closed", "?", "the client left before the handshake")
         if not self.handshakes.admit(peer[0]):
             return reset(sock)  # counted and logged by the budget
-        set_nodelay(sock)  # HTTP/2 frames are small writes: none may wait for a delayed ACK
         try:
-            session = await self._handshake(sock, peer)
+            set_nodelay(sock)  # HTTP/2 frames are small writes: none may wait for a delayed ACK
+            try:
+                session = await self._handshake(sock, peer)
+            finally:
+                self.handshakes.release(peer[0])
+            if session is None:
+                return
+            self.sessions.add(session)
+            try:
+                await asyncio.shield(session.closed)
+            except asyncio.CancelledError:
+                session.abort()
+                raise
+            finally:
+                self.sessions.discard(session)
         finally:
-            self.handshakes.release(peer[0])
-        if session is None:
-            return
-        self.sessions.add(session)
-        try:
-            await asyncio.shield(session.closed)
-        except asyncio.CancelledError:
-            session.abort()
-            raise
-        finally:
-            self.sessions.discard(session)
+            self.handshakes.closed(peer[0])
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, drain every connection (GOAWAY once its streams end), and

@@ -10,11 +10,12 @@ counted in a sliding window: one more than `max_stream_resets` within
 `stream_reset_window` seconds ends the connection (GOAWAY ENHANCE_YOUR_CALM). Each limit is
 counted in `nodeagent_hbone_limit_hits_total` and logged once per connection.
 
-`HandshakeBudget` is the accept budget: a connection counts from accept until its TLS
-handshake is done or has failed; one over `max_pending_handshakes` (all pods together)
-or `max_pending_handshakes_per_source` (from its client IP) is refused before any TLS
-state exists. Each refusal is counted; they are logged once per LOG_INTERVAL with how
-many there were, since a flood makes thousands.
+`HandshakeBudget` is the accept budget: a connection counts as pending from accept until
+its TLS handshake is done or has failed, and as open from accept until it closes; one
+over `max_pending_handshakes` (all pods together), `max_pending_handshakes_per_source`
+or `max_connections_per_source` (from its client IP) is refused before any TLS state
+exists. Each refusal is counted; they are logged once per LOG_INTERVAL with how many
+there were, since a flood makes thousands.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ STREAM_CAP = "max_concurrent_streams"
 STREAM_RESETS = "stream_resets"
 PENDING_HANDSHAKES = "max_pending_handshakes"
 PENDING_PER_SOURCE = "max_pending_handshakes_per_source"
+OPEN_PER_SOURCE = "max_connections_per_source"
 LOG_INTERVAL = 10.0  # seconds between two log lines about refused connections
 
 
@@ -87,12 +89,16 @@ class HandshakeBudget:
         self.clock = clock
         self.pending = 0
         self._by_source: dict[str, int] = {}  # client IP -> its pending handshakes (no entry at 0)
+        self._open: dict[str, int] = {}  # client IP -> its connections accepted and not closed (no entry at 0)
         self._unlogged: dict[str, int] = {}  # limit -> refusals not yet logged
         self._logged_at: dict[str, float] = {}  # limit -> when it was last logged
 
     def admit(self, source: str) -> bool:
         """Take a slot for a connection from `source`; False (counted, maybe logged) when
         the source or the server is at its limit: the caller resets the connection."""
+        if self._open.get(source, 0) >= self.settings.max_connections_per_source:
+            self._refused(OPEN_PER_SOURCE, source)
+            return False
         mine = self._by_source.get(source, 0)
         if mine >= self.settings.max_pending_handshakes_per_source:
             self._refused(PENDING_PER_SOURCE, source)
@@ -101,6 +107,7 @@ class HandshakeBudget:
             self._refused(PENDING_HANDSHAKES, source)
             return False
         self._by_source[source] = mine + 1
+        self._open[source] = self._open.get(source, 0) + 1
         self.pending += 1
         self.metrics.pending_handshakes.labels(direction=self.direction).inc()
         return True
@@ -113,6 +120,15 @@ class HandshakeBudget:
         self.pending -= 1
         self.metrics.pending_handshakes.labels(direction=self.direction).dec()
 
+    def closed(self, source: str) -> None:
+        """A connection `admit` let in has closed (whether its handshake succeeded or not)."""
+        left = self._open.pop(source) - 1
+        if left:
+            self._open[source] = left
+
+    def open_from(self, source: str) -> int:
+        return self._open.get(source, 0)
+
     def _refused(self, limit: str, source: str) -> None:
         self.metrics.limit_hit(self.direction, limit)
         self._unlogged[limit] = self._unlogged.get(limit, 0) + 1
@@ -122,6 +138,12 @@ class HandshakeBudget:
             return
         self._logged_at[limit] = now
         refused, self._unlogged[limit] = self._unlogged[limit], 0
+        if limit == OPEN_PER_SOURCE:
+            self.log.warning("HBONE: %d connection(s) from %s reset at accept since the last report: it has %d "
+                             "open (at most %d per source; a mesh client needs one per destination pod, and "
+                             "a node runs at most 110). Reported at most every %g s", refused, source,
+                             self._open.get(source, 0), self.settings.max_connections_per_source, LOG_INTERVAL)
+            return
         self.log.warning("HBONE: %d connection(s) reset at accept since the last report (%s): %d TLS handshakes "
                          "pending, %d of them from %s (at most %d, %d per source); clients connecting to port 15008 "
                          "without finishing TLS (a flood?), or many behind one address (NAT: raise the per-source "

@@ -32,6 +32,14 @@ is ~2 s of work, well inside the timeout, and at most ~60 MB mid-handshake. And
 handshake per (source pod, destination pod) at a time and a node runs at most 110 pods
 (kubelet's default), so more from one address is a flood, and one source cannot take the
 budget of all. Connections over either are reset at once, before any TLS state exists.
+Once through TLS, a connection costs ~80 KiB until it closes (OpenSSL's connection, the
+peer's certificates, nghttp2's session; measured with the native engine), and every one
+takes a slot of the engine's max_conns, which the agent's outbound connections share:
+a peer with one stolen certificate opening thousands would exhaust the agent's memory or
+its slots. `max_connections_per_source` (512) bounds what one client IP keeps open: a
+mesh client's pool opens one connection per destination pod (a node runs at most 110),
+plus one per 100 streams beyond, so 512 is far above what one pod needs; over it the
+connection is reset at accept.
 
 The windows bound what one connection can make the agent hold for an app that does not
 read (a stream window per stream, a connection window per connection), not what many
@@ -67,6 +75,7 @@ class TunnelSettings:
     server_handshake_timeout: float = 5.0  # server: accept -> TLS done, the wait for a ClientHello included
     max_pending_handshakes: int = 1024  # server: connections accepted, TLS not done, all listeners together
     max_pending_handshakes_per_source: int = 128  # server: the same from one client IP
+    max_connections_per_source: int = 512  # server: connections open from one client IP (see below)
     open_timeout: float = 10.0  # CONNECT sent -> response headers
     max_concurrent_streams: int = 200  # server: streams one connection may have served at once
     max_stream_resets: int = 200  # server: client resets allowed within stream_reset_window...
@@ -85,6 +94,10 @@ class TunnelSettings:
         if not H2_MIN_FRAME <= self.max_frame_size <= H2_MAX_FRAME:
             raise ConfigError("tunnel.max_frame_size", f"HTTP/2 allows {H2_MIN_FRAME}..{H2_MAX_FRAME}, "
                               f"got {self.max_frame_size}")
+        if self.max_pending_handshakes_per_source > self.max_connections_per_source:
+            raise ConfigError("tunnel.max_pending_handshakes_per_source",
+                              f"{self.max_pending_handshakes_per_source} is more than max_connections_per_source "
+                              f"({self.max_connections_per_source}), which pending handshakes count in")
         if self.max_pending_handshakes_per_source > self.max_pending_handshakes:
             raise ConfigError("tunnel.max_pending_handshakes_per_source",
                               f"{self.max_pending_handshakes_per_source} is more than max_pending_handshakes "

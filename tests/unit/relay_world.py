@@ -58,7 +58,7 @@ from nodeagent.identity import pemfiles
 from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.kube.objects import parse_documents
 from nodeagent.model import Model
-from nodeagent.tunnel import HbonePool, TunnelMetrics, tls
+from nodeagent.tunnel import HbonePool, TunnelMetrics, TunnelSettings, tls
 from nodeagent.xds import dataplane
 from nodeagent.xds.dataplane import DataPlane, ProxyHeader, Sockets
 
@@ -252,11 +252,13 @@ class World:
     and every relay. `ca=False`: an agent without a mesh CA; `engine`: which engine
     moves the bytes (engines.py)."""
 
-    def __init__(self, tmp_path: Path, monkeypatch, *, ca: bool = True, engine: str = "python"):
+    def __init__(self, tmp_path: Path, monkeypatch, *, ca: bool = True, engine: str = "python",
+                 tunnel: TunnelSettings = TunnelSettings()):
         self.tmp_path = tmp_path
         self.monkeypatch = monkeypatch
         self.ca = ca
         self.engine = engine
+        self.tunnel_settings = tunnel  # the agent's HBONE server (both engines)
 
     async def __aenter__(self) -> "World":
         self._closers: list = []
@@ -298,7 +300,7 @@ class World:
         engine = splicer(self.engine)
         self.splicer = await engine.__aenter__()
         self._closers.append(lambda: engine.__aexit__(None, None, None))
-        self.hbone_engines = HboneEngines(hbone_engine(self.engine), LOG)
+        self.hbone_engines = HboneEngines(hbone_engine(self.engine), LOG, self.tunnel_settings)
         await self.hbone_engines.start()
         self._closers.append(self.hbone_engines.close)  # after the pools and the tunnel listener
         self._wire(tunnel_metrics)
@@ -328,7 +330,8 @@ class World:
                                       hbone=self.hbone)
         self.delivery = Delivery(DELIVERY_MARK, TIMEOUT)
         self.inbound = InboundRelay(inputs, LOG, delivery=self.delivery)
-        self.tunnel = TunnelInbound(inputs, self.delivery, tunnel_metrics, LOG, engines=self.hbone_engines)
+        self.tunnel = TunnelInbound(inputs, self.delivery, tunnel_metrics, LOG, engines=self.hbone_engines,
+                                    settings=self.tunnel_settings)
         self._closers.append(self.tunnel.close)
         client, server = self.enrolled[CLIENT], self.enrolled[SERVER]
         self._listen(self.outbound_listener, client, "outbound", self.outbound.handle)

@@ -20,7 +20,7 @@ import pytest
 from engines import NATIVE_HBONE, engine_fixture
 from identity_fixtures import run, until
 from nodeagent.resets import LINGER_RESET
-from nodeagent.tunnel import TunnelError
+from nodeagent.tunnel import TunnelError, TunnelSettings
 from policy_world import document
 from relay_world import CLIENT, SERVER, SERVICE, World, ended, principal
 
@@ -254,3 +254,39 @@ async def _exchange(w: World) -> str:
     assert await ended(reader) == "eof"
     writer.close()
     return greeting
+
+
+def test_one_source_keeps_at_most_max_connections_per_source_open(tmp_path, monkeypatch, engine):
+    """A client pod holding a valid certificate opens one connection after another to the
+    server pod's HBONE port and keeps them: 3 stay open (max_connections_per_source), the
+    4th is reset at accept and counted once, and once one of the 3 closes the 4th gets in.
+    (Each open connection holds ~80 KiB and a slot the agent's own outbound connections
+    share.)"""
+    settings = TunnelSettings(max_connections_per_source=3, max_pending_handshakes_per_source=2)
+
+    async def main():
+        async with World(tmp_path, monkeypatch, engine=engine, tunnel=settings) as w:
+            await w.app.start()
+            budget = w.tunnel.server.handshakes
+
+            async def served(pool) -> None:
+                stream = await w.open_stream(pool, w.app.address)
+                greeting = b""
+                while not greeting.endswith(b"\n"):
+                    greeting += await stream.read(64)
+                assert greeting.decode().startswith(CLIENT + ":")
+                stream.write_eof()
+                assert await stream.read() == b""
+            pools = [await w.hbone_client() for _ in range(4)]
+            for pool in pools[:3]:
+                await served(pool)
+            assert budget.open_from(CLIENT) == 3 and w.tunnel.connections() == 3
+            with pytest.raises(TunnelError):
+                await served(pools[3])
+            assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound",
+                           limit="max_connections_per_source") == 1
+            await pools[0].close()
+            await until(lambda: budget.open_from(CLIENT) == 2, what="the closed connection to leave the budget")
+            await served(pools[3])
+            assert budget.open_from(CLIENT) == 3 and w.tunnel.connections() == 3
+    run(main(), timeout=120)

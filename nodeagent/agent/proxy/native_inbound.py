@@ -67,6 +67,14 @@ class NativeServing:
             reset(sock)  # counted and logged by the budget
             return
         try:
+            await self._serve_connection(sock, served)
+        finally:
+            budget.closed(served.peer[0])
+
+    async def _serve_connection(self, sock: socket.socket, served: "_Served") -> None:
+        """handle_connection once the accept budget let it in (admit, closed)."""
+        budget = self.tunnel.server.handshakes
+        try:
             now = self.tunnel.inputs.pod_at(served.local[0])  # as _context_for: the pod enrolled there now
             if now is None:
                 raise IdentityUnavailable(f"{served.local[0]} is not an enrolled pod of this node")
