@@ -22,7 +22,7 @@ import socket
 import pytest
 
 from engines import ci_enabled
-from hbone_certs import AUTHORITY, LOG, Loopback, echo, pki, run, verify  # noqa: F401 (pki is a fixture)
+from hbone_certs import AUTHORITY, LOG, Loopback, echo, pki, round_trip, run, verify  # noqa: F401 (pki is a fixture)
 from identity_fixtures import until
 from nodeagent import native
 from nodeagent.tunnel import (HbonePool, HandshakeFailed, Overloaded, StreamReset, TunnelError, TunnelMetrics,
@@ -573,6 +573,56 @@ def test_native_server_answers_rapid_reset_with_goaway_enhance_your_calm(pki):
             assert (await srv.conns[0].closed).how == "flood"
             assert eng.stats()["flood_goaways"] == 1
             await drained(eng)
+    run(main())
+
+
+@pytest.mark.parametrize("kind", ["native", "python"])
+def test_a_continuation_flood_ends_the_connection(pki, kind):
+    """HEADERS without END_HEADERS, then CONTINUATION frames of 16 KiB that never end the
+    block (the 2024 HTTP/2 CONTINUATION flood): the server ends the connection with a
+    GOAWAY error long before 64 MiB, and goes on serving other clients."""
+    from test_hbone_resets import RawClient
+    import hpack
+    import struct
+
+    def frame(ftype: int, flags: int, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack(">I", 1) + payload
+
+    async def flood(reader, writer) -> tuple[int, int | None]:
+        client = RawClient(reader, writer)
+        assert await client.ping()
+        block = hpack.Encoder().encode([(":method", "CONNECT"), (":authority", "%s:%d" % AUTHORITY)])
+        writer.write(frame(1, 0, block))  # HEADERS, END_HEADERS not set
+        junk, sent = os.urandom(16384), 0
+        with contextlib.suppress(ConnectionError):
+            while sent < 4096:  # 64 MiB
+                writer.write(frame(9, 0, junk))  # CONTINUATION, END_HEADERS not set
+                sent += 1
+                await asyncio.wait_for(writer.drain(), 10)
+        with contextlib.suppress(ConnectionError):
+            await client.until_closed()
+        writer.close()
+        return sent, client.goaway.error_code if client.goaway else None
+
+    async def main():
+        ctx = pki.client.ssl_context(False)
+        ctx.set_alpn_protocols(["h2"])
+        if kind == "native":
+            async with engine() as eng, NativeServer(eng, pki) as srv:
+                sent, code = await flood(*await asyncio.open_connection(*srv.address, ssl=ctx,
+                                                                         server_hostname="127.0.0.1"))
+                assert (await srv.conns[0].closed).how == "protocol_error"
+                conn = await native_client(eng, pki, srv.address)
+                app, theirs = pair()
+                stream = conn.open(theirs, AUTH)
+                assert await stream.response == 200 and await exchange(app, b"after") == b"after"
+        else:
+            async with Loopback(pki) as lb:
+                sent, code = await flood(*await lb.raw_tls())
+                s, _ = await lb.pool.open_stream(pki.client.identity.uri, pki.server.identity.uri, lb.address,
+                                                 AUTHORITY)
+                await round_trip(s, b"after")
+        assert sent < 4096 and code in (1, 9, 11), (sent, code)  # PROTOCOL, COMPRESSION, ENHANCE_YOUR_CALM
     run(main())
 
 
