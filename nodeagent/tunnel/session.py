@@ -35,6 +35,11 @@ from nodeagent.tunnel.settings import TunnelSettings
 from nodeagent.tunnel.stream import HboneStream
 
 TLS_HIGH_WATER = 1024 * 1024  # bytes the TLS transport may hold before streams stop sending
+# Bytes waiting for a peer that does not read, past which its frames (PINGs, SETTINGS:
+# each answered) are a flood. Above TLS_HIGH_WATER streams no longer send, so what goes on
+# growing is answers to the peer's input: nghttp2 counts them (its outbound queue, 1000
+# frames) and ends the connection; h2 would queue them for good.
+OUTPUT_FLOOD = 4 * TLS_HIGH_WATER
 
 class Session(asyncio.Protocol):
     def __init__(self, *, direction: str, settings: TunnelSettings, metrics: TunnelMetrics,
@@ -127,6 +132,12 @@ class Session(asyncio.Protocol):
             return
         self._flushing = False
         self._flush()
+        if self._write_paused and self.transport is not None \
+                and self.transport.get_write_buffer_size() > OUTPUT_FLOOD:
+            self._fail_connection("output_flood", f"the peer does not read what its frames make us send "
+                                  f"({self.transport.get_write_buffer_size()} bytes wait): a PING or SETTINGS "
+                                  "flood? GOAWAY ENHANCE_YOUR_CALM", ErrorCodes.ENHANCE_YOUR_CALM)
+            self.abort()  # close() would wait for the peer to read
 
     def eof_received(self) -> bool:
         return False  # no half-closed HTTP/2 connections: close

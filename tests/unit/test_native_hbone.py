@@ -626,6 +626,54 @@ def test_a_continuation_flood_ends_the_connection(pki, kind):
     run(main())
 
 
+@pytest.mark.parametrize("kind", ["native", "python"])
+def test_a_ping_flood_from_a_peer_that_does_not_read_ends_the_connection(pki, kind):
+    """A peer sends PINGs and reads nothing: every PING makes an answer that waits for it.
+    The server ends the connection long before 64 MiB of PINGs (nghttp2: its outbound
+    queue flooded; h2: OUTPUT_FLOOD bytes waiting), labelled output_flood, and goes on
+    serving other clients."""
+    from nodeagent.agent.proxy.hbone_native import error_label
+    from test_hbone_resets import RawClient
+    import struct
+
+    ping = struct.pack(">I", 8)[1:] + bytes([6, 0]) + struct.pack(">I", 0) + b"12345678"
+
+    async def flood(reader, writer) -> int:
+        client = RawClient(reader, writer)
+        assert await client.ping()
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while sent < 4 * 1024 * 1024:  # 64 MiB
+                writer.write(ping * 4096)
+                sent += 4096
+                await asyncio.wait_for(writer.drain(), 10)
+        writer.transport.abort()
+        return sent
+
+    async def main():
+        ctx = pki.client.ssl_context(False)
+        ctx.set_alpn_protocols(["h2"])
+        if kind == "native":
+            async with engine() as eng, NativeServer(eng, pki) as srv:
+                sent = await flood(*await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1"))
+                end = await srv.conns[0].closed
+                assert error_label(end) == "output_flood", end
+                conn = await native_client(eng, pki, srv.address)
+                app, theirs = pair()
+                stream = conn.open(theirs, AUTH)
+                assert await stream.response == 200 and await exchange(app, b"after") == b"after"
+        else:
+            async with Loopback(pki) as lb:
+                sent = await flood(*await lb.raw_tls())
+                await until(lambda: lb.value("nodeagent_hbone_connection_errors_total", direction="inbound",
+                                             reason="output_flood") == 1, what="the flood to be counted")
+                s, _ = await lb.pool.open_stream(pki.client.identity.uri, pki.server.identity.uri, lb.address,
+                                                 AUTHORITY)
+                await round_trip(s, b"after")
+        assert sent < 4 * 1024 * 1024, sent
+    run(main())
+
+
 def test_native_server_stream_cap_counts_streams_until_answered(pki):
     """max_concurrent_streams 5: streams Python has not answered count, also once the
     client reset them; the 6th is REFUSED_STREAM; answering frees room again."""

@@ -138,5 +138,6 @@ def error_label(end: hbone.End) -> str:
     if end.how == "protocol_error" and "magic" in end.reason.lower():  # nghttp2: "bad client magic"
         return "bad_preface"
     if end.how == "protocol_error":  # h2conn.error_reason's names for the codes they map to
-        return {3: "flow_control", 6: "frame_too_large"}.get(end.code, "protocol_error")
+        # 11: nghttp2's outbound queue flooded (answers the peer does not read)
+        return {3: "flow_control", 6: "frame_too_large", 11: "output_flood"}.get(end.code, "protocol_error")
     return {"keepalive": "keepalive_timeout", "flood": "too_many_resets"}.get(end.how, end.how)
