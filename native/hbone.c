@@ -87,6 +87,9 @@ struct stream {
     uint64_t early_sent;           /* client: ... of which handed to DATA before relaying */
     uint32_t reset_code;           /* the peer's reset before Python answered */
     uint64_t down_held;            /* bytes of `down` counted in the receive budget */
+    uint64_t up_held;              /* bytes of `up` counted in the send budget */
+    struct stream *wprev, *wnext;  /* on the engine's list of streams the send budget stopped reading */
+    bool budget_waits;             /* ... on it */
     uint32_t status;               /* client: the response's :status */
     struct buf up, down;           /* socket -> peer, peer -> socket */
     uint64_t to_peer, from_peer;
@@ -165,6 +168,9 @@ struct nh_engine {
     uint64_t held;
     uint64_t down_held;            /* received DATA all streams hold (the receive budget's) */
     uint32_t holding;              /* streams holding any */
+    uint64_t up_held;              /* bytes read from the streams' sockets, not yet framed (the send budget's) */
+    uint32_t up_holding;           /* streams holding any */
+    struct stream *budget_waiting; /* streams the send budget stopped reading (send_room 0) */
     struct nh_stats st;            /* counters: atomics */
 };
 
@@ -267,13 +273,85 @@ static void received_add(struct stream *s, int64_t delta)
 }
 
 /* Whether `len` more bytes for `s` are over the budget: the streams would hold half of it,
- * and `s` its share of that half (the half over the streams holding any). */
+ * and `s` its share of that half (the half over the streams holding any); or they would
+ * hold more than all of it (shares taken when fewer streams held were larger, so shares
+ * alone let the sum grow with the log of the number of streams). */
 static bool over_budget(const struct stream *s, size_t len)
 {
     const struct nh_engine *e = s->conn->e;
     uint64_t half = e->cfg.receive_budget / 2;
     uint64_t holding = e->holding + (s->down_held == 0);
-    return half && e->down_held + len >= half && (s->down_held + len) * holding >= half;
+    return half && e->down_held + len >= half
+           && ((s->down_held + len) * holding >= half || e->down_held + len > e->cfg.receive_budget);
+}
+
+/* The send budget: what streams read from their sockets and have not framed yet waits for
+ * the peer's window, so a peer that never opens it (a slow or stopped reader) keeps up to
+ * stream_buffer per stream. Once the streams hold half of send_budget, a stream may read
+ * only up to its share of that half (the half over the streams holding any); a stream at
+ * its share stops reading its socket (the app's writes wait in the kernel) until its
+ * peer takes some, or until all together hold under half again (stream_update then
+ * re-arms every waiting stream: budget_waiting). Reading sockets is safe to stop, unlike
+ * reading connections: nothing the engine needs comes in on them. */
+static size_t send_room(const struct stream *s)
+{
+    const struct nh_engine *e = s->conn->e;
+    uint64_t half = e->cfg.send_budget / 2;
+    if (!half || e->up_held < half)
+        return SIZE_MAX;
+    uint64_t share = half / (e->up_holding + (s->up_held == 0));
+    uint64_t left = e->up_held < e->cfg.send_budget ? e->cfg.send_budget - e->up_held : 0;
+    return s->up_held >= share ? 0 : (size_t)MIN(share - s->up_held, left);  /* never past the budget */
+}
+
+static void budget_wait(struct stream *s, bool wait)
+{
+    struct nh_engine *e = s->conn->e;
+    if (wait == s->budget_waits)
+        return;
+    s->budget_waits = wait;
+    if (wait) {
+        s->wprev = NULL;
+        s->wnext = e->budget_waiting;
+        if (e->budget_waiting)
+            e->budget_waiting->wprev = s;
+        e->budget_waiting = s;
+        ST_ADD(e, streams_send_waiting, 1);
+        return;
+    }
+    if (s->wprev)
+        s->wprev->wnext = s->wnext;
+    else
+        e->budget_waiting = s->wnext;
+    if (s->wnext)
+        s->wnext->wprev = s->wprev;
+    s->wprev = s->wnext = NULL;
+    ST_ADD(e, streams_send_waiting, -1);
+}
+
+static void stream_update(struct stream *s);
+
+/* `delta` bytes more (or fewer) in `s`'s `up`. Fewer, once all hold under half the
+ * budget: the waiting streams read again. */
+static void sent_add(struct stream *s, int64_t delta)
+{
+    struct nh_engine *e = s->conn->e;
+    if (delta == 0)
+        return;
+    bool was = s->up_held != 0;
+    s->up_held += delta;
+    e->up_held += delta;
+    if (was != (s->up_held != 0))
+        e->up_holding += was ? -1 : 1;
+    ST_SET(e, send_held, e->up_held);
+    if (e->up_held > e->st.send_held_peak)
+        ST_SET(e, send_held_peak, e->up_held);
+    if (delta < 0 && e->budget_waiting && e->up_held < e->cfg.send_budget / 2)
+        while (e->budget_waiting) {
+            struct stream *w = e->budget_waiting;
+            budget_wait(w, false);
+            stream_update(w);
+        }
 }
 
 /* --- ids, events, epoll ------------------------------------------------------------- */
@@ -433,6 +511,8 @@ static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t c
         s->fd = -1;
     }
     held_add(e, -(int64_t)buf_avail(&s->up));
+    budget_wait(s, false);
+    sent_add(s, -(int64_t)s->up_held);
     received_add(s, -(int64_t)buf_avail(&s->down));
     /* what the socket took stays consumed; what it did not goes back to the connection window */
     if (c->h2 && buf_avail(&s->down))
@@ -512,6 +592,7 @@ static bool up_ready(struct stream *s)
 static void up_added(struct stream *s, size_t n)
 {
     held_add(s->conn->e, n);
+    sent_add(s, (int64_t)n);
     stream_peak(s);
     if (s->deferred && s->conn->h2) {
         s->deferred = false;
@@ -532,7 +613,7 @@ static void stream_read(struct stream *s)
         s->up.len -= s->up.off;
         s->up.off = 0;
     }
-    size_t room = s->up.cap - s->up.len;
+    size_t room = MIN(s->up.cap - s->up.len, send_room(s));
     if (room == 0)
         return;
     ssize_t n = recv(s->fd, s->up.p + s->up.len, room, 0);
@@ -603,8 +684,14 @@ static void stream_update(struct stream *s)
         return;
     }
     uint32_t mask = 0;
-    if (!s->up_eof && !s->up_done && buf_avail(&s->up) < s->conn->e->cfg.stream_buffer)
-        mask |= EPOLLIN;
+    if (!s->up_eof && !s->up_done && buf_avail(&s->up) < s->conn->e->cfg.stream_buffer) {
+        bool room = send_room(s) > 0;
+        budget_wait(s, !room);
+        if (room)
+            mask |= EPOLLIN;
+    } else {
+        budget_wait(s, false);
+    }
     if (buf_avail(&s->down))
         mask |= EPOLLOUT;
     set_mask(s->conn->e, s->fd, &s->o, &s->registered, &s->mask, mask);
@@ -693,6 +780,7 @@ static int send_data_cb(nghttp2_session *h2, nghttp2_frame *frame, const uint8_t
     if (buf_append(&c->out, framehd, 9) < 0 || buf_append(&c->out, s->up.p + s->up.off, length) < 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     buf_consume(&s->up, length);
+    sent_add(s, -(int64_t)length);
     held_add(c->e, 9);  /* the frame moved from the stream's buffer to the connection's output */
     stream_update(s);
     return 0;
@@ -950,6 +1038,8 @@ static void refuse_now(struct conn *c, struct stream *s, uint32_t status)
         c->idle_since = now_ms();
     s->ended = true;
     held_add(c->e, -(int64_t)buf_avail(&s->up));
+    budget_wait(s, false);
+    sent_add(s, -(int64_t)s->up_held);
     received_add(s, -(int64_t)buf_avail(&s->down));
     if (buf_avail(&s->down))
         nghttp2_session_consume_connection(c->h2, buf_avail(&s->down));
@@ -1128,6 +1218,7 @@ static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void
     if (!s->up_done) {
         s->up_done = true;
         held_add(s->conn->e, -(int64_t)buf_avail(&s->up));
+        sent_add(s, -(int64_t)s->up_held);
         s->up.off = s->up.len = 0;
     }
     if (!s->relaying && !s->got_200) {

@@ -58,6 +58,12 @@
  *   an app that writes as it reads would wait on it for good), and a stream whose app
  *   reads holds little, so only streams whose apps lag are reset, only when the budget is
  *   half used, however many connections send to apps that do not read.
+ *   Likewise `send_budget` (0: none) bounds what all streams hold of bytes read from their
+ *   sockets that the peers' windows have not let out yet (a peer that never opens its
+ *   window keeps stream_buffer per stream): once they hold half of it, a stream reads its
+ *   socket only up to its share of that half, and one at its share stops reading (its
+ *   app's writes wait in the kernel) until its peer takes some or all together hold under
+ *   half again.
  *
  * Liveness (tunnel/liveness.py): a connection not heard from for keepalive_interval_ms is
  *   PINGed, and ends NH_END_KEEPALIVE when the answer has not come within
@@ -141,6 +147,7 @@ struct nh_config {
     uint32_t server_idle_ms;      /* the same for a server connection */
     uint32_t client_handshake_timeout_ms; /* a client's (up to the server's SETTINGS); 0: handshake_timeout_ms */
     uint64_t receive_budget;      /* bytes of received DATA all streams hold at most (see Back-pressure) */
+    uint64_t send_budget;         /* bytes read from the streams' sockets all streams hold at most (idem) */
 };
 
 struct nh_event {
@@ -177,6 +184,9 @@ struct nh_stats {
     uint64_t received_held_peak;  /* ... the most at once */
     uint64_t streams_overloaded;  /* streams reset for the receive budget (NH_END_OVERLOAD) */
     uint64_t write_buffers;       /* connections holding a TLS write buffer (those with streams, or idle < a tick) */
+    uint64_t send_held;           /* bytes read from the streams' sockets, not yet framed (what send_budget bounds) */
+    uint64_t send_held_peak;      /* ... the most at once */
+    uint64_t streams_send_waiting; /* streams not read for the send budget, now */
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
     uint32_t pad;
 };

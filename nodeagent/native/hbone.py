@@ -43,7 +43,7 @@ HOW = {1: "closed", 2: "reset", 3: "socket_error", 4: "aborted", 5: "refused", 6
 CLEAN = ("closed", "aborted")  # ends a relay reports without an error (aborted: policy revocation, as splice.Abort)
 STATS = ("conns_open", "conns_total", "handshakes_pending", "streams_open", "streams_total", "bytes_to_peer",
          "bytes_from_peer", "bytes_held", "bytes_held_peak", "stream_held_peak", "tls_failures", "refused_streams",
-         "flood_goaways", "events_queued", "received_held", "received_held_peak", "streams_overloaded", "write_buffers", "fatal")
+         "flood_goaways", "events_queued", "received_held", "received_held_peak", "streams_overloaded", "write_buffers", "send_held", "send_held_peak", "streams_send_waiting", "fatal")
 
 
 def load():
@@ -245,7 +245,7 @@ class HboneEngine:
             "keepalive_interval_ms": int(settings.keepalive_interval * 1000),
             "keepalive_timeout_ms": int(settings.keepalive_timeout * 1000),
             "client_idle_ms": int(client_idle * 1000), "server_idle_ms": int(server_idle * 1000),
-            "receive_budget": settings.receive_budget})
+            "receive_budget": settings.receive_budget, "send_budget": settings.send_budget})
         out = ffi.new("struct nh_engine **")
         rc = lib.nh_engine_new(config, out)
         if rc < 0:

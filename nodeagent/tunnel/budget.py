@@ -26,10 +26,12 @@ class ReceiveBudget:
         self.overloaded = 0  # streams reset for it
 
     def over(self, stream_held: int, n: int) -> bool:
-        """Whether `n` more bytes for a stream holding `stream_held` are over the budget."""
+        """Whether `n` more bytes for a stream holding `stream_held` are over the budget: its
+        share of the half-used budget, or more than the whole (shares taken while fewer
+        streams held were larger: alone they let the sum grow with the log of the count)."""
         half = self.limit // 2
         holding = self.holding + (stream_held == 0)
-        return self.held + n >= half and (stream_held + n) * holding >= half
+        return self.held + n >= half and ((stream_held + n) * holding >= half or self.held + n > self.limit)
 
     def add(self, stream_held: int, n: int) -> int:
         """`n` bytes more (or fewer) held by a stream holding `stream_held`; its new holding."""

@@ -107,11 +107,12 @@ def test_status_says_which_engine_and_why():
                                              "native": engine}}, now=0)
     assert f"DATA PATH: {NATIVE_SUMMARY} [data_path_engine=auto]\n  native engine: 3 relays open (max 65536), " \
            "120 total, 2 failed, 1 aborted; 4096 bytes held (at most 65536 per direction)\n" in text
-    receive = {"received_held": 1000, "received_held_peak": 9000, "receive_budget": 4096, "streams_overloaded": 1}
+    receive = {"received_held": 1000, "received_held_peak": 9000, "receive_budget": 4096, "streams_overloaded": 1,
+               "send_held": 20, "send_held_peak": 30, "send_budget": 8192, "streams_send_waiting": 2}
     text = status.render_text({"data_path": {"engine": "native", "setting": "auto", "summary": NATIVE_SUMMARY,
                                              "native": engine, "hbone": {"receive": receive}}}, now=0)
-    assert "\n  HBONE receive budget: 1000 received bytes held (peak 9000, budget 4096); 1 streams reset for it\n" \
-        in text
+    assert "\n  HBONE receive budget: 1000 received bytes held (peak 9000, budget 4096); 1 streams reset for it; " \
+           "send budget: 20 bytes from the apps held (peak 30, budget 8192); 2 streams waiting for it\n" in text
     text = status.render_text({"data_path": {"engine": "python", "setting": "auto", "native": None,
                                              "summary": "python: native module not built"}}, now=0)
     assert "DATA PATH: python: native module not built [data_path_engine=auto]\n\n" in text

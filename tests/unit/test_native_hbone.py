@@ -978,6 +978,71 @@ def test_native_client_to_native_server(pki):
     run(main(), timeout=120)
 
 
+def test_send_budget_bounds_what_a_peer_that_does_not_read_leaves_in_the_engine(pki):
+    """32 streams whose apps each write 1 MiB to a client that stops reading once answered:
+    by stream_buffer alone the engine would keep 256 KiB of each (8 MiB); with a 2 MiB send
+    budget it reads the apps' sockets only up to each stream's share once half is held, so
+    all together stay near the budget (the rest waits in the kernel). When the client
+    reads again, every stream delivers its 1 MiB byte-identical and nothing waits."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    budget, streams, size = 2 * MIB, 32, MIB
+    settings = TunnelSettings(send_budget=budget)
+    payloads = {1 + 2 * i: os.urandom(size) for i in range(streams)}  # by HTTP/2 stream id
+
+    async def talker(sock, request):
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, payloads[int(request.authority.rsplit(":", 1)[1])])
+        sock.shutdown(socket.SHUT_WR)
+        while await loop.sock_recv(sock, 65536):
+            pass
+
+    async def main():
+        async with engine(settings) as eng, NativeServer(eng, pki, app=talker) as srv:
+            ctx = pki.client.ssl_context(False)
+            ctx.set_alpn_protocols(["h2"])
+            reader, writer = await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1")
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            for sid in payloads:
+                conn.send_headers(sid, [(":method", "CONNECT"), (":authority", "10.244.1.5:%d" % sid)])
+            writer.write(conn.data_to_send())
+            got = {sid: bytearray() for sid in payloads}
+            ended, answered = set(), set()
+
+            def receive(data: bytes) -> None:
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        answered.add(event.stream_id)
+                    elif isinstance(event, h2.events.DataReceived):
+                        got[event.stream_id] += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended.add(event.stream_id)
+                writer.write(conn.data_to_send())
+            while len(answered) < streams:
+                receive(await reader.read(65536))
+            # now read nothing: the apps' bytes pile up in the engine, up to the budget
+            last, still = None, 0
+            while still < 20:
+                await asyncio.sleep(0.025)
+                held = eng.stats()["send_held"]
+                still, last = (still + 1 if held == last else 0), held
+            stats = eng.stats()
+            assert budget // 2 <= stats["send_held"] <= budget + 256 * 1024, stats
+            assert stats["streams_send_waiting"] >= 1, stats
+            while len(ended) < streams:
+                receive(await asyncio.wait_for(reader.read(1 << 20), 30))
+            assert {sid: bytes(data) for sid, data in got.items()} == payloads
+            writer.close()
+            stats = eng.stats()
+            assert stats["send_held_peak"] <= budget + 256 * 1024 and stats["streams_send_waiting"] == 0, stats
+            await until(lambda: eng.stats()["send_held"] == 0, what="nothing held")
+    run(main(), timeout=120)
+
+
 def test_an_idle_connection_lets_its_write_buffers_go_and_gathers_again(pki):
     """A connection without streams for a tick writes straight to the socket and frees its
     64 KiB TLS write buffer and its output buffer (an idle pooled connection held ~150 KiB

@@ -99,7 +99,9 @@ class HboneEngines:
             return None
         stats = self.engine.stats()
         return {"received_held": stats["received_held"], "received_held_peak": stats["received_held_peak"],
-                "receive_budget": self.settings.receive_budget, "streams_overloaded": stats["streams_overloaded"]}
+                "receive_budget": self.settings.receive_budget, "streams_overloaded": stats["streams_overloaded"],
+                "send_held": stats["send_held"], "send_held_peak": stats["send_held_peak"],
+                "send_budget": self.settings.send_budget, "streams_send_waiting": stats["streams_send_waiting"]}
 
     def close(self) -> None:
         """Stop the native engine: what is still open is reset."""
