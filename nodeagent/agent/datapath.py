@@ -56,7 +56,7 @@ from nodeagent.kube.client import TokenFile
 from nodeagent.clock import SystemClock
 from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.model import Model, Pod
-from nodeagent.tunnel import ReceiveBudget, TunnelMetrics, TunnelSettings
+from nodeagent.tunnel import StreamBudget, TunnelMetrics, TunnelSettings
 
 CONNECT_TIMEOUT = 10.0  # seconds for an upstream connect (outbound or delivery to the app)
 
@@ -95,10 +95,10 @@ class DataPath:
         tunnel_metrics = TunnelMetrics(registry)
         tunnel = TunnelSettings(server_handshake_timeout=c.hbone_handshake_timeout)
         self.hbone_engines = HboneEngines(c.hbone_engine, log.getChild("hbone"), tunnel)
-        self.receive_budget = ReceiveBudget(tunnel)  # the Python path's server and pools together
+        self.stream_budget = StreamBudget(tunnel)  # the Python path's server and pools together
         self.hbone = HboneRoute(self.identities, tunnel_metrics, log.getChild("hbone"), mark=c.mark,
                                 port=c.tunnel_port, settings=tunnel, engines=self.hbone_engines,
-                                budget=self.receive_budget)
+                                budget=self.stream_budget)
         delivery = Delivery(c.delivery_mark, CONNECT_TIMEOUT)
         self.capture = capture
         self.kernel_join = KernelJoin(c.same_node_sockmap, self.splicer, log.getChild("samenode")) \
@@ -110,7 +110,7 @@ class DataPath:
                                       same_node=self.same_node)
         self.inbound = InboundRelay(inputs, log.getChild("inbound"), delivery=delivery)
         self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"), settings=tunnel,
-                                    engines=self.hbone_engines, budget=self.receive_budget)
+                                    engines=self.hbone_engines, budget=self.stream_budget)
         self._releases: set[asyncio.Task] = set()
         self._kernel_start: asyncio.Task | None = None
 
@@ -181,7 +181,7 @@ class DataPath:
         """The engines (splice.Splicer for socket pairs, HboneEngines for HBONE) and the
         same-node fast path; the summary line says all three."""
         data_path, hbone = self.splicer.describe(), self.hbone_engines.describe()
-        hbone["receive"] = self.hbone_engines.receive() or self.receive_budget.describe()
+        hbone["receive"] = self.hbone_engines.receive() or self.stream_budget.describe()
         relays = engines_summary(data_path["summary"], hbone)
         if self.same_node is None:
             same_node, line = {"enabled": False}, "off (same_node_fast_path=false: HBONE)"

@@ -174,7 +174,7 @@ def _data_path_lines(data_path: dict[str, Any] | None) -> list[str]:
         line = (f"  HBONE receive budget: {receive['received_held']} received bytes held (peak "
                 f"{receive['received_held_peak']}, budget {receive['receive_budget']}); "
                 f"{receive['streams_overloaded']} streams reset for it")
-        if "send_budget" in receive:  # the native engine's
+        if "send_budget" in receive:
             line += (f"; send budget: {receive['send_held']} bytes from the apps held (peak "
                      f"{receive['send_held_peak']}, budget {receive['send_budget']}); "
                      f"{receive['streams_send_waiting']} streams waiting for it")

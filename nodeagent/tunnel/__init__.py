@@ -6,7 +6,7 @@ that are also asyncio transports for the agent's splice. Built on `h2` (HTTP/2 s
 machine) and `ssl`; see docs/design.md "HBONE tunnel".
 """
 
-from nodeagent.tunnel.budget import ReceiveBudget
+from nodeagent.tunnel.budget import StreamBudget
 from nodeagent.tunnel.errors import (ConnectFailed, ConnectionLost, ConnectRefused, HandshakeFailed,
                                      IdentityMismatch, Overloaded, PeerRefused, PoolClosed, ResponseTimeout,
                                      StreamReset, TunnelError)
@@ -17,5 +17,5 @@ from nodeagent.tunnel.settings import TunnelSettings
 from nodeagent.tunnel.stream import HboneStream
 
 __all__ = ["ConnectFailed", "ConnectionLost", "ConnectRefused", "HandshakeFailed", "HboneServer", "HbonePool",
-           "HboneStream", "IdentityMismatch", "Overloaded", "PeerRefused", "PoolClosed", "ReceiveBudget",
+           "HboneStream", "IdentityMismatch", "Overloaded", "PeerRefused", "PoolClosed", "StreamBudget",
            "ResponseTimeout", "StreamInfo", "StreamReset", "TunnelError", "TunnelMetrics", "TunnelSettings"]

@@ -1,30 +1,49 @@
-"""What all HBONE streams together may hold of received DATA (the Python path's side of
-the native engine's receive budget: native/hbone.h, Back-pressure; settings.py says why).
+"""What all HBONE streams together may hold, both ways (the Python path's side of the
+native engine's receive and send budgets: native/hbone.h, Back-pressure; settings.py says
+why). The agent shares one between its server and its pools.
 
-A stream's received DATA waits in its inbox until its reader or protocol takes it; the
-HTTP/2 windows bound that per stream and per connection, this bounds it over all of them.
-Once the streams would hold half of `receive_budget`, DATA for a stream that would hold
-its share of that half (the half over the streams holding any) resets the stream
-(HboneStream._overloaded: RST_STREAM CANCEL, its bytes dropped and acknowledged), as
-Envoy's overload manager resets the streams using the most memory. Connections are
-always read: one not read would hear no WINDOW_UPDATE, and an app that writes as it
-reads would wait on it for good. The agent shares one budget between its server and its
-pools.
+Received DATA waits in a stream's inbox until its reader or protocol takes it; the HTTP/2
+windows bound that per stream and per connection, `receive_budget` over all of them. Once
+the streams would hold half of it, DATA for a stream that would hold its share of that
+half (the half over the streams holding any), or that would take the total past the
+whole budget, resets the stream (HboneStream._overloaded: RST_STREAM CANCEL, its bytes
+dropped and acknowledged), as Envoy's overload manager resets the streams using the most
+memory. Connections are always read: one not read would hear no WINDOW_UPDATE, and an
+app that writes as it reads would wait on it for good.
+
+What an app writes waits in its stream's outbox until the peer's window lets it out; a
+peer that never opens it keeps write_buffer per stream. Once the outboxes hold half of
+`send_budget`, a stream holding its share of that half (or writing past the whole) pauses
+its writer (the relay stops reading the app's socket) until it is under half its share
+and its outbox is down to its low-water mark, or until all together hold under half again
+(`waiting`: the streams paused for it).
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from nodeagent.tunnel.settings import TunnelSettings
 
 
-class ReceiveBudget:
+class Waiting(Protocol):
+    def _budget_released(self) -> None: ...
+
+
+class StreamBudget:
     def __init__(self, settings: TunnelSettings = TunnelSettings()):
         self.limit = settings.receive_budget
         self.held = 0  # received DATA in every stream's inbox
         self.peak = 0
         self.holding = 0  # streams holding any
         self.overloaded = 0  # streams reset for it
+        self.send_limit = settings.send_budget
+        self.sent_held = 0  # bytes in every stream's outbox
+        self.sent_peak = 0
+        self.sending = 0  # streams with any in their outbox
+        self.waiting: set[Waiting] = set()  # streams whose writer the send budget paused
 
+    # --- received ---------------------------------------------------------------------
     def over(self, stream_held: int, n: int) -> bool:
         """Whether `n` more bytes for a stream holding `stream_held` are over the budget: its
         share of the half-used budget, or more than the whole (shares taken while fewer
@@ -42,6 +61,34 @@ class ReceiveBudget:
             self.holding += 1 if stream_held == 0 else -1
         return now
 
+    # --- sent -------------------------------------------------------------------------
+    def send_full(self, stream_held: int) -> bool:
+        """Whether a stream whose outbox holds `stream_held` is to pause its writer."""
+        half = self.send_limit // 2
+        if self.sent_held < half or not stream_held:
+            return False
+        return stream_held * self.sending >= half or self.sent_held > self.send_limit
+
+    def send_eased(self, stream_held: int) -> bool:
+        """Whether a stream the send budget paused may write again: under half its share,
+        or all together under half the budget."""
+        half = self.send_limit // 2
+        return self.sent_held < half or stream_held * self.sending * 2 < half
+
+    def send_add(self, stream_held: int, n: int) -> int:
+        """`n` bytes more (or fewer) in an outbox holding `stream_held`; its new holding.
+        Fewer, once all hold under half: the waiting streams are told."""
+        now = stream_held + n
+        self.sent_held += n
+        self.sent_peak = max(self.sent_peak, self.sent_held)
+        if (stream_held == 0) != (now == 0):
+            self.sending += 1 if stream_held == 0 else -1
+        if n < 0 and self.waiting and self.sent_held < self.send_limit // 2:
+            for stream in list(self.waiting):
+                stream._budget_released()
+        return now
+
     def describe(self) -> dict:
         return {"received_held": self.held, "received_held_peak": self.peak, "receive_budget": self.limit,
-                "streams_overloaded": self.overloaded}
+                "streams_overloaded": self.overloaded, "send_held": self.sent_held, "send_held_peak": self.sent_peak,
+                "send_budget": self.send_limit, "streams_send_waiting": len(self.waiting)}

@@ -27,7 +27,7 @@ from h2.errors import ErrorCodes
 from nodeagent.nodelay import set_nodelay
 from nodeagent.tunnel import tls
 from nodeagent.tunnel.authority import Address, format_authority
-from nodeagent.tunnel.budget import ReceiveBudget
+from nodeagent.tunnel.budget import StreamBudget
 from nodeagent.tunnel.errors import (ConnectFailed, ConnectionLost, ConnectRefused, HandshakeFailed,
                                      IdentityMismatch, PoolClosed, ResponseTimeout, StreamReset, TunnelError,
                                      connect_failure_reason)
@@ -51,7 +51,7 @@ class HbonePool:
     def __init__(self, connect: Connect, ssl_context_for: Callable[[str], ssl.SSLContext],
                  verify_peer: Callable[[bytes], str], *, metrics: TunnelMetrics, log: logging.Logger,
                  settings: TunnelSettings = TunnelSettings(), max_streams_per_connection: int = 100,
-                 idle_timeout: float = 300.0, budget: ReceiveBudget | None = None):
+                 idle_timeout: float = 300.0, budget: StreamBudget | None = None):
         """`connect(ip, port)` returns a socket (or an awaitable of one), connected or not
         (then the pool connects it); `ssl_context_for(source_identity)` a client context
         holding that workload's certificate."""
@@ -61,7 +61,7 @@ class HbonePool:
         self.metrics = metrics
         self.log = log
         self.settings = settings
-        self.budget = budget or ReceiveBudget(settings)  # the agent shares one between its pools and server
+        self.budget = budget or StreamBudget(settings)  # the agent shares one between its pools and server
         self.max_streams = int(check_positive("tunnel.max_streams_per_connection", max_streams_per_connection))
         self.idle_timeout = check_positive("tunnel.pool_idle_timeout", idle_timeout)
         self._sessions: dict[Key, list[Session]] = {}

@@ -33,7 +33,7 @@ from nodeagent.nodelay import set_nodelay
 from nodeagent.resets import reset
 from nodeagent.tunnel import tls
 from nodeagent.tunnel.authority import Address, parse_authority
-from nodeagent.tunnel.budget import ReceiveBudget
+from nodeagent.tunnel.budget import StreamBudget
 from nodeagent.tunnel.errors import TunnelError
 from nodeagent.tunnel.h2conn import latin1_headers
 from nodeagent.tunnel.limits import HandshakeBudget
@@ -65,14 +65,14 @@ class HboneServer:
     def __init__(self, ssl_context_for: Callable[[str], ssl.SSLContext], verify_peer: Callable[[bytes], str],
                  on_stream: OnStream, *, metrics: TunnelMetrics, log: logging.Logger,
                  settings: TunnelSettings = TunnelSettings(), idle_timeout: float = 600.0,
-                 clock: Callable[[], float] | None = None, budget: ReceiveBudget | None = None):
+                 clock: Callable[[], float] | None = None, budget: StreamBudget | None = None):
         self.ssl_context_for = ssl_context_for
         self.verify_peer = verify_peer
         self.on_stream = on_stream
         self.metrics = metrics
         self.log = log
         self.settings = settings
-        self.budget = budget or ReceiveBudget(settings)  # the agent shares one with its pools
+        self.budget = budget or StreamBudget(settings)  # the agent shares one with its pools
         self.idle_timeout = check_positive("tunnel.server_idle_timeout", idle_timeout)
         self.clock = clock  # for the reset window (the loop's clock when None) and refusal logs
         self.handshakes = HandshakeBudget(settings, metrics, log, DIRECTION, clock or time.monotonic)

@@ -25,7 +25,7 @@ import h2.events as ev
 import h2.exceptions
 from h2.errors import ErrorCodes
 
-from nodeagent.tunnel.budget import ReceiveBudget
+from nodeagent.tunnel.budget import StreamBudget
 from nodeagent.tunnel.errors import ConnectionLost, PeerRefused, TunnelError
 from nodeagent.tunnel.h2conn import code_name, error_reason, latin1_headers, new_connection, partial_input, start
 from nodeagent.tunnel.limits import FloodGuard
@@ -44,7 +44,7 @@ OUTPUT_FLOOD = 4 * TLS_HIGH_WATER
 class Session(asyncio.Protocol):
     def __init__(self, *, direction: str, settings: TunnelSettings, metrics: TunnelMetrics,
                  log: logging.Logger, check_peer: Callable[[asyncio.BaseTransport], str], max_streams: int,
-                 idle_timeout: float, budget: ReceiveBudget,
+                 idle_timeout: float, budget: StreamBudget,
                  on_request: Callable[["Session", ev.RequestReceived], None] | None = None,
                  clock: Callable[[], float] | None = None):
         self.loop = asyncio.get_running_loop()

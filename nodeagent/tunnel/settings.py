@@ -51,9 +51,9 @@ CANCEL), as Envoy's overload manager resets the streams using the most memory. B
 engines keep it (native/hbone.h, Back-pressure; budget.py). The other way, a peer that
 never opens its window (a slow or stopped reader) keeps what the app wrote: up to
 stream_buffer (256 KiB) per stream, 200 streams a connection, 512 connections a source.
-`send_budget` (128 MiB) bounds that for the native engine: past half of it a stream
-reads its socket only up to its share, and stops there (the app's writes wait in the
-kernel) until its peer reads. The Python path keeps its per-stream write_buffer only.
+`send_budget` (128 MiB) bounds that: past half of it a stream takes its app's bytes
+only up to its share, and stops there (the app's writes wait in the kernel) until its
+peer reads.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class TunnelSettings:
     max_stream_resets: int = 200  # server: client resets allowed within stream_reset_window...
     stream_reset_window: float = 10.0  # ...seconds; one more is GOAWAY ENHANCE_YOUR_CALM
     receive_budget: int = 128 * MIB  # received bytes all streams together hold (see below)
-    send_budget: int = 128 * MIB  # native engine: bytes read from the streams' sockets they hold together
+    send_budget: int = 128 * MIB  # bytes the apps wrote that all streams hold together, waiting for windows
 
     def __post_init__(self) -> None:
         for f in fields(self):

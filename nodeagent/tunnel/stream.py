@@ -52,6 +52,8 @@ class HboneStream(asyncio.Transport):
         self.bytes_received = 0  # payload bytes received from the peer
         self._inbox: collections.deque[list] = collections.deque()  # [memoryview, flow-controlled len]
         self._held = 0  # flow-controlled bytes of the inbox, counted in the receive budget
+        self._sent_held = 0  # bytes of the outbox, counted in the send budget
+        self._budget_paused = False  # the send budget paused the writer (budget.waiting)
         self._remote_ended = False
         self._eof_delivered = False
         self._protocol: asyncio.BaseProtocol | None = None
@@ -114,8 +116,9 @@ class HboneStream(asyncio.Transport):
         return self._done
 
     async def drain(self) -> None:
-        """Wait until the queued writes are below the low-water mark."""
-        while self._outbox_bytes > self._low and not self._done:
+        """Wait until the queued writes are below the low-water mark (and the send budget
+        lets this stream write)."""
+        while (self._outbox_bytes > self._low or self._budget_paused) and not self._done:
             self._drain_waiter = self._session.loop.create_future()
             await self._drain_waiter
         if self._error is not None or self._write_error is not None:
@@ -146,8 +149,13 @@ class HboneStream(asyncio.Transport):
         data = bytes(data) if not isinstance(data, bytes) else data
         self._outbox.append(data)
         self._outbox_bytes += len(data)
+        budget = self._session.budget
+        self._sent_held = budget.send_add(self._sent_held, len(data))
         self._session.want_send(self)
-        if self._outbox_bytes > self._high and not self._writing_paused:
+        if not self._budget_paused and budget.send_full(self._sent_held):
+            self._budget_paused = True
+            budget.waiting.add(self)
+        if (self._outbox_bytes > self._high or self._budget_paused) and not self._writing_paused:
             self._writing_paused = True
             if self._protocol is not None:
                 self._protocol.pause_writing()
@@ -338,6 +346,7 @@ class HboneStream(asyncio.Transport):
                 self._outbox[0] = view[room:]
                 size += room
         self._outbox_bytes -= size
+        self._sent_held = self._session.budget.send_add(self._sent_held, -size)
         self.bytes_sent += size
         end = self._eof_wanted and not self._outbox and not self._end_sent
         return (parts[0] if len(parts) == 1 else b"".join(parts)), end
@@ -345,17 +354,18 @@ class HboneStream(asyncio.Transport):
     def _wants_send(self) -> bool:
         return not self._done and (bool(self._outbox) or (self._eof_wanted and not self._end_sent))
 
+    def _budget_released(self) -> None:
+        """All streams hold under half the send budget: write again once drained."""
+        self._session.budget.waiting.discard(self)
+        self._budget_paused = False
+        self._resume_writing()
+
     def _sent(self, end: bool) -> None:
-        if self._writing_paused and self._outbox_bytes <= self._low:
-            self._writing_paused = False
-            if self._protocol is not None:
-                try:
-                    self._protocol.resume_writing()
-                except Exception as exc:
-                    self._protocol_failed(exc)
-                    return
-        if self._drain_waiter is not None and self._outbox_bytes <= self._low:
-            self._wake_writer()
+        if self._budget_paused and self._session.budget.send_eased(self._sent_held):
+            self._session.budget.waiting.discard(self)
+            self._budget_paused = False
+        if not self._resume_writing():
+            return
         if end:
             self._end_sent = True
             if self._closing and not self._remote_ended:
@@ -363,6 +373,21 @@ class HboneStream(asyncio.Transport):
                 self._finish(None)
             else:
                 self._maybe_finish()
+
+    def _resume_writing(self) -> bool:
+        """The writer goes on once the outbox is down to its low-water mark and the send
+        budget does not hold it; False when its protocol failed (the stream ended)."""
+        if self._writing_paused and self._outbox_bytes <= self._low and not self._budget_paused:
+            self._writing_paused = False
+            if self._protocol is not None:
+                try:
+                    self._protocol.resume_writing()
+                except Exception as exc:
+                    self._protocol_failed(exc)
+                    return False
+        if self._drain_waiter is not None and self._outbox_bytes <= self._low and not self._budget_paused:
+            self._wake_writer()
+        return True
 
     # --- internals ------------------------------------------------------------------
 
@@ -418,6 +443,9 @@ class HboneStream(asyncio.Transport):
     def _drop_outbox(self) -> None:
         self._outbox.clear()
         self._outbox_bytes = 0
+        self._session.budget.waiting.discard(self)
+        self._budget_paused = False
+        self._sent_held = self._session.budget.send_add(self._sent_held, -self._sent_held)
 
     def _maybe_finish(self) -> None:
         if self._done or not self._end_sent or not self._remote_ended or self._inbox:

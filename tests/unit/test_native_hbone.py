@@ -780,7 +780,7 @@ class BudgetServer:
     """A server for the receive budget's tests, native or Python, whose app per stream is
     chosen by the authority's port: 9999 echoes, others wait for `go` (never, if None)
     and then read to the end, keeping what they read in `got[port]`. `stats()` is the
-    budget's view (native: the engine's counters; python: ReceiveBudget.describe())."""
+    budget's view (native: the engine's counters; python: StreamBudget.describe())."""
 
     def __init__(self, kind: str, pki, settings: TunnelSettings, go: asyncio.Event | None):
         self.kind, self.pki, self.settings, self.go = kind, pki, settings, go
@@ -978,32 +978,52 @@ def test_native_client_to_native_server(pki):
     run(main(), timeout=120)
 
 
-def test_send_budget_bounds_what_a_peer_that_does_not_read_leaves_in_the_engine(pki):
-    """32 streams whose apps each write 1 MiB to a client that stops reading once answered:
-    by stream_buffer alone the engine would keep 256 KiB of each (8 MiB); with a 2 MiB send
-    budget it reads the apps' sockets only up to each stream's share once half is held, so
-    all together stay near the budget (the rest waits in the kernel). When the client
-    reads again, every stream delivers its 1 MiB byte-identical and nothing waits."""
+@pytest.mark.parametrize("kind", ["native", "python"])
+def test_send_budget_bounds_what_a_peer_that_does_not_read_leaves_in_the_server(pki, kind):
+    """100 streams whose apps each write 256 KiB to a client that stops reading once
+    answered: by the per-stream buffers alone the server would keep most of it (native:
+    256 KiB a stream; python: what the writer's drain leaves, 64 + 16 KiB), 8 MiB and more;
+    with a 2 MiB send budget it stops taking the apps' bytes once half is held and a stream
+    has its share, so all together stay near the budget (native: never past it but for one
+    read; python: plus one 16 KiB write per stream). When the client reads again, every
+    stream delivers its bytes byte-identical and nothing waits."""
     import h2.config
     import h2.connection
     import h2.events
 
-    budget, streams, size = 2 * MIB, 32, MIB
-    settings = TunnelSettings(send_budget=budget)
-    payloads = {1 + 2 * i: os.urandom(size) for i in range(streams)}  # by HTTP/2 stream id
+    budget, streams, chunk = 2 * MIB, 100, 16 * 1024
+    settings = TunnelSettings(send_budget=budget, max_concurrent_streams=streams)
+    payloads = {1 + 2 * i: os.urandom(256 * 1024) for i in range(streams)}  # by HTTP/2 stream id
+    slack = 256 * 1024 if kind == "native" else streams * chunk
 
-    async def talker(sock, request):
+    async def native_talker(sock, request):
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(sock, payloads[int(request.authority.rsplit(":", 1)[1])])
         sock.shutdown(socket.SHUT_WR)
         while await loop.sock_recv(sock, 65536):
             pass
 
+    async def python_talker(info, reader, writer):
+        writer.respond(200)
+        data = payloads[info.authority[1]]
+        for off in range(0, len(data), chunk):
+            writer.write(data[off:off + chunk])
+            await writer.drain()
+        writer.write_eof()
+        await reader.read()
+
     async def main():
-        async with engine(settings) as eng, NativeServer(eng, pki, app=talker) as srv:
+        async with contextlib.AsyncExitStack() as stack:
+            if kind == "native":
+                eng = await stack.enter_async_context(engine(settings))
+                srv = await stack.enter_async_context(NativeServer(eng, pki, app=native_talker))
+                address, stats = srv.address, eng.stats
+            else:
+                lb = await stack.enter_async_context(Loopback(pki, python_talker, settings=settings))
+                address, stats = lb.address, lb.server.budget.describe
             ctx = pki.client.ssl_context(False)
             ctx.set_alpn_protocols(["h2"])
-            reader, writer = await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1")
+            reader, writer = await asyncio.open_connection(*address, ssl=ctx, server_hostname="127.0.0.1")
             conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
             conn.initiate_connection()
             for sid in payloads:
@@ -1024,22 +1044,24 @@ def test_send_budget_bounds_what_a_peer_that_does_not_read_leaves_in_the_engine(
                 writer.write(conn.data_to_send())
             while len(answered) < streams:
                 receive(await reader.read(65536))
-            # now read nothing: the apps' bytes pile up in the engine, up to the budget
+            # now read nothing: the apps' bytes pile up in the server, up to the budget
             last, still = None, 0
             while still < 20:
                 await asyncio.sleep(0.025)
-                held = eng.stats()["send_held"]
+                held = stats()["send_held"]
                 still, last = (still + 1 if held == last else 0), held
-            stats = eng.stats()
-            assert budget // 2 <= stats["send_held"] <= budget + 256 * 1024, stats
-            assert stats["streams_send_waiting"] >= 1, stats
+            now = stats()
+            assert budget // 2 <= now["send_held"] <= budget + slack, now
+            assert now["streams_send_waiting"] >= 1, now
+            for sid in payloads:
+                conn.end_stream(sid)
             while len(ended) < streams:
                 receive(await asyncio.wait_for(reader.read(1 << 20), 30))
             assert {sid: bytes(data) for sid, data in got.items()} == payloads
             writer.close()
-            stats = eng.stats()
-            assert stats["send_held_peak"] <= budget + 256 * 1024 and stats["streams_send_waiting"] == 0, stats
-            await until(lambda: eng.stats()["send_held"] == 0, what="nothing held")
+            now = stats()
+            assert now["send_held_peak"] <= budget + slack and now["streams_send_waiting"] == 0, now
+            await until(lambda: stats()["send_held"] == 0, what="nothing held")
     run(main(), timeout=120)
 
 

@@ -35,7 +35,7 @@ from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.policy import Connection
 from nodeagent.resets import reset
-from nodeagent.tunnel import HboneServer, HboneStream, ReceiveBudget, StreamInfo, TunnelMetrics, TunnelSettings, tls
+from nodeagent.tunnel import HboneServer, HboneStream, StreamBudget, StreamInfo, TunnelMetrics, TunnelSettings, tls
 
 T = TypeVar("T")
 
@@ -43,7 +43,7 @@ T = TypeVar("T")
 class TunnelInbound:
     def __init__(self, inputs: ProxyInputs, delivery: Delivery, tunnel_metrics: TunnelMetrics, log: logging.Logger,
                  *, settings: TunnelSettings = TunnelSettings(), engines: HboneEngines | None = None,
-                 budget: ReceiveBudget | None = None):
+                 budget: StreamBudget | None = None):
         self.inputs = inputs
         self.delivery = delivery
         self.metrics = inputs.metrics

@@ -27,7 +27,7 @@ from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.identity.spiffe import Identity
 from nodeagent.native.hbone import NativeStream
-from nodeagent.tunnel import HbonePool, HboneStream, ReceiveBudget, TunnelMetrics, TunnelSettings, tls
+from nodeagent.tunnel import HbonePool, HboneStream, StreamBudget, TunnelMetrics, TunnelSettings, tls
 
 
 class HboneRoute:
@@ -35,7 +35,7 @@ class HboneRoute:
 
     def __init__(self, identities: WorkloadIdentities, metrics: TunnelMetrics, log: logging.Logger, *,
                  mark: int, port: int, settings: TunnelSettings = TunnelSettings(),
-                 engines: HboneEngines | None = None, budget: ReceiveBudget | None = None):
+                 engines: HboneEngines | None = None, budget: StreamBudget | None = None):
         self.identities = identities
         self.engines = engines  # None or python: tunnel/'s HbonePool
         self.metrics = metrics
@@ -43,7 +43,7 @@ class HboneRoute:
         self.mark = mark
         self.port = port
         self.settings = settings
-        self.budget = budget or ReceiveBudget(settings)  # shared by every pod's pool (and the agent's server)
+        self.budget = budget or StreamBudget(settings)  # shared by every pod's pool (and the agent's server)
         self.verify = tls.verifier(identities.trust_domain)
         self.pools: dict[PodContext, HbonePool | NativePool] = {}
 
