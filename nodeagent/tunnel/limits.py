@@ -12,9 +12,9 @@ counted in `nodeagent_hbone_limit_hits_total` and logged once per connection.
 
 `HandshakeBudget` is the accept budget: a connection counts as pending from accept until
 its TLS handshake is done or has failed, and as open from accept until it closes; one
-over `max_pending_handshakes` (all pods together), `max_pending_handshakes_per_source`
-or `max_connections_per_source` (from its client IP) is refused before any TLS state
-exists. Each refusal is counted; they are logged once per LOG_INTERVAL with how many
+over `max_pending_handshakes` (all pods together), `max_pending_handshakes_per_source`,
+`max_connections_per_source` (from its client IP) or `max_inbound_connections` (all
+sources) is refused before any TLS state exists. Each refusal is counted; they are logged once per LOG_INTERVAL with how many
 there were, since a flood makes thousands.
 """
 
@@ -32,6 +32,7 @@ STREAM_RESETS = "stream_resets"
 PENDING_HANDSHAKES = "max_pending_handshakes"
 PENDING_PER_SOURCE = "max_pending_handshakes_per_source"
 OPEN_PER_SOURCE = "max_connections_per_source"
+OPEN_TOTAL = "max_inbound_connections"
 LOG_INTERVAL = 10.0  # seconds between two log lines about refused connections
 
 
@@ -90,6 +91,7 @@ class HandshakeBudget:
         self.pending = 0
         self._by_source: dict[str, int] = {}  # client IP -> its pending handshakes (no entry at 0)
         self._open: dict[str, int] = {}  # client IP -> its connections accepted and not closed (no entry at 0)
+        self.open = 0  # connections accepted and not closed, all sources
         self._unlogged: dict[str, int] = {}  # limit -> refusals not yet logged
         self._logged_at: dict[str, float] = {}  # limit -> when it was last logged
 
@@ -98,6 +100,9 @@ class HandshakeBudget:
         the source or the server is at its limit: the caller resets the connection."""
         if self._open.get(source, 0) >= self.settings.max_connections_per_source:
             self._refused(OPEN_PER_SOURCE, source)
+            return False
+        if self.open >= self.settings.max_inbound_connections:
+            self._refused(OPEN_TOTAL, source)
             return False
         mine = self._by_source.get(source, 0)
         if mine >= self.settings.max_pending_handshakes_per_source:
@@ -108,6 +113,7 @@ class HandshakeBudget:
             return False
         self._by_source[source] = mine + 1
         self._open[source] = self._open.get(source, 0) + 1
+        self.open += 1
         self.pending += 1
         self.metrics.pending_handshakes.labels(direction=self.direction).inc()
         return True
@@ -125,6 +131,7 @@ class HandshakeBudget:
         left = self._open.pop(source) - 1
         if left:
             self._open[source] = left
+        self.open -= 1
 
     def open_from(self, source: str) -> int:
         return self._open.get(source, 0)
@@ -138,6 +145,13 @@ class HandshakeBudget:
             return
         self._logged_at[limit] = now
         refused, self._unlogged[limit] = self._unlogged[limit], 0
+        if limit == OPEN_TOTAL:
+            self.log.warning("HBONE: %d connection(s) reset at accept since the last report: %d are open, at most "
+                             "%d (max_inbound_connections: the native engine's slots less those kept for the "
+                             "agent's own outbound connections); the last from %s, which has %d. Reported at most "
+                             "every %g s", refused, self.open, self.settings.max_inbound_connections, source,
+                             self._open.get(source, 0), LOG_INTERVAL)
+            return
         if limit == OPEN_PER_SOURCE:
             self.log.warning("HBONE: %d connection(s) from %s reset at accept since the last report: it has %d "
                              "open (at most %d per source; a mesh client needs one per destination pod, and "

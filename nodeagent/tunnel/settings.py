@@ -39,7 +39,10 @@ a peer with one stolen certificate opening thousands would exhaust the agent's m
 its slots. `max_connections_per_source` (512) bounds what one client IP keeps open: a
 mesh client's pool opens one connection per destination pod (a node runs at most 110),
 plus one per 100 streams beyond, so 512 is far above what one pod needs; over it the
-connection is reset at accept.
+connection is reset at accept. And `max_inbound_connections` (12288) bounds them from all
+sources together: the native engine has 16384 slots (nodeagent/native/hbone.py), so 4096
+stay for the agent's own outbound connections, which many sources together could
+otherwise take.
 
 The windows bound what one connection can make the agent hold for an app that does not
 read (a stream window per stream, a connection window per connection), not what many
@@ -81,6 +84,7 @@ class TunnelSettings:
     max_pending_handshakes: int = 1024  # server: connections accepted, TLS not done, all listeners together
     max_pending_handshakes_per_source: int = 128  # server: the same from one client IP
     max_connections_per_source: int = 512  # server: connections open from one client IP (see below)
+    max_inbound_connections: int = 12288  # server: connections open from all sources (see below)
     open_timeout: float = 10.0  # CONNECT sent -> response headers
     max_concurrent_streams: int = 200  # server: streams one connection may have served at once
     max_stream_resets: int = 200  # server: client resets allowed within stream_reset_window...
@@ -100,6 +104,10 @@ class TunnelSettings:
         if not H2_MIN_FRAME <= self.max_frame_size <= H2_MAX_FRAME:
             raise ConfigError("tunnel.max_frame_size", f"HTTP/2 allows {H2_MIN_FRAME}..{H2_MAX_FRAME}, "
                               f"got {self.max_frame_size}")
+        if self.max_connections_per_source > self.max_inbound_connections:
+            raise ConfigError("tunnel.max_connections_per_source",
+                              f"{self.max_connections_per_source} is more than max_inbound_connections "
+                              f"({self.max_inbound_connections}), the budget of all sources together")
         if self.max_pending_handshakes_per_source > self.max_connections_per_source:
             raise ConfigError("tunnel.max_pending_handshakes_per_source",
                               f"{self.max_pending_handshakes_per_source} is more than max_connections_per_source "

@@ -278,3 +278,44 @@ def test_bad_limits_fail_naming_the_setting(fields, where):
     with pytest.raises(ConfigError) as err:
         TunnelSettings(**fields)
     assert err.value.where == where
+
+
+def test_connections_kept_open_are_bounded_per_source_and_in_all(pki):
+    """Connections through TLS count until they close: 2 kept open from one source are its
+    max_connections_per_source (a third from it is reset), 1 more from another makes
+    max_inbound_connections (3), so a fourth source is reset too, each counted once; when
+    one closes, the fourth source gets in."""
+    settings = TunnelSettings(max_inbound_connections=3, max_connections_per_source=2,
+                              max_pending_handshakes_per_source=2)
+
+    async def main():
+        async with Loopback(pki, settings=settings) as lb:
+            a1, a2, a3, b, c = (pool_from(lb, ip) for ip in
+                                ("127.0.0.2", "127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.4"))
+            try:
+                for pool in (a1, a2):
+                    await valid_round_trip(lb, pool)
+                assert lb.server.handshakes.open_from("127.0.0.2") == 2
+                with pytest.raises(HandshakeFailed):
+                    await valid_round_trip(lb, a3)
+                assert lb.value(LIMIT_HITS, direction="inbound", limit="max_connections_per_source") == 1
+                await valid_round_trip(lb, b)
+                with pytest.raises(HandshakeFailed):
+                    await valid_round_trip(lb, c)
+                assert lb.value(LIMIT_HITS, direction="inbound", limit="max_inbound_connections") == 1
+                assert lb.server.handshakes.open == 3 and len(lb.server.sessions) == 3
+                await a1.close()
+                await until(lambda: lb.server.handshakes.open == 2, what="the closed connection to leave the budget")
+                await valid_round_trip(lb, c)
+                assert lb.server.handshakes.open == 3
+            finally:
+                for pool in (a1, a2, a3, b, c):
+                    await pool.close()
+    run(main(), timeout=60)
+
+
+def test_the_open_connection_limits_must_nest():
+    with pytest.raises(ConfigError, match="max_connections_per_source"):
+        TunnelSettings(max_inbound_connections=10, max_connections_per_source=20)
+    with pytest.raises(ConfigError, match="max_pending_handshakes_per_source"):
+        TunnelSettings(max_connections_per_source=10, max_pending_handshakes_per_source=20)
