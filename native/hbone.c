@@ -144,6 +144,12 @@ struct nh_tls {
     SSL_CTX *ctx;
 };
 
+/* One budget's count: what all streams hold, and how many hold any. */
+struct tally {
+    uint64_t held, peak;
+    uint32_t holding;
+};
+
 struct nh_engine {
     struct nh_config cfg;
     int ep, wake, notify;
@@ -166,10 +172,8 @@ struct nh_engine {
     uint64_t next_tick;            /* ms; 0: no periodic work configured */
     uint32_t tick_ms;
     uint64_t held;
-    uint64_t down_held;            /* received DATA all streams hold (the receive budget's) */
-    uint32_t holding;              /* streams holding any */
-    uint64_t up_held;              /* bytes read from the streams' sockets, not yet framed (the send budget's) */
-    uint32_t up_holding;           /* streams holding any */
+    struct tally received;         /* received DATA the streams hold (the receive budget's) */
+    struct tally sent;             /* bytes read from the streams' sockets, not yet framed (the send budget's) */
     struct stream *budget_waiting; /* streams the send budget stopped reading (send_room 0) */
     struct nh_stats st;            /* counters: atomics */
 };
@@ -255,6 +259,18 @@ static void stream_peak(struct stream *s)
 
 /* --- the receive budget (hbone.h, Back-pressure) ------------------------------------ */
 
+/* `delta` bytes more (or fewer) held by a stream holding `*mine`. */
+static void tally_add(struct tally *t, uint64_t *mine, int64_t delta)
+{
+    bool was = *mine != 0;
+    *mine += delta;
+    t->held += delta;
+    if (was != (*mine != 0))
+        t->holding += was ? -1 : 1;
+    if (t->held > t->peak)
+        t->peak = t->held;
+}
+
 /* `delta` bytes of received DATA more (or fewer) held by `s`. */
 static void received_add(struct stream *s, int64_t delta)
 {
@@ -262,14 +278,9 @@ static void received_add(struct stream *s, int64_t delta)
     if (delta == 0)
         return;
     held_add(e, delta);
-    bool was = s->down_held != 0;
-    s->down_held += delta;
-    e->down_held += delta;
-    if (was != (s->down_held != 0))
-        e->holding += was ? -1 : 1;
-    ST_SET(e, received_held, e->down_held);
-    if (e->down_held > e->st.received_held_peak)
-        ST_SET(e, received_held_peak, e->down_held);
+    tally_add(&e->received, &s->down_held, delta);
+    ST_SET(e, received_held, e->received.held);
+    ST_SET(e, received_held_peak, e->received.peak);
 }
 
 /* Whether `len` more bytes for `s` are over the budget: the streams would hold half of it,
@@ -280,9 +291,9 @@ static bool over_budget(const struct stream *s, size_t len)
 {
     const struct nh_engine *e = s->conn->e;
     uint64_t half = e->cfg.receive_budget / 2;
-    uint64_t holding = e->holding + (s->down_held == 0);
-    return half && e->down_held + len >= half
-           && ((s->down_held + len) * holding >= half || e->down_held + len > e->cfg.receive_budget);
+    uint64_t holding = e->received.holding + (s->down_held == 0);
+    return half && e->received.held + len >= half
+           && ((s->down_held + len) * holding >= half || e->received.held + len > e->cfg.receive_budget);
 }
 
 /* The send budget: what streams read from their sockets and have not framed yet waits for
@@ -297,10 +308,10 @@ static size_t send_room(const struct stream *s)
 {
     const struct nh_engine *e = s->conn->e;
     uint64_t half = e->cfg.send_budget / 2;
-    if (!half || e->up_held < half)
+    if (!half || e->sent.held < half)
         return SIZE_MAX;
-    uint64_t share = half / (e->up_holding + (s->up_held == 0));
-    uint64_t left = e->up_held < e->cfg.send_budget ? e->cfg.send_budget - e->up_held : 0;
+    uint64_t share = half / (e->sent.holding + (s->up_held == 0));
+    uint64_t left = e->sent.held < e->cfg.send_budget ? e->cfg.send_budget - e->sent.held : 0;
     return s->up_held >= share ? 0 : (size_t)MIN(share - s->up_held, left);  /* never past the budget */
 }
 
@@ -338,15 +349,10 @@ static void sent_add(struct stream *s, int64_t delta)
     struct nh_engine *e = s->conn->e;
     if (delta == 0)
         return;
-    bool was = s->up_held != 0;
-    s->up_held += delta;
-    e->up_held += delta;
-    if (was != (s->up_held != 0))
-        e->up_holding += was ? -1 : 1;
-    ST_SET(e, send_held, e->up_held);
-    if (e->up_held > e->st.send_held_peak)
-        ST_SET(e, send_held_peak, e->up_held);
-    if (delta < 0 && e->budget_waiting && e->up_held < e->cfg.send_budget / 2)
+    tally_add(&e->sent, &s->up_held, delta);
+    ST_SET(e, send_held, e->sent.held);
+    ST_SET(e, send_held_peak, e->sent.peak);
+    if (delta < 0 && e->budget_waiting && e->sent.held < e->cfg.send_budget / 2)
         while (e->budget_waiting) {
             struct stream *w = e->budget_waiting;
             budget_wait(w, false);

@@ -576,6 +576,26 @@ def test_native_server_answers_rapid_reset_with_goaway_enhance_your_calm(pki):
     run(main())
 
 
+async def raw_h2(pki, address):
+    """A TLS connection offering h2 with the client's certificate, for speaking raw HTTP/2."""
+    ctx = pki.client.ssl_context(False)
+    ctx.set_alpn_protocols(["h2"])
+    return await asyncio.open_connection(*address, ssl=ctx, server_hostname="127.0.0.1")
+
+
+async def serves_another_client(pki, eng=None, srv=None, lb=None) -> None:
+    """After an attack, the server (the native engine's `srv`, or the Python `lb`) still
+    serves a well-behaved client."""
+    if lb is not None:
+        s, _ = await lb.pool.open_stream(pki.client.identity.uri, pki.server.identity.uri, lb.address, AUTHORITY)
+        await round_trip(s, b"after")
+        return
+    conn = await native_client(eng, pki, srv.address)
+    app, theirs = pair()
+    stream = conn.open(theirs, AUTH)
+    assert await stream.response == 200 and await exchange(app, b"after") == b"after"
+
+
 @pytest.mark.parametrize("kind", ["native", "python"])
 def test_a_continuation_flood_ends_the_connection(pki, kind):
     """HEADERS without END_HEADERS, then CONTINUATION frames of 16 KiB that never end the
@@ -605,25 +625,17 @@ def test_a_continuation_flood_ends_the_connection(pki, kind):
         return sent, client.goaway.error_code if client.goaway else None
 
     async def main():
-        ctx = pki.client.ssl_context(False)
-        ctx.set_alpn_protocols(["h2"])
         if kind == "native":
             async with engine() as eng, NativeServer(eng, pki) as srv:
-                sent, code = await flood(*await asyncio.open_connection(*srv.address, ssl=ctx,
-                                                                         server_hostname="127.0.0.1"))
+                sent, code = await flood(*await raw_h2(pki, srv.address))
                 assert (await srv.conns[0].closed).how == "protocol_error"
-                conn = await native_client(eng, pki, srv.address)
-                app, theirs = pair()
-                stream = conn.open(theirs, AUTH)
-                assert await stream.response == 200 and await exchange(app, b"after") == b"after"
+                await serves_another_client(pki, eng, srv)
         else:
             async with Loopback(pki) as lb:
-                sent, code = await flood(*await lb.raw_tls())
+                sent, code = await flood(*await raw_h2(pki, lb.address))
                 await until(lambda: lb.value("nodeagent_hbone_connection_errors_total", direction="inbound",
                                              reason="protocol_error") == 1, what="the connection error counted")
-                s, _ = await lb.pool.open_stream(pki.client.identity.uri, pki.server.identity.uri, lb.address,
-                                                 AUTHORITY)
-                await round_trip(s, b"after")
+                await serves_another_client(pki, lb=lb)
         # PROTOCOL, COMPRESSION, ENHANCE_YOUR_CALM; or none: the server closed with our frames
         # unread, so its kernel sent RST, and an RST can beat the GOAWAY to our reader
         assert sent < 4096 and code in (None, 1, 9, 11), (sent, code)
@@ -655,25 +667,18 @@ def test_a_ping_flood_from_a_peer_that_does_not_read_ends_the_connection(pki, ki
         return sent
 
     async def main():
-        ctx = pki.client.ssl_context(False)
-        ctx.set_alpn_protocols(["h2"])
         if kind == "native":
             async with engine() as eng, NativeServer(eng, pki) as srv:
-                sent = await flood(*await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1"))
+                sent = await flood(*await raw_h2(pki, srv.address))
                 end = await srv.conns[0].closed
                 assert error_label(end) == "output_flood", end
-                conn = await native_client(eng, pki, srv.address)
-                app, theirs = pair()
-                stream = conn.open(theirs, AUTH)
-                assert await stream.response == 200 and await exchange(app, b"after") == b"after"
+                await serves_another_client(pki, eng, srv)
         else:
             async with Loopback(pki) as lb:
-                sent = await flood(*await lb.raw_tls())
+                sent = await flood(*await raw_h2(pki, lb.address))
                 await until(lambda: lb.value("nodeagent_hbone_connection_errors_total", direction="inbound",
                                              reason="output_flood") == 1, what="the flood to be counted")
-                s, _ = await lb.pool.open_stream(pki.client.identity.uri, pki.server.identity.uri, lb.address,
-                                                 AUTHORITY)
-                await round_trip(s, b"after")
+                await serves_another_client(pki, lb=lb)
         assert sent < 4 * 1024 * 1024, sent
     run(main())
 
