@@ -165,9 +165,10 @@ while True:
             while chunk := s.recv(65536):  # to the end: closing with unread bytes would reset
                 answer += chunk
             ok = answer.startswith(b"HTTP/1.1 200")
-    except OSError:
-        ok = False
-    print(f"{started:.3f} {int(ok)}", flush=True)
+            why = "-" if ok else (answer.split(b"\\r\\n", 1)[0].decode(errors="replace") or "no answer")
+    except OSError as exc:
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    print(f"{started:.3f} {int(ok)} {time.time() - started:.3f}s {why}", flush=True)
     time.sleep(0.01)
 """
 
@@ -179,14 +180,17 @@ class Pinger:
     def __init__(self, lab: Lab, path: str = "/"):
         self.proc = lab.spawn("shop/client", sys.executable, "-c", PINGER, path)
         self.results: list[tuple[float, bool]] = []
+        self.failures: list[str] = []  # how each failed request failed (its start, time taken, why)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         poll(lambda: len(self.results) >= 5, "the pinger's first requests", 60)
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            started, ok = line.split()
+            started, ok, took, why = line.rstrip("\n").split(" ", 3)
             self.results.append((float(started), ok == "1"))
+            if ok != "1":
+                self.failures.append(f"{started} after {took}: {why}")
 
     def since(self, moment: float) -> list[tuple[float, bool]]:
         return [r for r in self.results if r[0] >= moment]
@@ -366,8 +370,11 @@ def roll(lab: Lab, value: str, tmp_path) -> None:
         pcap = capture.stop()
     results = pinger.since(started)
     failed = [round(t - started, 3) for t, ok in results if not ok]
-    print_agent_logs(lab, [f"{SYSTEM}_{name}_agent.log" for name in seen if name not in new_names(new)],
-                     everything=bool(failed))
+    # the old agents' hand-over; after a failure, everything the old and the new agents said
+    print_agent_logs(lab, [f"{SYSTEM}_{name}_agent.log" for name in seen
+                           if failed or name not in new_names(new)], everything=bool(failed))
+    for failure in pinger.failures:
+        print(f"  failed request {failure}")
     print(f"rollout ROLLED={value}: {done - started:.1f}s to both old agents gone; {len(results)} requests, "
           f"{len(failed)} failed {failed[:10]}")
     assert failed == [] and len(results) > 100, (len(results), failed)
@@ -392,7 +399,7 @@ def new_names(pods: dict) -> set[str]:
 
 
 def print_agent_logs(lab: Lab, files: list[str], everything: bool) -> None:
-    """The old agents' hand-over (how long their drain took), or, after a failure, all
+    """The agents' hand-over (how long the old ones' drain took), or, after a failure, all
     they logged above debug."""
     logs = Layout(lab.name, cgroup_root="").logs_dir
     for name in sorted(files):
