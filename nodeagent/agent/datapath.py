@@ -181,7 +181,7 @@ class DataPath:
         """The engines (splice.Splicer for socket pairs, HboneEngines for HBONE) and the
         same-node fast path; the summary line says all three."""
         data_path, hbone = self.splicer.describe(), self.hbone_engines.describe()
-        hbone["receive"] = self.hbone_engines.receive() or self.stream_budget.describe()
+        hbone["receive"] = self.hbone_engines.budgets(hbone["native"]) or self.stream_budget.describe()
         relays = engines_summary(data_path["summary"], hbone)
         if self.same_node is None:
             same_node, line = {"enabled": False}, "off (same_node_fast_path=false: HBONE)"

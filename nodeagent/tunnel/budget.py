@@ -30,27 +30,12 @@ class Waiting(Protocol):
     def _budget_released(self) -> None: ...
 
 
-class StreamBudget:
-    def __init__(self, settings: TunnelSettings = TunnelSettings()):
-        self.limit = settings.receive_budget
-        self.held = 0  # received DATA in every stream's inbox
-        self.peak = 0
-        self.holding = 0  # streams holding any
-        self.overloaded = 0  # streams reset for it
-        self.send_limit = settings.send_budget
-        self.sent_held = 0  # bytes in every stream's outbox
-        self.sent_peak = 0
-        self.sending = 0  # streams with any in their outbox
-        self.waiting: set[Waiting] = set()  # streams whose writer the send budget paused
+class Tally:
+    """One budget's count (native/hbone.c's struct tally): what all streams hold, the most
+    ever, and how many hold any."""
 
-    # --- received ---------------------------------------------------------------------
-    def over(self, stream_held: int, n: int) -> bool:
-        """Whether `n` more bytes for a stream holding `stream_held` are over the budget: its
-        share of the half-used budget, or more than the whole (shares taken while fewer
-        streams held were larger: alone they let the sum grow with the log of the count)."""
-        half = self.limit // 2
-        holding = self.holding + (stream_held == 0)
-        return self.held + n >= half and ((stream_held + n) * holding >= half or self.held + n > self.limit)
+    def __init__(self) -> None:
+        self.held = self.peak = self.holding = 0
 
     def add(self, stream_held: int, n: int) -> int:
         """`n` bytes more (or fewer) held by a stream holding `stream_held`; its new holding."""
@@ -61,34 +46,54 @@ class StreamBudget:
             self.holding += 1 if stream_held == 0 else -1
         return now
 
+
+class StreamBudget:
+    def __init__(self, settings: TunnelSettings = TunnelSettings()):
+        self.limit = settings.receive_budget
+        self.received = Tally()  # DATA in every stream's inbox
+        self.overloaded = 0  # streams reset for it
+        self.send_limit = settings.send_budget
+        self.sent = Tally()  # bytes in every stream's outbox
+        self.waiting: set[Waiting] = set()  # streams whose writer the send budget paused
+
+    # --- received ---------------------------------------------------------------------
+    def over(self, stream_held: int, n: int) -> bool:
+        """Whether `n` more bytes for a stream holding `stream_held` are over the budget: its
+        share of the half-used budget, or more than the whole (shares taken while fewer
+        streams held were larger: alone they let the sum grow with the log of the count)."""
+        half, held = self.limit // 2, self.received.held
+        holding = self.received.holding + (stream_held == 0)
+        return held + n >= half and ((stream_held + n) * holding >= half or held + n > self.limit)
+
+    def add(self, stream_held: int, n: int) -> int:
+        """`n` bytes more (or fewer) received by a stream holding `stream_held`; its new holding."""
+        return self.received.add(stream_held, n)
+
     # --- sent -------------------------------------------------------------------------
     def send_full(self, stream_held: int) -> bool:
         """Whether a stream whose outbox holds `stream_held` is to pause its writer."""
         half = self.send_limit // 2
-        if self.sent_held < half or not stream_held:
+        if self.sent.held < half or not stream_held:
             return False
-        return stream_held * self.sending >= half or self.sent_held > self.send_limit
+        return stream_held * self.sent.holding >= half or self.sent.held > self.send_limit
 
     def send_eased(self, stream_held: int) -> bool:
         """Whether a stream the send budget paused may write again: under half its share,
         or all together under half the budget."""
         half = self.send_limit // 2
-        return self.sent_held < half or stream_held * self.sending * 2 < half
+        return self.sent.held < half or stream_held * self.sent.holding * 2 < half
 
     def send_add(self, stream_held: int, n: int) -> int:
         """`n` bytes more (or fewer) in an outbox holding `stream_held`; its new holding.
         Fewer, once all hold under half: the waiting streams are told."""
-        now = stream_held + n
-        self.sent_held += n
-        self.sent_peak = max(self.sent_peak, self.sent_held)
-        if (stream_held == 0) != (now == 0):
-            self.sending += 1 if stream_held == 0 else -1
-        if n < 0 and self.waiting and self.sent_held < self.send_limit // 2:
+        now = self.sent.add(stream_held, n)
+        if n < 0 and self.waiting and self.sent.held < self.send_limit // 2:
             for stream in list(self.waiting):
                 stream._budget_released()
         return now
 
     def describe(self) -> dict:
-        return {"received_held": self.held, "received_held_peak": self.peak, "receive_budget": self.limit,
-                "streams_overloaded": self.overloaded, "send_held": self.sent_held, "send_held_peak": self.sent_peak,
+        return {"received_held": self.received.held, "received_held_peak": self.received.peak,
+                "receive_budget": self.limit, "streams_overloaded": self.overloaded,
+                "send_held": self.sent.held, "send_held_peak": self.sent.peak,
                 "send_budget": self.send_limit, "streams_send_waiting": len(self.waiting)}

@@ -93,11 +93,11 @@ class HboneEngines:
                 "tls_library": self.tls_library if self.native else None,
                 "native": self.engine.stats() if self.engine is not None else None}
 
-    def receive(self) -> dict | None:
-        """The native engine's receive budget, as ReceiveBudget.describe() says the Python path's."""
-        if self.engine is None:
+    def budgets(self, stats: dict | None) -> dict | None:
+        """The native engine's budgets from its `stats` (describe()'s "native"), as
+        StreamBudget.describe() says the Python path's."""
+        if stats is None:
             return None
-        stats = self.engine.stats()
         return {"received_held": stats["received_held"], "received_held_peak": stats["received_held_peak"],
                 "receive_budget": self.settings.receive_budget, "streams_overloaded": stats["streams_overloaded"],
                 "send_held": stats["send_held"], "send_held_peak": stats["send_held_peak"],
