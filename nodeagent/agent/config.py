@@ -80,6 +80,7 @@ class AgentConfig:
     same_node_sockmap: bool  # ... joined in the kernel (bpf/samenode.c) when it loads, else by the engine
     compile_timeout: float  # seconds a compile process of the eBPF programs may take before it is killed
     hbone_handshake_timeout: float  # seconds from accept on a pod's tunnel port to TLS done (the server's side)
+    memory_limit_mib: int | None  # the container's memory limit: near it, no new inbound HBONE connections
 
     @property
     def admin_port(self) -> int:
@@ -188,6 +189,15 @@ def parse_flow_log_size(raw: str) -> int:
     if not 1 <= size <= 1 << 20:
         raise ValueError("must be from 1 to 1048576 (MiB)")
     return size
+
+
+def parse_memory_limit(raw: str) -> int | None:
+    if raw.strip().lower() in OFF:
+        return None
+    mib = parse_int(raw)
+    if not 64 <= mib <= 1 << 20:
+        raise ValueError("must be from 64 to 1048576 (MiB), or off")
+    return mib
 
 
 def parse_flow_log(raw: str) -> str | Path:
@@ -324,6 +334,12 @@ SETTINGS: tuple[Setting, ...] = (
             "until then it holds one of max_pending_handshakes (1024, all pods) and of "
             "max_pending_handshakes_per_source (128, one client IP). A handshake is milliseconds in a cluster; "
             "raise it only where the agent itself runs slowly (software emulation)", "SECONDS"),
+    Setting("memory_limit_mib", parse_memory_limit, "off",
+            "the memory limit of the agent's container in MiB (the DaemonSet passes limits.memory through the "
+            "downward API): while the agent and its waypoint Envoy hold 90 % of it, new inbound HBONE "
+            "connections are reset at accept (hbone_limit_hits_total{limit=memory_limit}) until they hold less "
+            "than 85 %, so a flood of connections cannot get the agent killed with every connection of the "
+            "node; off: no such limit", "MIB|off"),
 )
 
 

@@ -51,6 +51,7 @@ from nodeagent.agent.proxy.tunnel_inbound import TunnelInbound
 from nodeagent.agent.proxy.tunnel_outbound import HboneRoute
 from nodeagent.agent.waypoint.waypoint import Waypoint
 from nodeagent.errors import ConfigError
+from nodeagent.memory import MemoryGuard
 from nodeagent.identity.workload.client import CaClient
 from nodeagent.kube.client import TokenFile
 from nodeagent.clock import SystemClock
@@ -109,8 +110,9 @@ class DataPath:
                                       passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone,
                                       same_node=self.same_node)
         self.inbound = InboundRelay(inputs, log.getChild("inbound"), delivery=delivery)
+        self.memory = MemoryGuard(c.memory_limit_mib, log.getChild("memory"))
         self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"), settings=tunnel,
-                                    engines=self.hbone_engines, budget=self.stream_budget)
+                                    engines=self.hbone_engines, budget=self.stream_budget, memory=self.memory)
         self._releases: set[asyncio.Task] = set()
         self._kernel_start: asyncio.Task | None = None
 
@@ -174,6 +176,7 @@ class DataPath:
                 "tunnel": {"pooled_connections": self.hbone.connections(),
                            "inbound_connections": self.tunnel.connections()},
                 "delivered_connections": len(self.connections), "data_path": self._data_path(),
+                "memory": self.memory.describe(),
                 "waypoint": {**self.waypoint.describe(), "jwks": self.jwks.describe()}
                 if self.waypoint is not None else None}
 

@@ -154,8 +154,24 @@ def _mesh_sections(status: dict[str, Any], now: float) -> list[str]:
     return [_section("WORKLOAD CERTIFICATES", certs), "", _section("POLICIES IN FORCE", policies), "",
             _section("POLICY ERRORS", "\n".join(f"  {e}" for e in policy.get("errors", []))), "",
             f"HBONE: {tunnel.get('pooled_connections', 0)} pooled outbound connections, "
-            f"{tunnel.get('inbound_connections', 0)} inbound", "", *_data_path_lines(status.get("data_path")),
+            f"{tunnel.get('inbound_connections', 0)} inbound", *_memory_line(status.get("memory")), "",
+            *_data_path_lines(status.get("data_path")),
             *_waypoint_sections(status.get("waypoint"), policy.get("kinds") or {})]
+
+
+def _memory_line(memory: dict[str, Any] | None) -> list[str]:
+    """What the agent and its waypoint hold, against the container's limit (nodeagent/memory.py)."""
+    if not memory or memory.get("usage_bytes") is None:
+        return []
+    usage, limit, peak = memory["usage_bytes"] >> 20, memory["limit_bytes"], memory["peak_bytes"] >> 20
+    if limit is None:
+        return [f"MEMORY: agent and waypoint {usage} MiB resident (peak {peak}); no limit (memory_limit_mib=off)"]
+    share = f"{usage} MiB of the {limit >> 20} MiB limit ({100 * memory['usage_bytes'] / limit:.0f} %, peak {peak})"
+    if memory["overloaded"]:
+        return [f"MEMORY: OVERLOADED, {share}: new inbound HBONE connections are reset at accept until under "
+                f"{memory['recover_at'] * 100:.0f} %"]
+    return [f"MEMORY: {share}; new inbound HBONE connections are refused from {memory['overload_at'] * 100:.0f} %"
+            f" ({memory['overload_episodes']} times so far)"]
 
 
 def _data_path_lines(data_path: dict[str, Any] | None) -> list[str]:

@@ -36,6 +36,7 @@ from nodeagent.tunnel.authority import Address, parse_authority
 from nodeagent.tunnel.budget import StreamBudget
 from nodeagent.tunnel.errors import TunnelError
 from nodeagent.tunnel.h2conn import latin1_headers
+from nodeagent.memory import MemoryGuard
 from nodeagent.tunnel.limits import HandshakeBudget
 from nodeagent.tunnel.metrics import TunnelMetrics
 from nodeagent.tunnel.session import Session
@@ -65,7 +66,8 @@ class HboneServer:
     def __init__(self, ssl_context_for: Callable[[str], ssl.SSLContext], verify_peer: Callable[[bytes], str],
                  on_stream: OnStream, *, metrics: TunnelMetrics, log: logging.Logger,
                  settings: TunnelSettings = TunnelSettings(), idle_timeout: float = 600.0,
-                 clock: Callable[[], float] | None = None, budget: StreamBudget | None = None):
+                 clock: Callable[[], float] | None = None, budget: StreamBudget | None = None,
+                 memory: MemoryGuard | None = None):
         self.ssl_context_for = ssl_context_for
         self.verify_peer = verify_peer
         self.on_stream = on_stream
@@ -75,7 +77,7 @@ class HboneServer:
         self.budget = budget or StreamBudget(settings)  # the agent shares one with its pools
         self.idle_timeout = check_positive("tunnel.server_idle_timeout", idle_timeout)
         self.clock = clock  # for the reset window (the loop's clock when None) and refusal logs
-        self.handshakes = HandshakeBudget(settings, metrics, log, DIRECTION, clock or time.monotonic)
+        self.handshakes = HandshakeBudget(settings, metrics, log, DIRECTION, clock or time.monotonic, memory)
         self.sessions: set[Session] = set()
         self._tasks: set[asyncio.Task] = set()  # connections and stream handlers
         self._acceptors: set[asyncio.Task] = set()  # serve_socket loops

@@ -14,7 +14,8 @@ counted in `nodeagent_hbone_limit_hits_total` and logged once per connection.
 its TLS handshake is done or has failed, and as open from accept until it closes; one
 over `max_pending_handshakes` (all pods together), `max_pending_handshakes_per_source`,
 `max_connections_per_source` (from its client IP) or `max_inbound_connections` (all
-sources) is refused before any TLS state exists. Each refusal is counted; they are logged once per LOG_INTERVAL with how many
+sources) is refused before any TLS state exists, and so is every connection while the
+agent is over its memory limit's overload mark (nodeagent/memory.py, `memory_limit`). Each refusal is counted; they are logged once per LOG_INTERVAL with how many
 there were, since a flood makes thousands.
 """
 
@@ -24,6 +25,7 @@ import collections
 import logging
 from typing import Callable
 
+from nodeagent.memory import MIB, MemoryGuard
 from nodeagent.tunnel.metrics import TunnelMetrics
 from nodeagent.tunnel.settings import TunnelSettings
 
@@ -33,6 +35,7 @@ PENDING_HANDSHAKES = "max_pending_handshakes"
 PENDING_PER_SOURCE = "max_pending_handshakes_per_source"
 OPEN_PER_SOURCE = "max_connections_per_source"
 OPEN_TOTAL = "max_inbound_connections"
+MEMORY = "memory_limit"
 LOG_INTERVAL = 10.0  # seconds between two log lines about refused connections
 
 
@@ -85,9 +88,10 @@ class HandshakeBudget:
     """The connections of one server that are accepted and not yet through TLS."""
 
     def __init__(self, settings: TunnelSettings, metrics: TunnelMetrics, log: logging.Logger, direction: str,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], memory: MemoryGuard | None = None):
         self.settings, self.metrics, self.log, self.direction = settings, metrics, log, direction
         self.clock = clock
+        self.memory = memory
         self.pending = 0
         self._by_source: dict[str, int] = {}  # client IP -> its pending handshakes (no entry at 0)
         self._open: dict[str, int] = {}  # client IP -> its connections accepted and not closed (no entry at 0)
@@ -97,7 +101,11 @@ class HandshakeBudget:
 
     def admit(self, source: str) -> bool:
         """Take a slot for a connection from `source`; False (counted, maybe logged) when
-        the source or the server is at its limit: the caller resets the connection."""
+        the source or the server is at its limit, or the agent at its memory limit: the
+        caller resets the connection."""
+        if self.memory is not None and self.memory.overloaded():
+            self._refused(MEMORY, source)
+            return False
         if self._open.get(source, 0) >= self.settings.max_connections_per_source:
             self._refused(OPEN_PER_SOURCE, source)
             return False
@@ -145,6 +153,12 @@ class HandshakeBudget:
             return
         self._logged_at[limit] = now
         refused, self._unlogged[limit] = self._unlogged[limit], 0
+        if limit == MEMORY:
+            self.log.warning("HBONE: %d connection(s) reset at accept since the last report: the agent holds %d MiB "
+                             "of its %d MiB memory limit (memory_limit); the last from %s, which has %d open. "
+                             "Reported at most every %g s", refused, (self.memory.usage or 0) // MIB,
+                             (self.memory.limit or 0) // MIB, source, self._open.get(source, 0), LOG_INTERVAL)
+            return
         if limit == OPEN_TOTAL:
             self.log.warning("HBONE: %d connection(s) reset at accept since the last report: %d are open, at most "
                              "%d (max_inbound_connections: the native engine's slots less those kept for the "

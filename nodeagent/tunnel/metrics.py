@@ -39,7 +39,7 @@ class TunnelMetrics:
             "HBONE connections that ran into a flood limit, once per connection and limit "
             "(max_concurrent_streams: streams refused; stream_resets: closed with GOAWAY ENHANCE_YOUR_CALM; "
             "max_pending_handshakes, max_pending_handshakes_per_source, max_connections_per_source, "
-            "max_inbound_connections: reset at accept, TLS never started)",
+            "max_inbound_connections, memory_limit: reset at accept, TLS never started)",
             ["direction", "limit"], registry=registry)
         self.pending_handshakes = Gauge(
             "nodeagent_hbone_pending_handshakes", "HBONE connections accepted whose TLS handshake is not done yet",

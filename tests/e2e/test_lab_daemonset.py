@@ -260,6 +260,10 @@ def test_the_daemonset_is_ready_on_every_node_with_the_ca(mesh: Lab):
         assert found and found["ready"], found
         assert found["source"]["location"].startswith("kube (in-cluster"), found["source"]
         assert found["pods"] == []  # nothing is meshed yet
+        # the container's limit, from the downward API: the agent and its Envoy hold far less
+        memory = found["memory"]
+        assert (memory["limit_bytes"], memory["overloaded"]) == (512 << 20, False), memory
+        assert 0 < memory["usage_bytes"] < 0.9 * memory["limit_bytes"], memory
 
 
 def test_labelling_the_namespace_enrols_its_running_pods_without_a_restart(mesh: Lab):

@@ -52,6 +52,7 @@ from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
 from nodeagent.agent.proxy.policies import PolicyState
 from nodeagent.agent.proxy.telemetry import FlowLog, Telemetry, TrafficMetrics
 from nodeagent.agent.proxy.tunnel_inbound import TunnelInbound
+from nodeagent.memory import MemoryGuard
 from nodeagent.agent.proxy.tunnel_outbound import HboneRoute
 from nodeagent.agent.waypoint.waypoint import WaypointUnavailable
 from nodeagent.identity import pemfiles
@@ -253,12 +254,13 @@ class World:
     moves the bytes (engines.py)."""
 
     def __init__(self, tmp_path: Path, monkeypatch, *, ca: bool = True, engine: str = "python",
-                 tunnel: TunnelSettings = TunnelSettings()):
+                 tunnel: TunnelSettings = TunnelSettings(), memory: MemoryGuard | None = None):
         self.tmp_path = tmp_path
         self.monkeypatch = monkeypatch
         self.ca = ca
         self.engine = engine
         self.tunnel_settings = tunnel  # the agent's HBONE server (both engines)
+        self.memory = memory  # the agent's memory limit (nodeagent/memory.py), none by default
 
     async def __aenter__(self) -> "World":
         self._closers: list = []
@@ -331,7 +333,7 @@ class World:
         self.delivery = Delivery(DELIVERY_MARK, TIMEOUT)
         self.inbound = InboundRelay(inputs, LOG, delivery=self.delivery)
         self.tunnel = TunnelInbound(inputs, self.delivery, tunnel_metrics, LOG, engines=self.hbone_engines,
-                                    settings=self.tunnel_settings)
+                                    settings=self.tunnel_settings, memory=self.memory)
         self._closers.append(self.tunnel.close)
         client, server = self.enrolled[CLIENT], self.enrolled[SERVER]
         self._listen(self.outbound_listener, client, "outbound", self.outbound.handle)

@@ -35,7 +35,7 @@ from policy_world import document
 PING = b"ping\n"
 STATUS_KEYS = {"node", "version", "pid", "started_at", "ready", "not_ready", "source", "pods", "waiting",
                "capture", "counters", "config", "identity", "policy", "tunnel", "delivered_connections",
-               "waypoint", "data_path"}
+               "waypoint", "data_path", "memory"}
 NOT_STARTED = (f"no process of pod {SLEEP.uid} in /proc/*/cgroup "
                "(the pod has not started yet or is gone; retrying)")  # PodProcesses' PodNotFound
 DENY_SLEEP_SPEC = {"selector": {"matchLabels": {"app": "httpbin"}}, "action": "DENY",
@@ -99,6 +99,9 @@ def test_ready_after_the_first_reconcile_and_the_status_says_what_the_agent_runs
             assert (status["policy"]["resources"], status["policy"]["errors"]) == ({}, [])
             assert status["tunnel"] == {"pooled_connections": 0, "inbound_connections": 0}
             assert (status["delivered_connections"], status["waypoint"]) == (0, None)
+            memory = status["memory"]  # memory_limit_mib=off: read (this process), never overloaded
+            assert (memory["limit_bytes"], memory["overloaded"], memory["overload_episodes"]) == (None, False, 0)
+            assert 0 < memory["usage_bytes"] <= memory["peak_bytes"]
             assert (status["data_path"]["setting"], status["data_path"]["engine"]) == (
                 "auto", "native" if native_built() else "python")  # auto: native when scripts/setup built it
         assert node.capture.calls == [("load",), ("enrolled_netns",), ("close", True)]

@@ -19,12 +19,12 @@ import pytest
 
 from engines import NATIVE_HBONE, engine_fixture
 from identity_fixtures import run, until
+from nodeagent.memory import INTERVAL, MIB, MemoryGuard, tree_resident
 from nodeagent.resets import LINGER_RESET
 from nodeagent.tunnel import TunnelError, TunnelSettings
 from policy_world import document
-from relay_world import CLIENT, SERVER, SERVICE, World, ended, principal
+from relay_world import CLIENT, LOG, SERVER, SERVICE, World, ended, principal
 
-MIB = 1024 * 1024
 engine = engine_fixture(("python", NATIVE_HBONE))
 
 
@@ -289,4 +289,51 @@ def test_one_source_keeps_at_most_max_connections_per_source_open(tmp_path, monk
             await until(lambda: budget.open_from(CLIENT) == 2, what="the closed connection to leave the budget")
             await served(pools[3])
             assert budget.open_from(CLIENT) == 3 and w.tunnel.connections() == 3
+    run(main(), timeout=120)
+
+
+def test_over_its_memory_limit_the_agent_takes_no_new_connection_and_keeps_the_open_ones(
+        tmp_path, monkeypatch, engine):
+    """While the agent holds 90 % of its memory limit (read from /proc: this process is
+    the agent here), a new HBONE connection from a client holding a valid certificate is
+    reset at accept and counted once (limit memory_limit), and a stream on the connection
+    already open still carries its bytes; under 85 % again, new connections get in."""
+    now = [0.0]
+    memory = MemoryGuard(None, LOG, clock=lambda: now[0])
+
+    def limit(mib: int) -> None:  # as if the agent had started with memory_limit_mib=mib
+        memory.limit = mib * MIB
+        now[0] += 2 * INTERVAL  # the next accept reads again
+
+    async def main():
+        async with World(tmp_path, monkeypatch, engine=engine, memory=memory) as w:
+            await w.app.start()
+
+            async def served(pool) -> None:
+                stream = await w.open_stream(pool, w.app.address)
+                greeting = b""
+                while not greeting.endswith(b"\n"):
+                    greeting += await stream.read(64)
+                assert greeting.decode().startswith(CLIENT + ":")
+                stream.write_eof()
+                assert await stream.read() == b""
+            first, second = await w.hbone_client(), await w.hbone_client()
+            limit(1 << 20)
+            await served(first)
+            assert w.tunnel.connections() == 1 and not memory.over
+            held = tree_resident()
+            limit(int(held / 0.95 / MIB))  # the agent holds ~95 % of it
+            with pytest.raises(TunnelError):
+                await served(second)
+            assert memory.over and memory.episodes == 1
+            assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound", limit="memory_limit") == 1
+            assert w.tunnel.connections() == 1
+            await served(first)  # the open connection serves new streams
+            limit(int(held / 0.875 / MIB))  # ~87.5 %, between 85 and 90: still refusing
+            with pytest.raises(TunnelError):
+                await served(second)
+            assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound", limit="memory_limit") == 2
+            limit(int(held / 0.7 / MIB))  # ~70 %
+            await served(second)
+            assert not memory.over and memory.episodes == 1 and w.tunnel.connections() == 2
     run(main(), timeout=120)

@@ -33,6 +33,7 @@ from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import connect_failure_reason
 from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS
 from nodeagent.identity.errors import IdentityUnavailable
+from nodeagent.memory import MemoryGuard
 from nodeagent.policy import Connection
 from nodeagent.resets import reset
 from nodeagent.tunnel import HboneServer, HboneStream, StreamBudget, StreamInfo, TunnelMetrics, TunnelSettings, tls
@@ -43,14 +44,15 @@ T = TypeVar("T")
 class TunnelInbound:
     def __init__(self, inputs: ProxyInputs, delivery: Delivery, tunnel_metrics: TunnelMetrics, log: logging.Logger,
                  *, settings: TunnelSettings = TunnelSettings(), engines: HboneEngines | None = None,
-                 budget: StreamBudget | None = None):
+                 budget: StreamBudget | None = None, memory: MemoryGuard | None = None):
         self.inputs = inputs
         self.delivery = delivery
         self.metrics = inputs.metrics
         self.log = log
         self.verify = tls.verifier(inputs.identities.trust_domain)
         self.server = HboneServer(self._context_for, self.verify, self._on_stream,
-                                  metrics=tunnel_metrics, log=log, settings=settings, budget=budget)
+                                  metrics=tunnel_metrics, log=log, settings=settings, budget=budget,
+                                  memory=memory)
         self.engines = engines  # None or python: the HboneServer above serves
         self.native = NativeServing(self, tunnel_metrics, log)
 

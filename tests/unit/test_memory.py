@@ -1,0 +1,81 @@
+"""nodeagent/memory.py: what the agent's process tree holds, and the overload mark with
+its hysteresis (the accept path's use of it: test_agent_hbone_engines.py)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+from nodeagent.memory import INTERVAL, MIB, MemoryGuard, tree_resident
+
+LOG = logging.getLogger("test.memory")
+CHILD = """
+import sys
+held = bytearray(96 << 20)  # written by bytearray, so resident
+for i in range(0, len(held), 4096):
+    held[i] = 1
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_tree_counts_what_a_child_holds_until_it_exits():
+    """A child of this process holding 96 MiB counts in tree_resident(); once it has
+    exited it no longer does."""
+    before = tree_resident()
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        with_child = tree_resident()
+        assert with_child - before >= 96 * MIB
+        assert tree_resident(child.pid) >= 96 * MIB
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert tree_resident() - before < 96 * MIB
+
+
+def test_overloaded_from_90_percent_until_under_85(caplog):
+    readings = []
+    now = [0.0]
+    guard = MemoryGuard(100, LOG, read=lambda: readings.pop(0), clock=lambda: now[0])
+
+    def at(mib: float) -> bool:
+        readings.append(int(mib * MIB))
+        now[0] += 2 * INTERVAL
+        return guard.overloaded()
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert [at(m) for m in (50, 89.9, 90, 95, 86, 85.1, 84.9, 89, 91)] == \
+            [False, False, True, True, True, True, False, False, True]
+    assert guard.episodes == 2 and guard.peak == 95 * MIB
+    assert [r.getMessage().split(":")[1].split(",")[0].strip() for r in caplog.records] == [
+        "the agent and its waypoint hold 90 MiB", "back to 84 MiB", "the agent and its waypoint hold 91 MiB"]
+
+
+def test_a_reading_serves_for_its_interval():
+    """Accepts within INTERVAL of a reading use it (one /proc walk per INTERVAL under a
+    flood); the next one reads again."""
+    count = [0]
+    now = [10.0]
+
+    def read() -> int:
+        count[0] += 1
+        return 95 * MIB
+    guard = MemoryGuard(100, LOG, read=read, clock=lambda: now[0])
+    assert all(guard.overloaded() for _ in range(1000)) and count[0] == 1
+    now[0] += INTERVAL
+    assert guard.overloaded() and count[0] == 2
+
+
+def test_without_a_limit_nothing_is_refused_and_status_still_reads():
+    count = [0]
+
+    def read() -> int:
+        count[0] += 1
+        return 10 << 30
+    guard = MemoryGuard(None, LOG, read=read)
+    assert not guard.overloaded() and count[0] == 0
+    assert guard.describe() == {"limit_bytes": None, "usage_bytes": 10 << 30, "peak_bytes": 10 << 30,
+                                "overloaded": False, "overload_episodes": 0, "overload_at": 0.9,
+                                "recover_at": 0.85}
