@@ -20,6 +20,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -48,6 +49,8 @@
 #define TLS_IN 65536               /* ciphertext read(2) at once (OpenSSL's read-ahead buffer) */
 #define TLS_OUT 65536              /* TLS records gathered before a write(2): one TCP segment of up to
                                     * 64 KiB instead of one per 16 KiB record */
+#define UP_HEAD 16u                /* room before a stream's bytes for the header of the DATA frame that
+                                    * carries them (send_data_cb) */
 #define EARLY_MAX 16384u           /* client: the first bytes sent with the CONNECT, before its answer */
 #define MAX_HEADERS 16384u         /* MAX_HEADER_LIST_SIZE, as tunnel/h2conn.py */
 #define MAX_URI 512
@@ -124,6 +127,7 @@ struct conn {
     struct conn *live_prev, *live_next; /* connections in HTTP/2 (keepalive, idle) */
     bool live;
     bool gathering;                /* TLS writes go through the buffer BIO (tls_gather_writes) */
+    int write_err, write_errno;    /* an SSL_write failed (tls_write): conn_flush reports it */
 };
 
 struct cmd {
@@ -586,12 +590,21 @@ static bool stream_write(struct stream *s)
 static bool up_ready(struct stream *s)
 {
     if (s->up.cap == 0) {
-        s->up.p = malloc(s->conn->e->cfg.stream_buffer);
+        s->up.p = malloc(UP_HEAD + s->conn->e->cfg.stream_buffer);
         if (!s->up.p)
             return false;
-        s->up.cap = s->conn->e->cfg.stream_buffer;
+        s->up.cap = UP_HEAD + s->conn->e->cfg.stream_buffer;
+        s->up.off = s->up.len = UP_HEAD;
     }
     return true;
+}
+
+/* `n` bytes of `up` are sent; emptied, it starts over at UP_HEAD */
+static void up_consume(struct stream *s, size_t n)
+{
+    s->up.off += n;
+    if (s->up.off == s->up.len)
+        s->up.off = s->up.len = UP_HEAD;
 }
 
 /* `n` bytes more in `up`: counted, and HTTP/2 may send them. */
@@ -613,11 +626,11 @@ static void stream_read(struct stream *s)
         stream_end(s, NH_END_SOCKET, ENOMEM, NGHTTP2_INTERNAL_ERROR, 0, "out of memory");
         return;
     }
-    if (s->up.off && s->up.cap - s->up.len < s->up.cap / 4) {  /* compact only when the end is near:
-                                                                  * not a large move for every read */
-        memmove(s->up.p, s->up.p + s->up.off, s->up.len - s->up.off);
-        s->up.len -= s->up.off;
-        s->up.off = 0;
+    if (s->up.off > UP_HEAD && s->up.cap - s->up.len < s->up.cap / 4) {  /* compact only when the end is
+                                                                            * near: not a large move per read */
+        memmove(s->up.p + UP_HEAD, s->up.p + s->up.off, s->up.len - s->up.off);
+        s->up.len -= s->up.off - UP_HEAD;
+        s->up.off = UP_HEAD;
     }
     size_t room = MIN(s->up.cap - s->up.len, send_room(s));
     if (room == 0)
@@ -646,11 +659,12 @@ static void stream_peek(struct stream *s)
     if (s->peeked || s->ended || s->fd < 0 || s->relaying || s->conn->server)
         return;
     /* without a buffer no early bytes: stream_read reports it, once relaying */
-    ssize_t n = up_ready(s) ? recv(s->fd, s->up.p, MIN(s->up.cap, EARLY_MAX), MSG_PEEK | MSG_DONTWAIT) : 0;
+    ssize_t n = up_ready(s) ? recv(s->fd, s->up.p + UP_HEAD, MIN(s->up.cap - UP_HEAD, EARLY_MAX),
+                                   MSG_PEEK | MSG_DONTWAIT) : 0;
     if (n > 0) {
         s->early = (uint32_t)n;
-        s->up.off = 0;
-        s->up.len = (size_t)n;
+        s->up.off = UP_HEAD;
+        s->up.len = UP_HEAD + (size_t)n;
         up_added(s, (size_t)n);
     }
     /* nothing yet: wait for EPOLLIN; else (bytes, EOF, an error the relay finds after the 200) done */
@@ -775,19 +789,74 @@ static ssize_t up_read_cb(nghttp2_session *h2, int32_t sid, uint8_t *buf, size_t
     return (ssize_t)n;
 }
 
+/* SSL_write of `n` bytes at `p` until all went or the socket is full; *done: how many went.
+ * 0: all; 1: full (WANT_WRITE: OpenSSL holds the first unwritten record, encrypted, and its
+ * next SSL_write must begin with the same bytes); -1: failed, kept in c->write_err for
+ * conn_flush to report (with OpenSSL's error queue as it is: nothing calls OpenSSL before). */
+static int tls_write(struct conn *c, const char *p, size_t n, size_t *done)
+{
+    *done = 0;
+    while (*done < n) {
+        ERR_clear_error();
+        int w = SSL_write(c->ssl, p + *done, (int)MIN(n - *done, (size_t)INT_MAX));
+        if (w > 0) {
+            *done += (size_t)w;
+            continue;
+        }
+        int err = SSL_get_error(c->ssl, w);
+        if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ)
+            return 1;
+        c->write_err = err;
+        c->write_errno = errno;
+        return -1;
+    }
+    return 0;
+}
+
+/* What waits in the connection's output goes to TLS, as far as it goes. */
+static int out_write(struct conn *c)
+{
+    size_t done;
+    int r = tls_write(c, c->out.p + c->out.off, buf_avail(&c->out), &done);
+    c->out.off += done;
+    held_add(c->e, -(int64_t)done);
+    return r;
+}
+
+/* A DATA frame goes to TLS straight from the stream's buffer: its header is written into
+ * the UP_HEAD bytes before the payload (bytes already sent, or never used), so header and
+ * payload are one SSL_write and no copy, where appending both to the connection's output
+ * copied every byte once more before OpenSSL encrypted it (a third of the sender's
+ * memmove). What nghttp2 gave before it (HEADERS, WINDOW_UPDATE...) goes first. What TLS
+ * does not take (the socket is full: its first record is OpenSSL's pending one, and the
+ * copy starts with the same bytes; or a failure, reported by conn_flush) is copied to the
+ * output, as every frame was before, so the frame is sent either way (nghttp2 cannot
+ * take part of one back). */
 static int send_data_cb(nghttp2_session *h2, nghttp2_frame *frame, const uint8_t *framehd, size_t length,
                         nghttp2_data_source *source, void *user)
 {
     (void)source;
     struct conn *c = user;
     struct stream *s = nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id);
-    if (!s || frame->data.padlen || length > buf_avail(&s->up))  /* we never pad; up_read_cb said `length` */
-        return NGHTTP2_ERR_CALLBACK_FAILURE;
-    if (buf_append(&c->out, framehd, 9) < 0 || buf_append(&c->out, s->up.p + s->up.off, length) < 0)
-        return NGHTTP2_ERR_CALLBACK_FAILURE;
-    buf_consume(&s->up, length);
+    if (!s || frame->data.padlen || length > buf_avail(&s->up) || s->up.off < 9)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;  /* we never pad; up_read_cb said `length`; UP_HEAD kept */
+    char *whole = s->up.p + s->up.off - 9;
+    size_t total = 9 + length, done = 0;
+    memcpy(whole, framehd, 9);
+    if (!c->write_err && buf_avail(&c->out))
+        out_write(c);
+    if (!c->write_err && !buf_avail(&c->out)) {
+        tls_write(c, whole, total, &done);
+        ST_ADD(c->e, frames_direct, 1);
+    }
+    if (done < total) {
+        if (buf_append(&c->out, whole + done, total - done) < 0)
+            return NGHTTP2_ERR_CALLBACK_FAILURE;
+        ST_ADD(c->e, frames_copied, 1);
+    }
+    held_add(c->e, (int64_t)(total - done) - (int64_t)length);  /* the rest moved to the output */
+    up_consume(s, length);
     sent_add(s, -(int64_t)length);
-    held_add(c->e, 9);  /* the frame moved from the stream's buffer to the connection's output */
     stream_update(s);
     return 0;
 }
@@ -1225,7 +1294,7 @@ static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void
         s->up_done = true;
         held_add(s->conn->e, -(int64_t)buf_avail(&s->up));
         sent_add(s, -(int64_t)s->up_held);
-        s->up.off = s->up.len = 0;
+        s->up.off = s->up.len = UP_HEAD;
     }
     if (!s->relaying && !s->got_200) {
         stream_end(s, NH_END_REFUSED, 0, 0, 0, "closed before a response");
@@ -1615,18 +1684,11 @@ static void conn_flush(struct conn *c)
         return;
     }
     for (;;) {
-        if (buf_avail(&c->out)) {
-            ERR_clear_error();
-            int n = SSL_write(c->ssl, c->out.p + c->out.off, (int)buf_avail(&c->out));
-            if (n > 0) {
-                c->out.off += n;
-                held_add(e, -n);
-                continue;
-            }
-            int err = SSL_get_error(c->ssl, n);
-            if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ)
-                break;
-            conn_fail_tls(c, err, "TLS write");
+        if (!c->write_err && buf_avail(&c->out) && out_write(c) > 0)
+            break;
+        if (c->write_err) {
+            errno = c->write_errno;
+            conn_fail_tls(c, c->write_err, "TLS write");
             return;
         }
         c->out.off = c->out.len = 0;

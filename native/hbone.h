@@ -187,6 +187,9 @@ struct nh_stats {
     uint64_t send_held;           /* bytes read from the streams' sockets, not yet framed (what send_budget bounds) */
     uint64_t send_held_peak;      /* ... the most at once */
     uint64_t streams_send_waiting; /* streams not read for the send budget, now */
+    uint64_t frames_direct;       /* DATA frames handed to TLS straight from their stream's buffer */
+    uint64_t frames_copied;       /* DATA frames (or what TLS did not take of them) copied to the
+                                   * connection's output, to wait for a full socket */
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
     uint32_t pad;
 };

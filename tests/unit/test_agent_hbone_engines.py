@@ -256,6 +256,17 @@ async def _exchange(w: World) -> str:
     return greeting
 
 
+async def _served(w: World, pool) -> None:
+    """One stream through `pool` to the server pod's app: its greeting, then both half-closed."""
+    stream = await w.open_stream(pool, w.app.address)
+    greeting = b""
+    while not greeting.endswith(b"\n"):
+        greeting += await stream.read(64)
+    assert greeting.decode().startswith(CLIENT + ":")
+    stream.write_eof()
+    assert await stream.read() == b""
+
+
 def test_one_source_keeps_at_most_max_connections_per_source_open(tmp_path, monkeypatch, engine):
     """A client pod holding a valid certificate opens one connection after another to the
     server pod's HBONE port and keeps them: 3 stay open (max_connections_per_source), the
@@ -268,26 +279,17 @@ def test_one_source_keeps_at_most_max_connections_per_source_open(tmp_path, monk
         async with World(tmp_path, monkeypatch, engine=engine, tunnel=settings) as w:
             await w.app.start()
             budget = w.tunnel.server.handshakes
-
-            async def served(pool) -> None:
-                stream = await w.open_stream(pool, w.app.address)
-                greeting = b""
-                while not greeting.endswith(b"\n"):
-                    greeting += await stream.read(64)
-                assert greeting.decode().startswith(CLIENT + ":")
-                stream.write_eof()
-                assert await stream.read() == b""
             pools = [await w.hbone_client() for _ in range(4)]
             for pool in pools[:3]:
-                await served(pool)
+                await _served(w, pool)
             assert budget.open_from(CLIENT) == 3 and w.tunnel.connections() == 3
             with pytest.raises(TunnelError):
-                await served(pools[3])
+                await _served(w, pools[3])
             assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound",
                            limit="max_connections_per_source") == 1
             await pools[0].close()
             await until(lambda: budget.open_from(CLIENT) == 2, what="the closed connection to leave the budget")
-            await served(pools[3])
+            await _served(w, pools[3])
             assert budget.open_from(CLIENT) == 3 and w.tunnel.connections() == 3
     run(main(), timeout=120)
 
@@ -308,32 +310,23 @@ def test_over_its_memory_limit_the_agent_takes_no_new_connection_and_keeps_the_o
     async def main():
         async with World(tmp_path, monkeypatch, engine=engine, memory=memory) as w:
             await w.app.start()
-
-            async def served(pool) -> None:
-                stream = await w.open_stream(pool, w.app.address)
-                greeting = b""
-                while not greeting.endswith(b"\n"):
-                    greeting += await stream.read(64)
-                assert greeting.decode().startswith(CLIENT + ":")
-                stream.write_eof()
-                assert await stream.read() == b""
             first, second = await w.hbone_client(), await w.hbone_client()
             limit(1 << 20)
-            await served(first)
+            await _served(w, first)
             assert w.tunnel.connections() == 1 and not memory.over
             held = tree_resident()
             limit(int(held / 0.95 / MIB))  # the agent holds ~95 % of it
             with pytest.raises(TunnelError):
-                await served(second)
+                await _served(w, second)
             assert memory.over and memory.episodes == 1
             assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound", limit="memory_limit") == 1
             assert w.tunnel.connections() == 1
-            await served(first)  # the open connection serves new streams
+            await _served(w, first)  # the open connection serves new streams
             limit(int(held / 0.875 / MIB))  # ~87.5 %, between 85 and 90: still refusing
             with pytest.raises(TunnelError):
-                await served(second)
+                await _served(w, second)
             assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound", limit="memory_limit") == 2
             limit(int(held / 0.7 / MIB))  # ~70 %
-            await served(second)
+            await _served(w, second)
             assert not memory.over and memory.episodes == 1 and w.tunnel.connections() == 2
     run(main(), timeout=120)

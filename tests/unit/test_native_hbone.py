@@ -987,6 +987,43 @@ def test_native_client_to_native_server(pki):
     run(main(), timeout=120)
 
 
+def test_frames_sent_from_the_stream_buffer_and_those_that_wait_for_a_full_socket_arrive_intact(pki):
+    """DATA frames go to TLS straight from the stream's buffer; when the connection's socket
+    is full, what TLS did not take is copied to the output and sent from there (OpenSSL
+    holds the first record not written and must be given the same bytes again). With tiny
+    socket buffers on the connection both happen thousands of times: 3 streams echoing
+    3 MiB each come back byte-identical."""
+    payloads = [os.urandom(3 * MIB + i) for i in range(3)]
+    small = 8192
+
+    async def main():
+        async with engine() as server_eng, engine() as client_eng, NativeServer(server_eng, pki) as srv:
+            srv.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, small)  # accepted sockets inherit
+            srv.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, small)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small)
+            sock.connect(srv.address)
+            conn = await client_eng.connect(sock, tls(client_eng, pki.client), pki.server.identity.uri)
+            apps = []
+            for _ in payloads:
+                app, theirs = pair()
+                stream = conn.open(theirs, AUTH)
+                apps.append((app, stream))
+            for _, stream in apps:
+                assert await stream.response == 200
+            got = await asyncio.gather(*(exchange(app, p) for (app, _), p in zip(apps, payloads)))
+            assert [hashlib.sha256(g).hexdigest() for g in got] == [hashlib.sha256(p).hexdigest() for p in payloads]
+            for app, stream in apps:
+                app.close()
+                assert (await stream.ended).how == "closed"
+            stats = [eng.stats() for eng in (client_eng, server_eng)]
+            assert sum(s["frames_direct"] for s in stats) > 0 and sum(s["frames_copied"] for s in stats) > 0, stats
+            conn.close()
+            await drained(client_eng)
+    run(main(), timeout=120)
+
+
 @pytest.mark.parametrize("kind", ["native", "python"])
 def test_send_budget_bounds_what_a_peer_that_does_not_read_leaves_in_the_server(pki, kind):
     """100 streams whose apps each write 256 KiB to a client that stops reading once
