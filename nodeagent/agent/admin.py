@@ -1,9 +1,20 @@
 """The agent's admin endpoints: a small HTTP/1.1 server on the admin address (default
-127.0.0.1:15020 in the agent's netns) and on the admin unix socket, serving the same
-routes on both: `/metrics` (Prometheus text), `/debug/status` (JSON, what `nodeagent
-status` renders) and `/healthz/ready` (200 when the agent can serve; 503 naming everything
-missing, from a `Readiness`). `fetch` and `fetch_status` are the client side over the unix
+127.0.0.1:15020 in the agent's netns) and on the admin unix socket: `/metrics`
+(Prometheus text), `/healthz/ready` (200 when the agent can serve; 503 naming everything
+missing, from a `Readiness`) on both, and `/debug/status` (JSON, what `nodeagent status`
+renders) on the socket only. `fetch` and `fetch_status` are the client side over the unix
 socket. One request per connection; nothing here can block the agent's event loop.
+
+The admin address is the node's in the DaemonSet (Prometheus scrapes it there, as
+ztunnel's :15020), so every pod of the cluster can reach it: status (the node's pods,
+identities, policies, config) stays on the socket, which only root on the node reaches,
+as ztunnel keeps its config dump on localhost. And a pod opening connections there and
+never finishing a request (slowloris) must not take the agent's descriptors or memory:
+at most MAX_TCP_CONNECTIONS are served at once, each has HEAD_TIMEOUT for its request
+head of at most MAX_REQUEST bytes, and one more is closed at accept, counted
+(`nodeagent_admin_connections_refused_total`) and logged at most every LOG_INTERVAL.
+Readiness does not depend on it (the probe reads the ReadinessFile), nor does `nodeagent
+status` (the socket has no such limit).
 
 The admin TCP port is shared (SO_REUSEPORT) by the old and the new agent of a node
 during a rolling update, so a probe there may reach either: kubelet's readiness probe
@@ -19,15 +30,19 @@ import logging
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from nodeagent.errors import ConfigError, NodeagentError
 
-MAX_REQUEST = 16 * 1024
+MAX_REQUEST = 16 * 1024  # bytes of a request head
+MAX_TCP_CONNECTIONS = 32  # served at once on the admin address (Prometheus scrapes one at a time)
+HEAD_TIMEOUT = 5.0  # seconds for a request head to arrive
+LOG_INTERVAL = 10.0  # seconds between two log lines about refused admin connections
 REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
            503: "Service Unavailable"}
 
@@ -116,14 +131,21 @@ class AdminServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._socket_path: Path | None = None
         self._readiness_file: ReadinessFile | None = None
+        self.tcp_open = 0  # connections being served on the admin address
+        self.refused = Counter("nodeagent_admin_connections_refused",
+                               f"Connections to the admin address closed at accept: {MAX_TCP_CONNECTIONS} were "
+                               "being served", registry=registry)
+        self._unlogged = 0
+        self._logged_at: float | None = None
 
     async def start(self, address: tuple[str, int] | None, socket_path: Path | None) -> None:
         if address is not None:
             try:
                 # SO_REUSEPORT: a rolling update's new agent binds the node's admin port
                 # beside the old one (so readiness is probed through ReadinessFile).
-                self._servers.append(await asyncio.start_server(self._serve, address[0], address[1],
-                                                                reuse_address=True, reuse_port=True))
+                self._servers.append(await asyncio.start_server(self._serve_tcp, address[0], address[1],
+                                                                reuse_address=True, reuse_port=True,
+                                                                limit=MAX_REQUEST))
             except OSError as exc:
                 raise ConfigError("setting admin_address", f"cannot listen on {address[0]}:{address[1]}: "
                                   f"{exc.strerror}", "is another agent running in this netns? "
@@ -131,7 +153,8 @@ class AdminServer:
         if socket_path is not None:
             _clear_stale_socket(socket_path)
             socket_path.parent.mkdir(parents=True, exist_ok=True)
-            self._servers.append(await asyncio.start_unix_server(self._serve, str(socket_path)))
+            self._servers.append(await asyncio.start_unix_server(self._serve_local, str(socket_path),
+                                                                 limit=MAX_REQUEST))
             self._socket_path = socket_path
             self._readiness_file = ReadinessFile(readiness_path(socket_path), self.ready, self.log)
             self._readiness_file.start()
@@ -151,28 +174,59 @@ class AdminServer:
             except FileNotFoundError:
                 pass
 
-    def respond(self, method: str, path: str) -> tuple[int, str, bytes]:
-        """(status, content type, body) for one request."""
+    def respond(self, method: str, path: str, local: bool = True) -> tuple[int, str, bytes]:
+        """(status, content type, body) for one request; `local`: it came over the socket."""
         if method != "GET":
             return 405, "text/plain", b"only GET\n"
         path = path.split("?", 1)[0]
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if path == "/debug/status":
+            if not local:
+                return 404, "text/plain", b"/debug/status is served on the agent's admin socket only: nodeagent status\n"
             return 200, "application/json", json.dumps(self.status(), indent=1, sort_keys=True).encode() + b"\n"
         if path == "/healthz/ready":
             return self._readiness()
-        return 404, "text/plain", b"try /metrics, /debug/status or /healthz/ready\n"
+        return 404, "text/plain", (b"try /metrics, /debug/status or /healthz/ready\n" if local
+                                   else b"try /metrics or /healthz/ready\n")
 
     def _readiness(self) -> tuple[int, str, bytes]:
         verdict = self.ready()
         return (200 if verdict else 503), "text/plain", readiness_text(verdict).encode()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._serve(reader, writer, True)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.tcp_open >= MAX_TCP_CONNECTIONS:
+            writer.transport.abort()
+            self._refused()
+            return
+        self.tcp_open += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            await self._serve(reader, writer, False)
+        finally:
+            self.tcp_open -= 1
+
+    def _refused(self) -> None:
+        self.refused.inc()
+        self._unlogged += 1
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL:
+            return
+        self._logged_at, count, self._unlogged = now, self._unlogged, 0
+        if self.log is not None:
+            self.log.warning("admin: %d connection(s) to the admin address closed at accept since the last report: "
+                             "%d are being served, at most %d, each for at most %g s (a client opening connections "
+                             "without sending requests?). Reported at most every %g s", count, self.tcp_open,
+                             MAX_TCP_CONNECTIONS, HEAD_TIMEOUT, LOG_INTERVAL)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, local: bool) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=HEAD_TIMEOUT)
             parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
-            code, ctype, body = self.respond(parts[0], parts[1]) if len(parts) == 3 else (400, "text/plain", b"")
+            code, ctype, body = self.respond(parts[0], parts[1], local) if len(parts) == 3 \
+                else (400, "text/plain", b"")
             writer.write(f"HTTP/1.1 {code} {REASONS[code]}\r\nContent-Type: {ctype}\r\n"
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
             await writer.drain()

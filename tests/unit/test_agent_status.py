@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent import status
+from agent_world import free_port
+from identity_fixtures import run, until
+from nodeagent.agent import admin, status
 from nodeagent.agent.admin import AdminServer
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.errors import ConfigError
@@ -193,3 +197,58 @@ def test_memory_against_the_limit_is_shown():
     off = {**memory, "limit_bytes": None}
     assert "MEMORY: agent and waypoint 140 MiB resident (peak 150); no limit (memory_limit_mib=off)\n" in \
         status.render_text({**STATUS, "memory": off}, now=NOW)
+
+
+async def _get(port: int, path: str) -> tuple[int, bytes]:
+    """GET `path` from the admin address on 127.0.0.1:`port`: (status, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_the_admin_address_serves_no_status_and_at_most_32_connections_at_once(tmp_path, monkeypatch):
+    """The admin address is the node's (every pod reaches it): status is refused there and
+    served over the socket; 32 connections that send nothing hold every slot, so the next
+    is closed at accept and counted while the socket still serves status and metrics; a
+    slot comes back when one of them closes, and all of them when their head timeout
+    passes."""
+    monkeypatch.setattr(admin, "HEAD_TIMEOUT", 2.0)
+
+    async def main():
+        registry = CollectorRegistry()
+        server = AdminServer(registry=registry, status=lambda: {"node": "n"}, ready=lambda: True,
+                             log=logging.getLogger("test.admin"))
+        port, path = free_port(), tmp_path / "agent.sock"
+        await server.start(("127.0.0.1", port), path)
+        try:
+            assert await _get(port, "/debug/status") == (
+                404, b"/debug/status is served on the agent's admin socket only: nodeagent status\n")
+            assert (await _get(port, "/metrics"))[0] == 200 and (await _get(port, "/healthz/ready"))[0] == 200
+            assert await asyncio.to_thread(admin.fetch_status, path) == {"node": "n"}
+            silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(admin.MAX_TCP_CONNECTIONS)]
+            await until(lambda: server.tcp_open == admin.MAX_TCP_CONNECTIONS, what="every slot taken")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                assert await reader.read() == b""  # closed at accept, nothing answered
+            except ConnectionResetError:
+                pass
+            writer.close()
+            assert registry.get_sample_value("nodeagent_admin_connections_refused_total") == 1
+            assert await asyncio.to_thread(admin.fetch_status, path) == {"node": "n"}
+            assert b"nodeagent_admin_connections_refused_total 1.0" in await asyncio.to_thread(
+                admin.fetch, path, "/metrics")
+            silent[0][1].close()
+            await until(lambda: server.tcp_open == admin.MAX_TCP_CONNECTIONS - 1, what="the closed one's slot")
+            assert (await _get(port, "/metrics"))[0] == 200
+            await until(lambda: server.tcp_open == 0, timeout=10, what="the silent ones' head timeout")
+            for reader, writer in silent[1:]:
+                assert await reader.read() == b""
+                writer.close()
+            assert (await _get(port, "/healthz/ready"))[0] == 200
+            assert registry.get_sample_value("nodeagent_admin_connections_refused_total") == 1
+        finally:
+            await server.close()
+    run(main(), timeout=60)

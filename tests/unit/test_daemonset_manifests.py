@@ -21,6 +21,7 @@ import shlex
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import kubernetes_validate
 import pytest
@@ -369,13 +370,10 @@ def test_command_lines_use_real_flags_with_valid_values(workload: str, command: 
         setting.parse(value)  # ValueError names what is wrong
 
 
-def test_probes_and_scrape_annotations_hit_the_admin_server():
-    container = AGENT["spec"]["template"]["spec"]["containers"][0]
+def test_scrape_annotations_hit_the_admin_server():
     port = int(agent_args()["--admin-address"].rpartition(":")[2])
     server = admin.AdminServer(registry=admin.CollectorRegistry(), status=dict, ready=lambda: True, log=None)
-    get = container["livenessProbe"]["httpGet"]
-    assert get["port"] == port
-    assert server.respond("GET", get["path"])[0] == 200
+    assert server.respond("GET", "/metrics", local=False)[0] == 200
     annotations = AGENT["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
                            "prometheus.io/path": "/metrics"}
@@ -437,19 +435,39 @@ def test_a_crd_file_holding_anything_else_is_refused(tmp_path: Path):
         crds.load(tmp_path / "missing.yaml")
 
 
-def test_the_readiness_probe_reads_the_agents_own_readiness_file(tmp_path):
-    """An exec probe (the admin port is shared during a rolling update): ready only with a
-    fresh file saying `ready`; otherwise it fails printing why (kubelet's Unhealthy event)."""
-    command = AGENT["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
+def exec_probe(kind: str, path: Path) -> Callable[[], tuple[int, str]]:
+    """The agent container's exec probe `kind` (readinessProbe, livenessProbe) reading
+    `path` instead of the agent's readiness file: run it, (exit code, what it printed)."""
+    command = AGENT["spec"]["template"]["spec"]["containers"][0][kind]["exec"]["command"]
     default = str(admin.readiness_path(Path(agent_config.DEFAULT_ADMIN_SOCKET)))
     assert command[:2] == ["sh", "-c"] and default in command[2]
-    path = tmp_path / "readiness"
     script = command[2].replace(default, str(path))
 
     def probe() -> tuple[int, str]:
         done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=10)
         return done.returncode, done.stdout
+    return probe
 
+
+def test_the_liveness_probe_reads_how_fresh_the_readiness_file_is(tmp_path):
+    """An exec probe too (not the admin port, which any pod can fill): alive while the
+    agent's loop rewrites its readiness file, ready or not; a file older than 10 s, or
+    none, is a stalled agent."""
+    assert "httpGet" not in AGENT["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
+    path = tmp_path / "readiness"
+    probe = exec_probe("livenessProbe", path)
+    assert probe() == (1, f"stalled: no {path} newer than 10 s\n")
+    path.write_text(admin.readiness_text(admin.Readiness(("no valid certificate for x",))))
+    assert probe() == (0, "")  # not ready, but alive
+    os.utime(path, (time.time() - 11, time.time() - 11))
+    assert probe() == (1, f"stalled: no {path} newer than 10 s\n")
+
+
+def test_the_readiness_probe_reads_the_agents_own_readiness_file(tmp_path):
+    """An exec probe (the admin port is shared during a rolling update): ready only with a
+    fresh file saying `ready`; otherwise it fails printing why (kubelet's Unhealthy event)."""
+    path = tmp_path / "readiness"
+    probe = exec_probe("readinessProbe", path)
     assert probe() == (1, f"not ready: no {path} newer than 5 s\n")
     path.write_text(admin.readiness_text(admin.Readiness()))
     assert probe() == (0, "")
