@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import resource
 import signal
 import time
 from typing import Any
@@ -291,7 +292,7 @@ class Agent:
                        "pods_on_node": len(self.model.pods_on_node(self.config.node))},
             "pods": enrolment["enrolled"], "waiting": enrolment["waiting"],
             "capture": capture, "counters": self.metrics.snapshot(),
-            "config": self.config.as_dict(), **self.datapath.describe(),
+            "config": self.config.as_dict(), "open_files": open_files(), **self.datapath.describe(),
         }
 
     def _readiness_status(self) -> dict[str, Any]:
@@ -339,10 +340,45 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return False
 
 
+OPEN_FILES_WANTED = 65536  # below this the agent warns at start
+
+
+def raise_open_files() -> tuple[int, int]:
+    """(before, after): the soft limit of open descriptors raised to the hard one, as Go's
+    runtime does for every Go program at start (kubelet, containerd, ztunnel does it too).
+    Container runtimes start processes at systemd's 1024 soft (containerd 2 no longer
+    raises it), and a relayed connection holds two or three descriptors: at 1024 the
+    agent would fail connections (EMFILE) past ~300 at once. A hard limit of infinity
+    stops at the kernel's fs.nr_open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            target = int(open("/proc/sys/fs/nr_open").read())
+        except (OSError, ValueError):
+            return soft, soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return soft, target
+    return soft, soft
+
+
+def open_files() -> dict[str, int]:
+    """Descriptors open now and the soft limit (status)."""
+    return {"open": len(os.listdir("/proc/self/fd")), "limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+
+
 def run(config: AgentConfig) -> int:
     """Run the agent until SIGTERM/SIGINT; the `nodeagent run` entry point."""
     limit_malloc_arenas()
+    before, after = raise_open_files()
     log = logs.configure(config.log_level, config.log_format)
+    if after != before:
+        log.info("open descriptors: soft limit raised from %d to %d (the hard limit)", before, after)
+    if after < OPEN_FILES_WANTED:
+        log.warning("open descriptors: at most %d (the container's hard limit); a relayed connection takes two or "
+                    "three, so connections past ~%d at once will fail: raise the nofile limit of the agent's "
+                    "container runtime", after, after // 3)
     agent = Agent(config, capture=new_capture(config, log), registry=CollectorRegistry(), log=log)
 
     async def main() -> None:

@@ -154,9 +154,16 @@ def _mesh_sections(status: dict[str, Any], now: float) -> list[str]:
     return [_section("WORKLOAD CERTIFICATES", certs), "", _section("POLICIES IN FORCE", policies), "",
             _section("POLICY ERRORS", "\n".join(f"  {e}" for e in policy.get("errors", []))), "",
             f"HBONE: {tunnel.get('pooled_connections', 0)} pooled outbound connections, "
-            f"{tunnel.get('inbound_connections', 0)} inbound", *_memory_line(status.get("memory")), "",
+            f"{tunnel.get('inbound_connections', 0)} inbound", *_memory_line(status.get("memory")),
+            *_open_files_line(status.get("open_files")), "",
             *_data_path_lines(status.get("data_path")),
             *_waypoint_sections(status.get("waypoint"), policy.get("kinds") or {})]
+
+
+def _open_files_line(files: dict[str, int] | None) -> list[str]:
+    if not files:
+        return []
+    return [f"OPEN FILES: {files['open']} of {files['limit']} ({100 * files['open'] / files['limit']:.0f} %)"]
 
 
 def _memory_line(memory: dict[str, Any] | None) -> list[str]:

@@ -10,6 +10,7 @@ import asyncio
 import http.server
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -35,7 +36,7 @@ from policy_world import document
 PING = b"ping\n"
 STATUS_KEYS = {"node", "version", "pid", "started_at", "ready", "not_ready", "source", "pods", "waiting",
                "capture", "counters", "config", "identity", "policy", "tunnel", "delivered_connections",
-               "waypoint", "data_path", "memory"}
+               "waypoint", "data_path", "memory", "open_files"}
 NOT_STARTED = (f"no process of pod {SLEEP.uid} in /proc/*/cgroup "
                "(the pod has not started yet or is gone; retrying)")  # PodProcesses' PodNotFound
 DENY_SLEEP_SPEC = {"selector": {"matchLabels": {"app": "httpbin"}}, "action": "DENY",
@@ -102,6 +103,8 @@ def test_ready_after_the_first_reconcile_and_the_status_says_what_the_agent_runs
             memory = status["memory"]  # memory_limit_mib=off: read (this process), never overloaded
             assert (memory["limit_bytes"], memory["overloaded"], memory["overload_episodes"]) == (None, False, 0)
             assert 0 < memory["usage_bytes"] <= memory["peak_bytes"]
+            files = status["open_files"]  # this process's
+            assert files["limit"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0] and 0 < files["open"] < files["limit"]
             assert (status["data_path"]["setting"], status["data_path"]["engine"]) == (
                 "auto", "native" if native_built() else "python")  # auto: native when scripts/setup built it
         assert node.capture.calls == [("load",), ("enrolled_netns",), ("close", True)]

@@ -59,3 +59,20 @@ def arenas(mode: str) -> int:
 def test_twelve_allocating_threads_share_two_malloc_arenas():
     assert arenas("limit") <= 2
     assert arenas("default") > 2  # glibc's own default: what the limit changes
+
+
+def test_the_agent_raises_its_open_files_soft_limit_to_the_hard_one():
+    """Container runtimes start processes at 1024 open files soft (~300 relayed
+    connections); the agent takes the hard limit at start, once."""
+    run = python("""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        from nodeagent.agent.daemon import raise_open_files
+        print(raise_open_files(), resource.getrlimit(resource.RLIMIT_NOFILE), hard)
+        print(raise_open_files())
+        """)
+    assert run.returncode == 0, run.stderr
+    first, second = run.stdout.splitlines()
+    hard = int(first.rsplit(" ", 1)[1])
+    assert first == f"(256, {hard}) ({hard}, {hard}) {hard}" and second == f"({hard}, {hard})"

@@ -252,3 +252,8 @@ def test_the_admin_address_serves_no_status_and_at_most_32_connections_at_once(t
         finally:
             await server.close()
     run(main(), timeout=60)
+
+
+def test_open_files_against_the_limit_are_shown():
+    text = status.render_text({**STATUS, **MESH, "open_files": {"open": 130, "limit": 1048576}}, now=NOW)
+    assert "HBONE: 2 pooled outbound connections, 1 inbound\nOPEN FILES: 130 of 1048576 (0 %)\n" in text
