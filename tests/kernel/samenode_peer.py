@@ -13,6 +13,12 @@ run inside sandbox pods: stdlib only, one JSON line per connection on stdout.
   python samenode_peer.py hold HOST:PORT [--reset]
       Connect, read the greeting, print "joined", then read until the connection ends
       (--reset: reset it instead, SO_LINGER 0). Prints {"received", "error"}.
+  python samenode_peer.py stall PORT
+      Per connection: greet, then never read; hold it until the client goes. Prints
+      "listening" once.
+  python samenode_peer.py flood HOST:PORT QUIET MAX
+      Connect, read the greeting, then send until the connection takes nothing for QUIET
+      seconds or MAX bytes went. Prints {"sent", "error"}.
 """
 
 from __future__ import annotations
@@ -94,9 +100,40 @@ def hold(host: str, port: int, reset: bool) -> dict:
     return {"received": len(data), "error": error}
 
 
+def stall(port: int) -> None:
+    with socket.create_server(("0.0.0.0", port), backlog=16) as listener:
+        print("listening", flush=True)
+        held = []
+        while True:
+            conn, _ = listener.accept()
+            conn.sendall(GREETING)
+            held.append(conn)
+
+
+def flood(host: str, port: int, quiet: float, most: int) -> dict:
+    sent, error, chunk = 0, None, b"x" * (1 << 20)
+    with socket.create_connection((host, port), timeout=30) as sock:
+        if sock.recv(1) != GREETING:
+            return {"sent": 0, "error": "no greeting"}
+        sock.settimeout(quiet)
+        try:
+            while sent < most:
+                sent += sock.send(chunk)
+        except socket.timeout:
+            pass
+        except OSError as exc:
+            error = errno.errorcode.get(exc.errno, str(exc))
+    return {"sent": sent, "error": error}
+
+
 def main(argv: list[str]) -> int:
     if argv[0] == "serve":
         serve(int(argv[1]), int(argv[2]))
+    elif argv[0] == "stall":
+        stall(int(argv[1]))
+    elif argv[0] == "flood":
+        host, _, port = argv[1].rpartition(":")
+        print(json.dumps(flood(host, int(port), float(argv[2]), int(argv[3]))), flush=True)
     elif argv[0] == "hold":
         host, _, port = argv[1].rpartition(":")
         print(json.dumps(hold(host, int(port), "--reset" in argv)), flush=True)

@@ -14,7 +14,9 @@ the client is reset with no data, the server never sees it; the policy's denial 
 moves by exactly one for each.
 (c) With --no-same-node-fast-path the same exchange goes over HBONE, counted the same.
 (a) and (b) run with each join: asyncio (the Python engine), splice(2) (the native
-engine) and the kernel's (a sockmap verdict program, bpf/samenode.c).
+engine) and the kernel's (a sockmap verdict program, bpf/samenode.c, opt-in).
+(d) With the default join, a server that never reads holds its client back within a few
+MiB (the sockmap join let the kernel queue without bound).
 """
 
 from __future__ import annotations
@@ -123,12 +125,17 @@ def write_pods(sb: Sandbox) -> None:
 
 JOINS = {"python": ("--data-path-engine", "python", "--no-same-node-sockmap"),  # joined by asyncio
          "native": ("--data-path-engine", "native", "--no-same-node-sockmap"),  # by the engine's splice(2)
-         "sockmap": ("--data-path-engine", "native")}  # in the kernel: bpf/samenode.c
+         "sockmap": ("--data-path-engine", "native", "--same-node-sockmap")}  # in the kernel: bpf/samenode.c
 
 
 @pytest.fixture(params=list(JOINS))
 def fast(request, tmp_path):
     yield from sandbox(tmp_path, *JOINS[request.param])
+
+
+@pytest.fixture
+def default_join(tmp_path):
+    yield from sandbox(tmp_path, "--data-path-engine", "native")
 
 
 @pytest.fixture
@@ -238,3 +245,28 @@ def test_with_the_fast_path_off_the_same_exchange_goes_over_hbone(hbone):
     assert counters["hbone_streams_opened_total{direction=inbound}"] == 1
     assert not any(k.startswith("same_node_connections_total") for k in counters)
     assert all("same_node" not in f for f in node.flows())
+
+
+FLOOD_MOST = 1 << 30
+
+
+def test_by_default_a_receiver_that_stops_reading_holds_its_sender_back(default_join):
+    """The default join is the engine's splice(2): a server that never reads stops its
+    client once the sockets' buffers and the pipe are full, a few MiB. (The opt-in sockmap
+    join does not: the kernel queues what the client sends for the stalled socket without
+    bound, 6 GiB in 17 s for one connection, uncharged to any cgroup.)"""
+    node = default_join
+    assert node.sb.status()["data_path"]["same_node"]["join"] == "splice"
+    stalled = node.sb.in_pod(node.server, [sys.executable, PEER, "stall", str(PORT + 1)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert stalled.stdout.readline().strip() == "listening"
+        proc = node.sb.in_pod(node.client, [sys.executable, PEER, "flood", f"{node.server.ip}:{PORT + 1}",
+                                            str(scaled(3)), str(FLOOD_MOST)], stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=scaled(120))
+        result = json.loads(out)
+        assert result["error"] is None and 1 << 20 <= result["sent"] < 64 << 20, result
+        assert node.sb.status()["data_path"]["same_node"]["connections"]["relayed"] == 1
+    finally:
+        stalled.kill()
+        stalled.wait()
