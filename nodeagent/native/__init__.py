@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MAX_RELAYS = 65536  # relays open at once; one more is reset (ENOSPC)
-DEFAULT_PIPE_SIZE = 64 * 1024  # bytes held per direction at most (as the Python path's HIGH_WATER)
+DEFAULT_PIPE_SIZE = 256 * 1024  # bytes held per direction at most (docs/design.md: "Larger pipes")
 FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 _BATCH = 256  # ends taken per call
 STATS = ("relays_open", "relays_total", "relays_failed", "relays_aborted", "bytes_a_to_b", "bytes_b_to_a",
