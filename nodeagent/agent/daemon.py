@@ -30,6 +30,7 @@ import os
 import resource
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -354,7 +355,7 @@ def raise_open_files() -> tuple[int, int]:
     target = hard
     if hard == resource.RLIM_INFINITY:
         try:
-            target = int(open("/proc/sys/fs/nr_open").read())
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
         except (OSError, ValueError):
             return soft, soft
     if soft != resource.RLIM_INFINITY and soft < target:
