@@ -30,7 +30,6 @@ import logging
 import os
 import socket
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,11 +37,11 @@ from typing import Any, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from nodeagent.errors import ConfigError, NodeagentError
+from nodeagent.throttle import LOG_INTERVAL, Throttle
 
 MAX_REQUEST = 16 * 1024  # bytes of a request head
 MAX_TCP_CONNECTIONS = 32  # served at once on the admin address (Prometheus scrapes one at a time)
 HEAD_TIMEOUT = 5.0  # seconds for a request head to arrive
-LOG_INTERVAL = 10.0  # seconds between two log lines about refused admin connections
 REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
            503: "Service Unavailable"}
 
@@ -135,8 +134,7 @@ class AdminServer:
         self.refused = Counter("nodeagent_admin_connections_refused",
                                f"Connections to the admin address closed at accept: {MAX_TCP_CONNECTIONS} were "
                                "being served", registry=registry)
-        self._unlogged = 0
-        self._logged_at: float | None = None
+        self._refusals = Throttle()  # their log lines
 
     async def start(self, address: tuple[str, int] | None, socket_path: Path | None) -> None:
         if address is not None:
@@ -210,12 +208,8 @@ class AdminServer:
 
     def _refused(self) -> None:
         self.refused.inc()
-        self._unlogged += 1
-        now = time.monotonic()
-        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL:
-            return
-        self._logged_at, count, self._unlogged = now, self._unlogged, 0
-        if self.log is not None:
+        count = self._refusals.due()
+        if count and self.log is not None:
             self.log.warning("admin: %d connection(s) to the admin address closed at accept since the last report: "
                              "%d are being served, at most %d, each for at most %g s (a client opening connections "
                              "without sending requests?). Reported at most every %g s", count, self.tcp_open,

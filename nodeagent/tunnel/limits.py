@@ -26,6 +26,7 @@ import logging
 from typing import Callable
 
 from nodeagent.memory import MIB, MemoryGuard
+from nodeagent.throttle import LOG_INTERVAL, Throttle
 from nodeagent.tunnel.metrics import TunnelMetrics
 from nodeagent.tunnel.settings import TunnelSettings
 
@@ -36,7 +37,6 @@ PENDING_PER_SOURCE = "max_pending_handshakes_per_source"
 OPEN_PER_SOURCE = "max_connections_per_source"
 OPEN_TOTAL = "max_inbound_connections"
 MEMORY = "memory_limit"
-LOG_INTERVAL = 10.0  # seconds between two log lines about refused connections
 
 
 class FloodGuard:
@@ -96,8 +96,7 @@ class HandshakeBudget:
         self._by_source: dict[str, int] = {}  # client IP -> its pending handshakes (no entry at 0)
         self._open: dict[str, int] = {}  # client IP -> its connections accepted and not closed (no entry at 0)
         self.open = 0  # connections accepted and not closed, all sources
-        self._unlogged: dict[str, int] = {}  # limit -> refusals not yet logged
-        self._logged_at: dict[str, float] = {}  # limit -> when it was last logged
+        self._reports: dict[str, Throttle] = {}  # limit -> its refusals' log lines
 
     def admit(self, source: str) -> bool:
         """Take a slot for a connection from `source`; False (counted, maybe logged) when
@@ -146,13 +145,12 @@ class HandshakeBudget:
 
     def _refused(self, limit: str, source: str) -> None:
         self.metrics.limit_hit(self.direction, limit)
-        self._unlogged[limit] = self._unlogged.get(limit, 0) + 1
-        now = self.clock()
-        last = self._logged_at.get(limit)
-        if last is not None and now - last < LOG_INTERVAL:
+        report = self._reports.get(limit)
+        if report is None:
+            report = self._reports[limit] = Throttle(LOG_INTERVAL, self.clock)
+        refused = report.due()
+        if not refused:
             return
-        self._logged_at[limit] = now
-        refused, self._unlogged[limit] = self._unlogged[limit], 0
         if limit == MEMORY:
             self.log.warning("HBONE: %d connection(s) reset at accept since the last report: the agent holds %d MiB "
                              "of its %d MiB memory limit (memory_limit); the last from %s, which has %d open. "

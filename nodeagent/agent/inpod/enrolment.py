@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 
 from nodeagent.agent.inpod import podrouting
 from nodeagent.agent.inpod import sockets as inpod
-from nodeagent.agent.inpod.sockets import InPodListener, ListenSpec, PodContext
+from nodeagent.agent.inpod.sockets import AcceptFailures, InPodListener, ListenSpec, PodContext
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.inpod.podns import PodNetns, PodNetnsResolver, PodNotFound
 from nodeagent.backoff import Backoff
@@ -181,6 +181,9 @@ class Enroller:
     waiting: tuple[Waiting, ...] = ()
     draining: dict[asyncio.Task, Enrolment] = field(default_factory=dict)  # removed, relays running
 
+    def __post_init__(self) -> None:
+        self.accept_failures = AcceptFailures(self.log, self.metrics.failure, self.clock)  # all pods' listeners
+
     # --- reconcile ------------------------------------------------------------------
     def retry_due(self) -> bool:
         now = self.clock()
@@ -288,7 +291,7 @@ class Enroller:
                           + (" (is the app using one of the mesh's reserved ports "
                              f"{p.outbound}, {p.inbound}, {p.tunnel}?)" if exc.errno == errno.EADDRINUSE else "")
                           ) from None
-        out = [InPodListener(sock, ctx, direction, handler, self.log)
+        out = [InPodListener(sock, ctx, direction, handler, self.log, self.accept_failures)
                for sock, (_, direction, handler) in zip(socks, plan) if sock is not None]
         for lst in out:
             lst.start()

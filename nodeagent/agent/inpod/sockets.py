@@ -25,16 +25,24 @@ import logging
 import os
 import random
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from nodeagent import netns
 from nodeagent.model import Pod
 from nodeagent.nodelay import set_nodelay
+from nodeagent.throttle import LOG_INTERVAL, Throttle
 
 IP_TRANSPARENT = 19
 IP_FREEBIND = 15
 BACKLOG = 1024
+ACCEPT_PAUSE = 0.1  # seconds a listener stops accepting after accept(2) failed for want of descriptors or memory
+# accept(2) errors that are one queued connection's (Linux passes its pending network
+# error, or it was aborted in the queue): the next one is accepted at once, as accept(2)
+# says to, "like EAGAIN"
+PER_CONNECTION = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
+                            errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM))
 
 
 @dataclass(eq=False)
@@ -239,18 +247,52 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
                                     f"after {SOURCE_PORT_TRIES} tries")
 
 
+class AcceptFailures:
+    """Failed accepts of all the agent's in-pod listeners: each counted (`count(direction,
+    reason)`, the agent's connection failures with reason accept_<errno>), and logged at
+    once, then at most every LOG_INTERVAL with how many there were, for all pods together:
+    a pod that takes the agent's last descriptors makes thousands a second."""
+
+    def __init__(self, log: logging.Logger, count: Callable[[str, str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.log, self.count = log, count
+        self._report = Throttle(LOG_INTERVAL, clock)
+
+    def failed(self, listener: "InPodListener", exc: OSError, pause: float | None) -> None:
+        """`pause`: seconds the listener stops accepting (None: it goes on at once)."""
+        name = errno.errorcode.get(exc.errno, str(exc.errno)).lower()
+        if self.count is not None:
+            self.count(listener.direction, f"accept_{name}")
+        failures = self._report.due()
+        if not failures:
+            return
+        then = f"the listener pauses {pause:g} s" if pause is not None else "the next queued one is accepted"
+        why = (" (the agent's open descriptors are at their limit: `nodeagent status` shows OPEN FILES; "
+               "a pod holding thousands of connections?)" if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
+        self.log.warning("%s %s: accept on %s:%d failed: %s%s; %s. %d failed accept(s) of in-pod listeners since "
+                         "the last report, reported at most every %g s", listener.direction, listener.ctx,
+                         *listener.address, exc.strerror or exc, why, then, failures, self._report.interval)
+
+
 class InPodListener:
-    """Accept connections on an in-pod listening socket and run `handler` for each."""
+    """Accept connections on an in-pod listening socket and run `handler` for each. When
+    accept(2) fails for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+    the connection stays queued and the socket readable: the listener stops watching it
+    for ACCEPT_PAUSE instead of retrying at once, which spun the loop (62,000 failed
+    accepts and log lines in 0.5 s) and starved every other pod's connections."""
 
     def __init__(self, sock: socket.socket, ctx: PodContext, direction: str, handler: Handler,
-                 log: logging.Logger):
+                 log: logging.Logger, failures: AcceptFailures | None = None, pause: float = ACCEPT_PAUSE):
         self.sock = sock
         self.ctx = ctx
         self.direction = direction
         self.handler = handler
         self.log = log
+        self.failures = failures or AcceptFailures(log)
+        self.pause = pause
         self.address = sock.getsockname()[:2]
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -262,8 +304,12 @@ class InPodListener:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # ECONNABORTED, EMFILE...: log and wait for the next wake-up
-                self.log.warning("%s: accept on %s failed: %s", self.ctx, self.address, exc)
+            except OSError as exc:
+                if exc.errno in PER_CONNECTION:
+                    self.failures.failed(self, exc, None)
+                    continue
+                self.failures.failed(self, exc, self.pause)
+                self._pause()
                 return
             set_nodelay(conn)  # relayed bytes go out at once (nodelay.py)
             task = self._loop.create_task(self._run(conn))
@@ -279,6 +325,22 @@ class InPodListener:
             self.log.exception("%s connection of pod %s failed", self.direction, self.ctx)
             conn.close()
 
+    def _pause(self) -> None:
+        if self._loop is None or self._paused is not None or self.sock.fileno() == -1:
+            return
+        self._loop.remove_reader(self.sock.fileno())
+        self._paused = self._loop.call_later(self.pause, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self.sock.fileno() != -1:
+            self._loop.add_reader(self.sock.fileno(), self._accept_ready)
+
+    def _unpause(self) -> None:
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+
     def close(self, accept_queued: bool = True) -> None:
         """Stop listening. Connections already queued are accepted and relayed first, so
         removing a pod never resets a connection its app already saw established.
@@ -289,6 +351,8 @@ class InPodListener:
             return  # closed already (handed over, then the agent's shutdown)
         if self._loop is not None:
             self._loop.remove_reader(self.sock.fileno())
+            self._unpause()
             if accept_queued:
                 self._accept_ready()
+                self._unpause()  # accept failed: what is still queued is reset with the socket
         self.sock.close()
