@@ -1,4 +1,4 @@
-"""The agent's memory limit: past it, no new inbound HBONE connections (overload).
+"""The agent's memory limit: past it, no new connections (overload).
 
 Once through TLS an inbound HBONE connection costs ~80 KiB until it closes (OpenSSL's
 connection and the peer's certificates, nghttp2's session), and while it has streams
@@ -6,13 +6,18 @@ connection and the peer's certificates, nghttp2's session), and while it has str
 streams' bytes hold, the accept budget (tunnel/limits.py) how many connections are
 open, but 12288 connections of a peer with one stolen certificate (many pod IPs of a
 node it owns) are ~1 GB: past the DaemonSet's 512 MiB the kernel kills the agent, and
-with it every meshed connection of the node. So, as Envoy's overload manager stops
-accepting connections at a heap threshold, `MemoryGuard` reads what the agent's
-container holds and the accept budget refuses new inbound connections (reset at
-accept, TLS never started: `nodeagent_hbone_limit_hits_total{limit="memory_limit"}`)
-while it is at OVERLOAD of the limit, and takes them again under RECOVER (hysteresis:
-no flapping at the edge). Open connections and their streams go on: the agent keeps
-serving what it already serves instead of being killed with it.
+with it every meshed connection of the node. Each relayed connection costs too: ~25 KiB
+at the source agent and ~31 KiB at the destination's (measured with 10,000 idle
+connections from one pod across nodes), so one pod holding ~15,000 connections took
+both agents past 512 MiB. So, as Envoy's overload manager stops accepting connections
+and requests at a heap threshold, `MemoryGuard` reads what the agent's container holds
+and, while it is at OVERLOAD of the limit, the agent refuses what is new: inbound HBONE
+connections (reset at accept, TLS never started:
+`nodeagent_hbone_limit_hits_total{limit="memory_limit"}`), streams on the connections
+already open (answered 503), captured outbound and plaintext inbound connections (reset:
+`nodeagent_connection_failures_total{reason="memory_limit"}`), and takes them again
+under RECOVER (hysteresis: no flapping at the edge). Open connections go on: the agent
+keeps serving what it already serves instead of being killed with it.
 
 What is read is the resident memory of the agent and every process under it (its
 waypoint Envoy runs in the same container, under the same limit; the compile process
@@ -30,8 +35,10 @@ import os
 import time
 from typing import Callable
 
+from nodeagent.throttle import LOG_INTERVAL, Throttle
+
 MIB = 1 << 20
-OVERLOAD = 0.90  # of the limit: from here new inbound HBONE connections are refused...
+OVERLOAD = 0.90  # of the limit: from here new connections and streams are refused...
 RECOVER = 0.85  # ...until the agent holds less than this again
 INTERVAL = 0.05  # seconds a reading is used for
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -82,6 +89,7 @@ class MemoryGuard:
         self._read_at: float | None = None
         self.over = False
         self.episodes = 0  # times it went over OVERLOAD
+        self._refusals = Throttle(LOG_INTERVAL, clock)  # log lines of `refused`
 
     def overloaded(self) -> bool:
         """At or over OVERLOAD of the limit (until under RECOVER again); False without a limit."""
@@ -104,12 +112,25 @@ class MemoryGuard:
             self.over = True
             self.episodes += 1
             self.log.warning("memory: the agent and its waypoint hold %d MiB, %.0f %% of the limit (%d MiB): new "
-                             "inbound HBONE connections are reset at accept until they hold less than %.0f %%; "
-                             "open connections go on", usage // MIB, share * 100, self.limit // MIB, RECOVER * 100)
+                             "connections and streams are refused until they hold less than %.0f %%; open connections "
+                             "go on", usage // MIB, share * 100, self.limit // MIB, RECOVER * 100)
         elif self.over and share < RECOVER:
             self.over = False
-            self.log.warning("memory: back to %d MiB, %.0f %% of the limit (%d MiB): inbound HBONE connections "
-                             "are accepted again", usage // MIB, share * 100, self.limit // MIB)
+            self.log.warning("memory: back to %d MiB, %.0f %% of the limit (%d MiB): new connections are "
+                             "accepted again", usage // MIB, share * 100, self.limit // MIB)
+
+    def refuse(self) -> bool:
+        """Whether to refuse a new connection or stream now (overloaded); a refusal is
+        logged at once, then at most every LOG_INTERVAL with how many there were (the
+        caller counts it in its own metric)."""
+        if not self.overloaded():
+            return False
+        refused = self._refusals.due()
+        if refused:
+            self.log.warning("memory: %d new connection(s) or stream(s) refused since the last report: the agent "
+                             "holds %d MiB of its %d MiB limit (memory_limit_mib). Reported at most every %g s",
+                             refused, (self.usage or 0) // MIB, self.limit // MIB, self._refusals.interval)
+        return True
 
     def describe(self) -> dict:
         self._sample()  # a fresh reading (at most one per INTERVAL)

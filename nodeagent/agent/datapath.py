@@ -88,11 +88,12 @@ class DataPath:
         self.connections = InboundConnections(lambda: self.policies.current, pod_at, waypoint, registry,
                                               log.getChild("inbound"))
         self.splicer = Splicer(c.data_path_engine, log.getChild("relay"))
+        self.memory = MemoryGuard(c.memory_limit_mib, log.getChild("memory"))
         inputs = ProxyInputs(model=model, pod_at=pod_at, policies=self.policies, identities=self.identities,
                              telemetry=self.telemetry, connections=self.connections, waypoint=waypoint,
                              metrics=metrics, agent_ports=frozenset({c.outbound_port, c.inbound_port,
                                                                      c.tunnel_port, c.admin_port}),
-                             splicer=self.splicer)
+                             splicer=self.splicer, memory=self.memory)
         tunnel_metrics = TunnelMetrics(registry)
         tunnel = TunnelSettings(server_handshake_timeout=c.hbone_handshake_timeout)
         self.hbone_engines = HboneEngines(c.hbone_engine, log.getChild("hbone"), tunnel)
@@ -110,9 +111,8 @@ class DataPath:
                                       passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone,
                                       same_node=self.same_node)
         self.inbound = InboundRelay(inputs, log.getChild("inbound"), delivery=delivery)
-        self.memory = MemoryGuard(c.memory_limit_mib, log.getChild("memory"))
         self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"), settings=tunnel,
-                                    engines=self.hbone_engines, budget=self.stream_budget, memory=self.memory)
+                                    engines=self.hbone_engines, budget=self.stream_budget)
         self._releases: set[asyncio.Task] = set()
         self._kernel_start: asyncio.Task | None = None
 

@@ -175,9 +175,9 @@ def _memory_line(memory: dict[str, Any] | None) -> list[str]:
         return [f"MEMORY: agent and waypoint {usage} MiB resident (peak {peak}); no limit (memory_limit_mib=off)"]
     share = f"{usage} MiB of the {limit >> 20} MiB limit ({100 * memory['usage_bytes'] / limit:.0f} %, peak {peak})"
     if memory["overloaded"]:
-        return [f"MEMORY: OVERLOADED, {share}: new inbound HBONE connections are reset at accept until under "
+        return [f"MEMORY: OVERLOADED, {share}: new connections and streams are refused until under "
                 f"{memory['recover_at'] * 100:.0f} %"]
-    return [f"MEMORY: {share}; new inbound HBONE connections are refused from {memory['overload_at'] * 100:.0f} %"
+    return [f"MEMORY: {share}; new connections and streams are refused from {memory['overload_at'] * 100:.0f} %"
             f" ({memory['overload_episodes']} times so far)"]
 
 

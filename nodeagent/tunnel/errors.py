@@ -70,7 +70,8 @@ class ConnectRefused(TunnelError):
         self.reason = f"status_{status}"
         hint = {401: "an AuthorizationPolicy at the destination denies this source",
                 403: "an AuthorizationPolicy at the destination denies this source",
-                503: "the destination agent could not reach the app port; is it listening?"}.get(status)
+                503: "the destination agent could not reach the app port (is it listening?), or is over its "
+                     "memory limit (its log says so)"}.get(status)
         super().__init__(f"HBONE CONNECT {authority[0]}:{authority[1]} via {addr[0]}:{addr[1]} "
                          f"refused with status {status}", hint)
 

@@ -260,7 +260,7 @@ class World:
         self.ca = ca
         self.engine = engine
         self.tunnel_settings = tunnel  # the agent's HBONE server (both engines)
-        self.memory = memory  # the agent's memory limit (nodeagent/memory.py), none by default
+        self.memory = memory or MemoryGuard(None, LOG)  # the agent's memory limit (nodeagent/memory.py): none by default
 
     async def __aenter__(self) -> "World":
         self._closers: list = []
@@ -324,7 +324,7 @@ class World:
         inputs = ProxyInputs(model=lambda: self.model, pod_at=pod_at, policies=self.policies,
                              identities=self.identities, telemetry=self.telemetry, connections=self.connections,
                              waypoint=self.envoy, metrics=self.metrics, agent_ports=self.agent_ports,
-                             splicer=self.splicer)
+                             splicer=self.splicer, memory=self.memory)
         self.hbone = HboneRoute(self.identities, tunnel_metrics, LOG, mark=MARK, port=self.tunnel_port,
                                 engines=self.hbone_engines)
         self._closers.append(self.hbone.close)
@@ -333,7 +333,7 @@ class World:
         self.delivery = Delivery(DELIVERY_MARK, TIMEOUT)
         self.inbound = InboundRelay(inputs, LOG, delivery=self.delivery)
         self.tunnel = TunnelInbound(inputs, self.delivery, tunnel_metrics, LOG, engines=self.hbone_engines,
-                                    settings=self.tunnel_settings, memory=self.memory)
+                                    settings=self.tunnel_settings)
         self._closers.append(self.tunnel.close)
         client, server = self.enrolled[CLIENT], self.enrolled[SERVER]
         self._listen(self.outbound_listener, client, "outbound", self.outbound.handle)

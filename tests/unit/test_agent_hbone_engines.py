@@ -21,9 +21,9 @@ from engines import NATIVE_HBONE, engine_fixture
 from identity_fixtures import run, until
 from nodeagent.memory import INTERVAL, MIB, MemoryGuard, tree_resident
 from nodeagent.resets import LINGER_RESET
-from nodeagent.tunnel import TunnelError, TunnelSettings
+from nodeagent.tunnel import ConnectRefused, TunnelError, TunnelSettings
 from policy_world import document
-from relay_world import CLIENT, LOG, SERVER, SERVICE, World, ended, principal
+from relay_world import CLIENT, LEGACY, LOG, SERVER, SERVICE, World, ended, principal
 
 engine = engine_fixture(("python", NATIVE_HBONE))
 
@@ -294,12 +294,14 @@ def test_one_source_keeps_at_most_max_connections_per_source_open(tmp_path, monk
     run(main(), timeout=120)
 
 
-def test_over_its_memory_limit_the_agent_takes_no_new_connection_and_keeps_the_open_ones(
-        tmp_path, monkeypatch, engine):
+def test_over_its_memory_limit_the_agent_takes_nothing_new_and_keeps_what_is_open(tmp_path, monkeypatch, engine):
     """While the agent holds 90 % of its memory limit (read from /proc: this process is
-    the agent here), a new HBONE connection from a client holding a valid certificate is
-    reset at accept and counted once (limit memory_limit), and a stream on the connection
-    already open still carries its bytes; under 85 % again, new connections get in."""
+    the agent here) it takes nothing new, and what is open goes on: a new HBONE connection
+    from a client holding a valid certificate is reset at accept (limit memory_limit), a
+    new stream on a connection already open is answered 503, a captured outbound
+    connection and a plaintext inbound one are reset (reason memory_limit), each counted,
+    and the refusals logged once; a stream opened before carries its bytes all along.
+    Under 85 % again, everything gets in."""
     now = [0.0]
     memory = MemoryGuard(None, LOG, clock=lambda: now[0])
 
@@ -314,6 +316,8 @@ def test_over_its_memory_limit_the_agent_takes_no_new_connection_and_keeps_the_o
             limit(1 << 20)
             await _served(w, first)
             assert w.tunnel.connections() == 1 and not memory.over
+            held_open = await w.open_stream(first, w.app.address)
+            assert (await _line(held_open)).startswith(CLIENT.encode() + b":")
             held = tree_resident()
             limit(int(held / 0.95 / MIB))  # the agent holds ~95 % of it
             with pytest.raises(TunnelError):
@@ -321,12 +325,39 @@ def test_over_its_memory_limit_the_agent_takes_no_new_connection_and_keeps_the_o
             assert memory.over and memory.episodes == 1
             assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound", limit="memory_limit") == 1
             assert w.tunnel.connections() == 1
-            await _served(w, first)  # the open connection serves new streams
+            with pytest.raises(ConnectRefused) as refused:  # a new stream on the open connection
+                await _served(w, first)
+            assert refused.value.status == 503
+            assert w.stream_refusals() == {("inbound", "memory_limit"): 1}
+            outbound = await w.dial_out(w.app.address)
+            assert await ended(outbound[0]) == "reset"
+            steered = await w.dial(LEGACY, w.steer())
+            assert await ended(steered[0]) == "reset"
+            assert w.failures() == {("outbound", "memory_limit"): 1, ("inbound", "memory_limit"): 1}
+            held_open.write(b"still here\n")  # the stream opened before the limit
+            assert await _line(held_open) == b"still here\n"
             limit(int(held / 0.875 / MIB))  # ~87.5 %, between 85 and 90: still refusing
             with pytest.raises(TunnelError):
                 await _served(w, second)
             assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound", limit="memory_limit") == 2
             limit(int(held / 0.7 / MIB))  # ~70 %
             await _served(w, second)
+            await _served(w, first)
             assert not memory.over and memory.episodes == 1 and w.tunnel.connections() == 2
+            reader, writer = await w.dial_out(w.app.address)  # through the agent's own pool: a third connection
+            assert (await _line(reader)).startswith(CLIENT.encode() + b":")
+            writer.write_eof()
+            assert await ended(reader) == "eof"
+            assert w.failures() == {("outbound", "memory_limit"): 1, ("inbound", "memory_limit"): 1}
+            held_open.write_eof()
+            assert await held_open.read() == b""
     run(main(), timeout=120)
+
+
+async def _line(reader) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await reader.read(1)
+        assert chunk, f"ended after {line!r}"
+        line += chunk
+    return line

@@ -51,7 +51,7 @@ def node(tmp_path, monkeypatch, engine):
 def fast(w: World) -> SameNodeRoute:
     inputs = ProxyInputs(model=lambda: w.model, pod_at=w.enrolled.get, policies=w.policies, identities=w.identities,
                          telemetry=w.telemetry, connections=w.connections, waypoint=w.envoy, metrics=w.metrics,
-                         agent_ports=w.agent_ports, splicer=w.splicer)
+                         agent_ports=w.agent_ports, splicer=w.splicer, memory=w.memory)
     route = SameNodeRoute(inputs, w.delivery, w.registry, LOG)
     relay = OutboundRelay(inputs, w.capture, LOG, passthrough=Passthrough(MARK, TIMEOUT), hbone=w.hbone,
                           same_node=route)

@@ -39,6 +39,8 @@ class InboundRelay(Relay):
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.inbound.inc()
+        if self._overloaded(ctx, client):
+            return
         try:
             dst = client.getsockname()[:2]
             src = client.getpeername()[:2]

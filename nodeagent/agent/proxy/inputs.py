@@ -20,6 +20,7 @@ from nodeagent.agent.proxy.policies import PolicyState
 from nodeagent.agent.proxy.splice import Splicer
 from nodeagent.agent.proxy.telemetry import Telemetry
 from nodeagent.agent.proxy.steering import WaypointHandle
+from nodeagent.memory import MemoryGuard
 from nodeagent.model import Model
 
 
@@ -35,3 +36,4 @@ class ProxyInputs:
     metrics: AgentMetrics  # the agent's own counters
     agent_ports: frozenset[int]  # the agent's own ports: never a destination
     splicer: Splicer  # which engine moves the bytes: native for socket pairs, or Python
+    memory: MemoryGuard  # the agent's memory limit: over it, nothing new is taken (nodeagent/memory.py)

@@ -74,6 +74,8 @@ class OutboundRelay(Relay):
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.outbound.inc()
+        if self._overloaded(ctx, client):
+            return
         try:
             client_port = client.getpeername()[1]
         except OSError:

@@ -67,6 +67,15 @@ class Relay:
         self.log.warning("%s %s: %s", self.direction, ctx, detail)
         reset(client)
 
+    def _overloaded(self, ctx: PodContext, client: socket.socket) -> bool:
+        """The agent is over its memory limit's mark: a new connection is reset, counted
+        (reason memory_limit) and logged by the guard, at most every few seconds."""
+        if not self.inputs.memory.refuse():
+            return False
+        self.metrics.failure(self.direction, "memory_limit")
+        reset(client)
+        return True
+
     def _enrolled(self, sock: socket.socket, ip: str, what: str) -> PodContext | None:
         """The enrolled pod at `ip` a connection Envoy handed back is for; else reset it."""
         ctx = self.inputs.pod_at(ip)

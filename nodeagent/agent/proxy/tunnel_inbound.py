@@ -33,7 +33,6 @@ from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import connect_failure_reason
 from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS
 from nodeagent.identity.errors import IdentityUnavailable
-from nodeagent.memory import MemoryGuard
 from nodeagent.policy import Connection
 from nodeagent.resets import reset
 from nodeagent.tunnel import HboneServer, HboneStream, StreamBudget, StreamInfo, TunnelMetrics, TunnelSettings, tls
@@ -44,7 +43,7 @@ T = TypeVar("T")
 class TunnelInbound:
     def __init__(self, inputs: ProxyInputs, delivery: Delivery, tunnel_metrics: TunnelMetrics, log: logging.Logger,
                  *, settings: TunnelSettings = TunnelSettings(), engines: HboneEngines | None = None,
-                 budget: StreamBudget | None = None, memory: MemoryGuard | None = None):
+                 budget: StreamBudget | None = None):
         self.inputs = inputs
         self.delivery = delivery
         self.metrics = inputs.metrics
@@ -52,7 +51,7 @@ class TunnelInbound:
         self.verify = tls.verifier(inputs.identities.trust_domain)
         self.server = HboneServer(self._context_for, self.verify, self._on_stream,
                                   metrics=tunnel_metrics, log=log, settings=settings, budget=budget,
-                                  memory=memory)
+                                  memory=inputs.memory)
         self.engines = engines  # None or python: the HboneServer above serves
         self.native = NativeServing(self, tunnel_metrics, log)
 
@@ -99,6 +98,9 @@ class TunnelInbound:
             stream.respond(503, reason="pod_gone")
             return
         self.metrics.inbound.inc()
+        if self.inputs.memory.refuse():  # a new stream on an open connection: Envoy's overload answer
+            stream.respond(503, reason="memory_limit")
+            return
         src, dst = info.peer_address, info.authority
         flow = open_flow(self.inputs, ctx, src, dst, info.peer_identity, MTLS)
         flow.upstream = info.local_address
