@@ -19,6 +19,14 @@ already open (answered 503), captured outbound and plaintext inbound connections
 under RECOVER (hysteresis: no flapping at the edge). Open connections go on: the agent
 keeps serving what it already serves instead of being killed with it.
 
+Refusing everything would let one pod that fills the agent shut every other pod of the
+node out of new connections. So between OVERLOAD and FULL only the work of local pods
+over their share is refused: `Holdings` counts the connections the agent relays for
+each local pod (outbound: its app's; inbound: to it), and a pod holding more than the
+mean of the pods holding any (and at least FAIR_FLOOR) is over its share, as Envoy's
+overload manager resets the streams using the most memory first. At FULL everything new
+is refused, whichever pod it is for.
+
 What is read is the resident memory of the agent and every process under it (its
 waypoint Envoy runs in the same container, under the same limit; the compile process
 for the 1 s it lives): /proc/<pid>/statm of each, the children from
@@ -33,13 +41,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from nodeagent.throttle import LOG_INTERVAL, Throttle
 
 MIB = 1 << 20
-OVERLOAD = 0.90  # of the limit: from here new connections and streams are refused...
+OVERLOAD = 0.90  # of the limit: from here new connections and streams of pods over their share are refused...
 RECOVER = 0.85  # ...until the agent holds less than this again
+FULL = 0.95  # and from here everything new is, whichever pod it is for
+FAIR_FLOOR = 64  # a pod holding fewer connections than this is never over its share
 INTERVAL = 0.05  # seconds a reading is used for
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PROC = "/proc"
@@ -76,11 +87,41 @@ def tree_resident(root: int | None = None, proc: str = PROC) -> int:
     return total
 
 
+class Holdings:
+    """The connections the agent relays now, per local pod IP."""
+
+    def __init__(self):
+        self._by: dict[str, int] = {}  # no entry at 0
+        self.total = 0
+
+    @contextmanager
+    def held(self, ip: str) -> Iterator[None]:
+        """One connection of the pod at `ip`, for the `with` block."""
+        self._by[ip] = self._by.get(ip, 0) + 1
+        self.total += 1
+        try:
+            yield
+        finally:
+            left = self._by.pop(ip) - 1
+            if left:
+                self._by[ip] = left
+            self.total -= 1
+
+    def of(self, ip: str) -> int:
+        return self._by.get(ip, 0)
+
+    def over_share(self, ip: str) -> bool:
+        """More than the mean of the pods holding any, and at least FAIR_FLOOR."""
+        mine = self._by.get(ip, 0)
+        return mine >= FAIR_FLOOR and mine * len(self._by) > self.total
+
+
 class MemoryGuard:
     """Whether the agent is over its memory limit's OVERLOAD mark (see the module)."""
 
     def __init__(self, limit_mib: int | None, log: logging.Logger, *,
                  read: Callable[[], int] = tree_resident, clock: Callable[[], float] = time.monotonic):
+        self.holdings = Holdings()
         self.limit = limit_mib * MIB if limit_mib else None
         self.log = log
         self.read, self.clock = read, clock
@@ -112,28 +153,40 @@ class MemoryGuard:
             self.over = True
             self.episodes += 1
             self.log.warning("memory: the agent and its waypoint hold %d MiB, %.0f %% of the limit (%d MiB): new "
-                             "connections and streams are refused until they hold less than %.0f %%; open connections "
-                             "go on", usage // MIB, share * 100, self.limit // MIB, RECOVER * 100)
+                             "connections and streams of pods over their share (from %.0f %%: of every pod) are "
+                             "refused until they hold less than %.0f %%; open connections go on", usage // MIB,
+                             share * 100, self.limit // MIB, FULL * 100, RECOVER * 100)
         elif self.over and share < RECOVER:
             self.over = False
             self.log.warning("memory: back to %d MiB, %.0f %% of the limit (%d MiB): new connections are "
                              "accepted again", usage // MIB, share * 100, self.limit // MIB)
 
-    def refuse(self) -> bool:
-        """Whether to refuse a new connection or stream now (overloaded); a refusal is
-        logged at once, then at most every LOG_INTERVAL with how many there were (the
-        caller counts it in its own metric)."""
+    def refuses(self, ip: str | None) -> bool:
+        """Whether new work for the local pod at `ip` (None: not known) is refused now:
+        overloaded and the pod over its share, or (also for None) at FULL."""
         if not self.overloaded():
+            return False
+        if ip is None or self.usage >= FULL * self.limit:
+            return True
+        return self.holdings.over_share(ip)
+
+    def refuse(self, ip: str, pod: object) -> bool:
+        """`refuses`, with a refusal logged at once, then at most every LOG_INTERVAL with
+        how many there were (the caller counts it in its own metric)."""
+        if not self.refuses(ip):
             return False
         refused = self._refusals.due()
         if refused:
             self.log.warning("memory: %d new connection(s) or stream(s) refused since the last report: the agent "
-                             "holds %d MiB of its %d MiB limit (memory_limit_mib). Reported at most every %g s",
-                             refused, (self.usage or 0) // MIB, self.limit // MIB, self._refusals.interval)
+                             "holds %d MiB of its %d MiB limit (memory_limit_mib); the last for %s, which holds %d of "
+                             "the %d connections the agent relays. Reported at most every %g s", refused,
+                             (self.usage or 0) // MIB, self.limit // MIB, pod, self.holdings.of(ip),
+                             self.holdings.total, self._refusals.interval)
         return True
 
     def describe(self) -> dict:
         self._sample()  # a fresh reading (at most one per INTERVAL)
         return {"limit_bytes": self.limit, "usage_bytes": self.usage, "peak_bytes": self.peak,
                 "overloaded": self.over, "overload_episodes": self.episodes,
-                "overload_at": OVERLOAD, "recover_at": RECOVER}
+                "overload_at": OVERLOAD, "recover_at": RECOVER, "full_at": FULL,
+                "connections_held": self.holdings.total}

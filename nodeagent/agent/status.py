@@ -175,10 +175,10 @@ def _memory_line(memory: dict[str, Any] | None) -> list[str]:
         return [f"MEMORY: agent and waypoint {usage} MiB resident (peak {peak}); no limit (memory_limit_mib=off)"]
     share = f"{usage} MiB of the {limit >> 20} MiB limit ({100 * memory['usage_bytes'] / limit:.0f} %, peak {peak})"
     if memory["overloaded"]:
-        return [f"MEMORY: OVERLOADED, {share}: new connections and streams are refused until under "
-                f"{memory['recover_at'] * 100:.0f} %"]
-    return [f"MEMORY: {share}; new connections and streams are refused from {memory['overload_at'] * 100:.0f} %"
-            f" ({memory['overload_episodes']} times so far)"]
+        return [f"MEMORY: OVERLOADED, {share}: new connections of pods over their share (from "
+                f"{memory['full_at'] * 100:.0f} %: of every pod) are refused until under {memory['recover_at'] * 100:.0f} %"]
+    return [f"MEMORY: {share}; new connections are refused from {memory['overload_at'] * 100:.0f} % for pods over "
+            f"their share, from {memory['full_at'] * 100:.0f} % for all ({memory['overload_episodes']} times so far)"]
 
 
 def _data_path_lines(data_path: dict[str, Any] | None) -> list[str]:

@@ -105,10 +105,10 @@ class HboneServer:
     async def handle_connection(self, sock: socket.socket) -> None:
         """Serve one accepted socket until it closes; never raises (but CancelledError)."""
         try:
-            peer = sock.getpeername()[:2]
+            peer, local = sock.getpeername()[:2], sock.getsockname()[0]
         except OSError:
             return self._refuse_connection(sock, "closed", "?", "the client left before the handshake")
-        if not self.handshakes.admit(peer[0]):
+        if not self.handshakes.admit(peer[0], local):
             return reset(sock)  # counted and logged by the budget
         try:
             set_nodelay(sock)  # HTTP/2 frames are small writes: none may wait for a delayed ACK

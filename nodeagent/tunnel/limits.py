@@ -98,11 +98,12 @@ class HandshakeBudget:
         self.open = 0  # connections accepted and not closed, all sources
         self._reports: dict[str, Throttle] = {}  # limit -> its refusals' log lines
 
-    def admit(self, source: str) -> bool:
-        """Take a slot for a connection from `source`; False (counted, maybe logged) when
-        the source or the server is at its limit, or the agent at its memory limit: the
-        caller resets the connection."""
-        if self.memory is not None and self.memory.overloaded():
+    def admit(self, source: str, local: str | None = None) -> bool:
+        """Take a slot for a connection from `source` to the local pod at `local`; False
+        (counted, maybe logged) when the source or the server is at its limit, or the
+        agent at its memory limit (for that pod: memory.MemoryGuard.refuses): the caller
+        resets the connection."""
+        if self.memory is not None and self.memory.refuses(local):
             self._refused(MEMORY, source)
             return False
         if self._open.get(source, 0) >= self.settings.max_connections_per_source:

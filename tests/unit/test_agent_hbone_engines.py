@@ -19,7 +19,7 @@ import pytest
 
 from engines import NATIVE_HBONE, engine_fixture
 from identity_fixtures import run, until
-from nodeagent.memory import INTERVAL, MIB, MemoryGuard, tree_resident
+from nodeagent.memory import FAIR_FLOOR, INTERVAL, MIB, MemoryGuard
 from nodeagent.resets import LINGER_RESET
 from nodeagent.tunnel import ConnectRefused, TunnelError, TunnelSettings
 from policy_world import document
@@ -294,63 +294,85 @@ def test_one_source_keeps_at_most_max_connections_per_source_open(tmp_path, monk
     run(main(), timeout=120)
 
 
-def test_over_its_memory_limit_the_agent_takes_nothing_new_and_keeps_what_is_open(tmp_path, monkeypatch, engine):
-    """While the agent holds 90 % of its memory limit (read from /proc: this process is
-    the agent here) it takes nothing new, and what is open goes on: a new HBONE connection
-    from a client holding a valid certificate is reset at accept (limit memory_limit), a
-    new stream on a connection already open is answered 503, a captured outbound
-    connection and a plaintext inbound one are reset (reason memory_limit), each counted,
-    and the refusals logged once; a stream opened before carries its bytes all along.
-    Under 85 % again, everything gets in."""
-    now = [0.0]
-    memory = MemoryGuard(None, LOG, clock=lambda: now[0])
+def test_over_its_memory_limit_the_agent_refuses_new_work_of_the_pods_over_their_share(
+        tmp_path, monkeypatch, engine):
+    """Over 90 % of its memory limit the agent takes nothing new for a local pod holding
+    more than its share of what it relays (the mean of the pods holding any, and at least
+    FAIR_FLOOR): the server pod, with 65 streams open against the client pod's one
+    connection, gets no new HBONE connection (reset at accept, limit memory_limit), no new
+    stream on an open one (503) and no plaintext inbound connection (reset, reason
+    memory_limit), while the client pod's new connections get in; over 95 % nothing new
+    gets in, whichever pod it is for. What is open goes on all along, and under 85 % again
+    everything gets in. (The agent's memory is what the test says it is: reading it is
+    tests/unit/test_memory.py's.)"""
+    now, usage = [0.0], [0]
+    memory = MemoryGuard(None, LOG, clock=lambda: now[0], read=lambda: usage[0])
 
-    def limit(mib: int) -> None:  # as if the agent had started with memory_limit_mib=mib
-        memory.limit = mib * MIB
+    def holding(share: float) -> None:  # as if the agent, with a limit of 1 GiB, held `share` of it
+        memory.limit = 1024 * MIB
+        usage[0] = int(share * memory.limit)
         now[0] += 2 * INTERVAL  # the next accept reads again
 
     async def main():
         async with World(tmp_path, monkeypatch, engine=engine, memory=memory) as w:
             await w.app.start()
+            legacy = await w.serve(LEGACY)
             first, second = await w.hbone_client(), await w.hbone_client()
-            limit(1 << 20)
+            holding(0.5)
             await _served(w, first)
-            assert w.tunnel.connections() == 1 and not memory.over
-            held_open = await w.open_stream(first, w.app.address)
-            assert (await _line(held_open)).startswith(CLIENT.encode() + b":")
-            held = tree_resident()
-            limit(int(held / 0.95 / MIB))  # the agent holds ~95 % of it
-            with pytest.raises(TunnelError):
+            streams = [await w.open_stream(first, w.app.address) for _ in range(FAIR_FLOOR + 1)]
+            for stream in streams:
+                assert (await _line(stream)).startswith(CLIENT.encode() + b":")
+            kept = await w.dial_out(legacy.address)  # the client pod holds one connection
+            assert (await _line(kept[0])).startswith(CLIENT.encode() + b":")
+            holdings = memory.holdings
+            assert (holdings.of(SERVER), holdings.of(CLIENT)) == (FAIR_FLOOR + 1, 1)
+
+            holding(0.92)  # over the mark, under FULL
+            with pytest.raises(TunnelError):  # a new HBONE connection to the server pod
                 await _served(w, second)
             assert memory.over and memory.episodes == 1
             assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound", limit="memory_limit") == 1
-            assert w.tunnel.connections() == 1
             with pytest.raises(ConnectRefused) as refused:  # a new stream on the open connection
                 await _served(w, first)
             assert refused.value.status == 503
             assert w.stream_refusals() == {("inbound", "memory_limit"): 1}
-            outbound = await w.dial_out(w.app.address)
-            assert await ended(outbound[0]) == "reset"
-            steered = await w.dial(LEGACY, w.steer())
+            steered = await w.dial(LEGACY, w.steer())  # plaintext inbound to the server pod
             assert await ended(steered[0]) == "reset"
-            assert w.failures() == {("outbound", "memory_limit"): 1, ("inbound", "memory_limit"): 1}
-            held_open.write(b"still here\n")  # the stream opened before the limit
-            assert await _line(held_open) == b"still here\n"
-            limit(int(held / 0.875 / MIB))  # ~87.5 %, between 85 and 90: still refusing
-            with pytest.raises(TunnelError):
-                await _served(w, second)
-            assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound", limit="memory_limit") == 2
-            limit(int(held / 0.7 / MIB))  # ~70 %
-            await _served(w, second)
-            await _served(w, first)
-            assert not memory.over and memory.episodes == 1 and w.tunnel.connections() == 2
-            reader, writer = await w.dial_out(w.app.address)  # through the agent's own pool: a third connection
+            reader, writer = await w.dial_out(legacy.address)  # the client pod, under its share
             assert (await _line(reader)).startswith(CLIENT.encode() + b":")
             writer.write_eof()
             assert await ended(reader) == "eof"
-            assert w.failures() == {("outbound", "memory_limit"): 1, ("inbound", "memory_limit"): 1}
-            held_open.write_eof()
-            assert await held_open.read() == b""
+            assert w.failures() == {("inbound", "memory_limit"): 1}
+
+            holding(0.96)  # FULL: nothing new, whichever pod
+            refused_out = await w.dial_out(legacy.address)
+            assert await ended(refused_out[0]) == "reset"
+            assert w.failures() == {("inbound", "memory_limit"): 1, ("outbound", "memory_limit"): 1}
+            streams[0].write(b"still here\n")  # what is open goes on
+            assert await _line(streams[0]) == b"still here\n"
+            kept[1].write(b"me too\n")
+            assert await _line(kept[0]) == b"me too\n"
+
+            holding(0.875)  # between 85 and 90 %: still over the mark, the server pod still over its share
+            with pytest.raises(TunnelError):
+                await _served(w, second)
+            assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound", limit="memory_limit") == 2
+            holding(0.7)
+            await _served(w, second)
+            await _served(w, first)
+            assert not memory.over and memory.episodes == 1 and w.tunnel.connections() == 2
+            reader, writer = await w.dial_out(w.app.address)  # through HBONE to the server pod
+            assert (await _line(reader)).startswith(CLIENT.encode() + b":")
+            writer.write_eof()
+            assert await ended(reader) == "eof"
+            assert w.failures() == {("inbound", "memory_limit"): 1, ("outbound", "memory_limit"): 1}
+            for stream in streams:
+                stream.write_eof()
+                assert await stream.read() == b""
+            kept[1].write_eof()
+            assert await ended(kept[0]) == "eof"
+            await until(lambda: holdings.total == 0, what="every connection to leave the holdings")
     run(main(), timeout=120)
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from contextlib import ExitStack
 
-from nodeagent.memory import INTERVAL, MIB, MemoryGuard, tree_resident
+from nodeagent.memory import FAIR_FLOOR, INTERVAL, MIB, Holdings, MemoryGuard, tree_resident
 
 LOG = logging.getLogger("test.memory")
 CHILD = """
@@ -78,4 +79,50 @@ def test_without_a_limit_nothing_is_refused_and_status_still_reads():
     assert not guard.overloaded() and count[0] == 0
     assert guard.describe() == {"limit_bytes": None, "usage_bytes": 10 << 30, "peak_bytes": 10 << 30,
                                 "overloaded": False, "overload_episodes": 0, "overload_at": 0.9,
-                                "recover_at": 0.85}
+                                "recover_at": 0.85, "full_at": 0.95, "connections_held": 0}
+
+
+def test_a_pod_is_over_its_share_past_the_mean_of_the_holders_and_the_floor():
+    holdings = Holdings()
+    with ExitStack() as held:
+        for _ in range(FAIR_FLOOR + 1):
+            held.enter_context(holdings.held("10.0.0.1"))
+        assert not holdings.over_share("10.0.0.1")  # the only holder: nobody to be fair to
+        held.enter_context(holdings.held("10.0.0.2"))
+        assert holdings.over_share("10.0.0.1") and not holdings.over_share("10.0.0.2")
+        assert not holdings.over_share("10.0.0.3")  # holds nothing
+        for _ in range(FAIR_FLOOR):
+            held.enter_context(holdings.held("10.0.0.2"))
+        assert not holdings.over_share("10.0.0.1") and not holdings.over_share("10.0.0.2")  # 65 each: the mean
+        assert (holdings.total, holdings.of("10.0.0.1")) == (2 * FAIR_FLOOR + 2, FAIR_FLOOR + 1)
+    assert holdings.total == 0 and holdings.of("10.0.0.1") == 0
+
+
+def test_under_the_floor_no_pod_is_over_its_share():
+    holdings = Holdings()
+    with ExitStack() as held:
+        for _ in range(FAIR_FLOOR - 1):
+            held.enter_context(holdings.held("10.0.0.1"))
+        held.enter_context(holdings.held("10.0.0.2"))
+        assert not holdings.over_share("10.0.0.1")
+
+
+def test_between_the_marks_only_pods_over_their_share_are_refused_and_from_full_all(caplog):
+    usage = [0]
+    clock = iter(range(10**6))  # a second passes between readings: each call reads again
+    guard = MemoryGuard(100, LOG, read=lambda: usage[0], clock=lambda: float(next(clock)))
+    with ExitStack() as held:
+        for _ in range(FAIR_FLOOR):
+            held.enter_context(guard.holdings.held("10.0.0.1"))
+        held.enter_context(guard.holdings.held("10.0.0.2"))
+        usage[0] = 89 * MIB
+        assert not guard.refuses("10.0.0.1") and not guard.refuses(None)
+        usage[0] = 92 * MIB
+        assert guard.refuses("10.0.0.1") and not guard.refuses("10.0.0.2") and guard.refuses(None)
+        usage[0] = 95 * MIB
+        assert guard.refuses("10.0.0.1") and guard.refuses("10.0.0.2")
+        caplog.clear()
+        assert guard.refuse("10.0.0.2", "mesh/b")
+        assert "the last for mesh/b, which holds 1 of the 65 connections the agent relays" in caplog.text
+        usage[0] = 84 * MIB
+        assert not guard.refuses("10.0.0.1")

@@ -41,6 +41,10 @@ class InboundRelay(Relay):
         self.metrics.inbound.inc()
         if self._overloaded(ctx, client):
             return
+        with self.inputs.memory.holdings.held(ctx.pod.ip):
+            await self._handle(ctx, client)
+
+    async def _handle(self, ctx: PodContext, client: socket.socket) -> None:
         try:
             dst = client.getsockname()[:2]
             src = client.getpeername()[:2]
@@ -99,7 +103,8 @@ class InboundRelay(Relay):
         ctx = self._enrolled(sock, dst[0], "delivery to")
         if ctx is None:
             return
-        with ExitStack() as ends:
+        # the next leg of a connection taken: never refused
+        with self.inputs.memory.holdings.held(ctx.pod.ip), ExitStack() as ends:
             try:
                 upstream = await self.delivery.connect(ctx, src, dst, ends)
             except (OSError, asyncio.TimeoutError) as exc:

@@ -63,7 +63,7 @@ class NativeServing:
             self._refused("closed", "?", "the client left before the handshake")
             sock.close()
             return
-        if not budget.admit(served.peer[0]):
+        if not budget.admit(served.peer[0], served.local[0]):
             reset(sock)  # counted and logged by the budget
             return
         try:

@@ -76,6 +76,10 @@ class OutboundRelay(Relay):
         self.metrics.outbound.inc()
         if self._overloaded(ctx, client):
             return
+        with self.inputs.memory.holdings.held(ctx.pod.ip):
+            await self._handle(ctx, client)
+
+    async def _handle(self, ctx: PodContext, client: socket.socket) -> None:
         try:
             client_port = client.getpeername()[1]
         except OSError:
@@ -128,6 +132,11 @@ class OutboundRelay(Relay):
         ctx = self._enrolled(sock, src[0], "upstream from")
         if ctx is None:
             return
+        with self.inputs.memory.holdings.held(ctx.pod.ip):  # the next leg of a connection taken: never refused
+            await self._upstream(ctx, sock, src, dst, header)
+
+    async def _upstream(self, ctx: PodContext, sock: socket.socket, src: Address, dst: Address,
+                        header: dataplane.ProxyHeader) -> None:
         endpoint = header.tlv(dataplane.TLV_ENDPOINT)
         try:
             address = dataplane.parse_endpoint(endpoint.decode()) if endpoint else dst

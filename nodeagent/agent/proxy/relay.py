@@ -68,9 +68,10 @@ class Relay:
         reset(client)
 
     def _overloaded(self, ctx: PodContext, client: socket.socket) -> bool:
-        """The agent is over its memory limit's mark: a new connection is reset, counted
-        (reason memory_limit) and logged by the guard, at most every few seconds."""
-        if not self.inputs.memory.refuse():
+        """The agent is over its memory limit's mark (and `ctx`'s pod over its share):
+        a new connection is reset, counted (reason memory_limit) and logged by the
+        guard, at most every few seconds."""
+        if not self.inputs.memory.refuse(ctx.pod.ip, ctx):
             return False
         self.metrics.failure(self.direction, "memory_limit")
         reset(client)

@@ -98,9 +98,13 @@ class TunnelInbound:
             stream.respond(503, reason="pod_gone")
             return
         self.metrics.inbound.inc()
-        if self.inputs.memory.refuse():  # a new stream on an open connection: Envoy's overload answer
+        if self.inputs.memory.refuse(ctx.pod.ip, ctx):  # a new stream on an open connection: Envoy's overload answer
             stream.respond(503, reason="memory_limit")
             return
+        with self.inputs.memory.holdings.held(ctx.pod.ip):
+            await self._stream(ctx, info, stream)
+
+    async def _stream(self, ctx: PodContext, info: StreamInfo, stream: HboneStream | NativeRequest) -> None:
         src, dst = info.peer_address, info.authority
         flow = open_flow(self.inputs, ctx, src, dst, info.peer_identity, MTLS)
         flow.upstream = info.local_address
