@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -54,6 +55,9 @@
 #define EARLY_MAX 16384u           /* client: the first bytes sent with the CONNECT, before its answer */
 #define MAX_HEADERS 16384u         /* MAX_HEADER_LIST_SIZE, as tunnel/h2conn.py */
 #define MAX_URI 512
+#define STREAM_IDLE_MS 2000u       /* a stream that moved nothing for a tick (at most half this) gives
+                                      its empty buffers back */
+#define TRIM_AFTER (4u << 20)      /* bytes of buffers released before the memory goes back to the system */
 
 enum kind { K_WAKE = 1, K_CONN, K_STREAM };
 enum op { OP_CLIENT = 1, OP_SERVER, OP_VERDICT, OP_CLOSE, OP_OPEN, OP_ACCEPT, OP_REFUSE, OP_RESET, OP_ATTACH };
@@ -85,6 +89,7 @@ struct stream {
     bool down_eof, down_done;      /* END_STREAM (or clean close) received; FIN passed on */
     bool h2_closed, deferred, ended, is_connect;
     bool got_200;                  /* client: answered 200 (relays once it has its socket) */
+    bool active;                   /* bytes came since the last tick (its buffers are kept) */
     bool peeked;                   /* client: the early peek is done (or not wanted) */
     uint32_t early;                /* client: bytes peeked into `up` before the answer, still in the socket */
     uint64_t early_sent;           /* client: ... of which handed to DATA before relaying */
@@ -176,6 +181,7 @@ struct nh_engine {
     uint64_t next_tick;            /* ms; 0: no periodic work configured */
     uint32_t tick_ms;
     uint64_t held;
+    uint64_t released_untrimmed;   /* engine thread: bytes of stream buffers released since the last malloc_trim */
     struct tally received;         /* received DATA the streams hold (the receive budget's) */
     struct tally sent;             /* bytes read from the streams' sockets, not yet framed (the send budget's) */
     struct stream *budget_waiting; /* streams the send budget stopped reading (send_room 0) */
@@ -244,6 +250,13 @@ static void buf_free(struct buf *b)
 {
     free(b->p);
     memset(b, 0, sizeof *b);
+}
+
+/* One of a stream's buffers freed, and no longer counted in stream_buffers. */
+static void stream_buf_free(struct nh_engine *e, struct buf *b)
+{
+    ST_ADD(e, stream_buffers, -(int64_t)b->cap);
+    buf_free(b);
 }
 
 static void held_add(struct nh_engine *e, int64_t delta)
@@ -527,8 +540,8 @@ static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t c
     /* what the socket took stays consumed; what it did not goes back to the connection window */
     if (c->h2 && buf_avail(&s->down))
         nghttp2_session_consume_connection(c->h2, buf_avail(&s->down));
-    buf_free(&s->up);
-    buf_free(&s->down);
+    stream_buf_free(e, &s->up);
+    stream_buf_free(e, &s->down);
     struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_STREAM_END, .how = how,
                           .error = error, .code = code, .status = status, .h2_stream = (uint32_t)s->sid,
                           .to_peer = s->to_peer, .from_peer = s->from_peer};
@@ -594,6 +607,7 @@ static bool up_ready(struct stream *s)
         if (!s->up.p)
             return false;
         s->up.cap = UP_HEAD + s->conn->e->cfg.stream_buffer;
+        ST_ADD(s->conn->e, stream_buffers, s->up.cap);
         s->up.off = s->up.len = UP_HEAD;
     }
     return true;
@@ -644,6 +658,7 @@ static void stream_read(struct stream *s)
     }
     if (n == 0)
         s->up_eof = true;
+    s->active = true;
     s->up.len += n;
     up_added(s, (size_t)n);
 }
@@ -898,12 +913,12 @@ static void stream_link(struct conn *c, struct stream *s)
     ST_ADD(c->e, streams_total, 1);
 }
 
-static void stream_free(struct stream *s)
+static void stream_free(struct nh_engine *e, struct stream *s)
 {
     free(s->authority);
     free(s->hdrs);
-    buf_free(&s->up);
-    buf_free(&s->down);
+    stream_buf_free(e, &s->up);
+    stream_buf_free(e, &s->down);
     free(s);
 }
 
@@ -1247,8 +1262,11 @@ static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t sid, const 
         stream_end(s, NH_END_OVERLOAD, 0, NGHTTP2_CANCEL, 0, reason);
         return 0;
     }
+    size_t cap = s->down.cap;
     if (buf_append(&s->down, data, len) < 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
+    ST_ADD(s->conn->e, stream_buffers, (int64_t)(s->down.cap - cap));
+    s->active = true;
     received_add(s, (int64_t)len);
     stream_peak(s);
     if (s->relaying && buf_avail(&s->down) >= DOWN_BATCH && !stream_write(s))
@@ -1786,7 +1804,7 @@ static void cmd_open(struct nh_engine *e, struct cmd *cmd)
                               .how = NH_END_CONN_LOST};
         reset_close(s->fd);
         emit(e, &ev, "no such connection, or it is closing", 36);
-        stream_free(s);
+        stream_free(e, s);
         return;
     }
     stream_link(c, s);
@@ -1954,6 +1972,28 @@ static void expire_handshakes(struct nh_engine *e, uint64_t now)
 /* Keepalive and idle (tunnel/liveness.py's): every tick_ms, PING connections not heard
  * from for keepalive_interval_ms, end those whose PING went unanswered for
  * keepalive_timeout_ms, and GOAWAY those without streams for their idle time. */
+/* The empty buffers of `c`'s streams that moved no byte since the last tick go back:
+ * an idle keep-alive stream that once moved a large body held its stream_buffer (and
+ * what it received) until it closed. */
+static void release_idle_buffers(struct conn *c)
+{
+    struct nh_engine *e = c->e;
+    for (struct stream *s = c->streams; s; s = s->next) {
+        if (s->active) {
+            s->active = false;
+            continue;
+        }
+        struct buf *bufs[] = {&s->up, &s->down};
+        for (size_t i = 0; i < 2; i++) {
+            if (bufs[i]->cap && !buf_avail(bufs[i])) {
+                e->released_untrimmed += bufs[i]->cap;
+                stream_buf_free(e, bufs[i]);
+                ST_ADD(e, buffers_released, 1);
+            }
+        }
+    }
+}
+
 static void tick(struct nh_engine *e, uint64_t now)
 {
     if (!e->tick_ms || now < e->next_tick)
@@ -1964,6 +2004,7 @@ static void tick(struct nh_engine *e, uint64_t now)
         next = c->live_next;
         if (c->closing)
             continue;
+        release_idle_buffers(c);
         if (cfg->keepalive_interval_ms) {
             if (c->ping_sent && now - c->ping_sent >= cfg->keepalive_timeout_ms) {
                 char reason[64];
@@ -1988,6 +2029,10 @@ static void tick(struct nh_engine *e, uint64_t now)
             mark_dirty(c);
         }
     }
+    if (e->released_untrimmed >= TRIM_AFTER) {  /* freed chunks stay in malloc's arenas otherwise */
+        malloc_trim(0);
+        e->released_untrimmed = 0;
+    }
 }
 
 static void flush_dirty(struct nh_engine *e)
@@ -2008,7 +2053,7 @@ static void free_graveyard(struct nh_engine *e)
         if (o->kind == K_CONN)
             conn_free((struct conn *)o);
         else
-            stream_free((struct stream *)o);
+            stream_free(e, (struct stream *)o);
     }
 }
 
@@ -2090,7 +2135,7 @@ static int check_config(const struct nh_config *c)
 static uint32_t tick_period(const struct nh_config *c)
 {
     uint32_t periods[] = {c->keepalive_interval_ms, c->keepalive_interval_ms ? c->keepalive_timeout_ms : 0,
-                          c->client_idle_ms, c->server_idle_ms};
+                          c->client_idle_ms, c->server_idle_ms, STREAM_IDLE_MS};
     uint32_t best = 0;
     for (size_t i = 0; i < sizeof periods / sizeof periods[0]; i++)
         if (periods[i] && (!best || periods[i] / 2 < best))
@@ -2400,7 +2445,7 @@ int64_t nh_stream_open(struct nh_engine *e, uint64_t conn, int fd, const char *a
     }
     if (!s || !cmd || !s->authority || (headers_len && !s->hdrs)) {
         if (s)
-            stream_free(s);
+            stream_free(e, s);
         free(cmd);
         reset_close(fd);
         return -ENOMEM;
@@ -2408,7 +2453,7 @@ int64_t nh_stream_open(struct nh_engine *e, uint64_t conn, int fd, const char *a
     int64_t id = (int64_t)s->o.id;
     *cmd = (struct cmd){.op = OP_OPEN, .id = conn, .fd = fd, .ptr = s};
     if ((err = queue_cmd(e, cmd)) < 0) {
-        stream_free(s);
+        stream_free(e, s);
         free(cmd);
         reset_close(fd);
         return err;

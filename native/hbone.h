@@ -65,6 +65,12 @@
  *   app's writes wait in the kernel) until its peer takes some or all together hold under
  *   half again.
  *
+ * Memory: a stream's buffers are allocated when bytes come (up to stream_buffer from its
+ *   socket; what the peer sends, up to its window) and released, empty, once the stream
+ *   has moved no byte for a whole tick (a second or two), so an idle keep-alive stream
+ *   holds no buffer; the freed memory goes back to the system (malloc_trim) once a tick
+ *   has released a few MiB.
+ *
  * Liveness (tunnel/liveness.py): a connection not heard from for keepalive_interval_ms is
  *   PINGed, and ends NH_END_KEEPALIVE when the answer has not come within
  *   keepalive_timeout_ms; one without streams for client_idle_ms / server_idle_ms is closed
@@ -90,7 +96,7 @@
 #include <stdint.h>
 
 /* cffi-begin */
-#define NH_API 2                  /* bumped on any change of the functions or structs below */
+#define NH_API 3                  /* bumped on any change of the functions or structs below */
 
 #define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
                                      done, waits for nh_conn_verdict. Client: identity
@@ -190,6 +196,8 @@ struct nh_stats {
     uint64_t frames_direct;       /* DATA frames handed to TLS straight from their stream's buffer */
     uint64_t frames_copied;       /* DATA frames (or what TLS did not take of them) copied to the
                                    * connection's output, to wait for a full socket */
+    uint64_t stream_buffers;      /* bytes allocated to the streams' buffers (both ways), now */
+    uint64_t buffers_released;    /* buffers of idle streams released (see Memory) */
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
     uint32_t pad;
 };

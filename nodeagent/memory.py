@@ -6,10 +6,11 @@ connection and the peer's certificates, nghttp2's session), and while it has str
 streams' bytes hold, the accept budget (tunnel/limits.py) how many connections are
 open, but 12288 connections of a peer with one stolen certificate (many pod IPs of a
 node it owns) are ~1 GB: past the DaemonSet's 512 MiB the kernel kills the agent, and
-with it every meshed connection of the node. Each relayed connection costs too: ~25 KiB
-at the source agent and ~31 KiB at the destination's (measured with 10,000 idle
-connections from one pod across nodes), so one pod holding ~15,000 connections took
-both agents past 512 MiB. So, as Envoy's overload manager stops accepting connections
+with it every meshed connection of the node. Each relayed connection costs too: ~10 KiB
+at the source agent and ~13 KiB at the destination's once idle (measured with 5,000
+idle connections from one pod across nodes; 25 and 31 KiB before idle streams gave
+their buffers back), so one pod holding ~30,000 connections takes both agents past
+512 MiB. So, as Envoy's overload manager stops accepting connections
 and requests at a heap threshold, `MemoryGuard` reads what the agent's container holds
 and, while it is at OVERLOAD of the limit, the agent refuses what is new: inbound HBONE
 connections (reset at accept, TLS never started:

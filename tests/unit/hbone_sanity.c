@@ -301,6 +301,16 @@ int main(int argc, char **argv)
     CHECK(wait_event(NH_EV_RESPONSE, 0, (uint64_t)s1)->status == 200, "status");
     uint64_t server_s1 = last_request;
     CHECK(transfer(app, server_app[0], 1 << 20, 7) == 1 << 20, "up");
+    /* idle for a few ticks: the stream's empty buffers go back, and come again for "down" */
+    struct nh_stats st;
+    for (int tries = 0; tries < 500; tries++) {
+        pump(10);
+        nh_engine_stats(E, &st);
+        if (st.stream_buffers == 0)
+            break;
+    }
+    CHECK(st.stream_buffers == 0 && st.buffers_released >= 2, "idle buffers kept: %lu bytes",
+          (unsigned long)st.stream_buffers);
     CHECK(transfer(server_app[0], app, 256 << 10, 13) == 256 << 10, "down");
     const struct nh_event *end = wait_event(NH_EV_STREAM_END, 0, (uint64_t)s1);
     CHECK(end->how == NH_END_CLOSED && end->to_peer == 1 << 20 && end->from_peer == 256 << 10, "client end %u", end->how);
@@ -465,9 +475,8 @@ int main(int argc, char **argv)
         }
     CHECK(stopped == 2, "%zu streams ended STOPPED, expected 2", stopped);
     CHECK(nh_stream_open(E, (uint64_t)conn, dup(app), "10.0.0.1:80", NULL, 0) == -ESHUTDOWN, "open after stop");
-    struct nh_stats st;
     nh_engine_stats(E, &st);
-    CHECK(st.conns_open == 0 && st.streams_open == 0 && st.bytes_held == 0, "left open: %lu conns %lu streams %lu bytes",
+    CHECK(st.conns_open == 0 && st.streams_open == 0 && st.bytes_held == 0 && st.stream_buffers == 0, "left open: %lu conns %lu streams %lu bytes",
           (unsigned long)st.conns_open, (unsigned long)st.streams_open, (unsigned long)st.bytes_held);
     nh_engine_free(E);
     close(app);
