@@ -67,39 +67,49 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+class Accepting:
+    """An outbound listener whose accept fails with `errors` first (pause: an hour), one
+    client connected to it; `got` is set once the handler has the connection."""
+
+    def __init__(self, errors: list[int]):
+        self.log, self.lines = recorder()
+        self.counted: list[tuple[str, str]] = []
+        self.sock = FailingListener()
+        self.sock.errors = errors
+        self.got = asyncio.Event()
+
+    async def handler(self, ctx, conn) -> None:
+        conn.close()
+        self.got.set()
+
+    async def __aenter__(self) -> "Accepting":
+        self.listener = InPodListener(self.sock, Pod(), "outbound", self.handler, self.log,
+                                      AcceptFailures(self.log, lambda d, r: self.counted.append((d, r))), pause=3600)
+        self.listener.start()
+        self.client = socket.create_connection(self.sock.getsockname())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.listener.close()
+        self.client.close()
+
+
 def test_running_out_of_descriptors_pauses_the_listener_instead_of_spinning():
     async def main():
-        log, lines = recorder()
-        counted: list[tuple[str, str]] = []
-        sock = FailingListener()
-        sock.errors = [errno.EMFILE] * 1000  # until the test says otherwise
-        got = asyncio.Event()
-
-        async def handler(ctx, conn):
-            conn.close()
-            got.set()
-
-        listener = InPodListener(sock, Pod(), "outbound", handler, log,
-                                 AcceptFailures(log, lambda d, r: counted.append((d, r))), pause=3600)
-        listener.start()
-        client = socket.create_connection(sock.getsockname())
-        try:
+        async with Accepting([errno.EMFILE] * 1000) as a:  # failing until the test says otherwise
             for _ in range(100):  # loop rounds: the queued connection keeps the socket readable
                 await asyncio.sleep(0)
-            assert sock.calls == 1  # before: one failed accept (and one log line) per round
-            assert counted == [("outbound", "accept_emfile")]
-            assert len(lines.lines) == 1
-            assert "accept on 127.0.0.1:%d failed" % sock.getsockname()[1] in lines.lines[0]
-            assert "OPEN FILES" in lines.lines[0] and "pauses 3600 s" in lines.lines[0]
+            assert a.sock.calls == 1  # before: one failed accept (and one log line) per round
+            assert a.counted == [("outbound", "accept_emfile")]
+            assert len(a.lines.lines) == 1
+            assert "accept on 127.0.0.1:%d failed" % a.sock.getsockname()[1] in a.lines.lines[0]
+            assert "OPEN FILES" in a.lines.lines[0] and "pauses 3600 s" in a.lines.lines[0]
             # Descriptors are back; the pause ends: the queued connection is accepted.
-            sock.errors.clear()
-            listener._paused.cancel()
-            listener._resume()
-            await asyncio.wait_for(got.wait(), 10)
-            assert sock.calls == 3  # the accept, and the one that found the queue empty
-        finally:
-            listener.close()
-            client.close()
+            a.sock.errors.clear()
+            a.listener._paused.cancel()
+            a.listener._resume()
+            await asyncio.wait_for(a.got.wait(), 10)
+            assert a.sock.calls == 3  # the accept, and the one that found the queue empty
     run(main())
 
 
@@ -133,28 +143,11 @@ def test_the_pause_ends_by_itself_and_what_waited_is_accepted():
 
 def test_a_connection_aborted_in_the_queue_does_not_stop_the_next():
     async def main():
-        log, lines = recorder()
-        counted: list[tuple[str, str]] = []
-        sock = FailingListener()
-        sock.errors = [errno.ECONNABORTED, errno.EPROTO]
-        got = asyncio.Event()
-
-        async def handler(ctx, conn):
-            conn.close()
-            got.set()
-
-        listener = InPodListener(sock, Pod(), "outbound", handler, log,
-                                 AcceptFailures(log, lambda d, r: counted.append((d, r))), pause=3600)
-        listener.start()
-        client = socket.create_connection(sock.getsockname())
-        try:
-            await asyncio.wait_for(got.wait(), 10)  # no pause: it would take an hour
-            assert listener._paused is None
-            assert counted == [("outbound", "accept_econnaborted"), ("outbound", "accept_eproto")]
-            assert "the next queued one is accepted" in lines.lines[0]
-        finally:
-            listener.close()
-            client.close()
+        async with Accepting([errno.ECONNABORTED, errno.EPROTO]) as a:
+            await asyncio.wait_for(a.got.wait(), 10)  # no pause: it would take an hour
+            assert a.listener._paused is None
+            assert a.counted == [("outbound", "accept_econnaborted"), ("outbound", "accept_eproto")]
+            assert "the next queued one is accepted" in a.lines.lines[0]
     run(main())
 
 
