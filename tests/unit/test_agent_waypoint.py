@@ -220,3 +220,44 @@ def test_two_waypoints_with_free_admin_ports_run_side_by_side(tmp_path):
     assert answers == [(200, str(tmp_path / name / "wp" / "admin-address")) for name in ("old", "new")]
     assert envoys[0]["admin"] != envoys[1]["admin"] and all(e["admin"].startswith("127.0.0.1:") for e in envoys)
     assert [(e["running"], e["restarts"]) for e in envoys] == [(True, 0), (True, 0)]
+
+
+def test_failed_accepts_on_the_hand_back_sockets_are_reported_once_per_interval(waypoint, seen, caplog):
+    """At the descriptor limit accept(2) fails on upstream.sock / deliver.sock every
+    retry (ten a second): one warning says so, with the count at most every 10 s, and the
+    connection waiting is taken once accepts work again."""
+    class Failing(socket.socket):
+        def __init__(self):
+            super().__init__(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.errors = 3
+
+        def accept(self):
+            if self.errors:
+                self.errors -= 1
+                raise OSError(24, "Too many open files")
+            return super().accept()
+
+    async def main():
+        path = waypoint.sockets.path("upstream.sock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        listener = Failing()
+        listener.bind(path)
+        listener.listen(8)
+        listener.setblocking(False)
+        task = asyncio.get_running_loop().create_task(waypoint._serve("upstream", listener))
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            client.connect(path)
+            client.sendall(dataplane.ProxyHeader(("10.244.1.5", 0), ("10.96.0.10", 80)).encode() + b"hello")
+            await until(lambda: seen, "the connection to be handed over after the failed accepts")
+            assert seen[0][0] == b"hello" and listener.errors == 0
+            lines = [r.getMessage() for r in caplog.records if "accept" in r.getMessage()]
+            assert lines == ["waypoint upstream.sock: 1 accept(s) failed since the last report, the last: [Errno 24] "
+                             "Too many open files; retrying every 0.1 s, reported at most every 10 s"]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            client.close()
+            listener.close()
+    caplog.set_level(logging.WARNING)
+    asyncio.run(main())

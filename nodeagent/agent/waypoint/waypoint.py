@@ -27,9 +27,11 @@ from typing import Awaitable, Callable
 from prometheus_client import CollectorRegistry, Counter
 
 from nodeagent.agent.config import AgentConfig
+from nodeagent.agent.inpod.sockets import ACCEPT_PAUSE
 from nodeagent.agent.waypoint.publisher import Publisher, at_once
 from nodeagent.errors import EnvironmentProblem, NodeagentError
 from nodeagent.model import Model, Pod
+from nodeagent.throttle import Throttle
 from nodeagent.xds.accesslog import RequestMetrics
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
@@ -191,12 +193,17 @@ class Waypoint:
 
     async def _serve(self, name: str, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        failures = Throttle()  # at the descriptor limit accept fails ten times a second
         while True:
             try:
                 conn, _ = await loop.sock_accept(listener)
             except OSError as exc:
-                self.log.warning("waypoint %s.sock: accept failed: %s", name, exc)
-                await asyncio.sleep(0.1)
+                count = failures.due()
+                if count:
+                    self.log.warning("waypoint %s.sock: %d accept(s) failed since the last report, the last: %s; "
+                                     "retrying every %g s, reported at most every %g s", name, count, exc,
+                                     ACCEPT_PAUSE, failures.interval)
+                await asyncio.sleep(ACCEPT_PAUSE)
                 continue
             conn.setblocking(False)
             task = loop.create_task(self._accepted(name, conn))
