@@ -74,6 +74,8 @@ struct obj {                       /* first member of what epoll and the hash po
 struct buf {
     char *p;
     size_t off, len, cap;
+    size_t head;                   /* kept free before the bytes (a stream's `up`: UP_HEAD), else 0;
+                                      an emptied buffer starts over there */
 };
 
 struct conn;
@@ -210,6 +212,7 @@ static void reset_close(int fd)
 
 /* --- buffers, held bytes ------------------------------------------------------------ */
 
+/* Used for buffers without a head (the connection's output, a stream's `down`). */
 static int buf_append(struct buf *b, const void *data, size_t n)
 {
     if (b->off && b->off == b->len)
@@ -238,12 +241,12 @@ static int buf_append(struct buf *b, const void *data, size_t n)
 
 static size_t buf_avail(const struct buf *b) { return b->len - b->off; }
 
-/* `n` bytes taken from the front; an emptied buffer starts over at its beginning */
+/* `n` bytes taken from the front; an emptied buffer starts over at its head */
 static void buf_consume(struct buf *b, size_t n)
 {
     b->off += n;
     if (b->off == b->len)
-        b->off = b->len = 0;
+        b->off = b->len = b->head;
 }
 
 static void buf_free(struct buf *b)
@@ -608,17 +611,9 @@ static bool up_ready(struct stream *s)
             return false;
         s->up.cap = UP_HEAD + s->conn->e->cfg.stream_buffer;
         ST_ADD(s->conn->e, stream_buffers, s->up.cap);
-        s->up.off = s->up.len = UP_HEAD;
+        s->up.off = s->up.len = s->up.head = UP_HEAD;
     }
     return true;
-}
-
-/* `n` bytes of `up` are sent; emptied, it starts over at UP_HEAD */
-static void up_consume(struct stream *s, size_t n)
-{
-    s->up.off += n;
-    if (s->up.off == s->up.len)
-        s->up.off = s->up.len = UP_HEAD;
 }
 
 /* `n` bytes more in `up`: counted, and HTTP/2 may send them. */
@@ -640,11 +635,12 @@ static void stream_read(struct stream *s)
         stream_end(s, NH_END_SOCKET, ENOMEM, NGHTTP2_INTERNAL_ERROR, 0, "out of memory");
         return;
     }
-    if (s->up.off > UP_HEAD && s->up.cap - s->up.len < s->up.cap / 4) {  /* compact only when the end is
-                                                                            * near: not a large move per read */
-        memmove(s->up.p + UP_HEAD, s->up.p + s->up.off, s->up.len - s->up.off);
-        s->up.len -= s->up.off - UP_HEAD;
-        s->up.off = UP_HEAD;
+    struct buf *up = &s->up;
+    if (up->off > up->head && up->cap - up->len < up->cap / 4) {  /* compact only when the end is
+                                                                    * near: not a large move per read */
+        memmove(up->p + up->head, up->p + up->off, up->len - up->off);
+        up->len -= up->off - up->head;
+        up->off = up->head;
     }
     size_t room = MIN(s->up.cap - s->up.len, send_room(s));
     if (room == 0)
@@ -674,12 +670,12 @@ static void stream_peek(struct stream *s)
     if (s->peeked || s->ended || s->fd < 0 || s->relaying || s->conn->server)
         return;
     /* without a buffer no early bytes: stream_read reports it, once relaying */
-    ssize_t n = up_ready(s) ? recv(s->fd, s->up.p + UP_HEAD, MIN(s->up.cap - UP_HEAD, EARLY_MAX),
+    ssize_t n = up_ready(s) ? recv(s->fd, s->up.p + s->up.head, MIN(s->up.cap - s->up.head, EARLY_MAX),
                                    MSG_PEEK | MSG_DONTWAIT) : 0;
     if (n > 0) {
         s->early = (uint32_t)n;
-        s->up.off = UP_HEAD;
-        s->up.len = UP_HEAD + (size_t)n;
+        s->up.off = s->up.head;
+        s->up.len = s->up.head + (size_t)n;
         up_added(s, (size_t)n);
     }
     /* nothing yet: wait for EPOLLIN; else (bytes, EOF, an error the relay finds after the 200) done */
@@ -870,7 +866,7 @@ static int send_data_cb(nghttp2_session *h2, nghttp2_frame *frame, const uint8_t
         ST_ADD(c->e, frames_copied, 1);
     }
     held_add(c->e, (int64_t)(total - done) - (int64_t)length);  /* the rest moved to the output */
-    up_consume(s, length);
+    buf_consume(&s->up, length);
     sent_add(s, -(int64_t)length);
     stream_update(s);
     return 0;
@@ -1312,7 +1308,7 @@ static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void
         s->up_done = true;
         held_add(s->conn->e, -(int64_t)buf_avail(&s->up));
         sent_add(s, -(int64_t)s->up_held);
-        s->up.off = s->up.len = UP_HEAD;
+        s->up.off = s->up.len = s->up.head;
     }
     if (!s->relaying && !s->got_200) {
         stream_end(s, NH_END_REFUSED, 0, 0, 0, "closed before a response");
