@@ -111,6 +111,10 @@ class Holdings:
     def of(self, ip: str) -> int:
         return self._by.get(ip, 0)
 
+    def most(self, n: int) -> list[tuple[str, int]]:
+        """The `n` pod IPs holding the most, with what they hold, most first."""
+        return sorted(self._by.items(), key=lambda item: (-item[1], item[0]))[:n]
+
     def over_share(self, ip: str) -> bool:
         """More than the mean of the pods holding any, and at least FAIR_FLOOR."""
         mine = self._by.get(ip, 0)

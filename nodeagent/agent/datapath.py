@@ -68,6 +68,7 @@ class DataPath:
                  work: ConfigWork):
         c = config
         self.log = log
+        self.pod_at = pod_at
         self.work = work  # the config thread: policy and waypoint rebuilds run there
         self.policies = PolicyState(c.root_namespace, log.getChild("policy"))
         self.identities = WorkloadIdentities(c.trust_domain, identity_manager(c, registry, log.getChild("identity")),
@@ -176,9 +177,18 @@ class DataPath:
                 "tunnel": {"pooled_connections": self.hbone.connections(),
                            "inbound_connections": self.tunnel.connections()},
                 "delivered_connections": len(self.connections), "data_path": self._data_path(),
-                "memory": self.memory.describe(),
+                "memory": {**self.memory.describe(), "most_held": self._most_held()},
                 "waypoint": {**self.waypoint.describe(), "jwks": self.jwks.describe()}
                 if self.waypoint is not None else None}
+
+    def _most_held(self) -> list[dict]:
+        """The three local pods the agent relays the most connections for (who a memory
+        limit's fair share would refuse first)."""
+        out = []
+        for ip, count in self.memory.holdings.most(3):
+            ctx = self.pod_at(ip)
+            out.append({"pod": str(ctx) if ctx is not None else ip, "connections": count})
+        return out
 
     def _data_path(self) -> dict:
         """The engines (splice.Splicer for socket pairs, HboneEngines for HBONE) and the

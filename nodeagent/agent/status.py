@@ -171,14 +171,27 @@ def _memory_line(memory: dict[str, Any] | None) -> list[str]:
     if not memory or memory.get("usage_bytes") is None:
         return []
     usage, limit, peak = memory["usage_bytes"] >> 20, memory["limit_bytes"], memory["peak_bytes"] >> 20
+    held = _held_line(memory)
     if limit is None:
-        return [f"MEMORY: agent and waypoint {usage} MiB resident (peak {peak}); no limit (memory_limit_mib=off)"]
+        return [f"MEMORY: agent and waypoint {usage} MiB resident (peak {peak}); no limit (memory_limit_mib=off)",
+                *held]
     share = f"{usage} MiB of the {limit >> 20} MiB limit ({100 * memory['usage_bytes'] / limit:.0f} %, peak {peak})"
     if memory["overloaded"]:
         return [f"MEMORY: OVERLOADED, {share}: new connections of pods over their share (from "
-                f"{memory['full_at'] * 100:.0f} %: of every pod) are refused until under {memory['recover_at'] * 100:.0f} %"]
+                f"{memory['full_at'] * 100:.0f} %: of every pod) are refused until under {memory['recover_at'] * 100:.0f} %",
+                *held]
     return [f"MEMORY: {share}; new connections are refused from {memory['overload_at'] * 100:.0f} % for pods over "
-            f"their share, from {memory['full_at'] * 100:.0f} % for all ({memory['overload_episodes']} times so far)"]
+            f"their share, from {memory['full_at'] * 100:.0f} % for all ({memory['overload_episodes']} times so far)",
+            *held]
+
+
+def _held_line(memory: dict[str, Any]) -> list[str]:
+    """How many connections the agent relays, and for which pods the most."""
+    most = memory.get("most_held") or []
+    if not memory.get("connections_held"):
+        return []
+    return [f"  {memory['connections_held']} connections relayed; the most for "
+            + ", ".join(f"{m['pod']} ({m['connections']})" for m in most)]
 
 
 def _data_path_lines(data_path: dict[str, Any] | None) -> list[str]:

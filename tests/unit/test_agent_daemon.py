@@ -103,6 +103,7 @@ def test_ready_after_the_first_reconcile_and_the_status_says_what_the_agent_runs
             memory = status["memory"]  # memory_limit_mib=off: read (this process), never overloaded
             assert (memory["limit_bytes"], memory["overloaded"], memory["overload_episodes"]) == (None, False, 0)
             assert 0 < memory["usage_bytes"] <= memory["peak_bytes"]
+            assert (memory["connections_held"], memory["most_held"]) == (0, [])
             files = status["open_files"]  # this process's
             assert files["limit"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0] and 0 < files["open"] < files["limit"]
             assert (status["data_path"]["setting"], status["data_path"]["engine"]) == (

@@ -198,6 +198,10 @@ def test_memory_against_the_limit_is_shown():
     off = {**memory, "limit_bytes": None}
     assert "MEMORY: agent and waypoint 140 MiB resident (peak 150); no limit (memory_limit_mib=off)\n" in \
         status.render_text({**STATUS, "memory": off}, now=NOW)
+    held = {**memory, "connections_held": 1452, "most_held": [{"pod": "mesh/client", "connections": 1450},
+                                                               {"pod": "mesh/other", "connections": 2}]}
+    assert "(0 times so far)\n  1452 connections relayed; the most for mesh/client (1450), mesh/other (2)\n" in \
+        status.render_text({**STATUS, "memory": held}, now=NOW)
 
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:

@@ -95,6 +95,9 @@ def test_a_pod_is_over_its_share_past_the_mean_of_the_holders_and_the_floor():
             held.enter_context(holdings.held("10.0.0.2"))
         assert not holdings.over_share("10.0.0.1") and not holdings.over_share("10.0.0.2")  # 65 each: the mean
         assert (holdings.total, holdings.of("10.0.0.1")) == (2 * FAIR_FLOOR + 2, FAIR_FLOOR + 1)
+        held.enter_context(holdings.held("10.0.0.2"))
+        assert holdings.most(1) == [("10.0.0.2", FAIR_FLOOR + 2)]
+        assert holdings.most(5) == [("10.0.0.2", FAIR_FLOOR + 2), ("10.0.0.1", FAIR_FLOOR + 1)]
     assert holdings.total == 0 and holdings.of("10.0.0.1") == 0
 
 
