@@ -39,6 +39,9 @@ through the downward API); without one the guard is off and status says so.
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -53,6 +56,7 @@ RECOVER = 0.85  # ...until the agent holds less than this again
 FULL = 0.95  # and from here everything new is, whichever pod it is for
 FAIR_FLOOR = 64  # a pod holding fewer connections than this is never over its share
 INTERVAL = 0.05  # seconds a reading is used for
+TRIM_INTERVAL = 10.0  # seconds between two returns of freed heap memory (Trimmer)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PROC = "/proc"
 
@@ -195,3 +199,41 @@ class MemoryGuard:
                 "overloaded": self.over, "overload_episodes": self.episodes,
                 "overload_at": OVERLOAD, "recover_at": RECOVER, "full_at": FULL,
                 "connections_held": self.holdings.total}
+
+
+class Trimmer:
+    """Gives the heap memory the agent freed back to the system. glibc returns only the
+    top of a heap by itself: what a burst allocated and freed in between (a handshake
+    flood: OpenSSL's objects of every pending handshake; streams and their tasks) stayed
+    resident at its peak for good. In the 30-minute soak the attacked node's agent went
+    66 → 77 MiB in the first minute of the attacks and stayed at ~79 until the end,
+    after the attacks and the drain, flat all along: a high-water mark, not a leak, and
+    more than the soak's 10 %. `trim()` is malloc_trim(0), which madvises the free pages
+    of every arena away (~1-4 µs when there is nothing to give back); `run` does it every
+    TRIM_INTERVAL. Without glibc it does nothing (`available` False)."""
+
+    def __init__(self, log: logging.Logger):
+        self.log = log
+        name = ctypes.util.find_library("c")
+        try:
+            self._trim = ctypes.CDLL(name).malloc_trim if name else None
+        except (OSError, AttributeError):
+            self._trim = None
+        self.trims = 0
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def trim(self) -> bool:
+        """Return freed heap pages now; True when glibc says some were."""
+        if self._trim is None:
+            return False
+        self.trims += 1
+        return bool(self._trim(0))
+
+    async def run(self, interval: float = TRIM_INTERVAL) -> None:
+        """Trim every `interval` seconds until cancelled."""
+        while self._trim is not None:
+            await asyncio.sleep(interval)
+            self.trim()

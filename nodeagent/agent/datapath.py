@@ -51,7 +51,7 @@ from nodeagent.agent.proxy.tunnel_inbound import TunnelInbound
 from nodeagent.agent.proxy.tunnel_outbound import HboneRoute
 from nodeagent.agent.waypoint.waypoint import Waypoint
 from nodeagent.errors import ConfigError
-from nodeagent.memory import MemoryGuard
+from nodeagent.memory import MemoryGuard, Trimmer
 from nodeagent.identity.workload.client import CaClient
 from nodeagent.kube.client import TokenFile
 from nodeagent.clock import SystemClock
@@ -115,6 +115,8 @@ class DataPath:
         self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"), settings=tunnel,
                                     engines=self.hbone_engines, budget=self.stream_budget)
         self._releases: set[asyncio.Task] = set()
+        self.trimmer = Trimmer(log.getChild("memory"))  # freed heap back to the system (memory.py)
+        self._trimming: asyncio.Task | None = None
         self._kernel_start: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -122,6 +124,7 @@ class DataPath:
         chosen), the waypoint (xDS server, Envoy)."""
         await self.splicer.start()
         await self.hbone_engines.start()
+        self._trimming = asyncio.get_running_loop().create_task(self.trimmer.run(), name="malloc-trim")
         if self.kernel_join is not None:  # a compile child of its own: readiness does not wait for it
             self._kernel_start = asyncio.get_running_loop().create_task(self.kernel_join.start(self.capture))
         if self.waypoint is not None:
@@ -207,6 +210,9 @@ class DataPath:
                 "summary": f"{relays}; same-node fast path {line}"}
 
     async def close(self) -> None:
+        if self._trimming is not None:
+            self._trimming.cancel()
+            await asyncio.gather(self._trimming, return_exceptions=True)
         for task in list(self._releases):
             task.cancel()
         await self.hbone.close()
