@@ -1965,9 +1965,6 @@ static void expire_handshakes(struct nh_engine *e, uint64_t now)
     }
 }
 
-/* Keepalive and idle (tunnel/liveness.py's): every tick_ms, PING connections not heard
- * from for keepalive_interval_ms, end those whose PING went unanswered for
- * keepalive_timeout_ms, and GOAWAY those without streams for their idle time. */
 /* The empty buffers of `c`'s streams that moved no byte since the last tick go back:
  * an idle keep-alive stream that once moved a large body held its stream_buffer (and
  * what it received) until it closed. */
@@ -1990,6 +1987,10 @@ static void release_idle_buffers(struct conn *c)
     }
 }
 
+/* Keepalive and idle (tunnel/liveness.py's): every tick_ms, PING connections not heard
+ * from for keepalive_interval_ms, end those whose PING went unanswered for
+ * keepalive_timeout_ms, and GOAWAY those without streams for their idle time; and the
+ * idle streams' buffers go back (release_idle_buffers). */
 static void tick(struct nh_engine *e, uint64_t now)
 {
     if (!e->tick_ms || now < e->next_tick)

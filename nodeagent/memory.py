@@ -212,14 +212,12 @@ class Trimmer:
     of every arena away (~1-4 µs when there is nothing to give back); `run` does it every
     TRIM_INTERVAL. Without glibc it does nothing (`available` False)."""
 
-    def __init__(self, log: logging.Logger):
-        self.log = log
+    def __init__(self):
         name = ctypes.util.find_library("c")
         try:
             self._trim = ctypes.CDLL(name).malloc_trim if name else None
         except (OSError, AttributeError):
             self._trim = None
-        self.trims = 0
 
     @property
     def available(self) -> bool:
@@ -229,7 +227,6 @@ class Trimmer:
         """Return freed heap pages now; True when glibc says some were."""
         if self._trim is None:
             return False
-        self.trims += 1
         return bool(self._trim(0))
 
     async def run(self, interval: float = TRIM_INTERVAL) -> None:

@@ -115,7 +115,7 @@ class DataPath:
         self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"), settings=tunnel,
                                     engines=self.hbone_engines, budget=self.stream_budget)
         self._releases: set[asyncio.Task] = set()
-        self.trimmer = Trimmer(log.getChild("memory"))  # freed heap back to the system (memory.py)
+        self.trimmer = Trimmer()  # freed heap back to the system (memory.py)
         self._trimming: asyncio.Task | None = None
         self._kernel_start: asyncio.Task | None = None
 

@@ -171,18 +171,17 @@ def _memory_line(memory: dict[str, Any] | None) -> list[str]:
     if not memory or memory.get("usage_bytes") is None:
         return []
     usage, limit, peak = memory["usage_bytes"] >> 20, memory["limit_bytes"], memory["peak_bytes"] >> 20
-    held = _held_line(memory)
     if limit is None:
-        return [f"MEMORY: agent and waypoint {usage} MiB resident (peak {peak}); no limit (memory_limit_mib=off)",
-                *held]
-    share = f"{usage} MiB of the {limit >> 20} MiB limit ({100 * memory['usage_bytes'] / limit:.0f} %, peak {peak})"
-    if memory["overloaded"]:
-        return [f"MEMORY: OVERLOADED, {share}: new connections of pods over their share (from "
-                f"{memory['full_at'] * 100:.0f} %: of every pod) are refused until under {memory['recover_at'] * 100:.0f} %",
-                *held]
-    return [f"MEMORY: {share}; new connections are refused from {memory['overload_at'] * 100:.0f} % for pods over "
-            f"their share, from {memory['full_at'] * 100:.0f} % for all ({memory['overload_episodes']} times so far)",
-            *held]
+        line = f"MEMORY: agent and waypoint {usage} MiB resident (peak {peak}); no limit (memory_limit_mib=off)"
+    else:
+        share = f"{usage} MiB of the {limit >> 20} MiB limit ({100 * memory['usage_bytes'] / limit:.0f} %, peak {peak})"
+        line = (f"MEMORY: OVERLOADED, {share}: new connections of pods over their share (from "
+                f"{memory['full_at'] * 100:.0f} %: of every pod) are refused until under "
+                f"{memory['recover_at'] * 100:.0f} %" if memory["overloaded"] else
+                f"MEMORY: {share}; new connections are refused from {memory['overload_at'] * 100:.0f} % for pods "
+                f"over their share, from {memory['full_at'] * 100:.0f} % for all ({memory['overload_episodes']} "
+                "times so far)")
+    return [line, *_held_line(memory)]
 
 
 def _held_line(memory: dict[str, Any]) -> list[str]:

@@ -143,7 +143,7 @@ for i in range(400):  # 100 KB blocks (under glibc's mmap threshold: on the heap
     held.append(bytes(64) + bytes([i % 256]))  # a small object after it, so no freed block is the heap's top
 del held[::2]  # 40 MB freed in holes
 before = tree_resident()
-trimmer = Trimmer(None)
+trimmer = Trimmer()
 assert trimmer.available
 trimmer.trim()
 after = tree_resident()
