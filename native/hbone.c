@@ -58,8 +58,10 @@
 #define STREAM_IDLE_MS 2000u       /* a stream that moved nothing for a tick (at most half this) gives
                                       its empty buffers back */
 #define TRIM_AFTER (4u << 20)      /* bytes of buffers released before the memory goes back to the system */
+#define LINGER_MS 1000u            /* a closed connection's socket reads and discards until the peer's
+                                      EOF, at most this long (linger_start) */
 
-enum kind { K_WAKE = 1, K_CONN, K_STREAM };
+enum kind { K_WAKE = 1, K_CONN, K_STREAM, K_LINGER };
 enum op { OP_CLIENT = 1, OP_SERVER, OP_VERDICT, OP_CLOSE, OP_OPEN, OP_ACCEPT, OP_REFUSE, OP_RESET, OP_ATTACH };
 enum state { S_HANDSHAKE = 1, S_VERDICT, S_H2 };
 
@@ -115,6 +117,7 @@ struct conn {
     nghttp2_session *h2;
     enum state state;
     bool server, registered, pending_hs, closing, draining, in_hs_list, dirty;
+    bool peer_eof;                 /* the peer's bytes ended (no lingering close then) */
     uint32_t mask;
     uint32_t closing_how, closing_code, goaway_code;
     uint32_t sent_goaway_code;     /* nghttp2 ended the connection for the peer's error (GOAWAY sent) */
@@ -178,6 +181,9 @@ struct nh_engine {
     struct obj *graveyard;
     struct conn *hs_head, *hs_tail, *dirty;
     struct conn *live_head;        /* connections in HTTP/2, for tick() */
+    struct lingerer *lingering;    /* closed connections' sockets, oldest first (linger_start) */
+    struct lingerer *lingering_tail;
+    uint32_t nlingering;
     struct evnode *stage_head, *stage_tail; /* engine thread: events of one read, published together */
     bool staging;                  /* engine thread */
     uint64_t next_tick;            /* ms; 0: no periodic work configured */
@@ -412,6 +418,91 @@ static void bury(struct nh_engine *e, struct obj *o)
     o->dead = true;
     o->gnext = e->graveyard;
     e->graveyard = o;
+}
+
+/* --- lingering close ---------------------------------------------------------------- */
+
+/* A connection we end cleanly, our GOAWAY and close_notify out, may still have bytes of
+ * the peer on their way: a CONNECT sent before the peer saw the GOAWAY. A socket closed
+ * with bytes unread, or receiving bytes once closed, answers with an RST, and the RST
+ * discards what is still queued to send (with BBR's pacing, perhaps the GOAWAY itself):
+ * the peer then sees its stream lost instead of refused, and does not retry it. So, as
+ * nginx and Envoy close, the socket sends its FIN (shutdown SHUT_WR) and reads and
+ * discards until the peer's EOF, for at most LINGER_MS, and then closes. */
+struct lingerer {
+    struct obj o;
+    int fd;
+    bool registered;
+    uint32_t mask;
+    uint64_t deadline;
+    struct lingerer *prev, *next;  /* e->lingering, by deadline */
+};
+
+static void set_mask(struct nh_engine *e, int fd, struct obj *o, bool *registered, uint32_t *cur, uint32_t mask);
+
+static void linger_end(struct nh_engine *e, struct lingerer *l)
+{
+    set_mask(e, l->fd, &l->o, &l->registered, &l->mask, 0);
+    close(l->fd);
+    if (l->prev)
+        l->prev->next = l->next;
+    else
+        e->lingering = l->next;
+    if (l->next)
+        l->next->prev = l->prev;
+    else
+        e->lingering_tail = l->prev;
+    e->nlingering--;
+    ST_ADD(e, lingering, -1);
+    bury(e, &l->o);
+}
+
+/* Closes `fd` once the peer's EOF is read, or LINGER_MS from now (see above); at once when
+ * as many sockets linger as the engine takes connections. */
+static void linger_start(struct nh_engine *e, int fd)
+{
+    struct lingerer *l = NULL;
+    if (e->nlingering >= e->cfg.max_conns || shutdown(fd, SHUT_WR) < 0 || !(l = calloc(1, sizeof *l))) {
+        close(fd);
+        return;
+    }
+    l->o.kind = K_LINGER;
+    l->fd = fd;
+    l->deadline = now_ms() + LINGER_MS;
+    l->prev = e->lingering_tail;
+    if (e->lingering_tail)
+        e->lingering_tail->next = l;
+    else
+        e->lingering = l;
+    e->lingering_tail = l;
+    e->nlingering++;
+    ST_ADD(e, lingering, 1);
+    ST_ADD(e, lingered, 1);
+    set_mask(e, fd, &l->o, &l->registered, &l->mask, EPOLLIN | EPOLLRDHUP);
+    if (!l->registered)
+        linger_end(e, l);
+}
+
+static void linger_read(struct nh_engine *e, struct lingerer *l)
+{
+    static __thread char sink[READ_CHUNK];
+    for (int i = 0; i < 16; i++) {  /* a peer that keeps sending gets its turn again with the others */
+        ssize_t n = recv(l->fd, sink, sizeof sink, MSG_TRUNC);  /* TCP discards without copying */
+        if (n > 0)
+            continue;
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        linger_end(e, l);  /* EOF, or the peer's RST */
+        return;
+    }
+}
+
+static void expire_lingering(struct nh_engine *e, uint64_t now)
+{
+    while (e->lingering && e->lingering->deadline <= now)
+        linger_end(e, e->lingering);
 }
 
 static void emit(struct nh_engine *e, const struct nh_event *ev, const char *data, size_t len)
@@ -980,7 +1071,9 @@ static void conn_end(struct conn *c, uint32_t how, int32_t error, uint32_t code,
         SSL_shutdown(c->ssl);  /* close_notify, best effort */
         (void)BIO_flush(SSL_get_wbio(c->ssl));  /* and what the buffer BIO held */
     }
-    if (clean)
+    if (clean && c->state == S_H2 && !c->peer_eof && (how == NH_END_CLOSED || how == NH_END_GOAWAY))
+        linger_start(e, c->fd);
+    else if (clean)
         close(c->fd);
     else
         reset_close(c->fd);
@@ -1652,6 +1745,7 @@ static void conn_read(struct conn *c)
                 conn_end(c, NH_END_TRUNCATED, saved, 0, "the peer's bytes ended inside an HTTP/2 frame");
             } else if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && errno == 0)) {
                 bool idle = c->nstreams == 0;
+                c->peer_eof = true;
                 ERR_clear_error();
                 conn_end(c, c->goaway_code ? NH_END_GOAWAY : idle ? NH_END_CLOSED : NH_END_IO, 0,
                          c->goaway_code, idle ? "the peer closed the connection"
@@ -2049,6 +2143,8 @@ static void free_graveyard(struct nh_engine *e)
         e->graveyard = o->gnext;
         if (o->kind == K_CONN)
             conn_free((struct conn *)o);
+        else if (o->kind == K_LINGER)
+            free(o);
         else
             stream_free(e, (struct stream *)o);
     }
@@ -2067,6 +2163,35 @@ static void end_everything(struct nh_engine *e)
     free_graveyard(e);
 }
 
+/* At the stop, the sockets still lingering (a drained agent's last GOAWAYs) get the rest of
+ * their time: the thread ends once each has read its peer's EOF or reached its deadline. */
+static void linger_out(struct nh_engine *e)
+{
+    struct epoll_event evs[EVENTS];
+    for (;;) {
+        uint64_t now = now_ms();
+        expire_lingering(e, now);
+        free_graveyard(e);
+        if (!e->lingering)
+            return;
+        int n = epoll_wait(e->ep, evs, EVENTS, (int)(e->lingering->deadline - now));
+        if (n < 0 && errno != EINTR)
+            break;
+        for (int i = 0; i < n; i++) {
+            struct obj *o = evs[i].data.ptr;
+            uint64_t v;
+            if (o->kind == K_LINGER && !o->dead)
+                linger_read(e, (struct lingerer *)o);
+            else if (o->kind == K_WAKE && read(e->wake, &v, sizeof v) < 0) {
+                /* EAGAIN: commands after the stop are not run */
+            }
+        }
+    }
+    while (e->lingering)
+        linger_end(e, e->lingering);
+    free_graveyard(e);
+}
+
 static void *engine_main(void *arg)
 {
     struct nh_engine *e = arg;
@@ -2081,6 +2206,10 @@ static void *engine_main(void *arg)
         uint64_t now = now_ms();
         if (e->hs_head)
             timeout = e->hs_head->deadline <= now ? 0 : (int)(e->hs_head->deadline - now);
+        if (e->lingering) {
+            int until = e->lingering->deadline <= now ? 0 : (int)(e->lingering->deadline - now);
+            timeout = timeout < 0 || until < timeout ? until : timeout;
+        }
         if (e->tick_ms && e->live_head) {
             int until = e->next_tick <= now ? 0 : (int)(e->next_tick - now);
             timeout = timeout < 0 || until < timeout ? until : timeout;
@@ -2100,17 +2229,21 @@ static void *engine_main(void *arg)
                 continue;
             else if (o->kind == K_CONN)
                 conn_io((struct conn *)o, evs[i].events);
+            else if (o->kind == K_LINGER)
+                linger_read(e, (struct lingerer *)o);
             else
                 stream_io((struct stream *)o, evs[i].events);
         }
         now = now_ms();
         expire_handshakes(e, now);
+        expire_lingering(e, now);
         tick(e, now);
         flush_dirty(e);
         free_graveyard(e);
     }
     drain_cmds(e);  /* what was queued before stop: its fds are closed below */
     end_everything(e);
+    linger_out(e);
     return NULL;
 }
 

@@ -96,7 +96,7 @@
 #include <stdint.h>
 
 /* cffi-begin */
-#define NH_API 3                  /* bumped on any change of the functions or structs below */
+#define NH_API 4                  /* bumped on any change of the functions or structs below */
 
 #define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
                                      done, waits for nh_conn_verdict. Client: identity
@@ -198,6 +198,8 @@ struct nh_stats {
                                    * connection's output, to wait for a full socket */
     uint64_t stream_buffers;      /* bytes allocated to the streams' buffers (both ways), now */
     uint64_t buffers_released;    /* buffers of idle streams released (see Memory) */
+    uint64_t lingering;           /* sockets of ended connections reading until the peer's EOF, now */
+    uint64_t lingered;            /* ... ever (a clean close we started: see linger_start) */
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
     uint32_t pad;
 };

@@ -180,8 +180,8 @@ async def native_client(eng, pki, address, expected=None, creds=None):
 
 async def drained(eng) -> None:
     """Every connection and stream of the engine has ended, nothing held."""
-    await until(lambda: (lambda s: s["conns_open"] == s["streams_open"] == s["bytes_held"] == 0)(eng.stats()),
-                what="the engine to hold nothing")
+    await until(lambda: (lambda s: s["conns_open"] == s["streams_open"] == s["bytes_held"] == s["lingering"] == 0)(
+        eng.stats()), what="the engine to hold nothing")
 
 
 # --- native client -> Python server -------------------------------------------------------
@@ -572,6 +572,85 @@ def test_native_server_answers_rapid_reset_with_goaway_enhance_your_calm(pki):
             client.close()
             assert (await srv.conns[0].closed).how == "flood"
             assert eng.stats()["flood_goaways"] == 1
+            await drained(eng)
+    run(main())
+
+
+class BlockingH2:
+    """A bare h2 client on a blocking TLS socket, for a worker thread: it reads the server's
+    frames and can then speak raw TCP under its TLS."""
+
+    def __init__(self, pki, address):
+        import h2.config
+        import h2.connection
+        ctx = pki.client.ssl_context(False)
+        ctx.set_alpn_protocols(["h2"])
+        self.sock = ctx.wrap_socket(socket.create_connection(address, timeout=10), server_hostname="127.0.0.1")
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+        self.goaway = None
+        import h2.events
+        settings = False
+        while not settings:  # the server is in HTTP/2
+            data = self.sock.recv(65536)
+            assert data, "closed before the server's SETTINGS"
+            settings = any(isinstance(e, h2.events.RemoteSettingsChanged) for e in self.conn.receive_data(data))
+        self.sock.sendall(self.conn.data_to_send())
+
+    def read_until_eof(self) -> None:
+        """Read the server's frames, keeping its GOAWAY, until its close_notify and FIN."""
+        import h2.events
+        while data := self.sock.recv(65536):
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    self.goaway = event
+        assert self.sock.recv(1) == b"" and os.read(self.sock.fileno(), 1) == b""  # the FIN
+
+    def send_raw(self, data: bytes) -> None:
+        """Bytes under TLS, as a CONNECT sent before the GOAWAY was seen arrives after it."""
+        os.write(self.sock.fileno(), data)
+
+    def shut_and_wait_closed(self) -> int:
+        """Our FIN; once the socket is closed both ways, its error (0: no RST came)."""
+        import time
+        with socket.socket(fileno=os.dup(self.sock.fileno())) as raw, contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_WR)  # ENOTCONN when an RST came already
+        deadline = time.monotonic() + 10
+        while self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 7:  # TCP_CLOSE
+            assert time.monotonic() < deadline, "the connection did not close"
+            time.sleep(0.002)
+        return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+
+def test_a_drained_connection_reads_what_the_peer_still_sends_before_closing(pki):
+    """A server connection drained (GOAWAY, close_notify) sends its FIN and reads on: the
+    client's bytes that cross the GOAWAY are read and dropped, not answered with an RST
+    (which would have discarded a GOAWAY still queued to send); the socket closes at the
+    client's FIN. A client that never closes is let go after a second."""
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki) as srv:
+            client = await asyncio.to_thread(BlockingH2, pki, srv.address)
+            await until(lambda: srv.conns and eng.stats()["conns_open"] == 1, what="the server connection")
+            srv.conns[0].close()  # as the agent drains
+            await asyncio.to_thread(client.read_until_eof)
+            assert client.goaway is not None and client.goaway.error_code == 0
+            assert (await srv.conns[0].closed).how == "closed"
+            assert eng.stats()["lingering"] == 1 and eng.stats()["lingered"] == 1
+            client.send_raw(os.urandom(300))  # a CONNECT's HEADERS frame, say
+            assert await asyncio.to_thread(client.shut_and_wait_closed) == 0
+            await until(lambda: eng.stats()["lingering"] == 0, what="the lingering socket to close")
+            client.sock.close()
+
+            silent = await asyncio.to_thread(BlockingH2, pki, srv.address)
+            await until(lambda: len(srv.conns) == 2 and eng.stats()["conns_open"] == 1, what="the second connection")
+            fds = len(os.listdir("/proc/self/fd"))
+            srv.conns[1].close()
+            await asyncio.to_thread(silent.read_until_eof)
+            assert eng.stats()["lingering"] == 1
+            await until(lambda: eng.stats()["lingering"] == 0, what="the lingering socket's deadline")
+            assert len(os.listdir("/proc/self/fd")) == fds - 1
+            silent.sock.close()
             await drained(eng)
     run(main())
 
