@@ -459,6 +459,26 @@ int main(int argc, char **argv)
     CHECK(tls_ends == 1, "the plaintext peer was not refused");
     close(raw);
 
+    /* a connection closed cleanly lingers until its peer's EOF (the client side of c2; the server
+     * side too when it reads the GOAWAY before the FIN) */
+    int64_t c2 = nh_conn_client(E, dial(), client_tls, argv[4]);
+    wait_event(NH_EV_CONN_UP, (uint64_t)c2, 0);
+    CHECK(nh_conn_close(E, (uint64_t)c2, 0) == 0, "close c2");
+    CHECK(wait_event(NH_EV_CONN_END, (uint64_t)c2, 0)->how == NH_END_CLOSED, "c2 end");
+    for (int tries = 0; tries < 1000; tries++) {
+        nh_engine_stats(E, &st);
+        if (st.lingering == 0 && st.lingered >= 1)
+            break;
+        pump(5);
+    }
+    CHECK(st.lingering == 0 && st.lingered >= 1, "lingering %lu, lingered %lu", (unsigned long)st.lingering,
+          (unsigned long)st.lingered);
+    /* and one may still linger at the stop below */
+    int64_t c3 = nh_conn_client(E, dial(), client_tls, argv[4]);
+    wait_event(NH_EV_CONN_UP, (uint64_t)c3, 0);
+    CHECK(nh_conn_close(E, (uint64_t)c3, 0) == 0, "close c3");
+    wait_event(NH_EV_CONN_END, (uint64_t)c3, 0);
+
     /* stop with a stream open, then free */
     tcp_pair(&app, &theirs);
     int64_t s4 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
@@ -476,7 +496,8 @@ int main(int argc, char **argv)
     CHECK(stopped == 2, "%zu streams ended STOPPED, expected 2", stopped);
     CHECK(nh_stream_open(E, (uint64_t)conn, dup(app), "10.0.0.1:80", NULL, 0) == -ESHUTDOWN, "open after stop");
     nh_engine_stats(E, &st);
-    CHECK(st.conns_open == 0 && st.streams_open == 0 && st.bytes_held == 0 && st.stream_buffers == 0, "left open: %lu conns %lu streams %lu bytes",
+    CHECK(st.conns_open == 0 && st.streams_open == 0 && st.bytes_held == 0 && st.stream_buffers == 0
+          && st.lingering == 0, "left open: %lu conns %lu streams %lu bytes",
           (unsigned long)st.conns_open, (unsigned long)st.streams_open, (unsigned long)st.bytes_held);
     nh_engine_free(E);
     close(app);
