@@ -104,7 +104,7 @@ class HandshakeBudget:
         agent at its memory limit (for that pod: memory.MemoryGuard.refuses): the caller
         resets the connection."""
         if self.memory is not None and self.memory.refuses(local):
-            self._refused(MEMORY, source)
+            self._refused(MEMORY, source, local)
             return False
         if self._open.get(source, 0) >= self.settings.max_connections_per_source:
             self._refused(OPEN_PER_SOURCE, source)
@@ -144,7 +144,7 @@ class HandshakeBudget:
     def open_from(self, source: str) -> int:
         return self._open.get(source, 0)
 
-    def _refused(self, limit: str, source: str) -> None:
+    def _refused(self, limit: str, source: str, local: str | None = None) -> None:
         self.metrics.limit_hit(self.direction, limit)
         report = self._reports.get(limit)
         if report is None:
@@ -153,10 +153,12 @@ class HandshakeBudget:
         if not refused:
             return
         if limit == MEMORY:
+            to = ("the pod at %s, which holds %d of the %d connections the agent relays"
+                  % (local, self.memory.holdings.of(local), self.memory.holdings.total) if local else "an unknown address")
             self.log.warning("HBONE: %d connection(s) reset at accept since the last report: the agent holds %d MiB "
-                             "of its %d MiB memory limit (memory_limit); the last from %s, which has %d open. "
+                             "of its %d MiB memory limit (memory_limit); the last from %s, which has %d open, to %s. "
                              "Reported at most every %g s", refused, (self.memory.usage or 0) // MIB,
-                             (self.memory.limit or 0) // MIB, source, self._open.get(source, 0), LOG_INTERVAL)
+                             (self.memory.limit or 0) // MIB, source, self._open.get(source, 0), to, LOG_INTERVAL)
             return
         if limit == OPEN_TOTAL:
             self.log.warning("HBONE: %d connection(s) reset at accept since the last report: %d are open, at most "

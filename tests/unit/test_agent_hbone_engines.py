@@ -295,7 +295,7 @@ def test_one_source_keeps_at_most_max_connections_per_source_open(tmp_path, monk
 
 
 def test_over_its_memory_limit_the_agent_refuses_new_work_of_the_pods_over_their_share(
-        tmp_path, monkeypatch, engine):
+        tmp_path, monkeypatch, engine, caplog):
     """Over 90 % of its memory limit the agent takes nothing new for a local pod holding
     more than its share of what it relays (the mean of the pods holding any, and at least
     FAIR_FLOOR): the server pod, with 65 streams open against the client pod's one
@@ -333,6 +333,8 @@ def test_over_its_memory_limit_the_agent_refuses_new_work_of_the_pods_over_their
                 await _served(w, second)
             assert memory.over and memory.episodes == 1
             assert w.value("nodeagent_hbone_limit_hits_total", direction="inbound", limit="memory_limit") == 1
+            assert (f"to the pod at {SERVER}, which holds {FAIR_FLOOR + 1} of the {FAIR_FLOOR + 2} connections "
+                    "the agent relays") in caplog.text  # the accept budget's report names whom it refused for
             with pytest.raises(ConnectRefused) as refused:  # a new stream on the open connection
                 await _served(w, first)
             assert refused.value.status == 503
