@@ -52,6 +52,7 @@
                                     * 64 KiB instead of one per 16 KiB record */
 #define UP_HEAD 16u                /* room before a stream's bytes for the header of the DATA frame that
                                     * carries them (send_data_cb) */
+#define FRAME_SMALL 16375u         /* DATA payload that never grows nghttp2's frame buffer (data_length_cb) */
 #define EARLY_MAX 16384u           /* client: the first bytes sent with the CONNECT, before its answer */
 #define MAX_HEADERS 16384u         /* MAX_HEADER_LIST_SIZE, as tunnel/h2conn.py */
 #define MAX_URI 512
@@ -964,15 +965,21 @@ static int send_data_cb(nghttp2_session *h2, nghttp2_frame *frame, const uint8_t
 }
 
 /* DATA frames as large as the peer takes (SETTINGS_MAX_FRAME_SIZE) rather than nghttp2's
- * 16 KiB: fewer frames to build and to parse on the other side. */
+ * 16 KiB, when the stream has that much to send: fewer frames to build and to parse on the
+ * other side. nghttp2 grows the session's frame buffer to the length this returns (even
+ * though the payload never goes there: NO_COPY) and never shrinks it, so a frame is never
+ * offered more than the stream holds: a connection that only carries small requests keeps
+ * the 16 KiB buffer it started with instead of ~128 KiB (FRAME_SMALL fits it: nghttp2 keeps
+ * 10 bytes before the payload, a 9-byte header then fills one 16 KiB TLS record). */
 static ssize_t data_length_cb(nghttp2_session *h2, uint8_t type, int32_t sid, int32_t session_window,
                               int32_t stream_window, uint32_t max_frame, void *user)
 {
-    (void)h2;
     (void)type;
-    (void)sid;
     (void)user;
-    return MIN(MIN(session_window, stream_window), (int32_t)max_frame);
+    struct stream *s = nghttp2_session_get_stream_user_data(h2, sid);
+    size_t want = s ? buf_avail(&s->up) : 0;
+    int32_t len = MIN(MIN(session_window, stream_window), (int32_t)max_frame);
+    return want <= FRAME_SMALL ? MIN(len, (int32_t)FRAME_SMALL) : MIN(len, (int32_t)MIN(want, (size_t)INT32_MAX));
 }
 
 static struct stream *stream_alloc(struct nh_engine *e)
@@ -1483,6 +1490,45 @@ static int tls_push(struct conn *c)
     return -1;
 }
 
+
+/* nghttp2's memory, counted (nh_stats.h2_held): glibc's usable size of each block. */
+static void h2_count(void *engine, void *p, int64_t sign)
+{
+    if (p)
+        ST_ADD((struct nh_engine *)engine, h2_held, (uint64_t)(sign * (int64_t)malloc_usable_size(p)));
+}
+
+static void *h2_malloc(size_t size, void *engine)
+{
+    void *p = malloc(size);
+    h2_count(engine, p, 1);
+    return p;
+}
+
+static void h2_free(void *p, void *engine)
+{
+    h2_count(engine, p, -1);
+    free(p);
+}
+
+static void *h2_calloc(size_t n, size_t size, void *engine)
+{
+    void *p = calloc(n, size);
+    h2_count(engine, p, 1);
+    return p;
+}
+
+static void *h2_realloc(void *p, size_t size, void *engine)
+{
+    size_t before = p ? malloc_usable_size(p) : 0;
+    void *q = realloc(p, size);
+    if (q || size == 0) {
+        ST_ADD((struct nh_engine *)engine, h2_held, (uint64_t)-(int64_t)before);
+        h2_count(engine, q, 1);
+    }
+    return q;
+}
+
 static int h2_start(struct conn *c)
 {
     struct nh_engine *e = c->e;
@@ -1504,8 +1550,9 @@ static int h2_start(struct conn *c)
     }
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_send_header_block_length(opt, MAX_HEADERS * 4);
-    int rv = c->server ? nghttp2_session_server_new2(&c->h2, cb, c, opt)
-                       : nghttp2_session_client_new2(&c->h2, cb, c, opt);
+    nghttp2_mem mem = {c->e, h2_malloc, h2_free, h2_calloc, h2_realloc};
+    int rv = c->server ? nghttp2_session_server_new3(&c->h2, cb, c, opt, &mem)
+                       : nghttp2_session_client_new3(&c->h2, cb, c, opt, &mem);
     nghttp2_session_callbacks_del(cb);
     nghttp2_option_del(opt);
     if (rv)

@@ -96,7 +96,7 @@
 #include <stdint.h>
 
 /* cffi-begin */
-#define NH_API 4                  /* bumped on any change of the functions or structs below */
+#define NH_API 5                  /* bumped on any change of the functions or structs below */
 
 #define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
                                      done, waits for nh_conn_verdict. Client: identity
@@ -200,6 +200,7 @@ struct nh_stats {
     uint64_t buffers_released;    /* buffers of idle streams released (see Memory) */
     uint64_t lingering;           /* sockets of ended connections reading until the peer's EOF, now */
     uint64_t lingered;            /* ... ever (a clean close we started: see linger_start) */
+    uint64_t h2_held;             /* bytes nghttp2's sessions hold, now (their frame buffers, HPACK tables...) */
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
     uint32_t pad;
 };

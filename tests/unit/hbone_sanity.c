@@ -497,7 +497,7 @@ int main(int argc, char **argv)
     CHECK(nh_stream_open(E, (uint64_t)conn, dup(app), "10.0.0.1:80", NULL, 0) == -ESHUTDOWN, "open after stop");
     nh_engine_stats(E, &st);
     CHECK(st.conns_open == 0 && st.streams_open == 0 && st.bytes_held == 0 && st.stream_buffers == 0
-          && st.lingering == 0, "left open: %lu conns %lu streams %lu bytes",
+          && st.lingering == 0 && st.h2_held == 0, "left open: %lu conns %lu streams %lu bytes",
           (unsigned long)st.conns_open, (unsigned long)st.streams_open, (unsigned long)st.bytes_held);
     nh_engine_free(E);
     close(app);

@@ -19,6 +19,10 @@ import hashlib
 import os
 import socket
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import pytest
 
 from engines import ci_enabled
@@ -578,19 +582,22 @@ def test_native_server_answers_rapid_reset_with_goaway_enhance_your_calm(pki):
 
 class BlockingH2:
     """A bare h2 client on a blocking TLS socket, for a worker thread: it reads the server's
-    frames and can then speak raw TCP under its TLS."""
+    frames and can then speak raw TCP under its TLS. `frame`: the SETTINGS_MAX_FRAME_SIZE
+    it offers (with windows of 16 MiB then)."""
 
-    def __init__(self, pki, address):
-        import h2.config
-        import h2.connection
+    def __init__(self, pki, address, frame: int = 0):
         ctx = pki.client.ssl_context(False)
         ctx.set_alpn_protocols(["h2"])
         self.sock = ctx.wrap_socket(socket.create_connection(address, timeout=10), server_hostname="127.0.0.1")
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        if frame:
+            self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: frame, h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 * MIB})
         self.conn.initiate_connection()
+        if frame:
+            self.conn.increment_flow_control_window(16 * MIB)
         self.sock.sendall(self.conn.data_to_send())
         self.goaway = None
-        import h2.events
         settings = False
         while not settings:  # the server is in HTTP/2
             data = self.sock.recv(65536)
@@ -598,9 +605,25 @@ class BlockingH2:
             settings = any(isinstance(e, h2.events.RemoteSettingsChanged) for e in self.conn.receive_data(data))
         self.sock.sendall(self.conn.data_to_send())
 
+    def connect(self) -> list[int]:
+        """A CONNECT, read to its end: the payload length of each DATA frame."""
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, [(":method", "CONNECT"), (":authority", AUTH)], end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        frames, ended = [], False
+        while not ended:
+            data = self.sock.recv(1 << 20)
+            assert data, "closed before the stream ended"
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    frames.append(len(event.data))
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                ended |= isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset))
+            self.sock.sendall(self.conn.data_to_send())
+        return frames
+
     def read_until_eof(self) -> None:
         """Read the server's frames, keeping its GOAWAY, until its close_notify and FIN."""
-        import h2.events
         while data := self.sock.recv(65536):
             for event in self.conn.receive_data(data):
                 if isinstance(event, h2.events.ConnectionTerminated):
@@ -652,6 +675,39 @@ def test_a_drained_connection_reads_what_the_peer_still_sends_before_closing(pki
             assert len(os.listdir("/proc/self/fd")) == fds - 1
             silent.sock.close()
             await drained(eng)
+    run(main())
+
+
+def test_a_frame_buffer_grows_only_for_frames_that_need_it(pki):
+    """nghttp2 grows a session's frame buffer to the length the read-length callback offers
+    a DATA frame, even for a payload it never copies, and never shrinks it: offering the
+    peer's 128 KiB to every frame made each connection that carried any DATA hold ~128 KiB
+    more in nghttp2 for good. Frames are offered what their stream holds, so connections
+    of small exchanges keep the 16 KiB they started with (nh_stats.h2_held: what the
+    sessions hold), and one bulk stream grows only its own connection's."""
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki) as srv:
+            conns = [await native_client(eng, pki, srv.address) for _ in range(10)]
+            for conn in conns:
+                app, theirs = pair()
+                stream = conn.open(theirs, AUTH)
+                assert await stream.response == 200 and await exchange(app, b"x" * 1000) == b"x" * 1000
+                await stream.ended
+                app.close()
+            small = eng.stats()["h2_held"] / 20  # per session: 10 client and 10 server connections
+            assert 0 < small < 48 * 1024, small  # it was ~140 KB
+            app, theirs = pair()
+            stream = conns[0].open(theirs, AUTH)
+            assert await stream.response == 200 and await exchange(app, b"y" * 4 * MIB) == b"y" * 4 * MIB
+            await stream.ended
+            app.close()
+            grown = eng.stats()["h2_held"] - 20 * small
+            assert 2 * 100 * 1024 < grown < 2 * 200 * 1024, grown  # this connection's two sessions
+            for conn in conns:
+                conn.close()
+                await conn.closed
+            await drained(eng)
+            assert eng.stats()["h2_held"] == 0
     run(main())
 
 
