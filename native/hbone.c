@@ -1490,7 +1490,6 @@ static int tls_push(struct conn *c)
     return -1;
 }
 
-
 /* nghttp2's memory, counted (nh_stats.h2_held): glibc's usable size of each block. */
 static void h2_count(void *engine, void *p, int64_t sign)
 {
