@@ -93,11 +93,15 @@ def tree_resident(root: int | None = None, proc: str = PROC) -> int:
 
 
 class Holdings:
-    """The connections the agent relays now, per local pod IP."""
+    """The connections the agent relays now, per local pod IP, and the most one pod may
+    hold at once (`cap`, the setting max_connections_per_pod; None: no cap)."""
 
-    def __init__(self):
+    def __init__(self, cap: int | None = None, log: logging.Logger | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self._by: dict[str, int] = {}  # no entry at 0
         self.total = 0
+        self.cap, self.log = cap, log
+        self._capped = Throttle(LOG_INTERVAL, clock)  # log lines of `capped`
 
     @contextmanager
     def held(self, ip: str) -> Iterator[None]:
@@ -119,6 +123,19 @@ class Holdings:
         """The `n` pod IPs holding the most, with what they hold, most first."""
         return sorted(self._by.items(), key=lambda item: (-item[1], item[0]))[:n]
 
+    def capped(self, ip: str, pod: object) -> bool:
+        """Whether the pod at `ip` holds `cap` connections, so a new one is refused; the
+        refusals are logged at once, then at most every LOG_INTERVAL with how many there
+        were (the caller counts each in its own metric)."""
+        if self.cap is None or self._by.get(ip, 0) < self.cap:
+            return False
+        refused = self._capped.due()
+        if refused and self.log is not None:
+            self.log.warning("%d new connection(s) or stream(s) refused since the last report: %s holds %d "
+                             "connections, the most one pod may (max_connections_per_pod). Reported at most "
+                             "every %g s", refused, pod, self._by[ip], self._capped.interval)
+        return True
+
     def over_share(self, ip: str) -> bool:
         """More than the mean of the pods holding any, and at least FAIR_FLOOR."""
         mine = self._by.get(ip, 0)
@@ -128,9 +145,9 @@ class Holdings:
 class MemoryGuard:
     """Whether the agent is over its memory limit's OVERLOAD mark (see the module)."""
 
-    def __init__(self, limit_mib: int | None, log: logging.Logger, *,
+    def __init__(self, limit_mib: int | None, log: logging.Logger, *, per_pod: int | None = None,
                  read: Callable[[], int] = tree_resident, clock: Callable[[], float] = time.monotonic):
-        self.holdings = Holdings()
+        self.holdings = Holdings(per_pod, log, clock)
         self.limit = limit_mib * MIB if limit_mib else None
         self.log = log
         self.read, self.clock = read, clock
@@ -198,7 +215,7 @@ class MemoryGuard:
         return {"limit_bytes": self.limit, "usage_bytes": self.usage, "peak_bytes": self.peak,
                 "overloaded": self.over, "overload_episodes": self.episodes,
                 "overload_at": OVERLOAD, "recover_at": RECOVER, "full_at": FULL,
-                "connections_held": self.holdings.total}
+                "connections_held": self.holdings.total, "per_pod_cap": self.holdings.cap}
 
 
 class Trimmer:

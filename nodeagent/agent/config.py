@@ -25,6 +25,7 @@ from nodeagent.identity.caproto import default_server_name
 from nodeagent.identity.spiffe import parse_trust_domain
 from nodeagent.kube.client import ClusterConfig, from_kubeconfig, in_cluster
 from nodeagent.kube.objects import DNS_SUBDOMAIN
+from nodeagent.native import DEFAULT_MAX_RELAYS
 from nodeagent.xds.dataplane import UNIX_PATH_MAX, Sockets
 from nodeagent.settings import (OFF, Setting, parse_absolute, parse_address, parse_bool, parse_choice,
                                 parse_directory, parse_int, parse_namespace, parse_optional_file,
@@ -81,6 +82,7 @@ class AgentConfig:
     compile_timeout: float  # seconds a compile process of the eBPF programs may take before it is killed
     hbone_handshake_timeout: float  # seconds from accept on a pod's tunnel port to TLS done (the server's side)
     memory_limit_mib: int | None  # the container's memory limit: near it, no new inbound HBONE connections
+    max_connections_per_pod: int | None  # connections relayed for one local pod at once; more are refused
 
     @property
     def admin_port(self) -> int:
@@ -198,6 +200,15 @@ def parse_memory_limit(raw: str) -> int | None:
     if not 64 <= mib <= 1 << 20:
         raise ValueError("must be from 64 to 1048576 (MiB), or off")
     return mib
+
+
+def parse_connection_cap(raw: str) -> int | None:
+    if raw.strip().lower() in OFF:
+        return None
+    cap = parse_int(raw)
+    if not 1 <= cap <= DEFAULT_MAX_RELAYS:
+        raise ValueError(f"must be from 1 to {DEFAULT_MAX_RELAYS}, or off")
+    return cap
 
 
 def parse_flow_log(raw: str) -> str | Path:
@@ -344,6 +355,12 @@ SETTINGS: tuple[Setting, ...] = (
             "connections are reset at accept (hbone_limit_hits_total{limit=memory_limit}) until they hold less "
             "than 85 %, so a flood of connections cannot get the agent killed with every connection of the "
             "node; off: no such limit", "MIB|off"),
+    Setting("max_connections_per_pod", parse_connection_cap, str(DEFAULT_MAX_RELAYS // 4),
+            "connections the agent relays for one local pod at once (its app's outbound ones and those to it, "
+            "plaintext or HBONE streams); a new one past it is reset, or answered 503 on HBONE "
+            "(nodeagent_connection_failures_total / nodeagent_hbone_streams_refused_total, reason pod_connection_limit), so one pod "
+            "cannot take the relay slots (%d) and descriptors every pod of the node shares; off: no cap"
+            % DEFAULT_MAX_RELAYS, "COUNT|off"),
 )
 
 

@@ -89,7 +89,7 @@ class DataPath:
         self.connections = InboundConnections(lambda: self.policies.current, pod_at, waypoint, registry,
                                               log.getChild("inbound"))
         self.splicer = Splicer(c.data_path_engine, log.getChild("relay"))
-        self.memory = MemoryGuard(c.memory_limit_mib, log.getChild("memory"))
+        self.memory = MemoryGuard(c.memory_limit_mib, log.getChild("memory"), per_pod=c.max_connections_per_pod)
         inputs = ProxyInputs(model=model, pod_at=pod_at, policies=self.policies, identities=self.identities,
                              telemetry=self.telemetry, connections=self.connections, waypoint=waypoint,
                              metrics=metrics, agent_ports=frozenset({c.outbound_port, c.inbound_port,

@@ -185,12 +185,15 @@ def _memory_line(memory: dict[str, Any] | None) -> list[str]:
 
 
 def _held_line(memory: dict[str, Any]) -> list[str]:
-    """How many connections the agent relays, and for which pods the most."""
+    """How many connections the agent relays, and for which pods the most (of how many
+    one pod may hold)."""
     most = memory.get("most_held") or []
     if not memory.get("connections_held"):
         return []
+    cap = memory.get("per_pod_cap")
     return [f"  {memory['connections_held']} connections relayed; the most for "
-            + ", ".join(f"{m['pod']} ({m['connections']})" for m in most)]
+            + ", ".join(f"{m['pod']} ({m['connections']})" for m in most)
+            + (f"; at most {cap} a pod (max_connections_per_pod)" if cap else "; no cap per pod")]
 
 
 def _data_path_lines(data_path: dict[str, Any] | None) -> list[str]:

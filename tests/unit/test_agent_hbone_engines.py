@@ -385,3 +385,51 @@ async def _line(reader) -> bytes:
         assert chunk, f"ended after {line!r}"
         line += chunk
     return line
+
+
+def test_a_pod_holds_at_most_max_connections_per_pod(tmp_path, monkeypatch, engine, caplog):
+    """With max_connections_per_pod 3, the server pod holding 3 streams gets no 4th (503,
+    pod_connection_limit) and no plaintext inbound connection (reset), while the client
+    pod, holding 1, still connects out; one of the 3 ending lets the next in. The refusals
+    are logged once per interval, naming the pod; the agent's memory plays no part."""
+    memory = MemoryGuard(None, LOG, per_pod=3)
+
+    async def main():
+        async with World(tmp_path, monkeypatch, engine=engine, memory=memory) as w:
+            await w.app.start()
+            legacy = await w.serve(LEGACY)
+            pool = await w.hbone_client()
+            streams = [await w.open_stream(pool, w.app.address) for _ in range(3)]
+            for stream in streams:
+                assert (await _line(stream)).startswith(CLIENT.encode() + b":")
+            kept = await w.dial_out(legacy.address)  # the client pod holds one connection
+            assert (await _line(kept[0])).startswith(CLIENT.encode() + b":")
+            assert (memory.holdings.of(SERVER), memory.holdings.of(CLIENT)) == (3, 1)
+
+            with pytest.raises(ConnectRefused) as refused:
+                await _served(w, pool)
+            assert refused.value.status == 503
+            assert w.stream_refusals() == {("inbound", "pod_connection_limit"): 1}
+            steered = await w.dial(LEGACY, w.steer())  # plaintext inbound to the server pod
+            assert await ended(steered[0]) == "reset"
+            assert w.failures() == {("inbound", "pod_connection_limit"): 1}
+            reader, writer = await w.dial_out(legacy.address)  # the client pod, under the cap
+            assert (await _line(reader)).startswith(CLIENT.encode() + b":")
+            writer.write_eof()
+            assert await ended(reader) == "eof"
+            assert caplog.text.count("the most one pod may (max_connections_per_pod)") == 1
+            assert f"holds 3 connections" in caplog.text
+
+            streams[0].write_eof()  # one of the three ends: the next gets in
+            assert await streams[0].read() == b""
+            await until(lambda: memory.holdings.of(SERVER) == 2, what="the stream to leave the holdings")
+            await _served(w, pool)
+            assert w.stream_refusals() == {("inbound", "pod_connection_limit"): 1}
+            assert not memory.over and memory.episodes == 0
+            for stream in streams[1:]:
+                stream.write_eof()
+                assert await stream.read() == b""
+            kept[1].write_eof()
+            assert await ended(kept[0]) == "eof"
+            await until(lambda: memory.holdings.total == 0, what="every connection to leave the holdings")
+    run(main())

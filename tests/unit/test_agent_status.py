@@ -199,9 +199,12 @@ def test_memory_against_the_limit_is_shown():
     assert "MEMORY: agent and waypoint 140 MiB resident (peak 150); no limit (memory_limit_mib=off)\n" in \
         status.render_text({**STATUS, "memory": off}, now=NOW)
     held = {**memory, "connections_held": 1452, "most_held": [{"pod": "mesh/client", "connections": 1450},
-                                                               {"pod": "mesh/other", "connections": 2}]}
-    assert "(0 times so far)\n  1452 connections relayed; the most for mesh/client (1450), mesh/other (2)\n" in \
-        status.render_text({**STATUS, "memory": held}, now=NOW)
+                                                               {"pod": "mesh/other", "connections": 2}],
+            "per_pod_cap": 16384}
+    assert "(0 times so far)\n  1452 connections relayed; the most for mesh/client (1450), mesh/other (2); at " \
+           "most 16384 a pod (max_connections_per_pod)\n" in status.render_text({**STATUS, "memory": held}, now=NOW)
+    assert "mesh/other (2); no cap per pod\n" in \
+        status.render_text({**STATUS, "memory": {**held, "per_pod_cap": None}}, now=NOW)
 
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:

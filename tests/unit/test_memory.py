@@ -79,7 +79,7 @@ def test_without_a_limit_nothing_is_refused_and_status_still_reads():
     assert not guard.overloaded() and count[0] == 0
     assert guard.describe() == {"limit_bytes": None, "usage_bytes": 10 << 30, "peak_bytes": 10 << 30,
                                 "overloaded": False, "overload_episodes": 0, "overload_at": 0.9,
-                                "recover_at": 0.85, "full_at": 0.95, "connections_held": 0}
+                                "recover_at": 0.85, "full_at": 0.95, "connections_held": 0, "per_pod_cap": None}
 
 
 def test_a_pod_is_over_its_share_past_the_mean_of_the_holders_and_the_floor():

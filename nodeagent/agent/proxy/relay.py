@@ -68,12 +68,16 @@ class Relay:
         reset(client)
 
     def _overloaded(self, ctx: PodContext, client: socket.socket) -> bool:
-        """The agent is over its memory limit's mark (and `ctx`'s pod over its share):
-        a new connection is reset, counted (reason memory_limit) and logged by the
-        guard, at most every few seconds."""
-        if not self.inputs.memory.refuse(ctx.pod.ip, ctx):
+        """`ctx`'s pod holds as many connections as one pod may, or the agent is over its
+        memory limit's mark (and the pod over its share): a new connection is reset,
+        counted (reason pod_connection_limit, memory_limit) and logged at most every few
+        seconds."""
+        memory = self.inputs.memory
+        reason = ("pod_connection_limit" if memory.holdings.capped(ctx.pod.ip, ctx)
+                  else "memory_limit" if memory.refuse(ctx.pod.ip, ctx) else None)
+        if reason is None:
             return False
-        self.metrics.failure(self.direction, "memory_limit")
+        self.metrics.failure(self.direction, reason)
         reset(client)
         return True
 

@@ -98,7 +98,11 @@ class TunnelInbound:
             stream.respond(503, reason="pod_gone")
             return
         self.metrics.inbound.inc()
-        if self.inputs.memory.refuse(ctx.pod.ip, ctx):  # a new stream on an open connection: Envoy's overload answer
+        memory = self.inputs.memory
+        if memory.holdings.capped(ctx.pod.ip, ctx):  # a new stream: 503, as Envoy's circuit breakers answer
+            stream.respond(503, reason="pod_connection_limit")
+            return
+        if memory.refuse(ctx.pod.ip, ctx):  # a new stream on an open connection: Envoy's overload answer
             stream.respond(503, reason="memory_limit")
             return
         with self.inputs.memory.holdings.held(ctx.pod.ip):
