@@ -59,8 +59,6 @@
 #define STREAM_IDLE_MS 2000u       /* a stream that moved nothing for a tick (at most half this) gives
                                       its empty buffers back */
 #define TRIM_AFTER (4u << 20)      /* bytes of buffers released before the memory goes back to the system */
-#define LINGER_MS 1000u            /* a closed connection's socket reads and discards until the peer's
-                                      EOF, at most this long (linger_start) */
 
 enum kind { K_WAKE = 1, K_CONN, K_STREAM, K_LINGER };
 enum op { OP_CLIENT = 1, OP_SERVER, OP_VERDICT, OP_CLOSE, OP_OPEN, OP_ACCEPT, OP_REFUSE, OP_RESET, OP_ATTACH };
@@ -429,7 +427,7 @@ static void bury(struct nh_engine *e, struct obj *o)
  * discards what is still queued to send (with BBR's pacing, perhaps the GOAWAY itself):
  * the peer then sees its stream lost instead of refused, and does not retry it. So, as
  * nginx and Envoy close, the socket sends its FIN (shutdown SHUT_WR) and reads and
- * discards until the peer's EOF, for at most LINGER_MS, and then closes. */
+ * discards until the peer's EOF, for at most cfg.linger_ms, and then closes. */
 struct lingerer {
     struct obj o;
     int fd;
@@ -458,18 +456,19 @@ static void linger_end(struct nh_engine *e, struct lingerer *l)
     bury(e, &l->o);
 }
 
-/* Closes `fd` once the peer's EOF is read, or LINGER_MS from now (see above); at once when
- * as many sockets linger as the engine takes connections. */
+/* Closes `fd` once the peer's EOF is read, or linger_ms from now (see above); at once when
+ * as many sockets linger as the engine takes connections, or lingering is off. */
 static void linger_start(struct nh_engine *e, int fd)
 {
     struct lingerer *l = NULL;
-    if (e->nlingering >= e->cfg.max_conns || shutdown(fd, SHUT_WR) < 0 || !(l = calloc(1, sizeof *l))) {
+    if (!e->cfg.linger_ms || e->nlingering >= e->cfg.max_conns || shutdown(fd, SHUT_WR) < 0
+        || !(l = calloc(1, sizeof *l))) {
         close(fd);
         return;
     }
     l->o.kind = K_LINGER;
     l->fd = fd;
-    l->deadline = now_ms() + LINGER_MS;
+    l->deadline = now_ms() + e->cfg.linger_ms;
     l->prev = e->lingering_tail;
     if (e->lingering_tail)
         e->lingering_tail->next = l;
@@ -2302,7 +2301,7 @@ static int check_config(const struct nh_config *c)
         || c->connection_window > 0x7fffffff || c->max_frame_size < 16384 || c->max_frame_size > 16777215
         || c->stream_buffer < 4096 || c->stream_buffer > (64u << 20) || c->max_resets < 1
         || c->reset_window_ms < 1 || c->handshake_timeout_ms < 1 || c->max_pending_handshakes < 1
-        || (c->keepalive_interval_ms && !c->keepalive_timeout_ms))
+        || (c->keepalive_interval_ms && !c->keepalive_timeout_ms) || c->linger_ms > 60000)
         return -EINVAL;
     return 0;
 }

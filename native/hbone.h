@@ -96,7 +96,7 @@
 #include <stdint.h>
 
 /* cffi-begin */
-#define NH_API 5                  /* bumped on any change of the functions or structs below */
+#define NH_API 6                  /* bumped on any change of the functions or structs below */
 
 #define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
                                      done, waits for nh_conn_verdict. Client: identity
@@ -152,6 +152,8 @@ struct nh_config {
     uint32_t client_idle_ms;      /* a client connection without streams this long: GOAWAY, closed */
     uint32_t server_idle_ms;      /* the same for a server connection */
     uint32_t client_handshake_timeout_ms; /* a client's (up to the server's SETTINGS); 0: handshake_timeout_ms */
+    uint32_t linger_ms;           /* a connection ended cleanly reads until its peer's EOF at most this long
+                                   * before it closes (0: closes at once; see linger_start) */
     uint64_t receive_budget;      /* bytes of received DATA all streams hold at most (see Back-pressure) */
     uint64_t send_budget;         /* bytes read from the streams' sockets all streams hold at most (idem) */
 };

@@ -35,6 +35,7 @@ from nodeagent.native import NativeUnavailable, SpliceResult
 from nodeagent.tunnel.settings import TunnelSettings
 
 DEFAULT_MAX_CONNS = 16384
+DEFAULT_LINGER = 1.0  # seconds a cleanly ended connection reads on until its peer's EOF (native/hbone.c linger_start)
 DEFAULT_STREAM_BUFFER = 256 * 1024  # bytes read from a plain socket held per stream (the Python path's write_buffer)
 _BATCH = 256
 HOW = {1: "closed", 2: "reset", 3: "socket_error", 4: "aborted", 5: "refused", 6: "connection_lost", 7: "tls",
@@ -228,11 +229,12 @@ class HboneEngine:
     @classmethod
     def start(cls, settings: TunnelSettings = TunnelSettings(), *, module=None, max_conns: int = DEFAULT_MAX_CONNS,
               stream_buffer: int = DEFAULT_STREAM_BUFFER, client_idle: float = 0.0,
-              server_idle: float = 0.0) -> "HboneEngine":
+              server_idle: float = 0.0, linger: float = DEFAULT_LINGER) -> "HboneEngine":
         """An engine with `settings`' windows, limits and keepalive (PING after
         keepalive_interval, give up after keepalive_timeout); connections without streams
         close after `client_idle` / `server_idle` seconds (0: never), as the pool's and
-        the server's idle_timeout."""
+        the server's idle_timeout; one the engine ends cleanly reads until its peer's EOF
+        for at most `linger` seconds before its socket closes (0: at once)."""
         module = module or load()
         ffi, lib = module.ffi, module.lib
         config = ffi.new("struct nh_config *", {
@@ -246,6 +248,7 @@ class HboneEngine:
             "keepalive_interval_ms": int(settings.keepalive_interval * 1000),
             "keepalive_timeout_ms": int(settings.keepalive_timeout * 1000),
             "client_idle_ms": int(client_idle * 1000), "server_idle_ms": int(server_idle * 1000),
+            "linger_ms": int(linger * 1000),
             "receive_budget": settings.receive_budget, "send_budget": settings.send_budget})
         out = ffi.new("struct nh_engine **")
         rc = lib.nh_engine_new(config, out)

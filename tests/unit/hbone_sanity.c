@@ -274,7 +274,7 @@ int main(int argc, char **argv)
                             .connection_window = 4 << 20, .max_frame_size = 131072, .stream_buffer = 65536,
                             .max_resets = 200, .reset_window_ms = 10000, .handshake_timeout_ms = 5000,
                             .max_pending_handshakes = 16, .keepalive_interval_ms = 20,
-                            .keepalive_timeout_ms = 30000};
+                            .keepalive_timeout_ms = 30000, .linger_ms = 1000};
     CHECK(nh_engine_new(&cfg, &E) == 0, "nh_engine_new");
     server_tls = tls_from(argv[1], argv[3]);
     struct nh_tls *client_tls = tls_from(argv[2], argv[3]);

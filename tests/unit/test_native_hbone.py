@@ -633,6 +633,12 @@ class BlockingH2:
         assert select.select([self.sock], [], [], 10)[0], "no FIN after close_notify"  # the fd is non-blocking
         assert os.read(self.sock.fileno(), 1) == b""  # the FIN
 
+    def until_ended(self) -> None:
+        """Read until the connection ends, cleanly or not."""
+        with contextlib.suppress(OSError):
+            while self.sock.recv(65536):
+                pass
+
     def send_raw(self, data: bytes) -> None:
         """Bytes under TLS, as a CONNECT sent before the GOAWAY was seen arrives after it."""
         os.write(self.sock.fileno(), data)
@@ -653,9 +659,9 @@ def test_a_drained_connection_reads_what_the_peer_still_sends_before_closing(pki
     """A server connection drained (GOAWAY, close_notify) sends its FIN and reads on: the
     client's bytes that cross the GOAWAY are read and dropped, not answered with an RST
     (which would have discarded a GOAWAY still queued to send); the socket closes at the
-    client's FIN. A client that never closes is let go after a second."""
+    client's FIN. A client that never closes is let go when the lingering time is up."""
     async def main():
-        async with engine() as eng, NativeServer(eng, pki) as srv:
+        async with engine(linger=30) as eng, NativeServer(eng, pki) as srv:
             client = await asyncio.to_thread(BlockingH2, pki, srv.address)
             await until(lambda: srv.conns and eng.stats()["conns_open"] == 1, what="the server connection")
             srv.conns[0].close()  # as the agent drains
@@ -667,17 +673,46 @@ def test_a_drained_connection_reads_what_the_peer_still_sends_before_closing(pki
             assert await asyncio.to_thread(client.shut_and_wait_closed) == 0
             await until(lambda: eng.stats()["lingering"] == 0, what="the lingering socket to close")
             client.sock.close()
-
+            await drained(eng)
+        async with engine(linger=0.2) as eng, NativeServer(eng, pki) as srv:
             silent = await asyncio.to_thread(BlockingH2, pki, srv.address)
-            await until(lambda: len(srv.conns) == 2 and eng.stats()["conns_open"] == 1, what="the second connection")
+            await until(lambda: srv.conns and eng.stats()["conns_open"] == 1, what="the server connection")
             fds = len(os.listdir("/proc/self/fd"))
-            srv.conns[1].close()
+            srv.conns[0].close()
             await asyncio.to_thread(silent.read_until_eof)
-            assert eng.stats()["lingering"] == 1
-            await until(lambda: eng.stats()["lingering"] == 0, what="the lingering socket's deadline")
+            await until(lambda: eng.stats()["lingered"] == 1 and eng.stats()["lingering"] == 0,
+                        what="the lingering socket's time to be up")
             assert len(os.listdir("/proc/self/fd")) == fds - 1
             silent.sock.close()
             await drained(eng)
+    run(main())
+
+
+def test_the_engine_stop_lets_a_lingering_socket_read_on(pki):
+    """A drained connection still lingering when the engine stops keeps reading (the rest of
+    its time) while the stop resets what else is open: the bytes its client sends then get
+    no RST either, and the stop returns once the client's FIN came."""
+    async def main():
+        async with engine(linger=30) as eng, NativeServer(eng, pki) as srv:
+            client = await asyncio.to_thread(BlockingH2, pki, srv.address)
+            await until(lambda: eng.stats()["conns_open"] == 1, what="the first connection")
+            other = await asyncio.to_thread(BlockingH2, pki, srv.address)
+            await until(lambda: eng.stats()["conns_open"] == 2, what="the second connection")
+            srv.conns[0].close()
+            await asyncio.to_thread(client.read_until_eof)
+            assert eng.stats()["lingering"] == 1
+            # the engine's own call (eng.close() belongs to the loop): the thread stops, the loop goes on
+            stopping = asyncio.ensure_future(asyncio.to_thread(eng._lib.nh_engine_stop, eng._handle))
+            try:
+                await asyncio.to_thread(other.until_ended)  # the stop is under way: it ended the other
+                assert (eng.stats()["conns_open"], eng.stats()["lingering"]) == (0, 1)
+                assert not stopping.done()  # and waits for the lingering socket
+                client.send_raw(os.urandom(300))
+                assert await asyncio.to_thread(client.shut_and_wait_closed) == 0
+            finally:
+                await stopping  # before eng.close(), which stops the engine too
+            client.sock.close()
+            other.sock.close()
     run(main())
 
 
