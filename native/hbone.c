@@ -461,8 +461,7 @@ static void linger_end(struct nh_engine *e, struct lingerer *l)
 static void linger_start(struct nh_engine *e, int fd)
 {
     struct lingerer *l = NULL;
-    if (!e->cfg.linger_ms || e->nlingering >= e->cfg.max_conns || shutdown(fd, SHUT_WR) < 0
-        || !(l = calloc(1, sizeof *l))) {
+    if (!e->cfg.linger_ms || e->nlingering >= e->cfg.max_conns || !(l = calloc(1, sizeof *l))) {
         close(fd);
         return;
     }
@@ -476,9 +475,10 @@ static void linger_start(struct nh_engine *e, int fd)
         e->lingering = l;
     e->lingering_tail = l;
     e->nlingering++;
-    ST_ADD(e, lingering, 1);
+    ST_ADD(e, lingering, 1);  /* counted before the FIN goes out: a peer that saw it sees the count */
     ST_ADD(e, lingered, 1);
-    set_mask(e, fd, &l->o, &l->registered, &l->mask, EPOLLIN | EPOLLRDHUP);
+    if (shutdown(fd, SHUT_WR) == 0)
+        set_mask(e, fd, &l->o, &l->registered, &l->mask, EPOLLIN | EPOLLRDHUP);
     if (!l->registered)
         linger_end(e, l);
 }

@@ -226,16 +226,15 @@ async def measure(engine: str, conn, servers: dict, args: dict) -> dict:
 
 
 async def run(args: dict) -> dict:
+    loop = asyncio.get_running_loop()
+    server, port = await loop.run_in_executor(None, iperf3_server, args["iperf3_port"])
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
     proc = ctx.Process(target=child, args=(theirs,), daemon=True)
     proc.start()
-    server = subprocess.Popen(["iperf3", "-s", "-p", str(args["iperf3_port"])], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    loop = asyncio.get_running_loop()
     try:
         servers = await loop.run_in_executor(None, ours.recv)
-        servers["iperf3"] = ("127.0.0.1", args["iperf3_port"])
+        servers["iperf3"] = ("127.0.0.1", port)
         rounds: dict[str, list[dict]] = {"direct": [], **{engine: [] for engine in args["engines"]}}
         for _ in range(args["rounds"]):  # interleaved, so a busy moment hits every column alike
             rounds["direct"].append(await direct(ours, servers, args))
@@ -286,6 +285,41 @@ def render(results: dict, args: dict) -> str:
     return "\n".join(lines)
 
 
+def iperf3_server(port: int) -> tuple[subprocess.Popen, int]:
+    """An iperf3 server listening on `port` (0: a free one), and its port. A port found
+    free can be taken before iperf3 binds it (iperf3 then exits): another free port is
+    tried, up to 5."""
+    for _ in range(5):
+        chosen = port or _free_port()
+        server = subprocess.Popen(["iperf3", "-s", "-p", str(chosen)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while server.poll() is None and time.monotonic() < deadline:
+            if _listening(chosen):
+                return server, chosen
+            time.sleep(0.01)
+        server.kill()
+        server.wait()
+        if port:
+            break
+    raise RuntimeError(f"iperf3 -s did not listen on {port or 'a free port'} (taken?)")
+
+
+def _listening(port: int) -> bool:
+    """Whether a socket of this netns listens on TCP `port` (/proc/net/tcp, tcp6: state 0A)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -307,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.seconds < 1:
         parser.error("--seconds must be at least 1 (iperf3 runs 0 seconds as forever)")
-    args = {"rounds": ns.rounds, "seconds": ns.seconds, "iperf3_port": ns.iperf3_port or _free_port(), "pipe_size": ns.pipe_size,
+    args = {"rounds": ns.rounds, "seconds": ns.seconds, "iperf3_port": ns.iperf3_port, "pipe_size": ns.pipe_size,
             "round_trips": ns.round_trips,
             "connections": ns.connections,
             "engines": [e for e in ns.engines.split(",") if e]}
