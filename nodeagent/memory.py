@@ -210,6 +210,14 @@ class MemoryGuard:
                              self.holdings.total, self._refusals.interval)
         return True
 
+    def refusal(self, ip: str, pod: object) -> str | None:
+        """Why new work for the local pod at `ip` is refused now, logged by the check
+        that says so: "pod_connection_limit" (it holds its cap), "memory_limit" (`refuse`),
+        or None."""
+        if self.holdings.capped(ip, pod):
+            return "pod_connection_limit"
+        return "memory_limit" if self.refuse(ip, pod) else None
+
     def describe(self) -> dict:
         self._sample()  # a fresh reading (at most one per INTERVAL)
         return {"limit_bytes": self.limit, "usage_bytes": self.usage, "peak_bytes": self.peak,

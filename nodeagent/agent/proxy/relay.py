@@ -72,9 +72,7 @@ class Relay:
         memory limit's mark (and the pod over its share): a new connection is reset,
         counted (reason pod_connection_limit, memory_limit) and logged at most every few
         seconds."""
-        memory = self.inputs.memory
-        reason = ("pod_connection_limit" if memory.holdings.capped(ctx.pod.ip, ctx)
-                  else "memory_limit" if memory.refuse(ctx.pod.ip, ctx) else None)
+        reason = self.inputs.memory.refusal(ctx.pod.ip, ctx)
         if reason is None:
             return False
         self.metrics.failure(self.direction, reason)

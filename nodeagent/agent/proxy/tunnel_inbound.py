@@ -98,12 +98,9 @@ class TunnelInbound:
             stream.respond(503, reason="pod_gone")
             return
         self.metrics.inbound.inc()
-        memory = self.inputs.memory
-        if memory.holdings.capped(ctx.pod.ip, ctx):  # a new stream: 503, as Envoy's circuit breakers answer
-            stream.respond(503, reason="pod_connection_limit")
-            return
-        if memory.refuse(ctx.pod.ip, ctx):  # a new stream on an open connection: Envoy's overload answer
-            stream.respond(503, reason="memory_limit")
+        refusal = self.inputs.memory.refusal(ctx.pod.ip, ctx)
+        if refusal is not None:  # a new stream: 503, as Envoy's circuit breakers and overload manager answer
+            stream.respond(503, reason=refusal)
             return
         with self.inputs.memory.holdings.held(ctx.pod.ip):
             await self._stream(ctx, info, stream)
