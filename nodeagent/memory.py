@@ -31,7 +31,12 @@ is refused, whichever pod it is for.
 What is read is the resident memory of the agent and every process under it (its
 waypoint Envoy runs in the same container, under the same limit; the compile process
 for the 1 s it lives): /proc/<pid>/statm of each, the children from
-/proc/<pid>/task/<tid>/children. A reading is kept for INTERVAL, so a flood of accepts
+/proc/<pid>/task/<tid>/children; and the socket buffers the kernel charges to the
+agent's memory cgroup (`socket_charge`), which no process's RSS shows: bytes a slow or
+stalled app has not read wait in the agent's send queues, up to ~4 MiB a socket (20
+connections to an app that never reads held 70.7 MiB in the destination agent's delivery
+sockets), and under cgroup v2 they count against the container's limit like any other
+memory. A reading is kept for INTERVAL, so a flood of accepts
 costs one reading per INTERVAL, and an agent nobody connects to reads nothing. The
 limit is the setting `memory_limit_mib` (the DaemonSet passes its container's limit
 through the downward API); without one the guard is off and status says so.
@@ -58,6 +63,7 @@ FAIR_FLOOR = 64  # a pod holding fewer connections than this is never over its s
 INTERVAL = 0.05  # seconds a reading is used for
 TRIM_INTERVAL = 10.0  # seconds between two returns of freed heap memory (Trimmer)
 PAGE = os.sysconf("SC_PAGE_SIZE")
+DISCOVER = object()  # MemoryGuard(sockets=...): find this process's memory cgroup (socket_charge)
 PROC = "/proc"
 
 
@@ -90,6 +96,86 @@ def tree_resident(root: int | None = None, proc: str = PROC) -> int:
             if children:
                 todo.extend(int(c) for c in children.split())
     return total
+
+
+def _mounts(proc: str) -> list[tuple[str, str, str, str]]:
+    """(root, mount point, fs type, super options) of each mount of this process."""
+    out = []
+    for line in (_read(f"{proc}/self/mountinfo") or "").splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if sep and len(fields) >= 5 and len(tail) >= 3:
+            out.append((fields[3], fields[4], tail[0], tail[2]))
+    return out
+
+
+def _under(mount_root: str, point: str, path: str) -> str | None:
+    """`path` (a cgroup path of /proc/self/cgroup) inside the mount of `mount_root` at `point`."""
+    if path != mount_root and not path.startswith(mount_root.rstrip("/") + "/"):
+        return None
+    rel = os.path.relpath(path, mount_root)
+    return point if rel == "." else os.path.join(point, rel)
+
+
+def _holding(point: str, pid: int, most: int = 20000) -> str | None:
+    """The cgroup under `point` whose cgroup.procs lists `pid`, found by walking the
+    hierarchy (at most `most` directories): in its own cgroup namespace the agent sees
+    its cgroup as "/", and the host's hierarchy (the DaemonSet mounts it) as mounted
+    from above that root, so its path there is not known otherwise."""
+    todo, seen = [point], 0
+    while todo and seen < most:
+        here = todo.pop()
+        seen += 1
+        procs = _read(os.path.join(here, "cgroup.procs"))
+        if procs is not None and str(pid) in procs.split():
+            return here
+        try:
+            todo.extend(e.path for e in os.scandir(here) if e.is_dir(follow_symlinks=False))
+        except OSError:
+            pass
+    return None
+
+
+def socket_charge(proc: str = PROC, pid: int | None = None) -> tuple[str, Callable[[], int | None]] | None:
+    """What the kernel charges this process's memory cgroup for socket buffers, which
+    resident memory does not show: (where it is read, a reader of bytes), or None when
+    this process has no memory cgroup to read. cgroup v2: `sock` of memory.stat (always
+    charged); cgroup v1: memory.kmem.tcp.usage_in_bytes (charged only once the cgroup's
+    TCP accounting is on; else 0, and the limit does not count them either). `pid`: whose
+    cgroup to look for when the mount does not show the path (this process's)."""
+    groups = {}
+    for line in (_read(f"{proc}/self/cgroup") or "").splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in (controllers.split(",") if controllers else ["unified"]):
+            groups[c] = path
+    for root, point, kind, options in _mounts(proc):
+        if kind == "cgroup2" and "unified" in groups:
+            where = _under(root, point, groups["unified"]) or _holding(point, pid or os.getpid())
+            stat = os.path.join(where, "memory.stat") if where else None
+            if stat and _read(stat) is not None:
+                return f"{stat} (sock)", lambda: _stat_field(stat, "sock")
+    for root, point, kind, options in _mounts(proc):
+        if kind == "cgroup" and "memory" in options.split(",") and "memory" in groups:
+            where = _under(root, point, groups["memory"])
+            tcp = os.path.join(where, "memory.kmem.tcp.usage_in_bytes") if where else None
+            if tcp and _read(tcp) is not None:
+                return tcp, lambda: _int(_read(tcp))
+    return None
+
+
+def _stat_field(path: str, name: str) -> int | None:
+    for line in (_read(path) or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == name:
+            return _int(value)
+    return None
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 class Holdings:
@@ -146,12 +232,16 @@ class MemoryGuard:
     """Whether the agent is over its memory limit's OVERLOAD mark (see the module)."""
 
     def __init__(self, limit_mib: int | None, log: logging.Logger, *, per_pod: int | None = None,
-                 read: Callable[[], int] = tree_resident, clock: Callable[[], float] = time.monotonic):
+                 read: Callable[[], int] = tree_resident, sockets: object = DISCOVER,
+                 clock: Callable[[], float] = time.monotonic):
+        """`sockets`: socket_charge()'s (where, reader), None for none; by default found."""
         self.holdings = Holdings(per_pod, log, clock)
         self.limit = limit_mib * MIB if limit_mib else None
         self.log = log
         self.read, self.clock = read, clock
-        self.usage: int | None = None  # bytes at the last reading
+        self.sockets = socket_charge() if sockets is DISCOVER else sockets
+        self.usage: int | None = None  # bytes at the last reading: resident and socket buffers
+        self.socket_usage: int | None = None  # ... of which socket buffers (None: not read)
         self.peak = 0
         self._read_at: float | None = None
         self.over = False
@@ -170,7 +260,8 @@ class MemoryGuard:
         if self._read_at is not None and now - self._read_at < INTERVAL:
             return
         self._read_at = now
-        self.usage = usage = self.read()
+        self.socket_usage = self.sockets[1]() if self.sockets else None
+        self.usage = usage = self.read() + (self.socket_usage or 0)
         self.peak = max(self.peak, usage)
         if self.limit is None:
             return
@@ -178,14 +269,19 @@ class MemoryGuard:
         if not self.over and share >= OVERLOAD:
             self.over = True
             self.episodes += 1
-            self.log.warning("memory: the agent and its waypoint hold %d MiB, %.0f %% of the limit (%d MiB): new "
+            self.log.warning("memory: the agent and its waypoint hold %s, %.0f %% of the limit (%d MiB): new "
                              "connections and streams of pods over their share (from %.0f %%: of every pod) are "
-                             "refused until they hold less than %.0f %%; open connections go on", usage // MIB,
+                             "refused until they hold less than %.0f %%; open connections go on", self._held(),
                              share * 100, self.limit // MIB, FULL * 100, RECOVER * 100)
         elif self.over and share < RECOVER:
             self.over = False
             self.log.warning("memory: back to %d MiB, %.0f %% of the limit (%d MiB): new connections are "
                              "accepted again", usage // MIB, share * 100, self.limit // MIB)
+
+    def _held(self) -> str:
+        if self.socket_usage is None:
+            return f"{self.usage // MIB} MiB"
+        return f"{self.usage // MIB} MiB ({self.socket_usage // MIB} MiB of it socket buffers)"
 
     def refuses(self, ip: str | None) -> bool:
         """Whether new work for the local pod at `ip` (None: not known) is refused now:
@@ -221,6 +317,7 @@ class MemoryGuard:
     def describe(self) -> dict:
         self._sample()  # a fresh reading (at most one per INTERVAL)
         return {"limit_bytes": self.limit, "usage_bytes": self.usage, "peak_bytes": self.peak,
+                "socket_bytes": self.socket_usage, "socket_source": self.sockets[0] if self.sockets else None,
                 "overloaded": self.over, "overload_episodes": self.episodes,
                 "overload_at": OVERLOAD, "recover_at": RECOVER, "full_at": FULL,
                 "connections_held": self.holdings.total, "per_pod_cap": self.holdings.cap}

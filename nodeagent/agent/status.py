@@ -171,10 +171,14 @@ def _memory_line(memory: dict[str, Any] | None) -> list[str]:
     if not memory or memory.get("usage_bytes") is None:
         return []
     usage, limit, peak = memory["usage_bytes"] >> 20, memory["limit_bytes"], memory["peak_bytes"] >> 20
+    sockets = (f"{memory['socket_bytes'] >> 20} MiB of it socket buffers" if memory.get("socket_bytes") is not None
+               else "socket buffers not read: no memory cgroup")
     if limit is None:
-        line = f"MEMORY: agent and waypoint {usage} MiB resident (peak {peak}); no limit (memory_limit_mib=off)"
+        line = (f"MEMORY: agent and waypoint {usage} MiB resident and in socket buffers ({sockets}, peak {peak}); "
+                "no limit (memory_limit_mib=off)")
     else:
-        share = f"{usage} MiB of the {limit >> 20} MiB limit ({100 * memory['usage_bytes'] / limit:.0f} %, peak {peak})"
+        share = (f"{usage} MiB of the {limit >> 20} MiB limit ({100 * memory['usage_bytes'] / limit:.0f} %, {sockets}, "
+                 f"peak {peak})")
         line = (f"MEMORY: OVERLOADED, {share}: new connections of pods over their share (from "
                 f"{memory['full_at'] * 100:.0f} %: of every pod) are refused until under "
                 f"{memory['recover_at'] * 100:.0f} %" if memory["overloaded"] else

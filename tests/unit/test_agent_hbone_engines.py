@@ -306,7 +306,7 @@ def test_over_its_memory_limit_the_agent_refuses_new_work_of_the_pods_over_their
     everything gets in. (The agent's memory is what the test says it is: reading it is
     tests/unit/test_memory.py's.)"""
     now, usage = [0.0], [0]
-    memory = MemoryGuard(None, LOG, clock=lambda: now[0], read=lambda: usage[0])
+    memory = MemoryGuard(None, LOG, clock=lambda: now[0], read=lambda: usage[0], sockets=None)
 
     def holding(share: float) -> None:  # as if the agent, with a limit of 1 GiB, held `share` of it
         memory.limit = 1024 * MIB

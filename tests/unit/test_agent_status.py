@@ -187,16 +187,20 @@ def test_the_exit_decision_is_shown_when_the_owner_is_watched():
 
 def test_memory_against_the_limit_is_shown():
     memory = {"limit_bytes": 512 << 20, "usage_bytes": 140 << 20, "peak_bytes": 150 << 20, "overloaded": False,
-              "overload_episodes": 0, "overload_at": 0.9, "recover_at": 0.85, "full_at": 0.95}
+              "overload_episodes": 0, "overload_at": 0.9, "recover_at": 0.85, "full_at": 0.95,
+              "socket_bytes": 3 << 20, "socket_source": "/sys/fs/cgroup/memory.stat (sock)"}
     text = status.render_text({**STATUS, **MESH, "memory": memory}, now=NOW)
-    assert "HBONE: 2 pooled outbound connections, 1 inbound\nMEMORY: 140 MiB of the 512 MiB limit (27 %, peak " \
-           "150); new connections are refused from 90 % for pods over their share, from 95 % for all (0 times so " \
+    assert "HBONE: 2 pooled outbound connections, 1 inbound\nMEMORY: 140 MiB of the 512 MiB limit (27 %, 3 MiB of " \
+           "it socket buffers, peak 150); new connections are refused from 90 % for pods over their share, from 95 % for all (0 times so " \
            "far)\n" in text
-    over = {**memory, "usage_bytes": 470 << 20, "peak_bytes": 480 << 20, "overloaded": True, "overload_episodes": 1}
-    assert "MEMORY: OVERLOADED, 470 MiB of the 512 MiB limit (92 %, peak 480): new connections of pods over " \
+    over = {**memory, "usage_bytes": 470 << 20, "peak_bytes": 480 << 20, "overloaded": True, "overload_episodes": 1,
+            "socket_bytes": None, "socket_source": None}
+    assert "MEMORY: OVERLOADED, 470 MiB of the 512 MiB limit (92 %, socket buffers not read: no memory cgroup, " \
+           "peak 480): new connections of pods over " \
            "their share (from 95 %: of every pod) are refused until under 85 %\n" in status.render_text({**STATUS, "memory": over}, now=NOW)
     off = {**memory, "limit_bytes": None}
-    assert "MEMORY: agent and waypoint 140 MiB resident (peak 150); no limit (memory_limit_mib=off)\n" in \
+    assert "MEMORY: agent and waypoint 140 MiB resident and in socket buffers (3 MiB of it socket buffers, peak " \
+           "150); no limit (memory_limit_mib=off)\n" in \
         status.render_text({**STATUS, "memory": off}, now=NOW)
     held = {**memory, "connections_held": 1452, "most_held": [{"pod": "mesh/client", "connections": 1450},
                                                                {"pod": "mesh/other", "connections": 2}],

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from contextlib import ExitStack
 
-from nodeagent.memory import FAIR_FLOOR, INTERVAL, MIB, Holdings, MemoryGuard, tree_resident
+from nodeagent.memory import FAIR_FLOOR, INTERVAL, MIB, Holdings, MemoryGuard, socket_charge, tree_resident
 
 LOG = logging.getLogger("test.memory")
 CHILD = """
@@ -40,7 +40,7 @@ def test_the_tree_counts_what_a_child_holds_until_it_exits():
 def test_overloaded_from_90_percent_until_under_85(caplog):
     readings = []
     now = [0.0]
-    guard = MemoryGuard(100, LOG, read=lambda: readings.pop(0), clock=lambda: now[0])
+    guard = MemoryGuard(100, LOG, read=lambda: readings.pop(0), sockets=None, clock=lambda: now[0])
 
     def at(mib: float) -> bool:
         readings.append(int(mib * MIB))
@@ -63,10 +63,69 @@ def test_a_reading_serves_for_its_interval():
     def read() -> int:
         count[0] += 1
         return 95 * MIB
-    guard = MemoryGuard(100, LOG, read=read, clock=lambda: now[0])
+    guard = MemoryGuard(100, LOG, read=read, sockets=None, clock=lambda: now[0])
     assert all(guard.overloaded() for _ in range(1000)) and count[0] == 1
     now[0] += INTERVAL
     assert guard.overloaded() and count[0] == 2
+
+
+def test_socket_buffers_count_with_resident_memory(caplog):
+    """Bytes the kernel charges for the agent's socket buffers (an app that does not read
+    leaves them in the agent's send queues) add to what the guard reads."""
+    sockets = [40 * MIB]
+    guard = MemoryGuard(100, LOG, read=lambda: 52 * MIB, sockets=("memory.stat (sock)", lambda: sockets[0]))
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert guard.overloaded()
+    assert guard.usage == 92 * MIB and guard.socket_usage == 40 * MIB
+    assert "hold 92 MiB (40 MiB of it socket buffers), 92 % of the limit" in caplog.records[0].getMessage()
+    assert guard.describe()["socket_source"] == "memory.stat (sock)"
+
+
+def _tree(tmp_path, cgroup: str, mounts: list[str], files: dict[str, str]) -> str:
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text(cgroup)
+    (proc / "self" / "mountinfo").write_text("".join(line.replace("@", str(tmp_path)) + "\n" for line in mounts))
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    return str(proc)
+
+
+def test_socket_charge_reads_the_own_memory_cgroup(tmp_path):
+    """cgroup v2: `sock` of the process's memory.stat; v1 (its memory hierarchy):
+    memory.kmem.tcp.usage_in_bytes; in a cgroup namespace (the process's cgroup is "/")
+    and with its own cgroup bound at the mount point; in a cgroup namespace with the host's
+    hierarchy mounted (the cgroup listing the process); no memory cgroup: None."""
+    v2 = _tree(tmp_path / "a", "0::/kubepods/pod1/agent\n",
+               ["30 25 0:26 / @/sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw"],
+               {"sys/fs/cgroup/kubepods/pod1/agent/memory.stat": "anon 1000\nfile 5\nsock 123456\nshmem 0\n"})
+    where, read = socket_charge(v2)
+    assert where.endswith("sys/fs/cgroup/kubepods/pod1/agent/memory.stat (sock)") and read() == 123456
+    ns = _tree(tmp_path / "b", "0::/\n", ["30 25 0:26 / @/sys/fs/cgroup rw - cgroup2 cgroup2 rw"],
+               {"sys/fs/cgroup/memory.stat": "sock 7\n"})
+    assert socket_charge(ns)[1]() == 7
+    bound = _tree(tmp_path / "e", "0::/kubepods/pod1/agent\n",
+                  ["30 25 0:26 /kubepods/pod1/agent @/sys/fs/cgroup rw - cgroup2 cgroup2 rw"],
+                  {"sys/fs/cgroup/memory.stat": "sock 8\n"})
+    assert socket_charge(bound)[1]() == 8
+    # its own cgroup namespace, the host's hierarchy mounted from above its root (the DaemonSet's hostPath):
+    # found by the cgroup that lists the process
+    hosted = _tree(tmp_path / "f", "0::/\n", ["30 25 0:26 /../../.. @/sys/fs/cgroup rw - cgroup2 cgroup2 rw"],
+                   {"sys/fs/cgroup/memory.stat": "sock 999999\n", "sys/fs/cgroup/cgroup.procs": "1\n",
+                    "sys/fs/cgroup/kubepods/pod0/ctr/cgroup.procs": "4242\n",
+                    "sys/fs/cgroup/kubepods/pod1/ctr/cgroup.procs": "17\n424\n",
+                    "sys/fs/cgroup/kubepods/pod1/ctr/memory.stat": "sock 9\n"})
+    where, read = socket_charge(hosted, pid=424)
+    assert where.endswith("sys/fs/cgroup/kubepods/pod1/ctr/memory.stat (sock)") and read() == 9
+    v1 = _tree(tmp_path / "c", "12:pids:/x\n4:memory:/process_api/abc\n0::/\n",
+               ["30 25 0:26 / @/sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw",
+                "31 25 0:27 / @/sys/fs/cgroup/memory rw - cgroup cgroup rw,memory"],
+               {"sys/fs/cgroup/memory/process_api/abc/memory.kmem.tcp.usage_in_bytes": "65536\n"})
+    where, read = socket_charge(v1)  # the v2 mount has no memory controller here: no memory.stat
+    assert where.endswith("memory/process_api/abc/memory.kmem.tcp.usage_in_bytes") and read() == 65536
+    none = _tree(tmp_path / "d", "0::/\n", ["30 25 0:26 / @/sys/fs/cgroup rw - cgroup2 cgroup2 rw"], {})
+    assert socket_charge(none) is None
 
 
 def test_without_a_limit_nothing_is_refused_and_status_still_reads():
@@ -75,9 +134,10 @@ def test_without_a_limit_nothing_is_refused_and_status_still_reads():
     def read() -> int:
         count[0] += 1
         return 10 << 30
-    guard = MemoryGuard(None, LOG, read=read)
+    guard = MemoryGuard(None, LOG, read=read, sockets=None)
     assert not guard.overloaded() and count[0] == 0
     assert guard.describe() == {"limit_bytes": None, "usage_bytes": 10 << 30, "peak_bytes": 10 << 30,
+                                "socket_bytes": None, "socket_source": None,
                                 "overloaded": False, "overload_episodes": 0, "overload_at": 0.9,
                                 "recover_at": 0.85, "full_at": 0.95, "connections_held": 0, "per_pod_cap": None}
 
@@ -113,7 +173,7 @@ def test_under_the_floor_no_pod_is_over_its_share():
 def test_between_the_marks_only_pods_over_their_share_are_refused_and_from_full_all(caplog):
     usage = [0]
     clock = iter(range(10**6))  # a second passes between readings: each call reads again
-    guard = MemoryGuard(100, LOG, read=lambda: usage[0], clock=lambda: float(next(clock)))
+    guard = MemoryGuard(100, LOG, read=lambda: usage[0], sockets=None, clock=lambda: float(next(clock)))
     with ExitStack() as held:
         for _ in range(FAIR_FLOOR):
             held.enter_context(guard.holdings.held("10.0.0.1"))
