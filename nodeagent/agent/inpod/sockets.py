@@ -76,6 +76,19 @@ class ListenSpec:
     port: int
     freebind: bool = False  # the address need not exist yet (the pod IP, early)
     optional: bool = False  # skip it when the netns lacks the address (::1 without IPv6)
+    sndbuf: int | None = None  # SO_SNDBUF, which accepted sockets inherit (LOCAL_SNDBUF)
+
+
+# The send buffer of the sockets the agent writes into for an app of the pod over the
+# pod's own loopback: its deliveries (transparent_upstream) and the connections captured
+# from it (the outbound listeners'). What the app has not read waits there, in kernel
+# memory charged to the agent, and autotuning grows a buffer to tcp_wmem's 4 MiB: 20
+# connections to an app that never reads held 70.7 MiB in the destination agent's
+# delivery sockets, 3.1 MiB with this (the kernel doubles it: 512 KiB a socket at most).
+# A loopback path needs no more to run at full speed (one stream across nodes, A/B on
+# bench mesh's lab: unchanged within the runs' spread, both directions; docs/design.md).
+# Sockets that cross the network (HBONE, passthrough, plaintext clients) keep autotuning.
+LOCAL_SNDBUF = 256 << 10
 
 
 def listeners(netns_fd: int, specs: list[ListenSpec]) -> list[socket.socket | None]:
@@ -104,6 +117,8 @@ def _listen(sock: socket.socket, spec: ListenSpec) -> socket.socket | None:
     if spec.freebind:
         level = socket.IPPROTO_IPV6 if sock.family == socket.AF_INET6 else socket.IPPROTO_IP
         sock.setsockopt(level, IP_FREEBIND, 1)
+    if spec.sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, spec.sndbuf)
     try:
         sock.bind((spec.host, spec.port))
     except OSError as exc:
@@ -207,7 +222,7 @@ def port_range(netns_fd: int) -> PortRange:
 def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
     """A marked socket bound to `source_ip` (not local: IP_TRANSPARENT), so the app sees
     the real client address, and to `lo`, so sk_lookup sees a loopback connection and
-    does not steer it back to the agent. The port is never the client's own port: the
+    does not steer it back to the agent; its send buffer LOCAL_SNDBUF. The port is never the client's own port: the
     app's accepted socket would then have the same 4-tuple as the agent's inbound one.
 
     The port is drawn at random from the pod netns' ephemeral range less its reserved
@@ -231,6 +246,7 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
             continue
         sock = upstream(netns_fd, family, mark)
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SNDBUF)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
             sock.setsockopt(level, IP_TRANSPARENT, 1)
