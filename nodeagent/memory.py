@@ -36,7 +36,7 @@ agent's memory cgroup (`socket_charge`), which no process's RSS shows: bytes a s
 stalled app has not read wait in the agent's send queues (20 connections to an app that
 never reads held 70.7 MiB in the destination agent's delivery sockets while autotuning
 grew them to 4 MiB each; those toward a pod's app now hold at most 512 KiB: inpod's
-LOCAL_SNDBUF), and under cgroup v2 they count against the container's limit like any
+LOCAL_BUFFER), and under cgroup v2 they count against the container's limit like any
 other memory. A reading is kept for INTERVAL, so a flood of accepts
 costs one reading per INTERVAL, and an agent nobody connects to reads nothing. The
 limit is the setting `memory_limit_mib` (the DaemonSet passes its container's limit

@@ -280,8 +280,8 @@ class Enroller:
         """Outbound (IPv4, and IPv6 if the pod has ::1), inbound, tunnel."""
         p, h = self.ports, self.handlers
         any_addr = "::" if inpod.family_of(want.ip) == socket.AF_INET6 else "0.0.0.0"
-        plan = [(ListenSpec("127.0.0.1", p.outbound, sndbuf=inpod.LOCAL_SNDBUF), "outbound", h.outbound),
-                (ListenSpec("::1", p.outbound, optional=True, sndbuf=inpod.LOCAL_SNDBUF), "outbound", h.outbound),
+        plan = [(ListenSpec("127.0.0.1", p.outbound, buffers=inpod.LOCAL_BUFFER), "outbound", h.outbound),
+                (ListenSpec("::1", p.outbound, optional=True, buffers=inpod.LOCAL_BUFFER), "outbound", h.outbound),
                 (ListenSpec(any_addr, p.inbound), "inbound", h.inbound),
                 (ListenSpec(want.ip, p.tunnel, freebind=True), "inbound", h.tunnel)]
         try:

@@ -76,19 +76,22 @@ class ListenSpec:
     port: int
     freebind: bool = False  # the address need not exist yet (the pod IP, early)
     optional: bool = False  # skip it when the netns lacks the address (::1 without IPv6)
-    sndbuf: int | None = None  # SO_SNDBUF, which accepted sockets inherit (LOCAL_SNDBUF)
+    buffers: int | None = None  # SO_SNDBUF and SO_RCVBUF, which accepted sockets inherit (LOCAL_BUFFER)
 
 
-# The send buffer of the sockets the agent writes into for an app of the pod over the
-# pod's own loopback: its deliveries (transparent_upstream) and the connections captured
-# from it (the outbound listeners'). What the app has not read waits there, in kernel
-# memory charged to the agent, and autotuning grows a buffer to tcp_wmem's 4 MiB: 20
-# connections to an app that never reads held 70.7 MiB in the destination agent's
-# delivery sockets, 3.1 MiB with this (the kernel doubles it: 512 KiB a socket at most).
-# A loopback path needs no more to run at full speed (one stream across nodes, A/B on
-# bench mesh's lab: unchanged within the runs' spread, both directions; docs/design.md).
-# Sockets that cross the network (HBONE, passthrough, plaintext clients) keep autotuning.
-LOCAL_SNDBUF = 256 << 10
+# The send and receive buffers of the sockets between the agent and an app of the pod,
+# over the pod's own loopback: its deliveries (transparent_upstream) and the connections
+# captured from it (the outbound listeners', which accepted sockets inherit). What the
+# app has not read waits in the agent's send queue, and what the far side does not take
+# waits in its receive queue, in kernel memory charged to the agent, and autotuning grows
+# them to tcp_wmem's 4 MiB and tcp_rmem's 6 MiB: 20 connections to an app that never
+# reads held 70.7 MiB in the destination agent's delivery sockets, 3.1-5.2 MiB with this
+# (the kernel doubles it: 512 KiB a queue at most), and the source agent's captured
+# sockets held 1-2 MiB each of what the client still sent. A loopback path needs no more
+# to run at full speed (one stream across nodes both ways and on one node, A/B on bench
+# mesh's lab: unchanged within the runs' spread; docs/design.md). Sockets that cross the
+# network (HBONE, passthrough, plaintext clients) keep autotuning.
+LOCAL_BUFFER = 256 << 10
 
 
 def listeners(netns_fd: int, specs: list[ListenSpec]) -> list[socket.socket | None]:
@@ -117,8 +120,9 @@ def _listen(sock: socket.socket, spec: ListenSpec) -> socket.socket | None:
     if spec.freebind:
         level = socket.IPPROTO_IPV6 if sock.family == socket.AF_INET6 else socket.IPPROTO_IP
         sock.setsockopt(level, IP_FREEBIND, 1)
-    if spec.sndbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, spec.sndbuf)
+    if spec.buffers:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, spec.buffers)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, spec.buffers)
     try:
         sock.bind((spec.host, spec.port))
     except OSError as exc:
@@ -222,7 +226,7 @@ def port_range(netns_fd: int) -> PortRange:
 def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
     """A marked socket bound to `source_ip` (not local: IP_TRANSPARENT), so the app sees
     the real client address, and to `lo`, so sk_lookup sees a loopback connection and
-    does not steer it back to the agent; its send buffer LOCAL_SNDBUF. The port is never the client's own port: the
+    does not steer it back to the agent; its buffers LOCAL_BUFFER. The port is never the client's own port: the
     app's accepted socket would then have the same 4-tuple as the agent's inbound one.
 
     The port is drawn at random from the pod netns' ephemeral range less its reserved
@@ -246,7 +250,8 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
             continue
         sock = upstream(netns_fd, family, mark)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SNDBUF)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LOCAL_BUFFER)  # before connect: the window scale
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
             sock.setsockopt(level, IP_TRANSPARENT, 1)
