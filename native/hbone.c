@@ -1069,6 +1069,9 @@ static void conn_end(struct conn *c, uint32_t how, int32_t error, uint32_t code,
         nghttp2_session_del(c->h2);
         c->h2 = NULL;
     }
+    /* Counted before the socket's end can reach the peer (a FIN, an RST): one that saw it
+     * and then read the stats must find the connection gone. */
+    ST_ADD(e, conns_open, -1);
     /* A peer silent past the handshake deadline gets a FIN, as from the Python server
      * (and Envoy, ztunnel): nothing of it is left unread, so close() sends no RST. */
     bool clean = how == NH_END_CLOSED || how == NH_END_FLOOD || how == NH_END_PROTOCOL || how == NH_END_GOAWAY
@@ -1090,7 +1093,6 @@ static void conn_end(struct conn *c, uint32_t how, int32_t error, uint32_t code,
     }
     struct nh_event ev = {.conn = c->o.id, .type = NH_EV_CONN_END, .how = how, .error = error, .code = code};
     emit(e, &ev, reason, reason ? strlen(reason) : 0);
-    ST_ADD(e, conns_open, -1);
     bury(e, &c->o);
 }
 
