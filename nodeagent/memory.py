@@ -149,13 +149,14 @@ def socket_charge(proc: str = PROC, pid: int | None = None) -> tuple[str, Callab
         _, controllers, path = line.split(":", 2)
         for c in (controllers.split(",") if controllers else ["unified"]):
             groups[c] = path
-    for root, point, kind, options in _mounts(proc):
+    mounts = _mounts(proc)
+    for root, point, kind, options in mounts:
         if kind == "cgroup2" and "unified" in groups:
             where = _under(root, point, groups["unified"]) or _holding(point, pid or os.getpid())
             stat = os.path.join(where, "memory.stat") if where else None
             if stat and _read(stat) is not None:
                 return f"{stat} (sock)", lambda: _stat_field(stat, "sock")
-    for root, point, kind, options in _mounts(proc):
+    for root, point, kind, options in mounts:
         if kind == "cgroup" and "memory" in options.split(",") and "memory" in groups:
             where = _under(root, point, groups["memory"])
             tcp = os.path.join(where, "memory.kmem.tcp.usage_in_bytes") if where else None

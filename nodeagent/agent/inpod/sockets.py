@@ -94,6 +94,13 @@ class ListenSpec:
 LOCAL_BUFFER = 256 << 10
 
 
+def bound_buffers(sock: socket.socket, size: int) -> None:
+    """SO_SNDBUF and SO_RCVBUF `size` (LOCAL_BUFFER): autotuning off for both queues.
+    Before connect or listen, so the window scale offered fits the buffer."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
 def listeners(netns_fd: int, specs: list[ListenSpec]) -> list[socket.socket | None]:
     """Listening sockets in the netns, one per spec (None for a missing optional one).
     The netns is entered once, to create them all; binding happens outside."""
@@ -121,8 +128,7 @@ def _listen(sock: socket.socket, spec: ListenSpec) -> socket.socket | None:
         level = socket.IPPROTO_IPV6 if sock.family == socket.AF_INET6 else socket.IPPROTO_IP
         sock.setsockopt(level, IP_FREEBIND, 1)
     if spec.buffers:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, spec.buffers)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, spec.buffers)
+        bound_buffers(sock, spec.buffers)
     try:
         sock.bind((spec.host, spec.port))
     except OSError as exc:
@@ -250,8 +256,7 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
             continue
         sock = upstream(netns_fd, family, mark)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LOCAL_BUFFER)  # before connect: the window scale
+            bound_buffers(sock, LOCAL_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
             sock.setsockopt(level, IP_TRANSPARENT, 1)
