@@ -611,6 +611,9 @@ static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t c
     if (s->ended)
         return;
     s->ended = true;
+    /* Counted before the stream's socket ends (its FIN or RST can reach the app, which
+     * may then read the stats), as conns_open is. */
+    ST_ADD(e, streams_open, -1);
     if (s->sid > 0 && !s->h2_closed && c->h2) {
         nghttp2_session_set_stream_user_data(c->h2, s->sid, NULL);
         if (how != NH_END_CLOSED && how != NH_END_RESET)
@@ -649,7 +652,6 @@ static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t c
     s->prev = s->next = NULL;
     if (--c->nstreams == 0)
         c->idle_since = now_ms();
-    ST_ADD(e, streams_open, -1);
     bury(e, &s->o);
 }
 

@@ -65,11 +65,13 @@ def in_range(ns, low: int, high: int, reserved: str = "") -> None:
             f.write(reserved)
 
 
-def deliver(ns, app: socket.socket, client: tuple[str, int], n: int) -> list[int]:
-    """The source ports of `n` deliveries from `client`'s address to the app in `ns`, each
-    closed by the client first (checked: marked, bound to the client's IP, the address
-    ours for as long as the delivery lives)."""
-    fd = netns.open_netns(ns.path)
+def deliver(ns, app: socket.socket, client: tuple[str, int], n: int, fd: int | None = None) -> list[int]:
+    """The source ports of `n` deliveries from `client`'s address to the app in `ns` (a
+    new pod's, on descriptor `fd` of it if given), each closed by the client first
+    (checked: marked, bound to the client's IP, the address ours for as long as the
+    delivery lives)."""
+    own = fd is None
+    fd = netns.open_netns(ns.path) if own else fd
     pod = Pod(namespace="test", name="app", uid="u1", node="node1", ip=APP[0], labels={}, annotations={})
     ctx, delivery = PodContext(pod, fd, 0), Delivery(MARK, timeout=5)
 
@@ -90,7 +92,8 @@ def deliver(ns, app: socket.socket, client: tuple[str, int], n: int) -> list[int
     try:
         return asyncio.run(main())
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
 
 
 def test_delivery_reuses_ports_the_clients_connections_left_in_time_wait(make_netns):
@@ -140,3 +143,24 @@ def test_delivery_never_binds_a_port_the_pod_reserved(make_netns):
     assert refused.value.errno == errno.EADDRNOTAVAIL
     assert refused.value.strerror == (f"no source port for {CLIENT_IP}: every port of {LOW}-{HIGH} is in the pod's "
                                       "ip_local_reserved_ports")
+
+
+def test_a_new_pod_on_the_same_descriptor_and_netns_inode_reads_its_own_range(make_netns):
+    """The range is the pod's, read at its first delivery. It was cached per descriptor
+    and checked against the netns inode, and the kernel hands a freed netns's inode
+    number to the next netns at once: a new pod on a recycled descriptor then drew from
+    the old pod's range and reserved ports. Here the second pod has the same descriptor
+    and inode as the first, and a range of its own."""
+    ns = make_netns()
+    in_range(ns, LOW, LOW + 15)
+    app = ns.listener(*APP)
+    fd = netns.open_netns(ns.path)
+    try:
+        with app:
+            first = deliver(ns, app, (CLIENT_IP, 1234), 4, fd)
+            in_range(ns, HIGH - 15, HIGH)
+            second = deliver(ns, app, (CLIENT_IP, 1234), 4, fd)
+    finally:
+        os.close(fd)
+    assert all(LOW <= port <= LOW + 15 for port in first), first
+    assert all(HIGH - 15 <= port <= HIGH for port in second), second

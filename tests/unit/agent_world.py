@@ -278,8 +278,8 @@ class PodKernel:
     def upstream(self, netns_fd: int, family: int, mark: int) -> socket.socket:
         return bound(self.pods.ip_of(netns_fd))
 
-    def transparent_upstream(self, netns_fd: int, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
-        self.pods.ip_of(netns_fd)
+    def transparent_upstream(self, ctx: inpod.PodContext, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
+        self.pods.ip_of(ctx.netns_fd)
         while True:
             sock = bound(source_ip)
             if sock.getsockname()[1] != avoid_port:

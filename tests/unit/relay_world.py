@@ -131,8 +131,8 @@ class PodSockets:
         self.asked.append(("upstream", netns_fd, mark))
         return _bound(family, self.ip_of_netns[netns_fd])
 
-    def transparent_upstream(self, netns_fd: int, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
-        self.asked.append(("transparent", netns_fd, mark, source_ip))
+    def transparent_upstream(self, ctx: inpod.PodContext, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
+        self.asked.append(("transparent", ctx.netns_fd, mark, source_ip))
         while True:  # as inpod does: never the client's own port
             sock = _bound(inpod.family_of(source_ip), source_ip)
             if sock.getsockname()[1] != avoid_port:

@@ -117,7 +117,7 @@ def test_a_pending_connect_gives_up_when_the_stream_is_gone():
 def test_delivery_resets_an_abandoned_connect_and_forgets_its_address(monkeypatch):
     made = []
 
-    def upstream(netns_fd, mark, source_ip, avoid_port):
+    def upstream(ctx, mark, source_ip, avoid_port):
         sock = nonblocking()
         sock.bind((source_ip, 0))
         made.append(sock)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import random
 import socket
 import time
@@ -53,6 +52,7 @@ class PodContext:
     netns_fd: int
     cookie: int
     tasks: dict[str, set[asyncio.Task]] = field(default_factory=lambda: {"outbound": set(), "inbound": set()})
+    ports: PortRange | None = None  # its deliveries' source ports (port_range), read at the first one
 
     def track(self, direction: str, task: asyncio.Task) -> None:
         bucket = self.tasks.setdefault(direction, set())
@@ -207,29 +207,23 @@ def _interval(item: str) -> tuple[int, int]:
     return int(a), int(b or a)
 
 
-_port_ranges: dict[int, tuple[int, PortRange]] = {}  # netns fd -> (its inode, ports)
+def port_range(ctx: PodContext) -> PortRange:
+    """The delivery ports of the pod's netns, read at its first delivery and kept with
+    its context (so for the pod's life, and never handed to a later pod: a cache keyed
+    by descriptor and netns inode gave a new pod an old one's range, since the kernel
+    reuses a freed netns's inode number at once). Reserved ports the pod sets after its
+    first delivery are not seen."""
+    if ctx.ports is None:
+        with netns.entered(ctx.netns_fd):
+            with open(PORT_RANGE_SYSCTL) as f:
+                low, high = (int(n) for n in f.read().split())
+            with open(RESERVED_PORTS_SYSCTL) as f:
+                reserved = f.read()
+        ctx.ports = PortRange.of(low, high, reserved)
+    return ctx.ports
 
 
-def port_range(netns_fd: int) -> PortRange:
-    """The delivery ports of the netns, read once per netns: the fd's inode tells a
-    netns from a later one on the same fd number. (Were an inode number recycled too,
-    the range would be the earlier pod's: still ports it may bind.) Reserved ports the
-    pod sets after its first delivery are not seen."""
-    inode = os.fstat(netns_fd).st_ino
-    known = _port_ranges.get(netns_fd)
-    if known is not None and known[0] == inode:
-        return known[1]
-    with netns.entered(netns_fd):
-        with open(PORT_RANGE_SYSCTL) as f:
-            low, high = (int(n) for n in f.read().split())
-        with open(RESERVED_PORTS_SYSCTL) as f:
-            reserved = f.read()
-    ports = PortRange.of(low, high, reserved)
-    _port_ranges[netns_fd] = (inode, ports)
-    return ports
-
-
-def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
+def transparent_upstream(ctx: PodContext, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
     """A marked socket bound to `source_ip` (not local: IP_TRANSPARENT), so the app sees
     the real client address, and to `lo`, so sk_lookup sees a loopback connection and
     does not steer it back to the agent; its buffers LOCAL_BUFFER. The port is never the client's own port: the
@@ -246,7 +240,7 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
     refusing a live one (EADDRNOTAVAIL: Delivery.connect draws again)."""
     family = family_of(source_ip)
     level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
-    ports = port_range(netns_fd)
+    ports = port_range(ctx)
     if not ports.size:
         raise OSError(errno.EADDRNOTAVAIL, f"no source port for {source_ip}: every port of {ports.low}-{ports.high} "
                                            "is in the pod's ip_local_reserved_ports")
@@ -254,7 +248,7 @@ def transparent_upstream(netns_fd: int, mark: int, source_ip: str, avoid_port: i
         port = ports.draw()
         if port == avoid_port:
             continue
-        sock = upstream(netns_fd, family, mark)
+        sock = upstream(ctx.netns_fd, family, mark)
         try:
             bound_buffers(sock, LOCAL_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

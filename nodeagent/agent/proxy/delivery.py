@@ -62,7 +62,7 @@ class Delivery:
             if any(future.done() for future in gone):
                 return None
             attempt += 1
-            upstream = inpod.transparent_upstream(ctx.netns_fd, self.mark, src[0], avoid_port=src[1])
+            upstream = inpod.transparent_upstream(ctx, self.mark, src[0], avoid_port=src[1])
             local = upstream.getsockname()[:2]
             self._ours[local] += 1  # before connecting: a loop shows up during the connect
             try:
