@@ -1,6 +1,6 @@
 """gRPC for the agent over grpclib, with messages as bytes and a size limit.
 
-The agent serves Envoy (ADS, access logs) and calls the mesh CA with grpclib, on
+The agent serves Envoy (ADS) and calls the mesh CA with grpclib, on
 asyncio, rather than grpcio: grpcio's core library and its threads cost the agent ~14 MiB
 of RSS, and grpclib is pure Python over h2, which the agent loads anyway. Messages stay
 bytes here (`Raw`); the callers parse them with the schema they need. grpclib reads a message of any announced length into memory, so `receive` reads

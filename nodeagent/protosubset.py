@@ -2,10 +2,9 @@
 
 A few messages the agent reads and writes on hot or always-loaded paths are described
 here by the fields the agent uses, with their schema's field numbers, types and oneofs,
-and built into a private DescriptorPool: Envoy's access logs (xds/alsproto.py: fields
-left out are unknown to upb, skipped in C when parsing), the ADS envelope
-(xds/adsproto.py) and Istio's CA messages (identity/caproto.py, a schema no package
-publishes). A schema maps a message name to its fields as (name, number, type, oneof):
+and built into a private DescriptorPool (fields left out are unknown to upb, skipped in
+C when parsing): the ADS envelope (xds/adsproto.py) and Istio's CA messages
+(identity/caproto.py, a schema no package publishes). A schema maps a message name to its fields as (name, number, type, oneof):
 type is a scalar, a message of the same schema or a google.protobuf one, "repeated T"
 or "map<string, T>"; a oneof only where the original has one. Tests check each schema's
 numbers and types against the original's descriptors (xds-protos' for Envoy's, Istio's

@@ -7,7 +7,7 @@ in a meshed namespace, Service `backend` (port `http` 8080) with a VirtualServic
 client side's L7) and an AuthorizationPolicy with an HTTP rule on the backend (the server
 side's), so every request takes client → agent node1 → waypoint Envoy node1 → agent
 node1 → HBONE → agent node2 → waypoint Envoy node2 → agent node2 → server, and each
-waypoint streams an access-log entry for it to its agent. wrk in the client pod sends
+waypoint writes an access-log line for it, which its agent reads. wrk in the client pod sends
 keep-alive GETs for --seconds. Before and after, the bench reads utime+stime of each
 agent and each Envoy from /proc/PID/stat, and istio_requests_total of node1
 (reporter="waypoint") and node2 (reporter="destination") once they have stopped moving

@@ -1,13 +1,14 @@
-"""Istio's request metrics from the waypoint Envoy's access log (gRPC ALS).
+"""Istio's request metrics from the waypoint Envoy's access log.
 
-Every HTTP connection manager of the waypoint streams its access log to the agent's xDS
-server (envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs, served by the same
-grpclib server as ADS); the first message of a stream names the log, which is the
-listener: `outbound` (client side, reporter "waypoint") or `inbound` (server side,
-reporter "destination"), so a request through both counts once under each reporter.
-`RequestMetrics` turns each entry into istio_requests_total and the duration, request
-and response size histograms (milliseconds and bytes, Envoy's default buckets, as
-Istio's), with Istio's standard labels named from the Model:
+Every HTTP connection manager of the waypoint writes a line per request into a FIFO in
+the waypoint's directory (logline.py: Envoy's file access logger, its lines written by a
+flush thread of Envoy's own, at least every 200 ms); `AccessLogPipe` reads it in a thread
+of the agent. A line names its log, which is the listener: `outbound` (client side,
+reporter "waypoint") or `inbound` (server side, reporter "destination"), so a request
+through both counts once under each reporter. `RequestMetrics` turns each line into
+istio_requests_total and the duration, request and response size histograms
+(milliseconds and bytes, Envoy's default buckets, as Istio's), with Istio's standard
+labels named from the Model:
 - source: the pod of filter state `nodeagent.source_workload` ("ns/pod", the agent's
   TLV), else the pod at the PROXY source address when its service account agrees with
   the proven principal (filter state `nodeagent.source_principal`);
@@ -16,38 +17,42 @@ Istio's), with Istio's standard labels named from the Model:
   cluster; server side, the pod of the PROXY destination and the service selecting it
   on that port (as the agent's L4 reporter picks it);
 - connection_security_policy "mutual_tls" when a source principal is known.
-Missing facts are "unknown", as in Istio. A message or entry that cannot be read is
-counted in nodeagent_access_log_errors_total and logged (the first time only); it never
-ends the stream. Registry, Model and logger are handed in.
+Missing facts are "unknown", as in Istio. A line that cannot be read is counted in
+nodeagent_access_log_errors_total and logged (the first time only); it never stops the
+reading. Registry, Model and logger are handed in.
 
-Cost (issue 11): messages are parsed by upb against the subset of Envoy's schema the
-labels read (alsproto.py), and the label set of a request is looked up by its facts
-(RequestFacts: principal, source workload and address, destination, cluster, code,
-flags …) in a cache of the metrics' children for the current Model, so a request the
-waypoint already reported costs a dict lookup and four increments (bench: python -m
-nodeagent.bench.accesslog). A Model never changes once built, so the cache is dropped
-when the model is another object; `principal_of` must depend on the pod alone.
+Cost (issue 11): a line's label part (everything but its measures) is looked up in a
+cache of the metrics' children for the current Model, so a request like one the
+waypoint already reported costs a split, a dict lookup and four increments, and the
+label part is parsed only the first time (bench: python -m nodeagent.bench.accesslog).
+A Model never changes once built, so the cache is dropped when the model is another
+object; `principal_of` must depend on the pod alone.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
-import struct
-from typing import Callable, Iterable, NamedTuple, Protocol
+import os
+import select
+import stat
+import threading
+from bisect import bisect_left
+from itertools import accumulate
+from typing import Callable, Iterable
 
-from grpclib.exceptions import StreamTerminatedError
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
-from nodeagent import grpcwire
 from nodeagent.errors import ConfigError
 from nodeagent.identity.spiffe import Identity
 from nodeagent.model import Model, Pod, Service
 from nodeagent.xds import dataplane
-from nodeagent.xds.alsproto import AlsDecoder, DecodeError, RequestFacts
+from nodeagent.xds.logline import MalformedLine, RequestFacts, labels_of, measured, split
 from nodeagent.xds.translate import names
 
-SERVICE = "envoy.service.accesslog.v3.AccessLogService"
-METHOD = "StreamAccessLogs"
 UNKNOWN = "unknown"
 WAYPOINT, DESTINATION = "waypoint", "destination"
 REPORTERS = {names.OUTBOUND_LISTENER: WAYPOINT, names.INBOUND_LISTENER: DESTINATION}
@@ -62,141 +67,226 @@ LABELS = ("reporter", "source_workload", "source_workload_namespace", "source_pr
 # Envoy's default histogram buckets, which Istio's request histograms use (ms and bytes alike).
 BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000,
            1800000, 3600000)
-# What reading a message or an entry can raise: upb's DecodeError for bytes that are not
-# the message (or a filter state that is not a StringValue), OverflowError for a duration
-# out of range, MalformedEntry (a ValueError); the rest, should a label lookup meet
-# something unexpected, since one bad entry must never end the stream.
-PARSE_ERRORS = (DecodeError, ValueError, KeyError, EOFError, OverflowError, TypeError, IndexError, AttributeError,
-                struct.error, RecursionError)
-# At most this many label sets cached (facts → metric children); then the cache starts over.
+# What reading a line can raise: MalformedLine (a ValueError); the rest, should a label
+# lookup meet something unexpected, since one bad line must never stop the reading.
+PARSE_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError)
+# At most this many label sets cached (label part → metric children); then the cache starts over.
 SERIES_CACHE = 4096
 
 
-class MalformedEntry(ValueError):
-    """An access-log entry without the facts every entry has."""
+class Series:
+    """The values of one label set: the request count and the three histograms (counts
+    per bucket, not cumulative, the last one +Inf; and their sum). Only the reader
+    thread writes them; a scrape reads them as they are."""
 
+    __slots__ = ("labels", "count", "duration", "duration_sum", "request", "request_sum", "response",
+                 "response_sum")
 
-class AccessLogSink(Protocol):
-    def stream(self) -> Callable[[bytes], None]:
-        """A reader for the raw messages of one StreamAccessLogs stream, in order."""
+    def __init__(self, labels: tuple[str, ...]):
+        self.labels = labels
+        self.count = 0
+        self.duration, self.request, self.response = ([0] * (len(BUCKETS) + 1) for _ in range(3))
+        self.duration_sum = self.request_sum = self.response_sum = 0
 
-
-def serve(sink: AccessLogSink) -> Callable:
-    """AccessLogService's handler for a grpclib server (grpcwire.Raw codec): each stream's
-    raw messages go to a reader of `sink`; the answer is the empty StreamAccessLogsResponse."""
-    async def stream(call) -> None:
-        take = sink.stream()
-        try:
-            while (data := await grpcwire.receive(call)) is not None:
-                take(data)
-        except StreamTerminatedError:
-            return  # Envoy reset the stream (restart, shutdown); it opens another at its next flush
-        await call.send_message(b"")
-    return stream
-
-
-class Series(NamedTuple):
-    """The metrics' children of one label set."""
-    requests: Counter
-    duration: Histogram
-    request_bytes: Histogram
-    response_bytes: Histogram
+    def record(self, took: int, sent: int, received: int) -> None:
+        self.count += 1
+        self.duration[bisect_left(BUCKETS, took)] += 1
+        self.duration_sum += took
+        self.request[bisect_left(BUCKETS, sent)] += 1
+        self.request_sum += sent
+        self.response[bisect_left(BUCKETS, received)] += 1
+        self.response_sum += received
 
 
 class RequestMetrics:
-    """istio_requests_total and friends from ALS streams; `model` names the workloads,
-    `principal_of` gives a pod's SPIFFE URI (destination_principal; None: unknown)."""
+    """istio_requests_total and friends from the waypoint's access-log lines; `model`
+    names the workloads, `principal_of` gives a pod's SPIFFE URI (destination_principal;
+    None: unknown).
+
+    The values are plain counters of this object, exposed through a collector of the
+    registry: prometheus_client's Counter and Histogram take a lock per value, and their
+    four updates were most of a line's cost (python -m nodeagent.bench.accesslog)."""
 
     def __init__(self, registry: CollectorRegistry, model: Callable[[], Model], log: logging.Logger | None = None,
                  principal_of: Callable[[Pod], str | None] | None = None):
         self.model, self.principal_of = model, principal_of
         self.log = log or logging.getLogger(__name__)
-        self.requests = Counter("istio_requests", "Requests handled by the waypoint", LABELS, registry=registry)
-        self.duration = Histogram("istio_request_duration_milliseconds", "Duration of requests", LABELS,
-                                  buckets=BUCKETS, registry=registry)
-        self.request_bytes = Histogram("istio_request_bytes", "Sizes of requests (headers and body)", LABELS,
-                                       buckets=BUCKETS, registry=registry)
-        self.response_bytes = Histogram("istio_response_bytes", "Sizes of responses (headers and body)", LABELS,
-                                        buckets=BUCKETS, registry=registry)
         self.errors = Counter("nodeagent_access_log_errors",
-                              "Access-log messages or entries from the waypoint that could not be read",
-                              registry=registry)
-        self.decoder = AlsDecoder()
+                              "Access-log lines from the waypoint that could not be read", registry=registry)
         self._logged = False
-        # (the model, {(reporter, facts): Series}), replaced as one object when the model
-        # changes, so a stream thread still on the previous model never fills the new one's.
-        self._cache: tuple[Model | None, dict[tuple[str, RequestFacts], Series]] = (None, {})
+        self._series: dict[tuple[str, ...], Series] = {}
+        # (the model, {label part: Series}), replaced as one object when the model changes,
+        # so a reader still on the previous model never fills the new one's.
+        self._cache: tuple[Model | None, dict[bytes, Series]] = (None, {})
+        registry.register(_Collector(self._series))
 
-    def consume(self, messages: Iterable[bytes]) -> None:
-        """Record every HTTP entry of one stream's messages."""
-        take = self.stream()
-        for data in messages:
-            take(data)
-
-    def stream(self) -> Callable[[bytes], None]:
-        """A reader of one stream's messages: it records every HTTP entry; the stream's
-        first message names the log."""
-        log_name = None
-
-        def take(data: bytes) -> None:
-            nonlocal log_name
-            try:
-                message = self.decoder.parse(data)
-            except DecodeError as exc:
-                self._error(f"an access-log message ({len(data)} bytes) does not parse: {exc!r}")
-                return
-            if message.HasField("identifier"):
-                log_name = message.identifier.log_name
-            if message.HasField("http_logs"):
-                model = self.model()
-                for entry in message.http_logs.log_entry:
-                    self.record(log_name, entry, model)
-        return take
-
-    def record(self, log_name: str | None, entry, model: Model | None = None) -> bool:
-        """Count one request (an HTTPAccessLogEntry as AlsDecoder parsed it); False (and an
-        error counted) when the entry is unreadable."""
-        try:
-            reporter = REPORTERS.get(log_name or "")
-            if reporter is None:
-                raise MalformedEntry(f"log name {log_name!r} is none of {sorted(REPORTERS)}")
-            if not entry.HasField("common_properties"):
-                raise MalformedEntry("no common_properties")
-            if entry.common_properties.intermediate_log_entry:
-                return False  # a long request's periodic entry: counted once, when it ends
-            facts, measured = self.decoder.facts(entry)
-            series = self._series_of(reporter, facts, model or self.model())
-        except PARSE_ERRORS as exc:  # MalformedEntry is a ValueError
-            self._error(f"an access-log entry of log {log_name!r} is unreadable: {exc!r}")
-            return False
-        series.requests.inc()
-        series.duration.observe(measured.milliseconds)
-        series.request_bytes.observe(measured.request_bytes)
-        series.response_bytes.observe(measured.response_bytes)
-        return True
-
-    def _series_of(self, reporter: str, facts: RequestFacts, model: Model) -> Series:
+    def consume(self, lines: Iterable[bytes]) -> int:
+        """Record the request of every line (without its newline); how many were read."""
+        model = self.model()
         cached_for, cache = self._cache
         if cached_for is not model:
             cache = {}
             self._cache = (model, cache)
-        key = (reporter, facts)
-        series = cache.get(key)
+        counted = 0
+        for line in lines:
+            try:
+                key, measures = split(line)
+                series = cache.get(key)
+                if series is None:
+                    series = self._series_of(key, model)
+                    if len(cache) >= SERIES_CACHE:
+                        cache.clear()
+                    cache[key] = series
+                took, sent, received = measured(measures)
+            except PARSE_ERRORS as exc:  # MalformedLine is a ValueError
+                self.unreadable(f"an access-log line is unreadable: {exc}")
+                continue
+            series.record(took, sent, received)
+            counted += 1
+        return counted
+
+    def _series_of(self, key: bytes, model: Model) -> Series:
+        log_name, facts = labels_of(key)
+        reporter = REPORTERS.get(log_name)
+        if reporter is None:
+            raise MalformedLine(f"log name {log_name!r} is none of {sorted(REPORTERS)}")
+        labels = request_labels(reporter, facts, model, self.principal_of)
+        values = tuple(labels[name] for name in LABELS)
+        series = self._series.get(values)
         if series is None:
-            labels = request_labels(reporter, facts, model, self.principal_of)
-            series = Series(self.requests.labels(**labels), self.duration.labels(**labels),
-                            self.request_bytes.labels(**labels), self.response_bytes.labels(**labels))
-            if len(cache) >= SERIES_CACHE:
-                cache.clear()
-            cache[key] = series
+            series = self._series[values] = Series(values)
         return series
 
-    def _error(self, what: str) -> None:
+    def unreadable(self, what: str) -> None:
         self.errors.inc()
         if not self._logged:
             self._logged = True
             self.log.warning("%s; this and further ones are counted in nodeagent_access_log_errors_total "
                              "and not logged again", what)
+
+
+class _Collector:
+    """Istio's request metrics of every label set seen, as prometheus_client families."""
+
+    BOUNDS = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]
+
+    def __init__(self, series: dict[tuple[str, ...], Series]):
+        self.series = series
+
+    def describe(self) -> list:
+        return []  # no fixed sample names to claim: the registry checks none
+
+    def collect(self):
+        requests = CounterMetricFamily("istio_requests", "Requests handled by the waypoint", labels=LABELS)
+        histograms = [(HistogramMetricFamily(name, doc, labels=LABELS), values, total)
+                      for name, doc, values, total in (
+                          ("istio_request_duration_milliseconds", "Duration of requests", "duration", "duration_sum"),
+                          ("istio_request_bytes", "Sizes of requests (headers and body)", "request", "request_sum"),
+                          ("istio_response_bytes", "Sizes of responses (headers and body)", "response",
+                           "response_sum"))]
+        for series in list(self.series.values()):
+            requests.add_metric(series.labels, series.count)
+            for family, values, total in histograms:
+                cumulative = list(accumulate(getattr(series, values)))
+                family.add_metric(series.labels, list(zip(self.BOUNDS, cumulative)), getattr(series, total))
+        yield requests
+        for family, _, _ in histograms:
+            yield family
+
+
+class AccessLogPipe:
+    """The FIFO the waypoint Envoy writes its access-log lines into, read by a thread of
+    its own that hands each chunk's complete lines to `metrics.consume`.
+
+    `open()` makes the FIFO (replacing whatever else has its path) and opens it for
+    reading and writing, so Envoy's open for writing never waits and the reader never
+    sees an end of file while Envoy restarts; call it before Envoy starts. The pipe
+    holds PIPE_SIZE: Envoy's flush thread waits when it is full (its workers do not;
+    they add to Envoy's buffer). A line longer than MAX_LINE is dropped and counted
+    unreadable. `close()` stops the thread and removes the FIFO; call it after Envoy
+    stopped."""
+
+    PIPE_SIZE = 1 << 20
+    CHUNK = 1 << 20
+    MAX_LINE = 1 << 16
+
+    def __init__(self, path: str, metrics: RequestMetrics, log: logging.Logger | None = None):
+        self.path, self.metrics = path, metrics
+        self.log = log or logging.getLogger(__name__)
+        self.lines = 0  # lines read
+        self._fd = -1
+        self._wake: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+
+    def open(self) -> AccessLogPipe:
+        try:
+            if not stat.S_ISFIFO(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        try:
+            os.mkfifo(self.path, 0o600)
+        except FileExistsError:
+            pass
+        self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, self.PIPE_SIZE)
+        except OSError as exc:  # above /proc/sys/fs/pipe-max-size for a process without CAP_SYS_RESOURCE
+            self.log.info("the access-log FIFO keeps the kernel's default size: %s", exc.strerror)
+        self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._thread is not None and self._wake is not None:
+            os.write(self._wake[1], b"x")
+            self._thread.join()
+            self._thread = None
+        for fd in (self._fd, *(self._wake or ())):
+            if fd >= 0:
+                os.close(fd)
+        self._fd, self._wake = -1, None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake[0], select.POLLIN)
+        tail, skipping = b"", False
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._wake[0] in ready:
+                return
+            while True:
+                try:
+                    chunk = os.read(self._fd, self.CHUNK)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    raise
+                lines = (tail + chunk).split(b"\n")
+                tail = lines.pop()
+                if skipping:  # the rest of a line too long to keep
+                    if not lines:
+                        tail = b""
+                        continue
+                    lines.pop(0)
+                    skipping = False
+                if len(tail) > self.MAX_LINE:
+                    self.metrics.unreadable(f"an access-log line is longer than {self.MAX_LINE} bytes")
+                    tail, skipping = b"", True
+                if lines:
+                    self.lines += len(lines)
+                    try:
+                        self.metrics.consume(lines)
+                    except Exception:  # never stop reading: Envoy's buffer would grow instead
+                        self.log.exception("recording %d access-log lines failed", len(lines))
 
 
 def request_labels(reporter: str, facts: RequestFacts, model: Model,

@@ -17,6 +17,8 @@ knows (the verified source identity) or only Envoy knows (the endpoint it picked
   Envoy → deliver.sock   after server-side L7; PROXY src = client, dst = the pod;
                          PRINCIPAL passed through. The agent delivers to the pod.
   Envoy → xds.sock       ADS (gRPC) to the agent's xDS server.
+  Envoy → access-log.fifo  a line per request (logline.py), read by the agent for
+                         Istio's request metrics.
 
 TLV types are in PROXY v2's custom range (0xE0-0xEF) and never renumbered.
 """
@@ -87,6 +89,11 @@ class Sockets:
     @property
     def deliver(self) -> str:
         return self.path("deliver.sock")
+
+    @property
+    def access_log(self) -> str:
+        """The FIFO Envoy writes its access-log lines into (logline.py) and the agent reads."""
+        return self.path("access-log.fifo")
 
 
 @dataclass(frozen=True)

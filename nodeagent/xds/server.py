@@ -11,10 +11,7 @@ snapshot the rejected response was built from (each stream remembers it per type
 the publisher can find what Envoy refused and publish without it. `accepted(node)` is
 the last snapshot that node's proxy ACKed completely, having asked for all its route
 tables and endpoints (kept across reconnects); `in_sync(node)` says whether a connected
-proxy has ACKed the current one. With an `access_log` sink (such as
-accesslog.RequestMetrics) the same server also takes the waypoint's access-log streams
-(AccessLogService); Envoy opens an ALS stream per worker thread and listener.
-The streams run on an event loop of the server's own thread ("xds"), never the agent's:
+proxy has ACKed the current one. The streams run on an event loop of the server's own thread ("xds"), never the agent's:
 at most `max_streams` at once (more are refused RESOURCE_EXHAUSTED), messages at most
 grpcwire.MAX_MESSAGE bytes.
 """
@@ -35,7 +32,7 @@ from grpclib.server import Server
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeagent import grpcwire
-from nodeagent.xds import accesslog, adsproto, resources as rt
+from nodeagent.xds import adsproto, resources as rt
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.snapshot import Snapshot
 from nodeagent.xds.stream import StreamState
@@ -57,7 +54,7 @@ class XdsMetrics:
 class AdsServer:
     def __init__(self, cache: SnapshotCache, registry: CollectorRegistry, log: logging.Logger | None = None,
                  debounce: float = 0.1, max_delay: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 max_streams: int = 32, access_log: accesslog.AccessLogSink | None = None,
+                 max_streams: int = 32,
                  on_accepted: Callable[[str, Snapshot], None] | None = None,
                  on_rejected: Callable[[str, Snapshot, str, str], None] | None = None):
         self.cache, self.log, self.clock = cache, log or logging.getLogger(__name__), clock
@@ -70,14 +67,11 @@ class AdsServer:
         self._lock = threading.Condition()
         # stream key → (state, put: thread-safe, hands an event to the stream's queue)
         self._streams: dict[int, tuple[StreamState, Callable[[tuple], None]]] = {}
-        self._open = 0  # streams being served, ADS and ALS (on the loop only)
+        self._open = 0  # streams being served (on the loop only)
         self._accepted: dict[str, Snapshot] = {}
         self._pending: dict[str, tuple[float, float]] = {}  # node → (first, last) change time
         self._stopping = False
         self._service = grpcwire.Service().add(SERVICE, METHOD, Cardinality.STREAM_STREAM, self._limited(self._ads))
-        if access_log is not None:
-            self._service.add(accesslog.SERVICE, accesslog.METHOD, Cardinality.STREAM_UNARY,
-                              self._limited(accesslog.serve(access_log)))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="xds", daemon=True)
         self._servers: list[Server] = []

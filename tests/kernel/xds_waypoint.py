@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -233,7 +234,10 @@ class FakeAgent:
                                        "tlvs": {f"0x{t:02x}": v.decode() for t, v in header.tlvs},
                                        "request": data.split(b"\r\n", 1)[0].decode(errors="replace")}).encode()
                     if data[:4] in (b"GET ", b"POST", b"HEAD"):
-                        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        # x-grpc-status: N asks for a grpc-status header (a trailers-only gRPC answer)
+                        status = re.search(rb"\r\nx-grpc-status: *([0-9]+)\r\n", data, re.IGNORECASE)
+                        grpc = b"grpc-status: %s\r\n" % status.group(1) if status else b""
+                        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + grpc +
                                      b"content-length: %d\r\n\r\n" % len(body) + body)
                     else:
                         conn.sendall(body)

@@ -8,7 +8,9 @@ HTTP connection manager gets the route configuration its RDS names inlined. Ever
 translated route table and endpoint assignment must be used so, or this raises: nothing
 escapes the check. Validate mode builds every listener, cluster, route and filter as a
 start would (unknown clusters, bad regexes, bad typed configs fail) without binding a
-socket or connecting. The file is binary protobuf (.pb), the bytes ADS carries.
+socket or connecting, but it opens the file access logs: theirs (the agent's FIFO, made
+by the agent before its Envoy starts) become a file in the validation's directory. The
+file is binary protobuf (.pb), the bytes ADS carries.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap
 from nodeagent.xds.dataplane import Sockets
 from nodeagent.xds.envoy import find_envoy
 from nodeagent.xds.translate.build import Translation
-from nodeagent.xds.translate.listeners import HCM
+from nodeagent.xds.translate.listeners import FILE_ACCESS_LOG, HCM
 
 VALIDATE_TIMEOUT = 60.0
 
@@ -58,6 +60,9 @@ def static_bootstrap(translation: Translation, node: str, sockets: Sockets) -> B
 
 
 def validate(config: Bootstrap, directory: Path) -> Validation:
+    config = _copy(config)
+    for listener in config.static_resources.listeners:
+        _log_into(listener, str(directory / "access.log"))
     path = directory / "static-bootstrap.pb"
     path.write_bytes(rt.serialize(config))
     proc = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(path), "--log-level", "warning",
@@ -92,6 +97,23 @@ def _inline_routes(listener: Listener, routes: dict, used: set[str]) -> Listener
             if network_filter.name == HCM:
                 _inline_route(network_filter, routes, used, listener.name)
     return listener
+
+
+def _log_into(listener: Listener, path: str) -> None:
+    """Every file access log of the listener's HTTP connection managers written to `path`."""
+    chains = [*listener.filter_chains,
+              *([listener.default_filter_chain] if listener.HasField("default_filter_chain") else [])]
+    for chain in chains:
+        for network_filter in chain.filters:
+            if network_filter.name != HCM:
+                continue
+            hcm = rt.unpack(network_filter.typed_config)
+            for log in hcm.access_log:
+                if log.name == FILE_ACCESS_LOG:
+                    config = rt.unpack(log.typed_config)
+                    config.path = path
+                    log.typed_config.CopyFrom(rt.pack(config))
+            network_filter.typed_config.CopyFrom(rt.pack(hcm))
 
 
 def _inline_route(network_filter: Filter, routes: dict, used: set[str], listener: str) -> None:

@@ -1,7 +1,7 @@
 """The ADS server against the Python client over a unix socket: the initial push in
 CDS, EDS, LDS, RDS order with ACKs, NACKs counted and logged with the last accepted
-snapshot kept, pushes on change debounced, access-log streams served beside ADS, and
-the stream protocol's ordering rules checked without a transport."""
+snapshot kept, pushes on change debounced, streams limited, and the stream protocol's
+ordering rules checked without a transport."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ import time
 import grpc
 import pytest
 from envoy.config.core.v3.base_pb2 import Node
-from envoy.data.accesslog.v3.accesslog_pb2 import AccessLogCommon, HTTPAccessLogEntry, HTTPResponseProperties
-from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
-from google.protobuf.wrappers_pb2 import UInt32Value
 from prometheus_client import CollectorRegistry
 
 from nodeagent import grpcwire
@@ -22,7 +19,6 @@ from nodeagent.cli import main
 from nodeagent.errors import ConfigError
 from nodeagent.lab.layout import xds_socket as lab_xds_socket
 from nodeagent.xds import adsproto, resources as rt
-from nodeagent.xds.accesslog import RequestMetrics
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.cli import DEFAULT_XDS_SOCKET, xds_socket
 from nodeagent.xds.client import AdsSession, XdsClientError, fetch
@@ -30,7 +26,7 @@ from nodeagent.xds.server import AdsServer
 from nodeagent.xds.snapshot import Snapshot
 from nodeagent.xds.stream import StreamState, version
 from schema_check import same_fields
-from xds_world import REVIEWS, doc, model, translation
+from xds_world import REVIEWS, doc, translation
 
 ORDER = [rt.CLUSTER, rt.ENDPOINT, rt.LISTENER, rt.ROUTE]
 
@@ -182,78 +178,7 @@ def test_proxy_config_cli_reads_back_what_envoy_gets(served, capsys):
     assert sorted(fetch(path, "node1")[rt.LISTENER]) == ["nodeagent_upstream", "outbound"]
 
 
-def access_logs(code: int, first: bool) -> bytes:
-    message = StreamAccessLogsMessage(http_logs=StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=[
-        HTTPAccessLogEntry(common_properties=AccessLogCommon(upstream_cluster=f"outbound|9080||{REVIEWS}"),
-                           response=HTTPResponseProperties(response_code=UInt32Value(value=code)))]))
-    if first:
-        message.identifier.CopyFrom(StreamAccessLogsMessage.Identifier(node=Node(id="node1"), log_name="outbound"))
-    return message.SerializeToString()
-
-
-def requests_by_code(registry) -> dict[str, float]:
-    (family,) = [m for m in registry.collect() if m.name == "istio_requests"]
-    return {s.labels["response_code"]: s.value for s in family.samples if s.name == "istio_requests_total"}
-
-
-def test_access_log_streams_are_served_beside_ads_and_counted_as_they_arrive(tmp_path):
-    cache, registry, world = SnapshotCache(), CollectorRegistry(), model()
-    path = str(tmp_path / "xds.sock")
-    server = AdsServer(cache, registry, access_log=RequestMetrics(registry, lambda: world)).start(unix_path=path)
-    outgoing: queue.Queue = queue.Queue()
-    try:
-        cache.set_snapshot("node1", snapshot("1"))
-        with grpc.insecure_channel(f"unix:{path}") as channel:
-            call = channel.stream_unary("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
-                                        request_serializer=bytes,
-                                        response_deserializer=StreamAccessLogsResponse.FromString)
-            done = call.future(iter(outgoing.get, None))
-            outgoing.put(access_logs(200, first=True))
-            wait_until(lambda: requests_by_code(registry) == {"200": 1})  # the stream is still open
-            assert sorted(fetch(path, "node1")[rt.ROUTE]) == [f"{REVIEWS}:9080"]  # ADS meanwhile
-            outgoing.put(access_logs(503, first=False))
-            wait_until(lambda: requests_by_code(registry) == {"200": 1, "503": 1})
-            outgoing.put(None)
-            assert done.result(timeout=5) == StreamAccessLogsResponse()
-    finally:
-        outgoing.put(None)
-        server.stop()
-    assert registry.get_sample_value("nodeagent_access_log_errors_total") == 0
-
-
-def test_a_reset_access_log_stream_leaves_the_server_serving(tmp_path):
-    registry, world = CollectorRegistry(), model()
-    path = str(tmp_path / "xds.sock")
-    server = AdsServer(SnapshotCache(), registry, access_log=RequestMetrics(registry, lambda: world), max_streams=4)
-    server.start(unix_path=path)
-    try:
-        with grpc.insecure_channel(f"unix:{path}") as channel:
-            call = channel.stream_unary("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
-                                        request_serializer=bytes)
-            for i in range(8):  # more resets than max_streams: each reset stream is let go
-                outgoing: queue.Queue = queue.Queue()
-                done = call.future(iter(outgoing.get, None))
-                outgoing.put(access_logs(200, first=True))
-                wait_until(lambda: requests_by_code(registry) == {"200": i + 1})
-                done.cancel()
-                outgoing.put(None)
-    finally:
-        server.stop()
-    assert registry.get_sample_value("nodeagent_access_log_errors_total") == 0
-
-
-def test_without_a_sink_the_access_log_service_is_unimplemented(served):
-    _, _, _, path = served
-    with grpc.insecure_channel(f"unix:{path}") as channel:
-        call = channel.stream_unary("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
-                                    request_serializer=bytes)
-        with pytest.raises(grpc.RpcError) as failed:
-            call(iter([access_logs(200, first=True)]), timeout=5)
-    assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
-ALS_METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 
 
 def test_a_message_over_the_limit_ends_its_stream_unread_and_the_server_serves_on(served):
@@ -281,32 +206,67 @@ def test_bytes_that_are_no_discovery_request_end_the_stream_invalid(served, capl
     assert sorted(fetch(path, "node1")[rt.ROUTE]) == [f"{REVIEWS}:9080"]
 
 
+def cluster_request(node: str = "node1") -> bytes:
+    from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+    return DiscoveryRequest(node=Node(id=node), type_url=rt.CLUSTER).SerializeToString()
+
+
+def ads_stream(channel, requests: queue.Queue):
+    """An ADS stream fed from `requests` (None ends it); its responses' type URLs."""
+    from envoy.service.discovery.v3.discovery_pb2 import DiscoveryResponse
+    call = channel.stream_stream(ADS_METHOD, request_serializer=bytes,
+                                 response_deserializer=DiscoveryResponse.FromString)
+    return call(iter(requests.get, None))
+
+
 def test_streams_beyond_max_streams_are_refused_and_the_open_ones_go_on(tmp_path):
-    registry, world = CollectorRegistry(), model()
+    cache, registry = SnapshotCache(), CollectorRegistry()
+    cache.set_snapshot("node1", snapshot("1"))
     path = str(tmp_path / "xds.sock")
-    server = AdsServer(SnapshotCache(), registry, access_log=RequestMetrics(registry, lambda: world), max_streams=2)
-    server.start(unix_path=path)
+    server = AdsServer(cache, registry, max_streams=2).start(unix_path=path)
     feeds: list[queue.Queue] = [queue.Queue(), queue.Queue()]
     try:
         with grpc.insecure_channel(f"unix:{path}") as channel:
-            call = channel.stream_unary(ALS_METHOD, request_serializer=bytes)
-            open_calls = [call.future(iter(feed.get, None)) for feed in feeds]
-            for i, feed in enumerate(feeds):
-                feed.put(access_logs(200, first=True))
-                wait_until(lambda: requests_by_code(registry) == {"200": i + 1})  # both are being served
+            streams = []
+            for feed in feeds:
+                feed.put(cluster_request())
+                streams.append(ads_stream(channel, feed))
+                assert next(streams[-1]).type_url == rt.CLUSTER  # both are being served
+            third: queue.Queue = queue.Queue()
+            third.put(cluster_request())
             with pytest.raises(grpc.RpcError) as failed:
-                call(iter([access_logs(200, first=True)]), timeout=10)
+                next(ads_stream(channel, third))
             assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            feeds[0].put(access_logs(503, first=False))
-            wait_until(lambda: requests_by_code(registry) == {"200": 2, "503": 1})
-            for feed, done in zip(feeds, open_calls):
-                feed.put(None)
-                done.result(timeout=5)
-            call(iter([access_logs(200, first=True)]), timeout=10)  # a slot is free again
-            assert requests_by_code(registry) == {"200": 3, "503": 1}
+            third.put(None)
+            feeds[0].put(None)
+            streams[0].cancel()
+            wait_until(lambda: server._open < 2)
+            again: queue.Queue = queue.Queue()
+            again.put(cluster_request())
+            assert next(ads_stream(channel, again)).type_url == rt.CLUSTER  # a slot is free again
+            again.put(None)
     finally:
         for feed in feeds:
             feed.put(None)
+        server.stop()
+
+
+def test_reset_streams_leave_the_server_serving(tmp_path):
+    cache, registry = SnapshotCache(), CollectorRegistry()
+    cache.set_snapshot("node1", snapshot("1"))
+    path = str(tmp_path / "xds.sock")
+    server = AdsServer(cache, registry, max_streams=4).start(unix_path=path)
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            for _ in range(8):  # more resets than max_streams: each reset stream is let go
+                feed: queue.Queue = queue.Queue()
+                feed.put(cluster_request())
+                stream = ads_stream(channel, feed)
+                assert next(stream).type_url == rt.CLUSTER
+                stream.cancel()
+                feed.put(None)
+                wait_until(lambda: server._open == 0)
+    finally:
         server.stop()
 
 

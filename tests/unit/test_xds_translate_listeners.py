@@ -1,20 +1,17 @@
 """Listeners: the unix sockets, PROXY v2 and its TLVs, filter chains chosen by the
 original destination, tcp routes as weighted tcp_proxy, the internal upstream listener,
-the access log every HTTP connection manager streams to the agent, and the DataPlane
+the access log every HTTP connection manager writes into the agent's FIFO, and the DataPlane
 map telling the agent which connections go through Envoy."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-from envoy.config.core.v3.config_source_pb2 import ApiVersion
-from envoy.extensions.access_loggers.grpc.v3.als_pb2 import HttpGrpcAccessLogConfig
+from envoy.extensions.access_loggers.file.v3.file_pb2 import FileAccessLog
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (
     HttpConnectionManager)
 from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
+from google.protobuf.json_format import MessageToDict
 
-from nodeagent.xds import dataplane
-from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap
+from nodeagent.xds import dataplane, logline
 from nodeagent.xds.resources import unpack
 from xds_world import DB, RATINGS, REVIEWS, RUN, chain, doc, listeners, network, translation
 
@@ -59,27 +56,21 @@ def test_a_chain_copies_the_tlvs_to_filter_state_then_runs_http_with_rds():
     assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.fault", "envoy.filters.http.router"]
 
 
-def access_log(hcm: HttpConnectionManager) -> HttpGrpcAccessLogConfig:
+def access_log(hcm: HttpConnectionManager) -> FileAccessLog:
     (log,) = hcm.access_log
-    assert log.name == "envoy.access_loggers.http_grpc"
+    assert log.name == "envoy.access_loggers.file"
     return unpack(log.typed_config)
 
 
-def test_both_sides_stream_their_access_log_to_the_agents_xds_socket_named_by_listener():
+def test_both_sides_log_each_request_into_the_agents_fifo_named_by_listener():
     result = translation(SOME_L7 + doc("AuthorizationPolicy", "get", "selector: {matchLabels: {app: reviews}}\n"
                                        "rules: [{to: [{operation: {methods: [GET]}}]}]", "security.istio.io/v1"))
     client = access_log(network(chain(listeners(result)["outbound"], f"outbound|9080||{REVIEWS}")))
     server = access_log(network(chain(listeners(result)["inbound"], "inbound|shop/reviews-v1|9080")))
-    assert (client.common_config.log_name, server.common_config.log_name) == ("outbound", "inbound")
-    (xds,) = bootstrap(BootstrapSettings("node1", f"{RUN}/xds.sock")).static_resources.clusters
-    for config in (client, server):
-        common = config.common_config
-        assert (common.grpc_service.envoy_grpc.cluster_name, common.transport_api_version) == (xds.name, ApiVersion.V3)
-        assert (common.buffer_flush_interval.ToTimedelta(), common.buffer_size_bytes.value) == (
-            timedelta(milliseconds=200), 65536)
-        assert common.filter_state_objects_to_log == ["nodeagent.source_principal", "nodeagent.source_workload"]
-        assert (config.additional_request_headers_to_log, config.additional_response_headers_to_log,
-                config.additional_response_trailers_to_log) == (["content-type"], ["grpc-status"], ["grpc-status"])
+    for config, name in ((client, "outbound"), (server, "inbound")):
+        assert config.path == f"{RUN}/access-log.fifo"
+        assert MessageToDict(config.log_format.json_format) == logline.json_format(name)
+        assert not config.log_format.omit_empty_values
 
 
 def test_tcp_routes_become_weighted_tcp_proxies():

@@ -32,7 +32,7 @@ from nodeagent.agent.waypoint.publisher import Publisher, at_once
 from nodeagent.errors import EnvironmentProblem, NodeagentError
 from nodeagent.model import Model, Pod
 from nodeagent.throttle import Throttle
-from nodeagent.xds.accesslog import RequestMetrics
+from nodeagent.xds.accesslog import AccessLogPipe, RequestMetrics
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import DataPlane, HeaderReader, ProxyHeader, Sockets
@@ -85,8 +85,9 @@ class Waypoint:
         self.cache = SnapshotCache()
         # The access log names workloads by the model the publisher last built from.
         self.requests = RequestMetrics(registry, lambda: self.publisher.model, log.getChild("requests"), principal_of)
+        self.access_log = AccessLogPipe(self.sockets.access_log, self.requests, log.getChild("requests"))
         self.server = AdsServer(self.cache, registry, log.getChild("xds"), debounce=debounce,
-                                access_log=self.requests, on_accepted=self._acked, on_rejected=self._nacked)
+                                on_accepted=self._acked, on_rejected=self._nacked)
         self.publisher = Publisher(self.node, self.sockets, cache=self.cache, acks=self.server,
                                    errors=self.metrics.errors, log=log, root_namespace=config.root_namespace,
                                    jwks_files=jwks_files, on_steering=on_steering, defer=defer)
@@ -112,6 +113,7 @@ class Waypoint:
         loop = self._loop = asyncio.get_running_loop()
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.server.start(unix_path=self.sockets.xds)
+        self.access_log.open()  # before Envoy opens it for writing
         for name in self.handlers:
             path = self.sockets.path(f"{name}.sock")
             if os.path.exists(path):
@@ -141,6 +143,7 @@ class Waypoint:
         for listener in self._listeners:
             listener.close()
         await asyncio.to_thread(self.server.stop, 0.5)
+        self.access_log.close()  # after Envoy: it writes what it buffered when it stops
         for name in ("upstream.sock", "deliver.sock", "outbound.sock", "inbound.sock"):
             try:
                 os.unlink(self.sockets.path(name))

@@ -60,7 +60,7 @@ def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list
         head = ([jwt_filter(ctx, authn)] if authn else []) + rbac_filters(authz)
         for port in http_ports(ctx, pod):
             if policy or any(p.port in (None, port) for p in limits):
-                chain = _chain(pod, port, _with_limits(head, limits, port))
+                chain = _chain(ctx, pod, port, _with_limits(head, limits, port))
                 chains.append(chain)
                 served[(pod.ip, port)] = chain_digest(chain)
     if not chains:
@@ -143,12 +143,13 @@ def _with_limits(head: list[HttpFilter], patches: list[RateLimitPatch], port: in
     return first + head + before_router
 
 
-def _chain(pod: Pod, port: int, filters: list[HttpFilter]) -> FilterChain:
+def _chain(ctx: Context, pod: Pod, port: int, filters: list[HttpFilter]) -> FilterChain:
     ip = ipaddress.ip_address(pod.ip)
     match = FilterChainMatch(prefix_ranges=[CidrRange(address_prefix=str(ip), prefix_len=u32(ip.max_prefixlen))],
                              destination_port=u32(port))
     hcm = listeners.http_connection_manager(f"inbound|{port}|{pod.namespace}/{pod.name}",
                                             names.inbound_routes(port), filters,
-                                            log_name=names.INBOUND_LISTENER, normalize=True)
+                                            log_name=names.INBOUND_LISTENER, log_path=ctx.options.sockets.access_log,
+                                            normalize=True)
     return FilterChain(name=f"inbound|{pod.namespace}/{pod.name}|{port}", filter_chain_match=match,
                        filters=[listeners.set_filter_state(TLVS), hcm])

@@ -7,26 +7,22 @@ metadata; a `set_filter_state` network filter then copies them into connection f
 state, the only place HTTP filters (route matches, RBAC) can read them from. The
 internal listener `nodeagent_upstream` receives every connection Envoy opens to an
 outbound endpoint and pipes it, PROXY header included, to the agent's upstream socket.
-Every HTTP connection manager streams its access log (gRPC ALS, log name = listener
-name, which tells the client side from the server side) to the agent's xDS server over
-the bootstrap's `xds_cluster`, with the source principal and workload from filter state:
-the agent turns the entries into Istio's request metrics (see nodeagent/xds/accesslog.py).
+Every HTTP connection manager logs each request as a line (nodeagent/xds/logline.py,
+with the listener's name, which tells the client side from the server side, and the
+source principal and workload from filter state) into the FIFO the agent reads: the
+agent turns the lines into Istio's request metrics (see nodeagent/xds/accesslog.py).
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from envoy.config.accesslog.v3.accesslog_pb2 import AccessLog
 from envoy.config.core.v3.address_pb2 import Address, Pipe
 from envoy.config.core.v3.base_pb2 import DataSource
-from envoy.config.core.v3.config_source_pb2 import ApiVersion
-from envoy.config.core.v3.grpc_service_pb2 import GrpcService
 from envoy.config.core.v3.proxy_protocol_pb2 import ProxyProtocolPassThroughTLVs
 from envoy.config.core.v3.substitution_format_string_pb2 import SubstitutionFormatString
 from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain, ListenerFilter
 from envoy.config.listener.v3.listener_pb2 import Listener
-from envoy.extensions.access_loggers.grpc.v3.als_pb2 import CommonGrpcAccessLogConfig, HttpGrpcAccessLogConfig
+from envoy.extensions.access_loggers.file.v3.file_pb2 import FileAccessLog
 from envoy.extensions.filters.common.set_filter_state.v3.value_pb2 import FilterStateValue
 from envoy.extensions.filters.http.router.v3.router_pb2 import Router
 from envoy.extensions.filters.listener.proxy_protocol.v3.proxy_protocol_pb2 import ProxyProtocol
@@ -35,26 +31,17 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from envoy.extensions.filters.network.set_filter_state.v3.set_filter_state_pb2 import Config
 from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
 
-from nodeagent.xds import dataplane
-from nodeagent.xds.bootstrap import XDS_CLUSTER
+from google.protobuf.struct_pb2 import Struct
+
+from nodeagent.xds import dataplane, logline
 from nodeagent.xds.resources import pack
 from nodeagent.xds.translate import names
-from nodeagent.xds.translate.primitives import ADS, PASSED_TLVS, boolean, http_filter, network_filter, u32
+from nodeagent.xds.translate.primitives import ADS, PASSED_TLVS, boolean, http_filter, network_filter
 
 HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 ROUTER = "envoy.filters.http.router"
-HTTP_GRPC_ACCESS_LOG = "envoy.access_loggers.http_grpc"
-# How long Envoy buffers log entries before it sends them: metrics lag by at most this.
-ACCESS_LOG_FLUSH = timedelta(milliseconds=200)
-# Under load a batch goes out sooner, once it holds this many bytes: 64 KiB (~90 entries)
-# rather than Envoy's 16 KiB (~23) costs the agent ~1-2 µs less per entry, of the ~14-19
-# the access log costs it (gRPC's part of each message is then shared by 4x the entries;
-# python -m nodeagent.bench.accesslog), for 48 KiB more per worker and listener in Envoy.
-ACCESS_LOG_BUFFER = 64 * 1024
-# Filter state the request metrics read (set by set_filter_state from the PROXY TLVs).
-LOGGED_FILTER_STATE = tuple(dataplane.FILTER_STATE[t] for t in (dataplane.TLV_PRINCIPAL,
-                                                                 dataplane.TLV_SOURCE_WORKLOAD))
+FILE_ACCESS_LOG = "envoy.access_loggers.file"
 
 
 def listener(name: str, path: str, tlvs: tuple[int, ...], chains: list[FilterChain]) -> Listener:
@@ -89,30 +76,28 @@ def stat_prefix(name: str) -> str:
 
 
 def http_connection_manager(prefix: str, route_config: str, filters: list[HttpFilter], log_name: str,
-                            normalize: bool = False) -> Filter:
+                            log_path: str, normalize: bool = False) -> Filter:
     hcm = HttpConnectionManager(
         stat_prefix=stat_prefix(prefix), rds=Rds(config_source=ADS, route_config_name=route_config),
         http_filters=filters + [http_filter(ROUTER, Router())],
         upgrade_configs=[HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
-        access_log=[access_log(log_name)],
+        access_log=[access_log(log_name, log_path)],
         # paths are normalized before authorization looks at them, as istiod does inbound
         normalize_path=boolean(True) if normalize else None)
     return network_filter(HCM, hcm)
 
 
-def access_log(log_name: str) -> AccessLog:
-    """Every request's log entry, streamed to the agent's AccessLogService. content-type
-    tells gRPC from plain HTTP; grpc-status is a trailer, or a header when the response
-    has no body (trailers-only)."""
-    common = CommonGrpcAccessLogConfig(
-        log_name=log_name, transport_api_version=ApiVersion.V3,
-        grpc_service=GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
-        buffer_flush_interval=ACCESS_LOG_FLUSH, buffer_size_bytes=u32(ACCESS_LOG_BUFFER),
-        filter_state_objects_to_log=list(LOGGED_FILTER_STATE))
-    config = HttpGrpcAccessLogConfig(common_config=common, additional_request_headers_to_log=["content-type"],
-                                     additional_response_headers_to_log=["grpc-status"],
-                                     additional_response_trailers_to_log=["grpc-status"])
-    return AccessLog(name=HTTP_GRPC_ACCESS_LOG, typed_config=pack(config))
+def access_log(log_name: str, path: str) -> AccessLog:
+    """Every request's line (logline.py) into the FIFO `path` the agent reads."""
+    config = FileAccessLog(path=path, log_format=SubstitutionFormatString(
+        json_format=struct(logline.json_format(log_name))))
+    return AccessLog(name=FILE_ACCESS_LOG, typed_config=pack(config))
+
+
+def struct(value: dict) -> Struct:
+    made = Struct()
+    made.update(value)
+    return made
 
 
 def tcp_proxy(prefix: str, proxy: TcpProxy) -> Filter:

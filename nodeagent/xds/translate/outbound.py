@@ -56,7 +56,8 @@ def _chain(ctx: Context, service: Service, port: ServicePort, vs: VirtualService
         tables.append(table)
         network = listeners.http_connection_manager(name, table.name,
                                                     [http_filter("envoy.filters.http.fault", HTTPFault())],
-                                                    log_name=names.OUTBOUND_LISTENER)
+                                                    log_name=names.OUTBOUND_LISTENER,
+                                                    log_path=ctx.options.sockets.access_log)
     return FilterChain(name=name, filter_chain_match=match, filters=[listeners.set_filter_state(TLVS), network])
 
 
