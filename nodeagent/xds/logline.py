@@ -28,7 +28,10 @@ from nodeagent.xds import dataplane
 PRINCIPAL = dataplane.FILTER_STATE[dataplane.TLV_PRINCIPAL]
 SOURCE_WORKLOAD = dataplane.FILTER_STATE[dataplane.TLV_SOURCE_WORKLOAD]
 CONTENT_TYPE_CHARS = len("application/grpc")  # all of content-type the labels read (gRPC or not)
-GRPC_STATUS_CHARS = 32  # grpc-status is a small number; an app sending more gets it cut here
+GRPC_STATUS_CHARS = 8  # grpc-status is a small number (0-16, or an app's own code); more is cut here
+# What grpc_response_status may be: a status of 1-3 digits; anything else an app sends is
+# "unknown", so an app cannot make the agent keep a label set per distinct value.
+GRPC_STATUS_DIGITS = 3
 LABEL_FORMAT = {
     "p": f"%FILTER_STATE({PRINCIPAL}:PLAIN)%",  # the SPIFFE ID the agent verified (TLV 0xE0)
     "w": f"%FILTER_STATE({SOURCE_WORKLOAD}:PLAIN)%",  # "ns/pod" (TLV 0xE3)
@@ -109,7 +112,7 @@ def labels_of(part: bytes) -> tuple[str, RequestFacts]:
     return found["log"], RequestFacts(
         _text(found, "p"), _text(found, "w"), _text(found, "s"), _text(found, "d"), _number(found, "dp"),
         endpoint, _text(found, "c") or "", grpc,
-        ((_text(found, "gt") or _text(found, "gh") or "") if grpc else ""),
+        _grpc_status(_text(found, "gt") or _text(found, "gh")) if grpc else "",
         _number(found, "r"), _text(found, "f") or "-")
 
 
@@ -121,6 +124,12 @@ def measured(part: bytes) -> Measured:
     except ValueError:
         raise MalformedLine(f"unreadable measures {part[:100]!r}") from None
     return Measured(took, request_headers + received, response_headers + sent)
+
+
+def _grpc_status(value: str | None) -> str:
+    if value is None:
+        return ""
+    return value if len(value) <= GRPC_STATUS_DIGITS and value.isascii() and value.isdigit() else "unknown"
 
 
 def _text(found: dict, key: str) -> str | None:

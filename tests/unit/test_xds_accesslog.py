@@ -196,11 +196,14 @@ def test_grpc_is_told_by_content_type_and_its_status_read_from_trailers_or_heade
     recorder.consume([
         entry(content_type=grpc, grpc_trailer="14"),
         entry(content_type=grpc, grpc_header="5"),  # trailers-only response
+        entry(content_type=grpc, grpc_trailer="1234"), entry(content_type=grpc, grpc_trailer="x y"),
+        entry(content_type=grpc, grpc_header="٣"),  # an app's own words are one label value, not one each
         entry(content_type="text/plain", grpc_trailer="3"),
         entry(code=0, sizes=(100, 20, 0, 0))])  # no response at all (client went away)
     assert sorted((s["request_protocol"], s["grpc_response_status"], s["response_code"], s["count"])
                   for s in series(registry)) == [("grpc", "14", "200", 1), ("grpc", "5", "200", 1),
-                                                 ("http", "", "0", 1), ("http", "", "200", 1)]
+                                                 ("grpc", "unknown", "200", 3), ("http", "", "0", 1),
+                                                 ("http", "", "200", 1)]
 
 
 def test_without_principal_of_the_destination_principal_is_unknown():
