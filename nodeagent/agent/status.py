@@ -240,6 +240,10 @@ def _waypoint_sections(waypoint: dict[str, Any] | None, kinds: dict[str, list[st
              f"  xds        version {xds['version']}, accepted {xds['accepted']}, {sync}, {xds['nacks']} NACKs",
              f"  steered    outbound {', '.join(steered['outbound']) or '-'}; inbound {', '.join(steered['inbound']) or '-'}",
              f"  sent       {waypoint['connections']['outbound']} outbound, {waypoint['connections']['inbound']} inbound"]
+    if "access_log" in waypoint:
+        log = waypoint["access_log"]
+        lines.append(f"  requests   {log['lines']} logged by Envoy ({log['unreadable']} unreadable), "
+                     f"read from {log['path']}")
     if xds.get("snapshot_error"):
         lines.append(f"  SNAPSHOT REFUSED: {xds['snapshot_error']}")
     for uri, key in sorted(waypoint.get("jwks", {}).get("uris", {}).items()):

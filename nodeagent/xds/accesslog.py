@@ -114,6 +114,7 @@ class RequestMetrics:
         self.errors = Counter("nodeagent_access_log_errors",
                               "Access-log lines from the waypoint that could not be read", registry=registry)
         self._logged = False
+        self.unread = 0  # lines that could not be read (nodeagent_access_log_errors_total)
         self._series: dict[tuple[str, ...], Series] = {}
         # (the model, {label part: Series}), replaced as one object when the model changes,
         # so a reader still on the previous model never fills the new one's.
@@ -158,6 +159,7 @@ class RequestMetrics:
         return series
 
     def unreadable(self, what: str) -> None:
+        self.unread += 1
         self.errors.inc()
         if not self._logged:
             self._logged = True

@@ -727,12 +727,17 @@ def test_request_metrics_count_every_request_by_code(mesh):
 
     try:
         before = {"waypoint": counts("node1", "waypoint"), "destination": counts("node2", "destination")}
+        read = {node: mesh.waypoint(node)["access_log"] for node in ("node1", "node2")}
         for code, n in sent.items():
             summary = mesh.request(f"/?status={code}", n=n)
             assert summary["codes"] == {code: n} and summary["errors"] == {}, summary
         for node, reporter in (("node1", "waypoint"), ("node2", "destination")):
             eventually(lambda: {c: v - before[reporter][c] for c, v in counts(node, reporter).items()}, sent,
                        f"istio_requests_total reporter={reporter} on {node}")
+            # status says how many lines came through the FIFO: one a request, none unreadable
+            log = mesh.waypoint(node)["access_log"]
+            assert (log["lines"] - read[node]["lines"], log["unreadable"]) == (sum(sent.values()), 0), log
+            assert log["path"].endswith("/access-log.fifo")
     finally:
         mesh.apply_all([(SECURITY, "AuthorizationPolicy", "backend-metrics", {**allow_get, "selector": NOWHERE})])
 

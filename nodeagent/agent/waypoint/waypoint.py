@@ -257,6 +257,8 @@ class Waypoint:
                     "snapshot_error": self.publisher.snapshot_error},
             **published,  # built_at, resources, errors, warnings, dataplane
             "connections": dict(self.sent),
+            "access_log": {"path": self.access_log.path, "lines": self.access_log.lines,
+                           "unreadable": self.requests.unread},
         }
 
 
