@@ -20,6 +20,16 @@ already open (answered 503), captured outbound and plaintext inbound connections
 under RECOVER (hysteresis: no flapping at the edge). Open connections go on: the agent
 keeps serving what it already serves instead of being killed with it.
 
+What is already open can still grow past the limit: a peer that stops reading makes
+the kernel queue what the agent sends it, up to 4 MiB on a socket that crosses the
+network, and 512 HBONE connections of one source IP each doing so hold 2 GiB. So at FULL
+the guard sheds (`watch`, every SHED_INTERVAL; `shed`): it resets the agent's TCP sockets
+holding the most kernel memory, SHED_FLOOR or more each, until what they held brings the
+agent under OVERLOAD (sockdiag.py: sock_diag's memory counts, SOCK_DESTROY), as Envoy's
+overload manager resets the streams using the most memory; each is logged (throttled)
+and counted in `describe()`. A kernel without SOCK_DESTROY (or a process without
+CAP_NET_ADMIN) turns shedding off with one warning; status shows it.
+
 Refusing everything would let one pod that fills the agent shut every other pod of the
 node out of new connections. So between OVERLOAD and FULL only the work of local pods
 over their share is refused: `Holdings` counts the connections the agent relays for
@@ -48,12 +58,14 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from nodeagent import sockdiag
 from nodeagent.throttle import LOG_INTERVAL, Throttle
 
 MIB = 1 << 20
@@ -62,6 +74,8 @@ RECOVER = 0.85  # ...until the agent holds less than this again
 FULL = 0.95  # and from here everything new is, whichever pod it is for
 FAIR_FLOOR = 64  # a pod holding fewer connections than this is never over its share
 INTERVAL = 0.05  # seconds a reading is used for
+SHED_INTERVAL = 1.0  # seconds between two checks of whether to shed (`watch`)
+SHED_FLOOR = 256 << 10  # bytes a socket must hold in the kernel to be reset to free memory
 TRIM_INTERVAL = 10.0  # seconds between two returns of freed heap memory (Trimmer)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 DISCOVER = object()  # MemoryGuard(sockets=...): find this process's memory cgroup (socket_charge)
@@ -235,8 +249,12 @@ class MemoryGuard:
 
     def __init__(self, limit_mib: int | None, log: logging.Logger, *, per_pod: int | None = None,
                  read: Callable[[], int] = tree_resident, sockets: object = DISCOVER,
-                 clock: Callable[[], float] = time.monotonic):
-        """`sockets`: socket_charge()'s (where, reader), None for none; by default found."""
+                 clock: Callable[[], float] = time.monotonic,
+                 holders: Callable[[], list[sockdiag.Holder]] | None = None,
+                 destroy: Callable[[sockdiag.Holder], int] = sockdiag.destroy):
+        """`sockets`: socket_charge()'s (where, reader), None for none; by default found.
+        `holders`, `destroy`: the TCP sockets to shed, most memory first, and how to
+        reset one (sockdiag's for this process, by default)."""
         self.holdings = Holdings(per_pod, log, clock)
         self.limit = limit_mib * MIB if limit_mib else None
         self.log = log
@@ -249,6 +267,12 @@ class MemoryGuard:
         self.over = False
         self.episodes = 0  # times it went over OVERLOAD
         self._refusals = Throttle(LOG_INTERVAL, clock)  # log lines of `refused`
+        self.holders = holders or (lambda: sockdiag.holders(sockdiag.own_sockets()))
+        self.destroy = destroy
+        self.shed_sockets = 0  # sockets reset to free memory
+        self.shed_bytes = 0  # ... and the kernel memory they held then
+        self.shedding: str | None = "on"  # "on", or why not
+        self._sheds = Throttle(LOG_INTERVAL, clock)  # log lines of `shed`
 
     def overloaded(self) -> bool:
         """At or over OVERLOAD of the limit (until under RECOVER again); False without a limit."""
@@ -316,13 +340,73 @@ class MemoryGuard:
             return "pod_connection_limit"
         return "memory_limit" if self.refuse(ip, pod) else None
 
+    def shed(self) -> list[sockdiag.Holder]:
+        """At FULL of the limit (a fresh reading): reset the TCP sockets holding the most
+        kernel memory, SHED_FLOOR or more each, until what they held brings the agent
+        under OVERLOAD; the sockets reset. Blocking (a sock_diag dump): run it off the loop."""
+        excess = self._excess()
+        return self._reset(excess) if excess else []
+
+    def _excess(self) -> int:
+        """Bytes over OVERLOAD when a fresh reading is at FULL or more, else 0."""
+        if self.limit is None or self.shedding != "on":
+            return 0
+        self._read_at = None
+        self._sample()
+        return self.usage - int(OVERLOAD * self.limit) if self.usage >= FULL * self.limit else 0
+
+    def _reset(self, excess: int) -> list[sockdiag.Holder]:
+        reset: list[sockdiag.Holder] = []
+        for holder in self.holders():
+            if excess <= 0 or holder.bytes < SHED_FLOOR:
+                break
+            failed = self.destroy(holder)
+            if failed in (errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.EPROTONOSUPPORT, errno.EINVAL):
+                self.shedding = f"off: the kernel refused SOCK_DESTROY ({os.strerror(failed)})"
+                self.log.warning("memory: cannot reset the sockets holding the most memory: %s (a kernel "
+                                 "without CONFIG_INET_DIAG_DESTROY, or no CAP_NET_ADMIN); open connections "
+                                 "can take the agent past its limit", os.strerror(failed))
+                break
+            if failed:
+                continue  # closed meanwhile
+            reset.append(holder)
+            excess -= holder.bytes
+        if reset:
+            self.shed_sockets += len(reset)
+            self.shed_bytes += sum(h.bytes for h in reset)
+            if self._sheds.due():
+                self.log.warning("memory: the agent held %s of its %d MiB limit: reset %d connection(s) holding "
+                                 "the most socket memory (%d KiB, the largest %d KiB to %s); %d reset so far. "
+                                 "Reported at most every %g s", self._held(), self.limit // MIB, len(reset),
+                                 sum(h.bytes for h in reset) >> 10, reset[0].bytes >> 10, reset[0].peer,
+                                 self.shed_sockets, self._sheds.interval)
+            self._read_at = None  # what they held is freed: read again
+        return reset
+
+    async def watch(self, interval: float = SHED_INTERVAL) -> None:
+        """`shed` every `interval` seconds until cancelled (the reading on the loop, the
+        sockets' dump and resets in a thread); nothing without a limit."""
+        while self.limit is not None and self.shedding == "on":
+            await asyncio.sleep(interval)
+            excess = self._excess()  # read on the loop, which reads for the accept path too
+            if not excess:
+                continue
+            try:
+                await asyncio.to_thread(self._reset, excess)
+            except OSError as exc:  # sock_diag itself failed: say so and keep the agent going
+                self.shedding = f"off: {exc.strerror or exc}"
+                self.log.warning("memory: cannot read the sockets' memory (sock_diag): %s; shedding is off",
+                                 exc.strerror or exc)
+
     def describe(self) -> dict:
         self._sample()  # a fresh reading (at most one per INTERVAL)
         return {"limit_bytes": self.limit, "usage_bytes": self.usage, "peak_bytes": self.peak,
                 "socket_bytes": self.socket_usage, "socket_source": self.sockets[0] if self.sockets else None,
                 "overloaded": self.over, "overload_episodes": self.episodes,
                 "overload_at": OVERLOAD, "recover_at": RECOVER, "full_at": FULL,
-                "connections_held": self.holdings.total, "per_pod_cap": self.holdings.cap}
+                "connections_held": self.holdings.total, "per_pod_cap": self.holdings.cap,
+                "shedding": self.shedding if self.limit else None, "shed_sockets": self.shed_sockets,
+                "shed_bytes": self.shed_bytes}
 
 
 class Trimmer:

@@ -117,6 +117,7 @@ class DataPath:
         self._releases: set[asyncio.Task] = set()
         self.trimmer = Trimmer()  # freed heap back to the system (memory.py)
         self._trimming: asyncio.Task | None = None
+        self._shedding: asyncio.Task | None = None
         self._kernel_start: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -125,6 +126,7 @@ class DataPath:
         await self.splicer.start()
         await self.hbone_engines.start()
         self._trimming = asyncio.get_running_loop().create_task(self.trimmer.run(), name="malloc-trim")
+        self._shedding = asyncio.get_running_loop().create_task(self.memory.watch(), name="memory-shed")
         if self.kernel_join is not None:  # a compile child of its own: readiness does not wait for it
             self._kernel_start = asyncio.get_running_loop().create_task(self.kernel_join.start(self.capture))
         if self.waypoint is not None:
@@ -210,9 +212,10 @@ class DataPath:
                 "summary": f"{relays}; same-node fast path {line}"}
 
     async def close(self) -> None:
-        if self._trimming is not None:
-            self._trimming.cancel()
-            await asyncio.gather(self._trimming, return_exceptions=True)
+        for task in (self._trimming, self._shedding):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for task in list(self._releases):
             task.cancel()
         await self.hbone.close()

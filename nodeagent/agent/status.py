@@ -185,7 +185,20 @@ def _memory_line(memory: dict[str, Any] | None) -> list[str]:
                 f"MEMORY: {share}; new connections are refused from {memory['overload_at'] * 100:.0f} % for pods "
                 f"over their share, from {memory['full_at'] * 100:.0f} % for all ({memory['overload_episodes']} "
                 "times so far)")
-    return [line, *_held_line(memory)]
+    return [line, *_shed_line(memory), *_held_line(memory)]
+
+
+def _shed_line(memory: dict[str, Any]) -> list[str]:
+    """Whether the agent resets the sockets holding the most memory at FULL, and how many it did."""
+    shedding = memory.get("shedding")
+    if shedding is None:
+        return []
+    done = (f"; {memory['shed_sockets']} reset so far ({memory['shed_bytes'] >> 20} MiB)"
+            if memory.get("shed_sockets") else "")
+    if shedding == "on":
+        return [f"  from {memory['full_at'] * 100:.0f} % the connections holding the most socket memory are "
+                f"reset{done}"]
+    return [f"  SHEDDING {shedding.upper()}: open connections can take the agent past its limit{done}"]
 
 
 def _held_line(memory: dict[str, Any]) -> list[str]:

@@ -222,6 +222,9 @@ def test_memory_against_the_limit_is_shown():
            "most 16384 a pod (max_connections_per_pod)\n" in status.render_text({**STATUS, "memory": held}, now=NOW)
     assert "mesh/other (2); no cap per pod\n" in \
         status.render_text({**STATUS, "memory": {**held, "per_pod_cap": None}}, now=NOW)
+    shedding = {**memory, "shedding": "on", "shed_sockets": 3, "shed_bytes": 12 << 20}
+    assert "for all (0 times so far)\n  from 95 % the connections holding the most socket memory are reset; 3 " \
+           "reset so far (12 MiB)\n" in status.render_text({**STATUS, "memory": shedding}, now=NOW)
 
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:

@@ -60,7 +60,8 @@ def test_nothing_is_steered_before_envoy_acked(waypoint):
     assert NoWaypoint().dataplane().inbound.get(("10.244.1.8", 9000)) is None
     status = waypoint.describe()
     assert list(status) == ["directory", "envoy", "xds", "built_at", "resources", "errors", "warnings", "dataplane",
-                            "connections"]
+                            "connections", "access_log"]
+    assert status["access_log"] == {"path": waypoint.sockets.access_log, "lines": 0, "unreadable": 0}
     assert status["xds"] == {"version": "1", "accepted": None, "in_sync": False, "connected": False, "nacks": 0,
                              "snapshot_error": None}
     assert list(status["xds"]) == ["version", "accepted", "in_sync", "connected", "nacks", "snapshot_error"]

@@ -1,13 +1,17 @@
-"""nodeagent/memory.py: what the agent's process tree holds, and the overload mark with
-its hysteresis (the accept path's use of it: test_agent_hbone_engines.py)."""
+"""nodeagent/memory.py: what the agent's process tree holds, the overload mark with its
+hysteresis (the accept path's use of it: test_agent_hbone_engines.py), and shedding the
+sockets holding the most at FULL (on real sockets: tests/kernel/test_socket_memory.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import subprocess
 import sys
 from contextlib import ExitStack
 
+from nodeagent.agent import status
 from nodeagent.memory import FAIR_FLOOR, INTERVAL, MIB, Holdings, MemoryGuard, socket_charge, tree_resident
 
 LOG = logging.getLogger("test.memory")
@@ -139,7 +143,8 @@ def test_without_a_limit_nothing_is_refused_and_status_still_reads():
     assert guard.describe() == {"limit_bytes": None, "usage_bytes": 10 << 30, "peak_bytes": 10 << 30,
                                 "socket_bytes": None, "socket_source": None,
                                 "overloaded": False, "overload_episodes": 0, "overload_at": 0.9,
-                                "recover_at": 0.85, "full_at": 0.95, "connections_held": 0, "per_pod_cap": None}
+                                "recover_at": 0.85, "full_at": 0.95, "connections_held": 0, "per_pod_cap": None,
+                                "shedding": None, "shed_sockets": 0, "shed_bytes": 0}
 
 
 def test_a_pod_is_over_its_share_past_the_mean_of_the_holders_and_the_floor():
@@ -218,3 +223,94 @@ def test_the_trimmer_gives_freed_heap_memory_back():
     assert proc.returncode == 0, proc.stderr
     before, after = map(int, proc.stdout.split())
     assert before - after >= 30, (before, after)
+
+
+# --- shedding at FULL ------------------------------------------------------------------------------
+def holder(kib: int, port: int):
+    from nodeagent.sockdiag import Holder
+    return Holder(kib << 10, 2, bytes(48), f"10.0.0.9:{port}")
+
+
+class Sockets:
+    """Stand-in for sockdiag over this process's sockets: what they hold, and the resets
+    asked for, which free what the socket held from the reading."""
+
+    def __init__(self, usage: list[int], kib: list[int], answer: int = 0):
+        self.usage, self.answer = usage, answer
+        self.held = [holder(k, 1000 + i) for i, k in enumerate(kib)]
+        self.reset: list[int] = []
+
+    def holders(self):
+        return sorted(self.held, key=lambda h: h.bytes, reverse=True)
+
+    def destroy(self, h) -> int:
+        if self.answer:
+            return self.answer
+        self.reset.append(int(h.peer.rsplit(":", 1)[1]))
+        self.held.remove(h)
+        self.usage[0] -= h.bytes
+        return 0
+
+
+def test_at_full_the_sockets_holding_the_most_are_reset_until_the_agent_is_under_overload(caplog):
+    usage = [int(0.97 * (100 << 20))]  # 97 MiB of 100: 7 MiB over OVERLOAD
+    socks = Sockets(usage, [4096, 100, 3072, 2048, 2048, 200])
+    guard = MemoryGuard(100, LOG, read=lambda: usage[0], sockets=None, holders=socks.holders, destroy=socks.destroy)
+    with caplog.at_level(logging.WARNING):
+        reset = guard.shed()
+    # 4 + 3 MiB cover the 7 MiB over the mark; the small ones are never candidates
+    assert socks.reset == [1000, 1002] and [h.bytes >> 10 for h in reset] == [4096, 3072]
+    assert guard.describe()["shed_sockets"] == 2 and guard.describe()["shed_bytes"] == 7 << 20
+    assert "reset 2 connection(s) holding the most socket memory (7168 KiB, the largest 4096 KiB to " \
+           "10.0.0.9:1000)" in caplog.text
+    assert guard.shed() == [] and socks.reset == [1000, 1002]  # now at 90 %: under FULL, nothing more
+
+
+def test_under_full_nothing_is_shed_and_small_sockets_never_are():
+    usage = [int(0.94 * (100 << 20))]
+    socks = Sockets(usage, [8192])
+    guard = MemoryGuard(100, LOG, read=lambda: usage[0], sockets=None, holders=socks.holders, destroy=socks.destroy)
+    assert guard.shed() == [] and socks.reset == []
+    usage[0] = 99 << 20
+    small = Sockets(usage, [255, 100, 10])  # under SHED_FLOOR each: the memory is elsewhere
+    guard = MemoryGuard(100, LOG, read=lambda: usage[0], sockets=None, holders=small.holders, destroy=small.destroy)
+    assert guard.shed() == [] and small.reset == []
+
+
+def test_a_kernel_that_refuses_sock_destroy_turns_shedding_off_and_says_so(caplog):
+    usage = [99 << 20]
+    socks = Sockets(usage, [8192, 8192], answer=errno.EOPNOTSUPP)
+    guard = MemoryGuard(100, LOG, read=lambda: usage[0], sockets=None, holders=socks.holders, destroy=socks.destroy)
+    with caplog.at_level(logging.WARNING):
+        assert guard.shed() == []
+    assert guard.describe()["shedding"].startswith("off: the kernel refused SOCK_DESTROY")
+    assert caplog.text.count("cannot reset the sockets holding the most memory") == 1
+    assert guard.shed() == []  # off for good: not asked again
+    text = "\n".join(status._shed_line(guard.describe()))
+    assert text.startswith("  SHEDDING OFF: THE KERNEL REFUSED SOCK_DESTROY")
+
+
+def test_without_a_limit_nothing_is_watched():
+    guard = MemoryGuard(None, LOG, read=lambda: 1, sockets=None, holders=lambda: 1 / 0)
+    asyncio.run(asyncio.wait_for(guard.watch(0.01), 1))  # returns at once: no limit, no task left running
+
+
+def test_watch_sheds_what_grew_past_full_while_nothing_new_came():
+    """No accept asks for a reading while open connections grow: the watch does."""
+    usage = [80 << 20]
+    socks = Sockets(usage, [4096, 4096, 4096])
+    guard = MemoryGuard(100, LOG, read=lambda: usage[0], sockets=None, holders=socks.holders, destroy=socks.destroy)
+
+    async def main():
+        watching = asyncio.create_task(guard.watch(0.01))
+        await asyncio.sleep(0.05)
+        assert socks.reset == []  # 80 %: nothing to shed
+        usage[0] = 98 << 20  # the open connections' send queues filled
+        for _ in range(200):
+            if socks.reset:
+                break
+            await asyncio.sleep(0.01)
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+    asyncio.run(main())
+    assert socks.reset == [1000, 1001] and usage[0] == 90 << 20  # 8 MiB over the 90 % mark: two 4 MiB ones

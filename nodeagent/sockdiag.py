@@ -1,0 +1,137 @@
+"""The TCP sockets of this process that hold the most kernel memory, and resetting them
+(sock_diag netlink: inet_diag dumps with SK_MEMINFO, SOCK_DESTROY).
+
+The memory guard (memory.py) sheds with this when the agent's memory reaches FULL of its
+limit: a peer that stops reading makes the kernel queue what the agent sends it, up to
+tcp_wmem's 4 MiB on a socket that crosses the network (an HBONE connection, a
+passthrough upstream), and 512 connections of one source IP that each do so hold 2 GiB
+of socket memory charged to the agent's container, while the guard only refuses new
+work. Shedding resets the sockets holding the most, as Envoy's overload manager resets
+the streams using the most memory, until the agent holds what it may again. Only this
+process's sockets are seen (their inodes from /proc/self/fd) and only in the network
+namespace the netlink socket is made in: the agent's own, where the sockets that cross
+the network live (those toward a pod's app are in the pod's netns and bounded by
+inpod's LOCAL_BUFFER). SOCK_DESTROY needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY; the
+socket's owner sees ECONNABORTED and its peer an RST, as for any reset connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from typing import NamedTuple
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+SOCK_DESTROY = 21
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+INET_DIAG_SKMEMINFO = 7
+TCP_LISTEN = 10
+ALL_BUT_LISTEN = 0xFFFFFFFF & ~(1 << TCP_LISTEN)
+NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+REQ = struct.Struct("=BBBxI")  # family, protocol, ext, (pad), states; then the sockid
+SOCKID = struct.Struct(">HH16s16sI8s")  # sport, dport (network order), src, dst, if, cookie (host order)
+MSG = struct.Struct("=BBBB")  # family, state, timer, retrans; then the sockid, then:
+MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
+RTA = struct.Struct("=HH")
+# SK_MEMINFO_*: rmem_alloc, rcvbuf, wmem_alloc, sndbuf, fwd_alloc, wmem_queued, ...
+RMEM_ALLOC, WMEM_QUEUED = 0, 5
+
+
+class Holder(NamedTuple):
+    """One of this process's TCP sockets and the kernel memory its queues hold."""
+    bytes: int  # receive queue (rmem_alloc) and send queue (wmem_queued), as charged
+    family: int
+    sockid: bytes  # inet_diag_sockid as the kernel gave it, to name the socket again
+    peer: str  # "ip:port"
+
+
+def own_sockets(proc: str = "/proc/self/fd") -> set[int]:
+    """Inodes of the sockets this process holds."""
+    found = set()
+    for name in os.listdir(proc):
+        try:
+            target = os.readlink(f"{proc}/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
+def holders(inodes: set[int]) -> list[Holder]:
+    """This process's TCP sockets (of `inodes`) in the current netns, most memory first."""
+    out = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as nl:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            request = REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), ALL_BUT_LISTEN)
+            for payload in _ask(nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
+                                request + bytes(SOCKID.size)):
+                holder = _holder(payload, inodes)
+                if holder is not None:
+                    out.append(holder)
+    out.sort(key=lambda h: h.bytes, reverse=True)
+    return out
+
+
+def destroy(holder: Holder) -> int:
+    """Reset the socket (SOCK_DESTROY); 0, or the errno the kernel answered (ENOENT: it
+    closed meanwhile; EOPNOTSUPP: a kernel without CONFIG_INET_DIAG_DESTROY; EPERM)."""
+    request = REQ.pack(holder.family, socket.IPPROTO_TCP, 0, ALL_BUT_LISTEN) + holder.sockid
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as nl:
+        try:
+            list(_ask(nl, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, request))
+        except OSError as exc:
+            return exc.errno or errno.EIO
+    return 0
+
+
+def _ask(nl: socket.socket, kind: int, flags: int, body: bytes):
+    """Send one request; yield the payload of each answer until done (OSError for an
+    error answer other than an ACK)."""
+    nl.send(NLMSG.pack(NLMSG.size + len(body), kind, flags, 1, 0) + body)
+    while True:
+        data = nl.recv(1 << 16)
+        at = 0
+        while at + NLMSG.size <= len(data):
+            length, kind_got, _, _, _ = NLMSG.unpack_from(data, at)
+            if length < NLMSG.size:
+                return
+            payload = data[at + NLMSG.size:at + length]
+            at += (length + 3) & ~3
+            if kind_got == NLMSG_DONE:
+                return
+            if kind_got == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", payload)[0]
+                if code:
+                    raise OSError(code, os.strerror(code))
+                return  # the ACK
+            yield payload
+        if not flags & NLM_F_DUMP:
+            return
+
+
+def _holder(payload: bytes, inodes: set[int]) -> Holder | None:
+    family = payload[0]
+    sockid = payload[MSG.size:MSG.size + SOCKID.size]
+    _, _, _, _, inode = MSG_TAIL.unpack_from(payload, MSG.size + SOCKID.size)
+    if inode not in inodes:
+        return None
+    at = MSG.size + SOCKID.size + MSG_TAIL.size
+    memory = None
+    while at + RTA.size <= len(payload):
+        length, kind = RTA.unpack_from(payload, at)
+        if length < RTA.size:
+            break
+        if kind == INET_DIAG_SKMEMINFO:
+            memory = struct.unpack_from(f"={(length - RTA.size) // 4}I", payload, at + RTA.size)
+        at += (length + 3) & ~3
+    if memory is None:
+        return None
+    _, dport, _, dst, _, _ = SOCKID.unpack(sockid)
+    address = socket.inet_ntop(family, dst[:4] if family == socket.AF_INET else dst)
+    peer = f"{address}:{dport}" if family == socket.AF_INET else f"[{address}]:{dport}"
+    return Holder(memory[RMEM_ALLOC] + memory[WMEM_QUEUED], family, sockid, peer)
