@@ -25,7 +25,7 @@ the kernel queue what the agent sends it, up to 4 MiB on a socket that crosses t
 network, and 512 HBONE connections of one source IP each doing so hold 2 GiB. So at FULL
 the guard sheds (`watch`, every SHED_INTERVAL; `shed`): it resets the agent's TCP sockets
 holding the most kernel memory, SHED_FLOOR or more each, until what they held brings the
-agent under OVERLOAD (sockdiag.py: sock_diag's memory counts, SOCK_DESTROY), as Envoy's
+agent under OVERLOAD, or covers what the socket buffers hold if that is less (sockdiag.py: sock_diag's memory counts, SOCK_DESTROY), as Envoy's
 overload manager resets the streams using the most memory; each is logged (throttled)
 and counted in `describe()`. A kernel without SOCK_DESTROY (or a process without
 CAP_NET_ADMIN) turns shedding off with one warning; status shows it.
@@ -348,12 +348,17 @@ class MemoryGuard:
         return self._reset(excess) if excess else []
 
     def _excess(self) -> int:
-        """Bytes over OVERLOAD when a fresh reading is at FULL or more, else 0."""
+        """Bytes over OVERLOAD when a fresh reading is at FULL or more, else 0; at most
+        what the socket buffers hold when that is read (resetting sockets cannot free the
+        resident part, and would only cost honest connections)."""
         if self.limit is None or self.shedding != "on":
             return 0
         self._read_at = None
         self._sample()
-        return self.usage - int(OVERLOAD * self.limit) if self.usage >= FULL * self.limit else 0
+        if self.usage < FULL * self.limit:
+            return 0
+        excess = self.usage - int(OVERLOAD * self.limit)
+        return excess if self.socket_usage is None else min(excess, self.socket_usage)
 
     def _reset(self, excess: int) -> list[sockdiag.Holder]:
         reset: list[sockdiag.Holder] = []

@@ -314,3 +314,13 @@ def test_watch_sheds_what_grew_past_full_while_nothing_new_came():
         await asyncio.gather(watching, return_exceptions=True)
     asyncio.run(main())
     assert socks.reset == [1000, 1001] and usage[0] == 90 << 20  # 8 MiB over the 90 % mark: two 4 MiB ones
+
+
+def test_when_the_resident_part_is_what_is_high_only_what_sockets_hold_is_shed():
+    """At 98 % with 3 MiB of it in socket buffers: resets cover those 3 MiB, not the 8
+    over the mark, which no reset can free."""
+    resident = 95 << 20
+    socks = Sockets([0], [2048, 2048, 2048, 2048])
+    guard = MemoryGuard(100, LOG, read=lambda: resident, sockets=("test", lambda: 3 << 20),
+                        holders=socks.holders, destroy=socks.destroy)
+    assert [h.bytes >> 10 for h in guard.shed()] == [2048, 2048] and len(socks.reset) == 2
