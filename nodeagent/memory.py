@@ -25,9 +25,10 @@ the kernel queue what the agent sends it, up to 4 MiB on a socket that crosses t
 network, and 512 HBONE connections of one source IP each doing so hold 2 GiB. So at FULL
 the guard sheds (`watch`, every SHED_INTERVAL; `shed`): it resets the agent's TCP sockets
 holding the most kernel memory, SHED_FLOOR or more each, until what they held brings the
-agent under OVERLOAD, or covers what the socket buffers hold if that is less (sockdiag.py: sock_diag's memory counts, SOCK_DESTROY), as Envoy's
-overload manager resets the streams using the most memory; each is logged (throttled)
-and counted in `describe()`. A kernel without SOCK_DESTROY (or a process without
+agent under OVERLOAD, or covers what the socket buffers hold if that is less
+(sockdiag.py: sock_diag's memory counts, SOCK_DESTROY), as Envoy's overload manager
+resets the streams using the most memory; each is logged (throttled) and counted in
+`describe()`. A kernel without SOCK_DESTROY (or a process without
 CAP_NET_ADMIN) turns shedding off with one warning; status shows it.
 
 Refusing everything would let one pod that fills the agent shut every other pod of the
@@ -342,8 +343,8 @@ class MemoryGuard:
 
     def shed(self) -> list[sockdiag.Holder]:
         """At FULL of the limit (a fresh reading): reset the TCP sockets holding the most
-        kernel memory, SHED_FLOOR or more each, until what they held brings the agent
-        under OVERLOAD; the sockets reset. Blocking (a sock_diag dump): run it off the loop."""
+        kernel memory, SHED_FLOOR or more each, until what they held covers `_excess`;
+        the sockets reset. Blocking (a sock_diag dump): run it off the loop."""
         excess = self._excess()
         return self._reset(excess) if excess else []
 

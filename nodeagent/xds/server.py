@@ -11,9 +11,9 @@ snapshot the rejected response was built from (each stream remembers it per type
 the publisher can find what Envoy refused and publish without it. `accepted(node)` is
 the last snapshot that node's proxy ACKed completely, having asked for all its route
 tables and endpoints (kept across reconnects); `in_sync(node)` says whether a connected
-proxy has ACKed the current one. The streams run on an event loop of the server's own thread ("xds"), never the agent's:
-at most `max_streams` at once (more are refused RESOURCE_EXHAUSTED), messages at most
-grpcwire.MAX_MESSAGE bytes.
+proxy has ACKed the current one. The streams run on an event loop of the server's own
+thread ("xds"), never the agent's: at most `max_streams` at once (more are refused
+RESOURCE_EXHAUSTED), messages at most grpcwire.MAX_MESSAGE bytes.
 """
 
 from __future__ import annotations

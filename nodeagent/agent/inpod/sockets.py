@@ -226,8 +226,9 @@ def port_range(ctx: PodContext) -> PortRange:
 def transparent_upstream(ctx: PodContext, mark: int, source_ip: str, avoid_port: int) -> socket.socket:
     """A marked socket bound to `source_ip` (not local: IP_TRANSPARENT), so the app sees
     the real client address, and to `lo`, so sk_lookup sees a loopback connection and
-    does not steer it back to the agent; its buffers LOCAL_BUFFER. The port is never the client's own port: the
-    app's accepted socket would then have the same 4-tuple as the agent's inbound one.
+    does not steer it back to the agent; its buffers LOCAL_BUFFER. The port is never the
+    client's own port: the app's accepted socket would then have the same 4-tuple as the
+    agent's inbound one.
 
     The port is drawn at random from the pod netns' ephemeral range less its reserved
     ports (`port_range`) and bound with SO_REUSEADDR, not left to bind(port 0): every

@@ -31,12 +31,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from envoy.extensions.filters.network.set_filter_state.v3.set_filter_state_pb2 import Config
 from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
 
-from google.protobuf.struct_pb2 import Struct
-
 from nodeagent.xds import dataplane, logline
 from nodeagent.xds.resources import pack
 from nodeagent.xds.translate import names
-from nodeagent.xds.translate.primitives import ADS, PASSED_TLVS, boolean, http_filter, network_filter
+from nodeagent.xds.translate.primitives import ADS, PASSED_TLVS, boolean, http_filter, network_filter, struct
 
 HCM = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
@@ -92,12 +90,6 @@ def access_log(log_name: str, path: str) -> AccessLog:
     config = FileAccessLog(path=path, log_format=SubstitutionFormatString(
         json_format=struct(logline.json_format(log_name))))
     return AccessLog(name=FILE_ACCESS_LOG, typed_config=pack(config))
-
-
-def struct(value: dict) -> Struct:
-    made = Struct()
-    made.update(value)
-    return made
 
 
 def tcp_proxy(prefix: str, proxy: TcpProxy) -> Filter:
