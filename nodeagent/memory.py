@@ -26,7 +26,8 @@ network, and 512 HBONE connections of one source IP each doing so hold 2 GiB. So
 the guard sheds (`watch`, every SHED_INTERVAL; `shed`): it resets the agent's TCP sockets
 holding the most kernel memory, SHED_FLOOR or more each, until what they held brings the
 agent under OVERLOAD, or covers what the socket buffers hold if that is less
-(sockdiag.py: sock_diag's memory counts, SOCK_DESTROY), as Envoy's overload manager
+(sockdiag.py: sock_diag's memory counts in every netns the agent's sockets live in, the
+pods' included, and SOCK_DESTROY), as Envoy's overload manager
 resets the streams using the most memory; each is logged (throttled) and counted in
 `describe()`. A kernel without SOCK_DESTROY (or a process without
 CAP_NET_ADMIN) turns shedding off with one warning; status shows it.
@@ -268,7 +269,7 @@ class MemoryGuard:
         self.over = False
         self.episodes = 0  # times it went over OVERLOAD
         self._refusals = Throttle(LOG_INTERVAL, clock)  # log lines of `refused`
-        self.holders = holders or (lambda: sockdiag.holders(sockdiag.own_sockets()))
+        self.holders = holders or sockdiag.holders
         self.destroy = destroy
         self.shed_sockets = 0  # sockets reset to free memory
         self.shed_bytes = 0  # ... and the kernel memory they held then

@@ -8,20 +8,26 @@ passthrough upstream), and 512 connections of one source IP that each do so hold
 of socket memory charged to the agent's container, while the guard only refuses new
 work. Shedding resets the sockets holding the most, as Envoy's overload manager resets
 the streams using the most memory, until the agent holds what it may again. Only this
-process's sockets are seen (their inodes from /proc/self/fd) and only in the network
-namespace the netlink socket is made in: the agent's own, where the sockets that cross
-the network live (those toward a pod's app are in the pod's netns and bounded by
-inpod's LOCAL_BUFFER). SOCK_DESTROY needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY; the
-socket's owner sees ECONNABORTED and its peer an RST, as for any reset connection.
+process's sockets are seen (their inodes from /proc/self/fd), in every network namespace
+they live in: the agent's own (its HBONE connections to other nodes' agents) and each
+meshed pod's, where the agent listens and connects in-pod (the HBONE connections a pod's
+port 15008 accepted, the deliveries to its app). A socket's netns comes from the socket
+itself (SIOCGSKNS), and each netns is dumped by a netlink socket made in it. SOCK_DESTROY
+needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY; the socket's owner sees ECONNABORTED
+and its peer an RST, as for any reset connection.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import struct
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
+
+from nodeagent import netns
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -39,6 +45,7 @@ MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 RTA = struct.Struct("=HH")
 # SK_MEMINFO_*: rmem_alloc, rcvbuf, wmem_alloc, sndbuf, fwd_alloc, wmem_queued, ...
 RMEM_ALLOC, WMEM_QUEUED = 0, 5
+SIOCGSKNS = 0x894C  # a socket's netns, as a new descriptor
 
 
 class Holder(NamedTuple):
@@ -47,46 +54,104 @@ class Holder(NamedTuple):
     family: int
     sockid: bytes  # inet_diag_sockid as the kernel gave it, to name the socket again
     peer: str  # "ip:port"
+    inode: int = 0  # the socket's, and a descriptor of this process for it when found,
+    fd: int = -1    # through which `destroy` finds its netns again
 
 
-def own_sockets(proc: str = "/proc/self/fd") -> set[int]:
-    """Inodes of the sockets this process holds."""
-    found = set()
+def own_sockets(proc: str = "/proc/self/fd") -> dict[int, int]:
+    """The sockets this process holds: inode -> a descriptor of it."""
+    found = {}
     for name in os.listdir(proc):
         try:
             target = os.readlink(f"{proc}/{name}")
         except OSError:
             continue  # closed meanwhile
         if target.startswith("socket:["):
-            found.add(int(target[8:-1]))
+            found[int(target[8:-1])] = int(name)
     return found
 
 
-def holders(inodes: set[int]) -> list[Holder]:
-    """This process's TCP sockets (of `inodes`) in the current netns, most memory first."""
+def holders(sockets: dict[int, int] | None = None) -> list[Holder]:
+    """This process's TCP sockets (of `sockets`, own_sockets()'s by default) in every
+    netns they live in, most memory first."""
+    sockets = own_sockets() if sockets is None else sockets
     out = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as nl:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            request = REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), ALL_BUT_LISTEN)
-            for payload in _ask(nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
-                                request + bytes(SOCKID.size)):
-                holder = _holder(payload, inodes)
-                if holder is not None:
-                    out.append(holder)
+    for ns in _namespaces(sockets):
+        try:
+            with _netlink(ns) as nl:
+                out += _dump(nl, sockets)
+        finally:
+            os.close(ns)
     out.sort(key=lambda h: h.bytes, reverse=True)
     return out
 
 
 def destroy(holder: Holder) -> int:
-    """Reset the socket (SOCK_DESTROY); 0, or the errno the kernel answered (ENOENT: it
-    closed meanwhile; EOPNOTSUPP: a kernel without CONFIG_INET_DIAG_DESTROY; EPERM)."""
+    """Reset the socket (SOCK_DESTROY) in the netns it lives in; 0, or the errno the
+    kernel answered (ENOENT: it closed meanwhile; EOPNOTSUPP: a kernel without
+    CONFIG_INET_DIAG_DESTROY; EPERM)."""
+    ns = _netns_of(holder.fd, holder.inode) if holder.fd >= 0 else None
+    if holder.fd >= 0 and ns is None:
+        return errno.ENOENT  # its descriptor is closed, or names another socket now
     request = REQ.pack(holder.family, socket.IPPROTO_TCP, 0, ALL_BUT_LISTEN) + holder.sockid
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as nl:
-        try:
+    try:
+        with _netlink(ns) as nl:
             list(_ask(nl, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, request))
-        except OSError as exc:
-            return exc.errno or errno.EIO
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    finally:
+        if ns is not None:
+            os.close(ns)
     return 0
+
+
+def _netns_of(fd: int, inode: int) -> int | None:
+    """A new descriptor of the netns of socket `fd`, when `fd` is still socket `inode`."""
+    try:
+        if os.fstat(fd).st_ino != inode:
+            return None
+        return fcntl.ioctl(fd, SIOCGSKNS)
+    except OSError:
+        return None
+
+
+def _namespaces(sockets: dict[int, int]) -> list[int]:
+    """A descriptor of each netns `sockets` live in (the caller closes them)."""
+    seen: dict[tuple[int, int], int] = {}
+    for inode, fd in sockets.items():
+        ns = _netns_of(fd, inode)
+        if ns is None:
+            continue  # closed meanwhile, or not a socket with a netns
+        st = os.fstat(ns)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            os.close(ns)
+        else:
+            seen[key] = ns
+    return list(seen.values())
+
+
+@contextmanager
+def _netlink(ns: int | None) -> Iterator[socket.socket]:
+    """A sock_diag netlink socket in netns `ns` (this thread's when None)."""
+    if ns is None:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+    else:
+        with netns.entered(ns):
+            nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+    with nl:
+        yield nl
+
+
+def _dump(nl: socket.socket, sockets: dict[int, int]) -> list[Holder]:
+    out = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        request = REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), ALL_BUT_LISTEN)
+        for payload in _ask(nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, request + bytes(SOCKID.size)):
+            holder = _holder(payload, sockets)
+            if holder is not None:
+                out.append(holder)
+    return out
 
 
 def _ask(nl: socket.socket, kind: int, flags: int, body: bytes):
@@ -114,11 +179,11 @@ def _ask(nl: socket.socket, kind: int, flags: int, body: bytes):
             return
 
 
-def _holder(payload: bytes, inodes: set[int]) -> Holder | None:
+def _holder(payload: bytes, sockets: dict[int, int]) -> Holder | None:
     family = payload[0]
     sockid = payload[MSG.size:MSG.size + SOCKID.size]
     _, _, _, _, inode = MSG_TAIL.unpack_from(payload, MSG.size + SOCKID.size)
-    if inode not in inodes:
+    if inode not in sockets:
         return None
     at = MSG.size + SOCKID.size + MSG_TAIL.size
     memory = None
@@ -134,4 +199,4 @@ def _holder(payload: bytes, inodes: set[int]) -> Holder | None:
     _, dport, _, dst, _, _ = SOCKID.unpack(sockid)
     address = socket.inet_ntop(family, dst[:4] if family == socket.AF_INET else dst)
     peer = f"{address}:{dport}" if family == socket.AF_INET else f"[{address}]:{dport}"
-    return Holder(memory[RMEM_ALLOC] + memory[WMEM_QUEUED], family, sockid, peer)
+    return Holder(memory[RMEM_ALLOC] + memory[WMEM_QUEUED], family, sockid, peer, inode, sockets[inode])

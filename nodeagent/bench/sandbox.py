@@ -152,11 +152,15 @@ class Sandbox:
                 "--hbone-handshake-timeout",
                 f"{min(SERVER_HANDSHAKE_TIMEOUT_MAX, scaled(TunnelSettings.server_handshake_timeout)):g}", *extra]
 
-    def start_agent(self, *extra: str, timeout: float = 30.0) -> subprocess.Popen:
+    def start_agent(self, *extra: str, timeout: float = 30.0, cgroup: str | None = None) -> subprocess.Popen:
         """Start the agent in the node netns and wait until it reports ready (`timeout`
-        scaled, as every wait of `wait_for`)."""
+        scaled, as every wait of `wait_for`). `cgroup`: a cgroup of another hierarchy it
+        joins too (a memory cgroup of cgroup v1's: its container's, as it were)."""
+        argv = self.agent_argv(*extra)
+        if cgroup:
+            argv = ["sh", "-c", JOIN_AND_EXEC, cgroup, *argv]
         log = open(self.workdir / "agent.log", "ab")
-        self.agent = self.spawn(self.node_netns, self.layout.system_cgroup(self.node), self.agent_argv(*extra),
+        self.agent = self.spawn(self.node_netns, self.layout.system_cgroup(self.node), argv,
                                 stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.wait_for(lambda s: s.get("ready"), timeout, "the agent to become ready")

@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import pytest
+
 from nodeagent import netns
 from nodeagent.capture.cgroup import attached
+from nodeagent.capture.preflight import mount_table
 from nodeagent.capture.programs import CGROUP_PROGRAMS
 
 PIN_ROOT = "/sys/fs/bpf"
@@ -64,6 +67,44 @@ def throwaway_cgroup(parent: str, name: str | None = None) -> Iterator[str]:
         yield path
     finally:
         _remove_cgroup(path)
+
+
+@contextlib.contextmanager
+def socket_charging_cgroup() -> Iterator[str]:
+    """A throwaway memory cgroup that charges the socket buffers of the processes put in
+    it (to its `cgroup.procs`), on the hierarchy that has the memory controller: cgroup
+    v2's, which always charges them, else cgroup v1's with TCP accounting turned on for
+    it (v1 charges sockets only then). Removed at the end, once its processes are gone."""
+    path = version = None
+    for point, kind in mount_table():
+        if kind == "cgroup2" and "memory" in _read_words(os.path.join(point, "cgroup.controllers")):
+            path, version = os.path.join(point, unique("nodeagent-test-sock")), "v2"
+            if "memory" not in _read_words(os.path.join(point, "cgroup.subtree_control")):
+                pytest.fail(f"{point} does not hand the memory controller to its children")
+            break
+    else:
+        for point, kind in mount_table():
+            if kind == "cgroup" and os.path.exists(os.path.join(point, "memory.kmem.tcp.usage_in_bytes")):
+                path, version = os.path.join(point, unique("nodeagent-test-sock")), "v1"
+                break
+    if path is None:
+        pytest.fail("no memory cgroup controller on this machine (neither cgroup v2's nor v1's)")
+    os.mkdir(path)
+    try:
+        if version == "v1":
+            with open(os.path.join(path, "memory.kmem.tcp.limit_in_bytes"), "w") as f:
+                f.write("-1")  # turns TCP accounting on for this cgroup, without a limit
+        yield path
+    finally:
+        _remove_cgroup(path)
+
+
+def _read_words(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except OSError:
+        return []
 
 
 @contextlib.contextmanager

@@ -17,11 +17,11 @@ PORT = 9000
 
 
 @contextlib.contextmanager
-def meshed_sandbox(tmp_path: Path, outsider: str, *agent_args: str) -> Iterator[
+def meshed_sandbox(tmp_path: Path, outsider: str, *agent_args: str, cgroup: str | None = None) -> Iterator[
         tuple[Sandbox, SandboxPod, SandboxPod, SandboxPod, subprocess.Popen]]:
     """(sandbox, client, server, the unmeshed pod named `outsider`, the server's app)
-    once the agent (with `agent_args`) has enrolled both meshed pods and holds their
-    certificate."""
+    once the agent (with `agent_args`, in `cgroup` too: `Sandbox.start_agent`) has
+    enrolled both meshed pods and holds their certificate (`enrolled`)."""
     sb = Sandbox(f"test-{secrets.token_hex(3)}", workdir=tmp_path)
     try:
         sb.setup()
@@ -32,10 +32,15 @@ def meshed_sandbox(tmp_path: Path, outsider: str, *agent_args: str) -> Iterator[
         app = sb.serve(server, PORT)
         sb.in_pod(client, ["sleep", "infinity"])  # a pod is found by its processes
         sb.start_ca()
-        sb.start_agent(*sb.ca_args(), *agent_args)
-        sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True],
-                    15, "both pods enrolled and their certificate held")
+        sb.start_agent(*sb.ca_args(), *agent_args, cgroup=cgroup)
+        enrolled(sb)
         yield sb, client, server, other, app
     finally:
         left = sb.close()
         assert left == [] and sb.leftovers() == []
+
+
+def enrolled(sb: Sandbox) -> None:
+    """Wait until the agent has enrolled both meshed pods and holds their certificate."""
+    sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True],
+                15, "both pods enrolled and their certificate held")

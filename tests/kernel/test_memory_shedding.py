@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -36,9 +37,11 @@ sys.stdin.read()
 """
 
 
-def filled(listener: socket.socket, size: int) -> tuple[socket.socket, socket.socket]:
-    """A connection to `listener` with `size` bytes sent that its peer never reads."""
-    client = socket.socket()
+def filled(listener: socket.socket, size: int, make=socket.socket) -> tuple[socket.socket, socket.socket]:
+    """A connection to `listener` with `size` bytes sent that its peer never reads; the
+    client from `make()` (in `listener`'s netns)."""
+    client = make()
+    client.setblocking(True)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
     client.connect(listener.getsockname())
     peer, _ = listener.accept()
@@ -66,7 +69,7 @@ def test_at_full_the_socket_holding_the_most_is_reset_and_no_other():
         outsider, _ = listener.accept()  # another process's client: more queued than any of ours
         assert other.stdout.readline() == "full\n"
         big, small, tiny = (filled(listener, size) for size in (3_000_000, 1_000_000, 4_000))
-        mine = sockdiag.holders(sockdiag.own_sockets())  # the three clients, their peers, the outsider's peer
+        mine = sockdiag.holders()  # the three clients, their peers, the outsider's peer
         assert len(mine) == 7 and mine[0].bytes >= 2_500_000 and mine[1].bytes >= 800_000 > mine[2].bytes, mine
         assert mine[0].peer == mine[1].peer == "127.0.0.1:%d" % listener.getsockname()[1]
         # 97 % of a limit whose excess over OVERLOAD (90 %) is 2 MB: the 3 MB socket covers it
@@ -87,8 +90,33 @@ def test_at_full_the_socket_holding_the_most_is_reset_and_no_other():
         # the reset one and its peer (closed by the RST) are gone, the others are not; the
         # outsider's client, the child's, queued the most of all and was never a candidate
         port, gone = listener.getsockname()[1], big[0].getsockname()[1]
-        assert ports(sockdiag.holders(sockdiag.own_sockets())) == ports(mine) - {(gone, port), (port, gone)}
+        assert ports(sockdiag.holders()) == ports(mine) - {(gone, port), (port, gone)}
     finally:
         other.stdin.close()
         other.wait(timeout=10)
         listener.close()
+
+
+def test_sockets_in_a_pods_netns_are_found_and_reset(make_netns):
+    """The agent's in-pod sockets (HBONE connections a pod's port 15008 accepted, the
+    deliveries to its app) live in the pod's netns, not the agent's: a socket there
+    holding the most is the one reset."""
+    pod = make_netns()
+    inside = pod.listener("127.0.0.1", 15008)
+    here = socket.create_server(("127.0.0.1", 0))
+    try:
+        big = filled(inside, 3_000_000, pod.new_socket)
+        small = filled(here, 1_000_000)
+        mine = sockdiag.holders()
+        assert mine[0].inode == os.fstat(big[0].fileno()).st_ino and mine[0].bytes >= 2_500_000, mine
+        assert os.fstat(small[0].fileno()).st_ino in {h.inode for h in mine[1:]}, mine
+        limit_mib = 2_000_000 * 100 // 7 // MIB + 1  # 97 %: an excess over OVERLOAD of 2 MB
+        guard = MemoryGuard(limit_mib, LOG, read=lambda: int(0.97 * limit_mib * MIB), sockets=None)
+        assert guard.shed() == [mine[0]]
+        with pytest.raises(OSError) as aborted:
+            big[0].send(b"y")
+        assert aborted.value.errno == errno.ECONNABORTED
+        assert small[0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    finally:
+        inside.close()
+        here.close()

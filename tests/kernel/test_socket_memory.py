@@ -12,12 +12,8 @@ import json
 import os
 import subprocess
 import sys
-import time
-import uuid
 
-import pytest
-
-from nodeagent.capture.preflight import mount_table
+from kernel_sandbox import socket_charging_cgroup
 
 CHILD = r"""
 import fcntl, json, math, socket, struct, sys, termios
@@ -51,35 +47,8 @@ print(json.dumps({"where": where, "before": before, "after": after, "queued": qu
 """
 
 
-def _memory_cgroup() -> tuple[str, str]:
-    """(a throwaway cgroup directory to make, "v2" or "v1") of the hierarchy that has the
-    memory controller."""
-    mounts = mount_table()
-    for point, kind in mounts:
-        if kind == "cgroup2":
-            try:
-                controllers = open(os.path.join(point, "cgroup.controllers")).read().split()
-            except OSError:
-                continue
-            if "memory" in controllers:
-                return os.path.join(point, f"nodeagent-test-sock-{uuid.uuid4().hex[:8]}"), "v2"
-    for point, kind in mounts:
-        if kind == "cgroup" and os.path.exists(os.path.join(point, "memory.kmem.tcp.usage_in_bytes")):
-            return os.path.join(point, f"nodeagent-test-sock-{uuid.uuid4().hex[:8]}"), "v1"
-    pytest.fail("no memory cgroup controller on this machine (neither cgroup v2's nor v1's)")
-
-
 def test_the_guard_counts_socket_buffers_charged_to_its_cgroup():
-    path, version = _memory_cgroup()
-    os.mkdir(path)
-    try:
-        if version == "v2":
-            parent = os.path.dirname(path)
-            if "memory" not in open(os.path.join(parent, "cgroup.subtree_control")).read().split():
-                pytest.fail(f"{parent} does not hand the memory controller to its children")
-        else:
-            with open(os.path.join(path, "memory.kmem.tcp.limit_in_bytes"), "w") as f:
-                f.write("-1")  # turns TCP accounting on for this cgroup, without a limit
+    with socket_charging_cgroup() as path:
         procs = os.path.join(path, "cgroup.procs")
         proc = subprocess.run(["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', procs, sys.executable, "-c", CHILD],
                               capture_output=True, text=True, timeout=60)
@@ -90,12 +59,3 @@ def test_the_guard_counts_socket_buffers_charged_to_its_cgroup():
         assert seen["queued"] >= 4 << 20, seen  # four send queues full, nobody reading
         assert seen["after"] - seen["before"] >= seen["queued"], seen  # charged: the bytes and their skb overhead
         assert seen["with_sockets"] is True and seen["without"] is False, seen
-    finally:
-        for _ in range(50):  # the child's sockets are freed as it exits
-            try:
-                os.rmdir(path)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            os.rmdir(path)
