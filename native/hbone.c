@@ -45,6 +45,10 @@
 #define EVENTS 256
 #define BUCKETS 4096u              /* id hash buckets (chained) */
 #define READ_CHUNK 65536           /* TLS plaintext read at once */
+#define READ_ARENA 262144u         /* a read round's plaintext, kept while received DATA in it waits to
+                                    * be written straight from it (struct pend) */
+#define READ_MIN 16384u            /* room the arena must have left for another read: a TLS record */
+#define PEND_MAX 64                /* received DATA chunks waiting in the arena at most */
 #define OUT_FILL 65536u            /* nghttp2 output gathered before SSL_write */
 #define DOWN_BATCH 65536u          /* received DATA gathered before a write to the plain socket */
 #define TLS_IN 65536               /* ciphertext read(2) at once (OpenSSL's read-ahead buffer) */
@@ -101,6 +105,7 @@ struct stream {
     uint64_t up_held;              /* bytes of `up` counted in the send budget */
     struct stream *wprev, *wnext;  /* on the engine's list of streams the send budget stopped reading */
     bool budget_waits;             /* ... on it */
+    size_t pend_bytes;             /* received DATA of this stream still in the read arena (struct pend) */
     uint32_t status;               /* client: the response's :status */
     struct buf up, down;           /* socket -> peer, peer -> socket */
     uint64_t to_peer, from_peer;
@@ -157,6 +162,17 @@ struct nh_tls {
     SSL_CTX *ctx;
 };
 
+/* Received DATA of a relaying stream, still in the read round's plaintext (conn_read's
+ * arena): written to the stream's socket straight from there, gathered up to DOWN_BATCH,
+ * instead of copied into the stream's `down` first; only what the socket does not take is
+ * copied (pend_out). Entries live only within one conn_read: every other callback, the
+ * end of a stream and the end of the round write or copy them first (pend_flush). */
+struct pend {
+    struct stream *s;              /* NULL: taken already */
+    const uint8_t *p;
+    size_t n;
+};
+
 /* One budget's count: what all streams hold, and how many hold any. */
 struct tally {
     uint64_t held, peak;
@@ -192,6 +208,8 @@ struct nh_engine {
     struct tally received;         /* received DATA the streams hold (the receive budget's) */
     struct tally sent;             /* bytes read from the streams' sockets, not yet framed (the send budget's) */
     struct stream *budget_waiting; /* streams the send budget stopped reading (send_room 0) */
+    struct pend pend[PEND_MAX];    /* engine thread: received DATA waiting in the read arena */
+    int npend;
     struct nh_stats st;            /* counters: atomics */
 };
 
@@ -277,7 +295,7 @@ static void held_add(struct nh_engine *e, int64_t delta)
 
 static void stream_peak(struct stream *s)
 {
-    uint64_t mine = buf_avail(&s->up) + buf_avail(&s->down);
+    uint64_t mine = buf_avail(&s->up) + buf_avail(&s->down) + s->pend_bytes;
     if (mine > s->conn->e->st.stream_held_peak)
         ST_SET(s->conn->e, stream_held_peak, mine);
 }
@@ -602,6 +620,7 @@ static void mark_dirty(struct conn *c)
 /* --- streams ------------------------------------------------------------------------ */
 
 static void stream_update(struct stream *s);
+static void pend_copy(struct stream *s);
 
 static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t code, uint32_t status,
                        const char *reason)
@@ -610,6 +629,7 @@ static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t c
     struct nh_engine *e = c->e;
     if (s->ended)
         return;
+    pend_copy(s);                  /* its DATA still in the read arena: in `down` from here, as before */
     s->ended = true;
     /* Counted before the stream's socket ends (its FIN or RST can reach the app, which
      * may then read the stats), as conns_open is. */
@@ -693,6 +713,100 @@ static bool stream_write(struct stream *s)
         stream_consume(s, n);
     }
     return true;
+}
+
+/* --- received DATA written from the read arena (struct pend) ----------------------------- */
+
+/* `s`'s chunks in the arena, in order, into `iov` (their slots emptied); how many. */
+static int pend_take(struct stream *s, struct iovec *iov)
+{
+    struct nh_engine *e = s->conn->e;
+    int n = 0;
+    for (int i = 0; i < e->npend; i++) {
+        if (e->pend[i].s == s) {
+            iov[n].iov_base = (void *)e->pend[i].p;
+            iov[n++].iov_len = e->pend[i].n;
+            e->pend[i].s = NULL;
+        }
+    }
+    s->pend_bytes = 0;
+    return n;
+}
+
+/* What the socket did not take (from `skip` bytes into `iov`) copied into `down`. false when
+ * memory ran out: what could not be kept is uncounted and its window given back, as for a
+ * stream that ends with bytes in `down`; the caller ends the stream. */
+static bool pend_keep(struct stream *s, const struct iovec *iov, int n, size_t skip)
+{
+    size_t cap = s->down.cap, lost = 0;
+    for (int i = 0; i < n; i++) {
+        if (skip >= iov[i].iov_len) {
+            skip -= iov[i].iov_len;
+            continue;
+        }
+        if (lost || buf_append(&s->down, (const char *)iov[i].iov_base + skip, iov[i].iov_len - skip) < 0)
+            lost += iov[i].iov_len - skip;
+        skip = 0;
+    }
+    ST_ADD(s->conn->e, stream_buffers, (int64_t)(s->down.cap - cap));
+    ST_ADD(s->conn->e, received_copied, buf_avail(&s->down));  /* `down` was empty before: all of it */
+    if (!lost)
+        return true;
+    received_add(s, -(int64_t)lost);
+    if (s->conn->h2)
+        nghttp2_session_consume_connection(s->conn->h2, lost);
+    return false;
+}
+
+/* A stream that ends with chunks in the arena keeps them in `down` (stream_end then does
+ * what it always did with what `down` holds). */
+static void pend_copy(struct stream *s)
+{
+    struct iovec iov[PEND_MAX];
+    if (s->pend_bytes)
+        pend_keep(s, iov, pend_take(s, iov), 0);
+}
+
+/* `s`'s chunks go to its socket in one sendmsg, straight from the arena (nothing waits in
+ * `down` before them: on_data_chunk adds a chunk here only then); what the socket does not
+ * take is copied into `down`, which streams_write and EPOLLOUT drain as before. */
+static void pend_out(struct stream *s)
+{
+    struct iovec iov[PEND_MAX];
+    int n = pend_take(s, iov);
+    size_t done = 0;
+    if (n == 0)
+        return;
+    ssize_t w;
+    do
+        w = sendmsg(s->fd, &(struct msghdr){.msg_iov = iov, .msg_iovlen = (size_t)n}, MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    if (w < 0 && errno != EAGAIN) {
+        int err = errno;
+        pend_keep(s, iov, n, 0);
+        stream_end(s, NH_END_SOCKET, err, NGHTTP2_CANCEL, 0, "write to the socket failed");
+        return;
+    }
+    if (w > 0) {
+        done = (size_t)w;
+        s->from_peer += done;
+        ST_ADD(s->conn->e, bytes_from_peer, done);
+        ST_ADD(s->conn->e, received_direct, done);
+        received_add(s, -(int64_t)done);
+        stream_consume(s, done);
+    }
+    if (!pend_keep(s, iov, n, done))
+        stream_end(s, NH_END_SOCKET, ENOMEM, NGHTTP2_INTERNAL_ERROR, 0, "out of memory");
+}
+
+/* Every chunk still in the arena written (or copied): before any callback but DATA's runs,
+ * and before the arena is read into again or the read round ends. */
+static void pend_flush(struct nh_engine *e)
+{
+    for (int i = 0; i < e->npend; i++)
+        if (e->pend[i].s)
+            pend_out(e->pend[i].s);
+    e->npend = 0;
 }
 
 /* The stream's buffer of bytes read from its socket, allocated on first use. */
@@ -1285,6 +1399,10 @@ static void on_response(struct conn *c, struct stream *s)
 static int on_frame_recv(nghttp2_session *h2, const nghttp2_frame *frame, void *user)
 {
     struct conn *c = user;
+    uint8_t type = frame->hd.type;
+    if ((type == NGHTTP2_DATA && frame->hd.flags & NGHTTP2_FLAG_END_STREAM) || type == NGHTTP2_HEADERS
+        || type == NGHTTP2_RST_STREAM || type == NGHTTP2_GOAWAY)
+        pend_flush(c->e);  /* what a stream received goes out before what ends it is acted on */
     int32_t sid = frame->hd.stream_id;
     struct stream *s = sid ? nghttp2_session_get_stream_user_data(h2, sid) : NULL;
     switch (frame->hd.type) {
@@ -1361,10 +1479,30 @@ static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t sid, const 
         stream_end(s, NH_END_OVERLOAD, 0, NGHTTP2_CANCEL, 0, reason);
         return 0;
     }
+    struct nh_engine *e = s->conn->e;
+    if (s->relaying && s->fd >= 0 && e->npend == PEND_MAX)
+        pend_flush(e);
+    if (s->relaying && s->fd >= 0 && !buf_avail(&s->down)) {
+        /* nothing waits before it: kept in the arena, written from there (pend_out) */
+        struct pend *last = e->npend ? &e->pend[e->npend - 1] : NULL;
+        if (last && last->s == s && last->p + last->n == data)
+            last->n += len;        /* the rest of a frame whose start the last read gave */
+        else
+            e->pend[e->npend++] = (struct pend){.s = s, .p = data, .n = len};
+        s->pend_bytes += len;
+        s->active = true;
+        received_add(s, (int64_t)len);
+        stream_peak(s);
+        if (s->pend_bytes >= DOWN_BATCH)
+            pend_out(s);
+        mark_dirty(s->conn);
+        return 0;
+    }
     size_t cap = s->down.cap;
     if (buf_append(&s->down, data, len) < 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
-    ST_ADD(s->conn->e, stream_buffers, (int64_t)(s->down.cap - cap));
+    ST_ADD(e, stream_buffers, (int64_t)(s->down.cap - cap));
+    ST_ADD(e, received_copied, len);
     s->active = true;
     received_add(s, (int64_t)len);
     stream_peak(s);
@@ -1389,7 +1527,8 @@ static void streams_write(struct conn *c)
 
 static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void *user)
 {
-    (void)user;
+    struct conn *c = user;
+    pend_flush(c->e);
     struct stream *s = nghttp2_session_get_stream_user_data(h2, sid);
     if (!s || s->ended)
         return 0;
@@ -1774,15 +1913,24 @@ static bool mid_frame(const struct conn *c)
 
 static void conn_read(struct conn *c)
 {
-    static __thread uint8_t buf[READ_CHUNK];
+    /* The round's plaintext: received DATA is written to the streams' sockets from here
+     * (struct pend), so each read goes to the next free part until the arena is full. */
+    static __thread uint8_t arena[READ_ARENA];
+    size_t used = 0;
     while (!c->o.dead && !c->closing && c->state == S_H2) {
+        if (READ_ARENA - used < READ_MIN) {
+            pend_flush(c->e);
+            used = 0;
+        }
+        uint8_t *buf = arena + used;
         ERR_clear_error();
-        int n = SSL_read(c->ssl, buf, sizeof buf);
+        int n = SSL_read(c->ssl, buf, (int)MIN((size_t)READ_CHUNK, READ_ARENA - used));
         if (n <= 0) {
             int err = SSL_get_error(c->ssl, n);
             if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
                 break;
             int saved = errno;
+            pend_flush(c->e);
             streams_write(c);  /* what this round gathered goes out before the connection ends */
             errno = saved;
             if (c->in_hs_list) {
@@ -1804,6 +1952,7 @@ static void conn_read(struct conn *c)
             }
             return;
         }
+        used += (size_t)n;
         c->last_heard = now_ms();
         track_frames(c, buf, (size_t)n);
         stage_begin(c->e);
@@ -1817,12 +1966,14 @@ static void conn_read(struct conn *c)
             c->closing_code = rv == NGHTTP2_ERR_FLOODED ? NGHTTP2_ENHANCE_YOUR_CALM : NGHTTP2_PROTOCOL_ERROR;
             while (c->streams)
                 stream_end(c->streams, NH_END_CONN_LOST, 0, 0, 0, nghttp2_strerror((int)rv));
+            c->e->npend = 0;  /* what its streams had in the arena went with them (stream_end) */
             conn_flush(c);  /* the GOAWAY nghttp2 queued, best effort */
             if (!c->o.dead)
                 conn_end(c, NH_END_PROTOCOL, 0, c->closing_code, nghttp2_strerror((int)rv));
             return;
         }
     }
+    pend_flush(c->e);
     if (!c->o.dead)
         streams_write(c);
     mark_dirty(c);

@@ -198,6 +198,8 @@ struct nh_stats {
     uint64_t frames_direct;       /* DATA frames handed to TLS straight from their stream's buffer */
     uint64_t frames_copied;       /* DATA frames (or what TLS did not take of them) copied to the
                                    * connection's output, to wait for a full socket */
+    uint64_t received_direct;     /* received DATA written to its stream's socket straight from the read */
+    uint64_t received_copied;     /* ... copied to the stream's buffer first (its socket was full) */
     uint64_t stream_buffers;      /* bytes allocated to the streams' buffers (both ways), now */
     uint64_t buffers_released;    /* buffers of idle streams released (see Memory) */
     uint64_t lingering;           /* sockets of ended connections reading until the peer's EOF, now */

@@ -309,8 +309,10 @@ int main(int argc, char **argv)
         if (st.stream_buffers == 0)
             break;
     }
-    CHECK(st.stream_buffers == 0 && st.buffers_released >= 2, "idle buffers kept: %lu bytes",
-          (unsigned long)st.stream_buffers);
+    /* at least the client's socket side; the server wrote what it received from the read
+     * (struct pend) and needed a buffer only for what its app did not take at once */
+    CHECK(st.stream_buffers == 0 && st.buffers_released >= 1, "idle buffers kept: %lu bytes, %lu released",
+          (unsigned long)st.stream_buffers, (unsigned long)st.buffers_released);
     CHECK(transfer(server_app[0], app, 256 << 10, 13) == 256 << 10, "down");
     const struct nh_event *end = wait_event(NH_EV_STREAM_END, 0, (uint64_t)s1);
     CHECK(end->how == NH_END_CLOSED && end->to_peer == 1 << 20 && end->from_peer == 256 << 10, "client end %u", end->how);
