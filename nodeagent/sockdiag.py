@@ -90,7 +90,10 @@ def destroy(holder: Holder) -> int:
     """Reset the socket (SOCK_DESTROY) in the netns it lives in; 0, or the errno the
     kernel answered (ENOENT: it closed meanwhile; EOPNOTSUPP: a kernel without
     CONFIG_INET_DIAG_DESTROY; EPERM)."""
-    ns = _netns_of(holder.fd, holder.inode) if holder.fd >= 0 else None
+    try:
+        ns = _netns_of(holder.fd, holder.inode) if holder.fd >= 0 else None
+    except OSError as exc:
+        return exc.errno or errno.EIO
     if holder.fd >= 0 and ns is None:
         return errno.ENOENT  # its descriptor is closed, or names another socket now
     request = REQ.pack(holder.family, socket.IPPROTO_TCP, 0, ALL_BUT_LISTEN) + holder.sockid
@@ -106,28 +109,42 @@ def destroy(holder: Holder) -> int:
 
 
 def _netns_of(fd: int, inode: int) -> int | None:
-    """A new descriptor of the netns of socket `fd`, when `fd` is still socket `inode`."""
+    """A new descriptor of the netns of socket `fd`, when `fd` is still socket `inode`
+    (None when it was closed meanwhile). OSError when the kernel refuses to say (SIOCGSKNS
+    needs CAP_NET_ADMIN): without it no socket would be found, and shedding would do
+    nothing without a word."""
     try:
         if os.fstat(fd).st_ino != inode:
             return None
-        return fcntl.ioctl(fd, SIOCGSKNS)
     except OSError:
-        return None
+        return None  # closed meanwhile
+    try:
+        return fcntl.ioctl(fd, SIOCGSKNS)
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            return None  # closed meanwhile
+        raise OSError(exc.errno, f"cannot find the network namespace of a socket (SIOCGSKNS: "
+                                 f"{os.strerror(exc.errno or errno.EIO)}; the agent needs CAP_NET_ADMIN)") from None
 
 
 def _namespaces(sockets: dict[int, int]) -> list[int]:
     """A descriptor of each netns `sockets` live in (the caller closes them)."""
     seen: dict[tuple[int, int], int] = {}
-    for inode, fd in sockets.items():
-        ns = _netns_of(fd, inode)
-        if ns is None:
-            continue  # closed meanwhile, or not a socket with a netns
-        st = os.fstat(ns)
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
+    try:
+        for inode, fd in sockets.items():
+            ns = _netns_of(fd, inode)
+            if ns is None:
+                continue  # closed meanwhile
+            st = os.fstat(ns)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                os.close(ns)
+            else:
+                seen[key] = ns
+    except OSError:
+        for ns in seen.values():
             os.close(ns)
-        else:
-            seen[key] = ns
+        raise
     return list(seen.values())
 
 

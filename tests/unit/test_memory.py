@@ -324,3 +324,41 @@ def test_when_the_resident_part_is_what_is_high_only_what_sockets_hold_is_shed()
     guard = MemoryGuard(100, LOG, read=lambda: resident, sockets=("test", lambda: 3 << 20),
                         holders=socks.holders, destroy=socks.destroy)
     assert [h.bytes >> 10 for h in guard.shed()] == [2048, 2048] and len(socks.reset) == 2
+
+
+def test_a_kernel_that_will_not_name_a_sockets_netns_turns_shedding_off_and_says_so(monkeypatch, caplog):
+    """sockdiag finds each socket's netns with SIOCGSKNS, which needs CAP_NET_ADMIN: refused,
+    no socket would ever be found and shedding would do nothing without a word. The
+    watch turns it off with a warning instead, and no netns descriptor is left open."""
+    import os
+    import socket
+    from nodeagent import sockdiag
+
+    def refuse(fd, request, *args):
+        if request == sockdiag.SIOCGSKNS:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        raise AssertionError(f"unexpected ioctl {request:#x}")
+    monkeypatch.setattr(sockdiag.fcntl, "ioctl", refuse)
+    usage = [99 << 20]
+    guard = MemoryGuard(100, LOG, read=lambda: usage[0], sockets=None)
+
+    async def main():
+        watching = asyncio.create_task(guard.watch(0.01))
+        for _ in range(200):
+            if guard.shedding != "on":
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(watching, 1)  # off: the watch ends
+    pair = socket.socketpair()  # a socket to find the netns of, whatever else the process holds
+    try:
+        with caplog.at_level(logging.WARNING):
+            before = len(os.listdir("/proc/self/fd"))
+            asyncio.run(main())
+            assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        for sock in pair:
+            sock.close()
+    assert guard.shedding.startswith("off: cannot find the network namespace of a socket (SIOCGSKNS: "
+                                     "Operation not permitted; the agent needs CAP_NET_ADMIN)"), guard.shedding
+    assert caplog.text.count("cannot read the sockets' memory (sock_diag)") == 1
+    assert guard.shed_sockets == 0
