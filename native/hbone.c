@@ -58,6 +58,8 @@
                                     * carries them (send_data_cb) */
 #define FRAME_SMALL 16375u         /* DATA payload that never grows nghttp2's frame buffer (data_length_cb) */
 #define EARLY_MAX 16384u           /* client: the first bytes sent with the CONNECT, before its answer */
+#define UP_FIRST 16384u            /* a stream's first socket-side buffer; it grows (x4) each time a
+                                    * read fills it, up to stream_buffer (up_grow) */
 #define MAX_HEADERS 16384u         /* MAX_HEADER_LIST_SIZE, as tunnel/h2conn.py */
 #define MAX_URI 512
 #define STREAM_IDLE_MS 2000u       /* a stream that moved nothing for a tick (at most half this) gives
@@ -809,18 +811,38 @@ static void pend_flush(struct nh_engine *e)
     e->npend = 0;
 }
 
-/* The stream's buffer of bytes read from its socket, allocated on first use. */
+/* The stream's buffer of bytes read from its socket, allocated on first use: small (a
+ * request, an answer, an early peek need no more), grown by up_room for a stream that
+ * moves more. */
 static bool up_ready(struct stream *s)
 {
     if (s->up.cap == 0) {
-        s->up.p = malloc(UP_HEAD + s->conn->e->cfg.stream_buffer);
+        size_t cap = UP_HEAD + MIN(UP_FIRST, s->conn->e->cfg.stream_buffer);
+        s->up.p = malloc(cap);
         if (!s->up.p)
             return false;
-        s->up.cap = UP_HEAD + s->conn->e->cfg.stream_buffer;
+        s->up.cap = cap;
         ST_ADD(s->conn->e, stream_buffers, s->up.cap);
         s->up.off = s->up.len = s->up.head = UP_HEAD;
     }
     return true;
+}
+
+/* A read filled `up`: the socket likely holds more, so the next read gets more room (x4, up
+ * to stream_buffer). Out of memory: it stays as it is. */
+static void up_grow(struct stream *s)
+{
+    struct buf *up = &s->up;
+    size_t max = UP_HEAD + s->conn->e->cfg.stream_buffer;
+    if (up->cap >= max)
+        return;
+    size_t cap = MIN(up->cap * 4, max);
+    char *p = realloc(up->p, cap);
+    if (!p)
+        return;
+    ST_ADD(s->conn->e, stream_buffers, (int64_t)(cap - up->cap));
+    up->p = p;
+    up->cap = cap;
 }
 
 /* `n` bytes more in `up`: counted, and HTTP/2 may send them. */
@@ -863,6 +885,8 @@ static void stream_read(struct stream *s)
         s->up_eof = true;
     s->active = true;
     s->up.len += n;
+    if (s->up.len == s->up.cap)
+        up_grow(s);                /* filled: the next read may take more */
     up_added(s, (size_t)n);
 }
 

@@ -65,8 +65,9 @@
  *   app's writes wait in the kernel) until its peer takes some or all together hold under
  *   half again.
  *
- * Memory: a stream's buffers are allocated when bytes come (up to stream_buffer from its
- *   socket; what the peer sends, up to its window) and released, empty, once the stream
+ * Memory: a stream's buffers are allocated when bytes come (from its socket: 16 KiB, grown
+ *   x4 each time a read fills it, up to stream_buffer; what the peer sends only when the
+ *   socket does not take it at once, up to its window) and released, empty, once the stream
  *   has moved no byte for a whole tick (a second or two), so an idle keep-alive stream
  *   holds no buffer; the freed memory goes back to the system (malloc_trim) once a tick
  *   has released a few MiB.
