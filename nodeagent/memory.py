@@ -49,7 +49,10 @@ stalled app has not read wait in the agent's send queues (20 connections to an a
 never reads held 70.7 MiB in the destination agent's delivery sockets while autotuning
 grew them to 4 MiB each; those toward a pod's app now hold at most 512 KiB: inpod's
 LOCAL_BUFFER), and under cgroup v2 they count against the container's limit like any
-other memory. A reading is kept for INTERVAL, so a flood of accepts
+other memory; and what the relays hold in pipes (the native engine splices each
+direction through a pipe of up to 256 KiB, whose pages are the kernel's: a same-node
+connection to an app that stopped reading keeps its pipe full). A reading is kept for
+INTERVAL, so a flood of accepts
 costs one reading per INTERVAL, and an agent nobody connects to reads nothing. The
 limit is the setting `memory_limit_mib` (the DaemonSet passes its container's limit
 through the downward API); without one the guard is off and status says so.
@@ -253,10 +256,13 @@ class MemoryGuard:
                  read: Callable[[], int] = tree_resident, sockets: object = DISCOVER,
                  clock: Callable[[], float] = time.monotonic,
                  holders: Callable[[], list[sockdiag.Holder]] | None = None,
-                 destroy: Callable[[sockdiag.Holder], int] = sockdiag.destroy):
+                 destroy: Callable[[sockdiag.Holder], int] = sockdiag.destroy,
+                 pipes: Callable[[], int] | None = None):
         """`sockets`: socket_charge()'s (where, reader), None for none; by default found.
         `holders`, `destroy`: the TCP sockets to shed, most memory first, and how to
-        reset one (sockdiag's for this process, by default)."""
+        reset one (sockdiag's for this process, by default). `pipes`: bytes the relays hold
+        in pipes (the native engine's splice), which are kernel pages neither resident
+        memory nor the socket charge shows; the DataPath sets it once its engine runs."""
         self.holdings = Holdings(per_pod, log, clock)
         self.limit = limit_mib * MIB if limit_mib else None
         self.log = log
@@ -264,6 +270,8 @@ class MemoryGuard:
         self.sockets = socket_charge() if sockets is DISCOVER else sockets
         self.usage: int | None = None  # bytes at the last reading: resident and socket buffers
         self.socket_usage: int | None = None  # ... of which socket buffers (None: not read)
+        self.pipes = pipes
+        self.pipe_usage = 0  # ... and of which relay pipes
         self.peak = 0
         self._read_at: float | None = None
         self.over = False
@@ -289,7 +297,8 @@ class MemoryGuard:
             return
         self._read_at = now
         self.socket_usage = self.sockets[1]() if self.sockets else None
-        self.usage = usage = self.read() + (self.socket_usage or 0)
+        self.pipe_usage = self.pipes() if self.pipes else 0
+        self.usage = usage = self.read() + (self.socket_usage or 0) + self.pipe_usage
         self.peak = max(self.peak, usage)
         if self.limit is None:
             return
@@ -409,6 +418,7 @@ class MemoryGuard:
         self._sample()  # a fresh reading (at most one per INTERVAL)
         return {"limit_bytes": self.limit, "usage_bytes": self.usage, "peak_bytes": self.peak,
                 "socket_bytes": self.socket_usage, "socket_source": self.sockets[0] if self.sockets else None,
+                "pipe_bytes": self.pipe_usage,
                 "overloaded": self.over, "overload_episodes": self.episodes,
                 "overload_at": OVERLOAD, "recover_at": RECOVER, "full_at": FULL,
                 "connections_held": self.holdings.total, "per_pod_cap": self.holdings.cap,

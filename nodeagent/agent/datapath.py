@@ -89,7 +89,8 @@ class DataPath:
         self.connections = InboundConnections(lambda: self.policies.current, pod_at, waypoint, registry,
                                               log.getChild("inbound"))
         self.splicer = Splicer(c.data_path_engine, log.getChild("relay"))
-        self.memory = MemoryGuard(c.memory_limit_mib, log.getChild("memory"), per_pod=c.max_connections_per_pod)
+        self.memory = MemoryGuard(c.memory_limit_mib, log.getChild("memory"), per_pod=c.max_connections_per_pod,
+                                  pipes=self._pipe_bytes)
         inputs = ProxyInputs(model=model, pod_at=pod_at, policies=self.policies, identities=self.identities,
                              telemetry=self.telemetry, connections=self.connections, waypoint=waypoint,
                              metrics=metrics, agent_ports=frozenset({c.outbound_port, c.inbound_port,
@@ -185,6 +186,12 @@ class DataPath:
                 "memory": {**self.memory.describe(), "most_held": self._most_held()},
                 "waypoint": {**self.waypoint.describe(), "jwks": self.jwks.describe()}
                 if self.waypoint is not None else None}
+
+    def _pipe_bytes(self) -> int:
+        """What the native relay engine's pipes hold now (kernel pages: the memory guard
+        adds them to its reading)."""
+        engine = self.splicer.engine
+        return engine.stats()["bytes_held"] if engine is not None else 0
 
     def _most_held(self) -> list[dict]:
         """The three local pods the agent relays the most connections for (who a memory

@@ -173,6 +173,8 @@ def _memory_line(memory: dict[str, Any] | None) -> list[str]:
     usage, limit, peak = memory["usage_bytes"] >> 20, memory["limit_bytes"], memory["peak_bytes"] >> 20
     sockets = (f"{memory['socket_bytes'] >> 20} MiB of it socket buffers" if memory.get("socket_bytes") is not None
                else "socket buffers not read: no memory cgroup")
+    if memory.get("pipe_bytes"):
+        sockets += f", {memory['pipe_bytes'] >> 10} KiB in relay pipes"
     if limit is None:
         line = (f"MEMORY: agent and waypoint {usage} MiB resident and in socket buffers ({sockets}, peak {peak}); "
                 "no limit (memory_limit_mib=off)")

@@ -141,7 +141,7 @@ def test_without_a_limit_nothing_is_refused_and_status_still_reads():
     guard = MemoryGuard(None, LOG, read=read, sockets=None)
     assert not guard.overloaded() and count[0] == 0
     assert guard.describe() == {"limit_bytes": None, "usage_bytes": 10 << 30, "peak_bytes": 10 << 30,
-                                "socket_bytes": None, "socket_source": None,
+                                "socket_bytes": None, "socket_source": None, "pipe_bytes": 0,
                                 "overloaded": False, "overload_episodes": 0, "overload_at": 0.9,
                                 "recover_at": 0.85, "full_at": 0.95, "connections_held": 0, "per_pod_cap": None,
                                 "shedding": None, "shed_sockets": 0, "shed_bytes": 0}
@@ -362,3 +362,20 @@ def test_a_kernel_that_will_not_name_a_sockets_netns_turns_shedding_off_and_says
                                      "Operation not permitted; the agent needs CAP_NET_ADMIN)"), guard.shedding
     assert caplog.text.count("cannot read the sockets' memory (sock_diag)") == 1
     assert guard.shed_sockets == 0
+
+
+def test_what_the_relays_hold_in_pipes_counts_toward_the_limit():
+    """The native relay engine splices each direction through a pipe whose pages are the
+    kernel's: neither resident memory nor the socket charge shows them, and a same-node
+    connection to an app that stopped reading keeps its pipe full. 80 MiB resident and
+    6 MiB in sockets are under the 90 % mark of 100 MiB; 4 MiB more in pipes are not."""
+    pipes = [0]
+    guard = MemoryGuard(100, LOG, read=lambda: 80 << 20, sockets=("test", lambda: 6 << 20), pipes=lambda: pipes[0],
+                        clock=iter(range(0, 10**6, 1)).__next__)
+    assert not guard.overloaded()
+    pipes[0] = 4 << 20
+    assert guard.overloaded()
+    memory = guard.describe()
+    assert (memory["usage_bytes"], memory["socket_bytes"], memory["pipe_bytes"]) == (90 << 20, 6 << 20, 4 << 20)
+    assert "MEMORY: OVERLOADED, 90 MiB of the 100 MiB limit (90 %, 6 MiB of it socket buffers, 4096 KiB in relay " \
+           "pipes, peak 90)" in "\n".join(status._memory_line(memory))
