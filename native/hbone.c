@@ -812,7 +812,7 @@ static void pend_flush(struct nh_engine *e)
 }
 
 /* The stream's buffer of bytes read from its socket, allocated on first use: small (a
- * request, an answer, an early peek need no more), grown by up_room for a stream that
+ * request, an answer, an early peek need no more), grown by up_grow for a stream that
  * moves more. */
 static bool up_ready(struct stream *s)
 {
@@ -1504,8 +1504,13 @@ static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t sid, const 
         return 0;
     }
     struct nh_engine *e = s->conn->e;
-    if (s->relaying && s->fd >= 0 && e->npend == PEND_MAX)
+    if (s->relaying && s->fd >= 0 && e->npend == PEND_MAX) {
         pend_flush(e);
+        if (s->ended) {            /* its own write failed in the flush */
+            nghttp2_session_consume(h2, sid, len);
+            return 0;
+        }
+    }
     if (s->relaying && s->fd >= 0 && !buf_avail(&s->down)) {
         /* nothing waits before it: kept in the arena, written from there (pend_out) */
         struct pend *last = e->npend ? &e->pend[e->npend - 1] : NULL;
