@@ -262,7 +262,8 @@ class MemoryGuard:
         `holders`, `destroy`: the TCP sockets to shed, most memory first, and how to
         reset one (sockdiag's for this process, by default). `pipes`: bytes the relays hold
         in pipes (the native engine's splice), which are kernel pages neither resident
-        memory nor the socket charge shows; the DataPath sets it once its engine runs."""
+        memory nor the socket charge shows (the DataPath passes its relay engine's count, 0
+        until that engine runs)."""
         self.holdings = Holdings(per_pod, log, clock)
         self.limit = limit_mib * MIB if limit_mib else None
         self.log = log

@@ -75,12 +75,13 @@ def holders(sockets: dict[int, int] | None = None) -> list[Holder]:
     """This process's TCP sockets (of `sockets`, own_sockets()'s by default) in every
     netns they live in, most memory first."""
     sockets = own_sockets() if sockets is None else sockets
-    out = []
-    for ns in _namespaces(sockets):
-        try:
+    out, spaces = [], _namespaces(sockets)
+    try:
+        for ns in spaces:
             with _netlink(ns) as nl:
                 out += _dump(nl, sockets)
-        finally:
+    finally:
+        for ns in spaces:
             os.close(ns)
     out.sort(key=lambda h: h.bytes, reverse=True)
     return out
