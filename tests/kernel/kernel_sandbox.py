@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import inspect
 import json
 import os
 import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +129,28 @@ def our_programs(cgroup: str) -> dict[str, list[int]]:
                 for spec in CGROUP_PROGRAMS}
     finally:
         os.close(fd)
+
+
+# ---- sockets ----
+
+FILL_CHUNK = 65536  # bytes `fill` writes at a time
+
+
+def fill(sock: socket.socket) -> int:
+    """Write to `sock` (made non-blocking) until the kernel takes no more; what waits in
+    its send queue. Child processes of the tests run it from FILL_SOURCE."""
+    sock.setblocking(False)
+    chunk = b"x" * FILL_CHUNK
+    try:
+        while True:
+            sock.send(chunk)
+    except BlockingIOError:
+        pass
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+# `fill` for a child process's source (`python -c`), with what it imports
+FILL_SOURCE = f"import fcntl, socket, struct, termios\nFILL_CHUNK = {FILL_CHUNK}\n{inspect.getsource(fill)}"
 
 
 # ---- network namespaces ----

@@ -16,6 +16,7 @@ import struct
 import termios
 from contextlib import ExitStack
 
+from kernel_sandbox import FILL_CHUNK, fill
 from nodeagent import netns
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.inpod.sockets import ListenSpec, PodContext
@@ -25,21 +26,10 @@ from nodeagent.model import Pod
 APP = ("127.0.0.1", 8080)
 CLIENT = ("127.0.0.2", 40001)
 MARK = 0x539
-CHUNK = b"x" * 65536
+CHUNK = b"x" * FILL_CHUNK
 # The kernel doubles the size it is given, and takes a write while what is queued is
 # under that: the last write may go past it by up to its own size (one CHUNK).
 BOUND = 2 * inpod.LOCAL_BUFFER + len(CHUNK)
-
-
-def fill(sock: socket.socket) -> int:
-    """Write to `sock` until the kernel takes no more; what waits in its send queue."""
-    sock.setblocking(False)
-    try:
-        while True:
-            sock.send(CHUNK)
-    except BlockingIOError:
-        pass
-    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
 def stalled_receive(writer: socket.socket, reader: socket.socket) -> int:

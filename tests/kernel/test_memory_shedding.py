@@ -18,20 +18,16 @@ import time
 
 import pytest
 
+from kernel_sandbox import FILL_SOURCE
 from nodeagent import sockdiag
 from nodeagent.memory import MIB, SHED_FLOOR, MemoryGuard
 
 LOG = logging.getLogger("test.shedding")
-OTHER = r"""
-import socket, sys
+OTHER = FILL_SOURCE + r"""
+import sys
 client = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-client.setblocking(False)
-try:
-    while True:
-        client.send(b"z" * 65536)
-except BlockingIOError:
-    pass
+fill(client)
 print("full", flush=True)
 sys.stdin.read()
 """

@@ -13,10 +13,10 @@ import os
 import subprocess
 import sys
 
-from kernel_sandbox import socket_charging_cgroup
+from kernel_sandbox import FILL_SOURCE, socket_charging_cgroup
 
-CHILD = r"""
-import fcntl, json, math, socket, struct, sys, termios
+CHILD = FILL_SOURCE + r"""
+import json, math, sys
 from nodeagent.memory import MIB, MemoryGuard, socket_charge, tree_resident
 import logging
 where, read = socket_charge()
@@ -26,13 +26,7 @@ listener = socket.create_server(("127.0.0.1", 0))
 for _ in range(4):
     client = socket.create_connection(listener.getsockname())
     server, _ = listener.accept()  # never read
-    client.setblocking(False)
-    try:
-        while True:
-            client.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    outq = struct.unpack("i", fcntl.ioctl(client, termios.TIOCOUTQ, b"\0" * 4))[0]
+    outq = fill(client)
     inq = struct.unpack("i", fcntl.ioctl(server, termios.FIONREAD, b"\0" * 4))[0]
     queued += outq + inq
     pairs.append((client, server))
