@@ -42,6 +42,8 @@ struct dir {                       /* one direction: read from fd[i], written to
     uint32_t held;                 /* bytes read and not yet written */
     uint64_t moved;                /* bytes written */
     bool copy;                     /* read/write instead of splice */
+    bool blocked;                  /* its last write found the out socket full */
+    bool more;                     /* stopped by the round's budget: pumped again next round */
     bool eof;                      /* the reading side sent FIN */
     bool done;                     /* ... and it was passed on */
 };
@@ -57,6 +59,7 @@ struct relay {
     int fd[2];                     /* a, b */
     struct dir dir[2];             /* a -> b, b -> a */
     struct side side[2];
+    bool out_armed[2];             /* EPOLLOUT asked for on fd[i]: dir[1 - i] waits to write */
     bool registered, ended, ready, abort_requested;
     struct relay *next;            /* add queue, then ready list or graveyard */
 };
@@ -91,7 +94,7 @@ struct na_engine {
 
     /* counters: written with atomics, read by na_engine_stats from any thread */
     uint64_t relays_total, relays_ended, relays_failed, relays_aborted;
-    uint64_t bytes[2], bytes_held, copy_directions, pipes;
+    uint64_t bytes[2], bytes_held, copy_directions, pipes, wakeups;
 };
 
 #define ADD(field, n) __atomic_add_fetch(&(field), (n), __ATOMIC_RELAXED)
@@ -278,6 +281,7 @@ void na_engine_stats(const struct na_engine *e, struct na_stats *out)
     out->bytes_held = LOAD(m->bytes_held);
     out->copy_directions = LOAD(m->copy_directions);
     out->pipes = LOAD(m->pipes);
+    out->wakeups = LOAD(m->wakeups);
     out->max_relays = e->config.max_relays;
     out->pipe_size = e->config.pipe_size;
     out->flags = e->config.flags;
@@ -489,6 +493,7 @@ static int pump(struct na_engine *e, struct relay *r, int i, uint64_t *budget)
         bool progress = false;
         if (d->held > 0) {
             ssize_t n = write_out(d, out);
+            d->blocked = n < 0 && errno == EAGAIN;
             if (n > 0) {
                 d->held -= (uint32_t)n;
                 d->moved += (uint64_t)n;
@@ -545,6 +550,7 @@ static int pump(struct na_engine *e, struct relay *r, int i, uint64_t *budget)
         if (!progress)
             break;
         if (*budget == 0) {
+            d->more = true;
             if (!r->ready) {  /* more next round, after the other relays */
                 r->ready = true;
                 r->next = e->ready;
@@ -596,9 +602,12 @@ static void end_relay(struct na_engine *e, struct relay *r, uint32_t how, int er
     }
 }
 
-static void pump_relay(struct na_engine *e, struct relay *r)
+/* Pump the directions in `dirs` (bit i: direction i), then end the relay if both are done. */
+static void pump_relay(struct na_engine *e, struct relay *r, unsigned dirs)
 {
     for (int i = 0; i < 2 && !r->ended; i++) {
+        if (!(dirs & (1u << i)))
+            continue;
         uint64_t budget = e->round;  /* each direction its own: a stream one way cannot starve the other */
         int err = pump(e, r, i, &budget);
         if (err)
@@ -608,25 +617,63 @@ static void pump_relay(struct na_engine *e, struct relay *r)
         end_relay(e, r, NA_END_CLOSED, 0);
 }
 
+/* Interest in EPOLLOUT on fd[k] on or off. */
+static void set_out(struct na_engine *e, struct relay *r, int k, bool on)
+{
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET | (on ? EPOLLOUT : 0), .data.ptr = &r->side[k]};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, r->fd[k], &ev) < 0) {
+        end_relay(e, r, NA_END_ERROR, errno);
+        return;
+    }
+    r->out_armed[k] = on;
+}
+
+/* EPOLLOUT is asked for on a socket once the direction writing to it found it full, and
+ * given up at the first writable event with nothing to write: a relay whose writes are
+ * taken at once (requests and answers) never wakes for writability, where every read by
+ * the peer (a unix socket's above all) made its socket writable again, and a bulk relay
+ * that keeps filling its peer keeps the interest rather than changing it each time.
+ * Edge-triggered, and EPOLL_CTL_MOD polls the socket, so one that became writable
+ * before the MOD is still reported. */
+static void arm(struct na_engine *e, struct relay *r)
+{
+    for (int k = 0; k < 2 && !r->ended; k++) {
+        const struct dir *d = &r->dir[1 - k];
+        if (!r->out_armed[k] && d->blocked && d->held > 0 && !d->done)
+            set_out(e, r, k, true);
+    }
+}
+
+/* An event on fd[s]: readable (or closed, or failed) pumps the direction reading it;
+ * writable pumps the direction writing to it, if that one holds bytes. */
 static void on_event(struct na_engine *e, struct side *s, uint32_t events)
 {
     struct relay *r = s->relay;
     if (r->ended)
         return;
-    pump_relay(e, r);
+    int i = s->index;
+    unsigned dirs = 0;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        dirs |= 1u << i;
+    if ((events & (EPOLLHUP | EPOLLERR)) || ((events & EPOLLOUT) && r->dir[1 - i].held > 0))
+        dirs |= 1u << (1 - i);
+    else if ((events & EPOLLOUT) && r->out_armed[i])
+        set_out(e, r, i, false);  /* writable with nothing to write: no more of these */
+    pump_relay(e, r, dirs);
     /* A reset seen while that side is not read (FIN already taken, or its direction full):
      * pass it on now rather than when the other side next writes. */
     if (!r->ended && (events & EPOLLERR)) {
-        int err = sock_error(r->fd[s->index]);
+        int err = sock_error(r->fd[i]);
         if (err)
             end_relay(e, r, NA_END_ERROR, err);
     }
+    arm(e, r);
 }
 
 static void register_relay(struct na_engine *e, struct relay *r)
 {
     for (int i = 0; i < 2; i++) {
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &r->side[i]};
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &r->side[i]};
         if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, r->fd[i], &ev) < 0) {
             int err = errno;
             if (i == 1)
@@ -689,10 +736,14 @@ static void run_ready(struct na_engine *e, struct relay *list)
         struct relay *r = list;
         list = r->next;
         r->ready = false;
-        if (r->ended)
+        if (r->ended) {
             free(r);  /* ended while waiting here: not in the graveyard */
-        else
-            pump_relay(e, r);
+            continue;
+        }
+        unsigned dirs = (r->dir[0].more ? 1u : 0u) | (r->dir[1].more ? 2u : 0u);
+        r->dir[0].more = r->dir[1].more = false;
+        pump_relay(e, r, dirs);
+        arm(e, r);
     }
 }
 
@@ -726,6 +777,8 @@ static void *engine_main(void *arg)
             pthread_mutex_unlock(&e->lock);
             break;
         }
+        if (n > 0)
+            ADD(e->wakeups, 1);
         struct relay *ready = e->ready;
         e->ready = NULL;
         bool woken = false;

@@ -142,6 +142,48 @@ def test_the_native_engine_holds_at_most_pipe_size_per_direction(pipe_size):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("kind", ["unix", "tcp-unix"])
+@pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
+def test_the_native_engine_wakes_once_per_message_not_per_read_of_its_peer(kind, copy):
+    """Requests and answers one at a time (the waypoint's pattern: its sockets are unix):
+    the engine wakes for each message it is to move, and not again when a peer reads what
+    it wrote (a unix socket's every read makes its peer writable: waking on that, the
+    engine pumped both directions for nothing, about twice the wake-ups)."""
+    require_native()
+    rounds, request, answer = 50, b"GET / HTTP/1.1\r\n\r\n" * 5, b"HTTP/1.1 200 OK\r\n\r\n" * 8
+
+    async def exchange(loop, client, server) -> None:
+        await loop.sock_sendall(client, request)
+        assert await _recv_exactly(server, len(request)) == request
+        await loop.sock_sendall(server, answer)
+        assert await _recv_exactly(client, len(answer)) == answer
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with splicer("native", copy_only=copy) as s:
+            client, server, task = await _relay(s, kind)
+            await exchange(loop, client, server)  # the relay is registered and has moved bytes
+            before = s.engine.stats()["wakeups"]
+            for _ in range(rounds):
+                await exchange(loop, client, server)
+            woken = s.engine.stats()["wakeups"] - before
+            client.close()
+            server.close()
+            result = await asyncio.wait_for(task, 5)
+            assert (result.a_to_b, result.b_to_a) == ((rounds + 1) * len(request), (rounds + 1) * len(answer))
+            assert woken <= 2 * rounds, f"{woken} wake-ups for {2 * rounds} messages"
+    asyncio.run(main())
+
+
+async def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    loop, got = asyncio.get_running_loop(), b""
+    while len(got) < size:
+        chunk = await loop.sock_recv(sock, size - len(got))
+        assert chunk, f"EOF after {len(got)} of {size} bytes"
+        got += chunk
+    return got
+
+
 def test_many_relays_at_once(engine):
     count = 100  # 4 descriptors each, under a default limit of 1024
 
