@@ -215,8 +215,12 @@ struct nh_engine {
     struct nh_stats st;            /* counters: atomics */
 };
 
-#define ST_ADD(e, f, n) __atomic_fetch_add(&(e)->st.f, (n), __ATOMIC_RELAXED)
-#define ST_SET(e, f, v) __atomic_store_n(&(e)->st.f, (v), __ATOMIC_RELAXED)
+/* Release/acquire (plain instructions on x86): a reader (nh_engine_stats, loading the
+ * fields in struct order) that sees one update sees every update the engine made before
+ * it, so a count moved before another (streams_open before the socket ends,
+ * buffers_released before stream_buffers falls) is never seen behind it. */
+#define ST_ADD(e, f, n) __atomic_fetch_add(&(e)->st.f, (n), __ATOMIC_RELEASE)
+#define ST_SET(e, f, v) __atomic_store_n(&(e)->st.f, (v), __ATOMIC_RELEASE)
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
 static uint64_t now_ms(void)
@@ -2302,9 +2306,10 @@ static void release_idle_buffers(struct conn *c)
         struct buf *bufs[] = {&s->up, &s->down};
         for (size_t i = 0; i < 2; i++) {
             if (bufs[i]->cap && !buf_avail(bufs[i])) {
+                /* counted before stream_buffers falls: a reader that sees it fall sees this */
+                ST_ADD(e, buffers_released, 1);
                 e->released_untrimmed += bufs[i]->cap;
                 stream_buf_free(e, bufs[i]);
-                ST_ADD(e, buffers_released, 1);
             }
         }
     }
@@ -2888,8 +2893,8 @@ void nh_engine_stats(struct nh_engine *e, struct nh_stats *out)
 {
     uint64_t *dst = (uint64_t *)out, *src = (uint64_t *)&e->st;
     for (size_t i = 0; i < offsetof(struct nh_stats, fatal) / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
-    out->fatal = __atomic_load_n(&e->st.fatal, __ATOMIC_RELAXED);
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_ACQUIRE);
+    out->fatal = __atomic_load_n(&e->st.fatal, __ATOMIC_ACQUIRE);
     out->pad = 0;
 }
 
