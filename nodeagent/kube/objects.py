@@ -132,6 +132,23 @@ def object_from_dict(doc: Any, source: str, default_namespace: str = "default") 
     return KubeObject(api_version, kind, name, namespace, doc, source, labels, annotations)
 
 
+# libyaml's parser (PyYAML's C binding) with the same safe constructors: 10k Pod documents
+# parse in ~1/10 of the pure-Python SafeLoader's time. PyYAML without libyaml falls back.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_all(text: str) -> list[Any]:
+    """Every document of a YAML stream, safely: libyaml's parser, and on an error the
+    pure-Python one again for its words (it names the character it found, a tab say,
+    where libyaml only says what it could not do)."""
+    try:
+        return list(yaml.load_all(text, Loader=SAFE_LOADER))
+    except yaml.YAMLError:
+        if SAFE_LOADER is yaml.SafeLoader:
+            raise
+    return list(yaml.safe_load_all(text))  # raises the same error, in PyYAML's words
+
+
 def _load(text: str, source: str, syntax: str) -> list[Any]:
     if syntax == "json":
         # PyYAML reads most JSON but not tab indentation, which JSON tools emit.
@@ -140,7 +157,7 @@ def _load(text: str, source: str, syntax: str) -> list[Any]:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{source}:{exc.lineno}", f"malformed JSON: {exc.msg}") from None
     try:
-        return list(yaml.safe_load_all(text))
+        return load_all(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -187,7 +204,7 @@ def parse_each(text: str, source: str, default_namespace: str = "default") -> li
         where = f"{source}#{index}"
         flat = _flat(chunk)
         try:
-            docs = [d for d in yaml.safe_load_all(chunk) if d is not None]
+            docs = [d for d in load_all(chunk) if d is not None]
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f"{source}:{line + mark.line}" if mark is not None else source

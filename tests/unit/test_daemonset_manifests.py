@@ -31,6 +31,7 @@ from nodeagent.agent import admin
 from nodeagent.agent import config as agent_config
 from nodeagent.cli import build_parser
 from nodeagent.identity.ca import config as ca_config
+from nodeagent.kube.objects import load_all
 from nodeagent.lab.kube import crds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +47,7 @@ CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 @functools.cache
 def _parsed(path: Path) -> tuple[dict, ...]:
-    return tuple(d for d in yaml.load_all(path.read_text(), Loader=crds.LOADER) if d is not None)
+    return tuple(d for d in load_all(path.read_text()) if d is not None)
 
 
 def documents(path: Path) -> list[dict]:
@@ -102,7 +103,7 @@ def test_reading_matches_kubectl_kustomize():
         out = subprocess.run([binary, "kubectl", "kustomize", str(path)], capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr
-        built = {key(o): o for o in yaml.load_all(out.stdout, Loader=crds.LOADER) if o}
+        built = {key(o): o for o in load_all(out.stdout) if o}
         assert built == {key(o): o for o in kustomize(path)}
 
 
