@@ -139,14 +139,15 @@ SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def load_all(text: str) -> list[Any]:
     """Every document of a YAML stream, safely: libyaml's parser, and on an error the
-    pure-Python one again for its words (it names the character it found, a tab say,
-    where libyaml only says what it could not do)."""
+    pure-Python one again, for its words (it names the character it found, a tab say,
+    where libyaml only says what it could not do), or for its reading where the two
+    parsers differ and only libyaml refused."""
     try:
         return list(yaml.load_all(text, Loader=SAFE_LOADER))
     except yaml.YAMLError:
         if SAFE_LOADER is yaml.SafeLoader:
             raise
-    return list(yaml.safe_load_all(text))  # raises the same error, in PyYAML's words
+    return list(yaml.safe_load_all(text))
 
 
 def _load(text: str, source: str, syntax: str) -> list[Any]:
