@@ -11,7 +11,9 @@ has the pods and bench/sidecars.py the anchor's configuration:
           are on the path, the agents between them;
   envoy   the anchor: in the unmeshed pods, a client sidecar Envoy (HTTP connection
           manager) to a server sidecar Envoy over mutual TLS 1.3 with SPIFFE certificates
-          from the lab's mesh CA keys, then the app; a tcp_proxy pair for iperf3.
+          from the lab's mesh CA keys, then the app; a tcp_proxy pair for iperf3, and
+          one to the app's HTTP port (the L4 anchor: wrk with `Connection: close`
+          through it, one mTLS handshake per connection, which the run checks).
 Each round measures every set-up once (their order rotates from round to round) with
 real load generators in the client pod (bench/loadgen.py): wrk -c1 --latency (p50, p99),
 wrk -c16 (requests/s, and the CPU the mesh components used meanwhile: agents and their
@@ -231,11 +233,12 @@ class Sidecar:
             raise NodeagentError(f"the {self.pod} sidecar's admin answered {head[:60]!r} to {path}")
         return (dechunk(body) if b"transfer-encoding: chunked" in head.lower() else body).decode()
 
-    def tls13_handshakes(self) -> int:
-        """TLS 1.3 sessions its listeners accepted (its mTLS inbound side)."""
+    def tls13_handshakes(self, port: int | None = None) -> int:
+        """TLS 1.3 sessions its listeners (or the one on `port`) accepted (its mTLS inbound side)."""
         stats = self.get("/stats?filter=ssl.versions.TLSv1.3")
+        prefix = "listener." if port is None else f"listener.0.0.0.0_{port}."
         return sum(int(v) for k, _, v in (line.partition(": ") for line in stats.splitlines())
-                   if k.startswith("listener.") and v.strip().isdigit())
+                   if k.startswith(prefix) and v.strip().isdigit())
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         def missing() -> str | None:
@@ -281,8 +284,9 @@ def start_sidecars(pods: Pods, layout: Layout, concurrency: int, started: list[S
         tls = sidecars.issue(layout.ca_dir, Identity(TRUST_DOMAIN, "plain", server), root / server / "tls")
         configs[key] = sidecars.server_sidecar(str(root / server / "admin.sock"), tls, TRUST_DOMAIN,
                                                meshlab.HTTP_PORT, meshlab.IPERF_PORT)
-        http, tcp = meshlab.SIDECAR_PORTS[placement]
-        targets.append(sidecars.Target(placement, http, tcp, pods.ip(key), Identity(TRUST_DOMAIN, "plain", server).uri))
+        http, tcp, tcp_http = meshlab.SIDECAR_PORTS[placement]
+        targets.append(sidecars.Target(placement, http, tcp, tcp_http, pods.ip(key),
+                                       Identity(TRUST_DOMAIN, "plain", server).uri))
     tls = sidecars.issue(layout.ca_dir, Identity(TRUST_DOMAIN, "plain", "client"), root / "client" / "tls")
     configs["plain/client"] = sidecars.client_sidecar(str(root / "client" / "admin.sock"), targets, tls)
     out = {}
@@ -342,13 +346,38 @@ class Runs:
         gbps = iperf3(self.pods, t.client, *t.iperf, d)
         after = self.counters()
         path = check_path(placement, setup, {k: after[k] - before[k] for k in after})
-        return {"p50_us": one.p50_us, "p99_us": one.p99_us, "rps": many.rps, "new_p50_us": new_one.p50_us,
-                "cps": new_many.rps, "gbps": gbps,
-                "cpu_ms_per_1k": cpu_used * 1e3 / many.requests * 1000 if roots else None,
-                "requests": {"c1": one.requests, "c16": many.requests, "new_c1": new_one.requests,
-                             "new_c16": new_many.requests},
-                "errors": one.errors + many.errors + new_one.errors + new_many.errors, "path": path,
-                "loadavg": round(os.getloadavg()[0], 2)}  # the machine's, others' work included
+        out = {"p50_us": one.p50_us, "p99_us": one.p99_us, "rps": many.rps, "new_p50_us": new_one.p50_us,
+               "cps": new_many.rps, "gbps": gbps,
+               "cpu_ms_per_1k": cpu_used * 1e3 / many.requests * 1000 if roots else None,
+               "requests": {"c1": one.requests, "c16": many.requests, "new_c1": new_one.requests,
+                            "new_c16": new_many.requests},
+               "errors": one.errors + many.errors + new_one.errors + new_many.errors, "path": path,
+               "loadavg": round(os.getloadavg()[0], 2)}  # the machine's, others' work included
+        if setup == meshreport.ANCHOR:
+            tcp = self.tcp_pair(placement, t)
+            out["errors"] += tcp.pop("errors")
+            out.update(tcp)
+        return out
+
+    def tcp_pair(self, placement: str, t: meshlab.Target) -> dict:
+        """The anchor's new-connection figures through its TCP proxies (the L4 anchor: a
+        sidecar pair carrying a port it does not read opens an upstream mTLS connection
+        per client connection, where the HTTP pair above reuses its pooled ones), with the
+        server sidecar's handshakes on that listener proving it: one per connection."""
+        server = self.cars[t.server]
+        before = server.tls13_handshakes(sidecars.SERVER_TCP_HTTP_PORT)
+        one = wrk(self.pods, t.client, t.tcp_url, 1, self.opts.duration, close=True)
+        many = wrk(self.pods, t.client, t.tcp_url, 16, self.opts.duration, close=True)
+        handshakes = server.tls13_handshakes(sidecars.SERVER_TCP_HTTP_PORT) - before
+        if handshakes < one.requests + many.requests:
+            raise NodeagentError(f"the sidecars' TCP proxy ({placement}) made {handshakes} mTLS handshakes for "
+                                 f"{one.requests + many.requests} connections: not one per connection",
+                                 "see the sidecars' logs; the L4 anchor's figures would not be of it")
+        self.progress(f"  {placement}-node sidecars' TCP proxy: new connection p50 {one.p50_us:.0f} us, "
+                      f"{many.rps:.0f} conn/s, {handshakes} mTLS handshakes")
+        return {"tcp_new_p50_us": one.p50_us, "tcp_cps": many.rps, "tcp_handshakes": handshakes,
+                "tcp_requests": {"new_c1": one.requests, "new_c16": many.requests},
+                "errors": one.errors + many.errors}
 
 
 def check_path(placement: str, setup: str, delta: dict[str, float]) -> dict[str, int]:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 HTTP_PORT, IPERF_PORT = 8080, 5201
 PLACEMENT_SERVER = {"cross": ("server", "node2"), "same": ("local", "node1")}
 CLIENT_NODE = "node1"
-SIDECAR_PORTS = {"cross": (15001, 15011), "same": (15002, 15012)}  # client sidecar: (http, tcp) per target
+# client sidecar, per target: (http, tcp for iperf3, tcp to the app's HTTP port)
+SIDECAR_PORTS = {"cross": (15001, 15011, 15021), "same": (15002, 15012, 15022)}
 L7_LABEL = {"l7": "on"}
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
@@ -38,6 +39,7 @@ class Target:
     url: str
     iperf: tuple[str, int]
     server: str  # the server pod's key
+    tcp_url: str | None = None  # the anchor's: the same app through the sidecars' tcp_proxy (L4)
 
 
 def _doc(obj: dict) -> str:
@@ -112,8 +114,9 @@ def target(placement: str, setup: str, vips: dict[str, str]) -> Target:
     """`vips`: ns/service -> ClusterIP."""
     server = PLACEMENT_SERVER[placement][0]
     if setup == "envoy":
-        http, tcp = SIDECAR_PORTS[placement]
-        return Target("plain/client", f"http://127.0.0.1:{http}/", ("127.0.0.1", tcp), f"plain/{server}")
+        http, tcp, tcp_http = SIDECAR_PORTS[placement]
+        return Target("plain/client", f"http://127.0.0.1:{http}/", ("127.0.0.1", tcp), f"plain/{server}",
+                      f"http://127.0.0.1:{tcp_http}/")
     ns = "plain" if setup == "direct" else "mesh"
     vip = vips[f"{ns}/{service_name(placement, setup)}"]
     pod = f"mesh/{server}7" if setup == "l7" else f"{ns}/{server}"

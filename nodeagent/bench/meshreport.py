@@ -9,6 +9,13 @@ moment of the machine hits both sides of a difference). The ratio is nodeagent's
 figure over the sidecar pair's (none when the anchor's is not positive or nodeagent's
 added latency is negative: the noise of the machine, not a cost). Memory is
 per node: nodeagent's agent and waypoint Envoy at N meshed pods against N sidecars.
+
+The HTTP sidecar pair reuses its pooled upstream connections for every new client
+connection, so its new-connection figures are one loopback accept and pooled requests;
+nodeagent L4 carries each client connection end to end (an HBONE stream, a connection to
+the app), as a sidecar pair carries a port it does not read. The anchor's TCP proxies on
+the app's HTTP port give that L4 anchor (TCP_FIGURES, shown below each table, with L4's
+ratio to it); the goals' ratios stay the HTTP pair's.
 """
 
 from __future__ import annotations
@@ -45,6 +52,11 @@ FIGURES = (
     Figure("cpu_ms_per_1k", "mesh CPU per 1000 requests, 16 conns (ms)", 1, for_direct=False),
 )
 BY_KEY = {f.key: f for f in FIGURES}
+# The anchor's TCP proxies (the L4 anchor), each against nodeagent L4's figure of FIGURES.
+TCP_FIGURES = (
+    (Figure("tcp_new_p50_us", "p50 latency, new connection per request (us)", 0, added=True), "new_p50_us"),
+    (Figure("tcp_cps", "new connections/s, 16 connections", 0, higher_better=True), "cps"),
+)
 
 
 def median(values: list[float]) -> float:
@@ -69,7 +81,22 @@ def summarize(rounds: dict[str, list[dict]]) -> dict:
             else:
                 table[setup][f.key] = medians[setup][f.key]
     ratio = {s: {f.key: _ratio(table[s][f.key], table[ANCHOR][f.key]) for f in FIGURES} for s in MESHES}
-    return {"median": medians, "table": table, "ratio": ratio}
+    out = {"median": medians, "table": table, "ratio": ratio}
+    if all(f.key in r for r in rounds[ANCHOR] for f, _ in TCP_FIGURES):
+        out["tcp_pair"] = _tcp_pair(rounds, table)
+    return out
+
+
+def _tcp_pair(rounds: dict[str, list[dict]], table: dict) -> dict:
+    """The L4 anchor's figures (the HTTP pair's rounds measured them too) and nodeagent
+    L4's ratio to each; an added latency is to direct's new-connection figure."""
+    anchor, ratio = {}, {}
+    for f, mesh_key in TCP_FIGURES:
+        values = [r[f.key] - d[mesh_key] if f.added else r[f.key]
+                  for r, d in zip(rounds[ANCHOR], rounds["direct"])]
+        anchor[f.key] = median(values)
+        ratio[mesh_key] = _ratio(table["l4"][mesh_key], anchor[f.key])
+    return {"table": anchor, "ratio_l4": ratio}
 
 
 def _ratio(value: float | None, anchor: float | None) -> float | None:
@@ -113,6 +140,24 @@ def placement_lines(placement: str, summary: dict) -> list[str]:
         cells = [cell(table["direct"][f.key], f.decimals)]
         cells += [cell(table[s][f.key], f.decimals, f.added, ratio[s][f.key]) for s in MESHES]
         cells.append(cell(table[ANCHOR][f.key], f.decimals, f.added))
+        lines.append(f"{f.label:<{LABEL_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells))
+    if "tcp_pair" in summary:
+        lines += tcp_pair_lines(summary)
+    return lines
+
+
+def tcp_pair_lines(summary: dict) -> list[str]:
+    """The L4 anchor's rows: nodeagent L4 against the sidecars' TCP proxies."""
+    table, tcp = summary["table"], summary["tcp_pair"]
+    lines = ["the L4 anchor: the sidecar pair's TCP proxies on the app's port (a new upstream mTLS connection per "
+             "client connection,", "as sidecars carry a port they do not read; the HTTP pair above reuses pooled "
+             "ones); xN: nodeagent L4's figure over it",
+             f"{'FIGURE':<{LABEL_WIDTH}}" + "".join(f"{h:>{CELL_WIDTH}}" for h in
+                                                   ("DIRECT", SETUP_TITLES["l4"], "ENVOY TCP PAIR"))]
+    for f, mesh_key in TCP_FIGURES:
+        cells = [cell(table["direct"][mesh_key], f.decimals),
+                 cell(table["l4"][mesh_key], f.decimals, f.added, tcp["ratio_l4"][mesh_key]),
+                 cell(tcp["table"][f.key], f.decimals, f.added)]
         lines.append(f"{f.label:<{LABEL_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells))
     return lines
 

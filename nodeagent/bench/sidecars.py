@@ -5,11 +5,15 @@ set-up talks to.
 - `app_config`: the app, an Envoy answering every request with a fixed body
   (`direct_response`), so the server is fast and its cost the same in every set-up.
 - `client_sidecar`: in the client pod, per target an HTTP listener (HTTP connection
-  manager, router: the outbound side of a sidecar) and a TCP listener (tcp_proxy, for the
-  throughput run), each to the server pod's sidecar over mutual TLS 1.3, checking that
-  the server presents the SPIFFE ID of the server's service account.
-- `server_sidecar`: in the server pod, the same two listeners terminating mutual TLS 1.3
-  (the client must present a certificate of the trust domain), to the app on 127.0.0.1.
+  manager, router: the outbound side of a sidecar), a TCP listener (tcp_proxy, for the
+  throughput run) and a TCP listener for the app's HTTP port (tcp_proxy: how a sidecar
+  carries a port it does not read, one upstream mTLS connection per client connection;
+  the L4 anchor of the new-connection figures), each to the server pod's sidecar over
+  mutual TLS 1.3, checking that the server presents the SPIFFE ID of the server's
+  service account.
+- `server_sidecar`: in the server pod, the same three listeners terminating mutual TLS
+  1.3 (the client must present a certificate of the trust domain), to the app on
+  127.0.0.1.
 - `issue`: a workload key (EC P-256, what ztunnel uses) and certificate for a pod's
   SPIFFE ID, signed with the lab's own mesh CA keys (`nodeagent ca`'s signer), so both
   meshes use the same kind of certificate, chain and trust anchor.
@@ -33,6 +37,7 @@ from nodeagent.identity.spiffe import Identity
 
 APP_BODY = "a static answer from the app of nodeagent bench mesh\n"
 SERVER_HTTP_PORT, SERVER_TCP_PORT = 15443, 15444  # the server sidecar's mTLS listeners
+SERVER_TCP_HTTP_PORT = 15445  # ... and its tcp_proxy to the app's HTTP port (the L4 anchor)
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
@@ -56,6 +61,7 @@ class Target:
     name: str
     http_port: int
     tcp_port: int
+    tcp_http_port: int  # tcp_proxy to the app's HTTP port
     address: str
     spiffe_id: str
 
@@ -94,11 +100,13 @@ def app_config(http_port: int) -> dict:
 def client_sidecar(admin_socket: str, targets: list[Target], tls: TlsFiles) -> dict:
     listeners, clusters = [], []
     for t in targets:
-        http, tcp = f"{t.name}_http", f"{t.name}_tcp"
+        http, tcp, tcp_http = f"{t.name}_http", f"{t.name}_tcp", f"{t.name}_tcp_http"
         listeners.append(_listener(f"outbound_{http}", "127.0.0.1", t.http_port, [_hcm(http, _route_to(http))]))
         listeners.append(_listener(f"outbound_{tcp}", "127.0.0.1", t.tcp_port, [_tcp_proxy(tcp)]))
+        listeners.append(_listener(f"outbound_{tcp_http}", "127.0.0.1", t.tcp_http_port, [_tcp_proxy(tcp_http)]))
         clusters.append(_cluster(http, t.address, SERVER_HTTP_PORT, _upstream_tls(tls, t.spiffe_id)))
         clusters.append(_cluster(tcp, t.address, SERVER_TCP_PORT, _upstream_tls(tls, t.spiffe_id)))
+        clusters.append(_cluster(tcp_http, t.address, SERVER_TCP_HTTP_PORT, _upstream_tls(tls, t.spiffe_id)))
     return _bootstrap(admin_socket, listeners, clusters)
 
 
@@ -108,7 +116,9 @@ def server_sidecar(admin_socket: str, tls: TlsFiles, trust_domain: str, app_http
     listeners = [
         _listener("inbound_http", "0.0.0.0", SERVER_HTTP_PORT, [_hcm("inbound_http", _route_to("app_http"))],
                   _downstream_tls(tls, peers)),
-        _listener("inbound_tcp", "0.0.0.0", SERVER_TCP_PORT, [_tcp_proxy("app_tcp")], _downstream_tls(tls, peers))]
+        _listener("inbound_tcp", "0.0.0.0", SERVER_TCP_PORT, [_tcp_proxy("app_tcp")], _downstream_tls(tls, peers)),
+        _listener("inbound_tcp_http", "0.0.0.0", SERVER_TCP_HTTP_PORT, [_tcp_proxy("app_http")],
+                  _downstream_tls(tls, peers))]
     clusters = [_cluster("app_http", "127.0.0.1", app_http_port), _cluster("app_tcp", "127.0.0.1", app_tcp_port)]
     return _bootstrap(admin_socket, listeners, clusters)
 

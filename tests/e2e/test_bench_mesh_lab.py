@@ -83,6 +83,9 @@ def test_each_set_up_took_its_path(run):
             assert r["path"]["client_waypoint"] > 0 and r["path"]["server_waypoint"] > 0
         for r in data["rounds"]["envoy"]:
             assert r["path"]["captured"] == 0 and r["path"]["sidecar_tls13"] > 0
+            # the L4 anchor: one mTLS handshake per connection through the sidecars' TCP proxies
+            assert r["tcp_handshakes"] >= sum(r["tcp_requests"].values()) > 0
+            assert r["tcp_new_p50_us"] > 0 and r["tcp_cps"] > 0
 
 
 def test_memory_rows(run):
@@ -123,6 +126,19 @@ def test_the_table_says_what_the_json_says(run):
                     assert _close(ratio, data["ratio"][setup][f.key], 2), (line, setup)
                 else:
                     assert ratio == "", (line, setup)
+        # the L4 anchor's rows after the figures: a two-line heading, the column titles, then its figures
+        tcp = data["tcp_pair"]
+        assert lines[start + 2 + len(meshreport.FIGURES)].startswith("the L4 anchor")
+        for i, (f, mesh_key) in enumerate(meshreport.TCP_FIGURES):
+            line = lines[start + 5 + len(meshreport.FIGURES) + i]
+            assert line.startswith(f.label)
+            cells = re.findall(rf"({NUMBER}|-)(?: x({NUMBER}))?", line[len(f.label):])
+            assert len(cells) == 3, line
+            assert _close(cells[0][0], data["table"]["direct"][mesh_key], f.decimals), line
+            assert _close(cells[1][0], data["table"]["l4"][mesh_key], f.decimals), line
+            ratio = tcp["ratio_l4"][mesh_key]
+            assert cells[1][1] == "" if ratio is None else _close(cells[1][1], ratio, 2), line
+            assert _close(cells[2][0], tcp["table"][f.key], f.decimals) and cells[2][1] == "", line
     start = next(i for i, line in enumerate(lines) if line.startswith("memory per node"))
     for i, (pods, row) in enumerate(result["rss"]["pods"].items()):
         assert lines[start + 2 + i].split() == [pods, f"{row['agent_mib']:.1f}", f"{row['waypoint_mib']:.1f}",

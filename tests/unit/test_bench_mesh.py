@@ -189,6 +189,32 @@ def test_no_ratio_of_noise():
     assert s["ratio"]["l4"]["new_p50_us"] == pytest.approx(500 / 990)  # medians of (500, 500, 450), (950, 990, 1050)
 
 
+def _with_tcp_pair(rounds: dict, new_p50: tuple, cps: tuple) -> dict:
+    out = json.loads(json.dumps(rounds))
+    for r, a, b in zip(out["envoy"], new_p50, cps):
+        r.update(tcp_new_p50_us=a, tcp_cps=b)
+    return out
+
+
+def test_the_l4_anchor_is_the_tcp_proxy_pair():
+    """Rounds with the sidecars' TCP proxy figures: their added new-connection latency
+    (to direct's new-connection figure of the same round) and connections/s, with
+    nodeagent L4's ratio to each; the goals' ratios stay the HTTP pair's."""
+    s = meshreport.summarize(_with_tcp_pair(ROUNDS, (900, 1000, 1100), (1000, 1200, 1100)))
+    tcp = s["tcp_pair"]
+    assert tcp["table"] == {"tcp_new_p50_us": 840, "tcp_cps": 1100}  # (750, 840, 850); (1000, 1200, 1100)
+    assert tcp["ratio_l4"]["new_p50_us"] == pytest.approx(500 / 840)  # L4 added: (500, 500, 450)
+    assert tcp["ratio_l4"]["cps"] == pytest.approx(900 / 1100)
+    assert s["ratio"]["l4"]["new_p50_us"] == pytest.approx(500 / 990)  # the HTTP pair's, unchanged
+    lines = meshreport.placement_lines("cross", s)
+    assert len(lines) == 2 + len(meshreport.FIGURES) + 3 + len(meshreport.TCP_FIGURES)
+    assert lines[-3].split() == ["FIGURE", "DIRECT", "NODEAGENT", "L4", "ENVOY", "TCP", "PAIR"]
+    assert lines[-2] == (f"{'p50 latency, new connection per request (us)':<46}{'160':>18}{'+500 x0.60':>18}"
+                         f"{'+840':>18}")
+    assert lines[-1].endswith(f"{'5000':>18}{'900 x0.82':>18}{'1100':>18}")
+    assert "tcp_pair" not in meshreport.summarize(ROUNDS)  # rounds of a run before it: no such rows
+
+
 def test_uneven_rounds_are_refused():
     rounds = {k: list(v) for k, v in ROUNDS.items()}
     rounds["l7"] = rounds["l7"][:2]
@@ -331,7 +357,9 @@ def test_targets():
     assert t["cross", "l7"] == meshlab.Target("mesh/client", "http://10.96.0.14:8080/", ("10.96.0.14", 5201),
                                               "mesh/server7")
     assert t["same", "envoy"] == meshlab.Target("plain/client", "http://127.0.0.1:15002/", ("127.0.0.1", 15012),
-                                                "plain/local")
+                                                "plain/local", "http://127.0.0.1:15022/")
+    assert t["cross", "envoy"].tcp_url == "http://127.0.0.1:15021/"
+    assert all(t[key].tcp_url is None for key in t if key[1] != "envoy")
 
 
 def _delta(captured=0, wp_out=0, wp_in_node2=0, wp_in_node1=0, tls_server=0, tls_local=0):
@@ -412,8 +440,8 @@ def _validate(config: dict, path: Path) -> subprocess.CompletedProcess:
 def test_envoy_accepts_the_sidecar_and_app_configs(ca_dir, tmp_path):
     client_tls = sidecars.issue(str(ca_dir), Identity("cluster.local", "plain", "client"), tmp_path / "c")
     server_tls = sidecars.issue(str(ca_dir), Identity("cluster.local", "plain", "server"), tmp_path / "s")
-    targets = [sidecars.Target("cross", 15001, 15011, "10.244.2.2", "spiffe://cluster.local/ns/plain/sa/server"),
-               sidecars.Target("same", 15002, 15012, "10.244.1.3", "spiffe://cluster.local/ns/plain/sa/local")]
+    targets = [sidecars.Target("cross", 15001, 15011, 15021, "10.244.2.2", "spiffe://cluster.local/ns/plain/sa/server"),
+               sidecars.Target("same", 15002, 15012, 15022, "10.244.1.3", "spiffe://cluster.local/ns/plain/sa/local")]
     configs = {"client": sidecars.client_sidecar(str(tmp_path / "c.sock"), targets, client_tls),
                "server": sidecars.server_sidecar(str(tmp_path / "s.sock"), server_tls, "cluster.local", 8080, 5201),
                "app": sidecars.app_config(8080)}
@@ -421,13 +449,26 @@ def test_envoy_accepts_the_sidecar_and_app_configs(ca_dir, tmp_path):
         proc = _validate(config, tmp_path / f"{name}.json")
         assert proc.returncode == 0, f"{name}: {proc.stdout}{proc.stderr}"
     client = configs["client"]["static_resources"]
-    assert [x["address"]["socket_address"]["port_value"] for x in client["listeners"]] == [15001, 15011, 15002, 15012]
-    tls = client["clusters"][0]["transport_socket"]["typed_config"]["common_tls_context"]
-    assert tls["tls_params"] == {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"}
-    assert tls["validation_context"]["match_typed_subject_alt_names"] == [
-        {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/plain/sa/server"}}]
-    server = configs["server"]["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]
-    assert server["typed_config"]["require_client_certificate"] is True
+    assert [x["address"]["socket_address"]["port_value"] for x in client["listeners"]] == [
+        15001, 15011, 15021, 15002, 15012, 15022]
+    for cluster in client["clusters"][:3]:  # the HTTP, iperf3 and L4-anchor upstreams of the cross target
+        tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+        assert tls["tls_params"] == {"tls_minimum_protocol_version": "TLSv1_3",
+                                     "tls_maximum_protocol_version": "TLSv1_3"}
+        assert tls["validation_context"]["match_typed_subject_alt_names"] == [
+            {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/plain/sa/server"}}]
+    # the L4 anchor: tcp_proxy on both sides, the server's to the app's HTTP port, behind mutual TLS
+    assert client["listeners"][2]["filter_chains"][0]["filters"][0]["typed_config"]["@type"] == sidecars.TCP_PROXY
+    assert client["clusters"][2]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "socket_address": {"address": "10.244.2.2", "port_value": sidecars.SERVER_TCP_HTTP_PORT}}
+    server = configs["server"]["static_resources"]
+    for listener in server["listeners"]:
+        assert listener["filter_chains"][0]["transport_socket"]["typed_config"]["require_client_certificate"] is True
+    tcp_http = server["listeners"][2]
+    assert tcp_http["address"]["socket_address"]["port_value"] == sidecars.SERVER_TCP_HTTP_PORT
+    assert tcp_http["filter_chains"][0]["filters"][0]["typed_config"]["cluster"] == "app_http"
+    assert [c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+        "port_value"] for c in server["clusters"] if c["name"] == "app_http"] == [8080]
 
 
 def test_envoy_refuses_a_broken_sidecar_config(tmp_path):
