@@ -22,8 +22,10 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <malloc.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -64,10 +66,13 @@
 #define MAX_URI 512
 #define STREAM_IDLE_MS 2000u       /* a stream that moved nothing for a tick (at most half this) gives
                                       its empty buffers back */
+#define ROUTE_SOCKETS 8u           /* sockets one route holds at most (nh_conn_route) */
+#define CONN_ROUTES 16u            /* routes one connection holds at most */
 #define TRIM_AFTER (4u << 20)      /* bytes of buffers released before the memory goes back to the system */
 
 enum kind { K_WAKE = 1, K_CONN, K_STREAM, K_LINGER };
-enum op { OP_CLIENT = 1, OP_SERVER, OP_VERDICT, OP_CLOSE, OP_OPEN, OP_ACCEPT, OP_REFUSE, OP_RESET, OP_ATTACH };
+enum op { OP_CLIENT = 1, OP_SERVER, OP_VERDICT, OP_CLOSE, OP_OPEN, OP_ACCEPT, OP_REFUSE, OP_RESET, OP_ATTACH,
+          OP_ROUTE };
 enum state { S_HANDSHAKE = 1, S_VERDICT, S_H2 };
 
 struct obj {                       /* first member of what epoll and the hash point at */
@@ -83,6 +88,17 @@ struct buf {
     size_t off, len, cap;
     size_t head;                   /* kept free before the bytes (a stream's `up`: UP_HEAD), else 0;
                                       an emptied buffer starts over there */
+};
+
+/* Server: CONNECTs to one :authority the engine delivers itself (see Routes in hbone.h). */
+struct route {
+    struct route *next;
+    uint64_t gen;                  /* the generation Python decided under */
+    struct sockaddr_storage dst;
+    socklen_t dstlen;
+    uint32_t nfds;
+    int fds[ROUTE_SOCKETS];        /* bound in the pod's netns, not connected */
+    char authority[];
 };
 
 struct conn;
@@ -143,6 +159,8 @@ struct conn {
     struct conn *live_prev, *live_next; /* connections in HTTP/2 (keepalive, idle) */
     bool live;
     bool gathering;                /* TLS writes go through the buffer BIO (tls_gather_writes) */
+    struct route *routes;          /* server: nh_conn_route's */
+    uint32_t nroutes;
     int write_err, write_errno;    /* an SSL_write failed (tls_write): conn_flush reports it */
 };
 
@@ -207,6 +225,7 @@ struct nh_engine {
     uint32_t tick_ms;
     uint64_t held;
     uint64_t released_untrimmed;   /* engine thread: bytes of stream buffers released since the last malloc_trim */
+    uint64_t generation;           /* atomic: nh_engine_generation's; routes of another are not used */
     struct tally received;         /* received DATA the streams hold (the receive budget's) */
     struct tally sent;             /* bytes read from the streams' sockets, not yet framed (the send budget's) */
     struct stream *budget_waiting; /* streams the send budget stopped reading (send_room 0) */
@@ -1240,9 +1259,32 @@ static void conn_end(struct conn *c, uint32_t how, int32_t error, uint32_t code,
     bury(e, &c->o);
 }
 
+static void route_free(struct nh_engine *e, struct route *r)
+{
+    for (uint32_t i = 0; i < r->nfds; i++)
+        close(r->fds[i]);              /* bound, never connected: nothing to reset */
+    ST_ADD(e, route_sockets, -(int64_t)r->nfds);
+    free(r);
+}
+
+/* Drop the routes of `c` decided under another generation than `gen`, or all of them. */
+static void routes_drop(struct conn *c, uint64_t gen, bool all)
+{
+    for (struct route **pp = &c->routes, *r; (r = *pp);) {
+        if (all || r->gen != gen) {
+            *pp = r->next;
+            c->nroutes--;
+            route_free(c->e, r);
+        } else {
+            pp = &r->next;
+        }
+    }
+}
+
 static void conn_free(struct conn *c)
 {
     struct nh_engine *e = c->e;
+    routes_drop(c, 0, true);
     if (c->fd >= 0)
         reset_close(c->fd);
     if (c->h2)
@@ -1385,6 +1427,89 @@ static void refused_event(struct conn *c, struct stream *s, uint32_t why)
     emit(c->e, &ev, NULL, 0);
 }
 
+/* Answer a server stream 200 and relay its socket (s->fd). */
+static void answer_200(struct conn *c, struct stream *s)
+{
+    nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE};
+    nghttp2_data_provider prd = {.source.ptr = s, .read_callback = up_read_cb};
+    if (nghttp2_submit_response(c->h2, s->sid, &nv, 1, &prd)) {
+        stream_end(s, NH_END_SOCKET, ENOMEM, 0, 0, "cannot answer");
+        return;
+    }
+    mark_dirty(c);
+    stream_start(s);
+}
+
+/* Connect a route's socket: 0 once connected, else why not. Over loopback the handshake
+ * is done before connect(2) returns (EINPROGRESS all the same), so a poll without waiting
+ * finds it writable; one that is not (the app's accept queue full) is left to Python,
+ * which waits for it, as one that failed is. */
+static int route_connect(int fd, const struct route *r)
+{
+    if (connect(fd, (const struct sockaddr *)&r->dst, r->dstlen) == 0)
+        return 0;
+    if (errno != EINPROGRESS && errno != EAGAIN)
+        return errno;
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    if (poll(&p, 1, 0) != 1)
+        return EINPROGRESS;
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        return errno;
+    return err;
+}
+
+/* A CONNECT to an :authority the connection has a route for, of the engine's generation:
+ * one of its sockets connected, 200, relayed; Python hears of it afterwards. False: ask
+ * Python (no route, none current, no socket left, or the connect did not complete). */
+static bool deliver_on_route(struct conn *c, struct stream *s)
+{
+    struct nh_engine *e = c->e;
+    static const char key[] = ":authority";  /* on_header puts it first */
+    if (!c->routes || s->hdrs_len < sizeof key || memcmp(s->hdrs, key, sizeof key))
+        return false;
+    const char *authority = s->hdrs + sizeof key;
+    routes_drop(c, __atomic_load_n(&e->generation, __ATOMIC_ACQUIRE), false);
+    struct route **pp = &c->routes, *r;
+    while ((r = *pp) && strcmp(r->authority, authority))
+        pp = &r->next;
+    if (!r)
+        return false;
+    while (r->nfds) {
+        int fd = r->fds[--r->nfds];
+        ST_ADD(e, route_sockets, -1);
+        int err = route_connect(fd, r);
+        if (!err) {
+            struct sockaddr_storage local;
+            socklen_t len = sizeof local;
+            uint32_t port = 0;
+            if (getsockname(fd, (struct sockaddr *)&local, &len) == 0)
+                port = ntohs(local.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&local)->sin6_port
+                                                         : ((struct sockaddr_in *)&local)->sin_port);
+            struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_DELIVERED, .code = port,
+                                  .h2_stream = (uint32_t)s->sid};
+            emit(e, &ev, s->hdrs, s->hdrs_len);  /* before the stream's end can be */
+            free(s->hdrs);
+            s->hdrs = NULL;
+            s->hdrs_len = 0;
+            ST_ADD(e, streams_delivered, 1);
+            s->answered = true;
+            s->fd = fd;
+            answer_200(c, s);
+            return true;
+        }
+        reset_close(fd);               /* a connect under way is reset, not left to finish */
+        ST_ADD(e, route_failures, 1);
+        if (err != EADDRNOTAVAIL)      /* the 4-tuple taken: the next socket has another port */
+            break;
+    }
+    *pp = r->next;                     /* emptied, or a connect failed: Python delivers, and may route again */
+    c->nroutes--;
+    route_free(e, r);
+    return false;
+}
+
 static void on_request(struct conn *c, struct stream *s)
 {
     struct nh_engine *e = c->e;
@@ -1403,6 +1528,8 @@ static void on_request(struct conn *c, struct stream *s)
         refuse_now(c, s, 405);
         return;
     }
+    if (deliver_on_route(c, s))
+        return;
     struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_REQUEST, .h2_stream = (uint32_t)s->sid};
     emit(e, &ev, s->hdrs, s->hdrs_len);
     free(s->hdrs);
@@ -2168,14 +2295,43 @@ static void cmd_answer(struct nh_engine *e, struct cmd *cmd)
         stream_end(s, NH_END_RESET, 0, s->reset_code, 0, "reset by the peer before the answer");
         return;
     }
-    nghttp2_nv nv = {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE};
-    nghttp2_data_provider prd = {.source.ptr = s, .read_callback = up_read_cb};
-    if (nghttp2_submit_response(c->h2, s->sid, &nv, 1, &prd)) {
-        stream_end(s, NH_END_SOCKET, ENOMEM, 0, 0, "cannot answer");
-        return;
+    answer_200(c, s);
+}
+
+struct route_cmd {
+    uint64_t gen;
+    struct sockaddr_storage dst;
+    socklen_t dstlen;
+    char authority[];
+};
+
+static void cmd_route(struct nh_engine *e, struct cmd *cmd)
+{
+    struct route_cmd *rc = cmd->ptr;
+    struct conn *c = (struct conn *)hash_get(e, cmd->id, K_CONN);
+    uint64_t gen = __atomic_load_n(&e->generation, __ATOMIC_ACQUIRE);
+    struct route *r = NULL;
+    if (c && c->server && c->state == S_H2 && !c->closing && !c->draining && rc->gen == gen) {
+        routes_drop(c, gen, false);
+        for (r = c->routes; r && strcmp(r->authority, rc->authority); r = r->next) {
+        }
+        if (!r && c->nroutes < CONN_ROUTES && (r = calloc(1, sizeof *r + strlen(rc->authority) + 1))) {
+            r->gen = gen;
+            r->dst = rc->dst;
+            r->dstlen = rc->dstlen;
+            strcpy(r->authority, rc->authority);
+            r->next = c->routes;
+            c->routes = r;
+            c->nroutes++;
+        }
     }
-    mark_dirty(c);
-    stream_start(s);
+    if (r && r->nfds < ROUTE_SOCKETS) {
+        r->fds[r->nfds++] = cmd->fd;
+        ST_ADD(e, route_sockets, 1);
+    } else {
+        close(cmd->fd);
+    }
+    free(rc);
 }
 
 static void run_cmd(struct nh_engine *e, struct cmd *cmd)
@@ -2224,6 +2380,9 @@ static void run_cmd(struct nh_engine *e, struct cmd *cmd)
         s = (struct stream *)hash_get(e, cmd->id, K_STREAM);
         if (s)
             stream_end(s, NH_END_ABORTED, 0, NGHTTP2_CANCEL, 0, "reset");
+        break;
+    case OP_ROUTE:
+        cmd_route(e, cmd);
         break;
     case OP_ATTACH:
         s = (struct stream *)hash_get(e, cmd->id, K_STREAM);
@@ -2354,6 +2513,10 @@ static void tick(struct nh_engine *e, uint64_t now)
             mark_dirty(c);
         }
     }
+    uint64_t gen = __atomic_load_n(&e->generation, __ATOMIC_ACQUIRE);
+    for (struct conn *c = e->live_head; c; c = c->live_next)
+        if (c->routes)
+            routes_drop(c, gen, c->closing || c->draining);  /* stale routes' sockets closed within a tick */
     if (e->released_untrimmed >= TRIM_AFTER) {  /* freed chunks stay in malloc's arenas otherwise */
         malloc_trim(0);
         e->released_untrimmed = 0;
@@ -2846,6 +3009,55 @@ int nh_stream_accept(struct nh_engine *engine, uint64_t stream, int fd)
 int nh_stream_attach(struct nh_engine *engine, uint64_t stream, int fd)
 {
     return stream_fd_cmd(engine, OP_ATTACH, stream, fd);
+}
+
+int nh_conn_route(struct nh_engine *e, uint64_t conn, const char *authority, const char *ip, uint32_t port,
+                  int fd, uint64_t generation)
+{
+    if (fd < 0)
+        return -EBADF;
+    struct sockaddr_storage dst = {0};
+    socklen_t dstlen = 0;
+    int err = authority && *authority && strlen(authority) < MAX_URI && ip && port && port < 65536
+                  ? stream_fd_ok(fd) : -EINVAL;
+    if (!err) {
+        struct sockaddr_in *v4 = (struct sockaddr_in *)&dst;
+        struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&dst;
+        if (inet_pton(AF_INET, ip, &v4->sin_addr) == 1) {
+            v4->sin_family = AF_INET;
+            v4->sin_port = htons((uint16_t)port);
+            dstlen = sizeof *v4;
+        } else if (inet_pton(AF_INET6, ip, &v6->sin6_addr) == 1) {
+            v6->sin6_family = AF_INET6;
+            v6->sin6_port = htons((uint16_t)port);
+            dstlen = sizeof *v6;
+        } else {
+            err = -EINVAL;
+        }
+    }
+    struct route_cmd *rc = err ? NULL : calloc(1, sizeof *rc + strlen(authority) + 1);
+    struct cmd *cmd = rc ? calloc(1, sizeof *cmd) : NULL;
+    if (!err && !cmd)
+        err = -ENOMEM;
+    if (!err) {
+        rc->gen = generation;
+        rc->dst = dst;
+        rc->dstlen = dstlen;
+        strcpy(rc->authority, authority);
+        *cmd = (struct cmd){.op = OP_ROUTE, .id = conn, .fd = fd, .ptr = rc};
+        err = queue_cmd(e, cmd);
+    }
+    if (err) {
+        free(rc);
+        free(cmd);
+        close(fd);
+    }
+    return err;
+}
+
+void nh_engine_generation(struct nh_engine *e, uint64_t generation)
+{
+    __atomic_store_n(&e->generation, generation, __ATOMIC_RELEASE);
 }
 
 int nh_stream_refuse(struct nh_engine *engine, uint64_t stream, uint32_t status)

@@ -17,7 +17,7 @@
  *     the nh_tls with nh_tls_free when it hands no more new connections to it
  *     (rotation: make a new one for new connections; connections already made keep a
  *     reference to theirs).
- *   - nh_conn_client, nh_conn_server, nh_stream_open, nh_stream_attach and nh_stream_accept take the fd
+ *   - nh_conn_client, nh_conn_server, nh_stream_open, nh_stream_attach, nh_stream_accept and nh_conn_route take the fd
  *     in every case where they return >= 0 (or any negative errno but -EBADF): the engine
  *     closes it (a reset where the peer must see one) when its connection/stream ends.
  *     The caller must hold no other reference that could close or read it (Python:
@@ -87,6 +87,20 @@
  *   identity check is the engine's (exactly one URI SAN, equal to `expected`); the
  *   server reports the chain and waits for nh_conn_verdict before any HTTP/2.
  *
+ * Routes (the destination's delivery without Python; docs/design.md "Delivery by the
+ *   engine"): once Python delivered a CONNECT itself, it may give the server connection a
+ *   route for that :authority: sockets it made in the destination pod's netns, bound as
+ *   the client would be (transparent), not connected, and the generation of what decided
+ *   it (policy, steering, the model, memory). A later CONNECT with that :authority on the
+ *   connection, while the engine's generation (nh_engine_generation) is still the route's,
+ *   takes one of the sockets, connects it to the authority, answers 200 and relays, and
+ *   Python hears of it afterwards (NH_EV_DELIVERED) and admits it again. With no socket
+ *   left, a route of another generation (dropped, its sockets closed), or a connect that
+ *   does not complete at once (dropped too, unless the 4-tuple was taken: the next
+ *   socket), the engine asks Python (NH_EV_REQUEST) as it does without a route. Python
+ *   moves the generation before it re-checks what it delivered, so no CONNECT the engine
+ *   reads after a change of what decides it is delivered on a route made before it.
+ *
  * The block between cffi-begin and cffi-end is also the cffi cdef (nodeagent/native/
  * build.py reads it): declarations and integer #defines only.
  */
@@ -97,7 +111,7 @@
 #include <stdint.h>
 
 /* cffi-begin */
-#define NH_API 6                  /* bumped on any change of the functions or structs below */
+#define NH_API 7                  /* bumped on any change of the functions or structs below */
 
 #define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
                                      done, waits for nh_conn_verdict. Client: identity
@@ -113,6 +127,9 @@
                                      reset at once; refuse), but may stop preparing it */
 #define NH_EV_REFUSED 7           /* server: a stream refused (REFUSED_STREAM) without asking
                                      Python; how: NH_REFUSED_* */
+#define NH_EV_DELIVERED 8         /* server: a CONNECT the engine delivered on a route (nh_conn_route):
+                                     answered 200, relaying; data as NH_EV_REQUEST, code = the
+                                     local port of the route's socket it connected */
 #define NH_REFUSED_CAP 1          /* max_streams were being served */
 #define NH_REFUSED_DRAINING 2     /* the connection is draining (GOAWAY sent or received) */
 
@@ -206,6 +223,9 @@ struct nh_stats {
     uint64_t lingering;           /* sockets of ended connections reading until the peer's EOF, now */
     uint64_t lingered;            /* ... ever (a clean close we started: see linger_start) */
     uint64_t h2_held;             /* bytes nghttp2's sessions hold, now (their frame buffers, HPACK tables...) */
+    uint64_t streams_delivered;   /* CONNECTs delivered on a route, without asking Python */
+    uint64_t route_failures;      /* route sockets whose connect failed or did not complete at once */
+    uint64_t route_sockets;       /* sockets the routes hold, now */
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
     uint32_t pad;
 };
@@ -262,6 +282,16 @@ int nh_stream_accept(struct nh_engine *engine, uint64_t stream, int fd);
 /* Server: refuse an NH_EV_REQUEST with `status` (e.g. 400, 403, 503), or with
  * RST_STREAM REFUSED_STREAM when status is 0. */
 int nh_stream_refuse(struct nh_engine *engine, uint64_t stream, uint32_t status);
+
+/* Server: give connection `conn` a route for CONNECTs to `authority` (as the peer names
+ * it), to ip:port (IPv4 or IPv6 text), decided under `generation`: `fd` is one socket of
+ * it (see Routes). A route holds at most 8 sockets and a connection 16 routes; more, or a
+ * connection that ended or drains, or a generation that is not the engine's: fd is closed. */
+int nh_conn_route(struct nh_engine *engine, uint64_t conn, const char *authority, const char *ip, uint32_t port,
+                  int fd, uint64_t generation);
+
+/* What decides delivery changed: routes of another generation are no longer used. */
+void nh_engine_generation(struct nh_engine *engine, uint64_t generation);
 
 /* RST_STREAM CANCEL and reset the socket (ends NH_END_ABORTED). */
 int nh_stream_reset(struct nh_engine *engine, uint64_t stream);

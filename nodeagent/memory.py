@@ -230,6 +230,10 @@ class Holdings:
         """The `n` pod IPs holding the most, with what they hold, most first."""
         return sorted(self._by.items(), key=lambda item: (-item[1], item[0]))[:n]
 
+    def room(self, ip: str) -> int | None:
+        """How many more connections the pod at `ip` may hold (None: no cap)."""
+        return None if self.cap is None else max(0, self.cap - self._by.get(ip, 0))
+
     def capped(self, ip: str, pod: object) -> bool:
         """Whether the pod at `ip` holds `cap` connections, so a new one is refused; the
         refusals are logged at once, then at most every LOG_INTERVAL with how many there
@@ -277,6 +281,10 @@ class MemoryGuard:
         self._read_at: float | None = None
         self.over = False
         self.episodes = 0  # times it went over OVERLOAD
+        # called when a reading finds the agent newly over OVERLOAD, or newly at FULL: what
+        # was decided for new work without asking the guard stops (agent/proxy/routes.py)
+        self.tightening: list[Callable[[], None]] = []
+        self._full = False
         self._refusals = Throttle(LOG_INTERVAL, clock)  # log lines of `refused`
         self.holders = holders or sockdiag.holders
         self.destroy = destroy
@@ -304,6 +312,8 @@ class MemoryGuard:
         if self.limit is None:
             return
         share = usage / self.limit
+        tighter = (share >= OVERLOAD and not self.over) or (share >= FULL and not self._full)
+        self._full = share >= FULL
         if not self.over and share >= OVERLOAD:
             self.over = True
             self.episodes += 1
@@ -315,6 +325,9 @@ class MemoryGuard:
             self.over = False
             self.log.warning("memory: back to %d MiB, %.0f %% of the limit (%d MiB): new connections are "
                              "accepted again", usage // MIB, share * 100, self.limit // MIB)
+        if tighter:
+            for tightening in self.tightening:
+                tightening()
 
     def _held(self) -> str:
         if self.socket_usage is None:

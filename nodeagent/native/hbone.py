@@ -45,7 +45,8 @@ CLEAN = ("closed", "aborted")  # ends a relay reports without an error (aborted:
 STATS = ("conns_open", "conns_total", "handshakes_pending", "streams_open", "streams_total", "bytes_to_peer",
          "bytes_from_peer", "bytes_held", "bytes_held_peak", "stream_held_peak", "tls_failures", "refused_streams",
          "flood_goaways", "events_queued", "received_held", "received_held_peak", "streams_overloaded", "write_buffers", "send_held", "send_held_peak", "streams_send_waiting",
-         "frames_direct", "frames_copied", "received_direct", "received_copied", "stream_buffers", "buffers_released", "lingering", "lingered", "h2_held", "fatal")
+         "frames_direct", "frames_copied", "received_direct", "received_copied", "stream_buffers", "buffers_released", "lingering", "lingered", "h2_held", "streams_delivered", "route_failures",
+         "route_sockets", "fatal")
 
 
 def load():
@@ -132,7 +133,8 @@ class NativeStream:
         if abort is not None:
             abort.bind(self)
         try:
-            self._give(sock)
+            if sock is not None:  # None: a CONNECT the engine delivered on a route has its socket
+                self._give(sock)
         except OSError as exc:
             self.reset()
             return SpliceResult(error=exc)
@@ -145,13 +147,17 @@ class NativeStream:
 
 
 class Request(NativeStream):
-    """An inbound CONNECT; answer with accept(sock) or refuse(status)."""
+    """An inbound CONNECT; answer with accept(sock) or refuse(status). One the engine
+    delivered on a route (`delivered`: the local port of the route's socket it connected)
+    is answered and relaying already: carry(None) waits for its end, reset() takes it back."""
 
-    def __init__(self, engine: "HboneEngine", stream_id: int, conn: "ServerConnection", headers):
+    def __init__(self, engine: "HboneEngine", stream_id: int, conn: "ServerConnection", headers,
+                 delivered: int | None = None):
         super().__init__(engine, stream_id, conn)
         self.cancelled: asyncio.Future = engine._loop.create_future()  # the client reset it before the answer
         self.authority = headers[0][1] if headers and headers[0][0] == ":authority" else ""
         self.headers = tuple(h for h in headers if h[0] != ":authority")
+        self.delivered = delivered
 
     def accept(self, sock: socket.socket) -> None:
         rc = self.engine._lib.nh_stream_accept(self.engine._handle, self.id, sock.detach())
@@ -211,6 +217,16 @@ class ServerConnection(_Connection):
         super().__init__(engine, conn_id)
         self.admit, self.on_request, self.on_refused = admit, on_request, on_refused
         self.refused = {"max_streams": 0, "draining": 0}  # streams the engine refused without asking
+
+    def route(self, authority: str, address: tuple[str, int], sock: socket.socket, generation: int) -> None:
+        """One more socket (bound, not connected) for CONNECTs to `authority` on this
+        connection, connected to `address` by the engine itself while its generation is
+        `generation` (hbone.h, Routes); the engine owns it from here, and closes it when it
+        cannot take it."""
+        rc = self.engine._lib.nh_conn_route(self.engine._handle, self.id, authority.encode("ascii"),
+                                            address[0].encode("ascii"), address[1], sock.detach(), generation)
+        if rc < 0:
+            raise OSError(-rc, f"native HBONE route: {os.strerror(-rc)}")
 
 
 class HboneEngine:
@@ -280,6 +296,10 @@ class HboneEngine:
         conn = self._conns[rc] = ServerConnection(self, rc, admit, on_request, on_refused)
         return conn
 
+    def set_generation(self, generation: int) -> None:
+        """What decides delivery changed: the routes given before are no longer used."""
+        self._lib.nh_engine_generation(self._handle, generation)
+
     def stats(self) -> dict[str, int]:
         s = self._ffi.new("struct nh_stats *")
         if not self._closed:
@@ -333,20 +353,27 @@ class HboneEngine:
                     conn.up.set_exception(HboneFailed(end))
                     conn.up.exception()
                 _settle(conn.closed, end)
-        elif ev.type == lib.NH_EV_REQUEST:
+        elif ev.type in (lib.NH_EV_REQUEST, lib.NH_EV_DELIVERED):
             conn = self._conns.get(ev.conn)
             parts = data.split(b"\0")[:-1]
             headers = tuple((parts[i].decode("latin-1"), parts[i + 1].decode("latin-1"))
                             for i in range(0, len(parts) - 1, 2))
-            if conn is None:
-                lib.nh_stream_refuse(self._handle, ev.stream, 0)
+            delivered = ev.code if ev.type == lib.NH_EV_DELIVERED else None
+            if conn is None:  # not one of ours (stopping): no answer but a reset
+                if delivered is None:
+                    lib.nh_stream_refuse(self._handle, ev.stream, 0)
+                else:
+                    lib.nh_stream_reset(self._handle, ev.stream)
                 return
-            request = self._streams[ev.stream] = Request(self, ev.stream, conn, headers)
+            request = self._streams[ev.stream] = Request(self, ev.stream, conn, headers, delivered)
             conn.streams.add(ev.stream)
             try:
                 conn.on_request(request)
             except Exception:
-                request.refuse(503)
+                if delivered is None:
+                    request.refuse(503)
+                else:
+                    request.reset()
         elif ev.type == lib.NH_EV_RESPONSE:
             stream = self._streams.get(ev.stream)
             if stream is not None:

@@ -226,7 +226,11 @@ def test_streams_reset_once_relayed_end_their_app_connections(mesh):
         for stream_id in ids:
             late.reset(stream_id)
         assert late.ping()
-        settle(lambda: (agent_descriptors(sb), app_established(app)), (fds, apps),
+        # what the native engine keeps while the connection lives: the sockets of the route
+        # the agent gave it for more CONNECTs of this kind (agent/proxy/routes.py)
+        native = sb.status()["data_path"]["hbone"]["native"]
+        routed = native["route_sockets"] if native else 0
+        settle(lambda: (agent_descriptors(sb), app_established(app)), (fds + routed, apps),
                f"(agent descriptors, app connections) after resetting {count} relayed streams")
     finally:
         late.close()

@@ -13,6 +13,7 @@ import pytest
 
 from engines import NATIVE_HBONE, engine_fixture, native_relays
 from identity_fixtures import run, until
+from nodeagent.agent.proxy.routes import ROUTE_SOCKETS
 from nodeagent.resets import LINGER_RESET
 from nodeagent.tunnel import ConnectRefused, HandshakeFailed
 from nodeagent.xds.dataplane import TLV_ENDPOINT, TLV_PRINCIPAL, TLV_SOURCE_LABELS, TLV_SOURCE_WORKLOAD, ProxyHeader
@@ -51,15 +52,18 @@ async def exchange(reader, writer) -> tuple[str, bytes]:
     return greeting, echo
 
 
-def test_outbound_to_a_meshed_service_crosses_hbone_and_reaches_the_app_as_the_client(node):
+def test_outbound_to_a_meshed_service_crosses_hbone_and_reaches_the_app_as_the_client(node, engine):
     async def body(w: World):
         await w.app.start()
         greeting, echo = await exchange(*await w.dial_out(SERVICE))
         assert echo == PING and greeting.startswith(CLIENT + ":")  # the app saw the client pod's address
         await w.settled(flows=2)
         client, server = w.enrolled[CLIENT], w.enrolled[SERVER]
+        delivery = ("transparent", server.netns_fd, DELIVERY_MARK, CLIENT)  # into the server pod, as the client
+        # the native HBONE engine is then given a route's sockets for more of its kind, made the same way
+        routed = ROUTE_SOCKETS if engine == NATIVE_HBONE else 0
         assert w.sockets.asked == [("upstream", client.netns_fd, MARK),  # HBONE from the client pod's netns
-                                   ("transparent", server.netns_fd, DELIVERY_MARK, CLIENT)]  # delivery as it
+                                   delivery] + [delivery] * routed
         assert w.failures() == {}
         assert (w.value("nodeagent_outbound_connections_total"), w.value("nodeagent_inbound_connections_total"),
                 w.value("nodeagent_passthrough_connections_total")) == (1, 1, 0)
@@ -488,6 +492,9 @@ def test_a_stream_for_a_pod_that_left_is_refused_503_pod_gone(node):
         pool = await w.hbone_client()
         await round_trip(await w.open_stream(pool, w.app.address))
         del w.enrolled[SERVER]  # removed between the handshake and the next stream
+        # as the agent does when a pod leaves (TunnelInbound.drain, before its GOAWAY): the
+        # native engine's routes are stale, so the stream comes to the agent's own check
+        w.tunnel.routes.invalidate()
         with pytest.raises(ConnectRefused) as refused:
             await w.open_stream(pool, w.app.address)
         assert refused.value.status == 503

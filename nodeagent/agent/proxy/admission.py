@@ -89,6 +89,8 @@ class InboundConnections:
         self.waypoint = waypoint  # the node's waypoint (or NoWaypoint): its ACKed steering
         self.log = log
         self._delivered: set[Delivered] = set()
+        # called first thing by every recheck: what decides admission changed (routes.py)
+        self.changing: list[Callable[[], None]] = []
         self.revoked = Counter("nodeagent_inbound_connections_revoked",
                                "Inbound connections the agent sent on (delivered or through the waypoint) reset "
                                "because a policy or waypoint change sends them another way, by that way "
@@ -112,6 +114,8 @@ class InboundConnections:
     def recheck(self) -> int:
         """Admit every tracked connection again; reset those that would now go another
         way or meet another waypoint filter chain. Returns how many were reset."""
+        for changing in self.changing:
+            changing()
         policies, ended = self.policies(), 0
         for entry in list(self._delivered):
             if entry.revoked is not None:

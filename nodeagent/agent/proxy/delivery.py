@@ -82,6 +82,24 @@ class Delivery:
             ends.callback(self._forget, local)
             return upstream
 
+    def unconnected(self, ctx: PodContext, src: Address) -> socket.socket:
+        """A socket as `connect` makes one, not connected (for the native engine's routes,
+        routes.py): its address counts as ours until `release`d or `adopt`ed."""
+        sock = inpod.transparent_upstream(ctx, self.mark, src[0], avoid_port=src[1])
+        self._ours[sock.getsockname()[:2]] += 1
+        return sock
+
+    def adopt(self, local: Address, ends: ExitStack, counted: bool) -> None:
+        """A connection the engine made from `local` (a socket of `unconnected`: counted,
+        or one released meanwhile) counts as ours until `ends` closes."""
+        if not counted:
+            self._ours[local] += 1
+        ends.callback(self._forget, local)
+
+    def release(self, local: Address) -> None:
+        """A socket of `unconnected` the engine closed without connecting it."""
+        self._forget(local)
+
     def _forget(self, local: Address) -> None:
         self._ours[local] -= 1
         if not self._ours[local]:
@@ -162,12 +180,13 @@ def _peer_of_principal(principal: str) -> Peer:
 
 
 async def relay_delivered(inputs: ProxyInputs, flow: Flow, entry: Delivered, client,
-                          upstream: socket.socket) -> SpliceResult:
+                          upstream: socket.socket | None) -> SpliceResult:
     """Relay a connection the agent sent on (to the app, or to the waypoint), tracked
     (`entry`, from `connections.delivering`, entered before the upstream connect so
     no re-check misses it) for re-checks, then close its report: with DENY when a
     policy change revoked it. One revoked while connecting is reset as it starts.
-    Returns the relay's result (the same-node fast path reports the source's end too)."""
+    Returns the relay's result (the same-node fast path reports the source's end too).
+    `upstream` None: the native engine delivered `client` itself and relays it (routes.py)."""
     result = await relay(inputs, "inbound", client, upstream, entry.abort)
     received, sent, revoked, telemetry = result.a_to_b, result.b_to_a, entry.revoked, inputs.telemetry
     if revoked is None:

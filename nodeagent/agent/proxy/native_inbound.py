@@ -220,23 +220,32 @@ class NativeRequest:
     """An inbound CONNECT of the native engine as `_on_stream` uses a server HboneStream:
     `respond` (200 is sent when the relay hands over the delivered socket: the engine
     answers and relays at once), `ended`/`wait_closed` (the client reset it, or it
-    ended), and `carry` for the relay's splice."""
+    ended), and `carry` for the relay's splice. One the engine delivered on a route
+    (`delivered`, hbone.h Routes) was answered 200 already: any other answer resets it."""
 
     def __init__(self, request: hbone.Request, metrics: TunnelMetrics):
         self.request, self.metrics = request, metrics
         self.status: int | None = None
 
+    @property
+    def delivered(self) -> int | None:
+        """The local port of the socket the engine delivered it on, or None: ours to deliver."""
+        return self.request.delivered
+
     def respond(self, status: int = 200, headers=(), reason: str | None = None) -> None:
         if self.status is not None:
             raise RuntimeError("respond() is for a server stream, once")
         self.status = status
-        if status == 200:  # sent by carry(), with the socket
+        if status == 200:  # sent by carry(), with the socket (or by the engine, on a route)
             if not self.ended:
                 self.metrics.streams_opened.labels(direction=DIRECTION).inc()
             return
         if not self.ended:  # else the client reset it first: answered all the same, not counted
             self.metrics.refused(DIRECTION, reason or f"status_{status}")
-        self.request.refuse(status)
+        if self.delivered is not None:
+            self.request.reset()  # answered 200 by the engine: taken back with a reset
+        else:
+            self.request.refuse(status)
 
     @property
     def ended(self) -> bool:
@@ -251,13 +260,17 @@ class NativeRequest:
         await asyncio.wait(self.gone, return_when=asyncio.FIRST_COMPLETED)
 
     def abort(self) -> None:
-        if self.status is None:
+        if self.status is None and self.delivered is None:
             self.status = 0
             self.request.refuse(0)  # unanswered: REFUSED_STREAM
         else:
+            self.status = 0 if self.status is None else self.status
             self.request.reset()
 
-    async def carry(self, sock: socket.socket, abort=None) -> SpliceResult:
+    async def carry(self, sock: socket.socket | None, abort=None) -> SpliceResult:
+        """Relay `sock` (None: the socket the engine delivered it on) until the stream ends."""
+        if self.delivered is not None:
+            return await self.request.carry(None, abort)
         if self.request.cancelled.done() and not self.request.ended.done():
             self.request.refuse(0)  # reset by the client before the answer: nothing to relay
             reset(sock)

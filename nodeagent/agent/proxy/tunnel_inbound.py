@@ -14,7 +14,10 @@ leaves no socket behind; one reset later ends its relay, which resets the app co
 
 With the native HBONE engine (setting hbone_engine) the engine does TLS and HTTP/2 on the
 accepted socket (native_inbound.NativeServing) and each CONNECT comes to the same
-`_on_stream` as a NativeRequest.
+`_on_stream` as a NativeRequest. Once a CONNECT was delivered, the engine is given a
+route for more of its kind on that connection (routes.py) and delivers them itself; each
+comes here afterwards, already delivered, is admitted again as any other, and is reset
+if what decides it changed as the engine read it.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import socket
 from typing import Awaitable, TypeVar
 
 from nodeagent.agent.inpod.sockets import PodContext
-from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, admit
+from nodeagent.agent.proxy.admission import DELIVER, DENY, WAYPOINT, Admission, admit
 from nodeagent.agent.proxy.delivery import Delivery, open_flow, open_inbound, relay_delivered
 from nodeagent.agent.proxy.hbone_native import HboneEngines
 from nodeagent.agent.proxy.native_inbound import NativeRequest, NativeServing
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import connect_failure_reason
+from nodeagent.agent.proxy.routes import Routes
 from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.policy import Connection
@@ -54,6 +58,9 @@ class TunnelInbound:
                                   memory=inputs.memory)
         self.engines = engines  # None or python: the HboneServer above serves
         self.native = NativeServing(self, tunnel_metrics, log)
+        self.routes = Routes(delivery, engines, inputs.memory, log)
+        inputs.connections.changing.append(self.routes.invalidate)
+        inputs.memory.tightening.append(self.routes.invalidate)
 
     async def handle(self, ctx: PodContext, sock: socket.socket) -> None:
         """An accepted connection on the pod's tunnel port."""
@@ -76,6 +83,7 @@ class TunnelInbound:
 
     def drain(self, ip: str) -> None:
         """A pod left: its HBONE connections take no new streams (GOAWAY once idle)."""
+        self.routes.invalidate()
         for session in list(self.server.sessions):
             if session.local_address[0] == ip:
                 session.drain()
@@ -100,6 +108,8 @@ class TunnelInbound:
         self.metrics.inbound.inc()
         refusal = self.inputs.memory.refusal(ctx.pod.ip, ctx)
         if refusal is not None:  # a new stream: 503, as Envoy's circuit breakers and overload manager answer
+            if _delivered(stream):
+                self.routes.invalidate()  # the engine delivers nothing more for the pod without asking
             stream.respond(503, reason=refusal)
             return
         with self.inputs.memory.holdings.held(ctx.pod.ip):
@@ -118,6 +128,13 @@ class TunnelInbound:
             return
         conn = Connection(src[0], info.peer_identity, flow.source.namespace, ctx.pod, dst[0], dst[1])
         admission = admit(self.inputs.policies.current, self.inputs.waypoint, conn, plaintext=False)
+        if admission.route != DELIVER and _delivered(stream):
+            self.routes.invalidate()  # the engine read it as what decides it changed: no more of those
+            if admission.route == WAYPOINT:
+                stream.respond(503, reason="waypoint_steering_changed")
+                self.inputs.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed",
+                                            reason="the port is now behind the waypoint")
+                return
         if admission.route == WAYPOINT:
             await self._through_waypoint(ctx, stream, flow, conn, admission)
             return
@@ -155,8 +172,15 @@ class TunnelInbound:
             stream.respond(200)
             await relay_delivered(self.inputs, flow, entry, stream, upstream)
 
-    async def _deliver(self, ctx: PodContext, stream: HboneStream, flow, conn: Connection, src, dst) -> None:
+    async def _deliver(self, ctx: PodContext, stream: HboneStream | NativeRequest, flow, conn: Connection, src,
+                       dst) -> None:
         with self.inputs.connections.delivering(conn, src, plaintext=False) as entry:
+            if _delivered(stream):  # by the engine, on a route: connected and answered
+                self.routes.delivered(stream, src[0], entry.ends)
+                stream.respond(200)
+                self.routes.later(ctx, stream, src, dst)
+                await relay_delivered(self.inputs, flow, entry, stream, None)
+                return
             try:
                 upstream = await self.delivery.connect(ctx, src, dst, entry.ends, stream.gone)
             except (OSError, asyncio.TimeoutError) as exc:
@@ -170,6 +194,7 @@ class TunnelInbound:
                 self._client_reset(flow)
                 return
             stream.respond(200)
+            self.routes.later(ctx, stream, src, dst)
             await relay_delivered(self.inputs, flow, entry, stream, upstream)
 
     def _client_reset(self, flow) -> None:
@@ -177,6 +202,11 @@ class TunnelInbound:
         flood of them is logged once, by the tunnel's reset limit)."""
         self.metrics.failure("inbound", "client_reset")
         self.inputs.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="client_reset")
+
+
+def _delivered(stream) -> bool:
+    """Whether the native engine delivered `stream` on a route (routes.py)."""
+    return getattr(stream, "delivered", None) is not None
 
 
 async def unless_reset(stream: HboneStream, opening: Awaitable[T]) -> T | None:

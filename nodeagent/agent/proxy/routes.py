@@ -1,0 +1,134 @@
+"""The destination's delivery by the native HBONE engine, without a round through this
+loop (docs/design.md "Delivery by the engine", issue 11).
+
+Once this agent delivered a CONNECT itself (tunnel_inbound.py), it gives the engine a
+route for more of its kind on that HBONE connection (one peer identity, one source IP):
+sockets made in the pod's netns as `Delivery.connect` makes them (transparent, marked,
+bound to the client's IP), not connected, and the generation of what decided it. While
+the engine's generation is still the route's, it delivers the next CONNECTs to that
+:authority itself (connect, 200, relay) and this agent hears of each afterwards (a
+request with `delivered`), admits it again as any other, and resets one it would not have
+delivered. Every change of what decides delivery moves the generation first
+(`invalidate`): a recheck (policies, steering, the model: InboundConnections.changing), a
+pod leaving, the memory guard refusing, so no CONNECT the engine reads after such a
+change goes by a route made before it. A pod's connection cap bounds the sockets given
+(`Holdings.room`), so the engine never delivers past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from contextlib import ExitStack
+
+from nodeagent.agent.inpod.sockets import PodContext
+from nodeagent.agent.proxy.delivery import Delivery
+from nodeagent.agent.proxy.hbone_native import HboneEngines
+from nodeagent.agent.proxy.native_inbound import NativeRequest
+from nodeagent.memory import MemoryGuard
+
+Address = tuple[str, int]
+ROUTE_SOCKETS = 4  # sockets a route is given when this agent delivered; one more for each the engine uses
+
+
+class _Given:
+    """The sockets one route was given that the engine may still hold: the client's IP
+    they are bound to, and how many on each port."""
+
+    def __init__(self, ip: str):
+        self.ip = ip
+        self.ports: collections.Counter[int] = collections.Counter()
+
+    def __len__(self) -> int:
+        return sum(self.ports.values())
+
+
+class Routes:
+    def __init__(self, delivery: Delivery, engines: HboneEngines | None, memory: MemoryGuard, log: logging.Logger):
+        self.delivery, self.engines, self.memory, self.log = delivery, engines, memory, log
+        self.generation = 1
+        self._given: dict[tuple[int, str], _Given] = {}  # (engine connection id, :authority) -> its sockets
+        self._watched: set[int] = set()  # connections whose end releases what they were given
+        self._told = None  # the engine last told the generation (a new one starts at 0)
+
+    def _engine(self):
+        return self.engines.engine if self.engines is not None and self.engines.native else None
+
+    def invalidate(self) -> None:
+        """What decides delivery changed: the engine uses no route given before."""
+        self.generation += 1
+        self._tell(self._engine())
+        for key in list(self._given):
+            self._release(key)
+
+    def delivered(self, stream: NativeRequest, client_ip: str, ends: ExitStack) -> None:
+        """`stream` came delivered by the engine: the address of the socket it used (bound
+        to `client_ip`) counts as ours (a connection steered back from it is a loop) until
+        `ends` closes."""
+        request = stream.request
+        given = self._given.get((request.conn.id, request.authority))
+        port = stream.delivered
+        counted = given is not None and given.ports[port] > 0
+        if counted:
+            given.ports[port] -= 1
+            given.ports += collections.Counter()  # drop the zero
+        self.delivery.adopt((client_ip, port), ends, counted)
+
+    def offer(self, ctx: PodContext, stream: NativeRequest, src: Address, dst: Address) -> None:
+        """After `stream` was delivered (by this agent, or by the engine on a route), give
+        the engine sockets for more CONNECTs of its kind: ROUTE_SOCKETS when it asked
+        (it holds none for it any more), one to replace the one it used; none past the
+        pod's connection cap or while the memory guard refuses new work for the pod."""
+        engine = self._engine()
+        conn = stream.request.conn
+        if engine is None or conn.closed.done() or self.memory.refuses(ctx.pod.ip):
+            return
+        if engine is not self._told:
+            self._tell(engine)
+        key = (conn.id, stream.request.authority)
+        if stream.delivered is None:
+            self._release(key)  # the engine dropped what it held of this route, or used it all
+        given = self._given.setdefault(key, _Given(src[0]))
+        if conn.id not in self._watched:
+            self._watched.add(conn.id)
+            conn.closed.add_done_callback(lambda _: self._ended(conn.id))
+        want = ROUTE_SOCKETS - len(given) if stream.delivered is None else 1
+        room = self.memory.holdings.room(ctx.pod.ip)
+        for _ in range(want if room is None else min(want, room - len(given))):
+            try:
+                sock = self.delivery.unconnected(ctx, src)
+            except OSError as exc:  # Delivery.connect will say it when it meets it
+                self.log.debug("no route socket for %s to %s: %s", src[0], ctx, exc)
+                return
+            port = sock.getsockname()[1]
+            try:
+                conn.route(stream.request.authority, dst, sock, self.generation)
+            except OSError as exc:  # the engine stopped: it closed the socket
+                self.delivery.release((src[0], port))
+                self.log.debug("route for %s to %s not taken: %s", src[0], ctx, exc)
+                return
+            given.ports[port] += 1
+
+    def later(self, ctx: PodContext, stream, src: Address, dst: Address) -> None:
+        """`offer` once the current step of the loop is done (after the answer went out),
+        for a stream of the native engine; nothing for the Python engine's."""
+        if isinstance(stream, NativeRequest) and self._engine() is not None:
+            asyncio.get_running_loop().call_soon(self.offer, ctx, stream, src, dst)
+
+    def _tell(self, engine) -> None:
+        if engine is not None:
+            engine.set_generation(self.generation)
+        self._told = engine
+
+    def _release(self, key: tuple[int, str]) -> None:
+        given = self._given.pop(key, None)
+        if given is not None:
+            for port, count in given.ports.items():
+                for _ in range(count):
+                    self.delivery.release((given.ip, port))
+
+    def _ended(self, conn_id: int) -> None:
+        self._watched.discard(conn_id)
+        for key in [k for k in self._given if k[0] == conn_id]:
+            self._release(key)

@@ -1,0 +1,125 @@
+"""The destination's delivery by the native HBONE engine (agent/proxy/routes.py, the
+Routes of native/hbone.h), through the real relays of a loopback node (relay_world.py):
+once the agent delivered a CONNECT itself, the engine delivers the next ones of that
+kind on that connection without asking, transparent and byte-identical, each reported
+and tracked as any other; a recheck (a policy change) stops that before the next
+CONNECT; and what the engine delivered under a change it had not been told of is reset
+by the agent's own admission, reported denied.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engines import NATIVE_HBONE, engine_fixture
+from identity_fixtures import run, until
+from nodeagent.agent.proxy.routes import ROUTE_SOCKETS
+from policy_world import document
+from relay_world import CLIENT, SERVICE, World, ended
+
+engine = engine_fixture((NATIVE_HBONE,))
+
+DENY_SLEEP = document("AuthorizationPolicy", "mesh", "deny-sleep", """
+action: DENY
+rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/sleep]}}]}]
+""")
+
+
+@pytest.fixture
+def node(tmp_path, monkeypatch, engine):
+    def on_node(body):
+        async def main():
+            async with World(tmp_path, monkeypatch, engine=engine) as world:
+                await body(world)
+        run(main(), timeout=120)
+    return on_node
+
+
+def stats(w: World) -> dict:
+    return w.hbone_engines.describe()["native"]
+
+
+async def echo_once(w: World, payload: bytes) -> bytes:
+    """One connection of the client pod to the service: the app's greeting (the client's
+    address as the app saw it), then `payload` echoed, then EOF both ways."""
+    reader, writer = await w.dial_out(SERVICE)
+    greeting = await reader.readline()
+    writer.write(payload)
+    await writer.drain()
+    assert await reader.readexactly(len(payload)) == payload
+    await until(lambda: w.delivery.is_ours(w.app.peers[-1]))  # its delivery is known as ours while it lives
+    writer.write_eof()
+    assert await ended(reader) == "eof"
+    writer.close()
+    return greeting
+
+
+def destination_flows(w: World) -> list[dict]:
+    return [f for f in w.flows() if f["reporter"] == "destination"]
+
+
+def test_the_engine_delivers_the_next_connects_of_a_delivered_kind(node):
+    async def body(w: World):
+        await w.app.start()
+        sent = []
+        for i in range(5):
+            payload = f"round {i}\n".encode() * (100 + i)
+            greeting = await echo_once(w, payload)
+            assert greeting.startswith(f"{CLIENT}:".encode())  # as the client, whoever connected
+            sent.append((len(payload), len(greeting) + len(payload)))
+            await w.settled(flows=2 * (i + 1))
+        s = stats(w)
+        # the first the agent delivered; the engine the four after it, each socket replaced
+        assert (s["streams_delivered"], s["route_failures"], s["route_sockets"]) == (4, 0, ROUTE_SOCKETS)
+        assert [(f["verdict"], f["bytes_received"], f["bytes_sent"], f["security"]) for f in destination_flows(w)] == [
+            ("allowed", received, app_sent, "mutual_tls") for received, app_sent in sent]
+        assert w.value("nodeagent_hbone_streams_opened_total", direction="inbound") == 5
+        assert w.value("nodeagent_hbone_streams", direction="inbound") == 0
+        assert len(w.connections) == 0 and len(w.app.peers) == 5
+        assert not any(w.delivery.is_ours(peer) for peer in w.app.peers)  # each released at its end
+    node(body)
+
+
+def test_a_policy_change_stops_the_routes_before_the_next_connect(node):
+    async def body(w: World):
+        await w.app.start()
+        for _ in range(2):
+            await echo_once(w, b"allowed\n")
+        await w.settled(flows=4)
+        assert stats(w)["streams_delivered"] == 1
+        w.apply(DENY_SLEEP)
+        assert w.connections.recheck() == 0  # nothing open to reset; the routes are stale now
+        reader, writer = await w.dial_out(SERVICE)
+        assert await ended(reader) == "reset"  # refused (403) by the agent: the app never saw it
+        writer.close()
+        await w.settled(flows=6)
+        assert len(w.app.peers) == 2
+        s = stats(w)
+        assert (s["streams_delivered"], s["route_sockets"]) == (1, 0)  # the stale route dropped, its sockets closed
+        assert destination_flows(w)[-1]["verdict"] == "denied"
+        assert w.value("nodeagent_policy_denials_total", policy="mesh/deny-sleep") == 1
+    node(body)
+
+
+def test_what_the_engine_delivered_under_a_change_it_was_not_told_of_is_reset(node):
+    async def body(w: World):
+        await w.app.start()
+        await echo_once(w, b"allowed\n")
+        await w.settled(flows=2)
+        w.apply(DENY_SLEEP)  # no recheck: the engine's generation is the route's still
+        reader, writer = await w.dial_out(SERVICE)
+        assert await ended(reader) == "reset"  # delivered by the engine, reset by the agent's admission
+        writer.close()
+        await w.settled(flows=4)
+        assert stats(w)["streams_delivered"] == 1 and len(w.app.peers) == 2
+        flow = destination_flows(w)[-1]
+        assert (flow["verdict"], flow["response_flags"]) == ("denied", "DENY")
+        assert w.value("nodeagent_hbone_streams_refused_total", direction="inbound", reason="policy_denied") == 1
+        assert len(w.connections) == 0
+        # and that moved the generation: the next one is the agent's to decide, and refused
+        reader, writer = await w.dial_out(SERVICE)
+        assert await ended(reader) == "reset"
+        writer.close()
+        await w.settled(flows=6)
+        assert stats(w)["streams_delivered"] == 1 and len(w.app.peers) == 2
+    node(body)
