@@ -120,6 +120,8 @@ static void pump(int timeout_ms)
             struct nh_event *ev = &batch[i];
             if (ev->type == NH_EV_CONN_UP)
                 nh_conn_verdict(E, ev->conn, 1);  /* both sides' CONN_UP: the client's is ignored */
+            if (ev->type == NH_EV_DELIVERED)
+                CHECK(ev->data_len > 11 && !strcmp(ev->data, ":authority"), "delivered without :authority first");
             if (ev->type == NH_EV_REQUEST) {
                 CHECK(ev->data_len > 11 && !strcmp(ev->data, ":authority"), "request without :authority first");
                 last_request = ev->stream;
@@ -319,6 +321,61 @@ int main(int argc, char **argv)
     end = wait_event(NH_EV_STREAM_END, 0, server_s1);
     CHECK(end->how == NH_END_CLOSED && end->from_peer == 1 << 20 && end->to_peer == 256 << 10, "server end %u", end->how);
     close(app);
+
+    /* routes: the server delivers a CONNECT itself on a route of the engine's generation
+     * (NH_EV_DELIVERED, the local port of the route's socket), and asks again once the
+     * generation moved; a socket given under another generation is closed */
+    uint64_t server_conn = wait_event(NH_EV_REQUEST, 0, server_s1)->conn;
+    int app_listener = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in la = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t lalen = sizeof la;
+    CHECK(bind(app_listener, (void *)&la, sizeof la) == 0 && listen(app_listener, 8) == 0
+          && getsockname(app_listener, (void *)&la, &lalen) == 0, "app listener");
+    uint32_t app_port = ntohs(la.sin_port);
+    nh_engine_generation(E, 1);
+    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "127.0.0.1", app_port, socket(AF_INET, SOCK_STREAM, 0), 1) == 0,
+          "route");
+    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "127.0.0.1", app_port, socket(AF_INET, SOCK_STREAM, 0), 0) == 0,
+          "a stale route socket");
+    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "not an ip", 80, socket(AF_INET, SOCK_STREAM, 0), 1) == -EINVAL,
+          "a route to no address");
+    tcp_pair(&app, &theirs);
+    int64_t s9 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
+    CHECK(wait_event(NH_EV_RESPONSE, 0, (uint64_t)s9)->status == 200, "routed status");
+    const struct nh_event *routed = wait_event(NH_EV_DELIVERED, server_conn, 0);
+    uint64_t routed_stream = routed->stream;
+    int delivered = accept(app_listener, NULL, NULL);
+    struct sockaddr_in peer;
+    socklen_t plen = sizeof peer;
+    CHECK(delivered >= 0 && getpeername(delivered, (void *)&peer, &plen) == 0 && ntohs(peer.sin_port) == routed->code,
+          "delivered from the route's socket");
+    CHECK(transfer(app, delivered, 100 << 10, 3) == 100 << 10, "routed up");
+    CHECK(transfer(delivered, app, 50 << 10, 5) == 50 << 10, "routed down");
+    end = wait_event(NH_EV_STREAM_END, 0, routed_stream);
+    CHECK(end->how == NH_END_CLOSED && end->from_peer == 100 << 10 && end->to_peer == 50 << 10, "routed end %u", end->how);
+    wait_event(NH_EV_STREAM_END, 0, (uint64_t)s9);
+    close(app);
+    close(delivered);
+    nh_engine_stats(E, &st);
+    CHECK(st.streams_delivered == 1 && st.route_sockets == 0 && st.route_failures == 0,
+          "routes: %lu delivered, %lu sockets, %lu failures", (unsigned long)st.streams_delivered,
+          (unsigned long)st.route_sockets, (unsigned long)st.route_failures);
+    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "127.0.0.1", app_port, socket(AF_INET, SOCK_STREAM, 0), 1) == 0,
+          "route again");
+    nh_engine_generation(E, 2);
+    int apps_before = napps;
+    tcp_pair(&app, &theirs);
+    int64_t s10 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
+    CHECK(wait_event(NH_EV_RESPONSE, 0, (uint64_t)s10)->status == 200, "asked status");
+    CHECK(napps == apps_before + 1, "the CONNECT after the generation moved was not asked for");
+    CHECK(transfer(app, server_app[napps - 1], 1000, 9) == 1000, "asked up");
+    CHECK(transfer(server_app[napps - 1], app, 1000, 11) == 1000, "asked down");
+    wait_event(NH_EV_STREAM_END, 0, (uint64_t)s10);
+    close(app);
+    close(app_listener);
+    nh_engine_stats(E, &st);
+    CHECK(st.streams_delivered == 1 && st.route_sockets == 0, "a stale route used: %lu delivered, %lu sockets",
+          (unsigned long)st.streams_delivered, (unsigned long)st.route_sockets);
 
     /* the client's first bytes go with the CONNECT (peeked): a refusal leaves them in the
      * socket and counts none sent; an answered stream takes them once */

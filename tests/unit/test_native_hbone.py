@@ -1473,8 +1473,9 @@ SANITIZERS = {"address": "address,undefined", "thread": "thread"}
 @pytest.mark.parametrize("name", SANITIZERS)
 def test_the_engine_is_clean_under_sanitizers(pki, tmp_path, name):
     """tests/unit/hbone_sanity.c drives native/hbone.c through its API alone (a stream with
-    a half-close each way, a reset, a refusal, 20 streams, a plaintext peer, a wrong
-    identity, stop with a stream open, free), built with ASan+LSan+UBSan and with TSan
+    a half-close each way, a reset, a refusal, a CONNECT delivered on a route and one
+    asked for once the generation moved, 20 streams, a plaintext peer, a wrong identity,
+    stop with a stream open, free), built with ASan+LSan+UBSan and with TSan
     (a second thread reads the stats all along). Any report fails the run."""
     import shutil
     import subprocess
