@@ -44,3 +44,14 @@ def enrolled(sb: Sandbox) -> None:
     """Wait until the agent has enrolled both meshed pods and holds their certificate."""
     sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True],
                 15, "both pods enrolled and their certificate held")
+
+
+def inbound_counted(sb: Sandbox, count: int) -> dict:
+    """The agent's counters once its destination side counted `count` streams and
+    connections: one its engine delivered on a route (agent/proxy/routes.py) is counted
+    when the agent's loop hears of it, which can be after the client is done."""
+    def counted(status: dict) -> bool:
+        c = status["counters"]
+        return (c.get("hbone_streams_opened_total{direction=inbound}", 0) >= count
+                and c.get("inbound_connections_total", 0) >= count)
+    return sb.wait_for(counted, 10, f"the destination side counting {count} streams")["counters"]

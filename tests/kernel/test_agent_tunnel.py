@@ -24,7 +24,7 @@ from agent_sockets import connected_tcp_sockets
 from hbone_attacks import aim, attack, labelled, refusals
 from nodeagent.agent.config import SETTINGS
 from nodeagent.bench.probe import HoldClient
-from meshed_sandbox import PORT, meshed_sandbox
+from meshed_sandbox import PORT, inbound_counted, meshed_sandbox
 from nodeagent.bench.sandbox import Sandbox, SandboxPod, scaled
 
 pytestmark = pytest.mark.root
@@ -65,7 +65,7 @@ def test_same_node_meshed_traffic_goes_through_the_tunnel(mesh):
     sb, client, server, legacy = mesh
     result = connect(sb, client, server, 20)
     assert result["ok"] == 20 and result["peers"] == {client.ip: 20}  # the app saw the client's own address
-    c = sb.status()["counters"]
+    c = inbound_counted(sb, 20)
     assert c["hbone_streams_opened_total{direction=inbound}"] == 20
     assert c["hbone_streams_opened_total{direction=outbound}"] == 20
     assert c.get("passthrough_connections_total", 0) == 0
@@ -96,7 +96,7 @@ def test_bad_clients_on_the_real_tunnel_port_are_refused_and_harm_no_one(mesh):
     finally:
         held.close()
     assert connect(sb, client, server, 5)["ok"] == 5
-    assert sb.status()["counters"]["hbone_streams_opened_total{direction=inbound}"] == 6
+    assert inbound_counted(sb, 6)["hbone_streams_opened_total{direction=inbound}"] == 6
 
 
 def test_a_valid_client_cannot_aim_a_stream_at_another_pod_or_at_the_agent(mesh):

@@ -22,6 +22,7 @@ import pytest
 
 from nodeagent.bench import sandbox as sandbox_module
 from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled
+from meshed_sandbox import inbound_counted
 from nodeagent.errors import NodeagentError
 
 pytestmark = pytest.mark.root
@@ -97,8 +98,8 @@ def test_a_restart_while_the_ca_is_down_keeps_serving_with_the_certificate_left(
     sb.start_agent(*sb.ca_args(), HBONE)  # returns once ready: with the CA down, only the file can make it so
     after = connect(sb, client, server)
     assert after["ok"] == COUNT and after["peers"] == {client.ip: COUNT}
+    assert inbound_counted(sb, COUNT)[INBOUND_STREAMS] == COUNT  # through the new agent's tunnel
     status = sb.status()
-    assert status["counters"][INBOUND_STREAMS] == COUNT  # through the new agent's tunnel
     assert status["ready"] is True and status["not_ready"] == [] and holds_certificate(status)
     assert readiness(sb) == (200, "ready\n")
     assert open(key_file(sb), "rb").read() == left  # served as it was, no CA involved

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from meshed_sandbox import PORT, meshed_sandbox
+from meshed_sandbox import PORT, inbound_counted, meshed_sandbox
 from nodeagent.bench.probe import HoldClient
 from nodeagent.native import openssl
 from hbone_attacks import attack, refusals
@@ -32,8 +32,8 @@ def test_meshed_traffic_crosses_the_native_engine(mesh):
     sb, client, server, attacker, app = mesh
     result = connect(sb, client, server, 20)
     assert result["ok"] == 20 and result["peers"] == {client.ip: 20}
+    c = inbound_counted(sb, 20)
     status = sb.status()
-    c = status["counters"]
     assert c["hbone_streams_opened_total{direction=inbound}"] == 20
     assert c["hbone_streams_opened_total{direction=outbound}"] == 20
     assert f"HBONE: native engine (OpenSSL {openssl.VERSION}) [hbone_engine=native]" in status["data_path"]["summary"]

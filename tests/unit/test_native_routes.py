@@ -13,9 +13,11 @@ import pytest
 
 from engines import NATIVE_HBONE, engine_fixture
 from identity_fixtures import run, until
+from nodeagent.agent.proxy.native_inbound import NativeRequest
 from nodeagent.agent.proxy.routes import ROUTE_SOCKETS
+from nodeagent.native import hbone
 from policy_world import document
-from relay_world import CLIENT, SERVICE, World, ended
+from relay_world import CLIENT, SERVER, SERVICE, World, ended
 
 engine = engine_fixture((NATIVE_HBONE,))
 
@@ -122,4 +124,22 @@ def test_what_the_engine_delivered_under_a_change_it_was_not_told_of_is_reset(no
         writer.close()
         await w.settled(flows=6)
         assert stats(w)["streams_delivered"] == 1 and len(w.app.peers) == 2
+    node(body)
+
+
+def test_a_delivered_stream_that_ended_before_the_agent_heard_of_it_counts_as_opened(node):
+    """The engine answers 200 and relays before the agent's loop hears of the CONNECT, so
+    its end can come in the same batch of events, ahead of the agent's answer: it was
+    opened all the same (without this, the kernel tier read 5-16 of 20 right after its
+    client was done, some of them never to come)."""
+    async def body(w: World):
+        engine = w.hbone_engines.engine
+        request = hbone.Request(engine, 987654, None, ((":authority", f"{SERVER}:80"),), delivered=40000)
+        request.ended.set_result(hbone.End("closed", to_peer=5, from_peer=5))  # settled first by its STREAM_END
+        NativeRequest(request, w.tunnel.native.metrics).respond(200)
+        assert w.value("nodeagent_hbone_streams_opened_total", direction="inbound") == 1
+        unanswered = hbone.Request(engine, 987655, None, ((":authority", f"{SERVER}:80"),))
+        unanswered.cancelled.set_result(8)  # one the agent answers after the client reset it: not opened
+        NativeRequest(unanswered, w.tunnel.native.metrics).respond(200)
+        assert w.value("nodeagent_hbone_streams_opened_total", direction="inbound") == 1
     node(body)

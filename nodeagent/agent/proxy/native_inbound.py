@@ -237,7 +237,8 @@ class NativeRequest:
             raise RuntimeError("respond() is for a server stream, once")
         self.status = status
         if status == 200:  # sent by carry(), with the socket (or by the engine, on a route)
-            if not self.ended:
+            # one the engine delivered was opened, whether or not it ended before this loop heard of it
+            if not self.ended or self.delivered is not None:
                 self.metrics.streams_opened.labels(direction=DIRECTION).inc()
             return
         if not self.ended:  # else the client reset it first: answered all the same, not counted
