@@ -236,6 +236,11 @@ def _data_path_lines(data_path: dict[str, Any] | None) -> list[str]:
                      f"{receive['send_held_peak']}, budget {receive['send_budget']}); "
                      f"{receive['streams_send_waiting']} streams waiting for it")
         lines.append(line)
+    native = (data_path.get("hbone") or {}).get("native")
+    if native:
+        lines.append(f"  HBONE engine: {native['streams_total']} streams, {native['streams_delivered']} of them "
+                     f"delivered by the engine on the agent's routes; {native['route_sockets']} route sockets "
+                     f"held, {native['route_failures']} route connects left to the agent")
     return ["\n".join(lines), ""]
 
 

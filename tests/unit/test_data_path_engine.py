@@ -113,6 +113,11 @@ def test_status_says_which_engine_and_why():
                                              "native": engine, "hbone": {"receive": receive}}}, now=0)
     assert "\n  HBONE receive budget: 1000 received bytes held (peak 9000, budget 4096); 1 streams reset for it; " \
            "send budget: 20 bytes from the apps held (peak 30, budget 8192); 2 streams waiting for it\n" in text
+    hbone = {"streams_total": 40, "streams_delivered": 15, "route_sockets": 4, "route_failures": 1}
+    text = status.render_text({"data_path": {"engine": "native", "setting": "auto", "summary": NATIVE_SUMMARY,
+                                             "native": engine, "hbone": {"native": hbone}}}, now=0)
+    assert "\n  HBONE engine: 40 streams, 15 of them delivered by the engine on the agent's routes; 4 route " \
+           "sockets held, 1 route connects left to the agent\n" in text
     text = status.render_text({"data_path": {"engine": "python", "setting": "auto", "native": None,
                                              "summary": "python: native module not built"}}, now=0)
     assert "DATA PATH: python: native module not built [data_path_engine=auto]\n\n" in text
