@@ -132,15 +132,20 @@ def cell(value: float | None, decimals: int, added: bool = False, ratio: float |
     return f"{text} x{ratio:.2f}" if ratio is not None else text
 
 
+def row(label: str, cells: list[str]) -> str:
+    """One line of a placement's table: the label, then the cells right-aligned."""
+    return f"{label:<{LABEL_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells)
+
+
 def placement_lines(placement: str, summary: dict) -> list[str]:
     table, ratio = summary["table"], summary["ratio"]
     lines = [PLACEMENTS[placement],
-             f"{'FIGURE':<{LABEL_WIDTH}}" + "".join(f"{SETUP_TITLES[s]:>{CELL_WIDTH}}" for s in SETUPS)]
+             row("FIGURE", [SETUP_TITLES[s] for s in SETUPS])]
     for f in FIGURES:
         cells = [cell(table["direct"][f.key], f.decimals)]
         cells += [cell(table[s][f.key], f.decimals, f.added, ratio[s][f.key]) for s in MESHES]
         cells.append(cell(table[ANCHOR][f.key], f.decimals, f.added))
-        lines.append(f"{f.label:<{LABEL_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells))
+        lines.append(row(f.label, cells))
     if "tcp_pair" in summary:
         lines += tcp_pair_lines(summary)
     return lines
@@ -152,13 +157,12 @@ def tcp_pair_lines(summary: dict) -> list[str]:
     lines = ["the L4 anchor: the sidecar pair's TCP proxies on the app's port (a new upstream mTLS connection per "
              "client connection,", "as sidecars carry a port they do not read; the HTTP pair above reuses pooled "
              "ones); xN: nodeagent L4's figure over it",
-             f"{'FIGURE':<{LABEL_WIDTH}}" + "".join(f"{h:>{CELL_WIDTH}}" for h in
-                                                   ("DIRECT", SETUP_TITLES["l4"], "ENVOY TCP PAIR"))]
+             row("FIGURE", ["DIRECT", SETUP_TITLES["l4"], "ENVOY TCP PAIR"])]
     for f, mesh_key in TCP_FIGURES:
         cells = [cell(table["direct"][mesh_key], f.decimals),
                  cell(table["l4"][mesh_key], f.decimals, f.added, tcp["ratio_l4"][mesh_key]),
                  cell(tcp["table"][f.key], f.decimals, f.added)]
-        lines.append(f"{f.label:<{LABEL_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells))
+        lines.append(row(f.label, cells))
     return lines
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from importlib import resources
 
 import pytest
 
 from tests.e2e.conftest import NODEAGENT
+from tests.e2e.kubelab import poll
 
 DEMO_YAML = resources.files("nodeagent.lab").joinpath("demo.yaml").read_text()
 
@@ -50,15 +50,13 @@ def totals(lab, name: str) -> dict[str, float]:
 
 
 def counted(lab, name: str, before: dict[str, float], added: int, timeout: float = 10.0) -> dict[str, float]:
-    """`totals` once the agents together counted `added` more than `before`, or at the
-    deadline: a destination counts a CONNECT its engine delivered on a route when its loop
-    hears of it, which can be after the client is done (agent/proxy/routes.py)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """`totals` once the agents together counted `added` more than `before`: a
+    destination counts a CONNECT its engine delivered on a route when its loop hears of
+    it, which can be after the client is done (agent/proxy/routes.py)."""
+    def grown() -> dict[str, float] | None:
         now = totals(lab, name)
-        if sum(now.values()) - sum(before.values()) >= added or time.monotonic() > deadline:
-            return now
-        time.sleep(0.05)
+        return now if sum(now.values()) - sum(before.values()) >= added else None
+    return poll(grown, f"the agents counting {added} more {name}", timeout, 0.05)
 
 
 def test_agents_enrol_exactly_the_meshed_pods(demo):

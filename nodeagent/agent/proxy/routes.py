@@ -72,7 +72,8 @@ class Routes:
         counted = given is not None and given.ports[port] > 0
         if counted:
             given.ports[port] -= 1
-            given.ports += collections.Counter()  # drop the zero
+            if not given.ports[port]:
+                del given.ports[port]
         self.delivery.adopt((client_ip, port), ends, counted)
 
     def offer(self, ctx: PodContext, stream: NativeRequest, src: Address, dst: Address) -> None:
