@@ -116,6 +116,8 @@ struct stream {
     bool got_200;                  /* client: answered 200 (relays once it has its socket) */
     bool active;                   /* bytes came since the last tick (its buffers are kept) */
     bool peeked;                   /* client: the early peek is done (or not wanted) */
+    bool sent;                     /* client: its HEADERS went out (on_frame_send); until then the
+                                      server cannot have seen it, whatever its id */
     uint32_t early;                /* client: bytes peeked into `up` before the answer, still in the socket */
     uint64_t early_sent;           /* client: ... of which handed to DATA before relaying */
     uint32_t reset_code;           /* the peer's reset before Python answered */
@@ -685,7 +687,8 @@ static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t c
     stream_buf_free(e, &s->up);
     stream_buf_free(e, &s->down);
     struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_STREAM_END, .how = how,
-                          .error = error, .code = code, .status = status, .h2_stream = (uint32_t)s->sid,
+                          .error = error, .code = code, .status = status,
+                          .h2_stream = c->server || s->sent ? (uint32_t)s->sid : 0,  /* 0: never sent */
                           .to_peer = s->to_peer, .from_peer = s->from_peer};
     emit(e, &ev, reason, reason ? strlen(reason) : 0);
     if (s->prev)
@@ -1725,8 +1728,12 @@ static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void
  * error (flow control, a bad frame...): the connection then ends NH_END_PROTOCOL. */
 static int on_frame_send(nghttp2_session *h2, const nghttp2_frame *frame, void *user)
 {
-    (void)h2;
     struct conn *c = user;
+    if (frame->hd.type == NGHTTP2_HEADERS && !c->server) {
+        struct stream *s = nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id);
+        if (s)
+            s->sent = true;
+    }
     if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR && !c->closing)
         c->sent_goaway_code = frame->goaway.error_code;
     return 0;
@@ -1830,6 +1837,26 @@ static void *h2_realloc(void *p, size_t size, void *engine)
     return q;
 }
 
+/* A client's CONNECT nghttp2 will not send: a GOAWAY came while it waited behind the
+ * server's MAX_CONCURRENT_STREAMS. The server never saw it, so it ends now as never sent
+ * (h2_stream 0: the pool retries it on another connection), not when the connection ends. */
+static int on_frame_not_send(nghttp2_session *h2, const nghttp2_frame *frame, int lib_error, void *user)
+{
+    (void)h2;
+    (void)lib_error;
+    struct conn *c = user;
+    if (frame->hd.type != NGHTTP2_HEADERS || c->server)
+        return 0;
+    struct stream *s = c->streams;
+    while (s && s->sid != frame->hd.stream_id)
+        s = s->next;
+    if (s && !s->sent) {
+        s->h2_closed = true;       /* never opened: no RST_STREAM for it */
+        stream_end(s, NH_END_CONN_LOST, 0, 0, 0, "not sent: the server's GOAWAY came first");
+    }
+    return 0;
+}
+
 static int h2_start(struct conn *c)
 {
     struct nh_engine *e = c->e;
@@ -1843,6 +1870,7 @@ static int h2_start(struct conn *c)
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
     nghttp2_session_callbacks_set_on_frame_send_callback(cb, on_frame_send);
+    nghttp2_session_callbacks_set_on_frame_not_send_callback(cb, on_frame_not_send);
     nghttp2_session_callbacks_set_send_data_callback(cb, send_data_cb);
     nghttp2_session_callbacks_set_data_source_read_length_callback(cb, data_length_cb);
     if (nghttp2_option_new(&opt)) {

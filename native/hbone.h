@@ -186,7 +186,8 @@ struct nh_event {
     int32_t error;                /* positive errno, or 0 */
     uint32_t code;                /* HTTP/2 error code where one applies */
     uint32_t status;              /* HTTP status (response, refusal) */
-    uint32_t h2_stream;           /* the HTTP/2 stream id */
+    uint32_t h2_stream;           /* the HTTP/2 stream id; a client stream's end says 0 when its
+                                     HEADERS never went out (the server cannot have seen it) */
     char *data;                   /* malloc'ed (the caller's: nh_event_release), or NULL */
     size_t data_len;
 };

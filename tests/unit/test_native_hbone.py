@@ -368,6 +368,36 @@ def test_native_client_when_the_python_server_drains(pki):
     run(main())
 
 
+def test_a_connect_never_sent_before_the_servers_goaway_ends_as_never_sent(pki):
+    """The server allows one stream at a time, so the client's second CONNECT waits in
+    nghttp2 unsent; the server then drains (GOAWAY at once, closed once its stream is done).
+    The waiting CONNECT ends connection_lost with h2_stream 0, as soon as the first stream
+    is done, and the server never saw it: the pool may retry it. (Its end used to carry
+    the id nghttp2 gave it at submit, which the pool takes as processed: a rolling update's
+    lost request.)"""
+    async def main():
+        async with engine(TunnelSettings(max_concurrent_streams=1)) as eng, NativeServer(eng, pki) as srv:
+            conn = await native_client(eng, pki, srv.address)
+            app, theirs = pair()
+            first = conn.open(theirs, AUTH)
+            assert await first.response == 200
+            waiting_app, waiting = pair()
+            second = conn.open(waiting, AUTH)
+            await until(lambda: eng.stats()["streams_open"] == 3, what="the second CONNECT submitted")
+            (server_conn,) = srv.conns
+            server_conn.close()  # GOAWAY naming the first stream, closed once it is done
+            assert await exchange(app, b"last words") == b"last words"
+            end = await asyncio.wait_for(second.ended, 10)
+            assert (end.how, end.h2_stream, end.to_peer) == ("connection_lost", 0, 0)
+            assert not second.response.done() or second.response.exception() is not None
+            assert len(srv.requests) == 1
+            assert (await first.ended).how == "closed"
+            app.close()
+            waiting_app.close()
+            await drained(eng)
+    run(main())
+
+
 def test_native_client_to_a_plaintext_peer_fails_cleanly(pki):
     async def main():
         async with engine() as eng:

@@ -27,7 +27,9 @@ from nodeagent.agent.proxy.hbone_native import HboneEngines
 from nodeagent.agent.proxy.native_outbound import NativePool
 from nodeagent.resets import LINGER_DEFAULT, reset
 from nodeagent.tunnel import ConnectRefused, TunnelMetrics
-from test_native_hbone import exchange, pair
+from identity_fixtures import until
+from nodeagent.tunnel import TunnelSettings
+from test_native_hbone import NativeServer, engine, exchange, pair
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +38,8 @@ def built():
 
 
 @contextlib.asynccontextmanager
-async def native_pool(pki, lb: Loopback):
-    """A NativePool of the client workload to `lb`'s server, on an engine of its own;
+async def native_pool(pki, server: Loopback | NativeServer):
+    """A NativePool of the client workload to `server`, on an engine of its own;
     `pool.sockets` counts the TCP connections it made."""
     engines = HboneEngines("native", LOG)
     await engines.start()
@@ -55,8 +57,8 @@ async def native_pool(pki, lb: Loopback):
         engines.close()
 
 
-async def open_for(pool: NativePool, pki, lb: Loopback, agent: socket.socket | None):
-    return await pool.open_stream(pki.client.identity.uri, pki.server.identity.uri, lb.address, AUTHORITY,
+async def open_for(pool: NativePool, pki, server: Loopback | NativeServer, agent: socket.socket | None):
+    return await pool.open_stream(pki.client.identity.uri, pki.server.identity.uri, server.address, AUTHORITY,
                                   sock=agent)
 
 
@@ -179,4 +181,34 @@ def test_a_stream_the_server_never_processed_is_retried_with_the_same_socket(pki
             assert await exchange(first_app, b"old") == b"old"
             await carried
             first_app.close()
+    run(main(), timeout=60)
+
+
+def test_a_connect_still_unsent_when_the_server_drains_is_retried(pki):
+    """The native server takes one stream at a time, so the second CONNECT on the pooled
+    connection waits unsent in the client's nghttp2 when the server drains (GOAWAY at once,
+    closed once its stream is done): the pool opens it again on a new connection, with the
+    same socket and the bytes the client sent before, rather than failing the client."""
+    async def main():
+        async with engine(TunnelSettings(max_concurrent_streams=1)) as eng, NativeServer(eng, pki) as srv:
+            async with native_pool(pki, srv) as pool:
+                first_app, first = pair()
+                held = await open_for(pool, pki, srv, first)
+                carried = asyncio.create_task(held.carry(first))
+                app, agent = pair()
+                app.send(b"before ")
+                opening = asyncio.create_task(open_for(pool, pki, srv, agent))
+                client_engine = pool.engines.engine
+                await until(lambda: client_engine.stats()["streams_open"] == 2, what="the second CONNECT submitted")
+                srv.conns[0].close()
+                assert await exchange(first_app, b"old") == b"old"
+                await carried
+                stream = await opening
+                assert pool.sockets == 2  # answered on a second connection
+                assert len(srv.requests) == 2  # the server saw it once, on the new connection
+                result = asyncio.create_task(stream.carry(agent))
+                assert await exchange(app, b"after") == b"before after"
+                assert (await result).error is None
+                first_app.close()
+                app.close()
     run(main(), timeout=60)
