@@ -2335,6 +2335,8 @@ struct route_cmd {
     uint64_t gen;
     struct sockaddr_storage dst;
     socklen_t dstlen;
+    uint32_t nfds;
+    int fds[ROUTE_SOCKETS];
     char authority[];
 };
 
@@ -2358,11 +2360,13 @@ static void cmd_route(struct nh_engine *e, struct cmd *cmd)
             c->nroutes++;
         }
     }
-    if (r && r->nfds < ROUTE_SOCKETS) {
-        r->fds[r->nfds++] = cmd->fd;
-        ST_ADD(e, route_sockets, 1);
-    } else {
-        close(cmd->fd);
+    for (uint32_t i = 0; i < rc->nfds; i++) {
+        if (r && r->nfds < ROUTE_SOCKETS) {
+            r->fds[r->nfds++] = rc->fds[i];
+            ST_ADD(e, route_sockets, 1);
+        } else {
+            close(rc->fds[i]);
+        }
     }
     free(rc);
 }
@@ -3054,14 +3058,18 @@ int nh_stream_attach(struct nh_engine *engine, uint64_t stream, int fd)
 }
 
 int nh_conn_route(struct nh_engine *e, uint64_t conn, const char *authority, const char *ip, uint32_t port,
-                  int fd, uint64_t generation)
+                  const int *fds, uint32_t nfds, uint64_t generation)
 {
-    if (fd < 0)
+    if (!fds || nfds == 0)
         return -EBADF;
+    for (uint32_t i = 0; i < nfds; i++)
+        if (fds[i] < 0)
+            return -EBADF;
     struct sockaddr_storage dst = {0};
     socklen_t dstlen = 0;
-    int err = authority && *authority && strlen(authority) < MAX_URI && ip && port && port < 65536
-                  ? stream_fd_ok(fd) : -EINVAL;
+    int err = authority && *authority && strlen(authority) < MAX_URI && ip && port && port < 65536 ? 0 : -EINVAL;
+    for (uint32_t i = 0; !err && i < nfds; i++)
+        err = stream_fd_ok(fds[i]);
     if (!err) {
         struct sockaddr_in *v4 = (struct sockaddr_in *)&dst;
         struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&dst;
@@ -3081,19 +3089,24 @@ int nh_conn_route(struct nh_engine *e, uint64_t conn, const char *authority, con
     struct cmd *cmd = rc ? calloc(1, sizeof *cmd) : NULL;
     if (!err && !cmd)
         err = -ENOMEM;
+    uint32_t taken = 0;
     if (!err) {
         rc->gen = generation;
         rc->dst = dst;
         rc->dstlen = dstlen;
+        rc->nfds = taken = MIN(nfds, ROUTE_SOCKETS);  /* a route holds no more: the rest closed below */
+        memcpy(rc->fds, fds, taken * sizeof *fds);
         strcpy(rc->authority, authority);
-        *cmd = (struct cmd){.op = OP_ROUTE, .id = conn, .fd = fd, .ptr = rc};
+        *cmd = (struct cmd){.op = OP_ROUTE, .id = conn, .fd = -1, .ptr = rc};
         err = queue_cmd(e, cmd);
     }
     if (err) {
         free(rc);
         free(cmd);
-        close(fd);
+        taken = 0;
     }
+    for (uint32_t i = taken; i < nfds; i++)
+        close(fds[i]);
     return err;
 }
 

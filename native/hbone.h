@@ -18,6 +18,7 @@
  *     (rotation: make a new one for new connections; connections already made keep a
  *     reference to theirs).
  *   - nh_conn_client, nh_conn_server, nh_stream_open, nh_stream_attach, nh_stream_accept and nh_conn_route take the fd
+ *     (nh_conn_route: each of its fds)
  *     in every case where they return >= 0 (or any negative errno but -EBADF): the engine
  *     closes it (a reset where the peer must see one) when its connection/stream ends.
  *     The caller must hold no other reference that could close or read it (Python:
@@ -111,7 +112,7 @@
 #include <stdint.h>
 
 /* cffi-begin */
-#define NH_API 7                  /* bumped on any change of the functions or structs below */
+#define NH_API 8                  /* bumped on any change of the functions or structs below */
 
 #define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
                                      done, waits for nh_conn_verdict. Client: identity
@@ -285,11 +286,13 @@ int nh_stream_accept(struct nh_engine *engine, uint64_t stream, int fd);
 int nh_stream_refuse(struct nh_engine *engine, uint64_t stream, uint32_t status);
 
 /* Server: give connection `conn` a route for CONNECTs to `authority` (as the peer names
- * it), to ip:port (IPv4 or IPv6 text), decided under `generation`: `fd` is one socket of
- * it (see Routes). A route holds at most 8 sockets and a connection 16 routes; more, or a
- * connection that ended or drains, or a generation that is not the engine's: fd is closed. */
+ * it), to ip:port (IPv4 or IPv6 text), decided under `generation`: `fds` are `nfds`
+ * sockets of it (see Routes), taken in one command. A route holds at most 8 sockets and a
+ * connection 16 routes; what does not fit, or all of them for a connection that ended or
+ * drains or a generation that is not the engine's, is closed. -EBADF (none taken): no
+ * socket, or a negative one. */
 int nh_conn_route(struct nh_engine *engine, uint64_t conn, const char *authority, const char *ip, uint32_t port,
-                  int fd, uint64_t generation);
+                  const int *fds, uint32_t nfds, uint64_t generation);
 
 /* What decides delivery changed: routes of another generation are no longer used. */
 void nh_engine_generation(struct nh_engine *engine, uint64_t generation);

@@ -106,8 +106,22 @@ def entered(target: str | int) -> Iterator[None]:
 def socket_in(target: str | int, family: int = socket.AF_INET,
               type: int = socket.SOCK_STREAM) -> socket.socket:
     """A new socket that lives in netns `target` (`type` may carry SOCK_NONBLOCK)."""
-    with entered(target):
-        return socket.socket(family, type)
+    return sockets_in(target, 1, family, type)[0]
+
+
+def sockets_in(target: str | int, count: int, family: int = socket.AF_INET,
+               type: int = socket.SOCK_STREAM) -> list[socket.socket]:
+    """`count` new sockets that live in netns `target`, made in one entry into it."""
+    made: list[socket.socket] = []
+    try:
+        with entered(target):
+            for _ in range(count):
+                made.append(socket.socket(family, type))
+    except BaseException:
+        for sock in made:
+            sock.close()
+        raise
+    return made
 
 
 def cookie_of_socket(sock: socket.socket) -> int:

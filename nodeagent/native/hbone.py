@@ -218,13 +218,16 @@ class ServerConnection(_Connection):
         self.admit, self.on_request, self.on_refused = admit, on_request, on_refused
         self.refused = {"max_streams": 0, "draining": 0}  # streams the engine refused without asking
 
-    def route(self, authority: str, address: tuple[str, int], sock: socket.socket, generation: int) -> None:
-        """One more socket (bound, not connected) for CONNECTs to `authority` on this
+    def route(self, authority: str, address: tuple[str, int], socks: list[socket.socket], generation: int) -> None:
+        """More sockets (bound, not connected) for CONNECTs to `authority` on this
         connection, connected to `address` by the engine itself while its generation is
-        `generation` (hbone.h, Routes); the engine owns it from here, and closes it when it
-        cannot take it."""
+        `generation` (hbone.h, Routes), in one command; the engine owns them from here, and
+        closes those it cannot take."""
+        if not socks:
+            raise ValueError("a route needs a socket")
+        fds = self.engine._ffi.new("int[]", [sock.detach() for sock in socks])
         rc = self.engine._lib.nh_conn_route(self.engine._handle, self.id, authority.encode("ascii"),
-                                            address[0].encode("ascii"), address[1], sock.detach(), generation)
+                                            address[0].encode("ascii"), address[1], fds, len(fds), generation)
         if rc < 0:
             raise OSError(-rc, f"native HBONE route: {os.strerror(-rc)}")
 

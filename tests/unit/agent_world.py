@@ -262,6 +262,7 @@ class PodKernel:
         monkeypatch.setattr(podrouting, "remove", lambda fd, spec: self.routing.append(("remove", pods.ip_of(fd))))
         monkeypatch.setattr(inpod, "upstream", self.upstream)
         monkeypatch.setattr(inpod, "transparent_upstream", self.transparent_upstream)
+        monkeypatch.setattr(inpod, "transparent_upstreams", self.transparent_upstreams)
 
     @contextlib.contextmanager
     def _entered(self, target):
@@ -285,6 +286,11 @@ class PodKernel:
             if sock.getsockname()[1] != avoid_port:
                 return sock
             sock.close()
+
+
+    def transparent_upstreams(self, ctx: inpod.PodContext, mark: int, source_ip: str, avoid_port: int,
+                              count: int) -> list[socket.socket]:
+        return [self.transparent_upstream(ctx, mark, source_ip, avoid_port) for _ in range(count)]
 
 
 def bound(ip: str) -> socket.socket:

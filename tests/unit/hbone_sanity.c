@@ -71,6 +71,14 @@ static struct nh_tls *tls_from(const char *key_chain, const char *trust)
 
 static void nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
 
+/* One new socket, as nh_conn_route's array of one (the call takes it at once). */
+static const int *one_socket(void)
+{
+    static int fd;
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    return &fd;
+}
+
 static void tcp_pair(int *app, int *theirs)
 {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
@@ -333,11 +341,11 @@ int main(int argc, char **argv)
           && getsockname(app_listener, (void *)&la, &lalen) == 0, "app listener");
     uint32_t app_port = ntohs(la.sin_port);
     nh_engine_generation(E, 1);
-    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "127.0.0.1", app_port, socket(AF_INET, SOCK_STREAM, 0), 1) == 0,
+    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "127.0.0.1", app_port, one_socket(), 1, 1) == 0,
           "route");
-    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "127.0.0.1", app_port, socket(AF_INET, SOCK_STREAM, 0), 0) == 0,
+    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "127.0.0.1", app_port, one_socket(), 1, 0) == 0,
           "a stale route socket");
-    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "not an ip", 80, socket(AF_INET, SOCK_STREAM, 0), 1) == -EINVAL,
+    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "not an ip", 80, one_socket(), 1, 1) == -EINVAL,
           "a route to no address");
     tcp_pair(&app, &theirs);
     int64_t s9 = nh_stream_open(E, (uint64_t)conn, theirs, "10.0.0.1:80", NULL, 0);
@@ -360,7 +368,7 @@ int main(int argc, char **argv)
     CHECK(st.streams_delivered == 1 && st.route_sockets == 0 && st.route_failures == 0,
           "routes: %lu delivered, %lu sockets, %lu failures", (unsigned long)st.streams_delivered,
           (unsigned long)st.route_sockets, (unsigned long)st.route_failures);
-    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "127.0.0.1", app_port, socket(AF_INET, SOCK_STREAM, 0), 1) == 0,
+    CHECK(nh_conn_route(E, server_conn, "10.0.0.1:80", "127.0.0.1", app_port, one_socket(), 1, 1) == 0,
           "route again");
     nh_engine_generation(E, 2);
     int apps_before = napps;

@@ -140,6 +140,11 @@ class PodSockets:
             sock.close()
 
 
+    def transparent_upstreams(self, ctx: inpod.PodContext, mark: int, source_ip: str, avoid_port: int,
+                              count: int) -> list[socket.socket]:
+        return [self.transparent_upstream(ctx, mark, source_ip, avoid_port) for _ in range(count)]
+
+
 def _bound(family: int, ip: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -298,6 +303,7 @@ class World:
         self.sockets = PodSockets({ctx.netns_fd: ip for ip, ctx in self.enrolled.items()})
         self.monkeypatch.setattr(inpod, "upstream", self.sockets.upstream)
         self.monkeypatch.setattr(inpod, "transparent_upstream", self.sockets.transparent_upstream)
+        self.monkeypatch.setattr(inpod, "transparent_upstreams", self.sockets.transparent_upstreams)
         self.capture = OriginalDestinations()
         engine = splicer(self.engine)
         self.splicer = await engine.__aenter__()

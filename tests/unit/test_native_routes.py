@@ -14,7 +14,7 @@ import pytest
 from engines import NATIVE_HBONE, engine_fixture
 from identity_fixtures import run, until
 from nodeagent.agent.proxy.native_inbound import NativeRequest
-from nodeagent.agent.proxy.routes import ROUTE_SOCKETS
+from nodeagent.agent.proxy.routes import LOW_WATER, ROUTE_SOCKETS
 from nodeagent.native import hbone
 from policy_world import document
 from relay_world import CLIENT, SERVER, SERVICE, World, ended
@@ -61,23 +61,32 @@ def destination_flows(w: World) -> list[dict]:
 
 
 def test_the_engine_delivers_the_next_connects_of_a_delivered_kind(node):
+    """The agent delivers the first CONNECT and gives its route ROUTE_SOCKETS sockets; the
+    engine delivers the next ones, and once it holds LOW_WATER the route gets as many
+    again in one batch."""
+    rounds = 1 + ROUTE_SOCKETS - LOW_WATER
+
     async def body(w: World):
         await w.app.start()
+        asked = len(w.sockets.asked)
         sent = []
-        for i in range(5):
+        for i in range(rounds):
             payload = f"round {i}\n".encode() * (100 + i)
             greeting = await echo_once(w, payload)
             assert greeting.startswith(f"{CLIENT}:".encode())  # as the client, whoever connected
             sent.append((len(payload), len(greeting) + len(payload)))
             await w.settled(flows=2 * (i + 1))
         s = stats(w)
-        # the first the agent delivered; the engine the four after it, each socket replaced
-        assert (s["streams_delivered"], s["route_failures"], s["route_sockets"]) == (4, 0, ROUTE_SOCKETS)
+        # the first the agent delivered; the engine the ones after it, the route topped up at the last
+        assert (s["streams_delivered"], s["route_failures"], s["route_sockets"]) == (rounds - 1, 0, ROUTE_SOCKETS)
+        transparent = [a for a in w.sockets.asked[asked:] if a[0] == "transparent"]
+        # the agent's own delivery, the route's sockets, then the top-up
+        assert len(transparent) == 1 + ROUTE_SOCKETS + (ROUTE_SOCKETS - LOW_WATER)
         assert [(f["verdict"], f["bytes_received"], f["bytes_sent"], f["security"]) for f in destination_flows(w)] == [
             ("allowed", received, app_sent, "mutual_tls") for received, app_sent in sent]
-        assert w.value("nodeagent_hbone_streams_opened_total", direction="inbound") == 5
+        assert w.value("nodeagent_hbone_streams_opened_total", direction="inbound") == rounds
         assert w.value("nodeagent_hbone_streams", direction="inbound") == 0
-        assert len(w.connections) == 0 and len(w.app.peers) == 5
+        assert len(w.connections) == 0 and len(w.app.peers) == rounds
         assert not any(w.delivery.is_ours(peer) for peer in w.app.peers)  # each released at its end
     node(body)
 

@@ -150,13 +150,20 @@ def _close_all(socks: list[socket.socket | None]) -> None:
 def upstream(netns_fd: int, family: int, mark: int) -> socket.socket:
     """A non-blocking TCP socket in the pod netns, marked so capture leaves it alone,
     Nagle off (set directly: it is TCP, which set_nodelay would ask first)."""
-    sock = netns.socket_in(netns_fd, family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    return upstreams(netns_fd, family, mark, 1)[0]
+
+
+def upstreams(netns_fd: int, family: int, mark: int, count: int) -> list[socket.socket]:
+    """`count` sockets as `upstream` makes one, in one entry into the netns."""
+    made = netns.sockets_in(netns_fd, count, family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        for sock in made:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return made
     except BaseException:
-        sock.close()
+        for sock in made:
+            sock.close()
         raise
 
 
@@ -239,31 +246,46 @@ def transparent_upstream(ctx: PodContext, mark: int, source_ip: str, avoid_port:
     TIME_WAIT socket does not stop this bind; connect() then checks the 4-tuple, reusing
     a TIME_WAIT one more than a second old on lo (tcp_tw_reuse=2, the default) and
     refusing a live one (EADDRNOTAVAIL: Delivery.connect draws again)."""
+    return transparent_upstreams(ctx, mark, source_ip, avoid_port, 1)[0]
+
+
+def transparent_upstreams(ctx: PodContext, mark: int, source_ip: str, avoid_port: int,
+                          count: int) -> list[socket.socket]:
+    """`count` sockets as `transparent_upstream` makes one, in one entry into the netns."""
     family = family_of(source_ip)
     level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
     ports = port_range(ctx)
     if not ports.size:
         raise OSError(errno.EADDRNOTAVAIL, f"no source port for {source_ip}: every port of {ports.low}-{ports.high} "
                                            "is in the pod's ip_local_reserved_ports")
-    for _ in range(SOURCE_PORT_TRIES):
-        port = ports.draw()
-        if port == avoid_port:
-            continue
-        sock = upstream(ctx.netns_fd, family, mark)
-        try:
+    made = upstreams(ctx.netns_fd, family, mark, count)
+    try:
+        for sock in made:
             bound_buffers(sock, LOCAL_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
             sock.setsockopt(level, IP_TRANSPARENT, 1)
-            sock.bind((source_ip, port))
-            return sock
-        except OSError as exc:
+            _bind_drawn(sock, source_ip, ports, avoid_port)
+        return made
+    except BaseException:
+        for sock in made:
             sock.close()
+        raise
+
+
+def _bind_drawn(sock: socket.socket, source_ip: str, ports: "PortRange", avoid_port: int) -> None:
+    """Bind to `source_ip` at a port drawn from `ports` (never `avoid_port`), drawing again
+    while the port is in use (a failed bind leaves the socket unbound)."""
+    for _ in range(SOURCE_PORT_TRIES):
+        port = ports.draw()
+        if port == avoid_port:
+            continue
+        try:
+            sock.bind((source_ip, port))
+            return
+        except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
-        except BaseException:
-            sock.close()
-            raise
     raise OSError(errno.EADDRINUSE, f"no source port for {source_ip} in {ports.low}-{ports.high} "
                                     f"after {SOURCE_PORT_TRIES} tries")
 

@@ -82,12 +82,14 @@ class Delivery:
             ends.callback(self._forget, local)
             return upstream
 
-    def unconnected(self, ctx: PodContext, src: Address) -> socket.socket:
-        """A socket as `connect` makes one, not connected (for the native engine's routes,
-        routes.py): its address counts as ours until `release`d or `adopt`ed."""
-        sock = inpod.transparent_upstream(ctx, self.mark, src[0], avoid_port=src[1])
-        self._ours[sock.getsockname()[:2]] += 1
-        return sock
+    def unconnected(self, ctx: PodContext, src: Address, count: int) -> list[socket.socket]:
+        """`count` sockets as `connect` makes one, not connected (for the native engine's
+        routes, routes.py), made in one entry into the pod's netns: each address counts as
+        ours until `release`d or `adopt`ed."""
+        socks = inpod.transparent_upstreams(ctx, self.mark, src[0], src[1], count)
+        for sock in socks:
+            self._ours[sock.getsockname()[:2]] += 1
+        return socks
 
     def adopt(self, local: Address, ends: ExitStack, counted: bool) -> None:
         """A connection the engine made from `local` (a socket of `unconnected`: counted,

@@ -4,7 +4,8 @@ loop (docs/design.md "Delivery by the engine", issue 11).
 Once this agent delivered a CONNECT itself (tunnel_inbound.py), it gives the engine a
 route for more of its kind on that HBONE connection (one peer identity, one source IP):
 sockets made in the pod's netns as `Delivery.connect` makes them (transparent, marked,
-bound to the client's IP), not connected, and the generation of what decided it. While
+bound to the client's IP), not connected, and the generation of what decided it, given
+again in a batch when the engine is down to a few. While
 the engine's generation is still the route's, it delivers the next CONNECTs to that
 :authority itself (connect, 200, relay) and this agent hears of each afterwards (a
 request with `delivered`), admits it again as any other, and resets one it would not have
@@ -29,7 +30,8 @@ from nodeagent.agent.proxy.native_inbound import NativeRequest
 from nodeagent.memory import MemoryGuard
 
 Address = tuple[str, int]
-ROUTE_SOCKETS = 4  # sockets a route is given when this agent delivered; one more for each the engine uses
+ROUTE_SOCKETS = 8  # sockets a route is given when this agent delivered (the most the engine keeps for one)...
+LOW_WATER = 2  # ...and given again, in one command, once the engine used all but this many
 
 
 class _Given:
@@ -78,9 +80,11 @@ class Routes:
 
     def offer(self, ctx: PodContext, stream: NativeRequest, src: Address, dst: Address) -> None:
         """After `stream` was delivered (by this agent, or by the engine on a route), give
-        the engine sockets for more CONNECTs of its kind: ROUTE_SOCKETS when it asked
-        (it holds none for it any more), one to replace the one it used; none past the
-        pod's connection cap or while the memory guard refuses new work for the pod."""
+        the engine sockets for more CONNECTs of its kind, up to ROUTE_SOCKETS: when it asked
+        (it holds none for it any more), and when its route is down to LOW_WATER, in one
+        command made in one entry into the pod's netns (one per delivery was a command, a
+        wake-up of the engine's thread and two setns calls for each connection); none past
+        the pod's connection cap or while the memory guard refuses new work for the pod."""
         engine = self._engine()
         conn = stream.request.conn
         if engine is None or conn.closed.done() or self.memory.refuses(ctx.pod.ip):
@@ -94,22 +98,27 @@ class Routes:
         if conn.id not in self._watched:
             self._watched.add(conn.id)
             conn.closed.add_done_callback(lambda _: self._ended(conn.id))
-        want = ROUTE_SOCKETS - len(given) if stream.delivered is None else 1
+        if stream.delivered is not None and len(given) > LOW_WATER:
+            return
+        want = ROUTE_SOCKETS - len(given)
         room = self.memory.holdings.room(ctx.pod.ip)
-        for _ in range(want if room is None else min(want, room - len(given))):
-            try:
-                sock = self.delivery.unconnected(ctx, src)
-            except OSError as exc:  # Delivery.connect will say it when it meets it
-                self.log.debug("no route socket for %s to %s: %s", src[0], ctx, exc)
-                return
-            port = sock.getsockname()[1]
-            try:
-                conn.route(stream.request.authority, dst, sock, self.generation)
-            except OSError as exc:  # the engine stopped: it closed the socket
+        count = want if room is None else min(want, room - len(given))
+        if count <= 0:
+            return
+        try:
+            socks = self.delivery.unconnected(ctx, src, count)
+        except OSError as exc:  # Delivery.connect will say it when it meets it
+            self.log.debug("no route socket for %s to %s: %s", src[0], ctx, exc)
+            return
+        ports = [sock.getsockname()[1] for sock in socks]
+        try:
+            conn.route(stream.request.authority, dst, socks, self.generation)
+        except OSError as exc:  # the engine stopped: it closed the sockets
+            for port in ports:
                 self.delivery.release((src[0], port))
-                self.log.debug("route for %s to %s not taken: %s", src[0], ctx, exc)
-                return
-            given.ports[port] += 1
+            self.log.debug("route for %s to %s not taken: %s", src[0], ctx, exc)
+            return
+        given.ports.update(ports)
 
     def later(self, ctx: PodContext, stream, src: Address, dst: Address) -> None:
         """`offer` once the current step of the loop is done (after the answer went out),
