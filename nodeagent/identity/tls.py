@@ -1,7 +1,7 @@
 """ssl contexts for mesh mTLS, and reading the peer's SPIFFE identity.
 
 Both sides: TLS 1.3 only, a certificate required from the peer and verified against the
-mesh trust bundle; a server takes the client's order of cipher suites. Hostname checking is off because workload certificates name SPIFFE
+mesh trust bundle. Hostname checking is off because workload certificates name SPIFFE
 IDs, not hosts: after the handshake the caller reads the peer's identity with
 `peer_identity` and authorizes it (the tunnel's policy, not this module's).
 """
@@ -26,12 +26,6 @@ def context(cert_file: Path, trust_bundle_pem: bytes, server_side: bool) -> ssl.
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=trust_bundle_pem.decode("ascii"))
     ctx.load_cert_chain(str(cert_file))
-    if server_side:
-        # The client's order of TLS 1.3 suites, not ours: the native engine offers AES-128-GCM
-        # first (as Envoy does; it moves more bytes a second than AES-256-GCM), and this ssl
-        # module can order TLS 1.3 suites neither way, so a server of the Python path would
-        # otherwise pick OpenSSL's first, AES-256-GCM, for every client.
-        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     return ctx
 
 

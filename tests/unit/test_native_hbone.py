@@ -859,25 +859,6 @@ async def raw_h2(pki, address):
     return await asyncio.open_connection(*address, ssl=ctx, server_hostname="127.0.0.1")
 
 
-def test_the_native_engine_negotiates_aes_128_gcm_either_side(pki):
-    """The engine orders TLS 1.3's suites AES-128-GCM first (as Envoy's BoringSSL does). As
-    a server it takes its own order: a Python client, whose ssl module offers OpenSSL's
-    (AES-256-GCM first), gets AES-128-GCM. As a client it offers its order to the Python
-    server, which takes the client's."""
-    async def main():
-        async with engine() as eng, NativeServer(eng, pki) as srv:
-            reader, writer = await raw_h2(pki, srv.address)
-            offered = [c["name"] for c in pki.client.ssl_context(False).get_ciphers() if c["protocol"] == "TLSv1.3"]
-            assert offered[0] == "TLS_AES_256_GCM_SHA384"
-            assert writer.get_extra_info("cipher")[0] == "TLS_AES_128_GCM_SHA256"
-            writer.close()
-        async with Loopback(pki) as lb, engine() as eng:
-            await native_client(eng, pki, lb.address)
-            (session,) = lb.server.sessions
-            assert session.transport.get_extra_info("cipher")[0] == "TLS_AES_128_GCM_SHA256"
-    run(main())
-
-
 async def serves_another_client(pki, eng=None, srv=None, lb=None) -> None:
     """After an attack, the server (the native engine's `srv`, or the Python `lb`) still
     serves a well-behaved client."""
