@@ -26,7 +26,7 @@ from hbone_certs import AUTHORITY, LOG, Loopback, pki, run  # noqa: F401 (pki is
 from nodeagent.agent.proxy.hbone_native import HboneEngines
 from nodeagent.agent.proxy.native_outbound import NativePool
 from nodeagent.resets import LINGER_DEFAULT, reset
-from nodeagent.tunnel import ConnectRefused, TunnelMetrics
+from nodeagent.tunnel import ConnectRefused, ResponseTimeout, TunnelMetrics
 from identity_fixtures import until
 from nodeagent.tunnel import TunnelSettings
 from test_native_hbone import NativeServer, engine, exchange, pair
@@ -38,7 +38,7 @@ def built():
 
 
 @contextlib.asynccontextmanager
-async def native_pool(pki, server: Loopback | NativeServer):
+async def native_pool(pki, server: Loopback | NativeServer, settings: TunnelSettings = TunnelSettings()):
     """A NativePool of the client workload to `server`, on an engine of its own;
     `pool.sockets` counts the TCP connections it made."""
     engines = HboneEngines("native", LOG)
@@ -48,7 +48,8 @@ async def native_pool(pki, server: Loopback | NativeServer):
     def connect(ip: str, port: int) -> socket.socket:
         pool.sockets += 1
         return socket.socket()
-    pool = NativePool(engines, connect, lambda source: engines.tls(pki.client), metrics=metrics, log=LOG)
+    pool = NativePool(engines, connect, lambda source: engines.tls(pki.client), metrics=metrics, log=LOG,
+                      settings=settings)
     pool.sockets = 0
     try:
         yield pool
@@ -211,4 +212,34 @@ def test_a_connect_still_unsent_when_the_server_drains_is_retried(pki):
                 assert (await result).error is None
                 first_app.close()
                 app.close()
+    run(main(), timeout=60)
+
+
+def test_a_connect_not_answered_within_open_timeout_fails_and_is_reset(pki):
+    """The server never answers: open_stream raises ResponseTimeout after open_timeout,
+    counted (refused, reason timeout), and the stream is reset, so the server sees it
+    go; a second open that its caller cancels resets its stream too, and no stream is
+    left counted open."""
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki, app="hold") as srv:
+            async with native_pool(pki, srv, TunnelSettings(open_timeout=0.3)) as pool:
+                app, agent = pair()
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                with pytest.raises(ResponseTimeout):
+                    await open_for(pool, pki, srv, agent)
+                assert 0.3 <= loop.time() - started < 5
+                assert pool.metrics.streams_refused.labels(direction="outbound", reason="timeout")._value.get() == 1
+                (held,) = srv.requests
+                assert await asyncio.wait_for(held.cancelled, 10) == 8  # RST_STREAM CANCEL
+                other_app, other = pair()
+                opening = asyncio.create_task(open_for(pool, pki, srv, other))
+                await until(lambda: len(srv.requests) == 2, what="the second CONNECT")
+                opening.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await opening
+                assert await asyncio.wait_for(srv.requests[1].cancelled, 10) == 8
+                assert pool.metrics.streams.labels(direction="outbound")._value.get() == 0
+                for sock in (app, agent, other_app, other):
+                    sock.close()
     run(main(), timeout=60)
