@@ -162,8 +162,7 @@ def upstreams(netns_fd: int, family: int, mark: int, count: int) -> list[socket.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return made
     except BaseException:
-        for sock in made:
-            sock.close()
+        _close_all(made)
         raise
 
 
@@ -268,8 +267,7 @@ def transparent_upstreams(ctx: PodContext, mark: int, source_ip: str, avoid_port
             _bind_drawn(sock, source_ip, ports, avoid_port)
         return made
     except BaseException:
-        for sock in made:
-            sock.close()
+        _close_all(made)
         raise
 
 
