@@ -35,9 +35,11 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <linux/bpf.h>
 #include <nghttp2/nghttp2.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
@@ -68,11 +70,15 @@
                                       its empty buffers back */
 #define ROUTE_SOCKETS 8u           /* sockets one route holds at most (nh_conn_route) */
 #define CONN_ROUTES 16u            /* routes one connection holds at most */
+#define LISTENER_ROUTES 256u       /* out-routes one listener holds at most (nh_out_route) */
+#define ACCEPT_BATCH 64            /* connections accepted on one listener per round */
+#define ACCEPT_PAUSE_MS 100u       /* a listener stops accepting this long when accept(2) lacks
+                                      descriptors or memory (as agent/inpod/sockets.py ACCEPT_PAUSE) */
 #define TRIM_AFTER (4u << 20)      /* bytes of buffers released before the memory goes back to the system */
 
-enum kind { K_WAKE = 1, K_CONN, K_STREAM, K_LINGER };
+enum kind { K_WAKE = 1, K_CONN, K_STREAM, K_LINGER, K_LISTENER };
 enum op { OP_CLIENT = 1, OP_SERVER, OP_VERDICT, OP_CLOSE, OP_OPEN, OP_ACCEPT, OP_REFUSE, OP_RESET, OP_ATTACH,
-          OP_ROUTE };
+          OP_ROUTE, OP_LISTEN, OP_LISTEN_CLOSE, OP_LISTEN_ROOM, OP_OUT_ROUTE };
 enum state { S_HANDSHAKE = 1, S_VERDICT, S_H2 };
 
 struct obj {                       /* first member of what epoll and the hash point at */
@@ -99,6 +105,42 @@ struct route {
     uint32_t nfds;
     int fds[ROUTE_SOCKETS];        /* bound in the pod's netns, not connected */
     char authority[];
+};
+
+/* Source: a listener's route for one original destination (see Listeners in hbone.h). */
+struct out_ep {
+    uint64_t conn;                 /* client connection id, 0: none (the connection goes to Python) */
+    char *authority;
+};
+
+struct out_route {
+    struct out_route *next;
+    uint64_t gen, tag;
+    uint32_t port, n, rr;
+    char ip[48];
+    struct out_ep ep[];
+};
+
+struct listener {
+    struct obj o;
+    struct nh_engine *e;
+    int fd, map_fd;
+    uint64_t cookie;
+    uint16_t family;
+    bool registered, closed;
+    uint32_t mask;
+    uint64_t paused_until;         /* ms; 0: accepting */
+    uint64_t room, seen, opened;   /* room counted from Python's `seen`-th routed open; opened: all of them */
+    struct out_route *routes;
+    uint32_t nroutes;
+    struct listener *lnext, *lprev; /* the engine's listeners */
+};
+
+/* What a stream opened on an out-route reports in its events. */
+struct routed {
+    uint64_t listener, tag, opened_ms;
+    uint32_t endpoint, client_port, dst_port;
+    char dst[48];
 };
 
 struct conn;
@@ -131,6 +173,7 @@ struct stream {
     uint64_t to_peer, from_peer;
     char *authority, *hdrs;        /* client: what to send; server: what came */
     size_t hdrs_len;
+    struct routed *routed;         /* client: opened by the engine on an out-route, else NULL */
 };
 
 struct conn {
@@ -228,6 +271,9 @@ struct nh_engine {
     uint64_t held;
     uint64_t released_untrimmed;   /* engine thread: bytes of stream buffers released since the last malloc_trim */
     uint64_t generation;           /* atomic: nh_engine_generation's; routes of another are not used */
+    uint64_t out_generation;       /* atomic: nh_out_generation's; out-routes of another are not used */
+    struct listener *listeners;    /* engine thread */
+    uint32_t npaused;              /* listeners paused (ACCEPT_PAUSE_MS) */
     struct tally received;         /* received DATA the streams hold (the receive budget's) */
     struct tally sent;             /* bytes read from the streams' sockets, not yet framed (the send budget's) */
     struct stream *budget_waiting; /* streams the send budget stopped reading (send_room 0) */
@@ -649,6 +695,16 @@ static void mark_dirty(struct conn *c)
 static void stream_update(struct stream *s);
 static void pend_copy(struct stream *s);
 
+static void routed_fields(struct nh_event *ev, const struct routed *r)
+{
+    ev->listener = r->listener;
+    ev->tag = r->tag;
+    ev->endpoint = r->endpoint;
+    ev->client_port = r->client_port;
+    ev->dst_port = r->dst_port;
+    memcpy(ev->dst, r->dst, sizeof ev->dst);
+}
+
 static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t code, uint32_t status,
                        const char *reason)
 {
@@ -669,9 +725,12 @@ static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t c
                                                                            : NGHTTP2_CANCEL);
         mark_dirty(c);
     }
+    int handed = -1;
     if (s->fd >= 0) {
         set_mask(e, s->fd, &s->o, &s->registered, &s->mask, 0);
-        if (how == NH_END_CLOSED)
+        if (s->routed && !s->got_200)
+            handed = s->fd;        /* before its 200: the caller's again, as the CONNECT left it */
+        else if (how == NH_END_CLOSED)
             close(s->fd);
         else
             reset_close(s->fd);
@@ -690,6 +749,14 @@ static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t c
                           .error = error, .code = code, .status = status,
                           .h2_stream = c->server || s->sent ? (uint32_t)s->sid : 0,  /* 0: never sent */
                           .to_peer = s->to_peer, .from_peer = s->from_peer};
+    if (s->routed) {
+        routed_fields(&ev, s->routed);
+        if (handed >= 0) {
+            ev.fd = handed;
+            ev.handed = 1;
+            ST_ADD(e, handed_back, 1);
+        }
+    }
     emit(e, &ev, reason, reason ? strlen(reason) : 0);
     if (s->prev)
         s->prev->next = s->next;
@@ -1174,6 +1241,7 @@ static void stream_link(struct conn *c, struct stream *s)
 
 static void stream_free(struct nh_engine *e, struct stream *s)
 {
+    free(s->routed);
     free(s->authority);
     free(s->hdrs);
     stream_buf_free(e, &s->up);
@@ -1543,6 +1611,19 @@ static void on_request(struct conn *c, struct stream *s)
 static void on_response(struct conn *c, struct stream *s)
 {
     uint32_t status = s->status;
+    if (s->routed) {               /* Python hears of it only once it relays, or from its end */
+        if (status != 200) {
+            stream_end(s, NH_END_REFUSED, 0, 0, status, "the server refused the CONNECT");
+            return;
+        }
+        s->got_200 = true;         /* from here its socket is the stream's: reset at an error end */
+        struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_OUT_OPENED, .status = status,
+                              .h2_stream = (uint32_t)s->sid};
+        routed_fields(&ev, s->routed);
+        emit(c->e, &ev, s->authority, strlen(s->authority));
+        stream_start(s);
+        return;
+    }
     struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_RESPONSE, .status = status,
                           .h2_stream = (uint32_t)s->sid};
     emit(c->e, &ev, NULL, 0);
@@ -2366,6 +2447,12 @@ static void cmd_route(struct nh_engine *e, struct cmd *cmd)
     free(rc);
 }
 
+struct listener;
+static void cmd_listen(struct nh_engine *e, struct listener *l);
+static void listener_accept(struct listener *l, bool all);
+static void listener_free(struct listener *l);
+static void cmd_out_route(struct nh_engine *e, struct cmd *cmd);
+
 static void run_cmd(struct nh_engine *e, struct cmd *cmd)
 {
     struct conn *c;
@@ -2415,6 +2502,31 @@ static void run_cmd(struct nh_engine *e, struct cmd *cmd)
         break;
     case OP_ROUTE:
         cmd_route(e, cmd);
+        break;
+    case OP_LISTEN:
+        cmd_listen(e, cmd->ptr);
+        break;
+    case OP_LISTEN_CLOSE: {
+        struct listener *l = (struct listener *)hash_get(e, cmd->id, K_LISTENER);
+        if (l) {
+            if (cmd->arg)
+                listener_accept(l, true);
+            listener_free(l);
+        }
+        break;
+    }
+    case OP_LISTEN_ROOM: {
+        struct listener *l = (struct listener *)hash_get(e, cmd->id, K_LISTENER);
+        uint64_t *room = cmd->ptr;  /* {room, seen} */
+        if (l) {
+            l->room = room[0];
+            l->seen = room[1];
+        }
+        free(room);
+        break;
+    }
+    case OP_OUT_ROUTE:
+        cmd_out_route(e, cmd);
         break;
     case OP_ATTACH:
         s = (struct stream *)hash_get(e, cmd->id, K_STREAM);
@@ -2467,6 +2579,294 @@ static int queue_cmd(struct nh_engine *e, struct cmd *cmd)
         /* EAGAIN: already awake */
     }
     return 0;
+}
+
+/* --- listeners and out-routes (the source's side; see Listeners in hbone.h) ------------ */
+
+/* struct na_origdst_key and struct na_origdst of bpf/nodeagent.h (capture/structs.py) */
+struct origdst_key {
+    uint64_t netns_cookie;
+    uint16_t family;
+    uint16_t client_port;          /* host order */
+    uint32_t pad;
+};
+
+struct origdst {
+    uint64_t netns_cookie;
+    uint16_t family;
+    uint16_t pad0;
+    uint32_t addr[4];              /* network order; IPv4 in addr[0] */
+    uint16_t port;                 /* network order */
+    uint16_t pad1;
+};
+
+static long bpf_map_cmd(int cmd, int map_fd, const void *key, void *value)
+{
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.map_fd = (uint32_t)map_fd;
+    attr.key = (uint64_t)(uintptr_t)key;
+    attr.value = (uint64_t)(uintptr_t)value;
+    return syscall(__NR_bpf, cmd, &attr, sizeof attr);
+}
+
+/* The original destination of the connection from `client_port`, read and deleted, into
+ * r->dst (text; a v4-mapped IPv6 address as the IPv4 one it stands for) and r->dst_port. */
+static bool pop_origdst(const struct listener *l, uint32_t client_port, struct routed *r)
+{
+    struct origdst_key key = {.netns_cookie = l->cookie, .family = l->family, .client_port = (uint16_t)client_port};
+    struct origdst v;
+    memset(&v, 0, sizeof v);
+    if (bpf_map_cmd(BPF_MAP_LOOKUP_ELEM, l->map_fd, &key, &v) != 0)
+        return false;
+    bpf_map_cmd(BPF_MAP_DELETE_ELEM, l->map_fd, &key, NULL);
+    const uint8_t *b = (const uint8_t *)v.addr;
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    const char *ok;
+    if (v.family == AF_INET)
+        ok = inet_ntop(AF_INET, b, r->dst, sizeof r->dst);
+    else if (v.family == AF_INET6 && !memcmp(b, mapped, sizeof mapped))
+        ok = inet_ntop(AF_INET, b + 12, r->dst, sizeof r->dst);
+    else if (v.family == AF_INET6)
+        ok = inet_ntop(AF_INET6, b, r->dst, sizeof r->dst);
+    else
+        ok = NULL;
+    if (!ok) {
+        r->dst[0] = 0;
+        return false;
+    }
+    r->dst_port = ntohs(v.port);
+    return true;
+}
+
+static void out_route_free(struct out_route *r)
+{
+    for (uint32_t i = 0; i < r->n; i++)
+        free(r->ep[i].authority);
+    free(r);
+}
+
+static struct out_route **out_route_find(struct listener *l, const char *ip, uint32_t port)
+{
+    struct out_route **pp = &l->routes;
+    while (*pp && ((*pp)->port != port || strcmp((*pp)->ip, ip)))
+        pp = &(*pp)->next;
+    return pp;
+}
+
+/* Open a stream for accepted `fd` on the out-route of its destination: true when taken (the
+ * stream owns fd), false when it goes to Python (r->tag, r->endpoint say where it missed). */
+static bool route_out(struct listener *l, int fd, struct routed *r)
+{
+    struct nh_engine *e = l->e;
+    struct out_route **pp = out_route_find(l, r->dst, r->dst_port), *route = *pp;
+    if (!route)
+        return false;
+    if (route->gen != __atomic_load_n(&e->out_generation, __ATOMIC_ACQUIRE)) {
+        *pp = route->next;         /* decided under what has changed since: Python decides again */
+        l->nroutes--;
+        out_route_free(route);
+        return false;
+    }
+    uint32_t i = route->rr++ % route->n;
+    r->tag = route->tag;
+    r->endpoint = i;
+    if (l->opened - l->seen >= l->room)
+        return false;              /* the pod's connections: Python's to count (and refuse) */
+    struct conn *c = route->ep[i].conn ? (struct conn *)hash_get(e, route->ep[i].conn, K_CONN) : NULL;
+    if (!c || c->server || c->state != S_H2 || c->closing || c->draining || c->in_hs_list)
+        return false;
+    uint32_t most = nghttp2_session_get_remote_settings(c->h2, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+    if (c->nstreams >= MIN(most, e->cfg.max_streams))
+        return false;
+    struct stream *s = stream_alloc(e);
+    struct routed *mine = s ? malloc(sizeof *mine) : NULL;
+    char *authority = mine ? strdup(route->ep[i].authority) : NULL;
+    if (!authority) {
+        free(mine);
+        if (s)
+            stream_free(e, s);
+        return false;
+    }
+    *mine = *r;
+    mine->opened_ms = now_ms();
+    s->routed = mine;
+    s->authority = authority;
+    s->answered = true;
+    s->fd = fd;
+    l->opened++;
+    ST_ADD(e, streams_routed, 1);
+    stream_link(c, s);
+    submit_open(c, s);             /* with the client's first bytes, peeked (stream_peek) */
+    return true;
+}
+
+static void listener_update(struct listener *l)
+{
+    uint32_t mask = l->closed || l->paused_until ? 0 : EPOLLIN;
+    set_mask(l->e, l->fd, &l->o, &l->registered, &l->mask, mask);
+}
+
+static void listener_pause(struct listener *l, uint64_t until)
+{
+    if (!l->paused_until)
+        l->e->npaused++;
+    l->paused_until = until ? until : 1;
+    listener_update(l);
+}
+
+static void listener_resume(struct listener *l)
+{
+    if (l->paused_until) {
+        l->paused_until = 0;
+        l->e->npaused--;
+        listener_update(l);
+    }
+}
+
+/* Accept what is queued (at most ACCEPT_BATCH a round, unless `all`): each connection goes
+ * by its out-route, or to Python with its socket. */
+static void listener_accept(struct listener *l, bool all)
+{
+    struct nh_engine *e = l->e;
+    for (int i = 0; all || i < ACCEPT_BATCH; i++) {
+        struct sockaddr_storage peer;
+        socklen_t len = sizeof peer;
+        int fd = accept4(l->fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            int err = errno;
+            if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR || err == EBADF || err == EINVAL)
+                return;
+            bool pause = err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+            struct nh_event ev = {.type = NH_EV_ACCEPT_FAILED, .listener = l->o.id, .error = err,
+                                  .how = pause ? ACCEPT_PAUSE_MS : 0, .endpoint = NH_NO_ENDPOINT};
+            emit(e, &ev, NULL, 0);
+            if (pause) {           /* the connection stays queued: retried after the pause */
+                listener_pause(l, now_ms() + ACCEPT_PAUSE_MS);
+                return;
+            }
+            continue;              /* that queued connection's own error: the next one */
+        }
+        ST_ADD(e, accepted, 1);
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  /* as agent/nodelay.py */
+        struct routed r;
+        memset(&r, 0, sizeof r);
+        r.listener = l->o.id;
+        r.endpoint = NH_NO_ENDPOINT;
+        r.client_port = ntohs(peer.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&peer)->sin6_port
+                                                         : ((struct sockaddr_in *)&peer)->sin_port);
+        if (pop_origdst(l, r.client_port, &r) && route_out(l, fd, &r))
+            continue;
+        struct nh_event ev = {.type = NH_EV_ACCEPTED, .fd = fd, .handed = 1};
+        routed_fields(&ev, &r);
+        emit(e, &ev, NULL, 0);
+    }
+}
+
+static void listener_free(struct listener *l)
+{
+    struct nh_engine *e = l->e;
+    listener_resume(l);
+    l->closed = true;
+    listener_update(l);
+    if (l->fd >= 0)
+        close(l->fd);
+    if (l->map_fd >= 0)
+        close(l->map_fd);
+    l->fd = l->map_fd = -1;
+    while (l->routes) {
+        struct out_route *r = l->routes;
+        l->routes = r->next;
+        out_route_free(r);
+    }
+    l->nroutes = 0;
+    if (l->lprev)
+        l->lprev->lnext = l->lnext;
+    else if (e->listeners == l)
+        e->listeners = l->lnext;
+    if (l->lnext)
+        l->lnext->lprev = l->lprev;
+    l->lprev = l->lnext = NULL;
+    ST_ADD(e, listeners, -1);
+    bury(e, &l->o);
+}
+
+static void expire_pauses(struct nh_engine *e, uint64_t now)
+{
+    if (!e->npaused)
+        return;
+    for (struct listener *l = e->listeners; l; l = l->lnext)
+        if (l->paused_until && l->paused_until <= now)
+            listener_resume(l);
+}
+
+static int pause_timeout(struct nh_engine *e, uint64_t now)
+{
+    int best = -1;
+    if (!e->npaused)
+        return best;
+    for (struct listener *l = e->listeners; l; l = l->lnext)
+        if (l->paused_until) {
+            int until = l->paused_until <= now ? 0 : (int)(l->paused_until - now);
+            best = best < 0 || until < best ? until : best;
+        }
+    return best;
+}
+
+static void cmd_listen(struct nh_engine *e, struct listener *l)
+{
+    hash_put(e, &l->o);
+    l->lnext = e->listeners;
+    if (e->listeners)
+        e->listeners->lprev = l;
+    e->listeners = l;
+    ST_ADD(e, listeners, 1);
+    listener_update(l);
+}
+
+struct out_route_cmd {
+    uint64_t listener;
+    struct out_route *route;       /* n == 0: remove */
+};
+
+static void cmd_out_route(struct nh_engine *e, struct cmd *cmd)
+{
+    struct out_route *route = cmd->ptr;
+    struct listener *l = (struct listener *)hash_get(e, cmd->id, K_LISTENER);
+    if (!l || route->gen != __atomic_load_n(&e->out_generation, __ATOMIC_ACQUIRE)) {
+        out_route_free(route);
+        return;
+    }
+    struct out_route **pp = out_route_find(l, route->ip, route->port), *old = *pp;
+    if (old) {
+        *pp = old->next;
+        l->nroutes--;
+        out_route_free(old);
+    }
+    if (!route->n || l->nroutes >= LISTENER_ROUTES) {
+        out_route_free(route);
+        return;
+    }
+    route->next = l->routes;
+    l->routes = route;
+    l->nroutes++;
+}
+
+/* Routed streams unanswered for open_timeout_ms (from tick()): reset, their sockets handed back. */
+static void expire_opens(struct conn *c, uint64_t now)
+{
+    uint32_t limit = c->e->cfg.open_timeout_ms;
+    if (!limit || c->server)
+        return;
+    for (struct stream *s = c->streams, *next; s; s = next) {
+        next = s->next;
+        if (s->routed && !s->got_200 && now - s->routed->opened_ms >= limit) {
+            char reason[64];
+            snprintf(reason, sizeof reason, "no answer to the CONNECT within %u ms", limit);
+            stream_end(s, NH_END_TIMEOUT, ETIMEDOUT, 0, 0, reason);
+        }
+    }
 }
 
 /* --- the thread --------------------------------------------------------------------- */
@@ -2537,6 +2937,9 @@ static void tick(struct nh_engine *e, uint64_t now)
         if (c->gathering && c->nstreams == 0 && c->idle_since && now - c->idle_since >= e->tick_ms
             && !buf_avail(&c->out) && !tls_pending(c))
             tls_direct_writes(c);
+        expire_opens(c, now);
+        if (c->o.dead)
+            continue;
         uint32_t idle = c->server ? cfg->server_idle_ms : cfg->client_idle_ms;
         if (idle && !c->draining && c->nstreams == 0 && c->idle_since && now - c->idle_since >= idle) {
             c->draining = true;    /* no new streams; closed once the GOAWAY is out */
@@ -2572,7 +2975,7 @@ static void free_graveyard(struct nh_engine *e)
         e->graveyard = o->gnext;
         if (o->kind == K_CONN)
             conn_free((struct conn *)o);
-        else if (o->kind == K_LINGER)
+        else if (o->kind == K_LINGER || o->kind == K_LISTENER)
             free(o);
         else
             stream_free(e, (struct stream *)o);
@@ -2586,6 +2989,8 @@ static void end_everything(struct nh_engine *e)
             struct obj *o = e->buckets[i];
             if (o->kind == K_CONN)
                 conn_end((struct conn *)o, NH_END_STOPPED, 0, 0, "the engine stopped");
+            else if (o->kind == K_LISTENER)
+                listener_free((struct listener *)o);
             else
                 stream_end((struct stream *)o, NH_END_STOPPED, 0, 0, 0, "the engine stopped");
         }
@@ -2643,6 +3048,9 @@ static void *engine_main(void *arg)
             int until = e->next_tick <= now ? 0 : (int)(e->next_tick - now);
             timeout = timeout < 0 || until < timeout ? until : timeout;
         }
+        int paused = pause_timeout(e, now);
+        if (paused >= 0)
+            timeout = timeout < 0 || paused < timeout ? paused : timeout;
         int n = epoll_wait(e->ep, evs, EVENTS, timeout);
         if (n < 0) {
             if (errno == EINTR)
@@ -2660,10 +3068,13 @@ static void *engine_main(void *arg)
                 conn_io((struct conn *)o, evs[i].events);
             else if (o->kind == K_LINGER)
                 linger_read(e, (struct lingerer *)o);
+            else if (o->kind == K_LISTENER)
+                listener_accept((struct listener *)o, false);
             else
                 stream_io((struct stream *)o, evs[i].events);
         }
         now = now_ms();
+        expire_pauses(e, now);
         expire_handshakes(e, now);
         expire_lingering(e, now);
         tick(e, now);
@@ -3099,6 +3510,129 @@ int nh_conn_route(struct nh_engine *e, uint64_t conn, const char *authority, con
 void nh_engine_generation(struct nh_engine *e, uint64_t generation)
 {
     __atomic_store_n(&e->generation, generation, __ATOMIC_RELEASE);
+}
+
+int64_t nh_listen(struct nh_engine *e, int fd, int map_fd, uint64_t netns_cookie)
+{
+    if (fd < 0) {
+        if (map_fd >= 0)
+            close(map_fd);
+        return -EBADF;
+    }
+    int listening = 0;
+    socklen_t len = sizeof listening;
+    struct sockaddr_storage local;
+    socklen_t llen = sizeof local;
+    int err = 0;
+    if (map_fd < 0)
+        err = -EBADF;
+    else if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0
+             || getsockname(fd, (struct sockaddr *)&local, &llen) < 0)
+        err = -errno;
+    else if (!listening || (local.ss_family != AF_INET && local.ss_family != AF_INET6))
+        err = -EINVAL;
+    struct listener *l = err ? NULL : calloc(1, sizeof *l);
+    struct cmd *cmd = l ? calloc(1, sizeof *cmd) : NULL;
+    if (!err && !cmd)
+        err = -ENOMEM;
+    if (err) {
+        free(l);
+        close(fd);
+        if (map_fd >= 0)
+            close(map_fd);
+        return err;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    l->o.kind = K_LISTENER;
+    l->o.id = __atomic_add_fetch(&e->next_id, 1, __ATOMIC_RELAXED);
+    l->e = e;
+    l->fd = fd;
+    l->map_fd = map_fd;
+    l->cookie = netns_cookie;
+    l->family = local.ss_family;
+    int64_t id = (int64_t)l->o.id;
+    *cmd = (struct cmd){.op = OP_LISTEN, .id = l->o.id, .fd = -1, .ptr = l};
+    if ((err = queue_cmd(e, cmd)) < 0) {
+        free(cmd);
+        free(l);
+        close(fd);
+        close(map_fd);
+        return err;
+    }
+    return id;
+}
+
+int nh_listen_close(struct nh_engine *engine, uint64_t listener, int accept_queued)
+{
+    return simple_cmd(engine, OP_LISTEN_CLOSE, listener, -1, accept_queued != 0);
+}
+
+int nh_listen_room(struct nh_engine *e, uint64_t listener, uint32_t room, uint64_t seen)
+{
+    uint64_t *arg = malloc(2 * sizeof *arg);
+    struct cmd *cmd = arg ? calloc(1, sizeof *cmd) : NULL;
+    if (!cmd) {
+        free(arg);
+        return -ENOMEM;
+    }
+    arg[0] = room == UINT32_MAX ? UINT64_MAX : room;
+    arg[1] = seen;
+    *cmd = (struct cmd){.op = OP_LISTEN_ROOM, .id = listener, .fd = -1, .ptr = arg};
+    int err = queue_cmd(e, cmd);
+    if (err < 0) {
+        free(arg);
+        free(cmd);
+    }
+    return err;
+}
+
+int nh_out_route(struct nh_engine *e, uint64_t listener, const char *ip, uint32_t port, const uint64_t *conns,
+                 const char *authorities, size_t authorities_len, uint32_t n, uint64_t tag, uint64_t generation)
+{
+    unsigned char probe[sizeof(struct in6_addr)];
+    if (!ip || strlen(ip) >= sizeof((struct out_route *)0)->ip || !port || port > 65535 || n > 4096
+        || (n && (!conns || !authorities || !authorities_len || authorities[authorities_len - 1]))
+        || (inet_pton(AF_INET, ip, probe) != 1 && inet_pton(AF_INET6, ip, probe) != 1))
+        return -EINVAL;
+    struct out_route *r = calloc(1, sizeof *r + n * sizeof r->ep[0]);
+    if (!r)
+        return -ENOMEM;
+    strcpy(r->ip, ip);
+    r->port = port;
+    r->gen = generation;
+    r->tag = tag;
+    const char *a = authorities, *end = authorities + authorities_len;
+    for (uint32_t i = 0; i < n; i++) {
+        size_t alen = a < end ? strnlen(a, (size_t)(end - a)) : 0;
+        if (a >= end || !alen || alen >= MAX_URI || a + alen >= end) {
+            out_route_free(r);
+            return -EINVAL;
+        }
+        r->ep[i].conn = conns[i];
+        if (!(r->ep[i].authority = strdup(a))) {
+            out_route_free(r);
+            return -ENOMEM;
+        }
+        r->n = i + 1;
+        a += alen + 1;
+    }
+    struct cmd *cmd = calloc(1, sizeof *cmd);
+    if (!cmd) {
+        out_route_free(r);
+        return -ENOMEM;
+    }
+    *cmd = (struct cmd){.op = OP_OUT_ROUTE, .id = listener, .fd = -1, .ptr = r};
+    int err = queue_cmd(e, cmd);
+    if (err < 0) {
+        out_route_free(r);
+        free(cmd);
+    }
+    return err;
+}
+
+void nh_out_generation(struct nh_engine *e, uint64_t generation)
+{
+    __atomic_store_n(&e->out_generation, generation, __ATOMIC_RELEASE);
 }
 
 int nh_stream_refuse(struct nh_engine *engine, uint64_t stream, uint32_t status)

@@ -102,6 +102,22 @@
  *   moves the generation before it re-checks what it delivered, so no CONNECT the engine
  *   reads after a change of what decides it is delivered on a route made before it.
  *
+ * Listeners and out-routes (the source's side without Python per connection; docs/design.md
+ *   "The source's connections in the engine"): Python may hand the engine a pod's outbound
+ *   listener (nh_listen) with the capture map of original destinations (a BPF hash map of
+ *   struct na_origdst keyed by (netns cookie, family, client port)). The engine then accepts
+ *   on it, reads and deletes the original destination, and, when the listener has an
+ *   out-route for that destination (nh_out_route) of the engine's out-generation
+ *   (nh_out_generation) and room for one more connection (nh_listen_room), opens a CONNECT
+ *   itself on the client connection of the route's next endpoint (round robin), with the
+ *   client's first bytes as early data, and relays it once answered 200 (NH_EV_OUT_OPENED,
+ *   then the stream's end with its byte counts). Anything else goes to Python with the
+ *   socket (NH_EV_ACCEPTED): no destination recorded, no route, none current, no room, or
+ *   the endpoint's connection not up, draining or full (endpoint and tag then say where the
+ *   route missed). A routed stream that ends before its 200 (refused, reset, never
+ *   processed, open_timeout_ms) hands the client's socket back in its end event, as the
+ *   CONNECT left it, so Python fails it or retries it as its own pool would.
+ *
  * The block between cffi-begin and cffi-end is also the cffi cdef (nodeagent/native/
  * build.py reads it): declarations and integer #defines only.
  */
@@ -112,7 +128,7 @@
 #include <stdint.h>
 
 /* cffi-begin */
-#define NH_API 8                  /* bumped on any change of the functions or structs below */
+#define NH_API 9                  /* bumped on any change of the functions or structs below */
 
 #define NH_EV_CONN_UP 1           /* data = the peer's chain, PEM, leaf first. Server: TLS
                                      done, waits for nh_conn_verdict. Client: identity
@@ -131,6 +147,17 @@
 #define NH_EV_DELIVERED 8         /* server: a CONNECT the engine delivered on a route (nh_conn_route):
                                      answered 200, relaying; data as NH_EV_REQUEST, code = the
                                      local port of the route's socket it connected */
+#define NH_EV_ACCEPTED 9          /* a listener's connection the engine did not open a stream for itself
+                                     (nh_listen): `fd` is the accepted socket, handed to the caller
+                                     (`handed`); listener, client_port, dst/dst_port (dst "": none
+                                     recorded), and tag/endpoint of the out-route it missed on
+                                     (endpoint NH_NO_ENDPOINT: no route, or none current) */
+#define NH_EV_OUT_OPENED 10       /* a stream the engine opened on an out-route was answered 200 and
+                                     relays: stream, conn, listener, client_port, dst/dst_port, tag,
+                                     endpoint; data = its :authority */
+#define NH_EV_ACCEPT_FAILED 11    /* accept(2) on a listener failed: error; how = the ms the listener
+                                     pauses (0: it goes on with the next queued connection) */
+#define NH_NO_ENDPOINT 0xffffffffu
 #define NH_REFUSED_CAP 1          /* max_streams were being served */
 #define NH_REFUSED_DRAINING 2     /* the connection is draining (GOAWAY sent or received) */
 
@@ -144,7 +171,8 @@
 #define NH_END_TLS 7              /* conn: the TLS handshake failed (data: OpenSSL's reason; code:
                                      the X509 verify result when the peer's chain failed it) */
 #define NH_END_IDENTITY 8         /* conn: the peer's identity is not the expected one / verdict no */
-#define NH_END_TIMEOUT 9          /* conn: handshake_timeout_ms passed */
+#define NH_END_TIMEOUT 9          /* conn: handshake_timeout_ms passed; stream opened on an out-route:
+                                     no answer within open_timeout_ms (RST_STREAM CANCEL sent) */
 #define NH_END_PROTOCOL 10        /* conn: HTTP/2 error by the peer (code; GOAWAY sent) */
 #define NH_END_FLOOD 11           /* conn: too many resets: GOAWAY ENHANCE_YOUR_CALM sent */
 #define NH_END_GOAWAY 12          /* conn: the peer sent GOAWAY with an error (code) */
@@ -175,6 +203,8 @@ struct nh_config {
                                    * before it closes (0: closes at once; see linger_start) */
     uint64_t receive_budget;      /* bytes of received DATA all streams hold at most (see Back-pressure) */
     uint64_t send_budget;         /* bytes read from the streams' sockets all streams hold at most (idem) */
+    uint32_t open_timeout_ms;     /* a stream opened on an out-route waits this long for its answer (0: no limit) */
+    uint32_t pad;
 };
 
 struct nh_event {
@@ -191,6 +221,17 @@ struct nh_event {
                                      HEADERS never went out (the server cannot have seen it) */
     char *data;                   /* malloc'ed (the caller's: nh_event_release), or NULL */
     size_t data_len;
+    /* Listeners and out-routes (see Listeners): */
+    uint64_t listener;            /* the listener's id, or 0: not a listener's connection */
+    uint64_t tag;                 /* the out-route's tag (nh_out_route) it went by or missed on */
+    uint32_t endpoint;            /* ... and the endpoint's index in it, or NH_NO_ENDPOINT */
+    uint32_t client_port;         /* the client's port (its address is the listener pod's) */
+    uint32_t dst_port;            /* the original destination's port... */
+    int32_t fd;                   /* the socket handed to the caller when `handed` */
+    uint32_t handed;              /* 1: `fd` is the caller's now (NH_EV_ACCEPTED; a routed stream's
+                                     end before its 200: the client's socket, untouched, its early
+                                     bytes still in it); 0: `fd` means nothing */
+    char dst[48];                 /* ... and address (text; "" when none was recorded) */
 };
 
 struct nh_stats {
@@ -228,6 +269,10 @@ struct nh_stats {
     uint64_t streams_delivered;   /* CONNECTs delivered on a route, without asking Python */
     uint64_t route_failures;      /* route sockets whose connect failed or did not complete at once */
     uint64_t route_sockets;       /* sockets the routes hold, now */
+    uint64_t listeners;           /* listeners the engine accepts on, now */
+    uint64_t accepted;            /* connections it accepted on them */
+    uint64_t streams_routed;      /* ... for which it opened a stream on an out-route itself */
+    uint64_t handed_back;         /* ... of those, ended before their 200 and handed to the caller */
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
     uint32_t pad;
 };
@@ -296,6 +341,34 @@ int nh_conn_route(struct nh_engine *engine, uint64_t conn, const char *authority
 
 /* What decides delivery changed: routes of another generation are no longer used. */
 void nh_engine_generation(struct nh_engine *engine, uint64_t generation);
+
+/* Accept on listening socket `fd` (the engine owns it: closed at nh_listen_close or the
+ * stop) of the pod whose netns cookie is `netns_cookie`; original destinations come from
+ * BPF map `map_fd` (owned too: closed with the listener, also on failure). Returns the
+ * listener's id (> 0). Its room starts at 0: every connection goes to Python until
+ * nh_listen_room. */
+int64_t nh_listen(struct nh_engine *engine, int fd, int map_fd, uint64_t netns_cookie);
+
+/* Stop accepting: with accept_queued, what is queued is accepted first (and routed or handed
+ * over as any); without, it is left to the kernel (another listener of a reuseport group).
+ * Streams opened from it go on. */
+int nh_listen_close(struct nh_engine *engine, uint64_t listener, int accept_queued);
+
+/* The connections the engine may still open streams for on `listener`: `room` (UINT32_MAX:
+ * no limit) counted from the `seen`-th of its routed opens Python has heard of (its
+ * NH_EV_OUT_OPENED events and routed ends before a 200, counted together). */
+int nh_listen_room(struct nh_engine *engine, uint64_t listener, uint32_t room, uint64_t seen);
+
+/* The out-route of `listener` for original destination ip:port: `n` endpoints, each the id
+ * of a client connection (0: none, so a connection meeting it goes to Python) and the
+ * :authority to CONNECT to (`authorities`: n NUL-terminated strings back to back), decided
+ * under out-generation `generation`; `tag` comes back in the events of what goes by it or
+ * misses on it. n == 0 removes it. A listener holds at most 256 routes (more: -ENOSPC). */
+int nh_out_route(struct nh_engine *engine, uint64_t listener, const char *ip, uint32_t port, const uint64_t *conns,
+                 const char *authorities, size_t authorities_len, uint32_t n, uint64_t tag, uint64_t generation);
+
+/* What decides the source's routes changed: out-routes of another generation are not used. */
+void nh_out_generation(struct nh_engine *engine, uint64_t generation);
 
 /* RST_STREAM CANCEL and reset the socket (ends NH_END_ABORTED). */
 int nh_stream_reset(struct nh_engine *engine, uint64_t stream);

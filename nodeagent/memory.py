@@ -213,15 +213,22 @@ class Holdings:
     @contextmanager
     def held(self, ip: str) -> Iterator[None]:
         """One connection of the pod at `ip`, for the `with` block."""
-        self._by[ip] = self._by.get(ip, 0) + 1
-        self.total += 1
+        self.take(ip)
         try:
             yield
         finally:
-            left = self._by.pop(ip) - 1
-            if left:
-                self._by[ip] = left
-            self.total -= 1
+            self.give(ip)
+
+    def take(self, ip: str) -> None:
+        """One more connection of the pod at `ip` (until `give`)."""
+        self._by[ip] = self._by.get(ip, 0) + 1
+        self.total += 1
+
+    def give(self, ip: str) -> None:
+        left = self._by.pop(ip) - 1
+        if left:
+            self._by[ip] = left
+        self.total -= 1
 
     def of(self, ip: str) -> int:
         return self._by.get(ip, 0)

@@ -79,6 +79,7 @@ class AgentConfig:
     hbone_engine: str  # who carries HBONE (TLS, HTTP/2, the streams' bytes): auto, native or python
     same_node_fast_path: bool  # meshed pod to meshed pod of this node: admitted and joined here, no HBONE
     same_node_sockmap: bool  # ... joined in the kernel (bpf/samenode.c) when it loads, else by the engine
+    outbound_in_engine: bool  # the native HBONE engine accepts on the pods' outbound listeners (source_routes.py)
     compile_timeout: float  # seconds a compile process of the eBPF programs may take before it is killed
     hbone_handshake_timeout: float  # seconds from accept on a pod's tunnel port to TLS done (the server's side)
     memory_limit_mib: int | None  # the container's memory limit: near it, no new inbound HBONE connections
@@ -337,6 +338,12 @@ SETTINGS: tuple[Setting, ...] = (
             "one connection), so any pod could exhaust the node's memory. Off, or when it cannot load "
             "(nodeagent status says why): the data path engine joins them, holding at most a pipe per "
             "direction", boolean=True),
+    Setting("outbound_in_engine", parse_bool, "true",
+            "with the native HBONE engine, the engine accepts the pods' outbound connections itself and opens "
+            "the HBONE stream of each on the route the agent learned from the first connection to that "
+            "destination (the agent hears of it afterwards, for flows and metrics); the agent still decides "
+            "everything else. --no-outbound-in-engine: the agent accepts each one. nodeagent status says which",
+            boolean=True),
     Setting("compile_timeout", seconds_between(10, COMPILE_TIMEOUT_MAX), f"{COMPILE_TIMEOUT:g}",
             "seconds the process compiling and loading the eBPF programs (bcc, LLVM) may take before the agent "
             "kills it: then capture does not start and the agent stops, or the same-node join falls back to the "

@@ -88,7 +88,8 @@ class Agent:
         c, d = self.config, self.datapath
         return Enroller(node=c.node, capture=self.capture, resolver=resolver,
                         ports=Ports(c.outbound_port, c.inbound_port, c.tunnel_port),
-                        handlers=Handlers(d.outbound.handle, d.inbound.handle, d.tunnel.handle),
+                        handlers=Handlers(d.outbound.handle, d.inbound.handle, d.tunnel.handle,
+                                          outbound_offload=d.outbound.offload),
                         delivery_mark=c.delivery_mark, metrics=self.metrics, log=self.log.getChild("enrolment"))
 
     def pod_at(self, ip: str) -> PodContext | None:

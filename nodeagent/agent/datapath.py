@@ -6,6 +6,8 @@ in-pod listeners, and what those handlers read.
 - inbound plaintext (15006): PeerAuthentication and AuthorizationPolicy, then delivery;
 - tunnel (15008): the HBONE server (tunnel_inbound), policy with the peer's identity,
   then the same delivery;
+- the pods' outbound listeners accepted by the native HBONE engine (source_routes, setting
+  outbound_in_engine), which opens the streams itself on routes the outbound relay taught it;
 - same node (samenode, setting same_node_fast_path): outbound to a meshed pod of this
   node is admitted as the HBONE server would, delivered with the same Delivery and
   joined, with no HBONE;
@@ -111,7 +113,10 @@ class DataPath:
                                        kernel=self.kernel_join) if c.same_node_fast_path else None
         self.outbound = OutboundRelay(inputs, capture, log.getChild("outbound"),
                                       passthrough=Passthrough(c.mark, CONNECT_TIMEOUT), hbone=self.hbone,
-                                      same_node=self.same_node)
+                                      same_node=self.same_node, in_engine=c.outbound_in_engine)
+        # where an outbound connection goes changed: the engine's out-routes are stale
+        self.connections.changing.append(self.outbound.routes.invalidate)
+        self.memory.tightening.append(self.outbound.routes.invalidate)
         self.inbound = InboundRelay(inputs, log.getChild("inbound"), delivery=delivery)
         self.tunnel = TunnelInbound(inputs, delivery, tunnel_metrics, log.getChild("hbone"), settings=tunnel,
                                     engines=self.hbone_engines, budget=self.stream_budget)
@@ -215,8 +220,10 @@ class DataPath:
             line = f"on, joined by {same_node['join']}"
             if same_node["join"] != "sockmap":
                 line += f" (sockmap: {same_node['sockmap']})"
-        return {**data_path, "hbone": hbone, "same_node": same_node,
-                "summary": f"{relays}; same-node fast path {line}"}
+        outbound = self.outbound.routes.describe()
+        accepts = "the engine" if outbound["listeners"] else f"the agent ({outbound['why']})"
+        return {**data_path, "hbone": hbone, "same_node": same_node, "outbound": outbound,
+                "summary": f"{relays}; same-node fast path {line}; outbound accepted by {accepts}"}
 
     async def close(self) -> None:
         for task in (self._trimming, self._shedding):

@@ -215,6 +215,11 @@ class CaptureLoader:
     def enrolled_netns(self) -> set[int]:
         return self._loaded().pod_cookies()
 
+    def origdst_map_fd(self) -> int:
+        """The descriptor of the original destinations' map (na_origdst), for the native
+        engine's own reads (source_routes.py); the engine takes a copy."""
+        return self._loaded().fd_of("na_origdst")
+
     def pop_original_dst(self, netns_cookie: int, family: int, client_port: int) -> tuple[str, int] | None:
         """The original destination of an accepted outbound connection, or None; deletes it.
 

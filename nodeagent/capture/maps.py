@@ -55,6 +55,9 @@ class CaptureMaps:
 
     # ---- original destinations (na_origdst) ----
 
+    def fd_of(self, name: str) -> int:
+        return self._fds[name]
+
     def pop_origdst(self, key: OrigDstKey) -> OrigDst | None:
         value = OrigDst()
         if not bpfsys.map_lookup(self._fds["na_origdst"], key, value):

@@ -9,7 +9,10 @@ engine.connect(sock, tls, expected_identity)` is a `ClientConnection` once TLS i
 the server's single URI SAN equals `expected_identity`; `conn.open(sock, authority,
 headers)` sends a CONNECT and relays `sock` once the answer is 200 (`stream.response`,
 then `stream.ended`); `conn.open(None, ...)` waits for the socket, given by
-`stream.carry(sock)` once the answer is known (the agent's outbound relay). Server side: `engine.serve(sock, tls, admit, on_request)` runs the
+`stream.carry(sock)` once the answer is known (the agent's outbound relay). A pod's
+outbound listener may be the engine's too (`engine.listen`): it accepts, reads the original
+destination from the capture map and opens the stream itself on an out-route
+(`Listener.route`), telling the engine's `listener_owner` afterwards (ListenerOwner). Server side: `engine.serve(sock, tls, admit, on_request)` runs the
 handshake; `admit(chain_pem)` says whether the peer's identity may connect (its return is
 the verdict); `on_request(request)` gets each CONNECT and must `request.accept(sock)` or
 `request.refuse(status)` (at once or later); `request.cancelled` is set when the client
@@ -29,9 +32,10 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from nodeagent.native import NativeUnavailable, SpliceResult
+from nodeagent.resets import reset
 from nodeagent.tunnel.settings import TunnelSettings
 
 DEFAULT_MAX_CONNS = 16384
@@ -46,7 +50,7 @@ STATS = ("conns_open", "conns_total", "handshakes_pending", "streams_open", "str
          "bytes_from_peer", "bytes_held", "bytes_held_peak", "stream_held_peak", "tls_failures", "refused_streams",
          "flood_goaways", "events_queued", "received_held", "received_held_peak", "streams_overloaded", "write_buffers", "send_held", "send_held_peak", "streams_send_waiting",
          "frames_direct", "frames_copied", "received_direct", "received_copied", "stream_buffers", "buffers_released", "lingering", "lingered", "h2_held", "streams_delivered", "route_failures",
-         "route_sockets", "fatal")
+         "route_sockets", "listeners", "accepted", "streams_routed", "handed_back", "fatal")
 
 
 def load():
@@ -69,6 +73,34 @@ def load():
 def tls_library(module) -> str:
     """The TLS library `module` (load()'s) runs, as it names itself: "OpenSSL 3.5.5 27 Jan 2026"."""
     return module.ffi.string(module.lib.nh_tls_library()).decode()
+
+
+NO_ENDPOINT = 0xFFFFFFFF  # NH_NO_ENDPOINT: a listener's connection that met no current out-route
+NO_LIMIT = 0xFFFFFFFF  # nh_listen_room's "no limit"
+
+
+class ListenerOwner(Protocol):
+    """Who hears of the engine's listeners' connections (HboneEngine.listener_owner), from
+    the engine's events, in order. `dst` is (ip, port) or None (none recorded); `tag` and
+    `endpoint` name the out-route and its endpoint a connection went by or missed on
+    (endpoint NO_ENDPOINT: none)."""
+
+    def accepted(self, listener: int, sock: socket.socket, dst: tuple[str, int] | None, client_port: int,
+                 tag: int, endpoint: int) -> None:
+        """A connection the engine did not open a stream for: the caller's to handle."""
+
+    def opened(self, listener: int, stream: int, conn: int, dst: tuple[str, int], client_port: int, tag: int,
+               endpoint: int, authority: str) -> None:
+        """A stream the engine opened on an out-route was answered 200 and relays."""
+
+    def ended(self, listener: int, stream: int, end: "End", sock: socket.socket | None, conn: int,
+              dst: tuple[str, int], client_port: int, tag: int, endpoint: int) -> None:
+        """A routed stream ended: after `opened` (sock None), or before its 200 with the
+        client's socket handed back as the CONNECT left it (refused, reset, unprocessed,
+        no answer in time)."""
+
+    def accept_failed(self, listener: int, error: int, pause: float | None) -> None:
+        """accept(2) failed: `pause` seconds the listener stops (None: it goes on)."""
 
 
 class HboneFailed(Exception):
@@ -232,6 +264,39 @@ class ServerConnection(_Connection):
             raise OSError(-rc, f"native HBONE route: {os.strerror(-rc)}")
 
 
+class Listener:
+    """A pod's outbound listener the engine accepts on (HboneEngine.listen)."""
+
+    def __init__(self, engine: "HboneEngine", listener_id: int):
+        self.engine, self.id = engine, listener_id
+        self.closed = False
+
+    def route(self, dst: tuple[str, int], conns: list[int], authorities: list[str], tag: int,
+              generation: int) -> None:
+        """The out-route for original destination `dst`: endpoint i is client connection
+        conns[i] (0: none) with :authority authorities[i]; [] removes it."""
+        packed = b"".join(a.encode("ascii") + b"\0" for a in authorities)
+        rc = self.engine._lib.nh_out_route(self.engine._handle, self.id, dst[0].encode("ascii"), dst[1],
+                                           self.engine._ffi.new("uint64_t[]", conns) if conns else
+                                           self.engine._ffi.NULL, packed, len(packed), len(conns), tag, generation)
+        if rc < 0:
+            raise OSError(-rc, f"native HBONE out-route: {os.strerror(-rc)}")
+
+    def room(self, room: int | None, seen: int) -> None:
+        """The engine may open streams for `room` more connections (None: no limit),
+        counted from the `seen`-th routed open the owner heard of."""
+        rc = self.engine._lib.nh_listen_room(self.engine._handle, self.id,
+                                             NO_LIMIT if room is None else min(room, NO_LIMIT - 1), seen)
+        if rc < 0:
+            raise OSError(-rc, f"native HBONE listener room: {os.strerror(-rc)}")
+
+    def close(self, accept_queued: bool = True) -> None:
+        """Stop accepting (accept_queued: what is queued first); streams opened go on."""
+        if not self.closed:
+            self.closed = True
+            self.engine._lib.nh_listen_close(self.engine._handle, self.id, int(accept_queued))
+
+
 class HboneEngine:
     """One native HBONE engine bound to the running loop that started it."""
 
@@ -243,6 +308,8 @@ class HboneEngine:
         self._conns: dict[int, _Connection] = {}
         self._streams: dict[int, NativeStream] = {}
         self._closed = False
+        self._stopping = False
+        self.listener_owner: ListenerOwner | None = None  # hears of the listeners' connections
         loop.add_reader(self._notify_fd, self._take_events)
 
     @classmethod
@@ -268,7 +335,8 @@ class HboneEngine:
             "keepalive_timeout_ms": int(settings.keepalive_timeout * 1000),
             "client_idle_ms": int(client_idle * 1000), "server_idle_ms": int(server_idle * 1000),
             "linger_ms": int(linger * 1000),
-            "receive_budget": settings.receive_budget, "send_budget": settings.send_budget})
+            "receive_budget": settings.receive_budget, "send_budget": settings.send_budget,
+            "open_timeout_ms": int(settings.open_timeout * 1000)})
         out = ffi.new("struct nh_engine **")
         rc = lib.nh_engine_new(config, out)
         if rc < 0:
@@ -299,6 +367,23 @@ class HboneEngine:
         conn = self._conns[rc] = ServerConnection(self, rc, admit, on_request, on_refused)
         return conn
 
+    def listen(self, sock: socket.socket, map_fd: int, netns_cookie: int) -> Listener:
+        """Accept on listening `sock` with original destinations from BPF map `map_fd` (the
+        engine takes copies of both: the caller closes its own); `listener_owner` hears of
+        its connections."""
+        rc = self._lib.nh_listen(self._handle, os.dup(sock.fileno()), os.dup(map_fd), netns_cookie)
+        if rc < 0:
+            raise OSError(-rc, f"native HBONE listen: {os.strerror(-rc)}")
+        return Listener(self, rc)
+
+    def reset_stream(self, stream_id: int) -> None:
+        """RST_STREAM CANCEL a stream of the engine's own (an out-route's), its socket reset."""
+        self._lib.nh_stream_reset(self._handle, stream_id)
+
+    def set_out_generation(self, generation: int) -> None:
+        """What decides the source's routes changed: the out-routes given before are not used."""
+        self._lib.nh_out_generation(self._handle, generation)
+
     def set_generation(self, generation: int) -> None:
         """What decides delivery changed: the routes given before are no longer used."""
         self._lib.nh_engine_generation(self._handle, generation)
@@ -314,6 +399,7 @@ class HboneEngine:
             return
         self._loop.remove_reader(self._notify_fd)
         self._lib.nh_engine_stop(self._handle)
+        self._stopping = True  # sockets handed back now are reset: nothing takes them any more
         self._take_events()
         self._closed = True
         self._ffi.release(self._handle)
@@ -337,7 +423,9 @@ class HboneEngine:
 
     def _dispatch(self, ev, data: bytes) -> None:
         lib = self._lib
-        if ev.type == lib.NH_EV_CONN_UP:
+        if ev.listener:
+            self._listener_event(ev, data)
+        elif ev.type == lib.NH_EV_CONN_UP:
             conn = self._conns.get(ev.conn)
             if conn is None:
                 return
@@ -402,6 +490,34 @@ class HboneEngine:
                     stream.response.set_exception(HboneFailed(end))
                     stream.response.exception()
                 _settle(stream.ended, end)
+
+
+    def _listener_event(self, ev, data: bytes) -> None:
+        """An event of a listener's connection, for the listener owner; a socket handed back
+        that nobody takes is reset."""
+        lib, owner = self._lib, self.listener_owner
+        sock = None
+        if ev.handed:
+            sock = socket.socket(fileno=ev.fd)
+            if owner is None or self._stopping:
+                reset(sock)
+                sock = None
+                if ev.type == lib.NH_EV_ACCEPTED:
+                    return
+        if owner is None:
+            return
+        raw = self._ffi.string(ev.dst)
+        dst = (raw.decode("ascii"), ev.dst_port) if raw else None
+        if ev.type == lib.NH_EV_ACCEPTED:
+            owner.accepted(ev.listener, sock, dst, ev.client_port, ev.tag, ev.endpoint)
+        elif ev.type == lib.NH_EV_OUT_OPENED:
+            owner.opened(ev.listener, ev.stream, ev.conn, dst, ev.client_port, ev.tag, ev.endpoint,
+                         data.decode("ascii", "replace"))
+        elif ev.type == lib.NH_EV_STREAM_END:
+            owner.ended(ev.listener, ev.stream, _end(ev, data), sock, ev.conn, dst, ev.client_port, ev.tag,
+                        ev.endpoint)
+        elif ev.type == lib.NH_EV_ACCEPT_FAILED:
+            owner.accept_failed(ev.listener, ev.error, ev.how / 1000 if ev.how else None)
 
 
 def leaf_der(chain_pem: bytes) -> bytes:

@@ -8,7 +8,10 @@ HBONE listener and a client bound to its IP are plain loopback sockets, and ever
 address a relay reads (peer, local, the endpoint it dials) is the pod's own. In-pod
 listeners are the agent's own InPodListener on such sockets. The stand-ins:
 - `OriginalDestinations` for the capture maps' `pop_original_dst`: the test records
-  what a client port asked for, before it connects, as the kernel does at connect;
+  what a client port asked for, before it connects, as the kernel does at connect
+  (`origdst_map=True`: a real BPF map of the capture's layout, `KernelOriginalDestinations`,
+  which needs root, so the native HBONE engine accepts on the outbound listener and reads
+  it itself, as the agent runs it: source_routes.py);
 - `PodSockets` for inpod.upstream and inpod.transparent_upstream, which enter the pod's
   netns (setns, SO_MARK and IP_TRANSPARENT need root): a socket bound to the pod's IP,
   which a socket in its netns would get, or for delivery to the client's IP, as
@@ -38,6 +41,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from engines import hbone_engine, splicer
+from origdst_map import KernelOriginalDestinations
 from identity_fixtures import ManualClock, make_ca
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.proxy.admission import InboundConnections
@@ -259,13 +263,16 @@ class World:
     moves the bytes (engines.py)."""
 
     def __init__(self, tmp_path: Path, monkeypatch, *, ca: bool = True, engine: str = "python",
-                 tunnel: TunnelSettings = TunnelSettings(), memory: MemoryGuard | None = None):
+                 tunnel: TunnelSettings = TunnelSettings(), memory: MemoryGuard | None = None,
+                 origdst_map: bool = False, in_engine: bool = True):
         self.tmp_path = tmp_path
         self.monkeypatch = monkeypatch
         self.ca = ca
         self.engine = engine
         self.tunnel_settings = tunnel  # the agent's HBONE server (both engines)
         self.memory = memory or MemoryGuard(None, LOG)  # the agent's memory limit (nodeagent/memory.py): none by default
+        self.origdst_map = origdst_map  # a real BPF map of original destinations (root): the engine accepts
+        self.in_engine = in_engine  # setting outbound_in_engine
 
     async def __aenter__(self) -> "World":
         self._closers: list = []
@@ -304,7 +311,9 @@ class World:
         self.monkeypatch.setattr(inpod, "upstream", self.sockets.upstream)
         self.monkeypatch.setattr(inpod, "transparent_upstream", self.sockets.transparent_upstream)
         self.monkeypatch.setattr(inpod, "transparent_upstreams", self.sockets.transparent_upstreams)
-        self.capture = OriginalDestinations()
+        self.capture = KernelOriginalDestinations() if self.origdst_map else OriginalDestinations()
+        if self.origdst_map:
+            self._closers.append(self.capture.close)
         engine = splicer(self.engine)
         self.splicer = await engine.__aenter__()
         self._closers.append(lambda: engine.__aexit__(None, None, None))
@@ -335,19 +344,21 @@ class World:
                                 engines=self.hbone_engines)
         self._closers.append(self.hbone.close)
         self.outbound = OutboundRelay(inputs, self.capture, LOG, passthrough=Passthrough(MARK, TIMEOUT),
-                                      hbone=self.hbone)
+                                      hbone=self.hbone, in_engine=self.in_engine)
+        self.connections.changing.append(self.outbound.routes.invalidate)  # as datapath.DataPath wires it
+        self.memory.tightening.append(self.outbound.routes.invalidate)
         self.delivery = Delivery(DELIVERY_MARK, TIMEOUT)
         self.inbound = InboundRelay(inputs, LOG, delivery=self.delivery)
         self.tunnel = TunnelInbound(inputs, self.delivery, tunnel_metrics, LOG, engines=self.hbone_engines,
                                     settings=self.tunnel_settings)
         self._closers.append(self.tunnel.close)
         client, server = self.enrolled[CLIENT], self.enrolled[SERVER]
-        self._listen(self.outbound_listener, client, "outbound", self.outbound.handle)
+        self._listen(self.outbound_listener, client, "outbound", self.outbound.handle, self.outbound.offload)
         self._listen(self.tunnel_listener, server, "tunnel", self.tunnel.handle)  # lives as long as the connection
         self._listen(self.inbound_listener, server, "inbound", self.inbound.handle)
 
-    def _listen(self, sock: socket.socket, ctx: PodContext, direction: str, handler) -> InPodListener:
-        listener = InPodListener(sock, ctx, direction, handler, LOG)
+    def _listen(self, sock: socket.socket, ctx: PodContext, direction: str, handler, offload=None) -> InPodListener:
+        listener = InPodListener(sock, ctx, direction, handler, LOG, offload=offload)
         listener.start()
         self._closers.append(listener.close)
         return listener

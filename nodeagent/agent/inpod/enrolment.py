@@ -162,6 +162,7 @@ class Handlers:
     outbound: Callable
     inbound: Callable
     tunnel: Callable
+    outbound_offload: Callable | None = None  # may take an outbound listener's accepting (InPodListener)
 
 
 @dataclass
@@ -291,7 +292,8 @@ class Enroller:
                           + (" (is the app using one of the mesh's reserved ports "
                              f"{p.outbound}, {p.inbound}, {p.tunnel}?)" if exc.errno == errno.EADDRINUSE else "")
                           ) from None
-        out = [InPodListener(sock, ctx, direction, handler, self.log, self.accept_failures)
+        out = [InPodListener(sock, ctx, direction, handler, self.log, self.accept_failures,
+                             offload=h.outbound_offload if handler is h.outbound else None)
                for sock, (_, direction, handler) in zip(socks, plan) if sock is not None]
         for lst in out:
             lst.start()

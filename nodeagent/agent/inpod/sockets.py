@@ -26,7 +26,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 from nodeagent import netns
 from nodeagent.model import Pod
@@ -315,15 +315,26 @@ class AcceptFailures:
                          *listener.address, exc.strerror or exc, why, then, failures, self._report.interval)
 
 
+class Offloaded(Protocol):
+    """An in-pod listener another engine accepts on (InPodListener's `offload`)."""
+
+    def close(self, accept_queued: bool) -> None:
+        """Stop accepting (accept_queued: what is queued first)."""
+
+
 class InPodListener:
     """Accept connections on an in-pod listening socket and run `handler` for each. When
     accept(2) fails for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
     the connection stays queued and the socket readable: the listener stops watching it
     for ACCEPT_PAUSE instead of retrying at once, which spun the loop (62,000 failed
-    accepts and log lines in 0.5 s) and starved every other pod's connections."""
+    accepts and log lines in 0.5 s) and starved every other pod's connections.
+    `offload(listener)`, when given, may take the accepting over at start (the native HBONE
+    engine's, for outbound listeners: agent/proxy/source_routes.py): it returns what then
+    accepts, or None to leave it to this loop."""
 
     def __init__(self, sock: socket.socket, ctx: PodContext, direction: str, handler: Handler,
-                 log: logging.Logger, failures: AcceptFailures | None = None, pause: float = ACCEPT_PAUSE):
+                 log: logging.Logger, failures: AcceptFailures | None = None, pause: float = ACCEPT_PAUSE,
+                 offload: Callable[["InPodListener"], Offloaded | None] | None = None):
         self.sock = sock
         self.ctx = ctx
         self.direction = direction
@@ -334,9 +345,15 @@ class InPodListener:
         self.address = sock.getsockname()[:2]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paused: asyncio.TimerHandle | None = None
+        self.offload = offload
+        self.offloaded: Offloaded | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.offload is not None:
+            self.offloaded = self.offload(self)
+            if self.offloaded is not None:
+                return
         self._loop.add_reader(self.sock.fileno(), self._accept_ready)
 
     def _accept_ready(self) -> None:
@@ -390,6 +407,10 @@ class InPodListener:
         (tcp_migrate_req) or, with none left, resets them."""
         if self.sock.fileno() == -1:
             return  # closed already (handed over, then the agent's shutdown)
+        if self.offloaded is not None:
+            self.offloaded.close(accept_queued)  # the engine's copy of the socket, and its accepting
+            self.sock.close()
+            return
         if self._loop is not None:
             self._loop.remove_reader(self.sock.fileno())
             self._unpause()

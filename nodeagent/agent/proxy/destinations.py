@@ -52,22 +52,46 @@ class RoundRobin:
 
 def resolve(model: Model, dst: Address, balancer: RoundRobin) -> Target:
     """The target of a connection to `dst`; NoEndpoint for a service port without one."""
-    ip, port = dst
-    service = model.service_by_ip(ip)
+    service, service_port = _service_port(model, dst)
+    if service_port is not None:
+        return _balance(model, service, service_port, balancer)
+    return _direct(model, dst, service)
+
+
+def endpoints(model: Model, dst: Address) -> list[Target]:
+    """Every target `resolve` may pick for `dst`, in the balancer's order ([] for a
+    service port without an endpoint)."""
+    service, service_port = _service_port(model, dst)
+    if service_port is not None:
+        return [Target((pod.ip, number), pod=pod, service=service, meshed=model.is_meshed(pod))
+                for pod, number in _candidates(model, service, service_port)]
+    return [_direct(model, dst, service)]
+
+
+def _service_port(model: Model, dst: Address) -> tuple[Service | None, ServicePort | None]:
+    service = model.service_by_ip(dst[0])
+    if service is None:
+        return None, None
+    return service, next((p for p in service.ports if p.port == dst[1] and p.protocol == "TCP"), None)
+
+
+def _direct(model: Model, dst: Address, service: Service | None) -> Target:
+    """`dst` itself: a port that is not the service's (as kube-proxy, no rewrite), a pod, or
+    an address the model does not know."""
     if service is not None:
-        service_port = next((p for p in service.ports if p.port == port and p.protocol == "TCP"), None)
-        if service_port is not None:
-            return _balance(model, service, service_port, balancer)
-        return Target(dst, service=service)  # not a port of the service: as kube-proxy, no rewrite
-    pod = model.pod_by_ip(ip)
+        return Target(dst, service=service)
+    pod = model.pod_by_ip(dst[0])
     if pod is not None:
         return Target(dst, pod=pod, meshed=model.is_meshed(pod))
     return Target(dst)
 
 
+def _candidates(model: Model, service: Service, port: ServicePort) -> list[tuple[Pod, int]]:
+    return [(pod, number) for pod in model.endpoints(service) if (number := port.target_on(pod)) is not None]
+
+
 def _balance(model: Model, service: Service, port: ServicePort, balancer: RoundRobin) -> Target:
-    candidates = [(pod, number) for pod in model.endpoints(service)
-                  if (number := port.target_on(pod)) is not None]
+    candidates = _candidates(model, service, port)
     if not candidates:
         raise NoEndpoint(service, port.port)
     pod, number = balancer.pick((service.namespace, service.name, port.port), candidates)

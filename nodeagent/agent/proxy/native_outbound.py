@@ -22,7 +22,7 @@ from nodeagent.agent.proxy.hbone_native import ERROR_ENDS, HboneEngines, error_l
 from nodeagent.native import hbone
 from nodeagent.resets import linger_default
 from nodeagent.tunnel import ConnectFailed, ConnectionLost, ConnectRefused, HandshakeFailed, PoolClosed, \
-    ResponseTimeout, StreamReset, TunnelMetrics, TunnelSettings
+    ResponseTimeout, StreamReset, TunnelError, TunnelMetrics, TunnelSettings
 from nodeagent.tunnel.authority import Address, format_authority
 from nodeagent.tunnel.errors import connect_failure_reason
 
@@ -86,7 +86,7 @@ class NativePool:
                 raise
             except hbone.HboneFailed as failed:
                 end = failed.end
-                if _unprocessed(end):
+                if unprocessed(end):
                     entry.usable = False  # GOAWAY or REFUSED_STREAM: no new streams on it
                     error = ConnectionLost(f"{end.how}: {end.reason}", retryable=True)
                     if sock is not None:
@@ -94,8 +94,7 @@ class NativePool:
                     self.log.debug("HBONE to %s:%d: stream not processed (%s), retrying on a new connection",
                                    *key[2], end.reason)
                     continue
-                error = StreamReset(0, end.code, end.reason) if end.how == "reset" else ConnectionLost(
-                    f"{end.how}: {end.reason}")
+                error = failure(end, key[2], authority, self.settings.open_timeout)
                 self.metrics.refused(OUTBOUND, error.reason)
                 raise error from None
             if status != 200:
@@ -105,6 +104,21 @@ class NativePool:
             return stream
         self.metrics.refused(OUTBOUND, error.reason)
         raise error
+
+    def conn_id(self, key: Key) -> int:
+        """The engine's id of an up connection of `key` that takes new streams, or 0."""
+        for entry in self._conns.get(key, ()):
+            if entry.conn is not None and entry.usable and not entry.conn.closed.done():
+                return entry.conn.id
+        return 0
+
+    def unusable(self, conn_id: int) -> None:
+        """A stream on connection `conn_id` was refused unprocessed (GOAWAY, REFUSED_STREAM):
+        no new streams on it (the engine's out-routes found that out)."""
+        for entries in self._conns.values():
+            for entry in entries:
+                if entry.conn is not None and entry.conn.id == conn_id:
+                    entry.usable = False
 
     def connections(self, key: Key | None = None) -> int:
         """Pooled connections (connecting or open), for one key or all."""
@@ -243,7 +257,19 @@ async def answer(response: asyncio.Future, timeout: float):
     return response.result()
 
 
-def _unprocessed(end: hbone.End) -> bool:
+def failure(end: hbone.End, addr: Address, authority: Address, open_timeout: float) -> TunnelError:
+    """The pool's error for a stream that ended before its answer, processed by the server
+    (`unprocessed` ones are retried instead); its `reason` is the refusal metric's label."""
+    if end.how == "refused" and end.status:
+        return ConnectRefused(addr, authority, end.status)
+    if end.how == "timeout":
+        return ResponseTimeout(addr, authority, open_timeout)
+    if end.how == "reset":
+        return StreamReset(0, end.code, end.reason)
+    return ConnectionLost(f"{end.how}: {end.reason}")
+
+
+def unprocessed(end: hbone.End) -> bool:
     """The server provably never processed the stream: REFUSED_STREAM (also nghttp2's for
     streams above a GOAWAY's last id), or it was never sent (its connection was closing)."""
     return (end.how == "reset" and end.code == 7) or (end.how == "connection_lost" and end.h2_stream == 0)

@@ -8,6 +8,11 @@ over HBONE when the endpoint is a meshed pod (tunnel_outbound.py) — or, when i
 meshed pod of this node and the fast path is on, joined here with no HBONE
 (samenode.py) — else as plain TCP from the pod's own netns (`Passthrough`), and splice. Every connection is reported with
 `reporter="source"`; a failure resets the client and is counted with its reason.
+
+With the native HBONE engine the pods' outbound listeners are the engine's
+(source_routes.py, setting outbound_in_engine): it opens the streams itself on the routes
+this relay taught it, and hands this relay the rest with their original destination
+(`accepted`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from nodeagent.agent.proxy.destinations import NoEndpoint, RoundRobin, Target, r
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import Relay, connect_failure_reason, relay
 from nodeagent.agent.proxy.samenode import SameNodeRoute
+from nodeagent.agent.proxy.source_routes import Offload, SourceRoutes
 from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer
 from nodeagent.errors import NodeagentError
 from nodeagent.identity.errors import IdentityUnavailable
@@ -62,7 +68,7 @@ class OutboundRelay(Relay):
     direction = "outbound"
 
     def __init__(self, inputs: ProxyInputs, capture, log: logging.Logger, *, passthrough: Route, hbone: Route,
-                 same_node: SameNodeRoute | None = None):
+                 same_node: SameNodeRoute | None = None, in_engine: bool = True):
         super().__init__(inputs, log)
         self.capture = capture
         self.identities = inputs.identities
@@ -71,6 +77,9 @@ class OutboundRelay(Relay):
         self.hbone = hbone
         self.same_node = same_node  # None: the same-node fast path is off (setting same_node_fast_path)
         self.balancer = RoundRobin()
+        # the pods' outbound listeners in the native HBONE engine (setting outbound_in_engine)
+        self.routes = SourceRoutes(self, hbone, inputs, capture, log, enabled=in_engine)
+        self.offload = self.routes.offload  # InPodListener's: the engine may take the accepting
 
     async def handle(self, ctx: PodContext, client: socket.socket) -> None:
         self.metrics.outbound.inc()
@@ -78,6 +87,27 @@ class OutboundRelay(Relay):
             return
         with self.inputs.memory.holdings.held(ctx.pod.ip):
             await self._handle(ctx, client)
+
+    async def accepted(self, ctx: PodContext, via: Offload | None, client: socket.socket, dst: Address | None,
+                       client_port: int, hint: Target | None) -> None:
+        """A connection the engine accepted on `via` and handed over (source_routes.py), with
+        its original destination (None: none recorded) and, when it missed on an out-route,
+        the endpoint the route's balancer chose (`hint`). As InPodListener runs `handle`."""
+        try:
+            self.metrics.outbound.inc()
+            if self._overloaded(ctx, client):
+                return
+            with self.inputs.memory.holdings.held(ctx.pod.ip):
+                if dst is None:
+                    self._no_original_dst(ctx, client, client_port)
+                    return
+                await self._to(ctx, client, (ctx.pod.ip, client_port), dst, via, hint)
+        except asyncio.CancelledError:
+            client.close()
+            raise
+        except Exception:  # as InPodListener: one connection's bug must not go unnoticed, nor spread
+            self.log.exception("outbound connection of pod %s failed", ctx)
+            client.close()
 
     async def _handle(self, ctx: PodContext, client: socket.socket) -> None:
         try:
@@ -87,22 +117,31 @@ class OutboundRelay(Relay):
             return
         dst = self.capture.pop_original_dst(ctx.cookie, client.family, client_port)
         if dst is None:
-            self._fail(ctx, client, "no_original_dst",
-                       f"no original destination recorded for client port {client_port} "
-                       "(a direct connection to the outbound port?); closing it")
+            self._no_original_dst(ctx, client, client_port)
             return
-        src = (ctx.pod.ip, client_port)
+        await self._to(ctx, client, (ctx.pod.ip, client_port), dst)
+
+    def _no_original_dst(self, ctx: PodContext, client: socket.socket, client_port: int) -> None:
+        self._fail(ctx, client, "no_original_dst",
+                   f"no original destination recorded for client port {client_port} "
+                   "(a direct connection to the outbound port?); closing it")
+
+    async def _to(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address,
+                  via: Offload | None = None, hint: Target | None = None) -> None:
         if dst in self.inputs.waypoint.dataplane().outbound:
             await self._through_waypoint(ctx, client, src, dst)
             return
-        try:
-            target = resolve(self.inputs.model(), dst, self.balancer)
-        except NoEndpoint as exc:
-            flow = self.telemetry.open(Flow(SOURCE, src, dst, Peer.of(ctx.pod), Peer(), service=exc.service))
-            self._fail(ctx, client, "no_endpoints", f"to {dst[0]}:{dst[1]}: {exc}")
-            self.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="no_endpoints")
-            return
-        await self._relay(ctx, client, src, dst, target)
+        if hint is not None:  # the endpoint an out-route's balancer chose, under the model in force
+            target = hint
+        else:
+            try:
+                target = resolve(self.inputs.model(), dst, self.balancer)
+            except NoEndpoint as exc:
+                flow = self.telemetry.open(Flow(SOURCE, src, dst, Peer.of(ctx.pod), Peer(), service=exc.service))
+                self._fail(ctx, client, "no_endpoints", f"to {dst[0]}:{dst[1]}: {exc}")
+                self.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="no_endpoints")
+                return
+        await self._relay(ctx, client, src, dst, target, via)
 
     async def _through_waypoint(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address) -> None:
         """Client-side L7: the connection goes to Envoy, which routes it and hands it back
@@ -150,7 +189,7 @@ class OutboundRelay(Relay):
         await self._relay(ctx, sock, src, dst, target)
 
     async def _relay(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address,
-                     target: Target) -> None:
+                     target: Target, via: Offload | None = None) -> None:
         if self.same_node is not None and await self.same_node.relay(ctx, client, src, dst, target):
             return
         route, flow = self._route(ctx, src, dst, target)
@@ -159,15 +198,29 @@ class OutboundRelay(Relay):
                 self.identities.of(target.pod)  # a destination without a valid identity: refused
             upstream = await route.connect(ctx, target, client)
         except (OSError, asyncio.TimeoutError, TunnelError, IdentityUnavailable) as exc:
-            reason = connect_failure_reason(exc)
-            self._fail(ctx, client, reason, f"{route.name} to {_where(target)} failed: {reason} ({exc})")
-            self.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=str(exc))
+            self._connect_failed(ctx, client, route, target, flow, exc)
             return
+        if via is not None and route is self.hbone:
+            self.routes.learn(via, dst)  # the next connections to dst: the engine's
         if route is self.passthrough:
             self.metrics.passthrough.inc()
         self.log.debug("outbound %s -> %s via %s", ctx, _where(target), route.name)
         result = await relay(self.inputs, "outbound", client, upstream)
         self.telemetry.close(flow, received=result.a_to_b, sent=result.b_to_a)
+
+    def refused(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address, target: Target,
+                error: TunnelError) -> None:
+        """A stream the engine opened on an out-route ended before its 200 (source_routes.py):
+        reported as this relay reports a failed connect over HBONE."""
+        self.metrics.outbound.inc()
+        route, flow = self._route(ctx, src, dst, target)
+        self._connect_failed(ctx, client, route, target, flow, error)
+
+    def _connect_failed(self, ctx: PodContext, client: socket.socket, route: Route, target: Target, flow: Flow,
+                        exc: BaseException) -> None:
+        reason = connect_failure_reason(exc)
+        self._fail(ctx, client, reason, f"{route.name} to {_where(target)} failed: {reason} ({exc})")
+        self.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=str(exc))
 
     def _route(self, ctx: PodContext, src: Address, dst: Address, target: Target) -> tuple[Route, Flow]:
         """HBONE for a meshed endpoint, passthrough otherwise; the flow reporting it."""
