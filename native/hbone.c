@@ -1559,7 +1559,7 @@ static bool deliver_on_route(struct conn *c, struct stream *s)
                 port = ntohs(local.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&local)->sin6_port
                                                          : ((struct sockaddr_in *)&local)->sin_port);
             struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_DELIVERED, .code = port,
-                                  .h2_stream = (uint32_t)s->sid};
+                                  .h2_stream = (uint32_t)s->sid, .tag = r->gen};
             emit(e, &ev, s->hdrs, s->hdrs_len);  /* before the stream's end can be */
             free(s->hdrs);
             s->hdrs = NULL;

@@ -146,7 +146,8 @@
                                      Python; how: NH_REFUSED_* */
 #define NH_EV_DELIVERED 8         /* server: a CONNECT the engine delivered on a route (nh_conn_route):
                                      answered 200, relaying; data as NH_EV_REQUEST, code = the
-                                     local port of the route's socket it connected */
+                                     local port of the route's socket it connected, tag = the
+                                     route's generation */
 #define NH_EV_ACCEPTED 9          /* a listener's connection the engine did not open a stream for itself
                                      (nh_listen): `fd` is the accepted socket, handed to the caller
                                      (`handed`); listener, client_port, dst/dst_port (dst "": none
@@ -223,7 +224,8 @@ struct nh_event {
     size_t data_len;
     /* Listeners and out-routes (see Listeners): */
     uint64_t listener;            /* the listener's id, or 0: not a listener's connection */
-    uint64_t tag;                 /* the out-route's tag (nh_out_route) it went by or missed on */
+    uint64_t tag;                 /* the out-route's tag (nh_out_route) it went by or missed on;
+                                     NH_EV_DELIVERED: the route's generation */
     uint32_t endpoint;            /* ... and the endpoint's index in it, or NH_NO_ENDPOINT */
     uint32_t client_port;         /* the client's port (its address is the listener pod's) */
     uint32_t dst_port;            /* the original destination's port... */

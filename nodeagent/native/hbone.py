@@ -184,8 +184,9 @@ class Request(NativeStream):
     is answered and relaying already: carry(None) waits for its end, reset() takes it back."""
 
     def __init__(self, engine: "HboneEngine", stream_id: int, conn: "ServerConnection", headers,
-                 delivered: int | None = None):
+                 delivered: int | None = None, generation: int = 0):
         super().__init__(engine, stream_id, conn)
+        self.generation = generation  # delivered: the generation of the route it went by
         self.cancelled: asyncio.Future = engine._loop.create_future()  # the client reset it before the answer
         self.authority = headers[0][1] if headers and headers[0][0] == ":authority" else ""
         self.headers = tuple(h for h in headers if h[0] != ":authority")
@@ -456,7 +457,7 @@ class HboneEngine:
                 else:
                     lib.nh_stream_reset(self._handle, ev.stream)
                 return
-            request = self._streams[ev.stream] = Request(self, ev.stream, conn, headers, delivered)
+            request = self._streams[ev.stream] = Request(self, ev.stream, conn, headers, delivered, ev.tag)
             conn.streams.add(ev.stream)
             try:
                 conn.on_request(request)

@@ -69,6 +69,7 @@ def test_the_engine_delivers_the_next_connects_of_a_delivered_kind(node):
     async def body(w: World):
         await w.app.start()
         asked = len(w.sockets.asked)
+        at_once = spy(w.tunnel, "delivered_at_once")
         sent = []
         for i in range(rounds):
             payload = f"round {i}\n".encode() * (100 + i)
@@ -88,6 +89,44 @@ def test_the_engine_delivers_the_next_connects_of_a_delivered_kind(node):
         assert w.value("nodeagent_hbone_streams", direction="inbound") == 0
         assert len(w.connections) == 0 and len(w.app.peers) == rounds
         assert not any(w.delivery.is_ours(peer) for peer in w.app.peers)  # each released at its end
+        assert at_once == [True] * (rounds - 1)  # nothing changed: each decided as its route was, no task
+    node(body)
+
+
+def spy(obj, name: str) -> list:
+    """What each call of obj.name returned, in order."""
+    returned, real = [], getattr(obj, name)
+
+    def wrapper(*args):
+        returned.append(real(*args))
+        return returned[-1]
+    setattr(obj, name, wrapper)
+    return returned
+
+
+def test_a_policy_change_resets_what_the_engine_delivered_at_once(node):
+    """A connection delivered by the engine and booked at once is tracked as any other: the
+    re-check after a DENY resets it and reports it denied, with its bytes."""
+    async def body(w: World):
+        await w.app.start()
+        await echo_once(w, b"first\n")
+        await w.settled(flows=2)
+        at_once = spy(w.tunnel, "delivered_at_once")
+        reader, writer = await w.dial_out(SERVICE)
+        greeting = await reader.readline()
+        writer.write(b"ping\n")
+        assert await reader.readexactly(5) == b"ping\n"
+        assert at_once == [True] and len(w.connections) == 1
+        w.apply(DENY_SLEEP)
+        assert w.connections.recheck() == 1
+        assert await ended(reader) == "reset"
+        writer.close()
+        await w.settled(flows=4)
+        flow = destination_flows(w)[-1]
+        assert (flow["verdict"], flow["response_flags"], flow["bytes_received"], flow["bytes_sent"]) == (
+            "denied", "DENY", 5, len(greeting) + 5)
+        assert w.value("nodeagent_inbound_connections_revoked_total", reason="deny") == 1
+        assert len(w.connections) == 0 and w.memory.holdings.of(SERVER) == 0
     node(body)
 
 

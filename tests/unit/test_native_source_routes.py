@@ -136,10 +136,12 @@ def test_a_pod_at_its_connection_cap_is_refused_by_the_agent(node):
         await w.app.start()
         await echo_once(w, b"learn\n")
         await w.settled(flows=2)
-        held = [await w.dial_out(SERVICE) for _ in range(2)]
-        for reader, _ in held:
-            await reader.readline()  # the app's greeting: relayed
-        await until(lambda: w.memory.holdings.of(CLIENT) == 2, what="two held")
+        held = []
+        for i in range(2):
+            held.append(await w.dial_out(SERVICE))
+            await held[-1][0].readline()  # the app's greeting: relayed
+            await until(lambda: w.outbound.routes.describe()["open"] == i + 1, what="the agent told of it")
+        assert w.memory.holdings.of(CLIENT) == 2
         reader, writer = await w.dial_out(SERVICE)
         assert await ended(reader) == "reset"
         writer.close()

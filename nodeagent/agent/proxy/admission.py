@@ -103,13 +103,20 @@ class InboundConnections:
     def delivering(self, conn: Connection, src: Address, plaintext: bool,
                    admission: Admission = Admission(DELIVER)) -> Iterator[Delivered]:
         """Track a connection while the agent relays it to the pod or the waypoint."""
-        entry = Delivered(conn, src, plaintext, admission, Abort())
-        self._delivered.add(entry)
+        entry = self.track(Delivered(conn, src, plaintext, admission, Abort()))
         try:
             yield entry
         finally:
-            self._delivered.discard(entry)
-            entry.ends.close()
+            self.untrack(entry)
+
+    def track(self, entry: Delivered) -> Delivered:
+        """Track `entry` until `untrack` (what `delivering` does around a block)."""
+        self._delivered.add(entry)
+        return entry
+
+    def untrack(self, entry: Delivered) -> None:
+        self._delivered.discard(entry)
+        entry.ends.close()
 
     def recheck(self) -> int:
         """Admit every tracked connection again; reset those that would now go another

@@ -17,7 +17,9 @@ accepted socket (native_inbound.NativeServing) and each CONNECT comes to the sam
 `_on_stream` as a NativeRequest. Once a CONNECT was delivered, the engine is given a
 route for more of its kind on that connection (routes.py) and delivers them itself; each
 comes here afterwards, already delivered, is admitted again as any other, and is reset
-if what decides it changed as the engine read it.
+if what decides it changed as the engine read it; one delivered while nothing changed
+(the route's generation is still the agent's) is decided as its route was, and reported
+and tracked at once, in the engine's batch of events (`delivered_at_once`), without a task.
 """
 
 from __future__ import annotations
@@ -25,18 +27,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from functools import partial
 from typing import Awaitable, TypeVar
 
 from nodeagent.agent.inpod.sockets import PodContext
-from nodeagent.agent.proxy.admission import DELIVER, DENY, WAYPOINT, Admission, admit
+from nodeagent.agent.proxy.admission import DELIVER, DENY, WAYPOINT, Admission, Delivered, admit, describe
 from nodeagent.agent.proxy.delivery import Delivery, open_flow, open_inbound, relay_delivered
 from nodeagent.agent.proxy.hbone_native import HboneEngines
 from nodeagent.agent.proxy.native_inbound import NativeRequest, NativeServing
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import connect_failure_reason
-from nodeagent.agent.proxy.routes import Routes
-from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS
+from nodeagent.agent.proxy.routes import Known, Routes
+from nodeagent.agent.proxy.splice import Abort
+from nodeagent.agent.proxy.telemetry import DESTINATION, FLAG_CONNECT, MTLS, Flow
 from nodeagent.identity.errors import IdentityUnavailable
+from nodeagent.native import hbone
 from nodeagent.policy import Connection
 from nodeagent.resets import reset
 from nodeagent.tunnel import HboneServer, HboneStream, StreamBudget, StreamInfo, TunnelMetrics, TunnelSettings, tls
@@ -61,6 +66,10 @@ class TunnelInbound:
         self.routes = Routes(delivery, engines, inputs.memory, log)
         inputs.connections.changing.append(self.routes.invalidate)
         inputs.memory.tightening.append(self.routes.invalidate)
+        self._opened = tunnel_metrics.streams_opened.labels(direction="inbound")
+        self._active = inputs.metrics.active_by["inbound"]
+        self._sent = inputs.metrics.bytes_by[("inbound", "sent")]
+        self._received = inputs.metrics.bytes_by[("inbound", "received")]
 
     async def handle(self, ctx: PodContext, sock: socket.socket) -> None:
         """An accepted connection on the pod's tunnel port."""
@@ -127,7 +136,10 @@ class TunnelInbound:
             self.inputs.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=refusal)
             return
         conn = Connection(src[0], info.peer_identity, flow.source.namespace, ctx.pod, dst[0], dst[1])
-        admission = admit(self.inputs.policies.current, self.inputs.waypoint, conn, plaintext=False)
+        # what the admission below decides under (kept with a route: Known)
+        generation, policies, dataplane = (self.routes.generation, self.inputs.policies.current,
+                                           self.inputs.waypoint.dataplane())
+        admission = admit(policies, self.inputs.waypoint, conn, plaintext=False)
         if admission.route != DELIVER and _delivered(stream):
             self.routes.invalidate()  # the engine read it as what decides it changed: no more of those
             if admission.route == WAYPOINT:
@@ -144,7 +156,51 @@ class TunnelInbound:
                            admission.reason)
             self.inputs.telemetry.denied(flow, admission.policy, admission.reason)
             return
-        await self._deliver(ctx, stream, flow, conn, src, dst)
+        await self._deliver(ctx, stream, flow, conn, src, dst, Known(
+            ctx, conn, flow.source, flow.destination, flow.service, generation, policies, dataplane))
+
+    def delivered_at_once(self, info: StreamInfo, request: hbone.Request) -> bool:
+        """A CONNECT the engine delivered on a route while nothing that decides delivery
+        changed since the agent admitted the route's first (Routes.known): admitted as that
+        one was, so reported, tracked for re-checks and counted here and now, its end
+        closing its report (`_delivered_end`), as `_deliver` and relay_delivered do for the
+        ones it awaits. False (nothing done): the general path admits it again."""
+        known = self.routes.known(request)
+        if known is None or known.policies is not self.inputs.policies.current \
+                or known.dataplane != self.inputs.waypoint.dataplane():
+            return False
+        ctx, src, dst = known.ctx, info.peer_address, info.authority
+        if self.inputs.memory.refusal(ctx.pod.ip, ctx) is not None:
+            return False  # answered 503 by the general path, which stops the routes for the pod
+        self.metrics.inbound.inc()
+        flow = self.inputs.telemetry.open(Flow(DESTINATION, src, dst, known.source, known.destination,
+                                               known.service, MTLS, upstream=info.local_address))
+        entry = self.inputs.connections.track(Delivered(known.conn, src, False, Admission(DELIVER), Abort()))
+        ip = ctx.pod.ip
+        self.inputs.memory.holdings.take(ip)
+        if self.routes.delivered(request, src[0], entry.ends):
+            asyncio.get_running_loop().call_soon(self.routes.offer, ctx, request, src, dst)
+        self._opened.inc()
+        self._active.inc()
+        entry.abort.bind(request)  # a re-check that revokes it resets the stream
+        request.ended.add_done_callback(partial(self._delivered_end, flow, entry, ip))
+        return True
+
+    def _delivered_end(self, flow: Flow, entry: Delivered, ip: str, ended) -> None:
+        end = ended.result()
+        received, sent = end.from_peer, end.to_peer  # the client's bytes to the app, the app's back
+        self._active.dec()
+        self._sent.inc(received)
+        self._received.inc(sent)
+        self.inputs.connections.untrack(entry)
+        self.inputs.memory.holdings.give(ip)
+        revoked, telemetry = entry.revoked, self.inputs.telemetry
+        if revoked is None:
+            telemetry.close(flow, received=received, sent=sent)
+        elif revoked.route == DENY:
+            telemetry.denied(flow, revoked.policy, describe(revoked, entry), received=received, sent=sent)
+        else:
+            telemetry.close(flow, received=received, sent=sent, reason=describe(revoked, entry))
 
     def _refusal(self, ctx: PodContext, dst: tuple[str, int]) -> str | None:
         if dst[0] != ctx.pod.ip:
@@ -173,12 +229,12 @@ class TunnelInbound:
             await relay_delivered(self.inputs, flow, entry, stream, upstream)
 
     async def _deliver(self, ctx: PodContext, stream: HboneStream | NativeRequest, flow, conn: Connection, src,
-                       dst) -> None:
+                       dst, known: Known) -> None:
         with self.inputs.connections.delivering(conn, src, plaintext=False) as entry:
             if _delivered(stream):  # by the engine, on a route: connected and answered
-                self.routes.delivered(stream, src[0], entry.ends)
+                self.routes.delivered(stream.request, src[0], entry.ends)
                 stream.respond(200)
-                self.routes.later(ctx, stream, src, dst)
+                self.routes.later(ctx, stream, src, dst, known)
                 await relay_delivered(self.inputs, flow, entry, stream, None)
                 return
             try:
@@ -194,7 +250,7 @@ class TunnelInbound:
                 self._client_reset(flow)
                 return
             stream.respond(200)
-            self.routes.later(ctx, stream, src, dst)
+            self.routes.later(ctx, stream, src, dst, known)
             await relay_delivered(self.inputs, flow, entry, stream, upstream)
 
     def _client_reset(self, flow) -> None:
