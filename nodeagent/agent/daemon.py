@@ -147,6 +147,7 @@ class Agent:
         end, up to DRAIN_SECONDS, before the rest is closed (reset)."""
         started = time.monotonic()
         left = await self.enroller.drain(DRAIN_SECONDS)
+        left += await self.datapath.drain(max(0.0, DRAIN_SECONDS - (time.monotonic() - started)))
         self.log.info("drained the relays in %.1fs%s", time.monotonic() - started,
                       f"; {left} still open are closed now" if left else "")
 

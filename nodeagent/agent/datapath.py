@@ -179,9 +179,19 @@ class DataPath:
         self.identities.sync(pods)
         for ctx in removed:
             self.tunnel.drain(ctx.pod.ip)
-            task = asyncio.get_running_loop().create_task(self.hbone.release(ctx))
+            task = asyncio.get_running_loop().create_task(self._release(ctx))
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
+
+    async def _release(self, ctx: PodContext) -> None:
+        """A removed pod's pool closes once its connections, the engine's and the relays', ended."""
+        await self.outbound.routes.drained(ctx)
+        await self.hbone.release(ctx)
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` seconds for the streams the engine opened for the pods to
+        end (the relays' tasks are the Enroller's to wait for); how many are still open."""
+        return await self.outbound.routes.drained(None, timeout)
 
     def describe(self) -> dict:
         return {"identity": self.identities.describe(), "policy": self.policies.describe(),

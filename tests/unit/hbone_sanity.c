@@ -6,7 +6,11 @@
  * 256 KiB down with a half-close each way; a reset; a refusal (403); 20 streams at once;
  * a stream opened before its socket (the server's bytes wait, then nh_stream_attach), and a
  * socket attached to a stream that ended (reset); keepalive PINGs every 20 ms meanwhile;
- * a plaintext peer; a wrong expected identity; then stop with a stream open, and free.
+ * a plaintext peer; a wrong expected identity; a pod's outbound listener in the engine (a
+ * BPF map of original destinations: root) with an out-route: a stream opened and relayed by
+ * the engine, one refused before its 200 handing the socket back with its first bytes, one
+ * without a destination handed over, a stale route unused, bad arguments refused, one
+ * listener closed and one left to the stop; then stop with a stream open, and free.
  * Then a second engine with a 512 KiB receive budget (and a 256 KiB send budget, which the
  * stuck stream's client side runs into): a server app that never reads has its
  * stream reset (OVERLOAD) once it holds half the budget, while a stream beside it on the same
@@ -27,7 +31,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/bpf.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define CHECK(cond, ...) do { if (!(cond)) { fprintf(stderr, "hbone_sanity: line %d: ", __LINE__); \
@@ -197,6 +203,144 @@ static size_t transfer(int from, int to, size_t n, unsigned seed)
     return got;
 }
 
+/* The capture's na_origdst map (bpf/nodeagent.h): (netns cookie, family, client port) ->
+ * (cookie, family, address, port in network order). */
+struct od_key {
+    uint64_t cookie;
+    uint16_t family, port;
+    uint32_t pad;
+};
+struct od_val {
+    uint64_t cookie;
+    uint16_t family, pad0;
+    uint32_t addr[4];
+    uint16_t port, pad1;
+};
+
+static long bpf_cmd(int cmd, union bpf_attr *attr) { return syscall(__NR_bpf, cmd, attr, sizeof *attr); }
+
+static int origdst_map(void)
+{
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.map_type = BPF_MAP_TYPE_HASH;
+    attr.key_size = sizeof(struct od_key);
+    attr.value_size = sizeof(struct od_val);
+    attr.max_entries = 64;
+    int fd = (int)bpf_cmd(BPF_MAP_CREATE, &attr);
+    CHECK(fd >= 0, "BPF_MAP_CREATE: %s (root?)", strerror(errno));
+    return fd;
+}
+
+/* A client of the pod connecting to its outbound listener, its original destination
+ * 10.96.0.1:80 recorded first (dst 0: none), as connect4 does. */
+static int pod_dial(int map, int pod_listener, uint64_t cookie, int dst)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in self = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)}, to;
+    socklen_t len = sizeof self;
+    CHECK(bind(fd, (void *)&self, sizeof self) == 0 && getsockname(fd, (void *)&self, &len) == 0, "pod bind");
+    if (dst) {
+        struct od_key key = {.cookie = cookie, .family = AF_INET, .port = ntohs(self.sin_port)};
+        struct od_val val = {.cookie = cookie, .family = AF_INET, .port = htons(80)};
+        val.addr[0] = htonl(0x0a600001);
+        union bpf_attr attr;
+        memset(&attr, 0, sizeof attr);
+        attr.map_fd = (uint32_t)map;
+        attr.key = (uint64_t)(uintptr_t)&key;
+        attr.value = (uint64_t)(uintptr_t)&val;
+        CHECK(bpf_cmd(BPF_MAP_UPDATE_ELEM, &attr) == 0, "map update");
+    }
+    len = sizeof to;
+    CHECK(getsockname(pod_listener, (void *)&to, &len) == 0 && connect(fd, (void *)&to, sizeof to) == 0, "pod dial");
+    return fd;
+}
+
+static const struct nh_event *wait_listener_event(uint32_t type, uint64_t lid, int skip)
+{
+    for (int tries = 0; tries < 2000; tries++) {
+        int seen = 0;
+        for (int i = 0; i < nev; i++)
+            if (evs[i].type == type && evs[i].listener == lid && seen++ == skip)
+                return &evs[i];
+        pump(5);
+    }
+    CHECK(0, "no listener event %u", type);
+    return NULL;
+}
+
+static void listener_case(uint64_t conn)
+{
+    int map = origdst_map();
+    int pod = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    CHECK(bind(pod, (void *)&a, sizeof a) == 0 && listen(pod, 16) == 0, "pod listen");
+    int64_t lid = nh_listen(E, dup(pod), dup(map), 77);
+    CHECK(lid > 0, "nh_listen %ld", (long)lid);
+    CHECK(nh_listen(E, socket(AF_INET, SOCK_STREAM, 0), dup(map), 77) == -EINVAL, "a socket that does not listen");
+    CHECK(nh_listen(E, -1, dup(map), 77) == -EBADF, "no socket");
+    const uint64_t conns[1] = {conn};
+    nh_out_generation(E, 5);
+    CHECK(nh_listen_room(E, (uint64_t)lid, UINT32_MAX, 0) == 0, "room");
+    CHECK(nh_out_route(E, (uint64_t)lid, "10.96.0.1", 80, conns, "10.0.0.1:80", 12, 1, 42, 5) == 0, "out-route");
+    CHECK(nh_out_route(E, (uint64_t)lid, "not an ip", 80, conns, "10.0.0.1:80", 12, 1, 42, 5) == -EINVAL, "bad ip");
+    CHECK(nh_out_route(E, (uint64_t)lid, "10.96.0.2", 80, conns, "10.0.0.1:80", 11, 1, 42, 5) == -EINVAL,
+          "an authority without its NUL");
+    const uint64_t three[3] = {conn, conn, conn};
+    CHECK(nh_out_route(E, (uint64_t)lid, "10.96.0.3", 80, three, "a\0b\0", 4, 3, 42, 5) == -EINVAL, "fewer authorities");
+    /* routed: the engine opens the CONNECT and relays it */
+    int client = pod_dial(map, pod, 77, 1);
+    const struct nh_event *opened = wait_listener_event(NH_EV_OUT_OPENED, (uint64_t)lid, 0);
+    CHECK(opened->tag == 42 && opened->endpoint == 0 && opened->dst_port == 80 && !strcmp(opened->dst, "10.96.0.1")
+          && opened->conn == conn, "opened: tag %lu endpoint %u dst %s", (unsigned long)opened->tag, opened->endpoint,
+          opened->dst);
+    uint64_t routed = opened->stream;
+    nonblock(client);
+    CHECK(transfer(client, server_app[napps - 1], 70 << 10, 17) == 70 << 10, "routed up");
+    CHECK(transfer(server_app[napps - 1], client, 30 << 10, 19) == 30 << 10, "routed down");
+    const struct nh_event *end = wait_event(NH_EV_STREAM_END, 0, routed);
+    CHECK(end->how == NH_END_CLOSED && end->to_peer == 70 << 10 && end->from_peer == 30 << 10 && !end->handed
+          && end->listener == (uint64_t)lid, "routed end %u", end->how);
+    close(client);
+    /* refused before its 200: the socket comes back with its first bytes */
+    refuse_next = 403;
+    client = pod_dial(map, pod, 77, 1);
+    CHECK(write(client, "early", 5) == 5, "early");
+    end = wait_listener_event(NH_EV_STREAM_END, (uint64_t)lid, 1);
+    CHECK(end->how == NH_END_REFUSED && end->status == 403 && end->handed && end->fd >= 0, "refused %u", end->how);
+    char peek[8];
+    for (int tries = 0; tries < 200 && recv(end->fd, peek, 5, MSG_PEEK | MSG_DONTWAIT) < 5; tries++)
+        pump(1);
+    CHECK(read(end->fd, peek, 5) == 5 && !memcmp(peek, "early", 5), "the early bytes kept");
+    close(end->fd);
+    close(client);
+    /* no destination recorded: handed over */
+    client = pod_dial(map, pod, 77, 0);
+    const struct nh_event *acc = wait_listener_event(NH_EV_ACCEPTED, (uint64_t)lid, 0);
+    CHECK(acc->handed && acc->fd >= 0 && acc->dst[0] == 0 && acc->endpoint == NH_NO_ENDPOINT, "accepted");
+    close(acc->fd);
+    close(client);
+    /* the generation moved: the route is not used */
+    nh_out_generation(E, 6);
+    client = pod_dial(map, pod, 77, 1);
+    acc = wait_listener_event(NH_EV_ACCEPTED, (uint64_t)lid, 1);
+    CHECK(acc->handed && !strcmp(acc->dst, "10.96.0.1") && acc->endpoint == NH_NO_ENDPOINT, "stale route used");
+    close(acc->fd);
+    close(client);
+    struct nh_stats st;
+    nh_engine_stats(E, &st);
+    CHECK(st.listeners == 1 && st.accepted == 4 && st.streams_routed == 2 && st.handed_back == 1,
+          "listener stats %lu %lu %lu %lu", (unsigned long)st.listeners, (unsigned long)st.accepted,
+          (unsigned long)st.streams_routed, (unsigned long)st.handed_back);
+    CHECK(nh_listen_close(E, (uint64_t)lid, 1) == 0, "listen close");
+    /* a second listener, with a route, left to the engine's stop */
+    int64_t lid2 = nh_listen(E, dup(pod), dup(map), 78);
+    CHECK(lid2 > 0 && nh_out_route(E, (uint64_t)lid2, "10.96.0.1", 80, conns, "10.0.0.1:80", 12, 1, 43, 6) == 0,
+          "second listener");
+    close(pod);
+    close(map);
+}
+
 static void *stats_reader(void *arg)
 {
     (void)arg;
@@ -279,7 +423,7 @@ static void budget_case(struct nh_tls *client_tls, const char *server_uri)
 
 int main(int argc, char **argv)
 {
-    CHECK(argc == 5, "usage: hbone_sanity SERVER_PEM CLIENT_PEM TRUST_PEM SERVER_URI");
+    CHECK(argc == 5 || argc == 6, "usage: hbone_sanity SERVER_PEM CLIENT_PEM TRUST_PEM SERVER_URI [listeners]");
     struct nh_config cfg = {.max_conns = 64, .max_streams = 200, .stream_window = 1 << 20,
                             .connection_window = 4 << 20, .max_frame_size = 131072, .stream_buffer = 65536,
                             .max_resets = 200, .reset_window_ms = 10000, .handshake_timeout_ms = 5000,
@@ -545,6 +689,9 @@ int main(int argc, char **argv)
     wait_event(NH_EV_CONN_UP, (uint64_t)c3, 0);
     CHECK(nh_conn_close(E, (uint64_t)c3, 0) == 0, "close c3");
     wait_event(NH_EV_CONN_END, (uint64_t)c3, 0);
+
+    if (argc == 6 && !strcmp(argv[5], "listeners"))
+        listener_case((uint64_t)conn);
 
     /* stop with a stream open, then free */
     tcp_pair(&app, &theirs);

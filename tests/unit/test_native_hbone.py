@@ -1500,13 +1500,15 @@ def test_an_idle_stream_lets_its_buffers_go_and_carries_bytes_again(pki):
 SANITIZERS = {"address": "address,undefined", "thread": "thread"}
 
 
+@pytest.mark.root  # the listeners' BPF map of original destinations
 @pytest.mark.parametrize("name", SANITIZERS)
 def test_the_engine_is_clean_under_sanitizers(pki, tmp_path, name):
     """tests/unit/hbone_sanity.c drives native/hbone.c through its API alone (a stream with
     a half-close each way, a reset, a refusal, a CONNECT delivered on a route and one
     asked for once the generation moved, 20 streams, a plaintext peer, a wrong identity,
-    stop with a stream open, free), built with ASan+LSan+UBSan and with TSan
-    (a second thread reads the stats all along). Any report fails the run."""
+    a pod's outbound listener with an out-route, stop with a stream open and a listener,
+    free), built with ASan+LSan+UBSan and with TSan (a second thread reads the stats all
+    along). Any report fails the run."""
     import shutil
     import subprocess
     from pathlib import Path
@@ -1534,7 +1536,7 @@ def test_the_engine_is_clean_under_sanitizers(pki, tmp_path, name):
     trust = tmp_path / "trust.pem"
     trust.write_bytes(pki.server.trust_bundle_pem)
     run_ = subprocess.run([str(binary), str(pki.server.path), str(pki.client.path), str(trust),
-                           pki.server.identity.uri], capture_output=True, text=True, timeout=120,
+                           pki.server.identity.uri, "listeners"], capture_output=True, text=True, timeout=120,
                           env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "TSAN_OPTIONS": "halt_on_error=1"})
     assert (run_.returncode, run_.stdout, run_.stderr) == (0, "hbone_sanity: ok\n", "")
 

@@ -180,3 +180,25 @@ def test_a_connection_without_an_original_destination_is_refused(node):
         assert w.failures()[("outbound", "no_original_dst")] == 1
         assert stats(w)["accepted"] == 1
     node(body)
+
+
+def test_a_pods_connections_in_the_engine_are_waited_for(node):
+    """A removed pod's pool closes, and a rolling update's drain ends, only once the streams
+    the engine opened for it have ended (SourceRoutes.drained)."""
+    async def body(w: World):
+        await w.app.start()
+        await echo_once(w, b"learn\n")
+        await w.settled(flows=2)
+        reader, writer = await w.dial_out(SERVICE)
+        await reader.readline()
+        await until(lambda: w.outbound.routes.describe()["open"] == 1, what="the agent told of it")
+        routes, ctx = w.outbound.routes, w.enrolled[CLIENT]
+        assert (await routes.drained(ctx, 0.05), await routes.drained(None, 0.05)) == (1, 1)
+        waiting = asyncio.ensure_future(routes.drained(ctx))
+        everything = asyncio.ensure_future(routes.drained(None))
+        writer.write_eof()
+        assert await ended(reader) == "eof"
+        writer.close()
+        assert await asyncio.wait_for(asyncio.gather(waiting, everything), 10) == [0, 0]
+        assert await routes.drained(ctx, 0) == 0
+    node(body)

@@ -25,6 +25,7 @@ after such a change goes by a route learned before it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -101,7 +102,9 @@ class SourceRoutes:
         self._tags = itertools.count(1)
         self._listeners: dict[int, Offload] = {}
         self._routes: dict[int, _Route] = {}  # tag -> route
-        self._open: dict[int, tuple[Flow, str]] = {}  # routed stream -> its flow, the source pod's IP
+        self._open: dict[int, tuple[Flow, PodContext]] = {}  # routed stream -> its flow, the source pod
+        self._per_pod: collections.Counter[PodContext] = collections.Counter()  # open routed streams
+        self._drained: dict[PodContext | None, asyncio.Future] = {}  # waiters for a pod's (None: all) to end
         self._engine = None  # the engine this owns the listeners of
         metrics = hbone_route.metrics
         self._streams = metrics.streams.labels(direction=OUTBOUND)
@@ -246,7 +249,8 @@ class SourceRoutes:
         self.inputs.memory.holdings.take(ctx.pod.ip)
         self._streams.inc()
         self._opened.inc()
-        self._open[stream] = (flow, ctx.pod.ip)
+        self._open[stream] = (flow, ctx)
+        self._per_pod[ctx] += 1
         if off is not None:
             off.seen += 1
             if off.closed_at is None:
@@ -258,14 +262,15 @@ class SourceRoutes:
             opened = self._open.pop(stream, None)
             if opened is None:
                 return
-            flow, ip = opened
+            flow, ctx = opened
             metrics = self.inputs.metrics
             metrics.active_by[OUTBOUND].dec()
             metrics.bytes_by[(OUTBOUND, "sent")].inc(end.to_peer)
             metrics.bytes_by[(OUTBOUND, "received")].inc(end.from_peer)
-            self.inputs.memory.holdings.give(ip)
+            self.inputs.memory.holdings.give(ctx.pod.ip)
             self._streams.dec()
             self.inputs.telemetry.close(flow, received=end.to_peer, sent=end.from_peer)
+            self._closed(ctx)
             return
         off = self._listeners.get(listener)
         route = self._routes.get(tag)
@@ -294,6 +299,32 @@ class SourceRoutes:
         self.relay.refused(ctx, sock, (ctx.pod.ip, client_port), dst, target, error)
         if off is not None and off.closed_at is None:
             self._refill(off)
+
+    def _closed(self, ctx: PodContext) -> None:
+        left = self._per_pod[ctx] - 1
+        if left:
+            self._per_pod[ctx] = left
+            return
+        del self._per_pod[ctx]
+        for key in (ctx, None) if not self._per_pod else (ctx,):
+            waiter = self._drained.pop(key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    async def drained(self, ctx: PodContext | None = None, timeout: float | None = None) -> int:
+        """Wait until the streams the engine opened for `ctx`'s pod (None: every pod) have
+        ended, at most `timeout` seconds; how many are still open."""
+        def left() -> int:
+            return self._per_pod.get(ctx, 0) if ctx is not None else len(self._open)
+        if left():
+            waiter = self._drained.get(ctx)
+            if waiter is None:
+                waiter = self._drained[ctx] = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return left()
 
     def accept_failed(self, listener: int, error: int, pause: float | None) -> None:
         off = self._listeners.get(listener)
