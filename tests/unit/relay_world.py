@@ -341,7 +341,7 @@ class World:
                              waypoint=self.envoy, metrics=self.metrics, agent_ports=self.agent_ports,
                              splicer=self.splicer, memory=self.memory)
         self.hbone = HboneRoute(self.identities, tunnel_metrics, LOG, mark=MARK, port=self.tunnel_port,
-                                engines=self.hbone_engines)
+                                engines=self.hbone_engines, settings=self.tunnel_settings)
         self._closers.append(self.hbone.close)
         self.outbound = OutboundRelay(inputs, self.capture, LOG, passthrough=Passthrough(MARK, TIMEOUT),
                                       hbone=self.hbone, in_engine=self.in_engine)

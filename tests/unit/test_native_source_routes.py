@@ -17,6 +17,7 @@ import pytest
 from engines import NATIVE_HBONE, engine_fixture
 from identity_fixtures import run, until
 from nodeagent.memory import MemoryGuard
+from nodeagent.tunnel import TunnelSettings
 from relay_world import CLIENT, LOG, SERVER, SERVICE, World, ended
 from test_native_routes import DENY_SLEEP, echo_once
 
@@ -202,3 +203,25 @@ def test_a_pods_connections_in_the_engine_are_waited_for(node):
         assert await asyncio.wait_for(asyncio.gather(waiting, everything), 10) == [0, 0]
         assert await routes.drained(ctx, 0) == 0
     node(body)
+
+
+def test_connections_past_a_pooled_connections_streams_go_on_another(node):
+    """The server takes 2 streams a connection: the pool counts the engine's streams with
+    its own, so a connection past them goes on a second pooled connection (the route then
+    names it), none waits in a full one."""
+    async def body(w: World):
+        await w.app.start()
+        await echo_once(w, b"learn\n")
+        await w.settled(flows=2)
+        held = []
+        for i in range(5):
+            held.append(await w.dial_out(SERVICE))
+            greeting = await asyncio.wait_for(held[-1][0].readline(), 10)  # relayed, not queued
+            assert greeting.startswith(f"{CLIENT}:".encode())
+        assert w.hbone.connections() == 3  # 2 + 2 + 1
+        assert stats(w)["streams_routed"] >= 3  # the ones that met a route with room; the rest the agent's
+        for reader, writer in held:
+            writer.close()
+        await w.settled(flows=12)
+        assert w.value("nodeagent_hbone_streams", direction="outbound") == 0
+    node(body, tunnel=TunnelSettings(max_concurrent_streams=2))

@@ -44,9 +44,12 @@ class _Conn:
 class NativePool:
     def __init__(self, engines: HboneEngines, connect: Connect, tls_for: Callable[[str], hbone.Tls], *,
                  metrics: TunnelMetrics, log: logging.Logger, settings: TunnelSettings = TunnelSettings(),
-                 max_streams_per_connection: int = 100):
+                 max_streams_per_connection: int = 100, elsewhere: Callable[[int], int] = lambda _conn: 0):
         """`connect(ip, port)` returns a socket (or an awaitable of one), connected or not;
-        `tls_for(source_identity)` the engine's credentials of that workload."""
+        `tls_for(source_identity)` the engine's credentials of that workload; `elsewhere(conn
+        id)` the streams open on a connection that the pool did not open (the engine's, on
+        its out-routes: source_routes.py)."""
+        self.elsewhere = elsewhere
         self.engines, self.connect, self.tls_for = engines, connect, tls_for
         self.metrics, self.log, self.settings = metrics, log, settings
         # every stream's: the children looked up once (labels() costs a few µs a call)
@@ -106,11 +109,15 @@ class NativePool:
         raise error
 
     def conn_id(self, key: Key) -> int:
-        """The engine's id of an up connection of `key` that takes new streams, or 0."""
-        for entry in self._conns.get(key, ()):
-            if entry.conn is not None and entry.usable and not entry.conn.closed.done():
-                return entry.conn.id
-        return 0
+        """The engine's id of an up connection of `key` with room for a new stream, or 0."""
+        entry = next((e for e in self._conns.get(key, ()) if self._room(e)), None)
+        return entry.conn.id if entry is not None else 0
+
+    def _room(self, entry: _Conn) -> bool:
+        """Whether `entry` is up, takes new streams and has room for one more."""
+        conn = entry.conn
+        return conn is not None and entry.usable and not conn.closed.done() \
+            and len(conn.streams) + self.elsewhere(conn.id) < self.max_streams
 
     def unusable(self, conn_id: int) -> None:
         """A stream on connection `conn_id` was refused unprocessed (GOAWAY, REFUSED_STREAM):
@@ -147,8 +154,7 @@ class NativePool:
         while True:
             if self._closed or not self.engines.native:
                 raise PoolClosed()
-            entry = next((e for e in self._conns.get(key, ()) if e.conn is not None and e.usable
-                          and not e.conn.closed.done() and len(e.conn.streams) < self.max_streams), None)
+            entry = next((e for e in self._conns.get(key, ()) if self._room(e)), None)
             if entry is not None:
                 return entry
             task = self._connecting.get(key)

@@ -102,7 +102,9 @@ class SourceRoutes:
         self._tags = itertools.count(1)
         self._listeners: dict[int, Offload] = {}
         self._routes: dict[int, _Route] = {}  # tag -> route
-        self._open: dict[int, tuple[Flow, PodContext]] = {}  # routed stream -> its flow, the source pod
+        self._open: dict[int, tuple[Flow, PodContext, int]] = {}  # routed stream -> its flow, the source pod, conn
+        self._per_conn: collections.Counter[int] = collections.Counter()  # open routed streams of a pooled conn
+        hbone_route.engine_streams = lambda conn: self._per_conn.get(conn, 0)  # the pools count them too
         self._per_pod: collections.Counter[PodContext] = collections.Counter()  # open routed streams
         self._drained: dict[PodContext | None, asyncio.Future] = {}  # waiters for a pod's (None: all) to end
         self._engine = None  # the engine this owns the listeners of
@@ -249,8 +251,9 @@ class SourceRoutes:
         self.inputs.memory.holdings.take(ctx.pod.ip)
         self._streams.inc()
         self._opened.inc()
-        self._open[stream] = (flow, ctx)
+        self._open[stream] = (flow, ctx, conn)
         self._per_pod[ctx] += 1
+        self._per_conn[conn] += 1
         if off is not None:
             off.seen += 1
             if off.closed_at is None:
@@ -262,7 +265,12 @@ class SourceRoutes:
             opened = self._open.pop(stream, None)
             if opened is None:
                 return
-            flow, ctx = opened
+            flow, ctx, conn = opened
+            left = self._per_conn[conn] - 1
+            if left:
+                self._per_conn[conn] = left
+            else:
+                del self._per_conn[conn]
             metrics = self.inputs.metrics
             metrics.active_by[OUTBOUND].dec()
             metrics.bytes_by[(OUTBOUND, "sent")].inc(end.to_peer)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Callable
 
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.proxy.destinations import Target
@@ -46,6 +47,8 @@ class HboneRoute:
         self.budget = budget or StreamBudget(settings)  # shared by every pod's pool (and the agent's server)
         self.verify = tls.verifier(identities.trust_domain)
         self.pools: dict[PodContext, HbonePool | NativePool] = {}
+        # streams open on a native pool's connection that the engine opened itself (source_routes.py)
+        self.engine_streams: Callable[[int], int] = lambda _conn: 0
 
     async def connect(self, ctx: PodContext, target: Target, client: socket.socket | None = None
                       ) -> HboneStream | NativeStream:
@@ -65,7 +68,9 @@ class HboneRoute:
         if pool is None and self.engines is not None and self.engines.native:
             pool = self.pools[ctx] = NativePool(
                 self.engines, lambda ip, _port: inpod.upstream(ctx.netns_fd, inpod.family_of(ip), self.mark),
-                self._native_tls, metrics=self.metrics, log=self.log, settings=self.settings)
+                self._native_tls, metrics=self.metrics, log=self.log, settings=self.settings,
+                max_streams_per_connection=min(100, self.settings.max_concurrent_streams),
+                elsewhere=lambda conn: self.engine_streams(conn))
         elif pool is None:
             pool = self.pools[ctx] = HbonePool(
                 lambda ip, _port: inpod.upstream(ctx.netns_fd, inpod.family_of(ip), self.mark),
