@@ -79,6 +79,16 @@ async def listening(eng, pod: Pod) -> tuple[hbone.Listener, Owner]:
     return eng.listen(pod.sock, pod.origdst.origdst_map_fd(), COOKIE), owner
 
 
+async def routed(eng, pod: Pod, conn, tag: int, generation: int) -> tuple[hbone.Listener, Owner]:
+    """The pod's listener in `eng`, without a limit of room, with an out-route for DST to
+    `conn`, under `generation` (the engine's too)."""
+    listener, owner = await listening(eng, pod)
+    eng.set_out_generation(generation)
+    listener.room(None, 0)
+    listener.route(DST, [conn.id], [AUTH], tag=tag, generation=generation)
+    return listener, owner
+
+
 def test_without_a_route_the_connection_goes_to_the_owner_with_its_destination(pki):
     async def main():
         pod = Pod()
@@ -111,10 +121,7 @@ def test_an_out_route_opens_the_stream_and_relays_byte_identical(pki, size):
         pod = Pod()
         async with engine() as eng, NativeServer(eng, pki) as srv:
             conn = await native_client(eng, pki, srv.address)
-            listener, owner = await listening(eng, pod)
-            eng.set_out_generation(3)
-            listener.room(None, 0)
-            listener.route(DST, [conn.id], [AUTH], tag=7, generation=3)
+            listener, owner = await routed(eng, pod, conn, tag=7, generation=3)
             client = await pod.dial()
             assert await exchange(client, payload) == payload  # echoed by the server's app
             await until(lambda: len(owner.of("ended")) == 1, what="the routed stream's end")
@@ -139,10 +146,7 @@ def test_a_route_of_another_generation_or_without_room_is_not_used(pki):
         pod = Pod()
         async with engine() as eng, NativeServer(eng, pki) as srv:
             conn = await native_client(eng, pki, srv.address)
-            listener, owner = await listening(eng, pod)
-            eng.set_out_generation(1)
-            listener.room(None, 0)
-            listener.route(DST, [conn.id], [AUTH], tag=1, generation=1)
+            listener, owner = await routed(eng, pod, conn, tag=1, generation=1)
             eng.set_out_generation(2)  # what decided it changed
             clients = [await pod.dial()]
             await until(lambda: len(owner.events) == 1, what="the first connection")
@@ -180,9 +184,7 @@ def test_a_routed_stream_refused_or_unanswered_hands_the_socket_back_untouched(p
         pod = Pod()
         async with engine(TunnelSettings(open_timeout=0.5)) as eng, NativeServer(eng, pki, app="hold") as srv:
             conn = await native_client(eng, pki, srv.address)
-            listener, owner = await listening(eng, pod)
-            listener.room(None, 0)
-            listener.route(DST, [conn.id], [AUTH], tag=9, generation=0)
+            listener, owner = await routed(eng, pod, conn, tag=9, generation=0)
             refused = await pod.dial()
             refused.send(b"GET / HTTP/1.1\r\n\r\n")
             await until(lambda: len(srv.requests) == 1, what="the CONNECT")

@@ -43,6 +43,21 @@ def source_flows(w: World) -> list[dict]:
     return [f for f in w.flows() if f["reporter"] == "source"]
 
 
+async def learned(w: World) -> None:
+    """The app up and one connection carried by the agent: the engine has the route."""
+    await w.app.start()
+    await echo_once(w, b"learn\n")
+    await w.settled(flows=2)
+
+
+async def relayed(w: World):
+    """A connection to the service, its greeting (the app's: relayed, not queued) read."""
+    reader, writer = await w.dial_out(SERVICE)
+    greeting = await asyncio.wait_for(reader.readline(), 10)
+    assert greeting.startswith(f"{CLIENT}:".encode())
+    return reader, writer
+
+
 def test_the_engine_opens_the_next_connections_to_a_service_itself(node):
     rounds = 5
 
@@ -134,13 +149,10 @@ def test_a_pod_at_its_connection_cap_is_refused_by_the_agent(node):
     """The engine opens no more than the pod's room (max_connections_per_pod): the
     connection past it comes to the agent, which refuses it."""
     async def body(w: World):
-        await w.app.start()
-        await echo_once(w, b"learn\n")
-        await w.settled(flows=2)
+        await learned(w)
         held = []
         for i in range(2):
-            held.append(await w.dial_out(SERVICE))
-            await held[-1][0].readline()  # the app's greeting: relayed
+            held.append(await relayed(w))
             await until(lambda: w.outbound.routes.describe()["open"] == i + 1, what="the agent told of it")
         assert w.memory.holdings.of(CLIENT) == 2
         reader, writer = await w.dial_out(SERVICE)
@@ -187,11 +199,8 @@ def test_a_pods_connections_in_the_engine_are_waited_for(node):
     """A removed pod's pool closes, and a rolling update's drain ends, only once the streams
     the engine opened for it have ended (SourceRoutes.drained)."""
     async def body(w: World):
-        await w.app.start()
-        await echo_once(w, b"learn\n")
-        await w.settled(flows=2)
-        reader, writer = await w.dial_out(SERVICE)
-        await reader.readline()
+        await learned(w)
+        reader, writer = await relayed(w)
         await until(lambda: w.outbound.routes.describe()["open"] == 1, what="the agent told of it")
         routes, ctx = w.outbound.routes, w.enrolled[CLIENT]
         assert (await routes.drained(ctx, 0.05), await routes.drained(None, 0.05)) == (1, 1)
@@ -210,14 +219,8 @@ def test_connections_past_a_pooled_connections_streams_go_on_another(node):
     its own, so a connection past them goes on a second pooled connection (the route then
     names it), none waits in a full one."""
     async def body(w: World):
-        await w.app.start()
-        await echo_once(w, b"learn\n")
-        await w.settled(flows=2)
-        held = []
-        for i in range(5):
-            held.append(await w.dial_out(SERVICE))
-            greeting = await asyncio.wait_for(held[-1][0].readline(), 10)  # relayed, not queued
-            assert greeting.startswith(f"{CLIENT}:".encode())
+        await learned(w)
+        held = [await relayed(w) for _ in range(5)]
         assert w.hbone.connections() == 3  # 2 + 2 + 1
         assert stats(w)["streams_routed"] >= 3  # the ones that met a route with room; the rest the agent's
         for reader, writer in held:

@@ -190,14 +190,20 @@ async def relay_delivered(inputs: ProxyInputs, flow: Flow, entry: Delivered, cli
     Returns the relay's result (the same-node fast path reports the source's end too).
     `upstream` None: the native engine delivered `client` itself and relays it (routes.py)."""
     result = await relay(inputs, "inbound", client, upstream, entry.abort)
-    received, sent, revoked, telemetry = result.a_to_b, result.b_to_a, entry.revoked, inputs.telemetry
+    close_delivered(inputs, flow, entry, result.a_to_b, result.b_to_a)
+    return result
+
+
+def close_delivered(inputs: ProxyInputs, flow: Flow, entry: Delivered, received: int, sent: int) -> None:
+    """Close the report of a connection the agent sent on: with DENY when a policy change
+    revoked it (`entry.revoked`), with the reason when a steering change did."""
+    revoked, telemetry = entry.revoked, inputs.telemetry
     if revoked is None:
         telemetry.close(flow, received=received, sent=sent)
     elif revoked.route == DENY:
         telemetry.denied(flow, revoked.policy, describe(revoked, entry), received=received, sent=sent)
     else:
         telemetry.close(flow, received=received, sent=sent, reason=describe(revoked, entry))
-    return result
 
 
 async def open_inbound(waypoint: WaypointHandle, src: Address, dst: Address, principal: str | None):

@@ -31,8 +31,8 @@ from functools import partial
 from typing import Awaitable, TypeVar
 
 from nodeagent.agent.inpod.sockets import PodContext
-from nodeagent.agent.proxy.admission import DELIVER, DENY, WAYPOINT, Admission, Delivered, admit, describe
-from nodeagent.agent.proxy.delivery import Delivery, open_flow, open_inbound, relay_delivered
+from nodeagent.agent.proxy.admission import DELIVER, DENY, WAYPOINT, Admission, Delivered, admit
+from nodeagent.agent.proxy.delivery import Delivery, close_delivered, open_flow, open_inbound, relay_delivered
 from nodeagent.agent.proxy.hbone_native import HboneEngines
 from nodeagent.agent.proxy.native_inbound import NativeRequest, NativeServing
 from nodeagent.agent.proxy.inputs import ProxyInputs
@@ -194,13 +194,7 @@ class TunnelInbound:
         self._received.inc(sent)
         self.inputs.connections.untrack(entry)
         self.inputs.memory.holdings.give(ip)
-        revoked, telemetry = entry.revoked, self.inputs.telemetry
-        if revoked is None:
-            telemetry.close(flow, received=received, sent=sent)
-        elif revoked.route == DENY:
-            telemetry.denied(flow, revoked.policy, describe(revoked, entry), received=received, sent=sent)
-        else:
-            telemetry.close(flow, received=received, sent=sent, reason=describe(revoked, entry))
+        close_delivered(self.inputs, flow, entry, received, sent)
 
     def _refusal(self, ctx: PodContext, dst: tuple[str, int]) -> str | None:
         if dst[0] != ctx.pod.ip:
