@@ -49,7 +49,7 @@ class Setting:
 def add_arguments(parser: argparse.ArgumentParser, settings: Sequence[Setting]) -> None:
     """One flag per setting; every default is None so parsing can tell 'not given'."""
     for s in settings:
-        help_text = f"{s.help} [env {s.env}]"
+        help_text = f"{s.help} [env {s.env}]".replace("%", "%%")  # argparse formats help with %
         if s.boolean:
             parser.add_argument(s.flag, dest=s.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)

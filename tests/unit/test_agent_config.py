@@ -96,6 +96,16 @@ def test_cli_flags_parse(base):
     assert args.keep_on_exit is False
 
 
+def test_the_help_renders_every_setting():
+    """`nodeagent run --help` prints each setting's help, a literal "%" in it too (argparse
+    formats help texts with %: "90 % of it" crashed --help)."""
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "hold 90 % of it" in text
+    assert all(s.flag in text for s in config.SETTINGS)
+
+
 BAD = [
     ("node", "Node_1", "DNS-1123"),
     ("source", "kube:", "needs the kubeconfig's path"),
