@@ -56,6 +56,14 @@ async def echo_once(w: World, payload: bytes) -> bytes:
     return greeting
 
 
+async def echo_rounds(w: World, rounds: int, payload: bytes) -> None:
+    """`rounds` connections one after the other (echo_once), each settled (its two flows)."""
+    done = len(w.flows())
+    for i in range(rounds):
+        await echo_once(w, payload)
+        await w.settled(flows=done + 2 * (i + 1))
+
+
 def destination_flows(w: World) -> list[dict]:
     return [f for f in w.flows() if f["reporter"] == "destination"]
 
@@ -133,9 +141,7 @@ def test_a_policy_change_resets_what_the_engine_delivered_at_once(node):
 def test_a_policy_change_stops_the_routes_before_the_next_connect(node):
     async def body(w: World):
         await w.app.start()
-        for _ in range(2):
-            await echo_once(w, b"allowed\n")
-        await w.settled(flows=4)
+        await echo_rounds(w, 2, b"allowed\n")
         assert stats(w)["streams_delivered"] == 1
         w.apply(DENY_SLEEP)
         assert w.connections.recheck() == 0  # nothing open to reset; the routes are stale now

@@ -19,7 +19,7 @@ from identity_fixtures import run, until
 from nodeagent.memory import MemoryGuard
 from nodeagent.tunnel import TunnelSettings
 from relay_world import CLIENT, LOG, SERVER, SERVICE, World, ended
-from test_native_routes import DENY_SLEEP, echo_once
+from test_native_routes import DENY_SLEEP, echo_once, echo_rounds
 
 pytestmark = pytest.mark.root  # the BPF map of original destinations
 engine = engine_fixture((NATIVE_HBONE,))
@@ -101,9 +101,7 @@ def test_the_engine_opens_the_next_connections_to_a_service_itself(node):
 def test_a_policy_change_stops_the_out_routes_before_the_next_connection(node):
     async def body(w: World):
         await w.app.start()
-        for i in range(2):
-            await echo_once(w, b"allowed\n")
-            await w.settled(flows=2 * (i + 1))
+        await echo_rounds(w, 2, b"allowed\n")
         assert stats(w)["streams_routed"] == 1
         w.apply(DENY_SLEEP)
         assert w.connections.recheck() == 0
@@ -123,9 +121,7 @@ def test_a_routed_stream_the_destination_refuses_is_reported_and_reset_by_the_ag
     its 200 and handed back; the agent reports and resets it as its own refused connect."""
     async def body(w: World):
         await w.app.start()
-        for i in range(2):
-            await echo_once(w, b"allowed\n")
-            await w.settled(flows=2 * (i + 1))
+        await echo_rounds(w, 2, b"allowed\n")
         w.apply(DENY_SLEEP)
         w.tunnel.routes.invalidate()  # the destination's side only: the source's routes stay
         reader, writer = await w.dial_out(SERVICE)
@@ -170,9 +166,7 @@ def test_a_pod_at_its_connection_cap_is_refused_by_the_agent(node):
 def test_outbound_in_engine_false_leaves_every_connection_to_the_agent(node):
     async def body(w: World):
         await w.app.start()
-        for i in range(3):
-            await echo_once(w, b"mine\n")
-            await w.settled(flows=2 * (i + 1))
+        await echo_rounds(w, 3, b"mine\n")
         s = stats(w)
         assert (s["listeners"], s["accepted"], s["streams_routed"]) == (0, 0, 0)
         assert w.outbound.routes.describe()["why"] == "outbound_in_engine=false"

@@ -370,12 +370,17 @@ class InPodListener:
                 self._pause()
                 return
             set_nodelay(conn)  # relayed bytes go out at once (nodelay.py)
-            task = self._loop.create_task(self._run(conn))
-            self.ctx.track(self.direction, task)
+            self.spawn(conn)
 
-    async def _run(self, conn: socket.socket) -> None:
+    def spawn(self, conn: socket.socket, *args) -> None:
+        """Run the handler for `conn` (with `args`, when an offloaded listener's engine handed
+        it over) as for a connection accepted here: a task the pod tracks."""
+        task = self._loop.create_task(self._run(conn, *args))
+        self.ctx.track(self.direction, task)
+
+    async def _run(self, conn: socket.socket, *args) -> None:
         try:
-            await self.handler(self.ctx, conn)
+            await self.handler(self.ctx, conn, *args)
         except asyncio.CancelledError:
             conn.close()
             raise

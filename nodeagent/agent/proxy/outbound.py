@@ -28,7 +28,7 @@ from nodeagent.agent.proxy.destinations import NoEndpoint, RoundRobin, Target, r
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import Relay, connect_failure_reason, relay
 from nodeagent.agent.proxy.samenode import SameNodeRoute
-from nodeagent.agent.proxy.source_routes import Offload, SourceRoutes
+from nodeagent.agent.proxy.source_routes import Handed, Offload, SourceRoutes
 from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, Peer
 from nodeagent.errors import NodeagentError
 from nodeagent.identity.errors import IdentityUnavailable
@@ -81,58 +81,39 @@ class OutboundRelay(Relay):
         self.routes = SourceRoutes(self, hbone, inputs, capture, log, enabled=in_engine)
         self.offload = self.routes.offload  # InPodListener's: the engine may take the accepting
 
-    async def handle(self, ctx: PodContext, client: socket.socket) -> None:
+    async def handle(self, ctx: PodContext, client: socket.socket, handed: Handed | None = None) -> None:
+        """A connection accepted on `ctx`'s outbound listener; `handed`: by the native engine,
+        which read its original destination already (source_routes.py)."""
         self.metrics.outbound.inc()
         if self._overloaded(ctx, client):
             return
         with self.inputs.memory.holdings.held(ctx.pod.ip):
-            await self._handle(ctx, client)
+            await self._handle(ctx, client, handed)
 
-    async def accepted(self, ctx: PodContext, via: Offload | None, client: socket.socket, dst: Address | None,
-                       client_port: int, hint: Target | None) -> None:
-        """A connection the engine accepted on `via` and handed over (source_routes.py), with
-        its original destination (None: none recorded) and, when it missed on an out-route,
-        the endpoint the route's balancer chose (`hint`). As InPodListener runs `handle`."""
-        try:
-            self.metrics.outbound.inc()
-            if self._overloaded(ctx, client):
+    async def _handle(self, ctx: PodContext, client: socket.socket, handed: Handed | None) -> None:
+        if handed is not None:
+            client_port, dst = handed.client_port, handed.dst
+        else:
+            try:
+                client_port = client.getpeername()[1]
+            except OSError:
+                self._fail(ctx, client, "client_gone", "the client closed before it was accepted")
                 return
-            with self.inputs.memory.holdings.held(ctx.pod.ip):
-                if dst is None:
-                    self._no_original_dst(ctx, client, client_port)
-                    return
-                await self._to(ctx, client, (ctx.pod.ip, client_port), dst, via, hint)
-        except asyncio.CancelledError:
-            client.close()
-            raise
-        except Exception:  # as InPodListener: one connection's bug must not go unnoticed, nor spread
-            self.log.exception("outbound connection of pod %s failed", ctx)
-            client.close()
-
-    async def _handle(self, ctx: PodContext, client: socket.socket) -> None:
-        try:
-            client_port = client.getpeername()[1]
-        except OSError:
-            self._fail(ctx, client, "client_gone", "the client closed before it was accepted")
-            return
-        dst = self.capture.pop_original_dst(ctx.cookie, client.family, client_port)
+            dst = self.capture.pop_original_dst(ctx.cookie, client.family, client_port)
         if dst is None:
-            self._no_original_dst(ctx, client, client_port)
+            self._fail(ctx, client, "no_original_dst",
+                       f"no original destination recorded for client port {client_port} "
+                       "(a direct connection to the outbound port?); closing it")
             return
-        await self._to(ctx, client, (ctx.pod.ip, client_port), dst)
-
-    def _no_original_dst(self, ctx: PodContext, client: socket.socket, client_port: int) -> None:
-        self._fail(ctx, client, "no_original_dst",
-                   f"no original destination recorded for client port {client_port} "
-                   "(a direct connection to the outbound port?); closing it")
+        await self._to(ctx, client, (ctx.pod.ip, client_port), dst, handed)
 
     async def _to(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address,
-                  via: Offload | None = None, hint: Target | None = None) -> None:
+                  handed: Handed | None) -> None:
         if dst in self.inputs.waypoint.dataplane().outbound:
             await self._through_waypoint(ctx, client, src, dst)
             return
-        if hint is not None:  # the endpoint an out-route's balancer chose, under the model in force
-            target = hint
+        if handed is not None and handed.hint is not None:
+            target = handed.hint  # the endpoint an out-route's balancer chose, under the model in force
         else:
             try:
                 target = resolve(self.inputs.model(), dst, self.balancer)
@@ -141,7 +122,7 @@ class OutboundRelay(Relay):
                 self._fail(ctx, client, "no_endpoints", f"to {dst[0]}:{dst[1]}: {exc}")
                 self.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="no_endpoints")
                 return
-        await self._relay(ctx, client, src, dst, target, via)
+        await self._relay(ctx, client, src, dst, target, handed.via if handed is not None else None)
 
     async def _through_waypoint(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address) -> None:
         """Client-side L7: the connection goes to Envoy, which routes it and hands it back

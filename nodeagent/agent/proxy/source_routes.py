@@ -80,6 +80,18 @@ class Offload:
         self.dsts.clear()
 
 
+@dataclass(frozen=True)
+class Handed:
+    """What the engine says of a connection it handed over (OutboundRelay.handle): its
+    original destination (None: none recorded), and, when it missed on an out-route or
+    came back from one before its 200, the endpoint the route's balancer chose."""
+
+    via: Offload
+    dst: Address | None
+    client_port: int
+    hint: Target | None
+
+
 @dataclass(eq=False)
 class _Route:
     """An out-route given to the engine: what its events' endpoints stand for."""
@@ -89,6 +101,9 @@ class _Route:
     targets: list[Target]
     source: Peer
     peers: list[Peer]
+
+    def target(self, endpoint: int) -> Target | None:
+        return self.targets[endpoint] if endpoint < len(self.targets) else None
 
 
 class SourceRoutes:
@@ -228,10 +243,7 @@ class SourceRoutes:
             reset(sock)
             return
         route = self._routes.get(tag)
-        hint = route.targets[endpoint] if route is not None and endpoint < len(route.targets) else None
-        task = asyncio.get_running_loop().create_task(self.relay.accepted(off.ctx, off, sock, dst, client_port,
-                                                                          hint))
-        off.ctx.track(OUTBOUND, task)
+        off.inpod.spawn(sock, Handed(off, dst, client_port, route.target(endpoint) if route is not None else None))
 
     def opened(self, listener: int, stream: int, conn: int, dst: Address, client_port: int, tag: int,
                endpoint: int, authority: str) -> None:
@@ -266,11 +278,7 @@ class SourceRoutes:
             if opened is None:
                 return
             flow, ctx, conn = opened
-            left = self._per_conn[conn] - 1
-            if left:
-                self._per_conn[conn] = left
-            else:
-                del self._per_conn[conn]
+            _one_less(self._per_conn, conn)
             metrics = self.inputs.metrics
             metrics.active_by[OUTBOUND].dec()
             metrics.bytes_by[(OUTBOUND, "sent")].inc(end.to_peer)
@@ -281,14 +289,12 @@ class SourceRoutes:
             self._closed(ctx)
             return
         off = self._listeners.get(listener)
-        route = self._routes.get(tag)
-        ctx = route.ctx if route is not None else off.ctx if off is not None else None
-        if off is not None:
-            off.seen += 1
-        if ctx is None:
+        if off is None:  # closed and forgotten (past open_timeout): nobody to relay it for
             reset(sock)
             return
-        target = route.targets[endpoint] if route is not None and endpoint < len(route.targets) else None
+        off.seen += 1
+        ctx, route = off.ctx, self._routes.get(tag)
+        target = route.target(endpoint) if route is not None else None
         if target is None or unprocessed(end):
             # never processed by the server (or what it went to is forgotten): this agent's
             # pool opens it again, on another connection, as it retries its own
@@ -298,22 +304,17 @@ class SourceRoutes:
                     pool.unusable(conn)
                 self.log.debug("HBONE to %s:%d: a routed stream not processed (%s), retried by the pool",
                                *dst, end.reason)
-            task = asyncio.get_running_loop().create_task(self.relay.accepted(ctx, off, sock, dst, client_port,
-                                                                              target))
-            ctx.track(OUTBOUND, task)
+            off.inpod.spawn(sock, Handed(off, dst, client_port, target))
             return
         error = failure(end, (target.pod.ip, self.hbone.port), target.address, self.hbone.settings.open_timeout)
         self.hbone.metrics.refused(OUTBOUND, error.reason)
         self.relay.refused(ctx, sock, (ctx.pod.ip, client_port), dst, target, error)
-        if off is not None and off.closed_at is None:
+        if off.closed_at is None:
             self._refill(off)
 
     def _closed(self, ctx: PodContext) -> None:
-        left = self._per_pod[ctx] - 1
-        if left:
-            self._per_pod[ctx] = left
+        if _one_less(self._per_pod, ctx):
             return
-        del self._per_pod[ctx]
         for key in (ctx, None) if not self._per_pod else (ctx,):
             waiter = self._drained.pop(key, None)
             if waiter is not None and not waiter.done():
@@ -343,7 +344,7 @@ class SourceRoutes:
                   authority: str) -> tuple[Target, Peer, Peer] | None:
         """The target, source and peer of a routed stream: its route's, or (a route replaced
         since) the model's for the :authority it went to."""
-        if route is not None and endpoint < len(route.targets):
+        if route is not None and route.target(endpoint) is not None:
             return route.targets[endpoint], route.source, route.peers[endpoint]
         address, model, identities = parse_authority(authority), self.inputs.model(), self.inputs.identities
         pod = model.pod_by_ip(address[0]) if address is not None else None
@@ -351,3 +352,13 @@ class SourceRoutes:
             return None
         target = Target(address, pod=pod, service=model.service_by_ip(dst[0]), meshed=True)
         return target, Peer.of(ctx.pod, identities.uri_of(ctx.pod)), Peer.of(pod, identities.uri_of(pod))
+
+
+def _one_less(counter: collections.Counter, key) -> int:
+    """Count one `key` fewer (gone from `counter` at 0); how many are left."""
+    left = counter[key] - 1
+    if left:
+        counter[key] = left
+    else:
+        del counter[key]
+    return left
