@@ -207,6 +207,7 @@ struct conn {
     struct route *routes;          /* server: nh_conn_route's */
     uint32_t nroutes;
     int write_err, write_errno;    /* an SSL_write failed (tls_write): conn_flush reports it */
+    bool read_drained;             /* the socket's last read took less than asked (sock_read_seen) */
 };
 
 struct cmd {
@@ -2180,6 +2181,28 @@ static bool mid_frame(const struct conn *c)
     return c->frame_left || c->frame_head_len || (c->server && c->preface_left && c->preface_left < 24);
 }
 
+/* The socket BIO's reads, seen as they return: one that took less than it asked for
+ * emptied the socket (TCP hands over all it holds, up to the length), so conn_read stops
+ * there instead of reading again only to be told EAGAIN; epoll is level-triggered, so
+ * bytes that come meanwhile wake the engine again. With read-ahead OpenSSL asks for its
+ * whole buffer, so a request or an answer comes in one read that says it emptied it. */
+static long sock_read_seen(BIO *b, int oper, const char *argp, size_t len, int argi, long argl, int ret,
+                           size_t *processed)
+{
+    (void)argp;
+    (void)argi;
+    (void)argl;
+    if (oper != (BIO_CB_READ | BIO_CB_RETURN))
+        return ret;
+    struct conn *c = (struct conn *)BIO_get_callback_arg(b);
+    if (c) {
+        c->read_drained = ret > 0 && processed && *processed < len;
+        if (ret <= 0 && BIO_should_retry(b))
+            ST_ADD(c->e, tls_empty_reads, 1);
+    }
+    return ret;
+}
+
 static void conn_read(struct conn *c)
 {
     /* The round's plaintext: received DATA is written to the streams' sockets from here
@@ -2193,6 +2216,7 @@ static void conn_read(struct conn *c)
         }
         uint8_t *buf = arena + used;
         ERR_clear_error();
+        c->read_drained = false;
         int n = SSL_read(c->ssl, buf, (int)MIN((size_t)READ_CHUNK, READ_ARENA - used));
         if (n <= 0) {
             int err = SSL_get_error(c->ssl, n);
@@ -2241,6 +2265,8 @@ static void conn_read(struct conn *c)
                 conn_end(c, NH_END_PROTOCOL, 0, c->closing_code, nghttp2_strerror((int)rv));
             return;
         }
+        if (c->read_drained && !SSL_has_pending(c->ssl))
+            break;                 /* the socket is empty and OpenSSL holds nothing more */
     }
     pend_flush(c->e);
     if (!c->o.dead)
@@ -3326,6 +3352,9 @@ static int64_t conn_new(struct nh_engine *e, int fd, struct nh_tls *tls, const c
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    BIO *rbio = SSL_get_rbio(c->ssl);
+    BIO_set_callback_ex(rbio, sock_read_seen);
+    BIO_set_callback_arg(rbio, (char *)c);
     if (server)
         SSL_set_accept_state(c->ssl);
     else

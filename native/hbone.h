@@ -275,6 +275,7 @@ struct nh_stats {
     uint64_t accepted;            /* connections it accepted on them */
     uint64_t streams_routed;      /* ... for which it opened a stream on an out-route itself */
     uint64_t handed_back;         /* ... of those, ended before their 200 and handed to the caller */
+    uint64_t tls_empty_reads;     /* reads of a connection's socket that found nothing (EAGAIN) */
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */
     uint32_t pad;
 };

@@ -94,7 +94,7 @@ struct na_engine {
 
     /* counters: written with atomics, read by na_engine_stats from any thread */
     uint64_t relays_total, relays_ended, relays_failed, relays_aborted;
-    uint64_t bytes[2], bytes_held, copy_directions, pipes, wakeups;
+    uint64_t bytes[2], bytes_held, copy_directions, pipes, wakeups, empty_reads;
 };
 
 #define ADD(field, n) __atomic_add_fetch(&(field), (n), __ATOMIC_RELAXED)
@@ -282,6 +282,7 @@ void na_engine_stats(const struct na_engine *e, struct na_stats *out)
     out->copy_directions = LOAD(m->copy_directions);
     out->pipes = LOAD(m->pipes);
     out->wakeups = LOAD(m->wakeups);
+    out->empty_reads = LOAD(m->empty_reads);
     out->max_relays = e->config.max_relays;
     out->pipe_size = e->config.pipe_size;
     out->flags = e->config.flags;
@@ -489,6 +490,7 @@ static int pump(struct na_engine *e, struct relay *r, int i, uint64_t *budget)
 {
     struct dir *d = &r->dir[i];
     int in = r->fd[i], out = r->fd[1 - i];
+    bool dry = false;  /* a read found nothing: edge-triggered, the next bytes wake us again */
     while (!d->done) {
         bool progress = false;
         if (d->held > 0) {
@@ -514,7 +516,7 @@ static int pump(struct na_engine *e, struct relay *r, int i, uint64_t *budget)
                 return errno;
             }
         }
-        if (!d->eof && d->held < e->config.pipe_size && *budget > 0) {
+        if (!d->eof && !dry && d->held < e->config.pipe_size && *budget > 0) {
             if (d->copy ? !d->buf : (d->pipe[0] < 0 && take_pipe(e, d) != 0)) {
                 int err = to_copy(e, d);  /* no fd for a pipe: carry on without one */
                 if (err)
@@ -537,6 +539,9 @@ static int pump(struct na_engine *e, struct relay *r, int i, uint64_t *budget)
                 continue;
             } else if (errno != EAGAIN) {
                 return errno;
+            } else {
+                dry = true;
+                ADD(e->empty_reads, 1);
             }
             if (d->held == 0 && !d->copy)
                 give_pipe(e, d);

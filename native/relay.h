@@ -81,6 +81,7 @@ struct na_stats {
     uint64_t pipes;               /* pipes open now: holding bytes, or kept empty for reuse */
     uint64_t ends_queued;         /* ends not yet taken by na_engine_ends */
     uint64_t wakeups;             /* epoll waits that returned events */
+    uint64_t empty_reads;         /* reads that found nothing (EAGAIN) */
     uint32_t max_relays;
     uint32_t pipe_size;
     int32_t fatal;                /* the errno that stopped the engine's thread, else 0 */

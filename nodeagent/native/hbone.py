@@ -50,7 +50,7 @@ STATS = ("conns_open", "conns_total", "handshakes_pending", "streams_open", "str
          "bytes_from_peer", "bytes_held", "bytes_held_peak", "stream_held_peak", "tls_failures", "refused_streams",
          "flood_goaways", "events_queued", "received_held", "received_held_peak", "streams_overloaded", "write_buffers", "send_held", "send_held_peak", "streams_send_waiting",
          "frames_direct", "frames_copied", "received_direct", "received_copied", "stream_buffers", "buffers_released", "lingering", "lingered", "h2_held", "streams_delivered", "route_failures",
-         "route_sockets", "listeners", "accepted", "streams_routed", "handed_back", "fatal")
+         "route_sockets", "listeners", "accepted", "streams_routed", "handed_back", "tls_empty_reads", "fatal")
 
 
 def load():

@@ -1547,3 +1547,39 @@ def test_the_benchmark_compares_both_engines(capsys):
     assert bench.main(["--engines", "--connections", "5", "--megabytes", "2"]) == 0
     out = capsys.readouterr().out
     assert "python" in out and "native" in out and "CPU per new connection, client (ms)" in out
+
+
+def test_a_request_and_its_answer_cost_no_read_that_finds_nothing(pki):
+    """Requests and answers one at a time on a stream (the waypoints' pattern): a TLS read
+    that took less than it asked for emptied the socket, so the engine goes back to epoll
+    (level-triggered) instead of reading again to be told EAGAIN; it did that once per
+    message on each side, two reads for one."""
+    rounds = 50
+
+    async def main():
+        async with engine() as eng, NativeServer(eng, pki) as srv:
+            conn = await native_client(eng, pki, srv.address)
+            app, theirs = pair()
+            stream = conn.open(theirs, AUTH)
+            assert await stream.response == 200
+            assert await echoed(app, b"first") == b"first"  # settings and window updates are behind us
+            before = eng.stats()["tls_empty_reads"]
+            for n in range(rounds):
+                message = bytes([n]) * 300
+                assert await echoed(app, message) == message
+            empty = eng.stats()["tls_empty_reads"] - before
+            app.close()
+            assert (await stream.ended).how == "closed"
+            assert empty <= rounds // 5, f"{empty} empty reads for {2 * rounds} messages"
+    run(main())
+
+
+async def echoed(sock: socket.socket, message: bytes) -> bytes:
+    """Send `message` on an echoed stream and read as many bytes back."""
+    loop, got = asyncio.get_running_loop(), b""
+    await loop.sock_sendall(sock, message)
+    while len(got) < len(message):
+        chunk = await loop.sock_recv(sock, len(message) - len(got))
+        assert chunk, f"EOF after {len(got)} of {len(message)} bytes"
+        got += chunk
+    return got

@@ -149,7 +149,9 @@ def test_the_native_engine_wakes_once_per_message_not_per_read_of_its_peer(kind,
     """Requests and answers one at a time (the waypoint's pattern: its sockets are unix):
     the engine wakes for each message it is to move, and not again when a peer reads what
     it wrote (a unix socket's every read makes its peer writable: waking on that, the
-    engine pumped both directions for nothing, about twice the wake-ups)."""
+    engine pumped both directions for nothing, about twice the wake-ups). Edge-triggered,
+    a message costs one read that finds nothing, not two: the pump read again after
+    writing what it had read although its last read had found the socket empty."""
     require_native()
     rounds, request, answer = 50, b"GET / HTTP/1.1\r\n\r\n" * 5, b"HTTP/1.1 200 OK\r\n\r\n" * 8
 
@@ -164,15 +166,18 @@ def test_the_native_engine_wakes_once_per_message_not_per_read_of_its_peer(kind,
         async with splicer(native_engine) as s:
             client, server, task = await _relay(s, kind)
             await exchange(loop, client, server)  # the relay is registered and has moved bytes
-            before = s.engine.stats()["wakeups"]
+            before = s.engine.stats()
             for _ in range(rounds):
                 await exchange(loop, client, server)
-            woken = s.engine.stats()["wakeups"] - before
+            after = s.engine.stats()
+            woken = after["wakeups"] - before["wakeups"]
+            empty = after["empty_reads"] - before["empty_reads"]
             client.close()
             server.close()
             result = await asyncio.wait_for(task, 5)
             assert (result.a_to_b, result.b_to_a) == ((rounds + 1) * len(request), (rounds + 1) * len(answer))
             assert woken <= 2 * rounds, f"{woken} wake-ups for {2 * rounds} messages"
+            assert empty <= 2 * rounds, f"{empty} reads found nothing for {2 * rounds} messages"
     asyncio.run(main())
 
 
