@@ -1,7 +1,7 @@
 """The PNG chart of `nodeagent bench mesh`, drawn here with zlib alone (no plotting
 library to pin): for each placement, one row per figure with a bar per nodeagent set-up
-(L4, L7) of its ratio to the Envoy sidecar pair, whose ratio 1 is the vertical line;
-then memory per node against sidecars at each pod count. Text is a 5x7 bitmap font
+(L4, L7, L7 at the server side only) of its ratio to the Envoy sidecar pair, whose ratio 1
+is the vertical line; then memory per node against sidecars at each pod count. Text is a 5x7 bitmap font
 (upper case: lower case is drawn as upper case).
 
 `Canvas` is an RGB raster with rectangles and text; `png` encodes it (8-bit RGB,
@@ -16,7 +16,9 @@ import zlib
 from nodeagent.bench.meshreport import FIGURES, MESHES, PLACEMENTS
 
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (150, 150, 150)
-COLOURS = {"l4": (31, 119, 180), "l7": (255, 127, 14), "rss": (44, 160, 44)}
+COLOURS = {"l4": (31, 119, 180), "l7": (255, 127, 14), "l7s": (214, 39, 40), "rss": (44, 160, 44)}
+NAMES = {"l4": "nodeagent L4   ", "l7": "nodeagent L7 (both waypoints)   ",
+         "l7s": "nodeagent L7, the server's waypoint only"}
 GLYPH_W, GLYPH_H = 5, 7
 
 _FONT_ROWS = {
@@ -138,17 +140,19 @@ def _axis(c: Canvas, top: int, bottom: int) -> None:
 def render(result: dict) -> bytes:
     rows = [(p, f) for p in result["placements"] for f in FIGURES]
     pods = result["rss"]["pods"]
-    height = 140 + len(result["placements"]) * (LINE_H * 2) + len(rows) * (2 * (BAR_H + 4) + ROW_GAP) \
+    height = 140 + LINE_H + len(result["placements"]) * (LINE_H * 2) + len(rows) * (len(MESHES) * (BAR_H + 4) + ROW_GAP) \
         + LINE_H * 3 + len(pods) * (BAR_H + 4 + ROW_GAP) + MARGIN
     c = Canvas(WIDTH, height)
     y = MARGIN
     c.text(MARGIN, y, f"nodeagent bench mesh: ratio to an Envoy sidecar pair (= 1, dashed), "
                       f"median of {result['rounds']} rounds", scale=2)
     y += LINE_H
-    x = c.text(MARGIN, y, "lower is better for latency, CPU, memory; higher for rates. ", GREY)
-    for key, name in (("l4", "nodeagent L4 "), ("l7", "nodeagent L7")):
+    c.text(MARGIN, y, "lower is better for latency, CPU, memory; higher for rates.", GREY)
+    y += LINE_H
+    x = MARGIN
+    for key in MESHES:
         c.rect(x, y, 14, 14, COLOURS[key])
-        x = c.text(x + 20, y, name)
+        x = c.text(x + 20, y, NAMES[key])
     y += LINE_H * 2
     for placement, summary in result["placements"].items():
         c.text(MARGIN, y, PLACEMENTS[placement])

@@ -391,6 +391,7 @@ def check_path(placement: str, setup: str, delta: dict[str, float]) -> dict[str,
     ok = {"direct": path["captured"] == 0 and path["client_waypoint"] == 0 and path["sidecar_tls13"] == 0,
           "l4": path["captured"] > 0 and path["client_waypoint"] == 0 and path["server_waypoint"] == 0,
           "l7": path["client_waypoint"] > 0 and path["server_waypoint"] > 0,
+          "l7s": path["captured"] > 0 and path["client_waypoint"] == 0 and path["server_waypoint"] > 0,
           "envoy": path["captured"] == 0 and path["sidecar_tls13"] > 0}[setup]
     if not ok:
         raise NodeagentError(f"the {setup} set-up ({placement}) did not take its path: {path}",
@@ -605,7 +606,7 @@ def render(result: dict, output: str) -> str:
              f"before, {min(load):.2f}-{max(load):.2f} during the runs",
              "+N: added to the direct set-up's latency in the same round; xN: nodeagent's figure over the "
              "Envoy sidecar pair's", "(latency, CPU, memory: lower is better; rates and throughput: higher is better)",
-             ""]
+             meshreport.L7_NOTE, ""]
     for placement, summary in result["placements"].items():
         lines += meshreport.placement_lines(placement, summary) + [""]
     lines += meshreport.rss_lines(result["rss"]) + [""]

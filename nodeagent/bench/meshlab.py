@@ -8,7 +8,9 @@ every request, bench/sidecars.py) on 8080 and `iperf3 -s` on 5201; `server` is o
 `local7` are the same again behind Services with a VirtualService (so the client node's
 waypoint takes their traffic: HTTP through its HTTP connection manager, the iperf3 port
 through its tcp_proxy) and an AuthorizationPolicy with HTTP fields (so the server node's
-waypoint takes their HTTP traffic too). Every set-up reaches its server through a
+waypoint takes their HTTP traffic too). Services `web7s` and `web7s-local` select the
+same two pods without a VirtualService: only the server node's waypoint is on their
+path (the policy's). Every set-up reaches its server through a
 Service's ClusterIP, as a Kubernetes client would; the sidecar pair sends to the server
 pod's IP, as a sidecar does after its own endpoint pick.
 
@@ -100,13 +102,13 @@ def main_lab(app: list[str]) -> str:
     for placement, (server, node) in PLACEMENT_SERVER.items():
         service = "web7" if placement == "cross" else "web7-local"
         docs += [_server("mesh", f"{server}7", node, app, L7_LABEL), _service("mesh", service, f"{server}7"),
-                 _virtual_service("mesh", service)]
+                 _virtual_service("mesh", service), _service("mesh", service_name(placement, "l7s"), f"{server}7")]
     docs.append(_l7_policy("mesh"))
     return "\n---\n".join(_doc(d) for d in docs) + "\n"
 
 
 def service_name(placement: str, setup: str) -> str:
-    base = "web7" if setup == "l7" else "web"
+    base = {"l7": "web7", "l7s": "web7s"}.get(setup, "web")
     return base if placement == "cross" else f"{base}-local"
 
 
@@ -119,7 +121,7 @@ def target(placement: str, setup: str, vips: dict[str, str]) -> Target:
                       f"http://127.0.0.1:{tcp_http}/")
     ns = "plain" if setup == "direct" else "mesh"
     vip = vips[f"{ns}/{service_name(placement, setup)}"]
-    pod = f"mesh/{server}7" if setup == "l7" else f"{ns}/{server}"
+    pod = f"mesh/{server}7" if setup in ("l7", "l7s") else f"{ns}/{server}"
     return Target(f"{ns}/client", f"http://{vip}:{HTTP_PORT}/", (vip, IPERF_PORT), pod)
 
 

@@ -49,7 +49,7 @@ def test_every_figure_of_every_set_up_is_there(run):
                 assert data["median"][setup][key] > 0, (placement, setup, key)
             assert all(r["errors"] <= 0.01 * sum(r["requests"].values()) for r in data["rounds"][setup])
         assert data["table"]["direct"]["cpu_ms_per_1k"] is None
-        for setup in ("l4", "l7", "envoy"):
+        for setup in ("l4", "l7", "l7s", "envoy"):
             cpu = data["table"][setup]["cpu_ms_per_1k"]
             if (placement, setup) == ("same", "l4"):
                 # the same-node fast path joins the sockets in the kernel (the bench checks the
@@ -81,6 +81,8 @@ def test_each_set_up_took_its_path(run):
             assert r["path"]["captured"] > 0 and (r["path"]["client_waypoint"], r["path"]["server_waypoint"]) == (0, 0)
         for r in data["rounds"]["l7"]:
             assert r["path"]["client_waypoint"] > 0 and r["path"]["server_waypoint"] > 0
+        for r in data["rounds"]["l7s"]:
+            assert r["path"]["captured"] > 0 and r["path"]["client_waypoint"] == 0 and r["path"]["server_waypoint"] > 0
         for r in data["rounds"]["envoy"]:
             assert r["path"]["captured"] == 0 and r["path"]["sidecar_tls13"] > 0
             # the L4 anchor: one mTLS handshake per connection through the sidecars' TCP proxies
@@ -118,7 +120,7 @@ def test_the_table_says_what_the_json_says(run):
             line = lines[start + 2 + i]
             assert line.startswith(f.label)
             cells = re.findall(rf"({NUMBER}|-)(?: x({NUMBER}))?", line[len(f.label):])
-            assert len(cells) == 4, line
+            assert len(cells) == len(meshreport.SETUPS), line
             for (value, ratio), setup in zip(cells, meshreport.SETUPS):
                 shown = data["table"][setup][f.key]
                 assert value == "-" if shown is None else _close(value, shown, f.decimals), (line, setup)
@@ -151,7 +153,7 @@ def test_progress_and_chart(run):
     _, proc, _, png = run
     for r in range(1, ROUNDS + 1):
         for placement in ("cross", "same"):
-            for setup in ("direct", "nodeagent l4", "nodeagent l7", "envoy sidecars"):
+            for setup in ("direct", "nodeagent l4", "nodeagent l7", "l7 server only", "envoy sidecars"):
                 assert f"round {r}/{ROUNDS} {placement}-node {setup}:" in proc.stderr
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     width, height = struct.unpack("!II", png[16:24])

@@ -156,6 +156,8 @@ ROUNDS = {
            _round(350, 1100, 5000, 700, 800, 1.8, 130.0)],
     "l7": [_round(900, 2000, 2000, 1500, 700, 1.0, 400.0), _round(950, 2100, 2100, 1600, 720, 1.1, 420.0),
            _round(1000, 2200, 1900, 1700, 650, 0.9, 380.0)],
+    "l7s": [_round(500, 1200, 4400, 900, 1500, 1.6, 140.0), _round(520, 1250, 4500, 950, 1550, 1.7, 150.0),
+            _round(600, 1500, 4200, 1000, 1400, 1.5, 160.0)],
     "envoy": [_round(400, 800, 4000, 1100, 3000, 4.0, 150.0), _round(420, 820, 4100, 1150, 3100, 4.1, 160.0),
               _round(450, 1000, 3900, 1300, 2900, 3.9, 170.0)],
 }
@@ -174,7 +176,9 @@ def test_medians_added_latency_and_ratios():
     assert s["ratio"]["l4"]["p50_us"] == pytest.approx(200 / 300)
     assert s["ratio"]["l7"]["rps"] == pytest.approx(2000 / 4000)
     assert s["ratio"]["l7"]["cpu_ms_per_1k"] == pytest.approx(400 / 160)
-    assert set(s["ratio"]) == {"l4", "l7"}
+    assert s["table"]["l7s"]["p50_us"] == 400  # (400, 410, 400)
+    assert s["ratio"]["l7s"]["rps"] == pytest.approx(4400 / 4000)
+    assert set(s["ratio"]) == {"l4", "l7", "l7s"}
 
 
 def test_no_ratio_of_noise():
@@ -225,11 +229,12 @@ def test_uneven_rounds_are_refused():
 def test_placement_table_text():
     lines = meshreport.placement_lines("cross", meshreport.summarize(ROUNDS))
     assert lines[0] == "cross-node: client pod on node1, server pod on node2"
-    assert lines[1].split() == ["FIGURE", "DIRECT", "NODEAGENT", "L4", "NODEAGENT", "L7", "ENVOY", "SIDECARS"]
+    assert lines[1].split() == ["FIGURE", "DIRECT", "NODEAGENT", "L4", "NODEAGENT", "L7", "L7", "SERVER", "ONLY",
+                                "ENVOY", "SIDECARS"]
     assert lines[2] == (f"{'p50 latency, 1 keep-alive connection (us)':<46}{'110':>18}{'+200 x0.67':>18}"
-                        f"{'+800 x2.67':>18}{'+300':>18}")
-    assert lines[7].endswith(f"{'10.00':>18}{'2.00 x0.50':>18}{'1.00 x0.25':>18}{'4.00':>18}")
-    assert lines[8].endswith(f"{'-':>18}{'110.0 x0.69':>18}{'400.0 x2.50':>18}{'160.0':>18}")
+                        f"{'+800 x2.67':>18}{'+400 x1.33':>18}{'+300':>18}")
+    assert lines[7].endswith(f"{'10.00':>18}{'2.00 x0.50':>18}{'1.00 x0.25':>18}{'1.60 x0.40':>18}{'4.00':>18}")
+    assert lines[8].endswith(f"{'-':>18}{'110.0 x0.69':>18}{'400.0 x2.50':>18}{'150.0 x0.94':>18}{'160.0':>18}")
     assert len(lines) == 2 + len(meshreport.FIGURES)
 
 
@@ -311,9 +316,11 @@ def test_chart_bars_have_the_ratio_lengths():
         return rows
 
     # cross and same: 7 figures each, every bar BAR_H rows high, plus the legend square (14 rows of 14)
-    l4 = extents(chart.COLOURS["l4"])
-    expected = [chart.bar_length(meshreport.summarize(ROUNDS)["ratio"]["l4"][f.key]) for f in meshreport.FIGURES]
-    assert sorted(l4) == sorted([14] * 14 + expected * 2 * chart.BAR_H)
+    for mesh_setup in meshreport.MESHES:
+        bars = extents(chart.COLOURS[mesh_setup])
+        expected = [chart.bar_length(meshreport.summarize(ROUNDS)["ratio"][mesh_setup][f.key])
+                    for f in meshreport.FIGURES]
+        assert sorted(bars) == sorted([14] * 14 + expected * 2 * chart.BAR_H), mesh_setup
     assert extents(chart.COLOURS["rss"]) == [chart.bar_length(160 / 40)] * chart.BAR_H
 
 
@@ -332,7 +339,8 @@ def test_main_lab_is_a_valid_lab_file():
     kinds = sorted(f"{o.kind} {o.namespace}/{o.name}" for o in desired.objects
                    if o.kind in ("Service", "VirtualService", "AuthorizationPolicy"))
     assert kinds == ["AuthorizationPolicy mesh/l7", "Service mesh/web", "Service mesh/web-local", "Service mesh/web7",
-                     "Service mesh/web7-local", "Service plain/web", "Service plain/web-local",
+                     "Service mesh/web7-local", "Service mesh/web7s", "Service mesh/web7s-local",
+                     "Service plain/web", "Service plain/web-local",
                      "VirtualService mesh/web7", "VirtualService mesh/web7-local"]
 
 
@@ -348,7 +356,8 @@ def test_memory_lab_and_fillers():
 
 def test_targets():
     vips = {"plain/web": "10.96.0.10", "plain/web-local": "10.96.0.11", "mesh/web": "10.96.0.12",
-            "mesh/web-local": "10.96.0.13", "mesh/web7": "10.96.0.14", "mesh/web7-local": "10.96.0.15"}
+            "mesh/web-local": "10.96.0.13", "mesh/web7": "10.96.0.14", "mesh/web7-local": "10.96.0.15",
+            "mesh/web7s": "10.96.0.16", "mesh/web7s-local": "10.96.0.17"}
     t = {(p, s): meshlab.target(p, s, vips) for p in ("cross", "same") for s in meshreport.SETUPS}
     assert t["cross", "direct"] == meshlab.Target("plain/client", "http://10.96.0.10:8080/", ("10.96.0.10", 5201),
                                                   "plain/server")
@@ -356,6 +365,8 @@ def test_targets():
                                              "mesh/local")
     assert t["cross", "l7"] == meshlab.Target("mesh/client", "http://10.96.0.14:8080/", ("10.96.0.14", 5201),
                                               "mesh/server7")
+    assert t["same", "l7s"] == meshlab.Target("mesh/client", "http://10.96.0.17:8080/", ("10.96.0.17", 5201),
+                                              "mesh/local7")
     assert t["same", "envoy"] == meshlab.Target("plain/client", "http://127.0.0.1:15002/", ("127.0.0.1", 15012),
                                                 "plain/local", "http://127.0.0.1:15022/")
     assert t["cross", "envoy"].tcp_url == "http://127.0.0.1:15021/"
@@ -373,6 +384,8 @@ def _delta(captured=0, wp_out=0, wp_in_node2=0, wp_in_node1=0, tls_server=0, tls
     ("cross", "l4", _delta(captured=40)),
     ("cross", "l7", _delta(captured=40, wp_out=40, wp_in_node2=3)),
     ("same", "l7", _delta(captured=40, wp_out=40, wp_in_node1=3)),
+    ("cross", "l7s", _delta(captured=40, wp_in_node2=3)),
+    ("same", "l7s", _delta(captured=40, wp_in_node1=3)),
     ("cross", "envoy", _delta(tls_server=20)),
     ("same", "envoy", _delta(tls_local=20)),
 ])
@@ -386,6 +399,8 @@ def test_paths_taken(placement, setup, delta):
     ("cross", "l4", _delta(captured=40, wp_out=2)),  # L4 traffic went through a waypoint
     ("cross", "l4", _delta()),  # not captured at all
     ("cross", "l7", _delta(captured=40, wp_out=40, wp_in_node1=3)),  # server side on the wrong node
+    ("cross", "l7s", _delta(captured=40, wp_out=40, wp_in_node2=3)),  # through the client's waypoint too
+    ("cross", "l7s", _delta(captured=40)),  # through no waypoint
     ("cross", "envoy", _delta(tls_local=20)),  # the other sidecar took it
     ("same", "envoy", _delta(captured=3, tls_local=20)),
 ])
@@ -494,8 +509,9 @@ def test_the_whole_text_report():
     assert lines[1] == "nodeagent abc1234; the agents' data path: node1: python; node2: python"
     assert lines[2] == ("median of 3 interleaved rounds, 5 s per run, 700 s in all; the machine's load average "
                         "0.70 before, 1.50-3.50 during the runs")
+    assert lines[5] == meshreport.L7_NOTE
     assert lines.index(meshreport.PLACEMENTS["same"]) == lines.index(meshreport.PLACEMENTS["cross"]) + 10
-    assert lines[-2:] == ["wrk errors: 24 in all runs", "cleanup: nothing left behind"]  # (0+1+2) x 4 set-ups x 2
+    assert lines[-2:] == ["wrk errors: 30 in all runs", "cleanup: nothing left behind"]  # (0+1+2) x 5 set-ups x 2
     assert json.loads(mesh.render(result, "json")) == json.loads(json.dumps(result))
 
 
