@@ -1,8 +1,8 @@
 """The PNG chart of `nodeagent bench mesh`, drawn here with zlib alone (no plotting
 library to pin): for each placement, one row per figure with a bar per nodeagent set-up
-(L4, L7, L7 at the server side only) of its ratio to the Envoy sidecar pair, whose ratio 1
-is the vertical line; then memory per node against sidecars at each pod count. Text is a 5x7 bitmap font
-(upper case: lower case is drawn as upper case).
+(L4, L7, L7 at the server side only) of its ratio to the Envoy sidecar pair, whose
+ratio 1 is the vertical line; then memory per node against sidecars at each pod count.
+Text is a 5x7 bitmap font (upper case: lower case is drawn as upper case).
 
 `Canvas` is an RGB raster with rectangles and text; `png` encodes it (8-bit RGB,
 filter 0 on every row); `render(result)` lays the chart out from the bench's JSON.
@@ -17,8 +17,8 @@ from nodeagent.bench.meshreport import FIGURES, MESHES, PLACEMENTS
 
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (150, 150, 150)
 COLOURS = {"l4": (31, 119, 180), "l7": (255, 127, 14), "l7s": (214, 39, 40), "rss": (44, 160, 44)}
-NAMES = {"l4": "nodeagent L4   ", "l7": "nodeagent L7 (both waypoints)   ",
-         "l7s": "nodeagent L7, the server's waypoint only"}
+NAMES = {"l4": "nodeagent L4", "l7": "nodeagent L7 (both waypoints)", "l7s": "nodeagent L7, the server's waypoint only"}
+LEGEND_GAP = 36  # between one legend entry and the next square
 GLYPH_W, GLYPH_H = 5, 7
 
 _FONT_ROWS = {
@@ -140,8 +140,8 @@ def _axis(c: Canvas, top: int, bottom: int) -> None:
 def render(result: dict) -> bytes:
     rows = [(p, f) for p in result["placements"] for f in FIGURES]
     pods = result["rss"]["pods"]
-    height = 140 + LINE_H + len(result["placements"]) * (LINE_H * 2) + len(rows) * (len(MESHES) * (BAR_H + 4) + ROW_GAP) \
-        + LINE_H * 3 + len(pods) * (BAR_H + 4 + ROW_GAP) + MARGIN
+    height = 140 + LINE_H + len(result["placements"]) * (LINE_H * 2) \
+        + len(rows) * (len(MESHES) * (BAR_H + 4) + ROW_GAP) + LINE_H * 3 + len(pods) * (BAR_H + 4 + ROW_GAP) + MARGIN
     c = Canvas(WIDTH, height)
     y = MARGIN
     c.text(MARGIN, y, f"nodeagent bench mesh: ratio to an Envoy sidecar pair (= 1, dashed), "
@@ -152,7 +152,7 @@ def render(result: dict) -> bytes:
     x = MARGIN
     for key in MESHES:
         c.rect(x, y, 14, 14, COLOURS[key])
-        x = c.text(x + 20, y, NAMES[key])
+        x = c.text(x + 20, y, NAMES[key]) + LEGEND_GAP
     y += LINE_H * 2
     for placement, summary in result["placements"].items():
         c.text(MARGIN, y, PLACEMENTS[placement])

@@ -100,7 +100,7 @@ def main_lab(app: list[str]) -> str:
             service = "web" if placement == "cross" else "web-local"
             docs += [_server(ns, server, node, app), _service(ns, service, server)]
     for placement, (server, node) in PLACEMENT_SERVER.items():
-        service = "web7" if placement == "cross" else "web7-local"
+        service = service_name(placement, "l7")
         docs += [_server("mesh", f"{server}7", node, app, L7_LABEL), _service("mesh", service, f"{server}7"),
                  _virtual_service("mesh", service), _service("mesh", service_name(placement, "l7s"), f"{server}7")]
     docs.append(_l7_policy("mesh"))

@@ -26,7 +26,8 @@ DEFAULT_PIPE_SIZE = 256 * 1024  # bytes held per direction at most (docs/design.
 FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 _BATCH = 256  # ends taken per call
 STATS = ("relays_open", "relays_total", "relays_failed", "relays_aborted", "bytes_a_to_b", "bytes_b_to_a",
-         "bytes_held", "copy_directions", "pipes", "ends_queued", "wakeups", "empty_reads", "max_relays", "pipe_size", "fatal")
+         "bytes_held", "copy_directions", "pipes", "ends_queued", "wakeups", "empty_reads", "max_relays", "pipe_size",
+         "fatal")
 
 
 @dataclass

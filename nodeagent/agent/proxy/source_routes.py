@@ -344,8 +344,9 @@ class SourceRoutes:
                   authority: str) -> tuple[Target, Peer, Peer] | None:
         """The target, source and peer of a routed stream: its route's, or (a route replaced
         since) the model's for the :authority it went to."""
-        if route is not None and route.target(endpoint) is not None:
-            return route.targets[endpoint], route.source, route.peers[endpoint]
+        target = route.target(endpoint) if route is not None else None
+        if target is not None:
+            return target, route.source, route.peers[endpoint]
         address, model, identities = parse_authority(authority), self.inputs.model(), self.inputs.identities
         pod = model.pod_by_ip(address[0]) if address is not None else None
         if pod is None:
