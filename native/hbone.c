@@ -160,6 +160,8 @@ struct stream {
     bool peeked;                   /* client: the early peek is done (or not wanted) */
     bool sent;                     /* client: its HEADERS went out (on_frame_send); until then the
                                       server cannot have seen it, whatever its id */
+    bool announced;                /* server: Python heard of it (NH_EV_REQUEST, NH_EV_DELIVERED); one
+                                      that ends before is freed without an event */
     uint32_t early;                /* client: bytes peeked into `up` before the answer, still in the socket */
     uint64_t early_sent;           /* client: ... of which handed to DATA before relaying */
     uint32_t reset_code;           /* the peer's reset before Python answered */
@@ -758,7 +760,8 @@ static void stream_end(struct stream *s, uint32_t how, int32_t error, uint32_t c
             ST_ADD(e, handed_back, 1);
         }
     }
-    emit(e, &ev, reason, reason ? strlen(reason) : 0);
+    if (!c->server || s->announced)  /* a request still coming in when it ended: Python never knew it */
+        emit(e, &ev, reason, reason ? strlen(reason) : 0);
     if (s->prev)
         s->prev->next = s->next;
     else if (c->streams == s)
@@ -964,6 +967,14 @@ static void stream_read(struct stream *s)
         memmove(up->p + up->head, up->p + up->off, up->len - up->off);
         up->len -= up->off - up->head;
         up->off = up->head;
+    }
+    if (up->len == up->cap) {     /* full, and nothing sent to compact (the early peek fills the first) */
+        up_grow(s);
+        if (up->len == up->cap && up->cap < UP_HEAD + s->conn->e->cfg.stream_buffer) {
+            /* not grown: left as it is, its socket would be readable with nowhere to read to */
+            stream_end(s, NH_END_SOCKET, ENOMEM, NGHTTP2_INTERNAL_ERROR, 0, "out of memory");
+            return;
+        }
     }
     size_t room = MIN(s->up.cap - s->up.len, send_room(s));
     if (room == 0)
@@ -1174,9 +1185,11 @@ static int send_data_cb(nghttp2_session *h2, nghttp2_frame *frame, const uint8_t
     (void)source;
     struct conn *c = user;
     struct stream *s = nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id);
-    if (!s || frame->data.padlen || length > buf_avail(&s->up) || s->up.off < 9)
+    if (!s || frame->data.padlen || length > buf_avail(&s->up) || (length && s->up.off < 9))
         return NGHTTP2_ERR_CALLBACK_FAILURE;  /* we never pad; up_read_cb said `length`; UP_HEAD kept */
-    char *whole = s->up.p + s->up.off - 9;
+    /* END_STREAM alone: the stream's buffer may be gone (released while the window was shut) */
+    char alone[9];
+    char *whole = length ? s->up.p + s->up.off - 9 : alone;
     size_t total = 9 + length, done = 0;
     memcpy(whole, framehd, 9);
     if (!c->write_err && buf_avail(&c->out))
@@ -1566,7 +1579,7 @@ static bool deliver_on_route(struct conn *c, struct stream *s)
             s->hdrs = NULL;
             s->hdrs_len = 0;
             ST_ADD(e, streams_delivered, 1);
-            s->answered = true;
+            s->announced = s->answered = true;
             s->fd = fd;
             answer_200(c, s);
             return true;
@@ -1603,6 +1616,7 @@ static void on_request(struct conn *c, struct stream *s)
     if (deliver_on_route(c, s))
         return;
     struct nh_event ev = {.conn = c->o.id, .stream = s->o.id, .type = NH_EV_REQUEST, .h2_stream = (uint32_t)s->sid};
+    s->announced = true;
     emit(e, &ev, s->hdrs, s->hdrs_len);
     free(s->hdrs);
     s->hdrs = NULL;
@@ -1778,6 +1792,10 @@ static int on_stream_close(nghttp2_session *h2, int32_t sid, uint32_t code, void
     if (!s || s->ended)
         return 0;
     s->h2_closed = true;
+    if (s->conn->server && !s->announced) {  /* reset (or refused by nghttp2) before its request was whole */
+        stream_end(s, NH_END_RESET, 0, code, 0, NULL);
+        return 0;
+    }
     if (!s->relaying && s->conn->server && !s->answered) {
         s->reset_code = code ? code : NGHTTP2_CANCEL;  /* Python's answer ends it */
         struct nh_event ev = {.conn = s->conn->o.id, .stream = s->o.id, .type = NH_EV_REQUEST_RESET,
@@ -2065,8 +2083,10 @@ static int uri_sans(X509 *cert, char *out, size_t cap)
             continue;
         if (count++ == 0) {
             int len = ASN1_STRING_length(g->d.uniformResourceIdentifier);
-            if (len > 0 && (size_t)len < cap) {
-                memcpy(out, ASN1_STRING_get0_data(g->d.uniformResourceIdentifier), len);
+            const unsigned char *uri = ASN1_STRING_get0_data(g->d.uniformResourceIdentifier);
+            /* one with a NUL inside stays "": compared as text, it would pass for its start */
+            if (len > 0 && (size_t)len < cap && !memchr(uri, 0, (size_t)len)) {
+                memcpy(out, uri, len);
                 out[len] = 0;
             }
         }
@@ -2128,9 +2148,11 @@ static void handshake_done(struct conn *c)
         conn_end(c, NH_END_IO, ENOMEM, 0, "out of memory");
         return;
     }
-    for (struct stream *s = c->streams; s; s = s->next)
+    for (struct stream *s = c->streams, *next; s; s = next) {
+        next = s->next;            /* a stream submit_open ends leaves the list (buried: next stays) */
         if (s->sid == 0)
             submit_open(c, s);
+    }
     mark_dirty(c);
     conn_read(c);  /* records OpenSSL may already hold */
 }
@@ -3289,6 +3311,27 @@ void nh_tls_free(struct nh_tls *tls)
     }
 }
 
+/* A connection conn_new reserved room for and did not hand to the thread: fd reset, the
+ * reservations (and the pending handshake) given back; c may be NULL (not allocated). */
+static void conn_unmade(struct nh_engine *e, struct conn *c, int fd, bool server)
+{
+    if (server) {
+        pthread_mutex_lock(&e->lock);
+        e->pending_hs--;
+        pthread_mutex_unlock(&e->lock);
+        ST_ADD(e, handshakes_pending, -1);
+    }
+    if (c) {
+        c->pending_hs = false;
+        conn_free(c);  /* resets fd, gives back conns_reserved */
+        return;
+    }
+    reset_close(fd);
+    pthread_mutex_lock(&e->lock);
+    e->conns_reserved--;
+    pthread_mutex_unlock(&e->lock);
+}
+
 static int64_t conn_new(struct nh_engine *e, int fd, struct nh_tls *tls, const char *expected, bool server)
 {
     if (fd < 0)
@@ -3335,18 +3378,7 @@ static int64_t conn_new(struct nh_engine *e, int fd, struct nh_tls *tls, const c
     }
     if (!c || !cmd || !c->ssl || (expected && !c->expected) || !SSL_set_fd(c->ssl, fd)) {
         free(cmd);
-        if (c) {
-            if (server) {
-                pthread_mutex_lock(&e->lock);
-                e->pending_hs--;
-                pthread_mutex_unlock(&e->lock);
-                ST_ADD(e, handshakes_pending, -1);
-                c->pending_hs = false;
-            }
-            conn_free(c);  /* resets fd */
-        } else {
-            reset_close(fd);
-        }
+        conn_unmade(e, c, fd, server);
         return -ENOMEM;
     }
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
@@ -3364,7 +3396,7 @@ static int64_t conn_new(struct nh_engine *e, int fd, struct nh_tls *tls, const c
     cmd->ptr = c;
     if ((err = queue_cmd(e, cmd)) < 0) {
         free(cmd);
-        conn_free(c);
+        conn_unmade(e, c, fd, server);
         return err;
     }
     return id;

@@ -138,7 +138,9 @@
                                      first, then the request's other headers); answer with
                                      nh_stream_accept or nh_stream_refuse */
 #define NH_EV_RESPONSE 4          /* client: the response; status (200: the stream relays) */
-#define NH_EV_STREAM_END 5        /* to_peer/from_peer bytes, how, error/code/status */
+#define NH_EV_STREAM_END 5        /* to_peer/from_peer bytes, how, error/code/status; a server
+                                     stream's only once announced (REQUEST, DELIVERED): one reset
+                                     while its request came in ends without an event */
 #define NH_EV_REQUEST_RESET 6     /* server: the client reset a stream Python has not answered
                                      yet; it must still be answered (accept: its socket is
                                      reset at once; refuse), but may stop preparing it */
