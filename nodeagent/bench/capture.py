@@ -26,7 +26,7 @@ from nodeagent.bench.probe import percentiles
 from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod
 from nodeagent.errors import ConfigError
 
-NAME = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
+NAME = re.compile(r"^[a-z][a-z0-9-]{0,15}\Z")
 GOAL_P99_MS = 100.0
 PORT = 9000
 WARMUP = 20

@@ -37,7 +37,7 @@ from nodeagent.capture.structs import MAX_EXCLUDED_PORTS, POD_F_CAPTURE, OrigDst
 from nodeagent.errors import ConfigError, NodeagentError
 
 DEFAULT_BPF_DIR = Path(nodeagent.__file__).resolve().parent.parent / "bpf"
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/@+-]+$")  # goes into a C string literal
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/@+-]+\Z")  # goes into a C string literal
 
 
 def _ports(where: str, ports: Iterable[int], limit: int = MAX_EXCLUDED_PORTS) -> list[int]:

@@ -20,7 +20,7 @@ from nodeagent.kube.objects import DNS_LABEL, DNS_SUBDOMAIN
 
 SCHEME = "spiffe://"
 # SPIFFE ID spec: a trust domain is lowercase letters, digits, '.', '-' and '_'.
-TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}\Z")
 
 
 def trust_domain_problem(value: str) -> str | None:

@@ -23,8 +23,8 @@ import yaml
 from nodeagent.errors import ConfigError
 
 # RFC 1123 label (namespaces, services, most names) and subdomain (pods, deployments).
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
 
 # Cluster-scoped kinds (no metadata.namespace); every other kind lives in a namespace.
 STDIN = "-"  # the -f argument naming standard input

@@ -14,9 +14,9 @@ import asyncio
 import re
 from dataclasses import dataclass
 
-HEX = re.compile(r"^[0-9A-Fa-f]{1,15}$")
-TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-VERSION = re.compile(r"^HTTP/1\.[01]$")
+HEX = re.compile(r"^[0-9A-Fa-f]{1,15}\Z")
+TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+VERSION = re.compile(r"^HTTP/1\.[01]\Z")
 MAX_HEADERS = 100
 CHUNK = 65536
 

@@ -20,7 +20,7 @@ from nodeagent.errors import ConfigError
 
 DEFAULT_NAME = "nalab"
 NAME_ENV = "NODEAGENT_LAB"  # overrides DEFAULT_NAME
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,7}\Z")
 
 RUN_ROOT = "/run/nodeagent"
 BPFFS_ROOT = "/sys/fs/bpf"

@@ -28,7 +28,7 @@ DEFAULT_NODES = ("node1", "node2")
 DEFAULT_NAMESPACE = "default"
 RESTART_POLICIES = ("Always", "OnFailure", "Never")
 PROTOCOLS = ("TCP", "UDP")
-PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME
+PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?\Z")  # IANA_SVC_NAME
 # Downward-API fields a container env var may reference (valueFrom.fieldRef.fieldPath).
 FIELD_PATHS = ("metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName",
                "spec.serviceAccountName", "status.podIP", "status.hostIP")

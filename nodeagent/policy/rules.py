@@ -17,7 +17,7 @@ from nodeagent.policy.authz import Condition, Net, Port, Rule, Text
 from nodeagent.policy.schema import Field, attempt
 
 CONDITIONS_DOC = "https://istio.io/latest/docs/reference/config/security/conditions/"
-NUMBER = re.compile(r"^[0-9]+$")
+NUMBER = re.compile(r"^[0-9]+\Z")
 
 # Source field -> (attribute, negated, value kind); kind None: HTTP only.
 SOURCE_FIELDS = {

@@ -36,7 +36,7 @@ DRY_RUN_ANNOTATION = "istio.io/dry-run"
 # (group, kind) a targetRef may name; "core" is the Kubernetes core group, as in istiod.
 TARGET_KINDS = (("core", "Service"), ("networking.istio.io", "ServiceEntry"),
                 ("gateway.networking.k8s.io", "Gateway"), ("gateway.networking.k8s.io", "GatewayClass"))
-DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+\Z")
 JWT_FIELDS = ("issuer", "audiences", "jwksUri", "jwks", "fromHeaders", "fromParams", "fromCookies",
               "outputPayloadToHeader", "forwardOriginalToken", "outputClaimToHeaders", "timeout")
 

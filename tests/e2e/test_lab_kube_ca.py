@@ -205,7 +205,7 @@ def test_other_tokens_are_unauthenticated(ca_lab: Lab, case: str):
         "another service account": (token(ca_lab, "nodeagent-ca", "--audience", "nodeagent-ca"),
                                     "system:serviceaccount:nodeagent-system:nodeagent-ca's"),
         "another audience": (token(ca_lab, "nodeagent", "--bound-object-kind", "Pod",
-                                   "--bound-object-name", "agent-kn1"), "the API server refused the token"),
+                                   "--bound-object-name", "agent-kn1"), "the token is not for audience nodeagent-ca"),
         "bound to no pod": (agent_token(ca_lab), "bound to no pod"),
     }[case]
     answer = ask(ca_lab, bearer, "shop", "web")

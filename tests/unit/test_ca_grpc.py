@@ -38,7 +38,7 @@ SERVER_NAME = "nodeagent-ca.istio-system.svc"
 
 
 class RunningCa:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, **kw):
         write_pods(tmp_path / "cluster", pod_yaml("web-0", "node1", "web"))
         write_tokens(tmp_path / "tokens.yaml", TOKENS)
         self.config = CaConfig(
@@ -46,7 +46,7 @@ class RunningCa:
             source=f"files:{tmp_path / 'cluster'}", source_dir=tmp_path / "cluster", cert_ttl=dt.timedelta(hours=24),
             namespace="istio-system", server_names=(SERVER_NAME,), metrics_address=None)
         self.registry = CollectorRegistry()
-        self.server = server.build(self.config, self.registry, LOG)
+        self.server = server.build(self.config, self.registry, LOG, **kw)
         self.port = self.server.start()
         self.address = f"127.0.0.1:{self.port}"
         self.root_pem = (tmp_path / "ca" / "root-cert.pem").read_bytes()  # what the lab gives agents
@@ -137,6 +137,53 @@ def test_a_ca_that_does_not_verify_is_unavailable_not_trusted(ca, kw):
     assert ca.registry.get_sample_value("nodeagent_ca_certificates_issued_total") == 0
 
 
+def test_calls_that_never_send_their_request_hold_no_worker_and_end(tmp_path):
+    """Anybody who can connect (no token needed) opens calls and never sends their
+    request message: 4 connections of 16 such calls, far more than the CA's 8 worker
+    threads. An agent still gets its certificate meanwhile (with grpc's threaded server
+    each such call held a worker waiting for its message: 8 stopped the CA), and each
+    stalled call ends DEADLINE_EXCEEDED once the request timeout passed."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    from nodeagent.identity.caproto import PATH
+
+    running = RunningCa(tmp_path, request_timeout=1.0)
+    attackers = []
+    try:
+        ctx = ssl.create_default_context(cadata=running.root_pem.decode())
+        ctx.check_hostname = False
+        ctx.set_alpn_protocols(["h2"])
+        for _ in range(4):
+            sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", running.port), timeout=10),
+                                   server_hostname=SERVER_NAME)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            for _ in range(16):
+                conn.send_headers(conn.get_next_available_stream_id(), [
+                    (":method", "POST"), (":scheme", "https"), (":path", PATH), (":authority", SERVER_NAME),
+                    ("content-type", "application/grpc"), ("te", "trailers")])
+            sock.sendall(conn.data_to_send())
+            attackers.append((sock, conn))
+        key, chain = run(_ask(running.client(timeout=5)))
+        assert identity_of_certificate(pemfiles.load_certs(chain[0].encode(), "leaf")[0]) == WEB
+        for sock, conn in attackers:
+            statuses = {}
+            while len(statuses) < 16:
+                data = sock.recv(65536)
+                assert data, "closed before every call ended"
+                for event in conn.receive_data(data):
+                    headers = dict(getattr(event, "headers", None) or ())  # trailers, or a trailers-only answer
+                    if b"grpc-status" in headers:
+                        statuses[event.stream_id] = headers[b"grpc-status"]
+                sock.sendall(conn.data_to_send())
+            assert set(statuses.values()) == {b"4"}  # DEADLINE_EXCEEDED
+    finally:
+        for sock, _ in attackers:
+            sock.close()
+        running.server.stop(grace=0)
+
+
 def test_a_second_ca_on_the_same_port_fails_to_start(ca, tmp_path):
     second = server.CaServer(server.CertificateService(
         make_ca(), None, None, server.CaMetrics(CollectorRegistry()), LOG),
@@ -211,6 +258,17 @@ def test_a_client_using_istios_proto_encoding_gets_a_certificate(ca):
     leaf = credentials.accept(WEB, key, list(response.cert_chain), pemfiles.load_certs(ca.root_pem, "r"),
                               time.time())[0]
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(hours=2, minutes=1)
+
+
+def test_a_lifetime_past_what_a_duration_holds_is_asked_for_the_longest(ca):
+    """validity_duration 2^62 s overflowed the CA's timedelta (gRPC UNKNOWN, neither logged
+    nor counted); it is a request for the longest lifetime, which the CA caps at its TTL."""
+    Request, _ = _istio_messages()
+    key, csr = credentials.new_request(WEB)
+    response = _call_with_istio_encoding(ca, Request(csr=csr.decode(), validity_duration=2 ** 62))
+    leaf = credentials.accept(WEB, key, list(response.cert_chain), pemfiles.load_certs(ca.root_pem, "r"),
+                              time.time())[0]
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(hours=24, minutes=1)
 
 
 def test_an_impersonated_identity_that_differs_from_the_csr_is_refused(ca):

@@ -116,8 +116,35 @@ def unreachable_client() -> KubeClient:
 def test_an_api_error_is_unavailable_never_authenticated(caplog):
     auth = KubeAuthenticator(unreachable_client(), AUD, AGENT, logging.getLogger("t"))
     with pytest.raises(CaUnavailable, match="the API server did not answer its TokenReview"):
-        auth.authenticate(jwt({"exp": 4102444800}))
+        auth.authenticate(jwt({"exp": 4102444800, "aud": [AUD]}))
     assert len(auth.cache) == 0
+
+
+@pytest.mark.parametrize("token, says", [
+    ("junk", "not a JWT"), ("a.!!!.c", "not a JWT"),
+    (jwt({"exp": 999, "aud": [AUD]}), "expired"), (jwt({"aud": [AUD]}), "expired"),
+    (jwt({"exp": 4102444800, "aud": ["other"]}), f"not for audience {AUD}"),
+    (jwt({"exp": 4102444800}), f"not for audience {AUD}")])
+def test_a_token_the_api_would_refuse_unseen_costs_no_review(token, says):
+    """Anybody can send a token, before anything is known of them: one the API server would
+    refuse without looking it up is refused here (the client can reach no API server:
+    a review would be UNAVAILABLE), so junk sent in a loop is no TokenReview each."""
+    auth = KubeAuthenticator(unreachable_client(), AUD, AGENT, logging.getLogger("t"), clock=lambda: 1000.0)
+    with pytest.raises(Unauthenticated, match=says):
+        auth.authenticate(token)
+
+
+def test_reviews_under_way_at_once_are_bounded():
+    """While the CA reviews as many tokens as it will at once, another token waits
+    review_wait for its turn, then is UNAVAILABLE (the agent retries), never reviewed."""
+    auth = KubeAuthenticator(unreachable_client(), AUD, AGENT, logging.getLogger("t"), reviews_at_once=2,
+                             review_wait=0.05)
+    assert auth.reviews.acquire(blocking=False) and auth.reviews.acquire(blocking=False)  # two under way
+    with pytest.raises(CaUnavailable, match="reviewing 2 tokens at once"):
+        auth.authenticate(jwt({"exp": 4102444800, "aud": [AUD]}))
+    auth.reviews.release()
+    with pytest.raises(CaUnavailable, match="did not answer its TokenReview"):  # its turn: reviewed
+        auth.authenticate(jwt({"exp": 4102444800, "aud": [AUD]}))
 
 
 def test_a_cached_caller_needs_no_review():
@@ -132,8 +159,10 @@ class Unsynced:
 
     def __init__(self):
         self.models = [None]
+        self.polls = 0
 
     def poll(self):
+        self.polls += 1
         return self.models.pop(0) if self.models else None
 
 
@@ -144,7 +173,34 @@ def test_the_model_view_is_unavailable_until_the_pods_are_listed():
     with pytest.raises(CaUnavailable, match="waiting for the first list of Pod"):
         view()
     source.models = [Model.empty()]
+    source.scan_error = None
     assert view() == Model.empty() and view() == Model.empty()  # then the last model read
+
+
+def test_a_pod_watch_failing_for_long_makes_the_ca_unavailable_and_rebuilds_are_spaced():
+    """The pods the CA read may have left their nodes while its watch fails: past
+    stale_after it refuses (UNAVAILABLE) rather than give identities on that word, and
+    answers again once the watch is back. Rebuilds of the model come at most every
+    rebuild_every seconds however often the pods change."""
+    from nodeagent.model import Model
+    now = [1000.0]
+    source = Unsynced()
+    source.models, source.scan_error = [Model.empty()], None
+    view = SyncedModelView(source, clock=lambda: now[0], stale_after=30, rebuild_every=1)
+    assert view() == Model.empty() and source.polls == 1
+    now[0] += 0.5
+    view()
+    assert source.polls == 1  # within a second of the last rebuild: the model in hand
+    source.scan_error = "Pod: the API server did not answer"
+    now[0] += 1
+    assert view() == Model.empty() and source.polls == 2  # failing, not for long yet
+    now[0] += 29
+    assert view() == Model.empty()
+    now[0] += 1
+    with pytest.raises(CaUnavailable, match="pod watch has failed for 30s"):
+        view()
+    source.scan_error = None
+    assert view() == Model.empty()
 
 
 def test_the_secret_holds_the_state_directorys_layout():

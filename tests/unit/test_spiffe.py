@@ -38,6 +38,10 @@ def test_uri_and_parse_round_trip():
     ("spiffe://cluster.local/ns/a.b/sa/b", "namespace 'a.b'"),
     ("spiffe://cluster.local/ns/a/sa/", "service account ''"),
     ("spiffe://cluster.local/ns/a/sa/b?x=1", "service account 'b?x=1'"),
+    # a final newline: `$` matches before one, and these IDs were taken (the CA review, 2026-12-06)
+    ("spiffe://cluster.local/ns/a/sa/b\n", "service account 'b\\n'"),
+    ("spiffe://cluster.local/ns/a\n/sa/b", "namespace 'a\\n'"),
+    ("spiffe://cluster.local\n/ns/a/sa/b", "trust domain 'cluster.local\\n'"),
 ])
 def test_parse_refuses_malformed_ids_saying_why(uri, says):
     with pytest.raises(ConfigError) as err:

@@ -70,6 +70,9 @@ def test_error_names_source_resource_and_field_path_with_a_suggestion():
     ("hosts: []\nhttp:\n- route: [{destination: {host: reviews}}]", "spec.hosts", "at least one host"),
     ("hosts: [reviews]\nhttp:\n- route:\n  - {destination: {host: reviews}, weight: 0}\n"
      "  - {destination: {host: ratings}, weight: 0}", "spec.http[0].route", "every destination has weight 0"),
+    ('hosts: [reviews]\nhttp:\n- match: [{headers: {"x-user\\n": {exact: a}}}]\n'
+     "  route: [{destination: {host: reviews}}]", "spec.http[0].match[0].headers.x-user\n",
+     "'x-user\\n' is not a valid HTTP header name"),  # a final newline: `$` let it through
 ])
 def test_virtual_service_errors_name_the_field(spec, path, words):
     message = only_error(doc("VirtualService", "r", spec))

@@ -58,7 +58,7 @@ DEFAULT_REFRESH = timedelta(minutes=20)
 DEFAULT_TIMEOUT = timedelta(seconds=5)
 FIRST_RETRY = 5.0  # seconds; doubles up to the refresh interval
 MAX_BYTES = 1 << 20  # a JWKS is a few KiB; anything this large is not one
-FILE_NAME = re.compile(r"^[0-9a-f]{16}\.json(\.tmp)?$")  # what this fetcher writes, and may sweep
+FILE_NAME = re.compile(r"^[0-9a-f]{16}\.json(\.tmp)?\Z")  # what this fetcher writes, and may sweep
 
 Fetch = Callable[[str, float, int], bytes]  # (uri, timeout seconds, max bytes) -> body; blocking
 Resolve = Callable[[str], "str | None"]  # host name -> the address to connect to; None: the node's resolver

@@ -50,6 +50,10 @@ POD_UID = "authentication.kubernetes.io/pod-uid"
 DEFAULT_AUDIENCE = "nodeagent-ca"
 CACHE_SECONDS = 60.0
 CACHE_SIZE = 4096  # accepted tokens remembered: a few per node of a large cluster
+REVIEWS_AT_ONCE = 4  # TokenReviews under way at once (of the CA's 8 workers: the rest sign for known callers)
+STALE_AFTER = 30.0  # seconds a failing pod watch is tolerated before the CA refuses (UNAVAILABLE)
+REBUILD_EVERY = 1.0  # seconds between rebuilds of the CA's model of the pods, at most one
+REVIEW_WAIT = 2.0  # seconds a request waits for one of them before it is UNAVAILABLE (the agent retries)
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,8 @@ def node_of_pod(pod: Mapping[str, Any], binding: Binding) -> str:
     return str(node)
 
 
-def token_expiry(token: str) -> float | None:
-    """The `exp` of a JWT's payload (read only after the API server vouched for the
-    token), or None if it has none."""
+def token_claims(token: str) -> dict | None:
+    """A JWT's payload, unverified, or None when `token` is no JWT."""
     parts = token.split(".")
     if len(parts) != 3:
         return None
@@ -118,8 +121,29 @@ def token_expiry(token: str) -> float | None:
         claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (ValueError, binascii.Error):
         return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return claims if isinstance(claims, dict) else None
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` of a JWT's payload (read only after the API server vouched for the
+    token), or None if it has none."""
+    exp = (token_claims(token) or {}).get("exp")
     return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
+def implausible(token: str, audience: str, now: float) -> str | None:
+    """Why the API server would refuse `token` for `audience` without looking it up (no JWT,
+    expired, not for the audience), or None. Read unverified: it only spares the API
+    server a TokenReview of what it would refuse; it never accepts anything."""
+    claims = token_claims(token)
+    if claims is None:
+        return "the bearer token is not a JWT"
+    exp, aud = claims.get("exp"), claims.get("aud")
+    if not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp <= now:
+        return "the token has expired, or says not when it does"
+    if aud != audience and not (isinstance(aud, list) and audience in aud):
+        return f"the token is not for audience {audience}"
+    return None
 
 
 class CallerCache:
@@ -160,17 +184,27 @@ class KubeAuthenticator:
 
     def __init__(self, client: KubeClient, audience: str, account: tuple[str, str],
                  log: logging.Logger | None = None, cache: CallerCache | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, reviews_at_once: int = REVIEWS_AT_ONCE,
+                 review_wait: float = REVIEW_WAIT):
         self.client, self.audience, self.account = client, audience, account
         self.log = log or logging.getLogger("nodeagent.identity.ca.kubeauth")
         self.cache = cache if cache is not None else CallerCache()
         self.clock = clock
+        self.reviews_at_once, self.review_wait = reviews_at_once, review_wait
+        self.reviews = threading.BoundedSemaphore(reviews_at_once)
 
     def authenticate(self, token: str) -> Caller:
         digest = hashlib.sha256(token.encode()).digest()
         caller = self.cache.get(digest, self.clock())
         if caller is not None:
             return caller
+        # Who sends a token is not known before its review: whatever anybody sends must not
+        # become a TokenReview each (the API server's load), nor hold the CA's workers.
+        problem = implausible(token, self.audience, self.clock())
+        if problem:
+            raise Unauthenticated(problem)
+        if not self.reviews.acquire(timeout=self.review_wait):
+            raise CaUnavailable(f"the CA is reviewing {self.reviews_at_once} tokens at once already", "retry")
         try:
             # grpc's worker threads have no loop of their own: one short-lived loop per review.
             caller = asyncio.run(self._review(token))
@@ -178,6 +212,8 @@ class KubeAuthenticator:
             self.log.error("cannot check an agent's token: %s", exc)
             raise CaUnavailable(f"the CA cannot check tokens now: the API server did not answer "
                                 f"its TokenReview ({exc.detail})", "retry; check the CA's log") from None
+        finally:
+            self.reviews.release()
         self.cache.put(digest, caller, self.clock(), token_expiry(token))
         return caller
 
@@ -196,20 +232,40 @@ class KubeAuthenticator:
 
 class SyncedModelView(ModelView):
     """ModelView of the kube source that refuses to answer (Unavailable) until the
-    source has listed the cluster's pods once: an empty model is not an empty cluster."""
+    source has listed the cluster's pods once (an empty model is not an empty cluster),
+    and once its pod watch has been failing for `stale_after` seconds (the pods it
+    remembers may have left their nodes: their identities are not given on that word).
+    The model is rebuilt at most every `rebuild_every` seconds: a rebuild reads every pod,
+    and anybody who can touch a pod (an annotation in a loop) changes it at will; a pod
+    newer than the model is found by the authorizer's direct lookup."""
 
-    def __init__(self, source):
+    def __init__(self, source, clock: Callable[[], float] = time.monotonic, stale_after: float = STALE_AFTER,
+                 rebuild_every: float = REBUILD_EVERY):
         super().__init__(source)
+        self.clock, self.stale_after, self.rebuild_every = clock, stale_after, rebuild_every
         self._read = False
+        self._polled = self._failing_since = None
 
     def __call__(self) -> Model:
         with self._lock:
-            model = self.source.poll()
-            if model is not None:
-                self._model, self._read = model, True
+            now = self.clock()
+            if not self._read or self._polled is None or now - self._polled >= self.rebuild_every:
+                self._polled = now
+                model = self.source.poll()
+                if model is not None:
+                    self._model, self._read = model, True
+            error = self.source.scan_error
             if not self._read:
-                raise CaUnavailable(f"the CA has not read the cluster's pods yet: {self.source.scan_error}",
+                raise CaUnavailable(f"the CA has not read the cluster's pods yet: {error}",
                                     "retry; check that the CA can list pods")
+            if error is None:
+                self._failing_since = None
+            elif self._failing_since is None:
+                self._failing_since = now
+            elif now - self._failing_since >= self.stale_after:
+                raise CaUnavailable(f"the CA's pod watch has failed for {now - self._failing_since:.0f}s "
+                                    f"({error}): which pods run where is not known now",
+                                    "retry; check the CA's access to the API server")
             return self._model
 
 

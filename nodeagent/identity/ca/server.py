@@ -45,6 +45,9 @@ STATUS = {Unauthenticated: grpc.StatusCode.UNAUTHENTICATED, PermissionDenied: gr
 REASONS = {Unauthenticated: "unauthenticated", PermissionDenied: "permission_denied",
            CsrRejected: "invalid_csr", SignerExpired: "signer_expired", CaUnavailable: "unavailable"}
 SERVER_CERT_TTL = dt.timedelta(hours=24)
+MAX_ASKED_TTL = 10 * 365 * 86400
+REQUEST_TIMEOUT = 10.0  # a call's request message must follow its headers within this (seconds)
+STREAMS_PER_CONNECTION = 16  # calls one connection may have open at once (HTTP/2 MAX_CONCURRENT_STREAMS)
 
 
 class CaMetrics:
@@ -74,7 +77,9 @@ class CertificateService:
             signing = self.ca.read_csr(request.csr)
             _check_impersonation(request, signing.identity)
             self.authorizer.authorize(caller, signing.identity)
-            ttl = dt.timedelta(seconds=request.validity_duration) if request.validity_duration > 0 else None
+            # asked for: at most the CA's cert_ttl (the signer's cap); a duration past a timedelta's range is asking for that
+            ttl = (dt.timedelta(seconds=min(request.validity_duration, MAX_ASKED_TTL))
+                   if request.validity_duration > 0 else None)
             chain = self.ca.sign(signing, ttl)
         except IdentityError as exc:
             self.metrics.denied.labels(reason=REASONS.get(type(exc), "error")).inc()
@@ -94,15 +99,31 @@ def _check_impersonation(request: IstioCertificateRequest, identity: Identity) -
         raise CsrRejected(f"metadata {IMPERSONATED_IDENTITY} {named!r} differs from the CSR's SAN {identity.uri}")
 
 
-def grpc_handler(service: CertificateService) -> grpc.GenericRpcHandler:
-    def create(request: IstioCertificateRequest, context: grpc.ServicerContext) -> IstioCertificateResponse:
+def grpc_handler(service: CertificateService, workers: futures.Executor,
+                 request_timeout: float = REQUEST_TIMEOUT) -> grpc.GenericRpcHandler:
+    """CreateCertificate for the asyncio server. The request message is awaited on the loop,
+    at most `request_timeout` after the call's headers, and the decision (token review,
+    signing) runs on `workers`: a client that sends headers and never its message holds a
+    stream, not a worker. (With grpc's threaded server the worker thread itself waited for
+    the message, so 8 streams without one, from anybody who can connect, stopped the CA.)"""
+    async def create(requests, context: grpc.aio.ServicerContext) -> IstioCertificateResponse:
         try:
-            return service.create_certificate(request, context.invocation_metadata(), context.peer())
+            request = await asyncio.wait_for(anext(requests), request_timeout)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no request message within {request_timeout:g}s of the call")
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
+        metadata = list(context.invocation_metadata() or ())
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                workers, service.create_certificate, request, metadata, context.peer())
         except IdentityError as exc:
-            context.abort(STATUS.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
+            await context.abort(STATUS.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
 
-    method = grpc.unary_unary_rpc_method_handler(create, request_deserializer=IstioCertificateRequest.FromString,
-                                                 response_serializer=IstioCertificateResponse.SerializeToString)
+    # stream-unary on the wire is what a unary call sends (one message): the handler awaits it
+    method = grpc.stream_unary_rpc_method_handler(create, request_deserializer=IstioCertificateRequest.FromString,
+                                                  response_serializer=IstioCertificateResponse.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})
 
 
@@ -137,37 +158,64 @@ class ServingCertificate:
 
 
 class CaServer:
-    """The gRPC server; `start()` returns the bound port (0 in `address` picks one)."""
+    """The gRPC server (grpc.aio on a loop of its own thread; the decisions on `workers`
+    threads); `start()` returns the bound port (0 in `address` picks one)."""
 
     def __init__(self, service: CertificateService, certificate: ServingCertificate,
-                 address: tuple[str, int], workers: int = 8, source=None):
+                 address: tuple[str, int], workers: int = 8, source=None, request_timeout: float = REQUEST_TIMEOUT):
         self.address = address
         self.certificate = certificate
         self.source = source  # the kube source feeding NodeAuthorizer, closed by stop()
-        # grpc turns SO_REUSEPORT on by default: a second CA on the port would share it silently.
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca"),
-                                   handlers=[grpc_handler(service)], options=[("grpc.so_reuseport", 0)])
+        self._workers = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca")
+        self._handler = grpc_handler(service, self._workers, request_timeout)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ca-grpc", daemon=True)
+        self._server: grpc.aio.Server | None = None
+        self._started = False
+        self._stopped = threading.Event()
 
     def start(self) -> int:
-        creds = grpc.dynamic_ssl_server_credentials(self.certificate.config, self.certificate.fetch)
+        self._thread.start()
         target = grpc_target(*self.address)
+        port = self._run(self._start(target))
+        if port == 0:
+            raise EnvironmentProblem(f"the CA cannot listen on {target}",
+                                     "is another process using the port? choose another with --listen")
+        return port
+
+    async def _start(self, target: str) -> int:
+        # grpc turns SO_REUSEPORT on by default: a second CA on the port would share it silently.
+        self._server = grpc.aio.server(handlers=[self._handler], options=[
+            ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)])
+        creds = grpc.dynamic_ssl_server_credentials(self.certificate.config, self.certificate.fetch)
         try:
             port = self._server.add_secure_port(target, creds)
         except RuntimeError:
             port = 0
-        if port == 0:
-            raise EnvironmentProblem(f"the CA cannot listen on {target}",
-                                     "is another process using the port? choose another with --listen")
-        self._server.start()
+        if port:
+            await self._server.start()
+            self._started = True
         return port
 
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
     def stop(self, grace: float = 1.0) -> None:
-        self._server.stop(grace).wait()
+        if self._stopped.is_set():
+            return
+        if self._thread.is_alive():
+            if self._started:
+                self._run(self._server.stop(grace))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        self._loop.close()
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        self._stopped.set()
         if self.source is not None:
             self.source.close()
 
     def wait(self) -> None:
-        self._server.wait_for_termination()
+        self._stopped.wait()
 
 
 def grpc_target(host: str, port: int) -> str:
@@ -179,7 +227,8 @@ def listen_ips(host: str) -> tuple[str, ...]:
     return () if ipaddress.ip_address(host).is_unspecified else (host,)
 
 
-def build(cfg: CaConfig, registry: CollectorRegistry, log: logging.Logger) -> CaServer:
+def build(cfg: CaConfig, registry: CollectorRegistry, log: logging.Logger,
+          request_timeout: float = REQUEST_TIMEOUT) -> CaServer:
     """The CaServer `cfg` describes, not started: what `nodeagent ca` runs. Files source:
     keys from the state directory, node tokens from a file, the cluster model from the
     files. Kube source: keys from the root Secret (made on first start) and the root
@@ -196,7 +245,7 @@ def build(cfg: CaConfig, registry: CollectorRegistry, log: logging.Logger) -> Ca
     service = CertificateService(ca, authenticator, authorizer, CaMetrics(registry), log)
     identity = Identity(cfg.trust_domain, cfg.namespace, SERVER_ACCOUNT)
     certificate = ServingCertificate(ca, identity, cfg.server_names, listen_ips(cfg.listen[0]))
-    return CaServer(service, certificate, cfg.listen, source=source)
+    return CaServer(service, certificate, cfg.listen, source=source, request_timeout=request_timeout)
 
 
 def _from_kube(cfg: CaConfig, now: dt.datetime, log: logging.Logger):

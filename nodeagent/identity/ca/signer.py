@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -70,10 +71,14 @@ class CertificateAuthority:
             csr = x509.load_pem_x509_csr(pem.encode() if isinstance(pem, str) else pem)
         except ValueError as exc:
             raise CsrRejected(f"the CSR is not a PEM certificate request: {exc}") from None
-        if not csr.is_signature_valid:
+        try:
+            valid, key = csr.is_signature_valid, csr.public_key()
+        except (ValueError, UnsupportedAlgorithm) as exc:  # a key or signature of a kind not known here
+            raise CsrRejected(f"the CSR's key or signature cannot be read: {exc}") from None
+        if not valid:
             raise CsrRejected("the CSR's signature does not verify with its own public key",
                               "the request was altered or built wrongly; make a new CSR")
-        _check_key(csr.public_key())
+        _check_key(key)
         return SigningRequest(csr, self._requested_identity(csr))
 
     def _requested_identity(self, csr: x509.CertificateSigningRequest) -> Identity:
@@ -81,7 +86,7 @@ class CertificateAuthority:
             san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         except x509.ExtensionNotFound:
             raise CsrRejected("the CSR has no SubjectAlternativeName; put the SPIFFE ID in a URI SAN") from None
-        except ValueError as exc:  # a malformed extension
+        except (ValueError, x509.DuplicateExtension) as exc:  # a malformed extension, or one twice
             raise CsrRejected(f"the CSR's extensions cannot be read: {exc}") from None
         names = list(san)
         uris = uri_sans(san)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from nodeagent.errors import ConfigError
 
-CAPABILITY = re.compile(r"^(CAP_)?[A-Z_]+$")
+CAPABILITY = re.compile(r"^(CAP_)?[A-Z_]+\Z")
 
 
 @dataclass(frozen=True)

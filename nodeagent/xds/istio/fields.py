@@ -32,7 +32,7 @@ NOT_RE2 = re.compile(r"\(\?[=!<](?!\w+>)|\\[1-9]")  # look-around, back-referenc
 # Envoy refuses a regex whose RE2 program is larger than the runtime key
 # re2.max_program_size.error_level, 100 unless the bootstrap sets it (the waypoint's does not).
 MAX_PROGRAM_SIZE = 100
-HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 MILLISECOND = timedelta(milliseconds=1)
 
 
