@@ -227,6 +227,7 @@ class Agent:
         if model is not None:
             self.model = model
             self.model_changed_at = time.time()
+            self.enroller.refresh(model)  # the pods' new labels, before the data path re-checks under them
         if model is not None or rebuild:
             await self.datapath.update(self.model)
         if getattr(self.source, "events", None) is not None and (

@@ -114,7 +114,7 @@ class AuthorizationPolicy:
 
     @property
     def enforced(self) -> bool:
-        return self.action in ENFORCED_ACTIONS and not self.dry_run and not self.scope.target_refs
+        return self.action in ENFORCED_ACTIONS and not self.dry_run
 
     @property
     def has_l7(self) -> bool:

@@ -10,6 +10,7 @@ wide policies) is `istio-system` unless the caller's configuration says otherwis
 
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 from typing import Mapping
 
@@ -18,7 +19,7 @@ from nodeagent.model import Model, Pod
 from nodeagent.policy import authz, peerauth
 from nodeagent.policy.authz import Connection, Decision
 from nodeagent.policy.schema import all_errors, resource_name
-from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
+from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE, Scope
 from nodeagent.policy.validate import (AUTHORIZATION_POLICY, KINDS, PEER_AUTHENTICATION,
                                        REQUEST_AUTHENTICATION, Policy, validate)
 
@@ -55,7 +56,7 @@ class PolicySet:
                     errors.extend(with_fate(err, kept is not None))
                     if kept is not None:
                         entries[key] = kept
-        return cls(entries, root_namespace), errors
+        return cls({key: _bound(p, model) for key, p in entries.items()}, root_namespace), errors
 
     def get(self, kind: str, namespace: str, name: str) -> Policy | None:
         return self._entries.get((kind, namespace, name))
@@ -87,6 +88,14 @@ class PolicySet:
         """Resources of `kind` that may apply to `pod`: its namespace's and the root's."""
         namespaces = dict.fromkeys((self.root_namespace, pod.namespace))
         return [p for ns in namespaces for p in self._by_namespace.get((kind, ns), ())]
+
+
+def _bound(policy: Policy, model: Model) -> Policy:
+    """`policy` with the Services its targetRefs name resolved in `model` (Scope.bound)."""
+    scope = getattr(policy, "scope", None)
+    if not isinstance(scope, Scope) or not scope.target_refs:
+        return policy
+    return dataclasses.replace(policy, scope=scope.bound(model.services))
 
 
 def with_fate(err: ConfigError, kept: bool) -> list[ConfigError]:

@@ -518,6 +518,36 @@ def test_pods_talk_over_hbone_and_a_policy_change_resets_what_it_now_denies(mesh
     run(main(), 60)
 
 
+def test_a_pod_relabelled_into_a_denys_selector_has_what_it_denies_reset(meshed, mesh_ca, cluster):
+    """A DENY selects pods labelled locked=yes, none at first; httpbin gets the label while
+    sleep's connection to it is open: the connection is reset and the next one refused.
+    The re-check ran before the enrolled pods took their new labels (the reconcile after
+    it refreshed them), so nothing was re-checked under the label and it stayed open."""
+    mesh_ca.start()
+    locked = {**DENY_SLEEP_SPEC, "selector": {"matchLabels": {"locked": "yes"}}}
+
+    async def main():
+        app = await App().start()
+        try:
+            async with meshed as node:
+                write(node.config.source_dir / "policy.yaml", policy("deny-locked", locked))
+                await node.until_status(lambda s: "AuthorizationPolicy mesh/deny-locked" in s["policy"]["resources"],
+                                        "the policy in force")
+                await node.until_ready()
+                reader, writer = await dial_out(node, app.address)
+                await greeted_and_echoed(reader, writer)
+                write_pods(cluster, SLEEP, HTTPBIN.but(labels={"locked": "yes"}))
+                assert await ended(reader) == "reset"
+                writer.close()
+                await node.until_status(lambda s: s["delivered_connections"] == 0, "the reset")
+                reader, writer = await dial_out(node, app.address)
+                assert await ended(reader) == "reset"
+                writer.close()
+        finally:
+            app.close()
+    run(main(), 60)
+
+
 def test_a_removed_pod_keeps_its_relayed_connections_then_its_tunnel_connections_are_released(meshed, mesh_ca,
                                                                                                cluster):
     mesh_ca.start()

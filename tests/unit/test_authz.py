@@ -120,6 +120,25 @@ action: DENY
 rules:
 - {}
 """)
+SERVICE = """apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: foo}
+spec: {selector: {app: httpbin}, ports: [{name: http, port: 80}]}
+---
+"""
+SERVICE_DENY = SERVICE + policy("svc-deny", """
+targetRefs:
+- {kind: Service, group: "", name: httpbin}
+action: DENY
+rules:
+- from: [{source: {namespaces: [default]}}]
+""")
+SERVICE_HTTP_ALLOW = SERVICE + policy("svc-allow-get", """
+targetRefs:
+- {kind: Service, group: "", name: httpbin}
+rules:
+- to: [{operation: {methods: [GET]}}]
+""")
 WILDCARDS = policy("wildcards", """
 rules:
 - from:
@@ -215,7 +234,12 @@ CASES = [
      denied_by("foo/header", ignoring="request.headers[x-token]")),
     ("http-deny-when-header-port", DENY_HEADER, connection("foo/httpbin", 9001), OPEN),
     ("dry-run-no-effect", DRY_RUN_DENY, connection("foo/httpbin", 80), OPEN),
-    ("target-ref-not-l4", TARGET_REF_DENY, connection("foo/httpbin", 80), OPEN),
+    ("target-ref-gateway-no-pod", TARGET_REF_DENY, connection("foo/httpbin", 80), OPEN),
+    # bound to a Service: its pods, at L4 too (the waypoint serves only its HTTP ports, and
+    # only once Envoy ACKed: the L4 engine ignoring them left them enforced nowhere else)
+    ("target-ref-service-deny", SERVICE_DENY, connection("foo/httpbin", 80), denied_by("foo/svc-deny")),
+    ("target-ref-service-other-pod", SERVICE_DENY, connection("foo/tcp-echo", 80), OPEN),
+    ("target-ref-service-http-allow", SERVICE_HTTP_ALLOW, connection("foo/httpbin", 80), no_allow_match()),
     ("principal-prefix", WILDCARDS, connection("foo/httpbin", 80, source="default/any"),
      allowed_by("foo/wildcards")),
     ("principal-suffix", WILDCARDS, connection("foo/httpbin", 80, source="bar/reviews"),

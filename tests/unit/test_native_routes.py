@@ -157,6 +157,38 @@ def test_a_policy_change_stops_the_routes_before_the_next_connect(node):
     node(body)
 
 
+def test_a_change_between_a_delivery_and_its_route_leaves_no_route(node):
+    """The agent delivers a CONNECT itself and gives the engine its route a loop round
+    later (`offer`); a DENY applied and re-checked in between (the connection reset) leaves
+    no route: the next CONNECT is the agent's to decide, and refused. A route given then was
+    of the new generation, carrying the old admission past the change: the engine delivered
+    the denied peer's next CONNECTs itself (before the agent's own check reset them)."""
+    async def body(w: World):
+        await w.app.start()
+        routes = w.tunnel.routes
+        offer = routes.offer
+
+        def offer_after_a_change(*args):
+            routes.offer = offer
+            w.apply(DENY_SLEEP)
+            assert w.connections.recheck() == 1
+            offer(*args)
+
+        routes.offer = offer_after_a_change
+        reader, writer = await w.dial_out(SERVICE)
+        assert await ended(reader) == "reset"  # delivered, then revoked by the re-check
+        writer.close()
+        assert routes.offer is offer  # the route was offered (after the change)
+        reader, writer = await w.dial_out(SERVICE)
+        assert await ended(reader) == "reset"  # refused by the agent: the app never saw it
+        writer.close()
+        await w.settled(flows=4)
+        s = stats(w)
+        assert (s["streams_delivered"], s["route_sockets"], len(w.app.peers)) == (0, 0, 1)
+        assert destination_flows(w)[-1]["verdict"] == "denied"
+    node(body)
+
+
 def test_what_the_engine_delivered_under_a_change_it_was_not_told_of_is_reset(node):
     async def body(w: World):
         await w.app.start()

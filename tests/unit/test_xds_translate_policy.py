@@ -50,6 +50,29 @@ def pattern(matcher) -> tuple[str, str]:
     return kind, matcher.safe_regex.regex if kind == "safe_regex" else getattr(matcher, kind)
 
 
+def test_a_policy_only_the_waypoint_refuses_leaves_its_pods_to_the_l4_engine():
+    """A DENY the L4 engine accepts and the waypoint cannot express (an `experimental.*`
+    condition key; a requestPrincipals wildcard) beside the pod's HTTP policy: the pod gets
+    no inbound chain, so the L4 engine enforces all its policies. It went to a chain
+    without that DENY: enforced nowhere on its HTTP ports (an ALLOW so, everybody in)."""
+    from nodeagent.xds.istio.config import IstioConfig
+    from nodeagent.xds.translate.build import translate
+    from xds_world import OPTIONS, model
+
+    for rule in ("{when: [{key: experimental.envoy.filters.network.a, values: [x]}]}",
+                 "{from: [{source: {requestPrincipals: ['*@corp.example']}}]}"):
+        world = model(HTTP_POLICY + doc("AuthorizationPolicy", "deny-odd", f"""
+selector: {{matchLabels: {{app: reviews}}}}
+action: DENY
+rules: [{rule}]
+""", SEC))
+        built = IstioConfig.build(world)
+        assert ["(AuthorizationPolicy shop/deny-odd) spec.rules[0]" in e.where for e in built.errors] == [True]
+        assert [w.key for w in built.withheld] == ["shop/deny-odd"]
+        result = translate(world, "node1", built, OPTIONS)
+        assert set(result.dataplane.inbound) == set()
+
+
 def test_pods_of_this_node_with_http_policy_get_an_inbound_chain_per_http_port():
     result = translation(HTTP_POLICY)
     inbound = listeners(result)["inbound"]

@@ -205,11 +205,19 @@ class Enroller:
         found = self.resolver.resolve_many([w.uid for w in due]) if due else {}
         for w in due:
             self._enrol(w, model.pods[(w.namespace, w.name)], found[w.uid])
-        for e in self.enrolled.values():  # keep labels etc. fresh for the relays
-            e.ctx.pod = model.pods.get((e.wanted.namespace, e.wanted.name), e.ctx.pod)
+        self.refresh(model)
         self.waiting = p.waiting
         self.metrics.enrolled.set(len(self.enrolled))
         return p
+
+    def refresh(self, model: Model) -> None:
+        """The enrolled pods as `model` has them (labels...), which admission and the relays
+        read (ctx.pod): before the data path re-checks what is open under a new model, so a
+        pod relabelled into a DENY's or a STRICT PeerAuthentication's selector is re-checked
+        with its new labels (refreshed only by the reconcile after it, it was not re-checked
+        at all, and routes given meanwhile carried the old labels' decision)."""
+        for e in self.enrolled.values():
+            e.ctx.pod = model.pods.get((e.wanted.namespace, e.wanted.name), e.ctx.pod)
 
     def remove_stale(self, model: Model) -> list[int]:
         """Drop capture state of netns cookies no enrolled pod owns, left by a previous

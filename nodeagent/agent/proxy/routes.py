@@ -115,17 +115,21 @@ class Routes:
             return None
         return known
 
-    def offer(self, ctx: PodContext, request: hbone.Request, src: Address, dst: Address,
-              known: Known | None = None) -> None:
+    def offer(self, ctx: PodContext, request: hbone.Request, src: Address, dst: Address, known: Known) -> None:
         """After `stream` was delivered (by this agent, or by the engine on a route), give
         the engine sockets for more CONNECTs of its kind, up to ROUTE_SOCKETS: when it asked
         (it holds none for it any more), and when its route is down to LOW_WATER, in one
         command made in one entry into the pod's netns (one per delivery was a command, a
         wake-up of the engine's thread and two setns calls for each connection); none past
-        the pod's connection cap or while the memory guard refuses new work for the pod."""
+        the pod's connection cap or while the memory guard refuses new work for the pod.
+        None when `known`, the admission that decided it, was made under a generation a
+        change has replaced since (this runs a loop round or a delivery's connect after
+        it): a route given now would be of the new generation and carry the old decision
+        past the change (a peer denied in between had its next CONNECTs delivered)."""
         engine = self._engine()
         conn = request.conn
-        if engine is None or conn.closed.done() or self.memory.refuses(ctx.pod.ip):
+        if engine is None or conn.closed.done() or self.memory.refuses(ctx.pod.ip) \
+                or known.generation != self.generation:
             return
         if engine is not self._told:
             self._tell(engine)
@@ -133,8 +137,7 @@ class Routes:
         if request.delivered is None:
             self._release(key)  # the engine dropped what it held of this route, or used it all
         given = self._given.setdefault(key, _Given(src[0]))
-        if known is not None and known.generation == self.generation:
-            given.known = known
+        given.known = known
         if conn.id not in self._watched:
             self._watched.add(conn.id)
             conn.closed.add_done_callback(lambda _: self._ended(conn.id))
@@ -160,7 +163,7 @@ class Routes:
             return
         given.ports.update(ports)
 
-    def later(self, ctx: PodContext, stream, src: Address, dst: Address, known: Known | None = None) -> None:
+    def later(self, ctx: PodContext, stream, src: Address, dst: Address, known: Known) -> None:
         """`offer` once the current step of the loop is done (after the answer went out),
         for a stream of the native engine; nothing for the Python engine's."""
         if isinstance(stream, NativeRequest) and self._engine() is not None:

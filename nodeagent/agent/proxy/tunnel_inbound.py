@@ -179,7 +179,7 @@ class TunnelInbound:
         ip = ctx.pod.ip
         self.inputs.memory.holdings.take(ip)
         if self.routes.delivered(request, src[0], entry.ends):
-            asyncio.get_running_loop().call_soon(self.routes.offer, ctx, request, src, dst)
+            asyncio.get_running_loop().call_soon(self.routes.offer, ctx, request, src, dst, known)
         self._opened.inc()
         self._active.inc()
         entry.abort.bind(request)  # a re-check that revokes it resets the stream

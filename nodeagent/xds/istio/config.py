@@ -26,7 +26,8 @@ from nodeagent.policy.schema import Field, all_errors, resource_name
 from nodeagent.xds.istio.destinationrule import destination_rule
 from nodeagent.xds.istio import kinds
 from nodeagent.xds.istio.envoyfilter import envoy_filter
-from nodeagent.xds.istio.security import authentication, authorization
+from nodeagent.policy import validate as l4
+from nodeagent.xds.istio.security import Authentication, Authorization, authentication, authorization
 from nodeagent.xds.istio.virtualservice import virtual_service
 
 NETWORKING = "networking.istio.io"
@@ -49,7 +50,8 @@ class IstioConfig:
     errors: tuple[ConfigError, ...] = ()
     warnings: tuple[ConfigError, ...] = ()
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
-    withheld: tuple = ()  # Authorization / Authentication entries Envoy refused, with no version in force
+    withheld: tuple = ()  # Authorization / Authentication entries Envoy or the waypoint's checks refused,
+    # with no version in force: the pods they select are left to the L4 engine
 
     def of_kind(self, kind: str) -> tuple:
         """The resources in force of `kind`, ordered by (namespace, name)."""
@@ -82,6 +84,7 @@ class IstioConfig:
         first: dict[Key, str] = {}  # where each resource is defined first
         errors: list[ConfigError] = []
         warnings: list[ConfigError] = []
+        withheld: list = []
         for objects in model.resources.values():
             for obj in objects:
                 found_kind = kinds.problem(obj)
@@ -113,8 +116,27 @@ class IstioConfig:
                     errors.extend(with_fate(err, kept is not None))
                     if kept is not None:
                         entries[key] = kept
+                    elif kind in SERVER_SIDE:
+                        withheld.extend(_stand_in(obj))
         ordered = dict(sorted(entries.items()))
-        return cls(MappingProxyType(ordered), tuple(errors), tuple(warnings), root_namespace)
+        return cls(MappingProxyType(ordered), tuple(errors), tuple(warnings), root_namespace, tuple(withheld))
+
+
+SERVER_SIDE = ("AuthorizationPolicy", "RequestAuthentication")  # refused: their pods go to the L4 engine
+
+
+def _stand_in(obj: KubeObject) -> list:
+    """A security resource the waypoint refuses that the L4 engine accepts (an
+    `experimental.*` condition key, a requestPrincipals wildcard it cannot express): the
+    L4 engine enforces it, so the pods it selects must not go to a waypoint enforcing
+    their other policies without it (a DENY written so was enforced nowhere on their HTTP
+    ports, an ALLOW let everybody in). Its L4 form, to be `withheld`; none when the L4
+    engine refuses it too (in force nowhere, as any invalid resource)."""
+    try:
+        typed = l4.validate(obj)
+    except ConfigError:
+        return []
+    return [Authorization(obj, typed) if obj.kind == "AuthorizationPolicy" else Authentication(obj, typed, ())]
 
 
 def _for_mesh(entry: Any, obj: KubeObject, warnings: list[ConfigError]) -> bool:

@@ -26,9 +26,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from nodeagent.errors import ConfigError
-from nodeagent.xds.istio.config import IstioConfig, Key
-
-SERVER_SIDE = ("AuthorizationPolicy", "RequestAuthentication")  # held out: their pods go L4
+from nodeagent.xds.istio.config import SERVER_SIDE, IstioConfig, Key  # SERVER_SIDE held out: their pods go L4
 
 
 def label(key: Key) -> str:
@@ -90,7 +88,7 @@ class Refusals:
             elif key[0] in SERVER_SIDE:
                 withheld.append(entry)
         composed = dataclasses.replace(config, entries=MappingProxyType(dict(sorted(entries.items()))),
-                                       withheld=tuple(withheld))
+                                       withheld=config.withheld + tuple(withheld))
         return Build(composed, MappingProxyType(out), self.search.step if self.search else None)
 
     def _held(self, name: str, digest: str | None, accepted: str | None) -> bool:
