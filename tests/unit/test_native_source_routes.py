@@ -115,6 +115,28 @@ def test_a_policy_change_stops_the_out_routes_before_the_next_connection(node):
     node(body)
 
 
+def test_a_service_steered_through_the_waypoint_while_its_first_connection_connected_gets_no_route(node):
+    """The agent learns a destination's out-route after its first connection's HBONE
+    connect; Envoy ACKing a VirtualService for the service meanwhile (steering: a re-check,
+    the out-generation moved) leaves it without one, so its next connections go through
+    the waypoint. The route was given under the new generation, and the engine carried the
+    service's connections around the client-side waypoint's routing."""
+    async def body(w: World):
+        await w.app.start()
+        learn = w.outbound.routes.learn
+
+        def learn_after_steering(via, dst):
+            w.envoy_acks(outbound={SERVICE})
+            w.connections.recheck()
+            learn(via, dst)
+
+        w.outbound.routes.learn = learn_after_steering
+        await echo_once(w, b"first\n")
+        await w.settled(flows=2)
+        assert w.outbound.routes.describe()["routes"] == 0
+    node(body)
+
+
 def test_a_routed_stream_the_destination_refuses_is_reported_and_reset_by_the_agent(node):
     """The destination's policy denies what the source's routes still send (across nodes,
     each agent learns of a change in its own time): the engine's stream is refused before

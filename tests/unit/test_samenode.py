@@ -267,6 +267,29 @@ def test_a_pair_the_kernel_join_cannot_take_goes_to_the_splicer(pair):
     run(main())
 
 
+def test_a_pair_revoked_before_its_join_is_never_joined():
+    """A connection a re-check revoked while its delivery connected (its Abort requested
+    before the splice) is reset on both sides without entering the kernel's map: a join
+    flushes the client's queued bytes to the app first."""
+    from nodeagent.agent.proxy.samenode import KernelJoin
+    from nodeagent.agent.proxy.splice import Abort, Splicer
+
+    async def main():
+        join = KernelJoin(True, Splicer("python", LOG), LOG)
+        join.maps = maps = RefusingMaps()
+        (client, a), (b, server) = connected(socket.AF_INET), connected(socket.AF_INET)
+        client.sendall(b"queued before the join")
+        abort = Abort()
+        abort()
+        await join.splice(a, b, abort)
+        assert (maps.asked, join.joined) == (0, 0)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.to_thread(read_all, server)
+        for sock in (client, server):
+            sock.close()
+    run(main())
+
+
 def connected(family: int) -> tuple[socket.socket, socket.socket]:
     if family == socket.AF_UNIX:
         return socket.socketpair()

@@ -212,7 +212,10 @@ class KernelJoin:
         self.maps = None  # the capture loader closes it
 
     async def splice(self, a: socket.socket, b: socket.socket, abort: Abort | None = None) -> SpliceResult:
-        if not (_tcp(a) and _tcp(b)):  # Envoy's unix socket (a connection it handed back): not the kernel's
+        if not (_tcp(a) and _tcp(b)) or (abort is not None and abort.requested):
+            # Envoy's unix socket (a connection it handed back): not the kernel's. Revoked already (a
+            # re-check while its delivery connected): the splicer resets both as it starts, where a
+            # join would first flush the client's queued bytes to the app
             return await self.splicer.splice(a, b, abort)
         try:
             keys = self.maps.insert(a, b)

@@ -185,6 +185,8 @@ class SourceRoutes:
         pooled connections), when all are meshed pods of other nodes with identities."""
         if via is None or via.closed_at is not None or self._engine is None or via.listener.engine is not self._engine:
             return
+        if dst in self.inputs.waypoint.dataplane().outbound:
+            return  # steered through the waypoint since its connection was decided (this runs after its connect)
         route = via.dsts.get(dst)
         if route is None and len(via.dsts) >= LISTENER_ROUTES:
             return
