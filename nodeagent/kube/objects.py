@@ -134,7 +134,44 @@ def object_from_dict(doc: Any, source: str, default_namespace: str = "default") 
 
 # libyaml's parser (PyYAML's C binding) with the same safe constructors: 10k Pod documents
 # parse in ~1/10 of the pure-Python SafeLoader's time. PyYAML without libyaml falls back.
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+def _unique_keys(base: type) -> type:
+    """`base` (a PyYAML safe loader) refusing a mapping that has a key twice, as a strict
+    API server and kubectl refuse a field twice: PyYAML keeps the last one silently, so
+    `mode: STRICT` then `mode: PERMISSIVE` in one PeerAuthentication was PERMISSIVE with
+    no word. Merge keys (`<<`) still merge as YAML says."""
+    class Loader(base):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: set = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        duplicate = key in seen
+                    except TypeError:  # unhashable: the constructor says so below
+                        continue
+                    if duplicate:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark, f"found key {key!r} twice",
+                            key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+    return Loader
+
+
+SAFE_LOADER = _unique_keys(getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+PURE_LOADER = _unique_keys(yaml.SafeLoader)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: a key twice is refused (as _unique_keys does)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"found key {key!r} twice")
+        out[key] = value
+    return out
 
 
 def load_all(text: str) -> list[Any]:
@@ -145,18 +182,20 @@ def load_all(text: str) -> list[Any]:
     try:
         return list(yaml.load_all(text, Loader=SAFE_LOADER))
     except yaml.YAMLError:
-        if SAFE_LOADER is yaml.SafeLoader:
+        if not hasattr(yaml, "CSafeLoader"):
             raise
-    return list(yaml.safe_load_all(text))
+    return list(yaml.load_all(text, Loader=PURE_LOADER))
 
 
 def _load(text: str, source: str, syntax: str) -> list[Any]:
     if syntax == "json":
         # PyYAML reads most JSON but not tab indentation, which JSON tools emit.
         try:
-            return [json.loads(text)] if text.strip() else []
+            return [json.loads(text, object_pairs_hook=_unique_pairs)] if text.strip() else []
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{source}:{exc.lineno}", f"malformed JSON: {exc.msg}") from None
+        except ValueError as exc:  # _unique_pairs
+            raise ConfigError(source, f"malformed JSON: {exc}") from None
     try:
         return load_all(text)
     except yaml.YAMLError as exc:

@@ -21,7 +21,7 @@ from nodeagent.policy.authz import Connection, Decision
 from nodeagent.policy.schema import all_errors, resource_name
 from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE, Scope
 from nodeagent.policy.validate import (AUTHORIZATION_POLICY, KINDS, PEER_AUTHENTICATION,
-                                       REQUEST_AUTHENTICATION, Policy, validate)
+                                       REQUEST_AUTHENTICATION, Policy, custom_as_deny, validate)
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
 
@@ -53,9 +53,10 @@ class PolicySet:
                     entries[key] = all_errors(lambda: validate(obj))
                 except ConfigError as err:
                     kept = previous.get(*key) if previous is not None else None
-                    errors.extend(with_fate(err, kept is not None))
-                    if kept is not None:
-                        entries[key] = kept
+                    denying = custom_as_deny(obj) if kept is None else None
+                    errors.extend(with_fate(err, kept is not None, denying is not None))
+                    if kept is not None or denying is not None:
+                        entries[key] = kept or denying
         return cls({key: _bound(p, model) for key, p in entries.items()}, root_namespace), errors
 
     def get(self, kind: str, namespace: str, name: str) -> Policy | None:
@@ -98,14 +99,16 @@ def _bound(policy: Policy, model: Model) -> Policy:
     return dataclasses.replace(policy, scope=scope.bound(model.services))
 
 
-def with_fate(err: ConfigError, kept: bool) -> list[ConfigError]:
+def with_fate(err: ConfigError, kept: bool, denying: bool = False) -> list[ConfigError]:
     """Each problem of a refused resource (ConfigErrors: all of them) with its fate."""
-    return [_with_fate(one, kept) for one in getattr(err, "errors", (err,))]
+    return [_with_fate(one, kept, denying) for one in getattr(err, "errors", (err,))]
 
 
-def _with_fate(err: ConfigError, kept: bool) -> ConfigError:
+def _with_fate(err: ConfigError, kept: bool, denying: bool = False) -> ConfigError:
     """`err` with what became of the resource added to its hint."""
     fate = ("the whole resource is refused; its last good version stays in force" if kept
+            else "the whole resource is refused; its rules are enforced as a DENY, as istiod enforces a "
+                 "CUSTOM policy whose provider it cannot use" if denying
             else "the whole resource is refused")
     message = err.message.removeprefix(f"{err.where}: ")
     return ConfigError(err.where, message, f"{err.hint}; {fate}" if err.hint else fate)

@@ -158,7 +158,11 @@ def _net(field: Field, text: str, namespace: str) -> Net:
     try:
         if bits and not NUMBER.match(bits):
             raise ValueError(text)
-        return Net(ipaddress.ip_network(text, strict=False))
+        net = ipaddress.ip_network(text, strict=False)
+        mapped = getattr(net.network_address, "ipv4_mapped", None)
+        if mapped is not None and net.prefixlen >= 96:  # ::ffff:a.b.c.d/n: the IPv4 block, as sources are read
+            net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)
+        return Net(net)
     except ValueError:
         raise field.error(f"{text!r} is not an IP address or CIDR",
                           'write an address ("10.1.2.3") or a CIDR ("10.1.0.0/16")') from None

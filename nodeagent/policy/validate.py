@@ -11,6 +11,7 @@ provider: it would be accepted and do nothing). Pure.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from types import MappingProxyType
@@ -82,7 +83,24 @@ def _action(f: dict[str, Field], action: str) -> None:
 
 
 def _dry_run(obj: KubeObject) -> bool:
-    return obj.annotations.get(DRY_RUN_ANNOTATION, "").lower() == "true"
+    """Go's strconv.ParseBool, as istiod reads the annotation: anything else (`tRUE`) is
+    no dry run, the policy enforced (istiod logs it and enforces it)."""
+    return obj.annotations.get(DRY_RUN_ANNOTATION, "") in ("1", "t", "T", "TRUE", "true", "True")
+
+
+def custom_as_deny(obj: KubeObject) -> AuthorizationPolicy | None:
+    """A CUSTOM AuthorizationPolicy (refused: nodeagent has no ext-authz provider) read as a
+    DENY of its rules, as istiod enforces a CUSTOM policy whose provider it cannot use
+    (its "bad custom" deny rules): refused alone, what it would send to the provider went
+    through unchecked. None when `obj` is no CUSTOM policy or its rules are invalid too."""
+    spec = obj.spec
+    if obj.kind != AUTHORIZATION_POLICY or spec.get("action") != CUSTOM:
+        return None
+    body = {**obj.body, "spec": {**{k: v for k, v in spec.items() if k != "provider"}, "action": DENY}}
+    try:
+        return authorization_policy(dataclasses.replace(obj, body=body))
+    except ConfigError:
+        return None
 
 
 # --- PeerAuthentication --------------------------------------------------------------

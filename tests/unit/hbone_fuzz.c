@@ -655,7 +655,7 @@ static size_t sane_frame(unsigned char *out, int response, uint32_t *next_sid)
 
 /* What a peer sends after TLS: frames, with the engine's output read in between. Most peers
  * behave but now and then send a wild frame; the others send only wild ones. */
-static void fuzz_frames(SSL *ssl, int fd, int response)
+static void fuzz_frames(SSL *ssl, int fd, int response, uint64_t conn)
 {
     static unsigned char buf[1 << 18];
     static const unsigned char preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -678,7 +678,16 @@ static void fuzz_frames(SSL *ssl, int fd, int response)
         }
         if (!send_all(ssl, fd, buf, n) || !drain(ssl))
             return;
-        pump(sane && buf[3] == 1 ? 3 : 0);   /* a request: its answer and route come before what follows */
+        if (sane && buf[3] == 1 && !response) {
+            /* a request: its answer and route come before what follows (up to 200 ms: it may be
+             * refused at the HTTP/2 layer, which says nothing, or the connection end) */
+            unsigned long before = n_requests + n_delivered + n_refused_by_engine;
+            double until = now() + 0.2;
+            while (n_requests + n_delivered + n_refused_by_engine == before && !conn_ended[conn] && now() < until)
+                pump(1);
+        } else {
+            pump(0);
+        }
         if (below(4) == 0)
             poke_app();
         if (npending && below(4) == 0)
@@ -753,7 +762,7 @@ static void server_round(SSL_CTX *peer, int engine_listener)
         random_bytes(junk, sizeof junk);
         send_all(ssl, fd, junk, 1 + below(sizeof junk));
     } else {
-        fuzz_frames(ssl, fd, 0);
+        fuzz_frames(ssl, fd, 0, conn > 0 ? (uint64_t)conn : 0);
     }
     finish(ssl, fd);
 }
@@ -796,7 +805,7 @@ static void client_round(SSL_CTX *peer, const char *server_uri)
     SSL *ssl = SSL_new(peer);
     SSL_set_fd(ssl, mine);
     if (handshake(ssl, mine, 1)) {
-        fuzz_frames(ssl, mine, 1);
+        fuzz_frames(ssl, mine, 1, 0);
     } else {
         ERR_clear_error();
     }

@@ -108,6 +108,21 @@ def test_deleted_file_removes_its_objects(tmp_path, source):
     assert source.poll() is None
 
 
+@pytest.mark.parametrize("name, text, says", [
+    ("pa.yaml", "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict}\n"
+                "spec:\n  mtls: {mode: STRICT, mode: PERMISSIVE}\n", "pa.yaml:5: malformed YAML: found key 'mode' twice"),
+    ("pa.json", '{"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "s"}, '
+                '"spec": {"mtls": {"mode": "STRICT", "mode": "PERMISSIVE"}}}',
+     "pa.json: malformed JSON: found key 'mode' twice"),
+])
+def test_a_field_written_twice_refuses_the_file(tmp_path, source, name, text, says):
+    """A strict API server and kubectl refuse a field twice; the YAML and JSON parsers kept
+    the last one without a word (STRICT then PERMISSIVE: PERMISSIVE, plaintext admitted)."""
+    (tmp_path / name).write_text(text)
+    source.poll()
+    assert source.errors[str(tmp_path / name)].startswith(says)
+
+
 def test_malformed_file_keeps_last_good_objects_and_records_the_error(tmp_path, source):
     path = tmp_path / "a.yaml"
     path.write_text(pod("a") + "---\n" + pod("a2"))

@@ -208,7 +208,7 @@ def test_yaml_is_read_by_libyaml_and_reads_as_pythons_loader_reads_it():
 
     from nodeagent.kube import objects
 
-    assert objects.SAFE_LOADER is yaml.CSafeLoader
+    assert issubclass(objects.SAFE_LOADER, yaml.CSafeLoader)  # refusing keys twice (test_files_source)
     awkward = """
 base: &base {app: web, port: 8080, on: yes, off: no, when: 2026-12-06, hex: 0x1F, none: ~}
 pod:

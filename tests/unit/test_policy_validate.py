@@ -144,8 +144,45 @@ def test_invalid_resource_is_refused_naming_the_field(kind: str, spec: str, path
     assert err.where.startswith("policies.yaml#")
     assert err.where.endswith(f" ({kind} foo/bad) {path}")
     assert fragment in str(err)
+    if "action: CUSTOM" in spec:  # enforced as a DENY of its rules (test_a_custom_policy_is_enforced_as_a_deny)
+        assert str(err).endswith("enforced as a DENY, as istiod enforces a CUSTOM policy whose provider it cannot use)")
+        return
     assert str(err).endswith("the whole resource is refused)")
     assert policies.get(kind, "foo", "bad") is None
+
+
+def test_a_custom_policy_is_enforced_as_a_deny_of_its_rules():
+    """nodeagent has no ext-authz provider, so CUSTOM is refused; refused alone, what it
+    would have sent to the provider went through unchecked. As istiod does with a CUSTOM
+    policy whose provider it cannot use, its rules are enforced as a DENY."""
+    policies, errors = build(resource(AP, "action: CUSTOM\nprovider: {name: my-authz}\n"
+                                          "rules: [{to: [{operation: {ports: ['80']}}]}]"))
+    assert len(errors) == 1 and "CUSTOM needs an ext-authz provider" in str(errors[0])
+    denying = policies.get(AP, "foo", "bad")
+    assert (denying.action, denying.key) == ("DENY", "foo/bad")
+    assert not policies.authorize(connection("foo/httpbin", 80)).allowed
+    assert policies.authorize(connection("foo/httpbin", 8000)).allowed
+
+
+@pytest.mark.parametrize("value, dry", [("true", True), ("True", True), ("TRUE", True), ("1", True), ("t", True),
+                                        ("tRUE", False), ("yes", False), ("false", False), ("", False)])
+def test_the_dry_run_annotation_is_read_as_istiod_reads_it(value, dry):
+    """strconv.ParseBool's trues make a dry run; anything else (`tRUE`) is enforced, as
+    istiod enforces a policy whose annotation it cannot parse (it was a dry run here)."""
+    policies, errors = build(document("AuthorizationPolicy", "foo", "deny-all", "action: DENY\nrules: [{}]",
+                                      metadata=f", annotations: {{istio.io/dry-run: {value!r}}}"))
+    assert errors == []
+    assert policies.authorize(connection("foo/httpbin", 80)).allowed is dry
+
+
+def test_an_ipv4_mapped_block_matches_the_ipv4_sources_it_names():
+    """::ffff:10.244.1.0/120 is 10.244.1.0/24, as IPv4-mapped sources are read as IPv4:
+    it matched nothing, a DENY written so denying nobody."""
+    policies = valid(document("AuthorizationPolicy", "foo", "deny-block", "action: DENY\n"
+                              "rules: [{from: [{source: {ipBlocks: ['::ffff:10.244.1.0/120']}}]}]"))
+    assert not policies.authorize(connection("foo/httpbin", 80, source_ip="10.244.1.20")).allowed
+    assert not policies.authorize(connection("foo/httpbin", 80, source_ip="::ffff:10.244.1.20")).allowed
+    assert policies.authorize(connection("foo/httpbin", 80, source_ip="10.244.2.20")).allowed
 
 
 def test_message_names_resource_field_problem_and_remedy():

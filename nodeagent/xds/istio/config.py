@@ -113,7 +113,7 @@ class IstioConfig:
                     entries[key] = entry
                 except ConfigError as err:
                     kept = previous.entries.get(key) if previous is not None else None
-                    errors.extend(with_fate(err, kept is not None))
+                    errors.extend(with_fate(err, kept is not None, kept is None and l4.custom_as_deny(obj) is not None))
                     if kept is not None:
                         entries[key] = kept
                     elif kind in SERVER_SIDE:
@@ -130,12 +130,15 @@ def _stand_in(obj: KubeObject) -> list:
     `experimental.*` condition key, a requestPrincipals wildcard it cannot express): the
     L4 engine enforces it, so the pods it selects must not go to a waypoint enforcing
     their other policies without it (a DENY written so was enforced nowhere on their HTTP
-    ports, an ALLOW let everybody in). Its L4 form, to be `withheld`; none when the L4
-    engine refuses it too (in force nowhere, as any invalid resource)."""
+    ports, an ALLOW let everybody in), nor a CUSTOM policy, which the L4 engine enforces as
+    a DENY of its rules. Its L4 form, to be `withheld`; none when the L4 engine refuses it
+    too (in force nowhere, as any invalid resource)."""
     try:
         typed = l4.validate(obj)
     except ConfigError:
-        return []
+        typed = l4.custom_as_deny(obj)  # a CUSTOM policy: the L4 engine enforces it as a DENY
+        if typed is None:
+            return []
     return [Authorization(obj, typed) if obj.kind == "AuthorizationPolicy" else Authentication(obj, typed, ())]
 
 
