@@ -39,7 +39,8 @@ TARGET_KINDS = (("core", "Service"), ("networking.istio.io", "ServiceEntry"),
                 ("gateway.networking.k8s.io", "Gateway"), ("gateway.networking.k8s.io", "GatewayClass"))
 DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+\Z")
 JWT_FIELDS = ("issuer", "audiences", "jwksUri", "jwks", "fromHeaders", "fromParams", "fromCookies",
-              "outputPayloadToHeader", "forwardOriginalToken", "outputClaimToHeaders", "timeout")
+              "outputPayloadToHeader", "forwardOriginalToken", "outputClaimToHeaders", "timeout",
+              "spaceDelimitedClaims")
 
 Policy = AuthorizationPolicy | PeerAuthentication | RequestAuthentication
 

@@ -166,10 +166,11 @@ class Signer:
         self.jwks = json.dumps({"keys": [{"kty": "RSA", "alg": "RS256", "use": "sig", "kid": "test",
                                           "n": _b64(numbers.n.to_bytes(256, "big")), "e": _b64(b"\x01\x00\x01")}]})
 
-    def token(self, subject: str, audience: str = "ratings") -> str:
+    def token(self, subject: str | None, audience: str = "ratings", **more) -> str:
+        """A token of ISSUER for `subject` (None: no `sub` claim), with `more` claims."""
         header = _b64(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "test"}).encode())
-        claims = _b64(json.dumps({"iss": ISSUER, "sub": subject, "aud": audience,
-                                  "exp": int(time.time()) + 3600}).encode())
+        claims = {"iss": ISSUER, "sub": subject, "aud": audience, "exp": int(time.time()) + 3600, **more}
+        claims = _b64(json.dumps({k: v for k, v in claims.items() if v is not None}).encode())
         signature = self.key.sign(f"{header}.{claims}".encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{header}.{claims}.{_b64(signature)}"
 

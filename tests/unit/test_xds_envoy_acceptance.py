@@ -204,6 +204,42 @@ def test_server_side_rbac_and_jwt(waypoint):
     assert (status, body) == (403, b"Audiences in Jwt are not allowed")  # jwt_authn's own 403, before RBAC
 
 
+RATINGS_DENY = """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-deny, namespace: shop}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: DENY
+  rules:
+  - from: [{source: {ipBlocks: ["10.244.1.5/32"]}}]
+    to: [{operation: {paths: ["/ratings/blocked"]}}]
+  - to: [{operation: {paths: ["/secure/admin"]}}]
+    when: [{key: "request.auth.claims[scope]", values: ["admin"]}]
+"""
+
+
+def test_server_side_rules_on_the_client_address_and_jwt_claims_as_istio_reads_them(waypoint):
+    """Found letting requests through (a review, 2026-12-06), each checked here through
+    Envoy: an ipBlocks rule matched the unix socket's peer, never the client (the PROXY
+    source, 10.244.1.5 here); `scope: "read admin"` was one string, not the list Istio
+    makes of it; `requestPrincipals: [<issuer>/*]` took a token without `sub`."""
+    waypoint.publish("security", RATINGS_DENY)
+    waypoint.wait_accepted()
+    try:
+        assert inbound(waypoint, "/ratings/1")[0] == 200
+        assert inbound(waypoint, "/ratings/blocked")[0] == 403  # from 10.244.1.5: denied by its address
+        signer = waypoint.signer
+        for scope, status in (("read", 200), ("read admin", 403), ("admin", 403)):
+            bearer = {"authorization": f"Bearer {signer.token('alice', scope=scope)}"}
+            assert inbound(waypoint, "/secure/admin", OTHER, bearer)[0] == status, scope
+        no_subject = {"authorization": f"Bearer {signer.token(None)}"}
+        assert inbound(waypoint, "/secure/x", OTHER, no_subject)[0] == 403  # verified, but no principal
+    finally:
+        waypoint.publish("security undone")
+        waypoint.wait_accepted()
+
+
 def test_the_local_rate_limit_allows_three_then_429(waypoint):
     codes = [inbound(waypoint, "/details", pod=("10.244.1.9", 9000))[0] for _ in range(5)]
     assert codes == [200, 200, 200, 429, 429]

@@ -52,7 +52,8 @@ def pattern(matcher) -> tuple[str, str]:
 
 def test_a_policy_only_the_waypoint_refuses_leaves_its_pods_to_the_l4_engine():
     """A DENY the L4 engine accepts and the waypoint cannot express (an `experimental.*`
-    condition key; a requestPrincipals wildcard) beside the pod's HTTP policy: the pod gets
+    condition key; a requestPrincipals wildcard; a path template, which Istio matches as
+    Envoy's URI templates and the waypoint took as text) beside the pod's HTTP policy: the pod gets
     no inbound chain, so the L4 engine enforces all its policies. It went to a chain
     without that DENY: enforced nowhere on its HTTP ports (an ALLOW so, everybody in)."""
     from nodeagent.xds.istio.config import IstioConfig
@@ -60,7 +61,8 @@ def test_a_policy_only_the_waypoint_refuses_leaves_its_pods_to_the_l4_engine():
     from xds_world import OPTIONS, model
 
     for rule in ("{when: [{key: experimental.envoy.filters.network.a, values: [x]}]}",
-                 "{from: [{source: {requestPrincipals: ['*@corp.example']}}]}"):
+                 "{from: [{source: {requestPrincipals: ['*@corp.example']}}]}",
+                 "{to: [{operation: {paths: ['/admin/{**}']}}]}"):  # a path template: was matched as text
         world = model(HTTP_POLICY + doc("AuthorizationPolicy", "deny-odd", f"""
 selector: {{matchLabels: {{app: reviews}}}}
 action: DENY
@@ -84,6 +86,7 @@ def test_pods_of_this_node_with_http_policy_get_an_inbound_chain_per_http_port()
     assert [r.tlv_type for r in unpack(inbound.listener_filters[0].typed_config).rules] == [0xE0]
     hcm = network(inbound.filter_chains[0])
     assert (hcm.rds.route_config_name, hcm.normalize_path.value) == ("inbound|9080", True)
+    assert (hcm.use_remote_address.value, hcm.skip_xff_append) == (True, True)  # the client is the PROXY source
     (route,) = routes(result)["inbound|9080"].virtual_hosts[0].routes
     assert route.route.cluster == "inbound|9080||"
     deliver = clusters(result)["inbound|9080||"]
@@ -136,7 +139,8 @@ rules:
         "nodeagent.source_principal", "spiffe://cluster.local/ns/shop/sa/productpage")
     assert suffix.filter_state.string_match.suffix == "/sa/admin"
     assert not_namespaces.not_id.filter_state.string_match.safe_regex.regex == "spiffe://[^/]+/ns/legacy/.*"
-    assert (second.direct_remote_ip.address_prefix, second.direct_remote_ip.prefix_len.value) == ("10.244.0.0", 16)
+    # remote_ip: the connection's address (the PROXY source: use_remote_address), not the unix socket's peer
+    assert (second.remote_ip.address_prefix, second.remote_ip.prefix_len.value) == ("10.244.0.0", 16)
 
 
 def test_when_conditions_on_headers_and_jwt_claims():
@@ -165,9 +169,12 @@ rules:
 - from: [{source: {requestPrincipals: ["https://issuer.example/*"]}}]
 - from: [{source: {requestPrincipals: ["https://issuer.example/alice"]}}]
 """, SEC))
-    any_subject = found["ns[shop]-policy[jwt]-rule[0]"].principals[0].sourced_metadata.metadata_matcher
-    assert ([s.key for s in any_subject.path], any_subject.value.string_match.exact) == (
+    issuer, subject = (p.sourced_metadata.metadata_matcher
+                       for p in found["ns[shop]-policy[jwt]-rule[0]"].principals[0].and_ids.ids)
+    assert ([s.key for s in issuer.path], issuer.value.string_match.exact) == (
         ["payload", "iss"], "https://issuer.example")
+    # any subject is a non-empty one, as istiod has it (a token without `sub` was let through)
+    assert ([s.key for s in subject.path], subject.value.string_match.safe_regex.regex) == (["payload", "sub"], ".+")
     issuer, subject = found["ns[shop]-policy[jwt]-rule[1]"].principals[0].and_ids.ids
     assert subject.sourced_metadata.metadata_matcher.value.string_match.exact == "alice"
 

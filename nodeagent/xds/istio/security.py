@@ -49,6 +49,7 @@ class JwtRule:
     forward_original_token: bool = False
     claims_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim)
     timeout: timedelta | None = None
+    space_delimited_claims: tuple[str, ...] = ()  # beyond scope and permission, which always are
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,14 @@ def authorization(obj: KubeObject, warn: Warn) -> Authorization:
             key = cond.fields(("key", "values", "notValues"))["key"]
             if key.string().startswith("experimental."):
                 raise key.error(f"condition key {key.string()!r} {UNSUPPORTED}")
+        for operation in parts["to"].items():
+            inner = operation.fields(("operation",))["operation"]
+            for name in ("paths", "notPaths"):
+                if isinstance(inner.value, dict) and name in inner.value:
+                    for item, text in Field(inner.where, f"{inner.path}.{name}", inner.value[name]).string_items():
+                        if "{" in text or "}" in text:
+                            raise item.error(f"path template {text!r} {UNSUPPORTED}",
+                                             "write the path exactly, as a prefix (/a/*) or a suffix (*.html)")
         for source in parts["from"].items():
             inner = source.fields(("source",))["source"]
             for name in ("requestPrincipals", "notRequestPrincipals"):
@@ -111,7 +120,8 @@ def _jwt_rule(field: Field) -> JwtRule:
         raise j["issuer"].error("must be set: the waypoint names each JWT provider by its issuer")
     return JwtRule(issuer, j["audiences"].strings(), j["jwks"].string(), j["jwksUri"].string(), headers,
                    j["fromParams"].strings(), j["fromCookies"].strings(), j["outputPayloadToHeader"].string(),
-                   j["forwardOriginalToken"].boolean(), claims, f.duration(j["timeout"]))
+                   j["forwardOriginalToken"].boolean(), claims, f.duration(j["timeout"]),
+                   j["spaceDelimitedClaims"].strings())
 
 
 def _pair(field: Field, first: str, second: str) -> tuple[str, str]:

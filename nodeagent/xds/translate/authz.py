@@ -117,10 +117,9 @@ def _matcher(attribute: str, value: str, namespace: str, authz: Authorization, p
         return _claim(CLAIM.findall(attribute[len("request.auth.claims"):]), value)
     if attribute == "request.auth.principal":
         issuer, subject = request_principal(Field(f"{authz.obj.source} ({authz.obj})", path, value), value)
-        parts = [_claim(["iss"], issuer or "*", lists=False)]
-        if subject is not None:
-            parts.append(_claim(["sub"], subject, lists=False))
-        return _all(parts, Principal)
+        # as istiod: "any" issuer or subject is a non-empty one (`.+`), and a principal has both
+        return _all([_claim(["iss"], issuer or "*", lists=False, present=False),
+                     _claim(["sub"], subject or "*", lists=False, present=False)], Principal)
     return _PRINCIPAL_BUILDERS[attribute](value, namespace)
 
 
@@ -155,10 +154,11 @@ def _service_account(value: str, namespace: str) -> Principal:
     return _principal_state(regex_matcher(pattern))
 
 
-def _claim(path: list[str], value: str, lists: bool = True) -> Principal:
-    """A JWT payload value (string, or a list holding it, for claims) as jwt_authn stored it."""
+def _claim(path: list[str], value: str, lists: bool = True, present: bool = True) -> Principal:
+    """A JWT payload value (string, or a list holding it, for claims) as jwt_authn stored it;
+    `*` is any value there (`present`), or any non-empty string."""
     segments = [MetadataMatcher.PathSegment(key=k) for k in [PAYLOAD, *path]]
-    if value == "*":
+    if value == "*" and present:
         return Principal(sourced_metadata=SourcedMetadata(metadata_matcher=MetadataMatcher(
             filter=JWT_AUTHN, path=segments, value=ValueMatcher(present_match=True))))
     string = ValueMatcher(string_match=istio_pattern(value))
@@ -171,7 +171,7 @@ _PRINCIPAL_BUILDERS = {
     "source.principal": lambda v, ns: _principal_state(istio_pattern(v, prefix=SPIFFE)),
     "source.namespace": _namespace,
     "source.serviceAccount": _service_account,
-    "source.ip": lambda v, ns: Principal(direct_remote_ip=_cidr(v)),
+    "source.ip": lambda v, ns: Principal(remote_ip=_cidr(v)),  # the PROXY source (use_remote_address)
     "remote.ip": lambda v, ns: Principal(remote_ip=_cidr(v)),
     "request.auth.audiences": lambda v, ns: _claim(["aud"], v),
     "request.auth.presenter": lambda v, ns: _claim(["azp"], v, lists=False),

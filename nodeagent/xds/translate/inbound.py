@@ -150,6 +150,6 @@ def _chain(ctx: Context, pod: Pod, port: int, filters: list[HttpFilter]) -> Filt
     hcm = listeners.http_connection_manager(f"inbound|{port}|{pod.namespace}/{pod.name}",
                                             names.inbound_routes(port), filters,
                                             log_name=names.INBOUND_LISTENER, log_path=ctx.options.sockets.access_log,
-                                            normalize=True)
+                                            inbound=True)
     return FilterChain(name=f"inbound|{pod.namespace}/{pod.name}|{port}", filter_chain_match=match,
                        filters=[listeners.set_filter_state(TLVS), hcm])

@@ -54,7 +54,10 @@ def _provider(ctx: Context, rule: JwtRule, where: str) -> JwtProvider:
         from_params=list(rule.from_params), from_cookies=list(rule.from_cookies),
         forward_payload_header=rule.output_payload_to_header,
         claim_to_headers=[JwtClaimToHeader(header_name=h, claim_name=c) for h, c in rule.claims_to_headers],
-        payload_in_metadata=PAYLOAD)
+        payload_in_metadata=PAYLOAD,
+        # as istiod: "read admin" in scope is the list [read, admin], so a rule on `admin` sees it
+        normalize_payload_in_metadata=JwtProvider.NormalizePayload(space_delimited_claims=list(dict.fromkeys(
+            ("permission", "scope", *rule.space_delimited_claims)))))
 
 
 def _jwks(ctx: Context, rule: JwtRule, where: str) -> str:
