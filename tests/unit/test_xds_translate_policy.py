@@ -179,6 +179,24 @@ rules:
     assert subject.sourced_metadata.metadata_matcher.value.string_match.exact == "alice"
 
 
+def test_connection_sni_drops_out_of_a_deny_and_matches_nothing_in_an_allow():
+    """The client's SNI is the agent's TLS, not Envoy's: as the L4 engine reads it, a DENY
+    rule is enforced without the condition (broader) and an ALLOW rule holding it matches
+    nothing. In the DENY it matched nothing too, so the whole rule was enforced nowhere."""
+    yaml = HTTP_POLICY + doc("AuthorizationPolicy", "sni", """
+selector: {matchLabels: {app: reviews}}
+action: DENY
+rules: [{to: [{operation: {paths: [/admin]}}], when: [{key: connection.sni, values: [a.example]}]}]
+""", SEC)
+    (deny,) = policies(yaml, RBAC.Action.DENY).values()
+    assert deny.permissions[0].url_path.path.exact == "/admin"
+    (allow,) = policies(doc("AuthorizationPolicy", "allow-get", """
+selector: {matchLabels: {app: reviews}}
+rules: [{to: [{operation: {methods: [GET]}}], when: [{key: connection.sni, values: [a.example]}]}]
+""", SEC)).values()
+    assert allow.permissions[0].and_rules.rules[-1].not_rule.any
+
+
 def test_deny_runs_before_allow_and_rule_less_allow_policies_deny_everything():
     yaml = HTTP_POLICY + doc("AuthorizationPolicy", "deny-all", "{}", SEC) + doc(
         "AuthorizationPolicy", "no-delete", "selector: {matchLabels: {app: reviews}}\naction: DENY\n"

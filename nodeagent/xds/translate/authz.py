@@ -65,6 +65,8 @@ def _policy(rule: dict, authz: Authorization, path: str) -> Policy:
     principals = [_entries(rule.get("from"), "source", SOURCE_FIELDS, namespace, authz, path)]
     permissions = [_entries(rule.get("to"), "operation", OPERATION_FIELDS, namespace, authz, path)]
     for cond in rule.get("when") or []:
+        if cond["key"] == "connection.sni" and authz.policy.action == DENY:
+            continue  # not known here (the agent's TLS, not Envoy's): a DENY is enforced without it, as at L4
         side = permissions if cond["key"] in PERMISSION_KEYS else principals
         for name, negate in (("values", False), ("notValues", True)):
             if cond.get(name):
