@@ -2,8 +2,11 @@
  *
  * A TCP connection arriving on a non-loopback interface for an enrolled pod IP (in
  * na_enrolled_ips) is assigned to the agent's inbound listener for that IP (na_inbound),
- * whatever the port, except the agent's own ports (NA_*_PORT: the tunnel listener on
- * NA_TUNNEL_PORT is reached by the normal lookup) and the pod's excluded inbound ports.
+ * whatever the port, except the agent's tunnel port (NA_TUNNEL_PORT: its HBONE listener
+ * is reached by the normal lookup) and the pod's excluded inbound ports. The agent's other
+ * ports are steered too (the agent resets what comes to them): skipping them let an app
+ * listening there (on the pod IP's 15001, or the admin port, which the agent never binds
+ * in the pod) take plaintext from anybody, unchecked.
  * The accepted socket's local address is the original destination.
  * Local connections are never steered (ztunnel's in-pod rules skip `-i lo` likewise):
  * those arriving on lo (ingress_ifindex 1) and those from the pod's own address. The
@@ -24,10 +27,9 @@ static __always_inline void na_count(__u32 counter)
 		*value += 1;
 }
 
-static __always_inline int na_is_agent_port(__u32 port)
+static __always_inline int na_is_tunnel_port(__u32 port)
 {
-	return port == NA_OUTBOUND_PORT || port == NA_INBOUND_PORT || port == NA_TUNNEL_PORT ||
-	       port == NA_ADMIN_PORT;
+	return port == NA_TUNNEL_PORT;
 }
 
 /* The destination address of the lookup as a map key; *local_origin set when the
@@ -59,7 +61,7 @@ static __always_inline int na_classify(struct bpf_sk_lookup *ctx, struct na_addr
 		return NA_SKIP_NOT_TCP;
 	if (ctx->ingress_ifindex == NA_LOOPBACK_IFINDEX)
 		return NA_SKIP_LOOPBACK;
-	if (na_is_agent_port(ctx->local_port))
+	if (na_is_tunnel_port(ctx->local_port))
 		return NA_SKIP_AGENT_PORT;
 	na_lookup_addr(ctx, ip, &local_origin);
 	if (local_origin)

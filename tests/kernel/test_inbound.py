@@ -80,19 +80,26 @@ def test_ipv6_and_dual_stack_listener(capture, make_netns):
         p.close()
 
 
-def test_not_steered_loopback_agent_ports_and_excluded(capture, pod):
+def test_not_steered_loopback_the_tunnel_port_and_excluded(capture, pod):
+    """Not steered: the pod to itself, the tunnel port (the agent's HBONE listener takes
+    it) and excluded ports. The agent's other ports are: an app listening on the pod IP's
+    15001 (the agent binds 127.0.0.1:15001 only) or on the admin port (never bound in the
+    pod) took plaintext from anybody while the steering skipped them."""
     capture.steer_inbound(pod.fd, pod.ns.cookie, [POD_IP], pod.agent, exclude_ports=[9090])
     tunnel = pod.ns.listener("0.0.0.0", 15008)
+    squatter = pod.ns.listener(POD_IP, 15001)
     before = capture.stats()["counters"]
     inside = pod.ns.new_socket()
     inside.connect((POD_IP, 8080))  # the pod to its own IP: over lo
     pod.connect_from_client(POD_IP, 15008).close()  # the agent's tunnel port
     pod.connect_from_client(POD_IP, 9090).close()  # excluded
+    pod.connect_from_client(POD_IP, 15001).close()  # an agent port the agent does not listen on here
     assert pending(pod.apps[8080]) == 1 and pending(tunnel) == 1 and pending(pod.apps[9090]) == 1
-    assert pending(pod.agent) == 0
-    assert counted(capture, before) == {"inbound_excluded": 1}
+    assert (pending(squatter), pending(pod.agent)) == (0, 1)
+    assert counted(capture, before) == {"inbound_excluded": 1, "steered": 1}
     inside.close()
     tunnel.close()
+    squatter.close()
     capture.unsteer_inbound(pod.ns.cookie, [POD_IP])
 
 
