@@ -210,7 +210,7 @@ class PodProcesses:
     def start(self, pod: PodSpec, cookie: int) -> None:
         self.started[pod.uid] = (pod.ip, cookie)
 
-    def resolve_many(self, uids) -> dict[str, PodNetns | NetnsError]:
+    def resolve_many(self, uids, ips=None) -> dict[str, PodNetns | NetnsError]:
         uids = list(uids)
         self.asked.append(uids)
         if self.fail_next is not None:

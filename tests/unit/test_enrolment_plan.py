@@ -147,7 +147,7 @@ class NoPodsResolver:
     def __init__(self):
         self.asked: list[list[str]] = []
 
-    def resolve_many(self, uids):
+    def resolve_many(self, uids, ips=None):
         uids = list(uids)
         self.asked.append(uids)
         return {u: PodNotFound(f"no process of pod {u}", "retrying") for u in uids}

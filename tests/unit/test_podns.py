@@ -63,6 +63,15 @@ class FakeProc:
             net.write_text("")
         return net
 
+    def addresses(self, pid: int, fib_trie: str | None = None, if_inet6: str | None = None) -> None:
+        """What /proc/<pid>/net says of the local addresses of its netns."""
+        net = self.root / str(pid) / "net"
+        net.mkdir(exist_ok=True)
+        if fib_trie is not None:
+            (net / "fib_trie").write_text(fib_trie)
+        if if_inet6 is not None:
+            (net / "if_inet6").write_text(if_inet6)
+
     def remove(self, pid: int) -> None:
         d = self.root / str(pid)
         for p in sorted(d.rglob("*"), key=lambda p: -len(p.parts)):
@@ -137,4 +146,51 @@ def test_unreadable_entries_are_skipped(proc):
     proc.add(100, f"0::/n/kubepods/pod{UID}\n")
     r = proc.resolver()
     assert r.resolve(UID).pid == 100
+    r.close()
+
+
+def fib_trie(*local: str) -> str:
+    """/proc/PID/net/fib_trie of a netns with these local IPv4 addresses (and lo's)."""
+    rows = "".join(f"     |-- {ip}\n        /32 host LOCAL\n" for ip in ("127.0.0.1", *local))
+    return f"Main:\n  +-- 0.0.0.0/0 3 0 5\nLocal:\n  +-- 0.0.0.0/0 3 0 5\n{rows}"
+
+
+def test_a_process_in_a_netns_of_its_own_is_not_the_pods(proc):
+    """A process of the pod with a netns of its own (unshare -n) and a lower PID than the
+    pod's others: its netns (no pod IP) is not the pod's. The first process whose netns
+    holds the pod's IP is taken. (The lowest PID's was: the agent captured an empty netns
+    and left the pod's own uncaptured.)"""
+    own_net = proc.root.parent / "private-netns"
+    own_net.write_text("")
+    proc.add(40, f"0::/n/kubepods/pod{UID}/c1\n", own_net)  # unshare -n, the lowest PID
+    proc.addresses(40, fib_trie=fib_trie())
+    pod_net = proc.add(41, f"0::/n/kubepods/pod{UID}/pause\n")
+    proc.addresses(41, fib_trie=fib_trie("10.244.1.5"))
+    r = proc.resolver()
+    found = r.resolve_many([UID], {UID: "10.244.1.5"})[UID]
+    assert (found.pid, found.cookie) == (41, pod_net.stat().st_ino)
+    r.close()
+    r = proc.resolver()
+    assert r.resolve_many([UID])[UID].pid == 40  # no IP to look for: the first, as before
+    r.close()
+
+
+def test_ipv6_addresses_are_read_from_if_inet6(proc):
+    proc.add(40, f"0::/n/kubepods/pod{UID}\n")
+    proc.addresses(40, if_inet6="00000000000000000000000000000001 01 80 10 80       lo\n")
+    proc.add(41, f"0::/n/kubepods/pod{UID}\n")
+    proc.addresses(41, if_inet6="fd000000000000000000000000000005 02 40 00 80     eth0\n")
+    r = proc.resolver()
+    assert r.resolve_many([UID], {UID: "fd00::5"})[UID].pid == 41
+    r.close()
+
+
+def test_no_netns_holding_the_ip_is_not_found_yet_and_unreadable_ones_fall_back_to_the_first(proc):
+    proc.add(40, f"0::/n/kubepods/pod{UID}\n")
+    proc.addresses(40, fib_trie=fib_trie("10.244.9.9"))
+    r = proc.resolver()
+    missing = r.resolve_many([UID], {UID: "10.244.1.5"})[UID]
+    assert isinstance(missing, NetnsError) and "holding its IP 10.244.1.5" in str(missing)
+    proc.add(41, f"0::/n/kubepods/pod{UID}\n")  # its addresses cannot be read
+    assert r.resolve_many([UID], {UID: "10.244.1.5"})[UID].pid == 41
     r.close()

@@ -202,7 +202,7 @@ class Enroller:
                 del self.failures[uid]
         now = self.clock()
         due = [w for w in p.enrol if self.failures.get(w.uid) is None or self.failures[w.uid].retry_at <= now]
-        found = self.resolver.resolve_many([w.uid for w in due]) if due else {}
+        found = self.resolver.resolve_many([w.uid for w in due], {w.uid: w.ip for w in due}) if due else {}
         for w in due:
             self._enrol(w, model.pods[(w.namespace, w.name)], found[w.uid])
         self.refresh(model)

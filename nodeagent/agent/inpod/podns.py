@@ -2,17 +2,23 @@
 
 The kubelet puts every pod's processes in a cgroup named after the pod UID, either
 `.../pod<uid>/...` (cgroupfs driver, and the lab) or
-`.../kubepods-<qos>-pod<uid with _ for ->.slice/...` (systemd driver). Any process of
-the pod shares its netns, so `/proc/PID/ns/net` of the first one found is the pod's
-netns. Results are cached per UID (the pid, an open netns fd and the netns cookie) and
+`.../kubepods-<qos>-pod<uid with _ for ->.slice/...` (systemd driver). The pod's processes
+share its netns, unless one made a netns of its own (`unshare -n`, a sandboxing browser):
+so the pod's netns is that of the first process (lowest PID) whose netns holds the pod's
+IP as a local address, read from `/proc/PID/net` without entering it (before 2026-12-06
+the first process's, whatever its netns: a process of the pod with a netns of its own and
+a lower PID had the agent capture an empty netns and leave the pod's own uncaptured).
+When no candidate's addresses can be read the first process's is taken, as before.
+Results are cached per UID (the pid, an open netns fd and the netns cookie) and
 re-resolved when that pid is gone or has left the pod's cgroup.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from nodeagent import netns
 from nodeagent.netns import NetnsError
@@ -78,8 +84,9 @@ class PodNetnsResolver:
         text = self._read_cgroup(entry.pid)
         return text is not None and entry.uid in uids_of_cgroup_file(text)
 
-    def _scan(self, wanted: set[str]) -> dict[str, int]:
-        pids: dict[str, int] = {}
+    def _scan(self, wanted: set[str]) -> dict[str, list[int]]:
+        """Every process of each wanted pod, lowest PID first."""
+        pids: dict[str, list[int]] = {}
         try:
             names = os.listdir(self.proc)
         except OSError:
@@ -89,10 +96,39 @@ class PodNetnsResolver:
             if text is None:
                 continue
             for uid in uids_of_cgroup_file(text) & wanted:
-                pids.setdefault(uid, int(name))
-            if len(pids) == len(wanted):
-                break
+                pids.setdefault(uid, []).append(int(name))
         return pids
+
+    def _holds(self, pid: int, ip: str) -> bool | None:
+        """Whether `pid`'s netns has `ip` as a local address (None: cannot be read)."""
+        try:
+            address = ipaddress.ip_address(ip)
+            if address.version == 4:
+                with open(f"{self.proc}/{pid}/net/fib_trie") as f:
+                    lines = [line.strip() for line in f]
+                return any(line == f"|-- {ip}" and "/32 host LOCAL" in following
+                           for line, following in zip(lines, lines[1:]))
+            with open(f"{self.proc}/{pid}/net/if_inet6") as f:
+                return any(line.split()[0] == address.exploded.replace(":", "") for line in f if line.strip())
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _choose(self, uid: str, pids: list[int], ip: str | None) -> int:
+        """The pod's process to take the netns of: the first whose netns holds `ip`."""
+        if not ip:
+            return pids[0]
+        unread = None
+        for pid in pids:
+            held = self._holds(pid, ip)
+            if held:
+                return pid
+            if held is None and unread is None:
+                unread = pid
+        if unread is not None:
+            return unread
+        raise NetnsError(f"no process of pod {uid} is in a network namespace holding its IP {ip}",
+                         "retrying (the pod's network may not be up yet; a netns of one of its processes' "
+                         "own is not the pod's)")
 
     def _open(self, uid: str, pid: int) -> PodNetns:
         path = f"{self.proc}/{pid}/ns/net"
@@ -107,8 +143,10 @@ class PodNetnsResolver:
             os.close(fd)
             raise
 
-    def resolve_many(self, uids: Iterable[str]) -> dict[str, PodNetns | NetnsError]:
-        """Each UID's netns, or the error saying why it could not be found (retry later)."""
+    def resolve_many(self, uids: Iterable[str],
+                     ips: Mapping[str, str] | None = None) -> dict[str, PodNetns | NetnsError]:
+        """Each UID's netns (the one holding its IP in `ips`, when given), or the error saying
+        why it could not be found (retry later)."""
         out: dict[str, PodNetns | NetnsError] = {}
         missing = set()
         for uid in uids:
@@ -125,7 +163,7 @@ class PodNetnsResolver:
                                        "the pod has not started yet or is gone; retrying")
                 continue
             try:
-                out[uid] = self._cache[uid] = self._open(uid, pids[uid])
+                out[uid] = self._cache[uid] = self._open(uid, self._choose(uid, pids[uid], (ips or {}).get(uid)))
             except NetnsError as exc:
                 out[uid] = exc
         return out
