@@ -184,12 +184,17 @@ class AdminServer:
                 return 404, "text/plain", b"/debug/status is served on the agent's admin socket only: nodeagent status\n"
             return 200, "application/json", json.dumps(self.status(), indent=1, sort_keys=True).encode() + b"\n"
         if path == "/healthz/ready":
-            return self._readiness()
+            return self._readiness(local)
         return 404, "text/plain", (b"try /metrics, /debug/status or /healthz/ready\n" if local
                                    else b"try /metrics or /healthz/ready\n")
 
-    def _readiness(self) -> tuple[int, str, bytes]:
+    def _readiness(self, local: bool) -> tuple[int, str, bytes]:
+        """Why not ready names pods and says what failed: on the socket only (any pod can
+        reach the admin address; the probes read the readiness file)."""
         verdict = self.ready()
+        if not local:
+            return (200, "text/plain", b"ready\n") if verdict else \
+                (503, "text/plain", b"not ready (why: nodeagent status, on the node)\n")
         return (200 if verdict else 503), "text/plain", readiness_text(verdict).encode()
 
     async def _serve_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -258,7 +258,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin_socket", parse_absolute, DEFAULT_ADMIN_SOCKET,
             "unix socket serving the admin endpoints (nodeagent status reads it)", "PATH"),
     Setting("admin_address", parse_address, "127.0.0.1:15020",
-            "HTTP admin listener (/metrics, /debug/status) in the agent's netns", "HOST:PORT"),
+            "HTTP admin listener (/metrics, /healthz/ready; /debug/status only on the admin socket) "
+            "in the agent's netns", "HOST:PORT"),
     Setting("mark", parse_mark, "0x539", "socket mark of the agent's own sockets (never captured)", "MARK"),
     Setting("delivery_mark", parse_mark, "0x1539",
             "socket mark of inbound delivery to the app; the pod's policy routing sends the app's "

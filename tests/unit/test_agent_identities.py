@@ -131,6 +131,9 @@ def test_ready_only_once_every_enrolled_pod_has_a_valid_certificate(tmp_path):
         identities.sync(pods)
         assert admin.respond("GET", "/healthz/ready") == (503, "text/plain", (
             f"not ready: no valid certificate for {web}: waiting for the CA's first answer\n").encode())
+        # the admin address (any pod reaches it) says whether, not why: the why names pods
+        assert admin.respond("GET", "/healthz/ready", local=False) == (
+            503, "text/plain", b"not ready (why: nodeagent status, on the node)\n")
         await until(lambda: identities.manager.describe()[0]["failures"] == 1, what="a failed attempt")
         assert admin.respond("GET", "/healthz/ready") == (503, "text/plain", (
             f"not ready: no valid certificate for {web}: CA unreachable "
@@ -139,6 +142,7 @@ def test_ready_only_once_every_enrolled_pod_has_a_valid_certificate(tmp_path):
         clock.advance(clock.sleeps[-1])
         await until(lambda: identities.manager.current(identities.of(pods[0])) is not None, what="a certificate")
         assert admin.respond("GET", "/healthz/ready") == (200, "text/plain", b"ready\n")
+        assert admin.respond("GET", "/healthz/ready", local=False) == (200, "text/plain", b"ready\n")
         issuer.down = True
         clock.advance_to(identities.manager.current(identities.of(pods[0])).not_after)  # lapsed, CA down
         code, _, body = admin.respond("GET", "/healthz/ready")
