@@ -136,13 +136,14 @@ class AdminServer:
                                "being served", registry=registry)
         self._refusals = Throttle()  # their log lines
 
-    async def start(self, address: tuple[str, int] | None, socket_path: Path | None) -> None:
+    async def start(self, address: tuple[str, int] | None, socket_path: Path | None,
+                    reuse_port: bool = True) -> None:
         if address is not None:
             try:
                 # SO_REUSEPORT: a rolling update's new agent binds the node's admin port
                 # beside the old one (so readiness is probed through ReadinessFile).
                 self._servers.append(await asyncio.start_server(self._serve_tcp, address[0], address[1],
-                                                                reuse_address=True, reuse_port=True,
+                                                                reuse_address=True, reuse_port=reuse_port,
                                                                 limit=MAX_REQUEST))
             except OSError as exc:
                 raise ConfigError("setting admin_address", f"cannot listen on {address[0]}:{address[1]}: "

@@ -38,13 +38,13 @@ SERVER_NAME = "nodeagent-ca.istio-system.svc"
 
 
 class RunningCa:
-    def __init__(self, tmp_path, **kw):
+    def __init__(self, tmp_path, metrics_address=None, **kw):
         write_pods(tmp_path / "cluster", pod_yaml("web-0", "node1", "web"))
         write_tokens(tmp_path / "tokens.yaml", TOKENS)
         self.config = CaConfig(
             listen=("127.0.0.1", 0), trust_domain=TD, state_dir=tmp_path / "ca", tokens=tmp_path / "tokens.yaml",
             source=f"files:{tmp_path / 'cluster'}", source_dir=tmp_path / "cluster", cert_ttl=dt.timedelta(hours=24),
-            namespace="istio-system", server_names=(SERVER_NAME,), metrics_address=None)
+            namespace="istio-system", server_names=(SERVER_NAME,), metrics_address=metrics_address)
         self.registry = CollectorRegistry()
         self.server = server.build(self.config, self.registry, LOG, **kw)
         self.port = self.server.start()
@@ -180,6 +180,45 @@ def test_calls_that_never_send_their_request_hold_no_worker_and_end(tmp_path):
             assert set(statuses.values()) == {b"4"}  # DEADLINE_EXCEEDED
     finally:
         for sock, _ in attackers:
+            sock.close()
+        running.server.stop(grace=0)
+
+
+def test_the_metrics_port_serves_a_bounded_number_of_connections(tmp_path):
+    """Any pod reaches the CA's metrics port. prometheus_client's server ran a thread per
+    connection with no limit and no timeout: idle connections held in thousands would have
+    the CA killed for memory. It is served as the agent's admin address is: at most 32 at
+    once, more closed at accept and counted, and /metrics answers once they are gone."""
+    import urllib.request
+    from nodeagent.agent.admin import MAX_TCP_CONNECTIONS
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    running = RunningCa(tmp_path, metrics_address=("127.0.0.1", port))
+    idle = []
+    try:
+        for _ in range(MAX_TCP_CONNECTIONS + 40):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        refused = "nodeagent_admin_connections_refused_total"
+        deadline = time.monotonic() + 10
+        while (running.registry.get_sample_value(refused) or 0) < 40:
+            assert time.monotonic() < deadline, running.registry.get_sample_value(refused)
+            time.sleep(0.02)
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                    assert b"nodeagent_ca_certificates_issued_total" in answer.read()
+                break
+            except OSError:  # still at the limit while the closed ones are noticed
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        for sock in idle:
             sock.close()
         running.server.stop(grace=0)
 

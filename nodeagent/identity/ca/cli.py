@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     from nodeagent.identity.ca import server as ca_server  # grpc and cryptography: only when needed
 
@@ -35,8 +35,6 @@ def _run(args: argparse.Namespace) -> int:
     log = logging.getLogger("nodeagent.ca")
     registry = CollectorRegistry()
     server = ca_server.build(cfg, registry, log)
-    if cfg.metrics_address:
-        start_http_server(cfg.metrics_address[1], cfg.metrics_address[0], registry=registry)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

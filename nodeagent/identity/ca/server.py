@@ -24,7 +24,8 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from nodeagent.errors import EnvironmentProblem
+from nodeagent.agent.admin import AdminServer
+from nodeagent.errors import ConfigError, EnvironmentProblem
 from nodeagent.identity import pemfiles
 from nodeagent.identity.ca import keys
 from nodeagent.identity.ca.auth import (Authenticator, ModelView, NodeAuthorizer, TokenFileAuthenticator,
@@ -162,8 +163,16 @@ class CaServer:
     threads); `start()` returns the bound port (0 in `address` picks one)."""
 
     def __init__(self, service: CertificateService, certificate: ServingCertificate,
-                 address: tuple[str, int], workers: int = 8, source=None, request_timeout: float = REQUEST_TIMEOUT):
+                 address: tuple[str, int], workers: int = 8, source=None, request_timeout: float = REQUEST_TIMEOUT,
+                 registry: CollectorRegistry | None = None, metrics_address: tuple[str, int] | None = None):
         self.address = address
+        # /metrics (and /healthz/ready) served as the agent serves them: at most 32 connections
+        # at once, 5 s each for a request (prometheus_client's server, a thread per
+        # connection with no limit, let any pod hold thousands and have the CA killed for memory)
+        self.metrics_address = metrics_address
+        self._metrics = (AdminServer(registry=registry, status=dict, ready=lambda: True,
+                                     log=logging.getLogger("nodeagent.ca.metrics"))
+                         if metrics_address is not None and registry is not None else None)
         self.certificate = certificate
         self.source = source  # the kube source feeding NodeAuthorizer, closed by stop()
         self._workers = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca")
@@ -181,6 +190,12 @@ class CaServer:
         if port == 0:
             raise EnvironmentProblem(f"the CA cannot listen on {target}",
                                      "is another process using the port? choose another with --listen")
+        if self._metrics is not None:
+            try:
+                self._run(self._metrics.start(self.metrics_address, None, reuse_port=False))
+            except ConfigError as exc:
+                raise EnvironmentProblem(f"the CA cannot serve metrics on {grpc_target(*self.metrics_address)}: "
+                                         f"{exc}", "choose another --metrics-address") from None
         return port
 
     async def _start(self, target: str) -> int:
@@ -204,6 +219,8 @@ class CaServer:
         if self._stopped.is_set():
             return
         if self._thread.is_alive():
+            if self._metrics is not None:
+                self._run(self._metrics.close())
             if self._started:
                 self._run(self._server.stop(grace))
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -245,7 +262,8 @@ def build(cfg: CaConfig, registry: CollectorRegistry, log: logging.Logger,
     service = CertificateService(ca, authenticator, authorizer, CaMetrics(registry), log)
     identity = Identity(cfg.trust_domain, cfg.namespace, SERVER_ACCOUNT)
     certificate = ServingCertificate(ca, identity, cfg.server_names, listen_ips(cfg.listen[0]))
-    return CaServer(service, certificate, cfg.listen, source=source, request_timeout=request_timeout)
+    return CaServer(service, certificate, cfg.listen, source=source, request_timeout=request_timeout,
+                    registry=registry, metrics_address=cfg.metrics_address)
 
 
 def _from_kube(cfg: CaConfig, now: dt.datetime, log: logging.Logger):
