@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from identity_fixtures import T0, ManualClock, run, until
+from nodeagent.agent.waypoint import jwks as jwks_module
 from nodeagent.agent.waypoint.jwks import (JwksFetcher, JwksUnavailable, file_name, http_get, jwks_uris,
                                            mesh_addresses)
 from nodeagent.kube.objects import parse_documents
@@ -109,10 +110,20 @@ class Issuer:
         self.thread.join(5)
 
 
+REFUSED = jwks_module.refused_address
+
+
+def on_loopback(monkeypatch) -> None:
+    """The test's issuers answer on 127.0.0.1, which the agent refuses outside tests
+    (refused_address: test_a_jwks_uri_on_the_node_or_a_link_local_address_is_refused)."""
+    monkeypatch.setattr(jwks_module, "refused_address", lambda ip: None)
+
+
 @pytest.fixture
 def issuer(monkeypatch):
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    on_loopback(monkeypatch)
     server = Issuer()
     yield server
     server.close()
@@ -390,6 +401,7 @@ def _tls_pair(directory, names: tuple[x509.GeneralName, ...] = (x509.IPAddress(i
 def test_https_is_verified_against_the_system_cas(tmp_path, monkeypatch):
     for name in PROXY_VARIABLES + ("SSL_CERT_FILE", "SSL_CERT_DIR"):
         monkeypatch.delenv(name, raising=False)
+    on_loopback(monkeypatch)
     ca_file, context = _tls_pair(tmp_path)
     server = Issuer(tls=context)
     try:
@@ -486,6 +498,7 @@ def test_a_headless_service_is_reached_at_its_first_ready_endpoint(issuer):
 def test_https_to_a_service_verifies_the_services_name(tmp_path, monkeypatch):
     for name in PROXY_VARIABLES + ("SSL_CERT_FILE", "SSL_CERT_DIR"):
         monkeypatch.delenv(name, raising=False)
+    on_loopback(monkeypatch)
     ca_file, context = _tls_pair(tmp_path, (x509.DNSName(JWKS_HOST),))
     monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
     server = Issuer(tls=context)
@@ -508,3 +521,30 @@ def test_the_fetcher_resolves_through_the_model_it_is_given(tmp_path, issuer):
             uri: str(tmp_path / file_name(uri))}
         await world.fetcher.close()
     run(scenario())
+
+
+@pytest.mark.parametrize("uri, says", [
+    ("http://127.0.0.1:9/keys", "127.0.0.1 is a loopback address"),
+    ("http://localhost:9/keys", "is a loopback address"),
+    ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 is a link-local address"),
+    ("http://[fe80::1]:9/keys", "fe80::1 is a link-local address"),
+    ("http://0.0.0.0:9/keys", "0.0.0.0 is a unspecified address"),
+])
+def test_a_jwks_uri_on_the_node_or_a_link_local_address_is_refused(uri, says, monkeypatch):
+    """The agent fetches from the node's network, as root, a URI anybody allowed a
+    RequestAuthentication names: not from the node itself or the cloud's metadata service
+    (istiod fetches from its pod's network). A redirect there is refused the same way."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(JwksUnavailable, match=says.replace("[", r"\[")):
+        http_get(uri, 5.0, 1000)
+
+
+def test_a_redirect_to_the_metadata_service_is_refused(issuer, monkeypatch):
+    """The issuer (allowed here on 127.0.0.1) redirects to the cloud's metadata service:
+    the redirect's address is checked as the first one was."""
+    monkeypatch.setattr(jwks_module, "refused_address", lambda ip: None if ip == "127.0.0.1" else REFUSED(ip))
+    issuer.answers["/meta"] = Answer(302, b"", location="http://169.254.169.254/latest/meta-data/")
+    with pytest.raises(JwksUnavailable, match="169.254.169.254 is a link-local address"):
+        http_get(issuer.url("/meta"), 5.0, 1000)
+    assert issuer.hits == {"/meta": 1}

@@ -27,6 +27,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -156,11 +157,44 @@ def _opener(resolve: Resolve) -> urllib.request.OpenerDirector:
     return opener
 
 
+def refused_address(ip: str) -> str | None:
+    """Why the agent does not fetch a JWKS from `ip`, or None. It fetches from the node's
+    network as root, where anybody allowed a RequestAuthentication names the URI: not from
+    the node itself (loopback), link-local addresses (the cloud's metadata service,
+    169.254.169.254), unspecified or multicast ones (istiod fetches from its pod's network)."""
+    address = ipaddress.ip_address(ip.split("%", 1)[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    address = mapped or address
+    for refused, what in ((address.is_loopback, "loopback"), (address.is_link_local, "link-local"),
+                          (address.is_unspecified, "unspecified"), (address.is_multicast, "multicast")):
+        if refused:
+            return f"is a {what} address"
+    return None
+
+
 def _pinned(request: urllib.request.Request, resolve: Resolve) -> str | None:
-    """The address `resolve` gives the request's host (a proxied request: None)."""
+    """The address to connect to for the request's host (a proxied request: None, the
+    proxy's): the one `resolve` gives a mesh Service, else the first the name resolves to
+    that is not refused; connected to as checked, so a name that resolves again otherwise
+    meanwhile changes nothing. URLError when every address is refused."""
     if request.has_proxy():
         return None
-    return resolve(urlsplit(request.full_url).hostname or "")
+    parts = urlsplit(request.full_url)
+    host = parts.hostname or ""
+    address = resolve(host)
+    try:
+        candidates = [address] if address is not None else list(dict.fromkeys(
+            info[4][0] for info in socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
+                                                      type=socket.SOCK_STREAM)))
+    except OSError as exc:
+        raise urllib.error.URLError(exc) from None
+    reasons = []
+    for candidate in candidates:
+        why = refused_address(candidate)
+        if why is None:
+            return candidate
+        reasons.append(f"{candidate} {why}")
+    raise urllib.error.URLError(f"{host}: {'; '.join(reasons)}: not fetched from the node's network")
 
 
 class _MeshProxyHandler(urllib.request.ProxyHandler):
