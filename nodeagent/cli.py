@@ -16,7 +16,7 @@ import sys
 from typing import NoReturn
 
 from nodeagent import __version__
-from nodeagent.agent import admin
+from nodeagent import admin
 from nodeagent.agent import cli as agent_cli
 from nodeagent.bench import cli as bench_cli
 from nodeagent.errors import NodeagentError

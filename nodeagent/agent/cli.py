@@ -63,7 +63,8 @@ def _uninstall(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from nodeagent.agent import admin, status
+    from nodeagent import admin
+    from nodeagent.agent import status
 
     if args.kube:
         return _kube_status(args)

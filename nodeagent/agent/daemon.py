@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent import __version__
 from nodeagent.agent import logs
-from nodeagent.agent.admin import AdminServer, Readiness, ReadinessFile, readiness_path
+from nodeagent.admin import AdminServer, Readiness, ReadinessFile, readiness_path
 from nodeagent.agent.config import AgentConfig, cluster_config
 from nodeagent.agent.configwork import ConfigWork
 from nodeagent.agent.datapath import DataPath

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nodeagent.agent.admin import fetch_requests, fetch_status
+from nodeagent.admin import fetch_requests, fetch_status
 from nodeagent.bench import loadgen, meshlab, meshreport, sidecars, usage
 from nodeagent.bench.tunnel import left_behind
 from nodeagent.errors import ConfigError, NodeagentError

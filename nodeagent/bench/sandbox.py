@@ -33,7 +33,7 @@ from typing import Callable
 import yaml
 
 from nodeagent import netns
-from nodeagent.agent.admin import fetch_status
+from nodeagent.admin import fetch_status
 from nodeagent.bench.timescale import TIME_SCALE_ENV, scaled, time_scale  # noqa: F401 (the tests' import)
 from nodeagent.capture.compiler import COMPILE_TIMEOUT, COMPILE_TIMEOUT_MAX
 from nodeagent.errors import NodeagentError

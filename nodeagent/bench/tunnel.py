@@ -20,7 +20,7 @@ import secrets
 import subprocess
 import sys
 
-from nodeagent.agent.admin import fetch
+from nodeagent.admin import fetch
 from nodeagent.errors import ConfigError, NodeagentError
 from nodeagent.kube.objects import parse_documents
 from nodeagent.lab import cgroups, lifecycle, teardown, topology

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from nodeagent.agent.admin import fetch_requests, fetch_status
+from nodeagent.admin import fetch_requests, fetch_status
 from nodeagent.errors import ConfigError, NodeagentError
 from nodeagent.kube.objects import parse_documents
 from nodeagent.lab import cgroups, lifecycle, teardown

@@ -478,7 +478,7 @@ def agent_problem(status: dict | None, meshed: set[str]) -> str | None:
 
 
 def _agent_status(socket_path: str) -> dict | None:
-    from nodeagent.agent.admin import fetch_status  # the agent's own status API
+    from nodeagent.admin import fetch_status  # the agent's own status API
     try:
         return fetch_status(socket_path, timeout=1) if os.path.exists(socket_path) else None
     except (NodeagentError, OSError, ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from nodeagent.agent.admin import fetch_status
+from nodeagent.admin import fetch_status
 from nodeagent.errors import NodeagentError
 from nodeagent.lab import meshca, services, supervisor
 from nodeagent.lab.kube import controlplane, mirror

@@ -21,7 +21,7 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeagent.agent.admin import fetch, fetch_status
+from nodeagent.admin import fetch, fetch_status
 from nodeagent.bench.probe import HoldClient
 from nodeagent.digests import spec_digest
 from nodeagent.lab.layout import Layout

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeagent.agent.admin import fetch
+from nodeagent.admin import fetch
 from nodeagent.bench.probe import HoldClient
 from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled
 from nodeagent.capture import bpfsys

@@ -34,7 +34,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent_sockets import connected_tcp_sockets
-from nodeagent.agent.admin import fetch
+from nodeagent.admin import fetch
 from nodeagent.bench.sandbox import AMBIENT, Sandbox, scaled
 from nodeagent.capture.sockmap import SNDBUF
 from nodeagent.digests import spec_digest

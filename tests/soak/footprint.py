@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from nodeagent.agent.admin import fetch_status
+from nodeagent.admin import fetch_status
 from nodeagent.errors import NodeagentError
 
 

@@ -78,7 +78,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodeagent.agent.admin import fetch_status
+from nodeagent.admin import fetch_status
 from nodeagent.errors import NodeagentError
 from nodeagent.identity.workload.credentials import file_name
 from nodeagent.identity.spiffe import Identity

@@ -40,7 +40,7 @@ from nodeagent import netns
 from nodeagent.agent import config as agent_config
 from nodeagent.agent.inpod import podrouting
 from nodeagent.agent.inpod import sockets as inpod
-from nodeagent.agent.admin import fetch, fetch_status
+from nodeagent.admin import fetch, fetch_status
 from nodeagent.agent.config import AgentConfig
 from nodeagent.agent.daemon import Agent
 from nodeagent.agent.inpod.sockets import ListenSpec

@@ -251,8 +251,9 @@ static void pump(int timeout_ms)
                 CHECK(ev->stream < MAX_IDS && stream_known[ev->stream], "REQUEST_RESET of an unknown stream");
                 break;
             case NH_EV_STREAM_END:
-                CHECK(ev->stream < MAX_IDS && stream_known[ev->stream], "the end of a stream never announced: %lu how %u code %u %.*s",
-                      (unsigned long)ev->stream, ev->how, ev->code, (int)ev->data_len, ev->data ? ev->data : "");
+                CHECK(ev->stream < MAX_IDS && stream_known[ev->stream],
+                      "the end of a stream never announced: %lu how %u code %u %.*s", (unsigned long)ev->stream,
+                      ev->how, ev->code, (int)ev->data_len, ev->data ? ev->data : "");
                 ended(stream_ended, ev->stream, "stream");
                 CHECK(!ev->handed, "a socket handed back without a listener");
                 break;

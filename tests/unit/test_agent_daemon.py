@@ -718,9 +718,13 @@ JWKS = (b'{"keys": [{"kty": "EC", "crv": "P-256", "kid": "one", "x": "f83OJ3D2xF
 
 @pytest.fixture
 def issuer(monkeypatch):
-    """A JWT issuer's key set over HTTP on 127.0.0.1 (a thread); its jwksUri."""
+    """A JWT issuer's key set over HTTP on 127.0.0.1 (a thread); its jwksUri. The agent
+    fetches from no loopback address outside tests (jwks.refused_address)."""
+    from nodeagent.agent.waypoint import jwks
+
     for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(jwks, "refused_address", lambda ip: None)
 
     class Keys(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

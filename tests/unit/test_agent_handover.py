@@ -14,7 +14,7 @@ from agent_world import (LEGACY_POD, SLEEP, CaptureMaps, PodKernel, PodProcesses
                          namespaces, write_docs)
 from identity_fixtures import run
 
-from nodeagent.agent import admin
+from nodeagent import admin
 
 
 @pytest.fixture

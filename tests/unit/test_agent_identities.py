@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from identity_fixtures import ManualClock, make_ca, run, until
-from nodeagent.agent.admin import AdminServer, Readiness
+from nodeagent.admin import AdminServer, Readiness
 from nodeagent.agent.proxy.identities import WorkloadIdentities
 from nodeagent.identity import pemfiles
 from nodeagent.identity.errors import CaUnavailable, IdentityUnavailable

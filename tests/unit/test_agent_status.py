@@ -11,8 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from agent_world import free_port
 from identity_fixtures import run, until
-from nodeagent.agent import admin, status
-from nodeagent.agent.admin import AdminServer
+from nodeagent import admin
+from nodeagent.agent import status
+from nodeagent.admin import AdminServer
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.errors import ConfigError
 from nodeagent.lab.layout import agent_socket

@@ -190,7 +190,7 @@ def test_the_metrics_port_serves_a_bounded_number_of_connections(tmp_path):
     the CA killed for memory. It is served as the agent's admin address is: at most 32 at
     once, more closed at accept and counted, and /metrics answers once they are gone."""
     import urllib.request
-    from nodeagent.agent.admin import MAX_TCP_CONNECTIONS
+    from nodeagent.admin import MAX_TCP_CONNECTIONS
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from nodeagent.agent import admin
+from nodeagent import admin
 from nodeagent.agent import config as agent_config
 from nodeagent.cli import build_parser
 from nodeagent.identity.ca import config as ca_config

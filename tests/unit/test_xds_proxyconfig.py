@@ -13,7 +13,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent import admin
+from nodeagent import admin
 from nodeagent.cli import main
 from nodeagent.xds import resources as rt
 from nodeagent.xds.cache import SnapshotCache

@@ -24,7 +24,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from nodeagent.agent.admin import AdminServer
+from nodeagent.admin import AdminServer
 from nodeagent.errors import ConfigError, EnvironmentProblem
 from nodeagent.identity import pemfiles
 from nodeagent.identity.ca import keys
@@ -78,7 +78,7 @@ class CertificateService:
             signing = self.ca.read_csr(request.csr)
             _check_impersonation(request, signing.identity)
             self.authorizer.authorize(caller, signing.identity)
-            # asked for: at most the CA's cert_ttl (the signer's cap); a duration past a timedelta's range is asking for that
+            # at most the CA's cert_ttl (the signer's cap); past a timedelta's range: asking for the longest
             ttl = (dt.timedelta(seconds=min(request.validity_duration, MAX_ASKED_TTL))
                    if request.validity_duration > 0 else None)
             chain = self.ca.sign(signing, ttl)

@@ -1,5 +1,6 @@
-"""The agent's admin endpoints: a small HTTP/1.1 server on the admin address (default
-127.0.0.1:15020 in the agent's netns) and on the admin unix socket: `/metrics`
+"""The agent's admin endpoints (and the CA's `/metrics`: identity/ca/server.py): a small
+HTTP/1.1 server on the admin address (default 127.0.0.1:15020 in the agent's netns) and
+on the admin unix socket: `/metrics`
 (Prometheus text), `/healthz/ready` (200 when the agent can serve; 503 naming everything
 missing, from a `Readiness`) on both, and `/debug/status` (JSON, what `nodeagent status`
 renders) on the socket only. `fetch` and `fetch_status` are the client side over the unix
