@@ -36,13 +36,12 @@ class Scope:
     namespace: str
     match_labels: Mapping[str, str] = field(default_factory=dict)  # empty: whole namespace
     target_refs: tuple[TargetRef, ...] = ()
-    services: tuple[tuple[tuple[str, str], ...], ...] = ()  # the selectors of the Services named (bound)
+    services: tuple[Mapping[str, str], ...] = ()  # the selectors of the Services named (bound)
 
     def selects(self, pod: Pod, root_namespace: str) -> bool:
         """Does this resource apply to `pod` in the L4 engine?"""
         if self.target_refs:
-            return pod.namespace == self.namespace and any(
-                all(pod.labels.get(k) == v for k, v in selector) for selector in self.services)
+            return pod.namespace == self.namespace and any(labels_match(s, pod) for s in self.services)
         if self.namespace != root_namespace and self.namespace != pod.namespace:
             return False
         return labels_match(self.match_labels, pod)
@@ -56,7 +55,7 @@ class Scope:
         for ref in self.target_refs:
             service = services.get((self.namespace, ref.name))
             if ref.kind == "Service" and ref.group in ("", "core") and service is not None and service.selector:
-                found.append(tuple(sorted(service.selector.items())))
+                found.append(service.selector)
         return dataclasses.replace(self, services=tuple(found))
 
 

@@ -51,9 +51,9 @@ DEFAULT_AUDIENCE = "nodeagent-ca"
 CACHE_SECONDS = 60.0
 CACHE_SIZE = 4096  # accepted tokens remembered: a few per node of a large cluster
 REVIEWS_AT_ONCE = 4  # TokenReviews under way at once (of the CA's 8 workers: the rest sign for known callers)
+REVIEW_WAIT = 2.0  # seconds a request waits for one of them before it is UNAVAILABLE (the agent retries)
 STALE_AFTER = 30.0  # seconds a failing pod watch is tolerated before the CA refuses (UNAVAILABLE)
 REBUILD_EVERY = 1.0  # seconds between rebuilds of the CA's model of the pods, at most one
-REVIEW_WAIT = 2.0  # seconds a request waits for one of them before it is UNAVAILABLE (the agent retries)
 
 
 @dataclass(frozen=True)

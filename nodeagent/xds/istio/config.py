@@ -22,11 +22,11 @@ from nodeagent.kube.objects import KubeObject
 from nodeagent.model import Model
 from nodeagent.policy.policyset import with_fate  # the same wording as the L4 engine's
 from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
+from nodeagent.policy import validate as l4
 from nodeagent.policy.schema import Field, all_errors, resource_name
 from nodeagent.xds.istio.destinationrule import destination_rule
 from nodeagent.xds.istio import kinds
 from nodeagent.xds.istio.envoyfilter import envoy_filter
-from nodeagent.policy import validate as l4
 from nodeagent.xds.istio.security import Authentication, Authorization, authentication, authorization
 from nodeagent.xds.istio.virtualservice import virtual_service
 
@@ -113,11 +113,12 @@ class IstioConfig:
                     entries[key] = entry
                 except ConfigError as err:
                     kept = previous.entries.get(key) if previous is not None else None
-                    errors.extend(with_fate(err, kept is not None, kept is None and l4.custom_as_deny(obj) is not None))
+                    denying = l4.custom_as_deny(obj) if kept is None else None
+                    errors.extend(with_fate(err, kept is not None, denying is not None))
                     if kept is not None:
                         entries[key] = kept
                     elif kind in SERVER_SIDE:
-                        withheld.extend(_stand_in(obj))
+                        withheld.extend(_stand_in(obj, denying))
         ordered = dict(sorted(entries.items()))
         return cls(MappingProxyType(ordered), tuple(errors), tuple(warnings), root_namespace, tuple(withheld))
 
@@ -125,20 +126,20 @@ class IstioConfig:
 SERVER_SIDE = ("AuthorizationPolicy", "RequestAuthentication")  # refused: their pods go to the L4 engine
 
 
-def _stand_in(obj: KubeObject) -> list:
+def _stand_in(obj: KubeObject, denying) -> list:
     """A security resource the waypoint refuses that the L4 engine accepts (an
     `experimental.*` condition key, a requestPrincipals wildcard it cannot express): the
     L4 engine enforces it, so the pods it selects must not go to a waypoint enforcing
     their other policies without it (a DENY written so was enforced nowhere on their HTTP
     ports, an ALLOW let everybody in), nor a CUSTOM policy, which the L4 engine enforces as
-    a DENY of its rules. Its L4 form, to be `withheld`; none when the L4 engine refuses it
-    too (in force nowhere, as any invalid resource)."""
+    a DENY of its rules (`denying`, custom_as_deny's). Its L4 form, to be `withheld`; none
+    when the L4 engine refuses it too (in force nowhere, as any invalid resource)."""
     try:
         typed = l4.validate(obj)
     except ConfigError:
-        typed = l4.custom_as_deny(obj)  # a CUSTOM policy: the L4 engine enforces it as a DENY
-        if typed is None:
+        if denying is None:
             return []
+        typed = denying
     return [Authorization(obj, typed) if obj.kind == "AuthorizationPolicy" else Authentication(obj, typed, ())]
 
 

@@ -73,21 +73,23 @@ def authorization(obj: KubeObject, warn: Warn) -> Authorization:
             key = cond.fields(("key", "values", "notValues"))["key"]
             if key.string().startswith("experimental."):
                 raise key.error(f"condition key {key.string()!r} {UNSUPPORTED}")
-        for operation in parts["to"].items():
-            inner = operation.fields(("operation",))["operation"]
-            for name in ("paths", "notPaths"):
-                if isinstance(inner.value, dict) and name in inner.value:
-                    for item, text in Field(inner.where, f"{inner.path}.{name}", inner.value[name]).string_items():
-                        if "{" in text or "}" in text:
-                            raise item.error(f"path template {text!r} {UNSUPPORTED}",
-                                             "write the path exactly, as a prefix (/a/*) or a suffix (*.html)")
-        for source in parts["from"].items():
-            inner = source.fields(("source",))["source"]
-            for name in ("requestPrincipals", "notRequestPrincipals"):
-                if isinstance(inner.value, dict) and name in inner.value:
-                    for item, text in Field(inner.where, f"{inner.path}.{name}", inner.value[name]).string_items():
-                        request_principal(item, text)
+        for item, text in _strings(parts["to"], "operation", ("paths", "notPaths")):
+            if "{" in text or "}" in text:
+                raise item.error(f"path template {text!r} {UNSUPPORTED}",
+                                 "write the path exactly, as a prefix (/a/*) or a suffix (*.html)")
+        for item, text in _strings(parts["from"], "source", ("requestPrincipals", "notRequestPrincipals")):
+            request_principal(item, text)
     return Authorization(obj, typed)
+
+
+def _strings(entries: Field, inner_name: str, names: tuple[str, ...]):
+    """(Field, text) of each string of the fields `names` of each entry's `inner_name`
+    (a rule's `from[].source` or `to[].operation`)."""
+    for entry in entries.items():
+        inner = entry.fields((inner_name,))[inner_name]
+        for name in names:
+            if isinstance(inner.value, dict) and name in inner.value:
+                yield from Field(inner.where, f"{inner.path}.{name}", inner.value[name]).string_items()
 
 
 def request_principal(field: Field, text: str) -> tuple[str | None, str | None]:

@@ -136,6 +136,12 @@ def _cidr(value: str) -> CidrRange:
     return CidrRange(address_prefix=str(network.network_address), prefix_len=u32(network.prefixlen))
 
 
+def _client_ip(value: str, namespace: str) -> Principal:
+    """source.ip and remote.ip alike: the PROXY source, the client the agent verified (the
+    server-side HCM's `use_remote_address`: no X-Forwarded-For moves it), as at L4."""
+    return Principal(remote_ip=_cidr(value))
+
+
 def _principal_state(matcher: StringMatcher) -> Principal:
     return Principal(filter_state=FilterStateMatcher(key=PRINCIPAL_KEY, string_match=matcher))
 
@@ -173,8 +179,8 @@ _PRINCIPAL_BUILDERS = {
     "source.principal": lambda v, ns: _principal_state(istio_pattern(v, prefix=SPIFFE)),
     "source.namespace": _namespace,
     "source.serviceAccount": _service_account,
-    "source.ip": lambda v, ns: Principal(remote_ip=_cidr(v)),  # the PROXY source (use_remote_address)
-    "remote.ip": lambda v, ns: Principal(remote_ip=_cidr(v)),
+    "source.ip": _client_ip,
+    "remote.ip": _client_ip,
     "request.auth.audiences": lambda v, ns: _claim(["aud"], v),
     "request.auth.presenter": lambda v, ns: _claim(["azp"], v, lists=False),
 }

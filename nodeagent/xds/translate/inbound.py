@@ -77,15 +77,8 @@ def chain_digest(chain: FilterChain) -> str:
 
 
 def selects(ctx: Context, scope: Scope, pod: Pod) -> bool:
-    if not scope.target_refs:
-        return scope.selects(pod, ctx.config.root_namespace)
-    for ref in scope.target_refs:
-        service = ctx.model.services.get((scope.namespace, ref.name))
-        if ref.kind == "Service" and ref.group in ("", "core") and service is not None \
-                and service.selector and pod.namespace == service.namespace \
-                and labels_match(service.selector, pod):
-            return True
-    return False
+    """As the L4 engine selects: targetRefs to a Service bound to its pods (Scope.bound)."""
+    return scope.bound(ctx.model.services).selects(pod, ctx.config.root_namespace)
 
 
 def _warn_unbound(ctx: Context) -> None:
