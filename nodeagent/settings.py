@@ -105,14 +105,6 @@ def parse_port(raw: str) -> int:
     return port
 
 
-def parse_port_or_zero(raw: str) -> int:
-    """A TCP port, or 0: one the kernel picks when the socket is bound."""
-    port = parse_int(raw)
-    if not 0 <= port <= 65535:
-        raise ValueError("must be a TCP port, 1-65535, or 0 for a free one")
-    return port
-
-
 def _host_port(raw: str) -> tuple[str, str]:
     match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", raw)
     if not match:

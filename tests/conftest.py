@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Mapping
+import shutil
+import tempfile
+from typing import Iterator, Mapping
 
 import pytest
 
@@ -76,3 +78,16 @@ def pytest_make_collect_report(collector: pytest.Collector):
 def _skip_reason(longrepr) -> str:
     # A skip's longrepr is (path, line, "Skipped: reason").
     return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+@pytest.fixture
+def envoy_tmp() -> Iterator[pathlib.Path]:
+    """A directory every user may enter, as a waypoint Envoy run as its own user (the
+    agent's default when root) must: a new one in /tmp, mode 0711 (pytest's base
+    directory is 0700), removed after the test."""
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="nodeagent-test-", dir="/tmp"))
+    try:
+        directory.chmod(0o711)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,9 +28,10 @@ from nodeagent.kube.client import ClusterConfig, from_kubeconfig, in_cluster
 from nodeagent.kube.objects import DNS_SUBDOMAIN
 from nodeagent.native import DEFAULT_MAX_RELAYS
 from nodeagent.xds.dataplane import UNIX_PATH_MAX, Sockets
+from nodeagent.xds.envoy import EnvoyUser
 from nodeagent.settings import (OFF, Setting, parse_absolute, parse_address, parse_bool, parse_choice,
                                 parse_directory, parse_int, parse_namespace, parse_optional_file,
-                                parse_port, parse_port_or_zero, parse_source, parse_target)
+                                parse_port, parse_source, parse_target)
 from nodeagent.tunnel.settings import SERVER_HANDSHAKE_TIMEOUT_MAX, TunnelSettings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -74,7 +76,7 @@ class AgentConfig:
     flow_log_max_mib: int  # a flow log file is rotated at this size
     waypoint: bool  # run the node's waypoint Envoy (L7); off: L4 only
     waypoint_dir: Path
-    envoy_admin_port: int
+    envoy_user: EnvoyUser | None  # who the waypoint Envoy runs as; None: as the agent (root)
     data_path_engine: str  # who moves the bytes of relayed socket pairs: auto, native or python
     hbone_engine: str  # who carries HBONE (TLS, HTTP/2, the streams' bytes): auto, native or python
     same_node_fast_path: bool  # meshed pod to meshed pod of this node: admitted and joined here, no HBONE
@@ -107,6 +109,8 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
+    if isinstance(value, EnvoyUser):
+        return str(value)
     return value
 
 
@@ -229,6 +233,20 @@ def parse_waypoint_dir(raw: str) -> Path:
     return path
 
 
+def parse_envoy_user(raw: str) -> EnvoyUser | None:
+    if raw == "root":
+        return None
+    match = re.fullmatch(r"(\d{1,10})(?::(\d{1,10}))?\Z", raw)
+    if not match:
+        raise ValueError("expected UID[:GID] (numbers) or root")
+    uid, gid = int(match[1]), int(match[2] if match[2] is not None else match[1])
+    if uid == 0 or gid == 0:
+        raise ValueError("0 is root's: write root to run Envoy as the agent does")
+    if uid >= 2**32 - 1 or gid >= 2**32 - 1:
+        raise ValueError("a uid and a gid are below 4294967295")
+    return EnvoyUser(uid, gid)
+
+
 parse_cert_ttl = settings.parse_duration_between(dt.timedelta(minutes=1), dt.timedelta(days=90))
 
 
@@ -313,9 +331,11 @@ SETTINGS: tuple[Setting, ...] = (
             "false: L4 only (HTTP-only policy rules then fail safe)", boolean=True),
     Setting("waypoint_dir", parse_waypoint_dir, DEFAULT_WAYPOINT_DIR,
             "directory of the waypoint's unix sockets (xDS, Envoy <-> agent), bootstrap and Envoy log", "DIR"),
-    Setting("envoy_admin_port", parse_port_or_zero, "15000",
-            "the waypoint Envoy's admin port on 127.0.0.1; 0: a free port Envoy picks, shown in status (two agents "
-            "of one node during a rolling update with surge)", "PORT"),
+    Setting("envoy_user", parse_envoy_user, "10337",
+            "who the waypoint Envoy runs as, UID[:GID] (numbers; GID defaults to UID), with no capability and "
+            "no_new_privs: it parses every meshed pod's HTTP; its admin API is the unix socket admin.sock in "
+            "waypoint_dir. root: as the agent (not recommended). Needs an agent running as root",
+            "UID[:GID]|root"),
     Setting("data_path_engine", parse_choice(ENGINES), "auto",
             "who moves the bytes of relayed socket pairs: native (the C engine of native/, splice(2) on its own "
             "thread), python (asyncio), or auto (native when scripts/setup built it, else python); HBONE "
@@ -393,6 +413,10 @@ def load_uninstall(given: Mapping[str, Any] | argparse.Namespace,
 
 def load(given: Mapping[str, Any] | argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Parse and validate every setting; raise ConfigError naming the first bad one."""
+    if "NODEAGENT_ENVOY_ADMIN_PORT" in (os.environ if environ is None else environ):
+        raise ConfigError("setting envoy_admin_port (NODEAGENT_ENVOY_ADMIN_PORT)",
+                          "is gone: the waypoint Envoy's admin API listens on admin.sock in waypoint_dir, "
+                          "not on a port of the node", "unset it; nodeagent status shows the admin socket")
     values = settings.parse_settings(SETTINGS, given, environ)
     _check_source(values, os.environ if environ is None else environ)
     _check_ports(values)
@@ -460,8 +484,7 @@ def _check_identity(values: dict[str, Any]) -> None:
 
 def _check_ports(values: dict[str, Any]) -> None:
     ports = {"outbound_port": values["outbound_port"], "inbound_port": values["inbound_port"],
-             "tunnel_port": values["tunnel_port"], "admin_address": values["admin_address"][1],
-             "envoy_admin_port": values["envoy_admin_port"]}
+             "tunnel_port": values["tunnel_port"], "admin_address": values["admin_address"][1]}
     seen: dict[int, str] = {}
     for name, port in ports.items():
         if port in seen:

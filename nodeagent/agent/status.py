@@ -256,7 +256,8 @@ def _waypoint_sections(waypoint: dict[str, Any] | None, kinds: dict[str, list[st
     envoy, xds, steered = waypoint["envoy"], waypoint["xds"], waypoint["dataplane"]
     state = f"running, pid {envoy['pid']}" if envoy["running"] else f"NOT RUNNING (last exit {envoy['last_exit']})"
     sync = "in sync" if xds["in_sync"] else ("NOT CONNECTED" if not xds["connected"] else "syncing")
-    lines = [f"  envoy      {state}, {envoy['restarts']} restarts, admin {envoy['admin']}, log {envoy['log']}",
+    lines = [f"  envoy      {state}, {envoy['restarts']} restarts, user {envoy.get('user', '-')}, "
+             f"admin {envoy['admin']}, log {envoy['log']}",
              f"  xds        version {xds['version']}, accepted {xds['accepted']}, {sync}, {xds['nacks']} NACKs",
              f"  steered    outbound {', '.join(steered['outbound']) or '-'}; inbound {', '.join(steered['inbound']) or '-'}",
              f"  sent       {waypoint['connections']['outbound']} outbound, {waypoint['connections']['inbound']} inbound"]

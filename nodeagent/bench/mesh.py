@@ -35,7 +35,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ from nodeagent.lab import cgroups, lifecycle, processes, teardown, topology
 from nodeagent.lab.layout import Layout, check_name
 from nodeagent.lab.meshca import TRUST_DOMAIN
 from nodeagent.lab.state import StateDir
-from nodeagent.xds.envoy import find_envoy
+from nodeagent.xds.envoy import admin_get, find_envoy
 
 NODES = ("node1", "node2")
 MAX_ERROR_SHARE = 0.01  # of a run's requests; more and the run's figures mean nothing
@@ -223,15 +222,10 @@ class Sidecar:
         return str(self.directory / "admin.sock")
 
     def get(self, path: str, timeout: float = 5.0) -> str:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(self.admin)
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
-            data = b"".join(iter(lambda: sock.recv(65536), b""))
-        head, _, body = data.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise NodeagentError(f"the {self.pod} sidecar's admin answered {head[:60]!r} to {path}")
-        return (dechunk(body) if b"transfer-encoding: chunked" in head.lower() else body).decode()
+        try:
+            return admin_get(self.admin, path, timeout)
+        except NodeagentError as exc:
+            raise NodeagentError(f"the {self.pod} sidecar: {exc.message}") from None
 
     def tls13_handshakes(self, port: int | None = None) -> int:
         """TLS 1.3 sessions its listeners (or the one on `port`) accepted (its mTLS inbound side)."""
@@ -259,18 +253,6 @@ class Sidecar:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def dechunk(body: bytes) -> bytes:
-    """An HTTP/1.1 chunked body, joined (Envoy's admin answers so)."""
-    out = b""
-    while body:
-        size, _, rest = body.partition(b"\r\n")
-        length = int(size.split(b";")[0], 16)
-        if length == 0:
-            break
-        out, body = out + rest[:length], rest[length + 2:]
-    return out
 
 
 def start_sidecars(pods: Pods, layout: Layout, concurrency: int, started: list[Sidecar]) -> dict[str, Sidecar]:

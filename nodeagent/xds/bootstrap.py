@@ -1,6 +1,8 @@
 """The waypoint Envoy's bootstrap: who it is, where its admin listens, where ADS is.
 
-Admin listens on 127.0.0.1 only (a port of the node's network namespace). Everything
+Admin listens on a unix socket in the waypoint directory, never on a port: the waypoint
+runs in the node's network namespace, where any hostNetwork pod or local user could
+/quitquitquit it or raise its log level. Everything
 else comes over one ADS stream (state of the world, gRPC over HTTP/2) from the agent's
 unix socket, through the static cluster `xds_cluster`. The internal-listener extension
 is enabled because outbound endpoints are internal addresses (see translate/clusters.py).
@@ -20,7 +22,7 @@ from datetime import timedelta
 
 from envoy.config.bootstrap.v3.bootstrap_pb2 import Admin, Bootstrap
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
-from envoy.config.core.v3.address_pb2 import Address, Pipe, SocketAddress
+from envoy.config.core.v3.address_pb2 import Address, Pipe
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.config.core.v3.config_source_pb2 import ApiConfigSource, ApiVersion
 from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
@@ -54,13 +56,11 @@ CLUSTER_NAME_TAG = TagSpecifier(tag_name="envoy.cluster_name",
 class BootstrapSettings:
     node: str  # the node id the xDS server serves (the Kubernetes node name)
     xds_socket: str
-    admin_port: int = 15000
+    admin_socket: str
     cluster: str = "nodeagent-waypoint"
     max_connections: int = 50_000
 
     def __post_init__(self) -> None:
-        if not 0 <= self.admin_port < 65536:
-            raise ConfigError("waypoint admin port", f"{self.admin_port} is not a port number 1-65535 (0: a free one)")
         if not self.node:
             raise ConfigError("waypoint node id", "must not be empty")
 
@@ -75,8 +75,9 @@ def bootstrap(settings: BootstrapSettings) -> Bootstrap:
     return Bootstrap(
         node=Node(id=settings.node, cluster=settings.cluster,
                   metadata=struct({"NODEAGENT_ROLE": "waypoint"})),
-        admin=Admin(address=Address(socket_address=SocketAddress(address="127.0.0.1",
-                                                                 port_value=settings.admin_port))),
+        # 0666: the directory (01770, the agent's and Envoy's group) is what keeps others
+        # out, so the agent reaches it as root without CAP_DAC_OVERRIDE (the DaemonSet's)
+        admin=Admin(address=Address(pipe=Pipe(path=settings.admin_socket, mode=0o666))),
         static_resources=Bootstrap.StaticResources(clusters=[xds]),
         dynamic_resources=Bootstrap.DynamicResources(
             ads_config=ApiConfigSource(api_type=ApiConfigSource.ApiType.GRPC, transport_api_version=ApiVersion.V3,

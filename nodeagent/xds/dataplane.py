@@ -91,6 +91,11 @@ class Sockets:
         return self.path("deliver.sock")
 
     @property
+    def admin(self) -> str:
+        """Envoy's admin API."""
+        return self.path("admin.sock")
+
+    @property
     def access_log(self) -> str:
         """The FIFO Envoy writes its access-log lines into (logline.py) and the agent reads."""
         return self.path("access-log.fifo")

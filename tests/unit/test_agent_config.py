@@ -10,6 +10,7 @@ import pytest
 from nodeagent.agent import config
 from nodeagent.errors import ConfigError
 from nodeagent.tunnel import TunnelSettings
+from nodeagent.xds.envoy import EnvoyUser
 
 
 @pytest.fixture
@@ -144,7 +145,11 @@ BAD = [
     ("waypoint", "sometimes", "true or false"),
     ("waypoint_dir", "run/waypoint", "absolute"),
     ("waypoint_dir", "/run/" + "w" * 100, "would exceed 107 bytes"),
-    ("envoy_admin_port", "65536", "1-65535, or 0 for a free one"),
+    ("envoy_user", "envoy", "UID[:GID] (numbers) or root"),
+    ("envoy_user", "1337:", "UID[:GID] (numbers) or root"),
+    ("envoy_user", "0", "0 is root's: write root"),
+    ("envoy_user", "1337:0", "0 is root's: write root"),
+    ("envoy_user", "4294967295", "below 4294967295"),
     ("compile_timeout", "5", "between 10 and 3600 seconds"),
     ("compile_timeout", "2m", "a number of seconds"),
     ("hbone_handshake_timeout", "0.5", "between 1 and 300 seconds"),
@@ -181,14 +186,23 @@ def test_ports_must_differ(base):
         load({**base, "inbound_port": "15001"})
     with pytest.raises(ConfigError, match="admin_address: port 15008"):
         load({**base, "admin_address": "127.0.0.1:15008"})
-    with pytest.raises(ConfigError, match="envoy_admin_port: port 15020 is also used by admin_address"):
-        load({**base, "envoy_admin_port": "15020"})
 
 
-def test_the_waypoint_is_on_by_default(base):
+def test_the_waypoint_is_on_by_default_and_its_envoy_runs_as_a_uid_of_its_own(base):
     cfg = load(base)
-    assert (cfg.waypoint, cfg.waypoint_dir, cfg.envoy_admin_port) == (True, Path("/run/nodeagent/waypoint"), 15000)
+    assert (cfg.waypoint, cfg.waypoint_dir, cfg.envoy_user) == (True, Path("/run/nodeagent/waypoint"),
+                                                               EnvoyUser(10337, 10337))
     assert load({**base, "waypoint": False}).waypoint is False
+    assert load({**base, "envoy_user": "2000:3000"}).envoy_user == EnvoyUser(2000, 3000)
+    assert load({**base, "envoy_user": "root"}).envoy_user is None
+    assert load({**base, "envoy_user": "root"}).as_dict()["envoy_user"] is None
+
+
+def test_the_envoy_admin_port_is_gone_and_says_so(base):
+    """The admin API moved to a unix socket: an environment still setting the port is
+    told, not ignored (the flag is refused by the command line)."""
+    with pytest.raises(ConfigError, match=r"envoy_admin_port \(NODEAGENT_ENVOY_ADMIN_PORT\): is gone: .*admin\.sock"):
+        load(base, {"NODEAGENT_ENVOY_ADMIN_PORT": "0"})
 
 
 def test_cgroup_default_is_the_cgroup2_mount(base, tmp_path):
@@ -212,6 +226,7 @@ def test_as_dict_is_json_ready(base):
     assert (shown["admin_address"], shown["mark"], shown["keep_on_exit"], shown["poll_interval"]) == \
         (["127.0.0.1", 15020], 0x539, cfg.keep_on_exit, 0.1)
     assert (shown["cert_ttl"], shown["ca_address"], shown["waypoint_dir"]) == (86400.0, None, "/run/nodeagent/waypoint")
+    assert shown["envoy_user"] == "10337:10337"
 
 
 def test_delivery_mark_must_differ_from_mark(base):

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from agent_world import (CLIENT, HTTPBIN, LEGACY_POD, NODE, REMOTE, SERVER, SLEEP, WAIT, CaptureMaps, MeshCa,
-                         PodKernel, PodProcesses, PodSpec, RunningAgent, bound, free_port, get, load_config,
+                         PodKernel, PodProcesses, PodSpec, RunningAgent, bound, get, load_config,
                          namespaces, write, write_docs)
 from engines import require_native_hbone
 from identity_fixtures import run
@@ -744,14 +744,14 @@ def issuer(monkeypatch):
     server.server_close()
 
 
-def test_with_the_waypoint_envoy_gets_the_model_and_the_keys_its_jwt_rules_name(tmp_path, cluster, pods, issuer):
+def test_with_the_waypoint_envoy_gets_the_model_and_the_keys_its_jwt_rules_name(tmp_path, cluster, pods, issuer,
+                                                                                 envoy_tmp):
     jwt = {"selector": {"matchLabels": {"app": "httpbin"}},
            "jwtRules": [{"issuer": "https://issuer.example", "jwksUri": issuer}]}
     write(cluster / "jwt.yaml", document("RequestAuthentication", "mesh", "jwt", yaml.safe_dump(jwt)))
 
     async def main():
-        node = agent(tmp_path, cluster, pods, waypoint=True, waypoint_dir=str(tmp_path / "wp"),
-                     envoy_admin_port=free_port())
+        node = agent(tmp_path, cluster, pods, waypoint=True, waypoint_dir=str(envoy_tmp / "wp"))
         async with node:
             # The keys are fetched once the first build named their URI, so snapshot 1 has
             # none; a later one Envoy accepted was rebuilt because they arrived. (Its

@@ -172,8 +172,8 @@ def test_without_a_waypoint_the_kind_verdicts_are_shown():
     assert "ISTIO KINDS NOT READ\n  (none)\n" in none
 
 
-WAYPOINT = {"envoy": {"running": True, "pid": 77, "restarts": 0, "last_exit": None, "admin": "127.0.0.1:15000",
-                       "log": "/run/na/envoy.log"},
+WAYPOINT = {"envoy": {"running": True, "pid": 77, "restarts": 0, "last_exit": None, "user": "10337:10337",
+                       "admin": "/run/na/admin.sock", "log": "/run/na/envoy.log"},
             "xds": {"version": "3", "accepted": "3", "in_sync": True, "connected": True, "nacks": 0},
             "dataplane": {"outbound": ["10.96.0.10:80"], "inbound": []}, "connections": {"outbound": 4, "inbound": 0},
             "access_log": {"path": "/run/na/access-log.fifo", "lines": 1200, "unreadable": 2}}
@@ -181,6 +181,8 @@ WAYPOINT = {"envoy": {"running": True, "pid": 77, "restarts": 0, "last_exit": No
 
 def test_the_waypoint_says_how_many_request_lines_it_read_and_how_many_it_could_not():
     text = status.render_text({**STATUS, **MESH, "waypoint": WAYPOINT}, now=NOW)
+    assert ("  envoy      running, pid 77, 0 restarts, user 10337:10337, admin /run/na/admin.sock, "
+            "log /run/na/envoy.log\n") in text
     assert ("  sent       4 outbound, 0 inbound\n"
             "  requests   1200 logged by Envoy (2 unreadable), read from /run/na/access-log.fifo\n") in text
 

@@ -9,20 +9,27 @@ tests/e2e/test_waypoint.py.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
+import re
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from nodeagent.agent import config as agent_config
 from nodeagent.agent.proxy.steering import NoWaypoint
 from nodeagent.agent.waypoint.waypoint import Waypoint, WaypointUnavailable, read_header
 from nodeagent.xds import dataplane
 from nodeagent.xds.client import AdsSession
+from nodeagent.errors import EnvironmentProblem
 from nodeagent.xds.dataplane import DataPlane, ProxyHeader
+from nodeagent.xds.envoy import EnvoyUser, admin_get, untraversable
 from waypoint_world import ALLOW_GET, VS, stand_in_envoy, until, waypoint_config
 from xds_world import model
 
@@ -49,8 +56,8 @@ def make(tmp_path: Path, registry: CollectorRegistry, seen: list, **options) -> 
 
 
 @pytest.fixture
-def waypoint(tmp_path: Path, registry, seen) -> Waypoint:
-    return make(tmp_path, registry, seen)
+def waypoint(envoy_tmp: Path, registry, seen) -> Waypoint:
+    return make(envoy_tmp, registry, seen)
 
 
 def test_nothing_is_steered_before_envoy_acked(waypoint):
@@ -71,9 +78,9 @@ def test_nothing_is_steered_before_envoy_acked(waypoint):
                                                                                               "inbound": 0}
 
 
-def test_only_this_nodes_acks_steer_and_on_the_agents_loop(tmp_path, registry, seen):
+def test_only_this_nodes_acks_steer_and_on_the_agents_loop(envoy_tmp, registry, seen):
     threads: list[threading.Thread] = []
-    waypoint = make(tmp_path, registry, seen, on_steering=lambda: threads.append(threading.current_thread()))
+    waypoint = make(envoy_tmp, registry, seen, on_steering=lambda: threads.append(threading.current_thread()))
 
     async def go():
         await waypoint.start()
@@ -181,14 +188,44 @@ def test_open_writes_the_header_or_says_envoy_is_unavailable(waypoint, tmp_path)
     assert waypoint.describe()["connections"] == {"outbound": 1, "inbound": 0}
 
 
-def test_two_waypoints_with_free_admin_ports_run_side_by_side(tmp_path):
-    """envoy_admin_port 0 (the DaemonSet's): each real Envoy picks a free admin port and
-    status shows it, so two agents of one node (a rolling update with surge) both run
-    their waypoint; with both on 127.0.0.1:15000 the new agent's Envoy exited 1 until
-    the old one was gone."""
-    import json
-    import urllib.request
+def proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as status:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in status)}
 
+
+def connect_as(uid: int, path: str) -> str:
+    """What connecting to the unix socket `path` as `uid` (no groups) says: a forked child
+    (the interpreter lives where only root may enter) switches and tries."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            try:
+                socket.socket(socket.AF_UNIX).connect(path)
+                said = b"connected"
+            except OSError as exc:
+                said = type(exc).__name__.encode()
+            os.write(write, said)
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        return os.read(read, 100).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.root
+def test_two_waypoints_run_side_by_side_each_envoy_its_own_user_without_privileges(envoy_tmp):
+    """Two agents of one node (a rolling update with surge) each run their waypoint, whose
+    Envoy runs as uid/gid 10337 (the default), no other group, no capability, no_new_privs:
+    it parses every pod's HTTP. Its admin API answers on its own directory's socket (no
+    port of the node: both used 15000 once, and any hostNetwork pod could stop it), which
+    only root and Envoy's group reach: another uid can connect to none of the sockets."""
     from nodeagent.agent import config as agent_config
 
     async def handler(sock, header):
@@ -198,29 +235,79 @@ def test_two_waypoints_with_free_admin_ports_run_side_by_side(tmp_path):
         waypoints = []
         try:
             for name in ("old", "new"):
-                (tmp_path / name / "cluster").mkdir(parents=True)
-                config = agent_config.load({"node": "node1", "source": f"files:{tmp_path / name / 'cluster'}",
-                                            "cgroup": str(tmp_path), "waypoint_dir": str(tmp_path / name / "wp"),
-                                            "envoy_admin_port": "0"}, {})
+                (envoy_tmp / name / "cluster").mkdir(parents=True)
+                config = agent_config.load({"node": "node1", "source": f"files:{envoy_tmp / name / 'cluster'}",
+                                            "cgroup": str(envoy_tmp), "waypoint_dir": str(envoy_tmp / name / "wp")},
+                                           {})
                 waypoint = Waypoint(config, registry=CollectorRegistry(), log=logging.getLogger(name),
                                     on_upstream=handler, on_deliver=handler)
                 waypoints.append(waypoint)
                 await waypoint.start()
-            await until(lambda: all(w.admin_address() for w in waypoints), "both Envoys' admin addresses", 60)
+                waypoint.update(model(VS))
             answers = []
             for waypoint in waypoints:
-                url = f"http://{waypoint.describe()['envoy']['admin']}/server_info"
-                with await asyncio.to_thread(urllib.request.urlopen, url, timeout=10) as response:
-                    answers.append((response.status, json.load(response)["command_line_options"]["admin_address_path"]))
-            return answers, [w.describe()["envoy"] for w in waypoints]
+                deadline, info = time.monotonic() + 60, {}
+                while info.get("state") != "LIVE":  # configured: the xDS server's sockets reached
+                    assert time.monotonic() < deadline, f"not live after 60 s: {info}"
+                    await asyncio.sleep(0.1)
+                    with contextlib.suppress(OSError):
+                        info = json.loads(await asyncio.to_thread(admin_get, waypoint.sockets.admin, "/server_info"))
+                envoy = waypoint.describe()["envoy"]
+                answers.append((info["state"], info["command_line_options"]["concurrency"], envoy["user"],
+                                envoy["admin"], proc_status(envoy["pid"])))
+                others = [await asyncio.to_thread(connect_as, 4242, waypoint.sockets.path(name))
+                          for name in ("admin.sock", "xds.sock", "upstream.sock", "deliver.sock", "outbound.sock")]
+                answers.append(others)
+                directory = os.stat(waypoint.directory)
+                answers.append((oct(directory.st_mode & 0o7777), directory.st_gid))
+            return answers
         finally:
             for waypoint in waypoints:
                 await waypoint.close()
 
-    answers, envoys = run(go())
-    assert answers == [(200, str(tmp_path / name / "wp" / "admin-address")) for name in ("old", "new")]
-    assert envoys[0]["admin"] != envoys[1]["admin"] and all(e["admin"].startswith("127.0.0.1:") for e in envoys)
-    assert [(e["running"], e["restarts"]) for e in envoys] == [(True, 0), (True, 0)]
+    answers = run(go())
+    for name, (live, others, directory) in zip(("old", "new"), (answers[0:3], answers[3:6])):
+        state, concurrency, user, admin, status = live
+        assert (state, concurrency, user, admin) == ("LIVE", 2, "10337:10337", str(envoy_tmp / name / "wp" / "admin.sock"))
+        assert [status[k].split() for k in ("Uid", "Gid")] == [["10337"] * 4, ["10337"] * 4]
+        assert (status["Groups"], status["NoNewPrivs"]) == ("", "1")
+        assert [status[k] for k in ("CapInh", "CapPrm", "CapEff", "CapAmb")] == ["0000000000000000"] * 4
+        assert others == ["PermissionError"] * 5
+        assert directory == (oct(0o1770), 10337)
+
+
+def test_untraversable_names_the_first_directory_envoys_user_may_not_enter(envoy_tmp):
+    tmp_path = envoy_tmp
+    me = EnvoyUser(os.geteuid(), os.getegid())
+    stranger = EnvoyUser(4242, 4242)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for mode in (0o755, 0o711, 0o701):
+        (tmp_path / "a").chmod(mode)
+        assert untraversable(tmp_path / "a" / "b", me) is None
+    (tmp_path / "a").chmod(0o710)
+    assert untraversable(tmp_path / "a" / "b", me) is None  # the owner's bits
+    assert untraversable(tmp_path / "a" / "b", EnvoyUser(4242, os.getegid())) is None  # the group's
+    found = untraversable(tmp_path / "a" / "b", stranger)
+    assert found is not None and found.startswith(f"{tmp_path / 'a'} (mode 0710, owner {me.uid}:{me.gid})")
+    (tmp_path / "a").chmod(0o700)
+    assert untraversable(tmp_path / "a" / "b", EnvoyUser(4242, os.getegid())).startswith(str(tmp_path / "a"))
+
+
+@pytest.mark.root
+def test_a_waypoint_directory_envoys_user_cannot_reach_stops_the_start_naming_it(tmp_path):
+    """pytest's base directory is 0700: a waypoint there could not run Envoy as 10337, and
+    the start says which parent and both ways out, before anything is made."""
+    (tmp_path / "cluster").mkdir()
+    config = agent_config.load({"node": "node1", "source": f"files:{tmp_path / 'cluster'}", "cgroup": str(tmp_path),
+                                "waypoint_dir": str(tmp_path / "wp")}, {})
+    waypoint = Waypoint(config, registry=CollectorRegistry(), log=logging.getLogger("t"),
+                        on_upstream=None, on_deliver=None)
+    base = next(p for p in tmp_path.parents if p.name.startswith("pytest-of-"))
+    with pytest.raises(EnvironmentProblem, match=rf"runs as 10337:10337 and cannot reach {re.escape(str(tmp_path))}/wp: "
+                       rf"it may not enter {re.escape(str(base))} \(mode 0700.*--waypoint-dir.*--envoy-user root"):
+        run(waypoint.start())
+    assert sorted(os.listdir(tmp_path / "wp")) == []
+    run(waypoint.close())
 
 
 def test_failed_accepts_on_the_hand_back_sockets_are_reported_once_per_interval(waypoint, seen, caplog):

@@ -418,7 +418,6 @@ def test_rotation_options_and_chunks():
     for bad in (mesh.Options(rounds=0), mesh.Options(duration=0.5), mesh.Options(pods=(0, 10)), mesh.Options(pods=())):
         with pytest.raises(ConfigError):
             bad.check()
-    assert mesh.dechunk(b"5\r\nLIVE\n\r\n3;x=y\r\nabc\r\n0\r\n\r\n") == b"LIVE\nabc"
 
 
 def test_cli_refuses_bad_options_before_anything_runs(capsys):

@@ -300,7 +300,8 @@ def test_the_agents_capabilities_are_the_explained_ones():
     context = AGENT["spec"]["template"]["spec"]["containers"][0]["securityContext"]
     assert context["capabilities"]["drop"] == ["ALL"]
     added = context["capabilities"]["add"]
-    assert added == ["BPF", "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"]
+    assert added == ["BPF", "CHOWN", "NET_ADMIN", "NET_RAW", "SETGID", "SETUID", "SYS_ADMIN", "SYS_PTRACE",
+                     "SYS_RESOURCE"]
     header = (MESH / "agent.yaml").read_text().split("apiVersion:")[0]
     for cap in added:
         assert re.search(rf"\b{cap} \(", header), f"agent.yaml's header does not say why {cap} is added"

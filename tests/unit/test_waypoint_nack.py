@@ -58,9 +58,9 @@ def make(tmp_path: Path, registry: CollectorRegistry, **supervisor) -> Waypoint:
 
 
 @pytest.fixture
-def waypoint(tmp_path: Path, registry) -> Waypoint:
+def waypoint(envoy_tmp: Path, registry) -> Waypoint:
     """With a stand-in Envoy: the xDS side is an AdsSession that refuses what carries POISON."""
-    return make(tmp_path, registry, binary=stand_in_envoy(tmp_path))
+    return make(envoy_tmp, registry, binary=stand_in_envoy(envoy_tmp))
 
 
 @contextlib.asynccontextmanager
@@ -186,14 +186,14 @@ http:
 """)
 
 
-def test_the_real_envoy_refuses_what_validation_let_through_and_later_changes_flow(tmp_path, registry,
+def test_the_real_envoy_refuses_what_validation_let_through_and_later_changes_flow(envoy_tmp, registry,
                                                                                    monkeypatch):
     """Our validation is told Envoy's limit is higher than it is, so a regex Envoy refuses
     gets through to it, as anything validation cannot know about would. Envoy's verdict
     on regexes near its limit is compared with our validation's too."""
     limit = fields.MAX_PROGRAM_SIZE  # the real one, before it is raised
     monkeypatch.setattr(fields, "MAX_PROGRAM_SIZE", 1_000_000)
-    waypoint = make(tmp_path, registry)
+    waypoint = make(envoy_tmp, registry)
 
     async def go():
         await waypoint.start()

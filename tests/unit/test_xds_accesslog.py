@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-import socket
 import stat
 import sys
 import time
@@ -359,12 +358,6 @@ def test_a_failing_recorder_never_stops_the_reader(tmp_path, caplog):
 
 
 # --- a real Envoy's lines --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def envoy_lines(tmp_path_factory) -> list[tuple[int, bytes]]:
     """(status, line) of each request of every kind the waypoint's config has, in order,
@@ -381,7 +374,7 @@ def envoy_lines(tmp_path_factory) -> list[tuple[int, bytes]]:
     sockets, signer, sink, cache = Sockets(str(tmp)), xds_waypoint.Signer(), Lines(), SnapshotCache()
     server = AdsServer(cache, CollectorRegistry(), debounce=0.05).start(unix_path=sockets.xds)
     pipe = AccessLogPipe(sockets.access_log, sink).open()
-    (tmp / "bootstrap.json").write_text(bootstrap_json(BootstrapSettings("node1", sockets.xds, free_port())))
+    (tmp / "bootstrap.json").write_text(bootstrap_json(BootstrapSettings("node1", sockets.xds, sockets.admin)))
     supervisor = EnvoySupervisor(str(tmp / "bootstrap.json"), str(tmp / "envoy.log"))
     agent = xds_waypoint.FakeAgent({"upstream": sockets.upstream, "deliver": sockets.deliver})
     lines = []

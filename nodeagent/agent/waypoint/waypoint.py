@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from typing import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter
@@ -36,7 +37,7 @@ from nodeagent.xds.accesslog import AccessLogPipe, RequestMetrics
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import DataPlane, HeaderReader, ProxyHeader, Sockets
-from nodeagent.xds.envoy import EnvoySupervisor
+from nodeagent.xds.envoy import EnvoySupervisor, untraversable
 from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.snapshot import Snapshot
@@ -74,8 +75,9 @@ class Waypoint:
         self.log = log
         self.directory = config.waypoint_dir
         self.sockets = Sockets(str(self.directory))
-        self.admin_port = config.envoy_admin_port  # 0: Envoy picks one and writes it to admin_address_path
-        self.admin_address_path = self.directory / "admin-address"
+        # Envoy's own uid and gid (no capability, no_new_privs: envoy.py), when the agent may
+        # switch to them; else Envoy runs as the agent.
+        self.user = config.envoy_user if config.envoy_user is not None and os.geteuid() == 0 else None
         self.metrics = WaypointMetrics(registry)
         self.handlers = {"upstream": on_upstream, "deliver": on_deliver}
         # Runs a config step (the publisher's rebuilds after an ACK or NACK, cluster
@@ -95,14 +97,11 @@ class Waypoint:
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task] = set()
         self.sent = {"outbound": 0, "inbound": 0}  # connections the agent sent to Envoy
-        options = dict(supervisor_options or {})
-        if self.admin_port == 0:
-            options["extra_args"] = (*options.get("extra_args", ()), "--admin-address-path",
-                                     str(self.admin_address_path))
         try:
             self.supervisor = EnvoySupervisor(str(self.directory / "bootstrap.json"),
                                               str(self.directory / "envoy.log"), log=log.getChild("envoy"),
-                                              preexec_fn=_die_with_parent, **options)
+                                              preexec_fn=_die_with_parent, user=self.user,
+                                              **(supervisor_options or {}))
         except EnvironmentProblem as exc:
             raise EnvironmentProblem(exc.message, f"{exc.hint}, or run the agent with --no-waypoint "
                                      "(L4 only)") from None
@@ -111,28 +110,61 @@ class Waypoint:
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        self._prepare_directory()
+        for name in ("outbound.sock", "inbound.sock", "admin.sock"):
+            with contextlib.suppress(FileNotFoundError):  # a previous Envoy's, maybe another uid's
+                os.unlink(self.sockets.path(name))
         self.server.start(unix_path=self.sockets.xds)
+        self._share(self.sockets.xds, 0o660)
         self.access_log.open()  # before Envoy opens it for writing
+        self._share(self.sockets.access_log, 0o620)
         for name in self.handlers:
             path = self.sockets.path(f"{name}.sock")
             if os.path.exists(path):
                 os.unlink(path)  # left by a killed agent
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(path)
+            self._share(path, 0o660)
             listener.listen(1024)
             listener.setblocking(False)
             self._listeners.append(listener)
             self._tasks.add(loop.create_task(self._serve(name, listener), name=f"waypoint-{name}"))
         bootstrap = self.directory / "bootstrap.json"
-        with contextlib.suppress(FileNotFoundError):
-            self.admin_address_path.unlink()  # a previous Envoy's
-        bootstrap.write_text(bootstrap_json(BootstrapSettings(self.node, self.sockets.xds, self.admin_port)))
+        bootstrap.write_text(bootstrap_json(BootstrapSettings(self.node, self.sockets.xds, self.sockets.admin)))
+        self._share(str(bootstrap), 0o640)
         self.supervisor.start()
         self._started = True
-        self.log.info("waypoint: envoy pid %s, admin %s, xDS on %s", self.supervisor.status().pid,
-                      f"127.0.0.1:{self.admin_port}" if self.admin_port else f"a free port ({self.admin_address_path})",
-                      self.sockets.xds)
+        self.log.info("waypoint: envoy pid %s as %s, admin %s, xDS on %s", self.supervisor.status().pid,
+                      self.user or "the agent", self.sockets.admin, self.sockets.xds)
+
+    def _prepare_directory(self) -> None:
+        """The waypoint directory, the agent's: 0700, or with Envoy as its own user, group
+        Envoy's, 01770 (Envoy makes its listeners' sockets there and, sticky, removes none
+        of the agent's), every parent one Envoy may enter."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        info = os.lstat(self.directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise EnvironmentProblem(f"waypoint directory {self.directory} is not a directory of the agent's uid "
+                                     f"{os.geteuid()} (a symlink, or another user's)",
+                                     "remove it, or choose another --waypoint-dir")
+        if self.user is None:
+            os.chmod(self.directory, 0o700)
+            return
+        blocked = untraversable(self.directory.parent, self.user)
+        if blocked:
+            raise EnvironmentProblem(f"the waypoint Envoy runs as {self.user} and cannot reach {self.directory}: "
+                                     f"it may not enter {blocked}",
+                                     "choose a --waypoint-dir whose parents every user may enter (the default "
+                                     "/run/nodeagent/waypoint), or --envoy-user root (not recommended: an Envoy "
+                                     "bug reached by a pod's HTTP would be root on the node)")
+        os.chown(self.directory, -1, self.user.gid)
+        os.chmod(self.directory, 0o1770)
+
+    def _share(self, path: str, mode: int) -> None:
+        """Give a file of the agent's in the waypoint directory to Envoy's group."""
+        if self.user is not None:
+            os.chown(path, -1, self.user.gid)
+            os.chmod(path, mode)
 
     async def close(self) -> None:
         if self._started:
@@ -231,16 +263,6 @@ class Waypoint:
         await self.handlers[name](raw, header)
 
     # --- status -------------------------------------------------------------------------
-    def admin_address(self) -> str | None:
-        """Envoy's admin HOST:PORT: the configured port, or the one Envoy picked (None
-        until it wrote it)."""
-        if self.admin_port:
-            return f"127.0.0.1:{self.admin_port}"
-        try:
-            return self.admin_address_path.read_text().strip() or None
-        except OSError:
-            return None
-
     def describe(self) -> dict:
         status = self.supervisor.status() if self._started else None
         published = self.publisher.describe()  # its xDS versions, then what is in force
@@ -252,7 +274,8 @@ class Waypoint:
             "envoy": {"running": bool(status and status.running), "pid": status.pid if status else None,
                       "restarts": status.restarts if status else 0,
                       "last_exit": status.last_exit if status else None,
-                      "admin": self.admin_address(), "log": str(self.directory / "envoy.log")},
+                      "user": str(self.user) if self.user else f"{os.geteuid()}:{os.getegid()} (the agent's)",
+                      "admin": self.sockets.admin, "log": str(self.directory / "envoy.log")},
             "xds": {**xds, "connected": self.node in self.server.connected(), "nacks": int(nacks),
                     "snapshot_error": self.publisher.snapshot_error},
             **published,  # built_at, resources, errors, warnings, dataplane

@@ -43,7 +43,9 @@ FILE_ACCESS_LOG = "envoy.access_loggers.file"
 
 
 def listener(name: str, path: str, tlvs: tuple[int, ...], chains: list[FilterChain]) -> Listener:
-    return Listener(name=name, address=Address(pipe=Pipe(path=path, mode=0o660)),
+    # 0666: the waypoint directory (01770) keeps others out; Envoy runs as its own user, so
+    # 0660 would keep out the agent too, root without CAP_DAC_OVERRIDE in the DaemonSet
+    return Listener(name=name, address=Address(pipe=Pipe(path=path, mode=0o666)),
                     listener_filters=[_proxy_protocol(tlvs)], filter_chains=chains)
 
 
