@@ -197,6 +197,8 @@ struct conn {
     struct conn *hs_prev, *hs_next, *dnext;
     struct stream *streams;
     uint32_t nstreams;
+    struct evnode *refused[3];     /* engine thread: this read's NH_EV_REFUSED by NH_REFUSED_*, ... */
+    uint64_t refused_stage;        /* ... valid while e->stage_seq is this */
     struct buf out;
     uint64_t *resets;              /* ring of the client's reset times (ms), server only */
     uint32_t reset_head, reset_count;
@@ -269,6 +271,7 @@ struct nh_engine {
     uint32_t nlingering;
     struct evnode *stage_head, *stage_tail; /* engine thread: events of one read, published together */
     bool staging;                  /* engine thread */
+    uint64_t stage_seq;            /* engine thread: +1 at each publish */
     uint64_t next_tick;            /* ms; 0: no periodic work configured */
     uint32_t tick_ms;
     uint64_t held;
@@ -599,12 +602,14 @@ static void expire_lingering(struct nh_engine *e, uint64_t now)
         linger_end(e, e->lingering);
 }
 
-static void emit(struct nh_engine *e, const struct nh_event *ev, const char *data, size_t len)
+/* Queue an event for Python; while staging, the node is returned (it is the engine's
+ * until the stage is published), else NULL. */
+static struct evnode *emit(struct nh_engine *e, const struct nh_event *ev, const char *data, size_t len)
 {
     struct evnode *n = calloc(1, sizeof *n);
     if (!n) {
         ST_SET(e, fatal, ENOMEM);
-        return;
+        return NULL;
     }
     n->ev = *ev;
     if (data && len) {
@@ -621,7 +626,7 @@ static void emit(struct nh_engine *e, const struct nh_event *ev, const char *dat
         else
             e->stage_head = n;
         e->stage_tail = n;
-        return;
+        return n;
     }
     pthread_mutex_lock(&e->lock);
     if (e->ev_tail)
@@ -635,6 +640,7 @@ static void emit(struct nh_engine *e, const struct nh_event *ev, const char *dat
     if (write(e->notify, &one, sizeof one) < 0) {
         /* EAGAIN: the counter is already huge, the reader is woken anyway */
     }
+    return NULL;
 }
 
 /* The events of one read (a REQUEST and the client's reset of it right behind, say) go to
@@ -648,6 +654,7 @@ static void stage_begin(struct nh_engine *e)
 static void stage_publish(struct nh_engine *e)
 {
     e->staging = false;
+    e->stage_seq++;
     if (!e->stage_head)
         return;
     size_t count = 0;
@@ -1505,11 +1512,23 @@ static void refuse_now(struct conn *c, struct stream *s, uint32_t status)
     bury(c->e, &s->o);
 }
 
+/* One event per connection, reason and read, counting the streams it stands for: a peer
+ * sending HEADERS at the cap queued an event per frame, as many as Python was slow to
+ * drain (a frame is 9 bytes and a few of HPACK). */
 static void refused_event(struct conn *c, struct stream *s, uint32_t why)
 {
+    struct nh_engine *e = c->e;
+    if (e->staging && c->refused_stage == e->stage_seq && c->refused[why]) {
+        c->refused[why]->ev.status++;
+        return;
+    }
     struct nh_event ev = {.conn = c->o.id, .type = NH_EV_REFUSED, .how = why, .code = NGHTTP2_REFUSED_STREAM,
-                          .h2_stream = (uint32_t)s->sid};
-    emit(c->e, &ev, NULL, 0);
+                          .status = 1, .h2_stream = (uint32_t)s->sid};
+    struct evnode *n = emit(e, &ev, NULL, 0);
+    if (c->refused_stage != e->stage_seq)
+        memset(c->refused, 0, sizeof c->refused);
+    c->refused_stage = e->stage_seq;
+    c->refused[why] = n;
 }
 
 /* Answer a server stream 200 and relay its socket (s->fd). */

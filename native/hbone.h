@@ -144,8 +144,9 @@
 #define NH_EV_REQUEST_RESET 6     /* server: the client reset a stream Python has not answered
                                      yet; it must still be answered (accept: its socket is
                                      reset at once; refuse), but may stop preparing it */
-#define NH_EV_REFUSED 7           /* server: a stream refused (REFUSED_STREAM) without asking
-                                     Python; how: NH_REFUSED_* */
+#define NH_EV_REFUSED 7           /* server: streams refused (REFUSED_STREAM) without asking
+                                     Python; how: NH_REFUSED_*; status: how many (one event for
+                                     a connection's refusals of one read and reason) */
 #define NH_EV_DELIVERED 8         /* server: a CONNECT the engine delivered on a route (nh_conn_route):
                                      answered 200, relaying; data as NH_EV_REQUEST, code = the
                                      local port of the route's socket it connected, tag = the

@@ -246,7 +246,7 @@ class ClientConnection(_Connection):
 
 class ServerConnection(_Connection):
     def __init__(self, engine, conn_id, admit: Callable[[bytes], bool], on_request: Callable[[Request], None],
-                 on_refused: Callable[[str], None] | None = None):
+                 on_refused: Callable[[str, int], None] | None = None):
         super().__init__(engine, conn_id)
         self.admit, self.on_request, self.on_refused = admit, on_request, on_refused
         self.refused = {"max_streams": 0, "draining": 0}  # streams the engine refused without asking
@@ -358,9 +358,9 @@ class HboneEngine:
 
     def serve(self, sock: socket.socket, tls: Tls, admit: Callable[[bytes], bool],
               on_request: Callable[[Request], None],
-              on_refused: Callable[[str], None] | None = None) -> ServerConnection:
+              on_refused: Callable[[str, int], None] | None = None) -> ServerConnection:
         """Serve accepted `sock`; OSError(EBUSY) when too many handshakes are pending (reset).
-        `on_refused(why)` hears of each stream the engine refused without asking
+        `on_refused(why, count)` hears of the streams the engine refused without asking
         (`max_streams`, `draining`)."""
         rc = self._lib.nh_conn_server(self._handle, sock.detach(), tls.handle)
         if rc < 0:
@@ -474,9 +474,9 @@ class HboneEngine:
             conn = self._conns.get(ev.conn)
             if isinstance(conn, ServerConnection):
                 why = "max_streams" if ev.how == lib.NH_REFUSED_CAP else "draining"
-                conn.refused[why] += 1
+                conn.refused[why] += ev.status
                 if conn.on_refused is not None:
-                    conn.on_refused(why)
+                    conn.on_refused(why, ev.status)
         elif ev.type == lib.NH_EV_REQUEST_RESET:
             stream = self._streams.get(ev.stream)
             if isinstance(stream, Request):

@@ -51,8 +51,8 @@ class TunnelMetrics:
     def handshake_failure(self, direction: str, reason: str) -> None:
         self.handshake_failures.labels(direction=direction, reason=reason).inc()
 
-    def refused(self, direction: str, reason: str) -> None:
-        self.streams_refused.labels(direction=direction, reason=reason).inc()
+    def refused(self, direction: str, reason: str, count: int = 1) -> None:
+        self.streams_refused.labels(direction=direction, reason=reason).inc(count)
 
     def connection_error(self, direction: str, reason: str) -> None:
         self.connection_errors.labels(direction=direction, reason=reason).inc()

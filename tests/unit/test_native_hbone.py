@@ -1178,6 +1178,35 @@ def test_native_server_stream_cap_counts_streams_until_answered(pki):
     run(main())
 
 
+def test_native_server_reports_a_reads_refusals_in_one_event(pki):
+    """A peer at the stream cap sending HEADERS after HEADERS got an event queued for
+    Python per frame (9 bytes and a little HPACK each), as many as Python was slow to
+    take: one event per read and reason now, counting them all."""
+    from test_hbone_resets import RawClient
+
+    settings = TunnelSettings(max_concurrent_streams=5)
+
+    async def main():
+        async with engine(settings) as eng, NativeServer(eng, pki, app="hold") as srv:
+            import ssl
+            ctx = pki.client.ssl_context(False)
+            ctx.set_alpn_protocols(["h2"])
+            client = RawClient(*await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1"))
+            assert await client.ping()
+            client.rapid_resets(5)  # held: unanswered streams count against the cap
+            assert await client.ping()
+            await until(lambda: len(srv.requests) == 5)
+            heard = []
+            srv.conns[0].on_refused = lambda why, count: heard.append((why, count))
+            client.rapid_resets(150)  # one write: one TLS record, one read
+            assert await client.ping()
+            await until(lambda: srv.conns[0].refused["max_streams"] == 150)
+            assert eng.stats()["refused_streams"] == 150 and heard == [("max_streams", 150)]
+            client.close()
+            assert srv.conns[0].refused == {"max_streams": 150, "draining": 0}
+    run(main())
+
+
 def test_no_descriptor_is_left_behind(pki):
     """Connections and streams ended every way (clean, reset, refused, garbage, identity)
     leave no descriptor open in the process."""

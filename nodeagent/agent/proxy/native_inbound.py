@@ -86,7 +86,7 @@ class NativeServing:
             engine_tls = self.tunnel.engines.tls(creds)
             served.conn = self.tunnel.engines.engine.serve(sock, engine_tls, lambda pem: self._admit(served, pem),
                                                            lambda request: self._request(served, request),
-                                                           lambda why: self._stream_refused(served, why))
+                                                           lambda why, count: self._stream_refused(served, why, count))
         except (IdentityUnavailable, ValueError, OSError) as exc:
             budget.release(served.peer[0])
             self._refused("no_local_identity" if not isinstance(exc, OSError) else "engine",
@@ -126,16 +126,17 @@ class NativeServing:
             self.log.info("HBONE connection from %s (%s:%d) ended: %s (%s)", served.identity, *served.peer,
                           end.how, end.reason)
 
-    def _stream_refused(self, served: _Served, why: str) -> None:
-        """A stream the engine refused without asking (REFUSED_STREAM), counted as the Python
-        server counts it: by reason, and the stream cap's limit once per connection."""
+    def _stream_refused(self, served: _Served, why: str, count: int) -> None:
+        """Streams the engine refused without asking (REFUSED_STREAM; `count` of one read),
+        counted as the Python server counts them: by reason, and the stream cap's limit
+        once per connection."""
         if why == "draining":
-            self.metrics.refused(DIRECTION, "draining")
-            self.log.info("HBONE connection from %s (%s:%d): stream refused (draining)", served.identity,
-                          *served.peer)
+            self.metrics.refused(DIRECTION, "draining", count)
+            self.log.info("HBONE connection from %s (%s:%d): %d stream(s) refused (draining)", served.identity,
+                          *served.peer, count)
             return
-        self.metrics.refused(DIRECTION, "too_many_streams")
-        if served.conn.refused["max_streams"] == 1:
+        self.metrics.refused(DIRECTION, "too_many_streams", count)
+        if served.conn.refused["max_streams"] == count:  # the connection's first
             self.metrics.limit_hit(DIRECTION, STREAM_CAP)
             self.log.warning("HBONE connection from %s (%s:%d): %d streams still being served, refusing more "
                              "(REFUSED_STREAM) until some end; a client resetting streams faster than we finish "
