@@ -1146,20 +1146,24 @@ def test_a_ping_flood_from_a_peer_that_does_not_read_ends_the_connection(pki, ki
     run(main())
 
 
+async def raw_client(pki, srv):
+    """A bare h2 client (test_hbone_resets.RawClient) connected to `srv`, SETTINGS done."""
+    from test_hbone_resets import RawClient
+    ctx = pki.client.ssl_context(False)
+    ctx.set_alpn_protocols(["h2"])
+    client = RawClient(*await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1"))
+    assert await client.ping()
+    return client
+
+
 def test_native_server_stream_cap_counts_streams_until_answered(pki):
     """max_concurrent_streams 5: streams Python has not answered count, also once the
     client reset them; the 6th is REFUSED_STREAM; answering frees room again."""
-    from test_hbone_resets import RawClient
-
     settings = TunnelSettings(max_concurrent_streams=5)
 
     async def main():
         async with engine(settings) as eng, NativeServer(eng, pki, app="hold") as srv:
-            import ssl
-            ctx = pki.client.ssl_context(False)
-            ctx.set_alpn_protocols(["h2"])
-            client = RawClient(*await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1"))
-            assert await client.ping()
+            client = await raw_client(pki, srv)
             client.rapid_resets(5)  # reset at once, but not answered yet: still counted
             sixth = client.open()
             assert await client.ping()
@@ -1182,17 +1186,11 @@ def test_native_server_reports_a_reads_refusals_in_one_event(pki):
     """A peer at the stream cap sending HEADERS after HEADERS got an event queued for
     Python per frame (9 bytes and a little HPACK each), as many as Python was slow to
     take: one event per read and reason now, counting them all."""
-    from test_hbone_resets import RawClient
-
     settings = TunnelSettings(max_concurrent_streams=5)
 
     async def main():
         async with engine(settings) as eng, NativeServer(eng, pki, app="hold") as srv:
-            import ssl
-            ctx = pki.client.ssl_context(False)
-            ctx.set_alpn_protocols(["h2"])
-            client = RawClient(*await asyncio.open_connection(*srv.address, ssl=ctx, server_hostname="127.0.0.1"))
-            assert await client.ping()
+            client = await raw_client(pki, srv)
             client.rapid_resets(5)  # held: unanswered streams count against the cap
             assert await client.ping()
             await until(lambda: len(srv.requests) == 5)
