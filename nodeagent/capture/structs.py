@@ -14,6 +14,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
+from nodeagent.addresses import unmapped
+
 MAX_EXCLUDED_PORTS = 8  # NA_MAX_EXCLUDED_PORTS
 POD_F_CAPTURE = 1 << 0  # NA_POD_F_CAPTURE
 
@@ -34,9 +36,8 @@ class Addr(ctypes.Structure):
         raw = bytes(self.addr)
         if self.family == socket.AF_INET:
             return socket.inet_ntoa(raw[:4])  # as ipaddress.IPv4Address formats it, at a tenth of the cost
-        v6 = ipaddress.IPv6Address(raw)
         # connect6 sees IPv4 destinations of dual-stack sockets as ::ffff:a.b.c.d
-        return str(v6.ipv4_mapped) if v6.ipv4_mapped else str(v6)
+        return str(unmapped(ipaddress.IPv6Address(raw)))
 
 
 def _with_ports(ctype, exclude_ports: list[int], **fields):

@@ -17,6 +17,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from nodeagent.addresses import unmapped
 from nodeagent.model import Pod
 from nodeagent.policy.scope import Scope
 
@@ -172,9 +173,7 @@ def attributes(conn: Connection) -> dict[str, Any]:
 @functools.lru_cache(maxsize=4096)  # per connection twice; the addresses are the pods' (immutable results)
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The address, IPv4-mapped IPv6 (a dual-stack listener's view) read as IPv4."""
-    ip = ipaddress.ip_address(text)
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return mapped if mapped is not None else ip
+    return unmapped(ipaddress.ip_address(text))
 
 
 def authorize(policies: Sequence[AuthorizationPolicy], root_namespace: str,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from nodeagent.addresses import unmapped
 from nodeagent.policy.authz import Condition, Net, Port, Rule, Text
 from nodeagent.policy.schema import Field, attempt
 
@@ -159,9 +160,9 @@ def _net(field: Field, text: str, namespace: str) -> Net:
         if bits and not NUMBER.match(bits):
             raise ValueError(text)
         net = ipaddress.ip_network(text, strict=False)
-        mapped = getattr(net.network_address, "ipv4_mapped", None)
-        if mapped is not None and net.prefixlen >= 96:  # ::ffff:a.b.c.d/n: the IPv4 block, as sources are read
-            net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)
+        mapped = unmapped(net.network_address)
+        if mapped.version != net.version and net.prefixlen >= 96:  # ::ffff:a.b.c.d/n: the IPv4 block,
+            net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)  # as sources are read
         return Net(net)
     except ValueError:
         raise field.error(f"{text!r} is not an IP address or CIDR",

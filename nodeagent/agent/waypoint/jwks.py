@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import urlsplit
 
+from nodeagent.addresses import unmapped
 from nodeagent.backoff import Backoff
 from nodeagent.clock import Clock, SystemClock
 from nodeagent.errors import ConfigError, NodeagentError
@@ -162,9 +163,7 @@ def refused_address(ip: str) -> str | None:
     network as root, where anybody allowed a RequestAuthentication names the URI: not from
     the node itself (loopback), link-local addresses (the cloud's metadata service,
     169.254.169.254), unspecified or multicast ones (istiod fetches from its pod's network)."""
-    address = ipaddress.ip_address(ip.split("%", 1)[0])
-    mapped = getattr(address, "ipv4_mapped", None)
-    address = mapped or address
+    address = unmapped(ipaddress.ip_address(ip.split("%", 1)[0]))
     for refused, what in ((address.is_loopback, "loopback"), (address.is_link_local, "link-local"),
                           (address.is_unspecified, "unspecified"), (address.is_multicast, "multicast")):
         if refused:
