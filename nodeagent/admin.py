@@ -138,7 +138,9 @@ class AdminServer:
         self._refusals = Throttle()  # their log lines
 
     async def start(self, address: tuple[str, int] | None, socket_path: Path | None,
-                    reuse_port: bool = True) -> None:
+                    reuse_port: bool = True, setting: str = "admin_address") -> None:
+        """Serve on `address` (the setting named `setting`: a refused listen names it) and
+        on the unix socket `socket_path`."""
         if address is not None:
             try:
                 # SO_REUSEPORT: a rolling update's new agent binds the node's admin port
@@ -147,9 +149,9 @@ class AdminServer:
                                                                 reuse_address=True, reuse_port=reuse_port,
                                                                 limit=MAX_REQUEST))
             except OSError as exc:
-                raise ConfigError("setting admin_address", f"cannot listen on {address[0]}:{address[1]}: "
-                                  f"{exc.strerror}", "is another agent running in this netns? "
-                                  "pick another --admin-address") from None
+                raise ConfigError(f"setting {setting}", f"cannot listen on {address[0]}:{address[1]}: "
+                                  f"{exc.strerror}", "is another process (another agent?) listening there? "
+                                  f"pick another --{setting.replace('_', '-')}") from None
         if socket_path is not None:
             _clear_stale_socket(socket_path)
             socket_path.parent.mkdir(parents=True, exist_ok=True)

@@ -380,7 +380,7 @@ def test_an_agent_that_cannot_listen_on_its_admin_address_stops_and_keeps_captur
                     pass
         message = str(failed.value)
         assert message.startswith(f"setting admin_address: cannot listen on 127.0.0.1:{port}: ")
-        assert message.endswith("address already in use (is another agent running in this netns? "
+        assert message.endswith("address already in use (is another process (another agent?) listening there? "
                                 "pick another --admin-address)")
         assert node.capture.calls == [("load",), ("close", True)]
     run(main())

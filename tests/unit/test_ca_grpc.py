@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 from prometheus_client import CollectorRegistry
 
-from nodeagent.errors import EnvironmentProblem
+from nodeagent.errors import ConfigError, EnvironmentProblem
 from nodeagent.identity import pemfiles
 from nodeagent.identity.ca import server
 from nodeagent.identity.workload import credentials
@@ -221,6 +221,21 @@ def test_the_metrics_port_serves_a_bounded_number_of_connections(tmp_path):
         for sock in idle:
             sock.close()
         running.server.stop(grace=0)
+
+
+def test_a_metrics_address_in_use_stops_the_ca_naming_its_own_setting(tmp_path):
+    """The metrics port is served by the agent's admin server, whose refusal named the
+    agent's --admin-address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as failed:
+            RunningCa(tmp_path, metrics_address=("127.0.0.1", port))
+    message = str(failed.value)
+    assert message.startswith(f"setting metrics_address: cannot listen on 127.0.0.1:{port}: ")
+    assert message.endswith("address already in use (is another process (another agent?) listening there? "
+                            "pick another --metrics-address)")
 
 
 def test_a_second_ca_on_the_same_port_fails_to_start(ca, tmp_path):

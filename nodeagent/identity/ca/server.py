@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeagent.admin import AdminServer
-from nodeagent.errors import ConfigError, EnvironmentProblem
+from nodeagent.errors import EnvironmentProblem
 from nodeagent.identity import pemfiles
 from nodeagent.identity.ca import keys
 from nodeagent.identity.ca.auth import (Authenticator, ModelView, NodeAuthorizer, TokenFileAuthenticator,
@@ -184,18 +184,20 @@ class CaServer:
         self._stopped = threading.Event()
 
     def start(self) -> int:
+        """Serve; the port the CA listens on. A start that fails stops what it started."""
         self._thread.start()
         target = grpc_target(*self.address)
-        port = self._run(self._start(target))
-        if port == 0:
-            raise EnvironmentProblem(f"the CA cannot listen on {target}",
-                                     "is another process using the port? choose another with --listen")
-        if self._metrics is not None:
-            try:
-                self._run(self._metrics.start(self.metrics_address, None, reuse_port=False))
-            except ConfigError as exc:
-                raise EnvironmentProblem(f"the CA cannot serve metrics on {grpc_target(*self.metrics_address)}: "
-                                         f"{exc}", "choose another --metrics-address") from None
+        try:
+            port = self._run(self._start(target))
+            if port == 0:
+                raise EnvironmentProblem(f"the CA cannot listen on {target}",
+                                         "is another process using the port? choose another with --listen")
+            if self._metrics is not None:
+                self._run(self._metrics.start(self.metrics_address, None, reuse_port=False,
+                                              setting="metrics_address"))
+        except BaseException:
+            self.stop(grace=0)
+            raise
         return port
 
     async def _start(self, target: str) -> int:
