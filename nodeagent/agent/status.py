@@ -89,8 +89,9 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
          for p in status.get("pods", [])]) if status.get("pods") else ""))
     out.append("")
     out.append(_section("WAITING PODS", table(
-        ["NAMESPACE", "NAME", "UID", "REASON"],
-        [[w["namespace"], w["name"], w.get("uid") or "-", w["reason"]] for w in status.get("waiting", [])])
+        ["NAMESPACE", "NAME", "UID", "INBOUND", "REASON"],
+        [[w["namespace"], w["name"], w.get("uid") or "-", w.get("inbound", "-"), w["reason"]]
+         for w in status.get("waiting", [])])
         if status.get("waiting") else ""))
     out.append("")
     out.extend(_mesh_sections(status, now))

@@ -246,6 +246,19 @@ class CaptureLoader:
             maps.set_inbound(ip, listener.fileno())
             maps.set_enrolled_ip(ip, PodIp.of(netns_cookie, ports))
 
+    def refuse_inbound(self, netns_fd: int, netns_cookie: int, pod_ips: Iterable[str],
+                       exclude_ports: Iterable[int] = ()) -> None:
+        """Refuse inbound TCP for `pod_ips` (a meshed pod the agent cannot serve): enrolled,
+        with no listener, so the sk_lookup program drops every connection but the tunnel
+        port's and the excluded ports' (fail closed; steer_inbound replaces it)."""
+        maps, ips = self._loaded(), list(pod_ips)
+        ports = _ports("exclude_ports", exclude_ports)
+        assert self._links is not None
+        self._links.ensure(netns_cookie, netns_fd)
+        for ip in ips:
+            maps.delete_inbound(ip)
+            maps.set_enrolled_ip(ip, PodIp.of(netns_cookie, ports))
+
     def unsteer_inbound(self, netns_cookie: int, pod_ips: Iterable[str]) -> None:
         maps = self._loaded()
         for ip in pod_ips:  # unenrol first: no fail-closed drop in between

@@ -343,11 +343,13 @@ def test_status_command_renders_live_agent(sb, pods):
     assert data["pods"][0]["netns_cookie"] > 0 and data["counters"]["outbound_connections_total"] == 7
 
 
-def test_a_failed_enrolment_leaves_nothing_of_the_pod_and_is_retried(sb, pods):
+def test_a_failed_enrolment_leaves_nothing_of_the_pod_but_refuses_its_inbound_and_is_retried(sb, pods):
     """The app holds the mesh's inbound port 15006: enrolment fails after the pod's
     delivery routing is in place. Everything is undone (no routing rule, no capture
     entry, no listener), the failure is reported and retried with backoff, and once the
-    port is free the pod is enrolled."""
+    port is free the pod is enrolled. Meanwhile connections to the pod are refused in
+    its netns (it is meshed: nothing reaches its app around the mesh); before, its app
+    took them, plaintext and unchecked."""
     client, plain, server = pods
     squatter = sb.serve(client, 15006)
     try:
@@ -362,6 +364,10 @@ def test_a_failed_enrolment_leaves_nothing_of_the_pod_and_is_retried(sb, pods):
         assert maps["na_pods"] == 0, maps
         result = connect(sb, client, server, 3)
         assert (result["ok"], result["peers"]) == (3, {client.ip: 3})  # not captured: nothing half-done
+        assert failed["inbound"] == "refused" and maps["na_enrolled_ips"] == 1 and maps["na_inbound"] == 0, maps
+        dropped = sb.status()["capture"]["counters"]["dropped_failclosed"]
+        assert connect(sb, plain, client, 3)["errors"] == {"refused": 3}  # fail closed, not to the app
+        assert sb.status()["capture"]["counters"]["dropped_failclosed"] == dropped + 3
     finally:
         squatter.kill()
         squatter.wait()

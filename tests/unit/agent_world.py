@@ -141,6 +141,7 @@ class CaptureMaps:
     def __init__(self, left: dict[int, list[int]] | None = None):
         self.pods: dict[int, list[int]] = dict(left or {})  # what a previous agent left pinned
         self.steered: dict[str, int] = {}  # pod IP -> netns cookie
+        self.refused: dict[str, int] = {}  # pod IP -> netns cookie: enrolled without a listener (dropped)
         self.original: dict[tuple[int, int, int], tuple[str, int]] = {}
         self.calls: list[tuple] = []
         self.stats_error: Exception | None = None
@@ -171,12 +172,24 @@ class CaptureMaps:
         if "steer_inbound" in self.failing:
             raise self.failing["steer_inbound"]
         self.steered.update((ip, netns_cookie) for ip in ips)
+        for ip in ips:
+            self.refused.pop(ip, None)
+
+    def refuse_inbound(self, netns_fd: int, netns_cookie: int, pod_ips, exclude_ports=()) -> None:
+        ips = list(pod_ips)
+        self.calls.append(("refuse_inbound", netns_cookie, ips, list(exclude_ports)))
+        if "refuse_inbound" in self.failing:
+            raise self.failing["refuse_inbound"]
+        for ip in ips:
+            self.steered.pop(ip, None)
+            self.refused[ip] = netns_cookie
 
     def unsteer_inbound(self, netns_cookie: int, pod_ips) -> None:
         ips = list(pod_ips)
         self.calls.append(("unsteer_inbound", netns_cookie, ips))
         for ip in ips:
             self.steered.pop(ip, None)
+            self.refused.pop(ip, None)
 
     def record_original_dst(self, cookie: int, client_port: int, dst: tuple[str, int]) -> None:
         """What the connect program records when a pod's app connects to `dst`."""

@@ -128,7 +128,7 @@ def test_a_file_written_to_the_source_changes_the_model_and_the_policies_in_forc
                 {"namespace": "mesh", "name": "starting", "uid": "uid-mesh-starting",
                  "reason": "phase is Pending, not Running"},
                 {"namespace": "mesh", "name": "sleep", "uid": SLEEP.uid,
-                 "reason": NOT_STARTED}]
+                 "reason": NOT_STARTED, "inbound": "open"}]  # no netns found: nothing to refuse in
             write(cluster / "policy.yaml", policy("deny-sleep", DENY_SLEEP_SPEC))
             status = await node.until_status(lambda s: s["policy"]["resources"], "the policy")
             assert status["policy"]["resources"] == {

@@ -69,9 +69,14 @@ def test_a_pod_the_previous_agent_captured_but_this_one_cannot_serve_keeps_captu
         squatter.close()
 
 
-def test_a_pod_no_agent_served_does_not_hold_readiness(tmp_path, cluster, pods, monkeypatch):
+def test_a_pod_no_agent_served_does_not_hold_readiness_and_its_inbound_is_refused(tmp_path, cluster, pods,
+                                                                                  monkeypatch):
     """An app holding a mesh port from the start: reported, retried, but the agent is ready
-    (no agent could serve that pod; one pod must not hold back the node's agent)."""
+    (no agent could serve that pod; one pod must not hold back the node's agent). Its
+    inbound is refused meanwhile (enrolled in sk_lookup's map without a listener: the
+    kernel drops what comes): before, nothing steered it, and its app took plaintext from
+    anybody, every policy of the pod unenforced. Once the port is free it is enrolled; a
+    pod gone while refused is refused no more."""
     PodKernel(pods, monkeypatch)
     pods.start(SLEEP, cookie=702)
     capture = CaptureMaps()
@@ -85,7 +90,18 @@ def test_a_pod_no_agent_served_does_not_hold_readiness(tmp_path, cluster, pods, 
             status = await node.until_status(lambda s: s["waiting"] and s["waiting"][0].get("attempts", 0) >= 2,
                                              "two failed enrolments")
             assert status["ready"] and "Address already in use" in status["waiting"][0]["reason"], status
-            assert capture.pods == {}  # undone: nothing half-done
+            assert capture.pods == {} and capture.steered == {}  # undone: nothing half-done...
+            assert capture.refused == {SLEEP.ip: 702} and status["waiting"][0]["inbound"] == "refused"  # ...but this
+            pods_file = node.config.source_dir / "pods.yaml"
+            write_docs(pods_file, [LEGACY_POD.document()])  # the pod leaves while refused: no longer refused
+            await node.until_status(lambda s: not s["waiting"], "the pod gone")
+            assert capture.refused == {} and ("unsteer_inbound", 702, [SLEEP.ip]) in capture.calls
+            write_docs(pods_file, [LEGACY_POD.document(), SLEEP.document()])  # back, the port still held
+            await node.until_status(lambda s: s["waiting"] and s["waiting"][0].get("inbound") == "refused",
+                                    "the pod refused again")
+            squatter.close()
+            status = await node.until_status(lambda s: s["pods"], "the pod enrolled once the port is free")
+            assert (capture.steered, capture.refused) == ({SLEEP.ip: 702}, {}) and status["waiting"] == []
     try:
         run(main())
     finally:

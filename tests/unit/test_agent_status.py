@@ -29,7 +29,9 @@ STATUS = {
         {"namespace": "app", "name": "server-long-name", "ip": "10.244.1.10", "netns_cookie": 12,
          "uid": "u2", "enrolled_at": NOW - 1, "active": {"outbound": 0, "inbound": 1}},
     ],
-    "waiting": [{"namespace": "app", "name": "pending", "uid": "u3", "reason": "no status.podIP yet"}],
+    "waiting": [{"namespace": "app", "name": "pending", "uid": "u3", "reason": "no status.podIP yet"},
+                {"namespace": "app", "name": "squatted", "uid": "u4", "inbound": "refused",
+                 "reason": "OSError: cannot listen in pod app/squatted: Address already in use"}],
     "capture": {"programs": [{"name": "na_connect4", "id": 17, "attach_point": "cgroup /sys/fs/cgroup/x connect4"}],
                 "maps": [{"name": "na_pods", "max_entries": 1024, "entries": 2},
                          {"name": "na_origdst", "max_entries": 65536, "entries": 0}],
@@ -48,6 +50,9 @@ def test_text_has_every_section():
         assert title in text
     assert "bad.yaml:3: malformed YAML" in text
     assert "no status.podIP yet" in text
+    waiting = text.split("WAITING PODS\n")[1].split("\n\n")[0].splitlines()
+    assert [line.split()[:4] for line in waiting] == [["NAMESPACE", "NAME", "UID", "INBOUND"],
+                                                      ["app", "pending", "u3", "-"], ["app", "squatted", "u4", "refused"]]
     assert "0.2%" in text  # na_pods fill 2/1024
     assert "cgroup /sys/fs/cgroup/x connect4" in text
 

@@ -135,6 +135,7 @@ class Failure:
     attempts: int = 0
     retry_at: float = 0.0
     adopted_cookie: int | None = None  # its netns was captured already (by the agent before this one)
+    refused_cookie: int | None = None  # its inbound is refused in that netns until it is enrolled
 
     @property
     def blocks_readiness(self) -> bool:
@@ -147,7 +148,8 @@ class Failure:
 
     def describe(self) -> dict:
         return {"namespace": self.wanted.namespace, "name": self.wanted.name, "uid": self.wanted.uid,
-                "reason": self.reason, "attempts": self.attempts}
+                "reason": self.reason, "attempts": self.attempts,
+                "inbound": "refused" if self.refused_cookie is not None else "open"}
 
 
 @dataclass
@@ -199,7 +201,7 @@ class Enroller:
         wanted_uids = {w.uid for w in p.enrol} | {w.uid for w in p.update if w.uid in self.failures}
         for uid in list(self.failures):
             if uid not in wanted_uids:
-                del self.failures[uid]
+                self._stop_refusing(self.failures.pop(uid))
         now = self.clock()
         due = [w for w in p.enrol if self.failures.get(w.uid) is None or self.failures[w.uid].retry_at <= now]
         found = self.resolver.resolve_many([w.uid for w in due], {w.uid: w.ip for w in due}) if due else {}
@@ -229,6 +231,7 @@ class Enroller:
         ours |= {f.adopted_cookie for f in self.failures.values() if f.adopted_cookie is not None}  # kept, retried
         stale = sorted(set(self.capture.enrolled_netns()) - ours)
         enrolled_ips = {e.wanted.ip for e in self.enrolled.values()}
+        enrolled_ips |= {f.wanted.ip for f in self.failures.values() if f.refused_cookie is not None}
         loose = sorted({p.ip for p in model.pods_on_node(self.node) if p.ip} - enrolled_ips)
         for i, cookie in enumerate(stale):
             self.log.info("removing stale capture state of netns cookie %d", cookie)
@@ -237,16 +240,21 @@ class Enroller:
         return stale
 
     # --- enrol ----------------------------------------------------------------------
-    def _retry_later(self, want: Wanted, reason: str, adopted_cookie: int | None = None) -> tuple[int, float]:
+    def _retry_later(self, want: Wanted, reason: str, adopted_cookie: int | None = None,
+                     refused_cookie: int | None = None) -> tuple[int, float]:
         """Record a failed attempt at `want`: its number in a row and the delay before the next."""
         prev = self.failures.get(want.uid)
         attempts = (prev.attempts if prev else 0) + 1
         delay = RETRY.delay(attempts)
-        self.failures[want.uid] = Failure(want, reason, attempts, self.clock() + delay, adopted_cookie)
+        if refused_cookie is None and prev is not None:
+            refused_cookie = prev.refused_cookie  # still refused (an attempt that found no netns)
+        self.failures[want.uid] = Failure(want, reason, attempts, self.clock() + delay, adopted_cookie,
+                                          refused_cookie)
         return attempts, delay
 
-    def _failed(self, want: Wanted, reason: str, metric: str, adopted_cookie: int | None = None) -> None:
-        attempts, delay = self._retry_later(want, reason, adopted_cookie)
+    def _failed(self, want: Wanted, reason: str, metric: str, adopted_cookie: int | None = None,
+                refused_cookie: int | None = None) -> None:
+        attempts, delay = self._retry_later(want, reason, adopted_cookie, refused_cookie)
         self.metrics.enrol_errors.labels(reason=metric).inc()
         # A pod just starting is normal; one that stays unfindable is worth a warning a minute.
         loud = metric != "netns_not_found" or attempts == 5 or attempts % 30 == 5
@@ -273,15 +281,18 @@ class Enroller:
             # a rolling update's old agent still serving it). Its capture, steering and
             # routing then stay — fail closed, or served by that agent — never unmeshed.
             adopted = not captured and ctx.cookie in self.capture.enrolled_netns()
+            refused = None
             if adopted:
                 for lst in listeners:
                     lst.close()
                 os.close(ctx.netns_fd)
             else:
-                self._undo(ctx, want, listeners)
-            self._failed(want, f"{type(exc).__name__}: {exc}", "error", ctx.cookie if adopted else None)
+                refused = self._undo(ctx, want, listeners, refuse=True)
+            self._failed(want, f"{type(exc).__name__}: {exc}", "error", ctx.cookie if adopted else None, refused)
             return
-        self.failures.pop(want.uid, None)
+        failed = self.failures.pop(want.uid, None)
+        if failed is not None and failed.refused_cookie not in (None, ctx.cookie):
+            self._unlink(failed.refused_cookie)  # refused in a netns the pod no longer has
         self.enrolled[want.uid] = Enrolment(want, ctx, found.pid, listeners, self.wall_clock())
         self.log.info("enrolled pod %s (ip %s, netns cookie %d)", ctx, want.ip, ctx.cookie)
 
@@ -369,12 +380,48 @@ class Enroller:
         except OSError as exc:
             self.log.warning("removing delivery routing of pod %s: %s", ctx, exc)
 
-    def _undo(self, ctx: PodContext, want: Wanted, listeners: list[InPodListener]) -> None:
+    def _undo(self, ctx: PodContext, want: Wanted, listeners: list[InPodListener],
+              refuse: bool = False) -> int | None:
+        """Undo a half-made enrolment; with `refuse`, then refuse the pod's inbound in its
+        netns (the cookie, None if that failed too)."""
         self._stop_capture(ctx, want)
         for lst in listeners:
             lst.close()
+        refused = self._refuse(ctx, want) if refuse else None
         self._remove_routing(ctx, want)
         os.close(ctx.netns_fd)
+        return refused
+
+    def _refuse(self, ctx: PodContext, want: Wanted) -> int | None:
+        """A meshed pod the agent cannot serve keeps no inbound path around the mesh: its
+        IP's connections are dropped in its netns (but the tunnel port's and its excluded
+        ports'), as when the agent is gone, until it is enrolled. Unrefused, an app that
+        held 15006 took plaintext from anybody, every policy and STRICT unenforced."""
+        try:
+            self.capture.refuse_inbound(ctx.netns_fd, ctx.cookie, [want.ip],
+                                        exclude_ports=sorted(want.exclude_inbound))
+        except Exception as exc:
+            self.log.error("cannot refuse the inbound connections of pod %s, which is not enrolled: %s", ctx, exc)
+            return None
+        return ctx.cookie
+
+    def _stop_refusing(self, failure: Failure) -> None:
+        """The pod of `failure` left the mesh (or the node): its inbound is no longer refused."""
+        if failure.refused_cookie is None:
+            return
+        ip = failure.wanted.ip
+        ips = [] if any(e.wanted.ip == ip for e in self.enrolled.values()) else [ip]  # reused meanwhile
+        try:
+            self.capture.unsteer_inbound(failure.refused_cookie, ips)
+        except Exception as exc:
+            self.log.warning("removing the refusal of pod %s/%s: %s", failure.wanted.namespace,
+                             failure.wanted.name, exc)
+
+    def _unlink(self, cookie: int) -> None:
+        try:
+            self.capture.unsteer_inbound(cookie, [])
+        except Exception as exc:
+            self.log.warning("removing the steering link of netns cookie %d: %s", cookie, exc)
 
     # --- shutdown -------------------------------------------------------------------
     def stop_listening(self) -> None:
