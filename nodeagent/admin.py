@@ -26,11 +26,13 @@ reads `ReadinessFile` instead, this agent's own verdict in its pod's own directo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -101,9 +103,19 @@ class ReadinessFile:
             text = readiness_text(self.ready())
         except Exception as exc:  # a bug in a readiness source reads as not ready, never as ready
             text = f"not ready: cannot tell: {exc}\n"
-        temporary = self.path.with_name(self.path.name + ".new")
-        temporary.write_text(text)
-        os.replace(temporary, self.path)
+        # A new name each time (O_EXCL), never a fixed one: in a directory others may write
+        # (the DaemonSet's emptyDir is 1777, and the waypoint Envoy runs as another uid) a
+        # FIFO planted at a fixed name hung the agent's loop, a symlink redirected the write.
+        fd, temporary = tempfile.mkstemp(prefix=self.path.name + ".", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
     async def _loop(self) -> None:
         while True:

@@ -333,7 +333,7 @@ SETTINGS: tuple[Setting, ...] = (
             "directory of the waypoint's unix sockets (xDS, Envoy <-> agent), bootstrap and Envoy log", "DIR"),
     Setting("envoy_user", parse_envoy_user, "10337",
             "who the waypoint Envoy runs as, UID[:GID] (numbers; GID defaults to UID), with no capability and "
-            "no_new_privs: it parses every meshed pod's HTTP; its admin API is the unix socket admin.sock in "
+            "no_new_privs: it parses every meshed pod's HTTP; its admin API is the unix socket envoy/admin.sock in "
             "waypoint_dir. root: as the agent (not recommended). Needs an agent running as root",
             "UID[:GID]|root"),
     Setting("data_path_engine", parse_choice(ENGINES), "auto",
@@ -415,7 +415,7 @@ def load(given: Mapping[str, Any] | argparse.Namespace, environ: Mapping[str, st
     """Parse and validate every setting; raise ConfigError naming the first bad one."""
     if "NODEAGENT_ENVOY_ADMIN_PORT" in (os.environ if environ is None else environ):
         raise ConfigError("setting envoy_admin_port (NODEAGENT_ENVOY_ADMIN_PORT)",
-                          "is gone: the waypoint Envoy's admin API listens on admin.sock in waypoint_dir, "
+                          "is gone: the waypoint Envoy's admin API listens on envoy/admin.sock in waypoint_dir, "
                           "not on a port of the node", "unset it; nodeagent status shows the admin socket")
     values = settings.parse_settings(SETTINGS, given, environ)
     _check_source(values, os.environ if environ is None else environ)

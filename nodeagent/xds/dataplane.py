@@ -61,7 +61,7 @@ class Sockets:
     def __post_init__(self) -> None:
         if not self.check:
             return
-        longest = self.path("outbound.sock")
+        longest = self.outbound
         if len(longest.encode()) > UNIX_PATH_MAX:
             raise ConfigError(f"waypoint runtime directory {self.directory!r}",
                               f"socket paths such as {longest} exceed {UNIX_PATH_MAX} bytes",
@@ -71,16 +71,22 @@ class Sockets:
         return f"{self.directory.rstrip('/')}/{name}"
 
     @property
+    def envoy_directory(self) -> str:
+        """Where Envoy makes its listeners' sockets: the one directory it may write (the
+        agent opens nothing by name there; it connects and checks the peer is Envoy)."""
+        return self.path("envoy")
+
+    @property
     def xds(self) -> str:
         return self.path("xds.sock")
 
     @property
     def outbound(self) -> str:
-        return self.path("outbound.sock")
+        return self.path("envoy/outbound.sock")
 
     @property
     def inbound(self) -> str:
-        return self.path("inbound.sock")
+        return self.path("envoy/inbound.sock")
 
     @property
     def upstream(self) -> str:
@@ -93,7 +99,7 @@ class Sockets:
     @property
     def admin(self) -> str:
         """Envoy's admin API."""
-        return self.path("admin.sock")
+        return self.path("envoy/admin.sock")
 
     @property
     def access_log(self) -> str:

@@ -23,7 +23,9 @@ reachable (Waypoint.start). `admin_get` asks an admin API that listens on a unix
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import importlib.util
 import logging
 import os
@@ -102,8 +104,12 @@ class LogPipe:
         self._write: int | None = None
         self._thread: threading.Thread | None = None
 
+    PIPE_SIZE = 1 << 20  # Envoy blocks when its log is this far ahead of the copying thread
+
     def open(self) -> int:
         read, self._write = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # above pipe-max-size without CAP_SYS_RESOURCE: the default
+            fcntl.fcntl(self._write, fcntl.F_SETPIPE_SZ, self.PIPE_SIZE)
         self._thread = threading.Thread(target=self._run, args=(read,), name="envoy-log", daemon=True)
         self._thread.start()
         return self._write
@@ -118,8 +124,9 @@ class LogPipe:
                         out = None
                         os.replace(self.path, f"{self.path}.1")
                         self.rotations += 1
-                    if out is None:
-                        out = open(self.path, "ab", buffering=0)
+                    if out is None:  # never through a symlink: the agent writes it as root
+                        out = open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                                           | os.O_CLOEXEC, 0o600), "ab", buffering=0)
                         size = os.fstat(out.fileno()).st_size
                     out.write(chunk)
                     size += len(chunk)
@@ -214,9 +221,9 @@ class EnvoySupervisor:
                 return
             output = self._output_fd if self._output_fd is not None else subprocess.DEVNULL
             binary = None
-            if self.user and untraversable(Path(self.binary).parent, self.user):
-                binary = os.open(self.binary, os.O_RDONLY | os.O_CLOEXEC)
             try:
+                if self.user and untraversable(Path(self.binary).parent, self.user):
+                    binary = os.open(self.binary, os.O_RDONLY | os.O_CLOEXEC)
                 self._process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=output,
                                                  stderr=subprocess.STDOUT, start_new_session=True,
                                                  **self._as_user(binary))
@@ -275,10 +282,13 @@ class EnvoySupervisor:
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass  # it exited meanwhile
+    """Signal Envoy and its process group (its own session: what it forked, which a
+    compromised Envoy could leave running, goes with it)."""
+    for send in (os.kill, os.killpg):
+        try:
+            send(pid, sig)
+        except ProcessLookupError:
+            pass  # it exited meanwhile
 
 
 def untraversable(directory: Path, user: EnvoyUser) -> str | None:
@@ -294,6 +304,25 @@ def untraversable(directory: Path, user: EnvoyUser) -> str | None:
         else:
             allowed = info.st_mode & stat.S_IXOTH
         if not allowed:
+            return f"{path} (mode {stat.S_IMODE(info.st_mode):04o}, owner {info.st_uid}:{info.st_gid})"
+    return None
+
+
+def writable_parent(directory: Path, user: EnvoyUser) -> str | None:
+    """The first parent of `directory` from / down in which `user` (as in untraversable)
+    may rename or remove entries it does not own, so replace `directory`, described;
+    None when there is none. A sticky directory (/tmp) lets it remove only its own."""
+    for path in reversed(directory.parents):
+        info = os.stat(path)
+        if info.st_mode & stat.S_ISVTX and info.st_uid != user.uid:
+            continue
+        if info.st_uid == user.uid:
+            allowed = info.st_mode & stat.S_IWUSR
+        elif info.st_gid == user.gid:
+            allowed = info.st_mode & stat.S_IWGRP
+        else:
+            allowed = info.st_mode & stat.S_IWOTH
+        if allowed:
             return f"{path} (mode {stat.S_IMODE(info.st_mode):04o}, owner {info.st_uid}:{info.st_gid})"
     return None
 

@@ -6,6 +6,7 @@ probe reads says what /healthz/ready says, and goes with the agent."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -131,3 +132,21 @@ def test_agents_whose_sockets_share_a_directory_each_write_their_own_readiness(t
 
     assert run(main()) == {"node1": "ready\n", "node2": "not ready: no valid certificate for x\n"}
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # each removed its own at close
+
+
+def test_the_readiness_file_is_written_under_a_new_name_each_time(tmp_path):
+    """The DaemonSet's /run/nodeagent is an emptyDir (1777) the waypoint Envoy's uid may
+    write: a FIFO it planted at the fixed temporary name hung the agent's loop in the
+    write (a symlink there redirected it). Each write takes a fresh name (O_EXCL)."""
+    import logging
+    import threading
+
+    path = admin.readiness_path(tmp_path / "agent.sock")
+    planted = path.with_name(path.name + ".new")
+    os.mkfifo(planted)
+    readiness = admin.ReadinessFile(path, lambda: admin.Readiness(), logging.getLogger("test"))
+    done = threading.Thread(target=readiness.write, daemon=True)
+    done.start()
+    done.join(10)
+    assert not done.is_alive() and path.read_text() == "ready\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, planted.name])  # nothing else left

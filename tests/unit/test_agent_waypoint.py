@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from nodeagent.xds import dataplane
 from nodeagent.xds.client import AdsSession
 from nodeagent.errors import EnvironmentProblem
 from nodeagent.xds.dataplane import DataPlane, ProxyHeader
-from nodeagent.xds.envoy import EnvoyUser, admin_get, untraversable
+from nodeagent.xds.envoy import EnvoyUser, admin_get, untraversable, writable_parent
 from waypoint_world import ALLOW_GET, VS, stand_in_envoy, until, waypoint_config
 from xds_world import model
 
@@ -170,12 +171,30 @@ def test_envoy_connections_are_handed_over_after_their_header(waypoint, seen, re
 
 
 def test_open_writes_the_header_or_says_envoy_is_unavailable(waypoint, tmp_path):
+    """The header goes to Envoy's listener; with Envoy as its own user (the agent root)
+    only a listener of that uid is Envoy's: a socket of another uid at the path (a
+    symlink Envoy planted to a socket of the node) is refused."""
     async def go():
-        Path(waypoint.directory).mkdir()
+        Path(waypoint.sockets.envoy_directory).mkdir(parents=True)
+        header = ProxyHeader(("10.244.1.2", 1), ("10.96.1.10", 9080), ((dataplane.TLV_SOURCE_WORKLOAD, b"shop/pp"),))
         listener = socket.socket(socket.AF_UNIX)
         listener.bind(waypoint.sockets.outbound)
-        listener.listen()
-        header = ProxyHeader(("10.244.1.2", 1), ("10.96.1.10", 9080), ((dataplane.TLV_SOURCE_WORKLOAD, b"shop/pp"),))
+        if waypoint.user is not None:
+            listener.listen()  # as root: not Envoy's
+            with pytest.raises(WaypointUnavailable, match=r"waypoint outbound listener: .*the listener is not "
+                               rf"Envoy's \(its peer is uid 0, not {waypoint.user.uid}\)"):
+                await waypoint.open("outbound", header)
+            listener.close()
+            os.unlink(waypoint.sockets.outbound)
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(waypoint.sockets.outbound)
+            os.seteuid(waypoint.user.uid)  # the peer credentials are the listen(2) caller's
+            try:
+                listener.listen()
+            finally:
+                os.seteuid(0)
+        else:
+            listener.listen()
         sock = await waypoint.open("outbound", header)
         conn, _ = listener.accept()
         got = dataplane.read_header(conn)
@@ -193,9 +212,10 @@ def proc_status(pid: int) -> dict[str, str]:
         return {k: v.strip() for k, _, v in (line.partition(":") for line in status)}
 
 
-def connect_as(uid: int, path: str) -> str:
-    """What connecting to the unix socket `path` as `uid` (no groups) says: a forked child
-    (the interpreter lives where only root may enter) switches and tries."""
+def as_user(uid: int, attempt) -> str:
+    """What `attempt()` says run as `uid` (gid the same, no groups): "done", or the name of
+    the OSError it raised. A forked child switches and tries (the interpreter lives where
+    only root may enter)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -204,8 +224,8 @@ def connect_as(uid: int, path: str) -> str:
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
             try:
-                socket.socket(socket.AF_UNIX).connect(path)
-                said = b"connected"
+                attempt()
+                said = b"done"
             except OSError as exc:
                 said = type(exc).__name__.encode()
             os.write(write, said)
@@ -217,6 +237,14 @@ def connect_as(uid: int, path: str) -> str:
     finally:
         os.close(read)
         os.waitpid(pid, 0)
+
+
+def connect_as(uid: int, path: str) -> str:
+    return as_user(uid, lambda: socket.socket(socket.AF_UNIX).connect(path))
+
+
+def create_as(uid: int, path: str) -> str:
+    return as_user(uid, lambda: os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)))
 
 
 @pytest.mark.root
@@ -255,25 +283,33 @@ def test_two_waypoints_run_side_by_side_each_envoy_its_own_user_without_privileg
                 envoy = waypoint.describe()["envoy"]
                 answers.append((info["state"], info["command_line_options"]["concurrency"], envoy["user"],
                                 envoy["admin"], proc_status(envoy["pid"])))
-                others = [await asyncio.to_thread(connect_as, 4242, waypoint.sockets.path(name))
-                          for name in ("admin.sock", "xds.sock", "upstream.sock", "deliver.sock", "outbound.sock")]
+                others = [await asyncio.to_thread(connect_as, 4242, path)
+                          for path in (waypoint.sockets.admin, waypoint.sockets.xds, waypoint.sockets.upstream,
+                                       waypoint.sockets.deliver, waypoint.sockets.outbound)]
                 answers.append(others)
-                directory = os.stat(waypoint.directory)
-                answers.append((oct(directory.st_mode & 0o7777), directory.st_gid))
+                answers.append([await asyncio.to_thread(create_as, 10337, path) for path in
+                                (waypoint.directory / "envoy.log.1", waypoint.directory / "planted",
+                                 Path(waypoint.sockets.envoy_directory) / "planted")])
+                modes = [os.stat(d) for d in (waypoint.directory, waypoint.sockets.envoy_directory)]
+                answers.append([(oct(d.st_mode & 0o7777), d.st_uid, d.st_gid) for d in modes])
             return answers
         finally:
             for waypoint in waypoints:
                 await waypoint.close()
 
     answers = run(go())
-    for name, (live, others, directory) in zip(("old", "new"), (answers[0:3], answers[3:6])):
+    for name, (live, others, planted, directory) in zip(("old", "new"), (answers[0:4], answers[4:8])):
         state, concurrency, user, admin, status = live
-        assert (state, concurrency, user, admin) == ("LIVE", 2, "10337:10337", str(envoy_tmp / name / "wp" / "admin.sock"))
+        assert (state, concurrency, user, admin) == ("LIVE", 2, "10337:10337",
+                                                     str(envoy_tmp / name / "wp" / "envoy" / "admin.sock"))
         assert [status[k].split() for k in ("Uid", "Gid")] == [["10337"] * 4, ["10337"] * 4]
         assert (status["Groups"], status["NoNewPrivs"]) == ("", "1")
         assert [status[k] for k in ("CapInh", "CapPrm", "CapEff", "CapAmb")] == ["0000000000000000"] * 4
         assert others == ["PermissionError"] * 5
-        assert directory == (oct(0o1770), 10337)
+        # Envoy's uid may make no name the agent, root, would open (envoy.log.1: a symlink to
+        # /proc/1/root/etc/cron.d/x, and the agent appended Envoy's output to it), but in envoy/
+        assert planted == ["PermissionError", "PermissionError", "done"]
+        assert directory == [(oct(0o750), 0, 10337), (oct(0o1770), 0, 10337)]
 
 
 def test_untraversable_names_the_first_directory_envoys_user_may_not_enter(envoy_tmp):
@@ -291,6 +327,41 @@ def test_untraversable_names_the_first_directory_envoys_user_may_not_enter(envoy
     assert found is not None and found.startswith(f"{tmp_path / 'a'} (mode 0710, owner {me.uid}:{me.gid})")
     (tmp_path / "a").chmod(0o700)
     assert untraversable(tmp_path / "a" / "b", EnvoyUser(4242, os.getegid())).startswith(str(tmp_path / "a"))
+
+
+def test_writable_parent_names_a_directory_where_envoys_user_could_replace_the_waypoints(envoy_tmp):
+    stranger = EnvoyUser(4242, 4242)
+    (envoy_tmp / "a" / "wp").mkdir(parents=True)
+    (envoy_tmp / "a").chmod(0o755)
+    assert writable_parent(envoy_tmp / "a" / "wp", stranger) is None  # /tmp is sticky: only its own names
+    (envoy_tmp / "a").chmod(0o757)
+    assert writable_parent(envoy_tmp / "a" / "wp", stranger).startswith(f"{envoy_tmp / 'a'} (mode 0757")
+    (envoy_tmp / "a").chmod(0o1757)
+    assert writable_parent(envoy_tmp / "a" / "wp", stranger) is None  # sticky, and not its own
+    (envoy_tmp / "a").chmod(0o775)
+    assert writable_parent(envoy_tmp / "a" / "wp", EnvoyUser(4242, os.stat(envoy_tmp / "a").st_gid)).startswith(
+        f"{envoy_tmp / 'a'} (mode 0775")  # its group's
+
+
+def test_a_name_envoy_left_where_its_directory_goes_is_removed_first(envoy_tmp, registry, seen):
+    """An agent that gave Envoy the whole waypoint directory (01770) let it make any name
+    there, `envoy` too: a symlink (followed, the agent would chmod and chown its target)
+    or a directory of its own. Replaced by the agent's directory; the target untouched."""
+    target = envoy_tmp / "elsewhere"
+    target.mkdir()
+    waypoint = make(envoy_tmp, registry, seen)
+    Path(waypoint.directory).mkdir()
+    os.symlink(target, waypoint.sockets.envoy_directory)
+
+    async def go():
+        await waypoint.start()
+        try:
+            info = os.lstat(waypoint.sockets.envoy_directory)
+            return stat.S_ISDIR(info.st_mode), info.st_uid
+        finally:
+            await waypoint.close()
+    assert run(go()) == (True, os.geteuid())
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755 and list(target.iterdir()) == []
 
 
 @pytest.mark.root

@@ -372,6 +372,7 @@ def envoy_lines(tmp_path_factory) -> list[tuple[int, bytes]]:
     from nodeagent.xds.translate.options import WaypointOptions
     tmp = tmp_path_factory.mktemp("log")
     sockets, signer, sink, cache = Sockets(str(tmp)), xds_waypoint.Signer(), Lines(), SnapshotCache()
+    (tmp / "envoy").mkdir()  # where Envoy makes its listeners' sockets
     server = AdsServer(cache, CollectorRegistry(), debounce=0.05).start(unix_path=sockets.xds)
     pipe = AccessLogPipe(sockets.access_log, sink).open()
     (tmp / "bootstrap.json").write_text(bootstrap_json(BootstrapSettings("node1", sockets.xds, sockets.admin)))

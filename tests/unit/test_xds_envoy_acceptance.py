@@ -39,6 +39,7 @@ REVIEWS = "reviews.shop.svc.cluster.local"
 class Waypoint:
     def __init__(self, tmp, signer: Signer):
         self.sockets = Sockets(str(tmp))
+        Path(self.sockets.envoy_directory).mkdir()  # where Envoy makes its listeners' sockets
         self.options = WaypointOptions(self.sockets)
         self.signer, self.cache, self.registry = signer, SnapshotCache(), CollectorRegistry()
         self.server = AdsServer(self.cache, self.registry, debounce=0.05).start(unix_path=self.sockets.xds)

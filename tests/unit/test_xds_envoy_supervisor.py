@@ -4,6 +4,7 @@ real binary is exercised in tests/unit/test_xds_envoy_acceptance.py."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -202,3 +203,22 @@ def test_the_real_envoy_leaves_no_hot_restart_memory_behind(tmp_path):
     finally:
         supervisor.stop()
     assert shared() == before
+
+
+def test_envoys_log_is_never_written_through_a_symlink(tmp_path):
+    """The agent writes Envoy's log as root: a symlink at its name (planted by whoever may
+    write the directory) is not followed; what Envoy says is lost and warned about."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("keep\n")
+    log = tmp_path / "envoy.log"
+    log.symlink_to(elsewhere)
+    warnings = []
+    log_ = logging.getLogger("test.envoy-log")
+    log_.addHandler(type("Keep", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())
+    supervisor = EnvoySupervisor("/b.json", str(log), binary=fake(tmp_path, "echo payload; exec sleep 30"),
+                                 log=log_).start()
+    try:
+        wait_for(lambda: any(w.startswith(f"cannot write envoy's log {log}:") for w in warnings))
+    finally:
+        supervisor.stop()
+    assert elsewhere.read_text() == "keep\n" and log.is_symlink()

@@ -23,7 +23,7 @@ SOME_L7 = (doc("VirtualService", "reviews", "hosts: [reviews]\nhttp:\n- route: [
 
 def test_outbound_listener_is_a_unix_socket_reading_proxy_v2_and_the_agents_tlvs():
     outbound = listeners(translation(SOME_L7))["outbound"]
-    assert outbound.address.pipe.path == f"{RUN}/outbound.sock"
+    assert (outbound.address.pipe.path, outbound.address.pipe.mode) == (f"{RUN}/envoy/outbound.sock", 0o666)
     (pp,) = outbound.listener_filters
     config = unpack(pp.typed_config)
     assert pp.name == "envoy.filters.listener.proxy_protocol"

@@ -78,7 +78,7 @@ rules: [{rule}]
 def test_pods_of_this_node_with_http_policy_get_an_inbound_chain_per_http_port():
     result = translation(HTTP_POLICY)
     inbound = listeners(result)["inbound"]
-    assert inbound.address.pipe.path == f"{RUN}/inbound.sock"
+    assert (inbound.address.pipe.path, inbound.address.pipe.mode) == (f"{RUN}/envoy/inbound.sock", 0o666)
     assert [c.name for c in inbound.filter_chains] == [CHAIN]  # reviews-v2/v3 run on node2
     match = inbound.filter_chains[0].filter_chain_match
     assert (match.prefix_ranges[0].address_prefix, match.destination_port.value) == ("10.244.1.6", 9080)

@@ -18,11 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
+import struct
+from pathlib import Path
 from typing import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter
@@ -37,7 +41,7 @@ from nodeagent.xds.accesslog import AccessLogPipe, RequestMetrics
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import DataPlane, HeaderReader, ProxyHeader, Sockets
-from nodeagent.xds.envoy import EnvoySupervisor, untraversable
+from nodeagent.xds.envoy import EnvoySupervisor, untraversable, writable_parent
 from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.snapshot import Snapshot
@@ -110,17 +114,18 @@ class Waypoint:
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        self._prepare_directory()
+        self._prepare_directories()
         for name in ("outbound.sock", "inbound.sock", "admin.sock"):
-            with contextlib.suppress(FileNotFoundError):  # a previous Envoy's, maybe another uid's
-                os.unlink(self.sockets.path(name))
+            for stale in (self.sockets.path(name), self.sockets.path(f"envoy/{name}")):  # the latter: a previous
+                with contextlib.suppress(FileNotFoundError):  # Envoy's, maybe another uid's (the former: an
+                    os.unlink(stale)  # agent that kept Envoy's sockets in its own directory)
         self.server.start(unix_path=self.sockets.xds)
         self._share(self.sockets.xds, 0o660)
         self.access_log.open()  # before Envoy opens it for writing
         self._share(self.sockets.access_log, 0o620)
         for name in self.handlers:
             path = self.sockets.path(f"{name}.sock")
-            if os.path.exists(path):
+            if os.path.lexists(path):
                 os.unlink(path)  # left by a killed agent
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(path)
@@ -137,18 +142,18 @@ class Waypoint:
         self.log.info("waypoint: envoy pid %s as %s, admin %s, xDS on %s", self.supervisor.status().pid,
                       self.user or "the agent", self.sockets.admin, self.sockets.xds)
 
-    def _prepare_directory(self) -> None:
-        """The waypoint directory, the agent's: 0700, or with Envoy as its own user, group
-        Envoy's, 01770 (Envoy makes its listeners' sockets there and, sticky, removes none
-        of the agent's), every parent one Envoy may enter."""
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        info = os.lstat(self.directory)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-            raise EnvironmentProblem(f"waypoint directory {self.directory} is not a directory of the agent's uid "
-                                     f"{os.geteuid()} (a symlink, or another user's)",
-                                     "remove it, or choose another --waypoint-dir")
+    def _prepare_directories(self) -> None:
+        """The waypoint directory, the agent's, which Envoy may enter and read but not write
+        (0700, or with Envoy as its own user 0750 in Envoy's group: everything the agent
+        opens by name is there, so Envoy can plant no symlink or FIFO for the agent, root,
+        to open), and in it `envoy/`, the one directory Envoy may write (01770: its
+        listeners' sockets; sticky, it removes nothing of the agent's)."""
+        self._own_directory(self.directory, make_parents=True)
+        envoy = Path(self.sockets.envoy_directory)
         if self.user is None:
             os.chmod(self.directory, 0o700)
+            self._own_directory(envoy)
+            os.chmod(envoy, 0o700)
             return
         blocked = untraversable(self.directory.parent, self.user)
         if blocked:
@@ -157,8 +162,37 @@ class Waypoint:
                                      "choose a --waypoint-dir whose parents every user may enter (the default "
                                      "/run/nodeagent/waypoint), or --envoy-user root (not recommended: an Envoy "
                                      "bug reached by a pod's HTTP would be root on the node)")
+        writable = writable_parent(self.directory, self.user)
+        if writable:
+            raise EnvironmentProblem(f"the waypoint Envoy runs as {self.user} and could replace {self.directory}: "
+                                     f"it may write {writable}",
+                                     "choose a --waypoint-dir whose parents only root may write (sticky ones, "
+                                     "like /tmp, are fine)")
         os.chown(self.directory, -1, self.user.gid)
-        os.chmod(self.directory, 0o1770)
+        os.chmod(self.directory, 0o750)
+        self._own_directory(envoy)
+        os.chown(envoy, -1, self.user.gid)
+        os.chmod(envoy, 0o1770)
+
+    def _own_directory(self, path: Path, make_parents: bool = False) -> None:
+        """`path` a directory of the agent's uid, made if missing. In the waypoint
+        directory anything else at the name (what an Envoy left when that directory was
+        its to write) is removed first; the waypoint directory itself is refused."""
+        if make_parents:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        elif os.path.lexists(path):
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode):
+                os.unlink(path)
+            elif info.st_uid != os.geteuid():
+                shutil.rmtree(path)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise EnvironmentProblem(f"waypoint directory {path} is not a directory of the agent's uid "
+                                     f"{os.geteuid()} (a symlink, or another user's)",
+                                     "remove it, or choose another --waypoint-dir")
 
     def _share(self, path: str, mode: int) -> None:
         """Give a file of the agent's in the waypoint directory to Envoy's group."""
@@ -176,11 +210,9 @@ class Waypoint:
             listener.close()
         await asyncio.to_thread(self.server.stop, 0.5)
         self.access_log.close()  # after Envoy: it writes what it buffered when it stops
-        for name in ("upstream.sock", "deliver.sock", "outbound.sock", "inbound.sock"):
-            try:
-                os.unlink(self.sockets.path(name))
-            except FileNotFoundError:
-                pass
+        for path in (self.sockets.upstream, self.sockets.deliver, self.sockets.outbound, self.sockets.inbound):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _acked(self, node: str, snapshot: Snapshot) -> None:
         """In an xDS thread: Envoy ACKed `snapshot`; steer by it on the agent's loop."""
@@ -215,7 +247,8 @@ class Waypoint:
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         try:
-            await loop.sock_connect(sock, self.sockets.path(f"{kind}.sock"))
+            await loop.sock_connect(sock, self.sockets.outbound if kind == "outbound" else self.sockets.inbound)
+            self._check_peer(sock)
             await loop.sock_sendall(sock, header.encode())
         except OSError as exc:
             sock.close()
@@ -225,6 +258,15 @@ class Waypoint:
         self.metrics.connections.labels(direction=kind).inc()
         self.sent[kind] += 1
         return sock
+
+    def _check_peer(self, sock: socket.socket) -> None:
+        """With Envoy as its own user, the socket reached in its directory must be its: a
+        path there is Envoy's to make, a symlink to another socket of the node included."""
+        if self.user is None:
+            return
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != self.user.uid:
+            raise OSError(errno.EPERM, f"the listener is not Envoy's (its peer is uid {uid}, not {self.user.uid})")
 
     async def _serve(self, name: str, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
