@@ -2,13 +2,16 @@
 (refusing an invalid object alone), when a reflector relists, the Model it builds
 against the files source's for the same objects, poll()'s gating on the first complete
 list, the client's credentials and its Status errors, and the agent's source settings.
-The list/watch loop itself runs against the lab's real API server
-(tests/e2e/test_lab_kube_source.py)."""
+A reflector's list/watch loop runs here against a scripted API server (the bytes a
+server or a proxy answers, decoded by the client's own code), and against the lab's real
+API server in tests/e2e/test_lab_kube_source.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
+import json
 import os
 import time
 from pathlib import Path
@@ -18,6 +21,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from nodeagent.agent import config
+from nodeagent.backoff import Backoff
 from nodeagent.errors import ConfigError
 from nodeagent.identity.ca.keys import generate_root
 from nodeagent.kube import client
@@ -25,7 +29,7 @@ from nodeagent.kube.client import Gone, KubeApiError, NotFound, TokenFile, statu
 from nodeagent.model import Model
 from nodeagent.sources import kube
 from nodeagent.sources.files import FilesSource
-from nodeagent.sources.kube import KINDS, KubeSource, Store, admit, next_step, trimmed
+from nodeagent.sources.kube import KINDS, KubeSource, NotServed, Store, admit, next_step, trimmed
 
 KIND = {k.kind: k for k in KINDS}
 
@@ -243,7 +247,9 @@ def test_410_gone_relists_404_rediscovers_and_other_errors_back_off():
     assert isinstance(gone, Gone) and next_step(gone) == "relist"
     assert str(gone) == "pods: 410 Expired: too old resource version: 5 (90)"
     missing = status_error("group networking.istio.io", {"reason": "NotFound"}, 404)
-    assert isinstance(missing, NotFound) and next_step(missing) == "rediscover"
+    assert isinstance(missing, NotFound) and next_step(missing) == "rediscover"  # back off, look it up again
+    unserved = NotServed("EnvoyFilter (networking.istio.io)", "not served: the API server has no group x", 404)
+    assert next_step(unserved) == "not served"  # only discovery says so
     forbidden = status_error("pods", {"reason": "Forbidden", "message": "cannot list"}, 403)
     assert next_step(forbidden) == "backoff" and "ClusterRole" in str(forbidden)
     assert next_step(KubeApiError("pods", "cannot connect to https://x:6443: timed out")) == "backoff"
@@ -256,6 +262,125 @@ def test_a_watch_error_event_raises_its_status():
     assert c._event(b'{"type":"ADDED","object":{"metadata":{}}}', "pods")["type"] == "ADDED"
     with pytest.raises(KubeApiError, match="malformed watch event"):
         c._event(b'{"type":', "pods")
+
+
+# --- a reflector against a scripted API server -----------------------------------------------
+class ScriptedApi(client.KubeClient):
+    """The API server as a script, to drive a reflector one request at a time. Each
+    request takes the next step: ("GET", path, status, body) or ("WATCH", path, status,
+    lines), the bytes the server (or a proxy) sent, decoded by the client's own code; a
+    watch answered 200 yields its lines' events, then ends as the server ends a watch.
+    Every request first notes (method, path, what `look` sees then). When the script runs
+    out, the request waits for ever and `done` is set: the test looks, then cancels."""
+
+    def __init__(self, config: client.ClusterConfig, script: list[tuple], look):
+        super().__init__(config)
+        self.script, self.look, self.seen = list(script), look, []
+        self.done = asyncio.Event()
+
+    async def send(self, method, path, resource, params=None, body=None, content_type="application/json"):
+        status, raw = await self._step("GET", path)
+        return self._decoded(status, raw, resource)
+
+    async def watch(self, resource, resource_version, params=None, timeout_seconds=300):
+        status, lines = await self._step("WATCH", resource.path)
+        if status != 200:
+            self._decoded(status, b"".join(lines), resource.name)
+        for line in lines:
+            yield self._event(line, resource.name)
+
+    async def _step(self, method: str, path: str) -> tuple:
+        self.seen.append((method, path, self.look()))
+        if not self.script:
+            self.done.set()
+            await asyncio.Event().wait()
+        method_wanted, path_wanted, *answer = self.script.pop(0)
+        assert (method, path) == (method_wanted, path_wanted)  # seen says where it went otherwise
+        return tuple(answer)
+
+
+def reflect(tmp_path: Path, kind: str, script: list[tuple]) -> tuple[list, KubeSource]:
+    """Run `kind`'s reflector through `script` (no waits: rediscovery and backoff take 0 s);
+    what each request saw of the store's objects and the source's errors, and the final look."""
+    api = ScriptedApi(cluster(tmp_path), script, lambda: (sorted(store.objects), source.errors))
+    source = KubeSource(api.config, kinds=(KIND[kind],), rediscover_seconds=0.0, retry=Backoff(0.0, 0.0),
+                        client=api)
+    store = source._stores[0]
+
+    async def main() -> None:
+        task = asyncio.create_task(source._reflect(store))
+        try:
+            await asyncio.wait_for(api.done.wait(), 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert api.script == []
+    return [(method, path, *look) for method, path, look in api.seen], source
+
+
+SECURITY = "/apis/security.istio.io"
+GROUP = (200, json.dumps({"kind": "APIGroup", "name": "security.istio.io",
+                          "versions": [{"groupVersion": "security.istio.io/v1", "version": "v1"}]}).encode())
+RESOURCES = (200, json.dumps({"kind": "APIResourceList", "groupVersion": "security.istio.io/v1",
+                              "resources": [{"name": "authorizationpolicies", "kind": "AuthorizationPolicy"}]}).encode())
+NOT_FOUND = (404, json.dumps({"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
+                              "message": "the server could not find the requested resource"}).encode())
+DENY = {"metadata": {"name": "deny", "namespace": "shop", "uid": "p1", "resourceVersion": "5"},
+        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]}}
+
+
+def policies(version: str) -> tuple[int, bytes]:
+    return 200, json.dumps({"kind": "AuthorizationPolicyList", "apiVersion": "security.istio.io/v1",
+                            "metadata": {"resourceVersion": version}, "items": [DENY]}).encode()
+
+
+def served(version: str) -> list[tuple]:
+    """Discovery finds AuthorizationPolicy at v1 and its list holds the DENY policy."""
+    return [("GET", SECURITY, *GROUP), ("GET", f"{SECURITY}/v1", *RESOURCES),
+            ("GET", f"{SECURITY}/v1/authorizationpolicies", *policies(version))]
+
+
+def test_a_served_kind_answering_404_keeps_its_objects_until_discovery_says_so_three_times(tmp_path: Path):
+    """An API server answering before its CRD handlers are synced, or a CRD being updated,
+    answers 404 for a while: dropping the policies then would fail open (STRICT becomes
+    PERMISSIVE, DENY rules vanish). A watch's or list's 404 only fails the kind; discovery
+    not listing it three lookups in a row (a lookup that finds it starts over) drops them."""
+    kind = "AuthorizationPolicy (security.istio.io)"
+    watch_404 = "authorizationpolicies.security.istio.io: 404 NotFound: the server could not find the requested resource"
+    unserved = "not served: the API server has no group security.istio.io: is its CRD installed?"
+    watch = ("WATCH", f"{SECURITY}/v1/authorizationpolicies", NOT_FOUND[0], [NOT_FOUND[1]])
+    lookup = ("GET", SECURITY, *NOT_FOUND)
+    seen, source = reflect(tmp_path, "AuthorizationPolicy",
+                           [*served("5"), watch, lookup, lookup, *served("9"), watch, lookup, lookup, lookup])
+    deny = ["AuthorizationPolicy shop/deny"]
+    kept = [(deny, {kind: f"{unserved} ({n} of 3 lookups in a row; its objects are kept until 3)"}) for n in (1, 2)]
+    assert seen == [
+        ("GET", SECURITY, [], {}), ("GET", f"{SECURITY}/v1", [], {}),
+        ("GET", f"{SECURITY}/v1/authorizationpolicies", [], {}),
+        ("WATCH", f"{SECURITY}/v1/authorizationpolicies", deny, {}),
+        ("GET", SECURITY, deny, {kind: watch_404}),  # the watch's 404: failing, looked up again
+        ("GET", SECURITY, *kept[0]),
+        ("GET", SECURITY, *kept[1]),  # then discovery finds it again: the count starts over
+        ("GET", f"{SECURITY}/v1", *kept[1]),
+        ("GET", f"{SECURITY}/v1/authorizationpolicies", *kept[1]),
+        ("WATCH", f"{SECURITY}/v1/authorizationpolicies", deny, {}),  # listed: read again
+        ("GET", SECURITY, deny, {kind: watch_404}),
+        ("GET", SECURITY, *kept[0]),
+        ("GET", SECURITY, *kept[1]),
+        ("GET", SECURITY, [], {kind: unserved}),  # three in a row: not served, a cluster without them
+    ]
+    assert source.scan_error == "the first model is not read yet"  # not failing: listed, then known not served
+
+
+def test_a_kind_never_served_is_a_cluster_without_it_at_once(tmp_path: Path):
+    lookup = ("GET", SECURITY, *NOT_FOUND)
+    seen, source = reflect(tmp_path, "AuthorizationPolicy", [lookup])
+    unserved = "not served: the API server has no group security.istio.io: is its CRD installed?"
+    assert seen == [("GET", SECURITY, [], {}), ("GET", SECURITY, [], {"AuthorizationPolicy (security.istio.io)": unserved})]
+    model = source.poll()
+    assert model is not None and model.resources == {}
 
 
 # --- poll(): none before every kind was listed, one model per change ---------------------
