@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable
 
 from nodeagent.backoff import Backoff
 from nodeagent.errors import ConfigError
-from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient, NotFound, Resource
+from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient, NotFound, Resource, of_kind
 from nodeagent.kube.events import EventWriter
 from nodeagent.kube.objects import KubeObject, object_from_dict
 from nodeagent.kube.owner import OwnerWatch
@@ -470,13 +470,15 @@ class KubeSource:
             store.api_version = kind.api_version(kind.versions[0])
             return kind.resource(kind.versions[0])
         try:
-            group = await self.client.get(f"/apis/{kind.group}", f"group {kind.group}")
+            group = of_kind(await self.client.get(f"/apis/{kind.group}", f"group {kind.group}"),
+                            "APIGroup", f"group {kind.group}")
         except NotFound:
             raise NotServed(str(kind), f"not served: the API server has no group {kind.group}", 404) from None
         served = {v.get("version") for v in group.get("versions") or [] if isinstance(v, dict)}
         wanted = [v for v in kind.versions if v in served]
         for version in wanted:
-            listing = await self.client.get(f"/apis/{kind.group}/{version}", f"{kind.group}/{version}")
+            where = f"{kind.group}/{version}"
+            listing = of_kind(await self.client.get(f"/apis/{where}", where), "APIResourceList", where)
             if any(r.get("name") == kind.plural for r in listing.get("resources") or [] if isinstance(r, dict)):
                 store.api_version = kind.api_version(version)
                 return kind.resource(version)

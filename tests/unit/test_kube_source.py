@@ -264,6 +264,64 @@ def test_a_watch_error_event_raises_its_status():
         c._event(b'{"type":', "pods")
 
 
+# --- the client: a 200 that is no list is an error, never an empty list ----------------------
+class Answered(client.KubeClient):
+    """A client whose requests get `answers` in turn, each (status, the body's bytes) as
+    the API server, or a proxy in front of it, sent them; `asked` holds the queries."""
+
+    def __init__(self, config: client.ClusterConfig, *answers: tuple[int, bytes]):
+        super().__init__(config)
+        self.answers, self.asked = list(answers), []
+
+    async def send(self, method, path, resource, params=None, body=None, content_type="application/json"):
+        self.asked.append(dict(params or {}))
+        status, raw = self.answers.pop(0)
+        return self._decoded(status, raw, resource)
+
+
+PODS = client.Resource("/api/v1/pods", "pods")
+NOT_JSON = "pods: 200 answer from https://172.30.0.1:6443 {} (is something other than the API server answering?)"
+
+
+def pod_list(version: str, *names: str, token: str = "") -> bytes:
+    items = [{"metadata": {"name": n, "namespace": "shop", "uid": n, "resourceVersion": version},
+              "spec": {"nodeName": "n1"}, "status": {"phase": "Running", "podIP": "10.244.1.9"}} for n in names]
+    meta = {"resourceVersion": version, **({"continue": token} if token else {})}
+    return json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": meta, "items": items}).encode()
+
+
+@pytest.mark.parametrize("raw, says", [
+    (b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+     NOT_JSON.format("is not a JSON object: '<html><body><h1>502 Bad Gateway</h1></body></html>'")),
+    (b"", NOT_JSON.format("is empty")),
+    (b"[]", NOT_JSON.format("is not a JSON object: '[]'")),
+    (b'{"metadata": {"resourceVersion": "7"}}', "pods: the answer is not a list: kind '', items missing"),
+    (b'{"kind": "Pod", "metadata": {}, "items": []}', "pods: the answer is not a list: kind 'Pod', items list"),
+    (b'{"kind": "PodList", "metadata": {}, "items": {}}', "pods: the answer is not a list: kind 'PodList', items dict"),
+])
+def test_a_list_answer_that_is_no_list_is_an_error_never_an_empty_list(tmp_path: Path, raw, says):
+    api = Answered(cluster(tmp_path), (200, raw))
+    with pytest.raises(KubeApiError) as err:
+        asyncio.run(api.list(PODS))
+    assert str(err.value) == says
+    assert next_step(err.value) == "backoff"  # the kind keeps its objects and is listed again
+
+
+def test_a_page_that_is_no_list_fails_the_whole_list_and_an_empty_list_is_empty(tmp_path: Path):
+    api = Answered(cluster(tmp_path), (200, pod_list("7", "a", token="next")), (200, b"<html>timeout</html>"))
+    with pytest.raises(KubeApiError, match="is not a JSON object: '<html>timeout</html>'"):
+        asyncio.run(api.list(PODS))
+    assert api.asked == [{"limit": "500"}, {"limit": "500", "continue": "next"}]
+    assert asyncio.run(Answered(cluster(tmp_path), (200, pod_list("8"))).list(PODS)) == ([], "8")
+
+
+def test_an_error_status_without_json_still_says_what_came(tmp_path: Path):
+    api = Answered(cluster(tmp_path), (403, b"<html>forbidden by proxy</html>"))
+    with pytest.raises(KubeApiError) as err:
+        asyncio.run(api.get("/api/v1/pods", "pods"))
+    assert err.value.status == 403 and str(err.value).startswith("pods: 403: <html>forbidden by proxy</html>")
+
+
 # --- a reflector against a scripted API server -----------------------------------------------
 class ScriptedApi(client.KubeClient):
     """The API server as a script, to drive a reflector one request at a time. Each
@@ -381,6 +439,43 @@ def test_a_kind_never_served_is_a_cluster_without_it_at_once(tmp_path: Path):
     assert seen == [("GET", SECURITY, [], {}), ("GET", SECURITY, [], {"AuthorizationPolicy (security.istio.io)": unserved})]
     model = source.poll()
     assert model is not None and model.resources == {}
+
+
+def test_a_list_answer_that_is_no_list_keeps_the_kind_as_last_read_and_is_reported(tmp_path: Path):
+    """A proxy's page, an empty body or an object that is no list, answered 200 to a
+    relist, is an error: the pods stay as last read (an empty list would un-enrol every
+    pod) and the kind is listed again; an event that does not parse is an error too."""
+    expired = b'{"type":"ERROR","object":{"kind":"Status","code":410,"reason":"Expired","message":"too old"}}'
+    pods = "/api/v1/pods"
+    seen, _ = reflect(tmp_path, "Pod", [
+        ("GET", pods, 200, pod_list("5", "a")), ("WATCH", pods, 200, [expired]),
+        ("GET", pods, 200, b"<html>502 Bad Gateway</html>"), ("GET", pods, 200, b""),
+        ("GET", pods, 200, b'{"metadata": {"resourceVersion": "8"}}'),
+        ("GET", pods, 200, pod_list("9", "a")), ("WATCH", pods, 200, [b"<html>not an event</html>"])])
+    a = ["Pod shop/a"]
+    assert seen == [
+        ("GET", pods, [], {}), ("WATCH", pods, a, {}),
+        ("GET", pods, a, {}),  # 410: listed again at once
+        ("GET", pods, a, {"Pod": NOT_JSON.format("is not a JSON object: '<html>502 Bad Gateway</html>'")}),
+        ("GET", pods, a, {"Pod": NOT_JSON.format("is empty")}),
+        ("GET", pods, a, {"Pod": "pods: the answer is not a list: kind '', items missing"}),
+        ("WATCH", pods, a, {}),
+        ("WATCH", pods, a, {"Pod": "pods: malformed watch event: b'<html>not an event</html>'"}),  # watched again
+    ]
+
+
+def test_a_discovery_answer_that_is_no_discovery_document_is_a_failure_not_a_kind_not_served(tmp_path: Path):
+    """A proxy's JSON error page answered 200 to discovery has no versions: read as the
+    group's document it would count towards dropping the kind's objects."""
+    watch = ("WATCH", f"{SECURITY}/v1/authorizationpolicies", NOT_FOUND[0], [NOT_FOUND[1]])
+    seen, _ = reflect(tmp_path, "AuthorizationPolicy",
+                      [*served("5"), watch, ("GET", SECURITY, 200, b'{"message": "upstream unavailable"}')])
+    kind, deny = "AuthorizationPolicy (security.istio.io)", ["AuthorizationPolicy shop/deny"]
+    assert seen[-2:] == [
+        ("GET", SECURITY, deny, {kind: "authorizationpolicies.security.istio.io: 404 NotFound: "
+                                       "the server could not find the requested resource"}),
+        ("GET", SECURITY, deny, {kind: "group security.istio.io: the answer is not an APIGroup: kind ''"}),
+    ]
 
 
 # --- poll(): none before every kind was listed, one model per change ---------------------
