@@ -141,7 +141,8 @@ def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
                  "creationTimestamp", "resourceVersion")
     out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
            "metadata": {k: meta[k] for k in keep_meta if k in meta},
-           "spec": {k: spec[k] for k in ("nodeName", "serviceAccountName", "serviceAccount") if k in spec}}
+           "spec": {k: spec[k] for k in ("nodeName", "serviceAccountName", "serviceAccount", "hostNetwork")
+                    if k in spec}}
     if containers is not None:
         out["spec"]["containers"] = containers
     out["status"] = ({k: status[k] for k in ("podIP", "phase") if k in status}

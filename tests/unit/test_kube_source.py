@@ -151,6 +151,30 @@ def test_a_pod_keeps_only_what_the_model_reads_and_builds_the_same_pod():
     assert full == Model.build(parse(doc)).pods
 
 
+HOST_NETWORK_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: exporter, namespace: shop, uid: "3333", creationTimestamp: "2026-01-01T00:00:06Z", resourceVersion: "12"}
+spec:
+  nodeName: n1
+  hostNetwork: true
+  containers: [{name: main, image: exporter}]
+status: {phase: Running, podIP: 172.30.0.2, hostIP: 172.30.0.2}
+"""
+
+
+def test_a_host_network_pod_is_the_same_pod_from_either_source(tmp_path: Path):
+    """spec.hostNetwork is kept: such a pod has the node's IP, not one of its own, and the
+    model leaves it out of the IP index whichever source read it."""
+    [doc] = docs(HOST_NETWORK_POD)
+    assert trimmed(KIND["Pod"], doc)["spec"] == {"nodeName": "n1", "hostNetwork": True,
+                                                 "containers": [{"name": "main"}]}
+    model = Model.build([o for s in stores_from([doc]) for o in s.objects.values()])
+    assert comparable(model) == comparable(files_model(tmp_path, HOST_NETWORK_POD))
+    assert model.pods[("shop", "exporter")].host_network is True
+    assert model.pod_by_ip("172.30.0.2") is None
+
+
 def parse(doc: dict):
     from nodeagent.kube.objects import object_from_dict
     return [object_from_dict(doc, "x")]
