@@ -25,6 +25,9 @@ OPT_OUT = "none"
 # Annotation listing destination ports a meshed pod's outbound traffic skips (comma list).
 EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
 EXCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/excludeInboundPorts"
+# Phases of a pod whose containers are done: it keeps its status.podIP, but kubelet may
+# have given that IP to another pod already.
+TERMINATED = ("Succeeded", "Failed")
 
 # Istio API groups whose resources the model carries for the policy and xDS layers: every
 # *.istio.io group and the Gateway API, so kinds the mesh does not implement are answered
@@ -56,6 +59,7 @@ class Pod:
     phase: str = "Running"
     ports: Mapping[str, int] = field(default_factory=dict)  # named container ports (targetPort names)
     workload: str = ""  # Istio's workload name: the owning controller's, else the pod's (see _workload)
+    host_network: bool = False  # spec.hostNetwork: its IP is the node's, not one of its own
 
     @property
     def key(self) -> tuple[str, str]:
@@ -193,9 +197,16 @@ class Model:
 
     @cached_property
     def _pods_by_ip(self) -> dict[str, Pod]:
+        """The pod an IP reaches: never a finished pod (a completed Job's IP, reused by a
+        meshed pod, would send that pod's clients plaintext) nor a hostNetwork pod (the
+        node's IP); of live pods claiming one IP, a Running one, else the first found."""
         index: dict[str, Pod] = {}
         for pod in self.pods.values():
-            index.setdefault(pod.ip, pod)
+            if not pod.ip or pod.host_network or pod.phase in TERMINATED:
+                continue
+            held = index.get(pod.ip)
+            if held is None or (pod.phase == "Running" and held.phase != "Running"):
+                index[pod.ip] = pod
         return index
 
     @cached_property
@@ -250,7 +261,15 @@ def _pod(obj: KubeObject) -> Pod:
         service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"),
         phase=str(status.get("phase") or "Pending"),
         ports=_frozen(_container_ports(spec, where)), workload=_workload(obj),
+        host_network=_flag(spec.get("hostNetwork"), where, "spec.hostNetwork"),
     )
+
+
+def _flag(value, where: str, field: str) -> bool:
+    # A string "false" is truthy: a typo must not read as its opposite.
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ConfigError(where, f"{field} must be true or false, not {value!r}")
 
 
 def _container_ports(spec: dict, where: str) -> dict[str, int]:

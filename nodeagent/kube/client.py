@@ -15,7 +15,10 @@ current context: the server, its CA, and a client certificate or a bearer token)
 
 Every failure is a KubeApiError naming the resource and saying what happened in one
 line; `Gone` (410: the resourceVersion is too old, relist) and `NotFound` (404: a
-group or kind the server does not serve, e.g. a CRD not installed) are told apart.
+group or kind the server does not serve, e.g. a CRD not installed) are told apart. A
+200 whose body is no JSON object (a proxy's HTML page, nothing), or a list answer that
+is no list, is a failure too: read as an empty list it would delete every object of
+the kind.
 """
 
 from __future__ import annotations
@@ -270,7 +273,7 @@ class KubeClient:
                     raise
                 items, query = [], {**(params or {})}  # the snapshot expired mid-way: one whole list
                 continue
-            items.extend(page.get("items") or [])
+            items.extend(list_items(page, resource.name))
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items, str((page.get("metadata") or {}).get("resourceVersion") or "")
@@ -370,13 +373,19 @@ class KubeClient:
                 yield data
 
     def _decoded(self, status: int, body: bytes, resource: str) -> dict:
+        """The JSON object of a 200 or 201; else the answer's typed KubeApiError. A 200 that
+        is no JSON object (a proxy's page, an empty body) is an error, not an empty answer."""
         try:
-            doc = json.loads(body) if body else {}
+            doc = json.loads(body) if body.strip() else None
         except ValueError:
-            doc = {"message": body[:200].decode(errors="replace").strip()}
-        if status in (200, 201) and isinstance(doc, dict) and doc.get("kind") != "Status":
+            doc = None
+        if status in (200, 201) and not isinstance(doc, dict):
+            what = "is empty" if not body.strip() else f"is not a JSON object: {_snippet(body, 80)!r}"
+            raise KubeApiError(resource, f"{status} answer from {self.config.url} {what}", status,
+                               "is something other than the API server answering?")
+        if status in (200, 201) and doc.get("kind") != "Status":
             return doc
-        raise status_error(resource, doc if isinstance(doc, dict) else {}, status)
+        raise status_error(resource, doc if isinstance(doc, dict) else {"message": _snippet(body, 200)}, status)
 
     def _event(self, line: bytes, resource: str) -> dict:
         try:
@@ -391,12 +400,34 @@ class KubeClient:
         return event
 
 
+def list_items(page: Mapping[str, Any], resource: str) -> list:
+    """The items of one list answer (a kind ending in List, an items list); KubeApiError
+    for anything else, which taken for an empty list would delete the kind's objects."""
+    kind, items = str(page.get("kind") or ""), page.get("items")
+    if not kind.endswith("List") or not isinstance(items, list):
+        has = "missing" if items is None else type(items).__name__
+        raise KubeApiError(resource, f"the answer is not a list: kind {kind!r}, items {has}")
+    return items
+
+
+def of_kind(doc: Mapping[str, Any], kind: str, resource: str) -> Mapping[str, Any]:
+    """`doc` when it is a `kind` (a discovery document: APIGroup, APIResourceList);
+    KubeApiError otherwise, which read as a group without versions would be a kind not served."""
+    if doc.get("kind") != kind:
+        raise KubeApiError(resource, f"the answer is not an {kind}: kind {str(doc.get('kind') or '')!r}")
+    return doc
+
+
 def status_error(resource: str, status: Mapping[str, Any], code: int) -> KubeApiError:
     """The typed error of a Kubernetes Status (an HTTP error or a watch ERROR event)."""
     reason, message = status.get("reason") or "", str(status.get("message") or "").strip()
     text = f"{code} {reason}".strip() + (f": {message}" if message else "")
     cls = {410: Gone, 404: NotFound, 409: Conflict}.get(code, KubeApiError)
     return cls(resource, text, code, HINTS.get(code))
+
+
+def _snippet(body: bytes, size: int) -> str:
+    return body[:size].decode(errors="replace").strip()
 
 
 def _why(exc: BaseException) -> str:

@@ -15,7 +15,11 @@ when the server ends a watch or the connection breaks (backing off with jitter),
 list again on 410 Gone or after a failed list. A kind the
 server does not serve (its CRD not installed) holds no objects, is reported in `errors`
 and is looked up again every `rediscover_seconds`: a cluster without Istio's CRDs is a
-cluster without Istio resources, not a failure.
+cluster without Istio resources, not a failure. Only discovery says a kind is not
+served, and a kind holding objects keeps them until it said so UNSERVED_LOOKUPS times in
+a row: a 404 while an API server syncs its CRD handlers, or while a CRD is updated, would
+otherwise drop every AuthorizationPolicy and PeerAuthentication (the agent failing open).
+A list's or a watch's 404 is a failure like any other: objects kept, looked up again.
 
 Every object goes through the checks the files source makes (object_from_dict, then
 model.check for Pods and Services); an invalid one is refused alone: its last good
@@ -46,7 +50,7 @@ from typing import Any, Callable, Iterable
 
 from nodeagent.backoff import Backoff
 from nodeagent.errors import ConfigError
-from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient, NotFound, Resource
+from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient, NotFound, Resource, of_kind
 from nodeagent.kube.events import EventWriter
 from nodeagent.kube.objects import KubeObject, object_from_dict
 from nodeagent.kube.owner import OwnerWatch
@@ -57,6 +61,9 @@ BURST_QUIET = 0.02  # seconds without an event that end a burst
 BURST_MAX = 0.25  # a steady stream of events still wakes the agent this often
 RETRY = Backoff(0.5, 30.0)  # after a failed list or watch (jittered)
 REDISCOVER_SECONDS = 30.0  # a kind not served yet is looked up again this often
+# Discovery's "not served" answers in a row (REDISCOVER_SECONDS apart) before a kind that
+# holds objects is taken for uninstalled and its objects dropped: about a minute.
+UNSERVED_LOOKUPS = 3
 # How long close() waits for the source's thread. The daemon closes the source on its
 # way out, before it removes capture (--on-exit=remove): a wait as long as the
 # DaemonSet's grace period (30 s) would let the kubelet's SIGKILL come first and leave
@@ -134,7 +141,8 @@ def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
                  "creationTimestamp", "resourceVersion")
     out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
            "metadata": {k: meta[k] for k in keep_meta if k in meta},
-           "spec": {k: spec[k] for k in ("nodeName", "serviceAccountName", "serviceAccount") if k in spec}}
+           "spec": {k: spec[k] for k in ("nodeName", "serviceAccountName", "serviceAccount", "hostNetwork")
+                    if k in spec}}
     if containers is not None:
         out["spec"]["containers"] = containers
     out["status"] = ({k: status[k] for k in ("podIP", "phase") if k in status}
@@ -162,12 +170,21 @@ def object_name(kind: Kind, body: Any) -> str:
     return f"{kind.kind} {where or '?'}"
 
 
+class NotServed(NotFound):
+    """Discovery does not list the kind (its group, version or resource): its CRD is not
+    installed, or not served yet. A list's or a watch's 404 is not this answer."""
+
+
 def next_step(exc: BaseException) -> str:
-    """What a reflector does after its list or watch ended with `exc`: "relist" at once
-    (410 Gone: the version is too old to watch from), "rediscover" later (404: the kind
-    is not served, e.g. its CRD is not installed), else "backoff" and list again."""
+    """What a reflector does after its discovery, list or watch ended with `exc`:
+    "relist" at once (410 Gone: the version is too old to watch from); "not served"
+    (discovery does not list the kind: look again every rediscover_seconds);
+    "rediscover" (another 404: the served version may have changed, or the server is
+    still syncing its handlers: back off, look the kind up again); else "backoff"."""
     if isinstance(exc, Gone):
         return "relist"
+    if isinstance(exc, NotServed):
+        return "not served"
     if isinstance(exc, NotFound):
         return "rediscover"
     return "backoff"
@@ -264,17 +281,19 @@ class KubeSource:
                  kinds: tuple[Kind, ...] = KINDS, timeout: float = 10.0,
                  watch_seconds: tuple[int, int] = WATCH_SECONDS,
                  rediscover_seconds: float = REDISCOVER_SECONDS, rng: random.Random | None = None,
-                 on_error: Callable[[ConfigError], None] | None = None):
+                 on_error: Callable[[ConfigError], None] | None = None, retry: Backoff = RETRY,
+                 client: KubeClient | None = None):
         self.config = config
         self.log = log or logging.getLogger("nodeagent.sources.kube")
-        self.client = KubeClient(config, timeout=timeout)
-        self.watch_seconds, self.rediscover_seconds = watch_seconds, rediscover_seconds
+        self.client = client or KubeClient(config, timeout=timeout)  # tests give a scripted API
+        self.watch_seconds, self.rediscover_seconds, self.retry = watch_seconds, rediscover_seconds, retry
         self.rng = rng or random.Random()
         self._lock = threading.Lock()
         self._stores = [Store(k, on_error=on_error) for k in kinds]
         self._synced: set[Kind] = set()  # listed at least once (or known not served)
         self._failing: dict[Kind, str] = {}  # kind -> why its reflector is retrying
         self._missing: dict[Kind, str] = {}  # kind -> why it is not served
+        self._unserved: dict[Kind, int] = {}  # kind -> discovery's "not served" in a row (reflectors only)
         self._generation = 0  # bumped by every change of the stores
         self._built = -1  # generation of the last model poll() returned (-1: none yet)
         self._thread: threading.Thread | None = None
@@ -393,12 +412,15 @@ class KubeSource:
     async def _reflect(self, store: Store) -> None:
         """List, then watch from the last version seen, for ever. A broken watch is
         watched again from that version (as client-go does: a restarted API server is
-        not a reason for every agent to list everything again); a 410 lists again."""
+        not a reason for every agent to list everything again); a 410 lists again; any
+        other 404 looks the kind up again after a backoff, keeping its objects (only
+        discovery says a kind is not served: `_not_served`)."""
         kind, attempt, resource = store.kind, 0, None
         while True:
             try:
                 if resource is None:
                     found = await self._discover(kind, store)
+                    self._unserved.pop(kind, None)  # served: a later "not served" counts from one
                     items, version = await self.client.list(found)
                     self.counts["lists"] += 1
                     self._update(store, store.replace, items, version, synced=True)
@@ -425,43 +447,45 @@ class KubeSource:
                     self.counts["gone"] += 1
                     self.log.info("%s: %s; listing again", kind, exc)
                     continue
-                if step == "rediscover":
+                if step == "not served":
                     self._not_served(store, f"{exc.detail}: is its CRD installed?")
                     await asyncio.sleep(self.rediscover_seconds)
                     continue
                 attempt += 1
                 self.counts["failures"] += 1
-                delay = RETRY.jittered(attempt, self.rng)
+                delay = self.retry.jittered(attempt, self.rng)
                 self._fail(kind, str(exc), delay)
                 await asyncio.sleep(delay)
             except Exception as exc:  # a bug must not end the reflector: keep the state, list again
                 attempt, resource = attempt + 1, None
                 self.counts["failures"] += 1
-                delay = RETRY.jittered(attempt, self.rng)
+                delay = self.retry.jittered(attempt, self.rng)
                 self.log.exception("%s: reflector failed; retrying", kind)
                 self._fail(kind, f"internal error: {exc!r}", delay)
                 await asyncio.sleep(delay)
 
     async def _discover(self, kind: Kind, store: Store) -> Resource:
         """The resource to read `kind` from: its most preferred version the server serves
-        with this kind in it; NotFound when none."""
+        with this kind in it; NotServed when none."""
         if not kind.group:
             store.api_version = kind.api_version(kind.versions[0])
             return kind.resource(kind.versions[0])
         try:
-            group = await self.client.get(f"/apis/{kind.group}", f"group {kind.group}")
+            group = of_kind(await self.client.get(f"/apis/{kind.group}", f"group {kind.group}"),
+                            "APIGroup", f"group {kind.group}")
         except NotFound:
-            raise NotFound(str(kind), f"not served: the API server has no group {kind.group}", 404) from None
+            raise NotServed(str(kind), f"not served: the API server has no group {kind.group}", 404) from None
         served = {v.get("version") for v in group.get("versions") or [] if isinstance(v, dict)}
         wanted = [v for v in kind.versions if v in served]
         for version in wanted:
-            listing = await self.client.get(f"/apis/{kind.group}/{version}", f"{kind.group}/{version}")
+            where = f"{kind.group}/{version}"
+            listing = of_kind(await self.client.get(f"/apis/{where}", where), "APIResourceList", where)
             if any(r.get("name") == kind.plural for r in listing.get("resources") or [] if isinstance(r, dict)):
                 store.api_version = kind.api_version(version)
                 return kind.resource(version)
         if wanted:
-            raise NotFound(str(kind), f"not served: {kind.group} {', '.join(wanted)} has no {kind.plural}", 404)
-        raise NotFound(str(kind), f"not served: {kind.group} has versions {', '.join(sorted(served))}, "
+            raise NotServed(str(kind), f"not served: {kind.group} {', '.join(wanted)} has no {kind.plural}", 404)
+        raise NotServed(str(kind), f"not served: {kind.group} has versions {', '.join(sorted(served))}, "
                        f"not {', '.join(kind.versions)}", 404)
 
     def _update(self, store: Store, change: Callable[..., bool], *args: Any, synced: bool = False) -> None:
@@ -479,6 +503,15 @@ class KubeSource:
             self._signal()
 
     def _not_served(self, store: Store, why: str) -> None:
+        """Discovery does not list `store`'s kind. One that holds objects keeps them,
+        failing, until discovery said so UNSERVED_LOOKUPS times in a row (a transient 404
+        must not take the policies away); one that holds none (never served) is at once a
+        cluster without that kind."""
+        lookups = self._unserved[store.kind] = self._unserved.get(store.kind, 0) + 1
+        if store.objects and lookups < UNSERVED_LOOKUPS:
+            self._fail(store.kind, f"{why} ({lookups} of {UNSERVED_LOOKUPS} lookups in a row; "
+                       f"its objects are kept until {UNSERVED_LOOKUPS})", self.rediscover_seconds)
+            return
         with self._lock:
             if self._missing.get(store.kind) != why:
                 self.log.warning("%s: %s; its objects are not read, looking again every %gs",

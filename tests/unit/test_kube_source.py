@@ -2,13 +2,16 @@
 (refusing an invalid object alone), when a reflector relists, the Model it builds
 against the files source's for the same objects, poll()'s gating on the first complete
 list, the client's credentials and its Status errors, and the agent's source settings.
-The list/watch loop itself runs against the lab's real API server
-(tests/e2e/test_lab_kube_source.py)."""
+A reflector's list/watch loop runs here against a scripted API server (the bytes a
+server or a proxy answers, decoded by the client's own code), and against the lab's real
+API server in tests/e2e/test_lab_kube_source.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
+import json
 import os
 import time
 from pathlib import Path
@@ -18,6 +21,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from nodeagent.agent import config
+from nodeagent.backoff import Backoff
 from nodeagent.errors import ConfigError
 from nodeagent.identity.ca.keys import generate_root
 from nodeagent.kube import client
@@ -25,7 +29,7 @@ from nodeagent.kube.client import Gone, KubeApiError, NotFound, TokenFile, statu
 from nodeagent.model import Model
 from nodeagent.sources import kube
 from nodeagent.sources.files import FilesSource
-from nodeagent.sources.kube import KINDS, KubeSource, Store, admit, next_step, trimmed
+from nodeagent.sources.kube import KINDS, KubeSource, NotServed, Store, admit, next_step, trimmed
 
 KIND = {k.kind: k for k in KINDS}
 
@@ -147,6 +151,30 @@ def test_a_pod_keeps_only_what_the_model_reads_and_builds_the_same_pod():
     assert full == Model.build(parse(doc)).pods
 
 
+HOST_NETWORK_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: exporter, namespace: shop, uid: "3333", creationTimestamp: "2026-01-01T00:00:06Z", resourceVersion: "12"}
+spec:
+  nodeName: n1
+  hostNetwork: true
+  containers: [{name: main, image: exporter}]
+status: {phase: Running, podIP: 172.30.0.2, hostIP: 172.30.0.2}
+"""
+
+
+def test_a_host_network_pod_is_the_same_pod_from_either_source(tmp_path: Path):
+    """spec.hostNetwork is kept: such a pod has the node's IP, not one of its own, and the
+    model leaves it out of the IP index whichever source read it."""
+    [doc] = docs(HOST_NETWORK_POD)
+    assert trimmed(KIND["Pod"], doc)["spec"] == {"nodeName": "n1", "hostNetwork": True,
+                                                 "containers": [{"name": "main"}]}
+    model = Model.build([o for s in stores_from([doc]) for o in s.objects.values()])
+    assert comparable(model) == comparable(files_model(tmp_path, HOST_NETWORK_POD))
+    assert model.pods[("shop", "exporter")].host_network is True
+    assert model.pod_by_ip("172.30.0.2") is None
+
+
 def parse(doc: dict):
     from nodeagent.kube.objects import object_from_dict
     return [object_from_dict(doc, "x")]
@@ -243,7 +271,9 @@ def test_410_gone_relists_404_rediscovers_and_other_errors_back_off():
     assert isinstance(gone, Gone) and next_step(gone) == "relist"
     assert str(gone) == "pods: 410 Expired: too old resource version: 5 (90)"
     missing = status_error("group networking.istio.io", {"reason": "NotFound"}, 404)
-    assert isinstance(missing, NotFound) and next_step(missing) == "rediscover"
+    assert isinstance(missing, NotFound) and next_step(missing) == "rediscover"  # back off, look it up again
+    unserved = NotServed("EnvoyFilter (networking.istio.io)", "not served: the API server has no group x", 404)
+    assert next_step(unserved) == "not served"  # only discovery says so
     forbidden = status_error("pods", {"reason": "Forbidden", "message": "cannot list"}, 403)
     assert next_step(forbidden) == "backoff" and "ClusterRole" in str(forbidden)
     assert next_step(KubeApiError("pods", "cannot connect to https://x:6443: timed out")) == "backoff"
@@ -256,6 +286,220 @@ def test_a_watch_error_event_raises_its_status():
     assert c._event(b'{"type":"ADDED","object":{"metadata":{}}}', "pods")["type"] == "ADDED"
     with pytest.raises(KubeApiError, match="malformed watch event"):
         c._event(b'{"type":', "pods")
+
+
+# --- the client: a 200 that is no list is an error, never an empty list ----------------------
+class Answered(client.KubeClient):
+    """A client whose requests get `answers` in turn, each (status, the body's bytes) as
+    the API server, or a proxy in front of it, sent them; `asked` holds the queries."""
+
+    def __init__(self, config: client.ClusterConfig, *answers: tuple[int, bytes]):
+        super().__init__(config)
+        self.answers, self.asked = list(answers), []
+
+    async def send(self, method, path, resource, params=None, body=None, content_type="application/json"):
+        self.asked.append(dict(params or {}))
+        status, raw = self.answers.pop(0)
+        return self._decoded(status, raw, resource)
+
+
+PODS = client.Resource("/api/v1/pods", "pods")
+NOT_JSON = "pods: 200 answer from https://172.30.0.1:6443 {} (is something other than the API server answering?)"
+
+
+def pod_list(version: str, *names: str, token: str = "") -> bytes:
+    items = [{"metadata": {"name": n, "namespace": "shop", "uid": n, "resourceVersion": version},
+              "spec": {"nodeName": "n1"}, "status": {"phase": "Running", "podIP": "10.244.1.9"}} for n in names]
+    meta = {"resourceVersion": version, **({"continue": token} if token else {})}
+    return json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": meta, "items": items}).encode()
+
+
+@pytest.mark.parametrize("raw, says", [
+    (b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+     NOT_JSON.format("is not a JSON object: '<html><body><h1>502 Bad Gateway</h1></body></html>'")),
+    (b"", NOT_JSON.format("is empty")),
+    (b"[]", NOT_JSON.format("is not a JSON object: '[]'")),
+    (b'{"metadata": {"resourceVersion": "7"}}', "pods: the answer is not a list: kind '', items missing"),
+    (b'{"kind": "Pod", "metadata": {}, "items": []}', "pods: the answer is not a list: kind 'Pod', items list"),
+    (b'{"kind": "PodList", "metadata": {}, "items": {}}', "pods: the answer is not a list: kind 'PodList', items dict"),
+])
+def test_a_list_answer_that_is_no_list_is_an_error_never_an_empty_list(tmp_path: Path, raw, says):
+    api = Answered(cluster(tmp_path), (200, raw))
+    with pytest.raises(KubeApiError) as err:
+        asyncio.run(api.list(PODS))
+    assert str(err.value) == says
+    assert next_step(err.value) == "backoff"  # the kind keeps its objects and is listed again
+
+
+def test_a_page_that_is_no_list_fails_the_whole_list_and_an_empty_list_is_empty(tmp_path: Path):
+    api = Answered(cluster(tmp_path), (200, pod_list("7", "a", token="next")), (200, b"<html>timeout</html>"))
+    with pytest.raises(KubeApiError, match="is not a JSON object: '<html>timeout</html>'"):
+        asyncio.run(api.list(PODS))
+    assert api.asked == [{"limit": "500"}, {"limit": "500", "continue": "next"}]
+    assert asyncio.run(Answered(cluster(tmp_path), (200, pod_list("8"))).list(PODS)) == ([], "8")
+
+
+def test_an_error_status_without_json_still_says_what_came(tmp_path: Path):
+    api = Answered(cluster(tmp_path), (403, b"<html>forbidden by proxy</html>"))
+    with pytest.raises(KubeApiError) as err:
+        asyncio.run(api.get("/api/v1/pods", "pods"))
+    assert err.value.status == 403 and str(err.value).startswith("pods: 403: <html>forbidden by proxy</html>")
+
+
+# --- a reflector against a scripted API server -----------------------------------------------
+class ScriptedApi(client.KubeClient):
+    """The API server as a script, to drive a reflector one request at a time. Each
+    request takes the next step: ("GET", path, status, body) or ("WATCH", path, status,
+    lines), the bytes the server (or a proxy) sent, decoded by the client's own code; a
+    watch answered 200 yields its lines' events, then ends as the server ends a watch.
+    Every request first notes (method, path, what `look` sees then). When the script runs
+    out, the request waits for ever and `done` is set: the test looks, then cancels."""
+
+    def __init__(self, config: client.ClusterConfig, script: list[tuple], look):
+        super().__init__(config)
+        self.script, self.look, self.seen = list(script), look, []
+        self.done = asyncio.Event()
+
+    async def send(self, method, path, resource, params=None, body=None, content_type="application/json"):
+        status, raw = await self._step("GET", path)
+        return self._decoded(status, raw, resource)
+
+    async def watch(self, resource, resource_version, params=None, timeout_seconds=300):
+        status, lines = await self._step("WATCH", resource.path)
+        if status != 200:
+            self._decoded(status, b"".join(lines), resource.name)
+        for line in lines:
+            yield self._event(line, resource.name)
+
+    async def _step(self, method: str, path: str) -> tuple:
+        self.seen.append((method, path, self.look()))
+        if not self.script:
+            self.done.set()
+            await asyncio.Event().wait()
+        method_wanted, path_wanted, *answer = self.script.pop(0)
+        assert (method, path) == (method_wanted, path_wanted)  # seen says where it went otherwise
+        return tuple(answer)
+
+
+def reflect(tmp_path: Path, kind: str, script: list[tuple]) -> tuple[list, KubeSource]:
+    """Run `kind`'s reflector through `script` (no waits: rediscovery and backoff take 0 s);
+    what each request saw of the store's objects and the source's errors, and the final look."""
+    api = ScriptedApi(cluster(tmp_path), script, lambda: (sorted(store.objects), source.errors))
+    source = KubeSource(api.config, kinds=(KIND[kind],), rediscover_seconds=0.0, retry=Backoff(0.0, 0.0),
+                        client=api)
+    store = source._stores[0]
+
+    async def main() -> None:
+        task = asyncio.create_task(source._reflect(store))
+        try:
+            await asyncio.wait_for(api.done.wait(), 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert api.script == []
+    return [(method, path, *look) for method, path, look in api.seen], source
+
+
+SECURITY = "/apis/security.istio.io"
+GROUP = (200, json.dumps({"kind": "APIGroup", "name": "security.istio.io",
+                          "versions": [{"groupVersion": "security.istio.io/v1", "version": "v1"}]}).encode())
+RESOURCES = (200, json.dumps({"kind": "APIResourceList", "groupVersion": "security.istio.io/v1",
+                              "resources": [{"name": "authorizationpolicies", "kind": "AuthorizationPolicy"}]}).encode())
+NOT_FOUND = (404, json.dumps({"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
+                              "message": "the server could not find the requested resource"}).encode())
+DENY = {"metadata": {"name": "deny", "namespace": "shop", "uid": "p1", "resourceVersion": "5"},
+        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]}}
+
+
+def policies(version: str) -> tuple[int, bytes]:
+    return 200, json.dumps({"kind": "AuthorizationPolicyList", "apiVersion": "security.istio.io/v1",
+                            "metadata": {"resourceVersion": version}, "items": [DENY]}).encode()
+
+
+def served(version: str) -> list[tuple]:
+    """Discovery finds AuthorizationPolicy at v1 and its list holds the DENY policy."""
+    return [("GET", SECURITY, *GROUP), ("GET", f"{SECURITY}/v1", *RESOURCES),
+            ("GET", f"{SECURITY}/v1/authorizationpolicies", *policies(version))]
+
+
+def test_a_served_kind_answering_404_keeps_its_objects_until_discovery_says_so_three_times(tmp_path: Path):
+    """An API server answering before its CRD handlers are synced, or a CRD being updated,
+    answers 404 for a while: dropping the policies then would fail open (STRICT becomes
+    PERMISSIVE, DENY rules vanish). A watch's or list's 404 only fails the kind; discovery
+    not listing it three lookups in a row (a lookup that finds it starts over) drops them."""
+    kind = "AuthorizationPolicy (security.istio.io)"
+    watch_404 = "authorizationpolicies.security.istio.io: 404 NotFound: the server could not find the requested resource"
+    unserved = "not served: the API server has no group security.istio.io: is its CRD installed?"
+    watch = ("WATCH", f"{SECURITY}/v1/authorizationpolicies", NOT_FOUND[0], [NOT_FOUND[1]])
+    lookup = ("GET", SECURITY, *NOT_FOUND)
+    seen, source = reflect(tmp_path, "AuthorizationPolicy",
+                           [*served("5"), watch, lookup, lookup, *served("9"), watch, lookup, lookup, lookup])
+    deny = ["AuthorizationPolicy shop/deny"]
+    kept = [(deny, {kind: f"{unserved} ({n} of 3 lookups in a row; its objects are kept until 3)"}) for n in (1, 2)]
+    assert seen == [
+        ("GET", SECURITY, [], {}), ("GET", f"{SECURITY}/v1", [], {}),
+        ("GET", f"{SECURITY}/v1/authorizationpolicies", [], {}),
+        ("WATCH", f"{SECURITY}/v1/authorizationpolicies", deny, {}),
+        ("GET", SECURITY, deny, {kind: watch_404}),  # the watch's 404: failing, looked up again
+        ("GET", SECURITY, *kept[0]),
+        ("GET", SECURITY, *kept[1]),  # then discovery finds it again: the count starts over
+        ("GET", f"{SECURITY}/v1", *kept[1]),
+        ("GET", f"{SECURITY}/v1/authorizationpolicies", *kept[1]),
+        ("WATCH", f"{SECURITY}/v1/authorizationpolicies", deny, {}),  # listed: read again
+        ("GET", SECURITY, deny, {kind: watch_404}),
+        ("GET", SECURITY, *kept[0]),
+        ("GET", SECURITY, *kept[1]),
+        ("GET", SECURITY, [], {kind: unserved}),  # three in a row: not served, a cluster without them
+    ]
+    assert source.scan_error == "the first model is not read yet"  # not failing: listed, then known not served
+
+
+def test_a_kind_never_served_is_a_cluster_without_it_at_once(tmp_path: Path):
+    lookup = ("GET", SECURITY, *NOT_FOUND)
+    seen, source = reflect(tmp_path, "AuthorizationPolicy", [lookup])
+    unserved = "not served: the API server has no group security.istio.io: is its CRD installed?"
+    assert seen == [("GET", SECURITY, [], {}), ("GET", SECURITY, [], {"AuthorizationPolicy (security.istio.io)": unserved})]
+    model = source.poll()
+    assert model is not None and model.resources == {}
+
+
+def test_a_list_answer_that_is_no_list_keeps_the_kind_as_last_read_and_is_reported(tmp_path: Path):
+    """A proxy's page, an empty body or an object that is no list, answered 200 to a
+    relist, is an error: the pods stay as last read (an empty list would un-enrol every
+    pod) and the kind is listed again; an event that does not parse is an error too."""
+    expired = b'{"type":"ERROR","object":{"kind":"Status","code":410,"reason":"Expired","message":"too old"}}'
+    pods = "/api/v1/pods"
+    seen, _ = reflect(tmp_path, "Pod", [
+        ("GET", pods, 200, pod_list("5", "a")), ("WATCH", pods, 200, [expired]),
+        ("GET", pods, 200, b"<html>502 Bad Gateway</html>"), ("GET", pods, 200, b""),
+        ("GET", pods, 200, b'{"metadata": {"resourceVersion": "8"}}'),
+        ("GET", pods, 200, pod_list("9", "a")), ("WATCH", pods, 200, [b"<html>not an event</html>"])])
+    a = ["Pod shop/a"]
+    assert seen == [
+        ("GET", pods, [], {}), ("WATCH", pods, a, {}),
+        ("GET", pods, a, {}),  # 410: listed again at once
+        ("GET", pods, a, {"Pod": NOT_JSON.format("is not a JSON object: '<html>502 Bad Gateway</html>'")}),
+        ("GET", pods, a, {"Pod": NOT_JSON.format("is empty")}),
+        ("GET", pods, a, {"Pod": "pods: the answer is not a list: kind '', items missing"}),
+        ("WATCH", pods, a, {}),
+        ("WATCH", pods, a, {"Pod": "pods: malformed watch event: b'<html>not an event</html>'"}),  # watched again
+    ]
+
+
+def test_a_discovery_answer_that_is_no_discovery_document_is_a_failure_not_a_kind_not_served(tmp_path: Path):
+    """A proxy's JSON error page answered 200 to discovery has no versions: read as the
+    group's document it would count towards dropping the kind's objects."""
+    watch = ("WATCH", f"{SECURITY}/v1/authorizationpolicies", NOT_FOUND[0], [NOT_FOUND[1]])
+    seen, _ = reflect(tmp_path, "AuthorizationPolicy",
+                      [*served("5"), watch, ("GET", SECURITY, 200, b'{"message": "upstream unavailable"}')])
+    kind, deny = "AuthorizationPolicy (security.istio.io)", ["AuthorizationPolicy shop/deny"]
+    assert seen[-2:] == [
+        ("GET", SECURITY, deny, {kind: "authorizationpolicies.security.istio.io: 404 NotFound: "
+                                       "the server could not find the requested resource"}),
+        ("GET", SECURITY, deny, {kind: "group security.istio.io: the answer is not an APIGroup: kind ''"}),
+    ]
 
 
 # --- poll(): none before every kind was listed, one model per change ---------------------

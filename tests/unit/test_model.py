@@ -172,6 +172,74 @@ def test_lookups_by_ip(model):
     assert model.service_by_ip("") is None
 
 
+REUSED_IPS = """
+apiVersion: v1
+kind: Pod
+metadata: {name: job-done, namespace: mesh}
+spec: {nodeName: n1}
+status: {phase: Succeeded, podIP: 10.244.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: mesh}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: 10.244.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crashed, namespace: mesh}
+spec: {nodeName: n1}
+status: {phase: Failed, podIP: 10.244.0.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: node-exporter, namespace: mesh}
+spec: {nodeName: n1, hostNetwork: true}
+status: {phase: Running, podIP: 172.30.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: starting, namespace: mesh}
+spec: {nodeName: n1}
+status: {phase: Pending, podIP: 10.244.0.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: mesh}
+spec: {nodeName: n1, hostNetwork: false}
+status: {phase: Running, podIP: 10.244.0.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: alone-pending, namespace: mesh}
+spec: {nodeName: n1}
+status: {phase: Pending, podIP: 10.244.0.8}
+"""
+
+
+def test_an_ip_is_a_live_pod_network_pods_a_running_one_first():
+    """A finished pod keeps its status.podIP after kubelet gave the IP to another pod, and a
+    hostNetwork pod has the node's IP: neither answers for the address (the meshed pod now
+    there would be reached in plaintext). Live pods on one IP: the Running one."""
+    model = Model.build(parse_documents(REUSED_IPS, "ips.yaml"))
+    assert len(model.pods) == 7  # every pod is in the model; the index is what changes
+    assert model.pods[("mesh", "node-exporter")].host_network is True
+    assert model.pods[("mesh", "api")].host_network is False
+    assert model.pod_by_ip("10.244.0.5").name == "web"  # not the Succeeded Job pod listed before it
+    assert model.pod_by_ip("10.244.0.6") is None  # only a Failed pod holds it
+    assert model.pod_by_ip("172.30.0.2") is None  # the node's address, not the pod's
+    assert model.pod_by_ip("10.244.0.7").name == "api"  # Running before Pending, whatever the order
+    assert model.pod_by_ip("10.244.0.8").name == "alone-pending"  # a live pod alone still answers
+
+
+def test_host_network_must_be_a_boolean():
+    objs = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: shop}\n"
+                           "spec: {hostNetwork: \"yes\"}\n", "bad.yaml")
+    with pytest.raises(ConfigError) as info:
+        check(objs)
+    assert str(info.value) == "bad.yaml#1 (Pod shop/x): spec.hostNetwork must be true or false, not 'yes'"
+
+
 def test_pods_on_node(model):
     assert [p.name for p in model.pods_on_node("n2")] == ["lonely", "web-2"]
     assert model.pods_on_node("n9") == []

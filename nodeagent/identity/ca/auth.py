@@ -26,11 +26,10 @@ from nodeagent.errors import ConfigError
 from nodeagent.identity.errors import PermissionDenied, Unauthenticated
 from nodeagent.identity.spiffe import Identity
 from nodeagent.kube.objects import DNS_SUBDOMAIN
-from nodeagent.model import Model
+from nodeagent.model import TERMINATED, Model
 from nodeagent.sources.files import RACY_SECONDS
 
 MIN_TOKEN_LENGTH = 16  # shorter tokens are guessable; `openssl rand -hex 32` makes a good one
-TERMINATED = ("Succeeded", "Failed")  # a finished pod needs no certificate
 
 
 @dataclass(frozen=True)
@@ -185,7 +184,7 @@ class NodeAuthorizer:
     def authorize(self, caller: Caller, identity: Identity) -> None:
         for pod in self.models().pods_on_node(caller.node):
             if (pod.namespace, pod.service_account) == (identity.namespace, identity.service_account) \
-                    and pod.phase not in TERMINATED:
+                    and pod.phase not in TERMINATED:  # a finished pod needs no certificate
                 return
         if self.lookup is not None and self.lookup(caller.node, identity):
             return

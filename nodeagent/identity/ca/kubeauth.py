@@ -37,11 +37,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from nodeagent.identity.ca.auth import TERMINATED, Caller, ModelView
+from nodeagent.identity.ca.auth import Caller, ModelView
 from nodeagent.identity.errors import CaUnavailable, Unauthenticated
 from nodeagent.identity.spiffe import Identity
 from nodeagent.kube.client import KubeApiError, KubeClient, NotFound, Resource
-from nodeagent.model import Model
+from nodeagent.model import TERMINATED, Model
 
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 NODE_NAME = "authentication.kubernetes.io/node-name"
