@@ -108,6 +108,7 @@ class AuthorizationPolicy:
     action: str  # ALLOW, DENY or AUDIT (CUSTOM is refused by validation)
     rules: tuple[Rule, ...]
     dry_run: bool = False  # istio.io/dry-run: evaluated by nobody, enforced never
+    fail_closed: bool = False  # a refused resource's stand-in (failclosed.py), not a version of it
 
     @property
     def key(self) -> str:
@@ -198,5 +199,7 @@ def authorize(policies: Sequence[AuthorizationPolicy], root_namespace: str,
 
 def _denied(policy: AuthorizationPolicy, rule: int) -> str:
     reason = f"denied by DENY policy {policy.key} rule {rule}"
+    if policy.fail_closed:
+        return f"{reason} (the policy is invalid and enforced fail-closed; see the agent's policy errors)"
     ignored = policy.rules[rule].l7_fields
     return f"{reason} (ignoring {', '.join(ignored)}, which L4 cannot see)" if ignored else reason

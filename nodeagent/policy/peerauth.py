@@ -6,7 +6,9 @@ selector), one workload-level (the pod's namespace, a selector matching the pod)
 a level has several, the oldest wins (creation timestamp, then name). The narrowest set
 mode wins, UNSET inherits, and the workload policy's `portLevelMtls` (keyed by the pod's
 own port, not the Service port) overrides for that port. Nothing set means PERMISSIVE.
-Like istiod, a policy with a selector in the root namespace takes part at no level.
+Like istiod, a policy with a selector in the root namespace takes part at no level. The
+fail-closed stand-in of a refused policy whose selector cannot be read (failclosed.py)
+is a workload-level policy of every pod of its namespace.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class PeerAuthentication:
     match_labels: Mapping[str, str] = field(default_factory=dict)  # empty: namespace/mesh
     mode: str = UNSET
     port_modes: Mapping[int, str] = field(default_factory=dict)
+    fail_closed: bool = False  # a refused resource's stand-in (failclosed.py), not a version of it
+    # A workload-level policy selecting every pod of its namespace: the stand-in of one
+    # whose selector cannot be read (a namespace-level one would lose to an older one).
+    every_workload: bool = False
 
     @property
     def key(self) -> str:
@@ -54,7 +60,7 @@ def levels(policies: Iterable[PeerAuthentication], root_namespace: str,
         if p.namespace == root_namespace and not p.match_labels:
             root.append(p)
         elif p.namespace == pod.namespace != root_namespace:
-            (workload if p.match_labels else own).append(p)
+            (workload if p.match_labels or p.every_workload else own).append(p)
     return (_oldest(root), _oldest(own),
             _oldest(p for p in workload if labels_match(p.match_labels, pod)))
 

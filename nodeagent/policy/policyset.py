@@ -3,9 +3,12 @@
 `PolicySet.build(model, previous)` validates every AuthorizationPolicy,
 PeerAuthentication and RequestAuthentication of a Model one by one: an invalid resource
 is reported as a ConfigError and, if `previous` held a good version of it, that version
-stays in force (a bad edit never opens or closes traffic by itself); a new invalid one
-is ignored. A PolicySet is immutable: a change builds a new one. Root namespace (mesh-
-wide policies) is `istio-system` unless the caller's configuration says otherwise.
+stays in force (a bad edit never opens or closes traffic by itself); one with no good
+version (new, or first seen after a restart) is enforced fail-closed by its stand-in
+(failclosed.py: a DENY of everything it may select, an ALLOW without rules, STRICT),
+which is never taken for a good version. A PolicySet is immutable: a change builds a
+new one. Root namespace (mesh-wide policies) is `istio-system` unless the caller's
+configuration says otherwise.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from typing import Mapping
 
 from nodeagent.errors import ConfigError
 from nodeagent.model import Model, Pod
-from nodeagent.policy import authz, peerauth
+from nodeagent.policy import authz, failclosed, peerauth
 from nodeagent.policy.authz import Connection, Decision
+from nodeagent.policy.failclosed import KEPT, REFUSED
 from nodeagent.policy.schema import all_errors, resource_name
 from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE, Scope
 from nodeagent.policy.validate import (AUTHORIZATION_POLICY, KINDS, PEER_AUTHENTICATION,
-                                       REQUEST_AUTHENTICATION, Policy, custom_as_deny, validate)
+                                       REQUEST_AUTHENTICATION, Policy, validate)
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
 
@@ -52,15 +56,25 @@ class PolicySet:
                 try:
                     entries[key] = all_errors(lambda: validate(obj))
                 except ConfigError as err:
-                    kept = previous.get(*key) if previous is not None else None
-                    denying = custom_as_deny(obj) if kept is None else None
-                    errors.extend(with_fate(err, kept is not None, denying is not None))
-                    if kept is not None or denying is not None:
-                        entries[key] = kept or denying
+                    kept = previous.last_good(*key) if previous is not None else None
+                    if kept is not None:
+                        entries[key] = kept
+                        errors.extend(with_fate(err, KEPT))
+                        continue
+                    stand_in = failclosed.stand_in(obj, root_namespace)
+                    if stand_in is not None:
+                        entries[key] = stand_in.policy
+                    errors.extend(with_fate(err, stand_in.fate if stand_in is not None else REFUSED))
         return cls({key: _bound(p, model) for key, p in entries.items()}, root_namespace), errors
 
     def get(self, kind: str, namespace: str, name: str) -> Policy | None:
+        """The resource as enforced: a version of it, or its fail-closed stand-in."""
         return self._entries.get((kind, namespace, name))
+
+    def last_good(self, kind: str, namespace: str, name: str) -> Policy | None:
+        """The version of the resource in force; None when none is, or only its stand-in."""
+        policy = self.get(kind, namespace, name)
+        return None if policy is None or getattr(policy, "fail_closed", False) else policy
 
     def keys(self) -> list[Key]:
         return list(self._entries)
@@ -99,17 +113,13 @@ def _bound(policy: Policy, model: Model) -> Policy:
     return dataclasses.replace(policy, scope=scope.bound(model.services))
 
 
-def with_fate(err: ConfigError, kept: bool, denying: bool = False) -> list[ConfigError]:
-    """Each problem of a refused resource (ConfigErrors: all of them) with its fate."""
-    return [_with_fate(one, kept, denying) for one in getattr(err, "errors", (err,))]
+def with_fate(err: ConfigError, fate: str) -> list[ConfigError]:
+    """Each problem of a refused resource (ConfigErrors: all of them) with its fate
+    (failclosed.py's REFUSED, KEPT, or a stand-in's) added to its hint."""
+    return [_with_fate(one, fate) for one in getattr(err, "errors", (err,))]
 
 
-def _with_fate(err: ConfigError, kept: bool, denying: bool = False) -> ConfigError:
-    """`err` with what became of the resource added to its hint."""
-    fate = ("the whole resource is refused; its last good version stays in force" if kept
-            else "the whole resource is refused; its rules are enforced as a DENY, as istiod enforces a "
-                 "CUSTOM policy whose provider it cannot use" if denying
-            else "the whole resource is refused")
+def _with_fate(err: ConfigError, fate: str) -> ConfigError:
     message = err.message.removeprefix(f"{err.where}: ")
     return ConfigError(err.where, message, f"{err.hint}; {fate}" if err.hint else fate)
 

@@ -6,12 +6,12 @@ raises ConfigError naming the resource, the field path, what is wrong and what t
 The checks are the CRD schema's (unknown fields, types, enums) plus those of istiod's
 webhook, so YAML Istio accepts is accepted and YAML it refuses is refused. Deliberate
 refusals beyond Istio: action CUSTOM (no ext-authz provider here) and AUDIT (no audit
-provider: it would be accepted and do nothing). Pure.
+provider: it would be accepted and do nothing). What a refused resource enforces when it
+has no last good version is failclosed.py's. Pure.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from types import MappingProxyType
@@ -60,14 +60,14 @@ def validate(obj: KubeObject) -> Policy:
 def authorization_policy(obj: KubeObject) -> AuthorizationPolicy:
     spec = Field.spec_of(obj)
     f = spec.fields(("selector", "targetRef", "targetRefs", "rules", "action", "provider"))
-    scope = attempt(lambda: _scope(obj, spec, f))
+    scope = attempt(lambda: read_scope(obj, spec, f))
     action = attempt(lambda: f["action"].enum(ACTIONS, ALLOW), ALLOW)
     attempt(lambda: _action(f, action))
     rules = tuple(f["rules"].each(lambda r: rule_reader.rule(r, obj.namespace)))
     if action == DENY and not f["rules"].items():
         raise f["rules"].error("a DENY policy without rules would never match",
                                "add the empty rule `- {}` to deny every connection, as Istio requires")
-    return AuthorizationPolicy(obj.name, scope, action, rules, _dry_run(obj))
+    return AuthorizationPolicy(obj.name, scope, action, rules, dry_run(obj))
 
 
 def _action(f: dict[str, Field], action: str) -> None:
@@ -83,31 +83,16 @@ def _action(f: dict[str, Field], action: str) -> None:
         raise f["provider"].error("provider is only for action CUSTOM", "remove it")
 
 
-def _dry_run(obj: KubeObject) -> bool:
+def dry_run(obj: KubeObject) -> bool:
     """Go's strconv.ParseBool, as istiod reads the annotation: anything else (`tRUE`) is
     no dry run, the policy enforced (istiod logs it and enforces it)."""
     return obj.annotations.get(DRY_RUN_ANNOTATION, "") in ("1", "t", "T", "TRUE", "true", "True")
 
 
-def custom_as_deny(obj: KubeObject) -> AuthorizationPolicy | None:
-    """A CUSTOM AuthorizationPolicy (refused: nodeagent has no ext-authz provider) read as a
-    DENY of its rules, as istiod enforces a CUSTOM policy whose provider it cannot use
-    (its "bad custom" deny rules): refused alone, what it would send to the provider went
-    through unchecked. None when `obj` is no CUSTOM policy or its rules are invalid too."""
-    spec = obj.spec
-    if obj.kind != AUTHORIZATION_POLICY or spec.get("action") != CUSTOM:
-        return None
-    body = {**obj.body, "spec": {**{k: v for k, v in spec.items() if k != "provider"}, "action": DENY}}
-    try:
-        return authorization_policy(dataclasses.replace(obj, body=body))
-    except ConfigError:
-        return None
-
-
 # --- PeerAuthentication --------------------------------------------------------------
 def peer_authentication(obj: KubeObject) -> PeerAuthentication:
     f = Field.spec_of(obj).fields(("selector", "mtls", "portLevelMtls"))
-    labels = attempt(lambda: _match_labels(f["selector"]), {})
+    labels = attempt(lambda: match_labels(f["selector"]), {})
     return PeerAuthentication(obj.namespace, obj.name, attempt(lambda: created(obj)), MappingProxyType(labels),
                               attempt(lambda: _mode(f["mtls"]), UNSET),
                               MappingProxyType(attempt(lambda: _port_modes(f["portLevelMtls"], labels), {})))
@@ -145,7 +130,7 @@ def _port_key(field: Field, key: object) -> int:
 def request_authentication(obj: KubeObject) -> RequestAuthentication:
     spec = Field.spec_of(obj)
     f = spec.fields(("selector", "targetRef", "targetRefs", "jwtRules"))
-    scope = attempt(lambda: _scope(obj, spec, f))
+    scope = attempt(lambda: read_scope(obj, spec, f))
     return RequestAuthentication(obj.name, scope, tuple(f["jwtRules"].each(_jwt_rule)))
 
 
@@ -195,16 +180,16 @@ def _named_pairs(field: Field, required: tuple[str, ...], optional: tuple[str, .
 
 
 # --- scope: selector and targetRef(s) ------------------------------------------------
-def _scope(obj: KubeObject, spec: Field, f: dict[str, Field]) -> Scope:
+def read_scope(obj: KubeObject, spec: Field, f: dict[str, Field]) -> Scope:
     ways = [name for name in ("selector", "targetRef", "targetRefs") if f[name].present]
     if len(ways) > 1:
         raise spec.error(f"{' and '.join(ways)} exclude each other", "keep one of them")
     refs = ([f["targetRef"]] if f["targetRef"].present else []) + f["targetRefs"].items()
-    return Scope(obj.namespace, MappingProxyType(_match_labels(f["selector"])),
+    return Scope(obj.namespace, MappingProxyType(match_labels(f["selector"])),
                  tuple(_target_ref(r) for r in refs))
 
 
-def _match_labels(selector: Field) -> dict[str, str]:
+def match_labels(selector: Field) -> dict[str, str]:
     field = selector.fields(("matchLabels",))["matchLabels"]
     labels = field.labels()
     for key, value in labels.items():

@@ -64,12 +64,42 @@ def test_a_broken_edit_keeps_the_last_good_version_and_is_logged_once(caplog):
     assert decide(state, world, None) is True and state.describe()["errors"] == []
 
 
-def test_a_new_invalid_policy_is_ignored(caplog):
+def test_a_new_invalid_policy_is_enforced_fail_closed(caplog):
+    """Its action cannot be read: a DENY of everything it selects, not left out (until
+    2026-12-07 httpbin was open to everybody). It is no version of the resource: status
+    lists it under errors, saying how it is enforced, not among the resources in force."""
     state, world = PolicyState("istio-system", LOG), model()
     with caplog.at_level(logging.WARNING):
         state.update(model(BROKEN))
-    assert decide(state, world, None) is True and "the whole resource is refused" in warnings(caplog)[0]
-    assert state.describe()["resources"] == {}
+        state.update(model(BROKEN + STRICT))  # another change: the same error is not logged again
+    assert decide(state, world, None) is False
+    assert decide(state, world, "spiffe://cluster.local/ns/default/sa/sleep") is False
+    assert len(warnings(caplog)) == 1 and warnings(caplog)[0].endswith(
+        "the whole resource is refused; with no last good version to keep, it is enforced fail-closed (its action "
+        "cannot be read): every connection to the workloads it selects is denied)")
+    assert list(state.describe()["resources"]) == ["PeerAuthentication foo/strict"]
+    assert state.describe()["errors"] == [warnings(caplog)[0].removeprefix("policy refused: ")]
+    tcp_echo = world.pods[("foo", "tcp-echo")]
+    assert state.current.authorize(Connection("10.244.1.20", None, None, tcp_echo, tcp_echo.ip, 80)).allowed
+
+
+def test_a_restarted_agent_enforces_an_invalid_policy_as_closed_as_the_running_one_did():
+    """The review's case: a good DENY, edited invalid on the running agent, stays denied
+    (last good); the same invalid DENY on a fresh agent (a restart) was allowed."""
+    good = document("AuthorizationPolicy", "foo", "deny-ip", """
+selector: {matchLabels: {app: httpbin}}
+action: DENY
+rules: [{from: [{source: {ipBlocks: [10.244.1.0/24]}}]}]
+""")
+    running, world = PolicyState("istio-system", LOG), model()
+    running.update(model(good))
+    running.update(model(good.replace("10.244.1.0/24", "10.1.2.300")))
+    restarted = PolicyState("istio-system", LOG)
+    restarted.update(model(good.replace("10.244.1.0/24", "10.1.2.300")))
+    assert decide(running, world, None) is False and decide(restarted, world, None) is False
+    assert "its last good version stays in force" in running.describe()["errors"][0]
+    closed = "enforced fail-closed: every connection to the workloads it selects is denied"
+    assert closed in restarted.describe()["errors"][0]
 
 
 def test_a_failing_build_keeps_the_policies_in_force(monkeypatch, caplog):

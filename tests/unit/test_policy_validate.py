@@ -147,8 +147,15 @@ def test_invalid_resource_is_refused_naming_the_field(kind: str, spec: str, path
     if "action: CUSTOM" in spec:  # enforced as a DENY of its rules (test_a_custom_policy_is_enforced_as_a_deny)
         assert str(err).endswith("enforced as a DENY, as istiod enforces a CUSTOM policy whose provider it cannot use)")
         return
-    assert str(err).endswith("the whole resource is refused)")
-    assert policies.get(kind, "foo", "bad") is None
+    # With no last good version, an AuthorizationPolicy or a PeerAuthentication is enforced
+    # fail-closed (test_policy_failclosed.py); an AUDIT one and a RequestAuthentication enforce nothing.
+    enforced = policies.get(kind, "foo", "bad")
+    if kind == RA or "action: AUDIT" in spec:
+        assert str(err).endswith("the whole resource is refused)") and enforced is None
+        return
+    assert "the whole resource is refused; with no last good version to keep, it is enforced fail-closed" in str(err)
+    expected = "STRICT" if kind == PA else "DENY" if "action:" in spec else "ALLOW"  # (every other action is unreadable)
+    assert enforced.fail_closed and (enforced.mode if kind == PA else enforced.action) == expected
 
 
 def test_a_custom_policy_is_enforced_as_a_deny_of_its_rules():
@@ -185,12 +192,14 @@ def test_an_ipv4_mapped_block_matches_the_ipv4_sources_it_names():
     assert policies.authorize(connection("foo/httpbin", 80, source_ip="10.244.2.20")).allowed
 
 
-def test_message_names_resource_field_problem_and_remedy():
+def test_message_names_resource_field_problem_remedy_and_fate():
     _, [err] = build(resource(AP, SOURCE_IP_RULE % '"10.0.0.300"'))
     assert str(err) == (
         "policies.yaml#10 (AuthorizationPolicy foo/bad) spec.rules[0].from[1].source.ipBlocks[0]: "
         "'10.0.0.300' is not an IP address or CIDR "
-        '(write an address ("10.1.2.3") or a CIDR ("10.1.0.0/16"); the whole resource is refused)')
+        '(write an address ("10.1.2.3") or a CIDR ("10.1.0.0/16"); the whole resource is refused; with no last '
+        "good version to keep, it is enforced fail-closed as an ALLOW policy without rules for every workload of "
+        "namespace foo: what no other ALLOW policy allows is denied)")
 
 
 @pytest.mark.parametrize("api_version, kind", [
@@ -314,11 +323,17 @@ def test_kept_version_survives_further_invalid_builds_and_is_replaced_when_fixed
     assert fixed.authorize(connection("foo/httpbin", 80)) == OPEN
 
 
-def test_new_invalid_resource_is_reported_and_ignored():
+def test_new_invalid_resource_is_reported_and_enforced_fail_closed():
+    """Until 2026-12-07 it was ignored: the workloads of a DENY created invalid, or first
+    seen invalid after a restart, were not denied (test_policy_failclosed.py)."""
     policies, [err] = build(BROKEN_DENY, previous=valid(""))
-    assert str(err).endswith("the whole resource is refused)")
-    assert policies.keys() == []
-    assert policies.authorize(connection("foo/httpbin", 80)) == OPEN
+    assert str(err).endswith("the whole resource is refused; with no last good version to keep, it is enforced "
+                             "fail-closed: every connection to every workload of namespace foo is denied)")
+    assert policies.keys() == [(AP, "foo", "deny-sleep")] and policies.last_good(AP, "foo", "deny-sleep") is None
+    assert policies.authorize(connection("foo/httpbin", 80)) == Decision(
+        False, "foo/deny-sleep", 0, "denied by DENY policy foo/deny-sleep rule 0 (the policy is invalid and "
+        "enforced fail-closed; see the agent's policy errors)")
+    assert policies.authorize(connection("bar/httpbin", 80)) == OPEN
 
 
 def test_deleted_resource_is_not_kept():
@@ -337,8 +352,12 @@ def test_each_invalid_resource_is_refused_on_its_own_and_the_rest_apply():
     policies, errors = build(yaml)
     assert sorted(e.where.split(" (")[1] for e in errors) == [
         "AuthorizationPolicy foo/bad) spec.action", "PeerAuthentication foo/bad) spec.mtls.mode"]
-    assert policies.keys() == [(AP, "foo", "deny-sleep"), (PA, "foo", "strict")]
-    assert policies.authorize(connection("foo/httpbin", 80)) == DENIED
+    good = [key for key in policies.keys() if policies.last_good(*key)]
+    assert good == [(AP, "foo", "deny-sleep"), (PA, "foo", "strict")]
+    assert [key for key in policies.keys() if key not in good] == [(AP, "foo", "bad"), (PA, "foo", "bad")]  # fail-closed
+    denied = policies.authorize(connection("foo/httpbin", 80))  # `action: deny` cannot be read: it denies all
+    assert (denied.allowed, denied.policy) == (False, "foo/bad")
+    assert policies.authorize(connection("bar/httpbin", 80)) == OPEN
     assert policies.mtls_mode(connection("foo/httpbin", 80).destination, 80) == "STRICT"
 
 

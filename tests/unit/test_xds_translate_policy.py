@@ -7,12 +7,17 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from envoy.config.rbac.v3.rbac_pb2 import RBAC
 
+from nodeagent.policy import PolicySet
 from nodeagent.xds.dataplane import Sockets
+from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.resources import unpack
+from nodeagent.xds.translate.build import translate
 from nodeagent.xds.translate.options import WaypointOptions
-from xds_world import RUN, WEB, chain, clusters, doc, listeners, network, routes, translation
+from xds_world import OPTIONS, RUN, WEB, chain, clusters, doc, listeners, model, network, routes, translation
 
 SEC = "security.istio.io/v1"
 HTTP_POLICY = doc("AuthorizationPolicy", "allow-get", """
@@ -56,10 +61,6 @@ def test_a_policy_only_the_waypoint_refuses_leaves_its_pods_to_the_l4_engine():
     Envoy's URI templates and the waypoint took as text) beside the pod's HTTP policy: the pod gets
     no inbound chain, so the L4 engine enforces all its policies. It went to a chain
     without that DENY: enforced nowhere on its HTTP ports (an ALLOW so, everybody in)."""
-    from nodeagent.xds.istio.config import IstioConfig
-    from nodeagent.xds.translate.build import translate
-    from xds_world import OPTIONS, model
-
     for rule in ("{when: [{key: experimental.envoy.filters.network.a, values: [x]}]}",
                  "{from: [{source: {requestPrincipals: ['*@corp.example']}}]}",
                  "{to: [{operation: {paths: ['/admin/{**}']}}]}"):  # a path template: was matched as text
@@ -73,6 +74,78 @@ rules: [{rule}]
         assert [w.key for w in built.withheld] == ["shop/deny-odd"]
         result = translate(world, "node1", built, OPTIONS)
         assert set(result.dataplane.inbound) == set()
+
+
+def served_after(yaml: str, previous=None):
+    """(the IstioConfig of `yaml`, the (pod IP, port)s node1's waypoint serves, the L4
+    engine's PolicySet of the same model, its errors); `previous` is an earlier answer,
+    as the agent builds both from each new model with the last as previous."""
+    world = model(yaml)
+    built = IstioConfig.build(world, previous[0] if previous else None)
+    policies, errors = PolicySet.build(world, previous[2] if previous else None)
+    return built, set(translate(world, "node1", built, OPTIONS).dataplane.inbound), policies, errors
+
+
+REVIEWS_V1 = ("10.244.1.6", 9080)
+BAD_IP = "rules: [{from: [{source: {ipBlocks: ['10.1.2.300']}}]}]"  # the CRD schema accepts it
+
+
+@pytest.mark.parametrize("action", ["DENY", "ALLOW", "REJECT"])
+def test_a_policy_both_engines_refuse_takes_its_pods_to_the_l4_engine_which_enforces_it_fail_closed(action):
+    """With no last good version, the L4 engine enforces an invalid AuthorizationPolicy
+    fail-closed (a DENY of everything it selects; an ALLOW without rules); the waypoint
+    refuses it too, and its chain enforced the pod's HTTP policy without it (a DENY
+    nowhere, an ALLOW's pods open to whatever the HTTP policy allows). It is withheld as
+    its stand-in: the pod leaves the waypoint for the L4 engine. Both report it alike."""
+    yaml = HTTP_POLICY + doc("AuthorizationPolicy", "bad", "selector: {matchLabels: {app: reviews}}\n"
+                                                           f"action: {action}\n{BAD_IP}", SEC)
+    built, served, policies, errors = served_after(yaml)
+    assert [str(e) for e in built.errors] == [str(e) for e in errors] and "enforced fail-closed" in str(errors[0])
+    (stand_in,) = built.withheld
+    assert (stand_in.key, stand_in.policy.fail_closed, stand_in.policy.action) == (
+        "shop/bad", True, "ALLOW" if action == "ALLOW" else "DENY")
+    assert served == set()  # reviews-v1's HTTP port is the L4 engine's now
+    assert set(translation(HTTP_POLICY).dataplane.inbound) == {REVIEWS_V1}  # (served without it)
+
+
+def test_a_refused_policy_that_enforces_nothing_withholds_nothing():
+    built, served, _, errors = served_after(HTTP_POLICY + doc("AuthorizationPolicy", "bad",
+                                                              f"action: AUDIT\n{BAD_IP}", SEC))
+    assert built.withheld == () and served == {REVIEWS_V1}
+    assert [str(e) for e in built.errors] == [str(e) for e in errors]
+    assert all(str(e).endswith("the whole resource is refused)") for e in errors)
+
+
+DENY_BLOCK = doc("AuthorizationPolicy", "deny-ip", "selector: {matchLabels: {app: reviews}}\naction: DENY\n"
+                                                   "rules: [{from: [{source: {ipBlocks: ['10.244.2.0/24']}}]}]", SEC)
+
+
+def test_a_last_good_version_stays_on_the_waypoint_chain():
+    first = served_after(HTTP_POLICY + DENY_BLOCK)
+    built, served, _, errors = served_after(HTTP_POLICY + DENY_BLOCK.replace("10.244.2.0/24", "10.1.2.300"), first)
+    key = ("AuthorizationPolicy", "shop", "deny-ip")
+    assert built.withheld == () and served == {REVIEWS_V1} and built.entries[key] is first[0].entries[key]
+    assert [str(e) for e in built.errors] == [str(e) for e in errors]
+    assert str(errors[0]).endswith("the whole resource is refused; its last good version stays in force)")
+
+
+def test_the_l4_last_good_version_of_a_policy_only_the_waypoint_refused_stays_withheld():
+    """v1 only the waypoint refuses (the L4 engine enforces it, its pods withheld); v2 both
+    refuse: the L4 engine keeps v1, so v1's pods stay withheld, whatever v2 would select."""
+    v1 = HTTP_POLICY + doc("AuthorizationPolicy", "deny-odd", "selector: {matchLabels: {app: reviews}}\naction: DENY\n"
+                                                              "rules: [{when: [{key: experimental.envoy.filters.a, "
+                                                              "values: [x]}]}]", SEC)
+    v2 = HTTP_POLICY + doc("AuthorizationPolicy", "deny-odd", "selector: {matchLabels: {app: ratings}}\n"
+                                                              f"action: DENY\n{BAD_IP}", SEC)
+    first = served_after(v1)
+    assert [w.key for w in first[0].withheld] == ["shop/deny-odd"] and first[1] == set()
+    second = served_after(v2, first)
+    built, served, _, errors = second
+    assert built.withheld == first[0].withheld and served == set()
+    assert [str(e) for e in built.errors] == [str(e) for e in errors]
+    assert str(errors[0]).endswith("the whole resource is refused; its last good version stays in force)")
+    third = served_after(v2, second)  # and on, while v2 stays invalid
+    assert third[0].withheld == first[0].withheld and third[1] == set()
 
 
 def test_pods_of_this_node_with_http_policy_get_an_inbound_chain_per_http_port():

@@ -1,7 +1,8 @@
 """The security policies in force on this node, rebuilt from each new model.
 
 `PolicyState.update(model)` builds a new PolicySet from the model with the current one
-as `previous`, so a resource that turns invalid keeps its last good version
+as `previous`, so a resource that turns invalid keeps its last good version and one with
+none (new, or first seen after a restart: `current` starts empty) is enforced fail-closed
 (PolicySet.build's rule). Each new error is logged once, when it first appears, not on
 every model change; the errors of the current set are in `describe()` (and so in
 `nodeagent status`). Relays read `current` when a connection arrives: a policy change
@@ -71,4 +72,6 @@ def kind_verdicts(model: Model) -> dict[str, list[str]]:
 
 
 def _digests(model: Model, policies: PolicySet, previous: PolicySet, digests: dict[str, str]) -> dict[str, str]:
-    return digests_in_force(model, KINDS, lambda key: policies.get(*key), lambda key: previous.get(*key), digests)
+    """(A fail-closed stand-in is no version of its resource: not listed; its errors say how it is enforced.)"""
+    return digests_in_force(model, KINDS, lambda key: policies.last_good(*key),
+                            lambda key: previous.last_good(*key), digests)

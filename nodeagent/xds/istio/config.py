@@ -7,8 +7,10 @@ ConfigError naming it (`source (Kind ns/name)`) and the field; if `previous` hel
 version of it, that version stays in force (as Istio's webhook would have refused the
 bad write), otherwise it is left out. The rest always apply. Warnings (deprecated
 fields, patches that apply nowhere) do not reject anything. `withheld` lists server-side
-resources held out of the waypoint because Envoy refused them (refusals.py): the
-translation leaves the pods they select to the agent's L4 enforcement. Immutable; pure.
+resources held out of the waypoint because Envoy or its checks refused them
+(refusals.py, `_held_out`), each as the L4 engine enforces it (for one the L4 engine
+refuses too, its last good version or its fail-closed stand-in): the translation leaves
+the pods they select to the agent's L4 enforcement. Immutable; pure.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Callable, Mapping
 from nodeagent.errors import ConfigError
 from nodeagent.kube.objects import KubeObject
 from nodeagent.model import Model
+from nodeagent.policy import failclosed
 from nodeagent.policy.policyset import with_fate  # the same wording as the L4 engine's
 from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
 from nodeagent.policy import validate as l4
@@ -113,12 +116,16 @@ class IstioConfig:
                     entries[key] = entry
                 except ConfigError as err:
                     kept = previous.entries.get(key) if previous is not None else None
-                    denying = l4.custom_as_deny(obj) if kept is None else None
-                    errors.extend(with_fate(err, kept is not None, denying is not None))
                     if kept is not None:
                         entries[key] = kept
-                    elif kind in SERVER_SIDE:
-                        withheld.extend(_stand_in(obj, denying))
+                        errors.extend(with_fate(err, failclosed.KEPT))
+                        continue
+                    if kind not in SERVER_SIDE:
+                        errors.extend(with_fate(err, failclosed.REFUSED))
+                        continue
+                    fate, held = _held_out(obj, key, previous, root_namespace)
+                    errors.extend(with_fate(err, fate))
+                    withheld.extend(held)
         ordered = dict(sorted(entries.items()))
         return cls(MappingProxyType(ordered), tuple(errors), tuple(warnings), root_namespace, tuple(withheld))
 
@@ -126,21 +133,35 @@ class IstioConfig:
 SERVER_SIDE = ("AuthorizationPolicy", "RequestAuthentication")  # refused: their pods go to the L4 engine
 
 
-def _stand_in(obj: KubeObject, denying) -> list:
-    """A security resource the waypoint refuses that the L4 engine accepts (an
-    `experimental.*` condition key, a requestPrincipals wildcard it cannot express): the
-    L4 engine enforces it, so the pods it selects must not go to a waypoint enforcing
-    their other policies without it (a DENY written so was enforced nowhere on their HTTP
-    ports, an ALLOW let everybody in), nor a CUSTOM policy, which the L4 engine enforces as
-    a DENY of its rules (`denying`, custom_as_deny's). Its L4 form, to be `withheld`; none
-    when the L4 engine refuses it too (in force nowhere, as any invalid resource)."""
+def _held_out(obj: KubeObject, key: Key, previous: "IstioConfig | None", root_namespace: str) -> tuple[str, list]:
+    """The fate of a security resource the waypoint refuses with no version of its own in
+    force, and what the L4 engine enforces of it instead, to be `withheld`: the pods it
+    selects must not go to a waypoint enforcing their other policies without it (a DENY
+    was enforced nowhere on their HTTP ports, an ALLOW let everybody in). That is its L4
+    form when the L4 engine accepts it (an `experimental.*` condition key, a
+    requestPrincipals wildcard the waypoint cannot express); when the L4 engine refuses it
+    too, the L4 form withheld before (the L4 engine keeps that last good version), else
+    its fail-closed stand-in (failclosed.py: a DENY of everything, an ALLOW without rules),
+    with the L4 engine's fate, so both report it alike. A RequestAuthentication refused by
+    both has none: without it a request has no verified principal or claims, as one
+    without a token has under a valid one, which the policies already decide."""
     try:
         typed = l4.validate(obj)
     except ConfigError:
-        if denying is None:
-            return []
-        typed = denying
-    return [Authorization(obj, typed) if obj.kind == "AuthorizationPolicy" else Authentication(obj, typed, ())]
+        before = [w for w in (previous.withheld if previous is not None else ())
+                  if _key_of(w) == key and not getattr(w.policy, "fail_closed", False)]
+        if before:
+            return failclosed.KEPT, before
+        stand_in = failclosed.stand_in(obj, root_namespace)
+        if stand_in is None:
+            return failclosed.REFUSED, []
+        return stand_in.fate, [Authorization(obj, stand_in.policy)]
+    return failclosed.REFUSED, [Authorization(obj, typed) if obj.kind == "AuthorizationPolicy"
+                                else Authentication(obj, typed, ())]
+
+
+def _key_of(entry: Any) -> Key:
+    return (entry.obj.kind, entry.obj.namespace, entry.obj.name)
 
 
 def _for_mesh(entry: Any, obj: KubeObject, warnings: list[ConfigError]) -> bool:
