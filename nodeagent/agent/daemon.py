@@ -227,9 +227,13 @@ class Agent:
         if model is not None:
             self.model = model
             self.model_changed_at = time.time()
-            self.enroller.refresh(model)  # the pods' new labels, before the data path re-checks under them
         if model is not None or rebuild:
-            await self.datapath.update(self.model)
+            # The pods' new labels go in force with the policies of the same model (refreshed
+            # before the build, a pod relabelled out of an ALLOW's selector while a new ALLOW
+            # selected its new labels was allow-all until the build ended), before the data
+            # path re-checks what is open under both.
+            current = self.model
+            await self.datapath.update(current, lambda: self.enroller.refresh(current))
         if getattr(self.source, "events", None) is not None and (
                 model is not None or rebuild or self.source.errors != self._event_errors):
             try:  # a refusal by the source alone changes no model, only its errors

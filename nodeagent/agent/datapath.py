@@ -150,11 +150,16 @@ class DataPath:
         """Envoy ACKed a change of what goes through it: re-check what was sent around it."""
         self.connections.recheck()
 
-    async def update(self, model: Model) -> None:
+    async def update(self, model: Model, with_policies: Callable[[], object] = lambda: None) -> None:
         """A new model: the policies in force (delivered connections they now refuse are
         reset), then the waypoint's configuration (which re-checks them again once Envoy
-        ACKed a change of steering). The rebuilds run in the config thread."""
-        await self.work.run(self.policies.update, model)
+        ACKed a change of steering). The rebuilds run in the config thread; the new
+        policies go in force in one step of the loop with `with_policies()` (the pods'
+        labels of the same model), so no connection is admitted under one without the other."""
+        built = await self.work.run(self.policies.build, model)
+        if built is not None:
+            self.policies.install(built)
+        with_policies()
         self.connections.recheck()
         if self.waypoint is not None:
             try:

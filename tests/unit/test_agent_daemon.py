@@ -548,6 +548,67 @@ def test_a_pod_relabelled_into_a_denys_selector_has_what_it_denies_reset(meshed,
     run(main(), 60)
 
 
+def test_new_labels_and_the_policies_of_the_same_model_go_in_force_together(meshed, mesh_ca, cluster,
+                                                                            monkeypatch):
+    """httpbin moves from version v1 to v2 while its ALLOW (only from `other`) moves with
+    it, in one model. The pods took their new labels before the policies were rebuilt (in
+    the config thread): meanwhile httpbin, now v2, had no ALLOW applying (the old one
+    selected v1) and took anybody's connection. While the build is held here, sleep's
+    connection meets the old labels and the old policy: refused; then the new ones: refused."""
+    import threading
+
+    from nodeagent.agent.proxy.policies import PolicyState
+
+    mesh_ca.start()
+    only_other = {"action": "ALLOW", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/mesh/sa/other"]}}]}]}
+    held, building = threading.Event(), threading.Event()
+    build = PolicyState.build
+
+    def slow_build(self, model):
+        if "v2" in str(model.pods[("mesh", "httpbin")].labels):
+            building.set()
+            assert held.wait(20)
+        return build(self, model)
+
+    async def main():
+        app = await App().start()
+        try:
+            async with meshed as node:
+                await node.until_ready()
+                reader, writer = await dial_out(node, app.address)  # no policy yet: delivered
+                await greeted_and_echoed(reader, writer)
+                await finish(reader, writer)
+                v1 = {**only_other, "selector": {"matchLabels": {"version": "v1"}}}
+                write_docs(cluster / "pods.yaml", [LEGACY_POD.document(), SLEEP.document(),  # one file: one model
+                                                   HTTPBIN.but(labels={"version": "v1"}).document(),
+                                                   *yaml.safe_load_all(policy("only-other", v1))])
+                await node.until_status(lambda s: s["policy"]["resources"].get("AuthorizationPolicy mesh/only-other")
+                                        == spec_digest(v1), "the v1 policy in force")
+                await node.until_ready()
+                reader, writer = await dial_out(node, app.address)
+                assert await ended(reader) == "reset"
+                writer.close()
+                monkeypatch.setattr(PolicyState, "build", slow_build)
+                v2 = {**only_other, "selector": {"matchLabels": {"version": "v2"}}}
+                write_docs(cluster / "pods.yaml", [LEGACY_POD.document(), SLEEP.document(),
+                                                   HTTPBIN.but(labels={"version": "v2"}).document(),
+                                                   *yaml.safe_load_all(policy("only-other", v2))])
+                await asyncio.to_thread(building.wait, 20)
+                reader, writer = await dial_out(node, app.address)  # during the build
+                assert await ended(reader) == "reset"
+                writer.close()
+                held.set()
+                await node.until_status(lambda s: s["policy"]["resources"].get("AuthorizationPolicy mesh/only-other")
+                                        == spec_digest(v2), "the v2 policy in force")
+                reader, writer = await dial_out(node, app.address)
+                assert await ended(reader) == "reset"
+                writer.close()
+        finally:
+            held.set()
+            app.close()
+    run(main(), 60)
+
+
 def test_a_removed_pod_keeps_its_relayed_connections_then_its_tunnel_connections_are_released(meshed, mesh_ca,
                                                                                                cluster):
     mesh_ca.start()

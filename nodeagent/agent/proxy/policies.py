@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from nodeagent.digests import digests_in_force
@@ -21,6 +22,16 @@ from nodeagent.model import Model
 from nodeagent.policy import PolicySet
 from nodeagent.policy.validate import KINDS
 from nodeagent.xds.istio import kinds
+
+
+@dataclass(frozen=True)
+class Built:
+    """A PolicySet built from a model, with what status says of it."""
+
+    policies: PolicySet
+    errors: list[ConfigError]
+    digests: dict[str, str]
+    kinds: dict[str, list[str]]
 
 
 class PolicyState:
@@ -35,21 +46,30 @@ class PolicyState:
         self.built_at: float | None = None
 
     def update(self, model: Model) -> None:
+        built = self.build(model)
+        if built is not None:
+            self.install(built)
+
+    def build(self, model: Model) -> "Built | None":
+        """In the config thread: the PolicySet of `model` and what status says of it, not
+        yet in force; None when building failed (logged: the policies in force stay)."""
         try:
             policies, errors = PolicySet.build(model, self.current, self.root_namespace)
         except Exception:  # a bug must not stop enrolment; the policies in force stay
             self.log.exception("cannot build the policies of the new model; keeping the ones in force")
-            return
+            return None
+        return Built(policies, errors, _digests(model, policies, self.current, self.digests), kind_verdicts(model))
+
+    def install(self, built: "Built") -> None:
+        """On the loop: `built` in force from the next connection on."""
         known = {str(e) for e in self.errors}
-        for err in errors:
+        for err in built.errors:
             if str(err) not in known:
                 self.log.warning("policy refused: %s", err)
-        fixed = known - {str(e) for e in errors}
+        fixed = known - {str(e) for e in built.errors}
         if fixed:
             self.log.info("%d earlier policy errors are gone", len(fixed))
-        self.digests = _digests(model, policies, self.current, self.digests)
-        self.current, self.errors = policies, errors
-        self.kinds = kind_verdicts(model)
+        self.current, self.errors, self.digests, self.kinds = built.policies, built.errors, built.digests, built.kinds
         self.built_at = self.wall_clock()
 
     def describe(self) -> dict:
