@@ -189,3 +189,23 @@ def test_pod_without_netns_is_retried_with_backoff_and_shown():
 
     asyncio.run(enroller.reconcile(model(ns("app", None), pod("a"))))  # left the mesh
     assert enroller.failures == {} and enroller.describe()["waiting"] == []
+
+
+def test_refresh_gives_an_enrolled_pod_its_own_labels_never_a_new_pods_of_the_same_name():
+    """A StatefulSet's pod deleted and made again keeps its name with a new UID (and
+    account, labels, IP): until the reconcile swaps the enrolments, the old pod's netns
+    must go on being read as the old pod, not take the new one's identity and labels."""
+    from nodeagent.agent.inpod.enrolment import Enrolment
+    from nodeagent.agent.inpod.sockets import PodContext
+
+    enroller = Enroller(node=NODE, capture=None, resolver=None, ports=Ports(15001, 15006, 15008),
+                        handlers=Handlers(None, None, None), delivery_mark=0x1539,
+                        metrics=AgentMetrics(CollectorRegistry()), log=logging.getLogger("test"))
+    first = model(ns("app"), pod("db-0", uid="u1"))
+    old = first.pods[("app", "db-0")]
+    ctx = PodContext(old, -1, 7)
+    enroller.enrolled["u1"] = Enrolment(Wanted.of(old), ctx, 1, [], 0.0)
+    enroller.refresh(model(ns("app"), pod("db-0", uid="u1", labels="tier: db")))
+    assert ctx.pod.labels == {"tier": "db"}  # its own new labels
+    enroller.refresh(model(ns("app"), pod("db-0", uid="u2", ip="10.244.1.9", labels="tier: other")))
+    assert (ctx.pod.uid, ctx.pod.labels) == ("u1", {"tier": "db"})  # not the new pod's

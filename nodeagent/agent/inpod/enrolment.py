@@ -219,7 +219,9 @@ class Enroller:
         with its new labels (refreshed only by the reconcile after it, it was not re-checked
         at all, and routes given meanwhile carried the old labels' decision)."""
         for e in self.enrolled.values():
-            e.ctx.pod = model.pods.get((e.wanted.namespace, e.wanted.name), e.ctx.pod)
+            pod = model.pods.get((e.wanted.namespace, e.wanted.name))
+            if pod is not None and pod.uid == e.wanted.uid:  # not a new pod of the same name (a
+                e.ctx.pod = pod  # StatefulSet's): its labels and account are not this netns's
 
     def remove_stale(self, model: Model) -> list[int]:
         """Drop capture state of netns cookies no enrolled pod owns, left by a previous
