@@ -144,7 +144,13 @@ class Model:
 
     # --- queries -----------------------------------------------------------------
     def is_meshed(self, pod: Pod) -> bool:
-        """Ambient enrolment: namespace label opts in, pod label `none` opts out."""
+        """Ambient enrolment: namespace label opts in, pod label `none` opts out; a
+        hostNetwork pod never is (its address is the node's: nothing of it can be captured,
+        and tunnelling to it as a meshed pod reached no pod's agent)."""
+        return not pod.host_network and self.opted_in(pod)
+
+    def opted_in(self, pod: Pod) -> bool:
+        """Whether the labels mesh `pod`, whether or not it can be."""
         if pod.labels.get(DATAPLANE_LABEL) == OPT_OUT:
             return False
         ns = self.namespaces.get(pod.namespace)

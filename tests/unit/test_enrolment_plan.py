@@ -209,3 +209,18 @@ def test_refresh_gives_an_enrolled_pod_its_own_labels_never_a_new_pods_of_the_sa
     assert ctx.pod.labels == {"tier": "db"}  # its own new labels
     enroller.refresh(model(ns("app"), pod("db-0", uid="u2", ip="10.244.1.9", labels="tier: other")))
     assert (ctx.pod.uid, ctx.pod.labels) == ("u1", {"tier": "db"})  # not the new pod's
+
+
+def test_a_hostnetwork_pod_of_a_meshed_namespace_waits_with_the_reason_and_is_not_meshed():
+    """Its IP is the node's: it cannot be enrolled (its netns is the agent's), and a client
+    that tunnelled to it as a meshed pod reached no pod's agent (a connection that failed
+    every time). Not meshed, so reached plaintext, and listed where the user looks."""
+    m = model(ns("app"), pod("a"), pod("hn", ip="172.30.0.2").replace("nodeName: n1", "nodeName: n1\n  hostNetwork: true"))
+    wanted, waiting = wanted_pods(m, NODE)
+    assert list(wanted) == ["uid-a"] and not m.is_meshed(m.pods[("app", "hn")])
+    assert [(w.name, w.reason) for w in waiting] == [
+        ("hn", "a hostNetwork pod shares the node's network namespace and cannot be meshed: label it "
+               "istio.io/dataplane-mode=none")]
+    opted_out = model(ns("app"), pod("hn", ip="172.30.0.2", labels="istio.io/dataplane-mode: none").replace(
+        "nodeName: n1", "nodeName: n1\n  hostNetwork: true"))
+    assert wanted_pods(opted_out, NODE) == ({}, [])

@@ -83,6 +83,10 @@ def wanted_pods(model: Model, node: str) -> tuple[dict[str, Wanted], list[Waitin
     wanted: dict[str, Wanted] = {}
     waiting: list[Waiting] = []
     for pod in model.pods_on_node(node):
+        if pod.host_network and model.opted_in(pod):  # said where the user looks, not skipped silently
+            waiting.append(Waiting(pod.namespace, pod.name, pod.uid, "a hostNetwork pod shares the node's network "
+                                   "namespace and cannot be meshed: label it istio.io/dataplane-mode=none"))
+            continue
         if not model.is_meshed(pod):
             continue
         reason = _wait_reason(pod) or ("another pod has the same uid" if pod.uid in wanted else None)
