@@ -45,6 +45,7 @@ import contextlib
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -416,7 +417,10 @@ class KubeSource:
         other 404 looks the kind up again after a backoff, keeping its objects (only
         discovery says a kind is not served: `_not_served`)."""
         kind, attempt, resource = store.kind, 0, None
+        hasty = 0  # 410s and empty watches that ended at once, in a row: backed off from the second
         while True:
+            if hasty > 1:  # a server (or proxy) answering so every time is not asked in a tight loop
+                await asyncio.sleep(self.retry.jittered(hasty - 1, self.rng))
             try:
                 if resource is None:
                     found = await self._discover(kind, store)
@@ -427,9 +431,12 @@ class KubeSource:
                     resource, attempt = found, 0  # from now on watch from the store's version
                 self.counts["watches"] += 1
                 seconds = self.rng.randint(*self.watch_seconds)
+                started, events_seen = time.monotonic(), 0
                 async with contextlib.aclosing(self.client.watch(resource, store.resource_version,
                                                                  timeout_seconds=seconds)) as events:
                     async for event in events:
+                        events_seen += 1
+                        hasty = 0
                         self._update(store, store.apply, event)
                         if attempt:
                             attempt = 0
@@ -437,6 +444,7 @@ class KubeSource:
                 if attempt:  # a watch that ended as the server ends them: the kind is read again
                     attempt = 0
                     self._recovered(kind)
+                hasty = hasty + 1 if not events_seen and time.monotonic() - started < 1.0 else 0
             except asyncio.CancelledError:
                 raise
             except KubeApiError as exc:
@@ -445,6 +453,7 @@ class KubeSource:
                     resource = None  # list (and look the kind up) again
                 if step == "relist":
                     self.counts["gone"] += 1
+                    hasty += 1
                     self.log.info("%s: %s; listing again", kind, exc)
                     continue
                 if step == "not served":

@@ -381,11 +381,23 @@ class ScriptedApi(client.KubeClient):
         return tuple(answer)
 
 
-def reflect(tmp_path: Path, kind: str, script: list[tuple]) -> tuple[list, KubeSource]:
+class Noted(Backoff):
+    """No waits, and the attempts asked for, in order."""
+
+    def __init__(self):
+        super().__init__(0.0, 0.0)
+        self.asked: list[int] = []
+
+    def jittered(self, attempt, rng):
+        self.asked.append(attempt)
+        return 0.0
+
+
+def reflect(tmp_path: Path, kind: str, script: list[tuple], retry: Backoff | None = None) -> tuple[list, KubeSource]:
     """Run `kind`'s reflector through `script` (no waits: rediscovery and backoff take 0 s);
     what each request saw of the store's objects and the source's errors, and the final look."""
     api = ScriptedApi(cluster(tmp_path), script, lambda: (sorted(store.objects), source.errors))
-    source = KubeSource(api.config, kinds=(KIND[kind],), rediscover_seconds=0.0, retry=Backoff(0.0, 0.0),
+    source = KubeSource(api.config, kinds=(KIND[kind],), rediscover_seconds=0.0, retry=retry or Backoff(0.0, 0.0),
                         client=api)
     store = source._stores[0]
 
@@ -736,3 +748,24 @@ def test_close_waits_for_a_stuck_source_only_its_bound(tmp_path: Path, caplog):
         assert kube.CLOSE_SECONDS < 30 / 2  # well inside the DaemonSet's terminationGracePeriodSeconds
     finally:
         source.owner.release.set()
+
+
+GONE = (410, json.dumps({"kind": "Status", "status": "Failure", "reason": "Expired", "code": 410,
+                         "message": "too old resource version: 5 (9)"}).encode())
+
+
+def test_a_server_answering_410_or_ending_watches_at_once_is_not_asked_in_a_tight_loop(tmp_path: Path):
+    """A 410 lists again at once, as client-go does; but a server (or a proxy) that answers
+    410 to every watch, or ends every watch at once with nothing in it, had every agent of
+    the cluster list or watch again in a loop with no pause. From the second such answer in
+    a row the reflector backs off (1, 2, ...), and starts over once a watch brings events."""
+    path = f"{SECURITY}/v1/authorizationpolicies"
+    gone = ("WATCH", path, GONE[0], [GONE[1]])
+    empty = ("WATCH", path, 200, [])
+    event = json.dumps({"type": "MODIFIED", "object": {**DENY, "metadata": {**DENY["metadata"],
+                                                                            "resourceVersion": "7"}}}).encode()
+    retry = Noted()
+    reflect(tmp_path, "AuthorizationPolicy",
+            [*served("5"), gone, *served("6"), gone, *served("6"), gone, *served("6"),
+             ("WATCH", path, 200, [event]), empty, empty, empty], retry)
+    assert retry.asked == [1, 2, 1, 2]  # before the 2nd and 3rd relist; before the 2nd and 3rd empty watch
