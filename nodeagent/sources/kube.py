@@ -55,7 +55,7 @@ from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient,
 from nodeagent.kube.events import EventWriter
 from nodeagent.kube.objects import KubeObject, object_from_dict
 from nodeagent.kube.owner import OwnerWatch
-from nodeagent.model import Model, check
+from nodeagent.model import EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, Model, check
 
 SOURCE = "kube"  # KubeObject.source of every object read here: messages say "kube (Pod ns/name)"
 BURST_QUIET = 0.02  # seconds without an event that end a burst
@@ -65,6 +65,7 @@ REDISCOVER_SECONDS = 30.0  # a kind not served yet is looked up again this often
 # Discovery's "not served" answers in a row (REDISCOVER_SECONDS apart) before a kind that
 # holds objects is taken for uninstalled and its objects dropped: about a minute.
 UNSERVED_LOOKUPS = 3
+SECURITY_GROUP = "security.istio.io"  # its kinds' absence would open what their objects close
 # How long close() waits for the source's thread. The daemon closes the source on its
 # way out, before it removes capture (--on-exit=remove): a wait as long as the
 # DaemonSet's grace period (30 s) would let the kubelet's SIGKILL come first and leave
@@ -126,9 +127,12 @@ KINDS: tuple[Kind, ...] = (
 
 
 # --- pure parts: what one object, one list, one event does to a kind's store ----------
+POD_ANNOTATIONS = frozenset({EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS})  # what model.py reads of a pod's
+
+
 def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
     """The object as the source keeps it: without managedFields; a Pod with only the
-    fields model.py reads (and its resourceVersion, for change detection)."""
+    fields and annotations model.py reads (and its resourceVersion, for change detection)."""
     meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
     if kind.kind != "Pod" or kind.group:
         return {**body, "metadata": meta}
@@ -140,8 +144,11 @@ def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
                       for c in containers]
     keep_meta = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences",
                  "creationTimestamp", "resourceVersion")
+    kept = {k: meta[k] for k in keep_meta if k in meta}
+    if isinstance(kept.get("annotations"), dict):  # only those read: every pod of the cluster is kept
+        kept["annotations"] = {k: v for k, v in kept["annotations"].items() if k in POD_ANNOTATIONS}
     out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-           "metadata": {k: meta[k] for k in keep_meta if k in meta},
+           "metadata": kept,
            "spec": {k: spec[k] for k in ("nodeName", "serviceAccountName", "serviceAccount", "hostNetwork")
                     if k in spec}}
     if containers is not None:
@@ -424,10 +431,10 @@ class KubeSource:
             try:
                 if resource is None:
                     found = await self._discover(kind, store)
-                    self._unserved.pop(kind, None)  # served: a later "not served" counts from one
                     items, version = await self.client.list(found)
                     self.counts["lists"] += 1
                     self._update(store, store.replace, items, version, synced=True)
+                    self._unserved.pop(kind, None)  # listed: a later "not served" counts from one
                     resource, attempt = found, 0  # from now on watch from the store's version
                 self.counts["watches"] += 1
                 seconds = self.rng.randint(*self.watch_seconds)
@@ -457,8 +464,7 @@ class KubeSource:
                     self.log.info("%s: %s; listing again", kind, exc)
                     continue
                 if step == "not served":
-                    self._not_served(store, f"{exc.detail}: is its CRD installed?")
-                    await asyncio.sleep(self.rediscover_seconds)
+                    await asyncio.sleep(self._not_served(store, f"{exc.detail}: is its CRD installed?"))
                     continue
                 attempt += 1
                 self.counts["failures"] += 1
@@ -511,16 +517,23 @@ class KubeSource:
         if changed or first:
             self._signal()
 
-    def _not_served(self, store: Store, why: str) -> None:
-        """Discovery does not list `store`'s kind. One that holds objects keeps them,
-        failing, until discovery said so UNSERVED_LOOKUPS times in a row (a transient 404
-        must not take the policies away); one that holds none (never served) is at once a
-        cluster without that kind."""
+    def _not_served(self, store: Store, why: str) -> float:
+        """Discovery does not list `store`'s kind; the seconds to wait before looking again.
+        One that holds objects keeps them, failing, until discovery said so UNSERVED_LOOKUPS
+        times in a row, with a successful list resetting the count (a transient 404 must not
+        take the policies away); so does a security kind never read yet, looked up again
+        after the retry's short delays (an API server whose CRD handlers are not synced yet
+        answers 404 for a while: an agent starting then became ready with no policy at all,
+        STRICT read as PERMISSIVE). Another kind that holds none is at once a cluster
+        without it."""
         lookups = self._unserved[store.kind] = self._unserved.get(store.kind, 0) + 1
-        if store.objects and lookups < UNSERVED_LOOKUPS:
+        starting = store.kind.group == SECURITY_GROUP and store.kind not in self._synced
+        if (store.objects or starting) and lookups < UNSERVED_LOOKUPS:
+            delay = self.retry.jittered(lookups, self.rng) if starting else self.rediscover_seconds
             self._fail(store.kind, f"{why} ({lookups} of {UNSERVED_LOOKUPS} lookups in a row; "
-                       f"its objects are kept until {UNSERVED_LOOKUPS})", self.rediscover_seconds)
-            return
+                       f"{'not read until' if starting else 'its objects are kept until'} {UNSERVED_LOOKUPS})",
+                       delay)
+            return delay
         with self._lock:
             if self._missing.get(store.kind) != why:
                 self.log.warning("%s: %s; its objects are not read, looking again every %gs",
@@ -534,6 +547,7 @@ class KubeSource:
                 self._generation += 1
         if changed or first:
             self._signal()
+        return self.rediscover_seconds
 
     def _signal(self) -> None:
         """Tell the notifier (on the source's loop, the only caller's) that the stores changed."""

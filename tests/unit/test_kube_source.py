@@ -151,6 +151,21 @@ def test_a_pod_keeps_only_what_the_model_reads_and_builds_the_same_pod():
     assert full == Model.build(parse(doc)).pods
 
 
+
+def test_a_pods_annotations_are_kept_only_when_the_model_reads_them():
+    """Every pod of the cluster is kept: its other annotations (a chart's, a controller's
+    last-applied configuration) were kept whole, memory any namespace could fill."""
+    doc = docs()[1]
+    doc = {**doc, "metadata": {**doc["metadata"], "annotations": {
+        "traffic.sidecar.istio.io/excludeInboundPorts": "8081", "kubectl.kubernetes.io/last-applied-configuration":
+        "x" * 100_000, "traffic.sidecar.istio.io/excludeOutboundPorts": "6379"}}}
+    assert trimmed(KIND["Pod"], doc)["metadata"]["annotations"] == {
+        "traffic.sidecar.istio.io/excludeInboundPorts": "8081", "traffic.sidecar.istio.io/excludeOutboundPorts": "6379"}
+    pod = Model.build([admit(KIND["Pod"], "v1", doc)]).pods[("shop", "web-7d9f-abcde")]
+    assert (pod.port_list("traffic.sidecar.istio.io/excludeInboundPorts"),
+            pod.port_list("traffic.sidecar.istio.io/excludeOutboundPorts")) == ({8081}, {6379})
+
+
 HOST_NETWORK_POD = """
 apiVersion: v1
 kind: Pod
@@ -468,13 +483,29 @@ def test_a_served_kind_answering_404_keeps_its_objects_until_discovery_says_so_t
     assert source.scan_error == "the first model is not read yet"  # not failing: listed, then known not served
 
 
-def test_a_kind_never_served_is_a_cluster_without_it_at_once(tmp_path: Path):
+def test_a_security_kind_never_served_is_looked_up_three_times_before_the_agent_goes_without_it(tmp_path: Path):
+    """An API server whose CRD handlers are not synced yet answers 404 for a while: an
+    agent starting then took the cluster for one without AuthorizationPolicies and became
+    ready with none (STRICT read as PERMISSIVE). A security kind never read is looked up
+    UNSERVED_LOOKUPS times (after the retry's short delays) before it is; found meanwhile,
+    it is read. Other kinds are at once a cluster without them."""
     lookup = ("GET", SECURITY, *NOT_FOUND)
-    seen, source = reflect(tmp_path, "AuthorizationPolicy", [lookup])
+    kind = "AuthorizationPolicy (security.istio.io)"
     unserved = "not served: the API server has no group security.istio.io: is its CRD installed?"
-    assert seen == [("GET", SECURITY, [], {}), ("GET", SECURITY, [], {"AuthorizationPolicy (security.istio.io)": unserved})]
+    retry = Noted()
+    seen, source = reflect(tmp_path, "AuthorizationPolicy", [lookup, lookup, lookup], retry)
+    waiting = [{kind: f"{unserved} ({n} of 3 lookups in a row; not read until 3)"} for n in (1, 2)]
+    assert seen == [("GET", SECURITY, [], {}), ("GET", SECURITY, [], waiting[0]), ("GET", SECURITY, [], waiting[1]),
+                    ("GET", SECURITY, [], {kind: unserved})]
+    assert retry.asked == [1, 2]
     model = source.poll()
     assert model is not None and model.resources == {}
+    seen, source = reflect(tmp_path, "AuthorizationPolicy", [lookup, *served("5")])
+    assert seen[-1] == ("WATCH", f"{SECURITY}/v1/authorizationpolicies", ["AuthorizationPolicy shop/deny"], {})
+    networking = "/apis/networking.istio.io"
+    seen, source = reflect(tmp_path, "VirtualService", [("GET", networking, *NOT_FOUND)])
+    assert seen[-1][-1] == {"VirtualService (networking.istio.io)": "not served: the API server has no group "
+                            "networking.istio.io: is its CRD installed?"}
 
 
 def test_a_list_answer_that_is_no_list_keeps_the_kind_as_last_read_and_is_reported(tmp_path: Path):
@@ -769,3 +800,16 @@ def test_a_server_answering_410_or_ending_watches_at_once_is_not_asked_in_a_tigh
             [*served("5"), gone, *served("6"), gone, *served("6"), gone, *served("6"),
              ("WATCH", path, 200, [event]), empty, empty, empty], retry)
     assert retry.asked == [1, 2, 1, 2]  # before the 2nd and 3rd relist; before the 2nd and 3rd empty watch
+
+
+def test_a_kind_found_by_discovery_but_not_listed_does_not_start_the_count_over(tmp_path: Path):
+    """Discovery's "not served" counts from one again only after a list worked: a kind
+    whose CRD is gone but whose discovery flaps (found, then its list 404) kept its stale
+    objects for ever."""
+    path = f"{SECURITY}/v1/authorizationpolicies"
+    lookup = ("GET", SECURITY, *NOT_FOUND)
+    seen, _ = reflect(tmp_path, "AuthorizationPolicy",
+                      [*served("5"), ("WATCH", path, NOT_FOUND[0], [NOT_FOUND[1]]), lookup, ("GET", SECURITY, *GROUP),
+                       ("GET", f"{SECURITY}/v1", *RESOURCES), ("GET", path, *NOT_FOUND), lookup, lookup])
+    unserved = "not served: the API server has no group security.istio.io: is its CRD installed?"
+    assert seen[-1] == ("GET", SECURITY, [], {"AuthorizationPolicy (security.istio.io)": unserved})
