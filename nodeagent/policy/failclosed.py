@@ -105,8 +105,8 @@ def _peer_authentication(obj: KubeObject, root_namespace: str) -> StandIn | None
     parts = _spec_fields(obj, PEERAUTH_FIELDS)
     labels = _read(lambda: match_labels(parts["selector"])) if parts is not None else None
     root = obj.namespace == root_namespace
-    if labels and root:
-        return None  # as istiod, a root-namespace policy with a selector applies at no level
+    if root and (labels or (parts is not None and parts["selector"].value is not None)):
+        return None  # as istiod, a root-namespace policy with a selector (read or not) applies at no level
     try:
         when = created(obj)
     except ConfigError:

@@ -194,6 +194,10 @@ def test_an_invalid_mesh_peer_authentication_is_strict_for_the_mesh():
                                                               "mtls: {mode: STRIKT}", PA))
     assert str(err).endswith("the whole resource is refused)")  # as istiod, it would apply at no level
     assert modes(with_selector) == {}
+    unreadable, [err] = build(policy("istio-system", "db", "selector: {matchLabels: {app: '*'}}\n"
+                                                           "mtls: {mode: STRICT}", PA))
+    assert str(err).endswith("the whole resource is refused)")  # with a selector, read or not: no level
+    assert modes(unreadable) == {}  # (the whole mesh STRICT for a typo in a selector that binds nothing)
 
 
 def test_an_invalid_peer_authentication_with_an_unreadable_age_wins_its_level():

@@ -91,21 +91,51 @@ BAD_IP = "rules: [{from: [{source: {ipBlocks: ['10.1.2.300']}}]}]"  # the CRD sc
 
 
 @pytest.mark.parametrize("action", ["DENY", "ALLOW", "REJECT"])
-def test_a_policy_both_engines_refuse_takes_its_pods_to_the_l4_engine_which_enforces_it_fail_closed(action):
+def test_a_policy_both_engines_refuse_is_enforced_fail_closed_by_both(action):
     """With no last good version, the L4 engine enforces an invalid AuthorizationPolicy
     fail-closed (a DENY of everything it selects; an ALLOW without rules); the waypoint
     refuses it too, and its chain enforced the pod's HTTP policy without it (a DENY
-    nowhere, an ALLOW's pods open to whatever the HTTP policy allows). It is withheld as
-    its stand-in: the pod leaves the waypoint for the L4 engine. Both report it alike."""
+    nowhere, an ALLOW's pods open to whatever the HTTP policy allows). The waypoint
+    enforces the same stand-in: a DENY of any request, or an ALLOW adding nothing to the
+    valid ALLOW's rules. (Withheld, its pods went to the L4 engine, where the valid
+    ALLOW's HTTP rule matches nothing: a broken ALLOW denied even the GETs allow-get
+    allows.) Both report it alike."""
     yaml = HTTP_POLICY + doc("AuthorizationPolicy", "bad", "selector: {matchLabels: {app: reviews}}\n"
                                                            f"action: {action}\n{BAD_IP}", SEC)
-    built, served, policies, errors = served_after(yaml)
+    built, served, policies_, errors = served_after(yaml)
     assert [str(e) for e in built.errors] == [str(e) for e in errors] and "enforced fail-closed" in str(errors[0])
-    (stand_in,) = built.withheld
+    stand_in = built.entries[("AuthorizationPolicy", "shop", "bad")]
     assert (stand_in.key, stand_in.policy.fail_closed, stand_in.policy.action) == (
         "shop/bad", True, "ALLOW" if action == "ALLOW" else "DENY")
-    assert served == set()  # reviews-v1's HTTP port is the L4 engine's now
-    assert set(translation(HTTP_POLICY).dataplane.inbound) == {REVIEWS_V1}  # (served without it)
+    assert built.withheld == () and served == {REVIEWS_V1}  # on the waypoint, with it
+    result = translate(model(yaml), "node1", built, OPTIONS)
+    rbac = {unpack(f.typed_config).rules.action: unpack(f.typed_config).rules.policies
+            for f in network(chain(listeners(result)["inbound"], CHAIN)).http_filters
+            if f.name == "envoy.filters.http.rbac"}
+    assert list(rbac[RBAC.Action.ALLOW]) == ["ns[shop]-policy[allow-get]-rule[0]"]  # the stand-in adds nothing
+    if action == "ALLOW":
+        assert list(rbac) == [RBAC.Action.ALLOW]
+    else:
+        denied = rbac[RBAC.Action.DENY]["ns[shop]-policy[bad]-fail-closed"]
+        assert list(rbac[RBAC.Action.DENY]) == ["ns[shop]-policy[bad]-fail-closed"]
+        assert (denied.permissions[0].any, denied.principals[0].any) == (True, True)
+
+
+def test_a_stand_in_is_never_kept_as_the_waypoints_last_good_version():
+    """Edited, still invalid, the resource is read again: its stand-in follows the new
+    selector (one kept as a last good version would go on denying the pods it selected,
+    and not those it selects now); fixed, it is the policy."""
+    bad = doc("AuthorizationPolicy", "bad", f"selector: {{matchLabels: {{app: reviews}}}}\naction: DENY\n{BAD_IP}", SEC)
+    key = ("AuthorizationPolicy", "shop", "bad")
+    first = served_after(HTTP_POLICY + bad)
+    assert first[0].entries[key].policy.fail_closed and first[1] == {REVIEWS_V1}
+    moved = served_after(HTTP_POLICY + bad.replace("app: reviews", "app: ratings"), first)
+    assert moved[0].entries[key].policy.fail_closed
+    assert dict(moved[0].entries[key].policy.scope.match_labels) == {"app": "ratings"}
+    fixed = bad.replace("10.1.2.300", "10.1.2.30")
+    built, served, _, errors = served_after(HTTP_POLICY + fixed, moved)
+    assert errors == [] and built.errors == () and not built.entries[key].policy.fail_closed and served == {REVIEWS_V1}
+    assert list(policies(HTTP_POLICY + fixed, RBAC.Action.DENY)) == ["ns[shop]-policy[bad]-rule[0]"]
 
 
 def test_a_refused_policy_that_enforces_nothing_withholds_nothing():

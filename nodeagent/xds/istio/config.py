@@ -116,6 +116,8 @@ class IstioConfig:
                     entries[key] = entry
                 except ConfigError as err:
                     kept = previous.entries.get(key) if previous is not None else None
+                    if kept is not None and getattr(getattr(kept, "policy", None), "fail_closed", False):
+                        kept = None  # a stand-in is no version of it: the resource is read again
                     if kept is not None:
                         entries[key] = kept
                         errors.extend(with_fate(err, failclosed.KEPT))
@@ -123,9 +125,11 @@ class IstioConfig:
                     if kind not in SERVER_SIDE:
                         errors.extend(with_fate(err, failclosed.REFUSED))
                         continue
-                    fate, held = _held_out(obj, key, previous, root_namespace)
+                    fate, held, stand_in = _held_out(obj, key, previous, root_namespace)
                     errors.extend(with_fate(err, fate))
                     withheld.extend(held)
+                    if stand_in is not None:
+                        entries[key] = stand_in
         ordered = dict(sorted(entries.items()))
         return cls(MappingProxyType(ordered), tuple(errors), tuple(warnings), root_namespace, tuple(withheld))
 
@@ -133,7 +137,8 @@ class IstioConfig:
 SERVER_SIDE = ("AuthorizationPolicy", "RequestAuthentication")  # refused: their pods go to the L4 engine
 
 
-def _held_out(obj: KubeObject, key: Key, previous: "IstioConfig | None", root_namespace: str) -> tuple[str, list]:
+def _held_out(obj: KubeObject, key: Key, previous: "IstioConfig | None",
+              root_namespace: str) -> tuple[str, list, Any]:
     """The fate of a security resource the waypoint refuses with no version of its own in
     force, and what the L4 engine enforces of it instead, to be `withheld`: the pods it
     selects must not go to a waypoint enforcing their other policies without it (a DENY
@@ -142,22 +147,25 @@ def _held_out(obj: KubeObject, key: Key, previous: "IstioConfig | None", root_na
     requestPrincipals wildcard the waypoint cannot express); when the L4 engine refuses it
     too, the L4 form withheld before (the L4 engine keeps that last good version), else
     its fail-closed stand-in (failclosed.py: a DENY of everything, an ALLOW without rules),
-    with the L4 engine's fate, so both report it alike. A RequestAuthentication refused by
-    both has none: without it a request has no verified principal or claims, as one
-    without a token has under a valid one, which the policies already decide."""
+    with the L4 engine's fate, so both report it alike. The stand-in is not withheld but
+    enforced by the waypoint too (the third value, an entry): withheld, its pods left for
+    the L4 engine, where another ALLOW's HTTP rules match nothing (fail safe), so a broken
+    ALLOW denied even what a valid one allowed. A RequestAuthentication refused by both has
+    none: without it a request has no verified principal or claims, as one without a token
+    has under a valid one, which the policies already decide."""
     try:
         typed = l4.validate(obj)
     except ConfigError:
         before = [w for w in (previous.withheld if previous is not None else ())
                   if _key_of(w) == key and not getattr(w.policy, "fail_closed", False)]
         if before:
-            return failclosed.KEPT, before
+            return failclosed.KEPT, before, None
         stand_in = failclosed.stand_in(obj, root_namespace)
         if stand_in is None:
-            return failclosed.REFUSED, []
-        return stand_in.fate, [Authorization(obj, stand_in.policy)]
+            return failclosed.REFUSED, [], None
+        return stand_in.fate, [], Authorization(obj, stand_in.policy)
     return failclosed.REFUSED, [Authorization(obj, typed) if obj.kind == "AuthorizationPolicy"
-                                else Authentication(obj, typed, ())]
+                                else Authentication(obj, typed, ())], None
 
 
 def _key_of(entry: Any) -> Key:

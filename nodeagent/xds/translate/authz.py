@@ -30,7 +30,7 @@ from envoy.type.matcher.v3.path_pb2 import PathMatcher
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
 from envoy.type.matcher.v3.value_pb2 import ListMatcher, ValueMatcher
 
-from nodeagent.policy.authz import ALLOW, DENY
+from nodeagent.policy.authz import ALLOW, DENY, Rule
 from nodeagent.policy.rules import OPERATION_FIELDS, SOURCE_FIELDS
 from nodeagent.policy.schema import Field
 from nodeagent.xds import dataplane
@@ -53,6 +53,13 @@ def rbac_filters(authorizations: list[Authorization]) -> list[HttpFilter]:
         if chosen:
             policies = {}
             for authz in chosen:
+                if authz.policy.fail_closed and authz.policy.rules in ((), (Rule(),)):
+                    # A refused policy's stand-in (failclosed.py; its spec is not read): an
+                    # ALLOW without rules adds nothing, a DENY of everything denies any request.
+                    if action == DENY:
+                        key = f"ns[{authz.obj.namespace}]-policy[{authz.obj.name}]-fail-closed"
+                        policies[key] = Policy(permissions=[Permission(any=True)], principals=[Principal(any=True)])
+                    continue
                 for i, rule in enumerate(authz.obj.spec.get("rules") or []):
                     key = f"ns[{authz.obj.namespace}]-policy[{authz.obj.name}]-rule[{i}]"
                     policies[key] = _policy(rule or {}, authz, f"spec.rules[{i}]")
