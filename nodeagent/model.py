@@ -25,6 +25,7 @@ OPT_OUT = "none"
 # Annotation listing destination ports a meshed pod's outbound traffic skips (comma list).
 EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
 EXCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/excludeInboundPorts"
+READ_ANNOTATIONS = frozenset({EXCLUDE_OUTBOUND_PORTS, EXCLUDE_INBOUND_PORTS})  # a Pod keeps only these
 # Phases of a pod whose containers are done: it keeps its status.podIP, but kubelet may
 # have given that IP to another pod already.
 TERMINATED = ("Succeeded", "Failed")
@@ -263,7 +264,8 @@ def _pod(obj: KubeObject) -> Pod:
     return Pod(
         namespace=obj.namespace, name=obj.name, uid=uid,
         node=str(spec.get("nodeName") or ""), ip=_ip(status.get("podIP"), where, "status.podIP"),
-        labels=_frozen(obj.labels), annotations=_frozen(obj.annotations),
+        labels=_frozen(obj.labels),
+        annotations=_frozen({k: v for k, v in obj.annotations.items() if k in READ_ANNOTATIONS}),
         service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"),
         phase=str(status.get("phase") or "Pending"),
         ports=_frozen(_container_ports(spec, where)), workload=_workload(obj),

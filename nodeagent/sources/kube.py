@@ -55,7 +55,7 @@ from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient,
 from nodeagent.kube.events import EventWriter
 from nodeagent.kube.objects import KubeObject, object_from_dict
 from nodeagent.kube.owner import OwnerWatch
-from nodeagent.model import EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, Model, check
+from nodeagent.model import READ_ANNOTATIONS, Model, check
 
 SOURCE = "kube"  # KubeObject.source of every object read here: messages say "kube (Pod ns/name)"
 BURST_QUIET = 0.02  # seconds without an event that end a burst
@@ -127,9 +127,6 @@ KINDS: tuple[Kind, ...] = (
 
 
 # --- pure parts: what one object, one list, one event does to a kind's store ----------
-POD_ANNOTATIONS = frozenset({EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS})  # what model.py reads of a pod's
-
-
 def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
     """The object as the source keeps it: without managedFields; a Pod with only the
     fields and annotations model.py reads (and its resourceVersion, for change detection)."""
@@ -146,7 +143,7 @@ def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
                  "creationTimestamp", "resourceVersion")
     kept = {k: meta[k] for k in keep_meta if k in meta}
     if isinstance(kept.get("annotations"), dict):  # only those read: every pod of the cluster is kept
-        kept["annotations"] = {k: v for k, v in kept["annotations"].items() if k in POD_ANNOTATIONS}
+        kept["annotations"] = {k: v for k, v in kept["annotations"].items() if k in READ_ANNOTATIONS}
     out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
            "metadata": kept,
            "spec": {k: spec[k] for k in ("nodeName", "serviceAccountName", "serviceAccount", "hostNetwork")

@@ -308,10 +308,10 @@ def untraversable(directory: Path, user: EnvoyUser) -> str | None:
     return None
 
 
-def writable_parent(directory: Path, user: EnvoyUser) -> str | None:
+def writable_parent(directory: Path, user: EnvoyUser) -> Path | None:
     """The first parent of `directory` from / down in which `user` (as in untraversable)
-    may rename or remove entries it does not own, so replace `directory`, described;
-    None when there is none. A sticky directory (/tmp) lets it remove only its own."""
+    may rename or remove entries it does not own, so replace `directory`; None when there
+    is none. A sticky directory (/tmp) lets it remove only its own."""
     for path in reversed(directory.parents):
         info = os.stat(path)
         if info.st_mode & stat.S_ISVTX and info.st_uid != user.uid:
@@ -323,8 +323,13 @@ def writable_parent(directory: Path, user: EnvoyUser) -> str | None:
         else:
             allowed = info.st_mode & stat.S_IWOTH
         if allowed:
-            return f"{path} (mode {stat.S_IMODE(info.st_mode):04o}, owner {info.st_uid}:{info.st_gid})"
+            return path
     return None
+
+
+def described(path: Path) -> str:
+    info = os.stat(path)
+    return f"{path} (mode {stat.S_IMODE(info.st_mode):04o}, owner {info.st_uid}:{info.st_gid})"
 
 
 def admin_get(socket_path: str, path: str, timeout: float = 5.0) -> str:

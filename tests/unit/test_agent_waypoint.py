@@ -30,7 +30,7 @@ from nodeagent.xds import dataplane
 from nodeagent.xds.client import AdsSession
 from nodeagent.errors import EnvironmentProblem
 from nodeagent.xds.dataplane import DataPlane, ProxyHeader
-from nodeagent.xds.envoy import EnvoyUser, admin_get, untraversable, writable_parent
+from nodeagent.xds.envoy import EnvoyUser, admin_get, described, untraversable, writable_parent
 from waypoint_world import ALLOW_GET, VS, stand_in_envoy, until, waypoint_config
 from xds_world import model
 
@@ -335,12 +335,30 @@ def test_writable_parent_names_a_directory_where_envoys_user_could_replace_the_w
     (envoy_tmp / "a").chmod(0o755)
     assert writable_parent(envoy_tmp / "a" / "wp", stranger) is None  # /tmp is sticky: only its own names
     (envoy_tmp / "a").chmod(0o757)
-    assert writable_parent(envoy_tmp / "a" / "wp", stranger).startswith(f"{envoy_tmp / 'a'} (mode 0757")
+    assert writable_parent(envoy_tmp / "a" / "wp", stranger) == envoy_tmp / "a"
+    assert described(envoy_tmp / "a").startswith(f"{envoy_tmp / 'a'} (mode 0757")
     (envoy_tmp / "a").chmod(0o1757)
     assert writable_parent(envoy_tmp / "a" / "wp", stranger) is None  # sticky, and not its own
     (envoy_tmp / "a").chmod(0o775)
-    assert writable_parent(envoy_tmp / "a" / "wp", EnvoyUser(4242, os.stat(envoy_tmp / "a").st_gid)).startswith(
-        f"{envoy_tmp / 'a'} (mode 0775")  # its group's
+    assert writable_parent(envoy_tmp / "a" / "wp", EnvoyUser(4242, os.stat(envoy_tmp / "a").st_gid)) == \
+        envoy_tmp / "a"  # its group's
+
+
+@pytest.mark.root
+def test_a_parent_anybody_may_write_is_made_sticky_as_the_daemonsets_emptydir_needs(envoy_tmp, registry, seen):
+    """kubelet makes an emptyDir 0777 (the DaemonSet's /run/nodeagent, the waypoint
+    directory's parent): Envoy's uid could rename the waypoint directory away and put its
+    own there. The agent's own such directory is made sticky; another's is refused."""
+    run_dir = envoy_tmp / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o777)
+    waypoint = make(run_dir, registry, seen)
+
+    async def go():
+        await waypoint.start()
+        await waypoint.close()
+    run(go())
+    assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o1777
 
 
 def test_a_name_envoy_left_where_its_directory_goes_is_removed_first(envoy_tmp, registry, seen):

@@ -41,7 +41,7 @@ from nodeagent.xds.accesslog import AccessLogPipe, RequestMetrics
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import DataPlane, HeaderReader, ProxyHeader, Sockets
-from nodeagent.xds.envoy import EnvoySupervisor, untraversable, writable_parent
+from nodeagent.xds.envoy import EnvoySupervisor, described, untraversable, writable_parent
 from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.snapshot import Snapshot
@@ -163,9 +163,18 @@ class Waypoint:
                                      "/run/nodeagent/waypoint), or --envoy-user root (not recommended: an Envoy "
                                      "bug reached by a pod's HTTP would be root on the node)")
         writable = writable_parent(self.directory, self.user)
-        if writable:
+        info = os.stat(writable) if writable is not None else None
+        if info is not None and info.st_uid == os.geteuid() and info.st_mode & stat.S_IWOTH:
+            # A directory of the agent's anybody may write, such as the DaemonSet's emptyDir
+            # (kubelet makes them 0777): sticky, Envoy's uid can remove or rename nothing of
+            # the agent's in it (what it may still make there the agent opens by no fixed name).
+            os.chmod(writable, stat.S_IMODE(info.st_mode) | stat.S_ISVTX)
+            self.log.info("made %s sticky (mode %04o): the waypoint Envoy, uid %d, may write it", writable,
+                          stat.S_IMODE(info.st_mode) | stat.S_ISVTX, self.user.uid)
+            writable = writable_parent(self.directory, self.user)
+        if writable is not None:
             raise EnvironmentProblem(f"the waypoint Envoy runs as {self.user} and could replace {self.directory}: "
-                                     f"it may write {writable}",
+                                     f"it may write {described(writable)}",
                                      "choose a --waypoint-dir whose parents only root may write (sticky ones, "
                                      "like /tmp, are fine)")
         os.chown(self.directory, -1, self.user.gid)
