@@ -15,10 +15,11 @@ it was restarted and how it last exited.
 With a `user`, Envoy runs as that uid and gid, no supplementary groups, no capabilities
 (a uid change away from root clears them) and no_new_privs (no setuid binary or file
 capability gives any back): Envoy parses every meshed pod's HTTP, so a bug in it must
-not be root on the node. Its binary is executed through a descriptor the supervisor
-opened (/proc/self/fd/N), so a binary under a directory only root may enter (a venv in
-a 0700 checkout) still starts; the files Envoy opens by path are the caller's to make
-reachable (Waypoint.start). `admin_get` asks an admin API that listens on a unix socket.
+not be root on the node. A binary under a directory that user may not enter (a venv in
+a 0700 checkout) is executed through a descriptor the supervisor opened
+(/proc/self/fd/N; ps then names the process after the number), so it still starts; the
+files Envoy opens by path are the caller's to make reachable (Waypoint.start).
+`admin_get` asks an admin API that listens on a unix socket.
 """
 
 from __future__ import annotations
@@ -98,13 +99,13 @@ class LogPipe:
     was read, warned about once until a write works again. `open()` gives the write end
     for every Envoy started; `close()`, once the last has exited, ends the thread."""
 
+    PIPE_SIZE = 1 << 20  # Envoy blocks when its log is this far ahead of the copying thread
+
     def __init__(self, path: str, max_bytes: int, log: logging.Logger):
         self.path, self.max_bytes, self.log = path, max_bytes, log
         self.rotations = 0
         self._write: int | None = None
         self._thread: threading.Thread | None = None
-
-    PIPE_SIZE = 1 << 20  # Envoy blocks when its log is this far ahead of the copying thread
 
     def open(self) -> int:
         read, self._write = os.pipe2(os.O_CLOEXEC)
@@ -169,7 +170,7 @@ class EnvoySupervisor:
         self.args = [self.binary, "-c", bootstrap_path, "--disable-hot-restart", "--log-level", log_level,
                      "--concurrency", str(concurrency), "--drain-time-s", "1",
                      "--file-flush-interval-msec", str(FILE_FLUSH_MS), *extra_args]
-        self.log_path, self.log, self.clock = log_path, log or logging.getLogger(__name__), clock
+        self.log, self.clock = log or logging.getLogger(__name__), clock
         self.output = LogPipe(log_path, log_max_bytes, self.log) if log_path else None
         self._output_fd: int | None = None
         self.backoff, self.reset_after = Backoff(backoff, max_backoff), reset_after
@@ -291,38 +292,35 @@ def _signal(pid: int, sig: int) -> None:
             pass  # it exited meanwhile
 
 
+def _permits(info: os.stat_result, user: EnvoyUser, bit: int) -> bool:
+    """Whether a process of `user`'s uid and gid, no other group and no capability, has
+    `bit` (stat.S_IXOTH, stat.S_IWOTH...: the bit of the class "others") on `info`, as the
+    kernel checks: the owner's bits if it owns it, else the group's if its group, else others'."""
+    if info.st_uid == user.uid:
+        return bool(info.st_mode & (bit << 6))
+    if info.st_gid == user.gid:
+        return bool(info.st_mode & (bit << 3))
+    return bool(info.st_mode & bit)
+
+
 def untraversable(directory: Path, user: EnvoyUser) -> str | None:
     """The first directory from / down to `directory` that `user` may not enter (by the
-    mode bits, as the kernel checks a process of that uid and gid with no other group and
-    no capability), described; None when it reaches `directory`."""
+    mode bits, as _permits checks), described; None when it reaches `directory`."""
     for path in (*reversed(directory.parents), directory):
-        info = os.stat(path)
-        if info.st_uid == user.uid:
-            allowed = info.st_mode & stat.S_IXUSR
-        elif info.st_gid == user.gid:
-            allowed = info.st_mode & stat.S_IXGRP
-        else:
-            allowed = info.st_mode & stat.S_IXOTH
-        if not allowed:
-            return f"{path} (mode {stat.S_IMODE(info.st_mode):04o}, owner {info.st_uid}:{info.st_gid})"
+        if not _permits(os.stat(path), user, stat.S_IXOTH):
+            return described(path)
     return None
 
 
 def writable_parent(directory: Path, user: EnvoyUser) -> Path | None:
-    """The first parent of `directory` from / down in which `user` (as in untraversable)
+    """The first parent of `directory` from / down in which `user` (as _permits checks)
     may rename or remove entries it does not own, so replace `directory`; None when there
     is none. A sticky directory (/tmp) lets it remove only its own."""
     for path in reversed(directory.parents):
         info = os.stat(path)
         if info.st_mode & stat.S_ISVTX and info.st_uid != user.uid:
             continue
-        if info.st_uid == user.uid:
-            allowed = info.st_mode & stat.S_IWUSR
-        elif info.st_gid == user.gid:
-            allowed = info.st_mode & stat.S_IWGRP
-        else:
-            allowed = info.st_mode & stat.S_IWOTH
-        if allowed:
+        if _permits(info, user, stat.S_IWOTH):
             return path
     return None
 

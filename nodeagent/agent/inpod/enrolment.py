@@ -297,9 +297,9 @@ class Enroller:
             self._failed(want, f"{type(exc).__name__}: {exc}", "error", ctx.cookie if adopted else None, refused)
             return
         failed = self.failures.pop(want.uid, None)
-        if failed is not None and failed.refused_cookie not in (None, ctx.cookie):
-            self._unlink(failed.refused_cookie)  # refused in a netns the pod no longer has
         self.enrolled[want.uid] = Enrolment(want, ctx, found.pid, listeners, self.wall_clock())
+        if failed is not None and failed.refused_cookie not in (None, ctx.cookie):
+            self._stop_refusing(failed)  # refused in a netns the pod no longer has (its IP steered now)
         self.log.info("enrolled pod %s (ip %s, netns cookie %d)", ctx, want.ip, ctx.cookie)
 
     def _open_listeners(self, ctx: PodContext, want: Wanted) -> list[InPodListener]:
@@ -412,7 +412,8 @@ class Enroller:
         return ctx.cookie
 
     def _stop_refusing(self, failure: Failure) -> None:
-        """The pod of `failure` left the mesh (or the node): its inbound is no longer refused."""
+        """The refusal of `failure` ends (its pod left the mesh or the node, or is enrolled
+        in another netns): the link goes, and the IP's entries unless an enrolled pod has it."""
         if failure.refused_cookie is None:
             return
         ip = failure.wanted.ip
@@ -422,12 +423,6 @@ class Enroller:
         except Exception as exc:
             self.log.warning("removing the refusal of pod %s/%s: %s", failure.wanted.namespace,
                              failure.wanted.name, exc)
-
-    def _unlink(self, cookie: int) -> None:
-        try:
-            self.capture.unsteer_inbound(cookie, [])
-        except Exception as exc:
-            self.log.warning("removing the steering link of netns cookie %d: %s", cookie, exc)
 
     # --- shutdown -------------------------------------------------------------------
     def stop_listening(self) -> None:

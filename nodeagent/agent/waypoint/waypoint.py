@@ -41,14 +41,13 @@ from nodeagent.xds.accesslog import AccessLogPipe, RequestMetrics
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import DataPlane, HeaderReader, ProxyHeader, Sockets
-from nodeagent.xds.envoy import EnvoySupervisor, described, untraversable, writable_parent
+from nodeagent.xds.envoy import PR_SET_PDEATHSIG, EnvoySupervisor, described, untraversable, writable_parent
 from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.server import AdsServer
 from nodeagent.xds.snapshot import Snapshot
 
 Handler = Callable[[socket.socket, ProxyHeader], Awaitable[None]]
 HEADER_TIMEOUT = 5.0  # seconds for Envoy to send the PROXY header of a connection
-PR_SET_PDEATHSIG = 1
 
 
 class WaypointUnavailable(NodeagentError):
