@@ -61,6 +61,9 @@ class Pod:
     ports: Mapping[str, int] = field(default_factory=dict)  # named container ports (targetPort names)
     workload: str = ""  # Istio's workload name: the owning controller's, else the pod's (see _workload)
     host_network: bool = False  # spec.hostNetwork: its IP is the node's, not one of its own
+    # status.podIPs but `ip` (dual-stack: the other family's address); the mesh carries
+    # only `ip`, and refuses these in the pod (enrolment.py), never leaves them open.
+    other_ips: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -214,6 +217,10 @@ class Model:
             held = index.get(pod.ip)
             if held is None or (pod.phase == "Running" and held.phase != "Running"):
                 index[pod.ip] = pod
+        for pod in self.pods.values():  # a dual-stack pod's other address: never one a pod has as its own
+            if pod.ip and not pod.host_network and pod.phase not in TERMINATED:
+                for ip in pod.other_ips:
+                    index.setdefault(ip, pod)
         return index
 
     @cached_property
@@ -270,7 +277,24 @@ def _pod(obj: KubeObject) -> Pod:
         phase=str(status.get("phase") or "Pending"),
         ports=_frozen(_container_ports(spec, where)), workload=_workload(obj),
         host_network=_flag(spec.get("hostNetwork"), where, "spec.hostNetwork"),
+        other_ips=_other_ips(status, where),
     )
+
+
+def _other_ips(status: dict, where: str) -> tuple[str, ...]:
+    """status.podIPs but status.podIP (its first entry, when both are set)."""
+    entries = status.get("podIPs") or []
+    if not isinstance(entries, list):
+        raise ConfigError(where, f"status.podIPs must be a list, not {type(entries).__name__}")
+    primary = _ip(status.get("podIP"), where, "status.podIP")
+    ips: list[str] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(where, f"status.podIPs[{i}] must be a map with ip")
+        ip = _ip(entry.get("ip"), where, f"status.podIPs[{i}].ip")
+        if ip and ip != primary and ip not in ips:
+            ips.append(ip)
+    return tuple(ips)
 
 
 def _flag(value, where: str, field: str) -> bool:

@@ -72,6 +72,12 @@ def _at_exit(owner: dict[str, Any] | None) -> list[str]:
     return [f"at exit (owner {owner.get('owner') or 'not read yet'}): {owner.get('at_exit')}"]
 
 
+def _addresses(pod: dict[str, Any]) -> str:
+    """The IP the mesh carries, and a dual-stack pod's other-family ones it refuses."""
+    refused = pod.get("refused_ips") or []
+    return pod["ip"] + (f" (refused: {', '.join(refused)}, dual-stack)" if refused else "")
+
+
 def render_text(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     src = status.get("source", {})
@@ -84,7 +90,7 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
            *(f"not ready: {reason}" for reason in status.get("not_ready") or []), ""]
     out.append(_section("ENROLLED PODS", table(
         ["NAMESPACE", "NAME", "IP", "NETNS COOKIE", "ACTIVE OUT", "ACTIVE IN", "ENROLLED"],
-        [[p["namespace"], p["name"], p["ip"], p["netns_cookie"], p.get("active", {}).get("outbound", 0),
+        [[p["namespace"], p["name"], _addresses(p), p["netns_cookie"], p.get("active", {}).get("outbound", 0),
           p.get("active", {}).get("inbound", 0), _ago(p.get("enrolled_at"), now)]
          for p in status.get("pods", [])]) if status.get("pods") else ""))
     out.append("")
@@ -262,6 +268,10 @@ def _waypoint_sections(waypoint: dict[str, Any] | None, kinds: dict[str, list[st
              f"  xds        version {xds['version']}, accepted {xds['accepted']}, {sync}, {xds['nacks']} NACKs",
              f"  steered    outbound {', '.join(steered['outbound']) or '-'}; inbound {', '.join(steered['inbound']) or '-'}",
              f"  sent       {waypoint['connections']['outbound']} outbound, {waypoint['connections']['inbound']} inbound"]
+    unsolicited = waypoint.get("unsolicited", {})
+    if any(unsolicited.values()):
+        lines.append(f"  REFUSED    {unsolicited['upstream']} upstream, {unsolicited['deliver']} deliver connections "
+                     "Envoy handed back for none the agent sent it (see the agent's log)")
     if "access_log" in waypoint:
         log = waypoint["access_log"]
         lines.append(f"  requests   {log['lines']} logged by Envoy ({log['unreadable']} unreadable), "

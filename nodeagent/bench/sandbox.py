@@ -60,6 +60,7 @@ class SandboxPod:
     netns: str  # named netns
     cgroup: str
     labels: dict[str, str] = field(default_factory=dict)
+    other_ips: list[str] = field(default_factory=list)  # status.podIPs after ip (a dual-stack pod's)
 
 
 class Sandbox:
@@ -232,7 +233,9 @@ class Sandbox:
     def write_pods(self) -> None:
         docs = [{"apiVersion": "v1", "kind": "Pod",
                  "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
-                 "spec": {"nodeName": self.node}, "status": {"phase": "Running", "podIP": p.ip}}
+                 "spec": {"nodeName": self.node},
+                 "status": {"phase": "Running", "podIP": p.ip,
+                            **({"podIPs": [{"ip": ip} for ip in (p.ip, *p.other_ips)]} if p.other_ips else {})}}
                 for p in self.pods.values()]
         _write_atomic(self.source_dir / "pods.yaml", yaml.safe_dump_all(docs))
 

@@ -150,7 +150,7 @@ def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
                     if k in spec}}
     if containers is not None:
         out["spec"]["containers"] = containers
-    out["status"] = ({k: status[k] for k in ("podIP", "phase") if k in status}
+    out["status"] = ({k: status[k] for k in ("podIP", "podIPs", "phase") if k in status}
                      if isinstance(status, dict) else status)
     return out
 

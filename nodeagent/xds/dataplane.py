@@ -20,16 +20,20 @@ knows (the verified source identity) or only Envoy knows (the endpoint it picked
   Envoy → access-log.fifo  a line per request (logline.py), read by the agent for
                          Istio's request metrics.
 
-TLV types are in PROXY v2's custom range (0xE0-0xEF) and never renumbered.
+TLV types are in PROXY v2's custom range (0xE0-0xEF) and never renumbered. Envoy
+hands back only connections for those the agent sent it and still relays (HandOffs);
+the agent refuses any other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from nodeagent.errors import ConfigError
 
@@ -140,6 +144,50 @@ class ProxyHeader:
         for kind, value in self.tlvs:
             body += struct.pack("!BH", kind, len(value)) + value
         return SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+# The socket Envoy hands a connection back on, by the listener it came in on.
+HANDED_BACK_ON = {"outbound": "upstream", "inbound": "deliver"}
+
+
+class HandOffs:
+    """The connections the agent has sent through Envoy and not yet ended, as what Envoy
+    may hand back for them: on upstream.sock, the client pod's address and the
+    destination it asked for (Envoy picks the endpoint: any of the service's or of a
+    route's); on deliver.sock, the client's address and the pod's address and port.
+    Anything else Envoy hands back is for no connection of a pod, so it is refused: a
+    compromised Envoy (it parses every request of the node) can then act only for the
+    pods talking through it at that moment, with the destinations they asked for, not as
+    any pod of the node to anywhere. Source ports are not compared: Envoy pools its
+    upstream connections per PROXY header and may hand one back for any connection of
+    the same client and destination."""
+
+    def __init__(self) -> None:
+        self._live: Counter[tuple] = Counter()
+
+    @contextlib.contextmanager
+    def expecting(self, kind: str, header: ProxyHeader) -> Iterator[None]:
+        key = _key(HANDED_BACK_ON[kind], header)
+        self._live[key] += 1
+        try:
+            yield
+        finally:
+            self._live[key] -= 1
+            if not self._live[key]:
+                del self._live[key]
+
+    def solicited(self, socket_name: str, header: ProxyHeader) -> bool:
+        """Whether a connection Envoy hands back on `socket_name` ("upstream", "deliver")
+        with `header` is for one the agent sent it and still relays."""
+        return self._live.get(_key(socket_name, header), 0) > 0
+
+    def __len__(self) -> int:
+        return sum(self._live.values())
+
+
+def _key(socket_name: str, header: ProxyHeader) -> tuple:
+    return (socket_name, ipaddress.ip_address(header.source[0]), ipaddress.ip_address(header.destination[0]),
+            header.destination[1])
 
 
 class HeaderReader:

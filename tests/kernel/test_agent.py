@@ -10,6 +10,8 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,6 +21,7 @@ from nodeagent.bench.probe import HoldClient
 from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled
 from nodeagent.capture import bpfsys
 from nodeagent.capture.cgroup import attached
+from nodeagent.lab import topology
 
 pytestmark = pytest.mark.root
 PORT = 9000
@@ -375,3 +378,62 @@ def test_a_failed_enrolment_leaves_nothing_of_the_pod_but_refuses_its_inbound_an
     assert "lookup 539" in _rules(client)
     assert connect(sb, client, server, 3)["ok"] == 3
     assert counters(sb)["outbound_connections_total"] == 3
+
+
+V6_NODE, V6_POD, V6_PORT = "fd00:77::1", "fd00:77::2", 9100
+V6_EXCHANGE = """
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as s:
+        s.sendall(b"ping\\n")
+        print("ok" if s.recv(5) == b"ping\\n" else "mismatch")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def _from_the_node_v6(sb: Sandbox) -> str:
+    """One exchange from the node's netns with the client pod's IPv6 address (the echo
+    app's TCP port): ok, refused, or the error's name."""
+    return subprocess.run(["nsenter", f"--net=/run/netns/{sb.node_netns}", "--", sys.executable, "-c", V6_EXCHANGE,
+                           V6_POD, str(V6_PORT), f"{scaled(3):g}"],
+                          capture_output=True, text=True, check=True, timeout=scaled(30)).stdout.strip()
+
+
+def test_a_dual_stack_pods_other_family_is_refused_in_its_netns_not_left_open(sb, pods):
+    """A meshed pod with two addresses (status.podIPs: IPv4, then IPv6) has only its
+    status.podIP carried by the mesh. Its IPv6 address took any client's connection
+    straight to the app, plaintext, with every policy and STRICT unenforced (the model
+    read status.podIP alone). Now the agent refuses that address in the pod's netns
+    (fail closed, as for a pod it cannot serve), says so in status, and gives it back
+    when the pod leaves the mesh; its IPv4 address is meshed as before."""
+    client, plain, _ = pods
+    veth = topology.host_veth(client.namespace, client.name)
+    for netns_name, device, address in ((sb.node_netns, veth, V6_NODE), (client.netns, "eth0", V6_POD)):
+        subprocess.run(["ip", "-n", netns_name, "-6", "addr", "add", f"{address}/64", "dev", device, "nodad"],
+                       check=True)
+    client.other_ips = [V6_POD]
+    sb.write_pods()
+    sb.in_pod(client, [sys.executable, "-m", "nodeagent.lab.echo", "--port", "0", "--tcp-port", str(V6_PORT),
+                       "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + scaled(20)
+    while (answer := _from_the_node_v6(sb)) != "ok":  # the app starting: before the mesh, open to anybody
+        assert time.monotonic() < deadline, f"the app never answered on its IPv6 address ({answer})"
+        time.sleep(0.1)
+    start_meshed(sb)
+    [pod] = sb.status()["pods"]
+    assert (pod["ip"], pod["refused_ips"]) == (client.ip, [V6_POD])
+    dropped = sb.status()["capture"]["counters"]["dropped_failclosed"]
+    assert _from_the_node_v6(sb) == "refused"
+    assert sb.status()["capture"]["counters"]["dropped_failclosed"] == dropped + 1
+    result = connect(sb, plain, client, 2)  # its IPv4 address: through the mesh, as the client
+    assert (result["ok"], result["peers"]) == (2, {plain.ip: 2})
+    text = subprocess.run([sys.executable, "-m", "nodeagent", "status", "--socket", str(sb.admin_socket)],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"app        client  {client.ip} (refused: {V6_POD}, dual-stack)" in text
+    mesh(sb, "app", False, [])
+    assert _from_the_node_v6(sb) == "ok"  # out of the mesh: nothing of it left refused
+    maps = {m["name"]: m["entries"] for m in sb.status()["capture"]["maps"]}
+    assert maps["na_enrolled_ips"] == 0, maps

@@ -65,7 +65,7 @@ from nodeagent.kube.objects import parse_documents
 from nodeagent.model import Model
 from nodeagent.tunnel import HbonePool, TunnelMetrics, TunnelSettings, tls
 from nodeagent.xds import dataplane
-from nodeagent.xds.dataplane import DataPlane, ProxyHeader, Sockets
+from nodeagent.xds.dataplane import DataPlane, HandOffs, ProxyHeader, Sockets
 
 LOG = logging.getLogger("test.relays")
 TD = "cluster.local"
@@ -74,6 +74,7 @@ ADMIN_PORT = 15020
 TIMEOUT = 5.0  # the relays' connect timeout
 CLIENT, SERVER, OTHER, BROKEN, LEGACY, OUTSIDE = (f"127.77.0.{n}" for n in (20, 10, 11, 12, 30, 99))
 SERVICE, EMPTY_SERVICE = ("10.96.0.10", 80), ("10.96.0.11", 80)
+SERVER_V6 = "fd00:77::10"  # the server pod's other address (dual-stack): never carried by the mesh
 # (namespace, name, IP, service account, app label); mesh is ambient, plain is not.
 PODS = [("mesh", "sleep", CLIENT, "sleep", "sleep"), ("mesh", "httpbin", SERVER, "httpbin", "httpbin"),
         ("mesh", "other", OTHER, "other", "other"), ("mesh", "broken", BROKEN, "Not_A_Name", "broken"),
@@ -92,7 +93,9 @@ def cluster(app_port: int, extra_yaml: str = "") -> Model:
             for ns, labels in (("mesh", {"istio.io/dataplane-mode": "ambient"}), ("plain", {}),
                                ("istio-system", {}))]
     docs += [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
-              "spec": {"serviceAccountName": sa, "nodeName": "node1"}, "status": {"podIP": ip, "phase": "Running"}}
+              "spec": {"serviceAccountName": sa, "nodeName": "node1"},
+              "status": {"podIP": ip, "phase": "Running",
+                         **({"podIPs": [{"ip": ip}, {"ip": SERVER_V6}]} if ip == SERVER else {})}}
              for ns, name, ip, sa, app in PODS]
     docs += [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "mesh"},
               "spec": {"clusterIP": ip, "selector": {"app": app},
@@ -168,8 +171,13 @@ class Envoy:
     down: bool = False
     accepted: list[tuple[str, socket.socket]] = field(default_factory=list)
 
+    handoffs: HandOffs = field(default_factory=HandOffs)
+
     def dataplane(self) -> DataPlane:
         return DataPlane(Sockets("/nonexistent"), frozenset(self.outbound), dict(self.inbound))
+
+    def expecting(self, kind: str, header: ProxyHeader):
+        return self.handoffs.expecting(kind, header)
 
     async def open(self, kind: str, header: ProxyHeader) -> socket.socket:
         if self.down:

@@ -18,7 +18,8 @@ from nodeagent.resets import LINGER_RESET
 from nodeagent.tunnel import ConnectRefused, HandshakeFailed
 from nodeagent.xds.dataplane import TLV_ENDPOINT, TLV_PRINCIPAL, TLV_SOURCE_LABELS, TLV_SOURCE_WORKLOAD, ProxyHeader
 from policy_world import document
-from relay_world import (ADMIN_PORT, BROKEN, CLIENT, DELIVERY_MARK, EMPTY_SERVICE, LEGACY, MARK, OTHER, SERVER, SERVICE,
+from relay_world import (ADMIN_PORT, BROKEN, CLIENT, DELIVERY_MARK, EMPTY_SERVICE, LEGACY, MARK, OTHER, SERVER,
+                         SERVER_V6, SERVICE,
                          Envoy, World, ended, header_of, principal)
 
 SLEEP, HTTPBIN = principal("mesh", "sleep"), principal("mesh", "httpbin")
@@ -207,7 +208,11 @@ def test_outbound_through_the_waypoint_tells_envoy_who_the_client_is(node, ca):
         assert (kind, header.source, header.destination, dict(header.tlvs)) == (
             "outbound", (CLIENT, 0), SERVICE,  # port 0: Envoy pools per source pod
             {**principal_claim, TLV_SOURCE_LABELS: b",app=sleep,", TLV_SOURCE_WORKLOAD: b"mesh/sleep"})
+        back = ProxyHeader((CLIENT, 0), SERVICE)  # what Envoy may hand back while it lasts, and no other
+        assert [envoy.handoffs.solicited(*h) for h in (("upstream", back), ("deliver", back),
+                ("upstream", ProxyHeader((CLIENT, 0), (SERVICE[0], SERVICE[1] + 1))))] == [True, False, False]
         await through_envoy(client, envoy_end)
+        await until(lambda: not envoy.handoffs, 5, "the relay through Envoy to end")
         await w.settled(flows=0)  # Envoy's upstream connection is the one reported
         assert w.failures() == {} and w.sockets.asked == []
         assert w.value("nodeagent_relayed_bytes_total", direction="outbound", flow="sent") == len(PING)
@@ -394,7 +399,9 @@ def test_plaintext_inbound_behind_the_waypoint_goes_to_envoy(node):
         kind, header, *envoy_end = await envoy_side(envoy)
         assert (kind, header.source, header.destination, header.tlvs) == (
             "inbound", client_address, w.app.address, ())  # plaintext: no principal to vouch for
+        assert envoy.handoffs.solicited("deliver", header) and not envoy.handoffs.solicited("upstream", header)
         await through_envoy(client, envoy_end)
+        await until(lambda: not envoy.handoffs, 5, "the relay through Envoy to end")
         await w.settled(flows=1)
         assert w.failures() == {} and w.sockets.asked == [] and w.app.peers == []
         assert [(f["verdict"], f["bytes_received"]) for f in w.flows()] == [("allowed", len(PING))]
@@ -486,6 +493,31 @@ def test_a_valid_client_cannot_aim_a_stream_at_another_pod_or_an_agent_port(node
     node(body)
 
 
+def test_a_dual_stack_pods_other_address_is_refused_at_the_source_and_at_the_pod(node):
+    """The mesh carries a pod's status.podIP only: a connection to its other-family
+    address is reset at the source, saying why (never sent plaintext around the mesh, as
+    when the model did not know the address), and a stream naming it is refused by the
+    pod's agent, saying why."""
+    async def body(w: World):
+        await w.app.start()
+        reader, _ = await w.dial_out((SERVER_V6, w.app.address[1]))
+        assert await ended(reader) == "reset"
+        await w.settled(flows=1)
+        assert w.failures() == {("outbound", "other_family"): 1} and w.sockets.asked == []
+        [flow] = w.flows()
+        assert (flow["dst"]["addr"], flow["dst"]["workload"], flow["verdict"], flow["reason"]) == (
+            f"[{SERVER_V6}]:{w.app.address[1]}", "httpbin", "failed", "other_family")
+        pool = await w.hbone_client()
+        with pytest.raises(ConnectRefused) as refused:
+            await w.open_stream(pool, (SERVER_V6, w.app.address[1]))
+        assert refused.value.status == 400 and w.app.peers == []
+        await w.settled(flows=2)
+        assert w.flows()[-1]["reason"] == (
+            f":authority [{SERVER_V6}]:{w.app.address[1]} is this dual-stack pod's other-family address, which the "
+            f"mesh does not carry (only its status.podIP {SERVER})")
+    node(body)
+
+
 def test_a_stream_for_a_pod_that_left_is_refused_503_pod_gone(node):
     async def body(w: World):
         await w.app.start()
@@ -545,7 +577,9 @@ def test_a_stream_behind_the_waypoint_goes_to_envoy_with_the_verified_principal(
         kind, header, *envoy_end = await envoy_side(envoy)
         assert (kind, header.source[0], header.destination, header.tlvs) == (
             "inbound", CLIENT, w.app.address, ((TLV_PRINCIPAL, SLEEP.encode()),))
+        assert envoy.handoffs.solicited("deliver", header) and len(envoy.handoffs) == 1
         await through_envoy(client, envoy_end)
+        await until(lambda: not envoy.handoffs, 5, "the relay through Envoy to end")
         await w.settled(flows=2)
         assert w.failures() == {} and w.app.peers == []
         assert w.value("nodeagent_hbone_streams_opened_total", direction="inbound") == 1

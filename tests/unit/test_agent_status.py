@@ -57,6 +57,14 @@ def test_text_has_every_section():
     assert "cgroup /sys/fs/cgroup/x connect4" in text
 
 
+def test_a_dual_stack_pods_refused_other_address_is_shown_beside_the_one_carried():
+    dual = {**STATUS["pods"][0], "refused_ips": ["fd00::2"]}
+    text = status.render_text({**STATUS, "pods": [dual, STATUS["pods"][1]]}, now=NOW)
+    rows = text.split("ENROLLED PODS\n")[1].split("\n\n")[0].splitlines()
+    assert rows[1].split()[:6] == ["app", "client", "10.244.1.2", "(refused:", "fd00::2,", "dual-stack)"]
+    assert rows[2].split()[:4] == ["app", "server-long-name", "10.244.1.10", "12"]
+
+
 def test_pod_table_is_aligned():
     text = status.render_text(STATUS, now=NOW)
     lines = text.split("ENROLLED PODS\n")[1].split("\n\n")[0].splitlines()
@@ -190,6 +198,11 @@ def test_the_waypoint_says_how_many_request_lines_it_read_and_how_many_it_could_
             "log /run/na/envoy.log\n") in text
     assert ("  sent       4 outbound, 0 inbound\n"
             "  requests   1200 logged by Envoy (2 unreadable), read from /run/na/access-log.fifo\n") in text
+    refusing = status.render_text({**STATUS, **MESH, "waypoint": {**WAYPOINT, "unsolicited": {"upstream": 3,
+                                                                                             "deliver": 0}}}, now=NOW)
+    assert ("  sent       4 outbound, 0 inbound\n"
+            "  REFUSED    3 upstream, 0 deliver connections Envoy handed back for none the agent sent it (see the "
+            "agent's log)\n  requests") in refusing
 
 
 def test_the_exit_decision_is_shown_when_the_owner_is_watched():

@@ -68,7 +68,7 @@ def test_nothing_is_steered_before_envoy_acked(waypoint):
     assert NoWaypoint().dataplane().inbound.get(("10.244.1.8", 9000)) is None
     status = waypoint.describe()
     assert list(status) == ["directory", "envoy", "xds", "built_at", "resources", "errors", "warnings", "dataplane",
-                            "connections", "access_log"]
+                            "connections", "unsolicited", "access_log"]
     assert status["access_log"] == {"path": waypoint.sockets.access_log, "lines": 0, "unreadable": 0}
     assert status["xds"] == {"version": "1", "accepted": None, "in_sync": False, "connected": False, "nacks": 0,
                              "snapshot_error": None}
@@ -158,7 +158,8 @@ def test_envoy_connections_are_handed_over_after_their_header(waypoint, seen, re
         a.setblocking(False)
         header = ProxyHeader(("10.244.1.2", 1234), ("10.244.1.8", 9000), ((dataplane.TLV_PRINCIPAL, b"spiffe://x"),))
         b.sendall(header.encode() + b"payload")
-        await waypoint._accepted("deliver", a)
+        with waypoint.expecting("inbound", header):
+            await waypoint._accepted("deliver", a)
         garbage_a, garbage_b = socket.socketpair()
         garbage_a.setblocking(False)
         garbage_b.sendall(b"x" * 16)
@@ -168,6 +169,68 @@ def test_envoy_connections_are_handed_over_after_their_header(waypoint, seen, re
     header = run(go())
     assert seen == [(b"payload", header)]  # the garbage one was closed, never handed over
     assert registry.get_sample_value("nodeagent_waypoint_errors_total", {"reason": "bad_proxy_header"}) == 1
+
+
+def test_envoy_hands_back_only_for_connections_the_agent_sent_it_and_still_relays(waypoint, seen, registry,
+                                                                                 caplog):
+    """A compromised Envoy must not act as any pod of the node to anywhere: a connection
+    it hands back is handed over only while the agent relays one it sent through Envoy
+    for the same client and destination (outbound: the service asked for; inbound: the
+    pod and port); any other is reset, counted and reported, and the handler never sees
+    it. Source ports are not compared (Envoy pools per PROXY header)."""
+    sent_out = ProxyHeader(("10.244.1.2", 0), ("10.96.1.10", 9080), ((dataplane.TLV_SOURCE_WORKLOAD, b"shop/a"),))
+    sent_in = ProxyHeader(("10.244.2.7", 40100), ("10.244.1.8", 9000))
+
+    async def hand_back(name: str, header: ProxyHeader) -> bool:
+        """Whether the handler got it (else Envoy's end was reset)."""
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.sendall(header.encode() + b"x")
+        before = len(seen)
+        await waypoint._accepted(name, a)
+        got = len(seen) > before
+        if not got:
+            with pytest.raises(ConnectionResetError):
+                b.recv(1)
+        b.close()
+        return got
+
+    def back(header: ProxyHeader, src=None, dst=None) -> ProxyHeader:
+        return ProxyHeader(src or header.source, dst or header.destination, header.tlvs)
+
+    async def go():
+        results = {"before": await hand_back("upstream", sent_out)}
+        with waypoint.expecting("outbound", sent_out), waypoint.expecting("inbound", sent_in):
+            with waypoint.expecting("outbound", sent_out):  # two connections of the pod to the service
+                pass  # one ended: the other still is relayed
+            results.update({
+                "outbound": await hand_back("upstream", sent_out),
+                "outbound, another source port": await hand_back("upstream", back(sent_out, src=("10.244.1.2", 5))),
+                "outbound as another pod": await hand_back("upstream", back(sent_out, src=("10.244.1.3", 0))),
+                "outbound to another service": await hand_back("upstream", back(sent_out, dst=("10.96.1.11", 9080))),
+                "outbound to another port": await hand_back("upstream", back(sent_out, dst=("10.96.1.10", 9081))),
+                "outbound on deliver.sock": await hand_back("deliver", sent_out),
+                "inbound": await hand_back("deliver", sent_in),
+                "inbound to another pod": await hand_back("deliver", back(sent_in, dst=("10.244.1.9", 9000))),
+                "inbound from another client": await hand_back("deliver", back(sent_in, src=("10.244.2.8", 40100))),
+                "inbound on upstream.sock": await hand_back("upstream", sent_in),
+            })
+        results["after"] = await hand_back("deliver", sent_in)
+        return results
+    with caplog.at_level(logging.WARNING, logger=waypoint.log.name):
+        results = run(go())
+    assert results == {"before": False, "outbound": True, "outbound, another source port": True,
+                       "outbound as another pod": False, "outbound to another service": False,
+                       "outbound to another port": False, "outbound on deliver.sock": False, "inbound": True,
+                       "inbound to another pod": False, "inbound from another client": False,
+                       "inbound on upstream.sock": False, "after": False}
+    assert len(waypoint.handoffs) == 0
+    assert waypoint.describe()["unsolicited"] == {"upstream": 5, "deliver": 4}
+    assert registry.get_sample_value("nodeagent_waypoint_errors_total", {"reason": "unsolicited"}) == 9
+    assert [r.getMessage() for r in caplog.records if "handed back" in r.getMessage()] == [
+        "waypoint upstream.sock: refused 1 connection(s) Envoy handed back for no connection the agent sent it "
+        "(the last: from 10.244.1.2 to 10.96.1.10 port 9080); Envoy acts only for connections the agent relays "
+        "through it: a compromised or misbehaving Envoy?"]  # then at most one report every few seconds
 
 
 def test_open_writes_the_header_or_says_envoy_is_unavailable(waypoint, tmp_path):
@@ -423,10 +486,12 @@ def test_failed_accepts_on_the_hand_back_sockets_are_reported_once_per_interval(
         listener.setblocking(False)
         task = asyncio.get_running_loop().create_task(waypoint._serve("upstream", listener))
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        header = dataplane.ProxyHeader(("10.244.1.5", 0), ("10.96.0.10", 80))
         try:
             client.connect(path)
-            client.sendall(dataplane.ProxyHeader(("10.244.1.5", 0), ("10.96.0.10", 80)).encode() + b"hello")
-            await until(lambda: seen, "the connection to be handed over after the failed accepts")
+            client.sendall(header.encode() + b"hello")
+            with waypoint.expecting("outbound", header):
+                await until(lambda: seen, "the connection to be handed over after the failed accepts")
             assert seen[0][0] == b"hello" and listener.errors == 0
             lines = [r.getMessage() for r in caplog.records if "accept" in r.getMessage()]
             assert lines == ["waypoint upstream.sock: 1 accept(s) failed since the last report, the last: [Errno 24] "

@@ -119,6 +119,17 @@ def test_new_ip_is_remove_then_enrol():
     assert p.remove == ("uid-a",) and [w.ip for w in p.enrol] == ["10.244.1.9"] and p.update == ()
 
 
+def test_a_dual_stack_pods_other_address_is_wanted_and_a_change_of_it_is_remove_then_enrol():
+    dual = pod("a", ip="10.244.1.2").replace("  podIP: 10.244.1.2\n",
+                                             "  podIP: 10.244.1.2\n  podIPs: [{ip: 10.244.1.2}, {ip: 'fd00::2'}]\n")
+    before, after = model(ns("app"), pod("a", ip="10.244.1.2")), model(ns("app"), dual)
+    assert [w.ips for w in enrolled(after).values()] == [["10.244.1.2", "fd00::2"]]
+    p = plan(after, NODE, enrolled(before))  # the refusal of the new address goes in with a new enrolment
+    assert p.remove == ("uid-a",) and [w.other_ips for w in p.enrol] == [("fd00::2",)] and p.update == ()
+    back = plan(before, NODE, enrolled(after))
+    assert back.remove == ("uid-a",) and [w.other_ips for w in back.enrol] == [()]
+
+
 def test_excluded_ports_change_is_an_update():
     before = model(ns("app"), pod("a"))
     after = model(ns("app"), pod("a", annotations='traffic.sidecar.istio.io/excludeOutboundPorts: "5432, 6379"'))

@@ -59,7 +59,8 @@ spec:
     image: echo
     command: [sleep, infinity]
     ports: [{name: http, containerPort: 8080}]
-status: {phase: Running, podIP: 10.244.1.7, hostIP: 172.30.0.2, conditions: [{type: Ready, status: "True"}]}
+status: {phase: Running, podIP: 10.244.1.7, podIPs: [{ip: 10.244.1.7}, {ip: "fd00::7"}], hostIP: 172.30.0.2,
+         conditions: [{type: Ready, status: "True"}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -145,7 +146,8 @@ def test_a_pod_keeps_only_what_the_model_reads_and_builds_the_same_pod():
     kept = trimmed(KIND["Pod"], doc)
     assert kept["spec"] == {"nodeName": "n1", "serviceAccountName": "web",
                             "containers": [{"name": "main", "ports": [{"name": "http", "containerPort": 8080}]}]}
-    assert kept["status"] == {"phase": "Running", "podIP": "10.244.1.7"}
+    assert kept["status"] == {"phase": "Running", "podIP": "10.244.1.7",
+                              "podIPs": [{"ip": "10.244.1.7"}, {"ip": "fd00::7"}]}
     assert "managedFields" not in kept["metadata"] and kept["metadata"]["resourceVersion"] == "11"
     full = Model.build([admit(KIND["Pod"], "v1", doc)]).pods
     assert full == Model.build(parse(doc)).pods

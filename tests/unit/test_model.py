@@ -232,6 +232,37 @@ def test_an_ip_is_a_live_pod_network_pods_a_running_one_first():
     assert model.pod_by_ip("10.244.0.8").name == "alone-pending"  # a live pod alone still answers
 
 
+DUAL_STACK = """
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: mesh}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: 10.244.0.5, podIPs: [{ip: 10.244.0.5}, {ip: "fd00:0:0::5"}, {ip: "fd00::5"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: v6, namespace: mesh}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: "fd00::6", podIPs: [{ip: "fd00::6"}, {ip: 10.244.0.6}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: single, namespace: mesh}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: 10.244.0.6}
+"""
+
+
+def test_a_dual_stack_pods_other_addresses_are_kept_and_answer_after_every_pods_own():
+    """status.podIPs but status.podIP (written the same, once) are the pod's other
+    addresses; each finds the pod, unless it is another pod's status.podIP."""
+    model = Model.build(parse_documents(DUAL_STACK, "dual.yaml"))
+    assert [(p.name, p.ip, p.other_ips) for p in model.pods.values()] == [
+        ("web", "10.244.0.5", ("fd00::5",)), ("v6", "fd00::6", ("10.244.0.6",)), ("single", "10.244.0.6", ())]
+    assert model.pod_by_ip("fd00::5").name == "web" and model.pod_by_ip("fd00::6").name == "v6"
+    assert model.pod_by_ip("10.244.0.6").name == "single"  # its own address, listed after v6's other one
+
+
 def test_host_network_must_be_a_boolean():
     objs = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: shop}\n"
                            "spec: {hostNetwork: \"yes\"}\n", "bad.yaml")
@@ -286,6 +317,10 @@ def test_empty_model():
     ("kind: Pod\nstatus: Running", "status must be a map, not str"),
     ("kind: Pod\nstatus: {podIP: 10}", "status.podIP must be a string, not int"),
     ("kind: Pod\nstatus: {podIP: pod-a}", "status.podIP 'pod-a' is not an IP address"),
+    ("kind: Pod\nstatus: {podIP: 10.0.0.1, podIPs: 10.0.0.1}", "status.podIPs must be a list, not str"),
+    ("kind: Pod\nstatus: {podIP: 10.0.0.1, podIPs: [10.0.0.1]}", "status.podIPs[0] must be a map with ip"),
+    ("kind: Pod\nstatus: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::x'}]}",
+     "status.podIPs[1].ip 'fd00::x' is not an IP address"),
 ])
 def test_unreadable_pods_and_services_name_object_and_field(body, message):
     objs = parse_documents(f"apiVersion: v1\nmetadata: {{name: x, namespace: shop}}\n{body}\n", "bad.yaml")

@@ -45,11 +45,16 @@ class Wanted:
     ip: str
     exclude_outbound: frozenset[int] = frozenset()
     exclude_inbound: frozenset[int] = frozenset()
+    other_ips: tuple[str, ...] = ()  # dual-stack: the other family's, refused in the pod (not carried)
 
     @classmethod
     def of(cls, pod: Pod) -> "Wanted":
         return cls(pod.uid, pod.namespace, pod.name, pod.ip,
-                   pod.port_list(EXCLUDE_OUTBOUND_PORTS), pod.port_list(EXCLUDE_INBOUND_PORTS))
+                   pod.port_list(EXCLUDE_OUTBOUND_PORTS), pod.port_list(EXCLUDE_INBOUND_PORTS), pod.other_ips)
+
+    @property
+    def ips(self) -> list[str]:
+        return [self.ip, *self.other_ips]
 
 
 @dataclass(frozen=True)
@@ -103,12 +108,12 @@ def plan(model: Model, node: str, current: Mapping[str, Wanted]) -> Plan:
     enrol, update, remove = [], [], []
     for uid, have in current.items():
         want = wanted.get(uid)
-        if want is None or want.ip != have.ip:
+        if want is None or want.ips != have.ips:
             remove.append(uid)  # gone, left the mesh, or re-addressed (then enrolled afresh)
         elif want != have:
             update.append(want)
     for uid, want in wanted.items():
-        if uid not in current or current[uid].ip != want.ip:
+        if uid not in current or current[uid].ips != want.ips:
             enrol.append(want)
     return Plan(tuple(enrol), tuple(update), tuple(remove), tuple(waiting))
 
@@ -123,7 +128,8 @@ class Enrolment:
 
     def describe(self) -> dict:
         return {"namespace": self.wanted.namespace, "name": self.wanted.name, "uid": self.wanted.uid,
-                "ip": self.wanted.ip, "netns_cookie": self.ctx.cookie, "pid": self.pid,
+                "ip": self.wanted.ip, "refused_ips": list(self.wanted.other_ips),
+                "netns_cookie": self.ctx.cookie, "pid": self.pid,
                 "enrolled_at": self.enrolled_at,
                 "listeners": [f"{a[0]}:{a[1]}" if ":" not in a[0] else f"[{a[0]}]:{a[1]}"
                               for a in (lst.address for lst in self.listeners)],
@@ -236,9 +242,10 @@ class Enroller:
         ours = {e.ctx.cookie for e in self.enrolled.values()}
         ours |= {f.adopted_cookie for f in self.failures.values() if f.adopted_cookie is not None}  # kept, retried
         stale = sorted(set(self.capture.enrolled_netns()) - ours)
-        enrolled_ips = {e.wanted.ip for e in self.enrolled.values()}
-        enrolled_ips |= {f.wanted.ip for f in self.failures.values() if f.refused_cookie is not None}
-        loose = sorted({p.ip for p in model.pods_on_node(self.node) if p.ip} - enrolled_ips)
+        enrolled_ips = {ip for e in self.enrolled.values() for ip in e.wanted.ips}
+        enrolled_ips |= {ip for f in self.failures.values() if f.refused_cookie is not None for ip in f.wanted.ips}
+        loose = sorted({ip for p in model.pods_on_node(self.node) if p.ip for ip in (p.ip, *p.other_ips)}
+                       - enrolled_ips)
         for i, cookie in enumerate(stale):
             self.log.info("removing stale capture state of netns cookie %d", cookie)
             self.capture.remove_netns(cookie)
@@ -328,6 +335,10 @@ class Enroller:
         inbound = next(lst for lst in listeners if lst.address[1] == self.ports.inbound)
         self.capture.steer_inbound(ctx.netns_fd, ctx.cookie, [want.ip], inbound.sock,
                                    exclude_ports=sorted(want.exclude_inbound))
+        if want.other_ips:  # dual-stack: the mesh carries status.podIP only; the other family is
+            # refused (as a pod the agent cannot serve), never left open around the mesh
+            self.capture.refuse_inbound(ctx.netns_fd, ctx.cookie, list(want.other_ips),
+                                        exclude_ports=sorted(want.exclude_inbound))
 
     def _routing(self, want: Wanted) -> podrouting.RoutingSpec:
         return podrouting.RoutingSpec(self.delivery_mark, (inpod.family_of(want.ip),))
@@ -363,7 +374,7 @@ class Enroller:
         self.log.info("removed pod %s from the mesh", e.ctx)
 
     def _stop_capture(self, ctx: PodContext, want: Wanted) -> None:
-        for undo in (lambda: self.capture.unsteer_inbound(ctx.cookie, [want.ip]),
+        for undo in (lambda: self.capture.unsteer_inbound(ctx.cookie, want.ips),
                      lambda: self.capture.remove_netns(ctx.cookie)):
             try:
                 undo()
@@ -404,7 +415,7 @@ class Enroller:
         ports'), as when the agent is gone, until it is enrolled. Unrefused, an app that
         held 15006 took plaintext from anybody, every policy and STRICT unenforced."""
         try:
-            self.capture.refuse_inbound(ctx.netns_fd, ctx.cookie, [want.ip],
+            self.capture.refuse_inbound(ctx.netns_fd, ctx.cookie, want.ips,
                                         exclude_ports=sorted(want.exclude_inbound))
         except Exception as exc:
             self.log.error("cannot refuse the inbound connections of pod %s, which is not enrolled: %s", ctx, exc)
@@ -416,8 +427,8 @@ class Enroller:
         in another netns): the link goes, and the IP's entries unless an enrolled pod has it."""
         if failure.refused_cookie is None:
             return
-        ip = failure.wanted.ip
-        ips = [] if any(e.wanted.ip == ip for e in self.enrolled.values()) else [ip]  # reused meanwhile
+        held = {ip for e in self.enrolled.values() for ip in e.wanted.ips}  # reused meanwhile
+        ips = [ip for ip in failure.wanted.ips if ip not in held]
         try:
             self.capture.unsteer_inbound(failure.refused_cookie, ips)
         except Exception as exc:

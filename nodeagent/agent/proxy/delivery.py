@@ -206,10 +206,16 @@ def close_delivered(inputs: ProxyInputs, flow: Flow, entry: Delivered, received:
         telemetry.close(flow, received=received, sent=sent, reason=describe(revoked, entry))
 
 
-async def open_inbound(waypoint: WaypointHandle, src: Address, dst: Address, principal: str | None):
-    """A connection to the waypoint's inbound listener for `dst`, or the reason there is none."""
+def inbound_header(src: Address, dst: Address, principal: str | None) -> dataplane.ProxyHeader:
+    """What the waypoint's inbound listener is told of a connection from `src` to `dst`."""
     tlvs = ((dataplane.TLV_PRINCIPAL, principal.encode()),) if principal else ()
+    return dataplane.ProxyHeader(src, dst, tlvs)
+
+
+async def open_inbound(waypoint: WaypointHandle, header: dataplane.ProxyHeader):
+    """A connection to the waypoint's inbound listener (within `waypoint.expecting`), or
+    the reason there is none."""
     try:
-        return await waypoint.open("inbound", dataplane.ProxyHeader(src, dst, tlvs))
+        return await waypoint.open("inbound", header)
     except NodeagentError as exc:
         return str(exc)

@@ -21,7 +21,7 @@ from contextlib import ExitStack
 
 from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, admit
-from nodeagent.agent.proxy.delivery import Delivery, open_flow, open_inbound, relay_delivered
+from nodeagent.agent.proxy.delivery import Delivery, inbound_header, open_flow, open_inbound, relay_delivered
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.relay import Relay, connect_failure_reason, relay
 from nodeagent.agent.proxy.telemetry import FLAG_CONNECT, PLAINTEXT, Flow
@@ -89,8 +89,10 @@ class InboundRelay(Relay):
         policy of the pod and hands allowed requests back on deliver.sock. Tracked, so a
         change of that policy resets it."""
         src, dst = flow.src, flow.dst
-        with self.inputs.connections.delivering(conn, src, plaintext=True, admission=admission) as entry:
-            upstream = await open_inbound(self.inputs.waypoint, src, dst, None)
+        header = inbound_header(src, dst, None)
+        with self.inputs.connections.delivering(conn, src, plaintext=True, admission=admission) as entry, \
+                self.inputs.waypoint.expecting("inbound", header):
+            upstream = await open_inbound(self.inputs.waypoint, header)
             if isinstance(upstream, str):
                 self._fail(ctx, client, "waypoint_unavailable", f"from {src[0]} to {dst[0]}:{dst[1]}: {upstream}")
                 self.inputs.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="waypoint_unavailable")

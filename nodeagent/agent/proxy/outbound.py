@@ -122,6 +122,13 @@ class OutboundRelay(Relay):
                 self._fail(ctx, client, "no_endpoints", f"to {dst[0]}:{dst[1]}: {exc}")
                 self.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="no_endpoints")
                 return
+        if target.meshed and target.pod is not None and target.address[0] in target.pod.other_ips:
+            flow = self.telemetry.open(Flow(SOURCE, src, dst, Peer.of(ctx.pod), Peer.of(target.pod)))
+            self._fail(ctx, client, "other_family",
+                       f"to {dataplane.endpoint(*dst)}: the other-family address of dual-stack pod {target.pod.namespace}/"
+                       f"{target.pod.name}, which the mesh does not carry (only its status.podIP {target.pod.ip})")
+            self.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason="other_family")
+            return
         await self._relay(ctx, client, src, dst, target, handed.via if handed is not None else None)
 
     async def _through_waypoint(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address) -> None:
@@ -133,16 +140,17 @@ class OutboundRelay(Relay):
         principal = self.identities.uri_of(pod) if self.identities.enabled else None
         if principal:
             tlvs.insert(0, (dataplane.TLV_PRINCIPAL, principal.encode()))
-        try:
-            # Source port 0: Envoy keys its upstream connection pools by the PROXY header it
-            # passes on, so one pool per source pod (a sidecar's scope for connectionPool
-            # limits) rather than one per client connection, which no limit would bound.
-            header = dataplane.ProxyHeader((src[0], 0), dst, tuple(tlvs))
-            upstream = await self.inputs.waypoint.open("outbound", header)
-        except NodeagentError as exc:
-            self._fail(ctx, client, "waypoint_unavailable", f"to {dst[0]}:{dst[1]} through the waypoint: {exc}")
-            return
-        await relay(self.inputs, "outbound", client, upstream)
+        # Source port 0: Envoy keys its upstream connection pools by the PROXY header it
+        # passes on, so one pool per source pod (a sidecar's scope for connectionPool
+        # limits) rather than one per client connection, which no limit would bound.
+        header = dataplane.ProxyHeader((src[0], 0), dst, tuple(tlvs))
+        with self.inputs.waypoint.expecting("outbound", header):
+            try:
+                upstream = await self.inputs.waypoint.open("outbound", header)
+            except NodeagentError as exc:
+                self._fail(ctx, client, "waypoint_unavailable", f"to {dst[0]}:{dst[1]} through the waypoint: {exc}")
+                return
+            await relay(self.inputs, "outbound", client, upstream)
 
     async def handle_upstream(self, sock: socket.socket, header: dataplane.ProxyHeader) -> None:
         """A connection Envoy hands back after client-side L7: PROXY source = the client

@@ -194,7 +194,8 @@ class SourceRoutes:
         pool = self.hbone.pools.get(ctx)
         targets = endpoints(self.inputs.model(), dst)
         if not isinstance(pool, NativePool) or not targets or any(
-                not t.meshed or t.pod is None or (same_node is not None and same_node.local(t) is not None)
+                not t.meshed or t.pod is None or t.address[0] != t.pod.ip
+                or (same_node is not None and same_node.local(t) is not None)
                 for t in targets):
             return
         try:

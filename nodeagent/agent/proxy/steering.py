@@ -1,12 +1,14 @@
 """What the data path knows of the node's waypoint Envoy, whoever runs it: which
 connections go through it (`dataplane()`: the steering of the snapshot Envoy last ACKed
-completely) and how to open a connection to it (`open`). The agent's Waypoint
+completely), how to open a connection to it (`open`), and for how long Envoy may hand
+connections back for it (`expecting`, kept in `dataplane.HandOffs`). The agent's Waypoint
 (agent/waypoint/) is one; `NoWaypoint` stands for none (`--no-waypoint`): it steers
 nothing and refuses to open, so relays never need to ask whether a waypoint exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Protocol
 
@@ -22,6 +24,10 @@ class WaypointHandle(Protocol):
         """A connection to Envoy's `outbound` or `inbound` listener with `header` written;
         a NodeagentError saying why when there is none."""
 
+    def expecting(self, kind: str, header: ProxyHeader) -> contextlib.AbstractContextManager:
+        """While this lasts (from before `open` to the end of the relay), Envoy may hand
+        back connections for what `header` opened (dataplane.HandOffs)."""
+
 
 class NoWaypoint:
     """The agent runs no waypoint: nothing is steered to one."""
@@ -35,3 +41,6 @@ class NoWaypoint:
     async def open(self, kind: str, header: ProxyHeader) -> socket.socket:
         raise NodeagentError(f"no waypoint {kind} listener: this agent runs without a waypoint",
                              "run the agent without --no-waypoint for L7 policy and routing")
+
+    def expecting(self, kind: str, header: ProxyHeader) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()

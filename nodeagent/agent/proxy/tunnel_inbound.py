@@ -32,7 +32,8 @@ from typing import Awaitable, TypeVar
 
 from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.proxy.admission import DELIVER, DENY, WAYPOINT, Admission, Delivered, admit
-from nodeagent.agent.proxy.delivery import Delivery, close_delivered, open_flow, open_inbound, relay_delivered
+from nodeagent.agent.proxy.delivery import (Delivery, close_delivered, inbound_header, open_flow, open_inbound,
+                                            relay_delivered)
 from nodeagent.agent.proxy.hbone_native import HboneEngines
 from nodeagent.agent.proxy.native_inbound import NativeRequest, NativeServing
 from nodeagent.agent.proxy.inputs import ProxyInputs
@@ -45,6 +46,7 @@ from nodeagent.native import hbone
 from nodeagent.policy import Connection
 from nodeagent.resets import reset
 from nodeagent.tunnel import HboneServer, HboneStream, StreamBudget, StreamInfo, TunnelMetrics, TunnelSettings, tls
+from nodeagent.xds import dataplane
 
 T = TypeVar("T")
 
@@ -197,6 +199,9 @@ class TunnelInbound:
         close_delivered(self.inputs, flow, entry, received, sent)
 
     def _refusal(self, ctx: PodContext, dst: tuple[str, int]) -> str | None:
+        if dst[0] in ctx.pod.other_ips:
+            return (f":authority {dataplane.endpoint(*dst)} is this dual-stack pod's other-family address, which the mesh "
+                    f"does not carry (only its status.podIP {ctx.pod.ip})")
         if dst[0] != ctx.pod.ip:
             return f":authority {dst[0]}:{dst[1]} is not this pod ({ctx.pod.ip}); the source's model is stale?"
         if dst[1] in self.inputs.agent_ports:
@@ -208,8 +213,10 @@ class TunnelInbound:
         """Server-side L7: Envoy enforces the pod's policy with the verified principal.
         Tracked, so a change of that policy resets the stream."""
         src, dst = flow.src, flow.dst
-        with self.inputs.connections.delivering(conn, src, plaintext=False, admission=admission) as entry:
-            upstream = await unless_reset(stream, open_inbound(self.inputs.waypoint, src, dst, conn.source_principal))
+        header = inbound_header(src, dst, conn.source_principal)
+        with self.inputs.connections.delivering(conn, src, plaintext=False, admission=admission) as entry, \
+                self.inputs.waypoint.expecting("inbound", header):
+            upstream = await unless_reset(stream, open_inbound(self.inputs.waypoint, header))
             if upstream is None:
                 self._client_reset(flow)
                 return

@@ -40,7 +40,8 @@ from nodeagent.throttle import Throttle
 from nodeagent.xds.accesslog import AccessLogPipe, RequestMetrics
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
-from nodeagent.xds.dataplane import DataPlane, HeaderReader, ProxyHeader, Sockets
+from nodeagent.resets import reset
+from nodeagent.xds.dataplane import DataPlane, HandOffs, HeaderReader, ProxyHeader, Sockets
 from nodeagent.xds.envoy import PR_SET_PDEATHSIG, EnvoySupervisor, described, untraversable, writable_parent
 from nodeagent.xds.istio.config import IstioConfig
 from nodeagent.xds.server import AdsServer
@@ -64,7 +65,8 @@ class WaypointMetrics:
                                 ["socket"], registry=registry)
         self.errors = Counter("nodeagent_waypoint_errors",
                               "Waypoint failures: unavailable Envoy, bad PROXY headers, refused snapshots, "
-                              "resources Envoy refused (envoy_refused)",
+                              "resources Envoy refused (envoy_refused), connections handed back for none the agent "
+                              "sent it (unsolicited)",
                               ["reason"], registry=registry)
 
 
@@ -100,6 +102,9 @@ class Waypoint:
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task] = set()
         self.sent = {"outbound": 0, "inbound": 0}  # connections the agent sent to Envoy
+        self.handoffs = HandOffs()  # those still relayed: what Envoy may hand back
+        self.unsolicited = {"upstream": 0, "deliver": 0}
+        self._unsolicited_reports = Throttle()
         try:
             self.supervisor = EnvoySupervisor(str(self.directory / "bootstrap.json"),
                                               str(self.directory / "envoy.log"), log=log.getChild("envoy"),
@@ -249,6 +254,10 @@ class Waypoint:
         return self.publisher.dataplane()
 
     # --- connections to Envoy --------------------------------------------------------------
+    def expecting(self, kind: str, header: ProxyHeader) -> contextlib.AbstractContextManager:
+        """While this lasts, Envoy may hand back connections for what `header` opens."""
+        return self.handoffs.expecting(kind, header)
+
     async def open(self, kind: str, header: ProxyHeader) -> socket.socket:
         """A connection to Envoy's `outbound` or `inbound` listener, the header written."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -310,7 +319,23 @@ class Waypoint:
         if header is None:
             raw.close()  # a LOCAL command: Envoy's health check, nothing to relay
             return
+        if not self.handoffs.solicited(name, header):
+            self._refuse_unsolicited(name, raw, header)
+            return
         await self.handlers[name](raw, header)
+
+    def _refuse_unsolicited(self, name: str, raw: socket.socket, header: ProxyHeader) -> None:
+        """A connection Envoy hands back for none the agent sent it and still relays
+        (HandOffs): reset, counted, and reported at most every few seconds."""
+        reset(raw)
+        self.unsolicited[name] += 1
+        self.metrics.errors.labels(reason="unsolicited").inc()
+        count = self._unsolicited_reports.due()
+        if count:
+            self.log.warning("waypoint %s.sock: refused %d connection(s) Envoy handed back for no connection the "
+                             "agent sent it (the last: from %s to %s port %d); Envoy acts only for connections "
+                             "the agent relays through it: a compromised or misbehaving Envoy?", name, count,
+                             header.source[0], header.destination[0], header.destination[1])
 
     # --- status -------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -330,6 +355,7 @@ class Waypoint:
                     "snapshot_error": self.publisher.snapshot_error},
             **published,  # built_at, resources, errors, warnings, dataplane
             "connections": dict(self.sent),
+            "unsolicited": dict(self.unsolicited),
             "access_log": {"path": self.access_log.path, "lines": self.access_log.lines,
                            "unreadable": self.requests.unread},
         }
