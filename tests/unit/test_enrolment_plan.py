@@ -235,3 +235,34 @@ def test_a_hostnetwork_pod_of_a_meshed_namespace_waits_with_the_reason_and_is_no
     opted_out = model(ns("app"), pod("hn", ip="172.30.0.2", labels="istio.io/dataplane-mode: none").replace(
         "nodeName: n1", "nodeName: n1\n  hostNetwork: true"))
     assert wanted_pods(opted_out, NODE) == ({}, [])
+
+
+def test_a_pod_that_goes_leaves_the_capture_entries_another_pod_holds():
+    """Capture entries are keyed by IP alone: removing stale state, ending a refusal or
+    removing a pod must leave the IPs (a dual-stack pod's other one included) that an
+    adopted pod (a rolling update's old agent still serves it), a refused replacement or
+    an enrolled pod needs, or that pod's app would take plaintext around the mesh."""
+    from agent_world import CaptureMaps
+    from nodeagent.agent.inpod.enrolment import Failure
+    from nodeagent.agent.inpod.sockets import PodContext
+
+    capture = CaptureMaps(left={901: [], 902: []})
+    enroller = Enroller(node=NODE, capture=capture, resolver=None, ports=Ports(15001, 15006, 15008),
+                        handlers=Handlers(None, None, None), delivery_mark=0x1539,
+                        metrics=AgentMetrics(CollectorRegistry()), log=logging.getLogger("test"))
+    dual = pod("a", ip="10.244.1.2").replace("  podIP: 10.244.1.2\n",
+                                             "  podIP: 10.244.1.2\n  podIPs: [{ip: 10.244.1.2}, {ip: 'fd00::2'}]\n")
+    m = model(ns("app"), dual, pod("b", ip="10.244.1.3"), pod("c", ip="10.244.1.4", namespace="plain"))
+    a, b = (Wanted.of(m.pods[("app", n)]) for n in ("a", "b"))
+    enroller.failures["uid-a"] = Failure(a, "listeners held by the old agent", adopted_cookie=901)
+    assert enroller.remove_stale(m) == [902]
+    assert capture.named("unsteer_inbound") == [("unsteer_inbound", 902, ["10.244.1.3", "10.244.1.4"])]
+    # b's IP given to a replacement b2 whose enrolment failed too: both refused
+    b2 = Wanted("uid-b2", "app", "b2", b.ip)
+    enroller.failures["uid-b"] = Failure(b, "x", refused_cookie=7)
+    enroller.failures["uid-b2"] = Failure(b2, "x", refused_cookie=8)
+    enroller._stop_refusing(enroller.failures.pop("uid-b"))
+    enroller._stop_capture(PodContext(m.pods[("app", "b")], -1, 7), b)
+    assert capture.named("unsteer_inbound")[1:] == [("unsteer_inbound", 7, []), ("unsteer_inbound", 7, [])]
+    enroller._stop_refusing(enroller.failures.pop("uid-b2"))  # the last to hold it
+    assert capture.named("unsteer_inbound")[-1] == ("unsteer_inbound", 8, [b.ip])

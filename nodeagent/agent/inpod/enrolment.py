@@ -242,10 +242,8 @@ class Enroller:
         ours = {e.ctx.cookie for e in self.enrolled.values()}
         ours |= {f.adopted_cookie for f in self.failures.values() if f.adopted_cookie is not None}  # kept, retried
         stale = sorted(set(self.capture.enrolled_netns()) - ours)
-        enrolled_ips = {ip for e in self.enrolled.values() for ip in e.wanted.ips}
-        enrolled_ips |= {ip for f in self.failures.values() if f.refused_cookie is not None for ip in f.wanted.ips}
         loose = sorted({ip for p in model.pods_on_node(self.node) if p.ip for ip in (p.ip, *p.other_ips)}
-                       - enrolled_ips)
+                       - self._held())
         for i, cookie in enumerate(stale):
             self.log.info("removing stale capture state of netns cookie %d", cookie)
             self.capture.remove_netns(cookie)
@@ -373,8 +371,21 @@ class Enroller:
         self.metrics.enrolled.set(len(self.enrolled))
         self.log.info("removed pod %s from the mesh", e.ctx)
 
+    def _held(self, but_failed: str | None = None) -> set[str]:
+        """The IPs whose capture entries a pod of this agent needs: every enrolled pod's,
+        and those of failed pods whose inbound is refused or whose netns a previous agent
+        captured (adopted: kept, fail closed, until enrolled), but the failure of pod
+        `but_failed`. The entries are keyed by IP alone, so a pod that goes must leave
+        those another pod holds (a reused IP, a refused replacement)."""
+        held = {ip for e in self.enrolled.values() for ip in e.wanted.ips}
+        held |= {ip for f in self.failures.values()
+                 if f.wanted.uid != but_failed and (f.refused_cookie is not None or f.adopted_cookie is not None)
+                 for ip in f.wanted.ips}
+        return held
+
     def _stop_capture(self, ctx: PodContext, want: Wanted) -> None:
-        for undo in (lambda: self.capture.unsteer_inbound(ctx.cookie, want.ips),
+        held = self._held(but_failed=want.uid)
+        for undo in (lambda: self.capture.unsteer_inbound(ctx.cookie, [ip for ip in want.ips if ip not in held]),
                      lambda: self.capture.remove_netns(ctx.cookie)):
             try:
                 undo()
@@ -424,10 +435,10 @@ class Enroller:
 
     def _stop_refusing(self, failure: Failure) -> None:
         """The refusal of `failure` ends (its pod left the mesh or the node, or is enrolled
-        in another netns): the link goes, and the IP's entries unless an enrolled pod has it."""
+        in another netns): the link goes, and the IPs' entries but those another pod holds (_held)."""
         if failure.refused_cookie is None:
             return
-        held = {ip for e in self.enrolled.values() for ip in e.wanted.ips}  # reused meanwhile
+        held = self._held(but_failed=failure.wanted.uid)  # reused meanwhile, or enrolled now
         ips = [ip for ip in failure.wanted.ips if ip not in held]
         try:
             self.capture.unsteer_inbound(failure.refused_cookie, ips)
