@@ -29,6 +29,11 @@ READ_ANNOTATIONS = frozenset({EXCLUDE_OUTBOUND_PORTS, EXCLUDE_INBOUND_PORTS})  #
 # Phases of a pod whose containers are done: it keeps its status.podIP, but kubelet may
 # have given that IP to another pod already.
 TERMINATED = ("Succeeded", "Failed")
+# Phases of a pod the agent meshes once it has its status.podIP (its sandbox, and so its
+# netns, exist): from Pending on, so its init containers and its app's first moments are
+# captured, not only what runs after every container started (with no CNI plugin, the
+# nearest the agent comes to Istio's capture at sandbox creation).
+MESHED_PHASES = ("Pending", "Running")
 
 # Istio API groups whose resources the model carries for the policy and xDS layers: every
 # *.istio.io group and the Gateway API, so kinds the mesh does not implement are answered

@@ -82,15 +82,19 @@ def test_pod_on_other_node_is_ignored():
     assert plan(m, NODE, {}) == Plan()
 
 
-def test_pod_without_ip_uid_or_not_running_waits():
+def test_pod_without_ip_uid_or_not_pending_or_running_waits():
+    """A Pending pod with its status.podIP (its sandbox up: init containers may run) is
+    enrolled, as a Running one; without the IP, or finished or Unknown, it waits."""
     m = model(ns("app"), pod("noip", ip=None), pod("nouid", uid="", ip="10.244.1.4"),
-              pod("pending", phase="Pending", ip="10.244.1.5"))
+              pod("pending", phase="Pending", ip="10.244.1.5"), pod("starting", phase="Pending", ip=None),
+              pod("lost", phase="Unknown", ip="10.244.1.6"), pod("done", phase="Succeeded", ip="10.244.1.7"))
     p = plan(m, NODE, {})
-    assert p.enrol == ()
+    assert [w.name for w in p.enrol] == ["pending"]
     reasons = {w.name: w.reason for w in p.waiting}
-    assert "podIP" in reasons["noip"]
+    assert "podIP" in reasons["noip"] and "podIP" in reasons["starting"]
     assert "uid" in reasons["nouid"]
-    assert "Pending" in reasons["pending"]
+    assert (reasons["lost"], reasons["done"]) == ("phase is Unknown, not Pending or Running",
+                                                  "phase is Succeeded, not Pending or Running")
 
 
 def test_pod_that_stops_running_is_removed():

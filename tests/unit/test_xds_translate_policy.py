@@ -197,6 +197,20 @@ def test_pods_of_this_node_with_http_policy_get_an_inbound_chain_per_http_port()
     assert deliver.transport_socket.name == "envoy.transport_sockets.upstream_proxy_protocol"
 
 
+def test_a_pending_pod_with_its_ip_gets_its_chain_as_enrolment_meshes_it_and_a_finished_one_none():
+    """Enrolment meshes a pod from Pending on once it has status.podIP (its init
+    containers run): its HTTP policy must be Envoy's by then too, or the agent would
+    enforce it at L4 only. A finished pod keeps its IP but is no one's."""
+    extra = "".join(
+        f"apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: reviews}}}}\n"
+        f"spec: {{nodeName: node1, serviceAccountName: reviews}}\nstatus: {{phase: {phase}, podIP: {ip}}}\n---\n"
+        for name, phase, ip in (("reviews-init", "Pending", "10.244.1.66"), ("reviews-done", "Succeeded",
+                                                                            "10.244.1.67")))
+    result = translation(HTTP_POLICY + extra)
+    assert [c.name for c in listeners(result)["inbound"].filter_chains] == ["inbound|shop/reviews-init|9080", CHAIN]
+    assert set(result.dataplane.inbound) == {("10.244.1.6", 9080), ("10.244.1.66", 9080)}
+
+
 def test_l4_only_policies_need_no_waypoint():
     result = translation(doc("AuthorizationPolicy", "l4", "selector: {matchLabels: {app: reviews}}\n"
                                                          "rules: [{from: [{source: {namespaces: [shop]}}]}]", SEC))

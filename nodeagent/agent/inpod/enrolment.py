@@ -29,7 +29,7 @@ from nodeagent.agent.inpod.sockets import AcceptFailures, InPodListener, ListenS
 from nodeagent.agent.metrics import AgentMetrics
 from nodeagent.agent.inpod.podns import PodNetns, PodNetnsResolver, PodNotFound
 from nodeagent.backoff import Backoff
-from nodeagent.model import EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, Model, Pod
+from nodeagent.model import EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, MESHED_PHASES, Model, Pod
 from nodeagent.netns import NetnsError
 
 RETRY = Backoff(first=0.1, maximum=2.0)  # between attempts to enrol (or update) a failing pod
@@ -76,8 +76,8 @@ class Plan:
 def _wait_reason(pod: Pod) -> str | None:
     if not pod.uid:
         return "no metadata.uid: cannot find its network namespace"
-    if pod.phase != "Running":
-        return f"phase is {pod.phase}, not Running"
+    if pod.phase not in MESHED_PHASES:
+        return f"phase is {pod.phase}, not Pending or Running"
     if not pod.ip:
         return "no status.podIP yet"
     return None

@@ -24,7 +24,7 @@ from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import HttpFilter
 
-from nodeagent.model import Pod
+from nodeagent.model import MESHED_PHASES, Pod
 from nodeagent.policy.authz import ALLOW, DENY
 from nodeagent.policy.scope import Scope, labels_match
 from nodeagent.xds import dataplane
@@ -46,7 +46,7 @@ def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list
     _warn_unbound(ctx)
     chains, served = [], {}
     for pod in ctx.model.pods_on_node(ctx.node):
-        if not (ctx.model.is_meshed(pod) and pod.ip and pod.phase == "Running"):
+        if not (ctx.model.is_meshed(pod) and pod.ip and pod.phase in MESHED_PHASES):  # as enrolment
             continue
         if any(selects(ctx, w.policy.scope, pod) for w in ctx.config.withheld):
             continue
