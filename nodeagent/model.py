@@ -69,6 +69,9 @@ class Pod:
     # status.podIPs but `ip` (dual-stack: the other family's address); the mesh carries
     # only `ip`, and refuses these in the pod (enrolment.py), never leaves them open.
     other_ips: tuple[str, ...] = ()
+    # The ports kubelet probes (containers' readiness, liveness and startup probes: httpGet,
+    # tcpSocket, grpc), which take plaintext from the node around the mesh (admission.py).
+    probe_ports: frozenset[int] = frozenset()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -283,7 +286,41 @@ def _pod(obj: KubeObject) -> Pod:
         ports=_frozen(_container_ports(spec, where)), workload=_workload(obj),
         host_network=_flag(spec.get("hostNetwork"), where, "spec.hostNetwork"),
         other_ips=_other_ips(status, where),
+        probe_ports=_probe_ports(spec, where),
     )
+
+
+PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
+PROBE_HANDLERS = ("httpGet", "tcpSocket", "grpc")
+
+
+def _probe_ports(spec: dict, where: str) -> frozenset[int]:
+    """The ports kubelet probes: a number, or a name of the same container's ports (as
+    kubelet reads it; a name it has not is a probe that never connects)."""
+    out: set[int] = set()
+    for i, container in enumerate(spec.get("containers") or []):
+        named = {str(p.get("name")): p.get("containerPort") for p in container.get("ports") or []
+                 if isinstance(p, dict) and p.get("name") is not None}
+        for probe_name in PROBES:
+            probe = container.get(probe_name)
+            if probe is None:
+                continue
+            if not isinstance(probe, dict):
+                raise ConfigError(where, f"spec.containers[{i}].{probe_name} must be a map")
+            for handler in PROBE_HANDLERS:
+                action = probe.get(handler)
+                if action is None:
+                    continue
+                field_name = f"spec.containers[{i}].{probe_name}.{handler}"
+                if not isinstance(action, dict):
+                    raise ConfigError(where, f"{field_name} must be a map")
+                port = action.get("port")
+                if isinstance(port, str) and not port.isdigit():
+                    if port in named:
+                        out.add(_port(named[port], where, f"{field_name}.port ({port})"))
+                    continue
+                out.add(_port(int(port) if isinstance(port, str) else port, where, f"{field_name}.port"))
+    return frozenset(out)
 
 
 def _other_ips(status: dict, where: str) -> tuple[str, ...]:

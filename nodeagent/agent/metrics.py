@@ -24,6 +24,10 @@ class AgentMetrics:
         self.inbound = Counter(
             "nodeagent_inbound_connections", "Inbound connections to meshed pods accepted by the agent",
             registry=registry)
+        self.probes = Counter(
+            "nodeagent_probe_connections",
+            "Plaintext connections from the node to a port a meshed pod's probes name (kubelet's probes), "
+            "delivered around PeerAuthentication and AuthorizationPolicy", registry=registry)
         self.passthrough = Counter(
             "nodeagent_passthrough_connections",
             "Outbound connections relayed as plain TCP to their original destination", registry=registry)

@@ -61,6 +61,7 @@ class SandboxPod:
     cgroup: str
     labels: dict[str, str] = field(default_factory=dict)
     other_ips: list[str] = field(default_factory=list)  # status.podIPs after ip (a dual-stack pod's)
+    probe_ports: list[int] = field(default_factory=list)  # tcpSocket readiness probes (kubelet's)
 
 
 class Sandbox:
@@ -233,11 +234,18 @@ class Sandbox:
     def write_pods(self) -> None:
         docs = [{"apiVersion": "v1", "kind": "Pod",
                  "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
-                 "spec": {"nodeName": self.node},
+                 "spec": {"nodeName": self.node,
+                          **({"containers": [{"name": "app", "readinessProbe" if i == 0 else "livenessProbe":
+                                              {"tcpSocket": {"port": port}}}
+                                             for i, port in enumerate(p.probe_ports)]} if p.probe_ports else {})},
                  "status": {"phase": "Running", "podIP": p.ip,
                             **({"podIPs": [{"ip": ip} for ip in (p.ip, *p.other_ips)]} if p.other_ips else {})}}
                 for p in self.pods.values()]
         _write_atomic(self.source_dir / "pods.yaml", yaml.safe_dump_all(docs))
+
+    def write_policy(self, name: str, doc: dict) -> None:
+        """An Istio resource (one document) in the source, as `<name>.yaml`."""
+        _write_atomic(self.source_dir / f"{name}.yaml", yaml.safe_dump(doc))
 
     def label_pod(self, pod: SandboxPod, labels: dict[str, str]) -> None:
         """Set a pod's labels (e.g. istio.io/dataplane-mode: none to opt out) in the source."""

@@ -55,7 +55,7 @@ from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient,
 from nodeagent.kube.events import EventWriter
 from nodeagent.kube.objects import KubeObject, object_from_dict
 from nodeagent.kube.owner import OwnerWatch
-from nodeagent.model import READ_ANNOTATIONS, Model, check
+from nodeagent.model import PROBE_HANDLERS, PROBES, READ_ANNOTATIONS, Model, check
 
 SOURCE = "kube"  # KubeObject.source of every object read here: messages say "kube (Pod ns/name)"
 BURST_QUIET = 0.02  # seconds without an event that end a burst
@@ -137,8 +137,7 @@ def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
     spec = spec if isinstance(spec, dict) else {}
     containers = spec.get("containers")
     if isinstance(containers, list):
-        containers = [{k: c[k] for k in ("name", "ports") if k in c} if isinstance(c, dict) else c
-                      for c in containers]
+        containers = [_container(c) if isinstance(c, dict) else c for c in containers]
     keep_meta = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences",
                  "creationTimestamp", "resourceVersion")
     kept = {k: meta[k] for k in keep_meta if k in meta}
@@ -153,6 +152,19 @@ def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
     out["status"] = ({k: status[k] for k in ("podIP", "podIPs", "phase") if k in status}
                      if isinstance(status, dict) else status)
     return out
+
+
+def _container(container: dict[str, Any]) -> dict[str, Any]:
+    """What the model reads of a container: its name, ports and probes' ports."""
+    kept = {k: container[k] for k in ("name", "ports") if k in container}
+    for probe in PROBES:
+        value = container.get(probe)
+        if isinstance(value, dict):
+            kept[probe] = {h: ({"port": value[h]["port"]} if isinstance(value[h], dict) and "port" in value[h]
+                               else value[h]) for h in PROBE_HANDLERS if h in value}
+        elif probe in container:
+            kept[probe] = value  # not a map: the model says so
+    return kept
 
 
 def admit(kind: Kind, api_version: str, body: Any) -> KubeObject:

@@ -437,3 +437,41 @@ def test_a_dual_stack_pods_other_family_is_refused_in_its_netns_not_left_open(sb
     assert _from_the_node_v6(sb) == "ok"  # out of the mesh: nothing of it left refused
     maps = {m["name"]: m["entries"] for m in sb.status()["capture"]["maps"]}
     assert maps["na_enrolled_ips"] == 0, maps
+
+
+NODE_IP = "172.31.255.1"  # the sandbox node's own address (it has none of its own)
+
+
+def _from_the_node(sb: Sandbox, pod: SandboxPod, port: int, count: int) -> dict:
+    """`count` probe connections from the node's netns (where kubelet runs) to the pod."""
+    proc = sb.spawn(sb.node_netns, sb.layout.system_cgroup(sb.node),
+                    [sys.executable, "-m", "nodeagent.bench.probe", "connect", f"{pod.ip}:{port}", "--count",
+                     str(count), "--timeout", f"{scaled(3):g}"], stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=scaled(120))
+    return json.loads(out)
+
+
+def test_kubelets_probes_reach_a_strict_pod_from_the_node_on_its_probe_ports_only(sb, pods):
+    """STRICT refused kubelet's probes (plaintext from the node's address), so under a
+    mesh-wide STRICT PeerAuthentication no meshed pod with a tcpSocket or httpGet probe
+    ever became Ready. As Istio's ambient mode lets them past ztunnel, the node's own
+    connections to a port the pod's probes name are delivered around PeerAuthentication
+    and AuthorizationPolicy, as the client; another port from the node, and the probe
+    port from anybody else, are refused as before."""
+    client, plain, _ = pods
+    subprocess.run(["ip", "-n", sb.node_netns, "addr", "add", f"{NODE_IP}/32", "dev", "lo"], check=True)  # a node's
+    client.probe_ports = [PORT]
+    sb.write_pods()
+    sb.serve(client, SINK_PORT)  # a port no probe names
+    sb.write_policy("strict", {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                               "metadata": {"name": "default", "namespace": "app"},
+                               "spec": {"mtls": {"mode": "STRICT"}}})
+    start_meshed(sb)
+    sb.wait_for(lambda s: "PeerAuthentication app/default" in s["policy"]["resources"], 10, "STRICT in force")
+    assert (sb.status()["pods"][0]["node_source"]) == NODE_IP
+    probed = _from_the_node(sb, client, PORT, 3)
+    assert (probed["ok"], probed["errors"], probed["peers"]) == (3, {}, {NODE_IP: 3}), probed  # as the client
+    assert _from_the_node(sb, client, SINK_PORT, 2)["errors"] == {"reset": 2}  # by the agent: STRICT
+    assert connect(sb, plain, client, 2)["errors"] == {"reset": 2}  # the probe port, not from the node
+    assert counters(sb)["probe_connections_total"] == 3
+    assert counters(sb)["inbound_connections_total"] == 7

@@ -74,6 +74,21 @@ class World:
         return self.registry.get_sample_value("nodeagent_inbound_connections_revoked_total", {"reason": reason}) or 0
 
 
+def test_kubelets_probe_is_delivered_around_strict_authorization_and_the_waypoint_and_stays_so():
+    """admit's `probe` (plaintext from the node's address to a port the pod's probes name,
+    inbound.py decides): delivered whatever STRICT, a DENY or the waypoint say, and a
+    re-check leaves it; without `probe` the same connection is refused."""
+    strict = valid(STRICT + DENY_8000 + ALLOW_SLEEP)
+    kubelet = connection(HTTPBIN, 8000, None, "10.0.0.7")
+    behind = Steering(("10.244.1.10", 8000))
+    assert admit(strict, behind, kubelet, plaintext=True, probe=True) == Admission(DELIVER)
+    assert admit(strict, behind, kubelet, plaintext=True).route == DENY
+    assert admit(strict, behind, kubelet, plaintext=False, probe=True).route == WAYPOINT  # only plaintext is one
+    world = World(strict)
+    with world.connections.delivering(kubelet, ("10.0.0.7", 40000), plaintext=True, probe=True) as probe:
+        assert world.connections.recheck() == 0 and not probe.abort.requested
+
+
 def test_recheck_resets_exactly_the_connections_the_new_state_would_not_deliver():
     world = World(valid(""))
     c = world.connections

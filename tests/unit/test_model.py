@@ -263,6 +263,27 @@ def test_a_dual_stack_pods_other_addresses_are_kept_and_answer_after_every_pods_
     assert model.pod_by_ip("10.244.0.6").name == "single"  # its own address, listed after v6's other one
 
 
+def test_probe_ports_are_every_containers_probes_by_number_or_by_its_own_port_name():
+    objs = parse_documents("""
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: shop}
+spec:
+  containers:
+  - name: app
+    ports: [{name: http, containerPort: 8080}, {name: admin, containerPort: 9901}]
+    readinessProbe: {httpGet: {path: /ready, port: http}}
+    livenessProbe: {tcpSocket: {port: 9000}}
+    startupProbe: {grpc: {port: 7070}}
+  - name: side
+    ports: [{name: metrics, containerPort: 9090}]
+    readinessProbe: {httpGet: {port: admin}}
+    livenessProbe: {exec: {command: ["true"]}}
+""", "probes.yaml")
+    # `admin` is the first container's name, not the side car's: that probe never connects
+    assert Model.build(objs).pods[("shop", "p")].probe_ports == frozenset({8080, 9000, 7070})
+
+
 def test_host_network_must_be_a_boolean():
     objs = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: shop}\n"
                            "spec: {hostNetwork: \"yes\"}\n", "bad.yaml")
@@ -317,6 +338,12 @@ def test_empty_model():
     ("kind: Pod\nstatus: Running", "status must be a map, not str"),
     ("kind: Pod\nstatus: {podIP: 10}", "status.podIP must be a string, not int"),
     ("kind: Pod\nstatus: {podIP: pod-a}", "status.podIP 'pod-a' is not an IP address"),
+    ("kind: Pod\nspec: {containers: [{name: a, readinessProbe: [tcpSocket]}]}",
+     "spec.containers[0].readinessProbe must be a map"),
+    ("kind: Pod\nspec: {containers: [{name: a, livenessProbe: {httpGet: 8080}}]}",
+     "spec.containers[0].livenessProbe.httpGet must be a map"),
+    ("kind: Pod\nspec: {containers: [{name: a, startupProbe: {tcpSocket: {port: 70000}}}]}",
+     "spec.containers[0].startupProbe.tcpSocket.port must be a port number 1-65535, not 70000"),
     ("kind: Pod\nstatus: {podIP: 10.0.0.1, podIPs: 10.0.0.1}", "status.podIPs must be a list, not str"),
     ("kind: Pod\nstatus: {podIP: 10.0.0.1, podIPs: [10.0.0.1]}", "status.podIPs[0] must be a map with ip"),
     ("kind: Pod\nstatus: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::x'}]}",

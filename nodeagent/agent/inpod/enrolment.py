@@ -128,7 +128,7 @@ class Enrolment:
 
     def describe(self) -> dict:
         return {"namespace": self.wanted.namespace, "name": self.wanted.name, "uid": self.wanted.uid,
-                "ip": self.wanted.ip, "refused_ips": list(self.wanted.other_ips),
+                "ip": self.wanted.ip, "refused_ips": list(self.wanted.other_ips), "node_source": self.ctx.node_source,
                 "netns_cookie": self.ctx.cookie, "pid": self.pid,
                 "enrolled_at": self.enrolled_at,
                 "listeners": [f"{a[0]}:{a[1]}" if ":" not in a[0] else f"[{a[0]}]:{a[1]}"
@@ -277,7 +277,7 @@ class Enroller:
         if isinstance(found, NetnsError):
             self._failed(want, str(found), "netns_not_found" if isinstance(found, PodNotFound) else "netns_error")
             return
-        ctx = PodContext(pod, os.dup(found.fd), found.cookie)
+        ctx = PodContext(pod, os.dup(found.fd), found.cookie, node_source=inpod.source_towards(want.ip))
         listeners: list[InPodListener] = []
         captured = False
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import random
 import socket
@@ -53,6 +54,9 @@ class PodContext:
     cookie: int
     tasks: dict[str, set[asyncio.Task]] = field(default_factory=lambda: {"outbound": set(), "inbound": set()})
     ports: PortRange | None = None  # its deliveries' source ports (port_range), read at the first one
+    # The address the node's own connections to the pod come from (kubelet's probes), as
+    # the agent's netns (the node's) routes to it at enrolment; None if it has no route.
+    node_source: str | None = None
 
     def track(self, direction: str, task: asyncio.Task) -> None:
         bucket = self.tasks.setdefault(direction, set())
@@ -68,6 +72,18 @@ Handler = Callable[[PodContext, socket.socket], Awaitable[None]]
 
 def family_of(ip: str) -> int:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def source_towards(ip: str) -> str | None:
+    """The source address this netns's routing picks for a connection to `ip` (a UDP
+    connect sends nothing), None when it has no route."""
+    try:
+        with socket.socket(family_of(ip), socket.SOCK_DGRAM) as sock:
+            sock.connect((ip, 9))
+            source = sock.getsockname()[0]
+    except OSError:
+        return None
+    return None if ipaddress.ip_address(source).is_unspecified else source  # no address to send from
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,17 @@ class Admission:
     chain: str = ""  # WAYPOINT: the digest of the Envoy filter chain that serves it
 
 
-def admit(policies: PolicySet, waypoint: WaypointHandle, conn: Connection, plaintext: bool) -> Admission:
+def admit(policies: PolicySet, waypoint: WaypointHandle, conn: Connection, plaintext: bool,
+          probe: bool = False) -> Admission:
     """The route of `conn` under `policies` and the waypoint's steering. PeerAuthentication
     is checked first and by the agent even for a port behind the waypoint (Envoy gets no
-    say about plaintext); AuthorizationPolicy is the waypoint's there, else the agent's."""
+    say about plaintext); AuthorizationPolicy is the waypoint's there, else the agent's.
+    A `probe` (plaintext from the node's own address to a port the pod's probes name:
+    kubelet's) is delivered around both, as Istio's ambient mode lets kubelet's probes
+    past ztunnel: else STRICT or an ALLOW would fail every probe and take the pod out of
+    its Services."""
+    if probe and plaintext:
+        return Admission(DELIVER)
     port = conn.destination_port
     if plaintext and policies.mtls_mode(conn.destination, port) == STRICT:
         return Admission(DENY, STRICT_POLICY, f"PeerAuthentication STRICT on port {port}: plaintext refused")
@@ -71,6 +78,7 @@ class Delivered:
     plaintext: bool
     admission: Admission  # DELIVER, or WAYPOINT with the chain it was sent to
     abort: Abort
+    probe: bool = False  # kubelet's probe (admit's `probe`)
     revoked: Admission | None = None  # set when a re-check ended it
     ends: ExitStack = field(default_factory=ExitStack)  # closed once it is no longer tracked
 
@@ -101,9 +109,9 @@ class InboundConnections:
 
     @contextmanager
     def delivering(self, conn: Connection, src: Address, plaintext: bool,
-                   admission: Admission = Admission(DELIVER)) -> Iterator[Delivered]:
+                   admission: Admission = Admission(DELIVER), probe: bool = False) -> Iterator[Delivered]:
         """Track a connection while the agent relays it to the pod or the waypoint."""
-        entry = self.track(Delivered(conn, src, plaintext, admission, Abort()))
+        entry = self.track(Delivered(conn, src, plaintext, admission, Abort(), probe))
         try:
             yield entry
         finally:
@@ -129,7 +137,7 @@ class InboundConnections:
                 continue
             ctx = self.pod_at(entry.conn.destination_ip)
             conn = replace(entry.conn, destination=ctx.pod) if ctx is not None else entry.conn
-            admission = admit(policies, self.waypoint, conn, entry.plaintext)
+            admission = admit(policies, self.waypoint, conn, entry.plaintext, entry.probe)
             if still_admitted(entry, admission):
                 continue
             entry.revoked = admission

@@ -5,6 +5,8 @@ agent's in-pod listener (0.0.0.0:15006), delivered to the app as the HBONE serve
 The accepted socket's local address is the original destination. Policy first, read at
 accept time (so a change applies to the next connection): PeerAuthentication STRICT on
 that port refuses plaintext; otherwise AuthorizationPolicy decides with no principal.
+kubelet's probes (plaintext from the node's own address, as routed at enrolment, to a
+port the pod's probes name) are delivered around both, as Istio's ambient mode does.
 A refused connection is reset and reported (`DENY`). An allowed one is delivered from
 inside the pod netns over loopback, with a transparent socket bound to the client's IP,
 so the app sees the real client address; the pod's policy routing (podrouting.py)
@@ -15,10 +17,12 @@ delivered connection is re-checked there when policies change.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from contextlib import ExitStack
 
+from nodeagent.addresses import unmapped
 from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, admit
 from nodeagent.agent.proxy.delivery import Delivery, inbound_header, open_flow, open_inbound, relay_delivered
@@ -62,7 +66,11 @@ class InboundRelay(Relay):
             return
         flow = open_flow(self.inputs, ctx, src, dst, None, PLAINTEXT)
         conn = Connection(src[0], None, None, ctx.pod, dst[0], dst[1])
-        admission = admit(self.inputs.policies.current, self.inputs.waypoint, conn, plaintext=True)
+        probe = (dst[1] in ctx.pod.probe_ports and ctx.node_source is not None
+                 and str(unmapped(ipaddress.ip_address(src[0]))) == ctx.node_source)
+        if probe:
+            self.metrics.probes.inc()
+        admission = admit(self.inputs.policies.current, self.inputs.waypoint, conn, plaintext=True, probe=probe)
         if admission.route == DENY:
             self.log.debug("inbound %s:%d -> %s port %d denied: %s", src[0], src[1], ctx, dst[1], admission.reason)
             reset(client)
@@ -71,7 +79,7 @@ class InboundRelay(Relay):
         if admission.route == WAYPOINT:
             await self._through_waypoint(ctx, client, flow, conn, admission)
             return
-        with self.inputs.connections.delivering(conn, src, plaintext=True) as entry:
+        with self.inputs.connections.delivering(conn, src, plaintext=True, probe=probe) as entry:
             try:
                 upstream = await self.delivery.connect(ctx, src, dst, entry.ends)
             except (OSError, asyncio.TimeoutError) as exc:
