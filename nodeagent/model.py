@@ -295,32 +295,48 @@ PROBE_HANDLERS = ("httpGet", "tcpSocket", "grpc")
 
 
 def _probe_ports(spec: dict, where: str) -> frozenset[int]:
-    """The ports kubelet probes: a number, or a name of the same container's ports (as
-    kubelet reads it; a name it has not is a probe that never connects)."""
+    """The ports kubelet probes, of the containers and of the init containers (a native
+    sidecar, restartPolicy Always, has probes; the API refuses them on any other): a
+    number, or a name of the same container's ports (as kubelet reads it; a name it has
+    not is a probe that never connects)."""
     out: set[int] = set()
-    for i, container in enumerate(spec.get("containers") or []):
-        named = {str(p.get("name")): p.get("containerPort") for p in container.get("ports") or []
-                 if isinstance(p, dict) and p.get("name") is not None}
-        for probe_name in PROBES:
-            probe = container.get(probe_name)
-            if probe is None:
-                continue
-            if not isinstance(probe, dict):
-                raise ConfigError(where, f"spec.containers[{i}].{probe_name} must be a map")
-            for handler in PROBE_HANDLERS:
-                action = probe.get(handler)
-                if action is None:
-                    continue
-                field_name = f"spec.containers[{i}].{probe_name}.{handler}"
-                if not isinstance(action, dict):
-                    raise ConfigError(where, f"{field_name} must be a map")
-                port = action.get("port")
-                if isinstance(port, str) and not port.isdigit():
-                    if port in named:
-                        out.add(_port(named[port], where, f"{field_name}.port ({port})"))
-                    continue
-                out.add(_port(int(port) if isinstance(port, str) else port, where, f"{field_name}.port"))
+    for list_name in ("containers", "initContainers"):
+        listed = spec.get(list_name) or []
+        if not isinstance(listed, list):
+            raise ConfigError(where, f"spec.{list_name} must be a list")
+        for i, container in enumerate(listed):
+            if not isinstance(container, dict):
+                raise ConfigError(where, f"spec.{list_name}[{i}] must be a map")
+            out |= _container_probe_ports(container, where, f"spec.{list_name}[{i}]")
     return frozenset(out)
+
+
+def _container_probe_ports(container: dict, where: str, at: str) -> set[int]:
+    """The ports one container's probes name (`at`: where it is, for errors)."""
+    out: set[int] = set()
+    ports = container.get("ports") or []
+    named = {str(p.get("name")): p.get("containerPort") for p in (ports if isinstance(ports, list) else [])
+             if isinstance(p, dict) and p.get("name") is not None}
+    for probe_name in PROBES:
+        probe = container.get(probe_name)
+        if probe is None:
+            continue
+        if not isinstance(probe, dict):
+            raise ConfigError(where, f"{at}.{probe_name} must be a map")
+        for handler in PROBE_HANDLERS:
+            action = probe.get(handler)
+            if action is None:
+                continue
+            field_name = f"{at}.{probe_name}.{handler}"
+            if not isinstance(action, dict):
+                raise ConfigError(where, f"{field_name} must be a map")
+            port = action.get("port")
+            if isinstance(port, str) and not (port.isascii() and port.isdecimal()):
+                if port in named:
+                    out.add(_port(named[port], where, f"{field_name}.port ({port})"))
+                continue
+            out.add(_port(int(port) if isinstance(port, str) else port, where, f"{field_name}.port"))
+    return out
 
 
 def _other_ips(status: dict, where: str) -> tuple[str, ...]:

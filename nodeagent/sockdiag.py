@@ -58,6 +58,34 @@ class Holder(NamedTuple):
     fd: int = -1    # through which `destroy` finds its netns again
 
 
+def connected_here(local: tuple[str, int], remote: tuple[str, int]) -> bool:
+    """Whether this thread's netns holds a TCP socket connected from `local` to `remote`,
+    in any state but listening (TIME_WAIT too: a probe that closed at once): a socket of
+    this node, not a connection that only passes through it (forwarded, NATed). One
+    exact lookup; the kernel answers a listener of `local` when no connection matches,
+    which is no answer here."""
+    family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+
+    def packed(ip: str) -> bytes:
+        raw = socket.inet_pton(family, ip)
+        return raw + bytes(16 - len(raw))
+
+    sockid = SOCKID.pack(local[1], remote[1], packed(local[0]), packed(remote[0]), 0, b"\xff" * 8)
+    try:
+        with _netlink(None) as nl:
+            answers = list(_ask(nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST,
+                                REQ.pack(family, socket.IPPROTO_TCP, 0, ALL_BUT_LISTEN) + sockid))
+    except OSError:
+        return False  # ENOENT: no such socket
+    for payload in answers:
+        state = payload[1]
+        sport, dport, src, dst, _, _ = SOCKID.unpack_from(payload, MSG.size)
+        if state != TCP_LISTEN and (sport, dport, src, dst) == (local[1], remote[1], packed(local[0]),
+                                                                  packed(remote[0])):
+            return True
+    return False
+
+
 def own_sockets(proc: str = "/proc/self/fd") -> dict[int, int]:
     """The sockets this process holds: inode -> a descriptor of it."""
     found = {}

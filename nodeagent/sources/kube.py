@@ -135,9 +135,6 @@ def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
         return {**body, "metadata": meta}
     spec, status = body.get("spec") or {}, body.get("status") or {}
     spec = spec if isinstance(spec, dict) else {}
-    containers = spec.get("containers")
-    if isinstance(containers, list):
-        containers = [_container(c) if isinstance(c, dict) else c for c in containers]
     keep_meta = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences",
                  "creationTimestamp", "resourceVersion")
     kept = {k: meta[k] for k in keep_meta if k in meta}
@@ -147,8 +144,11 @@ def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
            "metadata": kept,
            "spec": {k: spec[k] for k in ("nodeName", "serviceAccountName", "serviceAccount", "hostNetwork")
                     if k in spec}}
-    if containers is not None:
-        out["spec"]["containers"] = containers
+    for list_name in ("containers", "initContainers"):  # init: a native sidecar's probes
+        listed = spec.get(list_name)
+        if listed is not None:
+            out["spec"][list_name] = ([_container(c) if isinstance(c, dict) else c for c in listed]
+                                      if isinstance(listed, list) else listed)
     out["status"] = ({k: status[k] for k in ("podIP", "podIPs", "phase") if k in status}
                      if isinstance(status, dict) else status)
     return out

@@ -473,5 +473,25 @@ def test_kubelets_probes_reach_a_strict_pod_from_the_node_on_its_probe_ports_onl
     assert (probed["ok"], probed["errors"], probed["peers"]) == (3, {}, {NODE_IP: 3}), probed  # as the client
     assert _from_the_node(sb, client, SINK_PORT, 2)["errors"] == {"reset": 2}  # by the agent: STRICT
     assert connect(sb, plain, client, 2)["errors"] == {"reset": 2}  # the probe port, not from the node
+    # A NodePort client from outside the node, masqueraded to the node's address by
+    # kube-proxy's rules, has kubelet's source address and port but no socket of the node.
+    outside = f"{sb.layout.netns_prefix}outside"
+    topology.create_netns(outside)
+    for argv in (["ip", "-n", sb.node_netns, "link", "add", "vout", "type", "veth", "peer", "name", "eth0",
+                  "netns", outside],
+                 ["ip", "-n", sb.node_netns, "addr", "add", "192.0.2.1/24", "dev", "vout"],
+                 ["ip", "-n", sb.node_netns, "link", "set", "vout", "up"],
+                 ["ip", "-n", outside, "addr", "add", "192.0.2.2/24", "dev", "eth0"],
+                 ["ip", "-n", outside, "link", "set", "eth0", "up"]):
+        subprocess.run(argv, check=True, capture_output=True)
+    nodeport = (f"table ip nodeport {{\n chain pre {{\n  type nat hook prerouting priority dstnat;\n"
+                f"  ip daddr 192.0.2.1 tcp dport 30080 dnat to {client.ip}:{PORT}\n }}\n"
+                f" chain post {{\n  type nat hook postrouting priority srcnat;\n"
+                f"  ip saddr 192.0.2.2 snat to {NODE_IP}\n }}\n}}\n")
+    subprocess.run(["ip", "netns", "exec", sb.node_netns, "nft", "-f", "-"], input=nodeport, text=True, check=True)
+    proc = sb.spawn(outside, sb.layout.system_cgroup(sb.node),
+                    [sys.executable, "-m", "nodeagent.bench.probe", "connect", "192.0.2.1:30080", "--count", "2",
+                     "--timeout", f"{scaled(3):g}"], stdout=subprocess.PIPE, text=True)
+    assert json.loads(proc.communicate(timeout=scaled(120))[0])["errors"] == {"reset": 2}  # STRICT, not a probe
     assert counters(sb)["probe_connections_total"] == 3
-    assert counters(sb)["inbound_connections_total"] == 7
+    assert counters(sb)["inbound_connections_total"] == 9

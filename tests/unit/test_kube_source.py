@@ -61,6 +61,8 @@ spec:
     ports: [{name: http, containerPort: 8080}]
     readinessProbe: {httpGet: {path: /ready, port: http, scheme: HTTP}, periodSeconds: 3}
     livenessProbe: {exec: {command: [cat, /tmp/ok]}}
+  initContainers:
+  - {name: sidecar, image: proxy, restartPolicy: Always, startupProbe: {tcpSocket: {port: 15021}, periodSeconds: 1}}
 status: {phase: Running, podIP: 10.244.1.7, podIPs: [{ip: 10.244.1.7}, {ip: "fd00::7"}], hostIP: 172.30.0.2,
          conditions: [{type: Ready, status: "True"}]}
 ---
@@ -148,7 +150,8 @@ def test_a_pod_keeps_only_what_the_model_reads_and_builds_the_same_pod():
     kept = trimmed(KIND["Pod"], doc)
     assert kept["spec"] == {"nodeName": "n1", "serviceAccountName": "web",
                             "containers": [{"name": "main", "ports": [{"name": "http", "containerPort": 8080}],
-                                            "readinessProbe": {"httpGet": {"port": "http"}}, "livenessProbe": {}}]}
+                                            "readinessProbe": {"httpGet": {"port": "http"}}, "livenessProbe": {}}],
+                            "initContainers": [{"name": "sidecar", "startupProbe": {"tcpSocket": {"port": 15021}}}]}
     assert kept["status"] == {"phase": "Running", "podIP": "10.244.1.7",
                               "podIPs": [{"ip": "10.244.1.7"}, {"ip": "fd00::7"}]}
     assert "managedFields" not in kept["metadata"] and kept["metadata"]["resourceVersion"] == "11"

@@ -279,9 +279,16 @@ spec:
     ports: [{name: metrics, containerPort: 9090}]
     readinessProbe: {httpGet: {port: admin}}
     livenessProbe: {exec: {command: ["true"]}}
+  initContainers:
+  - name: proxy
+    restartPolicy: Always
+    ports: [{name: health, containerPort: 15021}]
+    startupProbe: {httpGet: {port: health}}
+    readinessProbe: {tcpSocket: {port: "٨٠"}}
 """, "probes.yaml")
-    # `admin` is the first container's name, not the side car's: that probe never connects
-    assert Model.build(objs).pods[("shop", "p")].probe_ports == frozenset({8080, 9000, 7070})
+    # `admin` is the first container's name, not the side car's: that probe never connects;
+    # a native sidecar's probes count; non-ASCII digits are a name, and no port's
+    assert Model.build(objs).pods[("shop", "p")].probe_ports == frozenset({8080, 9000, 7070, 15021})
 
 
 def test_host_network_must_be_a_boolean():

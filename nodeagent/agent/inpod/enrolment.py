@@ -232,6 +232,11 @@ class Enroller:
             pod = model.pods.get((e.wanted.namespace, e.wanted.name))
             if pod is not None and pod.uid == e.wanted.uid:  # not a new pod of the same name (a
                 e.ctx.pod = pod  # StatefulSet's): its labels and account are not this netns's
+            source = inpod.source_towards(e.wanted.ip)  # the node's routes may have changed
+            if source != e.ctx.node_source:
+                self.log.info("pod %s: the node reaches it from %s (was %s): kubelet's probes are told by that",
+                              e.ctx, source or "no address", e.ctx.node_source or "no address")
+                e.ctx.node_source = source
 
     def remove_stale(self, model: Model) -> list[int]:
         """Drop capture state of netns cookies no enrolled pod owns, left by a previous

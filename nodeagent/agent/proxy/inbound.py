@@ -22,6 +22,7 @@ import logging
 import socket
 from contextlib import ExitStack
 
+from nodeagent import sockdiag
 from nodeagent.addresses import unmapped
 from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, admit
@@ -66,8 +67,7 @@ class InboundRelay(Relay):
             return
         flow = open_flow(self.inputs, ctx, src, dst, None, PLAINTEXT)
         conn = Connection(src[0], None, None, ctx.pod, dst[0], dst[1])
-        probe = (dst[1] in ctx.pod.probe_ports and ctx.node_source is not None
-                 and str(unmapped(ipaddress.ip_address(src[0]))) == ctx.node_source)
+        probe = self._probe(ctx, src, dst)
         if probe:
             self.metrics.probes.inc()
         admission = admit(self.inputs.policies.current, self.inputs.waypoint, conn, plaintext=True, probe=probe)
@@ -90,6 +90,18 @@ class InboundRelay(Relay):
                 return
             self.log.debug("inbound %s:%d -> %s %s:%d", src[0], src[1], ctx, dst[0], dst[1])
             await relay_delivered(self.inputs, flow, entry, client, upstream)
+
+    @staticmethod
+    def _probe(ctx: PodContext, src: tuple[str, int], dst: tuple[str, int]) -> bool:
+        """Whether the connection from `src` is kubelet's probe: to a port the pod's
+        probes name, from the address the node routes to the pod from, and made by a
+        socket of the node itself (its netns is the agent's). The address alone is not
+        enough: kube-proxy's masquerade gives a NodePort or LoadBalancer client from
+        anywhere that same source, and on a bridge a pod with NET_RAW can claim it."""
+        if dst[1] not in ctx.pod.probe_ports or ctx.node_source is None:
+            return False
+        source = str(unmapped(ipaddress.ip_address(src[0])))
+        return source == ctx.node_source and sockdiag.connected_here((source, src[1]), (ctx.pod.ip, dst[1]))
 
     async def _through_waypoint(self, ctx: PodContext, client, flow: Flow, conn: Connection,
                                 admission: Admission) -> None:
