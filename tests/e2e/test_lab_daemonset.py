@@ -74,6 +74,7 @@ spec:
     image: nodeagent-lab/echo
     command: [nodeagent, lab, echo, --port, "8080", --quiet]
     ports: [{containerPort: 8080, name: http}]
+    readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
 ---
 apiVersion: v1
 kind: Pod
@@ -310,6 +311,41 @@ def test_an_authorization_policy_applied_with_kubectl_is_enforced_and_lifted_by_
         assert all(ok for _, ok in pinger.since(lifted))
     finally:
         pinger.stop()
+
+
+STRICT = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"""
+
+
+def test_strict_keeps_the_probed_pod_ready_and_its_service_answering(mesh: Lab):
+    """kubelet's readiness probe of web is plaintext from kn2: STRICT refused it, the pod
+    went unready and left its Service. Now the agent delivers the node's own connections
+    to the probe port: web stays Ready through probes made under STRICT, and the client
+    still reaches it over the mesh."""
+    def web() -> dict:
+        return next(p for p in get(mesh, "pods", "-n", "shop")["items"] if p["metadata"]["name"] == "web")
+
+    def probes() -> float:
+        return (agent_status(mesh, "kn2") or {}).get("counters", {}).get("probe_connections_total", 0.0)
+
+    since = next(c["lastTransitionTime"] for c in web()["status"]["conditions"] if c["type"] == "Ready")
+    assert ready(web())
+    kubectl(mesh, "apply", "-f", "-", input=STRICT)
+    try:
+        poll(lambda: "PeerAuthentication shop/default" in (agent_status(mesh, "kn2") or {}).get(
+            "policy", {}).get("resources", {}), "STRICT in force on kn2", 60)
+        before = probes()
+        poll(lambda: probes() >= before + 3, "three probes of web under STRICT", 60)
+        pod = web()
+        assert ready(pod) and next(c["lastTransitionTime"] for c in pod["status"]["conditions"]
+                                   if c["type"] == "Ready") == since, pod["status"]
+        assert request(mesh, "/", 5)["codes"] == {"200": 5}  # over HBONE: STRICT admits it
+    finally:
+        kubectl(mesh, "delete", "peerauthentications.security.istio.io", "default", "-n", "shop")
 
 
 def test_an_invalid_virtual_service_is_refused_and_the_last_good_config_stays(mesh: Lab):

@@ -49,8 +49,8 @@ def admit(policies: PolicySet, waypoint: WaypointHandle, conn: Connection, plain
     """The route of `conn` under `policies` and the waypoint's steering. PeerAuthentication
     is checked first and by the agent even for a port behind the waypoint (Envoy gets no
     say about plaintext); AuthorizationPolicy is the waypoint's there, else the agent's.
-    A `probe` (plaintext from the node's own address to a port the pod's probes name:
-    kubelet's) is delivered around both, as Istio's ambient mode lets kubelet's probes
+    A `probe` (plaintext from a socket of the node to a port the pod's probes name:
+    kubelet's; inbound.py tells) is delivered around both, as Istio's ambient mode lets kubelet's probes
     past ztunnel: else STRICT or an ALLOW would fail every probe and take the pod out of
     its Services."""
     if probe and plaintext:

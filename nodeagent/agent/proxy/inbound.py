@@ -5,8 +5,9 @@ agent's in-pod listener (0.0.0.0:15006), delivered to the app as the HBONE serve
 The accepted socket's local address is the original destination. Policy first, read at
 accept time (so a change applies to the next connection): PeerAuthentication STRICT on
 that port refuses plaintext; otherwise AuthorizationPolicy decides with no principal.
-kubelet's probes (plaintext from the node's own address, as routed at enrolment, to a
-port the pod's probes name) are delivered around both, as Istio's ambient mode does.
+kubelet's probes (plaintext to a port the pod's probes name, from the address the node
+routes to the pod from, by a socket of the node itself) are delivered around both, as
+Istio's ambient mode does.
 A refused connection is reset and reported (`DENY`). An allowed one is delivered from
 inside the pod netns over loopback, with a transparent socket bound to the client's IP,
 so the app sees the real client address; the pod's policy routing (podrouting.py)
