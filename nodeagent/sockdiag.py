@@ -36,6 +36,8 @@ NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 INET_DIAG_SKMEMINFO = 7
 TCP_LISTEN = 10
+TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2 = 1, 4, 5
+CLIENT_STATES = (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2)  # open, or closed by its side only
 ALL_BUT_LISTEN = 0xFFFFFFFF & ~(1 << TCP_LISTEN)
 NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 REQ = struct.Struct("=BBBxI")  # family, protocol, ext, (pad), states; then the sockid
@@ -59,31 +61,59 @@ class Holder(NamedTuple):
 
 
 def connected_here(local: tuple[str, int], remote: tuple[str, int]) -> bool:
-    """Whether this thread's netns holds a TCP socket connected from `local` to `remote`,
-    in any state but listening (TIME_WAIT too: a probe that closed at once): a socket of
-    this node, not a connection that only passes through it (forwarded, NATed). One
-    exact lookup; the kernel answers a listener of `local` when no connection matches,
-    which is no answer here."""
+    """Whether this thread's netns holds a TCP client socket connected from `local` to
+    `remote` and still open: a socket of this node, not a connection that only passes
+    through it (forwarded, NATed). What does not count, as each was a way past a check
+    that only asked whether some socket had the addresses: a socket in TIME_WAIT (the
+    client's connection being admitted holds the 4-tuple on the far side until it
+    closes, so a TIME_WAIT one is an earlier connection's, whose tuple a spoofer may
+    take again), a listener (which the kernel answers when no connection matches), and a
+    socket this node accepted (a spoofer that reaches a listener of the node with the
+    far side's address as its source makes one; its local port is a listener's, or not
+    an ephemeral one)."""
     family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+    low, high = _ephemeral_ports()
+    if not low <= local[1] <= high:
+        return False
+    if _lookup(family, local, remote, lambda state, tuple_: state in CLIENT_STATES and tuple_ == (local, remote)):
+        return not _lookup(family, local, ("::" if family == socket.AF_INET6 else "0.0.0.0", 0),
+                           lambda state, _: state == TCP_LISTEN)
+    return False
 
+
+def _lookup(family: int, local: tuple[str, int], remote: tuple[str, int], accept) -> bool:
+    """One exact inet_diag lookup in this thread's netns; whether its answer (the socket
+    with that 4-tuple, else a listener of `local`) passes `accept(state, (local, remote))`."""
     def packed(ip: str) -> bytes:
         raw = socket.inet_pton(family, ip)
         return raw + bytes(16 - len(raw))
 
+    def address(raw: bytes) -> str:
+        return socket.inet_ntop(family, raw[:4] if family == socket.AF_INET else raw)
+
     sockid = SOCKID.pack(local[1], remote[1], packed(local[0]), packed(remote[0]), 0, b"\xff" * 8)
     try:
         with _netlink(None) as nl:
+            nl.settimeout(1.0)  # answered within send(); never a wait on the loop
             answers = list(_ask(nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST,
                                 REQ.pack(family, socket.IPPROTO_TCP, 0, ALL_BUT_LISTEN) + sockid))
     except OSError:
-        return False  # ENOENT: no such socket
+        return False  # ENOENT: no such socket (or no answer)
     for payload in answers:
-        state = payload[1]
         sport, dport, src, dst, _, _ = SOCKID.unpack_from(payload, MSG.size)
-        if state != TCP_LISTEN and (sport, dport, src, dst) == (local[1], remote[1], packed(local[0]),
-                                                                  packed(remote[0])):
+        if accept(payload[1], ((address(src), sport), (address(dst), dport))):
             return True
     return False
+
+
+def _ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """This netns's ephemeral port range (its IPv4 sysctl applies to IPv6 too)."""
+    try:
+        with open(path) as f:
+            low, high = (int(n) for n in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 1, 0  # unreadable: no port is one
 
 
 def own_sockets(proc: str = "/proc/self/fd") -> dict[int, int]:
