@@ -72,6 +72,7 @@ class Pod:
     # The ports kubelet probes (containers' readiness, liveness and startup probes: httpGet,
     # tcpSocket, grpc), which take plaintext from the node around the mesh (admission.py).
     probe_ports: frozenset[int] = frozenset()
+    terminating: bool = False  # metadata.deletionTimestamp is set: on its way out, its IP soon another's
 
     @property
     def key(self) -> tuple[str, str]:
@@ -217,13 +218,18 @@ class Model:
     def _pods_by_ip(self) -> dict[str, Pod]:
         """The pod an IP reaches: never a finished pod (a completed Job's IP, reused by a
         meshed pod, would send that pod's clients plaintext) nor a hostNetwork pod (the
-        node's IP); of live pods claiming one IP, a Running one, else the first found."""
+        node's IP); of live pods claiming one IP, a Running one not being deleted, then a
+        Running one, else the first found (a pod deleted with a finalizer left, or on a
+        node that went away, can keep phase Running after its IP went to a new pod)."""
+        def rank(pod: Pod) -> tuple[bool, bool]:
+            return (pod.phase == "Running", not pod.terminating)
+
         index: dict[str, Pod] = {}
         for pod in self.pods.values():
             if not pod.ip or pod.host_network or pod.phase in TERMINATED:
                 continue
             held = index.get(pod.ip)
-            if held is None or (pod.phase == "Running" and held.phase != "Running"):
+            if held is None or rank(pod) > rank(held):
                 index[pod.ip] = pod
         for pod in self.pods.values():  # a dual-stack pod's other address: never one a pod has as its own
             if pod.ip and not pod.host_network and pod.phase not in TERMINATED:
@@ -287,6 +293,7 @@ def _pod(obj: KubeObject) -> Pod:
         host_network=_flag(spec.get("hostNetwork"), where, "spec.hostNetwork"),
         other_ips=_other_ips(status, where),
         probe_ports=_probe_ports(spec, where),
+        terminating=bool((obj.body.get("metadata") or {}).get("deletionTimestamp")),
     )
 
 

@@ -135,7 +135,7 @@ def trimmed(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
         return {**body, "metadata": meta}
     spec, status = body.get("spec") or {}, body.get("status") or {}
     spec = spec if isinstance(spec, dict) else {}
-    keep_meta = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences",
+    keep_meta = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences", "deletionTimestamp",
                  "creationTimestamp", "resourceVersion")
     kept = {k: meta[k] for k in keep_meta if k in meta}
     if isinstance(kept.get("annotations"), dict):  # only those read: every pod of the cluster is kept

@@ -214,6 +214,18 @@ kind: Pod
 metadata: {name: alone-pending, namespace: mesh}
 spec: {nodeName: n1}
 status: {phase: Pending, podIP: 10.244.0.8}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stuck-deleting, namespace: mesh, deletionTimestamp: "2026-12-07T05:00:00Z", finalizers: [x/y]}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: 10.244.0.9}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: new-owner, namespace: mesh}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: 10.244.0.9}
 """
 
 
@@ -222,7 +234,7 @@ def test_an_ip_is_a_live_pod_network_pods_a_running_one_first():
     hostNetwork pod has the node's IP: neither answers for the address (the meshed pod now
     there would be reached in plaintext). Live pods on one IP: the Running one."""
     model = Model.build(parse_documents(REUSED_IPS, "ips.yaml"))
-    assert len(model.pods) == 7  # every pod is in the model; the index is what changes
+    assert len(model.pods) == 9  # every pod is in the model; the index is what changes
     assert model.pods[("mesh", "node-exporter")].host_network is True
     assert model.pods[("mesh", "api")].host_network is False
     assert model.pod_by_ip("10.244.0.5").name == "web"  # not the Succeeded Job pod listed before it
@@ -230,6 +242,9 @@ def test_an_ip_is_a_live_pod_network_pods_a_running_one_first():
     assert model.pod_by_ip("172.30.0.2") is None  # the node's address, not the pod's
     assert model.pod_by_ip("10.244.0.7").name == "api"  # Running before Pending, whatever the order
     assert model.pod_by_ip("10.244.0.8").name == "alone-pending"  # a live pod alone still answers
+    # both Running: the one not being deleted (a finalizer kept the other, its IP reused)
+    assert model.pod_by_ip("10.244.0.9").name == "new-owner"
+    assert model.pods[("mesh", "stuck-deleting")].terminating and not model.pods[("mesh", "new-owner")].terminating
 
 
 DUAL_STACK = """
