@@ -174,6 +174,24 @@ class NoPodsResolver:
         pass
 
 
+def test_a_pending_pod_without_netns_is_tried_again_at_once_when_it_runs():
+    """The lab gives a pod its IP while Pending, before it has a process: the attempt
+    finds no netns and backs off, and the pod's move to Running is worth a try at once
+    (else its enrolment lagged up to the backoff's 2 s behind its start)."""
+    now = [100.0]
+    resolver = NoPodsResolver()
+    enroller = Enroller(node=NODE, capture=None, resolver=resolver, ports=Ports(15001, 15006, 15008),
+                        handlers=Handlers(None, None, None), delivery_mark=0x1539,
+                        metrics=AgentMetrics(CollectorRegistry()), log=logging.getLogger("test"),
+                        clock=lambda: now[0])
+    pending = model(ns("app"), pod("a", phase="Pending"))
+    asyncio.run(enroller.reconcile(pending))
+    asyncio.run(enroller.reconcile(pending))  # nothing changed, backing off: not asked again
+    assert resolver.asked == [["uid-a"]] and enroller.failures["uid-a"].phase == "Pending"
+    asyncio.run(enroller.reconcile(model(ns("app"), pod("a"))))  # Running now, still within the backoff
+    assert resolver.asked == [["uid-a"], ["uid-a"]]
+
+
 def test_pod_without_netns_is_retried_with_backoff_and_shown():
     now = [100.0]
     resolver = NoPodsResolver()

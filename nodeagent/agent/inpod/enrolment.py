@@ -2,7 +2,7 @@
 
 `plan()` is the decision as a pure function: model + node + what is enrolled now ->
 pods to enrol, to update (excluded ports changed), to remove, and meshed pods that must
-wait (no IP, no UID, not Running). `Enroller` carries the plan out. Enrolling a pod:
+wait (no IP, no UID, neither Pending nor Running). `Enroller` carries the plan out. Enrolling a pod:
 find its netns, install its delivery routing, open its in-pod listeners, then add its
 netns cookie to the capture map and steer its inbound traffic — listeners first, so a
 captured connect never finds nobody listening. Removal is the reverse; the routing goes
@@ -103,7 +103,8 @@ def wanted_pods(model: Model, node: str) -> tuple[dict[str, Wanted], list[Waitin
 
 
 def plan(model: Model, node: str, current: Mapping[str, Wanted]) -> Plan:
-    """Decide what to change so exactly the meshed, Running local pods are enrolled."""
+    """Decide what to change so exactly the meshed local pods with an IP, Pending or
+    Running, are enrolled."""
     wanted, waiting = wanted_pods(model, node)
     enrol, update, remove = [], [], []
     for uid, have in current.items():
@@ -146,6 +147,7 @@ class Failure:
     retry_at: float = 0.0
     adopted_cookie: int | None = None  # its netns was captured already (by the agent before this one)
     refused_cookie: int | None = None  # its inbound is refused in that netns until it is enrolled
+    phase: str = ""  # the pod's when no netns was found: a change (Pending to Running) is worth a try at once
 
     @property
     def blocks_readiness(self) -> bool:
@@ -213,7 +215,7 @@ class Enroller:
             if uid not in wanted_uids:
                 self._stop_refusing(self.failures.pop(uid))
         now = self.clock()
-        due = [w for w in p.enrol if self.failures.get(w.uid) is None or self.failures[w.uid].retry_at <= now]
+        due = [w for w in p.enrol if self._due(w, model, now)]
         found = self.resolver.resolve_many([w.uid for w in due], {w.uid: w.ip for w in due}) if due else {}
         for w in due:
             self._enrol(w, model.pods[(w.namespace, w.name)], found[w.uid])
@@ -221,6 +223,16 @@ class Enroller:
         self.waiting = p.waiting
         self.metrics.enrolled.set(len(self.enrolled))
         return p
+
+    def _due(self, want: Wanted, model: Model, now: float) -> bool:
+        """Whether to try `want` now: never tried, its backoff over, or its pod's phase
+        changed since it failed (the netns of a pod that had its IP while Pending, which
+        the lab's pods have before they start, is there once it runs)."""
+        failure = self.failures.get(want.uid)
+        if failure is None or failure.retry_at <= now:
+            return True
+        pod = model.pods.get((want.namespace, want.name))
+        return bool(failure.phase) and pod is not None and pod.phase != failure.phase
 
     def refresh(self, model: Model) -> None:
         """The enrolled pods as `model` has them (labels...), which admission and the relays
@@ -257,7 +269,7 @@ class Enroller:
 
     # --- enrol ----------------------------------------------------------------------
     def _retry_later(self, want: Wanted, reason: str, adopted_cookie: int | None = None,
-                     refused_cookie: int | None = None) -> tuple[int, float]:
+                     refused_cookie: int | None = None, phase: str = "") -> tuple[int, float]:
         """Record a failed attempt at `want`: its number in a row and the delay before the next."""
         prev = self.failures.get(want.uid)
         attempts = (prev.attempts if prev else 0) + 1
@@ -265,12 +277,12 @@ class Enroller:
         if refused_cookie is None and prev is not None:
             refused_cookie = prev.refused_cookie  # still refused (an attempt that found no netns)
         self.failures[want.uid] = Failure(want, reason, attempts, self.clock() + delay, adopted_cookie,
-                                          refused_cookie)
+                                          refused_cookie, phase)
         return attempts, delay
 
     def _failed(self, want: Wanted, reason: str, metric: str, adopted_cookie: int | None = None,
-                refused_cookie: int | None = None) -> None:
-        attempts, delay = self._retry_later(want, reason, adopted_cookie, refused_cookie)
+                refused_cookie: int | None = None, phase: str = "") -> None:
+        attempts, delay = self._retry_later(want, reason, adopted_cookie, refused_cookie, phase)
         self.metrics.enrol_errors.labels(reason=metric).inc()
         # A pod just starting is normal; one that stays unfindable is worth a warning a minute.
         loud = metric != "netns_not_found" or attempts == 5 or attempts % 30 == 5
@@ -280,7 +292,8 @@ class Enroller:
 
     def _enrol(self, want: Wanted, pod: Pod, found: PodNetns | NetnsError) -> None:
         if isinstance(found, NetnsError):
-            self._failed(want, str(found), "netns_not_found" if isinstance(found, PodNotFound) else "netns_error")
+            self._failed(want, str(found), "netns_not_found" if isinstance(found, PodNotFound) else "netns_error",
+                         phase=pod.phase)
             return
         ctx = PodContext(pod, os.dup(found.fd), found.cookie, node_source=inpod.source_towards(want.ip))
         listeners: list[InPodListener] = []
