@@ -288,3 +288,31 @@ def test_a_pod_that_goes_leaves_the_capture_entries_another_pod_holds():
     assert capture.named("unsteer_inbound")[1:] == [("unsteer_inbound", 7, []), ("unsteer_inbound", 7, [])]
     enroller._stop_refusing(enroller.failures.pop("uid-b2"))  # the last to hold it
     assert capture.named("unsteer_inbound")[-1] == ("unsteer_inbound", 8, [b.ip])
+
+
+def test_the_address_the_node_reaches_a_pod_from_is_reread_at_most_every_ten_seconds(monkeypatch):
+    """kubelet's probes are told by it (inbound.py); the routes rarely change, and a model
+    change can come many times a second: one UDP connect per enrolled pod per refresh
+    would cost the agent a share of a CPU on a busy cluster."""
+    from nodeagent.agent.inpod import sockets as inpod
+    from nodeagent.agent.inpod.enrolment import SOURCES_EVERY, Enrolment
+    from nodeagent.agent.inpod.sockets import PodContext
+
+    asked, answer, now = [], ["10.0.0.1"], [100.0]
+    monkeypatch.setattr(inpod, "source_towards", lambda ip: asked.append(ip) or answer[0])
+    enroller = Enroller(node=NODE, capture=None, resolver=None, ports=Ports(15001, 15006, 15008),
+                        handlers=Handlers(None, None, None), delivery_mark=0x1539,
+                        metrics=AgentMetrics(CollectorRegistry()), log=logging.getLogger("test"),
+                        clock=lambda: now[0])
+    m = model(ns("app"), pod("a"))
+    ctx = PodContext(m.pods[("app", "a")], -1, 7, node_source="10.0.0.9")
+    enroller.enrolled["uid-a"] = Enrolment(Wanted.of(ctx.pod), ctx, 1, [], 0.0)
+    enroller.refresh(m)
+    assert (asked, ctx.node_source) == (["10.244.1.2"], "10.0.0.1")  # the first refresh reads it
+    answer[0] = "10.0.0.2"
+    now[0] += SOURCES_EVERY - 0.1
+    enroller.refresh(m)
+    assert (len(asked), ctx.node_source) == (1, "10.0.0.1")
+    now[0] += 0.1
+    enroller.refresh(m)
+    assert (len(asked), ctx.node_source) == (2, "10.0.0.2")

@@ -35,6 +35,9 @@ from nodeagent.netns import NetnsError
 RETRY = Backoff(first=0.1, maximum=2.0)  # between attempts to enrol (or update) a failing pod
 
 
+SOURCES_EVERY = 10.0  # seconds between two re-reads of the address the node reaches each pod from
+
+
 @dataclass(frozen=True)
 class Wanted:
     """What enrolment of one pod depends on; a change here means re-doing some of it."""
@@ -198,6 +201,7 @@ class Enroller:
 
     def __post_init__(self) -> None:
         self.accept_failures = AcceptFailures(self.log, self.metrics.failure, self.clock)  # all pods' listeners
+        self._sources_at = float("-inf")  # when refresh last re-read the node's source address per pod
 
     # --- reconcile ------------------------------------------------------------------
     def retry_due(self) -> bool:
@@ -240,10 +244,16 @@ class Enroller:
         pod relabelled into a DENY's or a STRICT PeerAuthentication's selector is re-checked
         with its new labels (refreshed only by the reconcile after it, it was not re-checked
         at all, and routes given meanwhile carried the old labels' decision)."""
+        now = self.clock()
+        sources = now - self._sources_at >= SOURCES_EVERY  # a model change can come many times a second
+        if sources:
+            self._sources_at = now
         for e in self.enrolled.values():
             pod = model.pods.get((e.wanted.namespace, e.wanted.name))
             if pod is not None and pod.uid == e.wanted.uid:  # not a new pod of the same name (a
                 e.ctx.pod = pod  # StatefulSet's): its labels and account are not this netns's
+            if not sources:
+                continue
             source = inpod.source_towards(e.wanted.ip)  # the node's routes may have changed
             if source != e.ctx.node_source:
                 self.log.info("pod %s: the node reaches it from %s (was %s): kubelet's probes are told by that",
