@@ -79,6 +79,11 @@ class Pod:
         return (self.namespace, self.name)
 
     @property
+    def ips(self) -> tuple[str, ...]:
+        """status.podIP, then a dual-stack pod's other addresses."""
+        return (self.ip, *self.other_ips) if self.ip else ()
+
+    @property
     def workload_name(self) -> str:
         return self.workload or self.name
 

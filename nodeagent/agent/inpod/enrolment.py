@@ -269,8 +269,7 @@ class Enroller:
         ours = {e.ctx.cookie for e in self.enrolled.values()}
         ours |= {f.adopted_cookie for f in self.failures.values() if f.adopted_cookie is not None}  # kept, retried
         stale = sorted(set(self.capture.enrolled_netns()) - ours)
-        loose = sorted({ip for p in model.pods_on_node(self.node) if p.ip for ip in (p.ip, *p.other_ips)}
-                       - self._held())
+        loose = sorted({ip for p in model.pods_on_node(self.node) for ip in p.ips} - self._held())
         for i, cookie in enumerate(stale):
             self.log.info("removing stale capture state of netns cookie %d", cookie)
             self.capture.remove_netns(cookie)

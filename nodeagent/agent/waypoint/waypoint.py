@@ -36,11 +36,11 @@ from nodeagent.agent.inpod.sockets import ACCEPT_PAUSE
 from nodeagent.agent.waypoint.publisher import Publisher, at_once
 from nodeagent.errors import EnvironmentProblem, NodeagentError
 from nodeagent.model import Model, Pod
+from nodeagent.resets import reset
 from nodeagent.throttle import Throttle
 from nodeagent.xds.accesslog import AccessLogPipe, RequestMetrics
 from nodeagent.xds.bootstrap import BootstrapSettings, bootstrap_json
 from nodeagent.xds.cache import SnapshotCache
-from nodeagent.resets import reset
 from nodeagent.xds.dataplane import DataPlane, HandOffs, HeaderReader, ProxyHeader, Sockets
 from nodeagent.xds.envoy import PR_SET_PDEATHSIG, EnvoySupervisor, described, untraversable, writable_parent
 from nodeagent.xds.istio.config import IstioConfig
