@@ -18,12 +18,16 @@ Each round measures every set-up once (their order rotates from round to round) 
 real load generators in the client pod (bench/loadgen.py): wrk -c1 --latency (p50, p99),
 wrk -c16 (requests/s, and the CPU the mesh components used meanwhile: agents and their
 waypoint Envoys, or the two sidecars, from /proc), wrk with `Connection: close` at -c1
-(p50) and -c16 (new connections/s), iperf3 (one stream). Around each set-up the agents'
-and sidecars' own counters are read and the run fails if the traffic did not take the
-set-up's path (direct and envoy: not captured; l4: captured, no waypoint; l7: both
-waypoints; envoy: TLS 1.3 handshakes on the server sidecar). Memory is measured on a
-second lab: RSS of each node's agent and waypoint at N meshed pods per node, against N
-sidecars of the RSS the anchor's sidecars had after their runs. Figures and ratios:
+(p50) and -c16 (new connections/s). One stream's throughput (iperf3) is measured apart:
+at the start of each round and placement, every set-up's back to back, so the ratios of
+throughput compare runs seconds apart, the machine in one state (after the wrk runs,
+its throughput moves by half within a minute, direct's as well). Around each set-up's
+runs the agents' and sidecars' own counters are read and the run fails if the traffic
+did not take the set-up's path (direct and envoy: not captured; l4: captured, no
+waypoint; l7: both waypoints; envoy: requests at the server sidecar's HTTP listener, a
+stream's TLS 1.3 handshakes on its TCP proxy's). Memory is measured on a second lab: RSS
+of each node's agent and waypoint at N meshed pods per node, against N sidecars of the
+RSS the anchor's sidecars had after their runs. Figures and ratios:
 bench/meshreport.py; chart: bench/chart.py.
 """
 
@@ -234,6 +238,11 @@ class Sidecar:
         return sum(int(v) for k, _, v in (line.partition(": ") for line in stats.splitlines())
                    if k.startswith(prefix) and v.strip().isdigit())
 
+    def http_requests(self) -> int:
+        """Requests its inbound HTTP connection manager took (0 for the client sidecar's)."""
+        stats = self.get("/stats?filter=^http\\.inbound_http\\.downstream_rq_total$")
+        return sum(int(v) for _, _, v in (line.partition(": ") for line in stats.splitlines()) if v.strip().isdigit())
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         def missing() -> str | None:
             if self.proc.poll() is not None:
@@ -309,6 +318,7 @@ class Runs:
             out[f"{node}/waypoint_in"] = float(fetch_requests(self.layout.agent_socket(node), "destination"))
         for key, car in self.cars.items():
             out[f"{key}/tls13"] = car.tls13_handshakes()
+            out[f"{key}/http_in"] = car.http_requests()
         return out
 
     def warm_up(self, placement: str, setup: str) -> None:
@@ -325,11 +335,10 @@ class Runs:
         cpu_used = usage.cpu_delta(cpu, usage.cpu_snapshot(roots))
         new_one = wrk(self.pods, t.client, t.url, 1, d, close=True)
         new_many = wrk(self.pods, t.client, t.url, 16, d, close=True)
-        gbps = iperf3(self.pods, t.client, *t.iperf, d)
         after = self.counters()
         path = check_path(placement, setup, {k: after[k] - before[k] for k in after})
         out = {"p50_us": one.p50_us, "p99_us": one.p99_us, "rps": many.rps, "new_p50_us": new_one.p50_us,
-               "cps": new_many.rps, "gbps": gbps,
+               "cps": new_many.rps,
                "cpu_ms_per_1k": cpu_used * 1e3 / many.requests * 1000 if roots else None,
                "requests": {"c1": one.requests, "c16": many.requests, "new_c1": new_one.requests,
                             "new_c16": new_many.requests},
@@ -340,6 +349,15 @@ class Runs:
             out["errors"] += tcp.pop("errors")
             out.update(tcp)
         return out
+
+    def stream(self, placement: str, setup: str) -> float:
+        """One iperf3 stream's Gbit/s, failing if it did not take the set-up's path."""
+        t = self.targets[(placement, setup)]
+        before = self.counters()
+        gbps = iperf3(self.pods, t.client, *t.iperf, self.opts.duration)
+        after = self.counters()
+        check_stream_path(placement, setup, {k: after[k] - before[k] for k in after})
+        return gbps
 
     def tcp_pair(self, placement: str, t: meshlab.Target) -> dict:
         """The anchor's new-connection figures through its TCP proxies (the L4 anchor: a
@@ -369,16 +387,33 @@ def check_path(placement: str, setup: str, delta: dict[str, float]) -> dict[str,
     path = {"captured": int(delta[f"{meshlab.CLIENT_NODE}/captured"]),
             "client_waypoint": int(delta[f"{meshlab.CLIENT_NODE}/waypoint_out"]),
             "server_waypoint": int(delta[f"{node}/waypoint_in"]),
-            "sidecar_tls13": int(delta.get(f"plain/{server}/tls13", 0))}
-    ok = {"direct": path["captured"] == 0 and path["client_waypoint"] == 0 and path["sidecar_tls13"] == 0,
+            "sidecar_requests": int(delta.get(f"plain/{server}/http_in", 0))}
+    ok = {"direct": path["captured"] == 0 and path["client_waypoint"] == 0 and path["sidecar_requests"] == 0,
           "l4": path["captured"] > 0 and path["client_waypoint"] == 0 and path["server_waypoint"] == 0,
           "l7": path["client_waypoint"] > 0 and path["server_waypoint"] > 0,
           "l7s": path["captured"] > 0 and path["client_waypoint"] == 0 and path["server_waypoint"] > 0,
-          "envoy": path["captured"] == 0 and path["sidecar_tls13"] > 0}[setup]
+          "envoy": path["captured"] == 0 and path["sidecar_requests"] > 0}[setup]
     if not ok:
         raise NodeagentError(f"the {setup} set-up ({placement}) did not take its path: {path}",
                              "see the agents' status and the sidecars' logs; the figures would not be of it")
     return path
+
+
+def check_stream_path(placement: str, setup: str, delta: dict[str, float]) -> None:
+    """check_path for an iperf3 run: its port is L4 at the server node (no server waypoint
+    takes it), through the client node's waypoint's tcp_proxy in l7."""
+    server, _node = meshlab.PLACEMENT_SERVER[placement]
+    captured = delta[f"{meshlab.CLIENT_NODE}/captured"]
+    client_waypoint = delta[f"{meshlab.CLIENT_NODE}/waypoint_out"]
+    tls = delta.get(f"plain/{server}/tls13", 0)
+    ok = {"direct": captured == 0 and client_waypoint == 0 and tls == 0,
+          "l4": captured > 0 and client_waypoint == 0, "l7s": captured > 0 and client_waypoint == 0,
+          "l7": captured > 0 and client_waypoint > 0,
+          "envoy": captured == 0 and tls > 0}[setup]
+    if not ok:
+        raise NodeagentError(f"the {setup} set-up's stream ({placement}) did not take its path: captured "
+                             f"{captured:.0f}, client waypoint {client_waypoint:.0f}, sidecar handshakes {tls:.0f}",
+                             "see the agents' status and the sidecars' logs; the figures would not be of it")
 
 
 # --- the whole run -------------------------------------------------------------------------
@@ -396,12 +431,19 @@ def measure(runs: Runs, opts: Options, progress: Progress) -> dict[str, dict[str
     out = {p: {s: [] for s in meshreport.SETUPS} for p in meshreport.PLACEMENTS}
     for r in range(opts.rounds):
         for placement in meshreport.PLACEMENTS:
-            for setup in rotated(meshreport.SETUPS, r):
+            order = rotated(meshreport.SETUPS, r)
+            streams = {}
+            for setup in order:
+                streams[setup] = runs.stream(placement, setup)
+            progress(f"round {r + 1}/{opts.rounds} {placement}-node one stream: "
+                     + ", ".join(f"{meshreport.SETUP_TITLES[s].lower()} {streams[s]:.2f}" for s in order) + " Gbit/s")
+            for setup in order:
                 cell = runs.cell(placement, setup)
+                cell["gbps"] = streams[setup]
                 out[placement][setup].append(cell)
                 progress(f"round {r + 1}/{opts.rounds} {placement}-node {meshreport.SETUP_TITLES[setup].lower()}: "
                          f"p50 {cell['p50_us']:.0f} us, {cell['rps']:.0f} req/s, {cell['cps']:.0f} conn/s, "
-                         f"{cell['gbps']:.2f} Gbit/s, path {cell['path']}")
+                         f"path {cell['path']}")
     return out
 
 

@@ -76,7 +76,7 @@ def test_each_set_up_took_its_path(run):
     _, _, result, _ = run
     for placement, data in result["placements"].items():
         for r in data["rounds"]["direct"]:
-            assert (r["path"]["captured"], r["path"]["client_waypoint"], r["path"]["sidecar_tls13"]) == (0, 0, 0)
+            assert (r["path"]["captured"], r["path"]["client_waypoint"], r["path"]["sidecar_requests"]) == (0, 0, 0)
         for r in data["rounds"]["l4"]:
             assert r["path"]["captured"] > 0 and (r["path"]["client_waypoint"], r["path"]["server_waypoint"]) == (0, 0)
         for r in data["rounds"]["l7"]:
@@ -84,7 +84,8 @@ def test_each_set_up_took_its_path(run):
         for r in data["rounds"]["l7s"]:
             assert r["path"]["captured"] > 0 and r["path"]["client_waypoint"] == 0 and r["path"]["server_waypoint"] > 0
         for r in data["rounds"]["envoy"]:
-            assert r["path"]["captured"] == 0 and r["path"]["sidecar_tls13"] > 0
+            # every request wrk counted reached the server sidecar's HTTP listener
+            assert r["path"]["captured"] == 0 and r["path"]["sidecar_requests"] >= sum(r["requests"].values()) > 0
             # the L4 anchor: one mTLS handshake per connection through the sidecars' TCP proxies
             assert r["tcp_handshakes"] >= sum(r["tcp_requests"].values()) > 0
             assert r["tcp_new_p50_us"] > 0 and r["tcp_cps"] > 0
@@ -155,6 +156,13 @@ def test_progress_and_chart(run):
         for placement in ("cross", "same"):
             for setup in ("direct", "nodeagent l4", "nodeagent l7", "l7 server only", "envoy sidecars"):
                 assert f"round {r}/{ROUNDS} {placement}-node {setup}:" in proc.stderr
+            # every set-up's stream back to back, before the round's wrk runs
+            streams = proc.stderr.index(f"round {r}/{ROUNDS} {placement}-node one stream: ")
+            line = proc.stderr[streams:].splitlines()[0]
+            titles = ("direct", "nodeagent l4", "nodeagent l7", "l7 server only", "envoy sidecars")
+            assert all(f"{s} " in line for s in titles), line
+            assert streams < min(proc.stderr.index(f"round {r}/{ROUNDS} {placement}-node {s}:")
+                                 for s in ("direct", "nodeagent l4", "envoy sidecars"))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
     width, height = struct.unpack("!II", png[16:24])
     assert width == 1200 and height > 600

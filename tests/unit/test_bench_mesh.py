@@ -373,10 +373,12 @@ def test_targets():
     assert all(t[key].tcp_url is None for key in t if key[1] != "envoy")
 
 
-def _delta(captured=0, wp_out=0, wp_in_node2=0, wp_in_node1=0, tls_server=0, tls_local=0):
+def _delta(captured=0, wp_out=0, wp_in_node2=0, wp_in_node1=0, tls_server=0, tls_local=0, rq_server=0,
+           rq_local=0):
     return {"node1/captured": captured, "node1/waypoint_out": wp_out, "node2/waypoint_in": wp_in_node2,
             "node1/waypoint_in": wp_in_node1, "node2/captured": 0, "node2/waypoint_out": 0,
-            "plain/server/tls13": tls_server, "plain/local/tls13": tls_local, "plain/client/tls13": 0}
+            "plain/server/tls13": tls_server, "plain/local/tls13": tls_local, "plain/client/tls13": 0,
+            "plain/server/http_in": rq_server, "plain/local/http_in": rq_local, "plain/client/http_in": 0}
 
 
 @pytest.mark.parametrize("placement, setup, delta", [
@@ -386,8 +388,8 @@ def _delta(captured=0, wp_out=0, wp_in_node2=0, wp_in_node1=0, tls_server=0, tls
     ("same", "l7", _delta(captured=40, wp_out=40, wp_in_node1=3)),
     ("cross", "l7s", _delta(captured=40, wp_in_node2=3)),
     ("same", "l7s", _delta(captured=40, wp_in_node1=3)),
-    ("cross", "envoy", _delta(tls_server=20)),
-    ("same", "envoy", _delta(tls_local=20)),
+    ("cross", "envoy", _delta(rq_server=20)),  # pooled: the HTTP pair makes no new handshake
+    ("same", "envoy", _delta(rq_local=20)),
 ])
 def test_paths_taken(placement, setup, delta):
     path = mesh.check_path(placement, setup, delta)
@@ -401,12 +403,35 @@ def test_paths_taken(placement, setup, delta):
     ("cross", "l7", _delta(captured=40, wp_out=40, wp_in_node1=3)),  # server side on the wrong node
     ("cross", "l7s", _delta(captured=40, wp_out=40, wp_in_node2=3)),  # through the client's waypoint too
     ("cross", "l7s", _delta(captured=40)),  # through no waypoint
-    ("cross", "envoy", _delta(tls_local=20)),  # the other sidecar took it
-    ("same", "envoy", _delta(captured=3, tls_local=20)),
+    ("cross", "direct", _delta(rq_server=1)),  # through the sidecars
+    ("cross", "envoy", _delta(rq_local=20)),  # the other sidecar took it
+    ("cross", "envoy", _delta(tls_server=20)),  # handshakes, no request: not the HTTP pair
+    ("same", "envoy", _delta(captured=3, rq_local=20)),
 ])
 def test_paths_not_taken(placement, setup, delta):
     with pytest.raises(NodeagentError, match=f"the {setup} set-up"):
         mesh.check_path(placement, setup, delta)
+
+
+@pytest.mark.parametrize("placement, setup, delta, ok", [
+    ("cross", "direct", _delta(), True),
+    ("cross", "direct", _delta(captured=2), False),
+    ("cross", "l4", _delta(captured=2), True),
+    ("cross", "l4", _delta(captured=2, wp_out=1), False),  # the stream went through a waypoint
+    ("cross", "l4", _delta(), False),  # not captured
+    ("cross", "l7", _delta(captured=2, wp_out=2), True),  # iperf3's port: the client waypoint's tcp_proxy only
+    ("cross", "l7", _delta(captured=2), False),
+    ("same", "l7s", _delta(captured=2), True),
+    ("cross", "envoy", _delta(tls_server=2), True),
+    ("cross", "envoy", _delta(tls_local=2), False),  # the other sidecar took it
+    ("same", "envoy", _delta(captured=1, tls_local=2), False),
+])
+def test_stream_paths(placement, setup, delta, ok):
+    if ok:
+        mesh.check_stream_path(placement, setup, delta)
+    else:
+        with pytest.raises(NodeagentError, match=f"the {setup} set-up's stream \\({placement}\\)"):
+            mesh.check_stream_path(placement, setup, delta)
 
 
 def test_rotation_options_and_chunks():
