@@ -98,6 +98,7 @@ class ServicePort:
     target_port: int | str
     protocol: str = "TCP"
     name: str = ""
+    app_protocol: str = ""  # spec.ports[].appProtocol: the protocol when set, before the name
 
     def target_on(self, pod: "Pod") -> int | None:
         """The pod's port for this service port: numeric as is, named via the pod's
@@ -425,7 +426,7 @@ def _service_port(p, where: str, field: str) -> ServicePort:
     elif not (isinstance(target, str) and target):  # a named container port
         target = _port(target, where, f"{field}.targetPort")
     return ServicePort(port=port, target_port=target, protocol=str(p.get("protocol") or "TCP"),
-                       name=str(p.get("name") or ""))
+                       name=str(p.get("name") or ""), app_protocol=str(p.get("appProtocol") or ""))
 
 
 def _service(obj: KubeObject) -> Service:

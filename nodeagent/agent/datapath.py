@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Callable
 
 from prometheus_client import CollectorRegistry
@@ -169,7 +170,7 @@ class DataPath:
                 return
             self.jwks.want(uris)
 
-    def _rebuild_waypoint(self, model: Model) -> set[str]:
+    def _rebuild_waypoint(self, model: Model) -> dict[str, timedelta]:
         """In the config thread: the waypoint's snapshot of `model`; the jwksUris its
         configuration needs."""
         self.waypoint.update(model)

@@ -54,7 +54,7 @@ class PolicySet:
                     continue
                 seen.add(key)
                 try:
-                    entries[key] = all_errors(lambda: validate(obj))
+                    entries[key] = all_errors(lambda: validate(obj), resource_name(obj))
                 except ConfigError as err:
                     kept = previous.last_good(*key) if previous is not None else None
                     if kept is not None:

@@ -52,6 +52,8 @@ L4_KEYS = {"source.ip": "net", "remote.ip": "net", "source.namespace": "text",
 L7_KEYS = ("request.auth.principal", "request.auth.audiences", "request.auth.presenter",
            "connection.sni")
 L7_KEY_FAMILIES = ("request.headers[", "request.auth.claims[")
+L7_KEY_NAMES = {"request.headers[": re.compile(r"\[[^\[\]]+\]"),
+                "request.auth.claims[": re.compile(r"(\[[^\[\]]+\])+")}
 IDENTITY_FIELDS = ("principals", "notPrincipals", "namespaces", "notNamespaces")
 
 
@@ -137,8 +139,10 @@ def _key_kind(key: str, field: Field) -> str | None:
         return None
     for family in L7_KEY_FAMILIES:
         if key.startswith(family) or key == family[:-1]:
-            if not key.endswith("]") or len(key) == len(family) + 1:
-                raise field.error(f"{key!r} must name what it reads in brackets",
+            # request.headers[name]; request.auth.claims[a][b] (nested claims). Brackets inside
+            # a name are refused: istiod's parser and ours would read different claims.
+            if not L7_KEY_NAMES[family].fullmatch(key[len(family) - 1:]):
+                raise field.error(f"{key!r} must name what it reads in brackets, without brackets in a name",
                                   f"for example {family}x-user]")
             return None
     raise field.error(f"unknown condition key {key!r}", f"see {CONDITIONS_DOC}")

@@ -53,13 +53,22 @@ def _collecting() -> Iterator[list[ConfigError]]:
         _COLLECTED.reset(token)
 
 
-def all_errors(read: Callable[[], T]) -> T:
-    """read() with every error it finds collected; raises ConfigErrors with all of them."""
+def all_errors(read: Callable[[], T], where: str = "") -> T:
+    """read() with every error it finds collected; raises ConfigErrors with all of them.
+    Any other exception a reader raises (a value no check foresaw: a URL the parser
+    refuses, JSON nested past the recursion limit, a duration past what a timedelta
+    holds) refuses the resource `where` names, as an error of it: one resource the
+    readers choke on must never stop the others from being read (a build that raised
+    kept every policy of the node at its old version, or none after a restart)."""
     with _collecting() as found:
         try:
             value = read()
         except ConfigError as err:
             _record(found, err)
+        except (ArithmeticError, LookupError, RecursionError, TypeError, ValueError) as exc:
+            _record(found, ConfigError(where or "resource", f"cannot be read ({type(exc).__name__}: {exc})",
+                                       "nodeagent's reader failed on a value it did not foresee; the "
+                                       "resource is refused, please report it"))
         errors = list({str(e): e for e in found}.values())  # in the order found, once each
     if errors:
         raise ConfigErrors(errors)

@@ -12,14 +12,13 @@ has no last good version is failclosed.py's. Pure.
 
 from __future__ import annotations
 
-import json
 import re
 from types import MappingProxyType
 from typing import Callable
 from urllib.parse import urlparse
 
 from nodeagent.kube.objects import KubeObject
-from nodeagent.policy import rules as rule_reader
+from nodeagent.policy import jwkset, rules as rule_reader
 from nodeagent.policy.authz import ALLOW, AUDIT, CUSTOM, DENY, AuthorizationPolicy
 from nodeagent.policy.peerauth import MODES, UNSET, PeerAuthentication
 from nodeagent.policy.requestauth import RequestAuthentication
@@ -141,8 +140,12 @@ def _jwt_rule(field: Field) -> str:
     unknown = isinstance(field.value, dict) and not set(field.value) <= set(JWT_FIELDS)
     if not issuer and not uri and not unknown:  # (a misspelt issuer is its own error)
         raise field.error("a JWT rule needs issuer or jwksUri")
-    url = urlparse(uri)
-    if uri and (url.scheme not in ("http", "https") or not url.hostname):
+    try:
+        url = urlparse(uri)
+        hostname = url.hostname  # parses the authority: ValueError for "http://[zz]/"
+    except ValueError as exc:
+        raise j["jwksUri"].error(f"{uri!r} is not a URL ({exc})") from None
+    if uri and (url.scheme not in ("http", "https") or not hostname):
         raise j["jwksUri"].error(f"{uri!r} is not an http(s) URL")
     _jwks(j["jwks"])
     for name in ("audiences", "fromParams", "fromCookies"):
@@ -159,14 +162,10 @@ def _jwt_rule(field: Field) -> str:
 
 def _jwks(field: Field) -> None:
     text = field.string()
-    if not text:
-        return
-    try:
-        keys = json.loads(text)
-    except ValueError:
-        keys = None
-    if not isinstance(keys, dict) or "keys" not in keys:
-        raise field.error("is not a JSON Web Key Set", 'it must be a JSON object with "keys"')
+    if text:
+        problem = jwkset.problem(text, usable_key=False)
+        if problem is not None:
+            raise field.error(problem, jwkset.HINT)
 
 
 def _named_pairs(field: Field, required: tuple[str, ...], optional: tuple[str, ...]) -> None:

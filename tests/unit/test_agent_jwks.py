@@ -33,7 +33,8 @@ from nodeagent.kube.objects import parse_documents
 from nodeagent.model import Model
 from nodeagent.backoff import Backoff
 from nodeagent.errors import ConfigError
-from xds_world import config, doc
+from nodeagent.policy import jwkset
+from xds_world import config, doc, valid
 
 LOG = "test.jwks"
 REFRESH = timedelta(minutes=20)
@@ -178,7 +179,38 @@ jwtRules:
                   "security.istio.io/v1"))
     built = config(yaml)
     assert [e.where for e in built.errors] == ["test.yaml#14 (RequestAuthentication shop/bad) spec.jwtRules[0].jwksUri"]
-    assert jwks_uris(built) == {"https://one.example/keys", "http://two.example/jwks"}
+    assert jwks_uris(built) == {"https://one.example/keys": timedelta(seconds=5), "http://two.example/jwks":
+                                timedelta(seconds=5)}
+
+
+def test_each_uri_is_fetched_within_its_rules_timeout(tmp_path):
+    """jwtRules[].timeout: the longest of the rules naming a URI, istiod's 5 s without one."""
+    built = valid(doc("RequestAuthentication", "a", """
+jwtRules:
+- {issuer: i1, jwksUri: 'https://one.example/keys', timeout: 2s}
+- {issuer: i2, jwksUri: 'https://one.example/keys', timeout: 30s}
+- {issuer: i3, jwksUri: 'https://two.example/keys'}
+- {issuer: i4, jwksUri: 'https://three.example/keys', timeout: 1.5s}
+""", "security.istio.io/v1"))
+    uris = jwks_uris(built)
+    assert uris == {"https://one.example/keys": timedelta(seconds=30), "https://two.example/keys":
+                    timedelta(seconds=5), "https://three.example/keys": timedelta(seconds=1.5)}
+    asked = {}
+
+    def fetch(uri, timeout, max_bytes):
+        asked[uri] = timeout
+        return JWKS1
+
+    world = World(tmp_path, fetch=fetch)
+
+    async def main():
+        world.fetcher.want(uris)
+        await world.attempts(3)
+        assert asked == {"https://one.example/keys": 30.0, "https://two.example/keys": 5.0,
+                         "https://three.example/keys": 1.5}
+        assert world.fetcher.describe()["uris"]["https://three.example/keys"]["timeout_seconds"] == 1.5
+        await world.fetcher.close()
+    run(main())
 
 
 def test_a_new_uri_is_fetched_at_once_into_its_file_and_refreshed(tmp_path, issuer):
@@ -194,7 +226,7 @@ def test_a_new_uri_is_fetched_at_once_into_its_file_and_refreshed(tmp_path, issu
         assert (issuer.hits, world.changes, world.clock.sleeps) == ({"/keys": 1}, 1, [REFRESH.total_seconds()])
         assert world.fetcher.describe() == {
             "directory": str(tmp_path / "jwks"), "refresh_seconds": REFRESH.total_seconds(),
-            "uris": {uri: {"path": str(path), "fetched_at": T0, "failures": 0, "error": None}}}
+            "uris": {uri: {"path": str(path), "fetched_at": T0, "failures": 0, "error": None, "timeout_seconds": 5.0}}}
 
         world.clock.advance(60)
         await world.next_attempt()  # the same keys: nothing to tell
@@ -222,8 +254,11 @@ def test_failures_keep_the_last_good_file_back_off_and_log_each_error_once(tmp_p
         await world.attempts(1)
         failures = [(Answer(500, b"oops"), f"{uri} answered HTTP 500 Internal Server Error"),
                     (Answer(500, b"oops"), f"{uri} answered HTTP 500 Internal Server Error"),
-                    (Answer(body=b"<html>not json</html>"), "cannot read a JWKS from"),
+                    (Answer(body=b"<html>not json</html>"), "is not JSON (JSONDecodeError)"),
                     (Answer(body=b'{"kid": "one"}'), "is not a JSON Web Key Set"),
+                    # a set Envoy would refuse, and with it the node's whole waypoint configuration
+                    (Answer(body=b'{"keys": [{"kty": "RSA", "n": "AQAB"}, {"kty": "EC", "crv": "P-256", '
+                                 b'"x": "AQAB", "y": "AQAB"}]}'), "has no key Envoy can use"),
                     (Answer(body=b" " * 1001 + JWKS1), f"the answer of {uri} is larger than 1000 bytes")]
         for n, (answer, error) in enumerate(failures, start=1):
             issuer.answers["/keys"] = answer
@@ -234,15 +269,15 @@ def test_failures_keep_the_last_good_file_back_off_and_log_each_error_once(tmp_p
             assert error in state["error"]
             assert (path.read_bytes(), world.fetcher.files(), world.changes) == (JWKS1, {uri: str(path)}, 1)
         logged = warnings(caplog)
-        assert len(logged) == 4  # the second 500 was not logged again
+        assert len(logged) == 5  # the second 500 was not logged again
         assert all(f"cannot fetch the JWKS of {uri} (keeping the keys fetched at 2025-06-15T15:06:40+00:00" in m
                    for m in logged)
 
         issuer.answers["/keys"] = Answer()
         await world.next_attempt()
         assert world.fetcher.describe()["uris"][uri] == {
-            "path": str(path), "fetched_at": world.clock.now(), "failures": 0, "error": None}
-        assert (world.clock.sleeps[-1], world.changes, issuer.hits) == (REFRESH.total_seconds(), 1, {"/keys": 7})
+            "path": str(path), "fetched_at": world.clock.now(), "failures": 0, "error": None, "timeout_seconds": 5.0}
+        assert (world.clock.sleeps[-1], world.changes, issuer.hits) == (REFRESH.total_seconds(), 1, {"/keys": 8})
         assert f"JWKS of {uri} fetched again, unchanged" in [r.getMessage() for r in caplog.records]
         assert sorted(os.listdir(tmp_path)) == [path.name]
         await world.fetcher.close()
@@ -261,7 +296,7 @@ def test_no_good_answer_yet_means_no_file(tmp_path, issuer, caplog):
         state = world.fetcher.describe()["uris"][uri]
         assert (state["path"], state["fetched_at"], state["failures"]) == (None, None, 1)
         assert state["error"] == (f"jwksUri {uri}: {tmp_path / file_name(uri)}.tmp is not a JSON Web Key Set "
-                                  '(it must be an object with "keys")')
+                                  f"({jwkset.HINT})")
         assert "its issuer's tokens are refused (401) until it answers" in warnings(caplog)[0]
         await world.fetcher.close()
     run(main())
@@ -362,7 +397,7 @@ def test_a_restarted_fetcher_uses_the_files_left_and_sweeps_the_rest(tmp_path, i
         await world.attempts(1)
         assert world.fetcher.describe()["uris"][uri] == {
             "path": str(path), "fetched_at": T0 - 300, "failures": 1,
-            "error": f"{uri} answered HTTP 503 Service Unavailable"}
+            "error": f"{uri} answered HTTP 503 Service Unavailable", "timeout_seconds": 5.0}
         assert (path.read_bytes(), world.changes) == (JWKS1, 1)
         await world.fetcher.close()
     run(second_run())

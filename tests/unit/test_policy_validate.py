@@ -127,7 +127,19 @@ INVALID = [
     ("jwt-no-issuer", RA, JWT_RULE % "{audiences: [a]}", "spec.jwtRules[0]", "a JWT rule needs issuer or jwksUri"),
     ("jwks-uri", RA, JWT_RULE % "{issuer: a, jwksUri: 'ftp://example.com/keys'}", "spec.jwtRules[0].jwksUri",
      "is not an http(s) URL"),
-    ("jwks", RA, JWT_RULE % "{issuer: a, jwks: 'not json'}", "spec.jwtRules[0].jwks", "not a JSON Web Key Set"),
+    ("jwks", RA, JWT_RULE % "{issuer: a, jwks: 'not json'}", "spec.jwtRules[0].jwks", "is not JSON (JSONDecodeError)"),
+    ("jwks-not-a-set", RA, JWT_RULE % "{issuer: a, jwks: '[1]'}", "spec.jwtRules[0].jwks", "not a JSON Web Key Set"),
+    # the next two raised past the readers: every later policy change of the node was ignored
+    ("jwks-uri-unparsable", RA, JWT_RULE % "{issuer: a, jwksUri: 'http://[zz]/k'}", "spec.jwtRules[0].jwksUri",
+     "'http://[zz]/k' is not a URL"),
+    ("jwks-nested-deep", RA, JWT_RULE % ("{issuer: a, jwks: '" + "[" * 50000 + "'}"), "spec.jwtRules[0].jwks",
+     "is not JSON (RecursionError)"),
+    ("claim-key-brackets", AP, WHEN_RULE % "{key: 'request.auth.claims[a]b]', values: [x]}",
+     "spec.rules[0].when[0].key", "must name what it reads in brackets, without brackets in a name"),
+    ("claim-key-empty", AP, WHEN_RULE % "{key: 'request.auth.claims[]]', values: [x]}",
+     "spec.rules[0].when[0].key", "without brackets in a name"),
+    ("header-key-nested", AP, WHEN_RULE % "{key: 'request.headers[x][y]', values: [x]}",
+     "spec.rules[0].when[0].key", "without brackets in a name"),
     ("from-header-name", RA, JWT_RULE % "{issuer: a, fromHeaders: [{prefix: 'Bearer '}]}",
      "spec.jwtRules[0].fromHeaders[0].name", "must be set"),
     ("jwt-timeout", RA, JWT_RULE % "{issuer: a, timeout: soon}", "spec.jwtRules[0].timeout", "'soon' is not a duration"),
@@ -359,6 +371,28 @@ def test_each_invalid_resource_is_refused_on_its_own_and_the_rest_apply():
     assert (denied.allowed, denied.policy) == (False, "foo/bad")
     assert policies.authorize(connection("bar/httpbin", 80)) == OPEN
     assert policies.mtls_mode(connection("foo/httpbin", 80).destination, 80) == "STRICT"
+
+
+def test_an_exception_no_reader_foresaw_refuses_that_resource_alone(monkeypatch):
+    """A reader raising something else than a ConfigError (a value no check foresaw) made
+    the whole build raise: the agent kept every policy at its old version (none after a
+    restart). Now it refuses that resource as any invalid one, the rest apply."""
+    from nodeagent.policy import policyset
+    validate = policyset.validate
+
+    def choking(obj):
+        if obj.name == "bad":
+            raise RecursionError("maximum recursion depth exceeded")
+        return validate(obj)
+
+    monkeypatch.setattr(policyset, "validate", choking)
+    policies, [err] = build(GOOD_DENY + resource(AP, "action: DENY\nrules: [{}]"))
+    assert err.where.endswith("(AuthorizationPolicy foo/bad)")
+    assert "cannot be read (RecursionError: maximum recursion depth exceeded)" in str(err)
+    assert str(err).endswith("the whole resource is refused; with no last good version to keep, it is enforced "
+                             "fail-closed: every connection to every workload of namespace foo is denied)")
+    assert policies.authorize(connection("foo/httpbin", 80)).allowed is False
+    assert policies.last_good(AP, "foo", "deny-sleep") is not None
 
 
 def test_a_resource_defined_twice_is_reported_and_the_first_kept():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from prometheus_client import CollectorRegistry
 
 from nodeagent.agent.waypoint.publisher import Publisher, at_once
@@ -279,6 +280,39 @@ def test_a_refusal_no_changed_resource_explains_keeps_the_accepted_snapshot(worl
     assert world.publisher.snapshot_error == "Envoy refused snapshot 2: refused: endpoints"
     assert world.errors("snapshot_refused") == 1 and world.errors("envoy_refused") == 0
     assert world.publisher.describe()["errors"] == []
+
+
+def test_a_resource_the_translation_fails_on_is_held_out_alone_and_the_rest_published(world, monkeypatch):
+    """A value validation let through and the translation cannot express (found by review:
+    a keepalive past 32 bits, a request principal only the translation read) kept the
+    previous snapshot for every later change. Now the changed resource to blame is held out
+    as one Envoy refused: its last accepted version stays, everything else goes in."""
+    from nodeagent.agent.waypoint import publisher as publisher_module
+    translate = publisher_module.translate
+
+    def choking(model_, node, config, options):
+        if any(vs.name == "ratings" and vs.http[0].timeout for vs in config.virtual_services):
+            raise ValueError("Value out of range: 7200000000")
+        return translate(model_, node, config, options)
+
+    monkeypatch.setattr(publisher_module, "translate", choking)
+    world.publisher.update(model(VS + RATINGS_OK))
+    accepted = world.ack()
+    choked = RATINGS_OK.replace("    route: [{destination: {host: ratings}}]\n  - route",
+                                "    route: [{destination: {host: ratings}}]\n    timeout: 3s\n  - route")
+    assert choked != RATINGS_OK
+    world.publisher.update(model(VS + choked + DR))  # two changes, one the translation fails on
+    published = world.current()
+    assert published.version != accepted.version and world.publisher.snapshot_error is None
+    reviews = published.resources(rt.CLUSTER)["outbound|9080||reviews.shop.svc.cluster.local"]
+    assert reviews.lb_policy == Cluster.RANDOM  # the DestinationRule went in
+    assert world.errors("untranslatable") == 1
+    (error,) = world.publisher.describe()["errors"]
+    assert error.endswith("(VirtualService shop/ratings): nodeagent cannot translate it: ValueError: Value out of "
+                          "range: 7200000000 (fix it; its last accepted version stays in force until its spec "
+                          "changes)"), error
+    world.ack(published)
+    assert world.publisher.describe()["resources"]["VirtualService shop/ratings"] == digest(RATINGS_OK)
 
 
 def test_status_lists_kinds_the_mesh_does_not_implement_and_gateway_only_routes(world):

@@ -154,10 +154,25 @@ def test_envoy_accepts_the_routes_and_clusters_of_a_client_namespace(tmp_path):
     assert (check.returncode, "OK" in check.output) == (0, True), check.output
 
 
-def test_a_client_namespace_whose_rule_is_everyones_gets_no_routes_of_its_own():
-    result = translation(OTHER + SPLIT + OTHER_RULE)  # no rule in shop: other's is every client's
-    assert split_clusters(result) == [V1, V2]
-    assert max_connections(clusters(result)[V1]) == 3
+def test_a_rule_in_a_third_namespace_is_only_its_own_clients_even_when_no_nearer_one_exists():
+    """istiod looks in the client's namespace, the service's, the root's, and no further: a
+    rule in namespace other never applies to shop's clients (it did when shop had none, so
+    any namespace could rate-limit or re-balance every service of the mesh)."""
+    result = translation(OTHER + SPLIT + OTHER_RULE)
+    first, default = routes(result)[f"{REVIEWS}:9080"].virtual_hosts[0].routes
+    assert [c.name for c in first.route.weighted_clusters.clusters] == [f"{V1}|other", f"{V2}|other"]
+    assert max_connections(clusters(result)[f"{V1}|other"]) == 3
+    # every other client: no rule defines the subsets the VirtualService names
+    assert [c.name for c in default.route.weighted_clusters.clusters] == ["BlackHoleCluster", "BlackHoleCluster"]
+    assert [str(w) for w in result.warnings if w.where.endswith("(DestinationRule other/reviews)")] == [
+        f"test.yaml#15 (DestinationRule other/reviews): applies to {REVIEWS} for the clients in namespace other, "
+        "whose own rules take precedence as istiod's do; other clients get none (a rule in a namespace other than "
+        "the service's or the root's applies to its own clients only, as istiod's)"]
+    pool_only = OTHER_RULE.replace(
+        "\n  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]", "")
+    assert pool_only != OTHER_RULE
+    node2 = clusters(translation(OTHER + pool_only, node="node2"))  # no client of namespace other there
+    assert max_connections(node2[f"outbound|9080||{REVIEWS}"]) == 2**32 - 1  # not other's 3
 
 
 def route_to(name: str, created: str, host: str, target: str) -> str:

@@ -296,6 +296,53 @@ rules:
     assert subject.sourced_metadata.metadata_matcher.value.string_match.exact == "alice"
 
 
+def _metadata(principal) -> list[tuple[list[str], str, str]]:
+    """(path, value kind, pattern) of each JWT metadata match OR-ed in `principal`."""
+    ids = principal.or_ids.ids if principal.HasField("or_ids") else [principal]
+    out = []
+    for one in ids:
+        m = one.sourced_metadata.metadata_matcher
+        kind = m.value.WhichOneof("match_pattern")
+        string = m.value.list_match.one_of.string_match if kind == "list_match" else m.value.string_match
+        out.append(([s.key for s in m.path], kind, "/".join(pattern(string))))
+    return out
+
+
+def test_any_claim_audience_or_presenter_is_a_non_empty_string_or_a_list_holding_one():
+    """As istiod (`*` is `.+`): a present_match let a token whose claim was false, "", [] or
+    {} through an ALLOW on `claims[admin]: ["*"]`."""
+    (policy,) = policies(doc("AuthorizationPolicy", "any", """
+selector: {matchLabels: {app: reviews}}
+rules:
+- when:
+  - {key: "request.auth.claims[admin]", values: ["*"]}
+  - {key: request.auth.audiences, values: ["*"]}
+  - {key: request.auth.presenter, values: [web]}
+""", SEC)).values()
+    admin, audiences, presenter = policy.principals[0].and_ids.ids
+    assert _metadata(admin) == [(["payload", "admin"], "string_match", "safe_regex/.+"),
+                                (["payload", "admin"], "list_match", "safe_regex/.+")]
+    assert _metadata(audiences) == [(["payload", "aud"], "string_match", "safe_regex/.+"),
+                                    (["payload", "aud"], "list_match", "safe_regex/.+")]
+    assert _metadata(presenter) == [(["payload", "azp"], "string_match", "exact/web"),
+                                    (["payload", "azp"], "list_match", "exact/web")]
+
+
+def test_a_request_principal_with_an_empty_subject_matches_the_empty_subject_only():
+    found = policies(doc("AuthorizationPolicy", "jwt", """
+selector: {matchLabels: {app: reviews}}
+rules:
+- from: [{source: {requestPrincipals: ["https://issuer.example/"]}}]
+- when: [{key: request.auth.principal, values: ["*/alice"]}]
+""", SEC))
+    issuer, subject = found["ns[shop]-policy[jwt]-rule[0]"].principals[0].and_ids.ids
+    assert _metadata(issuer) == [(["payload", "iss"], "string_match", "exact/https://issuer.example")]
+    assert _metadata(subject) == [(["payload", "sub"], "string_match", "exact/")]  # was `.+`: any subject
+    issuer, subject = found["ns[shop]-policy[jwt]-rule[1]"].principals[0].and_ids.ids
+    assert (_metadata(issuer), _metadata(subject)) == ([(["payload", "iss"], "string_match", "safe_regex/.+")],
+                                                       [(["payload", "sub"], "string_match", "exact/alice")])
+
+
 def test_connection_sni_drops_out_of_a_deny_and_matches_nothing_in_an_allow():
     """The client's SNI is the agent's TLS, not Envoy's: as the L4 engine reads it, a DENY
     rule is enforced without the condition (broader) and an ALLOW rule holding it matches
@@ -365,6 +412,35 @@ def test_jwt_rules_become_providers_any_of_which_or_no_token_passes():
     any_of = rule.requires.requires_any.requirements
     assert [r.WhichOneof("requires_type") for r in any_of] == ["provider_name", "allow_missing"]
     assert any_of[0].provider_name == "shop/jwt/jwtRules[0]"
+
+
+def test_a_request_authentication_without_rules_adds_no_filter():
+    """istiod adds none; a requirement list of allow_missing alone was NACKed by Envoy."""
+    configs, names, _ = http_filters(doc("RequestAuthentication", "none", "selector: {matchLabels: {app: reviews}}",
+                                         "security.istio.io/v1"))
+    assert names == ["envoy.filters.http.router"]
+
+
+@pytest.mark.parametrize("keys", ['{"keys": []}', '{"keys": [{"kty": "RSA", "n": "sXch"}, {"kty": "EC"}]}',
+                                  '{"keys": [{"kty": "RSA", "e": "AQAB", "n": "sXch", "alg": "ES256"}]}'])
+def test_an_inline_key_set_envoy_would_refuse_gives_the_issuer_no_key_with_a_warning(keys):
+    config, _, result = jwt_config(f"jwks: '{keys}'")
+    served = json.loads(config.providers["shop/jwt/jwtRules[0]"].local_jwks.inline_string)
+    assert [k["kid"] for k in served["keys"]] == ["nodeagent-unmatchable"]
+    assert [str(w) for w in result.warnings] == [
+        "test.yaml#12 (RequestAuthentication shop/jwt) spec.jwtRules[0].jwks: has no key Envoy can use: Envoy "
+        "would refuse it (and with it the node's whole waypoint configuration) (every token of this issuer is "
+        "refused (401) until it holds a usable key)"]
+
+
+def test_a_local_copy_without_a_usable_key_fails_closed_with_a_warning(tmp_path):
+    keys = tmp_path / "issuer.json"
+    keys.write_text('{"keys": []}')
+    options = WaypointOptions(Sockets(RUN), jwks_files={"https://issuer.example/keys": str(keys)})
+    config, _, result = jwt_config("jwksUri: https://issuer.example/keys", options)
+    served = json.loads(config.providers["shop/jwt/jwtRules[0]"].local_jwks.inline_string)
+    assert [k["kid"] for k in served["keys"]] == ["nodeagent-unmatchable"]
+    assert any(f"{keys} has no key Envoy can use" in str(w) for w in result.warnings)
 
 
 def test_jwks_uri_reads_a_local_copy_never_the_network(tmp_path):

@@ -95,14 +95,49 @@ def test_source_labels_and_namespace_become_filter_state_matches():
     assert not re.fullmatch(namespace.string_match.safe_regex.regex, "spiffe://cluster.local/ns/shopx/sa/a")
 
 
-def test_a_table_with_source_restricted_routes_ends_with_the_default_route():
+def test_a_table_with_source_restricted_routes_only_ends_with_a_404_per_condition_then_the_default_route():
+    """As a sidecar sees the table: one whose labels match a route sees only those (a 404
+    past them), any other falls back to the service."""
     found, _ = table("""
-- match: [{sourceLabels: {app: productpage}}]
-  route: [{destination: {host: reviews}}]
-""")
-    restricted, default = found.virtual_hosts[0].routes
-    assert restricted.match.filter_state and default.name == "default"
-    assert default.route.cluster == f"outbound|9080||{REVIEWS}"
+- match: [{sourceLabels: {app: productpage}, uri: {prefix: /canary}}]
+  route: [{destination: {host: reviews, subset: v2}}]
+- match: [{sourceLabels: {app: productpage}, uri: {prefix: /beta}}, {sourceNamespace: other}]
+  route: [{destination: {host: reviews, subset: v2}}]
+""", SUBSETS)
+    canary, beta, other, past_labels, past_namespace, default = found.virtual_hosts[0].routes
+    assert [r.name for r in (past_labels, past_namespace, default)] == [
+        "shop/r sources[0] no route", "shop/r sources[1] no route", "default"]
+    for past, restricted in ((past_labels, canary), (past_namespace, other)):
+        assert (past.match.prefix, list(past.match.filter_state), past.direct_response.status) == (
+            "/", list(restricted.match.filter_state), 404)
+    assert list(beta.match.filter_state) == list(canary.match.filter_state)  # one condition, one 404
+    assert default.route.cluster == f"outbound|9080||{REVIEWS}" and not default.match.filter_state
+
+
+def test_envoy_accepts_the_404_past_source_restricted_routes(tmp_path):
+    from envoy_validate import static_bootstrap, validate
+    from xds_world import OPTIONS
+    result = translation(doc("VirtualService", "r", """
+hosts: [reviews]
+http:
+- match: [{sourceLabels: {app: productpage}, uri: {prefix: /canary}}, {sourceNamespace: other}]
+  route: [{destination: {host: reviews, subset: v2}}]
+""") + SUBSETS)
+    check = validate(static_bootstrap(result, "node1", OPTIONS.sockets), tmp_path)
+    assert (check.returncode, "OK" in check.output) == (0, True), check.output
+
+
+def test_a_route_for_every_source_leaves_no_default_route_past_the_restricted_ones():
+    """A sidecar whose labels match nothing still sees /public: anything else is a 404,
+    never the service (the default route let /admin through to any version, review)."""
+    found, _ = table("""
+- match: [{sourceLabels: {app: productpage}, uri: {prefix: /canary}}]
+  route: [{destination: {host: reviews, subset: v2}}]
+- match: [{uri: {prefix: /public}}]
+  route: [{destination: {host: reviews, subset: v1}}]
+""", SUBSETS)
+    assert [r.name for r in found.virtual_hosts[0].routes] == ["shop/r spec.http[0].match[0]",
+                                                               "shop/r spec.http[1].match[0]"]
 
 
 def test_weighted_destinations_with_subsets_and_ports_skip_zero_weights():
@@ -242,6 +277,50 @@ def test_a_destination_rule_with_a_policy_alone_gets_the_default_route():
     assert (route.name, route.match.prefix, route.route.cluster, duration(route.route, "timeout")) == (
         "default", "/", f"outbound|9080||{REVIEWS}", timedelta(0))
     assert route.route.retry_policy.num_retries.value == 2
+
+
+def test_app_protocol_chooses_the_protocol_before_the_port_name():
+    """As istiod: a port named http but appProtocol tcp (a database) gets a tcp_proxy, one
+    named tcp-web but appProtocol http an HTTP connection manager."""
+    from xds_world import listeners
+    services = """apiVersion: v1
+kind: Service
+metadata: {name: pg, namespace: shop}
+spec: {clusterIP: 10.96.1.30, selector: {app: db}, ports: [{name: http-main, port: 5432, appProtocol: tcp}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web2, namespace: shop}
+spec: {clusterIP: 10.96.1.31, selector: {app: ratings}, ports: [{name: tcp-web, port: 80, targetPort: 9000,
+  appProtocol: kubernetes.io/h2c}]}
+---
+"""
+    result = translation(services + doc("DestinationRule", "pg", "host: pg\ntrafficPolicy: {loadBalancer: {simple: "
+                                                                  "RANDOM}}")
+                         + doc("DestinationRule", "web2", "host: web2\ntrafficPolicy: {loadBalancer: {simple: "
+                                                              "RANDOM}}"))
+    chains = {c.name: c.filters[-1].name for c in listeners(result)["outbound"].filter_chains}
+    assert chains["outbound|5432||pg.shop.svc.cluster.local"] == "envoy.filters.network.tcp_proxy"
+    assert chains["outbound|80||web2.shop.svc.cluster.local"] == "envoy.filters.network.http_connection_manager"
+    assert clusters(result)["outbound|80||web2.shop.svc.cluster.local"].typed_extension_protocol_options
+
+
+def test_a_virtual_service_for_a_headless_service_is_said_to_apply_to_nothing():
+    headless = """apiVersion: v1
+kind: Service
+metadata: {name: stateful, namespace: shop}
+spec: {clusterIP: None, selector: {app: db}, ports: [{name: http, port: 80}]}
+---
+"""
+    result = translation(headless + doc("VirtualService", "s", "hosts: [stateful]\nhttp:\n"
+                                                               "- fault: {abort: {httpStatus: 503, percentage: "
+                                                               "{value: 100}}}\n  route: [{destination: {host: "
+                                                               "stateful}}]"))
+    assert routes(result) == {}
+    assert [str(w) for w in result.warnings] == [
+        "test.yaml#13 (VirtualService shop/s) spec.hosts[0]: Service shop/stateful is headless (clusterIP None): "
+        "nodeagent applies a VirtualService to traffic sent to a Service's cluster IP, so this one applies to no "
+        "traffic for it (give the Service a cluster IP)"]
 
 
 def test_a_virtual_service_for_gateways_only_changes_nothing():

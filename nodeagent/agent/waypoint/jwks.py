@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from nodeagent.addresses import unmapped
@@ -75,10 +75,17 @@ def file_name(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:16] + ".json"
 
 
-def jwks_uris(config: IstioConfig) -> set[str]:
-    """The jwksUri of every jwtRule in force without inline `jwks` (which wins, as in translate/jwt.py)."""
-    return {rule.jwks_uri for authn in config.authentications for rule in authn.rules
-            if rule.jwks_uri and not rule.jwks}
+def jwks_uris(config: IstioConfig) -> dict[str, timedelta]:
+    """The jwksUri of every jwtRule in force without inline `jwks` (which wins, as in
+    translate/jwt.py), each with its fetch timeout: the rule's `timeout` (the longest, when
+    several rules name the URI), else istiod's default."""
+    out: dict[str, timedelta] = {}
+    for authn in config.authentications:
+        for rule in authn.rules:
+            if rule.jwks_uri and not rule.jwks:
+                timeout = rule.timeout if rule.timeout and rule.timeout > timedelta(0) else DEFAULT_TIMEOUT
+                out[rule.jwks_uri] = max(timeout, out.get(rule.jwks_uri, timeout))
+    return out
 
 
 def mesh_addresses(model: Callable[[], "Model"]) -> Resolve:
@@ -275,6 +282,7 @@ class _Source:
     logged: str | None = None  # the error last logged: each distinct one once
     failures: int = 0  # consecutive
     task: asyncio.Task | None = None
+    timeout: float | None = None  # seconds, for this URI's fetches (None: the fetcher's)
 
 
 class JwksFetcher:
@@ -302,8 +310,10 @@ class JwksFetcher:
         self._notify: asyncio.Handle | None = None
 
     # --- what callers use ---------------------------------------------------------------
-    def want(self, uris: Iterable[str]) -> None:
-        """Keep exactly these URIs fetched: new ones at once, others forgotten (call from the loop)."""
+    def want(self, uris: Iterable[str] | Mapping[str, timedelta]) -> None:
+        """Keep exactly these URIs fetched: new ones at once, others forgotten (call from the
+        loop); a mapping gives each its fetch timeout (jwks_uris), else the fetcher's."""
+        timeouts = dict(uris) if isinstance(uris, Mapping) else {}
         wanted = set(uris)
         if not self._swept:
             self._sweep({file_name(uri) for uri in wanted})
@@ -312,6 +322,9 @@ class JwksFetcher:
             source = self._sources[uri] = _Source(uri, self.directory / file_name(uri))
             changed |= self._adopt(source)
             source.task = asyncio.get_running_loop().create_task(self._keep(source), name=f"jwks {uri}")
+        for uri in wanted:
+            timeout = timeouts.get(uri)
+            self._sources[uri].timeout = timeout.total_seconds() if timeout is not None else None
         for uri in sorted(self._sources.keys() - wanted):
             changed |= self._forget(uri)
         if changed:
@@ -324,7 +337,8 @@ class JwksFetcher:
     def describe(self) -> dict:
         return {"directory": str(self.directory), "refresh_seconds": self.refresh,
                 "uris": {uri: {"path": str(s.path) if s.digest is not None else None, "fetched_at": s.fetched_at,
-                               "failures": s.failures, "error": str(s.error) if s.error else None}
+                               "failures": s.failures, "error": str(s.error) if s.error else None,
+                               "timeout_seconds": s.timeout if s.timeout is not None else self.timeout}
                          for uri, s in sorted(self._sources.items())}}
 
     async def close(self) -> None:
@@ -342,7 +356,8 @@ class JwksFetcher:
     async def _keep(self, source: _Source) -> None:
         while True:
             try:
-                body = await asyncio.to_thread(self.fetch, source.uri, self.timeout, self.max_bytes)
+                timeout = source.timeout if source.timeout is not None else self.timeout
+                body = await asyncio.to_thread(self.fetch, source.uri, timeout, self.max_bytes)
                 self._fetched(source, body)
                 delay = self.refresh
             except Exception as exc:  # noqa: BLE001 - anything: keep the last good file and retry

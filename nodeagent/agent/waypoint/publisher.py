@@ -33,12 +33,16 @@ from nodeagent.xds import resources as rt
 from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.dataplane import DataPlane, Sockets
 from nodeagent.xds.istio.config import READERS, IstioConfig
-from nodeagent.xds.istio.refusals import Build, Refusals
+from nodeagent.xds.istio.refusals import Build, Refusal, Refusals
 from nodeagent.xds.snapshot import InconsistentSnapshot, Snapshot, eds_name, internal_listeners
 from nodeagent.xds.translate.build import translate
 from nodeagent.xds.translate.options import WaypointOptions
 
 MAX_REJECTIONS = 64  # contents Envoy refused, remembered so a snapshot carrying one is not waited on
+MAX_SUSPECTS = 64  # changed resources tried when the translation fails, each a translation more
+# What a translation raises on a value validation let through (a bug of ours, but one
+# resource's, never a reason to stop publishing every other change).
+UNTRANSLATABLE = (ConfigError, ArithmeticError, LookupError, TypeError, ValueError)
 
 
 class Acks(Protocol):
@@ -111,19 +115,24 @@ class Publisher:
         self.built_at = time.time()  # this model's verdicts (errors, snapshot) are out: status shows when
 
     def _publish(self) -> None:
-        """Translate the configuration less what Envoy refused (refusals.py) and publish it."""
-        build = self.refusals.compose(self.config, self.digests, self._in_force)
+        """Translate the configuration less what Envoy refused (refusals.py) and publish it.
+        A resource the translation fails on is held out as one Envoy refused (_untranslatable)."""
         options = WaypointOptions(self.sockets, root_namespace=self.root_namespace, jwks_files=self.jwks_files())
+        while True:
+            build = self.refusals.compose(self.config, self.digests, self._in_force)
+            try:
+                translation = translate(self._model, self.node, build.config, options)
+                fresh = translation.messages()
+                break
+            except UNTRANSLATABLE as exc:
+                if not self._untranslatable(build, options, exc):  # else composed again without it
+                    self._snapshot_refused(exc)
+                    return
         try:
-            translation = translate(self._model, self.node, build.config, options)
-            fresh = translation.messages()
             carried = self._unreferenced_clusters(fresh)
             snapshot = Snapshot.build(str(next(self._versions)), fresh + carried, translation.dataplane)
         except (InconsistentSnapshot, ConfigError, ValueError) as exc:
-            self.errors.labels(reason="snapshot_refused").inc()
-            if str(exc) != self.snapshot_error:
-                self.log.error("waypoint snapshot refused, the previous one stays: %s", exc)
-            self.snapshot_error = str(exc)
+            self._snapshot_refused(exc)
             return
         self.snapshot_error = None
         warnings = tuple(sorted({str(w) for w in (*self.config.warnings, *translation.warnings)}))
@@ -134,6 +143,46 @@ class Publisher:
         self.cache.set_snapshot(self.node, snapshot)
         self._cleanup = (snapshot, fresh, translation.dataplane) if carried else None
         self._check_rejected(snapshot)
+
+    def _snapshot_refused(self, exc: Exception) -> None:
+        self.errors.labels(reason="snapshot_refused").inc()
+        if str(exc) != self.snapshot_error:
+            self.log.error("waypoint snapshot refused, the previous one stays: %s", exc)
+        self.snapshot_error = str(exc)
+
+    def _untranslatable(self, build: Build, options: WaypointOptions, exc: Exception) -> bool:
+        """The translation of `build` failed (a value validation let through that it cannot
+        express): find the changed resource to blame and hold it out, as one Envoy refused
+        (its last accepted version stays, or it is left out: a server-side one's pods go to
+        L4), so it cannot freeze every later change. The changed resources are held out one
+        more at a time until the translation succeeds; the last one held is to blame (the
+        others go back in: another culprit among them is found on the next pass). False
+        when none is to blame (nothing changed, or holding them all out fails too)."""
+        suspects = build.changed(self._in_force)[:MAX_SUSPECTS]
+        message = f"{type(exc).__name__}: {exc}"
+        held, culprit = [], None
+        try:
+            for name in suspects:
+                self.refusals.refused[name] = Refusal(build.digests[name], message, self._where.get(name, name),
+                                                      "nodeagent cannot translate it")
+                held.append(name)
+                trial = self.refusals.compose(self.config, self.digests, self._in_force)
+                try:
+                    translate(self._model, self.node, trial.config, options).messages()
+                except UNTRANSLATABLE:
+                    continue
+                culprit = name
+                break
+        finally:
+            for name in held:
+                if name != culprit:
+                    del self.refusals.refused[name]
+        if culprit is None:
+            return False
+        self.errors.labels(reason="untranslatable").inc()
+        self.log.warning("waypoint config held out: %s: nodeagent cannot translate it: %s",
+                         self._where.get(culprit, culprit), message)
+        return True
 
     def _unreferenced_clusters(self, fresh: list) -> list:
         """Make before break: clusters of the last published snapshot that the new one

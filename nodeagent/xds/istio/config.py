@@ -194,4 +194,4 @@ def read(obj: KubeObject, warn: Callable[[ConfigError], None]) -> Any:
         accepted = " or ".join(f"{group}/{v}" for v in versions)
         raise Field(resource_name(obj), "apiVersion", obj.api_version).error(
             f"{obj.api_version} {obj.kind} is not supported", f"use {accepted}")
-    return all_errors(lambda: reader(obj, warn))
+    return all_errors(lambda: reader(obj, warn), resource_name(obj))

@@ -26,6 +26,7 @@ SIMPLE_LB = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN"
 H2_UPGRADE = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
 TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
 COMPONENTS = ("load_balancer", "connection_pool", "outlier_detection")
+KEEPALIVE_MAX = 2**32 - 1  # seconds: Envoy's TcpKeepalive fields are 32-bit
 Warn = Callable[[ConfigError], None]
 
 
@@ -239,8 +240,8 @@ def _tcp(field: Field) -> TcpSettings | None:
     keepalive = None
     if p["tcpKeepalive"].present:
         k = p["tcpKeepalive"].fields(("probes", "time", "interval"))
-        keepalive = (f.integer(k["probes"], 1), f.duration(k["time"], timedelta(seconds=1)),
-                     f.duration(k["interval"], timedelta(seconds=1)))
+        keepalive = (f.integer(k["probes"], 1), f.duration(k["time"], timedelta(seconds=1), KEEPALIVE_MAX),
+                     f.duration(k["interval"], timedelta(seconds=1), KEEPALIVE_MAX))
     return TcpSettings(f.integer(p["maxConnections"], 1), f.duration(p["connectTimeout"]), keepalive,
                        f.duration(p["maxConnectionDuration"]), f.duration(p["idleTimeout"]))
 
@@ -265,14 +266,17 @@ def _outlier(field: Field, warn: Warn) -> OutlierDetection | None:
                       "baseEjectionTime", "maxEjectionPercent", "minHealthPercent",
                       "splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures"))
     gateway = f.integer(p["consecutiveGatewayErrors"])
+    errors_5xx = f.integer(p["consecutive5xxErrors"])
     if p["consecutiveErrors"].present:
-        # Deprecated; istiod read it as gateway errors (502/503/504) only.
+        # Deprecated; istiod read it as gateway errors (502/503/504) only, and turned off
+        # ejection on any 5xx (Envoy's default, 5 in a row, would eject on an app's 500s).
         if gateway is not None:
             raise p["consecutiveErrors"].error("cannot be combined with consecutiveGatewayErrors")
         gateway = f.integer(p["consecutiveErrors"])
+        errors_5xx = 0 if errors_5xx is None else errors_5xx
         warn(p["consecutiveErrors"].error("is deprecated", "write consecutiveGatewayErrors"))
     return OutlierDetection(
-        f.integer(p["consecutive5xxErrors"]), gateway, f.duration(p["interval"]),
+        errors_5xx, gateway, f.duration(p["interval"]),
         f.duration(p["baseEjectionTime"]), f.integer(p["maxEjectionPercent"], 0, 100),
         f.integer(p["minHealthPercent"], 0, 100) or 0, p["splitExternalLocalOriginErrors"].boolean(),
         f.integer(p["consecutiveLocalOriginFailures"]))

@@ -34,6 +34,7 @@ NOT_RE2 = re.compile(r"\(\?[=!<](?!\w+>)|\\[1-9]")  # look-around, back-referenc
 MAX_PROGRAM_SIZE = 100
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 MILLISECOND = timedelta(milliseconds=1)
+MAX_SECONDS = (2**63 - 1) / 1e9  # Go's time.Duration, about 2562047h
 
 
 def integer(field: Field, low: int = 0, high: int = 2**32 - 1) -> int | None:
@@ -59,14 +60,18 @@ def number(field: Field, low: float, high: float) -> float | None:
     return float(value)
 
 
-def duration(field: Field, minimum: timedelta = MILLISECOND) -> timedelta | None:
-    """A duration of at least `minimum` (Istio's webhook refuses shorter ones)."""
+def duration(field: Field, minimum: timedelta = MILLISECOND, maximum: float = MAX_SECONDS) -> timedelta | None:
+    """A duration of at least `minimum` (Istio's webhook refuses shorter ones) and at most
+    `maximum` seconds (what Go's time.Duration holds, as istiod parses it: more overflowed
+    Python's timedelta, an exception no reader expected)."""
     text = field.string()
     if not text:
         return None
     if not DURATION.match(text):
         raise field.error(f"{text!r} is not a duration", 'write for example "10s", "1.5s" or "250ms"')
     seconds = sum(float(n) * UNITS[unit] for n, unit in DURATION_PART.findall(text))
+    if not seconds <= maximum:
+        raise field.error(f"{text} is longer than the maximum {maximum:.0f}s")
     value = timedelta(seconds=seconds)
     if value < minimum:
         raise field.error(f"{text} is shorter than the minimum {_show(minimum)}")

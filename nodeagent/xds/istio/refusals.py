@@ -55,6 +55,7 @@ class Refusal:
     digest: str  # the spec Envoy refused
     message: str  # Envoy's
     where: str  # the resource, as validation errors name it
+    cause: str = "Envoy refused it"  # or "nodeagent cannot translate it" (publisher._untranslatable)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class Refusals:
     # --- status --------------------------------------------------------------------------
     def errors(self, accepted: Build | None) -> list[ConfigError]:
         kept = accepted.digests if accepted is not None else {}
-        return [ConfigError(r.where, f"Envoy refused it: {r.message}",
+        return [ConfigError(r.where, f"{r.cause}: {r.message}",
                             "fix it; " + ("its last accepted version stays in force" if name in kept
                                           else "it is left out") + " until its spec changes")
                 for name, r in sorted(self.refused.items())]

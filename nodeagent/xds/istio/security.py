@@ -70,9 +70,14 @@ def authorization(obj: KubeObject, warn: Warn) -> Authorization:
     for rule in spec.fields(AUTHZ_FIELDS)["rules"].items():
         parts = rule.fields(("from", "to", "when"))
         for cond in parts["when"].items():
-            key = cond.fields(("key", "values", "notValues"))["key"]
+            fields = cond.fields(("key", "values", "notValues"))
+            key = fields["key"]
             if key.string().startswith("experimental."):
                 raise key.error(f"condition key {key.string()!r} {UNSUPPORTED}")
+            if key.string() == "request.auth.principal":  # read as requestPrincipals are, here not at translation
+                for name in ("values", "notValues"):
+                    for item, text in fields[name].string_items():
+                        request_principal(item, text)
         for item, text in _strings(parts["to"], "operation", ("paths", "notPaths")):
             if "{" in text or "}" in text:
                 raise item.error(f"path template {text!r} {UNSUPPORTED}",
@@ -93,7 +98,8 @@ def _strings(entries: Field, inner_name: str, names: tuple[str, ...]):
 
 
 def request_principal(field: Field, text: str) -> tuple[str | None, str | None]:
-    """(issuer, subject) an `iss/sub` pattern requires; None for "any"."""
+    """(issuer, subject) an `iss/sub` pattern requires; None for "any" (an empty subject,
+    `iss/`, is the empty one, which Istio matches exactly)."""
     if text == "*":
         return None, None
     if text.startswith("*/") and "*" not in text[2:]:

@@ -159,6 +159,9 @@ def virtual_service(obj: KubeObject, warn: Warn) -> VirtualService:
     attempt(lambda: _refuse(parts["tls"], "tls routes (SNI passthrough)", "route TLS traffic with tcp routes"))
     attempt(lambda: export_to(parts["exportTo"]))
     gateways = attempt(parts["gateways"].strings, ())
+    if "*" in hosts and (not gateways or MESH_GATEWAY in gateways):  # as Istio's webhook
+        report(parts["hosts"].error('the wildcard host "*" is not allowed for a VirtualService bound to the mesh: '
+                                    "it would take every service's traffic", "name the hosts it routes"))
     http = tuple(parts["http"].each(lambda item: _http_route(item, warn)))
     tcp = tuple(parts["tcp"].each(_tcp_route))
     if not _listed(parts["http"]) and not _listed(parts["tcp"]):
@@ -282,6 +285,8 @@ def _redirect(field: Field) -> Redirect | None:
     if code not in REDIRECT_CODES:
         raise p["redirectCode"].error(f"{code} is not a redirect code", f"use one of {REDIRECT_CODES}")
     derive = p["derivePort"].enum(("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"), "") if p["derivePort"].present else ""
+    if not any(p[n].present for n in ("uri", "authority", "port", "derivePort", "scheme")):  # as Istio's webhook
+        raise field.error("must set uri, authority, scheme or port", "a redirect to the same URL would loop")
     return Redirect(p["uri"].string(), p["authority"].string(), code, p["scheme"].string(),
                     f.integer(p["port"], 1, 65535), derive)
 
@@ -304,6 +309,8 @@ def _rewrite(field: Field) -> Rewrite | None:
     if not field.present:
         return None
     p = field.fields(("uri", "authority", "uriRegexRewrite"))
+    if not any(p[n].present for n in ("uri", "authority", "uriRegexRewrite")):  # as Istio's webhook
+        raise field.error("must set uri, uriRegexRewrite or authority")
     regex = None
     if p["uriRegexRewrite"].present:
         if p["uri"].present:
@@ -320,7 +327,13 @@ def _retry(field: Field) -> Retry | None:
                       "retryIgnorePreviousHosts", "backoff"))
     optional = {n: attempt(p[n].boolean) if p[n].present else None
                 for n in ("retryRemoteLocalities", "retryIgnorePreviousHosts")}
-    return Retry(attempt(lambda: f.integer(p["attempts"], 0, 2**31 - 1) or 0, 0),
+    attempts = attempt(lambda: f.integer(p["attempts"], 0, 2**31 - 1) or 0, 0)
+    if p["attempts"].value in (None, 0):
+        others = [n for n in ("perTryTimeout", "retryOn", "retryRemoteLocalities") if p[n].present]
+        if others:  # as Istio's webhook: attempts 0 (or unset) turns retries off
+            report(field.error(f"sets {', '.join(others)} but no attempts: retries are off with 0 attempts",
+                               "set attempts (Istio's default is 2), or remove the other fields"))
+    return Retry(attempts,
                  attempt(lambda: f.duration(p["perTryTimeout"])), attempt(lambda: retry_on(p["retryOn"]), ""),
                  optional["retryRemoteLocalities"], optional["retryIgnorePreviousHosts"],
                  attempt(lambda: f.duration(p["backoff"])))

@@ -127,8 +127,8 @@ def _matcher(attribute: str, value: str, namespace: str, authz: Authorization, p
     if attribute == "request.auth.principal":
         issuer, subject = request_principal(Field(f"{authz.obj.source} ({authz.obj})", path, value), value)
         # as istiod: "any" issuer or subject is a non-empty one (`.+`), and a principal has both
-        return _all([_claim(["iss"], issuer or "*", lists=False, present=False),
-                     _claim(["sub"], subject or "*", lists=False, present=False)], Principal)
+        return _all([_claim(["iss"], "*" if issuer is None else issuer, lists=False),
+                     _claim(["sub"], "*" if subject is None else subject, lists=False)], Principal)
     return _PRINCIPAL_BUILDERS[attribute](value, namespace)
 
 
@@ -169,13 +169,11 @@ def _service_account(value: str, namespace: str) -> Principal:
     return _principal_state(regex_matcher(pattern))
 
 
-def _claim(path: list[str], value: str, lists: bool = True, present: bool = True) -> Principal:
-    """A JWT payload value (string, or a list holding it, for claims) as jwt_authn stored it;
-    `*` is any value there (`present`), or any non-empty string."""
+def _claim(path: list[str], value: str, lists: bool = True) -> Principal:
+    """A JWT payload value (a string, or for `lists` a list holding one) as jwt_authn
+    stored it, as istiod matches it: `*` is any non-empty string (`.+`), never any value
+    at all (false, "", [] or {} are no match: a present_match let them through)."""
     segments = [MetadataMatcher.PathSegment(key=k) for k in [PAYLOAD, *path]]
-    if value == "*" and present:
-        return Principal(sourced_metadata=SourcedMetadata(metadata_matcher=MetadataMatcher(
-            filter=JWT_AUTHN, path=segments, value=ValueMatcher(present_match=True))))
     string = ValueMatcher(string_match=istio_pattern(value))
     found = [string] + ([ValueMatcher(list_match=ListMatcher(one_of=string))] if lists else [])
     return _any([Principal(sourced_metadata=SourcedMetadata(metadata_matcher=MetadataMatcher(
@@ -189,7 +187,7 @@ _PRINCIPAL_BUILDERS = {
     "source.ip": _client_ip,
     "remote.ip": _client_ip,
     "request.auth.audiences": lambda v, ns: _claim(["aud"], v),
-    "request.auth.presenter": lambda v, ns: _claim(["azp"], v, lists=False),
+    "request.auth.presenter": lambda v, ns: _claim(["azp"], v),  # istiod: a string or a list
 }
 _PERMISSION_BUILDERS = {
     "request.host": lambda v: Permission(header=HeaderMatcher(

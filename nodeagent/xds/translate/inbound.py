@@ -57,7 +57,7 @@ def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list
         policy = any(a.policy.has_l7 for a in authz) or bool(authn)
         if not (policy or limits):
             continue
-        head = ([jwt_filter(ctx, authn)] if authn else []) + rbac_filters(authz)
+        head = ([jwt_filter(ctx, authn)] if any(a.rules for a in authn) else []) + rbac_filters(authz)
         for port in http_ports(ctx, pod):
             if policy or any(p.port in (None, port) for p in limits):
                 chain = _chain(ctx, pod, port, _with_limits(head, limits, port))

@@ -23,6 +23,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from google.protobuf.empty_pb2 import Empty
 
 from nodeagent.errors import ConfigError
+from nodeagent.policy import jwkset
 from nodeagent.xds.istio.security import Authentication, JwtRule
 from nodeagent.xds.translate.context import Context
 from nodeagent.xds.translate.options import read_jwks
@@ -33,6 +34,8 @@ PAYLOAD = "payload"  # dynamic metadata key of the verified payload
 
 
 def jwt_filter(ctx: Context, authentications: list[Authentication]) -> HttpFilter:
+    """The filter of `authentications`, at least one of which has a jwtRule (without any,
+    istiod adds no filter: a requirement list needs two entries, Envoy NACKed one)."""
     providers = {}
     for authn in authentications:
         for i, rule in enumerate(authn.rules):
@@ -62,7 +65,12 @@ def _provider(ctx: Context, rule: JwtRule, where: str) -> JwtProvider:
 
 def _jwks(ctx: Context, rule: JwtRule, where: str) -> str:
     if rule.jwks:
-        return rule.jwks
+        problem = jwkset.problem(rule.jwks)
+        if problem is None:
+            return rule.jwks
+        ctx.warn(f"{where}.jwks", f"{problem}: Envoy would refuse it (and with it the node's whole waypoint "
+                 "configuration)", "every token of this issuer is refused (401) until it holds a usable key")
+        return unmatchable_jwks(rule.issuer)
     path = ctx.options.jwks_files.get(rule.jwks_uri)
     if path:
         try:

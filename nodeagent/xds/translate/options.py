@@ -10,13 +10,13 @@ ServicePort.target_on unless a test hands in another).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable, Mapping
 
 from nodeagent.errors import ConfigError
 from nodeagent.model import Pod, ServicePort
+from nodeagent.policy import jwkset
 from nodeagent.policy.scope import DEFAULT_ROOT_NAMESPACE
 from nodeagent.xds.dataplane import Sockets
 
@@ -43,9 +43,9 @@ def read_jwks(path: str, where: str) -> str:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
-        keys = json.loads(text)
     except (OSError, ValueError) as exc:
         raise ConfigError(where, f"cannot read a JWKS from {path}: {exc}") from None
-    if not isinstance(keys, dict) or not isinstance(keys.get("keys"), list):
-        raise ConfigError(where, f"{path} is not a JSON Web Key Set", 'it must be an object with "keys"')
+    problem = jwkset.problem(text)
+    if problem is not None:
+        raise ConfigError(where, f"{path} {problem}", jwkset.HINT)
     return text

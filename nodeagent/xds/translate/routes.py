@@ -4,9 +4,9 @@ A client-side table has one virtual host matching every authority (the listener 
 chose the service by its VIP and port, as Istio's waypoints do) with the routes of the
 service's VirtualService for that port: one Envoy route per HTTP match (routes for other
 ports or for gateways only are left out), stopping after a catch-all. When nothing is
-left for the port, or some routes are for particular sources only, the default route
+left for the port, or every route is for particular sources only, the default route
 (the service itself, Istio's default retries, no timeout) closes the table: a sidecar
-whose sources matched nothing would fall back to it too.
+whose sources matched nothing would fall back to it too (see _routes).
 """
 
 from __future__ import annotations
@@ -44,25 +44,38 @@ def outbound_table(ctx: Context, service: Service, port: ServicePort) -> RouteCo
 
 
 def _routes(ctx: Context, service: Service, port: ServicePort) -> list[Route]:
+    """The VirtualService's routes for the port; as a sidecar sees them: one that a route
+    for every source applies to gets no default route (a request no route matches is a
+    404); when every route is for particular sources, a client matching one of them sees
+    only those (404 past them, a catch-all per condition), any other client the service
+    itself (the default route), as a sidecar whose sources matched no route falls back."""
     vs = ctx.catalog.virtual_service(service)
-    routes, per_source = _vs_routes(ctx, vs, port.port) if vs else ([], False)
-    if not routes or per_source:
+    routes = _vs_routes(ctx, vs, port.port) if vs else []
+    if routes and all(r.match.filter_state for r in routes):
+        conditions = {}
+        for r in routes:
+            conditions.setdefault(b"".join(m.SerializeToString(deterministic=True) for m in r.match.filter_state),
+                                  r.match.filter_state)
+        for i, condition in enumerate(conditions.values()):
+            past = Route(name=f"{vs.key} sources[{i}] no route", match=RouteMatch(prefix="/", filter_state=condition))
+            past.direct_response.CopyFrom(actions.direct_response(404, None))
+            routes.append(past)
+    if not routes or all(r.match.filter_state for r in routes):
         routes.append(default_route(ctx, service, port))
     return routes
 
 
-def _vs_routes(ctx: Context, vs: VirtualService, port: int) -> tuple[list[Route], bool]:
-    out, per_source = [], False
+def _vs_routes(ctx: Context, vs: VirtualService, port: int) -> list[Route]:
+    out = []
     for http in vs.http:
         for index, match in enumerate(http.matches or (None,)):
             if match is not None and not _applies(match, port):
                 continue
             route = _route(ctx, vs, http, match, index, port)
             out.append(route)
-            per_source = per_source or bool(route.match.filter_state)
             if is_catch_all(route.match):
-                return out, per_source
-    return out, per_source
+                return out
+    return out
 
 
 def _applies(match: HttpMatch, port: int) -> bool:

@@ -40,6 +40,7 @@ from nodeagent.xds.istio.virtualservice import VirtualService
 HTTP, HTTP2, TCP = "http", "http2", "tcp"
 PROTOCOLS = {"http": HTTP, "http2": HTTP2, "grpc": HTTP2, "h2c": HTTP2,
              "tcp": TCP, "tls": TCP, "https": TCP, "mongo": TCP, "mysql": TCP, "redis": TCP}
+APP_PROTOCOLS = {**PROTOCOLS, "kubernetes.io/h2c": HTTP2, "kubernetes.io/ws": HTTP, "kubernetes.io/wss": TCP}
 DOMAIN = "svc.cluster.local"
 _NEVER = datetime.max.replace(tzinfo=timezone.utc)
 Warn = Callable[[ConfigError], None]
@@ -77,12 +78,19 @@ class Catalog:
 
     def _known(self, hosts: Iterable[str], namespace: str, where: Callable[[int], str], kind: str,
                warn: Callable[[ConfigError], None]) -> None:
-        """A host that names no Service: the resource applies to no traffic for it."""
+        """A host that names no Service, or only a headless one (the client side steers by
+        a Service's cluster IP: a headless Service has none): the resource applies to no
+        traffic for it."""
         for i, host in enumerate(hosts):
-            if not self.resolve(host, namespace):
+            found = self.resolve(host, namespace)
+            if not found:
                 warn(ConfigError(where(i), f"host {host!r} matches no Service ({qualify(host, namespace)}): this "
                                  f"{kind} applies to no traffic for it", "name a Service: <name> in this "
                                  "resource's namespace, or <name>.<namespace>.svc.cluster.local"))
+            elif not host.startswith("*") and all(s.cluster_ip == "None" for s in found):  # "": not assigned yet
+                warn(ConfigError(where(i), f"Service {found[0].namespace}/{found[0].name} is headless (clusterIP "
+                                 f"None): nodeagent applies a {kind} to traffic sent to a Service's cluster IP, so "
+                                 "this one applies to no traffic for it", "give the Service a cluster IP"))
 
     def virtual_service(self, service: Service) -> VirtualService | None:
         return self.virtual_services.get(service.hostname)
@@ -124,17 +132,22 @@ class Catalog:
                 candidates.setdefault(service.hostname, []).append((rank, dr))
         chosen, clients = {}, {}
         for hostname, found in candidates.items():
-            same = _nearest(found)
-            chosen[hostname] = merge(same, hostname, warn)
+            # every client's: the service's namespace, else the root's, as istiod looks no
+            # further; a rule of a third namespace is only its own clients' (below)
+            nearer = [(rank, dr) for rank, dr in found if rank[0] < 2]
+            same = _nearest(nearer) if nearer else []
+            if same:
+                chosen[hostname] = merge(same, hostname, warn)
             used = {dr.key for dr in same}
             for namespace in sorted({dr.namespace for _, dr in found} - {self.by_host[hostname].namespace}):
                 own = _nearest([(rank, dr) for rank, dr in found if dr.namespace == namespace])
                 used |= {dr.key for dr in own}
                 if [dr.key for dr in own] != [dr.key for dr in same]:
                     clients[(namespace, hostname)] = merge(own, hostname, warn)
+                    others = f"DestinationRule {same[0].key}" if same else "none (a rule in a namespace other " \
+                        "than the service's or the root's applies to its own clients only, as istiod's)"
                     warn(Note(own[0].where, f"applies to {hostname} for the clients in namespace {namespace}, whose "
-                                            f"own rules take precedence as istiod's do; other clients get "
-                                            f"DestinationRule {same[0].key}"))
+                                            f"own rules take precedence as istiod's do; other clients get {others}"))
             for _, other in found:
                 if other.key not in used:
                     warn(ConfigError(other.where, f"another DestinationRule of namespace {other.namespace} has a more "
@@ -187,7 +200,9 @@ def merge(rules: list[DestinationRule], hostname: str, warn: Warn) -> Destinatio
 
 
 def protocol(port: ServicePort, vs: VirtualService | None) -> str:
-    known = PROTOCOLS.get(port.name.lower().split("-")[0])
+    """As istiod: the port's appProtocol when it names a known protocol, else its name's
+    prefix, else HTTP when the VirtualService has HTTP routes for it, else TCP."""
+    known = APP_PROTOCOLS.get(port.app_protocol.lower()) or PROTOCOLS.get(port.name.lower().split("-")[0])
     if known:
         return known
     if vs is not None and any(_http_applies(route, port.port) for route in vs.http):
