@@ -12,8 +12,13 @@ identities, policies, config) stays on the socket, which only root on the node r
 as ztunnel keeps its config dump on localhost. And a pod opening connections there and
 never finishing a request (slowloris) must not take the agent's descriptors or memory:
 at most MAX_TCP_CONNECTIONS are served at once, each has HEAD_TIMEOUT for its request
-head of at most MAX_REQUEST bytes, and one more is closed at accept, counted
-(`nodeagent_admin_connections_refused_total`) and logged at most every LOG_INTERVAL.
+head of at most MAX_REQUEST bytes and RESPONSE_TIMEOUT to take the response (a client
+that never reads is aborted, not left holding its slot and the page), and one more is
+closed at accept, counted (`nodeagent_admin_connections_refused_total`) and logged at
+most every LOG_INTERVAL. The /metrics page is built in a thread, one build at a time,
+and a built page answers every request for METRICS_FRESH: its size grows with the label
+sets (tens of MB for thousands), and built on the loop, one request from any pod held
+every new connection of the node for as long.
 Readiness does not depend on it (the probe reads the ReadinessFile), nor does `nodeagent
 status` (the socket has no such limit).
 
@@ -33,6 +38,7 @@ import os
 import socket
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +51,8 @@ from nodeagent.throttle import LOG_INTERVAL, Throttle
 MAX_REQUEST = 16 * 1024  # bytes of a request head
 MAX_TCP_CONNECTIONS = 32  # served at once on the admin address (Prometheus scrapes one at a time)
 HEAD_TIMEOUT = 5.0  # seconds for a request head to arrive
+RESPONSE_TIMEOUT = 10.0  # seconds for the client to take the response, then the connection is aborted
+METRICS_FRESH = 1.0  # seconds one built /metrics page answers every request
 REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
            503: "Service Unavailable"}
 
@@ -148,6 +156,8 @@ class AdminServer:
                                f"Connections to the admin address closed at accept: {MAX_TCP_CONNECTIONS} were "
                                "being served", registry=registry)
         self._refusals = Throttle()  # their log lines
+        self._page: tuple[float, bytes] | None = None  # (monotonic time its build began, /metrics)
+        self._building: asyncio.Task | None = None
 
     async def start(self, address: tuple[str, int] | None, socket_path: Path | None,
                     reuse_port: bool = True, setting: str = "admin_address") -> None:
@@ -192,9 +202,7 @@ class AdminServer:
         """(status, content type, body) for one request; `local`: it came over the socket."""
         if method != "GET":
             return 405, "text/plain", b"only GET\n"
-        path = path.split("?", 1)[0]
-        if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        path = path.split("?", 1)[0]  # (/metrics: metrics_page, off the loop)
         if path == "/debug/status":
             if not local:
                 return 404, "text/plain", b"/debug/status is served on the agent's admin socket only: nodeagent status\n"
@@ -236,16 +244,38 @@ class AdminServer:
                              "without sending requests?). Reported at most every %g s", count, self.tcp_open,
                              MAX_TCP_CONNECTIONS, HEAD_TIMEOUT, LOG_INTERVAL)
 
+    async def metrics_page(self) -> bytes:
+        """The Prometheus page: built in a thread, one build at a time, a page answering
+        every request for METRICS_FRESH after its build began."""
+        page = self._page
+        if page is not None and time.monotonic() - page[0] < METRICS_FRESH:
+            return page[1]
+        if self._building is None or self._building.done():
+            self._building = asyncio.get_running_loop().create_task(self._build_page())
+        return await asyncio.shield(self._building)
+
+    async def _build_page(self) -> bytes:
+        began = time.monotonic()
+        body = await asyncio.to_thread(generate_latest, self.registry)
+        self._page = (began, body)
+        return body
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, local: bool) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=HEAD_TIMEOUT)
             parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
-            code, ctype, body = self.respond(parts[0], parts[1], local) if len(parts) == 3 \
-                else (400, "text/plain", b"")
+            if len(parts) != 3:
+                code, ctype, body = 400, "text/plain", b""
+            elif parts[0] == "GET" and parts[1].split("?", 1)[0] == "/metrics":
+                code, ctype, body = 200, CONTENT_TYPE_LATEST, await self.metrics_page()
+            else:
+                code, ctype, body = self.respond(parts[0], parts[1], local)
             writer.write(f"HTTP/1.1 {code} {REASONS[code]}\r\nContent-Type: {ctype}\r\n"
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
+            await asyncio.wait_for(writer.drain(), timeout=RESPONSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            writer.transport.abort()  # a client that stopped reading keeps nothing of ours
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         except Exception:  # a bug in a status provider must not take the admin server down
             self.log.exception("admin request failed")

@@ -28,6 +28,8 @@ def parse_authority(raw: bytes | str | None) -> Address | None:
         host, want = host[1:-1], 6
     else:
         want = 4  # a bare IPv6 literal is ambiguous next to the port
+    if "%" in host:  # a zone (fe80::1%eth0): no pod's address has one, and its text is anybody's
+        return None
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

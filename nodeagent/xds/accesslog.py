@@ -16,7 +16,8 @@ labels named from the Model:
   address's endpoint id "ip:port") and the service of the `outbound|port|subset|host`
   cluster; server side, the pod of the PROXY destination and the service selecting it
   on that port (as the agent's L4 reporter picks it);
-- connection_security_policy "mutual_tls" when a source principal is known.
+- connection_security_policy "mutual_tls" when a source principal is known, else "none" at the
+  destination (plaintext taken, as Istio says it) and "unknown" at the waypoint.
 Missing facts are "unknown", as in Istio. A line that cannot be read is counted in
 nodeagent_access_log_errors_total and logged (the first time only); it never stops the
 reading. Registry, Model and logger are handed in.
@@ -57,6 +58,7 @@ UNKNOWN = "unknown"
 WAYPOINT, DESTINATION = "waypoint", "destination"
 REPORTERS = {names.OUTBOUND_LISTENER: WAYPOINT, names.INBOUND_LISTENER: DESTINATION}
 MTLS = "mutual_tls"
+NONE = "none"
 LABELS = ("reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app",
           "source_version", "source_canonical_service", "source_canonical_revision",
           "destination_workload", "destination_workload_namespace", "destination_principal", "destination_app",
@@ -72,6 +74,13 @@ BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
 PARSE_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError)
 # At most this many label sets cached (label part → metric children); then the cache starts over.
 SERIES_CACHE = 4096
+# At most this many label sets kept: each holds ~4 KB and adds ~50 KB to every /metrics page,
+# and an app choosing its response codes with a client choosing paths could mint thousands;
+# a request of a label set past it is counted in nodeagent_request_series_dropped_total only.
+MAX_SERIES = 10_000
+
+
+_UNSEEN = object()
 
 
 class Series:
@@ -116,9 +125,13 @@ class RequestMetrics:
         self._logged = False
         self.unread = 0  # lines that could not be read (nodeagent_access_log_errors_total)
         self._series: dict[tuple[str, ...], Series] = {}
+        self.dropped = Counter("nodeagent_request_series_dropped",
+                               f"Requests not counted in Istio's request metrics: their label set would have been "
+                               f"one more than {MAX_SERIES}", registry=registry)
+        self._dropped_logged = False
         # (the model, {label part: Series}), replaced as one object when the model changes,
         # so a reader still on the previous model never fills the new one's.
-        self._cache: tuple[Model | None, dict[bytes, Series]] = (None, {})
+        self._cache: tuple[Model | None, dict[bytes, Series | None]] = (None, {})
         registry.register(_Collector(self._series))
 
     def consume(self, lines: Iterable[bytes]) -> int:
@@ -132,9 +145,9 @@ class RequestMetrics:
         for line in lines:
             try:
                 key, measures = split(line)
-                series = cache.get(key)
-                if series is None:
-                    series = self._series_of(key, model)
+                series = cache.get(key, _UNSEEN)
+                if series is _UNSEEN:
+                    series = self._series_of(key, model)  # None (dropped) is cached too
                     if len(cache) >= SERIES_CACHE:
                         cache.clear()
                     cache[key] = series
@@ -142,11 +155,15 @@ class RequestMetrics:
             except PARSE_ERRORS as exc:  # MalformedLine is a ValueError
                 self.unreadable(f"an access-log line is unreadable: {exc}")
                 continue
-            series.record(took, sent, received)
+            if series is None:
+                self._drop()
+            else:
+                series.record(took, sent, received)
             counted += 1
         return counted
 
-    def _series_of(self, key: bytes, model: Model) -> Series:
+    def _series_of(self, key: bytes, model: Model) -> Series | None:
+        """The label set of a line's label part; None when it would be one past MAX_SERIES."""
         log_name, facts = labels_of(key)
         reporter = REPORTERS.get(log_name)
         if reporter is None:
@@ -155,8 +172,18 @@ class RequestMetrics:
         values = tuple(labels[name] for name in LABELS)
         series = self._series.get(values)
         if series is None:
+            if len(self._series) >= MAX_SERIES:
+                return None
             series = self._series[values] = Series(values)
         return series
+
+    def _drop(self) -> None:
+        self.dropped.inc()
+        if not self._dropped_logged:
+            self._dropped_logged = True
+            self.log.warning("Istio's request metrics hold %d label sets, their limit: requests of further ones "
+                             "are counted in nodeagent_request_series_dropped_total only (a workload minting "
+                             "response codes?); not logged again", MAX_SERIES)
 
     def unreadable(self, what: str) -> None:
         self.unread += 1
@@ -304,7 +331,8 @@ def request_labels(reporter: str, facts: RequestFacts, model: Model,
         "destination_principal": destination_principal, **_service_labels(service, facts.cluster),
         "request_protocol": "grpc" if facts.grpc else "http", "response_code": str(facts.code),
         "grpc_response_status": facts.grpc_status, "response_flags": facts.flags,
-        "connection_security_policy": MTLS if principal else UNKNOWN,
+        # as Istio's: a destination that took plaintext says "none"; a source cannot tell
+        "connection_security_policy": MTLS if principal else NONE if reporter == DESTINATION else UNKNOWN,
     }
 
 

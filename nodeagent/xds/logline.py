@@ -27,11 +27,17 @@ from nodeagent.xds import dataplane
 
 PRINCIPAL = dataplane.FILTER_STATE[dataplane.TLV_PRINCIPAL]
 SOURCE_WORKLOAD = dataplane.FILTER_STATE[dataplane.TLV_SOURCE_WORKLOAD]
-CONTENT_TYPE_CHARS = len("application/grpc")  # all of content-type the labels read (gRPC or not)
+# All of content-type the labels read: gRPC is "application/grpc" or "application/grpc+…"
+# (as Envoy tells it; "application/grpc-web" is not).
+CONTENT_TYPE_CHARS = len("application/grpc+")
 GRPC_STATUS_CHARS = 8  # grpc-status is a small number (0-16, or an app's own code); more is cut here
-# What grpc_response_status may be: a status of 1-3 digits; anything else an app sends is
-# "unknown", so an app cannot make the agent keep a label set per distinct value.
-GRPC_STATUS_DIGITS = 3
+# What grpc_response_status may be: one of gRPC's codes, 0-16, written without leading
+# zeros; anything else an app sends is "unknown", so an app cannot make the agent keep a
+# label set per distinct value ("7", "07" and "007" were three).
+GRPC_CODES = 16
+# Without a grpc-status, the code Envoy infers from the HTTP status (Grpc::Utility::
+# httpToGrpcStatus), as Istio's label has it: 2 (UNKNOWN) for any other.
+HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
 LABEL_FORMAT = {
     "p": f"%FILTER_STATE({PRINCIPAL}:PLAIN)%",  # the SPIFFE ID the agent verified (TLV 0xE0)
     "w": f"%FILTER_STATE({SOURCE_WORKLOAD}:PLAIN)%",  # "ns/pod" (TLV 0xE3)
@@ -105,14 +111,14 @@ def labels_of(part: bytes) -> tuple[str, RequestFacts]:
     if not isinstance(found, dict) or not isinstance(found.get("log"), str):
         raise MalformedLine(f"no log name in {part[:200]!r}")
     ct, upstream = _text(found, "ct") or "", _text(found, "u")
-    grpc = ct.startswith("application/grpc")
+    grpc = ct == "application/grpc" or ct.startswith("application/grpc+")
     endpoint = None
     if upstream is not None and upstream.startswith(INTERNAL):
         endpoint = upstream[len(INTERNAL):].partition("/")[2]
     return found["log"], RequestFacts(
         _text(found, "p"), _text(found, "w"), _text(found, "s"), _text(found, "d"), _number(found, "dp"),
         endpoint, _text(found, "c") or "", grpc,
-        _grpc_status(_text(found, "gt") or _text(found, "gh")) if grpc else "",
+        _grpc_status(_text(found, "gt") or _text(found, "gh"), _number(found, "r")) if grpc else "",
         _number(found, "r"), _text(found, "f") or "-")
 
 
@@ -126,10 +132,14 @@ def measured(part: bytes) -> Measured:
     return Measured(took, request_headers + received, response_headers + sent)
 
 
-def _grpc_status(value: str | None) -> str:
+def _grpc_status(value: str | None, http_code: int) -> str:
+    """The trailer's or header's status as Envoy reads it, else inferred from the HTTP
+    status; "" with no response at all."""
     if value is None:
-        return ""
-    return value if len(value) <= GRPC_STATUS_DIGITS and value.isascii() and value.isdigit() else "unknown"
+        return str(HTTP_TO_GRPC.get(http_code, 2)) if http_code else ""
+    if not (value.isascii() and value.isdigit()) or int(value) > GRPC_CODES:
+        return "unknown"
+    return str(int(value))
 
 
 def _text(found: dict, key: str) -> str | None:

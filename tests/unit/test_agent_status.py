@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 
 from agent_world import free_port
 from identity_fixtures import run, until
@@ -143,8 +145,8 @@ def test_admin_routes():
     metrics.failure("outbound", "connect_refused")
     ready = [False]
     admin = AdminServer(registry=registry, status=lambda: {"node": "n"}, ready=lambda: ready[0], log=None)
-    code, ctype, body = admin.respond("GET", "/metrics")
-    assert code == 200 and b"nodeagent_outbound_connections_total 3.0" in body
+    body = run(admin.metrics_page())
+    assert b"nodeagent_outbound_connections_total 3.0" in body
     assert b'nodeagent_connection_failures_total{direction="outbound",reason="connect_refused"} 1.0' in body
     assert admin.respond("GET", "/debug/status")[2] == b'{\n "node": "n"\n}\n'
     assert admin.respond("GET", "/healthz/ready")[0] == 503
@@ -265,6 +267,7 @@ def test_the_admin_address_serves_no_status_and_at_most_32_connections_at_once(t
     slot comes back when one of them closes, and all of them when their head timeout
     passes."""
     monkeypatch.setattr(admin, "HEAD_TIMEOUT", 2.0)
+    monkeypatch.setattr(admin, "METRICS_FRESH", 0.0)  # each /metrics below sees the counter as it is
 
     async def main():
         registry = CollectorRegistry()
@@ -301,6 +304,74 @@ def test_the_admin_address_serves_no_status_and_at_most_32_connections_at_once(t
         finally:
             await server.close()
     run(main(), timeout=60)
+
+
+class _Page:
+    """A collector whose page takes a while to build (thousands of label sets) and counts
+    its builds, and the threads they ran on."""
+
+    def __init__(self, size: int = 0):
+        self.builds, self.threads, self.size = 0, [], size
+        self.loop_ran = threading.Event()  # set by a callback of the agent's loop
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        self.builds += 1
+        self.threads.append(threading.get_ident())
+        self.loop_ran.wait(5)  # built on the loop, this would wait for the loop: 5 s, and not set
+        family = GaugeMetricFamily("big_page", "padding", labels=["pad"])
+        if self.size:
+            family.add_metric(["x" * self.size], 1.0)
+        yield family
+
+
+def test_metrics_are_built_off_the_loop_once_for_requests_together(tmp_path):
+    """One /metrics from any pod held every new connection of the node for as long as the
+    page took to build (seconds for thousands of label sets): it is built in a thread, one
+    build at a time, and one page answers the requests made while it was built."""
+    async def main():
+        registry, page = CollectorRegistry(), _Page()
+        registry.register(page)
+        server = AdminServer(registry=registry, status=dict, ready=lambda: True, log=logging.getLogger("t"))
+        port = free_port()
+        await server.start(("127.0.0.1", port), None)
+        try:
+            requests = [asyncio.ensure_future(_get(port, "/metrics")) for _ in range(5)]
+            await until(lambda: page.builds == 1, what="the page's build")
+            asyncio.get_running_loop().call_soon(page.loop_ran.set)  # runs only if the loop is free
+            answers = await asyncio.gather(*requests)
+            assert [code for code, _ in answers] == [200] * 5 and page.builds == 1
+            assert all(b"big_page" in body for _, body in answers)
+            assert page.threads[0] != threading.get_ident()  # not the loop's thread
+        finally:
+            await server.close()
+    run(main(), timeout=30)
+
+
+def test_a_client_that_never_reads_its_response_is_aborted(tmp_path, monkeypatch):
+    """It held its slot, and the page, for ever: 32 of them shut every scraper out."""
+    monkeypatch.setattr(admin, "RESPONSE_TIMEOUT", 0.5)
+
+    async def main():
+        page = _Page(size=16 << 20)  # more than the socket buffers hold
+        page.loop_ran.set()
+        registry = CollectorRegistry()
+        registry.register(page)
+        server = AdminServer(registry=registry, status=dict, ready=lambda: True, log=logging.getLogger("t"))
+        port = free_port()
+        await server.start(("127.0.0.1", port), None)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1024)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            await until(lambda: server.tcp_open == 1, what="the request served")
+            await until(lambda: server.tcp_open == 0, timeout=10, what="the stalled response aborted")
+            writer.close()
+            assert (await _get(port, "/healthz/ready"))[0] == 200
+        finally:
+            await server.close()
+    run(main(), timeout=30)
 
 
 def test_open_files_against_the_limit_are_shown():

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nodeagent.model import Pod
-from nodeagent.xds import dataplane, logline
+from nodeagent.xds import accesslog, dataplane, logline
 from nodeagent.xds.accesslog import LABELS, AccessLogPipe, RequestMetrics
 from nodeagent.xds.logline import RequestFacts
 from xds_world import REVIEWS, model
@@ -145,7 +145,7 @@ def test_the_source_address_counts_only_when_its_pod_holds_the_proven_principal(
     found = {(s["source_principal"], s["source_workload"], s["source_workload_namespace"],
               s["connection_security_policy"], s["count"]) for s in series(registry)}
     assert found == {(stranger, "unknown", "shop", "mutual_tls", 1),  # the namespace is the principal's
-                     ("unknown", "productpage-v1", "shop", "unknown", 1),  # nothing proven: the address's pod
+                     ("unknown", "productpage-v1", "shop", "none", 1),  # nothing proven: the address's pod
                      ("not-spiffe", "unknown", "unknown", "mutual_tls", 1)}
 
 
@@ -203,6 +203,35 @@ def test_grpc_is_told_by_content_type_and_its_status_read_from_trailers_or_heade
                   for s in series(registry)) == [("grpc", "14", "200", 1), ("grpc", "5", "200", 1),
                                                  ("grpc", "unknown", "200", 3), ("http", "", "0", 1),
                                                  ("http", "", "200", 1)]
+
+
+def test_grpc_status_as_envoy_reads_it_and_grpc_web_is_http(metrics):
+    """gRPC's codes without leading zeros ("07" was a label value of its own), none past 16;
+    without a grpc-status the code Envoy infers from the HTTP status, as Istio's label has it."""
+    recorder, registry = metrics
+    grpc = "application/grpc+"  # the 17 characters Envoy writes
+    recorder.consume([
+        entry(content_type=grpc, grpc_trailer="07"), entry(content_type=grpc, grpc_trailer="007"),
+        entry(content_type=grpc, grpc_trailer="17"),
+        entry(content_type="application/grpc", code=503), entry(content_type=grpc, code=404),
+        entry(content_type=grpc),  # 200 without a status: UNKNOWN
+        entry(content_type="application/grpc-", grpc_trailer="7")])  # grpc-web: HTTP to Envoy and Istio
+    assert sorted((s["request_protocol"], s["grpc_response_status"], s["response_code"], s["count"])
+                  for s in series(registry)) == [("grpc", "12", "404", 1), ("grpc", "14", "503", 1),
+                                                 ("grpc", "2", "200", 1), ("grpc", "7", "200", 2),
+                                                 ("grpc", "unknown", "200", 1), ("http", "", "200", 1)]
+
+
+def test_label_sets_past_the_limit_are_counted_apart_and_logged_once(monkeypatch, caplog):
+    """An app answering with codes it invents, its client choosing paths, minted a label set
+    (~4 KB, ~50 KB of every /metrics page) per combination, never forgotten."""
+    monkeypatch.setattr(accesslog, "MAX_SERIES", 3)
+    registry = CollectorRegistry()
+    recorder = RequestMetrics(registry, lambda: WORLD)
+    recorder.consume([entry(code=code) for code in (200, 201, 202, 203, 204, 203, 200)])
+    assert sorted((s["response_code"], s["count"]) for s in series(registry)) == [("200", 2), ("201", 1), ("202", 1)]
+    assert registry.get_sample_value("nodeagent_request_series_dropped_total") == 3
+    assert sum("their limit" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_without_principal_of_the_destination_principal_is_unknown():
