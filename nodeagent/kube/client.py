@@ -27,6 +27,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import ssl
 import tempfile
 import time
@@ -44,6 +45,15 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_REREAD_SECONDS = 60  # client-go re-reads a token file every minute too
 MAX_HEADER_BYTES = 64 * 1024
 USER_AGENT = f"nodeagent/{__version__}"
+# Python's JSON decoder raises RecursionError at ~1000 levels of nesting, where the API
+# server accepts 10000 in a preserve-unknown-fields field (an EnvoyFilter's patch, a
+# WasmPlugin's pluginConfig): one such object failed every list of its kind, for ever.
+# A document that deep is read with what lies past MAX_DEPTH cut, and each object cut so
+# is handed on as its identity and TOO_DEEP, which the source refuses alone.
+MAX_DEPTH = 100
+TOO_DEEP = "nodeagent.too-deep"  # the key of a cut object; its value says how deep it went
+_CUT = "\u0000nodeagent: cut here"
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 class KubeApiError(NodeagentError):
@@ -376,7 +386,7 @@ class KubeClient:
         """The JSON object of a 200 or 201; else the answer's typed KubeApiError. A 200 that
         is no JSON object (a proxy's page, an empty body) is an error, not an empty answer."""
         try:
-            doc = json.loads(body) if body.strip() else None
+            doc = loads(body) if body.strip() else None
         except ValueError:
             doc = None
         if status in (200, 201) and not isinstance(doc, dict):
@@ -389,7 +399,7 @@ class KubeClient:
 
     def _event(self, line: bytes, resource: str) -> dict:
         try:
-            event = json.loads(line)
+            event = loads(line)
         except ValueError:
             raise KubeApiError(resource, f"malformed watch event: {line[:80]!r}") from None
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
@@ -424,6 +434,73 @@ def status_error(resource: str, status: Mapping[str, Any], code: int) -> KubeApi
     text = f"{code} {reason}".strip() + (f": {message}" if message else "")
     cls = {410: Gone, 404: NotFound, 409: Conflict}.get(code, KubeApiError)
     return cls(resource, text, code, HINTS.get(code))
+
+
+def loads(data: bytes) -> Any:
+    """json.loads, but a document nested past what the decoder takes is read with every
+    value past MAX_DEPTH cut, and each API object in it holding a cut (a list's item, a
+    watch event's object) replaced by its identity and TOO_DEEP (kube.admit refuses it)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        pass
+    doc = json.loads(_cut(data))
+    if isinstance(doc, dict):
+        for holder, key in _objects(doc):
+            obj = holder[key]
+            if _holds_cut(obj):
+                meta = obj.get("metadata") if isinstance(obj, dict) else None
+                meta = meta if isinstance(meta, dict) else {}
+                holder[key] = {"metadata": {k: meta[k] for k in ("namespace", "name", "uid", "resourceVersion")
+                                            if k in meta and not _holds_cut(meta[k])},
+                               TOO_DEEP: f"nested deeper than {MAX_DEPTH} levels"}
+    return doc
+
+
+def _objects(doc: dict) -> list[tuple[Any, Any]]:
+    """(container, key) of each API object of a decoded answer: a list's items, a watch
+    event's object, or the answer itself."""
+    if isinstance(doc.get("items"), list):
+        return [(doc["items"], i) for i in range(len(doc["items"]))]
+    if isinstance(doc.get("object"), dict):
+        return [(doc, "object")]
+    return []
+
+
+def _cut(data: bytes) -> bytes:
+    """`data` with every array or object opened past MAX_DEPTH replaced by a string _CUT
+    (strings are skipped whole, so brackets inside them do not count)."""
+    out, depth, cut_from, start = [], 0, None, 0
+    for token in _TOKEN.finditer(data):
+        text = token.group()
+        if text[0:1] == b'"':
+            continue
+        if text in (b"[", b"{"):
+            depth += 1
+            if depth == MAX_DEPTH + 1 and cut_from is None:
+                out.append(data[start:token.start()])
+                cut_from = token.start()
+        else:
+            if depth == MAX_DEPTH + 1 and cut_from is not None:
+                out.append(json.dumps(_CUT).encode())
+                start, cut_from = token.end(), None
+            depth -= 1
+    out.append(data[start:])
+    return b"".join(out)
+
+
+def _holds_cut(value: Any) -> bool:
+    """Whether `value` holds a _CUT (no recursion: it may be MAX_DEPTH deep)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif item == _CUT:
+            return True
+    return False
 
 
 def _snippet(body: bytes, size: int) -> str:

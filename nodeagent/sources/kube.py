@@ -51,7 +51,8 @@ from typing import Any, Callable, Iterable
 
 from nodeagent.backoff import Backoff
 from nodeagent.errors import ConfigError
-from nodeagent.kube.client import ClusterConfig, Gone, KubeApiError, KubeClient, NotFound, Resource, of_kind
+from nodeagent.kube.client import (TOO_DEEP, ClusterConfig, Gone, KubeApiError, KubeClient, NotFound, Resource,
+                                   of_kind)
 from nodeagent.kube.events import EventWriter
 from nodeagent.kube.objects import KubeObject, object_from_dict
 from nodeagent.kube.owner import OwnerWatch
@@ -173,6 +174,9 @@ def admit(kind: Kind, api_version: str, body: Any) -> KubeObject:
     they are the list's."""
     if not isinstance(body, dict):
         raise ConfigError(f"{SOURCE} ({kind.kind})", f"expected an object, got {type(body).__name__}")
+    if TOO_DEEP in body:  # kube.client.loads cut it: refused alone, its last good version kept
+        raise ConfigError(f"{SOURCE} ({object_name(kind, body)})", f"{body[TOO_DEEP]}, deeper than nodeagent reads",
+                          "flatten it; the API server takes up to 10000 levels, nodeagent refuses such an object")
     body = trimmed(kind, {**body, "apiVersion": api_version, "kind": kind.kind})
     obj = object_from_dict(body, SOURCE)
     check([obj])
@@ -538,7 +542,10 @@ class KubeSource:
         lookups = self._unserved[store.kind] = self._unserved.get(store.kind, 0) + 1
         starting = store.kind.group == SECURITY_GROUP and store.kind not in self._synced
         if (store.objects or starting) and lookups < UNSERVED_LOOKUPS:
-            delay = self.retry.jittered(lookups, self.rng) if starting else self.rediscover_seconds
+            # A starting security kind's lookups span rediscover_seconds (30 s), not the
+            # retry's 0.25-1.5 s: a control plane's CRD handlers take longer than that to sync.
+            delay = max(self.retry.jittered(lookups, self.rng), self.rediscover_seconds / (UNSERVED_LOOKUPS - 1)) \
+                if starting else self.rediscover_seconds
             self._fail(store.kind, f"{why} ({lookups} of {UNSERVED_LOOKUPS} lookups in a row; "
                        f"{'not read until' if starting else 'its objects are kept until'} {UNSERVED_LOOKUPS})",
                        delay)

@@ -516,6 +516,52 @@ def test_a_security_kind_never_served_is_looked_up_three_times_before_the_agent_
                             "networking.istio.io: is its CRD installed?"}
 
 
+def _deep(name: str, depth: int) -> bytes:
+    """An EnvoyFilter whose patch value nests `depth` lists (the API server takes 10000)."""
+    head = json.dumps({"metadata": {"name": name, "namespace": "tenant", "resourceVersion": "7"},
+                       "spec": {"configPatches": [{"applyTo": "HTTP_FILTER", "patch": {"value": "x"}}]}})
+    return head.replace('"x"', "[" * depth + '"[{\\"}"' + "]" * depth).encode()
+
+
+def test_an_object_nested_past_the_decoders_depth_is_refused_alone():
+    """Python's decoder raised RecursionError at ~1000 levels: one tenant's EnvoyFilter
+    failed every list of the kind on every agent, for ever (no agent restarted got ready).
+    Now what lies past client.MAX_DEPTH is cut, and the object holding it refused alone,
+    its last good version kept; the others of its page, and brackets in strings, read as sent."""
+    good = json.loads(_deep("deep", 2))
+    page = b'{"kind":"EnvoyFilterList","metadata":{"resourceVersion":"9"},"items":[' + _deep("ok", 3) + b"," + \
+        _deep("deep", 1500) + b"]}"
+    with pytest.raises(RecursionError):
+        json.loads(page)
+    doc = client.loads(page)
+    ok, cut = doc["items"]
+    assert ok == json.loads(_deep("ok", 3))  # "[{\"}" inside a string is no bracket
+    assert cut == {"metadata": {"name": "deep", "namespace": "tenant", "resourceVersion": "7"},
+                   client.TOO_DEEP: "nested deeper than 100 levels"}
+    store = kube.Store(KIND["EnvoyFilter"])
+    store.replace([good], "5")
+    store.replace(doc["items"], "9")
+    assert sorted(store.objects) == ["EnvoyFilter tenant/deep", "EnvoyFilter tenant/ok"]
+    assert store.objects["EnvoyFilter tenant/deep"].body["spec"] == good["spec"]  # the last good version
+    assert store.errors == {"EnvoyFilter tenant/deep": "kube (EnvoyFilter tenant/deep): nested deeper than "
+                            "100 levels, deeper than nodeagent reads (flatten it; the API server takes up to 10000 "
+                            "levels, nodeagent refuses such an object)"}
+    event = client.loads(b'{"type":"MODIFIED","object":' + _deep("ok", 2000) + b"}")
+    assert store.apply(event) is False and "EnvoyFilter tenant/ok" in store.errors
+    assert store.objects["EnvoyFilter tenant/ok"].body["spec"] == ok["spec"]
+
+
+def test_a_starting_security_kinds_lookups_span_the_rediscovery_interval(tmp_path: Path):
+    """An API server answering 404 for 2 s at start (its CRD handlers syncing) had the
+    agent without AuthorizationPolicies for the next 30 s: the lookups were 0.25-1.5 s apart."""
+    source = KubeSource(ScriptedApi(cluster(tmp_path), [], lambda: None).config, kinds=(KIND["AuthorizationPolicy"],),
+                        rediscover_seconds=30.0, retry=Backoff(1.0, 60.0), client=None)
+    store = source._stores[0]
+    why = "not served: the API server has no group security.istio.io"
+    assert [source._not_served(store, why) for _ in range(3)] == [15.0, 15.0, 30.0]  # then without it
+    assert source.poll() is not None and source.errors == {"AuthorizationPolicy (security.istio.io)": why}
+
+
 def test_a_list_answer_that_is_no_list_keeps_the_kind_as_last_read_and_is_reported(tmp_path: Path):
     """A proxy's page, an empty body or an object that is no list, answered 200 to a
     relist, is an error: the pods stay as last read (an empty list would un-enrol every
