@@ -28,6 +28,7 @@ import base64
 import json
 import os
 import re
+import socket
 import ssl
 import tempfile
 import time
@@ -51,6 +52,13 @@ USER_AGENT = f"nodeagent/{__version__}"
 # A document that deep is read with what lies past MAX_DEPTH cut, and each object cut so
 # is handed on as its identity and TOO_DEEP, which the source refuses alone.
 MAX_DEPTH = 100
+# Seconds a watch may stay silent before it is taken for dead and watched again (the API
+# server's watch cache sends a BOOKMARK to bookmark-enabled watches about every minute; it
+# was timeoutSeconds + 10, 310-610 s, in which a new DENY went unapplied while the agent
+# took itself for in sync); and TCP keepalive on every connection to the API server, so
+# a peer that vanished is noticed by the kernel (idle 30 s, then 3 probes 10 s apart).
+WATCH_IDLE = 120
+KEEPALIVE = (30, 10, 3)
 TOO_DEEP = "nodeagent.too-deep"  # the key of a cut object; its value says how deep it went
 _CUT = "\u0000nodeagent: cut here"
 _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
@@ -303,7 +311,10 @@ class KubeClient:
                 body = b"".join([c async for c in self._body(reader, headers, resource.name, self.timeout)])
                 self._decoded(status, body, resource.name)
             pending = b""
-            async for chunk in self._body(reader, headers, resource.name, timeout_seconds + self.timeout):
+            # A watch silent past WATCH_IDLE is taken for a dead one (a half-open connection, a
+            # proxy holding the stream): the API server sends a bookmark about every minute.
+            idle = min(timeout_seconds, WATCH_IDLE) + self.timeout
+            async for chunk in self._body(reader, headers, resource.name, idle):
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
@@ -327,6 +338,7 @@ class KubeClient:
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             raise KubeApiError(resource, f"cannot connect to {cfg.url}: {_why(exc)}",
                                hint="is the API server reachable from this node?") from None
+        _keepalive(writer.get_extra_info("socket"))
         lines = [f"{method} {target} HTTP/1.1", f"Host: {cfg.host}:{cfg.port}", "Accept: application/json",
                  f"User-Agent: {USER_AGENT}", "Connection: close"]
         token = cfg.bearer()
@@ -434,6 +446,20 @@ def status_error(resource: str, status: Mapping[str, Any], code: int) -> KubeApi
     text = f"{code} {reason}".strip() + (f": {message}" if message else "")
     cls = {410: Gone, 404: NotFound, 409: Conflict}.get(code, KubeApiError)
     return cls(resource, text, code, HINTS.get(code))
+
+
+def _keepalive(sock: Any) -> None:
+    """TCP keepalive (KEEPALIVE) on `sock`, when there is one to set it on."""
+    if sock is None:
+        return
+    idle, interval, count = KEEPALIVE
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    except OSError:
+        pass  # not TCP (a test's socket pair): nothing to keep alive
 
 
 def loads(data: bytes) -> Any:

@@ -551,6 +551,77 @@ def test_an_object_nested_past_the_decoders_depth_is_refused_alone():
     assert store.objects["EnvoyFilter tenant/ok"].body["spec"] == ok["spec"]
 
 
+def _tls_server_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "api")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True).sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "api.pem", tmp_path / "api.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_a_watch_gone_silent_is_taken_for_dead_and_its_connection_is_kept_alive(tmp_path: Path, monkeypatch):
+    """A half-open watch (or a proxy holding the stream) read for timeoutSeconds + 10 s,
+    300-610 s with the defaults, while a new DENY went unapplied and the agent took itself
+    for in sync. A watch silent past WATCH_IDLE (a bookmark comes about every minute) is
+    cut short, and the connection has TCP keepalive so the kernel notices a vanished peer."""
+    import socket
+    import ssl
+    monkeypatch.setattr(client, "WATCH_IDLE", 1)
+    cert_path, key_path = _tls_server_files(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert_path, key_path)
+    kept_alive, keepalive, forever = [], client._keepalive, asyncio.Event()
+
+    def recording(sock):
+        keepalive(sock)
+        kept_alive.append((sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                           sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                           sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                           sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)))
+    monkeypatch.setattr(client, "_keepalive", recording)
+
+    async def api(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        bookmark = b'{"type":"BOOKMARK","object":{"metadata":{"resourceVersion":"8"}}}\n'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n" % len(bookmark) + bookmark + b"\r\n")
+        await writer.drain()
+        await forever.wait()  # then silence, the connection open: only the client's idle limit ends it
+
+    async def main():
+        server = await asyncio.start_server(api, "127.0.0.1", 0, ssl=server_context)
+        port = server.sockets[0].getsockname()[1]
+        config = client.ClusterConfig("127.0.0.1", port, ssl.create_default_context(cafile=str(cert_path)), "t",
+                                      "test")
+        kube_client = client.KubeClient(config, timeout=1)
+        events = []
+        try:
+            with pytest.raises(KubeApiError, match="cut short"):
+                async for event in kube_client.watch(client.Resource("/api/v1/pods", "pods"), "7",
+                                                     timeout_seconds=300):
+                    events.append(event["type"])
+        finally:
+            forever.set()
+            server.close()
+        return events
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == ["BOOKMARK"]  # (with 310 s, the 60 s guard would fire)
+    assert kept_alive == [(1, *client.KEEPALIVE)]
+
+
 def test_a_starting_security_kinds_lookups_span_the_rediscovery_interval(tmp_path: Path):
     """An API server answering 404 for 2 s at start (its CRD handlers syncing) had the
     agent without AuthorizationPolicies for the next 30 s: the lookups were 0.25-1.5 s apart."""
