@@ -35,7 +35,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import yaml
 
@@ -278,10 +278,11 @@ class KubeClient:
         return self._decoded(status, body, resource)
 
     async def list(self, resource: Resource, params: Mapping[str, str] | None = None,
-                   limit: int = 500) -> tuple[list[dict], str]:
-        """Every item of `resource` and the list's resourceVersion, page by page; a
-        continue token that expired (410) restarts the list unpaginated, as client-go does."""
-        items: list[dict] = []
+                   limit: int = 500, each: Callable[[Any], Any] | None = None) -> tuple[list[Any], str]:
+        """Every item of `resource` and the list's resourceVersion, page by page (each
+        item through `each` as its page arrives: what is kept of it); a continue token
+        that expired (410) restarts the list from the start, in pages still."""
+        items: list[Any] = []
         query = {**(params or {}), "limit": str(limit)}
         while True:
             try:
@@ -289,13 +290,17 @@ class KubeClient:
             except Gone:
                 if "continue" not in query:
                     raise
-                items, query = [], {**(params or {})}  # the snapshot expired mid-way: one whole list
+                # the snapshot expired mid-way: from the start (client-go lists it whole; a
+                # page keeps what one answer holds in memory bounded)
+                items, query = [], {**(params or {}), "limit": str(limit)}
                 continue
-            items.extend(list_items(page, resource.name))
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return items, str((page.get("metadata") or {}).get("resourceVersion") or "")
-            query = {**query, "continue": token}
+            found = list_items(page, resource.name)
+            items.extend(found if each is None else [each(item) for item in found])
+            meta = page.get("metadata") or {}
+            del page, found  # the page's whole objects go before the next one comes
+            if not meta.get("continue"):
+                return items, str(meta.get("resourceVersion") or "")
+            query = {**query, "continue": meta["continue"]}
 
     async def watch(self, resource: Resource, resource_version: str, params: Mapping[str, str] | None = None,
                     timeout_seconds: int = 300) -> AsyncIterator[dict]:

@@ -13,6 +13,7 @@ compares that reading with `kubectl kustomize` of the lab's control-plane binary
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import os
@@ -375,7 +376,19 @@ def test_command_lines_use_real_flags_with_valid_values(workload: str, command: 
 def test_scrape_annotations_hit_the_admin_server():
     port = int(agent_args()["--admin-address"].rpartition(":")[2])
     server = admin.AdminServer(registry=admin.CollectorRegistry(), status=dict, ready=lambda: True, log=None)
-    assert server.respond("GET", "/metrics", local=False)[0] == 200
+
+    async def scrape() -> bytes:  # over the admin address, as Prometheus does
+        await server.start(("127.0.0.1", 0), None, reuse_port=False)
+        try:
+            address = server._servers[0].sockets[0].getsockname()
+            reader, writer = await asyncio.open_connection(*address[:2])
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await reader.read()
+            writer.close()
+            return answer
+        finally:
+            await server.close()
+    assert asyncio.run(scrape()).startswith(b"HTTP/1.1 200 OK\r\nContent-Type: " + admin.CONTENT_TYPE_LATEST.encode())
     annotations = AGENT["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
                            "prometheus.io/path": "/metrics"}

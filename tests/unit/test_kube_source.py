@@ -203,12 +203,36 @@ def parse(doc: dict):
     return [object_from_dict(doc, "x")]
 
 
-def test_other_kinds_lose_only_managed_fields():
+def test_other_kinds_keep_their_spec_and_only_the_metadata_read():
+    """Every agent keeps every object of the cluster: a tenant's 250 KB annotations (a
+    controller's last-applied configuration) and status were kept whole."""
     vs = docs()[4]
-    vs["metadata"]["managedFields"] = [{"manager": "kubectl"}]
+    vs["metadata"].update(managedFields=[{"manager": "kubectl"}], generation=3, annotations={
+        "kubectl.kubernetes.io/last-applied-configuration": "x" * 250_000, "istio.io/dry-run": "true"})
+    vs["status"] = {"conditions": [{"type": "Reconciled", "message": "y" * 1000}]}
     kept = trimmed(KIND["VirtualService"], vs)
-    assert kept["spec"] == vs["spec"] and "managedFields" not in kept["metadata"]
-    assert kept["metadata"]["creationTimestamp"] == "2026-01-01T00:00:04Z"  # the API's, kept
+    assert kept["spec"] == vs["spec"] and "status" not in kept
+    assert kept["metadata"] == {"name": vs["metadata"]["name"], "namespace": vs["metadata"]["namespace"],
+                                "creationTimestamp": "2026-01-01T00:00:04Z", "generation": 3,
+                                "annotations": {"istio.io/dry-run": "true"},
+                                **{k: vs["metadata"][k] for k in ("uid", "resourceVersion", "labels")
+                                   if k in vs["metadata"]}}
+    assert trimmed(KIND["VirtualService"], kept) == kept  # trimming twice is trimming once
+
+
+def test_a_list_keeps_each_page_trimmed_and_an_expired_continue_restarts_in_pages(tmp_path: Path):
+    expired = b'{"kind":"Status","code":410,"reason":"Expired","message":"continue expired"}'
+    api = Answered(cluster(tmp_path), (200, pod_list("7", "a", token="next")), (410, expired),
+                   (200, pod_list("8", "a", "b")))
+    seen = []
+
+    def each(body):
+        seen.append(body["metadata"]["name"])
+        return trimmed(KIND["Pod"], body)
+    items, version = asyncio.run(api.list(PODS, each=each))
+    assert (seen, version) == (["a", "a", "b"], "8")
+    assert api.asked == [{"limit": "500"}, {"limit": "500", "continue": "next"}, {"limit": "500"}]
+    assert [item["metadata"]["name"] for item in items] == ["a", "b"] and all("phase" in i["status"] for i in items)
 
 
 # --- one kind's store -------------------------------------------------------------------
