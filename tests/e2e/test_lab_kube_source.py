@@ -103,8 +103,15 @@ def plain(value: Any) -> Any:
 
 
 def summary(model) -> dict:
-    """What a Model holds (objects' `source` and the server's managedFields aside)."""
+    """What a Model holds (objects' `source` and the server's managedFields aside; of a
+    kind other than Pod what the kube source keeps: `trimmed`, no status, the metadata read)."""
+    from nodeagent.sources.kube import KINDS, trimmed
+    kinds = {(k.kind, k.group): k for k in KINDS}
+
     def body(o):
+        kind = kinds.get((o.kind, o.group))
+        if kind is not None:
+            return trimmed(kind, o.body)
         meta = {k: v for k, v in o.body["metadata"].items() if k != "managedFields"}
         return {**o.body, "metadata": meta}
     return json.loads(json.dumps({
