@@ -39,6 +39,7 @@ import socket
 import stat
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -158,6 +159,7 @@ class AdminServer:
         self._refusals = Throttle()  # their log lines
         self._page: tuple[float, bytes] | None = None  # (monotonic time its build began, /metrics)
         self._building: asyncio.Task | None = None
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="metrics")
 
     async def start(self, address: tuple[str, int] | None, socket_path: Path | None,
                     reuse_port: bool = True, setting: str = "admin_address") -> None:
@@ -184,6 +186,7 @@ class AdminServer:
             self._readiness_file.start()
 
     async def close(self) -> None:
+        self._builder.shutdown(wait=False, cancel_futures=True)
         if self._readiness_file is not None:
             await self._readiness_file.close()
             self._readiness_file = None
@@ -255,10 +258,17 @@ class AdminServer:
         return await asyncio.shield(self._building)
 
     async def _build_page(self) -> bytes:
-        began = time.monotonic()
-        body = await asyncio.to_thread(generate_latest, self.registry)
+        """In the admin server's own thread (never a thread of the loop's default pool, which
+        others need), kept METRICS_FRESH and then let go (a page may be tens of MB)."""
+        loop, began = asyncio.get_running_loop(), time.monotonic()
+        body = await loop.run_in_executor(self._builder, generate_latest, self.registry)
         self._page = (began, body)
+        loop.call_later(METRICS_FRESH, self._let_go, self._page)
         return body
+
+    def _let_go(self, page: tuple[float, bytes]) -> None:
+        if self._page is page:
+            self._page = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, local: bool) -> None:
         try:

@@ -281,18 +281,20 @@ class KubeClient:
                    limit: int = 500, each: Callable[[Any], Any] | None = None) -> tuple[list[Any], str]:
         """Every item of `resource` and the list's resourceVersion, page by page (each
         item through `each` as its page arrives: what is kept of it); a continue token
-        that expired (410) restarts the list from the start, in pages still."""
+        that expired (410) restarts the list from the start, in pages once, then whole."""
         items: list[Any] = []
-        query = {**(params or {}), "limit": str(limit)}
+        query, restarts = {**(params or {}), "limit": str(limit)}, 0
         while True:
             try:
                 page = await self.get(resource.path, resource.name, query)
             except Gone:
                 if "continue" not in query:
                     raise
-                # the snapshot expired mid-way: from the start (client-go lists it whole; a
-                # page keeps what one answer holds in memory bounded)
-                items, query = [], {**(params or {}), "limit": str(limit)}
+                # the snapshot expired mid-way: from the start, in pages (what one answer holds
+                # in memory stays bounded), and if it expires again, whole as client-go lists
+                # it (paging might never finish within a token's life)
+                restarts += 1
+                items, query = [], {**(params or {}), **({"limit": str(limit)} if restarts == 1 else {})}
                 continue
             found = list_items(page, resource.name)
             items.extend(found if each is None else [each(item) for item in found])
@@ -319,7 +321,7 @@ class KubeClient:
             # A watch silent past WATCH_IDLE is taken for a dead one (a half-open connection, a
             # proxy holding the stream): the API server sends a bookmark about every minute.
             idle = min(timeout_seconds, WATCH_IDLE) + self.timeout
-            async for chunk in self._body(reader, headers, resource.name, idle):
+            async for chunk in self._body(reader, headers, resource.name, idle, idle_ends=True):
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
@@ -373,15 +375,34 @@ class KubeClient:
         return int(parts[1]), headers
 
     async def _body(self, reader: asyncio.StreamReader, headers: dict[str, str], resource: str,
-                    idle: float) -> AsyncIterator[bytes]:
-        """The body's bytes as they come: chunked, by Content-Length, or to the end."""
+                    idle: float, idle_ends: bool = False) -> AsyncIterator[bytes]:
+        """The body's bytes as they come: chunked, by Content-Length, or to the end; with
+        `idle_ends`, a silence of `idle` seconds ends it as the server's end would (a watch:
+        watched again at once, no failure), else it is an error."""
+        class Silent(Exception):
+            pass
+
         async def read(coro):
             try:
                 return await asyncio.wait_for(coro, idle)
-            except (OSError, ssl.SSLError, asyncio.TimeoutError, asyncio.IncompleteReadError,
-                    asyncio.LimitOverrunError, ValueError) as exc:
+            except asyncio.TimeoutError:
+                if idle_ends:
+                    raise Silent() from None
+                raise KubeApiError(resource, f"answer from {self.config.url} cut short: no data for {idle:g}s") \
+                    from None
+            except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    ValueError) as exc:
                 raise KubeApiError(resource, f"answer from {self.config.url} cut short: {_why(exc)}") from None
+        try:
+            async for data in self._body_chunks(reader, headers, read):
+                yield data
+        except Silent:
+            return
 
+    @staticmethod
+    async def _body_chunks(reader: asyncio.StreamReader, headers: dict[str, str],
+                           read: Callable[[Any], Any]) -> AsyncIterator[bytes]:
+        """The body's bytes, each read through `read`: chunked, by Content-Length, or to the end."""
         if headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
                 size_line = await read(reader.readuntil(b"\r\n"))
@@ -476,21 +497,27 @@ def loads(data: bytes) -> Any:
     except RecursionError:
         pass
     doc = json.loads(_cut(data))
+    if isinstance(doc, dict) and not _objects(doc) and _holds_cut(doc):  # one object's answer
+        return _stub(doc)
     if isinstance(doc, dict):
         for holder, key in _objects(doc):
-            obj = holder[key]
-            if _holds_cut(obj):
-                meta = obj.get("metadata") if isinstance(obj, dict) else None
-                meta = meta if isinstance(meta, dict) else {}
-                holder[key] = {"metadata": {k: meta[k] for k in ("namespace", "name", "uid", "resourceVersion")
-                                            if k in meta and not _holds_cut(meta[k])},
-                               TOO_DEEP: f"nested deeper than {MAX_DEPTH} levels"}
+            if _holds_cut(holder[key]):
+                holder[key] = _stub(holder[key])
     return doc
 
 
+def _stub(obj: Any) -> dict:
+    """An object that held a cut, as its identity and TOO_DEEP."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    return {"metadata": {k: meta[k] for k in ("namespace", "name", "uid", "resourceVersion")
+                         if k in meta and not _holds_cut(meta[k])},
+            TOO_DEEP: f"nested deeper than {MAX_DEPTH} levels"}
+
+
 def _objects(doc: dict) -> list[tuple[Any, Any]]:
-    """(container, key) of each API object of a decoded answer: a list's items, a watch
-    event's object, or the answer itself."""
+    """(container, key) of each API object of a decoded list or watch event: a list's
+    items, an event's object; none for an answer that is one object."""
     if isinstance(doc.get("items"), list):
         return [(doc["items"], i) for i in range(len(doc["items"]))]
     if isinstance(doc.get("object"), dict):

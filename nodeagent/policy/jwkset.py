@@ -7,7 +7,8 @@ whole snapshot is then NACKed. So a set is checked here as Envoy reads it: an in
 without a usable key gives its issuer a set no token matches, translate/jwt.py) and a
 fetched `jwksUri` answer (the fetcher keeps the last good keys). A key is usable when its `kty` is one Envoy
 implements with the parameters it needs, the public key builds (an RSA modulus, a point
-on the named curve), and an `alg`, when present, belongs to that type. Pure: no I/O.
+on the named curve), and an `alg`, when present, belongs to that type (ALG_PREFIXES).
+Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import json
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 HINT = 'it must be a JSON object whose "keys" list holds at least one public key Envoy can use (RSA, EC, oct, OKP)'
-ALGS = {"RSA": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"), "EC": ("ES256", "ES384", "ES512"),
-        "oct": ("HS256", "HS384", "HS512"), "OKP": ("EdDSA",)}
-CURVES = {"P-256": (ec.SECP256R1, "ES256"), "P-384": (ec.SECP384R1, "ES384"), "P-521": (ec.SECP521R1, "ES512")}
+# As jwt_verify_lib reads a key (Envoy's source/common/jwt/jwks.cc): an `alg`, when given,
+# begins with its type's prefix; an EC key without `crv` takes it from its `alg`, else P-256;
+# an RSA exponent is 3 or 65537 (BoringSSL takes no other).
+ALG_PREFIXES = {"RSA": ("RS", "PS"), "EC": ("ES",), "oct": ("HS",), "OKP": ("EdDSA",)}
+CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
+CURVE_OF_ALG = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
+RSA_EXPONENTS = (3, 65537)
 
 
 def problem(text: str, usable_key: bool = True) -> str | None:
@@ -44,25 +49,27 @@ def usable(key: object) -> bool:
     if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
         return False
     kty, alg = key["kty"], key.get("alg")
-    if alg is not None and (not isinstance(alg, str) or alg not in ALGS.get(kty, ())):
+    if kty not in ALG_PREFIXES or (alg is not None and (not isinstance(alg, str)
+                                                        or not alg.startswith(ALG_PREFIXES[kty]))):
         return False
     try:
         if kty == "RSA":
-            rsa.RSAPublicNumbers(_int(key, "e"), _int(key, "n")).public_key()
+            exponent = _int(key, "e")
+            if exponent not in RSA_EXPONENTS:
+                return False
+            rsa.RSAPublicNumbers(exponent, _int(key, "n")).public_key()
             return True
         if kty == "EC":
-            curve = CURVES.get(key.get("crv"))  # type: ignore[arg-type]
-            if curve is None or (alg is not None and alg != curve[1]):
+            crv = key.get("crv") or CURVE_OF_ALG.get(alg or "", "P-256")
+            if crv not in CURVES or (alg is not None and CURVE_OF_ALG.get(alg) != crv):
                 return False
-            ec.EllipticCurvePublicNumbers(_int(key, "x"), _int(key, "y"), curve[0]()).public_key()
+            ec.EllipticCurvePublicNumbers(_int(key, "x"), _int(key, "y"), CURVES[crv]()).public_key()
             return True
         if kty == "oct":
             return len(_bytes(key, "k")) > 0
-        if kty == "OKP":
-            return key.get("crv") == "Ed25519" and len(_bytes(key, "x")) == 32
+        return key.get("crv") == "Ed25519" and len(_bytes(key, "x")) == 32  # OKP
     except (ValueError, TypeError, binascii.Error):
         return False
-    return False
 
 
 def _bytes(key: dict, name: str) -> bytes:

@@ -74,10 +74,11 @@ BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
 PARSE_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError)
 # At most this many label sets cached (label part → metric children); then the cache starts over.
 SERIES_CACHE = 4096
-# At most this many label sets kept: each holds ~4 KB and adds ~50 KB to every /metrics page,
-# and an app choosing its response codes with a client choosing paths could mint thousands;
-# a request of a label set past it is counted in nodeagent_request_series_dropped_total only.
-MAX_SERIES = 10_000
+# At most this many label sets kept: each holds ~4 KB and adds ~50 KB to every /metrics
+# page (~100 MB at the limit), and an app choosing its response codes with a client
+# choosing paths could mint thousands; a request of a label set past it is counted in
+# nodeagent_request_series_dropped_total only.
+MAX_SERIES = 2_000
 
 
 _UNSEEN = object()

@@ -315,6 +315,28 @@ def test_a_resource_the_translation_fails_on_is_held_out_alone_and_the_rest_publ
     assert world.publisher.describe()["resources"]["VirtualService shop/ratings"] == digest(RATINGS_OK)
 
 
+def test_the_resource_to_blame_is_found_among_many_changed_ones_and_two_are_found_in_turn(world, monkeypatch):
+    """On a fresh agent every resource has changed: the culprit sorting after 80 others is
+    found by bisection (a cap on the suspects left the waypoint without any snapshot)."""
+    from nodeagent.agent.waypoint import publisher as publisher_module
+    translate = publisher_module.translate
+    choked = {"ratings", "reviews"}
+
+    def choking(model_, node, config, options):
+        if choked & {vs.name for vs in config.virtual_services}:
+            raise ValueError("cannot express it")
+        return translate(model_, node, config, options)
+
+    monkeypatch.setattr(publisher_module, "translate", choking)
+    rules = "".join(doc("DestinationRule", f"d{i:02}", "host: db") for i in range(80))
+    world.publisher.update(model(rules + VS + RATINGS_OK))
+    assert world.current() is not None and world.publisher.snapshot_error is None
+    assert world.errors("untranslatable") == 2
+    assert sorted(e.split(" (")[1].split(")")[0] for e in world.publisher.describe()["errors"]) == [
+        "VirtualService shop/ratings", "VirtualService shop/reviews"]
+    assert len(world.publisher.describe()["resources"]) == 0  # nothing accepted yet: those two are left out
+
+
 def test_status_lists_kinds_the_mesh_does_not_implement_and_gateway_only_routes(world):
     """nodeagent status shows these under WAYPOINT CONFIG PROBLEMS (issue 14)."""
     gateway = doc("Gateway", "ingress", "selector: {istio: ingressgateway}\nservers: []")

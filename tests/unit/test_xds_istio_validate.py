@@ -79,6 +79,7 @@ def test_error_names_source_resource_and_field_path_with_a_suggestion():
     (ROUTE_TO_REVIEWS + "  retries: {perTryTimeout: 2s, retryOn: 5xx}", "spec.http[0].retries",
      "sets perTryTimeout, retryOn but no attempts"),
     ("hosts: [reviews]\nhttp:\n- redirect: {}", "spec.http[0].redirect", "must set uri, authority, scheme or port"),
+    ("hosts: [reviews]\nhttp:\n- redirect: {uri: ''}", "spec.http[0].redirect", "must set uri, authority"),  # empty
     (ROUTE_TO_REVIEWS + "  rewrite: {}", "spec.http[0].rewrite", "must set uri, uriRegexRewrite or authority"),
     (ROUTE_TO_REVIEWS + "  timeout: 99999999999h", "spec.http[0].timeout",
      "99999999999h is longer than the maximum 9223372037s"),  # OverflowError before
@@ -202,6 +203,12 @@ def test_percentage_wins_over_the_deprecated_percent():
     fraction = built.virtual_services[0].http[0].fault.delay_fraction
     assert (fraction.value, fraction.legacy_integer) == (2.5, False)
     assert built.warnings == ()
+
+
+def test_retries_with_empty_fields_and_no_attempts_are_istios_no_retries():
+    """Istio's webhook looks at values: an empty retryOn with no attempts is valid."""
+    built = valid(doc("VirtualService", "r", ROUTE_TO_REVIEWS + "  retries: {retryOn: ''}"))
+    assert built.virtual_services[0].http[0].retries.attempts == 0
 
 
 def test_deprecated_mirror_percent_and_consecutive_errors_are_read_with_warnings():

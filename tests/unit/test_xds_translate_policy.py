@@ -433,6 +433,24 @@ def test_an_inline_key_set_envoy_would_refuse_gives_the_issuer_no_key_with_a_war
         "refused (401) until it holds a usable key)"]
 
 
+EC = {"kty": "EC", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+      "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}  # RFC 7517's P-256 example
+
+
+@pytest.mark.parametrize("key, usable", [
+    (EC, True), ({**EC, "alg": "ES256"}, True), ({**EC, "crv": "P-256"}, True),  # no crv: P-256, or the alg's
+    ({**EC, "alg": "ES384"}, False), ({**EC, "crv": "P-384"}, False),  # a P-256 point is on no other curve
+    ({**EC, "y": "AQAB"}, False),  # off the curve
+    ({"kty": "RSA", "e": "AQAB", "n": "sXch", "alg": "RSA-OAEP"}, True),  # any RS… alg, as jwt_verify_lib
+    ({"kty": "RSA", "e": "EQ", "n": "sXch"}, False),  # e=17: BoringSSL takes 3 or 65537 only
+    ({"kty": "RSA", "e": "AQAB", "n": "sXch", "alg": "ES256"}, False), ({"kty": "oct", "k": "c2VjcmV0"}, True),
+    ({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}, True),
+    ({"kty": "RSA", "n": "sXch"}, False), ({"kty": "oops"}, False), ("a string", False)])
+def test_a_key_is_usable_as_envoy_reads_keys(key, usable):
+    from nodeagent.policy import jwkset
+    assert jwkset.usable(key) is usable
+
+
 def test_a_local_copy_without_a_usable_key_fails_closed_with_a_warning(tmp_path):
     keys = tmp_path / "issuer.json"
     keys.write_text('{"keys": []}')

@@ -38,6 +38,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -58,6 +59,11 @@ if TYPE_CHECKING:
 # istiod's defaults: PILOT_JWT_PUB_KEY_REFRESH_INTERVAL and the jwtRule timeout.
 DEFAULT_REFRESH = timedelta(minutes=20)
 DEFAULT_TIMEOUT = timedelta(seconds=5)
+# The longest a jwtRule's timeout makes a fetch: a server that accepts and stays silent
+# holds a thread of the fetcher's own pool (FETCH_THREADS) for it, and anybody who may
+# create a RequestAuthentication names the URI and the timeout.
+MAX_TIMEOUT = timedelta(seconds=30)
+FETCH_THREADS = 4
 FIRST_RETRY = 5.0  # seconds; doubles up to the refresh interval
 MAX_BYTES = 1 << 20  # a JWKS is a few KiB; anything this large is not one
 FILE_NAME = re.compile(r"^[0-9a-f]{16}\.json(\.tmp)?\Z")  # what this fetcher writes, and may sweep
@@ -78,12 +84,13 @@ def file_name(uri: str) -> str:
 def jwks_uris(config: IstioConfig) -> dict[str, timedelta]:
     """The jwksUri of every jwtRule in force without inline `jwks` (which wins, as in
     translate/jwt.py), each with its fetch timeout: the rule's `timeout` (the longest, when
-    several rules name the URI), else istiod's default."""
+    several rules name the URI; at most MAX_TIMEOUT), else istiod's default."""
     out: dict[str, timedelta] = {}
     for authn in config.authentications:
         for rule in authn.rules:
             if rule.jwks_uri and not rule.jwks:
                 timeout = rule.timeout if rule.timeout and rule.timeout > timedelta(0) else DEFAULT_TIMEOUT
+                timeout = min(timeout, MAX_TIMEOUT)  # a fetch holds one of the fetcher's threads meanwhile
                 out[rule.jwks_uri] = max(timeout, out.get(rule.jwks_uri, timeout))
     return out
 
@@ -306,6 +313,9 @@ class JwksFetcher:
         self.timeout, self.max_bytes = timeout.total_seconds(), max_bytes
         self.clock, self.rng = clock or SystemClock(), rng or random.Random()
         self._sources: dict[str, _Source] = {}
+        # its own threads: a slow issuer never takes those of the agent's loop (asyncio's
+        # default pool, which /metrics, memory shedding and the waypoint's stop use)
+        self._threads = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="jwks")
         self._swept = False
         self._notify: asyncio.Handle | None = None
 
@@ -351,13 +361,15 @@ class JwksFetcher:
             self._notify = None
         self._sources.clear()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._threads.shutdown(wait=False, cancel_futures=True)  # a fetch under way ends by its timeout
 
     # --- the per-URI task ---------------------------------------------------------------
     async def _keep(self, source: _Source) -> None:
         while True:
             try:
                 timeout = source.timeout if source.timeout is not None else self.timeout
-                body = await asyncio.to_thread(self.fetch, source.uri, timeout, self.max_bytes)
+                body = await asyncio.get_running_loop().run_in_executor(
+                    self._threads, self.fetch, source.uri, timeout, self.max_bytes)
                 self._fetched(source, body)
                 delay = self.refresh
             except Exception as exc:  # noqa: BLE001 - anything: keep the last good file and retry

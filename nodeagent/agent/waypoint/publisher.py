@@ -39,7 +39,6 @@ from nodeagent.xds.translate.build import translate
 from nodeagent.xds.translate.options import WaypointOptions
 
 MAX_REJECTIONS = 64  # contents Envoy refused, remembered so a snapshot carrying one is not waited on
-MAX_SUSPECTS = 64  # changed resources tried when the translation fails, each a translation more
 # What a translation raises on a value validation let through (a bug of ours, but one
 # resource's, never a reason to stop publishing every other change).
 UNTRANSLATABLE = (ConfigError, ArithmeticError, LookupError, TypeError, ValueError)
@@ -152,33 +151,43 @@ class Publisher:
 
     def _untranslatable(self, build: Build, options: WaypointOptions, exc: Exception) -> bool:
         """The translation of `build` failed (a value validation let through that it cannot
-        express): find the changed resource to blame and hold it out, as one Envoy refused
+        express): find a changed resource to blame and hold it out, as one Envoy refused
         (its last accepted version stays, or it is left out: a server-side one's pods go to
-        L4), so it cannot freeze every later change. The changed resources are held out one
-        more at a time until the translation succeeds; the last one held is to blame (the
-        others go back in: another culprit among them is found on the next pass). False
-        when none is to blame (nothing changed, or holding them all out fails too)."""
-        suspects = build.changed(self._in_force)[:MAX_SUSPECTS]
+        L4), so it cannot freeze every later change. Holding out the first k changed
+        resources succeeds from some k on (once every culprit is among them): that k is
+        found by bisection (log2 of the changed ones, translations each), and the k-th is
+        to blame; another culprit is found on the next pass. False when none is to blame
+        (nothing changed, or holding them all out fails too)."""
+        suspects = build.changed(self._in_force)
         message = f"{type(exc).__name__}: {exc}"
-        held, culprit = [], None
-        try:
-            for name in suspects:
-                self.refusals.refused[name] = Refusal(build.digests[name], message, self._where.get(name, name),
-                                                      "nodeagent cannot translate it")
-                held.append(name)
-                trial = self.refusals.compose(self.config, self.digests, self._in_force)
-                try:
-                    translate(self._model, self.node, trial.config, options).messages()
-                except UNTRANSLATABLE:
-                    continue
-                culprit = name
-                break
-        finally:
+        refusals = {name: Refusal(build.digests[name], message, self._where.get(name, name),
+                                  "nodeagent cannot translate it") for name in suspects}
+
+        def fixed_by_holding(count: int) -> bool:
+            held = suspects[:count]
             for name in held:
-                if name != culprit:
+                self.refusals.refused[name] = refusals[name]
+            try:
+                trial = self.refusals.compose(self.config, self.digests, self._in_force)
+                translate(self._model, self.node, trial.config, options).messages()
+                return True
+            except UNTRANSLATABLE:
+                return False
+            finally:
+                for name in held:
                     del self.refusals.refused[name]
-        if culprit is None:
+
+        if not suspects or not fixed_by_holding(len(suspects)):
             return False
+        low, high = 1, len(suspects)  # holding `high` fixes it; holding `low - 1` does not
+        while low < high:
+            middle = (low + high) // 2
+            if fixed_by_holding(middle):
+                high = middle
+            else:
+                low = middle + 1
+        culprit = suspects[high - 1]
+        self.refusals.refused[culprit] = refusals[culprit]
         self.errors.labels(reason="untranslatable").inc()
         self.log.warning("waypoint config held out: %s: nodeagent cannot translate it: %s",
                          self._where.get(culprit, culprit), message)

@@ -285,7 +285,8 @@ def _redirect(field: Field) -> Redirect | None:
     if code not in REDIRECT_CODES:
         raise p["redirectCode"].error(f"{code} is not a redirect code", f"use one of {REDIRECT_CODES}")
     derive = p["derivePort"].enum(("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"), "") if p["derivePort"].present else ""
-    if not any(p[n].present for n in ("uri", "authority", "port", "derivePort", "scheme")):  # as Istio's webhook
+    if not (any(attempt(p[n].string, "") for n in ("uri", "authority", "scheme"))  # as Istio's webhook: not empty
+            or p["port"].present or p["derivePort"].present):
         raise field.error("must set uri, authority, scheme or port", "a redirect to the same URL would loop")
     return Redirect(p["uri"].string(), p["authority"].string(), code, p["scheme"].string(),
                     f.integer(p["port"], 1, 65535), derive)
@@ -309,7 +310,8 @@ def _rewrite(field: Field) -> Rewrite | None:
     if not field.present:
         return None
     p = field.fields(("uri", "authority", "uriRegexRewrite"))
-    if not any(p[n].present for n in ("uri", "authority", "uriRegexRewrite")):  # as Istio's webhook
+    if not (attempt(p["uri"].string, "") or attempt(p["authority"].string, "")  # as Istio's webhook: not empty
+            or p["uriRegexRewrite"].present):
         raise field.error("must set uri, uriRegexRewrite or authority")
     regex = None
     if p["uriRegexRewrite"].present:
@@ -329,7 +331,8 @@ def _retry(field: Field) -> Retry | None:
                 for n in ("retryRemoteLocalities", "retryIgnorePreviousHosts")}
     attempts = attempt(lambda: f.integer(p["attempts"], 0, 2**31 - 1) or 0, 0)
     if p["attempts"].value in (None, 0):
-        others = [n for n in ("perTryTimeout", "retryOn", "retryRemoteLocalities") if p[n].present]
+        others = [n for n in ("perTryTimeout", "retryOn") if attempt(p[n].string, "")] + \
+            (["retryRemoteLocalities"] if p["retryRemoteLocalities"].present else [])
         if others:  # as Istio's webhook: attempts 0 (or unset) turns retries off
             report(field.error(f"sets {', '.join(others)} but no attempts: retries are off with 0 attempts",
                                "set attempts (Istio's default is 2), or remove the other fields"))
