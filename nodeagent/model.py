@@ -11,6 +11,7 @@ before it reaches a Model.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -26,6 +27,7 @@ OPT_OUT = "none"
 EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
 EXCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/excludeInboundPorts"
 READ_ANNOTATIONS = frozenset({EXCLUDE_OUTBOUND_PORTS, EXCLUDE_INBOUND_PORTS})  # a Pod keeps only these
+CRONJOB_RUN = re.compile(r"(.+)-[0-9]{8,10}")  # a CronJob's Job: <cronjob>-<scheduled time>, as Istio reads it
 # Phases of a pod whose containers are done: it keeps its status.podIP, but kubelet may
 # have given that IP to another pod already.
 TERMINATED = ("Succeeded", "Failed")
@@ -399,8 +401,13 @@ def _container_ports(spec: dict, where: str) -> dict[str, int]:
 
 
 def _workload(obj: KubeObject) -> str:
-    """Istio's workload name: a controller owner's name, the Deployment's for a ReplicaSet
-    named `<deployment>-<pod-template-hash>`; empty (the pod's own name) without owner."""
+    """Istio's workload name (GetDeployMetaFromPod): a controller owner's name; the
+    Deployment's for a ReplicaSet named `<deployment>-<pod-template-hash>`, an Argo
+    Rollout's for one named `<rollout>-<rollouts-pod-template-hash>`, an OpenShift
+    DeploymentConfig's for a ReplicationController of the `deploymentconfig` label, a
+    CronJob's for a Job named `<cronjob>-<8-10 digits>` (each run of a CronJob or a
+    rollout's ReplicaSet was a workload, and metric series, of its own); empty (the pod's
+    own name) without owner."""
     owners = (obj.body.get("metadata") or {}).get("ownerReferences") or []
     if not isinstance(owners, list):
         return ""
@@ -408,9 +415,18 @@ def _workload(obj: KubeObject) -> str:
     owner = next((o for o in owners if o.get("controller")), owners[0] if owners else None)
     if owner is None:
         return ""
-    name, template_hash = str(owner["name"]), obj.labels.get("pod-template-hash")
-    if owner.get("kind") == "ReplicaSet" and template_hash and name.endswith(f"-{template_hash}"):
-        return name[:-len(template_hash) - 1]
+    name, kind = str(owner["name"]), owner.get("kind")
+    if kind == "ReplicaSet":
+        for label in ("pod-template-hash", "rollouts-pod-template-hash"):
+            template_hash = obj.labels.get(label)
+            if template_hash and name.endswith(f"-{template_hash}"):
+                return name[:-len(template_hash) - 1]
+    if kind == "ReplicationController" and obj.labels.get("deploymentconfig"):
+        return obj.labels["deploymentconfig"]
+    if kind == "Job":
+        cron = CRONJOB_RUN.fullmatch(name)
+        if cron:
+            return cron.group(1)
     return name
 
 

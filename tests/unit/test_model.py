@@ -438,6 +438,32 @@ def test_workload_name_is_istios():
     assert pods[("mesh", "lonely")].workload_name == "lonely"  # no owner: the pod itself
 
 
+def _owned(name: str, kind: str, owner: str, labels: str = "{}") -> str:
+    return f"""apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: mesh
+  labels: {labels}
+  ownerReferences: [{{apiVersion: x, kind: {kind}, name: {owner}, controller: true}}]
+status: {{phase: Running, podIP: 10.244.0.{len(name)}}}
+---
+"""
+
+
+@pytest.mark.parametrize("pod, workload", [
+    (_owned("backup-29000000-x1", "Job", "backup-29000000"), "backup"),  # a CronJob's run, as Istio names it
+    (_owned("migrate-x1", "Job", "migrate-2"), "migrate-2"),  # a Job of its own
+    (_owned("web-6d4f8b9c7-x1", "ReplicaSet", "web-6d4f8b9c7", "{rollouts-pod-template-hash: 6d4f8b9c7}"),
+     "web"),  # an Argo Rollout's ReplicaSet
+    (_owned("legacy-3-x1", "ReplicationController", "legacy-3", "{deploymentconfig: legacy}"), "legacy"),
+    (_owned("rs-x1", "ReplicaSet", "rs", "{pod-template-hash: 7d9f}"), "rs")])  # not its hash: its own
+def test_workload_names_of_cronjobs_rollouts_and_deploymentconfigs_are_istios(pod, workload):
+    """Each CronJob run or rollout was a workload (and metric series) of its own."""
+    (found,) = Model.build(parse_documents(pod, "p.yaml")).pods.values()
+    assert found.workload_name == workload
+
+
 @pytest.mark.parametrize("containers,says", [
     ("[{name: a, ports: [{name: http, containerPort: 0}]}]", "spec.containers[0].ports[0].containerPort"),
     ("[{name: a, ports: [{name: http, containerPort: x}]}]", "spec.containers[0].ports[0].containerPort"),
