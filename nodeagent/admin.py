@@ -15,10 +15,11 @@ at most MAX_TCP_CONNECTIONS are served at once, each has HEAD_TIMEOUT for its re
 head of at most MAX_REQUEST bytes and RESPONSE_TIMEOUT to take the response (a client
 that never reads is aborted, not left holding its slot and the page), and one more is
 closed at accept, counted (`nodeagent_admin_connections_refused_total`) and logged at
-most every LOG_INTERVAL. The /metrics page is built in a thread, one build at a time,
-and a built page answers every request for METRICS_FRESH: its size grows with the label
-sets (tens of MB for thousands), and built on the loop, one request from any pod held
-every new connection of the node for as long.
+most every LOG_INTERVAL. The /metrics page is built in a thread of the server's own;
+on the admin address one build at a time, and a built page answers every request for
+METRICS_FRESH: its size grows with the label sets (tens of MB for thousands), and built
+on the loop, one request from any pod held every new connection of the node for as
+long. Over the socket it is built for each request (what just happened is in it).
 Readiness does not depend on it (the probe reads the ReadinessFile), nor does `nodeagent
 status` (the socket has no such limit).
 
@@ -247,9 +248,13 @@ class AdminServer:
                              "without sending requests?). Reported at most every %g s", count, self.tcp_open,
                              MAX_TCP_CONNECTIONS, HEAD_TIMEOUT, LOG_INTERVAL)
 
-    async def metrics_page(self) -> bytes:
-        """The Prometheus page: built in a thread, one build at a time, a page answering
-        every request for METRICS_FRESH after its build began."""
+    async def metrics_page(self, local: bool = False) -> bytes:
+        """The Prometheus page, built in the admin server's thread: for the admin address
+        (any pod reaches it) one build at a time, a page answering every request for
+        METRICS_FRESH after its build began; over the socket (root on the node: the CLI,
+        tests reading what just happened) built after the request came, every time."""
+        if local:
+            return await asyncio.get_running_loop().run_in_executor(self._builder, generate_latest, self.registry)
         page = self._page
         if page is not None and time.monotonic() - page[0] < METRICS_FRESH:
             return page[1]
@@ -277,7 +282,7 @@ class AdminServer:
             if len(parts) != 3:
                 code, ctype, body = 400, "text/plain", b""
             elif parts[0] == "GET" and parts[1].split("?", 1)[0] == "/metrics":
-                code, ctype, body = 200, CONTENT_TYPE_LATEST, await self.metrics_page()
+                code, ctype, body = 200, CONTENT_TYPE_LATEST, await self.metrics_page(local)
             else:
                 code, ctype, body = self.respond(parts[0], parts[1], local)
             writer.write(f"HTTP/1.1 {code} {REASONS[code]}\r\nContent-Type: {ctype}\r\n"

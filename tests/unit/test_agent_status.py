@@ -267,7 +267,6 @@ def test_the_admin_address_serves_no_status_and_at_most_32_connections_at_once(t
     slot comes back when one of them closes, and all of them when their head timeout
     passes."""
     monkeypatch.setattr(admin, "HEAD_TIMEOUT", 2.0)
-    monkeypatch.setattr(admin, "METRICS_FRESH", 0.0)  # each /metrics below sees the counter as it is
 
     async def main():
         registry = CollectorRegistry()
