@@ -103,13 +103,20 @@ def test_the_ca_command_serves_and_stops_on_sigterm(base, tmp_path):
     assert bad.returncode == 1 and "setting listen (NODEAGENT_CA_LISTEN)" in bad.stderr
     # ...and a free port serves until SIGTERM.
     env["NODEAGENT_CA_LISTEN"] = "127.0.0.1:" + str(_free_port())
+    env["PYTHONFAULTHANDLER"] = "1"  # a stop that hangs says where: every thread's stack on SIGABRT
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         assert "CA listening on 127.0.0.1:" in line and "root-cert.pem" in line, line
         assert (tmp_path / "ca" / "root-cert.pem").exists()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # once in a fresh-clone run (2026-12-07), not reproduced
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            raise AssertionError(f"the CA did not stop on SIGTERM within 30 s:\n{proc.stderr.read()[-6000:]}")
+        assert code == 0
     finally:
         if proc.poll() is None:
             proc.kill()
