@@ -158,7 +158,7 @@ class AdminServer:
                                f"Connections to the admin address closed at accept: {MAX_TCP_CONNECTIONS} were "
                                "being served", registry=registry)
         self._refusals = Throttle()  # their log lines
-        self._page: tuple[float, bytes] | None = None  # (monotonic time its build began, /metrics)
+        self._page: bytes | None = None  # /metrics, let go METRICS_FRESH after its build began
         self._building: asyncio.Task | None = None
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="metrics")
 
@@ -255,9 +255,8 @@ class AdminServer:
         tests reading what just happened) built after the request came, every time."""
         if local:
             return await asyncio.get_running_loop().run_in_executor(self._builder, generate_latest, self.registry)
-        page = self._page
-        if page is not None and time.monotonic() - page[0] < METRICS_FRESH:
-            return page[1]
+        if self._page is not None:
+            return self._page
         if self._building is None or self._building.done():
             self._building = asyncio.get_running_loop().create_task(self._build_page())
         return await asyncio.shield(self._building)
@@ -267,11 +266,11 @@ class AdminServer:
         others need), kept METRICS_FRESH and then let go (a page may be tens of MB)."""
         loop, began = asyncio.get_running_loop(), time.monotonic()
         body = await loop.run_in_executor(self._builder, generate_latest, self.registry)
-        self._page = (began, body)
-        loop.call_later(METRICS_FRESH, self._let_go, self._page)
+        self._page = body
+        loop.call_later(max(0.0, began + METRICS_FRESH - time.monotonic()), self._let_go, body)
         return body
 
-    def _let_go(self, page: tuple[float, bytes]) -> None:
+    def _let_go(self, page: bytes) -> None:
         if self._page is page:
             self._page = None
 

@@ -51,7 +51,8 @@ def _routes(ctx: Context, service: Service, port: ServicePort) -> list[Route]:
     itself (the default route), as a sidecar whose sources matched no route falls back."""
     vs = ctx.catalog.virtual_service(service)
     routes = _vs_routes(ctx, vs, port.port) if vs else []
-    if routes and all(r.match.filter_state for r in routes):
+    per_source_only = bool(routes) and all(r.match.filter_state for r in routes)
+    if per_source_only:
         conditions = {}
         for r in routes:
             conditions.setdefault(b"".join(m.SerializeToString(deterministic=True) for m in r.match.filter_state),
@@ -60,7 +61,7 @@ def _routes(ctx: Context, service: Service, port: ServicePort) -> list[Route]:
             past = Route(name=f"{vs.key} sources[{i}] no route", match=RouteMatch(prefix="/", filter_state=condition))
             past.direct_response.CopyFrom(actions.direct_response(404, None))
             routes.append(past)
-    if not routes or all(r.match.filter_state for r in routes):
+    if not routes or per_source_only:
         routes.append(default_route(ctx, service, port))
     return routes
 
