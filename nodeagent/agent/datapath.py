@@ -106,7 +106,8 @@ class DataPath:
         self.hbone = HboneRoute(self.identities, tunnel_metrics, log.getChild("hbone"), mark=c.mark,
                                 port=c.tunnel_port, settings=tunnel, engines=self.hbone_engines,
                                 budget=self.stream_budget)
-        delivery = Delivery(c.delivery_mark, CONNECT_TIMEOUT)
+        self.delivery = delivery = Delivery(c.delivery_mark, CONNECT_TIMEOUT)
+        self.memory.tightening.append(delivery.ahead.clear)
         self.capture = capture
         self.kernel_join = KernelJoin(c.same_node_sockmap, self.splicer, log.getChild("samenode")) \
             if c.same_node_fast_path else None
@@ -185,6 +186,8 @@ class DataPath:
         self.identities.sync(pods)
         for ctx in removed:
             self.tunnel.drain(ctx.pod.ip)
+            self.delivery.ahead.forget(ctx.cookie)
+            self.delivery.ahead.forget_client(ctx.pod.ip)
             task = asyncio.get_running_loop().create_task(self._release(ctx))
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
@@ -250,6 +253,7 @@ class DataPath:
             task.cancel()
         await self.hbone.close()
         await self.tunnel.close()
+        self.delivery.ahead.clear()
         await self.identities.close()
         if self.waypoint is not None:
             await self.jwks.close()

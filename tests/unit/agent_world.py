@@ -302,7 +302,7 @@ class PodKernel:
 
 
     def transparent_upstreams(self, ctx: inpod.PodContext, mark: int, source_ip: str, avoid_port: int,
-                              count: int) -> list[socket.socket]:
+                              count: int, verify: bool = False) -> list[socket.socket]:
         return [self.transparent_upstream(ctx, mark, source_ip, avoid_port) for _ in range(count)]
 
 

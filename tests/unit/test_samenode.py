@@ -9,15 +9,18 @@ runs on the Python and the native engine."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
+import types
 
 import pytest
 
 from engines import engine_fixture
 from identity_fixtures import run, until
 from nodeagent.agent import config
+from nodeagent.agent.proxy import delivery
 from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
 from nodeagent.agent.proxy.samenode import SameNodeRoute
@@ -89,7 +92,8 @@ def test_an_allowed_connection_is_joined_with_no_hbone_and_reported_by_both_ends
         await w.settled(flows=2)
         assert route.counts == {"relayed": 1, "denied": 0, "failed": 0, "waypoint": 0}
         assert w.value("nodeagent_same_node_connections_total", outcome="relayed") == 1
-        assert w.sockets.asked == [("transparent", w.enrolled[SERVER].netns_fd, DELIVERY_MARK, CLIENT)]  # no HBONE
+        # into the server pod as the client, no HBONE: the delivery's socket, then those made ahead
+        assert w.sockets.asked == [("transparent", w.enrolled[SERVER].netns_fd, DELIVERY_MARK, CLIENT)] * 9
         assert w.value("nodeagent_hbone_streams_opened_total", direction="outbound") == 0
         assert w.failures() == {}
         assert (w.value("nodeagent_outbound_connections_total"), w.value("nodeagent_inbound_connections_total"),
@@ -116,6 +120,121 @@ def test_an_allowed_connection_is_joined_with_no_hbone_and_reported_by_both_ends
             for r in ("source", "destination")}
         assert (flows["source"]["dst"]["addr"], flows["destination"]["dst"]["addr"]) == ("10.96.0.10:80", app)
     node(body)
+
+
+def test_later_connections_take_the_delivery_socket_made_ahead(node):
+    """The first connection of a pair makes its delivery socket on its path, then
+    AHEAD_PER_PAIR are made ahead; the next takes one (the app sees its port)."""
+    async def body(w: World, route: SameNodeRoute):
+        await w.app.start()
+        await certificates(w)
+        ahead = w.delivery.ahead
+        await round_trip(w, b"first")
+        await w.settled(flows=2)
+        key = (w.enrolled[SERVER].cookie, CLIENT)
+        assert (ahead.held(), ahead.taken, ahead.made, ahead.failures) == (8, 0, 8, 0)
+        made = [sock.getsockname() for _, sock in ahead._pairs[key]]
+        assert all(w.delivery.is_ours(address) for address in made)  # a loop through one is known
+        greeting, back = await round_trip(w, PAYLOAD)
+        assert greeting.startswith(f"{CLIENT}:{made[0][1]}") and back == PAYLOAD
+        await w.settled(flows=4)
+        assert (ahead.held(), ahead.taken, ahead.made, len(w.sockets.asked)) == (7, 1, 8, 9)
+        assert [sock.getsockname() for _, sock in ahead._pairs[key]] == made[1:]
+        assert w.delivery.is_ours(made[1]) and not w.delivery.is_ours(made[0])  # that connection ended
+        assert route.describe()["sockets_ahead"] == {"held": 7, "taken": 1, "made": 8, "failed": 0}
+        ahead.forget(w.enrolled[SERVER].cookie)  # the server pod left
+        assert ahead.held() == 0 and not any(w.delivery.is_ours(a) for a in made)
+        assert w.delivery._ours == {}
+    node(body)
+
+
+def test_sockets_made_ahead_are_closed_unused_after_a_while(node, monkeypatch):
+    monkeypatch.setattr(delivery, "AHEAD_SECONDS", 0.2)
+
+    async def body(w: World, route: SameNodeRoute):
+        await w.app.start()
+        await certificates(w)
+        await round_trip(w, b"one")
+        await w.settled(flows=2)
+        assert w.delivery.ahead.held() == 8
+        await until(lambda: w.delivery.ahead.held() == 0, what="the unused sockets closed")
+        assert w.delivery._ours == {}
+        greeting, back = await round_trip(w, b"two")  # made on its path again
+        assert back == b"two" and w.delivery.ahead.taken == 0
+    node(body)
+
+
+class Made:
+    """Stand-in for Delivery's side of Ahead: loopback sockets bound as asked; what was
+    released; ESTALE while `stale` (the pod's netns descriptor reused)."""
+
+    def __init__(self):
+        self.released, self.stale, self.asked = [], False, []
+
+    def unconnected(self, ctx, src, count):
+        self.asked.append(count)
+        if self.stale:
+            raise OSError(errno.ESTALE, "descriptor 9 is no longer the netns of pod mesh/httpbin")
+        socks = []
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return socks
+
+    def release(self, local):
+        self.released.append(local)
+
+
+def test_ahead_makes_several_at_once_when_low(monkeypatch):
+    monkeypatch.setattr(delivery, "AHEAD_PER_PAIR", 4)
+    monkeypatch.setattr(delivery, "AHEAD_LOW", 1)
+
+    async def main():
+        made, pod = Made(), types.SimpleNamespace(cookie=7)
+        ahead = delivery.Ahead(made)
+        assert ahead.take(pod, ("127.0.0.1", 1000)) is None
+        await asyncio.sleep(0)
+        socks = [ahead.take(pod, ("127.0.0.1", 1000)) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert (made.asked, ahead.held()) == ([4], 2)  # two left: none made
+        socks.append(ahead.take(pod, ("127.0.0.1", 1000)))
+        await asyncio.sleep(0)
+        assert (made.asked, ahead.held(), ahead.taken) == ([4, 3], 4, 3)  # one left: made up to four at once
+        for sock in socks:
+            sock.close()
+        ahead.clear()
+        assert ahead.held() == 0 and len(made.released) == 4
+    run(main())
+
+
+def test_ahead_skips_the_clients_own_port_keeps_a_bound_and_survives_a_stale_netns(monkeypatch):
+    monkeypatch.setattr(delivery, "AHEAD_MAX", 3)
+    monkeypatch.setattr(delivery, "AHEAD_PER_PAIR", 2)
+    monkeypatch.setattr(delivery, "AHEAD_LOW", 1)
+
+    async def main():
+        made = Made()
+        ahead = delivery.Ahead(made)
+        pod_a, pod_b = types.SimpleNamespace(cookie=7), types.SimpleNamespace(cookie=8)
+        assert ahead.take(pod_a, ("127.0.0.1", 1000)) is None
+        await asyncio.sleep(0)
+        first, second = (sock.getsockname() for _, sock in ahead._pairs[(7, "127.0.0.1")])
+        taken = ahead.take(pod_a, ("127.0.0.1", first[1]))  # the client's own port: not that one
+        assert taken.getsockname() == second and made.released == [first]
+        taken.close()
+        await asyncio.sleep(0)
+        assert ahead.held() == 2
+        assert ahead.take(pod_b, ("127.0.0.1", 1000)) is None
+        await asyncio.sleep(0)  # 4 made would pass AHEAD_MAX: the least recently used pair gives up its own
+        assert ahead.held() == 2 and list(ahead._pairs) == [(8, "127.0.0.1")] and len(made.released) == 3
+        made.stale = True
+        ahead.forget(8)
+        assert ahead.take(pod_b, ("127.0.0.1", 1000)) is None
+        await asyncio.sleep(0)
+        assert (ahead.held(), ahead.failures) == (0, 1)  # nothing made in another pod's netns
+        ahead.clear()
+    run(main())
 
 
 def test_a_denied_connection_is_refused_as_a_403_and_counted_once(node):

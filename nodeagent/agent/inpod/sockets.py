@@ -265,8 +265,10 @@ def transparent_upstream(ctx: PodContext, mark: int, source_ip: str, avoid_port:
 
 
 def transparent_upstreams(ctx: PodContext, mark: int, source_ip: str, avoid_port: int,
-                          count: int) -> list[socket.socket]:
-    """`count` sockets as `transparent_upstream` makes one, in one entry into the netns."""
+                          count: int, verify: bool = False) -> list[socket.socket]:
+    """`count` sockets as `transparent_upstream` makes one, in one entry into the netns;
+    with `verify`, checked to be in `ctx`'s netns (OSError ESTALE if not: a descriptor of a
+    pod gone, closed and reused, for sockets made outside the connection's own step)."""
     family = family_of(source_ip)
     level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
     ports = port_range(ctx)
@@ -275,6 +277,8 @@ def transparent_upstreams(ctx: PodContext, mark: int, source_ip: str, avoid_port
                                            "is in the pod's ip_local_reserved_ports")
     made = upstreams(ctx.netns_fd, family, mark, count)
     try:
+        if verify and netns.cookie_of_socket(made[0]) != ctx.cookie:
+            raise OSError(errno.ESTALE, f"descriptor {ctx.netns_fd} is no longer the netns of pod {ctx}")
         for sock in made:
             bound_buffers(sock, LOCAL_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

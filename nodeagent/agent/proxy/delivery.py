@@ -14,8 +14,9 @@ import errno
 import os
 import select
 import socket
+import time
 from contextlib import ExitStack
-from typing import Sequence
+from typing import Callable, Sequence
 
 from nodeagent.agent.inpod import sockets as inpod
 from nodeagent.agent.inpod.sockets import PodContext
@@ -31,6 +32,10 @@ from nodeagent.xds import dataplane
 
 Address = tuple[str, int]
 CONNECT_TRIES = 8  # source ports drawn when connect() finds the 4-tuple taken
+AHEAD_PER_PAIR = 8  # sockets made ahead for one (pod, client IP) pair of the same-node path...
+AHEAD_LOW = 2  # ... made up again once a connection leaves this many or fewer
+AHEAD_MAX = 128  # ... for all pairs together (each holds a descriptor and a bound port)
+AHEAD_SECONDS = 10.0  # ... closed unused after this long
 
 
 class Delivery:
@@ -43,6 +48,7 @@ class Delivery:
         # delivered connection ends, counted: two may share one (SO_REUSEADDR) while they
         # connect to different apps.
         self._ours: collections.Counter[Address] = collections.Counter()
+        self.ahead = Ahead(self)
 
     def is_ours(self, addr: Address) -> bool:
         """True for a connection from one of our delivery sockets (a steering loop). Its
@@ -52,19 +58,24 @@ class Delivery:
         return addr in self._ours
 
     async def connect(self, ctx: PodContext, src: Address, dst: Address, ends: ExitStack,
-                      gone: Sequence[asyncio.Future] = ()) -> socket.socket | None:
+                      gone: Sequence[asyncio.Future] = (), ahead: bool = False) -> socket.socket | None:
         """A socket connected to `dst` in `ctx`'s netns from `src`'s IP; its address
         counts as ours until `ends` (the delivered connection's) is closed. None when one
         of `gone` (the client's stream ending) completes first: the connect is abandoned
-        and its socket reset, also one that connected at that moment."""
+        and its socket reset, also one that connected at that moment. `ahead`: take a
+        socket made ahead for the pair (Ahead) and make the next one after this round."""
         attempt = 0
         while True:
             if any(future.done() for future in gone):
                 return None
             attempt += 1
-            upstream = inpod.transparent_upstream(ctx, self.mark, src[0], avoid_port=src[1])
-            local = upstream.getsockname()[:2]
-            self._ours[local] += 1  # before connecting: a loop shows up during the connect
+            upstream = self.ahead.take(ctx, src) if ahead else None
+            if upstream is None:
+                upstream = inpod.transparent_upstream(ctx, self.mark, src[0], avoid_port=src[1])
+                local = upstream.getsockname()[:2]
+                self._ours[local] += 1  # before connecting: a loop shows up during the connect
+            else:
+                local = upstream.getsockname()[:2]  # counted as ours since it was made
             try:
                 connected = await connect_socket(upstream, dst, self.timeout, gone)
             except BaseException as exc:
@@ -86,7 +97,7 @@ class Delivery:
         """`count` sockets as `connect` makes one, not connected (for the native engine's
         routes, routes.py), made in one entry into the pod's netns: each address counts as
         ours until `release`d or `adopt`ed."""
-        socks = inpod.transparent_upstreams(ctx, self.mark, src[0], src[1], count)
+        socks = inpod.transparent_upstreams(ctx, self.mark, src[0], src[1], count, verify=True)
         for sock in socks:
             self._ours[sock.getsockname()[:2]] += 1
         return socks
@@ -106,6 +117,128 @@ class Delivery:
         self._ours[local] -= 1
         if not self._ours[local]:
             del self._ours[local]
+
+
+class Ahead:
+    """Delivery sockets made ahead for the same-node path (issue 11): a new same-node
+    connection's delivery socket is taken from here, and the next one is made after the
+    connection is joined, in the loop round after it, while its first bytes go through
+    the relay engine and the app; so entering the pod's netns, socket(2), the options and
+    the bind are off the connection's path, and one entry into the netns makes several.
+    Per (pod netns, client IP) pair at most AHEAD_PER_PAIR, made up once a connection
+    leaves AHEAD_LOW or fewer, and AHEAD_MAX for all pairs (the
+    least recently used pair gives its sockets up); one unused for AHEAD_SECONDS is
+    closed (its bound port is the pod's ephemeral port, which an app binding it without
+    reserving it would find taken, as by any of its own connections). Each is bound (its
+    port drawn as transparent_upstream draws it) and counted as ours from the moment it
+    is made; one whose port is the client's own is not used; one made in another netns
+    than the pair's (the pod's netns descriptor closed and reused meanwhile) is closed.
+    A pod leaving (`forget`), the memory guard tightening and the agent stopping
+    (`clear`) close them: a socket would hold its pod's netns."""
+
+    def __init__(self, delivery: Delivery, clock: Callable[[], float] = time.monotonic):
+        self.delivery = delivery
+        self.clock = clock
+        self._pairs: collections.OrderedDict[tuple[int, str], collections.deque[tuple[float, socket.socket]]] = \
+            collections.OrderedDict()
+        self._held = 0
+        self._wanted: dict[tuple[int, str], PodContext] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self.taken = self.made = self.failures = 0
+
+    def take(self, ctx: PodContext, src: Address) -> socket.socket | None:
+        """A socket made ahead for `ctx`'s pod and `src`'s IP whose port is not `src`'s,
+        or None; the pair is made up in the next loop round when it runs low."""
+        key = (ctx.cookie, src[0])
+        queue = self._pairs.get(key)
+        taken = None
+        while queue and taken is None:
+            _, sock = queue.popleft()
+            self._held -= 1
+            local = sock.getsockname()[:2]
+            if local[1] != src[1]:
+                self.taken += 1
+                taken = sock
+            else:
+                self._drop(sock, local)
+        if not queue or len(queue) <= AHEAD_LOW:
+            self._want(key, ctx)
+        return taken
+
+    def _want(self, key: tuple[int, str], ctx: PodContext) -> None:
+        if not self._wanted:
+            asyncio.get_running_loop().call_soon(self._make)
+        self._wanted[key] = ctx
+
+    def _make(self) -> None:
+        wanted, self._wanted = self._wanted, {}
+        now = self.clock()
+        for key, ctx in wanted.items():
+            queue = self._pairs.setdefault(key, collections.deque())
+            self._pairs.move_to_end(key)
+            count = AHEAD_PER_PAIR - len(queue)
+            if count <= 0:
+                continue
+            try:
+                socks = self.delivery.unconnected(ctx, (key[1], 0), count)
+            except (OSError, NodeagentError):  # the pod's netns went, no port: its connections make their own
+                self.failures += 1
+                continue
+            queue.extend((now, sock) for sock in socks)
+            self._held += len(socks)
+            self.made += len(socks)
+        while self._held > AHEAD_MAX and self._pairs:
+            _, queue = self._pairs.popitem(last=False)
+            self._close(queue)
+        if self._held and self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(AHEAD_SECONDS, self._expire)
+
+    def _expire(self) -> None:
+        """Close what was made ahead AHEAD_SECONDS ago and is still unused."""
+        self._sweep = None
+        oldest = self.clock() - AHEAD_SECONDS
+        for key in list(self._pairs):
+            queue = self._pairs[key]
+            while queue and queue[0][0] <= oldest:
+                _, sock = queue.popleft()
+                self._held -= 1
+                self._drop(sock, sock.getsockname()[:2])
+            if not queue:
+                del self._pairs[key]
+        if self._held:
+            self._sweep = asyncio.get_running_loop().call_later(AHEAD_SECONDS, self._expire)
+
+    def forget(self, cookie: int) -> None:
+        """The pod of netns `cookie` left: its sockets go."""
+        self._forget_where(lambda key: key[0] == cookie)
+
+    def forget_client(self, ip: str) -> None:
+        """A pod of this node left: no socket keeps its address."""
+        self._forget_where(lambda key: key[1] == ip)
+
+    def clear(self) -> None:
+        self._forget_where(lambda key: True)
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def held(self) -> int:
+        return self._held
+
+    def _forget_where(self, which: Callable[[tuple[int, str]], bool]) -> None:
+        for key in [k for k in self._pairs if which(k)]:
+            self._close(self._pairs.pop(key))
+        self._wanted = {k: c for k, c in self._wanted.items() if not which(k)}
+
+    def _close(self, queue: "collections.deque[tuple[float, socket.socket]]") -> None:
+        while queue:
+            _, sock = queue.popleft()
+            self._held -= 1
+            self._drop(sock, sock.getsockname()[:2])
+
+    def _drop(self, sock: socket.socket, local: Address) -> None:
+        sock.close()
+        self.delivery.release(local)
 
 
 async def connect_socket(sock: socket.socket, address: Address, timeout: float,

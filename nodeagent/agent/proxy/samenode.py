@@ -123,7 +123,7 @@ class SameNodeRoute(Relay):
         metrics, telemetry = self.metrics, self.inputs.telemetry
         with self.inputs.connections.delivering(conn, src, plaintext=False) as entry:
             try:
-                upstream = await self.delivery.connect(server, src, target.address, entry.ends)
+                upstream = await self.delivery.connect(server, src, target.address, entry.ends, ahead=True)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = connect_failure_reason(exc)
                 self._count("failed")
@@ -152,9 +152,11 @@ class SameNodeRoute(Relay):
             join = "sockmap"
         else:
             join = "splice" if self.inputs.splicer.engine is not None else "python"
-        kernel = self.kernel
+        kernel, ahead = self.kernel, self.delivery.ahead
         return {"enabled": True, "join": join, "sockmap": kernel.why if kernel is not None else "off",
                 "connections": dict(self.counts),
+                "sockets_ahead": {"held": ahead.held(), "taken": ahead.taken, "made": ahead.made,
+                                  "failed": ahead.failures},
                 "sockmap_pairs": {"joined": kernel.joined, "refused": kernel.fallbacks} if kernel is not None
                 else None}
 
