@@ -165,7 +165,6 @@ def attributes(conn: Connection) -> dict[str, Any]:
         "source.namespace": namespace,
         "source.serviceAccount": service_account,
         "source.ip": source_ip,
-        "remote.ip": source_ip,  # no proxy in front at L4: the peer is the client
         "destination.ip": _ip(conn.destination_ip),
         "destination.port": conn.destination_port,
     }

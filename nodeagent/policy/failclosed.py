@@ -1,6 +1,7 @@
 """What a security resource that fails validation enforces when it has no last good version.
 
-PolicySet.build keeps the last good version of a resource that turns invalid. One with
+PolicySet.build keeps the last good version of a resource that turns invalid (but not
+one refused only for an action nodeagent does not implement: `unimplemented`). One with
 none (created invalid, or first seen invalid after a restart: the sources check only an
 object's envelope) was left out until 2026-12-07, which opened what it was there to
 close: a DENY's workloads were not denied, an ALLOW's were open to everybody (no ALLOW
@@ -64,6 +65,15 @@ def stand_in(obj: KubeObject, root_namespace: str) -> StandIn | None:
     if obj.kind == PEER_AUTHENTICATION:
         return _peer_authentication(obj, root_namespace)
     return None
+
+
+def unimplemented(obj: KubeObject) -> bool:
+    """An AuthorizationPolicy whose action Istio takes and nodeagent does not (AUDIT,
+    CUSTOM): refused for that alone, it is no bad edit to ride out with the last good
+    version (a DENY edited into a CUSTOM one would keep the old DENY's narrower rules on a
+    running agent, and a fresh one would enforce the new rules: one policy, two verdicts).
+    Its reading is the stand-in's, with a last good version or not."""
+    return obj.group == GROUP and obj.kind == AUTHORIZATION_POLICY and obj.spec.get("action") in (AUDIT, CUSTOM)
 
 
 def custom_as_deny(obj: KubeObject) -> AuthorizationPolicy | None:

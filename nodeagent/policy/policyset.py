@@ -56,7 +56,8 @@ class PolicySet:
                 try:
                     entries[key] = all_errors(lambda: validate(obj), resource_name(obj))
                 except ConfigError as err:
-                    kept = previous.last_good(*key) if previous is not None else None
+                    kept = previous.last_good(*key) if previous is not None and \
+                        not failclosed.unimplemented(obj) else None
                     if kept is not None:
                         entries[key] = kept
                         errors.extend(with_fate(err, KEPT))

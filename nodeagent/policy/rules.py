@@ -2,8 +2,9 @@
 
 Every Source and Operation field and every `when` key maps to one Istio attribute and a
 kind of value (string pattern, CIDR, port, service account). Fields and keys only HTTP
-can supply (requestPrincipals, hosts, methods, paths, request.*, and connection.sni,
-which L4 does not see either) compile to nothing and are listed in `Rule.l7_fields`, so
+can supply (requestPrincipals, hosts, methods, paths, request.*, remoteIpBlocks and
+remote.ip, the original client behind a proxy, and connection.sni, which L4 does not
+see either) compile to nothing and are listed in `Rule.l7_fields`, so
 authz.py can fail safe. Values are checked as Istio's webhook checks them; a bad one
 raises ConfigError naming its path, e.g. `spec.rules[0].from[1].source.ipBlocks[0]`.
 """
@@ -45,7 +46,12 @@ OPERATION_FIELDS = {
     "paths": ("request.path", False, None),
     "notPaths": ("request.path", True, None),
 }
-# `when` keys L4 evaluates, with their value kind.
+# Attributes whose values are checked here but which only HTTP can supply: remote.ip is
+# the original client (X-Forwarded-For, PROXY protocol), which L4 sees only as the peer it
+# came through (behind a gateway, the gateway's pod). As ztunnel reads them: an ALLOW rule
+# naming one matches nothing, a DENY one is enforced without it (so it denies more).
+HTTP_ONLY = frozenset({"remote.ip"})
+# `when` keys L4 evaluates (but HTTP_ONLY's), with their value kind.
 L4_KEYS = {"source.ip": "net", "remote.ip": "net", "source.namespace": "text",
            "source.principal": "text", "source.serviceAccount": "sa",
            "destination.ip": "net", "destination.port": "port"}
@@ -100,7 +106,9 @@ def _conjunction(body: Field, table: dict, namespace: str) -> tuple[tuple[Condit
                 http.append(name)
             continue
         patterns = attempt(lambda: _patterns(field, kind, namespace), ())
-        if patterns:
+        if patterns and attribute in HTTP_ONLY:
+            http.append(name)
+        elif patterns:
             conditions.append(Condition(attribute, patterns, negate))
     return tuple(conditions), http
 
@@ -128,6 +136,9 @@ def _condition(field: Field, namespace: str, l7: list[str]) -> list[Condition]:
         patterns = _patterns(parts[name], kind, namespace)
         if patterns:
             out.append(Condition(key, patterns, negate))
+    if key in HTTP_ONLY:
+        l7.append(key)
+        return []
     return out
 
 

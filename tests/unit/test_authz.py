@@ -152,6 +152,10 @@ ANY_PRINCIPAL = from_source("any-identity", '{principals: ["*"]}')
 SERVICE_ACCOUNTS = from_source("by-sa", '{serviceAccounts: ["default/sleep", "httpbin"]}')
 NOT_IP = from_source("block-subnet", '{notIpBlocks: ["10.244.0.0/16"]}', "DENY")
 REMOTE_IP = from_source("remote", '{remoteIpBlocks: ["10.244.1.20"]}')
+DENY_REMOTE = from_source("deny-remote", '{remoteIpBlocks: ["203.0.113.7"]}', "DENY")
+DENY_NOT_REMOTE = from_source("deny-not-remote", '{notRemoteIpBlocks: ["203.0.113.0/24"]}', "DENY")
+DENY_REMOTE_WHEN = with_when("deny-remote-when", '[{key: remote.ip, values: ["203.0.113.7"]}]', "DENY")
+DENY_REMOTE_NS = from_source("deny-remote-ns", '{namespaces: [dev], remoteIpBlocks: ["203.0.113.7"]}', "DENY")
 DEST_IP = with_when("dest-ip", '[{key: destination.ip, values: ["10.244.1.11/32"]}]')
 SOURCE_AND = from_source("fields-and", '{principals: ["cluster.local/ns/default/sa/sleep"], '
                                        'ipBlocks: ["10.244.2.0/24"]}')
@@ -257,8 +261,18 @@ CASES = [
     ("not-ip-blocks-inside", NOT_IP, connection("foo/httpbin", 80), OPEN),
     ("not-ip-blocks-outside", NOT_IP, connection("foo/httpbin", 80, source_ip="192.168.0.9"),
      denied_by("foo/block-subnet")),
-    ("remote-ip-is-source-ip", REMOTE_IP, connection("foo/httpbin", 80), allowed_by("foo/remote")),
-    ("remote-ip-other", REMOTE_IP, connection("foo/httpbin", 80, source_ip="10.244.1.21"), no_allow_match()),
+    # remote.ip is the original client behind a proxy, which L4 does not see (as ztunnel):
+    # an ALLOW naming it matches nothing, a DENY is enforced without it
+    ("remote-ip-allow-matches-nothing", REMOTE_IP, connection("foo/httpbin", 80), no_allow_match()),
+    ("remote-ip-deny-behind-a-gateway", DENY_REMOTE, connection("foo/httpbin", 80, source="istio-system/gateway"),
+     denied_by("foo/deny-remote", ignoring="remoteIpBlocks")),
+    ("not-remote-ip-deny", DENY_NOT_REMOTE, connection("foo/httpbin", 80), denied_by("foo/deny-not-remote",
+                                                                                     ignoring="notRemoteIpBlocks")),
+    ("remote-ip-when-deny", DENY_REMOTE_WHEN, connection("foo/httpbin", 80), denied_by("foo/deny-remote-when",
+                                                                                       ignoring="remote.ip")),
+    ("remote-ip-deny-keeps-its-l4-parts", DENY_REMOTE_NS, connection("foo/httpbin", 80), OPEN),
+    ("remote-ip-deny-keeps-its-l4-parts-match", DENY_REMOTE_NS, connection("foo/httpbin", 80, source="dev/sleep"),
+     denied_by("foo/deny-remote-ns", ignoring="remoteIpBlocks")),
     ("destination-ip", DEST_IP, connection("foo/tcp-echo", 80), allowed_by("foo/dest-ip")),
     ("destination-ip-other", DEST_IP, connection("foo/httpbin", 80), no_allow_match()),
     ("source-fields-and", SOURCE_AND, connection("foo/httpbin", 80), no_allow_match()),

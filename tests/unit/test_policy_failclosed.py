@@ -251,3 +251,29 @@ def test_a_custom_policy_edited_on_a_running_agent_is_read_anew():
     assert str(err).endswith("its rules are enforced as a DENY, as istiod enforces a CUSTOM policy whose provider "
                              "it cannot use)")
     assert allowed(edited, "foo/httpbin", 80) and not allowed(edited, "foo/httpbin", 8000)
+
+
+@pytest.mark.parametrize("before, after, port, verdict", [
+    # a DENY of namespace default made AUDIT: AUDIT decides nothing, so sleep is let in
+    ("action: DENY\nrules: [{from: [{source: {namespaces: [default]}}]}]",
+     "action: AUDIT\nrules: [{from: [{source: {namespaces: [default]}}]}]", 80, True),
+    # an ALLOW of namespace bar made AUDIT: no ALLOW applies any more, so sleep is let in
+    ("action: ALLOW\nrules: [{from: [{source: {namespaces: [bar]}}]}]",
+     "action: AUDIT\nrules: [{from: [{source: {namespaces: [bar]}}]}]", 80, True),
+    # a DENY of namespace bar made CUSTOM on port 80: its rules are a DENY, so port 80 is denied
+    ("action: DENY\nrules: [{from: [{source: {namespaces: [bar]}}]}]",
+     "action: CUSTOM\nprovider: {name: ext}\nrules: [{to: [{operation: {ports: ['80']}}]}]", 80, False),
+])
+def test_a_policy_edited_into_an_action_nodeagent_lacks_reads_as_on_a_fresh_agent(before, after, port, verdict):
+    """AUDIT and CUSTOM are Istio's, refused by nodeagent for want of a provider: such an
+    edit is no bad edit to ride out with the last good version, or a running agent and a
+    restarted one would decide the same connection differently (the first DENY to CUSTOM
+    let port 80 in on the running agent)."""
+    selector = "selector: {matchLabels: {app: httpbin}}\n"
+    first, errors = build(policy("foo", "p", selector + before))
+    assert errors == []
+    running, [err] = build(policy("foo", "p", selector + after), previous=first)
+    fresh, [err_fresh] = build(policy("foo", "p", selector + after))
+    assert str(err) == str(err_fresh) and "last good version" not in str(err)
+    assert allowed(running, "foo/httpbin", port) is allowed(fresh, "foo/httpbin", port) is verdict
+    assert allowed(running, "foo/httpbin", 8000)  # the CUSTOM one's rules name port 80 alone; the others decide nothing

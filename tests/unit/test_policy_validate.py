@@ -54,6 +54,11 @@ INVALID = [
     ("deny-without-rules", AP, "action: DENY", "spec.rules", "a DENY policy without rules would never match"),
     ("ip-block", AP, SOURCE_IP_RULE % '"10.0.0.300"', "spec.rules[0].from[1].source.ipBlocks[0]",
      "'10.0.0.300' is not an IP address or CIDR"),
+    # remote addresses are HTTP's alone at L4 (rules.HTTP_ONLY), and still checked
+    ("remote-ip-block", AP, "action: DENY\nrules: [{from: [{source: {remoteIpBlocks: ['203.0.113.300']}}]}]",
+     "spec.rules[0].from[0].source.remoteIpBlocks[0]", "'203.0.113.300' is not an IP address or CIDR"),
+    ("remote-ip-when", AP, "action: DENY\nrules: [{when: [{key: remote.ip, notValues: ['x']}]}]",
+     "spec.rules[0].when[0].notValues[0]", "'x' is not an IP address or CIDR"),
     ("cidr-bits", AP, SOURCE_IP_RULE % '"10.0.0.0/33"', "spec.rules[0].from[1].source.ipBlocks[0]",
      "not an IP address or CIDR"),
     ("cidr-netmask", AP, SOURCE_IP_RULE % '"10.0.0.0/255.0.0.0"', "spec.rules[0].from[1].source.ipBlocks[0]",
