@@ -89,6 +89,24 @@ class Pod:
     def workload_name(self) -> str:
         return self.workload or self.name
 
+    @property
+    def app(self) -> str | None:
+        """Istio's app label of it (`app`, else `app.kubernetes.io/name`)."""
+        return self.labels.get("app") or self.labels.get("app.kubernetes.io/name")
+
+    @property
+    def version(self) -> str | None:
+        return self.labels.get("version") or self.labels.get("app.kubernetes.io/version")
+
+    @property
+    def canonical_service(self) -> str:
+        """Istio's canonical service: its label, else app's, else the workload's name."""
+        return self.labels.get("service.istio.io/canonical-name") or self.app or self.workload_name
+
+    @property
+    def canonical_revision(self) -> str:
+        return self.labels.get("service.istio.io/canonical-revision") or self.version or "latest"
+
     def port_list(self, annotation: str) -> frozenset[int]:
         raw = self.annotations.get(annotation, "")
         return frozenset(int(p) for p in raw.replace(" ", "").split(",") if p.isdigit())

@@ -401,16 +401,10 @@ def _workload(side: str, pod: Pod | None, namespace: str) -> dict[str, str]:
         return {f"{side}_workload": UNKNOWN, f"{side}_workload_namespace": namespace, f"{side}_app": UNKNOWN,
                 f"{side}_version": UNKNOWN, f"{side}_canonical_service": UNKNOWN,
                 f"{side}_canonical_revision": UNKNOWN}
-    labels = pod.labels
-    app = labels.get("app") or labels.get("app.kubernetes.io/name")
-    version = labels.get("version") or labels.get("app.kubernetes.io/version")
     return {
         f"{side}_workload": pod.workload_name, f"{side}_workload_namespace": pod.namespace,
-        f"{side}_app": app or UNKNOWN, f"{side}_version": version or UNKNOWN,
-        f"{side}_canonical_service": labels.get("service.istio.io/canonical-name")
-        or labels.get("app.kubernetes.io/name") or labels.get("app") or pod.workload_name,
-        f"{side}_canonical_revision": labels.get("service.istio.io/canonical-revision")
-        or labels.get("app.kubernetes.io/version") or labels.get("version") or "latest",
+        f"{side}_app": pod.app or UNKNOWN, f"{side}_version": pod.version or UNKNOWN,
+        f"{side}_canonical_service": pod.canonical_service, f"{side}_canonical_revision": pod.canonical_revision,
     }
 
 

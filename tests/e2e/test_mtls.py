@@ -164,7 +164,14 @@ def test_meshed_traffic_across_nodes_carries_the_principal_and_only_tls(mesh, tm
     dst_labels = {"reporter": "destination", "source_principal": CLIENT, "source_workload": "client",
                   "source_workload_namespace": "mesh", "destination_workload": "backend",
                   "destination_principal": BACKEND, "destination_service": SERVICE,
-                  "connection_security_policy": "mutual_tls"}
+                  "connection_security_policy": "mutual_tls",
+                  # Istio's names Kiali draws L4 edges by: canonical service and revision (a bare
+                  # pod's: its name, "latest"), the service's name and namespace, the protocol
+                  "source_app": "unknown", "source_canonical_service": "client", "source_canonical_revision": "latest",
+                  "destination_app": "backend", "destination_version": "unknown",
+                  "destination_canonical_service": "backend", "destination_canonical_revision": "latest",
+                  "destination_service_name": "backend", "destination_service_namespace": "mesh",
+                  "request_protocol": "tcp"}
     src_labels = {**dst_labels, "reporter": "source"}
     before = {name: mesh.total("node2", name, **dst_labels) for name in (
         "istio_tcp_connections_opened_total", "istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total")}

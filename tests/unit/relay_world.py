@@ -86,6 +86,21 @@ def principal(namespace: str, service_account: str) -> str:
     return f"spiffe://{TD}/ns/{namespace}/sa/{service_account}"
 
 
+def sleep_to_httpbin(reporter: str, service: str | None = "httpbin", **given: str) -> dict[str, str]:
+    """Istio's TCP metric labels of a connection from sleep to httpbin reported by
+    `reporter`, through Service `service` of mesh (None: none known); `given` overrides."""
+    labels = {"reporter": reporter, "request_protocol": "tcp", "connection_security_policy": "mutual_tls",
+              "response_flags": "-",
+              "destination_service": f"{service}.mesh.svc.cluster.local" if service else "unknown",
+              "destination_service_name": service or "unknown",
+              "destination_service_namespace": "mesh" if service else "unknown"}
+    for side, name in (("source", "sleep"), ("destination", "httpbin")):
+        labels.update({f"{side}_workload": name, f"{side}_workload_namespace": "mesh",
+                       f"{side}_principal": principal("mesh", name), f"{side}_app": name, f"{side}_version": "unknown",
+                       f"{side}_canonical_service": name, f"{side}_canonical_revision": "latest"})
+    return {**labels, **given}
+
+
 def cluster(app_port: int, extra_yaml: str = "") -> Model:
     """The model: the pods, Service mesh/httpbin (SERVICE, port 80 -> the app's port) and
     mesh/nobody (EMPTY_SERVICE, selecting no pod), and `extra_yaml` (policies)."""

@@ -23,7 +23,7 @@ from nodeagent.memory import FAIR_FLOOR, INTERVAL, MIB, MemoryGuard
 from nodeagent.resets import LINGER_RESET
 from nodeagent.tunnel import ConnectRefused, TunnelError, TunnelSettings
 from policy_world import document
-from relay_world import CLIENT, LEGACY, LOG, SERVER, SERVICE, World, ended, principal
+from relay_world import CLIENT, LEGACY, LOG, SERVER, SERVICE, World, ended, principal, sleep_to_httpbin
 
 engine = engine_fixture(("python", NATIVE_HBONE))
 
@@ -92,11 +92,7 @@ def test_a_large_transfer_is_byte_identical_and_counted_by_both_reports(node, en
         for reporter in ("source", "destination"):
             assert (flows[reporter]["bytes_received"], flows[reporter]["bytes_sent"], flows[reporter]["security"],
                     flows[reporter]["verdict"]) == (len(payload), len(payload), "mutual_tls", "allowed")
-        labels = {"reporter": "destination", "source_workload": "sleep", "source_workload_namespace": "mesh",
-                  "source_principal": principal("mesh", "sleep"), "destination_workload": "httpbin",
-                  "destination_workload_namespace": "mesh", "destination_service": "unknown",
-                  "destination_principal": principal("mesh", "httpbin"),
-                  "connection_security_policy": "mutual_tls", "response_flags": "-"}
+        labels = sleep_to_httpbin("destination", service=None)
         assert w.value("istio_tcp_received_bytes_total", **labels) == len(payload)
         assert w.value("istio_tcp_sent_bytes_total", **labels) == len(payload)
         assert w.value("istio_tcp_connections_closed_total", **labels) == 1
@@ -418,7 +414,7 @@ def test_a_pod_holds_at_most_max_connections_per_pod(tmp_path, monkeypatch, engi
             writer.write_eof()
             assert await ended(reader) == "eof"
             assert caplog.text.count("the most one pod may (max_connections_per_pod)") == 1
-            assert f"holds 3 connections" in caplog.text
+            assert "holds 3 connections" in caplog.text
 
             streams[0].write_eof()  # one of the three ends: the next gets in
             assert await streams[0].read() == b""

@@ -11,13 +11,14 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent.proxy.telemetry import (DESTINATION, FLAG_CONNECT, MTLS, PLAINTEXT, SOURCE, Flow, FlowLog, Peer,
-                                       Telemetry, TrafficMetrics)
+from nodeagent.agent.proxy.telemetry import (DESTINATION, FLAG_CONNECT, LABELS, MTLS, PLAINTEXT, SOURCE, Flow, FlowLog,
+                                       Peer, Telemetry, TrafficMetrics)
 from nodeagent.model import Pod, Service, ServicePort
 
 LOG = logging.getLogger("test.telemetry")
 CLIENT = Pod("mesh", "client-0", "u1", "node1", "10.244.1.2", {}, {}, "client", workload="client")
-SERVER = Pod("mesh", "backend-v1-0", "u2", "node2", "10.244.2.2", {}, {}, "backend", workload="backend-v1")
+SERVER = Pod("mesh", "backend-v1-0", "u2", "node2", "10.244.2.2", {"app": "backend", "version": "v1"}, {}, "backend",
+             workload="backend-v1")
 SERVICE = Service("mesh", "backend", "10.96.0.10", (ServicePort(9000, 9000),), {"app": "backend"})
 CLIENT_ID, SERVER_ID = "spiffe://cluster.local/ns/mesh/sa/client", "spiffe://cluster.local/ns/mesh/sa/backend"
 
@@ -47,15 +48,25 @@ def value(registry, name, **labels):
 
 
 def test_labels_are_istios():
+    """Istio's TCP label set (Kiali groups L4 edges by the canonical names and the
+    service's name and namespace)."""
     assert hbone_flow().labels("-") == {
         "reporter": "destination", "source_workload": "client", "source_workload_namespace": "mesh",
-        "source_principal": CLIENT_ID, "destination_workload": "backend-v1",
-        "destination_workload_namespace": "mesh", "destination_service": "backend.mesh.svc.cluster.local",
-        "destination_principal": SERVER_ID, "connection_security_policy": "mutual_tls", "response_flags": "-"}
+        "source_principal": CLIENT_ID, "source_app": "unknown", "source_version": "unknown",
+        "source_canonical_service": "client", "source_canonical_revision": "latest",
+        "destination_workload": "backend-v1", "destination_workload_namespace": "mesh",
+        "destination_principal": SERVER_ID, "destination_app": "backend", "destination_version": "v1",
+        "destination_service": "backend.mesh.svc.cluster.local", "destination_service_name": "backend",
+        "destination_service_namespace": "mesh", "destination_canonical_service": "backend",
+        "destination_canonical_revision": "v1", "request_protocol": "tcp",
+        "connection_security_policy": "mutual_tls", "response_flags": "-"}
+    assert sorted(hbone_flow().labels("-")) == sorted(LABELS)  # every label the metrics have
     unknown = Flow(SOURCE, ("10.244.1.2", 1), ("203.0.113.1", 443), Peer.of(CLIENT), Peer(), None, PLAINTEXT)
     assert {k: v for k, v in unknown.labels("CONNECT").items() if v == "unknown"}.keys() == {
-        "source_principal", "destination_workload", "destination_workload_namespace", "destination_service",
-        "destination_principal"}
+        "source_principal", "source_app", "source_version", "destination_workload", "destination_workload_namespace",
+        "destination_principal", "destination_app", "destination_version", "destination_service",
+        "destination_service_name", "destination_service_namespace", "destination_canonical_service",
+        "destination_canonical_revision"}
 
 
 def test_three_connections_counted_exactly_with_bytes():
@@ -125,11 +136,17 @@ def test_flow_log_file_off_and_failures(tmp_path, caplog):
     assert broken.dropped == 3
 
 
-def test_peer_of_a_pod_uses_istios_workload_name():
-    assert Peer.of(CLIENT) == Peer("client", "mesh", "unknown")
+def test_peer_of_a_pod_uses_istios_workload_name_and_canonical_labels():
+    assert Peer.of(CLIENT) == Peer("client", "mesh", "unknown", canonical_service="client",
+                                   canonical_revision="latest")
     bare = Pod("mesh", "lonely", "u3", "node1", "10.244.1.5", {}, {})
-    assert Peer.of(bare, CLIENT_ID) == Peer("lonely", "mesh", CLIENT_ID)
+    assert Peer.of(bare, CLIENT_ID) == Peer("lonely", "mesh", CLIENT_ID, canonical_service="lonely",
+                                            canonical_revision="latest")
     assert Peer.of(None) == Peer("unknown", "unknown", "unknown")
+    named = Pod("mesh", "r-0", "u4", "node1", "10.244.1.6",
+                {"app.kubernetes.io/name": "reviews", "app.kubernetes.io/version": "2",
+                 "service.istio.io/canonical-name": "reviews-svc", "service.istio.io/canonical-revision": "r2"}, {})
+    assert Peer.of(named) == Peer("r-0", "mesh", "unknown", "reviews", "2", "reviews-svc", "r2")
 
 
 def test_a_flow_log_file_is_rotated_at_its_size_limit(tmp_path):

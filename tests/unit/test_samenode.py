@@ -25,7 +25,8 @@ from nodeagent.agent.proxy.inputs import ProxyInputs
 from nodeagent.agent.proxy.outbound import OutboundRelay, Passthrough
 from nodeagent.agent.proxy.samenode import SameNodeRoute
 from policy_world import document
-from relay_world import CLIENT, DELIVERY_MARK, LOG, MARK, SERVER, SERVICE, TIMEOUT, World, ended, listening, principal
+from relay_world import (CLIENT, DELIVERY_MARK, LOG, MARK, SERVER, SERVICE, TIMEOUT, World, ended, listening, principal,
+                         sleep_to_httpbin)
 
 SLEEP, HTTPBIN = principal("mesh", "sleep"), principal("mesh", "httpbin")
 PAYLOAD = os.urandom((1 << 20) + 7)  # both ways: the app echoes it after its greeting line
@@ -102,12 +103,8 @@ def test_an_allowed_connection_is_joined_with_no_hbone_and_reported_by_both_ends
         for direction in ("outbound", "inbound"):
             assert w.value("nodeagent_relayed_bytes_total", direction=direction, flow="sent") == len(PAYLOAD)
             assert w.value("nodeagent_relayed_bytes_total", direction=direction, flow="received") == sent
-        labels = {"source_workload": "sleep", "source_principal": SLEEP, "destination_workload": "httpbin",
-                  "destination_principal": HTTPBIN, "destination_service": "httpbin.mesh.svc.cluster.local",
-                  "connection_security_policy": "mutual_tls", "response_flags": "-"}
         for reporter in ("source", "destination"):
-            istio = {**labels, "reporter": reporter, "source_workload_namespace": "mesh",
-                     "destination_workload_namespace": "mesh"}
+            istio = sleep_to_httpbin(reporter)
             assert (w.value("istio_tcp_connections_opened_total", **istio),
                     w.value("istio_tcp_connections_closed_total", **istio),
                     w.value("istio_tcp_received_bytes_total", **istio),
@@ -254,11 +251,8 @@ def test_a_denied_connection_is_refused_as_a_403_and_counted_once(node):
         assert (flows["destination"]["verdict"], flows["destination"]["response_flags"],
                 flows["destination"]["bytes_received"], flows["destination"]["same_node"]) == ("denied", "DENY", 0, True)
         assert (flows["source"]["verdict"], flows["source"]["response_flags"]) == ("failed", "CONNECT")
-        assert w.value("istio_tcp_connections_closed_total", reporter="destination", source_workload="sleep",
-                       source_workload_namespace="mesh", source_principal=SLEEP, destination_workload="httpbin",
-                       destination_workload_namespace="mesh", destination_service="httpbin.mesh.svc.cluster.local",
-                       destination_principal=HTTPBIN, connection_security_policy="mutual_tls",
-                       response_flags="DENY") == 1
+        assert w.value("istio_tcp_connections_closed_total", **sleep_to_httpbin("destination",
+                                                                                response_flags="DENY")) == 1
     node(body)
 
 

@@ -8,9 +8,11 @@ reported by the source agent (`reporter="source"`, outbound) or the destination 
 `istio_tcp_connections_closed_total` with the final `response_flags` (ztunnel's: `-`
 done, `DENY` refused by policy, `CONNECT` no upstream), adds the bytes (received = from
 the client, sent = back to it, as Istio counts them) and writes one JSON line to the
-flow log. Unknown values are "unknown", as in Istio. Registry, clocks and the flow-log
+flow log. The labels are Istio's (workload, namespace, principal, app, version, canonical
+service and revision of both ends, the destination service's host, name and namespace,
+`request_protocol="tcp"`), so Kiali draws L4 edges. Unknown values are "unknown", as in Istio. Registry, clocks and the flow-log
 stream are handed in. A connection like an earlier one (same reporter, peers, service,
-security) finds its metrics' children in a cache instead of looking each up by its ten
+security) finds its metrics' children in a cache instead of looking each up by its
 labels (23 → 6 µs a connection; at most SERIES_CACHE label sets, then it starts over). A connection the same-node fast path took (samenode.py) is
 reported exactly as over HBONE by both ends; its flow lines say `"same_node": true`.
 """
@@ -36,9 +38,14 @@ UNKNOWN = "unknown"
 MTLS, PLAINTEXT = "mutual_tls", "none"
 FLAG_OK, FLAG_DENY, FLAG_CONNECT = "-", "DENY", "CONNECT"
 SOURCE, DESTINATION = "source", "destination"
-LABELS = ("reporter", "source_workload", "source_workload_namespace", "source_principal",
-          "destination_workload", "destination_workload_namespace", "destination_service",
-          "destination_principal", "connection_security_policy", "response_flags")
+# Istio's TCP metric labels, as its request metrics have them (xds/accesslog.py) with
+# request_protocol "tcp"; no source_cluster/destination_cluster (nor there).
+LABELS = ("reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app",
+          "source_version", "source_canonical_service", "source_canonical_revision",
+          "destination_workload", "destination_workload_namespace", "destination_principal", "destination_app",
+          "destination_version", "destination_service", "destination_service_name",
+          "destination_service_namespace", "destination_canonical_service", "destination_canonical_revision",
+          "request_protocol", "response_flags", "connection_security_policy")
 Address = tuple[str, int]
 SERIES_CACHE = 4096  # label sets whose metrics' children are kept at hand
 
@@ -50,12 +57,23 @@ class Peer:
     workload: str = UNKNOWN
     namespace: str = UNKNOWN
     principal: str = UNKNOWN  # a SPIFFE URI, only when proven (or, for our own pods, known)
+    app: str = UNKNOWN  # Istio's app, version and canonical service and revision of the pod
+    version: str = UNKNOWN
+    canonical_service: str = UNKNOWN
+    canonical_revision: str = UNKNOWN
 
     @classmethod
     def of(cls, pod: Pod | None, principal: str | None = None) -> "Peer":
         if pod is None:
             return cls(principal=principal or UNKNOWN)
-        return cls(pod.workload_name, pod.namespace, principal or UNKNOWN)
+        return cls(pod.workload_name, pod.namespace, principal or UNKNOWN, pod.app or UNKNOWN,
+                   pod.version or UNKNOWN, pod.canonical_service, pod.canonical_revision)
+
+    def labels(self, side: str) -> dict[str, str]:
+        return {f"{side}_workload": self.workload, f"{side}_workload_namespace": self.namespace,
+                f"{side}_principal": self.principal, f"{side}_app": self.app, f"{side}_version": self.version,
+                f"{side}_canonical_service": self.canonical_service,
+                f"{side}_canonical_revision": self.canonical_revision}
 
 
 def format_address(addr: Address) -> str:
@@ -83,13 +101,12 @@ class Flow:
                 self.security)
 
     def labels(self, flags: str) -> dict[str, str]:
-        return {"reporter": self.reporter, "source_workload": self.source.workload,
-                "source_workload_namespace": self.source.namespace, "source_principal": self.source.principal,
-                "destination_workload": self.destination.workload,
-                "destination_workload_namespace": self.destination.namespace,
-                "destination_service": self.service.hostname if self.service else UNKNOWN,
-                "destination_principal": self.destination.principal,
-                "connection_security_policy": self.security, "response_flags": flags}
+        service = self.service
+        return {"reporter": self.reporter, **self.source.labels("source"), **self.destination.labels("destination"),
+                "destination_service": service.hostname if service else UNKNOWN,
+                "destination_service_name": service.name if service else UNKNOWN,
+                "destination_service_namespace": service.namespace if service else UNKNOWN,
+                "request_protocol": "tcp", "connection_security_policy": self.security, "response_flags": flags}
 
 
 class TrafficMetrics:
