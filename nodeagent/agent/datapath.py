@@ -75,7 +75,7 @@ class DataPath:
         self.work = work  # the config thread: policy and waypoint rebuilds run there
         self.policies = PolicyState(c.root_namespace, log.getChild("policy"))
         self.identities = WorkloadIdentities(c.trust_domain, identity_manager(c, registry, log.getChild("identity")),
-                                             log.getChild("identity"))
+                                             log.getChild("identity"), node=c.node)
         self.flow_log = FlowLog.open(c.flow_log, log, max_bytes=c.flow_log_max_mib << 20)
         self.telemetry = Telemetry(TrafficMetrics(registry), self.flow_log)
         self.waypoint = self.jwks = None

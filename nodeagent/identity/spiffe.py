@@ -19,6 +19,12 @@ from nodeagent.identity.errors import CertificateIdentityError
 from nodeagent.kube.objects import DNS_LABEL, DNS_SUBDOMAIN
 
 SCHEME = "spiffe://"
+# A node agent's own identity is `ns/nodeagent-node/sa/<node name>`: what it presents when
+# it vouches for one of its pods' requests whose destination's HTTP policy its waypoint
+# enforced (one waypoint per request). The CA issues it only to that node's agent, and a
+# pod's identity never in this namespace (identity/ca/auth.py), so no workload
+# certificate can say it.
+NODE_NAMESPACE = "nodeagent-node"
 # SPIFFE ID spec: a trust domain is lowercase letters, digits, '.', '-' and '_'.
 TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}\Z")
 
@@ -52,6 +58,11 @@ class Identity:
     @property
     def uri(self) -> str:
         return f"{SCHEME}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def node(self) -> str | None:
+        """The node whose agent this identity is (NODE_NAMESPACE), or None: a workload's."""
+        return self.service_account if self.namespace == NODE_NAMESPACE else None
 
     @property
     def short(self) -> str:
@@ -109,3 +120,8 @@ def identity_of_certificate(cert: x509.Certificate) -> Identity:
         return Identity.parse(uris[0])
     except ConfigError as exc:
         raise CertificateIdentityError(f"certificate {cert.serial_number:x}: {exc}") from None
+
+
+def node_identity(trust_domain: str, node: str) -> Identity:
+    """The identity of node `node`'s agent (NODE_NAMESPACE)."""
+    return Identity(trust_domain, NODE_NAMESPACE, node)

@@ -13,7 +13,9 @@ knows (the verified source identity) or only Envoy knows (the endpoint it picked
   Envoy → upstream.sock  after client-side L7; PROXY src/dst as received, TLVs
                          PRINCIPAL and SOURCE_WORKLOAD passed through, ENDPOINT added:
                          the pod "ip:port" Envoy's load balancer chose (absent for a
-                         PASSTHROUGH DestinationRule: use the PROXY destination).
+                         PASSTHROUGH DestinationRule: use the PROXY destination);
+                         ENFORCED: the digest of the endpoint's HTTP policy the route
+                         enforced (its cluster adds it; one waypoint per request).
   Envoy → deliver.sock   after server-side L7; PROXY src = client, dst = the pod;
                          PRINCIPAL passed through. The agent delivers to the pod.
   Envoy → xds.sock       ADS (gRPC) to the agent's xDS server.
@@ -41,6 +43,9 @@ TLV_PRINCIPAL = 0xE0  # SPIFFE URI of the source workload, as verified by the ag
 TLV_SOURCE_LABELS = 0xE1  # the source pod's labels, encode_labels() form
 TLV_ENDPOINT = 0xE2  # "ip:port" / "[ip6]:port" of the endpoint Envoy picked
 TLV_SOURCE_WORKLOAD = 0xE3  # "<namespace>/<pod name>" of the source, for telemetry
+# The digest of the endpoint's HTTP policy the routes to the cluster enforced (one
+# waypoint per request): added by the cluster (translate/outbound.py), on upstream.sock
+TLV_ENFORCED = 0xE4
 
 # Where Envoy keeps what the TLVs said: dynamic metadata namespace (set by the
 # proxy_protocol listener filter) and the filter state keys HTTP filters match on.
@@ -122,6 +127,16 @@ class DataPlane:
     outbound: frozenset[tuple[str, int]] = frozenset()  # (service VIP, port) → outbound.sock
     # (local pod IP, port) → inbound.sock; the value is its filter chain's digest
     inbound: Mapping[tuple[str, int], str] = field(default_factory=dict, hash=False)
+    # One waypoint per request (translate/outbound.py): (service VIP, port) → {endpoint
+    # (pod IP, port) → the digest of the endpoint's HTTP policy its outbound chain enforces}
+    enforced: Mapping[tuple[str, int], Mapping[tuple[str, int], str]] = field(default_factory=dict, hash=False)
+    # (local pod IP, port) of `inbound` → the digest a routing waypoint that enforced its
+    # HTTP policy says (translate/inbound.py ServerSide.digest); absent: only ours may
+    enforceable: Mapping[tuple[str, int], str] = field(default_factory=dict, hash=False)
+
+    def enforced_for(self, vip: tuple[str, int], endpoint: tuple[str, int]) -> str | None:
+        """The digest of the HTTP policy the outbound chain of `vip` enforced for `endpoint`."""
+        return self.enforced.get(vip, {}).get(endpoint)
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,68 @@ def test_an_update_is_acked_and_active(waypoint):
     assert waypoint.nacks() == 0
 
 
+SHELF = """---
+apiVersion: v1
+kind: Pod
+metadata: {name: shelf, namespace: shop, labels: {app: shelf}}
+spec: {nodeName: node2, serviceAccountName: shelf}
+status: {phase: Running, podIP: 10.244.2.20}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shelf, namespace: shop}
+spec: {clusterIP: 10.96.1.20, selector: {app: shelf}, ports: [{name: http, port: 7000, targetPort: 7000}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shelf, namespace: shop}
+spec:
+  hosts: [shelf]
+  http:
+  - route: [{destination: {host: shelf}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: shelf, namespace: shop}
+spec:
+  selector: {matchLabels: {app: shelf}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/productpage]}}]
+    to: [{operation: {methods: [GET], notPaths: ["/admin/*"]}}]
+"""
+
+
+def test_a_route_enforces_its_endpoints_http_policy_and_its_connections_say_which(waypoint):
+    """One waypoint per request: the client side's route to shelf (its pod on node2 has an
+    HTTP policy) enforces that policy in Envoy, where the sidecar pair's server would: a
+    request it refuses never reaches the agent; one it lets through comes with the digest
+    the destination's agent compares with its own (TLV 0xE4)."""
+    translation = waypoint.publish("enforce", SHELF)
+    waypoint.wait_accepted()
+    digest = translation.dataplane.enforced[("10.96.1.20", 7000)][("10.244.2.20", 7000)]
+
+    def shelf(path: str, method: str = "GET", principal: str = PRODUCTPAGE) -> tuple[int, bytes]:
+        request = get(path).replace(b"GET ", method.encode() + b" ", 1)
+        status, body, _ = proxied(waypoint.sockets.outbound, ("10.96.1.20", 7000),
+                                  {dataplane.TLV_PRINCIPAL: principal.encode()}, request)
+        return status, body
+
+    try:
+        seen = len(waypoint.agent.seen)
+        status, body = shelf("/books/1")
+        assert status == 200, body
+        assert json.loads(body)["tlvs"] == {"0xe0": PRODUCTPAGE, "0xe2": "10.244.2.20:7000", "0xe4": digest}
+        assert shelf("/books/1", method="POST")[0] == 403  # GET only
+        assert shelf("/books/1", principal=OTHER)[0] == 403  # not the allowed source
+        assert shelf("/admin/x")[0] == 403
+        assert shelf("/books/../admin/x")[0] == 403  # normalized before the policy reads it
+        assert shelf("/%61dmin/x")[0] == 403
+        assert len(waypoint.agent.seen) == seen + 1  # only the allowed one was handed back
+    finally:
+        waypoint.publish("after-enforce")
+        waypoint.wait_accepted()
+
+
 def waiting_listeners(waypoint) -> list[str]:
     """Listeners the (new) Envoy has not made active yet; all of them if it cannot say."""
     try:

@@ -53,7 +53,12 @@ def test_a_chain_copies_the_tlvs_to_filter_state_then_runs_http_with_rds():
     hcm = network(found)
     assert isinstance(hcm, HttpConnectionManager)
     assert hcm.rds.route_config_name == f"{REVIEWS}:9080" and hcm.rds.config_source.HasField("ads")
-    assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.fault", "envoy.filters.http.router"]
+    # RBAC twice, without rules: the routes that enforce their endpoints' policy give them theirs
+    assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.fault", "nodeagent.rbac.deny",
+                                                  "nodeagent.rbac.allow", "envoy.filters.http.router"]
+    assert [unpack(f.typed_config).HasField("rules") for f in hcm.http_filters[1:3]] == [False, False]
+    # paths normalized before any route or RBAC reads them; the client's address is the PROXY source
+    assert (hcm.normalize_path.value, hcm.use_remote_address.value, hcm.skip_xff_append) == (True, True, True)
 
 
 def access_log(hcm: HttpConnectionManager) -> FileAccessLog:

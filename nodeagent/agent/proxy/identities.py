@@ -25,7 +25,7 @@ from nodeagent.errors import ConfigError
 from nodeagent.identity.workload.credentials import Credentials
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.identity.workload.manager import IdentityManager
-from nodeagent.identity.spiffe import Identity
+from nodeagent.identity.spiffe import Identity, node_identity
 from nodeagent.model import Pod
 
 
@@ -35,10 +35,15 @@ def no_ca() -> IdentityUnavailable:
 
 
 class WorkloadIdentities:
-    def __init__(self, trust_domain: str, manager: IdentityManager | None, log: logging.Logger):
+    def __init__(self, trust_domain: str, manager: IdentityManager | None, log: logging.Logger,
+                 node: str | None = None):
         self.trust_domain = trust_domain
         self.manager = manager
         self.log = log
+        # The agent's own identity (spiffe.NODE_NAMESPACE), fetched beside its pods': what it
+        # presents when it vouches for a pod's request its waypoint enforced. Nothing waits
+        # for it: without it (a CA refusing it) such requests meet their destination's waypoint.
+        self.node = node_identity(trust_domain, node) if node else None
         self._contexts: dict[tuple[Identity, bool], tuple[Credentials, ssl.SSLContext]] = {}
         self._invalid: set[tuple[str, str]] = set()  # pods already warned about
 
@@ -78,6 +83,8 @@ class WorkloadIdentities:
                     self.log.warning("%s", exc)  # once, not on every model change
                 invalid.add(pod.key)
         self._invalid = invalid
+        if self.node is not None:
+            wanted.add(self.node)
         self.manager.prefetch(sorted(wanted - set(self.manager.identities)))
         for identity in set(self.manager.identities) - wanted:
             self.manager.forget(identity)
@@ -102,6 +109,12 @@ class WorkloadIdentities:
         if self.manager is None:
             raise no_ca()
         return await self.manager.get(identity)
+
+    def node_ready(self) -> Identity | None:
+        """The node's identity when it has a valid certificate now, else None."""
+        if self.node is None or self.manager is None or self.manager.current(self.node) is None:
+            return None
+        return self.node
 
     def context(self, identity: Identity, server_side: bool) -> ssl.SSLContext:
         """An mTLS context presenting `identity`'s certificate in use now (call after

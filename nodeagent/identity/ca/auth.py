@@ -7,7 +7,8 @@ broken edit keeps the last good tokens). The Kubernetes implementation (TokenRev
 the agent's service account token, node from its pod binding) comes with the kube
 source. `NodeAuthorizer` then lets a node have ns/X/sa/Y only while a pod with
 serviceAccountName Y in namespace X is on that node in the cluster model, as Istio's CA
-checks ztunnel's impersonation requests.
+checks ztunnel's impersonation requests, and its own identity (spiffe.NODE_NAMESPACE,
+its name), which no pod's can be.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import yaml
 
 from nodeagent.errors import ConfigError
 from nodeagent.identity.errors import PermissionDenied, Unauthenticated
-from nodeagent.identity.spiffe import Identity
+from nodeagent.identity.spiffe import NODE_NAMESPACE, Identity
 from nodeagent.kube.objects import DNS_SUBDOMAIN
 from nodeagent.model import TERMINATED, Model
 from nodeagent.sources.files import RACY_SECONDS
@@ -182,6 +183,11 @@ class NodeAuthorizer:
         self.lookup = lookup
 
     def authorize(self, caller: Caller, identity: Identity) -> None:
+        if identity.namespace == NODE_NAMESPACE:  # a node's own identity, never a pod's
+            if identity.node == caller.node:
+                return
+            raise PermissionDenied(f"{identity.short} is node {identity.node}'s own identity, not {caller.node}'s",
+                                   f"namespace {NODE_NAMESPACE} is reserved for the node agents' identities")
         for pod in self.models().pods_on_node(caller.node):
             if (pod.namespace, pod.service_account) == (identity.namespace, identity.service_account) \
                     and pod.phase not in TERMINATED:  # a finished pod needs no certificate

@@ -37,8 +37,8 @@ class Translation:
 
 def translate(model: Model, node: str, config: IstioConfig, options: WaypointOptions) -> Translation:
     ctx = Context(model, config, options, node)
-    client, client_routes, client_served = outbound.build(ctx)
-    server, server_routes, server_ports, server_served = inbound.build(ctx)
+    client, client_routes, client_served, enforced = outbound.build(ctx)
+    server, server_routes, server_ports, server_served, enforceable = inbound.build(ctx)
     eds_clusters, assignments = clusters.outbound(ctx)
     all_clusters = eds_clusters + clusters.static(ctx, server_ports)
     all_listeners = [x for x in (client, server) if x is not None]
@@ -50,7 +50,8 @@ def translate(model: Model, node: str, config: IstioConfig, options: WaypointOpt
     }
     ordered = {t: tuple(sorted(ms, key=rt.name_of)) for t, ms in found.items()}
     warnings = tuple({str(w): w for w in ctx.warnings}.values())
-    return Translation(ordered, DataPlane(options.sockets, client_served, server_served), warnings)
+    return Translation(ordered, DataPlane(options.sockets, client_served, server_served, enforced, enforceable),
+                       warnings)
 
 
 def build_snapshot(version: str, model: Model, node: str, config: IstioConfig,

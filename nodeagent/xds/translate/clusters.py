@@ -64,7 +64,8 @@ def _cluster(name: str, spec: ClusterSpec, policy: Policy, ctx: Context) -> Clus
     cluster = Cluster(
         name=name, connect_timeout=tcp.connect_timeout or ctx.options.connect_timeout,
         circuit_breakers=_circuit_breakers(tcp, http),
-        transport_socket=proxy_protocol_transport(internal=True),
+        transport_socket=proxy_protocol_transport(internal=True, added=(
+            ((dataplane.TLV_ENFORCED, spec.enforced.encode()),) if spec.enforced else ())),
         metadata=Metadata(filter_metadata={"istio": struct({
             "services": [{"host": spec.service.hostname, "name": spec.service.name,
                           "namespace": spec.service.namespace}],

@@ -10,7 +10,7 @@ with Istio) and a warning names the field.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from nodeagent.errors import ConfigError
@@ -28,6 +28,7 @@ class ClusterSpec:
     port: ServicePort
     subset: str = ""
     client_namespace: str = ""  # whose own DestinationRule applies ("": the rule of every client)
+    enforced: str = ""  # the digest of the HTTP policy its routes enforce (outbound.py), or ""
 
 
 @dataclass
@@ -69,6 +70,15 @@ class Context:
         name = names.outbound_cluster(service.hostname, port.port, subset, own)
         self.clusters.setdefault(name, ClusterSpec(service, port, subset, own))
         return name
+
+    def enforced_cluster(self, name: str, digest: str) -> str:
+        """The variant of cluster `name` for routes that enforce its endpoints' HTTP policy
+        of digest `digest`: its connections say so (dataplane.TLV_ENFORCED)."""
+        spec = replace(self.clusters[name], enforced=digest)
+        enforced = names.outbound_cluster(spec.service.hostname, spec.port.port, spec.subset, spec.client_namespace,
+                                          digest)
+        self.clusters.setdefault(enforced, spec)
+        return enforced
 
     def destination(self, dest: Destination, namespace: str, listener_port: int, where: str) -> str:
         """The cluster for a route destination (`where` names the field for warnings)."""

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
+from dataclasses import dataclass
+from functools import cached_property
 
 from envoy.config.core.v3.address_pb2 import CidrRange
 from envoy.config.listener.v3.listener_components_pb2 import FilterChain, FilterChainMatch
@@ -29,6 +32,7 @@ from nodeagent.policy.authz import ALLOW, DENY
 from nodeagent.policy.scope import Scope, labels_match
 from nodeagent.xds import dataplane
 from nodeagent.xds.istio.envoyfilter import LOCAL_RATELIMIT, EnvoyFilter, RateLimitPatch
+from nodeagent.xds.istio.security import Authentication, Authorization
 from nodeagent.xds.resources import serialize
 from nodeagent.xds.translate import listeners, names, routes
 from nodeagent.xds.translate.authz import rbac_filters
@@ -40,34 +44,89 @@ from nodeagent.xds.translate.services import TCP, protocol
 TLVS = (dataplane.TLV_PRINCIPAL,)
 
 
-def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list[int], dict[tuple[str, int], str]]:
+@dataclass(frozen=True)
+class ServerSide:
+    """What a meshed pod's server-side chains enforce: its AuthorizationPolicies (ALLOW and
+    DENY, enforced), RequestAuthentications and rate-limit patches."""
+
+    authz: tuple[Authorization, ...]
+    authn: tuple[Authentication, ...]
+    limits: tuple[RateLimitPatch, ...]
+
+    @property
+    def policy(self) -> bool:
+        """HTTP policy: every HTTP port gets a chain."""
+        return any(a.policy.has_l7 for a in self.authz) or bool(self.authn)
+
+    def served(self, port: int) -> bool:
+        """Whether its port (one a Service names as HTTP) gets a chain."""
+        return self.policy or any(p.port in (None, port) for p in self.limits)
+
+    @cached_property
+    def digest(self) -> str | None:
+        """What a routing waypoint enforcing it for the pod says it enforced (one waypoint per
+        request, outbound.py): a digest of its AuthorizationPolicies (each one's namespace,
+        name, action and spec); None when it cannot be enforced there but here: a
+        RequestAuthentication (jwt_authn's keys are this node's to fetch), a rate limit (a
+        bucket per pod), or a rule on the destination address or port, which the routing
+        waypoint sees as the Service's (its ports, `destination.ip`, `destination.port`)."""
+        if self.authn or self.limits or not self.policy or any(_on_destination(a) for a in self.authz):
+            return None
+        parts = sorted((a.obj.namespace, a.obj.name, a.policy.action, a.policy.fail_closed,
+                        json.dumps(a.obj.spec, sort_keys=True, default=str)) for a in self.authz)
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+DESTINATION_ATTRIBUTES = ("destination.ip", "destination.port")
+
+
+def _on_destination(authz: Authorization) -> bool:
+    return any(c.attribute in DESTINATION_ATTRIBUTES for rule in authz.policy.rules
+               for c in (*rule.conditions, *(c for group in rule.operations for c in group),
+                         *(c for group in rule.sources for c in group)))
+
+
+def server_side(ctx: Context, pod: Pod) -> ServerSide | None:
+    """What `pod`'s server-side chains enforce (on any node: a routing waypoint reads it
+    for the endpoints it picks), or None when it gets none: not meshed, selected by a
+    withheld policy (the agent enforces all its policies at L4), or nothing HTTP applies."""
+    if not (ctx.model.is_meshed(pod) and pod.ip and pod.phase in MESHED_PHASES):  # as enrolment
+        return None
+    if any(selects(ctx, w.policy.scope, pod) for w in ctx.config.withheld):
+        return None
+    side = ServerSide(
+        tuple(a for a in ctx.config.authorizations if a.policy.action in (ALLOW, DENY)
+              and not a.policy.dry_run and selects(ctx, a.policy.scope, pod)),
+        tuple(r for r in ctx.config.authentications if selects(ctx, r.policy.scope, pod)),
+        tuple(p for ef in _ordered(ctx) if _filter_selects(ctx, ef, pod) for p in ef.patches))
+    return side if side.policy or side.limits else None
+
+
+def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list[int], dict[tuple[str, int], str],
+                                 dict[tuple[str, int], str]]:
     """(the inbound listener or None, its route tables, the pod ports it delivers to,
-    the (pod IP, port)s it serves with the digest of each one's filter chain)."""
+    the (pod IP, port)s it serves with the digest of each one's filter chain, and those a
+    routing waypoint may enforce with ServerSide.digest)."""
     _warn_unbound(ctx)
-    chains, served = [], {}
+    chains, served, enforceable = [], {}, {}
     for pod in ctx.model.pods_on_node(ctx.node):
-        if not (ctx.model.is_meshed(pod) and pod.ip and pod.phase in MESHED_PHASES):  # as enrolment
+        side = server_side(ctx, pod)
+        if side is None:
             continue
-        if any(selects(ctx, w.policy.scope, pod) for w in ctx.config.withheld):
-            continue
-        authz = [a for a in ctx.config.authorizations if a.policy.action in (ALLOW, DENY)
-                 and not a.policy.dry_run and selects(ctx, a.policy.scope, pod)]
-        authn = [r for r in ctx.config.authentications if selects(ctx, r.policy.scope, pod)]
-        limits = [p for ef in _ordered(ctx) if _filter_selects(ctx, ef, pod) for p in ef.patches]
-        policy = any(a.policy.has_l7 for a in authz) or bool(authn)
-        if not (policy or limits):
-            continue
-        head = ([jwt_filter(ctx, authn)] if any(a.rules for a in authn) else []) + rbac_filters(authz)
+        head = ([jwt_filter(ctx, list(side.authn))] if any(a.rules for a in side.authn) else []) + \
+            rbac_filters(list(side.authz))
         for port in http_ports(ctx, pod):
-            if policy or any(p.port in (None, port) for p in limits):
-                chain = _chain(ctx, pod, port, _with_limits(head, limits, port))
+            if side.served(port):
+                chain = _chain(ctx, pod, port, _with_limits(head, list(side.limits), port))
                 chains.append(chain)
                 served[(pod.ip, port)] = chain_digest(chain)
+                if side.digest is not None:
+                    enforceable[(pod.ip, port)] = side.digest
     if not chains:
-        return None, [], [], {}
+        return None, [], [], {}, {}
     ports = sorted({port for _, port in served})
     listener = listeners.listener(names.INBOUND_LISTENER, ctx.options.sockets.inbound, TLVS, chains)
-    return listener, [routes.inbound_table(p) for p in ports], ports, served
+    return listener, [routes.inbound_table(p) for p in ports], ports, served, enforceable
 
 
 def chain_digest(chain: FilterChain) -> str:
@@ -142,7 +201,6 @@ def _chain(ctx: Context, pod: Pod, port: int, filters: list[HttpFilter]) -> Filt
                              destination_port=u32(port))
     hcm = listeners.http_connection_manager(f"inbound|{port}|{pod.namespace}/{pod.name}",
                                             names.inbound_routes(port), filters,
-                                            log_name=names.INBOUND_LISTENER, log_path=ctx.options.sockets.access_log,
-                                            inbound=True)
+                                            log_name=names.INBOUND_LISTENER, log_path=ctx.options.sockets.access_log)
     return FilterChain(name=f"inbound|{pod.namespace}/{pod.name}|{port}", filter_chain_match=match,
                        filters=[listeners.set_filter_state(TLVS), hcm])

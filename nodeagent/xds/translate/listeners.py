@@ -76,21 +76,24 @@ def stat_prefix(name: str) -> str:
 
 
 def http_connection_manager(prefix: str, route_config: str, filters: list[HttpFilter], log_name: str,
-                            log_path: str, inbound: bool = False) -> Filter:
-    """An HTTP connection manager; `inbound` (the server side, where policy is enforced):
-    paths are normalized before authorization looks at them, as istiod does inbound, and
-    the client's address is the connection's (the PROXY header's source, which the agent
-    verified), never what a request's X-Forwarded-For says, and no such header is added:
-    RBAC's source.ip and remote.ip (`remote_ip`) are the client, as the L4 engine reads them.
-    (RBAC's `direct_remote_ip` is the unix socket's peer, never a pod: a DENY of ipBlocks
-    matched nobody, and remote.ip followed a header the client writes.)"""
+                            log_path: str) -> Filter:
+    """An HTTP connection manager, on either side a place where policy is enforced (the
+    server side's chains; the client side's routes that enforce their endpoints' policy,
+    outbound.py): paths are normalized before authorization looks at them, as istiod does
+    inbound, and the client's address is the connection's (the PROXY header's source,
+    which the agent verified), never what a request's X-Forwarded-For says, and no such
+    header is added: RBAC's source.ip and remote.ip (`remote_ip`) are the client, as the L4
+    engine reads them. (RBAC's `direct_remote_ip` is the unix socket's peer, never a pod: a
+    DENY of ipBlocks matched nobody, and remote.ip followed a header the client writes.)
+    The client side's chains are so too, every one of them (a chain's settings stay what
+    they were for the connections it holds until they end, where a route's change reaches
+    every request at once)."""
     hcm = HttpConnectionManager(
         stat_prefix=stat_prefix(prefix), rds=Rds(config_source=ADS, route_config_name=route_config),
         http_filters=filters + [http_filter(ROUTER, Router())],
         upgrade_configs=[HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
         access_log=[access_log(log_name, log_path)],
-        normalize_path=boolean(True) if inbound else None,
-        use_remote_address=boolean(True) if inbound else None, skip_xff_append=inbound)
+        normalize_path=boolean(True), use_remote_address=boolean(True), skip_xff_append=True)
     return network_filter(HCM, hcm)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from envoy.config.core.v3.base_pb2 import TransportSocket
 from envoy.config.core.v3.config_source_pb2 import AggregatedConfigSource, ApiVersion, ConfigSource
-from envoy.config.core.v3.proxy_protocol_pb2 import ProxyProtocolConfig, ProxyProtocolPassThroughTLVs
+from envoy.config.core.v3.proxy_protocol_pb2 import ProxyProtocolConfig, ProxyProtocolPassThroughTLVs, TlvEntry
 from envoy.config.listener.v3.listener_components_pb2 import Filter
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import HttpFilter
 from envoy.extensions.transport_sockets.internal_upstream.v3.internal_upstream_pb2 import InternalUpstreamTransport
@@ -65,15 +65,17 @@ def raw_buffer() -> TransportSocket:
     return transport_socket("envoy.transport_sockets.raw_buffer", RawBuffer())
 
 
-def proxy_protocol_transport(internal: bool) -> TransportSocket:
-    """PROXY v2 on every upstream connection, passing PASSED_TLVS through; over the
-    internal upstream listener (client side) or straight to a unix socket (server side)."""
+def proxy_protocol_transport(internal: bool, added: tuple[tuple[int, bytes], ...] = ()) -> TransportSocket:
+    """PROXY v2 on every upstream connection, passing PASSED_TLVS through and adding
+    `added`; over the internal upstream listener (client side) or straight to a unix
+    socket (server side)."""
     inner = raw_buffer()
     if internal:
         inner = transport_socket("envoy.transport_sockets.internal_upstream",
                                  InternalUpstreamTransport(transport_socket=inner))
     config = ProxyProtocolConfig(version=ProxyProtocolConfig.Version.V2, pass_through_tlvs=ProxyProtocolPassThroughTLVs(
-        match_type=ProxyProtocolPassThroughTLVs.PassTLVsMatchType.INCLUDE, tlv_type=list(PASSED_TLVS)))
+        match_type=ProxyProtocolPassThroughTLVs.PassTLVsMatchType.INCLUDE, tlv_type=list(PASSED_TLVS)),
+        added_tlvs=[TlvEntry(type=kind, value=value) for kind, value in added])
     return transport_socket("envoy.transport_sockets.upstream_proxy_protocol",
                             ProxyProtocolUpstreamTransport(config=config, transport_socket=inner))
 
