@@ -46,6 +46,12 @@ TLV_SOURCE_WORKLOAD = 0xE3  # "<namespace>/<pod name>" of the source, for teleme
 # The digest of the endpoint's HTTP policy the routes to the cluster enforced (one
 # waypoint per request): added by the cluster (translate/outbound.py), on upstream.sock
 TLV_ENFORCED = 0xE4
+# ... which the agent of the source's node says on the HBONE CONNECT it makes for it with
+# its own identity (spiffe.NODE_NAMESPACE), naming the source it vouches for; the
+# destination's agent then delivers straight to the pod when that digest is what the
+# pod's waypoint chain enforces now (enforceable), else through that chain.
+ENFORCED_HEADER = "x-nodeagent-enforced"
+SOURCE_HEADER = "x-nodeagent-source"
 
 # Where Envoy keeps what the TLVs said: dynamic metadata namespace (set by the
 # proxy_protocol listener filter) and the filter state keys HTTP filters match on.

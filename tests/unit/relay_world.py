@@ -60,6 +60,7 @@ from nodeagent.memory import MemoryGuard
 from nodeagent.agent.proxy.tunnel_outbound import HboneRoute
 from nodeagent.agent.waypoint.waypoint import WaypointUnavailable
 from nodeagent.identity import pemfiles
+from nodeagent.identity.spiffe import Identity
 from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.kube.objects import parse_documents
 from nodeagent.model import Model
@@ -69,6 +70,7 @@ from nodeagent.xds.dataplane import DataPlane, HandOffs, ProxyHeader, Sockets
 
 LOG = logging.getLogger("test.relays")
 TD = "cluster.local"
+NODE = "node1"  # every pod's, and the agent's
 MARK, DELIVERY_MARK = 0x539, 0x1539
 ADMIN_PORT = 15020
 TIMEOUT = 5.0  # the relays' connect timeout
@@ -108,7 +110,7 @@ def cluster(app_port: int, extra_yaml: str = "") -> Model:
             for ns, labels in (("mesh", {"istio.io/dataplane-mode": "ambient"}), ("plain", {}),
                                ("istio-system", {}))]
     docs += [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
-              "spec": {"serviceAccountName": sa, "nodeName": "node1"},
+              "spec": {"serviceAccountName": sa, "nodeName": NODE},
               "status": {"podIP": ip, "phase": "Running",
                          **({"podIPs": [{"ip": ip}, {"ip": SERVER_V6}]} if ip == SERVER else {})}}
              for ns, name, ip, sa, app in PODS]
@@ -183,13 +185,17 @@ class Envoy:
 
     outbound: set[tuple[str, int]] = field(default_factory=set)
     inbound: dict[tuple[str, int], str] = field(default_factory=dict)
+    # one waypoint per request: what the outbound chains enforce, what the inbound ones may
+    enforced: dict[tuple[str, int], dict[tuple[str, int], str]] = field(default_factory=dict)
+    enforceable: dict[tuple[str, int], str] = field(default_factory=dict)
     down: bool = False
     accepted: list[tuple[str, socket.socket]] = field(default_factory=list)
 
     handoffs: HandOffs = field(default_factory=HandOffs)
 
     def dataplane(self) -> DataPlane:
-        return DataPlane(Sockets("/nonexistent"), frozenset(self.outbound), dict(self.inbound))
+        return DataPlane(Sockets("/nonexistent"), frozenset(self.outbound), dict(self.inbound), dict(self.enforced),
+                         dict(self.enforceable))
 
     def expecting(self, kind: str, header: ProxyHeader):
         return self.handoffs.expecting(kind, header)
@@ -324,7 +330,7 @@ class World:
         self.model = cluster(self.app.address[1])
         self.policies = PolicyState("istio-system", LOG)
         self.policies.update(self.model)
-        self.identities = WorkloadIdentities(TD, self._identity_manager(), LOG)
+        self.identities = WorkloadIdentities(TD, self._identity_manager(), LOG, node=NODE)
         self._closers.append(self.identities.close)
         # Fake netns fds (only PodSockets reads them) and cookies, one per enrolled pod.
         self.enrolled = {ip: PodContext(self.model.pod_by_ip(ip), netns_fd=1000 + i, cookie=7000 + i)
@@ -386,10 +392,12 @@ class World:
         self._closers.append(listener.close)
         return listener
 
-    def envoy_acks(self, outbound=(), inbound=None, down: bool = False) -> Envoy:
+    def envoy_acks(self, outbound=(), inbound=None, down: bool = False, enforced=None, enforceable=None) -> Envoy:
         """The node's Envoy ACKed this steering (service VIP:ports; pod IP:port → filter
-        chain digest) and is up, or `down`: the relays steer by it from now on."""
+        chain digest; what the outbound chains enforce, the digests the inbound ones may
+        take) and is up, or `down`: the relays steer by it from now on."""
         self.envoy.outbound, self.envoy.inbound, self.envoy.down = set(outbound), dict(inbound or {}), down
+        self.envoy.enforced, self.envoy.enforceable = dict(enforced or {}), dict(enforceable or {})
         return self.envoy
 
     async def serve(self, ip: str) -> App:
@@ -482,22 +490,23 @@ class World:
         await asyncio.get_running_loop().sock_connect(sock, dst)
         return await asyncio.open_connection(sock=sock)
 
-    async def hbone_client(self, certificate_of: str = CLIENT) -> HbonePool:
-        """An HBONE pool from the client pod's address with the valid certificate of the
-        pod at `certificate_of` (what a compromised workload holds): it can aim streams
-        anywhere. Open streams with `open_stream`."""
-        identity = self.identities.of(self.model.pod_by_ip(certificate_of))
+    async def hbone_client(self, certificate_of: str = CLIENT, identity: Identity | None = None,
+                           source: str = CLIENT) -> HbonePool:
+        """An HBONE pool from `source`'s address with the valid certificate of the pod at
+        `certificate_of` (what a compromised workload holds), or of `identity`: it can aim
+        streams anywhere. Open streams with `open_stream`."""
+        identity = identity or self.identities.of(self.model.pod_by_ip(certificate_of))
         await self.identities.ready(identity)
-        pool = HbonePool(lambda _ip, _port: _bound(socket.AF_INET, CLIENT),
+        pool = HbonePool(lambda _ip, _port: _bound(socket.AF_INET, source),
                          lambda _uri: self.identities.context(identity, server_side=False),
                          tls.verifier(TD), metrics=TunnelMetrics(CollectorRegistry()), log=LOG)
         self._closers.append(pool.close)
         return pool
 
-    async def open_stream(self, pool: HbonePool, authority: tuple[str, int]):
+    async def open_stream(self, pool: HbonePool, authority: tuple[str, int], headers=()):
         """A CONNECT to `authority` through the server pod's HBONE port."""
         reader, _ = await pool.open_stream("source", principal("mesh", "httpbin"), (SERVER, self.tunnel_port),
-                                           authority)
+                                           authority, headers)
         return reader
 
 

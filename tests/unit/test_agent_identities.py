@@ -16,6 +16,7 @@ from nodeagent.admin import AdminServer, Readiness
 from nodeagent.agent.proxy.identities import WorkloadIdentities
 from nodeagent.identity import pemfiles
 from nodeagent.identity.errors import CaUnavailable, IdentityUnavailable
+from nodeagent.identity.spiffe import node_identity
 from nodeagent.identity.workload.manager import IdentityManager
 from nodeagent.model import Pod
 
@@ -45,13 +46,13 @@ def pod(name: str, sa: str, ns: str = "mesh") -> Pod:
     return Pod(ns, name, f"uid-{name}", "node1", "10.244.1.2", {}, {}, sa)
 
 
-def make(tmp_path):
+def make(tmp_path, node: str | None = None):
     clock = ManualClock()
     ca = make_ca(clock=clock.now)
     issuer = Issuer(ca)
     registry = CollectorRegistry()
     manager = IdentityManager(issuer, clock, ca.root_pem, registry, LOG, runtime_dir=tmp_path / "id")
-    return WorkloadIdentities("cluster.local", manager, LOG), issuer, clock, registry
+    return WorkloadIdentities("cluster.local", manager, LOG, node=node), issuer, clock, registry
 
 
 def test_sync_fetches_ahead_and_forgets_unused(tmp_path):
@@ -67,6 +68,25 @@ def test_sync_fetches_ahead_and_forgets_unused(tmp_path):
         identities.sync([pod("a-0", "web")])
         assert not (tmp_path / "id" / "mesh_db_cluster.local.pem").exists()
         assert [i["identity"] for i in identities.describe()["identities"]] == [web.uri]
+        await identities.close()
+    run(main())
+
+
+def test_the_nodes_own_identity_is_kept_beside_its_pods_and_waited_for_by_none(tmp_path):
+    """One waypoint per request: what the agent presents when it vouches for its pod's
+    request. Fetched with the pods' and kept when they go; `missing` (readiness) never
+    names it: without it such requests meet their destination's waypoint."""
+    identities, issuer, _, _ = make(tmp_path, node="node1")
+
+    async def main():
+        node = node_identity("cluster.local", "node1")
+        assert identities.node == node and identities.node_ready() is None
+        identities.sync([pod("a-0", "web")])
+        await until(lambda: identities.node_ready() is not None, what="the node's certificate")
+        assert node.uri in issuer.asked and identities.node_ready() == node
+        identities.sync([])
+        assert [i["identity"] for i in identities.describe()["identities"]] == [node.uri]
+        assert identities.missing([]) == []
         await identities.close()
     run(main())
 

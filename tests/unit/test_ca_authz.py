@@ -14,6 +14,7 @@ from nodeagent.identity.ca.auth import (Caller, ModelView, NodeAuthorizer, Token
 from nodeagent.identity.caproto import IstioCertificateRequest
 from nodeagent.identity.errors import CsrRejected, PermissionDenied, Unauthenticated
 from nodeagent.identity.ca.server import CaMetrics, CertificateService
+from nodeagent.identity.spiffe import NODE_NAMESPACE, node_identity
 from nodeagent.sources.files import FilesSource
 
 from identity_fixtures import csr_pem, identity, make_ca, pod_yaml, write_pods, write_tokens
@@ -123,6 +124,19 @@ def test_an_identity_is_allowed_only_to_the_node_running_such_a_pod(cluster):
         authz.authorize(Caller("node2"), identity("default", "db"))
     with pytest.raises(PermissionDenied, match="ns/default/sa/batch on node node2"):  # pod has finished
         authz.authorize(Caller("node2"), identity("default", "batch"))
+
+
+def test_a_node_has_its_own_identity_and_no_pod_ever_has_one(cluster):
+    """spiffe.NODE_NAMESPACE: what a node's agent presents when it vouches for its pod's
+    request (one waypoint per request). Only that node gets it; a pod in that namespace
+    (any pod with a service account named after a node) gets nothing."""
+    write_pods(cluster, pod_yaml("impostor", "node2", "node1", ns=NODE_NAMESPACE), name="impostor.yaml")
+    authz = NodeAuthorizer(ModelView(FilesSource(cluster)))
+    authz.authorize(Caller("node1"), node_identity("cluster.local", "node1"))
+    with pytest.raises(PermissionDenied, match="^ns/nodeagent-node/sa/node1 is node node1's own identity, not node2's"):
+        authz.authorize(Caller("node2"), node_identity("cluster.local", "node1"))
+    assert node_identity("cluster.local", "node1") == identity(NODE_NAMESPACE, "node1")
+    assert (node_identity("cluster.local", "node1").node, identity("default", "web").node) == ("node1", None)
 
 
 def test_a_pod_scheduled_later_is_seen_at_once(cluster):

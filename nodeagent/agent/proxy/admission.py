@@ -34,6 +34,7 @@ Address = tuple[str, int]
 STRICT_POLICY = "peer-authentication-strict"  # the `policy` label of a STRICT refusal
 NO_ALLOW_MATCH = "no-allow-match"  # ... of a denial because no ALLOW policy matched
 DELIVER, WAYPOINT, DENY = "deliver", "waypoint", "deny"
+ENFORCED = "enforced:"  # an Admission's chain when a routing waypoint enforced its HTTP policy
 
 
 @dataclass(frozen=True)
@@ -45,22 +46,30 @@ class Admission:
 
 
 def admit(policies: PolicySet, waypoint: WaypointHandle, conn: Connection, plaintext: bool,
-          probe: bool = False) -> Admission:
+          probe: bool = False, enforced: str | None = None) -> Admission:
     """The route of `conn` under `policies` and the waypoint's steering. PeerAuthentication
     is checked first and by the agent even for a port behind the waypoint (Envoy gets no
     say about plaintext); AuthorizationPolicy is the waypoint's there, else the agent's.
     A `probe` (plaintext from a socket of the node to a port the pod's probes name:
     kubelet's; inbound.py tells) is delivered around both, as Istio's ambient mode lets kubelet's probes
     past ztunnel: else STRICT or an ALLOW would fail every probe and take the pod out of
-    its Services."""
+    its Services. `enforced`: a routing waypoint enforced the HTTP policy of that digest
+    for this connection (one waypoint per request: the source's node vouches for it); when
+    it is what the pod port's chain enforces now (DataPlane.enforceable), the connection is
+    delivered (every policy of the pod was the waypoint's to enforce, as here), tracked
+    under that digest (`chain` "enforced:<digest>"), else it goes through the chain."""
     if probe and plaintext:
         return Admission(DELIVER)
     port = conn.destination_port
     if plaintext and policies.mtls_mode(conn.destination, port) == STRICT:
         return Admission(DENY, STRICT_POLICY, f"PeerAuthentication STRICT on port {port}: plaintext refused")
     # The digest of the waypoint's filter chain for the pod port: server-side L7 in force and ACKed.
-    chain = waypoint.dataplane().inbound.get((conn.destination_ip, port))
+    steering = waypoint.dataplane()
+    chain = steering.inbound.get((conn.destination_ip, port))
     if chain is not None:
+        if enforced is not None and not plaintext and \
+                steering.enforceable.get((conn.destination_ip, port)) == enforced:
+            return Admission(DELIVER, chain=f"{ENFORCED}{enforced}")
         return Admission(WAYPOINT, chain=chain)
     decision = policies.authorize(conn)
     if decision.allowed:
@@ -79,6 +88,7 @@ class Delivered:
     admission: Admission  # DELIVER, or WAYPOINT with the chain it was sent to
     abort: Abort
     probe: bool = False  # kubelet's probe (admit's `probe`)
+    enforced: str | None = None  # the digest a routing waypoint enforced for it (admit's `enforced`)
     revoked: Admission | None = None  # set when a re-check ended it
     ends: ExitStack = field(default_factory=ExitStack)  # closed once it is no longer tracked
 
@@ -109,9 +119,10 @@ class InboundConnections:
 
     @contextmanager
     def delivering(self, conn: Connection, src: Address, plaintext: bool,
-                   admission: Admission = Admission(DELIVER), probe: bool = False) -> Iterator[Delivered]:
+                   admission: Admission = Admission(DELIVER), probe: bool = False,
+                   enforced: str | None = None) -> Iterator[Delivered]:
         """Track a connection while the agent relays it to the pod or the waypoint."""
-        entry = self.track(Delivered(conn, src, plaintext, admission, Abort(), probe))
+        entry = self.track(Delivered(conn, src, plaintext, admission, Abort(), probe, enforced))
         try:
             yield entry
         finally:
@@ -137,7 +148,7 @@ class InboundConnections:
                 continue
             ctx = self.pod_at(entry.conn.destination_ip)
             conn = replace(entry.conn, destination=ctx.pod) if ctx is not None else entry.conn
-            admission = admit(policies, self.waypoint, conn, entry.plaintext, entry.probe)
+            admission = admit(policies, self.waypoint, conn, entry.plaintext, entry.probe, entry.enforced)
             if still_admitted(entry, admission):
                 continue
             entry.revoked = admission
@@ -154,6 +165,9 @@ def describe(admission: Admission, entry: Delivered) -> str:
     flow log."""
     if admission.route == DENY:
         return f"no longer allowed: {admission.reason}"
+    if entry.admission.chain.startswith(ENFORCED):
+        return ("the HTTP policy its routing waypoint enforced changed; the client reconnects under the one in "
+                "force")
     if entry.admission.route == DELIVER:
         return "the port is now behind the waypoint (server-side L7 policy); the client reconnects through it"
     if admission.route == DELIVER:

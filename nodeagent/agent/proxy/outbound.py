@@ -175,17 +175,31 @@ class OutboundRelay(Relay):
         pod = model.pod_by_ip(address[0])
         target = Target(address, pod=pod, service=model.service_by_ip(dst[0]),
                         meshed=pod is not None and model.is_meshed(pod))
-        await self._relay(ctx, sock, src, dst, target)
+        await self._relay(ctx, sock, src, dst, target, enforced=self._enforced(header, dst, address))
+
+    def _enforced(self, header: dataplane.ProxyHeader, dst: Address, endpoint: Address) -> str | None:
+        """The digest of the destination's HTTP policy the route enforced (one waypoint per
+        request): what the connection's cluster says (TLV_ENFORCED), when the steering in
+        force has the chain of `dst` enforce that one for `endpoint`; else None (a request
+        of a chain or route that enforces nothing, or another policy: the steering changed
+        since Envoy routed it), and the destination's waypoint enforces the policy."""
+        said = header.tlv(dataplane.TLV_ENFORCED)
+        if not said:
+            return None
+        enforced = self.inputs.waypoint.dataplane().enforced_for(dst, endpoint)
+        return enforced if enforced is not None and said == enforced.encode() else None
 
     async def _relay(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address,
-                     target: Target, via: Offload | None = None) -> None:
-        if self.same_node is not None and await self.same_node.relay(ctx, client, src, dst, target):
+                     target: Target, via: Offload | None = None, enforced: str | None = None) -> None:
+        if self.same_node is not None and await self.same_node.relay(ctx, client, src, dst, target, enforced):
             return
         route, flow = self._route(ctx, src, dst, target)
         try:
             if route is self.hbone:
                 self.identities.of(target.pod)  # a destination without a valid identity: refused
-            upstream = await route.connect(ctx, target, client)
+                upstream = await route.connect(ctx, target, client, enforced)
+            else:
+                upstream = await route.connect(ctx, target, client)
         except (OSError, asyncio.TimeoutError, TunnelError, IdentityUnavailable) as exc:
             self._connect_failed(ctx, client, route, target, flow, exc)
             return

@@ -36,7 +36,7 @@ import socket
 from prometheus_client import CollectorRegistry, Counter
 
 from nodeagent.agent.inpod.sockets import PodContext
-from nodeagent.agent.proxy.admission import DENY, WAYPOINT, admit
+from nodeagent.agent.proxy.admission import DENY, WAYPOINT, Admission, admit
 from nodeagent.agent.proxy.delivery import Delivery, open_flow, relay_delivered
 from nodeagent.agent.proxy.destinations import Target
 from nodeagent.agent.proxy.inputs import ProxyInputs
@@ -84,7 +84,7 @@ class SameNodeRoute(Relay):
         return ctx if ctx is not None and ctx.pod.key == target.pod.key else None
 
     async def relay(self, ctx: PodContext, client: socket.socket, src: Address, dst: Address,
-                    target: Target) -> bool:
+                    target: Target, enforced: str | None = None) -> bool:
         """Take the connection from `ctx`'s pod to `target` if it is this node's: True
         once it is decided and done (relayed, refused or failed), False when it must go
         over HBONE (nothing was reported or counted then)."""
@@ -97,7 +97,10 @@ class SameNodeRoute(Relay):
                 identities.missing([ctx.pod, target.pod]):
             return False
         conn = Connection(src[0], source, ctx.pod.namespace, server.pod, *target.address)
-        admission = admit(self.inputs.policies.current, self.inputs.waypoint, conn, plaintext=False)
+        # `enforced`: the waypoint that routed it enforced the server's HTTP policy of that
+        # digest (one waypoint per request): delivered here when it is the one in force
+        admission = admit(self.inputs.policies.current, self.inputs.waypoint, conn, plaintext=False,
+                          enforced=enforced)
         if admission.route == WAYPOINT:
             self._count("waypoint")
             return False
@@ -114,14 +117,16 @@ class SameNodeRoute(Relay):
                        f"(same-node fast path): {admission.reason}")
             telemetry.close(outbound, flags=FLAG_CONNECT, verdict="failed", reason=admission.reason)
             return True
-        await self._join(ctx, server, client, conn, src, target, outbound, inbound)
+        await self._join(ctx, server, client, conn, src, target, outbound, inbound, admission, enforced)
         return True
 
     async def _join(self, ctx: PodContext, server: PodContext, client: socket.socket, conn: Connection,
-                    src: Address, target: Target, outbound: Flow, inbound: Flow) -> None:
+                    src: Address, target: Target, outbound: Flow, inbound: Flow, admission: Admission,
+                    enforced: str | None) -> None:
         """Deliver into the server pod as the client and relay, tracked for re-checks."""
         metrics, telemetry = self.metrics, self.inputs.telemetry
-        with self.inputs.connections.delivering(conn, src, plaintext=False) as entry:
+        with self.inputs.connections.delivering(conn, src, plaintext=False, admission=admission,
+                                                enforced=enforced) as entry:
             try:
                 upstream = await self.delivery.connect(server, src, target.address, entry.ends, ahead=True)
             except (OSError, asyncio.TimeoutError) as exc:

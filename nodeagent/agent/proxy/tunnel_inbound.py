@@ -41,7 +41,9 @@ from nodeagent.agent.proxy.relay import connect_failure_reason
 from nodeagent.agent.proxy.routes import Known, Routes
 from nodeagent.agent.proxy.splice import Abort
 from nodeagent.agent.proxy.telemetry import DESTINATION, FLAG_CONNECT, MTLS, Flow
+from nodeagent.errors import ConfigError
 from nodeagent.identity.errors import IdentityUnavailable
+from nodeagent.identity.spiffe import Identity
 from nodeagent.native import hbone
 from nodeagent.policy import Connection
 from nodeagent.resets import reset
@@ -128,7 +130,14 @@ class TunnelInbound:
 
     async def _stream(self, ctx: PodContext, info: StreamInfo, stream: HboneStream | NativeRequest) -> None:
         src, dst = info.peer_address, info.authority
-        flow = open_flow(self.inputs, ctx, src, dst, info.peer_identity, MTLS)
+        vouched = self._vouched(info)
+        if isinstance(vouched, str):
+            stream.respond(403, reason="not_vouched")
+            self.metrics.failure("inbound", "not_vouched")
+            self.log.warning("inbound HBONE from %s (%s) to %s: refused, %s", info.peer_identity, src[0], ctx, vouched)
+            return
+        principal, enforced = vouched
+        flow = open_flow(self.inputs, ctx, src, dst, principal, MTLS)
         flow.upstream = info.local_address
         refusal = self._refusal(ctx, dst)
         if refusal is not None:
@@ -137,11 +146,11 @@ class TunnelInbound:
             self.log.warning("inbound HBONE from %s to %s: %s", info.peer_identity, ctx, refusal)
             self.inputs.telemetry.close(flow, flags=FLAG_CONNECT, verdict="failed", reason=refusal)
             return
-        conn = Connection(src[0], info.peer_identity, flow.source.namespace, ctx.pod, dst[0], dst[1])
+        conn = Connection(src[0], principal, flow.source.namespace, ctx.pod, dst[0], dst[1])
         # what the admission below decides under (kept with a route: Known)
         generation, policies, dataplane = (self.routes.generation, self.inputs.policies.current,
                                            self.inputs.waypoint.dataplane())
-        admission = admit(policies, self.inputs.waypoint, conn, plaintext=False)
+        admission = admit(policies, self.inputs.waypoint, conn, plaintext=False, enforced=enforced)
         if admission.route != DELIVER and _delivered(stream):
             self.routes.invalidate()  # the engine read it as what decides it changed: no more of those
             if admission.route == WAYPOINT:
@@ -158,8 +167,33 @@ class TunnelInbound:
                            admission.reason)
             self.inputs.telemetry.denied(flow, admission.policy, admission.reason)
             return
-        await self._deliver(ctx, stream, flow, conn, src, dst, Known(
-            ctx, conn, flow.source, flow.destination, flow.service, generation, policies, dataplane))
+        known = Known(ctx, conn, flow.source, flow.destination, flow.service, generation, policies, dataplane)
+        await self._deliver(ctx, stream, flow, conn, src, dst, None if enforced is not None else known,
+                            admission, enforced)
+
+    def _vouched(self, info: StreamInfo) -> tuple[str, str | None] | str:
+        """(the source principal, the digest of the HTTP policy a routing waypoint enforced
+        for the stream or None), or why the stream is refused. A workload's certificate is
+        its principal, and says nothing of enforcement whatever its headers say. A node
+        agent's (spiffe.NODE_NAMESPACE) is no workload: it vouches for the pod of its node
+        the connection comes from (its address, which the node's agent connects from), which
+        must be that node's in our model and hold the principal the agent names; and for the
+        digest of the policy its waypoint enforced (one waypoint per request)."""
+        try:
+            peer = Identity.parse(info.peer_identity)
+        except ConfigError:
+            return info.peer_identity, None
+        if peer.node is None:
+            return info.peer_identity, None
+        enforced, principal = info.header(dataplane.ENFORCED_HEADER), info.header(dataplane.SOURCE_HEADER)
+        if not enforced or not principal:
+            return f"node {peer.node}'s identity without the source it vouches for and what its waypoint enforced"
+        pod = self.inputs.model().pod_by_ip(info.peer_address[0])
+        if pod is None or pod.node != peer.node:
+            return f"{info.peer_address[0]} is no pod of node {peer.node} here"
+        if self.inputs.identities.uri_of(pod) != principal:
+            return f"pod {pod.namespace}/{pod.name} at {info.peer_address[0]} is not {principal}"
+        return principal, enforced
 
     def delivered_at_once(self, info: StreamInfo, request: hbone.Request) -> bool:
         """A CONNECT the engine delivered on a route while nothing that decides delivery
@@ -230,12 +264,16 @@ class TunnelInbound:
             await relay_delivered(self.inputs, flow, entry, stream, upstream)
 
     async def _deliver(self, ctx: PodContext, stream: HboneStream | NativeRequest, flow, conn: Connection, src,
-                       dst, known: Known) -> None:
-        with self.inputs.connections.delivering(conn, src, plaintext=False) as entry:
+                       dst, known: Known | None, admission: Admission, enforced: str | None) -> None:
+        """Deliver to the app as the client; `known` None: the engine gets no route for
+        more of its kind (a stream a node vouched for: what it says is per stream)."""
+        with self.inputs.connections.delivering(conn, src, plaintext=False, admission=admission,
+                                                enforced=enforced) as entry:
             if _delivered(stream):  # by the engine, on a route: connected and answered
                 self.routes.delivered(stream.request, src[0], entry.ends)
                 stream.respond(200)
-                self.routes.later(ctx, stream, src, dst, known)
+                if known is not None:
+                    self.routes.later(ctx, stream, src, dst, known)
                 await relay_delivered(self.inputs, flow, entry, stream, None)
                 return
             try:
@@ -251,7 +289,8 @@ class TunnelInbound:
                 self._client_reset(flow)
                 return
             stream.respond(200)
-            self.routes.later(ctx, stream, src, dst, known)
+            if known is not None:
+                self.routes.later(ctx, stream, src, dst, known)
             await relay_delivered(self.inputs, flow, entry, stream, upstream)
 
     def _client_reset(self, flow) -> None:

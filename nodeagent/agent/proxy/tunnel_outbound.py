@@ -29,6 +29,7 @@ from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.identity.spiffe import Identity
 from nodeagent.native.hbone import NativeStream
 from nodeagent.tunnel import HbonePool, HboneStream, StreamBudget, TunnelMetrics, TunnelSettings, tls
+from nodeagent.xds import dataplane
 
 
 class HboneRoute:
@@ -50,17 +51,28 @@ class HboneRoute:
         # streams open on a native pool's connection that the engine opened itself (source_routes.py)
         self.engine_streams: Callable[[int], int] = lambda _conn: 0
 
-    async def connect(self, ctx: PodContext, target: Target, client: socket.socket | None = None
-                      ) -> HboneStream | NativeStream:
-        """A stream to `target`; the native one relays `client` (when given) from its 200 on."""
-        source = self.identities.of(ctx.pod)
-        await self.identities.ready(source)  # the handshake reads its context synchronously
+    async def connect(self, ctx: PodContext, target: Target, client: socket.socket | None = None,
+                      enforced: str | None = None) -> HboneStream | NativeStream:
+        """A stream to `target`; the native one relays `client` (when given) from its 200 on.
+        `enforced`: the waypoint enforced the destination's HTTP policy of that digest (one
+        waypoint per request): with a certificate for the node's own identity, the stream
+        presents it and vouches for the source pod and the digest (dataplane.ENFORCED_HEADER),
+        on connections of their own; without one, the pod's as any other (the destination's
+        waypoint then enforces the policy again)."""
+        source = presented = self.identities.of(ctx.pod)
+        headers: tuple[tuple[str, str], ...] = ()
+        node = self.identities.node_ready() if enforced is not None else None
+        if node is not None:
+            presented = node
+            headers = ((dataplane.ENFORCED_HEADER, enforced), (dataplane.SOURCE_HEADER, source.uri))
+        await self.identities.ready(presented)  # the handshake reads its context synchronously
         destination = self.identities.of(target.pod)
         pool = self._pool(ctx)
         if isinstance(pool, NativePool):
-            return await pool.open_stream(source.uri, destination.uri, (target.pod.ip, self.port), target.address,
-                                          sock=client)
-        opened = await pool.open_stream(source.uri, destination.uri, (target.pod.ip, self.port), target.address)
+            return await pool.open_stream(presented.uri, destination.uri, (target.pod.ip, self.port), target.address,
+                                          headers, sock=client)
+        opened = await pool.open_stream(presented.uri, destination.uri, (target.pod.ip, self.port), target.address,
+                                        headers)
         return opened[0]
 
     def _pool(self, ctx: PodContext) -> HbonePool | NativePool:
