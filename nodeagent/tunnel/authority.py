@@ -22,7 +22,7 @@ def parse_authority(raw: bytes | str | None) -> Address | None:
         return None
     text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:  # ('²' is a digit)
         return None
     if host.startswith("[") and host.endswith("]"):
         host, want = host[1:-1], 6

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from nodeagent.errors import ConfigError
 from nodeagent.identity import pemfiles
@@ -92,6 +92,14 @@ def test_rsa_2048_is_accepted():
     assert leaf.public_key().key_size == 2048
 
 
+def _csr_with_san(der: bytes) -> bytes:
+    """A CSR whose SubjectAlternativeName extension is `der` as it is."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+            .add_extension(x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, der), critical=False)
+            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
 def _tampered_csr() -> bytes:
     """A well-formed CSR whose signature no longer matches its content."""
     der = x509.load_pem_x509_csr(csr_pem()).public_bytes(serialization.Encoding.DER)
@@ -111,6 +119,7 @@ def _tampered_csr() -> bytes:
     (lambda: csr_pem(uris=(), dns=("app.default.svc",)), "asks for 1 SANs .*DNSName app.default.svc"),
     (lambda: csr_pem(uris=("https://cluster.local/ns/a/sa/b",)), "not a workload SPIFFE ID"),
     (lambda: csr_pem(uris=()), "no SubjectAlternativeName"),
+    (lambda: _csr_with_san(bytes([0x30, 4, 0xA3, 2, 0x30, 0])), "extensions cannot be read"),  # an x400Address
     (lambda: b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
      "not a PEM certificate request"),
 ])

@@ -138,11 +138,12 @@ def test_a_ca_that_does_not_verify_is_unavailable_not_trusted(ca, kw):
 
 
 def test_calls_that_never_send_their_request_hold_no_worker_and_end(tmp_path):
-    """Anybody who can connect (no token needed) opens calls and never sends their
-    request message: 4 connections of 16 such calls, far more than the CA's 8 worker
-    threads. An agent still gets its certificate meanwhile (with grpc's threaded server
-    each such call held a worker waiting for its message: 8 stopped the CA), and each
-    stalled call ends DEADLINE_EXCEEDED once the request timeout passed."""
+    """Anybody who can connect opens calls and never sends their request message: 4
+    connections of 16 such calls, far more than the CA's 8 worker threads. An agent still
+    gets its certificate meanwhile (with grpc's threaded server each such call held a
+    worker waiting for its message: 8 stopped the CA); a call without a token is refused
+    at once (UNAUTHENTICATED, its message never awaited), and each stalled call with one
+    ends DEADLINE_EXCEEDED once the request timeout passed."""
     import h2.config
     import h2.connection
     import h2.events
@@ -159,10 +160,11 @@ def test_calls_that_never_send_their_request_hold_no_worker_and_end(tmp_path):
                                    server_hostname=SERVER_NAME)
             conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
             conn.initiate_connection()
-            for _ in range(16):
+            for i in range(16):
+                token = [("authorization", "Bearer not-a-node-token-but-it-could-be")] if i % 2 else []
                 conn.send_headers(conn.get_next_available_stream_id(), [
                     (":method", "POST"), (":scheme", "https"), (":path", PATH), (":authority", SERVER_NAME),
-                    ("content-type", "application/grpc"), ("te", "trailers")])
+                    ("content-type", "application/grpc"), ("te", "trailers")] + token)
             sock.sendall(conn.data_to_send())
             attackers.append((sock, conn))
         key, chain = run(_ask(running.client(timeout=5)))
@@ -177,11 +179,102 @@ def test_calls_that_never_send_their_request_hold_no_worker_and_end(tmp_path):
                     if b"grpc-status" in headers:
                         statuses[event.stream_id] = headers[b"grpc-status"]
                 sock.sendall(conn.data_to_send())
-            assert set(statuses.values()) == {b"4"}  # DEADLINE_EXCEEDED
+            # DEADLINE_EXCEEDED with a token (streams 3, 7, ...), UNAUTHENTICATED without
+            assert statuses == {sid: b"4" if sid % 4 == 3 else b"16" for sid in range(1, 32, 2)}
     finally:
         for sock, _ in attackers:
             sock.close()
         running.server.stop(grace=0)
+
+
+def test_a_request_message_past_64_kib_is_refused_unread(ca):
+    """grpc's default lets a call send 4 MiB, held until it is whole: a few connections of
+    16 such calls from anybody had the CA killed for memory. A CSR is 0.5-2 KB."""
+    from nodeagent.identity.caproto import PATH, IstioCertificateRequest, IstioCertificateResponse
+    channel = grpc.secure_channel(ca.address, grpc.ssl_channel_credentials(ca.root_pem),
+                                  options=[("grpc.ssl_target_name_override", SERVER_NAME)])
+    try:
+        call = channel.unary_unary(PATH, request_serializer=IstioCertificateRequest.SerializeToString,
+                                   response_deserializer=IstioCertificateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(IstioCertificateRequest(csr="x" * (65 * 1024)), metadata=[("authorization", f"Bearer {TOKENS['node1']}")],
+                 timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ca.registry.get_sample_value("nodeagent_ca_issued_total") in (None, 0.0)
+    finally:
+        channel.close()
+
+
+def test_known_callers_are_never_queued_behind_tokens_under_review():
+    """Anybody can send a token that looks like an agent's: each is a TokenReview, on the
+    review workers. A caller whose token is known is decided on workers of its own, at
+    once; past `unknown_at_once` unknown calls, the next is UNAVAILABLE (agents retry)."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nodeagent.identity.ca.auth import Caller, ModelView, NodeAuthorizer
+    from nodeagent.identity.caproto import PATH, IstioCertificateRequest, IstioCertificateResponse
+    from nodeagent.identity.errors import Unauthenticated
+    from nodeagent.model import Model
+    from nodeagent.kube.objects import parse_documents
+    import yaml
+
+    class Reviewing:
+        def __init__(self):
+            self.release = threading.Event()
+
+        def known(self, token):
+            return token == "known-node1-token"
+
+        def authenticate(self, token):
+            if token == "known-node1-token":
+                return Caller("node1")
+            self.release.wait(10)  # a review the API server is slow to answer
+            raise Unauthenticated("the API server does not know the token")
+
+    class Models:
+        def poll(self):
+            return Model.build(parse_documents(yaml.safe_dump(pod_yaml("web-0", "node1", "web")), "m.yaml"))
+
+    authenticator = Reviewing()
+    service = server.CertificateService(make_ca(), authenticator, NodeAuthorizer(ModelView(Models())),
+                                        server.CaMetrics(CollectorRegistry()), LOG)
+    reviews, known = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+
+    async def main():
+        handler = server.grpc_handler(service, reviews, 5.0, known, unknown_at_once=2)
+        srv = grpc.aio.server(handlers=[handler])
+        port = srv.add_insecure_port("127.0.0.1:0")
+        await srv.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        call = channel.unary_unary(PATH, request_serializer=IstioCertificateRequest.SerializeToString,
+                                   response_deserializer=IstioCertificateResponse.FromString)
+        request = IstioCertificateRequest(csr=csr_pem(uris=(WEB.uri,)).decode())
+        try:
+            pending = [asyncio.ensure_future(call(request, metadata=[("authorization", f"Bearer forged-{i}")]))
+                       for i in range(2)]
+            await asyncio.sleep(0.3)  # both under way (one reviewing, one queued behind it)
+            with pytest.raises(grpc.aio.AioRpcError) as busy:
+                await call(request, metadata=[("authorization", "Bearer forged-2")], timeout=5)
+            assert busy.value.code() == grpc.StatusCode.UNAVAILABLE
+            answer = await call(request, metadata=[("authorization", "Bearer known-node1-token")], timeout=5)
+            assert len(answer.cert_chain) >= 1  # while the reviews still hold their workers
+            assert not any(p.done() for p in pending)
+            authenticator.release.set()
+            for p in pending:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await p
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            authenticator.release.set()
+            await channel.close()
+            await srv.stop(0)
+    try:
+        run(main())
+    finally:
+        reviews.shutdown(wait=True)
+        known.shutdown(wait=True)
 
 
 def test_the_metrics_port_serves_a_bounded_number_of_connections(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from nodeagent.errors import ConfigError
 from nodeagent.identity.ca import config, keys, kubekeys
 from nodeagent.identity.ca.auth import Caller
-from nodeagent.identity.ca.kubeauth import (NODE_NAME, POD_NAME, POD_UID, Binding, CallerCache,
+from nodeagent.identity.ca.kubeauth import (NODE_NAME, POD_NAME, POD_UID, REFUSAL_SECONDS, Binding, CallerCache,
                                             KubeAuthenticator, SyncedModelView, binding_of, node_of_pod,
                                             review_request, token_expiry)
 from nodeagent.identity.errors import CaUnavailable, Unauthenticated
@@ -145,6 +145,31 @@ def test_reviews_under_way_at_once_are_bounded():
     auth.reviews.release()
     with pytest.raises(CaUnavailable, match="did not answer its TokenReview"):  # its turn: reviewed
         auth.authenticate(jwt({"exp": 4102444800, "aud": [AUD]}))
+
+
+def test_a_token_the_api_server_refused_is_refused_again_without_a_review(monkeypatch):
+    """One forged-looking token sent in a loop is one TokenReview, not one a call; and a
+    call of it is decided at once (`known`), never queued behind the reviews of others."""
+    now = [1000.0]
+    auth = KubeAuthenticator(unreachable_client(), AUD, AGENT, logging.getLogger("t"), clock=lambda: now[0])
+    reviewed = []
+
+    async def refused(token):
+        reviewed.append(token)
+        raise Unauthenticated("the API server does not know the token")
+    monkeypatch.setattr(auth, "_review", refused)
+    token = jwt({"exp": 4102444800, "aud": [AUD]})
+    assert not auth.known(token)
+    for _ in range(3):
+        with pytest.raises(Unauthenticated):
+            auth.authenticate(token)
+    assert len(reviewed) == 1 and auth.known(token)
+    now[0] += REFUSAL_SECONDS
+    assert not auth.known(token)
+    with pytest.raises(Unauthenticated):
+        auth.authenticate(token)
+    assert len(reviewed) == 2
+    assert auth.known("junk")  # refused unseen: decided at once too
 
 
 def test_a_cached_caller_needs_no_review():

@@ -21,7 +21,7 @@ from nodeagent.tunnel.authority import format_authority, parse_authority
     ("[FD00:0::5]:443", ("fd00::5", 443)), ("10.0.0.1:65535", ("10.0.0.1", 65535)),
     ("10.0.0.1:0", None), ("10.0.0.1:65536", None), ("10.0.0.1", None), ("fd00::5:80", None),
     ("[10.0.0.1]:80", None), ("backend.default.svc:80", None), ("10.0.0.1:+80", None), ("", None), (None, None),
-    (b"\xff\xfe:80", None),
+    (b"\xff\xfe:80", None), ("10.0.0.1:8\xb2", None), ("10.0.0.1:\u0668\u0660", None),  # Latin-1 '²', Arabic digits
     ("[fe80::1%eth0]:80", None), ("[fe80::1%\x1b[2J\nforged]:80", None)])  # a zone: anybody's text, logged
 def test_parse_authority(raw, want):
     assert parse_authority(raw) == want

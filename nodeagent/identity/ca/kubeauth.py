@@ -49,6 +49,7 @@ POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
 DEFAULT_AUDIENCE = "nodeagent-ca"
 CACHE_SECONDS = 60.0
+REFUSAL_SECONDS = 30.0  # a token the API server refused is refused again without a review this long
 CACHE_SIZE = 4096  # accepted tokens remembered: a few per node of a large cluster
 REVIEWS_AT_ONCE = 4  # TokenReviews under way at once (of the CA's 8 workers: the rest sign for known callers)
 REVIEW_WAIT = 2.0  # seconds a request waits for one of them before it is UNAVAILABLE (the agent retries)
@@ -192,12 +193,31 @@ class KubeAuthenticator:
         self.clock = clock
         self.reviews_at_once, self.review_wait = reviews_at_once, review_wait
         self.reviews = threading.BoundedSemaphore(reviews_at_once)
+        self._refusals: OrderedDict[bytes, float] = OrderedDict()  # token digest -> refused until
+        self._lock = threading.Lock()
+
+    def known(self, token: str) -> bool:
+        """Whether `token` is decided without a TokenReview: vouched for a moment ago, or
+        refused by the API server a moment ago, or one it would refuse unseen."""
+        digest, now = hashlib.sha256(token.encode()).digest(), self.clock()
+        return self.cache.get(digest, now) is not None or self._refused(digest, now) or \
+            implausible(token, self.audience, now) is not None
+
+    def _refused(self, digest: bytes, now: float) -> bool:
+        with self._lock:
+            until = self._refusals.get(digest)
+            if until is not None and until <= now:
+                del self._refusals[digest]
+                return False
+            return until is not None
 
     def authenticate(self, token: str) -> Caller:
         digest = hashlib.sha256(token.encode()).digest()
         caller = self.cache.get(digest, self.clock())
         if caller is not None:
             return caller
+        if self._refused(digest, self.clock()):
+            raise Unauthenticated("the API server refused this token moments ago")
         # Who sends a token is not known before its review: whatever anybody sends must not
         # become a TokenReview each (the API server's load), nor hold the CA's workers.
         problem = implausible(token, self.audience, self.clock())
@@ -212,6 +232,12 @@ class KubeAuthenticator:
             self.log.error("cannot check an agent's token: %s", exc)
             raise CaUnavailable(f"the CA cannot check tokens now: the API server did not answer "
                                 f"its TokenReview ({exc.detail})", "retry; check the CA's log") from None
+        except Unauthenticated:
+            with self._lock:  # the same token again is refused without another review
+                self._refusals[digest] = self.clock() + REFUSAL_SECONDS
+                while len(self._refusals) > CACHE_SIZE:
+                    self._refusals.popitem(last=False)
+            raise
         finally:
             self.reviews.release()
         self.cache.put(digest, caller, self.clock(), token_expiry(token))

@@ -49,6 +49,8 @@ SERVER_CERT_TTL = dt.timedelta(hours=24)
 MAX_ASKED_TTL = 10 * 365 * 86400
 REQUEST_TIMEOUT = 10.0  # a call's request message must follow its headers within this (seconds)
 STREAMS_PER_CONNECTION = 16  # calls one connection may have open at once (HTTP/2 MAX_CONCURRENT_STREAMS)
+MAX_REQUEST = 64 * 1024  # bytes of a request message (a CSR is 0.5-2 KB): grpc's default is 4 MiB a stream
+UNKNOWN_AT_ONCE = 64  # calls of callers whose token is not known yet, decided or waiting at once
 
 
 class CaMetrics:
@@ -69,6 +71,17 @@ class CertificateService:
         self.ca, self.authenticator, self.authorizer = ca, authenticator, authorizer
         self.metrics, self.log = metrics, log
         metrics.signer_expiry.set(ca.material.not_after.timestamp())
+
+    def known(self, token: str) -> bool:
+        """Whether `token` is decided without asking anybody (a token file's; one the API
+        server vouched for a moment ago): its call need not wait behind reviews."""
+        known = getattr(self.authenticator, "known", None)
+        return known(token) if known is not None else True
+
+    def refuse(self, exc: IdentityError, peer: str) -> None:
+        """Count and log a refusal decided before the request was read."""
+        self.metrics.denied.labels(reason=REASONS.get(type(exc), "error")).inc()
+        self.log.warning("refused a certificate for an unauthenticated caller from %s: %s", peer or "?", exc)
 
     def create_certificate(self, request: IstioCertificateRequest, metadata: Iterable[tuple[str, str]],
                            peer: str = "") -> IstioCertificateResponse:
@@ -101,13 +114,29 @@ def _check_impersonation(request: IstioCertificateRequest, identity: Identity) -
 
 
 def grpc_handler(service: CertificateService, workers: futures.Executor,
-                 request_timeout: float = REQUEST_TIMEOUT) -> grpc.GenericRpcHandler:
+                 request_timeout: float = REQUEST_TIMEOUT, known_workers: futures.Executor | None = None,
+                 unknown_at_once: int = UNKNOWN_AT_ONCE) -> grpc.GenericRpcHandler:
     """CreateCertificate for the asyncio server. The request message is awaited on the loop,
     at most `request_timeout` after the call's headers, and the decision (token review,
     signing) runs on `workers`: a client that sends headers and never its message holds a
     stream, not a worker. (With grpc's threaded server the worker thread itself waited for
-    the message, so 8 streams without one, from anybody who can connect, stopped the CA.)"""
+    the message, so 8 streams without one, from anybody who can connect, stopped the CA.)
+    A call without a bearer token is refused before its message is read (with the server's
+    MAX_REQUEST, what anybody who can connect makes the CA hold). A caller whose token is
+    known (`CertificateService.known`) is decided on `known_workers`, never behind the
+    reviews of tokens nobody vouched for yet (anybody can send a plausible-looking one); of
+    those, at most `unknown_at_once` wait or run at once, the next is UNAVAILABLE (agents
+    retry)."""
+    unknown = 0
+
     async def create(requests, context: grpc.aio.ServicerContext) -> IstioCertificateResponse:
+        nonlocal unknown
+        metadata = list(context.invocation_metadata() or ())
+        try:
+            token = bearer_token(metadata)
+        except IdentityError as exc:
+            service.refuse(exc, context.peer())
+            await context.abort(STATUS.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
         try:
             request = await asyncio.wait_for(anext(requests), request_timeout)
         except asyncio.TimeoutError:
@@ -115,12 +144,18 @@ def grpc_handler(service: CertificateService, workers: futures.Executor,
                                 f"no request message within {request_timeout:g}s of the call")
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
-        metadata = list(context.invocation_metadata() or ())
+        known = known_workers is not None and service.known(token)
+        if not known and unknown >= unknown_at_once:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"the CA is deciding {unknown_at_once} calls of callers it does not know yet; retry")
+        unknown += 0 if known else 1
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                workers, service.create_certificate, request, metadata, context.peer())
+                known_workers if known else workers, service.create_certificate, request, metadata, context.peer())
         except IdentityError as exc:
             await context.abort(STATUS.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
+        finally:
+            unknown -= 0 if known else 1
 
     # stream-unary on the wire is what a unary call sends (one message): the handler awaits it
     method = grpc.stream_unary_rpc_method_handler(create, request_deserializer=IstioCertificateRequest.FromString,
@@ -176,7 +211,9 @@ class CaServer:
         self.certificate = certificate
         self.source = source  # the kube source feeding NodeAuthorizer, closed by stop()
         self._workers = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca")
-        self._handler = grpc_handler(service, self._workers, request_timeout)
+        # callers whose token is known: never queued behind reviews (grpc_handler)
+        self._known_workers = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca-known")
+        self._handler = grpc_handler(service, self._workers, request_timeout, self._known_workers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ca-grpc", daemon=True)
         self._server: grpc.aio.Server | None = None
@@ -203,7 +240,8 @@ class CaServer:
     async def _start(self, target: str) -> int:
         # grpc turns SO_REUSEPORT on by default: a second CA on the port would share it silently.
         self._server = grpc.aio.server(handlers=[self._handler], options=[
-            ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)])
+            ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
+            ("grpc.max_receive_message_length", MAX_REQUEST)])
         creds = grpc.dynamic_ssl_server_credentials(self.certificate.config, self.certificate.fetch)
         try:
             port = self._server.add_secure_port(target, creds)
@@ -229,6 +267,7 @@ class CaServer:
             self._thread.join()
         self._loop.close()
         self._workers.shutdown(wait=True, cancel_futures=True)
+        self._known_workers.shutdown(wait=True, cancel_futures=True)
         self._stopped.set()
         if self.source is not None:
             self.source.close()

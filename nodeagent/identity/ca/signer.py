@@ -86,7 +86,8 @@ class CertificateAuthority:
             san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         except x509.ExtensionNotFound:
             raise CsrRejected("the CSR has no SubjectAlternativeName; put the SPIFFE ID in a URI SAN") from None
-        except (ValueError, x509.DuplicateExtension) as exc:  # a malformed extension, or one twice
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+            # a malformed extension, one twice, a SAN of a kind cryptography cannot read (x400Address)
             raise CsrRejected(f"the CSR's extensions cannot be read: {exc}") from None
         names = list(san)
         uris = uri_sans(san)
