@@ -4,6 +4,6 @@ overhead on throwaway pods), `nodeagent bench tunnel` (tunnel.py: HBONE against 
 connection on a lab of its own), `python -m nodeagent.bench.hbone` (the tunnel alone on
 loopback), `python -m nodeagent.bench.accesslog` (what reading the waypoint's access log
 costs a request) and `python -m nodeagent.bench.waypointcpu` (CPU per 1000 requests
-through both waypoints on a lab); `sandbox` builds throwaway pods on one real node for
+through the routing waypoint on a lab); `sandbox` builds throwaway pods on one real node for
 the kernel tests and `probe` is the client the tests run inside pods (send, hold).
 """

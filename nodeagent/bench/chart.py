@@ -17,7 +17,7 @@ from nodeagent.bench.meshreport import FIGURES, MESHES, PLACEMENTS
 
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (150, 150, 150)
 COLOURS = {"l4": (31, 119, 180), "l7": (255, 127, 14), "l7s": (214, 39, 40), "rss": (44, 160, 44)}
-NAMES = {"l4": "nodeagent L4", "l7": "nodeagent L7 (both waypoints)", "l7s": "nodeagent L7, the server's waypoint only"}
+NAMES = {"l4": "nodeagent L4", "l7": "nodeagent L7 (one waypoint per request)", "l7s": "nodeagent L7, the server's waypoint only"}
 LEGEND_GAP = 36  # between one legend entry and the next square
 GLYPH_W, GLYPH_H = 5, 7
 

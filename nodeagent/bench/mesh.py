@@ -7,8 +7,8 @@ has the pods and bench/sidecars.py the anchor's configuration:
   direct  the pods of an unmeshed namespace (no agent on the path);
   l4      meshed pods: capture, the agents' HBONE (mTLS) between the nodes, delivery;
   l7      meshed, to a Service with a VirtualService and a pod with an HTTP
-          AuthorizationPolicy: the client node's and the server node's waypoint Envoys
-          are on the path, the agents between them;
+          AuthorizationPolicy: the client node's waypoint Envoy routes and enforces the
+          server pod's policy (one waypoint per request), the agents either side;
   envoy   the anchor: in the unmeshed pods, a client sidecar Envoy (HTTP connection
           manager) to a server sidecar Envoy over mutual TLS 1.3 with SPIFFE certificates
           from the lab's mesh CA keys, then the app; a tcp_proxy pair for iperf3, and
@@ -24,8 +24,9 @@ throughput compare runs seconds apart, the machine in one state (after the wrk r
 its throughput moves by half within a minute, direct's as well). Around each set-up's
 runs the agents' and sidecars' own counters are read and the run fails if the traffic
 did not take the set-up's path (direct and envoy: not captured; l4: captured, no
-waypoint; l7: both waypoints; envoy: requests at the server sidecar's HTTP listener, a
-stream's TLS 1.3 handshakes on its TCP proxy's). Memory is measured on a second lab: RSS
+waypoint; l7: the client node's waypoint and not the server node's; l7s: the server
+node's alone; envoy: requests at the server sidecar's HTTP listener, a stream's TLS 1.3
+handshakes on its TCP proxy's). Memory is measured on a second lab: RSS
 of each node's agent and waypoint at N meshed pods per node, against N sidecars of the
 RSS the anchor's sidecars had after their runs. Figures and ratios:
 bench/meshreport.py; chart: bench/chart.py.
@@ -170,12 +171,18 @@ def wait_for(check: Callable[[], str | None], timeout: float, what: str) -> None
         time.sleep(0.2)
 
 
-def l7_missing(layout: Layout, outbound: dict[str, list[str]], inbound: dict[str, list[str]]) -> str | None:
+def l7_missing(layout: Layout, outbound: dict[str, list[str]], inbound: dict[str, list[str]],
+               enforced: dict[str, list[str]] | None = None) -> str | None:
     """What the waypoints do not take yet: per node, the VIP:ports its client side must
-    steer and the pod IP:ports its server side must."""
+    steer (and, `enforced`, whose routes must enforce their endpoints' policy: one
+    waypoint per request) and the pod IP:ports its server side must."""
     for node in NODES:
-        plane = agent_status(layout, node).get("waypoint", {}).get("dataplane", {})
-        for kind, wanted in (("outbound", outbound.get(node, [])), ("inbound", inbound.get(node, []))):
+        status = agent_status(layout, node)
+        plane = status.get("waypoint", {}).get("dataplane", {})
+        if enforced and enforced.get(node) and not ((status.get("identity") or {}).get("node") or {}).get("ready"):
+            return f"{node}'s agent has no certificate of its own identity yet (it vouches for its pods with it)"
+        for kind, wanted in (("outbound", outbound.get(node, [])), ("inbound", inbound.get(node, [])),
+                             ("enforced", (enforced or {}).get(node, []))):
             absent = set(wanted) - set(plane.get(kind, []))
             if absent:
                 return f"{node}'s waypoint not steering {kind} {', '.join(sorted(absent))}"
@@ -390,7 +397,8 @@ def check_path(placement: str, setup: str, delta: dict[str, float]) -> dict[str,
             "sidecar_requests": int(delta.get(f"plain/{server}/http_in", 0))}
     ok = {"direct": path["captured"] == 0 and path["client_waypoint"] == 0 and path["sidecar_requests"] == 0,
           "l4": path["captured"] > 0 and path["client_waypoint"] == 0 and path["server_waypoint"] == 0,
-          "l7": path["client_waypoint"] > 0 and path["server_waypoint"] > 0,
+          # one waypoint per request: the client node's routes and enforces the server's policy
+          "l7": path["client_waypoint"] > 0 and path["server_waypoint"] == 0,
           "l7s": path["captured"] > 0 and path["client_waypoint"] == 0 and path["server_waypoint"] > 0,
           "envoy": path["captured"] == 0 and path["sidecar_requests"] > 0}[setup]
     if not ok:
@@ -464,7 +472,8 @@ def main_phase(layout: Layout, opts: Options, progress: Progress, started: list[
                           for port in (meshlab.HTTP_PORT, meshlab.IPERF_PORT)]}
     inbound = {"node2": [f"{pods.ip('mesh/server7')}:{meshlab.HTTP_PORT}"],
                "node1": [f"{pods.ip('mesh/local7')}:{meshlab.HTTP_PORT}"]}
-    wait_for(lambda: l7_missing(layout, outbound, inbound), 60, "the waypoints taking the L7 services")
+    enforced = {"node1": [f"{vips[f'mesh/{s}']}:{meshlab.HTTP_PORT}" for s in ("web7", "web7-local")]}
+    wait_for(lambda: l7_missing(layout, outbound, inbound, enforced), 60, "the waypoints taking the L7 services")
     concurrency = envoy_concurrency(int(agent_status(layout, "node1")["waypoint"]["envoy"]["pid"]))
     progress(f"starting the sidecar Envoys (--concurrency {concurrency}, as the waypoints)")
     cars = start_sidecars(pods, layout, concurrency, started)

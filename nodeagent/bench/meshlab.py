@@ -7,8 +7,9 @@ every request, bench/sidecars.py) on 8080 and `iperf3 -s` on 5201; `server` is o
 (cross-node), `local` on node1 (same-node), next to the clients. In `mesh`, `server7` and
 `local7` are the same again behind Services with a VirtualService (so the client node's
 waypoint takes their traffic: HTTP through its HTTP connection manager, the iperf3 port
-through its tcp_proxy) and an AuthorizationPolicy with HTTP fields (so the server node's
-waypoint takes their HTTP traffic too). Services `web7s` and `web7s-local` select the
+through its tcp_proxy) and an AuthorizationPolicy with HTTP fields, which that waypoint
+enforces for them (one waypoint per request: the server node's is on the path only of
+what reaches the pods otherwise). Services `web7s` and `web7s-local` select the
 same two pods without a VirtualService: only the server node's waypoint is on their
 path (the policy's). Every set-up reaches its server through a
 Service's ClusterIP, as a Kubernetes client would; the sidecar pair sends to the server

@@ -2,7 +2,7 @@
 and the JSON. Pure: no lab, no process.
 
 Per placement (cross-node, same-node) and set-up (direct, nodeagent L4, nodeagent L7
-through both nodes' waypoints, nodeagent L7 through the server node's waypoint only, the
+through the client node's waypoint (one per request), nodeagent L7 through the server node's waypoint only, the
 Envoy sidecar pair), each round measured every figure of FIGURES. A figure shown
 is the median over the rounds; an added latency is the median of the per-round
 differences to the direct set-up of the same round (rounds are interleaved, so a slow
@@ -30,9 +30,10 @@ ANCHOR = "envoy"
 SETUP_TITLES = {"direct": "DIRECT", "l4": "NODEAGENT L4", "l7": "NODEAGENT L7", "l7s": "L7 SERVER ONLY",
                 "envoy": "ENVOY SIDECARS"}
 # What the L7 columns measure, said under the tables.
-L7_NOTE = ("NODEAGENT L7: a VirtualService and an HTTP AuthorizationPolicy, so both nodes' waypoints are on the "
-           "path, as both sidecars are; L7 SERVER ONLY: the HTTP AuthorizationPolicy alone, so only the server "
-           "node's waypoint is (one Envoy, as with Istio's ambient waypoint)")
+L7_NOTE = ("NODEAGENT L7: a VirtualService and an HTTP AuthorizationPolicy: the client node's waypoint routes and "
+           "enforces the server's policy, one waypoint per request (as Istio's ambient waypoint does both), the "
+           "agents either side; L7 SERVER ONLY: the HTTP AuthorizationPolicy alone, so only the server node's "
+           "waypoint is on the path")
 PLACEMENTS = {"cross": "cross-node: client pod on node1, server pod on node2",
               "same": "same-node: client pod and server pod on node1"}
 MIB = 1 << 20

@@ -1,13 +1,14 @@
-"""CPU per 1000 requests through the waypoints, on a lab of its own (root).
+"""CPU per 1000 requests through the waypoint, on a lab of its own (root).
 
 Usage: python -m nodeagent.bench.waypointcpu [--seconds 20] [--connections 8] [--name X] [-o json]
 
 Brings up a two-node lab: a client pod (sleep) on node1 and the lab's echo app on node2
 in a meshed namespace, Service `backend` (port `http` 8080) with a VirtualService (the
-client side's L7) and an AuthorizationPolicy with an HTTP rule on the backend (the server
-side's), so every request takes client → agent node1 → waypoint Envoy node1 → agent
-node1 → HBONE → agent node2 → waypoint Envoy node2 → agent node2 → server, and each
-waypoint writes an access-log line for it, which its agent reads. wrk in the client pod sends
+client side's L7) and an AuthorizationPolicy with an HTTP rule on the backend, which the
+client side's waypoint enforces (one waypoint per request), so every request takes
+client → agent node1 → waypoint Envoy node1 → agent node1 → HBONE (node1's own identity,
+vouching) → agent node2 → server, and node1's waypoint writes an access-log line for it,
+which its agent reads (node2's counts none: its waypoint is not on the path). wrk in the client pod sends
 keep-alive GETs for --seconds. Before and after, the bench reads utime+stime of each
 agent and each Envoy from /proc/PID/stat, and istio_requests_total of node1
 (reporter="waypoint") and node2 (reporter="destination") once they have stopped moving

@@ -634,8 +634,14 @@ class Held:
 V2 = {"matchLabels": {"app": "backend", "version": "v2"}}
 SIGNER = Signer()
 WITHDRAWN = {  # kind → (resources pointed at backend-v2, what a request without a token gets)
+    # the routing waypoint's to enforce (one waypoint per request): node1's
     "l7-authorization-policy": ([(SECURITY, "AuthorizationPolicy", "held-l7", {
         "selector": V2, "action": "DENY", "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]})],
+        {"403": 5}),
+    # on the pod's address, which the routing waypoint sees as the Service's: node2's waypoint's
+    "l7-authorization-policy-on-the-pod-address": ([(SECURITY, "AuthorizationPolicy", "held-l7-ip", {
+        "selector": V2, "action": "DENY", "rules": [{"to": [{"operation": {"methods": ["GET"]}}],
+                                                      "when": [{"key": "destination.ip", "values": ["10.244.0.0/16"]}]}]})],
         {"403": 5}),
     "request-authentication": ([
         (SECURITY, "RequestAuthentication", "held-jwt",
@@ -661,25 +667,34 @@ def test_a_withdrawn_server_side_policy_stops_applying_to_the_connection_a_clien
     connections to backend-v2); the policy applies to it, then is withdrawn, and the very
     next requests on the same client pass, as with a sidecar."""
     resources, refused = WITHDRAWN[kind]
+    by_router = kind == "l7-authorization-policy"
     mesh.route([{"route": [to("v2")], "retries": NO_RETRIES}])
     held = Held(mesh, "mesh/client", "http://backend:8080/")
     try:
         before = held.round(5)
         assert (before["codes"], before["errors"], before["versions"]) == ({"200": 5}, {}, {"v2": 5}), before
         mesh.apply_all(resources)
+        lines = {node: mesh.waypoint(node)["access_log"]["lines"] for node in ("node1", "node2")}
         applied = held.round(5)
         assert (applied["codes"], applied["errors"]) == (refused, {}), applied
+        # one waypoint per request: node1's enforced it, node2's saw none of them (their
+        # lines reach the agents within Envoy's access-log flush, a second)
+        eventually(lambda: mesh.waypoint("node1")["access_log"]["lines"] - lines["node1"], 5, "node1's lines")
+        eventually(lambda: mesh.waypoint("node2")["access_log"]["lines"] - lines["node2"], 0 if by_router else 5,
+                   "node2's lines")
         revoked = mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deliver")
         mesh.apply_all([nowhere(r) for r in resources])
         withdrawn = held.round(10)
         assert (withdrawn["codes"], withdrawn["errors"], withdrawn["versions"]) == ({"200": 10}, {}, {"v2": 10}), \
             withdrawn
         # The client never lost its own connection: node2's agent reset the connections
-        # node1's Envoy held through node2's waypoint, and Envoy replaced them unseen.
+        # node1's Envoy held through node2's waypoint, and Envoy replaced them unseen (the
+        # router's own policy goes with its route, and the route's connections with it).
         assert (withdrawn["connections"], withdrawn["replaced_idle"]) == (1, 0), withdrawn
         # The reset follows the steering change, which need not precede the requests above.
-        eventually(lambda: mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deliver")
-                   > revoked, True, "node2's agent reset the connections held through its waypoint", timeout=30)
+        if not by_router:
+            eventually(lambda: mesh.total("node2", "nodeagent_inbound_connections_revoked_total", reason="deliver")
+                       > revoked, True, "node2's agent reset the connections held through its waypoint", timeout=30)
     finally:
         held.close()
         mesh.apply_all([nowhere(r) for r in resources])
@@ -710,14 +725,23 @@ def test_a_withdrawn_strict_peer_authentication_lets_the_plaintext_client_back(m
         mesh.apply("PeerAuthentication", "held-strict", {**strict, "selector": NOWHERE})
 
 
-def test_request_metrics_count_every_request_by_code(mesh):
+@pytest.mark.parametrize("enforced_by", ["router", "destination"])
+def test_request_metrics_count_every_request_by_code(mesh, enforced_by):
+    """An HTTP-level policy on v2 puts its enforcement on the path. One the routing
+    waypoint can enforce (one waypoint per request) is node1's: its waypoint counts every
+    request (reporter "waypoint", as Istio's ambient waypoint), node2's waypoint sees none.
+    One on the pod's address (the router sees the Service's) is node2's waypoint's: both
+    count (reporter "destination" there)."""
     mesh.route([{"route": [to("v2")], "retries": NO_RETRIES}])
     pool_connections(mesh, ())
-    # An HTTP-level policy on v2 turns its server-side waypoint on: reporter "destination".
+    rule = {"to": [{"operation": {"methods": ["GET"], "ports": ["8080"]}}]}  # the router decides the port
+    if enforced_by == "destination":
+        rule["when"] = [{"key": "destination.ip", "values": ["10.244.0.0/16"]}]
     allow_get = {"selector": {"matchLabels": {"app": "backend", "version": "v2"}}, "action": "ALLOW",
-                 "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}
+                 "rules": [rule]}
     mesh.apply_all([(SECURITY, "AuthorizationPolicy", "backend-metrics", allow_get)])
     sent = {"200": 30, "404": 20, "500": 10}
+    counted = {"node1": sent, "node2": sent if enforced_by == "destination" else dict.fromkeys(sent, 0)}
     labels = {"source_workload": "client", "destination_service": SERVICE, "destination_version": "v2"}
 
     def counts(node: str, reporter: str) -> dict[str, float]:
@@ -731,11 +755,11 @@ def test_request_metrics_count_every_request_by_code(mesh):
             summary = mesh.request(f"/?status={code}", n=n)
             assert summary["codes"] == {code: n} and summary["errors"] == {}, summary
         for node, reporter in (("node1", "waypoint"), ("node2", "destination")):
-            eventually(lambda: {c: v - before[reporter][c] for c, v in counts(node, reporter).items()}, sent,
-                       f"istio_requests_total reporter={reporter} on {node}")
+            eventually(lambda: {c: v - before[reporter][c] for c, v in counts(node, reporter).items()},
+                       counted[node], f"istio_requests_total reporter={reporter} on {node}")
             # status says how many lines came through the FIFO: one a request, none unreadable
             log = mesh.waypoint(node)["access_log"]
-            assert (log["lines"] - read[node]["lines"], log["unreadable"]) == (sum(sent.values()), 0), log
+            assert (log["lines"] - read[node]["lines"], log["unreadable"]) == (sum(counted[node].values()), 0), log
             assert log["path"].endswith("/access-log.fifo")
     finally:
         mesh.apply_all([(SECURITY, "AuthorizationPolicy", "backend-metrics", {**allow_get, "selector": NOWHERE})])

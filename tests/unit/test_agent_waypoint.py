@@ -73,7 +73,7 @@ def test_nothing_is_steered_before_envoy_acked(waypoint):
     assert status["xds"] == {"version": "1", "accepted": None, "in_sync": False, "connected": False, "nacks": 0,
                              "snapshot_error": None}
     assert list(status["xds"]) == ["version", "accepted", "in_sync", "connected", "nacks", "snapshot_error"]
-    assert status["dataplane"] == {"outbound": [], "inbound": []}
+    assert status["dataplane"] == {"outbound": [], "inbound": [], "enforced": {}}
     assert status["envoy"]["running"] is False and status["envoy"]["pid"] is None
     assert status["resources"] == {} and status["errors"] == [] and status["connections"] == {"outbound": 0,
                                                                                               "inbound": 0}

@@ -384,8 +384,8 @@ def _delta(captured=0, wp_out=0, wp_in_node2=0, wp_in_node1=0, tls_server=0, tls
 @pytest.mark.parametrize("placement, setup, delta", [
     ("cross", "direct", _delta()),
     ("cross", "l4", _delta(captured=40)),
-    ("cross", "l7", _delta(captured=40, wp_out=40, wp_in_node2=3)),
-    ("same", "l7", _delta(captured=40, wp_out=40, wp_in_node1=3)),
+    ("cross", "l7", _delta(captured=40, wp_out=40)),  # one waypoint per request: the client node's
+    ("same", "l7", _delta(captured=40, wp_out=40)),
     ("cross", "l7s", _delta(captured=40, wp_in_node2=3)),
     ("same", "l7s", _delta(captured=40, wp_in_node1=3)),
     ("cross", "envoy", _delta(rq_server=20)),  # pooled: the HTTP pair makes no new handshake
@@ -400,7 +400,8 @@ def test_paths_taken(placement, setup, delta):
     ("cross", "direct", _delta(captured=1)),  # the unmeshed client was captured
     ("cross", "l4", _delta(captured=40, wp_out=2)),  # L4 traffic went through a waypoint
     ("cross", "l4", _delta()),  # not captured at all
-    ("cross", "l7", _delta(captured=40, wp_out=40, wp_in_node1=3)),  # server side on the wrong node
+    ("cross", "l7", _delta(captured=40, wp_out=40, wp_in_node2=3)),  # the server's waypoint too: not one a request
+    ("cross", "l7", _delta(captured=40, wp_in_node2=3)),  # the server's alone
     ("cross", "l7s", _delta(captured=40, wp_out=40, wp_in_node2=3)),  # through the client's waypoint too
     ("cross", "l7s", _delta(captured=40)),  # through no waypoint
     ("cross", "direct", _delta(rq_server=1)),  # through the sidecars

@@ -8,6 +8,7 @@ delivers there straight to the pod. Every other route is left as it was."""
 from __future__ import annotations
 
 from envoy.config.rbac.v3.rbac_pb2 import RBAC
+from google.protobuf.json_format import MessageToDict
 
 from nodeagent.xds import dataplane
 from nodeagent.xds.resources import unpack
@@ -20,6 +21,7 @@ GET_ONLY = doc("AuthorizationPolicy", "get", "selector: {matchLabels: {app: revi
 NO_ADMIN = doc("AuthorizationPolicy", "no-admin", "selector: {matchLabels: {app: reviews}}\naction: DENY\n"
                                                   "rules: [{to: [{operation: {paths: [/admin*]}}]}]", SECURITY)
 VIP = ("10.96.1.10", 9080)
+NEVER = {"notRule": {"any": True}}
 REVIEWS_PODS = {("10.244.1.6", 9080), ("10.244.2.6", 9080), ("10.244.2.7", 9080)}
 
 
@@ -85,10 +87,6 @@ def test_endpoints_of_other_policies_or_policies_a_router_cannot_enforce_are_lef
     v1_only = doc("AuthorizationPolicy", "v1", "selector: {matchLabels: {version: v1}}\n"
                                                "rules: [{to: [{operation: {methods: [GET]}}]}]", SECURITY)
     unenforced(translation(VS + v1_only))  # v2 and v3 have none: their waypoint is not on their path either
-    by_port = doc("AuthorizationPolicy", "port", "selector: {matchLabels: {app: reviews}}\n"
-                                                 "rules: [{to: [{operation: {methods: [GET], ports: ['9080']}}]}]",
-                  SECURITY)
-    unenforced(translation(VS + by_port))  # the router sees the Service's port, the pod's is the policy's
     when_ip = doc("AuthorizationPolicy", "ip", "selector: {matchLabels: {app: reviews}}\n"
                                                "rules: [{to: [{operation: {methods: [GET]}}],\n"
                                                "  when: [{key: destination.ip, values: [10.244.0.0/16]}]}]", SECURITY)
@@ -98,6 +96,23 @@ def test_endpoints_of_other_policies_or_policies_a_router_cannot_enforce_are_lef
               SECURITY)
     unenforced(translation(VS + GET_ONLY + jwt))
     assert translation(VS).dataplane.enforced == {}  # no HTTP policy at all: nothing to enforce
+
+
+def test_rules_on_the_pods_port_are_decided_for_the_endpoints_port():
+    """The router sees the Service's port; the policy's ports are the pod's. Every endpoint
+    of the route has the same one (9080): a rule on it matches any request, a rule on
+    another none, in the RBAC the route enforces."""
+    by_port = doc("AuthorizationPolicy", "port", "selector: {matchLabels: {app: reviews}}\nrules:\n"
+                                                 "- to: [{operation: {methods: [GET], ports: ['9080']}}]\n"
+                                                 "- to: [{operation: {ports: ['5201']}}]\n"
+                                                 "- to: [{operation: {notPorts: ['9080']}}]\n"
+                                                 "- when: [{key: destination.port, values: ['9080']}]", SECURITY)
+    result = translation(VS + by_port)
+    assert set(result.dataplane.enforced[VIP]) == REVIEWS_PODS
+    rules = rbac(only_route(result), "nodeagent.rbac.allow").rules.policies
+    assert [MessageToDict(rules[f"ns[shop]-policy[port]-rule[{i}]"].permissions[0]) for i in range(4)] == [
+        {"andRules": {"rules": [{"header": {"name": ":method", "stringMatch": {"exact": "GET"}}}, {"any": True}]}},
+        NEVER, NEVER, {"any": True}]  # ports 9080; ports 5201; notPorts 9080; when destination.port 9080
 
 
 def test_a_subset_of_one_policy_is_enforced_while_a_split_over_two_is_not():

@@ -133,7 +133,9 @@ class WorkloadIdentities:
         if self.manager is None:
             return {"enabled": False, "identities": []}
         return {"enabled": True, "trust_domain": self.trust_domain, "identities": self.manager.describe(),
-                "roots": self.manager.describe_roots()}
+                "roots": self.manager.describe_roots(),
+                # one waypoint per request: whether the agent can vouch for its pods' requests now
+                "node": {"identity": self.node.uri, "ready": self.node_ready() is not None} if self.node else None}
 
     async def close(self) -> None:
         self._contexts.clear()

@@ -329,5 +329,8 @@ class Publisher:
             "errors": [str(e) for e in (*self.config.errors, *self.refusals.errors(self._in_force))],
             "warnings": list(self.warnings),
             "dataplane": {"outbound": sorted(dataplane.endpoint(*a) for a in steering.outbound),
-                          "inbound": sorted(dataplane.endpoint(*a) for a in steering.inbound)},
+                          "inbound": sorted(dataplane.endpoint(*a) for a in steering.inbound),
+                          # one waypoint per request: what the outbound chains' routes enforce
+                          "enforced": {dataplane.endpoint(*vip): sorted(dataplane.endpoint(*e) for e in endpoints)
+                                       for vip, endpoints in sorted(steering.enforced.items())}},
         }

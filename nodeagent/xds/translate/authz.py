@@ -44,9 +44,14 @@ SPIFFE = "spiffe://"
 PRINCIPAL_KEY = dataplane.FILTER_STATE[dataplane.TLV_PRINCIPAL]
 PERMISSION_KEYS = ("destination.ip", "destination.port", "connection.sni")
 CLAIM = re.compile(r"\[([^\[\]]+)\]")
+NEVER = Permission(not_rule=Permission(any=True))
 
 
-def rbac_filters(authorizations: list[Authorization]) -> list[HttpFilter]:
+def rbac_filters(authorizations: list[Authorization], port: int | None = None) -> list[HttpFilter]:
+    """The DENY filter, then the ALLOW one (either absent without such policies). `port`:
+    the destination port the policies are for, known ahead (a routing waypoint enforcing
+    its endpoints' policy, outbound.py, sees the Service's port, not the pod's): rules on
+    `destination.port` (`ports`, `notPorts`, `when`) are decided here for it."""
     out = []
     for action, envoy_action in ((DENY, Rules.DENY), (ALLOW, Rules.ALLOW)):
         chosen = [a for a in authorizations if a.policy.action == action]
@@ -62,41 +67,46 @@ def rbac_filters(authorizations: list[Authorization]) -> list[HttpFilter]:
                     continue
                 for i, rule in enumerate(authz.obj.spec.get("rules") or []):
                     key = f"ns[{authz.obj.namespace}]-policy[{authz.obj.name}]-rule[{i}]"
-                    policies[key] = _policy(rule or {}, authz, f"spec.rules[{i}]")
+                    policies[key] = _policy(rule or {}, authz, f"spec.rules[{i}]", port)
             out.append(http_filter(RBAC, RbacFilter(rules=Rules(action=envoy_action, policies=policies))))
     return out
 
 
-def _policy(rule: dict, authz: Authorization, path: str) -> Policy:
+def _policy(rule: dict, authz: Authorization, path: str, port: int | None = None) -> Policy:
     namespace = authz.obj.namespace
     principals = [_entries(rule.get("from"), "source", SOURCE_FIELDS, namespace, authz, path)]
-    permissions = [_entries(rule.get("to"), "operation", OPERATION_FIELDS, namespace, authz, path)]
+    permissions = [_entries(rule.get("to"), "operation", OPERATION_FIELDS, namespace, authz, path, port)]
     for cond in rule.get("when") or []:
         if cond["key"] == "connection.sni" and authz.policy.action == DENY:
             continue  # not known here (the agent's TLS, not Envoy's): a DENY is enforced without it, as at L4
         side = permissions if cond["key"] in PERMISSION_KEYS else principals
         for name, negate in (("values", False), ("notValues", True)):
             if cond.get(name):
-                side.append(_values(cond["key"], cond[name], negate, namespace, authz, f"{path}.when"))
+                side.append(_values(cond["key"], cond[name], negate, namespace, authz, f"{path}.when", port))
     return Policy(principals=[_all([p for p in principals if p is not None], Principal)],
                   permissions=[_all([p for p in permissions if p is not None], Permission)])
 
 
-def _entries(entries, inner: str, table: dict, namespace: str, authz: Authorization, path: str):
+def _entries(entries, inner: str, table: dict, namespace: str, authz: Authorization, path: str,
+             port: int | None = None):
     if not entries:
         return None
     kind = Principal if inner == "source" else Permission
     alternatives = []
     for entry in entries:
         fields = entry.get(inner) or {}
-        alternatives.append(_all([_values(table[name][0], values, table[name][1], namespace, authz, path)
+        alternatives.append(_all([_values(table[name][0], values, table[name][1], namespace, authz, path, port)
                                   for name, values in fields.items() if values], kind))
     return _any(alternatives, kind)
 
 
-def _values(attribute: str, values: list[str], negate: bool, namespace: str, authz: Authorization, path: str):
+def _values(attribute: str, values: list[str], negate: bool, namespace: str, authz: Authorization, path: str,
+            port: int | None = None):
     side = Permission if attribute in PERMISSION_KEYS or attribute in _PERMISSION_BUILDERS else Principal
-    matchers = [_matcher(attribute, v, namespace, authz, path) for v in values]
+    if attribute == "destination.port" and port is not None:  # decided here: matches all, or none
+        matchers = [Permission(any=True) if int(v) == port else NEVER for v in values]
+    else:
+        matchers = [_matcher(attribute, v, namespace, authz, path) for v in values]
     one = _any(matchers, side)
     return (Principal(not_id=one) if side is Principal else Permission(not_rule=one)) if negate else one
 

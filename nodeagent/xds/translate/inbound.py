@@ -68,8 +68,9 @@ class ServerSide:
         request, outbound.py): a digest of its AuthorizationPolicies (each one's namespace,
         name, action and spec); None when it cannot be enforced there but here: a
         RequestAuthentication (jwt_authn's keys are this node's to fetch), a rate limit (a
-        bucket per pod), or a rule on the destination address or port, which the routing
-        waypoint sees as the Service's (its ports, `destination.ip`, `destination.port`)."""
+        bucket per pod), or a rule on the destination address, which the routing waypoint
+        sees as the Service's (`destination.ip`; a rule on the port it decides for the
+        endpoints' port, outbound.py)."""
         if self.authn or self.limits or not self.policy or any(_on_destination(a) for a in self.authz):
             return None
         parts = sorted((a.obj.namespace, a.obj.name, a.policy.action, a.policy.fail_closed,
@@ -77,7 +78,7 @@ class ServerSide:
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
-DESTINATION_ATTRIBUTES = ("destination.ip", "destination.port")
+DESTINATION_ATTRIBUTES = ("destination.ip",)
 
 
 def _on_destination(authz: Authorization) -> bool:

@@ -86,8 +86,9 @@ def _enforce(ctx: Context, table: RouteConfiguration) -> dict[tuple[str, int], s
     """One waypoint per request (design.md): a route all of whose endpoints have the same
     server-side HTTP policy, one a routing waypoint can enforce (ServerSide.digest),
     enforces it here (RBAC_DENY and RBAC_ALLOW get its rules for the route, after the
-    fault filter, where the sidecar pair's server enforces it after the client's faults)
-    and goes to its clusters' enforced variants, whose connections tell the agent the
+    fault filter, where the sidecar pair's server enforces it after the client's faults;
+    its rules on the destination port decided for the endpoints' one pod port, which
+    Envoy here would read as the Service's) and goes to its clusters' enforced variants, whose connections tell the agent the
     policy's digest (dataplane.TLV_ENFORCED): the destination's agent then delivers straight
     to the pod, its own waypoint skipped. Any other route is left as it was, and the
     destination's waypoint enforces the policy: an endpoint without such a policy or with
@@ -100,13 +101,14 @@ def _enforce(ctx: Context, table: RouteConfiguration) -> dict[tuple[str, int], s
         if found is None:
             continue
         side, endpoints = found
+        port = endpoints[0][1]  # every endpoint's (_route_policy): what rules on the port are decided for
         action = route.route
         if action.cluster:
             action.cluster = ctx.enforced_cluster(action.cluster, side.digest)
         for weighted in action.weighted_clusters.clusters:
             weighted.name = ctx.enforced_cluster(weighted.name, side.digest)
         for name, config in ((RBAC_DENY, DENY), (RBAC_ALLOW, ALLOW)):
-            rules = [f for f in rbac_filters([a for a in side.authz if a.policy.action == config])]
+            rules = rbac_filters([a for a in side.authz if a.policy.action == config], port)
             if rules:
                 rbac = RbacFilter()
                 rules[0].typed_config.Unpack(rbac)
@@ -143,7 +145,7 @@ def _route_policy(ctx: Context, route: Route) -> tuple[ServerSide, list[tuple[st
                 return None
             sides[side.digest] = side
             endpoints.append((pod.ip, target))
-    if len(sides) != 1:
+    if len(sides) != 1 or len({port for _, port in endpoints}) != 1:  # one policy, on one pod port
         return None
     return next(iter(sides.values())), endpoints
 
