@@ -109,7 +109,7 @@ def load(state_dir: Path, now: dt.datetime) -> SigningMaterial:
     if missing:
         raise ConfigError(str(state_dir), f"has some CA files but not {', '.join(missing)}",
                           "restore them, or empty the directory to generate a new root "
-                          f"(every issued certificate then stops being trusted)")
+                          "(every issued certificate then stops being trusted)")
     files = {}
     for name in (CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN):
         try:
