@@ -94,8 +94,12 @@ class Rule:
     conditions: tuple[Condition, ...] = ()  # when: AND
     l7_fields: tuple[str, ...] = ()  # fields L4 cannot evaluate, left out of the above
 
-    def matches(self, attrs: Mapping[str, Any], action: str) -> bool:
-        if self.l7_fields and action == ALLOW:
+    def matches(self, attrs: Mapping[str, Any], action: str, l7_checked: bool = False) -> bool:
+        """Whether the rule matches what L4 sees. A rule with fields only HTTP can supply:
+        an ALLOW one matches nothing, a DENY one is decided on the rest (fail safe); with
+        `l7_checked` (a waypoint decided them for this connection already) the other way
+        round: an ALLOW one is decided on the rest, a DENY one matches nothing here."""
+        if self.l7_fields and (action == DENY) == l7_checked:
             return False  # fail safe: an ALLOW never widens to what L4 cannot check
         return (_any_entry(self.sources, attrs) and _any_entry(self.operations, attrs)
                 and _all(self.conditions, attrs))
@@ -122,10 +126,10 @@ class AuthorizationPolicy:
     def has_l7(self) -> bool:
         return any(r.l7_fields for r in self.rules)
 
-    def first_match(self, attrs: Mapping[str, Any]) -> int | None:
+    def first_match(self, attrs: Mapping[str, Any], l7_checked: bool = False) -> int | None:
         """Index of the first matching rule; a policy without rules matches nothing."""
         for i, rule in enumerate(self.rules):
-            if rule.matches(attrs, self.action):
+            if rule.matches(attrs, self.action, l7_checked):
                 return i
         return None
 
@@ -177,20 +181,22 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def authorize(policies: Sequence[AuthorizationPolicy], root_namespace: str,
-              conn: Connection) -> Decision:
-    """Decide `conn` against the policies (only those that apply to its destination count)."""
+              conn: Connection, l7_checked: bool = False) -> Decision:
+    """Decide `conn` against the policies (only those that apply to its destination count).
+    `l7_checked`: a waypoint decided the rules' HTTP fields for it already (Rule.matches):
+    what is left is what L4 can still hold it to (its source, its port)."""
     applying = [p for p in policies
                 if p.enforced and p.scope.selects(conn.destination, root_namespace)]
     attrs = attributes(conn)
     for policy in (p for p in applying if p.action == DENY):
-        rule = policy.first_match(attrs)
+        rule = policy.first_match(attrs, l7_checked)
         if rule is not None:
             return Decision(False, policy.key, rule, _denied(policy, rule))
     allows = [p for p in applying if p.action == ALLOW]
     if not allows:
         return Decision(True, None, None, "no ALLOW policy applies")
     for policy in allows:
-        rule = policy.first_match(attrs)
+        rule = policy.first_match(attrs, l7_checked)
         if rule is not None:
             return Decision(True, policy.key, rule, f"allowed by ALLOW policy {policy.key} rule {rule}")
     return Decision(False, None, None, f"no ALLOW policy matched ({len(allows)} apply)")

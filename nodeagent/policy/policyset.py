@@ -81,10 +81,10 @@ class PolicySet:
         return list(self._entries)
 
     # --- what the data path asks ------------------------------------------------
-    def authorize(self, conn: Connection) -> Decision:
-        """AuthorizationPolicy decision for a connection to `conn.destination`."""
+    def authorize(self, conn: Connection, l7_checked: bool = False) -> Decision:
+        """AuthorizationPolicy decision for a connection to `conn.destination` (authz.authorize)."""
         return authz.authorize(self._around(AUTHORIZATION_POLICY, conn.destination),
-                               self.root_namespace, conn)
+                               self.root_namespace, conn, l7_checked)
 
     def mtls_mode(self, pod: Pod, port: int) -> str:
         """"STRICT", "PERMISSIVE" or "DISABLE" for connections to `pod` on its port `port`."""

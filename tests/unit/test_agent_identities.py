@@ -87,6 +87,8 @@ def test_the_nodes_own_identity_is_kept_beside_its_pods_and_waited_for_by_none(t
         identities.sync([])
         assert [i["identity"] for i in identities.describe()["identities"]] == [node.uri]
         assert identities.missing([]) == []
+        with pytest.raises(IdentityUnavailable, match="namespace nodeagent-node holds the node agents' own"):
+            identities.of(pod("impostor", "node1", ns="nodeagent-node"))  # never a pod's
         await identities.close()
     run(main())
 

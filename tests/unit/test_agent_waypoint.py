@@ -171,6 +171,28 @@ def test_envoy_connections_are_handed_over_after_their_header(waypoint, seen, re
     assert registry.get_sample_value("nodeagent_waypoint_errors_total", {"reason": "bad_proxy_header"}) == 1
 
 
+def test_a_hand_back_from_another_user_than_envoys_is_refused(waypoint, seen, registry, monkeypatch):
+    """upstream.sock and deliver.sock are reachable by Envoy's group: a connection from
+    any other user than Envoy's or the agent's (root) is reset before its header is read."""
+    from types import SimpleNamespace
+    from nodeagent.agent.waypoint import waypoint as module
+    header = ProxyHeader(("10.244.1.2", 0), ("10.96.1.10", 9080))
+
+    async def go():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.sendall(header.encode() + b"x")
+        with waypoint.expecting("outbound", header):
+            await waypoint._accepted("upstream", a)
+        with pytest.raises(ConnectionResetError):
+            b.recv(1)
+        b.close()
+    waypoint.user = SimpleNamespace(uid=os.geteuid() + 10337)  # Envoy's: not this process's
+    monkeypatch.setattr(module.os, "geteuid", lambda: os.getuid() + 4242)  # nor the agent's
+    run(go())
+    assert seen == [] and registry.get_sample_value("nodeagent_waypoint_errors_total", {"reason": "not_envoy"}) == 1
+
+
 def test_envoy_hands_back_only_for_connections_the_agent_sent_it_and_still_relays(waypoint, seen, registry,
                                                                                  caplog):
     """A compromised Envoy must not act as any pod of the node to anywhere: a connection

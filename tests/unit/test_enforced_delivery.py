@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import replace
+from types import MappingProxyType
 
 import pytest
 
@@ -21,6 +23,7 @@ from nodeagent.identity.spiffe import node_identity
 from nodeagent.tunnel import ConnectRefused, StreamReset
 from nodeagent.xds.dataplane import (ENFORCED_HEADER, SOURCE_HEADER, TLV_ENDPOINT, TLV_ENFORCED, TLV_PRINCIPAL,
                                      ProxyHeader)
+from policy_world import document
 from relay_world import CLIENT, LEGACY, NODE, SERVER, SERVICE, TD, World, header_of, principal
 
 SLEEP, HTTPBIN = principal("mesh", "sleep"), principal("mesh", "httpbin")
@@ -115,6 +118,53 @@ def test_a_node_identity_vouching_for_what_it_does_not_hold_is_refused(node, cas
         assert refused.value.status == 403
         assert envoy.accepted == [] and w.app.peers == [] and len(w.connections) == 0
         assert w.failures() == {("inbound", "not_vouched"): 1}
+    node(body)
+
+
+def test_a_vouched_stream_is_still_held_to_its_policys_sources(node):
+    """A node vouching for one of its pods cannot send it where the pod's policy's sources
+    keep it out: the router's decision is taken for what only HTTP can say, the source
+    (principal, namespace, address) and the port are checked here too."""
+    async def body(w: World):
+        await w.app.start()
+        w.apply(document("AuthorizationPolicy", "mesh", "only-other", """
+selector: {matchLabels: {app: httpbin}}
+rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/other]}}], to: [{operation: {methods: [GET]}}]}]
+"""))
+        behind_the_waypoint(w)
+        with pytest.raises(ConnectRefused) as refused:
+            await vouched(w, ((ENFORCED_HEADER, DIGEST), (SOURCE_HEADER, SLEEP)))
+        assert refused.value.status == 403 and w.app.peers == []
+        await w.settled(flows=1)
+        (flow,) = w.flows()
+        assert (flow["verdict"], flow["src"]["principal"]) == ("denied", SLEEP)
+        assert w.value("nodeagent_policy_denials_total", policy="no-allow-match") == 1
+    node(body)
+
+
+def test_a_vouch_the_destination_refuses_is_made_again_as_the_pod(node):
+    """The destination's model may not have the source pod yet (or have it elsewhere):
+    the source agent's stream goes again with the pod's own certificate, which the
+    destination's waypoint then decides."""
+    async def body(w: World):
+        await w.app.start()
+        port = w.app.address[1]
+        envoy = w.envoy_acks(inbound={(SERVER, port): "c1"}, enforceable={(SERVER, port): DIGEST},
+                             enforced={SERVICE: {(SERVER, port): DIGEST}})
+        await w.identities.ready(w.identities.node)
+        pods = dict(w.model.pods)
+        pods[("mesh", "sleep")] = replace(pods[("mesh", "sleep")], node="node2")  # as the destination sees it
+        w.model = replace(w.model, pods=MappingProxyType(pods))
+        ours, theirs = socket.socketpair()
+        tlvs = ((TLV_PRINCIPAL, SLEEP.encode()), (TLV_ENDPOINT, f"{SERVER}:{port}".encode()),
+                (TLV_ENFORCED, DIGEST.encode()))
+        w.handle(w.enrolled[CLIENT], "outbound", w.outbound.handle_upstream(ours, ProxyHeader((CLIENT, 0), SERVICE,
+                                                                                           tlvs)))
+        await until(lambda: envoy.accepted, 5, "the stream through the destination's waypoint")
+        kind, sock = envoy.accepted[0]
+        assert (kind, dict(header_of(sock).tlvs)) == ("inbound", {TLV_PRINCIPAL: SLEEP.encode()})
+        assert w.failures() == {("inbound", "not_vouched"): 1}
+        theirs.close()
     node(body)
 
 

@@ -44,7 +44,7 @@ def test_a_route_to_pods_of_one_http_policy_enforces_it_and_says_so_on_its_conne
     route = only_route(result)
     digest = result.dataplane.enforced[VIP][("10.244.1.6", 9080)]
     assert result.dataplane.enforced == {VIP: dict.fromkeys(REVIEWS_PODS, digest)}
-    assert route.route.cluster == f"outbound|9080||{REVIEWS}||enforced-{digest[:12]}"
+    assert route.route.cluster == f"outbound|9080||{REVIEWS}||enforced-{digest}" and digest.endswith("-9080")
     allow, deny = rbac(route, "nodeagent.rbac.allow"), rbac(route, "nodeagent.rbac.deny")
     assert (allow.rules.action, list(allow.rules.policies)) == (RBAC.ALLOW, ["ns[shop]-policy[get]-rule[0]"])
     assert (deny.rules.action, list(deny.rules.policies)) == (RBAC.DENY, ["ns[shop]-policy[no-admin]-rule[0]"])
@@ -129,7 +129,7 @@ def test_a_subset_of_one_policy_is_enforced_while_a_split_over_two_is_not():
     one, split = [r for vh in table(result).virtual_hosts for r in vh.routes]
     digest = result.dataplane.enforced[VIP][("10.244.1.6", 9080)]
     assert result.dataplane.enforced == {VIP: {("10.244.1.6", 9080): digest}}
-    assert one.route.cluster.endswith(f"|enforced-{digest[:12]}") and rbac(one, "nodeagent.rbac.allow") is not None
+    assert one.route.cluster.endswith(f"|enforced-{digest}") and rbac(one, "nodeagent.rbac.allow") is not None
     assert [w.name for w in split.route.weighted_clusters.clusters] == [
         f"outbound|9080|v1|{REVIEWS}", f"outbound|9080|v2|{REVIEWS}"]
     assert rbac(split, "nodeagent.rbac.allow") is None

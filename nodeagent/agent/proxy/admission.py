@@ -69,6 +69,12 @@ def admit(policies: PolicySet, waypoint: WaypointHandle, conn: Connection, plain
     if chain is not None:
         if enforced is not None and not plaintext and \
                 steering.enforceable.get((conn.destination_ip, port)) == enforced:
+            # What the router decided is taken, but for what L4 can still check itself: the
+            # source (its principal, namespace and address) and the port. A node vouching for
+            # one of its pods cannot so send it where its policy's sources keep it out.
+            decision = policies.authorize(conn, l7_checked=True)
+            if not decision.allowed:
+                return Admission(DENY, decision.policy or NO_ALLOW_MATCH, decision.reason)
             return Admission(DELIVER, chain=f"{ENFORCED}{enforced}")
         return Admission(WAYPOINT, chain=chain)
     decision = policies.authorize(conn)

@@ -25,7 +25,7 @@ from nodeagent.errors import ConfigError
 from nodeagent.identity.workload.credentials import Credentials
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.identity.workload.manager import IdentityManager
-from nodeagent.identity.spiffe import Identity, node_identity
+from nodeagent.identity.spiffe import NODE_NAMESPACE, Identity, node_identity
 from nodeagent.model import Pod
 
 
@@ -52,7 +52,11 @@ class WorkloadIdentities:
         return self.manager is not None
 
     def of(self, pod: Pod) -> Identity:
-        """The pod's SPIFFE identity; IdentityUnavailable if its names cannot form one."""
+        """The pod's SPIFFE identity; IdentityUnavailable if its names cannot form one, or
+        form a node's (a pod in namespace spiffe.NODE_NAMESPACE: it gets none)."""
+        if pod.namespace == NODE_NAMESPACE:
+            raise IdentityUnavailable(f"pod {pod.namespace}/{pod.name} has no identity: namespace {NODE_NAMESPACE} "
+                                      "holds the node agents' own identities", "run it in another namespace")
         try:
             return _identity(self.trust_domain, pod.namespace, pod.service_account)
         except ConfigError as exc:

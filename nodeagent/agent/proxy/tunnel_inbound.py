@@ -47,6 +47,7 @@ from nodeagent.identity.spiffe import Identity
 from nodeagent.native import hbone
 from nodeagent.policy import Connection
 from nodeagent.resets import reset
+from nodeagent.throttle import Throttle
 from nodeagent.tunnel import HboneServer, HboneStream, StreamBudget, StreamInfo, TunnelMetrics, TunnelSettings, tls
 from nodeagent.xds import dataplane
 
@@ -70,6 +71,7 @@ class TunnelInbound:
         self.routes = Routes(delivery, engines, inputs.memory, log)
         inputs.connections.changing.append(self.routes.invalidate)
         inputs.memory.tightening.append(self.routes.invalidate)
+        self._not_vouched = Throttle()  # a node vouching for what it cannot: logged at most every few seconds
         self._opened = tunnel_metrics.streams_opened.labels(direction="inbound")
         self._active = inputs.metrics.active_by["inbound"]
         self._sent = inputs.metrics.bytes_by[("inbound", "sent")]
@@ -134,7 +136,10 @@ class TunnelInbound:
         if isinstance(vouched, str):
             stream.respond(403, reason="not_vouched")
             self.metrics.failure("inbound", "not_vouched")
-            self.log.warning("inbound HBONE from %s (%s) to %s: refused, %s", info.peer_identity, src[0], ctx, vouched)
+            count = self._not_vouched.due()
+            if count:
+                self.log.warning("inbound HBONE from %s (%s) to %s: refused, %s (%d refused so since the last report)",
+                                 info.peer_identity, src[0], ctx, vouched, count)
             return
         principal, enforced = vouched
         flow = open_flow(self.inputs, ctx, src, dst, principal, MTLS)

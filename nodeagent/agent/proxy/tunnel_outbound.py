@@ -28,7 +28,7 @@ from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.identity.spiffe import Identity
 from nodeagent.native.hbone import NativeStream
-from nodeagent.tunnel import HbonePool, HboneStream, StreamBudget, TunnelMetrics, TunnelSettings, tls
+from nodeagent.tunnel import ConnectRefused, HbonePool, HboneStream, StreamBudget, TunnelMetrics, TunnelSettings, tls
 from nodeagent.xds import dataplane
 
 
@@ -59,12 +59,22 @@ class HboneRoute:
         presents it and vouches for the source pod and the digest (dataplane.ENFORCED_HEADER),
         on connections of their own; without one, the pod's as any other (the destination's
         waypoint then enforces the policy again)."""
-        source = presented = self.identities.of(ctx.pod)
-        headers: tuple[tuple[str, str], ...] = ()
+        source = self.identities.of(ctx.pod)
         node = self.identities.node_ready() if enforced is not None else None
         if node is not None:
-            presented = node
             headers = ((dataplane.ENFORCED_HEADER, enforced), (dataplane.SOURCE_HEADER, source.uri))
+            try:
+                return await self._open(ctx, target, client, node, headers)
+            except ConnectRefused as exc:
+                if exc.status != 403:
+                    raise
+                # Refused as no vouch it takes (its model does not have the pod here yet,
+                # or another node's): the pod's own certificate, its waypoint deciding.
+                self.log.debug("HBONE to %s: the vouch for %s refused (403), again as the pod", target.address, source)
+        return await self._open(ctx, target, client, source, ())
+
+    async def _open(self, ctx: PodContext, target: Target, client: socket.socket | None, presented: Identity,
+                    headers: tuple[tuple[str, str], ...]) -> HboneStream | NativeStream:
         await self.identities.ready(presented)  # the handshake reads its context synchronously
         destination = self.identities.of(target.pod)
         pool = self._pool(ctx)

@@ -66,7 +66,7 @@ class WaypointMetrics:
         self.errors = Counter("nodeagent_waypoint_errors",
                               "Waypoint failures: unavailable Envoy, bad PROXY headers, refused snapshots, "
                               "resources Envoy refused (envoy_refused), connections handed back for none the agent "
-                              "sent it (unsolicited)",
+                              "sent it (unsolicited) or by another user than Envoy's (not_envoy)",
                               ["reason"], registry=registry)
 
 
@@ -308,6 +308,14 @@ class Waypoint:
         """A connection from Envoy on upstream.sock / deliver.sock: read its PROXY header
         (nothing after it), then hand the socket to the handler."""
         self.metrics.returned.labels(socket=name).inc()
+        if self.user is not None:  # the sockets are Envoy's group's to reach: its user's, or root's (ours)
+            _, uid, _ = struct.unpack("3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid not in (self.user.uid, os.geteuid()):
+                self.metrics.errors.labels(reason="not_envoy").inc()
+                self.log.warning("waypoint %s.sock: a connection from uid %d, not Envoy's %d; closing", name, uid,
+                                 self.user.uid)
+                reset(raw)
+                return
         try:
             header = await asyncio.wait_for(read_header(raw), HEADER_TIMEOUT)
         except (ValueError, OSError, asyncio.TimeoutError) as exc:

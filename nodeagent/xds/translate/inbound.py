@@ -77,6 +77,12 @@ class ServerSide:
                         json.dumps(a.obj.spec, sort_keys=True, default=str)) for a in self.authz)
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
+    def enforced(self, port: int) -> str | None:
+        """What a routing waypoint that enforced it for the pod's `port` says: the digest and
+        the port its rules on the port were decided for (so a router's rules decided for one
+        port never pass for a request to another)."""
+        return f"{self.digest}-{port}" if self.digest is not None else None
+
 
 DESTINATION_ATTRIBUTES = ("destination.ip",)
 
@@ -122,7 +128,7 @@ def build(ctx: Context) -> tuple[Listener | None, list[RouteConfiguration], list
                 chains.append(chain)
                 served[(pod.ip, port)] = chain_digest(chain)
                 if side.digest is not None:
-                    enforceable[(pod.ip, port)] = side.digest
+                    enforceable[(pod.ip, port)] = side.enforced(port)
     if not chains:
         return None, [], [], {}, {}
     ports = sorted({port for _, port in served})

@@ -5,7 +5,7 @@ Outbound clusters carry Istio's names (`outbound|<port>|<subset>|<host>`), so st
 whose own DestinationRule takes precedence (services.py) has that namespace appended
 (`outbound|<port>|<subset>|<host>|<client namespace>`), and one for the routes that
 enforce its endpoints' HTTP policy the digest of that policy
-(`outbound|<port>|<subset>|<host>|<client namespace or empty>|enforced-<digest>`). Route tables are named
+(`outbound|<port>|<subset>|<host>|<client namespace or empty>|enforced-<digest>-<pod port>`). Route tables are named
 `<host>:<port>` (client side) and `inbound|<port>` (server side).
 """
 
@@ -17,14 +17,13 @@ UPSTREAM_LISTENER = "nodeagent_upstream"  # internal listener: Envoy's picked en
 AGENT_UPSTREAM = "nodeagent|upstream"  # static cluster: upstream.sock
 BLACKHOLE = "BlackHoleCluster"  # no endpoints: what a dangling reference routes to
 PASSTHROUGH_ENDPOINT = "passthrough"
-ENFORCED_DIGITS = 12  # of an enforced cluster's policy digest in its name
 
 
 def outbound_cluster(host: str, port: int, subset: str = "", client_namespace: str = "", enforced: str = "") -> str:
     """`enforced`: the cluster of the routes that enforce its endpoints' HTTP policy of that
     digest (translate/outbound.py), `...|<client namespace>|enforced-<digest>`."""
     name = f"outbound|{port}|{subset}|{host}" + (f"|{client_namespace}" if client_namespace or enforced else "")
-    return name + (f"|enforced-{enforced[:ENFORCED_DIGITS]}" if enforced else "")
+    return name + (f"|enforced-{enforced}" if enforced else "")
 
 
 def inbound_cluster(port: int) -> str:

@@ -102,18 +102,19 @@ def _enforce(ctx: Context, table: RouteConfiguration) -> dict[tuple[str, int], s
             continue
         side, endpoints = found
         port = endpoints[0][1]  # every endpoint's (_route_policy): what rules on the port are decided for
+        said = side.enforced(port)
         action = route.route
         if action.cluster:
-            action.cluster = ctx.enforced_cluster(action.cluster, side.digest)
+            action.cluster = ctx.enforced_cluster(action.cluster, said)
         for weighted in action.weighted_clusters.clusters:
-            weighted.name = ctx.enforced_cluster(weighted.name, side.digest)
+            weighted.name = ctx.enforced_cluster(weighted.name, said)
         for name, config in ((RBAC_DENY, DENY), (RBAC_ALLOW, ALLOW)):
             rules = rbac_filters([a for a in side.authz if a.policy.action == config], port)
             if rules:
                 rbac = RbacFilter()
                 rules[0].typed_config.Unpack(rbac)
                 route.typed_per_filter_config[name].CopyFrom(pack(RBACPerRoute(rbac=rbac)))
-        enforced.update(dict.fromkeys(endpoints, side.digest))
+        enforced.update(dict.fromkeys(endpoints, said))
     return enforced
 
 
