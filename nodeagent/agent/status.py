@@ -268,6 +268,10 @@ def _waypoint_sections(waypoint: dict[str, Any] | None, kinds: dict[str, list[st
              f"  xds        version {xds['version']}, accepted {xds['accepted']}, {sync}, {xds['nacks']} NACKs",
              f"  steered    outbound {', '.join(steered['outbound']) or '-'}; inbound {', '.join(steered['inbound']) or '-'}",
              f"  sent       {waypoint['connections']['outbound']} outbound, {waypoint['connections']['inbound']} inbound"]
+    enforced = steered.get("enforced") or {}
+    if enforced:  # one waypoint per request: these routes enforce their endpoints' HTTP policy
+        lines.append(f"  enforces   the HTTP policy of the pods behind {', '.join(enforced)} (their node's "
+                     "waypoint skipped: one waypoint per request)")
     unsolicited = waypoint.get("unsolicited", {})
     if any(unsolicited.values()):
         lines.append(f"  REFUSED    {unsolicited['upstream']} upstream, {unsolicited['deliver']} deliver connections "

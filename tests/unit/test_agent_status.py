@@ -207,6 +207,17 @@ def test_the_waypoint_says_how_many_request_lines_it_read_and_how_many_it_could_
             "agent's log)\n  requests") in refusing
 
 
+def test_the_waypoint_says_which_routes_enforce_their_pods_policy():
+    """One waypoint per request: the routes that enforce their endpoints' HTTP policy, so
+    the reader knows why those pods' own node's waypoint sees none of their requests."""
+    enforcing = {**WAYPOINT, "dataplane": {**WAYPOINT["dataplane"], "enforced": {"10.96.0.10:80": ["10.244.2.6:8080"]}}}
+    text = status.render_text({**STATUS, **MESH, "waypoint": enforcing}, now=NOW)
+    assert ("  sent       4 outbound, 0 inbound\n"
+            "  enforces   the HTTP policy of the pods behind 10.96.0.10:80 (their node's waypoint skipped: one "
+            "waypoint per request)\n") in text
+    assert "enforces" not in status.render_text({**STATUS, **MESH, "waypoint": WAYPOINT}, now=NOW)
+
+
 def test_the_exit_decision_is_shown_when_the_owner_is_watched():
     """--on-exit=owner: who owns the agent's pod and what its exit would do, under the source line."""
     owner = {"owner": "DaemonSet nodeagent (uid d1)",
