@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
-from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, workload_identities
 
 PORT = 9000
 
@@ -42,7 +42,7 @@ def meshed_sandbox(tmp_path: Path, outsider: str, *agent_args: str, cgroup: str 
 
 def enrolled(sb: Sandbox) -> None:
     """Wait until the agent has enrolled both meshed pods and holds their certificate."""
-    sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True],
+    sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in workload_identities(s)] == [True],
                 15, "both pods enrolled and their certificate held")
 
 

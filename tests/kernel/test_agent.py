@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.admin import fetch
 from nodeagent.bench.probe import HoldClient
-from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled, workload_identities
 from nodeagent.capture import bpfsys
 from nodeagent.capture.cgroup import attached
 from nodeagent.lab import topology
@@ -162,7 +162,7 @@ def test_bytes_are_counted_by_direction_at_source_and_destination(sb, pods):
     sb.label_namespace("peer", AMBIENT)  # client -> server through HBONE, reported by both ends
     sb.start_ca()
     sb.start_agent(*sb.ca_args())
-    sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True, True],
+    sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in workload_identities(s)] == [True, True],
                 15, "client and server enrolled and their certificates held")
     for pod in (client, plain, server):
         sink = sb.probe(pod, "sink", "--port", str(SINK_PORT), stderr=subprocess.PIPE, text=True)

@@ -21,7 +21,7 @@ import subprocess
 import pytest
 
 from nodeagent.bench import sandbox as sandbox_module
-from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, SandboxPod, scaled, workload_identities
 from meshed_sandbox import inbound_counted
 from nodeagent.errors import NodeagentError
 
@@ -55,7 +55,7 @@ def mesh(tmp_path):
 
 
 def holds_certificate(status: dict) -> bool:
-    return [(i["identity"], i["valid"]) for i in status["identity"]["identities"]] == [(IDENTITY, True)]
+    return [(i["identity"], i["valid"]) for i in workload_identities(status)] == [(IDENTITY, True)]
 
 
 def connect(sb: Sandbox, src: SandboxPod, dst: SandboxPod, count: int = COUNT) -> dict:

@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent_sockets import connected_tcp_sockets
 from nodeagent.admin import fetch
-from nodeagent.bench.sandbox import AMBIENT, Sandbox, scaled
+from nodeagent.bench.sandbox import AMBIENT, Sandbox, scaled, workload_identities
 from nodeagent.capture.sockmap import SNDBUF
 from nodeagent.digests import spec_digest
 from samenode_peer import GREETING, pattern
@@ -102,7 +102,7 @@ def sandbox(tmp_path: Path, *agent_args: str):
         sb.in_pod(client, ["sleep", "infinity"])  # a pod is found by its processes
         sb.start_ca()
         sb.start_agent(*sb.ca_args(), "--no-waypoint", *agent_args, timeout=60)  # bounds for a loaded machine
-        sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in s["identity"]["identities"]] == [True] * 2
+        sb.wait_for(lambda s: len(s["pods"]) == 2 and [i["valid"] for i in workload_identities(s)] == [True] * 2
                     and s["data_path"]["same_node"].get("sockmap") != "starting", 60,
                     "both pods enrolled, their certificates held, the in-kernel join loaded (or not)")
         yield Node(sb, client, server, app)
