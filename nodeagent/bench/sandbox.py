@@ -35,7 +35,7 @@ import yaml
 from nodeagent import netns
 from nodeagent.admin import fetch_status
 from nodeagent.bench.timescale import TIME_SCALE_ENV, scaled, time_scale  # noqa: F401 (the tests' import)
-from nodeagent.identity.spiffe import NODE_NAMESPACE
+from nodeagent.identity.spiffe import NODE_PATH
 from nodeagent.capture.compiler import COMPILE_TIMEOUT, COMPILE_TIMEOUT_MAX
 from nodeagent.errors import NodeagentError
 from nodeagent.lab import cgroups, meshca, topology
@@ -52,7 +52,7 @@ AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 def workload_identities(status: dict) -> list[dict]:
     """The identities an agent's status lists for its pods (not its node's own, which it
     vouches for its pods' requests with: spiffe.NODE_NAMESPACE)."""
-    return [i for i in status["identity"]["identities"] if f"/ns/{NODE_NAMESPACE}/" not in i["identity"]]
+    return [i for i in status["identity"]["identities"] if f"/{NODE_PATH}/" not in i["identity"]]
 # Joins the cgroup given as $0, then runs the command: nsenter only enters the netns, and
 # unlike `ip netns exec` keeps /sys (the agent needs /sys/fs/bpf and the cgroup2 mount).
 JOIN_AND_EXEC = 'echo $$ > "$0/cgroup.procs" && exec "$@"'

@@ -19,12 +19,15 @@ from nodeagent.identity.errors import CertificateIdentityError
 from nodeagent.kube.objects import DNS_LABEL, DNS_SUBDOMAIN
 
 SCHEME = "spiffe://"
-# A node agent's own identity is `ns/nodeagent-node/sa/<node name>`: what it presents when
-# it vouches for one of its pods' requests whose destination's HTTP policy its waypoint
-# enforced (one waypoint per request). The CA issues it only to that node's agent, and a
-# pod's identity never in this namespace (identity/ca/auth.py), so no workload
-# certificate can say it.
+# A node agent's own identity is `spiffe://<td>/nodeagent/node/<node name>`: what it
+# presents when it vouches for one of its pods' requests whose destination's HTTP policy
+# its waypoint enforced (one waypoint per request). The CA issues it only to that node's
+# agent (identity/ca/auth.py); it is no workload's form, so no workload certificate can
+# say it, and an agent of a version before it refuses the handshake (it takes only the
+# ns/sa form) rather than read the node as a workload principal. Held as an Identity of
+# the reserved namespace NODE_NAMESPACE, whose ns/sa form is refused.
 NODE_NAMESPACE = "nodeagent-node"
+NODE_PATH = "nodeagent/node"
 # SPIFFE ID spec: a trust domain is lowercase letters, digits, '.', '-' and '_'.
 TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}\Z")
 
@@ -57,6 +60,8 @@ class Identity:
 
     @property
     def uri(self) -> str:
+        if self.namespace == NODE_NAMESPACE:
+            return f"{SCHEME}{self.trust_domain}/{NODE_PATH}/{self.service_account}"
         return f"{SCHEME}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
     @property
@@ -66,7 +71,10 @@ class Identity:
 
     @property
     def short(self) -> str:
-        """`ns/<ns>/sa/<sa>`, the trust-domain-free form used in messages."""
+        """`ns/<ns>/sa/<sa>` (a node's: `nodeagent/node/<node>`), the trust-domain-free form
+        used in messages."""
+        if self.namespace == NODE_NAMESPACE:
+            return f"{NODE_PATH}/{self.service_account}"
         return f"ns/{self.namespace}/sa/{self.service_account}"
 
     def __str__(self) -> str:
@@ -80,8 +88,13 @@ class Identity:
             raise ConfigError(where, f"must start with {SCHEME}",
                               "expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")
         parts = uri[len(SCHEME):].split("/")
-        if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
+        if len(parts) == 4 and "/".join(parts[1:3]) == NODE_PATH:  # a node agent's own
+            parts = [parts[0], "ns", NODE_NAMESPACE, "sa", parts[3]]
+        elif len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
             raise ConfigError(where, "is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")
+        elif parts[2] == NODE_NAMESPACE:
+            raise ConfigError(where, f"namespace {NODE_NAMESPACE} is the node agents' (spiffe://<trust-domain>/"
+                                     f"{NODE_PATH}/<node>), no workload's")
         problem = _problem(parts[0], parts[2], parts[4])
         if problem:
             raise ConfigError(where, problem)

@@ -481,13 +481,13 @@ def test_not_ready_while_an_enrolled_pod_has_no_certificate(meshed, mesh_ca):
             mesh_ca.start()
             status = await node.until_ready()
             assert [(i["identity"], i["valid"], i["error"]) for i in status["identity"]["identities"]
-                    if "/ns/nodeagent-node/" not in i["identity"]] == [
+                    if "/nodeagent/node/" not in i["identity"]] == [
                 ("spiffe://cluster.local/ns/mesh/sa/httpbin", True, None),
                 ("spiffe://cluster.local/ns/mesh/sa/sleep", True, None)]
             assert await node.ready() == (200, "ready\n")
             # the node's own identity (it vouches for its pods' requests with it): fetched
             # beside theirs, retried as theirs, and readiness never waited for it
-            node_id = "spiffe://cluster.local/ns/nodeagent-node/sa/node1"
+            node_id = "spiffe://cluster.local/nodeagent/node/node1"
             assert status["identity"]["node"]["identity"] == node_id
             for _ in range(600):
                 status = await node.status()

@@ -133,7 +133,7 @@ def test_a_node_has_its_own_identity_and_no_pod_ever_has_one(cluster):
     write_pods(cluster, pod_yaml("impostor", "node2", "node1", ns=NODE_NAMESPACE), name="impostor.yaml")
     authz = NodeAuthorizer(ModelView(FilesSource(cluster)))
     authz.authorize(Caller("node1"), node_identity("cluster.local", "node1"))
-    with pytest.raises(PermissionDenied, match="^ns/nodeagent-node/sa/node1 is node node1's own identity, not node2's"):
+    with pytest.raises(PermissionDenied, match="^nodeagent/node/node1 is node node1's own identity, not node2's"):
         authz.authorize(Caller("node2"), node_identity("cluster.local", "node1"))
     assert node_identity("cluster.local", "node1") == identity(NODE_NAMESPACE, "node1")
     assert (node_identity("cluster.local", "node1").node, identity("default", "web").node) == ("node1", None)

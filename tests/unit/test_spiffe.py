@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.errors import ConfigError
 from nodeagent.identity.errors import CertificateIdentityError
-from nodeagent.identity.spiffe import Identity, identity_of_certificate
+from nodeagent.identity.spiffe import NODE_NAMESPACE, Identity, identity_of_certificate, node_identity
 
 from identity_fixtures import identity, make_ca
 
@@ -25,8 +25,22 @@ def test_uri_and_parse_round_trip():
     assert Identity.parse("spiffe://my_td.example-1/ns/a/sa/b").trust_domain == "my_td.example-1"
 
 
+def test_a_nodes_own_identity_is_no_workloads_form():
+    """spiffe://<td>/nodeagent/node/<node>: an agent of an earlier version (ns/sa only)
+    refuses it rather than read a node as a workload; its ns/sa spelling is refused."""
+    node = node_identity("cluster.local", "worker-1.example")
+    assert (node.uri, node.short, node.node) == (
+        "spiffe://cluster.local/nodeagent/node/worker-1.example", "nodeagent/node/worker-1.example", "worker-1.example")
+    assert Identity.parse(node.uri) == node == Identity("cluster.local", NODE_NAMESPACE, "worker-1.example")
+    with pytest.raises(ConfigError, match="namespace nodeagent-node is the node agents'"):
+        Identity.parse("spiffe://cluster.local/ns/nodeagent-node/sa/worker-1.example")
+    with pytest.raises(ConfigError, match="service account 'Worker'"):
+        Identity.parse("spiffe://cluster.local/nodeagent/node/Worker")
+
+
 @pytest.mark.parametrize("uri, says", [
     ("https://cluster.local/ns/a/sa/b", "must start with spiffe://"),
+    ("spiffe://cluster.local/nodeagent/other/b", "is not of the form"),
     ("spiffe://cluster.local/ns/a/sa/b/extra", "is not of the form"),
     ("spiffe://cluster.local/ns/a/sb/b", "is not of the form"),
     ("spiffe://cluster.local/a/ns/sa/b", "is not of the form"),

@@ -28,7 +28,8 @@ from nodeagent.agent.inpod.sockets import PodContext
 from nodeagent.identity.errors import IdentityUnavailable
 from nodeagent.identity.spiffe import Identity
 from nodeagent.native.hbone import NativeStream
-from nodeagent.tunnel import ConnectRefused, HbonePool, HboneStream, StreamBudget, TunnelMetrics, TunnelSettings, tls
+from nodeagent.tunnel import (ConnectRefused, HandshakeFailed, HbonePool, HboneStream, StreamBudget, TunnelMetrics,
+                              TunnelSettings, tls)
 from nodeagent.xds import dataplane
 
 
@@ -65,12 +66,14 @@ class HboneRoute:
             headers = ((dataplane.ENFORCED_HEADER, enforced), (dataplane.SOURCE_HEADER, source.uri))
             try:
                 return await self._open(ctx, target, client, node, headers)
-            except ConnectRefused as exc:
-                if exc.status != 403:
+            except (ConnectRefused, HandshakeFailed) as exc:
+                if isinstance(exc, ConnectRefused) and exc.status != 403:
                     raise
                 # Refused as no vouch it takes (its model does not have the pod here yet,
-                # or another node's): the pod's own certificate, its waypoint deciding.
-                self.log.debug("HBONE to %s: the vouch for %s refused (403), again as the pod", target.address, source)
+                # or another node's), or the node's identity refused (an agent of a version
+                # before it): the pod's own certificate, the destination's waypoint deciding.
+                self.log.debug("HBONE to %s: the vouch for %s refused (%s), again as the pod", target.address, source,
+                               exc)
         return await self._open(ctx, target, client, source, ())
 
     async def _open(self, ctx: PodContext, target: Target, client: socket.socket | None, presented: Identity,
