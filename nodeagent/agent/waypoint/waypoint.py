@@ -281,7 +281,7 @@ class Waypoint:
         path there is Envoy's to make, a symlink to another socket of the node included."""
         if self.user is None:
             return
-        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        uid = _peer_uid(sock)
         if uid != self.user.uid:
             raise OSError(errno.EPERM, f"the listener is not Envoy's (its peer is uid {uid}, not {self.user.uid})")
 
@@ -309,7 +309,7 @@ class Waypoint:
         (nothing after it), then hand the socket to the handler."""
         self.metrics.returned.labels(socket=name).inc()
         if self.user is not None:  # the sockets are Envoy's group's to reach: its user's, or root's (ours)
-            _, uid, _ = struct.unpack("3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            uid = _peer_uid(raw)
             if uid not in (self.user.uid, os.geteuid()):
                 self.metrics.errors.labels(reason="not_envoy").inc()
                 self.log.warning("waypoint %s.sock: a connection from uid %d, not Envoy's %d; closing", name, uid,
@@ -383,3 +383,9 @@ def _die_with_parent() -> None:
     """In the Envoy child before exec: SIGKILL it when the agent dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of unix socket `sock` (SO_PEERCRED)."""
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return uid

@@ -47,29 +47,34 @@ CLAIM = re.compile(r"\[([^\[\]]+)\]")
 NEVER = Permission(not_rule=Permission(any=True))
 
 
-def rbac_filters(authorizations: list[Authorization], port: int | None = None) -> list[HttpFilter]:
-    """The DENY filter, then the ALLOW one (either absent without such policies). `port`:
-    the destination port the policies are for, known ahead (a routing waypoint enforcing
-    its endpoints' policy, outbound.py, sees the Service's port, not the pod's): rules on
-    `destination.port` (`ports`, `notPorts`, `when`) are decided here for it."""
-    out = []
-    for action, envoy_action in ((DENY, Rules.DENY), (ALLOW, Rules.ALLOW)):
-        chosen = [a for a in authorizations if a.policy.action == action]
-        if chosen:
-            policies = {}
-            for authz in chosen:
-                if authz.policy.fail_closed and authz.policy.rules in ((), (Rule(),)):
-                    # A refused policy's stand-in (failclosed.py; its spec is not read): an
-                    # ALLOW without rules adds nothing, a DENY of everything denies any request.
-                    if action == DENY:
-                        key = f"ns[{authz.obj.namespace}]-policy[{authz.obj.name}]-fail-closed"
-                        policies[key] = Policy(permissions=[Permission(any=True)], principals=[Principal(any=True)])
-                    continue
-                for i, rule in enumerate(authz.obj.spec.get("rules") or []):
-                    key = f"ns[{authz.obj.namespace}]-policy[{authz.obj.name}]-rule[{i}]"
-                    policies[key] = _policy(rule or {}, authz, f"spec.rules[{i}]", port)
-            out.append(http_filter(RBAC, RbacFilter(rules=Rules(action=envoy_action, policies=policies))))
-    return out
+def rbac_filters(authorizations: list[Authorization]) -> list[HttpFilter]:
+    """The DENY filter, then the ALLOW one (either absent without such policies)."""
+    return [http_filter(RBAC, rbac) for action in (DENY, ALLOW)
+            if (rbac := rbac_config(authorizations, action)) is not None]
+
+
+def rbac_config(authorizations: list[Authorization], action: str, port: int | None = None) -> RbacFilter | None:
+    """The RBAC filter's config for the policies of `action` among `authorizations` (None
+    without any). `port`: the destination port the policies are for, known ahead (a
+    routing waypoint enforcing its endpoints' policy, outbound.py, sees the Service's port,
+    not the pod's): rules on `destination.port` (`ports`, `notPorts`, `when`) are decided
+    here for it."""
+    chosen = [a for a in authorizations if a.policy.action == action]
+    if not chosen:
+        return None
+    policies = {}
+    for authz in chosen:
+        if authz.policy.fail_closed and authz.policy.rules in ((), (Rule(),)):
+            # A refused policy's stand-in (failclosed.py; its spec is not read): an
+            # ALLOW without rules adds nothing, a DENY of everything denies any request.
+            if action == DENY:
+                key = f"ns[{authz.obj.namespace}]-policy[{authz.obj.name}]-fail-closed"
+                policies[key] = Policy(permissions=[Permission(any=True)], principals=[Principal(any=True)])
+            continue
+        for i, rule in enumerate(authz.obj.spec.get("rules") or []):
+            key = f"ns[{authz.obj.namespace}]-policy[{authz.obj.name}]-rule[{i}]"
+            policies[key] = _policy(rule or {}, authz, f"spec.rules[{i}]", port)
+    return RbacFilter(rules=Rules(action=Rules.DENY if action == DENY else Rules.ALLOW, policies=policies))
 
 
 def _policy(rule: dict, authz: Authorization, path: str, port: int | None = None) -> Policy:

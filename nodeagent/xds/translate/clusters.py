@@ -29,6 +29,7 @@ from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 from envoy.type.v3.percent_pb2 import Percent
 
+from nodeagent.model import Pod
 from nodeagent.xds import dataplane
 from nodeagent.xds.istio.destinationrule import HttpSettings, Policy, TcpSettings
 from nodeagent.xds.istio import destinationrule as dr
@@ -51,8 +52,7 @@ def outbound(ctx: Context) -> tuple[list[Cluster], list[ClusterLoadAssignment]]:
         policy = rule.policy_for(spec.subset, spec.port.port) if rule else Policy()
         cluster = _cluster(name, spec, policy, ctx)
         if cluster.type == Cluster.DiscoveryType.EDS:
-            labels = rule.subset(spec.subset).labels if rule and spec.subset else {}
-            assignments.append(_assignment(name, spec, labels, ctx))
+            assignments.append(_assignment(name, spec, ctx))
         clusters.append(cluster)
     return clusters, assignments
 
@@ -169,12 +169,25 @@ def internal(endpoint_id: str) -> Address:
         server_listener_name=names.UPSTREAM_LISTENER, endpoint_id=endpoint_id))
 
 
-def _assignment(name: str, spec: ClusterSpec, labels, ctx: Context) -> ClusterLoadAssignment:
+def members(ctx: Context, spec: ClusterSpec) -> list[tuple[Pod, int | None]]:
+    """The pods the cluster of `spec` balances over (its subset's labels applied) with the
+    target port of each (None: the pod names no such port)."""
+    rule = ctx.catalog.rule(spec.service, spec.client_namespace)
+    labels = rule.subset(spec.subset).labels if rule and spec.subset else {}
+    return [(pod, ctx.options.target_port(pod, spec.port)) for pod in ctx.model.endpoints(spec.service)
+            if all(pod.labels.get(k) == v for k, v in labels.items())]
+
+
+def passthrough(ctx: Context, spec: ClusterSpec) -> bool:
+    """Whether the cluster of `spec` is a PASSTHROUGH DestinationRule's (no endpoints of its own)."""
+    rule = ctx.catalog.rule(spec.service, spec.client_namespace)
+    lb = rule.policy_for(spec.subset, spec.port.port).load_balancer if rule else None
+    return lb is not None and lb.simple == "PASSTHROUGH"
+
+
+def _assignment(name: str, spec: ClusterSpec, ctx: Context) -> ClusterLoadAssignment:
     endpoints = []
-    for pod in ctx.model.endpoints(spec.service):
-        if any(pod.labels.get(k) != v for k, v in labels.items()):
-            continue
-        port = ctx.options.target_port(pod, spec.port)
+    for pod, port in members(ctx, spec):
         if port is None:
             ctx.warn(f"Service {spec.service.namespace}/{spec.service.name} port {spec.port.port}",
                      f"pod {pod.namespace}/{pod.name} has no container port named {spec.port.target_port!r}; "

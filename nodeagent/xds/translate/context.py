@@ -43,6 +43,10 @@ class Context:
     # The clients routes are being built for: a namespace with DestinationRules of its own
     # (Catalog.client_rules), or "" for every other client (see for_clients).
     client_namespace: str = ""
+    # Per pod, what its server side enforces and its HTTP ports (inbound.server_side,
+    # http_ports): read for every endpoint of every client-side route, made once.
+    sides: dict = field(default_factory=dict)
+    pod_http_ports: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.model, self.config, self.warnings.append)

@@ -97,6 +97,12 @@ def server_side(ctx: Context, pod: Pod) -> ServerSide | None:
     """What `pod`'s server-side chains enforce (on any node: a routing waypoint reads it
     for the endpoints it picks), or None when it gets none: not meshed, selected by a
     withheld policy (the agent enforces all its policies at L4), or nothing HTTP applies."""
+    if pod.key not in ctx.sides:
+        ctx.sides[pod.key] = _server_side(ctx, pod)
+    return ctx.sides[pod.key]
+
+
+def _server_side(ctx: Context, pod: Pod) -> ServerSide | None:
     if not (ctx.model.is_meshed(pod) and pod.ip and pod.phase in MESHED_PHASES):  # as enrolment
         return None
     if any(selects(ctx, w.policy.scope, pod) for w in ctx.config.withheld):
@@ -170,6 +176,12 @@ def _filter_selects(ctx: Context, ef: EnvoyFilter, pod: Pod) -> bool:
 
 def http_ports(ctx: Context, pod: Pod) -> list[int]:
     """The pod's ports that a Service selecting it names as HTTP."""
+    if pod.key not in ctx.pod_http_ports:
+        ctx.pod_http_ports[pod.key] = _http_ports(ctx, pod)
+    return ctx.pod_http_ports[pod.key]
+
+
+def _http_ports(ctx: Context, pod: Pod) -> list[int]:
     ports = set()
     for service in ctx.model.services.values():
         if service.namespace != pod.namespace or not service.selector or not labels_match(service.selector, pod):

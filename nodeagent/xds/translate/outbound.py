@@ -23,8 +23,8 @@ from nodeagent.policy.authz import ALLOW, DENY
 from nodeagent.xds import dataplane
 from nodeagent.xds.istio.virtualservice import VirtualService
 from nodeagent.xds.resources import pack
-from nodeagent.xds.translate import listeners, names, routes
-from nodeagent.xds.translate.authz import rbac_filters
+from nodeagent.xds.translate import clusters, listeners, names, routes
+from nodeagent.xds.translate.authz import rbac_config
 from nodeagent.xds.translate.context import Context
 from nodeagent.xds.translate.inbound import ServerSide, http_ports, server_side
 from nodeagent.xds.translate.primitives import http_filter, u32
@@ -109,10 +109,8 @@ def _enforce(ctx: Context, table: RouteConfiguration) -> dict[tuple[str, int], s
         for weighted in action.weighted_clusters.clusters:
             weighted.name = ctx.enforced_cluster(weighted.name, said)
         for name, config in ((RBAC_DENY, DENY), (RBAC_ALLOW, ALLOW)):
-            rules = rbac_filters([a for a in side.authz if a.policy.action == config], port)
-            if rules:
-                rbac = RbacFilter()
-                rules[0].typed_config.Unpack(rbac)
+            rbac = rbac_config(list(side.authz), config, port)
+            if rbac is not None:
                 route.typed_per_filter_config[name].CopyFrom(pack(RBACPerRoute(rbac=rbac)))
         enforced.update(dict.fromkeys(endpoints, said))
     return enforced
@@ -155,21 +153,9 @@ def _endpoints(ctx: Context, cluster: str) -> list[tuple[Pod, int]] | None:
     """The pods (and target ports) cluster `cluster` balances over, as clusters.py assigns
     them; None for one of another kind (BlackHoleCluster, a PASSTHROUGH DestinationRule)."""
     spec = ctx.clusters.get(cluster)
-    if spec is None:
+    if spec is None or clusters.passthrough(ctx, spec):
         return None
-    rule = ctx.catalog.rule(spec.service, spec.client_namespace)
-    policy = rule.policy_for(spec.subset, spec.port.port) if rule else None
-    if policy is not None and policy.load_balancer is not None and policy.load_balancer.simple == "PASSTHROUGH":
-        return None
-    labels = rule.subset(spec.subset).labels if rule and spec.subset else {}
-    out = []
-    for pod in ctx.model.endpoints(spec.service):
-        if any(pod.labels.get(k) != v for k, v in labels.items()):
-            continue
-        port = ctx.options.target_port(pod, spec.port)
-        if port is not None:
-            out.append((pod, port))
-    return out
+    return [(pod, port) for pod, port in clusters.members(ctx, spec) if port is not None]
 
 
 def _tcp_target(ctx: Context, service: Service, port: ServicePort, vs: VirtualService | None) -> TcpProxy:
